@@ -1,0 +1,103 @@
+//! Why the datapath dropped a packet: one enum for kernel and user space, with stable numbers.
+//! Numbers are never reused: a retired reason keeps its number and is marked retired here.
+
+/// A drop reason as stored in [`crate::maps::DropKey::reason`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A header ended before the packet said it would.
+    Truncated = 1,
+    /// IPv4 header length below 20 bytes or beyond the packet.
+    BadIpHeader = 2,
+    /// TCP data offset below 5 words.
+    BadTcpOffset = 3,
+    /// A fragment that could not be matched to a tracked first fragment.
+    Fragment = 4,
+    /// The connection table is full; new flows fail closed.
+    CtTableFull = 5,
+    /// No free source port for masquerade.
+    NatPortsExhausted = 6,
+    /// The destination task's inbound security-group rules reject the packet.
+    SgIngress = 7,
+    /// The source task's outbound security-group rules reject the packet.
+    SgEgress = 8,
+    /// A task sent a packet with an address or MAC that is not its own.
+    SpoofedSource = 9,
+    /// A task tried to reach 169.254.169.254 while `blockInstanceMetadata` is on.
+    ImdsBlocked = 10,
+    /// A redirect helper refused the packet.
+    RedirectFailed = 11,
+}
+
+impl DropReason {
+    /// Every reason, in number order.
+    pub const ALL: [DropReason; 11] = [
+        Self::Truncated,
+        Self::BadIpHeader,
+        Self::BadTcpOffset,
+        Self::Fragment,
+        Self::CtTableFull,
+        Self::NatPortsExhausted,
+        Self::SgIngress,
+        Self::SgEgress,
+        Self::SpoofedSource,
+        Self::ImdsBlocked,
+        Self::RedirectFailed,
+    ];
+
+    /// The reason for a number read from a map, if it is one.
+    pub const fn from_u8(n: u8) -> Option<Self> {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i] as u8 == n {
+                return Some(Self::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The stable name shown by `stats`, `monitor` and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Truncated => "TRUNCATED",
+            Self::BadIpHeader => "BAD_IP_HEADER",
+            Self::BadTcpOffset => "BAD_TCP_OFFSET",
+            Self::Fragment => "FRAGMENT",
+            Self::CtTableFull => "CT_TABLE_FULL",
+            Self::NatPortsExhausted => "NAT_PORTS_EXHAUSTED",
+            Self::SgIngress => "SG_INGRESS",
+            Self::SgEgress => "SG_EGRESS",
+            Self::SpoofedSource => "SPOOFED_SOURCE",
+            Self::ImdsBlocked => "IMDS_BLOCKED",
+            Self::RedirectFailed => "REDIRECT_FAILED",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DropReason;
+
+    #[test]
+    fn numbers_round_trip_and_are_unique() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(DropReason::from_u8(*r as u8), Some(*r));
+            for other in &DropReason::ALL[i + 1..] {
+                assert_ne!(*r as u8, *other as u8, "{r:?} and {other:?} share a number");
+                assert_ne!(r.as_str(), other.as_str());
+            }
+        }
+        assert_eq!(DropReason::from_u8(0), None);
+        assert_eq!(DropReason::from_u8(200), None);
+    }
+
+    #[test]
+    fn numbers_are_stable() {
+        // These numbers are ABI: pinned maps outlive upgrades. Never change one.
+        assert_eq!(DropReason::Truncated as u8, 1);
+        assert_eq!(DropReason::SgIngress as u8, 7);
+        assert_eq!(DropReason::SpoofedSource as u8, 9);
+        assert_eq!(DropReason::RedirectFailed as u8, 11);
+    }
+}

@@ -1,0 +1,9 @@
+//! Types shared by the datapath (`ecsnet-ebpf`) and user space (`ecsnet-userspace`).
+//! Everything here is `#[repr(C)]` with explicit padding and a size assert, so the two sides
+//! cannot disagree about a layout; the `user` feature adds the `aya::Pod` impls.
+#![no_std]
+
+pub mod drop;
+pub mod maps;
+
+pub use drop::DropReason;

@@ -1,0 +1,23 @@
+//! The ecsnet datapath. Program files (`task`, `uplink`) only wire the modules below them:
+//! `parse` reads headers, `stats` counts, `verdict` turns a result into a return code and counts
+//! every drop with its reason.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod stats;
+mod task;
+mod uplink;
+mod verdict;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never called.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

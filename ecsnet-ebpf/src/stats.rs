@@ -1,0 +1,96 @@
+//! Per-interface accounting: packets and bytes per hook and class, per CPU. Bytes of IPv4 packets
+//! are IP bytes as they cross the wire, so a GSO packet counts as the segments it becomes.
+
+use aya_ebpf::{EbpfContext, bindings::__sk_buff, maps::PerCpuHashMap, programs::TcContext};
+use ecsnet_common::maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey};
+
+use crate::{
+    maps::{DROPS, STATS},
+    parse::{ETH_HLEN, ETH_P_IP, Packet, ethertype, ipv4},
+};
+
+const BPF_NOEXIST: u64 = 1;
+
+/// Adds to a per-CPU counter, creating it when user space has not. A lost creation race is
+/// retried once, so no packet goes uncounted.
+#[inline(always)]
+fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) {
+    for _ in 0..2 {
+        if let Some(c) = map.get_ptr_mut(key) {
+            // SAFETY: a per-CPU value is only touched by this CPU, and BPF programs do not nest
+            // on one CPU for the same hook.
+            unsafe {
+                (*c).packets += packets;
+                (*c).bytes += bytes;
+            }
+            return;
+        }
+        if map.insert(key, &Counters { packets, bytes }, BPF_NOEXIST).is_ok() {
+            return;
+        }
+    }
+}
+
+/// Counts one dropped packet.
+#[inline(always)]
+pub fn count_drop(key: &DropKey) {
+    for _ in 0..2 {
+        if let Some(c) = DROPS.get_ptr_mut(key) {
+            // SAFETY: per-CPU value, see `add`.
+            unsafe { *c += 1 };
+            return;
+        }
+        if DROPS.insert(key, &1, BPF_NOEXIST).is_ok() {
+            return;
+        }
+    }
+}
+
+/// Classifies a frame for accounting: (class, packets, bytes).
+#[inline(always)]
+fn measure<P: Packet>(pkt: &P, frame_len: usize, gso_segs: u32) -> (u8, u64, u64) {
+    if !matches!(ethertype(pkt), Ok(ETH_P_IP)) {
+        return (CLASS_OTHER, 1, frame_len as u64);
+    }
+    let Ok(ip) = ipv4(pkt) else {
+        return (CLASS_OTHER, 1, frame_len as u64);
+    };
+    if gso_segs <= 1 {
+        return (CLASS_IPV4, 1, ip.tot_len as u64);
+    }
+    // Every segment repeats the IP and transport headers of the first one.
+    let segs = gso_segs as u64;
+    let l3 = frame_len.saturating_sub(ETH_HLEN) as u64;
+    let hdrs = (ip.ihl + ip.l4_hlen) as u64;
+    (CLASS_IPV4, segs, l3 + (segs - 1) * hdrs)
+}
+
+/// Counts a packet seen by a TC program on `ifindex` at `hook`.
+#[inline(always)]
+pub fn account_tc(ctx: &TcContext, ifindex: u32, hook: u8) {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the context pointer of a TC program is a valid __sk_buff.
+    let gso_segs = unsafe { (*skb).gso_segs };
+    let (class, packets, bytes) = measure(ctx, ctx.len() as usize, gso_segs);
+    let key = StatsKey {
+        ifindex,
+        hook,
+        class,
+        _pad: [0; 2],
+    };
+    add(&STATS, &key, packets, bytes);
+}
+
+/// Counts a frame seen by an XDP program on `ifindex`.
+#[inline(always)]
+pub fn account_xdp<P: Packet>(pkt: &P, ifindex: u32, hook: u8) {
+    let len = pkt.end() - pkt.start();
+    let (class, packets, bytes) = measure(pkt, len, 1);
+    let key = StatsKey {
+        ifindex,
+        hook,
+        class,
+        _pad: [0; 2],
+    };
+    add(&STATS, &key, packets, bytes);
+}

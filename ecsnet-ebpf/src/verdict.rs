@@ -1,0 +1,47 @@
+//! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and every
+//! drop is counted with its reason and hook here and nowhere else.
+
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action};
+use ecsnet_common::{DropReason, maps::DropKey};
+
+use crate::stats::count_drop;
+
+/// What a program decided for a packet it did not drop.
+pub enum Verdict {
+    /// Continue on the kernel's path.
+    Pass,
+}
+
+/// Return code of a TC program for `res`, counting a drop on `ifindex` at `hook`.
+#[inline(always)]
+pub fn tc(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
+    match res {
+        Ok(Verdict::Pass) => TC_ACT_OK,
+        Err(reason) => {
+            drop_counted(reason, ifindex, hook);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Return code of an XDP program for `res`, counting a drop on `ifindex` at `hook`.
+#[inline(always)]
+pub fn xdp(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> u32 {
+    match res {
+        Ok(Verdict::Pass) => xdp_action::XDP_PASS,
+        Err(reason) => {
+            drop_counted(reason, ifindex, hook);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn drop_counted(reason: DropReason, ifindex: u32, hook: u8) {
+    count_drop(&DropKey {
+        ifindex,
+        reason: reason as u8,
+        hook,
+        _pad: [0; 2],
+    });
+}

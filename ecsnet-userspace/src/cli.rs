@@ -1,0 +1,494 @@
+//! The command line (SPEC §3). Each command checks its input, calls the module that owns the
+//! behaviour, and prints; `exit_code` maps errors to 1 or 2.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    agent, instance,
+    instance::{InstanceError, UpOptions},
+    lab::{self, LabError, LabSpec},
+    netns::{self, NetnsError},
+    paths::{self, InstancePaths},
+    report,
+    state::{self, PortMapping, Protocol, State, Task},
+    traffic,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "ecsnet", version, about = "awsvpc-like isolation, NAT and flow logs for Docker bridge-mode hosts, in eBPF")]
+pub struct Cli {
+    /// Name of this copy of ecsnet; several can run on one machine.
+    #[arg(long, global = true, default_value = "default")]
+    pub instance: String,
+    /// Operate inside this named network namespace (entered with setns).
+    #[arg(long, global = true)]
+    pub netns: Option<String>,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Load, attach and pin the datapath, then run the agent in the background.
+    Up(UpArgs),
+    /// Stop the agent, detach and unpin everything.
+    Down,
+    /// Make the live state equal to a state file (atomic).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Add, remove or list tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Apply or list security groups.
+    #[command(subcommand)]
+    Sg(SgCmd),
+    /// Per-task packets, bytes and drops.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The embedded bridge-mode host built in network namespaces.
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Run the agent in the foreground (what `up` starts).
+    #[command(hide = true)]
+    Agent,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[arg(long)]
+    pub uplink: Option<String>,
+    #[arg(long)]
+    pub bridge: Option<String>,
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    #[arg(long)]
+    pub flow_log: Option<PathBuf>,
+    /// Flow-log capture window, seconds (1 to 600).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub window: u64,
+    /// Run the agent in this process instead of the background.
+    #[arg(long)]
+    pub foreground: bool,
+    /// XDP on the uplink: native (falls back to skb), skb, or off.
+    #[arg(long, default_value = "native")]
+    pub xdp_mode: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Add a task (or replace the one with the same name).
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long)]
+        interface: Option<String>,
+        /// HOSTPORT:CONTAINERPORT[/tcp|/udp]; HOSTPORT 0 is dynamic.
+        #[arg(long)]
+        publish: Vec<String>,
+        #[arg(long = "sg")]
+        security_groups: Vec<String>,
+    },
+    /// Remove a task by name.
+    Rm { name: String },
+    /// List tasks with their interfaces and host ports.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SgCmd {
+    /// Replace the security groups; accepts `aws ec2 describe-security-groups` output.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List security groups and their member tasks.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCmd {
+    /// Build the lab.
+    Up {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 2)]
+        tasks: usize,
+        /// TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp], repeatable; HOSTPORT 0 is dynamic.
+        #[arg(long)]
+        publish: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the lab and everything in it.
+    Down {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Show the lab.
+    Status {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Echo server a lab task runs (started by `lab up`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+    /// Send known traffic to an echo server and check every echo.
+    Probe {
+        #[arg(long, conflicts_with = "udp", required_unless_present = "udp")]
+        tcp: Option<SocketAddr>,
+        #[arg(long)]
+        udp: Option<SocketAddr>,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65000))]
+        size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Bad values on the command line that clap cannot check.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("{0}")]
+    BadName(String),
+    #[error("bad --publish {0:?}: expected HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
+    BadPublish(String),
+    #[error("no task named {0:?}; `ecsnet task ls` lists them")]
+    NoSuchTask(String),
+    #[error("{file}: {error}")]
+    BadFile { file: String, error: state::StateError },
+    #[error("echo check failed: {echoed} of {sent} {proto} messages came back")]
+    ProbeLost { proto: &'static str, echoed: u32, sent: u32 },
+}
+
+/// 2 for bad usage or input, 1 for anything else.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(e) = cause.downcast_ref::<InstanceError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<LabError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<UsageError>() {
+            return match e {
+                UsageError::ProbeLost { .. } => 1,
+                _ => 2,
+            };
+        }
+        if cause.downcast_ref::<NetnsError>().is_some() {
+            return 2;
+        }
+    }
+    1
+}
+
+fn init_logging(verbose: u8, agent: bool) {
+    let default = match (verbose, agent) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
+        _ => "debug",
+    };
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_target(false)
+        .try_init();
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("output serializes"));
+}
+
+/// Runs one command. `--netns` is entered first, while the process has a single thread.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(cli.verbose, matches!(cli.cmd, Cmd::Agent | Cmd::Up(UpArgs { foreground: true, .. })));
+    paths::check_name("instance", &cli.instance).map_err(UsageError::BadName)?;
+    let inst = InstancePaths::new(&cli.instance);
+    let lab_cmd = matches!(cli.cmd, Cmd::Lab(_));
+    // Without --netns, instance commands go where `up` ran.
+    let netns = match &cli.netns {
+        Some(ns) => Some(ns.clone()),
+        None if !lab_cmd && !matches!(cli.cmd, Cmd::Up(_)) => instance::read_meta(&inst).ok().flatten().and_then(|m| m.netns),
+        None => None,
+    };
+    if let Some(ns) = &netns {
+        // `down` must work even when the namespace is already gone.
+        match (netns::enter(ns), &cli.cmd) {
+            (Ok(()), _) => {}
+            (Err(_), Cmd::Down) => {}
+            (Err(e), _) => return Err(e.into()),
+        }
+    }
+
+    match cli.cmd {
+        Cmd::Up(a) => {
+            let opts = UpOptions {
+                netns: cli.netns.clone(),
+                uplink: a.uplink,
+                bridge: a.bridge,
+                state: a.state,
+                flow_log: a.flow_log,
+                window_secs: a.window,
+                xdp_mode: a.xdp_mode,
+            };
+            let pid = instance::up(&inst, &opts, !a.foreground)?;
+            let meta = instance::require_up(&inst)?;
+            let tasks = instance::read_applied(&inst)?.map_or(0, |s| s.tasks.len());
+            match pid {
+                Some(pid) => println!(
+                    "ecsnet instance {} up: uplink {} bridge {}, {} task(s), agent pid {pid}",
+                    inst.name, meta.uplink, meta.bridge, tasks
+                ),
+                None => {
+                    println!("ecsnet instance {} up: uplink {} bridge {}, {} task(s), agent in foreground", inst.name, meta.uplink, meta.bridge, tasks);
+                    agent::run(&inst)?;
+                }
+            }
+        }
+        Cmd::Down => {
+            let r = instance::teardown(&inst)?;
+            if r.agent_stopped.is_none() && !r.had_pins && !r.had_files {
+                println!("ecsnet instance {} was not up; nothing to do", inst.name);
+            } else {
+                println!("ecsnet instance {} down", inst.name);
+            }
+        }
+        Cmd::Apply { file } => {
+            let s = instance::apply(&inst, &file)?;
+            println!("applied {}: {} task(s), {} security group(s)", file.display(), s.tasks.len(), s.security_groups.len());
+        }
+        Cmd::Task(t) => task_cmd(&inst, t)?,
+        Cmd::Sg(s) => sg_cmd(&inst, s)?,
+        Cmd::Stats { json } => {
+            let s = report::stats(&inst)?;
+            if json {
+                print_json(&s);
+            } else {
+                print!("{}", report::render(&s));
+            }
+        }
+        Cmd::Lab(l) => lab_cmd_run(l)?,
+        Cmd::Agent => agent::run(&inst)?,
+    }
+    Ok(())
+}
+
+fn parse_task_publish(s: &str) -> Result<PortMapping, UsageError> {
+    let bad = || UsageError::BadPublish(s.to_owned());
+    let (ports, protocol) = match s.rsplit_once('/') {
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some(_) => return Err(bad()),
+        None => (s, Protocol::Tcp),
+    };
+    let (h, c) = ports.split_once(':').ok_or_else(bad)?;
+    Ok(PortMapping {
+        host_port: h.parse().map_err(|_| bad())?,
+        container_port: c.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+        protocol,
+    })
+}
+
+fn current_state(inst: &InstancePaths) -> anyhow::Result<State> {
+    instance::require_up(inst)?;
+    Ok(instance::read_applied(inst)?.unwrap_or_default())
+}
+
+fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
+    match cmd {
+        TaskCmd::Add { name, ip, interface, publish, security_groups } => {
+            let port_mappings = publish.iter().map(|p| parse_task_publish(p)).collect::<Result<Vec<_>, _>>()?;
+            let mut s = current_state(inst)?;
+            s.tasks.retain(|t| t.name != name);
+            s.tasks.push(Task {
+                task_arn: None,
+                name: name.clone(),
+                ipv4_address: ip,
+                interface,
+                interface_id: None,
+                port_mappings,
+                security_groups,
+                service_name: None,
+                task_definition_arn: None,
+                container_id: None,
+            });
+            let s = instance::apply_state(inst, s, "task add")?;
+            let t = s.tasks.iter().find(|t| t.name == name).expect("task was just added");
+            println!("task {} {} on {}", t.name, t.ipv4_address, t.interface.as_deref().unwrap_or("-"));
+        }
+        TaskCmd::Rm { name } => {
+            let mut s = current_state(inst)?;
+            let before = s.tasks.len();
+            s.tasks.retain(|t| t.name != name);
+            if s.tasks.len() == before {
+                return Err(UsageError::NoSuchTask(name).into());
+            }
+            instance::apply_state(inst, s, "task rm")?;
+            println!("task {name} removed");
+        }
+        TaskCmd::Ls { json } => {
+            let s = current_state(inst)?;
+            if json {
+                print_json(&s.tasks);
+            } else {
+                println!("{:<12} {:<15} {:<15} PORTS", "TASK", "ADDRESS", "INTERFACE");
+                for t in &s.tasks {
+                    let ports: Vec<String> = t
+                        .port_mappings
+                        .iter()
+                        .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+                        .collect();
+                    println!("{:<12} {:<15} {:<15} {}", t.name, t.ipv4_address, t.interface.as_deref().unwrap_or("-"), ports.join(" "));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The security groups of an SG file: a state file, the output of
+/// `aws ec2 describe-security-groups`, or a bare list.
+fn read_sg_file(file: &PathBuf) -> anyhow::Result<Vec<state::SecurityGroup>> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum SgFile {
+        Aws {
+            #[serde(rename = "SecurityGroups")]
+            security_groups: serde_json::Value,
+        },
+        State {
+            #[serde(rename = "securityGroups")]
+            security_groups: serde_json::Value,
+        },
+        List(serde_json::Value),
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bad = |error| UsageError::BadFile { file: file.display().to_string(), error };
+    let value: SgFile = state::parse(&text).map_err(bad)?;
+    let (prefix, list) = match value {
+        SgFile::Aws { security_groups } => ("$.SecurityGroups", security_groups),
+        SgFile::State { security_groups } => ("$.securityGroups", security_groups),
+        SgFile::List(v) => ("$", v),
+    };
+    let groups: Vec<state::SecurityGroup> = state::parse(&list.to_string()).map_err(|mut e| {
+        e.path = e.path.replacen('$', prefix, 1);
+        bad(e)
+    })?;
+    Ok(groups)
+}
+
+fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
+    match cmd {
+        SgCmd::Apply { file } => {
+            let groups = read_sg_file(&file)?;
+            let mut s = current_state(inst)?;
+            s.security_groups = groups;
+            let s = instance::apply_state(inst, s, &file.display().to_string())?;
+            println!("applied {} security group(s)", s.security_groups.len());
+        }
+        SgCmd::Ls { json } => {
+            let s = current_state(inst)?;
+            let members = |id: &str| -> Vec<String> {
+                s.tasks.iter().filter(|t| t.security_groups.iter().any(|g| g == id)).map(|t| t.name.clone()).collect()
+            };
+            if json {
+                let v: Vec<serde_json::Value> = s
+                    .security_groups
+                    .iter()
+                    .map(|g| serde_json::json!({"group": g, "members": members(&g.group_id)}))
+                    .collect();
+                print_json(&v);
+            } else {
+                for g in &s.security_groups {
+                    println!(
+                        "{} ({}): {} inbound, {} outbound rule(s); members: {}",
+                        g.group_id,
+                        g.group_name.as_deref().unwrap_or("-"),
+                        g.ip_permissions.len(),
+                        g.ip_permissions_egress.len(),
+                        members(&g.group_id).join(", ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up { name, tasks, publish, json } => {
+            let publish = publish.iter().map(|p| lab::parse_publish(p, tasks)).collect::<Result<Vec<_>, LabError>>()?;
+            let status = lab::up(&LabSpec { name, tasks, publish })?;
+            if json {
+                print_json(&status);
+            } else {
+                print!("{}", lab::render(&status));
+            }
+        }
+        LabCmd::Down { name } => {
+            let r = lab::down(&name)?;
+            println!(
+                "lab {name} down: {} namespace(s) deleted, {} process(es) stopped{}",
+                r.namespaces.len(),
+                r.killed,
+                if r.instances.is_empty() { String::new() } else { format!(", instance(s) {} taken down", r.instances.join(", ")) }
+            );
+        }
+        LabCmd::Status { name, json } => {
+            let s = lab::status(&name)?;
+            if json {
+                print_json(&s);
+            } else {
+                print!("{}", lab::render(&s));
+            }
+        }
+        LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
+        LabCmd::Probe { tcp, udp, count, size, json } => {
+            let timeout = Duration::from_secs(2);
+            let r = match (tcp, udp) {
+                (Some(a), _) => traffic::probe_tcp(a, count, size as usize, timeout)?,
+                (None, Some(a)) => traffic::probe_udp(a, count, size as usize, timeout)?,
+                (None, None) => unreachable!("clap requires one of --tcp and --udp"),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("report serializes"));
+            } else {
+                println!("{} {}: {} of {} messages of {} bytes echoed, p50 {} us", r.protocol, r.target, r.echoed, r.messages, r.size, r.p50_us);
+            }
+            if r.echoed != r.messages {
+                return Err(UsageError::ProbeLost { proto: r.protocol, echoed: r.echoed, sent: r.messages }.into());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! One loaded copy of ecsnet: `up`, `apply`, `down` and what they record. Every input is
+//! checked before the first change, and a failed `up` takes back what it did.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    compile, datapath,
+    datapath::DatapathError,
+    maps::{self, MapsError},
+    netlink::{NetlinkError, Snapshot},
+    paths::InstancePaths,
+    process,
+    state::{self, BridgeNet, LoadError, State, StateError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("no interface {iface:?} in this network namespace (given as {role}); check `ip link`")]
+    UnknownInterface { iface: String, role: &'static str },
+    #[error("{iface:?} is not a bridge; give the tasks' bridge with --bridge")]
+    NotABridge { iface: String },
+    #[error("cannot find the uplink: no IPv4 default route; give it with --uplink")]
+    NoUplink,
+    #[error("cannot find the bridge: no bridge with task veths; give it with --bridge")]
+    NoBridge,
+    #[error("instance {instance:?} is already up (agent pid {pid}); run `ecsnet --instance {instance} down` first, or `ecsnet apply` to change its state")]
+    AlreadyUp { instance: String, pid: i32 },
+    #[error("instance {instance:?} is not up; run `ecsnet --instance {instance} up` first")]
+    NotUp { instance: String },
+    #[error("bad --xdp-mode {0:?}: use native, skb or off")]
+    XdpMode(String),
+    #[error(transparent)]
+    State(#[from] LoadError),
+    #[error("{file}: {error}")]
+    Resolve { file: String, error: StateError },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: corrupt instance file: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+impl InstanceError {
+    /// Exit code: 2 for bad usage or input, 1 for a failure of the machine.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::UnknownInterface { .. }
+            | Self::NotABridge { .. }
+            | Self::NoUplink
+            | Self::NoBridge
+            | Self::AlreadyUp { .. }
+            | Self::NotUp { .. }
+            | Self::XdpMode(_)
+            | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
+            | Self::Resolve { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What `up` found and chose, kept in `<run dir>/meta.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub instance: String,
+    pub netns: Option<String>,
+    pub uplink: String,
+    pub uplink_index: u32,
+    pub uplink_address: Option<Ipv4Addr>,
+    pub bridge: String,
+    pub bridge_index: u32,
+    pub bridge_address: Option<(Ipv4Addr, u8)>,
+    pub xdp_mode: String,
+    pub window_secs: u64,
+    pub flow_log: Option<PathBuf>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
+    move |source| InstanceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), InstanceError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string_pretty(v).expect("instance files serialize");
+    fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, InstanceError> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| InstanceError::Corrupt {
+                path: path.to_owned(),
+                source,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+pub fn read_meta(paths: &InstancePaths) -> Result<Option<Meta>, InstanceError> {
+    read_json(&paths.meta_file())
+}
+
+pub fn read_applied(paths: &InstancePaths) -> Result<Option<State>, InstanceError> {
+    read_json(&paths.applied_state())
+}
+
+/// Options of `ecsnet up`.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    pub netns: Option<String>,
+    pub uplink: Option<String>,
+    pub bridge: Option<String>,
+    pub state: Option<PathBuf>,
+    pub flow_log: Option<PathBuf>,
+    pub window_secs: u64,
+    pub xdp_mode: String,
+}
+
+fn xdp_mode(s: &str) -> Result<Option<XdpMode>, InstanceError> {
+    match s {
+        "native" | "driver" => Ok(Some(XdpMode::Driver)),
+        "skb" | "generic" => Ok(Some(XdpMode::Skb)),
+        "off" => Ok(None),
+        other => Err(InstanceError::XdpMode(other.to_owned())),
+    }
+}
+
+/// Finds uplink and bridge from the flags, or from the default route and the tasks' master.
+fn discover(snap: &Snapshot, opts: &UpOptions) -> Result<(u32, String, u32, String), InstanceError> {
+    let uplink = match &opts.uplink {
+        Some(name) => snap.by_name(name).ok_or_else(|| InstanceError::UnknownInterface {
+            iface: name.clone(),
+            role: "--uplink",
+        })?,
+        None => snap
+            .default_oif
+            .and_then(|i| snap.by_index(i))
+            .ok_or(InstanceError::NoUplink)?,
+    };
+    let bridge = match &opts.bridge {
+        Some(name) => {
+            let b = snap.by_name(name).ok_or_else(|| InstanceError::UnknownInterface {
+                iface: name.clone(),
+                role: "--bridge",
+            })?;
+            if b.kind != "bridge" {
+                return Err(InstanceError::NotABridge { iface: name.clone() });
+            }
+            b
+        }
+        None => snap.guess_bridge().ok_or(InstanceError::NoBridge)?,
+    };
+    Ok((uplink.index, uplink.name.clone(), bridge.index, bridge.name.clone()))
+}
+
+/// `ecsnet up`: load, attach, pin and apply the state (if given), then start the agent.
+/// Returns the agent's pid, or `None` when the caller runs the agent itself (`--foreground`).
+pub fn up(paths: &InstancePaths, opts: &UpOptions, spawn_agent: bool) -> Result<Option<i32>, InstanceError> {
+    if let Some(pid) = process::agent_pid(paths) {
+        return Err(InstanceError::AlreadyUp {
+            instance: paths.name.clone(),
+            pid,
+        });
+    }
+    let mode = xdp_mode(&opts.xdp_mode)?;
+    let snap = Snapshot::read()?;
+    let mut flags = opts.clone();
+    // A state file may name the uplink and bridge; flags win.
+    let state = match &opts.state {
+        Some(file) => {
+            let text_state: State = state::load(file, BridgeNet::default())?;
+            flags.uplink = flags.uplink.or(text_state.host.uplink.clone());
+            flags.bridge = flags.bridge.or(text_state.host.bridge.clone());
+            Some(file.clone())
+        }
+        None => None,
+    };
+    // After a crash, come back with what was there.
+    let previous = read_meta(paths)?;
+    if let Some(m) = &previous {
+        flags.uplink = flags.uplink.or(Some(m.uplink.clone()));
+        flags.bridge = flags.bridge.or(Some(m.bridge.clone()));
+    }
+    let (uplink_index, uplink, bridge_index, bridge) = discover(&snap, &flags)?;
+    let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
+    let meta = Meta {
+        instance: paths.name.clone(),
+        netns: opts.netns.clone(),
+        uplink: uplink.clone(),
+        uplink_index,
+        uplink_address: snap.ipv4_of(uplink_index).map(|a| a.addr),
+        bridge,
+        bridge_index,
+        bridge_address,
+        xdp_mode: opts.xdp_mode.clone(),
+        window_secs: opts.window_secs,
+        flow_log: opts.flow_log.clone(),
+    };
+    // Check the whole state against the host before touching anything.
+    let plan = match &state {
+        Some(file) => Some(plan_apply(paths, &meta, &snap, file)?),
+        None => match read_applied(paths)? {
+            Some(applied) => Some(plan_state(paths, &meta, &snap, applied, "applied state")?),
+            None => None,
+        },
+    };
+
+    let fresh = !datapath::is_loaded(paths);
+    let result = (|| {
+        datapath::load(paths)?;
+        datapath::attach_uplink(paths, &uplink, uplink_index, mode.unwrap_or(XdpMode::Driver))
+            .or_else(|e| match mode {
+                // Native XDP needs driver support; fall back to generic XDP and say so.
+                Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
+                    log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
+                    datapath::attach_uplink(paths, &uplink, uplink_index, XdpMode::Skb)
+                }
+                _ => Err(e),
+            })?;
+        maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
+        write_json(&paths.meta_file(), &meta)?;
+        if let Some(plan) = &plan {
+            commit(paths, plan)?;
+        }
+        Ok::<_, InstanceError>(())
+    })();
+    if let Err(e) = result {
+        if fresh {
+            let _ = teardown(paths);
+        }
+        return Err(e);
+    }
+    if spawn_agent {
+        let pid = process::spawn_agent(paths, opts.netns.as_deref())?;
+        Ok(Some(pid))
+    } else {
+        Ok(None)
+    }
+}
+
+/// A checked state, ready to be written.
+#[derive(Debug)]
+pub struct Plan {
+    pub state: State,
+    pub tasks: Vec<compile::ResolvedTask>,
+}
+
+fn plan_apply(paths: &InstancePaths, meta: &Meta, snap: &Snapshot, file: &Path) -> Result<Plan, InstanceError> {
+    let bridge = BridgeNet {
+        address: meta.bridge_address,
+    };
+    let state = state::load(file, bridge)?;
+    plan_state(paths, meta, snap, state, &file.display().to_string())
+}
+
+fn plan_state(
+    paths: &InstancePaths,
+    meta: &Meta,
+    snap: &Snapshot,
+    requested: State,
+    file: &str,
+) -> Result<Plan, InstanceError> {
+    let resolve_err = |error| InstanceError::Resolve {
+        file: file.to_owned(),
+        error,
+    };
+    state::validate(
+        &requested,
+        BridgeNet {
+            address: meta.bridge_address,
+        },
+    )
+    .map_err(resolve_err)?;
+    let tasks = compile::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
+    let previous = match read_applied(paths)? {
+        Some(applied) => compile::dynamic_ports_of(&applied, &requested),
+        None => HashMap::new(),
+    };
+    let mut state = requested;
+    compile::assign_dynamic_ports(&mut state, &previous).map_err(resolve_err)?;
+    for (t, r) in state.tasks.iter_mut().zip(&tasks) {
+        t.interface = Some(r.ifname.clone());
+    }
+    Ok(Plan { state, tasks })
+}
+
+/// Writes a plan: attach new task interfaces, write maps, detach what is gone, record it.
+fn commit(paths: &InstancePaths, plan: &Plan) -> Result<(), InstanceError> {
+    let meta = read_meta(paths)?.ok_or_else(|| InstanceError::NotUp {
+        instance: paths.name.clone(),
+    })?;
+    for t in &plan.tasks {
+        datapath::attach_task(paths, &t.ifname, t.ifindex)?;
+    }
+    let (by_addr, by_if) = compile::task_entries(&plan.tasks);
+    maps::write_tasks(paths, &by_addr, &by_if)?;
+    for ifindex in datapath::attached_ifindexes(paths) {
+        if ifindex != meta.uplink_index && !plan.tasks.iter().any(|t| t.ifindex == ifindex) {
+            datapath::detach(paths, ifindex)?;
+            maps::forget_iface(paths, ifindex)?;
+        }
+    }
+    write_json(&paths.applied_state(), &plan.state)
+}
+
+/// `ecsnet apply -f FILE`: make the live state equal to the file, or change nothing.
+pub fn apply(paths: &InstancePaths, file: &Path) -> Result<State, InstanceError> {
+    let meta = require_up(paths)?;
+    let snap = Snapshot::read()?;
+    let plan = plan_apply(paths, &meta, &snap, file)?;
+    commit(paths, &plan)?;
+    Ok(plan.state)
+}
+
+/// Applies a state given in memory (task add/rm).
+pub fn apply_state(paths: &InstancePaths, state: State, what: &str) -> Result<State, InstanceError> {
+    let meta = require_up(paths)?;
+    let snap = Snapshot::read()?;
+    let plan = plan_state(paths, &meta, &snap, state, what)?;
+    commit(paths, &plan)?;
+    Ok(plan.state)
+}
+
+pub fn require_up(paths: &InstancePaths) -> Result<Meta, InstanceError> {
+    match read_meta(paths)? {
+        Some(m) if datapath::is_loaded(paths) => Ok(m),
+        _ => Err(InstanceError::NotUp {
+            instance: paths.name.clone(),
+        }),
+    }
+}
+
+/// What `down` found and removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub agent_stopped: Option<i32>,
+    pub had_pins: bool,
+    pub had_files: bool,
+}
+
+/// `ecsnet down`: stop the agent, detach and unpin everything, remove the run files. Works after
+/// a crash too: it only looks at what is on disk.
+pub fn teardown(paths: &InstancePaths) -> Result<DownReport, InstanceError> {
+    let report = DownReport {
+        agent_stopped: process::stop_agent(paths)?,
+        had_pins: paths.pin_dir().exists(),
+        had_files: paths.run_dir().exists() || paths.socket().exists(),
+    };
+    datapath::unpin_all(paths)?;
+    for f in [paths.socket()] {
+        match fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&f)(e)),
+        }
+    }
+    let dir = paths.run_dir();
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&dir)(e)),
+    }
+    let _ = fs::remove_dir(crate::paths::RUN_DIR);
+    Ok(report)
+}
+
+/// Waits until `cond` holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}

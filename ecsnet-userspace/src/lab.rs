@@ -1,0 +1,718 @@
+//! The lab (SPEC §8): an ECS container instance in Docker bridge mode built from network
+//! namespaces: `N-host` (uplink eth0, bridge docker0, Docker's iptables rules), `N-task1..K` and
+//! `N-client`. Nothing outside its own namespaces is touched; `down` removes all of it.
+
+use std::{
+    fs,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    netns,
+    paths::{self, lab_dir},
+    state::{Host, PortMapping, Protocol, State, Task},
+};
+
+pub const UPLINK: &str = "eth0";
+pub const BRIDGE: &str = "docker0";
+pub const UPLINK_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+pub const UPLINK_PREFIX: u8 = 24;
+pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
+pub const BRIDGE_PREFIX: u8 = 16;
+pub const BRIDGE_SUBNET: &str = "172.17.0.0/16";
+/// Most tasks one lab builds (addresses 172.17.0.2 ... 172.17.0.251).
+pub const MAX_TASKS: usize = 250;
+/// First host port of the default publications: task i publishes 8080+i-1 -> 80/tcp.
+pub const DEFAULT_HOST_PORT: u16 = 8080;
+pub const DEFAULT_CONTAINER_PORT: u16 = 80;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{0}")]
+    BadName(String),
+    #[error("bad --tasks {0}: a lab has 1 to {MAX_TASKS} tasks")]
+    BadTaskCount(usize),
+    #[error("bad --publish {spec:?}: {why}; expected TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
+    BadPublish { spec: String, why: String },
+    #[error("lab {name:?} already exists (namespace {netns}); run `ecsnet lab down --name {name}` first")]
+    Exists { name: String, netns: String },
+    #[error("no lab named {0:?}; `ecsnet lab up --name {0}` builds one")]
+    NotFound(String),
+    #[error("{tool} is not installed: {hint}")]
+    MissingTool { tool: &'static str, hint: &'static str },
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: corrupt lab file: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+impl LabError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::BadName(_) | Self::BadTaskCount(_) | Self::BadPublish { .. } | Self::Exists { .. } | Self::NotFound(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One `--publish TASK:HOSTPORT:CONTAINERPORT[/proto]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    /// 1-based task number.
+    pub task: usize,
+    /// 0: dynamic.
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
+    let bad = |why: String| LabError::BadPublish {
+        spec: spec.to_owned(),
+        why,
+    };
+    let (ports, protocol) = match spec.rsplit_once('/') {
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some((_, other)) => return Err(bad(format!("unknown protocol {other:?}"))),
+        None => (spec, Protocol::Tcp),
+    };
+    let parts: Vec<&str> = ports.split(':').collect();
+    let [task, host, container] = parts[..] else {
+        return Err(bad("need three fields".into()));
+    };
+    let task: usize = task.parse().map_err(|_| bad(format!("task {task:?} is not a number")))?;
+    if task == 0 || task > tasks {
+        return Err(bad(format!("task {task} does not exist (the lab has tasks 1 to {tasks})")));
+    }
+    let port = |s: &str, what: &str, zero_ok: bool| -> Result<u16, LabError> {
+        match s.parse::<u16>() {
+            Ok(0) if !zero_ok => Err(bad(format!("{what} 0 out of range 1-65535"))),
+            Ok(p) => Ok(p),
+            Err(_) => Err(bad(format!("{what} {s:?} is not a port 0-65535"))),
+        }
+    };
+    Ok(Publish {
+        task,
+        host_port: port(host, "host port", true)?,
+        container_port: port(container, "container port", false)?,
+        protocol,
+    })
+}
+
+/// What `lab up` builds.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub name: String,
+    pub tasks: usize,
+    pub publish: Vec<Publish>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabHost {
+    pub netns: String,
+    pub uplink: String,
+    pub uplink_address: Ipv4Addr,
+    pub bridge: String,
+    pub bridge_address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabClient {
+    pub netns: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabTask {
+    pub name: String,
+    pub netns: String,
+    pub address: Ipv4Addr,
+    pub interface: String,
+    pub port_mappings: Vec<LabPort>,
+}
+
+/// `lab status --json`, also kept in `/run/ecsnet/<lab>/lab.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabStatus {
+    pub name: String,
+    pub state_file: PathBuf,
+    pub host: LabHost,
+    pub client: LabClient,
+    pub tasks: Vec<LabTask>,
+}
+
+fn host_ns(name: &str) -> String {
+    format!("{name}-host")
+}
+fn client_ns(name: &str) -> String {
+    format!("{name}-client")
+}
+fn task_ns(name: &str, i: usize) -> String {
+    format!("{name}-task{i}")
+}
+
+/// Docker-style host-side veth name: "veth" and 7 hex digits, stable for (lab, task).
+pub fn veth_name(lab: &str, task: usize) -> String {
+    let mut h: u32 = 0x811c9dc5;
+    for b in lab.bytes().chain(task.to_le_bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("veth{:07x}", h & 0x0fff_ffff)
+}
+
+pub fn task_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i as u32)
+}
+
+/// The port mappings of every task: the --publish list, or one default port per task; dynamic
+/// host ports get the lowest free port of Docker's range, as dockerd picks them.
+pub fn plan_ports(spec: &LabSpec, ephemeral: [u16; 2]) -> Vec<Vec<LabPort>> {
+    let mut out = vec![Vec::new(); spec.tasks];
+    if spec.publish.is_empty() {
+        for (i, ports) in out.iter_mut().enumerate() {
+            ports.push(LabPort {
+                host_port: DEFAULT_HOST_PORT + i as u16,
+                container_port: DEFAULT_CONTAINER_PORT,
+                protocol: Protocol::Tcp,
+            });
+        }
+        return out;
+    }
+    let mut used: Vec<(u16, Protocol)> = spec
+        .publish
+        .iter()
+        .filter(|p| p.host_port != 0)
+        .map(|p| (p.host_port, p.protocol))
+        .collect();
+    for p in &spec.publish {
+        let host_port = if p.host_port != 0 {
+            p.host_port
+        } else {
+            let free = (ephemeral[0]..=ephemeral[1])
+                .find(|port| !used.contains(&(*port, p.protocol)))
+                .unwrap_or(0);
+            used.push((free, p.protocol));
+            free
+        };
+        out[p.task - 1].push(LabPort {
+            host_port,
+            container_port: p.container_port,
+            protocol: p.protocol,
+        });
+    }
+    out
+}
+
+/// The iptables-restore input dockerd (20.10+, `--userland-proxy=false`, so hairpin NAT is done
+/// by iptables) writes for docker0 and these tasks' published ports.
+pub fn docker_rules(tasks: &[LabTask]) -> String {
+    let mut nat = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n\
+         -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
+         -A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER\n",
+    );
+    nat += &format!("-A POSTROUTING -s {BRIDGE_SUBNET} ! -o {BRIDGE} -j MASQUERADE\n");
+    nat += &format!("-A POSTROUTING -o {BRIDGE} -m addrtype --src-type LOCAL -j MASQUERADE\n");
+    let mut filter = String::from(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER - [0:0]\n\
+         :DOCKER-ISOLATION-STAGE-1 - [0:0]\n:DOCKER-ISOLATION-STAGE-2 - [0:0]\n:DOCKER-USER - [0:0]\n\
+         -A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n",
+    );
+    filter += &format!(
+        "-A FORWARD -o {BRIDGE} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         -A FORWARD -o {BRIDGE} -j DOCKER\n\
+         -A FORWARD -i {BRIDGE} ! -o {BRIDGE} -j ACCEPT\n\
+         -A FORWARD -i {BRIDGE} -o {BRIDGE} -j ACCEPT\n"
+    );
+    for t in tasks {
+        for p in &t.port_mappings {
+            let proto = p.protocol.as_str();
+            let (ip, cp, hp) = (t.address, p.container_port, p.host_port);
+            nat += &format!("-A POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {cp} -j MASQUERADE\n");
+            nat += &format!("-A DOCKER -p {proto} -m {proto} --dport {hp} -j DNAT --to-destination {ip}:{cp}\n");
+            filter += &format!("-A DOCKER -d {ip}/32 ! -i {BRIDGE} -o {BRIDGE} -p {proto} -m {proto} --dport {cp} -j ACCEPT\n");
+        }
+    }
+    filter += &format!(
+        "-A DOCKER-ISOLATION-STAGE-1 -i {BRIDGE} ! -o {BRIDGE} -j DOCKER-ISOLATION-STAGE-2\n\
+         -A DOCKER-ISOLATION-STAGE-1 -j RETURN\n\
+         -A DOCKER-ISOLATION-STAGE-2 -o {BRIDGE} -j DROP\n\
+         -A DOCKER-ISOLATION-STAGE-2 -j RETURN\n\
+         -A DOCKER-USER -j RETURN\n"
+    );
+    format!("{nat}COMMIT\n{filter}COMMIT\n")
+}
+
+/// The ECS-style state file for the lab's tasks.
+pub fn state_for(status: &LabStatus) -> State {
+    State {
+        host: Host {
+            uplink: Some(UPLINK.into()),
+            bridge: Some(BRIDGE.into()),
+            account_id: Some("123456789012".into()),
+            instance_id: Some(format!("i-{:017x}", u64::from(u32::from_str_radix(&veth_name(&status.name, 0)[4..], 16).unwrap_or(0)))),
+            cluster: Some(status.name.clone()),
+            ..Host::default()
+        },
+        security_groups: vec![],
+        tasks: status
+            .tasks
+            .iter()
+            .map(|t| Task {
+                task_arn: Some(format!(
+                    "arn:aws:ecs:us-east-1:123456789012:task/{}/{}",
+                    status.name,
+                    &t.interface[4..]
+                )),
+                name: t.name.clone(),
+                ipv4_address: t.address,
+                interface: Some(t.interface.clone()),
+                interface_id: None,
+                port_mappings: t
+                    .port_mappings
+                    .iter()
+                    .map(|p| PortMapping {
+                        container_port: p.container_port,
+                        host_port: p.host_port,
+                        protocol: p.protocol,
+                    })
+                    .collect(),
+                security_groups: vec![],
+                service_name: Some(format!("{}-svc", t.name)),
+                task_definition_arn: Some(format!("arn:aws:ecs:us-east-1:123456789012:task-definition/{}:1", t.name)),
+                container_id: None,
+            })
+            .collect(),
+    }
+}
+
+fn check_tool(tool: &'static str, hint: &'static str) -> Result<(), LabError> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"].iter().any(|d| PathBuf::from(d).join(tool).is_file());
+    if found { Ok(()) } else { Err(LabError::MissingTool { tool, hint }) }
+}
+
+fn run(cmd: &mut Command) -> Result<String, LabError> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| LabError::Command {
+        cmd: format!("{cmd:?}"),
+        stderr: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: format!("{cmd:?}").replace('"', ""),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String, LabError> {
+    run(Command::new("ip").args(args))
+}
+
+/// Runs a command inside a namespace (for iptables and sysctl, which need no bpffs).
+fn ns_exec(ns: &str, args: &[&str]) -> Result<String, LabError> {
+    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+fn sysctl(ns: &str, kv: &str) -> Result<(), LabError> {
+    ns_exec(ns, &["sysctl", "-qw", kv]).map(drop)
+}
+
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+    move |source| LabError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Every namespace of a lab that exists now.
+fn namespaces(name: &str) -> Vec<String> {
+    let prefix = format!("{name}-");
+    let mut out: Vec<String> = fs::read_dir(netns::NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| {
+            n.strip_prefix(&prefix).is_some_and(|rest| {
+                rest == "host" || rest == "client" || rest.strip_prefix("task").is_some_and(|k| k.parse::<usize>().is_ok())
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `ecsnet lab up`: builds the lab, starts a server in every task, writes the state file.
+pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
+    paths::check_name("lab", &spec.name).map_err(LabError::BadName)?;
+    if spec.name.len() > 20 {
+        return Err(LabError::BadName(format!("bad lab name {:?}: at most 20 characters", spec.name)));
+    }
+    if spec.tasks == 0 || spec.tasks > MAX_TASKS {
+        return Err(LabError::BadTaskCount(spec.tasks));
+    }
+    check_tool("ip", "apt-get install iproute2")?;
+    check_tool("iptables", "apt-get install iptables")?;
+    if let Some(ns) = namespaces(&spec.name).first() {
+        return Err(LabError::Exists {
+            name: spec.name.clone(),
+            netns: ns.clone(),
+        });
+    }
+    let mut seen = Vec::new();
+    for p in &spec.publish {
+        if p.host_port != 0 && seen.contains(&(p.host_port, p.protocol)) {
+            return Err(LabError::BadPublish {
+                spec: format!("{}:{}:{}/{}", p.task, p.host_port, p.container_port, p.protocol.as_str()),
+                why: format!("host port {}/{} is published twice", p.host_port, p.protocol.as_str()),
+            });
+        }
+        seen.push((p.host_port, p.protocol));
+    }
+    match build(spec) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let _ = down(&spec.name);
+            Err(e)
+        }
+    }
+}
+
+fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
+    let name = &spec.name;
+    let (host, client) = (host_ns(name), client_ns(name));
+    let dir = lab_dir(name);
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    for ns in [&host, &client] {
+        ip(&["netns", "add", ns])?;
+    }
+    for ns in [&host, &client] {
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        sysctl(ns, "net.ipv6.conf.all.disable_ipv6=1")?;
+        sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
+    }
+    // Uplink: host eth0 <-> client eth0, the VPC subnet.
+    ip(&["-n", &host, "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns", &client])?;
+    let uplink_cidr = format!("{UPLINK_ADDR}/{UPLINK_PREFIX}");
+    let client_cidr = format!("{CLIENT_ADDR}/{UPLINK_PREFIX}");
+    ip(&["-n", &host, "addr", "add", &uplink_cidr, "dev", UPLINK])?;
+    ip(&["-n", &client, "addr", "add", &client_cidr, "dev", UPLINK])?;
+    ip(&["-n", &host, "link", "set", UPLINK, "up"])?;
+    ip(&["-n", &client, "link", "set", UPLINK, "up"])?;
+    ip(&["-n", &host, "route", "add", "default", "via", &CLIENT_ADDR.to_string()])?;
+
+    // docker0 and Docker's sysctls.
+    ip(&["-n", &host, "link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["-n", &host, "addr", "add", &format!("{BRIDGE_ADDR}/{BRIDGE_PREFIX}"), "dev", BRIDGE])?;
+    ip(&["-n", &host, "link", "set", BRIDGE, "up"])?;
+    sysctl(&host, "net.ipv4.ip_forward=1")?;
+    sysctl(&host, "net.bridge.bridge-nf-call-iptables=1")?;
+    sysctl(&host, &format!("net.ipv4.conf.{BRIDGE}.route_localnet=1"))?;
+
+    let ports = plan_ports(spec, crate::state::Host::default().ephemeral_ports);
+    let mut tasks = Vec::new();
+    for i in 1..=spec.tasks {
+        let ns = task_ns(name, i);
+        let veth = veth_name(name, i);
+        let addr = task_address(i);
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        sysctl(&ns, "net.ipv6.conf.all.disable_ipv6=1")?;
+        sysctl(&ns, "net.ipv6.conf.default.disable_ipv6=1")?;
+        ip(&["-n", &host, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["-n", &host, "link", "set", &veth, "master", BRIDGE])?;
+        // Docker turns hairpin on for bridge ports when iptables does the hairpin NAT.
+        ip(&["-n", &host, "link", "set", &veth, "type", "bridge_slave", "hairpin", "on"])?;
+        ip(&["-n", &host, "link", "set", &veth, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/{BRIDGE_PREFIX}"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", &BRIDGE_ADDR.to_string()])?;
+        tasks.push(LabTask {
+            name: format!("task{i}"),
+            netns: ns,
+            address: addr,
+            interface: veth,
+            port_mappings: ports[i - 1].clone(),
+        });
+    }
+    let rules = docker_rules(&tasks);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &host, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::Command {
+            cmd: "iptables-restore".into(),
+            stderr: e.to_string(),
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(rules.as_bytes())
+        .map_err(io(&dir))?;
+    let out = child.wait_with_output().map_err(io(&dir))?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: format!("ip netns exec {host} iptables-restore"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+
+    let status = LabStatus {
+        name: name.clone(),
+        state_file: dir.join("state.json"),
+        host: LabHost {
+            netns: host.clone(),
+            uplink: UPLINK.into(),
+            uplink_address: UPLINK_ADDR,
+            bridge: BRIDGE.into(),
+            bridge_address: BRIDGE_ADDR,
+        },
+        client: LabClient {
+            netns: client,
+            address: CLIENT_ADDR,
+        },
+        tasks,
+    };
+    for t in &status.tasks {
+        start_server(&status, t)?;
+    }
+    let state = state_for(&status);
+    write(&status.state_file, &serde_json::to_string_pretty(&state).expect("state serializes"))?;
+    write(&dir.join("lab.json"), &serde_json::to_string_pretty(&status).expect("status serializes"))?;
+    Ok(status)
+}
+
+fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {
+    fs::write(path, format!("{text}\n")).map_err(io(path))
+}
+
+/// Starts `ecsnet lab serve` inside the task: an echo server on each of its container ports.
+fn start_server(status: &LabStatus, t: &LabTask) -> Result<(), LabError> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
+    let log_path = lab_dir(&status.name).join(format!("{}.log", t.name));
+    let log = fs::File::create(&log_path).map_err(io(&log_path))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--netns", &t.netns, "lab", "serve"]);
+    let mut ports: Vec<&LabPort> = t.port_mappings.iter().collect();
+    ports.dedup_by_key(|p| (p.container_port, p.protocol));
+    for p in ports {
+        cmd.arg(format!("--{}", p.protocol.as_str())).arg(p.container_port.to_string());
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io(&log_path))?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let child = cmd.spawn().map_err(|e| LabError::Command {
+        cmd: "ecsnet lab serve".into(),
+        stderr: e.to_string(),
+    })?;
+    // Reap it whenever it ends, so no zombie outlives `lab down`.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+/// `ecsnet lab status`.
+pub fn status(name: &str) -> Result<LabStatus, LabError> {
+    paths::check_name("lab", name).map_err(LabError::BadName)?;
+    let path = lab_dir(name).join("lab.json");
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LabError::NotFound(name.into())),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let status: LabStatus = serde_json::from_str(&text).map_err(|source| LabError::Corrupt { path: path.clone(), source })?;
+    if !netns::exists(&status.host.netns) {
+        return Err(LabError::NotFound(name.into()));
+    }
+    Ok(status)
+}
+
+/// What `lab down` removed.
+#[derive(Debug, Default)]
+pub struct LabDown {
+    pub namespaces: Vec<String>,
+    pub killed: usize,
+    pub instances: Vec<String>,
+}
+
+/// `ecsnet lab down`: stops instances running in the lab, kills every process in its
+/// namespaces, deletes the namespaces and the lab directory. Safe on a half-built lab.
+pub fn down(name: &str) -> Result<LabDown, LabError> {
+    paths::check_name("lab", name).map_err(LabError::BadName)?;
+    let nss = namespaces(name);
+    let dir = lab_dir(name);
+    if nss.is_empty() && !dir.exists() {
+        return Err(LabError::NotFound(name.into()));
+    }
+    let mut report = LabDown::default();
+    // An instance whose agent lives in the lab's host namespace goes with it.
+    for inst in instances_in(&host_ns(name)) {
+        if crate::instance::teardown(&crate::paths::InstancePaths::new(&inst)).is_ok() {
+            report.instances.push(inst);
+        }
+    }
+    for ns in &nss {
+        if let Ok(pids) = ip(&["netns", "pids", ns]) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    report.killed += 1;
+                }
+            }
+        }
+    }
+    for ns in &nss {
+        ip(&["netns", "delete", ns])?;
+        report.namespaces.push(ns.clone());
+    }
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&dir)(e)),
+    }
+    let _ = fs::remove_dir(crate::paths::RUN_DIR);
+    Ok(report)
+}
+
+/// Instances whose `up` ran in `netns`.
+fn instances_in(netns: &str) -> Vec<String> {
+    fs::read_dir(crate::paths::RUN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            let inst = n.strip_suffix(".d")?.to_owned();
+            let meta = crate::instance::read_meta(&crate::paths::InstancePaths::new(&inst)).ok()??;
+            (meta.netns.as_deref() == Some(netns)).then_some(inst)
+        })
+        .collect()
+}
+
+/// Human-readable status.
+pub fn render(s: &LabStatus) -> String {
+    let mut out = format!(
+        "lab {}: host {} (uplink {} {}, bridge {} {}), client {} {}\nstate file {}\n",
+        s.name,
+        s.host.netns,
+        s.host.uplink,
+        s.host.uplink_address,
+        s.host.bridge,
+        s.host.bridge_address,
+        s.client.netns,
+        s.client.address,
+        s.state_file.display()
+    );
+    for t in &s.tasks {
+        let ports: Vec<String> = t
+            .port_mappings
+            .iter()
+            .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+            .collect();
+        out += &format!("  {:<8} {:<16} {:<12} {:<15} {}\n", t.name, t.netns, t.interface, t.address, ports.join(" "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs() {
+        assert_eq!(
+            parse_publish("2:8081:80/udp", 2).unwrap(),
+            Publish { task: 2, host_port: 8081, container_port: 80, protocol: Protocol::Udp }
+        );
+        assert_eq!(parse_publish("1:0:80", 1).unwrap().host_port, 0);
+        for bad in ["3:1:1", "0:1:1", "1:1", "1:1:0", "1:70000:1", "1:1:1/sctp", "x:1:1"] {
+            assert!(parse_publish(bad, 2).is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn ports_default_and_dynamic() {
+        let spec = LabSpec { name: "l".into(), tasks: 2, publish: vec![] };
+        let p = plan_ports(&spec, [49153, 65535]);
+        assert_eq!(p[1][0].host_port, 8081);
+        let spec = LabSpec {
+            name: "l".into(),
+            tasks: 2,
+            publish: vec![
+                parse_publish("1:49153:80", 2).unwrap(),
+                parse_publish("2:0:80", 2).unwrap(),
+                parse_publish("2:0:53/udp", 2).unwrap(),
+            ],
+        };
+        let p = plan_ports(&spec, [49153, 65535]);
+        assert_eq!(p[1][0].host_port, 49154, "dynamic skips the static 49153/tcp");
+        assert_eq!(p[1][1].host_port, 49153, "udp has its own space");
+    }
+
+    #[test]
+    fn rules_have_docker_chains_and_per_port_dnat() {
+        let t = LabTask {
+            name: "task1".into(),
+            netns: "l-task1".into(),
+            address: task_address(1),
+            interface: veth_name("l", 1),
+            port_mappings: vec![LabPort { host_port: 8080, container_port: 80, protocol: Protocol::Tcp }],
+        };
+        let r = docker_rules(&[t]);
+        for needle in [
+            ":DOCKER-USER - [0:0]",
+            ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
+            "-A DOCKER -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80",
+            "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE",
+            "-A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT",
+            ":FORWARD DROP",
+        ] {
+            assert!(r.contains(needle), "missing {needle}");
+        }
+        assert_eq!(r.matches("COMMIT").count(), 2);
+    }
+
+    #[test]
+    fn veth_names_fit_ifnamsiz_and_differ() {
+        let a = veth_name("lab", 1);
+        assert_eq!(a.len(), 11);
+        assert_ne!(a, veth_name("lab", 2));
+        assert_ne!(a, veth_name("lab2", 1));
+        assert_eq!(a, veth_name("lab", 1));
+    }
+}

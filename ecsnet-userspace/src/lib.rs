@@ -1,0 +1,19 @@
+//! ecsnet user space. Modules follow the data's path: `state` (parse and validate) ->
+//! `compile` (state into map entries) -> `maps` and `datapath` (write them, attach, pin) ->
+//! `instance` (up/apply/down) -> `agent` (the long-running side) -> `cli`.
+//! `lab` builds the bridge-mode test host; `traffic` is its echo server and probe.
+
+pub mod agent;
+pub mod cli;
+pub mod compile;
+pub mod datapath;
+pub mod instance;
+pub mod lab;
+pub mod maps;
+pub mod netlink;
+pub mod netns;
+pub mod paths;
+pub mod process;
+pub mod report;
+pub mod state;
+pub mod traffic;

@@ -1,0 +1,105 @@
+//! Where an instance keeps its things on the machine: pins on bpffs, the socket, pid, log and
+//! applied state under /run. Every file ecsnet creates is named here and nowhere else.
+
+use std::path::PathBuf;
+
+/// Root of every instance's pins.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Root of sockets, pid files, logs and lab directories.
+pub const RUN_DIR: &str = "/run/ecsnet";
+
+/// Paths of one instance.
+#[derive(Debug, Clone)]
+pub struct InstancePaths {
+    pub name: String,
+}
+
+impl InstancePaths {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+        }
+    }
+    /// `/sys/fs/bpf/ecsnet/<instance>`: everything pinned by this instance.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(BPFFS).join("ecsnet").join(&self.name)
+    }
+    pub fn map_pin(&self, map: &str) -> PathBuf {
+        self.pin_dir().join("maps").join(map)
+    }
+    pub fn prog_pin(&self, prog: &str) -> PathBuf {
+        self.pin_dir().join("progs").join(prog)
+    }
+    /// Link pins are named by hook and ifindex: `tcx-ingress-7`, `xdp-2`.
+    pub fn link_dir(&self) -> PathBuf {
+        self.pin_dir().join("links")
+    }
+    /// The agent's control socket.
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(RUN_DIR).join(format!("{}.sock", self.name))
+    }
+    /// Per-instance files other than the socket: pid, log, meta, applied state.
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from(RUN_DIR).join(format!("{}.d", self.name))
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.run_dir().join("agent.pid")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.run_dir().join("agent.log")
+    }
+    /// What `up` found and chose: netns, uplink, bridge (see `datapath::Meta`).
+    pub fn meta_file(&self) -> PathBuf {
+        self.run_dir().join("meta.json")
+    }
+    /// The state as last applied, with interfaces and dynamic ports resolved.
+    pub fn applied_state(&self) -> PathBuf {
+        self.run_dir().join("applied.json")
+    }
+}
+
+/// Directory of a lab: `/run/ecsnet/<lab>`.
+pub fn lab_dir(lab: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(lab)
+}
+
+/// Checks an instance or lab name: it becomes part of paths and namespace names.
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad {kind} name {name:?}: use 1 to 32 of a-z, 0-9, '-' and '_', not starting with '-'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("instance", "default").is_ok());
+        assert!(check_name("instance", "t-1_x").is_ok());
+        assert!(check_name("instance", "").is_err());
+        assert!(check_name("instance", "../etc").is_err());
+        assert!(check_name("instance", "A").is_err());
+        assert!(check_name("instance", "-x").is_err());
+        assert!(check_name("instance", &"a".repeat(33)).is_err());
+    }
+
+    #[test]
+    fn layout() {
+        let p = InstancePaths::new("x");
+        assert_eq!(p.socket(), PathBuf::from("/run/ecsnet/x.sock"));
+        assert_eq!(p.map_pin("STATS"), PathBuf::from("/sys/fs/bpf/ecsnet/x/maps/STATS"));
+        assert_eq!(lab_dir("lab").join("state.json"), PathBuf::from("/run/ecsnet/lab/state.json"));
+    }
+}

@@ -1,0 +1,157 @@
+//! `ecsnet stats`: the counters of the pinned maps joined with the applied state, as JSON or as
+//! a table. Directions are the task's: egress is what the task sent, ingress what it received.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use ecsnet_common::DropReason;
+use serde::Serialize;
+
+use crate::{
+    instance::{self, InstanceError},
+    maps::{self, Count},
+    paths::InstancePaths,
+};
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStats {
+    pub name: String,
+    pub address: String,
+    pub interface: String,
+    pub ifindex: u32,
+    /// IPv4 sent by the task.
+    pub egress: Count,
+    /// IPv4 delivered to the task.
+    pub ingress: Count,
+    /// Frames that are not IPv4 (ARP, ...), both ways.
+    pub other: Count,
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UplinkStats {
+    pub interface: String,
+    pub ifindex: u32,
+    /// IPv4 arriving, at tc.
+    pub ingress: Count,
+    /// IPv4 leaving, at tc.
+    pub egress: Count,
+    /// IPv4 arriving, at XDP.
+    pub xdp: Count,
+    pub other: Count,
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub instance: String,
+    pub tasks: Vec<TaskStats>,
+    pub uplink: UplinkStats,
+    pub drops: BTreeMap<String, u64>,
+}
+
+fn plus(a: Count, b: Count) -> Count {
+    Count {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
+}
+
+fn reason_name(n: u8) -> String {
+    DropReason::from_u8(n)
+        .map(|r| r.as_str().to_owned())
+        .unwrap_or_else(|| format!("UNKNOWN_{n}"))
+}
+
+/// Reads the counters of an instance.
+pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
+    let meta = instance::require_up(paths)?;
+    let applied = instance::read_applied(paths)?.unwrap_or_default();
+    let counts = maps::read_counts(paths)?;
+    let drops = maps::read_drops(paths)?;
+    let ifaces = maps::read_ifaces(paths)?;
+    let drops_of = |ifindex: u32| -> BTreeMap<String, u64> {
+        drops
+            .iter()
+            .filter(|((i, _), _)| *i == ifindex)
+            .map(|((_, r), n)| (reason_name(*r), *n))
+            .collect()
+    };
+    let mut tasks = Vec::new();
+    for t in &applied.tasks {
+        let ip_be = u32::from(t.ipv4_address).to_be();
+        let Some((ifindex, _)) = ifaces.iter().find(|(_, i)| i.ipv4 == ip_be) else {
+            continue;
+        };
+        let c = counts.get(ifindex).copied().unwrap_or_default();
+        tasks.push(TaskStats {
+            name: t.name.clone(),
+            address: t.ipv4_address.to_string(),
+            interface: t.interface.clone().unwrap_or_default(),
+            ifindex: *ifindex,
+            egress: c.tc_ingress,
+            ingress: c.tc_egress,
+            other: plus(c.other_ingress, c.other_egress),
+            drops: drops_of(*ifindex),
+        });
+    }
+    let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
+    let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    for ((_, r), n) in &drops {
+        *total.entry(reason_name(*r)).or_default() += n;
+    }
+    Ok(Stats {
+        instance: paths.name.clone(),
+        tasks,
+        uplink: UplinkStats {
+            interface: meta.uplink.clone(),
+            ifindex: meta.uplink_index,
+            ingress: u.tc_ingress,
+            egress: u.tc_egress,
+            xdp: u.xdp,
+            other: plus(u.other_ingress, u.other_egress),
+            drops: drops_of(meta.uplink_index),
+        },
+        drops: total,
+    })
+}
+
+/// The table `ecsnet stats` prints.
+pub fn render(s: &Stats) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<15} {:<15} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}",
+        "TASK", "ADDRESS", "INTERFACE", "EGR PKTS", "EGR BYTES", "ING PKTS", "ING BYTES", "OTHER", "DROPS"
+    );
+    for t in &s.tasks {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<15} {:<15} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}",
+            t.name,
+            t.address,
+            t.interface,
+            t.egress.packets,
+            t.egress.bytes,
+            t.ingress.packets,
+            t.ingress.bytes,
+            t.other.packets,
+            t.drops.values().sum::<u64>()
+        );
+    }
+    let u = &s.uplink;
+    let _ = writeln!(
+        out,
+        "uplink {} (ifindex {}): in {} pkts {} B (xdp {} pkts), out {} pkts {} B, other {} pkts",
+        u.interface, u.ifindex, u.ingress.packets, u.ingress.bytes, u.xdp.packets, u.egress.packets, u.egress.bytes, u.other.packets
+    );
+    if s.drops.is_empty() {
+        let _ = writeln!(out, "drops: none");
+    } else {
+        let list: Vec<String> = s.drops.iter().map(|(r, n)| format!("{r}={n}")).collect();
+        let _ = writeln!(out, "drops: {}", list.join(" "));
+    }
+    out
+}
