@@ -1,7 +1,13 @@
 //! Per-interface accounting: packets and bytes per hook and class, per CPU. Bytes of IPv4 packets
 //! are IP bytes as they cross the wire, so a GSO packet counts as the segments it becomes.
 
-use aya_ebpf::{EbpfContext, bindings::__sk_buff, maps::PerCpuHashMap, programs::TcContext};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::__sk_buff,
+    maps::PerCpuHashMap,
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::warn;
 use ecsnet_common::maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey};
 
 use crate::{
@@ -12,9 +18,9 @@ use crate::{
 const BPF_NOEXIST: u64 = 1;
 
 /// Adds to a per-CPU counter, creating it when user space has not. A lost creation race is
-/// retried once, so no packet goes uncounted.
+/// retried once; false only when the map is full.
 #[inline(always)]
-fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) {
+fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) -> bool {
     for _ in 0..2 {
         if let Some(c) = map.get_ptr_mut(key) {
             // SAFETY: a per-CPU value is only touched by this CPU, and BPF programs do not nest
@@ -23,12 +29,13 @@ fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) {
                 (*c).packets += packets;
                 (*c).bytes += bytes;
             }
-            return;
+            return true;
         }
         if map.insert(key, &Counters { packets, bytes }, BPF_NOEXIST).is_ok() {
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// Counts one dropped packet.
@@ -78,12 +85,14 @@ pub fn account_tc(ctx: &TcContext, ifindex: u32, hook: u8) {
         class,
         _pad: [0; 2],
     };
-    add(&STATS, &key, packets, bytes);
+    if !add(&STATS, &key, packets, bytes) {
+        warn!(ctx, "STATS map full: packet on ifindex {} not counted", ifindex);
+    }
 }
 
 /// Counts a frame seen by an XDP program on `ifindex`.
 #[inline(always)]
-pub fn account_xdp<P: Packet>(pkt: &P, ifindex: u32, hook: u8) {
+pub fn account_xdp(pkt: &XdpContext, ifindex: u32, hook: u8) {
     let len = pkt.end() - pkt.start();
     let (class, packets, bytes) = measure(pkt, len, 1);
     let key = StatsKey {
@@ -92,5 +101,7 @@ pub fn account_xdp<P: Packet>(pkt: &P, ifindex: u32, hook: u8) {
         class,
         _pad: [0; 2],
     };
-    add(&STATS, &key, packets, bytes);
+    if !add(&STATS, &key, packets, bytes) {
+        warn!(pkt, "STATS map full: frame on ifindex {} not counted", ifindex);
+    }
 }

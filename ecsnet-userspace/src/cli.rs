@@ -234,10 +234,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     paths::check_name("instance", &cli.instance).map_err(UsageError::BadName)?;
     let inst = InstancePaths::new(&cli.instance);
     let lab_cmd = matches!(cli.cmd, Cmd::Lab(_));
-    // Without --netns, instance commands go where `up` ran.
+    // Without --netns, instance commands go where `up` ran (also `up` after a crash).
     let netns = match &cli.netns {
         Some(ns) => Some(ns.clone()),
-        None if !lab_cmd && !matches!(cli.cmd, Cmd::Up(_)) => instance::read_meta(&inst).ok().flatten().and_then(|m| m.netns),
+        None if !lab_cmd => instance::read_meta(&inst).ok().flatten().and_then(|m| m.netns),
         None => None,
     };
     if let Some(ns) = &netns {
@@ -252,7 +252,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up(a) => {
             let opts = UpOptions {
-                netns: cli.netns.clone(),
+                netns: netns.clone(),
                 uplink: a.uplink,
                 bridge: a.bridge,
                 state: a.state,

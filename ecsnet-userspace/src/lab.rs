@@ -31,6 +31,8 @@ pub const MAX_TASKS: usize = 250;
 /// First host port of the default publications: task i publishes 8080+i-1 -> 80/tcp.
 pub const DEFAULT_HOST_PORT: u16 = 8080;
 pub const DEFAULT_CONTAINER_PORT: u16 = 80;
+/// Echo port (TCP and UDP) of the lab's client.
+pub const CLIENT_ECHO_PORT: u16 = 9000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -131,6 +133,8 @@ pub struct LabHost {
 pub struct LabClient {
     pub netns: String,
     pub address: Ipv4Addr,
+    /// TCP and UDP echo port of the client, the "outside" that tasks reach through masquerade.
+    pub echo_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,14 +501,19 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
             bridge_address: BRIDGE_ADDR,
         },
         client: LabClient {
-            netns: client,
+            netns: client.clone(),
             address: CLIENT_ADDR,
+            echo_port: CLIENT_ECHO_PORT,
         },
         tasks,
     };
     for t in &status.tasks {
-        start_server(&status, t)?;
+        let mut ports: Vec<(Protocol, u16)> = t.port_mappings.iter().map(|p| (p.protocol, p.container_port)).collect();
+        ports.sort();
+        ports.dedup();
+        start_server(name, &t.netns, &t.name, &ports)?;
     }
+    start_server(name, &client, "client", &[(Protocol::Tcp, CLIENT_ECHO_PORT), (Protocol::Udp, CLIENT_ECHO_PORT)])?;
     let state = state_for(&status);
     write(&status.state_file, &serde_json::to_string_pretty(&state).expect("state serializes"))?;
     write(&dir.join("lab.json"), &serde_json::to_string_pretty(&status).expect("status serializes"))?;
@@ -515,18 +524,16 @@ fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {
     fs::write(path, format!("{text}\n")).map_err(io(path))
 }
 
-/// Starts `ecsnet lab serve` inside the task: an echo server on each of its container ports.
-fn start_server(status: &LabStatus, t: &LabTask) -> Result<(), LabError> {
+/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
+fn start_server(lab: &str, netns: &str, who: &str, ports: &[(Protocol, u16)]) -> Result<(), LabError> {
     use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
-    let log_path = lab_dir(&status.name).join(format!("{}.log", t.name));
+    let log_path = lab_dir(lab).join(format!("{who}.log"));
     let log = fs::File::create(&log_path).map_err(io(&log_path))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["--netns", &t.netns, "lab", "serve"]);
-    let mut ports: Vec<&LabPort> = t.port_mappings.iter().collect();
-    ports.dedup_by_key(|p| (p.container_port, p.protocol));
-    for p in ports {
-        cmd.arg(format!("--{}", p.protocol.as_str())).arg(p.container_port.to_string());
+    cmd.args(["--netns", netns, "lab", "serve"]);
+    for (proto, port) in ports {
+        cmd.arg(format!("--{}", proto.as_str())).arg(port.to_string());
     }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io(&log_path))?)
@@ -627,7 +634,7 @@ fn instances_in(netns: &str) -> Vec<String> {
 /// Human-readable status.
 pub fn render(s: &LabStatus) -> String {
     let mut out = format!(
-        "lab {}: host {} (uplink {} {}, bridge {} {}), client {} {}\nstate file {}\n",
+        "lab {}: host {} (uplink {} {}, bridge {} {}), client {} {} (echo on {})\nstate file {}\n",
         s.name,
         s.host.netns,
         s.host.uplink,
@@ -636,6 +643,7 @@ pub fn render(s: &LabStatus) -> String {
         s.host.bridge_address,
         s.client.netns,
         s.client.address,
+        s.client.echo_port,
         s.state_file.display()
     );
     for t in &s.tasks {
