@@ -31,7 +31,10 @@ fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) -
             }
             return true;
         }
-        if map.insert(key, &Counters { packets, bytes }, BPF_NOEXIST).is_ok() {
+        if map
+            .insert(key, &Counters { packets, bytes }, BPF_NOEXIST)
+            .is_ok()
+        {
             return true;
         }
     }
@@ -86,7 +89,10 @@ pub fn account_tc(ctx: &TcContext, ifindex: u32, hook: u8) {
         _pad: [0; 2],
     };
     if !add(&STATS, &key, packets, bytes) {
-        warn!(ctx, "STATS map full: packet on ifindex {} not counted", ifindex);
+        warn!(
+            ctx,
+            "STATS map full: packet on ifindex {} not counted", ifindex
+        );
     }
 }
 
@@ -102,6 +108,9 @@ pub fn account_xdp(pkt: &XdpContext, ifindex: u32, hook: u8) {
         _pad: [0; 2],
     };
     if !add(&STATS, &key, packets, bytes) {
-        warn!(pkt, "STATS map full: frame on ifindex {} not counted", ifindex);
+        warn!(
+            pkt,
+            "STATS map full: frame on ifindex {} not counted", ifindex
+        );
     }
 }

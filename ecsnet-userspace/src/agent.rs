@@ -104,10 +104,14 @@ fn forward_datapath_logs(paths: &InstancePaths) -> Vec<tokio::task::JoinHandle<(
     if let Some(id) = crate::datapath::pinned_program_ids(paths).first().copied() {
         match aya_log::EbpfLogger::init_from_id(id) {
             // SAFETY: the logger owns its ring-buffer fd for as long as the AsyncFd owns it.
-            Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register(logger) }.map_err(|e| e.to_string()) {
+            Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register(logger) }
+                .map_err(|e| e.to_string())
+            {
                 Ok(mut fd) => tasks.push(tokio::spawn(async move {
                     loop {
-                        let Ok(mut guard) = fd.readable_mut().await else { break };
+                        let Ok(mut guard) = fd.readable_mut().await else {
+                            break;
+                        };
                         guard.get_inner_mut().flush();
                         guard.clear_ready();
                     }
@@ -120,7 +124,11 @@ fn forward_datapath_logs(paths: &InstancePaths) -> Vec<tokio::task::JoinHandle<(
     tasks
 }
 
-async fn handle(stream: UnixStream, paths: &InstancePaths, started: Instant) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    paths: &InstancePaths,
+    started: Instant,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -173,6 +181,8 @@ pub fn answer(line: &[u8], paths: &InstancePaths, started: Instant) -> Value {
             Ok(s) => json!({"ok": true, "stats": s}),
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
-        other => json!({"ok": false, "error": format!("unknown op {other:?}: use ping, status or stats")}),
+        other => {
+            json!({"ok": false, "error": format!("unknown op {other:?}: use ping, status or stats")})
+        }
     }
 }

@@ -22,7 +22,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "ecsnet", version, about = "awsvpc-like isolation, NAT and flow logs for Docker bridge-mode hosts, in eBPF")]
+#[command(
+    name = "ecsnet",
+    version,
+    about = "awsvpc-like isolation, NAT and flow logs for Docker bridge-mode hosts, in eBPF"
+)]
 pub struct Cli {
     /// Name of this copy of ecsnet; several can run on one machine.
     #[arg(long, global = true, default_value = "default")]
@@ -186,9 +190,16 @@ pub enum UsageError {
     #[error("no task named {0:?}; `ecsnet task ls` lists them")]
     NoSuchTask(String),
     #[error("{file}: {error}")]
-    BadFile { file: String, error: state::StateError },
+    BadFile {
+        file: String,
+        error: state::StateError,
+    },
     #[error("echo check failed: {echoed} of {sent} {proto} messages came back")]
-    ProbeLost { proto: &'static str, echoed: u32, sent: u32 },
+    ProbeLost {
+        proto: &'static str,
+        echoed: u32,
+        sent: u32,
+    },
 }
 
 /// 2 for bad usage or input, 1 for anything else.
@@ -225,19 +236,35 @@ fn init_logging(verbose: u8, agent: bool) {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("output serializes"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("output serializes")
+    );
 }
 
 /// Runs one command. `--netns` is entered first, while the process has a single thread.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(cli.verbose, matches!(cli.cmd, Cmd::Agent | Cmd::Up(UpArgs { foreground: true, .. })));
+    init_logging(
+        cli.verbose,
+        matches!(
+            cli.cmd,
+            Cmd::Agent
+                | Cmd::Up(UpArgs {
+                    foreground: true,
+                    ..
+                })
+        ),
+    );
     paths::check_name("instance", &cli.instance).map_err(UsageError::BadName)?;
     let inst = InstancePaths::new(&cli.instance);
     let lab_cmd = matches!(cli.cmd, Cmd::Lab(_));
     // Without --netns, instance commands go where `up` ran (also `up` after a crash).
     let netns = match &cli.netns {
         Some(ns) => Some(ns.clone()),
-        None if !lab_cmd => instance::read_meta(&inst).ok().flatten().and_then(|m| m.netns),
+        None if !lab_cmd => instance::read_meta(&inst)
+            .ok()
+            .flatten()
+            .and_then(|m| m.netns),
         None => None,
     };
     if let Some(ns) = &netns {
@@ -269,7 +296,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     inst.name, meta.uplink, meta.bridge, tasks
                 ),
                 None => {
-                    println!("ecsnet instance {} up: uplink {} bridge {}, {} task(s), agent in foreground", inst.name, meta.uplink, meta.bridge, tasks);
+                    println!(
+                        "ecsnet instance {} up: uplink {} bridge {}, {} task(s), agent in foreground",
+                        inst.name, meta.uplink, meta.bridge, tasks
+                    );
                     agent::run(&inst)?;
                 }
             }
@@ -284,7 +314,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Apply { file } => {
             let s = instance::apply(&inst, &file)?;
-            println!("applied {}: {} task(s), {} security group(s)", file.display(), s.tasks.len(), s.security_groups.len());
+            println!(
+                "applied {}: {} task(s), {} security group(s)",
+                file.display(),
+                s.tasks.len(),
+                s.security_groups.len()
+            );
         }
         Cmd::Task(t) => task_cmd(&inst, t)?,
         Cmd::Sg(s) => sg_cmd(&inst, s)?,
@@ -325,8 +360,17 @@ fn current_state(inst: &InstancePaths) -> anyhow::Result<State> {
 
 fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
     match cmd {
-        TaskCmd::Add { name, ip, interface, publish, security_groups } => {
-            let port_mappings = publish.iter().map(|p| parse_task_publish(p)).collect::<Result<Vec<_>, _>>()?;
+        TaskCmd::Add {
+            name,
+            ip,
+            interface,
+            publish,
+            security_groups,
+        } => {
+            let port_mappings = publish
+                .iter()
+                .map(|p| parse_task_publish(p))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut s = current_state(inst)?;
             s.tasks.retain(|t| t.name != name);
             s.tasks.push(Task {
@@ -342,8 +386,17 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
                 container_id: None,
             });
             let s = instance::apply_state(inst, s, "task add")?;
-            let t = s.tasks.iter().find(|t| t.name == name).expect("task was just added");
-            println!("task {} {} on {}", t.name, t.ipv4_address, t.interface.as_deref().unwrap_or("-"));
+            let t = s
+                .tasks
+                .iter()
+                .find(|t| t.name == name)
+                .expect("task was just added");
+            println!(
+                "task {} {} on {}",
+                t.name,
+                t.ipv4_address,
+                t.interface.as_deref().unwrap_or("-")
+            );
         }
         TaskCmd::Rm { name } => {
             let mut s = current_state(inst)?;
@@ -365,9 +418,22 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
                     let ports: Vec<String> = t
                         .port_mappings
                         .iter()
-                        .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+                        .map(|p| {
+                            format!(
+                                "{}->{}/{}",
+                                p.host_port,
+                                p.container_port,
+                                p.protocol.as_str()
+                            )
+                        })
                         .collect();
-                    println!("{:<12} {:<15} {:<15} {}", t.name, t.ipv4_address, t.interface.as_deref().unwrap_or("-"), ports.join(" "));
+                    println!(
+                        "{:<12} {:<15} {:<15} {}",
+                        t.name,
+                        t.ipv4_address,
+                        t.interface.as_deref().unwrap_or("-"),
+                        ports.join(" ")
+                    );
                 }
             }
         }
@@ -391,8 +457,12 @@ fn read_sg_file(file: &PathBuf) -> anyhow::Result<Vec<state::SecurityGroup>> {
         },
         List(serde_json::Value),
     }
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let bad = |error| UsageError::BadFile { file: file.display().to_string(), error };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bad = |error| UsageError::BadFile {
+        file: file.display().to_string(),
+        error,
+    };
     let value: SgFile = state::parse(&text).map_err(bad)?;
     let (prefix, list) = match value {
         SgFile::Aws { security_groups } => ("$.SecurityGroups", security_groups),
@@ -418,7 +488,11 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
         SgCmd::Ls { json } => {
             let s = current_state(inst)?;
             let members = |id: &str| -> Vec<String> {
-                s.tasks.iter().filter(|t| t.security_groups.iter().any(|g| g == id)).map(|t| t.name.clone()).collect()
+                s.tasks
+                    .iter()
+                    .filter(|t| t.security_groups.iter().any(|g| g == id))
+                    .map(|t| t.name.clone())
+                    .collect()
             };
             if json {
                 let v: Vec<serde_json::Value> = s
@@ -446,9 +520,21 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
 
 fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { name, tasks, publish, json } => {
-            let publish = publish.iter().map(|p| lab::parse_publish(p, tasks)).collect::<Result<Vec<_>, LabError>>()?;
-            let status = lab::up(&LabSpec { name, tasks, publish })?;
+        LabCmd::Up {
+            name,
+            tasks,
+            publish,
+            json,
+        } => {
+            let publish = publish
+                .iter()
+                .map(|p| lab::parse_publish(p, tasks))
+                .collect::<Result<Vec<_>, LabError>>()?;
+            let status = lab::up(&LabSpec {
+                name,
+                tasks,
+                publish,
+            })?;
             if json {
                 print_json(&status);
             } else {
@@ -461,7 +547,11 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
                 "lab {name} down: {} namespace(s) deleted, {} process(es) stopped{}",
                 r.namespaces.len(),
                 r.killed,
-                if r.instances.is_empty() { String::new() } else { format!(", instance(s) {} taken down", r.instances.join(", ")) }
+                if r.instances.is_empty() {
+                    String::new()
+                } else {
+                    format!(", instance(s) {} taken down", r.instances.join(", "))
+                }
             );
         }
         LabCmd::Status { name, json } => {
@@ -473,7 +563,13 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             }
         }
         LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
-        LabCmd::Probe { tcp, udp, count, size, json } => {
+        LabCmd::Probe {
+            tcp,
+            udp,
+            count,
+            size,
+            json,
+        } => {
             let timeout = Duration::from_secs(2);
             let r = match (tcp, udp) {
                 (Some(a), _) => traffic::probe_tcp(a, count, size as usize, timeout)?,
@@ -483,10 +579,18 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r).expect("report serializes"));
             } else {
-                println!("{} {}: {} of {} messages of {} bytes echoed, p50 {} us", r.protocol, r.target, r.echoed, r.messages, r.size, r.p50_us);
+                println!(
+                    "{} {}: {} of {} messages of {} bytes echoed, p50 {} us",
+                    r.protocol, r.target, r.echoed, r.messages, r.size, r.p50_us
+                );
             }
             if r.echoed != r.messages {
-                return Err(UsageError::ProbeLost { proto: r.protocol, echoed: r.echoed, sent: r.messages }.into());
+                return Err(UsageError::ProbeLost {
+                    proto: r.protocol,
+                    echoed: r.echoed,
+                    sent: r.messages,
+                }
+                .into());
             }
         }
     }

@@ -26,7 +26,11 @@ pub struct ResolvedTask {
 }
 
 /// Finds every task's interface on the bridge: the named one, or the port behind its address.
-pub fn resolve(state: &State, snap: &Snapshot, bridge: u32) -> Result<Vec<ResolvedTask>, StateError> {
+pub fn resolve(
+    state: &State,
+    snap: &Snapshot,
+    bridge: u32,
+) -> Result<Vec<ResolvedTask>, StateError> {
     let mut out = Vec::with_capacity(state.tasks.len());
     let mut seen: HashMap<u32, usize> = HashMap::new();
     for (i, t) in state.tasks.iter().enumerate() {
@@ -56,7 +60,10 @@ pub fn resolve(state: &State, snap: &Snapshot, bridge: u32) -> Result<Vec<Resolv
         if let Some(j) = seen.insert(link.index, i) {
             return Err(StateError {
                 path: format!("$.tasks[{i}].interface"),
-                message: format!("interface {:?} is also the interface of $.tasks[{j}]", link.name),
+                message: format!(
+                    "interface {:?} is also the interface of $.tasks[{j}]",
+                    link.name
+                ),
             });
         }
         let mac = snap
@@ -109,12 +116,15 @@ pub fn assign_dynamic_ports(
                 continue;
             }
             let start = next.entry(pm.protocol).or_insert(lo);
-            let port = (*start..=hi).find(|p| !used.contains(&(*p, pm.protocol))).ok_or_else(|| {
-                StateError {
+            let port = (*start..=hi)
+                .find(|p| !used.contains(&(*p, pm.protocol)))
+                .ok_or_else(|| StateError {
                     path: format!("$.tasks[{i}].portMappings[{j}].hostPort"),
-                    message: format!("no free {} host port left in ephemeralPorts [{lo}, {hi}]", pm.protocol.as_str()),
-                }
-            })?;
+                    message: format!(
+                        "no free {} host port left in ephemeralPorts [{lo}, {hi}]",
+                        pm.protocol.as_str()
+                    ),
+                })?;
             used.insert((port, pm.protocol));
             *start = port;
             pm.host_port = port;
@@ -131,12 +141,16 @@ pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKe
             continue;
         };
         for pm in &t.port_mappings {
-            let was_dynamic = req
-                .port_mappings
-                .iter()
-                .any(|r| r.host_port == 0 && r.container_port == pm.container_port && r.protocol == pm.protocol);
+            let was_dynamic = req.port_mappings.iter().any(|r| {
+                r.host_port == 0
+                    && r.container_port == pm.container_port
+                    && r.protocol == pm.protocol
+            });
             if was_dynamic {
-                out.insert((t.name.clone(), pm.container_port, pm.protocol), pm.host_port);
+                out.insert(
+                    (t.name.clone(), pm.container_port, pm.protocol),
+                    pm.host_port,
+                );
             }
         }
     }
@@ -221,14 +235,25 @@ mod tests {
         let mut s = State::default();
         s.host.ephemeral_ports = [50000, 50003];
         s.tasks = vec![
-            task("a", [172, 17, 0, 2], &[(80, 50000, Protocol::Tcp), (81, 0, Protocol::Tcp)]),
-            task("b", [172, 17, 0, 3], &[(80, 0, Protocol::Tcp), (53, 0, Protocol::Udp)]),
+            task(
+                "a",
+                [172, 17, 0, 2],
+                &[(80, 50000, Protocol::Tcp), (81, 0, Protocol::Tcp)],
+            ),
+            task(
+                "b",
+                [172, 17, 0, 3],
+                &[(80, 0, Protocol::Tcp), (53, 0, Protocol::Udp)],
+            ),
         ];
         let requested = s.clone();
         assign_dynamic_ports(&mut s, &HashMap::new()).unwrap();
         assert_eq!(s.tasks[0].port_mappings[1].host_port, 50001);
         assert_eq!(s.tasks[1].port_mappings[0].host_port, 50002);
-        assert_eq!(s.tasks[1].port_mappings[1].host_port, 50000, "udp has its own space");
+        assert_eq!(
+            s.tasks[1].port_mappings[1].host_port, 50000,
+            "udp has its own space"
+        );
 
         // Task a goes away; b keeps its ports although lower ones are now free.
         let prev = dynamic_ports_of(&s, &requested);
@@ -242,7 +267,11 @@ mod tests {
     fn dynamic_ports_exhausted_is_an_error_with_a_path() {
         let mut s = State::default();
         s.host.ephemeral_ports = [50000, 50000];
-        s.tasks = vec![task("a", [172, 17, 0, 2], &[(80, 0, Protocol::Tcp), (81, 0, Protocol::Tcp)])];
+        s.tasks = vec![task(
+            "a",
+            [172, 17, 0, 2],
+            &[(80, 0, Protocol::Tcp), (81, 0, Protocol::Tcp)],
+        )];
         let err = assign_dynamic_ports(&mut s, &HashMap::new()).unwrap_err();
         assert_eq!(err.path, "$.tasks[0].portMappings[1].hostPort");
     }
@@ -258,7 +287,11 @@ mod tests {
             up: true,
         };
         let snap = Snapshot {
-            links: vec![link(3, "docker0", None), link(5, "vetha", Some(3)), link(6, "eth0", None)],
+            links: vec![
+                link(3, "docker0", None),
+                link(5, "vetha", Some(3)),
+                link(6, "eth0", None),
+            ],
             ..Default::default()
         };
         let mut s = State::default();
@@ -268,11 +301,22 @@ mod tests {
         let r = resolve(&s, &snap, 3).unwrap();
         assert_eq!(r[0].ifindex, 5);
         s.tasks[0].interface = Some("eth0".into());
-        assert_eq!(resolve(&s, &snap, 3).unwrap_err().path, "$.tasks[0].interface");
+        assert_eq!(
+            resolve(&s, &snap, 3).unwrap_err().path,
+            "$.tasks[0].interface"
+        );
         s.tasks[0].interface = Some("nope".into());
-        assert!(resolve(&s, &snap, 3).unwrap_err().message.contains("no interface"));
+        assert!(
+            resolve(&s, &snap, 3)
+                .unwrap_err()
+                .message
+                .contains("no interface")
+        );
         s.tasks[0].interface = None;
-        assert_eq!(resolve(&s, &snap, 3).unwrap_err().path, "$.tasks[0].ipv4Address");
+        assert_eq!(
+            resolve(&s, &snap, 3).unwrap_err().path,
+            "$.tasks[0].ipv4Address"
+        );
     }
 
     #[test]
@@ -286,6 +330,16 @@ mod tests {
         };
         let (tasks, ifaces) = task_entries(&[t]);
         assert_eq!(tasks[0].0.to_ne_bytes(), [172, 17, 0, 2]);
-        assert_eq!(ifaces[0], (9, IfaceInfo { ipv4: u32::from_ne_bytes([172, 17, 0, 2]), role: ROLE_TASK, _pad: [0; 3] }));
+        assert_eq!(
+            ifaces[0],
+            (
+                9,
+                IfaceInfo {
+                    ipv4: u32::from_ne_bytes([172, 17, 0, 2]),
+                    role: ROLE_TASK,
+                    _pad: [0; 3]
+                }
+            )
+        );
     }
 }

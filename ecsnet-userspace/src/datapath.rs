@@ -38,14 +38,18 @@ const TC_PROGRAMS: [&str; 4] = [
 /// bpffs magic from statfs(2).
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet"));
+/// The datapath object, built by build.rs; also loaded by the BPF_PROG_TEST_RUN tests.
+pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("cannot mount bpffs at {BPFFS}: {0}")]
     MountBpffs(nix::Error),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the datapath into the kernel failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("program {prog}: {source}")]
@@ -109,7 +113,11 @@ pub fn is_loaded(paths: &InstancePaths) -> bool {
 /// are pinned already are reused, so counters survive a reload.
 pub fn load(paths: &InstancePaths) -> Result<(), DatapathError> {
     ensure_bpffs()?;
-    for dir in [paths.pin_dir().join("maps"), paths.pin_dir().join("progs"), paths.link_dir()] {
+    for dir in [
+        paths.pin_dir().join("maps"),
+        paths.pin_dir().join("progs"),
+        paths.link_dir(),
+    ] {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
     }
     if is_loaded(paths) {
@@ -133,7 +141,8 @@ pub fn load(paths: &InstancePaths) -> Result<(), DatapathError> {
             })?
             .try_into()
             .map_err(|source| DatapathError::Program { prog, source })?;
-        p.load().map_err(|source| DatapathError::Program { prog, source })?;
+        p.load()
+            .map_err(|source| DatapathError::Program { prog, source })?;
         pin_program(p.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
     }
     let prog = PROG_UPLINK_XDP;
@@ -145,7 +154,8 @@ pub fn load(paths: &InstancePaths) -> Result<(), DatapathError> {
         })?
         .try_into()
         .map_err(|source| DatapathError::Program { prog, source })?;
-    x.load().map_err(|source| DatapathError::Program { prog, source })?;
+    x.load()
+        .map_err(|source| DatapathError::Program { prog, source })?;
     pin_program(x.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
     Ok(())
 }
@@ -200,14 +210,27 @@ fn attach_tc(
         path: pin.clone(),
         source,
     })?;
-    fd.pin(&pin).map_err(|source| DatapathError::Pin { path: pin, source })?;
+    fd.pin(&pin)
+        .map_err(|source| DatapathError::Pin { path: pin, source })?;
     Ok(())
 }
 
 /// Attaches the task programs to a task interface.
 pub fn attach_task(paths: &InstancePaths, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
-    attach_tc(paths, PROG_TASK_INGRESS, ifname, ifindex, TcAttachType::Ingress)?;
-    attach_tc(paths, PROG_TASK_EGRESS, ifname, ifindex, TcAttachType::Egress)
+    attach_tc(
+        paths,
+        PROG_TASK_INGRESS,
+        ifname,
+        ifindex,
+        TcAttachType::Ingress,
+    )?;
+    attach_tc(
+        paths,
+        PROG_TASK_EGRESS,
+        ifname,
+        ifindex,
+        TcAttachType::Egress,
+    )
 }
 
 /// Attaches the uplink programs: tcx both ways and XDP in `mode`.
@@ -217,8 +240,20 @@ pub fn attach_uplink(
     ifindex: u32,
     mode: XdpMode,
 ) -> Result<(), DatapathError> {
-    attach_tc(paths, PROG_UPLINK_INGRESS, ifname, ifindex, TcAttachType::Ingress)?;
-    attach_tc(paths, PROG_UPLINK_EGRESS, ifname, ifindex, TcAttachType::Egress)?;
+    attach_tc(
+        paths,
+        PROG_UPLINK_INGRESS,
+        ifname,
+        ifindex,
+        TcAttachType::Ingress,
+    )?;
+    attach_tc(
+        paths,
+        PROG_UPLINK_EGRESS,
+        ifname,
+        ifindex,
+        TcAttachType::Egress,
+    )?;
     let pin = xdp_link_pin(paths, ifindex);
     if pin.exists() {
         return Ok(());
@@ -237,7 +272,8 @@ pub fn attach_uplink(
         path: pin.clone(),
         source,
     })?;
-    fd.pin(&pin).map_err(|source| DatapathError::Pin { path: pin, source })?;
+    fd.pin(&pin)
+        .map_err(|source| DatapathError::Pin { path: pin, source })?;
     Ok(())
 }
 

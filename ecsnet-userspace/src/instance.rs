@@ -32,7 +32,9 @@ pub enum InstanceError {
     NoUplink,
     #[error("cannot find the bridge: no bridge with task veths; give it with --bridge")]
     NoBridge,
-    #[error("instance {instance:?} is already up (agent pid {pid}); run `ecsnet --instance {instance} down` first, or `ecsnet apply` to change its state")]
+    #[error(
+        "instance {instance:?} is already up (agent pid {pid}); run `ecsnet --instance {instance} down` first, or `ecsnet apply` to change its state"
+    )]
     AlreadyUp { instance: String, pid: i32 },
     #[error("instance {instance:?} is not up; run `ecsnet --instance {instance} up` first")]
     NotUp { instance: String },
@@ -51,9 +53,15 @@ pub enum InstanceError {
     #[error(transparent)]
     Process(#[from] process::ProcessError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: corrupt instance file: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 impl InstanceError {
@@ -110,12 +118,14 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), InstanceError> {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, InstanceError> {
     match fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| InstanceError::Corrupt {
-                path: path.to_owned(),
-                source,
-            }),
+        Ok(text) => {
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|source| InstanceError::Corrupt {
+                    path: path.to_owned(),
+                    source,
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(path)(e)),
     }
@@ -151,12 +161,17 @@ fn xdp_mode(s: &str) -> Result<Option<XdpMode>, InstanceError> {
 }
 
 /// Finds uplink and bridge from the flags, or from the default route and the tasks' master.
-fn discover(snap: &Snapshot, opts: &UpOptions) -> Result<(u32, String, u32, String), InstanceError> {
+fn discover(
+    snap: &Snapshot,
+    opts: &UpOptions,
+) -> Result<(u32, String, u32, String), InstanceError> {
     let uplink = match &opts.uplink {
-        Some(name) => snap.by_name(name).ok_or_else(|| InstanceError::UnknownInterface {
-            iface: name.clone(),
-            role: "--uplink",
-        })?,
+        Some(name) => snap
+            .by_name(name)
+            .ok_or_else(|| InstanceError::UnknownInterface {
+                iface: name.clone(),
+                role: "--uplink",
+            })?,
         None => snap
             .default_oif
             .and_then(|i| snap.by_index(i))
@@ -164,23 +179,36 @@ fn discover(snap: &Snapshot, opts: &UpOptions) -> Result<(u32, String, u32, Stri
     };
     let bridge = match &opts.bridge {
         Some(name) => {
-            let b = snap.by_name(name).ok_or_else(|| InstanceError::UnknownInterface {
-                iface: name.clone(),
-                role: "--bridge",
-            })?;
+            let b = snap
+                .by_name(name)
+                .ok_or_else(|| InstanceError::UnknownInterface {
+                    iface: name.clone(),
+                    role: "--bridge",
+                })?;
             if b.kind != "bridge" {
-                return Err(InstanceError::NotABridge { iface: name.clone() });
+                return Err(InstanceError::NotABridge {
+                    iface: name.clone(),
+                });
             }
             b
         }
         None => snap.guess_bridge().ok_or(InstanceError::NoBridge)?,
     };
-    Ok((uplink.index, uplink.name.clone(), bridge.index, bridge.name.clone()))
+    Ok((
+        uplink.index,
+        uplink.name.clone(),
+        bridge.index,
+        bridge.name.clone(),
+    ))
 }
 
 /// `ecsnet up`: load, attach, pin and apply the state (if given), then start the agent.
 /// Returns the agent's pid, or `None` when the caller runs the agent itself (`--foreground`).
-pub fn up(paths: &InstancePaths, opts: &UpOptions, spawn_agent: bool) -> Result<Option<i32>, InstanceError> {
+pub fn up(
+    paths: &InstancePaths,
+    opts: &UpOptions,
+    spawn_agent: bool,
+) -> Result<Option<i32>, InstanceError> {
     if let Some(pid) = process::agent_pid(paths) {
         return Err(InstanceError::AlreadyUp {
             instance: paths.name.clone(),
@@ -233,15 +261,20 @@ pub fn up(paths: &InstancePaths, opts: &UpOptions, spawn_agent: bool) -> Result<
     let fresh = !datapath::is_loaded(paths);
     let result = (|| {
         datapath::load(paths)?;
-        datapath::attach_uplink(paths, &uplink, uplink_index, mode.unwrap_or(XdpMode::Driver))
-            .or_else(|e| match mode {
-                // Native XDP needs driver support; fall back to generic XDP and say so.
-                Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
-                    log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
-                    datapath::attach_uplink(paths, &uplink, uplink_index, XdpMode::Skb)
-                }
-                _ => Err(e),
-            })?;
+        datapath::attach_uplink(
+            paths,
+            &uplink,
+            uplink_index,
+            mode.unwrap_or(XdpMode::Driver),
+        )
+        .or_else(|e| match mode {
+            // Native XDP needs driver support; fall back to generic XDP and say so.
+            Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
+                log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
+                datapath::attach_uplink(paths, &uplink, uplink_index, XdpMode::Skb)
+            }
+            _ => Err(e),
+        })?;
         maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
         write_json(&paths.meta_file(), &meta)?;
         if let Some(plan) = &plan {
@@ -270,7 +303,12 @@ pub struct Plan {
     pub tasks: Vec<compile::ResolvedTask>,
 }
 
-fn plan_apply(paths: &InstancePaths, meta: &Meta, snap: &Snapshot, file: &Path) -> Result<Plan, InstanceError> {
+fn plan_apply(
+    paths: &InstancePaths,
+    meta: &Meta,
+    snap: &Snapshot,
+    file: &Path,
+) -> Result<Plan, InstanceError> {
     let bridge = BridgeNet {
         address: meta.bridge_address,
     };
@@ -338,7 +376,11 @@ pub fn apply(paths: &InstancePaths, file: &Path) -> Result<State, InstanceError>
 }
 
 /// Applies a state given in memory (task add/rm).
-pub fn apply_state(paths: &InstancePaths, state: State, what: &str) -> Result<State, InstanceError> {
+pub fn apply_state(
+    paths: &InstancePaths,
+    state: State,
+    what: &str,
+) -> Result<State, InstanceError> {
     let meta = require_up(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_state(paths, &meta, &snap, state, what)?;

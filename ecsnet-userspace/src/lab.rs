@@ -42,24 +42,39 @@ pub enum LabError {
     BadTaskCount(usize),
     #[error("bad --publish {spec:?}: {why}; expected TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
     BadPublish { spec: String, why: String },
-    #[error("lab {name:?} already exists (namespace {netns}); run `ecsnet lab down --name {name}` first")]
+    #[error(
+        "lab {name:?} already exists (namespace {netns}); run `ecsnet lab down --name {name}` first"
+    )]
     Exists { name: String, netns: String },
     #[error("no lab named {0:?}; `ecsnet lab up --name {0}` builds one")]
     NotFound(String),
     #[error("{tool} is not installed: {hint}")]
-    MissingTool { tool: &'static str, hint: &'static str },
+    MissingTool {
+        tool: &'static str,
+        hint: &'static str,
+    },
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: corrupt lab file: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 impl LabError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::BadName(_) | Self::BadTaskCount(_) | Self::BadPublish { .. } | Self::Exists { .. } | Self::NotFound(_) => 2,
+            Self::BadName(_)
+            | Self::BadTaskCount(_)
+            | Self::BadPublish { .. }
+            | Self::Exists { .. }
+            | Self::NotFound(_) => 2,
             _ => 1,
         }
     }
@@ -91,9 +106,13 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
     let [task, host, container] = parts[..] else {
         return Err(bad("need three fields".into()));
     };
-    let task: usize = task.parse().map_err(|_| bad(format!("task {task:?} is not a number")))?;
+    let task: usize = task
+        .parse()
+        .map_err(|_| bad(format!("task {task:?} is not a number")))?;
     if task == 0 || task > tasks {
-        return Err(bad(format!("task {task} does not exist (the lab has tasks 1 to {tasks})")));
+        return Err(bad(format!(
+            "task {task} does not exist (the lab has tasks 1 to {tasks})"
+        )));
     }
     let port = |s: &str, what: &str, zero_ok: bool| -> Result<u16, LabError> {
         match s.parse::<u16>() {
@@ -254,9 +273,15 @@ pub fn docker_rules(tasks: &[LabTask]) -> String {
         for p in &t.port_mappings {
             let proto = p.protocol.as_str();
             let (ip, cp, hp) = (t.address, p.container_port, p.host_port);
-            nat += &format!("-A POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {cp} -j MASQUERADE\n");
-            nat += &format!("-A DOCKER -p {proto} -m {proto} --dport {hp} -j DNAT --to-destination {ip}:{cp}\n");
-            filter += &format!("-A DOCKER -d {ip}/32 ! -i {BRIDGE} -o {BRIDGE} -p {proto} -m {proto} --dport {cp} -j ACCEPT\n");
+            nat += &format!(
+                "-A POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {cp} -j MASQUERADE\n"
+            );
+            nat += &format!(
+                "-A DOCKER -p {proto} -m {proto} --dport {hp} -j DNAT --to-destination {ip}:{cp}\n"
+            );
+            filter += &format!(
+                "-A DOCKER -d {ip}/32 ! -i {BRIDGE} -o {BRIDGE} -p {proto} -m {proto} --dport {cp} -j ACCEPT\n"
+            );
         }
     }
     filter += &format!(
@@ -276,7 +301,10 @@ pub fn state_for(status: &LabStatus) -> State {
             uplink: Some(UPLINK.into()),
             bridge: Some(BRIDGE.into()),
             account_id: Some("123456789012".into()),
-            instance_id: Some(format!("i-{:017x}", u64::from(u32::from_str_radix(&veth_name(&status.name, 0)[4..], 16).unwrap_or(0)))),
+            instance_id: Some(format!(
+                "i-{:017x}",
+                u64::from(u32::from_str_radix(&veth_name(&status.name, 0)[4..], 16).unwrap_or(0))
+            )),
             cluster: Some(status.name.clone()),
             ..Host::default()
         },
@@ -305,7 +333,10 @@ pub fn state_for(status: &LabStatus) -> State {
                     .collect(),
                 security_groups: vec![],
                 service_name: Some(format!("{}-svc", t.name)),
-                task_definition_arn: Some(format!("arn:aws:ecs:us-east-1:123456789012:task-definition/{}:1", t.name)),
+                task_definition_arn: Some(format!(
+                    "arn:aws:ecs:us-east-1:123456789012:task-definition/{}:1",
+                    t.name
+                )),
                 container_id: None,
             })
             .collect(),
@@ -316,15 +347,24 @@ fn check_tool(tool: &'static str, hint: &'static str) -> Result<(), LabError> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"].iter().any(|d| PathBuf::from(d).join(tool).is_file());
-    if found { Ok(()) } else { Err(LabError::MissingTool { tool, hint }) }
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| PathBuf::from(d).join(tool).is_file());
+    if found {
+        Ok(())
+    } else {
+        Err(LabError::MissingTool { tool, hint })
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<String, LabError> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| LabError::Command {
-        cmd: format!("{cmd:?}"),
-        stderr: e.to_string(),
-    })?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LabError::Command {
+            cmd: format!("{cmd:?}"),
+            stderr: e.to_string(),
+        })?;
     if !out.status.success() {
         return Err(LabError::Command {
             cmd: format!("{cmd:?}").replace('"', ""),
@@ -364,7 +404,11 @@ fn namespaces(name: &str) -> Vec<String> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| {
             n.strip_prefix(&prefix).is_some_and(|rest| {
-                rest == "host" || rest == "client" || rest.strip_prefix("task").is_some_and(|k| k.parse::<usize>().is_ok())
+                rest == "host"
+                    || rest == "client"
+                    || rest
+                        .strip_prefix("task")
+                        .is_some_and(|k| k.parse::<usize>().is_ok())
             })
         })
         .collect();
@@ -376,7 +420,10 @@ fn namespaces(name: &str) -> Vec<String> {
 pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
     paths::check_name("lab", &spec.name).map_err(LabError::BadName)?;
     if spec.name.len() > 20 {
-        return Err(LabError::BadName(format!("bad lab name {:?}: at most 20 characters", spec.name)));
+        return Err(LabError::BadName(format!(
+            "bad lab name {:?}: at most 20 characters",
+            spec.name
+        )));
     }
     if spec.tasks == 0 || spec.tasks > MAX_TASKS {
         return Err(LabError::BadTaskCount(spec.tasks));
@@ -393,8 +440,18 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
     for p in &spec.publish {
         if p.host_port != 0 && seen.contains(&(p.host_port, p.protocol)) {
             return Err(LabError::BadPublish {
-                spec: format!("{}:{}:{}/{}", p.task, p.host_port, p.container_port, p.protocol.as_str()),
-                why: format!("host port {}/{} is published twice", p.host_port, p.protocol.as_str()),
+                spec: format!(
+                    "{}:{}:{}/{}",
+                    p.task,
+                    p.host_port,
+                    p.container_port,
+                    p.protocol.as_str()
+                ),
+                why: format!(
+                    "host port {}/{} is published twice",
+                    p.host_port,
+                    p.protocol.as_str()
+                ),
             });
         }
         seen.push((p.host_port, p.protocol));
@@ -422,18 +479,37 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
     }
     // Uplink: host eth0 <-> client eth0, the VPC subnet.
-    ip(&["-n", &host, "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns", &client])?;
+    ip(&[
+        "-n", &host, "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns",
+        &client,
+    ])?;
     let uplink_cidr = format!("{UPLINK_ADDR}/{UPLINK_PREFIX}");
     let client_cidr = format!("{CLIENT_ADDR}/{UPLINK_PREFIX}");
     ip(&["-n", &host, "addr", "add", &uplink_cidr, "dev", UPLINK])?;
     ip(&["-n", &client, "addr", "add", &client_cidr, "dev", UPLINK])?;
     ip(&["-n", &host, "link", "set", UPLINK, "up"])?;
     ip(&["-n", &client, "link", "set", UPLINK, "up"])?;
-    ip(&["-n", &host, "route", "add", "default", "via", &CLIENT_ADDR.to_string()])?;
+    ip(&[
+        "-n",
+        &host,
+        "route",
+        "add",
+        "default",
+        "via",
+        &CLIENT_ADDR.to_string(),
+    ])?;
 
     // docker0 and Docker's sysctls.
     ip(&["-n", &host, "link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&["-n", &host, "addr", "add", &format!("{BRIDGE_ADDR}/{BRIDGE_PREFIX}"), "dev", BRIDGE])?;
+    ip(&[
+        "-n",
+        &host,
+        "addr",
+        "add",
+        &format!("{BRIDGE_ADDR}/{BRIDGE_PREFIX}"),
+        "dev",
+        BRIDGE,
+    ])?;
     ip(&["-n", &host, "link", "set", BRIDGE, "up"])?;
     sysctl(&host, "net.ipv4.ip_forward=1")?;
     sysctl(&host, "net.bridge.bridge-nf-call-iptables=1")?;
@@ -449,14 +525,42 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         sysctl(&ns, "net.ipv6.conf.all.disable_ipv6=1")?;
         sysctl(&ns, "net.ipv6.conf.default.disable_ipv6=1")?;
-        ip(&["-n", &host, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&[
+            "-n", &host, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
         ip(&["-n", &host, "link", "set", &veth, "master", BRIDGE])?;
         // Docker turns hairpin on for bridge ports when iptables does the hairpin NAT.
-        ip(&["-n", &host, "link", "set", &veth, "type", "bridge_slave", "hairpin", "on"])?;
+        ip(&[
+            "-n",
+            &host,
+            "link",
+            "set",
+            &veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])?;
         ip(&["-n", &host, "link", "set", &veth, "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{addr}/{BRIDGE_PREFIX}"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/{BRIDGE_PREFIX}"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &BRIDGE_ADDR.to_string()])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &BRIDGE_ADDR.to_string(),
+        ])?;
         tasks.push(LabTask {
             name: format!("task{i}"),
             netns: ns,
@@ -508,15 +612,33 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         tasks,
     };
     for t in &status.tasks {
-        let mut ports: Vec<(Protocol, u16)> = t.port_mappings.iter().map(|p| (p.protocol, p.container_port)).collect();
+        let mut ports: Vec<(Protocol, u16)> = t
+            .port_mappings
+            .iter()
+            .map(|p| (p.protocol, p.container_port))
+            .collect();
         ports.sort();
         ports.dedup();
         start_server(name, &t.netns, &t.name, &ports)?;
     }
-    start_server(name, &client, "client", &[(Protocol::Tcp, CLIENT_ECHO_PORT), (Protocol::Udp, CLIENT_ECHO_PORT)])?;
+    start_server(
+        name,
+        &client,
+        "client",
+        &[
+            (Protocol::Tcp, CLIENT_ECHO_PORT),
+            (Protocol::Udp, CLIENT_ECHO_PORT),
+        ],
+    )?;
     let state = state_for(&status);
-    write(&status.state_file, &serde_json::to_string_pretty(&state).expect("state serializes"))?;
-    write(&dir.join("lab.json"), &serde_json::to_string_pretty(&status).expect("status serializes"))?;
+    write(
+        &status.state_file,
+        &serde_json::to_string_pretty(&state).expect("state serializes"),
+    )?;
+    write(
+        &dir.join("lab.json"),
+        &serde_json::to_string_pretty(&status).expect("status serializes"),
+    )?;
     Ok(status)
 }
 
@@ -525,7 +647,12 @@ fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {
 }
 
 /// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
-fn start_server(lab: &str, netns: &str, who: &str, ports: &[(Protocol, u16)]) -> Result<(), LabError> {
+fn start_server(
+    lab: &str,
+    netns: &str,
+    who: &str,
+    ports: &[(Protocol, u16)],
+) -> Result<(), LabError> {
     use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
     let log_path = lab_dir(lab).join(format!("{who}.log"));
@@ -533,14 +660,19 @@ fn start_server(lab: &str, netns: &str, who: &str, ports: &[(Protocol, u16)]) ->
     let mut cmd = Command::new(exe);
     cmd.args(["--netns", netns, "lab", "serve"]);
     for (proto, port) in ports {
-        cmd.arg(format!("--{}", proto.as_str())).arg(port.to_string());
+        cmd.arg(format!("--{}", proto.as_str()))
+            .arg(port.to_string());
     }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io(&log_path))?)
         .stderr(log);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     let child = cmd.spawn().map_err(|e| LabError::Command {
         cmd: "ecsnet lab serve".into(),
@@ -560,10 +692,15 @@ pub fn status(name: &str) -> Result<LabStatus, LabError> {
     let path = lab_dir(name).join("lab.json");
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LabError::NotFound(name.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LabError::NotFound(name.into()));
+        }
         Err(e) => return Err(io(&path)(e)),
     };
-    let status: LabStatus = serde_json::from_str(&text).map_err(|source| LabError::Corrupt { path: path.clone(), source })?;
+    let status: LabStatus = serde_json::from_str(&text).map_err(|source| LabError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
     if !netns::exists(&status.host.netns) {
         return Err(LabError::NotFound(name.into()));
     }
@@ -596,8 +733,16 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
     }
     for ns in &nss {
         if let Ok(pids) = ip(&["netns", "pids", ns]) {
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                if nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+                {
                     report.killed += 1;
                 }
             }
@@ -625,7 +770,8 @@ fn instances_in(netns: &str) -> Vec<String> {
         .filter_map(|e| {
             let n = e.file_name().into_string().ok()?;
             let inst = n.strip_suffix(".d")?.to_owned();
-            let meta = crate::instance::read_meta(&crate::paths::InstancePaths::new(&inst)).ok()??;
+            let meta =
+                crate::instance::read_meta(&crate::paths::InstancePaths::new(&inst)).ok()??;
             (meta.netns.as_deref() == Some(netns)).then_some(inst)
         })
         .collect()
@@ -650,9 +796,23 @@ pub fn render(s: &LabStatus) -> String {
         let ports: Vec<String> = t
             .port_mappings
             .iter()
-            .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+            .map(|p| {
+                format!(
+                    "{}->{}/{}",
+                    p.host_port,
+                    p.container_port,
+                    p.protocol.as_str()
+                )
+            })
             .collect();
-        out += &format!("  {:<8} {:<16} {:<12} {:<15} {}\n", t.name, t.netns, t.interface, t.address, ports.join(" "));
+        out += &format!(
+            "  {:<8} {:<16} {:<12} {:<15} {}\n",
+            t.name,
+            t.netns,
+            t.interface,
+            t.address,
+            ports.join(" ")
+        );
     }
     out
 }
@@ -665,17 +825,34 @@ mod tests {
     fn publish_specs() {
         assert_eq!(
             parse_publish("2:8081:80/udp", 2).unwrap(),
-            Publish { task: 2, host_port: 8081, container_port: 80, protocol: Protocol::Udp }
+            Publish {
+                task: 2,
+                host_port: 8081,
+                container_port: 80,
+                protocol: Protocol::Udp
+            }
         );
         assert_eq!(parse_publish("1:0:80", 1).unwrap().host_port, 0);
-        for bad in ["3:1:1", "0:1:1", "1:1", "1:1:0", "1:70000:1", "1:1:1/sctp", "x:1:1"] {
+        for bad in [
+            "3:1:1",
+            "0:1:1",
+            "1:1",
+            "1:1:0",
+            "1:70000:1",
+            "1:1:1/sctp",
+            "x:1:1",
+        ] {
             assert!(parse_publish(bad, 2).is_err(), "{bad} must be rejected");
         }
     }
 
     #[test]
     fn ports_default_and_dynamic() {
-        let spec = LabSpec { name: "l".into(), tasks: 2, publish: vec![] };
+        let spec = LabSpec {
+            name: "l".into(),
+            tasks: 2,
+            publish: vec![],
+        };
         let p = plan_ports(&spec, [49153, 65535]);
         assert_eq!(p[1][0].host_port, 8081);
         let spec = LabSpec {
@@ -688,7 +865,10 @@ mod tests {
             ],
         };
         let p = plan_ports(&spec, [49153, 65535]);
-        assert_eq!(p[1][0].host_port, 49154, "dynamic skips the static 49153/tcp");
+        assert_eq!(
+            p[1][0].host_port, 49154,
+            "dynamic skips the static 49153/tcp"
+        );
         assert_eq!(p[1][1].host_port, 49153, "udp has its own space");
     }
 
@@ -699,7 +879,11 @@ mod tests {
             netns: "l-task1".into(),
             address: task_address(1),
             interface: veth_name("l", 1),
-            port_mappings: vec![LabPort { host_port: 8080, container_port: 80, protocol: Protocol::Tcp }],
+            port_mappings: vec![LabPort {
+                host_port: 8080,
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            }],
         };
         let r = docker_rules(&[t]);
         for needle in [

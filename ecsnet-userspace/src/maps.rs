@@ -48,25 +48,33 @@ pub fn write_tasks(
     tasks: &[(u32, TaskInfo)],
     ifaces: &[(u32, IfaceInfo)],
 ) -> Result<(), MapsError> {
-    let mut t: HashMap<MapData, u32, TaskInfo> =
-        open(paths, MAP_TASKS)?.try_into().map_err(access(MAP_TASKS))?;
+    let mut t: HashMap<MapData, u32, TaskInfo> = open(paths, MAP_TASKS)?
+        .try_into()
+        .map_err(access(MAP_TASKS))?;
     for (k, v) in tasks {
         t.insert(k, v, 0).map_err(access(MAP_TASKS))?;
     }
-    let stale: Vec<u32> = t.keys().flatten().filter(|k| !tasks.iter().any(|(n, _)| n == k)).collect();
+    let stale: Vec<u32> = t
+        .keys()
+        .flatten()
+        .filter(|k| !tasks.iter().any(|(n, _)| n == k))
+        .collect();
     for k in stale {
         t.remove(&k).map_err(access(MAP_TASKS))?;
     }
 
-    let mut i: HashMap<MapData, u32, IfaceInfo> =
-        open(paths, MAP_IFACES)?.try_into().map_err(access(MAP_IFACES))?;
+    let mut i: HashMap<MapData, u32, IfaceInfo> = open(paths, MAP_IFACES)?
+        .try_into()
+        .map_err(access(MAP_IFACES))?;
     for (k, v) in ifaces {
         i.insert(k, v, 0).map_err(access(MAP_IFACES))?;
     }
     let stale: Vec<u32> = i
         .iter()
         .flatten()
-        .filter(|(k, v)| v.role == ecsnet_common::maps::ROLE_TASK && !ifaces.iter().any(|(n, _)| n == k))
+        .filter(|(k, v)| {
+            v.role == ecsnet_common::maps::ROLE_TASK && !ifaces.iter().any(|(n, _)| n == k)
+        })
         .map(|(k, _)| k)
         .collect();
     for k in stale {
@@ -77,20 +85,22 @@ pub fn write_tasks(
 
 /// Records an interface (the uplink) in `IFACES`.
 pub fn write_iface(paths: &InstancePaths, ifindex: u32, info: IfaceInfo) -> Result<(), MapsError> {
-    let mut i: HashMap<MapData, u32, IfaceInfo> =
-        open(paths, MAP_IFACES)?.try_into().map_err(access(MAP_IFACES))?;
+    let mut i: HashMap<MapData, u32, IfaceInfo> = open(paths, MAP_IFACES)?
+        .try_into()
+        .map_err(access(MAP_IFACES))?;
     i.insert(&ifindex, &info, 0).map_err(access(MAP_IFACES))
 }
 
 /// `IFACES` as it is in the kernel.
 pub fn read_ifaces(paths: &InstancePaths) -> Result<Vec<(u32, IfaceInfo)>, MapsError> {
-    let i: HashMap<MapData, u32, IfaceInfo> =
-        open(paths, MAP_IFACES)?.try_into().map_err(access(MAP_IFACES))?;
+    let i: HashMap<MapData, u32, IfaceInfo> = open(paths, MAP_IFACES)?
+        .try_into()
+        .map_err(access(MAP_IFACES))?;
     Ok(i.iter().flatten().collect())
 }
 
 /// Packets and bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Count {
     pub packets: u64,
     pub bytes: u64,
@@ -104,7 +114,7 @@ impl Count {
 }
 
 /// The counters of one interface, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IfaceCounts {
     /// IPv4 at tc ingress (for a task interface: sent by the task).
     pub tc_ingress: Count,
@@ -128,8 +138,9 @@ fn sum(values: &PerCpuValues<Counters>) -> Counters {
 
 /// Counters of every interface with any, by ifindex.
 pub fn read_counts(paths: &InstancePaths) -> Result<StdHashMap<u32, IfaceCounts>, MapsError> {
-    let m: PerCpuHashMap<MapData, StatsKey, Counters> =
-        open(paths, MAP_STATS)?.try_into().map_err(access(MAP_STATS))?;
+    let m: PerCpuHashMap<MapData, StatsKey, Counters> = open(paths, MAP_STATS)?
+        .try_into()
+        .map_err(access(MAP_STATS))?;
     let mut out: StdHashMap<u32, IfaceCounts> = StdHashMap::new();
     for entry in m.iter() {
         let (k, v) = entry.map_err(access(MAP_STATS))?;
@@ -149,8 +160,9 @@ pub fn read_counts(paths: &InstancePaths) -> Result<StdHashMap<u32, IfaceCounts>
 
 /// Drops by (ifindex, reason number), summed over CPUs and hooks.
 pub fn read_drops(paths: &InstancePaths) -> Result<StdHashMap<(u32, u8), u64>, MapsError> {
-    let m: PerCpuHashMap<MapData, DropKey, u64> =
-        open(paths, MAP_DROPS)?.try_into().map_err(access(MAP_DROPS))?;
+    let m: PerCpuHashMap<MapData, DropKey, u64> = open(paths, MAP_DROPS)?
+        .try_into()
+        .map_err(access(MAP_DROPS))?;
     let mut out = StdHashMap::new();
     for entry in m.iter() {
         let (k, v) = entry.map_err(access(MAP_DROPS))?;
@@ -161,9 +173,14 @@ pub fn read_drops(paths: &InstancePaths) -> Result<StdHashMap<(u32, u8), u64>, M
 
 /// Removes the counters of interfaces that are no longer attached.
 pub fn forget_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError> {
-    let mut m: PerCpuHashMap<MapData, StatsKey, Counters> =
-        open(paths, MAP_STATS)?.try_into().map_err(access(MAP_STATS))?;
-    let keys: Vec<StatsKey> = m.keys().flatten().filter(|k| k.ifindex == ifindex).collect();
+    let mut m: PerCpuHashMap<MapData, StatsKey, Counters> = open(paths, MAP_STATS)?
+        .try_into()
+        .map_err(access(MAP_STATS))?;
+    let keys: Vec<StatsKey> = m
+        .keys()
+        .flatten()
+        .filter(|k| k.ifindex == ifindex)
+        .collect();
     for k in keys {
         m.remove(&k).map_err(access(MAP_STATS))?;
     }

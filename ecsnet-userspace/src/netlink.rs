@@ -284,8 +284,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(snap.guess_bridge().unwrap().name, "docker0");
-        let port = snap.port_for_address(3, Ipv4Addr::new(172, 17, 0, 3)).unwrap();
+        let port = snap
+            .port_for_address(3, Ipv4Addr::new(172, 17, 0, 3))
+            .unwrap();
         assert_eq!(port.name, "vethbbb");
-        assert!(snap.port_for_address(3, Ipv4Addr::new(172, 17, 0, 9)).is_none());
+        assert!(
+            snap.port_for_address(3, Ipv4Addr::new(172, 17, 0, 9))
+                .is_none()
+        );
     }
 }

@@ -10,7 +10,9 @@ pub const NETNS_DIR: &str = "/run/netns";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("network namespace {name:?} not found ({path}): create it with `ip netns add {name}` or check the name")]
+    #[error(
+        "network namespace {name:?} not found ({path}): create it with `ip netns add {name}` or check the name"
+    )]
     NotFound { name: String, path: PathBuf },
     #[error("cannot enter network namespace {name:?}: {source}")]
     Enter { name: String, source: nix::Error },

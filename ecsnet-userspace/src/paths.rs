@@ -99,7 +99,13 @@ mod tests {
     fn layout() {
         let p = InstancePaths::new("x");
         assert_eq!(p.socket(), PathBuf::from("/run/ecsnet/x.sock"));
-        assert_eq!(p.map_pin("STATS"), PathBuf::from("/sys/fs/bpf/ecsnet/x/maps/STATS"));
-        assert_eq!(lab_dir("lab").join("state.json"), PathBuf::from("/run/ecsnet/lab/state.json"));
+        assert_eq!(
+            p.map_pin("STATS"),
+            PathBuf::from("/sys/fs/bpf/ecsnet/x/maps/STATS")
+        );
+        assert_eq!(
+            lab_dir("lab").join("state.json"),
+            PathBuf::from("/run/ecsnet/lab/state.json")
+        );
     }
 }

@@ -19,7 +19,10 @@ use crate::{instance::wait_for, paths::InstancePaths};
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the agent did not open {socket} within {secs} s; its log {log} says: {tail}")]
     AgentStart {
         socket: PathBuf,
@@ -39,12 +42,19 @@ fn is_our_agent(pid: i32, instance: &str) -> bool {
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let has = |s: &str| args.iter().any(|a| *a == s.as_bytes());
     // A zombie has an empty cmdline and is not alive for our purposes.
-    has("agent") && args.windows(2).any(|w| w[0] == b"--instance" && w[1] == instance.as_bytes())
+    has("agent")
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--instance" && w[1] == instance.as_bytes())
 }
 
 /// The pid of this instance's running agent, if there is one.
 pub fn agent_pid(paths: &InstancePaths) -> Option<i32> {
-    let pid: i32 = fs::read_to_string(paths.pid_file()).ok()?.trim().parse().ok()?;
+    let pid: i32 = fs::read_to_string(paths.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     is_our_agent(pid, &paths.name).then_some(pid)
 }
 
@@ -52,7 +62,10 @@ pub fn agent_pid(paths: &InstancePaths) -> Option<i32> {
 /// instance's log file, and waits until its control socket answers.
 pub fn spawn_agent(paths: &InstancePaths, netns: Option<&str>) -> Result<i32, ProcessError> {
     let dir = paths.run_dir();
-    fs::create_dir_all(&dir).map_err(|source| ProcessError::Io { path: dir.clone(), source })?;
+    fs::create_dir_all(&dir).map_err(|source| ProcessError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let log_path = paths.log_file();
     let log = fs::OpenOptions::new()
         .create(true)

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use ecsnet_common::DropReason;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     instance::{self, InstanceError},
@@ -12,7 +12,7 @@ use crate::{
     paths::InstancePaths,
 };
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStats {
     pub name: String,
@@ -28,7 +28,7 @@ pub struct TaskStats {
     pub drops: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UplinkStats {
     pub interface: String,
@@ -43,7 +43,7 @@ pub struct UplinkStats {
     pub drops: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     pub instance: String,
@@ -124,7 +124,15 @@ pub fn render(s: &Stats) -> String {
     let _ = writeln!(
         out,
         "{:<12} {:<15} {:<15} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}",
-        "TASK", "ADDRESS", "INTERFACE", "EGR PKTS", "EGR BYTES", "ING PKTS", "ING BYTES", "OTHER", "DROPS"
+        "TASK",
+        "ADDRESS",
+        "INTERFACE",
+        "EGR PKTS",
+        "EGR BYTES",
+        "ING PKTS",
+        "ING BYTES",
+        "OTHER",
+        "DROPS"
     );
     for t in &s.tasks {
         let _ = writeln!(
@@ -145,7 +153,14 @@ pub fn render(s: &Stats) -> String {
     let _ = writeln!(
         out,
         "uplink {} (ifindex {}): in {} pkts {} B (xdp {} pkts), out {} pkts {} B, other {} pkts",
-        u.interface, u.ifindex, u.ingress.packets, u.ingress.bytes, u.xdp.packets, u.egress.packets, u.egress.bytes, u.other.packets
+        u.interface,
+        u.ifindex,
+        u.ingress.packets,
+        u.ingress.bytes,
+        u.xdp.packets,
+        u.egress.packets,
+        u.egress.bytes,
+        u.other.packets
     );
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");

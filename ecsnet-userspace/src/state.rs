@@ -41,7 +41,9 @@ pub enum DefaultPolicy {
     Deny,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -108,7 +110,11 @@ impl Default for Host {
 pub struct IpRange {
     #[serde(rename = "CidrIp")]
     pub cidr_ip: String,
-    #[serde(rename = "Description", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Description",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub description: Option<String>,
 }
 
@@ -204,7 +210,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StateError
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { "$".to_owned() } else { format!("$.{path}") };
+        let path = if path == "." {
+            "$".to_owned()
+        } else {
+            format!("$.{path}")
+        };
         let inner = e.into_inner();
         let message = inner.to_string();
         // serde_json appends " at line L column C"; keep it, it helps in long files.
@@ -261,7 +271,9 @@ pub fn rule_protocol(p: &str) -> Result<u8, String> {
             .parse::<u8>()
             .ok()
             .filter(|n| *n != 255)
-            .ok_or_else(|| format!("unknown protocol {p:?}: use -1, tcp, udp, icmp or a number 0-254")),
+            .ok_or_else(|| {
+                format!("unknown protocol {p:?}: use -1, tcp, udp, icmp or a number 0-254")
+            }),
     }
 }
 
@@ -310,7 +322,8 @@ fn validate_permission(perm: &IpPermission, path: &str, groups: &[&str]) -> Resu
         }
     }
     for (i, r) in perm.ip_ranges.iter().enumerate() {
-        parse_cidr(&r.cidr_ip).map_err(|m| StateError::at(format!("{path}.IpRanges[{i}].CidrIp"), m))?;
+        parse_cidr(&r.cidr_ip)
+            .map_err(|m| StateError::at(format!("{path}.IpRanges[{i}].CidrIp"), m))?;
     }
     for (i, g) in perm.user_id_group_pairs.iter().enumerate() {
         if !groups.contains(&g.group_id.as_str()) {
@@ -332,7 +345,11 @@ pub fn validate(state: &State, bridge: BridgeNet) -> Result<(), StateError> {
             format!("bad range [{lo}, {hi}]: need 1 <= first <= last <= 65535"),
         ));
     }
-    let groups: Vec<&str> = state.security_groups.iter().map(|g| g.group_id.as_str()).collect();
+    let groups: Vec<&str> = state
+        .security_groups
+        .iter()
+        .map(|g| g.group_id.as_str())
+        .collect();
     for (i, sg) in state.security_groups.iter().enumerate() {
         let path = format!("$.securityGroups[{i}]");
         if sg.group_id.is_empty() {
@@ -477,25 +494,48 @@ mod tests {
             "$.tasks[1].ipv4Address"
         );
         assert_eq!(
-            err_path(&GOOD.replace("\"0.0.0.0/0\"}],\n                            \"User", "\"10.0.0.1/8\"}],\n                            \"User")),
+            err_path(&GOOD.replace(
+                "\"0.0.0.0/0\"}],\n                            \"User",
+                "\"10.0.0.1/8\"}],\n                            \"User"
+            )),
             "$.securityGroups[0].IpPermissions[0].IpRanges[0].CidrIp"
         );
         assert_eq!(
             err_path(&GOOD.replace("\"protocol\": \"udp\"}]}\n", "\"protocol\": \"tcp\"}]}\n")),
             "$.tasks[1].portMappings[0].hostPort"
         );
-        assert_eq!(err_path(&GOOD.replace("\"sg-lb\"}]", "\"sg-nope\"}]")),
-            "$.securityGroups[0].IpPermissions[0].UserIdGroupPairs[0].GroupId");
-        assert_eq!(err_path(&GOOD.replace("[\"sg-web\"]", "[\"sg-x\"]")), "$.tasks[0].securityGroups[0]");
-        assert_eq!(err_path(&GOOD.replace("\"containerPort\": 53", "\"containerPort\": 70000")),
-            "$.tasks[0].portMappings[1].containerPort");
-        assert_eq!(err_path(&GOOD.replace("\"FromPort\": 80", "\"FromPort\": 81")),
-            "$.securityGroups[0].IpPermissions[0].FromPort");
-        assert_eq!(err_path(&GOOD.replace("\"IpProtocol\": \"tcp\"", "\"IpProtocol\": \"sctpx\"")),
-            "$.securityGroups[0].IpPermissions[0].IpProtocol");
-        assert_eq!(err_path(&GOOD.replace("\"172.17.0.3\"", "\"10.1.0.3\"")), "$.tasks[1].ipv4Address");
-        assert_eq!(err_path(&GOOD.replace("\"172.17.0.3\"", "\"172.17.0.2\"")), "$.tasks[1].ipv4Address");
-        assert_eq!(err_path(&GOOD.replace("\"allow\"", "\"maybe\"")), "$.host.defaultPolicy");
+        assert_eq!(
+            err_path(&GOOD.replace("\"sg-lb\"}]", "\"sg-nope\"}]")),
+            "$.securityGroups[0].IpPermissions[0].UserIdGroupPairs[0].GroupId"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("[\"sg-web\"]", "[\"sg-x\"]")),
+            "$.tasks[0].securityGroups[0]"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("\"containerPort\": 53", "\"containerPort\": 70000")),
+            "$.tasks[0].portMappings[1].containerPort"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("\"FromPort\": 80", "\"FromPort\": 81")),
+            "$.securityGroups[0].IpPermissions[0].FromPort"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("\"IpProtocol\": \"tcp\"", "\"IpProtocol\": \"sctpx\"")),
+            "$.securityGroups[0].IpPermissions[0].IpProtocol"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("\"172.17.0.3\"", "\"10.1.0.3\"")),
+            "$.tasks[1].ipv4Address"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("\"172.17.0.3\"", "\"172.17.0.2\"")),
+            "$.tasks[1].ipv4Address"
+        );
+        assert_eq!(
+            err_path(&GOOD.replace("\"allow\"", "\"maybe\"")),
+            "$.host.defaultPolicy"
+        );
         assert_eq!(err_path(&GOOD.replace("{\"GroupId\": \"sg-lb\"}\n", "{\"GroupId\": \"sg-lb\", \"IpPermissions\": [{\"IpProtocol\": \"tcp\", \"PrefixListIds\": [{\"PrefixListId\": \"pl-1\"}]}]}\n")),
             "$.securityGroups[1].IpPermissions[0].PrefixListIds");
         assert_eq!(err_path("{\"tasks\": 3}"), "$.tasks");
@@ -504,7 +544,10 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        assert_eq!(parse_cidr("10.0.0.0/8"), Ok((Ipv4Addr::new(10, 0, 0, 0), 8)));
+        assert_eq!(
+            parse_cidr("10.0.0.0/8"),
+            Ok((Ipv4Addr::new(10, 0, 0, 0), 8))
+        );
         assert_eq!(parse_cidr("0.0.0.0/0"), Ok((Ipv4Addr::UNSPECIFIED, 0)));
         assert!(parse_cidr("10.0.0.1/8").is_err());
         assert!(parse_cidr("10.0.0.0/33").is_err());

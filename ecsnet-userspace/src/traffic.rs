@@ -37,7 +37,11 @@ pub enum TrafficError {
 pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
     let mut threads = Vec::new();
     for &port in tcp {
-        let l = TcpListener::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen { proto: "tcp", port, source })?;
+        let l = TcpListener::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen {
+            proto: "tcp",
+            port,
+            source,
+        })?;
         threads.push(std::thread::spawn(move || {
             for conn in l.incoming().flatten() {
                 std::thread::spawn(move || echo_tcp(conn));
@@ -45,7 +49,11 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
         }));
     }
     for &port in udp {
-        let s = UdpSocket::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen { proto: "udp", port, source })?;
+        let s = UdpSocket::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen {
+            proto: "udp",
+            port,
+            source,
+        })?;
         threads.push(std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = s.recv_from(&mut buf) {
@@ -90,7 +98,9 @@ pub struct ProbeReport {
 }
 
 fn pattern(i: u32, size: usize) -> Vec<u8> {
-    (0..size).map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8).collect()
+    (0..size)
+        .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect()
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -99,8 +109,17 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 /// One TCP connection, `messages` request/responses of `size` bytes each.
-pub fn probe_tcp(addr: SocketAddr, messages: u32, size: usize, timeout: Duration) -> Result<ProbeReport, TrafficError> {
-    let io = |source| TrafficError::Io { proto: "tcp", addr, source };
+pub fn probe_tcp(
+    addr: SocketAddr,
+    messages: u32,
+    size: usize,
+    timeout: Duration,
+) -> Result<ProbeReport, TrafficError> {
+    let io = |source| TrafficError::Io {
+        proto: "tcp",
+        addr,
+        source,
+    };
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     s.set_nodelay(true).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -113,7 +132,12 @@ pub fn probe_tcp(addr: SocketAddr, messages: u32, size: usize, timeout: Duration
         s.read_exact(&mut back).map_err(io)?;
         rtts.push(t.elapsed().as_micros() as u64);
         if back != msg {
-            return Err(TrafficError::Mismatch { proto: "tcp", addr, got: back.len(), want: size });
+            return Err(TrafficError::Mismatch {
+                proto: "tcp",
+                addr,
+                got: back.len(),
+                want: size,
+            });
         }
     }
     s.shutdown(std::net::Shutdown::Write).map_err(io)?;
@@ -131,8 +155,17 @@ pub fn probe_tcp(addr: SocketAddr, messages: u32, size: usize, timeout: Duration
 }
 
 /// `messages` UDP datagrams of `size` bytes, one at a time, each waiting for its echo.
-pub fn probe_udp(addr: SocketAddr, messages: u32, size: usize, timeout: Duration) -> Result<ProbeReport, TrafficError> {
-    let io = |source| TrafficError::Io { proto: "udp", addr, source };
+pub fn probe_udp(
+    addr: SocketAddr,
+    messages: u32,
+    size: usize,
+    timeout: Duration,
+) -> Result<ProbeReport, TrafficError> {
+    let io = |source| TrafficError::Io {
+        proto: "udp",
+        addr,
+        source,
+    };
     let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(io)?;
     s.connect(addr).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;

@@ -1,0 +1,225 @@
+//! `ecsnet up` / `down` on a real lab: what it attaches and pins, exact per-task counters of
+//! real TCP and UDP traffic, the agent's socket, SIGKILL of the agent, and a clean `down`.
+
+use std::{os::unix::net::UnixStream, path::Path, time::Duration};
+
+use ecsnet_tests::{Lab, ecsnet, ecsnet_fails, ecsnet_ok, ip_counters, leftovers, ns_exec};
+use std::io::{BufRead as _, BufReader, Write as _};
+
+fn agent_pid(name: &str) -> i32 {
+    std::fs::read_to_string(format!("/run/ecsnet/{name}.d/agent.pid"))
+        .expect("agent pid file")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn ask(name: &str, line: &str) -> serde_json::Value {
+    let mut s =
+        UnixStream::connect(format!("/run/ecsnet/{name}.sock")).expect("agent socket answers");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("agent reply {reply:?}: {e}"))
+}
+
+#[test]
+fn up_counts_exactly_and_down_leaves_nothing() {
+    let lab = Lab::up("in", 2, &["1:8080:80", "2:5353:53/udp"]);
+    let out = lab.ecsnet_up();
+    assert!(out.contains("2 task(s)"), "{out}");
+
+    // Pinned: maps, programs, tcx links on both task interfaces and the uplink, XDP on the uplink.
+    let pin = format!("/sys/fs/bpf/ecsnet/{}", lab.name);
+    for m in ecsnet_common::maps::PINNED_MAPS {
+        assert!(
+            Path::new(&format!("{pin}/maps/{m}")).exists(),
+            "map {m} not pinned"
+        );
+    }
+    let links: Vec<String> = std::fs::read_dir(format!("{pin}/links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        links.len(),
+        7,
+        "tcx ingress+egress on 3 interfaces and one XDP link: {links:?}"
+    );
+    let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
+    assert!(eth0.contains("xdp"), "no XDP program on the uplink: {eth0}");
+
+    // The agent answers on its socket, bad requests included.
+    assert_eq!(ask(&lab.name, r#"{"op":"ping"}"#)["ok"], true);
+    assert_eq!(
+        ask(&lab.name, r#"{"op":"status"}"#)["meta"]["uplink"],
+        "eth0"
+    );
+    let bad = ask(&lab.name, "not json");
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("bad request"));
+    assert_eq!(ask(&lab.name, r#"{"op":"reboot"}"#)["ok"], false);
+
+    let before = lab.settled_stats();
+    assert_eq!(before.tasks.len(), 2);
+
+    // UDP, exact: 7 datagrams of 123 bytes to task2 through the published port, 7 echoes back.
+    let r = lab.probe(lab.client(), "udp", "10.10.0.1:5353", 7, 123);
+    assert_eq!(r["echoed"], 7);
+    let after = lab.settled_stats();
+    let (b, a) = (&before.tasks[1], &after.tasks[1]);
+    assert_eq!(a.ingress.packets - b.ingress.packets, 7);
+    assert_eq!(a.ingress.bytes - b.ingress.bytes, 7 * (123 + 28));
+    assert_eq!(a.egress.packets - b.egress.packets, 7);
+    assert_eq!(a.egress.bytes - b.egress.bytes, 7 * (123 + 28));
+    assert_eq!(
+        after.tasks[0].ingress, before.tasks[0].ingress,
+        "task1 saw none of it"
+    );
+    assert!(after.uplink.ingress.packets - before.uplink.ingress.packets >= 7);
+    assert_eq!(
+        after.uplink.xdp.packets - before.uplink.xdp.packets,
+        after.uplink.ingress.packets - before.uplink.ingress.packets,
+        "XDP and tc ingress see the same IPv4 packets"
+    );
+
+    // TCP between the tasks, checked against the task kernel's own IP counters.
+    let k1 = ip_counters(lab.task_ns(1));
+    let k2 = ip_counters(lab.task_ns(2));
+    let before = lab.settled_stats();
+    let r = lab.probe(lab.task_ns(2), "tcp", "172.17.0.2:80", 20, 300);
+    assert_eq!(r["echoed"], 20);
+    let after = lab.settled_stats();
+    let k1b = ip_counters(lab.task_ns(1));
+    let k2b = ip_counters(lab.task_ns(2));
+    for (i, (k, kb)) in [(k1, k1b), (k2, k2b)].into_iter().enumerate() {
+        let (b, a) = (&before.tasks[i], &after.tasks[i]);
+        let task = &a.name;
+        assert_eq!(
+            a.ingress.packets - b.ingress.packets,
+            kb.0 - k.0,
+            "{task}: ingress packets vs the task's InReceives"
+        );
+        assert_eq!(
+            a.egress.packets - b.egress.packets,
+            kb.1 - k.1,
+            "{task}: egress packets vs the task's OutRequests"
+        );
+        assert_eq!(
+            a.ingress.bytes - b.ingress.bytes,
+            kb.2 - k.2,
+            "{task}: ingress bytes vs InOctets"
+        );
+        assert_eq!(
+            a.egress.bytes - b.egress.bytes,
+            kb.3 - k.3,
+            "{task}: egress bytes vs OutOctets"
+        );
+        assert!(
+            a.egress.packets - b.egress.packets >= 20 + 2,
+            "{task}: at least the messages and the handshake"
+        );
+    }
+
+    // A second up changes nothing and says so.
+    let line = ecsnet_fails(&lab.ecsnet_args(&["up"]), 2);
+    assert!(line.contains("already up"), "{line}");
+
+    // SIGKILL the agent: traffic keeps flowing and is counted; up brings the agent back with
+    // the counters intact.
+    let pid = agent_pid(&lab.name);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = lab.settled_stats();
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 5, 50)["echoed"],
+        5
+    );
+    let after = lab.settled_stats();
+    assert!(
+        after.tasks[0].ingress.packets >= before.tasks[0].ingress.packets + 5,
+        "counting goes on without the agent"
+    );
+    ecsnet_ok(&["--instance", &lab.name, "up"]);
+    assert_ne!(agent_pid(&lab.name), pid, "a new agent runs");
+    assert_eq!(
+        lab.stats().tasks[0].ingress,
+        after.tasks[0].ingress,
+        "restart lost no count"
+    );
+
+    // Kill it again and take everything down from the crashed state.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid(&lab.name)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    ecsnet_ok(&["--instance", &lab.name, "down"]);
+    let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
+    assert!(
+        !eth0.contains("prog/xdp"),
+        "XDP still attached after down: {eth0}"
+    );
+    let qdisc = ns_exec(lab.host(), &["tc", "qdisc", "show"]);
+    assert!(!qdisc.contains("clsact"), "a clsact qdisc is left: {qdisc}");
+    // With nothing attached, traffic still flows over the bridge path.
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 3, 50)["echoed"],
+        3
+    );
+    let left: Vec<String> = leftovers(&lab.name)
+        .into_iter()
+        .filter(|l| {
+            !l.starts_with("netns")
+                && !l.contains("lab serve")
+                && l != &format!("/run/ecsnet/{}", lab.name)
+        })
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "ecsnet down left things behind");
+    let out = ecsnet(&["--instance", &lab.name, "stats"]);
+    assert_eq!(out.status.code(), Some(2), "stats after down: not up");
+
+    let name = lab.name.clone();
+    drop(lab);
+    assert_eq!(
+        leftovers(&name),
+        Vec::<String>::new(),
+        "lab down left things behind"
+    );
+}
+
+#[test]
+fn two_instances_never_touch_each_other() {
+    let a = Lab::up("ia", 1, &[]);
+    let b = Lab::up("ib", 1, &[]);
+    a.ecsnet_up();
+    b.ecsnet_up();
+    assert_eq!(
+        a.probe(a.client(), "tcp", "10.10.0.1:8080", 4, 10)["echoed"],
+        4
+    );
+    let sa = a.settled_stats();
+    let sb = b.settled_stats();
+    assert!(sa.tasks[0].ingress.packets >= 4);
+    assert_eq!(
+        sb.tasks[0].ingress.packets, 0,
+        "instance b counted a's traffic"
+    );
+    ecsnet_ok(&["--instance", &a.name, "down"]);
+    assert_eq!(
+        b.probe(b.client(), "tcp", "10.10.0.1:8080", 2, 10)["echoed"],
+        2
+    );
+    assert!(
+        b.settled_stats().tasks[0].ingress.packets >= 2,
+        "b still works after a is down"
+    );
+}
