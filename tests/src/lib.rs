@@ -128,8 +128,13 @@ pub struct Lab {
 impl Lab {
     /// `ecsnet lab up --name <unique> --tasks K --publish ...`.
     pub fn up(prefix: &str, tasks: usize, publish: &[&str]) -> Self {
+        Self::up_named(&unique(prefix), tasks, publish)
+    }
+
+    /// The same with a fixed name (the demo's).
+    pub fn up_named(name: &str, tasks: usize, publish: &[&str]) -> Self {
         require_root();
-        let name = unique(prefix);
+        let name = name.to_owned();
         let tasks_s = tasks.to_string();
         let mut args = vec!["lab", "up", "--name", &name, "--tasks", &tasks_s, "--json"];
         for p in publish {

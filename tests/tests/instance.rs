@@ -87,9 +87,9 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     );
 
     // TCP between the tasks, checked against the task kernel's own IP counters.
+    let before = lab.settled_stats();
     let k1 = ip_counters(lab.task_ns(1));
     let k2 = ip_counters(lab.task_ns(2));
-    let before = lab.settled_stats();
     let r = lab.probe(lab.task_ns(2), "tcp", "172.17.0.2:80", 20, 300);
     assert_eq!(r["echoed"], 20);
     let after = lab.settled_stats();
