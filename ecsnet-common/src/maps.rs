@@ -58,9 +58,10 @@ pub const HOOK_TC_EGRESS: u8 = 1;
 /// [`StatsKey::hook`]: XDP on the uplink, before an skb exists.
 pub const HOOK_XDP: u8 = 2;
 
-/// [`StatsKey::class`]: IPv4 packets; bytes are IP bytes as on the wire.
+/// [`StatsKey::class`]: unicast IPv4 packets; bytes are IP bytes as on the wire.
 pub const CLASS_IPV4: u8 = 0;
-/// [`StatsKey::class`]: everything else (ARP, IPv6, ...); bytes are frame bytes.
+/// [`StatsKey::class`]: everything else (ARP, IPv6, multicast and broadcast, malformed IPv4);
+/// bytes are frame bytes.
 pub const CLASS_OTHER: u8 = 1;
 
 /// Key of [`MAP_STATS`].

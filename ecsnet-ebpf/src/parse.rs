@@ -104,6 +104,14 @@ pub fn ethertype<P: Packet>(pkt: &P) -> Result<u16, DropReason> {
     Ok(u16::from_be(unsafe { (*eth).proto }))
 }
 
+/// Whether the frame is addressed to a group (multicast or broadcast): the I/G bit of the
+/// destination MAC.
+#[inline(always)]
+pub fn eth_group_dst<P: Packet>(pkt: &P) -> Result<bool, DropReason> {
+    let eth: *const EthHdr = ptr_at(pkt, 0)?;
+    Ok(unsafe { (*eth).dst[0] } & 1 == 1)
+}
+
 /// Parses the IPv4 header that follows the Ethernet header.
 #[inline(always)]
 pub fn ipv4<P: Packet>(pkt: &P) -> Result<Ipv4, DropReason> {

@@ -12,7 +12,7 @@ use ecsnet_common::maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey};
 
 use crate::{
     maps::{DROPS, STATS},
-    parse::{ETH_HLEN, ETH_P_IP, Packet, ethertype, ipv4},
+    parse::{ETH_HLEN, ETH_P_IP, Packet, eth_group_dst, ethertype, ipv4},
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -59,7 +59,9 @@ pub fn count_drop(key: &DropKey) {
 /// Classifies a frame for accounting: (class, packets, bytes).
 #[inline(always)]
 fn measure<P: Packet>(pkt: &P, frame_len: usize, gso_segs: u32) -> (u8, u64, u64) {
-    if !matches!(ethertype(pkt), Ok(ETH_P_IP)) {
+    // Unicast IPv4 only: multicast and broadcast (IGMP reports the bridge floods, ...) are
+    // "other", so a task's IPv4 counters are exactly its own conversations.
+    if !matches!(ethertype(pkt), Ok(ETH_P_IP)) || !matches!(eth_group_dst(pkt), Ok(false)) {
         return (CLASS_OTHER, 1, frame_len as u64);
     }
     let Ok(ip) = ipv4(pkt) else {

@@ -236,7 +236,8 @@ impl Drop for Lab {
     }
 }
 
-/// The kernel's IPv4 counters of a namespace: (InReceives, OutRequests, InOctets, OutOctets).
+/// The kernel's unicast IPv4 counters of a namespace: (packets in, packets out, bytes in,
+/// bytes out), i.e. InReceives, OutRequests, InOctets, OutOctets less multicast and broadcast.
 pub fn ip_counters(ns: &str) -> (u64, u64, u64, u64) {
     let snmp = ns_exec(ns, &["cat", "/proc/net/snmp", "/proc/net/netstat"]);
     let mut fields: HashMap<String, u64> = HashMap::new();

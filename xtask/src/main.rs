@@ -1,10 +1,7 @@
 //! `cargo xtask` (through `./x`, which does the set-up first): `test` runs every test, `demo`
 //! shows ecsnet on the lab with traffic of known size and checks the counters it prints.
 
-use std::{
-    process::Command,
-    time::Instant,
-};
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
@@ -41,7 +38,11 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
         .args(args)
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    ensure!(status.success(), "cargo {} failed ({status})", args.join(" "));
+    ensure!(
+        status.success(),
+        "cargo {} failed ({status})",
+        args.join(" ")
+    );
     Ok(())
 }
 
@@ -56,7 +57,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let t = Instant::now();
     say("building ecsnet (the datapath with the BPF nightly, then user space)");
     cargo(&["build", "--package", "ecsnet-userspace", "--bin", "ecsnet"])?;
-    say(&format!("built in {:.0}s; running every test", t.elapsed().as_secs_f64()));
+    say(&format!(
+        "built in {:.0}s; running every test",
+        t.elapsed().as_secs_f64()
+    ));
     let t = Instant::now();
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
@@ -79,7 +83,10 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     say("building ecsnet");
     cargo(&["build", "--package", "ecsnet-userspace", "--bin", "ecsnet"])?;
     let name = "demo";
-    if ecsnet_tests::ecsnet(&["lab", "status", "--name", name]).status.success() {
+    if ecsnet_tests::ecsnet(&["lab", "status", "--name", name])
+        .status
+        .success()
+    {
         say("an earlier demo lab is still up (--keep): taking it down");
         let _ = ecsnet_tests::ecsnet(&["lab", "down", "--name", name]);
     }
@@ -92,52 +99,130 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     print!("{}", lab.ecsnet_up());
 
     let steps = [
-        Step { what: "client -> task1 published 8080/tcp", from_ns: lab.client().into(), proto: "tcp", target: "10.10.0.1:8080".into(), count: 50, size: 512 },
-        Step { what: "client -> task2 published dynamic tcp", from_ns: lab.client().into(), proto: "tcp", target: format!("10.10.0.1:{dynamic}"), count: 20, size: 64 },
-        Step { what: "client -> task2 published 5353/udp", from_ns: lab.client().into(), proto: "udp", target: "10.10.0.1:5353".into(), count: 25, size: 200 },
-        Step { what: "task1 -> task2 over the bridge", from_ns: lab.task_ns(1).into(), proto: "tcp", target: "172.17.0.3:80".into(), count: 30, size: 1000 },
-        Step { what: "task2 -> client (masqueraded)", from_ns: lab.task_ns(2).into(), proto: "udp", target: "10.10.0.2:9000".into(), count: 10, size: 100 },
+        Step {
+            what: "client -> task1 published 8080/tcp",
+            from_ns: lab.client().into(),
+            proto: "tcp",
+            target: "10.10.0.1:8080".into(),
+            count: 50,
+            size: 512,
+        },
+        Step {
+            what: "client -> task2 published dynamic tcp",
+            from_ns: lab.client().into(),
+            proto: "tcp",
+            target: format!("10.10.0.1:{dynamic}"),
+            count: 20,
+            size: 64,
+        },
+        Step {
+            what: "client -> task2 published 5353/udp",
+            from_ns: lab.client().into(),
+            proto: "udp",
+            target: "10.10.0.1:5353".into(),
+            count: 25,
+            size: 200,
+        },
+        Step {
+            what: "task1 -> task2 over the bridge",
+            from_ns: lab.task_ns(1).into(),
+            proto: "tcp",
+            target: "172.17.0.3:80".into(),
+            count: 30,
+            size: 1000,
+        },
+        Step {
+            what: "task2 -> client (masqueraded)",
+            from_ns: lab.task_ns(2).into(),
+            proto: "udp",
+            target: "10.10.0.2:9000".into(),
+            count: 10,
+            size: 100,
+        },
     ];
     let mut failures = Vec::new();
     for step in &steps {
         // Settle first, so late packets of the previous step land on both sides of the ledger.
         let before = lab.settled_stats();
         let kernel_before: Vec<_> = (1..=2).map(|i| ip_counters(lab.task_ns(i))).collect();
-        let r = lab.probe(&step.from_ns, step.proto, &step.target, step.count, step.size);
+        let r = lab.probe(
+            &step.from_ns,
+            step.proto,
+            &step.target,
+            step.count,
+            step.size,
+        );
         let after = lab.settled_stats();
         let kernel_after: Vec<_> = (1..=2).map(|i| ip_counters(lab.task_ns(i))).collect();
         println!(
             "\n{} : {} x {} B {} messages, {} echoed, p50 {} us",
             step.what, step.count, step.size, step.proto, r["echoed"], r["p50Us"]
         );
-        println!("  {:<6} {:>22} {:>22} {:>22} {:>22}", "task", "ecsnet egress", "kernel sent", "ecsnet ingress", "kernel received");
+        println!(
+            "  {:<6} {:>22} {:>22} {:>22} {:>22}",
+            "task", "ecsnet egress", "kernel sent", "ecsnet ingress", "kernel received"
+        );
         for i in 0..2 {
             let (b, a) = (&before.tasks[i], &after.tasks[i]);
             let (kb, ka) = (kernel_before[i], kernel_after[i]);
-            let eg = (a.egress.packets - b.egress.packets, a.egress.bytes - b.egress.bytes);
-            let ing = (a.ingress.packets - b.ingress.packets, a.ingress.bytes - b.ingress.bytes);
+            let eg = (
+                a.egress.packets - b.egress.packets,
+                a.egress.bytes - b.egress.bytes,
+            );
+            let ing = (
+                a.ingress.packets - b.ingress.packets,
+                a.ingress.bytes - b.ingress.bytes,
+            );
             let ksent = (ka.1 - kb.1, ka.3 - kb.3);
             let krecv = (ka.0 - kb.0, ka.2 - kb.2);
             let cell = |(p, b): (u64, u64)| format!("{p} pkts {b} B");
-            println!("  {:<6} {:>22} {:>22} {:>22} {:>22}", a.name, cell(eg), cell(ksent), cell(ing), cell(krecv));
+            println!(
+                "  {:<6} {:>22} {:>22} {:>22} {:>22}",
+                a.name,
+                cell(eg),
+                cell(ksent),
+                cell(ing),
+                cell(krecv)
+            );
             if eg != ksent || ing != krecv {
-                failures.push(format!("{}: {} counters differ from the kernel's", step.what, a.name));
+                failures.push(format!(
+                    "{}: {} counters differ from the kernel's",
+                    step.what, a.name
+                ));
             }
         }
         if r["echoed"] != step.count {
-            failures.push(format!("{}: only {} of {} echoed", step.what, r["echoed"], step.count));
+            failures.push(format!(
+                "{}: only {} of {} echoed",
+                step.what, r["echoed"], step.count
+            ));
         }
         if step.proto == "udp" {
             // Both UDP steps involve task2 and one datagram each way per message: the exact
             // numbers are known before anything is sent.
             let (b, a) = (&before.tasks[1], &after.tasks[1]);
-            let want = (u64::from(step.count), u64::from(step.count) * (step.size as u64 + 28));
-            let got_in = (a.ingress.packets - b.ingress.packets, a.ingress.bytes - b.ingress.bytes);
-            let got_out = (a.egress.packets - b.egress.packets, a.egress.bytes - b.egress.bytes);
+            let want = (
+                u64::from(step.count),
+                u64::from(step.count) * (step.size as u64 + 28),
+            );
+            let got_in = (
+                a.ingress.packets - b.ingress.packets,
+                a.ingress.bytes - b.ingress.bytes,
+            );
+            let got_out = (
+                a.egress.packets - b.egress.packets,
+                a.egress.bytes - b.egress.bytes,
+            );
             if got_in != want || got_out != want {
-                failures.push(format!("{}: task2 counted in {got_in:?} out {got_out:?}, sent {want:?} each way", step.what));
+                failures.push(format!(
+                    "{}: task2 counted in {got_in:?} out {got_out:?}, sent {want:?} each way",
+                    step.what
+                ));
             } else {
-                println!("  exact: task2 {} datagrams, {} IP bytes each way, as sent", want.0, want.1);
+                println!(
+                    "  exact: task2 {} datagrams, {} IP bytes each way, as sent",
+                    want.0, want.1
+                );
             }
         }
     }
@@ -145,7 +230,11 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     println!("\n$ ecsnet --instance {name} stats");
     print!("{}", ecsnet_ok(&["--instance", name, "stats"]));
     let stats: Stats = lab.stats();
-    ensure!(stats.drops.is_empty(), "unexpected drops: {:?}", stats.drops);
+    ensure!(
+        stats.drops.is_empty(),
+        "unexpected drops: {:?}",
+        stats.drops
+    );
 
     if keep {
         println!(
