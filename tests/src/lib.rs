@@ -188,15 +188,24 @@ impl Lab {
 
     /// Stats once they stop changing (late ACKs and FINs have landed).
     pub fn settled_stats(&self) -> Stats {
-        let mut last = self.stats();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.settled(&[]).0
+    }
+
+    /// Stats and the kernel counters of namespaces `nss`, read together until neither changes
+    /// for 300 ms, so a late packet cannot land between the two readings.
+    pub fn settled(&self, nss: &[&str]) -> (Stats, Vec<(u64, u64, u64, u64)>) {
+        let read = || {
+            let s = self.stats();
+            let k: Vec<_> = nss.iter().map(|ns| ip_counters(ns)).collect();
+            (serde_json::to_string(&s).unwrap(), s, k)
+        };
+        let mut last = read();
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            std::thread::sleep(Duration::from_millis(150));
-            let now = self.stats();
-            if serde_json::to_string(&now).unwrap() == serde_json::to_string(&last).unwrap()
-                || Instant::now() > deadline
-            {
-                return now;
+            std::thread::sleep(Duration::from_millis(300));
+            let now = read();
+            if (now.0 == last.0 && now.2 == last.2) || Instant::now() > deadline {
+                return (now.1, now.2);
             }
             last = now;
         }

@@ -3,7 +3,7 @@
 
 use std::{os::unix::net::UnixStream, path::Path, time::Duration};
 
-use ecsnet_tests::{Lab, ecsnet, ecsnet_fails, ecsnet_ok, ip_counters, leftovers, ns_exec};
+use ecsnet_tests::{Lab, ecsnet, ecsnet_fails, ecsnet_ok, leftovers, ns_exec};
 use std::io::{BufRead as _, BufReader, Write as _};
 
 fn agent_pid(name: &str) -> i32 {
@@ -87,14 +87,12 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     );
 
     // TCP between the tasks, checked against the task kernel's own IP counters.
-    let before = lab.settled_stats();
-    let k1 = ip_counters(lab.task_ns(1));
-    let k2 = ip_counters(lab.task_ns(2));
+    let nss = [lab.task_ns(1), lab.task_ns(2)];
+    let (before, k) = lab.settled(&nss);
     let r = lab.probe(lab.task_ns(2), "tcp", "172.17.0.2:80", 20, 300);
     assert_eq!(r["echoed"], 20);
-    let after = lab.settled_stats();
-    let k1b = ip_counters(lab.task_ns(1));
-    let k2b = ip_counters(lab.task_ns(2));
+    let (after, kb) = lab.settled(&nss);
+    let (k1, k2, k1b, k2b) = (k[0], k[1], kb[0], kb[1]);
     for (i, (k, kb)) in [(k1, k1b), (k2, k2b)].into_iter().enumerate() {
         let (b, a) = (&before.tasks[i], &after.tasks[i]);
         let task = &a.name;

@@ -5,7 +5,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
-use ecsnet_tests::{Lab, Stats, ecsnet_ok, ip_counters};
+use ecsnet_tests::{Lab, Stats, ecsnet_ok};
 
 #[derive(Parser)]
 struct Cli {
@@ -142,9 +142,10 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     ];
     let mut failures = Vec::new();
     for step in &steps {
-        // Settle first, so late packets of the previous step land on both sides of the ledger.
-        let before = lab.settled_stats();
-        let kernel_before: Vec<_> = (1..=2).map(|i| ip_counters(lab.task_ns(i))).collect();
+        // Read ecsnet's and the kernel's counters together once both are quiet, so late
+        // packets of the previous step land on both sides of the ledger.
+        let nss = [lab.task_ns(1), lab.task_ns(2)];
+        let (before, kernel_before) = lab.settled(&nss);
         let r = lab.probe(
             &step.from_ns,
             step.proto,
@@ -152,8 +153,7 @@ fn demo(keep: bool) -> anyhow::Result<()> {
             step.count,
             step.size,
         );
-        let after = lab.settled_stats();
-        let kernel_after: Vec<_> = (1..=2).map(|i| ip_counters(lab.task_ns(i))).collect();
+        let (after, kernel_after) = lab.settled(&nss);
         println!(
             "\n{} : {} x {} B {} messages, {} echoed, p50 {} us",
             step.what, step.count, step.size, step.proto, r["echoed"], r["p50Us"]
