@@ -339,12 +339,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn parse_task_publish(s: &str) -> Result<PortMapping, UsageError> {
     let bad = || UsageError::BadPublish(s.to_owned());
-    let (ports, protocol) = match s.rsplit_once('/') {
-        Some((p, "tcp")) => (p, Protocol::Tcp),
-        Some((p, "udp")) => (p, Protocol::Udp),
-        Some(_) => return Err(bad()),
-        None => (s, Protocol::Tcp),
-    };
+    let (ports, protocol) = Protocol::split_suffix(s).map_err(|_| bad())?;
     let (h, c) = ports.split_once(':').ok_or_else(bad)?;
     Ok(PortMapping {
         host_port: h.parse().map_err(|_| bad())?,

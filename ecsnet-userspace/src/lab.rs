@@ -96,12 +96,8 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
         spec: spec.to_owned(),
         why,
     };
-    let (ports, protocol) = match spec.rsplit_once('/') {
-        Some((p, "tcp")) => (p, Protocol::Tcp),
-        Some((p, "udp")) => (p, Protocol::Udp),
-        Some((_, other)) => return Err(bad(format!("unknown protocol {other:?}"))),
-        None => (spec, Protocol::Tcp),
-    };
+    let (ports, protocol) =
+        Protocol::split_suffix(spec).map_err(|other| bad(format!("unknown protocol {other:?}")))?;
     let parts: Vec<&str> = ports.split(':').collect();
     let [task, host, container] = parts[..] else {
         return Err(bad("need three fields".into()));

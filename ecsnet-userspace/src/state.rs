@@ -52,6 +52,17 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Splits a `PORTS[/tcp|/udp]` spec (as in `--publish`) into its ports and protocol;
+    /// tcp when no protocol is given. Err carries the unknown protocol.
+    pub fn split_suffix(spec: &str) -> Result<(&str, Protocol), String> {
+        match spec.rsplit_once('/') {
+            Some((p, "tcp")) => Ok((p, Self::Tcp)),
+            Some((p, "udp")) => Ok((p, Self::Udp)),
+            Some((_, other)) => Err(other.to_owned()),
+            None => Ok((spec, Self::Tcp)),
+        }
+    }
+
     pub const fn number(self) -> u8 {
         match self {
             Self::Tcp => 6,
