@@ -164,6 +164,20 @@ fn pin_program(res: Result<(), aya::pin::PinError>, path: PathBuf) -> Result<(),
     res.map_err(|source| DatapathError::Pin { path, source })
 }
 
+/// Pins a link taken from its program, so it outlives this process.
+fn pin_link(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    pin: PathBuf,
+) -> Result<(), DatapathError> {
+    let fd = link.map_err(|source| DatapathError::Link {
+        path: pin.clone(),
+        source,
+    })?;
+    fd.pin(&pin)
+        .map_err(|source| DatapathError::Pin { path: pin, source })?;
+    Ok(())
+}
+
 fn tc_link_pin(paths: &InstancePaths, ifindex: u32, ty: TcAttachType) -> PathBuf {
     let dir = match ty {
         TcAttachType::Ingress => "ingress",
@@ -206,13 +220,7 @@ fn attach_tc(
         )
         .map_err(attach_err)?;
     let link = p.take_link(id).map_err(attach_err)?;
-    let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
-        path: pin.clone(),
-        source,
-    })?;
-    fd.pin(&pin)
-        .map_err(|source| DatapathError::Pin { path: pin, source })?;
-    Ok(())
+    pin_link(link.try_into(), pin)
 }
 
 /// Attaches the task programs to a task interface.
@@ -268,13 +276,7 @@ pub fn attach_uplink(
     };
     let id = x.attach(ifindex, mode).map_err(attach_err)?;
     let link = x.take_link(id).map_err(attach_err)?;
-    let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
-        path: pin.clone(),
-        source,
-    })?;
-    fd.pin(&pin)
-        .map_err(|source| DatapathError::Pin { path: pin, source })?;
-    Ok(())
+    pin_link(link.try_into(), pin)
 }
 
 /// ifindexes that have a pinned link of this instance.
