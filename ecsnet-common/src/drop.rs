@@ -27,11 +27,15 @@ pub enum DropReason {
     ImdsBlocked = 10,
     /// A redirect helper refused the packet.
     RedirectFailed = 11,
+    /// The reply tuple of a new translated flow is already another flow's.
+    NatCollision = 12,
+    /// An ICMP error quotes a packet too short or malformed to translate.
+    BadIcmpError = 13,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::BadTcpOffset,
@@ -43,6 +47,8 @@ impl DropReason {
         Self::SpoofedSource,
         Self::ImdsBlocked,
         Self::RedirectFailed,
+        Self::NatCollision,
+        Self::BadIcmpError,
     ];
 
     /// The reason for a number read from a map, if it is one.
@@ -71,6 +77,8 @@ impl DropReason {
             Self::SpoofedSource => "SPOOFED_SOURCE",
             Self::ImdsBlocked => "IMDS_BLOCKED",
             Self::RedirectFailed => "REDIRECT_FAILED",
+            Self::NatCollision => "NAT_COLLISION",
+            Self::BadIcmpError => "BAD_ICMP_ERROR",
         }
     }
 }

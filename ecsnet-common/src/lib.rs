@@ -3,6 +3,8 @@
 //! cannot disagree about a layout; the `user` feature adds the `aya::Pod` impls.
 #![no_std]
 
+pub mod csum;
+pub mod ct;
 pub mod drop;
 pub mod maps;
 

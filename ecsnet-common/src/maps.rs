@@ -12,8 +12,38 @@ pub const MAP_STATS: &str = "STATS";
 /// Per-CPU drop counters: [`DropKey`] -> `u64` packets.
 pub const MAP_DROPS: &str = "DROPS";
 
+/// The host as the datapath needs it: one [`Config`] at index 0.
+pub const MAP_CONFIG: &str = "CONFIG";
+/// The host's own IPv4 addresses (network byte order) -> ifindex they are on.
+pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+/// Published ports: [`PortKey`] -> [`PortTarget`].
+pub const MAP_PORTS: &str = "PORTS";
+/// The connection table: [`crate::ct::CtKey`] -> [`crate::ct::CtEntry`], two entries per flow.
+pub const MAP_CT: &str = "CT";
+/// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
+pub const MAP_FRAGS: &str = "FRAGS";
+
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 4] = [MAP_IFACES, MAP_TASKS, MAP_STATS, MAP_DROPS];
+pub const PINNED_MAPS: [&str; 9] = [
+    MAP_IFACES,
+    MAP_TASKS,
+    MAP_STATS,
+    MAP_DROPS,
+    MAP_CONFIG,
+    MAP_LOCAL_ADDRS,
+    MAP_PORTS,
+    MAP_CT,
+    MAP_FRAGS,
+];
+
+/// Default capacity of [`MAP_CT`], entries (two per flow); `ecsnet up --ct-size` changes it.
+pub const DEFAULT_CT_SIZE: u32 = 131_072;
+/// Capacity of [`MAP_LOCAL_ADDRS`].
+pub const MAX_LOCAL_ADDRS: u32 = 256;
+/// Capacity of [`MAP_PORTS`]: published ports on one host.
+pub const MAX_PORTS: u32 = 16_384;
+/// Capacity of [`MAP_FRAGS`] (an LRU: fragments in flight).
+pub const MAX_FRAGS: u32 = 8192;
 
 /// Capacity of [`MAP_IFACES`] and [`MAP_TASKS`]: tasks on one host.
 pub const MAX_TASKS: u32 = 4096;
@@ -50,6 +80,66 @@ pub struct TaskInfo {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<TaskInfo>() == 12);
+
+/// The host: where translated packets leave and what they are translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// ifindex of the uplink; 0 until `ecsnet up` wrote it, and then the datapath only counts.
+    pub uplink_ifindex: u32,
+    /// Masquerade address: the uplink's primary IPv4 address, network byte order.
+    pub uplink_ipv4: u32,
+    /// ifindex of the bridge (docker0), used as the input device of FIB lookups.
+    pub bridge_ifindex: u32,
+    /// The bridge's address, the tasks' gateway (network byte order); the source of self-hairpin.
+    pub bridge_ipv4: u32,
+    /// The bridge's MAC: the source MAC of every routed packet delivered to a task.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Config>() == 24);
+
+/// Key of [`MAP_PORTS`]: a host port (network byte order) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub port: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PortKey>() == 4);
+
+/// Value of [`MAP_PORTS`]: the task address and container port it maps to (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortTarget {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<PortTarget>() == 8);
+
+/// Key of [`MAP_FRAGS`]: what every fragment of one datagram shares (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
+
+/// Value of [`MAP_FRAGS`]: the ports from the first fragment (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(size_of::<FragPorts>() == 4);
 
 /// [`StatsKey::hook`]: tc ingress of the interface (for a task interface: sent by the task).
 pub const HOOK_TC_INGRESS: u8 = 0;
@@ -107,4 +197,11 @@ mod pod {
     unsafe impl aya::Pod for super::StatsKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::PortTarget {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
+    unsafe impl aya::Pod for crate::ct::CtKey {}
+    unsafe impl aya::Pod for crate::ct::CtEntry {}
 }

@@ -1,11 +1,16 @@
 //! The ecsnet datapath. Program files (`task`, `uplink`) only wire the modules below them:
-//! `parse` reads headers, `stats` counts, `verdict` turns a result into a return code and counts
-//! every drop with its reason.
+//! `parse` reads headers, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites,
+//! `redirect` sends, `stats` counts, `verdict` turns a result into a return code and counts every
+//! drop with its reason.
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod forward;
 mod maps;
+mod nat;
 mod parse;
+mod redirect;
 mod stats;
 mod task;
 mod uplink;

@@ -3,17 +3,26 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
-use ecsnet_common::maps::{
-    Counters, DropKey, IfaceInfo, MAX_DROP_KEYS, MAX_STATS, MAX_TASKS, StatsKey, TaskInfo,
+use ecsnet_common::{
+    ct::{CtEntry, CtKey},
+    maps::{
+        Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo, MAX_DROP_KEYS,
+        MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, PortKey, PortTarget, StatsKey,
+        TaskInfo,
+    },
 };
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated on insert and freed after an RCU grace period, so
+/// an entry the agent deletes is never reused under a program still holding it.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Interfaces ecsnet is attached to, written by user space at attach time.
 #[map(name = "IFACES")]
 pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_TASKS + 16, 0);
 
-/// Tasks by IPv4 address, written by `ecsnet apply`.
+/// Tasks by IPv4 address, written by `ecsnet apply`; the datapath learns their MACs.
 #[map(name = "TASKS")]
 pub static TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
 
@@ -24,3 +33,25 @@ pub static STATS: PerCpuHashMap<StatsKey, Counters> = PerCpuHashMap::with_max_en
 /// Dropped packets per interface, reason and hook.
 #[map(name = "DROPS")]
 pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(MAX_DROP_KEYS, 0);
+
+/// The host's uplink and bridge, written by `ecsnet up`.
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// The host's own addresses, written by `ecsnet up` and refreshed by the agent.
+#[map(name = "LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// Published ports, written by `ecsnet apply`.
+#[map(name = "PORTS")]
+pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+/// The connection table; user space sets its size at load time (`ecsnet up --ct-size`). Never
+/// LRU: a full table refuses new flows instead of evicting live ones.
+#[map(name = "CT")]
+pub static CT: HashMap<CtKey, CtEntry> =
+    HashMap::with_max_entries(DEFAULT_CT_SIZE, BPF_F_NO_PREALLOC);
+
+/// Ports of first fragments, for the later fragments of the same datagram.
+#[map(name = "FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);

@@ -161,3 +161,145 @@ pub fn skb_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the context pointer of a TC program is a valid __sk_buff.
     unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
 }
+
+pub const IPPROTO_ICMP: u8 = 1;
+/// Offsets inside the IPv4 header.
+pub const IP_OFF_TTL: usize = 8;
+pub const IP_OFF_CHECK: usize = 10;
+pub const IP_OFF_SADDR: usize = 12;
+pub const IP_OFF_DADDR: usize = 16;
+/// ICMP types ecsnet reads.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETERPROB: u8 = 12;
+
+/// [`Flow::frag`]: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// [`Flow::frag`]: the first fragment (more fragments, offset 0): it carries the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// [`Flow::frag`]: a later fragment: no transport header.
+pub const FRAG_LATER: u8 = 2;
+
+/// An IPv4 packet as the connection table sees it. Addresses and ports are as in the packet
+/// (network byte order); for ICMP echo the identifier is in `sport` (request) or `dport` (reply).
+#[derive(Clone, Copy)]
+pub struct Flow {
+    /// Offset of the transport header from the start of the frame.
+    pub l4: usize,
+    pub proto: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+    /// `FRAG_*`.
+    pub frag: u8,
+    /// The IP identification field, as in the packet.
+    pub ip_id: u16,
+    /// TCP flags byte; 0 for other protocols.
+    pub tcp_flags: u8,
+    /// ICMP type and code; 0 for other protocols.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// IP total length, bytes.
+    pub tot_len: u16,
+}
+
+impl Flow {
+    /// An ICMP error (unreachable, time exceeded, parameter problem) that quotes another packet.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.proto == IPPROTO_ICMP
+            && self.frag != FRAG_LATER
+            && matches!(
+                self.icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+            )
+    }
+}
+
+/// Reads a `T` at `offset` through `bpf_skb_load_bytes`, which also reaches non-linear data.
+#[inline(always)]
+pub fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, DropReason> {
+    ctx.load::<T>(offset).map_err(|_| DropReason::Truncated)
+}
+
+/// Parses the IPv4 header at `ip` and the first bytes of the transport header behind it.
+/// Truncated or malformed headers are errors with their reason.
+#[inline(always)]
+pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
+    let h: Ipv4Hdr = load(ctx, ip)?;
+    let ihl = ((h.vhl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(h.tot_len);
+    if h.vhl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
+        return Err(DropReason::BadIpHeader);
+    }
+    if (ctx.len() as usize) < ip + tot_len as usize {
+        return Err(DropReason::Truncated);
+    }
+    let frag_off = u16::from_be(h.frag_off);
+    let frag = if frag_off & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frag_off & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    let l4 = ip + ihl;
+    let mut f = Flow {
+        l4,
+        proto: h.protocol,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        sport: 0,
+        dport: 0,
+        ttl: h.ttl,
+        frag,
+        ip_id: h.id,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        tot_len,
+    };
+    if frag == FRAG_LATER {
+        return Ok(f);
+    }
+    match h.protocol {
+        IPPROTO_TCP => {
+            let t: TcpHdrStart = load(ctx, l4)?;
+            if (t.doff_res >> 4) < 5 {
+                return Err(DropReason::BadTcpOffset);
+            }
+            f.sport = t.source;
+            f.dport = t.dest;
+            f.tcp_flags = t.flags;
+        }
+        IPPROTO_UDP => {
+            let ports: [u16; 2] = load(ctx, l4)?;
+            f.sport = ports[0];
+            f.dport = ports[1];
+        }
+        IPPROTO_ICMP => {
+            // type, code, checksum, identifier.
+            let icmp: [u8; 6] = load(ctx, l4)?;
+            f.icmp_type = icmp[0];
+            f.icmp_code = icmp[1];
+            let id = u16::from_ne_bytes([icmp[4], icmp[5]]);
+            match icmp[0] {
+                ICMP_ECHO => f.sport = id,
+                ICMP_ECHO_REPLY => f.dport = id,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(f)
+}
+
+/// Parses the IPv4 packet behind the Ethernet header.
+#[inline(always)]
+pub fn flow(ctx: &TcContext) -> Result<Flow, DropReason> {
+    flow_at(ctx, ETH_HLEN)
+}

@@ -1,5 +1,6 @@
-//! Programs on the uplink: XDP sees frames before an skb exists, tc ingress and egress see what
-//! arrives from and leaves for the rest of the VPC. Today they count and pass.
+//! Programs on the uplink: XDP sees frames before an skb exists and only counts them today;
+//! tc ingress takes replies of tracked flows and new connections to published ports straight into
+//! the tasks; tc egress counts what leaves.
 
 use aya_ebpf::{
     EbpfContext,
@@ -13,7 +14,8 @@ use ecsnet_common::{
 };
 
 use crate::{
-    parse::skb_ifindex,
+    forward::{self, Origin},
+    parse::{ETH_P_IP, eth_group_dst, ethertype, flow, skb_ifindex},
     stats::{account_tc, account_xdp},
     verdict::{self, Verdict},
 };
@@ -40,10 +42,20 @@ pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
 
 fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     account_tc(ctx, ifindex, HOOK_TC_INGRESS);
-    Ok(Verdict::Pass)
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    if ifindex != cfg.uplink_ifindex
+        || !matches!(ethertype(ctx), Ok(ETH_P_IP))
+        || !matches!(eth_group_dst(ctx), Ok(false))
+    {
+        return Ok(Verdict::Pass);
+    }
+    let mut f = flow(ctx)?;
+    forward::packet(ctx, &cfg, &mut f, Origin::Uplink)
 }
 
-/// Packets leaving through the uplink.
+/// Packets leaving through the uplink (the kernel's and ecsnet's redirects alike).
 #[classifier]
 pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);

@@ -1,7 +1,7 @@
 //! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and every
 //! drop is counted with its reason and hook here and nowhere else.
 
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action};
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
 use ecsnet_common::{DropReason, maps::DropKey};
 
 use crate::stats::count_drop;
@@ -10,6 +10,8 @@ use crate::stats::count_drop;
 pub enum Verdict {
     /// Continue on the kernel's path.
     Pass,
+    /// A redirect helper took the packet (`TC_ACT_REDIRECT`).
+    Redirect,
 }
 
 /// Return code of a TC program for `res`, counting a drop on `ifindex` at `hook`.
@@ -17,6 +19,7 @@ pub enum Verdict {
 pub fn tc(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
     match res {
         Ok(Verdict::Pass) => TC_ACT_OK,
+        Ok(Verdict::Redirect) => TC_ACT_REDIRECT,
         Err(reason) => {
             drop_counted(reason, ifindex, hook);
             TC_ACT_SHOT
@@ -28,7 +31,8 @@ pub fn tc(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
 #[inline(always)]
 pub fn xdp(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> u32 {
     match res {
-        Ok(Verdict::Pass) => xdp_action::XDP_PASS,
+        // XDP never redirects today; a redirect verdict here would be a bug, so pass.
+        Ok(Verdict::Pass | Verdict::Redirect) => xdp_action::XDP_PASS,
         Err(reason) => {
             drop_counted(reason, ifindex, hook);
             xdp_action::XDP_DROP

@@ -72,12 +72,16 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
     );
     let _loggers = forward_datapath_logs(paths);
 
+    let timeouts = crate::compile::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
+    let mut gc = tokio::time::interval(GC_INTERVAL);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = gc.tick() => housekeeping(paths, &timeouts).await,
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     let paths = paths.clone();
@@ -95,6 +99,33 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
     let _ = fs::remove_file(paths.pid_file());
     log::info!("agent for instance {} stopped", paths.name);
     Ok(())
+}
+
+/// How often the agent expires idle flows and re-reads the host's addresses.
+const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connection-table garbage collection and the host's address list: the two pieces of datapath
+/// state that change without an `apply`.
+async fn housekeeping(paths: &InstancePaths, timeouts: &ecsnet_common::ct::Timeouts) {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+    match now.map_err(|e| e.to_string()).and_then(|now| {
+        crate::maps::collect_garbage(paths, timeouts, now).map_err(|e| e.to_string())
+    }) {
+        Ok(0) => {}
+        Ok(n) => log::debug!("conntrack: expired {n} flow(s)"),
+        Err(e) => log::warn!("conntrack garbage collection: {e}"),
+    }
+    match crate::netlink::Snapshot::read_async().await {
+        Ok(snap) => {
+            if let Err(e) =
+                crate::maps::write_local_addrs(paths, &crate::compile::local_addr_entries(&snap))
+            {
+                log::warn!("local addresses: {e}");
+            }
+        }
+        Err(e) => log::warn!("local addresses: {e}"),
+    }
 }
 
 /// Forwards aya-log records of the pinned programs into the agent's log.

@@ -90,6 +90,14 @@ pub struct UpArgs {
     /// XDP on the uplink: native (falls back to skb), skb, or off.
     #[arg(long, default_value = "native")]
     pub xdp_mode: String,
+    /// Connection-table size, entries (two per flow); a full table refuses new flows.
+    #[arg(long, default_value_t = ecsnet_common::maps::DEFAULT_CT_SIZE,
+          value_parser = clap::value_parser!(u32).range(4..=16_777_216))]
+    pub ct_size: u32,
+    /// Idle timeouts, e.g. `udp=30,tcp-established=3600` (states: tcp-syn, tcp-established,
+    /// tcp-closing, tcp-reset, udp, icmp); unnamed states keep their defaults.
+    #[arg(long, default_value = "")]
+    pub ct_timeouts: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +294,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 flow_log: a.flow_log,
                 window_secs: a.window,
                 xdp_mode: a.xdp_mode,
+                ct_size: a.ct_size,
+                ct_timeouts: a.ct_timeouts,
             };
             let pid = instance::up(&inst, &opts, !a.foreground)?;
             let meta = instance::require_up(&inst)?;

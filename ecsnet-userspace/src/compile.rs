@@ -7,7 +7,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ecsnet_common::maps::{IfaceInfo, ROLE_TASK, ROLE_UPLINK, TaskInfo};
+use ecsnet_common::{
+    ct::Timeouts,
+    maps::{Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo},
+};
 
 use crate::{
     netlink::Snapshot,
@@ -188,6 +191,104 @@ pub fn task_entries(tasks: &[ResolvedTask]) -> (Vec<(u32, TaskInfo)>, Vec<(u32, 
     (by_addr, by_if)
 }
 
+/// The `PORTS` entries: every published host port to its task's address and container port,
+/// all in network byte order.
+pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
+    state
+        .tasks
+        .iter()
+        .flat_map(|t| {
+            t.port_mappings.iter().map(move |pm| {
+                (
+                    PortKey {
+                        port: pm.host_port.to_be(),
+                        proto: pm.protocol.number(),
+                        _pad: 0,
+                    },
+                    PortTarget {
+                        addr: u32::from(t.ipv4_address).to_be(),
+                        port: pm.container_port.to_be(),
+                        _pad: [0; 2],
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// The `LOCAL_ADDRS` entries: every IPv4 address of the host, network byte order -> ifindex.
+pub fn local_addr_entries(snap: &Snapshot) -> Vec<(u32, u32)> {
+    snap.addrs
+        .iter()
+        .map(|a| (u32::from(a.addr).to_be(), a.index))
+        .collect()
+}
+
+/// Why the datapath cannot be configured for this host.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the uplink {0:?} has no IPv4 address to masquerade to; add one or give --uplink")]
+    NoUplinkAddress(String),
+    #[error("the bridge {0:?} has no IPv4 address (the tasks' gateway); give --bridge")]
+    NoBridgeAddress(String),
+    #[error("the bridge {0:?} has no MAC address")]
+    NoBridgeMac(String),
+}
+
+/// The `CONFIG` entry for a host whose uplink and bridge are `uplink` and `bridge`.
+pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config, ConfigError> {
+    let name = |i| snap.by_index(i).map(|l| l.name.clone()).unwrap_or_default();
+    let up = snap
+        .ipv4_of(uplink)
+        .ok_or_else(|| ConfigError::NoUplinkAddress(name(uplink)))?;
+    let br = snap
+        .ipv4_of(bridge)
+        .ok_or_else(|| ConfigError::NoBridgeAddress(name(bridge)))?;
+    let mac = snap
+        .by_index(bridge)
+        .and_then(|l| l.mac)
+        .ok_or_else(|| ConfigError::NoBridgeMac(name(bridge)))?;
+    Ok(Config {
+        uplink_ifindex: uplink,
+        uplink_ipv4: u32::from(up.addr).to_be(),
+        bridge_ifindex: bridge,
+        bridge_ipv4: u32::from(br.addr).to_be(),
+        bridge_mac: mac,
+        _pad: [0; 2],
+    })
+}
+
+/// Parses `--ct-timeouts`: comma-separated `state=seconds` for tcp-syn, tcp-established,
+/// tcp-closing, tcp-reset, udp and icmp; the states not named keep their defaults.
+pub fn parse_timeouts(spec: &str) -> Result<Timeouts, String> {
+    let mut t = Timeouts::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not STATE=SECONDS"))?;
+        let secs: u64 = v
+            .parse()
+            .ok()
+            .filter(|s| *s > 0 && *s <= 30 * 86_400)
+            .ok_or_else(|| format!("{v:?} for {k} is not a number of seconds in 1..=2592000"))?;
+        let slot = match k {
+            "tcp-syn" => &mut t.tcp_syn,
+            "tcp-established" => &mut t.tcp_established,
+            "tcp-closing" => &mut t.tcp_closing,
+            "tcp-reset" => &mut t.tcp_reset,
+            "udp" => &mut t.udp,
+            "icmp" => &mut t.icmp,
+            other => {
+                return Err(format!(
+                    "unknown state {other:?}: use tcp-syn, tcp-established, tcp-closing, tcp-reset, udp or icmp"
+                ));
+            }
+        };
+        *slot = secs;
+    }
+    Ok(t)
+}
+
 /// The `IFACES` entry of the uplink.
 pub fn uplink_entry(ifindex: u32) -> (u32, IfaceInfo) {
     (
@@ -317,6 +418,76 @@ mod tests {
             resolve(&s, &snap, 3).unwrap_err().path,
             "$.tasks[0].ipv4Address"
         );
+    }
+
+    #[test]
+    fn port_entries_are_network_order_per_protocol() {
+        let mut s = State::default();
+        s.tasks = vec![task(
+            "a",
+            [172, 17, 0, 2],
+            &[(80, 8080, Protocol::Tcp), (53, 8053, Protocol::Udp)],
+        )];
+        let e = port_entries(&s);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].0.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(e[0].0.proto, 6);
+        assert_eq!(e[0].1.port.to_ne_bytes(), 80u16.to_be_bytes());
+        assert_eq!(e[0].1.addr.to_ne_bytes(), [172, 17, 0, 2]);
+        assert_eq!(e[1].0.proto, 17);
+    }
+
+    #[test]
+    fn timeouts_parse_and_reject() {
+        let t = parse_timeouts("udp=5, tcp-established=100").unwrap();
+        assert_eq!((t.udp, t.tcp_established), (5, 100));
+        assert_eq!(t.tcp_syn, Timeouts::default().tcp_syn);
+        assert_eq!(parse_timeouts("").unwrap(), Timeouts::default());
+        assert!(parse_timeouts("udp").unwrap_err().contains("STATE=SECONDS"));
+        assert!(parse_timeouts("udp=0").unwrap_err().contains("seconds"));
+        assert!(
+            parse_timeouts("sctp=5")
+                .unwrap_err()
+                .contains("unknown state")
+        );
+    }
+
+    #[test]
+    fn config_needs_addresses_and_a_mac() {
+        use crate::netlink::Addr;
+        let link = |index, name: &str, mac| Link {
+            index,
+            name: name.into(),
+            kind: "x".into(),
+            master: None,
+            mac,
+            up: true,
+        };
+        let mut snap = Snapshot {
+            links: vec![
+                link(2, "eth0", Some([2; 6])),
+                link(3, "docker0", Some([3; 6])),
+            ],
+            addrs: vec![Addr {
+                index: 3,
+                addr: Ipv4Addr::new(172, 17, 0, 1),
+                prefix: 16,
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(
+            config_entry(&snap, 2, 3),
+            Err(ConfigError::NoUplinkAddress(n)) if n == "eth0"
+        ));
+        snap.addrs.push(Addr {
+            index: 2,
+            addr: Ipv4Addr::new(10, 10, 0, 1),
+            prefix: 24,
+        });
+        let c = config_entry(&snap, 2, 3).unwrap();
+        assert_eq!(c.uplink_ipv4.to_ne_bytes(), [10, 10, 0, 1]);
+        assert_eq!(c.bridge_ipv4.to_ne_bytes(), [172, 17, 0, 1]);
+        assert_eq!(c.bridge_mac, [3; 6]);
     }
 
     #[test]

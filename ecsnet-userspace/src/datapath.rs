@@ -111,7 +111,7 @@ pub fn is_loaded(paths: &InstancePaths) -> bool {
 
 /// Loads the object with every map pinned under the instance, and pins the programs. Maps that
 /// are pinned already are reused, so counters survive a reload.
-pub fn load(paths: &InstancePaths) -> Result<(), DatapathError> {
+pub fn load(paths: &InstancePaths, ct_size: u32) -> Result<(), DatapathError> {
     ensure_bpffs()?;
     for dir in [
         paths.pin_dir().join("maps"),
@@ -131,6 +131,7 @@ pub fn load(paths: &InstancePaths) -> Result<(), DatapathError> {
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
+    loader.map_max_entries(ecsnet_common::maps::MAP_CT, ct_size);
     let mut ebpf = loader.load(DATAPATH).map_err(DatapathError::Load)?;
     for prog in TC_PROGRAMS {
         let p: &mut SchedClassifier = ebpf

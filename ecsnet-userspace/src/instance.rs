@@ -40,6 +40,10 @@ pub enum InstanceError {
     NotUp { instance: String },
     #[error("bad --xdp-mode {0:?}: use native, skb or off")]
     XdpMode(String),
+    #[error("bad --ct-timeouts: {0}")]
+    Timeouts(String),
+    #[error(transparent)]
+    Config(#[from] compile::ConfigError),
     #[error(transparent)]
     State(#[from] LoadError),
     #[error("{file}: {error}")]
@@ -75,6 +79,8 @@ impl InstanceError {
             | Self::AlreadyUp { .. }
             | Self::NotUp { .. }
             | Self::XdpMode(_)
+            | Self::Timeouts(_)
+            | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
             | Self::Resolve { .. } => 2,
             _ => 1,
@@ -97,6 +103,12 @@ pub struct Meta {
     pub xdp_mode: String,
     pub window_secs: u64,
     pub flow_log: Option<PathBuf>,
+    /// Connection-table size the datapath was loaded with, entries.
+    #[serde(default)]
+    pub ct_size: u32,
+    /// `--ct-timeouts` as given; the agent parses it again.
+    #[serde(default)]
+    pub ct_timeouts: String,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
@@ -149,6 +161,8 @@ pub struct UpOptions {
     pub flow_log: Option<PathBuf>,
     pub window_secs: u64,
     pub xdp_mode: String,
+    pub ct_size: u32,
+    pub ct_timeouts: String,
 }
 
 fn xdp_mode(s: &str) -> Result<Option<XdpMode>, InstanceError> {
@@ -216,6 +230,7 @@ pub fn up(
         });
     }
     let mode = xdp_mode(&opts.xdp_mode)?;
+    compile::parse_timeouts(&opts.ct_timeouts).map_err(InstanceError::Timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
     // A state file may name the uplink and bridge; flags win.
@@ -236,6 +251,12 @@ pub fn up(
     }
     let (uplink_index, uplink, bridge_index, bridge) = discover(&snap, &flags)?;
     let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
+    let config = compile::config_entry(&snap, uplink_index, bridge_index)?;
+    // A datapath that is still loaded keeps the table it has.
+    let ct_size = match previous.as_ref() {
+        Some(m) if datapath::is_loaded(paths) && m.ct_size != 0 => m.ct_size,
+        _ => opts.ct_size,
+    };
     let meta = Meta {
         instance: paths.name.clone(),
         netns: opts.netns.clone(),
@@ -248,6 +269,8 @@ pub fn up(
         xdp_mode: opts.xdp_mode.clone(),
         window_secs: opts.window_secs,
         flow_log: opts.flow_log.clone(),
+        ct_size,
+        ct_timeouts: opts.ct_timeouts.clone(),
     };
     // Check the whole state against the host before touching anything.
     let plan = match &state {
@@ -260,7 +283,7 @@ pub fn up(
 
     let fresh = !datapath::is_loaded(paths);
     let result = (|| {
-        datapath::load(paths)?;
+        datapath::load(paths, ct_size)?;
         datapath::attach_uplink(
             paths,
             &uplink,
@@ -280,6 +303,9 @@ pub fn up(
         if let Some(plan) = &plan {
             commit(paths, plan)?;
         }
+        maps::write_local_addrs(paths, &compile::local_addr_entries(&snap))?;
+        // Last: with CONFIG written the datapath starts translating.
+        maps::write_config(paths, &config)?;
         Ok::<_, InstanceError>(())
     })();
     if let Err(e) = result {
@@ -357,6 +383,7 @@ fn commit(paths: &InstancePaths, plan: &Plan) -> Result<(), InstanceError> {
     }
     let (by_addr, by_if) = compile::task_entries(&plan.tasks);
     maps::write_tasks(paths, &by_addr, &by_if)?;
+    maps::write_ports(paths, &compile::port_entries(&plan.state))?;
     for ifindex in datapath::attached_ifindexes(paths) {
         if ifindex != meta.uplink_index && !plan.tasks.iter().any(|t| t.ifindex == ifindex) {
             datapath::detach(paths, ifindex)?;

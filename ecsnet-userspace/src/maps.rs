@@ -3,10 +3,14 @@
 
 use std::{collections::HashMap as StdHashMap, path::PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
-use ecsnet_common::maps::{
-    CLASS_IPV4, CLASS_OTHER, Counters, DropKey, HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP,
-    IfaceInfo, MAP_DROPS, MAP_IFACES, MAP_STATS, MAP_TASKS, StatsKey, TaskInfo,
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
+use ecsnet_common::{
+    ct::{self, CtEntry, CtKey, Timeouts},
+    maps::{
+        CLASS_IPV4, CLASS_OTHER, Config, Counters, DropKey, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
+        HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS,
+        MAP_STATS, MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
+    },
 };
 
 use crate::paths::InstancePaths;
@@ -52,7 +56,15 @@ pub fn write_tasks(
         .try_into()
         .map_err(access(MAP_TASKS))?;
     for (k, v) in tasks {
-        t.insert(k, v, 0).map_err(access(MAP_TASKS))?;
+        // Keep a MAC the datapath learned when the host had no neighbour entry to offer.
+        let mut v = *v;
+        if v.mac == [0; 6]
+            && let Ok(old) = t.get(k, 0)
+            && old.ifindex == v.ifindex
+        {
+            v.mac = old.mac;
+        }
+        t.insert(k, &v, 0).map_err(access(MAP_TASKS))?;
     }
     let stale: Vec<u32> = t
         .keys()
@@ -185,4 +197,105 @@ pub fn forget_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError
         m.remove(&k).map_err(access(MAP_STATS))?;
     }
     Ok(())
+}
+
+/// Writes the host's configuration; the datapath starts translating once it is there.
+pub fn write_config(paths: &InstancePaths, cfg: &Config) -> Result<(), MapsError> {
+    let mut a: Array<MapData, Config> = open(paths, MAP_CONFIG)?
+        .try_into()
+        .map_err(access(MAP_CONFIG))?;
+    a.set(0, cfg, 0).map_err(access(MAP_CONFIG))
+}
+
+/// Makes a hash map's entries equal to `entries`: insert or update them, then remove the rest.
+fn replace_all<K, V>(
+    paths: &InstancePaths,
+    map: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), MapsError>
+where
+    K: aya::Pod + PartialEq,
+    V: aya::Pod,
+{
+    let mut m: HashMap<MapData, K, V> = open(paths, map)?.try_into().map_err(access(map))?;
+    for (k, v) in entries {
+        m.insert(k, v, 0).map_err(access(map))?;
+    }
+    let stale: Vec<K> = m
+        .keys()
+        .flatten()
+        .filter(|k| !entries.iter().any(|(n, _)| n == k))
+        .collect();
+    for k in stale {
+        m.remove(&k).map_err(access(map))?;
+    }
+    Ok(())
+}
+
+/// Makes `LOCAL_ADDRS` equal to the host's addresses (network byte order -> ifindex).
+pub fn write_local_addrs(paths: &InstancePaths, addrs: &[(u32, u32)]) -> Result<(), MapsError> {
+    replace_all(paths, MAP_LOCAL_ADDRS, addrs)
+}
+
+/// Makes `PORTS` equal to the published ports.
+pub fn write_ports(
+    paths: &InstancePaths,
+    ports: &[(PortKey, PortTarget)],
+) -> Result<(), MapsError> {
+    replace_all(paths, MAP_PORTS, ports)
+}
+
+/// Every entry of the connection table.
+pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
+    let m: HashMap<MapData, CtKey, CtEntry> =
+        open(paths, MAP_CT)?.try_into().map_err(access(MAP_CT))?;
+    // Entries deleted while we walk the table are simply skipped.
+    Ok(m.iter().filter_map(Result::ok).collect())
+}
+
+/// Capacity of the connection table, entries.
+pub fn ct_capacity(paths: &InstancePaths) -> Result<u32, MapsError> {
+    let path = paths.map_pin(MAP_CT);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        map: MAP_CT,
+        path: path.clone(),
+        source,
+    })?;
+    let info = data.info().map_err(access(MAP_CT))?;
+    Ok(info.max_entries())
+}
+
+/// Removes the flows idle longer than their state allows at `now_ns` (CLOCK_MONOTONIC), both
+/// directions together. Returns the number of flows removed.
+pub fn collect_garbage(
+    paths: &InstancePaths,
+    timeouts: &Timeouts,
+    now_ns: u64,
+) -> Result<usize, MapsError> {
+    let mut m: HashMap<MapData, CtKey, CtEntry> =
+        open(paths, MAP_CT)?.try_into().map_err(access(MAP_CT))?;
+    let entries: StdHashMap<CtKey, CtEntry> = m.iter().filter_map(Result::ok).collect();
+    let mut removed = 0;
+    for (k, e) in &entries {
+        if e.dir != ct::DIR_ORIGINAL {
+            // Reply entries go with their original; an orphan (its original already gone) is
+            // judged on its own.
+            if entries.contains_key(&e.peer) {
+                continue;
+            }
+            if ct::expired(k.proto, e, e, timeouts, now_ns) {
+                let _ = m.remove(k);
+            }
+            continue;
+        }
+        let reply = entries.get(&e.peer).copied().unwrap_or_default();
+        if ct::expired(k.proto, e, &reply, timeouts, now_ns) {
+            // Reply first: a packet racing with us then misses and takes the kernel path
+            // rather than finding half a flow.
+            let _ = m.remove(&e.peer);
+            let _ = m.remove(k);
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }

@@ -1,0 +1,272 @@
+//! Packet rewriting: addresses, ports and ICMP identifiers with their checksums, the TTL of
+//! routed packets, and the headers quoted inside ICMP errors. Every store is paired with the
+//! checksum update that keeps the packet valid for the receiving kernel; nothing else is touched.
+
+use aya_ebpf::programs::TcContext;
+use ecsnet_common::{
+    DropReason, csum,
+    ct::{CtEntry, CtKey},
+};
+
+use crate::{
+    conntrack::Nat,
+    parse::{
+        ETH_HLEN, FRAG_LATER, Flow, ICMP_ECHO, ICMP_ECHO_REPLY, IP_OFF_CHECK, IP_OFF_DADDR,
+        IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, load,
+    },
+};
+
+/// `bpf_l4_csum_replace` flags.
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+const IP_CHECK: usize = ETH_HLEN + IP_OFF_CHECK;
+
+#[inline(always)]
+fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), DropReason> {
+    ctx.store(off, v, 0).map_err(|_| DropReason::Truncated)
+}
+
+#[inline(always)]
+fn l3(ctx: &TcContext, from: u64, to: u64, size: u64) -> Result<(), DropReason> {
+    ctx.l3_csum_replace(IP_CHECK, from, to, size)
+        .map_err(|_| DropReason::Truncated)
+}
+
+#[inline(always)]
+fn l4(ctx: &TcContext, off: usize, from: u64, to: u64, flags: u64) -> Result<(), DropReason> {
+    ctx.l4_csum_replace(off, from, to, flags)
+        .map_err(|_| DropReason::Truncated)
+}
+
+/// Where the checksum that covers the ports (and for TCP/UDP the pseudo-header) sits, with the
+/// flags for `bpf_l4_csum_replace`; None when the packet carries no transport header.
+#[inline(always)]
+fn l4_check(f: &Flow) -> Option<(usize, u64)> {
+    if f.frag == FRAG_LATER {
+        return None;
+    }
+    match f.proto {
+        IPPROTO_TCP => Some((f.l4 + 16, BPF_F_PSEUDO_HDR)),
+        // A zero UDP checksum means "none" and must stay zero.
+        IPPROTO_UDP => Some((f.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
+        IPPROTO_ICMP => Some((f.l4 + 2, 0)),
+        _ => None,
+    }
+}
+
+/// Rewrites `f`'s addresses and ports to `nat`, updating the IP and transport checksums.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
+    let check = l4_check(f);
+    for (off, old, new) in [
+        (IP_OFF_SADDR, f.saddr, nat.saddr),
+        (IP_OFF_DADDR, f.daddr, nat.daddr),
+    ] {
+        if old == new {
+            continue;
+        }
+        if let Some((c, flags)) = check
+            && f.proto != IPPROTO_ICMP
+        {
+            l4(ctx, c, old as u64, new as u64, flags | 4)?;
+        }
+        l3(ctx, old as u64, new as u64, 4)?;
+        store(ctx, ETH_HLEN + off, &new)?;
+    }
+    let Some((c, flags)) = check else {
+        return Ok(());
+    };
+    // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
+    let ports: [(usize, u16, u16); 2] = if f.proto == IPPROTO_ICMP {
+        match f.icmp_type {
+            ICMP_ECHO => [(f.l4 + 4, f.sport, nat.sport), (0, 0, 0)],
+            ICMP_ECHO_REPLY => [(f.l4 + 4, f.dport, nat.dport), (0, 0, 0)],
+            _ => [(0, 0, 0), (0, 0, 0)],
+        }
+    } else {
+        [(f.l4, f.sport, nat.sport), (f.l4 + 2, f.dport, nat.dport)]
+    };
+    for (off, old, new) in ports {
+        if off == 0 || old == new {
+            continue;
+        }
+        l4(
+            ctx,
+            c,
+            old as u64,
+            new as u64,
+            (flags & !BPF_F_PSEUDO_HDR) | 2,
+        )?;
+        store(ctx, off, &new)?;
+    }
+    Ok(())
+}
+
+/// Decrements the TTL of a routed packet, as the kernel's forwarding would.
+#[inline(always)]
+pub fn decrement_ttl(ctx: &TcContext, f: &Flow) -> Result<(), DropReason> {
+    let off = ETH_HLEN + IP_OFF_TTL;
+    let old: u16 = load(ctx, off)?;
+    let new = u16::from_ne_bytes({
+        let b = old.to_ne_bytes();
+        [f.ttl - 1, b[1]]
+    });
+    l3(ctx, old as u64, new as u64, 2)?;
+    store(ctx, off, &new)
+}
+
+/// The table key an ICMP error belongs to: the quoted packet's tuple reversed, which is the
+/// tuple of packets travelling the same way as the error. Also returns the quoted header's offset.
+#[inline(always)]
+pub fn icmp_error_key(ctx: &TcContext, f: &Flow) -> Result<(CtKey, Flow), DropReason> {
+    // The quoted IP header sits after the 8-byte ICMP header; it must be whole, with at least
+    // the first 8 bytes of its transport header (RFC 792).
+    let inner = flow_at_quoted(ctx, f.l4 + 8)?;
+    let key = CtKey {
+        saddr: inner.daddr,
+        daddr: inner.saddr,
+        sport: inner.dport,
+        dport: inner.sport,
+        proto: inner.proto,
+        _pad: [0; 3],
+    };
+    Ok((key, inner))
+}
+
+/// Parses a quoted header: like [`crate::parse::flow_at`] but a quote may be cut short after 8 bytes of the
+/// transport header, so its total length is not checked against the packet.
+#[inline(always)]
+fn flow_at_quoted(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
+    let h: Ipv4Hdr = load(ctx, ip).map_err(|_| DropReason::BadIcmpError)?;
+    let ihl = ((h.vhl & 0x0f) as usize) * 4;
+    if h.vhl >> 4 != 4 || ihl < 20 {
+        return Err(DropReason::BadIcmpError);
+    }
+    let l4 = ip + ihl;
+    let ports: [u16; 4] = load(ctx, l4).map_err(|_| DropReason::BadIcmpError)?;
+    let (sport, dport) = match h.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (ports[0], ports[1]),
+        // A quoted echo request: type, code, checksum, identifier.
+        IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO as u16 => (ports[2], 0),
+        IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO_REPLY as u16 => (0, ports[2]),
+        // Nothing ecsnet tracks: the lookup misses and the error takes the kernel's path.
+        _ => (0, 0),
+    };
+    Ok(Flow {
+        l4,
+        proto: h.protocol,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        sport,
+        dport,
+        ttl: h.ttl,
+        frag: 0,
+        ip_id: h.id,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        tot_len: u16::from_be(h.tot_len),
+    })
+}
+
+/// Translates an ICMP error that belongs to the flow direction `e` (looked up with the key from
+/// [`icmp_error_key`]): the outer destination (and source, when the flow's own endpoint sent the
+/// error) and the quoted packet, with the outer IP, quoted IP, quoted transport and ICMP checksums.
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &TcContext,
+    f: &Flow,
+    key: &CtKey,
+    inner: &Flow,
+    e: &CtEntry,
+) -> Result<(), DropReason> {
+    let icmp_check = f.l4 + 2;
+    // Outer header: no pseudo-header in the ICMP checksum, so only the IP checksum changes.
+    if f.daddr != e.nat_daddr {
+        l3(ctx, f.daddr as u64, e.nat_daddr as u64, 4)?;
+        store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.nat_daddr)?;
+    }
+    if f.saddr == key.saddr && f.saddr != e.nat_saddr {
+        l3(ctx, f.saddr as u64, e.nat_saddr as u64, 4)?;
+        store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.nat_saddr)?;
+    }
+    // The quote travels the other way: its source is our destination and vice versa.
+    let (new_src, new_dst) = (e.nat_daddr, e.nat_saddr);
+    let (new_sport, new_dport) = (e.nat_dport, e.nat_sport);
+    let ip = f.l4 + 8;
+    let old_ipcheck: u16 = load(ctx, ip + IP_OFF_CHECK).map_err(|_| DropReason::BadIcmpError)?;
+    let ipcheck = csum::replace4(
+        csum::replace4(old_ipcheck, inner.saddr, new_src),
+        inner.daddr,
+        new_dst,
+    );
+    for (off, old, new) in [
+        (ip + IP_OFF_SADDR, inner.saddr, new_src),
+        (ip + IP_OFF_DADDR, inner.daddr, new_dst),
+    ] {
+        if old != new {
+            l4(ctx, icmp_check, old as u64, new as u64, 4)?;
+            store(ctx, off, &new)?;
+        }
+    }
+    if ipcheck != old_ipcheck {
+        l4(ctx, icmp_check, old_ipcheck as u64, ipcheck as u64, 2)?;
+        store(ctx, ip + IP_OFF_CHECK, &ipcheck)?;
+    }
+    // The quoted transport header: ports (or the echo identifier) and, when the quote holds it,
+    // its checksum.
+    let (ports, inner_check, pseudo) = match inner.proto {
+        IPPROTO_TCP => (
+            [
+                (inner.l4, inner.sport, new_sport),
+                (inner.l4 + 2, inner.dport, new_dport),
+            ],
+            inner.l4 + 16,
+            true,
+        ),
+        IPPROTO_UDP => (
+            [
+                (inner.l4, inner.sport, new_sport),
+                (inner.l4 + 2, inner.dport, new_dport),
+            ],
+            inner.l4 + 6,
+            true,
+        ),
+        _ if inner.sport != 0 => (
+            [(inner.l4 + 4, inner.sport, new_sport), (0, 0, 0)],
+            inner.l4 + 2,
+            false,
+        ),
+        _ => (
+            [(inner.l4 + 4, inner.dport, new_dport), (0, 0, 0)],
+            inner.l4 + 2,
+            false,
+        ),
+    };
+    let old_l4check: Option<u16> = ctx.load::<u16>(inner_check).ok();
+    let mut l4check = old_l4check.unwrap_or(0);
+    if pseudo {
+        l4check = csum::replace4(
+            csum::replace4(l4check, inner.saddr, new_src),
+            inner.daddr,
+            new_dst,
+        );
+    }
+    for (off, old, new) in ports {
+        if off == 0 || old == new {
+            continue;
+        }
+        l4check = csum::replace2(l4check, old, new);
+        l4(ctx, icmp_check, old as u64, new as u64, 2)?;
+        store(ctx, off, &new)?;
+    }
+    if let Some(old) = old_l4check
+        && !(inner.proto == IPPROTO_UDP && old == 0)
+        && old != l4check
+    {
+        l4(ctx, icmp_check, old as u64, l4check as u64, 2)?;
+        store(ctx, inner_check, &l4check)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Where a packet goes once ecsnet has decided: into a task (`bpf_redirect_peer` into the task's
+//! end of its veth pair, skipping the bridge) or out of the uplink (`bpf_redirect` with the MACs
+//! of a FIB lookup, or `bpf_redirect_neigh` when the next hop is not resolved yet).
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use ecsnet_common::{
+    DropReason,
+    maps::{Config, HOOK_TC_EGRESS, TaskInfo},
+};
+
+use crate::{
+    maps::TASKS,
+    parse::{ETH_HLEN, Flow},
+    stats::account_tc,
+    verdict::Verdict,
+};
+
+const AF_INET: u8 = 2;
+const TC_ACT_REDIRECT: i64 = 7;
+
+/// The next hop of a packet leaving through the uplink.
+pub struct UplinkHop {
+    pub ifindex: u32,
+    /// Source and destination MACs, when the neighbour is resolved.
+    pub macs: Option<([u8; 6], [u8; 6])>,
+}
+
+/// The task with address `addr`.
+#[inline(always)]
+pub fn task(addr: u32) -> Option<TaskInfo> {
+    unsafe { TASKS.get(&addr) }.copied()
+}
+
+/// Where the kernel would route `f` (its destination as it is now), if that is out of the
+/// uplink. None for anything else (local, the bridge, another interface, too big to forward).
+#[inline(always)]
+pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = f.proto;
+    p.sport = f.sport;
+    p.dport = f.dport;
+    p.__bindgen_anon_1.tot_len = f.tot_len;
+    p.ifindex = cfg.bridge_ifindex;
+    p.__bindgen_anon_3.ipv4_src = f.saddr;
+    p.__bindgen_anon_4.ipv4_dst = f.daddr;
+    let ret = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if p.ifindex != cfg.uplink_ifindex {
+        return None;
+    }
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let m = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
+            Some(UplinkHop {
+                ifindex: p.ifindex,
+                macs: Some((m.smac, m.dmac)),
+            })
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Some(UplinkHop {
+            ifindex: p.ifindex,
+            macs: None,
+        }),
+        _ => None,
+    }
+}
+
+/// Sends the packet out of the uplink.
+#[inline(always)]
+pub fn to_uplink(ctx: &TcContext, hop: &UplinkHop) -> Result<Verdict, DropReason> {
+    let ret = match hop.macs {
+        Some((smac, dmac)) => {
+            set_macs(ctx, &smac, &dmac)?;
+            unsafe { bpf_redirect(hop.ifindex, 0) }
+        }
+        None => unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) },
+    };
+    redirected(ret)
+}
+
+/// Delivers the packet into task `t`, counting it on the task interface's egress as if the
+/// bridge had sent it there. Routed packets get the bridge's MAC as source, as the kernel's
+/// forwarding would give them.
+#[inline(always)]
+pub fn to_task(
+    ctx: &TcContext,
+    cfg: &Config,
+    t: &TaskInfo,
+    routed: bool,
+) -> Result<Verdict, DropReason> {
+    if routed {
+        set_macs(ctx, &cfg.bridge_mac, &t.mac)?;
+    }
+    account_tc(ctx, t.ifindex, HOOK_TC_EGRESS);
+    redirected(unsafe { bpf_redirect_peer(t.ifindex, 0) })
+}
+
+#[inline(always)]
+fn set_macs(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), DropReason> {
+    let macs: [u8; 12] = {
+        let mut m = [0u8; 12];
+        m[..6].copy_from_slice(dst);
+        m[6..].copy_from_slice(src);
+        m
+    };
+    let _ = ETH_HLEN;
+    ctx.store(0, &macs, 0).map_err(|_| DropReason::Truncated)
+}
+
+#[inline(always)]
+fn redirected(ret: i64) -> Result<Verdict, DropReason> {
+    if ret == TC_ACT_REDIRECT {
+        Ok(Verdict::Redirect)
+    } else {
+        Err(DropReason::RedirectFailed)
+    }
+}
