@@ -46,7 +46,10 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> 
     p.l4_protocol = f.proto;
     p.sport = f.sport;
     p.dport = f.dport;
-    p.__bindgen_anon_1.tot_len = f.tot_len;
+    // tot_len 0: the helper then checks the skb itself against the MTU, which understands GSO
+    // (a TSO packet's IP length is far above any MTU; its segments are not).
+    p.__bindgen_anon_1.tot_len = 0;
+    let _ = f.tot_len;
     p.ifindex = cfg.bridge_ifindex;
     p.__bindgen_anon_3.ipv4_src = f.saddr;
     p.__bindgen_anon_4.ipv4_dst = f.daddr;

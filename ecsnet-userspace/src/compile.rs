@@ -69,11 +69,21 @@ pub fn resolve(
                 ),
             });
         }
+        // The neighbour entry, else the one unicast MAC the bridge learned on the task's port.
+        let learned = snap
+            .fdb
+            .iter()
+            .filter(|(port, m)| *port == link.index && m[0] & 1 == 0 && Some(*m) != link.mac);
         let mac = snap
             .neigh
             .iter()
             .find(|(ifx, a, _)| *ifx == bridge && *a == t.ipv4_address)
             .map(|(_, _, m)| *m)
+            .or_else(|| {
+                let mut it = learned;
+                let first = it.next().map(|(_, m)| *m);
+                if it.next().is_some() { None } else { first }
+            })
             .unwrap_or_default();
         out.push(ResolvedTask {
             name: t.name.clone(),

@@ -360,7 +360,8 @@ fn plan_state(
         },
     )
     .map_err(resolve_err)?;
-    let tasks = compile::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
+    let mut tasks = compile::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
+    ask_macs(snap, meta, &mut tasks);
     let previous = match read_applied(paths)? {
         Some(applied) => compile::dynamic_ports_of(&applied, &requested),
         None => HashMap::new(),
@@ -371,6 +372,38 @@ fn plan_state(
         t.interface = Some(r.ifname.clone());
     }
     Ok(Plan { state, tasks })
+}
+
+/// Asks by ARP for the MACs the host does not know yet; a task that does not answer gets its MAC
+/// learned by the datapath from its first packet.
+fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [compile::ResolvedTask]) {
+    let unknown: Vec<Ipv4Addr> = tasks
+        .iter()
+        .filter(|t| t.mac == [0; 6])
+        .map(|t| t.ipv4)
+        .collect();
+    let (Some(mac), Some((ip, _))) = (
+        snap.by_index(meta.bridge_index).and_then(|l| l.mac),
+        meta.bridge_address,
+    ) else {
+        return;
+    };
+    match crate::arp::resolve(
+        meta.bridge_index,
+        mac,
+        ip,
+        &unknown,
+        Duration::from_millis(300),
+    ) {
+        Ok(found) => {
+            for t in tasks.iter_mut() {
+                if let Some(m) = found.get(&t.ipv4) {
+                    t.mac = *m;
+                }
+            }
+        }
+        Err(e) => log::warn!("{e}; task MACs will be learned from their traffic"),
+    }
 }
 
 /// Writes a plan: attach new task interfaces, write maps, detach what is gone, record it.

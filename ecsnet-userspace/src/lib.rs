@@ -4,6 +4,7 @@
 //! `lab` builds the bridge-mode test host; `traffic` is its echo server and probe.
 
 pub mod agent;
+pub mod arp;
 pub mod cli;
 pub mod compile;
 pub mod datapath;

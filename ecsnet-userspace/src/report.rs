@@ -43,6 +43,19 @@ pub struct UplinkStats {
     pub drops: BTreeMap<String, u64>,
 }
 
+/// Fill of the connection table. Every flow holds two entries, one per direction; NAT mappings
+/// are the entries of masquerade and hairpin flows (no separate NAT table).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConntrackStats {
+    pub entries: u64,
+    pub capacity: u64,
+    /// Flows by kind: eastWest, inbound, masquerade, hairpin.
+    pub flows: BTreeMap<String, u64>,
+    /// Flows whose source ecsnet rewrote (masquerade and self-hairpin): its NAT table.
+    pub nat_mappings: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
@@ -50,6 +63,34 @@ pub struct Stats {
     pub tasks: Vec<TaskStats>,
     pub uplink: UplinkStats,
     pub drops: BTreeMap<String, u64>,
+    pub conntrack: ConntrackStats,
+}
+
+/// The table's fill, from its entries.
+pub fn conntrack_stats(
+    entries: &[(ecsnet_common::ct::CtKey, ecsnet_common::ct::CtEntry)],
+    capacity: u32,
+) -> ConntrackStats {
+    use ecsnet_common::ct;
+    let mut out = ConntrackStats {
+        entries: entries.len() as u64,
+        capacity: capacity as u64,
+        ..Default::default()
+    };
+    for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
+        let kind = match e.kind {
+            ct::KIND_EAST_WEST => "eastWest",
+            ct::KIND_INBOUND => "inbound",
+            ct::KIND_MASQUERADE => "masquerade",
+            ct::KIND_HAIRPIN => "hairpin",
+            _ => "unknown",
+        };
+        *out.flows.entry(kind.to_owned()).or_default() += 1;
+        if e.nat_saddr != k.saddr || e.nat_sport != k.sport {
+            out.nat_mappings += 1;
+        }
+    }
+    out
 }
 
 fn plus(a: Count, b: Count) -> Count {
@@ -115,6 +156,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
             drops: drops_of(meta.uplink_index),
         },
         drops: total,
+        conntrack: conntrack_stats(&maps::read_ct(paths)?, maps::ct_capacity(paths)?),
     })
 }
 
@@ -161,6 +203,25 @@ pub fn render(s: &Stats) -> String {
         u.egress.packets,
         u.egress.bytes,
         u.other.packets
+    );
+    let c = &s.conntrack;
+    let flows: Vec<String> = c.flows.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    let _ = writeln!(
+        out,
+        "conntrack: {} of {} entries ({:.1}%), flows: {}, nat mappings: {}",
+        c.entries,
+        c.capacity,
+        if c.capacity == 0 {
+            0.0
+        } else {
+            100.0 * c.entries as f64 / c.capacity as f64
+        },
+        if flows.is_empty() {
+            "none".to_owned()
+        } else {
+            flows.join(" ")
+        },
+        c.nat_mappings
     );
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");
