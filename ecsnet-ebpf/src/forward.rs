@@ -13,7 +13,7 @@ use crate::{
     conntrack::{self, Nat},
     maps::{CONFIG, LOCAL_ADDRS, PORTS},
     nat,
-    parse::{ETH_HLEN, Flow},
+    parse::Flow,
     redirect::{self, UplinkHop},
     verdict::Verdict,
 };
@@ -164,10 +164,10 @@ pub fn packet(
     let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
         return Ok(Verdict::Pass);
     };
-    let bytes = ip_bytes(ctx);
-    let nat = conntrack::create(&key, nat, kind, choose_sport, f, bytes)?;
+    let nat = conntrack::create(&key, nat, kind, choose_sport, f, f.tot_len as u64)?;
     nat::rewrite(ctx, f, &nat)?;
-    if routed {
+    // The kernel's forwarding decrements the TTL itself of what is handed to it.
+    if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
     }
     send(ctx, cfg, &next, routed)
@@ -184,11 +184,6 @@ fn published(f: &Flow) -> Option<(u32, u16)> {
     unsafe { PORTS.get(&key) }.map(|t| (t.addr, t.port))
 }
 
-#[inline(always)]
-fn ip_bytes(ctx: &TcContext) -> u64 {
-    (ctx.len() as u64).saturating_sub(ETH_HLEN as u64)
-}
-
 /// A packet of a tracked flow: rewrite it as its entry says and send it on.
 #[inline(always)]
 fn established(
@@ -203,7 +198,7 @@ fn established(
     let Some(next) = next_hop(ctx, cfg, f, entry.nat_daddr, routed) else {
         return Ok(Verdict::Pass);
     };
-    conntrack::touch(e, f, ip_bytes(ctx));
+    conntrack::touch(e, f, f.tot_len as u64);
     let nat = Nat {
         saddr: entry.nat_saddr,
         daddr: entry.nat_daddr,
@@ -212,7 +207,8 @@ fn established(
     };
     // A later fragment has no transport header: `rewrite` then changes the addresses only.
     nat::rewrite(ctx, f, &nat)?;
-    if routed {
+    // The kernel's forwarding decrements the TTL itself of what is handed to it.
+    if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
     }
     send(ctx, cfg, &next, routed)
@@ -231,7 +227,8 @@ fn icmp_error(ctx: &TcContext, cfg: &Config, f: &Flow) -> Result<Verdict, DropRe
         return Ok(Verdict::Pass);
     };
     nat::rewrite_icmp_error(ctx, f, &key, &inner, &entry)?;
-    if routed {
+    // The kernel's forwarding decrements the TTL itself of what is handed to it.
+    if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
     }
     send(ctx, cfg, &next, routed)

@@ -242,12 +242,13 @@ pub fn attach_task(paths: &InstancePaths, ifname: &str, ifindex: u32) -> Result<
     )
 }
 
-/// Attaches the uplink programs: tcx both ways and XDP in `mode`.
+/// Attaches the uplink programs: tcx both ways and, unless `mode` is None (`--xdp-mode off`),
+/// XDP in `mode`.
 pub fn attach_uplink(
     paths: &InstancePaths,
     ifname: &str,
     ifindex: u32,
-    mode: XdpMode,
+    mode: Option<XdpMode>,
 ) -> Result<(), DatapathError> {
     attach_tc(
         paths,
@@ -264,6 +265,9 @@ pub fn attach_uplink(
         TcAttachType::Egress,
     )?;
     let pin = xdp_link_pin(paths, ifindex);
+    let Some(mode) = mode else {
+        return Ok(());
+    };
     if pin.exists() {
         return Ok(());
     }

@@ -288,13 +288,13 @@ pub fn up(
             paths,
             &uplink,
             uplink_index,
-            mode.unwrap_or(XdpMode::Driver),
+            mode,
         )
         .or_else(|e| match mode {
             // Native XDP needs driver support; fall back to generic XDP and say so.
             Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
                 log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
-                datapath::attach_uplink(paths, &uplink, uplink_index, XdpMode::Skb)
+                datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
             }
             _ => Err(e),
         })?;
