@@ -275,7 +275,7 @@ impl P {
     }
 
     /// Sent by a task: its MAC to the bridge's (its gateway's) MAC.
-    fn from_task(mut self, mac: [u8; 6]) -> P {
+    fn sent_by_task(mut self, mac: [u8; 6]) -> P {
         self.smac = mac;
         self.dmac = BRIDGE_MAC;
         self
@@ -290,7 +290,7 @@ impl P {
     }
 
     /// Sent straight to the MAC of another task on the same subnet.
-    fn to_mac(mut self, mac: [u8; 6]) -> P {
+    fn addressed_to(mut self, mac: [u8; 6]) -> P {
         self.dmac = mac;
         self
     }
@@ -859,7 +859,7 @@ impl Case {
 
 /// A TCP segment from task A, to the bridge's MAC.
 fn from_a_tcp(sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> P {
-    P::tcp(TASK_A, sport, dst, dport, flags).from_task(MAC_A)
+    P::tcp(TASK_A, sport, dst, dport, flags).sent_by_task(MAC_A)
 }
 
 fn uplink_cases() -> Vec<Case> {
@@ -1419,8 +1419,8 @@ fn task_cases() -> Vec<Case> {
     };
     let inbound = inbound_tcp(HOST).seen((1, 40, TCP_SYN), (0, 0, 0));
     let ew_udp = P::udp(TASK_A, 40001, TASK_B, 53, b"query: a.b.c")
-        .from_task(MAC_A)
-        .to_mac(MAC_B);
+        .sent_by_task(MAC_A)
+        .addressed_to(MAC_B);
     vec![
         Case::new(
             "reply of an inbound flow when the FIB does not route via the uplink: passed \
@@ -1436,7 +1436,7 @@ fn task_cases() -> Vec<Case> {
             task_world(),
         )
         .unchanged(
-            &P::tcp([172, 17, 0, 9], 40000, TASK_B, 80, TCP_SYN).from_task(MAC_A),
+            &P::tcp([172, 17, 0, 9], 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_A),
             OK,
         ),
         Case::new(
@@ -1445,7 +1445,7 @@ fn task_cases() -> Vec<Case> {
             with(task_world(), [Seed::Task(TASK_A, IFINDEX_A, [0; 6])]),
         )
         .unchanged(
-            &from_a_tcp(40000, TASK_B, 80, TCP_SYN).to_mac(MAC_B),
+            &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
             REDIRECT,
         )
         .ct(FlowPair::new(
@@ -1476,7 +1476,10 @@ fn task_cases() -> Vec<Case> {
             Prog::Task,
             task_world(),
         )
-        .unchanged(&from_a_tcp(40000, TASK_B, 80, TCP_ACK).to_mac(MAC_B), OK),
+        .unchanged(
+            &from_a_tcp(40000, TASK_B, 80, TCP_ACK).addressed_to(MAC_B),
+            OK,
+        ),
         Case::new(
             "hairpin A -> host:8443 published to B: DNAT to B, source kept, KIND_HAIRPIN",
             Prog::Task,
