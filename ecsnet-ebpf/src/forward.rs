@@ -56,15 +56,16 @@ fn is_local(cfg: &Config, addr: u32) -> bool {
 /// Where packets with destination `daddr` go; None when ecsnet should not take them.
 #[inline(always)]
 fn next_hop(ctx: &TcContext, cfg: &Config, f: &Flow, daddr: u32, routed: bool) -> Option<Next> {
-    if let Some(t) = redirect::task(daddr) {
-        if routed && (t.mac == [0; 6] || f.ttl <= 1) {
-            return if f.ttl <= 1 { None } else { Some(Next::Kernel) };
-        }
-        return Some(Next::Task(t));
-    }
     if routed && f.ttl <= 1 {
         // The kernel sends the time-exceeded error.
         return None;
+    }
+    if let Some(t) = redirect::task(daddr) {
+        return Some(if routed && t.mac == [0; 6] {
+            Next::Kernel
+        } else {
+            Next::Task(t)
+        });
     }
     redirect::uplink_hop(ctx, cfg, f).map(Next::Uplink)
 }

@@ -13,12 +13,7 @@ use ecsnet_common::{
     maps::{Config, HOOK_TC_EGRESS, TaskInfo},
 };
 
-use crate::{
-    maps::TASKS,
-    parse::{ETH_HLEN, Flow},
-    stats::account_tc,
-    verdict::Verdict,
-};
+use crate::{maps::TASKS, parse::Flow, stats::account_tc, verdict::Verdict};
 
 const AF_INET: u8 = 2;
 const TC_ACT_REDIRECT: i64 = 7;
@@ -49,7 +44,6 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> 
     // tot_len 0: the helper then checks the skb itself against the MTU, which understands GSO
     // (a TSO packet's IP length is far above any MTU; its segments are not).
     p.__bindgen_anon_1.tot_len = 0;
-    let _ = f.tot_len;
     p.ifindex = cfg.bridge_ifindex;
     p.__bindgen_anon_3.ipv4_src = f.saddr;
     p.__bindgen_anon_4.ipv4_dst = f.daddr;
@@ -112,13 +106,9 @@ pub fn to_task(
 
 #[inline(always)]
 fn set_macs(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), DropReason> {
-    let macs: [u8; 12] = {
-        let mut m = [0u8; 12];
-        m[..6].copy_from_slice(dst);
-        m[6..].copy_from_slice(src);
-        m
-    };
-    let _ = ETH_HLEN;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dst);
+    macs[6..].copy_from_slice(src);
     ctx.store(0, &macs, 0).map_err(|_| DropReason::Truncated)
 }
 

@@ -432,12 +432,14 @@ mod tests {
 
     #[test]
     fn port_entries_are_network_order_per_protocol() {
-        let mut s = State::default();
-        s.tasks = vec![task(
-            "a",
-            [172, 17, 0, 2],
-            &[(80, 8080, Protocol::Tcp), (53, 8053, Protocol::Udp)],
-        )];
+        let s = State {
+            tasks: vec![task(
+                "a",
+                [172, 17, 0, 2],
+                &[(80, 8080, Protocol::Tcp), (53, 8053, Protocol::Udp)],
+            )],
+            ..Default::default()
+        };
         let e = port_entries(&s);
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].0.port.to_ne_bytes(), 8080u16.to_be_bytes());

@@ -284,13 +284,7 @@ pub fn up(
     let fresh = !datapath::is_loaded(paths);
     let result = (|| {
         datapath::load(paths, ct_size)?;
-        datapath::attach_uplink(
-            paths,
-            &uplink,
-            uplink_index,
-            mode,
-        )
-        .or_else(|e| match mode {
+        datapath::attach_uplink(paths, &uplink, uplink_index, mode).or_else(|e| match mode {
             // Native XDP needs driver support; fall back to generic XDP and say so.
             Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
                 log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
