@@ -21,8 +21,11 @@ const TC_ACT_REDIRECT: i64 = 7;
 /// The next hop of a packet leaving through the uplink.
 pub struct UplinkHop {
     pub ifindex: u32,
-    /// Source and destination MACs, when the neighbour is resolved.
-    pub macs: Option<([u8; 6], [u8; 6])>,
+    /// Source and destination MACs, all zero when the neighbour is not resolved. (Plain fields:
+    /// an `Option` here leaves bytes the verifier sees read uninitialised.)
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub resolved: bool,
 }
 
 /// The task with address `addr`.
@@ -63,12 +66,16 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> 
             let m = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
             Some(UplinkHop {
                 ifindex: p.ifindex,
-                macs: Some((m.smac, m.dmac)),
+                smac: m.smac,
+                dmac: m.dmac,
+                resolved: true,
             })
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Some(UplinkHop {
             ifindex: p.ifindex,
-            macs: None,
+            smac: [0; 6],
+            dmac: [0; 6],
+            resolved: false,
         }),
         _ => None,
     }
@@ -77,12 +84,11 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> 
 /// Sends the packet out of the uplink.
 #[inline(always)]
 pub fn to_uplink(ctx: &TcContext, hop: &UplinkHop) -> Result<Verdict, DropReason> {
-    let ret = match hop.macs {
-        Some((smac, dmac)) => {
-            set_macs(ctx, &smac, &dmac)?;
-            unsafe { bpf_redirect(hop.ifindex, 0) }
-        }
-        None => unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) },
+    let ret = if hop.resolved {
+        set_macs(ctx, &hop.smac, &hop.dmac)?;
+        unsafe { bpf_redirect(hop.ifindex, 0) }
+    } else {
+        unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) }
     };
     redirected(ret)
 }
