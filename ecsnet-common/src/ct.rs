@@ -24,6 +24,9 @@ pub const KIND_MASQUERADE: u8 = 3;
 /// [`CtEntry::kind`]: a task to a published port on a host address (DNAT, and SNAT to the
 /// bridge address when the task reaches itself).
 pub const KIND_HAIRPIN: u8 = 4;
+/// [`CtEntry::kind`]: a flow of a task with a policy that the kernel carries (to or from the
+/// host itself, the metadata endpoints, ...), tracked only so its replies pass the policy.
+pub const KIND_LOCAL: u8 = 5;
 
 /// [`CtEntry::dir`]: the direction of the packet that created the flow.
 pub const DIR_ORIGINAL: u8 = 0;

@@ -7,5 +7,6 @@ pub mod csum;
 pub mod ct;
 pub mod drop;
 pub mod maps;
+pub mod policy;
 
 pub use drop::DropReason;

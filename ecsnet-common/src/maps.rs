@@ -24,7 +24,7 @@ pub const MAP_CT: &str = "CT";
 pub const MAP_FRAGS: &str = "FRAGS";
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_IFACES,
     MAP_TASKS,
     MAP_STATS,
@@ -34,6 +34,8 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_PORTS,
     MAP_CT,
     MAP_FRAGS,
+    crate::policy::MAP_SG_PEERS,
+    crate::policy::MAP_SG_RULES,
 ];
 
 /// Default capacity of [`MAP_CT`], entries (two per flow); `ecsnet up --ct-size` changes it.
@@ -75,11 +77,14 @@ const _: () = assert!(size_of::<IfaceInfo>() == 8);
 pub struct TaskInfo {
     /// ifindex of the task interface (host end of the veth pair).
     pub ifindex: u32,
-    /// MAC address of the task's own end of the veth pair.
+    /// MAC address of the task's own end of the veth pair: learned from the task's first packet
+    /// when user space did not know it, and from then on the only source MAC the task may use.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The task's security-group policy ([`crate::policy`]); 0: none, every packet allowed.
+    pub policy: u32,
 }
-const _: () = assert!(size_of::<TaskInfo>() == 12);
+const _: () = assert!(size_of::<TaskInfo>() == 16);
 
 /// The host: where translated packets leave and what they are translated to.
 #[repr(C)]
@@ -95,8 +100,13 @@ pub struct Config {
     pub bridge_ipv4: u32,
     /// The bridge's MAC: the source MAC of every routed packet delivered to a task.
     pub bridge_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `CONFIG_*` bits, written by `ecsnet apply` from the state file's `host`.
+    pub flags: u8,
+    pub _pad: u8,
 }
+
+/// [`Config::flags`]: drop task traffic to 169.254.169.254 (`host.blockInstanceMetadata`).
+pub const CONFIG_BLOCK_IMDS: u8 = 1;
 const _: () = assert!(size_of::<Config>() == 24);
 
 /// Key of [`MAP_PORTS`]: a host port (network byte order) and protocol.
@@ -204,4 +214,6 @@ mod pod {
     unsafe impl aya::Pod for super::FragPorts {}
     unsafe impl aya::Pod for crate::ct::CtKey {}
     unsafe impl aya::Pod for crate::ct::CtEntry {}
+    unsafe impl aya::Pod for crate::policy::PeerKey {}
+    unsafe impl aya::Pod for crate::policy::RuleKey {}
 }

@@ -51,6 +51,10 @@ pub enum Cmd {
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Cut tracked flows the new security groups no longer allow (by default they live on,
+        /// as in AWS).
+        #[arg(long)]
+        reset_flows: bool,
     },
     /// Add, remove or list tasks.
     #[command(subcommand)]
@@ -131,6 +135,9 @@ pub enum SgCmd {
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Cut tracked flows the new rules no longer allow (by default they live on, as in AWS).
+        #[arg(long)]
+        reset_flows: bool,
     },
     /// List security groups and their member tasks.
     Ls {
@@ -322,13 +329,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("ecsnet instance {} down", inst.name);
             }
         }
-        Cmd::Apply { file } => {
-            let s = instance::apply(&inst, &file)?;
+        Cmd::Apply { file, reset_flows } => {
+            let a = instance::apply(&inst, &file, reset_flows)?;
             println!(
-                "applied {}: {} task(s), {} security group(s)",
+                "applied {}: {} task(s), {} security group(s){}",
                 file.display(),
-                s.tasks.len(),
-                s.security_groups.len()
+                a.state.tasks.len(),
+                a.state.security_groups.len(),
+                flows_cut(&a, reset_flows)
             );
         }
         Cmd::Task(t) => task_cmd(&inst, t)?,
@@ -356,6 +364,14 @@ fn parse_task_publish(s: &str) -> Result<PortMapping, UsageError> {
         container_port: c.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?,
         protocol,
     })
+}
+
+fn flows_cut(a: &instance::Applied, reset_flows: bool) -> String {
+    if reset_flows {
+        format!("; {} tracked flow(s) no longer allowed cut", a.flows_cut)
+    } else {
+        String::new()
+    }
 }
 
 fn current_state(inst: &InstancePaths) -> anyhow::Result<State> {
@@ -390,7 +406,7 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
                 task_definition_arn: None,
                 container_id: None,
             });
-            let s = instance::apply_state(inst, s, "task add")?;
+            let s = instance::apply_state(inst, s, "task add", false)?.state;
             let t = s
                 .tasks
                 .iter()
@@ -410,7 +426,7 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
             if s.tasks.len() == before {
                 return Err(UsageError::NoSuchTask(name).into());
             }
-            instance::apply_state(inst, s, "task rm")?;
+            instance::apply_state(inst, s, "task rm", false)?;
             println!("task {name} removed");
         }
         TaskCmd::Ls { json } => {
@@ -483,12 +499,16 @@ fn read_sg_file(file: &PathBuf) -> anyhow::Result<Vec<state::SecurityGroup>> {
 
 fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
     match cmd {
-        SgCmd::Apply { file } => {
+        SgCmd::Apply { file, reset_flows } => {
             let groups = read_sg_file(&file)?;
             let mut s = current_state(inst)?;
             s.security_groups = groups;
-            let s = instance::apply_state(inst, s, &file.display().to_string())?;
-            println!("applied {} security group(s)", s.security_groups.len());
+            let a = instance::apply_state(inst, s, &file.display().to_string(), reset_flows)?;
+            println!(
+                "applied {} security group(s){}",
+                a.state.security_groups.len(),
+                flows_cut(&a, reset_flows)
+            );
         }
         SgCmd::Ls { json } => {
             let s = current_state(inst)?;
@@ -508,14 +528,31 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
                 print_json(&v);
             } else {
                 for g in &s.security_groups {
+                    let m = members(&g.group_id);
                     println!(
-                        "{} ({}): {} inbound, {} outbound rule(s); members: {}",
+                        "{} ({}): members: {}",
                         g.group_id,
                         g.group_name.as_deref().unwrap_or("-"),
-                        g.ip_permissions.len(),
-                        g.ip_permissions_egress.len(),
-                        members(&g.group_id).join(", ")
+                        if m.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            m.join(", ")
+                        }
                     );
+                    for (inbound, perms) in
+                        [(true, &g.ip_permissions), (false, &g.ip_permissions_egress)]
+                    {
+                        let dir = if inbound { "in " } else { "out" };
+                        if perms.is_empty() {
+                            println!("  {dir} (none)");
+                        }
+                        for p in perms {
+                            println!("  {dir} {}", crate::policy::describe(p, inbound));
+                        }
+                    }
+                }
+                if s.security_groups.is_empty() {
+                    println!("no security groups");
                 }
             }
         }

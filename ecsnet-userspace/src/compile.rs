@@ -171,7 +171,10 @@ pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKe
 }
 
 /// Map entries for the tasks: `TASKS` by address (network order) and `IFACES` by ifindex.
-pub fn task_entries(tasks: &[ResolvedTask]) -> (Vec<(u32, TaskInfo)>, Vec<(u32, IfaceInfo)>) {
+pub fn task_entries(
+    tasks: &[ResolvedTask],
+    policy: &crate::policy::Compiled,
+) -> (Vec<(u32, TaskInfo)>, Vec<(u32, IfaceInfo)>) {
     let by_addr = tasks
         .iter()
         .map(|t| {
@@ -181,6 +184,7 @@ pub fn task_entries(tasks: &[ResolvedTask]) -> (Vec<(u32, TaskInfo)>, Vec<(u32, 
                     ifindex: t.ifindex,
                     mac: t.mac,
                     _pad: [0; 2],
+                    policy: policy.policy_of(t.ipv4),
                 },
             )
         })
@@ -199,6 +203,15 @@ pub fn task_entries(tasks: &[ResolvedTask]) -> (Vec<(u32, TaskInfo)>, Vec<(u32, 
         })
         .collect();
     (by_addr, by_if)
+}
+
+/// `Config::flags` for the state file's `host`.
+pub fn config_flags(host: &crate::state::Host) -> u8 {
+    if host.block_instance_metadata {
+        ecsnet_common::maps::CONFIG_BLOCK_IMDS
+    } else {
+        0
+    }
 }
 
 /// The `PORTS` entries: every published host port to its task's address and container port,
@@ -264,7 +277,8 @@ pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config,
         bridge_ifindex: bridge,
         bridge_ipv4: u32::from(br.addr).to_be(),
         bridge_mac: mac,
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
     })
 }
 
@@ -511,7 +525,7 @@ mod tests {
             ifname: "v".into(),
             mac: [0; 6],
         };
-        let (tasks, ifaces) = task_entries(&[t]);
+        let (tasks, ifaces) = task_entries(&[t], &crate::policy::Compiled::default());
         assert_eq!(tasks[0].0.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(
             ifaces[0],

@@ -18,6 +18,7 @@ use crate::{
     maps::{self, MapsError},
     netlink::{NetlinkError, Snapshot},
     paths::InstancePaths,
+    policy::Compiled,
     process,
     state::{self, BridgeNet, LoadError, State, StateError},
 };
@@ -294,8 +295,10 @@ pub fn up(
         })?;
         maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
         write_json(&paths.meta_file(), &meta)?;
+        let mut config = config;
         if let Some(plan) = &plan {
-            commit(paths, plan)?;
+            commit(paths, plan, false)?;
+            config.flags = compile::config_flags(&plan.state.host);
         }
         maps::write_local_addrs(paths, &compile::local_addr_entries(&snap))?;
         // Last: with CONFIG written the datapath starts translating.
@@ -321,6 +324,8 @@ pub fn up(
 pub struct Plan {
     pub state: State,
     pub tasks: Vec<compile::ResolvedTask>,
+    /// The security groups compiled in the generation the live tries do not use.
+    pub policy: Compiled,
 }
 
 fn plan_apply(
@@ -365,7 +370,18 @@ fn plan_state(
     for (t, r) in state.tasks.iter_mut().zip(&tasks) {
         t.interface = Some(r.ifname.clone());
     }
-    Ok(Plan { state, tasks })
+    let generation = maps::next_policy_generation(paths)?;
+    let policy = Compiled::new(&state, generation).map_err(|e| {
+        resolve_err(StateError {
+            path: "$.securityGroups".to_owned(),
+            message: e.to_string(),
+        })
+    })?;
+    Ok(Plan {
+        state,
+        tasks,
+        policy,
+    })
 }
 
 /// Asks by ARP for the MACs the host does not know yet; a task that does not answer gets its MAC
@@ -401,45 +417,80 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [compile::ResolvedTask]) {
 }
 
 /// Writes a plan: attach new task interfaces, write maps, detach what is gone, record it.
-fn commit(paths: &InstancePaths, plan: &Plan) -> Result<(), InstanceError> {
+/// Policy changes take effect per task in one map write: the new tries are written beside the
+/// old, tasks switch, the old entries go. Tracked flows stay unless `reset_flows`, which cuts
+/// those the new policy would not allow; returns how many were cut.
+fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize, InstanceError> {
     let meta = read_meta(paths)?.ok_or_else(|| InstanceError::NotUp {
         instance: paths.name.clone(),
     })?;
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
-    let (by_addr, by_if) = compile::task_entries(&plan.tasks);
+    maps::write_policy(paths, &plan.policy)?;
+    let (by_addr, by_if) = compile::task_entries(&plan.tasks, &plan.policy);
     maps::write_tasks(paths, &by_addr, &by_if)?;
     maps::write_ports(paths, &compile::port_entries(&plan.state))?;
+    let mut cfg = maps::read_config(paths)?;
+    cfg.flags = compile::config_flags(&plan.state.host);
+    maps::write_config(paths, &cfg)?;
+    maps::remove_stale_policy(paths, &plan.policy)?;
     for ifindex in datapath::attached_ifindexes(paths) {
         if ifindex != meta.uplink_index && !plan.tasks.iter().any(|t| t.ifindex == ifindex) {
             datapath::detach(paths, ifindex)?;
             maps::forget_iface(paths, ifindex)?;
         }
     }
-    write_json(&paths.applied_state(), &plan.state)
+    let cut = if reset_flows {
+        maps::remove_flows(paths, |k, e| {
+            !crate::policy::flow_allowed(&plan.policy, k, e)
+        })?
+    } else {
+        0
+    };
+    write_json(&paths.applied_state(), &plan.state)?;
+    Ok(cut)
+}
+
+/// What an apply did.
+#[derive(Debug)]
+pub struct Applied {
+    pub state: State,
+    /// Tracked flows cut by `--reset-flows`.
+    pub flows_cut: usize,
 }
 
 /// `ecsnet apply -f FILE`: make the live state equal to the file, or change nothing.
-pub fn apply(paths: &InstancePaths, file: &Path) -> Result<State, InstanceError> {
+pub fn apply(
+    paths: &InstancePaths,
+    file: &Path,
+    reset_flows: bool,
+) -> Result<Applied, InstanceError> {
     let meta = require_up(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_apply(paths, &meta, &snap, file)?;
-    commit(paths, &plan)?;
-    Ok(plan.state)
+    let flows_cut = commit(paths, &plan, reset_flows)?;
+    Ok(Applied {
+        state: plan.state,
+        flows_cut,
+    })
 }
 
-/// Applies a state given in memory (task add/rm).
+/// Applies a state given in memory (task add/rm, sg apply).
 pub fn apply_state(
     paths: &InstancePaths,
     state: State,
     what: &str,
-) -> Result<State, InstanceError> {
+    reset_flows: bool,
+) -> Result<Applied, InstanceError> {
     let meta = require_up(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_state(paths, &meta, &snap, state, what)?;
-    commit(paths, &plan)?;
-    Ok(plan.state)
+    let flows_cut = commit(paths, &plan, reset_flows)?;
+    Ok(Applied {
+        state: plan.state,
+        flows_cut,
+    })
 }
 
 pub fn require_up(paths: &InstancePaths) -> Result<Meta, InstanceError> {

@@ -14,6 +14,7 @@ pub mod maps;
 pub mod netlink;
 pub mod netns;
 pub mod paths;
+pub mod policy;
 pub mod process;
 pub mod report;
 pub mod state;

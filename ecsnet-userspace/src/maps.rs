@@ -1,9 +1,15 @@
 //! Reading and writing the pinned maps of an instance. Writers take entries computed by
 //! `compile`; readers sum per-CPU values into plain numbers for `stats` and the agent.
 
-use std::{collections::HashMap as StdHashMap, path::PathBuf};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    path::PathBuf,
+};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
 use ecsnet_common::{
     ct::{self, CtEntry, CtKey, Timeouts},
     maps::{
@@ -11,9 +17,10 @@ use ecsnet_common::{
         HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS,
         MAP_STATS, MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
     },
+    policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, RuleKey},
 };
 
-use crate::paths::InstancePaths;
+use crate::{paths::InstancePaths, policy::Compiled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -207,6 +214,14 @@ pub fn write_config(paths: &InstancePaths, cfg: &Config) -> Result<(), MapsError
     a.set(0, cfg, 0).map_err(access(MAP_CONFIG))
 }
 
+/// The host's configuration as the datapath has it.
+pub fn read_config(paths: &InstancePaths) -> Result<Config, MapsError> {
+    let a: Array<MapData, Config> = open(paths, MAP_CONFIG)?
+        .try_into()
+        .map_err(access(MAP_CONFIG))?;
+    a.get(&0, 0).map_err(access(MAP_CONFIG))
+}
+
 /// Makes a hash map's entries equal to `entries`: insert or update them, then remove the rest.
 fn replace_all<K, V>(
     paths: &InstancePaths,
@@ -292,6 +307,90 @@ pub fn collect_garbage(
         if ct::expired(k.proto, e, &reply, timeouts, now_ns) {
             // Reply first: a packet racing with us then misses and takes the kernel path
             // rather than finding half a flow.
+            let _ = m.remove(&e.peer);
+            let _ = m.remove(k);
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The generation a new policy should be written in: the one the live tries do not use.
+pub fn next_policy_generation(paths: &InstancePaths) -> Result<u32, MapsError> {
+    if !paths.map_pin(MAP_SG_PEERS).exists() {
+        // Not loaded yet: nothing is live.
+        return Ok(0);
+    }
+    let m: LpmTrie<MapData, PeerKey, u32> = open(paths, MAP_SG_PEERS)?
+        .try_into()
+        .map_err(access(MAP_SG_PEERS))?;
+    let live_is_one = m
+        .keys()
+        .flatten()
+        .any(|k| u32::from_be(k.data().scope) >> 1 & GENERATION_BIT != 0);
+    Ok(if live_is_one { 0 } else { 1 })
+}
+
+/// Writes a compiled policy's trie entries beside the live ones. Tasks switch to it when
+/// `write_tasks` gives them the new policy numbers; `remove_stale_policy` then drops the old.
+pub fn write_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), MapsError> {
+    let mut p: LpmTrie<MapData, PeerKey, u32> = open(paths, MAP_SG_PEERS)?
+        .try_into()
+        .map_err(access(MAP_SG_PEERS))?;
+    for (len, k, v) in &c.peers {
+        p.insert(&Key::new(*len, *k), v, 0)
+            .map_err(access(MAP_SG_PEERS))?;
+    }
+    let mut r: LpmTrie<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
+        .try_into()
+        .map_err(access(MAP_SG_RULES))?;
+    for (len, k, v) in &c.rules {
+        r.insert(&Key::new(*len, *k), v, 0)
+            .map_err(access(MAP_SG_RULES))?;
+    }
+    Ok(())
+}
+
+/// Removes every trie entry that is not `c`'s.
+pub fn remove_stale_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), MapsError> {
+    let mut p: LpmTrie<MapData, PeerKey, u32> = open(paths, MAP_SG_PEERS)?
+        .try_into()
+        .map_err(access(MAP_SG_PEERS))?;
+    let keep: HashSet<(u32, PeerKey)> = c.peers.iter().map(|(l, k, _)| (*l, *k)).collect();
+    let stale: Vec<Key<PeerKey>> = p
+        .keys()
+        .flatten()
+        .filter(|k| !keep.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for k in stale {
+        p.remove(&k).map_err(access(MAP_SG_PEERS))?;
+    }
+    let mut r: LpmTrie<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
+        .try_into()
+        .map_err(access(MAP_SG_RULES))?;
+    let keep: HashSet<(u32, RuleKey)> = c.rules.iter().map(|(l, k, _)| (*l, *k)).collect();
+    let stale: Vec<Key<RuleKey>> = r
+        .keys()
+        .flatten()
+        .filter(|k| !keep.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for k in stale {
+        r.remove(&k).map_err(access(MAP_SG_RULES))?;
+    }
+    Ok(())
+}
+
+/// Removes both entries of every flow `cut` says to. Returns the number of flows removed.
+pub fn remove_flows(
+    paths: &InstancePaths,
+    mut cut: impl FnMut(&CtKey, &CtEntry) -> bool,
+) -> Result<usize, MapsError> {
+    let mut m: HashMap<MapData, CtKey, CtEntry> =
+        open(paths, MAP_CT)?.try_into().map_err(access(MAP_CT))?;
+    let entries: Vec<(CtKey, CtEntry)> = m.iter().filter_map(Result::ok).collect();
+    let mut removed = 0;
+    for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
+        if cut(k, e) {
             let _ = m.remove(&e.peer);
             let _ = m.remove(k);
             removed += 1;

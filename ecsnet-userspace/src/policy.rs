@@ -1,0 +1,673 @@
+//! Security groups into the policy tries of `ecsnet_common::policy` (SPEC §6).
+//!
+//! Tasks with the same set of security groups share one policy. For each policy and direction
+//! every rule becomes (CIDR, protocol, port range); references to groups become the /32 of each
+//! current member. Each CIDR gets the union of the rules of every CIDR that contains it, so the
+//! datapath's longest-prefix match finds everything that applies to an address in one lookup.
+//! Identical unions share a rule set. The result can also answer checks itself ([`Compiled::allows`]),
+//! which is how `--reset-flows` finds the tracked flows that the new rules no longer allow.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use ecsnet_common::{
+    ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
+    policy::{
+        DIR_EGRESS, DIR_INGRESS, GENERATION_BIT, MAX_SG_PEERS, MAX_SG_RULES, PEER_SCOPE_BITS,
+        PeerKey, RULE_PROTO_BITS, RULE_SET_BITS, RuleKey, TASK_METADATA_ADDR, scope,
+    },
+};
+
+use crate::state::{DefaultPolicy, IpPermission, State, parse_cidr, rule_protocol};
+
+/// Protocol number meaning every protocol (`IpProtocol: "-1"`).
+pub const ALL_PROTOCOLS: u8 = 255;
+const ICMP: u8 = 1;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// What one rule allows of the packets from or to its CIDRs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Allow {
+    /// Every protocol and port.
+    All,
+    /// One protocol, a range of its 16-bit "port": the destination port for TCP and UDP,
+    /// `type << 8 | code` for ICMP, the whole range for other protocols.
+    Range(u8, u16, u16),
+}
+
+/// The allows of one permission (SPEC §6: protocol, ports, ICMP type and code).
+pub fn allow_of(perm: &IpPermission) -> Allow {
+    // `state::validate` has accepted the permission, so the protocol parses.
+    let proto = rule_protocol(&perm.ip_protocol).unwrap_or(ALL_PROTOCOLS);
+    match proto {
+        ALL_PROTOCOLS => Allow::All,
+        TCP | UDP => {
+            let from = perm.from_port.unwrap_or(0).clamp(0, 65535) as u16;
+            let to = perm.to_port.unwrap_or(65535).clamp(0, 65535) as u16;
+            Allow::Range(proto, from, to)
+        }
+        ICMP => match (perm.from_port, perm.to_port) {
+            (None | Some(-1), _) => Allow::Range(ICMP, 0, u16::MAX),
+            (Some(t), None | Some(-1)) => {
+                let t = (t as u16) << 8;
+                Allow::Range(ICMP, t, t | 0xff)
+            }
+            (Some(t), Some(c)) => {
+                let p = (t as u16) << 8 | c as u16;
+                Allow::Range(ICMP, p, p)
+            }
+        },
+        other => Allow::Range(other, 0, u16::MAX),
+    }
+}
+
+/// A rule set in canonical form: everything, or per protocol sorted, merged ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleSet {
+    pub all: bool,
+    pub ranges: BTreeMap<u8, Vec<(u16, u16)>>,
+}
+
+impl RuleSet {
+    fn of(allows: &BTreeSet<Allow>) -> Self {
+        if allows.contains(&Allow::All) {
+            return Self {
+                all: true,
+                ranges: BTreeMap::new(),
+            };
+        }
+        let mut ranges: BTreeMap<u8, Vec<(u16, u16)>> = BTreeMap::new();
+        for a in allows {
+            if let Allow::Range(p, lo, hi) = *a {
+                ranges.entry(p).or_default().push((lo, hi));
+            }
+        }
+        for list in ranges.values_mut() {
+            list.sort_unstable();
+            let mut merged: Vec<(u16, u16)> = Vec::with_capacity(list.len());
+            for &(lo, hi) in list.iter() {
+                match merged.last_mut() {
+                    Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => {
+                        last.1 = last.1.max(hi);
+                    }
+                    _ => merged.push((lo, hi)),
+                }
+            }
+            *list = merged;
+        }
+        Self { all: false, ranges }
+    }
+
+    /// Whether a packet of `proto` with 16-bit `port` is allowed.
+    pub fn allows(&self, proto: u8, port: u16) -> bool {
+        self.all
+            || self
+                .ranges
+                .get(&proto)
+                .is_some_and(|r| r.iter().any(|&(lo, hi)| lo <= port && port <= hi))
+    }
+}
+
+/// Splits `[lo, hi]` into aligned power-of-two blocks: (start, bits of the block's size).
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        // The largest block aligned at `lo` that does not pass `hi`.
+        let mut bits = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
+        while lo + (1 << bits) - 1 > hi {
+            bits -= 1;
+        }
+        out.push((lo as u16, bits));
+        lo += 1 << bits;
+    }
+    out
+}
+
+/// Compiling failed: the policy does not fit in the datapath's tries.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the security groups need {needed} {what}, more than the {max} ecsnet holds; use fewer or wider CIDRs and port ranges"
+)]
+pub struct TooBig {
+    pub what: &'static str,
+    pub needed: usize,
+    pub max: usize,
+}
+
+/// The policy tries' entries for one state, and the means to check packets against them.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    /// Task address -> policy number (0: no policy).
+    pub task_policy: HashMap<Ipv4Addr, u32>,
+    /// `SG_PEERS` entries: (prefix length, key data, rule-set number).
+    pub peers: Vec<(u32, PeerKey, u32)>,
+    /// `SG_RULES` entries: (prefix length, key data, 1).
+    pub rules: Vec<(u32, RuleKey, u32)>,
+    /// (policy, direction) -> CIDR (host order address, length) -> rule-set number.
+    cidrs: HashMap<(u32, u32), HashMap<(u32, u8), u32>>,
+    sets: HashMap<u32, RuleSet>,
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - len) }
+}
+
+/// The rules of one direction of one policy, by CIDR.
+fn rules_by_cidr(
+    state: &State,
+    groups: &[String],
+    dir: u32,
+    default_deny: bool,
+) -> HashMap<(u32, u8), BTreeSet<Allow>> {
+    let mut by_cidr: HashMap<(u32, u8), BTreeSet<Allow>> = HashMap::new();
+    if default_deny {
+        // No security group and `defaultPolicy: deny`: AWS's default group without its
+        // self-reference: nothing in, everything out.
+        if dir == DIR_EGRESS {
+            by_cidr.entry((0, 0)).or_default().insert(Allow::All);
+        }
+        return by_cidr;
+    }
+    for sg in state
+        .security_groups
+        .iter()
+        .filter(|g| groups.contains(&g.group_id))
+    {
+        let perms = if dir == DIR_INGRESS {
+            &sg.ip_permissions
+        } else {
+            &sg.ip_permissions_egress
+        };
+        for perm in perms {
+            let allow = allow_of(perm);
+            for r in &perm.ip_ranges {
+                if let Ok((addr, len)) = parse_cidr(&r.cidr_ip) {
+                    by_cidr
+                        .entry((u32::from(addr), len))
+                        .or_default()
+                        .insert(allow);
+                }
+            }
+            for pair in &perm.user_id_group_pairs {
+                for t in state
+                    .tasks
+                    .iter()
+                    .filter(|t| t.security_groups.contains(&pair.group_id))
+                {
+                    by_cidr
+                        .entry((u32::from(t.ipv4_address), 32))
+                        .or_default()
+                        .insert(allow);
+                }
+            }
+        }
+    }
+    by_cidr
+}
+
+impl Compiled {
+    /// Compiles `state` (already validated) with numbers of generation `generation` (0 or 1).
+    pub fn new(state: &State, generation: u32) -> Result<Self, TooBig> {
+        let base = if generation == 0 { 0 } else { GENERATION_BIT };
+        let mut out = Self::default();
+        let mut policies: BTreeMap<Vec<String>, u32> = BTreeMap::new();
+        let mut set_ids: HashMap<RuleSet, u32> = HashMap::new();
+        let deny = state.host.default_policy == DefaultPolicy::Deny;
+        for t in &state.tasks {
+            let mut groups = t.security_groups.clone();
+            groups.sort();
+            groups.dedup();
+            if groups.is_empty() && !deny {
+                out.task_policy.insert(t.ipv4_address, 0);
+                continue;
+            }
+            let next = base + policies.len() as u32 + 1;
+            let id = *policies.entry(groups).or_insert(next);
+            out.task_policy.insert(t.ipv4_address, id);
+        }
+        for (groups, &policy) in &policies {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                let by_cidr = rules_by_cidr(state, groups, dir, groups.is_empty());
+                let cidrs = out.cidrs.entry((policy, dir)).or_default();
+                for &(addr, len) in by_cidr.keys() {
+                    // The union of every rule whose CIDR contains this one.
+                    let mut allows = BTreeSet::new();
+                    for l in 0..=len {
+                        if let Some(a) = by_cidr.get(&(addr & mask(l), l)) {
+                            allows.extend(a.iter().copied());
+                        }
+                    }
+                    let set = RuleSet::of(&allows);
+                    let next = base + set_ids.len() as u32 + 1;
+                    let id = *set_ids.entry(set).or_insert(next);
+                    cidrs.insert((addr, len), id);
+                    out.peers.push((
+                        PEER_SCOPE_BITS + u32::from(len),
+                        PeerKey {
+                            scope: scope(policy, dir),
+                            addr: addr.to_be(),
+                        },
+                        id,
+                    ));
+                }
+            }
+        }
+        for (set, &id) in &set_ids {
+            let key = |proto: u8, port: u16| RuleKey {
+                set: id.to_be(),
+                proto,
+                port: port.to_be_bytes(),
+                _pad: 0,
+            };
+            if set.all {
+                out.rules.push((RULE_SET_BITS, key(0, 0), 1));
+            }
+            for (&proto, ranges) in &set.ranges {
+                for &(lo, hi) in ranges {
+                    for (start, bits) in port_blocks(lo, hi) {
+                        out.rules
+                            .push((RULE_PROTO_BITS + 16 - bits, key(proto, start), 1));
+                    }
+                }
+            }
+        }
+        out.sets = set_ids.into_iter().map(|(s, id)| (id, s)).collect();
+        // The live generation stays in the tries while this one is written beside it.
+        for (what, needed, max) in [
+            ("CIDR entries", out.peers.len(), MAX_SG_PEERS as usize / 2),
+            (
+                "port-block entries",
+                out.rules.len(),
+                MAX_SG_RULES as usize / 2,
+            ),
+        ] {
+            if needed > max {
+                return Err(TooBig { what, needed, max });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The policy number of the task at `addr`; 0 when it has none or is not a task.
+    pub fn policy_of(&self, addr: Ipv4Addr) -> u32 {
+        self.task_policy.get(&addr).copied().unwrap_or(0)
+    }
+
+    /// Whether `policy` allows, in direction `dir`, a packet whose other end is `peer`, of
+    /// protocol `proto` with 16-bit `port` (see [`Allow::Range`]). The same answer the
+    /// datapath's two lookups give.
+    pub fn allows(&self, policy: u32, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+        if policy == 0 {
+            return true;
+        }
+        let Some(cidrs) = self.cidrs.get(&(policy, dir)) else {
+            return false;
+        };
+        let addr = u32::from(peer);
+        (0..=32u8)
+            .rev()
+            .find_map(|len| cidrs.get(&(addr & mask(len), len)))
+            .and_then(|set| self.sets.get(set))
+            .is_some_and(|s| s.allows(proto, port))
+    }
+}
+
+/// The 16-bit "port" a tracked flow was checked with (see [`Allow::Range`]), from its key.
+fn flow_port(k: &CtKey, dport: u16) -> u16 {
+    match k.proto {
+        TCP | UDP => u16::from_be(dport),
+        // Only echo requests open ICMP flows.
+        ICMP => 8 << 8,
+        _ => 0,
+    }
+}
+
+/// Whether `c` would let the tracked flow whose original direction is `k` start, checked as the
+/// datapath checked it when it did (see ARCHITECTURE.md, "Security groups").
+pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
+    let a = |x: u32| Ipv4Addr::from(u32::from_be(x));
+    let egress = |task: u32, peer: u32, dport: u16| {
+        a(peer).octets() == TASK_METADATA_ADDR
+            || c.allows(
+                c.policy_of(a(task)),
+                DIR_EGRESS,
+                a(peer),
+                k.proto,
+                flow_port(k, dport),
+            )
+    };
+    let ingress = |task: u32, peer: u32, dport: u16| {
+        c.allows(
+            c.policy_of(a(task)),
+            DIR_INGRESS,
+            a(peer),
+            k.proto,
+            flow_port(k, dport),
+        )
+    };
+    match e.kind {
+        KIND_EAST_WEST => egress(k.saddr, k.daddr, k.dport) && ingress(k.daddr, k.saddr, k.dport),
+        KIND_MASQUERADE => egress(k.saddr, k.daddr, k.dport),
+        KIND_INBOUND => ingress(e.nat_daddr, k.saddr, e.nat_dport),
+        KIND_HAIRPIN => {
+            egress(k.saddr, k.daddr, k.dport) && ingress(e.nat_daddr, k.saddr, e.nat_dport)
+        }
+        // Either end may be a task; whichever is was checked. Not a task: policy 0, allowed.
+        KIND_LOCAL => egress(k.saddr, k.daddr, k.dport) && ingress(k.daddr, k.saddr, k.dport),
+        _ => true,
+    }
+}
+
+/// One rule as `sg ls` prints it: `tcp 80-81 from 10.0.0.0/8, sg-lb`.
+pub fn describe(perm: &IpPermission, inbound: bool) -> String {
+    let what = match allow_of(perm) {
+        Allow::All => "all".to_owned(),
+        Allow::Range(ICMP, 0, u16::MAX) => "icmp all".to_owned(),
+        Allow::Range(ICMP, lo, hi) if lo & 0xff == 0 && hi & 0xff == 0xff && lo >> 8 == hi >> 8 => {
+            format!("icmp type {}", lo >> 8)
+        }
+        Allow::Range(ICMP, lo, _) => format!("icmp type {} code {}", lo >> 8, lo & 0xff),
+        Allow::Range(p, 0, u16::MAX) if p != TCP && p != UDP => format!("protocol {p}"),
+        Allow::Range(p, lo, hi) => {
+            let name = if p == TCP { "tcp" } else { "udp" };
+            if lo == hi {
+                format!("{name} {lo}")
+            } else {
+                format!("{name} {lo}-{hi}")
+            }
+        }
+    };
+    let peers: Vec<&str> = perm
+        .ip_ranges
+        .iter()
+        .map(|r| r.cidr_ip.as_str())
+        .chain(perm.user_id_group_pairs.iter().map(|g| g.group_id.as_str()))
+        .collect();
+    let dir = if inbound { "from" } else { "to" };
+    format!("{what} {dir} {}", peers.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state;
+
+    fn sg_state(text: &str) -> State {
+        let s: State = state::parse(text).unwrap();
+        state::validate(&s, state::BridgeNet::default()).unwrap();
+        s
+    }
+
+    const TWO_GROUPS: &str = r#"{
+      "securityGroups": [
+        {"GroupId": "sg-web",
+         "IpPermissions": [
+           {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 81, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+           {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 8999, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]},
+           {"IpProtocol": "udp", "FromPort": 53, "ToPort": 53, "UserIdGroupPairs": [{"GroupId": "sg-db"}]},
+           {"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": [{"CidrIp": "10.1.0.0/16"}]}],
+         "IpPermissionsEgress": [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]},
+        {"GroupId": "sg-db",
+         "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": "sg-web"}]},
+                           {"IpProtocol": "47", "IpRanges": [{"CidrIp": "192.168.0.0/24"}]}],
+         "IpPermissionsEgress": [{"IpProtocol": "icmp", "FromPort": 3, "ToPort": 4, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+      ],
+      "tasks": [
+        {"name": "web", "ipv4Address": "172.17.0.2", "securityGroups": ["sg-web"]},
+        {"name": "db", "ipv4Address": "172.17.0.3", "securityGroups": ["sg-db"]},
+        {"name": "both", "ipv4Address": "172.17.0.4", "securityGroups": ["sg-db", "sg-web"]},
+        {"name": "web2", "ipv4Address": "172.17.0.5", "securityGroups": ["sg-web", "sg-web"]},
+        {"name": "bare", "ipv4Address": "172.17.0.6"}
+      ]
+    }"#;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// The answer straight from the groups, rule by rule: the model the tries must agree with.
+    fn naive(state: &State, task: &str, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+        let t = state.tasks.iter().find(|t| t.name == task).unwrap();
+        if t.security_groups.is_empty() {
+            return state.host.default_policy == DefaultPolicy::Allow || dir == DIR_EGRESS;
+        }
+        state
+            .security_groups
+            .iter()
+            .filter(|g| t.security_groups.contains(&g.group_id))
+            .flat_map(|g| {
+                if dir == DIR_INGRESS {
+                    &g.ip_permissions
+                } else {
+                    &g.ip_permissions_egress
+                }
+            })
+            .any(|p| {
+                let port_ok = match allow_of(p) {
+                    Allow::All => true,
+                    Allow::Range(pp, lo, hi) => pp == proto && lo <= port && port <= hi,
+                };
+                let peer_ok = p.ip_ranges.iter().any(|r| {
+                    let (a, l) = parse_cidr(&r.cidr_ip).unwrap();
+                    u32::from(peer) & mask(l) == u32::from(a)
+                }) || p.user_id_group_pairs.iter().any(|g| {
+                    state
+                        .tasks
+                        .iter()
+                        .any(|m| m.ipv4_address == peer && m.security_groups.contains(&g.group_id))
+                });
+                port_ok && peer_ok
+            })
+    }
+
+    /// What the kernel's tries answer for these entries: longest prefix over the raw keys.
+    fn lpm(c: &Compiled, policy: u32, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+        if policy == 0 {
+            return true;
+        }
+        let bits = |data: &[u8], len: u32, probe: &[u8]| {
+            (0..len as usize).all(|i| {
+                let (b, s) = (i / 8, 7 - i % 8);
+                (data[b] >> s) & 1 == (probe[b] >> s) & 1
+            })
+        };
+        let pk = PeerKey {
+            scope: scope(policy, dir),
+            addr: u32::from(peer).to_be(),
+        };
+        let probe: Vec<u8> = [pk.scope.to_ne_bytes(), pk.addr.to_ne_bytes()].concat();
+        let Some(&(_, _, set)) = c
+            .peers
+            .iter()
+            .filter(|(len, k, _)| {
+                let d = [k.scope.to_ne_bytes(), k.addr.to_ne_bytes()].concat();
+                bits(&d, *len, &probe)
+            })
+            .max_by_key(|(len, _, _)| *len)
+        else {
+            return false;
+        };
+        let rk = |k: &RuleKey| {
+            let mut d = k.set.to_ne_bytes().to_vec();
+            d.extend([k.proto, k.port[0], k.port[1], k._pad]);
+            d
+        };
+        let probe = rk(&RuleKey {
+            set: set.to_be(),
+            proto,
+            port: port.to_be_bytes(),
+            _pad: 0,
+        });
+        c.rules.iter().any(|(len, k, _)| bits(&rk(k), *len, &probe))
+    }
+
+    #[test]
+    fn tries_answer_like_the_rules() {
+        let s = sg_state(TWO_GROUPS);
+        let c = Compiled::new(&s, 0).unwrap();
+        let peers = [
+            "1.2.3.4",
+            "10.0.0.1",
+            "10.1.2.3",
+            "10.255.255.255",
+            "192.168.0.7",
+            "192.168.1.7",
+            "172.17.0.2",
+            "172.17.0.3",
+            "172.17.0.4",
+            "172.17.0.5",
+            "172.17.0.6",
+        ];
+        let probes = [
+            (TCP, 79),
+            (TCP, 80),
+            (TCP, 81),
+            (TCP, 82),
+            (TCP, 7999),
+            (TCP, 8000),
+            (TCP, 8512),
+            (TCP, 8999),
+            (TCP, 9000),
+            (TCP, 5432),
+            (UDP, 53),
+            (UDP, 80),
+            (ICMP, 8 << 8),
+            (ICMP, 8 << 8 | 3),
+            (ICMP, 0),
+            (ICMP, 3 << 8 | 4),
+            (ICMP, 4 << 8),
+            (ICMP, 5 << 8),
+            (47, 0),
+            (50, 0),
+        ];
+        let mut checked = 0;
+        for t in &s.tasks {
+            let policy = c.policy_of(t.ipv4_address);
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                for p in peers {
+                    for (proto, port) in probes {
+                        let want = naive(&s, &t.name, dir, ip(p), proto, port);
+                        assert_eq!(
+                            c.allows(policy, dir, ip(p), proto, port),
+                            want,
+                            "{} dir {dir} {p} proto {proto} port {port}",
+                            t.name
+                        );
+                        assert_eq!(
+                            lpm(&c, policy, dir, ip(p), proto, port),
+                            want,
+                            "tries: {} dir {dir} {p} proto {proto} port {port}",
+                            t.name
+                        );
+                        checked += usize::from(want);
+                    }
+                }
+            }
+        }
+        assert!(checked > 100, "the probes must hit allowed cases too");
+        // Same groups, same policy; no groups and default allow, no policy.
+        assert_eq!(c.policy_of(ip("172.17.0.2")), c.policy_of(ip("172.17.0.5")));
+        assert_ne!(c.policy_of(ip("172.17.0.2")), c.policy_of(ip("172.17.0.4")));
+        assert_eq!(c.policy_of(ip("172.17.0.6")), 0);
+    }
+
+    #[test]
+    fn default_deny_allows_out_not_in() {
+        let mut s = sg_state(TWO_GROUPS);
+        s.host.default_policy = DefaultPolicy::Deny;
+        let c = Compiled::new(&s, 1).unwrap();
+        let bare = c.policy_of(ip("172.17.0.6"));
+        assert!(bare & GENERATION_BIT != 0, "generation 1 numbers");
+        assert!(!c.allows(bare, DIR_INGRESS, ip("172.17.0.2"), TCP, 80));
+        assert!(c.allows(bare, DIR_EGRESS, ip("8.8.8.8"), UDP, 53));
+        assert!(lpm(&c, bare, DIR_EGRESS, ip("8.8.8.8"), 47, 0));
+    }
+
+    #[test]
+    fn membership_follows_tasks() {
+        let mut s = sg_state(TWO_GROUPS);
+        let db = |c: &Compiled| c.policy_of(ip("172.17.0.3"));
+        let c = Compiled::new(&s, 0).unwrap();
+        assert!(c.allows(db(&c), DIR_INGRESS, ip("172.17.0.5"), TCP, 5432));
+        s.tasks.retain(|t| t.name != "web2");
+        let c = Compiled::new(&s, 0).unwrap();
+        assert!(!c.allows(db(&c), DIR_INGRESS, ip("172.17.0.5"), TCP, 5432));
+        assert!(c.allows(db(&c), DIR_INGRESS, ip("172.17.0.2"), TCP, 5432));
+    }
+
+    #[test]
+    fn blocks_cover_ranges_exactly() {
+        for (lo, hi) in [
+            (0, 65535),
+            (80, 80),
+            (1, 65535),
+            (8000, 8999),
+            (1023, 1025),
+            (0, 0),
+        ] {
+            let blocks = port_blocks(lo, hi);
+            let mut covered = 0u32;
+            let mut next = u32::from(lo);
+            for (start, bits) in &blocks {
+                assert_eq!(u32::from(*start), next, "contiguous");
+                assert_eq!(u32::from(*start) % (1 << bits), 0, "aligned");
+                next += 1 << bits;
+                covered += 1 << bits;
+            }
+            assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1);
+            assert!(blocks.len() <= 32);
+        }
+        assert_eq!(port_blocks(0, 65535), vec![(0, 16)]);
+    }
+
+    #[test]
+    fn unions_are_shared_and_merged() {
+        let s = sg_state(TWO_GROUPS);
+        let c = Compiled::new(&s, 0).unwrap();
+        // sg-web's and "both"'s egress is -1 to 0.0.0.0/0: one rule set for all of them.
+        let egress_sets: BTreeSet<u32> = c
+            .peers
+            .iter()
+            .filter(|(len, k, _)| *len == PEER_SCOPE_BITS && k.scope & DIR_EGRESS.to_be() != 0)
+            .map(|(_, _, set)| *set)
+            .collect();
+        assert!(egress_sets.len() <= 2, "{egress_sets:?}");
+        let merged = RuleSet::of(&BTreeSet::from([
+            Allow::Range(TCP, 10, 20),
+            Allow::Range(TCP, 21, 30),
+            Allow::Range(TCP, 25, 40),
+            Allow::Range(TCP, 50, 60),
+        ]));
+        assert_eq!(merged.ranges[&TCP], vec![(10, 40), (50, 60)]);
+    }
+
+    #[test]
+    fn too_many_entries_is_an_error() {
+        let mut text =
+            String::from(r#"{"securityGroups": [{"GroupId": "sg-big", "IpPermissions": ["#);
+        let n = MAX_SG_PEERS / 2 + 1;
+        for i in 0..n {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&format!(
+                r#"{{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "IpRanges": [{{"CidrIp": "10.{}.{}.0/24"}}]}}"#,
+                i / 256,
+                i % 256
+            ));
+        }
+        text.push_str(r#"]}], "tasks": [{"name": "t", "ipv4Address": "172.17.0.2", "securityGroups": ["sg-big"]}]}"#);
+        let s = sg_state(&text);
+        let e = Compiled::new(&s, 0).unwrap_err();
+        assert_eq!(e.what, "CIDR entries");
+        assert!(e.to_string().contains("more than the 32768"), "{e}");
+    }
+}
