@@ -5,8 +5,8 @@
 use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_MASQUERADE},
-    maps::{Config, PortKey, TaskInfo},
+    ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
+    maps::{Config, HOOK_TC_INGRESS, PortKey, TaskInfo},
 };
 
 use crate::{
@@ -14,15 +14,16 @@ use crate::{
     maps::{CONFIG, LOCAL_ADDRS, PORTS},
     nat,
     parse::Flow,
+    policy,
     redirect::{self, UplinkHop},
-    verdict::Verdict,
+    verdict::{Verdict, drop_on},
 };
 
 /// Where a packet arrived from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// Sent by a task (tc ingress of its interface).
-    Task,
+    /// Sent by a task (tc ingress of its interface) whose policy is this (0: none).
+    Task(u32),
     /// Arrived on the uplink.
     Uplink,
 }
@@ -47,7 +48,7 @@ pub fn config() -> Option<Config> {
 }
 
 #[inline(always)]
-fn is_local(cfg: &Config, addr: u32) -> bool {
+pub fn is_local(cfg: &Config, addr: u32) -> bool {
     addr == cfg.uplink_ipv4
         || addr == cfg.bridge_ipv4
         || unsafe { LOCAL_ADDRS.get(&addr) }.is_some()
@@ -79,7 +80,9 @@ fn send(ctx: &TcContext, cfg: &Config, next: &Next, routed: bool) -> Result<Verd
     }
 }
 
-/// Decides for one unicast IPv4 packet.
+/// Decides for one unicast IPv4 packet. A new flow is checked against the security groups of
+/// both ends where they are tasks: the sender's egress rules with the destination as it left
+/// the sender, the receiver's ingress rules with the real client and the container port.
 #[inline(always)]
 pub fn packet(
     ctx: &TcContext,
@@ -87,13 +90,18 @@ pub fn packet(
     f: &mut Flow,
     origin: Origin,
 ) -> Result<Verdict, DropReason> {
+    let policy = match origin {
+        Origin::Task(p) => p,
+        Origin::Uplink => 0,
+    };
     if f.is_icmp_error() {
-        return icmp_error(ctx, cfg, f);
+        return icmp_error(ctx, cfg, f, policy);
     }
     if !conntrack::track_fragment(f) {
-        // A later fragment without its first: only the kernel may reassemble what is its own.
+        // A later fragment without its first: only the kernel may reassemble what is its own,
+        // and a task with a policy never sends a fragment whose ports nobody checked.
         let ours = match origin {
-            Origin::Task => !is_local(cfg, f.daddr),
+            Origin::Task(_) => policy != 0 || !is_local(cfg, f.daddr),
             Origin::Uplink => redirect::task(f.daddr).is_some(),
         };
         return if ours {
@@ -103,13 +111,13 @@ pub fn packet(
         };
     }
     let Some(key) = conntrack::key_of(f) else {
-        return Ok(Verdict::Pass);
+        return unchecked_egress(f, policy);
     };
     if let Some(e) = conntrack::lookup(&key) {
         return established(ctx, cfg, f, e);
     }
     if !conntrack::starts_flow(f) {
-        return Ok(Verdict::Pass);
+        return unchecked_egress(f, policy);
     }
     let same = Nat {
         saddr: f.saddr,
@@ -118,40 +126,63 @@ pub fn packet(
         dport: f.dport,
     };
     let (kind, nat, choose_sport) = match origin {
-        Origin::Task if redirect::task(f.daddr).is_some() => (KIND_EAST_WEST, same, false),
-        Origin::Task if is_local(cfg, f.daddr) => {
-            let Some(p) = published(f) else {
-                return Ok(Verdict::Pass);
-            };
-            if p.0 == f.saddr {
-                // A task reaching itself: it would drop a packet from its own address.
-                let nat = Nat {
-                    saddr: cfg.bridge_ipv4,
-                    daddr: p.0,
-                    sport: f.sport,
-                    dport: p.1,
+        Origin::Task(_) => {
+            if !policy::egress(policy, f, f.daddr, f.dport) {
+                return Err(DropReason::SgEgress);
+            }
+            if let Some(dst) = redirect::task(f.daddr) {
+                if !policy::ingress(dst.policy, f, f.saddr, f.dport) {
+                    return Ok(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS));
+                }
+                (KIND_EAST_WEST, same, false)
+            } else if is_local(cfg, f.daddr) {
+                let Some(p) = published(f) else {
+                    return kernel_flow(&key, f, policy);
                 };
-                (KIND_HAIRPIN, nat, true)
+                let Some(dst) = redirect::task(p.0) else {
+                    return Ok(Verdict::Pass);
+                };
+                if !policy::ingress(dst.policy, f, f.saddr, p.1) {
+                    return Ok(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS));
+                }
+                if p.0 == f.saddr {
+                    // A task reaching itself: it would drop a packet from its own address.
+                    let nat = Nat {
+                        saddr: cfg.bridge_ipv4,
+                        daddr: p.0,
+                        sport: f.sport,
+                        dport: p.1,
+                    };
+                    (KIND_HAIRPIN, nat, true)
+                } else {
+                    let nat = Nat {
+                        daddr: p.0,
+                        dport: p.1,
+                        ..same
+                    };
+                    (KIND_HAIRPIN, nat, false)
+                }
+            } else if policy::is_link_local(f.daddr) {
+                // The metadata endpoints: the host's own rules (ECS's DNAT) route them.
+                return kernel_flow(&key, f, policy);
             } else {
                 let nat = Nat {
-                    daddr: p.0,
-                    dport: p.1,
+                    saddr: cfg.uplink_ipv4,
                     ..same
                 };
-                (KIND_HAIRPIN, nat, false)
+                (KIND_MASQUERADE, nat, true)
             }
-        }
-        Origin::Task => {
-            let nat = Nat {
-                saddr: cfg.uplink_ipv4,
-                ..same
-            };
-            (KIND_MASQUERADE, nat, true)
         }
         Origin::Uplink if is_local(cfg, f.daddr) => {
             let Some(p) = published(f) else {
                 return Ok(Verdict::Pass);
             };
+            let Some(dst) = redirect::task(p.0) else {
+                return Ok(Verdict::Pass);
+            };
+            if !policy::ingress(dst.policy, f, f.saddr, p.1) {
+                return Ok(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS));
+            }
             let nat = Nat {
                 daddr: p.0,
                 dport: p.1,
@@ -159,11 +190,12 @@ pub fn packet(
             };
             (KIND_INBOUND, nat, false)
         }
+        // Routed to a task without translation: its tc egress checks it (`deliver`).
         Origin::Uplink => return Ok(Verdict::Pass),
     };
     let routed = kind != KIND_EAST_WEST;
     let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
-        return Ok(Verdict::Pass);
+        return kernel_flow(&key, f, policy);
     };
     let nat = conntrack::create(&key, nat, kind, choose_sport, f, f.tot_len as u64)?;
     nat::rewrite(ctx, f, &nat)?;
@@ -174,12 +206,98 @@ pub fn packet(
     send(ctx, cfg, &next, routed)
 }
 
+/// A packet from a task that no tracked flow covers and that opens none (mid-flow from before
+/// `up`, protocols the table does not track, ICMP errors about untracked flows): the egress
+/// rules alone decide, and the kernel carries it.
+#[inline(always)]
+fn unchecked_egress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
+    if policy::egress(policy, f, f.daddr, f.dport) {
+        Ok(Verdict::Pass)
+    } else {
+        Err(DropReason::SgEgress)
+    }
+}
+
+/// A new flow, already allowed, that the kernel carries: tracked as `KIND_LOCAL` when a policy
+/// applies, so that its replies pass the policy on their way back.
+#[inline(always)]
+fn kernel_flow(key: &CtKey, f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
+    if policy != 0 {
+        conntrack::create(key, same_tuple(f), KIND_LOCAL, false, f, f.tot_len as u64)?;
+    }
+    Ok(Verdict::Pass)
+}
+
+#[inline(always)]
+fn same_tuple(f: &Flow) -> Nat {
+    Nat {
+        saddr: f.saddr,
+        daddr: f.daddr,
+        sport: f.sport,
+        dport: f.dport,
+    }
+}
+
+/// A packet the kernel delivers to a task whose policy is `policy` (non-zero): ecsnet did not
+/// forward it, so its ingress rules are checked here, with the same state as everywhere else.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, f: &mut Flow, policy: u32) -> Result<Verdict, DropReason> {
+    if f.is_icmp_error() {
+        let (key, _) = nat::icmp_error_key(ctx, f)?;
+        if conntrack::lookup(&key).is_some() || conntrack::lookup(&key.reversed()).is_some() {
+            return Ok(Verdict::Pass);
+        }
+        return unchecked_ingress(f, policy);
+    }
+    if !conntrack::track_fragment(f) {
+        return Err(DropReason::Fragment);
+    }
+    let Some(key) = conntrack::key_of(f) else {
+        return unchecked_ingress(f, policy);
+    };
+    if let Some(e) = conntrack::lookup(&key) {
+        // SAFETY: a CT value pointer, valid for this program run.
+        if unsafe { (*e).kind } == KIND_LOCAL {
+            conntrack::touch(e, f, f.tot_len as u64);
+        }
+        return Ok(Verdict::Pass);
+    }
+    // A flow ecsnet translated and handed to the kernel (task MAC not known yet) arrives here
+    // translated: its reply direction's key is in the table.
+    if conntrack::lookup(&key.reversed()).is_some() {
+        return Ok(Verdict::Pass);
+    }
+    if !conntrack::starts_flow(f) {
+        return unchecked_ingress(f, policy);
+    }
+    if !policy::ingress(policy, f, f.saddr, f.dport) {
+        return Err(DropReason::SgIngress);
+    }
+    conntrack::create(&key, same_tuple(f), KIND_LOCAL, false, f, f.tot_len as u64)?;
+    Ok(Verdict::Pass)
+}
+
+#[inline(always)]
+fn unchecked_ingress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
+    if policy::ingress(policy, f, f.saddr, f.dport) {
+        Ok(Verdict::Pass)
+    } else {
+        Err(DropReason::SgIngress)
+    }
+}
+
 /// The task address and container port published on `f`'s destination port.
 #[inline(always)]
 fn published(f: &Flow) -> Option<(u32, u16)> {
+    published_port(f.dport, f.proto)
+}
+
+/// The task address and container port published on host port `port` (network byte order).
+#[inline(always)]
+pub fn published_port(port: u16, proto: u8) -> Option<(u32, u16)> {
     let key = PortKey {
-        port: f.dport,
-        proto: f.proto,
+        port,
+        proto,
         _pad: 0,
     };
     unsafe { PORTS.get(&key) }.map(|t| (t.addr, t.port))
@@ -195,6 +313,10 @@ fn established(
 ) -> Result<Verdict, DropReason> {
     // SAFETY: a CT value pointer, valid for this program run (see conntrack::touch).
     let entry = unsafe { *e };
+    if entry.kind == KIND_LOCAL {
+        conntrack::touch(e, f, f.tot_len as u64);
+        return Ok(Verdict::Pass);
+    }
     let routed = entry.kind != KIND_EAST_WEST;
     let Some(next) = next_hop(ctx, cfg, f, entry.nat_daddr, routed) else {
         return Ok(Verdict::Pass);
@@ -215,14 +337,18 @@ fn established(
     send(ctx, cfg, &next, routed)
 }
 
-/// An ICMP error: translated like the flow direction it travels with, when that flow is tracked.
+/// An ICMP error: translated like the flow direction it travels with, when that flow is tracked;
+/// from a task, an error about a flow nobody tracked is judged by the egress rules.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, cfg: &Config, f: &Flow) -> Result<Verdict, DropReason> {
+fn icmp_error(ctx: &TcContext, cfg: &Config, f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
     let (key, inner): (CtKey, Flow) = nat::icmp_error_key(ctx, f)?;
     let Some(e) = conntrack::lookup(&key) else {
-        return Ok(Verdict::Pass);
+        return unchecked_egress(f, policy);
     };
     let entry = unsafe { *e };
+    if entry.kind == KIND_LOCAL {
+        return Ok(Verdict::Pass);
+    }
     let routed = entry.kind != KIND_EAST_WEST;
     let Some(next) = next_hop(ctx, cfg, f, entry.nat_daddr, routed) else {
         return Ok(Verdict::Pass);

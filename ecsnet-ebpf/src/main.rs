@@ -1,6 +1,6 @@
 //! The ecsnet datapath. Program files (`task`, `uplink`) only wire the modules below them:
 //! `parse` reads headers, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites,
-//! `redirect` sends, `stats` counts, `verdict` turns a result into a return code and counts every
+//! `policy` checks security groups, `redirect` sends, `stats` counts, `verdict` turns a result into a return code and counts every
 //! drop with its reason.
 #![no_std]
 #![no_main]
@@ -10,6 +10,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod redirect;
 mod stats;
 mod task;

@@ -1,17 +1,21 @@
 //! Programs on a task interface (the host end of the task's veth pair). tc ingress sees what the
 //! task sends and forwards it itself (to another task, out of the uplink, into a published port);
-//! tc egress sees what the kernel's bridge path still delivers to the task and only counts it.
+//! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
+//! the task's inbound rules. Anti-spoofing (address, MAC, ARP) and the IMDS block are here too.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
     DropReason,
-    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, ROLE_TASK},
+    maps::{CONFIG_BLOCK_IMDS, HOOK_TC_EGRESS, HOOK_TC_INGRESS, ROLE_TASK, TaskInfo},
 };
 
 use crate::{
     forward::{self, Origin},
     maps::{IFACES, TASKS},
-    parse::{ETH_P_IP, EthHdr, eth_group_dst, ethertype, flow, load, skb_ifindex},
+    parse::{
+        ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, eth_group_dst, ethertype, flow, load, skb_ifindex,
+    },
+    policy,
     stats::account_tc,
     verdict::{self, Verdict},
 };
@@ -28,36 +32,63 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
-    // ARP, IPv6, multicast and broadcast take the kernel's path.
-    if !matches!(ethertype(ctx), Ok(ETH_P_IP)) || !matches!(eth_group_dst(ctx), Ok(false)) {
-        return Ok(Verdict::Pass);
-    }
-    let mut f = flow(ctx)?;
     let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
         return Ok(Verdict::Pass);
     };
-    // Traffic from an address that is not the task's own stays on the kernel's path.
-    if me.role != ROLE_TASK || f.saddr != me.ipv4 {
+    if me.role != ROLE_TASK {
         return Ok(Verdict::Pass);
     }
-    learn_mac(ctx, f.saddr)?;
-    forward::packet(ctx, &cfg, &mut f, Origin::Task)
+    let Some(task) = TASKS.get_ptr_mut(&me.ipv4) else {
+        return Ok(Verdict::Pass);
+    };
+    check_source_mac(ctx, task)?;
+    let ethertype = ethertype(ctx)?;
+    if ethertype == ETH_P_ARP {
+        return check_arp(ctx, me.ipv4);
+    }
+    // IPv6, multicast and broadcast take the kernel's path.
+    if ethertype != ETH_P_IP || !matches!(eth_group_dst(ctx), Ok(false)) {
+        return Ok(Verdict::Pass);
+    }
+    let mut f = flow(ctx)?;
+    if f.saddr != me.ipv4 {
+        return Err(DropReason::SpoofedSource);
+    }
+    if f.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {
+        return Err(DropReason::ImdsBlocked);
+    }
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let policy = unsafe { (*task).policy };
+    forward::packet(ctx, &cfg, &mut f, Origin::Task(policy))
 }
 
-/// Records the task's MAC (the source of what it sends) for packets routed to it later.
+/// The task's MAC is the source of its first frame when user space did not know it; from then
+/// on a frame from any other MAC is spoofed.
 #[inline(always)]
-fn learn_mac(ctx: &TcContext, addr: u32) -> Result<(), DropReason> {
-    let Some(t) = TASKS.get_ptr_mut(&addr) else {
-        return Ok(());
-    };
+fn check_source_mac(ctx: &TcContext, task: *mut TaskInfo) -> Result<(), DropReason> {
     let eth: EthHdr = load(ctx, 0)?;
-    // SAFETY: a TASKS value; a racing write stores the same six bytes.
+    // SAFETY: a TASKS value; two CPUs learning at once store the same six bytes.
     unsafe {
-        if (*t).mac != eth.src {
-            (*t).mac = eth.src;
+        if (*task).mac == [0; 6] {
+            (*task).mac = eth.src;
+        } else if (*task).mac != eth.src {
+            return Err(DropReason::SpoofedSource);
         }
     }
     Ok(())
+}
+
+/// ARP from a task may only claim the task's own address (or none, a probe): no poisoning the
+/// host's or another task's neighbour entry.
+#[inline(always)]
+fn check_arp(ctx: &TcContext, own: u32) -> Result<Verdict, DropReason> {
+    // Sender protocol address: after the 8-byte ARP header and the 6-byte sender MAC.
+    let sender: u32 = load(ctx, ETH_HLEN + 14)?;
+    if sender == own || sender == 0 {
+        Ok(Verdict::Pass)
+    } else {
+        Err(DropReason::SpoofedSource)
+    }
 }
 
 /// Packets delivered to the task by the kernel (the bridge path).
@@ -69,5 +100,21 @@ pub fn tc_task_egress(ctx: TcContext) -> i32 {
 
 fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     account_tc(ctx, ifindex, HOOK_TC_EGRESS);
-    Ok(Verdict::Pass)
+    if forward::config().is_none()
+        || !matches!(ethertype(ctx), Ok(ETH_P_IP))
+        || !matches!(eth_group_dst(ctx), Ok(false))
+    {
+        return Ok(Verdict::Pass);
+    }
+    let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
+        return Ok(Verdict::Pass);
+    };
+    let Some(task) = (unsafe { TASKS.get(&me.ipv4) }) else {
+        return Ok(Verdict::Pass);
+    };
+    if me.role != ROLE_TASK || task.policy == 0 {
+        return Ok(Verdict::Pass);
+    }
+    let mut f = flow(ctx)?;
+    forward::deliver(ctx, &mut f, task.policy)
 }

@@ -1,4 +1,5 @@
-//! Programs on the uplink: XDP sees frames before an skb exists and only counts them today;
+//! Programs on the uplink: XDP sees frames before an skb exists and drops new connections to
+//! published ports that the task's inbound rules reject;
 //! tc ingress takes replies of tracked flows and new connections to published ports straight into
 //! the tasks; tc egress counts what leaves.
 
@@ -10,14 +11,20 @@ use aya_ebpf::{
 };
 use ecsnet_common::{
     DropReason,
-    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
+    ct::{CtKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
 };
 
 use crate::{
+    conntrack,
     forward::{self, Origin},
-    parse::{ETH_P_IP, eth_group_dst, ethertype, flow, skb_ifindex},
+    parse::{
+        ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TcpHdrStart, eth_group_dst,
+        ethertype, flow, ptr_at, skb_ifindex,
+    },
+    policy, redirect,
     stats::{account_tc, account_xdp},
-    verdict::{self, Verdict},
+    verdict::{self, Verdict, drop_on},
 };
 
 /// Frames arriving on the uplink, before the stack allocates an skb.
@@ -30,7 +37,87 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
 
 fn try_xdp_uplink(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, DropReason> {
     account_xdp(ctx, ifindex, HOOK_XDP);
-    Ok(Verdict::Pass)
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    if ifindex != cfg.uplink_ifindex {
+        return Ok(Verdict::Pass);
+    }
+    // Anything XDP cannot judge on its own (malformed, fragments, ...) is left to tc.
+    Ok(early_policy(ctx, &cfg).unwrap_or(Verdict::Pass))
+}
+
+/// Drops, before an skb exists, a packet opening a flow to a published port that the task's
+/// inbound rules reject: exactly what tc ingress would drop for the same reason a moment later.
+#[inline(always)]
+fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
+    if ethertype(ctx).ok()? != ETH_P_IP || eth_group_dst(ctx).ok()? {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok()?;
+    // SAFETY: `ptr_at` checked the header is within the frame.
+    let (vhl, frag_off, proto, saddr, daddr) = unsafe {
+        (
+            (*ip).vhl,
+            (*ip).frag_off,
+            (*ip).protocol,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
+    let ihl = ((vhl & 0x0f) as usize) * 4;
+    // Fragments (MF set or an offset) are tc's: it tracks them.
+    if vhl >> 4 != 4 || ihl < 20 || u16::from_be(frag_off) & 0x3fff != 0 {
+        return None;
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let l4: *const TcpHdrStart = if proto == IPPROTO_TCP {
+        ptr_at(ctx, ETH_HLEN + (ihl & 0x3c)).ok()?
+    } else {
+        // A UDP header is 8 bytes: read the ports only.
+        let p: *const [u16; 2] = ptr_at(ctx, ETH_HLEN + (ihl & 0x3c)).ok()?;
+        p as *const TcpHdrStart
+    };
+    // SAFETY: the ports are the first four bytes of either header, checked above.
+    let (sport, dport) = unsafe { ((*l4).source, (*l4).dest) };
+    if proto == IPPROTO_TCP {
+        // SAFETY: a whole TCP header start was checked for TCP.
+        let flags = unsafe { (*l4).flags };
+        if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+            return None;
+        }
+    }
+    if !forward::is_local(cfg, daddr) {
+        return None;
+    }
+    let (addr, port) = forward::published_port(dport, proto)?;
+    let dst = redirect::task(addr)?;
+    if dst.policy == 0 {
+        return None;
+    }
+    let key = CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    };
+    if conntrack::lookup(&key).is_some() {
+        return None;
+    }
+    if policy::allows_port(
+        dst.policy,
+        policy::DIR_INGRESS,
+        saddr,
+        proto,
+        port.to_ne_bytes(),
+    ) {
+        return None;
+    }
+    Some(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_XDP))
 }
 
 /// Packets arriving on the uplink.

@@ -12,6 +12,15 @@ pub enum Verdict {
     Pass,
     /// A redirect helper took the packet (`TC_ACT_REDIRECT`).
     Redirect,
+    /// Dropped and already counted, on another interface than the program's (see [`drop_on`]).
+    Dropped,
+}
+
+/// Counts a drop on `ifindex` (a task the packet was for) and says to drop the packet.
+#[inline(always)]
+pub fn drop_on(reason: DropReason, ifindex: u32, hook: u8) -> Verdict {
+    drop_counted(reason, ifindex, hook);
+    Verdict::Dropped
 }
 
 /// Return code of a TC program for `res`, counting a drop on `ifindex` at `hook`.
@@ -20,6 +29,7 @@ pub fn tc(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
     match res {
         Ok(Verdict::Pass) => TC_ACT_OK,
         Ok(Verdict::Redirect) => TC_ACT_REDIRECT,
+        Ok(Verdict::Dropped) => TC_ACT_SHOT,
         Err(reason) => {
             drop_counted(reason, ifindex, hook);
             TC_ACT_SHOT
@@ -33,6 +43,7 @@ pub fn xdp(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> u32 {
     match res {
         // XDP never redirects today; a redirect verdict here would be a bug, so pass.
         Ok(Verdict::Pass | Verdict::Redirect) => xdp_action::XDP_PASS,
+        Ok(Verdict::Dropped) => xdp_action::XDP_DROP,
         Err(reason) => {
             drop_counted(reason, ifindex, hook);
             xdp_action::XDP_DROP

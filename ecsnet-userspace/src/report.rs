@@ -83,6 +83,7 @@ pub fn conntrack_stats(
             ct::KIND_INBOUND => "inbound",
             ct::KIND_MASQUERADE => "masquerade",
             ct::KIND_HAIRPIN => "hairpin",
+            ct::KIND_LOCAL => "local",
             _ => "unknown",
         };
         *out.flows.entry(kind.to_owned()).or_default() += 1;

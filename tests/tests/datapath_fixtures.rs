@@ -541,7 +541,8 @@ impl Prog {
             bridge_ifindex: TEST_IFINDEX,
             bridge_ipv4: addr(BRIDGE),
             bridge_mac: BRIDGE_MAC,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
         }
     }
 }
@@ -1431,14 +1432,15 @@ fn task_cases() -> Vec<Case> {
         .unchanged(&from_a_tcp(80, CLIENT, 51000, TCP_SYN | TCP_ACK), OK)
         .ct(inbound.unchanged()),
         Case::new(
-            "packet from an address that is not the task's own: passed untouched, nothing learned",
+            "packet from an address that is not the task's own: dropped SPOOFED_SOURCE",
             Prog::Task,
             task_world(),
         )
-        .unchanged(
+        .hostile(
             &P::tcp([172, 17, 0, 9], 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_A),
-            OK,
-        ),
+            SHOT,
+        )
+        .drop(DropReason::SpoofedSource),
         Case::new(
             "east-west SYN A -> B: delivered into B unchanged, KIND_EAST_WEST, A's MAC learned",
             Prog::Task,
@@ -1578,6 +1580,7 @@ impl Fixture {
                         ifindex,
                         mac,
                         _pad: [0; 2],
+                        policy: 0,
                     };
                     m.insert(&addr(a), &v, 0).unwrap();
                 }
@@ -1751,6 +1754,7 @@ fn expected_tasks(
                     ifindex,
                     mac,
                     _pad: [0; 2],
+                    policy: 0,
                 },
             );
         }
