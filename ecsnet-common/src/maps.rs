@@ -216,4 +216,5 @@ mod pod {
     unsafe impl aya::Pod for crate::ct::CtEntry {}
     unsafe impl aya::Pod for crate::policy::PeerKey {}
     unsafe impl aya::Pod for crate::policy::RuleKey {}
+    unsafe impl aya::Pod for crate::policy::PeerRules {}
 }

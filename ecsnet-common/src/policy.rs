@@ -1,11 +1,15 @@
-//! Security-group policy as the datapath looks it up: two longest-prefix-match tries, so a check
-//! costs two lookups whatever the number of rules (SPEC §6).
+//! Security-group policy as the datapath looks it up: hash maps probed at a fixed set of prefix
+//! lengths, so a check costs the same number of lookups whatever the number of rules (SPEC §6).
 //!
-//! - [`MAP_SG_PEERS`]: (policy, direction, peer address) -> rule set. User space writes one entry
-//!   per CIDR a policy names (group references become the members' /32s), each holding the union
-//!   of every rule whose CIDR contains it, so the longest match alone decides.
-//! - [`MAP_SG_RULES`]: (rule set, protocol, port) -> allowed. Port ranges become aligned
-//!   power-of-two blocks; `-1` (every protocol) is a prefix that stops before the protocol.
+//! - [`MAP_SG_PEERS`]: (policy, direction, prefix length, masked peer address) -> [`PeerRules`].
+//!   User space expands every CIDR a policy names to the next length of [`PEER_LEVELS`] (group
+//!   references become the members' /32s), and gives each entry the union of every rule whose
+//!   CIDR contains it, so the first hit, longest level first, decides.
+//! - [`MAP_SG_RULES`]: (rule set, protocol, port-prefix length, masked port) -> allowed. Port
+//!   ranges become blocks of the sizes [`PORT_LEVELS`] allows, probed exact port first.
+//!
+//! A lookup is at most `PEER_LEVELS.len() + PORT_LEVELS.len()` hash probes; which of them hits
+//! depends on the packet, never on how many rules there are.
 //!
 //! A task's policy number is in [`crate::maps::TaskInfo::policy`]; 0 means no policy at all
 //! (every packet allowed, nothing tracked for policy). Tasks with the same security groups share
@@ -13,68 +17,100 @@
 
 use core::mem::size_of;
 
-/// LPM trie: [`PeerKey`] -> rule-set number (`u32`).
+/// Hash: [`PeerKey`] -> [`PeerRules`].
 pub const MAP_SG_PEERS: &str = "SG_PEERS";
-/// LPM trie: [`RuleKey`] -> `u32` (1: allowed).
+/// Hash: [`RuleKey`] -> `u32` (1: allowed).
 pub const MAP_SG_RULES: &str = "SG_RULES";
 
-/// Capacity of [`MAP_SG_PEERS`]: CIDRs over all policies and both directions.
+/// Capacity of [`MAP_SG_PEERS`]: expanded CIDRs over all policies and both directions, two
+/// generations (see [`GENERATION_BIT`]).
 pub const MAX_SG_PEERS: u32 = 65_536;
-/// Capacity of [`MAP_SG_RULES`]: port blocks over all rule sets.
-pub const MAX_SG_RULES: u32 = 262_144;
+/// Capacity of [`MAP_SG_RULES`]: port blocks over all rule sets, two generations.
+pub const MAX_SG_RULES: u32 = 131_072;
+
+/// Prefix lengths [`MAP_SG_PEERS`] holds, probed in this order.
+pub const PEER_LEVELS: [u8; 5] = [32, 24, 16, 8, 0];
+/// Port-prefix lengths [`MAP_SG_RULES`] holds, probed in this order (16: one port).
+pub const PORT_LEVELS: [u8; 5] = [16, 12, 8, 4, 0];
 
 /// A policy's inbound rules.
 pub const DIR_INGRESS: u32 = 0;
 /// A policy's outbound rules.
 pub const DIR_EGRESS: u32 = 1;
 
-/// Bits of [`PeerKey`]'s data before the address: the scope.
-pub const PEER_SCOPE_BITS: u32 = 32;
-/// Bits of [`RuleKey`]'s data before the protocol: the rule set.
-pub const RULE_SET_BITS: u32 = 32;
-/// Bits of [`RuleKey`]'s data before the port: rule set and protocol.
-pub const RULE_PROTO_BITS: u32 = 40;
-/// Every meaningful bit of [`RuleKey`]'s data.
-pub const RULE_FULL_BITS: u32 = 56;
-
 /// Numbers handed out for policies and rule sets carry a generation bit, so a new policy can be
 /// written beside the live one and switched to in one write per task.
 pub const GENERATION_BIT: u32 = 1 << 30;
 
-/// The scope of a policy's rules in one direction: `policy << 1 | dir`.
+/// The scope of a policy's rules in one direction.
 #[inline(always)]
 pub const fn scope(policy: u32, dir: u32) -> u32 {
-    (policy << 1 | dir).to_be()
+    policy << 1 | dir
 }
 
-/// Data of a [`MAP_SG_PEERS`] key (the LPM prefix length comes first in the map key). The scope
-/// is always matched in full; `addr` (network byte order) to the CIDR's length.
+/// `addr` (host byte order) with only its first `len` bits.
+#[inline(always)]
+pub const fn mask_addr(addr: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        addr & (u32::MAX << (32 - len))
+    }
+}
+
+/// `port` (host byte order) with only its first `len` bits.
+#[inline(always)]
+pub const fn mask_port(port: u16, len: u8) -> u16 {
+    if len == 0 {
+        0
+    } else {
+        port & (u16::MAX << (16 - len))
+    }
+}
+
+/// Key of [`MAP_SG_PEERS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerKey {
-    /// [`scope`] of the policy and direction, big-endian.
+    /// [`scope`] of the policy and direction.
     pub scope: u32,
+    /// One of [`PEER_LEVELS`].
+    pub len: u8,
+    pub _pad: [u8; 3],
+    /// The peer address masked to `len` bits, network byte order.
     pub addr: u32,
 }
-const _: () = assert!(size_of::<PeerKey>() == 8);
+const _: () = assert!(size_of::<PeerKey>() == 12);
 
-/// Data of a [`MAP_SG_RULES`] key. `port` holds the two bytes the check is about, in packet
-/// order: the destination port for TCP and UDP, ICMP type and code for ICMP, zero otherwise.
+/// Value of [`MAP_SG_PEERS`]: what the peers of this entry may do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerRules {
+    /// Rule set for [`MAP_SG_RULES`].
+    pub set: u32,
+    /// 1 when every protocol and port is allowed (`IpProtocol: "-1"`): no second lookup.
+    pub all: u32,
+}
+const _: () = assert!(size_of::<PeerRules>() == 8);
+
+/// Key of [`MAP_SG_RULES`]. `port` is the 16-bit value the check is about, masked to `len`
+/// bits, host byte order: the destination port for TCP and UDP, `type << 8 | code` for ICMP,
+/// 0 for other protocols (whose rules always have `len` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKey {
-    /// Rule-set number, big-endian (always matched in full).
     pub set: u32,
     pub proto: u8,
-    pub port: [u8; 2],
-    pub _pad: u8,
+    /// One of [`PORT_LEVELS`].
+    pub len: u8,
+    pub port: u16,
 }
 const _: () = assert!(size_of::<RuleKey>() == 8);
 
-/// The ICMP "port" of a packet: type and code in that order.
+/// The 16-bit "port" of an ICMP packet for [`RuleKey`]: type and code.
 #[inline(always)]
-pub const fn icmp_port(icmp_type: u8, icmp_code: u8) -> [u8; 2] {
-    [icmp_type, icmp_code]
+pub const fn icmp_port(icmp_type: u8, icmp_code: u8) -> u16 {
+    (icmp_type as u16) << 8 | icmp_code as u16
 }
 
 /// The address the ECS task metadata and credentials endpoint answers on: reachable from every

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
 use ecsnet_common::{
     ct::{CtEntry, CtKey},
@@ -12,7 +12,7 @@ use ecsnet_common::{
         MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, PortKey, PortTarget, StatsKey,
         TaskInfo,
     },
-    policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, RuleKey},
+    policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert and freed after an RCU grace period, so
@@ -57,10 +57,10 @@ pub static CT: HashMap<CtKey, CtEntry> =
 #[map(name = "FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
-/// Security groups: (policy, direction, peer CIDR) -> rule set, written by `ecsnet apply`.
+/// Security groups: (policy, direction, peer prefix) -> rule set, written by `ecsnet apply`.
 #[map(name = "SG_PEERS")]
-pub static SG_PEERS: LpmTrie<PeerKey, u32> = LpmTrie::with_max_entries(MAX_SG_PEERS, 0);
+pub static SG_PEERS: HashMap<PeerKey, PeerRules> = HashMap::with_max_entries(MAX_SG_PEERS, 0);
 
 /// Security groups: (rule set, protocol, port block) -> allowed, written by `ecsnet apply`.
 #[map(name = "SG_RULES")]
-pub static SG_RULES: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(MAX_SG_RULES, 0);
+pub static SG_RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(MAX_SG_RULES, 0);

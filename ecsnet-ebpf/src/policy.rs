@@ -1,10 +1,9 @@
-//! Security-group checks: two longest-prefix lookups whatever the number of rules (see
-//! `ecsnet_common::policy` for the tries and `ARCHITECTURE.md` for where each check runs).
+//! Security-group checks: a fixed sequence of hash probes whatever the number of rules (see
+//! `ecsnet_common::policy` for the maps and `ARCHITECTURE.md` for where each check runs).
 
-use aya_ebpf::maps::lpm_trie::Key;
 use ecsnet_common::policy::{
-    INSTANCE_METADATA_ADDR, PEER_SCOPE_BITS, PeerKey, RULE_FULL_BITS, RuleKey, TASK_METADATA_ADDR,
-    icmp_port, scope,
+    INSTANCE_METADATA_ADDR, PEER_LEVELS, PORT_LEVELS, PeerKey, RuleKey, TASK_METADATA_ADDR,
+    icmp_port, mask_addr, mask_port, scope,
 };
 
 use crate::{
@@ -31,39 +30,52 @@ pub fn is_link_local(addr: u32) -> bool {
 #[inline(always)]
 pub fn allows(policy: u32, dir: u32, peer: u32, f: &Flow, dport: u16) -> bool {
     let port = match f.proto {
-        IPPROTO_TCP | IPPROTO_UDP => dport.to_ne_bytes(),
+        IPPROTO_TCP | IPPROTO_UDP => u16::from_be(dport),
         IPPROTO_ICMP => icmp_port(f.icmp_type, f.icmp_code),
-        _ => [0, 0],
+        _ => 0,
     };
     allows_port(policy, dir, peer, f.proto, port)
 }
 
-/// [`allows`] with the two port bytes given as the tries hold them.
+/// [`allows`] with the 16-bit port in host byte order, as `RuleKey` holds it.
 #[inline(always)]
-pub fn allows_port(policy: u32, dir: u32, peer: u32, proto: u8, port: [u8; 2]) -> bool {
+pub fn allows_port(policy: u32, dir: u32, peer: u32, proto: u8, port: u16) -> bool {
     if policy == 0 {
         return true;
     }
-    let peer_key = Key::new(
-        PEER_SCOPE_BITS + 32,
-        PeerKey {
-            scope: scope(policy, dir),
-            addr: peer,
-        },
-    );
-    let Some(set) = SG_PEERS.get(&peer_key) else {
+    let peer_host = u32::from_be(peer);
+    let scope = scope(policy, dir);
+    let mut rules = None;
+    for len in PEER_LEVELS {
+        let key = PeerKey {
+            scope,
+            len,
+            _pad: [0; 3],
+            addr: mask_addr(peer_host, len).to_be(),
+        };
+        if let Some(r) = unsafe { SG_PEERS.get(&key) } {
+            rules = Some(*r);
+            break;
+        }
+    }
+    let Some(rules) = rules else {
         return false;
     };
-    let rule_key = Key::new(
-        RULE_FULL_BITS,
-        RuleKey {
-            set: set.to_be(),
+    if rules.all != 0 {
+        return true;
+    }
+    for len in PORT_LEVELS {
+        let key = RuleKey {
+            set: rules.set,
             proto,
-            port,
-            _pad: 0,
-        },
-    );
-    SG_RULES.get(&rule_key).is_some()
+            len,
+            port: mask_port(port, len),
+        };
+        if unsafe { SG_RULES.get(&key) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 /// The egress check of a packet leaving a task towards `daddr`; the task metadata endpoint is

@@ -113,7 +113,7 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         policy::DIR_INGRESS,
         saddr,
         proto,
-        port.to_ne_bytes(),
+        u16::from_be(port),
     ) {
         return None;
     }

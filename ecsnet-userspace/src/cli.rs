@@ -16,7 +16,7 @@ use crate::{
     lab::{self, LabError, LabSpec},
     netns::{self, NetnsError},
     paths::{self, InstancePaths},
-    report,
+    progcost, report,
     state::{self, PortMapping, Protocol, State, Task},
     traffic,
 };
@@ -70,9 +70,31 @@ pub enum Cmd {
     /// The embedded bridge-mode host built in network namespaces.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Measurements of the datapath.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Run the agent in the foreground (what `up` starts).
     #[command(hide = true)]
     Agent,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
+    PolicyCost {
+        #[arg(long, default_value_t = 10_000)]
+        rules: usize,
+        #[arg(long, default_value_t = 100)]
+        groups: usize,
+        /// Runs per measurement (the kernel reports their average).
+        #[arg(long, default_value_t = 100_000)]
+        repeat: u32,
+        /// Measurements per case, alternating 1 rule and many; the median is reported.
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -232,7 +254,12 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 _ => 2,
             };
         }
-        if cause.downcast_ref::<NetnsError>().is_some() {
+        if cause.downcast_ref::<NetnsError>().is_some()
+            || matches!(
+                cause.downcast_ref::<progcost::CostError>(),
+                Some(progcost::CostError::Usage)
+            )
+        {
             return 2;
         }
     }
@@ -350,6 +377,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Lab(l) => lab_cmd_run(l)?,
+        Cmd::Bench(BenchCmd::PolicyCost {
+            rules,
+            groups,
+            repeat,
+            rounds,
+            json,
+        }) => {
+            let c = progcost::policy_cost(rules, groups, repeat, rounds)?;
+            if json {
+                print_json(&c);
+            } else {
+                print!("{}", progcost::render(&c));
+            }
+        }
         Cmd::Agent => agent::run(&inst)?,
     }
     Ok(())

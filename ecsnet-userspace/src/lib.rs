@@ -16,6 +16,7 @@ pub mod netns;
 pub mod paths;
 pub mod policy;
 pub mod process;
+pub mod progcost;
 pub mod report;
 pub mod state;
 pub mod traffic;

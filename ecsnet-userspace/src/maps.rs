@@ -6,10 +6,7 @@ use std::{
     path::PathBuf,
 };
 
-use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
 use ecsnet_common::{
     ct::{self, CtEntry, CtKey, Timeouts},
     maps::{
@@ -17,7 +14,7 @@ use ecsnet_common::{
         HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS,
         MAP_STATS, MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
     },
-    policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, RuleKey},
+    policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
 use crate::{paths::InstancePaths, policy::Compiled};
@@ -315,65 +312,55 @@ pub fn collect_garbage(
     Ok(removed)
 }
 
-/// The generation a new policy should be written in: the one the live tries do not use.
+/// The generation a new policy should be written in: the one the live maps do not use.
 pub fn next_policy_generation(paths: &InstancePaths) -> Result<u32, MapsError> {
     if !paths.map_pin(MAP_SG_PEERS).exists() {
         // Not loaded yet: nothing is live.
         return Ok(0);
     }
-    let m: LpmTrie<MapData, PeerKey, u32> = open(paths, MAP_SG_PEERS)?
+    let m: HashMap<MapData, PeerKey, PeerRules> = open(paths, MAP_SG_PEERS)?
         .try_into()
         .map_err(access(MAP_SG_PEERS))?;
     let live_is_one = m
         .keys()
         .flatten()
-        .any(|k| u32::from_be(k.data().scope) >> 1 & GENERATION_BIT != 0);
+        .any(|k| k.scope >> 1 & GENERATION_BIT != 0);
     Ok(if live_is_one { 0 } else { 1 })
 }
 
-/// Writes a compiled policy's trie entries beside the live ones. Tasks switch to it when
+/// Writes a compiled policy's entries beside the live ones. Tasks switch to it when
 /// `write_tasks` gives them the new policy numbers; `remove_stale_policy` then drops the old.
 pub fn write_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), MapsError> {
-    let mut p: LpmTrie<MapData, PeerKey, u32> = open(paths, MAP_SG_PEERS)?
+    let mut p: HashMap<MapData, PeerKey, PeerRules> = open(paths, MAP_SG_PEERS)?
         .try_into()
         .map_err(access(MAP_SG_PEERS))?;
-    for (len, k, v) in &c.peers {
-        p.insert(&Key::new(*len, *k), v, 0)
-            .map_err(access(MAP_SG_PEERS))?;
+    for (k, v) in &c.peers {
+        p.insert(k, v, 0).map_err(access(MAP_SG_PEERS))?;
     }
-    let mut r: LpmTrie<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
+    let mut r: HashMap<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
         .try_into()
         .map_err(access(MAP_SG_RULES))?;
-    for (len, k, v) in &c.rules {
-        r.insert(&Key::new(*len, *k), v, 0)
-            .map_err(access(MAP_SG_RULES))?;
+    for (k, v) in &c.rules {
+        r.insert(k, v, 0).map_err(access(MAP_SG_RULES))?;
     }
     Ok(())
 }
 
-/// Removes every trie entry that is not `c`'s.
+/// Removes every policy entry that is not `c`'s.
 pub fn remove_stale_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), MapsError> {
-    let mut p: LpmTrie<MapData, PeerKey, u32> = open(paths, MAP_SG_PEERS)?
+    let mut p: HashMap<MapData, PeerKey, PeerRules> = open(paths, MAP_SG_PEERS)?
         .try_into()
         .map_err(access(MAP_SG_PEERS))?;
-    let keep: HashSet<(u32, PeerKey)> = c.peers.iter().map(|(l, k, _)| (*l, *k)).collect();
-    let stale: Vec<Key<PeerKey>> = p
-        .keys()
-        .flatten()
-        .filter(|k| !keep.contains(&(k.prefix_len(), k.data())))
-        .collect();
+    let keep: HashSet<PeerKey> = c.peers.iter().map(|(k, _)| *k).collect();
+    let stale: Vec<PeerKey> = p.keys().flatten().filter(|k| !keep.contains(k)).collect();
     for k in stale {
         p.remove(&k).map_err(access(MAP_SG_PEERS))?;
     }
-    let mut r: LpmTrie<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
+    let mut r: HashMap<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
         .try_into()
         .map_err(access(MAP_SG_RULES))?;
-    let keep: HashSet<(u32, RuleKey)> = c.rules.iter().map(|(l, k, _)| (*l, *k)).collect();
-    let stale: Vec<Key<RuleKey>> = r
-        .keys()
-        .flatten()
-        .filter(|k| !keep.contains(&(k.prefix_len(), k.data())))
-        .collect();
+    let keep: HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
+    let stale: Vec<RuleKey> = r.keys().flatten().filter(|k| !keep.contains(k)).collect();
     for k in stale {
         r.remove(&k).map_err(access(MAP_SG_RULES))?;
     }

@@ -1,10 +1,11 @@
-//! Security groups into the policy tries of `ecsnet_common::policy` (SPEC §6).
+//! Security groups into the policy maps of `ecsnet_common::policy` (SPEC §6).
 //!
 //! Tasks with the same set of security groups share one policy. For each policy and direction
 //! every rule becomes (CIDR, protocol, port range); references to groups become the /32 of each
-//! current member. Each CIDR gets the union of the rules of every CIDR that contains it, so the
-//! datapath's longest-prefix match finds everything that applies to an address in one lookup.
-//! Identical unions share a rule set. The result can also answer checks itself ([`Compiled::allows`]),
+//! current member. Each CIDR is expanded to blocks of the next prefix length the datapath probes
+//! (`PEER_LEVELS`), and each block gets the union of the rules of every CIDR that contains it, so
+//! the first block the datapath finds decides. Identical unions share a rule set, whose port
+//! ranges become blocks of the sizes `PORT_LEVELS` allows. The result can also answer checks itself ([`Compiled::allows`]),
 //! which is how `--reset-flows` finds the tracked flows that the new rules no longer allow.
 
 use std::{
@@ -15,8 +16,8 @@ use std::{
 use ecsnet_common::{
     ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
     policy::{
-        DIR_EGRESS, DIR_INGRESS, GENERATION_BIT, MAX_SG_PEERS, MAX_SG_RULES, PEER_SCOPE_BITS,
-        PeerKey, RULE_PROTO_BITS, RULE_SET_BITS, RuleKey, TASK_METADATA_ADDR, scope,
+        DIR_EGRESS, DIR_INGRESS, GENERATION_BIT, MAX_SG_PEERS, MAX_SG_RULES, PEER_LEVELS,
+        PORT_LEVELS, PeerKey, PeerRules, RuleKey, TASK_METADATA_ADDR, mask_addr, scope,
     },
 };
 
@@ -111,24 +112,38 @@ impl RuleSet {
     }
 }
 
-/// Splits `[lo, hi]` into aligned power-of-two blocks: (start, bits of the block's size).
-pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+/// Splits `[lo, hi]` into aligned blocks of the sizes `PORT_LEVELS` allows, largest first:
+/// (start, prefix length).
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     let mut out = Vec::new();
     while lo <= hi {
-        // The largest block aligned at `lo` that does not pass `hi`.
-        let mut bits = if lo == 0 {
-            16
-        } else {
-            lo.trailing_zeros().min(16)
-        };
-        while lo + (1 << bits) - 1 > hi {
-            bits -= 1;
-        }
-        out.push((lo as u16, bits));
-        lo += 1 << bits;
+        let len = PORT_LEVELS
+            .iter()
+            .rev()
+            .copied()
+            .find(|&len| {
+                let size = 1u32 << (16 - len);
+                lo % size == 0 && lo + size - 1 <= hi
+            })
+            .unwrap_or(16);
+        out.push((lo as u16, len));
+        lo += 1 << (16 - len);
     }
     out
+}
+
+/// The blocks of `PEER_LEVELS` a CIDR expands to: (address, prefix length), host order.
+fn peer_blocks(addr: u32, len: u8) -> impl Iterator<Item = (u32, u8)> {
+    let level = PEER_LEVELS
+        .iter()
+        .rev()
+        .copied()
+        .find(|&l| l >= len)
+        .unwrap_or(32);
+    let count = 1u64 << (level - len);
+    let step = if level == 0 { 0 } else { 1u64 << (32 - level) };
+    (0..count).map(move |i| ((u64::from(addr) + i * step) as u32, level))
 }
 
 /// Compiling failed: the policy does not fit in the datapath's tries.
@@ -142,22 +157,22 @@ pub struct TooBig {
     pub max: usize,
 }
 
-/// The policy tries' entries for one state, and the means to check packets against them.
+/// The policy maps' entries for one state, and the means to check packets against them.
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
     /// Task address -> policy number (0: no policy).
     pub task_policy: HashMap<Ipv4Addr, u32>,
-    /// `SG_PEERS` entries: (prefix length, key data, rule-set number).
-    pub peers: Vec<(u32, PeerKey, u32)>,
-    /// `SG_RULES` entries: (prefix length, key data, 1).
-    pub rules: Vec<(u32, RuleKey, u32)>,
+    /// `SG_PEERS` entries.
+    pub peers: Vec<(PeerKey, PeerRules)>,
+    /// `SG_RULES` entries (value 1).
+    pub rules: Vec<(RuleKey, u32)>,
     /// (policy, direction) -> CIDR (host order address, length) -> rule-set number.
     cidrs: HashMap<(u32, u32), HashMap<(u32, u8), u32>>,
     sets: HashMap<u32, RuleSet>,
 }
 
 fn mask(len: u8) -> u32 {
-    if len == 0 { 0 } else { u32::MAX << (32 - len) }
+    mask_addr(u32::MAX, len)
 }
 
 /// The rules of one direction of one policy, by CIDR.
@@ -236,9 +251,8 @@ impl Compiled {
         for (groups, &policy) in &policies {
             for dir in [DIR_INGRESS, DIR_EGRESS] {
                 let by_cidr = rules_by_cidr(state, groups, dir, groups.is_empty());
-                let cidrs = out.cidrs.entry((policy, dir)).or_default();
-                for &(addr, len) in by_cidr.keys() {
-                    // The union of every rule whose CIDR contains this one.
+                let mut union_of = |addr: u32, len: u8| {
+                    // The union of every rule whose CIDR contains (addr, len).
                     let mut allows = BTreeSet::new();
                     for l in 0..=len {
                         if let Some(a) = by_cidr.get(&(addr & mask(l), l)) {
@@ -247,40 +261,62 @@ impl Compiled {
                     }
                     let set = RuleSet::of(&allows);
                     let next = base + set_ids.len() as u32 + 1;
-                    let id = *set_ids.entry(set).or_insert(next);
-                    cidrs.insert((addr, len), id);
+                    *set_ids.entry(set).or_insert(next)
+                };
+                let cidrs = out.cidrs.entry((policy, dir)).or_default();
+                for &(addr, len) in by_cidr.keys() {
+                    cidrs.insert((addr, len), union_of(addr, len));
+                }
+                let blocks: BTreeSet<(u32, u8)> = by_cidr
+                    .keys()
+                    .flat_map(|&(addr, len)| peer_blocks(addr, len))
+                    .collect();
+                if blocks.len() > MAX_SG_PEERS as usize {
+                    return Err(TooBig {
+                        what: "CIDR entries",
+                        needed: blocks.len(),
+                        max: MAX_SG_PEERS as usize / 2,
+                    });
+                }
+                for (addr, len) in blocks {
+                    let set = union_of(addr, len);
                     out.peers.push((
-                        PEER_SCOPE_BITS + u32::from(len),
                         PeerKey {
                             scope: scope(policy, dir),
+                            len,
+                            _pad: [0; 3],
                             addr: addr.to_be(),
                         },
-                        id,
+                        PeerRules { set, all: 0 },
                     ));
                 }
             }
         }
-        for (set, &id) in &set_ids {
-            let key = |proto: u8, port: u16| RuleKey {
-                set: id.to_be(),
-                proto,
-                port: port.to_be_bytes(),
-                _pad: 0,
-            };
+        out.sets = set_ids.into_iter().map(|(s, id)| (id, s)).collect();
+        for (_, rules) in &mut out.peers {
+            rules.all = u32::from(out.sets[&rules.set].all);
+        }
+        for (&id, set) in &out.sets {
             if set.all {
-                out.rules.push((RULE_SET_BITS, key(0, 0), 1));
+                continue;
             }
             for (&proto, ranges) in &set.ranges {
                 for &(lo, hi) in ranges {
-                    for (start, bits) in port_blocks(lo, hi) {
-                        out.rules
-                            .push((RULE_PROTO_BITS + 16 - bits, key(proto, start), 1));
+                    for (port, len) in port_blocks(lo, hi) {
+                        out.rules.push((
+                            RuleKey {
+                                set: id,
+                                proto,
+                                len,
+                                port,
+                            },
+                            1,
+                        ));
                     }
                 }
             }
         }
-        out.sets = set_ids.into_iter().map(|(s, id)| (id, s)).collect();
-        // The live generation stays in the tries while this one is written beside it.
+        // The live generation stays in the maps while this one is written beside it.
         for (what, needed, max) in [
             ("CIDR entries", out.peers.len(), MAX_SG_PEERS as usize / 2),
             (
@@ -303,7 +339,7 @@ impl Compiled {
 
     /// Whether `policy` allows, in direction `dir`, a packet whose other end is `peer`, of
     /// protocol `proto` with 16-bit `port` (see [`Allow::Range`]). The same answer the
-    /// datapath's two lookups give.
+    /// datapath's probes give.
     pub fn allows(&self, policy: u32, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
         if policy == 0 {
             return true;
@@ -468,49 +504,36 @@ mod tests {
             })
     }
 
-    /// What the kernel's tries answer for these entries: longest prefix over the raw keys.
-    fn lpm(c: &Compiled, policy: u32, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+    /// What the datapath answers for these entries: its probe sequence over the raw keys.
+    fn probe(c: &Compiled, policy: u32, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
         if policy == 0 {
             return true;
         }
-        let bits = |data: &[u8], len: u32, probe: &[u8]| {
-            (0..len as usize).all(|i| {
-                let (b, s) = (i / 8, 7 - i % 8);
-                (data[b] >> s) & 1 == (probe[b] >> s) & 1
+        let peers: HashMap<PeerKey, PeerRules> = c.peers.iter().copied().collect();
+        let rules: std::collections::HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
+        let Some(r) = PEER_LEVELS.iter().find_map(|&len| {
+            peers.get(&PeerKey {
+                scope: scope(policy, dir),
+                len,
+                _pad: [0; 3],
+                addr: mask_addr(u32::from(peer), len).to_be(),
             })
-        };
-        let pk = PeerKey {
-            scope: scope(policy, dir),
-            addr: u32::from(peer).to_be(),
-        };
-        let probe: Vec<u8> = [pk.scope.to_ne_bytes(), pk.addr.to_ne_bytes()].concat();
-        let Some(&(_, _, set)) = c
-            .peers
-            .iter()
-            .filter(|(len, k, _)| {
-                let d = [k.scope.to_ne_bytes(), k.addr.to_ne_bytes()].concat();
-                bits(&d, *len, &probe)
-            })
-            .max_by_key(|(len, _, _)| *len)
-        else {
+        }) else {
             return false;
         };
-        let rk = |k: &RuleKey| {
-            let mut d = k.set.to_ne_bytes().to_vec();
-            d.extend([k.proto, k.port[0], k.port[1], k._pad]);
-            d
-        };
-        let probe = rk(&RuleKey {
-            set: set.to_be(),
-            proto,
-            port: port.to_be_bytes(),
-            _pad: 0,
-        });
-        c.rules.iter().any(|(len, k, _)| bits(&rk(k), *len, &probe))
+        r.all != 0
+            || PORT_LEVELS.iter().any(|&len| {
+                rules.contains(&RuleKey {
+                    set: r.set,
+                    proto,
+                    len,
+                    port: ecsnet_common::policy::mask_port(port, len),
+                })
+            })
     }
 
     #[test]
-    fn tries_answer_like_the_rules() {
+    fn probes_answer_like_the_rules() {
         let s = sg_state(TWO_GROUPS);
         let c = Compiled::new(&s, 0).unwrap();
         let peers = [
@@ -562,9 +585,9 @@ mod tests {
                             t.name
                         );
                         assert_eq!(
-                            lpm(&c, policy, dir, ip(p), proto, port),
+                            probe(&c, policy, dir, ip(p), proto, port),
                             want,
-                            "tries: {} dir {dir} {p} proto {proto} port {port}",
+                            "probes: {} dir {dir} {p} proto {proto} port {port}",
                             t.name
                         );
                         checked += usize::from(want);
@@ -588,7 +611,7 @@ mod tests {
         assert!(bare & GENERATION_BIT != 0, "generation 1 numbers");
         assert!(!c.allows(bare, DIR_INGRESS, ip("172.17.0.2"), TCP, 80));
         assert!(c.allows(bare, DIR_EGRESS, ip("8.8.8.8"), UDP, 53));
-        assert!(lpm(&c, bare, DIR_EGRESS, ip("8.8.8.8"), 47, 0));
+        assert!(probe(&c, bare, DIR_EGRESS, ip("8.8.8.8"), 47, 0));
     }
 
     #[test]
@@ -614,18 +637,23 @@ mod tests {
             (0, 0),
         ] {
             let blocks = port_blocks(lo, hi);
-            let mut covered = 0u32;
             let mut next = u32::from(lo);
-            for (start, bits) in &blocks {
+            for (start, len) in &blocks {
+                assert!(PORT_LEVELS.contains(len), "a level the datapath probes");
+                let size = 1u32 << (16 - len);
                 assert_eq!(u32::from(*start), next, "contiguous");
-                assert_eq!(u32::from(*start) % (1 << bits), 0, "aligned");
-                next += 1 << bits;
-                covered += 1 << bits;
+                assert_eq!(u32::from(*start) % size, 0, "aligned");
+                next += size;
             }
-            assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1);
-            assert!(blocks.len() <= 32);
+            assert_eq!(next, u32::from(hi) + 1, "covers [{lo}, {hi}] exactly");
+            assert!(blocks.len() <= 4 * 15 * 2, "{} blocks", blocks.len());
         }
-        assert_eq!(port_blocks(0, 65535), vec![(0, 16)]);
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_blocks(80, 80), vec![(80, 16)]);
+        let expanded: Vec<(u32, u8)> = peer_blocks(0x0a00_0000, 22).collect();
+        assert_eq!(expanded.len(), 4);
+        assert_eq!(expanded[3], (0x0a00_0300, 24));
+        assert_eq!(peer_blocks(0, 0).collect::<Vec<_>>(), vec![(0, 0)]);
     }
 
     #[test]
@@ -636,10 +664,10 @@ mod tests {
         let egress_sets: BTreeSet<u32> = c
             .peers
             .iter()
-            .filter(|(len, k, _)| *len == PEER_SCOPE_BITS && k.scope & DIR_EGRESS.to_be() != 0)
-            .map(|(_, _, set)| *set)
+            .filter(|(k, _)| k.len == 0 && k.scope & DIR_EGRESS != 0)
+            .map(|(_, r)| r.set)
             .collect();
-        assert!(egress_sets.len() <= 2, "{egress_sets:?}");
+        assert_eq!(egress_sets.len(), 2, "{egress_sets:?}");
         let merged = RuleSet::of(&BTreeSet::from([
             Allow::Range(TCP, 10, 20),
             Allow::Range(TCP, 21, 30),
