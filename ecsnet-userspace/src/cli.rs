@@ -505,7 +505,7 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
 
 /// The security groups of an SG file: a state file, the output of
 /// `aws ec2 describe-security-groups`, or a bare list.
-fn read_sg_file(file: &PathBuf) -> anyhow::Result<Vec<state::SecurityGroup>> {
+fn read_sg_file(file: &PathBuf) -> anyhow::Result<(&'static str, Vec<state::SecurityGroup>)> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum SgFile {
@@ -535,15 +535,26 @@ fn read_sg_file(file: &PathBuf) -> anyhow::Result<Vec<state::SecurityGroup>> {
         e.path = e.path.replacen('$', prefix, 1);
         bad(e)
     })?;
-    Ok(groups)
+    Ok((prefix, groups))
 }
 
 fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
     match cmd {
         SgCmd::Apply { file, reset_flows } => {
-            let groups = read_sg_file(&file)?;
+            let (prefix, groups) = read_sg_file(&file)?;
             let mut s = current_state(inst)?;
             s.security_groups = groups;
+            // Name a bad rule by its path in the file given, not in the state it joins.
+            if let Err(mut error) = state::validate(&s, state::BridgeNet::default())
+                && let Some(rest) = error.path.strip_prefix("$.securityGroups")
+            {
+                error.path = format!("{prefix}{rest}");
+                return Err(UsageError::BadFile {
+                    file: file.display().to_string(),
+                    error,
+                }
+                .into());
+            }
             let a = instance::apply_state(inst, s, &file.display().to_string(), reset_flows)?;
             println!(
                 "applied {} security group(s){}",

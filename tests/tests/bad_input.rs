@@ -165,3 +165,148 @@ fn bad_input_changes_nothing() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The policy maps' contents, as bpftool reads them from the pins.
+fn policy_maps(pins: &str) -> String {
+    ["SG_PEERS", "SG_RULES"]
+        .iter()
+        .map(|m| {
+            let out = std::process::Command::new("bpftool")
+                .args(["map", "dump", "pinned", &format!("{pins}/maps/{m}")])
+                .output()
+                .expect("bpftool runs (./x setup installs it)");
+            assert!(out.status.success(), "bpftool map dump {m}: {out:?}");
+            let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines.join("\n")
+        })
+        .collect::<Vec<_>>()
+        .join("\n--\n")
+}
+
+#[test]
+fn malformed_security_groups_are_one_error_with_a_path_and_change_nothing() {
+    let lab = Lab::up("bisg", 2, &["1:8080:80"]);
+    let dir = std::env::temp_dir().join(unique("ecsnet-bisg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pins = format!("/sys/fs/bpf/ecsnet/{}", lab.name);
+    lab.ecsnet_up();
+
+    let good_group = serde_json::json!({
+        "GroupId": "sg-web", "GroupName": "web", "OwnerId": "123456789012",
+        "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80,
+                           "IpRanges": [{"CidrIp": "10.10.0.0/24", "Description": "lab"}],
+                           "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": []}],
+        "IpPermissionsEgress": [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}],
+                                 "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": []}],
+        "VpcId": "vpc-1"
+    });
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.state_file()).unwrap()).unwrap();
+    state["securityGroups"] = serde_json::json!([good_group.clone()]);
+    state["tasks"][0]["securityGroups"] = serde_json::json!(["sg-web"]);
+    let good = write(&dir, "good.json", &state.to_string());
+    ecsnet_ok(&["--instance", &lab.name, "apply", "-f", &good]);
+
+    let sg_before = ecsnet_ok(&["--instance", &lab.name, "sg", "ls", "--json"]);
+    let tasks_before = ecsnet_ok(&["--instance", &lab.name, "task", "ls", "--json"]);
+    let maps_before = policy_maps(&pins);
+    assert!(
+        maps_before.lines().count() > 4,
+        "the good groups wrote policy entries: {maps_before}"
+    );
+
+    // Each breakage of the one rule, as (what, change, JSON path under the group).
+    type Breakage = (&'static str, fn(&mut serde_json::Value), &'static str);
+    let breakages: [Breakage; 7] = [
+        (
+            "bad CIDR",
+            |g| g["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = "10.10.0.0/33".into(),
+            "IpPermissions[0].IpRanges[0].CidrIp",
+        ),
+        (
+            "host bits in a CIDR",
+            |g| g["IpPermissionsEgress"][0]["IpRanges"][0]["CidrIp"] = "10.1.2.3/8".into(),
+            "IpPermissionsEgress[0].IpRanges[0].CidrIp",
+        ),
+        (
+            "FromPort > ToPort",
+            |g| g["IpPermissions"][0]["FromPort"] = 81.into(),
+            "IpPermissions[0].FromPort",
+        ),
+        (
+            "unknown protocol",
+            |g| g["IpPermissions"][0]["IpProtocol"] = "tcpx".into(),
+            "IpPermissions[0].IpProtocol",
+        ),
+        (
+            "reference to a group that does not exist",
+            |g| {
+                g["IpPermissions"][0]["UserIdGroupPairs"] =
+                    serde_json::json!([{"GroupId": "sg-nope", "UserId": "123456789012"}])
+            },
+            "IpPermissions[0].UserIdGroupPairs[0].GroupId",
+        ),
+        (
+            "a prefix list",
+            |g| {
+                g["IpPermissions"][0]["PrefixListIds"] =
+                    serde_json::json!([{"PrefixListId": "pl-1234"}])
+            },
+            "IpPermissions[0].PrefixListIds",
+        ),
+        (
+            "an IPv6 range",
+            |g| g["IpPermissions"][0]["Ipv6Ranges"] = serde_json::json!([{"CidrIpv6": "::/0"}]),
+            "IpPermissions[0].Ipv6Ranges",
+        ),
+    ];
+    for (what, breakage, path) in breakages {
+        let mut group = good_group.clone();
+        breakage(&mut group);
+        // As `aws ec2 describe-security-groups` prints it, through `sg apply`.
+        let aws = serde_json::json!({"SecurityGroups": [group.clone()]});
+        let f = write(&dir, "aws.json", &aws.to_string());
+        let line = ecsnet_fails(&["--instance", &lab.name, "sg", "apply", "-f", &f], 2);
+        let want = format!("$.SecurityGroups[0].{path}");
+        assert!(
+            line.contains(&want),
+            "sg apply, {what}: {line:?} does not name {want}"
+        );
+        // In a state file, through `apply`.
+        let mut s = state.clone();
+        s["securityGroups"] = serde_json::json!([group]);
+        let f = write(&dir, "state.json", &s.to_string());
+        let line = ecsnet_fails(&["--instance", &lab.name, "apply", "-f", &f], 2);
+        let want = format!("$.securityGroups[0].{path}");
+        assert!(
+            line.contains(&want),
+            "apply, {what}: {line:?} does not name {want}"
+        );
+        assert_eq!(line.lines().count(), 1, "{what}: one line: {line:?}");
+        assert_eq!(
+            ecsnet_ok(&["--instance", &lab.name, "sg", "ls", "--json"]),
+            sg_before,
+            "{what} changed the groups"
+        );
+        assert_eq!(
+            ecsnet_ok(&["--instance", &lab.name, "task", "ls", "--json"]),
+            tasks_before,
+            "{what} changed the tasks"
+        );
+        assert_eq!(
+            policy_maps(&pins),
+            maps_before,
+            "{what} changed the policy maps"
+        );
+    }
+    // Removing a group a task still uses is refused too.
+    let f = write(&dir, "none.json", r#"{"SecurityGroups": []}"#);
+    let line = ecsnet_fails(&["--instance", &lab.name, "sg", "apply", "-f", &f], 2);
+    assert!(line.contains("$.tasks[0].securityGroups[0]"), "{line}");
+    assert_eq!(policy_maps(&pins), maps_before);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,45 @@
+//! `ecsnet bench policy-cost` works: it loads two copies of the datapath (1 rule, and 10,000
+//! rules in 100 groups), checks that every case gets the verdict it is meant to measure (an
+//! allowed SYN passes XDP, a rejected one is dropped by XDP and by tc), and reports a time for
+//! each. How fast is not judged here: that is a measurement, reported in docs/BENCHMARKS.md.
+
+use ecsnet_tests::{ecsnet_fails, ecsnet_ok, require_root};
+
+#[test]
+fn policy_cost_measures_every_case_with_the_verdict_it_is_meant_to() {
+    require_root();
+    let out = ecsnet_ok(&[
+        "bench",
+        "policy-cost",
+        "--rules",
+        "10000",
+        "--groups",
+        "100",
+        "--repeat",
+        "2000",
+        "--rounds",
+        "3",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("--json parses");
+    assert_eq!(r["rules"], 10000);
+    assert_eq!(r["groups"], 100);
+    // 10,000 rules with distinct CIDRs and ports cannot compile to a handful of entries.
+    assert!(r["peerEntries"].as_u64().unwrap() > 1000, "{r}");
+    assert!(r["ruleEntries"].as_u64().unwrap() > 100, "{r}");
+    let cases = r["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 3, "{r}");
+    for c in cases {
+        for k in ["oneRuleNs", "manyRulesNs"] {
+            let ns = c[k].as_u64().unwrap_or(0);
+            assert!(ns > 0 && ns < 1_000_000, "{k} of {c}: a run takes some ns");
+        }
+    }
+    let text = ecsnet_ok(&["bench", "policy-cost", "--repeat", "100", "--rounds", "1"]);
+    assert!(
+        text.contains("xdp_uplink") && text.contains("tc_uplink_ingress"),
+        "{text}"
+    );
+    let line = ecsnet_fails(&["bench", "policy-cost", "--groups", "0"], 2);
+    assert!(line.contains("--groups"), "{line}");
+}
