@@ -148,8 +148,11 @@ const _: () = assert!(size_of::<FragKey>() == 12);
 pub struct FragPorts {
     pub sport: u16,
     pub dport: u16,
+    /// 1 when policy rejected the first fragment: the later ones are dropped too.
+    pub rejected: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FragPorts>() == 4);
+const _: () = assert!(size_of::<FragPorts>() == 8);
 
 /// [`StatsKey::hook`]: tc ingress of the interface (for a task interface: sent by the task).
 pub const HOOK_TC_INGRESS: u8 = 0;

@@ -48,36 +48,68 @@ pub fn key_of(f: &Flow) -> Option<CtKey> {
     }
 }
 
-/// Fills the ports of a later fragment from its first fragment, or remembers the ports of a
-/// first fragment. False when a later fragment has no first fragment on record.
+/// What the fragment bookkeeping says of a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not a later fragment, or one whose first fragment is on record: its ports are filled in.
+    Known,
+    /// A later fragment with no first fragment on record.
+    Unknown,
+    /// A later fragment of a datagram whose first fragment policy rejected.
+    Rejected,
+}
+
 #[inline(always)]
-pub fn track_fragment(f: &mut Flow) -> bool {
-    let key = FragKey {
+fn frag_key(f: &Flow) -> FragKey {
+    FragKey {
         saddr: f.saddr,
         daddr: f.daddr,
         id: f.ip_id,
         proto: f.proto,
         _pad: 0,
-    };
+    }
+}
+
+/// Fills the ports of a later fragment from its first fragment, or remembers the ports of a
+/// first fragment.
+#[inline(always)]
+pub fn track_fragment(f: &mut Flow) -> Fragment {
+    let key = frag_key(f);
     if f.frag == FRAG_FIRST {
         let ports = FragPorts {
             sport: f.sport,
             dport: f.dport,
+            rejected: 0,
+            _pad: [0; 3],
         };
         // An LRU map: a full one forgets the oldest datagram, never fails.
         let _ = FRAGS.insert(&key, &ports, BPF_ANY);
-        return true;
+        return Fragment::Known;
     }
     if f.frag != FRAG_LATER {
-        return true;
+        return Fragment::Known;
     }
     match unsafe { FRAGS.get(&key) } {
+        Some(p) if p.rejected != 0 => Fragment::Rejected,
         Some(p) => {
             f.sport = p.sport;
             f.dport = p.dport;
-            true
+            Fragment::Known
         }
-        None => false,
+        None => Fragment::Unknown,
+    }
+}
+
+/// Marks the datagram of first fragment `f` as rejected, so its later fragments are dropped
+/// rather than handed to a kernel that would hold them for reassembly.
+#[inline(always)]
+pub fn reject_fragments(f: &Flow) {
+    if f.frag != FRAG_FIRST {
+        return;
+    }
+    if let Some(p) = FRAGS.get_ptr_mut(&frag_key(f)) {
+        // SAFETY: an LRU value pointer, valid for this program run.
+        unsafe { (*p).rejected = 1 };
     }
 }
 

@@ -10,7 +10,7 @@ use ecsnet_common::{
 };
 
 use crate::{
-    conntrack::{self, Nat},
+    conntrack::{self, Fragment, Nat},
     maps::{CONFIG, LOCAL_ADDRS, PORTS},
     nat,
     parse::Flow,
@@ -97,18 +97,22 @@ pub fn packet(
     if f.is_icmp_error() {
         return icmp_error(ctx, cfg, f, policy);
     }
-    if !conntrack::track_fragment(f) {
-        // A later fragment without its first: only the kernel may reassemble what is its own,
-        // and a task with a policy never sends a fragment whose ports nobody checked.
-        let ours = match origin {
-            Origin::Task(_) => policy != 0 || !is_local(cfg, f.daddr),
-            Origin::Uplink => redirect::task(f.daddr).is_some(),
-        };
-        return if ours {
-            Err(DropReason::Fragment)
-        } else {
-            Ok(Verdict::Pass)
-        };
+    match conntrack::track_fragment(f) {
+        Fragment::Known => {}
+        Fragment::Rejected => return Err(DropReason::Fragment),
+        Fragment::Unknown => {
+            // A later fragment without its first: only the kernel may reassemble what is its
+            // own, and a task with a policy never sends a fragment whose ports nobody checked.
+            let ours = match origin {
+                Origin::Task(_) => policy != 0 || !is_local(cfg, f.daddr),
+                Origin::Uplink => redirect::task(f.daddr).is_some(),
+            };
+            return if ours {
+                Err(DropReason::Fragment)
+            } else {
+                Ok(Verdict::Pass)
+            };
+        }
     }
     let Some(key) = conntrack::key_of(f) else {
         return unchecked_egress(f, policy);
@@ -119,6 +123,24 @@ pub fn packet(
     if !conntrack::starts_flow(f) {
         return unchecked_egress(f, policy);
     }
+    let verdict = new_flow(ctx, cfg, f, &key, origin, policy);
+    if matches!(verdict, Err(DropReason::SgEgress) | Ok(Verdict::Dropped)) {
+        conntrack::reject_fragments(f);
+    }
+    verdict
+}
+
+/// A packet that opens a flow: checked against the security groups of both ends, then
+/// translated and sent, or handed to the kernel.
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    cfg: &Config,
+    f: &mut Flow,
+    key: &CtKey,
+    origin: Origin,
+    policy: u32,
+) -> Result<Verdict, DropReason> {
     let same = Nat {
         saddr: f.saddr,
         daddr: f.daddr,
@@ -137,7 +159,7 @@ pub fn packet(
                 (KIND_EAST_WEST, same, false)
             } else if is_local(cfg, f.daddr) {
                 let Some(p) = published(f) else {
-                    return kernel_flow(&key, f, policy);
+                    return kernel_flow(key, f, policy);
                 };
                 let Some(dst) = redirect::task(p.0) else {
                     return Ok(Verdict::Pass);
@@ -164,7 +186,7 @@ pub fn packet(
                 }
             } else if policy::is_link_local(f.daddr) {
                 // The metadata endpoints: the host's own rules (ECS's DNAT) route them.
-                return kernel_flow(&key, f, policy);
+                return kernel_flow(key, f, policy);
             } else {
                 let nat = Nat {
                     saddr: cfg.uplink_ipv4,
@@ -195,9 +217,9 @@ pub fn packet(
     };
     let routed = kind != KIND_EAST_WEST;
     let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
-        return kernel_flow(&key, f, policy);
+        return kernel_flow(key, f, policy);
     };
-    let nat = conntrack::create(&key, nat, kind, choose_sport, f, f.tot_len as u64)?;
+    let nat = conntrack::create(key, nat, kind, choose_sport, f, f.tot_len as u64)?;
     nat::rewrite(ctx, f, &nat)?;
     // The kernel's forwarding decrements the TTL itself of what is handed to it.
     if routed && !matches!(next, Next::Kernel) {
@@ -249,7 +271,7 @@ pub fn deliver(ctx: &TcContext, f: &mut Flow, policy: u32) -> Result<Verdict, Dr
         }
         return unchecked_ingress(f, policy);
     }
-    if !conntrack::track_fragment(f) {
+    if conntrack::track_fragment(f) != Fragment::Known {
         return Err(DropReason::Fragment);
     }
     let Some(key) = conntrack::key_of(f) else {
@@ -271,6 +293,7 @@ pub fn deliver(ctx: &TcContext, f: &mut Flow, policy: u32) -> Result<Verdict, Dr
         return unchecked_ingress(f, policy);
     }
     if !policy::ingress(policy, f, f.saddr, f.dport) {
+        conntrack::reject_fragments(f);
         return Err(DropReason::SgIngress);
     }
     conntrack::create(&key, same_tuple(f), KIND_LOCAL, false, f, f.tot_len as u64)?;

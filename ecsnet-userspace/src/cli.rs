@@ -434,6 +434,14 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
                 .map(|p| parse_task_publish(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut s = current_state(inst)?;
+            // A task ecsnet already manages keeps its interface unless one is given: the host
+            // may have no neighbour entry to find it by its address again.
+            let interface = interface.or_else(|| {
+                s.tasks
+                    .iter()
+                    .find(|t| t.ipv4_address == ip)
+                    .and_then(|t| t.interface.clone())
+            });
             s.tasks.retain(|t| t.name != name);
             s.tasks.push(Task {
                 task_arn: None,

@@ -1384,6 +1384,8 @@ fn hostile_cases() -> Vec<Case> {
             FragPorts {
                 sport: 51000u16.to_be(),
                 dport: 5353u16.to_be(),
+                rejected: 0,
+                _pad: [0; 3],
             },
         )
         .ct({
