@@ -670,10 +670,36 @@ fn start_server(
                 .map_err(std::io::Error::from)
         });
     }
-    let child = cmd.spawn().map_err(|e| LabError::Command {
+    let mut child = cmd.spawn().map_err(|e| LabError::Command {
         cmd: "ecsnet lab serve".into(),
         stderr: e.to_string(),
     })?;
+    // The lab is up when its servers listen: `lab serve` says so once every socket is bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("serving echo") {
+            break;
+        }
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LabError::Command {
+                cmd: format!("ecsnet lab serve in {netns}"),
+                stderr: format!(
+                    "{} ({})",
+                    log.trim(),
+                    if exited.is_some() {
+                        "exited"
+                    } else {
+                        "not listening after 10 s"
+                    }
+                ),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // Reap it whenever it ends, so no zombie outlives `lab down`.
     std::thread::spawn(move || {
         let mut child = child;
