@@ -141,12 +141,7 @@ fn new_flow(
     origin: Origin,
     policy: u32,
 ) -> Result<Verdict, DropReason> {
-    let same = Nat {
-        saddr: f.saddr,
-        daddr: f.daddr,
-        sport: f.sport,
-        dport: f.dport,
-    };
+    let same = same_tuple(f);
     let (kind, nat, choose_sport) = match origin {
         Origin::Task(_) => {
             if !policy::egress(policy, f, f.daddr, f.dport) {
@@ -296,8 +291,7 @@ pub fn deliver(ctx: &TcContext, f: &mut Flow, policy: u32) -> Result<Verdict, Dr
         conntrack::reject_fragments(f);
         return Err(DropReason::SgIngress);
     }
-    conntrack::create(&key, same_tuple(f), KIND_LOCAL, false, f, f.tot_len as u64)?;
-    Ok(Verdict::Pass)
+    kernel_flow(&key, f, policy)
 }
 
 #[inline(always)]

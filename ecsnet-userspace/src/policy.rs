@@ -166,7 +166,8 @@ pub struct Compiled {
     pub peers: Vec<(PeerKey, PeerRules)>,
     /// `SG_RULES` entries (value 1).
     pub rules: Vec<(RuleKey, u32)>,
-    /// (policy, direction) -> CIDR (host order address, length) -> rule-set number.
+    /// (policy, direction) -> expanded block (host order address, length) -> rule-set number:
+    /// what `SG_PEERS` holds, for checks in user space.
     cidrs: HashMap<(u32, u32), HashMap<(u32, u8), u32>>,
     sets: HashMap<u32, RuleSet>,
 }
@@ -263,10 +264,6 @@ impl Compiled {
                     let next = base + set_ids.len() as u32 + 1;
                     *set_ids.entry(set).or_insert(next)
                 };
-                let cidrs = out.cidrs.entry((policy, dir)).or_default();
-                for &(addr, len) in by_cidr.keys() {
-                    cidrs.insert((addr, len), union_of(addr, len));
-                }
                 let blocks: BTreeSet<(u32, u8)> = by_cidr
                     .keys()
                     .flat_map(|&(addr, len)| peer_blocks(addr, len))
@@ -278,8 +275,10 @@ impl Compiled {
                         max: MAX_SG_PEERS as usize / 2,
                     });
                 }
+                let cidrs = out.cidrs.entry((policy, dir)).or_default();
                 for (addr, len) in blocks {
                     let set = union_of(addr, len);
+                    cidrs.insert((addr, len), set);
                     out.peers.push((
                         PeerKey {
                             scope: scope(policy, dir),
@@ -348,9 +347,9 @@ impl Compiled {
             return false;
         };
         let addr = u32::from(peer);
-        (0..=32u8)
-            .rev()
-            .find_map(|len| cidrs.get(&(addr & mask(len), len)))
+        PEER_LEVELS
+            .iter()
+            .find_map(|&len| cidrs.get(&(mask_addr(addr, len), len)))
             .and_then(|set| self.sets.get(set))
             .is_some_and(|s| s.allows(proto, port))
     }

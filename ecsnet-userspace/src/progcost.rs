@@ -257,22 +257,20 @@ fn loaded(state: &State) -> Result<(Ebpf, Compiled), CostError> {
                 .map_err(|e| CostError::Map("SG_RULES", e))?;
         }
     }
-    for name in ["xdp_uplink"] {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .expect("the datapath has xdp_uplink")
-            .try_into()
-            .map_err(|e| CostError::Program(name, e))?;
-        p.load().map_err(|e| CostError::Program(name, e))?;
-    }
-    for name in ["tc_uplink_ingress"] {
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .expect("the datapath has tc_uplink_ingress")
-            .try_into()
-            .map_err(|e| CostError::Program(name, e))?;
-        p.load().map_err(|e| CostError::Program(name, e))?;
-    }
+    let xdp: &mut Xdp = ebpf
+        .program_mut("xdp_uplink")
+        .expect("the datapath has xdp_uplink")
+        .try_into()
+        .map_err(|e| CostError::Program("xdp_uplink", e))?;
+    xdp.load()
+        .map_err(|e| CostError::Program("xdp_uplink", e))?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut("tc_uplink_ingress")
+        .expect("the datapath has tc_uplink_ingress")
+        .try_into()
+        .map_err(|e| CostError::Program("tc_uplink_ingress", e))?;
+    tc.load()
+        .map_err(|e| CostError::Program("tc_uplink_ingress", e))?;
     Ok((ebpf, policy))
 }
 
