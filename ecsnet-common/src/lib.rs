@@ -6,6 +6,7 @@
 pub mod csum;
 pub mod ct;
 pub mod drop;
+pub mod flow;
 pub mod maps;
 pub mod policy;
 

@@ -24,7 +24,7 @@ pub const MAP_CT: &str = "CT";
 pub const MAP_FRAGS: &str = "FRAGS";
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 16] = [
     MAP_IFACES,
     MAP_TASKS,
     MAP_STATS,
@@ -36,6 +36,11 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_FRAGS,
     crate::policy::MAP_SG_PEERS,
     crate::policy::MAP_SG_RULES,
+    crate::flow::MAP_FLOWS,
+    crate::flow::MAP_FLOW_LOST,
+    crate::flow::MAP_FLOW_STATE,
+    crate::flow::MAP_EVENTS,
+    crate::flow::MAP_EVENT_BUDGET,
 ];
 
 /// Default capacity of [`MAP_CT`], entries (two per flow); `ecsnet up --ct-size` changes it.
@@ -220,4 +225,10 @@ mod pod {
     unsafe impl aya::Pod for crate::policy::PeerKey {}
     unsafe impl aya::Pod for crate::policy::RuleKey {}
     unsafe impl aya::Pod for crate::policy::PeerRules {}
+    unsafe impl aya::Pod for crate::flow::FlowKey {}
+    unsafe impl aya::Pod for crate::flow::FlowStats {}
+    unsafe impl aya::Pod for crate::flow::LostKey {}
+    unsafe impl aya::Pod for crate::flow::FlowState {}
+    unsafe impl aya::Pod for crate::flow::EventBudget {}
+    unsafe impl aya::Pod for crate::flow::Event {}
 }

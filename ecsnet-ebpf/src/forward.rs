@@ -6,24 +6,27 @@ use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
     ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
-    maps::{Config, HOOK_TC_INGRESS, PortKey, TaskInfo},
+    flow::{ACTION_ACCEPT, ACTION_REJECT, EVENT_ALLOW, FLOW_EGRESS, FLOW_INGRESS},
+    maps::{Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, TaskInfo},
 };
 
 use crate::{
     conntrack::{self, Fragment, Nat},
+    flow::{self, Sighting},
     maps::{CONFIG, LOCAL_ADDRS, PORTS},
     nat,
     parse::Flow,
     policy,
     redirect::{self, UplinkHop},
+    stats::{account_tc, wire},
     verdict::{Verdict, drop_on},
 };
 
 /// Where a packet arrived from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// Sent by a task (tc ingress of its interface) whose policy is this (0: none).
-    Task(u32),
+    /// Sent by a task (tc ingress of its interface); its policy 0 is none.
+    Task(TaskInfo),
     /// Arrived on the uplink.
     Uplink,
 }
@@ -71,10 +74,43 @@ fn next_hop(ctx: &TcContext, cfg: &Config, f: &Flow, daddr: u32, routed: bool) -
     redirect::uplink_hop(ctx, cfg, f).map(Next::Uplink)
 }
 
+/// Where a packet a task sent went on the uplink side: its addresses after translation.
+pub struct PktAddrs {
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// Sends a packet that arrived as `f` and now carries the addresses and ports of `nat`. What
+/// goes into a task is counted there, on the task interface's egress as if the bridge had
+/// sent it, and recorded in the task's flow log as it arrives (after translation).
 #[inline(always)]
-fn send(ctx: &TcContext, cfg: &Config, next: &Next, routed: bool) -> Result<Verdict, DropReason> {
+fn send(
+    ctx: &TcContext,
+    cfg: &Config,
+    next: &Next,
+    routed: bool,
+    f: &Flow,
+    nat: &Nat,
+) -> Result<Verdict, DropReason> {
     match next {
-        Next::Task(t) => redirect::to_task(ctx, cfg, t, routed),
+        Next::Task(t) => {
+            let (packets, bytes) = account_tc(ctx, t.ifindex, HOOK_TC_EGRESS);
+            let seen = Sighting {
+                ifindex: t.ifindex,
+                dir: FLOW_INGRESS,
+                action: ACTION_ACCEPT,
+                proto: f.proto,
+                tcp_flags: f.tcp_flags,
+                saddr: nat.saddr,
+                daddr: nat.daddr,
+                sport: nat.sport,
+                dport: nat.dport,
+                pkt_saddr: f.saddr,
+                pkt_daddr: f.daddr,
+            };
+            flow::record(&seen, packets, bytes);
+            redirect::to_task(ctx, cfg, t, routed)
+        }
         Next::Uplink(hop) => redirect::to_uplink(ctx, hop),
         Next::Kernel => Ok(Verdict::Pass),
     }
@@ -89,9 +125,10 @@ pub fn packet(
     cfg: &Config,
     f: &mut Flow,
     origin: Origin,
+    pkt: &mut PktAddrs,
 ) -> Result<Verdict, DropReason> {
     let policy = match origin {
-        Origin::Task(p) => p,
+        Origin::Task(t) => t.policy,
         Origin::Uplink => 0,
     };
     if f.is_icmp_error() {
@@ -118,12 +155,12 @@ pub fn packet(
         return unchecked_egress(f, policy);
     };
     if let Some(e) = conntrack::lookup(&key) {
-        return established(ctx, cfg, f, e);
+        return established(ctx, cfg, f, e, pkt);
     }
     if !conntrack::starts_flow(f) {
         return unchecked_egress(f, policy);
     }
-    let verdict = new_flow(ctx, cfg, f, &key, origin, policy);
+    let verdict = new_flow(ctx, cfg, f, &key, origin, pkt);
     if matches!(verdict, Err(DropReason::SgEgress) | Ok(Verdict::Dropped)) {
         conntrack::reject_fragments(f);
     }
@@ -139,18 +176,21 @@ fn new_flow(
     f: &mut Flow,
     key: &CtKey,
     origin: Origin,
-    policy: u32,
+    pkt: &mut PktAddrs,
 ) -> Result<Verdict, DropReason> {
     let same = same_tuple(f);
     let (kind, nat, choose_sport) = match origin {
-        Origin::Task(_) => {
+        Origin::Task(me) => {
+            let policy = me.policy;
             if !policy::egress(policy, f, f.daddr, f.dport) {
                 return Err(DropReason::SgEgress);
             }
+            allowed(f, policy, me.ifindex, FLOW_EGRESS);
             if let Some(dst) = redirect::task(f.daddr) {
                 if !policy::ingress(dst.policy, f, f.saddr, f.dport) {
-                    return Ok(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS));
+                    return Ok(reject_ingress(ctx, f, &dst, f.daddr, f.dport));
                 }
+                allowed(f, dst.policy, dst.ifindex, FLOW_INGRESS);
                 (KIND_EAST_WEST, same, false)
             } else if is_local(cfg, f.daddr) {
                 let Some(p) = published(f) else {
@@ -160,8 +200,9 @@ fn new_flow(
                     return Ok(Verdict::Pass);
                 };
                 if !policy::ingress(dst.policy, f, f.saddr, p.1) {
-                    return Ok(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS));
+                    return Ok(reject_ingress(ctx, f, &dst, p.0, p.1));
                 }
+                allowed(f, dst.policy, dst.ifindex, FLOW_INGRESS);
                 if p.0 == f.saddr {
                     // A task reaching itself: it would drop a packet from its own address.
                     let nat = Nat {
@@ -198,8 +239,9 @@ fn new_flow(
                 return Ok(Verdict::Pass);
             };
             if !policy::ingress(dst.policy, f, f.saddr, p.1) {
-                return Ok(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS));
+                return Ok(reject_ingress(ctx, f, &dst, p.0, p.1));
             }
+            allowed(f, dst.policy, dst.ifindex, FLOW_INGRESS);
             let nat = Nat {
                 daddr: p.0,
                 dport: p.1,
@@ -211,16 +253,53 @@ fn new_flow(
         Origin::Uplink => return Ok(Verdict::Pass),
     };
     let routed = kind != KIND_EAST_WEST;
+    let policy = match origin {
+        Origin::Task(me) => me.policy,
+        Origin::Uplink => 0,
+    };
     let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
         return kernel_flow(key, f, policy);
     };
     let nat = conntrack::create(key, nat, kind, choose_sport, f, f.tot_len as u64)?;
+    pkt.saddr = nat.saddr;
+    pkt.daddr = nat.daddr;
     nat::rewrite(ctx, f, &nat)?;
     // The kernel's forwarding decrements the TTL itself of what is handed to it.
     if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
     }
-    send(ctx, cfg, &next, routed)
+    send(ctx, cfg, &next, routed, f, &nat)
+}
+
+/// A security group allowed a new flow of a task with a policy: a verdict event for `monitor`.
+#[inline(always)]
+fn allowed(f: &Flow, policy: u32, ifindex: u32, dir: u8) {
+    if policy != 0 {
+        flow::flow_event(f, EVENT_ALLOW, 0, ifindex, HOOK_TC_INGRESS, dir);
+    }
+}
+
+/// Task `dst`'s inbound rules reject `f`, which would have reached it as `daddr:dport`: the drop
+/// is counted on `dst`, and its flow log gets a REJECT record with the addresses it would have
+/// seen.
+#[inline(always)]
+fn reject_ingress(ctx: &TcContext, f: &Flow, dst: &TaskInfo, daddr: u32, dport: u16) -> Verdict {
+    let (packets, bytes) = wire(ctx);
+    let seen = Sighting {
+        ifindex: dst.ifindex,
+        dir: FLOW_INGRESS,
+        action: ACTION_REJECT,
+        proto: f.proto,
+        tcp_flags: f.tcp_flags,
+        saddr: f.saddr,
+        daddr,
+        sport: f.sport,
+        dport,
+        pkt_saddr: f.saddr,
+        pkt_daddr: f.daddr,
+    };
+    flow::record(&seen, packets, bytes);
+    drop_on(ctx, DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS)
 }
 
 /// A packet from a task that no tracked flow covers and that opens none (mid-flow from before
@@ -258,7 +337,12 @@ fn same_tuple(f: &Flow) -> Nat {
 /// A packet the kernel delivers to a task whose policy is `policy` (non-zero): ecsnet did not
 /// forward it, so its ingress rules are checked here, with the same state as everywhere else.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext, f: &mut Flow, policy: u32) -> Result<Verdict, DropReason> {
+pub fn deliver(
+    ctx: &TcContext,
+    f: &mut Flow,
+    policy: u32,
+    ifindex: u32,
+) -> Result<Verdict, DropReason> {
     if f.is_icmp_error() {
         let (key, _) = nat::icmp_error_key(ctx, f)?;
         if conntrack::lookup(&key).is_some() || conntrack::lookup(&key.reversed()).is_some() {
@@ -291,6 +375,7 @@ pub fn deliver(ctx: &TcContext, f: &mut Flow, policy: u32) -> Result<Verdict, Dr
         conntrack::reject_fragments(f);
         return Err(DropReason::SgIngress);
     }
+    flow::flow_event(f, EVENT_ALLOW, 0, ifindex, HOOK_TC_EGRESS, FLOW_INGRESS);
     kernel_flow(&key, f, policy)
 }
 
@@ -327,6 +412,7 @@ fn established(
     cfg: &Config,
     f: &Flow,
     e: *mut CtEntry,
+    pkt: &mut PktAddrs,
 ) -> Result<Verdict, DropReason> {
     // SAFETY: a CT value pointer, valid for this program run (see conntrack::touch).
     let entry = unsafe { *e };
@@ -345,13 +431,15 @@ fn established(
         sport: entry.nat_sport,
         dport: entry.nat_dport,
     };
+    pkt.saddr = nat.saddr;
+    pkt.daddr = nat.daddr;
     // A later fragment has no transport header: `rewrite` then changes the addresses only.
     nat::rewrite(ctx, f, &nat)?;
     // The kernel's forwarding decrements the TTL itself of what is handed to it.
     if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
     }
-    send(ctx, cfg, &next, routed)
+    send(ctx, cfg, &next, routed, f, &nat)
 }
 
 /// An ICMP error: translated like the flow direction it travels with, when that flow is tracked;
@@ -375,5 +463,17 @@ fn icmp_error(ctx: &TcContext, cfg: &Config, f: &Flow, policy: u32) -> Result<Ve
     if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
     }
-    send(ctx, cfg, &next, routed)
+    // The outer addresses as `rewrite_icmp_error` left them: the destination always
+    // translated, the source only when the flow's own endpoint sent the error.
+    let outer = Nat {
+        saddr: if f.saddr == key.saddr {
+            entry.nat_saddr
+        } else {
+            f.saddr
+        },
+        daddr: entry.nat_daddr,
+        sport: 0,
+        dport: 0,
+    };
+    send(ctx, cfg, &next, routed, f, &outer)
 }

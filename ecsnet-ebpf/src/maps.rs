@@ -3,10 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ecsnet_common::{
     ct::{CtEntry, CtKey},
+    flow::{
+        DEFAULT_FLOW_TABLE_SIZE, EVENTS_BYTES, EventBudget, FlowKey, FlowState, FlowStats, LostKey,
+        MAX_FLOW_LOST_KEYS,
+    },
     maps::{
         Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo, MAX_DROP_KEYS,
         MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, PortKey, PortTarget, StatsKey,
@@ -64,3 +68,26 @@ pub static SG_PEERS: HashMap<PeerKey, PeerRules> = HashMap::with_max_entries(MAX
 /// Security groups: (rule set, protocol, port block) -> allowed, written by `ecsnet apply`.
 #[map(name = "SG_RULES")]
 pub static SG_RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(MAX_SG_RULES, 0);
+
+/// Per-flow counters of the open and the closing capture windows; user space sets the size at
+/// load time (`ecsnet up --flow-table-size`). Preallocated: counting never allocates.
+#[map(name = "FLOWS")]
+pub static FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Packets per interface and window that found `FLOWS` full.
+#[map(name = "FLOW_LOST")]
+pub static FLOW_LOST: PerCpuHashMap<LostKey, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_FLOW_LOST_KEYS, 0);
+
+/// The open capture window and the event rate, written by `ecsnet up` and the agent.
+#[map(name = "FLOW_STATE")]
+pub static FLOW_STATE: Array<FlowState> = Array::with_max_entries(1, 0);
+
+/// Drop and policy-verdict events for `ecsnet monitor`, read by the agent.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Each CPU's token bucket for `EVENTS`.
+#[map(name = "EVENT_BUDGET")]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);

@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use ecsnet_common::{
     DropReason,
-    maps::{Config, HOOK_TC_EGRESS, TaskInfo},
+    maps::{Config, TaskInfo},
 };
 
-use crate::{maps::TASKS, parse::Flow, stats::account_tc, verdict::Verdict};
+use crate::{maps::TASKS, parse::Flow, verdict::Verdict};
 
 const AF_INET: u8 = 2;
 const TC_ACT_REDIRECT: i64 = 7;
@@ -93,9 +93,8 @@ pub fn to_uplink(ctx: &TcContext, hop: &UplinkHop) -> Result<Verdict, DropReason
     redirected(ret)
 }
 
-/// Delivers the packet into task `t`, counting it on the task interface's egress as if the
-/// bridge had sent it there. Routed packets get the bridge's MAC as source, as the kernel's
-/// forwarding would give them.
+/// Delivers the packet into task `t` (the caller counted it). Routed packets get the bridge's
+/// MAC as source, as the kernel's forwarding would give them.
 #[inline(always)]
 pub fn to_task(
     ctx: &TcContext,
@@ -106,7 +105,6 @@ pub fn to_task(
     if routed {
         set_macs(ctx, &cfg.bridge_mac, &t.mac)?;
     }
-    account_tc(ctx, t.ifindex, HOOK_TC_EGRESS);
     redirected(unsafe { bpf_redirect_peer(t.ifindex, 0) })
 }
 

@@ -77,13 +77,27 @@ fn measure<P: Packet>(pkt: &P, frame_len: usize, gso_segs: u32) -> (u8, u64, u64
     (CLASS_IPV4, segs, l3 + (segs - 1) * hdrs)
 }
 
-/// Counts a packet seen by a TC program on `ifindex` at `hook`.
+/// Packets and bytes of the skb as on the wire, classified for accounting.
 #[inline(always)]
-pub fn account_tc(ctx: &TcContext, ifindex: u32, hook: u8) {
+fn measure_tc(ctx: &TcContext) -> (u8, u64, u64) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer of a TC program is a valid __sk_buff.
     let gso_segs = unsafe { (*skb).gso_segs };
-    let (class, packets, bytes) = measure(ctx, ctx.len() as usize, gso_segs);
+    measure(ctx, ctx.len() as usize, gso_segs)
+}
+
+/// Packets and IP bytes of an IPv4 skb as on the wire (a GSO packet counts as its segments).
+#[inline(always)]
+pub fn wire(ctx: &TcContext) -> (u64, u64) {
+    let (_, packets, bytes) = measure_tc(ctx);
+    (packets, bytes)
+}
+
+/// Counts a packet seen by a TC program on `ifindex` at `hook`; returns its packets and bytes
+/// as counted, for the flow record of the same packet.
+#[inline(always)]
+pub fn account_tc(ctx: &TcContext, ifindex: u32, hook: u8) -> (u64, u64) {
+    let (class, packets, bytes) = measure_tc(ctx);
     let key = StatsKey {
         ifindex,
         hook,
@@ -96,6 +110,7 @@ pub fn account_tc(ctx: &TcContext, ifindex: u32, hook: u8) {
             "STATS map full: packet on ifindex {} not counted", ifindex
         );
     }
+    (packets, bytes)
 }
 
 /// Counts a frame seen by an XDP program on `ifindex`.

@@ -6,11 +6,13 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
     DropReason,
+    flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
     maps::{CONFIG_BLOCK_IMDS, HOOK_TC_EGRESS, HOOK_TC_INGRESS, ROLE_TASK, TaskInfo},
 };
 
 use crate::{
-    forward::{self, Origin},
+    flow::{self, Sighting},
+    forward::{self, Origin, PktAddrs},
     maps::{IFACES, TASKS},
     parse::{
         ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, eth_group_dst, ethertype, flow, load, skb_ifindex,
@@ -24,11 +26,11 @@ use crate::{
 #[classifier]
 pub fn tc_task_ingress(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
-    verdict::tc(try_from_task(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+    verdict::tc(&ctx, try_from_task(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
 }
 
 fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    account_tc(ctx, ifindex, HOOK_TC_INGRESS);
+    let (packets, bytes) = account_tc(ctx, ifindex, HOOK_TC_INGRESS);
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
@@ -55,11 +57,31 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         return Err(DropReason::SpoofedSource);
     }
     if f.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {
+        flow::record(
+            &Sighting::of(&f, ifindex, FLOW_EGRESS, ACTION_REJECT),
+            packets,
+            bytes,
+        );
         return Err(DropReason::ImdsBlocked);
     }
     // SAFETY: a TASKS value pointer, valid for this program run.
-    let policy = unsafe { (*task).policy };
-    forward::packet(ctx, &cfg, &mut f, Origin::Task(policy))
+    let me = unsafe { *task };
+    let mut pkt = PktAddrs {
+        saddr: f.saddr,
+        daddr: f.daddr,
+    };
+    let res = forward::packet(ctx, &cfg, &mut f, Origin::Task(me), &mut pkt);
+    // What the task sent, as it left it: a packet a receiving task's rules drop still left.
+    let action = match res {
+        Ok(_) => ACTION_ACCEPT,
+        Err(DropReason::SgEgress) => ACTION_REJECT,
+        Err(_) => return res,
+    };
+    let mut seen = Sighting::of(&f, ifindex, FLOW_EGRESS, action);
+    seen.pkt_saddr = pkt.saddr;
+    seen.pkt_daddr = pkt.daddr;
+    flow::record(&seen, packets, bytes);
+    res
 }
 
 /// The task's MAC is the source of its first frame when user space did not know it; from then
@@ -95,11 +117,11 @@ fn check_arp(ctx: &TcContext, own: u32) -> Result<Verdict, DropReason> {
 #[classifier]
 pub fn tc_task_egress(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
-    verdict::tc(try_to_task(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
+    verdict::tc(&ctx, try_to_task(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
 }
 
 fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    account_tc(ctx, ifindex, HOOK_TC_EGRESS);
+    let (packets, bytes) = account_tc(ctx, ifindex, HOOK_TC_EGRESS);
     if forward::config().is_none()
         || !matches!(ethertype(ctx), Ok(ETH_P_IP))
         || !matches!(eth_group_dst(ctx), Ok(false))
@@ -112,9 +134,29 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(task) = (unsafe { TASKS.get(&me.ipv4) }) else {
         return Ok(Verdict::Pass);
     };
-    if me.role != ROLE_TASK || task.policy == 0 {
+    if me.role != ROLE_TASK {
+        return Ok(Verdict::Pass);
+    }
+    if task.policy == 0 {
+        // No rules to check: only the flow record, and a packet too malformed for one still
+        // goes on, as it would without ecsnet.
+        if let Ok(f) = flow(ctx) {
+            let seen = Sighting::of(&f, ifindex, FLOW_INGRESS, ACTION_ACCEPT);
+            flow::record(&seen, packets, bytes);
+        }
         return Ok(Verdict::Pass);
     }
     let mut f = flow(ctx)?;
-    forward::deliver(ctx, &mut f, task.policy)
+    let res = forward::deliver(ctx, &mut f, task.policy, ifindex);
+    let action = match res {
+        Ok(_) => ACTION_ACCEPT,
+        Err(DropReason::SgIngress) => ACTION_REJECT,
+        Err(_) => return res,
+    };
+    flow::record(
+        &Sighting::of(&f, ifindex, FLOW_INGRESS, action),
+        packets,
+        bytes,
+    );
+    res
 }

@@ -12,12 +12,14 @@ use aya_ebpf::{
 use ecsnet_common::{
     DropReason,
     ct::{CtKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    flow::{ACTION_REJECT, FLOW_INGRESS},
     maps::{Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
 };
 
 use crate::{
     conntrack,
-    forward::{self, Origin},
+    flow::{self, Sighting},
+    forward::{self, Origin, PktAddrs},
     parse::{
         ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TcpHdrStart, eth_group_dst,
         ethertype, flow, ptr_at, skb_ifindex,
@@ -32,7 +34,7 @@ use crate::{
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     // SAFETY: the context pointer of an XDP program is a valid xdp_md.
     let ifindex = unsafe { (*(ctx.as_ptr() as *const xdp_md)).ingress_ifindex };
-    verdict::xdp(try_xdp_uplink(&ctx, ifindex), ifindex, HOOK_XDP)
+    verdict::xdp(&ctx, try_xdp_uplink(&ctx, ifindex), ifindex, HOOK_XDP)
 }
 
 fn try_xdp_uplink(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, DropReason> {
@@ -56,9 +58,10 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok()?;
     // SAFETY: `ptr_at` checked the header is within the frame.
-    let (vhl, frag_off, proto, saddr, daddr) = unsafe {
+    let (vhl, tot_len, frag_off, proto, saddr, daddr) = unsafe {
         (
             (*ip).vhl,
+            u16::from_be((*ip).tot_len),
             (*ip).frag_off,
             (*ip).protocol,
             (*ip).saddr,
@@ -82,10 +85,11 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
     };
     // SAFETY: the ports are the first four bytes of either header, checked above.
     let (sport, dport) = unsafe { ((*l4).source, (*l4).dest) };
+    let mut tcp_flags = 0;
     if proto == IPPROTO_TCP {
         // SAFETY: a whole TCP header start was checked for TCP.
-        let flags = unsafe { (*l4).flags };
-        if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+        tcp_flags = unsafe { (*l4).flags };
+        if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
             return None;
         }
     }
@@ -117,14 +121,34 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
     ) {
         return None;
     }
-    Some(drop_on(DropReason::SgIngress, dst.ifindex, HOOK_XDP))
+    // The task's flow log gets the REJECT record tc would have written.
+    let seen = Sighting {
+        ifindex: dst.ifindex,
+        dir: FLOW_INGRESS,
+        action: ACTION_REJECT,
+        proto,
+        tcp_flags,
+        saddr,
+        daddr: addr,
+        sport,
+        dport: port,
+        pkt_saddr: saddr,
+        pkt_daddr: daddr,
+    };
+    flow::record(&seen, 1, tot_len as u64);
+    Some(drop_on(ctx, DropReason::SgIngress, dst.ifindex, HOOK_XDP))
 }
 
 /// Packets arriving on the uplink.
 #[classifier]
 pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
-    verdict::tc(try_from_uplink(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+    verdict::tc(
+        &ctx,
+        try_from_uplink(&ctx, ifindex),
+        ifindex,
+        HOOK_TC_INGRESS,
+    )
 }
 
 fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
@@ -139,14 +163,18 @@ fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason>
         return Ok(Verdict::Pass);
     }
     let mut f = flow(ctx)?;
-    forward::packet(ctx, &cfg, &mut f, Origin::Uplink)
+    let mut pkt = PktAddrs {
+        saddr: f.saddr,
+        daddr: f.daddr,
+    };
+    forward::packet(ctx, &cfg, &mut f, Origin::Uplink, &mut pkt)
 }
 
 /// Packets leaving through the uplink (the kernel's and ecsnet's redirects alike).
 #[classifier]
 pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
-    verdict::tc(try_to_uplink(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
+    verdict::tc(&ctx, try_to_uplink(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
 }
 
 fn try_to_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {

@@ -1,10 +1,10 @@
 //! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and every
-//! drop is counted with its reason and hook here and nowhere else.
+//! drop is counted with its reason and hook, and offered to `ecsnet monitor`, here and nowhere else.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
-use ecsnet_common::{DropReason, maps::DropKey};
+use ecsnet_common::{DropReason, flow::EVENT_DROP, maps::DropKey};
 
-use crate::stats::count_drop;
+use crate::{flow::packet_event, parse::Packet, stats::count_drop};
 
 /// What a program decided for a packet it did not drop.
 pub enum Verdict {
@@ -18,20 +18,20 @@ pub enum Verdict {
 
 /// Counts a drop on `ifindex` (a task the packet was for) and says to drop the packet.
 #[inline(always)]
-pub fn drop_on(reason: DropReason, ifindex: u32, hook: u8) -> Verdict {
-    drop_counted(reason, ifindex, hook);
+pub fn drop_on<P: Packet>(pkt: &P, reason: DropReason, ifindex: u32, hook: u8) -> Verdict {
+    drop_counted(pkt, reason, ifindex, hook);
     Verdict::Dropped
 }
 
 /// Return code of a TC program for `res`, counting a drop on `ifindex` at `hook`.
 #[inline(always)]
-pub fn tc(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
+pub fn tc<P: Packet>(pkt: &P, res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
     match res {
         Ok(Verdict::Pass) => TC_ACT_OK,
         Ok(Verdict::Redirect) => TC_ACT_REDIRECT,
         Ok(Verdict::Dropped) => TC_ACT_SHOT,
         Err(reason) => {
-            drop_counted(reason, ifindex, hook);
+            drop_counted(pkt, reason, ifindex, hook);
             TC_ACT_SHOT
         }
     }
@@ -39,24 +39,25 @@ pub fn tc(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> i32 {
 
 /// Return code of an XDP program for `res`, counting a drop on `ifindex` at `hook`.
 #[inline(always)]
-pub fn xdp(res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> u32 {
+pub fn xdp<P: Packet>(pkt: &P, res: Result<Verdict, DropReason>, ifindex: u32, hook: u8) -> u32 {
     match res {
         // XDP never redirects today; a redirect verdict here would be a bug, so pass.
         Ok(Verdict::Pass | Verdict::Redirect) => xdp_action::XDP_PASS,
         Ok(Verdict::Dropped) => xdp_action::XDP_DROP,
         Err(reason) => {
-            drop_counted(reason, ifindex, hook);
+            drop_counted(pkt, reason, ifindex, hook);
             xdp_action::XDP_DROP
         }
     }
 }
 
 #[inline(always)]
-fn drop_counted(reason: DropReason, ifindex: u32, hook: u8) {
+fn drop_counted<P: Packet>(pkt: &P, reason: DropReason, ifindex: u32, hook: u8) {
     count_drop(&DropKey {
         ifindex,
         reason: reason as u8,
         hook,
         _pad: [0; 2],
     });
+    packet_event(pkt, EVENT_DROP, reason as u8, ifindex, hook);
 }

@@ -1,6 +1,7 @@
 //! The agent: the long-running side of an instance. It owns the control socket, forwards the
-//! datapath's log lines, and answers status and stats. The datapath does not depend on it: it
-//! can be killed at any time and started again with `ecsnet up`.
+//! datapath's log lines, answers status and stats, exports flow logs (`flowlog`, on a thread of
+//! its own), fans monitor events out (`monitor`) and serves metrics (`metrics`). The datapath
+//! does not depend on it: it can be killed at any time and started again with `ecsnet up`.
 
 use std::{fs, os::unix::fs::PermissionsExt as _, time::Instant};
 
@@ -10,9 +11,13 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
+    sync::broadcast,
 };
 
-use crate::{instance, paths::InstancePaths, report};
+use crate::{flowlog, instance, maps, metrics, monitor, paths::InstancePaths, report};
+
+/// Event lines buffered for each monitor; one that falls further behind is told how many it lost.
+const MONITOR_BACKLOG: usize = 4096;
 
 /// Longest request line the socket accepts, bytes.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -26,6 +31,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
+    #[error(transparent)]
+    FlowLog(#[from] flowlog::FlowLogError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -71,6 +78,26 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
         socket.display()
     );
     let _loggers = forward_datapath_logs(paths);
+    if meta.flow_logs.enabled {
+        let exporter = flowlog::Exporter::new(paths, &meta.flow_logs)?;
+        let counters = std::sync::Arc::new(std::sync::Mutex::new(flowlog::counters(paths)));
+        std::thread::Builder::new()
+            .name("flow-export".into())
+            .spawn(move || exporter.run(counters))
+            .map_err(io("flow-export thread"))?;
+    }
+    let (events, _) = broadcast::channel::<String>(MONITOR_BACKLOG);
+    let _events_reader = read_events(paths, events.clone());
+    if let Some(addr) = meta.metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                log::info!("metrics on http://{addr}/metrics");
+                tokio::spawn(metrics::serve(l, paths.clone()));
+            }
+            // Metrics are not worth failing the agent for: flow logs and GC go on.
+            Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
+        }
+    }
 
     let timeouts = crate::compile::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
     let mut gc = tokio::time::interval(GC_INTERVAL);
@@ -85,8 +112,9 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     let paths = paths.clone();
+                    let events = events.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, &paths, started).await {
+                        if let Err(e) = handle(stream, &paths, started, &events).await {
                             log::debug!("control connection: {e}");
                         }
                     });
@@ -155,10 +183,75 @@ fn forward_datapath_logs(paths: &InstancePaths) -> Vec<tokio::task::JoinHandle<(
     tasks
 }
 
+/// Drains the datapath's event ring buffer into `tx`, one JSON line per event.
+fn read_events(
+    paths: &InstancePaths,
+    tx: broadcast::Sender<String>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let ring = match maps::open_events(paths) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("monitor events off: {e}");
+            return None;
+        }
+    };
+    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("monitor events off: {e}");
+            return None;
+        }
+    };
+    let paths = paths.clone();
+    Some(tokio::spawn(async move {
+        let mut names = monitor::Names::default();
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                break;
+            };
+            names.refresh(&paths);
+            let offset = flowlog::wall_offset_ns();
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<ecsnet_common::flow::Event>() {
+                    continue;
+                }
+                // SAFETY: the datapath writes whole `Event`s; read unaligned, it is plain data.
+                let e: ecsnet_common::flow::Event =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let line = serde_json::to_string(&monitor::line(&e, &names, offset))
+                    .expect("events serialize");
+                // Nobody listening is fine: the ring is drained either way.
+                let _ = tx.send(line);
+            }
+            guard.clear_ready();
+        }
+    }))
+}
+
+/// Streams event lines to one `monitor` client until it goes away.
+async fn stream_events(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut rx: broadcast::Receiver<String>,
+) -> std::io::Result<()> {
+    write.write_all(b"{\"ok\":true,\"monitor\":true}\n").await?;
+    loop {
+        let line = match rx.recv().await {
+            Ok(l) => l,
+            Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lost\":{n}}}"),
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        write.write_all(line.as_bytes()).await?;
+        write.write_all(b"\n").await?;
+    }
+}
+
 async fn handle(
     stream: UnixStream,
     paths: &InstancePaths,
     started: Instant,
+    events: &broadcast::Sender<String>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -173,6 +266,9 @@ async fn handle(
             return Ok(());
         }
         let too_long = line.len() > MAX_REQUEST;
+        if !too_long && serde_json::from_slice::<Request>(&line).is_ok_and(|r| r.op == "monitor") {
+            return stream_events(write, events.subscribe()).await;
+        }
         let reply = if too_long {
             json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
         } else {
@@ -213,7 +309,7 @@ pub fn answer(line: &[u8], paths: &InstancePaths, started: Instant) -> Value {
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         other => {
-            json!({"ok": false, "error": format!("unknown op {other:?}: use ping, status or stats")})
+            json!({"ok": false, "error": format!("unknown op {other:?}: use ping, status, stats or monitor")})
         }
     }
 }

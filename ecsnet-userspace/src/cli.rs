@@ -11,9 +11,13 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    agent, instance,
+    agent,
+    flowfmt::{Filter, Format},
+    flowlog::{self, FlowLogOptions},
+    instance,
     instance::{InstanceError, UpOptions},
     lab::{self, LabError, LabSpec},
+    monitor,
     netns::{self, NetnsError},
     paths::{self, InstancePaths},
     progcost, report,
@@ -62,6 +66,14 @@ pub enum Cmd {
     /// Apply or list security groups.
     #[command(subcommand)]
     Sg(SgCmd),
+    /// Flow-log records in AWS's VPC Flow Logs format.
+    #[command(subcommand)]
+    Flows(FlowsCmd),
+    /// Live drop and security-group verdict events, rate-limited in the datapath.
+    Monitor {
+        #[arg(long)]
+        json: bool,
+    },
     /// Per-task packets, bytes and drops.
     Stats {
         #[arg(long)]
@@ -105,11 +117,37 @@ pub struct UpArgs {
     pub bridge: Option<String>,
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Also write flow-log records to this file, in `--flow-format`, rotated.
     #[arg(long)]
     pub flow_log: Option<PathBuf>,
     /// Flow-log capture window, seconds (1 to 600).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub window: u64,
+    /// Count flows in the datapath (on) or not at all (off).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub flow_logs: String,
+    /// Format of the --flow-log file, AWS syntax: '${srcaddr} ${dstaddr} ${tcp-flags}'; the
+    /// default is AWS's version 2 format.
+    #[arg(long, default_value = "")]
+    pub flow_format: String,
+    /// Rotate the --flow-log file past this many bytes.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub flow_log_max_bytes: u64,
+    /// Rotated --flow-log files to keep (FILE.1 is the newest).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub flow_log_keep: u32,
+    /// Flow table size, entries (flows of one window and the one being exported); when full,
+    /// the window's records say SKIPDATA.
+    #[arg(long, default_value_t = ecsnet_common::flow::DEFAULT_FLOW_TABLE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub flow_table_size: u32,
+    /// Drop and policy events per second per CPU the datapath may send to `monitor` (0: none);
+    /// the rest are counted as suppressed.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub monitor_rate: u32,
+    /// Serve Prometheus metrics on this address (in the instance's network namespace), or off.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics: String,
     /// Run the agent in this process instead of the background.
     #[arg(long)]
     pub foreground: bool,
@@ -124,6 +162,31 @@ pub struct UpArgs {
     /// tcp-closing, tcp-reset, udp, icmp); unnamed states keep their defaults.
     #[arg(long, default_value = "")]
     pub ct_timeouts: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlowsCmd {
+    /// Print the latest records, and with --follow every record as its window closes.
+    Tail {
+        #[arg(short, long)]
+        follow: bool,
+        /// AWS's syntax, e.g. '${version} ${srcaddr} ${dstaddr} ${tcp-flags}'; fields of
+        /// versions 2 to 8 (vpc-id, pkt-srcaddr, flow-direction, ecs-task-id, ...). Default:
+        /// AWS's version 2 format.
+        #[arg(long)]
+        format: Option<String>,
+        /// JSON lines with the fields of the format (missing values are null).
+        #[arg(long)]
+        json: bool,
+        /// Terms that must all hold, e.g. 'task=web-1 port=80 action=REJECT'; keys: task,
+        /// interface, addr, srcaddr, dstaddr, pkt-srcaddr, pkt-dstaddr (address or CIDR), port,
+        /// srcport, dstport, proto, action, direction, status; `!=` negates.
+        #[arg(long)]
+        filter: Option<String>,
+        /// How many of the latest matching records to print first: a number, or `all`.
+        #[arg(short = 'n', long, default_value = "10")]
+        lines: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +285,10 @@ pub enum LabCmd {
 pub enum UsageError {
     #[error("{0}")]
     BadName(String),
+    #[error("{0}")]
+    BadFlag(String),
+    #[error("bad --metrics {0:?}: expected ADDRESS:PORT like 127.0.0.1:9464, or off")]
+    BadMetrics(String),
     #[error("bad --publish {0:?}: expected HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
     BadPublish(String),
     #[error("no task named {0:?}; `ecsnet task ls` lists them")]
@@ -325,11 +392,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 uplink: a.uplink,
                 bridge: a.bridge,
                 state: a.state,
-                flow_log: a.flow_log,
-                window_secs: a.window,
                 xdp_mode: a.xdp_mode,
                 ct_size: a.ct_size,
                 ct_timeouts: a.ct_timeouts,
+                flow_table_size: a.flow_table_size,
+                flow_logs: FlowLogOptions {
+                    enabled: a.flow_logs == "on",
+                    window_secs: a.window,
+                    sink: a.flow_log,
+                    format: a.flow_format,
+                    max_bytes: a.flow_log_max_bytes,
+                    keep: a.flow_log_keep,
+                },
+                monitor_rate: a.monitor_rate,
+                metrics: match a.metrics.as_str() {
+                    "off" => None,
+                    m => Some(
+                        m.parse()
+                            .map_err(|_| UsageError::BadMetrics(m.to_owned()))?,
+                    ),
+                },
             };
             let pid = instance::up(&inst, &opts, !a.foreground)?;
             let meta = instance::require_up(&inst)?;
@@ -368,6 +450,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Task(t) => task_cmd(&inst, t)?,
         Cmd::Sg(s) => sg_cmd(&inst, s)?,
+        Cmd::Flows(FlowsCmd::Tail {
+            follow,
+            format,
+            json,
+            filter,
+            lines,
+        }) => {
+            instance::require_up(&inst)?;
+            let bad = |e: String| UsageError::BadFlag(e);
+            let opts = flowlog::TailOptions {
+                format: match format {
+                    Some(f) => Format::parse(&f).map_err(|e| bad(format!("--format: {e}")))?,
+                    None => Format::default_v2(),
+                },
+                json,
+                filter: Filter::parse(filter.as_deref().unwrap_or(""))
+                    .map_err(|e| bad(format!("--filter: {e}")))?,
+                lines: match lines.as_str() {
+                    "all" => None,
+                    n => Some(n.parse().map_err(|_| {
+                        bad(format!("bad --lines {n:?}: expected a number or `all`"))
+                    })?),
+                },
+                follow,
+            };
+            flowlog::tail(&inst, &opts)?;
+        }
+        Cmd::Monitor { json } => {
+            instance::require_up(&inst)?;
+            monitor::follow(&inst, json)?;
+        }
         Cmd::Stats { json } => {
             let s = report::stats(&inst)?;
             if json {

@@ -110,8 +110,13 @@ pub fn is_loaded(paths: &InstancePaths) -> bool {
 }
 
 /// Loads the object with every map pinned under the instance, and pins the programs. Maps that
-/// are pinned already are reused, so counters survive a reload.
-pub fn load(paths: &InstancePaths, ct_size: u32) -> Result<(), DatapathError> {
+/// are pinned already are reused, so counters survive a reload. `ct_size` and `flow_table_size`
+/// are the capacities of the connection and flow tables, entries.
+pub fn load(
+    paths: &InstancePaths,
+    ct_size: u32,
+    flow_table_size: u32,
+) -> Result<(), DatapathError> {
     ensure_bpffs()?;
     for dir in [
         paths.pin_dir().join("maps"),
@@ -132,6 +137,7 @@ pub fn load(paths: &InstancePaths, ct_size: u32) -> Result<(), DatapathError> {
         loader.map_pin_path(name, path.as_path());
     }
     loader.map_max_entries(ecsnet_common::maps::MAP_CT, ct_size);
+    loader.map_max_entries(ecsnet_common::flow::MAP_FLOWS, flow_table_size);
     let mut ebpf = loader.load(DATAPATH).map_err(DatapathError::Load)?;
     for prog in TC_PROGRAMS {
         let p: &mut SchedClassifier = ebpf

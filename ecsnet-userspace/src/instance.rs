@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     compile, datapath,
     datapath::DatapathError,
+    flowlog::{self, FlowLogOptions},
     maps::{self, MapsError},
     netlink::{NetlinkError, Snapshot},
     paths::InstancePaths,
@@ -57,6 +58,8 @@ pub enum InstanceError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Process(#[from] process::ProcessError),
+    #[error(transparent)]
+    FlowLog(flowlog::FlowLogError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -81,6 +84,7 @@ impl InstanceError {
             | Self::NotUp { .. }
             | Self::XdpMode(_)
             | Self::Timeouts(_)
+            | Self::FlowLog(flowlog::FlowLogError::Format(_))
             | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
             | Self::Resolve { .. } => 2,
@@ -110,6 +114,18 @@ pub struct Meta {
     /// `--ct-timeouts` as given; the agent parses it again.
     #[serde(default)]
     pub ct_timeouts: String,
+    /// Flow-log table size the datapath was loaded with, entries.
+    #[serde(default)]
+    pub flow_table_size: u32,
+    /// How the agent exports flow logs.
+    #[serde(default)]
+    pub flow_logs: FlowLogOptions,
+    /// Monitor events per second per CPU the datapath may send (0: none).
+    #[serde(default)]
+    pub monitor_rate: u32,
+    /// Where the agent serves Prometheus metrics; None: nowhere.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
@@ -159,11 +175,13 @@ pub struct UpOptions {
     pub uplink: Option<String>,
     pub bridge: Option<String>,
     pub state: Option<PathBuf>,
-    pub flow_log: Option<PathBuf>,
-    pub window_secs: u64,
     pub xdp_mode: String,
     pub ct_size: u32,
     pub ct_timeouts: String,
+    pub flow_table_size: u32,
+    pub flow_logs: FlowLogOptions,
+    pub monitor_rate: u32,
+    pub metrics: Option<SocketAddr>,
 }
 
 fn xdp_mode(s: &str) -> Result<Option<XdpMode>, InstanceError> {
@@ -258,6 +276,11 @@ pub fn up(
         Some(m) if datapath::is_loaded(paths) && m.ct_size != 0 => m.ct_size,
         _ => opts.ct_size,
     };
+    let flow_table_size = match previous.as_ref() {
+        Some(m) if datapath::is_loaded(paths) && m.flow_table_size != 0 => m.flow_table_size,
+        _ => opts.flow_table_size,
+    };
+    opts.flow_logs.format().map_err(InstanceError::FlowLog)?;
     let meta = Meta {
         instance: paths.name.clone(),
         netns: opts.netns.clone(),
@@ -268,10 +291,14 @@ pub fn up(
         bridge_index,
         bridge_address,
         xdp_mode: opts.xdp_mode.clone(),
-        window_secs: opts.window_secs,
-        flow_log: opts.flow_log.clone(),
+        window_secs: opts.flow_logs.window_secs,
+        flow_log: opts.flow_logs.sink.clone(),
         ct_size,
         ct_timeouts: opts.ct_timeouts.clone(),
+        flow_table_size,
+        flow_logs: opts.flow_logs.clone(),
+        monitor_rate: opts.monitor_rate,
+        metrics: opts.metrics,
     };
     // Check the whole state against the host before touching anything.
     let plan = match &state {
@@ -284,7 +311,7 @@ pub fn up(
 
     let fresh = !datapath::is_loaded(paths);
     let result = (|| {
-        datapath::load(paths, ct_size)?;
+        datapath::load(paths, ct_size, flow_table_size)?;
         datapath::attach_uplink(paths, &uplink, uplink_index, mode).or_else(|e| match mode {
             // Native XDP needs driver support; fall back to generic XDP and say so.
             Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
@@ -301,6 +328,8 @@ pub fn up(
             config.flags = compile::config_flags(&plan.state.host);
         }
         maps::write_local_addrs(paths, &compile::local_addr_entries(&snap))?;
+        flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
+            .map_err(InstanceError::FlowLog)?;
         // Last: with CONFIG written the datapath starts translating.
         maps::write_config(paths, &config)?;
         Ok::<_, InstanceError>(())

@@ -302,6 +302,11 @@ pub fn state_for(status: &LabStatus) -> State {
                 u64::from(u32::from_str_radix(&veth_name(&status.name, 0)[4..], 16).unwrap_or(0))
             )),
             cluster: Some(status.name.clone()),
+            // Made-up identifiers in AWS's shapes, so flow logs of the lab read like real ones.
+            vpc_id: Some("vpc-0ecs0e7000000001".into()),
+            subnet_id: Some("subnet-0ecs0e700000001".into()),
+            region: Some("us-east-1".into()),
+            az_id: Some("use1-az1".into()),
             ..Host::default()
         },
         security_groups: vec![],

@@ -1,6 +1,7 @@
 //! ecsnet user space. Modules follow the data's path: `state` (parse and validate) ->
 //! `compile` (state into map entries) -> `maps` and `datapath` (write them, attach, pin) ->
-//! `instance` (up/apply/down) -> `agent` (the long-running side) -> `cli`.
+//! `instance` (up/apply/down) -> `agent` (the long-running side: `flowlog` export, `monitor`
+//! events, `metrics`) -> `cli`. `flowfmt` renders flow-log records in AWS's formats.
 //! `lab` builds the bridge-mode test host; `traffic` is its echo server and probe.
 
 pub mod agent;
@@ -8,9 +9,13 @@ pub mod arp;
 pub mod cli;
 pub mod compile;
 pub mod datapath;
+pub mod flowfmt;
+pub mod flowlog;
 pub mod instance;
 pub mod lab;
 pub mod maps;
+pub mod metrics;
+pub mod monitor;
 pub mod netlink;
 pub mod netns;
 pub mod paths;

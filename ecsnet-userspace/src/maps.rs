@@ -6,9 +6,13 @@ use std::{
     path::PathBuf,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use ecsnet_common::{
     ct::{self, CtEntry, CtKey, Timeouts},
+    flow::{
+        EventBudget, FlowKey, FlowState, FlowStats, LostKey, MAP_EVENT_BUDGET, MAP_EVENTS,
+        MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
+    },
     maps::{
         CLASS_IPV4, CLASS_OTHER, Config, Counters, DropKey, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
         HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS,
@@ -384,4 +388,99 @@ pub fn remove_flows(
         }
     }
     Ok(removed)
+}
+
+/// The open capture window and the event rate limit.
+pub fn read_flow_state(paths: &InstancePaths) -> Result<FlowState, MapsError> {
+    let a: Array<MapData, FlowState> = open(paths, MAP_FLOW_STATE)?
+        .try_into()
+        .map_err(access(MAP_FLOW_STATE))?;
+    a.get(&0, 0).map_err(access(MAP_FLOW_STATE))
+}
+
+pub fn write_flow_state(paths: &InstancePaths, st: &FlowState) -> Result<(), MapsError> {
+    let mut a: Array<MapData, FlowState> = open(paths, MAP_FLOW_STATE)?
+        .try_into()
+        .map_err(access(MAP_FLOW_STATE))?;
+    a.set(0, st, 0).map_err(access(MAP_FLOW_STATE))
+}
+
+/// Every flow of the flow table with its per-CPU counters (CPUs that never saw it are zero).
+pub fn read_flows(paths: &InstancePaths) -> Result<Vec<(FlowKey, Vec<FlowStats>)>, MapsError> {
+    let m: PerCpuHashMap<MapData, FlowKey, FlowStats> = open(paths, MAP_FLOWS)?
+        .try_into()
+        .map_err(access(MAP_FLOWS))?;
+    let mut out = Vec::new();
+    for entry in m.iter() {
+        let (k, v) = entry.map_err(access(MAP_FLOWS))?;
+        out.push((k, v.iter().copied().collect()));
+    }
+    Ok(out)
+}
+
+/// Packets that found the flow table full, by window and interface, summed over CPUs.
+pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>, MapsError> {
+    let m: PerCpuHashMap<MapData, LostKey, Counters> = open(paths, MAP_FLOW_LOST)?
+        .try_into()
+        .map_err(access(MAP_FLOW_LOST))?;
+    let mut out = Vec::new();
+    for entry in m.iter() {
+        let (k, v) = entry.map_err(access(MAP_FLOW_LOST))?;
+        out.push((k, sum(&v)));
+    }
+    Ok(out)
+}
+
+/// Removes every flow and loss counter of window `epoch` (after its records were written).
+pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsError> {
+    let mut flows: PerCpuHashMap<MapData, FlowKey, FlowStats> = open(paths, MAP_FLOWS)?
+        .try_into()
+        .map_err(access(MAP_FLOWS))?;
+    let keys: Vec<FlowKey> = flows
+        .keys()
+        .flatten()
+        .filter(|k| k.epoch == epoch)
+        .collect();
+    for k in &keys {
+        // Gone already (a second recovery pass) is as good as removed.
+        let _ = flows.remove(k);
+    }
+    let mut lost: PerCpuHashMap<MapData, LostKey, Counters> = open(paths, MAP_FLOW_LOST)?
+        .try_into()
+        .map_err(access(MAP_FLOW_LOST))?;
+    let lost_keys: Vec<LostKey> = lost.keys().flatten().filter(|k| k.epoch == epoch).collect();
+    for k in &lost_keys {
+        let _ = lost.remove(k);
+    }
+    Ok(keys.len())
+}
+
+/// Entries in the flow table now, and its capacity.
+pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
+    let path = paths.map_pin(MAP_FLOWS);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        map: MAP_FLOWS,
+        path: path.clone(),
+        source,
+    })?;
+    let capacity = data.info().map_err(access(MAP_FLOWS))?.max_entries() as u64;
+    let m: PerCpuHashMap<MapData, FlowKey, FlowStats> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(access(MAP_FLOWS))?;
+    Ok((m.keys().flatten().count() as u64, capacity))
+}
+
+/// Monitor events the datapath suppressed (rate limit or full ring), summed over CPUs.
+pub fn events_suppressed(paths: &InstancePaths) -> Result<u64, MapsError> {
+    let a: PerCpuArray<MapData, EventBudget> = open(paths, MAP_EVENT_BUDGET)?
+        .try_into()
+        .map_err(access(MAP_EVENT_BUDGET))?;
+    let v = a.get(&0, 0).map_err(access(MAP_EVENT_BUDGET))?;
+    Ok(v.iter().map(|b| b.suppressed_total).sum())
+}
+
+/// The ring buffer of monitor events, for the agent to read.
+pub fn open_events(paths: &InstancePaths) -> Result<RingBuf<MapData>, MapsError> {
+    open(paths, MAP_EVENTS)?
+        .try_into()
+        .map_err(access(MAP_EVENTS))
 }

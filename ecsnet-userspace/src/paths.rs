@@ -52,6 +52,15 @@ impl InstancePaths {
     pub fn meta_file(&self) -> PathBuf {
         self.run_dir().join("meta.json")
     }
+    /// Flow-log records as JSON lines with every field, what `flows tail` reads (rotated to
+    /// `.1`).
+    pub fn flow_journal(&self) -> PathBuf {
+        self.run_dir().join("flows.jsonl")
+    }
+    /// Where the export of the last capture window stands (see `flowlog`).
+    pub fn flow_checkpoint(&self) -> PathBuf {
+        self.run_dir().join("flows.checkpoint.json")
+    }
     /// The state as last applied, with interfaces and dynamic ports resolved.
     pub fn applied_state(&self) -> PathBuf {
         self.run_dir().join("applied.json")

@@ -7,6 +7,7 @@ use ecsnet_common::DropReason;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    flowlog,
     instance::{self, InstanceError},
     maps::{self, Count},
     paths::InstancePaths,
@@ -56,6 +57,24 @@ pub struct ConntrackStats {
     pub nat_mappings: u64,
 }
 
+/// Flow logs and monitor events: the flow table's fill and what the exporter wrote and lost.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowLogStats {
+    pub enabled: bool,
+    /// The open capture window's number.
+    pub window: u32,
+    pub table_entries: u64,
+    pub table_capacity: u64,
+    pub windows_exported: u64,
+    pub records_exported: u64,
+    pub skipdata_records: u64,
+    /// Packets that found the flow table full (they are in SKIPDATA records, no OK record).
+    pub lost_packets: u64,
+    /// Monitor events the datapath's rate limit (or a full ring) suppressed.
+    pub events_suppressed: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
@@ -64,6 +83,25 @@ pub struct Stats {
     pub uplink: UplinkStats,
     pub drops: BTreeMap<String, u64>,
     pub conntrack: ConntrackStats,
+    #[serde(default)]
+    pub flow_logs: FlowLogStats,
+}
+
+fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, InstanceError> {
+    let st = maps::read_flow_state(paths)?;
+    let (table_entries, table_capacity) = maps::flow_table_fill(paths)?;
+    let c = flowlog::counters(paths);
+    Ok(FlowLogStats {
+        enabled: st.enabled != 0,
+        window: st.epoch,
+        table_entries,
+        table_capacity,
+        windows_exported: c.windows,
+        records_exported: c.records,
+        skipdata_records: c.skipdata_records,
+        lost_packets: c.lost_packets,
+        events_suppressed: maps::events_suppressed(paths)?,
+    })
 }
 
 /// The table's fill, from its entries.
@@ -158,6 +196,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
         },
         drops: total,
         conntrack: conntrack_stats(&maps::read_ct(paths)?, maps::ct_capacity(paths)?),
+        flow_logs: flow_log_stats(paths)?,
     })
 }
 
@@ -223,6 +262,20 @@ pub fn render(s: &Stats) -> String {
             flows.join(" ")
         },
         c.nat_mappings
+    );
+    let f = &s.flow_logs;
+    let _ = writeln!(
+        out,
+        "flow logs: {}, window {}, table {} of {} entries, {} record(s) in {} window(s), {} SKIPDATA ({} packet(s) lost), {} monitor event(s) suppressed",
+        if f.enabled { "on" } else { "off" },
+        f.window,
+        f.table_entries,
+        f.table_capacity,
+        f.records_exported,
+        f.windows_exported,
+        f.skipdata_records,
+        f.lost_packets,
+        f.events_suppressed
     );
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");

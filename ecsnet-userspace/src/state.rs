@@ -94,6 +94,18 @@ pub struct Host {
     pub instance_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// Flow-log fields of the instance (`vpc-id`, `subnet-id`, `region`, `az-id`,
+    /// `ecs-container-instance-arn`); region also comes from task ARNs when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub az_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_instance_arn: Option<String>,
     #[serde(default)]
     pub default_policy: DefaultPolicy,
     #[serde(default)]
@@ -110,6 +122,11 @@ impl Default for Host {
             account_id: None,
             instance_id: None,
             cluster: None,
+            vpc_id: None,
+            subnet_id: None,
+            region: None,
+            az_id: None,
+            container_instance_arn: None,
             default_policy: DefaultPolicy::Allow,
             block_instance_metadata: false,
             ephemeral_ports: default_ephemeral(),
