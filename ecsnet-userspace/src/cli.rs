@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    agent,
+    agent, bench,
     flowfmt::{Filter, Format},
     flowlog::{self, FlowLogOptions},
     instance,
@@ -92,6 +92,17 @@ pub enum Cmd {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
+    /// iperf3 throughput with flow logging on and off (1 s windows), on a lab of its own.
+    FlowLogs {
+        /// Rounds per mode and path; modes alternate which goes first. The median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
     PolicyCost {
         #[arg(long, default_value_t = 10_000)]
@@ -321,6 +332,12 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 _ => 2,
             };
         }
+        if matches!(
+            cause.downcast_ref::<crate::bench::BenchError>(),
+            Some(crate::bench::BenchError::Usage)
+        ) {
+            return 2;
+        }
         if cause.downcast_ref::<NetnsError>().is_some()
             || matches!(
                 cause.downcast_ref::<progcost::CostError>(),
@@ -490,6 +507,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Lab(l) => lab_cmd_run(l)?,
+        Cmd::Bench(BenchCmd::FlowLogs {
+            rounds,
+            seconds,
+            json,
+        }) => {
+            let b = bench::flow_logs(rounds, seconds)?;
+            if json {
+                print_json(&b);
+            } else {
+                print!("{}", bench::render(&b));
+            }
+        }
         Cmd::Bench(BenchCmd::PolicyCost {
             rules,
             groups,

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod arp;
+pub mod bench;
 pub mod cli;
 pub mod compile;
 pub mod datapath;

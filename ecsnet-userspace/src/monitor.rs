@@ -270,7 +270,10 @@ mod tests {
             ..e
         };
         let l = line(&allow, &names, 0);
-        assert_eq!((l.reason.as_deref(), l.direction.as_deref()), (None, Some("egress")));
+        assert_eq!(
+            (l.reason.as_deref(), l.direction.as_deref()),
+            (None, Some("egress"))
+        );
         assert!(render(&l).contains("ALLOW egress task2 (vethX) at tc-ingress tcp"));
     }
 }
