@@ -95,8 +95,12 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     print!("{}", ecsnet_ok(&["lab", "status", "--name", name]));
     let dynamic = lab.status.tasks[1].port_mappings[0].host_port;
 
-    say("ecsnet up on the lab host");
-    print!("{}", lab.ecsnet_up());
+    say("ecsnet up on the lab host, flow logs in 1-second windows");
+    let state = lab.state_file();
+    print!(
+        "{}",
+        ecsnet_ok(&lab.ecsnet_args(&["up", "--state", &state, "--window", "1"]))
+    );
 
     let steps = [
         Step {
@@ -236,9 +240,73 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         stats.drops
     );
 
+    // Flow logs: once the last window is exported, each task's records add up to its counters.
+    let format = "${interface-id} ${flow-direction} ${srcaddr} ${srcport} ${dstaddr} ${dstport} ${protocol} ${packets} ${bytes} ${tcp-flags} ${pkt-srcaddr} ${pkt-dstaddr} ${action} ${log-status}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (sums, want) = loop {
+        let want: Vec<_> = lab
+            .settled_stats()
+            .tasks
+            .iter()
+            .map(|t| {
+                (
+                    t.interface.clone(),
+                    (t.egress.packets, t.egress.bytes, t.ingress.packets, t.ingress.bytes),
+                )
+            })
+            .collect();
+        let out = ecsnet_ok(&[
+            "--instance", name, "flows", "tail", "-n", "all", "--json", "--format", format,
+            "--filter", "status=ok",
+        ]);
+        let mut sums: std::collections::BTreeMap<String, (u64, u64, u64, u64)> =
+            Default::default();
+        for line in out.lines() {
+            let r: serde_json::Value = serde_json::from_str(line)?;
+            let e = sums
+                .entry(r["interface-id"].as_str().unwrap_or_default().to_owned())
+                .or_default();
+            let (p, b) = (r["packets"].as_u64().unwrap_or(0), r["bytes"].as_u64().unwrap_or(0));
+            if r["flow-direction"] == "egress" {
+                (e.0, e.1) = (e.0 + p, e.1 + b);
+            } else {
+                (e.2, e.3) = (e.2 + p, e.3 + b);
+            }
+        }
+        let done = want
+            .iter()
+            .all(|(i, w)| sums.get(i).copied().unwrap_or_default() == *w);
+        if done || std::time::Instant::now() > deadline {
+            break (sums, want);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    println!("
+$ ecsnet --instance {name} flows tail -n 12 --format '{format}' --filter 'status=ok'");
+    print!(
+        "{}",
+        ecsnet_ok(&[
+            "--instance", name, "flows", "tail", "-n", "12", "--format", format, "--filter",
+            "status=ok",
+        ])
+    );
+    for (iface, w) in &want {
+        let got = sums.get(iface).copied().unwrap_or_default();
+        if got == *w {
+            println!(
+                "flow logs of {iface}: egress {} pkts {} B, ingress {} pkts {} B: equal to its counters",
+                w.0, w.1, w.2, w.3
+            );
+        } else {
+            failures.push(format!(
+                "flow logs of {iface} sum to {got:?}, its counters say {w:?} (egress pkts, B, ingress pkts, B)"
+            ));
+        }
+    }
+
     if keep {
         println!(
-            "\nLeft up. Look around:\n  ecsnet --instance {name} stats\n  ecsnet lab status --name {name}\n  ip netns exec {host} iptables -t nat -L -v -n\n  ecsnet --netns {client} lab probe --tcp 10.10.0.1:8080 --count 5\n  ls /sys/fs/bpf/ecsnet/{name}\nTake it down with: ecsnet lab down --name {name}   (binary: target/debug/ecsnet)",
+            "\nLeft up. Look around:\n  ecsnet --instance {name} stats\n  ecsnet --instance {name} flows tail -f\n  ecsnet --instance {name} monitor\n  ecsnet lab status --name {name}\n  ip netns exec {host} iptables -t nat -L -v -n\n  ecsnet --netns {client} lab probe --tcp 10.10.0.1:8080 --count 5\n  ls /sys/fs/bpf/ecsnet/{name}\nTake it down with: ecsnet lab down --name {name}   (binary: target/debug/ecsnet)",
             host = lab.host(),
             client = lab.client(),
         );
@@ -254,6 +322,8 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     if !failures.is_empty() {
         bail!("demo checks failed:\n  {}", failures.join("\n  "));
     }
-    println!("\ndemo OK: every per-task counter equals what the task's kernel sent and received");
+    println!(
+        "\ndemo OK: every per-task counter equals what the task's kernel sent and received, and each task's flow-log records add up to its counters"
+    );
     Ok(())
 }
