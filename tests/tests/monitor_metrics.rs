@@ -1,0 +1,1175 @@
+//! `ecsnet monitor` and the Prometheus endpoint on real labs with real traffic.
+//!
+//! Monitor: every datagram a security group rejects is one drop event with its reason, the task
+//! it was dropped for and the addresses and ports it carried, and every new flow a security
+//! group lets through is one allow event saying whose rules decided (the sender's egress, the
+//! receiver's ingress); well below the rate limit, there is exactly one event per packet and
+//! nothing is suppressed. With `up --monitor-rate 50` a flood of rejected datagrams yields at
+//! most the kernel's budget of events (rate per second and one second of burst, per CPU) while
+//! every drop is still counted, and every rejected datagram is accounted for exactly once: as
+//! an event received, as an event the monitor lost (`{"lost": N}`), or as an event the datapath
+//! suppressed (`flowLogs.eventsSuppressed`). Without an agent `monitor` fails with one line and
+//! exit 1, and works again once `up` has started a new agent.
+//!
+//! Metrics: `GET /metrics` inside the instance's namespace serves every family in the text
+//! exposition format, with exactly the numbers `stats --json` reports around the scrape (task
+//! packets and bytes after known traffic, drops after known rejected datagrams, table
+//! capacities, flow-log windows and records); other paths are 404 and other methods 405;
+//! `up --metrics ADDR` moves the endpoint, `off` removes it and a bad address is refused with
+//! exit 2 and one line, changing nothing.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::net::UnixStream,
+    process::{Child, Command, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use ecsnet_tests::{Lab, Stats, ecsnet, ecsnet_bin, ecsnet_fails, ecsnet_ok, in_netns};
+use serde_json::{Value, json};
+
+/// The port task2's rules reject and that the tests count events for.
+const REJECTED_PORT: u16 = 5353;
+/// Another rejected port, used only to learn when a monitor receives events.
+const MARKER_PORT: u16 = 5354;
+/// The lab client's address: task2's group allows it (and only it) on TCP 80.
+const CLIENT: &str = "10.10.0.2";
+/// The lab host's uplink address, where published ports are reached.
+const HOST: &str = "10.10.0.1";
+
+// ---------------------------------------------------------------------------------------------
+// Security groups and bringing ecsnet up.
+
+/// One `IpPermissions` entry with CIDR peers; `ports` is (FromPort, ToPort).
+fn perm(proto: &str, ports: Option<(i32, i32)>, cidrs: &[&str]) -> Value {
+    let mut p = json!({"IpProtocol": proto});
+    if let Some((from, to)) = ports {
+        p["FromPort"] = json!(from);
+        p["ToPort"] = json!(to);
+    }
+    p["IpRanges"] = cidrs.iter().map(|c| json!({"CidrIp": c})).collect();
+    p
+}
+
+fn sg(id: &str, inbound: &[Value], outbound: &[Value]) -> Value {
+    json!({
+        "GroupId": id,
+        "GroupName": id,
+        "IpPermissions": inbound,
+        "IpPermissionsEgress": outbound,
+    })
+}
+
+/// Which tasks get security groups.
+#[derive(Clone, Copy)]
+struct Groups {
+    /// task1: TCP 80 in from the uplink's network, everything out (so it has allow events).
+    task1: bool,
+    /// task2 also takes UDP 53 from the uplink's network (besides TCP 80 from it).
+    task2_dns: bool,
+}
+
+/// The lab's state file with task2 (and task1 if asked) in security groups; task2 accepts
+/// nothing from task1, so every datagram task1 sends it is rejected (SG_INGRESS on task2).
+fn state_with_groups(lab: &Lab, groups: Groups) -> String {
+    let text = std::fs::read_to_string(lab.state_file()).expect("read the lab's state file");
+    let mut s: Value = serde_json::from_str(&text).expect("the lab's state file parses");
+    let uplink_net = &["10.10.0.0/24"][..];
+    let mut inbound2 = vec![perm("tcp", Some((80, 80)), uplink_net)];
+    if groups.task2_dns {
+        inbound2.push(perm("udp", Some((53, 53)), uplink_net));
+    }
+    let mut all = vec![sg("sg-task2", &inbound2, &[])];
+    s["tasks"][1]["securityGroups"] = json!(["sg-task2"]);
+    if groups.task1 {
+        all.push(sg(
+            "sg-task1",
+            &[perm("tcp", Some((80, 80)), uplink_net)],
+            &[perm("-1", None, &["0.0.0.0/0"])],
+        ));
+        s["tasks"][0]["securityGroups"] = json!(["sg-task1"]);
+    }
+    s["securityGroups"] = json!(all);
+    let dir = std::path::Path::new(&lab.state_file())
+        .parent()
+        .expect("the state file has a directory")
+        .to_owned();
+    let file = dir.join("monitor-groups.json").display().to_string();
+    std::fs::write(&file, s.to_string()).expect("write the state file with groups");
+    file
+}
+
+/// `ecsnet up --state STATE --window 1 EXTRA...` on the lab's host.
+fn up(lab: &Lab, state: &str, extra: &[&str]) {
+    let mut args = vec!["up", "--state", state, "--window", "1"];
+    args.extend_from_slice(extra);
+    let out = ecsnet_ok(&lab.ecsnet_args(&args));
+    assert!(out.contains(" up"), "up printed: {out}");
+}
+
+/// A two-task lab, task1 publishing 80 on 8080, with groups, brought up with `extra` flags.
+fn lab_with_groups(prefix: &str, groups: Groups, extra: &[&str]) -> Lab {
+    let lab = Lab::up(prefix, 2, &["1:8080:80", "2:8053:53/udp"]);
+    let state = state_with_groups(&lab, groups);
+    up(&lab, &state, extra);
+    lab
+}
+
+fn task_ip(lab: &Lab, i: usize) -> String {
+    lab.status.tasks[i - 1].address.to_string()
+}
+
+fn task_addr(lab: &Lab, i: usize, port: u16) -> SocketAddr {
+    format!("{}:{port}", task_ip(lab, i))
+        .parse()
+        .expect("a socket address")
+}
+
+/// The agent's answer to a ping on the instance's control socket: once it answers, the agent
+/// has finished starting (its metrics listener and event reader are set up before it answers).
+fn agent_pid(lab: &Lab) -> u64 {
+    let path = format!("/run/ecsnet/{}.sock", lab.name);
+    let mut s = UnixStream::connect(&path).unwrap_or_else(|e| panic!("connect {path}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"{\"op\":\"ping\"}\n").expect("send a ping");
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .expect("the agent answers a ping");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ping reply {line}: {e}"));
+    assert_eq!(v["ok"], json!(true), "ping reply: {line}");
+    v["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("ping reply without a pid: {line}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic.
+
+/// Sends `count` datagrams of 16 bytes from one socket in namespace `ns` to `dst` as fast as
+/// it can; returns the socket's local port. Fails the test if a send fails.
+fn send_udp(ns: &str, dst: SocketAddr, count: u32) -> u16 {
+    let ns_name = ns.to_owned();
+    in_netns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+        for i in 0..count {
+            if let Err(e) = s.send_to(&[0x42; 16], dst) {
+                panic!("datagram {i} of {count} from {ns_name} to {dst}: {e}");
+            }
+        }
+        s.local_addr().expect("local address").port()
+    })
+}
+
+/// A TCP connection from `ns` to `dst` with one echoed message; returns the local address.
+fn tcp_roundtrip(ns: &str, dst: SocketAddr) -> SocketAddr {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {dst}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = [0x5a_u8; 100];
+        s.write_all(&msg).expect("send on the connection");
+        let mut back = [0u8; 100];
+        s.read_exact(&mut back).expect("the echo server answers");
+        assert_eq!(back, msg, "the echo from {dst} differs");
+        s.local_addr().expect("local address")
+    })
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The monitor process.
+
+/// `ecsnet --instance LAB monitor --json` as a child process, its stdout read line by line on
+/// a thread. Killed when dropped (also on panic).
+struct Monitor {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Monitor {
+    fn start(lab: &Lab) -> Self {
+        let mut child = Command::new(ecsnet_bin())
+            .args(["--instance", &lab.name, "monitor", "--json"])
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ecsnet monitor");
+        let stdout = child.stdout.take().expect("monitor stdout is piped");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Monitor { child, lines }
+    }
+
+    /// The next line, parsed, within `timeout`; None if none came.
+    fn next(&self, timeout: Duration) -> Option<Value> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Some(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("monitor --json printed {line:?}: {e}")),
+            ),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("the monitor's output ended early (did it exit?)")
+            }
+        }
+    }
+
+    /// Every line until none has come for `quiet`.
+    fn until_quiet(&self, quiet: Duration) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(v) = self.next(quiet) {
+            out.push(v);
+        }
+        out
+    }
+
+    /// Sends rejected datagrams from task1 to task2's marker port, one at a time, until the
+    /// monitor shows the drop of one: from then on it receives every event. Returns how many
+    /// markers were sent; the events seen meanwhile (markers only) are discarded.
+    fn sync(&self, lab: &Lab) -> u64 {
+        let marker = task_addr(lab, 2, MARKER_PORT);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut sent = 0;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the monitor showed no event for any of {sent} rejected datagrams to {marker} \
+                 in 15 s"
+            );
+            send_udp(lab.task_ns(1), marker, 1);
+            sent += 1;
+            let until = Instant::now() + Duration::from_millis(250);
+            let mut seen = false;
+            while let Some(v) = self.next(until.saturating_duration_since(Instant::now())) {
+                assert!(is_marker(&v), "before any traffic, the monitor printed {v}");
+                seen |= v["kind"] == "drop";
+            }
+            if seen {
+                break;
+            }
+        }
+        // Late lines about markers sent before the one seen.
+        for v in self.until_quiet(Duration::from_millis(300)) {
+            assert!(is_marker(&v), "before any traffic, the monitor printed {v}");
+        }
+        sent
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_marker(v: &Value) -> bool {
+    v["dst"]
+        .as_str()
+        .is_some_and(|d| d.ends_with(&format!(":{MARKER_PORT}")))
+}
+
+/// An event line's string field, or panic.
+fn field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("event {v} has no string {key:?}"))
+}
+
+/// Checks the fields every event line has, whatever its kind.
+fn check_event_shape(v: &Value) {
+    for key in ["kind", "hook", "src", "dst"] {
+        field(v, key);
+    }
+    assert!(v["time"].is_f64() || v["time"].is_u64(), "event {v}: time");
+    assert!(v["ifindex"].is_u64(), "event {v}: ifindex");
+    assert!(v["proto"].is_u64(), "event {v}: proto");
+    assert!(v["suppressed"].is_u64(), "event {v}: suppressed");
+    assert!(
+        ["tc-ingress", "tc-egress", "xdp"].contains(&field(v, "hook")),
+        "event {v}: hook"
+    );
+    match field(v, "kind") {
+        "drop" => {
+            field(v, "reason");
+            assert!(
+                v["direction"].is_null(),
+                "a drop event has no direction: {v}"
+            );
+        }
+        "allow" => {
+            assert!(v["reason"].is_null(), "an allow event has no reason: {v}");
+            assert!(
+                ["egress", "ingress"].contains(&field(v, "direction")),
+                "an allow event says whose rules decided: {v}"
+            );
+        }
+        other => panic!("event kind {other:?}: {v}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters.
+
+fn task_drops(s: &Stats, task: &str, reason: &str) -> u64 {
+    s.tasks
+        .iter()
+        .find(|t| t.name == task)
+        .unwrap_or_else(|| panic!("no {task} in stats"))
+        .drops
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
+}
+
+fn task_egress_packets(s: &Stats, task: &str) -> u64 {
+    s.tasks
+        .iter()
+        .find(|t| t.name == task)
+        .unwrap_or_else(|| panic!("no {task} in stats"))
+        .egress
+        .packets
+}
+
+/// Polls stats until task2's SG_INGRESS drops reach `want` (then returns them) or 10 s pass.
+fn wait_for_drops(lab: &Lab, want: u64) -> Stats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = lab.stats();
+        if task_drops(&s, "task2", "SG_INGRESS") >= want || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// CPUs the kernel keeps per-CPU state for (the event budget is per CPU).
+fn possible_cpus() -> u64 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .expect("read /sys/devices/system/cpu/possible");
+    text.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => {
+                b.parse::<u64>().expect("a CPU number") - a.parse::<u64>().expect("a CPU number")
+                    + 1
+            }
+            None => 1,
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP and the exposition format.
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` to 127.0.0.1:`port` in namespace `ns` and reads the whole response.
+fn http(ns: &str, port: u16, request: &str) -> std::io::Result<Response> {
+    let request = request.to_owned();
+    let raw = in_netns(ns, move || -> std::io::Result<Vec<u8>> {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request.as_bytes())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        Ok(raw)
+    })?;
+    let text = String::from_utf8(raw).expect("the response is UTF-8");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in the response: {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .map(|l| {
+            let (k, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad header line {l:?}"));
+            (k.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let resp = Response {
+        status,
+        headers,
+        body: body.to_owned(),
+    };
+    if let Some(len) = resp.header("content-length") {
+        assert_eq!(
+            len.parse::<usize>().ok(),
+            Some(resp.body.len()),
+            "Content-Length {len} differs from the body's {} bytes",
+            resp.body.len()
+        );
+    }
+    Ok(resp)
+}
+
+/// `GET /metrics` on `port`, retried while the connection is refused (for up to 5 s: the
+/// agent may still be starting).
+fn scrape(ns: &str, port: u16) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match http(ns, port, "GET /metrics HTTP/1.0\r\n\r\n") {
+            Ok(r) => return r,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused,
+                    "GET /metrics on {port}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("GET /metrics on 127.0.0.1:{port} in {ns}: {e}"),
+        }
+    }
+}
+
+/// A sample's identity: metric name and labels (sorted by name).
+type SampleKey = (String, Vec<(String, String)>);
+
+/// Parses the exposition text: every line is a comment (`# HELP`/`# TYPE`) or
+/// `name{label="value",...} integer`; every sample's family has a `# TYPE` line before it.
+fn parse_exposition(text: &str) -> BTreeMap<SampleKey, u64> {
+    let mut typed: Vec<String> = Vec::new();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix('#') {
+            let mut parts = c.split_whitespace();
+            let kind = parts.next();
+            let name = parts
+                .next()
+                .unwrap_or_else(|| panic!("bad comment {line:?}"));
+            match kind {
+                Some("TYPE") => {
+                    let t = parts.next();
+                    assert!(
+                        matches!(t, Some("counter" | "gauge")),
+                        "bad type in {line:?}"
+                    );
+                    typed.push(name.to_owned());
+                }
+                Some("HELP") => {}
+                _ => panic!("unexpected comment {line:?}"),
+            }
+            continue;
+        }
+        assert!(!line.is_empty(), "an empty line in the exposition");
+        let (key, value) = parse_sample(line)
+            .unwrap_or_else(|| panic!("line {line:?} is not `name{{labels}} integer`"));
+        assert!(
+            typed.contains(&key.0),
+            "sample {line:?} comes without a # TYPE line for its family"
+        );
+        assert!(
+            out.insert(key, value).is_none(),
+            "sample {line:?} appears twice"
+        );
+    }
+    out
+}
+
+fn parse_sample(line: &str) -> Option<(SampleKey, u64)> {
+    let open = line.find('{')?;
+    let name = &line[..open];
+    let ok_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !ok_name {
+        return None;
+    }
+    let mut rest = &line[open + 1..];
+    let mut labels = Vec::new();
+    loop {
+        if let Some(r) = rest.strip_prefix('}') {
+            rest = r;
+            break;
+        }
+        let eq = rest.find("=\"")?;
+        let label = &rest[..eq];
+        if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        rest = &rest[eq + 2..];
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c @ ('\\' | '"') => value.push(c),
+                    _ => return None,
+                },
+                '"' => break i,
+                c => value.push(c),
+            }
+        };
+        labels.push((label.to_owned(), value));
+        rest = &rest[end + 1..];
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+        } else if !rest.starts_with('}') {
+            return None;
+        }
+    }
+    let value = rest.strip_prefix(' ')?;
+    if value.is_empty() || !value.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    labels.sort();
+    Some(((name.to_owned(), labels), value.parse().ok()?))
+}
+
+/// The samples `/metrics` must serve for `s`: its numbers under the documented families, each
+/// labelled with the instance.
+fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
+    let mut out = BTreeMap::new();
+    let mut add = |name: &str, labels: &[(&str, &str)], v: u64| {
+        let mut l: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        l.push(("instance".to_owned(), s.instance.clone()));
+        l.sort();
+        out.insert((name.to_owned(), l), v);
+    };
+    for t in &s.tasks {
+        for (dir, c) in [("egress", t.egress), ("ingress", t.ingress)] {
+            let l = [
+                ("task", t.name.as_str()),
+                ("interface", t.interface.as_str()),
+                ("direction", dir),
+            ];
+            add("ecsnet_task_packets_total", &l, c.packets);
+            add("ecsnet_task_bytes_total", &l, c.bytes);
+        }
+        for (reason, n) in &t.drops {
+            let l = [
+                ("task", t.name.as_str()),
+                ("interface", t.interface.as_str()),
+                ("reason", reason.as_str()),
+            ];
+            add("ecsnet_task_drops_total", &l, *n);
+        }
+    }
+    for (reason, n) in &s.drops {
+        add("ecsnet_drops_total", &[("reason", reason)], *n);
+    }
+    let u = &s.uplink;
+    for (dir, c) in [("ingress", u.ingress), ("egress", u.egress)] {
+        add(
+            "ecsnet_uplink_packets_total",
+            &[("interface", &u.interface), ("direction", dir)],
+            c.packets,
+        );
+    }
+    let c = &s.conntrack;
+    add("ecsnet_conntrack_entries", &[], c.entries);
+    add("ecsnet_conntrack_capacity", &[], c.capacity);
+    for (kind, n) in &c.flows {
+        add("ecsnet_conntrack_flows", &[("kind", kind)], *n);
+    }
+    add("ecsnet_nat_mappings", &[], c.nat_mappings);
+    let f = &s.flow_logs;
+    add("ecsnet_flow_table_entries", &[], f.table_entries);
+    add("ecsnet_flow_table_capacity", &[], f.table_capacity);
+    add("ecsnet_flow_log_windows_total", &[], f.windows_exported);
+    add("ecsnet_flow_log_records_total", &[], f.records_exported);
+    add(
+        "ecsnet_flow_log_skipdata_records_total",
+        &[],
+        f.skipdata_records,
+    );
+    add("ecsnet_flow_log_lost_packets_total", &[], f.lost_packets);
+    add(
+        "ecsnet_monitor_events_suppressed_total",
+        &[],
+        f.events_suppressed,
+    );
+    out
+}
+
+/// The value of the one sample of `name` whose labels include `labels`.
+fn sample(samples: &BTreeMap<SampleKey, u64>, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let found: Vec<u64> = samples
+        .iter()
+        .filter(|((n, l), _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "want exactly one {name} sample with {labels:?}, found {found:?}"
+    );
+    found[0]
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() {
+    let groups = Groups {
+        task1: true,
+        task2_dns: false,
+    };
+    let lab = lab_with_groups("mnd", groups, &[]);
+    let (t1_ip, t2_ip) = (task_ip(&lab, 1), task_ip(&lab, 2));
+    let t2_iface = lab.status.tasks[1].interface.clone();
+    let t1_iface = lab.status.tasks[0].interface.clone();
+    let mon = Monitor::start(&lab);
+    let markers = mon.sync(&lab);
+
+    // A handful of datagrams task2's rules reject (task1's own rules allow them out), and one
+    // connection from the client to task1's published port, which task1's rules allow.
+    const N: u32 = 5;
+    let before = now_unix();
+    let sport = send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), N);
+    let host_port: SocketAddr = format!("{HOST}:8080").parse().unwrap();
+    let client = tcp_roundtrip(lab.client(), host_port);
+    assert_eq!(client.ip().to_string(), CLIENT, "the lab's client connects");
+    let after = now_unix();
+
+    let (mut drops, mut egress_allows, mut ingress_allows) = (Vec::new(), Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (drops.len() < N as usize
+        || egress_allows.len() < N as usize
+        || ingress_allows.is_empty())
+        && Instant::now() < deadline
+    {
+        let Some(v) = mon.next(Duration::from_millis(200)) else {
+            continue;
+        };
+        sort_event(v, &mut drops, &mut egress_allows, &mut ingress_allows);
+    }
+    // Anything more (a duplicate, a stray event) would show up meanwhile.
+    for v in mon.until_quiet(Duration::from_secs(1)) {
+        sort_event(v, &mut drops, &mut egress_allows, &mut ingress_allows);
+    }
+
+    let src = format!("{t1_ip}:{sport}");
+    let dst = format!("{t2_ip}:{REJECTED_PORT}");
+    assert_eq!(
+        drops.len(),
+        N as usize,
+        "{N} rejected datagrams should be {N} drop events, got {drops:#?}"
+    );
+    for d in &drops {
+        assert_eq!(d["kind"], "drop", "{d}");
+        assert_eq!(
+            d["reason"], "SG_INGRESS",
+            "task2's inbound rules rejected it: {d}"
+        );
+        assert_eq!(d["task"], "task2", "dropped for task2: {d}");
+        assert_eq!(d["interface"], json!(t2_iface), "task2's interface: {d}");
+        assert_eq!(d["proto"], 17, "UDP: {d}");
+        assert_eq!(
+            (field(d, "src"), field(d, "dst")),
+            (src.as_str(), dst.as_str()),
+            "{d}"
+        );
+        assert_ne!(
+            d["hook"], "xdp",
+            "task-to-task traffic never passes the uplink's XDP: {d}"
+        );
+    }
+    assert_eq!(
+        egress_allows.len(),
+        N as usize,
+        "each rejected datagram is a new flow that task1's egress rules let out: want {N} allow \
+         events, got {egress_allows:#?}"
+    );
+    for a in &egress_allows {
+        assert_eq!(a["task"], "task1", "task1's rules decided: {a}");
+        assert_eq!(a["interface"], json!(t1_iface), "task1's interface: {a}");
+        assert_eq!(a["proto"], 17, "UDP: {a}");
+        assert_eq!(
+            (field(a, "src"), field(a, "dst")),
+            (src.as_str(), dst.as_str()),
+            "{a}"
+        );
+    }
+    assert_eq!(
+        ingress_allows.len(),
+        1,
+        "one connection to task1's published port is one allow event, got {ingress_allows:#?}"
+    );
+    let a = &ingress_allows[0];
+    assert_eq!(a["task"], "task1", "task1's inbound rules decided: {a}");
+    assert_eq!(a["interface"], json!(t1_iface), "task1's interface: {a}");
+    assert_eq!(a["proto"], 6, "TCP: {a}");
+    assert_eq!(field(a, "src"), client.to_string(), "the real client: {a}");
+    let as_arrived = format!("{HOST}:8080");
+    let as_delivered = format!("{t1_ip}:80");
+    assert!(
+        [as_arrived.as_str(), as_delivered.as_str()].contains(&field(a, "dst")),
+        "the allow event's destination should be task1's published port: {a}"
+    );
+
+    for e in drops.iter().chain(&egress_allows).chain(&ingress_allows) {
+        assert_eq!(
+            e["suppressed"], 0,
+            "nothing is suppressed this far below the rate: {e}"
+        );
+        let t = e["time"].as_f64().unwrap();
+        assert!(
+            t >= before - 2.0 && t <= after + 2.0,
+            "event time {t} is not the Unix time of the packet (sent between {before} and \
+             {after}): {e}"
+        );
+    }
+    let s = lab.stats();
+    assert_eq!(
+        task_drops(&s, "task2", "SG_INGRESS"),
+        u64::from(N) + markers,
+        "stats count every rejected datagram ({N} and {markers} marker(s))"
+    );
+    assert_eq!(
+        s.flow_logs.events_suppressed, 0,
+        "no event suppressed this far below the rate limit"
+    );
+}
+
+/// Files an event seen after the sync: markers are ignored, the rest must be one of the kinds
+/// the test expects.
+fn sort_event(v: Value, drops: &mut Vec<Value>, egress: &mut Vec<Value>, ingress: &mut Vec<Value>) {
+    assert!(v.get("lost").is_none(), "the monitor lost events: {v}");
+    check_event_shape(&v);
+    if is_marker(&v) {
+        panic!("an event about a marker datagram after the sync: {v}");
+    }
+    match (field(&v, "kind"), v["direction"].as_str()) {
+        ("drop", _) => drops.push(v),
+        ("allow", Some("egress")) => egress.push(v),
+        ("allow", Some("ingress")) => ingress.push(v),
+        _ => panic!("unexpected event {v}"),
+    }
+}
+
+#[test]
+fn monitor_rate_limit_suppresses_events_in_the_kernel_and_accounts_for_every_drop() {
+    // No groups on task1: no allow events, so every event is a drop of the flood.
+    let groups = Groups {
+        task1: false,
+        task2_dns: false,
+    };
+    const RATE: u64 = 50;
+    let rate = RATE.to_string();
+    let lab = lab_with_groups("mnr", groups, &["--monitor-rate", &rate]);
+    let mon = Monitor::start(&lab);
+    let markers = mon.sync(&lab);
+    let before = lab.stats();
+
+    const FLOOD: u32 = 20_000;
+    let started = Instant::now();
+    let sport = send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), FLOOD);
+    let drops_before = task_drops(&before, "task2", "SG_INGRESS");
+    wait_for_drops(&lab, drops_before + u64::from(FLOOD));
+    // Every event of the flood has been made by now.
+    let elapsed = started.elapsed().as_secs_f64();
+    let lines = mon.until_quiet(Duration::from_secs(2));
+    let after = lab.stats();
+
+    let (mut received, mut lost, mut suppressed_fields) = (0u64, 0u64, 0u64);
+    let dst = format!("{}:{REJECTED_PORT}", task_ip(&lab, 2));
+    let src = format!("{}:{sport}", task_ip(&lab, 1));
+    for v in &lines {
+        if let Some(n) = v.get("lost") {
+            lost += n
+                .as_u64()
+                .unwrap_or_else(|| panic!("a lost line without a count: {v}"));
+            continue;
+        }
+        check_event_shape(v);
+        assert!(
+            v["kind"] == "drop"
+                && v["reason"] == "SG_INGRESS"
+                && v["task"] == "task2"
+                && field(v, "src") == src
+                && field(v, "dst") == dst,
+            "only drops of the flood ({src} -> {dst}, SG_INGRESS on task2) may be seen: {v}"
+        );
+        received += 1;
+        suppressed_fields += v["suppressed"].as_u64().unwrap();
+    }
+
+    let dropped = task_drops(&after, "task2", "SG_INGRESS") - drops_before;
+    assert_eq!(
+        dropped,
+        u64::from(FLOOD),
+        "every rejected datagram is counted, rate limit or not"
+    );
+    assert_eq!(
+        task_egress_packets(&after, "task1") - task_egress_packets(&before, "task1"),
+        u64::from(FLOOD),
+        "the datapath saw every datagram task1 sent"
+    );
+    let suppressed = after.flow_logs.events_suppressed - before.flow_logs.events_suppressed;
+    assert!(
+        suppressed > 0,
+        "a flood of {FLOOD} at rate {RATE} must suppress events"
+    );
+    assert_eq!(
+        received + lost + suppressed,
+        u64::from(FLOOD),
+        "every drop is an event received ({received}), lost by the monitor ({lost}) or \
+         suppressed in the kernel ({suppressed})"
+    );
+    let cpus = possible_cpus();
+    let budget = (cpus as f64 * (RATE as f64 * elapsed + RATE as f64)).ceil() as u64 + 5;
+    assert!(
+        received + lost <= budget,
+        "{received} events received and {lost} lost in {elapsed:.2} s: the kernel may send at \
+         most {RATE}/s and {RATE} of burst on each of {cpus} CPUs ({budget} with slack)"
+    );
+    // The sending CPU's bucket was full but for the markers when the flood began.
+    assert!(
+        received + lost >= RATE.saturating_sub(markers),
+        "only {received} events received and {lost} lost: a full bucket holds {RATE} events \
+         ({markers} marker(s) sent before)"
+    );
+    assert!(
+        suppressed_fields <= after.flow_logs.events_suppressed,
+        "the events say {suppressed_fields} were suppressed before them, stats only {}",
+        after.flow_logs.events_suppressed
+    );
+}
+
+#[test]
+fn monitor_without_an_agent_fails_with_one_line_and_works_after_up() {
+    let groups = Groups {
+        task1: false,
+        task2_dns: false,
+    };
+    let lab = lab_with_groups("mna", groups, &[]);
+    {
+        let mon = Monitor::start(&lab);
+        mon.sync(&lab);
+    }
+
+    let pid_file = format!("/run/ecsnet/{}.d/agent.pid", lab.name);
+    let text = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| panic!("{pid_file}: {e}"));
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{pid_file} holds {text:?}: {e}"));
+    assert_eq!(
+        agent_pid(&lab),
+        pid as u64,
+        "the agent that answers is the one in {pid_file}"
+    );
+    let agent = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone_or_zombie(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "agent {pid} still runs 10 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let monitor = ["--instance", lab.name.as_str(), "monitor", "--json"];
+    let line = ecsnet_fails(&monitor, 1);
+    assert!(
+        line.contains("no agent"),
+        "monitor without an agent should say so: {line}"
+    );
+    // The plain form fails the same way.
+    let line = ecsnet_fails(&["--instance", lab.name.as_str(), "monitor"], 1);
+    assert!(line.contains("no agent"), "{line}");
+
+    let state = std::path::Path::new(&lab.state_file())
+        .with_file_name("monitor-groups.json")
+        .display()
+        .to_string();
+    up(&lab, &state, &[]);
+    let new_pid = agent_pid(&lab);
+    assert_ne!(new_pid, pid as u64, "up started a new agent");
+    let mon = Monitor::start(&lab);
+    mon.sync(&lab);
+    // And it shows real traffic again.
+    send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), 3);
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen < 3 && Instant::now() < deadline {
+        if let Some(v) = mon.next(Duration::from_millis(200)) {
+            check_event_shape(&v);
+            assert_eq!(v["reason"], "SG_INGRESS", "{v}");
+            assert!(
+                field(&v, "dst").ends_with(&format!(":{REJECTED_PORT}")),
+                "{v}"
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen, 3,
+        "the monitor of the new agent shows the 3 rejected datagrams"
+    );
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+fn gone_or_zombie(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn metrics_serve_the_numbers_of_stats() {
+    let groups = Groups {
+        task1: false,
+        task2_dns: true,
+    };
+    let lab = lab_with_groups("mnm", groups, &[]);
+    let host = lab.host().to_owned();
+
+    // Known traffic: TCP to task1's published port, UDP to task2's, and datagrams from task1
+    // that task2's rules reject.
+    let tcp = lab.probe(lab.client(), "tcp", &format!("{HOST}:8080"), 5, 100);
+    assert_eq!(tcp["echoed"], 5, "tcp probe: {tcp}");
+    const UDP: u64 = 4;
+    const UDP_SIZE: u64 = 64;
+    let udp = lab.probe(
+        lab.client(),
+        "udp",
+        &format!("{HOST}:8053"),
+        UDP as u32,
+        UDP_SIZE as usize,
+    );
+    assert_eq!(udp["echoed"], json!(UDP), "udp probe: {udp}");
+    const REJECTED: u32 = 7;
+    send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), REJECTED);
+    let s = wait_for_drops(&lab, u64::from(REJECTED));
+    assert_eq!(task_drops(&s, "task2", "SG_INGRESS"), u64::from(REJECTED));
+
+    // A couple of windows closed, so there are records.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lab.stats().flow_logs.windows_exported < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no two windows exported in 15 s with --window 1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Stats, the scrape, stats again: the scrape counts only if nothing moved around it.
+    let mut tries = 0;
+    let (stats, resp) = loop {
+        tries += 1;
+        let a = lab.stats();
+        let resp = scrape(&host, 9464);
+        let b = lab.stats();
+        let (va, vb) = (
+            serde_json::to_value(&a).unwrap(),
+            serde_json::to_value(&b).unwrap(),
+        );
+        if va == vb {
+            break (a, resp);
+        }
+        assert!(
+            tries < 30,
+            "stats kept changing around 30 scrapes: {va} vs {vb}"
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    };
+    assert_eq!(resp.status, 200, "GET /metrics: {}", resp.body);
+    let ctype = resp.header("content-type").unwrap_or("");
+    assert!(
+        ctype.starts_with("text/plain; version=0.0.4"),
+        "Content-Type of /metrics: {ctype:?}"
+    );
+    let samples = parse_exposition(&resp.body);
+    let expected = expected_samples(&stats);
+    assert_eq!(
+        samples, expected,
+        "/metrics should serve exactly the numbers of stats --json read around it"
+    );
+
+    // The numbers are those of the traffic sent.
+    let t2 = &stats.tasks[1];
+    let l2 = |dir| {
+        [
+            ("task", "task2"),
+            ("interface", t2.interface.as_str()),
+            ("direction", dir),
+        ]
+    };
+    assert_eq!(
+        sample(&samples, "ecsnet_task_packets_total", &l2("ingress")),
+        UDP,
+        "task2 received the {UDP} datagrams of the probe, no more"
+    );
+    assert_eq!(
+        sample(&samples, "ecsnet_task_bytes_total", &l2("ingress")),
+        UDP * (28 + UDP_SIZE),
+        "IP bytes of {UDP} datagrams of {UDP_SIZE} bytes"
+    );
+    assert_eq!(
+        sample(&samples, "ecsnet_task_packets_total", &l2("egress")),
+        UDP,
+        "task2 sent {UDP} echoes"
+    );
+    let t1 = &stats.tasks[0];
+    let l1 = |dir| {
+        [
+            ("task", "task1"),
+            ("interface", t1.interface.as_str()),
+            ("direction", dir),
+        ]
+    };
+    assert!(
+        sample(&samples, "ecsnet_task_packets_total", &l1("ingress")) >= 5
+            && sample(&samples, "ecsnet_task_bytes_total", &l1("ingress")) >= 500,
+        "task1 received at least the 5 messages of 100 bytes"
+    );
+    assert!(
+        sample(&samples, "ecsnet_task_packets_total", &l1("egress")) >= u64::from(REJECTED) + 5,
+        "task1 sent the {REJECTED} rejected datagrams and 5 echoes at least"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "ecsnet_task_drops_total",
+            &[("task", "task2"), ("reason", "SG_INGRESS")]
+        ),
+        u64::from(REJECTED),
+        "task2's SG_INGRESS drops are the {REJECTED} datagrams rejected"
+    );
+    assert_eq!(
+        sample(&samples, "ecsnet_drops_total", &[("reason", "SG_INGRESS")]),
+        u64::from(REJECTED)
+    );
+    assert_eq!(
+        sample(&samples, "ecsnet_conntrack_capacity", &[]),
+        stats.conntrack.capacity
+    );
+    assert!(
+        stats.conntrack.capacity > 0,
+        "the connection table has room"
+    );
+    assert_eq!(
+        sample(&samples, "ecsnet_flow_table_capacity", &[]),
+        stats.flow_logs.table_capacity
+    );
+    assert_eq!(
+        stats.flow_logs.table_capacity, 65536,
+        "the flow table's default size"
+    );
+    assert!(
+        sample(&samples, "ecsnet_flow_log_records_total", &[]) > 0,
+        "records after {} windows",
+        stats.flow_logs.windows_exported
+    );
+    for (name, labels) in samples.keys() {
+        assert!(
+            labels.contains(&("instance".to_owned(), lab.name.clone())),
+            "{name} {labels:?} lacks instance=\"{}\"",
+            lab.name
+        );
+    }
+
+    // Other paths and methods.
+    let r = http(&host, 9464, "GET /nope HTTP/1.0\r\n\r\n").expect("GET /nope");
+    assert_eq!(r.status, 404, "GET /nope: {}", r.body);
+    let r = http(
+        &host,
+        9464,
+        "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+    )
+    .expect("POST /metrics");
+    assert_eq!(r.status, 405, "POST /metrics: {}", r.body);
+}
+
+#[test]
+fn metrics_address_follows_up_and_a_bad_one_is_refused() {
+    let lab = Lab::up("mnx", 1, &["1:8080:80"]);
+    let host = lab.host().to_owned();
+    let state = lab.state_file();
+
+    let line = ecsnet_fails(
+        &lab.ecsnet_args(&["up", "--state", &state, "--metrics", "bogus"]),
+        2,
+    );
+    assert!(line.contains("metrics"), "the error names the flag: {line}");
+    let stats = ecsnet(&["--instance", &lab.name, "stats", "--json"]);
+    assert!(
+        !stats.status.success(),
+        "a refused up left instance {} up: {}",
+        lab.name,
+        String::from_utf8_lossy(&stats.stdout)
+    );
+
+    up(&lab, &state, &["--metrics", "127.0.0.1:9465"]);
+    agent_pid(&lab);
+    let r = scrape(&host, 9465);
+    assert_eq!(r.status, 200, "GET /metrics on 9465: {}", r.body);
+    let samples = parse_exposition(&r.body);
+    let want = lab.stats().conntrack.capacity;
+    assert_eq!(sample(&samples, "ecsnet_conntrack_capacity", &[]), want);
+    match http(&host, 9464, "GET /metrics HTTP/1.0\r\n\r\n") {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("9464 should refuse connections with --metrics on 9465: {e}"),
+        Ok(r) => panic!("9464 still serves with --metrics on 9465: {}", r.status),
+    }
+
+    ecsnet_ok(&["--instance", &lab.name, "down"]);
+    up(&lab, &state, &["--metrics", "off"]);
+    agent_pid(&lab);
+    for port in [9464, 9465] {
+        match http(&host, port, "GET /metrics HTTP/1.0\r\n\r\n") {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => panic!("{port} should refuse connections with --metrics off: {e}"),
+            Ok(r) => panic!("{port} serves with --metrics off: {}", r.status),
+        }
+    }
+}
