@@ -65,18 +65,6 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
     if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
         let _ = fs::remove_file(&socket);
     }
-    let listener = UnixListener::bind(&socket).map_err(io(socket.display().to_string()))?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
-        .map_err(io(socket.display().to_string()))?;
-    fs::write(paths.pid_file(), format!("{}\n", std::process::id()))
-        .map_err(io(paths.pid_file().display().to_string()))?;
-    log::info!(
-        "agent for instance {} up: uplink {} bridge {} socket {}",
-        paths.name,
-        meta.uplink,
-        meta.bridge,
-        socket.display()
-    );
     let _loggers = forward_datapath_logs(paths);
     if meta.flow_logs.enabled {
         let exporter = flowlog::Exporter::new(paths, &meta.flow_logs)?;
@@ -98,6 +86,19 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
         }
     }
+    // Last: `up` returns once the socket answers, and by then everything above is running.
+    let listener = UnixListener::bind(&socket).map_err(io(socket.display().to_string()))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .map_err(io(socket.display().to_string()))?;
+    fs::write(paths.pid_file(), format!("{}\n", std::process::id()))
+        .map_err(io(paths.pid_file().display().to_string()))?;
+    log::info!(
+        "agent for instance {} up: uplink {} bridge {} socket {}",
+        paths.name,
+        meta.uplink,
+        meta.bridge,
+        socket.display()
+    );
 
     let timeouts = crate::compile::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
     let mut gc = tokio::time::interval(GC_INTERVAL);
