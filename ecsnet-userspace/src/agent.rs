@@ -3,7 +3,12 @@
 //! its own), fans monitor events out (`monitor`) and serves metrics (`metrics`). The datapath
 //! does not depend on it: it can be killed at any time and started again with `ecsnet up`.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, time::Instant};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -66,14 +71,18 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
         let _ = fs::remove_file(&socket);
     }
     let _loggers = forward_datapath_logs(paths);
-    if meta.flow_logs.enabled {
-        let exporter = flowlog::Exporter::new(paths, &meta.flow_logs)?;
-        let counters = std::sync::Arc::new(std::sync::Mutex::new(flowlog::counters(paths)));
+    let exporter = if meta.flow_logs.enabled {
+        let exporter = Arc::new(Mutex::new(flowlog::Exporter::new(paths, &meta.flow_logs)?));
+        let counters = Arc::new(Mutex::new(flowlog::counters(paths)));
+        let ex = exporter.clone();
         std::thread::Builder::new()
             .name("flow-export".into())
-            .spawn(move || exporter.run(counters))
+            .spawn(move || flowlog::run(ex, counters))
             .map_err(io("flow-export thread"))?;
-    }
+        Some(exporter)
+    } else {
+        None
+    };
     let (events, _) = broadcast::channel::<String>(MONITOR_BACKLOG);
     let _events_reader = read_events(paths, events.clone());
     if let Some(addr) = meta.metrics {
@@ -124,6 +133,13 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             },
         }
     }
+    // The open window goes out before we do; the guard stays held so the export thread starts
+    // nothing after it.
+    let _last = exporter.as_ref().and_then(|e| e.lock().ok()).inspect(|ex| {
+        if let Err(e) = ex.close_on_stop() {
+            log::warn!("flow-log export of the last window: {e}");
+        }
+    });
     let _ = fs::remove_file(&socket);
     let _ = fs::remove_file(paths.pid_file());
     log::info!("agent for instance {} stopped", paths.name);

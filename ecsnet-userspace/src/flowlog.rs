@@ -684,39 +684,62 @@ impl Exporter {
         )
     }
 
-    /// The agent's loop: recover, then close each window when it is due. Errors are logged
-    /// and retried; they never stop the agent.
-    pub fn run(self, stats: Arc<Mutex<ExportCounters>>) {
-        let mut recovered = false;
-        loop {
-            if !recovered {
-                match self.recover() {
-                    Ok(()) => recovered = true,
-                    Err(e) => {
-                        log::warn!("flow-log recovery: {e}; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
-                        continue;
-                    }
-                }
-            }
-            match self.due_in() {
-                Ok(d) if d.is_zero() => {
-                    if let Err(e) = self.close() {
-                        log::warn!("flow-log export: {e}; retrying");
-                        recovered = false;
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                    if let Ok(mut s) = stats.lock() {
-                        *s = counters(&self.paths);
-                    }
-                }
-                Ok(d) => std::thread::sleep(d.min(Duration::from_secs(1))),
-                Err(e) => {
-                    log::warn!("flow-log state: {e}");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
+    /// Closes and exports the open window now, when the agent stops cleanly (`down`, SIGTERM),
+    /// so the counts since the last window reach the file sink instead of vanishing with the
+    /// maps.
+    pub fn close_on_stop(&self) -> Result<(), FlowLogError> {
+        let st = maps::read_flow_state(&self.paths)?;
+        if st.enabled == 0 {
+            return Ok(());
         }
+        self.recover()?;
+        self.close()
+    }
+}
+
+/// The agent's loop: recover, then close each window when it is due. Errors are logged and
+/// retried; they never stop the agent. The lock is held for each step, never while sleeping, so
+/// the agent can take it to close the last window when it stops.
+pub fn run(exporter: Arc<Mutex<Exporter>>, stats: Arc<Mutex<ExportCounters>>) {
+    let mut recovered = false;
+    loop {
+        let pause = {
+            let Ok(ex) = exporter.lock() else {
+                return;
+            };
+            if !recovered {
+                match ex.recover() {
+                    Ok(()) => recovered = true,
+                    Err(e) => log::warn!("flow-log recovery: {e}; retrying"),
+                }
+            }
+            if !recovered {
+                Duration::from_secs(1)
+            } else {
+                match ex.due_in() {
+                    Ok(d) if d.is_zero() => {
+                        let pause = match ex.close() {
+                            Ok(()) => Duration::ZERO,
+                            Err(e) => {
+                                log::warn!("flow-log export: {e}; retrying");
+                                recovered = false;
+                                Duration::from_millis(500)
+                            }
+                        };
+                        if let Ok(mut s) = stats.lock() {
+                            *s = counters(&ex.paths);
+                        }
+                        pause
+                    }
+                    Ok(d) => d.min(Duration::from_secs(1)),
+                    Err(e) => {
+                        log::warn!("flow-log state: {e}");
+                        Duration::from_secs(1)
+                    }
+                }
+            }
+        };
+        std::thread::sleep(pause);
     }
 }
 

@@ -251,22 +251,38 @@ fn demo(keep: bool) -> anyhow::Result<()> {
             .map(|t| {
                 (
                     t.interface.clone(),
-                    (t.egress.packets, t.egress.bytes, t.ingress.packets, t.ingress.bytes),
+                    (
+                        t.egress.packets,
+                        t.egress.bytes,
+                        t.ingress.packets,
+                        t.ingress.bytes,
+                    ),
                 )
             })
             .collect();
         let out = ecsnet_ok(&[
-            "--instance", name, "flows", "tail", "-n", "all", "--json", "--format", format,
-            "--filter", "status=ok",
+            "--instance",
+            name,
+            "flows",
+            "tail",
+            "-n",
+            "all",
+            "--json",
+            "--format",
+            format,
+            "--filter",
+            "status=ok",
         ]);
-        let mut sums: std::collections::BTreeMap<String, (u64, u64, u64, u64)> =
-            Default::default();
+        let mut sums: std::collections::BTreeMap<String, (u64, u64, u64, u64)> = Default::default();
         for line in out.lines() {
             let r: serde_json::Value = serde_json::from_str(line)?;
             let e = sums
                 .entry(r["interface-id"].as_str().unwrap_or_default().to_owned())
                 .or_default();
-            let (p, b) = (r["packets"].as_u64().unwrap_or(0), r["bytes"].as_u64().unwrap_or(0));
+            let (p, b) = (
+                r["packets"].as_u64().unwrap_or(0),
+                r["bytes"].as_u64().unwrap_or(0),
+            );
             if r["flow-direction"] == "egress" {
                 (e.0, e.1) = (e.0 + p, e.1 + b);
             } else {
@@ -281,12 +297,22 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
-    println!("
-$ ecsnet --instance {name} flows tail -n 12 --format '{format}' --filter 'status=ok'");
+    println!(
+        "
+$ ecsnet --instance {name} flows tail -n 12 --format '{format}' --filter 'status=ok'"
+    );
     print!(
         "{}",
         ecsnet_ok(&[
-            "--instance", name, "flows", "tail", "-n", "12", "--format", format, "--filter",
+            "--instance",
+            name,
+            "flows",
+            "tail",
+            "-n",
+            "12",
+            "--format",
+            format,
+            "--filter",
             "status=ok",
         ])
     );
