@@ -48,6 +48,8 @@ pub struct FlowLogBench {
     pub rounds: usize,
     pub seconds: u64,
     pub window_secs: u64,
+    /// `up --xdp-mode` of the instance measured.
+    pub xdp_mode: String,
     pub paths: Vec<PathResult>,
 }
 
@@ -127,7 +129,7 @@ fn median(v: &[f64]) -> f64 {
 
 /// Runs the comparison: `rounds` rounds of `seconds` per mode and path, modes alternating
 /// which goes first.
-pub fn flow_logs(rounds: usize, seconds: u64) -> Result<FlowLogBench, BenchError> {
+pub fn flow_logs(rounds: usize, seconds: u64, xdp_mode: &str) -> Result<FlowLogBench, BenchError> {
     if rounds == 0 || seconds == 0 {
         return Err(BenchError::Usage);
     }
@@ -228,6 +230,7 @@ pub fn flow_logs(rounds: usize, seconds: u64) -> Result<FlowLogBench, BenchError
         rounds,
         seconds,
         window_secs: WINDOW,
+        xdp_mode: xdp_mode.to_owned(),
         paths: results,
     })
 }
@@ -235,8 +238,8 @@ pub fn flow_logs(rounds: usize, seconds: u64) -> Result<FlowLogBench, BenchError
 /// The table `bench flow-logs` prints.
 pub fn render(b: &FlowLogBench) -> String {
     let mut out = format!(
-        "iperf3 TCP, 1 stream, {} round(s) of {} s per mode, flow-log window {} s; medians\n",
-        b.rounds, b.seconds, b.window_secs
+        "iperf3 TCP, 1 stream, {} round(s) of {} s per mode, flow-log window {} s, XDP {}; medians\n",
+        b.rounds, b.seconds, b.window_secs, b.xdp_mode
     );
     out.push_str(&format!(
         "{:<26} {:>14} {:>14} {:>8}\n",

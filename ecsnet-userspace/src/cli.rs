@@ -100,6 +100,9 @@ pub enum BenchCmd {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// XDP on the lab's veth uplink, as `up --xdp-mode`: native (the default), skb or off.
+        #[arg(long, default_value = "native")]
+        xdp_mode: String,
         #[arg(long)]
         json: bool,
     },
@@ -510,9 +513,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(BenchCmd::FlowLogs {
             rounds,
             seconds,
+            xdp_mode,
             json,
         }) => {
-            let b = bench::flow_logs(rounds, seconds)?;
+            let b = bench::flow_logs(rounds, seconds, &xdp_mode)?;
             if json {
                 print_json(&b);
             } else {
