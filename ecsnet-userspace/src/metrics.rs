@@ -47,34 +47,28 @@ pub fn render(s: &Stats) -> String {
         text: String::new(),
         instance: s.instance.clone(),
     };
-    o.family(
-        "ecsnet_task_packets_total",
-        "counter",
-        "IPv4 packets of a task; egress is what the task sent, ingress what it received.",
-    );
-    for t in &s.tasks {
-        for (dir, c) in [("egress", t.egress), ("ingress", t.ingress)] {
-            let labels = [
-                ("task", t.name.as_str()),
-                ("interface", t.interface.as_str()),
-                ("direction", dir),
-            ];
-            o.sample("ecsnet_task_packets_total", &labels, c.packets);
-        }
-    }
-    o.family(
-        "ecsnet_task_bytes_total",
-        "counter",
-        "IPv4 bytes (IP headers included) of a task, by direction.",
-    );
-    for t in &s.tasks {
-        for (dir, c) in [("egress", t.egress), ("ingress", t.ingress)] {
-            let labels = [
-                ("task", t.name.as_str()),
-                ("interface", t.interface.as_str()),
-                ("direction", dir),
-            ];
-            o.sample("ecsnet_task_bytes_total", &labels, c.bytes);
+    for (name, help, pick) in [
+        (
+            "ecsnet_task_packets_total",
+            "IPv4 packets of a task; egress is what the task sent, ingress what it received.",
+            (|c: crate::maps::Count| c.packets) as fn(crate::maps::Count) -> u64,
+        ),
+        (
+            "ecsnet_task_bytes_total",
+            "IPv4 bytes (IP headers included) of a task, by direction.",
+            |c: crate::maps::Count| c.bytes,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for t in &s.tasks {
+            for (dir, c) in [("egress", t.egress), ("ingress", t.ingress)] {
+                let labels = [
+                    ("task", t.name.as_str()),
+                    ("interface", t.interface.as_str()),
+                    ("direction", dir),
+                ];
+                o.sample(name, &labels, pick(c));
+            }
         }
     }
     o.family(
