@@ -269,16 +269,21 @@ pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(CtKey, CtEntry)>, MapsError
     Ok(m.iter().filter_map(Result::ok).collect())
 }
 
-/// Capacity of the connection table, entries.
-pub fn ct_capacity(paths: &InstancePaths) -> Result<u32, MapsError> {
-    let path = paths.map_pin(MAP_CT);
+/// Capacity of a pinned map, entries.
+fn capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, MapsError> {
+    let path = paths.map_pin(map);
     let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        map: MAP_CT,
+        map,
         path: path.clone(),
         source,
     })?;
-    let info = data.info().map_err(access(MAP_CT))?;
+    let info = data.info().map_err(access(map))?;
     Ok(info.max_entries())
+}
+
+/// Capacity of the connection table, entries.
+pub fn ct_capacity(paths: &InstancePaths) -> Result<u32, MapsError> {
+    capacity(paths, MAP_CT)
 }
 
 /// Removes the flows idle longer than their state allows at `now_ns` (CLOCK_MONOTONIC), both
@@ -457,16 +462,11 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
 
 /// Entries in the flow table now, and its capacity.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
-    let path = paths.map_pin(MAP_FLOWS);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        map: MAP_FLOWS,
-        path: path.clone(),
-        source,
-    })?;
-    let capacity = data.info().map_err(access(MAP_FLOWS))?.max_entries() as u64;
-    let m: PerCpuHashMap<MapData, FlowKey, FlowStats> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(access(MAP_FLOWS))?;
-    Ok((m.keys().flatten().count() as u64, capacity))
+    let m: PerCpuHashMap<MapData, FlowKey, FlowStats> = open(paths, MAP_FLOWS)?
+        .try_into()
+        .map_err(access(MAP_FLOWS))?;
+    let entries = m.keys().flatten().count() as u64;
+    Ok((entries, capacity(paths, MAP_FLOWS)? as u64))
 }
 
 /// Monitor events the datapath suppressed (rate limit or full ring), summed over CPUs.
