@@ -160,6 +160,8 @@ pub fn flow_logs(rounds: usize, seconds: u64, xdp_mode: &str) -> Result<FlowLogB
         &state,
         "--window",
         &window,
+        "--xdp-mode",
+        xdp_mode,
     ])
     .map_err(step("ecsnet up"))?;
     // Published here rather than by the lab, whose echo server would take the port.

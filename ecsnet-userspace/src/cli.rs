@@ -100,8 +100,9 @@ pub enum BenchCmd {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// XDP on the lab's veth uplink, as `up --xdp-mode`: native (the default), skb or off.
-        #[arg(long, default_value = "native")]
+        /// XDP on the lab's veth uplink, as `up --xdp-mode`: auto (the default: off on a veth),
+        /// native, skb or off.
+        #[arg(long, default_value = "auto")]
         xdp_mode: String,
         #[arg(long)]
         json: bool,
@@ -165,8 +166,9 @@ pub struct UpArgs {
     /// Run the agent in this process instead of the background.
     #[arg(long)]
     pub foreground: bool,
-    /// XDP on the uplink: native (falls back to skb), skb, or off.
-    #[arg(long, default_value = "native")]
+    /// XDP on the uplink: auto (native on a NIC, off on a veth or other virtual uplink),
+    /// native (falls back to skb), skb, or off.
+    #[arg(long, default_value = "auto")]
     pub xdp_mode: String,
     /// Connection-table size, entries (two per flow); a full table refuses new flows.
     #[arg(long, default_value_t = ecsnet_common::maps::DEFAULT_CT_SIZE,

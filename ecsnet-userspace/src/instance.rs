@@ -40,7 +40,7 @@ pub enum InstanceError {
     AlreadyUp { instance: String, pid: i32 },
     #[error("instance {instance:?} is not up; run `ecsnet --instance {instance} up` first")]
     NotUp { instance: String },
-    #[error("bad --xdp-mode {0:?}: use native, skb or off")]
+    #[error("bad --xdp-mode {0:?}: use auto, native, skb or off")]
     XdpMode(String),
     #[error("bad --ct-timeouts: {0}")]
     Timeouts(String),
@@ -184,12 +184,36 @@ pub struct UpOptions {
     pub metrics: Option<SocketAddr>,
 }
 
-fn xdp_mode(s: &str) -> Result<Option<XdpMode>, InstanceError> {
+/// `--xdp-mode` as given; `auto` is decided per uplink by `xdp_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XdpChoice {
+    Auto,
+    Native,
+    Skb,
+    Off,
+}
+
+fn xdp_mode(s: &str) -> Result<XdpChoice, InstanceError> {
     match s {
-        "native" | "driver" => Ok(Some(XdpMode::Driver)),
-        "skb" | "generic" => Ok(Some(XdpMode::Skb)),
-        "off" => Ok(None),
+        "auto" => Ok(XdpChoice::Auto),
+        "native" | "driver" => Ok(XdpChoice::Native),
+        "skb" | "generic" => Ok(XdpChoice::Skb),
+        "off" => Ok(XdpChoice::Off),
         other => Err(InstanceError::XdpMode(other.to_owned())),
+    }
+}
+
+/// The XDP mode for an uplink of link kind `kind` (empty for a device with a driver of its own,
+/// `veth` and so on for virtual ones), and its name for the meta file. `auto` attaches native
+/// XDP to real NICs only: on a veth, native XDP turns off the peer's TSO (so every segment is a
+/// packet of its own) and generic XDP copies each GSO packet, while tc ingress drops the same
+/// packets a moment later anyway (SPEC §11; docs/BENCHMARKS.md has the numbers).
+fn xdp_for(choice: XdpChoice, kind: &str) -> (Option<XdpMode>, &'static str) {
+    match choice {
+        XdpChoice::Auto if kind.is_empty() => (Some(XdpMode::Driver), "native"),
+        XdpChoice::Auto | XdpChoice::Off => (None, "off"),
+        XdpChoice::Native => (Some(XdpMode::Driver), "native"),
+        XdpChoice::Skb => (Some(XdpMode::Skb), "skb"),
     }
 }
 
@@ -248,7 +272,7 @@ pub fn up(
             pid,
         });
     }
-    let mode = xdp_mode(&opts.xdp_mode)?;
+    let xdp_choice = xdp_mode(&opts.xdp_mode)?;
     compile::parse_timeouts(&opts.ct_timeouts).map_err(InstanceError::Timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
@@ -269,6 +293,15 @@ pub fn up(
         flags.bridge = flags.bridge.or(Some(m.bridge.clone()));
     }
     let (uplink_index, uplink, bridge_index, bridge) = discover(&snap, &flags)?;
+    let uplink_kind = snap
+        .links
+        .iter()
+        .find(|l| l.index == uplink_index)
+        .map_or("", |l| l.kind.as_str());
+    let (mode, xdp_name) = xdp_for(xdp_choice, uplink_kind);
+    if xdp_choice == XdpChoice::Auto && mode.is_none() {
+        log::info!("no XDP on {uplink}: it is a {uplink_kind} (--xdp-mode auto); tc ingress polices it");
+    }
     let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
     let config = compile::config_entry(&snap, uplink_index, bridge_index)?;
     // A datapath that is still loaded keeps the table it has.
@@ -290,7 +323,7 @@ pub fn up(
         bridge,
         bridge_index,
         bridge_address,
-        xdp_mode: opts.xdp_mode.clone(),
+        xdp_mode: xdp_name.to_owned(),
         window_secs: opts.flow_logs.window_secs,
         flow_log: opts.flow_logs.sink.clone(),
         ct_size,
@@ -312,13 +345,20 @@ pub fn up(
     let fresh = !datapath::is_loaded(paths);
     let result = (|| {
         datapath::load(paths, ct_size, flow_table_size)?;
-        datapath::attach_uplink(paths, &uplink, uplink_index, mode).or_else(|e| match mode {
-            // Native XDP needs driver support; fall back to generic XDP and say so.
-            Some(XdpMode::Driver) if opts.xdp_mode == "native" => {
-                log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
-                datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
+        datapath::attach_uplink(paths, &uplink, uplink_index, mode).or_else(|e| {
+            // Native XDP needs driver support. Asked for, fall back to generic XDP; under
+            // auto, do without (generic XDP would cost more than it saves). Say so either way.
+            match (mode, xdp_choice) {
+                (Some(XdpMode::Driver), XdpChoice::Auto) => {
+                    log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
+                    datapath::attach_uplink(paths, &uplink, uplink_index, None)
+                }
+                (Some(XdpMode::Driver), _) => {
+                    log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
+                    datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
+                }
+                _ => Err(e),
             }
-            _ => Err(e),
         })?;
         maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
         write_json(&paths.meta_file(), &meta)?;

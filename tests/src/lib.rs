@@ -177,8 +177,15 @@ impl Lab {
 
     /// Brings ecsnet up on the lab host with the lab's state file.
     pub fn ecsnet_up(&self) -> String {
+        self.ecsnet_up_with(&[])
+    }
+
+    /// Brings ecsnet up on the lab host with the lab's state file and `extra` flags.
+    pub fn ecsnet_up_with(&self, extra: &[&str]) -> String {
         let state = self.state_file();
-        ecsnet_ok(&self.ecsnet_args(&["up", "--state", &state]))
+        let mut args = vec!["up", "--state", &state];
+        args.extend_from_slice(extra);
+        ecsnet_ok(&self.ecsnet_args(&args))
     }
 
     pub fn stats(&self) -> Stats {

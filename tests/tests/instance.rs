@@ -28,7 +28,8 @@ fn ask(name: &str, line: &str) -> serde_json::Value {
 #[test]
 fn up_counts_exactly_and_down_leaves_nothing() {
     let lab = Lab::up("in", 2, &["1:8080:80", "2:5353:53/udp"]);
-    let out = lab.ecsnet_up();
+    // Native XDP asked for: on the lab's veth uplink `auto` would attach none.
+    let out = lab.ecsnet_up_with(&["--xdp-mode", "native"]);
     assert!(out.contains("2 task(s)"), "{out}");
 
     // Pinned: maps, programs, tcx links on both task interfaces and the uplink, XDP on the uplink.
@@ -220,4 +221,44 @@ fn two_instances_never_touch_each_other() {
         b.settled_stats().tasks[0].ingress.packets >= 2,
         "b still works after a is down"
     );
+}
+
+#[test]
+fn xdp_auto_is_off_on_a_veth_uplink_and_skb_attaches_generic_xdp() {
+    let lab = Lab::up("ix", 1, &["1:8080:80"]);
+    let meta = |lab: &Lab| -> serde_json::Value {
+        let text = std::fs::read_to_string(format!("/run/ecsnet/{}.d/meta.json", lab.name))
+            .expect("meta file");
+        serde_json::from_str(&text).expect("meta parses")
+    };
+
+    // The default, auto: the lab's uplink is a veth, so no XDP at all.
+    lab.ecsnet_up();
+    let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
+    assert!(!eth0.contains("xdp"), "auto attached XDP to a veth: {eth0}");
+    assert_eq!(meta(&lab)["xdpMode"], "off", "{}", meta(&lab));
+    let before = lab.settled_stats();
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 5, 50)["echoed"],
+        5,
+        "the published port works without XDP"
+    );
+    let after = lab.settled_stats();
+    assert_eq!(
+        after.uplink.xdp.packets, before.uplink.xdp.packets,
+        "no XDP program counted anything"
+    );
+    assert!(
+        after.uplink.ingress.packets >= before.uplink.ingress.packets + 5,
+        "tc ingress on the uplink saw the traffic: {:?}",
+        after.uplink
+    );
+    ecsnet_ok(&["--instance", &lab.name, "down"]);
+
+    // Asked for: generic XDP.
+    lab.ecsnet_up_with(&["--xdp-mode", "skb"]);
+    let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
+    assert!(eth0.contains("xdpgeneric"), "no generic XDP: {eth0}");
+    assert_eq!(meta(&lab)["xdpMode"], "skb", "{}", meta(&lab));
+    ecsnet_ok(&["--instance", &lab.name, "down"]);
 }

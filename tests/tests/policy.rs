@@ -119,6 +119,13 @@ fn lab_up(prefix: &str, tasks: usize, publish: &[&str]) -> Lab {
     lab
 }
 
+/// A lab with ecsnet up and native XDP on its uplink, which `auto` leaves off on a veth.
+fn lab_up_native_xdp(prefix: &str, tasks: usize, publish: &[&str]) -> Lab {
+    let lab = Lab::up(prefix, tasks, publish);
+    lab.ecsnet_up_with(&["--xdp-mode", "native"]);
+    lab
+}
+
 /// `ecsnet lab serve` (TCP and UDP echo) on more ports of a task, once it answers.
 fn serve(ns: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> Background {
     let bin = ecsnet_bin().display().to_string();
@@ -869,7 +876,7 @@ fn task_to_task_checks_the_senders_egress_and_the_receivers_ingress() {
 
 #[test]
 fn published_ports_are_checked_with_the_real_client_and_the_container_port_and_dropped_in_xdp() {
-    let lab = lab_up("sgp", 1, &["1:8080:80", "1:8053:53/udp"]);
+    let lab = lab_up_native_xdp("sgp", 1, &["1:8080:80", "1:8053:53/udp"]);
     let client = lab.client();
     let (web, dns) = (Tcp("10.10.0.1:8080"), Udp("10.10.0.1:8053"));
     let groups =
@@ -950,7 +957,7 @@ fn published_ports_are_checked_with_the_real_client_and_the_container_port_and_d
 
 #[test]
 fn default_policy_deny_blocks_inbound_to_tasks_without_groups_but_lets_them_out() {
-    let lab = lab_up("sgn", 2, &["1:8080:80", "2:8081:80"]);
+    let lab = lab_up_native_xdp("sgn", 2, &["1:8080:80", "2:8081:80"]);
     let (client, t1, t2) = (lab.client(), lab.task_ns(1), lab.task_ns(2));
     let (to1, to2) = (task_addr(&lab, 1, 80), task_addr(&lab, 2, 80));
 
