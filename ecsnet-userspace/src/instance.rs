@@ -300,7 +300,9 @@ pub fn up(
         .map_or("", |l| l.kind.as_str());
     let (mode, xdp_name) = xdp_for(xdp_choice, uplink_kind);
     if xdp_choice == XdpChoice::Auto && mode.is_none() {
-        log::info!("no XDP on {uplink}: it is a {uplink_kind} (--xdp-mode auto); tc ingress polices it");
+        log::info!(
+            "no XDP on {uplink}: it is a {uplink_kind} (--xdp-mode auto); tc ingress polices it"
+        );
     }
     let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
     let config = compile::config_entry(&snap, uplink_index, bridge_index)?;
