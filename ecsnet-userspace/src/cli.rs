@@ -17,7 +17,7 @@ use crate::{
     instance,
     instance::{InstanceError, UpOptions},
     lab::{self, LabError, LabSpec},
-    monitor,
+    loadgen, monitor,
     netns::{self, NetnsError},
     paths::{self, InstancePaths},
     progcost, report,
@@ -82,12 +82,35 @@ pub enum Cmd {
     /// The embedded bridge-mode host built in network namespaces.
     #[command(subcommand)]
     Lab(LabCmd),
-    /// Measurements of the datapath.
-    #[command(subcommand)]
-    Bench(BenchCmd),
+    /// Benchmark against Docker bridge mode and the machine's ceiling, on labs of its own.
+    Bench(BenchArgs),
     /// Run the agent in the foreground (what `up` starts).
     #[command(hide = true)]
     Agent,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BenchCmd>,
+    /// Every metric once with 1-second runs: proves the benchmark works in under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds per metric and mode; the median is reported [default: 5, --quick 1].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Seconds per tool run [default: 3, --quick 1].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Write the chart here (SVG).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +129,35 @@ pub enum BenchCmd {
         xdp_mode: String,
         #[arg(long)]
         json: bool,
+    },
+    /// The benchmark's server: echo until the client closes on one port, one reply per
+    /// connection on another.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        rr_port: u16,
+        #[arg(long)]
+        crr_port: u16,
+    },
+    /// Request/response latency on one TCP connection (JSON).
+    #[command(hide = true)]
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// New connections per second, one round trip each (JSON).
+    #[command(hide = true)]
+    Crr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
     PolicyCost {
@@ -512,7 +564,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Lab(l) => lab_cmd_run(l)?,
-        Cmd::Bench(BenchCmd::FlowLogs {
+        Cmd::Bench(b) => bench_cmd_run(b)?,
+        Cmd::Agent => agent::run(&inst)?,
+    }
+    Ok(())
+}
+
+fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
+    match b.cmd {
+        None => {
+            let base = if b.quick {
+                bench::BenchOptions::quick()
+            } else {
+                bench::BenchOptions::full()
+            };
+            let o = bench::BenchOptions {
+                rounds: b.rounds.unwrap_or(base.rounds),
+                seconds: b.seconds.unwrap_or(base.seconds),
+                svg: b.svg,
+                progress: !b.no_progress,
+                ..base
+            };
+            let r = bench::run(&o, b.quick)?;
+            if b.json {
+                print_json(&r);
+            } else {
+                print!("{}", bench::render(&r));
+            }
+        }
+        Some(BenchCmd::FlowLogs {
             rounds,
             seconds,
             xdp_mode,
@@ -522,10 +602,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&b);
             } else {
-                print!("{}", bench::render(&b));
+                print!("{}", bench::render_flow_logs(&b));
             }
         }
-        Cmd::Bench(BenchCmd::PolicyCost {
+        Some(BenchCmd::Serve { rr_port, crr_port }) => loadgen::serve(rr_port, crr_port)?,
+        Some(BenchCmd::Rr { to, seconds, size }) => {
+            println!(
+                "{}",
+                serde_json::to_string(&loadgen::rr(to, seconds, size)?)?
+            );
+        }
+        Some(BenchCmd::Crr {
+            to,
+            seconds,
+            threads,
+        }) => {
+            println!(
+                "{}",
+                serde_json::to_string(&loadgen::crr(to, seconds, threads)?)?
+            );
+        }
+        Some(BenchCmd::PolicyCost {
             rules,
             groups,
             repeat,
@@ -539,7 +636,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", progcost::render(&c));
             }
         }
-        Cmd::Agent => agent::run(&inst)?,
     }
     Ok(())
 }
@@ -784,6 +880,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
                 name,
                 tasks,
                 publish,
+                ..LabSpec::default()
             })?;
             if json {
                 print_json(&status);

@@ -126,11 +126,18 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
 }
 
 /// What `lab up` builds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LabSpec {
     pub name: String,
     pub tasks: usize,
     pub publish: Vec<Publish>,
+    /// The benchmark's `ceiling`: no bridge and no netfilter, each task behind a /32 route on
+    /// its own veth, and the client routing the task subnet through the host. Published ports
+    /// mean nothing there; the client reaches tasks at their own addresses.
+    pub ceiling: bool,
+    /// Container ports the lab's echo server leaves free, for servers of the caller's own
+    /// (the benchmark's iperf3).
+    pub unserved: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +182,9 @@ pub struct LabTask {
 #[serde(rename_all = "camelCase")]
 pub struct LabStatus {
     pub name: String,
+    /// Built as the benchmark's ceiling (`LabSpec::ceiling`).
+    #[serde(default)]
+    pub ceiling: bool,
     pub state_file: PathBuf,
     pub host: LabHost,
     pub client: LabClient,
@@ -466,6 +476,130 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
     }
 }
 
+/// docker0 with its address and the sysctls Docker sets.
+fn docker_bridge(host: &str) -> Result<(), LabError> {
+    ip(&["-n", host, "link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&[
+        "-n",
+        host,
+        "addr",
+        "add",
+        &format!("{BRIDGE_ADDR}/{BRIDGE_PREFIX}"),
+        "dev",
+        BRIDGE,
+    ])?;
+    ip(&["-n", host, "link", "set", BRIDGE, "up"])?;
+    sysctl(host, "net.bridge.bridge-nf-call-iptables=1")?;
+    sysctl(host, &format!("net.ipv4.conf.{BRIDGE}.route_localnet=1"))
+}
+
+/// A task's veth as Docker plugs it: a port of docker0 with hairpin on, the task on the /16.
+fn bridged_task(host: &str, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<(), LabError> {
+    ip(&["-n", host, "link", "set", veth, "master", BRIDGE])?;
+    // Docker turns hairpin on for bridge ports when iptables does the hairpin NAT.
+    ip(&[
+        "-n",
+        host,
+        "link",
+        "set",
+        veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "on",
+    ])?;
+    ip(&["-n", host, "link", "set", veth, "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/{BRIDGE_PREFIX}"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &BRIDGE_ADDR.to_string(),
+    ])
+    .map(drop)
+}
+
+/// A task's veth in the ceiling lab: a /32 route to the task on the host side, which holds the
+/// gateway address; the task's only route is its default through it.
+fn routed_task(host: &str, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<(), LabError> {
+    let gateway = format!("{BRIDGE_ADDR}/32");
+    ip(&["-n", host, "addr", "add", &gateway, "dev", veth])?;
+    ip(&["-n", host, "link", "set", veth, "up"])?;
+    ip(&[
+        "-n",
+        host,
+        "route",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        veth,
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &BRIDGE_ADDR.to_string(),
+        "dev",
+        "eth0",
+        "onlink",
+    ])
+    .map(drop)
+}
+
+/// Replaces the iptables rules of the lab host `host` with `rules` (iptables-restore input).
+pub fn restore_rules(host: &str, rules: &str) -> Result<(), LabError> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", host, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::Command {
+            cmd: "iptables-restore".into(),
+            stderr: e.to_string(),
+        })?;
+    let input = std::path::Path::new("iptables-restore");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(rules.as_bytes())
+        .map_err(io(input))?;
+    let out = child.wait_with_output().map_err(io(input))?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: format!("ip netns exec {host} iptables-restore"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
 fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
     let name = &spec.name;
     let (host, client) = (host_ns(name), client_ns(name));
@@ -500,21 +634,21 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         &CLIENT_ADDR.to_string(),
     ])?;
 
-    // docker0 and Docker's sysctls.
-    ip(&["-n", &host, "link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&[
-        "-n",
-        &host,
-        "addr",
-        "add",
-        &format!("{BRIDGE_ADDR}/{BRIDGE_PREFIX}"),
-        "dev",
-        BRIDGE,
-    ])?;
-    ip(&["-n", &host, "link", "set", BRIDGE, "up"])?;
     sysctl(&host, "net.ipv4.ip_forward=1")?;
-    sysctl(&host, "net.bridge.bridge-nf-call-iptables=1")?;
-    sysctl(&host, &format!("net.ipv4.conf.{BRIDGE}.route_localnet=1"))?;
+    if spec.ceiling {
+        // The client routes the task subnet through the host: nothing translates.
+        ip(&[
+            "-n",
+            &client,
+            "route",
+            "add",
+            BRIDGE_SUBNET,
+            "via",
+            &UPLINK_ADDR.to_string(),
+        ])?;
+    } else {
+        docker_bridge(&host)?;
+    }
 
     let ports = plan_ports(spec, crate::state::Host::default().ephemeral_ports);
     let mut tasks = Vec::new();
@@ -529,39 +663,11 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         ip(&[
             "-n", &host, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])?;
-        ip(&["-n", &host, "link", "set", &veth, "master", BRIDGE])?;
-        // Docker turns hairpin on for bridge ports when iptables does the hairpin NAT.
-        ip(&[
-            "-n",
-            &host,
-            "link",
-            "set",
-            &veth,
-            "type",
-            "bridge_slave",
-            "hairpin",
-            "on",
-        ])?;
-        ip(&["-n", &host, "link", "set", &veth, "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/{BRIDGE_PREFIX}"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &BRIDGE_ADDR.to_string(),
-        ])?;
+        if spec.ceiling {
+            routed_task(&host, &ns, &veth, addr)?;
+        } else {
+            bridged_task(&host, &ns, &veth, addr)?;
+        }
         tasks.push(LabTask {
             name: format!("task{i}"),
             netns: ns,
@@ -570,39 +676,19 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
             port_mappings: ports[i - 1].clone(),
         });
     }
-    let rules = docker_rules(&tasks);
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &host, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| LabError::Command {
-            cmd: "iptables-restore".into(),
-            stderr: e.to_string(),
-        })?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(rules.as_bytes())
-        .map_err(io(&dir))?;
-    let out = child.wait_with_output().map_err(io(&dir))?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd: format!("ip netns exec {host} iptables-restore"),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+    if !spec.ceiling {
+        restore_rules(&host, &docker_rules(&tasks))?;
     }
 
     let status = LabStatus {
         name: name.clone(),
+        ceiling: spec.ceiling,
         state_file: dir.join("state.json"),
         host: LabHost {
             netns: host.clone(),
             uplink: UPLINK.into(),
             uplink_address: UPLINK_ADDR,
-            bridge: BRIDGE.into(),
+            bridge: if spec.ceiling { "" } else { BRIDGE }.into(),
             bridge_address: BRIDGE_ADDR,
         },
         client: LabClient {
@@ -617,6 +703,7 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
             .port_mappings
             .iter()
             .map(|p| (p.protocol, p.container_port))
+            .filter(|(_, port)| !spec.unserved.contains(port))
             .collect();
         ports.sort();
         ports.dedup();
@@ -879,6 +966,7 @@ mod tests {
             name: "l".into(),
             tasks: 2,
             publish: vec![],
+            ..LabSpec::default()
         };
         let p = plan_ports(&spec, [49153, 65535]);
         assert_eq!(p[1][0].host_port, 8081);
@@ -890,6 +978,7 @@ mod tests {
                 parse_publish("2:0:80", 2).unwrap(),
                 parse_publish("2:0:53/udp", 2).unwrap(),
             ],
+            ..LabSpec::default()
         };
         let p = plan_ports(&spec, [49153, 65535]);
         assert_eq!(

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod arp;
 pub mod bench;
+pub mod chart;
 pub mod cli;
 pub mod compile;
 pub mod datapath;
@@ -14,6 +15,7 @@ pub mod flowfmt;
 pub mod flowlog;
 pub mod instance;
 pub mod lab;
+pub mod loadgen;
 pub mod maps;
 pub mod metrics;
 pub mod monitor;

@@ -1,0 +1,224 @@
+//! The benchmark's own load (SPEC §9): a TCP request/response client that records every round
+//! trip in an HdrHistogram, a new-connection client, and the server both talk to. The bench
+//! runs each inside a lab namespace as `ecsnet --netns NS bench rr|crr|serve` and reads the
+//! JSON line it prints.
+//!
+//! A new-connection round is connect, one request, one reply, and a close by the client with
+//! an RST (`SO_LINGER` 0): no side keeps a TIME_WAIT socket, so a run cannot run out of client
+//! ports, and both Docker's conntrack and ecsnet's see a reset flow (10 s) rather than a closed
+//! one (120 s, 30 s) that would fill their tables during a long benchmark.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("listen on tcp port {port}: {source}")]
+    Listen { port: u16, source: std::io::Error },
+    #[error("tcp {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tcp {addr}: the server closed the connection")]
+    Closed { addr: SocketAddr },
+    #[error("--seconds, --size and --threads must be at least 1")]
+    Usage,
+}
+
+/// Accepting threads per port: enough for the clients' concurrency, each serving its
+/// connection inline (no thread per connection, whose start-up would dominate a short one).
+const SERVER_THREADS: usize = 4;
+
+/// Serves echo on `rr_port` (until the client closes) and one reply per connection on
+/// `crr_port`, until killed.
+pub fn serve(rr_port: u16, crr_port: u16) -> Result<(), LoadError> {
+    let mut threads = Vec::new();
+    for (port, once) in [(rr_port, false), (crr_port, true)] {
+        let l = TcpListener::bind(("0.0.0.0", port))
+            .map_err(|source| LoadError::Listen { port, source })?;
+        for _ in 0..SERVER_THREADS {
+            let l = l
+                .try_clone()
+                .map_err(|source| LoadError::Listen { port, source })?;
+            threads.push(std::thread::spawn(move || {
+                for conn in l.incoming().flatten() {
+                    echo(conn, once);
+                }
+            }));
+        }
+    }
+    println!("serving rr on tcp {rr_port}, crr on tcp {crr_port}");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// Echoes what arrives, once or until the peer closes.
+fn echo(mut conn: TcpStream, once: bool) {
+    let _ = conn.set_nodelay(true);
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+        if once {
+            // Wait for the client's close so the server never holds the TIME_WAIT.
+            let _ = conn.read(&mut buf);
+            return;
+        }
+    }
+}
+
+/// Round trips of one connection, nanoseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RrResult {
+    pub requests: u64,
+    pub seconds: f64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+/// Round trips not recorded at the start: the first ones pay for cold caches and ARP.
+const WARM_UP: u32 = 200;
+
+/// Request/response on one TCP connection to `addr` for `seconds`: `size` bytes out, the same
+/// back, one at a time; every round trip goes into the histogram.
+pub fn rr(addr: SocketAddr, seconds: u64, size: usize) -> Result<RrResult, LoadError> {
+    if seconds == 0 || size == 0 {
+        return Err(LoadError::Usage);
+    }
+    let io = |source| LoadError::Io { addr, source };
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
+    s.set_nodelay(true).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(io)?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut round_trip = |s: &mut TcpStream| -> Result<u64, LoadError> {
+        let t0 = Instant::now();
+        s.write_all(&msg).map_err(io)?;
+        s.read_exact(&mut back).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => LoadError::Closed { addr },
+            _ => io(e),
+        })?;
+        Ok(t0.elapsed().as_nanos() as u64)
+    };
+    for _ in 0..WARM_UP {
+        round_trip(&mut s)?;
+    }
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .expect("constant histogram bounds are valid");
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        let ns = round_trip(&mut s)?;
+        h.saturating_record(ns.max(1));
+    }
+    Ok(RrResult {
+        requests: h.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        p50_ns: h.value_at_quantile(0.50),
+        p90_ns: h.value_at_quantile(0.90),
+        p99_ns: h.value_at_quantile(0.99),
+        p999_ns: h.value_at_quantile(0.999),
+        max_ns: h.max(),
+    })
+}
+
+/// New connections, each with one round trip.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CrrResult {
+    pub connections: u64,
+    pub failures: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+}
+
+/// `threads` loops of connect, 1-byte request, reply, RST close to `addr` for `seconds`.
+pub fn crr(addr: SocketAddr, seconds: u64, threads: usize) -> Result<CrrResult, LoadError> {
+    if seconds == 0 || threads == 0 {
+        return Err(LoadError::Usage);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| std::thread::spawn(move || crr_loop(addr, deadline)))
+        .collect();
+    let (mut connections, mut failures) = (0, 0);
+    for w in workers {
+        let (ok, failed) = w.join().expect("a crr thread does not panic");
+        connections += ok;
+        failures += failed;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(CrrResult {
+        connections,
+        failures,
+        seconds: secs,
+        per_second: connections as f64 / secs,
+    })
+}
+
+fn crr_loop(addr: SocketAddr, deadline: Instant) -> (u64, u64) {
+    let (mut ok, mut failed) = (0, 0);
+    while Instant::now() < deadline {
+        match one_connection(addr) {
+            Ok(()) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (ok, failed)
+}
+
+fn one_connection(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    let fd = std::os::fd::AsFd::as_fd(&s);
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The client and server against each other run in the benchmark test, inside a lab:
+    // tests send no traffic in namespaces they did not create.
+    #[test]
+    fn zero_seconds_size_or_threads_is_a_usage_error() {
+        let addr: SocketAddr = ([192, 0, 2, 1], 9).into();
+        assert!(matches!(rr(addr, 0, 64), Err(LoadError::Usage)));
+        assert!(matches!(rr(addr, 1, 0), Err(LoadError::Usage)));
+        assert!(matches!(crr(addr, 1, 0), Err(LoadError::Usage)));
+    }
+}
