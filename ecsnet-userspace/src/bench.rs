@@ -61,6 +61,8 @@ fn step(what: impl Into<String>) -> impl FnOnce(String) -> BenchError {
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
 const CRR_PORT: u16 = 7001;
+/// The CPU the request/response client and server share (`loadgen::pin_to` says why).
+const RR_CPU: usize = 0;
 /// Connection table for the ecsnet mode: the new-connection runs open tens of thousands of
 /// flows a second, each held 10 s after its reset (two entries a flow). The kernel sized
 /// Docker's nf_conntrack at 262,144 flows on this machine.
@@ -126,15 +128,20 @@ impl Labs {
         Ok(())
     }
 
-    /// iperf3 and the rr/crr server in `ns`.
+    /// iperf3 and the rr and crr servers in `ns`; the rr server on `RR_CPU`.
     fn servers_in(&mut self, ns: &str) -> Result<(), BenchError> {
         let exe = self.exe.display().to_string();
-        let (rr, crr) = (RR_PORT.to_string(), CRR_PORT.to_string());
+        let (rr, crr, cpu) = (
+            RR_PORT.to_string(),
+            CRR_PORT.to_string(),
+            RR_CPU.to_string(),
+        );
         self.spawn(ns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
         self.spawn(
             ns,
-            &[&exe, "bench", "serve", "--rr-port", &rr, "--crr-port", &crr],
-        )
+            &[&exe, "bench", "serve", "--rr-port", &rr, "--cpu", &cpu],
+        )?;
+        self.spawn(ns, &[&exe, "bench", "serve", "--crr-port", &crr])
     }
 }
 
@@ -773,6 +780,8 @@ fn measure(
                     &secs,
                     "--size",
                     "64",
+                    "--cpu",
+                    &RR_CPU.to_string(),
                 ],
             )?;
             samples.push_rr(path, scale, mode, &r);

@@ -135,9 +135,12 @@ pub enum BenchCmd {
     #[command(hide = true)]
     Serve {
         #[arg(long)]
-        rr_port: u16,
+        rr_port: Option<u16>,
         #[arg(long)]
-        crr_port: u16,
+        crr_port: Option<u16>,
+        /// Run on this CPU only.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// Request/response latency on one TCP connection (JSON).
     #[command(hide = true)]
@@ -148,6 +151,9 @@ pub enum BenchCmd {
         seconds: u64,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Run on this CPU only.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// New connections per second, one round trip each (JSON).
     #[command(hide = true)]
@@ -605,8 +611,25 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
                 print!("{}", bench::render_flow_logs(&b));
             }
         }
-        Some(BenchCmd::Serve { rr_port, crr_port }) => loadgen::serve(rr_port, crr_port)?,
-        Some(BenchCmd::Rr { to, seconds, size }) => {
+        Some(BenchCmd::Serve {
+            rr_port,
+            crr_port,
+            cpu,
+        }) => {
+            if let Some(cpu) = cpu {
+                loadgen::pin_to(cpu)?;
+            }
+            loadgen::serve(rr_port, crr_port)?
+        }
+        Some(BenchCmd::Rr {
+            to,
+            seconds,
+            size,
+            cpu,
+        }) => {
+            if let Some(cpu) = cpu {
+                loadgen::pin_to(cpu)?;
+            }
             println!(
                 "{}",
                 serde_json::to_string(&loadgen::rr(to, seconds, size)?)?

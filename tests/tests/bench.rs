@@ -1,0 +1,178 @@
+//! `ecsnet bench --quick` works end to end (SPEC §9): it builds a bridge, an ecsnet and a
+//! ceiling lab of its own, measures every metric on every path in every mode, prints progress,
+//! writes JSON and an SVG chart, checks the targets, and leaves nothing behind. How
+//! fast is not judged here: the numbers are a measurement, reported in docs/BENCHMARKS.md.
+
+use std::collections::BTreeSet;
+
+use ecsnet_tests::{ecsnet, ecsnet_fails, require_root};
+use serde_json::Value;
+
+/// Namespaces and instances the benchmark's labs (`bb<pid>`, `be<pid>`, `bc<pid>`) left.
+fn bench_leftovers() -> Vec<String> {
+    let is_bench = |n: &str| {
+        let mut c = n.chars();
+        c.next() == Some('b')
+            && matches!(c.next(), Some('b' | 'e' | 'c'))
+            && c.next().is_some_and(|d| d.is_ascii_digit())
+    };
+    ["/run/netns", "/run/ecsnet", "/sys/fs/bpf/ecsnet"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path().display().to_string())
+        .filter(|p| is_bench(p.rsplit('/').next().unwrap_or("")))
+        .collect()
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn quick_bench_measures_every_metric_in_every_mode_and_cleans_up() {
+    require_root();
+    let svg = std::env::temp_dir().join(format!("ecsnet-bench-{}.svg", std::process::id()));
+    let svg_s = svg.display().to_string();
+    let started = std::time::Instant::now();
+    let out = ecsnet(&["bench", "--quick", "--json", "--svg", &svg_s]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench --quick failed: {stderr}");
+    assert!(
+        started.elapsed().as_secs() < 120,
+        "--quick must finish in under two minutes, took {:?}",
+        started.elapsed()
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("--json parses");
+
+    // A progress line per step, counting up to the total.
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" round 1/1 "))
+        .collect();
+    assert!(steps.len() > 40, "progress lines: {stderr}");
+    assert!(
+        steps
+            .last()
+            .unwrap()
+            .contains(&format!("{0}/{0}", steps.len())),
+        "the last step is N/N: {:?}",
+        steps.last()
+    );
+
+    let rows = r["rows"].as_array().expect("rows");
+    let row = |metric: &str, path: &str| -> Option<&Value> {
+        rows.iter().find(|x| {
+            x["metric"] == metric
+                && x["path"] == path
+                && x.get("scale").is_none()
+                && x.get("flowLogs").is_none()
+        })
+    };
+    // Every main metric on every path, in all three modes, each a real measurement.
+    for path in ["task-to-task", "published", "outside"] {
+        for metric in [
+            "tcp1",
+            "tcp4",
+            "udp-small",
+            "rr-p50",
+            "rr-p90",
+            "rr-p99",
+            "rr-p999",
+        ] {
+            let x = row(metric, path).unwrap_or_else(|| panic!("no {metric} on {path}: {r}"));
+            for mode in ["bridge", "ecsnet", "ceiling"] {
+                let v = num(&x["median"][mode]);
+                assert!(v.is_finite() && v > 0.0, "{metric} {path} {mode}: {x}");
+                assert_eq!(x["samples"][mode].as_array().map(Vec::len), Some(1), "{x}");
+            }
+            let (e, b, c) = (
+                num(&x["median"]["ecsnet"]),
+                num(&x["median"]["bridge"]),
+                num(&x["median"]["ceiling"]),
+            );
+            assert!((num(&x["ecsnetVsBridge"]) - e / b).abs() < 1e-9, "{x}");
+            assert!((num(&x["ecsnetVsCeiling"]) - e / c).abs() < 1e-9, "{x}");
+        }
+    }
+    // Latency percentiles are ordered; throughput is plausible for real TCP on veths.
+    for path in ["task-to-task", "published", "outside"] {
+        for mode in ["bridge", "ecsnet", "ceiling"] {
+            let p = |m| num(&row(m, path).unwrap()["median"][mode]);
+            assert!(
+                p("rr-p50") <= p("rr-p90") && p("rr-p90") <= p("rr-p99"),
+                "{path} {mode}: percentiles out of order"
+            );
+            assert!(p("tcp1") > 0.05, "{path} {mode}: {} Gbit/s", p("tcp1"));
+        }
+    }
+    let conn = row("conn-rate", "published").expect("new connections through a published port");
+    for mode in ["bridge", "ecsnet", "ceiling"] {
+        assert!(num(&conn["median"][mode]) > 100.0, "{conn}");
+    }
+    for (mode, n) in r["connFailures"].as_object().expect("connFailures") {
+        assert_eq!(n, 0, "{mode}: failed connection attempts");
+    }
+
+    // Scaling: 1 and 1000 extra ports and rules (--quick), bridge and ecsnet.
+    let scales: BTreeSet<u64> = rows.iter().filter_map(|x| x["scale"].as_u64()).collect();
+    assert_eq!(scales, BTreeSet::from([1, 1000]), "{r}");
+    for x in rows.iter().filter(|x| x.get("scale").is_some()) {
+        for mode in ["bridge", "ecsnet"] {
+            assert!(num(&x["median"][mode]) > 0.0, "{x}");
+        }
+        assert!(x["median"].get("ceiling").is_none(), "{x}");
+    }
+    // Flow logging off and on, ecsnet only.
+    let flow: Vec<&Value> = rows
+        .iter()
+        .filter(|x| x.get("flowLogs").is_some())
+        .collect();
+    assert_eq!(flow.len(), 4, "two paths, on and off: {flow:?}");
+    for x in &flow {
+        assert!(num(&x["median"]["ecsnet"]) > 0.05, "{x}");
+    }
+
+    // Every datapath program's cost.
+    let programs: BTreeSet<&str> = r["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p["program"].as_str())
+        .collect();
+    assert_eq!(
+        programs,
+        BTreeSet::from([
+            "tc_task_egress",
+            "tc_task_ingress",
+            "tc_uplink_egress",
+            "tc_uplink_ingress",
+            "xdp_uplink"
+        ])
+    );
+    // The targets are checked, each with a number.
+    let targets = r["targets"].as_array().expect("targets");
+    assert!(targets.len() >= 15, "{targets:?}");
+    for t in targets {
+        assert!(num(&t["got"]).is_finite(), "{t}");
+        assert!(t["met"].is_boolean(), "{t}");
+    }
+
+    // The chart: one document with a bar per ratio.
+    let chart = std::fs::read_to_string(&svg).expect("--svg wrote the chart");
+    let _ = std::fs::remove_file(&svg);
+    assert!(
+        chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"),
+        "not an SVG document: {}",
+        &chart[..chart.len().min(200)]
+    );
+    assert!(chart.contains("vs bridge") && chart.contains("vs ceiling"));
+    assert!(chart.contains("new connections"), "every main row is drawn");
+
+    assert!(
+        bench_leftovers().is_empty(),
+        "the benchmark's labs are gone: {:?}",
+        bench_leftovers()
+    );
+    let line = ecsnet_fails(&["bench", "--rounds", "0"], 2);
+    assert!(line.contains("--rounds"), "{line}");
+}
