@@ -27,6 +27,13 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// `ecsnet bench` from a release build (a debug build's own load generator would be
+    /// measured too): bridge mode, ecsnet and the ceiling on labs of its own.
+    Bench {
+        /// Arguments for `ecsnet bench` (--quick, --json, --svg FILE, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn say(msg: &str) {
@@ -50,7 +57,27 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Bench { args } => bench(&args),
     }
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    say("building ecsnet (release)");
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "ecsnet-userspace",
+        "--bin",
+        "ecsnet",
+    ])?;
+    let status = Command::new("target/release/ecsnet")
+        .arg("bench")
+        .args(args)
+        .status()
+        .context("running target/release/ecsnet bench")?;
+    ensure!(status.success(), "ecsnet bench failed ({status})");
+    Ok(())
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
