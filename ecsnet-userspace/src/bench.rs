@@ -25,7 +25,7 @@ use crate::{
     loadgen::{CrrResult, RrResult},
     paths::InstancePaths,
     progcost::{self, ProgramCost},
-    state::{IpPermission, IpRange, PortMapping, Protocol, SecurityGroup, State},
+    state::{IpPermission, PortMapping, Protocol, SecurityGroup, State},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -841,17 +841,8 @@ fn scaled_state(status: &LabStatus, n: usize) -> State {
             host_port: EXTRA_HOST_PORT + i,
             protocol: Protocol::Tcp,
         }));
-    let perm = |proto: &str, from: i32, to: i32, cidr: String| IpPermission {
-        ip_protocol: proto.to_owned(),
-        from_port: Some(from),
-        to_port: Some(to),
-        ip_ranges: vec![IpRange {
-            cidr_ip: cidr,
-            description: None,
-        }],
-        user_id_group_pairs: Vec::new(),
-        prefix_list_ids: Vec::new(),
-        ipv6_ranges: Vec::new(),
+    let perm = |proto: &str, from: i32, to: i32, cidr: String| {
+        IpPermission::from_cidr(proto, Some((from, to)), cidr)
     };
     let mut inbound = vec![perm(
         "tcp",
@@ -874,12 +865,7 @@ fn scaled_state(status: &LabStatus, n: usize) -> State {
             perm("tcp", port, port + 9, format!("192.168.{lo}.0/24"))
         }
     }));
-    let all_out = IpPermission {
-        ip_protocol: "-1".to_owned(),
-        from_port: None,
-        to_port: None,
-        ..perm("-1", 0, 0, "0.0.0.0/0".to_owned())
-    };
+    let all_out = IpPermission::from_cidr("-1", None, "0.0.0.0/0");
     state.security_groups = vec![SecurityGroup {
         group_id: "sg-0bench00000000001".to_owned(),
         group_name: Some("bench".to_owned()),

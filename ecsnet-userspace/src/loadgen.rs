@@ -64,7 +64,11 @@ pub fn serve(rr_port: Option<u16>, crr_port: Option<u16>) -> Result<(), LoadErro
                 .map_err(|source| LoadError::Listen { port, source })?;
             threads.push(std::thread::spawn(move || {
                 for conn in l.incoming().flatten() {
-                    echo(conn, once);
+                    if once {
+                        reply_once(conn);
+                    } else {
+                        crate::traffic::echo_tcp(conn);
+                    }
                 }
             }));
         }
@@ -76,24 +80,14 @@ pub fn serve(rr_port: Option<u16>, crr_port: Option<u16>) -> Result<(), LoadErro
     Ok(())
 }
 
-/// Echoes what arrives, once or until the peer closes.
-fn echo(mut conn: TcpStream, once: bool) {
+/// One request, its echo, and then the client's close: the server never holds the TIME_WAIT.
+fn reply_once(mut conn: TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut buf = [0u8; 4096];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if conn.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
-        if once {
-            // Wait for the client's close so the server never holds the TIME_WAIT.
-            let _ = conn.read(&mut buf);
-            return;
-        }
+    if let Ok(n @ 1..) = conn.read(&mut buf)
+        && conn.write_all(&buf[..n]).is_ok()
+    {
+        let _ = conn.read(&mut buf);
     }
 }
 

@@ -41,7 +41,7 @@ use crate::{
     datapath::DATAPATH,
     flowlog,
     policy::Compiled,
-    state::{self, IpPermission, IpRange, PortMapping, Protocol, SecurityGroup, State, Task},
+    state::{self, IpPermission, PortMapping, Protocol, SecurityGroup, State, Task},
 };
 
 /// The ifindex a test run's packet arrives on (loopback), standing in for the uplink.
@@ -142,17 +142,8 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
             ip_permissions_egress: Vec::new(),
         })
         .collect();
-    let perm = |proto: &str, from: i32, to: i32, cidr: String| IpPermission {
-        ip_protocol: proto.to_owned(),
-        from_port: Some(from),
-        to_port: Some(to),
-        ip_ranges: vec![IpRange {
-            cidr_ip: cidr,
-            description: None,
-        }],
-        user_id_group_pairs: Vec::new(),
-        prefix_list_ids: Vec::new(),
-        ipv6_ranges: Vec::new(),
+    let perm = |proto: &str, from: i32, to: i32, cidr: String| {
+        IpPermission::from_cidr(proto, Some((from, to)), cidr)
     };
     sgs[0]
         .ip_permissions
@@ -726,23 +717,12 @@ const PROGRAM_CASES: [ProgramCase; 7] = [
 /// TCP port 80 and lets its members send anything anywhere (EC2's default outbound rule); A's
 /// port 80 published on the host's 8080.
 fn program_state() -> State {
-    let anywhere = |proto: &str, from, to| IpPermission {
-        ip_protocol: proto.to_owned(),
-        from_port: from,
-        to_port: to,
-        ip_ranges: vec![IpRange {
-            cidr_ip: "0.0.0.0/0".to_owned(),
-            description: None,
-        }],
-        user_id_group_pairs: Vec::new(),
-        prefix_list_ids: Vec::new(),
-        ipv6_ranges: Vec::new(),
-    };
+    let anywhere = |proto: &str, ports| IpPermission::from_cidr(proto, ports, "0.0.0.0/0");
     let sg = SecurityGroup {
         group_id: "sg-web".to_owned(),
         group_name: None,
-        ip_permissions: vec![anywhere("tcp", Some(80), Some(80))],
-        ip_permissions_egress: vec![anywhere("-1", None, None)],
+        ip_permissions: vec![anywhere("tcp", Some((80, 80)))],
+        ip_permissions_egress: vec![anywhere("-1", None)],
     };
     let task = |name: &str, addr, port_mappings| Task {
         task_arn: None,

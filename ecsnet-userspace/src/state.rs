@@ -170,6 +170,25 @@ pub struct IpPermission {
     pub ipv6_ranges: Vec<serde_json::Value>,
 }
 
+impl IpPermission {
+    /// A rule for `proto` (`tcp`, `udp`, `icmp`, `-1`), ports `from..=to` (None: all), from or
+    /// to one IPv4 CIDR: the shape generated states (the benchmarks') need.
+    pub fn from_cidr(proto: &str, ports: Option<(i32, i32)>, cidr: impl Into<String>) -> Self {
+        IpPermission {
+            ip_protocol: proto.to_owned(),
+            from_port: ports.map(|p| p.0),
+            to_port: ports.map(|p| p.1),
+            ip_ranges: vec![IpRange {
+                cidr_ip: cidr.into(),
+                description: None,
+            }],
+            user_id_group_pairs: Vec::new(),
+            prefix_list_ids: Vec::new(),
+            ipv6_ranges: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct SecurityGroup {

@@ -68,7 +68,8 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
     Ok(())
 }
 
-fn echo_tcp(mut conn: TcpStream) {
+/// Echoes what arrives until the peer closes.
+pub fn echo_tcp(mut conn: TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut buf = vec![0u8; 65536];
     loop {
