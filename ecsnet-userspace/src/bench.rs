@@ -42,6 +42,13 @@ pub enum BenchError {
     Cost(#[from] progcost::CostError),
     #[error("--rounds and --seconds must be at least 1")]
     Usage,
+    #[error("bad --congestion {name:?}: this kernel offers {available}")]
+    Congestion { name: String, available: String },
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Write {
         path: PathBuf,
@@ -59,6 +66,8 @@ fn step(what: impl Into<String>) -> impl FnOnce(String) -> BenchError {
 
 /// Container ports of the benchmark's servers, published 1:1 on the host.
 const IPERF_PORT: u16 = 5201;
+/// The labs' TCP congestion control unless `--congestion` says otherwise: Linux's default.
+pub const DEFAULT_CONGESTION: &str = "cubic";
 const RR_PORT: u16 = 7000;
 const CRR_PORT: u16 = 7001;
 /// The CPU the request/response client and server share (`loadgen::pin_to` says why).
@@ -76,16 +85,19 @@ struct Labs {
     /// Instances brought up (their names are their labs' names).
     instances: Vec<String>,
     servers: Vec<Child>,
+    /// TCP congestion control of every measuring socket, clients' and servers'.
+    congestion: String,
 }
 
 impl Labs {
-    fn new() -> Result<Self, BenchError> {
+    fn new(congestion: &str) -> Result<Self, BenchError> {
         Ok(Labs {
             exe: std::env::current_exe()
                 .map_err(|e| step("finding the ecsnet binary")(e.to_string()))?,
             names: Vec::new(),
             instances: Vec::new(),
             servers: Vec::new(),
+            congestion: congestion.to_owned(),
         })
     }
 
@@ -131,6 +143,7 @@ impl Labs {
     /// iperf3 and the rr and crr servers in `ns`; the rr server on `RR_CPU`.
     fn servers_in(&mut self, ns: &str) -> Result<(), BenchError> {
         let exe = self.exe.display().to_string();
+        let cc = self.congestion.clone();
         let (rr, crr, cpu) = (
             RR_PORT.to_string(),
             CRR_PORT.to_string(),
@@ -139,9 +152,30 @@ impl Labs {
         self.spawn(ns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
         self.spawn(
             ns,
-            &[&exe, "bench", "serve", "--rr-port", &rr, "--cpu", &cpu],
+            &[
+                &exe,
+                "bench",
+                "serve",
+                "--rr-port",
+                &rr,
+                "--cpu",
+                &cpu,
+                "--congestion",
+                &cc,
+            ],
         )?;
-        self.spawn(ns, &[&exe, "bench", "serve", "--crr-port", &crr])
+        self.spawn(
+            ns,
+            &[
+                &exe,
+                "bench",
+                "serve",
+                "--crr-port",
+                &crr,
+                "--congestion",
+                &cc,
+            ],
+        )
     }
 }
 
@@ -189,11 +223,42 @@ fn iperf3_json(ns: &str, args: &[&str]) -> Result<serde_json::Value, BenchError>
     unreachable!("the second attempt returns")
 }
 
+const AVAILABLE_CONGESTION: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+
+/// Refuses a congestion control the kernel does not offer (loaded or built in), before any
+/// lab is built. The measuring sockets set it themselves (TCP_CONGESTION; as root any
+/// available one, not only the host's allowed list, and nothing of the host changes).
+fn check_congestion(name: &str) -> Result<(), BenchError> {
+    let available =
+        std::fs::read_to_string(AVAILABLE_CONGESTION).map_err(|source| BenchError::Read {
+            path: AVAILABLE_CONGESTION.into(),
+            source,
+        })?;
+    if available.split_whitespace().any(|a| a == name) {
+        Ok(())
+    } else {
+        Err(BenchError::Congestion {
+            name: name.to_owned(),
+            available: available.trim().to_owned(),
+        })
+    }
+}
+
 /// iperf3 TCP from `ns` to `target`, `streams` parallel streams: bits per second received.
-fn iperf3_tcp(ns: &str, target: Ipv4Addr, seconds: u64, streams: u32) -> Result<f64, BenchError> {
+/// `cc` is the senders' congestion control (iperf3 sets it on the server's sockets too).
+fn iperf3_tcp(
+    ns: &str,
+    target: Ipv4Addr,
+    seconds: u64,
+    streams: u32,
+    cc: &str,
+) -> Result<f64, BenchError> {
     let (t, secs, p) = (target.to_string(), seconds.to_string(), streams.to_string());
     let port = IPERF_PORT.to_string();
-    let v = iperf3_json(ns, &["-c", &t, "-p", &port, "-t", &secs, "-P", &p])?;
+    let v = iperf3_json(
+        ns,
+        &["-c", &t, "-p", &port, "-t", &secs, "-P", &p, "-C", cc],
+    )?;
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| step(format!("iperf3 -c {t}"))("no received rate".to_owned()))
@@ -397,6 +462,8 @@ pub struct BenchOptions {
     pub svg: Option<PathBuf>,
     /// Print a progress line on stderr.
     pub progress: bool,
+    /// TCP congestion control of every lab namespace.
+    pub congestion: String,
 }
 
 impl BenchOptions {
@@ -410,6 +477,7 @@ impl BenchOptions {
             crr_threads: 2,
             svg: None,
             progress: true,
+            congestion: DEFAULT_CONGESTION.to_owned(),
         }
     }
 
@@ -468,6 +536,8 @@ pub struct BenchReport {
     pub rounds: usize,
     pub seconds: u64,
     pub quick: bool,
+    /// TCP congestion control of the labs.
+    pub congestion: String,
     pub kernel: String,
     pub cpus: usize,
     pub rows: Vec<Row>,
@@ -531,8 +601,8 @@ fn lab_spec(name: String, ceiling: bool) -> LabSpec {
     }
 }
 
-fn build_rig() -> Result<Rig, BenchError> {
-    let mut labs = Labs::new()?;
+fn build_rig(congestion: &str) -> Result<Rig, BenchError> {
+    let mut labs = Labs::new(congestion)?;
     let id = std::process::id() % 100_000;
     let mut status = BTreeMap::new();
     for mode in Mode::ALL {
@@ -662,10 +732,11 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
     if which::which("iperf3").is_err() {
         return Err(BenchError::NoIperf3);
     }
+    check_congestion(&o.congestion)?;
     let started = Instant::now();
     let progress = Progress::new(o.progress);
     progress.say("building the bridge, ecsnet and ceiling labs");
-    let rig = build_rig()?;
+    let rig = build_rig(&o.congestion)?;
     let steps = plan(o);
     let mut samples = Samples {
         values: BTreeMap::new(),
@@ -706,7 +777,7 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
                 let paths = InstancePaths::new(&e.name);
                 flowlog::set_enabled(&paths, on)?;
                 let (ns, target) = rig.endpoints(Mode::Ecsnet, path);
-                let bps = iperf3_tcp(&ns, target, o.seconds, 1);
+                let bps = iperf3_tcp(&ns, target, o.seconds, 1, &o.congestion);
                 flowlog::set_enabled(&paths, true)?;
                 samples.push((Metric::Tcp1, path, None, Some(on)), st.mode, bps?);
             }
@@ -720,6 +791,7 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
     let rows = rows(&samples);
     let targets = targets(&rows);
     let report = BenchReport {
+        congestion: o.congestion.clone(),
         rounds: o.rounds,
         seconds: o.seconds,
         quick,
@@ -761,7 +833,7 @@ fn measure(
             } else {
                 Metric::Tcp4
             };
-            let bps = iperf3_tcp(&ns, target, o.seconds, streams)?;
+            let bps = iperf3_tcp(&ns, target, o.seconds, streams, &o.congestion)?;
             samples.push((m, path, scale, None), mode, bps);
         }
         Probe::Udp => {
@@ -783,6 +855,8 @@ fn measure(
                     "64",
                     "--cpu",
                     &RR_CPU.to_string(),
+                    "--congestion",
+                    &o.congestion,
                 ],
             )?;
             samples.push_rr(path, scale, mode, &r);
@@ -801,6 +875,8 @@ fn measure(
                     &secs,
                     "--threads",
                     &threads,
+                    "--congestion",
+                    &o.congestion,
                 ],
             )?;
             *samples.conn_failures.entry(mode).or_default() += r.failures;
@@ -1077,7 +1153,7 @@ fn fmt_ratio(v: Option<f64>) -> String {
 /// The table `ecsnet bench` prints.
 pub fn render(r: &BenchReport) -> String {
     let mut out = format!(
-        "ecsnet bench{}: {} round(s) of {} s per tool run, medians; kernel {}, {} CPUs, {:.0} s\n\n",
+        "ecsnet bench{}: {} round(s) of {} s per tool run, medians; TCP {}; kernel {}, {} CPUs, {:.0} s\n\n",
         if r.quick {
             " --quick (proves the benchmark runs; too short to judge speed)"
         } else {
@@ -1085,6 +1161,7 @@ pub fn render(r: &BenchReport) -> String {
         },
         r.rounds,
         r.seconds,
+        r.congestion,
         r.kernel,
         r.cpus,
         r.wall_seconds
@@ -1258,20 +1335,28 @@ pub struct FlowLogBench {
     pub window_secs: u64,
     /// `up --xdp-mode` of the instance measured.
     pub xdp_mode: String,
+    /// TCP congestion control of the lab.
+    pub congestion: String,
     pub paths: Vec<PathResult>,
 }
 
 /// Runs the comparison: `rounds` rounds of `seconds` per mode and path, modes alternating
 /// which goes first.
-pub fn flow_logs(rounds: usize, seconds: u64, xdp_mode: &str) -> Result<FlowLogBench, BenchError> {
+pub fn flow_logs(
+    rounds: usize,
+    seconds: u64,
+    xdp_mode: &str,
+    congestion: &str,
+) -> Result<FlowLogBench, BenchError> {
     if rounds == 0 || seconds == 0 {
         return Err(BenchError::Usage);
     }
     if which::which("iperf3").is_err() {
         return Err(BenchError::NoIperf3);
     }
+    check_congestion(congestion)?;
     const WINDOW: u64 = 1;
-    let mut labs = Labs::new()?;
+    let mut labs = Labs::new(congestion)?;
     let name = format!("bfl{}", std::process::id() % 100_000);
     let s = labs.lab_up(&lab_spec(name.clone(), false))?;
     let state = s.state_file.display().to_string();
@@ -1313,7 +1398,7 @@ pub fn flow_logs(rounds: usize, seconds: u64, xdp_mode: &str) -> Result<FlowLogB
             };
             for enabled in order {
                 flowlog::set_enabled(&paths, enabled)?;
-                let bps = iperf3_tcp(ns, target, seconds, 1)?;
+                let bps = iperf3_tcp(ns, target, seconds, 1, congestion)?;
                 if enabled { &mut on } else { &mut off }.push(bps);
             }
         }
@@ -1333,6 +1418,7 @@ pub fn flow_logs(rounds: usize, seconds: u64, xdp_mode: &str) -> Result<FlowLogB
         seconds,
         window_secs: WINDOW,
         xdp_mode: xdp_mode.to_owned(),
+        congestion: congestion.to_owned(),
         paths: results,
     })
 }
@@ -1340,8 +1426,8 @@ pub fn flow_logs(rounds: usize, seconds: u64, xdp_mode: &str) -> Result<FlowLogB
 /// The table `bench flow-logs` prints.
 pub fn render_flow_logs(b: &FlowLogBench) -> String {
     let mut out = format!(
-        "iperf3 TCP, 1 stream, {} round(s) of {} s per mode, flow-log window {} s, XDP {}; medians\n",
-        b.rounds, b.seconds, b.window_secs, b.xdp_mode
+        "iperf3 TCP ({}), 1 stream, {} round(s) of {} s per mode, flow-log window {} s, XDP {}; medians\n",
+        b.congestion, b.rounds, b.seconds, b.window_secs, b.xdp_mode
     );
     out.push_str(&format!(
         "{:<26} {:>14} {:>14} {:>8}\n",

@@ -109,6 +109,11 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub no_progress: bool,
+    /// TCP congestion control in every namespace of the labs. cubic is Linux's default; bbr
+    /// paces with a timer, and on a small VM its throughput measures timer wake-ups more than
+    /// the datapath (docs/BENCHMARKS.md).
+    #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
+    pub congestion: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -127,6 +132,9 @@ pub enum BenchCmd {
         /// native, skb or off.
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
+        /// TCP congestion control in every namespace of the lab, as `bench --congestion`.
+        #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
+        congestion: String,
         #[arg(long)]
         json: bool,
     },
@@ -141,6 +149,9 @@ pub enum BenchCmd {
         /// Run on this CPU only.
         #[arg(long)]
         cpu: Option<usize>,
+        /// TCP congestion control of the listening sockets (their connections inherit it).
+        #[arg(long)]
+        congestion: Option<String>,
     },
     /// Request/response latency on one TCP connection (JSON).
     #[command(hide = true)]
@@ -154,6 +165,9 @@ pub enum BenchCmd {
         /// Run on this CPU only.
         #[arg(long)]
         cpu: Option<usize>,
+        /// TCP congestion control of the connection.
+        #[arg(long)]
+        congestion: Option<String>,
     },
     /// New connections per second, one round trip each (JSON).
     #[command(hide = true)]
@@ -164,6 +178,9 @@ pub enum BenchCmd {
         seconds: u64,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// TCP congestion control of the connections.
+        #[arg(long)]
+        congestion: Option<String>,
     },
     /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
     PolicyCost {
@@ -316,6 +333,10 @@ pub enum LabCmd {
         /// TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp], repeatable; HOSTPORT 0 is dynamic.
         #[arg(long)]
         publish: Vec<String>,
+        /// The benchmark's ceiling instead of a bridge-mode host: no bridge and no netfilter,
+        /// each task behind a /32 route; clients reach tasks at their own addresses.
+        #[arg(long)]
+        ceiling: bool,
         #[arg(long)]
         json: bool,
     },
@@ -397,7 +418,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         }
         if matches!(
             cause.downcast_ref::<crate::bench::BenchError>(),
-            Some(crate::bench::BenchError::Usage)
+            Some(crate::bench::BenchError::Usage | crate::bench::BenchError::Congestion { .. })
         ) {
             return 2;
         }
@@ -589,6 +610,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
                 seconds: b.seconds.unwrap_or(base.seconds),
                 svg: b.svg,
                 progress: !b.no_progress,
+                congestion: b.congestion,
                 ..base
             };
             let r = bench::run(&o, b.quick)?;
@@ -602,9 +624,10 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             rounds,
             seconds,
             xdp_mode,
+            congestion,
             json,
         }) => {
-            let b = bench::flow_logs(rounds, seconds, &xdp_mode)?;
+            let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
             if json {
                 print_json(&b);
             } else {
@@ -615,35 +638,34 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             rr_port,
             crr_port,
             cpu,
+            congestion,
         }) => {
             if let Some(cpu) = cpu {
                 loadgen::pin_to(cpu)?;
             }
-            loadgen::serve(rr_port, crr_port)?
+            loadgen::serve(rr_port, crr_port, congestion.as_deref())?
         }
         Some(BenchCmd::Rr {
             to,
             seconds,
             size,
             cpu,
+            congestion,
         }) => {
             if let Some(cpu) = cpu {
                 loadgen::pin_to(cpu)?;
             }
-            println!(
-                "{}",
-                serde_json::to_string(&loadgen::rr(to, seconds, size)?)?
-            );
+            let r = loadgen::rr(to, seconds, size, congestion.as_deref())?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         Some(BenchCmd::Crr {
             to,
             seconds,
             threads,
+            congestion,
         }) => {
-            println!(
-                "{}",
-                serde_json::to_string(&loadgen::crr(to, seconds, threads)?)?
-            );
+            let r = loadgen::crr(to, seconds, threads, congestion.as_deref())?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         Some(BenchCmd::PolicyCost {
             rules,
@@ -893,6 +915,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             name,
             tasks,
             publish,
+            ceiling,
             json,
         } => {
             let publish = publish
@@ -903,6 +926,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
                 name,
                 tasks,
                 publish,
+                ceiling,
                 ..LabSpec::default()
             })?;
             if json {

@@ -893,14 +893,17 @@ fn instances_in(netns: &str) -> Vec<String> {
 
 /// Human-readable status.
 pub fn render(s: &LabStatus) -> String {
+    let inside = if s.ceiling {
+        "no bridge: each task behind a /32 route, no netfilter".to_owned()
+    } else {
+        format!("bridge {} {}", s.host.bridge, s.host.bridge_address)
+    };
     let mut out = format!(
-        "lab {}: host {} (uplink {} {}, bridge {} {}), client {} {} (echo on {})\nstate file {}\n",
+        "lab {}: host {} (uplink {} {}, {inside}), client {} {} (echo on {})\nstate file {}\n",
         s.name,
         s.host.netns,
         s.host.uplink,
         s.host.uplink_address,
-        s.host.bridge,
-        s.host.bridge_address,
         s.client.netns,
         s.client.address,
         s.client.echo_port,

@@ -46,18 +46,36 @@ pub fn pin_to(cpu: usize) -> Result<(), LoadError> {
         .map_err(|source| LoadError::Pin { cpu, source })
 }
 
+/// Sets the socket's TCP congestion control (TCP_CONGESTION): as root any algorithm the kernel
+/// has, whatever the host's default and allowed list.
+fn set_congestion(s: &impl std::os::fd::AsFd, name: &str) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(
+        s,
+        nix::sys::socket::sockopt::TcpCongestion,
+        &std::ffi::OsString::from(name),
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Accepting threads per port: enough for the clients' concurrency, each serving its
 /// connection inline (no thread per connection, whose start-up would dominate a short one).
 const SERVER_THREADS: usize = 4;
 
 /// Serves echo on `rr_port` (until the client closes) and one reply per connection on
 /// `crr_port`, until killed.
-pub fn serve(rr_port: Option<u16>, crr_port: Option<u16>) -> Result<(), LoadError> {
+pub fn serve(
+    rr_port: Option<u16>,
+    crr_port: Option<u16>,
+    congestion: Option<&str>,
+) -> Result<(), LoadError> {
     let mut threads = Vec::new();
     let ports = [(rr_port, false), (crr_port, true)];
     for (port, once) in ports.into_iter().filter_map(|(p, once)| Some((p?, once))) {
         let l = TcpListener::bind(("0.0.0.0", port))
             .map_err(|source| LoadError::Listen { port, source })?;
+        if let Some(cc) = congestion {
+            set_congestion(&l, cc).map_err(|source| LoadError::Listen { port, source })?;
+        }
         for _ in 0..SERVER_THREADS {
             let l = l
                 .try_clone()
@@ -109,7 +127,12 @@ const WARM_UP: u32 = 200;
 
 /// Request/response on one TCP connection to `addr` for `seconds`: `size` bytes out, the same
 /// back, one at a time; every round trip goes into the histogram.
-pub fn rr(addr: SocketAddr, seconds: u64, size: usize) -> Result<RrResult, LoadError> {
+pub fn rr(
+    addr: SocketAddr,
+    seconds: u64,
+    size: usize,
+    congestion: Option<&str>,
+) -> Result<RrResult, LoadError> {
     if seconds == 0 || size == 0 {
         return Err(LoadError::Usage);
     }
@@ -118,6 +141,9 @@ pub fn rr(addr: SocketAddr, seconds: u64, size: usize) -> Result<RrResult, LoadE
     s.set_nodelay(true).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(io)?;
+    if let Some(cc) = congestion {
+        set_congestion(&s, cc).map_err(io)?;
+    }
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let mut round_trip = |s: &mut TcpStream| -> Result<u64, LoadError> {
@@ -162,14 +188,22 @@ pub struct CrrResult {
 }
 
 /// `threads` loops of connect, 1-byte request, reply, RST close to `addr` for `seconds`.
-pub fn crr(addr: SocketAddr, seconds: u64, threads: usize) -> Result<CrrResult, LoadError> {
+pub fn crr(
+    addr: SocketAddr,
+    seconds: u64,
+    threads: usize,
+    congestion: Option<&str>,
+) -> Result<CrrResult, LoadError> {
     if seconds == 0 || threads == 0 {
         return Err(LoadError::Usage);
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..threads)
-        .map(|_| std::thread::spawn(move || crr_loop(addr, deadline)))
+        .map(|_| {
+            let cc = congestion.map(str::to_owned);
+            std::thread::spawn(move || crr_loop(addr, deadline, cc.as_deref()))
+        })
         .collect();
     let (mut connections, mut failures) = (0, 0);
     for w in workers {
@@ -186,10 +220,10 @@ pub fn crr(addr: SocketAddr, seconds: u64, threads: usize) -> Result<CrrResult, 
     })
 }
 
-fn crr_loop(addr: SocketAddr, deadline: Instant) -> (u64, u64) {
+fn crr_loop(addr: SocketAddr, deadline: Instant, congestion: Option<&str>) -> (u64, u64) {
     let (mut ok, mut failed) = (0, 0);
     while Instant::now() < deadline {
-        match one_connection(addr) {
+        match one_connection(addr, congestion) {
             Ok(()) => ok += 1,
             Err(_) => failed += 1,
         }
@@ -197,9 +231,12 @@ fn crr_loop(addr: SocketAddr, deadline: Instant) -> (u64, u64) {
     (ok, failed)
 }
 
-fn one_connection(addr: SocketAddr) -> std::io::Result<()> {
+fn one_connection(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_nodelay(true)?;
+    if let Some(cc) = congestion {
+        set_congestion(&s, cc)?;
+    }
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(b"x")?;
     let mut b = [0u8; 1];
@@ -226,8 +263,8 @@ mod tests {
     #[test]
     fn zero_seconds_size_or_threads_is_a_usage_error() {
         let addr: SocketAddr = ([192, 0, 2, 1], 9).into();
-        assert!(matches!(rr(addr, 0, 64), Err(LoadError::Usage)));
-        assert!(matches!(rr(addr, 1, 0), Err(LoadError::Usage)));
-        assert!(matches!(crr(addr, 1, 0), Err(LoadError::Usage)));
+        assert!(matches!(rr(addr, 0, 64, None), Err(LoadError::Usage)));
+        assert!(matches!(rr(addr, 1, 0, None), Err(LoadError::Usage)));
+        assert!(matches!(crr(addr, 1, 0, None), Err(LoadError::Usage)));
     }
 }
