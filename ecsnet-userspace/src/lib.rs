@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod arp;
+pub mod batch;
 pub mod bench;
 pub mod chart;
 pub mod cli;

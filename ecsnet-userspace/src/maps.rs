@@ -3,6 +3,7 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
+    os::fd::AsFd,
     path::PathBuf,
 };
 
@@ -21,7 +22,7 @@ use ecsnet_common::{
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
-use crate::{paths::InstancePaths, policy::Compiled};
+use crate::{batch, paths::InstancePaths, policy::Compiled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -35,6 +36,11 @@ pub enum MapsError {
     Access {
         map: &'static str,
         source: aya::maps::MapError,
+    },
+    #[error("map {map}: {source}")]
+    Batch {
+        map: &'static str,
+        source: std::io::Error,
     },
 }
 
@@ -263,10 +269,25 @@ pub fn write_ports(
 
 /// Every entry of the connection table.
 pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
-    let m: HashMap<MapData, CtKey, CtEntry> =
-        open(paths, MAP_CT)?.try_into().map_err(access(MAP_CT))?;
-    // Entries deleted while we walk the table are simply skipped.
-    Ok(m.iter().filter_map(Result::ok).collect())
+    ct_table(paths).map(|(_, entries)| entries)
+}
+
+/// The pinned connection table and all its entries, read in chunks (`batch`).
+fn ct_table(paths: &InstancePaths) -> Result<(MapData, Vec<(CtKey, CtEntry)>), MapsError> {
+    let path = paths.map_pin(MAP_CT);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        map: MAP_CT,
+        path: path.clone(),
+        source,
+    })?;
+    let info = data.info().map_err(access(MAP_CT))?;
+    let batch_err = |source| MapsError::Batch {
+        map: MAP_CT,
+        source,
+    };
+    batch::check_sizes::<CtKey, CtEntry>(info.key_size(), info.value_size()).map_err(batch_err)?;
+    let entries = batch::lookup_all(data.fd().as_fd()).map_err(batch_err)?;
+    Ok((data, entries))
 }
 
 /// Capacity of a pinned map, entries.
@@ -293,31 +314,32 @@ pub fn collect_garbage(
     timeouts: &Timeouts,
     now_ns: u64,
 ) -> Result<usize, MapsError> {
-    let mut m: HashMap<MapData, CtKey, CtEntry> =
-        open(paths, MAP_CT)?.try_into().map_err(access(MAP_CT))?;
-    let entries: StdHashMap<CtKey, CtEntry> = m.iter().filter_map(Result::ok).collect();
+    let (data, all) = ct_table(paths)?;
+    let entries: StdHashMap<CtKey, CtEntry> = all.into_iter().collect();
+    let mut doomed = Vec::new();
     let mut removed = 0;
     for (k, e) in &entries {
         if e.dir != ct::DIR_ORIGINAL {
             // Reply entries go with their original; an orphan (its original already gone) is
             // judged on its own.
-            if entries.contains_key(&e.peer) {
-                continue;
-            }
-            if ct::expired(k.proto, e, e, timeouts, now_ns) {
-                let _ = m.remove(k);
+            if !entries.contains_key(&e.peer) && ct::expired(k.proto, e, e, timeouts, now_ns) {
+                doomed.push(*k);
             }
             continue;
         }
         let reply = entries.get(&e.peer).copied().unwrap_or_default();
         if ct::expired(k.proto, e, &reply, timeouts, now_ns) {
-            // Reply first: a packet racing with us then misses and takes the kernel path
-            // rather than finding half a flow.
-            let _ = m.remove(&e.peer);
-            let _ = m.remove(k);
+            // Reply first (the deletes keep this order): a packet racing with us then misses
+            // and takes the kernel path rather than finding half a flow.
+            doomed.push(e.peer);
+            doomed.push(*k);
             removed += 1;
         }
     }
+    batch::delete(data.fd().as_fd(), &doomed).map_err(|source| MapsError::Batch {
+        map: MAP_CT,
+        source,
+    })?;
     Ok(removed)
 }
 
@@ -412,15 +434,31 @@ pub fn write_flow_state(paths: &InstancePaths, st: &FlowState) -> Result<(), Map
 
 /// Every flow of the flow table with its per-CPU counters (CPUs that never saw it are zero).
 pub fn read_flows(paths: &InstancePaths) -> Result<Vec<(FlowKey, Vec<FlowStats>)>, MapsError> {
-    let m: PerCpuHashMap<MapData, FlowKey, FlowStats> = open(paths, MAP_FLOWS)?
-        .try_into()
-        .map_err(access(MAP_FLOWS))?;
-    let mut out = Vec::new();
-    for entry in m.iter() {
-        let (k, v) = entry.map_err(access(MAP_FLOWS))?;
-        out.push((k, v.iter().copied().collect()));
-    }
-    Ok(out)
+    flow_table(paths).map(|(_, flows)| flows)
+}
+
+/// The pinned flow table and every flow in it, read in chunks (`batch`).
+#[allow(clippy::type_complexity)]
+fn flow_table(
+    paths: &InstancePaths,
+) -> Result<(MapData, Vec<(FlowKey, Vec<FlowStats>)>), MapsError> {
+    let path = paths.map_pin(MAP_FLOWS);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        map: MAP_FLOWS,
+        path: path.clone(),
+        source,
+    })?;
+    let info = data.info().map_err(access(MAP_FLOWS))?;
+    let batch_err = |source| MapsError::Batch {
+        map: MAP_FLOWS,
+        source,
+    };
+    // A per-CPU map reports the size of one CPU's value.
+    batch::check_sizes::<FlowKey, FlowStats>(info.key_size(), info.value_size())
+        .map_err(batch_err)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| batch_err(e))?.get() as usize;
+    let flows = batch::lookup_all_per_cpu(data.fd().as_fd(), cpus).map_err(batch_err)?;
+    Ok((data, flows))
 }
 
 /// Packets that found the flow table full, by window and interface, summed over CPUs.
@@ -438,18 +476,17 @@ pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>,
 
 /// Removes every flow and loss counter of window `epoch` (after its records were written).
 pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsError> {
-    let mut flows: PerCpuHashMap<MapData, FlowKey, FlowStats> = open(paths, MAP_FLOWS)?
-        .try_into()
-        .map_err(access(MAP_FLOWS))?;
+    let (data, flows) = flow_table(paths)?;
     let keys: Vec<FlowKey> = flows
-        .keys()
-        .flatten()
+        .into_iter()
+        .map(|(k, _)| k)
         .filter(|k| k.epoch == epoch)
         .collect();
-    for k in &keys {
-        // Gone already (a second recovery pass) is as good as removed.
-        let _ = flows.remove(k);
-    }
+    // Gone already (a second recovery pass) is as good as removed: `batch::delete` skips it.
+    batch::delete(data.fd().as_fd(), &keys).map_err(|source| MapsError::Batch {
+        map: MAP_FLOWS,
+        source,
+    })?;
     let mut lost: PerCpuHashMap<MapData, LostKey, Counters> = open(paths, MAP_FLOW_LOST)?
         .try_into()
         .map_err(access(MAP_FLOW_LOST))?;
@@ -462,10 +499,7 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
 
 /// Entries in the flow table now, and its capacity.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
-    let m: PerCpuHashMap<MapData, FlowKey, FlowStats> = open(paths, MAP_FLOWS)?
-        .try_into()
-        .map_err(access(MAP_FLOWS))?;
-    let entries = m.keys().flatten().count() as u64;
+    let entries = flow_table(paths)?.1.len() as u64;
     Ok((entries, capacity(paths, MAP_FLOWS)? as u64))
 }
 
