@@ -42,6 +42,10 @@ fn bad_input_changes_nothing() {
     ecsnet_fails(&lab.ecsnet_args(&["up", "--window", "0"]), 2);
     ecsnet_fails(&["--instance", "../etc", "up"], 2);
     ecsnet_fails(&["frobnicate"], 2);
+    // Checked before any lab is built.
+    let line = ecsnet_fails(&["bench", "--quick", "--congestion", "nosuch"], 2);
+    assert!(line.contains("nosuch") && line.contains("offers"), "{line}");
+    ecsnet_fails(&["bench", "flow-logs", "--congestion", "nosuch"], 2);
     ecsnet_fails(&["--instance", &lab.name, "stats"], 2);
     ecsnet_fails(
         &["--instance", &lab.name, "apply", "-f", &lab.state_file()],

@@ -34,7 +34,17 @@ fn quick_bench_measures_every_metric_in_every_mode_and_cleans_up() {
     let svg = std::env::temp_dir().join(format!("ecsnet-bench-{}.svg", std::process::id()));
     let svg_s = svg.display().to_string();
     let started = std::time::Instant::now();
-    let out = ecsnet(&["bench", "--quick", "--json", "--svg", &svg_s]);
+    // reno, not the default: every TCP socket of the run must take the option (iperf3 and the
+    // request/response and connection clients fail if they cannot set it).
+    let out = ecsnet(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--svg",
+        &svg_s,
+        "--congestion",
+        "reno",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench --quick failed: {stderr}");
     assert!(
@@ -43,6 +53,10 @@ fn quick_bench_measures_every_metric_in_every_mode_and_cleans_up() {
         started.elapsed()
     );
     let r: Value = serde_json::from_slice(&out.stdout).expect("--json parses");
+    assert_eq!(
+        r["congestion"], "reno",
+        "the report names its congestion control"
+    );
 
     // A progress line per step, counting up to the total.
     let steps: Vec<&str> = stderr
