@@ -272,33 +272,35 @@ pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(CtKey, CtEntry)>, MapsError
     ct_table(paths).map(|(_, entries)| entries)
 }
 
-/// The pinned connection table and all its entries, read in chunks (`batch`).
+/// The pinned map `map` as raw map data.
+fn pinned(paths: &InstancePaths, map: &'static str) -> Result<MapData, MapsError> {
+    let path = paths.map_pin(map);
+    MapData::from_pin(&path).map_err(|source| MapsError::Open { map, path, source })
+}
+
+/// The pinned map `map`, refused unless its keys and values have the sizes of `K` and `V`
+/// (one CPU's value for a per-CPU map), for reading it in chunks (`batch`).
+fn pinned_for_batch<K, V>(paths: &InstancePaths, map: &'static str) -> Result<MapData, MapsError> {
+    let data = pinned(paths, map)?;
+    let info = data.info().map_err(access(map))?;
+    batch::check_sizes::<K, V>(info.key_size(), info.value_size())
+        .map_err(|source| MapsError::Batch { map, source })?;
+    Ok(data)
+}
+
+/// The pinned connection table and all its entries, read in chunks.
 fn ct_table(paths: &InstancePaths) -> Result<(MapData, Vec<(CtKey, CtEntry)>), MapsError> {
-    let path = paths.map_pin(MAP_CT);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+    let data = pinned_for_batch::<CtKey, CtEntry>(paths, MAP_CT)?;
+    let entries = batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch {
         map: MAP_CT,
-        path: path.clone(),
         source,
     })?;
-    let info = data.info().map_err(access(MAP_CT))?;
-    let batch_err = |source| MapsError::Batch {
-        map: MAP_CT,
-        source,
-    };
-    batch::check_sizes::<CtKey, CtEntry>(info.key_size(), info.value_size()).map_err(batch_err)?;
-    let entries = batch::lookup_all(data.fd().as_fd()).map_err(batch_err)?;
     Ok((data, entries))
 }
 
 /// Capacity of a pinned map, entries.
 fn capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, MapsError> {
-    let path = paths.map_pin(map);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        map,
-        path: path.clone(),
-        source,
-    })?;
-    let info = data.info().map_err(access(map))?;
+    let info = pinned(paths, map)?.info().map_err(access(map))?;
     Ok(info.max_entries())
 }
 
@@ -442,20 +444,11 @@ pub fn read_flows(paths: &InstancePaths) -> Result<Vec<(FlowKey, Vec<FlowStats>)
 fn flow_table(
     paths: &InstancePaths,
 ) -> Result<(MapData, Vec<(FlowKey, Vec<FlowStats>)>), MapsError> {
-    let path = paths.map_pin(MAP_FLOWS);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        map: MAP_FLOWS,
-        path: path.clone(),
-        source,
-    })?;
-    let info = data.info().map_err(access(MAP_FLOWS))?;
+    let data = pinned_for_batch::<FlowKey, FlowStats>(paths, MAP_FLOWS)?;
     let batch_err = |source| MapsError::Batch {
         map: MAP_FLOWS,
         source,
     };
-    // A per-CPU map reports the size of one CPU's value.
-    batch::check_sizes::<FlowKey, FlowStats>(info.key_size(), info.value_size())
-        .map_err(batch_err)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| batch_err(e))?.get() as usize;
     let flows = batch::lookup_all_per_cpu(data.fd().as_fd(), cpus).map_err(batch_err)?;
     Ok((data, flows))
