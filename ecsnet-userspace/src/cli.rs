@@ -109,7 +109,8 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub no_progress: bool,
-    /// TCP congestion control in every namespace of the labs. cubic is Linux's default; bbr
+    /// TCP congestion control of every socket the benchmark measures with (iperf3's and its
+    /// own clients' and servers'). cubic is Linux's default; bbr
     /// paces with a timer, and on a small VM its throughput measures timer wake-ups more than
     /// the datapath (docs/BENCHMARKS.md).
     #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
@@ -132,7 +133,7 @@ pub enum BenchCmd {
         /// native, skb or off.
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
-        /// TCP congestion control in every namespace of the lab, as `bench --congestion`.
+        /// TCP congestion control of iperf3's sockets, as `bench --congestion`.
         #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
         congestion: String,
         #[arg(long)]
