@@ -468,11 +468,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     );
     paths::check_name("instance", &cli.instance).map_err(UsageError::BadName)?;
     let inst = InstancePaths::new(&cli.instance);
-    let lab_cmd = matches!(cli.cmd, Cmd::Lab(_));
-    // Without --netns, instance commands go where `up` ran (also `up` after a crash).
+    // The lab and the benchmark build their own namespaces; the benchmark's helpers (`bench
+    // serve`, `rr`, `crr`) run where they are started (`ip netns exec`). Only instance commands
+    // follow the instance, without --netns, to where `up` ran (also `up` after a crash).
+    let own_netns = matches!(cli.cmd, Cmd::Lab(_) | Cmd::Bench(_));
     let netns = match &cli.netns {
         Some(ns) => Some(ns.clone()),
-        None if !lab_cmd => instance::read_meta(&inst)
+        None if !own_netns => instance::read_meta(&inst)
             .ok()
             .flatten()
             .and_then(|m| m.netns),

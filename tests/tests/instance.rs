@@ -3,7 +3,9 @@
 
 use std::{os::unix::net::UnixStream, path::Path, time::Duration};
 
-use ecsnet_tests::{Lab, ecsnet, ecsnet_fails, ecsnet_ok, leftovers, ns_exec};
+use ecsnet_tests::{
+    Background, Lab, ecsnet, ecsnet_bin, ecsnet_fails, ecsnet_ok, leftovers, ns_exec,
+};
 use std::io::{BufRead as _, BufReader, Write as _};
 
 fn agent_pid(name: &str) -> i32 {
@@ -261,4 +263,37 @@ fn xdp_auto_is_off_on_a_veth_uplink_and_skb_attaches_generic_xdp() {
     assert!(eth0.contains("xdpgeneric"), "no generic XDP: {eth0}");
     assert_eq!(meta(&lab)["xdpMode"], "skb", "{}", meta(&lab));
     ecsnet_ok(&["--instance", &lab.name, "down"]);
+}
+
+/// The benchmark's helpers run in the namespace they are started in, not where the instance of
+/// the same name went up: the benchmark starts them with `ip netns exec` in its own labs.
+#[test]
+fn bench_helpers_stay_in_the_namespace_they_are_started_in() {
+    let lab = Lab::up("ibh", 1, &[]);
+    lab.ecsnet_up();
+    let bin = ecsnet_bin().display().to_string();
+    let _server = Background::start(
+        lab.task_ns(1),
+        &[
+            &bin,
+            "--instance",
+            &lab.name,
+            "bench",
+            "serve",
+            "--rr-port",
+            "7100",
+        ],
+        Duration::from_millis(700),
+    );
+    let listening = |ns: &str| ns_exec(ns, &["ss", "-Htln", "sport = :7100"]);
+    assert!(
+        !listening(lab.task_ns(1)).trim().is_empty(),
+        "bench serve started in {} does not listen there",
+        lab.task_ns(1)
+    );
+    assert!(
+        listening(lab.host()).trim().is_empty(),
+        "bench serve went into the instance's namespace {}",
+        lab.host()
+    );
 }
