@@ -2,7 +2,7 @@
 //! both directions of a new flow, choosing a free source port when the flow is source-NATed.
 //! Entries are only created here and only expired by the agent; a full table refuses new flows.
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use ecsnet_common::{
     DropReason,
     ct::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -10,6 +10,7 @@ use ecsnet_common::{
 };
 
 use crate::{
+    clock,
     maps::{CT, FRAGS},
     parse::{FRAG_FIRST, FRAG_LATER, Flow, ICMP_ECHO, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
@@ -141,7 +142,7 @@ pub fn touch(e: *mut CtEntry, f: &Flow, bytes: u64) {
     // SAFETY: `e` points into the CT map (no-prealloc entries live until an RCU grace period
     // after deletion); concurrent updates of these counters may lose an increment, not memory.
     unsafe {
-        (*e).last_seen_ns = bpf_ktime_get_ns();
+        (*e).last_seen_ns = clock::now();
         (*e).packets += 1;
         (*e).bytes += bytes;
         if f.proto == IPPROTO_TCP {
@@ -170,7 +171,7 @@ pub fn create(
     f: &Flow,
     bytes: u64,
 ) -> Result<Nat, DropReason> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now();
     let mut reply_key = CtKey {
         saddr: nat.daddr,
         daddr: nat.saddr,

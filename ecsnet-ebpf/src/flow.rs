@@ -10,6 +10,7 @@ use ecsnet_common::{
 };
 
 use crate::{
+    clock,
     maps::{EVENT_BUDGET, EVENTS, FLOW_LOST, FLOW_STATE, FLOWS},
     parse::{ETH_HLEN, ETH_P_IP, Flow, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Packet, ptr_at},
 };
@@ -96,7 +97,7 @@ pub fn record(s: &Sighting, packets: u64, bytes: u64) {
             }
         }
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now();
     // SAFETY: this CPU's value; BPF programs do not nest on one CPU for one hook.
     unsafe {
         if (*v).packets == 0 {

@@ -1,11 +1,12 @@
 //! The ecsnet datapath. Program files (`task`, `uplink`) only wire the modules below them:
-//! `parse` reads headers, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites,
-//! `policy` checks security groups, `redirect` sends, `stats` counts packets, `flow` counts flows
-//! and sends monitor events, `verdict` turns a result into a return code and counts every drop
-//! with its reason.
+//! `clock` reads the time once per run, `parse` reads headers, `forward` decides, `conntrack`
+//! keeps the flow table, `nat` rewrites, `policy` checks security groups, `redirect` sends,
+//! `stats` counts packets, `flow` counts flows and sends monitor events, `verdict` turns a result
+//! into a return code and counts every drop with its reason.
 #![no_std]
 #![no_main]
 
+mod clock;
 mod conntrack;
 mod flow;
 mod forward;

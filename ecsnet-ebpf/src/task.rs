@@ -11,11 +11,13 @@ use ecsnet_common::{
 };
 
 use crate::{
+    clock,
     flow::{self, Sighting},
     forward::{self, Origin, PktAddrs},
     maps::{IFACES, TASKS},
     parse::{
-        ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, eth_group_dst, ethertype, flow, load, skb_ifindex,
+        ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, Flow, eth_group_dst, ethertype, flow, load,
+        skb_ifindex,
     },
     policy,
     stats::account_tc,
@@ -34,28 +36,35 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
-    let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
-        return Ok(Verdict::Pass);
+    let (task, mut f) = match own_ipv4(ctx, ifindex) {
+        Some(fast) => fast,
+        None => {
+            let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
+                return Ok(Verdict::Pass);
+            };
+            if me.role != ROLE_TASK {
+                return Ok(Verdict::Pass);
+            }
+            let Some(task) = TASKS.get_ptr_mut(&me.ipv4) else {
+                return Ok(Verdict::Pass);
+            };
+            check_source_mac(ctx, task)?;
+            let ethertype = ethertype(ctx)?;
+            if ethertype == ETH_P_ARP {
+                return check_arp(ctx, me.ipv4);
+            }
+            // IPv6, multicast and broadcast take the kernel's path.
+            if ethertype != ETH_P_IP || !matches!(eth_group_dst(ctx), Ok(false)) {
+                return Ok(Verdict::Pass);
+            }
+            let f = flow(ctx)?;
+            if f.saddr != me.ipv4 {
+                return Err(DropReason::SpoofedSource);
+            }
+            (task, f)
+        }
     };
-    if me.role != ROLE_TASK {
-        return Ok(Verdict::Pass);
-    }
-    let Some(task) = TASKS.get_ptr_mut(&me.ipv4) else {
-        return Ok(Verdict::Pass);
-    };
-    check_source_mac(ctx, task)?;
-    let ethertype = ethertype(ctx)?;
-    if ethertype == ETH_P_ARP {
-        return check_arp(ctx, me.ipv4);
-    }
-    // IPv6, multicast and broadcast take the kernel's path.
-    if ethertype != ETH_P_IP || !matches!(eth_group_dst(ctx), Ok(false)) {
-        return Ok(Verdict::Pass);
-    }
-    let mut f = flow(ctx)?;
-    if f.saddr != me.ipv4 {
-        return Err(DropReason::SpoofedSource);
-    }
+    clock::stamp();
     if f.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {
         flow::record(
             &Sighting::of(&f, ifindex, FLOW_EGRESS, ACTION_REJECT),
@@ -82,6 +91,25 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     seen.pkt_daddr = pkt.daddr;
     flow::record(&seen, packets, bytes);
     res
+}
+
+/// The common case found with one lookup: a well-formed unicast IPv4 packet whose source is the
+/// task on this interface, from that task's MAC. None sends the packet the long way, through
+/// `IFACES`, which sorts out everything else (ARP, IPv6, spoofing, interfaces not ours) with
+/// the same outcome as if this shortcut did not exist.
+#[inline(always)]
+fn own_ipv4(ctx: &TcContext, ifindex: u32) -> Option<(*mut TaskInfo, Flow)> {
+    if !matches!(ethertype(ctx), Ok(ETH_P_IP)) || !matches!(eth_group_dst(ctx), Ok(false)) {
+        return None;
+    }
+    let f = flow(ctx).ok()?;
+    let task = TASKS.get_ptr_mut(&f.saddr)?;
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    if unsafe { (*task).ifindex } != ifindex {
+        return None;
+    }
+    check_source_mac(ctx, task).ok()?;
+    Some((task, f))
 }
 
 /// The task's MAC is the source of its first frame when user space did not know it; from then
@@ -141,12 +169,14 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         // No rules to check: only the flow record, and a packet too malformed for one still
         // goes on, as it would without ecsnet.
         if let Ok(f) = flow(ctx) {
+            clock::stamp();
             let seen = Sighting::of(&f, ifindex, FLOW_INGRESS, ACTION_ACCEPT);
             flow::record(&seen, packets, bytes);
         }
         return Ok(Verdict::Pass);
     }
     let mut f = flow(ctx)?;
+    clock::stamp();
     let res = forward::deliver(ctx, &mut f, task.policy, ifindex);
     let action = match res {
         Ok(_) => ACTION_ACCEPT,

@@ -17,7 +17,7 @@ use ecsnet_common::{
 };
 
 use crate::{
-    conntrack,
+    clock, conntrack,
     flow::{self, Sighting},
     forward::{self, Origin, PktAddrs},
     parse::{
@@ -135,6 +135,7 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         pkt_saddr: saddr,
         pkt_daddr: daddr,
     };
+    clock::stamp();
     flow::record(&seen, 1, tot_len as u64);
     Some(drop_on(ctx, DropReason::SgIngress, dst.ifindex, HOOK_XDP))
 }
@@ -163,6 +164,7 @@ fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason>
         return Ok(Verdict::Pass);
     }
     let mut f = flow(ctx)?;
+    clock::stamp();
     let mut pkt = PktAddrs {
         saddr: f.saddr,
         daddr: f.daddr,

@@ -1443,6 +1443,47 @@ fn task_cases() -> Vec<Case> {
             SHOT,
         )
         .drop(DropReason::SpoofedSource),
+        // The one-lookup path of tc_task_ingress: task A's own interface is the test device, so
+        // its source address alone finds it; what does not fit goes the long way, same outcome.
+        Case::new(
+            "one-lookup path: east-west SYN A -> B delivered into B unchanged, A's MAC learned",
+            Prog::Task,
+            with(task_world(), [Seed::Task(TASK_A, TEST_IFINDEX, [0; 6])]),
+        )
+        .unchanged(
+            &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
+            REDIRECT,
+        )
+        .ct(FlowPair::new(
+            PROTO_TCP,
+            tu(TASK_A, 40000, TASK_B, 80),
+            tu(TASK_A, 40000, TASK_B, 80),
+            KIND_EAST_WEST,
+        )
+        .created(40, TCP_SYN))
+        .egress(IFINDEX_B, 1, 40)
+        .learned(TASK_A, MAC_A),
+        Case::new(
+            "one-lookup path: task B's address sent from A's interface: dropped SPOOFED_SOURCE",
+            Prog::Task,
+            with(task_world(), [Seed::Task(TASK_A, TEST_IFINDEX, MAC_A)]),
+        )
+        .hostile(
+            &P::tcp(TASK_B, 40000, TASK_A, 80, TCP_SYN).sent_by_task(MAC_B),
+            SHOT,
+        )
+        .drop(DropReason::SpoofedSource),
+        Case::new(
+            "one-lookup path: A's own address from another MAC: dropped SPOOFED_SOURCE",
+            Prog::Task,
+            with(task_world(), [Seed::Task(TASK_A, TEST_IFINDEX, MAC_A)]),
+        )
+        .hostile(
+            &P::tcp(TASK_A, 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_B),
+            SHOT,
+        )
+        .drop(DropReason::SpoofedSource)
+        .learned(TASK_A, MAC_A),
         Case::new(
             "east-west SYN A -> B: delivered into B unchanged, KIND_EAST_WEST, A's MAC learned",
             Prog::Task,
