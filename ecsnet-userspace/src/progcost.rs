@@ -762,9 +762,16 @@ fn program_world(state: &State, policy: &Compiled, case: &ProgramCase) -> Result
         _pad: [0; 3],
     };
     insert(&mut ebpf, "IFACES", [(TEST_IFINDEX, a)])?;
+    // For the task programs task A really is on the test device, as on a host, so that
+    // tc_task_ingress finds it by its address alone (its one-lookup path).
+    let ifindex_a = if case.program.contains("task") {
+        TEST_IFINDEX
+    } else {
+        IFINDEX_A
+    };
     seed_state(&mut ebpf, state, policy, |addr| {
         if addr == TASK {
-            (IFINDEX_A, MAC_A)
+            (ifindex_a, MAC_A)
         } else {
             (IFINDEX_B, MAC_B)
         }
