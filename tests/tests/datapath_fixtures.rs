@@ -1254,6 +1254,29 @@ fn icmp_cases() -> Vec<Case> {
     ]
 }
 
+/// An east-west SYN from task A, whose MAC is not known yet, with A's `TASKS` entry on
+/// `a_ifindex`: the test device (the one-lookup path) or another interface (the long path).
+fn east_west_syn(name: &'static str, a_ifindex: u32) -> Case {
+    Case::new(
+        name,
+        Prog::Task,
+        with(task_world(), [Seed::Task(TASK_A, a_ifindex, [0; 6])]),
+    )
+    .unchanged(
+        &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
+        REDIRECT,
+    )
+    .ct(FlowPair::new(
+        PROTO_TCP,
+        tu(TASK_A, 40000, TASK_B, 80),
+        tu(TASK_A, 40000, TASK_B, 80),
+        KIND_EAST_WEST,
+    )
+    .created(40, TCP_SYN))
+    .egress(IFINDEX_B, 1, 40)
+    .learned(TASK_A, MAC_A)
+}
+
 fn hostile_cases() -> Vec<Case> {
     let syn = || P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN);
     let mut truncated_tcp = syn();
@@ -1445,24 +1468,10 @@ fn task_cases() -> Vec<Case> {
         .drop(DropReason::SpoofedSource),
         // The one-lookup path of tc_task_ingress: task A's own interface is the test device, so
         // its source address alone finds it; what does not fit goes the long way, same outcome.
-        Case::new(
+        east_west_syn(
             "one-lookup path: east-west SYN A -> B delivered into B unchanged, A's MAC learned",
-            Prog::Task,
-            with(task_world(), [Seed::Task(TASK_A, TEST_IFINDEX, [0; 6])]),
-        )
-        .unchanged(
-            &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
-            REDIRECT,
-        )
-        .ct(FlowPair::new(
-            PROTO_TCP,
-            tu(TASK_A, 40000, TASK_B, 80),
-            tu(TASK_A, 40000, TASK_B, 80),
-            KIND_EAST_WEST,
-        )
-        .created(40, TCP_SYN))
-        .egress(IFINDEX_B, 1, 40)
-        .learned(TASK_A, MAC_A),
+            TEST_IFINDEX,
+        ),
         Case::new(
             "one-lookup path: task B's address sent from A's interface: dropped SPOOFED_SOURCE",
             Prog::Task,
@@ -1484,24 +1493,10 @@ fn task_cases() -> Vec<Case> {
         )
         .drop(DropReason::SpoofedSource)
         .learned(TASK_A, MAC_A),
-        Case::new(
+        east_west_syn(
             "east-west SYN A -> B: delivered into B unchanged, KIND_EAST_WEST, A's MAC learned",
-            Prog::Task,
-            with(task_world(), [Seed::Task(TASK_A, IFINDEX_A, [0; 6])]),
-        )
-        .unchanged(
-            &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
-            REDIRECT,
-        )
-        .ct(FlowPair::new(
-            PROTO_TCP,
-            tu(TASK_A, 40000, TASK_B, 80),
-            tu(TASK_A, 40000, TASK_B, 80),
-            KIND_EAST_WEST,
-        )
-        .created(40, TCP_SYN))
-        .egress(IFINDEX_B, 1, 40)
-        .learned(TASK_A, MAC_A),
+            IFINDEX_A,
+        ),
         Case::new(
             "east-west UDP A -> B: delivered into B unchanged, KIND_EAST_WEST",
             Prog::Task,
