@@ -8,16 +8,14 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
 #[map(name = "CLOCK")]
 static CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Reads the clock for this program run and returns it.
+/// Reads the clock for this program run.
 #[inline(always)]
-pub fn stamp() -> u64 {
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn stamp() {
     if let Some(slot) = CLOCK.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; programs do not nest on one CPU for one hook, and every
         // program that reads it stamped it first in the same run.
-        unsafe { *slot = now };
+        unsafe { *slot = bpf_ktime_get_ns() };
     }
-    now
 }
 
 /// The reading of [`stamp`] in this program run.
