@@ -406,8 +406,11 @@ fn build_records(
         r.protocol = Some(k.proto);
         r.packets = Some(s.packets);
         r.bytes = Some(s.bytes);
-        r.start = unix_secs(s.first_ns, offset);
-        r.end = unix_secs(s.last_ns, offset);
+        // The datapath stamps with the coarse clock, up to a tick behind the one that opened
+        // the window: a packet counted in this window happened in it.
+        let first_ns = s.first_ns.max(start_ns);
+        r.start = unix_secs(first_ns, offset);
+        r.end = unix_secs(s.last_ns.max(first_ns), offset);
         r.action = Some(
             if k.action == ACTION_REJECT {
                 "REJECT"
@@ -1019,6 +1022,25 @@ mod tests {
             Some("arn:aws:ecs:us-east-1:123456789012:cluster/demo")
         );
         assert_eq!(r.instance_id.as_deref(), Some("i-0abc"));
+        // Stamped a tick before the window opened (the datapath's clock is coarse): the record
+        // still starts in its window.
+        let early = FlowStats {
+            first_ns: 999_000_000,
+            last_ns: 999_500_000,
+            ..stats
+        };
+        let recs_early = build_records(
+            &dir,
+            4,
+            (1_000_000_000, 4_000_000_000),
+            &[(key, early)],
+            &[],
+            offset,
+        );
+        assert_eq!(
+            (recs_early[0].start, recs_early[0].end),
+            (1_700_000_001, 1_700_000_001)
+        );
         let idle = &recs[1];
         assert_eq!(idle.log_status, "NODATA");
         assert_eq!(idle.interface_id.as_deref(), Some("vethB"));
