@@ -156,26 +156,39 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     {
         return Ok(Verdict::Pass);
     }
-    let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
-        return Ok(Verdict::Pass);
+    let parsed = flow(ctx);
+    // The common case with one lookup: addressed to the task on this interface. Anything else
+    // finds the interface's task through `IFACES`.
+    let fast = match &parsed {
+        Ok(f) => unsafe { TASKS.get(&f.daddr) }.filter(|t| t.ifindex == ifindex),
+        Err(_) => None,
     };
-    let Some(task) = (unsafe { TASKS.get(&me.ipv4) }) else {
-        return Ok(Verdict::Pass);
+    let task = match fast {
+        Some(t) => t,
+        None => {
+            let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
+                return Ok(Verdict::Pass);
+            };
+            if me.role != ROLE_TASK {
+                return Ok(Verdict::Pass);
+            }
+            let Some(task) = (unsafe { TASKS.get(&me.ipv4) }) else {
+                return Ok(Verdict::Pass);
+            };
+            task
+        }
     };
-    if me.role != ROLE_TASK {
-        return Ok(Verdict::Pass);
-    }
     if task.policy == 0 {
         // No rules to check: only the flow record, and a packet too malformed for one still
         // goes on, as it would without ecsnet.
-        if let Ok(f) = flow(ctx) {
+        if let Ok(f) = parsed {
             clock::stamp();
             let seen = Sighting::of(&f, ifindex, FLOW_INGRESS, ACTION_ACCEPT);
             flow::record(&seen, packets, bytes);
         }
         return Ok(Verdict::Pass);
     }
-    let mut f = flow(ctx)?;
+    let mut f = parsed?;
     clock::stamp();
     let res = forward::deliver(ctx, &mut f, task.policy, ifindex);
     let action = match res {

@@ -484,6 +484,19 @@ fn world_with_policy(task: [u8; 4], policy: u32) -> Vec<Seed> {
     w
 }
 
+/// `world` with `task`'s TASKS entry on the test device, as on a host where the interface the
+/// program runs on is the task's own.
+fn on_test_device(mut world: Vec<Seed>, task: [u8; 4]) -> Vec<Seed> {
+    for s in &mut world {
+        if let Seed::Task(a, ifindex, _, _) = s
+            && *a == task
+        {
+            *ifindex = TEST_IFINDEX;
+        }
+    }
+    world
+}
+
 fn ct_key(proto: u8, t: Tuple) -> CtKey {
     CtKey {
         saddr: addr(t.src),
@@ -1202,6 +1215,84 @@ fn cases() -> Vec<Case> {
             FLOW_INGRESS,
             PROTO_TCP,
             tu(OTHER_CONTAINER, 40000, TASK_B, 80),
+        )),
+        Case::new(
+            "delivered by the kernel to B with policy, B's TASKS entry on the test device (the \
+             one-lookup path): the client rejected, the bridge-subnet container accepted",
+            on_test_device(world_with_policy(TASK_B, P_BRIDGE_HTTP), TASK_B),
+        )
+        .kernel_delivers(
+            TASK_B,
+            &P::tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            TC_SHOT,
+        )
+        .kernel_delivers(
+            TASK_B,
+            &P::tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            TC_OK,
+        )
+        .flow(
+            got(
+                TEST_IFINDEX,
+                ACTION_REJECT,
+                PROTO_TCP,
+                tu(CLIENT, 51000, TASK_B, 80),
+            ),
+            (1, 40, 2),
+            (CLIENT, TASK_B),
+        )
+        .flow(
+            got(
+                TEST_IFINDEX,
+                ACTION_ACCEPT,
+                PROTO_TCP,
+                tu(OTHER_CONTAINER, 40000, TASK_B, 80),
+            ),
+            (1, 40, 2),
+            (OTHER_CONTAINER, TASK_B),
+        )
+        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
+        .event(drop_event(
+            DropReason::SgIngress,
+            TEST_IFINDEX,
+            HOOK_TC_EGRESS,
+            PROTO_TCP,
+            tu(CLIENT, 51000, TASK_B, 80),
+        ))
+        .event(allow_event(
+            TEST_IFINDEX,
+            HOOK_TC_EGRESS,
+            FLOW_INGRESS,
+            PROTO_TCP,
+            tu(OTHER_CONTAINER, 40000, TASK_B, 80),
+        )),
+        Case::new(
+            "delivered by the kernel on B's interface but addressed to A (no policy, on another \
+             interface): B's rules judge it, as the interface's task, and reject the client",
+            on_test_device(world_with_policy(TASK_B, P_BRIDGE_HTTP), TASK_B),
+        )
+        .kernel_delivers(
+            TASK_B,
+            &P::tcp(CLIENT, 51000, TASK_A, 80, TCP_SYN).delivered_to(MAC_B),
+            TC_SHOT,
+        )
+        .flow(
+            got(
+                TEST_IFINDEX,
+                ACTION_REJECT,
+                PROTO_TCP,
+                tu(CLIENT, 51000, TASK_A, 80),
+            ),
+            (1, 40, 2),
+            (CLIENT, TASK_A),
+        )
+        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
+        .event(drop_event(
+            DropReason::SgIngress,
+            TEST_IFINDEX,
+            HOOK_TC_EGRESS,
+            PROTO_TCP,
+            tu(CLIENT, 51000, TASK_A, 80),
         )),
         // 7.
         Case::new(
