@@ -316,7 +316,7 @@ pub fn up(
         _ => opts.flow_table_size,
     };
     opts.flow_logs.format().map_err(InstanceError::FlowLog)?;
-    let meta = Meta {
+    let mut meta = Meta {
         instance: paths.name.clone(),
         netns: opts.netns.clone(),
         uplink: uplink.clone(),
@@ -347,21 +347,26 @@ pub fn up(
     let fresh = !datapath::is_loaded(paths);
     let result = (|| {
         datapath::load(paths, ct_size, flow_table_size)?;
-        datapath::attach_uplink(paths, &uplink, uplink_index, mode).or_else(|e| {
-            // Native XDP needs driver support. Asked for, fall back to generic XDP; under
-            // auto, do without (generic XDP would cost more than it saves). Say so either way.
-            match (mode, xdp_choice) {
-                (Some(XdpMode::Driver), XdpChoice::Auto) => {
-                    log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
-                    datapath::attach_uplink(paths, &uplink, uplink_index, None)
+        let attached = datapath::attach_uplink(paths, &uplink, uplink_index, mode)
+            .map(|()| xdp_name)
+            .or_else(|e| {
+                // Native XDP needs driver support. Asked for, fall back to generic XDP; under
+                // auto, do without (generic XDP would cost more than it saves). Say so either
+                // way, and record the mode the uplink got.
+                match (mode, xdp_choice) {
+                    (Some(XdpMode::Driver), XdpChoice::Auto) => {
+                        log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
+                        datapath::attach_uplink(paths, &uplink, uplink_index, None).map(|()| "off")
+                    }
+                    (Some(XdpMode::Driver), _) => {
+                        log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
+                        datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
+                            .map(|()| "skb")
+                    }
+                    _ => Err(e),
                 }
-                (Some(XdpMode::Driver), _) => {
-                    log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
-                    datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
-                }
-                _ => Err(e),
-            }
-        })?;
+            })?;
+        meta.xdp_mode = attached.to_owned();
         maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
         write_json(&paths.meta_file(), &meta)?;
         let mut config = config;

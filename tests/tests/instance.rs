@@ -226,7 +226,7 @@ fn two_instances_never_touch_each_other() {
 }
 
 #[test]
-fn xdp_auto_is_off_on_a_veth_uplink_and_skb_attaches_generic_xdp() {
+fn xdp_auto_is_off_on_a_veth_uplink_skb_attaches_generic_xdp_and_a_refused_native_falls_back() {
     let lab = Lab::up("ix", 1, &["1:8080:80"]);
     let meta = |lab: &Lab| -> serde_json::Value {
         let text = std::fs::read_to_string(format!("/run/ecsnet/{}.d/meta.json", lab.name))
@@ -261,6 +261,18 @@ fn xdp_auto_is_off_on_a_veth_uplink_and_skb_attaches_generic_xdp() {
     lab.ecsnet_up_with(&["--xdp-mode", "skb"]);
     let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
     assert!(eth0.contains("xdpgeneric"), "no generic XDP: {eth0}");
+    assert_eq!(meta(&lab)["xdpMode"], "skb", "{}", meta(&lab));
+    ecsnet_ok(&["--instance", &lab.name, "down"]);
+
+    // Asked for native where the driver refuses it (a veth whose peer's MTU is too large for
+    // XDP without frags): generic XDP, and the instance records that, not what was asked.
+    ns_exec(lab.client(), &["ip", "link", "set", "eth0", "mtu", "9000"]);
+    lab.ecsnet_up_with(&["--xdp-mode", "native"]);
+    let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
+    assert!(
+        eth0.contains("xdpgeneric"),
+        "no generic XDP after the fallback: {eth0}"
+    );
     assert_eq!(meta(&lab)["xdpMode"], "skb", "{}", meta(&lab));
     ecsnet_ok(&["--instance", &lab.name, "down"]);
 }
