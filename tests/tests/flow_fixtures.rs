@@ -717,6 +717,58 @@ impl Case {
     }
 }
 
+/// B (policy P_BRIDGE_HTTP) gets a SYN from the client, which its rules reject, and one from
+/// a container on the bridge subnet, which they accept, both delivered by the kernel; `seeds`
+/// say where B's TASKS entry is.
+fn kernel_delivers_to_b_with_policy(desc: &'static str, seeds: Vec<Seed>) -> Case {
+    Case::new(desc, seeds)
+        .kernel_delivers(
+            TASK_B,
+            &P::tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            TC_SHOT,
+        )
+        .kernel_delivers(
+            TASK_B,
+            &P::tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            TC_OK,
+        )
+        .flow(
+            got(
+                TEST_IFINDEX,
+                ACTION_REJECT,
+                PROTO_TCP,
+                tu(CLIENT, 51000, TASK_B, 80),
+            ),
+            (1, 40, 2),
+            (CLIENT, TASK_B),
+        )
+        .flow(
+            got(
+                TEST_IFINDEX,
+                ACTION_ACCEPT,
+                PROTO_TCP,
+                tu(OTHER_CONTAINER, 40000, TASK_B, 80),
+            ),
+            (1, 40, 2),
+            (OTHER_CONTAINER, TASK_B),
+        )
+        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
+        .event(drop_event(
+            DropReason::SgIngress,
+            TEST_IFINDEX,
+            HOOK_TC_EGRESS,
+            PROTO_TCP,
+            tu(CLIENT, 51000, TASK_B, 80),
+        ))
+        .event(allow_event(
+            TEST_IFINDEX,
+            HOOK_TC_EGRESS,
+            FLOW_INGRESS,
+            PROTO_TCP,
+            tu(OTHER_CONTAINER, 40000, TASK_B, 80),
+        ))
+}
+
 fn cases() -> Vec<Case> {
     // East-west, A -> B.
     let ew_udp_t = tu(TASK_A, 40001, TASK_B, 53);
@@ -1166,106 +1218,16 @@ fn cases() -> Vec<Case> {
             (1, 40, 2),
             (CLIENT, TASK_B),
         ),
-        Case::new(
+        kernel_delivers_to_b_with_policy(
             "delivered by the kernel to B with policy (tc egress): the client rejected, the \
              bridge-subnet container accepted",
             world_with_policy(TASK_B, P_BRIDGE_HTTP),
-        )
-        .kernel_delivers(
-            TASK_B,
-            &P::tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
-            TC_SHOT,
-        )
-        .kernel_delivers(
-            TASK_B,
-            &P::tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
-            TC_OK,
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_REJECT,
-                PROTO_TCP,
-                tu(CLIENT, 51000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (CLIENT, TASK_B),
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(OTHER_CONTAINER, 40000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (OTHER_CONTAINER, TASK_B),
-        )
-        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
-        .event(drop_event(
-            DropReason::SgIngress,
-            TEST_IFINDEX,
-            HOOK_TC_EGRESS,
-            PROTO_TCP,
-            tu(CLIENT, 51000, TASK_B, 80),
-        ))
-        .event(allow_event(
-            TEST_IFINDEX,
-            HOOK_TC_EGRESS,
-            FLOW_INGRESS,
-            PROTO_TCP,
-            tu(OTHER_CONTAINER, 40000, TASK_B, 80),
-        )),
-        Case::new(
+        ),
+        kernel_delivers_to_b_with_policy(
             "delivered by the kernel to B with policy, B's TASKS entry on the test device (the \
              one-lookup path): the client rejected, the bridge-subnet container accepted",
             on_test_device(world_with_policy(TASK_B, P_BRIDGE_HTTP), TASK_B),
-        )
-        .kernel_delivers(
-            TASK_B,
-            &P::tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
-            TC_SHOT,
-        )
-        .kernel_delivers(
-            TASK_B,
-            &P::tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
-            TC_OK,
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_REJECT,
-                PROTO_TCP,
-                tu(CLIENT, 51000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (CLIENT, TASK_B),
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(OTHER_CONTAINER, 40000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (OTHER_CONTAINER, TASK_B),
-        )
-        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
-        .event(drop_event(
-            DropReason::SgIngress,
-            TEST_IFINDEX,
-            HOOK_TC_EGRESS,
-            PROTO_TCP,
-            tu(CLIENT, 51000, TASK_B, 80),
-        ))
-        .event(allow_event(
-            TEST_IFINDEX,
-            HOOK_TC_EGRESS,
-            FLOW_INGRESS,
-            PROTO_TCP,
-            tu(OTHER_CONTAINER, 40000, TASK_B, 80),
-        )),
+        ),
         Case::new(
             "delivered by the kernel on B's interface but addressed to A (no policy, on another \
              interface): B's rules judge it, as the interface's task, and reject the client",
