@@ -10,6 +10,21 @@ pub const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The one's-complement sum of 32-bit words read from a packet in any one byte order, before
+/// folding: a header whose checksum is right folds (`fold64`) to 0xffff, in either order.
+#[inline(always)]
+pub const fn sum32(words: &[u32; 5]) -> u64 {
+    words[0] as u64 + words[1] as u64 + words[2] as u64 + words[3] as u64 + words[4] as u64
+}
+
+/// Folds a 64-bit one's-complement sum of 32-bit words to 16 bits.
+#[inline(always)]
+pub const fn fold64(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    fold(sum as u32)
+}
+
 /// The checksum field after a 16-bit word of the covered data changed from `old` to `new`
 /// (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m')). Values in the same byte order as the field.
 #[inline(always)]
@@ -91,6 +106,20 @@ mod tests {
         let c = replace2(0xb861, old, new);
         h[10..12].copy_from_slice(&c.to_be_bytes());
         assert_eq!(checksum(&h, 0), 0);
+    }
+
+    #[test]
+    fn a_right_header_sums_to_ffff_in_either_byte_order() {
+        let mut h = HDR;
+        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        fn words(h: &[u8; 20], f: fn([u8; 4]) -> u32) -> [u32; 5] {
+            core::array::from_fn(|i| f([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]))
+        }
+        assert_eq!(fold64(sum32(&words(&h, u32::from_be_bytes))), 0xffff);
+        assert_eq!(fold64(sum32(&words(&h, u32::from_le_bytes))), 0xffff);
+        h[19] ^= 1;
+        assert_ne!(fold64(sum32(&words(&h, u32::from_le_bytes))), 0xffff);
+        assert_eq!(fold64(0xffff_ffff_ffff_ffff), 0xffff);
     }
 
     #[test]

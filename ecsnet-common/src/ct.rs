@@ -74,20 +74,153 @@ pub struct CtEntry {
     pub nat_daddr: u32,
     pub nat_sport: u16,
     pub nat_dport: u16,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, ns.
+    /// TCP, once this direction sent its SYN: the sequence number after the last one it sent
+    /// (host byte order; SYN and FIN count one).
+    pub tcp_end: u32,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, ns.
     pub last_seen_ns: u64,
     /// Packets and IP bytes in this direction.
     pub packets: u64,
     pub bytes: u64,
+    /// When the flow was created (both directions carry it), ns, the same clock.
+    pub created_ns: u64,
+    /// TCP, once this direction sent an ACK: the highest sequence number it acknowledged
+    /// (host byte order): where the other direction's next segment must start.
+    pub tcp_ack: u32,
     /// `KIND_*`.
     pub kind: u8,
     /// `DIR_*`.
     pub dir: u8,
-    /// OR of the TCP flags seen in this direction.
+    /// OR of the TCP flags seen in this direction (RST and FIN only when they counted).
     pub tcp_flags: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
 }
-const _: () = assert!(size_of::<CtEntry>() == 64);
+const _: () = assert!(size_of::<CtEntry>() == 72);
+
+/// One direction's TCP sequence state, as kept in its [`CtEntry`]: what the datapath reads and
+/// writes for a segment, small enough to copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSide {
+    /// [`CtEntry::tcp_end`].
+    pub end: u32,
+    /// [`CtEntry::tcp_ack`].
+    pub ack: u32,
+    /// [`CtEntry::tcp_flags`].
+    pub flags: u8,
+    /// [`CtEntry::dir`].
+    pub dir: u8,
+}
+
+impl CtEntry {
+    /// This direction's TCP sequence state.
+    #[inline(always)]
+    pub const fn tcp(&self) -> TcpSide {
+        TcpSide {
+            end: self.tcp_end,
+            ack: self.tcp_ack,
+            flags: self.tcp_flags,
+            dir: self.dir,
+        }
+    }
+}
+
+/// Whether a flow in the unanswered table ([`crate::maps::MAP_CT_NEW`]) has earned its place
+/// in the table that is never evicted: a TCP handshake completed (the opener acknowledged the
+/// answer's SYN-ACK), or a UDP or ICMP flow that was answered and is still alive
+/// [`ASSURED_AFTER_NS`] after it started, as netfilter assures a UDP stream. A spoofed source
+/// never completes a handshake and never keeps a flow alive with replies it cannot see.
+/// `original_flags` and `reply_flags` are the two directions' TCP flags, `reply_packets` the
+/// answers so far, `created_ns` when the flow started.
+pub const fn assured(
+    proto: u8,
+    original_flags: u8,
+    reply_flags: u8,
+    reply_packets: u64,
+    created_ns: u64,
+    now_ns: u64,
+) -> bool {
+    match proto {
+        PROTO_TCP => {
+            reply_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+                && original_flags & TCP_ACK != 0
+                && (original_flags | reply_flags) & TCP_RST == 0
+        }
+        _ => reply_packets > 0 && now_ns.saturating_sub(created_ns) >= ASSURED_AFTER_NS,
+    }
+}
+
+/// Records a TCP segment that counts (see [`tcp_close_counts`]) on its direction's entry: its
+/// flags, how far it reaches and what it acknowledges. Returns true when it is a SYN that
+/// starts a finished or reset flow over on the same tuple: the other direction then starts
+/// over too (its flags cleared).
+pub const fn record_tcp(e: &mut TcpSide, flags: u8, seq: u32, ack: u32, payload: u32) -> bool {
+    let flags = flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST);
+    let restart = flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && e.flags & (TCP_FIN | TCP_RST) != 0
+        && e.dir == DIR_ORIGINAL;
+    if restart {
+        e.flags = 0;
+    }
+    let mut end = seq.wrapping_add(payload);
+    if flags & TCP_SYN != 0 {
+        end = end.wrapping_add(1);
+    }
+    if flags & TCP_FIN != 0 {
+        end = end.wrapping_add(1);
+    }
+    if e.flags & TCP_SYN == 0 || seq_after(end, e.end) {
+        e.end = end;
+    }
+    if flags & TCP_ACK != 0 && (e.flags & TCP_ACK == 0 || seq_after(ack, e.ack)) {
+        e.ack = ack;
+    }
+    e.flags |= flags;
+    restart
+}
+
+/// How long an answered UDP or ICMP flow must live before it is assured, ns.
+pub const ASSURED_AFTER_NS: u64 = 2_000_000_000;
+
+/// `after(a, b)` of TCP: sequence number `a` comes later than `b`, modulo 2^32.
+#[inline(always)]
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// What the connection table makes of a TCP RST or FIN, from the two directions' entries
+/// before the segment counts. A blind attacker does not know where either side is in its
+/// sequence space; a real endpoint does.
+/// - A RST counts when its sequence number is exactly where its sender is (`sender.tcp_end`)
+///   or where the receiver expects it (`receiver.tcp_ack`), as RFC 5961 and netfilter accept a
+///   reset; or, from a side that never sent a SYN (the answer to one), when it acknowledges
+///   that SYN (RFC 793).
+/// - A FIN counts when it starts no later than its sender has sent and ends no earlier than
+///   the receiver has acknowledged (a retransmission of an acknowledged FIN included).
+///
+/// `seq` and `ack` in host byte order.
+pub const fn tcp_close_counts(
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: u32,
+    sender: &TcpSide,
+    receiver: &TcpSide,
+) -> bool {
+    let sender_started = sender.flags & TCP_SYN != 0;
+    let receiver_acked = receiver.flags & TCP_ACK != 0;
+    if flags & TCP_RST != 0 {
+        if !sender_started {
+            return flags & TCP_ACK != 0 && receiver.flags & TCP_SYN != 0 && ack == receiver.end;
+        }
+        return seq == sender.end || (receiver_acked && seq == receiver.ack);
+    }
+    // FIN.
+    if !sender_started || seq_after(seq, sender.end) {
+        return false;
+    }
+    let end = seq.wrapping_add(payload).wrapping_add(1);
+    !receiver_acked || !seq_after(receiver.ack, end)
+}
 
 /// What a flow is waiting for, which decides how long it may stay idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,6 +369,112 @@ mod tests {
             &t,
             100 * s
         ));
+    }
+
+    fn tcp(flags: u8, end: u32, ack: u32) -> TcpSide {
+        TcpSide {
+            flags,
+            end,
+            ack,
+            dir: DIR_ORIGINAL,
+        }
+    }
+
+    #[test]
+    fn a_reset_counts_only_at_the_exact_sequence_number() {
+        // A sent up to 1000 and B acknowledged all of it; B sent up to 5000, A acked 4000.
+        let a = tcp(TCP_SYN | TCP_ACK, 1000, 4000);
+        let b = tcp(TCP_SYN | TCP_ACK, 5000, 1000);
+        let rst = |seq| tcp_close_counts(TCP_RST, seq, 0, 0, &a, &b);
+        assert!(rst(1000));
+        assert!(!rst(1001));
+        assert!(!rst(999));
+        assert!(!rst(1000 + 65535));
+        // From B: where B is (5000), or where A expects B (4000).
+        assert!(tcp_close_counts(TCP_RST, 5000, 0, 0, &b, &a));
+        assert!(tcp_close_counts(TCP_RST, 4000, 0, 0, &b, &a));
+        assert!(!tcp_close_counts(TCP_RST, 4500, 0, 0, &b, &a));
+        // Sequence numbers wrap.
+        let a = tcp(TCP_SYN | TCP_ACK, 3, 0);
+        assert!(tcp_close_counts(TCP_RST, 3, 0, 0, &a, &b));
+    }
+
+    #[test]
+    fn a_refusal_counts_when_it_acknowledges_the_syn() {
+        let syn = tcp(TCP_SYN, 101, 0);
+        let silent = TcpSide::default();
+        let refuse = |flags, ack| tcp_close_counts(flags, 0, ack, 0, &silent, &syn);
+        assert!(refuse(TCP_RST | TCP_ACK, 101));
+        assert!(!refuse(TCP_RST | TCP_ACK, 100));
+        assert!(!refuse(TCP_RST, 101));
+    }
+
+    #[test]
+    fn a_fin_counts_within_what_was_sent_and_acknowledged() {
+        let a = tcp(TCP_SYN | TCP_ACK, 1000, 4000);
+        let b = tcp(TCP_SYN | TCP_ACK, 5000, 900);
+        let fin = |seq, len| tcp_close_counts(TCP_FIN | TCP_ACK, seq, 0, len, &a, &b);
+        assert!(fin(1000, 0));
+        // With data, starting inside what A sent.
+        assert!(fin(950, 50));
+        // A retransmission of a FIN B acknowledged already (B acked 1001).
+        let b_acked = tcp(TCP_SYN | TCP_ACK, 5000, 1001);
+        assert!(tcp_close_counts(TCP_FIN, 1000, 0, 0, &a, &b_acked));
+        // Beyond what A sent, or entirely before what B acknowledged.
+        assert!(!fin(1001, 0));
+        assert!(!fin(800, 50));
+        assert!(!fin(1000 + (1 << 31), 0));
+    }
+
+    #[test]
+    fn segments_move_the_end_and_the_ack_forward_only() {
+        let mut e = TcpSide::default();
+        assert!(!record_tcp(&mut e, TCP_SYN, 100, 0, 0));
+        assert_eq!((e.end, e.flags), (101, TCP_SYN));
+        record_tcp(&mut e, TCP_ACK, 101, 7, 50);
+        assert_eq!((e.end, e.ack), (151, 7));
+        // A retransmission and an old ACK move nothing back.
+        record_tcp(&mut e, TCP_ACK, 101, 5, 20);
+        assert_eq!((e.end, e.ack), (151, 7));
+        record_tcp(&mut e, TCP_ACK | TCP_FIN, 151, 9, 0);
+        assert_eq!((e.end, e.ack), (152, 9));
+        // Across the wrap.
+        let mut w = TcpSide::default();
+        record_tcp(&mut w, TCP_SYN, u32::MAX - 1, 0, 0);
+        record_tcp(&mut w, TCP_ACK, u32::MAX, 0, 10);
+        assert_eq!(w.end, 9);
+        // A new SYN on a finished flow starts it over; not on the answering side.
+        assert!(record_tcp(&mut e, TCP_SYN, 9000, 0, 0));
+        assert_eq!((e.end, e.flags), (9001, TCP_SYN));
+        let mut r = TcpSide {
+            dir: DIR_REPLY,
+            ..tcp(TCP_SYN | TCP_ACK | TCP_FIN, 5, 5)
+        };
+        assert!(!record_tcp(&mut r, TCP_SYN, 9000, 0, 0));
+    }
+
+    #[test]
+    fn assured_after_a_handshake_or_an_answered_lasting_stream() {
+        let s = 1_000_000_000u64;
+        let (syn, synack) = (TCP_SYN, TCP_SYN | TCP_ACK);
+        // SYN and SYN-ACK: not yet; the opener's ACK completes the handshake.
+        assert!(!assured(PROTO_TCP, syn, synack, 1, 0, 0));
+        assert!(assured(PROTO_TCP, syn | TCP_ACK, synack, 1, 0, 0));
+        assert!(!assured(
+            PROTO_TCP,
+            syn | TCP_ACK,
+            synack | TCP_RST,
+            1,
+            0,
+            0
+        ));
+        // A SYN-ACK alone never assures (spoofed SYNs get answered).
+        assert!(!assured(PROTO_TCP, TCP_ACK, TCP_ACK, 1, 0, 0));
+        // UDP and ICMP: answered and still alive two seconds after the start.
+        assert!(!assured(PROTO_UDP, 0, 0, 0, 10 * s, 20 * s));
+        assert!(!assured(PROTO_UDP, 0, 0, 1, 10 * s, 11 * s));
+        assert!(assured(PROTO_UDP, 0, 0, 1, 10 * s, 12 * s));
+        assert!(assured(PROTO_ICMP, 0, 0, 1, 10 * s, 12 * s));
     }
 
     #[test]

@@ -31,11 +31,26 @@ pub enum DropReason {
     NatCollision = 12,
     /// An ICMP error quotes a packet too short or malformed to translate.
     BadIcmpError = 13,
+    /// A frame on a task interface carries a VLAN tag (802.1Q or 802.1ad), in the frame or
+    /// stripped into the skb: a receiving kernel would untag it past every check.
+    VlanTagged = 14,
+    /// A frame on a task interface that is neither IPv4, ARP nor IPv6.
+    UnknownEthertype = 15,
+    /// A task sent unicast IPv4 in a broadcast or multicast frame.
+    UnicastInGroupMac = 16,
+    /// IPv6 to or from a task under a policy: IPv6 rules do not exist yet, so nothing passes.
+    Ipv6Policed = 17,
+    /// The IPv4 header checksum is wrong; the kernel would drop the packet too.
+    BadIpChecksum = 18,
+    /// A TCP RST or FIN outside the receiver's window: ignored by conntrack and dropped.
+    TcpOutOfWindow = 19,
+    /// The program that opens new flows of tasks is not loaded: the flow fails closed.
+    TailCallFailed = 20,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 20] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::BadTcpOffset,
@@ -49,6 +64,13 @@ impl DropReason {
         Self::RedirectFailed,
         Self::NatCollision,
         Self::BadIcmpError,
+        Self::VlanTagged,
+        Self::UnknownEthertype,
+        Self::UnicastInGroupMac,
+        Self::Ipv6Policed,
+        Self::BadIpChecksum,
+        Self::TcpOutOfWindow,
+        Self::TailCallFailed,
     ];
 
     /// The reason for a number read from a map, if it is one.
@@ -79,6 +101,13 @@ impl DropReason {
             Self::RedirectFailed => "REDIRECT_FAILED",
             Self::NatCollision => "NAT_COLLISION",
             Self::BadIcmpError => "BAD_ICMP_ERROR",
+            Self::VlanTagged => "VLAN_TAGGED",
+            Self::UnknownEthertype => "UNKNOWN_ETHERTYPE",
+            Self::UnicastInGroupMac => "UNICAST_IN_GROUP_MAC",
+            Self::Ipv6Policed => "IPV6_POLICED",
+            Self::BadIpChecksum => "BAD_IP_CHECKSUM",
+            Self::TcpOutOfWindow => "TCP_OUT_OF_WINDOW",
+            Self::TailCallFailed => "TAIL_CALL_FAILED",
         }
     }
 }
@@ -107,5 +136,7 @@ mod tests {
         assert_eq!(DropReason::SgIngress as u8, 7);
         assert_eq!(DropReason::SpoofedSource as u8, 9);
         assert_eq!(DropReason::RedirectFailed as u8, 11);
+        assert_eq!(DropReason::VlanTagged as u8, 14);
+        assert_eq!(DropReason::TcpOutOfWindow as u8, 19);
     }
 }

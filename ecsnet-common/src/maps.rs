@@ -20,11 +20,23 @@ pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 pub const MAP_PORTS: &str = "PORTS";
 /// The connection table: [`crate::ct::CtKey`] -> [`crate::ct::CtEntry`], two entries per flow.
 pub const MAP_CT: &str = "CT";
+/// Flows nobody answered yet ([`crate::ct::assured`] not yet true): [`CtKey`] -> [`CtEntry`],
+/// an LRU table, so a flood of them evicts the oldest of its own kind and never an answered
+/// flow in [`MAP_CT`]. Flows move to `CT` once assured.
+pub const MAP_CT_NEW: &str = "CT_NEW";
+/// What happened in the connection tables, per CPU: u64 counters indexed by `CT_EV_*`.
+pub const MAP_CT_EVENTS: &str = "CT_EVENTS";
+/// Programs that other programs tail-call: a program array indexed by `PROG_*`.
+pub const MAP_PROGS: &str = "PROGS";
+/// [`MAP_PROGS`]: `tc_task_new_flow`, which opens the flows of packets from tasks.
+pub const PROG_TASK_NEW_FLOW: u32 = 0;
+/// Slots of [`MAP_PROGS`].
+pub const PROG_SLOTS: u32 = 1;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
 pub const MAP_FRAGS: &str = "FRAGS";
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 19] = [
     MAP_IFACES,
     MAP_TASKS,
     MAP_STATS,
@@ -33,6 +45,9 @@ pub const PINNED_MAPS: [&str; 16] = [
     MAP_LOCAL_ADDRS,
     MAP_PORTS,
     MAP_CT,
+    MAP_CT_NEW,
+    MAP_CT_EVENTS,
+    MAP_PROGS,
     MAP_FRAGS,
     crate::policy::MAP_SG_PEERS,
     crate::policy::MAP_SG_RULES,
@@ -45,6 +60,22 @@ pub const PINNED_MAPS: [&str; 16] = [
 
 /// Default capacity of [`MAP_CT`], entries (two per flow); `ecsnet up --ct-size` changes it.
 pub const DEFAULT_CT_SIZE: u32 = 131_072;
+
+/// Capacity of [`MAP_CT_NEW`] for a `CT` of `ct_size` entries: half as many.
+pub const fn ct_new_size(ct_size: u32) -> u32 {
+    let half = ct_size / 2;
+    if half < 1024 { 1024 } else { half }
+}
+
+/// [`MAP_CT_EVENTS`]: flows created (in [`MAP_CT_NEW`]).
+pub const CT_EV_CREATED: u32 = 0;
+/// [`MAP_CT_EVENTS`]: flows assured and moved to [`MAP_CT`].
+pub const CT_EV_ASSURED: u32 = 1;
+/// [`MAP_CT_EVENTS`]: assured flows that found [`MAP_CT`] full and stayed in [`MAP_CT_NEW`],
+/// where they can be evicted.
+pub const CT_EV_CT_FULL: u32 = 2;
+/// Entries of [`MAP_CT_EVENTS`].
+pub const CT_EVENT_SLOTS: u32 = 3;
 /// Capacity of [`MAP_LOCAL_ADDRS`].
 pub const MAX_LOCAL_ADDRS: u32 = 256;
 /// Capacity of [`MAP_PORTS`]: published ports on one host.
@@ -107,7 +138,8 @@ pub struct Config {
     pub bridge_mac: [u8; 6],
     /// `CONFIG_*` bits, written by `ecsnet apply` from the state file's `host`.
     pub flags: u8,
-    pub _pad: u8,
+    /// Prefix length of the bridge's address: its subnet's broadcast address is a group address.
+    pub bridge_prefix: u8,
 }
 
 /// [`Config::flags`]: drop task traffic to 169.254.169.254 (`host.blockInstanceMetadata`).

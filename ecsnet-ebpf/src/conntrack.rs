@@ -1,17 +1,22 @@
-//! The connection table in BPF: look up the entry of a packet's tuple, refresh it, and create
+//! The connection tables in BPF: look up the entry of a packet's tuple, refresh it, and create
 //! both directions of a new flow, choosing a free source port when the flow is source-NATed.
-//! Entries are only created here and only expired by the agent; a full table refuses new flows.
+//! A new flow starts in `CT_NEW` (LRU: a flood of flows nobody answers evicts its own kind) and
+//! moves to `CT` once assured (`ct::assured`); `CT` is never evicted from, and the agent
+//! expires both. TCP RSTs and FINs change a flow only when they fit its sequence numbers.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{FragKey, FragPorts},
+    ct::{
+        self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN, TcpSide,
+    },
+    maps::{CT_EV_ASSURED, CT_EV_CREATED, CT_EV_CT_FULL, FragKey, FragPorts},
 };
 
 use crate::{
     clock,
-    maps::{CT, FRAGS},
+    maps::{CT, CT_EVENTS, CT_NEW, FRAGS},
     parse::{FRAG_FIRST, FRAG_LATER, Flow, ICMP_ECHO, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -129,48 +134,211 @@ pub fn starts_flow(f: &Flow) -> bool {
     }
 }
 
-/// The entry of `key`.
-#[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CT.get_ptr_mut(key)
+/// One direction's entry, and which table holds it. Read fields through it rather than copy
+/// the whole entry: the programs' stacks are nearly full.
+#[derive(Clone, Copy)]
+pub struct Tracked {
+    /// Valid for this program run (`CT` frees entries after an RCU grace period; `CT_NEW` is an
+    /// LRU map, whose entries, as in Cilium's LRU tables, may be reused under a writer).
+    pub e: *mut CtEntry,
+    /// In `CT`: assured, never evicted.
+    pub assured: bool,
 }
 
-/// Records a packet of `bytes` IP bytes on its entry. A new SYN on a closed TCP flow with the
-/// same tuple starts the flow's state over.
-#[inline(always)]
-pub fn touch(e: *mut CtEntry, f: &Flow, bytes: u64) {
-    // SAFETY: `e` points into the CT map (no-prealloc entries live until an RCU grace period
-    // after deletion); concurrent updates of these counters may lose an increment, not memory.
-    unsafe {
-        (*e).last_seen_ns = clock::now();
-        (*e).packets += 1;
-        (*e).bytes += bytes;
-        if f.proto == IPPROTO_TCP {
-            let syn_only = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if syn_only && (*e).tcp_flags & (TCP_FIN | TCP_RST) != 0 && (*e).dir == DIR_ORIGINAL {
-                (*e).tcp_flags = TCP_SYN;
-                if let Some(p) = CT.get_ptr_mut(&(*e).peer) {
-                    (*p).tcp_flags = 0;
-                }
-            } else {
-                (*e).tcp_flags |= f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST);
+/// What a packet of a tracked flow is rewritten to, and the flow's kind.
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub nat: Nat,
+    pub kind: u8,
+}
+
+impl Tracked {
+    /// The rewrite of this direction.
+    #[inline(always)]
+    pub fn rewrite(&self) -> Rewrite {
+        // SAFETY: see `e`.
+        unsafe {
+            Rewrite {
+                nat: Nat {
+                    saddr: (*self.e).nat_saddr,
+                    daddr: (*self.e).nat_daddr,
+                    sport: (*self.e).nat_sport,
+                    dport: (*self.e).nat_dport,
+                },
+                kind: (*self.e).kind,
             }
         }
     }
+
+    /// The key of the other direction.
+    #[inline(always)]
+    fn peer(&self) -> CtKey {
+        // SAFETY: see `e`.
+        unsafe { (*self.e).peer }
+    }
+
+    /// This direction's TCP sequence state.
+    #[inline(always)]
+    fn tcp(&self) -> TcpSide {
+        // SAFETY: see `e`.
+        unsafe { (*self.e).tcp() }
+    }
 }
 
-/// Creates both directions of a new flow for packets `key` rewritten to `nat`. With
-/// `choose_sport`, `nat.sport` is kept when no other flow uses it towards the same destination
-/// and replaced by a free random port otherwise. Returns the rewrite actually chosen.
+/// The entry of `key`, assured flows first.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<Tracked> {
+    if let Some(e) = CT.get_ptr_mut(key) {
+        return Some(Tracked { e, assured: true });
+    }
+    CT_NEW
+        .get_ptr_mut(key)
+        .map(|e| Tracked { e, assured: false })
+}
+
+/// Refuses a TCP RST or FIN of a tracked flow that does not fit its sequence numbers
+/// (`ct::tcp_close_counts`): a blind attacker's, which would otherwise end the flow early.
+#[inline(always)]
+pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
+    if f.proto != IPPROTO_TCP || f.frag == FRAG_LATER || f.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+        return Ok(());
+    }
+    // The other direction gone (evicted from CT_NEW): nothing to judge by, and nothing to end.
+    let Some(other) = lookup(&t.peer()) else {
+        return Ok(());
+    };
+    if ct::tcp_close_counts(
+        f.tcp_flags,
+        f.tcp_seq,
+        f.tcp_ack,
+        f.tcp_payload as u32,
+        &t.tcp(),
+        &other.tcp(),
+    ) {
+        Ok(())
+    } else {
+        Err(DropReason::TcpOutOfWindow)
+    }
+}
+
+/// Records packet `f` on its entry (after `check_close`), and moves the flow to `CT` when this
+/// packet assures it. `t` is not to be used after this.
+#[inline(always)]
+pub fn touch(t: &Tracked, key: &CtKey, f: &Flow) {
+    let now = clock::now();
+    let e = t.e;
+    // SAFETY: see `Tracked::e`; concurrent updates of these fields may lose an update, not
+    // memory.
+    unsafe {
+        (*e).last_seen_ns = now;
+        (*e).packets += 1;
+        (*e).bytes += f.tot_len as u64;
+    }
+    if f.proto == IPPROTO_TCP && f.frag != FRAG_LATER {
+        let mut side = t.tcp();
+        let restart = ct::record_tcp(
+            &mut side,
+            f.tcp_flags,
+            f.tcp_seq,
+            f.tcp_ack,
+            f.tcp_payload as u32,
+        );
+        // SAFETY: as above.
+        unsafe {
+            (*e).tcp_end = side.end;
+            (*e).tcp_ack = side.ack;
+            (*e).tcp_flags = side.flags;
+        }
+        if restart && let Some(other) = lookup(&t.peer()) {
+            // SAFETY: as above.
+            unsafe { (*other.e).tcp_flags = 0 };
+        }
+    }
+    if !t.assured {
+        assure(t, key, now);
+    }
+}
+
+/// Moves a flow from `CT_NEW` to `CT` if it is assured now. The entries are copied from map
+/// value to map value, never through the stack.
+#[inline(always)]
+fn assure(t: &Tracked, key: &CtKey, now: u64) {
+    let e = t.e;
+    // SAFETY: see `Tracked::e`.
+    let (dir, flags, packets, created_ns) =
+        unsafe { ((*e).dir, (*e).tcp_flags, (*e).packets, (*e).created_ns) };
+    // The cheap tests first: most packets of an unanswered flow cannot assure it.
+    if key.proto == IPPROTO_TCP {
+        if dir != DIR_ORIGINAL || flags & TCP_ACK == 0 {
+            return;
+        }
+    } else if now.saturating_sub(created_ns) < ASSURED_AFTER_NS {
+        return;
+    }
+    let peer = t.peer();
+    let Some(p) = CT_NEW.get_ptr_mut(&peer) else {
+        return;
+    };
+    // SAFETY: an LRU value pointer, valid for this program run.
+    let (other_flags, other_packets) = unsafe { ((*p).tcp_flags, (*p).packets) };
+    let (original_flags, reply_flags, reply_packets) = if dir == DIR_ORIGINAL {
+        (flags, other_flags, other_packets)
+    } else {
+        (other_flags, flags, packets)
+    };
+    if !ct::assured(
+        key.proto,
+        original_flags,
+        reply_flags,
+        reply_packets,
+        created_ns,
+        now,
+    ) {
+        return;
+    }
+    // The other direction first, as the agent deletes: a racing packet finds the whole flow
+    // in one table or the other.
+    // SAFETY: map values as the values to insert.
+    if let Err(err) = CT.insert(&peer, unsafe { &*p }, BPF_NOEXIST) {
+        if -(err as i64) != EEXIST {
+            count(CT_EV_CT_FULL);
+        }
+        return;
+    }
+    if let Err(err) = CT.insert(key, unsafe { &*e }, BPF_NOEXIST)
+        && -(err as i64) != EEXIST
+    {
+        let _ = CT.remove(&peer);
+        count(CT_EV_CT_FULL);
+        return;
+    }
+    let _ = CT_NEW.remove(&peer);
+    let _ = CT_NEW.remove(key);
+    count(CT_EV_ASSURED);
+}
+
+/// Adds one to connection-table counter `slot` on this CPU.
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(n) = CT_EVENTS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU array slot of this CPU.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Creates both directions of a new flow in `CT_NEW` for packets `key` rewritten to `nat`.
+/// With `choose_sport`, `nat.sport` is kept when no other flow uses it towards the same
+/// destination and replaced by a free random port otherwise; `nat` ends as the rewrite
+/// chosen. A function of its own for the verifier (five arguments at most, no stack ones).
 #[inline(always)]
 pub fn create(
     key: &CtKey,
-    mut nat: Nat,
+    nat: &mut Nat,
     kind: u8,
     choose_sport: bool,
     f: &Flow,
-    bytes: u64,
-) -> Result<Nat, DropReason> {
+) -> Result<(), DropReason> {
+    let bytes = f.tot_len as u64;
     let now = clock::now();
     let mut reply_key = CtKey {
         saddr: nat.daddr,
@@ -186,13 +354,16 @@ pub fn create(
         nat_daddr: key.saddr,
         nat_sport: key.dport,
         nat_dport: key.sport,
+        tcp_end: 0,
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
+        created_ns: now,
+        tcp_ack: 0,
         kind,
         dir: DIR_REPLY,
         tcp_flags: 0,
-        _pad: [0; 5],
+        _pad: 0,
     };
     let tries = if choose_sport { PORT_TRIES + 1 } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };
@@ -203,7 +374,11 @@ pub fn create(
             nat.sport = port.to_be();
             reply_key.dport = nat.sport;
         }
-        match CT.insert(&reply_key, &reply, BPF_NOEXIST) {
+        // SAFETY: only tested for presence.
+        if unsafe { CT.get(&reply_key) }.is_some() {
+            continue;
+        }
+        match CT_NEW.insert(&reply_key, &reply, BPF_NOEXIST) {
             Ok(()) => {
                 placed = true;
                 break;
@@ -219,26 +394,36 @@ pub fn create(
             DropReason::NatCollision
         });
     }
-    let original = CtEntry {
+    let mut original = CtEntry {
         peer: reply_key,
         nat_saddr: nat.saddr,
         nat_daddr: nat.daddr,
         nat_sport: nat.sport,
         nat_dport: nat.dport,
+        tcp_end: 0,
         last_seen_ns: now,
         packets: 1,
         bytes,
+        created_ns: now,
+        tcp_ack: 0,
         kind,
         dir: DIR_ORIGINAL,
-        tcp_flags: if f.proto == IPPROTO_TCP {
-            f.tcp_flags
-        } else {
-            0
-        },
-        _pad: [0; 5],
+        tcp_flags: 0,
+        _pad: 0,
     };
-    if let Err(e) = CT.insert(key, &original, BPF_NOEXIST) {
-        let _ = CT.remove(&reply_key);
+    if f.proto == IPPROTO_TCP {
+        let mut side = original.tcp();
+        ct::record_tcp(
+            &mut side,
+            f.tcp_flags,
+            f.tcp_seq,
+            f.tcp_ack,
+            f.tcp_payload as u32,
+        );
+        (original.tcp_end, original.tcp_ack, original.tcp_flags) = (side.end, side.ack, side.flags);
+    }
+    if let Err(e) = CT_NEW.insert(key, &original, BPF_NOEXIST) {
+        let _ = CT_NEW.remove(&reply_key);
         return Err(if -(e as i64) == EEXIST {
             // Another CPU created this flow a moment ago for a copy of this packet.
             DropReason::NatCollision
@@ -246,5 +431,6 @@ pub fn create(
             DropReason::CtTableFull
         });
     }
-    Ok(nat)
+    count(CT_EV_CREATED);
+    Ok(())
 }

@@ -5,13 +5,13 @@
 use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
+    ct::{CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
     flow::{ACTION_ACCEPT, ACTION_REJECT, EVENT_ALLOW, FLOW_EGRESS, FLOW_INGRESS},
     maps::{Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, TaskInfo},
 };
 
 use crate::{
-    conntrack::{self, Fragment, Nat},
+    conntrack::{self, Fragment, Nat, Rewrite, Tracked},
     flow::{self, Sighting},
     maps::{CONFIG, LOCAL_ADDRS, PORTS},
     nat,
@@ -55,6 +55,22 @@ pub fn is_local(cfg: &Config, addr: u32) -> bool {
     addr == cfg.uplink_ipv4
         || addr == cfg.bridge_ipv4
         || unsafe { LOCAL_ADDRS.get(&addr) }.is_some()
+}
+
+/// Whether `addr` is a multicast address, the limited broadcast, or the bridge subnet's
+/// broadcast address: where a group MAC is the right destination.
+#[inline(always)]
+pub fn is_group_addr(cfg: &Config, addr: u32) -> bool {
+    let a = u32::from_be(addr);
+    if a >> 28 == 0xe || a == u32::MAX {
+        return true;
+    }
+    let prefix = cfg.bridge_prefix as u32;
+    if prefix == 0 || prefix >= 31 {
+        return false;
+    }
+    let host = u32::MAX >> prefix;
+    a & !host == u32::from_be(cfg.bridge_ipv4) & !host && a & host == host
 }
 
 /// Where packets with destination `daddr` go; None when ecsnet should not take them.
@@ -116,9 +132,9 @@ fn send(
     }
 }
 
-/// Decides for one unicast IPv4 packet. A new flow is checked against the security groups of
-/// both ends where they are tasks: the sender's egress rules with the destination as it left
-/// the sender, the receiver's ingress rules with the real client and the container port.
+/// Decides for one unicast IPv4 packet. A packet that opens a flow goes to `open`: the uplink
+/// program opens it with [`open_flow`] in place, the task program in a program of its own
+/// (a tail call), as one program could not hold both paths within the verifier's limits.
 #[inline(always)]
 pub fn packet(
     ctx: &TcContext,
@@ -126,6 +142,7 @@ pub fn packet(
     f: &mut Flow,
     origin: Origin,
     pkt: &mut PktAddrs,
+    open: impl FnOnce(&mut Flow, &CtKey, &mut PktAddrs) -> Result<Verdict, DropReason>,
 ) -> Result<Verdict, DropReason> {
     let policy = match origin {
         Origin::Task(t) => t.policy,
@@ -154,13 +171,29 @@ pub fn packet(
     let Some(key) = conntrack::key_of(f) else {
         return unchecked_egress(f, policy);
     };
-    if let Some(e) = conntrack::lookup(&key) {
-        return established(ctx, cfg, f, e, pkt);
+    if let Some(t) = conntrack::lookup(&key) {
+        return established(ctx, cfg, f, &key, &t, pkt);
     }
     if !conntrack::starts_flow(f) {
         return unchecked_egress(f, policy);
     }
-    let verdict = new_flow(ctx, cfg, f, &key, origin, pkt);
+    open(f, &key, pkt)
+}
+
+/// Opens the flow of `f`, a packet that starts one and that no entry tracks: checked against
+/// the security groups of both ends where they are tasks (the sender's egress rules with the
+/// destination as it left the sender, the receiver's ingress rules with the real client and the
+/// container port), then translated and sent, or handed to the kernel.
+#[inline(always)]
+pub fn open_flow(
+    ctx: &TcContext,
+    cfg: &Config,
+    f: &mut Flow,
+    key: &CtKey,
+    origin: Origin,
+    pkt: &mut PktAddrs,
+) -> Result<Verdict, DropReason> {
+    let verdict = new_flow(ctx, cfg, f, key, origin, pkt);
     if matches!(verdict, Err(DropReason::SgEgress) | Ok(Verdict::Dropped)) {
         conntrack::reject_fragments(f);
     }
@@ -260,7 +293,8 @@ fn new_flow(
     let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
         return kernel_flow(key, f, policy);
     };
-    let nat = conntrack::create(key, nat, kind, choose_sport, f, f.tot_len as u64)?;
+    let mut nat = nat;
+    conntrack::create(key, &mut nat, kind, choose_sport, f)?;
     pkt.saddr = nat.saddr;
     pkt.daddr = nat.daddr;
     nat::rewrite(ctx, f, &nat)?;
@@ -306,7 +340,7 @@ fn reject_ingress(ctx: &TcContext, f: &Flow, dst: &TaskInfo, daddr: u32, dport: 
 /// `up`, protocols the table does not track, ICMP errors about untracked flows): the egress
 /// rules alone decide, and the kernel carries it.
 #[inline(always)]
-fn unchecked_egress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
+pub fn unchecked_egress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
     if policy::egress(policy, f, f.daddr, f.dport) {
         Ok(Verdict::Pass)
     } else {
@@ -319,7 +353,7 @@ fn unchecked_egress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
 #[inline(always)]
 fn kernel_flow(key: &CtKey, f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
     if policy != 0 {
-        conntrack::create(key, same_tuple(f), KIND_LOCAL, false, f, f.tot_len as u64)?;
+        conntrack::create(key, &mut same_tuple(f), KIND_LOCAL, false, f)?;
     }
     Ok(Verdict::Pass)
 }
@@ -356,10 +390,10 @@ pub fn deliver(
     let Some(key) = conntrack::key_of(f) else {
         return unchecked_ingress(f, policy);
     };
-    if let Some(e) = conntrack::lookup(&key) {
-        // SAFETY: a CT value pointer, valid for this program run.
-        if unsafe { (*e).kind } == KIND_LOCAL {
-            conntrack::touch(e, f, f.tot_len as u64);
+    if let Some(t) = conntrack::lookup(&key) {
+        conntrack::check_close(&t, f)?;
+        if t.rewrite().kind == KIND_LOCAL {
+            conntrack::touch(&t, &key, f);
         }
         return Ok(Verdict::Pass);
     }
@@ -380,7 +414,7 @@ pub fn deliver(
 }
 
 #[inline(always)]
-fn unchecked_ingress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
+pub fn unchecked_ingress(f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
     if policy::ingress(policy, f, f.saddr, f.dport) {
         Ok(Verdict::Pass)
     } else {
@@ -405,32 +439,28 @@ pub fn published_port(port: u16, proto: u8) -> Option<(u32, u16)> {
     unsafe { PORTS.get(&key) }.map(|t| (t.addr, t.port))
 }
 
-/// A packet of a tracked flow: rewrite it as its entry says and send it on.
+/// A packet of a tracked flow: rewritten as its entry says and sent on, and counted on the
+/// entry; one the kernel routes elsewhere goes untranslated and uncounted.
 #[inline(always)]
 fn established(
     ctx: &TcContext,
     cfg: &Config,
     f: &Flow,
-    e: *mut CtEntry,
+    key: &CtKey,
+    t: &Tracked,
     pkt: &mut PktAddrs,
 ) -> Result<Verdict, DropReason> {
-    // SAFETY: a CT value pointer, valid for this program run (see conntrack::touch).
-    let entry = unsafe { *e };
-    if entry.kind == KIND_LOCAL {
-        conntrack::touch(e, f, f.tot_len as u64);
+    conntrack::check_close(t, f)?;
+    let Rewrite { nat, kind } = t.rewrite();
+    if kind == KIND_LOCAL {
+        conntrack::touch(t, key, f);
         return Ok(Verdict::Pass);
     }
-    let routed = entry.kind != KIND_EAST_WEST;
-    let Some(next) = next_hop(ctx, cfg, f, entry.nat_daddr, routed) else {
+    let routed = kind != KIND_EAST_WEST;
+    let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
         return Ok(Verdict::Pass);
     };
-    conntrack::touch(e, f, f.tot_len as u64);
-    let nat = Nat {
-        saddr: entry.nat_saddr,
-        daddr: entry.nat_daddr,
-        sport: entry.nat_sport,
-        dport: entry.nat_dport,
-    };
+    conntrack::touch(t, key, f);
     pkt.saddr = nat.saddr;
     pkt.daddr = nat.daddr;
     // A later fragment has no transport header: `rewrite` then changes the addresses only.
@@ -447,18 +477,18 @@ fn established(
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, cfg: &Config, f: &Flow, policy: u32) -> Result<Verdict, DropReason> {
     let (key, inner): (CtKey, Flow) = nat::icmp_error_key(ctx, f)?;
-    let Some(e) = conntrack::lookup(&key) else {
+    let Some(t) = conntrack::lookup(&key) else {
         return unchecked_egress(f, policy);
     };
-    let entry = unsafe { *e };
-    if entry.kind == KIND_LOCAL {
+    let Rewrite { nat, kind } = t.rewrite();
+    if kind == KIND_LOCAL {
         return Ok(Verdict::Pass);
     }
-    let routed = entry.kind != KIND_EAST_WEST;
-    let Some(next) = next_hop(ctx, cfg, f, entry.nat_daddr, routed) else {
+    let routed = kind != KIND_EAST_WEST;
+    let Some(next) = next_hop(ctx, cfg, f, nat.daddr, routed) else {
         return Ok(Verdict::Pass);
     };
-    nat::rewrite_icmp_error(ctx, f, &key, &inner, &entry)?;
+    nat::rewrite_icmp_error(ctx, f, &key, &inner, &nat)?;
     // The kernel's forwarding decrements the TTL itself of what is handed to it.
     if routed && !matches!(next, Next::Kernel) {
         nat::decrement_ttl(ctx, f)?;
@@ -467,11 +497,11 @@ fn icmp_error(ctx: &TcContext, cfg: &Config, f: &Flow, policy: u32) -> Result<Ve
     // translated, the source only when the flow's own endpoint sent the error.
     let outer = Nat {
         saddr: if f.saddr == key.saddr {
-            entry.nat_saddr
+            nat.saddr
         } else {
             f.saddr
         },
-        daddr: entry.nat_daddr,
+        daddr: nat.daddr,
         sport: 0,
         dport: 0,
     };

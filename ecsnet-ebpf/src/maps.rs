@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use ecsnet_common::{
     ct::{CtEntry, CtKey},
@@ -12,9 +12,9 @@ use ecsnet_common::{
         MAX_FLOW_LOST_KEYS,
     },
     maps::{
-        Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo, MAX_DROP_KEYS,
-        MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, PortKey, PortTarget, StatsKey,
-        TaskInfo,
+        CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo,
+        MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, PROG_SLOTS,
+        PortKey, PortTarget, StatsKey, TaskInfo, ct_new_size,
     },
     policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -57,6 +57,16 @@ pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::with_max_entries(MAX_P
 pub static CT: HashMap<CtKey, CtEntry> =
     HashMap::with_max_entries(DEFAULT_CT_SIZE, BPF_F_NO_PREALLOC);
 
+/// Flows nobody answered yet, evicted oldest first when full; user space sizes it from
+/// `--ct-size` at load time (`ct_new_size`). LRU maps are always preallocated.
+#[map(name = "CT_NEW")]
+pub static CT_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(ct_new_size(DEFAULT_CT_SIZE), 0);
+
+/// Connection-table event counters (`CT_EV_*`).
+#[map(name = "CT_EVENTS")]
+pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
+
 /// Ports of first fragments, for the later fragments of the same datagram.
 #[map(name = "FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
@@ -83,6 +93,10 @@ pub static FLOW_LOST: PerCpuHashMap<LostKey, Counters> =
 /// The open capture window and the event rate, written by `ecsnet up` and the agent.
 #[map(name = "FLOW_STATE")]
 pub static FLOW_STATE: Array<FlowState> = Array::with_max_entries(1, 0);
+
+/// Programs tail-called by other programs (`PROG_*` slots), written by user space at load time.
+#[map(name = "PROGS")]
+pub static PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
 
 /// Drop and policy-verdict events for `ecsnet monitor`, read by the agent.
 #[map(name = "EVENTS")]

@@ -3,10 +3,7 @@
 //! checksum update that keeps the packet valid for the receiving kernel; nothing else is touched.
 
 use aya_ebpf::programs::TcContext;
-use ecsnet_common::{
-    DropReason, csum,
-    ct::{CtEntry, CtKey},
-};
+use ecsnet_common::{DropReason, csum, ct::CtKey};
 
 use crate::{
     conntrack::Nat,
@@ -164,13 +161,16 @@ fn flow_at_quoted(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
         frag: 0,
         ip_id: h.id,
         tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
+        tcp_payload: 0,
         icmp_type: 0,
         icmp_code: 0,
         tot_len: u16::from_be(h.tot_len),
     })
 }
 
-/// Translates an ICMP error that belongs to the flow direction `e` (looked up with the key from
+/// Translates an ICMP error that belongs to the flow direction rewritten to `e` (looked up with the key from
 /// [`icmp_error_key`]): the outer destination (and source, when the flow's own endpoint sent the
 /// error) and the quoted packet, with the outer IP, quoted IP, quoted transport and ICMP checksums.
 #[inline(always)]
@@ -179,21 +179,21 @@ pub fn rewrite_icmp_error(
     f: &Flow,
     key: &CtKey,
     inner: &Flow,
-    e: &CtEntry,
+    e: &Nat,
 ) -> Result<(), DropReason> {
     let icmp_check = f.l4 + 2;
     // Outer header: no pseudo-header in the ICMP checksum, so only the IP checksum changes.
-    if f.daddr != e.nat_daddr {
-        l3(ctx, f.daddr as u64, e.nat_daddr as u64, 4)?;
-        store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.nat_daddr)?;
+    if f.daddr != e.daddr {
+        l3(ctx, f.daddr as u64, e.daddr as u64, 4)?;
+        store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.daddr)?;
     }
-    if f.saddr == key.saddr && f.saddr != e.nat_saddr {
-        l3(ctx, f.saddr as u64, e.nat_saddr as u64, 4)?;
-        store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.nat_saddr)?;
+    if f.saddr == key.saddr && f.saddr != e.saddr {
+        l3(ctx, f.saddr as u64, e.saddr as u64, 4)?;
+        store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.saddr)?;
     }
     // The quote travels the other way: its source is our destination and vice versa.
-    let (new_src, new_dst) = (e.nat_daddr, e.nat_saddr);
-    let (new_sport, new_dport) = (e.nat_dport, e.nat_sport);
+    let (new_src, new_dst) = (e.daddr, e.saddr);
+    let (new_sport, new_dport) = (e.dport, e.sport);
     let ip = f.l4 + 8;
     let old_ipcheck: u16 = load(ctx, ip + IP_OFF_CHECK).map_err(|_| DropReason::BadIcmpError)?;
     let ipcheck = csum::replace4(

@@ -6,11 +6,16 @@ use aya_ebpf::{
     bindings::__sk_buff,
     programs::{TcContext, XdpContext},
 };
-use ecsnet_common::DropReason;
+use ecsnet_common::{DropReason, csum};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// VLAN tags: 802.1Q, 802.1ad (QinQ) and the old QinQ value some switches still send.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_QINQ_OLD: u16 = 0x9100;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// Bytes of a UDP header.
@@ -113,6 +118,39 @@ pub fn eth_group_dst<P: Packet>(pkt: &P) -> Result<bool, DropReason> {
     Ok(unsafe { (*eth).dst[0] } & 1 == 1)
 }
 
+/// What a frame on a task interface is. Everything else is an error with its reason: nothing a
+/// task sends or receives reaches the kernel around the checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// IPv4; `group` when the destination MAC is broadcast or multicast.
+    Ipv4 {
+        group: bool,
+    },
+    Arp,
+    Ipv6,
+}
+
+/// Sorts a frame on a task interface. A VLAN tag the kernel already moved into the skb counts
+/// as much as one in the frame: the bridge forwards it, and the receiving kernel strips a tag of
+/// VID 0 and takes what is inside as its own.
+#[inline(always)]
+pub fn task_frame(ctx: &TcContext) -> Result<Frame, DropReason> {
+    // SAFETY: the context pointer of a TC program is a valid __sk_buff.
+    if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).vlan_present } != 0 {
+        return Err(DropReason::VlanTagged);
+    }
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the header is within the frame.
+    let (proto, group) = unsafe { (u16::from_be((*eth).proto), (*eth).dst[0] & 1 == 1) };
+    match proto {
+        ETH_P_IP => Ok(Frame::Ipv4 { group }),
+        ETH_P_ARP => Ok(Frame::Arp),
+        ETH_P_IPV6 => Ok(Frame::Ipv6),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ_OLD => Err(DropReason::VlanTagged),
+        _ => Err(DropReason::UnknownEthertype),
+    }
+}
+
 /// Parses the IPv4 header that follows the Ethernet header.
 #[inline(always)]
 pub fn ipv4<P: Packet>(pkt: &P) -> Result<Ipv4, DropReason> {
@@ -201,6 +239,11 @@ pub struct Flow {
     pub ip_id: u16,
     /// TCP flags byte; 0 for other protocols.
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers, host byte order; 0 for other protocols.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// TCP payload bytes; 0 for other protocols.
+    pub tcp_payload: u16,
     /// ICMP type and code; 0 for other protocols.
     pub icmp_type: u8,
     pub icmp_code: u8,
@@ -240,6 +283,9 @@ pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
     if (ctx.len() as usize) < ip + tot_len as usize {
         return Err(DropReason::Truncated);
     }
+    if !header_checksum_ok(ctx, ip, &h) {
+        return Err(DropReason::BadIpChecksum);
+    }
     let frag_off = u16::from_be(h.frag_off);
     let frag = if frag_off & 0x1fff != 0 {
         FRAG_LATER
@@ -260,6 +306,9 @@ pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
         frag,
         ip_id: h.id,
         tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
+        tcp_payload: 0,
         icmp_type: 0,
         icmp_code: 0,
         tot_len,
@@ -270,12 +319,16 @@ pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
     match h.protocol {
         IPPROTO_TCP => {
             let t: TcpHdrStart = load(ctx, l4)?;
-            if (t.doff_res >> 4) < 5 {
+            let doff = (t.doff_res >> 4) as u16 * 4;
+            if doff < 20 {
                 return Err(DropReason::BadTcpOffset);
             }
             f.sport = t.source;
             f.dport = t.dest;
             f.tcp_flags = t.flags;
+            f.tcp_seq = u32::from_be(t.seq);
+            f.tcp_ack = u32::from_be(t.ack_seq);
+            f.tcp_payload = tot_len.saturating_sub(ihl as u16 + doff);
         }
         IPPROTO_UDP => {
             let ports: [u16; 2] = load(ctx, l4)?;
@@ -297,6 +350,43 @@ pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
         _ => {}
     }
     Ok(f)
+}
+
+/// Longest IPv4 options, bytes.
+const MAX_IP_OPTIONS: usize = 40;
+
+/// Whether the IPv4 header `h` at `ip` sums to 0xffff, options included, as the kernel checks
+/// before it takes a packet. The fixed 20 bytes are summed from `h`; options, rare, are read
+/// four bytes at a time. The option count is worked out afresh from the header byte, not from
+/// the caller's length: the loop's comparisons then narrow only its own count, and the
+/// verifier's paths through everything after meet again.
+#[inline(always)]
+fn header_checksum_ok(ctx: &TcContext, ip: usize, h: &Ipv4Hdr) -> bool {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain integers without padding.
+    let words: [u32; 5] =
+        unsafe { core::ptr::read_unaligned(h as *const Ipv4Hdr as *const [u32; 5]) };
+    let mut sum = csum::sum32(&words);
+    let option_words = (h.vhl & 0x0f).saturating_sub(5) as usize;
+    for i in 0..MAX_IP_OPTIONS / 4 {
+        if i >= option_words {
+            break;
+        }
+        match ctx.load::<u32>(ip + 20 + i * 4) {
+            Ok(w) => sum += w as u64,
+            Err(_) => return false,
+        }
+    }
+    csum::fold64(sum) == 0xffff
+}
+
+/// Whether an IPv4 header at the start of a direct-access packet (XDP) has a good checksum:
+/// the fixed header only; a header with options is left to tc, which reads them.
+#[inline(always)]
+pub fn fixed_header_checksum_ok<P: Packet>(pkt: &P, ip: usize) -> Result<bool, DropReason> {
+    let words: *const [u32; 5] = ptr_at(pkt, ip)?;
+    // SAFETY: `ptr_at` checked the 20 bytes are within the packet.
+    let words = unsafe { core::ptr::read_unaligned(words) };
+    Ok(csum::fold64(csum::sum32(&words)) == 0xffff)
 }
 
 /// Parses the IPv4 packet behind the Ethernet header.

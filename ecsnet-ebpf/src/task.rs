@@ -2,25 +2,27 @@
 //! task sends and forwards it itself (to another task, out of the uplink, into a published port);
 //! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
 //! the task's inbound rules. Anti-spoofing (address, MAC, ARP) and the IMDS block are here too.
+//! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other EtherTypes are dropped,
+//! and IPv6 of a task under a policy too, until IPv6 rules exist.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
     DropReason,
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
-    maps::{CONFIG_BLOCK_IMDS, HOOK_TC_EGRESS, HOOK_TC_INGRESS, ROLE_TASK, TaskInfo},
+    maps::{
+        CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW, ROLE_TASK,
+        TaskInfo,
+    },
 };
 
 use crate::{
-    clock,
+    clock, conntrack,
     flow::{self, Sighting},
     forward::{self, Origin, PktAddrs},
-    maps::{IFACES, TASKS},
-    parse::{
-        ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, Flow, eth_group_dst, ethertype, flow, load,
-        skb_ifindex,
-    },
+    maps::{IFACES, PROGS, TASKS},
+    parse::{ETH_HLEN, EthHdr, Flow, Frame, flow, load, skb_ifindex, task_frame},
     policy,
-    stats::account_tc,
+    stats::{account_tc, wire},
     verdict::{self, Verdict},
 };
 
@@ -31,6 +33,8 @@ pub fn tc_task_ingress(ctx: TcContext) -> i32 {
     verdict::tc(&ctx, try_from_task(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
 }
 
+// Inlined: the tail call must be made from a function that returns an integer.
+#[inline(always)]
 fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let (packets, bytes) = account_tc(ctx, ifindex, HOOK_TC_INGRESS);
     let Some(cfg) = forward::config() else {
@@ -48,18 +52,27 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
             let Some(task) = TASKS.get_ptr_mut(&me.ipv4) else {
                 return Ok(Verdict::Pass);
             };
-            check_source_mac(ctx, task)?;
-            let ethertype = ethertype(ctx)?;
-            if ethertype == ETH_P_ARP {
-                return check_arp(ctx, me.ipv4);
-            }
-            // IPv6, multicast and broadcast take the kernel's path.
-            if ethertype != ETH_P_IP || !matches!(eth_group_dst(ctx), Ok(false)) {
-                return Ok(Verdict::Pass);
-            }
+            let mac = check_source_mac(ctx, task)?;
+            let group = match task_frame(ctx)? {
+                Frame::Arp => return check_arp(ctx, me.ipv4, mac),
+                // SAFETY: a TASKS value pointer, valid for this program run.
+                Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
+                Frame::Ipv4 { group } => group,
+            };
             let f = flow(ctx)?;
             if f.saddr != me.ipv4 {
                 return Err(DropReason::SpoofedSource);
+            }
+            if group {
+                // SAFETY: as above.
+                return group_from_task(
+                    &cfg,
+                    &f,
+                    unsafe { (*task).policy },
+                    ifindex,
+                    packets,
+                    bytes,
+                );
             }
             (task, f)
         }
@@ -79,27 +92,127 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         saddr: f.saddr,
         daddr: f.daddr,
     };
-    let res = forward::packet(ctx, &cfg, &mut f, Origin::Task(me), &mut pkt);
-    // What the task sent, as it left it: a packet a receiving task's rules drop still left.
+    let res = forward::packet(ctx, &cfg, &mut f, Origin::Task(me), &mut pkt, |_, _, _| {
+        // SAFETY: `tc_task_new_flow` takes the same context; it does not return on success.
+        unsafe { PROGS.tail_call(ctx, PROG_TASK_NEW_FLOW) };
+        Err(DropReason::TailCallFailed)
+    });
+    sent(&f, ifindex, res, &pkt, packets, bytes)
+}
+
+/// A packet from a task that opens a flow, tail-called by `tc_task_ingress` after all its
+/// checks (well-formed unicast IPv4 from the task on this interface, its own MAC and address,
+/// not to the blocked metadata address) and after it counted the packet: the new flow's
+/// security groups, translation and sending have this program's verifier budget to themselves.
+#[classifier]
+pub fn tc_task_new_flow(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_new_flow(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+}
+
+fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    let mut f = flow(ctx)?;
+    // Found again as tc_task_ingress found it (by address, or through the interface); anything
+    // else cannot come here, but would be dropped.
+    let me = match unsafe { TASKS.get(&f.saddr) } {
+        Some(t) if t.ifindex == ifindex => *t,
+        _ => match unsafe { IFACES.get(&ifindex) } {
+            Some(i) if i.role == ROLE_TASK && i.ipv4 == f.saddr => {
+                match unsafe { TASKS.get(&i.ipv4) } {
+                    Some(t) => *t,
+                    None => return Err(DropReason::SpoofedSource),
+                }
+            }
+            _ => return Err(DropReason::SpoofedSource),
+        },
+    };
+    let Some(key) = conntrack::key_of(&f) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    clock::stamp();
+    let mut pkt = PktAddrs {
+        saddr: f.saddr,
+        daddr: f.daddr,
+    };
+    let res = forward::open_flow(ctx, &cfg, &mut f, &key, Origin::Task(me), &mut pkt);
+    let (packets, bytes) = wire(ctx);
+    sent(&f, ifindex, res, &pkt, packets, bytes)
+}
+
+/// The flow record of what a task sent, as it left it (a packet a receiving task's rules drop
+/// still left), with the addresses it had on the uplink side; then the decision.
+#[inline(always)]
+fn sent(
+    f: &Flow,
+    ifindex: u32,
+    res: Result<Verdict, DropReason>,
+    pkt: &PktAddrs,
+    packets: u64,
+    bytes: u64,
+) -> Result<Verdict, DropReason> {
     let action = match res {
         Ok(_) => ACTION_ACCEPT,
         Err(DropReason::SgEgress) => ACTION_REJECT,
         Err(_) => return res,
     };
-    let mut seen = Sighting::of(&f, ifindex, FLOW_EGRESS, action);
+    let mut seen = Sighting::of(f, ifindex, FLOW_EGRESS, action);
     seen.pkt_saddr = pkt.saddr;
     seen.pkt_daddr = pkt.daddr;
     flow::record(&seen, packets, bytes);
     res
 }
 
-/// The common case found with one lookup: a well-formed unicast IPv4 packet whose source is the
-/// task on this interface, from that task's MAC. None sends the packet the long way, through
-/// `IFACES`, which sorts out everything else (ARP, IPv6, spoofing, interfaces not ours) with
-/// the same outcome as if this shortcut did not exist.
+/// IPv6 on a task interface: today's kernel path for a task without a policy; for a task with
+/// one, nothing, until there are IPv6 rules to check it against.
+#[inline(always)]
+fn ipv6(policy: u32) -> Result<Verdict, DropReason> {
+    if policy == 0 {
+        Ok(Verdict::Pass)
+    } else {
+        Err(DropReason::Ipv6Policed)
+    }
+}
+
+/// IPv4 a task sent to a broadcast or multicast MAC: only to a broadcast or multicast address,
+/// judged by the egress rules alone (nothing to track: replies come from other addresses), and
+/// left to the kernel.
+#[inline(always)]
+fn group_from_task(
+    cfg: &Config,
+    f: &Flow,
+    policy: u32,
+    ifindex: u32,
+    packets: u64,
+    bytes: u64,
+) -> Result<Verdict, DropReason> {
+    if !forward::is_group_addr(cfg, f.daddr) {
+        return Err(DropReason::UnicastInGroupMac);
+    }
+    clock::stamp();
+    let res = forward::unchecked_egress(f, policy);
+    let action = if res.is_ok() {
+        ACTION_ACCEPT
+    } else {
+        ACTION_REJECT
+    };
+    flow::record(
+        &Sighting::of(f, ifindex, FLOW_EGRESS, action),
+        packets,
+        bytes,
+    );
+    res
+}
+
+/// The common case found with one lookup: a well-formed unicast IPv4 packet, untagged, whose
+/// source is the task on this interface, from that task's MAC. None sends the packet the long
+/// way, through `IFACES`, which sorts out everything else (ARP, IPv6, tags, spoofing,
+/// interfaces not ours) with the same outcome as if this shortcut did not exist.
 #[inline(always)]
 fn own_ipv4(ctx: &TcContext, ifindex: u32) -> Option<(*mut TaskInfo, Flow)> {
-    if !matches!(ethertype(ctx), Ok(ETH_P_IP)) || !matches!(eth_group_dst(ctx), Ok(false)) {
+    if !matches!(task_frame(ctx), Ok(Frame::Ipv4 { group: false })) {
         return None;
     }
     let f = flow(ctx).ok()?;
@@ -113,9 +226,9 @@ fn own_ipv4(ctx: &TcContext, ifindex: u32) -> Option<(*mut TaskInfo, Flow)> {
 }
 
 /// The task's MAC is the source of its first frame when user space did not know it; from then
-/// on a frame from any other MAC is spoofed.
+/// on a frame from any other MAC is spoofed. Returns the task's MAC.
 #[inline(always)]
-fn check_source_mac(ctx: &TcContext, task: *mut TaskInfo) -> Result<(), DropReason> {
+fn check_source_mac(ctx: &TcContext, task: *mut TaskInfo) -> Result<[u8; 6], DropReason> {
     let eth: EthHdr = load(ctx, 0)?;
     // SAFETY: a TASKS value; two CPUs learning at once store the same six bytes.
     unsafe {
@@ -125,20 +238,28 @@ fn check_source_mac(ctx: &TcContext, task: *mut TaskInfo) -> Result<(), DropReas
             return Err(DropReason::SpoofedSource);
         }
     }
-    Ok(())
+    Ok(eth.src)
 }
 
-/// ARP from a task may only claim the task's own address (or none, a probe): no poisoning the
+/// ARP from a task may only speak for the task: its own MAC as the sender hardware address,
+/// and its own address (or none, a probe) as the sender protocol address. No poisoning the
 /// host's or another task's neighbour entry.
 #[inline(always)]
-fn check_arp(ctx: &TcContext, own: u32) -> Result<Verdict, DropReason> {
-    // Sender protocol address: after the 8-byte ARP header and the 6-byte sender MAC.
-    let sender: u32 = load(ctx, ETH_HLEN + 14)?;
-    if sender == own || sender == 0 {
+fn check_arp(ctx: &TcContext, own: u32, mac: [u8; 6]) -> Result<Verdict, DropReason> {
+    // After the 8-byte ARP header (Ethernet/IPv4 sizes): sender MAC, then sender address.
+    let sender: ArpSender = load(ctx, ETH_HLEN + 8)?;
+    if sender.mac == mac && (sender.addr == own || sender.addr == 0) {
         Ok(Verdict::Pass)
     } else {
         Err(DropReason::SpoofedSource)
     }
+}
+
+/// The sender fields of an Ethernet/IPv4 ARP packet.
+#[repr(C, packed)]
+struct ArpSender {
+    mac: [u8; 6],
+    addr: u32,
 }
 
 /// Packets delivered to the task by the kernel (the bridge path).
@@ -150,18 +271,18 @@ pub fn tc_task_egress(ctx: TcContext) -> i32 {
 
 fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let (packets, bytes) = account_tc(ctx, ifindex, HOOK_TC_EGRESS);
-    if forward::config().is_none()
-        || !matches!(ethertype(ctx), Ok(ETH_P_IP))
-        || !matches!(eth_group_dst(ctx), Ok(false))
-    {
+    let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
-    }
+    };
+    let frame = task_frame(ctx);
+    let ipv4 = matches!(frame, Ok(Frame::Ipv4 { .. }));
+    // Parsed whatever the frame; used only when it is IPv4.
     let parsed = flow(ctx);
     // The common case with one lookup: addressed to the task on this interface. Anything else
     // finds the interface's task through `IFACES`.
     let fast = match &parsed {
-        Ok(f) => unsafe { TASKS.get(&f.daddr) }.filter(|t| t.ifindex == ifindex),
-        Err(_) => None,
+        Ok(f) if ipv4 => unsafe { TASKS.get(&f.daddr) }.filter(|t| t.ifindex == ifindex),
+        _ => None,
     };
     let task = match fast {
         Some(t) => t,
@@ -178,6 +299,12 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
             task
         }
     };
+    match frame? {
+        Frame::Arp => return Ok(Verdict::Pass),
+        Frame::Ipv6 => return ipv6(task.policy),
+        // Whatever the destination MAC: the ingress rules run on every IPv4 packet.
+        Frame::Ipv4 { .. } => {}
+    }
     if task.policy == 0 {
         // No rules to check: only the flow record, and a packet too malformed for one still
         // goes on, as it would without ecsnet.
@@ -190,7 +317,12 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     }
     let mut f = parsed?;
     clock::stamp();
-    let res = forward::deliver(ctx, &mut f, task.policy, ifindex);
+    let res = if forward::is_group_addr(&cfg, f.daddr) {
+        // Broadcast and multicast: the rules alone; nothing to track.
+        forward::unchecked_ingress(&f, task.policy)
+    } else {
+        forward::deliver(ctx, &mut f, task.policy, ifindex)
+    };
     let action = match res {
         Ok(_) => ACTION_ACCEPT,
         Err(DropReason::SgIngress) => ACTION_REJECT,

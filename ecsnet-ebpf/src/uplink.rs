@@ -22,7 +22,7 @@ use crate::{
     forward::{self, Origin, PktAddrs},
     parse::{
         ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TcpHdrStart, eth_group_dst,
-        ethertype, flow, ptr_at, skb_ifindex,
+        ethertype, fixed_header_checksum_ok, flow, ptr_at, skb_ifindex,
     },
     policy, redirect,
     stats::{account_tc, account_xdp},
@@ -69,8 +69,12 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         )
     };
     let ihl = ((vhl & 0x0f) as usize) * 4;
-    // Fragments (MF set or an offset) are tc's: it tracks them.
-    if vhl >> 4 != 4 || ihl < 20 || u16::from_be(frag_off) & 0x3fff != 0 {
+    // Fragments (MF set or an offset) are tc's: it tracks them. So are headers with options
+    // and bad checksums: tc reads the options and drops the latter with their reason.
+    if vhl >> 4 != 4 || ihl != 20 || u16::from_be(frag_off) & 0x3fff != 0 {
+        return None;
+    }
+    if !fixed_header_checksum_ok(ctx, ETH_HLEN).ok()? {
         return None;
     }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
@@ -169,7 +173,14 @@ fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason>
         saddr: f.saddr,
         daddr: f.daddr,
     };
-    forward::packet(ctx, &cfg, &mut f, Origin::Uplink, &mut pkt)
+    forward::packet(
+        ctx,
+        &cfg,
+        &mut f,
+        Origin::Uplink,
+        &mut pkt,
+        |f, key, pkt| forward::open_flow(ctx, &cfg, f, key, Origin::Uplink, pkt),
+    )
 }
 
 /// Packets leaving through the uplink (the kernel's and ecsnet's redirects alike).

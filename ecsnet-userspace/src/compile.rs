@@ -278,7 +278,7 @@ pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config,
         bridge_ipv4: u32::from(br.addr).to_be(),
         bridge_mac: mac,
         flags: 0,
-        _pad: 0,
+        bridge_prefix: br.prefix,
     })
 }
 

@@ -27,12 +27,16 @@ pub const PROG_TASK_EGRESS: &str = "tc_task_egress";
 pub const PROG_UPLINK_INGRESS: &str = "tc_uplink_ingress";
 pub const PROG_UPLINK_EGRESS: &str = "tc_uplink_egress";
 pub const PROG_UPLINK_XDP: &str = "xdp_uplink";
+/// tc program that `tc_task_ingress` tail-calls to open a task's new flow; never attached.
+pub const PROG_TASK_NEW_FLOW: &str = "tc_task_new_flow";
 
-const TC_PROGRAMS: [&str; 4] = [
+/// Every tc program, loaded and pinned at `up`.
+const TC_PROGRAMS: [&str; 5] = [
     PROG_TASK_INGRESS,
     PROG_TASK_EGRESS,
     PROG_UPLINK_INGRESS,
     PROG_UPLINK_EGRESS,
+    PROG_TASK_NEW_FLOW,
 ];
 
 /// bpffs magic from statfs(2).
@@ -57,6 +61,8 @@ pub enum DatapathError {
         prog: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("filling the program array: {source}")]
+    TailCalls { source: aya::maps::MapError },
     #[error("attaching {prog} to {iface}: {source}")]
     Attach {
         prog: &'static str,
@@ -137,6 +143,10 @@ pub fn load(
         loader.map_pin_path(name, path.as_path());
     }
     loader.map_max_entries(ecsnet_common::maps::MAP_CT, ct_size);
+    loader.map_max_entries(
+        ecsnet_common::maps::MAP_CT_NEW,
+        ecsnet_common::maps::ct_new_size(ct_size),
+    );
     loader.map_max_entries(ecsnet_common::flow::MAP_FLOWS, flow_table_size);
     let mut ebpf = loader.load(DATAPATH).map_err(DatapathError::Load)?;
     for prog in TC_PROGRAMS {
@@ -152,6 +162,7 @@ pub fn load(
             .map_err(|source| DatapathError::Program { prog, source })?;
         pin_program(p.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
     }
+    fill_tail_calls(&mut ebpf)?;
     let prog = PROG_UPLINK_XDP;
     let x: &mut Xdp = ebpf
         .program_mut(prog)
@@ -165,6 +176,57 @@ pub fn load(
         .map_err(|source| DatapathError::Program { prog, source })?;
     pin_program(x.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
     Ok(())
+}
+
+/// Loads the tail-called programs of an object whose maps are set up, and fills its program
+/// array: for harnesses that load single programs (`load` does both for the instance).
+pub fn load_tail_called(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    let prog = PROG_TASK_NEW_FLOW;
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .ok_or(DatapathError::Program {
+            prog,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { prog, source })?;
+    p.load()
+        .map_err(|source| DatapathError::Program { prog, source })?;
+    fill_tail_calls(ebpf)
+}
+
+/// Puts the tail-called programs of a loaded object into its program array (the `PROGS` map;
+/// pinned with the other maps, so the entries live as long as the instance).
+pub fn fill_tail_calls(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    let prog = PROG_TASK_NEW_FLOW;
+    let fd = {
+        let p: &SchedClassifier = ebpf
+            .program(prog)
+            .ok_or(DatapathError::Program {
+                prog,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { prog, source })?;
+        p.fd()
+            .map_err(|source| DatapathError::Program { prog, source })?
+            .try_clone()
+            .map_err(|e| DatapathError::Program {
+                prog,
+                source: aya::programs::ProgramError::IOError(e),
+            })?
+    };
+    let map = ecsnet_common::maps::MAP_PROGS;
+    let mut progs: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
+        .map_mut(map)
+        .ok_or(DatapathError::TailCalls {
+            source: aya::maps::MapError::InvalidName { name: map.into() },
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::TailCalls { source })?;
+    progs
+        .set(ecsnet_common::maps::PROG_TASK_NEW_FLOW, &fd, 0)
+        .map_err(|source| DatapathError::TailCalls { source })
 }
 
 fn pin_program(res: Result<(), aya::pin::PinError>, path: PathBuf) -> Result<(), DatapathError> {

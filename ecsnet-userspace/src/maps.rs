@@ -15,9 +15,10 @@ use ecsnet_common::{
         MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
     },
     maps::{
-        CLASS_IPV4, CLASS_OTHER, Config, Counters, DropKey, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
-        HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS,
-        MAP_STATS, MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
+        CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
+        HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS, MAP_CT_NEW,
+        MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS, MAP_STATS, MAP_TASKS, PortKey,
+        PortTarget, StatsKey, TaskInfo,
     },
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -267,9 +268,33 @@ pub fn write_ports(
     replace_all(paths, MAP_PORTS, ports)
 }
 
-/// Every entry of the connection table.
-pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
-    ct_table(paths).map(|(_, entries)| entries)
+/// The connection tables: `CT` (assured flows) and `CT_NEW` (flows not answered yet).
+pub const CT_TABLES: [&str; 2] = [MAP_CT, MAP_CT_NEW];
+
+/// Every entry of both connection tables, each with its table's name.
+pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey, CtEntry)>, MapsError> {
+    let mut all = Vec::new();
+    for map in CT_TABLES {
+        let (_, entries) = ct_table(paths, map)?;
+        all.extend(entries.into_iter().map(|(k, e)| (map, k, e)));
+    }
+    Ok(all)
+}
+
+/// The connection-table event counters (`CT_EV_*`), summed over CPUs.
+pub fn read_ct_events(paths: &InstancePaths) -> Result<[u64; CT_EVENT_SLOTS as usize], MapsError> {
+    let m: PerCpuArray<MapData, u64> = open(paths, MAP_CT_EVENTS)?
+        .try_into()
+        .map_err(access(MAP_CT_EVENTS))?;
+    let mut out = [0; CT_EVENT_SLOTS as usize];
+    for (slot, n) in out.iter_mut().enumerate() {
+        *n = m
+            .get(&(slot as u32), 0)
+            .map_err(access(MAP_CT_EVENTS))?
+            .iter()
+            .sum();
+    }
+    Ok(out)
 }
 
 /// The pinned map `map` as raw map data.
@@ -288,13 +313,14 @@ fn pinned_for_batch<K, V>(paths: &InstancePaths, map: &'static str) -> Result<Ma
     Ok(data)
 }
 
-/// The pinned connection table and all its entries, read in chunks.
-fn ct_table(paths: &InstancePaths) -> Result<(MapData, Vec<(CtKey, CtEntry)>), MapsError> {
-    let data = pinned_for_batch::<CtKey, CtEntry>(paths, MAP_CT)?;
-    let entries = batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch {
-        map: MAP_CT,
-        source,
-    })?;
+/// A pinned connection table (`CT_TABLES`) and all its entries, read in chunks.
+fn ct_table(
+    paths: &InstancePaths,
+    map: &'static str,
+) -> Result<(MapData, Vec<(CtKey, CtEntry)>), MapsError> {
+    let data = pinned_for_batch::<CtKey, CtEntry>(paths, map)?;
+    let entries =
+        batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch { map, source })?;
     Ok((data, entries))
 }
 
@@ -304,19 +330,34 @@ fn capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, MapsError> 
     Ok(info.max_entries())
 }
 
-/// Capacity of the connection table, entries.
-pub fn ct_capacity(paths: &InstancePaths) -> Result<u32, MapsError> {
-    capacity(paths, MAP_CT)
+/// Capacity of connection table `map` (one of `CT_TABLES`), entries.
+pub fn ct_capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, MapsError> {
+    capacity(paths, map)
 }
 
 /// Removes the flows idle longer than their state allows at `now_ns` (CLOCK_MONOTONIC), both
-/// directions together. Returns the number of flows removed.
+/// directions together, from both connection tables. Returns the number of flows removed.
 pub fn collect_garbage(
     paths: &InstancePaths,
     timeouts: &Timeouts,
     now_ns: u64,
 ) -> Result<usize, MapsError> {
-    let (data, all) = ct_table(paths)?;
+    let mut removed = 0;
+    for map in CT_TABLES {
+        removed += collect_table(paths, map, timeouts, now_ns)?;
+    }
+    Ok(removed)
+}
+
+/// [`collect_garbage`] for one table. A flow's two entries are always in the same table: the
+/// datapath moves them together.
+fn collect_table(
+    paths: &InstancePaths,
+    map: &'static str,
+    timeouts: &Timeouts,
+    now_ns: u64,
+) -> Result<usize, MapsError> {
+    let (data, all) = ct_table(paths, map)?;
     let entries: StdHashMap<CtKey, CtEntry> = all.into_iter().collect();
     let mut doomed = Vec::new();
     let mut removed = 0;
@@ -338,10 +379,7 @@ pub fn collect_garbage(
             removed += 1;
         }
     }
-    batch::delete(data.fd().as_fd(), &doomed).map_err(|source| MapsError::Batch {
-        map: MAP_CT,
-        source,
-    })?;
+    batch::delete(data.fd().as_fd(), &doomed).map_err(|source| MapsError::Batch { map, source })?;
     Ok(removed)
 }
 
@@ -400,20 +438,23 @@ pub fn remove_stale_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), Ma
     Ok(())
 }
 
-/// Removes both entries of every flow `cut` says to. Returns the number of flows removed.
+/// Removes both entries of every flow `cut` says to, in both connection tables. Returns the
+/// number of flows removed.
 pub fn remove_flows(
     paths: &InstancePaths,
     mut cut: impl FnMut(&CtKey, &CtEntry) -> bool,
 ) -> Result<usize, MapsError> {
-    let mut m: HashMap<MapData, CtKey, CtEntry> =
-        open(paths, MAP_CT)?.try_into().map_err(access(MAP_CT))?;
-    let entries: Vec<(CtKey, CtEntry)> = m.iter().filter_map(Result::ok).collect();
     let mut removed = 0;
-    for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
-        if cut(k, e) {
-            let _ = m.remove(&e.peer);
-            let _ = m.remove(k);
-            removed += 1;
+    for map in CT_TABLES {
+        let mut m: HashMap<MapData, CtKey, CtEntry> =
+            open(paths, map)?.try_into().map_err(access(map))?;
+        let entries: Vec<(CtKey, CtEntry)> = m.iter().filter_map(Result::ok).collect();
+        for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
+            if cut(k, e) {
+                let _ = m.remove(&e.peer);
+                let _ = m.remove(k);
+                removed += 1;
+            }
         }
     }
     Ok(removed)

@@ -120,6 +120,48 @@ pub fn render(s: &Stats) -> String {
         "Capacity of the connection table, entries.",
     );
     o.sample("ecsnet_conntrack_capacity", &[], c.capacity);
+    o.family(
+        "ecsnet_conntrack_unanswered_entries",
+        "gauge",
+        "Entries in the table of flows not answered yet (evicted oldest first when full).",
+    );
+    o.sample(
+        "ecsnet_conntrack_unanswered_entries",
+        &[],
+        c.unanswered_entries,
+    );
+    o.family(
+        "ecsnet_conntrack_unanswered_capacity",
+        "gauge",
+        "Capacity of the table of flows not answered yet, entries.",
+    );
+    o.sample(
+        "ecsnet_conntrack_unanswered_capacity",
+        &[],
+        c.unanswered_capacity,
+    );
+    o.family(
+        "ecsnet_conntrack_flows_created_total",
+        "counter",
+        "Flows the datapath created.",
+    );
+    o.sample("ecsnet_conntrack_flows_created_total", &[], c.created);
+    o.family(
+        "ecsnet_conntrack_flows_assured_total",
+        "counter",
+        "Flows answered and moved to the table that never evicts.",
+    );
+    o.sample("ecsnet_conntrack_flows_assured_total", &[], c.assured);
+    o.family(
+        "ecsnet_conntrack_assured_table_full_total",
+        "counter",
+        "Answered flows that found the assured table full and stayed evictable.",
+    );
+    o.sample(
+        "ecsnet_conntrack_assured_table_full_total",
+        &[],
+        c.assured_table_full,
+    );
     o.family("ecsnet_conntrack_flows", "gauge", "Tracked flows by kind.");
     for (kind, n) in &c.flows {
         o.sample("ecsnet_conntrack_flows", &[("kind", kind)], *n);

@@ -85,6 +85,8 @@ pub enum CostError {
     Load(#[from] aya::EbpfError),
     #[error("{0}: {1}")]
     Program(&'static str, aya::programs::ProgramError),
+    #[error("{0}")]
+    TailCalls(crate::datapath::DatapathError),
     #[error("map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
     #[error("the generated security groups do not compile: {0}")]
@@ -235,7 +237,7 @@ fn config(uplink_ifindex: u32) -> Config {
         bridge_ipv4: be(BRIDGE),
         bridge_mac: BRIDGE_MAC,
         flags: 0,
-        _pad: 0,
+        bridge_prefix: 16,
     }
 }
 
@@ -304,7 +306,7 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), CostErro
         }
         .map_err(|e| CostError::Program(name, e))?;
     }
-    Ok(())
+    crate::datapath::load_tail_called(ebpf).map_err(CostError::TailCalls)
 }
 
 /// A datapath in memory with `state`'s one task and policy written to its maps.
@@ -805,9 +807,10 @@ fn device_for(ebpf: &mut Ebpf, program: &str) -> Result<(), CostError> {
     set_first(ebpf, "CONFIG", config(uplink))
 }
 
-/// The keys of the CT and FLOWS maps at one moment.
+/// The keys of the CT, CT_NEW and FLOWS maps at one moment.
 struct FlowTables {
     ct: Vec<CtKey>,
+    ct_new: Vec<CtKey>,
     flows: Vec<FlowKey>,
 }
 
@@ -820,6 +823,8 @@ fn flow_tables(ebpf: &Ebpf) -> Result<FlowTables, CostError> {
     };
     let ct: HashMap<&MapData, CtKey, CtEntry> =
         HashMap::try_from(get("CT")?).map_err(|e| CostError::Map("CT", e))?;
+    let ct_new: HashMap<&MapData, CtKey, CtEntry> =
+        HashMap::try_from(get("CT_NEW")?).map_err(|e| CostError::Map("CT_NEW", e))?;
     let flows: PerCpuHashMap<&MapData, FlowKey, FlowStats> =
         PerCpuHashMap::try_from(get("FLOWS")?).map_err(|e| CostError::Map("FLOWS", e))?;
     Ok(FlowTables {
@@ -827,6 +832,10 @@ fn flow_tables(ebpf: &Ebpf) -> Result<FlowTables, CostError> {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| CostError::Map("CT", e))?,
+        ct_new: ct_new
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| CostError::Map("CT_NEW", e))?,
         flows: flows
             .keys()
             .collect::<Result<_, _>>()
@@ -841,6 +850,11 @@ fn forget_flows(ebpf: &mut Ebpf, keep: &FlowTables) -> Result<(), CostError> {
         HashMap::try_from(map(ebpf, "CT")?).map_err(|e| CostError::Map("CT", e))?;
     for k in now.ct.iter().filter(|k| !keep.ct.contains(k)) {
         m.remove(k).map_err(|e| CostError::Map("CT", e))?;
+    }
+    let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
+        HashMap::try_from(map(ebpf, "CT_NEW")?).map_err(|e| CostError::Map("CT_NEW", e))?;
+    for k in now.ct_new.iter().filter(|k| !keep.ct_new.contains(k)) {
+        m.remove(k).map_err(|e| CostError::Map("CT_NEW", e))?;
     }
     let mut m: PerCpuHashMap<&mut MapData, FlowKey, FlowStats> =
         PerCpuHashMap::try_from(map(ebpf, "FLOWS")?).map_err(|e| CostError::Map("FLOWS", e))?;

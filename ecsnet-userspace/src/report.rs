@@ -44,13 +44,25 @@ pub struct UplinkStats {
     pub drops: BTreeMap<String, u64>,
 }
 
-/// Fill of the connection table. Every flow holds two entries, one per direction; NAT mappings
-/// are the entries of masquerade and hairpin flows (no separate NAT table).
+/// Fill of the connection tables. Every flow holds two entries, one per direction; NAT mappings
+/// are the entries of masquerade and hairpin flows (no separate NAT table). A flow starts in
+/// the unanswered table (LRU: a flood of flows nobody answers evicts its own kind) and moves to
+/// the assured table, which never evicts, once answered.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConntrackStats {
+    /// Entries in both tables.
     pub entries: u64,
+    /// Capacity of the assured table (`up --ct-size`).
     pub capacity: u64,
+    /// Entries in the unanswered table, and its capacity (half of `--ct-size`).
+    pub unanswered_entries: u64,
+    pub unanswered_capacity: u64,
+    /// Flows created, and flows assured (moved to the assured table), since `up`.
+    pub created: u64,
+    pub assured: u64,
+    /// Answered flows that found the assured table full and stayed where they can be evicted.
+    pub assured_table_full: u64,
     /// Flows by kind: eastWest, inbound, masquerade, hairpin.
     pub flows: BTreeMap<String, u64>,
     /// Flows whose source ecsnet rewrote (masquerade and self-hairpin): its NAT table.
@@ -104,18 +116,28 @@ fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, InstanceError> 
     })
 }
 
-/// The table's fill, from its entries.
+/// The tables' fill, from their entries (each with its table's name), and their counters.
 pub fn conntrack_stats(
-    entries: &[(ecsnet_common::ct::CtKey, ecsnet_common::ct::CtEntry)],
+    entries: &[(&str, ecsnet_common::ct::CtKey, ecsnet_common::ct::CtEntry)],
     capacity: u32,
+    unanswered_capacity: u32,
+    events: [u64; ecsnet_common::maps::CT_EVENT_SLOTS as usize],
 ) -> ConntrackStats {
-    use ecsnet_common::ct;
+    use ecsnet_common::{ct, maps};
     let mut out = ConntrackStats {
         entries: entries.len() as u64,
         capacity: capacity as u64,
+        unanswered_entries: entries
+            .iter()
+            .filter(|(t, _, _)| *t == maps::MAP_CT_NEW)
+            .count() as u64,
+        unanswered_capacity: unanswered_capacity as u64,
+        created: events[maps::CT_EV_CREATED as usize],
+        assured: events[maps::CT_EV_ASSURED as usize],
+        assured_table_full: events[maps::CT_EV_CT_FULL as usize],
         ..Default::default()
     };
-    for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
+    for (_, k, e) in entries.iter().filter(|(_, _, e)| e.dir == ct::DIR_ORIGINAL) {
         let kind = match e.kind {
             ct::KIND_EAST_WEST => "eastWest",
             ct::KIND_INBOUND => "inbound",
@@ -195,7 +217,12 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
             drops: drops_of(meta.uplink_index),
         },
         drops: total,
-        conntrack: conntrack_stats(&maps::read_ct(paths)?, maps::ct_capacity(paths)?),
+        conntrack: conntrack_stats(
+            &maps::read_ct(paths)?,
+            maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT)?,
+            maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT_NEW)?,
+            maps::read_ct_events(paths)?,
+        ),
         flow_logs: flow_log_stats(paths)?,
     })
 }
@@ -248,7 +275,7 @@ pub fn render(s: &Stats) -> String {
     let flows: Vec<String> = c.flows.iter().map(|(k, n)| format!("{k}={n}")).collect();
     let _ = writeln!(
         out,
-        "conntrack: {} of {} entries ({:.1}%), flows: {}, nat mappings: {}",
+        "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
         c.entries,
         c.capacity,
         if c.capacity == 0 {
@@ -256,12 +283,17 @@ pub fn render(s: &Stats) -> String {
         } else {
             100.0 * c.entries as f64 / c.capacity as f64
         },
+        c.unanswered_entries,
+        c.unanswered_capacity,
         if flows.is_empty() {
             "none".to_owned()
         } else {
             flows.join(" ")
         },
-        c.nat_mappings
+        c.nat_mappings,
+        c.created,
+        c.assured,
+        c.assured_table_full
     );
     let f = &s.flow_logs;
     let _ = writeln!(

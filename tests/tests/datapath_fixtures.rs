@@ -30,7 +30,7 @@ use ecsnet_common::{
     csum::{checksum, pseudo_header},
     ct::{
         CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND,
-        KIND_MASQUERADE, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
+        KIND_MASQUERADE, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     maps::{
         CLASS_IPV4, Config, Counters, DropKey, FragKey, FragPorts, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
@@ -140,12 +140,8 @@ impl L4 {
                 let mut t = Vec::new();
                 t.extend(sport.to_be_bytes());
                 t.extend(dport.to_be_bytes());
-                t.extend(0x1000_0001u32.to_be_bytes());
-                let ack = if flags & TCP_ACK != 0 {
-                    0x2000_0002u32
-                } else {
-                    0
-                };
+                t.extend(SEQ.to_be_bytes());
+                let ack = if flags & TCP_ACK != 0 { ACK } else { 0 };
                 t.extend(ack.to_be_bytes());
                 t.extend([doff << 4, *flags]);
                 t.extend(64240u16.to_be_bytes());
@@ -487,8 +483,32 @@ enum Seed {
     Port(u8, u16, [u8; 4], u16),
     Local([u8; 4], u32),
     Iface(u32, [u8; 4], u8),
-    Ct(CtKey, CtEntry),
+    /// An entry in `CT` (assured) or, with `Table::New`, in `CT_NEW`.
+    Ct(CtKey, CtEntry, Table),
 }
+
+/// Which connection table an entry is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Table {
+    /// `CT`: assured flows, never evicted.
+    Assured,
+    /// `CT_NEW`: flows not assured yet (LRU).
+    New,
+}
+
+impl Table {
+    fn map(self) -> &'static str {
+        match self {
+            Table::Assured => "CT",
+            Table::New => "CT_NEW",
+        }
+    }
+}
+
+/// The sequence number of every TCP segment the fixtures build, and the acknowledgement number
+/// of those with ACK.
+const SEQ: u32 = 0x1000_0001;
+const ACK: u32 = 0x2000_0002;
 
 /// The host of uplink cases: two tasks, three published ports, one more local address.
 fn uplink_world() -> Vec<Seed> {
@@ -542,7 +562,7 @@ impl Prog {
             bridge_ipv4: addr(BRIDGE),
             bridge_mac: BRIDGE_MAC,
             flags: 0,
-            _pad: 0,
+            bridge_prefix: 16,
         }
     }
 }
@@ -595,7 +615,7 @@ fn show_key(k: &CtKey) -> String {
 fn show_entry(e: &CtEntry) -> String {
     format!(
         "{{nat {}:{} -> {}:{}, kind {}, dir {}, peer [{}], packets {}, bytes {}, tcp_flags {:#04x}, \
-         last_seen_ns {}, pad {:?}}}",
+         last_seen_ns {}, created_ns {}, tcp_end {:#x}, tcp_ack {:#x}}}",
         show_addr(e.nat_saddr),
         u16::from_be(e.nat_sport),
         show_addr(e.nat_daddr),
@@ -607,19 +627,22 @@ fn show_entry(e: &CtEntry) -> String {
         e.bytes,
         e.tcp_flags,
         e.last_seen_ns,
-        e._pad
+        e.created_ns,
+        e.tcp_end,
+        e.tcp_ack
     )
 }
 
 /// Both CT entries of one flow whose original packets `orig` are rewritten to `nat`: the
 /// original entry under `orig`, the reply entry under `nat` reversed, rewriting replies back to
-/// `orig` reversed. Counters zero until set.
+/// `orig` reversed. Counters zero until set; seeded in `CT` unless `unassured`.
 #[derive(Clone, Copy, Debug)]
 struct FlowPair {
     okey: CtKey,
     o: CtEntry,
     rkey: CtKey,
     r: CtEntry,
+    table: Table,
 }
 
 impl FlowPair {
@@ -632,13 +655,9 @@ impl FlowPair {
             nat_daddr: addr(n.dst),
             nat_sport: n.sport.to_be(),
             nat_dport: n.dport.to_be(),
-            last_seen_ns: 0,
-            packets: 0,
-            bytes: 0,
             kind,
             dir,
-            tcp_flags: 0,
-            _pad: [0; 5],
+            ..CtEntry::default()
         };
         FlowPair {
             okey,
@@ -649,82 +668,160 @@ impl FlowPair {
                 tu(orig.dst, orig.dport, orig.src, orig.sport),
                 DIR_REPLY,
             ),
+            table: Table::Assured,
         }
     }
 
-    /// As an earlier packet left it: each direction's (packets, bytes, tcp flags).
+    /// As an earlier packet left it: each direction's (packets, bytes, tcp flags). A TCP
+    /// direction that sent its SYN has sent up to [`SEQ`]; one that sent an ACK has
+    /// acknowledged up to [`SEQ`]: the fixtures' segments sit exactly where both sides are.
     fn seen(mut self, o: (u64, u64, u8), r: (u64, u64, u8)) -> FlowPair {
-        (self.o.packets, self.o.bytes, self.o.tcp_flags) = o;
-        (self.r.packets, self.r.bytes, self.r.tcp_flags) = r;
-        self.o.last_seen_ns = SEEDED_NS;
-        self.r.last_seen_ns = SEEDED_NS;
+        for (e, (packets, bytes, flags)) in [(&mut self.o, o), (&mut self.r, r)] {
+            (e.packets, e.bytes, e.tcp_flags) = (packets, bytes, flags);
+            e.last_seen_ns = SEEDED_NS;
+            e.created_ns = SEEDED_NS;
+            if e.tcp_flags & TCP_SYN != 0 {
+                e.tcp_end = SEQ;
+            }
+            if e.tcp_flags & TCP_ACK != 0 {
+                e.tcp_ack = SEQ;
+            }
+        }
+        self
+    }
+
+    /// Seeded in `CT_NEW`, not assured yet.
+    fn unassured(mut self) -> FlowPair {
+        self.table = Table::New;
         self
     }
 
     fn seeds(&self) -> [Seed; 2] {
-        [Seed::Ct(self.okey, self.o), Seed::Ct(self.rkey, self.r)]
+        [
+            Seed::Ct(self.okey, self.o, self.table),
+            Seed::Ct(self.rkey, self.r, self.table),
+        ]
     }
 
-    /// Just created by its first packet of `bytes` IP bytes with TCP flags `flags`.
-    fn created(mut self, bytes: u64, flags: u8) -> Vec<CtExp> {
-        (self.o.packets, self.o.bytes, self.o.tcp_flags) = (1, bytes, flags);
+    /// Just created in `CT_NEW` by its first packet of `bytes` IP bytes with TCP flags `flags`
+    /// (TCP: a fixture segment with 20-byte IP and TCP headers).
+    fn created(self, bytes: u64, flags: u8) -> Vec<CtExp> {
+        self.created_after_options(bytes, 0, flags)
+    }
+
+    /// [`FlowPair::created`] by a packet whose IP header carries `options` bytes of options.
+    fn created_after_options(mut self, bytes: u64, options: u64, flags: u8) -> Vec<CtExp> {
+        (self.o.packets, self.o.bytes) = (1, bytes);
+        if self.okey.proto == PROTO_TCP {
+            segment(&mut self.o, flags, bytes - options);
+        }
         vec![
-            CtExp::fresh(self.okey, self.o),
-            CtExp::fresh(self.rkey, self.r),
+            CtExp::created(self.okey, self.o),
+            CtExp::created(self.rkey, self.r),
         ]
     }
 
     /// Exactly as seeded.
     fn unchanged(&self) -> Vec<CtExp> {
-        vec![CtExp::old(self.okey, self.o), CtExp::old(self.rkey, self.r)]
+        vec![
+            CtExp::old(self.okey, self.o, self.table),
+            CtExp::old(self.rkey, self.r, self.table),
+        ]
     }
 
     /// One more packet of `bytes` IP bytes and TCP flags `flags` on the original direction.
     fn original_touched(mut self, bytes: u64, flags: u8) -> Vec<CtExp> {
-        self.o.packets += 1;
-        self.o.bytes += bytes;
-        self.o.tcp_flags |= flags;
+        touched(&mut self.o, self.okey.proto, bytes, flags);
         vec![
-            CtExp::fresh(self.okey, self.o),
-            CtExp::old(self.rkey, self.r),
+            CtExp::fresh(self.okey, self.o, self.table),
+            CtExp::old(self.rkey, self.r, self.table),
         ]
     }
 
     /// One more packet on the reply direction.
     fn reply_touched(mut self, bytes: u64, flags: u8) -> Vec<CtExp> {
-        self.r.packets += 1;
-        self.r.bytes += bytes;
-        self.r.tcp_flags |= flags;
+        touched(&mut self.r, self.okey.proto, bytes, flags);
         vec![
-            CtExp::old(self.okey, self.o),
-            CtExp::fresh(self.rkey, self.r),
+            CtExp::old(self.okey, self.o, self.table),
+            CtExp::fresh(self.rkey, self.r, self.table),
         ]
     }
 }
 
-/// One expected CT entry. `fresh`: written during the case, so `last_seen_ns` must be a time
-/// inside the case's run (and is not compared); otherwise the entry is compared whole.
+/// What one more packet of `bytes` IP bytes and TCP flags `flags` does to a direction's entry.
+fn touched(e: &mut CtEntry, proto: u8, bytes: u64, flags: u8) {
+    e.packets += 1;
+    e.bytes += bytes;
+    if proto == PROTO_TCP {
+        segment(e, flags, bytes);
+    }
+}
+
+/// What a fixture TCP segment (20-byte IP and TCP headers, `bytes` in all) with `flags` does to
+/// a direction's sequence state, worked out by hand: the segment starts at [`SEQ`]; its end
+/// moves `tcp_end` forward; an ACK acknowledges up to [`ACK`]; a new SYN on a finished flow
+/// starts it over.
+fn segment(e: &mut CtEntry, flags: u8, bytes: u64) {
+    let payload = bytes as u32 - 40;
+    let syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn_only && e.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        e.tcp_flags = 0;
+    }
+    let end = SEQ + payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+    if e.tcp_flags & TCP_SYN == 0 || end > e.tcp_end {
+        e.tcp_end = end;
+    }
+    if flags & TCP_ACK != 0 && (e.tcp_flags & TCP_ACK == 0 || ACK > e.tcp_ack) {
+        e.tcp_ack = ACK;
+    }
+    e.tcp_flags |= flags;
+}
+
+/// One expected CT entry and its table. `fresh`: written during the case, so `last_seen_ns`
+/// must be a time inside the case's run (and is not compared); `created`: created during the
+/// case, so `created_ns` too; otherwise the entry is compared whole.
 #[derive(Clone, Copy, Debug)]
 struct CtExp {
     key: CtKey,
     entry: CtEntry,
+    table: Table,
     fresh: bool,
+    created: bool,
 }
 
 impl CtExp {
-    fn fresh(key: CtKey, entry: CtEntry) -> CtExp {
+    fn fresh(key: CtKey, entry: CtEntry, table: Table) -> CtExp {
         CtExp {
             key,
             entry,
+            table,
             fresh: true,
+            created: false,
         }
     }
-    fn old(key: CtKey, entry: CtEntry) -> CtExp {
+    fn old(key: CtKey, entry: CtEntry, table: Table) -> CtExp {
         CtExp {
             key,
             entry,
+            table,
             fresh: false,
+            created: false,
         }
+    }
+    /// Created by the case: in `CT_NEW`.
+    fn created(key: CtKey, entry: CtEntry) -> CtExp {
+        CtExp {
+            key,
+            entry,
+            table: Table::New,
+            fresh: true,
+            created: true,
+        }
+    }
+    /// In `table` instead.
+    fn in_table(mut self, table: Table) -> CtExp {
+        self.table = table;
+        self
     }
 }
 
@@ -1380,7 +1477,7 @@ fn hostile_cases() -> Vec<Case> {
             REDIRECT,
             &opts.clone().dnat(TASK_A, 80).routed_to(MAC_A),
         )
-        .ct(inbound_tcp(HOST).created(48, TCP_SYN))
+        .ct(inbound_tcp(HOST).created_after_options(48, 8, TCP_SYN))
         .egress(IFINDEX_A, 1, 48),
         Case::new(
             "UDP without a checksum: DNATed, the checksum stays zero",
@@ -1660,15 +1757,16 @@ impl Fixture {
                     };
                     m.insert(&ifindex, &v, 0).unwrap();
                 }
-                Seed::Ct(k, e) => {
+                Seed::Ct(k, e, table) => {
                     let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
-                        HashMap::try_from(ebpf.map_mut("CT").unwrap()).unwrap();
+                        HashMap::try_from(ebpf.map_mut(table.map()).unwrap()).unwrap();
                     m.insert(&k, &e, 0).unwrap();
                 }
             }
         }
         let p: &mut SchedClassifier = ebpf.program_mut(prog.name()).unwrap().try_into().unwrap();
         p.load().unwrap();
+        ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
         Fixture { ebpf, prog }
     }
 
@@ -1692,10 +1790,19 @@ impl Fixture {
         (r.return_value, out)
     }
 
-    fn ct(&self) -> StdHashMap<CtKey, CtEntry> {
-        let m: HashMap<&MapData, CtKey, CtEntry> =
-            HashMap::try_from(self.ebpf.map("CT").unwrap()).unwrap();
-        m.iter().map(|r| r.unwrap()).collect()
+    /// Both connection tables.
+    fn ct(&self) -> StdHashMap<CtKey, (Table, CtEntry)> {
+        let mut all = StdHashMap::new();
+        for table in [Table::Assured, Table::New] {
+            let m: HashMap<&MapData, CtKey, CtEntry> =
+                HashMap::try_from(self.ebpf.map(table.map()).unwrap()).unwrap();
+            for (k, e) in m.iter().map(|r| r.unwrap()) {
+                if let Some((other, _)) = all.insert(k, (table, e)) {
+                    panic!("{} is in both {other:?} and {table:?}", show_key(&k));
+                }
+            }
+        }
+        all
     }
 
     fn frags(&self) -> StdHashMap<FragKey, FragPorts> {
@@ -1740,9 +1847,10 @@ impl Fixture {
     }
 }
 
-/// Compares the CT map with `exp` exactly; fresh entries' `last_seen_ns` must lie in [t0, t1].
+/// Compares both connection tables with `exp` exactly; fresh entries' `last_seen_ns` (and
+/// created ones' `created_ns`) must lie in [t0, t1].
 fn check_ct(
-    got: StdHashMap<CtKey, CtEntry>,
+    got: StdHashMap<CtKey, (Table, CtEntry)>,
     exp: &[CtExp],
     t0: u64,
     t1: u64,
@@ -1750,19 +1858,33 @@ fn check_ct(
     let mut got = got;
     let mut errs = Vec::new();
     for e in exp {
-        let Some(mut g) = got.remove(&e.key) else {
+        let Some((table, mut g)) = got.remove(&e.key) else {
             errs.push(format!("CT entry {} missing", show_key(&e.key)));
             continue;
         };
+        if table != e.table {
+            errs.push(format!(
+                "CT entry {} is in {table:?}, want {:?}",
+                show_key(&e.key),
+                e.table
+            ));
+        }
+        let mut stamps = vec![];
         if e.fresh {
-            if !(t0..=t1).contains(&g.last_seen_ns) {
+            stamps.push(("last_seen_ns", g.last_seen_ns));
+            g.last_seen_ns = e.entry.last_seen_ns;
+        }
+        if e.created {
+            stamps.push(("created_ns", g.created_ns));
+            g.created_ns = e.entry.created_ns;
+        }
+        for (what, ns) in stamps {
+            if !(t0..=t1).contains(&ns) {
                 errs.push(format!(
-                    "CT entry {}: last_seen_ns {} not written during the run [{t0}, {t1}]",
+                    "CT entry {}: {what} {ns} not written during the run [{t0}, {t1}]",
                     show_key(&e.key),
-                    g.last_seen_ns
                 ));
             }
-            g.last_seen_ns = e.entry.last_seen_ns;
         }
         if g != e.entry {
             errs.push(format!(
@@ -1773,9 +1895,9 @@ fn check_ct(
             ));
         }
     }
-    for (k, v) in got {
+    for (k, (table, v)) in got {
         errs.push(format!(
-            "unexpected CT entry {}: {}",
+            "unexpected CT entry {} in {table:?}: {}",
             show_key(&k),
             show_entry(&v)
         ));
@@ -1985,7 +2107,7 @@ fn self_hairpin_with_its_source_port_taken_picks_a_free_port() {
     let orig = ct
         .get(&orig_key)
         .unwrap_or_else(|| panic!("no CT entry for the new flow; CT: {ct:?}"));
-    let port = u16::from_be(orig.nat_sport);
+    let port = u16::from_be(orig.1.nat_sport);
     assert!(
         port >= 1024 && port != 40000,
         "chosen port {port}: must be a free port of 1024..=65535"

@@ -214,9 +214,11 @@ impl P {
                 let mut t = Vec::new();
                 t.extend(sport.to_be_bytes());
                 t.extend(dport.to_be_bytes());
+                // Both ends start their sequence at the same number, so an ACK of one past it
+                // acknowledges the other's SYN, as a real handshake would.
                 t.extend(0x1000_0001u32.to_be_bytes());
                 let ack = if flags & TCP_ACK != 0 {
-                    0x2000_0002u32
+                    0x1000_0002u32
                 } else {
                     0
                 };
@@ -520,12 +522,20 @@ fn ct_pair(proto: u8, orig: Tuple, nat: Tuple, kind: u8) -> [Seed; 2] {
         nat_sport: n.sport.to_be(),
         nat_dport: n.dport.to_be(),
         last_seen_ns: SEEDED_NS,
+        created_ns: SEEDED_NS,
         packets: seen.0,
         bytes: seen.1,
         kind,
         dir,
         tcp_flags: seen.2,
-        _pad: [0; 5],
+        // Where the fixtures' segments start, as their SYN left it.
+        tcp_end: if seen.2 & TCP_SYN != 0 {
+            0x1000_0001
+        } else {
+            0
+        },
+        tcp_ack: 0,
+        _pad: 0,
     };
     let back = tu(orig.dst, orig.dport, orig.src, orig.sport);
     [
@@ -1353,7 +1363,8 @@ fn coarse_ns() -> u64 {
 struct Outcome {
     /// Return code and output frame of every packet step.
     results: Vec<(u32, Vec<u8>)>,
-    ct: StdHashMap<CtKey, CtEntry>,
+    /// Both connection tables: each entry with the name of its table.
+    ct: StdHashMap<CtKey, (&'static str, CtEntry)>,
     frags: StdHashMap<FragKey, FragPorts>,
     tasks: StdHashMap<u32, TaskInfo>,
     /// Nonzero STATS, summed over CPUs.
@@ -1401,7 +1412,7 @@ impl Fixture {
                 bridge_ipv4: addr(BRIDGE),
                 bridge_mac: BRIDGE_MAC,
                 flags: if c.block_imds { CONFIG_BLOCK_IMDS } else { 0 },
-                _pad: 0,
+                bridge_prefix: 16,
             };
             m.set(0, &cfg, 0).unwrap();
         }
@@ -1453,6 +1464,7 @@ impl Fixture {
                     m.insert(&addr(a), &ifindex, 0).unwrap();
                 }
                 Seed::Ct(k, e) => {
+                    // Seeded flows are assured ones.
                     let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
                         HashMap::try_from(ebpf.map_mut("CT").unwrap()).unwrap();
                     m.insert(&k, &e, 0).unwrap();
@@ -1479,6 +1491,7 @@ impl Fixture {
                 p.load().unwrap();
             }
         }
+        ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
         Fixture { ebpf }
     }
 
@@ -1643,9 +1656,14 @@ fn run_case(c: &Case, enabled: bool) -> Outcome {
         results.push(fx.run(name, frame));
     }
     let t1 = now_ns();
-    let mut ct: StdHashMap<CtKey, CtEntry> = fx.hash("CT");
-    for e in ct.values_mut() {
-        e.last_seen_ns = 0;
+    let mut ct = StdHashMap::new();
+    for table in ["CT", "CT_NEW"] {
+        let entries: StdHashMap<CtKey, CtEntry> = fx.hash(table);
+        for (k, mut e) in entries {
+            e.last_seen_ns = 0;
+            e.created_ns = 0;
+            ct.insert(k, (table, e));
+        }
     }
     Outcome {
         results,

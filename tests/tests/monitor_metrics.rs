@@ -607,6 +607,23 @@ fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
     let c = &s.conntrack;
     add("ecsnet_conntrack_entries", &[], c.entries);
     add("ecsnet_conntrack_capacity", &[], c.capacity);
+    add(
+        "ecsnet_conntrack_unanswered_entries",
+        &[],
+        c.unanswered_entries,
+    );
+    add(
+        "ecsnet_conntrack_unanswered_capacity",
+        &[],
+        c.unanswered_capacity,
+    );
+    add("ecsnet_conntrack_flows_created_total", &[], c.created);
+    add("ecsnet_conntrack_flows_assured_total", &[], c.assured);
+    add(
+        "ecsnet_conntrack_assured_table_full_total",
+        &[],
+        c.assured_table_full,
+    );
     for (kind, n) in &c.flows {
         add("ecsnet_conntrack_flows", &[("kind", kind)], *n);
     }

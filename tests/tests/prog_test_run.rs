@@ -268,6 +268,7 @@ fn tc_programs_count_and_pass_every_fixture() {
         let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         p.load().unwrap();
     }
+    ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
     for name in [
         "tc_task_ingress",
         "tc_task_egress",
