@@ -61,6 +61,10 @@ impl InstancePaths {
     pub fn flow_checkpoint(&self) -> PathBuf {
         self.run_dir().join("flows.checkpoint.json")
     }
+    /// The agent's own counters (`report::AgentStats`), rewritten every second when they move.
+    pub fn agent_counters(&self) -> PathBuf {
+        self.run_dir().join("agent.counters.json")
+    }
     /// The state as last applied, with interfaces and dynamic ports resolved.
     pub fn applied_state(&self) -> PathBuf {
         self.run_dir().join("applied.json")
