@@ -819,11 +819,16 @@ fn read_sg_file(file: &PathBuf) -> anyhow::Result<(&'static str, Vec<state::Secu
         },
         List(serde_json::Value),
     }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let bad = |error| UsageError::BadFile {
         file: file.display().to_string(),
         error,
+    };
+    let text = match state::read_limited(file) {
+        Ok(t) => t,
+        Err(None) => return Err(bad(state::too_large()).into()),
+        Err(Some(e)) => {
+            return Err(e).with_context(|| format!("cannot read {}", file.display()));
+        }
     };
     let value: SgFile = state::parse(&text).map_err(bad)?;
     let (prefix, list) = match value {
