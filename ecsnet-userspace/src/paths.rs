@@ -65,6 +65,11 @@ impl InstancePaths {
     pub fn agent_counters(&self) -> PathBuf {
         self.run_dir().join("agent.counters.json")
     }
+    /// Locked (flock) by every command that changes the live state: `apply`, `sg apply`,
+    /// `task add|rm`, and `up` while it loads and applies.
+    pub fn apply_lock(&self) -> PathBuf {
+        self.run_dir().join("apply.lock")
+    }
     /// The state as last applied, with interfaces and dynamic ports resolved.
     pub fn applied_state(&self) -> PathBuf {
         self.run_dir().join("applied.json")
