@@ -149,10 +149,6 @@ impl Slots {
         self.counters.clone()
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
         // The table is consistent after every statement; a panic elsewhere cannot break it.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
