@@ -1,13 +1,15 @@
 //! The agent: the long-running side of an instance. It owns the control socket, forwards the
 //! datapath's log lines, answers status and stats, exports flow logs (`flowlog`, on a thread of
-//! its own), fans monitor events out (`monitor`) and serves metrics (`metrics`). The datapath
-//! does not depend on it: it can be killed at any time and started again with `ecsnet up`.
+//! its own), collects conntrack garbage (`housekeeping`, on a thread of its own), fans monitor
+//! events out (`monitor`) and serves metrics (`metrics`). Both listeners are bounded (`conns`):
+//! no number of connections starves the threads or fills the log. The datapath does not depend
+//! on it: it can be killed at any time and started again with `ecsnet up`.
 
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use serde::Deserialize;
@@ -16,16 +18,33 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
-    sync::broadcast,
+    sync::{Semaphore, broadcast},
 };
 
-use crate::{flowlog, instance, maps, metrics, monitor, paths::InstancePaths, report};
+use crate::{
+    conns::{self, Counters, Limits, RateLimited, Slot, Slots},
+    flowlog, instance, maps, metrics, monitor,
+    paths::InstancePaths,
+    report::{self, AgentStats},
+};
 
 /// Event lines buffered for each monitor; one that falls further behind is told how many it lost.
 const MONITOR_BACKLOG: usize = 4096;
 
 /// Longest request line the socket accepts, bytes.
 const MAX_REQUEST: usize = 64 * 1024;
+
+/// Bounds of the control socket (root only, but root's tools can leak connections too).
+pub const CONTROL_LIMITS: Limits = Limits {
+    name: "control",
+    cap: 64,
+    idle: Duration::from_secs(10),
+    busy_reply:
+        b"{\"ok\":false,\"error\":\"the agent is busy: every control connection is in use\"}\n",
+};
+
+/// `monitor` clients at once; each holds a control slot for as long as it follows.
+const MAX_MONITORS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -54,6 +73,7 @@ struct Request {
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(paths: &InstancePaths) -> Result<(), AgentError> {
     let meta = instance::require_up(paths)?;
+    raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -85,20 +105,47 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
     };
     let (events, _) = broadcast::channel::<String>(MONITOR_BACKLOG);
     let _events_reader = read_events(paths, events.clone());
+    let metrics_slots = Slots::new(metrics::LIMITS);
+    let control_slots = Slots::new(CONTROL_LIMITS);
     if let Some(addr) = meta.metrics {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 log::info!("metrics on http://{addr}/metrics");
-                tokio::spawn(metrics::serve(l, paths.clone()));
+                tokio::spawn(metrics::serve(l, paths.clone(), metrics_slots.clone()));
             }
             // Metrics are not worth failing the agent for: flow logs and GC go on.
             Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
         }
     }
+    let timeouts = crate::compile::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
+    spawn_housekeeping(
+        paths.clone(),
+        timeouts,
+        [metrics_slots.counters(), control_slots.counters()],
+    )
+    .map_err(io("housekeeping thread"))?;
     // Last: `up` returns once the socket answers, and by then everything above is running.
     let listener = UnixListener::bind(&socket).map_err(io(socket.display().to_string()))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .map_err(io(socket.display().to_string()))?;
+    let control = Arc::new(Control {
+        paths: paths.clone(),
+        started,
+        events,
+        monitors: Arc::new(Semaphore::new(MAX_MONITORS)),
+    });
+    tokio::spawn(conns::serve(
+        listener,
+        control_slots,
+        move |stream, slot| {
+            let control = control.clone();
+            async move {
+                if let Err(e) = handle(stream, slot, &control).await {
+                    log::debug!("control connection: {e}");
+                }
+            }
+        },
+    ));
     fs::write(paths.pid_file(), format!("{}\n", std::process::id()))
         .map_err(io(paths.pid_file().display().to_string()))?;
     log::info!(
@@ -109,29 +156,11 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
         socket.display()
     );
 
-    let timeouts = crate::compile::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
-    let mut gc = tokio::time::interval(GC_INTERVAL);
-    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = gc.tick() => housekeeping(paths, &timeouts).await,
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => {
-                    let paths = paths.clone();
-                    let events = events.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = handle(stream, &paths, started, &events).await {
-                            log::debug!("control connection: {e}");
-                        }
-                    });
-                }
-                Err(e) => log::warn!("accept on {}: {e}", socket.display()),
-            },
-        }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     // The open window goes out before we do; the guard stays held so the export thread starts
     // nothing after it.
@@ -147,11 +176,93 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
 }
 
 /// How often the agent expires idle flows and re-reads the host's addresses.
-const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const GC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Raises the soft open-files limit to the hard one: the listeners' caps keep well below either,
+/// this is room for the flow export's files and the maps GC opens.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::info!("open-files limit raised from {soft} to {hard}"),
+            Err(e) => log::warn!("open-files limit stays {soft}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => log::warn!("open-files limit: {e}"),
+    }
+}
+
+/// Starts the thread that runs `housekeeping` every `GC_INTERVAL` and rewrites the agent's
+/// counters file when they moved. A thread of its own, so that nothing the listeners or the
+/// flow export do can delay garbage collection.
+fn spawn_housekeeping(
+    paths: InstancePaths,
+    timeouts: ecsnet_common::ct::Timeouts,
+    [metrics, control]: [Arc<Counters>; 2],
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    std::thread::Builder::new()
+        .name("housekeeping".into())
+        .spawn(move || {
+            let mut logs = HousekeepingLogs::default();
+            let mut written: Option<AgentStats> = None;
+            loop {
+                let started = Instant::now();
+                housekeeping(&paths, &timeouts, &rt, &mut logs);
+                let now = AgentStats {
+                    metrics: metrics.snapshot(),
+                    control: control.snapshot(),
+                };
+                if written != Some(now) {
+                    match write_counters(&paths, &now) {
+                        Ok(()) => written = Some(now),
+                        Err(e) => {
+                            if let Some(n) = logs.counters.hit() {
+                                log::warn!("agent counters ({n} failure(s)): {e}");
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(GC_INTERVAL.saturating_sub(started.elapsed()));
+            }
+        })?;
+    Ok(())
+}
+
+fn write_counters(paths: &InstancePaths, c: &AgentStats) -> std::io::Result<()> {
+    let path = paths.agent_counters();
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec(c).expect("counters serialize"))?;
+    fs::rename(&tmp, &path)
+}
+
+/// Repeated housekeeping failures are logged at most once per `conns::LOG_INTERVAL` each.
+struct HousekeepingLogs {
+    gc: RateLimited,
+    addrs: RateLimited,
+    counters: RateLimited,
+}
+
+impl Default for HousekeepingLogs {
+    fn default() -> Self {
+        Self {
+            gc: RateLimited::new(conns::LOG_INTERVAL),
+            addrs: RateLimited::new(conns::LOG_INTERVAL),
+            counters: RateLimited::new(conns::LOG_INTERVAL),
+        }
+    }
+}
 
 /// Connection-table garbage collection and the host's address list: the two pieces of datapath
 /// state that change without an `apply`.
-async fn housekeeping(paths: &InstancePaths, timeouts: &ecsnet_common::ct::Timeouts) {
+fn housekeeping(
+    paths: &InstancePaths,
+    timeouts: &ecsnet_common::ct::Timeouts,
+    rt: &tokio::runtime::Runtime,
+    logs: &mut HousekeepingLogs,
+) {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
     match now.map_err(|e| e.to_string()).and_then(|now| {
@@ -159,17 +270,23 @@ async fn housekeeping(paths: &InstancePaths, timeouts: &ecsnet_common::ct::Timeo
     }) {
         Ok(0) => {}
         Ok(n) => log::debug!("conntrack: expired {n} flow(s)"),
-        Err(e) => log::warn!("conntrack garbage collection: {e}"),
-    }
-    match crate::netlink::Snapshot::read_async().await {
-        Ok(snap) => {
-            if let Err(e) =
-                crate::maps::write_local_addrs(paths, &crate::compile::local_addr_entries(&snap))
-            {
-                log::warn!("local addresses: {e}");
+        Err(e) => {
+            if let Some(n) = logs.gc.hit() {
+                log::warn!("conntrack garbage collection ({n} failure(s)): {e}");
             }
         }
-        Err(e) => log::warn!("local addresses: {e}"),
+    }
+    let addrs = rt
+        .block_on(crate::netlink::Snapshot::read_async())
+        .map_err(|e| e.to_string())
+        .and_then(|snap| {
+            crate::maps::write_local_addrs(paths, &crate::compile::local_addr_entries(&snap))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = addrs
+        && let Some(n) = logs.addrs.hit()
+    {
+        log::warn!("local addresses ({n} failure(s)): {e}");
     }
 }
 
@@ -247,53 +364,93 @@ fn read_events(
     }))
 }
 
-/// Streams event lines to one `monitor` client until it goes away.
+/// What control connections share.
+struct Control {
+    paths: InstancePaths,
+    started: Instant,
+    events: broadcast::Sender<String>,
+    /// One permit per `monitor` client.
+    monitors: Arc<Semaphore>,
+}
+
+/// Streams event lines to one `monitor` client until it goes away (closes, or sends anything),
+/// or does not take a line within the control socket's idle timeout.
 async fn stream_events(
+    mut read: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut rx: broadcast::Receiver<String>,
+    slot: &Slot,
 ) -> std::io::Result<()> {
-    write.write_all(b"{\"ok\":true,\"monitor\":true}\n").await?;
+    let hello = b"{\"ok\":true,\"monitor\":true}\n";
+    if slot.busy(write.write_all(hello)).await.is_none() {
+        return Ok(());
+    }
+    let mut ignored = [0u8; 64];
     loop {
-        let line = match rx.recv().await {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            // A client that left is noticed now, not at the next event.
+            _ = read.read(&mut ignored) => return Ok(()),
+        };
+        let line = match event {
             Ok(l) => l,
             Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lost\":{n}}}"),
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         };
-        write.write_all(line.as_bytes()).await?;
-        write.write_all(b"\n").await?;
+        let sent = slot
+            .busy(async {
+                write.write_all(line.as_bytes()).await?;
+                write.write_all(b"\n").await
+            })
+            .await;
+        match sent {
+            Some(r) => r?,
+            None => return Ok(()),
+        }
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    paths: &InstancePaths,
-    started: Instant,
-    events: &broadcast::Sender<String>,
-) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, mut slot: Slot, control: &Control) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut reader)
-            .take(MAX_REQUEST as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if n == 0 {
+        let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
+        let Some(n) = slot.wait_for(limited.read_until(b'\n', &mut line)).await else {
+            return Ok(());
+        };
+        if n? == 0 {
             return Ok(());
         }
         let too_long = line.len() > MAX_REQUEST;
         if !too_long && serde_json::from_slice::<Request>(&line).is_ok_and(|r| r.op == "monitor") {
-            return stream_events(write, events.subscribe()).await;
+            if let Ok(_permit) = control.monitors.clone().try_acquire_owned() {
+                return stream_events(reader, write, control.events.subscribe(), &slot).await;
+            }
+            let reply = json!({"ok": false, "error": format!(
+                "{MAX_MONITORS} monitors are following this agent already; stop one first")});
+            let mut out = serde_json::to_vec(&reply).expect("replies serialize");
+            out.push(b'\n');
+            let _ = slot.busy(write.write_all(&out)).await;
+            return Ok(());
         }
         let reply = if too_long {
             json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
         } else {
-            answer(&line, paths, started)
+            // Reading the maps may take a while; the listeners go on meanwhile.
+            let (paths, started) = (control.paths.clone(), control.started);
+            let request = std::mem::take(&mut line);
+            tokio::task::spawn_blocking(move || answer(&request, &paths, started))
+                .await
+                .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
         };
         let mut out = serde_json::to_vec(&reply).expect("replies serialize");
         out.push(b'\n');
-        write.write_all(&out).await?;
+        match slot.busy(write.write_all(&out)).await {
+            Some(r) => r?,
+            None => return Ok(()),
+        }
         if too_long {
             return Ok(());
         }

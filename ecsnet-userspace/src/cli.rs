@@ -725,6 +725,7 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| parse_task_publish(p))
                 .collect::<Result<Vec<_>, _>>()?;
+            let lock = instance::lock_apply(inst)?;
             let mut s = current_state(inst)?;
             // A task ecsnet already manages keeps its interface unless one is given: the host
             // may have no neighbour entry to find it by its address again.
@@ -747,7 +748,7 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
                 task_definition_arn: None,
                 container_id: None,
             });
-            let s = instance::apply_state(inst, s, "task add", false)?.state;
+            let s = instance::apply_state(inst, &lock, s, "task add", false)?.state;
             let t = s
                 .tasks
                 .iter()
@@ -761,13 +762,14 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
             );
         }
         TaskCmd::Rm { name } => {
+            let lock = instance::lock_apply(inst)?;
             let mut s = current_state(inst)?;
             let before = s.tasks.len();
             s.tasks.retain(|t| t.name != name);
             if s.tasks.len() == before {
                 return Err(UsageError::NoSuchTask(name).into());
             }
-            instance::apply_state(inst, s, "task rm", false)?;
+            instance::apply_state(inst, &lock, s, "task rm", false)?;
             println!("task {name} removed");
         }
         TaskCmd::Ls { json } => {
@@ -819,11 +821,16 @@ fn read_sg_file(file: &PathBuf) -> anyhow::Result<(&'static str, Vec<state::Secu
         },
         List(serde_json::Value),
     }
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let bad = |error| UsageError::BadFile {
         file: file.display().to_string(),
         error,
+    };
+    let text = match state::read_limited(file) {
+        Ok(t) => t,
+        Err(None) => return Err(bad(state::too_large()).into()),
+        Err(Some(e)) => {
+            return Err(e).with_context(|| format!("cannot read {}", file.display()));
+        }
     };
     let value: SgFile = state::parse(&text).map_err(bad)?;
     let (prefix, list) = match value {
@@ -842,6 +849,7 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
     match cmd {
         SgCmd::Apply { file, reset_flows } => {
             let (prefix, groups) = read_sg_file(&file)?;
+            let lock = instance::lock_apply(inst)?;
             let mut s = current_state(inst)?;
             s.security_groups = groups;
             // Name a bad rule by its path in the file given, not in the state it joins.
@@ -855,7 +863,8 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
                 }
                 .into());
             }
-            let a = instance::apply_state(inst, s, &file.display().to_string(), reset_flows)?;
+            let a =
+                instance::apply_state(inst, &lock, s, &file.display().to_string(), reset_flows)?;
             println!(
                 "applied {} security group(s){}",
                 a.state.security_groups.len(),

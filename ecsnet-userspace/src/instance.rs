@@ -10,6 +10,10 @@ use std::{
 };
 
 use aya::programs::XdpMode;
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -40,6 +44,10 @@ pub enum InstanceError {
     AlreadyUp { instance: String, pid: i32 },
     #[error("instance {instance:?} is not up; run `ecsnet --instance {instance} up` first")]
     NotUp { instance: String },
+    #[error(
+        "another apply is running on instance {instance:?} (apply, sg apply, task add/rm or up); nothing was changed, try again when it has finished"
+    )]
+    ApplyRunning { instance: String },
     #[error("bad --xdp-mode {0:?}: use auto, native, skb or off")]
     XdpMode(String),
     #[error("bad --ct-timeouts: {0}")]
@@ -168,6 +176,38 @@ pub fn read_applied(paths: &InstancePaths) -> Result<Option<State>, InstanceErro
     read_json(&paths.applied_state())
 }
 
+/// The instance's apply lock, held until dropped (or the process dies): the live state has one
+/// writer at a time, and a command that reads it to change it (`task add`) reads it under the
+/// lock too.
+#[derive(Debug)]
+pub struct ApplyLock {
+    _file: Flock<fs::File>,
+}
+
+fn take_apply_lock(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
+    let path = paths.apply_lock();
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(f) => Ok(ApplyLock { _file: f }),
+        Err((_, Errno::EWOULDBLOCK)) => Err(InstanceError::ApplyRunning {
+            instance: paths.name.clone(),
+        }),
+        Err((_, e)) => Err(io(&path)(e.into())),
+    }
+}
+
+/// Takes the apply lock of an instance that is up, without waiting: a second writer fails at
+/// once with `ApplyRunning` and changes nothing.
+pub fn lock_apply(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
+    require_up(paths)?;
+    take_apply_lock(paths)
+}
+
 /// Options of `ecsnet up`.
 #[derive(Debug, Clone, Default)]
 pub struct UpOptions {
@@ -286,6 +326,13 @@ pub fn up(
         }
         None => None,
     };
+    // An instance that was up (or crashed) may have an apply running: wait for nothing, fail.
+    // A fresh one takes the lock before `meta.json` makes it look up to `apply`.
+    let mut lock = if paths.run_dir().exists() {
+        Some(take_apply_lock(paths)?)
+    } else {
+        None
+    };
     // After a crash, come back with what was there.
     let previous = read_meta(paths)?;
     if let Some(m) = &previous {
@@ -368,6 +415,11 @@ pub fn up(
             })?;
         meta.xdp_mode = attached.to_owned();
         maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
+        if lock.is_none() {
+            let dir = paths.run_dir();
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+            lock = Some(take_apply_lock(paths)?);
+        }
         write_json(&paths.meta_file(), &meta)?;
         let mut config = config;
         if let Some(plan) = &plan {
@@ -543,6 +595,7 @@ pub fn apply(
     reset_flows: bool,
 ) -> Result<Applied, InstanceError> {
     let meta = require_up(paths)?;
+    let _lock = take_apply_lock(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_apply(paths, &meta, &snap, file)?;
     let flows_cut = commit(paths, &plan, reset_flows)?;
@@ -552,9 +605,11 @@ pub fn apply(
     })
 }
 
-/// Applies a state given in memory (task add/rm, sg apply).
+/// Applies a state given in memory (task add/rm, sg apply), under `lock`, taken before the
+/// state was read.
 pub fn apply_state(
     paths: &InstancePaths,
+    _lock: &ApplyLock,
     state: State,
     what: &str,
     reset_flows: bool,

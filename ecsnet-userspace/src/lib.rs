@@ -11,6 +11,7 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod compile;
+pub mod conns;
 pub mod datapath;
 pub mod flowfmt;
 pub mod flowlog;

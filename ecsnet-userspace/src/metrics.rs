@@ -2,14 +2,18 @@
 //! served by the agent on `--metrics` (loopback of the instance's namespace by default; `off`:
 //! not served).
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
 
-use crate::{paths::InstancePaths, report::Stats};
+use crate::{
+    conns::{self, Limits, Slot, Slots},
+    paths::InstancePaths,
+    report::{ListenerStats, Stats},
+};
 
 /// Longest request head read, bytes; the request itself is ignored beyond its first line.
 const MAX_HEAD: usize = 8192;
@@ -215,27 +219,67 @@ pub fn render(s: &Stats) -> String {
         o.family(name, "counter", help);
         o.sample(name, &[], v);
     }
+    let a = &s.agent;
+    let listeners: [(&str, &ListenerStats); 2] = [("metrics", &a.metrics), ("control", &a.control)];
+    o.family(
+        "ecsnet_agent_accept_errors_total",
+        "counter",
+        "Accepts of the agent's listeners that failed (each pauses the listener).",
+    );
+    for (l, c) in listeners {
+        o.sample(
+            "ecsnet_agent_accept_errors_total",
+            &[("listener", l)],
+            c.accept_errors,
+        );
+    }
+    o.family(
+        "ecsnet_agent_connections_closed_total",
+        "counter",
+        "Connections the agent's listeners closed to stay bounded: over_cap (every slot busy), \
+         evicted (waiting for a request, for a newer one), timed_out (idle).",
+    );
+    for (l, c) in listeners {
+        for (reason, v) in [
+            ("over_cap", c.over_cap),
+            ("evicted", c.evicted),
+            ("timed_out", c.timed_out),
+        ] {
+            o.sample(
+                "ecsnet_agent_connections_closed_total",
+                &[("listener", l), ("reason", reason)],
+                v,
+            );
+        }
+    }
     o.text
 }
 
-/// Serves `GET /metrics` on `listener` until the agent stops.
-pub async fn serve(listener: TcpListener, paths: InstancePaths) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let paths = paths.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &paths).await {
-                        log::debug!("metrics connection: {e}");
-                    }
-                });
+/// Bounds of the metrics listener: Prometheus needs one connection; any local user can open
+/// them (`conns`).
+pub const LIMITS: Limits = Limits {
+    name: "metrics",
+    cap: 64,
+    idle: Duration::from_secs(10),
+    busy_reply:
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+};
+
+/// Serves `GET /metrics` on `listener` until the agent stops, within `slots`.
+pub async fn serve(listener: TcpListener, paths: InstancePaths, slots: Arc<Slots>) {
+    conns::serve(listener, slots, move |stream, slot| {
+        let paths = paths.clone();
+        async move {
+            if let Err(e) = answer(stream, slot, &paths).await {
+                log::debug!("metrics connection: {e}");
             }
-            Err(e) => log::warn!("metrics accept: {e}"),
         }
-    }
+    })
+    .await
 }
 
-async fn answer(mut stream: TcpStream, paths: &InstancePaths) -> std::io::Result<()> {
+/// Reads a request head: up to the blank line, or `MAX_HEAD` bytes, or the end.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
@@ -245,6 +289,18 @@ async fn answer(mut stream: TcpStream, paths: &InstancePaths) -> std::io::Result
         }
         head.extend_from_slice(&buf[..n]);
     }
+    Ok(head)
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    mut slot: Slot,
+    paths: &InstancePaths,
+) -> std::io::Result<()> {
+    let Some(head) = slot.wait_for(read_head(&mut stream)).await else {
+        return Ok(());
+    };
+    let head = head?;
     let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let first = String::from_utf8_lossy(first);
     let mut parts = first.split_whitespace();
@@ -274,8 +330,13 @@ async fn answer(mut stream: TcpStream, paths: &InstancePaths) -> std::io::Result
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await
+    let sent = slot
+        .busy(async {
+            stream.write_all(reply.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
+    sent.unwrap_or(Ok(()))
 }
 
 #[cfg(test)]
@@ -325,6 +386,13 @@ mod tests {
                 lost_packets: 2,
                 ..Default::default()
             },
+            agent: crate::report::AgentStats {
+                control: ListenerStats {
+                    evicted: 21,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
         };
         let text = render(&s);
         assert!(text.contains(
@@ -335,6 +403,12 @@ mod tests {
         ));
         assert!(text.contains("ecsnet_flow_log_records_total{instance=\"i\\\"1\"} 9\n"));
         assert!(text.contains("ecsnet_flow_log_lost_packets_total{instance=\"i\\\"1\"} 2\n"));
+        assert!(text.contains(
+            "ecsnet_agent_connections_closed_total{instance=\"i\\\"1\",listener=\"control\",reason=\"evicted\"} 21\n"
+        ));
+        assert!(text.contains(
+            "ecsnet_agent_accept_errors_total{instance=\"i\\\"1\",listener=\"metrics\"} 0\n"
+        ));
         for family in [
             "ecsnet_conntrack_entries",
             "ecsnet_conntrack_capacity",

@@ -61,6 +61,15 @@ impl InstancePaths {
     pub fn flow_checkpoint(&self) -> PathBuf {
         self.run_dir().join("flows.checkpoint.json")
     }
+    /// The agent's own counters (`report::AgentStats`), rewritten every second when they move.
+    pub fn agent_counters(&self) -> PathBuf {
+        self.run_dir().join("agent.counters.json")
+    }
+    /// Locked (flock) by every command that changes the live state: `apply`, `sg apply`,
+    /// `task add|rm`, and `up` while it loads and applies.
+    pub fn apply_lock(&self) -> PathBuf {
+        self.run_dir().join("apply.lock")
+    }
     /// The state as last applied, with interfaces and dynamic ports resolved.
     pub fn applied_state(&self) -> PathBuf {
         self.run_dir().join("applied.json")

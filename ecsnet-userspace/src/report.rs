@@ -87,6 +87,39 @@ pub struct FlowLogStats {
     pub events_suppressed: u64,
 }
 
+/// What one of the agent's listeners closed or failed to accept since the agent started
+/// (`conns`): connections are bounded and counted, not logged one by one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStats {
+    /// Accepts that failed (out of descriptors, memory, ...); each pauses the listener.
+    pub accept_errors: u64,
+    /// Connections closed at once because every slot held a request being answered.
+    pub over_cap: u64,
+    /// Connections waiting for a request, closed to make room for a new one.
+    pub evicted: u64,
+    /// Connections closed after the idle timeout (no request, or a reply not read).
+    pub timed_out: u64,
+}
+
+/// The agent's listeners, from the counters file it rewrites every second (zeros when no agent
+/// has written one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStats {
+    pub metrics: ListenerStats,
+    pub control: ListenerStats,
+}
+
+impl AgentStats {
+    pub fn read(paths: &InstancePaths) -> Self {
+        std::fs::read(paths.agent_counters())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
@@ -97,6 +130,8 @@ pub struct Stats {
     pub conntrack: ConntrackStats,
     #[serde(default)]
     pub flow_logs: FlowLogStats,
+    #[serde(default)]
+    pub agent: AgentStats,
 }
 
 fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, InstanceError> {
@@ -224,6 +259,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
             maps::read_ct_events(paths)?,
         ),
         flow_logs: flow_log_stats(paths)?,
+        agent: AgentStats::read(paths),
     })
 }
 
@@ -309,6 +345,13 @@ pub fn render(s: &Stats) -> String {
         f.lost_packets,
         f.events_suppressed
     );
+    let a = &s.agent;
+    let _ = writeln!(
+        out,
+        "agent: metrics {}, control {}",
+        render_listener(&a.metrics),
+        render_listener(&a.control)
+    );
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");
     } else {
@@ -316,4 +359,11 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
     out
+}
+
+fn render_listener(l: &ListenerStats) -> String {
+    format!(
+        "{} accept error(s), closed {} over the cap, {} waiting for a newer one, {} idle",
+        l.accept_errors, l.over_cap, l.evicted, l.timed_out
+    )
 }

@@ -252,8 +252,193 @@ pub struct BridgeNet {
     pub address: Option<(Ipv4Addr, u8)>,
 }
 
-/// Parses JSON text into `T`, naming the JSON path of the first bad value.
+/// Largest state or SG file ecsnet reads, bytes. The biggest policy the datapath holds (32,768
+/// CIDR entries per generation, `policy::TooBig`) written out as `aws ec2
+/// describe-security-groups` prints it is about 10 MB; 300,000 bare groups are about 7 MB.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Longest string accepted anywhere in a state or SG file, or in a state built from the command
+/// line (names, ARNs, ids, descriptions), bytes. AWS's longest here are ARNs (ECS task ARNs are
+/// under 400 bytes) and descriptions (255).
+pub const MAX_STRING_BYTES: usize = 1024;
+
+/// Reads a state or SG file of at most `MAX_FILE_BYTES`. Err(None): it is larger.
+pub fn read_limited(path: &Path) -> Result<String, Option<std::io::Error>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(Some)?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(Some)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(None);
+    }
+    Ok(text)
+}
+
+/// The error for a file over `MAX_FILE_BYTES`.
+pub fn too_large() -> StateError {
+    StateError::at(
+        "$",
+        format!(
+            "file larger than {} MiB, the most ecsnet reads",
+            MAX_FILE_BYTES >> 20
+        ),
+    )
+}
+
+fn check_len(path: impl FnOnce() -> String, s: &str) -> Result<(), StateError> {
+    if s.len() > MAX_STRING_BYTES {
+        return Err(StateError::at(
+            path(),
+            format!(
+                "string of {} bytes, longer than the {MAX_STRING_BYTES} ecsnet accepts",
+                s.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Walks a JSON document without building it, checking every string (keys included) against
+/// `MAX_STRING_BYTES`; the first one too long is left in `found` with its JSON path.
+struct StringCheck<'a> {
+    path: &'a mut String,
+    found: &'a mut Option<StateError>,
+}
+
+impl StringCheck<'_> {
+    fn check<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
+        check_len(|| self.path.clone(), s).map_err(|e| {
+            *self.found = Some(e);
+            E::custom("string too long")
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StringCheck<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StringCheck<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
+        self.check(s)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let base = self.path.len();
+        for i in 0.. {
+            self.path.truncate(base);
+            self.path.push_str(&format!("[{i}]"));
+            let item = StringCheck {
+                path: &mut *self.path,
+                found: &mut *self.found,
+            };
+            if seq.next_element_seed(item)?.is_none() {
+                break;
+            }
+        }
+        self.path.truncate(base);
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let base = self.path.len();
+        loop {
+            self.path.truncate(base);
+            let key = KeyCheck {
+                path: &mut *self.path,
+                found: &mut *self.found,
+            };
+            if map.next_key_seed(key)?.is_none() {
+                break;
+            }
+            let value = StringCheck {
+                path: &mut *self.path,
+                found: &mut *self.found,
+            };
+            map.next_value_seed(value)?;
+        }
+        self.path.truncate(base);
+        Ok(())
+    }
+}
+
+/// A key of a JSON object: checked like any string, then appended to the path.
+struct KeyCheck<'a> {
+    path: &'a mut String,
+    found: &'a mut Option<StateError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyCheck<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyCheck<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<(), E> {
+        let at = || format!("{} (a key)", self.path);
+        if let Err(e) = check_len(at, k) {
+            *self.found = Some(e);
+            return Err(E::custom("key too long"));
+        }
+        self.path.push('.');
+        self.path.push_str(k);
+        Ok(())
+    }
+}
+
+/// The first string of `text` (a JSON document) longer than `MAX_STRING_BYTES`, if any.
+fn long_string(text: &str) -> Option<StateError> {
+    let mut found = None;
+    let mut path = "$".to_owned();
+    let check = StringCheck {
+        path: &mut path,
+        found: &mut found,
+    };
+    let de = &mut serde_json::Deserializer::from_str(text);
+    // Malformed text gets its error, with line and column, from the typed parse.
+    let _ = serde::de::DeserializeSeed::deserialize(check, de);
+    found
+}
+
+/// Parses JSON text into `T`, naming the JSON path of the first bad value. Text over
+/// `MAX_FILE_BYTES` and strings over `MAX_STRING_BYTES` are refused before anything is built.
 pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StateError> {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    if let Some(e) = long_string(text) {
+        return Err(e);
+    }
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -271,14 +456,17 @@ pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StateError
 
 /// Reads, parses and validates a state file.
 pub fn load(path: &Path, bridge: BridgeNet) -> Result<State, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
     let invalid = |error| LoadError::Invalid {
         file: path.display().to_string(),
         error,
     };
+    let text = read_limited(path).map_err(|e| match e {
+        Some(source) => LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        },
+        None => invalid(too_large()),
+    })?;
     let state: State = parse(&text).map_err(invalid)?;
     validate(&state, bridge).map_err(invalid)?;
     Ok(state)
@@ -324,7 +512,16 @@ pub fn rule_protocol(p: &str) -> Result<u8, String> {
     }
 }
 
-fn validate_permission(perm: &IpPermission, path: &str, groups: &[&str]) -> Result<(), StateError> {
+/// Group ids of a state, each to its index: one lookup per reference, whatever the number of
+/// groups.
+type GroupIndex<'a> = HashMap<&'a str, usize>;
+
+fn validate_permission(
+    perm: &IpPermission,
+    path: &str,
+    groups: &GroupIndex,
+) -> Result<(), StateError> {
+    check_len(|| format!("{path}.IpProtocol"), &perm.ip_protocol)?;
     let proto = rule_protocol(&perm.ip_protocol)
         .map_err(|m| StateError::at(format!("{path}.IpProtocol"), m))?;
     if !perm.prefix_list_ids.is_empty() {
@@ -357,23 +554,40 @@ fn validate_permission(perm: &IpPermission, path: &str, groups: &[&str]) -> Resu
             ));
         }
     } else if proto == 1 {
-        for (field, v) in [("FromPort", perm.from_port), ("ToPort", perm.to_port)] {
-            if let Some(v) = v
-                && !(-1..=255).contains(&v)
-            {
+        // As AWS reads them: FromPort is the ICMP type, ToPort the code, -1 every one (a missing
+        // port too); every type with one code means nothing (`policy::allow_of`).
+        let (ty, code) = (perm.from_port.unwrap_or(-1), perm.to_port.unwrap_or(-1));
+        for (field, what, v) in [("FromPort", "type", ty), ("ToPort", "code", code)] {
+            if !(-1..=255).contains(&v) {
                 return Err(StateError::at(
                     format!("{path}.{field}"),
-                    format!("ICMP type/code {v} out of range -1..255"),
+                    format!("ICMP {what} {v} out of range: use 0 to 255, or -1 for every {what}"),
                 ));
             }
         }
+        if ty == -1 && code != -1 {
+            return Err(StateError::at(
+                format!("{path}.ToPort"),
+                format!(
+                    "ICMP code {code} with every type (FromPort -1): with FromPort -1, ToPort must be -1 too"
+                ),
+            ));
+        }
     }
     for (i, r) in perm.ip_ranges.iter().enumerate() {
-        parse_cidr(&r.cidr_ip)
-            .map_err(|m| StateError::at(format!("{path}.IpRanges[{i}].CidrIp"), m))?;
+        let at = format!("{path}.IpRanges[{i}]");
+        check_len(|| format!("{at}.CidrIp"), &r.cidr_ip)?;
+        parse_cidr(&r.cidr_ip).map_err(|m| StateError::at(format!("{at}.CidrIp"), m))?;
+        if let Some(d) = &r.description {
+            check_len(|| format!("{at}.Description"), d)?;
+        }
     }
     for (i, g) in perm.user_id_group_pairs.iter().enumerate() {
-        if !groups.contains(&g.group_id.as_str()) {
+        check_len(
+            || format!("{path}.UserIdGroupPairs[{i}].GroupId"),
+            &g.group_id,
+        )?;
+        if !groups.contains_key(g.group_id.as_str()) {
             return Err(StateError::at(
                 format!("{path}.UserIdGroupPairs[{i}].GroupId"),
                 format!("unknown security group {:?}", g.group_id),
@@ -392,22 +606,45 @@ pub fn validate(state: &State, bridge: BridgeNet) -> Result<(), StateError> {
             format!("bad range [{lo}, {hi}]: need 1 <= first <= last <= 65535"),
         ));
     }
-    let groups: Vec<&str> = state
-        .security_groups
-        .iter()
-        .map(|g| g.group_id.as_str())
-        .collect();
+    let h = &state.host;
+    for (field, v) in [
+        ("uplink", &h.uplink),
+        ("bridge", &h.bridge),
+        ("accountId", &h.account_id),
+        ("instanceId", &h.instance_id),
+        ("cluster", &h.cluster),
+        ("vpcId", &h.vpc_id),
+        ("subnetId", &h.subnet_id),
+        ("region", &h.region),
+        ("azId", &h.az_id),
+        ("containerInstanceArn", &h.container_instance_arn),
+    ] {
+        if let Some(v) = v {
+            check_len(|| format!("$.host.{field}"), v)?;
+        }
+    }
+    let mut groups = GroupIndex::with_capacity(state.security_groups.len());
     for (i, sg) in state.security_groups.iter().enumerate() {
         let path = format!("$.securityGroups[{i}]");
+        check_len(|| format!("{path}.GroupId"), &sg.group_id)?;
         if sg.group_id.is_empty() {
             return Err(StateError::at(format!("{path}.GroupId"), "empty GroupId"));
         }
-        if groups[..i].contains(&sg.group_id.as_str()) {
+        if let Some(j) = groups.insert(&sg.group_id, i) {
             return Err(StateError::at(
                 format!("{path}.GroupId"),
-                format!("security group {:?} is defined twice", sg.group_id),
+                format!(
+                    "security group {:?} is defined twice (also $.securityGroups[{j}])",
+                    sg.group_id
+                ),
             ));
         }
+        if let Some(name) = &sg.group_name {
+            check_len(|| format!("{path}.GroupName"), name)?;
+        }
+    }
+    for (i, sg) in state.security_groups.iter().enumerate() {
+        let path = format!("$.securityGroups[{i}]");
         for (j, p) in sg.ip_permissions.iter().enumerate() {
             validate_permission(p, &format!("{path}.IpPermissions[{j}]"), &groups)?;
         }
@@ -421,6 +658,19 @@ pub fn validate(state: &State, bridge: BridgeNet) -> Result<(), StateError> {
     let mut host_ports: HashMap<(u16, Protocol), usize> = HashMap::new();
     for (i, t) in state.tasks.iter().enumerate() {
         let path = format!("$.tasks[{i}]");
+        check_len(|| format!("{path}.name"), &t.name)?;
+        for (field, v) in [
+            ("taskArn", &t.task_arn),
+            ("interface", &t.interface),
+            ("interfaceId", &t.interface_id),
+            ("serviceName", &t.service_name),
+            ("taskDefinitionArn", &t.task_definition_arn),
+            ("containerId", &t.container_id),
+        ] {
+            if let Some(v) = v {
+                check_len(|| format!("{path}.{field}"), v)?;
+            }
+        }
         if t.name.is_empty() {
             return Err(StateError::at(format!("{path}.name"), "empty task name"));
         }
@@ -474,7 +724,8 @@ pub fn validate(state: &State, bridge: BridgeNet) -> Result<(), StateError> {
             }
         }
         for (j, g) in t.security_groups.iter().enumerate() {
-            if !groups.contains(&g.as_str()) {
+            check_len(|| format!("{path}.securityGroups[{j}]"), g)?;
+            if !groups.contains_key(g.as_str()) {
                 return Err(StateError::at(
                     format!("{path}.securityGroups[{j}]"),
                     format!("unknown security group {g:?}"),
@@ -486,7 +737,7 @@ pub fn validate(state: &State, bridge: BridgeNet) -> Result<(), StateError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GOOD: &str = r#"{
@@ -609,5 +860,203 @@ mod tests {
         assert_eq!(rule_protocol("47"), Ok(47));
         assert!(rule_protocol("300").is_err());
         assert!(rule_protocol("sctpx").is_err());
+    }
+
+    /// GOOD with one ICMP rule of (FromPort, ToPort) as sg-lb's only inbound rule.
+    fn with_icmp(from: Option<i32>, to: Option<i32>) -> String {
+        let mut rule =
+            serde_json::json!({"IpProtocol": "icmp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]});
+        if let Some(f) = from {
+            rule["FromPort"] = f.into();
+        }
+        if let Some(t) = to {
+            rule["ToPort"] = t.into();
+        }
+        GOOD.replace(
+            "{\"GroupId\": \"sg-lb\"}",
+            &serde_json::json!({"GroupId": "sg-lb", "IpPermissions": [rule]}).to_string(),
+        )
+    }
+
+    #[test]
+    fn icmp_ports_are_type_and_code_as_aws_reads_them() {
+        for (from, to) in [
+            (Some(-1), Some(-1)),
+            (None, None),
+            (Some(8), Some(-1)),
+            (Some(8), None),
+            (Some(8), Some(0)),
+            (Some(3), Some(4)),
+            (Some(0), Some(0)),
+            (Some(255), Some(255)),
+        ] {
+            assert!(
+                check(&with_icmp(from, to)).is_ok(),
+                "FromPort {from:?} ToPort {to:?} is valid"
+            );
+        }
+        let at = "$.securityGroups[1].IpPermissions[0]";
+        for (from, to, field) in [
+            (Some(-1), Some(80), "ToPort"),
+            (None, Some(0), "ToPort"),
+            (Some(-1), Some(0), "ToPort"),
+            (Some(256), Some(0), "FromPort"),
+            (Some(-2), Some(-1), "FromPort"),
+            (Some(3), Some(256), "ToPort"),
+            (Some(3), Some(-5), "ToPort"),
+            (Some(80), Some(8080), "ToPort"),
+        ] {
+            let e = check(&with_icmp(from, to)).expect_err("must be rejected");
+            assert_eq!(
+                e.path,
+                format!("{at}.{field}"),
+                "FromPort {from:?} ToPort {to:?}: {e}"
+            );
+        }
+        let e = check(&with_icmp(Some(-1), Some(80))).unwrap_err();
+        assert!(e.message.contains("ToPort must be -1"), "{e}");
+    }
+
+    #[test]
+    fn long_strings_are_refused_with_their_path() {
+        let long = "x".repeat(MAX_STRING_BYTES + 1);
+        let just = "x".repeat(MAX_STRING_BYTES);
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        v["tasks"][1]["taskArn"] = just.clone().into();
+        assert!(
+            check(&v.to_string()).is_ok(),
+            "{MAX_STRING_BYTES} bytes are fine"
+        );
+        for (what, set, path) in [
+            (
+                "task name",
+                &(|v: &mut serde_json::Value, s: &str| v["tasks"][0]["name"] = s.into())
+                    as &dyn Fn(&mut serde_json::Value, &str),
+                "$.tasks[0].name",
+            ),
+            (
+                "a field ecsnet ignores",
+                &|v, s| v["securityGroups"][0]["OwnerId"] = s.into(),
+                "$.securityGroups[0].OwnerId",
+            ),
+            (
+                "a description",
+                &|v, s| {
+                    v["securityGroups"][0]["IpPermissions"][0]["IpRanges"][0]["Description"] =
+                        s.into()
+                },
+                "$.securityGroups[0].IpPermissions[0].IpRanges[0].Description",
+            ),
+            (
+                "a string in a list",
+                &|v, s| v["tasks"][0]["securityGroups"][0] = s.into(),
+                "$.tasks[0].securityGroups[0]",
+            ),
+            (
+                "an account id",
+                &|v, s| v["host"]["accountId"] = s.into(),
+                "$.host.accountId",
+            ),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+            set(&mut v, &long);
+            let e = check(&v.to_string()).expect_err(what);
+            assert_eq!(e.path, path, "{what}: {e}");
+            assert!(e.message.contains("longer than the 1024"), "{what}: {e}");
+        }
+        // A long key, anywhere.
+        let text = GOOD.replacen("\"host\": {", &format!("\"host\": {{\"{long}\": 1, "), 1);
+        assert_eq!(check(&text).unwrap_err().path, "$.host (a key)");
+        // States built in memory (task add) are held to the same.
+        let mut s: State = parse(GOOD).unwrap();
+        s.tasks[1].name = long.clone();
+        assert_eq!(validate(&s, bridge()).unwrap_err().path, "$.tasks[1].name");
+        let mut s: State = parse(GOOD).unwrap();
+        s.security_groups[1].group_id = long;
+        assert_eq!(
+            validate(&s, bridge()).unwrap_err().path,
+            "$.securityGroups[1].GroupId"
+        );
+    }
+
+    #[test]
+    fn files_over_the_limit_are_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("ecsnet-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.json");
+        // Sparse: 16 MiB + 1 of zeros, never written.
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let e = load(&big, bridge()).unwrap_err();
+        let LoadError::Invalid { error, .. } = &e else {
+            panic!("want Invalid, got {e}");
+        };
+        assert_eq!(error.path, "$");
+        assert!(error.message.contains("larger than 16 MiB"), "{e}");
+        f.set_len(MAX_FILE_BYTES).unwrap();
+        assert!(
+            matches!(read_limited(&big), Ok(t) if t.len() as u64 == MAX_FILE_BYTES),
+            "16 MiB exactly is read"
+        );
+        assert!(parse::<State>(&" ".repeat(MAX_FILE_BYTES as usize + 1)).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `n` groups, each taking TCP 443 from the next one, and 200 tasks in the first 100.
+    pub(crate) fn many_groups(n: usize) -> State {
+        let id = |i: usize| format!("sg-{i:08x}");
+        let security_groups = (0..n)
+            .map(|i| SecurityGroup {
+                group_id: id(i),
+                group_name: None,
+                ip_permissions: vec![IpPermission {
+                    user_id_group_pairs: vec![GroupPair {
+                        group_id: id((i + 1) % n),
+                    }],
+                    ..IpPermission::from_cidr("tcp", Some((443, 443)), "10.0.0.0/8")
+                }],
+                ip_permissions_egress: Vec::new(),
+            })
+            .collect();
+        let tasks = (0..200)
+            .map(|i| Task {
+                task_arn: None,
+                name: format!("t{i}"),
+                ipv4_address: Ipv4Addr::new(172, 17, 1 + (i / 250) as u8, 2 + (i % 250) as u8),
+                interface: None,
+                interface_id: None,
+                port_mappings: Vec::new(),
+                security_groups: vec![id(i % 100), id(n - 1 - i % 7)],
+                service_name: None,
+                task_definition_arn: None,
+                container_id: None,
+            })
+            .collect();
+        State {
+            host: Host::default(),
+            security_groups,
+            tasks,
+        }
+    }
+
+    /// 300,000 groups with a reference each: a linear validation takes well under a second
+    /// (optimised) or a few (debug); the quadratic one took over 120 s. A loose bound, for a
+    /// shared machine.
+    #[test]
+    fn validation_is_linear_in_the_number_of_groups() {
+        let s = many_groups(300_000);
+        let start = std::time::Instant::now();
+        validate(&s, bridge()).unwrap();
+        let took = start.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "validating 300k groups took {took:?}"
+        );
+        // A duplicate at the very end is still found, and named with its first definition.
+        let mut s = s;
+        s.security_groups.push(s.security_groups[7].clone());
+        let e = validate(&s, bridge()).unwrap_err();
+        assert_eq!(e.path, "$.securityGroups[300000].GroupId");
+        assert!(e.message.contains("$.securityGroups[7]"), "{e}");
     }
 }

@@ -227,7 +227,7 @@ fn malformed_security_groups_are_one_error_with_a_path_and_change_nothing() {
 
     // Each breakage of the one rule, as (what, change, JSON path under the group).
     type Breakage = (&'static str, fn(&mut serde_json::Value), &'static str);
-    let breakages: [Breakage; 7] = [
+    let breakages: [Breakage; 12] = [
         (
             "bad CIDR",
             |g| g["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = "10.10.0.0/33".into(),
@@ -268,6 +268,41 @@ fn malformed_security_groups_are_one_error_with_a_path_and_change_nothing() {
             "an IPv6 range",
             |g| g["IpPermissions"][0]["Ipv6Ranges"] = serde_json::json!([{"CidrIpv6": "::/0"}]),
             "IpPermissions[0].Ipv6Ranges",
+        ),
+        (
+            "ICMP code 80 with every type (AWS: ToPort must be -1 too)",
+            |g| {
+                let p = &mut g["IpPermissions"][0];
+                p["IpProtocol"] = "icmp".into();
+                p["FromPort"] = (-1).into();
+                p["ToPort"] = 80.into();
+            },
+            "IpPermissions[0].ToPort",
+        ),
+        (
+            "ICMP type 256",
+            |g| {
+                let p = &mut g["IpPermissions"][0];
+                p["IpProtocol"] = "icmp".into();
+                p["FromPort"] = 256.into();
+                p["ToPort"] = (-1).into();
+            },
+            "IpPermissions[0].FromPort",
+        ),
+        (
+            "a group name of 1025 bytes",
+            |g| g["GroupName"] = "n".repeat(1025).into(),
+            "GroupName",
+        ),
+        (
+            "a rule description of 1025 bytes",
+            |g| g["IpPermissions"][0]["IpRanges"][0]["Description"] = "d".repeat(1025).into(),
+            "IpPermissions[0].IpRanges[0].Description",
+        ),
+        (
+            "a field ecsnet ignores, of 1025 bytes",
+            |g| g["OwnerId"] = "1".repeat(1025).into(),
+            "OwnerId",
         ),
     ];
     for (what, breakage, path) in breakages {
@@ -314,5 +349,101 @@ fn malformed_security_groups_are_one_error_with_a_path_and_change_nothing() {
     let line = ecsnet_fails(&["--instance", &lab.name, "sg", "apply", "-f", &f], 2);
     assert!(line.contains("$.tasks[0].securityGroups[0]"), "{line}");
     assert_eq!(policy_maps(&pins), maps_before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A file over 16 MiB, a string over 1024 bytes anywhere (the 200 MB string drove the
+/// agent to 12 GB), through `apply`, `sg apply` and `task add`: one line naming the JSON path
+/// (or the file's size), exit 2, nothing changed.
+#[test]
+fn oversized_files_and_strings_are_refused_and_change_nothing() {
+    let lab = Lab::up("biov", 2, &["1:8080:80"]);
+    let dir = std::env::temp_dir().join(unique("ecsnet-biov"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pins = format!("/sys/fs/bpf/ecsnet/{}", lab.name);
+    lab.ecsnet_up();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.state_file()).unwrap()).unwrap();
+    let before = || {
+        (
+            ecsnet_ok(&["--instance", &lab.name, "task", "ls", "--json"]),
+            ecsnet_ok(&["--instance", &lab.name, "sg", "ls", "--json"]),
+            policy_maps(&pins),
+        )
+    };
+    let unchanged = before();
+    let agent_log = format!("/run/ecsnet/{}.d/agent.log", lab.name);
+
+    // 17 MiB: one description of that size, valid JSON otherwise.
+    let mut huge = state.clone();
+    huge["tasks"][0]["taskArn"] = "a".repeat(17 << 20).into();
+    let f = write(&dir, "huge-state.json", &huge.to_string());
+    let line = ecsnet_fails(&["--instance", &lab.name, "apply", "-f", &f], 2);
+    assert!(line.contains("larger than 16 MiB"), "{line}");
+    let aws = serde_json::json!({"SecurityGroups": [{"GroupId": "sg-1", "Description": "d".repeat(17 << 20)}]});
+    let f = write(&dir, "huge-sg.json", &aws.to_string());
+    let line = ecsnet_fails(&["--instance", &lab.name, "sg", "apply", "-f", &f], 2);
+    assert!(line.contains("larger than 16 MiB"), "{line}");
+
+    // Under the file limit, a 2 MB string, in a field ecsnet keeps and in one it ignores.
+    let mut s = state.clone();
+    s["tasks"][1]["taskArn"] = "a".repeat(2 << 20).into();
+    let f = write(&dir, "long-arn.json", &s.to_string());
+    let line = ecsnet_fails(&["--instance", &lab.name, "apply", "-f", &f], 2);
+    assert!(
+        line.contains("$.tasks[1].taskArn") && line.contains("longer than the 1024"),
+        "{line}"
+    );
+    assert!(
+        line.len() < 400,
+        "the error does not quote the string: {line}"
+    );
+    let mut s = state.clone();
+    s["host"]["tags"] = serde_json::json!({"note": "n".repeat(2 << 20)});
+    let f = write(&dir, "long-unknown.json", &s.to_string());
+    let line = ecsnet_fails(&["--instance", &lab.name, "apply", "-f", &f], 2);
+    assert!(line.contains("$.host.tags.note"), "{line}");
+
+    // From the command line.
+    let name = "t".repeat(1025);
+    let line = ecsnet_fails(
+        &[
+            "--instance",
+            &lab.name,
+            "task",
+            "add",
+            "--name",
+            &name,
+            "--ip",
+            "172.17.0.9",
+        ],
+        2,
+    );
+    assert!(
+        line.contains("$.tasks[2].name") && line.contains("longer than the 1024"),
+        "{line}"
+    );
+    let line = ecsnet_fails(
+        &[
+            "--instance",
+            &lab.name,
+            "task",
+            "add",
+            "--name",
+            "x",
+            "--ip",
+            "172.17.0.9",
+            "--sg",
+            &name,
+        ],
+        2,
+    );
+    assert!(line.contains("$.tasks[2].securityGroups[0]"), "{line}");
+
+    assert_eq!(before(), unchanged, "a refused input changed the instance");
+    let log = std::fs::metadata(&agent_log).map(|m| m.len()).unwrap_or(0);
+    assert!(log < 1 << 20, "the agent's log is {log} bytes");
+    // And a good apply still works.
+    ecsnet_ok(&["--instance", &lab.name, "apply", "-f", &lab.state_file()]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,8 @@
 //! Metrics: `GET /metrics` inside the instance's namespace serves every family in the text
 //! exposition format, with exactly the numbers `stats --json` reports around the scrape (task
 //! packets and bytes after known traffic, drops after known rejected datagrams, table
-//! capacities, flow-log windows and records); other paths are 404 and other methods 405;
+//! capacities, flow-log windows and records, the agent's listener counters); other paths are
+//! 404 and other methods 405;
 //! `up --metrics ADDR` moves the endpoint, `off` removes it and a bad address is refused with
 //! exit 2 and one line, changing nothing.
 
@@ -644,6 +645,24 @@ fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
         &[],
         f.events_suppressed,
     );
+    for (listener, l) in [("metrics", &s.agent.metrics), ("control", &s.agent.control)] {
+        add(
+            "ecsnet_agent_accept_errors_total",
+            &[("listener", listener)],
+            l.accept_errors,
+        );
+        for (reason, v) in [
+            ("over_cap", l.over_cap),
+            ("evicted", l.evicted),
+            ("timed_out", l.timed_out),
+        ] {
+            add(
+                "ecsnet_agent_connections_closed_total",
+                &[("listener", listener), ("reason", reason)],
+                v,
+            );
+        }
+    }
     out
 }
 
