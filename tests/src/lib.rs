@@ -1,6 +1,6 @@
 //! Test support: running the real `ecsnet` binary, a lab guard that cleans up on drop and on
-//! panic, and readers for the kernel's own counters in a namespace. Used by the integration
-//! tests in `tests/` and by `cargo xtask demo`.
+//! panic, readers for the kernel's own counters in a namespace, and raw frames and sockets to
+//! send them (`raw`). Used by the integration tests in `tests/` and by `cargo xtask demo`.
 
 use std::{
     collections::HashMap,
@@ -11,6 +11,8 @@ use std::{
 };
 
 pub use ecsnet::{lab::LabStatus, report::Stats};
+
+pub mod raw;
 
 /// The `ecsnet` binary under test: `$ECSNET_BIN`, else the workspace's debug build.
 pub fn ecsnet_bin() -> PathBuf {
