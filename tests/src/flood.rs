@@ -351,7 +351,7 @@ pub fn try_paths(paths: &[Path], attempts: u32, timeout: Duration) -> Vec<(&'sta
 pub struct Watch {
     pub name: &'static str,
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<WatchReport>,
+    thread: Option<JoinHandle<WatchReport>>,
 }
 
 #[derive(Debug, Clone)]
@@ -431,12 +431,24 @@ impl Watch {
             report.max_stall = report.max_stall.max(last_ok.elapsed());
             report
         });
-        Watch { name, stop, thread }
+        Watch {
+            name,
+            stop,
+            thread: Some(thread),
+        }
     }
 
-    pub fn finish(self) -> (&'static str, WatchReport) {
+    pub fn finish(mut self) -> (&'static str, WatchReport) {
         self.stop.store(true, Ordering::Relaxed);
-        (self.name, self.thread.join().expect("watch thread"))
+        let thread = self.thread.take().expect("a watch finishes once");
+        (self.name, thread.join().expect("watch thread"))
+    }
+}
+
+impl Drop for Watch {
+    /// A test that panics mid-flood stops its watches too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
