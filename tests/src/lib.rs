@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod flood;
+
 pub use ecsnet::{lab::LabStatus, report::Stats};
 
 pub mod raw;
