@@ -929,6 +929,17 @@ impl Case {
         self
     }
 
+    /// A frame given byte for byte that must come out unchanged with `verdict`.
+    fn raw(mut self, frame: Vec<u8>, verdict: u32) -> Case {
+        self.steps.push(Step {
+            input: frame.clone(),
+            verdict,
+            output: frame,
+            well_formed: false,
+        });
+        self
+    }
+
     fn ct(mut self, exp: impl IntoIterator<Item = CtExp>) -> Case {
         self.ct.extend(exp);
         self
@@ -958,6 +969,222 @@ impl Case {
 /// A TCP segment from task A, to the bridge's MAC.
 fn from_a_tcp(sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> P {
     P::tcp(TASK_A, sport, dst, dport, flags).sent_by_task(MAC_A)
+}
+
+/// `p` (TCP) with sequence number `seq` instead of [`SEQ`], its checksum made right again.
+fn with_seq(mut p: P, seq: u32) -> P {
+    let mut t = p.l4.bytes(p.src, p.dst);
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[16..18].copy_from_slice(&[0, 0]);
+    let c = checksum(&t, pseudo_header(p.src, p.dst, PROTO_TCP, t.len() as u16));
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    p.l4 = L4::Raw {
+        proto: PROTO_TCP,
+        bytes: t,
+    };
+    p
+}
+
+/// `frame` with VLAN tags (TPID, VID 0) inserted after the MAC addresses.
+fn tagged(frame: &[u8], tpids: &[u16]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    for tpid in tpids {
+        f.extend(tpid.to_be_bytes());
+        f.extend([0, 0]);
+    }
+    f.extend(&frame[12..]);
+    f
+}
+
+/// An IPv6 frame from task A: ICMPv6 echo request to B's link-local address (its contents do
+/// not matter: IPv6 is judged by the EtherType).
+fn ipv6_from_a() -> Vec<u8> {
+    let mut f = MAC_B.to_vec();
+    f.extend(MAC_A);
+    f.extend(0x86ddu16.to_be_bytes());
+    f.extend([0x60, 0, 0, 0, 0, 8, 58, 64]);
+    f.extend([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 2,
+    ]);
+    f.extend([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 3,
+    ]);
+    f.extend([128, 0, 0, 0, 0, 1, 0, 1]);
+    f
+}
+
+/// What issue 16 closed: frames that went around the checks, headers the kernel would refuse,
+/// resets and FINs off the flow's sequence numbers, and a flow's move to the assured table.
+fn guard_cases() -> Vec<Case> {
+    let ew_syn = || from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B);
+    let to_b_udp = || P::udp(TASK_A, 40001, TASK_B, 53, b"query: a.b.c").sent_by_task(MAC_A);
+    let with_ethertype = |frame: Vec<u8>, ethertype: u16| {
+        let mut f = frame;
+        f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        f
+    };
+    let bad_check = |p: &P| {
+        let mut f = p.frame();
+        f[14 + 10] ^= 0x40;
+        f
+    };
+    // An ARP reply from A claiming its own address, with `sender` as sender hardware address.
+    let arp_from_a = |sender: [u8; 6]| {
+        let mut f = vec![0xff; 6];
+        f.extend(MAC_A);
+        f.extend(0x0806u16.to_be_bytes());
+        f.extend([0, 1, 8, 0, 6, 4, 0, 2]);
+        f.extend(sender);
+        f.extend(TASK_A);
+        f.extend(MAC_B);
+        f.extend(TASK_B);
+        f
+    };
+    let masq = || {
+        masquerade(PROTO_TCP, 40000).seen((1, 40, TCP_SYN | TCP_ACK), (1, 40, TCP_SYN | TCP_ACK))
+    };
+    let back = |flags| P::tcp(REMOTE, 9000, HOST, 40000, flags);
+    let ew = || {
+        FlowPair::new(
+            PROTO_TCP,
+            tu(TASK_A, 40000, TASK_B, 80),
+            tu(TASK_A, 40000, TASK_B, 80),
+            KIND_EAST_WEST,
+        )
+        .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
+        .unassured()
+    };
+    vec![
+        Case::new(
+            "two VID-0 tags (802.1ad + 802.1Q) from a task: dropped VLAN_TAGGED",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(tagged(&ew_syn().frame(), &[0x88a8, 0x8100]), SHOT)
+        .drop(DropReason::VlanTagged),
+        Case::new(
+            "one 802.1Q tag from a task: dropped VLAN_TAGGED",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(tagged(&ew_syn().frame(), &[0x8100]), SHOT)
+        .drop(DropReason::VlanTagged),
+        Case::new(
+            "an EtherType that is not IPv4, ARP or IPv6 from a task: dropped UNKNOWN_ETHERTYPE",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(with_ethertype(ew_syn().frame(), 0x88b5), SHOT)
+        .drop(DropReason::UnknownEthertype),
+        Case::new(
+            "unicast IPv4 to B in a broadcast frame: dropped UNICAST_IN_GROUP_MAC",
+            Prog::Task,
+            task_world(),
+        )
+        .hostile(&to_b_udp().addressed_to([0xff; 6]), SHOT)
+        .drop(DropReason::UnicastInGroupMac),
+        Case::new(
+            "unicast IPv4 to B in a multicast frame: dropped UNICAST_IN_GROUP_MAC",
+            Prog::Task,
+            task_world(),
+        )
+        .hostile(
+            &to_b_udp().addressed_to([0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]),
+            SHOT,
+        )
+        .drop(DropReason::UnicastInGroupMac),
+        Case::new(
+            "UDP to the bridge subnet's broadcast in a broadcast frame, no policy: to the \
+             kernel, nothing tracked",
+            Prog::Task,
+            task_world(),
+        )
+        .unchanged(
+            &P::udp(TASK_A, 40001, [172, 17, 255, 255], 53, b"who is there")
+                .sent_by_task(MAC_A)
+                .addressed_to([0xff; 6]),
+            OK,
+        ),
+        Case::new(
+            "IPv6 from a task without a policy: to the kernel, as before",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(ipv6_from_a(), OK),
+        Case::new(
+            "ARP for A's own address from A's MAC: passed",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(arp_from_a(MAC_A), OK),
+        Case::new(
+            "ARP for A's own address naming another MAC: dropped SPOOFED_SOURCE",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(arp_from_a(MAC_B), SHOT)
+        .drop(DropReason::SpoofedSource),
+        Case::new(
+            "a bad IPv4 header checksum from a task: dropped BAD_IP_CHECKSUM, nothing created",
+            Prog::Task,
+            task_world(),
+        )
+        .raw(bad_check(&ew_syn()), SHOT)
+        .drop(DropReason::BadIpChecksum),
+        Case::new(
+            "a SYN with a bad IPv4 header checksum to a published port: dropped \
+             BAD_IP_CHECKSUM, nothing created",
+            Prog::Uplink,
+            uplink_world(),
+        )
+        .raw(bad_check(&P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN)), SHOT)
+        .drop(DropReason::BadIpChecksum),
+        Case::new(
+            "a RST of a masqueraded flow at the sender's sequence number: into the task, the \
+             flow marked reset",
+            Prog::Uplink,
+            with(uplink_world(), masq().seeds()),
+        )
+        .step(
+            &back(TCP_RST | TCP_ACK),
+            REDIRECT,
+            &back(TCP_RST | TCP_ACK).dnat(TASK_A, 40000).routed_to(MAC_A),
+        )
+        .ct(masq().reply_touched(40, TCP_RST | TCP_ACK))
+        .egress(IFINDEX_A, 1, 40),
+        Case::new(
+            "a RST of a masqueraded flow off its sequence numbers: dropped TCP_OUT_OF_WINDOW, \
+             the flow untouched",
+            Prog::Uplink,
+            with(uplink_world(), masq().seeds()),
+        )
+        .hostile(&with_seq(back(TCP_RST | TCP_ACK), SEQ + 1000), SHOT)
+        .ct(masq().unchanged())
+        .drop(DropReason::TcpOutOfWindow),
+        Case::new(
+            "a FIN of a masqueraded flow beyond what its sender sent: dropped \
+             TCP_OUT_OF_WINDOW, the flow untouched",
+            Prog::Uplink,
+            with(uplink_world(), masq().seeds()),
+        )
+        .hostile(&with_seq(back(TCP_FIN | TCP_ACK), SEQ + 100_000), SHOT)
+        .ct(masq().unchanged())
+        .drop(DropReason::TcpOutOfWindow),
+        Case::new(
+            "the opener's ACK completes the handshake: both entries move from CT_NEW to CT",
+            Prog::Task,
+            with(task_world(), ew().seeds()),
+        )
+        .unchanged(
+            &from_a_tcp(40000, TASK_B, 80, TCP_ACK).addressed_to(MAC_B),
+            REDIRECT,
+        )
+        .ct(ew()
+            .original_touched(40, TCP_ACK)
+            .into_iter()
+            .map(|e| e.in_table(Table::Assured)))
+        .egress(IFINDEX_B, 1, 40),
+    ]
 }
 
 fn uplink_cases() -> Vec<Case> {
@@ -2070,6 +2297,11 @@ fn uplink_ingress_published_ports_and_masquerade_replies() {
 #[test]
 fn uplink_ingress_icmp_errors() {
     run_group("ICMP errors", icmp_cases());
+}
+
+#[test]
+fn frames_around_the_checks_bad_headers_and_out_of_window_closes() {
+    run_group("issue 16 guards", guard_cases());
 }
 
 #[test]

@@ -117,11 +117,42 @@ fn lab_csum_errors(lab: &Lab) -> u64 {
     nss.iter().map(|ns| csum_errors(ns)).sum()
 }
 
-/// The conntrack fill and drop counters of the instance, for the record.
-fn ecsnet_summary(lab: &Lab) -> String {
+/// The instance's `stats --json`.
+fn ecsnet_stats(lab: &Lab) -> serde_json::Value {
     let out = ecsnet_ok(&["--instance", &lab.name, "stats", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("stats --json parses");
+    serde_json::from_str(&out).expect("stats --json parses")
+}
+
+/// The conntrack fill and drop counters of the instance, for the record.
+fn ecsnet_summary(v: &serde_json::Value) -> String {
     format!("conntrack {} drops {}", v["conntrack"], v["drops"])
+}
+
+/// After a flood of `sent` new flows nobody completed: each was created in the unanswered
+/// table, which holds the survivors, and none was assured in its place.
+fn assert_flood_stayed_unanswered(v: &serde_json::Value, sent: u64) {
+    let c = &v["conntrack"];
+    let n = |k: &str| {
+        c[k].as_u64()
+            .unwrap_or_else(|| panic!("conntrack.{k} in {c}"))
+    };
+    assert!(
+        n("created") >= sent,
+        "every flood packet opened a flow: {c}"
+    );
+    assert!(
+        n("unansweredEntries") > 0,
+        "the flood is in the unanswered table: {c}"
+    );
+    assert!(
+        n("assured") < 1_000,
+        "the flood's flows were not assured (only the checks' flows): {c}"
+    );
+    assert_eq!(
+        n("assuredTableFull"),
+        0,
+        "the assured table never filled: {c}"
+    );
 }
 
 /// Where the flood is counted arriving: (namespace, interface) whose received packets grow.
@@ -219,7 +250,11 @@ fn flood_run(
         checks.push((at, try_paths(&paths, ATTEMPTS, ATTEMPT_TIMEOUT)));
     }
     let watches = watches.into_iter().map(Watch::finish).collect();
-    let ecsnet = (mode == Mode::Ecsnet).then(|| ecsnet_summary(&lab));
+    let ecsnet = (mode == Mode::Ecsnet).then(|| {
+        let v = ecsnet_stats(&lab);
+        assert_flood_stayed_unanswered(&v, report.sent);
+        ecsnet_summary(&v)
+    });
     let csum_errors = lab_csum_errors(&lab) - csum0;
     drop(lab);
     FloodOutcome {
@@ -487,7 +522,16 @@ fn rst_run(mode: Mode) -> RstOutcome {
     let end = end_rx
         .recv_timeout(Duration::from_secs(3))
         .unwrap_or_else(|_| Err("still open 3 s after the task closed it".to_owned()));
-    let ecsnet = (mode == Mode::Ecsnet).then(|| ecsnet_summary(&lab));
+    let ecsnet = (mode == Mode::Ecsnet).then(|| {
+        let v = ecsnet_stats(&lab);
+        // The spray's RST on the connection's own tuple was refused, counted, and ignored.
+        assert!(
+            v["drops"]["TCP_OUT_OF_WINDOW"].as_u64().unwrap_or(0) >= 1,
+            "the RST on the tracked tuple is counted as out of window: {}",
+            v["drops"]
+        );
+        ecsnet_summary(&v)
+    });
     drop(lab);
     RstOutcome {
         mode,
