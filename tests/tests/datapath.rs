@@ -226,13 +226,13 @@ fn masquerade_keeps_a_free_source_port_and_reallocates_a_taken_one() {
     let ct = ecsnet::maps::read_ct(&paths).unwrap();
     let mapping = |task: [u8; 4]| {
         ct.iter()
-            .find(|(k, e)| {
+            .find(|(_, k, e)| {
                 e.dir == DIR_ORIGINAL
                     && e.kind == KIND_MASQUERADE
                     && k.saddr.to_ne_bytes() == task
                     && u16::from_be(k.sport) == 40000
             })
-            .map(|(_, e)| (e.nat_saddr.to_ne_bytes(), u16::from_be(e.nat_sport)))
+            .map(|(_, _, e)| (e.nat_saddr.to_ne_bytes(), u16::from_be(e.nat_sport)))
             .unwrap_or_else(|| panic!("no masquerade entry for {task:?}:40000 in {ct:?}"))
     };
     let (a, b) = (mapping([172, 17, 0, 2]), mapping([172, 17, 0, 3]));
@@ -389,7 +389,7 @@ fn a_full_table_fails_new_flows_closed_and_garbage_collection_frees_it() {
         ecsnet::maps::read_ct(&paths)
             .unwrap()
             .iter()
-            .filter(|(k, _)| k.proto == ecsnet_common::ct::PROTO_TCP)
+            .filter(|(_, k, _)| k.proto == ecsnet_common::ct::PROTO_TCP)
             .count()
     };
     while tcp_entries() > 0 {
