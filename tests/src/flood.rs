@@ -1,11 +1,10 @@
-//! Bounded floods and the availability checks made around them: raw IPv4 packets with correct
-//! header, UDP and TCP checksums; senders stopped by a count and a time limit; new-flow attempts
+//! Bounded floods and the availability checks made around them (the packets come from `raw`):
+//! senders stopped by a count and a time limit; new-flow attempts
 //! on a path; and an established connection watched for stalls while a flood runs.
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,106 +15,11 @@ use std::{
 
 use crate::in_netns;
 
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 /// Spoofed sources come from 10.10.128.0/17: outside every subnet of the lab (the uplink is
 /// 10.10.0.0/24), so the host routes replies to them to the client, which does not forward
 /// and has no route for them: they die there.
 pub const SPOOF_NET: Ipv4Addr = Ipv4Addr::new(10, 10, 128, 0);
 pub const SPOOF_PREFIX: u32 = 17;
-
-/// The one's-complement sum of `data` as 16-bit big-endian words, added to `acc`.
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let (words, rest) = data.as_chunks::<2>();
-    for w in words {
-        acc += u32::from(u16::from_be_bytes(*w));
-    }
-    if let [last] = rest {
-        acc += u32::from(*last) << 8;
-    }
-    acc
-}
-
-/// Folds a sum to 16 bits and complements it: the Internet checksum (RFC 1071).
-fn fold(mut acc: u32) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    !(acc as u16)
-}
-
-/// The Internet checksum of `data`.
-pub fn checksum(data: &[u8]) -> u16 {
-    fold(sum16(data, 0))
-}
-
-/// The TCP or UDP checksum of `segment` (its checksum field zero) between `src` and `dst`.
-pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
-    let mut pseudo = [0u8; 12];
-    pseudo[0..4].copy_from_slice(&src.octets());
-    pseudo[4..8].copy_from_slice(&dst.octets());
-    pseudo[9] = proto;
-    pseudo[10..12].copy_from_slice(&(segment.len() as u16).to_be_bytes());
-    fold(sum16(segment, sum16(&pseudo, 0)))
-}
-
-/// An IPv4 packet (20-byte header, DF, TTL 64) around `segment`, header checksum filled in.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, segment: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(20 + segment.len());
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&((20 + segment.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&id.to_be_bytes());
-    p.extend_from_slice(&[0x40, 0, 64, proto, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(segment);
-    p
-}
-
-/// A UDP datagram from `src` to `dst` carrying `payload`, as a whole IPv4 packet.
-pub fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut seg = Vec::with_capacity(8 + payload.len());
-    seg.extend_from_slice(&src.port().to_be_bytes());
-    seg.extend_from_slice(&dst.port().to_be_bytes());
-    seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    seg.extend_from_slice(&[0, 0]);
-    seg.extend_from_slice(payload);
-    let c = match l4_checksum(*src.ip(), *dst.ip(), IPPROTO_UDP, &seg) {
-        0 => 0xffff,
-        c => c,
-    };
-    seg[6..8].copy_from_slice(&c.to_be_bytes());
-    ipv4(*src.ip(), *dst.ip(), IPPROTO_UDP, id, &seg)
-}
-
-/// A TCP segment without options or payload, as a whole IPv4 packet.
-pub fn tcp_packet(
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    id: u16,
-    seq: u32,
-    ack: u32,
-    flags: u8,
-) -> Vec<u8> {
-    let mut seg = Vec::with_capacity(20);
-    seg.extend_from_slice(&src.port().to_be_bytes());
-    seg.extend_from_slice(&dst.port().to_be_bytes());
-    seg.extend_from_slice(&seq.to_be_bytes());
-    seg.extend_from_slice(&ack.to_be_bytes());
-    seg.extend_from_slice(&[5 << 4, flags]);
-    seg.extend_from_slice(&64240u16.to_be_bytes());
-    seg.extend_from_slice(&[0, 0, 0, 0]);
-    let c = l4_checksum(*src.ip(), *dst.ip(), IPPROTO_TCP, &seg);
-    seg[16..18].copy_from_slice(&c.to_be_bytes());
-    ipv4(*src.ip(), *dst.ip(), IPPROTO_TCP, id, &seg)
-}
 
 /// xorshift64*: reproducible randomness for addresses, ports and sequence numbers.
 pub struct Rng(u64);
@@ -141,61 +45,6 @@ impl Rng {
     /// A port of 1024..=65535.
     pub fn port(&mut self) -> u16 {
         (1024 + self.next_u32() % (65536 - 1024)) as u16
-    }
-}
-
-/// A raw IPv4 socket (IPPROTO_RAW: the caller writes the IP header) opened in a namespace.
-pub struct RawSocket(OwnedFd);
-
-impl RawSocket {
-    pub fn open_in(ns: &str) -> Self {
-        let fd = in_netns(ns, || {
-            // SAFETY: plain socket(2); the descriptor is owned right below.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::IPPROTO_RAW,
-                )
-            };
-            if fd < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                // SAFETY: fd is a new descriptor nobody else owns.
-                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-            }
-        })
-        .unwrap_or_else(|e| panic!("raw socket in {ns}: {e}"));
-        RawSocket(fd)
-    }
-
-    /// Sends one whole IPv4 packet to the destination written in its header.
-    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let dst = [packet[16], packet[17], packet[18], packet[19]];
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: the buffer and address are valid for the call's duration.
-        let n = unsafe {
-            libc::sendto(
-                self.0.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const sa).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
     }
 }
 
@@ -455,45 +304,6 @@ impl Drop for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ipv4_header_checksum_matches_a_known_header() {
-        // The commonly quoted example header 192.168.0.1 -> 192.168.0.199, UDP, DF.
-        let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
-        assert_eq!(checksum(&h), 0xb861);
-    }
-
-    /// A receiver sums header or pseudo-header and segment, checksum included, to 0xffff.
-    fn verifies(p: &[u8]) {
-        assert_eq!(checksum(&p[..20]), 0, "IP header checksum");
-        let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-        let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&src.octets());
-        pseudo.extend_from_slice(&dst.octets());
-        pseudo.extend_from_slice(&[0, p[9]]);
-        pseudo.extend_from_slice(&((p.len() - 20) as u16).to_be_bytes());
-        pseudo.extend_from_slice(&p[20..]);
-        assert_eq!(checksum(&pseudo), 0, "transport checksum");
-        assert_eq!(
-            usize::from(u16::from_be_bytes([p[2], p[3]])),
-            p.len(),
-            "total length"
-        );
-    }
-
-    #[test]
-    fn built_packets_carry_valid_checksums() {
-        let a = SocketAddrV4::new(Ipv4Addr::new(10, 10, 200, 7), 40000);
-        let b = SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 1), 8080);
-        verifies(&udp_packet(a, b, 1, b"abcd"));
-        verifies(&udp_packet(a, b, 2, b"odd"));
-        verifies(&tcp_packet(a, b, 3, 0xdead_beef, 0, TCP_SYN));
-        verifies(&tcp_packet(b, a, 4, 7, 9, TCP_RST | TCP_ACK));
-    }
 
     #[test]
     fn spoofed_addresses_stay_in_their_range() {

@@ -96,6 +96,20 @@ pub fn ethernet(dst: Mac, src: Mac, tags: &[Tag], ethertype: u16, payload: &[u8]
     f
 }
 
+/// An IPv6 frame from `src` to `dst`: an ICMPv6 echo request between two link-local
+/// addresses, for checks that judge IPv6 by its EtherType alone.
+pub fn ipv6_frame(dst: Mac, src: Mac) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 8, 58, 64];
+    ip.extend([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 2,
+    ]);
+    ip.extend([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 3,
+    ]);
+    ip.extend([128, 0, 0, 0, 0, 1, 0, 1]);
+    ethernet(dst, src, &[], ETH_P_IPV6, &ip)
+}
+
 /// An ARP packet for IPv4 over Ethernet (28 bytes): operation `op`, sender and target hardware
 /// and protocol addresses.
 pub fn arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8> {

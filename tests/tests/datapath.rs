@@ -322,10 +322,10 @@ fn path_mtu_discovery_works_through_the_masquerade() {
 }
 
 #[test]
-fn a_full_table_fails_new_flows_closed_and_garbage_collection_frees_it() {
+fn a_full_assured_table_evicts_nothing_new_flows_still_work_and_garbage_collection_frees_both() {
     let lab = Lab::up("ct", 2, &[]);
     let state = lab.state_file();
-    // 4 flows of 2 entries; idle UDP flows expire after 2 s.
+    // The assured table holds 4 flows of 2 entries; idle UDP flows expire after 5 s.
     ecsnet_ok(&lab.ecsnet_args(&[
         "up",
         "--state",
@@ -333,43 +333,69 @@ fn a_full_table_fails_new_flows_closed_and_garbage_collection_frees_it() {
         "--ct-size",
         "8",
         "--ct-timeouts",
-        "udp=2,tcp-closing=2",
+        "udp=5,tcp-closing=2",
     ]));
     let (t1, t2) = (lab.task_ns(1).to_owned(), lab.task_ns(2).to_owned());
+    // Assured by its handshake.
     let mut held = connect(&t1, "10.10.0.2:9000");
     roundtrip(&mut held, 1);
-    let udp_flow = |port: u16| {
-        in_netns(&t2, move || {
-            let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(700)))
-                .unwrap();
-            s.send_to(b"x", "10.10.0.2:9000").unwrap();
-            let mut buf = [0u8; 4];
-            s.recv_from(&mut buf).is_ok()
+    // A UDP flow that is answered and still alive 2 s after it started is assured.
+    let udp_stream = |port: u16| {
+        let t2 = t2.clone();
+        std::thread::spawn(move || {
+            in_netns(&t2, move || {
+                let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(700)))
+                    .unwrap();
+                let mut buf = [0u8; 4];
+                let mut answered = 0;
+                for gap in [0, 2200] {
+                    std::thread::sleep(Duration::from_millis(gap));
+                    s.send_to(b"x", "10.10.0.2:9000").unwrap();
+                    answered += u32::from(s.recv_from(&mut buf).is_ok());
+                }
+                answered == 2
+            })
         })
     };
-    for port in [41001, 41002, 41003] {
-        assert!(
-            udp_flow(port),
-            "flow from port {port} while the table has room"
-        );
+    let streams: Vec<_> = [41001, 41002, 41003].map(udp_stream).into();
+    for (port, st) in [41001, 41002, 41003].iter().zip(streams) {
+        assert!(st.join().unwrap(), "UDP stream from port {port}");
     }
     let s = lab.stats();
+    let c = &s.conntrack;
     assert_eq!(
-        (s.conntrack.entries, s.conntrack.capacity),
-        (8, 8),
-        "{:?}",
-        s.conntrack
+        (
+            c.entries - c.unanswered_entries,
+            c.capacity,
+            c.assured_table_full
+        ),
+        (8, 8, 0),
+        "the connection and three streams fill the assured table: {c:?}"
     );
-    assert!(!udp_flow(41004), "a new flow got through a full table");
-    assert!(!udp_flow(41005), "a new flow got through a full table");
+    // A fourth stream works all the same: it stays where it can be evicted, and is counted.
+    assert!(
+        udp_stream(41004).join().unwrap(),
+        "a new flow with the assured table full"
+    );
     let s = lab.stats();
-    assert_eq!(s.drops.get("CT_TABLE_FULL"), Some(&2), "{:?}", s.drops);
+    let c = &s.conntrack;
+    assert!(c.assured_table_full >= 1, "{c:?}");
+    assert_eq!(
+        c.entries - c.unanswered_entries,
+        8,
+        "nothing was evicted: {c:?}"
+    );
+    assert!(
+        c.unanswered_entries >= 2,
+        "the fourth flow is unanswered-table's: {c:?}"
+    );
+    assert!(!s.drops.contains_key("CT_TABLE_FULL"), "{:?}", s.drops);
     // The established connection was not evicted.
     for i in 0..5 {
         roundtrip(&mut held, i);
     }
-    // The agent expires the idle UDP flows; new flows work again and the connection lives on.
+    // The agent expires the idle UDP flows from both tables; the connection lives on.
     let deadline = Instant::now() + Duration::from_secs(15);
     while lab.stats().conntrack.entries > 2 {
         assert!(
@@ -379,7 +405,10 @@ fn a_full_table_fails_new_flows_closed_and_garbage_collection_frees_it() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(udp_flow(41006), "a new flow after garbage collection");
+    assert!(
+        udp_stream(41006).join().unwrap(),
+        "a new flow after garbage collection"
+    );
     roundtrip(&mut held, 9);
     // A closed TCP flow is collected after its closing timeout.
     drop(held);
@@ -402,7 +431,7 @@ fn a_full_table_fails_new_flows_closed_and_garbage_collection_frees_it() {
     }
     let out = ecsnet_ok(&["--instance", &lab.name, "stats"]);
     assert!(
-        out.contains("conntrack: ") && out.contains("CT_TABLE_FULL=2"),
+        out.contains("conntrack: ") && out.contains("found the table full"),
         "{out}"
     );
 }

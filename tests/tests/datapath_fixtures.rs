@@ -996,23 +996,6 @@ fn tagged(frame: &[u8], tpids: &[u16]) -> Vec<u8> {
     f
 }
 
-/// An IPv6 frame from task A: ICMPv6 echo request to B's link-local address (its contents do
-/// not matter: IPv6 is judged by the EtherType).
-fn ipv6_from_a() -> Vec<u8> {
-    let mut f = MAC_B.to_vec();
-    f.extend(MAC_A);
-    f.extend(0x86ddu16.to_be_bytes());
-    f.extend([0x60, 0, 0, 0, 0, 8, 58, 64]);
-    f.extend([
-        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 2,
-    ]);
-    f.extend([
-        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 3,
-    ]);
-    f.extend([128, 0, 0, 0, 0, 1, 0, 1]);
-    f
-}
-
 /// What issue 16 closed: frames that went around the checks, headers the kernel would refuse,
 /// resets and FINs off the flow's sequence numbers, and a flow's move to the assured table.
 fn guard_cases() -> Vec<Case> {
@@ -1110,7 +1093,7 @@ fn guard_cases() -> Vec<Case> {
             Prog::Task,
             task_world(),
         )
-        .raw(ipv6_from_a(), OK),
+        .raw(ecsnet_tests::raw::ipv6_frame(MAC_B, MAC_A), OK),
         Case::new(
             "ARP for A's own address from A's MAC: passed",
             Prog::Task,

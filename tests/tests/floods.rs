@@ -23,10 +23,11 @@ use std::{
 use ecsnet_tests::{
     Lab, csum_errors, ecsnet_ok,
     flood::{
-        self, FloodReport, Path, Proto, RawSocket, Rng, TCP_RST, TCP_SYN, Watch, WatchReport,
-        assert_contained, dev_packets, tcp_packet, try_paths, udp_packet,
+        self, FloodReport, Path, Proto, Rng, Watch, WatchReport, assert_contained, dev_packets,
+        try_paths,
     },
     in_netns,
+    raw::{self, RawIpSocket, TCP_RST, TCP_SYN},
 };
 
 /// Floods use the CPUs these checks measure: one test at a time.
@@ -389,12 +390,12 @@ fn task_udp_to_70k_ports_leaves_every_path_open() {
 #[test]
 fn spoofed_udp_to_a_published_port_leaves_every_path_open() {
     flood_scenario("spoofed UDP", "flb", host_uplink, |lab| {
-        let raw = RawSocket::open_in(lab.client());
+        let sock = RawIpSocket::open(lab.client());
         let mut rng = Rng::new(seed());
         let dst = SocketAddrV4::new(HOST, PUBLISHED_PORT);
-        flood::flood(150_000, FLOOD_LIMIT, |i| {
+        flood::flood(150_000, FLOOD_LIMIT, |_| {
             let src = SocketAddrV4::new(rng.spoofed_addr(), rng.port());
-            raw.send(&udp_packet(src, dst, i as u16, b"fl00"))
+            sock.send(&raw::udp(src, dst, b"fl00"))
         })
     });
 }
@@ -403,12 +404,12 @@ fn spoofed_udp_to_a_published_port_leaves_every_path_open() {
 #[test]
 fn spoofed_syns_to_a_published_port_leave_every_path_open() {
     flood_scenario("spoofed SYN", "flc", host_uplink, |lab| {
-        let raw = RawSocket::open_in(lab.client());
+        let sock = RawIpSocket::open(lab.client());
         let mut rng = Rng::new(seed());
         let dst = SocketAddrV4::new(HOST, PUBLISHED_PORT);
-        flood::flood(150_000, FLOOD_LIMIT, |i| {
+        flood::flood(150_000, FLOOD_LIMIT, |_| {
             let src = SocketAddrV4::new(rng.spoofed_addr(), rng.port());
-            raw.send(&tcp_packet(src, dst, i as u16, rng.next_u32(), 0, TCP_SYN))
+            sock.send(&raw::tcp(src, dst, TCP_SYN, rng.next_u32(), 0, &[]))
         })
     });
 }
@@ -499,14 +500,14 @@ fn rst_run(mode: Mode) -> RstOutcome {
 
     // The spray: a RST from the server's address and port to every host port 1024..=65535,
     // each with a random sequence number.
-    let raw = RawSocket::open_in(lab.client());
+    let sock = RawIpSocket::open(lab.client());
     let mut rng = Rng::new(seed());
     let src = SocketAddrV4::new(CLIENT, RST_SERVER_PORT);
     let (ns, dev) = (lab.host().to_owned(), lab.status.host.uplink.clone());
     let rx0 = dev_packets(&ns, &dev).0;
     let spray = flood::flood(65536 - 1024, FLOOD_LIMIT, |i| {
         let dst = SocketAddrV4::new(HOST, (1024 + i) as u16);
-        raw.send(&tcp_packet(src, dst, i as u16, rng.next_u32(), 0, TCP_RST))
+        sock.send(&raw::tcp(src, dst, TCP_RST, rng.next_u32(), 0, &[]))
     });
     let arrived = dev_packets(&ns, &dev).0 - rx0;
     std::thread::sleep(PAST_RESET_TIMEOUT);

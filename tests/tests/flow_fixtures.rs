@@ -422,23 +422,6 @@ enum Seed {
     Rule(RuleKey),
 }
 
-/// An IPv6 frame (an ICMPv6 echo request between link-local addresses) from `src` to `dst`:
-/// IPv6 is judged by its EtherType, so what it carries does not matter.
-fn ipv6_frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend(src);
-    f.extend(0x86ddu16.to_be_bytes());
-    f.extend([0x60, 0, 0, 0, 0, 8, 58, 64]);
-    f.extend([
-        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 2,
-    ]);
-    f.extend([
-        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 3,
-    ]);
-    f.extend([128, 0, 0, 0, 0, 1, 0, 1]);
-    f
-}
-
 /// Two tasks without policy, three published ports, one more local address.
 fn world() -> Vec<Seed> {
     vec![
@@ -1163,7 +1146,10 @@ fn cases() -> Vec<Case> {
             "IPv6 from a task under a policy: dropped IPV6_POLICED, no record, one drop event",
             world_with_policy(TASK_A, P_EGRESS_HTTPS),
         )
-        .step(Act::FromTask(TASK_A, ipv6_frame(MAC_B, MAC_A)), TC_SHOT)
+        .step(
+            Act::FromTask(TASK_A, ecsnet_tests::raw::ipv6_frame(MAC_B, MAC_A)),
+            TC_SHOT,
+        )
         .drops(TEST_IFINDEX, DropReason::Ipv6Policed, HOOK_TC_INGRESS, 1)
         .event(drop_event(
             DropReason::Ipv6Policed,
@@ -1176,7 +1162,10 @@ fn cases() -> Vec<Case> {
             "IPv6 to a task under a policy: dropped IPV6_POLICED on its interface, one event",
             world_with_policy(TASK_A, P_BRIDGE_HTTP),
         )
-        .step(Act::ToTask(TASK_A, ipv6_frame(MAC_A, MAC_B)), TC_SHOT)
+        .step(
+            Act::ToTask(TASK_A, ecsnet_tests::raw::ipv6_frame(MAC_A, MAC_B)),
+            TC_SHOT,
+        )
         .drops(TEST_IFINDEX, DropReason::Ipv6Policed, HOOK_TC_EGRESS, 1)
         .event(drop_event(
             DropReason::Ipv6Policed,
