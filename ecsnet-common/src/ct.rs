@@ -225,7 +225,8 @@ pub const fn tcp_close_counts(
 /// What a flow is waiting for, which decides how long it may stay idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtState {
-    /// TCP: a SYN and nothing back yet.
+    /// TCP: a SYN and no handshake completed yet (nothing back, or a SYN-ACK the opener has
+    /// not acknowledged).
     SynSent,
     /// TCP: both sides have spoken.
     Established,
@@ -287,9 +288,11 @@ pub const fn state(proto: u8, original: &CtEntry, reply: &CtEntry) -> CtState {
                 CtState::Reset
             } else if seen & TCP_FIN != 0 {
                 CtState::Closing
-            } else if reply.tcp_flags & TCP_ACK != 0 {
+            } else if reply.tcp_flags & TCP_ACK != 0 && original.tcp_flags & TCP_ACK != 0 {
                 CtState::Established
             } else {
+                // No answer yet, or answered and not acknowledged by the opener (SYN-RECV): a
+                // spoofed SYN's flow stays here, with the short timeout.
                 CtState::SynSent
             }
         }
@@ -332,7 +335,10 @@ mod tests {
         let syn = entry(TCP_SYN, 0);
         assert_eq!(state(PROTO_TCP, &syn, &entry(0, 0)), CtState::SynSent);
         let synack = entry(TCP_SYN | TCP_ACK, 0);
-        assert_eq!(state(PROTO_TCP, &syn, &synack), CtState::Established);
+        // Answered, not yet acknowledged by the opener (a spoofed SYN stays here).
+        assert_eq!(state(PROTO_TCP, &syn, &synack), CtState::SynSent);
+        let acked = entry(TCP_SYN | TCP_ACK, 0);
+        assert_eq!(state(PROTO_TCP, &acked, &synack), CtState::Established);
         let fin = entry(TCP_SYN | TCP_ACK | TCP_FIN, 0);
         assert_eq!(state(PROTO_TCP, &fin, &synack), CtState::Closing);
         assert_eq!(state(PROTO_TCP, &syn, &entry(TCP_RST, 0)), CtState::Reset);

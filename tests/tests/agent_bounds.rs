@@ -15,7 +15,7 @@
 //! them and logs one line. Monitors are capped at 16, and following, keep their slots through a
 //! flood; their permits come back when they leave.
 //!
-//! The connections are held by three helper processes (`src/bin/flood.rs`), so no process
+//! The connections are held by three helper processes (`src/bin/hold-connections.rs`), so no process
 //! needs more descriptors than the machine's hard limit (20,000 here, and the tests lack
 //! CAP_SYS_RESOURCE to raise it); the agent starts with that limit too, so on the old agent the
 //! flood exhausts its descriptors as in the issue. The floods are bounded in count and time and
@@ -83,7 +83,7 @@ impl Flood {
         for i in 0..HELPERS {
             let share = count / HELPERS + usize::from(i < count % HELPERS);
             let share = share.to_string();
-            let helper = env!("CARGO_BIN_EXE_flood");
+            let helper = env!("CARGO_BIN_EXE_hold-connections");
             let mut cmd = match netns {
                 Some(ns) => {
                     let mut c = Command::new("ip");

@@ -1,4 +1,4 @@
-//! `flood tcp ADDR:PORT N SECS` or `flood unix PATH N SECS`: opens up to N idle connections
+//! `hold-connections tcp ADDR:PORT N SECS` or `hold-connections unix PATH N SECS`: opens up to N idle connections
 //! within SECS seconds, prints `CONNECTED FAILED` on one line, and holds them until its stdin
 //! closes. A process of its own so a test can hold more connections than one process may have
 //! descriptors (the tests cannot raise their hard limit without CAP_SYS_RESOURCE). Its soft
@@ -41,7 +41,7 @@ fn unix_connect(addr: &UnixAddr, deadline: Instant) -> Result<OwnedFd, Errno> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [kind, target, n, secs] = &args[..] else {
-        eprintln!("usage: flood tcp|unix TARGET N SECS");
+        eprintln!("usage: hold-connections tcp|unix TARGET N SECS");
         std::process::exit(2);
     };
     let n: usize = n.parse().expect("N is a number");
