@@ -150,14 +150,7 @@ pub fn load(
     loader.map_max_entries(ecsnet_common::flow::MAP_FLOWS, flow_table_size);
     let mut ebpf = loader.load(DATAPATH).map_err(DatapathError::Load)?;
     for prog in TC_PROGRAMS {
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(prog)
-            .ok_or(DatapathError::Program {
-                prog,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { prog, source })?;
+        let p = classifier(&mut ebpf, prog)?;
         p.load()
             .map_err(|source| DatapathError::Program { prog, source })?;
         pin_program(p.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
@@ -182,40 +175,38 @@ pub fn load(
 /// array: for harnesses that load single programs (`load` does both for the instance).
 pub fn load_tail_called(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
     let prog = PROG_TASK_NEW_FLOW;
-    let p: &mut SchedClassifier = ebpf
-        .program_mut(prog)
+    classifier(ebpf, prog)?
+        .load()
+        .map_err(|source| DatapathError::Program { prog, source })?;
+    fill_tail_calls(ebpf)
+}
+
+/// The tc program `prog` of an object.
+fn classifier<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    prog: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(prog)
         .ok_or(DatapathError::Program {
             prog,
             source: aya::programs::ProgramError::NotLoaded,
         })?
         .try_into()
-        .map_err(|source| DatapathError::Program { prog, source })?;
-    p.load()
-        .map_err(|source| DatapathError::Program { prog, source })?;
-    fill_tail_calls(ebpf)
+        .map_err(|source| DatapathError::Program { prog, source })
 }
 
 /// Puts the tail-called programs of a loaded object into its program array (the `PROGS` map;
 /// pinned with the other maps, so the entries live as long as the instance).
-pub fn fill_tail_calls(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+fn fill_tail_calls(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
     let prog = PROG_TASK_NEW_FLOW;
-    let fd = {
-        let p: &SchedClassifier = ebpf
-            .program(prog)
-            .ok_or(DatapathError::Program {
-                prog,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { prog, source })?;
-        p.fd()
-            .map_err(|source| DatapathError::Program { prog, source })?
-            .try_clone()
-            .map_err(|e| DatapathError::Program {
-                prog,
-                source: aya::programs::ProgramError::IOError(e),
-            })?
-    };
+    let fd = classifier(ebpf, prog)?
+        .fd()
+        .map_err(|source| DatapathError::Program { prog, source })?
+        .try_clone()
+        .map_err(|e| DatapathError::Program {
+            prog,
+            source: aya::programs::ProgramError::IOError(e),
+        })?;
     let map = ecsnet_common::maps::MAP_PROGS;
     let mut progs: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
         .map_mut(map)
