@@ -44,7 +44,8 @@ pub enum DropReason {
     BadIpChecksum = 18,
     /// A TCP RST or FIN outside the receiver's window: ignored by conntrack and dropped.
     TcpOutOfWindow = 19,
-    /// The program that opens new flows of tasks is not loaded: the flow fails closed.
+    /// The program that opens new flows of tasks is not loaded, or could not take the flow
+    /// over: the flow fails closed.
     TailCallFailed = 20,
 }
 

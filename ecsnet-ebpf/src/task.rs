@@ -111,8 +111,10 @@ pub fn tc_task_new_flow(ctx: TcContext) -> i32 {
 }
 
 fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    // tc_task_ingress found the host configured; if that ever changed in between, the flow
+    // fails closed rather than pass unchecked.
     let Some(cfg) = forward::config() else {
-        return Ok(Verdict::Pass);
+        return Err(DropReason::TailCallFailed);
     };
     let mut f = flow(ctx)?;
     // Found again as tc_task_ingress found it (by address, or through the interface); anything

@@ -541,6 +541,8 @@ enum Prog {
     Uplink,
     /// tc_task_ingress, with the test device registered as task A's interface.
     Task,
+    /// tc_task_new_flow run on its own, on a host whose configuration is not written.
+    NewFlowUnconfigured,
 }
 
 impl Prog {
@@ -548,6 +550,7 @@ impl Prog {
         match self {
             Prog::Uplink => "tc_uplink_ingress",
             Prog::Task => "tc_task_ingress",
+            Prog::NewFlowUnconfigured => "tc_task_new_flow",
         }
     }
 
@@ -556,6 +559,8 @@ impl Prog {
             uplink_ifindex: match self {
                 Prog::Uplink => TEST_IFINDEX,
                 Prog::Task => NO_SUCH_IFINDEX,
+                // 0: `ecsnet up` has not written the host's configuration.
+                Prog::NewFlowUnconfigured => 0,
             },
             uplink_ipv4: addr(HOST),
             bridge_ifindex: TEST_IFINDEX,
@@ -1153,6 +1158,14 @@ fn guard_cases() -> Vec<Case> {
         .hostile(&with_seq(back(TCP_FIN | TCP_ACK), SEQ + 100_000), SHOT)
         .ct(masq().unchanged())
         .drop(DropReason::TcpOutOfWindow),
+        Case::new(
+            "tc_task_new_flow with the host's configuration gone: dropped TAIL_CALL_FAILED, \
+             never passed unchecked",
+            Prog::NewFlowUnconfigured,
+            task_world(),
+        )
+        .hostile(&ew_syn(), SHOT)
+        .drop(DropReason::TailCallFailed),
         Case::new(
             "the opener's ACK completes the handshake: both entries move from CT_NEW to CT",
             Prog::Task,
@@ -1976,7 +1989,10 @@ impl Fixture {
         }
         let p: &mut SchedClassifier = ebpf.program_mut(prog.name()).unwrap().try_into().unwrap();
         p.load().unwrap();
-        ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
+        // The tail-called program under test is loaded already, and calls nothing.
+        if prog != Prog::NewFlowUnconfigured {
+            ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
+        }
         Fixture { ebpf, prog }
     }
 
