@@ -1,28 +1,22 @@
 //! The command line (SPEC §3). Each command checks its input, calls the module that owns the
 //! behaviour, and prints; `exit_code` maps errors to 1 or 2.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    agent, bench,
+    agent,
     flowfmt::{Filter, Format},
     flowlog::{self, FlowLogOptions},
     instance,
     instance::{InstanceError, UpOptions},
-    lab::{self, LabError, LabSpec},
-    loadgen, monitor,
+    monitor,
     netns::{self, NetnsError},
     paths::{self, InstancePaths},
-    progcost, report,
+    report,
     state::{self, PortMapping, Protocol, State, Task},
-    traffic,
 };
 
 #[derive(Debug, Parser)]
@@ -79,125 +73,27 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// The embedded bridge-mode host built in network namespaces.
-    #[command(subcommand)]
-    Lab(LabCmd),
-    /// Benchmark against Docker bridge mode and the machine's ceiling, on labs of its own.
-    Bench(BenchArgs),
+    /// The bridge-mode lab host in network namespaces (developer tooling, not shipped).
+    ///
+    /// Runs `ecsnet-lab lab ...`: the ecsnet-lab binary next to this one, else on PATH. It is
+    /// built from ecsnet's repository with `cargo build -p ecsnet-lab`.
+    #[command(disable_help_flag = true)]
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Benchmark against bridge mode and the ceiling (developer tooling, not shipped).
+    ///
+    /// Runs `ecsnet-lab bench ...`: the ecsnet-lab binary next to this one, else on PATH. It
+    /// is built from ecsnet's repository with `cargo build -p ecsnet-lab`.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Run the agent in the foreground (what `up` starts).
     #[command(hide = true)]
     Agent,
-}
-
-#[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub cmd: Option<BenchCmd>,
-    /// Every metric once with 1-second runs: proves the benchmark works in under two minutes.
-    #[arg(long)]
-    pub quick: bool,
-    /// Rounds per metric and mode; the median is reported [default: 5, --quick 1].
-    #[arg(long)]
-    pub rounds: Option<usize>,
-    /// Seconds per tool run [default: 3, --quick 1].
-    #[arg(long)]
-    pub seconds: Option<u64>,
-    /// Write the chart here (SVG).
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
-    /// No progress line on stderr.
-    #[arg(long)]
-    pub no_progress: bool,
-    /// TCP congestion control of every socket the benchmark measures with (iperf3's and its
-    /// own clients' and servers'). cubic is Linux's default; bbr
-    /// paces with a timer, and on a small VM its throughput measures timer wake-ups more than
-    /// the datapath (docs/BENCHMARKS.md).
-    #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
-    pub congestion: String,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCmd {
-    /// iperf3 throughput with flow logging on and off (1 s windows), on a lab of its own.
-    FlowLogs {
-        /// Rounds per mode and path; modes alternate which goes first. The median is reported.
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Seconds per iperf3 run.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// XDP on the lab's veth uplink, as `up --xdp-mode`: auto (the default: off on a veth),
-        /// native, skb or off.
-        #[arg(long, default_value = "auto")]
-        xdp_mode: String,
-        /// TCP congestion control of iperf3's sockets, as `bench --congestion`.
-        #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
-        congestion: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// The benchmark's server: echo until the client closes on one port, one reply per
-    /// connection on another.
-    #[command(hide = true)]
-    Serve {
-        #[arg(long)]
-        rr_port: Option<u16>,
-        #[arg(long)]
-        crr_port: Option<u16>,
-        /// Run on this CPU only.
-        #[arg(long)]
-        cpu: Option<usize>,
-        /// TCP congestion control of the listening sockets (their connections inherit it).
-        #[arg(long)]
-        congestion: Option<String>,
-    },
-    /// Request/response latency on one TCP connection (JSON).
-    #[command(hide = true)]
-    Rr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        seconds: u64,
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Run on this CPU only.
-        #[arg(long)]
-        cpu: Option<usize>,
-        /// TCP congestion control of the connection.
-        #[arg(long)]
-        congestion: Option<String>,
-    },
-    /// New connections per second, one round trip each (JSON).
-    #[command(hide = true)]
-    Crr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        seconds: u64,
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// TCP congestion control of the connections.
-        #[arg(long)]
-        congestion: Option<String>,
-    },
-    /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
-    PolicyCost {
-        #[arg(long, default_value_t = 10_000)]
-        rules: usize,
-        #[arg(long, default_value_t = 100)]
-        groups: usize,
-        /// Runs per measurement (the kernel reports their average).
-        #[arg(long, default_value_t = 100_000)]
-        repeat: u32,
-        /// Measurements per case, alternating 1 rule and many; the median is reported.
-        #[arg(long, default_value_t = 15)]
-        rounds: usize,
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 #[derive(Debug, Args)]
@@ -323,59 +219,6 @@ pub enum SgCmd {
     },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum LabCmd {
-    /// Build the lab.
-    Up {
-        #[arg(long, default_value = "lab")]
-        name: String,
-        #[arg(long, default_value_t = 2)]
-        tasks: usize,
-        /// TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp], repeatable; HOSTPORT 0 is dynamic.
-        #[arg(long)]
-        publish: Vec<String>,
-        /// The benchmark's ceiling instead of a bridge-mode host: no bridge and no netfilter,
-        /// each task behind a /32 route; clients reach tasks at their own addresses.
-        #[arg(long)]
-        ceiling: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove the lab and everything in it.
-    Down {
-        #[arg(long, default_value = "lab")]
-        name: String,
-    },
-    /// Show the lab.
-    Status {
-        #[arg(long, default_value = "lab")]
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Echo server a lab task runs (started by `lab up`).
-    #[command(hide = true)]
-    Serve {
-        #[arg(long)]
-        tcp: Vec<u16>,
-        #[arg(long)]
-        udp: Vec<u16>,
-    },
-    /// Send known traffic to an echo server and check every echo.
-    Probe {
-        #[arg(long, conflicts_with = "udp", required_unless_present = "udp")]
-        tcp: Option<SocketAddr>,
-        #[arg(long)]
-        udp: Option<SocketAddr>,
-        #[arg(long, default_value_t = 10)]
-        count: u32,
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65000))]
-        size: u64,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 /// Bad values on the command line that clap cannot check.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
@@ -394,12 +237,11 @@ pub enum UsageError {
         file: String,
         error: state::StateError,
     },
-    #[error("echo check failed: {echoed} of {sent} {proto} messages came back")]
-    ProbeLost {
-        proto: &'static str,
-        echoed: u32,
-        sent: u32,
-    },
+    #[error(
+        "`ecsnet {command}` is developer tooling in the ecsnet-lab binary, which is neither next to \
+         ecsnet nor on PATH: build it from ecsnet's repository with `cargo build -p ecsnet-lab`"
+    )]
+    NoTooling { command: &'static str },
 }
 
 /// 2 for bad usage or input, 1 for anything else.
@@ -408,27 +250,13 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<InstanceError>() {
             return e.exit_code();
         }
-        if let Some(e) = cause.downcast_ref::<LabError>() {
-            return e.exit_code();
-        }
         if let Some(e) = cause.downcast_ref::<UsageError>() {
             return match e {
-                UsageError::ProbeLost { .. } => 1,
+                UsageError::NoTooling { .. } => 1,
                 _ => 2,
             };
         }
-        if matches!(
-            cause.downcast_ref::<crate::bench::BenchError>(),
-            Some(crate::bench::BenchError::Usage | crate::bench::BenchError::Congestion { .. })
-        ) {
-            return 2;
-        }
-        if cause.downcast_ref::<NetnsError>().is_some()
-            || matches!(
-                cause.downcast_ref::<progcost::CostError>(),
-                Some(progcost::CostError::Usage)
-            )
-        {
+        if cause.downcast_ref::<NetnsError>().is_some() {
             return 2;
         }
     }
@@ -466,19 +294,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 })
         ),
     );
+    match &cli.cmd {
+        Cmd::Lab { args } => return Err(run_tooling("lab", &cli, args)),
+        Cmd::Bench { args } => return Err(run_tooling("bench", &cli, args)),
+        _ => {}
+    }
     paths::check_name("instance", &cli.instance).map_err(UsageError::BadName)?;
     let inst = InstancePaths::new(&cli.instance);
-    // The lab and the benchmark build their own namespaces; the benchmark's helpers (`bench
-    // serve`, `rr`, `crr`) run where they are started (`ip netns exec`). Only instance commands
-    // follow the instance, without --netns, to where `up` ran (also `up` after a crash).
-    let own_netns = matches!(cli.cmd, Cmd::Lab(_) | Cmd::Bench(_));
+    // Instance commands follow the instance, without --netns, to where `up` ran (also `up`
+    // after a crash).
     let netns = match &cli.netns {
         Some(ns) => Some(ns.clone()),
-        None if !own_netns => instance::read_meta(&inst)
+        None => instance::read_meta(&inst)
             .ok()
             .flatten()
             .and_then(|m| m.netns),
-        None => None,
     };
     if let Some(ns) = &netns {
         // `down` must work even when the namespace is already gone.
@@ -593,97 +423,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", report::render(&s));
             }
         }
-        Cmd::Lab(l) => lab_cmd_run(l)?,
-        Cmd::Bench(b) => bench_cmd_run(b)?,
+        Cmd::Lab { .. } | Cmd::Bench { .. } => unreachable!("handed to ecsnet-lab above"),
         Cmd::Agent => agent::run(&inst)?,
-    }
-    Ok(())
-}
-
-fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
-    match b.cmd {
-        None => {
-            let base = if b.quick {
-                bench::BenchOptions::quick()
-            } else {
-                bench::BenchOptions::full()
-            };
-            let o = bench::BenchOptions {
-                rounds: b.rounds.unwrap_or(base.rounds),
-                seconds: b.seconds.unwrap_or(base.seconds),
-                svg: b.svg,
-                progress: !b.no_progress,
-                congestion: b.congestion,
-                ..base
-            };
-            let r = bench::run(&o, b.quick)?;
-            if b.json {
-                print_json(&r);
-            } else {
-                print!("{}", bench::render(&r));
-            }
-        }
-        Some(BenchCmd::FlowLogs {
-            rounds,
-            seconds,
-            xdp_mode,
-            congestion,
-            json,
-        }) => {
-            let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
-            if json {
-                print_json(&b);
-            } else {
-                print!("{}", bench::render_flow_logs(&b));
-            }
-        }
-        Some(BenchCmd::Serve {
-            rr_port,
-            crr_port,
-            cpu,
-            congestion,
-        }) => {
-            if let Some(cpu) = cpu {
-                loadgen::pin_to(cpu)?;
-            }
-            loadgen::serve(rr_port, crr_port, congestion.as_deref())?
-        }
-        Some(BenchCmd::Rr {
-            to,
-            seconds,
-            size,
-            cpu,
-            congestion,
-        }) => {
-            if let Some(cpu) = cpu {
-                loadgen::pin_to(cpu)?;
-            }
-            let r = loadgen::rr(to, seconds, size, congestion.as_deref())?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        Some(BenchCmd::Crr {
-            to,
-            seconds,
-            threads,
-            congestion,
-        }) => {
-            let r = loadgen::crr(to, seconds, threads, congestion.as_deref())?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        Some(BenchCmd::PolicyCost {
-            rules,
-            groups,
-            repeat,
-            rounds,
-            json,
-        }) => {
-            let c = progcost::policy_cost(rules, groups, repeat, rounds)?;
-            if json {
-                print_json(&c);
-            } else {
-                print!("{}", progcost::render(&c));
-            }
-        }
     }
     Ok(())
 }
@@ -921,84 +662,24 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
-    match cmd {
-        LabCmd::Up {
-            name,
-            tasks,
-            publish,
-            ceiling,
-            json,
-        } => {
-            let publish = publish
-                .iter()
-                .map(|p| lab::parse_publish(p, tasks))
-                .collect::<Result<Vec<_>, LabError>>()?;
-            let status = lab::up(&LabSpec {
-                name,
-                tasks,
-                publish,
-                ceiling,
-                ..LabSpec::default()
-            })?;
-            if json {
-                print_json(&status);
-            } else {
-                print!("{}", lab::render(&status));
-            }
-        }
-        LabCmd::Down { name } => {
-            let r = lab::down(&name)?;
-            println!(
-                "lab {name} down: {} namespace(s) deleted, {} process(es) stopped{}",
-                r.namespaces.len(),
-                r.killed,
-                if r.instances.is_empty() {
-                    String::new()
-                } else {
-                    format!(", instance(s) {} taken down", r.instances.join(", "))
-                }
-            );
-        }
-        LabCmd::Status { name, json } => {
-            let s = lab::status(&name)?;
-            if json {
-                print_json(&s);
-            } else {
-                print!("{}", lab::render(&s));
-            }
-        }
-        LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
-        LabCmd::Probe {
-            tcp,
-            udp,
-            count,
-            size,
-            json,
-        } => {
-            let timeout = Duration::from_secs(2);
-            let r = match (tcp, udp) {
-                (Some(a), _) => traffic::probe_tcp(a, count, size as usize, timeout)?,
-                (None, Some(a)) => traffic::probe_udp(a, count, size as usize, timeout)?,
-                (None, None) => unreachable!("clap requires one of --tcp and --udp"),
-            };
-            if json {
-                println!("{}", serde_json::to_string(&r).expect("report serializes"));
-            } else {
-                println!(
-                    "{} {}: {} of {} messages of {} bytes echoed, p50 {} us",
-                    r.protocol, r.target, r.echoed, r.messages, r.size, r.p50_us
-                );
-            }
-            if r.echoed != r.messages {
-                return Err(UsageError::ProbeLost {
-                    proto: r.protocol,
-                    echoed: r.echoed,
-                    sent: r.messages,
-                }
-                .into());
-            }
-        }
+/// Hands `ecsnet lab|bench ARGS` to the `ecsnet-lab` binary, as git and cargo run external
+/// subcommands: the one next to this executable, else the first on PATH. Only returns on failure.
+fn run_tooling(command: &'static str, cli: &Cli, args: &[OsString]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("ecsnet-lab")))
+        .filter(|p| p.is_file());
+    let Some(tool) = beside.or_else(|| which::which("ecsnet-lab").ok()) else {
+        return UsageError::NoTooling { command }.into();
+    };
+    let mut cmd = std::process::Command::new(&tool);
+    if let Some(ns) = &cli.netns {
+        cmd.args(["--netns", ns]);
     }
-    Ok(())
+    for _ in 0..cli.verbose {
+        cmd.arg("-v");
+    }
+    let err = cmd.arg(command).args(args).exec();
+    anyhow::Error::new(err).context(format!("cannot run {}", tool.display()))
 }

@@ -2,13 +2,11 @@
 //! `compile` (state into map entries) -> `maps` and `datapath` (write them, attach, pin) ->
 //! `instance` (up/apply/down) -> `agent` (the long-running side: `flowlog` export, `monitor`
 //! events, `metrics`) -> `cli`. `flowfmt` renders flow-log records in AWS's formats.
-//! `lab` builds the bridge-mode test host; `traffic` is its echo server and probe.
+//! The lab and the benchmark are developer tooling in the `ecsnet-lab` crate, not shipped.
 
 pub mod agent;
 pub mod arp;
 pub mod batch;
-pub mod bench;
-pub mod chart;
 pub mod cli;
 pub mod compile;
 pub mod conns;
@@ -16,8 +14,6 @@ pub mod datapath;
 pub mod flowfmt;
 pub mod flowlog;
 pub mod instance;
-pub mod lab;
-pub mod loadgen;
 pub mod maps;
 pub mod metrics;
 pub mod monitor;
@@ -26,7 +22,5 @@ pub mod netns;
 pub mod paths;
 pub mod policy;
 pub mod process;
-pub mod progcost;
 pub mod report;
 pub mod state;
-pub mod traffic;

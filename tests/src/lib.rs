@@ -12,11 +12,13 @@ use std::{
 
 pub mod flood;
 
-pub use ecsnet::{lab::LabStatus, report::Stats};
+pub use ecsnet::report::Stats;
+pub use ecsnet_lab::lab::LabStatus;
 
 pub mod raw;
 
-/// The `ecsnet` binary under test: `$ECSNET_BIN`, else the workspace's debug build.
+/// The `ecsnet` binary under test: `$ECSNET_BIN`, else the workspace's debug build; the
+/// `ecsnet-lab` binary must be next to it.
 pub fn ecsnet_bin() -> PathBuf {
     let bin = std::env::var_os("ECSNET_BIN")
         .map(PathBuf::from)
@@ -28,11 +30,15 @@ pub fn ecsnet_bin() -> PathBuf {
                 });
             target.join("debug").join("ecsnet")
         });
-    assert!(
-        bin.is_file(),
-        "{} does not exist: build it with `cargo build -p ecsnet-userspace` (./x test does)",
-        bin.display()
-    );
+    // `ecsnet lab` and `ecsnet bench` run the ecsnet-lab binary found next to ecsnet.
+    for b in [bin.clone(), bin.with_file_name("ecsnet-lab")] {
+        assert!(
+            b.is_file(),
+            "{} does not exist: build it with `cargo build -p ecsnet-userspace -p ecsnet-lab` \
+             (./x test does)",
+            b.display()
+        );
+    }
     bin
 }
 

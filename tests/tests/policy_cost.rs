@@ -45,14 +45,14 @@ fn policy_cost_measures_every_case_with_the_verdict_it_is_meant_to() {
     assert!(line.contains("--groups"), "{line}");
 }
 
-/// `ecsnet::progcost::program_cost` measures every datapath program on the packet it is meant
+/// `ecsnet_lab::progcost::program_cost` measures every datapath program on the packet it is meant
 /// to: each case's verdict is the one its set-up should produce (the function itself fails on
 /// any other), and every time is a plausible per-packet time.
 #[test]
 fn program_cost_measures_every_program_with_the_verdict_it_is_meant_to() {
     require_root();
-    let costs = ecsnet::progcost::program_cost(1000, 1).expect("program_cost");
-    println!("{}", ecsnet::progcost::render_programs(&costs));
+    let costs = ecsnet_lab::progcost::program_cost(1000, 1).expect("program_cost");
+    println!("{}", ecsnet_lab::progcost::render_programs(&costs));
     // Each program's verdicts, in case order: XDP_PASS 2, TC_ACT_OK 0, TC_ACT_REDIRECT 7.
     let want: [(&str, &[u32]); 5] = [
         ("xdp_uplink", &[2]),
@@ -78,7 +78,7 @@ fn program_cost_measures_every_program_with_the_verdict_it_is_meant_to() {
         assert!(!c.case.is_empty(), "{c:?}");
         assert!(c.ns > 0 && c.ns < 1_000_000, "a run takes some ns: {c:?}");
     }
-    let text = ecsnet::progcost::render_programs(&costs);
+    let text = ecsnet_lab::progcost::render_programs(&costs);
     for (program, _) in want {
         assert!(text.contains(program), "{text}");
     }

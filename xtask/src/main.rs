@@ -68,8 +68,8 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         "--release",
         "--package",
         "ecsnet-userspace",
-        "--bin",
-        "ecsnet",
+        "--package",
+        "ecsnet-lab",
     ])?;
     let status = Command::new("target/release/ecsnet")
         .arg("bench")
@@ -80,10 +80,21 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The debug builds of `ecsnet` and of `ecsnet-lab` (which `ecsnet lab|bench` runs).
+fn build() -> anyhow::Result<()> {
+    cargo(&[
+        "build",
+        "--package",
+        "ecsnet-userspace",
+        "--package",
+        "ecsnet-lab",
+    ])
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     let t = Instant::now();
     say("building ecsnet (the datapath with the BPF nightly, then user space)");
-    cargo(&["build", "--package", "ecsnet-userspace", "--bin", "ecsnet"])?;
+    build()?;
     say(&format!(
         "built in {:.0}s; running every test",
         t.elapsed().as_secs_f64()
@@ -108,7 +119,7 @@ struct Step {
 
 fn demo(keep: bool) -> anyhow::Result<()> {
     say("building ecsnet");
-    cargo(&["build", "--package", "ecsnet-userspace", "--bin", "ecsnet"])?;
+    build()?;
     let name = "demo";
     if ecsnet_tests::ecsnet(&["lab", "status", "--name", name])
         .status

@@ -19,14 +19,21 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{
-    chart, flowlog,
-    lab::{self, LabSpec, LabStatus, LabTask, Publish},
-    loadgen::{CrrResult, RrResult},
+use ecsnet::{
+    flowlog,
     paths::InstancePaths,
-    progcost::{self, ProgramCost},
     state::{IpPermission, PortMapping, Protocol, SecurityGroup, State},
 };
+
+use crate::{
+    lab::{self, LabSpec, LabStatus, LabTask, Publish},
+    progcost::{self, ProgramCost},
+};
+
+pub mod chart;
+pub mod loadgen;
+
+use loadgen::{CrrResult, RrResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -80,7 +87,10 @@ const BENCH_CT_SIZE: &str = "524288";
 /// The labs of one run, taken down on drop (also on error or panic), with the servers it
 /// started.
 struct Labs {
-    exe: PathBuf,
+    /// The `ecsnet` binary under test.
+    ecsnet: PathBuf,
+    /// This binary, for the load generator's `bench serve|rr|crr`.
+    tool: PathBuf,
     names: Vec<String>,
     /// Instances brought up (their names are their labs' names).
     instances: Vec<String>,
@@ -92,8 +102,9 @@ struct Labs {
 impl Labs {
     fn new(congestion: &str) -> Result<Self, BenchError> {
         Ok(Labs {
-            exe: std::env::current_exe()
-                .map_err(|e| step("finding the ecsnet binary")(e.to_string()))?,
+            ecsnet: ecsnet_binary()?,
+            tool: std::env::current_exe()
+                .map_err(|e| step("finding the ecsnet-lab binary")(e.to_string()))?,
             names: Vec::new(),
             instances: Vec::new(),
             servers: Vec::new(),
@@ -102,26 +113,17 @@ impl Labs {
     }
 
     fn ecsnet(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.exe)
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-        }
+        run_for_stdout(&self.ecsnet, args)
     }
 
-    /// `ecsnet --netns NS ARGS` printing one JSON value.
-    fn ecsnet_json<T: DeserializeOwned>(&self, ns: &str, args: &[&str]) -> Result<T, BenchError> {
+    /// `ecsnet-lab --netns NS ARGS` (the load generator) printing one JSON value.
+    fn tool_json<T: DeserializeOwned>(&self, ns: &str, args: &[&str]) -> Result<T, BenchError> {
         let mut all = vec!["--netns", ns];
         all.extend_from_slice(args);
-        let what = format!("ecsnet {} in {ns}", args.join(" "));
-        let out = self.ecsnet(&all).map_err(step(what.clone()))?;
+        let what = format!("ecsnet-lab {} in {ns}", args.join(" "));
+        let out = run_for_stdout(&self.tool, &all).map_err(step(what.clone()))?;
         serde_json::from_str(&out).map_err(|e| step(what)(format!("{e}: {out}")))
     }
-
     fn lab_up(&mut self, spec: &LabSpec) -> Result<LabStatus, BenchError> {
         // Registered first: a half-built lab is taken down too.
         self.names.push(spec.name.clone());
@@ -142,7 +144,7 @@ impl Labs {
 
     /// iperf3 and the rr and crr servers in `ns`; the rr server on `RR_CPU`.
     fn servers_in(&mut self, ns: &str) -> Result<(), BenchError> {
-        let exe = self.exe.display().to_string();
+        let exe = self.tool.display().to_string();
         let cc = self.congestion.clone();
         let (rr, crr, cpu) = (
             RR_PORT.to_string(),
@@ -191,6 +193,34 @@ impl Drop for Labs {
         for name in &self.names {
             let _ = lab::down(name);
         }
+    }
+}
+
+/// The `ecsnet` binary the benchmark drives: the one next to this binary (a cargo build puts
+/// both in one folder), else the first on PATH.
+fn ecsnet_binary() -> Result<PathBuf, BenchError> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("ecsnet")))
+        .filter(|p| p.is_file())
+        .or_else(|| which::which("ecsnet").ok())
+        .ok_or_else(|| {
+            step("finding the ecsnet binary")(
+                "neither next to ecsnet-lab nor on PATH: cargo build -p ecsnet-userspace".into(),
+            )
+        })
+}
+
+/// Runs `exe ARGS`: its stdout, or its stderr when it fails.
+fn run_for_stdout(exe: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(exe)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
 }
 
@@ -842,7 +872,7 @@ fn measure(
         }
         Probe::Rr => {
             let to = SocketAddr::from((target, RR_PORT)).to_string();
-            let r: RrResult = rig.labs.ecsnet_json(
+            let r: RrResult = rig.labs.tool_json(
                 &ns,
                 &[
                     "bench",
@@ -864,7 +894,7 @@ fn measure(
         Probe::Crr => {
             let to = SocketAddr::from((target, CRR_PORT)).to_string();
             let threads = o.crr_threads.to_string();
-            let r: CrrResult = rig.labs.ecsnet_json(
+            let r: CrrResult = rig.labs.tool_json(
                 &ns,
                 &[
                     "bench",
@@ -1502,7 +1532,7 @@ mod tests {
                 .collect(),
         };
         let s = scaled_state(&status, 1000);
-        crate::state::validate(&s, crate::state::BridgeNet::default())
+        ecsnet::state::validate(&s, ecsnet::state::BridgeNet::default())
             .expect("the scaled state is valid");
         assert_eq!(s.security_groups[0].ip_permissions.len(), 1000);
         assert_eq!(s.tasks[0].port_mappings.len(), 1000);

@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
+use ecsnet::{
     netns,
     paths::{self, lab_dir},
     state::{Host, PortMapping, Protocol, State, Task},
@@ -650,7 +650,7 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         docker_bridge(&host)?;
     }
 
-    let ports = plan_ports(spec, crate::state::Host::default().ephemeral_ports);
+    let ports = plan_ports(spec, ecsnet::state::Host::default().ephemeral_ports);
     let mut tasks = Vec::new();
     for i in 1..=spec.tasks {
         let ns = task_ns(name, i);
@@ -841,7 +841,7 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
     let mut report = LabDown::default();
     // An instance whose agent lives in the lab's host namespace goes with it.
     for inst in instances_in(&host_ns(name)) {
-        if crate::instance::teardown(&crate::paths::InstancePaths::new(&inst)).is_ok() {
+        if ecsnet::instance::teardown(&ecsnet::paths::InstancePaths::new(&inst)).is_ok() {
             report.instances.push(inst);
         }
     }
@@ -871,13 +871,13 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(&dir)(e)),
     }
-    let _ = fs::remove_dir(crate::paths::RUN_DIR);
+    let _ = fs::remove_dir(ecsnet::paths::RUN_DIR);
     Ok(report)
 }
 
 /// Instances whose `up` ran in `netns`.
 fn instances_in(netns: &str) -> Vec<String> {
-    fs::read_dir(crate::paths::RUN_DIR)
+    fs::read_dir(ecsnet::paths::RUN_DIR)
         .into_iter()
         .flatten()
         .flatten()
@@ -885,7 +885,7 @@ fn instances_in(netns: &str) -> Vec<String> {
             let n = e.file_name().into_string().ok()?;
             let inst = n.strip_suffix(".d")?.to_owned();
             let meta =
-                crate::instance::read_meta(&crate::paths::InstancePaths::new(&inst)).ok()??;
+                ecsnet::instance::read_meta(&ecsnet::paths::InstancePaths::new(&inst)).ok()??;
             (meta.netns.as_deref() == Some(netns)).then_some(inst)
         })
         .collect()

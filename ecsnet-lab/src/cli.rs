@@ -1,0 +1,431 @@
+//! The `ecsnet-lab` command line: `lab ...` and `bench ...`, reached as `ecsnet lab ...` and
+//! `ecsnet bench ...` too (the shipped `ecsnet` runs this binary for them). Developer tooling only.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    bench::{self, loadgen},
+    lab::{self, LabError, LabSpec},
+    progcost, traffic,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ecsnet-lab",
+    version,
+    about = "ecsnet's developer tooling: the bridge-mode lab and the benchmark (not shipped)"
+)]
+pub struct Cli {
+    /// Run inside this named network namespace (entered with setns).
+    #[arg(long, global = true)]
+    pub netns: Option<String>,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// The embedded bridge-mode host built in network namespaces.
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Benchmark against Docker bridge mode and the machine's ceiling, on labs of its own.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BenchCmd>,
+    /// Every metric once with 1-second runs: proves the benchmark works in under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds per metric and mode; the median is reported [default: 5, --quick 1].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Seconds per tool run [default: 3, --quick 1].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Write the chart here (SVG).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// TCP congestion control of every socket the benchmark measures with (iperf3's and its
+    /// own clients' and servers'). cubic is Linux's default; bbr
+    /// paces with a timer, and on a small VM its throughput measures timer wake-ups more than
+    /// the datapath (docs/BENCHMARKS.md).
+    #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
+    pub congestion: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// iperf3 throughput with flow logging on and off (1 s windows), on a lab of its own.
+    FlowLogs {
+        /// Rounds per mode and path; modes alternate which goes first. The median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// XDP on the lab's veth uplink, as `up --xdp-mode`: auto (the default: off on a veth),
+        /// native, skb or off.
+        #[arg(long, default_value = "auto")]
+        xdp_mode: String,
+        /// TCP congestion control of iperf3's sockets, as `bench --congestion`.
+        #[arg(long, default_value = bench::DEFAULT_CONGESTION)]
+        congestion: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The benchmark's server: echo until the client closes on one port, one reply per
+    /// connection on another.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        rr_port: Option<u16>,
+        #[arg(long)]
+        crr_port: Option<u16>,
+        /// Run on this CPU only.
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// TCP congestion control of the listening sockets (their connections inherit it).
+        #[arg(long)]
+        congestion: Option<String>,
+    },
+    /// Request/response latency on one TCP connection (JSON).
+    #[command(hide = true)]
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Run on this CPU only.
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// TCP congestion control of the connection.
+        #[arg(long)]
+        congestion: Option<String>,
+    },
+    /// New connections per second, one round trip each (JSON).
+    #[command(hide = true)]
+    Crr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// TCP congestion control of the connections.
+        #[arg(long)]
+        congestion: Option<String>,
+    },
+    /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
+    PolicyCost {
+        #[arg(long, default_value_t = 10_000)]
+        rules: usize,
+        #[arg(long, default_value_t = 100)]
+        groups: usize,
+        /// Runs per measurement (the kernel reports their average).
+        #[arg(long, default_value_t = 100_000)]
+        repeat: u32,
+        /// Measurements per case, alternating 1 rule and many; the median is reported.
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCmd {
+    /// Build the lab.
+    Up {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 2)]
+        tasks: usize,
+        /// TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp], repeatable; HOSTPORT 0 is dynamic.
+        #[arg(long)]
+        publish: Vec<String>,
+        /// The benchmark's ceiling instead of a bridge-mode host: no bridge and no netfilter,
+        /// each task behind a /32 route; clients reach tasks at their own addresses.
+        #[arg(long)]
+        ceiling: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the lab and everything in it.
+    Down {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Show the lab.
+    Status {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Echo server a lab task runs (started by `lab up`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+    /// Send known traffic to an echo server and check every echo.
+    Probe {
+        #[arg(long, conflicts_with = "udp", required_unless_present = "udp")]
+        tcp: Option<SocketAddr>,
+        #[arg(long)]
+        udp: Option<SocketAddr>,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65000))]
+        size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What the lab's commands find wrong that clap cannot check.
+#[derive(Debug, thiserror::Error)]
+pub enum LabCliError {
+    #[error("echo check failed: {echoed} of {sent} {proto} messages came back")]
+    ProbeLost {
+        proto: &'static str,
+        echoed: u32,
+        sent: u32,
+    },
+}
+
+/// 2 for bad usage or input, 1 for anything else.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(e) = cause.downcast_ref::<LabError>() {
+            return e.exit_code();
+        }
+        if matches!(
+            cause.downcast_ref::<bench::BenchError>(),
+            Some(bench::BenchError::Usage | bench::BenchError::Congestion { .. })
+        ) || cause.downcast_ref::<ecsnet::netns::NetnsError>().is_some()
+            || matches!(
+                cause.downcast_ref::<progcost::CostError>(),
+                Some(progcost::CostError::Usage)
+            )
+        {
+            return 2;
+        }
+    }
+    1
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("output serializes")
+    );
+}
+
+/// Runs one command. `--netns` is entered first, while the process has a single thread.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(
+        match cli.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        },
+    ))
+    .format_target(false)
+    .try_init();
+    if let Some(ns) = &cli.netns {
+        ecsnet::netns::enter(ns)?;
+    }
+    match cli.cmd {
+        Cmd::Lab(l) => lab_cmd_run(l),
+        Cmd::Bench(b) => bench_cmd_run(b),
+    }
+}
+
+fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
+    match b.cmd {
+        None => {
+            let base = if b.quick {
+                bench::BenchOptions::quick()
+            } else {
+                bench::BenchOptions::full()
+            };
+            let o = bench::BenchOptions {
+                rounds: b.rounds.unwrap_or(base.rounds),
+                seconds: b.seconds.unwrap_or(base.seconds),
+                svg: b.svg,
+                progress: !b.no_progress,
+                congestion: b.congestion,
+                ..base
+            };
+            let r = bench::run(&o, b.quick)?;
+            if b.json {
+                print_json(&r);
+            } else {
+                print!("{}", bench::render(&r));
+            }
+        }
+        Some(BenchCmd::FlowLogs {
+            rounds,
+            seconds,
+            xdp_mode,
+            congestion,
+            json,
+        }) => {
+            let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
+            if json {
+                print_json(&b);
+            } else {
+                print!("{}", bench::render_flow_logs(&b));
+            }
+        }
+        Some(BenchCmd::Serve {
+            rr_port,
+            crr_port,
+            cpu,
+            congestion,
+        }) => {
+            if let Some(cpu) = cpu {
+                loadgen::pin_to(cpu)?;
+            }
+            loadgen::serve(rr_port, crr_port, congestion.as_deref())?
+        }
+        Some(BenchCmd::Rr {
+            to,
+            seconds,
+            size,
+            cpu,
+            congestion,
+        }) => {
+            if let Some(cpu) = cpu {
+                loadgen::pin_to(cpu)?;
+            }
+            let r = loadgen::rr(to, seconds, size, congestion.as_deref())?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Some(BenchCmd::Crr {
+            to,
+            seconds,
+            threads,
+            congestion,
+        }) => {
+            let r = loadgen::crr(to, seconds, threads, congestion.as_deref())?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Some(BenchCmd::PolicyCost {
+            rules,
+            groups,
+            repeat,
+            rounds,
+            json,
+        }) => {
+            let c = progcost::policy_cost(rules, groups, repeat, rounds)?;
+            if json {
+                print_json(&c);
+            } else {
+                print!("{}", progcost::render(&c));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up {
+            name,
+            tasks,
+            publish,
+            ceiling,
+            json,
+        } => {
+            let publish = publish
+                .iter()
+                .map(|p| lab::parse_publish(p, tasks))
+                .collect::<Result<Vec<_>, LabError>>()?;
+            let status = lab::up(&LabSpec {
+                name,
+                tasks,
+                publish,
+                ceiling,
+                ..LabSpec::default()
+            })?;
+            if json {
+                print_json(&status);
+            } else {
+                print!("{}", lab::render(&status));
+            }
+        }
+        LabCmd::Down { name } => {
+            let r = lab::down(&name)?;
+            println!(
+                "lab {name} down: {} namespace(s) deleted, {} process(es) stopped{}",
+                r.namespaces.len(),
+                r.killed,
+                if r.instances.is_empty() {
+                    String::new()
+                } else {
+                    format!(", instance(s) {} taken down", r.instances.join(", "))
+                }
+            );
+        }
+        LabCmd::Status { name, json } => {
+            let s = lab::status(&name)?;
+            if json {
+                print_json(&s);
+            } else {
+                print!("{}", lab::render(&s));
+            }
+        }
+        LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
+        LabCmd::Probe {
+            tcp,
+            udp,
+            count,
+            size,
+            json,
+        } => {
+            let timeout = Duration::from_secs(2);
+            let r = match (tcp, udp) {
+                (Some(a), _) => traffic::probe_tcp(a, count, size as usize, timeout)?,
+                (None, Some(a)) => traffic::probe_udp(a, count, size as usize, timeout)?,
+                (None, None) => unreachable!("clap requires one of --tcp and --udp"),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("report serializes"));
+            } else {
+                println!(
+                    "{} {}: {} of {} messages of {} bytes echoed, p50 {} us",
+                    r.protocol, r.target, r.echoed, r.messages, r.size, r.p50_us
+                );
+            }
+            if r.echoed != r.messages {
+                return Err(LabCliError::ProbeLost {
+                    proto: r.protocol,
+                    echoed: r.echoed,
+                    sent: r.messages,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
