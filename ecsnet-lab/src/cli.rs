@@ -221,7 +221,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if matches!(
             cause.downcast_ref::<bench::BenchError>(),
             Some(bench::BenchError::Usage | bench::BenchError::Congestion { .. })
-        ) || cause.downcast_ref::<ecsnet::netns::NetnsError>().is_some()
+        ) || cause
+            .downcast_ref::<ecsnet::host::netns::NetnsError>()
+            .is_some()
             || matches!(
                 cause.downcast_ref::<progcost::CostError>(),
                 Some(progcost::CostError::Usage)
@@ -252,7 +254,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     .format_target(false)
     .try_init();
     if let Some(ns) = &cli.netns {
-        ecsnet::netns::enter(ns)?;
+        ecsnet::host::netns::enter(ns)?;
     }
     match cli.cmd {
         Cmd::Lab(l) => lab_cmd_run(l),

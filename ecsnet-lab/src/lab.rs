@@ -13,9 +13,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use ecsnet::{
-    netns,
-    paths::{self, lab_dir},
+    host::netns,
     state::{Host, PortMapping, Protocol, State, Task},
+    store::paths::{self, lab_dir},
 };
 
 pub const UPLINK: &str = "eth0";
@@ -841,7 +841,7 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
     let mut report = LabDown::default();
     // An instance whose agent lives in the lab's host namespace goes with it.
     for inst in instances_in(&host_ns(name)) {
-        if ecsnet::instance::teardown(&ecsnet::paths::InstancePaths::new(&inst)).is_ok() {
+        if ecsnet::instance::teardown(&ecsnet::store::paths::InstancePaths::new(&inst)).is_ok() {
             report.instances.push(inst);
         }
     }
@@ -871,13 +871,13 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(&dir)(e)),
     }
-    let _ = fs::remove_dir(ecsnet::paths::RUN_DIR);
+    let _ = fs::remove_dir(ecsnet::store::paths::RUN_DIR);
     Ok(report)
 }
 
 /// Instances whose `up` ran in `netns`.
 fn instances_in(netns: &str) -> Vec<String> {
-    fs::read_dir(ecsnet::paths::RUN_DIR)
+    fs::read_dir(ecsnet::store::paths::RUN_DIR)
         .into_iter()
         .flatten()
         .flatten()
@@ -885,7 +885,8 @@ fn instances_in(netns: &str) -> Vec<String> {
             let n = e.file_name().into_string().ok()?;
             let inst = n.strip_suffix(".d")?.to_owned();
             let meta =
-                ecsnet::instance::read_meta(&ecsnet::paths::InstancePaths::new(&inst)).ok()??;
+                ecsnet::instance::read_meta(&ecsnet::store::paths::InstancePaths::new(&inst))
+                    .ok()??;
             (meta.netns.as_deref() == Some(netns)).then_some(inst)
         })
         .collect()

@@ -38,9 +38,9 @@ use ecsnet_common::{
 use serde::Serialize;
 
 use ecsnet::{
-    datapath::DATAPATH,
     flowlog,
-    policy::Compiled,
+    kernel::datapath::DATAPATH,
+    plan::sg::Compiled,
     state::{self, IpPermission, PortMapping, Protocol, SecurityGroup, State, Task},
 };
 
@@ -86,7 +86,7 @@ pub enum CostError {
     #[error("{0}: {1}")]
     Program(&'static str, aya::programs::ProgramError),
     #[error("{0}")]
-    TailCalls(ecsnet::datapath::DatapathError),
+    TailCalls(ecsnet::kernel::datapath::DatapathError),
     #[error("map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
     #[error("the generated security groups do not compile: {0}")]
@@ -306,7 +306,7 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), CostErro
         }
         .map_err(|e| CostError::Program(name, e))?;
     }
-    ecsnet::datapath::load_tail_called(ebpf).map_err(CostError::TailCalls)
+    ecsnet::kernel::datapath::load_tail_called(ebpf).map_err(CostError::TailCalls)
 }
 
 /// A datapath in memory with `state`'s one task and policy written to its maps.

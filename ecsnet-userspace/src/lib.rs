@@ -1,26 +1,17 @@
-//! ecsnet user space. Modules follow the data's path: `state` (parse and validate) ->
-//! `compile` (state into map entries) -> `maps` and `datapath` (write them, attach, pin) ->
-//! `instance` (up/apply/down) -> `agent` (the long-running side: `flowlog` export, `monitor`
-//! events, `metrics`) -> `cli`. `flowfmt` renders flow-log records in AWS's formats.
-//! The lab and the benchmark are developer tooling in the `ecsnet-lab` crate, not shipped.
+//! ecsnet user space, the shipped `ecsnet` binary. Rooms follow the data's path, each depending
+//! only on rooms before it: `state` (the state file: parse, validate) -> `plan` (pure: every
+//! map entry and security-group rule) -> `host` (the live host: netlink, ARP, namespaces) and
+//! `kernel` (load, attach, pin, write entries, batch reads) -> `store` (run files) -> `flowlog`
+//! (export, records, formats) -> `instance` (up, apply, down) -> `agent` (loop, GC, control,
+//! monitor, metrics, stats) -> `cli`. The lab and the benchmark are developer tooling in the
+//! `ecsnet-lab` crate, not shipped.
 
 pub mod agent;
-pub mod arp;
-pub mod batch;
 pub mod cli;
-pub mod compile;
-pub mod conns;
-pub mod datapath;
-pub mod flowfmt;
 pub mod flowlog;
+pub mod host;
 pub mod instance;
-pub mod maps;
-pub mod metrics;
-pub mod monitor;
-pub mod netlink;
-pub mod netns;
-pub mod paths;
-pub mod policy;
-pub mod process;
-pub mod report;
+pub mod kernel;
+pub mod plan;
 pub mod state;
+pub mod store;

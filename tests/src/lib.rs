@@ -12,7 +12,7 @@ use std::{
 
 pub mod flood;
 
-pub use ecsnet::report::Stats;
+pub use ecsnet::agent::stats::Stats;
 pub use ecsnet_lab::lab::LabStatus;
 
 pub mod raw;

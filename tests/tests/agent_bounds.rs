@@ -383,7 +383,7 @@ fn idle_connections_to_the_metrics_port_do_not_disable_the_agent() {
         &lab,
         "metrics",
         flood.connected,
-        ecsnet::metrics::LIMITS.cap,
+        ecsnet::agent::metrics::LIMITS.cap,
     );
     // Last, so a broken agent shows first which promise it broke.
     drop(flood);

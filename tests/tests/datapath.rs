@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ecsnet::paths::InstancePaths;
+use ecsnet::store::paths::InstancePaths;
 use ecsnet_common::ct::{DIR_ORIGINAL, KIND_MASQUERADE};
 use ecsnet_tests::{
     Background, Lab, csum_errors, ecsnet_ok, in_netns, iperf3, netfilter_packets,
@@ -223,7 +223,7 @@ fn masquerade_keeps_a_free_source_port_and_reallocates_a_taken_one() {
         assert_eq!(from, "10.10.0.2:9000");
     }
     let paths = InstancePaths::new(&lab.name);
-    let ct = ecsnet::maps::read_ct(&paths).unwrap();
+    let ct = ecsnet::kernel::maps::read_ct(&paths).unwrap();
     let mapping = |task: [u8; 4]| {
         ct.iter()
             .find(|(_, k, e)| {
@@ -415,7 +415,7 @@ fn a_full_assured_table_evicts_nothing_new_flows_still_work_and_garbage_collecti
     let deadline = Instant::now() + Duration::from_secs(15);
     let paths = InstancePaths::new(&lab.name);
     let tcp_entries = || {
-        ecsnet::maps::read_ct(&paths)
+        ecsnet::kernel::maps::read_ct(&paths)
             .unwrap()
             .iter()
             .filter(|(_, k, _)| k.proto == ecsnet_common::ct::PROTO_TCP)

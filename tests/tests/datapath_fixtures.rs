@@ -1930,7 +1930,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(prog: Prog, seeds: &[Seed]) -> Fixture {
-        let mut ebpf = Ebpf::load(ecsnet::datapath::DATAPATH)
+        let mut ebpf = Ebpf::load(ecsnet::kernel::datapath::DATAPATH)
             .expect("the datapath object loads: does this kernel have BTF and tcx?");
         {
             let mut m: Array<&mut MapData, Config> =
@@ -1991,7 +1991,8 @@ impl Fixture {
         p.load().unwrap();
         // The tail-called program under test is loaded already, and calls nothing.
         if prog != Prog::NewFlowUnconfigured {
-            ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
+            ecsnet::kernel::datapath::load_tail_called(&mut ebpf)
+                .expect("the tail-called programs load");
         }
         Fixture { ebpf, prog }
     }

@@ -1428,7 +1428,7 @@ impl Fixture {
             loader.map_max_entries(MAP_FLOWS, n);
         }
         let mut ebpf = loader
-            .load(ecsnet::datapath::DATAPATH)
+            .load(ecsnet::kernel::datapath::DATAPATH)
             .expect("the datapath object loads: does this kernel have BTF and tcx?");
         {
             let mut m: Array<&mut MapData, Config> =
@@ -1523,7 +1523,8 @@ impl Fixture {
                 p.load().unwrap();
             }
         }
-        ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
+        ecsnet::kernel::datapath::load_tail_called(&mut ebpf)
+            .expect("the tail-called programs load");
         Fixture { ebpf }
     }
 

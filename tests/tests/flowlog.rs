@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ecsnet::paths::InstancePaths;
+use ecsnet::store::paths::InstancePaths;
 use ecsnet_tests::{Lab, ecsnet_fails, ecsnet_ok, in_netns, ns_exec};
 use serde_json::{Value, json};
 

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ecsnet::paths::InstancePaths;
+use ecsnet::store::paths::InstancePaths;
 use ecsnet_tests::{Lab, Stats, ecsnet_ok, in_netns, ns_exec};
 use nix::{
     sys::{

@@ -193,7 +193,7 @@ fn cases() -> Vec<Case> {
 
 fn load() -> Ebpf {
     ecsnet_tests::require_root();
-    Ebpf::load(ecsnet::datapath::DATAPATH)
+    Ebpf::load(ecsnet::kernel::datapath::DATAPATH)
         .expect("the datapath object loads: does this kernel have BTF and tcx?")
 }
 
@@ -268,7 +268,7 @@ fn tc_programs_count_and_pass_every_fixture() {
         let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         p.load().unwrap();
     }
-    ecsnet::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
+    ecsnet::kernel::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
     for name in [
         "tc_task_ingress",
         "tc_task_egress",

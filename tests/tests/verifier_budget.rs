@@ -25,7 +25,7 @@ const TC_PROGRAMS: [&str; 5] = [
 #[test]
 fn every_program_verifies_with_room_to_spare() {
     ecsnet_tests::require_root();
-    let mut ebpf = Ebpf::load(ecsnet::datapath::DATAPATH)
+    let mut ebpf = Ebpf::load(ecsnet::kernel::datapath::DATAPATH)
         .expect("the datapath object loads: does this kernel have BTF and tcx?");
     let mut counts = Vec::new();
     for name in TC_PROGRAMS {

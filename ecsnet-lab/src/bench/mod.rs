@@ -21,8 +21,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use ecsnet::{
     flowlog,
-    paths::InstancePaths,
     state::{IpPermission, PortMapping, Protocol, SecurityGroup, State},
+    store::paths::InstancePaths,
 };
 
 use crate::{

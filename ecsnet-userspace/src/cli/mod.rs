@@ -8,15 +8,15 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     agent,
-    flowfmt::{Filter, Format},
+    agent::monitor,
+    agent::stats,
+    flowlog::format::{Filter, Format},
     flowlog::{self, FlowLogOptions},
+    host::netns::{self, NetnsError},
     instance,
     instance::{InstanceError, UpOptions},
-    monitor,
-    netns::{self, NetnsError},
-    paths::{self, InstancePaths},
-    report,
     state::{self, PortMapping, Protocol, State, Task},
+    store::paths::{self, InstancePaths},
 };
 
 #[derive(Debug, Parser)]
@@ -416,11 +416,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             monitor::follow(&inst, json)?;
         }
         Cmd::Stats { json } => {
-            let s = report::stats(&inst)?;
+            let s = stats::stats(&inst)?;
             if json {
                 print_json(&s);
             } else {
-                print!("{}", report::render(&s));
+                print!("{}", stats::render(&s));
             }
         }
         Cmd::Lab { .. } | Cmd::Bench { .. } => unreachable!("handed to ecsnet-lab above"),
@@ -649,7 +649,7 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
                             println!("  {dir} (none)");
                         }
                         for p in perms {
-                            println!("  {dir} {}", crate::policy::describe(p, inbound));
+                            println!("  {dir} {}", crate::plan::sg::describe(p, inbound));
                         }
                     }
                 }

@@ -23,7 +23,7 @@ use ecsnet_common::{
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
-use crate::{batch, paths::InstancePaths, policy::Compiled};
+use crate::{kernel::batch, plan::sg::Compiled, store::paths::InstancePaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {

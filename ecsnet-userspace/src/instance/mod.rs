@@ -1,6 +1,8 @@
 //! One loaded copy of ecsnet: `up`, `apply`, `down` and what they record. Every input is
 //! checked before the first change, and a failed `up` takes back what it did.
 
+pub mod process;
+
 use std::{
     collections::HashMap,
     fs,
@@ -17,15 +19,15 @@ use nix::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile, datapath,
-    datapath::DatapathError,
     flowlog::{self, FlowLogOptions},
-    maps::{self, MapsError},
-    netlink::{NetlinkError, Snapshot},
-    paths::InstancePaths,
-    policy::Compiled,
-    process,
+    host::netlink::{NetlinkError, Snapshot},
+    kernel::datapath,
+    kernel::datapath::DatapathError,
+    kernel::maps::{self, MapsError},
+    plan::entries,
+    plan::sg::Compiled,
     state::{self, BridgeNet, LoadError, State, StateError},
+    store::paths::InstancePaths,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +55,7 @@ pub enum InstanceError {
     #[error("bad --ct-timeouts: {0}")]
     Timeouts(String),
     #[error(transparent)]
-    Config(#[from] compile::ConfigError),
+    Config(#[from] entries::ConfigError),
     #[error(transparent)]
     State(#[from] LoadError),
     #[error("{file}: {error}")]
@@ -313,7 +315,7 @@ pub fn up(
         });
     }
     let xdp_choice = xdp_mode(&opts.xdp_mode)?;
-    compile::parse_timeouts(&opts.ct_timeouts).map_err(InstanceError::Timeouts)?;
+    entries::parse_timeouts(&opts.ct_timeouts).map_err(InstanceError::Timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
     // A state file may name the uplink and bridge; flags win.
@@ -352,7 +354,7 @@ pub fn up(
         );
     }
     let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
-    let config = compile::config_entry(&snap, uplink_index, bridge_index)?;
+    let config = entries::config_entry(&snap, uplink_index, bridge_index)?;
     // A datapath that is still loaded keeps the table it has.
     let ct_size = match previous.as_ref() {
         Some(m) if datapath::is_loaded(paths) && m.ct_size != 0 => m.ct_size,
@@ -414,7 +416,7 @@ pub fn up(
                 }
             })?;
         meta.xdp_mode = attached.to_owned();
-        maps::write_iface(paths, uplink_index, compile::uplink_entry(uplink_index).1)?;
+        maps::write_iface(paths, uplink_index, entries::uplink_entry(uplink_index).1)?;
         if lock.is_none() {
             let dir = paths.run_dir();
             fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -424,9 +426,9 @@ pub fn up(
         let mut config = config;
         if let Some(plan) = &plan {
             commit(paths, plan, false)?;
-            config.flags = compile::config_flags(&plan.state.host);
+            config.flags = entries::config_flags(&plan.state.host);
         }
-        maps::write_local_addrs(paths, &compile::local_addr_entries(&snap))?;
+        maps::write_local_addrs(paths, &entries::local_addr_entries(&snap))?;
         flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
             .map_err(InstanceError::FlowLog)?;
         // Last: with CONFIG written the datapath starts translating.
@@ -451,7 +453,7 @@ pub fn up(
 #[derive(Debug)]
 pub struct Plan {
     pub state: State,
-    pub tasks: Vec<compile::ResolvedTask>,
+    pub tasks: Vec<entries::ResolvedTask>,
     /// The security groups compiled in the generation the live tries do not use.
     pub policy: Compiled,
 }
@@ -487,14 +489,14 @@ fn plan_state(
         },
     )
     .map_err(resolve_err)?;
-    let mut tasks = compile::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
+    let mut tasks = entries::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
     ask_macs(snap, meta, &mut tasks);
     let previous = match read_applied(paths)? {
-        Some(applied) => compile::dynamic_ports_of(&applied, &requested),
+        Some(applied) => entries::dynamic_ports_of(&applied, &requested),
         None => HashMap::new(),
     };
     let mut state = requested;
-    compile::assign_dynamic_ports(&mut state, &previous).map_err(resolve_err)?;
+    entries::assign_dynamic_ports(&mut state, &previous).map_err(resolve_err)?;
     for (t, r) in state.tasks.iter_mut().zip(&tasks) {
         t.interface = Some(r.ifname.clone());
     }
@@ -514,7 +516,7 @@ fn plan_state(
 
 /// Asks by ARP for the MACs the host does not know yet; a task that does not answer gets its MAC
 /// learned by the datapath from its first packet.
-fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [compile::ResolvedTask]) {
+fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
     let unknown: Vec<Ipv4Addr> = tasks
         .iter()
         .filter(|t| t.mac == [0; 6])
@@ -526,7 +528,7 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [compile::ResolvedTask]) {
     ) else {
         return;
     };
-    match crate::arp::resolve(
+    match crate::host::arp::resolve(
         meta.bridge_index,
         mac,
         ip,
@@ -556,11 +558,11 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
     maps::write_policy(paths, &plan.policy)?;
-    let (by_addr, by_if) = compile::task_entries(&plan.tasks, &plan.policy);
+    let (by_addr, by_if) = entries::task_entries(&plan.tasks, &plan.policy);
     maps::write_tasks(paths, &by_addr, &by_if)?;
-    maps::write_ports(paths, &compile::port_entries(&plan.state))?;
+    maps::write_ports(paths, &entries::port_entries(&plan.state))?;
     let mut cfg = maps::read_config(paths)?;
-    cfg.flags = compile::config_flags(&plan.state.host);
+    cfg.flags = entries::config_flags(&plan.state.host);
     maps::write_config(paths, &cfg)?;
     maps::remove_stale_policy(paths, &plan.policy)?;
     for ifindex in datapath::attached_ifindexes(paths) {
@@ -571,7 +573,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     }
     let cut = if reset_flows {
         maps::remove_flows(paths, |k, e| {
-            !crate::policy::flow_allowed(&plan.policy, k, e)
+            !crate::plan::sg::flow_allowed(&plan.policy, k, e)
         })?
     } else {
         0
@@ -663,7 +665,7 @@ pub fn teardown(paths: &InstancePaths) -> Result<DownReport, InstanceError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(&dir)(e)),
     }
-    let _ = fs::remove_dir(crate::paths::RUN_DIR);
+    let _ = fs::remove_dir(crate::store::paths::RUN_DIR);
     Ok(report)
 }
 

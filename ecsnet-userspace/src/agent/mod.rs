@@ -5,6 +5,14 @@
 //! no number of connections starves the threads or fills the log. The datapath does not depend
 //! on it: it can be killed at any time and started again with `ecsnet up`.
 
+pub mod conns;
+pub mod metrics;
+pub mod monitor;
+pub mod stats;
+
+use conns::{Counters, Limits, RateLimited, Slot, Slots};
+use stats::AgentStats;
+
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -21,12 +29,7 @@ use tokio::{
     sync::{Semaphore, broadcast},
 };
 
-use crate::{
-    conns::{self, Counters, Limits, RateLimited, Slot, Slots},
-    flowlog, instance, maps, metrics, monitor,
-    paths::InstancePaths,
-    report::{self, AgentStats},
-};
+use crate::{flowlog, instance, kernel::maps, store::paths::InstancePaths};
 
 /// Event lines buffered for each monitor; one that falls further behind is told how many it lost.
 const MONITOR_BACKLOG: usize = 4096;
@@ -117,7 +120,7 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
         }
     }
-    let timeouts = crate::compile::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
+    let timeouts = crate::plan::entries::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
     spawn_housekeeping(
         paths.clone(),
         timeouts,
@@ -266,7 +269,7 @@ fn housekeeping(
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
     match now.map_err(|e| e.to_string()).and_then(|now| {
-        crate::maps::collect_garbage(paths, timeouts, now).map_err(|e| e.to_string())
+        crate::kernel::maps::collect_garbage(paths, timeouts, now).map_err(|e| e.to_string())
     }) {
         Ok(0) => {}
         Ok(n) => log::debug!("conntrack: expired {n} flow(s)"),
@@ -277,11 +280,14 @@ fn housekeeping(
         }
     }
     let addrs = rt
-        .block_on(crate::netlink::Snapshot::read_async())
+        .block_on(crate::host::netlink::Snapshot::read_async())
         .map_err(|e| e.to_string())
         .and_then(|snap| {
-            crate::maps::write_local_addrs(paths, &crate::compile::local_addr_entries(&snap))
-                .map_err(|e| e.to_string())
+            crate::kernel::maps::write_local_addrs(
+                paths,
+                &crate::plan::entries::local_addr_entries(&snap),
+            )
+            .map_err(|e| e.to_string())
         });
     if let Err(e) = addrs
         && let Some(n) = logs.addrs.hit()
@@ -294,7 +300,10 @@ fn housekeeping(
 fn forward_datapath_logs(paths: &InstancePaths) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     // The programs share one log buffer; one logger is enough.
-    if let Some(id) = crate::datapath::pinned_program_ids(paths).first().copied() {
+    if let Some(id) = crate::kernel::datapath::pinned_program_ids(paths)
+        .first()
+        .copied()
+    {
         match aya_log::EbpfLogger::init_from_id(id) {
             // SAFETY: the logger owns its ring-buffer fd for as long as the AsyncFd owns it.
             Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register(logger) }
@@ -478,7 +487,7 @@ pub fn answer(line: &[u8], paths: &InstancePaths, started: Instant) -> Value {
             }),
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
-        "stats" => match report::stats(paths) {
+        "stats" => match stats::stats(paths) {
             Ok(s) => json!({"ok": true, "stats": s}),
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },

@@ -13,7 +13,7 @@ use ecsnet_common::{
 };
 
 use crate::{
-    netlink::Snapshot,
+    host::netlink::Snapshot,
     state::{Protocol, State, StateError},
 };
 
@@ -173,7 +173,7 @@ pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKe
 /// Map entries for the tasks: `TASKS` by address (network order) and `IFACES` by ifindex.
 pub fn task_entries(
     tasks: &[ResolvedTask],
-    policy: &crate::policy::Compiled,
+    policy: &crate::plan::sg::Compiled,
 ) -> (Vec<(u32, TaskInfo)>, Vec<(u32, IfaceInfo)>) {
     let by_addr = tasks
         .iter()
@@ -329,7 +329,7 @@ pub fn uplink_entry(ifindex: u32) -> (u32, IfaceInfo) {
 mod tests {
     use super::*;
     use crate::{
-        netlink::Link,
+        host::netlink::Link,
         state::{PortMapping, Task},
     };
 
@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn config_needs_addresses_and_a_mac() {
-        use crate::netlink::Addr;
+        use crate::host::netlink::Addr;
         let link = |index, name: &str, mac| Link {
             index,
             name: name.into(),
@@ -525,7 +525,7 @@ mod tests {
             ifname: "v".into(),
             mac: [0; 6],
         };
-        let (tasks, ifaces) = task_entries(&[t], &crate::policy::Compiled::default());
+        let (tasks, ifaces) = task_entries(&[t], &crate::plan::sg::Compiled::default());
         assert_eq!(tasks[0].0.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(
             ifaces[0],

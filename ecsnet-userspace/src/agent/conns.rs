@@ -20,7 +20,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::report::ListenerStats;
+use crate::agent::stats::ListenerStats;
 
 /// At most one log line per this interval for each kind of repeated failure.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);

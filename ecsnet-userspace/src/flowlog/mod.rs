@@ -5,6 +5,8 @@
 //! once, whenever the agent is killed. With flow logs off the datapath counts nothing and no
 //! window is ever closed.
 
+pub mod format;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File, OpenOptions},
@@ -22,11 +24,11 @@ use ecsnet_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    flowfmt::{Filter, Format, Record},
+    flowlog::format::{Filter, Format, Record},
     instance,
-    maps::{self, MapsError},
-    paths::InstancePaths,
+    kernel::maps::{self, MapsError},
     state::{Host, State, Task},
+    store::paths::InstancePaths,
 };
 
 /// How long programs that read the old window number may still be counting under it after the
@@ -52,7 +54,7 @@ pub enum FlowLogError {
     #[error(transparent)]
     Instance(#[from] Box<instance::InstanceError>),
     #[error("--flow-format: {0}")]
-    Format(#[from] crate::flowfmt::FormatError),
+    Format(#[from] crate::flowlog::format::FormatError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FlowLogError + '_ {

@@ -253,7 +253,7 @@ pub struct BridgeNet {
 }
 
 /// Largest state or SG file ecsnet reads, bytes. The biggest policy the datapath holds (32,768
-/// CIDR entries per generation, `policy::TooBig`) written out as `aws ec2
+/// CIDR entries per generation, `sg::TooBig`) written out as `aws ec2
 /// describe-security-groups` prints it is about 10 MB; 300,000 bare groups are about 7 MB.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
@@ -555,7 +555,7 @@ fn validate_permission(
         }
     } else if proto == 1 {
         // As AWS reads them: FromPort is the ICMP type, ToPort the code, -1 every one (a missing
-        // port too); every type with one code means nothing (`policy::allow_of`).
+        // port too); every type with one code means nothing (`sg::allow_of`).
         let (ty, code) = (perm.from_port.unwrap_or(-1), perm.to_port.unwrap_or(-1));
         for (field, what, v) in [("FromPort", "type", ty), ("ToPort", "code", code)] {
             if !(-1..=255).contains(&v) {

@@ -1,4 +1,4 @@
-//! Prometheus metrics: the instance's counters (`report::stats`) in the text exposition format,
+//! Prometheus metrics: the instance's counters (`stats::stats`) in the text exposition format,
 //! served by the agent on `--metrics` (loopback of the instance's namespace by default; `off`:
 //! not served).
 
@@ -10,9 +10,9 @@ use tokio::{
 };
 
 use crate::{
-    conns::{self, Limits, Slot, Slots},
-    paths::InstancePaths,
-    report::{ListenerStats, Stats},
+    agent::conns::{self, Limits, Slot, Slots},
+    agent::stats::{ListenerStats, Stats},
+    store::paths::InstancePaths,
 };
 
 /// Longest request head read, bytes; the request itself is ignored beyond its first line.
@@ -55,12 +55,12 @@ pub fn render(s: &Stats) -> String {
         (
             "ecsnet_task_packets_total",
             "IPv4 packets of a task; egress is what the task sent, ingress what it received.",
-            (|c: crate::maps::Count| c.packets) as fn(crate::maps::Count) -> u64,
+            (|c: crate::kernel::maps::Count| c.packets) as fn(crate::kernel::maps::Count) -> u64,
         ),
         (
             "ecsnet_task_bytes_total",
             "IPv4 bytes (IP headers included) of a task, by direction.",
-            |c: crate::maps::Count| c.bytes,
+            |c: crate::kernel::maps::Count| c.bytes,
         ),
     ] {
         o.family(name, "counter", help);
@@ -316,7 +316,7 @@ async fn answer(
         ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
     } else {
         let p = paths.clone();
-        match tokio::task::spawn_blocking(move || crate::report::stats(&p)).await {
+        match tokio::task::spawn_blocking(move || crate::agent::stats::stats(&p)).await {
             Ok(Ok(s)) => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -343,8 +343,8 @@ async fn answer(
 mod tests {
     use super::*;
     use crate::{
-        maps::Count,
-        report::{ConntrackStats, FlowLogStats, TaskStats, UplinkStats},
+        agent::stats::{ConntrackStats, FlowLogStats, TaskStats, UplinkStats},
+        kernel::maps::Count,
     };
     use std::collections::BTreeMap;
 
@@ -386,7 +386,7 @@ mod tests {
                 lost_packets: 2,
                 ..Default::default()
             },
-            agent: crate::report::AgentStats {
+            agent: crate::agent::stats::AgentStats {
                 control: ListenerStats {
                     evicted: 21,
                     ..Default::default()

@@ -14,7 +14,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{instance::wait_for, paths::InstancePaths};
+use crate::{instance::wait_for, store::paths::InstancePaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {

@@ -18,7 +18,7 @@ use ecsnet_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{instance, maps, paths::InstancePaths};
+use crate::{instance, kernel::maps, store::paths::InstancePaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {

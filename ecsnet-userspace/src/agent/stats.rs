@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     flowlog,
     instance::{self, InstanceError},
-    maps::{self, Count},
-    paths::InstancePaths,
+    kernel::maps::{self, Count},
+    store::paths::InstancePaths,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -61,7 +61,7 @@ impl InstancePaths {
     pub fn flow_checkpoint(&self) -> PathBuf {
         self.run_dir().join("flows.checkpoint.json")
     }
-    /// The agent's own counters (`report::AgentStats`), rewritten every second when they move.
+    /// The agent's own counters (`stats::AgentStats`), rewritten every second when they move.
     pub fn agent_counters(&self) -> PathBuf {
         self.run_dir().join("agent.counters.json")
     }

@@ -1,0 +1,6 @@
+//! The kernel side: load, attach and pin the datapath (`datapath`), write and read its maps
+//! (`maps`), and the batch lookups aya lacks (`batch`).
+
+pub mod batch;
+pub mod datapath;
+pub mod maps;
