@@ -133,7 +133,7 @@ impl Labs {
 
     /// Starts `args` in namespace `ns`, kept until the labs go.
     fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<(), BenchError> {
-        let child = ns_cmd(ns, args)
+        let child = lab::topology::command(ns, args)?
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -225,19 +225,13 @@ fn run_for_stdout(exe: &std::path::Path, args: &[&str]) -> Result<String, String
     }
 }
 
-fn ns_cmd(ns: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).args(args);
-    c
-}
-
 /// One iperf3 run from `ns`, parsed; retried once if the server was not listening yet.
 fn iperf3_json(ns: &str, args: &[&str]) -> Result<serde_json::Value, BenchError> {
     let mut all = vec!["iperf3", "-J"];
     all.extend_from_slice(args);
     let what = all.join(" ");
     for attempt in 0..2 {
-        let out = ns_cmd(ns, &all)
+        let out = lab::topology::command(ns, &all)?
             .output()
             .map_err(|e| step(what.clone())(e.to_string()))?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
