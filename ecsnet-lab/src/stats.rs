@@ -9,6 +9,7 @@ pub trait Sample: Copy {
     fn counts(self) -> bool;
     fn order(&self, other: &Self) -> Ordering;
     /// The value halfway between two (rounded down for integers).
+    #[must_use]
     fn halfway(self, other: Self) -> Self;
 }
 

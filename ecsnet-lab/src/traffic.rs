@@ -5,6 +5,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -38,31 +39,17 @@ pub enum TrafficError {
 /// Serves echo on every port until killed.
 pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
     let mut threads = Vec::new();
-    for &port in tcp {
-        let l = TcpListener::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen {
-            proto: "tcp",
-            port,
-            source,
-        })?;
-        threads.push(std::thread::spawn(move || {
+    threads.extend(serve_each(
+        "tcp",
+        tcp,
+        TcpListener::bind,
+        |l: &TcpListener| {
             for conn in l.incoming().flatten() {
-                std::thread::spawn(move || echo_tcp(conn));
+                std::thread::spawn(move || echo_tcp(&conn));
             }
-        }));
-    }
-    for &port in udp {
-        let s = UdpSocket::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen {
-            proto: "udp",
-            port,
-            source,
-        })?;
-        threads.push(std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..n], from);
-            }
-        }));
-    }
+        },
+    )?);
+    threads.extend(serve_each("udp", udp, UdpSocket::bind, echo_udp)?);
     println!("serving echo on tcp {tcp:?} udp {udp:?}");
     for t in threads {
         let _ = t.join();
@@ -70,8 +57,37 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
     Ok(())
 }
 
+/// Binds a socket on every port and serves each on a thread of its own.
+fn serve_each<S: Send + 'static>(
+    proto: &'static str,
+    ports: &[u16],
+    bind: impl Fn(SocketAddr) -> std::io::Result<S>,
+    serve: fn(&S),
+) -> Result<Vec<JoinHandle<()>>, TrafficError> {
+    let mut threads = Vec::new();
+    for &port in ports {
+        let socket = bind(SocketAddr::from(([0, 0, 0, 0], port))).map_err(|source| {
+            TrafficError::Listen {
+                proto,
+                port,
+                source,
+            }
+        })?;
+        threads.push(std::thread::spawn(move || serve(&socket)));
+    }
+    Ok(threads)
+}
+
+/// Sends every datagram back to where it came from.
+fn echo_udp(s: &UdpSocket) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = s.recv_from(&mut buf) {
+        let _ = s.send_to(&buf[..n], from);
+    }
+}
+
 /// Echoes what arrives until the peer closes.
-pub fn echo_tcp(mut conn: TcpStream) {
+pub fn echo_tcp(mut conn: &TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut buf = vec![0u8; 65536];
     loop {
@@ -100,9 +116,11 @@ pub struct ProbeReport {
     pub p50_us: u64,
 }
 
+/// Message `i`: byte k is the low byte of 31 k + i.
 fn pattern(i: u32, size: usize) -> Vec<u8> {
-    (0..size)
-        .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+    (0u32..)
+        .take(size)
+        .map(|k| k.wrapping_mul(31).wrapping_add(i).to_le_bytes()[0])
         .collect()
 }
 

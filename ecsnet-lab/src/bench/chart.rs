@@ -217,25 +217,22 @@ fn draw(chart: &Chart, layout: &Layout, root: &Area) -> Drawn {
             let y0 = top - f64::from(offset);
             let y1 = y0 - f64::from(BAR_HEIGHT);
             let fill = colour(&series, &bar.series);
-            let mid = (y0 + y1) / 2.0;
+            let mid = f64::midpoint(y0, y1);
             let small = text(SMALL_SIZE, BLACK, HPos::Left, VPos::Center);
-            match drawable(bar.value) {
-                Some(value) => {
-                    let label = format!("{value:.2}");
-                    ctx.draw_series([Rectangle::new([(0.0, y0), (value, y1)], fill.filled())])?;
-                    ctx.draw_series([
-                        EmptyElement::at((value, mid)) + Text::new(label, (4, 0), small)
-                    ])?;
-                }
-                None => {
-                    // No bar: a thin mark in the series' colour says whose value is missing.
-                    let mark = fill.stroke_width(3);
-                    let missing = text(SMALL_SIZE, GREY, HPos::Left, VPos::Center);
-                    ctx.draw_series([PathElement::new([(0.0, y0), (0.0, y1)], mark)])?;
-                    ctx.draw_series([
-                        EmptyElement::at((0.0, mid)) + Text::new("n/a", (7, 0), missing)
-                    ])?;
-                }
+            if let Some(value) = drawable(bar.value) {
+                let label = format!("{value:.2}");
+                ctx.draw_series([Rectangle::new([(0.0, y0), (value, y1)], fill.filled())])?;
+                ctx.draw_series(
+                    [EmptyElement::at((value, mid)) + Text::new(label, (4, 0), small)],
+                )?;
+            } else {
+                // No bar: a thin mark in the series' colour says whose value is missing.
+                let mark = fill.stroke_width(3);
+                let missing = text(SMALL_SIZE, GREY, HPos::Left, VPos::Center);
+                ctx.draw_series([PathElement::new([(0.0, y0), (0.0, y1)], mark)])?;
+                ctx.draw_series(
+                    [EmptyElement::at((0.0, mid)) + Text::new("n/a", (7, 0), missing)],
+                )?;
             }
         }
     }
@@ -459,7 +456,7 @@ mod tests {
         assert!(!PALETTE.iter().any(|c| doc.contains(&fill(*c))));
     }
 
-    /// Writes the sample chart to the path in ECSNET_CHART_SAMPLE, to look at.
+    /// Writes the sample chart to the path in `ECSNET_CHART_SAMPLE`, to look at.
     #[test]
     fn write_sample_when_asked() {
         if let Some(path) = std::env::var_os("ECSNET_CHART_SAMPLE") {

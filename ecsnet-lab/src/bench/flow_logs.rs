@@ -1,6 +1,8 @@
 //! `ecsnet bench flow-logs`: iperf3 through the ecsnet lab with flow logging off and on, on
 //! a lab of its own, and the table it prints.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 
 use ecsnet::{flowlog, paths::InstancePaths};
@@ -92,18 +94,20 @@ pub fn render_flow_logs(b: &FlowLogBench) -> String {
         "iperf3 TCP ({}), 1 stream, {} round(s) of {} s per mode, flow-log window {} s, XDP {}; medians\n",
         b.congestion, b.rounds, b.seconds, b.window_secs, b.xdp_mode
     );
-    out.push_str(&format!(
-        "{:<26} {:>14} {:>14} {:>8}\n",
+    let _ = writeln!(
+        out,
+        "{:<26} {:>14} {:>14} {:>8}",
         "PATH", "OFF Gbit/s", "ON Gbit/s", "ON/OFF"
-    ));
+    );
     for p in &b.paths {
-        out.push_str(&format!(
-            "{:<26} {:>14.2} {:>14.2} {:>8.3}\n",
+        let _ = writeln!(
+            out,
+            "{:<26} {:>14.2} {:>14.2} {:>8.3}",
             p.path,
             p.off_bps / 1e9,
             p.on_bps / 1e9,
             p.ratio
-        ));
+        );
     }
     out
 }

@@ -63,7 +63,7 @@ pub struct BenchOptions {
     pub seconds: u64,
     /// Extra published ports and rules of the scaling runs.
     pub scale: Vec<usize>,
-    /// BPF_PROG_TEST_RUN repeats per program measurement.
+    /// `BPF_PROG_TEST_RUN` repeats per program measurement.
     pub repeat: u32,
     /// Parallel connection loops of the new-connection runs.
     pub crr_threads: usize,

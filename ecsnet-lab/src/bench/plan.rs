@@ -97,8 +97,10 @@ impl Metric {
     pub(super) fn scale(self, raw: f64) -> f64 {
         match self {
             Metric::Tcp1 | Metric::Tcp4 => raw / 1e9,
-            Metric::UdpSmall => raw / 1e3,
-            Metric::RrP50 | Metric::RrP90 | Metric::RrP99 | Metric::RrP999 => raw / 1e3,
+            // Datagrams to thousands of them; nanoseconds to microseconds.
+            Metric::UdpSmall | Metric::RrP50 | Metric::RrP90 | Metric::RrP99 | Metric::RrP999 => {
+                raw / 1e3
+            }
             Metric::ConnRate => raw,
         }
     }
@@ -197,7 +199,7 @@ pub(super) fn plan(o: &BenchOptions) -> Vec<Step> {
 
 /// Flow logging off then on in even rounds, on then off in odd ones.
 pub(super) fn on_off(round: usize) -> [bool; 2] {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         [false, true]
     } else {
         [true, false]

@@ -1,7 +1,7 @@
 //! What a run reports: a row per metric with its medians and ratios, the issue's targets
 //! checked against them, the table `ecsnet bench` prints and the chart. Pure.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
@@ -110,7 +110,7 @@ pub(super) fn rows(values: &BTreeMap<Key, BTreeMap<Mode, Vec<f64>>>) -> Vec<Row>
     // Main rows first (by path, then metric), then scaling, then flow logs.
     rows.sort_by_key(|r| {
         (
-            r.scale.is_some() as u8 + 2 * r.flow_logs.is_some() as u8,
+            u8::from(r.scale.is_some()) + 2 * u8::from(r.flow_logs.is_some()),
             r.path,
             r.scale,
             r.metric,
@@ -251,13 +251,15 @@ pub fn render(r: &BenchReport) -> String {
         r.cpus,
         r.wall_seconds
     );
-    out.push_str(&format!(
-        "{:<62} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8}\n",
+    let _ = writeln!(
+        out,
+        "{:<62} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "METRIC", "UNIT", "BRIDGE", "ECSNET", "CEILING", "E/BR", "E/CEIL"
-    ));
+    );
     for row in &r.rows {
-        out.push_str(&format!(
-            "{:<62} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8}\n",
+        let _ = writeln!(
+            out,
+            "{:<62} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8}",
             row.label,
             row.unit,
             fmt_value(row.median.get(&Mode::Bridge)),
@@ -265,25 +267,23 @@ pub fn render(r: &BenchReport) -> String {
             fmt_value(row.median.get(&Mode::Ceiling)),
             fmt_ratio(row.ecsnet_vs_bridge),
             fmt_ratio(row.ecsnet_vs_ceiling),
-        ));
+        );
     }
     if r.conn_failures.values().any(|&n| n > 0) {
-        out.push_str(&format!(
-            "failed connection attempts: {:?}\n",
-            r.conn_failures
-        ));
+        let _ = writeln!(out, "failed connection attempts: {:?}", r.conn_failures);
     }
     out.push('\n');
     out.push_str(&progcost::render_programs(&r.programs));
     out.push_str("\nTARGETS (from the benchmark issue)\n");
     for t in &r.targets {
-        out.push_str(&format!(
-            "{:<62} {:>8} {:>8.3}  {}\n",
+        let _ = writeln!(
+            out,
+            "{:<62} {:>8} {:>8.3}  {}",
             t.what,
             t.want,
             t.got,
             if t.met { "met" } else { "MISSED" }
-        ));
+        );
     }
     out
 }

@@ -30,7 +30,7 @@ use crate::{
 
 /// Connection table for the ecsnet mode: the new-connection runs open tens of thousands of
 /// flows a second, each held 10 s after its reset (two entries a flow). The kernel sized
-/// Docker's nf_conntrack at 262,144 flows on this machine.
+/// Docker's `nf_conntrack` at 262,144 flows on this machine.
 const BENCH_CT_SIZE: &str = "524288";
 /// How long the servers get to bind before the first round.
 pub(super) const SERVERS_START: Duration = Duration::from_millis(500);
@@ -83,6 +83,10 @@ impl Samples {
             .push(raw);
     }
 
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "round trips in nanoseconds are far below 2^52"
+    )]
     fn push_rr(&mut self, path: BenchPath, scale: Option<usize>, mode: Mode, r: &RrResult) {
         for (m, ns) in [
             (Metric::RrP50, r.p50_ns),
@@ -159,7 +163,7 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         rows,
         programs,
         targets,
@@ -251,16 +255,22 @@ fn measure(
 const EXTRA_HOST_PORT: u16 = 20_000;
 const EXTRA_CONTAINER_PORT: u16 = 10_000;
 
+/// The `n` extra mappings' (host port, container port), all TCP.
+fn extra_ports(n: usize) -> impl Iterator<Item = (u16, u16)> {
+    let n = u16::try_from(n).expect("fewer extra ports than ports");
+    (0..n).map(|i| (EXTRA_HOST_PORT + i, EXTRA_CONTAINER_PORT + i))
+}
+
 /// The lab's tasks with `n` extra published ports on task1.
 fn tasks_with_extra_ports(status: &LabStatus, n: usize) -> Vec<LabTask> {
     let mut tasks = status.tasks.clone();
-    tasks[0]
-        .port_mappings
-        .extend((0..n as u16).map(|i| lab::LabPort {
-            host_port: EXTRA_HOST_PORT + i,
-            container_port: EXTRA_CONTAINER_PORT + i,
+    tasks[0].port_mappings.extend(
+        extra_ports(n).map(|(host_port, container_port)| lab::LabPort {
+            host_port,
+            container_port,
             protocol: Protocol::Tcp,
-        }));
+        }),
+    );
     tasks
 }
 
@@ -270,11 +280,13 @@ fn scaled_state(status: &LabStatus, n: usize) -> State {
     let mut state = lab::state_for(status);
     state.tasks[0]
         .port_mappings
-        .extend((0..n as u16).map(|i| PortMapping {
-            container_port: EXTRA_CONTAINER_PORT + i,
-            host_port: EXTRA_HOST_PORT + i,
-            protocol: Protocol::Tcp,
-        }));
+        .extend(
+            extra_ports(n).map(|(host_port, container_port)| PortMapping {
+                container_port,
+                host_port,
+                protocol: Protocol::Tcp,
+            }),
+        );
     let perm = |proto: &str, from: i32, to: i32, cidr: String| {
         IpPermission::from_cidr(proto, Some((from, to)), cidr)
     };
@@ -285,10 +297,11 @@ fn scaled_state(status: &LabStatus, n: usize) -> State {
         "10.10.0.0/24".to_owned(),
     )];
     // The others: single ports from /32s and ranges from /24s elsewhere, as real groups have.
+    let n = u16::try_from(n).expect("fewer rules than ports");
     inbound.extend((1..n).map(|i| {
-        let (hi, lo) = ((i / 256) as u8, (i % 256) as u8);
-        let port = i32::from(EXTRA_CONTAINER_PORT) + i as i32;
-        if i % 2 == 0 {
+        let [hi, lo] = i.to_be_bytes();
+        let port = i32::from(EXTRA_CONTAINER_PORT) + i32::from(i);
+        if i.is_multiple_of(2) {
             perm(
                 "tcp",
                 port,

@@ -254,7 +254,7 @@ fn iperf3_json(ns: &str, args: &[&str]) -> Result<serde_json::Value, BenchError>
 const AVAILABLE_CONGESTION: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
 
 /// Refuses a congestion control the kernel does not offer (loaded or built in), before any
-/// lab is built. The measuring sockets set it themselves (TCP_CONGESTION; as root any
+/// lab is built. The measuring sockets set it themselves (`TCP_CONGESTION`; as root any
 /// available one, not only the host's allowed list, and nothing of the host changes).
 pub(super) fn check_congestion(name: &str) -> Result<(), BenchError> {
     let available =
@@ -293,7 +293,7 @@ pub(super) fn iperf3_tcp(
 }
 
 /// Payload of the small UDP datagrams.
-const UDP_PAYLOAD: u64 = 64;
+const UDP_PAYLOAD: u16 = 64;
 
 /// iperf3 UDP from `ns` to `target`, 64-byte datagrams as fast as the sender can: datagrams
 /// per second received.
@@ -312,7 +312,7 @@ pub(super) fn iperf3_udp(ns: &str, target: Ipv4Addr, seconds: u64) -> Result<f64
     )?;
     let r = &v["end"]["sum_received"];
     match (r["bytes"].as_f64(), r["seconds"].as_f64()) {
-        (Some(bytes), Some(s)) if s > 0.0 => Ok(bytes / UDP_PAYLOAD as f64 / s),
+        (Some(bytes), Some(s)) if s > 0.0 => Ok(bytes / f64::from(UDP_PAYLOAD) / s),
         _ => Err(step(format!("iperf3 -u -c {t}"))(
             "no received byte count".to_owned(),
         )),

@@ -8,47 +8,73 @@ use super::{BRIDGE, BRIDGE_SUBNET, LabError, LabTask, topology};
 /// The iptables-restore input dockerd (20.10+, `--userland-proxy=false`, so hairpin NAT is done
 /// by iptables) writes for docker0 and these tasks' published ports.
 pub fn docker_rules(tasks: &[LabTask]) -> String {
-    let mut nat = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n\
-         -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
-         -A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER\n",
-    );
-    nat += &format!("-A POSTROUTING -s {BRIDGE_SUBNET} ! -o {BRIDGE} -j MASQUERADE\n");
-    nat += &format!("-A POSTROUTING -o {BRIDGE} -m addrtype --src-type LOCAL -j MASQUERADE\n");
-    let mut filter = String::from(
-        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER - [0:0]\n\
-         :DOCKER-ISOLATION-STAGE-1 - [0:0]\n:DOCKER-ISOLATION-STAGE-2 - [0:0]\n:DOCKER-USER - [0:0]\n\
-         -A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n",
-    );
-    filter += &format!(
-        "-A FORWARD -o {BRIDGE} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-         -A FORWARD -o {BRIDGE} -j DOCKER\n\
-         -A FORWARD -i {BRIDGE} ! -o {BRIDGE} -j ACCEPT\n\
-         -A FORWARD -i {BRIDGE} -o {BRIDGE} -j ACCEPT\n"
-    );
+    let b = BRIDGE;
+    let mut nat = lines(&[
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":DOCKER - [0:0]",
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+        "-A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER",
+    ]);
+    nat.extend([
+        format!("-A POSTROUTING -s {BRIDGE_SUBNET} ! -o {b} -j MASQUERADE"),
+        format!("-A POSTROUTING -o {b} -m addrtype --src-type LOCAL -j MASQUERADE"),
+    ]);
+    let mut filter = lines(&[
+        "*filter",
+        ":INPUT ACCEPT [0:0]",
+        ":FORWARD DROP [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":DOCKER - [0:0]",
+        ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
+        ":DOCKER-ISOLATION-STAGE-2 - [0:0]",
+        ":DOCKER-USER - [0:0]",
+        "-A FORWARD -j DOCKER-USER",
+        "-A FORWARD -j DOCKER-ISOLATION-STAGE-1",
+    ]);
+    filter.extend([
+        format!("-A FORWARD -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+        format!("-A FORWARD -o {b} -j DOCKER"),
+        format!("-A FORWARD -i {b} ! -o {b} -j ACCEPT"),
+        format!("-A FORWARD -i {b} -o {b} -j ACCEPT"),
+    ]);
     for t in tasks {
         for p in &t.port_mappings {
             let proto = p.protocol.as_str();
             let (ip, cp, hp) = (t.address, p.container_port, p.host_port);
-            nat += &format!(
-                "-A POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {cp} -j MASQUERADE\n"
-            );
-            nat += &format!(
-                "-A DOCKER -p {proto} -m {proto} --dport {hp} -j DNAT --to-destination {ip}:{cp}\n"
-            );
-            filter += &format!(
-                "-A DOCKER -d {ip}/32 ! -i {BRIDGE} -o {BRIDGE} -p {proto} -m {proto} --dport {cp} -j ACCEPT\n"
-            );
+            let port = format!("-p {proto} -m {proto} --dport");
+            nat.push(format!(
+                "-A POSTROUTING -s {ip}/32 -d {ip}/32 {port} {cp} -j MASQUERADE"
+            ));
+            nat.push(format!(
+                "-A DOCKER {port} {hp} -j DNAT --to-destination {ip}:{cp}"
+            ));
+            filter.push(format!(
+                "-A DOCKER -d {ip}/32 ! -i {b} -o {b} {port} {cp} -j ACCEPT"
+            ));
         }
     }
-    filter += &format!(
-        "-A DOCKER-ISOLATION-STAGE-1 -i {BRIDGE} ! -o {BRIDGE} -j DOCKER-ISOLATION-STAGE-2\n\
-         -A DOCKER-ISOLATION-STAGE-1 -j RETURN\n\
-         -A DOCKER-ISOLATION-STAGE-2 -o {BRIDGE} -j DROP\n\
-         -A DOCKER-ISOLATION-STAGE-2 -j RETURN\n\
-         -A DOCKER-USER -j RETURN\n"
-    );
-    format!("{nat}COMMIT\n{filter}COMMIT\n")
+    filter.extend([
+        format!("-A DOCKER-ISOLATION-STAGE-1 -i {b} ! -o {b} -j DOCKER-ISOLATION-STAGE-2"),
+        "-A DOCKER-ISOLATION-STAGE-1 -j RETURN".to_owned(),
+        format!("-A DOCKER-ISOLATION-STAGE-2 -o {b} -j DROP"),
+        "-A DOCKER-ISOLATION-STAGE-2 -j RETURN".to_owned(),
+        "-A DOCKER-USER -j RETURN".to_owned(),
+    ]);
+    for table in [&mut nat, &mut filter] {
+        table.push("COMMIT".to_owned());
+    }
+    nat.into_iter()
+        .chain(filter)
+        .map(|line| line + "\n")
+        .collect()
+}
+
+fn lines(fixed: &[&str]) -> Vec<String> {
+    fixed.iter().map(|l| (*l).to_owned()).collect()
 }
 
 /// Replaces the iptables rules of the lab host `host` with `rules` (iptables-restore input).

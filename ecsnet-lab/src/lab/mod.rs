@@ -114,8 +114,8 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
     };
     let (ports, protocol) =
         Protocol::split_suffix(spec).map_err(|other| bad(format!("unknown protocol {other:?}")))?;
-    let parts: Vec<&str> = ports.split(':').collect();
-    let [task, host, container] = parts[..] else {
+    let fields: Vec<&str> = ports.split(':').collect();
+    let [task, host, container] = fields[..] else {
         return Err(bad("need three fields".into()));
     };
     let task: usize = task
@@ -227,16 +227,17 @@ fn task_ns(name: &str, i: usize) -> String {
 
 /// Docker-style host-side veth name: "veth" and 7 hex digits, stable for (lab, task).
 pub fn veth_name(lab: &str, task: usize) -> String {
-    let mut h: u32 = 0x811c9dc5;
+    let mut h: u32 = 0x811c_9dc5;
     for b in lab.bytes().chain(task.to_le_bytes()) {
         h ^= u32::from(b);
-        h = h.wrapping_mul(0x01000193);
+        h = h.wrapping_mul(0x0100_0193);
     }
     format!("veth{:07x}", h & 0x0fff_ffff)
 }
 
 pub fn task_address(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i as u32)
+    let i = u32::try_from(i).expect("a lab has at most MAX_TASKS tasks");
+    Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i)
 }
 
 /// The port mappings of every task: the --publish list, or one default port per task; dynamic
@@ -244,9 +245,9 @@ pub fn task_address(i: usize) -> Ipv4Addr {
 pub fn plan_ports(spec: &LabSpec, ephemeral: [u16; 2]) -> Vec<Vec<LabPort>> {
     let mut out = vec![Vec::new(); spec.tasks];
     if spec.publish.is_empty() {
-        for (i, ports) in out.iter_mut().enumerate() {
+        for (host_port, ports) in (DEFAULT_HOST_PORT..).zip(&mut out) {
             ports.push(LabPort {
-                host_port: DEFAULT_HOST_PORT + i as u16,
+                host_port,
                 container_port: DEFAULT_CONTAINER_PORT,
                 protocol: Protocol::Tcp,
             });

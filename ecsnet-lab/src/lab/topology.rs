@@ -419,10 +419,10 @@ pub(super) fn pids(name: &str) -> Vec<Pid> {
 /// `argv` to run in the namespace `netns`, entered with setns between fork and exec (no new
 /// mount namespace, unlike `ip netns exec`).
 pub fn command(netns: &str, argv: &[&str]) -> Result<Command, LabError> {
-    let (program, args) = argv.split_first().expect("a command names its program");
+    let (program, rest) = argv.split_first().expect("a command names its program");
     let file = open(netns)?;
     let mut cmd = Command::new(program);
-    cmd.args(args);
+    cmd.args(rest);
     // SAFETY: setns is a plain system call, safe between fork and exec.
     unsafe {
         cmd.pre_exec(move || setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
