@@ -251,23 +251,21 @@ pub fn render(r: &BenchReport) -> String {
         r.cpus,
         r.wall_seconds
     );
-    let _ = writeln!(
-        out,
-        "{:<62} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "METRIC", "UNIT", "BRIDGE", "ECSNET", "CEILING", "E/BR", "E/CEIL"
+    table_line(
+        &mut out,
+        [
+            "METRIC", "UNIT", "BRIDGE", "ECSNET", "CEILING", "E/BR", "E/CEIL",
+        ],
     );
     for row in &r.rows {
-        let _ = writeln!(
-            out,
-            "{:<62} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8}",
-            row.label,
-            row.unit,
-            fmt_value(row.median.get(&Mode::Bridge)),
-            fmt_value(row.median.get(&Mode::Ecsnet)),
-            fmt_value(row.median.get(&Mode::Ceiling)),
-            fmt_ratio(row.ecsnet_vs_bridge),
-            fmt_ratio(row.ecsnet_vs_ceiling),
-        );
+        let values = Mode::ALL.map(|mode| fmt_value(row.median.get(&mode)));
+        let ratios = [row.ecsnet_vs_bridge, row.ecsnet_vs_ceiling].map(fmt_ratio);
+        let [bridge, ecsnet, ceiling] = values.each_ref().map(String::as_str);
+        let [vs_bridge, vs_ceiling] = ratios.each_ref().map(String::as_str);
+        let cells = [
+            &row.label, row.unit, bridge, ecsnet, ceiling, vs_bridge, vs_ceiling,
+        ];
+        table_line(&mut out, cells);
     }
     if r.conn_failures.values().any(|&n| n > 0) {
         let _ = writeln!(out, "failed connection attempts: {:?}", r.conn_failures);
@@ -276,16 +274,23 @@ pub fn render(r: &BenchReport) -> String {
     out.push_str(&progcost::render_programs(&r.programs));
     out.push_str("\nTARGETS (from the benchmark issue)\n");
     for t in &r.targets {
+        let verdict = if t.met { "met" } else { "MISSED" };
         let _ = writeln!(
             out,
-            "{:<62} {:>8} {:>8.3}  {}",
-            t.what,
-            t.want,
-            t.got,
-            if t.met { "met" } else { "MISSED" }
+            "{:<62} {:>8} {:>8.3}  {verdict}",
+            t.what, t.want, t.got
         );
     }
     out
+}
+
+/// A line of the table: the metric, its unit, the three modes' medians and the two ratios.
+fn table_line(out: &mut String, cells: [&str; 7]) {
+    let [metric, unit, bridge, ecsnet, ceiling, vs_bridge, vs_ceiling] = cells;
+    let _ = writeln!(
+        out,
+        "{metric:<62} {unit:>7} {bridge:>9} {ecsnet:>9} {ceiling:>9} {vs_bridge:>8} {vs_ceiling:>8}"
+    );
 }
 
 /// The chart: ecsnet/bridge and ecsnet/ceiling for every main and scaling row, oriented so
