@@ -1,6 +1,5 @@
-//! The lab's own traffic: an echo server for the tasks (`lab serve`) and a client that sends a
-//! known number of messages of a known size and checks every echo (`lab probe`). Known traffic
-//! is what lets tests and the demo compare exact counters.
+//! The lab's traffic: the tasks' echo server (`lab serve`) and a probe that sends known
+//! messages and checks every echo (`lab probe`), so tests can compare exact counters.
 
 use std::{
     io::{Read as _, Write as _},
