@@ -72,6 +72,8 @@ const PALETTE: [RGBColor; 10] = [
 ];
 const GREY: RGBColor = RGBColor(0x55, 0x55, 0x55);
 const LIGHT: RGBColor = RGBColor(0xe0, 0xe0, 0xe0);
+/// Reference lines and their labels.
+const REFERENCE: RGBColor = RGBColor(0x33, 0x33, 0x33);
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 type Drawn = Result<(), DrawingAreaErrorKind<std::io::Error>>;
@@ -237,13 +239,17 @@ fn draw(chart: &Chart, layout: &Layout, root: &Area) -> Drawn {
         }
     }
 
-    let label = text(SMALL_SIZE, GREY, HPos::Center, VPos::Bottom);
+    let label = text(SMALL_SIZE, REFERENCE, HPos::Center, VPos::Bottom);
     for (value, name) in &chart.references {
         let Some(value) = drawable(*value) else {
             continue;
         };
-        let line =
-            DashedPathElement::new([(value, plot), (value, 0.0)], 5, 3, GREY.stroke_width(1));
+        let line = DashedPathElement::new(
+            [(value, plot), (value, 0.0)],
+            5,
+            3,
+            REFERENCE.stroke_width(1),
+        );
         ctx.draw_series([line])?;
         let (x, y) = ctx.backend_coord(&(value, plot));
         root.draw(&Text::new(name.as_str(), (x, y - 4), label.clone()))?;
@@ -425,6 +431,17 @@ mod tests {
         assert!(texts.iter().any(|t| t == "= bridge"));
         assert!(texts.iter().any(|t| t == "2x &lt;bridge&gt;"));
         assert!(!doc.contains("never"));
+        // Two dashed lines: many short segments in the reference colour, at two places.
+        let dashes: Vec<&str> = doc
+            .lines()
+            .filter(|l| l.starts_with("<polyline") && l.contains(r##"stroke="#333333""##))
+            .collect();
+        let places: std::collections::BTreeSet<&str> = dashes
+            .iter()
+            .filter_map(|l| l.split("points=\"").nth(1)?.split(',').next())
+            .collect();
+        assert_eq!(places.len(), 2, "{dashes:?}");
+        assert!(dashes.len() > 2 * 10, "dashed, not solid: {dashes:?}");
         // The 2.0 reference stretches the axis past 2.0 (largest bar 1.43).
         assert!(texts.iter().any(|t| t == "2.0" || t == "2"), "{texts:?}");
     }
