@@ -7,4 +7,5 @@ pub mod bench;
 pub mod cli;
 pub mod lab;
 pub mod progcost;
+pub mod stats;
 pub mod traffic;

@@ -1,14 +1,16 @@
-//! The lab's own traffic: an echo server for the tasks (`lab serve`) and a client that sends a
-//! known number of messages of a known size and checks every echo (`lab probe`). Known traffic
-//! is what lets tests and the demo compare exact counters.
+//! The lab's traffic: the tasks' echo server (`lab serve`) and a probe that sends known
+//! messages and checks every echo (`lab probe`), so tests can compare exact counters.
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
+
+use crate::stats::median;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrafficError {
@@ -36,31 +38,17 @@ pub enum TrafficError {
 /// Serves echo on every port until killed.
 pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
     let mut threads = Vec::new();
-    for &port in tcp {
-        let l = TcpListener::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen {
-            proto: "tcp",
-            port,
-            source,
-        })?;
-        threads.push(std::thread::spawn(move || {
+    threads.extend(serve_each(
+        "tcp",
+        tcp,
+        TcpListener::bind,
+        |l: &TcpListener| {
             for conn in l.incoming().flatten() {
-                std::thread::spawn(move || echo_tcp(conn));
+                std::thread::spawn(move || echo_tcp(&conn));
             }
-        }));
-    }
-    for &port in udp {
-        let s = UdpSocket::bind(("0.0.0.0", port)).map_err(|source| TrafficError::Listen {
-            proto: "udp",
-            port,
-            source,
-        })?;
-        threads.push(std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..n], from);
-            }
-        }));
-    }
+        },
+    )?);
+    threads.extend(serve_each("udp", udp, UdpSocket::bind, echo_udp)?);
     println!("serving echo on tcp {tcp:?} udp {udp:?}");
     for t in threads {
         let _ = t.join();
@@ -68,8 +56,37 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
     Ok(())
 }
 
+/// Binds a socket on every port and serves each on a thread of its own.
+fn serve_each<S: Send + 'static>(
+    proto: &'static str,
+    ports: &[u16],
+    bind: impl Fn(SocketAddr) -> std::io::Result<S>,
+    serve: fn(&S),
+) -> Result<Vec<JoinHandle<()>>, TrafficError> {
+    let mut threads = Vec::new();
+    for &port in ports {
+        let socket = bind(SocketAddr::from(([0, 0, 0, 0], port))).map_err(|source| {
+            TrafficError::Listen {
+                proto,
+                port,
+                source,
+            }
+        })?;
+        threads.push(std::thread::spawn(move || serve(&socket)));
+    }
+    Ok(threads)
+}
+
+/// Sends every datagram back to where it came from.
+fn echo_udp(s: &UdpSocket) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = s.recv_from(&mut buf) {
+        let _ = s.send_to(&buf[..n], from);
+    }
+}
+
 /// Echoes what arrives until the peer closes.
-pub fn echo_tcp(mut conn: TcpStream) {
+pub fn echo_tcp(mut conn: &TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut buf = vec![0u8; 65536];
     loop {
@@ -98,15 +115,68 @@ pub struct ProbeReport {
     pub p50_us: u64,
 }
 
+/// Message `i`: byte k is the low byte of 31 k + i.
 fn pattern(i: u32, size: usize) -> Vec<u8> {
-    (0..size)
-        .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+    (0u32..)
+        .take(size)
+        .map(|k| k.wrapping_mul(31).wrapping_add(i).to_le_bytes()[0])
         .collect()
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+/// What became of one message.
+enum Echo {
+    /// `n` bytes came back.
+    Back(usize),
+    /// Nothing came back in time (UDP only: TCP fails instead).
+    Lost,
+}
+
+/// Sends `messages` messages of `size` bytes one at a time through `round_trip`, which sends
+/// one and receives its echo; times each. A TCP echo that differs from what was sent is an
+/// error; a UDP datagram that differs or is lost only goes uncounted.
+fn exchange(
+    proto: &'static str,
+    addr: SocketAddr,
+    messages: u32,
+    size: usize,
+    mut round_trip: impl FnMut(&[u8], &mut [u8]) -> Result<Echo, TrafficError>,
+) -> Result<ProbeReport, TrafficError> {
+    let mut rtts = Vec::new();
+    let mut back = vec![0u8; size + 1];
+    for i in 0..messages {
+        let msg = pattern(i, size);
+        let t = Instant::now();
+        let echo = round_trip(&msg, &mut back)?;
+        let rtt = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match echo {
+            Echo::Back(n) if back[..n] == msg[..] => rtts.push(rtt),
+            Echo::Back(n) if proto == "tcp" => {
+                return Err(TrafficError::Mismatch {
+                    proto,
+                    addr,
+                    got: n,
+                    want: size,
+                });
+            }
+            Echo::Back(_) | Echo::Lost => {}
+        }
+    }
+    Ok(ProbeReport {
+        protocol: proto,
+        target: addr.to_string(),
+        messages,
+        size,
+        echoed: u32::try_from(rtts.len()).expect("at most `messages` echoes"),
+        p50_us: median(&rtts).unwrap_or(0),
+    })
+}
+
+fn io_error(proto: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) -> TrafficError {
+    move |source| TrafficError::Io {
+        proto,
+        addr,
+        source,
+    }
 }
 
 /// One TCP connection, `messages` request/responses of `size` bytes each.
@@ -116,43 +186,20 @@ pub fn probe_tcp(
     size: usize,
     timeout: Duration,
 ) -> Result<ProbeReport, TrafficError> {
-    let io = |source| TrafficError::Io {
-        proto: "tcp",
-        addr,
-        source,
-    };
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    s.set_nodelay(true).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    let mut rtts = Vec::new();
-    let mut back = vec![0u8; size];
-    for i in 0..messages {
-        let msg = pattern(i, size);
-        let t = Instant::now();
-        s.write_all(&msg).map_err(io)?;
-        s.read_exact(&mut back).map_err(io)?;
-        rtts.push(t.elapsed().as_micros() as u64);
-        if back != msg {
-            return Err(TrafficError::Mismatch {
-                proto: "tcp",
-                addr,
-                got: back.len(),
-                want: size,
-            });
-        }
-    }
-    s.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let io = io_error("tcp", addr);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(&io)?;
+    s.set_nodelay(true).map_err(&io)?;
+    s.set_read_timeout(Some(timeout)).map_err(&io)?;
+    let report = exchange("tcp", addr, messages, size, |msg, back| {
+        s.write_all(msg).map_err(&io)?;
+        s.read_exact(&mut back[..msg.len()]).map_err(&io)?;
+        Ok(Echo::Back(msg.len()))
+    })?;
+    s.shutdown(std::net::Shutdown::Write).map_err(&io)?;
     // Wait for the server's FIN so the whole close is on the wire before counters are read.
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-    Ok(ProbeReport {
-        protocol: "tcp",
-        target: addr.to_string(),
-        messages,
-        size,
-        echoed: messages,
-        p50_us: median(rtts),
-    })
+    Ok(report)
 }
 
 /// `messages` UDP datagrams of `size` bytes, one at a time, each waiting for its echo.
@@ -162,34 +209,12 @@ pub fn probe_udp(
     size: usize,
     timeout: Duration,
 ) -> Result<ProbeReport, TrafficError> {
-    let io = |source| TrafficError::Io {
-        proto: "udp",
-        addr,
-        source,
-    };
-    let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(io)?;
-    s.connect(addr).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    let mut echoed = 0;
-    let mut rtts = Vec::new();
-    let mut back = vec![0u8; size + 1];
-    for i in 0..messages {
-        let msg = pattern(i, size);
-        let t = Instant::now();
-        s.send(&msg).map_err(io)?;
-        if let Ok(n) = s.recv(&mut back)
-            && back[..n] == msg[..]
-        {
-            echoed += 1;
-            rtts.push(t.elapsed().as_micros() as u64);
-        }
-    }
-    Ok(ProbeReport {
-        protocol: "udp",
-        target: addr.to_string(),
-        messages,
-        size,
-        echoed,
-        p50_us: median(rtts),
+    let io = io_error("udp", addr);
+    let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(&io)?;
+    s.connect(addr).map_err(&io)?;
+    s.set_read_timeout(Some(timeout)).map_err(&io)?;
+    exchange("udp", addr, messages, size, |msg, back| {
+        s.send(msg).map_err(&io)?;
+        Ok(s.recv(back).map_or(Echo::Lost, Echo::Back))
     })
 }

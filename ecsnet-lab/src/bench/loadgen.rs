@@ -1,12 +1,5 @@
-//! The benchmark's own load (SPEC §9): a TCP request/response client that records every round
-//! trip in an HdrHistogram, a new-connection client, and the server both talk to. The bench
-//! runs each inside a lab namespace as `ecsnet --netns NS bench rr|crr|serve` and reads the
-//! JSON line it prints.
-//!
-//! A new-connection round is connect, one request, one reply, and a close by the client with
-//! an RST (`SO_LINGER` 0): no side keeps a TIME_WAIT socket, so a run cannot run out of client
-//! ports, and both Docker's conntrack and ecsnet's see a reset flow (10 s) rather than a closed
-//! one (120 s, 30 s) that would fill their tables during a long benchmark.
+//! The benchmark's own load (SPEC §9): request/response and new-connection TCP clients and
+//! their server, run in a lab namespace as `ecsnet-lab --netns NS bench rr|crr|serve`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -46,7 +39,7 @@ pub fn pin_to(cpu: usize) -> Result<(), LoadError> {
         .map_err(|source| LoadError::Pin { cpu, source })
 }
 
-/// Sets the socket's TCP congestion control (TCP_CONGESTION): as root any algorithm the kernel
+/// Sets the socket's TCP congestion control (`TCP_CONGESTION`): as root any algorithm the kernel
 /// has, whatever the host's default and allowed list.
 fn set_congestion(s: &impl std::os::fd::AsFd, name: &str) -> std::io::Result<()> {
     nix::sys::socket::setsockopt(
@@ -85,7 +78,7 @@ pub fn serve(
                     if once {
                         reply_once(conn);
                     } else {
-                        crate::traffic::echo_tcp(conn);
+                        crate::traffic::echo_tcp(&conn);
                     }
                 }
             }));
@@ -98,7 +91,7 @@ pub fn serve(
     Ok(())
 }
 
-/// One request, its echo, and then the client's close: the server never holds the TIME_WAIT.
+/// One request, its echo, and then the client's close: the server never holds the `TIME_WAIT`.
 fn reply_once(mut conn: TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut buf = [0u8; 4096];
@@ -122,6 +115,29 @@ pub struct RrResult {
     pub max_ns: u64,
 }
 
+/// How long a client waits to connect, and for a reply.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client connection as both clients open one: no Nagle, `TIMEOUT` to connect and to wait
+/// for a reply, and the run's congestion control.
+fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    if let Some(cc) = congestion {
+        set_congestion(&s, cc)?;
+    }
+    Ok(s)
+}
+
+/// A client runs at least a second, with at least one byte (rr) or thread (crr).
+fn at_least_one(seconds: u64, count: usize) -> Result<(), LoadError> {
+    if seconds == 0 || count == 0 {
+        return Err(LoadError::Usage);
+    }
+    Ok(())
+}
+
 /// Round trips not recorded at the start: the first ones pay for cold caches and ARP.
 const WARM_UP: u32 = 200;
 
@@ -133,17 +149,9 @@ pub fn rr(
     size: usize,
     congestion: Option<&str>,
 ) -> Result<RrResult, LoadError> {
-    if seconds == 0 || size == 0 {
-        return Err(LoadError::Usage);
-    }
+    at_least_one(seconds, size)?;
     let io = |source| LoadError::Io { addr, source };
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-    s.set_nodelay(true).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(io)?;
-    if let Some(cc) = congestion {
-        set_congestion(&s, cc).map_err(io)?;
-    }
+    let mut s = connect(addr, congestion).map_err(io)?;
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let mut round_trip = |s: &mut TcpStream| -> Result<u64, LoadError> {
@@ -153,7 +161,7 @@ pub fn rr(
             std::io::ErrorKind::UnexpectedEof => LoadError::Closed { addr },
             _ => io(e),
         })?;
-        Ok(t0.elapsed().as_nanos() as u64)
+        Ok(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX))
     };
     for _ in 0..WARM_UP {
         round_trip(&mut s)?;
@@ -188,15 +196,18 @@ pub struct CrrResult {
 }
 
 /// `threads` loops of connect, 1-byte request, reply, RST close to `addr` for `seconds`.
+///
+/// The client closes with an RST (`SO_LINGER` 0): no side keeps a `TIME_WAIT` socket, so a run
+/// cannot run out of client ports, and both Docker's conntrack and ecsnet's see a reset flow
+/// (10 s) rather than a closed one (120 s, 30 s) that would fill their tables during a long
+/// benchmark.
 pub fn crr(
     addr: SocketAddr,
     seconds: u64,
     threads: usize,
     congestion: Option<&str>,
 ) -> Result<CrrResult, LoadError> {
-    if seconds == 0 || threads == 0 {
-        return Err(LoadError::Usage);
-    }
+    at_least_one(seconds, threads)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..threads)
@@ -212,11 +223,16 @@ pub fn crr(
         failures += failed;
     }
     let secs = start.elapsed().as_secs_f64();
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a run counts far fewer than 2^52 connections"
+    )]
+    let per_second = connections as f64 / secs;
     Ok(CrrResult {
         connections,
         failures,
         seconds: secs,
-        per_second: connections as f64 / secs,
+        per_second,
     })
 }
 
@@ -232,12 +248,7 @@ fn crr_loop(addr: SocketAddr, deadline: Instant, congestion: Option<&str>) -> (u
 }
 
 fn one_connection(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_nodelay(true)?;
-    if let Some(cc) = congestion {
-        set_congestion(&s, cc)?;
-    }
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut s = connect(addr, congestion)?;
     s.write_all(b"x")?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;

@@ -1,10 +1,9 @@
-//! The lab (SPEC §8): an ECS container instance in Docker bridge mode built from network
-//! namespaces: `N-host` (uplink eth0, bridge docker0, Docker's iptables rules), `N-task1..K` and
-//! `N-client`. Nothing outside its own namespaces is touched; `down` removes all of it.
+//! The lab (SPEC §8): a Docker bridge-mode ECS host in namespaces `N-host`, `N-task1..K` and
+//! `N-client`, its network in `topology`, its rules in `docker_rules`; `down` removes all of it.
 
 use std::{
+    fmt::Write as _,
     fs,
-    io::Write as _,
     net::Ipv4Addr,
     path::PathBuf,
     process::{Command, Stdio},
@@ -17,6 +16,11 @@ use ecsnet::{
     state::{Host, PortMapping, Protocol, State, Task},
     store::paths::{self, lab_dir},
 };
+
+mod docker_rules;
+pub mod topology;
+
+pub use docker_rules::{docker_rules, restore_rules};
 
 pub const UPLINK: &str = "eth0";
 pub const BRIDGE: &str = "docker0";
@@ -53,8 +57,20 @@ pub enum LabError {
         tool: &'static str,
         hint: &'static str,
     },
-    #[error("`{cmd}` failed: {stderr}")]
+    #[error("{cmd} failed: {stderr}")]
     Command { cmd: String, stderr: String },
+    #[error("namespace {netns}: {what}: {source}")]
+    Netns {
+        netns: String,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("namespace {netns}: {what}: {source}")]
+    Netlink {
+        netns: String,
+        what: String,
+        source: rtnetlink::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -98,8 +114,8 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
     };
     let (ports, protocol) =
         Protocol::split_suffix(spec).map_err(|other| bad(format!("unknown protocol {other:?}")))?;
-    let parts: Vec<&str> = ports.split(':').collect();
-    let [task, host, container] = parts[..] else {
+    let fields: Vec<&str> = ports.split(':').collect();
+    let [task, host, container] = fields[..] else {
         return Err(bad("need three fields".into()));
     };
     let task: usize = task
@@ -167,6 +183,14 @@ pub struct LabPort {
     pub protocol: Protocol,
 }
 
+/// `8080->80/tcp`, as `ecsnet task ls` shows a port mapping.
+impl std::fmt::Display for LabPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (host, container) = (self.host_port, self.container_port);
+        write!(f, "{host}->{container}/{}", self.protocol.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabTask {
@@ -203,16 +227,17 @@ fn task_ns(name: &str, i: usize) -> String {
 
 /// Docker-style host-side veth name: "veth" and 7 hex digits, stable for (lab, task).
 pub fn veth_name(lab: &str, task: usize) -> String {
-    let mut h: u32 = 0x811c9dc5;
+    let mut h: u32 = 0x811c_9dc5;
     for b in lab.bytes().chain(task.to_le_bytes()) {
         h ^= u32::from(b);
-        h = h.wrapping_mul(0x01000193);
+        h = h.wrapping_mul(0x0100_0193);
     }
     format!("veth{:07x}", h & 0x0fff_ffff)
 }
 
 pub fn task_address(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i as u32)
+    let i = u32::try_from(i).expect("a lab has at most MAX_TASKS tasks");
+    Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i)
 }
 
 /// The port mappings of every task: the --publish list, or one default port per task; dynamic
@@ -220,9 +245,9 @@ pub fn task_address(i: usize) -> Ipv4Addr {
 pub fn plan_ports(spec: &LabSpec, ephemeral: [u16; 2]) -> Vec<Vec<LabPort>> {
     let mut out = vec![Vec::new(); spec.tasks];
     if spec.publish.is_empty() {
-        for (i, ports) in out.iter_mut().enumerate() {
+        for (host_port, ports) in (DEFAULT_HOST_PORT..).zip(&mut out) {
             ports.push(LabPort {
-                host_port: DEFAULT_HOST_PORT + i as u16,
+                host_port,
                 container_port: DEFAULT_CONTAINER_PORT,
                 protocol: Protocol::Tcp,
             });
@@ -252,52 +277,6 @@ pub fn plan_ports(spec: &LabSpec, ephemeral: [u16; 2]) -> Vec<Vec<LabPort>> {
         });
     }
     out
-}
-
-/// The iptables-restore input dockerd (20.10+, `--userland-proxy=false`, so hairpin NAT is done
-/// by iptables) writes for docker0 and these tasks' published ports.
-pub fn docker_rules(tasks: &[LabTask]) -> String {
-    let mut nat = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n\
-         -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
-         -A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER\n",
-    );
-    nat += &format!("-A POSTROUTING -s {BRIDGE_SUBNET} ! -o {BRIDGE} -j MASQUERADE\n");
-    nat += &format!("-A POSTROUTING -o {BRIDGE} -m addrtype --src-type LOCAL -j MASQUERADE\n");
-    let mut filter = String::from(
-        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER - [0:0]\n\
-         :DOCKER-ISOLATION-STAGE-1 - [0:0]\n:DOCKER-ISOLATION-STAGE-2 - [0:0]\n:DOCKER-USER - [0:0]\n\
-         -A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n",
-    );
-    filter += &format!(
-        "-A FORWARD -o {BRIDGE} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-         -A FORWARD -o {BRIDGE} -j DOCKER\n\
-         -A FORWARD -i {BRIDGE} ! -o {BRIDGE} -j ACCEPT\n\
-         -A FORWARD -i {BRIDGE} -o {BRIDGE} -j ACCEPT\n"
-    );
-    for t in tasks {
-        for p in &t.port_mappings {
-            let proto = p.protocol.as_str();
-            let (ip, cp, hp) = (t.address, p.container_port, p.host_port);
-            nat += &format!(
-                "-A POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {cp} -j MASQUERADE\n"
-            );
-            nat += &format!(
-                "-A DOCKER -p {proto} -m {proto} --dport {hp} -j DNAT --to-destination {ip}:{cp}\n"
-            );
-            filter += &format!(
-                "-A DOCKER -d {ip}/32 ! -i {BRIDGE} -o {BRIDGE} -p {proto} -m {proto} --dport {cp} -j ACCEPT\n"
-            );
-        }
-    }
-    filter += &format!(
-        "-A DOCKER-ISOLATION-STAGE-1 -i {BRIDGE} ! -o {BRIDGE} -j DOCKER-ISOLATION-STAGE-2\n\
-         -A DOCKER-ISOLATION-STAGE-1 -j RETURN\n\
-         -A DOCKER-ISOLATION-STAGE-2 -o {BRIDGE} -j DROP\n\
-         -A DOCKER-ISOLATION-STAGE-2 -j RETURN\n\
-         -A DOCKER-USER -j RETURN\n"
-    );
-    format!("{nat}COMMIT\n{filter}COMMIT\n")
 }
 
 /// The ECS-style state file for the lab's tasks.
@@ -354,50 +333,6 @@ pub fn state_for(status: &LabStatus) -> State {
     }
 }
 
-fn check_tool(tool: &'static str, hint: &'static str) -> Result<(), LabError> {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| PathBuf::from(d).join(tool).is_file());
-    if found {
-        Ok(())
-    } else {
-        Err(LabError::MissingTool { tool, hint })
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<String, LabError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| LabError::Command {
-            cmd: format!("{cmd:?}"),
-            stderr: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd: format!("{cmd:?}").replace('"', ""),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> Result<String, LabError> {
-    run(Command::new("ip").args(args))
-}
-
-/// Runs a command inside a namespace (for iptables and sysctl, which need no bpffs).
-fn ns_exec(ns: &str, args: &[&str]) -> Result<String, LabError> {
-    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
-}
-
-fn sysctl(ns: &str, kv: &str) -> Result<(), LabError> {
-    ns_exec(ns, &["sysctl", "-qw", kv]).map(drop)
-}
-
 fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
     move |source| LabError::Io {
         path: path.to_owned(),
@@ -439,8 +374,12 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
     if spec.tasks == 0 || spec.tasks > MAX_TASKS {
         return Err(LabError::BadTaskCount(spec.tasks));
     }
-    check_tool("ip", "apt-get install iproute2")?;
-    check_tool("iptables", "apt-get install iptables")?;
+    if which::which("iptables-restore").is_err() {
+        return Err(LabError::MissingTool {
+            tool: "iptables-restore",
+            hint: "apt-get install iptables",
+        });
+    }
     if let Some(ns) = namespaces(&spec.name).first() {
         return Err(LabError::Exists {
             name: spec.name.clone(),
@@ -476,206 +415,27 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
     }
 }
 
-/// docker0 with its address and the sysctls Docker sets.
-fn docker_bridge(host: &str) -> Result<(), LabError> {
-    ip(&["-n", host, "link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&[
-        "-n",
-        host,
-        "addr",
-        "add",
-        &format!("{BRIDGE_ADDR}/{BRIDGE_PREFIX}"),
-        "dev",
-        BRIDGE,
-    ])?;
-    ip(&["-n", host, "link", "set", BRIDGE, "up"])?;
-    sysctl(host, "net.bridge.bridge-nf-call-iptables=1")?;
-    sysctl(host, &format!("net.ipv4.conf.{BRIDGE}.route_localnet=1"))
-}
-
-/// A task's veth as Docker plugs it: a port of docker0 with hairpin on, the task on the /16.
-fn bridged_task(host: &str, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<(), LabError> {
-    ip(&["-n", host, "link", "set", veth, "master", BRIDGE])?;
-    // Docker turns hairpin on for bridge ports when iptables does the hairpin NAT.
-    ip(&[
-        "-n",
-        host,
-        "link",
-        "set",
-        veth,
-        "type",
-        "bridge_slave",
-        "hairpin",
-        "on",
-    ])?;
-    ip(&["-n", host, "link", "set", veth, "up"])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{addr}/{BRIDGE_PREFIX}"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        ns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &BRIDGE_ADDR.to_string(),
-    ])
-    .map(drop)
-}
-
-/// A task's veth in the ceiling lab: a /32 route to the task on the host side, which holds the
-/// gateway address; the task's only route is its default through it.
-fn routed_task(host: &str, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<(), LabError> {
-    let gateway = format!("{BRIDGE_ADDR}/32");
-    ip(&["-n", host, "addr", "add", &gateway, "dev", veth])?;
-    ip(&["-n", host, "link", "set", veth, "up"])?;
-    ip(&[
-        "-n",
-        host,
-        "route",
-        "add",
-        &format!("{addr}/32"),
-        "dev",
-        veth,
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{addr}/32"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        ns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &BRIDGE_ADDR.to_string(),
-        "dev",
-        "eth0",
-        "onlink",
-    ])
-    .map(drop)
-}
-
-/// Replaces the iptables rules of the lab host `host` with `rules` (iptables-restore input).
-pub fn restore_rules(host: &str, rules: &str) -> Result<(), LabError> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", host, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| LabError::Command {
-            cmd: "iptables-restore".into(),
-            stderr: e.to_string(),
-        })?;
-    let input = std::path::Path::new("iptables-restore");
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(rules.as_bytes())
-        .map_err(io(input))?;
-    let out = child.wait_with_output().map_err(io(input))?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd: format!("ip netns exec {host} iptables-restore"),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
-}
-
 fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
     let name = &spec.name;
     let (host, client) = (host_ns(name), client_ns(name));
     let dir = lab_dir(name);
     fs::create_dir_all(&dir).map_err(io(&dir))?;
-    for ns in [&host, &client] {
-        ip(&["netns", "add", ns])?;
-    }
-    for ns in [&host, &client] {
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        sysctl(ns, "net.ipv6.conf.all.disable_ipv6=1")?;
-        sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
-    }
-    // Uplink: host eth0 <-> client eth0, the VPC subnet.
-    ip(&[
-        "-n", &host, "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns",
-        &client,
-    ])?;
-    let uplink_cidr = format!("{UPLINK_ADDR}/{UPLINK_PREFIX}");
-    let client_cidr = format!("{CLIENT_ADDR}/{UPLINK_PREFIX}");
-    ip(&["-n", &host, "addr", "add", &uplink_cidr, "dev", UPLINK])?;
-    ip(&["-n", &client, "addr", "add", &client_cidr, "dev", UPLINK])?;
-    ip(&["-n", &host, "link", "set", UPLINK, "up"])?;
-    ip(&["-n", &client, "link", "set", UPLINK, "up"])?;
-    ip(&[
-        "-n",
-        &host,
-        "route",
-        "add",
-        "default",
-        "via",
-        &CLIENT_ADDR.to_string(),
-    ])?;
-
-    sysctl(&host, "net.ipv4.ip_forward=1")?;
-    if spec.ceiling {
-        // The client routes the task subnet through the host: nothing translates.
-        ip(&[
-            "-n",
-            &client,
-            "route",
-            "add",
-            BRIDGE_SUBNET,
-            "via",
-            &UPLINK_ADDR.to_string(),
-        ])?;
-    } else {
-        docker_bridge(&host)?;
-    }
-
     let ports = plan_ports(spec, ecsnet::state::Host::default().ephemeral_ports);
-    let mut tasks = Vec::new();
-    for i in 1..=spec.tasks {
-        let ns = task_ns(name, i);
-        let veth = veth_name(name, i);
-        let addr = task_address(i);
-        ip(&["netns", "add", &ns])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        sysctl(&ns, "net.ipv6.conf.all.disable_ipv6=1")?;
-        sysctl(&ns, "net.ipv6.conf.default.disable_ipv6=1")?;
-        ip(&[
-            "-n", &host, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        if spec.ceiling {
-            routed_task(&host, &ns, &veth, addr)?;
-        } else {
-            bridged_task(&host, &ns, &veth, addr)?;
-        }
-        tasks.push(LabTask {
-            name: format!("task{i}"),
-            netns: ns,
-            address: addr,
-            interface: veth,
-            port_mappings: ports[i - 1].clone(),
-        });
-    }
+    let tasks: Vec<LabTask> = ports
+        .into_iter()
+        .enumerate()
+        .map(|(k, port_mappings)| {
+            let i = k + 1;
+            LabTask {
+                name: format!("task{i}"),
+                netns: task_ns(name, i),
+                address: task_address(i),
+                interface: veth_name(name, i),
+                port_mappings,
+            }
+        })
+        .collect();
+    topology::build(&host, &client, &tasks, spec.ceiling)?;
     if !spec.ceiling {
         restore_rules(&host, &docker_rules(&tasks))?;
     }
@@ -845,31 +605,21 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
             report.instances.push(inst);
         }
     }
+    let kill = |pid| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok();
+    report.killed = nss
+        .iter()
+        .flat_map(|ns| topology::pids(ns))
+        .filter(|&pid| kill(pid))
+        .count();
     for ns in &nss {
-        if let Ok(pids) = ip(&["netns", "pids", ns]) {
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                if nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .is_ok()
-                {
-                    report.killed += 1;
-                }
-            }
-        }
-    }
-    for ns in &nss {
-        ip(&["netns", "delete", ns])?;
+        topology::delete(ns)?;
         report.namespaces.push(ns.clone());
     }
-    match fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&dir)(e)),
+    // Gone already is as good as removed.
+    if let Err(e) = fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(io(&dir)(e));
     }
     let _ = fs::remove_dir(ecsnet::store::paths::RUN_DIR);
     Ok(report)
@@ -911,20 +661,10 @@ pub fn render(s: &LabStatus) -> String {
         s.state_file.display()
     );
     for t in &s.tasks {
-        let ports: Vec<String> = t
-            .port_mappings
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}->{}/{}",
-                    p.host_port,
-                    p.container_port,
-                    p.protocol.as_str()
-                )
-            })
-            .collect();
-        out += &format!(
-            "  {:<8} {:<16} {:<12} {:<15} {}\n",
+        let ports: Vec<String> = t.port_mappings.iter().map(LabPort::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<16} {:<12} {:<15} {}",
             t.name,
             t.netns,
             t.interface,
@@ -990,33 +730,6 @@ mod tests {
             "dynamic skips the static 49153/tcp"
         );
         assert_eq!(p[1][1].host_port, 49153, "udp has its own space");
-    }
-
-    #[test]
-    fn rules_have_docker_chains_and_per_port_dnat() {
-        let t = LabTask {
-            name: "task1".into(),
-            netns: "l-task1".into(),
-            address: task_address(1),
-            interface: veth_name("l", 1),
-            port_mappings: vec![LabPort {
-                host_port: 8080,
-                container_port: 80,
-                protocol: Protocol::Tcp,
-            }],
-        };
-        let r = docker_rules(&[t]);
-        for needle in [
-            ":DOCKER-USER - [0:0]",
-            ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
-            "-A DOCKER -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80",
-            "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE",
-            "-A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT",
-            ":FORWARD DROP",
-        ] {
-            assert!(r.contains(needle), "missing {needle}");
-        }
-        assert_eq!(r.matches("COMMIT").count(), 2);
     }
 
     #[test]
