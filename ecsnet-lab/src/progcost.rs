@@ -508,7 +508,8 @@ fn program_cases() -> Vec<ProgramCase> {
         },
         ProgramCase {
             program: "tc_task_egress",
-            name: "data segment of a host-to-task flow on the kernel's path: counted, recorded, passed",
+            name: "data segment of a host-to-task flow on the kernel's path: counted, recorded, \
+                   passed",
             setup: vec![open_host_to_task],
             packet: data(&host_to_task),
             want: TC_ACT_OK,
@@ -642,7 +643,7 @@ fn forget_flows(dp: &mut Datapath, keep: &FlowTables) -> Result<(), DatapathErro
     let ct_new = now.ct_new.iter().filter(|k| !keep.ct_new.contains(k));
     dp.remove::<CtKey, CtEntry>(MAP_CT_NEW, ct_new)?;
     let flows = now.flows.iter().filter(|k| !keep.flows.contains(k));
-    dp.remove_per_cpu::<FlowKey, FlowStats>(MAP_FLOWS, flows)
+    dp.remove::<FlowKey, FlowStats>(MAP_FLOWS, flows)
 }
 
 /// Most single runs one measurement of a packet-rewriting case makes.
