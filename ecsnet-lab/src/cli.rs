@@ -35,6 +35,12 @@ pub enum Cmd {
     Lab(LabCmd),
     /// Benchmark against Docker bridge mode and the machine's ceiling, on labs of its own.
     Bench(BenchArgs),
+    /// The lab, ecsnet up, known traffic, counters checked, teardown (`./x demo`).
+    Demo {
+        /// Leave the lab and ecsnet up and print how to look around.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Lab(l) => lab_cmd_run(l),
         Cmd::Bench(b) => bench_cmd_run(b),
+        Cmd::Demo { keep } => crate::demo::run(keep),
     }
 }
 

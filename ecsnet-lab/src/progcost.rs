@@ -13,7 +13,7 @@
 //!   running the flow's first packet through the datapath, as a real host would.
 //!
 //! A test run with repeat runs the program again and again on the same skb: what one run writes
-//! into the packet, the next run sees (a DNATed segment repeated is no longer the flow's, and
+//! into the packet, the next run sees (a segment repeated after DNAT is no longer the flow's, and
 //! its TTL runs out). Cases whose program leaves the packet as it was are measured that way, and
 //! the packet is checked to come out unchanged. Cases whose program rewrites it are measured as
 //! `repeat` test runs of one run each, every one on a fresh copy of the packet, their times
@@ -21,51 +21,36 @@
 //! call between two runs cools the caches and the clock reads are not shared out. Where both
 //! can be measured (a packet left unchanged) the single runs came out 25 to 65 ns slower.
 
-use std::net::Ipv4Addr;
+use std::{fmt::Write as _, net::Ipv4Addr};
 
-use aya::{
-    Ebpf, Pod,
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
-};
 use ecsnet_common::{
-    csum::{checksum, pseudo_header},
     ct::{CtEntry, CtKey, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN},
-    flow::{FlowKey, FlowState, FlowStats},
-    maps::{Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo},
-    policy::{PeerKey, PeerRules, RuleKey},
+    flow::{FlowKey, FlowState, FlowStats, MAP_FLOW_STATE, MAP_FLOWS},
+    maps::{MAP_CONFIG, MAP_CT, MAP_CT_NEW, ROLE_TASK, ROLE_UPLINK},
+    policy::{MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 use serde::Serialize;
 
 use ecsnet::{
     flowlog,
-    kernel::datapath::DATAPATH,
     plan::sg::Compiled,
     state::{self, IpPermission, PortMapping, Protocol, SecurityGroup, State, Task},
 };
 
-/// The ifindex a test run's packet arrives on (loopback), standing in for the uplink.
-const TEST_IFINDEX: u32 = 1;
-/// Where [`program_cost`] puts the uplink for the task programs: no interface has this index,
-/// so no FIB lookup can say "out of the uplink" (as in `tests/tests/datapath_fixtures.rs`).
-const NO_SUCH_IFINDEX: u32 = 999_999;
-const HOST: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
-const BRIDGE: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
-/// The task of [`policy_cost`], task A of [`program_cost`].
-const TASK: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
-const TASK_B: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 3);
-const IFINDEX_A: u32 = 11;
-const IFINDEX_B: u32 = 12;
-const BRIDGE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 3];
-const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 8];
-const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
+use crate::fixture::{
+    datapath::{Datapath, DatapathError, Run},
+    packet::P,
+    world::{
+        BRIDGE, BRIDGE_MAC, CLIENT, HOST, IFINDEX_A, IFINDEX_B, MAC_A, MAC_B, NO_SUCH_IFINDEX,
+        ROUTER_MAC, Seed, TASK_A, TASK_B, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_IFINDEX,
+        UPLINK_MAC, XDP_DROP, XDP_PASS, config,
+    },
+};
+
 /// The client's port of the inbound flows.
 const CLIENT_PORT: u16 = 51000;
 /// Payload of a data segment: a full one at MTU 1500.
-const MSS: u16 = 1448;
+const MSS: usize = 1448;
 /// Events per second per CPU the datapath may send to `monitor`: `ecsnet up`'s default.
 const MONITOR_RATE: u32 = 1000;
 /// Host port published to container port 80, which the rule allows from the client's /24.
@@ -73,22 +58,10 @@ const ALLOWED_PORT: u16 = 8080;
 /// Host port published to container port 81, which no rule allows.
 const REJECTED_PORT: u16 = 8081;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
 #[derive(Debug, thiserror::Error)]
 pub enum CostError {
-    #[error("loading the datapath for test runs: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("{0}: {1}")]
-    Program(&'static str, aya::programs::ProgramError),
-    #[error("{0}")]
-    TailCalls(ecsnet::kernel::datapath::DatapathError),
-    #[error("map {0}: {1}")]
-    Map(&'static str, aya::maps::MapError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
     #[error("the generated security groups do not compile: {0}")]
     Compile(String),
     #[error("{case}: the program returned {got}, expected {want}; the test set-up is wrong")]
@@ -147,22 +120,24 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
     let perm = |proto: &str, from: i32, to: i32, cidr: String| {
         IpPermission::from_cidr(proto, Some((from, to)), cidr)
     };
+    let port = |p: usize| i32::try_from(p).expect("a port fits in an i32");
     sgs[0]
         .ip_permissions
         .push(perm("tcp", 80, 80, "10.10.0.0/24".to_owned()));
     for i in 1..rules {
-        let (hi, lo) = ((i / 256) as u8, (i % 256) as u8);
+        let byte = |b: usize| u8::try_from(b % 256).expect("below 256");
+        let (hi, lo) = (byte(i / 256), byte(i));
         let p = match i % 4 {
             0 => perm(
                 "tcp",
-                1000 + (i % 3000) as i32,
-                1000 + (i % 3000) as i32,
+                port(1000 + i % 3000),
+                port(1000 + i % 3000),
                 format!("10.{}.{hi}.{lo}/32", 100 + i % 50),
             ),
             1 => perm(
                 "udp",
                 2000,
-                2000 + (i % 100) as i32,
+                port(2000 + i % 100),
                 format!("192.168.{lo}.0/24"),
             ),
             2 => perm("tcp", 443, 443, format!("100.{}.{lo}.0/24", 64 + hi % 64)),
@@ -173,7 +148,7 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
     let task = Task {
         task_arn: None,
         name: "task".to_owned(),
-        ipv4_address: TASK,
+        ipv4_address: TASK_A.into(),
         interface: None,
         interface_id: None,
         port_mappings: [(ALLOWED_PORT, 80), (REJECTED_PORT, 81)]
@@ -195,52 +170,6 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
     }
 }
 
-fn be(a: Ipv4Addr) -> u32 {
-    u32::from(a).to_be()
-}
-
-fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CostError> {
-    ebpf.map_mut(name).ok_or(CostError::Map(
-        name,
-        aya::maps::MapError::InvalidName { name: name.into() },
-    ))
-}
-
-/// Writes `value` at index 0 of the array map `name`.
-fn set_first<V: Pod>(ebpf: &mut Ebpf, name: &'static str, value: V) -> Result<(), CostError> {
-    let mut a: Array<&mut MapData, V> =
-        Array::try_from(map(ebpf, name)?).map_err(|e| CostError::Map(name, e))?;
-    a.set(0, &value, 0).map_err(|e| CostError::Map(name, e))
-}
-
-/// Inserts `entries` into the hash map `name`.
-fn insert<K: Pod, V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    entries: impl IntoIterator<Item = (K, V)>,
-) -> Result<(), CostError> {
-    let mut m: HashMap<&mut MapData, K, V> =
-        HashMap::try_from(map(ebpf, name)?).map_err(|e| CostError::Map(name, e))?;
-    for (k, v) in entries {
-        m.insert(&k, &v, 0).map_err(|e| CostError::Map(name, e))?;
-    }
-    Ok(())
-}
-
-/// The host's configuration with the uplink on `uplink_ifindex` and the bridge on the test
-/// device.
-fn config(uplink_ifindex: u32) -> Config {
-    Config {
-        uplink_ifindex,
-        uplink_ipv4: be(HOST),
-        bridge_ifindex: TEST_IFINDEX,
-        bridge_ipv4: be(BRIDGE),
-        bridge_mac: BRIDGE_MAC,
-        flags: 0,
-        bridge_prefix: 16,
-    }
-}
-
 /// `state` validated and compiled.
 fn compiled(state: &State) -> Result<Compiled, CostError> {
     state::validate(state, state::BridgeNet::default())
@@ -251,160 +180,74 @@ fn compiled(state: &State) -> Result<Compiled, CostError> {
 /// Writes `state`'s tasks (on the interface and with the MAC `iface` gives each), published
 /// ports and compiled security groups to the maps.
 fn seed_state(
-    ebpf: &mut Ebpf,
+    dp: &mut Datapath,
     state: &State,
     policy: &Compiled,
-    iface: impl Fn(Ipv4Addr) -> (u32, [u8; 6]),
-) -> Result<(), CostError> {
+    iface: impl Fn([u8; 4]) -> (u32, [u8; 6]),
+) -> Result<(), DatapathError> {
     let tasks = state.tasks.iter().map(|t| {
-        let (ifindex, mac) = iface(t.ipv4_address);
-        let info = TaskInfo {
-            ifindex,
-            mac,
-            _pad: [0; 2],
-            policy: policy.policy_of(t.ipv4_address),
-        };
-        (be(t.ipv4_address), info)
+        let a = t.ipv4_address.octets();
+        let (ifindex, mac) = iface(a);
+        Seed::Task(a, ifindex, mac, policy.policy_of(t.ipv4_address))
     });
-    insert(ebpf, "TASKS", tasks)?;
     let ports = state.tasks.iter().flat_map(|t| {
         t.port_mappings.iter().map(|pm| {
-            let k = PortKey {
-                port: pm.host_port.to_be(),
-                proto: match pm.protocol {
-                    Protocol::Tcp => PROTO_TCP,
-                    Protocol::Udp => PROTO_UDP,
-                },
-                _pad: 0,
+            let proto = match pm.protocol {
+                Protocol::Tcp => PROTO_TCP,
+                Protocol::Udp => PROTO_UDP,
             };
-            let v = PortTarget {
-                addr: be(t.ipv4_address),
-                port: pm.container_port.to_be(),
-                _pad: [0; 2],
-            };
-            (k, v)
+            Seed::Port(
+                proto,
+                pm.host_port,
+                t.ipv4_address.octets(),
+                pm.container_port,
+            )
         })
     });
-    insert(ebpf, "PORTS", ports)?;
-    insert::<PeerKey, PeerRules>(ebpf, "SG_PEERS", policy.peers.iter().copied())?;
-    insert::<RuleKey, u32>(ebpf, "SG_RULES", policy.rules.iter().copied())
+    dp.seed(&tasks.chain(ports).collect::<Vec<_>>())?;
+    dp.insert::<PeerKey, PeerRules>(MAP_SG_PEERS, policy.peers.iter().copied())?;
+    dp.insert::<RuleKey, u32>(MAP_SG_RULES, policy.rules.iter().copied())
 }
 
-/// Loads the programs `names` of `ebpf` into the kernel.
-fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), CostError> {
-    for &name in names {
-        let prog = ebpf
-            .program_mut(name)
-            .expect("the datapath has the program");
-        if name.starts_with("xdp") {
-            let p: &mut Xdp = prog.try_into().map_err(|e| CostError::Program(name, e))?;
-            p.load()
-        } else {
-            let p: &mut SchedClassifier =
-                prog.try_into().map_err(|e| CostError::Program(name, e))?;
-            p.load()
-        }
-        .map_err(|e| CostError::Program(name, e))?;
-    }
-    ecsnet::kernel::datapath::load_tail_called(ebpf).map_err(CostError::TailCalls)
+/// Loads the programs `names` of `dp` and the programs they tail-call into the kernel.
+fn load_programs(dp: &mut Datapath, names: &[&'static str]) -> Result<(), DatapathError> {
+    dp.load_programs(names)?;
+    dp.load_tail_called()
 }
 
 /// A datapath in memory with `state`'s one task and policy written to its maps.
-fn loaded(state: &State) -> Result<(Ebpf, Compiled), CostError> {
+fn loaded(state: &State) -> Result<(Datapath, Compiled), CostError> {
     let policy = compiled(state)?;
-    let mut ebpf = Ebpf::load(DATAPATH)?;
-    set_first(&mut ebpf, "CONFIG", config(TEST_IFINDEX))?;
-    let up = IfaceInfo {
-        ipv4: 0,
-        role: ROLE_UPLINK,
-        _pad: [0; 3],
-    };
-    insert(&mut ebpf, "IFACES", [(TEST_IFINDEX, up)])?;
-    seed_state(&mut ebpf, state, &policy, |_| (999_999, MAC_A))?;
-    load_programs(&mut ebpf, &["xdp_uplink", "tc_uplink_ingress"])?;
-    Ok((ebpf, policy))
+    let mut dp = Datapath::load()?;
+    dp.set_first(MAP_CONFIG, config(TEST_IFINDEX))?;
+    dp.seed(&[Seed::Iface(TEST_IFINDEX, [0; 4], ROLE_UPLINK)])?;
+    seed_state(&mut dp, state, &policy, |_| (NO_SUCH_IFINDEX, MAC_A))?;
+    load_programs(&mut dp, &["xdp_uplink", "tc_uplink_ingress"])?;
+    Ok((dp, policy))
 }
 
-/// A TCP segment in an Ethernet frame (addresses and ports in host order).
-#[derive(Clone, Copy)]
-struct Segment {
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv4Addr,
-    sport: u16,
-    dst: Ipv4Addr,
-    dport: u16,
-    flags: u8,
-    /// Payload bytes.
-    data: u16,
+/// A SYN from `src`:`sport` to `dst`:`dport`, in a frame from `smac` to `dmac`.
+fn syn(
+    (smac, dmac): ([u8; 6], [u8; 6]),
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+) -> P {
+    P {
+        dmac,
+        smac,
+        ..P::tcp(src, sport, dst, dport, TCP_SYN)
+    }
 }
 
-impl Segment {
-    /// A SYN from `src`:`sport` to `dst`:`dport`, in a frame from `smac` to `dmac`.
-    const fn syn(
-        (smac, dmac): ([u8; 6], [u8; 6]),
-        (src, sport): (Ipv4Addr, u16),
-        (dst, dport): (Ipv4Addr, u16),
-    ) -> Self {
-        Segment {
-            smac,
-            dmac,
-            src,
-            sport,
-            dst,
-            dport,
-            flags: TCP_SYN,
-            data: 0,
-        }
-    }
-
-    /// A full-sized ACK data segment of the same flow and direction.
-    const fn data(self) -> Self {
-        Segment {
-            flags: TCP_ACK,
-            data: MSS,
-            ..self
-        }
-    }
-
-    /// The frame, with IPv4 and TCP checksums computed in full.
-    fn frame(&self) -> Vec<u8> {
-        let mut tcp = Vec::with_capacity(20 + self.data as usize);
-        tcp.extend(self.sport.to_be_bytes());
-        tcp.extend(self.dport.to_be_bytes());
-        tcp.extend(0x1000_0001u32.to_be_bytes());
-        let ack: u32 = if self.flags & TCP_ACK != 0 {
-            0x2000_0001
-        } else {
-            0
-        };
-        tcp.extend(ack.to_be_bytes());
-        tcp.extend([0x50, self.flags, 0xff, 0xff, 0, 0, 0, 0]);
-        tcp.extend((0..self.data).map(|i| i as u8));
-        let (src, dst) = (self.src.octets(), self.dst.octets());
-        let c = checksum(&tcp, pseudo_header(src, dst, PROTO_TCP, tcp.len() as u16));
-        tcp[16..18].copy_from_slice(&c.to_be_bytes());
-        let mut ip = vec![0x45, 0];
-        ip.extend((20 + tcp.len() as u16).to_be_bytes());
-        // Identification 1, DF, TTL 64.
-        ip.extend([0, 1, 0x40, 0, 64, PROTO_TCP, 0, 0]);
-        ip.extend(src);
-        ip.extend(dst);
-        let c = checksum(&ip, 0);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut f = Vec::with_capacity(14 + ip.len() + tcp.len());
-        f.extend(self.dmac);
-        f.extend(self.smac);
-        f.extend([0x08, 0x00]);
-        f.extend(ip);
-        f.extend(tcp);
-        f
-    }
+/// A full-sized ACK data segment of the same flow and direction as `p`.
+fn data(p: &P) -> P {
+    let payload: Vec<u8> = (0..=u8::MAX).cycle().take(MSS).collect();
+    p.clone().flags(TCP_ACK).data(&payload)
 }
 
 /// A TCP SYN from the client to the host's `port`, as it arrives on the uplink.
-fn syn(port: u16) -> Vec<u8> {
-    Segment::syn(
+fn syn_to(port: u16) -> Vec<u8> {
+    syn(
         (ROUTER_MAC, UPLINK_MAC),
         (CLIENT, CLIENT_PORT),
         (HOST, port),
@@ -440,50 +283,6 @@ const CASES: [Case; 3] = [
     },
 ];
 
-/// What one `BPF_PROG_TEST_RUN` gave.
-struct Run {
-    verdict: u32,
-    /// The kernel's average over the repeats, nanoseconds.
-    ns: u64,
-    /// The packet as the last run left it.
-    output: Vec<u8>,
-}
-
-/// Runs `program` `repeat` times on `packet` (the same skb each time).
-fn test_run(
-    ebpf: &Ebpf,
-    program: &'static str,
-    packet: &[u8],
-    repeat: u32,
-) -> Result<Run, CostError> {
-    let mut out = vec![0u8; packet.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(&mut out),
-        repeat,
-        ..Default::default()
-    };
-    let prog = ebpf.program(program).expect("the datapath has the program");
-    let r = if program.starts_with("xdp") {
-        let p: &Xdp = prog
-            .try_into()
-            .map_err(|e| CostError::Program(program, e))?;
-        p.test_run(opts)
-    } else {
-        let p: &SchedClassifier = prog
-            .try_into()
-            .map_err(|e| CostError::Program(program, e))?;
-        p.test_run(opts)
-    }
-    .map_err(|e| CostError::Program(program, e))?;
-    out.truncate(r.data_size_out as usize);
-    Ok(Run {
-        verdict: r.return_value,
-        ns: r.duration.as_nanos() as u64,
-        output: out,
-    })
-}
-
 /// `got` when it is the verdict `case` expects.
 fn expect(case: &'static str, got: u32, want: u32) -> Result<u32, CostError> {
     if got == want {
@@ -494,10 +293,18 @@ fn expect(case: &'static str, got: u32, want: u32) -> Result<u32, CostError> {
 }
 
 /// Average nanoseconds per run of `case` over `repeat` runs.
-fn run(ebpf: &Ebpf, case: &Case, repeat: u32) -> Result<u64, CostError> {
-    let r = test_run(ebpf, case.program, &syn(case.port), repeat)?;
+fn run(dp: &Datapath, case: &Case, repeat: u32) -> Result<u64, CostError> {
+    let r = dp.test_run(case.program, &syn_to(case.port), repeat)?;
     expect(case.name, r.verdict, case.want)?;
     Ok(r.ns)
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "run times in nanoseconds are far below 2^52"
+)]
+fn ratio(a: u64, b: u64) -> f64 {
+    a as f64 / b as f64
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -533,7 +340,7 @@ pub fn policy_cost(
             case: case.name,
             one_rule_ns: one_ns,
             many_rules_ns: many_ns,
-            ratio: many_ns as f64 / one_ns.max(1) as f64,
+            ratio: ratio(many_ns, one_ns.max(1)),
         });
     }
     Ok(PolicyCost {
@@ -553,15 +360,17 @@ pub fn render(c: &PolicyCost) -> String {
         "policy lookup cost, BPF_PROG_TEST_RUN x{} per round, median of {} rounds\n1 rule vs {} rules in {} groups ({} CIDR entries, {} port-block entries)\n",
         c.repeat, c.rounds, c.rules, c.groups, c.peer_entries, c.rule_entries
     );
-    s.push_str(&format!(
-        "{:<18} {:<62} {:>8} {:>8} {:>6}\n",
+    let _ = writeln!(
+        s,
+        "{:<18} {:<62} {:>8} {:>8} {:>6}",
         "PROGRAM", "CASE", "1 RULE", "MANY", "RATIO"
-    ));
+    );
     for k in &c.cases {
-        s.push_str(&format!(
-            "{:<18} {:<62} {:>6}ns {:>6}ns {:>6.3}\n",
+        let _ = writeln!(
+            s,
+            "{:<18} {:<62} {:>6}ns {:>6}ns {:>6.3}",
             k.program, k.case, k.one_rule_ns, k.many_rules_ns, k.ratio
-        ));
+        );
     }
     s
 }
@@ -599,7 +408,7 @@ enum Mode {
 struct Step {
     program: &'static str,
     what: &'static str,
-    packet: Segment,
+    packet: P,
     want: u32,
 }
 
@@ -608,112 +417,114 @@ struct ProgramCase {
     program: &'static str,
     name: &'static str,
     /// Run once each, in order, before measuring.
-    setup: &'static [Step],
-    packet: Segment,
+    setup: Vec<Step>,
+    packet: P,
     want: u32,
     mode: Mode,
 }
 
-// The flows of the cases, each by its first packet.
+/// The cases of [`program_cost`], their flows each by its first packet.
+fn program_cases() -> Vec<ProgramCase> {
+    // client:51000 -> host:8080, published to A:80, as it arrives on the uplink.
+    let inbound = syn(
+        (ROUTER_MAC, UPLINK_MAC),
+        (CLIENT, CLIENT_PORT),
+        (HOST, ALLOWED_PORT),
+    );
+    // A:80 -> client:51000, the inbound flow's reply as task A sends it to its gateway.
+    let inbound_reply = syn((MAC_A, BRIDGE_MAC), (TASK_A, 80), (CLIENT, CLIENT_PORT));
+    // host:8080 -> client:51000, the inbound flow's reply as it leaves the uplink.
+    let inbound_reply_out = syn(
+        (UPLINK_MAC, ROUTER_MAC),
+        (HOST, ALLOWED_PORT),
+        (CLIENT, CLIENT_PORT),
+    );
+    // A:40000 -> B:80 on the bridge's subnet.
+    let east_west = syn((MAC_A, MAC_B), (TASK_A, 40000), (TASK_B, 80));
+    // The host (its bridge address):45000 -> A:80, as the bridge delivers it.
+    let host_to_task = syn((BRIDGE_MAC, MAC_A), (BRIDGE, 45000), (TASK_A, 80));
 
-/// client:51000 -> host:8080, published to A:80, as it arrives on the uplink.
-const INBOUND: Segment = Segment::syn(
-    (ROUTER_MAC, UPLINK_MAC),
-    (CLIENT, CLIENT_PORT),
-    (HOST, ALLOWED_PORT),
-);
-/// A:80 -> client:51000, the inbound flow's reply as task A sends it to its gateway.
-const INBOUND_REPLY: Segment = Segment::syn((MAC_A, BRIDGE_MAC), (TASK, 80), (CLIENT, CLIENT_PORT));
-/// host:8080 -> client:51000, the inbound flow's reply as it leaves the uplink.
-const INBOUND_REPLY_OUT: Segment = Segment::syn(
-    (UPLINK_MAC, ROUTER_MAC),
-    (HOST, ALLOWED_PORT),
-    (CLIENT, CLIENT_PORT),
-);
-/// A:40000 -> B:80 on the bridge's subnet.
-const EAST_WEST: Segment = Segment::syn((MAC_A, MAC_B), (TASK, 40000), (TASK_B, 80));
-/// The host (its bridge address):45000 -> A:80, as the bridge delivers it.
-const HOST_TO_TASK: Segment = Segment::syn((BRIDGE_MAC, MAC_A), (BRIDGE, 45000), (TASK, 80));
-
-const OPEN_INBOUND: Step = Step {
-    program: "tc_uplink_ingress",
-    what: "set-up: the client's SYN to the published port (DNAT into task A)",
-    packet: INBOUND,
-    want: TC_ACT_REDIRECT,
-};
-const OPEN_EAST_WEST: Step = Step {
-    program: "tc_task_ingress",
-    what: "set-up: task A's SYN to task B (into B)",
-    packet: EAST_WEST,
-    want: TC_ACT_REDIRECT,
-};
-const OPEN_HOST_TO_TASK: Step = Step {
-    program: "tc_task_egress",
-    what: "set-up: the host's SYN to task A (tracked for the kernel's path)",
-    packet: HOST_TO_TASK,
-    want: TC_ACT_OK,
-};
-
-const PROGRAM_CASES: [ProgramCase; 7] = [
-    ProgramCase {
-        program: "xdp_uplink",
-        name: "data segment of an inbound flow to a published port: left to tc",
-        setup: &[OPEN_INBOUND],
-        packet: INBOUND.data(),
-        want: XDP_PASS,
-        mode: Mode::Repeat,
-    },
-    ProgramCase {
+    let open_inbound = || Step {
         program: "tc_uplink_ingress",
-        name: "data segment of a tracked inbound flow: DNAT into the task (fresh packet each run)",
-        setup: &[OPEN_INBOUND],
-        packet: INBOUND.data(),
+        what: "set-up: the client's SYN to the published port (DNAT into task A)",
+        packet: inbound.clone(),
         want: TC_ACT_REDIRECT,
-        mode: Mode::Fresh,
-    },
-    ProgramCase {
-        program: "tc_uplink_ingress",
-        name: "SYN opening an inbound flow: policy, CT, DNAT into the task (fresh packet and \
-               flow each run)",
-        setup: &[],
-        packet: INBOUND,
-        want: TC_ACT_REDIRECT,
-        mode: Mode::NewFlow,
-    },
-    ProgramCase {
+    };
+    let open_east_west = Step {
         program: "tc_task_ingress",
-        name: "data segment of an east-west flow, task to task: into the peer",
-        setup: &[OPEN_EAST_WEST],
-        packet: EAST_WEST.data(),
+        what: "set-up: task A's SYN to task B (into B)",
+        packet: east_west.clone(),
         want: TC_ACT_REDIRECT,
-        mode: Mode::Repeat,
-    },
-    ProgramCase {
-        program: "tc_task_ingress",
-        name: "reply of an inbound flow, task to client: no FIB route via the uplink in a test \
-               run, passed untranslated",
-        setup: &[OPEN_INBOUND],
-        packet: INBOUND_REPLY.data(),
-        want: TC_ACT_OK,
-        mode: Mode::Repeat,
-    },
-    ProgramCase {
+    };
+    let open_host_to_task = Step {
         program: "tc_task_egress",
-        name: "data segment of a host-to-task flow on the kernel's path: counted, recorded, passed",
-        setup: &[OPEN_HOST_TO_TASK],
-        packet: HOST_TO_TASK.data(),
+        what: "set-up: the host's SYN to task A (tracked for the kernel's path)",
+        packet: host_to_task.clone(),
         want: TC_ACT_OK,
-        mode: Mode::Repeat,
-    },
-    ProgramCase {
-        program: "tc_uplink_egress",
-        name: "data segment leaving through the uplink: counted, passed",
-        setup: &[],
-        packet: INBOUND_REPLY_OUT.data(),
-        want: TC_ACT_OK,
-        mode: Mode::Repeat,
-    },
-];
+    };
+    vec![
+        ProgramCase {
+            program: "xdp_uplink",
+            name: "data segment of an inbound flow to a published port: left to tc",
+            setup: vec![open_inbound()],
+            packet: data(&inbound),
+            want: XDP_PASS,
+            mode: Mode::Repeat,
+        },
+        ProgramCase {
+            program: "tc_uplink_ingress",
+            name: "data segment of a tracked inbound flow: DNAT into the task (fresh packet each \
+                   run)",
+            setup: vec![open_inbound()],
+            packet: data(&inbound),
+            want: TC_ACT_REDIRECT,
+            mode: Mode::Fresh,
+        },
+        ProgramCase {
+            program: "tc_uplink_ingress",
+            name: "SYN opening an inbound flow: policy, CT, DNAT into the task (fresh packet and \
+                   flow each run)",
+            setup: Vec::new(),
+            packet: inbound.clone(),
+            want: TC_ACT_REDIRECT,
+            mode: Mode::NewFlow,
+        },
+        ProgramCase {
+            program: "tc_task_ingress",
+            name: "data segment of an east-west flow, task to task: into the peer",
+            setup: vec![open_east_west],
+            packet: data(&east_west),
+            want: TC_ACT_REDIRECT,
+            mode: Mode::Repeat,
+        },
+        ProgramCase {
+            program: "tc_task_ingress",
+            name: "reply of an inbound flow, task to client: no FIB route via the uplink in a test \
+                   run, passed untranslated",
+            setup: vec![open_inbound()],
+            packet: data(&inbound_reply),
+            want: TC_ACT_OK,
+            mode: Mode::Repeat,
+        },
+        ProgramCase {
+            program: "tc_task_egress",
+            name: "data segment of a host-to-task flow on the kernel's path: counted, recorded, \
+                   passed",
+            setup: vec![open_host_to_task],
+            packet: data(&host_to_task),
+            want: TC_ACT_OK,
+            mode: Mode::Repeat,
+        },
+        ProgramCase {
+            program: "tc_uplink_egress",
+            name: "data segment leaving through the uplink: counted, passed",
+            setup: Vec::new(),
+            packet: data(&inbound_reply_out),
+            want: TC_ACT_OK,
+            mode: Mode::Repeat,
+        },
+    ]
+}
 
 /// The host of [`program_cost`]: tasks A and B in one security group that lets anyone reach
 /// TCP port 80 and lets its members send anything anywhere (EC2's default outbound rule); A's
@@ -726,10 +537,10 @@ fn program_state() -> State {
         ip_permissions: vec![anywhere("tcp", Some((80, 80)))],
         ip_permissions_egress: vec![anywhere("-1", None)],
     };
-    let task = |name: &str, addr, port_mappings| Task {
+    let task = |name: &str, addr: [u8; 4], port_mappings| Task {
         task_arn: None,
         name: name.to_owned(),
-        ipv4_address: addr,
+        ipv4_address: Ipv4Addr::from(addr),
         interface: None,
         interface_id: None,
         port_mappings,
@@ -746,7 +557,7 @@ fn program_state() -> State {
     State {
         host: state::Host::default(),
         tasks: vec![
-            task("a", TASK, vec![published]),
+            task("a", TASK_A, vec![published]),
             task("b", TASK_B, Vec::new()),
         ],
         security_groups: vec![sg],
@@ -756,14 +567,13 @@ fn program_state() -> State {
 /// A datapath in memory for `case`: tasks A (on the test device, ifindex 1, for the task
 /// programs) and B with their policy, the published port, flow logging on as `ecsnet up`
 /// leaves it, and the programs the case runs loaded.
-fn program_world(state: &State, policy: &Compiled, case: &ProgramCase) -> Result<Ebpf, CostError> {
-    let mut ebpf = Ebpf::load(DATAPATH)?;
-    let a = IfaceInfo {
-        ipv4: be(TASK),
-        role: ROLE_TASK,
-        _pad: [0; 3],
-    };
-    insert(&mut ebpf, "IFACES", [(TEST_IFINDEX, a)])?;
+fn program_world(
+    state: &State,
+    policy: &Compiled,
+    case: &ProgramCase,
+) -> Result<Datapath, CostError> {
+    let mut dp = Datapath::load()?;
+    dp.seed(&[Seed::Iface(TEST_IFINDEX, TASK_A, ROLE_TASK)])?;
     // For the task programs task A really is on the test device, as on a host, so that
     // tc_task_ingress finds it by its address alone (its one-lookup path).
     let ifindex_a = if case.program.contains("task") {
@@ -771,8 +581,8 @@ fn program_world(state: &State, policy: &Compiled, case: &ProgramCase) -> Result
     } else {
         IFINDEX_A
     };
-    seed_state(&mut ebpf, state, policy, |addr| {
-        if addr == TASK {
+    seed_state(&mut dp, state, policy, |addr| {
+        if addr == TASK_A {
             (ifindex_a, MAC_A)
         } else {
             (IFINDEX_B, MAC_B)
@@ -787,81 +597,53 @@ fn program_world(state: &State, policy: &Compiled, case: &ProgramCase) -> Result
         event_cost_ns,
         event_burst_ns,
     };
-    set_first(&mut ebpf, "FLOW_STATE", st)?;
+    dp.set_first(MAP_FLOW_STATE, st)?;
     let mut names: Vec<&'static str> = case.setup.iter().map(|s| s.program).collect();
     names.push(case.program);
     names.sort_unstable();
     names.dedup();
-    load_programs(&mut ebpf, &names)?;
-    Ok(ebpf)
+    load_programs(&mut dp, &names)?;
+    Ok(dp)
 }
 
 /// Makes the test device (ifindex 1) the uplink for the uplink programs; for the task programs
 /// it is task A's interface (in IFACES throughout) and the uplink is nowhere.
-fn device_for(ebpf: &mut Ebpf, program: &str) -> Result<(), CostError> {
+fn device_for(dp: &mut Datapath, program: &str) -> Result<(), DatapathError> {
     let uplink = if program.contains("uplink") {
         TEST_IFINDEX
     } else {
         NO_SUCH_IFINDEX
     };
-    set_first(ebpf, "CONFIG", config(uplink))
+    dp.set_first(MAP_CONFIG, config(uplink))
 }
 
-/// The keys of the CT, CT_NEW and FLOWS maps at one moment.
+/// The keys of the `CT`, `CT_NEW` and `FLOWS` maps at one moment.
 struct FlowTables {
     ct: Vec<CtKey>,
     ct_new: Vec<CtKey>,
     flows: Vec<FlowKey>,
 }
 
-fn flow_tables(ebpf: &Ebpf) -> Result<FlowTables, CostError> {
-    let get = |name: &'static str| {
-        ebpf.map(name).ok_or(CostError::Map(
-            name,
-            aya::maps::MapError::InvalidName { name: name.into() },
-        ))
-    };
-    let ct: HashMap<&MapData, CtKey, CtEntry> =
-        HashMap::try_from(get("CT")?).map_err(|e| CostError::Map("CT", e))?;
-    let ct_new: HashMap<&MapData, CtKey, CtEntry> =
-        HashMap::try_from(get("CT_NEW")?).map_err(|e| CostError::Map("CT_NEW", e))?;
-    let flows: PerCpuHashMap<&MapData, FlowKey, FlowStats> =
-        PerCpuHashMap::try_from(get("FLOWS")?).map_err(|e| CostError::Map("FLOWS", e))?;
+fn flow_tables(dp: &Datapath) -> Result<FlowTables, DatapathError> {
     Ok(FlowTables {
-        ct: ct
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| CostError::Map("CT", e))?,
-        ct_new: ct_new
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| CostError::Map("CT_NEW", e))?,
-        flows: flows
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| CostError::Map("FLOWS", e))?,
+        ct: dp.hash::<CtKey, CtEntry>(MAP_CT)?.into_keys().collect(),
+        ct_new: dp.hash::<CtKey, CtEntry>(MAP_CT_NEW)?.into_keys().collect(),
+        flows: dp
+            .per_cpu::<FlowKey, FlowStats>(MAP_FLOWS)?
+            .into_keys()
+            .collect(),
     })
 }
 
 /// Deletes the CT and FLOWS entries that are not in `keep`.
-fn forget_flows(ebpf: &mut Ebpf, keep: &FlowTables) -> Result<(), CostError> {
-    let now = flow_tables(ebpf)?;
-    let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
-        HashMap::try_from(map(ebpf, "CT")?).map_err(|e| CostError::Map("CT", e))?;
-    for k in now.ct.iter().filter(|k| !keep.ct.contains(k)) {
-        m.remove(k).map_err(|e| CostError::Map("CT", e))?;
-    }
-    let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
-        HashMap::try_from(map(ebpf, "CT_NEW")?).map_err(|e| CostError::Map("CT_NEW", e))?;
-    for k in now.ct_new.iter().filter(|k| !keep.ct_new.contains(k)) {
-        m.remove(k).map_err(|e| CostError::Map("CT_NEW", e))?;
-    }
-    let mut m: PerCpuHashMap<&mut MapData, FlowKey, FlowStats> =
-        PerCpuHashMap::try_from(map(ebpf, "FLOWS")?).map_err(|e| CostError::Map("FLOWS", e))?;
-    for k in now.flows.iter().filter(|k| !keep.flows.contains(k)) {
-        m.remove(k).map_err(|e| CostError::Map("FLOWS", e))?;
-    }
-    Ok(())
+fn forget_flows(dp: &mut Datapath, keep: &FlowTables) -> Result<(), DatapathError> {
+    let now = flow_tables(dp)?;
+    let ct = now.ct.iter().filter(|k| !keep.ct.contains(k));
+    dp.remove::<CtKey, CtEntry>(MAP_CT, ct)?;
+    let ct_new = now.ct_new.iter().filter(|k| !keep.ct_new.contains(k));
+    dp.remove::<CtKey, CtEntry>(MAP_CT_NEW, ct_new)?;
+    let flows = now.flows.iter().filter(|k| !keep.flows.contains(k));
+    dp.remove::<FlowKey, FlowStats>(MAP_FLOWS, flows)
 }
 
 /// Most single runs one measurement of a packet-rewriting case makes.
@@ -869,14 +651,14 @@ const MAX_SINGLE_RUNS: u32 = 3_000;
 
 /// One measurement of `case` on `frame`: (average nanoseconds per run, verdict).
 fn measure(
-    ebpf: &mut Ebpf,
+    dp: &mut Datapath,
     case: &ProgramCase,
     frame: &[u8],
     repeat: u32,
     keep: &FlowTables,
 ) -> Result<(u64, u32), CostError> {
     if case.mode == Mode::Repeat {
-        let r = test_run(ebpf, case.program, frame, repeat)?;
+        let r: Run = dp.test_run(case.program, frame, repeat)?;
         let verdict = expect(case.name, r.verdict, case.want)?;
         if r.output != frame {
             return Err(CostError::Rewritten(case.name));
@@ -888,11 +670,11 @@ fn measure(
     let runs = repeat.min(MAX_SINGLE_RUNS);
     let mut total = 0;
     for _ in 0..runs {
-        let r = test_run(ebpf, case.program, frame, 1)?;
+        let r = dp.test_run(case.program, frame, 1)?;
         expect(case.name, r.verdict, case.want)?;
         total += r.ns;
         if case.mode == Mode::NewFlow {
-            forget_flows(ebpf, keep)?;
+            forget_flows(dp, keep)?;
         }
     }
     Ok((total / u64::from(runs), case.want))
@@ -905,21 +687,21 @@ pub fn program_cost(repeat: u32, rounds: usize) -> Result<Vec<ProgramCost>, Cost
     let state = program_state();
     let policy = compiled(&state)?;
     let mut costs = Vec::new();
-    for case in &PROGRAM_CASES {
-        let mut ebpf = program_world(&state, &policy, case)?;
-        for step in case.setup {
-            device_for(&mut ebpf, step.program)?;
-            let r = test_run(&ebpf, step.program, &step.packet.frame(), 1)?;
+    for case in &program_cases() {
+        let mut dp = program_world(&state, &policy, case)?;
+        for step in &case.setup {
+            device_for(&mut dp, step.program)?;
+            let r = dp.test_run(step.program, &step.packet.frame(), 1)?;
             expect(step.what, r.verdict, step.want)?;
         }
-        device_for(&mut ebpf, case.program)?;
+        device_for(&mut dp, case.program)?;
         let frame = case.packet.frame();
-        let keep = flow_tables(&ebpf)?;
+        let keep = flow_tables(&dp)?;
         // A warm-up measurement, then the rounds.
-        let (_, mut verdict) = measure(&mut ebpf, case, &frame, repeat, &keep)?;
+        let (_, mut verdict) = measure(&mut dp, case, &frame, repeat, &keep)?;
         let mut ns = Vec::new();
         for _ in 0..rounds.max(1) {
-            let (n, v) = measure(&mut ebpf, case, &frame, repeat, &keep)?;
+            let (n, v) = measure(&mut dp, case, &frame, repeat, &keep)?;
             ns.push(n);
             verdict = v;
         }
@@ -957,14 +739,15 @@ pub fn render_programs(c: &[ProgramCost]) -> String {
         "PROGRAM", "CASE", "NS/PACKET"
     );
     for k in c {
-        s.push_str(&format!(
-            "{:<pw$}  {:<cw$}  {:>10}  {} ({})\n",
+        let _ = writeln!(
+            s,
+            "{:<pw$}  {:<cw$}  {:>10}  {} ({})",
             k.program,
             k.case,
             k.ns,
             verdict_name(k.program, k.verdict),
             k.verdict
-        ));
+        );
     }
     s
 }

@@ -1,86 +1,22 @@
 //! Test support: running the real `ecsnet` binary, a lab guard that cleans up on drop and on
 //! panic, readers for the kernel's own counters in a namespace, and raw frames and sockets to
-//! send them (`raw`). Used by the integration tests in `tests/` and by `cargo xtask demo`.
+//! send them (`raw`). Used by the integration tests in `tests/`. The guard and the helpers the
+//! demo shares live in `ecsnet_lab::fixture::harness` and are re-exported here.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
 pub mod flood;
 
 pub use ecsnet::agent::stats::Stats;
-pub use ecsnet_lab::lab::LabStatus;
+pub use ecsnet_lab::{
+    fixture::harness::{
+        Lab, ecsnet, ecsnet_bin, ecsnet_ok, ip_counters, kernel_counters, leftovers, ns_exec,
+        require_root, unique,
+    },
+    lab::LabStatus,
+};
 
 pub mod raw;
-
-/// The `ecsnet` binary under test: `$ECSNET_BIN`, else the workspace's debug build; the
-/// `ecsnet-lab` binary must be next to it.
-pub fn ecsnet_bin() -> PathBuf {
-    let bin = std::env::var_os("ECSNET_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target"))
-                });
-            target.join("debug").join("ecsnet")
-        });
-    // `ecsnet lab` and `ecsnet bench` run the ecsnet-lab binary found next to ecsnet.
-    for b in [bin.clone(), bin.with_file_name("ecsnet-lab")] {
-        assert!(
-            b.is_file(),
-            "{} does not exist: build it with `cargo build -p ecsnet-userspace -p ecsnet-lab` \
-             (./x test does)",
-            b.display()
-        );
-    }
-    bin
-}
-
-/// Fails the test unless it runs as root: namespaces and BPF need it, and skipping would prove nothing.
-pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test builds network namespaces and loads BPF: run it as root (./x test)"
-    );
-}
-
-/// A name unique to this test process and call, short enough for lab and instance names.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}x{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Runs `ecsnet ARGS`.
-pub fn ecsnet(args: &[&str]) -> Output {
-    Command::new(ecsnet_bin())
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run ecsnet")
-}
-
-/// Runs `ecsnet ARGS` and returns stdout; panics with stderr when it fails.
-pub fn ecsnet_ok(args: &[&str]) -> String {
-    let out = ecsnet(args);
-    assert!(
-        out.status.success(),
-        "`ecsnet {}` failed ({}): {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Runs `ecsnet ARGS`, expecting exit `code` and exactly one line on stderr; returns that line.
 pub fn ecsnet_fails(args: &[&str], code: i32) -> String {
@@ -110,235 +46,6 @@ pub fn ecsnet_fails(args: &[&str], code: i32) -> String {
         "{stderr}"
     );
     lines[0].to_owned()
-}
-
-/// Runs a command inside a namespace (`ip netns exec`).
-pub fn ns_exec(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .expect("run ip netns exec");
-    assert!(
-        out.status.success(),
-        "`ip netns exec {ns} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A lab built for one test, with names unique to it. Dropping it (also on panic) takes down
-/// the ecsnet instance of the same name and the lab.
-pub struct Lab {
-    pub name: String,
-    pub status: LabStatus,
-}
-
-impl Lab {
-    /// `ecsnet lab up --name <unique> --tasks K --publish ...`.
-    pub fn up(prefix: &str, tasks: usize, publish: &[&str]) -> Self {
-        Self::up_named(&unique(prefix), tasks, publish)
-    }
-
-    /// The same with a fixed name (the demo's).
-    pub fn up_named(name: &str, tasks: usize, publish: &[&str]) -> Self {
-        require_root();
-        let name = name.to_owned();
-        let tasks_s = tasks.to_string();
-        let mut args = vec!["lab", "up", "--name", &name, "--tasks", &tasks_s, "--json"];
-        for p in publish {
-            args.extend(["--publish", p]);
-        }
-        let out = ecsnet(&args);
-        // Own the lab before checking, so a half-built one is still removed.
-        let guard_name = name.clone();
-        if !out.status.success() {
-            let _ = ecsnet(&["lab", "down", "--name", &guard_name]);
-            panic!("lab up failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let status: LabStatus =
-            serde_json::from_slice(&out.stdout).expect("lab up --json prints the lab status");
-        Lab { name, status }
-    }
-
-    pub fn host(&self) -> &str {
-        &self.status.host.netns
-    }
-
-    pub fn client(&self) -> &str {
-        &self.status.client.netns
-    }
-
-    pub fn task_ns(&self, i: usize) -> &str {
-        &self.status.tasks[i - 1].netns
-    }
-
-    pub fn state_file(&self) -> String {
-        self.status.state_file.display().to_string()
-    }
-
-    /// `ecsnet --netns <host> --instance <name> ARGS`.
-    pub fn ecsnet_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["--netns", self.host(), "--instance", &self.name];
-        v.extend_from_slice(args);
-        v
-    }
-
-    /// Brings ecsnet up on the lab host with the lab's state file.
-    pub fn ecsnet_up(&self) -> String {
-        self.ecsnet_up_with(&[])
-    }
-
-    /// Brings ecsnet up on the lab host with the lab's state file and `extra` flags.
-    pub fn ecsnet_up_with(&self, extra: &[&str]) -> String {
-        let state = self.state_file();
-        let mut args = vec!["up", "--state", &state];
-        args.extend_from_slice(extra);
-        ecsnet_ok(&self.ecsnet_args(&args))
-    }
-
-    pub fn stats(&self) -> Stats {
-        let out = ecsnet_ok(&["--instance", &self.name, "stats", "--json"]);
-        serde_json::from_str(&out).expect("stats --json parses")
-    }
-
-    /// Stats once they stop changing (late ACKs and FINs have landed).
-    pub fn settled_stats(&self) -> Stats {
-        self.settled(&[]).0
-    }
-
-    /// Stats and the kernel counters of namespaces `nss`, read together until neither changes
-    /// for 300 ms, so a late packet cannot land between the two readings.
-    pub fn settled(&self, nss: &[&str]) -> (Stats, Vec<(u64, u64, u64, u64)>) {
-        let read = || {
-            let s = self.stats();
-            let k: Vec<_> = nss.iter().map(|ns| ip_counters(ns)).collect();
-            (serde_json::to_string(&s).unwrap(), s, k)
-        };
-        let mut last = read();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = read();
-            if (now.0 == last.0 && now.2 == last.2) || Instant::now() > deadline {
-                return (now.1, now.2);
-            }
-            last = now;
-        }
-    }
-
-    /// `ecsnet lab probe` from namespace `ns`.
-    pub fn probe(
-        &self,
-        ns: &str,
-        proto: &str,
-        target: &str,
-        count: u32,
-        size: usize,
-    ) -> serde_json::Value {
-        let (c, s) = (count.to_string(), size.to_string());
-        let out = ecsnet_ok(&[
-            "--netns",
-            ns,
-            "lab",
-            "probe",
-            &format!("--{proto}"),
-            target,
-            "--count",
-            &c,
-            "--size",
-            &s,
-            "--json",
-        ]);
-        serde_json::from_str(&out).expect("probe --json parses")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = ecsnet(&["--instance", &self.name, "down"]);
-        let _ = ecsnet(&["lab", "down", "--name", &self.name]);
-    }
-}
-
-/// The kernel's unicast IPv4 counters of a namespace: (packets in, packets out, bytes in,
-/// bytes out), i.e. InReceives, OutRequests, InOctets, OutOctets less multicast and broadcast.
-pub fn ip_counters(ns: &str) -> (u64, u64, u64, u64) {
-    let snmp = ns_exec(ns, &["cat", "/proc/net/snmp", "/proc/net/netstat"]);
-    let mut fields: HashMap<String, u64> = HashMap::new();
-    let lines: Vec<&str> = snmp.lines().collect();
-    for pair in lines.chunks(2) {
-        let [names, values] = pair else { continue };
-        let (Some((proto, names)), Some((_, values))) =
-            (names.split_once(':'), values.split_once(':'))
-        else {
-            continue;
-        };
-        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-            if let Ok(v) = v.parse() {
-                fields.insert(format!("{proto}.{n}"), v);
-            }
-        }
-    }
-    let get = |k: &str| {
-        *fields
-            .get(k)
-            .unwrap_or_else(|| panic!("no {k} in {ns}'s /proc/net counters"))
-    };
-    (
-        get("Ip.InReceives"),
-        get("Ip.OutRequests"),
-        get("IpExt.InOctets"),
-        get("IpExt.OutOctets"),
-    )
-}
-
-/// Names of every namespace, pin directory, socket and run file that an instance or lab named
-/// `name` could have left behind.
-pub fn leftovers(name: &str) -> Vec<String> {
-    let mut left = Vec::new();
-    for entry in std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if n.starts_with(&format!("{name}-")) {
-            left.push(format!("netns {n}"));
-        }
-    }
-    for p in [
-        format!("/sys/fs/bpf/ecsnet/{name}"),
-        format!("/run/ecsnet/{name}.sock"),
-        format!("/run/ecsnet/{name}.d"),
-        format!("/run/ecsnet/{name}"),
-    ] {
-        if std::path::Path::new(&p).exists() {
-            left.push(p);
-        }
-    }
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let mentions = args.windows(2).any(|w| {
-            (w[0] == "--instance" && w[1] == name)
-                || (w[0] == "--netns" && w[1].starts_with(&format!("{name}-")))
-        });
-        if mentions {
-            left.push(format!(
-                "process {} {}",
-                entry.file_name().to_string_lossy(),
-                args.join(" ")
-            ));
-        }
-    }
-    left
 }
 
 /// Packets counted by Docker's netfilter rules for traffic the host forwards: the nat table's
@@ -402,18 +109,11 @@ pub fn nf_conntrack_count(ns: &str) -> u64 {
 
 /// Checksum errors the kernel of a namespace found in received IP, TCP, UDP and ICMP packets.
 pub fn csum_errors(ns: &str) -> u64 {
-    let snmp = ns_exec(ns, &["cat", "/proc/net/snmp"]);
-    let lines: Vec<&str> = snmp.lines().collect();
-    let mut total = 0;
-    for pair in lines.chunks(2) {
-        let [names, values] = pair else { continue };
-        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-            if n == "InCsumErrors" {
-                total += v.parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    total
+    kernel_counters(ns, &["/proc/net/snmp"])
+        .iter()
+        .filter(|(k, _)| k.ends_with(".InCsumErrors"))
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it opens belong to

@@ -1,19 +1,19 @@
-//! Flow accounting (`ecsnet-ebpf/src/flow.rs`) through BPF_PROG_TEST_RUN, as a table of cases.
+//! Flow accounting (`ecsnet-ebpf/src/flow.rs`) through `BPF_PROG_TEST_RUN`, as a table of cases.
 //! Each case seeds a private datapath (tasks, published ports, CT entries, security groups, the
 //! capture window and the event rate), runs frames through the task and uplink programs, and
 //! then checks the exact flow-log effect: every FLOWS key and its counters summed over CPUs
 //! (packets, IP bytes, AWS TCP flags, the uplink-side addresses; timestamps only for being
-//! written during the case, first <= last), FLOW_LOST, the drop counters, every EVENTS record
+//! written during the case, first <= last), `FLOW_LOST`, the drop counters, every EVENTS record
 //! and the per-CPU event budget.
 //!
 //! Every case is run a second time with flow logs off (`FlowState::enabled` 0): FLOWS and
-//! FLOW_LOST must stay empty and everything else (verdicts, output frames, CT, FRAGS, TASKS,
+//! `FLOW_LOST` must stay empty and everything else (verdicts, output frames, CT, FRAGS, TASKS,
 //! STATS, DROPS, EVENTS, the event budget) must be exactly as with flow logs on: flow
 //! accounting never changes forwarding.
 //!
 //! In a test run the skb's device is the loopback (ifindex 1). Task cases register ifindex 1 as
-//! the interface of the task that sends (tc_task_ingress) or receives through the kernel
-//! (tc_task_egress), so those records are on ifindex 1, while what the datapath delivers into a
+//! the interface of the task that sends (`tc_task_ingress`) or receives through the kernel
+//! (`tc_task_egress`), so those records are on ifindex 1, while what the datapath delivers into a
 //! task itself is recorded on the task's ifindex from TASKS (11 for A, 12 for B). Uplink cases
 //! configure ifindex 1 as the uplink; task cases put the uplink on an ifindex that does not
 //! exist, so no FIB lookup ever says "uplink" and nothing sent by a task is masqueraded (task
@@ -21,22 +21,17 @@
 //!
 //! The test thread is pinned to one CPU, so the per-CPU event budget is the one of that CPU.
 
-use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
-    panic::{AssertUnwindSafe, catch_unwind},
-};
+use std::collections::{BTreeSet, HashMap as StdHashMap};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    EbpfLoader,
+    maps::{PerCpuArray, RingBuf},
 };
 use ecsnet_common::{
     DropReason,
-    csum::{checksum, pseudo_header},
     ct::{
-        CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, KIND_MASQUERADE, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-        TCP_ACK, TCP_FIN, TCP_SYN,
+        CtEntry, CtKey, KIND_MASQUERADE, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN,
+        TCP_SYN,
     },
     flow::{
         ACTION_ACCEPT, ACTION_REJECT, EVENT_ALLOW, EVENT_DROP, Event, EventBudget, FLOW_EGRESS,
@@ -44,272 +39,45 @@ use ecsnet_common::{
         MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
     },
     maps::{
-        CONFIG_BLOCK_IMDS, Config, Counters, DropKey, FragKey, FragPorts, HOOK_TC_EGRESS,
-        HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, PortKey, PortTarget, ROLE_TASK, StatsKey, TaskInfo,
+        CONFIG_BLOCK_IMDS, Config, DropKey, FragKey, FragPorts, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
+        HOOK_XDP, MAP_CONFIG, MAP_FRAGS, MAP_STATS, MAP_TASKS, ROLE_TASK, StatsKey, TaskInfo,
     },
     policy::{DIR_EGRESS, DIR_INGRESS, PeerKey, PeerRules, RuleKey, scope},
 };
-
-// Verdicts.
-const TC_OK: u32 = 0;
-const TC_SHOT: u32 = 2;
-const TC_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-
-/// The skb device of BPF_PROG_TEST_RUN without ctx_in (and the XDP rx queue's): the loopback.
-const TEST_IFINDEX: u32 = 1;
-/// The uplink of task cases: no interface has this index (checked).
-const NO_SUCH_IFINDEX: u32 = 999_999;
+use ecsnet_lab::fixture::{
+    conntrack::{FlowPair, Table},
+    datapath::{Datapath, coarse_ns, now_ns, require_test_host},
+    harness::run_table,
+    packet::{P, SEQ},
+    world::{
+        BRIDGE, CLIENT, HOST, IFINDEX_A, IFINDEX_B, IMDS, MAC_A, MAC_B, NO_SUCH_IFINDEX,
+        OTHER_CONTAINER, OTHER_LOCAL, REMOTE, Seed, TASK_A, TASK_B, TEST_IFINDEX, Tuple, addr,
+        config, show_addr, tu, world,
+    },
+};
+// The tables' short names of the verdicts.
+use ecsnet_lab::fixture::world::{
+    TC_ACT_OK as TC_OK, TC_ACT_REDIRECT as TC_REDIRECT, TC_ACT_SHOT as TC_SHOT, XDP_DROP,
+};
 
 /// The open capture window every case starts in.
 const EPOCH: u32 = 5;
-
-// The host.
-const HOST: [u8; 4] = [10, 10, 0, 1];
-const BRIDGE: [u8; 4] = [172, 17, 0, 1];
-/// Another address of the host, known through LOCAL_ADDRS only.
-const OTHER_LOCAL: [u8; 4] = [192, 168, 77, 1];
-const BRIDGE_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x01];
-const UPLINK_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x01];
-
-// Tasks.
-const TASK_A: [u8; 4] = [172, 17, 0, 2];
-const TASK_B: [u8; 4] = [172, 17, 0, 3];
-const MAC_A: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
-const MAC_B: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x03];
-const IFINDEX_A: u32 = 11;
-const IFINDEX_B: u32 = 12;
-/// A container on the bridge that ecsnet does not manage (reaches tasks through the kernel).
-const OTHER_CONTAINER: [u8; 4] = [172, 17, 0, 9];
-
-// Outside.
-const CLIENT: [u8; 4] = [10, 10, 0, 2];
-const REMOTE: [u8; 4] = CLIENT;
-const ROUTER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0xfe];
-const IMDS: [u8; 4] = [169, 254, 169, 254];
 
 /// Policy of a task that accepts TCP/80 from the bridge subnet (172.17.0.0/16) only.
 const P_BRIDGE_HTTP: u32 = 1;
 /// Policy of a task that may send TCP/443 only (anywhere).
 const P_EGRESS_HTTPS: u32 = 2;
 
-/// `last_seen_ns` of seeded CT entries: long ago.
-const SEEDED_NS: u64 = 1_000_000;
-
-fn addr(a: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(a)
-}
-
-fn show_addr(x: u32) -> String {
-    let b = x.to_ne_bytes();
-    format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])
-}
-
-// ---------------------------------------------------------------------------------------------
-// Packets (a minimal copy of datapath_fixtures' builder)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug)]
-enum L4 {
-    Tcp {
-        sport: u16,
-        dport: u16,
-        flags: u8,
-        data: Vec<u8>,
-    },
-    Udp {
-        sport: u16,
-        dport: u16,
-        data: Vec<u8>,
-    },
-    /// An ICMP echo request.
-    Echo { id: u16, body: Vec<u8> },
-}
-
-/// An Ethernet + IPv4 frame (20-byte IP header, DF, TTL 64).
-#[derive(Clone, Debug)]
-struct P {
-    dmac: [u8; 6],
-    smac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
-    ttl: u8,
-    l4: L4,
-}
-
-impl P {
-    /// Arriving from the outside: router MAC to the uplink's MAC.
-    fn new(src: [u8; 4], dst: [u8; 4], l4: L4) -> P {
-        P {
-            dmac: UPLINK_MAC,
-            smac: ROUTER_MAC,
-            src,
-            dst,
-            ttl: 64,
-            l4,
-        }
-    }
-
-    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> P {
-        let data = Vec::new();
-        P::new(
-            src,
-            dst,
-            L4::Tcp {
-                sport,
-                dport,
-                flags,
-                data,
-            },
-        )
-    }
-
-    fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, data: &[u8]) -> P {
-        let data = data.to_vec();
-        P::new(src, dst, L4::Udp { sport, dport, data })
-    }
-
-    fn echo(src: [u8; 4], dst: [u8; 4], id: u16, body_len: usize) -> P {
-        let body = vec![0x5a; body_len];
-        P::new(src, dst, L4::Echo { id, body })
-    }
-
-    /// Sent by a task with MAC `mac` to its gateway, the bridge.
-    fn sent_by(mut self, mac: [u8; 6]) -> P {
-        self.smac = mac;
-        self.dmac = BRIDGE_MAC;
-        self
-    }
-
-    /// Sent straight to the MAC of another task on the same subnet.
-    fn addressed_to(mut self, mac: [u8; 6]) -> P {
-        self.dmac = mac;
-        self
-    }
-
-    /// Routed by the kernel to the task with MAC `mac`, as tc egress of its interface sees it.
-    fn delivered_to(mut self, mac: [u8; 6]) -> P {
-        self.ttl -= 1;
-        self.smac = BRIDGE_MAC;
-        self.dmac = mac;
-        self
-    }
-
-    fn data(mut self, d: &[u8]) -> P {
-        match &mut self.l4 {
-            L4::Tcp { data, .. } | L4::Udp { data, .. } => *data = d.to_vec(),
-            L4::Echo { .. } => panic!("data() on an echo request"),
-        }
-        self
-    }
-
-    fn l4(&self) -> (u8, Vec<u8>) {
-        match &self.l4 {
-            L4::Tcp {
-                sport,
-                dport,
-                flags,
-                data,
-            } => {
-                let mut t = Vec::new();
-                t.extend(sport.to_be_bytes());
-                t.extend(dport.to_be_bytes());
-                // Both ends start their sequence at the same number, so an ACK of one past it
-                // acknowledges the other's SYN, as a real handshake would.
-                t.extend(0x1000_0001u32.to_be_bytes());
-                let ack = if flags & TCP_ACK != 0 {
-                    0x1000_0002u32
-                } else {
-                    0
-                };
-                t.extend(ack.to_be_bytes());
-                t.extend([5 << 4, *flags]);
-                t.extend(64240u16.to_be_bytes());
-                t.extend([0, 0, 0, 0]); // checksum, urgent pointer
-                t.extend(data);
-                let c = checksum(
-                    &t,
-                    pseudo_header(self.src, self.dst, PROTO_TCP, t.len() as u16),
-                );
-                t[16..18].copy_from_slice(&c.to_be_bytes());
-                (PROTO_TCP, t)
-            }
-            L4::Udp { sport, dport, data } => {
-                let mut u = Vec::new();
-                u.extend(sport.to_be_bytes());
-                u.extend(dport.to_be_bytes());
-                u.extend(((8 + data.len()) as u16).to_be_bytes());
-                u.extend([0, 0]);
-                u.extend(data);
-                let c = match checksum(
-                    &u,
-                    pseudo_header(self.src, self.dst, PROTO_UDP, u.len() as u16),
-                ) {
-                    0 => 0xffff,
-                    c => c,
-                };
-                u[6..8].copy_from_slice(&c.to_be_bytes());
-                (PROTO_UDP, u)
-            }
-            L4::Echo { id, body } => {
-                let mut m = vec![8, 0, 0, 0];
-                m.extend(id.to_be_bytes());
-                m.extend(1u16.to_be_bytes()); // sequence
-                m.extend(body);
-                let c = checksum(&m, 0);
-                m[2..4].copy_from_slice(&c.to_be_bytes());
-                (PROTO_ICMP, m)
-            }
-        }
-    }
-
-    /// The IP total length: what flow records count as bytes.
-    fn ip_len(&self) -> u64 {
-        20 + self.l4().1.len() as u64
-    }
-
-    fn frame(&self) -> Vec<u8> {
-        let (proto, l4) = self.l4();
-        let mut h = vec![0x45, 0];
-        h.extend(((20 + l4.len()) as u16).to_be_bytes());
-        h.extend(0x1c46u16.to_be_bytes());
-        h.extend(0x4000u16.to_be_bytes()); // DF
-        h.extend([self.ttl, proto, 0, 0]);
-        h.extend(self.src);
-        h.extend(self.dst);
-        let c = checksum(&h, 0);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut f = Vec::new();
-        f.extend(self.dmac);
-        f.extend(self.smac);
-        f.extend(0x0800u16.to_be_bytes());
-        f.extend(h);
-        f.extend(l4);
-        f
-    }
+/// A TCP segment of the fixtures' builder whose ACK acknowledges the other end's SYN: both ends
+/// start their sequence at the same number, so an ACK of one past it acknowledges the other's
+/// SYN, as a real handshake would.
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> P {
+    P::tcp(src, sport, dst, dport, flags).ack(SEQ + 1)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tuples, keys, expected records
 // ---------------------------------------------------------------------------------------------
-
-/// `src`:`sport` -> `dst`:`dport`.
-#[derive(Clone, Copy, Debug)]
-struct Tuple {
-    src: [u8; 4],
-    sport: u16,
-    dst: [u8; 4],
-    dport: u16,
-}
-
-fn tu(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Tuple {
-    Tuple {
-        src,
-        sport,
-        dst,
-        dport,
-    }
-}
 
 /// The FLOWS key of tuple `t` in window EPOCH (ports as given: 0 for ICMP).
 fn fkey(ifindex: u32, dir: u8, action: u8, proto: u8, t: Tuple) -> FlowKey {
@@ -410,32 +178,8 @@ fn allow_event(ifindex: u32, hook: u8, dir: u8, proto: u8, t: Tuple) -> Event {
 // Seeds
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug)]
-enum Seed {
-    /// Address, ifindex, MAC, policy.
-    Task([u8; 4], u32, [u8; 6], u32),
-    /// Protocol, host port, task address, container port.
-    Port(u8, u16, [u8; 4], u16),
-    Local([u8; 4], u32),
-    Ct(CtKey, CtEntry),
-    Peer(PeerKey, PeerRules),
-    Rule(RuleKey),
-}
-
-/// Two tasks without policy, three published ports, one more local address.
-fn world() -> Vec<Seed> {
-    vec![
-        Seed::Task(TASK_A, IFINDEX_A, MAC_A, 0),
-        Seed::Task(TASK_B, IFINDEX_B, MAC_B, 0),
-        Seed::Port(PROTO_TCP, 8080, TASK_A, 80),
-        Seed::Port(PROTO_UDP, 5353, TASK_A, 53),
-        Seed::Port(PROTO_TCP, 8443, TASK_B, 443),
-        Seed::Local(OTHER_LOCAL, TEST_IFINDEX),
-    ]
-}
-
-/// The security groups of both policies: P_BRIDGE_HTTP accepts TCP/80 from 172.17.0.0/16 and
-/// nothing else; P_EGRESS_HTTPS may send TCP/443 anywhere and nothing else.
+/// The security groups of both policies: `P_BRIDGE_HTTP` accepts TCP/80 from 172.17.0.0/16 and
+/// nothing else; `P_EGRESS_HTTPS` may send TCP/443 anywhere and nothing else.
 fn policies() -> Vec<Seed> {
     let bridge_net = u32::from_ne_bytes([172, 17, 0, 0]);
     vec![
@@ -499,49 +243,12 @@ fn on_test_device(mut world: Vec<Seed>, task: [u8; 4]) -> Vec<Seed> {
     world
 }
 
-fn ct_key(proto: u8, t: Tuple) -> CtKey {
-    CtKey {
-        saddr: addr(t.src),
-        daddr: addr(t.dst),
-        sport: t.sport.to_be(),
-        dport: t.dport.to_be(),
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Both CT entries of a flow whose original packets `orig` were rewritten to `nat`, as its
 /// first packet (40 bytes, SYN) left them long ago.
 fn ct_pair(proto: u8, orig: Tuple, nat: Tuple, kind: u8) -> [Seed; 2] {
-    let okey = ct_key(proto, orig);
-    let rkey = ct_key(proto, tu(nat.dst, nat.dport, nat.src, nat.sport));
-    let entry = |peer: CtKey, n: Tuple, dir: u8, seen: (u64, u64, u8)| CtEntry {
-        peer,
-        nat_saddr: addr(n.src),
-        nat_daddr: addr(n.dst),
-        nat_sport: n.sport.to_be(),
-        nat_dport: n.dport.to_be(),
-        last_seen_ns: SEEDED_NS,
-        created_ns: SEEDED_NS,
-        packets: seen.0,
-        bytes: seen.1,
-        kind,
-        dir,
-        tcp_flags: seen.2,
-        // Where the fixtures' segments start, as their SYN left it.
-        tcp_end: if seen.2 & TCP_SYN != 0 {
-            0x1000_0001
-        } else {
-            0
-        },
-        tcp_ack: 0,
-        _pad: 0,
-    };
-    let back = tu(orig.dst, orig.dport, orig.src, orig.sport);
-    [
-        Seed::Ct(okey, entry(rkey, nat, DIR_ORIGINAL, (1, 40, TCP_SYN))),
-        Seed::Ct(rkey, entry(okey, back, DIR_REPLY, (0, 0, 0))),
-    ]
+    FlowPair::new(proto, orig, nat, kind)
+        .seen((1, 40, TCP_SYN), (0, 0, 0))
+        .seeds()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,15 +257,15 @@ fn ct_pair(proto: u8, orig: Tuple, nat: Tuple, kind: u8) -> [Seed; 2] {
 
 #[derive(Clone, Debug)]
 enum Act {
-    /// tc_task_ingress, the test device being this task's interface.
+    /// `tc_task_ingress`, the test device being this task's interface.
     FromTask([u8; 4], Vec<u8>),
-    /// tc_task_egress, the test device being this task's interface.
+    /// `tc_task_egress`, the test device being this task's interface.
     ToTask([u8; 4], Vec<u8>),
-    /// tc_uplink_ingress (the test device is the uplink).
+    /// `tc_uplink_ingress` (the test device is the uplink).
     Uplink(Vec<u8>),
-    /// xdp_uplink (the test device is the uplink).
+    /// `xdp_uplink` (the test device is the uplink).
     Xdp(Vec<u8>),
-    /// The agent opens a new capture window: FLOW_STATE.epoch becomes this.
+    /// The agent opens a new capture window: `FLOW_STATE.epoch` becomes this.
     Epoch(u32),
     /// Nothing happens for this many milliseconds: the event budget refills.
     Sleep(u64),
@@ -592,18 +299,18 @@ struct Case {
     seeds: Vec<Seed>,
     /// Events per second per CPU and the burst, events.
     rate: (u64, u64),
-    /// FLOWS max_entries, when not the default.
+    /// FLOWS `max_entries`, when not the default.
     flows_max: Option<u32>,
     steps: Vec<Step>,
     /// The whole FLOWS map afterwards, summed over CPUs.
     flows: Vec<(FlowKey, FlowExp)>,
-    /// The whole FLOW_LOST map afterwards: (ifindex, packets, bytes) in window EPOCH.
+    /// The whole `FLOW_LOST` map afterwards: (ifindex, packets, bytes) in window EPOCH.
     lost: Vec<(u32, u64, u64)>,
     /// The nonzero DROPS counters afterwards.
     drops: Vec<(DropKey, u64)>,
     /// Every event in EVENTS, in order.
     events: Vec<Event>,
-    /// EVENT_BUDGET summed over CPUs: (suppressed, suppressed_total).
+    /// `EVENT_BUDGET` summed over CPUs: (suppressed, `suppressed_total`).
     budget: (u64, u64),
 }
 
@@ -685,7 +392,7 @@ impl Case {
     }
 
     /// FLOWS holds `key` with (packets, bytes, AWS TCP flags) and the uplink-side addresses
-    /// (pkt_saddr, pkt_daddr).
+    /// (`pkt_saddr`, `pkt_daddr`).
     fn flow(mut self, key: FlowKey, c: (u64, u64, u8), pkt: ([u8; 4], [u8; 4])) -> Case {
         self.flows.push((
             key,
@@ -727,19 +434,19 @@ impl Case {
     }
 }
 
-/// B (policy P_BRIDGE_HTTP) gets a SYN from the client, which its rules reject, and one from
+/// B (policy `P_BRIDGE_HTTP`) gets a SYN from the client, which its rules reject, and one from
 /// a container on the bridge subnet, which they accept, both delivered by the kernel; `seeds`
 /// say where B's TASKS entry is.
 fn kernel_delivers_to_b_with_policy(desc: &'static str, seeds: Vec<Seed>) -> Case {
     Case::new(desc, seeds)
         .kernel_delivers(
             TASK_B,
-            &P::tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            &tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).routed_to(MAC_B),
             TC_SHOT,
         )
         .kernel_delivers(
             TASK_B,
-            &P::tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            &tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).routed_to(MAC_B),
             TC_OK,
         )
         .flow(
@@ -779,33 +486,34 @@ fn kernel_delivers_to_b_with_policy(desc: &'static str, seeds: Vec<Seed>) -> Cas
         ))
 }
 
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cases() -> Vec<Case> {
     // East-west, A -> B.
     let ew_udp_t = tu(TASK_A, 40001, TASK_B, 53);
     let ew_udp = P::udp(TASK_A, 40001, TASK_B, 53, b"query: a.b.c")
-        .sent_by(MAC_A)
+        .sent_by_task(MAC_A)
         .addressed_to(MAC_B);
     let udp_len = ew_udp.ip_len();
     assert_eq!(udp_len, 40);
     let ew_tcp_t = tu(TASK_A, 40000, TASK_B, 80);
     let a_tcp = |flags| {
-        P::tcp(TASK_A, 40000, TASK_B, 80, flags)
-            .sent_by(MAC_A)
+        tcp(TASK_A, 40000, TASK_B, 80, flags)
+            .sent_by_task(MAC_A)
             .addressed_to(MAC_B)
     };
     let b_tcp = |flags| {
-        P::tcp(TASK_B, 80, TASK_A, 40000, flags)
-            .sent_by(MAC_B)
+        tcp(TASK_B, 80, TASK_A, 40000, flags)
+            .sent_by_task(MAC_B)
             .addressed_to(MAC_A)
     };
     let ping = P::echo(TASK_A, TASK_B, 0x1234, 24)
-        .sent_by(MAC_A)
+        .sent_by_task(MAC_A)
         .addressed_to(MAC_B);
     let ping_len = ping.ip_len();
     assert_eq!(ping_len, 52);
     // Into the published ports from the outside.
-    let syn_8080 = P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN);
-    let ack_8080 = P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).data(b"hello");
+    let syn_8080 = tcp(CLIENT, 51000, HOST, 8080, TCP_SYN);
+    let ack_8080 = tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).data(b"hello");
     let udp_5353 = |dst| P::udp(CLIENT, 51000, dst, 5353, b"query: a.b.c");
     let in_a_80 = tu(CLIENT, 51000, TASK_A, 80);
     let in_a_53 = tu(CLIENT, 51000, TASK_A, 53);
@@ -974,7 +682,7 @@ fn cases() -> Vec<Case> {
         )
         .on_uplink()
         .uplink(
-            &P::tcp(REMOTE, 9000, HOST, 40000, TCP_SYN | TCP_ACK),
+            &tcp(REMOTE, 9000, HOST, 40000, TCP_SYN | TCP_ACK),
             TC_REDIRECT,
         )
         .flow(
@@ -994,7 +702,7 @@ fn cases() -> Vec<Case> {
         )
         .task_sends(
             TASK_A,
-            &P::tcp(TASK_A, 40000, HOST, 8443, TCP_SYN).sent_by(MAC_A),
+            &tcp(TASK_A, 40000, HOST, 8443, TCP_SYN).sent_by_task(MAC_A),
             TC_REDIRECT,
         )
         .flow(
@@ -1023,7 +731,7 @@ fn cases() -> Vec<Case> {
         )
         .task_sends(
             TASK_A,
-            &P::tcp(TASK_A, 40000, HOST, 8080, TCP_SYN).sent_by(MAC_A),
+            &tcp(TASK_A, 40000, HOST, 8080, TCP_SYN).sent_by_task(MAC_A),
             TC_REDIRECT,
         )
         .flow(
@@ -1095,8 +803,8 @@ fn cases() -> Vec<Case> {
         .task_sends(TASK_A, &ew_udp, TC_SHOT)
         .task_sends(
             TASK_A,
-            &P::tcp(TASK_A, 40000, TASK_B, 443, TCP_SYN)
-                .sent_by(MAC_A)
+            &tcp(TASK_A, 40000, TASK_B, 443, TCP_SYN)
+                .sent_by_task(MAC_A)
                 .addressed_to(MAC_B),
             TC_REDIRECT,
         )
@@ -1181,7 +889,7 @@ fn cases() -> Vec<Case> {
         .block_imds()
         .task_sends(
             TASK_A,
-            &P::tcp(TASK_A, 40000, IMDS, 80, TCP_SYN).sent_by(MAC_A),
+            &tcp(TASK_A, 40000, IMDS, 80, TCP_SYN).sent_by_task(MAC_A),
             TC_SHOT,
         )
         .flow(
@@ -1247,7 +955,7 @@ fn cases() -> Vec<Case> {
         )
         .kernel_delivers(
             TASK_B,
-            &P::tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).delivered_to(MAC_B),
+            &tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).routed_to(MAC_B),
             TC_OK,
         )
         .flow(
@@ -1277,7 +985,7 @@ fn cases() -> Vec<Case> {
         )
         .kernel_delivers(
             TASK_B,
-            &P::tcp(CLIENT, 51000, TASK_A, 80, TCP_SYN).delivered_to(MAC_B),
+            &tcp(CLIENT, 51000, TASK_A, 80, TCP_SYN).routed_to(MAC_B),
             TC_SHOT,
         )
         .flow(
@@ -1307,10 +1015,10 @@ fn cases() -> Vec<Case> {
         .on_uplink()
         .flows_max(1)
         .uplink(&udp_5353(HOST), TC_REDIRECT)
-        .uplink(&P::tcp(CLIENT, 51000, HOST, 8443, TCP_SYN), TC_REDIRECT)
+        .uplink(&tcp(CLIENT, 51000, HOST, 8443, TCP_SYN), TC_REDIRECT)
         .uplink(&udp_5353(HOST), TC_REDIRECT)
         .uplink(
-            &P::tcp(CLIENT, 51000, HOST, 8443, TCP_ACK).data(b"hello"),
+            &tcp(CLIENT, 51000, HOST, 8443, TCP_ACK).data(b"hello"),
             TC_REDIRECT,
         )
         .flow(
@@ -1379,18 +1087,6 @@ fn cases() -> Vec<Case> {
 // Running
 // ---------------------------------------------------------------------------------------------
 
-fn now_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-}
-
-/// CLOCK_MONOTONIC_COARSE: the clock the datapath stamps flow records and conntrack entries
-/// with, which lags CLOCK_MONOTONIC by up to a tick. Events keep the precise clock.
-fn coarse_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-}
-
 /// Everything a case leaves behind that the datapath decides.
 struct Outcome {
     /// Return code and output frame of every packet step.
@@ -1407,18 +1103,18 @@ struct Outcome {
     flows: StdHashMap<FlowKey, FlowStats>,
     lost: StdHashMap<LostKey, (u64, u64)>,
     events: Vec<Event>,
-    /// EVENT_BUDGET summed over CPUs: (suppressed, suppressed_total).
+    /// `EVENT_BUDGET` summed over CPUs: (suppressed, `suppressed_total`).
     budget: (u64, u64),
-    /// CLOCK_MONOTONIC before the first and after the last step.
+    /// `CLOCK_MONOTONIC` before the first and after the last step.
     t0: u64,
     t1: u64,
-    /// CLOCK_MONOTONIC_COARSE before the first step: the earliest stamp of a flow record.
+    /// `CLOCK_MONOTONIC_COARSE` before the first step: the earliest stamp of a flow record.
     t0_coarse: u64,
 }
 
 /// One private datapath for a case.
 struct Fixture {
-    ebpf: Ebpf,
+    dp: Datapath,
 }
 
 impl Fixture {
@@ -1427,200 +1123,68 @@ impl Fixture {
         if let Some(n) = c.flows_max {
             loader.map_max_entries(MAP_FLOWS, n);
         }
-        let mut ebpf = loader
-            .load(ecsnet::kernel::datapath::DATAPATH)
+        let mut dp = Datapath::load_with(&mut loader)
             .expect("the datapath object loads: does this kernel have BTF and tcx?");
-        {
-            let mut m: Array<&mut MapData, Config> =
-                Array::try_from(ebpf.map_mut("CONFIG").unwrap()).unwrap();
-            let cfg = Config {
-                uplink_ifindex: if c.uplink {
-                    TEST_IFINDEX
-                } else {
-                    NO_SUCH_IFINDEX
-                },
-                uplink_ipv4: addr(HOST),
-                bridge_ifindex: TEST_IFINDEX,
-                bridge_ipv4: addr(BRIDGE),
-                bridge_mac: BRIDGE_MAC,
-                flags: if c.block_imds { CONFIG_BLOCK_IMDS } else { 0 },
-                bridge_prefix: 16,
-            };
-            m.set(0, &cfg, 0).unwrap();
-        }
-        {
-            let mut m: Array<&mut MapData, FlowState> =
-                Array::try_from(ebpf.map_mut(MAP_FLOW_STATE).unwrap()).unwrap();
-            let cost = 1_000_000_000 / c.rate.0;
-            let st = FlowState {
-                epoch: EPOCH,
-                enabled: enabled as u8,
-                _pad: [0; 3],
-                window_start_ns: now_ns(),
-                event_cost_ns: cost,
-                event_burst_ns: cost * c.rate.1,
-            };
-            m.set(0, &st, 0).unwrap();
-        }
-        for s in &c.seeds {
-            match *s {
-                Seed::Task(a, ifindex, mac, policy) => {
-                    let mut m: HashMap<&mut MapData, u32, TaskInfo> =
-                        HashMap::try_from(ebpf.map_mut("TASKS").unwrap()).unwrap();
-                    let v = TaskInfo {
-                        ifindex,
-                        mac,
-                        _pad: [0; 2],
-                        policy,
-                    };
-                    m.insert(&addr(a), &v, 0).unwrap();
-                }
-                Seed::Port(proto, hport, a, port) => {
-                    let mut m: HashMap<&mut MapData, PortKey, PortTarget> =
-                        HashMap::try_from(ebpf.map_mut("PORTS").unwrap()).unwrap();
-                    let k = PortKey {
-                        port: hport.to_be(),
-                        proto,
-                        _pad: 0,
-                    };
-                    let v = PortTarget {
-                        addr: addr(a),
-                        port: port.to_be(),
-                        _pad: [0; 2],
-                    };
-                    m.insert(&k, &v, 0).unwrap();
-                }
-                Seed::Local(a, ifindex) => {
-                    let mut m: HashMap<&mut MapData, u32, u32> =
-                        HashMap::try_from(ebpf.map_mut("LOCAL_ADDRS").unwrap()).unwrap();
-                    m.insert(&addr(a), &ifindex, 0).unwrap();
-                }
-                Seed::Ct(k, e) => {
-                    // Seeded flows are assured ones.
-                    let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
-                        HashMap::try_from(ebpf.map_mut("CT").unwrap()).unwrap();
-                    m.insert(&k, &e, 0).unwrap();
-                }
-                Seed::Peer(k, v) => {
-                    let mut m: HashMap<&mut MapData, PeerKey, PeerRules> =
-                        HashMap::try_from(ebpf.map_mut("SG_PEERS").unwrap()).unwrap();
-                    m.insert(&k, &v, 0).unwrap();
-                }
-                Seed::Rule(k) => {
-                    let mut m: HashMap<&mut MapData, RuleKey, u32> =
-                        HashMap::try_from(ebpf.map_mut("SG_RULES").unwrap()).unwrap();
-                    m.insert(&k, &1, 0).unwrap();
-                }
-            }
-        }
-        let progs: BTreeSet<&str> = c.steps.iter().filter_map(|s| s.act.prog()).collect();
-        for name in progs {
-            if name == "xdp_uplink" {
-                let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
-                p.load().unwrap();
+        let cfg = Config {
+            flags: if c.block_imds { CONFIG_BLOCK_IMDS } else { 0 },
+            ..config(if c.uplink {
+                TEST_IFINDEX
             } else {
-                let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-                p.load().unwrap();
-            }
-        }
-        ecsnet::kernel::datapath::load_tail_called(&mut ebpf)
+                NO_SUCH_IFINDEX
+            })
+        };
+        dp.set_first(MAP_CONFIG, cfg).unwrap();
+        let cost = 1_000_000_000 / c.rate.0;
+        let st = FlowState {
+            epoch: EPOCH,
+            enabled: u8::from(enabled),
+            _pad: [0; 3],
+            window_start_ns: now_ns(),
+            event_cost_ns: cost,
+            event_burst_ns: cost * c.rate.1,
+        };
+        dp.set_first(MAP_FLOW_STATE, st).unwrap();
+        dp.seed(&c.seeds).unwrap();
+        let progs: BTreeSet<&'static str> = c.steps.iter().filter_map(|s| s.act.prog()).collect();
+        dp.load_programs(&progs.into_iter().collect::<Vec<_>>())
+            .unwrap();
+        dp.load_tail_called()
             .expect("the tail-called programs load");
-        Fixture { ebpf }
+        Fixture { dp }
     }
 
     /// Registers the test device as `task`'s interface.
     fn device_is(&mut self, task: [u8; 4]) {
-        let mut m: HashMap<&mut MapData, u32, IfaceInfo> =
-            HashMap::try_from(self.ebpf.map_mut("IFACES").unwrap()).unwrap();
-        let v = IfaceInfo {
-            ipv4: addr(task),
-            role: ROLE_TASK,
-            _pad: [0; 3],
-        };
-        m.insert(&TEST_IFINDEX, &v, 0).unwrap();
+        self.dp
+            .seed(&[Seed::Iface(TEST_IFINDEX, task, ROLE_TASK)])
+            .unwrap();
     }
 
     fn set_epoch(&mut self, epoch: u32) {
-        let mut m: Array<&mut MapData, FlowState> =
-            Array::try_from(self.ebpf.map_mut(MAP_FLOW_STATE).unwrap()).unwrap();
-        let mut st = m.get(&0, 0).unwrap();
+        let mut st: FlowState = self.dp.first(MAP_FLOW_STATE).unwrap();
         st.epoch = epoch;
         st.window_start_ns = now_ns();
-        m.set(0, &st, 0).unwrap();
+        self.dp.set_first(MAP_FLOW_STATE, st).unwrap();
     }
 
-    /// BPF_PROG_TEST_RUN of `name`: (return code, output frame).
-    fn run(&self, name: &str, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let prog = self.ebpf.program(name).unwrap();
-        let r = if name == "xdp_uplink" {
-            let p: &Xdp = prog.try_into().unwrap();
-            p.test_run(opts)
-        } else {
-            let p: &SchedClassifier = prog.try_into().unwrap();
-            p.test_run(opts)
-        }
-        .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+    /// `BPF_PROG_TEST_RUN` of `name`: (return code, output frame).
+    fn run(&self, name: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
+        let r = self.dp.test_run(name, input, 1).expect("BPF_PROG_TEST_RUN");
+        (r.verdict, r.output)
     }
 
-    fn hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
-        &self,
-        name: &str,
-    ) -> StdHashMap<K, V> {
-        let m: HashMap<&MapData, K, V> = HashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
-        m.iter().map(|r| r.unwrap()).collect()
-    }
-
-    fn counters<K: aya::Pod + Eq + std::hash::Hash>(
-        &self,
-        name: &str,
-    ) -> StdHashMap<K, (u64, u64)> {
-        let m: PerCpuHashMap<&MapData, K, Counters> =
-            PerCpuHashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
-        m.iter()
-            .map(|r| {
-                let (k, v) = r.unwrap();
-                let sum = v
-                    .iter()
-                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-                (k, sum)
-            })
-            .filter(|(_, s)| *s != (0, 0))
-            .collect()
-    }
-
-    fn drops(&self) -> StdHashMap<DropKey, u64> {
-        let m: PerCpuHashMap<&MapData, DropKey, u64> =
-            PerCpuHashMap::try_from(self.ebpf.map("DROPS").unwrap()).unwrap();
-        m.iter()
-            .map(|r| {
-                let (k, v) = r.unwrap();
-                (k, v.iter().sum::<u64>())
-            })
-            .filter(|(_, n)| *n != 0)
-            .collect()
-    }
-
+    /// FLOWS merged over CPUs.
     fn flows(&self) -> StdHashMap<FlowKey, FlowStats> {
-        let m: PerCpuHashMap<&MapData, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(self.ebpf.map(MAP_FLOWS).unwrap()).unwrap();
-        m.iter()
-            .map(|r| {
-                let (k, v) = r.unwrap();
-                (k, merge(&v))
-            })
+        self.dp
+            .per_cpu::<FlowKey, FlowStats>(MAP_FLOWS)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, ecsnet::flowlog::merge(&v)))
             .collect()
     }
 
     fn events(&mut self) -> Vec<Event> {
-        let mut rb = RingBuf::try_from(self.ebpf.map_mut(MAP_EVENTS).unwrap()).unwrap();
+        let mut rb = RingBuf::try_from(self.dp.ebpf.map_mut(MAP_EVENTS).unwrap()).unwrap();
         let mut out = Vec::new();
         while let Some(item) = rb.next() {
             assert_eq!(
@@ -1629,39 +1193,19 @@ impl Fixture {
                 "an EVENTS record is not one Event"
             );
             // SAFETY: an Event is plain data of exactly this size.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
         }
         out
     }
 
     fn budget(&self) -> (u64, u64) {
-        let m: PerCpuArray<&MapData, EventBudget> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_EVENT_BUDGET).unwrap()).unwrap();
+        let m: PerCpuArray<_, EventBudget> =
+            PerCpuArray::try_from(self.dp.ebpf.map(MAP_EVENT_BUDGET).unwrap()).unwrap();
         let v = m.get(&0, 0).unwrap();
         v.iter().fold((0, 0), |(s, t), b| {
             (s + b.suppressed, t + b.suppressed_total)
         })
     }
-}
-
-/// One flow's counters over all CPUs: sums, the earliest first and the latest last packet, the
-/// OR of the flags and the uplink-side addresses of the latest packet.
-fn merge(per_cpu: &[FlowStats]) -> FlowStats {
-    let mut out = FlowStats::default();
-    for v in per_cpu.iter().filter(|v| v.packets != 0) {
-        if out.packets == 0 || v.first_ns < out.first_ns {
-            out.first_ns = v.first_ns;
-        }
-        if v.last_ns >= out.last_ns {
-            out.last_ns = v.last_ns;
-            out.pkt_saddr = v.pkt_saddr;
-            out.pkt_daddr = v.pkt_daddr;
-        }
-        out.packets += v.packets;
-        out.bytes += v.bytes;
-        out.tcp_flags |= v.tcp_flags;
-    }
-    out
 }
 
 /// Runs a case with flow logs on or off.
@@ -1690,23 +1234,23 @@ fn run_case(c: &Case, enabled: bool) -> Outcome {
     }
     let t1 = now_ns();
     let mut ct = StdHashMap::new();
-    for table in ["CT", "CT_NEW"] {
-        let entries: StdHashMap<CtKey, CtEntry> = fx.hash(table);
+    for table in Table::BOTH {
+        let entries: StdHashMap<CtKey, CtEntry> = fx.dp.hash(table.map()).unwrap();
         for (k, mut e) in entries {
             e.last_seen_ns = 0;
             e.created_ns = 0;
-            ct.insert(k, (table, e));
+            ct.insert(k, (table.map(), e));
         }
     }
     Outcome {
         results,
         ct,
-        frags: fx.hash("FRAGS"),
-        tasks: fx.hash("TASKS"),
-        stats: fx.counters("STATS"),
-        drops: fx.drops(),
+        frags: fx.dp.hash(MAP_FRAGS).unwrap(),
+        tasks: fx.dp.hash(MAP_TASKS).unwrap(),
+        stats: fx.dp.counters(MAP_STATS).unwrap(),
+        drops: fx.dp.drops().unwrap(),
         flows: fx.flows(),
-        lost: fx.counters(MAP_FLOW_LOST),
+        lost: fx.dp.counters(MAP_FLOW_LOST).unwrap(),
         events: fx.events(),
         budget: fx.budget(),
         t0,
@@ -1715,20 +1259,9 @@ fn run_case(c: &Case, enabled: bool) -> Outcome {
     }
 }
 
-/// Compares a flow-logs-on outcome with the case's expectations.
-fn check_expected(c: &Case, o: &Outcome) -> Result<(), String> {
+/// Every FLOWS entry against the case's: counters, addresses, stamps inside the run, padding.
+fn flow_errors(c: &Case, o: &Outcome) -> Vec<String> {
     let mut errs = Vec::new();
-    let verdicts: Vec<u32> = c
-        .steps
-        .iter()
-        .filter(|s| s.act.prog().is_some())
-        .map(|s| s.verdict)
-        .collect();
-    let got: Vec<u32> = o.results.iter().map(|r| r.0).collect();
-    if got != verdicts {
-        errs.push(format!("verdicts {got:?}, expected {verdicts:?}"));
-    }
-
     let mut flows = o.flows.clone();
     for (k, want) in &c.flows {
         let Some(g) = flows.remove(k) else {
@@ -1776,6 +1309,24 @@ fn check_expected(c: &Case, o: &Outcome) -> Result<(), String> {
     for (k, v) in flows {
         errs.push(format!("unexpected FLOWS entry {}: {v:?}", show_fk(&k)));
     }
+    errs
+}
+
+/// Compares a flow-logs-on outcome with the case's expectations.
+fn check_expected(c: &Case, o: &Outcome) -> Result<(), String> {
+    let mut errs = Vec::new();
+    let verdicts: Vec<u32> = c
+        .steps
+        .iter()
+        .filter(|s| s.act.prog().is_some())
+        .map(|s| s.verdict)
+        .collect();
+    let got: Vec<u32> = o.results.iter().map(|r| r.0).collect();
+    if got != verdicts {
+        errs.push(format!("verdicts {got:?}, expected {verdicts:?}"));
+    }
+
+    errs.extend(flow_errors(c, o));
 
     let want_lost: StdHashMap<LostKey, (u64, u64)> = c
         .lost
@@ -1893,17 +1444,6 @@ fn check_off(on: &Outcome, off: &Outcome) -> Result<(), String> {
     }
 }
 
-/// The ifindexes of this network namespace's interfaces.
-fn ifindexes() -> Vec<u32> {
-    std::fs::read_dir("/sys/class/net")
-        .expect("read /sys/class/net")
-        .map(|e| {
-            let p = e.unwrap().path().join("ifindex");
-            std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
-        })
-        .collect()
-}
-
 /// Pins the calling thread to the CPU it runs on: every test run of a case then uses the same
 /// CPU's event budget.
 fn pin_to_this_cpu() {
@@ -1913,37 +1453,11 @@ fn pin_to_this_cpu() {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
 /// Runs every case through `check` and fails with every failing case listed.
 fn run_all(what: &str, check: impl Fn(&Case) -> Result<(), String>) {
-    ecsnet_tests::require_root();
-    assert!(
-        !ifindexes().contains(&NO_SUCH_IFINDEX),
-        "an interface has ifindex {NO_SUCH_IFINDEX}, which the task cases use as a missing uplink"
-    );
+    require_test_host();
     pin_to_this_cpu();
-    let cases = cases();
-    let mut failed = Vec::new();
-    for c in &cases {
-        match catch_unwind(AssertUnwindSafe(|| check(c))) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failed.push(format!("{}:\n  {e}", c.desc)),
-            Err(p) => failed.push(format!("{}: panicked: {}", c.desc, panic_message(p))),
-        }
-    }
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} cases failed:\n\n{}",
-        failed.len(),
-        cases.len(),
-        failed.join("\n\n")
-    );
+    run_table(what, &cases(), |c| c.desc.to_owned(), check);
 }
 
 #[test]

@@ -1,74 +1,25 @@
-//! The datapath programs run through BPF_PROG_TEST_RUN with packet fixtures: each case gives a
+//! The datapath programs run through `BPF_PROG_TEST_RUN` with packet fixtures: each case gives a
 //! packet, the program, the verdict, that the packet comes out unchanged, and the exact counter
 //! change (class, packets, bytes).
 
-use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuHashMap},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+use ecsnet_common::{
+    ct::{PROTO_TCP, TCP_SYN},
+    maps::{CLASS_IPV4, CLASS_OTHER, MAP_STATS, StatsKey},
 };
-use ecsnet_common::maps::{CLASS_IPV4, CLASS_OTHER, Counters, StatsKey};
+use ecsnet_lab::fixture::{
+    datapath::Datapath,
+    packet::{ETH_P_ARP, ETH_P_IPV6, L4, P, ethernet},
+    world::{CLIENT, ROUTER_MAC, TASK_A, TC_ACT_OK, UPLINK_MAC, XDP_PASS},
+};
 
-const TC_ACT_OK: u32 = 0;
-const XDP_PASS: u32 = 2;
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut p = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
-    p.extend_from_slice(&ethertype.to_be_bytes());
-    p
+fn tcp(doff_words: u8, payload: usize) -> P {
+    P::tcp(TASK_A, 40000, CLIENT, 80, TCP_SYN)
+        .doff(doff_words)
+        .data(&vec![7; payload])
 }
 
-/// Ethernet + IPv4 (with `options` bytes of IP options) + `l4`; tot_len as given or computed.
-fn ipv4(proto: u8, options: usize, l4: &[u8], tot_len: Option<u16>) -> Vec<u8> {
-    let mut p = eth(0x0800);
-    let ihl = 20 + options;
-    let tot = tot_len.unwrap_or((ihl + l4.len()) as u16);
-    p.extend_from_slice(&[0x40 | (ihl / 4) as u8, 0]);
-    p.extend_from_slice(&tot.to_be_bytes());
-    p.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0, 172, 17, 0, 2, 10, 10, 0, 2]);
-    p.extend(std::iter::repeat_n(1u8, options));
-    p.extend_from_slice(l4);
-    p
-}
-
-fn tcp(doff_words: u8, payload: usize) -> Vec<u8> {
-    let mut t = vec![
-        0x9c,
-        0x40,
-        0,
-        80,
-        0,
-        0,
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        doff_words << 4,
-        0x02,
-        0xff,
-        0xff,
-        0,
-        0,
-        0,
-        0,
-    ];
-    t.extend(std::iter::repeat_n(
-        0u8,
-        (doff_words as usize * 4).saturating_sub(20),
-    ));
-    t.extend(std::iter::repeat_n(7u8, payload));
-    t
-}
-
-fn udp(payload: usize) -> Vec<u8> {
-    let len = (8 + payload) as u16;
-    let mut u = vec![0x30, 0x39, 0, 53];
-    u.extend_from_slice(&len.to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend(std::iter::repeat_n(9u8, payload));
-    u
+fn udp(payload: usize) -> P {
+    P::udp(TASK_A, 12345, CLIENT, 53, &vec![9; payload])
 }
 
 struct Case {
@@ -77,71 +28,81 @@ struct Case {
     /// Expected class and bytes added to the counters.
     class: u8,
     bytes: u64,
-    /// BPF_PROG_TEST_RUN for skb programs refuses IPv4 frames shorter than an IP header
+    /// `BPF_PROG_TEST_RUN` for skb programs refuses IPv4 frames shorter than an IP header
     /// (EINVAL), so such a case only runs through XDP.
     skb_ok: bool,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table of cases, one entry per case"
+)]
 fn cases() -> Vec<Case> {
-    let arp = {
-        let mut p = eth(0x0806);
-        p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-        p.extend(std::iter::repeat_n(0u8, 20));
-        p
-    };
-    let ipv6 = {
-        let mut p = eth(0x86dd);
-        p.extend(std::iter::repeat_n(0u8, 40));
-        p
-    };
+    let arp = ethernet(
+        UPLINK_MAC,
+        ROUTER_MAC,
+        ETH_P_ARP,
+        &[[0, 1, 8, 0, 6, 4, 0, 1].as_slice(), &[0; 20]].concat(),
+    );
+    let ipv6 = ethernet(UPLINK_MAC, ROUTER_MAC, ETH_P_IPV6, &[0; 40]);
     let truncated = {
-        let mut p = ipv4(17, 0, &udp(10), None);
+        let mut p = udp(10).frame();
         p.truncate(14 + 12);
         p
     };
-    let bad_ihl = {
-        let mut p = ipv4(17, 0, &udp(10), None);
-        p[14] = 0x44; // IHL 4 words: below the minimum
-        p
-    };
-    let frag_later = {
-        let mut p = ipv4(6, 0, &[0u8; 24], None);
-        p[20] = 0x00;
-        p[21] = 0x10; // fragment offset 16 (x8 bytes): no TCP header here
-        p
-    };
+    let bad_ihl = P {
+        ihl_words: Some(4), // IHL 4 words: below the minimum
+        ..udp(10)
+    }
+    .frame();
+    let frag_later = P {
+        frag: 0x0010, // fragment offset 16 (x8 bytes): no TCP header here
+        ..P::new(
+            TASK_A,
+            CLIENT,
+            L4::Raw {
+                proto: PROTO_TCP,
+                bytes: vec![0; 24],
+            },
+        )
+    }
+    .frame();
     vec![
         Case {
             desc: "UDP datagram",
-            packet: ipv4(17, 0, &udp(100), None),
+            packet: udp(100).frame(),
             class: CLASS_IPV4,
             bytes: 128,
             skb_ok: true,
         },
         Case {
             desc: "TCP SYN",
-            packet: ipv4(6, 0, &tcp(5, 0), None),
+            packet: tcp(5, 0).frame(),
             class: CLASS_IPV4,
             bytes: 40,
             skb_ok: true,
         },
         Case {
             desc: "TCP with options and data",
-            packet: ipv4(6, 0, &tcp(8, 10), None),
+            packet: tcp(8, 10).frame(),
             class: CLASS_IPV4,
             bytes: 20 + 32 + 10,
             skb_ok: true,
         },
         Case {
             desc: "IPv4 header with options",
-            packet: ipv4(17, 8, &udp(4), None),
+            packet: P {
+                opts: vec![1; 8],
+                ..udp(4)
+            }
+            .frame(),
             class: CLASS_IPV4,
             bytes: 28 + 12,
             skb_ok: true,
         },
         Case {
             desc: "UDP with zero checksum",
-            packet: ipv4(17, 0, &udp(1), None),
+            packet: udp(1).without_checksum().frame(),
             class: CLASS_IPV4,
             bytes: 29,
             skb_ok: true,
@@ -183,7 +144,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             desc: "TCP data offset below 5",
-            packet: ipv4(6, 0, &tcp(3, 0), None),
+            packet: tcp(3, 0).frame(),
             class: CLASS_OTHER,
             bytes: 14 + 20 + 20,
             skb_ok: true,
@@ -191,55 +152,49 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn load() -> Ebpf {
+fn load(programs: &[&'static str]) -> Datapath {
     ecsnet_tests::require_root();
-    Ebpf::load(ecsnet::kernel::datapath::DATAPATH)
-        .expect("the datapath object loads: does this kernel have BTF and tcx?")
+    let mut dp =
+        Datapath::load().expect("the datapath object loads: does this kernel have BTF and tcx?");
+    dp.load_programs(programs).expect("the programs load");
+    dp
 }
 
-fn totals(ebpf: &Ebpf) -> std::collections::HashMap<u8, Counters> {
-    let m: PerCpuHashMap<&MapData, StatsKey, Counters> =
-        PerCpuHashMap::try_from(ebpf.map("STATS").unwrap()).unwrap();
+/// Packets and bytes counted per class, over every interface and hook.
+fn totals(dp: &Datapath) -> std::collections::HashMap<u8, (u64, u64)> {
     let mut out = std::collections::HashMap::new();
-    for entry in m.iter() {
-        let (k, v) = entry.unwrap();
-        let e: &mut Counters = out.entry(k.class).or_default();
-        for c in v.iter() {
-            e.packets += c.packets;
-            e.bytes += c.bytes;
-        }
+    for (k, (p, b)) in dp.counters::<StatsKey>(MAP_STATS).expect("STATS reads") {
+        let e: &mut (u64, u64) = out.entry(k.class).or_default();
+        (e.0, e.1) = (e.0 + p, e.1 + b);
     }
     out
 }
 
-fn check(
-    name: &str,
-    run: &dyn Fn(&[u8], &mut [u8]) -> (u32, u32),
-    ebpf: &Ebpf,
-    pass: u32,
-    skb: bool,
-) {
+/// Runs every case (the skb-able ones for a tc program) through `program`: each must come out
+/// unchanged with `pass`, counted once in its class and not in the other.
+fn check(program: &'static str, dp: &Datapath, pass: u32) {
+    let skb = !program.starts_with("xdp");
     for case in cases().into_iter().filter(|c| c.skb_ok || !skb) {
-        let before = totals(ebpf);
-        let mut out = vec![0u8; case.packet.len() + 64];
-        let (ret, out_len) = run(&case.packet, &mut out);
-        assert_eq!(ret, pass, "{name}: {}: verdict", case.desc);
+        let before = totals(dp);
+        let r = dp
+            .test_run(program, &case.packet, 1)
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.verdict, pass, "{program}: {}: verdict", case.desc);
         assert_eq!(
-            &out[..out_len as usize],
-            &case.packet[..],
-            "{name}: {}: the packet must come out unchanged",
+            r.output, case.packet,
+            "{program}: {}: the packet must come out unchanged",
             case.desc
         );
-        let after = totals(ebpf);
+        let after = totals(dp);
         let d = |class: u8| {
             let a = after.get(&class).copied().unwrap_or_default();
             let b = before.get(&class).copied().unwrap_or_default();
-            (a.packets - b.packets, a.bytes - b.bytes)
+            (a.0 - b.0, a.1 - b.1)
         };
         assert_eq!(
             d(case.class),
             (1, case.bytes),
-            "{name}: {}: counter change",
+            "{program}: {}: counter change",
             case.desc
         );
         let other = if case.class == CLASS_IPV4 {
@@ -250,61 +205,31 @@ fn check(
         assert_eq!(
             d(other),
             (0, 0),
-            "{name}: {}: the other class must not move",
+            "{program}: {}: the other class must not move",
             case.desc
         );
     }
 }
 
+const TC_PROGRAMS: [&str; 4] = [
+    "tc_task_ingress",
+    "tc_task_egress",
+    "tc_uplink_ingress",
+    "tc_uplink_egress",
+];
+
 #[test]
 fn tc_programs_count_and_pass_every_fixture() {
-    let mut ebpf = load();
-    for name in [
-        "tc_task_ingress",
-        "tc_task_egress",
-        "tc_uplink_ingress",
-        "tc_uplink_egress",
-    ] {
-        let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        p.load().unwrap();
-    }
-    ecsnet::kernel::datapath::load_tail_called(&mut ebpf).expect("the tail-called programs load");
-    for name in [
-        "tc_task_ingress",
-        "tc_task_egress",
-        "tc_uplink_ingress",
-        "tc_uplink_egress",
-    ] {
-        let p: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
-        let run = |input: &[u8], out: &mut [u8]| {
-            let r = p
-                .test_run(TestRunOptions {
-                    data_in: Some(input),
-                    data_out: Some(out),
-                    ..Default::default()
-                })
-                .expect("BPF_PROG_TEST_RUN");
-            (r.return_value, r.data_size_out)
-        };
-        check(name, &run, &ebpf, TC_ACT_OK, true);
+    let mut dp = load(&TC_PROGRAMS);
+    dp.load_tail_called()
+        .expect("the tail-called programs load");
+    for program in TC_PROGRAMS {
+        check(program, &dp, TC_ACT_OK);
     }
 }
 
 #[test]
 fn xdp_program_counts_and_passes_every_fixture() {
-    let mut ebpf = load();
-    let p: &mut Xdp = ebpf.program_mut("xdp_uplink").unwrap().try_into().unwrap();
-    p.load().unwrap();
-    let p: &Xdp = ebpf.program("xdp_uplink").unwrap().try_into().unwrap();
-    let run = |input: &[u8], out: &mut [u8]| {
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        (r.return_value, r.data_size_out)
-    };
-    check("xdp_uplink", &run, &ebpf, XDP_PASS, false);
+    let dp = load(&["xdp_uplink"]);
+    check("xdp_uplink", &dp, XDP_PASS);
 }
