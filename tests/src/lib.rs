@@ -10,11 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod agent;
+pub mod counters;
 pub mod flood;
 
 pub use ecsnet::{lab::LabStatus, report::Stats};
 
 pub mod raw;
+pub mod traffic;
+pub mod world;
 
 /// The `ecsnet` binary under test: `$ECSNET_BIN`, else the workspace's debug build.
 pub fn ecsnet_bin() -> PathBuf {
