@@ -634,30 +634,21 @@ mod tests {
             &big[..],
         ] {
             let u = udp(a, b, payload);
-            assert_eq!(u.len(), 20 + 8 + payload.len());
-            assert!(
-                verifies(sum_words(0, &u[..20])),
-                "IPv4 header of {:02x?}",
-                &u[..20]
-            );
-            assert!(
-                verifies(pseudo_sum(&u)),
-                "UDP checksum of {:02x?}",
-                &u[..28]
-            );
             assert_ne!(u[26..28], [0, 0], "UDP checksum 0 means none");
             let t = tcp(a, b, TCP_SYN, 0x0102_0304, 0, payload);
-            assert_eq!(t.len(), 20 + 20 + payload.len());
-            assert!(
-                verifies(sum_words(0, &t[..20])),
-                "IPv4 header of {:02x?}",
-                &t[..20]
-            );
-            assert!(
-                verifies(pseudo_sum(&t)),
-                "TCP checksum of {:02x?}",
-                &t[..40]
-            );
+            for (p, l4, l4_header) in [(u, "UDP", 8), (t, "TCP", 20)] {
+                assert_eq!(p.len(), 20 + l4_header + payload.len());
+                assert!(
+                    verifies(sum_words(0, &p[..20])),
+                    "IPv4 header of {:02x?}",
+                    &p[..20]
+                );
+                assert!(
+                    verifies(pseudo_sum(&p)),
+                    "{l4} checksum of {:02x?}",
+                    &p[..20 + l4_header]
+                );
+            }
         }
     }
 

@@ -15,9 +15,9 @@
 //! them and logs one line. Monitors are capped at 16, and following, keep their slots through a
 //! flood; their permits come back when they leave.
 //!
-//! The connections are held by three helper processes (`src/bin/hold-connections.rs`), so no process
-//! needs more descriptors than the machine's hard limit (20,000 here, and the tests lack
-//! CAP_SYS_RESOURCE to raise it); the agent starts with that limit too, so on the old agent the
+//! The connections are held by three helper processes (`src/bin/hold-connections.rs`), so no
+//! process needs more descriptors than the machine's hard limit (20,000 here, and the tests lack
+//! `CAP_SYS_RESOURCE` to raise it); the agent starts with that limit too, so on the old agent the
 //! flood exhausts its descriptors as in the issue. The floods are bounded in count and time and
 //! stay inside the lab's host namespace (loopback) and the instance's socket.
 

@@ -123,6 +123,13 @@ fn expect_drops(lab: &Lab, task: &str, reason: &str, at_least: u64, what: &str) 
     task_drops(&s, task, reason)
 }
 
+/// Runs `f`, after which `task`'s `reason` drops must have grown by at least `n` (`what`).
+fn counted(lab: &Lab, (task, reason, n): (&str, &str, u64), what: &str, f: impl FnOnce()) {
+    let before = task_drops(&lab.stats(), task, reason);
+    f();
+    expect_drops(lab, task, reason, before + n, what);
+}
+
 /// The kernel counters of a namespace that move only when an IPv4 datagram (or a fragment of
 /// one) is delivered to it: (Ip.ReasmReqds, Ip.ReasmOKs, Udp.InDatagrams).
 fn delivery_counters(ns: &str) -> (u64, u64, u64) {
@@ -345,24 +352,19 @@ fn removing_a_rule_keeps_tracked_flows_until_reset_flows_cuts_them() {
             "held UDP flow after its rule was removed (message {i})"
         );
     }
-    let before = task_drops(&lab.stats(), "task2", "SG_INGRESS");
-    assert_tcp_dropped(
-        t1,
-        "172.17.0.3:80",
-        "new TCP connection after the rule was removed",
-    );
-    let fresh_udp = udp(t1, "0.0.0.0:0", Some("172.17.0.3:53"));
-    assert!(
-        !udp_echoes(&fresh_udp, &payload(200, 9), SILENCE),
-        "a new UDP flow got an echo after its rule was removed"
-    );
-    expect_drops(
-        &lab,
-        "task2",
-        "SG_INGRESS",
-        before + 2,
-        "new TCP and UDP flows after the rules were removed",
-    );
+    let what = "new TCP and UDP flows after the rules were removed";
+    counted(&lab, ("task2", "SG_INGRESS", 2), what, || {
+        assert_tcp_dropped(
+            t1,
+            "172.17.0.3:80",
+            "new TCP connection after the rule was removed",
+        );
+        let fresh_udp = udp(t1, "0.0.0.0:0", Some("172.17.0.3:53"));
+        assert!(
+            !udp_echoes(&fresh_udp, &payload(200, 9), SILENCE),
+            "a new UDP flow got an echo after its rule was removed"
+        );
+    });
     roundtrip(&mut tcp, 42).expect("held TCP flow after new flows were rejected");
 
     // --reset-flows cuts the two flows the rules no longer allow, and nothing else.
@@ -372,22 +374,20 @@ fn removing_a_rule_keeps_tracked_flows_until_reset_flows_cuts_them() {
         2,
         "want the held TCP and UDP flows to task2 cut and the flow to the client kept: {out}"
     );
-    let before = task_drops(&lab.stats(), "task2", "SG_INGRESS");
-    let r = roundtrip(&mut tcp, 7);
-    assert!(
-        r.is_err(),
-        "the held TCP connection still echoes after --reset-flows"
-    );
-    assert!(
-        !udp_echoes(&held_udp, &payload(200, 7), SILENCE),
-        "the held UDP flow still echoes after --reset-flows"
-    );
-    expect_drops(
+    counted(
         &lab,
-        "task2",
-        "SG_INGRESS",
-        before + 2,
+        ("task2", "SG_INGRESS", 2),
         "the cut flows' next packets",
+        || {
+            assert!(
+                roundtrip(&mut tcp, 7).is_err(),
+                "the held TCP connection still echoes after --reset-flows"
+            );
+            assert!(
+                !udp_echoes(&held_udp, &payload(200, 7), SILENCE),
+                "the held UDP flow still echoes after --reset-flows"
+            );
+        },
     );
     roundtrip(&mut outside, 1).expect("a flow that is still allowed survives --reset-flows");
 }
@@ -404,50 +404,24 @@ fn a_task_cannot_send_from_an_address_that_is_not_its_own() {
     // From its own address: both arrive (and the neighbours the spoofed packets need are known).
     let own = udp(t1, "172.17.0.2:0", None);
     let good = payload(300, 1);
-    expect_delivery(
-        &own,
-        TO_TASK2,
-        &at_task2,
-        &good,
-        true,
-        "task1 -> task2 from 172.17.0.2",
-    );
-    expect_delivery(
-        &own,
-        TO_CLIENT,
-        &at_client,
-        &good,
-        true,
-        "task1 -> client from 172.17.0.2",
-    );
-    let before = task_drops(&lab.stats(), "task1", "SPOOFED_SOURCE");
+    let from_own = |to, rx: &UdpSocket, what| expect_delivery(&own, to, rx, &good, true, what);
+    from_own(TO_TASK2, &at_task2, "task1 -> task2 from 172.17.0.2");
+    from_own(TO_CLIENT, &at_client, "task1 -> client from 172.17.0.2");
 
     // From the second address: nothing arrives anywhere.
-    let spoofed = udp(t1, "172.17.0.50:0", None);
-    let bad = payload(300, 2);
-    for _ in 0..3 {
-        spoofed.send_to(&bad, TO_TASK2).unwrap();
-        spoofed.send_to(&bad, TO_CLIENT).unwrap();
-    }
-    expect_received(
-        &at_task2,
-        &bad,
-        false,
-        "a datagram from 172.17.0.50 reached task2",
-    );
-    expect_received(
-        &at_client,
-        &bad,
-        false,
-        "a datagram from 172.17.0.50 reached the client",
-    );
-    expect_drops(
-        &lab,
-        "task1",
-        "SPOOFED_SOURCE",
-        before + 6,
-        "6 datagrams from 172.17.0.50",
-    );
+    let what = "6 datagrams from 172.17.0.50";
+    counted(&lab, ("task1", "SPOOFED_SOURCE", 6), what, || {
+        let spoofed = udp(t1, "172.17.0.50:0", None);
+        let bad = payload(300, 2);
+        for _ in 0..3 {
+            spoofed.send_to(&bad, TO_TASK2).unwrap();
+            spoofed.send_to(&bad, TO_CLIENT).unwrap();
+        }
+        for (rx, whom) in [(&at_task2, "task2"), (&at_client, "the client")] {
+            let what = format!("a datagram from 172.17.0.50 reached {whom}");
+            expect_received(rx, &bad, false, &what);
+        }
+    });
     let s = lab.stats();
     assert_eq!(
         task_drops(&s, "task2", "SPOOFED_SOURCE"),
@@ -456,14 +430,7 @@ fn a_task_cannot_send_from_an_address_that_is_not_its_own() {
     );
 
     // The task itself is not cut off: its own address still works.
-    expect_delivery(
-        &own,
-        TO_TASK2,
-        &at_task2,
-        &good,
-        true,
-        "task1 -> task2 after the spoofing",
-    );
+    from_own(TO_TASK2, &at_task2, "task1 -> task2 after the spoofing");
 }
 
 #[test]
