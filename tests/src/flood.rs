@@ -44,7 +44,7 @@ impl Rng {
 
     /// A port of 1024..=65535.
     pub fn port(&mut self) -> u16 {
-        (1024 + self.next_u32() % (65536 - 1024)) as u16
+        u16::try_from(1024 + self.next_u32() % (65536 - 1024)).expect("a port is below 65536")
     }
 }
 
@@ -59,11 +59,11 @@ pub struct FloodReport {
     pub complete: bool,
 }
 
-/// Calls `send(i)` for i in 0..count, as fast as it returns, and stops early at `limit`.
+/// Calls `send_one(i)` for i in 0..count, as fast as it returns, and stops early at `limit`.
 pub fn flood(
     count: u64,
     limit: Duration,
-    mut send: impl FnMut(u64) -> io::Result<()>,
+    mut send_one: impl FnMut(u64) -> io::Result<()>,
 ) -> FloodReport {
     let start = Instant::now();
     let (mut sent, mut failed, mut i) = (0, 0, 0);
@@ -71,7 +71,7 @@ pub fn flood(
         if i % 1024 == 0 && start.elapsed() > limit {
             break;
         }
-        match send(i) {
+        match send_one(i) {
             Ok(()) => sent += 1,
             Err(_) => failed += 1,
         }
@@ -181,9 +181,10 @@ pub fn try_paths(paths: &[Path], attempts: u32, timeout: Duration) -> Vec<(&'sta
         .map(|p| {
             std::thread::spawn(move || {
                 let ok = in_netns(&p.ns, move || {
-                    (0..attempts)
+                    let ok = (0..attempts)
                         .filter(|i| new_flow(p.proto, p.target, timeout, *i))
-                        .count() as u32
+                        .count();
+                    u32::try_from(ok).expect("at most `attempts`")
                 });
                 (p.name, ok)
             })

@@ -5,6 +5,8 @@
 
 use std::{process::Command, time::Duration};
 
+pub mod agent;
+pub mod counters;
 pub mod flood;
 
 pub use ecsnet::agent::stats::Stats;
@@ -17,6 +19,8 @@ pub use ecsnet_lab::{
 };
 
 pub mod raw;
+pub mod traffic;
+pub mod world;
 
 /// Runs `ecsnet ARGS`, expecting exit `code` and exactly one line on stderr; returns that line.
 pub fn ecsnet_fails(args: &[&str], code: i32) -> String {

@@ -1,6 +1,7 @@
 //! Raw frames for tests that play a hostile task or a hostile wire: Ethernet (tagged or not),
-//! ARP, IPv4, TCP and UDP built byte by byte with correct checksums, an AF_PACKET socket that
-//! sends them from inside a namespace and tells which frames arrived, and a raw IPv4 socket.
+//! ARP, IPv4 (whole or a fragment), TCP and UDP built byte by byte with correct checksums, an
+//! `AF_PACKET` socket that sends them from inside a namespace and tells which frames arrived, a
+//! raw IPv4 socket, and the link-layer addresses of a namespace.
 
 use std::{
     ffi::CString,
@@ -24,7 +25,7 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
-/// IEEE's "local experimental" EtherType: nothing on a host handles it.
+/// IEEE's "local experimental" `EtherType`: nothing on a host handles it.
 pub const ETH_P_LOCAL_EXPERIMENTAL: u16 = 0x88b5;
 const ETH_P_ALL: u16 = 0x0003;
 /// Shortest Ethernet frame without its FCS, in bytes.
@@ -96,8 +97,8 @@ pub fn ethernet(dst: Mac, src: Mac, tags: &[Tag], ethertype: u16, payload: &[u8]
     f
 }
 
-/// An IPv6 frame from `src` to `dst`: an ICMPv6 echo request between two link-local
-/// addresses, for checks that judge IPv6 by its EtherType alone.
+/// An IPv6 frame from `src` to `dst`: an `ICMPv6` echo request between two link-local
+/// addresses, for checks that judge IPv6 by its `EtherType` alone.
 pub fn ipv6_frame(dst: Mac, src: Mac) -> Vec<u8> {
     let mut ip = vec![0x60, 0, 0, 0, 0, 8, 58, 64];
     ip.extend([
@@ -142,7 +143,7 @@ fn finish(mut acc: u64) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    !(acc as u16)
+    !u16::try_from(acc).expect("folded to 16 bits")
 }
 
 /// The Internet checksum (RFC 1071) of `data`.
@@ -159,15 +160,50 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -
     finish(sum_words(acc, segment))
 }
 
+/// Don't Fragment, in the flags and fragment offset word of an IPv4 header.
+const IP_DF: u16 = 0x4000;
+/// More Fragments, likewise.
+const IP_MF: u16 = 0x2000;
+
 /// An IPv4 packet `src` -> `dst` of `protocol` around `payload`: a 20-byte header, DF, TTL 64,
 /// id 0, with its checksum.
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    ipv4_with(src, dst, protocol, 0, IP_DF, payload)
+}
+
+/// One fragment of an IPv4 datagram `src` -> `dst` of `protocol` with IP id `id`: `payload`
+/// at `offset` units of 8 bytes, More Fragments set when `more`; TTL 64, with its checksum.
+pub fn ipv4_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    id: u16,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    assert!(offset < 0x2000, "a fragment offset has 13 bits");
+    let flags = if more { IP_MF } else { 0 };
+    ipv4_with(src, dst, protocol, id, flags | offset, payload)
+}
+
+/// An IPv4 packet with a 20-byte header: `frag` is its flags and fragment offset word.
+fn ipv4_with(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    id: u16,
+    frag: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let total = u16::try_from(20 + payload.len()).expect("an IPv4 packet fits 65535 bytes");
     let mut p = Vec::with_capacity(usize::from(total));
     p.extend_from_slice(&[0x45, 0]);
     p.extend_from_slice(&total.to_be_bytes());
-    // Id 0, DF, offset 0, TTL 64, protocol, checksum (below).
-    p.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&frag.to_be_bytes());
+    // TTL 64, protocol, checksum (below).
+    p.extend_from_slice(&[64, protocol, 0, 0]);
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
     let sum = checksum(&p);
@@ -278,10 +314,75 @@ pub fn parse_mac(s: &str) -> Mac {
         .unwrap_or_else(|_| panic!("not a MAC address: {s}"))
 }
 
+/// `m` as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The link-layer address namespace `ns` has for `addr` on `dev`, if any.
+pub fn neighbour(ns: &str, dev: &str, addr: Ipv4Addr) -> Option<Mac> {
+    let a = addr.to_string();
+    let out = ns_exec(ns, &["ip", "-j", "neigh", "show", "to", &a, "dev", dev]);
+    let v: serde_json::Value =
+        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
+            .unwrap_or_else(|e| panic!("ip -j neigh in {ns}: {e}: {out}"));
+    v[0]["lladdr"].as_str().map(parse_mac)
+}
+
+/// Removes namespace `ns`'s entry for `addr` on `dev`.
+pub fn forget_neighbour(ns: &str, dev: &str, addr: Ipv4Addr) {
+    let a = addr.to_string();
+    ns_exec(ns, &["ip", "neigh", "flush", "to", &a, "dev", dev]);
+}
+
+/// A socket of the calling thread's namespace, owned as soon as it exists.
+fn socket(domain: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: a plain socket call; the descriptor it returns is owned by nothing else.
+    unsafe {
+        let fd = libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// `size_of::<A>()` as a socket address length.
+fn addr_len<A>() -> libc::socklen_t {
+    libc::socklen_t::try_from(size_of::<A>()).expect("a socket address is small")
+}
+
+/// An address family as a `sockaddr`'s family field.
+fn family(af: libc::c_int) -> libc::sa_family_t {
+    libc::sa_family_t::try_from(af).expect("an address family fits its field")
+}
+
+/// Sends `data` whole to `addr` (a `sockaddr_*` of the socket's family) on `fd`.
+fn send_to<A>(fd: &OwnedFd, data: &[u8], addr: &A) -> io::Result<()> {
+    // SAFETY: sendto reads `data.len()` bytes of `data` and `size_of::<A>()` bytes of `addr`.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+            std::ptr::from_ref(addr).cast(),
+            addr_len::<A>(),
+        )
+    };
+    if usize::try_from(n).ok() != Some(data.len()) {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `sll_pkttype` of a frame the interface sent rather than received.
 const PACKET_OUTGOING: u8 = 4;
 
-/// An AF_PACKET socket on one interface of a namespace: sends frames exactly as given, and sees
+/// An `AF_PACKET` socket on one interface of a namespace: sends frames exactly as given, and sees
 /// every frame the interface receives from the moment it opened (taps run before tc ingress, so
 /// on a task's own side of a veth it sees what arrived, not what ecsnet let in).
 pub struct PacketSocket {
@@ -297,16 +398,14 @@ impl PacketSocket {
         let name = format!("{ns}/{dev}");
         let c_dev = CString::new(dev).expect("an interface name has no NUL");
         let opened = in_netns(ns, move || -> io::Result<(OwnedFd, i32)> {
-            // SAFETY: plain socket calls with valid, correctly sized arguments; the fd is owned
-            // as soon as it exists.
+            // Protocol 0 receives nothing until bound, so no other interface's frames queue.
+            let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
+            // SAFETY: plain calls with valid, correctly sized arguments.
             unsafe {
-                // Protocol 0 receives nothing until bound, so no other interface's frames queue.
-                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let fd = OwnedFd::from_raw_fd(fd);
                 let ifindex = libc::if_nametoindex(c_dev.as_ptr());
+                let Ok(ifindex) = i32::try_from(ifindex) else {
+                    return Err(io::Error::other(format!("ifindex {ifindex}")));
+                };
                 if ifindex == 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -317,21 +416,21 @@ impl PacketSocket {
                     libc::SOL_SOCKET,
                     libc::SO_RCVBUFFORCE,
                     (&raw const rcvbuf).cast(),
-                    size_of::<libc::c_int>() as u32,
+                    addr_len::<libc::c_int>(),
                 );
                 let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_family = family(libc::AF_PACKET);
                 sll.sll_protocol = ETH_P_ALL.to_be();
-                sll.sll_ifindex = ifindex as i32;
+                sll.sll_ifindex = ifindex;
                 if libc::bind(
                     fd.as_raw_fd(),
                     (&raw const sll).cast(),
-                    size_of::<libc::sockaddr_ll>() as u32,
+                    addr_len::<libc::sockaddr_ll>(),
                 ) < 0
                 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok((fd, ifindex as i32))
+                Ok((fd, ifindex))
             }
         });
         let (fd, ifindex) =
@@ -342,27 +441,14 @@ impl PacketSocket {
     /// Sends `frame` (from its destination MAC on) out of the interface.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         assert!(frame.len() >= 14, "a frame has at least an Ethernet header");
-        // SAFETY: a zeroed sockaddr_ll is valid; sendto reads `frame.len()` bytes of `frame`.
-        let n = unsafe {
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
-            sll.sll_ifindex = self.ifindex;
-            sll.sll_halen = 6;
-            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const sll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n != frame.len() as isize {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // SAFETY: all zeroes is a valid sockaddr_ll.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = family(libc::AF_PACKET);
+        sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        send_to(&self.fd, frame, &sll)
     }
 
     /// Sends `frame`; panics with a message when the kernel refuses it.
@@ -382,7 +468,7 @@ impl PacketSocket {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
             // SAFETY: one valid pollfd.
             let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
             if ready <= 0 {
@@ -395,7 +481,7 @@ impl PacketSocket {
             // length.
             let (n, pkttype) = unsafe {
                 let mut from: libc::sockaddr_ll = std::mem::zeroed();
-                let mut len = size_of::<libc::sockaddr_ll>() as u32;
+                let mut len = addr_len::<libc::sockaddr_ll>();
                 let n = libc::recvfrom(
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
@@ -406,7 +492,7 @@ impl PacketSocket {
                 );
                 (n, from.sll_pkttype)
             };
-            if n < 0 {
+            let Ok(n) = usize::try_from(n) else {
                 let e = io::Error::last_os_error();
                 if matches!(
                     e.kind(),
@@ -415,9 +501,9 @@ impl PacketSocket {
                     continue;
                 }
                 panic!("receive on {}: {e}", self.name);
-            }
+            };
             if (pkttype == PACKET_OUTGOING) == sent {
-                return Some(n as usize);
+                return Some(n);
             }
         }
     }
@@ -468,19 +554,8 @@ pub struct RawIpSocket {
 
 impl RawIpSocket {
     pub fn open(ns: &str) -> Self {
-        let opened = in_netns(ns, || -> io::Result<OwnedFd> {
-            // SAFETY: a plain socket call; the fd is owned as soon as it exists.
-            unsafe {
-                let fd = libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::IPPROTO_RAW,
-                );
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(OwnedFd::from_raw_fd(fd))
-            }
+        let opened = in_netns(ns, || {
+            socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)
         });
         let fd = opened.unwrap_or_else(|e| panic!("open a raw IPv4 socket in {ns}: {e}"));
         RawIpSocket {
@@ -493,24 +568,11 @@ impl RawIpSocket {
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
         assert!(packet.len() >= 20, "an IPv4 packet has at least a header");
         let dst = [packet[16], packet[17], packet[18], packet[19]];
-        // SAFETY: a zeroed sockaddr_in is valid; sendto reads `packet.len()` bytes of `packet`.
-        let n = unsafe {
-            let mut sin: libc::sockaddr_in = std::mem::zeroed();
-            sin.sin_family = libc::AF_INET as u16;
-            sin.sin_addr.s_addr = u32::from_ne_bytes(dst);
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const sin).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        if n != packet.len() as isize {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // SAFETY: all zeroes is a valid sockaddr_in.
+        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sin.sin_family = family(libc::AF_INET);
+        sin.sin_addr.s_addr = u32::from_ne_bytes(dst);
+        send_to(&self.fd, packet, &sin)
     }
 }
 
@@ -563,39 +625,30 @@ mod tests {
     fn udp_and_tcp_checksums_verify_over_the_pseudo_header() {
         let a = SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 40001);
         let b = SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 2), 9000);
-        let big = [0xff; 60_001];
+        let big = vec![0xff; 60_001];
         for payload in [
             &b""[..],
             b"x",
             b"odd-length payload",
             b"even-length pay",
-            &big,
+            &big[..],
         ] {
             let u = udp(a, b, payload);
-            assert_eq!(u.len(), 20 + 8 + payload.len());
-            assert!(
-                verifies(sum_words(0, &u[..20])),
-                "IPv4 header of {:02x?}",
-                &u[..20]
-            );
-            assert!(
-                verifies(pseudo_sum(&u)),
-                "UDP checksum of {:02x?}",
-                &u[..28]
-            );
             assert_ne!(u[26..28], [0, 0], "UDP checksum 0 means none");
             let t = tcp(a, b, TCP_SYN, 0x0102_0304, 0, payload);
-            assert_eq!(t.len(), 20 + 20 + payload.len());
-            assert!(
-                verifies(sum_words(0, &t[..20])),
-                "IPv4 header of {:02x?}",
-                &t[..20]
-            );
-            assert!(
-                verifies(pseudo_sum(&t)),
-                "TCP checksum of {:02x?}",
-                &t[..40]
-            );
+            for (p, l4, l4_header) in [(u, "UDP", 8), (t, "TCP", 20)] {
+                assert_eq!(p.len(), 20 + l4_header + payload.len());
+                assert!(
+                    verifies(sum_words(0, &p[..20])),
+                    "IPv4 header of {:02x?}",
+                    &p[..20]
+                );
+                assert!(
+                    verifies(pseudo_sum(&p)),
+                    "{l4} checksum of {:02x?}",
+                    &p[..20 + l4_header]
+                );
+            }
         }
     }
 

@@ -15,27 +15,25 @@
 //! them and logs one line. Monitors are capped at 16, and following, keep their slots through a
 //! flood; their permits come back when they leave.
 //!
-//! The connections are held by three helper processes (`src/bin/hold-connections.rs`), so no process
-//! needs more descriptors than the machine's hard limit (20,000 here, and the tests lack
-//! CAP_SYS_RESOURCE to raise it); the agent starts with that limit too, so on the old agent the
+//! The connections are held by three helper processes (`src/bin/hold-connections.rs`), so no
+//! process needs more descriptors than the machine's hard limit (20,000 here, and the tests lack
+//! `CAP_SYS_RESOURCE` to raise it); the agent starts with that limit too, so on the old agent the
 //! flood exhausts its descriptors as in the issue. The floods are bounded in count and time and
 //! stay inside the lab's host namespace (loopback) and the instance's socket.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    os::{fd::OwnedFd, unix::net::UnixStream},
+    os::unix::net::UnixStream,
     path::Path,
     process::{Child, Command, Output, Stdio},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
-use ecsnet_tests::{Lab, Stats, ecsnet_bin, in_netns};
-use nix::{
-    errno::Errno,
-    sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket},
-};
+use ecsnet::store::paths::InstancePaths;
+use ecsnet_tests::{Lab, Stats, counters::poll, ecsnet_bin, in_netns, traffic::unix_connect};
+use nix::sys::socket::UnixAddr;
 use serde_json::Value;
 
 /// Connections in each flood: more than the open-files limit the agent starts with here
@@ -43,6 +41,8 @@ use serde_json::Value;
 const FLOOD: usize = 21_000;
 /// The longest a flood may take to open; what is open by then is held.
 const FLOOD_DEADLINE: Duration = Duration::from_secs(60);
+/// Helper processes holding a flood's connections.
+const HELPERS: usize = 3;
 /// `up --ct-timeouts udp=2`, seconds.
 const UDP_TIMEOUT_SECS: u64 = 2;
 /// How often the agent collects garbage, seconds (ARCHITECTURE.md).
@@ -53,15 +53,17 @@ const GC_MARGIN_SECS: u64 = 4;
 const LOG_GROWTH_MAX: u64 = 10 << 20;
 /// How long `stats` and a control request may take while flooded.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How long the agent is left without descriptors.
+const EXHAUSTED_FOR: Duration = Duration::from_secs(4);
 /// The lab client's UDP echo port.
 const CLIENT_ECHO: &str = "10.10.0.2:9000";
 
 /// One flood at a time: each holds 21,000 connections, and the machine is shared.
 static ONE_FLOOD_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Idle connections held by helper processes (`flood`, in this package): this process cannot
-/// hold 21,000 descriptors when its hard limit is lower and it lacks CAP_SYS_RESOURCE to raise
-/// it. Killed when dropped (also on panic).
+/// Idle connections held by helper processes (`hold-connections`, in this package): this
+/// process cannot hold 21,000 descriptors when its hard limit is lower and it lacks
+/// `CAP_SYS_RESOURCE` to raise it. Killed when dropped (also on panic).
 struct Flood {
     helpers: Vec<Child>,
     connected: usize,
@@ -73,7 +75,7 @@ impl Flood {
     /// processes, run in namespace `netns` if given; returns once every helper has opened its
     /// share or given up at `FLOOD_DEADLINE`.
     fn open(netns: Option<&str>, kind: &str, target: &str, count: usize) -> Self {
-        const HELPERS: usize = 3;
+        let start = Instant::now();
         let secs = FLOOD_DEADLINE.as_secs().to_string();
         let mut flood = Flood {
             helpers: Vec::new(),
@@ -114,6 +116,12 @@ impl Flood {
             flood.connected += ok;
             flood.failed += failed;
         }
+        eprintln!(
+            "{kind} flood of {target}: {} connections open in {:?}, {} connects failed",
+            flood.connected,
+            start.elapsed(),
+            flood.failed
+        );
         flood
     }
 }
@@ -127,19 +135,56 @@ impl Drop for Flood {
     }
 }
 
-/// A lab of one task with ecsnet up and idle UDP flows expiring after 2 s.
-fn lab(prefix: &str) -> Lab {
-    let lab = Lab::up(prefix, 1, &[]);
-    let udp = format!("udp={UDP_TIMEOUT_SECS}");
-    let out = lab.ecsnet_up_with(&["--ct-timeouts", &udp]);
-    assert!(out.contains(" up"), "up printed: {out}");
-    lab
+/// A test's own lab of one task with ecsnet up and idle UDP flows expiring after 2 s, taken
+/// while no other test of this file floods: the agent's pid and its log's size before the
+/// test did anything to it.
+struct Bounded {
+    lab: Lab,
+    pid: i32,
+    log_before: u64,
+    _one: MutexGuard<'static, ()>,
+}
+
+impl Bounded {
+    fn new(prefix: &str) -> Self {
+        let one = ONE_FLOOD_AT_A_TIME
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let lab = Lab::up(prefix, 1, &[]);
+        let udp = format!("udp={UDP_TIMEOUT_SECS}");
+        let out = lab.ecsnet_up_with(&["--ct-timeouts", &udp]);
+        assert!(out.contains(" up"), "up printed: {out}");
+        let pid = ping(&lab).unwrap_or_else(|e| panic!("the agent answers: {e}"));
+        let log_before = log_size(&lab);
+        Bounded {
+            lab,
+            pid,
+            log_before,
+            _one: one,
+        }
+    }
+
+    /// The instance's control socket.
+    fn socket(&self) -> String {
+        InstancePaths::new(&self.lab.name)
+            .socket()
+            .display()
+            .to_string()
+    }
+
+    /// Holding `flood` of idle `listener` connections, the agent does all it must; then its
+    /// counters account for every connection over its cap of `cap`.
+    fn holds_and_counts(&self, flood: &Flood, listener: &str, cap: usize) {
+        let what = format!("21,000 idle {listener} connections");
+        agent_holds(&self.lab, &what, self.pid, self.log_before);
+        closed_are_counted(&self.lab, listener, flood.connected, cap);
+    }
 }
 
 fn log_size(lab: &Lab) -> u64 {
-    let path = format!("/run/ecsnet/{}.d/agent.log", lab.name);
+    let path = InstancePaths::new(&lab.name).log_file();
     std::fs::metadata(&path)
-        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .len()
 }
 
@@ -168,36 +213,23 @@ fn ecsnet_within(args: &[&str], limit: Duration) -> Result<(Output, Duration), S
     ))
 }
 
-/// A connection to a Unix socket that never blocks on a full backlog: retried until `deadline`.
-fn unix_connect(path: &str, deadline: Instant) -> Result<OwnedFd, Errno> {
-    let addr = UnixAddr::new(path).expect("a socket path");
-    loop {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        use std::os::fd::AsRawFd as _;
-        match connect(fd.as_raw_fd(), &addr) {
-            Ok(()) => return Ok(fd),
-            Err(Errno::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One request on the control socket, with a deadline for connecting and for the answer.
-fn control(lab: &Lab, request: &str) -> Result<Value, String> {
-    let path = format!("/run/ecsnet/{}.sock", lab.name);
-    let fd = unix_connect(&path, Instant::now() + ANSWER_WITHIN)
-        .map_err(|e| format!("connect {path}: {e}"))?;
+/// A new connection to the control socket, connected (and answered) within `ANSWER_WITHIN`
+/// however full its backlog.
+fn control_stream(lab: &Lab) -> Result<UnixStream, String> {
+    let path = InstancePaths::new(&lab.name).socket();
+    let addr = UnixAddr::new(&path).expect("a socket path");
+    let fd = unix_connect(&addr, Instant::now() + ANSWER_WITHIN)
+        .map_err(|e| format!("connect {}: {e}", path.display()))?;
     let s = UnixStream::from(fd);
     s.set_nonblocking(false).expect("blocking mode");
     s.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
     s.set_write_timeout(Some(ANSWER_WITHIN)).unwrap();
+    Ok(s)
+}
+
+/// One request on the control socket, with a deadline for connecting and for the answer.
+fn control(lab: &Lab, request: &str) -> Result<Value, String> {
+    let s = control_stream(lab)?;
     (&s).write_all(format!("{request}\n").as_bytes())
         .map_err(|e| format!("send {request}: {e}"))?;
     let mut line = String::new();
@@ -207,10 +239,11 @@ fn control(lab: &Lab, request: &str) -> Result<Value, String> {
     serde_json::from_str(&line).map_err(|e| format!("answer to {request} {line:?}: {e}"))
 }
 
-fn ping(lab: &Lab) -> Result<u64, String> {
+fn ping(lab: &Lab) -> Result<i32, String> {
     let v = control(lab, r#"{"op":"ping"}"#)?;
     v["pid"]
         .as_u64()
+        .and_then(|p| i32::try_from(p).ok())
         .filter(|_| v["ok"] == Value::Bool(true))
         .ok_or_else(|| format!("ping answered {v}"))
 }
@@ -260,7 +293,7 @@ fn udp_flow(lab: &Lab) -> bool {
 }
 
 /// Everything the agent must still do while a flood is held.
-fn agent_holds(lab: &Lab, what: &str, pid: u64, log_before: u64) {
+fn agent_holds(lab: &Lab, what: &str, pid: i32, log_before: u64) {
     // `ecsnet stats`.
     let args = ["--instance", lab.name.as_str(), "stats", "--json"];
     let (out, took) =
@@ -303,18 +336,17 @@ fn agent_holds(lab: &Lab, what: &str, pid: u64, log_before: u64) {
     );
     let sent = Instant::now();
     let limit = Duration::from_secs(UDP_TIMEOUT_SECS + GC_INTERVAL_SECS + GC_MARGIN_SECS);
-    loop {
-        let n = stats(lab).conntrack.entries;
-        if n <= base {
-            break;
-        }
-        assert!(
-            sent.elapsed() < limit,
-            "with {what} held, the expired UDP flow was not collected within {limit:?} \
-             ({n} entries, {base} before it): garbage collection stopped"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (Ok(n) | Err(n)) = poll(
+        limit,
+        Duration::from_millis(200),
+        || stats(lab).conntrack.entries,
+        |n| *n <= base,
+    );
+    assert!(
+        n <= base,
+        "with {what} held, the expired UDP flow was not collected within {limit:?} \
+         ({n} entries, {base} before it): garbage collection stopped"
+    );
     eprintln!(
         "with {what} held: the UDP flow was collected {:?} after its echo",
         sent.elapsed()
@@ -337,18 +369,17 @@ fn closed_are_counted(lab: &Lab, listener: &str, opened: usize, cap: usize) {
         _ => s.agent.control,
     };
     let want = (opened - cap) as u64;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let l = loop {
-        let l = pick(&stats(lab));
-        if l.evicted + l.over_cap >= want || Instant::now() > deadline {
-            break l;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (Ok(l) | Err(l)) = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || pick(&stats(lab)),
+        |l| l.evicted + l.over_cap >= want,
+    );
     eprintln!("{listener} counters: {l:?}");
     assert!(
         l.evicted + l.over_cap >= want,
-        "{opened} connections to {listener}, at most {cap} held: the rest must be counted closed: {l:?}"
+        "{opened} connections to {listener}, at most {cap} held: the rest must be counted \
+         closed: {l:?}"
     );
     assert_eq!(
         l.accept_errors, 0,
@@ -358,68 +389,24 @@ fn closed_are_counted(lab: &Lab, listener: &str, opened: usize, cap: usize) {
 
 #[test]
 fn idle_connections_to_the_metrics_port_do_not_disable_the_agent() {
-    let _one = ONE_FLOOD_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let lab = lab("abm");
-    let pid = ping(&lab).unwrap_or_else(|e| panic!("the agent answers before the flood: {e}"));
+    let b = Bounded::new("abm");
     assert_eq!(
-        scrape(&lab),
+        scrape(&b.lab),
         Ok(200),
         "GET /metrics answers before the flood"
     );
-    let log_before = log_size(&lab);
-
-    let start = Instant::now();
-    let flood = Flood::open(Some(lab.host()), "tcp", "127.0.0.1:9464", FLOOD);
-    eprintln!(
-        "metrics flood: {} connections open in {:?}, {} connects failed",
-        flood.connected,
-        start.elapsed(),
-        flood.failed
-    );
-    agent_holds(&lab, "21,000 idle metrics connections", pid, log_before);
-    closed_are_counted(
-        &lab,
-        "metrics",
-        flood.connected,
-        ecsnet::agent::metrics::LIMITS.cap,
-    );
-    // Last, so a broken agent shows first which promise it broke.
+    let flood = Flood::open(Some(b.lab.host()), "tcp", "127.0.0.1:9464", FLOOD);
+    b.holds_and_counts(&flood, "metrics", ecsnet::agent::metrics::LIMITS.cap);
     drop(flood);
 }
 
 #[test]
 fn idle_connections_to_the_control_socket_do_not_disable_the_agent() {
-    let _one = ONE_FLOOD_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let lab = lab("abc");
-    let pid = ping(&lab).unwrap_or_else(|e| panic!("the agent answers before the flood: {e}"));
-    let log_before = log_size(&lab);
-
-    let path = format!("/run/ecsnet/{}.sock", lab.name);
+    let b = Bounded::new("abc");
+    let path = b.socket();
     assert!(Path::new(&path).exists(), "{path} is there");
-    let start = Instant::now();
     let flood = Flood::open(None, "unix", &path, FLOOD);
-    eprintln!(
-        "control flood: {} connections open in {:?}, {} connects failed",
-        flood.connected,
-        start.elapsed(),
-        flood.failed
-    );
-    assert_eq!(
-        flood.connected, FLOOD,
-        "the agent stopped taking connections: {} of {FLOOD} connected in {FLOOD_DEADLINE:?}",
-        flood.connected
-    );
-    agent_holds(&lab, "21,000 idle control connections", pid, log_before);
-    closed_are_counted(
-        &lab,
-        "control",
-        flood.connected,
-        ecsnet::agent::CONTROL_LIMITS.cap,
-    );
+    b.holds_and_counts(&flood, "control", ecsnet::agent::CONTROL_LIMITS.cap);
     // Last, so a broken agent shows first which promise it broke.
     assert_eq!(
         flood.connected, FLOOD,
@@ -429,40 +416,41 @@ fn idle_connections_to_the_control_socket_do_not_disable_the_agent() {
     drop(flood);
 }
 
-/// The agent's soft open-files limit set to `soft` (hard unchanged); returns the old one.
-fn set_agent_nofile(pid: u64, soft: u64) -> u64 {
+/// `prlimit` of the agent's open-files limit: sets it to `new` when given; returns the old one.
+fn agent_nofile(pid: i32, new: Option<&libc::rlimit>) -> libc::rlimit {
     let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    let new = new.map_or(std::ptr::null(), std::ptr::from_ref);
     // SAFETY: plain syscall on valid pointers; NULL would mean "do not set".
-    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, new, &raw mut old) };
     assert_eq!(
         r,
         0,
-        "read the agent's limit: {}",
+        "prlimit of the agent: {}",
         std::io::Error::last_os_error()
     );
+    old
+}
+
+/// The agent's soft open-files limit set to `soft` (hard unchanged); returns the old one.
+fn set_agent_nofile(pid: i32, soft: u64) -> u64 {
+    let old = agent_nofile(pid, None);
     let new = libc::rlimit {
         rlim_cur: soft,
         rlim_max: old.rlim_max,
     };
-    // SAFETY: as above.
-    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
-    assert_eq!(
-        r,
-        0,
-        "set the agent's limit: {}",
-        std::io::Error::last_os_error()
-    );
+    agent_nofile(pid, Some(&new));
     old.rlim_cur
 }
 
 /// Lines of the agent's log after byte `from` that contain `what`.
 fn log_lines(lab: &Lab, from: u64, what: &str) -> Vec<String> {
-    let path = format!("/run/ecsnet/{}.d/agent.log", lab.name);
-    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    String::from_utf8_lossy(&text[from as usize..])
+    let path = InstancePaths::new(&lab.name).log_file();
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let from = usize::try_from(from).expect("a log offset fits memory");
+    String::from_utf8_lossy(&text[from..])
         .lines()
         .filter(|l| l.contains(what))
         .map(str::to_owned)
@@ -474,12 +462,8 @@ fn log_lines(lab: &Lab, from: u64, what: &str) -> Vec<String> {
 /// them, and log one line per interval; once the limit is back everything works again.
 #[test]
 fn failed_accepts_back_off_and_are_logged_once_per_interval() {
-    let _one = ONE_FLOOD_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let lab = lab("abe");
-    let pid = ping(&lab).unwrap_or_else(|e| panic!("the agent answers: {e}"));
-    let log_before = log_size(&lab);
+    let b = Bounded::new("abe");
+    let (lab, pid) = (&b.lab, b.pid);
     // New descriptors take the lowest free numbers, which must stay under the limit: leave
     // the agent three (the caller's inherited ones may sit far above).
     let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -490,7 +474,6 @@ fn failed_accepts_back_off_and_are_logged_once_per_interval() {
         .filter(|n| !open.contains(n))
         .nth(3)
         .expect("a free number");
-    const EXHAUSTED_FOR: Duration = Duration::from_secs(4);
     let old = set_agent_nofile(pid, limit);
     let start = Instant::now();
     let held = in_netns(lab.host(), || {
@@ -508,14 +491,12 @@ fn failed_accepts_back_off_and_are_logged_once_per_interval() {
     );
 
     // Counted (the counters file is written again now that the agent can open files).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let errors = loop {
-        let n = stats(&lab).agent.metrics.accept_errors;
-        if n > 0 || Instant::now() > deadline {
-            break n;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (Ok(errors) | Err(errors)) = poll(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || stats(lab).agent.metrics.accept_errors,
+        |n| *n > 0,
+    );
     assert!(
         errors > 0,
         "no accept error counted while out of descriptors"
@@ -527,7 +508,7 @@ fn failed_accepts_back_off_and_are_logged_once_per_interval() {
         errors <= most,
         "{errors} failed accepts in {exhausted:?}: the listener does not back off (at most {most})"
     );
-    let lines = log_lines(&lab, log_before, "accept failed");
+    let lines = log_lines(lab, b.log_before, "accept failed");
     eprintln!("{errors} failed accepts, logged as: {lines:#?}");
     assert!(
         !lines.is_empty() && lines.len() <= 2,
@@ -537,20 +518,15 @@ fn failed_accepts_back_off_and_are_logged_once_per_interval() {
     drop(held);
 
     // And everything works again.
-    assert_eq!(ping(&lab), Ok(pid), "the same agent answers afterwards");
-    assert_eq!(scrape(&lab), Ok(200), "GET /metrics works afterwards");
-    let grown = log_size(&lab) - log_before;
+    assert_eq!(ping(lab), Ok(pid), "the same agent answers afterwards");
+    assert_eq!(scrape(lab), Ok(200), "GET /metrics works afterwards");
+    let grown = log_size(lab) - b.log_before;
     assert!(grown < 64 << 10, "the log grew by {grown} bytes");
 }
 
 /// A `monitor` request on a new control connection: the connection and the first line.
 fn monitor_request(lab: &Lab) -> (UnixStream, Value) {
-    let path = format!("/run/ecsnet/{}.sock", lab.name);
-    let fd = unix_connect(&path, Instant::now() + ANSWER_WITHIN)
-        .unwrap_or_else(|e| panic!("connect {path}: {e}"));
-    let mut s = UnixStream::from(fd);
-    s.set_nonblocking(false).unwrap();
-    s.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
+    let mut s = control_stream(lab).unwrap_or_else(|e| panic!("{e}"));
     s.write_all(b"{\"op\":\"monitor\"}\n")
         .expect("send monitor");
     // Byte by byte: the line after the hello belongs to whoever reads the stream next.
@@ -570,19 +546,16 @@ fn monitor_request(lab: &Lab) -> (UnixStream, Value) {
 /// connections; the control socket answers meanwhile.
 #[test]
 fn monitors_are_capped_and_keep_their_slots_through_a_flood() {
-    let _one = ONE_FLOOD_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let lab = lab("abn");
-    let pid = ping(&lab).unwrap_or_else(|e| panic!("the agent answers: {e}"));
+    let b = Bounded::new("abn");
+    let lab = &b.lab;
     let monitors: Vec<UnixStream> = (0..16)
         .map(|i| {
-            let (s, hello) = monitor_request(&lab);
+            let (s, hello) = monitor_request(lab);
             assert_eq!(hello["ok"], Value::Bool(true), "monitor {i}: {hello}");
             s
         })
         .collect();
-    let (_, refused) = monitor_request(&lab);
+    let (_, refused) = monitor_request(lab);
     assert_eq!(
         refused["ok"],
         Value::Bool(false),
@@ -591,18 +564,17 @@ fn monitors_are_capped_and_keep_their_slots_through_a_flood() {
     let error = refused["error"].as_str().unwrap_or_default();
     assert!(error.contains("16 monitors"), "{error}");
 
-    let path = format!("/run/ecsnet/{}.sock", lab.name);
-    let flood = Flood::open(None, "unix", &path, 3_000);
+    let flood = Flood::open(None, "unix", &b.socket(), 3_000);
     assert_eq!(flood.connected, 3_000, "the agent took every connection");
     assert_eq!(
-        ping(&lab),
-        Ok(pid),
+        ping(lab),
+        Ok(b.pid),
         "the control socket answers during the flood"
     );
     for (i, mut m) in monitors.iter().enumerate() {
         m.set_nonblocking(true).unwrap();
-        let mut b = [0u8; 64];
-        match m.read(&mut b) {
+        let mut buf = [0u8; 64];
+        match m.read(&mut buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             other => panic!("monitor {i} was closed or written to during the flood: {other:?}"),
         }
@@ -610,16 +582,14 @@ fn monitors_are_capped_and_keep_their_slots_through_a_flood() {
     drop(flood);
     drop(monitors);
     // Their slots and permits come back: a new monitor is taken.
-    let deadline = Instant::now() + ANSWER_WITHIN;
-    loop {
-        let (_s, hello) = monitor_request(&lab);
-        if hello["ok"] == Value::Bool(true) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no monitor taken after the others left: {hello}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let hello = poll(
+        ANSWER_WITHIN,
+        Duration::from_millis(100),
+        || monitor_request(lab).1,
+        |hello| hello["ok"] == Value::Bool(true),
+    );
+    assert!(
+        hello.is_ok(),
+        "no monitor taken after the others left: {hello:?}"
+    );
 }

@@ -28,6 +28,117 @@ fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// The report's rows: every main metric on every path in every mode, each a real
+/// measurement with its ratios; ordered latency percentiles and plausible throughput; new
+/// connections without failures; the scaling rows; the flow-log rows.
+fn assert_rows(r: &Value) {
+    let rows = r["rows"].as_array().expect("rows");
+    let row = |metric: &str, path: &str| -> Option<&Value> {
+        rows.iter().find(|x| {
+            x["metric"] == metric
+                && x["path"] == path
+                && x.get("scale").is_none()
+                && x.get("flowLogs").is_none()
+        })
+    };
+    // Every main metric on every path, in all three modes, each a real measurement.
+    for path in ["task-to-task", "published", "outside"] {
+        for metric in [
+            "tcp1",
+            "tcp4",
+            "udp-small",
+            "rr-p50",
+            "rr-p90",
+            "rr-p99",
+            "rr-p999",
+        ] {
+            let x = row(metric, path).unwrap_or_else(|| panic!("no {metric} on {path}: {r}"));
+            for mode in ["bridge", "ecsnet", "ceiling"] {
+                let v = num(&x["median"][mode]);
+                assert!(v.is_finite() && v > 0.0, "{metric} {path} {mode}: {x}");
+                assert_eq!(x["samples"][mode].as_array().map(Vec::len), Some(1), "{x}");
+            }
+            let (ecsnet, bridge, ceiling) = (
+                num(&x["median"]["ecsnet"]),
+                num(&x["median"]["bridge"]),
+                num(&x["median"]["ceiling"]),
+            );
+            assert!(
+                (num(&x["ecsnetVsBridge"]) - ecsnet / bridge).abs() < 1e-9,
+                "{x}"
+            );
+            assert!(
+                (num(&x["ecsnetVsCeiling"]) - ecsnet / ceiling).abs() < 1e-9,
+                "{x}"
+            );
+        }
+    }
+    // Latency percentiles are ordered; throughput is plausible for real TCP on veths.
+    for path in ["task-to-task", "published", "outside"] {
+        for mode in ["bridge", "ecsnet", "ceiling"] {
+            let p = |m| num(&row(m, path).unwrap()["median"][mode]);
+            assert!(
+                p("rr-p50") <= p("rr-p90") && p("rr-p90") <= p("rr-p99"),
+                "{path} {mode}: percentiles out of order"
+            );
+            assert!(p("tcp1") > 0.05, "{path} {mode}: {} Gbit/s", p("tcp1"));
+        }
+    }
+    let conn = row("conn-rate", "published").expect("new connections through a published port");
+    for mode in ["bridge", "ecsnet", "ceiling"] {
+        assert!(num(&conn["median"][mode]) > 100.0, "{conn}");
+    }
+    for (mode, n) in r["connFailures"].as_object().expect("connFailures") {
+        assert_eq!(n, 0, "{mode}: failed connection attempts");
+    }
+
+    // Scaling: 1 and 1000 extra ports and rules (--quick), bridge and ecsnet.
+    let scales: BTreeSet<u64> = rows.iter().filter_map(|x| x["scale"].as_u64()).collect();
+    assert_eq!(scales, BTreeSet::from([1, 1000]), "{r}");
+    for x in rows.iter().filter(|x| x.get("scale").is_some()) {
+        for mode in ["bridge", "ecsnet"] {
+            assert!(num(&x["median"][mode]) > 0.0, "{x}");
+        }
+        assert!(x["median"].get("ceiling").is_none(), "{x}");
+    }
+    // Flow logging off and on, ecsnet only.
+    let flow: Vec<&Value> = rows
+        .iter()
+        .filter(|x| x.get("flowLogs").is_some())
+        .collect();
+    assert_eq!(flow.len(), 4, "two paths, on and off: {flow:?}");
+    for x in &flow {
+        assert!(num(&x["median"]["ecsnet"]) > 0.05, "{x}");
+    }
+}
+
+/// Every datapath program's cost, and the targets, each checked with a number.
+fn assert_programs_and_targets(r: &Value) {
+    let programs: BTreeSet<&str> = r["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p["program"].as_str())
+        .collect();
+    assert_eq!(
+        programs,
+        BTreeSet::from([
+            "tc_task_egress",
+            "tc_task_ingress",
+            "tc_uplink_egress",
+            "tc_uplink_ingress",
+            "xdp_uplink"
+        ])
+    );
+    // The targets are checked, each with a number.
+    let targets = r["targets"].as_array().expect("targets");
+    assert!(targets.len() >= 15, "{targets:?}");
+    for t in targets {
+        assert!(num(&t["got"]).is_finite(), "{t}");
+        assert!(t["met"].is_boolean(), "{t}");
+    }
+}
+
 #[test]
 fn quick_bench_measures_every_metric_in_every_mode_and_cleans_up() {
     require_root();
@@ -73,103 +184,8 @@ fn quick_bench_measures_every_metric_in_every_mode_and_cleans_up() {
         steps.last()
     );
 
-    let rows = r["rows"].as_array().expect("rows");
-    let row = |metric: &str, path: &str| -> Option<&Value> {
-        rows.iter().find(|x| {
-            x["metric"] == metric
-                && x["path"] == path
-                && x.get("scale").is_none()
-                && x.get("flowLogs").is_none()
-        })
-    };
-    // Every main metric on every path, in all three modes, each a real measurement.
-    for path in ["task-to-task", "published", "outside"] {
-        for metric in [
-            "tcp1",
-            "tcp4",
-            "udp-small",
-            "rr-p50",
-            "rr-p90",
-            "rr-p99",
-            "rr-p999",
-        ] {
-            let x = row(metric, path).unwrap_or_else(|| panic!("no {metric} on {path}: {r}"));
-            for mode in ["bridge", "ecsnet", "ceiling"] {
-                let v = num(&x["median"][mode]);
-                assert!(v.is_finite() && v > 0.0, "{metric} {path} {mode}: {x}");
-                assert_eq!(x["samples"][mode].as_array().map(Vec::len), Some(1), "{x}");
-            }
-            let (e, b, c) = (
-                num(&x["median"]["ecsnet"]),
-                num(&x["median"]["bridge"]),
-                num(&x["median"]["ceiling"]),
-            );
-            assert!((num(&x["ecsnetVsBridge"]) - e / b).abs() < 1e-9, "{x}");
-            assert!((num(&x["ecsnetVsCeiling"]) - e / c).abs() < 1e-9, "{x}");
-        }
-    }
-    // Latency percentiles are ordered; throughput is plausible for real TCP on veths.
-    for path in ["task-to-task", "published", "outside"] {
-        for mode in ["bridge", "ecsnet", "ceiling"] {
-            let p = |m| num(&row(m, path).unwrap()["median"][mode]);
-            assert!(
-                p("rr-p50") <= p("rr-p90") && p("rr-p90") <= p("rr-p99"),
-                "{path} {mode}: percentiles out of order"
-            );
-            assert!(p("tcp1") > 0.05, "{path} {mode}: {} Gbit/s", p("tcp1"));
-        }
-    }
-    let conn = row("conn-rate", "published").expect("new connections through a published port");
-    for mode in ["bridge", "ecsnet", "ceiling"] {
-        assert!(num(&conn["median"][mode]) > 100.0, "{conn}");
-    }
-    for (mode, n) in r["connFailures"].as_object().expect("connFailures") {
-        assert_eq!(n, 0, "{mode}: failed connection attempts");
-    }
-
-    // Scaling: 1 and 1000 extra ports and rules (--quick), bridge and ecsnet.
-    let scales: BTreeSet<u64> = rows.iter().filter_map(|x| x["scale"].as_u64()).collect();
-    assert_eq!(scales, BTreeSet::from([1, 1000]), "{r}");
-    for x in rows.iter().filter(|x| x.get("scale").is_some()) {
-        for mode in ["bridge", "ecsnet"] {
-            assert!(num(&x["median"][mode]) > 0.0, "{x}");
-        }
-        assert!(x["median"].get("ceiling").is_none(), "{x}");
-    }
-    // Flow logging off and on, ecsnet only.
-    let flow: Vec<&Value> = rows
-        .iter()
-        .filter(|x| x.get("flowLogs").is_some())
-        .collect();
-    assert_eq!(flow.len(), 4, "two paths, on and off: {flow:?}");
-    for x in &flow {
-        assert!(num(&x["median"]["ecsnet"]) > 0.05, "{x}");
-    }
-
-    // Every datapath program's cost.
-    let programs: BTreeSet<&str> = r["programs"]
-        .as_array()
-        .expect("programs")
-        .iter()
-        .filter_map(|p| p["program"].as_str())
-        .collect();
-    assert_eq!(
-        programs,
-        BTreeSet::from([
-            "tc_task_egress",
-            "tc_task_ingress",
-            "tc_uplink_egress",
-            "tc_uplink_ingress",
-            "xdp_uplink"
-        ])
-    );
-    // The targets are checked, each with a number.
-    let targets = r["targets"].as_array().expect("targets");
-    assert!(targets.len() >= 15, "{targets:?}");
-    for t in targets {
-        assert!(num(&t["got"]).is_finite(), "{t}");
-        assert!(t["met"].is_boolean(), "{t}");
-    }
+    assert_rows(&r);
+    assert_programs_and_targets(&r);
 
     // The chart: one document with a bar per ratio.
     let chart = std::fs::read_to_string(&svg).expect("--svg wrote the chart");

@@ -7,21 +7,15 @@
 //! Each round starts two commands at the same instant (as near as two spawns get) and checks
 //! every outcome; at the end the live state is the last one applied and traffic flows.
 
-use std::{
-    path::Path,
-    process::{Command, Output, Stdio},
-};
+use std::process::{Command, Output, Stdio};
 
-use ecsnet_tests::{Lab, ecsnet_bin, ecsnet_ok, unique};
+use ecsnet_tests::{
+    Lab, ecsnet_bin,
+    world::{self, instance_ok},
+};
 use serde_json::{Value, json};
 
 const ROUNDS: usize = 12;
-
-fn write(dir: &Path, name: &str, v: &Value) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, v.to_string()).unwrap();
-    p.display().to_string()
-}
 
 fn group(id: &str, port: u16) -> Value {
     json!({
@@ -69,7 +63,7 @@ fn outcome(args: &[String], out: &Output, instance: &str) -> Result<bool, String
 }
 
 fn task_names(lab: &Lab) -> Vec<String> {
-    let out = ecsnet_ok(&["--instance", &lab.name, "task", "ls", "--json"]);
+    let out = instance_ok(lab, &["task", "ls", "--json"]);
     let v: Value = serde_json::from_str(&out).expect("task ls --json");
     let mut names: Vec<String> = v
         .as_array()
@@ -81,123 +75,138 @@ fn task_names(lab: &Lab) -> Vec<String> {
     names
 }
 
-#[test]
-fn concurrent_state_changes_serialise_or_fail_with_one_clear_line() {
-    // task4 is in no state file: `task add` puts it in under new names.
-    let lab = Lab::up("cap", 4, &["1:8080:80", "2:8081:80", "3:8082:80"]);
-    lab.ecsnet_up();
-    let dir = std::env::temp_dir().join(unique("ecsnet-cap"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let state: Value =
-        serde_json::from_str(&std::fs::read_to_string(lab.state_file()).unwrap()).unwrap();
+/// Commands that ran and commands refused while another ran, over a lab's instance.
+struct Races<'a> {
+    lab: &'a Lab,
+    ran: usize,
+    refused: usize,
+}
 
-    // A: task1 to task3, task1 and task2 in sg-a. B: task1 and task2, task2 in sg-b: applying
-    // one after the other attaches and detaches an interface and switches policy generations.
-    let mut a = state.clone();
-    a["tasks"].as_array_mut().unwrap().truncate(3);
-    a["securityGroups"] = json!([group("sg-a", 80)]);
-    a["tasks"][0]["securityGroups"] = json!(["sg-a"]);
-    a["tasks"][1]["securityGroups"] = json!(["sg-a"]);
-    let mut b = state.clone();
-    b["securityGroups"] = json!([group("sg-a", 80), group("sg-b", 81)]);
-    b["tasks"][1]["securityGroups"] = json!(["sg-b"]);
-    b["tasks"].as_array_mut().unwrap().truncate(2);
-    let (fa, fb) = (write(&dir, "a.json", &a), write(&dir, "b.json", &b));
-    let groups = write(
-        &dir,
-        "groups.json",
-        &json!({"SecurityGroups": [group("sg-a", 8080), group("sg-b", 81)]}),
-    );
-    let inst = |args: &[&str]| -> Vec<String> {
-        ["--instance", lab.name.as_str()]
+impl Races<'_> {
+    /// `--instance <lab> ARGS`, owned.
+    fn args(&self, args: &[&str]) -> Vec<String> {
+        ["--instance", self.lab.name.as_str()]
             .iter()
             .chain(args)
             .map(|s| (*s).to_owned())
             .collect()
-    };
-    ecsnet_ok(&["--instance", &lab.name, "apply", "-f", &fa]);
+    }
 
-    let (mut ran, mut refused) = (0, 0);
-    let mut count = |args: &[String], out: &Output| match outcome(args, out, &lab.name) {
-        Ok(true) => ran += 1,
-        Ok(false) => refused += 1,
-        Err(e) => panic!("{e}"),
-    };
-    for round in 0..ROUNDS {
-        // Two whole-state applies.
-        let (x, y) = (inst(&["apply", "-f", &fa]), inst(&["apply", "-f", &fb]));
+    /// Counts the outcome of `args`: ran or refused with the one clear line, nothing else.
+    fn count(&mut self, args: &[String], out: &Output) {
+        match outcome(args, out, &self.lab.name) {
+            Ok(true) => self.ran += 1,
+            Ok(false) => self.refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Runs `x` and `y` at once and counts both.
+    fn race(&mut self, x: &[&str], y: &[&str]) {
+        let (x, y) = (self.args(x), self.args(y));
         let [ox, oy] = at_once(&x, &y);
-        count(&x, &ox);
-        count(&y, &oy);
+        self.count(&x, &ox);
+        self.count(&y, &oy);
+    }
 
-        // An apply and a groups change.
-        let (x, y) = (
-            inst(&["apply", "-f", &fa]),
-            inst(&["sg", "apply", "-f", &groups]),
-        );
-        let [ox, oy] = at_once(&x, &y);
-        count(&x, &ox);
-        count(&y, &oy);
-
-        // Two task adds on top of B, of task3's and task4's interfaces under new names: each
-        // read-modify-write happens under the lock, so no task reported added is lost.
-        ecsnet_ok(&["--instance", &lab.name, "apply", "-f", &fb]);
-        let extra = |i: usize| {
-            let t = &lab.status.tasks[i - 1];
-            (
-                format!("extra{round}-{i}"),
-                t.address.to_string(),
-                t.interface.clone(),
-            )
+    /// Two task adds at once, of task3's and task4's interfaces under new names: each
+    /// read-modify-write happens under the lock, so no task reported added is lost. Returns
+    /// the first one's name if it was added.
+    fn task_adds(&mut self, round: usize) -> Option<String> {
+        let add = |i: usize| {
+            let t = &self.lab.status.tasks[i - 1];
+            let name = format!("extra{round}-{i}");
+            let (ip, iface) = (t.address.to_string(), t.interface.clone());
+            let args = self.args(&[
+                "task",
+                "add",
+                "--name",
+                &name,
+                "--ip",
+                &ip,
+                "--interface",
+                &iface,
+            ]);
+            (name, args)
         };
-        let ((n1, ip1, if1), (n2, ip2, if2)) = (extra(3), extra(4));
-        let x = inst(&[
-            "task",
-            "add",
-            "--name",
-            &n1,
-            "--ip",
-            &ip1,
-            "--interface",
-            &if1,
-        ]);
-        let y = inst(&[
-            "task",
-            "add",
-            "--name",
-            &n2,
-            "--ip",
-            &ip2,
-            "--interface",
-            &if2,
-        ]);
+        let ((n1, x), (n2, y)) = (add(3), add(4));
         let [ox, oy] = at_once(&x, &y);
-        let names = task_names(&lab);
+        let names = task_names(self.lab);
         for (name, args, out) in [(&n1, &x, &ox), (&n2, &y, &oy)] {
-            let added = outcome(args, out, &lab.name).unwrap_or_else(|e| panic!("{e}"));
+            let added = outcome(args, out, &self.lab.name).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(
                 names.contains(name),
                 added,
                 "round {round}: {name} was {} but the tasks are {names:?}",
                 if added { "added" } else { "refused" }
             );
-            count(args, out);
+            self.count(args, out);
         }
+        names.contains(&n1).then_some(n1)
+    }
+}
+
+#[test]
+fn concurrent_state_changes_serialise_or_fail_with_one_clear_line() {
+    // task4 is in no state file: `task add` puts it in under new names.
+    let lab = Lab::up("cap", 4, &["1:8080:80", "2:8081:80", "3:8082:80"]);
+    lab.ecsnet_up();
+    let state = world::state(&lab);
+
+    // A: task1 to task3, task1 and task2 in sg-a. B: task1 and task2, task2 in sg-b: applying
+    // one after the other attaches and detaches an interface and switches policy generations.
+    let mut state_a = state.clone();
+    state_a["tasks"].as_array_mut().unwrap().truncate(3);
+    state_a["securityGroups"] = json!([group("sg-a", 80)]);
+    state_a["tasks"][0]["securityGroups"] = json!(["sg-a"]);
+    state_a["tasks"][1]["securityGroups"] = json!(["sg-a"]);
+    let mut state_b = state.clone();
+    state_b["securityGroups"] = json!([group("sg-a", 80), group("sg-b", 81)]);
+    state_b["tasks"][1]["securityGroups"] = json!(["sg-b"]);
+    state_b["tasks"].as_array_mut().unwrap().truncate(2);
+    let (fa, fb) = (
+        world::write(&lab, "a.json", &state_a),
+        world::write(&lab, "b.json", &state_b),
+    );
+    let groups = world::write(
+        &lab,
+        "groups.json",
+        &json!({"SecurityGroups": [group("sg-a", 8080), group("sg-b", 81)]}),
+    );
+    instance_ok(&lab, &["apply", "-f", &fa]);
+
+    let mut races = Races {
+        lab: &lab,
+        ran: 0,
+        refused: 0,
+    };
+    for round in 0..ROUNDS {
+        // Two whole-state applies; an apply and a groups change.
+        races.race(&["apply", "-f", &fa], &["apply", "-f", &fb]);
+        races.race(&["apply", "-f", &fa], &["sg", "apply", "-f", &groups]);
+
+        // Two task adds on top of B.
+        instance_ok(&lab, &["apply", "-f", &fb]);
+        let added = races.task_adds(round);
 
         // A task rm against an apply; the rm runs first or is refused (B has no such task,
         // so a rm after B's apply would be bad input: started first, it is never that).
-        if names.contains(&n1) {
-            let (x, y) = (inst(&["task", "rm", &n1]), inst(&["apply", "-f", &fb]));
+        if let Some(n1) = added {
+            let (x, y) = (
+                races.args(&["task", "rm", &n1]),
+                races.args(&["apply", "-f", &fb]),
+            );
             let [ox, oy] = at_once(&x, &y);
             if ox.status.code() == Some(2) {
                 let e = String::from_utf8_lossy(&ox.stderr);
                 assert!(e.contains("no task named"), "task rm after B: {e}");
             } else {
-                count(&x, &ox);
+                races.count(&x, &ox);
             }
-            count(&y, &oy);
+            races.count(&y, &oy);
         }
     }
+    let (ran, refused) = (races.ran, races.refused);
     eprintln!("{ran} commands ran, {refused} were refused while another ran");
     assert!(
         refused > 0,
@@ -205,11 +214,10 @@ fn concurrent_state_changes_serialise_or_fail_with_one_clear_line() {
     );
 
     // The last word is a plain apply, and it holds: the state and the datapath are A's.
-    ecsnet_ok(&["--instance", &lab.name, "apply", "-f", &fa]);
+    instance_ok(&lab, &["apply", "-f", &fa]);
     assert_eq!(task_names(&lab), ["task1", "task2", "task3"]);
     for port in [8080, 8081, 8082] {
         let r = lab.probe(lab.client(), "tcp", &format!("10.10.0.1:{port}"), 3, 100);
         assert_eq!(r["echoed"], 3, "published port {port} after the races: {r}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

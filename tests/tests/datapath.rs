@@ -5,7 +5,6 @@
 //! fails new flows closed and the agent's garbage collection frees it.
 
 use std::{
-    io::{Read as _, Write as _},
     net::{TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
@@ -13,25 +12,22 @@ use std::{
 use ecsnet::store::paths::InstancePaths;
 use ecsnet_common::ct::{DIR_ORIGINAL, KIND_MASQUERADE};
 use ecsnet_tests::{
-    Background, Lab, csum_errors, ecsnet_ok, in_netns, iperf3, netfilter_packets,
-    nf_conntrack_count, ns_exec,
+    Background, Lab,
+    counters::flows,
+    csum_errors, ecsnet_ok, in_netns, iperf3, netfilter_packets, nf_conntrack_count, ns_exec,
+    traffic::{echo, tcp_connect},
+    world,
 };
+use serde_json::json;
 
 /// One request/response on an echo connection.
 fn roundtrip(s: &mut TcpStream, tag: u8) {
-    let msg = [tag; 100];
-    s.write_all(&msg).expect("send on the held connection");
-    let mut back = [0u8; 100];
-    s.read_exact(&mut back)
-        .expect("echo on the held connection");
-    assert_eq!(back, msg, "echo content");
+    echo(s, &[tag; 100]).expect("echo on the held connection");
 }
 
-fn connect(ns: &str, addr: &'static str) -> TcpStream {
-    let s = in_netns(ns, move || {
-        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
-    })
-    .unwrap_or_else(|e| panic!("connect to {addr} from {ns}: {e}"));
+fn connect(ns: &str, addr: &str) -> TcpStream {
+    let s = tcp_connect(ns, addr.parse().unwrap(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr} from {ns}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
@@ -45,15 +41,12 @@ fn every_path_bypasses_the_bridge_and_netfilter() {
     let lab = Lab::up("dp", 2, &["1:8080:80", "2:8053:53/udp"]);
     lab.ecsnet_up();
     // Publish iperf3's port on task2 through `apply`, as an operator would.
-    let mut state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(lab.state_file()).unwrap()).unwrap();
+    let mut state = world::state(&lab);
     state["tasks"][1]["portMappings"]
         .as_array_mut()
         .unwrap()
-        .push(serde_json::json!({"containerPort": 5201, "hostPort": 8201, "protocol": "tcp"}));
-    let file = format!("/run/ecsnet/{}/iperf-state.json", lab.name);
-    std::fs::write(&file, state.to_string()).unwrap();
-    ecsnet_ok(&lab.ecsnet_args(&["apply", "-f", &file]));
+        .push(json!({"containerPort": 5201, "hostPort": 8201, "protocol": "tcp"}));
+    world::apply(&lab, "iperf-state.json", &state);
 
     let (host, client, t1, t2) = (lab.host(), lab.client(), lab.task_ns(1), lab.task_ns(2));
     let _s2 = Background::start(
@@ -133,7 +126,7 @@ fn every_path_bypasses_the_bridge_and_netfilter() {
     }
     for kind in ["eastWest", "inbound", "masquerade", "hairpin"] {
         assert!(
-            s1.conntrack.flows.get(kind).copied().unwrap_or(0) >= 1,
+            flows(&s1, kind) >= 1,
             "no {kind} flow in ecsnet's table: {:?}",
             s1.conntrack
         );
@@ -232,8 +225,10 @@ fn masquerade_keeps_a_free_source_port_and_reallocates_a_taken_one() {
                     && k.saddr.to_ne_bytes() == task
                     && u16::from_be(k.sport) == 40000
             })
-            .map(|(_, _, e)| (e.nat_saddr.to_ne_bytes(), u16::from_be(e.nat_sport)))
-            .unwrap_or_else(|| panic!("no masquerade entry for {task:?}:40000 in {ct:?}"))
+            .map_or_else(
+                || panic!("no masquerade entry for {task:?}:40000 in {ct:?}"),
+                |(_, _, e)| (e.nat_saddr.to_ne_bytes(), u16::from_be(e.nat_sport)),
+            )
     };
     let (a, b) = (mapping([172, 17, 0, 2]), mapping([172, 17, 0, 3]));
     assert_eq!(
@@ -324,17 +319,8 @@ fn path_mtu_discovery_works_through_the_masquerade() {
 #[test]
 fn a_full_assured_table_evicts_nothing_new_flows_still_work_and_garbage_collection_frees_both() {
     let lab = Lab::up("ct", 2, &[]);
-    let state = lab.state_file();
     // The assured table holds 4 flows of 2 entries; idle UDP flows expire after 5 s.
-    ecsnet_ok(&lab.ecsnet_args(&[
-        "up",
-        "--state",
-        &state,
-        "--ct-size",
-        "8",
-        "--ct-timeouts",
-        "udp=5,tcp-closing=2",
-    ]));
+    lab.ecsnet_up_with(&["--ct-size", "8", "--ct-timeouts", "udp=5,tcp-closing=2"]);
     let (t1, t2) = (lab.task_ns(1).to_owned(), lab.task_ns(2).to_owned());
     // Assured by its handshake.
     let mut held = connect(&t1, "10.10.0.2:9000");

@@ -16,7 +16,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    sync::{Mutex, mpsc},
+    sync::{Mutex, PoisonError, mpsc},
     time::{Duration, Instant},
 };
 
@@ -34,7 +34,7 @@ use ecsnet_tests::{
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Task 1 serves container port 80 over TCP and UDP, published on host port 8080.
@@ -270,6 +270,25 @@ fn flood_run(
     }
 }
 
+/// Flood `f` (`what`) was the one described: every send attempted before its time limit, at
+/// most 1 % of them failing, and at least 90 % of what it sent `arrived` at the host.
+fn assert_whole(what: &str, f: &FloodReport, arrived: u64) {
+    assert!(
+        f.complete && f.failed * 100 <= f.attempted,
+        "{what} was cut short ({} sent, {} attempted, {} failed, {:.1} s): not the flood the \
+         scenario describes",
+        f.sent,
+        f.attempted,
+        f.failed,
+        f.elapsed.as_secs_f64()
+    );
+    assert!(
+        arrived * 10 >= f.sent * 9,
+        "{what}: only {arrived} of {} packets reached the host",
+        f.sent
+    );
+}
+
 /// Runs a flood scenario in bridge mode and with ecsnet, prints both, and asserts that the
 /// flood was the one described, that ecsnet keeps every path open and every established
 /// connection moving, and that it does no worse than bridge mode anywhere.
@@ -287,21 +306,7 @@ fn flood_scenario(
 
     for o in [&bridge, &ecsnet] {
         let m = o.mode.name();
-        assert!(
-            o.flood.complete && o.flood.failed * 100 <= o.flood.attempted,
-            "{scenario}, {m}: the flood was cut short ({} sent, {} attempted, {} failed, {:.1} s): \
-             not the flood the scenario describes",
-            o.flood.sent,
-            o.flood.attempted,
-            o.flood.failed,
-            o.flood.elapsed.as_secs_f64()
-        );
-        assert!(
-            o.arrived * 10 >= o.flood.sent * 9,
-            "{scenario}, {m}: only {} of {} flood packets reached the host",
-            o.arrived,
-            o.flood.sent
-        );
+        assert_whole(&format!("{scenario}, {m}: the flood"), &o.flood, o.arrived);
         assert_eq!(
             o.csum_errors, 0,
             "{scenario}, {m}: kernels of the lab counted checksum errors: the flood's packets \
@@ -340,12 +345,15 @@ fn flood_scenario(
     );
 }
 
-/// Seeds differ per run, so two runs of a scenario do not send the same tuples.
+/// Seeds differ per run, so two runs of a scenario do not send the same tuples: the Unix time
+/// in nanoseconds, its low 64 bits.
 fn seed() -> u64 {
-    std::time::SystemTime::now()
+    let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+        .unwrap();
+    t.as_secs()
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(u64::from(t.subsec_nanos()))
 }
 
 fn host_uplink(lab: &Lab) -> Inlet {
@@ -376,8 +384,8 @@ fn task_udp_to_70k_ports_leaves_every_path_open() {
                 })
                 .collect();
             flood::flood(2 * PER_SOCKET, FLOOD_LIMIT, |i| {
-                let port = (i % PER_SOCKET + 1) as u16;
-                socks[(i / PER_SOCKET) as usize]
+                let port = u16::try_from(i % PER_SOCKET + 1).expect("a port");
+                socks[usize::from(i >= PER_SOCKET)]
                     .send_to(b"fl00", sa(CLIENT, port))
                     .map(drop)
             })
@@ -385,18 +393,27 @@ fn task_udp_to_70k_ports_leaves_every_path_open() {
     );
 }
 
+/// 150,000 packets to the published port from random spoofed sources, each made by `packet`
+/// (source, destination), sent from the client through a raw socket.
+fn spoofed_to_published(
+    lab: &Lab,
+    packet: impl Fn(&mut Rng, SocketAddrV4, SocketAddrV4) -> Vec<u8>,
+) -> FloodReport {
+    let sock = RawIpSocket::open(lab.client());
+    let mut rng = Rng::new(seed());
+    let dst = SocketAddrV4::new(HOST, PUBLISHED_PORT);
+    flood::flood(150_000, FLOOD_LIMIT, |_| {
+        let src = SocketAddrV4::new(rng.spoofed_addr(), rng.port());
+        sock.send(&packet(&mut rng, src, dst))
+    })
+}
+
 /// Issue 16 item 3: 150,000 UDP datagrams to the published UDP port from random spoofed
 /// sources, sent from the client through a raw socket.
 #[test]
 fn spoofed_udp_to_a_published_port_leaves_every_path_open() {
     flood_scenario("spoofed UDP", "flb", host_uplink, |lab| {
-        let sock = RawIpSocket::open(lab.client());
-        let mut rng = Rng::new(seed());
-        let dst = SocketAddrV4::new(HOST, PUBLISHED_PORT);
-        flood::flood(150_000, FLOOD_LIMIT, |_| {
-            let src = SocketAddrV4::new(rng.spoofed_addr(), rng.port());
-            sock.send(&raw::udp(src, dst, b"fl00"))
-        })
+        spoofed_to_published(lab, |_, src, dst| raw::udp(src, dst, b"fl00"))
     });
 }
 
@@ -404,12 +421,8 @@ fn spoofed_udp_to_a_published_port_leaves_every_path_open() {
 #[test]
 fn spoofed_syns_to_a_published_port_leave_every_path_open() {
     flood_scenario("spoofed SYN", "flc", host_uplink, |lab| {
-        let sock = RawIpSocket::open(lab.client());
-        let mut rng = Rng::new(seed());
-        let dst = SocketAddrV4::new(HOST, PUBLISHED_PORT);
-        flood::flood(150_000, FLOOD_LIMIT, |_| {
-            let src = SocketAddrV4::new(rng.spoofed_addr(), rng.port());
-            sock.send(&raw::tcp(src, dst, TCP_SYN, rng.next_u32(), 0, &[]))
+        spoofed_to_published(lab, |rng, src, dst| {
+            raw::tcp(src, dst, TCP_SYN, rng.next_u32(), 0, &[])
         })
     });
 }
@@ -435,14 +448,16 @@ struct RstOutcome {
     wall: Duration,
 }
 
-fn rst_run(mode: Mode) -> RstOutcome {
-    let started = Instant::now();
-    let lab = lab_for(mode, "fld", 2);
-    assert_contained(lab.client());
-    let listener = in_netns(lab.client(), || {
-        TcpListener::bind(sa(CLIENT, RST_SERVER_PORT))
-    })
-    .expect("listen in the client");
+/// What the RST scenario's server says: the peer of the connection it accepted (and a clone of
+/// that connection), and how the connection ended.
+type Accepted = mpsc::Receiver<(SocketAddr, std::io::Result<TcpStream>)>;
+type Ended = mpsc::Receiver<Result<String, String>>;
+
+/// The RST scenario's server: an echo server in namespace `ns` on `RST_SERVER_PORT`, for one
+/// connection.
+fn rst_server(ns: &str) -> (Accepted, Ended) {
+    let listener = in_netns(ns, || TcpListener::bind(sa(CLIENT, RST_SERVER_PORT)))
+        .expect("listen in the client");
     let (peer_tx, peer_rx) = mpsc::channel();
     let (end_tx, end_rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -468,6 +483,14 @@ fn rst_run(mode: Mode) -> RstOutcome {
         };
         let _ = end_tx.send(end);
     });
+    (peer_rx, end_rx)
+}
+
+fn rst_run(mode: Mode) -> RstOutcome {
+    let started = Instant::now();
+    let lab = lab_for(mode, "fld", 2);
+    assert_contained(lab.client());
+    let (peer_rx, end_rx) = rst_server(lab.client());
     let mut conn = in_netns(lab.task_ns(2), || {
         TcpStream::connect_timeout(&sa(CLIENT, RST_SERVER_PORT), Duration::from_secs(3))
     })
@@ -506,7 +529,7 @@ fn rst_run(mode: Mode) -> RstOutcome {
     let (ns, dev) = (lab.host().to_owned(), lab.status.host.uplink.clone());
     let rx0 = dev_packets(&ns, &dev).0;
     let spray = flood::flood(65536 - 1024, FLOOD_LIMIT, |i| {
-        let dst = SocketAddrV4::new(HOST, (1024 + i) as u16);
+        let dst = SocketAddrV4::new(HOST, u16::try_from(1024 + i).expect("a port"));
         sock.send(&raw::tcp(src, dst, TCP_RST, rng.next_u32(), 0, &[]))
     });
     let arrived = dev_packets(&ns, &dev).0 - rx0;
@@ -518,7 +541,8 @@ fn rst_run(mode: Mode) -> RstOutcome {
     let mut got = [0u8; 8];
     let pushed =
         server_conn.write_all(&push).is_ok() && conn.read_exact(&mut got).is_ok() && got == push;
-    let replies = (1..=3).filter(|i| exchange(&mut conn, *i)).count() as u32;
+    let replies = (1..=3).filter(|i| exchange(&mut conn, *i)).count();
+    let replies = u32::try_from(replies).expect("at most 3");
     let _ = conn.shutdown(std::net::Shutdown::Write);
     let end = end_rx
         .recv_timeout(Duration::from_secs(3))
@@ -578,18 +602,7 @@ fn idle_masqueraded_connection_survives_a_blind_rst_spray() {
     }
     for o in &outcomes {
         let m = o.mode.name();
-        assert!(
-            o.spray.complete && o.spray.failed * 100 <= o.spray.attempted,
-            "{m}: the spray was cut short ({} attempted, {} failed)",
-            o.spray.attempted,
-            o.spray.failed
-        );
-        assert!(
-            o.arrived * 10 >= o.spray.sent * 9,
-            "{m}: only {} of {} RSTs reached the host",
-            o.arrived,
-            o.spray.sent
-        );
+        assert_whole(&format!("{m}: the RST spray"), &o.spray, o.arrived);
         assert!(
             o.pushed,
             "{m}: after the RST spray the server's message on the idle connection did not \

@@ -22,13 +22,25 @@ use std::{
 };
 
 use ecsnet::store::paths::InstancePaths;
-use ecsnet_tests::{Lab, ecsnet_fails, ecsnet_ok, in_netns, ns_exec};
-use serde_json::{Value, json};
+use ecsnet_tests::{
+    Lab, Stats, ecsnet_fails, in_netns, ns_exec,
+    world::{self, all, flows_tail, instance_fails, sg, tcp},
+};
+use serde_json::Value;
 
 /// The fields `flows tail --json` prints for the checks here.
 const FIELDS: &str = "${interface-id} ${srcaddr} ${dstaddr} ${srcport} ${dstport} ${protocol} \
                       ${packets} ${bytes} ${tcp-flags} ${action} ${log-status} ${flow-direction} \
                       ${pkt-srcaddr} ${pkt-dstaddr} ${start} ${end}";
+
+/// The fields of `FIELDS` that describe traffic, all but the interface, the status and the
+/// window: a NODATA record has none of them.
+fn traffic_fields() -> impl Iterator<Item = &'static str> {
+    FIELDS
+        .split_whitespace()
+        .map(|f| f.trim_start_matches("${").trim_end_matches('}'))
+        .filter(|f| !["interface-id", "log-status", "start", "end"].contains(f))
+}
 
 /// IPv4 header (20) + UDP header (8): what AWS counts on top of a datagram's payload.
 const UDP_OVERHEAD: u64 = 28;
@@ -40,10 +52,7 @@ const UPLINK: &str = "10.10.0.1";
 
 /// `ecsnet up` on the lab with one-second windows and `extra` flags.
 fn up(lab: &Lab, extra: &[&str]) -> String {
-    let state = lab.state_file();
-    let mut args = vec!["up", "--state", &state, "--window", "1"];
-    args.extend_from_slice(extra);
-    ecsnet_ok(&lab.ecsnet_args(&args))
+    lab.ecsnet_up_with(&[&["--window", "1"], extra].concat())
 }
 
 /// The veth name of task `i` (1-based): its records' interface-id.
@@ -51,11 +60,12 @@ fn iface(lab: &Lab, i: usize) -> String {
     lab.status.tasks[i - 1].interface.clone()
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now()
+/// The Unix time now, in whole seconds rounded down and up.
+fn unix_now() -> (u64, u64) {
+    let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .expect("the clock is past 1970")
-        .as_secs_f64()
+        .expect("the clock is past 1970");
+    (t.as_secs(), t.as_secs() + u64::from(t.subsec_nanos() > 0))
 }
 
 /// Every JSON line of the instance's journal (the rotated file first).
@@ -92,21 +102,11 @@ fn wait_exported(lab: &Lab) {
 
 /// `flows tail -n all --json --format FIELDS [--filter FILTER]`, parsed.
 fn records(lab: &Lab, filter: &str) -> Vec<Value> {
-    let mut args = vec![
-        "--instance",
-        &lab.name,
-        "flows",
-        "tail",
-        "-n",
-        "all",
-        "--json",
-        "--format",
-        FIELDS,
-    ];
+    let mut args = vec!["--json", "--format", FIELDS];
     if !filter.is_empty() {
         args.extend(["--filter", filter]);
     }
-    ecsnet_ok(&args)
+    flows_tail(lab, &args)
         .lines()
         .map(|l| {
             serde_json::from_str(l)
@@ -127,7 +127,36 @@ struct Flow<'a> {
     proto: u8,
 }
 
-impl Flow<'_> {
+impl<'a> Flow<'a> {
+    fn new(
+        (iface, direction): (&'a str, &'a str),
+        (src, sport): (&'a str, u16),
+        (dst, dport): (&'a str, u16),
+        proto: u8,
+    ) -> Self {
+        Flow {
+            iface,
+            direction,
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+        }
+    }
+
+    /// A UDP flow from task1's port `sport` to task2's `dport`: egress on task1's interface
+    /// `if1`, ingress on task2's `if2`.
+    fn task1_to_task2(if1: &'a str, if2: &'a str, sport: u16, dport: u16) -> [Self; 2] {
+        let egress = Flow::new((if1, "egress"), (TASK1, sport), (TASK2, dport), 17);
+        let ingress = Flow {
+            iface: if2,
+            direction: "ingress",
+            ..egress
+        };
+        [egress, ingress]
+    }
+
     fn matches(&self, r: &Value) -> bool {
         r["interface-id"] == self.iface
             && r["flow-direction"] == self.direction
@@ -154,6 +183,19 @@ fn num(r: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("record without a number in {key:?}: {r}"))
 }
 
+/// The window (start, end) of record `r` (of `what`), checked to lie within `t`, the whole
+/// seconds around the test's traffic.
+fn window(r: &Value, t: (u64, u64), what: &str) -> (u64, u64) {
+    let (start, end) = (num(r, "start"), num(r, "end"));
+    assert!(
+        t.0 <= start && start <= end && end <= t.1,
+        "{what}: start {start} / end {end} outside the test's wall clock [{}, {}]: {r}",
+        t.0,
+        t.1
+    );
+    (start, end)
+}
+
 /// The records of `flow` among `recs`, checked field by field (`action`, `log-status`, the
 /// uplink-side addresses, `start <= end` within `[t0, t1]`), and their sum.
 fn sum_flow(recs: &[Value], flow: &Flow, action: &str, pkt: (&str, &str), t: (u64, u64)) -> Sum {
@@ -166,13 +208,7 @@ fn sum_flow(recs: &[Value], flow: &Flow, action: &str, pkt: (&str, &str), t: (u6
             (Some(pkt.0), Some(pkt.1)),
             "pkt-srcaddr/pkt-dstaddr of {flow:?}: {r}"
         );
-        let (start, end) = (num(r, "start"), num(r, "end"));
-        assert!(
-            t.0 <= start && start <= end && end <= t.1,
-            "{flow:?}: start {start} / end {end} outside the test's wall clock [{}, {}]: {r}",
-            t.0,
-            t.1
-        );
+        window(r, t, &format!("{flow:?}"));
     }
     Sum {
         records: mine.len(),
@@ -209,75 +245,89 @@ fn send_udp(from: &UdpSocket, to: &str, count: u64, size: usize, expect_back: Op
 
 /// (t0, t1): the whole seconds around `f`'s traffic, for start/end.
 fn timed(f: impl FnOnce()) -> (u64, u64) {
-    let t0 = unix_now().floor() as u64;
+    let t0 = unix_now().0;
     f();
-    (t0, unix_now().ceil() as u64)
+    (t0, unix_now().1)
+}
+
+/// A lab of two tasks (task1 publishing TCP 80 on 8080, task2 UDP 53 on 8053) with ecsnet up
+/// in one-second windows: the lab and the tasks' interfaces.
+fn two_tasks(prefix: &str) -> (Lab, String, String) {
+    let lab = Lab::up(prefix, 2, &["1:8080:80", "2:8053:53/udp"]);
+    up(&lab, &[]);
+    let (if1, if2) = (iface(&lab, 1), iface(&lab, 2));
+    (lab, if1, if2)
+}
+
+/// Sends `count` datagrams of `size` bytes from task1's port `sport` to task2's `dport`, each
+/// checked to arrive whole when `arrive`: task2's socket and the whole seconds around it.
+fn task1_to_task2(
+    lab: &Lab,
+    (sport, dport): (u16, u16),
+    (count, size): (u64, usize),
+    arrive: bool,
+) -> (UdpSocket, (u64, u64)) {
+    let tx = udp_socket(lab.task_ns(1), sport);
+    let rx = udp_socket(lab.task_ns(2), dport);
+    let to = format!("{TASK2}:{dport}");
+    let t = timed(|| send_udp(&tx, &to, count, size, arrive.then_some(&rx)));
+    (rx, t)
+}
+
+/// `two_tasks`, then `task1_to_task2` with every datagram arriving, exported: the lab, the
+/// tasks' interfaces and the whole seconds around the sending.
+fn exported_task1_to_task2(
+    prefix: &str,
+    ports: (u16, u16),
+    datagrams: (u64, usize),
+) -> (Lab, String, String, (u64, u64)) {
+    let (lab, if1, if2) = two_tasks(prefix);
+    let (_, t) = task1_to_task2(&lab, ports, datagrams, true);
+    wait_exported(&lab);
+    (lab, if1, if2, t)
+}
+
+/// No record among `recs` but NODATA ones and those of `sent`: nothing else was sent.
+fn assert_only(recs: &[Value], sent: &[&Flow]) {
+    let others: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["log-status"] != "NODATA")
+        .filter(|r| !sent.iter().any(|f| f.matches(r)))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "records of traffic never sent: {others:#?}"
+    );
 }
 
 #[test]
 fn udp_between_tasks_is_one_egress_and_one_ingress_record_with_exact_counts() {
     const N: u64 = 7;
     const P: usize = 100;
-    let lab = Lab::up("flu", 2, &["1:8080:80", "2:8053:53/udp"]);
-    up(&lab, &[]);
-    let (if1, if2) = (iface(&lab, 1), iface(&lab, 2));
-    let tx = udp_socket(lab.task_ns(1), 41000);
-    let rx = udp_socket(lab.task_ns(2), 41001);
-    let t = timed(|| send_udp(&tx, "172.17.0.3:41001", N, P, Some(&rx)));
-    wait_exported(&lab);
+    let (lab, if1, if2, t) = exported_task1_to_task2("flu", (41000, 41001), (N, P));
 
     let recs = records(&lab, "");
-    let egress = Flow {
-        iface: &if1,
-        direction: "egress",
-        src: TASK1,
-        dst: TASK2,
-        sport: 41000,
-        dport: 41001,
-        proto: 17,
-    };
-    let ingress = Flow {
-        iface: &if2,
-        direction: "ingress",
-        ..egress
-    };
-    let want = |records| Sum {
-        records,
-        packets: N,
-        bytes: N * (UDP_OVERHEAD + P as u64),
-        tcp_flags: 0,
-    };
-    let e = sum_flow(&recs, &egress, "ACCEPT", (TASK1, TASK2), t);
-    assert!(
-        (1..=2).contains(&e.records),
-        "want the sender's egress record (split over at most two windows): {recs:#?}"
-    );
-    assert_eq!(
-        e,
-        want(e.records),
-        "task1's egress records of {N} datagrams of {P} bytes"
-    );
-    let i = sum_flow(&recs, &ingress, "ACCEPT", (TASK1, TASK2), t);
-    assert!(
-        (1..=2).contains(&i.records),
-        "want the receiver's ingress record: {recs:#?}"
-    );
-    assert_eq!(
-        i,
-        want(i.records),
-        "task2's ingress records of {N} datagrams of {P} bytes"
-    );
+    let flows = Flow::task1_to_task2(&if1, &if2, 41000, 41001);
+    for (flow, whose) in flows
+        .iter()
+        .zip(["the sender's egress", "the receiver's ingress"])
+    {
+        let sum = sum_flow(&recs, flow, "ACCEPT", (TASK1, TASK2), t);
+        assert!(
+            (1..=2).contains(&sum.records),
+            "want {whose} record (split over at most two windows): {recs:#?}"
+        );
+        let want = Sum {
+            records: sum.records,
+            packets: N,
+            bytes: N * (UDP_OVERHEAD + P as u64),
+            tcp_flags: 0,
+        };
+        assert_eq!(sum, want, "{whose} records of {N} datagrams of {P} bytes");
+    }
     // Nothing else was sent: no other traffic record on either interface (no ingress copy on
     // the sender, no egress copy on the receiver).
-    let others: Vec<&Value> = recs
-        .iter()
-        .filter(|r| r["log-status"] != "NODATA")
-        .filter(|r| !egress.matches(r) && !ingress.matches(r))
-        .collect();
-    assert!(
-        others.is_empty(),
-        "records of traffic never sent: {others:#?}"
-    );
+    assert_only(&recs, &[&flows[0], &flows[1]]);
 }
 
 /// Packets and bytes counted by the client's iptables rule whose line contains `needle`.
@@ -360,80 +410,45 @@ fn a_published_tcp_connection_matches_the_clients_own_packet_counters() {
     wait_exported(&lab);
 
     let recs = records(&lab, "");
-    let ingress = Flow {
-        iface: &if1,
-        direction: "ingress",
-        src: CLIENT,
-        dst: TASK1,
-        sport: cport,
-        dport: 80,
-        proto: 6,
-    };
-    let egress = Flow {
-        iface: &if1,
-        direction: "egress",
-        src: TASK1,
-        dst: CLIENT,
-        sport: 80,
-        dport: cport,
-        proto: 6,
-    };
-    let i = sum_flow(&recs, &ingress, "ACCEPT", (CLIENT, UPLINK), t);
-    assert!(i.records >= 1, "no ingress record on task1: {recs:#?}");
-    assert_eq!(
-        (i.packets, i.bytes, i.tcp_flags),
-        (out_pk, out_by, 3),
-        "task1's ingress records (packets, bytes, tcp-flags SYN|FIN) against the client's \
-         OUTPUT counter"
-    );
-    let e = sum_flow(&recs, &egress, "ACCEPT", (UPLINK, CLIENT), t);
-    assert!(e.records >= 1, "no egress record on task1: {recs:#?}");
-    assert_eq!(
-        (e.packets, e.bytes, e.tcp_flags),
-        (in_pk, in_by, 19),
-        "task1's egress records (packets, bytes, tcp-flags SYN-ACK|FIN) against the client's \
-         INPUT counter"
-    );
-    let others: Vec<&Value> = recs
-        .iter()
-        .filter(|r| r["log-status"] != "NODATA")
-        .filter(|r| !ingress.matches(r) && !egress.matches(r))
-        .collect();
-    assert!(
-        others.is_empty(),
-        "records of traffic never sent: {others:#?}"
-    );
+    let ingress = Flow::new((&if1, "ingress"), (CLIENT, cport), (TASK1, 80), 6);
+    let egress = Flow::new((&if1, "egress"), (TASK1, 80), (CLIENT, cport), 6);
+    // Each direction against the client's counter of it, with the TCP flags of its side:
+    // SYN|FIN in, SYN-ACK|FIN out.
+    for (flow, pkt, want, counter) in [
+        (&ingress, (CLIENT, UPLINK), (out_pk, out_by, 3), "OUTPUT"),
+        (&egress, (UPLINK, CLIENT), (in_pk, in_by, 19), "INPUT"),
+    ] {
+        let sum = sum_flow(&recs, flow, "ACCEPT", pkt, t);
+        let dir = flow.direction;
+        assert!(sum.records >= 1, "no {dir} record on task1: {recs:#?}");
+        assert_eq!(
+            (sum.packets, sum.bytes, sum.tcp_flags),
+            want,
+            "task1's {dir} records (packets, bytes, tcp-flags) against the client's {counter} \
+             counter"
+        );
+    }
+    assert_only(&recs, &[&ingress, &egress]);
 }
 
 #[test]
 fn packets_a_security_group_rejects_are_a_reject_record_on_the_receiver() {
     const N: u64 = 5;
     const P: usize = 60;
-    let lab = Lab::up("flr", 2, &["1:8080:80", "2:8053:53/udp"]);
-    up(&lab, &[]);
-    let (if1, if2) = (iface(&lab, 1), iface(&lab, 2));
+    let (lab, if1, if2) = two_tasks("flr");
     // task2 admits only TCP 80 from the uplink's subnet; task1 has no groups (allow).
-    let text = std::fs::read_to_string(lab.state_file()).expect("read the lab's state file");
-    let mut state: Value = serde_json::from_str(&text).expect("the lab's state file parses");
-    state["securityGroups"] = json!([{
-        "GroupId": "sg-0f10000000000001",
-        "GroupName": "web-only",
-        "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80,
-                           "IpRanges": [{"CidrIp": "10.10.0.0/24"}]}],
-        "IpPermissionsEgress": [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
-    }]);
-    state["tasks"][1]["securityGroups"] = json!(["sg-0f10000000000001"]);
-    let file = std::path::Path::new(&lab.state_file())
-        .with_file_name("flowlog-sg.json")
-        .display()
-        .to_string();
-    std::fs::write(&file, state.to_string()).expect("write the state file");
-    ecsnet_ok(&lab.ecsnet_args(&["apply", "-f", &file]));
+    let id = "sg-0f10000000000001";
+    let web_only = sg(
+        id,
+        "web-only",
+        &[tcp(80, 80, &["10.10.0.0/24"])],
+        &[all(&["0.0.0.0/0"])],
+    );
+    let state = world::state_with_groups(&lab, &[web_only], &[&[], &[id]]);
+    world::apply(&lab, "flowlog-sg.json", &state);
     let before = lab.stats();
 
-    let tx = udp_socket(lab.task_ns(1), 42000);
-    let rx = udp_socket(lab.task_ns(2), 42001);
-    let t = timed(|| send_udp(&tx, "172.17.0.3:42001", N, P, None));
+    let (rx, t) = task1_to_task2(&lab, (42000, 42001), (N, P), false);
     rx.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let mut buf = [0u8; 256];
@@ -444,51 +459,33 @@ fn packets_a_security_group_rejects_are_a_reject_record_on_the_receiver() {
     wait_exported(&lab);
 
     let recs = records(&lab, "");
-    let egress = Flow {
-        iface: &if1,
-        direction: "egress",
-        src: TASK1,
-        dst: TASK2,
-        sport: 42000,
-        dport: 42001,
-        proto: 17,
-    };
-    let ingress = Flow {
-        iface: &if2,
-        direction: "ingress",
-        ..egress
-    };
+    let [egress, ingress] = Flow::task1_to_task2(&if1, &if2, 42000, 42001);
     let bytes = N * (UDP_OVERHEAD + P as u64);
-    let e = sum_flow(&recs, &egress, "ACCEPT", (TASK1, TASK2), t);
-    assert!(
-        e.records >= 1,
-        "no ACCEPT egress record on task1: {recs:#?}"
-    );
-    assert_eq!(
-        (e.packets, e.bytes),
-        (N, bytes),
-        "task1 sent them: its egress record is ACCEPT with every datagram"
-    );
-    let i = sum_flow(&recs, &ingress, "REJECT", (TASK1, TASK2), t);
-    assert!(
-        i.records >= 1,
-        "no REJECT ingress record on task2: {recs:#?}"
-    );
-    assert_eq!(
-        (i.packets, i.bytes),
-        (N, bytes),
-        "task2's ingress REJECT record counts every rejected datagram"
-    );
+    // task1 sent them: its egress record is ACCEPT with every datagram; task2's ingress REJECT
+    // record counts every rejected datagram.
+    let [_, rejected] = [
+        (&egress, "ACCEPT", "task1's egress"),
+        (&ingress, "REJECT", "task2's ingress"),
+    ]
+    .map(|(flow, action, whose)| {
+        let sum = sum_flow(&recs, flow, action, (TASK1, TASK2), t);
+        assert!(sum.records >= 1, "no {action} {whose} record: {recs:#?}");
+        assert_eq!(
+            (sum.packets, sum.bytes),
+            (N, bytes),
+            "{whose} {action} records of every datagram"
+        );
+        sum
+    });
     let after = lab.stats();
-    let rejected = |s: &ecsnet_tests::Stats| s.drops.get("SG_INGRESS").copied().unwrap_or(0);
-    let rejected2 =
-        |s: &ecsnet_tests::Stats| s.tasks[1].drops.get("SG_INGRESS").copied().unwrap_or(0);
+    let all_drops = |s: &Stats| s.drops.get("SG_INGRESS").copied().unwrap_or(0);
+    let task2_drops = |s: &Stats| s.tasks[1].drops.get("SG_INGRESS").copied().unwrap_or(0);
     assert_eq!(
         (
-            rejected(&after) - rejected(&before),
-            rejected2(&after) - rejected2(&before)
+            all_drops(&after) - all_drops(&before),
+            task2_drops(&after) - task2_drops(&before)
         ),
-        (i.packets, i.packets),
+        (rejected.packets, rejected.packets),
         "stats' SG_INGRESS drops (all, task2's) equal the REJECT record's packets: {:?}",
         after.drops
     );
@@ -497,7 +494,7 @@ fn packets_a_security_group_rejects_are_a_reject_record_on_the_receiver() {
 #[test]
 fn an_idle_interface_gets_one_nodata_record_per_window_and_a_busy_one_none() {
     let lab = Lab::up("fln", 2, &["1:8080:80", "2:8053:53/udp"]);
-    let t_up = unix_now().floor() as u64;
+    let t_up = unix_now().0;
     up(&lab, &[]);
     let (if1, if2) = (iface(&lab, 1), iface(&lab, 2));
     // task1 talks to the client (echoed); task2 stays silent throughout.
@@ -519,7 +516,7 @@ fn an_idle_interface_gets_one_nodata_record_per_window_and_a_busy_one_none() {
     let (idle, entries, t_end) = loop {
         let idle = records(&lab, &format!("interface={if2}"));
         let entries = journal(&lab);
-        let t_end = unix_now().ceil() as u64;
+        let t_end = unix_now().1;
         tries += 1;
         if idle.len() == window_count(&entries) || tries == 5 {
             break (idle, entries, t_end);
@@ -529,27 +526,10 @@ fn an_idle_interface_gets_one_nodata_record_per_window_and_a_busy_one_none() {
     assert!(!idle.is_empty(), "no record at all for the idle task2");
     for r in &idle {
         assert_eq!(r["log-status"], "NODATA", "idle task2: {r}");
-        for key in [
-            "srcaddr",
-            "dstaddr",
-            "srcport",
-            "dstport",
-            "protocol",
-            "packets",
-            "bytes",
-            "tcp-flags",
-            "action",
-            "flow-direction",
-            "pkt-srcaddr",
-            "pkt-dstaddr",
-        ] {
+        for key in traffic_fields() {
             assert!(r[key].is_null(), "NODATA record with a {key}: {r}");
         }
-        let (start, end) = (num(r, "start"), num(r, "end"));
-        assert!(
-            t_up <= start && start <= end && end <= t_end,
-            "NODATA window [{start}, {end}] outside [{t_up}, {t_end}]: {r}"
-        );
+        window(r, (t_up, t_end), "NODATA window");
     }
 
     // Per window (from the journal): task2 has exactly one record, NODATA; task1 has either
@@ -597,16 +577,7 @@ fn an_idle_interface_gets_one_nodata_record_per_window_and_a_busy_one_none() {
     assert_eq!(ok1, 6, "task1's records: 3 datagrams out and 3 echoes back");
 
     // The text line of a NODATA record: dashes for every value, the window's bounds.
-    let text = ecsnet_ok(&[
-        "--instance",
-        &lab.name,
-        "flows",
-        "tail",
-        "-n",
-        "all",
-        "--filter",
-        &format!("interface={if2}"),
-    ]);
+    let text = flows_tail(&lab, &["--filter", &format!("interface={if2}")]);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() >= idle.len(), "{text}");
     for (line, r) in lines.iter().zip(&idle) {
@@ -624,26 +595,11 @@ fn an_idle_interface_gets_one_nodata_record_per_window_and_a_busy_one_none() {
 fn the_default_text_line_is_aws_v2() {
     const N: u64 = 4;
     const P: usize = 200;
-    let lab = Lab::up("flv", 2, &["1:8080:80", "2:8053:53/udp"]);
-    up(&lab, &[]);
-    let if1 = iface(&lab, 1);
-    let tx = udp_socket(lab.task_ns(1), 44000);
-    let rx = udp_socket(lab.task_ns(2), 44001);
-    let t = timed(|| send_udp(&tx, "172.17.0.3:44001", N, P, Some(&rx)));
-    wait_exported(&lab);
+    let (lab, if1, _, t) = exported_task1_to_task2("flv", (44000, 44001), (N, P));
 
     let filter = format!("interface={if1} srcport=44000 dstport=44001 proto=udp");
     let json = records(&lab, &filter);
-    let text = ecsnet_ok(&[
-        "--instance",
-        &lab.name,
-        "flows",
-        "tail",
-        "-n",
-        "all",
-        "--filter",
-        &filter,
-    ]);
+    let text = flows_tail(&lab, &["--filter", &filter]);
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         (1..=2).contains(&json.len()) && lines.len() == json.len(),
@@ -653,13 +609,7 @@ fn the_default_text_line_is_aws_v2() {
     let mut packets = 0;
     let mut bytes = 0;
     for (line, r) in lines.iter().zip(&json) {
-        let (start, end) = (num(r, "start"), num(r, "end"));
-        assert!(
-            t.0 <= start && start <= end && end <= t.1,
-            "start {start} / end {end} outside the test's wall clock [{}, {}]",
-            t.0,
-            t.1
-        );
+        let (start, end) = window(r, t, "the AWS v2 record");
         let (p, b) = (num(r, "packets"), num(r, "bytes"));
         assert_eq!(
             *line,
@@ -732,16 +682,7 @@ fn the_flow_log_file_has_a_header_and_the_chosen_fields() {
         "the file's OK lines: the datagrams out and their echoes back"
     );
     // The file holds the same records as the journal, in the same order.
-    let tail = ecsnet_ok(&[
-        "--instance",
-        &lab.name,
-        "flows",
-        "tail",
-        "-n",
-        "all",
-        "--format",
-        format,
-    ]);
+    let tail = flows_tail(&lab, &["--format", format]);
     let tail: Vec<&str> = tail.lines().collect();
     let common = body.len().min(tail.len());
     assert!(common >= 3, "file {body:?} / tail {tail:?}");
@@ -752,18 +693,15 @@ fn the_flow_log_file_has_a_header_and_the_chosen_fields() {
     );
 
     // `version` is the highest version among the chosen fields: flow-direction is v5.
-    let v5 = ecsnet_ok(&[
-        "--instance",
-        &lab.name,
-        "flows",
-        "tail",
-        "-n",
-        "all",
-        "--format",
-        "${version} ${flow-direction} ${srcaddr}",
-        "--filter",
-        &format!("srcaddr={TASK1} dstaddr={CLIENT}"),
-    ]);
+    let v5 = flows_tail(
+        &lab,
+        &[
+            "--format",
+            "${version} ${flow-direction} ${srcaddr}",
+            "--filter",
+            &format!("srcaddr={TASK1} dstaddr={CLIENT}"),
+        ],
+    );
     let v5: Vec<&str> = v5.lines().collect();
     assert!(!v5.is_empty(), "no record of task1 -> client");
     for line in v5 {
@@ -779,66 +717,36 @@ fn the_flow_log_file_has_a_header_and_the_chosen_fields() {
 fn bad_formats_and_filters_exit_2_with_one_line_and_change_nothing() {
     let lab = Lab::up("flb", 1, &["1:8080:80"]);
     let state = lab.state_file();
-    let line = ecsnet_fails(
-        &lab.ecsnet_args(&[
-            "up",
-            "--state",
-            &state,
-            "--window",
-            "1",
-            "--flow-format",
-            "${nope}",
-        ]),
-        2,
-    );
+    let bad_up = [
+        "up",
+        "--state",
+        &state,
+        "--window",
+        "1",
+        "--flow-format",
+        "${nope}",
+    ];
+    let line = ecsnet_fails(&lab.ecsnet_args(&bad_up), 2);
     assert!(line.contains("nope"), "the error names the field: {line}");
     // Nothing is running: the instance is not up, and nothing of it was left behind.
-    ecsnet_fails(&["--instance", &lab.name, "stats"], 2);
+    instance_fails(&lab, &["stats"], 2);
     let paths = InstancePaths::new(&lab.name);
     for p in [paths.pin_dir(), paths.socket(), paths.run_dir()] {
         assert!(!p.exists(), "a failed up left {}", p.display());
     }
 
     up(&lab, &[]);
-    let line = ecsnet_fails(
-        &[
-            "--instance",
-            &lab.name,
-            "flows",
-            "tail",
-            "--filter",
-            "colour=red",
-        ],
-        2,
-    );
-    assert!(line.contains("colour"), "the error names the term: {line}");
-    let line = ecsnet_fails(
-        &[
-            "--instance",
-            &lab.name,
-            "flows",
-            "tail",
-            "--format",
-            "${nope}",
-        ],
-        2,
-    );
-    assert!(line.contains("nope"), "the error names the field: {line}");
+    for (flag, value, named, what) in [
+        ("--filter", "colour=red", "colour", "term"),
+        ("--format", "${nope}", "nope", "field"),
+    ] {
+        let line = instance_fails(&lab, &["flows", "tail", flag, value], 2);
+        assert!(line.contains(named), "the error names the {what}: {line}");
+    }
     // A bad `up` on a running instance (refused: it is up, and the format is bad) changes
     // nothing either: the same agent keeps exporting windows.
     let pid = std::fs::read_to_string(paths.pid_file()).expect("the agent's pid file");
-    ecsnet_fails(
-        &lab.ecsnet_args(&[
-            "up",
-            "--state",
-            &state,
-            "--window",
-            "1",
-            "--flow-format",
-            "${nope}",
-        ]),
-        2,
-    );
+    ecsnet_fails(&lab.ecsnet_args(&bad_up), 2);
     assert_eq!(
         std::fs::read_to_string(paths.pid_file()).expect("the agent's pid file"),
         pid,

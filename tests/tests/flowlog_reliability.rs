@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,14 +21,14 @@ use std::{
 };
 
 use ecsnet::store::paths::InstancePaths;
-use ecsnet_tests::{Lab, Stats, ecsnet_ok, in_netns, ns_exec};
-use nix::{
-    sys::{
-        signal::{Signal, kill},
-        socket::{setsockopt, sockopt},
-    },
-    unistd::Pid,
+use ecsnet_tests::{
+    Lab, Stats,
+    agent::{self, alive, kill_agent},
+    in_netns, ns_exec,
+    traffic::udp,
+    world::{flows_tail, instance_ok, lab_file},
 };
+use nix::sys::socket::{setsockopt, sockopt};
 use serde_json::Value;
 
 /// The fields the tests read, in the order of the `--flow-format` of the file sink and of the
@@ -107,19 +107,8 @@ fn journal(paths: &InstancePaths) -> Vec<Value> {
 
 /// `flows tail -n all --json --format FIELDS`, as rows.
 fn tail(lab: &Lab) -> Vec<Row> {
-    let fmt = format();
-    let out = ecsnet_ok(&[
-        "--instance",
-        &lab.name,
-        "flows",
-        "tail",
-        "-n",
-        "all",
-        "--json",
-        "--format",
-        &fmt,
-    ]);
-    out.lines()
+    flows_tail(lab, &["--json", "--format", &format()])
+        .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l)
                 .unwrap_or_else(|e| panic!("flows tail line {l:?} is not JSON: {e}"));
@@ -244,26 +233,6 @@ fn wait_phase(paths: &InstancePaths, want: &str, timeout: Duration) -> bool {
     false
 }
 
-/// The pid in agent.pid.
-fn pid_file(paths: &InstancePaths) -> Option<i32> {
-    std::fs::read_to_string(paths.pid_file())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// True while `pid` is a live (not zombie) process.
-fn alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, Some('Z' | 'X') | None)
-}
-
 /// Where the export stood when a killed agent died, read from what it left on disk.
 #[derive(Debug)]
 struct Killed {
@@ -291,16 +260,8 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// SIGKILLs agent `pid` and waits until it is gone; says where it left its export.
-fn kill_agent(paths: &InstancePaths, pid: i32, sink: &Path) -> Killed {
-    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL the agent");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "agent {pid} still alive after SIGKILL"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+fn kill(paths: &InstancePaths, pid: i32, sink: &Path) -> Killed {
+    kill_agent(pid);
     let cp = checkpoint(paths);
     let exporting = cp.as_ref().filter(|c| c.0 == "exporting");
     Killed {
@@ -310,19 +271,29 @@ fn kill_agent(paths: &InstancePaths, pid: i32, sink: &Path) -> Killed {
     }
 }
 
+/// Waits (5 s at most) for a window to close: its export is under way.
+fn wait_window_closed(paths: &InstancePaths) {
+    assert!(
+        wait_phase(paths, "exporting", Duration::from_secs(5)),
+        "no window closed within 5 s"
+    );
+}
+
+/// Waits (5 s at most each) for the agent to finish its recovery, then for the next export.
+fn wait_next_export(paths: &InstancePaths) {
+    assert!(
+        wait_phase(paths, "done", Duration::from_secs(5)),
+        "the agent never finished its recovery"
+    );
+    wait_window_closed(paths);
+}
+
 /// Waits for the next export to begin, then spins until its first records reach the journal
 /// (or, with `sink`, the file sink, which is written after the journal): the file grows past
 /// the checkpoint's length, so the kill lands between writing records and marking them
 /// written. False when the export finished before the spinner saw it.
 fn wait_append(paths: &InstancePaths, sink: Option<&Path>) -> bool {
-    assert!(
-        wait_phase(paths, "done", Duration::from_secs(5)),
-        "the agent never finished its recovery"
-    );
-    assert!(
-        wait_phase(paths, "exporting", Duration::from_secs(5)),
-        "no window closed within 5 s"
-    );
+    wait_next_export(paths);
     let Some((_, journal_len, sink_len)) = checkpoint(paths).filter(|c| c.0 == "exporting") else {
         return false;
     };
@@ -344,14 +315,19 @@ fn wait_append(paths: &InstancePaths, sink: Option<&Path>) -> bool {
     false
 }
 
-/// Runs `up` with `args` again after the agent `old` was killed; returns the new agent's pid,
+/// `up` with one-second windows and the `--flow-log` file `sink`, in the order of `FIELDS`.
+fn up_with_sink(lab: &Lab, sink: &Path) {
+    let (sink, fmt) = (sink.display().to_string(), format());
+    lab.ecsnet_up_with(&["--window", "1", "--flow-log", &sink, "--flow-format", &fmt]);
+}
+
+/// Runs `up_with_sink` again after the agent `old` was killed; returns the new agent's pid,
 /// checked to be another, live process.
-fn restart(lab: &Lab, args: &[&str], old: i32) -> i32 {
-    ecsnet_ok(&lab.ecsnet_args(args));
-    let p = paths(lab);
+fn restart(lab: &Lab, sink: &Path, old: i32) -> i32 {
+    up_with_sink(lab, sink);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Some(pid) = pid_file(&p).filter(|pid| *pid != old) {
+        if let Some(pid) = agent::pid(&lab.name).filter(|pid| *pid != old) {
             assert!(alive(pid), "the new agent {pid} is not running");
             return pid;
         }
@@ -488,12 +464,7 @@ impl Drop for Receiver {
 
 /// A UDP socket in namespace `ns` bound to `src` and connected to `dst`.
 fn udp_socket(ns: &str, src: SocketAddr, dst: SocketAddr) -> UdpSocket {
-    in_netns(ns, move || {
-        let s = UdpSocket::bind(src)?;
-        s.connect(dst)?;
-        Ok::<_, std::io::Error>(s)
-    })
-    .unwrap_or_else(|e| panic!("UDP socket {src} -> {dst} in {ns}: {e}"))
+    udp(ns, &src.to_string(), Some(&dst.to_string()))
 }
 
 /// A datagram of `payload` bytes carrying `seq` in its first four.
@@ -512,7 +483,7 @@ fn send_burst(ns: &str, src: SocketAddr, dst: SocketAddr, count: u32, payload: u
             .unwrap_or_else(|e| panic!("send {src} -> {dst}: {e}"));
         std::thread::sleep(Duration::from_millis(1));
     }
-    count as u64
+    u64::from(count)
 }
 
 /// Sets `flag` when dropped, so a failing test also stops the threads it started.
@@ -545,11 +516,6 @@ fn both_ends(lab: &Lab, src: SocketAddr, dst: SocketAddr) -> [FlowId; 2] {
             direction: "ingress",
         },
     ]
-}
-
-/// A file in the lab's own directory (removed with the lab).
-fn lab_file(lab: &Lab, name: &str) -> PathBuf {
-    lab.status.state_file.parent().unwrap().join(name)
 }
 
 /// No (window, interface, 5-tuple, direction, action, status) twice in the journal; windows
@@ -621,44 +587,46 @@ enum KillAt {
     AfterRecordsWritten,
 }
 
-#[test]
-fn sigkill_in_windows_and_exports_loses_and_duplicates_no_count() {
-    let lab = Lab::up("frk", 2, &["1:8080:80"]);
-    let p = paths(&lab);
-    let state = lab.state_file();
-    let sink_path = lab_file(&lab, "flows.log");
-    let sink_s = sink_path.display().to_string();
-    let fmt = format();
-    let up_args = [
-        "up",
-        "--state",
-        &state,
-        "--window",
-        "1",
-        "--flow-log",
-        &sink_s,
-        "--flow-format",
-        &fmt,
-    ];
-    ecsnet_ok(&lab.ecsnet_args(&up_args));
-    let first_pid = pid_file(&p).expect("agent.pid after up");
+impl KillAt {
+    /// Waits for the moment to strike.
+    fn wait(self, p: &InstancePaths, sink_path: &Path) {
+        match self {
+            KillAt::AfterClose(d) => {
+                wait_window_closed(p);
+                std::thread::sleep(d);
+            }
+            KillAt::DuringExport => wait_next_export(p),
+            KillAt::RightAfterUp => {}
+            KillAt::AfterJournalAppend | KillAt::AfterSinkAppend => {
+                let sink = matches!(self, KillAt::AfterSinkAppend).then_some(sink_path);
+                for _ in 0..4 {
+                    if wait_append(p, sink) {
+                        break;
+                    }
+                }
+            }
+            KillAt::AfterRecordsWritten => {
+                wait_phase(p, "exported", Duration::from_secs(3));
+            }
+        }
+    }
+}
 
-    const PAYLOAD: usize = 100;
-    let (t1, t2) = (lab.status.tasks[0].address, lab.status.tasks[1].address);
-    let (src, dst) = (addr(t1, 40001), addr(t2, 7001));
-    let rx = Receiver::start(lab.task_ns(2), 7001, PAYLOAD);
-
-    // The sender: a datagram every 2 ms until told to stop (after the last restart), so every
-    // kill lands in the middle of traffic; it reports how many it sent.
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop_guard = StopOnDrop(stop.clone());
-    let tx = udp_socket(lab.task_ns(1), src, dst);
-    let stop2 = stop.clone();
-    let sender = std::thread::spawn(move || {
+/// A datagram of `payload` bytes every 2 ms from `src` in namespace `ns` to `dst`, numbered,
+/// until `stop` (at most 20,000); the thread returns how many it sent.
+fn start_sender(
+    ns: &str,
+    (src, dst): (SocketAddr, SocketAddr),
+    payload: usize,
+    stop: &Arc<AtomicBool>,
+) -> JoinHandle<u64> {
+    let tx = udp_socket(ns, src, dst);
+    let stop = stop.clone();
+    std::thread::spawn(move || {
         let start = Instant::now();
         let mut seq: u32 = 0;
-        while !stop2.load(Ordering::Relaxed) && seq < 20_000 {
-            tx.send(&datagram(seq, PAYLOAD))
+        while !stop.load(Ordering::Relaxed) && seq < 20_000 {
+            tx.send(&datagram(seq, payload))
                 .unwrap_or_else(|e| panic!("send datagram {seq}: {e}"));
             seq += 1;
             let next = start + Duration::from_millis(2) * seq;
@@ -666,108 +634,26 @@ fn sigkill_in_windows_and_exports_loses_and_duplicates_no_count() {
                 std::thread::sleep(d);
             }
         }
-        seq as u64
-    });
+        u64::from(seq)
+    })
+}
 
-    std::thread::sleep(Duration::from_millis(500));
-    let plan = [
-        (KillAt::AfterClose(Duration::from_millis(300)), 200),
-        (KillAt::DuringExport, 400),
-        (KillAt::RightAfterUp, 150),
-        (KillAt::AfterJournalAppend, 300),
-        (KillAt::AfterRecordsWritten, 250),
-        (KillAt::AfterClose(Duration::from_millis(700)), 100),
-        (KillAt::AfterJournalAppend, 200),
-        (KillAt::AfterSinkAppend, 150),
-        (KillAt::DuringExport, 100),
-    ];
-    let mut pid = first_pid;
-    let mut kills = Vec::new();
-    for (at, dead_ms) in plan {
-        match at {
-            KillAt::AfterClose(d) => {
-                assert!(
-                    wait_phase(&p, "exporting", Duration::from_secs(5)),
-                    "no window closed within 5 s"
-                );
-                std::thread::sleep(d);
-            }
-            KillAt::DuringExport => {
-                assert!(
-                    wait_phase(&p, "done", Duration::from_secs(5)),
-                    "the new agent never finished its recovery"
-                );
-                assert!(
-                    wait_phase(&p, "exporting", Duration::from_secs(5)),
-                    "no window closed within 5 s"
-                );
-            }
-            KillAt::RightAfterUp => {}
-            KillAt::AfterJournalAppend | KillAt::AfterSinkAppend => {
-                let sink = matches!(at, KillAt::AfterSinkAppend).then_some(sink_path.as_path());
-                for _ in 0..4 {
-                    if wait_append(&p, sink) {
-                        break;
-                    }
-                }
-            }
-            KillAt::AfterRecordsWritten => {
-                wait_phase(&p, "exported", Duration::from_secs(3));
-            }
-        }
-        assert_eq!(
-            pid_file(&p),
-            Some(pid),
-            "agent.pid should name the agent `up` started"
-        );
-        let killed = kill_agent(&p, pid, &sink_path);
-        kills.push((at, killed));
-        // The datapath counts on with no agent: the open window grows.
-        std::thread::sleep(Duration::from_millis(dead_ms));
-        pid = restart(&lab, &up_args, pid);
-    }
-    // Traffic goes on a while under the last agent, then stops.
-    std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    let sent = sender.join().expect("sender thread");
-    let got = rx.finish();
-    eprintln!("sent {sent} datagrams; kills (when, where the export stood): {kills:#?}");
-
-    assert!(
-        kills
-            .iter()
-            .any(|(_, k)| k.phase.as_deref() == Some("exporting")),
-        "no kill landed while an export was under way: {kills:?}"
-    );
-    assert!(
-        kills.iter().any(|(_, k)| k.journal_past_checkpoint),
-        "no kill landed between writing a window's records and marking them written, so \
-         cutting back a half-written export was never exercised: {kills:?}"
-    );
-    assert!(
-        kills.iter().any(|(_, k)| k.sink_past_checkpoint),
-        "no kill landed after the file sink got a window's records and before they were \
-         marked written, so cutting the file back was never exercised: {kills:?}"
-    );
-    let udp_errors = ns_exec(lab.task_ns(2), &["cat", "/proc/net/snmp"]);
-    assert_eq!(
-        (got.datagrams, got.distinct.len() as u64, got.wrong_size),
-        (sent, sent, 0),
-        "task2 should have received each of the {sent} datagrams once, whole \
-         (datagrams, distinct, wrong size): forwarding must not stop when the agent dies; \
-         task2's /proc/net/snmp: {udp_errors}"
-    );
-
-    wait_exported(&lab);
-    let e = exported(&lab, Some(&sink_path));
-
+/// What the exporter wrote after the kills counts each of the `sent` datagrams of `payload`
+/// bytes `src` -> `dst` exactly once: at both ends of the flow, in `flows tail` and in the
+/// file, every record and window once, and stats agreeing.
+fn assert_exactly_once(
+    lab: &Lab,
+    e: &Exported,
+    (src, dst): (SocketAddr, SocketAddr),
+    (sent, payload): (u64, u64),
+) {
     // Exact counts, both ends of the flow, in `flows tail` and in the file.
-    for f in both_ends(&lab, src, dst) {
-        assert_exact(&e.tail, &f, sent, PAYLOAD as u64, "flows tail");
-        assert_exact(&e.sink, &f, sent, PAYLOAD as u64, "--flow-log file");
+    for f in both_ends(lab, src, dst) {
+        assert_exact(&e.tail, &f, sent, payload, "flows tail");
+        assert_exact(&e.sink, &f, sent, payload, "--flow-log file");
     }
     // Exactly once: every record once, every window once, in order.
-    assert_each_window_once(&lab, &e.journal);
+    assert_each_window_once(lab, &e.journal);
     let journal_rows: Vec<Row> = e.journal.iter().map(row).collect();
     assert_eq!(
         e.tail, journal_rows,
@@ -809,25 +695,179 @@ fn sigkill_in_windows_and_exports_loses_and_duplicates_no_count() {
 }
 
 #[test]
+fn sigkill_in_windows_and_exports_loses_and_duplicates_no_count() {
+    const PAYLOAD: usize = 100;
+    let lab = Lab::up("frk", 2, &["1:8080:80"]);
+    let p = paths(&lab);
+    let sink_path = lab_file(&lab, "flows.log");
+    up_with_sink(&lab, &sink_path);
+    let first_pid = agent::pid(&lab.name).expect("agent.pid after up");
+
+    let (t1, t2) = (lab.status.tasks[0].address, lab.status.tasks[1].address);
+    let (src, dst) = (addr(t1, 40001), addr(t2, 7001));
+    let rx = Receiver::start(lab.task_ns(2), 7001, PAYLOAD);
+
+    // The sender: a datagram every 2 ms until told to stop (after the last restart), so every
+    // kill lands in the middle of traffic; it reports how many it sent.
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(stop.clone());
+    let sender = start_sender(lab.task_ns(1), (src, dst), PAYLOAD, &stop);
+
+    std::thread::sleep(Duration::from_millis(500));
+    let plan = [
+        (KillAt::AfterClose(Duration::from_millis(300)), 200),
+        (KillAt::DuringExport, 400),
+        (KillAt::RightAfterUp, 150),
+        (KillAt::AfterJournalAppend, 300),
+        (KillAt::AfterRecordsWritten, 250),
+        (KillAt::AfterClose(Duration::from_millis(700)), 100),
+        (KillAt::AfterJournalAppend, 200),
+        (KillAt::AfterSinkAppend, 150),
+        (KillAt::DuringExport, 100),
+    ];
+    let mut pid = first_pid;
+    let mut kills = Vec::new();
+    for (at, dead_ms) in plan {
+        at.wait(&p, &sink_path);
+        assert_eq!(
+            agent::pid(&lab.name),
+            Some(pid),
+            "agent.pid should name the agent `up` started"
+        );
+        let killed = kill(&p, pid, &sink_path);
+        kills.push((at, killed));
+        // The datapath counts on with no agent: the open window grows.
+        std::thread::sleep(Duration::from_millis(dead_ms));
+        pid = restart(&lab, &sink_path, pid);
+    }
+    // Traffic goes on a while under the last agent, then stops.
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().expect("sender thread");
+    let got = rx.finish();
+    eprintln!("sent {sent} datagrams; kills (when, where the export stood): {kills:#?}");
+    assert!(
+        kills
+            .iter()
+            .any(|(_, k)| k.phase.as_deref() == Some("exporting")),
+        "no kill landed while an export was under way: {kills:?}"
+    );
+    assert!(
+        kills.iter().any(|(_, k)| k.journal_past_checkpoint),
+        "no kill landed between writing a window's records and marking them written, so \
+         cutting back a half-written export was never exercised: {kills:?}"
+    );
+    assert!(
+        kills.iter().any(|(_, k)| k.sink_past_checkpoint),
+        "no kill landed after the file sink got a window's records and before they were \
+         marked written, so cutting the file back was never exercised: {kills:?}"
+    );
+    let udp_errors = ns_exec(lab.task_ns(2), &["cat", "/proc/net/snmp"]);
+    assert_eq!(
+        (got.datagrams, got.distinct.len() as u64, got.wrong_size),
+        (sent, sent, 0),
+        "task2 should have received each of the {sent} datagrams once, whole \
+         (datagrams, distinct, wrong size): forwarding must not stop when the agent dies; \
+         task2's /proc/net/snmp: {udp_errors}"
+    );
+
+    wait_exported(&lab);
+    let e = exported(&lab, Some(&sink_path));
+
+    assert_exactly_once(&lab, &e, (src, dst), (sent, PAYLOAD as u64));
+}
+
+/// Datagrams of the full-table burst: one from each of `BURST_FLOWS` source ports, of
+/// `BURST_PAYLOAD` bytes.
+const BURST_FLOWS: u16 = 40;
+const BURST_PAYLOAD: usize = 64;
+
+/// Task number `task` (0-based) of the full-table burst (seen as `direction`), in the records
+/// of windows from the burst on (`recent`): its OK records of the burst, one datagram each,
+/// and the lost packets of its SKIPDATA records (all of the burst's windows, `first_window` to
+/// `burst_last`) add up to the datagrams sent.
+fn skipdata_closes_the_account(
+    lab: &Lab,
+    recent: &[&Value],
+    (task, direction): (usize, &str),
+    (first_window, burst_last): (u32, u32),
+) {
+    const FLOWS: u16 = BURST_FLOWS;
+    let t2 = lab.status.tasks[1].address;
+    let iface = &lab.status.tasks[task].interface;
+    let mut ok_packets = 0;
+    let mut ok_windows = BTreeSet::new();
+    for v in recent {
+        let r = row(v);
+        if r[IFACE] == *iface && r[STATUS] == "OK" && r[DST] == t2.to_string() && r[DPORT] == "7002"
+        {
+            let sport: u16 = r[SPORT].parse().unwrap();
+            assert!(
+                (41000..41000 + FLOWS).contains(&sport) && r[DIRECTION] == direction,
+                "unexpected record: {r:?}"
+            );
+            assert_eq!(
+                (num(&r, PACKETS), num(&r, BYTES)),
+                (1, UDP_OVERHEAD + BURST_PAYLOAD as u64),
+                "each flow is one datagram: {r:?}"
+            );
+            ok_packets += 1;
+            ok_windows.insert(v["ecsnet-window"].as_u64().unwrap());
+        }
+    }
+    let skip: Vec<&&Value> = recent
+        .iter()
+        .filter(|v| v["interface-id"] == iface.as_str() && v["log-status"] == "SKIPDATA")
+        .collect();
+    assert!(
+        !skip.is_empty(),
+        "{} ({iface}) lost flows to a table of 4 but has no SKIPDATA record; its records: \
+         {:?}",
+        lab.status.tasks[task].name,
+        recent
+            .iter()
+            .filter(|v| v["interface-id"] == iface.as_str())
+            .map(|v| row(v))
+            .collect::<Vec<_>>()
+    );
+    let mut lost = 0;
+    for s in &skip {
+        let l = s["ecsnet-lost-packets"].as_u64().unwrap_or(0);
+        assert!(l > 0, "a SKIPDATA record without lost packets: {s}");
+        lost += l;
+    }
+    assert_eq!(
+        ok_packets + lost,
+        u64::from(FLOWS),
+        "{iface}: packets in OK records ({ok_packets}) plus lost packets in SKIPDATA \
+         records ({lost}) should be the {FLOWS} sent"
+    );
+    for s in &skip {
+        let w = s["ecsnet-window"].as_u64().unwrap();
+        assert!(
+            w <= u64::from(burst_last),
+            "{iface}: a SKIPDATA record of window {w}, after the burst (windows \
+             {first_window}..={burst_last}): {s}"
+        );
+    }
+    eprintln!(
+        "{iface}: {ok_packets} packet(s) in OK records (windows {ok_windows:?}), {lost} \
+         lost in {} SKIPDATA record(s)",
+        skip.len()
+    );
+}
+
+#[test]
 fn a_full_flow_table_gives_skipdata_records_that_close_the_account() {
+    const PAYLOAD: usize = BURST_PAYLOAD;
+    const FLOWS: u16 = BURST_FLOWS;
     let lab = Lab::up("frs", 2, &["1:8080:80"]);
-    let state = lab.state_file();
-    ecsnet_ok(&lab.ecsnet_args(&[
-        "up",
-        "--state",
-        &state,
-        "--window",
-        "1",
-        "--flow-table-size",
-        "4",
-    ]));
+    lab.ecsnet_up_with(&["--window", "1", "--flow-table-size", "4"]);
     assert_eq!(
         lab.stats().flow_logs.table_capacity,
         4,
         "--flow-table-size 4 should be the table's capacity"
     );
-    const PAYLOAD: usize = 64;
-    const FLOWS: u16 = 40;
     let (t1, t2) = (lab.status.tasks[0].address, lab.status.tasks[1].address);
     let dst = addr(t2, 7002);
     let rx = Receiver::start(lab.task_ns(2), 7002, PAYLOAD);
@@ -839,15 +879,15 @@ fn a_full_flow_table_gives_skipdata_records_that_close_the_account() {
     let socks: Vec<UdpSocket> = (0..FLOWS)
         .map(|i| udp_socket(&ns1, addr(t1, 41000 + i), dst))
         .collect();
-    for (i, s) in socks.iter().enumerate() {
-        s.send(&datagram(i as u32, PAYLOAD))
+    for (i, s) in (0..).zip(&socks) {
+        s.send(&datagram(i, PAYLOAD))
             .unwrap_or_else(|e| panic!("send from port {}: {e}", 41000 + i));
     }
     let burst_last = lab.stats().flow_logs.window;
     let got = rx.finish();
     assert_eq!(
         (got.datagrams, got.distinct.len()),
-        (FLOWS as u64, FLOWS as usize),
+        (u64::from(FLOWS), usize::from(FLOWS)),
         "a full flow table must not stop forwarding: task2 should get all {FLOWS} datagrams"
     );
 
@@ -856,73 +896,10 @@ fn a_full_flow_table_gives_skipdata_records_that_close_the_account() {
     let recent: Vec<&Value> = e
         .journal
         .iter()
-        .filter(|v| v["ecsnet-window"].as_u64().unwrap_or(0) >= first_window as u64)
+        .filter(|v| v["ecsnet-window"].as_u64().unwrap_or(0) >= u64::from(first_window))
         .collect();
-    for (task, f_dir) in [(0usize, "egress"), (1usize, "ingress")] {
-        let iface = &lab.status.tasks[task].interface;
-        let mut ok_packets = 0;
-        let mut ok_windows = BTreeSet::new();
-        for v in &recent {
-            let r = row(v);
-            if r[IFACE] == *iface
-                && r[STATUS] == "OK"
-                && r[DST] == t2.to_string()
-                && r[DPORT] == "7002"
-            {
-                let sport: u16 = r[SPORT].parse().unwrap();
-                assert!(
-                    (41000..41000 + FLOWS).contains(&sport) && r[DIRECTION] == f_dir,
-                    "unexpected record: {r:?}"
-                );
-                assert_eq!(
-                    (num(&r, PACKETS), num(&r, BYTES)),
-                    (1, UDP_OVERHEAD + PAYLOAD as u64),
-                    "each flow is one datagram: {r:?}"
-                );
-                ok_packets += 1;
-                ok_windows.insert(v["ecsnet-window"].as_u64().unwrap());
-            }
-        }
-        let skip: Vec<&&Value> = recent
-            .iter()
-            .filter(|v| v["interface-id"] == iface.as_str() && v["log-status"] == "SKIPDATA")
-            .collect();
-        assert!(
-            !skip.is_empty(),
-            "{} ({iface}) lost flows to a table of 4 but has no SKIPDATA record; its records: \
-             {:?}",
-            lab.status.tasks[task].name,
-            recent
-                .iter()
-                .filter(|v| v["interface-id"] == iface.as_str())
-                .map(|v| row(v))
-                .collect::<Vec<_>>()
-        );
-        let mut lost = 0;
-        for s in &skip {
-            let l = s["ecsnet-lost-packets"].as_u64().unwrap_or(0);
-            assert!(l > 0, "a SKIPDATA record without lost packets: {s}");
-            lost += l;
-        }
-        assert_eq!(
-            ok_packets + lost,
-            FLOWS as u64,
-            "{iface}: packets in OK records ({ok_packets}) plus lost packets in SKIPDATA \
-             records ({lost}) should be the {FLOWS} sent"
-        );
-        for s in &skip {
-            let w = s["ecsnet-window"].as_u64().unwrap();
-            assert!(
-                w <= burst_last as u64,
-                "{iface}: a SKIPDATA record of window {w}, after the burst (windows \
-                 {first_window}..={burst_last}): {s}"
-            );
-        }
-        eprintln!(
-            "{iface}: {ok_packets} packet(s) in OK records (windows {ok_windows:?}), {lost} \
-             lost in {} SKIPDATA record(s)",
-            skip.len()
-        );
+    for (task, direction) in [(0, "egress"), (1, "ingress")] {
+        skipdata_closes_the_account(&lab, &recent, (task, direction), (first_window, burst_last));
     }
     // `flows tail` shows the SKIPDATA records too, with the log-status AWS uses.
     let tail_skip = e.tail.iter().filter(|r| r[STATUS] == "SKIPDATA").count();
@@ -955,20 +932,9 @@ fn a_full_flow_table_gives_skipdata_records_that_close_the_account() {
 #[test]
 fn flow_logs_off_writes_no_record_and_still_forwards() {
     let lab = Lab::up("fro", 2, &["1:8080:80", "2:8053:53/udp"]);
-    let state = lab.state_file();
     let sink_path = lab_file(&lab, "flows-off.log");
     let sink_s = sink_path.display().to_string();
-    ecsnet_ok(&lab.ecsnet_args(&[
-        "up",
-        "--state",
-        &state,
-        "--flow-logs",
-        "off",
-        "--window",
-        "1",
-        "--flow-log",
-        &sink_s,
-    ]));
+    lab.ecsnet_up_with(&["--flow-logs", "off", "--window", "1", "--flow-log", &sink_s]);
     let before = lab.stats();
     let t2_dns = format!("{}:53", lab.status.tasks[1].address);
     let r = lab.probe(lab.task_ns(1), "udp", &t2_dns, 20, 100);
@@ -1030,28 +996,14 @@ fn flow_logs_off_writes_no_record_and_still_forwards() {
 fn after_down_and_up_a_flow_is_counted_from_zero() {
     let lab = Lab::up("frd", 2, &["1:8080:80"]);
     let p = paths(&lab);
-    let state = lab.state_file();
     let sink_path = lab_file(&lab, "flows-du.log");
-    let sink_s = sink_path.display().to_string();
-    let fmt = format();
-    let up_args = [
-        "up",
-        "--state",
-        &state,
-        "--window",
-        "1",
-        "--flow-log",
-        &sink_s,
-        "--flow-format",
-        &fmt,
-    ];
     let (t1, t2) = (lab.status.tasks[0].address, lab.status.tasks[1].address);
     let (src, dst) = (addr(t1, 40004), addr(t2, 7004));
     let ns1 = lab.task_ns(1).to_owned();
 
     // First life: 50 datagrams of 200 bytes, exported and exact; then 30 more, and `down`
     // before their window is exported.
-    ecsnet_ok(&lab.ecsnet_args(&up_args));
+    up_with_sink(&lab, &sink_path);
     let rx = Receiver::start(lab.task_ns(2), 7004, 200);
     let first = send_burst(&ns1, src, dst, 50, 200);
     wait_exported(&lab);
@@ -1061,7 +1013,7 @@ fn after_down_and_up_a_flow_is_counted_from_zero() {
         assert_exact(&e.sink, &f, first, 200, "first life, --flow-log file");
     }
     let unexported = send_burst(&ns1, src, dst, 30, 200);
-    ecsnet_ok(&["--instance", &lab.name, "down"]);
+    instance_ok(&lab, &["down"]);
     assert!(!p.flow_journal().exists(), "down should remove the journal");
     let (_, sink_rows_before) = sink(&sink_path);
     // A clean stop exports the window that was open: nothing sent before `down` is lost.
@@ -1084,7 +1036,7 @@ fn after_down_and_up_a_flow_is_counted_from_zero() {
     );
 
     // Second life: the same 5-tuple, 70 datagrams of 300 bytes.
-    ecsnet_ok(&lab.ecsnet_args(&up_args));
+    up_with_sink(&lab, &sink_path);
     let rx = Receiver::start(lab.task_ns(2), 7004, 300);
     let second = send_burst(&ns1, src, dst, 70, 300);
     let got = rx.finish();

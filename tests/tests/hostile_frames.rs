@@ -1,29 +1,32 @@
 //! Frames a task sends to get around its security groups (issue 16, items 1 and 6), from an
-//! AF_PACKET socket inside a task whose egress allows only tcp 9000 to the client, towards tasks
+//! `AF_PACKET` socket inside a task whose egress allows only tcp 9000 to the client, towards tasks
 //! whose ingress allows only tcp 80 from 10.10.0.0/24, with `blockInstanceMetadata` on:
 //! VLAN-tagged frames (two tags of VID 0 read as 0x8100 in tc and the receiver strips both; one
-//! tag), unicast IPv4 in broadcast and multicast frames, an unknown EtherType, ARP whose sender
+//! tag), unicast IPv4 in broadcast and multicast frames, an unknown `EtherType`, ARP whose sender
 //! MAC is not the task's, and IPv6 to and from policed tasks. Each must reach no one (a capture
 //! on the target's interface sees nothing, no socket gets it, no neighbour entry moves) and be
 //! counted once with its reason on the sending task's interface, while what the groups allow
 //! keeps working, and IPv6 between tasks without groups under `defaultPolicy: allow` still works.
 
 use std::{
+    cell::RefCell,
     collections::BTreeMap,
     io,
-    net::{
-        Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
-        UdpSocket,
-    },
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket},
     time::{Duration, Instant},
 };
 
 use ecsnet_tests::{
-    Background, Lab, Stats, ecsnet_bin, ecsnet_ok, in_netns, ns_exec,
+    Background, Lab,
+    counters::{drops, poll, task_drops},
+    ecsnet_bin, in_netns, ns_exec,
     raw::{
         self, ARP_REPLY, BROADCAST, DOUBLE_VID0, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
         ETH_P_LOCAL_EXPERIMENTAL, Mac, PacketSocket, RawIpSocket, TCP_ACK, TCP_SYN, Tag,
+        forget_neighbour, mac_str, neighbour,
     },
+    traffic::{ping, tcp_connect, udp, udp_wait},
+    world::{self, all, sg, tcp},
 };
 use serde_json::{Value, json};
 
@@ -39,6 +42,8 @@ const SG_EGRESS: &str = "SG_EGRESS";
 const SILENCE: Duration = Duration::from_millis(800);
 /// How long a drop may take to show in `stats`.
 const COUNTED: Duration = Duration::from_secs(2);
+/// How long an answer to a frame that must not arrive is waited for.
+const NO_ANSWER: Duration = Duration::from_millis(300);
 /// How long an answer that should come may take.
 const ANSWER: Duration = Duration::from_secs(3);
 
@@ -51,45 +56,14 @@ const RECEIVER: u16 = 7000;
 
 // ---- state files -------------------------------------------------------------------------
 
-fn sg(id: &str, ingress: Value, egress: Value) -> Value {
-    json!({"GroupId": id, "GroupName": id, "Description": "hostile_frames test",
-           "IpPermissions": ingress, "IpPermissionsEgress": egress})
-}
-
-fn tcp_port_to(port: u16, cidr: &str) -> Value {
-    json!({"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": cidr}]})
-}
-
 /// The lab's state file with `edit` applied, written beside it as `<tag>.json`, then applied.
 fn apply(lab: &Lab, tag: &str, edit: impl FnOnce(&mut Value)) {
-    let text = std::fs::read_to_string(lab.state_file()).expect("read the lab's state file");
-    let mut state: Value = serde_json::from_str(&text).expect("the lab's state file parses");
+    let mut state = world::state(lab);
     edit(&mut state);
-    let dir = std::path::Path::new(&lab.state_file())
-        .parent()
-        .expect("the state file has a directory")
-        .to_owned();
-    let file = dir.join(format!("{tag}.json")).display().to_string();
-    std::fs::write(&file, state.to_string()).expect("write a state file");
-    let out = ecsnet_ok(&lab.ecsnet_args(&["apply", "-f", &file]));
-    assert!(out.starts_with("applied "), "apply printed: {out}");
+    world::apply(lab, &format!("{tag}.json"), &state);
 }
 
 // ---- counters ----------------------------------------------------------------------------
-
-/// Every drop counter: "taskN REASON" and "uplink REASON".
-fn drops(s: &Stats) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for t in &s.tasks {
-        for (r, n) in &t.drops {
-            out.insert(format!("{} {r}", t.name), *n);
-        }
-    }
-    for (r, n) in &s.uplink.drops {
-        out.insert(format!("uplink {r}"), *n);
-    }
-    out
-}
 
 /// The drop counters that moved from `a` to `b`.
 fn moved(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
@@ -104,63 +78,25 @@ fn moved(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<Strin
 /// Waits (up to `COUNTED`) for counter `key` to move from `before`; returns every counter that
 /// moved.
 fn wait_moved(lab: &Lab, before: &BTreeMap<String, u64>, key: &str) -> BTreeMap<String, u64> {
-    let deadline = Instant::now() + COUNTED;
-    loop {
-        let diff = moved(before, &drops(&lab.stats()));
-        if diff.contains_key(key) || Instant::now() > deadline {
-            return diff;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (Ok(diff) | Err(diff)) = poll(
+        COUNTED,
+        Duration::from_millis(100),
+        || moved(before, &drops(&lab.stats())),
+        |diff| diff.contains_key(key),
+    );
+    diff
 }
 
 // ---- namespaces --------------------------------------------------------------------------
 
-/// The link-layer address `ns` has for `addr` on `dev`, if any.
-fn neighbour(ns: &str, dev: &str, addr: Ipv4Addr) -> Option<Mac> {
-    let a = addr.to_string();
-    let out = ns_exec(ns, &["ip", "-j", "neigh", "show", "to", &a, "dev", dev]);
-    let v: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
-        .unwrap_or_else(|e| panic!("ip -j neigh in {ns}: {e}: {out}"));
-    v[0]["lladdr"].as_str().map(raw::parse_mac)
-}
-
-fn forget_neighbour(ns: &str, dev: &str, addr: Ipv4Addr) {
-    let a = addr.to_string();
-    ns_exec(ns, &["ip", "neigh", "flush", "to", &a, "dev", dev]);
-}
-
-fn ping(ns: &str, addr: Ipv4Addr) {
-    let out = ns_exec(ns, &["ping", "-n", "-c", "1", "-W", "2", &addr.to_string()]);
-    assert!(
-        out.contains(" 0% packet loss"),
-        "ping {addr} from {ns}: {out}"
-    );
-}
-
 /// A UDP socket of `ns` bound to 0.0.0.0:`port`.
 fn udp_receiver(ns: &str, port: u16) -> UdpSocket {
-    in_netns(ns, move || {
-        UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind udp {port}: {e}"))
-    })
+    udp(ns, &format!("0.0.0.0:{port}"), None)
 }
 
 /// Where a datagram carrying `marker` came from, if `rx` got one within `wait`.
 fn udp_got(rx: &UdpSocket, marker: &[u8], wait: Duration) -> Option<SocketAddr> {
-    let deadline = Instant::now() + wait;
-    let mut buf = [0u8; 2048];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        rx.set_read_timeout(Some(left)).unwrap();
-        match rx.recv_from(&mut buf) {
-            Ok((n, from)) if raw::contains(&buf[..n], marker) => return Some(from),
-            Ok(_) => continue,
-            Err(_) => return None,
-        }
-    }
+    udp_wait(rx, wait, |d| raw::contains(d, marker))
 }
 
 /// Whether `frame` is a TCP segment `from` -> `to` with exactly SYN and ACK set.
@@ -170,13 +106,6 @@ fn is_syn_ack(frame: &[u8], from: SocketAddrV4, to: SocketAddrV4) -> bool {
 
 fn is_ipv6(frame: &[u8]) -> bool {
     frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6
-}
-
-fn mac_str(m: &Mac) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 // ---- the policed lab ---------------------------------------------------------------------
@@ -193,6 +122,8 @@ struct Policed {
     gw_mac: Mac,
     /// task1's eth0, to send from.
     t1: PacketSocket,
+    /// What went wrong so far, reported together at the end of a test.
+    fails: RefCell<Vec<String>>,
     _imds: Background,
 }
 
@@ -211,22 +142,23 @@ impl Policed {
             Duration::from_millis(300),
         );
         lab.ecsnet_up();
+        let echo = i32::from(CLIENT_ECHO);
+        let groups = [
+            sg(
+                "sg-sender",
+                "sg-sender",
+                &[],
+                &[tcp(echo, echo, &["10.10.0.2/32"])],
+            ),
+            sg(
+                "sg-web",
+                "sg-web",
+                &[tcp(80, 80, &["10.10.0.0/24"])],
+                &[all(&["0.0.0.0/0"])],
+            ),
+        ];
         apply(&lab, "policed", |s| {
-            s["securityGroups"] = json!([
-                sg(
-                    "sg-sender",
-                    json!([]),
-                    json!([tcp_port_to(CLIENT_ECHO, "10.10.0.2/32")])
-                ),
-                sg(
-                    "sg-web",
-                    json!([tcp_port_to(80, "10.10.0.0/24")]),
-                    json!([{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-                ),
-            ]);
-            s["tasks"][0]["securityGroups"] = json!(["sg-sender"]);
-            s["tasks"][1]["securityGroups"] = json!(["sg-web"]);
-            s["tasks"][2]["securityGroups"] = json!(["sg-web"]);
+            world::set_groups(s, &groups, &[&["sg-sender"], &["sg-web"], &["sg-web"]]);
             s["host"]["blockInstanceMetadata"] = json!(true);
         });
         let addr = [0, 1, 2].map(|i| lab.status.tasks[i].address);
@@ -239,6 +171,7 @@ impl Policed {
             mac,
             gw_mac,
             t1,
+            fails: RefCell::default(),
             _imds: imds,
         };
         p.allowed_traffic_works("with the groups applied");
@@ -248,6 +181,36 @@ impl Policed {
 
     fn ns(&self, task: usize) -> &str {
         self.lab.task_ns(task)
+    }
+
+    /// Notes what went wrong, for `report`.
+    fn fail(&self, what: String) {
+        self.fails.borrow_mut().push(what);
+    }
+
+    /// Fails the test with everything that went wrong so far in `what`, if anything did.
+    fn report(&self, what: &str) {
+        report(what, &self.fails.take());
+    }
+
+    /// A SYN from task1's port `sport` to `dst` with sequence number `seq`, carrying `payload`.
+    fn syn(&self, sport: u16, dst: SocketAddrV4, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let src = SocketAddrV4::new(self.addr[0], sport);
+        raw::tcp(src, dst, TCP_SYN, seq, 0, payload)
+    }
+
+    /// Notes `what` went wrong if `failed`.
+    fn fail_if(&self, failed: bool, what: &str) {
+        if failed {
+            self.fail(what.to_owned());
+        }
+    }
+
+    /// Fails (`what`) if `rx` gets a datagram carrying `marker` within 100 ms.
+    fn not_received(&self, rx: &UdpSocket, marker: &[u8], what: &str) {
+        if let Some(from) = udp_got(rx, marker, Duration::from_millis(100)) {
+            self.fail(format!("{what}: task2's UDP socket got it from {from}"));
+        }
     }
 
     /// What the groups allow: task1 to the client's tcp 9000, the client to task2's published
@@ -272,15 +235,9 @@ impl Policed {
     /// allow arrives where it is sent, and the plain twin of a tagged frame is checked.
     fn raw_frames_are_seen_and_checked(&self) {
         let client = PacketSocket::open(self.lab.client(), "eth0");
+        let echo = SocketAddrV4::new(CLIENT, CLIENT_ECHO);
         let m = raw::marker("plain-syn-to-client");
-        let syn = raw::tcp(
-            SocketAddrV4::new(self.addr[0], 41000),
-            SocketAddrV4::new(CLIENT, CLIENT_ECHO),
-            TCP_SYN,
-            1,
-            0,
-            &m,
-        );
+        let syn = self.syn(41000, echo, 1, &m);
         self.t1.send_ok(&raw::ethernet(
             self.gw_mac,
             self.mac[0],
@@ -295,16 +252,8 @@ impl Policed {
         );
         // The same through task1's raw IPv4 socket, which the kernel frames and routes.
         let m = raw::marker("raw-ip-syn-to-client");
-        let syn = raw::tcp(
-            SocketAddrV4::new(self.addr[0], 41002),
-            SocketAddrV4::new(CLIENT, CLIENT_ECHO),
-            TCP_SYN,
-            1,
-            0,
-            &m,
-        );
         RawIpSocket::open(self.ns(1))
-            .send(&syn)
+            .send(&self.syn(41002, echo, 1, &m))
             .expect("send a raw IPv4 SYN from task1");
         assert!(
             client.saw(&m, ANSWER),
@@ -322,19 +271,10 @@ impl Policed {
             ETH_P_IP,
             &self.udp_to_task2(41001, &m),
         );
-        let mut fails = Vec::new();
-        self.expect_dropped(
-            "control: plain UDP to task2",
-            &frame,
-            &m,
-            &t2,
-            SG_EGRESS,
-            &mut fails,
-        );
-        if let Some(from) = udp_got(&rx, &m, Duration::from_millis(100)) {
-            fails.push(format!("control: task2's UDP socket got it from {from}"));
-        }
-        assert!(fails.is_empty(), "{}", fails.join("\n"));
+        let what = "control: plain UDP to task2";
+        self.expect_dropped(what, &frame, &m, &t2, SG_EGRESS);
+        self.not_received(&rx, &m, what);
+        self.report("the controls");
     }
 
     /// A UDP datagram from task1 (port `sport`) to task2's receiver carrying `payload`.
@@ -347,8 +287,7 @@ impl Policed {
     }
 
     /// Sends `frame` (which carries `marker`) from task1's eth0. It must not reach `target`'s
-    /// interface, and exactly one drop must be counted: `reason` on task1. What went wrong is
-    /// added to `fails`.
+    /// interface, and exactly one drop must be counted: `reason` on task1.
     fn expect_dropped(
         &self,
         what: &str,
@@ -356,19 +295,18 @@ impl Policed {
         marker: &[u8],
         target: &PacketSocket,
         reason: &str,
-        fails: &mut Vec<String>,
     ) {
         self.t1.drain();
         target.drain();
         let before = drops(&self.lab.stats());
         self.t1.send_ok(frame);
         if target.saw(marker, SILENCE) {
-            fails.push(format!("{what}: arrived at {}", target.name));
+            self.fail(format!("{what}: arrived at {}", target.name));
         }
         let key = format!("task1 {reason}");
         let diff = wait_moved(&self.lab, &before, &key);
         if diff != BTreeMap::from([(key, 1)]) {
-            fails.push(format!(
+            self.fail(format!(
                 "{what}: not counted once as {reason} on task1 alone; drop counters moved by \
                  {diff:?}"
             ));
@@ -387,112 +325,10 @@ fn report(what: &str, fails: &[String]) {
 
 // ---- tests -------------------------------------------------------------------------------
 
-#[test]
-fn vlan_tagged_frames_from_a_task_reach_no_one_and_are_counted() {
-    let p = Policed::up("hfv");
-    let (host, client_ns) = (p.lab.host().to_owned(), p.lab.client().to_owned());
-    let (a1, a2, a3) = (p.addr[0], p.addr[1], p.addr[2]);
-    let (mac1, mac2) = (p.mac[0], p.mac[1]);
-    let t2 = PacketSocket::open(p.ns(2), "eth0");
-    let client = PacketSocket::open(&client_ns, "eth0");
-    let docker0 = PacketSocket::open(&host, "docker0");
-    let rx = udp_receiver(p.ns(2), RECEIVER);
-    let double = |dst: Mac, ethertype: u16, payload: &[u8]| {
-        raw::ethernet(dst, mac1, &DOUBLE_VID0, ethertype, payload)
-    };
-    let mut fails = Vec::new();
-
-    // A SYN to task2's port 80: task1 may not send it, and task2 takes port 80 only from
-    // 10.10.0.0/24.
-    let m = raw::marker("double-syn-task2-80");
-    let (src, web) = (SocketAddrV4::new(a1, 42000), SocketAddrV4::new(a2, 80));
-    let frame = double(mac2, ETH_P_IP, &raw::tcp(src, web, TCP_SYN, 7, 0, &m));
-    p.expect_dropped(
-        "double-tagged SYN to task2:80",
-        &frame,
-        &m,
-        &t2,
-        VLAN_TAGGED,
-        &mut fails,
-    );
-    if t2
-        .wait_for_sent(Duration::from_millis(300), |f| is_syn_ack(f, web, src))
-        .is_some()
-    {
-        fails.push("double-tagged SYN to task2:80: task2 answered it with a SYN-ACK".into());
-    }
-    if p.t1
-        .wait_for(Duration::from_millis(300), |f| is_syn_ack(f, web, src))
-        .is_some()
-    {
-        fails.push("double-tagged SYN to task2:80: task2's SYN-ACK reached task1".into());
-    }
-
-    // UDP to task2, from task1's own address and from task3's.
-    for (what, from) in [
-        ("double-tagged UDP to task2", a1),
-        ("double-tagged UDP to task2 from task3's address", a3),
-    ] {
-        let m = raw::marker("double-udp-task2");
-        let udp = raw::udp(
-            SocketAddrV4::new(from, 42001),
-            SocketAddrV4::new(a2, RECEIVER),
-            &m,
-        );
-        p.expect_dropped(
-            what,
-            &double(mac2, ETH_P_IP, &udp),
-            &m,
-            &t2,
-            VLAN_TAGGED,
-            &mut fails,
-        );
-        if let Some(src) = udp_got(&rx, &m, Duration::from_millis(100)) {
-            fails.push(format!("{what}: task2's UDP socket got it from {src}"));
-        }
-    }
-
-    // UDP out of the host to the client's echo port: task1's egress allows only tcp 9000.
-    let m = raw::marker("double-udp-client");
-    let udp = raw::udp(
-        SocketAddrV4::new(a1, 42002),
-        SocketAddrV4::new(CLIENT, CLIENT_ECHO),
-        &m,
-    );
-    p.expect_dropped(
-        "double-tagged UDP to the client past task1's egress rules",
-        &double(p.gw_mac, ETH_P_IP, &udp),
-        &m,
-        &client,
-        VLAN_TAGGED,
-        &mut fails,
-    );
-    if p.t1.saw(&m, Duration::from_millis(300)) {
-        fails.push("double-tagged UDP to the client: its echo came back to task1".into());
-    }
-
-    // A SYN to the instance metadata service, which is blocked.
-    let m = raw::marker("double-syn-imds");
-    let (src, imds) = (SocketAddrV4::new(a1, 42003), SocketAddrV4::new(IMDS, 80));
-    let frame = double(p.gw_mac, ETH_P_IP, &raw::tcp(src, imds, TCP_SYN, 7, 0, &m));
-    p.expect_dropped(
-        "double-tagged SYN to 169.254.169.254:80",
-        &frame,
-        &m,
-        &docker0,
-        VLAN_TAGGED,
-        &mut fails,
-    );
-    if docker0
-        .wait_for_sent(Duration::from_millis(300), |f| is_syn_ack(f, imds, src))
-        .is_some()
-    {
-        fails.push(
-            "double-tagged SYN to 169.254.169.254:80: the host's metadata server answered".into(),
-        );
-    }
-
-    // An ARP reply claiming the gateway's address, to task2, which knows the real gateway.
+/// A double-tagged ARP reply from task1 claiming the gateway's address, to task2, which knows
+/// the real gateway: dropped, and task2's entry keeps the gateway's MAC.
+fn double_tagged_arp_keeps_task2s_gateway(p: &Policed, t2: &PacketSocket) {
+    let (a2, mac1, mac2) = (p.addr[1], p.mac[0], p.mac[1]);
     let t2_ns = p.ns(2).to_owned();
     forget_neighbour(&t2_ns, "eth0", GATEWAY);
     ping(&t2_ns, GATEWAY);
@@ -508,45 +344,127 @@ fn vlan_tagged_frames_from_a_task_reach_no_one_and_are_counted() {
     arp.extend_from_slice(&m);
     p.expect_dropped(
         "double-tagged ARP reply claiming 172.17.0.1 to task2",
-        &double(mac2, ETH_P_ARP, &arp),
+        &raw::ethernet(mac2, mac1, &DOUBLE_VID0, ETH_P_ARP, &arp),
         &m,
-        &t2,
+        t2,
         VLAN_TAGGED,
-        &mut fails,
     );
     let gw = neighbour(&t2_ns, "eth0", GATEWAY);
     if gw != Some(p.gw_mac) {
-        fails.push(format!(
+        p.fail(format!(
             "double-tagged ARP reply claiming 172.17.0.1: task2's entry for the gateway is now \
              {:?} (task1 is {}, the gateway {})",
-            gw.as_ref().map(mac_str),
-            mac_str(&mac1),
-            mac_str(&p.gw_mac)
+            gw.map(mac_str),
+            mac_str(mac1),
+            mac_str(p.gw_mac)
         ));
     }
     forget_neighbour(&t2_ns, "eth0", GATEWAY);
+}
+
+#[test]
+fn vlan_tagged_frames_from_a_task_reach_no_one_and_are_counted() {
+    let p = Policed::up("hfv");
+    let (host, client_ns) = (p.lab.host().to_owned(), p.lab.client().to_owned());
+    let (a1, a2, a3) = (p.addr[0], p.addr[1], p.addr[2]);
+    let (mac1, mac2) = (p.mac[0], p.mac[1]);
+    let t2 = PacketSocket::open(p.ns(2), "eth0");
+    let client = PacketSocket::open(&client_ns, "eth0");
+    let docker0 = PacketSocket::open(&host, "docker0");
+    let rx = udp_receiver(p.ns(2), RECEIVER);
+    let double = |dst: Mac, ethertype: u16, payload: &[u8]| {
+        raw::ethernet(dst, mac1, &DOUBLE_VID0, ethertype, payload)
+    };
+
+    // A SYN to task2's port 80: task1 may not send it, and task2 takes port 80 only from
+    // 10.10.0.0/24.
+    let m = raw::marker("double-syn-task2-80");
+    let (src, web) = (SocketAddrV4::new(a1, 42000), SocketAddrV4::new(a2, 80));
+    let frame = double(mac2, ETH_P_IP, &raw::tcp(src, web, TCP_SYN, 7, 0, &m));
+    p.expect_dropped(
+        "double-tagged SYN to task2:80",
+        &frame,
+        &m,
+        &t2,
+        VLAN_TAGGED,
+    );
+    let syn_ack = |f: &[u8]| is_syn_ack(f, web, src);
+    p.fail_if(
+        t2.wait_for_sent(NO_ANSWER, syn_ack).is_some(),
+        "double-tagged SYN to task2:80: task2 answered it with a SYN-ACK",
+    );
+    p.fail_if(
+        p.t1.wait_for(NO_ANSWER, syn_ack).is_some(),
+        "double-tagged SYN to task2:80: task2's SYN-ACK reached task1",
+    );
+
+    // UDP to task2, from task1's own address and from task3's.
+    for (what, from) in [
+        ("double-tagged UDP to task2", a1),
+        ("double-tagged UDP to task2 from task3's address", a3),
+    ] {
+        let m = raw::marker("double-udp-task2");
+        let udp = raw::udp(
+            SocketAddrV4::new(from, 42001),
+            SocketAddrV4::new(a2, RECEIVER),
+            &m,
+        );
+        p.expect_dropped(what, &double(mac2, ETH_P_IP, &udp), &m, &t2, VLAN_TAGGED);
+        p.not_received(&rx, &m, what);
+    }
+
+    // UDP out of the host to the client's echo port: task1's egress allows only tcp 9000.
+    let m = raw::marker("double-udp-client");
+    let udp = raw::udp(
+        SocketAddrV4::new(a1, 42002),
+        SocketAddrV4::new(CLIENT, CLIENT_ECHO),
+        &m,
+    );
+    p.expect_dropped(
+        "double-tagged UDP to the client past task1's egress rules",
+        &double(p.gw_mac, ETH_P_IP, &udp),
+        &m,
+        &client,
+        VLAN_TAGGED,
+    );
+    p.fail_if(
+        p.t1.saw(&m, NO_ANSWER),
+        "double-tagged UDP to the client: its echo came back to task1",
+    );
+
+    // A SYN to the instance metadata service, which is blocked.
+    let m = raw::marker("double-syn-imds");
+    let (src, imds) = (SocketAddrV4::new(a1, 42003), SocketAddrV4::new(IMDS, 80));
+    let frame = double(p.gw_mac, ETH_P_IP, &raw::tcp(src, imds, TCP_SYN, 7, 0, &m));
+    p.expect_dropped(
+        "double-tagged SYN to 169.254.169.254:80",
+        &frame,
+        &m,
+        &docker0,
+        VLAN_TAGGED,
+    );
+    p.fail_if(
+        docker0
+            .wait_for_sent(NO_ANSWER, |f| is_syn_ack(f, imds, src))
+            .is_some(),
+        "double-tagged SYN to 169.254.169.254:80: the host's metadata server answered",
+    );
+
+    double_tagged_arp_keeps_task2s_gateway(&p, &t2);
 
     // One tag is a tagged frame too, even around a SYN the groups would allow untagged.
     let m = raw::marker("single-tag-syn-client");
-    let syn = raw::tcp(
-        SocketAddrV4::new(a1, 42004),
-        SocketAddrV4::new(CLIENT, CLIENT_ECHO),
-        TCP_SYN,
-        7,
-        0,
-        &m,
-    );
+    let syn = p.syn(42004, SocketAddrV4::new(CLIENT, CLIENT_ECHO), 7, &m);
     p.expect_dropped(
         "single-tagged (802.1Q VID 0) SYN to the client's tcp 9000",
         &raw::ethernet(p.gw_mac, mac1, &[Tag::dot1q(0)], ETH_P_IP, &syn),
         &m,
         &client,
         VLAN_TAGGED,
-        &mut fails,
     );
 
     p.allowed_traffic_works("after the tagged frames");
-    report("VLAN-tagged frames from task1", &fails);
+    p.report("VLAN-tagged frames from task1");
 }
 
 #[test]
@@ -557,7 +475,6 @@ fn unicast_ip_in_group_frames_unknown_ethertypes_and_foreign_arp_senders_are_dro
     let t2 = PacketSocket::open(p.ns(2), "eth0");
     let docker0 = PacketSocket::open(&host, "docker0");
     let rx = udp_receiver(p.ns(2), RECEIVER);
-    let mut fails = Vec::new();
 
     // task2's unicast address in a frame to every host on the bridge, or to a group.
     let group = raw::ipv4_multicast_mac(Ipv4Addr::new(239, 1, 2, 3));
@@ -567,10 +484,8 @@ fn unicast_ip_in_group_frames_unknown_ethertypes_and_foreign_arp_senders_are_dro
     ] {
         let m = raw::marker("group-mac-udp");
         let frame = raw::ethernet(dst, mac1, &[], ETH_P_IP, &p.udp_to_task2(43000, &m));
-        p.expect_dropped(what, &frame, &m, &t2, UNICAST_IN_GROUP_MAC, &mut fails);
-        if let Some(src) = udp_got(&rx, &m, Duration::from_millis(100)) {
-            fails.push(format!("{what}: task2's UDP socket got it from {src}"));
-        }
+        p.expect_dropped(what, &frame, &m, &t2, UNICAST_IN_GROUP_MAC);
+        p.not_received(&rx, &m, what);
     }
 
     // An EtherType nothing on the host handles.
@@ -581,7 +496,6 @@ fn unicast_ip_in_group_frames_unknown_ethertypes_and_foreign_arp_senders_are_dro
         &m,
         &t2,
         UNKNOWN_ETHERTYPE,
-        &mut fails,
     );
 
     // ARP for task1's own address, but naming another MAC: the host's entry for task1 must
@@ -594,7 +508,7 @@ fn unicast_ip_in_group_frames_unknown_ethertypes_and_foreign_arp_senders_are_dro
             "replace",
             &a1.to_string(),
             "lladdr",
-            &mac_str(&mac1),
+            &mac_str(mac1),
             "dev",
             "docker0",
             "nud",
@@ -612,20 +526,19 @@ fn unicast_ip_in_group_frames_unknown_ethertypes_and_foreign_arp_senders_are_dro
         &m,
         &docker0,
         SPOOFED_SOURCE,
-        &mut fails,
     );
     let entry = neighbour(&host, "docker0", a1);
     if entry != Some(mac1) {
-        fails.push(format!(
+        p.fail(format!(
             "ARP reply naming another MAC: the host's entry for task1 is now {:?} (task1 is {})",
-            entry.as_ref().map(mac_str),
-            mac_str(&mac1)
+            entry.map(mac_str),
+            mac_str(mac1)
         ));
         forget_neighbour(&host, "docker0", a1);
     }
 
     p.allowed_traffic_works("after the group-MAC, EtherType and ARP frames");
-    report("frames from task1", &fails);
+    p.report("frames from task1");
 }
 
 // ---- IPv6 --------------------------------------------------------------------------------
@@ -688,41 +601,38 @@ fn listen_v6(ns: &str, addr: Ipv6Addr, index: u32, port: u16) -> TcpListener {
     })
 }
 
-/// A TCP connection from `ns` to link-local `addr`:`port` out of interface `index`.
-fn connect_v6(
-    ns: &str,
-    addr: Ipv6Addr,
-    index: u32,
-    port: u16,
-    wait: Duration,
-) -> io::Result<TcpStream> {
-    let to = SocketAddr::V6(SocketAddrV6::new(addr, port, 0, index));
-    in_netns(ns, move || TcpStream::connect_timeout(&to, wait))
-}
-
-fn connect_v4(ns: &str, to: SocketAddrV4, wait: Duration) -> io::Result<TcpStream> {
-    in_netns(ns, move || TcpStream::connect_timeout(&to.into(), wait))
-}
-
-fn task_drops(lab: &Lab, task: &str, reason: &str) -> u64 {
-    drops(&lab.stats())
-        .get(&format!("{task} {reason}"))
-        .copied()
-        .unwrap_or(0)
+/// Link-local `addr`:`port` out of interface `index`.
+fn v6(addr: Ipv6Addr, index: u32, port: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(addr, port, 0, index))
 }
 
 /// Waits (up to `COUNTED`) for `task`'s `reason` drops to exceed `before`.
 fn counted_beyond(lab: &Lab, task: &str, reason: &str, before: u64) -> bool {
-    let deadline = Instant::now() + COUNTED;
-    loop {
-        if task_drops(lab, task, reason) > before {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let drops = || task_drops(&lab.stats(), task, reason);
+    poll(COUNTED, Duration::from_millis(100), drops, |n| *n > before).is_ok()
+}
+
+/// A TCP connection over IPv6 from `ns` to `to` (`what`, for messages) must not connect within
+/// `wait` and must be counted `IPV6_POLICED` on `task`; returns what went wrong.
+fn expect_v6_policed(
+    lab: &Lab,
+    what: &str,
+    (ns, to): (&str, SocketAddr),
+    task: &str,
+    wait: Duration,
+) -> Vec<String> {
+    let mut fails = Vec::new();
+    let before = task_drops(&lab.stats(), task, IPV6_POLICED);
+    if let Ok(s) = tcp_connect(ns, to, wait) {
+        fails.push(format!(
+            "{what}: {to} over IPv6 connected (from {:?})",
+            s.local_addr()
+        ));
     }
+    if !counted_beyond(lab, task, IPV6_POLICED, before) {
+        fails.push(format!("{what}: not counted {IPV6_POLICED} on {task}"));
+    }
+    fails
 }
 
 #[test]
@@ -736,12 +646,11 @@ fn ipv6_to_and_from_policed_tasks_is_dropped_where_ipv4_is_blocked() {
     // Opened before IPv6 is on: they see every IPv6 frame that ever reaches task1 or task2.
     let cap1 = PacketSocket::open(&t1, "eth0");
     let cap2 = PacketSocket::open(&t2, "eth0");
-    let mut fails = Vec::new();
 
     // The IPv4 connection is blocked by task1's egress rules.
-    let before = task_drops(&p.lab, "task1", SG_EGRESS);
+    let before = task_drops(&p.lab.stats(), "task1", SG_EGRESS);
     let web = SocketAddrV4::new(p.addr[1], 80);
-    match connect_v4(&t1, web, SILENCE) {
+    match tcp_connect(&t1, web.into(), SILENCE) {
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
         other => panic!("control: task1 -> task2:80 over IPv4 should time out, got {other:?}"),
     }
@@ -755,41 +664,37 @@ fn ipv6_to_and_from_policed_tasks_is_dropped_where_ipv4_is_blocked() {
     let (_, idx_host) = enable_ipv6(&host, "docker0");
     let _web6 = listen_v6(&t2, ll2, idx2, 80);
 
-    // task1, whose groups allow only tcp 9000 to the client, to task2's port 80 over IPv6.
-    let before = task_drops(&p.lab, "task1", IPV6_POLICED);
-    if let Ok(s) = connect_v6(&t1, ll2, idx1, 80, ANSWER) {
-        fails.push(format!(
-            "task1 -> [{ll2}]:80 over IPv6 connected (from {:?}) while IPv4 is blocked",
-            s.local_addr()
-        ));
-    }
-    if !counted_beyond(&p.lab, "task1", IPV6_POLICED, before) {
-        fails.push("task1's IPv6 was not counted IPV6_POLICED on task1".into());
-    }
-
-    // The host (not a task, not policed) to task2, which has groups.
-    let before = task_drops(&p.lab, "task2", IPV6_POLICED);
-    if let Ok(s) = connect_v6(&host, ll2, idx_host, 80, ANSWER) {
-        fails.push(format!(
-            "host -> [{ll2}]:80 over IPv6 connected (from {:?})",
-            s.local_addr()
-        ));
-    }
-    if !counted_beyond(&p.lab, "task2", IPV6_POLICED, before) {
-        fails.push("IPv6 to task2 was not counted IPV6_POLICED on task2".into());
+    // task1, whose groups allow only tcp 9000 to the client, to task2's port 80 over IPv6
+    // while IPv4 is blocked: counted on task1. The host (not a task, not policed) to task2,
+    // which has groups: counted on task2.
+    for (what, from, task) in [
+        (
+            "task1 -> task2:80",
+            (t1.as_str(), v6(ll2, idx1, 80)),
+            "task1",
+        ),
+        (
+            "host -> task2:80",
+            (host.as_str(), v6(ll2, idx_host, 80)),
+            "task2",
+        ),
+    ] {
+        for f in expect_v6_policed(&p.lab, what, from, task, ANSWER) {
+            p.fail(f);
+        }
     }
 
     for (task, cap) in [("task1", &cap1), ("task2", &cap2)] {
         if let Some(f) = cap.wait_for(SILENCE, is_ipv6) {
-            fails.push(format!(
+            p.fail(format!(
                 "an IPv6 frame from {} reached {task}, which has groups",
-                mac_str(&f[6..12].try_into().unwrap())
+                mac_str(f[6..12].try_into().unwrap())
             ));
         }
     }
 
     p.allowed_traffic_works("with IPv6 on");
-    report("IPv6 and policed tasks", &fails);
+    p.report("IPv6 and policed tasks");
 }
 
 #[test]
@@ -802,7 +707,7 @@ fn ipv6_between_tasks_without_groups_works_under_allow_and_is_dropped_under_deny
     let _web6 = listen_v6(&t2, ll2, idx2, 80);
 
     // No groups, defaultPolicy allow: today's bridge behaviour, IPv6 included.
-    connect_v6(&t1, ll2, idx1, 80, ANSWER).unwrap_or_else(|e| {
+    tcp_connect(&t1, v6(ll2, idx1, 80), ANSWER).unwrap_or_else(|e| {
         panic!("task1 -> [{ll2}]:80 over IPv6 without groups under allow: {e}")
     });
     let policed: u64 = drops(&lab.stats())
@@ -817,15 +722,7 @@ fn ipv6_between_tasks_without_groups_works_under_allow_and_is_dropped_under_deny
 
     // defaultPolicy deny polices every task without groups: no IPv6 past it.
     apply(&lab, "deny", |s| s["host"]["defaultPolicy"] = json!("deny"));
-    let before = task_drops(&lab, "task1", IPV6_POLICED);
-    if let Ok(s) = connect_v6(&t1, ll2, idx1, 80, SILENCE) {
-        panic!(
-            "task1 -> [{ll2}]:80 over IPv6 connected (from {:?}) under defaultPolicy deny",
-            s.local_addr()
-        );
-    }
-    assert!(
-        counted_beyond(&lab, "task1", IPV6_POLICED, before),
-        "task1's IPv6 under defaultPolicy deny was not counted IPV6_POLICED on task1"
-    );
+    let to_task2 = (t1.as_str(), v6(ll2, idx1, 80));
+    let fails = expect_v6_policed(&lab, "task1 -> task2:80", to_task2, "task1", SILENCE);
+    report("IPv6 under defaultPolicy deny", &fails);
 }

@@ -1,30 +1,55 @@
 //! `ecsnet up` / `down` on a real lab: what it attaches and pins, exact per-task counters of
 //! real TCP and UDP traffic, the agent's socket, SIGKILL of the agent, and a clean `down`.
 
-use std::{os::unix::net::UnixStream, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use ecsnet_tests::{
-    Background, Lab, ecsnet, ecsnet_bin, ecsnet_fails, ecsnet_ok, leftovers, ns_exec,
+    Background, Lab,
+    agent::{self, ask, kill_agent},
+    ecsnet, ecsnet_bin, ecsnet_fails, ecsnet_ok, leftovers, ns_exec,
+    world::down_leaves_nothing,
 };
-use std::io::{BufRead as _, BufReader, Write as _};
 
 fn agent_pid(name: &str) -> i32 {
-    std::fs::read_to_string(format!("/run/ecsnet/{name}.d/agent.pid"))
-        .expect("agent pid file")
-        .trim()
-        .parse()
-        .unwrap()
+    agent::pid(name).expect("agent pid file")
 }
 
-fn ask(name: &str, line: &str) -> serde_json::Value {
-    let mut s =
-        UnixStream::connect(format!("/run/ecsnet/{name}.sock")).expect("agent socket answers");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(line.as_bytes()).unwrap();
-    s.write_all(b"\n").unwrap();
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("agent reply {reply:?}: {e}"))
+/// The agent answers on its socket, bad requests included.
+fn agent_answers(name: &str) {
+    assert_eq!(ask(name, r#"{"op":"ping"}"#)["ok"], true);
+    assert_eq!(ask(name, r#"{"op":"status"}"#)["meta"]["uplink"], "eth0");
+    let bad = ask(name, "not json");
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("bad request"));
+    assert_eq!(ask(name, r#"{"op":"reboot"}"#)["ok"], false);
+}
+
+/// TCP between the tasks, counted exactly as the task kernels' own IP counters count it.
+fn tcp_between_tasks_is_counted_like_the_kernel_does(lab: &Lab) {
+    let nss = [lab.task_ns(1), lab.task_ns(2)];
+    let (before, k) = lab.settled(&nss);
+    let r = lab.probe(lab.task_ns(2), "tcp", "172.17.0.2:80", 20, 300);
+    assert_eq!(r["echoed"], 20);
+    let (after, kb) = lab.settled(&nss);
+    for (i, (k, kb)) in k.into_iter().zip(kb).enumerate() {
+        let (b, a) = (&before.tasks[i], &after.tasks[i]);
+        let task = &a.name;
+        assert_eq!(
+            (
+                a.ingress.packets - b.ingress.packets,
+                a.egress.packets - b.egress.packets,
+                a.ingress.bytes - b.ingress.bytes,
+                a.egress.bytes - b.egress.bytes,
+            ),
+            (kb.0 - k.0, kb.1 - k.1, kb.2 - k.2, kb.3 - k.3),
+            "{task}: ingress and egress packets, ingress and egress bytes against the task's \
+             InReceives, OutRequests, InOctets and OutOctets"
+        );
+        assert!(
+            a.egress.packets - b.egress.packets >= 20 + 2,
+            "{task}: at least the messages and the handshake"
+        );
+    }
 }
 
 #[test]
@@ -55,16 +80,7 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
     assert!(eth0.contains("xdp"), "no XDP program on the uplink: {eth0}");
 
-    // The agent answers on its socket, bad requests included.
-    assert_eq!(ask(&lab.name, r#"{"op":"ping"}"#)["ok"], true);
-    assert_eq!(
-        ask(&lab.name, r#"{"op":"status"}"#)["meta"]["uplink"],
-        "eth0"
-    );
-    let bad = ask(&lab.name, "not json");
-    assert_eq!(bad["ok"], false);
-    assert!(bad["error"].as_str().unwrap().contains("bad request"));
-    assert_eq!(ask(&lab.name, r#"{"op":"reboot"}"#)["ok"], false);
+    agent_answers(&lab.name);
 
     let before = lab.settled_stats();
     assert_eq!(before.tasks.len(), 2);
@@ -90,40 +106,7 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     );
 
     // TCP between the tasks, checked against the task kernel's own IP counters.
-    let nss = [lab.task_ns(1), lab.task_ns(2)];
-    let (before, k) = lab.settled(&nss);
-    let r = lab.probe(lab.task_ns(2), "tcp", "172.17.0.2:80", 20, 300);
-    assert_eq!(r["echoed"], 20);
-    let (after, kb) = lab.settled(&nss);
-    let (k1, k2, k1b, k2b) = (k[0], k[1], kb[0], kb[1]);
-    for (i, (k, kb)) in [(k1, k1b), (k2, k2b)].into_iter().enumerate() {
-        let (b, a) = (&before.tasks[i], &after.tasks[i]);
-        let task = &a.name;
-        assert_eq!(
-            a.ingress.packets - b.ingress.packets,
-            kb.0 - k.0,
-            "{task}: ingress packets vs the task's InReceives"
-        );
-        assert_eq!(
-            a.egress.packets - b.egress.packets,
-            kb.1 - k.1,
-            "{task}: egress packets vs the task's OutRequests"
-        );
-        assert_eq!(
-            a.ingress.bytes - b.ingress.bytes,
-            kb.2 - k.2,
-            "{task}: ingress bytes vs InOctets"
-        );
-        assert_eq!(
-            a.egress.bytes - b.egress.bytes,
-            kb.3 - k.3,
-            "{task}: egress bytes vs OutOctets"
-        );
-        assert!(
-            a.egress.packets - b.egress.packets >= 20 + 2,
-            "{task}: at least the messages and the handshake"
-        );
-    }
+    tcp_between_tasks_is_counted_like_the_kernel_does(&lab);
 
     // A second up changes nothing and says so.
     let line = ecsnet_fails(&lab.ecsnet_args(&["up"]), 2);
@@ -132,12 +115,7 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     // SIGKILL the agent: traffic keeps flowing and is counted; up brings the agent back with
     // the counters intact.
     let pid = agent_pid(&lab.name);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    kill_agent(pid);
     let before = lab.settled_stats();
     assert_eq!(
         lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 5, 50)["echoed"],
@@ -157,12 +135,7 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     );
 
     // Kill it again and take everything down from the crashed state.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent_pid(&lab.name)),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    kill_agent(agent_pid(&lab.name));
     ecsnet_ok(&["--instance", &lab.name, "down"]);
     let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
     assert!(
@@ -188,13 +161,7 @@ fn up_counts_exactly_and_down_leaves_nothing() {
     let out = ecsnet(&["--instance", &lab.name, "stats"]);
     assert_eq!(out.status.code(), Some(2), "stats after down: not up");
 
-    let name = lab.name.clone();
-    drop(lab);
-    assert_eq!(
-        leftovers(&name),
-        Vec::<String>::new(),
-        "lab down left things behind"
-    );
+    down_leaves_nothing(lab);
 }
 
 #[test]

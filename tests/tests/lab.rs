@@ -1,9 +1,13 @@
 //! The lab without ecsnet is real bridge mode: task to task over docker0, the client reaching
 //! published ports through Docker's DNAT, tasks reaching the client through MASQUERADE.
 
-use ecsnet_tests::{Lab, ecsnet_fails, ecsnet_ok, leftovers, ns_exec};
+use ecsnet_tests::{
+    Lab, ecsnet_fails, ecsnet_ok, leftovers, ns_exec,
+    world::{self, down_leaves_nothing},
+};
 
-/// The packet counter of the first iptables rule in `chain` of `table` whose text contains `needle`.
+/// The packet counter of the first iptables rule in `chain` of `table` whose text contains
+/// `needle`.
 fn rule_packets(ns: &str, table: &str, chain: &str, needle: &str) -> u64 {
     let out = ns_exec(
         ns,
@@ -43,8 +47,7 @@ fn lab_is_bridge_mode_and_goes_away() {
     ]))
     .unwrap();
     assert_eq!(status["tasks"][1]["portMappings"][0]["hostPort"], dynamic);
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&s.state_file).unwrap()).unwrap();
+    let state = world::state(&lab);
     assert_eq!(
         state["tasks"][0]["interface"],
         s.tasks[0].interface.as_str()
@@ -94,51 +97,22 @@ fn lab_is_bridge_mode_and_goes_away() {
         2
     );
 
-    let name = lab.name.clone();
-    drop(lab);
-    assert_eq!(
-        leftovers(&name),
-        Vec::<String>::new(),
-        "lab down left things behind"
-    );
+    down_leaves_nothing(lab);
 }
 
 #[test]
 fn lab_bad_input_is_one_line_and_exit_2() {
-    ecsnet_fails(&["lab", "up", "--name", "Bad Name"], 2);
-    ecsnet_fails(&["lab", "up", "--name", "lbbad", "--tasks", "0"], 2);
-    ecsnet_fails(
-        &[
-            "lab",
-            "up",
-            "--name",
-            "lbbad",
-            "--tasks",
-            "1",
-            "--publish",
-            "2:80:80",
-        ],
-        2,
-    );
-    ecsnet_fails(
-        &[
-            "lab",
-            "up",
-            "--name",
-            "lbbad",
-            "--tasks",
-            "2",
-            "--publish",
-            "1:80:80",
-            "--publish",
-            "2:80:81",
-        ],
-        2,
-    );
-    ecsnet_fails(
-        &["lab", "up", "--name", "lbbad", "--publish", "1:80:80/sctp"],
-        2,
-    );
+    #[rustfmt::skip]
+    let bad_ups: [&[&str]; 5] = [
+        &["--name", "Bad Name"],
+        &["--name", "lbbad", "--tasks", "0"],
+        &["--name", "lbbad", "--tasks", "1", "--publish", "2:80:80"],
+        &["--name", "lbbad", "--tasks", "2", "--publish", "1:80:80", "--publish", "2:80:81"],
+        &["--name", "lbbad", "--publish", "1:80:80/sctp"],
+    ];
+    for args in bad_ups {
+        ecsnet_fails(&[&["lab", "up"], args].concat(), 2);
+    }
     ecsnet_fails(&["lab", "status", "--name", "lbnope"], 2);
     ecsnet_fails(&["lab", "down", "--name", "lbnope"], 2);
     assert_eq!(leftovers("lbbad"), Vec::<String>::new());

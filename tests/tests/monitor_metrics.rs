@@ -23,13 +23,20 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    os::unix::net::UnixStream,
     process::{Child, Command, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError, channel},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ecsnet_tests::{Lab, Stats, ecsnet, ecsnet_bin, ecsnet_fails, ecsnet_ok, in_netns};
+use ecsnet::agent::stats::TaskStats;
+use ecsnet_tests::{
+    Lab, Stats,
+    agent::{self, ask, kill_agent},
+    counters::{poll, task_drops},
+    ecsnet, ecsnet_bin, ecsnet_fails, ecsnet_ok, in_netns,
+    traffic::{echo, tcp_connect},
+    world::{self, all, lab_file, perm, sg, state_with_groups, tcp},
+};
 use serde_json::{Value, json};
 
 /// The port task2's rules reject and that the tests count events for.
@@ -44,26 +51,6 @@ const HOST: &str = "10.10.0.1";
 // ---------------------------------------------------------------------------------------------
 // Security groups and bringing ecsnet up.
 
-/// One `IpPermissions` entry with CIDR peers; `ports` is (FromPort, ToPort).
-fn perm(proto: &str, ports: Option<(i32, i32)>, cidrs: &[&str]) -> Value {
-    let mut p = json!({"IpProtocol": proto});
-    if let Some((from, to)) = ports {
-        p["FromPort"] = json!(from);
-        p["ToPort"] = json!(to);
-    }
-    p["IpRanges"] = cidrs.iter().map(|c| json!({"CidrIp": c})).collect();
-    p
-}
-
-fn sg(id: &str, inbound: &[Value], outbound: &[Value]) -> Value {
-    json!({
-        "GroupId": id,
-        "GroupName": id,
-        "IpPermissions": inbound,
-        "IpPermissionsEgress": outbound,
-    })
-}
-
 /// Which tasks get security groups.
 #[derive(Clone, Copy)]
 struct Groups {
@@ -73,34 +60,48 @@ struct Groups {
     task2_dns: bool,
 }
 
+impl Groups {
+    /// Groups on task2 alone.
+    const TASK2: Groups = Groups {
+        task1: false,
+        task2_dns: false,
+    };
+    /// Groups on both tasks.
+    const BOTH: Groups = Groups {
+        task1: true,
+        task2_dns: false,
+    };
+    /// Groups on task2 alone, which also takes UDP 53.
+    const TASK2_DNS: Groups = Groups {
+        task1: false,
+        task2_dns: true,
+    };
+}
+
+/// The state file `write_groups` writes, beside the lab's.
+const GROUPS_FILE: &str = "monitor-groups.json";
+
 /// The lab's state file with task2 (and task1 if asked) in security groups; task2 accepts
-/// nothing from task1, so every datagram task1 sends it is rejected (SG_INGRESS on task2).
-fn state_with_groups(lab: &Lab, groups: Groups) -> String {
-    let text = std::fs::read_to_string(lab.state_file()).expect("read the lab's state file");
-    let mut s: Value = serde_json::from_str(&text).expect("the lab's state file parses");
+/// nothing from task1, so every datagram task1 sends it is rejected (`SG_INGRESS` on task2).
+fn write_groups(lab: &Lab, groups: Groups) -> String {
     let uplink_net = &["10.10.0.0/24"][..];
-    let mut inbound2 = vec![perm("tcp", Some((80, 80)), uplink_net)];
+    let mut inbound2 = vec![tcp(80, 80, uplink_net)];
     if groups.task2_dns {
         inbound2.push(perm("udp", Some((53, 53)), uplink_net));
     }
-    let mut all = vec![sg("sg-task2", &inbound2, &[])];
-    s["tasks"][1]["securityGroups"] = json!(["sg-task2"]);
+    let mut all_groups = vec![sg("sg-task2", "sg-task2", &inbound2, &[])];
+    let mut members: Vec<&[&str]> = vec![&[], &["sg-task2"]];
     if groups.task1 {
-        all.push(sg(
+        all_groups.push(sg(
             "sg-task1",
-            &[perm("tcp", Some((80, 80)), uplink_net)],
-            &[perm("-1", None, &["0.0.0.0/0"])],
+            "sg-task1",
+            &[tcp(80, 80, uplink_net)],
+            &[all(&["0.0.0.0/0"])],
         ));
-        s["tasks"][0]["securityGroups"] = json!(["sg-task1"]);
+        members[0] = &["sg-task1"];
     }
-    s["securityGroups"] = json!(all);
-    let dir = std::path::Path::new(&lab.state_file())
-        .parent()
-        .expect("the state file has a directory")
-        .to_owned();
-    let file = dir.join("monitor-groups.json").display().to_string();
-    std::fs::write(&file, s.to_string()).expect("write the state file with groups");
-    file
+    let s = state_with_groups(lab, &all_groups, &members);
+    world::write(lab, GROUPS_FILE, &s)
 }
 
 /// `ecsnet up --state STATE --window 1 EXTRA...` on the lab's host.
@@ -114,7 +115,7 @@ fn up(lab: &Lab, state: &str, extra: &[&str]) {
 /// A two-task lab, task1 publishing 80 on 8080, with groups, brought up with `extra` flags.
 fn lab_with_groups(prefix: &str, groups: Groups, extra: &[&str]) -> Lab {
     let lab = Lab::up(prefix, 2, &["1:8080:80", "2:8053:53/udp"]);
-    let state = state_with_groups(&lab, groups);
+    let state = write_groups(&lab, groups);
     up(&lab, &state, extra);
     lab
 }
@@ -131,20 +132,13 @@ fn task_addr(lab: &Lab, i: usize, port: u16) -> SocketAddr {
 
 /// The agent's answer to a ping on the instance's control socket: once it answers, the agent
 /// has finished starting (its metrics listener and event reader are set up before it answers).
-fn agent_pid(lab: &Lab) -> u64 {
-    let path = format!("/run/ecsnet/{}.sock", lab.name);
-    let mut s = UnixStream::connect(&path).unwrap_or_else(|e| panic!("connect {path}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"{\"op\":\"ping\"}\n").expect("send a ping");
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .expect("the agent answers a ping");
-    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ping reply {line}: {e}"));
-    assert_eq!(v["ok"], json!(true), "ping reply: {line}");
+fn agent_pid(lab: &Lab) -> i32 {
+    let v = ask(&lab.name, r#"{"op":"ping"}"#);
+    assert_eq!(v["ok"], json!(true), "ping reply: {v}");
     v["pid"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("ping reply without a pid: {line}"))
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("ping reply without a pid: {v}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,17 +161,11 @@ fn send_udp(ns: &str, dst: SocketAddr, count: u32) -> u16 {
 
 /// A TCP connection from `ns` to `dst` with one echoed message; returns the local address.
 fn tcp_roundtrip(ns: &str, dst: SocketAddr) -> SocketAddr {
-    in_netns(ns, move || {
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("connect {dst}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let msg = [0x5a_u8; 100];
-        s.write_all(&msg).expect("send on the connection");
-        let mut back = [0u8; 100];
-        s.read_exact(&mut back).expect("the echo server answers");
-        assert_eq!(back, msg, "the echo from {dst} differs");
-        s.local_addr().expect("local address")
-    })
+    let mut s = tcp_connect(ns, dst, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {dst}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    echo(&mut s, &[0x5a_u8; 100]).unwrap_or_else(|e| panic!("the echo from {dst}: {e}"));
+    s.local_addr().expect("local address")
 }
 
 fn now_unix() -> f64 {
@@ -331,17 +319,6 @@ fn check_event_shape(v: &Value) {
 // ---------------------------------------------------------------------------------------------
 // Counters.
 
-fn task_drops(s: &Stats, task: &str, reason: &str) -> u64 {
-    s.tasks
-        .iter()
-        .find(|t| t.name == task)
-        .unwrap_or_else(|| panic!("no {task} in stats"))
-        .drops
-        .get(reason)
-        .copied()
-        .unwrap_or(0)
-}
-
 fn task_egress_packets(s: &Stats, task: &str) -> u64 {
     s.tasks
         .iter()
@@ -351,16 +328,15 @@ fn task_egress_packets(s: &Stats, task: &str) -> u64 {
         .packets
 }
 
-/// Polls stats until task2's SG_INGRESS drops reach `want` (then returns them) or 10 s pass.
+/// Polls stats until task2's `SG_INGRESS` drops reach `want` (then returns them) or 10 s pass.
 fn wait_for_drops(lab: &Lab, want: u64) -> Stats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = lab.stats();
-        if task_drops(&s, "task2", "SG_INGRESS") >= want || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (Ok(s) | Err(s)) = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || lab.stats(),
+        |s| task_drops(s, "task2", "SG_INGRESS") >= want,
+    );
+    s
 }
 
 /// CPUs the kernel keeps per-CPU state for (the event budget is per CPU).
@@ -464,6 +440,30 @@ fn scrape(ns: &str, port: u16) -> Response {
     }
 }
 
+/// Stats, `GET /metrics` in the lab's host namespace, stats again, until nothing moved around
+/// the scrape (30 tries at most): the stats and the response.
+fn scrape_between_equal_stats(lab: &Lab) -> (Stats, Response) {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let a = lab.stats();
+        let resp = scrape(lab.host(), 9464);
+        let b = lab.stats();
+        let (va, vb) = (
+            serde_json::to_value(&a).unwrap(),
+            serde_json::to_value(&b).unwrap(),
+        );
+        if va == vb {
+            return (a, resp);
+        }
+        assert!(
+            tries < 30,
+            "stats kept changing around 30 scrapes: {va} vs {vb}"
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
 /// A sample's identity: metric name and labels (sorted by name).
 type SampleKey = (String, Vec<(String, String)>);
 
@@ -562,6 +562,11 @@ fn parse_sample(line: &str) -> Option<(SampleKey, u64)> {
     Some(((name.to_owned(), labels), value.parse().ok()?))
 }
 
+/// The labels of a task's samples: the task, its interface, and `key`=`value`.
+fn task_labels<'a>(t: &'a TaskStats, key: &'a str, value: &'a str) -> [(&'a str, &'a str); 3] {
+    [("task", &t.name), ("interface", &t.interface), (key, value)]
+}
+
 /// The samples `/metrics` must serve for `s`: its numbers under the documented families, each
 /// labelled with the instance.
 fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
@@ -577,21 +582,16 @@ fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
     };
     for t in &s.tasks {
         for (dir, c) in [("egress", t.egress), ("ingress", t.ingress)] {
-            let l = [
-                ("task", t.name.as_str()),
-                ("interface", t.interface.as_str()),
-                ("direction", dir),
-            ];
+            let l = task_labels(t, "direction", dir);
             add("ecsnet_task_packets_total", &l, c.packets);
             add("ecsnet_task_bytes_total", &l, c.bytes);
         }
         for (reason, n) in &t.drops {
-            let l = [
-                ("task", t.name.as_str()),
-                ("interface", t.interface.as_str()),
-                ("reason", reason.as_str()),
-            ];
-            add("ecsnet_task_drops_total", &l, *n);
+            add(
+                "ecsnet_task_drops_total",
+                &task_labels(t, "reason", reason),
+                *n,
+            );
         }
     }
     for (reason, n) in &s.drops {
@@ -605,46 +605,32 @@ fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
             c.packets,
         );
     }
-    let c = &s.conntrack;
-    add("ecsnet_conntrack_entries", &[], c.entries);
-    add("ecsnet_conntrack_capacity", &[], c.capacity);
-    add(
-        "ecsnet_conntrack_unanswered_entries",
-        &[],
-        c.unanswered_entries,
-    );
-    add(
-        "ecsnet_conntrack_unanswered_capacity",
-        &[],
-        c.unanswered_capacity,
-    );
-    add("ecsnet_conntrack_flows_created_total", &[], c.created);
-    add("ecsnet_conntrack_flows_assured_total", &[], c.assured);
-    add(
-        "ecsnet_conntrack_assured_table_full_total",
-        &[],
-        c.assured_table_full,
-    );
+    let (c, f) = (&s.conntrack, &s.flow_logs);
     for (kind, n) in &c.flows {
         add("ecsnet_conntrack_flows", &[("kind", kind)], *n);
     }
-    add("ecsnet_nat_mappings", &[], c.nat_mappings);
-    let f = &s.flow_logs;
-    add("ecsnet_flow_table_entries", &[], f.table_entries);
-    add("ecsnet_flow_table_capacity", &[], f.table_capacity);
-    add("ecsnet_flow_log_windows_total", &[], f.windows_exported);
-    add("ecsnet_flow_log_records_total", &[], f.records_exported);
-    add(
-        "ecsnet_flow_log_skipdata_records_total",
-        &[],
-        f.skipdata_records,
-    );
-    add("ecsnet_flow_log_lost_packets_total", &[], f.lost_packets);
-    add(
-        "ecsnet_monitor_events_suppressed_total",
-        &[],
-        f.events_suppressed,
-    );
+    // The families without labels.
+    #[rustfmt::skip]
+    let unlabelled = [
+        ("ecsnet_conntrack_entries", c.entries),
+        ("ecsnet_conntrack_capacity", c.capacity),
+        ("ecsnet_conntrack_unanswered_entries", c.unanswered_entries),
+        ("ecsnet_conntrack_unanswered_capacity", c.unanswered_capacity),
+        ("ecsnet_conntrack_flows_created_total", c.created),
+        ("ecsnet_conntrack_flows_assured_total", c.assured),
+        ("ecsnet_conntrack_assured_table_full_total", c.assured_table_full),
+        ("ecsnet_nat_mappings", c.nat_mappings),
+        ("ecsnet_flow_table_entries", f.table_entries),
+        ("ecsnet_flow_table_capacity", f.table_capacity),
+        ("ecsnet_flow_log_windows_total", f.windows_exported),
+        ("ecsnet_flow_log_records_total", f.records_exported),
+        ("ecsnet_flow_log_skipdata_records_total", f.skipdata_records),
+        ("ecsnet_flow_log_lost_packets_total", f.lost_packets),
+        ("ecsnet_monitor_events_suppressed_total", f.events_suppressed),
+    ];
+    for (name, v) in unlabelled {
+        add(name, &[], v);
+    }
     for (listener, l) in [("metrics", &s.agent.metrics), ("control", &s.agent.control)] {
         add(
             "ecsnet_agent_accept_errors_total",
@@ -690,11 +676,8 @@ fn sample(samples: &BTreeMap<SampleKey, u64>, name: &str, labels: &[(&str, &str)
 
 #[test]
 fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() {
-    let groups = Groups {
-        task1: true,
-        task2_dns: false,
-    };
-    let lab = lab_with_groups("mnd", groups, &[]);
+    const N: u32 = 5;
+    let lab = lab_with_groups("mnd", Groups::BOTH, &[]);
     let (t1_ip, t2_ip) = (task_ip(&lab, 1), task_ip(&lab, 2));
     let t2_iface = lab.status.tasks[1].interface.clone();
     let t1_iface = lab.status.tasks[0].interface.clone();
@@ -703,7 +686,6 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
 
     // A handful of datagrams task2's rules reject (task1's own rules allow them out), and one
     // connection from the client to task1's published port, which task1's rules allow.
-    const N: u32 = 5;
     let before = now_unix();
     let sport = send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), N);
     let host_port: SocketAddr = format!("{HOST}:8080").parse().unwrap();
@@ -711,22 +693,7 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
     assert_eq!(client.ip().to_string(), CLIENT, "the lab's client connects");
     let after = now_unix();
 
-    let (mut drops, mut egress_allows, mut ingress_allows) = (Vec::new(), Vec::new(), Vec::new());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (drops.len() < N as usize
-        || egress_allows.len() < N as usize
-        || ingress_allows.is_empty())
-        && Instant::now() < deadline
-    {
-        let Some(v) = mon.next(Duration::from_millis(200)) else {
-            continue;
-        };
-        sort_event(v, &mut drops, &mut egress_allows, &mut ingress_allows);
-    }
-    // Anything more (a duplicate, a stray event) would show up meanwhile.
-    for v in mon.until_quiet(Duration::from_secs(1)) {
-        sort_event(v, &mut drops, &mut egress_allows, &mut ingress_allows);
-    }
+    let [drops, egress_allows, ingress_allows] = sorted_events(&mon, N as usize);
 
     let src = format!("{t1_ip}:{sport}");
     let dst = format!("{t2_ip}:{REJECTED_PORT}");
@@ -735,20 +702,14 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
         N as usize,
         "{N} rejected datagrams should be {N} drop events, got {drops:#?}"
     );
+    let flow = (src.as_str(), dst.as_str());
     for d in &drops {
         assert_eq!(d["kind"], "drop", "{d}");
         assert_eq!(
             d["reason"], "SG_INGRESS",
             "task2's inbound rules rejected it: {d}"
         );
-        assert_eq!(d["task"], "task2", "dropped for task2: {d}");
-        assert_eq!(d["interface"], json!(t2_iface), "task2's interface: {d}");
-        assert_eq!(d["proto"], 17, "UDP: {d}");
-        assert_eq!(
-            (field(d, "src"), field(d, "dst")),
-            (src.as_str(), dst.as_str()),
-            "{d}"
-        );
+        assert_udp_event(d, ("task2", &t2_iface), flow, "dropped for task2");
         assert_ne!(
             d["hook"], "xdp",
             "task-to-task traffic never passes the uplink's XDP: {d}"
@@ -761,14 +722,7 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
          events, got {egress_allows:#?}"
     );
     for a in &egress_allows {
-        assert_eq!(a["task"], "task1", "task1's rules decided: {a}");
-        assert_eq!(a["interface"], json!(t1_iface), "task1's interface: {a}");
-        assert_eq!(a["proto"], 17, "UDP: {a}");
-        assert_eq!(
-            (field(a, "src"), field(a, "dst")),
-            (src.as_str(), dst.as_str()),
-            "{a}"
-        );
+        assert_udp_event(a, ("task1", &t1_iface), flow, "task1's rules decided");
     }
     assert_eq!(
         ingress_allows.len(),
@@ -811,43 +765,68 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
     );
 }
 
-/// Files an event seen after the sync: markers are ignored, the rest must be one of the kinds
-/// the test expects.
-fn sort_event(v: Value, drops: &mut Vec<Value>, egress: &mut Vec<Value>, ingress: &mut Vec<Value>) {
+/// Event `e` (`what`) is about UDP from `flow.0` to `flow.1`, for `task` on its interface.
+fn assert_udp_event(e: &Value, (task, iface): (&str, &str), flow: (&str, &str), what: &str) {
+    assert_eq!(e["task"], task, "{what}: {e}");
+    assert_eq!(e["interface"], json!(iface), "{task}'s interface: {e}");
+    assert_eq!(e["proto"], 17, "UDP: {e}");
+    assert_eq!((field(e, "src"), field(e, "dst")), flow, "{e}");
+}
+
+/// Files an event seen after the sync into [drops, egress allows, ingress allows]: it must be
+/// one of those kinds, and neither about a marker nor a note of lost events.
+fn sort_event(sorted: &mut [Vec<Value>; 3], v: Value) {
     assert!(v.get("lost").is_none(), "the monitor lost events: {v}");
     check_event_shape(&v);
-    if is_marker(&v) {
-        panic!("an event about a marker datagram after the sync: {v}");
-    }
-    match (field(&v, "kind"), v["direction"].as_str()) {
-        ("drop", _) => drops.push(v),
-        ("allow", Some("egress")) => egress.push(v),
-        ("allow", Some("ingress")) => ingress.push(v),
+    assert!(
+        !is_marker(&v),
+        "an event about a marker datagram after the sync: {v}"
+    );
+    let i = match (field(&v, "kind"), v["direction"].as_str()) {
+        ("drop", _) => 0,
+        ("allow", Some("egress")) => 1,
+        ("allow", Some("ingress")) => 2,
         _ => panic!("unexpected event {v}"),
+    };
+    sorted[i].push(v);
+}
+
+/// The events after the sync, sorted by `sort_event`: read until there are `n` drops, `n`
+/// egress allows and an ingress allow (10 s at most), then until none has come for a second,
+/// so that a duplicate or a stray event shows too.
+fn sorted_events(mon: &Monitor, n: usize) -> [Vec<Value>; 3] {
+    let mut sorted: [Vec<Value>; 3] = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (sorted[0].len() < n || sorted[1].len() < n || sorted[2].is_empty())
+        && Instant::now() < deadline
+    {
+        if let Some(v) = mon.next(Duration::from_millis(200)) {
+            sort_event(&mut sorted, v);
+        }
     }
+    for v in mon.until_quiet(Duration::from_secs(1)) {
+        sort_event(&mut sorted, v);
+    }
+    sorted
 }
 
 #[test]
 fn monitor_rate_limit_suppresses_events_in_the_kernel_and_accounts_for_every_drop() {
-    // No groups on task1: no allow events, so every event is a drop of the flood.
-    let groups = Groups {
-        task1: false,
-        task2_dns: false,
-    };
     const RATE: u64 = 50;
+    const FLOOD: u32 = 20_000;
+    // No groups on task1: no allow events, so every event is a drop of the flood.
     let rate = RATE.to_string();
-    let lab = lab_with_groups("mnr", groups, &["--monitor-rate", &rate]);
+    let lab = lab_with_groups("mnr", Groups::TASK2, &["--monitor-rate", &rate]);
     let mon = Monitor::start(&lab);
     let markers = mon.sync(&lab);
     let before = lab.stats();
 
-    const FLOOD: u32 = 20_000;
     let started = Instant::now();
     let sport = send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), FLOOD);
     let drops_before = task_drops(&before, "task2", "SG_INGRESS");
     wait_for_drops(&lab, drops_before + u64::from(FLOOD));
     // Every event of the flood has been made by now.
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     let lines = mon.until_quiet(Duration::from_secs(2));
     let after = lab.stats();
 
@@ -897,7 +876,12 @@ fn monitor_rate_limit_suppresses_events_in_the_kernel_and_accounts_for_every_dro
          suppressed in the kernel ({suppressed})"
     );
     let cpus = possible_cpus();
-    let budget = (cpus as f64 * (RATE as f64 * elapsed + RATE as f64)).ceil() as u64 + 5;
+    // RATE a second and RATE of burst on each CPU, rounded up, and a little slack.
+    let per_cpu_us = u128::from(RATE) * (elapsed.as_micros() + 1_000_000);
+    let budget = u64::try_from((u128::from(cpus) * per_cpu_us).div_ceil(1_000_000))
+        .expect("a budget of events fits 64 bits")
+        + 5;
+    let elapsed = elapsed.as_secs_f64();
     assert!(
         received + lost <= budget,
         "{received} events received and {lost} lost in {elapsed:.2} s: the kernel may send at \
@@ -918,37 +902,19 @@ fn monitor_rate_limit_suppresses_events_in_the_kernel_and_accounts_for_every_dro
 
 #[test]
 fn monitor_without_an_agent_fails_with_one_line_and_works_after_up() {
-    let groups = Groups {
-        task1: false,
-        task2_dns: false,
-    };
-    let lab = lab_with_groups("mna", groups, &[]);
+    let lab = lab_with_groups("mna", Groups::TASK2, &[]);
     {
         let mon = Monitor::start(&lab);
         mon.sync(&lab);
     }
 
-    let pid_file = format!("/run/ecsnet/{}.d/agent.pid", lab.name);
-    let text = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| panic!("{pid_file}: {e}"));
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{pid_file} holds {text:?}: {e}"));
+    let pid = agent::pid(&lab.name).expect("the agent's pid file");
     assert_eq!(
         agent_pid(&lab),
-        pid as u64,
-        "the agent that answers is the one in {pid_file}"
+        pid,
+        "the agent that answers is the one in its pid file"
     );
-    let agent = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the agent");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gone_or_zombie(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "agent {pid} still runs 10 s after SIGKILL"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    kill_agent(pid);
 
     let monitor = ["--instance", lab.name.as_str(), "monitor", "--json"];
     let line = ecsnet_fails(&monitor, 1);
@@ -960,13 +926,10 @@ fn monitor_without_an_agent_fails_with_one_line_and_works_after_up() {
     let line = ecsnet_fails(&["--instance", lab.name.as_str(), "monitor"], 1);
     assert!(line.contains("no agent"), "{line}");
 
-    let state = std::path::Path::new(&lab.state_file())
-        .with_file_name("monitor-groups.json")
-        .display()
-        .to_string();
+    let state = lab_file(&lab, GROUPS_FILE).display().to_string();
     up(&lab, &state, &[]);
     let new_pid = agent_pid(&lab);
-    assert_ne!(new_pid, pid as u64, "up started a new agent");
+    assert_ne!(new_pid, pid, "up started a new agent");
     let mon = Monitor::start(&lab);
     mon.sync(&lab);
     // And it shows real traffic again.
@@ -990,74 +953,107 @@ fn monitor_without_an_agent_fails_with_one_line_and_works_after_up() {
     );
 }
 
-/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
-fn gone_or_zombie(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
+/// The known traffic of `metrics_serve_the_numbers_of_stats`: datagrams to task2's published
+/// UDP port and their size, and datagrams from task1 that task2's rules reject.
+const UDP: u32 = 4;
+const UDP_SIZE: usize = 64;
+const REJECTED: u32 = 7;
+
+/// The samples of `metrics_serve_the_numbers_of_stats` (with `stats` read around them) are the
+/// numbers of its known traffic.
+fn assert_samples_count_the_traffic(samples: &BTreeMap<SampleKey, u64>, stats: &Stats) {
+    let (task1, task2) = (&stats.tasks[0], &stats.tasks[1]);
+    assert_eq!((&*task1.name, &*task2.name), ("task1", "task2"));
+    let l2 = |dir| task_labels(task2, "direction", dir);
+    assert_eq!(
+        sample(samples, "ecsnet_task_packets_total", &l2("ingress")),
+        u64::from(UDP),
+        "task2 received the {UDP} datagrams of the probe, no more"
+    );
+    assert_eq!(
+        sample(samples, "ecsnet_task_bytes_total", &l2("ingress")),
+        u64::from(UDP) * (28 + UDP_SIZE as u64),
+        "IP bytes of {UDP} datagrams of {UDP_SIZE} bytes"
+    );
+    assert_eq!(
+        sample(samples, "ecsnet_task_packets_total", &l2("egress")),
+        u64::from(UDP),
+        "task2 sent {UDP} echoes"
+    );
+    let l1 = |dir| task_labels(task1, "direction", dir);
+    assert!(
+        sample(samples, "ecsnet_task_packets_total", &l1("ingress")) >= 5
+            && sample(samples, "ecsnet_task_bytes_total", &l1("ingress")) >= 500,
+        "task1 received at least the 5 messages of 100 bytes"
+    );
+    assert!(
+        sample(samples, "ecsnet_task_packets_total", &l1("egress")) >= u64::from(REJECTED) + 5,
+        "task1 sent the {REJECTED} rejected datagrams and 5 echoes at least"
+    );
+    assert_eq!(
+        sample(
+            samples,
+            "ecsnet_task_drops_total",
+            &[("task", "task2"), ("reason", "SG_INGRESS")]
+        ),
+        u64::from(REJECTED),
+        "task2's SG_INGRESS drops are the {REJECTED} datagrams rejected"
+    );
+    assert_eq!(
+        sample(samples, "ecsnet_drops_total", &[("reason", "SG_INGRESS")]),
+        u64::from(REJECTED)
+    );
+    assert_eq!(
+        sample(samples, "ecsnet_conntrack_capacity", &[]),
+        stats.conntrack.capacity
+    );
+    assert!(
+        stats.conntrack.capacity > 0,
+        "the connection table has room"
+    );
+    assert_eq!(
+        sample(samples, "ecsnet_flow_table_capacity", &[]),
+        stats.flow_logs.table_capacity
+    );
+    assert_eq!(
+        stats.flow_logs.table_capacity, 65536,
+        "the flow table's default size"
+    );
+    assert!(
+        sample(samples, "ecsnet_flow_log_records_total", &[]) > 0,
+        "records after {} windows",
+        stats.flow_logs.windows_exported
+    );
 }
 
 #[test]
 fn metrics_serve_the_numbers_of_stats() {
-    let groups = Groups {
-        task1: false,
-        task2_dns: true,
-    };
-    let lab = lab_with_groups("mnm", groups, &[]);
+    let lab = lab_with_groups("mnm", Groups::TASK2_DNS, &[]);
     let host = lab.host().to_owned();
 
     // Known traffic: TCP to task1's published port, UDP to task2's, and datagrams from task1
     // that task2's rules reject.
     let tcp = lab.probe(lab.client(), "tcp", &format!("{HOST}:8080"), 5, 100);
     assert_eq!(tcp["echoed"], 5, "tcp probe: {tcp}");
-    const UDP: u64 = 4;
-    const UDP_SIZE: u64 = 64;
-    let udp = lab.probe(
-        lab.client(),
-        "udp",
-        &format!("{HOST}:8053"),
-        UDP as u32,
-        UDP_SIZE as usize,
-    );
+    let udp = lab.probe(lab.client(), "udp", &format!("{HOST}:8053"), UDP, UDP_SIZE);
     assert_eq!(udp["echoed"], json!(UDP), "udp probe: {udp}");
-    const REJECTED: u32 = 7;
     send_udp(lab.task_ns(1), task_addr(&lab, 2, REJECTED_PORT), REJECTED);
     let s = wait_for_drops(&lab, u64::from(REJECTED));
     assert_eq!(task_drops(&s, "task2", "SG_INGRESS"), u64::from(REJECTED));
 
     // A couple of windows closed, so there are records.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while lab.stats().flow_logs.windows_exported < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no two windows exported in 15 s with --window 1"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let exported = poll(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || lab.stats().flow_logs.windows_exported,
+        |n| *n >= 2,
+    );
+    assert!(
+        exported.is_ok(),
+        "no two windows exported in 15 s with --window 1"
+    );
 
-    // Stats, the scrape, stats again: the scrape counts only if nothing moved around it.
-    let mut tries = 0;
-    let (stats, resp) = loop {
-        tries += 1;
-        let a = lab.stats();
-        let resp = scrape(&host, 9464);
-        let b = lab.stats();
-        let (va, vb) = (
-            serde_json::to_value(&a).unwrap(),
-            serde_json::to_value(&b).unwrap(),
-        );
-        if va == vb {
-            break (a, resp);
-        }
-        assert!(
-            tries < 30,
-            "stats kept changing around 30 scrapes: {va} vs {vb}"
-        );
-        std::thread::sleep(Duration::from_millis(150));
-    };
+    let (stats, resp) = scrape_between_equal_stats(&lab);
     assert_eq!(resp.status, 200, "GET /metrics: {}", resp.body);
     let ctype = resp.header("content-type").unwrap_or("");
     assert!(
@@ -1072,80 +1068,7 @@ fn metrics_serve_the_numbers_of_stats() {
     );
 
     // The numbers are those of the traffic sent.
-    let t2 = &stats.tasks[1];
-    let l2 = |dir| {
-        [
-            ("task", "task2"),
-            ("interface", t2.interface.as_str()),
-            ("direction", dir),
-        ]
-    };
-    assert_eq!(
-        sample(&samples, "ecsnet_task_packets_total", &l2("ingress")),
-        UDP,
-        "task2 received the {UDP} datagrams of the probe, no more"
-    );
-    assert_eq!(
-        sample(&samples, "ecsnet_task_bytes_total", &l2("ingress")),
-        UDP * (28 + UDP_SIZE),
-        "IP bytes of {UDP} datagrams of {UDP_SIZE} bytes"
-    );
-    assert_eq!(
-        sample(&samples, "ecsnet_task_packets_total", &l2("egress")),
-        UDP,
-        "task2 sent {UDP} echoes"
-    );
-    let t1 = &stats.tasks[0];
-    let l1 = |dir| {
-        [
-            ("task", "task1"),
-            ("interface", t1.interface.as_str()),
-            ("direction", dir),
-        ]
-    };
-    assert!(
-        sample(&samples, "ecsnet_task_packets_total", &l1("ingress")) >= 5
-            && sample(&samples, "ecsnet_task_bytes_total", &l1("ingress")) >= 500,
-        "task1 received at least the 5 messages of 100 bytes"
-    );
-    assert!(
-        sample(&samples, "ecsnet_task_packets_total", &l1("egress")) >= u64::from(REJECTED) + 5,
-        "task1 sent the {REJECTED} rejected datagrams and 5 echoes at least"
-    );
-    assert_eq!(
-        sample(
-            &samples,
-            "ecsnet_task_drops_total",
-            &[("task", "task2"), ("reason", "SG_INGRESS")]
-        ),
-        u64::from(REJECTED),
-        "task2's SG_INGRESS drops are the {REJECTED} datagrams rejected"
-    );
-    assert_eq!(
-        sample(&samples, "ecsnet_drops_total", &[("reason", "SG_INGRESS")]),
-        u64::from(REJECTED)
-    );
-    assert_eq!(
-        sample(&samples, "ecsnet_conntrack_capacity", &[]),
-        stats.conntrack.capacity
-    );
-    assert!(
-        stats.conntrack.capacity > 0,
-        "the connection table has room"
-    );
-    assert_eq!(
-        sample(&samples, "ecsnet_flow_table_capacity", &[]),
-        stats.flow_logs.table_capacity
-    );
-    assert_eq!(
-        stats.flow_logs.table_capacity, 65536,
-        "the flow table's default size"
-    );
-    assert!(
-        sample(&samples, "ecsnet_flow_log_records_total", &[]) > 0,
-        "records after {} windows",
-        stats.flow_logs.windows_exported
-    );
+    assert_samples_count_the_traffic(&samples, &stats);
     for (name, labels) in samples.keys() {
         assert!(
             labels.contains(&("instance".to_owned(), lab.name.clone())),
@@ -1177,12 +1100,12 @@ fn metrics_address_follows_up_and_a_bad_one_is_refused() {
         2,
     );
     assert!(line.contains("metrics"), "the error names the flag: {line}");
-    let stats = ecsnet(&["--instance", &lab.name, "stats", "--json"]);
+    let after_refusal = ecsnet(&["--instance", &lab.name, "stats", "--json"]);
     assert!(
-        !stats.status.success(),
+        !after_refusal.status.success(),
         "a refused up left instance {} up: {}",
         lab.name,
-        String::from_utf8_lossy(&stats.stdout)
+        String::from_utf8_lossy(&after_refusal.stdout)
     );
 
     up(&lab, &state, &["--metrics", "127.0.0.1:9465"]);

@@ -8,14 +8,18 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use ecsnet_tests::{Background, Lab, Stats, ecsnet_bin, ecsnet_ok, in_netns};
+use ecsnet_tests::{
+    Background, Lab, Stats,
+    counters::{self, flows},
+    ecsnet_bin, in_netns,
+    traffic::{echo, tcp_connect},
+    world::{self, all, instance_ok, perm, sg, state_with_groups, tcp, udp},
+};
 use serde_json::{Value, json};
 
 /// How long a probe that should get through may take.
@@ -30,82 +34,20 @@ const OUT: &str = "SG_EGRESS";
 const EVERYWHERE: &[&str] = &["0.0.0.0/0"];
 const CLIENT: &str = "10.10.0.2";
 const CLIENT_ECHO: &str = "10.10.0.2:9000";
+/// Task1's published port 8080 on the host's uplink address.
+const PUBLISHED: &str = "10.10.0.1:8080";
 
 // ---------------------------------------------------------------------------------------------
-// Security groups and state files.
-
-/// One `IpPermissions` entry: `peers` starting with `sg-` are group references
-/// (`UserIdGroupPairs`), the others CIDRs (`IpRanges`). `ports` is (FromPort, ToPort).
-fn perm(proto: &str, ports: Option<(i32, i32)>, peers: &[&str]) -> Value {
-    let mut p = json!({"IpProtocol": proto});
-    if let Some((from, to)) = ports {
-        p["FromPort"] = json!(from);
-        p["ToPort"] = json!(to);
-    }
-    let (groups, cidrs): (Vec<&str>, Vec<&str>) = peers.iter().partition(|p| p.starts_with("sg-"));
-    if !cidrs.is_empty() {
-        p["IpRanges"] = cidrs.iter().map(|c| json!({"CidrIp": c})).collect();
-    }
-    if !groups.is_empty() {
-        p["UserIdGroupPairs"] = groups.iter().map(|g| json!({"GroupId": g})).collect();
-    }
-    p
-}
-
-fn tcp(from: i32, to: i32, peers: &[&str]) -> Value {
-    perm("tcp", Some((from, to)), peers)
-}
-
-fn udp(from: i32, to: i32, peers: &[&str]) -> Value {
-    perm("udp", Some((from, to)), peers)
-}
-
-/// `IpProtocol: "-1"`: every protocol and port.
-fn all(peers: &[&str]) -> Value {
-    perm("-1", None, peers)
-}
-
-/// A security group as `aws ec2 describe-security-groups` prints it.
-fn sg(id: &str, name: &str, inbound: &[Value], outbound: &[Value]) -> Value {
-    json!({
-        "GroupId": id,
-        "GroupName": name,
-        "IpPermissions": inbound,
-        "IpPermissionsEgress": outbound,
-    })
-}
-
-/// The lab's state file with `groups` and, for task i+1, the groups `members[i]`.
-fn state(lab: &Lab, groups: &[Value], members: &[&[&str]]) -> Value {
-    let text = std::fs::read_to_string(lab.state_file()).expect("read the lab's state file");
-    let mut s: Value = serde_json::from_str(&text).expect("the lab's state file parses");
-    s["securityGroups"] = json!(groups);
-    for (i, m) in members.iter().enumerate() {
-        s["tasks"][i]["securityGroups"] = json!(m);
-    }
-    s
-}
-
-/// Writes `value` into the lab's directory (removed by `lab down`) and returns the path.
-fn write_file(lab: &Lab, value: &Value) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::path::Path::new(&lab.state_file())
-        .parent()
-        .expect("the state file has a directory")
-        .to_owned();
-    let file = dir
-        .join(format!("policy-{}.json", N.fetch_add(1, Ordering::Relaxed)))
-        .display()
-        .to_string();
-    std::fs::write(&file, value.to_string()).expect("write a state file");
-    file
-}
+// State files.
 
 /// `ecsnet apply -f` of a whole state file.
 fn apply(lab: &Lab, s: &Value) {
-    let file = write_file(lab, s);
-    let out = ecsnet_ok(&lab.ecsnet_args(&["apply", "-f", &file]));
-    assert!(out.starts_with("applied "), "apply printed: {out}");
+    world::apply(lab, "policy.json", s);
+}
+
+/// Applies the lab's state file with `groups` and, for task i+1, the groups `members[i]`.
+fn apply_groups(lab: &Lab, groups: &[Value], members: &[&[&str]]) {
+    apply(lab, &state_with_groups(lab, groups, members));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -136,8 +78,8 @@ fn serve(ns: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> Background {
     for p in udp_ports {
         args.extend(["--udp".to_owned(), p.to_string()]);
     }
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Background::start(ns, &argv, Duration::ZERO);
+    let arg_strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Background::start(ns, &arg_strs, Duration::ZERO);
     wait_for_echo(ns, tcp_ports, udp_ports);
     server
 }
@@ -224,20 +166,10 @@ fn run(ns: &str, probe: Probe, expect_pass: bool) -> Result<(), String> {
     match probe {
         Tcp(addr) => {
             let addr: SocketAddr = addr.parse().expect("a socket address");
-            in_netns(ns, move || {
-                let mut s = TcpStream::connect_timeout(&addr, timeout)
-                    .map_err(|e| format!("connect: {e} ({:?})", e.kind()))?;
-                s.set_read_timeout(Some(PASS_TIMEOUT)).unwrap();
-                let msg = [0x5a_u8; 200];
-                s.write_all(&msg).map_err(|e| format!("send: {e}"))?;
-                let mut back = [0u8; 200];
-                s.read_exact(&mut back)
-                    .map_err(|e| format!("connected, but no echo: {e}"))?;
-                if back != msg {
-                    return Err("connected, but the echo differs".to_owned());
-                }
-                Ok(())
-            })
+            let mut s = tcp_connect(ns, addr, timeout)
+                .map_err(|e| format!("connect: {e} ({:?})", e.kind()))?;
+            s.set_read_timeout(Some(PASS_TIMEOUT)).unwrap();
+            echo(&mut s, &[0x5a_u8; 200]).map_err(|e| format!("connected, but no echo: {e}"))
         }
         Udp(addr) => {
             let addr: SocketAddr = addr.parse().expect("a socket address");
@@ -270,17 +202,10 @@ fn run(ns: &str, probe: Probe, expect_pass: bool) -> Result<(), String> {
     }
 }
 
-/// Every drop counter of a stats snapshot: "taskN REASON" and "uplink REASON".
+/// Every drop counter of a stats snapshot ("taskN REASON" and "uplink REASON"), checked to add
+/// up to the top-level drops.
 fn drops(s: &Stats) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for t in &s.tasks {
-        for (r, n) in &t.drops {
-            out.insert(format!("{} {r}", t.name), *n);
-        }
-    }
-    for (r, n) in &s.uplink.drops {
-        out.insert(format!("uplink {r}"), *n);
-    }
+    let out = counters::drops(s);
     let total_tasks_and_uplink: u64 = out.values().sum();
     let total: u64 = s.drops.values().sum();
     assert_eq!(
@@ -354,6 +279,37 @@ fn task_addr(lab: &Lab, i: usize, port: u16) -> String {
     format!("{}:{port}", lab.status.tasks[i - 1].address)
 }
 
+/// What a probe must do: get through (`pass`), or be rejected and counted as the reason on
+/// task N (`reject`).
+#[derive(Clone, Copy, Debug)]
+enum Want {
+    Pass,
+    Reject(usize, &'static str),
+}
+
+use Want::{Pass, Reject};
+
+/// Each case in turn: the probe from the namespace must do what is wanted.
+fn expect(lab: &Lab, cases: &[(&str, Probe, Want, &str)]) {
+    for &(ns, probe, want, what) in cases {
+        match want {
+            Pass => pass(lab, ns, probe, what),
+            Reject(task, reason) => {
+                reject(lab, ns, probe, (task, reason), what);
+            }
+        }
+    }
+}
+
+/// The stats' flows of `kind` are at least `n`.
+fn assert_flows(s: &Stats, kind: &str, n: u64, what: &str) {
+    assert!(
+        flows(s, kind) >= n,
+        "{what}: want {n} {kind} flow(s): {:?}",
+        s.conntrack
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -363,103 +319,68 @@ fn each_rule_kind_allows_its_own_traffic_and_nothing_else() {
     let (t1, t2) = (lab.task_ns(1), lab.task_ns(2));
     let _srv = serve(t2, &[53, 81, 7999, 8000, 8010, 8011], &[53, 54]);
     let addr = |port| task_addr(&lab, 2, port);
-    let (a80, a81, a53) = (addr(80), addr(81), addr(53));
-    let (a7999, a8000, a8010, a8011, a54) =
-        (addr(7999), addr(8000), addr(8010), addr(8011), addr(54));
     let t2_ip = lab.status.tasks[1].address.to_string();
     let groups = |inbound: &[Value]| {
-        state(
-            &lab,
-            &[sg("sg-k", "kinds", inbound, &[])],
-            &[&[], &["sg-k"]],
-        )
+        let kinds = [sg("sg-k", "kinds", inbound, &[])];
+        apply_groups(&lab, &kinds, &[&[], &["sg-k"]]);
     };
 
     // "-1": every protocol and port.
-    apply(&lab, &groups(&[all(EVERYWHERE)]));
-    pass(&lab, t1, Tcp(&a80), "-1 allows tcp 80");
-    pass(&lab, t1, Tcp(&a8011), "-1 allows tcp 8011");
-    pass(&lab, t1, Udp(&a54), "-1 allows udp 54");
-    pass(&lab, t1, Ping(&t2_ip), "-1 allows icmp");
+    groups(&[all(EVERYWHERE)]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t1, Tcp(&addr(80)), Pass, "-1 allows tcp 80"),
+        (t1, Tcp(&addr(8011)), Pass, "-1 allows tcp 8011"),
+        (t1, Udp(&addr(54)), Pass, "-1 allows udp 54"),
+        (t1, Ping(&t2_ip), Pass, "-1 allows icmp"),
+    ]);
 
     // tcp single port and range, udp, icmp type 8: exactly those.
-    apply(
-        &lab,
-        &groups(&[
-            tcp(80, 80, EVERYWHERE),
-            tcp(8000, 8010, EVERYWHERE),
-            udp(53, 53, EVERYWHERE),
-            perm("icmp", Some((8, -1)), EVERYWHERE),
-        ]),
-    );
-    pass(&lab, t1, Tcp(&a80), "tcp 80 allows tcp 80");
-    reject(&lab, t1, Tcp(&a81), (2, IN), "tcp 80 does not allow 81");
-    pass(&lab, t1, Tcp(&a8000), "tcp 8000-8010 allows its first port");
-    pass(&lab, t1, Tcp(&a8010), "tcp 8000-8010 allows its last port");
-    reject(
-        &lab,
-        t1,
-        Tcp(&a7999),
-        (2, IN),
-        "tcp 8000-8010 does not allow 7999",
-    );
-    reject(
-        &lab,
-        t1,
-        Tcp(&a8011),
-        (2, IN),
-        "tcp 8000-8010 does not allow 8011",
-    );
-    pass(&lab, t1, Udp(&a53), "udp 53 allows udp 53");
-    reject(&lab, t1, Udp(&a54), (2, IN), "udp 53 does not allow udp 54");
-    reject(&lab, t1, Tcp(&a53), (2, IN), "udp 53 does not allow tcp 53");
-    pass(&lab, t1, Ping(&t2_ip), "icmp type 8 allows ping");
+    groups(&[
+        tcp(80, 80, EVERYWHERE),
+        tcp(8000, 8010, EVERYWHERE),
+        udp(53, 53, EVERYWHERE),
+        perm("icmp", Some((8, -1)), EVERYWHERE),
+    ]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t1, Tcp(&addr(80)), Pass, "tcp 80 allows tcp 80"),
+        (t1, Tcp(&addr(81)), Reject(2, IN), "tcp 80 does not allow 81"),
+        (t1, Tcp(&addr(8000)), Pass, "tcp 8000-8010 allows its first port"),
+        (t1, Tcp(&addr(8010)), Pass, "tcp 8000-8010 allows its last port"),
+        (t1, Tcp(&addr(7999)), Reject(2, IN), "tcp 8000-8010 does not allow 7999"),
+        (t1, Tcp(&addr(8011)), Reject(2, IN), "tcp 8000-8010 does not allow 8011"),
+        (t1, Udp(&addr(53)), Pass, "udp 53 allows udp 53"),
+        (t1, Udp(&addr(54)), Reject(2, IN), "udp 53 does not allow udp 54"),
+        (t1, Tcp(&addr(53)), Reject(2, IN), "udp 53 does not allow tcp 53"),
+        (t1, Ping(&t2_ip), Pass, "icmp type 8 allows ping"),
+    ]);
 
     // icmp type 13 (timestamp) only; protocols as numbers: "17" is udp, "6" is tcp.
-    apply(
-        &lab,
-        &groups(&[
-            perm("icmp", Some((13, -1)), EVERYWHERE),
-            perm("17", Some((53, 53)), EVERYWHERE),
-            perm("6", Some((8000, 8010)), EVERYWHERE),
-        ]),
-    );
-    reject(
-        &lab,
-        t1,
-        Ping(&t2_ip),
-        (2, IN),
-        "icmp type 13 does not allow ping",
-    );
-    pass(&lab, t1, Udp(&a53), "protocol 17 port 53 allows udp 53");
-    reject(
-        &lab,
-        t1,
-        Udp(&a54),
-        (2, IN),
-        "protocol 17 port 53 does not allow udp 54",
-    );
-    pass(
-        &lab,
-        t1,
-        Tcp(&a8010),
-        "protocol 6 8000-8010 allows tcp 8010",
-    );
-    reject(
-        &lab,
-        t1,
-        Tcp(&a80),
-        (2, IN),
-        "protocol 6 8000-8010 does not allow tcp 80",
-    );
+    groups(&[
+        perm("icmp", Some((13, -1)), EVERYWHERE),
+        perm("17", Some((53, 53)), EVERYWHERE),
+        perm("6", Some((8000, 8010)), EVERYWHERE),
+    ]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t1, Ping(&t2_ip), Reject(2, IN), "icmp type 13 does not allow ping"),
+        (t1, Udp(&addr(53)), Pass, "protocol 17 port 53 allows udp 53"),
+        (t1, Udp(&addr(54)), Reject(2, IN), "protocol 17 port 53 does not allow udp 54"),
+        (t1, Tcp(&addr(8010)), Pass, "protocol 6 8000-8010 allows tcp 8010"),
+        (t1, Tcp(&addr(80)), Reject(2, IN), "protocol 6 8000-8010 does not allow tcp 80"),
+    ]);
 
     // icmp -1: every ICMP type, and only ICMP.
-    apply(&lab, &groups(&[perm("icmp", Some((-1, -1)), EVERYWHERE)]));
-    pass(&lab, t1, Ping(&t2_ip), "icmp -1 allows ping");
-    reject(&lab, t1, Udp(&a53), (2, IN), "icmp -1 does not allow udp");
-    reject(&lab, t1, Tcp(&a80), (2, IN), "icmp -1 does not allow tcp");
+    groups(&[perm("icmp", Some((-1, -1)), EVERYWHERE)]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t1, Ping(&t2_ip), Pass, "icmp -1 allows ping"),
+        (t1, Udp(&addr(53)), Reject(2, IN), "icmp -1 does not allow udp"),
+        (t1, Tcp(&addr(80)), Reject(2, IN), "icmp -1 does not allow tcp"),
+    ]);
 
-    let out = ecsnet_ok(&["--instance", &lab.name, "sg", "ls"]);
+    let out = instance_ok(&lab, &["sg", "ls"]);
     assert!(
         out.lines().any(|l| l == "  in  icmp all from 0.0.0.0/0"),
         "sg ls does not show the icmp -1 rule:\n{out}"
@@ -470,101 +391,63 @@ fn each_rule_kind_allows_its_own_traffic_and_nothing_else() {
 fn cidr_sources_and_destinations_decide_who_gets_in_and_where_a_task_reaches_out() {
     let lab = lab_up("sgc", 1, &["1:8080:80", "1:8053:53/udp"]);
     let (client, t1) = (lab.client(), lab.task_ns(1));
-    let (web, dns) = ("10.10.0.1:8080", "10.10.0.1:8053");
+    let (web, dns) = (PUBLISHED, "10.10.0.1:8053");
     let groups = |inbound: &[Value], outbound: &[Value]| {
-        state(
+        apply_groups(
             &lab,
             &[sg("sg-c", "cidrs", inbound, outbound)],
             &[&["sg-c"]],
-        )
+        );
     };
 
     // The client's /32: in. Out to the client's /32 (tcp) and to its /24 (udp).
-    apply(
-        &lab,
-        &groups(
-            &[tcp(80, 80, &["10.10.0.2/32"])],
-            &[
-                tcp(9000, 9000, &["10.10.0.2/32"]),
-                udp(9000, 9000, &["10.10.0.0/24"]),
-            ],
-        ),
+    groups(
+        &[tcp(80, 80, &["10.10.0.2/32"])],
+        &[
+            tcp(9000, 9000, &["10.10.0.2/32"]),
+            udp(9000, 9000, &["10.10.0.0/24"]),
+        ],
     );
-    pass(&lab, client, Tcp(web), "inbound from 10.10.0.2/32");
-    reject(
-        &lab,
-        client,
-        Udp(dns),
-        (1, IN),
-        "no udp rule from the client",
-    );
-    pass(&lab, t1, Tcp(CLIENT_ECHO), "outbound tcp to 10.10.0.2/32");
-    pass(&lab, t1, Udp(CLIENT_ECHO), "outbound udp to 10.10.0.0/24");
-    reject(&lab, t1, Ping(CLIENT), (1, OUT), "no outbound icmp rule");
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(web), Pass, "inbound from 10.10.0.2/32"),
+        (client, Udp(dns), Reject(1, IN), "no udp rule from the client"),
+        (t1, Tcp(CLIENT_ECHO), Pass, "outbound tcp to 10.10.0.2/32"),
+        (t1, Udp(CLIENT_ECHO), Pass, "outbound udp to 10.10.0.0/24"),
+        (t1, Ping(CLIENT), Reject(1, OUT), "no outbound icmp rule"),
+    ]);
 
     // Two CIDRs that both hold the client grant together: tcp from its /24, udp from its /32.
-    apply(
-        &lab,
-        &groups(
-            &[
-                tcp(80, 80, &["10.10.0.0/24"]),
-                udp(53, 53, &["10.10.0.2/32"]),
-            ],
-            &[all(&["10.10.0.0/24"])],
-        ),
+    groups(
+        &[
+            tcp(80, 80, &["10.10.0.0/24"]),
+            udp(53, 53, &["10.10.0.2/32"]),
+        ],
+        &[all(&["10.10.0.0/24"])],
     );
-    pass(&lab, client, Tcp(web), "inbound tcp from 10.10.0.0/24");
-    pass(
-        &lab,
-        client,
-        Udp(dns),
-        "inbound udp from 10.10.0.2/32 beside tcp from its /24",
-    );
-    pass(&lab, t1, Ping(CLIENT), "outbound -1 to 10.10.0.0/24");
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(web), Pass, "inbound tcp from 10.10.0.0/24"),
+        (client, Udp(dns), Pass, "inbound udp from 10.10.0.2/32 beside tcp from its /24"),
+        (t1, Ping(CLIENT), Pass, "outbound -1 to 10.10.0.0/24"),
+    ]);
 
     // CIDRs that do not hold the client: nothing in, nothing out to it.
-    apply(
-        &lab,
-        &groups(
-            &[all(&["10.99.0.0/16"])],
-            &[all(&["10.99.0.0/16"]), all(&["10.10.0.3/32"])],
-        ),
+    groups(
+        &[all(&["10.99.0.0/16"])],
+        &[all(&["10.99.0.0/16"]), all(&["10.10.0.3/32"])],
     );
-    reject(
-        &lab,
-        client,
-        Tcp(web),
-        (1, IN),
-        "inbound only from 10.99.0.0/16",
-    );
-    reject(
-        &lab,
-        client,
-        Udp(dns),
-        (1, IN),
-        "inbound only from 10.99.0.0/16",
-    );
-    reject(
-        &lab,
-        t1,
-        Tcp(CLIENT_ECHO),
-        (1, OUT),
-        "outbound only to 10.99.0.0/16",
-    );
-    reject(
-        &lab,
-        t1,
-        Udp(CLIENT_ECHO),
-        (1, OUT),
-        "outbound only to 10.99.0.0/16",
-    );
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(web), Reject(1, IN), "inbound only from 10.99.0.0/16"),
+        (client, Udp(dns), Reject(1, IN), "inbound only from 10.99.0.0/16"),
+        (t1, Tcp(CLIENT_ECHO), Reject(1, OUT), "outbound only to 10.99.0.0/16"),
+        (t1, Udp(CLIENT_ECHO), Reject(1, OUT), "outbound only to 10.99.0.0/16"),
+    ]);
     let s = lab.stats();
-    assert!(
-        s.conntrack.flows.get("masquerade").copied().unwrap_or(0) >= 1
-            && s.conntrack.flows.get("inbound").copied().unwrap_or(0) >= 1,
-        "the allowed flows went through ecsnet's masquerade and published ports: {:?}",
-        s.conntrack
-    );
+    let what = "the allowed flows went through ecsnet's masquerade and published ports";
+    assert_flows(&s, "masquerade", 1, what);
+    assert_flows(&s, "inbound", 1, what);
 }
 
 #[test]
@@ -579,8 +462,8 @@ fn group_references_follow_membership_and_sg_ls_shows_rules_and_members() {
             sg("sg-other", "other", &[], &[all(EVERYWHERE)]),
         ]
     };
-    let ls = || ecsnet_ok(&["--instance", &lab.name, "sg", "ls"]);
-    let has = |out: &str, lines: &[&str]| {
+    let ls_has = |lines: &[&str]| {
+        let out = instance_ok(&lab, &["sg", "ls"]);
         for want in lines {
             assert!(
                 out.lines().any(|l| l == *want),
@@ -589,65 +472,56 @@ fn group_references_follow_membership_and_sg_ls_shows_rules_and_members() {
         }
     };
 
+    // Members as given, the probes as given, then what `sg ls` shows.
+    let round = |members: &[&[&str]], cases: &[(&str, Probe, Want, &str)], lines: &[&str]| {
+        apply_groups(&lab, &groups("sg-app"), members);
+        expect(&lab, cases);
+        ls_has(lines);
+    };
+
     // task1 in sg-app, task2 in sg-db (tcp 80 from sg-app), task3 in sg-other.
-    apply(
-        &lab,
-        &state(
-            &lab,
-            &groups("sg-app"),
-            &[&["sg-app"], &["sg-db"], &["sg-other"]],
-        ),
-    );
-    pass(&lab, t1, Tcp(&db), "task1 is in sg-app");
-    reject(&lab, t3, Tcp(&db), (2, IN), "task3 is not in sg-app");
-    let out = ls();
-    has(
-        &out,
-        &[
-            "sg-app (app): members: task1",
-            "  in  (none)",
-            "  out all to 0.0.0.0/0",
-            "sg-db (db): members: task2",
-            "  in  tcp 80 from sg-app",
-            "  out (none)",
-            "sg-other (other): members: task3",
-        ],
-    );
-    let json: Value =
-        serde_json::from_str(&ecsnet_ok(&["--instance", &lab.name, "sg", "ls", "--json"]))
-            .expect("sg ls --json parses");
+    #[rustfmt::skip]
+    round(&[&["sg-app"], &["sg-db"], &["sg-other"]], &[
+        (t1, Tcp(&db), Pass, "task1 is in sg-app"),
+        (t3, Tcp(&db), Reject(2, IN), "task3 is not in sg-app"),
+    ], &[
+        "sg-app (app): members: task1",
+        "  in  (none)",
+        "  out all to 0.0.0.0/0",
+        "sg-db (db): members: task2",
+        "  in  tcp 80 from sg-app",
+        "  out (none)",
+        "sg-other (other): members: task3",
+    ]);
+    let json: Value = serde_json::from_str(&instance_ok(&lab, &["sg", "ls", "--json"]))
+        .expect("sg ls --json parses");
     assert_eq!(json[1]["group"]["GroupId"], "sg-db", "{json}");
     assert_eq!(json[1]["members"], json!(["task2"]), "{json}");
 
     // Membership moves: task3 joins sg-app, task1 leaves it. The rules follow at once.
-    apply(
-        &lab,
-        &state(
-            &lab,
-            &groups("sg-app"),
-            &[&["sg-other"], &["sg-db"], &["sg-app", "sg-other"]],
-        ),
-    );
-    pass(&lab, t3, Tcp(&db), "task3 joined sg-app");
-    reject(&lab, t1, Tcp(&db), (2, IN), "task1 left sg-app");
-    has(
-        &ls(),
-        &[
-            "sg-app (app): members: task3",
-            "sg-other (other): members: task1, task3",
-        ],
-    );
+    #[rustfmt::skip]
+    round(&[&["sg-other"], &["sg-db"], &["sg-app", "sg-other"]], &[
+        (t3, Tcp(&db), Pass, "task3 joined sg-app"),
+        (t1, Tcp(&db), Reject(2, IN), "task1 left sg-app"),
+    ], &[
+        "sg-app (app): members: task3",
+        "sg-other (other): members: task1, task3",
+    ]);
 
     // `sg apply` with what `aws ec2 describe-security-groups` prints: sg-db now names sg-other.
-    let file = write_file(&lab, &json!({"SecurityGroups": groups("sg-other")}));
-    let out = ecsnet_ok(&lab.ecsnet_args(&["sg", "apply", "-f", &file]));
-    assert!(out.starts_with("applied 3 security group(s)"), "{out}");
-    pass(&lab, t1, Tcp(&db), "task1 is in sg-other");
-    pass(&lab, t3, Tcp(&db), "task3 is in sg-other");
-    has(
-        &ls(),
-        &["sg-db (db): members: task2", "  in  tcp 80 from sg-other"],
+    let file = world::write(
+        &lab,
+        "groups.json",
+        &json!({"SecurityGroups": groups("sg-other")}),
     );
+    let out = instance_ok(&lab, &["sg", "apply", "-f", &file]);
+    assert!(out.starts_with("applied 3 security group(s)"), "{out}");
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t1, Tcp(&db), Pass, "task1 is in sg-other"),
+        (t3, Tcp(&db), Pass, "task3 is in sg-other"),
+    ]);
+    ls_has(&["sg-db (db): members: task2", "  in  tcp 80 from sg-other"]);
 }
 
 #[test]
@@ -676,37 +550,26 @@ fn several_groups_on_a_task_grant_the_union_of_their_rules() {
     ];
 
     // One group alone grants only its own.
-    apply(&lab, &state(&lab, &groups, &[&["sg-80"], &[]]));
-    pass(&lab, t2, Tcp(&a80), "sg-80 alone: tcp 80");
-    reject(&lab, t2, Tcp(&a81), (1, IN), "sg-80 alone: tcp 81");
-    reject(&lab, t1, Udp(CLIENT_ECHO), (1, OUT), "sg-80 alone: udp out");
+    apply_groups(&lab, &groups, &[&["sg-80"], &[]]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t2, Tcp(&a80), Pass, "sg-80 alone: tcp 80"),
+        (t2, Tcp(&a81), Reject(1, IN), "sg-80 alone: tcp 81"),
+        (t1, Udp(CLIENT_ECHO), Reject(1, OUT), "sg-80 alone: udp out"),
+    ]);
 
     // Both: both ports in, both protocols out; a third port and ping stay out.
-    apply(&lab, &state(&lab, &groups, &[&["sg-80", "sg-81"], &[]]));
-    pass(&lab, t2, Tcp(&a80), "union: tcp 80 from sg-80");
-    pass(&lab, t2, Tcp(&a81), "union: tcp 81 from sg-81");
-    pass(
-        &lab,
-        client,
-        Tcp("10.10.0.1:8080"),
-        "union: the published port",
-    );
-    reject(
-        &lab,
-        t2,
-        Tcp(&a82),
-        (1, IN),
-        "union: tcp 82 in neither group",
-    );
-    pass(&lab, t1, Tcp(CLIENT_ECHO), "union: tcp out from sg-80");
-    pass(&lab, t1, Udp(CLIENT_ECHO), "union: udp out from sg-81");
-    reject(
-        &lab,
-        t1,
-        Ping(CLIENT),
-        (1, OUT),
-        "union: icmp out in neither group",
-    );
+    apply_groups(&lab, &groups, &[&["sg-80", "sg-81"], &[]]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t2, Tcp(&a80), Pass, "union: tcp 80 from sg-80"),
+        (t2, Tcp(&a81), Pass, "union: tcp 81 from sg-81"),
+        (client, Tcp(PUBLISHED), Pass, "union: the published port"),
+        (t2, Tcp(&a82), Reject(1, IN), "union: tcp 82 in neither group"),
+        (t1, Tcp(CLIENT_ECHO), Pass, "union: tcp out from sg-80"),
+        (t1, Udp(CLIENT_ECHO), Pass, "union: udp out from sg-81"),
+        (t1, Ping(CLIENT), Reject(1, OUT), "union: icmp out in neither group"),
+    ]);
 }
 
 #[test]
@@ -714,72 +577,41 @@ fn replies_pass_whatever_the_rules_of_the_other_direction() {
     let lab = lab_up("sgs", 2, &["1:8081:80", "2:8080:80", "2:8053:53/udp"]);
     let (client, t1, t2) = (lab.client(), lab.task_ns(1), lab.task_ns(2));
     // task1: no inbound rules, everything out. task2: tcp 80 and udp 53 in, nothing out.
-    apply(
+    apply_groups(
         &lab,
-        &state(
-            &lab,
-            &[
-                sg("sg-client", "client", &[], &[all(EVERYWHERE)]),
-                sg(
-                    "sg-server",
-                    "server",
-                    &[tcp(80, 80, EVERYWHERE), udp(53, 53, EVERYWHERE)],
-                    &[],
-                ),
-            ],
-            &[&["sg-client"], &["sg-server"]],
-        ),
+        &[
+            sg("sg-client", "client", &[], &[all(EVERYWHERE)]),
+            sg(
+                "sg-server",
+                "server",
+                &[tcp(80, 80, EVERYWHERE), udp(53, 53, EVERYWHERE)],
+                &[],
+            ),
+        ],
+        &[&["sg-client"], &["sg-server"]],
     );
 
-    // task2 answers allowed inbound connections though its egress allows nothing.
-    pass(
-        &lab,
-        client,
-        Tcp("10.10.0.1:8080"),
-        "published tcp to task2, replies out",
-    );
-    pass(
-        &lab,
-        client,
-        Udp("10.10.0.1:8053"),
-        "published udp to task2, replies out",
-    );
-    // task1 -> task2: task2's replies leave it and enter task1, which has no inbound rules.
-    pass(
-        &lab,
-        t1,
-        Tcp(&task_addr(&lab, 2, 80)),
-        "task1 -> task2, replies both ways",
-    );
-    // task1 gets the replies of its own flows to the outside.
-    pass(
-        &lab,
-        t1,
-        Tcp(CLIENT_ECHO),
-        "task1 -> client tcp, replies in",
-    );
-    pass(
-        &lab,
-        t1,
-        Udp(CLIENT_ECHO),
-        "task1 -> client udp, replies in",
-    );
-    pass(&lab, t1, Ping(CLIENT), "task1 -> client ping, reply in");
+    // task2 answers allowed inbound connections though its egress allows nothing; task1 ->
+    // task2: task2's replies leave it and enter task1, which has no inbound rules; task1 gets
+    // the replies of its own flows to the outside.
+    let to_task2 = task_addr(&lab, 2, 80);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(PUBLISHED), Pass, "published tcp to task2, replies out"),
+        (client, Udp("10.10.0.1:8053"), Pass, "published udp to task2, replies out"),
+        (t1, Tcp(&to_task2), Pass, "task1 -> task2, replies both ways"),
+        (t1, Tcp(CLIENT_ECHO), Pass, "task1 -> client tcp, replies in"),
+        (t1, Udp(CLIENT_ECHO), Pass, "task1 -> client udp, replies in"),
+        (t1, Ping(CLIENT), Pass, "task1 -> client ping, reply in"),
+    ]);
 
     // A long conversation: every mid-flow packet, both ways, rides the tracked flow.
     let before = lab.stats();
-    let mut s = in_netns(client, || {
-        TcpStream::connect_timeout(&"10.10.0.1:8080".parse().unwrap(), PASS_TIMEOUT)
-    })
-    .expect("client -> task2's published port");
+    let mut s = tcp_connect(client, PUBLISHED.parse().unwrap(), PASS_TIMEOUT)
+        .expect("client -> task2's published port");
     s.set_read_timeout(Some(PASS_TIMEOUT)).unwrap();
     for i in 0..50u8 {
-        let msg = [i; 1000];
-        s.write_all(&msg).expect("send on the held connection");
-        let mut back = [0u8; 1000];
-        s.read_exact(&mut back)
-            .expect("echo on the held connection");
-        assert_eq!(back, msg, "echo content");
+        echo(&mut s, &[i; 1000]).expect("echo on the held connection");
     }
     drop(s);
     let diff = drops_diff(&before, &lab.settled_stats());
@@ -789,20 +621,11 @@ fn replies_pass_whatever_the_rules_of_the_other_direction() {
     );
 
     // The rules in the other direction are real: neither may open a flow that way.
-    reject(
-        &lab,
-        t2,
-        Tcp(CLIENT_ECHO),
-        (2, OUT),
-        "task2 has no outbound rules",
-    );
-    reject(
-        &lab,
-        client,
-        Tcp("10.10.0.1:8081"),
-        (1, IN),
-        "task1 has no inbound rules",
-    );
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t2, Tcp(CLIENT_ECHO), Reject(2, OUT), "task2 has no outbound rules"),
+        (client, Tcp("10.10.0.1:8081"), Reject(1, IN), "task1 has no inbound rules"),
+    ]);
 }
 
 #[test]
@@ -811,6 +634,7 @@ fn task_to_task_checks_the_senders_egress_and_the_receivers_ingress() {
     let (t1, t2) = (lab.task_ns(1), lab.task_ns(2));
     let _srv = serve(t2, &[81, 82, 83], &[]);
     let to2 = |port| task_addr(&lab, 2, port);
+    let (to2_80, to2_81, to2_82, to2_83) = (to2(80), to2(81), to2(82), to2(83));
     let to1 = task_addr(&lab, 1, 80);
     let members: &[&[&str]] = &[&["sg-src"], &["sg-dst"]];
     let src = sg("sg-src", "src", &[], &[tcp(80, 82, &["172.17.0.0/16"])]);
@@ -825,52 +649,27 @@ fn task_to_task_checks_the_senders_egress_and_the_receivers_ingress() {
             outbound,
         )
     };
-    apply(&lab, &state(&lab, &[src.clone(), dst(&[])], members));
+    apply_groups(&lab, &[src.clone(), dst(&[])], members);
 
-    pass(
-        &lab,
-        t1,
-        Tcp(&to2(80)),
-        "task1's egress and task2's ingress allow 80",
-    );
-    pass(
-        &lab,
-        t1,
-        Tcp(&to2(81)),
-        "task1's egress and task2's ingress allow 81",
-    );
-    reject(
-        &lab,
-        t1,
-        Tcp(&to2(82)),
-        (2, IN),
-        "task1's egress allows 82, task2's ingress does not",
-    );
-    reject(
-        &lab,
-        t1,
-        Tcp(&to2(83)),
-        (1, OUT),
-        "task2's ingress allows 83, task1's egress does not",
-    );
-    // The other way round: task2's egress (none) first, then task1's ingress (none).
-    reject(&lab, t2, Tcp(&to1), (2, OUT), "task2 has no outbound rules");
-    apply(
-        &lab,
-        &state(&lab, &[src, dst(&[tcp(80, 80, EVERYWHERE)])], members),
-    );
-    reject(
-        &lab,
-        t2,
-        Tcp(&to1),
-        (1, IN),
-        "task2 may send to 80, task1 has no inbound rules",
-    );
-    let s = lab.stats();
-    assert!(
-        s.conntrack.flows.get("eastWest").copied().unwrap_or(0) >= 2,
-        "the allowed connections were ecsnet's east-west flows: {:?}",
-        s.conntrack
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t1, Tcp(&to2_80), Pass, "task1's egress and task2's ingress allow 80"),
+        (t1, Tcp(&to2_81), Pass, "task1's egress and task2's ingress allow 81"),
+        (t1, Tcp(&to2_82), Reject(2, IN), "task1's egress allows 82, task2's ingress does not"),
+        (t1, Tcp(&to2_83), Reject(1, OUT), "task2's ingress allows 83, task1's egress does not"),
+        // The other way round: task2's egress (none) first, then task1's ingress (none).
+        (t2, Tcp(&to1), Reject(2, OUT), "task2 has no outbound rules"),
+    ]);
+    apply_groups(&lab, &[src, dst(&[tcp(80, 80, EVERYWHERE)])], members);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t2, Tcp(&to1), Reject(1, IN), "task2 may send to 80, task1 has no inbound rules"),
+    ]);
+    assert_flows(
+        &lab.stats(),
+        "eastWest",
+        2,
+        "the allowed connections were ecsnet's east-west flows",
     );
 }
 
@@ -878,15 +677,13 @@ fn task_to_task_checks_the_senders_egress_and_the_receivers_ingress() {
 fn published_ports_are_checked_with_the_real_client_and_the_container_port_and_dropped_in_xdp() {
     let lab = lab_up_native_xdp("sgp", 1, &["1:8080:80", "1:8053:53/udp"]);
     let client = lab.client();
-    let (web, dns) = (Tcp("10.10.0.1:8080"), Udp("10.10.0.1:8053"));
-    let groups =
-        |inbound: &[Value]| state(&lab, &[sg("sg-p", "published", inbound, &[])], &[&["sg-p"]]);
+    let (web, dns) = (Tcp(PUBLISHED), Udp("10.10.0.1:8053"));
+    let groups = |inbound: &[Value]| {
+        apply_groups(&lab, &[sg("sg-p", "published", inbound, &[])], &[&["sg-p"]]);
+    };
 
     // Rules on the host ports only: the task's rules are about its container ports.
-    apply(
-        &lab,
-        &groups(&[tcp(8080, 8080, EVERYWHERE), udp(8053, 8053, EVERYWHERE)]),
-    );
+    groups(&[tcp(8080, 8080, EVERYWHERE), udp(8053, 8053, EVERYWHERE)]);
     lab.settled_stats();
     for (probe, what) in [
         (web, "tcp rule on host port 8080 only"),
@@ -907,39 +704,23 @@ fn published_ports_are_checked_with_the_real_client_and_the_container_port_and_d
     }
 
     // Rules naming the addresses a proxy or source NAT would show: not the client's.
-    apply(
-        &lab,
-        &groups(&[
-            tcp(80, 80, &["10.10.0.1/32", "172.17.0.1/32"]),
-            udp(53, 53, &["10.10.0.1/32", "172.17.0.1/32"]),
-        ]),
-    );
-    reject(
-        &lab,
-        client,
-        web,
-        (1, IN),
-        "tcp 80 only from the host's addresses",
-    );
-    reject(
-        &lab,
-        client,
-        dns,
-        (1, IN),
-        "udp 53 only from the host's addresses",
-    );
+    let host = &["10.10.0.1/32", "172.17.0.1/32"];
+    groups(&[tcp(80, 80, host), udp(53, 53, host)]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, web, Reject(1, IN), "tcp 80 only from the host's addresses"),
+        (client, dns, Reject(1, IN), "udp 53 only from the host's addresses"),
+    ]);
 
     // The container ports from the real client: in, through tc.
-    apply(
-        &lab,
-        &groups(&[
-            tcp(80, 80, &["10.10.0.2/32"]),
-            udp(53, 53, &["10.10.0.2/32"]),
-        ]),
-    );
+    let real = &["10.10.0.2/32"];
+    groups(&[tcp(80, 80, real), udp(53, 53, real)]);
     let before = lab.stats();
-    pass(&lab, client, web, "tcp container port 80 from 10.10.0.2/32");
-    pass(&lab, client, dns, "udp container port 53 from 10.10.0.2/32");
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, web, Pass, "tcp container port 80 from 10.10.0.2/32"),
+        (client, dns, Pass, "udp container port 53 from 10.10.0.2/32"),
+    ]);
     let after = lab.stats();
     assert!(
         after.uplink.ingress.packets >= before.uplink.ingress.packets + 4
@@ -948,10 +729,11 @@ fn published_ports_are_checked_with_the_real_client_and_the_container_port_and_d
         before.uplink,
         after.uplink
     );
-    assert!(
-        after.conntrack.flows.get("inbound").copied().unwrap_or(0) >= 2,
-        "{:?}",
-        after.conntrack
+    assert_flows(
+        &after,
+        "inbound",
+        2,
+        "the client's flows to the container ports",
     );
 }
 
@@ -962,31 +744,27 @@ fn default_policy_deny_blocks_inbound_to_tasks_without_groups_but_lets_them_out(
     let (to1, to2) = (task_addr(&lab, 1, 80), task_addr(&lab, 2, 80));
 
     // "allow" (the lab's default): no checks at all.
-    pass(
-        &lab,
-        client,
-        Tcp("10.10.0.1:8080"),
-        "default allow: client -> task1",
-    );
-    pass(&lab, t2, Tcp(&to1), "default allow: task2 -> task1");
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(PUBLISHED), Pass, "default allow: client -> task1"),
+        (t2, Tcp(&to1), Pass, "default allow: task2 -> task1"),
+    ]);
 
-    let mut s = state(&lab, &[], &[&[], &[]]);
+    let mut s = state_with_groups(&lab, &[], &[&[], &[]]);
     s["host"]["defaultPolicy"] = json!("deny");
     apply(&lab, &s);
-    let (before, after) = reject(
-        &lab,
-        client,
-        Tcp("10.10.0.1:8080"),
-        (1, IN),
-        "deny: client -> task1's published port",
-    );
+    let what = "deny: client -> task1's published port";
+    let (before, after) = reject(&lab, client, Tcp(PUBLISHED), (1, IN), what);
     assert_eq!(
         after.uplink.ingress.packets, before.uplink.ingress.packets,
         "deny: the rejected SYNs should be dropped in XDP, before tc"
     );
-    reject(&lab, t2, Tcp(&to1), (1, IN), "deny: task2 -> task1");
-    reject(&lab, t1, Tcp(&to2), (2, IN), "deny: task1 -> task2");
-    pass(&lab, t1, Tcp(CLIENT_ECHO), "deny: task1 -> client tcp");
-    pass(&lab, t1, Udp(CLIENT_ECHO), "deny: task1 -> client udp");
-    pass(&lab, t2, Ping(CLIENT), "deny: task2 -> client ping");
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (t2, Tcp(&to1), Reject(1, IN), "deny: task2 -> task1"),
+        (t1, Tcp(&to2), Reject(2, IN), "deny: task1 -> task2"),
+        (t1, Tcp(CLIENT_ECHO), Pass, "deny: task1 -> client tcp"),
+        (t1, Udp(CLIENT_ECHO), Pass, "deny: task1 -> client udp"),
+        (t2, Ping(CLIENT), Pass, "deny: task2 -> client ping"),
+    ]);
 }

@@ -10,14 +10,22 @@
 //! and through a published port, and a lone later fragment is dropped `FRAGMENT`.
 
 use std::{
-    io::{self, Read as _, Write as _},
+    io,
     net::{Ipv4Addr, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use ecsnet_tests::{Background, Lab, Stats, ecsnet_bin, ecsnet_ok, in_netns, ns_exec};
-use nix::libc;
+use ecsnet_tests::{
+    Background, Lab,
+    counters::{poll, proc_net, task_drops},
+    ecsnet_bin, ecsnet_ok, ns_exec,
+    raw::{
+        self, ARP_REPLY, ARP_REQUEST, BROADCAST, ETH_P_ARP, IPPROTO_UDP, Mac, PacketSocket,
+        RawIpSocket,
+    },
+    traffic::{echo, ping, tcp_connect, udp, udp_wait},
+    world::{all, apply_file, perm, sg, state_with_groups, tcp, write},
+};
 use serde_json::{Value, json};
 
 /// How long a packet that should be answered may take.
@@ -27,57 +35,57 @@ const SILENCE: Duration = Duration::from_secs(1);
 /// Drop reasons of a policy decision about a datagram or one of its fragments.
 const POLICY_REASONS: [&str; 3] = ["SG_INGRESS", "SG_EGRESS", "FRAGMENT"];
 
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
+const TASK1: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
+const TASK2: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 3);
+/// Where task2 and the client receive the datagrams of the spoofing tests.
+const TO_TASK2: &str = "172.17.0.3:7000";
+const TO_CLIENT: &str = "10.10.0.2:7001";
+
 // ---- state files -------------------------------------------------------------------------
 
-fn sg(id: &str, ingress: Value, egress: Value) -> Value {
-    json!({"GroupId": id, "GroupName": id, "Description": "policy_lifecycle test",
-           "IpPermissions": ingress, "IpPermissionsEgress": egress})
-}
-
 /// Everything to everywhere.
-fn all_traffic() -> Value {
-    json!([{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+fn all_traffic() -> [Value; 1] {
+    [all(&["0.0.0.0/0"])]
 }
 
-fn port_from_cidr(proto: &str, port: u16, cidr: &str) -> Value {
-    json!({"IpProtocol": proto, "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": cidr}]})
-}
-
-fn port_from_group(proto: &str, port: u16, group: &str) -> Value {
-    json!({"IpProtocol": proto, "FromPort": port, "ToPort": port,
-           "UserIdGroupPairs": [{"GroupId": group}]})
-}
-
-/// The lab's state file with `groups`, task N's groups from `members` and `host` merged into
-/// its host section, written beside it as `<tag>.json`; returns the path.
+/// The lab's state file with `groups`, task i+1's groups from `members[i]` and `host` merged
+/// into its host section, written beside it as `<tag>.json`; returns the path.
 fn write_state(
     lab: &Lab,
     tag: &str,
     groups: &[Value],
-    members: &[(usize, &[&str])],
-    host: Value,
+    members: &[&[&str]],
+    host: &Value,
 ) -> String {
-    let mut state: Value =
-        serde_json::from_str(&std::fs::read_to_string(lab.state_file()).unwrap()).unwrap();
-    state["securityGroups"] = Value::Array(groups.to_vec());
-    for (task, sgs) in members {
-        state["tasks"][task - 1]["securityGroups"] = json!(sgs);
-    }
+    let mut state = state_with_groups(lab, groups, members);
     for (k, v) in host.as_object().expect("host patch is an object") {
         state["host"][k] = v.clone();
     }
-    let file = format!("/run/ecsnet/{}/{tag}.json", lab.name);
-    std::fs::write(&file, serde_json::to_string_pretty(&state).unwrap()).unwrap();
-    file
+    write(lab, &format!("{tag}.json"), &state)
 }
 
 /// `ecsnet apply -f FILE [--reset-flows]`; returns what it printed.
 fn apply(lab: &Lab, file: &str, reset_flows: bool) -> String {
-    let mut args = vec!["apply", "-f", file];
-    if reset_flows {
-        args.push("--reset-flows");
-    }
-    ecsnet_ok(&lab.ecsnet_args(&args))
+    apply_file(
+        lab,
+        file,
+        if reset_flows { &["--reset-flows"] } else { &[] },
+    )
+}
+
+/// The entry that `pick` accepts of the list `ecsnet ARGS --json` prints.
+fn listed(lab: &Lab, args: &[&str], pick: impl Fn(&Value) -> bool) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = ecsnet_ok(&lab.ecsnet_args(&all));
+    let list: Value = serde_json::from_str(&out).expect("a JSON list");
+    list.as_array()
+        .expect("a JSON list")
+        .iter()
+        .find(|v| pick(v))
+        .cloned()
+        .unwrap_or_else(|| panic!("no such entry in {args:?}: {list}"))
 }
 
 /// The N of "N tracked flow(s) no longer allowed cut" in apply's output.
@@ -94,68 +102,46 @@ fn flows_cut(out: &str) -> u64 {
 
 // ---- counters ----------------------------------------------------------------------------
 
-fn task_drops(s: &Stats, task: &str, reason: &str) -> u64 {
-    s.tasks
-        .iter()
-        .find(|t| t.name == task)
-        .unwrap_or_else(|| panic!("no task {task} in stats: {s:?}"))
-        .drops
-        .get(reason)
-        .copied()
-        .unwrap_or(0)
-}
-
 /// Waits (up to 3 s) until `task`'s `reason` drops reach `at_least`; fails with `what`.
 fn expect_drops(lab: &Lab, task: &str, reason: &str, at_least: u64, what: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let s = lab.stats();
-        let n = task_drops(&s, task, reason);
-        if n >= at_least {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: expected at least {at_least} {reason} drops on {task}, have {n}; drops: {:?}",
+    let s = poll(
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        || lab.stats(),
+        |s| task_drops(s, task, reason) >= at_least,
+    );
+    let s = s.unwrap_or_else(|s| {
+        panic!(
+            "{what}: expected at least {at_least} {reason} drops on {task}, have {}; drops: {:?}",
+            task_drops(&s, task, reason),
             s.tasks
                 .iter()
                 .map(|t| (&t.name, &t.drops))
                 .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        )
+    });
+    task_drops(&s, task, reason)
+}
+
+/// Runs `f`, after which `task`'s `reason` drops must have grown by at least `n` (`what`).
+fn counted(lab: &Lab, (task, reason, n): (&str, &str, u64), what: &str, f: impl FnOnce()) {
+    let before = task_drops(&lab.stats(), task, reason);
+    f();
+    expect_drops(lab, task, reason, before + n, what);
 }
 
 /// The kernel counters of a namespace that move only when an IPv4 datagram (or a fragment of
 /// one) is delivered to it: (Ip.ReasmReqds, Ip.ReasmOKs, Udp.InDatagrams).
 fn delivery_counters(ns: &str) -> (u64, u64, u64) {
-    let snmp = ns_exec(ns, &["cat", "/proc/net/snmp"]);
-    let lines: Vec<&str> = snmp.lines().collect();
-    let get = |proto: &str, field: &str| -> u64 {
-        for pair in lines.chunks(2) {
-            let [names, values] = pair else { continue };
-            let (Some((p, names)), Some((_, values))) =
-                (names.split_once(':'), values.split_once(':'))
-            else {
-                continue;
-            };
-            if p != proto {
-                continue;
-            }
-            if let Some((_, v)) = names
-                .split_whitespace()
-                .zip(values.split_whitespace())
-                .find(|(n, _)| *n == field)
-            {
-                return v.parse().unwrap();
-            }
-        }
-        panic!("no {proto}.{field} in {ns}'s /proc/net/snmp");
+    let c = proc_net(ns, &["snmp"]);
+    let get = |k: &str| {
+        *c.get(k)
+            .unwrap_or_else(|| panic!("no {k} in {ns}'s /proc/net/snmp"))
     };
     (
-        get("Ip", "ReasmReqds"),
-        get("Ip", "ReasmOKs"),
-        get("Udp", "InDatagrams"),
+        get("Ip.ReasmReqds"),
+        get("Ip.ReasmOKs"),
+        get("Udp.InDatagrams"),
     )
 }
 
@@ -163,20 +149,12 @@ fn delivery_counters(ns: &str) -> (u64, u64, u64) {
 
 /// One request/response of 100 bytes on an echo connection.
 fn roundtrip(s: &mut TcpStream, tag: u8) -> io::Result<()> {
-    let msg = [tag; 100];
-    s.write_all(&msg)?;
-    let mut back = [0u8; 100];
-    s.read_exact(&mut back)?;
-    if back != msg {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "echo differs"));
-    }
-    Ok(())
+    echo(s, &[tag; 100])
 }
 
 /// A TCP connection from `ns` to `addr` that echoed once; read timeout 2 s.
 fn open_tcp(ns: &str, addr: &str) -> TcpStream {
-    let a = addr.parse().unwrap();
-    let mut s = in_netns(ns, move || TcpStream::connect_timeout(&a, ANSWER))
+    let mut s = tcp_connect(ns, addr.parse().unwrap(), ANSWER)
         .unwrap_or_else(|e| panic!("connect to {addr} from {ns} (expected allowed): {e}"));
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s.set_nodelay(true).unwrap();
@@ -188,8 +166,7 @@ fn open_tcp(ns: &str, addr: &str) -> TcpStream {
 /// A connection attempt from `ns` to `addr` must go unanswered: its SYN was dropped (a refused
 /// connection would mean it arrived).
 fn assert_tcp_dropped(ns: &str, addr: &str, what: &str) {
-    let a = addr.parse().unwrap();
-    match in_netns(ns, move || TcpStream::connect_timeout(&a, SILENCE)) {
+    match tcp_connect(ns, addr.parse().unwrap(), SILENCE) {
         Ok(_) => panic!("{what}: {ns} -> {addr} connected, expected its SYN dropped"),
         Err(e) => assert_eq!(
             e.kind(),
@@ -199,202 +176,72 @@ fn assert_tcp_dropped(ns: &str, addr: &str, what: &str) {
     }
 }
 
-/// A UDP socket in `ns` bound to `bind`, connected to `peer` when given.
-fn udp(ns: &str, bind: &str, peer: Option<&str>) -> UdpSocket {
-    let (bind, peer) = (bind.to_owned(), peer.map(str::to_owned));
-    in_netns(ns, move || {
-        let s = UdpSocket::bind(&bind).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
-        if let Some(p) = peer {
-            s.connect(&p).unwrap();
-        }
-        s
-    })
-}
-
 /// A payload of `size` bytes that differs per `tag`.
 fn payload(size: usize, tag: u8) -> Vec<u8> {
     (0..size)
-        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(tag))
+        .map(|i| {
+            u8::try_from(i % 256)
+                .unwrap()
+                .wrapping_mul(7)
+                .wrapping_add(tag)
+        })
         .collect()
 }
 
 /// Sends `msg` on a connected socket; whether the same bytes came back within `wait`.
 fn udp_echoes(s: &UdpSocket, msg: &[u8], wait: Duration) -> bool {
-    s.set_read_timeout(Some(wait)).unwrap();
     s.send(msg).expect("send udp");
-    let mut buf = vec![0u8; 65536];
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        match s.recv(&mut buf) {
-            Ok(n) if buf[..n] == *msg => return true,
-            // A stale echo of an earlier message: keep waiting for this one.
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
+    udp_receives(s, msg, wait)
 }
 
 /// Whether `rx` receives `msg` within `wait`.
 fn udp_receives(rx: &UdpSocket, msg: &[u8], wait: Duration) -> bool {
-    rx.set_read_timeout(Some(wait)).unwrap();
-    let mut buf = vec![0u8; 65536];
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        match rx.recv_from(&mut buf) {
-            Ok((n, _)) if buf[..n] == *msg => return true,
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
+    udp_wait(rx, wait, |got| got == msg).is_some()
+}
+
+/// `rx` receives `msg` within `ANSWER` when it `arrives`, else not within `SILENCE`.
+fn expect_received(rx: &UdpSocket, msg: &[u8], arrives: bool, what: &str) {
+    let wait = if arrives { ANSWER } else { SILENCE };
+    let got = udp_receives(rx, msg, wait);
+    assert_eq!(got, arrives, "{what}: received {got}, expected {arrives}");
+}
+
+/// Sends `msg` from `from` to `to`, then `expect_received` at `rx`.
+fn expect_delivery(
+    from: &UdpSocket,
+    to: &str,
+    rx: &UdpSocket,
+    msg: &[u8],
+    arrives: bool,
+    what: &str,
+) {
+    from.send_to(msg, to)
+        .unwrap_or_else(|e| panic!("{what}: send to {to}: {e}"));
+    expect_received(rx, msg, arrives, what);
 }
 
 // ---- link layer --------------------------------------------------------------------------
 
-fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
-    v.try_into()
-        .unwrap_or_else(|_| panic!("not a MAC address: {s}"))
-}
-
-/// The MAC of `dev` in namespace `ns`.
-fn mac_of(ns: &str, dev: &str) -> String {
-    let out = ns_exec(ns, &["ip", "-j", "link", "show", "dev", dev]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v[0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no address for {dev} in {ns}: {out}"))
-        .to_owned()
-}
-
-/// The link-layer address `ns` has for `addr` on `dev`, if any.
-fn neighbour(ns: &str, dev: &str, addr: &str) -> Option<String> {
-    let out = ns_exec(ns, &["ip", "-j", "neigh", "show", "to", addr, "dev", dev]);
-    let v: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
-    v[0]["lladdr"].as_str().map(str::to_owned)
-}
-
-fn ping(ns: &str, addr: &str) {
-    let out = ns_exec(ns, &["ping", "-c", "1", "-W", "2", addr]);
-    assert!(
-        out.contains(" 0% packet loss"),
-        "ping {addr} from {ns}: {out}"
-    );
-}
-
 /// Sends from `ns`'s eth0 (MAC `own`) one gratuitous ARP claiming `claimed`: a broadcast request
 /// (`reply_to` None) or a reply unicast to `reply_to`, the way ARP poisoning is done.
-fn send_arp(ns: &str, own: [u8; 6], claimed: Ipv4Addr, reply_to: Option<[u8; 6]>) {
-    const ETH_P_ARP: u16 = 0x0806;
+fn send_arp(ns: &str, own: Mac, claimed: Ipv4Addr, reply_to: Option<Mac>) {
     let (dst, op, tha) = match reply_to {
-        None => ([0xff; 6], 1u16, [0u8; 6]),
-        Some(m) => (m, 2u16, m),
+        None => (BROADCAST, ARP_REQUEST, [0u8; 6]),
+        Some(m) => (m, ARP_REPLY, m),
     };
-    let mut frame = Vec::with_capacity(60);
-    frame.extend_from_slice(&dst);
-    frame.extend_from_slice(&own);
-    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
-    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4]);
-    frame.extend_from_slice(&op.to_be_bytes());
-    frame.extend_from_slice(&own);
-    frame.extend_from_slice(&claimed.octets());
-    frame.extend_from_slice(&tha);
-    frame.extend_from_slice(&claimed.octets());
-    frame.resize(60, 0);
-    in_netns(ns, move || -> io::Result<()> {
-        // SAFETY: plain socket calls with valid, correctly sized arguments.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                i32::from(ETH_P_ARP.to_be()),
-            );
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
-            if ifindex == 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ARP.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            sll.sll_halen = 6;
-            sll.sll_addr[..6].copy_from_slice(&dst);
-            let n = libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if n != frame.len() as isize {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("send ARP from {ns}: {e}"));
+    let arp = raw::arp(op, own, claimed, tha, claimed);
+    PacketSocket::open(ns, "eth0").send_ok(&raw::ethernet(dst, own, &[], ETH_P_ARP, &arp));
 }
 
 /// Sends from `ns`, through a raw socket, one UDP fragment that is not the first (offset 800
 /// bytes, the last one) of a datagram `src` -> `dst` with IP id `id`.
 fn send_later_fragment(ns: &str, src: Ipv4Addr, dst: Ipv4Addr, id: u16) {
-    let mut pkt = [0u8; 20 + 64];
-    let len = pkt.len() as u16;
-    pkt[0] = 0x45;
-    pkt[2..4].copy_from_slice(&len.to_be_bytes());
-    pkt[4..6].copy_from_slice(&id.to_be_bytes());
+    let data: Vec<u8> = (0..64).collect();
     // MF clear, offset 100 units of 8 bytes.
-    pkt[6..8].copy_from_slice(&100u16.to_be_bytes());
-    pkt[8] = 64;
-    pkt[9] = libc::IPPROTO_UDP as u8;
-    pkt[12..16].copy_from_slice(&src.octets());
-    pkt[16..20].copy_from_slice(&dst.octets());
-    let mut sum: u32 = pkt[..20]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    pkt[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    for (i, b) in pkt[20..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    in_netns(ns, move || -> io::Result<()> {
-        // SAFETY: plain socket calls with valid, correctly sized arguments.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let mut sin: libc::sockaddr_in = std::mem::zeroed();
-            sin.sin_family = libc::AF_INET as u16;
-            sin.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
-            let n = libc::sendto(
-                fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&raw const sin).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            );
-            if n != pkt.len() as isize {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("send a raw fragment from {ns}: {e}"));
+    let fragment = raw::ipv4_fragment(src, dst, IPPROTO_UDP, id, 100, false, &data);
+    RawIpSocket::open(ns)
+        .send(&fragment)
+        .unwrap_or_else(|e| panic!("send a raw fragment from {ns}: {e}"));
 }
 
 // ---- tests -------------------------------------------------------------------------------
@@ -406,37 +253,14 @@ fn joining_and_leaving_a_referenced_group_opens_and_closes_a_port_live() {
     let (t1, t2) = (lab.task_ns(1), lab.task_ns(2));
     // task2 takes tcp 80 from members of sg-a only; task1 starts outside every group.
     let groups = [
-        sg("sg-a", json!([]), all_traffic()),
-        sg(
-            "sg-b",
-            json!([port_from_group("tcp", 80, "sg-a")]),
-            all_traffic(),
-        ),
+        sg("sg-a", "sg-a", &[], &all_traffic()),
+        sg("sg-b", "sg-b", &[tcp(80, 80, &["sg-a"])], &all_traffic()),
     ];
-    let outside = write_state(&lab, "outside", &groups, &[(2, &["sg-b"])], json!({}));
+    let outside = write_state(&lab, "outside", &groups, &[&[], &["sg-b"]], &json!({}));
     apply(&lab, &outside, false);
-    let task2_entry = || -> Value {
-        let tasks: Value =
-            serde_json::from_str(&ecsnet_ok(&lab.ecsnet_args(&["task", "ls", "--json"]))).unwrap();
-        tasks
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "task2")
-            .cloned()
-            .expect("task2 listed")
-    };
-    let members_of_a = || -> Value {
-        let groups: Value =
-            serde_json::from_str(&ecsnet_ok(&lab.ecsnet_args(&["sg", "ls", "--json"]))).unwrap();
-        groups
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["group"]["GroupId"] == "sg-a")
-            .expect("sg-a listed")["members"]
-            .clone()
-    };
+    let task2_entry = || listed(&lab, &["task", "ls"], |t| t["name"] == "task2");
+    let members_of_a =
+        || listed(&lab, &["sg", "ls"], |g| g["group"]["GroupId"] == "sg-a")["members"].clone();
     let task2_before = task2_entry();
     assert_eq!(members_of_a(), json!([]));
 
@@ -496,17 +320,17 @@ fn removing_a_rule_keeps_tracked_flows_until_reset_flows_cuts_them() {
     let lab = Lab::up("plr", 2, &["2:8080:80", "2:8053:53/udp"]);
     lab.ecsnet_up();
     let t1 = lab.task_ns(1);
+    let bridge = &["172.17.0.0/16"];
     let open = [sg(
         "sg-srv",
-        json!([
-            port_from_cidr("tcp", 80, "172.17.0.0/16"),
-            port_from_cidr("udp", 53, "172.17.0.0/16")
-        ]),
-        all_traffic(),
+        "sg-srv",
+        &[tcp(80, 80, bridge), perm("udp", Some((53, 53)), bridge)],
+        &all_traffic(),
     )];
-    let closed = [sg("sg-srv", json!([]), all_traffic())];
-    let open = write_state(&lab, "open", &open, &[(2, &["sg-srv"])], json!({}));
-    let closed = write_state(&lab, "closed", &closed, &[(2, &["sg-srv"])], json!({}));
+    let closed = [sg("sg-srv", "sg-srv", &[], &all_traffic())];
+    let members: &[&[&str]] = &[&[], &["sg-srv"]];
+    let open = write_state(&lab, "open", &open, members, &json!({}));
+    let closed = write_state(&lab, "closed", &closed, members, &json!({}));
     apply(&lab, &open, false);
 
     let mut tcp = open_tcp(t1, "172.17.0.3:80");
@@ -528,24 +352,19 @@ fn removing_a_rule_keeps_tracked_flows_until_reset_flows_cuts_them() {
             "held UDP flow after its rule was removed (message {i})"
         );
     }
-    let before = task_drops(&lab.stats(), "task2", "SG_INGRESS");
-    assert_tcp_dropped(
-        t1,
-        "172.17.0.3:80",
-        "new TCP connection after the rule was removed",
-    );
-    let fresh_udp = udp(t1, "0.0.0.0:0", Some("172.17.0.3:53"));
-    assert!(
-        !udp_echoes(&fresh_udp, &payload(200, 9), SILENCE),
-        "a new UDP flow got an echo after its rule was removed"
-    );
-    expect_drops(
-        &lab,
-        "task2",
-        "SG_INGRESS",
-        before + 2,
-        "new TCP and UDP flows after the rules were removed",
-    );
+    let what = "new TCP and UDP flows after the rules were removed";
+    counted(&lab, ("task2", "SG_INGRESS", 2), what, || {
+        assert_tcp_dropped(
+            t1,
+            "172.17.0.3:80",
+            "new TCP connection after the rule was removed",
+        );
+        let fresh_udp = udp(t1, "0.0.0.0:0", Some("172.17.0.3:53"));
+        assert!(
+            !udp_echoes(&fresh_udp, &payload(200, 9), SILENCE),
+            "a new UDP flow got an echo after its rule was removed"
+        );
+    });
     roundtrip(&mut tcp, 42).expect("held TCP flow after new flows were rejected");
 
     // --reset-flows cuts the two flows the rules no longer allow, and nothing else.
@@ -555,22 +374,20 @@ fn removing_a_rule_keeps_tracked_flows_until_reset_flows_cuts_them() {
         2,
         "want the held TCP and UDP flows to task2 cut and the flow to the client kept: {out}"
     );
-    let before = task_drops(&lab.stats(), "task2", "SG_INGRESS");
-    let r = roundtrip(&mut tcp, 7);
-    assert!(
-        r.is_err(),
-        "the held TCP connection still echoes after --reset-flows"
-    );
-    assert!(
-        !udp_echoes(&held_udp, &payload(200, 7), SILENCE),
-        "the held UDP flow still echoes after --reset-flows"
-    );
-    expect_drops(
+    counted(
         &lab,
-        "task2",
-        "SG_INGRESS",
-        before + 2,
+        ("task2", "SG_INGRESS", 2),
         "the cut flows' next packets",
+        || {
+            assert!(
+                roundtrip(&mut tcp, 7).is_err(),
+                "the held TCP connection still echoes after --reset-flows"
+            );
+            assert!(
+                !udp_echoes(&held_udp, &payload(200, 7), SILENCE),
+                "the held UDP flow still echoes after --reset-flows"
+            );
+        },
     );
     roundtrip(&mut outside, 1).expect("a flow that is still allowed survives --reset-flows");
 }
@@ -587,40 +404,24 @@ fn a_task_cannot_send_from_an_address_that_is_not_its_own() {
     // From its own address: both arrive (and the neighbours the spoofed packets need are known).
     let own = udp(t1, "172.17.0.2:0", None);
     let good = payload(300, 1);
-    own.send_to(&good, "172.17.0.3:7000").unwrap();
-    assert!(
-        udp_receives(&at_task2, &good, ANSWER),
-        "task1 -> task2 from 172.17.0.2"
-    );
-    own.send_to(&good, "10.10.0.2:7001").unwrap();
-    assert!(
-        udp_receives(&at_client, &good, ANSWER),
-        "task1 -> client from 172.17.0.2"
-    );
-    let before = task_drops(&lab.stats(), "task1", "SPOOFED_SOURCE");
+    let from_own = |to, rx: &UdpSocket, what| expect_delivery(&own, to, rx, &good, true, what);
+    from_own(TO_TASK2, &at_task2, "task1 -> task2 from 172.17.0.2");
+    from_own(TO_CLIENT, &at_client, "task1 -> client from 172.17.0.2");
 
     // From the second address: nothing arrives anywhere.
-    let spoofed = udp(t1, "172.17.0.50:0", None);
-    let bad = payload(300, 2);
-    for _ in 0..3 {
-        spoofed.send_to(&bad, "172.17.0.3:7000").unwrap();
-        spoofed.send_to(&bad, "10.10.0.2:7001").unwrap();
-    }
-    assert!(
-        !udp_receives(&at_task2, &bad, SILENCE),
-        "a datagram from 172.17.0.50 reached task2"
-    );
-    assert!(
-        !udp_receives(&at_client, &bad, SILENCE),
-        "a datagram from 172.17.0.50 reached the client"
-    );
-    expect_drops(
-        &lab,
-        "task1",
-        "SPOOFED_SOURCE",
-        before + 6,
-        "6 datagrams from 172.17.0.50",
-    );
+    let what = "6 datagrams from 172.17.0.50";
+    counted(&lab, ("task1", "SPOOFED_SOURCE", 6), what, || {
+        let spoofed = udp(t1, "172.17.0.50:0", None);
+        let bad = payload(300, 2);
+        for _ in 0..3 {
+            spoofed.send_to(&bad, TO_TASK2).unwrap();
+            spoofed.send_to(&bad, TO_CLIENT).unwrap();
+        }
+        for (rx, whom) in [(&at_task2, "task2"), (&at_client, "the client")] {
+            let what = format!("a datagram from 172.17.0.50 reached {whom}");
+            expect_received(rx, &bad, false, &what);
+        }
+    });
     let s = lab.stats();
     assert_eq!(
         task_drops(&s, "task2", "SPOOFED_SOURCE"),
@@ -629,11 +430,7 @@ fn a_task_cannot_send_from_an_address_that_is_not_its_own() {
     );
 
     // The task itself is not cut off: its own address still works.
-    own.send_to(&good, "172.17.0.3:7000").unwrap();
-    assert!(
-        udp_receives(&at_task2, &good, ANSWER),
-        "task1 -> task2 from 172.17.0.2 after the spoofing"
-    );
+    from_own(TO_TASK2, &at_task2, "task1 -> task2 after the spoofing");
 }
 
 #[test]
@@ -645,13 +442,18 @@ fn a_task_that_changes_its_mac_after_being_seen_is_dropped_until_it_changes_back
     let from_t1 = udp(t1, "0.0.0.0:0", None);
     let r = lab.probe(t1, "tcp", "10.10.0.2:9000", 3, 100);
     assert_eq!(r["echoed"], 3, "task1 -> client before the change: {r}");
-    let m = payload(100, 1);
-    from_t1.send_to(&m, "172.17.0.3:7000").unwrap();
-    assert!(
-        udp_receives(&at_task2, &m, ANSWER),
-        "task1 -> task2 before the change"
-    );
-    let original = mac_of(t1, "eth0");
+    let to_task2 = |tag, arrives, what| {
+        expect_delivery(
+            &from_t1,
+            TO_TASK2,
+            &at_task2,
+            &payload(100, tag),
+            arrives,
+            what,
+        );
+    };
+    to_task2(1, true, "task1 -> task2 before the change");
+    let original = raw::mac_str(raw::mac_of(t1, "eth0"));
     let before = task_drops(&lab.stats(), "task1", "SPOOFED_SOURCE");
 
     ns_exec(
@@ -667,12 +469,7 @@ fn a_task_that_changes_its_mac_after_being_seen_is_dropped_until_it_changes_back
         ],
     );
     assert_tcp_dropped(t1, "10.10.0.2:9000", "task1 with a new MAC -> client");
-    let m = payload(100, 2);
-    from_t1.send_to(&m, "172.17.0.3:7000").unwrap();
-    assert!(
-        !udp_receives(&at_task2, &m, SILENCE),
-        "task1 with a new MAC reached task2"
-    );
+    to_task2(2, false, "task1 with a new MAC reached task2");
     expect_drops(
         &lab,
         "task1",
@@ -688,31 +485,21 @@ fn a_task_that_changes_its_mac_after_being_seen_is_dropped_until_it_changes_back
     );
     let r = lab.probe(t1, "tcp", "10.10.0.2:9000", 3, 100);
     assert_eq!(r["echoed"], 3, "task1 -> client with its MAC back: {r}");
-    let m = payload(100, 3);
-    from_t1.send_to(&m, "172.17.0.3:7000").unwrap();
-    assert!(
-        udp_receives(&at_task2, &m, ANSWER),
-        "task1 -> task2 with its MAC back"
-    );
+    to_task2(3, true, "task1 -> task2 with its MAC back");
 }
 
 #[test]
 fn arp_claiming_another_address_is_dropped_and_poisons_no_neighbour_table() {
     let lab = Lab::up("pla", 2, &[]);
     let (host, t1, t2) = (lab.host(), lab.task_ns(1), lab.task_ns(2));
-    let (mac1, mac2) = (mac_of(t1, "eth0"), mac_of(t2, "eth0"));
-    let host_mac = parse_mac(&mac_of(host, "docker0"));
+    let (mac1, mac2) = (raw::mac_of(t1, "eth0"), raw::mac_of(t2, "eth0"));
+    let host_mac = raw::mac_of(host, "docker0");
     let poison = |t1: &str| {
         // task1 claims task2's address to the host (broadcast and unicast reply) and the
         // host's address to everyone on the bridge.
-        send_arp(t1, parse_mac(&mac1), Ipv4Addr::new(172, 17, 0, 3), None);
-        send_arp(
-            t1,
-            parse_mac(&mac1),
-            Ipv4Addr::new(172, 17, 0, 3),
-            Some(host_mac),
-        );
-        send_arp(t1, parse_mac(&mac1), Ipv4Addr::new(172, 17, 0, 1), None);
+        send_arp(t1, mac1, TASK2, None);
+        send_arp(t1, mac1, TASK2, Some(host_mac));
+        send_arp(t1, mac1, GATEWAY, None);
         std::thread::sleep(Duration::from_millis(300));
     };
     let learn = || {
@@ -720,22 +507,22 @@ fn arp_claiming_another_address_is_dropped_and_poisons_no_neighbour_table() {
         for ns in [host, t2] {
             ns_exec(ns, &["ip", "neigh", "flush", "all"]);
         }
-        ping(host, "172.17.0.3");
-        ping(t2, "172.17.0.1");
-        assert_eq!(neighbour(host, "docker0", "172.17.0.3"), Some(mac2.clone()));
+        ping(host, TASK2);
+        ping(t2, GATEWAY);
+        assert_eq!(raw::neighbour(host, "docker0", TASK2), Some(mac2));
     };
 
     // Without ecsnet the frames work: that is what the datapath must stop.
     learn();
     poison(t1);
     assert_eq!(
-        neighbour(host, "docker0", "172.17.0.3"),
-        Some(mac1.clone()),
+        raw::neighbour(host, "docker0", TASK2),
+        Some(mac1),
         "control: without ecsnet the host should take task1's claim for 172.17.0.3"
     );
     assert_eq!(
-        neighbour(t2, "eth0", "172.17.0.1"),
-        Some(mac1.clone()),
+        raw::neighbour(t2, "eth0", GATEWAY),
+        Some(mac1),
         "control: without ecsnet task2 should take task1's claim for 172.17.0.1"
     );
 
@@ -743,21 +530,17 @@ fn arp_claiming_another_address_is_dropped_and_poisons_no_neighbour_table() {
     lab.ecsnet_up();
     // task1 is seen (its MAC is known) and ARP for its own address still passes.
     ns_exec(t1, &["ip", "neigh", "flush", "all"]);
-    ping(t1, "172.17.0.1");
-    ping(t1, "172.17.0.3");
+    ping(t1, GATEWAY);
+    ping(t1, TASK2);
     let before = task_drops(&lab.stats(), "task1", "SPOOFED_SOURCE");
     poison(t1);
     assert_eq!(
-        neighbour(host, "docker0", "172.17.0.3"),
-        Some(mac2.clone()),
+        raw::neighbour(host, "docker0", TASK2),
+        Some(mac2),
         "the host's entry for task2 was poisoned"
     );
-    let gw = neighbour(t2, "eth0", "172.17.0.1");
-    assert_ne!(
-        gw,
-        Some(mac1.clone()),
-        "task2's entry for the host was poisoned"
-    );
+    let gw = raw::neighbour(t2, "eth0", GATEWAY);
+    assert_ne!(gw, Some(mac1), "task2's entry for the host was poisoned");
     expect_drops(
         &lab,
         "task1",
@@ -766,9 +549,9 @@ fn arp_claiming_another_address_is_dropped_and_poisons_no_neighbour_table() {
         "three ARP frames claiming other addresses",
     );
     // task2 is still reached at its own MAC.
-    ping(host, "172.17.0.3");
-    ping(t1, "172.17.0.3");
-    assert_eq!(neighbour(host, "docker0", "172.17.0.3"), Some(mac2));
+    ping(host, TASK2);
+    ping(t1, TASK2);
+    assert_eq!(raw::neighbour(host, "docker0", TASK2), Some(mac2));
     assert_eq!(
         task_drops(&lab.stats(), "task2", "SPOOFED_SOURCE"),
         0,
@@ -817,20 +600,20 @@ fn instance_metadata_is_blocked_on_request_and_task_metadata_stays_reachable() {
         Duration::from_millis(300),
     );
     lab.ecsnet_up();
-    let none = write_state(&lab, "imds-open", &[], &[], json!({}));
+    let none = write_state(&lab, "imds-open", &[], &[], &json!({}));
     let blocked = write_state(
         &lab,
         "imds-blocked",
         &[],
         &[],
-        json!({"blockInstanceMetadata": true}),
+        &json!({"blockInstanceMetadata": true}),
     );
     let closed = write_state(
         &lab,
         "imds-closed",
-        &[sg("sg-closed", json!([]), json!([]))],
-        &[(1, &["sg-closed"])],
-        json!({"blockInstanceMetadata": true}),
+        &[sg("sg-closed", "sg-closed", &[], &[])],
+        &[&["sg-closed"]],
+        &json!({"blockInstanceMetadata": true}),
     );
     let reachable = |what: &str, target: &str| {
         let r = lab.probe(t1, "tcp", target, 3, 100);
@@ -886,19 +669,20 @@ fn fragments_of_a_rejected_datagram_never_arrive_and_of_an_allowed_one_all_do() 
     lab.ecsnet_up();
     let (t1, t2, client) = (lab.task_ns(1), lab.task_ns(2), lab.client());
     let groups = [
-        sg("sg-client", json!([]), all_traffic()),
+        sg("sg-client", "sg-client", &[], &all_traffic()),
         sg(
             "sg-dns",
-            json!([port_from_cidr("udp", 53, "0.0.0.0/0")]),
-            all_traffic(),
+            "sg-dns",
+            &[perm("udp", Some((53, 53)), &["0.0.0.0/0"])],
+            &all_traffic(),
         ),
     ];
     let file = write_state(
         &lab,
         "frag",
         &groups,
-        &[(1, &["sg-client"]), (2, &["sg-dns"])],
-        json!({}),
+        &[&["sg-client"], &["sg-dns"]],
+        &json!({}),
     );
     apply(&lab, &file, false);
     // 3000 bytes: three fragments at MTU 1500, cut by the sender's kernel.
@@ -969,12 +753,7 @@ fn fragments_of_a_rejected_datagram_never_arrive_and_of_an_allowed_one_all_do() 
     // A later fragment with no first fragment, from a task with a policy: dropped FRAGMENT.
     let before = task_drops(&lab.stats(), "task1", "FRAGMENT");
     let delivered0 = delivery_counters(t2);
-    send_later_fragment(
-        t1,
-        Ipv4Addr::new(172, 17, 0, 2),
-        Ipv4Addr::new(172, 17, 0, 3),
-        0x5eed,
-    );
+    send_later_fragment(t1, TASK1, TASK2, 0x5eed);
     expect_drops(
         &lab,
         "task1",

@@ -1,42 +1,23 @@
-//! `hold-connections tcp ADDR:PORT N SECS` or `hold-connections unix PATH N SECS`: opens up to N idle connections
-//! within SECS seconds, prints `CONNECTED FAILED` on one line, and holds them until its stdin
-//! closes. A process of its own so a test can hold more connections than one process may have
-//! descriptors (the tests cannot raise their hard limit without CAP_SYS_RESOURCE). Its soft
-//! open-files limit is raised to the hard one. Connects never block on a full backlog: a TCP
-//! connect gives up after one second, a Unix one is retried without blocking until the deadline.
+//! `hold-connections tcp ADDR:PORT N SECS` or `hold-connections unix PATH N SECS`: opens up to
+//! N idle connections within SECS seconds, prints `CONNECTED FAILED` on one line, and holds them
+//! until its stdin closes. A process of its own so a test can hold more connections than one
+//! process may have descriptors (the tests cannot raise their hard limit without
+//! `CAP_SYS_RESOURCE`). Its soft open-files limit is raised to the hard one. Connects never block
+//! on a full backlog: a TCP connect gives up after one second, a Unix one is retried without
+//! blocking until the deadline.
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
-use nix::{
-    errno::Errno,
-    sys::{
-        resource::{Resource, getrlimit, setrlimit},
-        socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket},
-    },
+use ecsnet_tests::traffic::unix_connect;
+use nix::sys::{
+    resource::{Resource, getrlimit, setrlimit},
+    socket::UnixAddr,
 };
-
-fn unix_connect(addr: &UnixAddr, deadline: Instant) -> Result<OwnedFd, Errno> {
-    loop {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        match connect(fd.as_raw_fd(), addr) {
-            Ok(()) => return Ok(fd),
-            Err(Errno::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
