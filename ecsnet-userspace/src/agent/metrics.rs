@@ -356,7 +356,7 @@ mod tests {
             instance: "i\"1".to_owned(),
             tasks: vec![TaskStats {
                 name: "web".to_owned(),
-                address: "172.17.0.2".to_owned(),
+                address: std::net::Ipv4Addr::new(172, 17, 0, 2),
                 interface: "vethA".to_owned(),
                 ifindex: 7,
                 egress: Count {

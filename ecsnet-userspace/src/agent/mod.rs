@@ -266,11 +266,7 @@ fn housekeeping(
     rt: &tokio::runtime::Runtime,
     logs: &mut HousekeepingLogs,
 ) {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
-    match now.map_err(|e| e.to_string()).and_then(|now| {
-        crate::kernel::maps::collect_garbage(paths, timeouts, now).map_err(|e| e.to_string())
-    }) {
+    match crate::kernel::maps::collect_garbage(paths, timeouts, crate::clock::monotonic_ns()) {
         Ok(0) => {}
         Ok(n) => log::debug!("conntrack: expired {n} flow(s)"),
         Err(e) => {
@@ -354,7 +350,7 @@ fn read_events(
                 break;
             };
             names.refresh(&paths);
-            let offset = flowlog::wall_offset_ns();
+            let offset = crate::clock::wall_offset_ns();
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 if item.len() < std::mem::size_of::<ecsnet_common::flow::Event>() {

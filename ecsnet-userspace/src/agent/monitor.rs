@@ -3,7 +3,6 @@
 //! JSON line, to every `monitor` connected to its socket. With the event rate 0 there are none.
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
@@ -12,13 +11,16 @@ use std::{
 };
 
 use ecsnet_common::{
-    DropReason,
     flow::{EVENT_ALLOW, EVENT_DROP, Event, FLOW_EGRESS},
-    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, ROLE_TASK},
+    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{instance, kernel::maps, store::paths::InstancePaths};
+use crate::{
+    agent::stats::reason_name,
+    instance,
+    store::{directory::Directory, paths::InstancePaths},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -56,10 +58,12 @@ pub struct EventLine {
     pub suppressed: u64,
 }
 
-/// ifindex -> (task, interface) for event lines.
+/// Who an event's interface is: the directory's tasks and the uplink.
 #[derive(Debug, Default)]
 pub struct Names {
-    by_ifindex: HashMap<u32, (Option<String>, Option<String>)>,
+    dir: Directory,
+    /// The uplink's ifindex and name.
+    uplink: Option<(u32, String)>,
     read_at: Option<Instant>,
 }
 
@@ -73,25 +77,20 @@ impl Names {
             return;
         }
         self.read_at = Some(Instant::now());
-        let applied = instance::read_applied(paths)
+        self.dir = Directory::load(paths).unwrap_or_default();
+        self.uplink = instance::read_meta(paths)
             .ok()
             .flatten()
-            .unwrap_or_default();
-        let meta = instance::read_meta(paths).ok().flatten();
-        let mut by_ifindex = HashMap::new();
-        if let Some(m) = &meta {
-            by_ifindex.insert(m.uplink_index, (None, Some(m.uplink.clone())));
+            .map(|m| (m.uplink_index, m.uplink));
+    }
+
+    /// The task and the interface name of `ifindex`, as far as known.
+    fn of(&self, ifindex: u32) -> (Option<String>, Option<String>) {
+        match (&self.uplink, self.dir.task(ifindex)) {
+            (_, Some(t)) => (Some(t.name.clone()), t.interface.clone()),
+            (Some((i, name)), None) if *i == ifindex => (None, Some(name.clone())),
+            _ => (None, None),
         }
-        for (ifindex, info) in maps::read_ifaces(paths).unwrap_or_default() {
-            if info.role != ROLE_TASK {
-                continue;
-            }
-            let ip = Ipv4Addr::from(u32::from_be(info.ipv4));
-            if let Some(t) = applied.tasks.iter().find(|t| t.ipv4_address == ip) {
-                by_ifindex.insert(ifindex, (Some(t.name.clone()), t.interface.clone()));
-            }
-        }
-        self.by_ifindex = by_ifindex;
     }
 }
 
@@ -104,26 +103,26 @@ fn endpoint(addr: u32, port: u16, proto: u8) -> String {
     }
 }
 
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "milliseconds since 1970 stay below 2^52 for a hundred thousand years"
+)]
+fn unix_ms(mono_ns: u64, wall_offset_ns: i128) -> f64 {
+    (crate::clock::unix_ns(mono_ns, wall_offset_ns) / 1_000_000) as f64
+}
+
 /// The line of event `e`; `wall_offset_ns` turns its CLOCK_MONOTONIC time into Unix time.
 pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
-    let (task, interface) = names
-        .by_ifindex
-        .get(&e.ifindex)
-        .cloned()
-        .unwrap_or((None, None));
+    let (task, interface) = names.of(e.ifindex);
     let kind = match e.kind {
         EVENT_DROP => "drop",
         EVENT_ALLOW => "allow",
         _ => "unknown",
     };
     EventLine {
-        time: ((e.ts_ns as i128 + wall_offset_ns) / 1_000_000) as f64 / 1000.0,
+        time: unix_ms(e.ts_ns, wall_offset_ns) / 1000.0,
         kind: kind.to_owned(),
-        reason: (e.kind == EVENT_DROP).then(|| {
-            DropReason::from_u8(e.reason)
-                .map(|r| r.as_str().to_owned())
-                .unwrap_or_else(|| format!("UNKNOWN_{}", e.reason))
-        }),
+        reason: (e.kind == EVENT_DROP).then(|| reason_name(e.reason)),
         hook: match e.hook {
             HOOK_TC_INGRESS => "tc-ingress",
             HOOK_TC_EGRESS => "tc-egress",
@@ -232,10 +231,31 @@ mod tests {
 
     #[test]
     fn a_drop_event_reads_as_a_line() {
-        let mut names = Names::default();
-        names
-            .by_ifindex
-            .insert(7, (Some("task2".into()), Some("vethX".into())));
+        let state = crate::state::State {
+            tasks: vec![crate::state::Task {
+                task_arn: None,
+                name: "task2".into(),
+                ipv4_address: Ipv4Addr::new(172, 17, 0, 3),
+                interface: Some("vethX".into()),
+                interface_id: None,
+                port_mappings: vec![],
+                security_groups: vec![],
+                service_name: None,
+                task_definition_arn: None,
+                container_id: None,
+            }],
+            ..Default::default()
+        };
+        let iface = ecsnet_common::maps::IfaceInfo {
+            ipv4: u32::from(Ipv4Addr::new(172, 17, 0, 3)).to_be(),
+            role: ecsnet_common::maps::ROLE_TASK,
+            _pad: [0; 3],
+        };
+        let names = Names {
+            dir: Directory::join(state, &[(7, iface)]),
+            uplink: Some((2, "eth0".into())),
+            read_at: None,
+        };
         let e = Event {
             ts_ns: 1_250_000_000,
             suppressed: 4,
@@ -246,11 +266,17 @@ mod tests {
             dport: 80u16.to_be(),
             proto: 6,
             kind: EVENT_DROP,
-            reason: DropReason::SgIngress as u8,
+            reason: ecsnet_common::DropReason::SgIngress as u8,
             hook: HOOK_XDP,
             dir: 0,
             _pad: [0; 7],
         };
+        assert_eq!(
+            names.of(2),
+            (None, Some("eth0".into())),
+            "the uplink by name"
+        );
+        assert_eq!(names.of(3), (None, None));
         let l = line(&e, &names, 43_200_000_000_000);
         assert_eq!(l.reason.as_deref(), Some("SG_INGRESS"));
         assert_eq!(

@@ -1,7 +1,7 @@
 //! `ecsnet stats`: the counters of the pinned maps joined with the applied state, as JSON or as
 //! a table. Directions are the task's: egress is what the task sent, ingress what it received.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use ecsnet_common::DropReason;
 use serde::{Deserialize, Serialize};
@@ -10,14 +10,17 @@ use crate::{
     flowlog,
     instance::{self, InstanceError},
     kernel::maps::{self, Count},
-    store::paths::InstancePaths,
+    store::{
+        directory::{Directory, DirectoryError},
+        paths::InstancePaths,
+    },
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStats {
     pub name: String,
-    pub address: String,
+    pub address: Ipv4Addr,
     pub interface: String,
     pub ifindex: u32,
     /// IPv4 sent by the task.
@@ -196,19 +199,20 @@ fn plus(a: Count, b: Count) -> Count {
     }
 }
 
-fn reason_name(n: u8) -> String {
-    DropReason::from_u8(n)
-        .map(|r| r.as_str().to_owned())
-        .unwrap_or_else(|| format!("UNKNOWN_{n}"))
+/// A drop reason's name; one this ecsnet does not know (a newer datapath) as `UNKNOWN_<n>`.
+pub fn reason_name(n: u8) -> String {
+    DropReason::from_u8(n).map_or_else(|| format!("UNKNOWN_{n}"), |r| r.as_str().to_owned())
 }
 
 /// Reads the counters of an instance.
 pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
     let meta = instance::require_up(paths)?;
-    let applied = instance::read_applied(paths)?.unwrap_or_default();
+    let dir = Directory::load(paths).map_err(|e| match e {
+        DirectoryError::State(e) => *e,
+        DirectoryError::Ifaces(e) => e.into(),
+    })?;
     let counts = maps::read_counts(paths)?;
     let drops = maps::read_drops(paths)?;
-    let ifaces = maps::read_ifaces(paths)?;
     let drops_of = |ifindex: u32| -> BTreeMap<String, u64> {
         drops
             .iter()
@@ -216,24 +220,22 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
             .map(|((_, r), n)| (reason_name(*r), *n))
             .collect()
     };
-    let mut tasks = Vec::new();
-    for t in &applied.tasks {
-        let ip_be = u32::from(t.ipv4_address).to_be();
-        let Some((ifindex, _)) = ifaces.iter().find(|(_, i)| i.ipv4 == ip_be) else {
-            continue;
-        };
-        let c = counts.get(ifindex).copied().unwrap_or_default();
-        tasks.push(TaskStats {
-            name: t.name.clone(),
-            address: t.ipv4_address.to_string(),
-            interface: t.interface.clone().unwrap_or_default(),
-            ifindex: *ifindex,
-            egress: c.tc_ingress,
-            ingress: c.tc_egress,
-            other: plus(c.other_ingress, c.other_egress),
-            drops: drops_of(*ifindex),
-        });
-    }
+    let tasks = dir
+        .placed_tasks()
+        .map(|(t, ifindex)| {
+            let c = counts.get(&ifindex).copied().unwrap_or_default();
+            TaskStats {
+                name: t.name.clone(),
+                address: t.ipv4_address,
+                interface: t.interface.clone().unwrap_or_default(),
+                ifindex,
+                egress: c.tc_ingress,
+                ingress: c.tc_egress,
+                other: plus(c.other_ingress, c.other_egress),
+                drops: drops_of(ifindex),
+            }
+        })
+        .collect();
     let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
     for ((_, r), n) in &drops {

@@ -7,6 +7,9 @@
 
 pub mod format;
 
+/// ecsnet-lab's progcost reads the datapath clock here; its home is `crate::clock`.
+pub use crate::clock::monotonic_ns;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File, OpenOptions},
@@ -17,18 +20,17 @@ use std::{
     time::Duration,
 };
 
-use ecsnet_common::{
-    flow::{ACTION_REJECT, FLOW_EGRESS, FlowKey, FlowState, FlowStats},
-    maps::ROLE_TASK,
-};
+use ecsnet_common::flow::{ACTION_REJECT, FLOW_EGRESS, FlowKey, FlowState, FlowStats};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    clock::{unix_secs, wall_offset_ns},
     flowlog::format::{Filter, Format, Record},
-    instance,
     kernel::maps::{self, MapsError},
-    state::{Host, State, Task},
-    store::paths::InstancePaths,
+    store::{
+        directory::{Directory, DirectoryError},
+        paths::InstancePaths,
+    },
 };
 
 /// How long programs that read the old window number may still be counting under it after the
@@ -52,7 +54,7 @@ pub enum FlowLogError {
         source: serde_json::Error,
     },
     #[error(transparent)]
-    Instance(#[from] Box<instance::InstanceError>),
+    Directory(#[from] DirectoryError),
     #[error("--flow-format: {0}")]
     Format(#[from] crate::flowlog::format::FormatError),
 }
@@ -170,25 +172,6 @@ pub fn counters(paths: &InstancePaths) -> ExportCounters {
         .unwrap_or_default()
 }
 
-/// CLOCK_MONOTONIC now, ns: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always there");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-}
-
-/// Unix time minus CLOCK_MONOTONIC, ns: what turns a datapath timestamp into a wall-clock one.
-pub fn wall_offset_ns() -> i128 {
-    let wall = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
-        .expect("CLOCK_REALTIME is always there");
-    let wall = wall.tv_sec() as i128 * 1_000_000_000 + wall.tv_nsec() as i128;
-    wall - monotonic_ns() as i128
-}
-
-fn unix_secs(mono_ns: u64, offset: i128) -> u64 {
-    ((mono_ns as i128 + offset).max(0) / 1_000_000_000) as u64
-}
-
 /// Sets flow counting and the event rate at `up`. The open window keeps its number when the
 /// datapath was already loaded, and never reuses one a checkpoint has seen.
 pub fn init_state(
@@ -253,88 +236,53 @@ fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
 }
 
-/// A task interface with what its records say about it.
-#[derive(Debug, Clone)]
-struct Iface {
-    task: Task,
-}
-
-/// The host and its task interfaces, from the applied state and `IFACES`.
-struct Directory {
-    host: Host,
-    by_ifindex: BTreeMap<u32, Iface>,
-    task_addrs: Vec<Ipv4Addr>,
-}
-
-impl Directory {
-    fn load(paths: &InstancePaths) -> Result<Self, FlowLogError> {
-        let state: State = instance::read_applied(paths)
-            .map_err(Box::new)?
-            .unwrap_or_default();
-        let ifaces = maps::read_ifaces(paths)?;
-        let mut by_ifindex = BTreeMap::new();
-        for (ifindex, info) in ifaces.iter().filter(|(_, i)| i.role == ROLE_TASK) {
-            let ip = addr(info.ipv4);
-            if let Some(t) = state.tasks.iter().find(|t| t.ipv4_address == ip) {
-                by_ifindex.insert(*ifindex, Iface { task: t.clone() });
-            }
-        }
-        Ok(Self {
-            task_addrs: state.tasks.iter().map(|t| t.ipv4_address).collect(),
-            host: state.host,
-            by_ifindex,
-        })
-    }
-
-    /// A record with every field that depends on the interface, not on the flow.
-    fn base(&self, ifindex: u32, window: u32) -> Record {
-        let h = &self.host;
-        let iface = self.by_ifindex.get(&ifindex);
-        let task = iface.map(|i| &i.task);
-        let arn = task.and_then(|t| t.task_arn.as_deref()).map(TaskArn::parse);
-        let region = h
-            .region
-            .clone()
-            .or_else(|| arn.as_ref().and_then(|a| a.region.clone()));
-        let account = h
-            .account_id
-            .clone()
-            .or_else(|| arn.as_ref().and_then(|a| a.account.clone()));
-        let cluster = h
-            .cluster
-            .clone()
-            .or_else(|| arn.as_ref().and_then(|a| a.cluster.clone()));
-        let cluster_arn = match (&region, &account, &cluster) {
-            (Some(r), Some(a), Some(c)) => Some(format!("arn:aws:ecs:{r}:{a}:cluster/{c}")),
-            _ => None,
-        };
-        Record {
-            account_id: account,
-            interface_id: task
-                .and_then(|t| t.interface_id.clone().or_else(|| t.interface.clone()))
-                .or_else(|| Some(format!("if{ifindex}"))),
-            vpc_id: h.vpc_id.clone(),
-            subnet_id: h.subnet_id.clone(),
-            instance_id: h.instance_id.clone(),
-            region,
-            az_id: h.az_id.clone(),
-            ecs_cluster_arn: cluster_arn,
-            ecs_cluster_name: cluster,
-            ecs_container_instance_arn: h.container_instance_arn.clone(),
-            ecs_container_instance_id: h
-                .container_instance_arn
-                .as_deref()
-                .and_then(|a| a.rsplit('/').next())
-                .map(str::to_owned),
-            ecs_container_id: task.and_then(|t| t.container_id.clone()),
-            ecs_service_name: task.and_then(|t| t.service_name.clone()),
-            ecs_task_definition_arn: task.and_then(|t| t.task_definition_arn.clone()),
-            ecs_task_arn: task.and_then(|t| t.task_arn.clone()),
-            ecs_task_id: arn.and_then(|a| a.task_id),
-            task: task.map(|t| t.name.clone()),
-            window,
-            ..Default::default()
-        }
+/// A record with every field that depends on the interface, not on the flow.
+fn base(dir: &Directory, ifindex: u32, window: u32) -> Record {
+    let h = &dir.state.host;
+    let task = dir.task(ifindex);
+    let arn = task.and_then(|t| t.task_arn.as_deref()).map(TaskArn::parse);
+    let region = h
+        .region
+        .clone()
+        .or_else(|| arn.as_ref().and_then(|a| a.region.clone()));
+    let account = h
+        .account_id
+        .clone()
+        .or_else(|| arn.as_ref().and_then(|a| a.account.clone()));
+    let cluster = h
+        .cluster
+        .clone()
+        .or_else(|| arn.as_ref().and_then(|a| a.cluster.clone()));
+    let cluster_arn = match (&region, &account, &cluster) {
+        (Some(r), Some(a), Some(c)) => Some(format!("arn:aws:ecs:{r}:{a}:cluster/{c}")),
+        _ => None,
+    };
+    Record {
+        account_id: account,
+        interface_id: task
+            .and_then(|t| t.interface_id.clone().or_else(|| t.interface.clone()))
+            .or_else(|| Some(format!("if{ifindex}"))),
+        vpc_id: h.vpc_id.clone(),
+        subnet_id: h.subnet_id.clone(),
+        instance_id: h.instance_id.clone(),
+        region,
+        az_id: h.az_id.clone(),
+        ecs_cluster_arn: cluster_arn,
+        ecs_cluster_name: cluster,
+        ecs_container_instance_arn: h.container_instance_arn.clone(),
+        ecs_container_instance_id: h
+            .container_instance_arn
+            .as_deref()
+            .and_then(|a| a.rsplit('/').next())
+            .map(str::to_owned),
+        ecs_container_id: task.and_then(|t| t.container_id.clone()),
+        ecs_service_name: task.and_then(|t| t.service_name.clone()),
+        ecs_task_definition_arn: task.and_then(|t| t.task_definition_arn.clone()),
+        ecs_task_arn: task.and_then(|t| t.task_arn.clone()),
+        ecs_task_id: arn.and_then(|a| a.task_id),
+        task: task.map(|t| t.name.clone()),
+        window,
+        ..Default::default()
     }
 }
 
@@ -400,7 +348,7 @@ fn build_records(
         seen.insert(k.ifindex, ());
         let egress = k.dir == FLOW_EGRESS;
         let daddr = addr(k.daddr);
-        let mut r = dir.base(k.ifindex, window);
+        let mut r = base(dir, k.ifindex, window);
         r.srcaddr = Some(addr(k.saddr));
         r.dstaddr = Some(daddr);
         r.srcport = Some(u16::from_be(k.sport));
@@ -429,21 +377,22 @@ fn build_records(
         r.flow_direction = Some(if egress { "egress" } else { "ingress" }.to_owned());
         // AWS fills traffic-path for egress only; 1 is "another resource in the same VPC",
         // which another task on this host is. Where the uplink's traffic goes is not ours to know.
-        r.traffic_path = (egress && dir.task_addrs.contains(&daddr)).then_some(1);
+        r.traffic_path =
+            (egress && dir.state.tasks.iter().any(|t| t.ipv4_address == daddr)).then_some(1);
         out.push(r);
     }
     for (ifindex, packets) in lost {
         seen.insert(*ifindex, ());
-        let mut r = dir.base(*ifindex, window);
+        let mut r = base(dir, *ifindex, window);
         r.start = unix_secs(start_ns, offset);
         r.end = unix_secs(end_ns, offset);
         r.log_status = "SKIPDATA".to_owned();
         r.lost_packets = Some(*packets);
         out.push(r);
     }
-    for ifindex in dir.by_ifindex.keys() {
-        if !seen.contains_key(ifindex) {
-            let mut r = dir.base(*ifindex, window);
+    for (ifindex, _) in dir.interfaces() {
+        if !seen.contains_key(&ifindex) {
+            let mut r = base(dir, ifindex, window);
             r.start = unix_secs(start_ns, offset);
             r.end = unix_secs(end_ns, offset);
             r.log_status = "NODATA".to_owned();
@@ -867,7 +816,11 @@ pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ecsnet_common::flow::{ACTION_ACCEPT, FLOW_INGRESS};
+    use crate::state::{Host, State, Task};
+    use ecsnet_common::{
+        flow::{ACTION_ACCEPT, FLOW_INGRESS},
+        maps::{IfaceInfo, ROLE_TASK},
+    };
 
     fn be(a: [u8; 4]) -> u32 {
         u32::from_be_bytes(a).to_be()
@@ -937,27 +890,26 @@ mod tests {
             task_definition_arn: None,
             container_id: None,
         };
-        let mut by_ifindex = BTreeMap::new();
-        by_ifindex.insert(
-            7,
-            Iface {
-                task: task("t1", [172, 17, 0, 2], "vethA"),
-            },
-        );
-        by_ifindex.insert(
-            9,
-            Iface {
-                task: task("t2", [172, 17, 0, 3], "vethB"),
-            },
-        );
-        Directory {
+        let state = State {
             host: Host {
                 instance_id: Some("i-0abc".to_owned()),
                 ..Default::default()
             },
-            task_addrs: vec![[172, 17, 0, 2].into(), [172, 17, 0, 3].into()],
-            by_ifindex,
-        }
+            tasks: vec![
+                task("t1", [172, 17, 0, 2], "vethA"),
+                task("t2", [172, 17, 0, 3], "vethB"),
+            ],
+            ..State::default()
+        };
+        let iface = |ip: [u8; 4]| IfaceInfo {
+            ipv4: be(ip),
+            role: ROLE_TASK,
+            _pad: [0; 3],
+        };
+        Directory::join(
+            state,
+            &[(7, iface([172, 17, 0, 2])), (9, iface([172, 17, 0, 3]))],
+        )
     }
 
     #[test]
