@@ -418,7 +418,7 @@ fn idle_connections_to_the_control_socket_do_not_disable_the_agent() {
         &lab,
         "control",
         flood.connected,
-        ecsnet::agent::CONTROL_LIMITS.cap,
+        ecsnet::agent::control::LIMITS.cap,
     );
     // Last, so a broken agent shows first which promise it broke.
     assert_eq!(

@@ -17,7 +17,10 @@ use ecsnet_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent::stats::reason_name,
+    agent::{
+        control::{self, Answer, Op, Reply, Request, StreamLine},
+        stats::reason_name,
+    },
     instance,
     store::{directory::Directory, paths::InstancePaths},
 };
@@ -197,25 +200,29 @@ pub fn follow(paths: &InstancePaths, json: bool) -> Result<(), MonitorError> {
         path: path.display().to_string(),
     })?;
     let mut w = stream.try_clone()?;
-    w.write_all(b"{\"op\":\"monitor\"}\n")?;
+    w.write_all(&control::line(&Request { op: Op::Monitor }))?;
     let mut reader = BufReader::new(stream);
     let mut first = String::new();
     reader.read_line(&mut first)?;
-    let hello: serde_json::Value =
-        serde_json::from_str(&first).map_err(|e| MonitorError::Refused(e.to_string()))?;
-    if hello.get("ok") != Some(&serde_json::Value::Bool(true)) {
-        return Err(MonitorError::Refused(first.trim().to_owned()));
+    match serde_json::from_str::<Reply>(&first) {
+        Ok(Reply { ok: true, .. }) => {}
+        Ok(Reply {
+            answer: Answer::Error { error },
+            ..
+        }) => return Err(MonitorError::Refused(error)),
+        Ok(_) => return Err(MonitorError::Refused(first.trim().to_owned())),
+        Err(e) => return Err(MonitorError::Refused(e.to_string())),
     }
     let stdout = std::io::stdout();
     for line in reader.lines() {
         let line = line?;
         let text = if json {
             line
-        } else if let Ok(ev) = serde_json::from_str::<EventLine>(&line) {
-            render(&ev)
         } else {
-            // {"lost": N}: this monitor fell behind the agent.
-            format!("monitor fell behind: {line}")
+            match serde_json::from_str::<StreamLine>(&line) {
+                Ok(StreamLine::Event(ev)) => render(&ev),
+                Ok(StreamLine::Lost { .. }) | Err(_) => format!("monitor fell behind: {line}"),
+            }
         };
         let mut out = stdout.lock();
         if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
