@@ -73,12 +73,15 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
     }
     let _loggers = forward_datapath_logs(paths);
     let exporter = if meta.flow_logs.enabled {
-        let exporter = Arc::new(Mutex::new(flowlog::Exporter::new(paths, &meta.flow_logs)?));
+        let exporter = Arc::new(Mutex::new(flowlog::export::Exporter::new(
+            paths,
+            &meta.flow_logs,
+        )?));
         let counters = Arc::new(Mutex::new(flowlog::counters(paths)));
         let ex = exporter.clone();
         std::thread::Builder::new()
             .name("flow-export".into())
-            .spawn(move || flowlog::run(ex, counters))
+            .spawn(move || flowlog::export::run(ex, counters))
             .map_err(io("flow-export thread"))?;
         Some(exporter)
     } else {

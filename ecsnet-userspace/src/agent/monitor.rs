@@ -21,6 +21,7 @@ use crate::{
         control::{self, Answer, Op, Reply, Request, StreamLine},
         stats::reason_name,
     },
+    flowlog::format::{FlowDirection, words},
     instance,
     store::{directory::Directory, paths::InstancePaths},
 };
@@ -43,22 +44,41 @@ pub enum MonitorError {
 pub struct EventLine {
     /// Unix time, seconds with milliseconds.
     pub time: f64,
-    /// `drop` or `allow` (a security group let a new flow through).
-    pub kind: String,
+    pub kind: EventKind,
     /// The drop reason (`SG_INGRESS`, ...); None for `allow`.
     pub reason: Option<String>,
-    /// `tc-ingress`, `tc-egress` or `xdp`.
-    pub hook: String,
+    pub hook: Hook,
     pub ifindex: u32,
     pub interface: Option<String>,
     pub task: Option<String>,
     /// For policy events: whose rules decided, `egress` (the sender's) or `ingress`.
-    pub direction: Option<String>,
+    pub direction: Option<FlowDirection>,
     pub proto: u8,
     pub src: String,
     pub dst: String,
     /// Events the datapath suppressed on this CPU just before this one (rate limit).
     pub suppressed: u64,
+}
+
+words! {
+    pub enum EventKind {
+        Drop = "drop",
+        /// A security group let a new flow through.
+        Allow = "allow",
+        /// From a newer datapath.
+        Unknown = "unknown",
+    }
+}
+
+words! {
+    /// Where in the datapath the event happened.
+    pub enum Hook {
+        TcIngress = "tc-ingress",
+        TcEgress = "tc-egress",
+        Xdp = "xdp",
+        /// From a newer datapath.
+        Unknown = "unknown",
+    }
 }
 
 /// Who an event's interface is: the directory's tasks and the uplink.
@@ -117,32 +137,27 @@ fn unix_ms(mono_ns: u64, wall_offset_ns: i128) -> f64 {
 /// The line of event `e`; `wall_offset_ns` turns its CLOCK_MONOTONIC time into Unix time.
 pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
     let (task, interface) = names.of(e.ifindex);
-    let kind = match e.kind {
-        EVENT_DROP => "drop",
-        EVENT_ALLOW => "allow",
-        _ => "unknown",
-    };
     EventLine {
         time: unix_ms(e.ts_ns, wall_offset_ns) / 1000.0,
-        kind: kind.to_owned(),
+        kind: match e.kind {
+            EVENT_DROP => EventKind::Drop,
+            EVENT_ALLOW => EventKind::Allow,
+            _ => EventKind::Unknown,
+        },
         reason: (e.kind == EVENT_DROP).then(|| reason_name(e.reason)),
         hook: match e.hook {
-            HOOK_TC_INGRESS => "tc-ingress",
-            HOOK_TC_EGRESS => "tc-egress",
-            HOOK_XDP => "xdp",
-            _ => "unknown",
-        }
-        .to_owned(),
+            HOOK_TC_INGRESS => Hook::TcIngress,
+            HOOK_TC_EGRESS => Hook::TcEgress,
+            HOOK_XDP => Hook::Xdp,
+            _ => Hook::Unknown,
+        },
         ifindex: e.ifindex,
         interface,
         task,
-        direction: (e.kind == EVENT_ALLOW).then(|| {
-            if e.dir == FLOW_EGRESS {
-                "egress"
-            } else {
-                "ingress"
-            }
-            .to_owned()
+        direction: (e.kind == EVENT_ALLOW).then_some(if e.dir == FLOW_EGRESS {
+            FlowDirection::Egress
+        } else {
+            FlowDirection::Ingress
         }),
         proto: e.proto,
         src: endpoint(e.saddr, e.sport, e.proto),
@@ -168,9 +183,9 @@ pub fn render(l: &EventLine) -> String {
             let _ = write!(out, "DROP {r}");
         }
         (None, Some(d)) => {
-            let _ = write!(out, "ALLOW {d}");
+            let _ = write!(out, "ALLOW {}", d.as_str());
         }
-        (None, None) => out.push_str(&l.kind.to_uppercase()),
+        (None, None) => out.push_str(&l.kind.as_str().to_uppercase()),
     }
     let who = match (&l.task, &l.interface) {
         (Some(t), Some(i)) => format!("{t} ({i})"),
@@ -184,7 +199,13 @@ pub fn render(l: &EventLine) -> String {
         17 => "udp".to_owned(),
         n => format!("proto {n}"),
     };
-    let _ = write!(out, " {who} at {} {proto} {} -> {}", l.hook, l.src, l.dst);
+    let _ = write!(
+        out,
+        " {who} at {} {proto} {} -> {}",
+        l.hook.as_str(),
+        l.src,
+        l.dst
+    );
     if l.suppressed > 0 {
         let _ = write!(out, " ({} earlier event(s) suppressed)", l.suppressed);
     }
@@ -304,8 +325,8 @@ mod tests {
         };
         let l = line(&allow, &names, 0);
         assert_eq!(
-            (l.reason.as_deref(), l.direction.as_deref()),
-            (None, Some("egress"))
+            (l.reason.as_deref(), l.direction),
+            (None, Some(FlowDirection::Egress))
         );
         assert!(render(&l).contains("ALLOW egress task2 (vethX) at tc-ingress tcp"));
     }

@@ -10,8 +10,8 @@ use crate::{
     agent,
     agent::monitor,
     agent::stats,
-    flowlog::format::{Filter, Format},
-    flowlog::{self, FlowLogOptions},
+    flowlog::FlowLogOptions,
+    flowlog::{filter::Filter, format::Format, tail},
     host::netns::{self, NetnsError},
     instance,
     instance::{InstanceError, UpOptions},
@@ -393,7 +393,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             instance::require_up(&inst)?;
             let bad = |e: String| UsageError::BadFlag(e);
-            let opts = flowlog::TailOptions {
+            let opts = tail::TailOptions {
                 format: match format {
                     Some(f) => Format::parse(&f).map_err(|e| bad(format!("--format: {e}")))?,
                     None => Format::default_v2(),
@@ -409,7 +409,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 follow,
             };
-            flowlog::tail(&inst, &opts)?;
+            tail::tail(&inst, &opts)?;
         }
         Cmd::Monitor { json } => {
             instance::require_up(&inst)?;
