@@ -24,12 +24,19 @@ fn main() {
                 );
             }
             let text = e.to_string();
-            let first = text
-                .lines()
+            let mut lines = text.lines().map(str::trim);
+            let first = lines
                 .next()
                 .unwrap_or("bad usage")
                 .trim_start_matches("error: ");
-            eprintln!("ecsnet: {first} (see `ecsnet --help`)");
+            // A value enum's choices follow on a line of their own.
+            let choices = lines
+                .next()
+                .and_then(|l| l.strip_prefix("[possible values: "))
+                .and_then(|l| l.strip_suffix(']'))
+                .map(|l| format!(": use {l}"))
+                .unwrap_or_default();
+            eprintln!("ecsnet: {first}{choices} (see `ecsnet --help`)");
             std::process::exit(2);
         }
     };
