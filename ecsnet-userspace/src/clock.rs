@@ -1,4 +1,4 @@
-//! The datapath's clock seen from user space: CLOCK_MONOTONIC (what `bpf_ktime_get_ns` and the
+//! The datapath's clock seen from user space: `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` and the
 //! coarse clock the datapath stamps with count), and its offset to Unix time for records and
 //! events. Used by flow logs, `monitor` and the agent's garbage collection.
 

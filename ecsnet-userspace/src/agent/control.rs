@@ -79,7 +79,7 @@ pub enum Answer {
         pid: u32,
         #[serde(rename = "uptimeSecs")]
         uptime_secs: u64,
-        meta: Option<Meta>,
+        meta: Option<Box<Meta>>,
     },
     Stats {
         stats: Box<Stats>,
@@ -102,8 +102,15 @@ impl From<Answer> for Reply {
     }
 }
 
+/// An answer, or the error that kept it.
+impl<E: std::fmt::Display> From<Result<Answer, E>> for Reply {
+    fn from(r: Result<Answer, E>) -> Self {
+        r.map_or_else(|e| Self::error(&e), Self::from)
+    }
+}
+
 impl Reply {
-    pub fn error(error: impl ToString) -> Self {
+    pub fn error(error: &dyn std::fmt::Display) -> Self {
         Answer::Error {
             error: error.to_string(),
         }
@@ -160,14 +167,14 @@ pub async fn handle(stream: UnixStream, mut slot: Slot, control: &Control) -> st
             return Ok(());
         }
         if request.len() > MAX_REQUEST {
-            let reply = Reply::error(format!("request longer than {MAX_REQUEST} bytes"));
+            let reply = Reply::error(&format!("request longer than {MAX_REQUEST} bytes"));
             let _ = slot.busy(write.write_all(&reply.line())).await;
             return Ok(());
         }
         let reply = match serde_json::from_slice::<Request>(&request) {
             Ok(Request { op: Op::Monitor }) => {
                 let Ok(_permit) = control.monitors.clone().try_acquire_owned() else {
-                    let reply = Reply::error(format!(
+                    let reply = Reply::error(&format!(
                         "{MAX_MONITORS} monitors are following this agent already; stop one first"
                     ));
                     let _ = slot.busy(write.write_all(&reply.line())).await;
@@ -180,9 +187,9 @@ pub async fn handle(stream: UnixStream, mut slot: Slot, control: &Control) -> st
                 let (paths, started) = (control.paths.clone(), control.started);
                 tokio::task::spawn_blocking(move || answer(op, &paths, started))
                     .await
-                    .unwrap_or_else(Reply::error)
+                    .unwrap_or_else(|e| Reply::error(&e))
             }
-            Err(e) => Reply::error(format!("bad request: {e}; send {{\"op\": \"status\"}}")),
+            Err(e) => Reply::error(&format!("bad request: {e}; send {{\"op\": \"status\"}}")),
         };
         match slot.busy(write.write_all(&reply.line())).await {
             Some(r) => r?,
@@ -227,17 +234,20 @@ async fn stream_events(
 /// The reply to `op`; `monitor` is no question, its connection turns into a stream.
 fn answer(op: Op, paths: &InstancePaths, started: Instant) -> Reply {
     let pid = std::process::id();
-    let answer = match op {
-        Op::Ping => Ok(Answer::Ping { pid }),
-        Op::Status => instance::read_meta(paths).map(|meta| Answer::Status {
-            pid,
-            uptime_secs: started.elapsed().as_secs(),
-            meta,
-        }),
-        Op::Stats => stats::stats(paths).map(|s| Answer::Stats { stats: Box::new(s) }),
-        Op::Monitor => return Reply::error("`monitor` follows events on a connection of its own"),
-    };
-    answer.map_or_else(Reply::error, Reply::from)
+    match op {
+        Op::Ping => Answer::Ping { pid }.into(),
+        Op::Status => instance::read_meta(paths)
+            .map(|meta| Answer::Status {
+                pid,
+                uptime_secs: started.elapsed().as_secs(),
+                meta: meta.map(Box::new),
+            })
+            .into(),
+        Op::Stats => stats::stats(paths)
+            .map(|s| Answer::Stats { stats: Box::new(s) })
+            .into(),
+        Op::Monitor => Reply::error(&"`monitor` follows events on a connection of its own"),
+    }
 }
 
 #[cfg(test)]
@@ -261,7 +271,7 @@ mod tests {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
         assert_eq!(
-            Reply::error("the agent is busy: every control connection is in use").line(),
+            Reply::error(&"the agent is busy: every control connection is in use").line(),
             LIMITS.busy_reply
         );
         assert_eq!(

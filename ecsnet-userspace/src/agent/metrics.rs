@@ -1,11 +1,11 @@
 //! Prometheus metrics: the instance's counters (`stats::stats`) in the text exposition format,
-//! served over HTTP/1 (hyper) by the agent on `--metrics` (loopback of the instance's namespace
+//! served over HTTP/1 (`hyper`) by the agent on `--metrics` (loopback of the instance's namespace
 //! by default; `off`: not served).
 //!
 //! The text is rendered here rather than by `prometheus-client`: every value is read from the
 //! maps at scrape time, so a registry of live metric objects holds nothing, and its encoder
-//! writes OpenMetrics (`# TYPE` without `_total`, a `# EOF` line), not the names and bytes
-//! ecsnet has always served.
+//! writes the `OpenMetrics` text (`# TYPE` without `_total`, a `# EOF` line), not the names and
+//! bytes ecsnet has always served.
 
 use std::{
     convert::Infallible,
@@ -36,7 +36,7 @@ use tokio::{
 
 use crate::{
     agent::conns::{self, Limits, Slot, Slots},
-    agent::stats::{self, AgentStats, ListenerStats, Stats},
+    agent::stats::{self, AgentStats, ConntrackStats, ListenerStats, Stats},
     kernel::maps::Count,
     store::paths::InstancePaths,
 };
@@ -127,7 +127,7 @@ pub fn render(s: &Stats) -> String {
 
 fn families(s: &Stats) -> Vec<Family<'_>> {
     use Kind::{Counter, Gauge};
-    let (c, f, u) = (&s.conntrack, &s.flow_logs, &s.uplink);
+    let (c, u) = (&s.conntrack, &s.uplink);
     let mut out = vec![
         task_counts(
             s,
@@ -178,114 +178,123 @@ fn families(s: &Stats) -> Vec<Family<'_>> {
                 .collect(),
         ),
     ];
-    out.extend(
-        [
-            (
-                "ecsnet_conntrack_entries",
-                Gauge,
-                "Entries in the connection table (two per flow).",
-                c.entries,
-            ),
-            (
-                "ecsnet_conntrack_capacity",
-                Gauge,
-                "Capacity of the connection table, entries.",
-                c.capacity,
-            ),
-            (
-                "ecsnet_conntrack_unanswered_entries",
-                Gauge,
-                "Entries in the table of flows not answered yet (evicted oldest first when full).",
-                c.unanswered_entries,
-            ),
-            (
-                "ecsnet_conntrack_unanswered_capacity",
-                Gauge,
-                "Capacity of the table of flows not answered yet, entries.",
-                c.unanswered_capacity,
-            ),
-            (
-                "ecsnet_conntrack_flows_created_total",
-                Counter,
-                "Flows the datapath created.",
-                c.created,
-            ),
-            (
-                "ecsnet_conntrack_flows_assured_total",
-                Counter,
-                "Flows answered and moved to the table that never evicts.",
-                c.assured,
-            ),
-            (
-                "ecsnet_conntrack_assured_table_full_total",
-                Counter,
-                "Answered flows that found the assured table full and stayed evictable.",
-                c.assured_table_full,
-            ),
-        ]
-        .map(Family::one),
-    );
+    out.extend(conntrack_gauges(c));
     out.push(Family::new(
         "ecsnet_conntrack_flows",
         Gauge,
         "Tracked flows by kind.",
         by_label("kind", &c.flows),
     ));
-    out.extend(
-        [
-            (
-                "ecsnet_nat_mappings",
-                Gauge,
-                "Flows whose source the datapath rewrote (masquerade and self-hairpin).",
-                c.nat_mappings,
-            ),
-            (
-                "ecsnet_flow_table_entries",
-                Gauge,
-                "Entries in the flow-log table (open window and the one being exported).",
-                f.table_entries,
-            ),
-            (
-                "ecsnet_flow_table_capacity",
-                Gauge,
-                "Capacity of the flow-log table, entries.",
-                f.table_capacity,
-            ),
-            (
-                "ecsnet_flow_log_windows_total",
-                Counter,
-                "Capture windows closed and exported.",
-                f.windows_exported,
-            ),
-            (
-                "ecsnet_flow_log_records_total",
-                Counter,
-                "Flow-log records exported (OK, NODATA and SKIPDATA).",
-                f.records_exported,
-            ),
-            (
-                "ecsnet_flow_log_skipdata_records_total",
-                Counter,
-                "SKIPDATA records: windows of an interface in which the flow table was full.",
-                f.skipdata_records,
-            ),
-            (
-                "ecsnet_flow_log_lost_packets_total",
-                Counter,
-                "Packets that found the flow table full and are in no OK record.",
-                f.lost_packets,
-            ),
-            (
-                "ecsnet_monitor_events_suppressed_total",
-                Counter,
-                "Monitor events the datapath's rate limit or a full ring buffer suppressed.",
-                f.events_suppressed,
-            ),
-        ]
-        .map(Family::one),
-    );
+    out.extend(flow_log_counts(s));
     out.extend(agent_families(&s.agent));
     out
+}
+
+/// The connection tables' fill and counters.
+fn conntrack_gauges(c: &ConntrackStats) -> [Family<'static>; 7] {
+    use Kind::{Counter, Gauge};
+    [
+        (
+            "ecsnet_conntrack_entries",
+            Gauge,
+            "Entries in the connection table (two per flow).",
+            c.entries,
+        ),
+        (
+            "ecsnet_conntrack_capacity",
+            Gauge,
+            "Capacity of the connection table, entries.",
+            c.capacity,
+        ),
+        (
+            "ecsnet_conntrack_unanswered_entries",
+            Gauge,
+            "Entries in the table of flows not answered yet (evicted oldest first when full).",
+            c.unanswered_entries,
+        ),
+        (
+            "ecsnet_conntrack_unanswered_capacity",
+            Gauge,
+            "Capacity of the table of flows not answered yet, entries.",
+            c.unanswered_capacity,
+        ),
+        (
+            "ecsnet_conntrack_flows_created_total",
+            Counter,
+            "Flows the datapath created.",
+            c.created,
+        ),
+        (
+            "ecsnet_conntrack_flows_assured_total",
+            Counter,
+            "Flows answered and moved to the table that never evicts.",
+            c.assured,
+        ),
+        (
+            "ecsnet_conntrack_assured_table_full_total",
+            Counter,
+            "Answered flows that found the assured table full and stayed evictable.",
+            c.assured_table_full,
+        ),
+    ]
+    .map(Family::one)
+}
+
+/// NAT mappings, the flow-log table and what the exporter wrote and lost.
+fn flow_log_counts(s: &Stats) -> [Family<'static>; 8] {
+    use Kind::{Counter, Gauge};
+    let (c, f) = (&s.conntrack, &s.flow_logs);
+    [
+        (
+            "ecsnet_nat_mappings",
+            Gauge,
+            "Flows whose source the datapath rewrote (masquerade and self-hairpin).",
+            c.nat_mappings,
+        ),
+        (
+            "ecsnet_flow_table_entries",
+            Gauge,
+            "Entries in the flow-log table (open window and the one being exported).",
+            f.table_entries,
+        ),
+        (
+            "ecsnet_flow_table_capacity",
+            Gauge,
+            "Capacity of the flow-log table, entries.",
+            f.table_capacity,
+        ),
+        (
+            "ecsnet_flow_log_windows_total",
+            Counter,
+            "Capture windows closed and exported.",
+            f.windows_exported,
+        ),
+        (
+            "ecsnet_flow_log_records_total",
+            Counter,
+            "Flow-log records exported (OK, NODATA and SKIPDATA).",
+            f.records_exported,
+        ),
+        (
+            "ecsnet_flow_log_skipdata_records_total",
+            Counter,
+            "SKIPDATA records: windows of an interface in which the flow table was full.",
+            f.skipdata_records,
+        ),
+        (
+            "ecsnet_flow_log_lost_packets_total",
+            Counter,
+            "Packets that found the flow table full and are in no OK record.",
+            f.lost_packets,
+        ),
+        (
+            "ecsnet_monitor_events_suppressed_total",
+            Counter,
+            "Monitor events the datapath's rate limit or a full ring buffer suppressed.",
+            f.events_suppressed,
+        ),
+    ]
+    .map(Family::one)
 }
 
 /// A task counter by direction, `pick`ed from its counts.

@@ -40,10 +40,24 @@ pub enum AgentError {
         what: String,
         source: std::io::Error,
     },
+    /// Boxed: `InstanceError` is large.
     #[error(transparent)]
-    Instance(#[from] instance::InstanceError),
+    Instance(Box<instance::InstanceError>),
+    /// Boxed, as is `Instance`.
     #[error(transparent)]
-    FlowLog(#[from] flowlog::FlowLogError),
+    FlowLog(Box<flowlog::FlowLogError>),
+}
+
+impl From<flowlog::FlowLogError> for AgentError {
+    fn from(e: flowlog::FlowLogError) -> Self {
+        Self::FlowLog(Box::new(e))
+    }
+}
+
+impl From<instance::InstanceError> for AgentError {
+    fn from(e: instance::InstanceError) -> Self {
+        Self::Instance(Box::new(e))
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -77,11 +91,10 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             paths,
             &meta.flow_logs,
         )?));
-        let counters = Arc::new(Mutex::new(flowlog::counters(paths)));
         let ex = exporter.clone();
         std::thread::Builder::new()
             .name("flow-export".into())
-            .spawn(move || flowlog::export::run(ex, counters))
+            .spawn(move || flowlog::export::run(&ex))
             .map_err(io("flow-export thread"))?;
         Some(exporter)
     } else {

@@ -134,7 +134,7 @@ fn unix_ms(mono_ns: u64, wall_offset_ns: i128) -> f64 {
     (crate::clock::unix_ns(mono_ns, wall_offset_ns) / 1_000_000) as f64
 }
 
-/// The line of event `e`; `wall_offset_ns` turns its CLOCK_MONOTONIC time into Unix time.
+/// The line of event `e`; `wall_offset_ns` turns its `CLOCK_MONOTONIC` time into Unix time.
 pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
     let (task, interface) = names.of(e.ifindex);
     EventLine {
@@ -169,8 +169,13 @@ pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
 /// The text form: `12:00:01.250 DROP SG_INGRESS task2 (vethX) tcp 10.10.0.2:5000 -> 172.17.0.3:80`.
 pub fn render(l: &EventLine) -> String {
     let mut out = String::new();
-    let secs = l.time as u64;
-    let ms = ((l.time - secs as f64) * 1000.0).round() as u64 % 1000;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a Unix time in milliseconds: not negative, and far below 2^53"
+    )]
+    let ms = (l.time * 1000.0).round() as u64;
+    let (secs, ms) = (ms / 1000, ms % 1000);
     let _ = write!(
         out,
         "{:02}:{:02}:{:02}.{ms:03} ",
@@ -246,7 +251,7 @@ pub fn follow(paths: &InstancePaths, json: bool) -> Result<(), MonitorError> {
             }
         };
         let mut out = stdout.lock();
-        if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
             return Ok(());
         }
     }

@@ -9,12 +9,30 @@ use serde::{Deserialize, Serialize};
 use crate::{
     flowlog,
     instance::{self, InstanceError},
-    kernel::maps::{self, Count},
+    kernel::maps::{self, Count, MapsError},
     store::{
         directory::{Directory, DirectoryError},
         paths::InstancePaths,
     },
 };
+
+/// Why the counters could not be read: the instance is not up, or a map is unreadable. Boxed,
+/// since `InstanceError` is large.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StatsError(pub Box<InstanceError>);
+
+impl From<InstanceError> for StatsError {
+    fn from(e: InstanceError) -> Self {
+        Self(Box::new(e))
+    }
+}
+
+impl From<MapsError> for StatsError {
+    fn from(e: MapsError) -> Self {
+        InstanceError::from(e).into()
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -137,7 +155,7 @@ pub struct Stats {
     pub agent: AgentStats,
 }
 
-fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, InstanceError> {
+fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, StatsError> {
     let st = maps::read_flow_state(paths)?;
     let (table_entries, table_capacity) = maps::flow_table_fill(paths)?;
     let c = flowlog::counters(paths);
@@ -164,12 +182,12 @@ pub fn conntrack_stats(
     use ecsnet_common::{ct, maps};
     let mut out = ConntrackStats {
         entries: entries.len() as u64,
-        capacity: capacity as u64,
+        capacity: capacity.into(),
         unanswered_entries: entries
             .iter()
             .filter(|(t, _, _)| *t == maps::MAP_CT_NEW)
             .count() as u64,
-        unanswered_capacity: unanswered_capacity as u64,
+        unanswered_capacity: unanswered_capacity.into(),
         created: events[maps::CT_EV_CREATED as usize],
         assured: events[maps::CT_EV_ASSURED as usize],
         assured_table_full: events[maps::CT_EV_CT_FULL as usize],
@@ -205,10 +223,10 @@ pub fn reason_name(n: u8) -> String {
 }
 
 /// Reads the counters of an instance.
-pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
+pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
     let meta = instance::require_up(paths)?;
     let dir = Directory::load(paths).map_err(|e| match e {
-        DirectoryError::State(e) => *e,
+        DirectoryError::State(e) => StatsError(e),
         DirectoryError::Ifaces(e) => e.into(),
     })?;
     let counts = maps::read_counts(paths)?;
@@ -296,18 +314,18 @@ pub fn render(s: &Stats) -> String {
             t.drops.values().sum::<u64>()
         );
     }
-    let u = &s.uplink;
+    let up = &s.uplink;
     let _ = writeln!(
         out,
         "uplink {} (ifindex {}): in {} pkts {} B (xdp {} pkts), out {} pkts {} B, other {} pkts",
-        u.interface,
-        u.ifindex,
-        u.ingress.packets,
-        u.ingress.bytes,
-        u.xdp.packets,
-        u.egress.packets,
-        u.egress.bytes,
-        u.other.packets
+        up.interface,
+        up.ifindex,
+        up.ingress.packets,
+        up.ingress.bytes,
+        up.xdp.packets,
+        up.egress.packets,
+        up.egress.bytes,
+        up.other.packets
     );
     let c = &s.conntrack;
     let flows: Vec<String> = c.flows.iter().map(|(k, n)| format!("{k}={n}")).collect();
@@ -316,11 +334,7 @@ pub fn render(s: &Stats) -> String {
         "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
         c.entries,
         c.capacity,
-        if c.capacity == 0 {
-            0.0
-        } else {
-            100.0 * c.entries as f64 / c.capacity as f64
-        },
+        percent(c.entries, c.capacity),
         c.unanswered_entries,
         c.unanswered_capacity,
         if flows.is_empty() {
@@ -347,12 +361,12 @@ pub fn render(s: &Stats) -> String {
         f.lost_packets,
         f.events_suppressed
     );
-    let a = &s.agent;
+    let agent = &s.agent;
     let _ = writeln!(
         out,
         "agent: metrics {}, control {}",
-        render_listener(&a.metrics),
-        render_listener(&a.control)
+        render_listener(&agent.metrics),
+        render_listener(&agent.control)
     );
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");
@@ -361,6 +375,19 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
     out
+}
+
+/// `part` of `whole`, percent (0 of nothing).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "table sizes are below 2^24 entries; the percentage is printed to one decimal"
+)]
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
 }
 
 fn render_listener(l: &ListenerStats) -> String {

@@ -9,7 +9,8 @@ use crate::{
 };
 
 pub fn stats(paths: &InstancePaths, json: bool) -> anyhow::Result<()> {
-    let s = stats::stats(paths)?;
+    // Unboxed, so `exit_code` finds the instance's error.
+    let s = stats::stats(paths).map_err(|e| *e.0)?;
     if json {
         print_json(&s);
     } else {

@@ -3,18 +3,14 @@
 //! sink, and only then deletes the window's flows from the kernel, with a checkpoint before
 //! each step (`journal`). With flow logs off it closes nothing.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use ecsnet_common::flow::{FlowKey, FlowState, FlowStats};
 
 use crate::{
     clock::{monotonic_ns, wall_offset_ns},
     flowlog::{
-        ExportCounters, FlowLogError, FlowLogOptions, counters,
+        FlowLogError, FlowLogOptions,
         format::Format,
         journal::{
             Checkpoint, JOURNAL_MAX_BYTES, Phase, append, file_len, read_checkpoint, rotate,
@@ -205,6 +201,22 @@ impl Exporter {
         )
     }
 
+    /// One turn of the loop: closes the window if it is due. The pause until the next turn;
+    /// Err when an export failed and recovery must run first.
+    fn step(&self) -> Result<Duration, Duration> {
+        match self.due_in() {
+            Ok(d) if d.is_zero() => self.close().map(|()| Duration::ZERO).map_err(|e| {
+                log::warn!("flow-log export: {e}; retrying");
+                Duration::from_millis(500)
+            }),
+            Ok(d) => Ok(d.min(Duration::from_secs(1))),
+            Err(e) => {
+                log::warn!("flow-log state: {e}");
+                Ok(Duration::from_secs(1))
+            }
+        }
+    }
+
     /// Closes and exports the open window now, when the agent stops cleanly (`down`, SIGTERM),
     /// so the counts since the last window reach the file sink instead of vanishing with the
     /// maps.
@@ -221,45 +233,27 @@ impl Exporter {
 /// The agent's loop: recover, then close each window when it is due. Errors are logged and
 /// retried; they never stop the agent. The lock is held for each step, never while sleeping, so
 /// the agent can take it to close the last window when it stops.
-pub fn run(exporter: Arc<Mutex<Exporter>>, stats: Arc<Mutex<ExportCounters>>) {
+pub fn run(exporter: &Mutex<Exporter>) {
     let mut recovered = false;
     loop {
-        let pause = {
-            let Ok(ex) = exporter.lock() else {
-                return;
-            };
-            if !recovered {
-                match ex.recover() {
-                    Ok(()) => recovered = true,
-                    Err(e) => log::warn!("flow-log recovery: {e}; retrying"),
-                }
-            }
-            if !recovered {
-                Duration::from_secs(1)
-            } else {
-                match ex.due_in() {
-                    Ok(d) if d.is_zero() => {
-                        let pause = match ex.close() {
-                            Ok(()) => Duration::ZERO,
-                            Err(e) => {
-                                log::warn!("flow-log export: {e}; retrying");
-                                recovered = false;
-                                Duration::from_millis(500)
-                            }
-                        };
-                        if let Ok(mut s) = stats.lock() {
-                            *s = counters(&ex.paths);
-                        }
-                        pause
-                    }
-                    Ok(d) => d.min(Duration::from_secs(1)),
-                    Err(e) => {
-                        log::warn!("flow-log state: {e}");
-                        Duration::from_secs(1)
-                    }
-                }
-            }
+        let Ok(ex) = exporter.lock() else {
+            return;
         };
+        if !recovered {
+            match ex.recover() {
+                Ok(()) => recovered = true,
+                Err(e) => log::warn!("flow-log recovery: {e}; retrying"),
+            }
+        }
+        let pause = if recovered {
+            ex.step().unwrap_or_else(|pause| {
+                recovered = false;
+                pause
+            })
+        } else {
+            Duration::from_secs(1)
+        };
+        drop(ex);
         std::thread::sleep(pause);
     }
 }

@@ -46,7 +46,7 @@ impl Cidr {
         })
     }
 
-    fn contains(&self, ip: Ipv4Addr) -> bool {
+    fn contains(self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask == self.net
     }
 }

@@ -29,7 +29,7 @@ pub enum Phase {
 }
 
 /// Where the export of one window stands. Written (atomically, by rename) before each step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Checkpoint {
     pub phase: Phase,

@@ -129,7 +129,7 @@ pub fn init_state(
         st.epoch = last + 1;
         st.window_start_ns = monotonic_ns();
     }
-    st.enabled = enabled as u8;
+    st.enabled = u8::from(enabled);
     (st.event_cost_ns, st.event_burst_ns) = event_budget(events_per_sec);
     maps::write_flow_state(paths, &st)?;
     Ok(())
@@ -141,14 +141,14 @@ pub fn event_budget(events_per_sec: u32) -> (u64, u64) {
     if events_per_sec == 0 {
         return (0, 0);
     }
-    let cost = 1_000_000_000 / events_per_sec as u64;
-    (cost, cost * events_per_sec as u64)
+    let cost = 1_000_000_000 / u64::from(events_per_sec);
+    (cost, cost * u64::from(events_per_sec))
 }
 
 /// Turns flow counting on or off in the kernel without touching the windows (the benchmark).
 pub fn set_enabled(paths: &InstancePaths, enabled: bool) -> Result<(), FlowLogError> {
     let mut st = maps::read_flow_state(paths)?;
-    st.enabled = enabled as u8;
+    st.enabled = u8::from(enabled);
     maps::write_flow_state(paths, &st)?;
     Ok(())
 }

@@ -103,7 +103,7 @@ impl TaskArn {
             parts
                 .get(i)
                 .filter(|s| !s.is_empty())
-                .map(|s| s.to_string())
+                .map(ToString::to_string)
         };
         let mut out = TaskArn {
             region: field(3),
@@ -125,7 +125,7 @@ impl TaskArn {
     }
 }
 
-/// The records of window `window` (bounds in CLOCK_MONOTONIC ns) from the flows and losses
+/// The records of window `window` (bounds in `CLOCK_MONOTONIC` ns) from the flows and losses
 /// read from the kernel. Pure, so the exact numbers are unit-tested.
 pub fn build_records(
     dir: &Directory,

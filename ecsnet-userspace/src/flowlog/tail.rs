@@ -4,7 +4,7 @@
 
 use std::{
     fs::{self, File},
-    io::Write as _,
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
     time::Duration,
 };
 
@@ -50,7 +50,6 @@ fn parse_lines(text: &str) -> impl Iterator<Item = Record> + '_ {
 /// `ecsnet flows tail`: the journal's records (the rotated file first), then, with `follow`,
 /// every record as its window is exported, until printing fails (the reader went away).
 pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogError> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
     use std::os::unix::fs::MetadataExt as _;
 
     let journal = paths.flow_journal();
@@ -64,25 +63,15 @@ pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogErro
     let mut pos = 0u64;
     if let Some(f) = file.as_mut() {
         let len = committed_len(paths, f.metadata().map_err(io(&journal))?.len());
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact(&mut buf).map_err(io(&journal))?;
+        let buf = read_range(f, 0, len).map_err(io(&journal))?;
         text.push_str(&String::from_utf8_lossy(&buf));
-        pos = len;
+        pos = buf.len() as u64;
     }
     let matching: Vec<Record> = parse_lines(&text)
         .filter(|r| opts.filter.matches(r))
         .collect();
     let skip = opts.lines.map_or(0, |n| matching.len().saturating_sub(n));
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for r in &matching[skip..] {
-        if print_record(&mut out, opts, r).is_err() {
-            return Ok(());
-        }
-    }
-    let _ = out.flush();
-    drop(out);
-    if !opts.follow {
+    if !print(opts, matching[skip..].iter()) || !opts.follow {
         return Ok(());
     }
     loop {
@@ -95,27 +84,24 @@ pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogErro
         let len = f.metadata().map_err(io(&journal))?.len();
         // Cut back by a recovery: what was past the cut was never printed (see committed_len).
         pos = pos.min(len);
-        let end = committed_len(paths, len);
-        let replaced = fs::metadata(&journal)
-            .map(|m| m.ino() != f.metadata().map(|o| o.ino()).unwrap_or(0))
-            .unwrap_or(false);
+        let replaced =
+            fs::metadata(&journal).is_ok_and(|m| m.ino() != f.metadata().map_or(0, |o| o.ino()));
         // A rotated-away file is complete: read it to its end before moving on.
-        let end = if replaced { len } else { end };
+        let end = if replaced {
+            len
+        } else {
+            committed_len(paths, len)
+        };
         if end > pos {
-            f.seek(SeekFrom::Start(pos)).map_err(io(&journal))?;
-            let mut buf = vec![0u8; (end - pos) as usize];
-            f.read_exact(&mut buf).map_err(io(&journal))?;
+            let buf = read_range(f, pos, end).map_err(io(&journal))?;
             // Only whole lines; a partial one waits for the next round.
             let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             pos += whole as u64;
-            let chunk = String::from_utf8_lossy(&buf[..whole]).into_owned();
-            let mut out = stdout.lock();
-            for r in parse_lines(&chunk).filter(|r| opts.filter.matches(r)) {
-                if print_record(&mut out, opts, &r).is_err() {
-                    return Ok(());
-                }
-            }
-            if out.flush().is_err() {
+            let chunk = String::from_utf8_lossy(&buf[..whole]);
+            let records: Vec<Record> = parse_lines(&chunk)
+                .filter(|r| opts.filter.matches(r))
+                .collect();
+            if !print(opts, records.iter()) {
                 return Ok(());
             }
         }
@@ -124,4 +110,23 @@ pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogErro
             pos = 0;
         }
     }
+}
+
+/// Bytes `from..to` of `f` (fewer if it was cut meanwhile).
+fn read_range(f: &mut File, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    f.take(to.saturating_sub(from)).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Prints `records` to stdout; false when it is closed (the reader went away).
+fn print<'r>(opts: &TailOptions, records: impl Iterator<Item = &'r Record>) -> bool {
+    let mut out = std::io::stdout().lock();
+    for r in records {
+        if print_record(&mut out, opts, r).is_err() {
+            return false;
+        }
+    }
+    out.flush().is_ok()
 }
