@@ -266,25 +266,22 @@ pub trait Listener: Send + 'static {
     fn try_send(stream: &Self::Stream, bytes: &[u8]);
 }
 
-impl Listener for tokio::net::TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept(&self) -> io::Result<Self::Stream> {
-        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
-    }
-    fn try_send(stream: &Self::Stream, bytes: &[u8]) {
-        let _ = stream.try_write(bytes);
-    }
+/// `Listener` for tokio's listeners, whose `accept` also gives the peer's address.
+macro_rules! tokio_listener {
+    ($($listener:ident => $stream:ident),+) => {$(
+        impl Listener for tokio::net::$listener {
+            type Stream = tokio::net::$stream;
+            async fn accept(&self) -> io::Result<Self::Stream> {
+                tokio::net::$listener::accept(self).await.map(|(s, _)| s)
+            }
+            fn try_send(stream: &Self::Stream, bytes: &[u8]) {
+                let _ = stream.try_write(bytes);
+            }
+        }
+    )+};
 }
 
-impl Listener for tokio::net::UnixListener {
-    type Stream = tokio::net::UnixStream;
-    async fn accept(&self) -> io::Result<Self::Stream> {
-        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
-    }
-    fn try_send(stream: &Self::Stream, bytes: &[u8]) {
-        let _ = stream.try_write(bytes);
-    }
-}
+tokio_listener!(TcpListener => TcpStream, UnixListener => UnixStream);
 
 /// Accepts connections on `listener` forever, each handled by `handler` on a task of its own
 /// with a slot of `slots`. Over the cap a connection is closed at once; a failed accept is

@@ -68,9 +68,7 @@ words! {
         /// From a newer datapath.
         Unknown = "unknown",
     }
-}
 
-words! {
     /// Where in the datapath the event happened.
     pub enum Hook {
         TcIngress = "tc-ingress",
@@ -261,29 +259,15 @@ pub fn follow(paths: &InstancePaths, json: bool) -> Result<(), MonitorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::directory::fixtures;
 
     #[test]
     fn a_drop_event_reads_as_a_line() {
         let state = crate::state::State {
-            tasks: vec![crate::state::Task {
-                task_arn: None,
-                name: "task2".into(),
-                ipv4_address: Ipv4Addr::new(172, 17, 0, 3),
-                interface: Some("vethX".into()),
-                interface_id: None,
-                port_mappings: vec![],
-                security_groups: vec![],
-                service_name: None,
-                task_definition_arn: None,
-                container_id: None,
-            }],
+            tasks: vec![fixtures::task("task2", [172, 17, 0, 3], Some("vethX"))],
             ..Default::default()
         };
-        let iface = ecsnet_common::maps::IfaceInfo {
-            ipv4: u32::from(Ipv4Addr::new(172, 17, 0, 3)).to_be(),
-            role: ecsnet_common::maps::ROLE_TASK,
-            _pad: [0; 3],
-        };
+        let iface = fixtures::iface([172, 17, 0, 3], ecsnet_common::maps::ROLE_TASK);
         let names = Names {
             dir: Directory::join(state, &[(7, iface)]),
             uplink: Some((2, "eth0".into())),

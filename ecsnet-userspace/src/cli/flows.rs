@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 use crate::{
+    cli::or_keyword,
     flowlog::{
         filter::Filter,
         format::Format,
@@ -46,10 +47,7 @@ pub struct Lines(Option<usize>);
 pub struct BadLines;
 
 fn lines(s: &str) -> Result<Lines, BadLines> {
-    match s {
-        "all" => Ok(Lines(None)),
-        n => n.parse().map(|n| Lines(Some(n))).map_err(|_| BadLines),
-    }
+    or_keyword("all", s).map(Lines).map_err(|_| BadLines)
 }
 
 pub fn run(paths: &InstancePaths, cmd: FlowsCmd) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 
 use crate::{
     agent,
+    cli::or_keyword,
     flowlog::FlowLogOptions,
     instance::{self, Applied, UpOptions},
     store::paths::InstancePaths,
@@ -106,13 +107,9 @@ pub struct MetricsAddr(pub Option<SocketAddr>);
 pub struct BadMetricsAddr;
 
 fn metrics_addr(s: &str) -> Result<MetricsAddr, BadMetricsAddr> {
-    match s {
-        "off" => Ok(MetricsAddr(None)),
-        a => a
-            .parse()
-            .map(|a| MetricsAddr(Some(a)))
-            .map_err(|_| BadMetricsAddr),
-    }
+    or_keyword("off", s)
+        .map(MetricsAddr)
+        .map_err(|_| BadMetricsAddr)
 }
 
 pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Result<()> {

@@ -1,7 +1,9 @@
 //! The command line (SPEC §3): `Cli` and its commands, one file per family (`instance`: up,
 //! down, apply; `task`; `sg`; `flows`; `observe`: stats, monitor; `tooling`: lab and bench,
-//! handed to ecsnet-lab). Every value is typed by clap; `exit_code` maps errors to 1 or 2.
+//! handed to ecsnet-lab). Every value is typed by clap; `exit_code` maps errors to 1 or 2, and
+//! `edge` turns them into one line.
 
+pub mod edge;
 mod flows;
 mod instance;
 mod observe;
@@ -95,6 +97,15 @@ pub enum Cmd {
     /// Run the agent in the foreground (what `up` starts).
     #[command(hide = true)]
     Agent,
+}
+
+/// `keyword` (None) or a `T`: `--metrics off`, `--lines all`.
+fn or_keyword<T: std::str::FromStr>(keyword: &str, s: &str) -> Result<Option<T>, T::Err> {
+    if s == keyword {
+        Ok(None)
+    } else {
+        s.parse().map(Some)
+    }
 }
 
 /// `--instance`: a name `paths` accepts.

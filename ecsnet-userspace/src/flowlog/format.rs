@@ -7,10 +7,12 @@ use std::{borrow::Cow, fmt, net::Ipv4Addr};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// An enum of the fixed words a record or an event carries, each written as its word (in JSON
-/// too), read back case-insensitively by `from_word`.
+/// Enums of the fixed words a record or an event carries, each value written as its word (in
+/// JSON too) and read back case-insensitively by `from_word`.
 macro_rules! words {
-    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal,)+ }) => {
+    ($($(#[$meta:meta])* pub enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $word:literal,)+
+    })+) => {$(
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
         pub enum $name {
@@ -31,7 +33,7 @@ macro_rules! words {
                     .find(|v| v.as_str().eq_ignore_ascii_case(word))
             }
         }
-    };
+    )+};
 }
 pub(crate) use words;
 
@@ -40,9 +42,7 @@ words! {
         Accept = "ACCEPT",
         Reject = "REJECT",
     }
-}
 
-words! {
     /// Whether a record has flows (`OK`), none (`NODATA`) or lost some (`SKIPDATA`).
     #[derive(Default)]
     pub enum LogStatus {
@@ -51,85 +51,16 @@ words! {
         Nodata = "NODATA",
         Skipdata = "SKIPDATA",
     }
-}
 
-words! {
     /// Seen from the task: what it sent (`egress`) or received.
     pub enum FlowDirection {
         Ingress = "ingress",
         Egress = "egress",
     }
-}
 
-words! {
     pub enum TrafficType {
         Ipv4 = "IPv4",
     }
-}
-
-/// One flow-log record with every field AWS defines; `None` prints as `-`. This is also what the
-/// agent keeps in its journal (JSON lines), so `flows tail` can render any format later.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Record {
-    // Version 2.
-    pub account_id: Option<String>,
-    pub interface_id: Option<String>,
-    pub srcaddr: Option<Ipv4Addr>,
-    pub dstaddr: Option<Ipv4Addr>,
-    pub srcport: Option<u16>,
-    pub dstport: Option<u16>,
-    pub protocol: Option<u8>,
-    pub packets: Option<u64>,
-    pub bytes: Option<u64>,
-    /// Unix seconds of the first packet (of the window for NODATA and SKIPDATA).
-    pub start: u64,
-    /// Unix seconds of the last packet (of the window for NODATA and SKIPDATA).
-    pub end: u64,
-    pub action: Option<Action>,
-    pub log_status: LogStatus,
-    // Version 3.
-    pub vpc_id: Option<String>,
-    pub subnet_id: Option<String>,
-    pub instance_id: Option<String>,
-    pub tcp_flags: Option<u8>,
-    #[serde(rename = "type")]
-    pub traffic_type: Option<TrafficType>,
-    pub pkt_srcaddr: Option<Ipv4Addr>,
-    pub pkt_dstaddr: Option<Ipv4Addr>,
-    // Version 4.
-    pub region: Option<String>,
-    pub az_id: Option<String>,
-    pub sublocation_type: Option<String>,
-    pub sublocation_id: Option<String>,
-    // Version 5.
-    pub pkt_src_aws_service: Option<String>,
-    pub pkt_dst_aws_service: Option<String>,
-    pub flow_direction: Option<FlowDirection>,
-    pub traffic_path: Option<u8>,
-    // Version 7.
-    pub ecs_cluster_arn: Option<String>,
-    pub ecs_cluster_name: Option<String>,
-    pub ecs_container_instance_arn: Option<String>,
-    pub ecs_container_instance_id: Option<String>,
-    pub ecs_container_id: Option<String>,
-    pub ecs_second_container_id: Option<String>,
-    pub ecs_service_name: Option<String>,
-    pub ecs_task_definition_arn: Option<String>,
-    pub ecs_task_arn: Option<String>,
-    pub ecs_task_id: Option<String>,
-    // Version 8.
-    pub reject_reason: Option<String>,
-    // ecsnet's own, not AWS fields (never printed by a format): for filters and bookkeeping.
-    /// The task's name in the state file.
-    #[serde(rename = "ecsnet-task")]
-    pub task: Option<String>,
-    /// The capture window (kernel epoch) the record closes.
-    #[serde(rename = "ecsnet-window")]
-    pub window: u32,
-    /// SKIPDATA: packets that found the flow table full in this window on this interface.
-    #[serde(rename = "ecsnet-lost-packets", default)]
-    pub lost_packets: Option<u64>,
 }
 
 /// One field's value in a record, before it is printed as text or JSON.
@@ -139,39 +70,91 @@ enum Val<'a> {
     Missing,
 }
 
-fn num<T: Into<u64>>(v: Option<T>) -> Val<'static> {
-    v.map_or(Val::Missing, |v| Val::Num(v.into()))
+/// How a record's member reads as a field's value; `None` is missing.
+trait ToVal {
+    fn to_val(&self) -> Val<'_>;
 }
 
-fn text(v: Option<&String>) -> Val<'_> {
-    v.map_or(Val::Missing, |s| Val::Str(Cow::Borrowed(s)))
+impl<T: ToVal> ToVal for Option<T> {
+    fn to_val(&self) -> Val<'_> {
+        self.as_ref().map_or(Val::Missing, ToVal::to_val)
+    }
 }
 
-fn word(v: Option<&'static str>) -> Val<'static> {
-    v.map_or(Val::Missing, |s| Val::Str(Cow::Borrowed(s)))
+/// Numbers are numbers.
+macro_rules! num_vals {
+    ($($num:ty),+) => {$(
+        impl ToVal for $num {
+            fn to_val(&self) -> Val<'_> {
+                Val::Num((*self).into())
+            }
+        }
+    )+};
 }
 
-fn addr(v: Option<Ipv4Addr>) -> Val<'static> {
-    v.map_or(Val::Missing, |a| Val::Str(Cow::Owned(a.to_string())))
+num_vals!(u8, u16, u64);
+
+impl ToVal for String {
+    fn to_val(&self) -> Val<'_> {
+        Val::Str(Cow::Borrowed(self))
+    }
 }
 
-/// Declares [`Field`] and [`FIELDS`] from one table: each field's name in `${...}`, the format
-/// version that introduced it, and its value in record `r` of a format of version `version`.
-macro_rules! fields {
-    (|$r:ident, $version:ident| $($field:ident $name:literal $since:literal => $value:expr,)+) => {
+impl ToVal for Ipv4Addr {
+    fn to_val(&self) -> Val<'_> {
+        Val::Str(Cow::Owned(self.to_string()))
+    }
+}
+
+/// The words are text.
+macro_rules! word_vals {
+    ($($word:ty),+) => {$(
+        impl ToVal for $word {
+            fn to_val(&self) -> Val<'_> {
+                Val::Str(Cow::Borrowed(self.as_str()))
+            }
+        }
+    )+};
+}
+
+word_vals!(Action, LogStatus, FlowDirection, TrafficType);
+
+/// Declares [`Record`], [`Field`] and [`FIELDS`] from one table of AWS's fields: each field's
+/// variant, its name in `${...}` (and in the journal's JSON), the format version that
+/// introduced it, and the record's member that holds it; then ecsnet's own members. `version`
+/// is no member: it is the format's.
+macro_rules! record {
+    (
+        $(#[$meta:meta])*
+        pub struct Record {
+            $($field:ident $name:literal $since:literal => $(#[$fmeta:meta])* $member:ident: $ty:ty,)+
+        }
+        ecsnet_own {
+            $($(#[$ometa:meta])* $own:ident: $oty:ty,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct Record {
+            $($(#[$fmeta])* #[serde(rename = $name)] pub $member: $ty,)+
+            $($(#[$ometa])* pub $own: $oty,)+
+        }
+
         /// An AWS flow-log field.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Field {
+            Version,
             $($field,)+
         }
 
         /// Every AWS field, in AWS's order.
-        pub const FIELDS: &[Field] = &[$(Field::$field,)+];
+        pub const FIELDS: &[Field] = &[Field::Version, $(Field::$field,)+];
 
         impl Field {
             /// The field's name in `${...}`.
             pub fn name(self) -> &'static str {
                 match self {
+                    Field::Version => "version",
                     $(Field::$field => $name,)+
                 }
             }
@@ -179,62 +162,87 @@ macro_rules! fields {
             /// The format version that introduced the field.
             pub fn version(self) -> u8 {
                 match self {
+                    Field::Version => 2,
                     $(Field::$field => $since,)+
                 }
             }
 
-            fn value(self, $r: &Record, $version: u8) -> Val<'_> {
+            /// The field's value in `r`, printed in a format of version `version`.
+            fn value(self, r: &Record, version: u8) -> Val<'_> {
                 match self {
-                    $(Field::$field => $value,)+
+                    Field::Version => Val::Num(version.into()),
+                    $(Field::$field => r.$member.to_val(),)+
                 }
             }
         }
     };
 }
 
-fields! { |r, version|
-    Version "version" 2 => Val::Num(version.into()),
-    AccountId "account-id" 2 => text(r.account_id.as_ref()),
-    InterfaceId "interface-id" 2 => text(r.interface_id.as_ref()),
-    Srcaddr "srcaddr" 2 => addr(r.srcaddr),
-    Dstaddr "dstaddr" 2 => addr(r.dstaddr),
-    Srcport "srcport" 2 => num(r.srcport),
-    Dstport "dstport" 2 => num(r.dstport),
-    Protocol "protocol" 2 => num(r.protocol),
-    Packets "packets" 2 => num(r.packets),
-    Bytes "bytes" 2 => num(r.bytes),
-    Start "start" 2 => Val::Num(r.start),
-    End "end" 2 => Val::Num(r.end),
-    Action "action" 2 => word(r.action.map(Action::as_str)),
-    LogStatus "log-status" 2 => word(Some(r.log_status.as_str())),
-    VpcId "vpc-id" 3 => text(r.vpc_id.as_ref()),
-    SubnetId "subnet-id" 3 => text(r.subnet_id.as_ref()),
-    InstanceId "instance-id" 3 => text(r.instance_id.as_ref()),
-    TcpFlags "tcp-flags" 3 => num(r.tcp_flags),
-    Type "type" 3 => word(r.traffic_type.map(TrafficType::as_str)),
-    PktSrcaddr "pkt-srcaddr" 3 => addr(r.pkt_srcaddr),
-    PktDstaddr "pkt-dstaddr" 3 => addr(r.pkt_dstaddr),
-    Region "region" 4 => text(r.region.as_ref()),
-    AzId "az-id" 4 => text(r.az_id.as_ref()),
-    SublocationType "sublocation-type" 4 => text(r.sublocation_type.as_ref()),
-    SublocationId "sublocation-id" 4 => text(r.sublocation_id.as_ref()),
-    PktSrcAwsService "pkt-src-aws-service" 5 => text(r.pkt_src_aws_service.as_ref()),
-    PktDstAwsService "pkt-dst-aws-service" 5 => text(r.pkt_dst_aws_service.as_ref()),
-    FlowDirection "flow-direction" 5 => word(r.flow_direction.map(FlowDirection::as_str)),
-    TrafficPath "traffic-path" 5 => num(r.traffic_path),
-    EcsClusterArn "ecs-cluster-arn" 7 => text(r.ecs_cluster_arn.as_ref()),
-    EcsClusterName "ecs-cluster-name" 7 => text(r.ecs_cluster_name.as_ref()),
-    EcsContainerInstanceArn "ecs-container-instance-arn" 7 =>
-        text(r.ecs_container_instance_arn.as_ref()),
-    EcsContainerInstanceId "ecs-container-instance-id" 7 =>
-        text(r.ecs_container_instance_id.as_ref()),
-    EcsContainerId "ecs-container-id" 7 => text(r.ecs_container_id.as_ref()),
-    EcsSecondContainerId "ecs-second-container-id" 7 => text(r.ecs_second_container_id.as_ref()),
-    EcsServiceName "ecs-service-name" 7 => text(r.ecs_service_name.as_ref()),
-    EcsTaskDefinitionArn "ecs-task-definition-arn" 7 => text(r.ecs_task_definition_arn.as_ref()),
-    EcsTaskArn "ecs-task-arn" 7 => text(r.ecs_task_arn.as_ref()),
-    EcsTaskId "ecs-task-id" 7 => text(r.ecs_task_id.as_ref()),
-    RejectReason "reject-reason" 8 => text(r.reject_reason.as_ref()),
+record! {
+    /// One flow-log record with every field AWS defines; `None` prints as `-`. This is also
+    /// what the agent keeps in its journal (JSON lines), so `flows tail` can render any format
+    /// later.
+    pub struct Record {
+        AccountId "account-id" 2 => account_id: Option<String>,
+        InterfaceId "interface-id" 2 => interface_id: Option<String>,
+        Srcaddr "srcaddr" 2 => srcaddr: Option<Ipv4Addr>,
+        Dstaddr "dstaddr" 2 => dstaddr: Option<Ipv4Addr>,
+        Srcport "srcport" 2 => srcport: Option<u16>,
+        Dstport "dstport" 2 => dstport: Option<u16>,
+        Protocol "protocol" 2 => protocol: Option<u8>,
+        Packets "packets" 2 => packets: Option<u64>,
+        Bytes "bytes" 2 => bytes: Option<u64>,
+        Start "start" 2 =>
+            /// Unix seconds of the first packet (of the window for NODATA and SKIPDATA).
+            start: u64,
+        End "end" 2 =>
+            /// Unix seconds of the last packet (of the window for NODATA and SKIPDATA).
+            end: u64,
+        Action "action" 2 => action: Option<Action>,
+        LogStatus "log-status" 2 => log_status: LogStatus,
+        VpcId "vpc-id" 3 => vpc_id: Option<String>,
+        SubnetId "subnet-id" 3 => subnet_id: Option<String>,
+        InstanceId "instance-id" 3 => instance_id: Option<String>,
+        TcpFlags "tcp-flags" 3 => tcp_flags: Option<u8>,
+        Type "type" 3 => traffic_type: Option<TrafficType>,
+        PktSrcaddr "pkt-srcaddr" 3 => pkt_srcaddr: Option<Ipv4Addr>,
+        PktDstaddr "pkt-dstaddr" 3 => pkt_dstaddr: Option<Ipv4Addr>,
+        Region "region" 4 => region: Option<String>,
+        AzId "az-id" 4 => az_id: Option<String>,
+        SublocationType "sublocation-type" 4 => sublocation_type: Option<String>,
+        SublocationId "sublocation-id" 4 => sublocation_id: Option<String>,
+        PktSrcAwsService "pkt-src-aws-service" 5 => pkt_src_aws_service: Option<String>,
+        PktDstAwsService "pkt-dst-aws-service" 5 => pkt_dst_aws_service: Option<String>,
+        FlowDirection "flow-direction" 5 => flow_direction: Option<FlowDirection>,
+        TrafficPath "traffic-path" 5 => traffic_path: Option<u8>,
+        EcsClusterArn "ecs-cluster-arn" 7 => ecs_cluster_arn: Option<String>,
+        EcsClusterName "ecs-cluster-name" 7 => ecs_cluster_name: Option<String>,
+        EcsContainerInstanceArn "ecs-container-instance-arn" 7 =>
+            ecs_container_instance_arn: Option<String>,
+        EcsContainerInstanceId "ecs-container-instance-id" 7 =>
+            ecs_container_instance_id: Option<String>,
+        EcsContainerId "ecs-container-id" 7 => ecs_container_id: Option<String>,
+        EcsSecondContainerId "ecs-second-container-id" 7 =>
+            ecs_second_container_id: Option<String>,
+        EcsServiceName "ecs-service-name" 7 => ecs_service_name: Option<String>,
+        EcsTaskDefinitionArn "ecs-task-definition-arn" 7 =>
+            ecs_task_definition_arn: Option<String>,
+        EcsTaskArn "ecs-task-arn" 7 => ecs_task_arn: Option<String>,
+        EcsTaskId "ecs-task-id" 7 => ecs_task_id: Option<String>,
+        RejectReason "reject-reason" 8 => reject_reason: Option<String>,
+    }
+    // Not AWS fields, never printed by a format: for filters and bookkeeping.
+    ecsnet_own {
+        /// The task's name in the state file.
+        #[serde(rename = "ecsnet-task")]
+        task: Option<String>,
+        /// The capture window (kernel epoch) the record closes.
+        #[serde(rename = "ecsnet-window")]
+        window: u32,
+        /// SKIPDATA: packets that found the flow table full in this window on this interface.
+        #[serde(rename = "ecsnet-lost-packets", default)]
+        lost_packets: Option<u64>,
+    }
 }
 
 impl Field {
@@ -401,6 +409,17 @@ pub(crate) mod examples {
         }
     }
 
+    /// What parsing `s` failed with, and its message.
+    pub fn parse_err<T: std::fmt::Debug, E: Clone + std::fmt::Display>(
+        s: &str,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> (E, String) {
+        match parse(s) {
+            Ok(v) => panic!("{s:?} parsed as {v:?}"),
+            Err(e) => (e.clone(), e.to_string()),
+        }
+    }
+
     pub fn nodata() -> Record {
         Record {
             account_id: Some("123456789010".into()),
@@ -415,7 +434,7 @@ pub(crate) mod examples {
 
 #[cfg(test)]
 mod tests {
-    use super::examples::{aws_example, nodata};
+    use super::examples::{aws_example, nodata, parse_err};
     use super::*;
 
     fn format(s: &str) -> Format {
@@ -423,6 +442,31 @@ mod tests {
             Ok(f) => f,
             Err(e) => panic!("{s:?}: {e}"),
         }
+    }
+
+    #[test]
+    fn journal_lines_keep_their_json() {
+        let r = Record {
+            account_id: Some("1".into()),
+            srcaddr: Some([1, 2, 3, 4].into()),
+            srcport: Some(5),
+            start: 7,
+            end: 8,
+            action: Some(Action::Reject),
+            log_status: LogStatus::Skipdata,
+            traffic_type: Some(TrafficType::Ipv4),
+            flow_direction: Some(FlowDirection::Egress),
+            traffic_path: Some(1),
+            ecs_task_id: Some("t".into()),
+            task: Some("web".into()),
+            window: 3,
+            lost_packets: Some(9),
+            ..Record::default()
+        };
+        // As ecsnet has always written them (a journal outlives an upgrade).
+        let line = r#"{"account-id":"1","interface-id":null,"srcaddr":"1.2.3.4","dstaddr":null,"srcport":5,"dstport":null,"protocol":null,"packets":null,"bytes":null,"start":7,"end":8,"action":"REJECT","log-status":"SKIPDATA","vpc-id":null,"subnet-id":null,"instance-id":null,"tcp-flags":null,"type":"IPv4","pkt-srcaddr":null,"pkt-dstaddr":null,"region":null,"az-id":null,"sublocation-type":null,"sublocation-id":null,"pkt-src-aws-service":null,"pkt-dst-aws-service":null,"flow-direction":"egress","traffic-path":1,"ecs-cluster-arn":null,"ecs-cluster-name":null,"ecs-container-instance-arn":null,"ecs-container-instance-id":null,"ecs-container-id":null,"ecs-second-container-id":null,"ecs-service-name":null,"ecs-task-definition-arn":null,"ecs-task-arn":null,"ecs-task-id":"t","reject-reason":null,"ecsnet-task":"web","ecsnet-window":3,"ecsnet-lost-packets":9}"#;
+        assert_eq!(serde_json::to_string(&r).unwrap(), line);
+        assert_eq!(serde_json::from_str::<Record>(line).unwrap(), r);
     }
 
     #[test]
@@ -509,10 +553,7 @@ mod tests {
 
     #[test]
     fn format_errors_name_the_problem() {
-        let err = |s: &str| match Format::parse(s) {
-            Ok(f) => panic!("{s:?} parsed as {f:?}"),
-            Err(e) => (e.clone(), e.to_string()),
-        };
+        let err = |s: &str| parse_err(s, Format::parse);
         let (e, msg) = err("${srcaddr} ${bogus}");
         assert_eq!(
             e,

@@ -136,11 +136,17 @@ pub fn committed_len(paths: &InstancePaths, file_len: u64) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn rotation_keeps_the_newest_files() {
-        let dir = std::env::temp_dir().join(format!("ecsnet-rot-{}", std::process::id()));
+    /// A fresh directory for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ecsnet-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_files() {
+        let dir = scratch("rot");
         let f = dir.join("flows.log");
         for i in 0..4 {
             fs::write(&f, format!("generation {i} ").repeat(10)).unwrap();
@@ -170,9 +176,7 @@ mod tests {
 
     #[test]
     fn a_killed_export_is_cut_back_to_its_checkpoint() {
-        let dir = std::env::temp_dir().join(format!("ecsnet-trunc-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("trunc");
         let f = dir.join("j");
         append(&f, b"window 1\n").unwrap();
         let len = file_len(&f).unwrap();

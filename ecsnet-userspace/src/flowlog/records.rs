@@ -217,10 +217,13 @@ fn flow_record(dir: &Directory, base: Record, k: &FlowKey, s: &FlowStats) -> Rec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Host, State, Task};
+    use crate::{
+        state::{Host, State, Task},
+        store::directory::fixtures,
+    };
     use ecsnet_common::{
         flow::{ACTION_ACCEPT, FLOW_INGRESS},
-        maps::{IfaceInfo, ROLE_TASK},
+        maps::ROLE_TASK,
     };
 
     fn be(a: [u8; 4]) -> u32 {
@@ -281,15 +284,8 @@ mod tests {
             task_arn: Some(format!(
                 "arn:aws:ecs:us-east-1:123456789012:task/demo/{name}"
             )),
-            name: name.to_owned(),
-            ipv4_address: Ipv4Addr::from(ip),
-            interface: Some(iface.to_owned()),
-            interface_id: None,
-            port_mappings: vec![],
-            security_groups: vec![],
             service_name: Some("web".to_owned()),
-            task_definition_arn: None,
-            container_id: None,
+            ..fixtures::task(name, ip, Some(iface))
         };
         let state = State {
             host: Host {
@@ -302,11 +298,7 @@ mod tests {
             ],
             ..State::default()
         };
-        let iface = |ip: [u8; 4]| IfaceInfo {
-            ipv4: be(ip),
-            role: ROLE_TASK,
-            _pad: [0; 3],
-        };
+        let iface = |ip| fixtures::iface(ip, ROLE_TASK);
         Directory::join(
             state,
             &[(7, iface([172, 17, 0, 2])), (9, iface([172, 17, 0, 3]))],
@@ -339,14 +331,17 @@ mod tests {
             _pad: [0; 7],
         };
         let offset = 1_700_000_000i128 * 1_000_000_000;
-        let recs = build_records(
-            &dir,
-            4,
-            (1_000_000_000, 4_000_000_000),
-            &[(key, stats)],
-            &[],
-            offset,
-        );
+        let window_4 = |stats| {
+            build_records(
+                &dir,
+                4,
+                (1_000_000_000, 4_000_000_000),
+                &[(key, stats)],
+                &[],
+                offset,
+            )
+        };
+        let recs = window_4(stats);
         assert_eq!(recs.len(), 2);
         let r = &recs[0];
         assert_eq!(
@@ -384,14 +379,7 @@ mod tests {
             last_ns: 999_500_000,
             ..stats
         };
-        let recs_early = build_records(
-            &dir,
-            4,
-            (1_000_000_000, 4_000_000_000),
-            &[(key, early)],
-            &[],
-            offset,
-        );
+        let recs_early = window_4(early);
         assert_eq!(
             (recs_early[0].start, recs_early[0].end),
             (1_700_000_001, 1_700_000_001)

@@ -75,16 +75,18 @@ impl Directory {
     }
 }
 
+/// Tasks and `IFACES` entries for the tests of the directory's users.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn task(name: &str, ip: [u8; 4]) -> Task {
+    /// A task of nothing but its name, address and interface.
+    pub fn task(name: &str, ip: [u8; 4], interface: Option<&str>) -> Task {
         Task {
             task_arn: None,
             name: name.to_owned(),
             ipv4_address: Ipv4Addr::from(ip),
-            interface: None,
+            interface: interface.map(str::to_owned),
             interface_id: None,
             port_mappings: vec![],
             security_groups: vec![],
@@ -94,21 +96,27 @@ mod tests {
         }
     }
 
-    fn iface(ip: [u8; 4], role: u8) -> IfaceInfo {
+    pub fn iface(ip: [u8; 4], role: u8) -> IfaceInfo {
         IfaceInfo {
             ipv4: u32::from(Ipv4Addr::from(ip)).to_be(),
             role,
             _pad: [0; 3],
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{iface, task};
+    use super::*;
 
     #[test]
     fn task_interfaces_join_tasks_by_address() {
         let state = State {
             tasks: vec![
-                task("web", [172, 17, 0, 2]),
-                task("db", [172, 17, 0, 3]),
-                task("gone", [172, 17, 0, 4]),
+                task("web", [172, 17, 0, 2], None),
+                task("db", [172, 17, 0, 3], None),
+                task("gone", [172, 17, 0, 4], None),
             ],
             ..State::default()
         };
