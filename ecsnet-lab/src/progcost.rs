@@ -593,7 +593,7 @@ fn program_world(
         epoch: 1,
         enabled: 1,
         _pad: [0; 3],
-        window_start_ns: flowlog::monotonic_ns(),
+        window_start_ns: ecsnet::clock::monotonic_ns(),
         event_cost_ns,
         event_burst_ns,
     };

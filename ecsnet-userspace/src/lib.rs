@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod flowlog;
 pub mod host;
 pub mod instance;

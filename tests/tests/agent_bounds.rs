@@ -259,8 +259,9 @@ fn scrape(lab: &Lab) -> Result<u16, String> {
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&raw);
-        text.strip_prefix("HTTP/1.1 ")
-            .and_then(|r| r.get(..3))
+        // HTTP/1.0 asked, HTTP/1.0 or 1.1 answered: the status code is what counts.
+        text.strip_prefix("HTTP/1.")
+            .and_then(|r| r.get(2..5))
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| format!("not an HTTP response: {:?}", &text[..text.len().min(200)]))
     })
@@ -406,7 +407,7 @@ fn idle_connections_to_the_control_socket_do_not_disable_the_agent() {
     let path = b.socket();
     assert!(Path::new(&path).exists(), "{path} is there");
     let flood = Flood::open(None, "unix", &path, FLOOD);
-    b.holds_and_counts(&flood, "control", ecsnet::agent::CONTROL_LIMITS.cap);
+    b.holds_and_counts(&flood, "control", ecsnet::agent::control::LIMITS.cap);
     // Last, so a broken agent shows first which promise it broke.
     assert_eq!(
         flood.connected, FLOOD,

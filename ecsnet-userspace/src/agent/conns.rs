@@ -151,7 +151,9 @@ impl Slots {
 
     fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
         // The table is consistent after every statement; a panic elsewhere cannot break it.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A slot for a new connection: a free one, else the one of the connection that has waited
@@ -215,13 +217,7 @@ impl Slot {
         let out = tokio::select! {
             biased;
             () = self.wake.notified() => None,
-            r = tokio::time::timeout(idle, request) => match r {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    bump(&self.slots.counters.timed_out);
-                    None
-                }
-            },
+            r = tokio::time::timeout(idle, request) => self.in_time(r),
         };
         if !self.stop_waiting() {
             return None;
@@ -232,13 +228,15 @@ impl Slot {
     /// Runs `work` (writing a reply) for at most the idle timeout. None: it timed out, close.
     /// Called after `wait_for` returned a request, so the slot is no longer up for taking.
     pub async fn busy<F: Future>(&self, work: F) -> Option<F::Output> {
-        match tokio::time::timeout(self.slots.limits.idle, work).await {
-            Ok(v) => Some(v),
-            Err(_) => {
-                bump(&self.slots.counters.timed_out);
-                None
-            }
+        self.in_time(tokio::time::timeout(self.slots.limits.idle, work).await)
+    }
+
+    /// What finished within the idle timeout; a timeout is counted.
+    fn in_time<T>(&self, r: Result<T, tokio::time::error::Elapsed>) -> Option<T> {
+        if r.is_err() {
+            bump(&self.slots.counters.timed_out);
         }
+        r.ok()
     }
 
     /// Leaves `waiting`; false when the slot was taken from us meanwhile.
@@ -268,25 +266,22 @@ pub trait Listener: Send + 'static {
     fn try_send(stream: &Self::Stream, bytes: &[u8]);
 }
 
-impl Listener for tokio::net::TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept(&self) -> io::Result<Self::Stream> {
-        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
-    }
-    fn try_send(stream: &Self::Stream, bytes: &[u8]) {
-        let _ = stream.try_write(bytes);
-    }
+/// `Listener` for tokio's listeners, whose `accept` also gives the peer's address.
+macro_rules! tokio_listener {
+    ($($listener:ident => $stream:ident),+) => {$(
+        impl Listener for tokio::net::$listener {
+            type Stream = tokio::net::$stream;
+            async fn accept(&self) -> io::Result<Self::Stream> {
+                tokio::net::$listener::accept(self).await.map(|(s, _)| s)
+            }
+            fn try_send(stream: &Self::Stream, bytes: &[u8]) {
+                let _ = stream.try_write(bytes);
+            }
+        }
+    )+};
 }
 
-impl Listener for tokio::net::UnixListener {
-    type Stream = tokio::net::UnixStream;
-    async fn accept(&self) -> io::Result<Self::Stream> {
-        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
-    }
-    fn try_send(stream: &Self::Stream, bytes: &[u8]) {
-        let _ = stream.try_write(bytes);
-    }
-}
+tokio_listener!(TcpListener => TcpStream, UnixListener => UnixStream);
 
 /// Accepts connections on `listener` forever, each handled by `handler` on a task of its own
 /// with a slot of `slots`. Over the cap a connection is closed at once; a failed accept is
@@ -306,14 +301,11 @@ where
             Ok(stream) => {
                 backoff.reset();
                 let evicted = slots.counters.evicted.load(Ordering::Relaxed);
-                match slots.take() {
-                    Some(slot) => {
-                        tokio::spawn(handler(stream, slot));
-                    }
-                    None => {
-                        bump(&slots.counters.over_cap);
-                        L::try_send(&stream, limits.busy_reply);
-                    }
+                if let Some(slot) = slots.take() {
+                    tokio::spawn(handler(stream, slot));
+                } else {
+                    bump(&slots.counters.over_cap);
+                    L::try_send(&stream, limits.busy_reply);
                 }
                 let crowded = slots.counters.evicted.load(Ordering::Relaxed) != evicted
                     || slots.held() >= limits.cap;
@@ -483,7 +475,7 @@ mod tests {
             self.0.fetch_add(1, Ordering::Relaxed);
             async { Err(io::Error::from_raw_os_error(libc::EMFILE)) }
         }
-        fn try_send(_: &(), _: &[u8]) {}
+        fn try_send((): &(), _: &[u8]) {}
     }
 
     #[test]

@@ -1,262 +1,48 @@
 //! Prometheus metrics: the instance's counters (`stats::stats`) in the text exposition format,
-//! served by the agent on `--metrics` (loopback of the instance's namespace by default; `off`:
-//! not served).
+//! served over HTTP/1 (`hyper`) by the agent on `--metrics` (loopback of the instance's namespace
+//! by default; `off`: not served).
+//!
+//! The text is rendered here rather than by `prometheus-client`: every value is read from the
+//! maps at scrape time, so a registry of live metric objects holds nothing, and its encoder
+//! writes the `OpenMetrics` text (`# TYPE` without `_total`, a `# EOF` line), not the names and
+//! bytes ecsnet has always served.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    future::Future,
+    pin::{Pin, pin},
+    sync::Arc,
+    time::Duration,
+};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{CONNECTION, CONTENT_TYPE},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::watch,
 };
 
 use crate::{
     agent::conns::{self, Limits, Slot, Slots},
-    agent::stats::{ListenerStats, Stats},
+    agent::stats::{self, AgentStats, ConntrackStats, ListenerStats, Stats},
+    kernel::maps::Count,
     store::paths::InstancePaths,
 };
 
-/// Longest request head read, bytes; the request itself is ignored beyond its first line.
+/// Longest request head buffered, bytes; a longer one is refused (431).
 const MAX_HEAD: usize = 8192;
 
-/// A label value with `\`, `"` and newlines escaped.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-struct Out {
-    text: String,
-    instance: String,
-}
-
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        let mut l = format!("instance=\"{}\"", esc(&self.instance));
-        for (k, v) in labels {
-            let _ = write!(l, ",{k}=\"{}\"", esc(v));
-        }
-        let _ = writeln!(self.text, "{name}{{{l}}} {value}");
-    }
-}
-
-/// The exposition text of `s`.
-pub fn render(s: &Stats) -> String {
-    let mut o = Out {
-        text: String::new(),
-        instance: s.instance.clone(),
-    };
-    for (name, help, pick) in [
-        (
-            "ecsnet_task_packets_total",
-            "IPv4 packets of a task; egress is what the task sent, ingress what it received.",
-            (|c: crate::kernel::maps::Count| c.packets) as fn(crate::kernel::maps::Count) -> u64,
-        ),
-        (
-            "ecsnet_task_bytes_total",
-            "IPv4 bytes (IP headers included) of a task, by direction.",
-            |c: crate::kernel::maps::Count| c.bytes,
-        ),
-    ] {
-        o.family(name, "counter", help);
-        for t in &s.tasks {
-            for (dir, c) in [("egress", t.egress), ("ingress", t.ingress)] {
-                let labels = [
-                    ("task", t.name.as_str()),
-                    ("interface", t.interface.as_str()),
-                    ("direction", dir),
-                ];
-                o.sample(name, &labels, pick(c));
-            }
-        }
-    }
-    o.family(
-        "ecsnet_task_drops_total",
-        "counter",
-        "Packets of a task the datapath dropped, by reason.",
-    );
-    for t in &s.tasks {
-        for (reason, n) in &t.drops {
-            let labels = [
-                ("task", t.name.as_str()),
-                ("interface", t.interface.as_str()),
-                ("reason", reason.as_str()),
-            ];
-            o.sample("ecsnet_task_drops_total", &labels, *n);
-        }
-    }
-    o.family(
-        "ecsnet_drops_total",
-        "counter",
-        "Packets the datapath dropped on any interface, by reason.",
-    );
-    for (reason, n) in &s.drops {
-        o.sample("ecsnet_drops_total", &[("reason", reason)], *n);
-    }
-    o.family(
-        "ecsnet_uplink_packets_total",
-        "counter",
-        "IPv4 packets through the uplink at tc, by direction.",
-    );
-    let u = &s.uplink;
-    for (dir, c) in [("ingress", u.ingress), ("egress", u.egress)] {
-        o.sample(
-            "ecsnet_uplink_packets_total",
-            &[("interface", &u.interface), ("direction", dir)],
-            c.packets,
-        );
-    }
-    let c = &s.conntrack;
-    o.family(
-        "ecsnet_conntrack_entries",
-        "gauge",
-        "Entries in the connection table (two per flow).",
-    );
-    o.sample("ecsnet_conntrack_entries", &[], c.entries);
-    o.family(
-        "ecsnet_conntrack_capacity",
-        "gauge",
-        "Capacity of the connection table, entries.",
-    );
-    o.sample("ecsnet_conntrack_capacity", &[], c.capacity);
-    o.family(
-        "ecsnet_conntrack_unanswered_entries",
-        "gauge",
-        "Entries in the table of flows not answered yet (evicted oldest first when full).",
-    );
-    o.sample(
-        "ecsnet_conntrack_unanswered_entries",
-        &[],
-        c.unanswered_entries,
-    );
-    o.family(
-        "ecsnet_conntrack_unanswered_capacity",
-        "gauge",
-        "Capacity of the table of flows not answered yet, entries.",
-    );
-    o.sample(
-        "ecsnet_conntrack_unanswered_capacity",
-        &[],
-        c.unanswered_capacity,
-    );
-    o.family(
-        "ecsnet_conntrack_flows_created_total",
-        "counter",
-        "Flows the datapath created.",
-    );
-    o.sample("ecsnet_conntrack_flows_created_total", &[], c.created);
-    o.family(
-        "ecsnet_conntrack_flows_assured_total",
-        "counter",
-        "Flows answered and moved to the table that never evicts.",
-    );
-    o.sample("ecsnet_conntrack_flows_assured_total", &[], c.assured);
-    o.family(
-        "ecsnet_conntrack_assured_table_full_total",
-        "counter",
-        "Answered flows that found the assured table full and stayed evictable.",
-    );
-    o.sample(
-        "ecsnet_conntrack_assured_table_full_total",
-        &[],
-        c.assured_table_full,
-    );
-    o.family("ecsnet_conntrack_flows", "gauge", "Tracked flows by kind.");
-    for (kind, n) in &c.flows {
-        o.sample("ecsnet_conntrack_flows", &[("kind", kind)], *n);
-    }
-    o.family(
-        "ecsnet_nat_mappings",
-        "gauge",
-        "Flows whose source the datapath rewrote (masquerade and self-hairpin).",
-    );
-    o.sample("ecsnet_nat_mappings", &[], c.nat_mappings);
-    let f = &s.flow_logs;
-    o.family(
-        "ecsnet_flow_table_entries",
-        "gauge",
-        "Entries in the flow-log table (open window and the one being exported).",
-    );
-    o.sample("ecsnet_flow_table_entries", &[], f.table_entries);
-    o.family(
-        "ecsnet_flow_table_capacity",
-        "gauge",
-        "Capacity of the flow-log table, entries.",
-    );
-    o.sample("ecsnet_flow_table_capacity", &[], f.table_capacity);
-    for (name, help, v) in [
-        (
-            "ecsnet_flow_log_windows_total",
-            "Capture windows closed and exported.",
-            f.windows_exported,
-        ),
-        (
-            "ecsnet_flow_log_records_total",
-            "Flow-log records exported (OK, NODATA and SKIPDATA).",
-            f.records_exported,
-        ),
-        (
-            "ecsnet_flow_log_skipdata_records_total",
-            "SKIPDATA records: windows of an interface in which the flow table was full.",
-            f.skipdata_records,
-        ),
-        (
-            "ecsnet_flow_log_lost_packets_total",
-            "Packets that found the flow table full and are in no OK record.",
-            f.lost_packets,
-        ),
-        (
-            "ecsnet_monitor_events_suppressed_total",
-            "Monitor events the datapath's rate limit or a full ring buffer suppressed.",
-            f.events_suppressed,
-        ),
-    ] {
-        o.family(name, "counter", help);
-        o.sample(name, &[], v);
-    }
-    let a = &s.agent;
-    let listeners: [(&str, &ListenerStats); 2] = [("metrics", &a.metrics), ("control", &a.control)];
-    o.family(
-        "ecsnet_agent_accept_errors_total",
-        "counter",
-        "Accepts of the agent's listeners that failed (each pauses the listener).",
-    );
-    for (l, c) in listeners {
-        o.sample(
-            "ecsnet_agent_accept_errors_total",
-            &[("listener", l)],
-            c.accept_errors,
-        );
-    }
-    o.family(
-        "ecsnet_agent_connections_closed_total",
-        "counter",
-        "Connections the agent's listeners closed to stay bounded: over_cap (every slot busy), \
-         evicted (waiting for a request, for a newer one), timed_out (idle).",
-    );
-    for (l, c) in listeners {
-        for (reason, v) in [
-            ("over_cap", c.over_cap),
-            ("evicted", c.evicted),
-            ("timed_out", c.timed_out),
-        ] {
-            o.sample(
-                "ecsnet_agent_connections_closed_total",
-                &[("listener", l), ("reason", reason)],
-                v,
-            );
-        }
-    }
-    o.text
-}
-
 /// Bounds of the metrics listener: Prometheus needs one connection; any local user can open
-/// them (`conns`).
+/// them (`conns`). The busy reply is written without waiting, past hyper.
 pub const LIMITS: Limits = Limits {
     name: "metrics",
     cap: 64,
@@ -265,78 +51,408 @@ pub const LIMITS: Limits = Limits {
         b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 };
 
+/// The exposition format's content type.
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+// ---------------------------------------------------------------------------------------------
+// The exposition text.
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A sample's labels besides `instance`, and its value.
+type Sample<'a> = (Vec<(&'static str, &'a str)>, u64);
+
+/// One metric family and its samples.
+struct Family<'a> {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    samples: Vec<Sample<'a>>,
+}
+
+impl<'a> Family<'a> {
+    fn new(name: &'static str, kind: Kind, help: &'static str, samples: Vec<Sample<'a>>) -> Self {
+        Self {
+            name,
+            kind,
+            help,
+            samples,
+        }
+    }
+
+    /// A family of one sample without labels.
+    fn one((name, kind, help, value): (&'static str, Kind, &'static str, u64)) -> Self {
+        Self::new(name, kind, help, vec![(vec![], value)])
+    }
+
+    fn write(&self, out: &mut String, instance: &str) {
+        let kind = match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} {kind}", self.name);
+        for (labels, value) in &self.samples {
+            let _ = write!(out, "{}{{instance=\"{}\"", self.name, esc(instance));
+            for (k, v) in labels {
+                let _ = write!(out, ",{k}=\"{}\"", esc(v));
+            }
+            let _ = writeln!(out, "}} {value}");
+        }
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The exposition text of `s`.
+pub fn render(s: &Stats) -> String {
+    let mut text = String::new();
+    for family in families(s) {
+        family.write(&mut text, &s.instance);
+    }
+    text
+}
+
+fn families(s: &Stats) -> Vec<Family<'_>> {
+    use Kind::{Counter, Gauge};
+    let (c, u) = (&s.conntrack, &s.uplink);
+    let mut out = vec![
+        task_counts(
+            s,
+            "ecsnet_task_packets_total",
+            "IPv4 packets of a task; egress is what the task sent, ingress what it received.",
+            |c| c.packets,
+        ),
+        task_counts(
+            s,
+            "ecsnet_task_bytes_total",
+            "IPv4 bytes (IP headers included) of a task, by direction.",
+            |c| c.bytes,
+        ),
+        Family::new(
+            "ecsnet_task_drops_total",
+            Counter,
+            "Packets of a task the datapath dropped, by reason.",
+            s.tasks
+                .iter()
+                .flat_map(|t| {
+                    t.drops.iter().map(|(reason, n)| {
+                        let labels = vec![
+                            ("task", t.name.as_str()),
+                            ("interface", t.interface.as_str()),
+                            ("reason", reason.as_str()),
+                        ];
+                        (labels, *n)
+                    })
+                })
+                .collect(),
+        ),
+        Family::new(
+            "ecsnet_drops_total",
+            Counter,
+            "Packets the datapath dropped on any interface, by reason.",
+            by_label("reason", &s.drops),
+        ),
+        Family::new(
+            "ecsnet_uplink_packets_total",
+            Counter,
+            "IPv4 packets through the uplink at tc, by direction.",
+            [("ingress", u.ingress), ("egress", u.egress)]
+                .into_iter()
+                .map(|(dir, n)| {
+                    let labels = vec![("interface", u.interface.as_str()), ("direction", dir)];
+                    (labels, n.packets)
+                })
+                .collect(),
+        ),
+    ];
+    out.extend(conntrack_gauges(c));
+    out.push(Family::new(
+        "ecsnet_conntrack_flows",
+        Gauge,
+        "Tracked flows by kind.",
+        by_label("kind", &c.flows),
+    ));
+    out.extend(flow_log_counts(s));
+    out.extend(agent_families(&s.agent));
+    out
+}
+
+/// The connection tables' fill and counters.
+fn conntrack_gauges(c: &ConntrackStats) -> [Family<'static>; 7] {
+    use Kind::{Counter, Gauge};
+    [
+        (
+            "ecsnet_conntrack_entries",
+            Gauge,
+            "Entries in the connection table (two per flow).",
+            c.entries,
+        ),
+        (
+            "ecsnet_conntrack_capacity",
+            Gauge,
+            "Capacity of the connection table, entries.",
+            c.capacity,
+        ),
+        (
+            "ecsnet_conntrack_unanswered_entries",
+            Gauge,
+            "Entries in the table of flows not answered yet (evicted oldest first when full).",
+            c.unanswered_entries,
+        ),
+        (
+            "ecsnet_conntrack_unanswered_capacity",
+            Gauge,
+            "Capacity of the table of flows not answered yet, entries.",
+            c.unanswered_capacity,
+        ),
+        (
+            "ecsnet_conntrack_flows_created_total",
+            Counter,
+            "Flows the datapath created.",
+            c.created,
+        ),
+        (
+            "ecsnet_conntrack_flows_assured_total",
+            Counter,
+            "Flows answered and moved to the table that never evicts.",
+            c.assured,
+        ),
+        (
+            "ecsnet_conntrack_assured_table_full_total",
+            Counter,
+            "Answered flows that found the assured table full and stayed evictable.",
+            c.assured_table_full,
+        ),
+    ]
+    .map(Family::one)
+}
+
+/// NAT mappings, the flow-log table and what the exporter wrote and lost.
+fn flow_log_counts(s: &Stats) -> [Family<'static>; 8] {
+    use Kind::{Counter, Gauge};
+    let (c, f) = (&s.conntrack, &s.flow_logs);
+    [
+        (
+            "ecsnet_nat_mappings",
+            Gauge,
+            "Flows whose source the datapath rewrote (masquerade and self-hairpin).",
+            c.nat_mappings,
+        ),
+        (
+            "ecsnet_flow_table_entries",
+            Gauge,
+            "Entries in the flow-log table (open window and the one being exported).",
+            f.table_entries,
+        ),
+        (
+            "ecsnet_flow_table_capacity",
+            Gauge,
+            "Capacity of the flow-log table, entries.",
+            f.table_capacity,
+        ),
+        (
+            "ecsnet_flow_log_windows_total",
+            Counter,
+            "Capture windows closed and exported.",
+            f.windows_exported,
+        ),
+        (
+            "ecsnet_flow_log_records_total",
+            Counter,
+            "Flow-log records exported (OK, NODATA and SKIPDATA).",
+            f.records_exported,
+        ),
+        (
+            "ecsnet_flow_log_skipdata_records_total",
+            Counter,
+            "SKIPDATA records: windows of an interface in which the flow table was full.",
+            f.skipdata_records,
+        ),
+        (
+            "ecsnet_flow_log_lost_packets_total",
+            Counter,
+            "Packets that found the flow table full and are in no OK record.",
+            f.lost_packets,
+        ),
+        (
+            "ecsnet_monitor_events_suppressed_total",
+            Counter,
+            "Monitor events the datapath's rate limit or a full ring buffer suppressed.",
+            f.events_suppressed,
+        ),
+    ]
+    .map(Family::one)
+}
+
+/// A task counter by direction, `pick`ed from its counts.
+fn task_counts<'a>(
+    s: &'a Stats,
+    name: &'static str,
+    help: &'static str,
+    pick: fn(Count) -> u64,
+) -> Family<'a> {
+    let samples = s
+        .tasks
+        .iter()
+        .flat_map(|t| {
+            [("egress", t.egress), ("ingress", t.ingress)].map(|(dir, c)| {
+                let labels = vec![
+                    ("task", t.name.as_str()),
+                    ("interface", t.interface.as_str()),
+                    ("direction", dir),
+                ];
+                (labels, pick(c))
+            })
+        })
+        .collect();
+    Family::new(name, Kind::Counter, help, samples)
+}
+
+/// One sample per entry of `values`, labelled `key`.
+fn by_label<'a>(
+    key: &'static str,
+    values: &'a std::collections::BTreeMap<String, u64>,
+) -> Vec<Sample<'a>> {
+    values
+        .iter()
+        .map(|(v, n)| (vec![(key, v.as_str())], *n))
+        .collect()
+}
+
+fn agent_families(a: &AgentStats) -> [Family<'static>; 2] {
+    let listeners: [(&str, &ListenerStats); 2] = [("metrics", &a.metrics), ("control", &a.control)];
+    [
+        Family::new(
+            "ecsnet_agent_accept_errors_total",
+            Kind::Counter,
+            "Accepts of the agent's listeners that failed (each pauses the listener).",
+            listeners
+                .iter()
+                .map(|(l, c)| (vec![("listener", *l)], c.accept_errors))
+                .collect(),
+        ),
+        Family::new(
+            "ecsnet_agent_connections_closed_total",
+            Kind::Counter,
+            "Connections the agent's listeners closed to stay bounded: over_cap (every slot \
+             busy), evicted (waiting for a request, for a newer one), timed_out (idle).",
+            listeners
+                .iter()
+                .flat_map(|(l, c)| {
+                    [
+                        ("over_cap", c.over_cap),
+                        ("evicted", c.evicted),
+                        ("timed_out", c.timed_out),
+                    ]
+                    .map(|(reason, n)| (vec![("listener", *l), ("reason", reason)], n))
+                })
+                .collect(),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving it.
+
 /// Serves `GET /metrics` on `listener` until the agent stops, within `slots`.
 pub async fn serve(listener: TcpListener, paths: InstancePaths, slots: Arc<Slots>) {
     conns::serve(listener, slots, move |stream, slot| {
         let paths = paths.clone();
         async move {
-            if let Err(e) = answer(stream, slot, &paths).await {
+            if let Err(e) = answer(stream, slot, paths).await {
                 log::debug!("metrics connection: {e}");
             }
         }
     })
-    .await
+    .await;
 }
 
-/// Reads a request head: up to the blank line, or `MAX_HEAD` bytes, or the end.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+/// How far one connection's request has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Waiting,
+    Asked,
+    Answered,
+}
+
+/// One connection, one request: hyper reads it and writes the reply; the slot bounds the wait
+/// for the request (idle timeout, eviction) and the writing of the reply (idle timeout), not
+/// the reading of the maps in between, as on the control socket.
+async fn answer(stream: TcpStream, mut slot: Slot, paths: InstancePaths) -> hyper::Result<()> {
+    let (stage_tx, mut stage) = watch::channel(Stage::Waiting);
+    let service = service_fn(move |req| {
+        let (stage_tx, paths) = (stage_tx.clone(), paths.clone());
+        async move {
+            stage_tx.send_replace(Stage::Asked);
+            let reply = respond(&req, paths).await;
+            stage_tx.send_replace(Stage::Answered);
+            Ok::<_, Infallible>(reply)
         }
-        head.extend_from_slice(&buf[..n]);
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = pin!(conn);
+    match slot
+        .wait_for(until(conn.as_mut(), &mut stage, Stage::Asked))
+        .await
+    {
+        None => return Ok(()),
+        Some(Some(done)) => return done,
+        Some(None) => {}
     }
-    Ok(head)
+    if let Some(done) = until(conn.as_mut(), &mut stage, Stage::Answered).await {
+        return done;
+    }
+    slot.busy(conn).await.unwrap_or(Ok(()))
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    mut slot: Slot,
-    paths: &InstancePaths,
-) -> std::io::Result<()> {
-    let Some(head) = slot.wait_for(read_head(&mut stream)).await else {
-        return Ok(());
-    };
-    let head = head?;
-    let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let first = String::from_utf8_lossy(first);
-    let mut parts = first.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = if method != "GET" {
+/// Drives `conn` until the request reaches `stage` (None) or the connection ends (its result).
+async fn until<F: Future>(
+    conn: Pin<&mut F>,
+    stage: &mut watch::Receiver<Stage>,
+    want: Stage,
+) -> Option<F::Output> {
+    tokio::select! {
+        done = conn => Some(done),
+        _ = stage.wait_for(|s| *s >= want) => None,
+    }
+}
+
+async fn respond(req: &Request<Incoming>, paths: InstancePaths) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain";
+    let (status, ctype, body) = if req.method() != Method::GET {
         (
-            "405 Method Not Allowed",
-            "text/plain",
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
             "only GET /metrics\n".to_owned(),
         )
-    } else if path != "/metrics" && path != "/" {
-        ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+    } else if !matches!(req.uri().path(), "/metrics" | "/") {
+        (StatusCode::NOT_FOUND, TEXT, "try /metrics\n".to_owned())
     } else {
-        let p = paths.clone();
-        match tokio::task::spawn_blocking(move || crate::agent::stats::stats(&p)).await {
-            Ok(Ok(s)) => (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                render(&s),
-            ),
-            Ok(Err(e)) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
-            Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+        match tokio::task::spawn_blocking(move || stats::stats(&paths)).await {
+            Ok(Ok(s)) => (StatusCode::OK, EXPOSITION, render(&s)),
+            Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
         }
     };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let sent = slot
-        .busy(async {
-            stream.write_all(reply.as_bytes()).await?;
-            stream.shutdown().await
-        })
-        .await;
-    sent.unwrap_or(Ok(()))
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, ctype)
+        .header(CONNECTION, "close")
+        .body(Full::new(Bytes::from(body)))
+        .expect("status and headers are valid")
 }
 
 #[cfg(test)]
@@ -356,7 +472,7 @@ mod tests {
             instance: "i\"1".to_owned(),
             tasks: vec![TaskStats {
                 name: "web".to_owned(),
-                address: "172.17.0.2".to_owned(),
+                address: std::net::Ipv4Addr::new(172, 17, 0, 2),
                 interface: "vethA".to_owned(),
                 ifindex: 7,
                 egress: Count {
@@ -427,5 +543,46 @@ mod tests {
             let (_, value) = line.rsplit_once(' ').expect("a value");
             value.parse::<u64>().expect("an integer value");
         }
+    }
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// `request` to a metrics listener of an instance that is not up: the whole response.
+    async fn ask(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8(raw).unwrap()
+    }
+
+    #[test]
+    fn requests_get_a_status_line_and_the_connection_closes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let paths = InstancePaths::new("ecsnet-unit-test-never-up");
+            tokio::spawn(serve(listener, paths, Slots::new(LIMITS)));
+            let nope = ask(addr, b"GET /nope HTTP/1.0\r\n\r\n").await;
+            assert!(nope.starts_with("HTTP/1.0 404 Not Found\r\n"), "{nope}");
+            assert!(nope.ends_with("\r\n\r\ntry /metrics\n"), "{nope}");
+            let post = ask(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+            assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+            assert!(
+                post.to_ascii_lowercase().contains("connection: close"),
+                "{post}"
+            );
+            let down = ask(addr, b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+            assert!(down.starts_with("HTTP/1.1 503 "), "not up: {down}");
+            assert!(down.contains("is not up"), "{down}");
+        });
     }
 }

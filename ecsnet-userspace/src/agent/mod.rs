@@ -6,11 +6,13 @@
 //! on it: it can be killed at any time and started again with `ecsnet up`.
 
 pub mod conns;
+pub mod control;
 pub mod metrics;
 pub mod monitor;
 pub mod stats;
 
-use conns::{Counters, Limits, RateLimited, Slot, Slots};
+use conns::{Counters, RateLimited, Slots};
+use control::{Control, StreamLine};
 use stats::AgentStats;
 
 use std::{
@@ -20,11 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
+    net::UnixListener,
     signal::unix::{SignalKind, signal},
     sync::{Semaphore, broadcast},
 };
@@ -34,21 +33,6 @@ use crate::{flowlog, instance, kernel::maps, store::paths::InstancePaths};
 /// Event lines buffered for each monitor; one that falls further behind is told how many it lost.
 const MONITOR_BACKLOG: usize = 4096;
 
-/// Longest request line the socket accepts, bytes.
-const MAX_REQUEST: usize = 64 * 1024;
-
-/// Bounds of the control socket (root only, but root's tools can leak connections too).
-pub const CONTROL_LIMITS: Limits = Limits {
-    name: "control",
-    cap: 64,
-    idle: Duration::from_secs(10),
-    busy_reply:
-        b"{\"ok\":false,\"error\":\"the agent is busy: every control connection is in use\"}\n",
-};
-
-/// `monitor` clients at once; each holds a control slot for as long as it follows.
-const MAX_MONITORS: usize = 16;
-
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("{what}: {source}")]
@@ -56,21 +40,29 @@ pub enum AgentError {
         what: String,
         source: std::io::Error,
     },
+    /// Boxed: `InstanceError` is large.
     #[error(transparent)]
-    Instance(#[from] instance::InstanceError),
+    Instance(Box<instance::InstanceError>),
+    /// Boxed, as is `Instance`.
     #[error(transparent)]
-    FlowLog(#[from] flowlog::FlowLogError),
+    FlowLog(Box<flowlog::FlowLogError>),
+}
+
+impl From<flowlog::FlowLogError> for AgentError {
+    fn from(e: flowlog::FlowLogError) -> Self {
+        Self::FlowLog(Box::new(e))
+    }
+}
+
+impl From<instance::InstanceError> for AgentError {
+    fn from(e: instance::InstanceError) -> Self {
+        Self::Instance(Box::new(e))
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Io { what, source }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Request {
-    op: String,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -95,21 +87,23 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
     }
     let _loggers = forward_datapath_logs(paths);
     let exporter = if meta.flow_logs.enabled {
-        let exporter = Arc::new(Mutex::new(flowlog::Exporter::new(paths, &meta.flow_logs)?));
-        let counters = Arc::new(Mutex::new(flowlog::counters(paths)));
+        let exporter = Arc::new(Mutex::new(flowlog::export::Exporter::new(
+            paths,
+            &meta.flow_logs,
+        )?));
         let ex = exporter.clone();
         std::thread::Builder::new()
             .name("flow-export".into())
-            .spawn(move || flowlog::run(ex, counters))
+            .spawn(move || flowlog::export::run(&ex))
             .map_err(io("flow-export thread"))?;
         Some(exporter)
     } else {
         None
     };
-    let (events, _) = broadcast::channel::<String>(MONITOR_BACKLOG);
+    let (events, _) = broadcast::channel(MONITOR_BACKLOG);
     let _events_reader = read_events(paths, events.clone());
     let metrics_slots = Slots::new(metrics::LIMITS);
-    let control_slots = Slots::new(CONTROL_LIMITS);
+    let control_slots = Slots::new(control::LIMITS);
     if let Some(addr) = meta.metrics {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
@@ -135,7 +129,7 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
         paths: paths.clone(),
         started,
         events,
-        monitors: Arc::new(Semaphore::new(MAX_MONITORS)),
+        monitors: Arc::new(Semaphore::new(control::MAX_MONITORS)),
     });
     tokio::spawn(conns::serve(
         listener,
@@ -143,7 +137,7 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
         move |stream, slot| {
             let control = control.clone();
             async move {
-                if let Err(e) = handle(stream, slot, &control).await {
+                if let Err(e) = control::handle(stream, slot, &control).await {
                     log::debug!("control connection: {e}");
                 }
             }
@@ -266,11 +260,7 @@ fn housekeeping(
     rt: &tokio::runtime::Runtime,
     logs: &mut HousekeepingLogs,
 ) {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
-    match now.map_err(|e| e.to_string()).and_then(|now| {
-        crate::kernel::maps::collect_garbage(paths, timeouts, now).map_err(|e| e.to_string())
-    }) {
+    match crate::kernel::maps::collect_garbage(paths, timeouts, crate::clock::monotonic_ns()) {
         Ok(0) => {}
         Ok(n) => log::debug!("conntrack: expired {n} flow(s)"),
         Err(e) => {
@@ -329,7 +319,7 @@ fn forward_datapath_logs(paths: &InstancePaths) -> Vec<tokio::task::JoinHandle<(
 /// Drains the datapath's event ring buffer into `tx`, one JSON line per event.
 fn read_events(
     paths: &InstancePaths,
-    tx: broadcast::Sender<String>,
+    tx: broadcast::Sender<Arc<[u8]>>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let ring = match maps::open_events(paths) {
         Ok(r) => r,
@@ -354,7 +344,7 @@ fn read_events(
                 break;
             };
             names.refresh(&paths);
-            let offset = flowlog::wall_offset_ns();
+            let offset = crate::clock::wall_offset_ns();
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 if item.len() < std::mem::size_of::<ecsnet_common::flow::Event>() {
@@ -363,136 +353,11 @@ fn read_events(
                 // SAFETY: the datapath writes whole `Event`s; read unaligned, it is plain data.
                 let e: ecsnet_common::flow::Event =
                     unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let line = serde_json::to_string(&monitor::line(&e, &names, offset))
-                    .expect("events serialize");
+                let line = control::line(&StreamLine::Event(monitor::line(&e, &names, offset)));
                 // Nobody listening is fine: the ring is drained either way.
-                let _ = tx.send(line);
+                let _ = tx.send(line.into());
             }
             guard.clear_ready();
         }
     }))
-}
-
-/// What control connections share.
-struct Control {
-    paths: InstancePaths,
-    started: Instant,
-    events: broadcast::Sender<String>,
-    /// One permit per `monitor` client.
-    monitors: Arc<Semaphore>,
-}
-
-/// Streams event lines to one `monitor` client until it goes away (closes, or sends anything),
-/// or does not take a line within the control socket's idle timeout.
-async fn stream_events(
-    mut read: BufReader<tokio::net::unix::OwnedReadHalf>,
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut rx: broadcast::Receiver<String>,
-    slot: &Slot,
-) -> std::io::Result<()> {
-    let hello = b"{\"ok\":true,\"monitor\":true}\n";
-    if slot.busy(write.write_all(hello)).await.is_none() {
-        return Ok(());
-    }
-    let mut ignored = [0u8; 64];
-    loop {
-        let event = tokio::select! {
-            e = rx.recv() => e,
-            // A client that left is noticed now, not at the next event.
-            _ = read.read(&mut ignored) => return Ok(()),
-        };
-        let line = match event {
-            Ok(l) => l,
-            Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lost\":{n}}}"),
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-        };
-        let sent = slot
-            .busy(async {
-                write.write_all(line.as_bytes()).await?;
-                write.write_all(b"\n").await
-            })
-            .await;
-        match sent {
-            Some(r) => r?,
-            None => return Ok(()),
-        }
-    }
-}
-
-async fn handle(stream: UnixStream, mut slot: Slot, control: &Control) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
-        let Some(n) = slot.wait_for(limited.read_until(b'\n', &mut line)).await else {
-            return Ok(());
-        };
-        if n? == 0 {
-            return Ok(());
-        }
-        let too_long = line.len() > MAX_REQUEST;
-        if !too_long && serde_json::from_slice::<Request>(&line).is_ok_and(|r| r.op == "monitor") {
-            if let Ok(_permit) = control.monitors.clone().try_acquire_owned() {
-                return stream_events(reader, write, control.events.subscribe(), &slot).await;
-            }
-            let reply = json!({"ok": false, "error": format!(
-                "{MAX_MONITORS} monitors are following this agent already; stop one first")});
-            let mut out = serde_json::to_vec(&reply).expect("replies serialize");
-            out.push(b'\n');
-            let _ = slot.busy(write.write_all(&out)).await;
-            return Ok(());
-        }
-        let reply = if too_long {
-            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
-        } else {
-            // Reading the maps may take a while; the listeners go on meanwhile.
-            let (paths, started) = (control.paths.clone(), control.started);
-            let request = std::mem::take(&mut line);
-            tokio::task::spawn_blocking(move || answer(&request, &paths, started))
-                .await
-                .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
-        };
-        let mut out = serde_json::to_vec(&reply).expect("replies serialize");
-        out.push(b'\n');
-        match slot.busy(write.write_all(&out)).await {
-            Some(r) => r?,
-            None => return Ok(()),
-        }
-        if too_long {
-            return Ok(());
-        }
-    }
-}
-
-use tokio::io::AsyncReadExt as _;
-
-/// The reply to one request line. Never panics on input.
-pub fn answer(line: &[u8], paths: &InstancePaths, started: Instant) -> Value {
-    let req: Request = match serde_json::from_slice(line) {
-        Ok(r) => r,
-        Err(e) => {
-            return json!({"ok": false, "error": format!("bad request: {e}; send {{\"op\": \"status\"}}")});
-        }
-    };
-    match req.op.as_str() {
-        "ping" => json!({"ok": true, "pid": std::process::id()}),
-        "status" => match instance::read_meta(paths) {
-            Ok(meta) => json!({
-                "ok": true,
-                "pid": std::process::id(),
-                "uptimeSecs": started.elapsed().as_secs(),
-                "meta": meta,
-            }),
-            Err(e) => json!({"ok": false, "error": e.to_string()}),
-        },
-        "stats" => match stats::stats(paths) {
-            Ok(s) => json!({"ok": true, "stats": s}),
-            Err(e) => json!({"ok": false, "error": e.to_string()}),
-        },
-        other => {
-            json!({"ok": false, "error": format!("unknown op {other:?}: use ping, status, stats or monitor")})
-        }
-    }
 }

@@ -3,7 +3,6 @@
 //! JSON line, to every `monitor` connected to its socket. With the event rate 0 there are none.
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
@@ -12,13 +11,20 @@ use std::{
 };
 
 use ecsnet_common::{
-    DropReason,
     flow::{EVENT_ALLOW, EVENT_DROP, Event, FLOW_EGRESS},
-    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, ROLE_TASK},
+    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{instance, kernel::maps, store::paths::InstancePaths};
+use crate::{
+    agent::{
+        control::{self, Answer, Op, Reply, Request, StreamLine},
+        stats::reason_name,
+    },
+    flowlog::format::{FlowDirection, words},
+    instance,
+    store::{directory::Directory, paths::InstancePaths},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -38,17 +44,15 @@ pub enum MonitorError {
 pub struct EventLine {
     /// Unix time, seconds with milliseconds.
     pub time: f64,
-    /// `drop` or `allow` (a security group let a new flow through).
-    pub kind: String,
+    pub kind: EventKind,
     /// The drop reason (`SG_INGRESS`, ...); None for `allow`.
     pub reason: Option<String>,
-    /// `tc-ingress`, `tc-egress` or `xdp`.
-    pub hook: String,
+    pub hook: Hook,
     pub ifindex: u32,
     pub interface: Option<String>,
     pub task: Option<String>,
     /// For policy events: whose rules decided, `egress` (the sender's) or `ingress`.
-    pub direction: Option<String>,
+    pub direction: Option<FlowDirection>,
     pub proto: u8,
     pub src: String,
     pub dst: String,
@@ -56,10 +60,31 @@ pub struct EventLine {
     pub suppressed: u64,
 }
 
-/// ifindex -> (task, interface) for event lines.
+words! {
+    pub enum EventKind {
+        Drop = "drop",
+        /// A security group let a new flow through.
+        Allow = "allow",
+        /// From a newer datapath.
+        Unknown = "unknown",
+    }
+
+    /// Where in the datapath the event happened.
+    pub enum Hook {
+        TcIngress = "tc-ingress",
+        TcEgress = "tc-egress",
+        Xdp = "xdp",
+        /// From a newer datapath.
+        Unknown = "unknown",
+    }
+}
+
+/// Who an event's interface is: the directory's tasks and the uplink.
 #[derive(Debug, Default)]
 pub struct Names {
-    by_ifindex: HashMap<u32, (Option<String>, Option<String>)>,
+    dir: Directory,
+    /// The uplink's ifindex and name.
+    uplink: Option<(u32, String)>,
     read_at: Option<Instant>,
 }
 
@@ -73,25 +98,20 @@ impl Names {
             return;
         }
         self.read_at = Some(Instant::now());
-        let applied = instance::read_applied(paths)
+        self.dir = Directory::load(paths).unwrap_or_default();
+        self.uplink = instance::read_meta(paths)
             .ok()
             .flatten()
-            .unwrap_or_default();
-        let meta = instance::read_meta(paths).ok().flatten();
-        let mut by_ifindex = HashMap::new();
-        if let Some(m) = &meta {
-            by_ifindex.insert(m.uplink_index, (None, Some(m.uplink.clone())));
+            .map(|m| (m.uplink_index, m.uplink));
+    }
+
+    /// The task and the interface name of `ifindex`, as far as known.
+    fn of(&self, ifindex: u32) -> (Option<String>, Option<String>) {
+        match (&self.uplink, self.dir.task(ifindex)) {
+            (_, Some(t)) => (Some(t.name.clone()), t.interface.clone()),
+            (Some((i, name)), None) if *i == ifindex => (None, Some(name.clone())),
+            _ => (None, None),
         }
-        for (ifindex, info) in maps::read_ifaces(paths).unwrap_or_default() {
-            if info.role != ROLE_TASK {
-                continue;
-            }
-            let ip = Ipv4Addr::from(u32::from_be(info.ipv4));
-            if let Some(t) = applied.tasks.iter().find(|t| t.ipv4_address == ip) {
-                by_ifindex.insert(ifindex, (Some(t.name.clone()), t.interface.clone()));
-            }
-        }
-        self.by_ifindex = by_ifindex;
     }
 }
 
@@ -104,43 +124,38 @@ fn endpoint(addr: u32, port: u16, proto: u8) -> String {
     }
 }
 
-/// The line of event `e`; `wall_offset_ns` turns its CLOCK_MONOTONIC time into Unix time.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "milliseconds since 1970 stay below 2^52 for a hundred thousand years"
+)]
+fn unix_ms(mono_ns: u64, wall_offset_ns: i128) -> f64 {
+    (crate::clock::unix_ns(mono_ns, wall_offset_ns) / 1_000_000) as f64
+}
+
+/// The line of event `e`; `wall_offset_ns` turns its `CLOCK_MONOTONIC` time into Unix time.
 pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
-    let (task, interface) = names
-        .by_ifindex
-        .get(&e.ifindex)
-        .cloned()
-        .unwrap_or((None, None));
-    let kind = match e.kind {
-        EVENT_DROP => "drop",
-        EVENT_ALLOW => "allow",
-        _ => "unknown",
-    };
+    let (task, interface) = names.of(e.ifindex);
     EventLine {
-        time: ((e.ts_ns as i128 + wall_offset_ns) / 1_000_000) as f64 / 1000.0,
-        kind: kind.to_owned(),
-        reason: (e.kind == EVENT_DROP).then(|| {
-            DropReason::from_u8(e.reason)
-                .map(|r| r.as_str().to_owned())
-                .unwrap_or_else(|| format!("UNKNOWN_{}", e.reason))
-        }),
+        time: unix_ms(e.ts_ns, wall_offset_ns) / 1000.0,
+        kind: match e.kind {
+            EVENT_DROP => EventKind::Drop,
+            EVENT_ALLOW => EventKind::Allow,
+            _ => EventKind::Unknown,
+        },
+        reason: (e.kind == EVENT_DROP).then(|| reason_name(e.reason)),
         hook: match e.hook {
-            HOOK_TC_INGRESS => "tc-ingress",
-            HOOK_TC_EGRESS => "tc-egress",
-            HOOK_XDP => "xdp",
-            _ => "unknown",
-        }
-        .to_owned(),
+            HOOK_TC_INGRESS => Hook::TcIngress,
+            HOOK_TC_EGRESS => Hook::TcEgress,
+            HOOK_XDP => Hook::Xdp,
+            _ => Hook::Unknown,
+        },
         ifindex: e.ifindex,
         interface,
         task,
-        direction: (e.kind == EVENT_ALLOW).then(|| {
-            if e.dir == FLOW_EGRESS {
-                "egress"
-            } else {
-                "ingress"
-            }
-            .to_owned()
+        direction: (e.kind == EVENT_ALLOW).then_some(if e.dir == FLOW_EGRESS {
+            FlowDirection::Egress
+        } else {
+            FlowDirection::Ingress
         }),
         proto: e.proto,
         src: endpoint(e.saddr, e.sport, e.proto),
@@ -152,8 +167,13 @@ pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
 /// The text form: `12:00:01.250 DROP SG_INGRESS task2 (vethX) tcp 10.10.0.2:5000 -> 172.17.0.3:80`.
 pub fn render(l: &EventLine) -> String {
     let mut out = String::new();
-    let secs = l.time as u64;
-    let ms = ((l.time - secs as f64) * 1000.0).round() as u64 % 1000;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a Unix time in milliseconds: not negative, and far below 2^53"
+    )]
+    let ms = (l.time * 1000.0).round() as u64;
+    let (secs, ms) = (ms / 1000, ms % 1000);
     let _ = write!(
         out,
         "{:02}:{:02}:{:02}.{ms:03} ",
@@ -166,9 +186,9 @@ pub fn render(l: &EventLine) -> String {
             let _ = write!(out, "DROP {r}");
         }
         (None, Some(d)) => {
-            let _ = write!(out, "ALLOW {d}");
+            let _ = write!(out, "ALLOW {}", d.as_str());
         }
-        (None, None) => out.push_str(&l.kind.to_uppercase()),
+        (None, None) => out.push_str(&l.kind.as_str().to_uppercase()),
     }
     let who = match (&l.task, &l.interface) {
         (Some(t), Some(i)) => format!("{t} ({i})"),
@@ -182,7 +202,13 @@ pub fn render(l: &EventLine) -> String {
         17 => "udp".to_owned(),
         n => format!("proto {n}"),
     };
-    let _ = write!(out, " {who} at {} {proto} {} -> {}", l.hook, l.src, l.dst);
+    let _ = write!(
+        out,
+        " {who} at {} {proto} {} -> {}",
+        l.hook.as_str(),
+        l.src,
+        l.dst
+    );
     if l.suppressed > 0 {
         let _ = write!(out, " ({} earlier event(s) suppressed)", l.suppressed);
     }
@@ -198,28 +224,32 @@ pub fn follow(paths: &InstancePaths, json: bool) -> Result<(), MonitorError> {
         path: path.display().to_string(),
     })?;
     let mut w = stream.try_clone()?;
-    w.write_all(b"{\"op\":\"monitor\"}\n")?;
+    w.write_all(&control::line(&Request { op: Op::Monitor }))?;
     let mut reader = BufReader::new(stream);
     let mut first = String::new();
     reader.read_line(&mut first)?;
-    let hello: serde_json::Value =
-        serde_json::from_str(&first).map_err(|e| MonitorError::Refused(e.to_string()))?;
-    if hello.get("ok") != Some(&serde_json::Value::Bool(true)) {
-        return Err(MonitorError::Refused(first.trim().to_owned()));
+    match serde_json::from_str::<Reply>(&first) {
+        Ok(Reply { ok: true, .. }) => {}
+        Ok(Reply {
+            answer: Answer::Error { error },
+            ..
+        }) => return Err(MonitorError::Refused(error)),
+        Ok(_) => return Err(MonitorError::Refused(first.trim().to_owned())),
+        Err(e) => return Err(MonitorError::Refused(e.to_string())),
     }
     let stdout = std::io::stdout();
     for line in reader.lines() {
         let line = line?;
         let text = if json {
             line
-        } else if let Ok(ev) = serde_json::from_str::<EventLine>(&line) {
-            render(&ev)
         } else {
-            // {"lost": N}: this monitor fell behind the agent.
-            format!("monitor fell behind: {line}")
+            match serde_json::from_str::<StreamLine>(&line) {
+                Ok(StreamLine::Event(ev)) => render(&ev),
+                Ok(StreamLine::Lost { .. }) | Err(_) => format!("monitor fell behind: {line}"),
+            }
         };
         let mut out = stdout.lock();
-        if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
             return Ok(());
         }
     }
@@ -229,13 +259,20 @@ pub fn follow(paths: &InstancePaths, json: bool) -> Result<(), MonitorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::directory::fixtures;
 
     #[test]
     fn a_drop_event_reads_as_a_line() {
-        let mut names = Names::default();
-        names
-            .by_ifindex
-            .insert(7, (Some("task2".into()), Some("vethX".into())));
+        let state = crate::state::State {
+            tasks: vec![fixtures::task("task2", [172, 17, 0, 3], Some("vethX"))],
+            ..Default::default()
+        };
+        let iface = fixtures::iface([172, 17, 0, 3], ecsnet_common::maps::ROLE_TASK);
+        let names = Names {
+            dir: Directory::join(state, &[(7, iface)]),
+            uplink: Some((2, "eth0".into())),
+            read_at: None,
+        };
         let e = Event {
             ts_ns: 1_250_000_000,
             suppressed: 4,
@@ -246,11 +283,17 @@ mod tests {
             dport: 80u16.to_be(),
             proto: 6,
             kind: EVENT_DROP,
-            reason: DropReason::SgIngress as u8,
+            reason: ecsnet_common::DropReason::SgIngress as u8,
             hook: HOOK_XDP,
             dir: 0,
             _pad: [0; 7],
         };
+        assert_eq!(
+            names.of(2),
+            (None, Some("eth0".into())),
+            "the uplink by name"
+        );
+        assert_eq!(names.of(3), (None, None));
         let l = line(&e, &names, 43_200_000_000_000);
         assert_eq!(l.reason.as_deref(), Some("SG_INGRESS"));
         assert_eq!(
@@ -271,8 +314,8 @@ mod tests {
         };
         let l = line(&allow, &names, 0);
         assert_eq!(
-            (l.reason.as_deref(), l.direction.as_deref()),
-            (None, Some("egress"))
+            (l.reason.as_deref(), l.direction),
+            (None, Some(FlowDirection::Egress))
         );
         assert!(render(&l).contains("ALLOW egress task2 (vethX) at tc-ingress tcp"));
     }

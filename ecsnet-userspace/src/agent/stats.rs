@@ -1,7 +1,7 @@
 //! `ecsnet stats`: the counters of the pinned maps joined with the applied state, as JSON or as
 //! a table. Directions are the task's: egress is what the task sent, ingress what it received.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use ecsnet_common::DropReason;
 use serde::{Deserialize, Serialize};
@@ -9,15 +9,36 @@ use serde::{Deserialize, Serialize};
 use crate::{
     flowlog,
     instance::{self, InstanceError},
-    kernel::maps::{self, Count},
-    store::paths::InstancePaths,
+    kernel::maps::{self, Count, MapsError},
+    store::{
+        directory::{Directory, DirectoryError},
+        paths::InstancePaths,
+    },
 };
+
+/// Why the counters could not be read: the instance is not up, or a map is unreadable. Boxed,
+/// since `InstanceError` is large.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StatsError(pub Box<InstanceError>);
+
+impl From<InstanceError> for StatsError {
+    fn from(e: InstanceError) -> Self {
+        Self(Box::new(e))
+    }
+}
+
+impl From<MapsError> for StatsError {
+    fn from(e: MapsError) -> Self {
+        InstanceError::from(e).into()
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStats {
     pub name: String,
-    pub address: String,
+    pub address: Ipv4Addr,
     pub interface: String,
     pub ifindex: u32,
     /// IPv4 sent by the task.
@@ -134,7 +155,7 @@ pub struct Stats {
     pub agent: AgentStats,
 }
 
-fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, InstanceError> {
+fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, StatsError> {
     let st = maps::read_flow_state(paths)?;
     let (table_entries, table_capacity) = maps::flow_table_fill(paths)?;
     let c = flowlog::counters(paths);
@@ -161,12 +182,12 @@ pub fn conntrack_stats(
     use ecsnet_common::{ct, maps};
     let mut out = ConntrackStats {
         entries: entries.len() as u64,
-        capacity: capacity as u64,
+        capacity: capacity.into(),
         unanswered_entries: entries
             .iter()
             .filter(|(t, _, _)| *t == maps::MAP_CT_NEW)
             .count() as u64,
-        unanswered_capacity: unanswered_capacity as u64,
+        unanswered_capacity: unanswered_capacity.into(),
         created: events[maps::CT_EV_CREATED as usize],
         assured: events[maps::CT_EV_ASSURED as usize],
         assured_table_full: events[maps::CT_EV_CT_FULL as usize],
@@ -196,19 +217,20 @@ fn plus(a: Count, b: Count) -> Count {
     }
 }
 
-fn reason_name(n: u8) -> String {
-    DropReason::from_u8(n)
-        .map(|r| r.as_str().to_owned())
-        .unwrap_or_else(|| format!("UNKNOWN_{n}"))
+/// A drop reason's name; one this ecsnet does not know (a newer datapath) as `UNKNOWN_<n>`.
+pub fn reason_name(n: u8) -> String {
+    DropReason::from_u8(n).map_or_else(|| format!("UNKNOWN_{n}"), |r| r.as_str().to_owned())
 }
 
 /// Reads the counters of an instance.
-pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
+pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
     let meta = instance::require_up(paths)?;
-    let applied = instance::read_applied(paths)?.unwrap_or_default();
+    let dir = Directory::load(paths).map_err(|e| match e {
+        DirectoryError::State(e) => StatsError(e),
+        DirectoryError::Ifaces(e) => e.into(),
+    })?;
     let counts = maps::read_counts(paths)?;
     let drops = maps::read_drops(paths)?;
-    let ifaces = maps::read_ifaces(paths)?;
     let drops_of = |ifindex: u32| -> BTreeMap<String, u64> {
         drops
             .iter()
@@ -216,24 +238,22 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
             .map(|((_, r), n)| (reason_name(*r), *n))
             .collect()
     };
-    let mut tasks = Vec::new();
-    for t in &applied.tasks {
-        let ip_be = u32::from(t.ipv4_address).to_be();
-        let Some((ifindex, _)) = ifaces.iter().find(|(_, i)| i.ipv4 == ip_be) else {
-            continue;
-        };
-        let c = counts.get(ifindex).copied().unwrap_or_default();
-        tasks.push(TaskStats {
-            name: t.name.clone(),
-            address: t.ipv4_address.to_string(),
-            interface: t.interface.clone().unwrap_or_default(),
-            ifindex: *ifindex,
-            egress: c.tc_ingress,
-            ingress: c.tc_egress,
-            other: plus(c.other_ingress, c.other_egress),
-            drops: drops_of(*ifindex),
-        });
-    }
+    let tasks = dir
+        .placed_tasks()
+        .map(|(t, ifindex)| {
+            let c = counts.get(&ifindex).copied().unwrap_or_default();
+            TaskStats {
+                name: t.name.clone(),
+                address: t.ipv4_address,
+                interface: t.interface.clone().unwrap_or_default(),
+                ifindex,
+                egress: c.tc_ingress,
+                ingress: c.tc_egress,
+                other: plus(c.other_ingress, c.other_egress),
+                drops: drops_of(ifindex),
+            }
+        })
+        .collect();
     let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
     for ((_, r), n) in &drops {
@@ -294,18 +314,18 @@ pub fn render(s: &Stats) -> String {
             t.drops.values().sum::<u64>()
         );
     }
-    let u = &s.uplink;
+    let up = &s.uplink;
     let _ = writeln!(
         out,
         "uplink {} (ifindex {}): in {} pkts {} B (xdp {} pkts), out {} pkts {} B, other {} pkts",
-        u.interface,
-        u.ifindex,
-        u.ingress.packets,
-        u.ingress.bytes,
-        u.xdp.packets,
-        u.egress.packets,
-        u.egress.bytes,
-        u.other.packets
+        up.interface,
+        up.ifindex,
+        up.ingress.packets,
+        up.ingress.bytes,
+        up.xdp.packets,
+        up.egress.packets,
+        up.egress.bytes,
+        up.other.packets
     );
     let c = &s.conntrack;
     let flows: Vec<String> = c.flows.iter().map(|(k, n)| format!("{k}={n}")).collect();
@@ -314,11 +334,7 @@ pub fn render(s: &Stats) -> String {
         "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
         c.entries,
         c.capacity,
-        if c.capacity == 0 {
-            0.0
-        } else {
-            100.0 * c.entries as f64 / c.capacity as f64
-        },
+        percent(c.entries, c.capacity),
         c.unanswered_entries,
         c.unanswered_capacity,
         if flows.is_empty() {
@@ -345,12 +361,12 @@ pub fn render(s: &Stats) -> String {
         f.lost_packets,
         f.events_suppressed
     );
-    let a = &s.agent;
+    let agent = &s.agent;
     let _ = writeln!(
         out,
         "agent: metrics {}, control {}",
-        render_listener(&a.metrics),
-        render_listener(&a.control)
+        render_listener(&agent.metrics),
+        render_listener(&agent.control)
     );
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");
@@ -359,6 +375,19 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
     out
+}
+
+/// `part` of `whole`, percent (0 of nothing).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "table sizes are below 2^24 entries; the percentage is printed to one decimal"
+)]
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
 }
 
 fn render_listener(l: &ListenerStats) -> String {

@@ -1,0 +1,146 @@
+//! `ecsnet sg apply|ls`: the security groups, read from a state file, `aws ec2
+//! describe-security-groups` output or a bare list, applied under the apply lock.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use crate::{
+    cli::{UsageError, instance::flows_cut, print_json, task::current_state},
+    instance, state,
+    store::paths::InstancePaths,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum SgCmd {
+    /// Replace the security groups; accepts `aws ec2 describe-security-groups` output.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Cut tracked flows the new rules no longer allow (by default they live on, as in AWS).
+        #[arg(long)]
+        reset_flows: bool,
+    },
+    /// List security groups and their member tasks.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The security groups of an SG file: a state file, the output of
+/// `aws ec2 describe-security-groups`, or a bare list.
+fn read_sg_file(file: &Path) -> anyhow::Result<(&'static str, Vec<state::SecurityGroup>)> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum SgFile {
+        Aws {
+            #[serde(rename = "SecurityGroups")]
+            security_groups: serde_json::Value,
+        },
+        State {
+            #[serde(rename = "securityGroups")]
+            security_groups: serde_json::Value,
+        },
+        List(serde_json::Value),
+    }
+    let bad = |error| UsageError::BadFile {
+        file: file.display().to_string(),
+        error,
+    };
+    let text = match state::read_limited(file) {
+        Ok(t) => t,
+        Err(None) => return Err(bad(state::too_large()).into()),
+        Err(Some(e)) => {
+            return Err(e).with_context(|| format!("cannot read {}", file.display()));
+        }
+    };
+    let value: SgFile = state::parse(&text).map_err(bad)?;
+    let (prefix, list) = match value {
+        SgFile::Aws { security_groups } => ("$.SecurityGroups", security_groups),
+        SgFile::State { security_groups } => ("$.securityGroups", security_groups),
+        SgFile::List(v) => ("$", v),
+    };
+    let groups: Vec<state::SecurityGroup> = state::parse(&list.to_string()).map_err(|mut e| {
+        e.path = e.path.replacen('$', prefix, 1);
+        bad(e)
+    })?;
+    Ok((prefix, groups))
+}
+
+pub fn run(paths: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
+    match cmd {
+        SgCmd::Apply { file, reset_flows } => {
+            let (prefix, groups) = read_sg_file(&file)?;
+            let lock = instance::lock_apply(paths)?;
+            let mut s = current_state(paths)?;
+            s.security_groups = groups;
+            // Name a bad rule by its path in the file given, not in the state it joins.
+            if let Err(mut error) = state::validate(&s, state::BridgeNet::default())
+                && let Some(rest) = error.path.strip_prefix("$.securityGroups")
+            {
+                error.path = format!("{prefix}{rest}");
+                return Err(UsageError::BadFile {
+                    file: file.display().to_string(),
+                    error,
+                }
+                .into());
+            }
+            let a =
+                instance::apply_state(paths, &lock, s, &file.display().to_string(), reset_flows)?;
+            println!(
+                "applied {} security group(s){}",
+                a.state.security_groups.len(),
+                flows_cut(&a, reset_flows)
+            );
+        }
+        SgCmd::Ls { json } => {
+            let s = current_state(paths)?;
+            let members = |id: &str| -> Vec<String> {
+                s.tasks
+                    .iter()
+                    .filter(|t| t.security_groups.iter().any(|g| g == id))
+                    .map(|t| t.name.clone())
+                    .collect()
+            };
+            if json {
+                let v: Vec<serde_json::Value> = s
+                    .security_groups
+                    .iter()
+                    .map(|g| serde_json::json!({"group": g, "members": members(&g.group_id)}))
+                    .collect();
+                print_json(&v);
+            } else {
+                for g in &s.security_groups {
+                    let m = members(&g.group_id);
+                    println!(
+                        "{} ({}): members: {}",
+                        g.group_id,
+                        g.group_name.as_deref().unwrap_or("-"),
+                        if m.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            m.join(", ")
+                        }
+                    );
+                    for (inbound, perms) in
+                        [(true, &g.ip_permissions), (false, &g.ip_permissions_egress)]
+                    {
+                        let dir = if inbound { "in " } else { "out" };
+                        if perms.is_empty() {
+                            println!("  {dir} (none)");
+                        }
+                        for p in perms {
+                            println!("  {dir} {}", crate::plan::sg::describe(p, inbound));
+                        }
+                    }
+                }
+                if s.security_groups.is_empty() {
+                    println!("no security groups");
+                }
+            }
+        }
+    }
+    Ok(())
+}

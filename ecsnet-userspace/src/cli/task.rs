@@ -1,0 +1,193 @@
+//! `ecsnet task add|rm|ls`: a read-modify-write of the applied state under the apply lock.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use clap::Subcommand;
+
+use crate::{
+    cli::{UsageError, print_json},
+    instance,
+    state::{PortMapping, Protocol, State, Task},
+    store::paths::InstancePaths,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Add a task (or replace the one with the same name).
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long)]
+        interface: Option<String>,
+        /// HOSTPORT:CONTAINERPORT[/tcp|/udp]; HOSTPORT 0 is dynamic.
+        #[arg(long, value_parser = publish)]
+        publish: Vec<PortMapping>,
+        #[arg(long = "sg")]
+        security_groups: Vec<String>,
+    },
+    /// Remove a task by name.
+    Rm { name: String },
+    /// List tasks with their interfaces and host ports.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("expected HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
+pub struct BadPublish;
+
+/// `--publish HOSTPORT:CONTAINERPORT[/tcp|/udp]`.
+fn publish(s: &str) -> Result<PortMapping, BadPublish> {
+    let (ports, protocol) = Protocol::split_suffix(s).map_err(|_| BadPublish)?;
+    let (h, c) = ports.split_once(':').ok_or(BadPublish)?;
+    Ok(PortMapping {
+        host_port: h.parse().map_err(|_| BadPublish)?,
+        container_port: c.parse().ok().filter(|p| *p != 0).ok_or(BadPublish)?,
+        protocol,
+    })
+}
+
+/// The applied state of an instance that is up.
+pub(super) fn current_state(paths: &InstancePaths) -> anyhow::Result<State> {
+    instance::require_up(paths)?;
+    Ok(instance::read_applied(paths)?.unwrap_or_default())
+}
+
+pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
+    match cmd {
+        TaskCmd::Add {
+            name,
+            ip,
+            interface,
+            publish,
+            security_groups,
+        } => add(
+            paths,
+            Task {
+                task_arn: None,
+                name,
+                ipv4_address: ip,
+                interface,
+                interface_id: None,
+                port_mappings: publish,
+                security_groups,
+                service_name: None,
+                task_definition_arn: None,
+                container_id: None,
+            },
+        ),
+        TaskCmd::Rm { name } => {
+            let lock = instance::lock_apply(paths)?;
+            let mut s = current_state(paths)?;
+            let before = s.tasks.len();
+            s.tasks.retain(|t| t.name != name);
+            if s.tasks.len() == before {
+                return Err(UsageError::NoSuchTask { name }.into());
+            }
+            instance::apply_state(paths, &lock, s, "task rm", false)?;
+            println!("task {name} removed");
+            Ok(())
+        }
+        TaskCmd::Ls { json } => {
+            let s = current_state(paths)?;
+            if json {
+                print_json(&s.tasks);
+            } else {
+                print!("{}", table(&s.tasks));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Adds `task`, or replaces the one of its name.
+fn add(paths: &InstancePaths, mut task: Task) -> anyhow::Result<()> {
+    let lock = instance::lock_apply(paths)?;
+    let mut s = current_state(paths)?;
+    // A task ecsnet already manages keeps its interface unless one is given: the host may have
+    // no neighbour entry to find it by its address again.
+    if task.interface.is_none() {
+        task.interface = s
+            .tasks
+            .iter()
+            .find(|t| t.ipv4_address == task.ipv4_address)
+            .and_then(|t| t.interface.clone());
+    }
+    let name = task.name.clone();
+    s.tasks.retain(|t| t.name != name);
+    s.tasks.push(task);
+    let s = instance::apply_state(paths, &lock, s, "task add", false)?.state;
+    let t = s
+        .tasks
+        .iter()
+        .find(|t| t.name == name)
+        .expect("task was just added");
+    println!(
+        "task {} {} on {}",
+        t.name,
+        t.ipv4_address,
+        t.interface.as_deref().unwrap_or("-")
+    );
+    Ok(())
+}
+
+/// A task's published ports: `8080->80/tcp 5353->53/udp`.
+pub fn ports(mappings: &[PortMapping]) -> String {
+    let ports: Vec<String> = mappings
+        .iter()
+        .map(|p| {
+            format!(
+                "{}->{}/{}",
+                p.host_port,
+                p.container_port,
+                p.protocol.as_str()
+            )
+        })
+        .collect();
+    ports.join(" ")
+}
+
+/// The table `task ls` prints.
+fn table(tasks: &[Task]) -> String {
+    let mut out = format!(
+        "{:<12} {:<15} {:<15} PORTS\n",
+        "TASK", "ADDRESS", "INTERFACE"
+    );
+    for t in tasks {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<15} {:<15} {}",
+            t.name,
+            t.ipv4_address,
+            t.interface.as_deref().unwrap_or("-"),
+            ports(&t.port_mappings)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_is_hostport_containerport_and_protocol() {
+        let p = publish("8080:80").unwrap();
+        assert_eq!(
+            (p.host_port, p.container_port, p.protocol),
+            (8080, 80, Protocol::Tcp)
+        );
+        assert_eq!(publish("0:53/udp").unwrap().protocol, Protocol::Udp);
+        for bad in ["80", "80:0", "x:80", "80:80/sctp", "80:80:80"] {
+            assert!(publish(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            ports(&[p, publish("0:53/udp").unwrap()]),
+            "8080->80/tcp 0->53/udp"
+        );
+    }
+}

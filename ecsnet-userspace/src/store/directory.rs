@@ -1,0 +1,148 @@
+//! The one ifindex -> task join: the task interfaces the datapath knows (`IFACES`) matched, by
+//! address, with the tasks of the applied state. Flow logs, `monitor` and `stats` name what they
+//! count through it; with no state applied it knows no task.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ecsnet_common::maps::{IfaceInfo, ROLE_TASK};
+
+use crate::{
+    instance::{self, InstanceError},
+    kernel::maps::{self, MapsError},
+    state::{State, Task},
+    store::paths::InstancePaths,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error(transparent)]
+    State(#[from] Box<InstanceError>),
+    #[error(transparent)]
+    Ifaces(#[from] MapsError),
+}
+
+/// The applied state with each task's interface.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    /// The applied state: the host's facts and every task, placed or not.
+    pub state: State,
+    /// Task interface -> its task's index in `state.tasks`.
+    by_ifindex: BTreeMap<u32, usize>,
+}
+
+impl Directory {
+    /// Joins `state` with the `IFACES` entries `ifaces`: a task interface belongs to the first
+    /// task with its address.
+    pub fn join(state: State, ifaces: &[(u32, IfaceInfo)]) -> Self {
+        let by_ifindex = ifaces
+            .iter()
+            .filter(|(_, info)| info.role == ROLE_TASK)
+            .filter_map(|(ifindex, info)| {
+                let ip = Ipv4Addr::from(u32::from_be(info.ipv4));
+                let task = state.tasks.iter().position(|t| t.ipv4_address == ip)?;
+                Some((*ifindex, task))
+            })
+            .collect();
+        Self { state, by_ifindex }
+    }
+
+    /// The instance's applied state joined with its pinned `IFACES`.
+    pub fn load(paths: &InstancePaths) -> Result<Self, DirectoryError> {
+        let state = instance::read_applied(paths)
+            .map_err(Box::new)?
+            .unwrap_or_default();
+        Ok(Self::join(state, &maps::read_ifaces(paths)?))
+    }
+
+    /// The task on interface `ifindex`.
+    pub fn task(&self, ifindex: u32) -> Option<&Task> {
+        self.by_ifindex.get(&ifindex).map(|i| &self.state.tasks[*i])
+    }
+
+    /// Every task interface with its task, by ifindex.
+    pub fn interfaces(&self) -> impl Iterator<Item = (u32, &Task)> {
+        self.by_ifindex
+            .iter()
+            .map(|(ifindex, i)| (*ifindex, &self.state.tasks[*i]))
+    }
+
+    /// Every task that has an interface, in the state's order, with its (lowest) ifindex.
+    pub fn placed_tasks(&self) -> impl Iterator<Item = (&Task, u32)> {
+        self.state.tasks.iter().enumerate().filter_map(|(i, t)| {
+            let (ifindex, _) = self.by_ifindex.iter().find(|(_, task)| **task == i)?;
+            Some((t, *ifindex))
+        })
+    }
+}
+
+/// Tasks and `IFACES` entries for the tests of the directory's users.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A task of nothing but its name, address and interface.
+    pub fn task(name: &str, ip: [u8; 4], interface: Option<&str>) -> Task {
+        Task {
+            task_arn: None,
+            name: name.to_owned(),
+            ipv4_address: Ipv4Addr::from(ip),
+            interface: interface.map(str::to_owned),
+            interface_id: None,
+            port_mappings: vec![],
+            security_groups: vec![],
+            service_name: None,
+            task_definition_arn: None,
+            container_id: None,
+        }
+    }
+
+    pub fn iface(ip: [u8; 4], role: u8) -> IfaceInfo {
+        IfaceInfo {
+            ipv4: u32::from(Ipv4Addr::from(ip)).to_be(),
+            role,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{iface, task};
+    use super::*;
+
+    #[test]
+    fn task_interfaces_join_tasks_by_address() {
+        let state = State {
+            tasks: vec![
+                task("web", [172, 17, 0, 2], None),
+                task("db", [172, 17, 0, 3], None),
+                task("gone", [172, 17, 0, 4], None),
+            ],
+            ..State::default()
+        };
+        let ifaces = [
+            (9, iface([172, 17, 0, 2], ROLE_TASK)),
+            (7, iface([172, 17, 0, 3], ROLE_TASK)),
+            (2, iface([172, 17, 0, 3], ecsnet_common::maps::ROLE_UPLINK)),
+            (11, iface([172, 17, 0, 99], ROLE_TASK)),
+        ];
+        let dir = Directory::join(state, &ifaces);
+        assert_eq!(dir.task(9).map(|t| t.name.as_str()), Some("web"));
+        assert_eq!(dir.task(2), None, "the uplink is no task's");
+        assert_eq!(dir.task(11), None, "an address no task has");
+        let by_ifindex: Vec<(u32, &str)> = dir
+            .interfaces()
+            .map(|(i, t)| (i, t.name.as_str()))
+            .collect();
+        assert_eq!(by_ifindex, [(7, "db"), (9, "web")]);
+        let placed: Vec<(&str, u32)> = dir
+            .placed_tasks()
+            .map(|(t, i)| (t.name.as_str(), i))
+            .collect();
+        assert_eq!(
+            placed,
+            [("web", 9), ("db", 7)],
+            "state order; `gone` has none"
+        );
+    }
+}
