@@ -15,12 +15,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build everything and run every test (unit, `BPF_PROG_TEST_RUN`, integration).
+    /// The lints, then build everything and run every test (unit, `BPF_PROG_TEST_RUN`,
+    /// integration).
     Test {
         /// Extra arguments for `cargo test` (a filter, --nocapture, ...).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Only the lints: `cargo fmt --check`, and clippy with warnings denied on the host's
+    /// toolchain for the workspace and on the BPF nightly for the datapath's real target.
+    Lint,
     /// The lab, ecsnet up, known traffic, counters checked, teardown.
     Demo {
         /// Leave the lab and ecsnet up and print how to look around.
@@ -56,6 +60,7 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Test { args } => test(&args),
+        Cmd::Lint => lint(),
         Cmd::Demo { keep } => demo(keep),
         Cmd::Bench { args } => bench(&args),
     }
@@ -91,7 +96,57 @@ fn build() -> anyhow::Result<()> {
     ])
 }
 
+/// What `./x test` checks before it builds: formatting, and clippy (pedantic, as the workspace
+/// sets it) with warnings denied, on the host and for the datapath's own target.
+fn lint() -> anyhow::Result<()> {
+    let t = Instant::now();
+    say("lints: cargo fmt --check");
+    cargo(&["fmt", "--all", "--check"])?;
+    say("lints: cargo clippy --workspace --all-targets -- -D warnings");
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    let nightly = std::fs::read_to_string("ecsnet-ebpf/bpf-toolchain")
+        .context("reading ecsnet-ebpf/bpf-toolchain")?;
+    let toolchain = format!("+{}", nightly.trim());
+    say(&format!(
+        "lints: cargo {toolchain} clippy for bpfel-unknown-none -- -D warnings"
+    ));
+    // The BPF nightly's cargo, not the one that runs xtask.
+    let status = Command::new("cargo")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .args([
+            toolchain.as_str(),
+            "clippy",
+            "--package",
+            "ecsnet-ebpf",
+            "--bin",
+            "ecsnet",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .status()
+        .context("running the BPF nightly's cargo clippy")?;
+    ensure!(status.success(), "clippy on the datapath failed ({status})");
+    say(&format!("lints clean in {:.0}s", t.elapsed().as_secs_f64()));
+    Ok(())
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    lint()?;
     let t = Instant::now();
     say("building ecsnet (the datapath with the BPF nightly, then user space)");
     build()?;
