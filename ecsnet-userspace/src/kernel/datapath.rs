@@ -18,7 +18,7 @@ use aya::{
 
 use aya_obj::programs::XdpAttachType;
 
-use crate::store::paths::{BPFFS, InstancePaths};
+use crate::kernel::pins::{BPFFS, InstancePaths};
 
 /// tc program on the ingress of a task interface: what the task sends.
 pub const PROG_TASK_INGRESS: &str = "tc_task_ingress";

@@ -23,7 +23,10 @@ use ecsnet_common::{
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
-use crate::{kernel::batch, plan::sg::Compiled, store::paths::InstancePaths};
+use crate::{
+    kernel::{batch, pins::InstancePaths},
+    plan::sg::Compiled,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {

@@ -1,39 +1,15 @@
-//! Where an instance keeps its things on the machine: pins on bpffs, the socket, pid, log and
-//! applied state under /run. Every file ecsnet creates is named here and nowhere else.
+//! Where an instance keeps its files under /run: the socket, pid, log, meta and applied state.
+//! Every run file ecsnet creates is named here and nowhere else; its pins are in `kernel::pins`.
 
 use std::path::PathBuf;
 
-/// Root of every instance's pins.
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub use crate::kernel::pins::InstancePaths;
+
 /// Root of sockets, pid files, logs and lab directories.
 pub const RUN_DIR: &str = "/run/ecsnet";
 
-/// Paths of one instance.
-#[derive(Debug, Clone)]
-pub struct InstancePaths {
-    pub name: String,
-}
-
+/// The run files of an instance; its pins are `kernel::pins`'s half of this type.
 impl InstancePaths {
-    pub fn new(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-        }
-    }
-    /// `/sys/fs/bpf/ecsnet/<instance>`: everything pinned by this instance.
-    pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from(BPFFS).join("ecsnet").join(&self.name)
-    }
-    pub fn map_pin(&self, map: &str) -> PathBuf {
-        self.pin_dir().join("maps").join(map)
-    }
-    pub fn prog_pin(&self, prog: &str) -> PathBuf {
-        self.pin_dir().join("progs").join(prog)
-    }
-    /// Link pins are named by hook and ifindex: `tcx-ingress-7`, `xdp-2`.
-    pub fn link_dir(&self) -> PathBuf {
-        self.pin_dir().join("links")
-    }
     /// The agent's control socket.
     pub fn socket(&self) -> PathBuf {
         PathBuf::from(RUN_DIR).join(format!("{}.sock", self.name))
@@ -48,7 +24,7 @@ impl InstancePaths {
     pub fn log_file(&self) -> PathBuf {
         self.run_dir().join("agent.log")
     }
-    /// What `up` found and chose: netns, uplink, bridge (see `datapath::Meta`).
+    /// What `up` found and chose: netns, uplink, bridge (see `store::files::Meta`).
     pub fn meta_file(&self) -> PathBuf {
         self.run_dir().join("meta.json")
     }
@@ -117,10 +93,6 @@ mod tests {
     fn layout() {
         let p = InstancePaths::new("x");
         assert_eq!(p.socket(), PathBuf::from("/run/ecsnet/x.sock"));
-        assert_eq!(
-            p.map_pin("STATS"),
-            PathBuf::from("/sys/fs/bpf/ecsnet/x/maps/STATS")
-        );
         assert_eq!(
             lab_dir("lab").join("state.json"),
             PathBuf::from("/run/ecsnet/lab/state.json")
