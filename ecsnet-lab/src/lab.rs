@@ -885,7 +885,7 @@ fn instances_in(netns: &str) -> Vec<String> {
             let n = e.file_name().into_string().ok()?;
             let inst = n.strip_suffix(".d")?.to_owned();
             let meta =
-                ecsnet::instance::read_meta(&ecsnet::store::paths::InstancePaths::new(&inst))
+                ecsnet::store::files::read_meta(&ecsnet::store::paths::InstancePaths::new(&inst))
                     .ok()??;
             (meta.netns.as_deref() == Some(netns)).then_some(inst)
         })

@@ -29,7 +29,11 @@ use tokio::{
     sync::{Semaphore, broadcast},
 };
 
-use crate::{flowlog, instance, kernel::maps, store::paths::InstancePaths};
+use crate::{
+    flowlog, instance,
+    kernel::maps,
+    store::{files, paths::InstancePaths},
+};
 
 /// Event lines buffered for each monitor; one that falls further behind is told how many it lost.
 const MONITOR_BACKLOG: usize = 4096;
@@ -59,6 +63,8 @@ pub enum AgentError {
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
     #[error(transparent)]
+    Store(#[from] files::StoreError),
+    #[error(transparent)]
     FlowLog(#[from] flowlog::FlowLogError),
 }
 
@@ -75,7 +81,7 @@ struct Request {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(paths: &InstancePaths) -> Result<(), AgentError> {
-    let meta = instance::require_up(paths)?;
+    let meta = files::require_up(paths)?;
     raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -84,7 +90,7 @@ pub fn run(paths: &InstancePaths) -> Result<(), AgentError> {
     rt.block_on(serve(paths, meta))
 }
 
-async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentError> {
+async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentError> {
     let started = Instant::now();
     let dir = paths.run_dir();
     fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
@@ -120,7 +126,7 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
         }
     }
-    let timeouts = crate::plan::entries::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
+    let timeouts = meta.ct_timeouts;
     spawn_housekeeping(
         paths.clone(),
         timeouts,
@@ -478,7 +484,7 @@ pub fn answer(line: &[u8], paths: &InstancePaths, started: Instant) -> Value {
     };
     match req.op.as_str() {
         "ping" => json!({"ok": true, "pid": std::process::id()}),
-        "status" => match instance::read_meta(paths) {
+        "status" => match files::read_meta(paths) {
             Ok(meta) => json!({
                 "ok": true,
                 "pid": std::process::id(),

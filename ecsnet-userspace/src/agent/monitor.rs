@@ -18,7 +18,10 @@ use ecsnet_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{instance, kernel::maps, store::paths::InstancePaths};
+use crate::{
+    kernel::maps,
+    store::{files, paths::InstancePaths},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -73,11 +76,11 @@ impl Names {
             return;
         }
         self.read_at = Some(Instant::now());
-        let applied = instance::read_applied(paths)
+        let applied = files::read_applied(paths)
             .ok()
             .flatten()
             .unwrap_or_default();
-        let meta = instance::read_meta(paths).ok().flatten();
+        let meta = files::read_meta(paths).ok().flatten();
         let mut by_ifindex = HashMap::new();
         if let Some(m) = &meta {
             by_ifindex.insert(m.uplink_index, (None, Some(m.uplink.clone())));

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     flowlog,
-    instance::{self, InstanceError},
+    instance::InstanceError,
     kernel::maps::{self, Count},
-    store::paths::InstancePaths,
+    store::{files, paths::InstancePaths},
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,8 +204,8 @@ fn reason_name(n: u8) -> String {
 
 /// Reads the counters of an instance.
 pub fn stats(paths: &InstancePaths) -> Result<Stats, InstanceError> {
-    let meta = instance::require_up(paths)?;
-    let applied = instance::read_applied(paths)?.unwrap_or_default();
+    let meta = files::require_up(paths)?;
+    let applied = files::read_applied(paths)?.unwrap_or_default();
     let counts = maps::read_counts(paths)?;
     let drops = maps::read_drops(paths)?;
     let ifaces = maps::read_ifaces(paths)?;

@@ -10,13 +10,16 @@ use crate::{
     agent,
     agent::monitor,
     agent::stats,
+    flowlog,
     flowlog::format::{Filter, Format},
-    flowlog::{self, FlowLogOptions},
     host::netns::{self, NetnsError},
     instance,
     instance::{InstanceError, UpOptions},
     state::{self, PortMapping, Protocol, State, Task},
-    store::paths::{self, InstancePaths},
+    store::{
+        files::{self, FlowLogOptions, StoreError},
+        paths::{self, InstancePaths},
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -250,6 +253,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<InstanceError>() {
             return e.exit_code();
         }
+        if let Some(e) = cause.downcast_ref::<StoreError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<UsageError>() {
             return match e {
                 UsageError::NoTooling { .. } => 1,
@@ -305,10 +311,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // after a crash).
     let netns = match &cli.netns {
         Some(ns) => Some(ns.clone()),
-        None => instance::read_meta(&inst)
-            .ok()
-            .flatten()
-            .and_then(|m| m.netns),
+        None => files::read_meta(&inst).ok().flatten().and_then(|m| m.netns),
     };
     if let Some(ns) = &netns {
         // `down` must work even when the namespace is already gone.
@@ -348,8 +351,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             };
             let pid = instance::up(&inst, &opts, !a.foreground)?;
-            let meta = instance::require_up(&inst)?;
-            let tasks = instance::read_applied(&inst)?.map_or(0, |s| s.tasks.len());
+            let meta = files::require_up(&inst)?;
+            let tasks = files::read_applied(&inst)?.map_or(0, |s| s.tasks.len());
             match pid {
                 Some(pid) => println!(
                     "ecsnet instance {} up: uplink {} bridge {}, {} task(s), agent pid {pid}",
@@ -391,7 +394,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             filter,
             lines,
         }) => {
-            instance::require_up(&inst)?;
+            files::require_up(&inst)?;
             let bad = |e: String| UsageError::BadFlag(e);
             let opts = flowlog::TailOptions {
                 format: match format {
@@ -412,7 +415,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             flowlog::tail(&inst, &opts)?;
         }
         Cmd::Monitor { json } => {
-            instance::require_up(&inst)?;
+            files::require_up(&inst)?;
             monitor::follow(&inst, json)?;
         }
         Cmd::Stats { json } => {
@@ -449,8 +452,8 @@ fn flows_cut(a: &instance::Applied, reset_flows: bool) -> String {
 }
 
 fn current_state(inst: &InstancePaths) -> anyhow::Result<State> {
-    instance::require_up(inst)?;
-    Ok(instance::read_applied(inst)?.unwrap_or_default())
+    files::require_up(inst)?;
+    Ok(files::read_applied(inst)?.unwrap_or_default())
 }
 
 fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {

@@ -25,10 +25,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     flowlog::format::{Filter, Format, Record},
-    instance,
     kernel::maps::{self, MapsError},
     state::{Host, State, Task},
-    store::paths::InstancePaths,
+    store::{
+        files::{self, FlowLogOptions, StoreError},
+        paths::InstancePaths,
+    },
 };
 
 /// How long programs that read the old window number may still be counting under it after the
@@ -52,7 +54,7 @@ pub enum FlowLogError {
         source: serde_json::Error,
     },
     #[error(transparent)]
-    Instance(#[from] Box<instance::InstanceError>),
+    Store(#[from] StoreError),
     #[error("--flow-format: {0}")]
     Format(#[from] crate::flowlog::format::FormatError),
 }
@@ -61,34 +63,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FlowLogError + '_ {
     move |source| FlowLogError::Io {
         path: path.to_owned(),
         source,
-    }
-}
-
-/// What `ecsnet up` chose for flow logs; kept in the instance's meta for the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FlowLogOptions {
-    pub enabled: bool,
-    pub window_secs: u64,
-    /// The file sink; None: only the journal behind `flows tail`.
-    pub sink: Option<PathBuf>,
-    /// The sink's `${field}` format; empty: AWS's default (version 2).
-    pub format: String,
-    /// The sink is rotated past this size, bytes, keeping `keep` old files.
-    pub max_bytes: u64,
-    pub keep: u32,
-}
-
-impl Default for FlowLogOptions {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            window_secs: 60,
-            sink: None,
-            format: String::new(),
-            max_bytes: 64 << 20,
-            keep: 5,
-        }
     }
 }
 
@@ -268,9 +242,7 @@ struct Directory {
 
 impl Directory {
     fn load(paths: &InstancePaths) -> Result<Self, FlowLogError> {
-        let state: State = instance::read_applied(paths)
-            .map_err(Box::new)?
-            .unwrap_or_default();
+        let state: State = files::read_applied(paths)?.unwrap_or_default();
         let ifaces = maps::read_ifaces(paths)?;
         let mut by_ifindex = BTreeMap::new();
         for (ifindex, info) in ifaces.iter().filter(|(_, i)| i.role == ROLE_TASK) {

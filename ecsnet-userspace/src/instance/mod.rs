@@ -8,7 +8,7 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::programs::XdpMode;
@@ -16,18 +16,20 @@ use nix::{
     errno::Errno,
     fcntl::{Flock, FlockArg},
 };
-use serde::{Deserialize, Serialize};
 
 use crate::{
-    flowlog::{self, FlowLogOptions},
+    flowlog,
     host::netlink::{NetlinkError, Snapshot},
     kernel::datapath,
     kernel::datapath::DatapathError,
     kernel::maps::{self, MapsError},
     plan::entries,
     plan::sg::Compiled,
-    state::{self, BridgeNet, LoadError, State, StateError},
-    store::paths::InstancePaths,
+    state::{self, BridgeNet, LoadError, State, StateError, timeouts::TimeoutsError},
+    store::{
+        files::{self, FlowLogOptions, Meta, StoreError, UplinkXdp, read_applied, read_meta},
+        paths::InstancePaths,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +46,6 @@ pub enum InstanceError {
         "instance {instance:?} is already up (agent pid {pid}); run `ecsnet --instance {instance} down` first, or `ecsnet apply` to change its state"
     )]
     AlreadyUp { instance: String, pid: i32 },
-    #[error("instance {instance:?} is not up; run `ecsnet --instance {instance} up` first")]
-    NotUp { instance: String },
     #[error(
         "another apply is running on instance {instance:?} (apply, sg apply, task add/rm or up); nothing was changed, try again when it has finished"
     )]
@@ -53,7 +53,7 @@ pub enum InstanceError {
     #[error("bad --xdp-mode {0:?}: use auto, native, skb or off")]
     XdpMode(String),
     #[error("bad --ct-timeouts: {0}")]
-    Timeouts(String),
+    Timeouts(#[from] TimeoutsError),
     #[error(transparent)]
     Config(#[from] entries::ConfigError),
     #[error(transparent)]
@@ -70,15 +70,12 @@ pub enum InstanceError {
     Process(#[from] process::ProcessError),
     #[error(transparent)]
     FlowLog(flowlog::FlowLogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
-    },
-    #[error("{path}: corrupt instance file: {source}")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
     },
 }
 
@@ -91,51 +88,16 @@ impl InstanceError {
             | Self::NoUplink
             | Self::NoBridge
             | Self::AlreadyUp { .. }
-            | Self::NotUp { .. }
             | Self::XdpMode(_)
             | Self::Timeouts(_)
             | Self::FlowLog(flowlog::FlowLogError::Format(_))
             | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
             | Self::Resolve { .. } => 2,
+            Self::Store(e) => e.exit_code(),
             _ => 1,
         }
     }
-}
-
-/// What `up` found and chose, kept in `<run dir>/meta.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Meta {
-    pub instance: String,
-    pub netns: Option<String>,
-    pub uplink: String,
-    pub uplink_index: u32,
-    pub uplink_address: Option<Ipv4Addr>,
-    pub bridge: String,
-    pub bridge_index: u32,
-    pub bridge_address: Option<(Ipv4Addr, u8)>,
-    pub xdp_mode: String,
-    pub window_secs: u64,
-    pub flow_log: Option<PathBuf>,
-    /// Connection-table size the datapath was loaded with, entries.
-    #[serde(default)]
-    pub ct_size: u32,
-    /// `--ct-timeouts` as given; the agent parses it again.
-    #[serde(default)]
-    pub ct_timeouts: String,
-    /// Flow-log table size the datapath was loaded with, entries.
-    #[serde(default)]
-    pub flow_table_size: u32,
-    /// How the agent exports flow logs.
-    #[serde(default)]
-    pub flow_logs: FlowLogOptions,
-    /// Monitor events per second per CPU the datapath may send (0: none).
-    #[serde(default)]
-    pub monitor_rate: u32,
-    /// Where the agent serves Prometheus metrics; None: nowhere.
-    #[serde(default)]
-    pub metrics: Option<SocketAddr>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
@@ -143,39 +105,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), InstanceError> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let text = serde_json::to_string_pretty(v).expect("instance files serialize");
-    fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, InstanceError> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| InstanceError::Corrupt {
-                    path: path.to_owned(),
-                    source,
-                })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(path)(e)),
-    }
-}
-
-pub fn read_meta(paths: &InstancePaths) -> Result<Option<Meta>, InstanceError> {
-    read_json(&paths.meta_file())
-}
-
-pub fn read_applied(paths: &InstancePaths) -> Result<Option<State>, InstanceError> {
-    read_json(&paths.applied_state())
 }
 
 /// The instance's apply lock, held until dropped (or the process dies): the live state has one
@@ -206,7 +135,7 @@ fn take_apply_lock(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
 /// Takes the apply lock of an instance that is up, without waiting: a second writer fails at
 /// once with `ApplyRunning` and changes nothing.
 pub fn lock_apply(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
-    require_up(paths)?;
+    files::require_up(paths)?;
     take_apply_lock(paths)
 }
 
@@ -250,12 +179,12 @@ fn xdp_mode(s: &str) -> Result<XdpChoice, InstanceError> {
 /// XDP to real NICs only: on a veth, native XDP turns off the peer's TSO (so every segment is a
 /// packet of its own) and generic XDP copies each GSO packet, while tc ingress drops the same
 /// packets a moment later anyway (SPEC §11; docs/BENCHMARKS.md has the numbers).
-fn xdp_for(choice: XdpChoice, kind: &str) -> (Option<XdpMode>, &'static str) {
+fn xdp_for(choice: XdpChoice, kind: &str) -> (Option<XdpMode>, UplinkXdp) {
     match choice {
-        XdpChoice::Auto if kind.is_empty() => (Some(XdpMode::Driver), "native"),
-        XdpChoice::Auto | XdpChoice::Off => (None, "off"),
-        XdpChoice::Native => (Some(XdpMode::Driver), "native"),
-        XdpChoice::Skb => (Some(XdpMode::Skb), "skb"),
+        XdpChoice::Auto if kind.is_empty() => (Some(XdpMode::Driver), UplinkXdp::Native),
+        XdpChoice::Auto | XdpChoice::Off => (None, UplinkXdp::Off),
+        XdpChoice::Native => (Some(XdpMode::Driver), UplinkXdp::Native),
+        XdpChoice::Skb => (Some(XdpMode::Skb), UplinkXdp::Skb),
     }
 }
 
@@ -315,7 +244,7 @@ pub fn up(
         });
     }
     let xdp_choice = xdp_mode(&opts.xdp_mode)?;
-    entries::parse_timeouts(&opts.ct_timeouts).map_err(InstanceError::Timeouts)?;
+    let ct_timeouts = state::timeouts::parse(&opts.ct_timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
     // A state file may name the uplink and bridge; flags win.
@@ -374,11 +303,9 @@ pub fn up(
         bridge,
         bridge_index,
         bridge_address,
-        xdp_mode: xdp_name.to_owned(),
-        window_secs: opts.flow_logs.window_secs,
-        flow_log: opts.flow_logs.sink.clone(),
+        xdp_mode: xdp_name,
         ct_size,
-        ct_timeouts: opts.ct_timeouts.clone(),
+        ct_timeouts,
         flow_table_size,
         flow_logs: opts.flow_logs.clone(),
         monitor_rate: opts.monitor_rate,
@@ -405,24 +332,25 @@ pub fn up(
                 match (mode, xdp_choice) {
                     (Some(XdpMode::Driver), XdpChoice::Auto) => {
                         log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
-                        datapath::attach_uplink(paths, &uplink, uplink_index, None).map(|()| "off")
+                        datapath::attach_uplink(paths, &uplink, uplink_index, None)
+                            .map(|()| UplinkXdp::Off)
                     }
                     (Some(XdpMode::Driver), _) => {
                         log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
                         datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
-                            .map(|()| "skb")
+                            .map(|()| UplinkXdp::Skb)
                     }
                     _ => Err(e),
                 }
             })?;
-        meta.xdp_mode = attached.to_owned();
+        meta.xdp_mode = attached;
         maps::write_iface(paths, uplink_index, entries::uplink_entry(uplink_index).1)?;
         if lock.is_none() {
             let dir = paths.run_dir();
             fs::create_dir_all(&dir).map_err(io(&dir))?;
             lock = Some(take_apply_lock(paths)?);
         }
-        write_json(&paths.meta_file(), &meta)?;
+        files::write_meta(paths, &meta)?;
         let mut config = config;
         if let Some(plan) = &plan {
             commit(paths, plan, false)?;
@@ -551,7 +479,7 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
 /// old, tasks switch, the old entries go. Tracked flows stay unless `reset_flows`, which cuts
 /// those the new policy would not allow; returns how many were cut.
 fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize, InstanceError> {
-    let meta = read_meta(paths)?.ok_or_else(|| InstanceError::NotUp {
+    let meta = read_meta(paths)?.ok_or_else(|| StoreError::NotUp {
         instance: paths.name.clone(),
     })?;
     for t in &plan.tasks {
@@ -578,7 +506,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     } else {
         0
     };
-    write_json(&paths.applied_state(), &plan.state)?;
+    files::write_applied(paths, &plan.state)?;
     Ok(cut)
 }
 
@@ -596,7 +524,7 @@ pub fn apply(
     file: &Path,
     reset_flows: bool,
 ) -> Result<Applied, InstanceError> {
-    let meta = require_up(paths)?;
+    let meta = files::require_up(paths)?;
     let _lock = take_apply_lock(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_apply(paths, &meta, &snap, file)?;
@@ -616,7 +544,7 @@ pub fn apply_state(
     what: &str,
     reset_flows: bool,
 ) -> Result<Applied, InstanceError> {
-    let meta = require_up(paths)?;
+    let meta = files::require_up(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_state(paths, &meta, &snap, state, what)?;
     let flows_cut = commit(paths, &plan, reset_flows)?;
@@ -624,15 +552,6 @@ pub fn apply_state(
         state: plan.state,
         flows_cut,
     })
-}
-
-pub fn require_up(paths: &InstancePaths) -> Result<Meta, InstanceError> {
-    match read_meta(paths)? {
-        Some(m) if datapath::is_loaded(paths) => Ok(m),
-        _ => Err(InstanceError::NotUp {
-            instance: paths.name.clone(),
-        }),
-    }
 }
 
 /// What `down` found and removed.
@@ -652,31 +571,8 @@ pub fn teardown(paths: &InstancePaths) -> Result<DownReport, InstanceError> {
         had_files: paths.run_dir().exists() || paths.socket().exists(),
     };
     datapath::unpin_all(paths)?;
-    for f in [paths.socket()] {
-        match fs::remove_file(&f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&f)(e)),
-        }
-    }
-    let dir = paths.run_dir();
-    match fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&dir)(e)),
-    }
+    files::remove(&paths.socket())?;
+    files::remove(&paths.run_dir())?;
     let _ = fs::remove_dir(crate::store::paths::RUN_DIR);
     Ok(report)
-}
-
-/// Waits until `cond` holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }

@@ -6,7 +6,7 @@ use std::{
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::{
@@ -14,7 +14,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{instance::wait_for, store::paths::InstancePaths};
+use crate::store::paths::InstancePaths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -148,4 +148,16 @@ pub fn stop_agent(paths: &InstancePaths) -> Result<Option<i32>, ProcessError> {
         }
     }
     Ok(Some(pid))
+}
+
+/// Waits until `cond` holds or `timeout` passes.
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
 }

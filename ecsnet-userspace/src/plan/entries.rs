@@ -7,9 +7,8 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ecsnet_common::{
-    ct::Timeouts,
-    maps::{Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo},
+use ecsnet_common::maps::{
+    Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo,
 };
 
 use crate::{
@@ -282,37 +281,6 @@ pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config,
     })
 }
 
-/// Parses `--ct-timeouts`: comma-separated `state=seconds` for tcp-syn, tcp-established,
-/// tcp-closing, tcp-reset, udp and icmp; the states not named keep their defaults.
-pub fn parse_timeouts(spec: &str) -> Result<Timeouts, String> {
-    let mut t = Timeouts::default();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?} is not STATE=SECONDS"))?;
-        let secs: u64 = v
-            .parse()
-            .ok()
-            .filter(|s| *s > 0 && *s <= 30 * 86_400)
-            .ok_or_else(|| format!("{v:?} for {k} is not a number of seconds in 1..=2592000"))?;
-        let slot = match k {
-            "tcp-syn" => &mut t.tcp_syn,
-            "tcp-established" => &mut t.tcp_established,
-            "tcp-closing" => &mut t.tcp_closing,
-            "tcp-reset" => &mut t.tcp_reset,
-            "udp" => &mut t.udp,
-            "icmp" => &mut t.icmp,
-            other => {
-                return Err(format!(
-                    "unknown state {other:?}: use tcp-syn, tcp-established, tcp-closing, tcp-reset, udp or icmp"
-                ));
-            }
-        };
-        *slot = secs;
-    }
-    Ok(t)
-}
-
 /// The `IFACES` entry of the uplink.
 pub fn uplink_entry(ifindex: u32) -> (u32, IfaceInfo) {
     (
@@ -461,21 +429,6 @@ mod tests {
         assert_eq!(e[0].1.port.to_ne_bytes(), 80u16.to_be_bytes());
         assert_eq!(e[0].1.addr.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(e[1].0.proto, 17);
-    }
-
-    #[test]
-    fn timeouts_parse_and_reject() {
-        let t = parse_timeouts("udp=5, tcp-established=100").unwrap();
-        assert_eq!((t.udp, t.tcp_established), (5, 100));
-        assert_eq!(t.tcp_syn, Timeouts::default().tcp_syn);
-        assert_eq!(parse_timeouts("").unwrap(), Timeouts::default());
-        assert!(parse_timeouts("udp").unwrap_err().contains("STATE=SECONDS"));
-        assert!(parse_timeouts("udp=0").unwrap_err().contains("seconds"));
-        assert!(
-            parse_timeouts("sctp=5")
-                .unwrap_err()
-                .contains("unknown state")
-        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The state file (SPEC §4): parsing with JSON paths in every error, and validation that needs
 //! no kernel. A state that passes `validate` can be compiled into map entries without surprises.
 
+pub mod timeouts;
+
 use std::{collections::HashMap, net::Ipv4Addr, path::Path};
 
 use serde::{Deserialize, Serialize};
