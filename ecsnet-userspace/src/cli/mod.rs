@@ -3,7 +3,6 @@
 
 use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf};
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
@@ -15,7 +14,7 @@ use crate::{
     host::netns::{self, NetnsError},
     instance,
     instance::{InstanceError, UpOptions},
-    state::{self, PortMapping, Protocol, State, Task},
+    state::{self, PortMapping, Protocol, State, Task, sgfile::SgFileError},
     store::{
         files::{self, FlowLogOptions, StoreError},
         paths::{self, InstancePaths},
@@ -254,6 +253,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<StoreError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<SgFileError>() {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<UsageError>() {
@@ -549,50 +551,10 @@ fn task_cmd(inst: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The security groups of an SG file: a state file, the output of
-/// `aws ec2 describe-security-groups`, or a bare list.
-fn read_sg_file(file: &PathBuf) -> anyhow::Result<(&'static str, Vec<state::SecurityGroup>)> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum SgFile {
-        Aws {
-            #[serde(rename = "SecurityGroups")]
-            security_groups: serde_json::Value,
-        },
-        State {
-            #[serde(rename = "securityGroups")]
-            security_groups: serde_json::Value,
-        },
-        List(serde_json::Value),
-    }
-    let bad = |error| UsageError::BadFile {
-        file: file.display().to_string(),
-        error,
-    };
-    let text = match state::read_limited(file) {
-        Ok(t) => t,
-        Err(None) => return Err(bad(state::too_large()).into()),
-        Err(Some(e)) => {
-            return Err(e).with_context(|| format!("cannot read {}", file.display()));
-        }
-    };
-    let value: SgFile = state::parse(&text).map_err(bad)?;
-    let (prefix, list) = match value {
-        SgFile::Aws { security_groups } => ("$.SecurityGroups", security_groups),
-        SgFile::State { security_groups } => ("$.securityGroups", security_groups),
-        SgFile::List(v) => ("$", v),
-    };
-    let groups: Vec<state::SecurityGroup> = state::parse(&list.to_string()).map_err(|mut e| {
-        e.path = e.path.replacen('$', prefix, 1);
-        bad(e)
-    })?;
-    Ok((prefix, groups))
-}
-
 fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
     match cmd {
         SgCmd::Apply { file, reset_flows } => {
-            let (prefix, groups) = read_sg_file(&file)?;
+            let (prefix, groups) = state::sgfile::read(&file)?;
             let lock = instance::lock_apply(inst)?;
             let mut s = current_state(inst)?;
             s.security_groups = groups;
@@ -652,7 +614,7 @@ fn sg_cmd(inst: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
                             println!("  {dir} (none)");
                         }
                         for p in perms {
-                            println!("  {dir} {}", crate::plan::sg::describe(p, inbound));
+                            println!("  {dir} {}", state::rules::describe(p, inbound));
                         }
                     }
                 }

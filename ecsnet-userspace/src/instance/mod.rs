@@ -4,7 +4,6 @@
 pub mod process;
 
 use std::{
-    collections::HashMap,
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -17,15 +16,23 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
+use ecsnet_common::maps::Config;
+
 use crate::{
     flowlog,
-    host::netlink::{NetlinkError, Snapshot},
-    kernel::datapath,
-    kernel::datapath::DatapathError,
-    kernel::maps::{self, MapsError},
-    plan::entries,
-    plan::sg::Compiled,
-    state::{self, BridgeNet, LoadError, State, StateError, timeouts::TimeoutsError},
+    host::{
+        arp,
+        netlink::{Link, NetlinkError, Snapshot},
+    },
+    kernel::{
+        datapath::{self, DatapathError},
+        maps::{self, MapsError},
+    },
+    plan::{
+        Plan, PlanError, entries, sg,
+        tasks::{self, ResolvedTask},
+    },
+    state::{self, BridgeNet, LoadError, State, timeouts::TimeoutsError},
     store::{
         files::{self, FlowLogOptions, Meta, StoreError, UplinkXdp, read_applied, read_meta},
         paths::InstancePaths,
@@ -59,7 +66,7 @@ pub enum InstanceError {
     #[error(transparent)]
     State(#[from] LoadError),
     #[error("{file}: {error}")]
-    Resolve { file: String, error: StateError },
+    Resolve { file: String, error: PlanError },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]
@@ -175,7 +182,7 @@ fn xdp_mode(s: &str) -> Result<XdpChoice, InstanceError> {
 }
 
 /// The XDP mode for an uplink of link kind `kind` (empty for a device with a driver of its own,
-/// `veth` and so on for virtual ones), and its name for the meta file. `auto` attaches native
+/// `veth` and so on for virtual ones), and what the meta file records. `auto` attaches native
 /// XDP to real NICs only: on a veth, native XDP turns off the peer's TSO (so every segment is a
 /// packet of its own) and generic XDP copies each GSO packet, while tc ingress drops the same
 /// packets a moment later anyway (SPEC §11; docs/BENCHMARKS.md has the numbers).
@@ -188,18 +195,26 @@ fn xdp_for(choice: XdpChoice, kind: &str) -> (Option<XdpMode>, UplinkXdp) {
     }
 }
 
+/// The interface `name` given as `role`, or the error that names it.
+fn named<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+    role: &'static str,
+) -> Result<&'a Link, InstanceError> {
+    snap.by_name(name)
+        .ok_or_else(|| InstanceError::UnknownInterface {
+            iface: name.to_owned(),
+            role,
+        })
+}
+
 /// Finds uplink and bridge from the flags, or from the default route and the tasks' master.
-fn discover(
-    snap: &Snapshot,
+fn discover<'a>(
+    snap: &'a Snapshot,
     opts: &UpOptions,
-) -> Result<(u32, String, u32, String), InstanceError> {
+) -> Result<(&'a Link, &'a Link), InstanceError> {
     let uplink = match &opts.uplink {
-        Some(name) => snap
-            .by_name(name)
-            .ok_or_else(|| InstanceError::UnknownInterface {
-                iface: name.clone(),
-                role: "--uplink",
-            })?,
+        Some(name) => named(snap, name, "--uplink")?,
         None => snap
             .default_oif
             .and_then(|i| snap.by_index(i))
@@ -207,12 +222,7 @@ fn discover(
     };
     let bridge = match &opts.bridge {
         Some(name) => {
-            let b = snap
-                .by_name(name)
-                .ok_or_else(|| InstanceError::UnknownInterface {
-                    iface: name.clone(),
-                    role: "--bridge",
-                })?;
+            let b = named(snap, name, "--bridge")?;
             if b.kind != "bridge" {
                 return Err(InstanceError::NotABridge {
                     iface: name.clone(),
@@ -222,12 +232,49 @@ fn discover(
         }
         None => snap.guess_bridge().ok_or(InstanceError::NoBridge)?,
     };
-    Ok((
-        uplink.index,
-        uplink.name.clone(),
-        bridge.index,
-        bridge.name.clone(),
-    ))
+    Ok((uplink, bridge))
+}
+
+/// What `up` records of the host it found, with the XDP mode to try first: the flags, and after
+/// a crash what was there before (`previous`). A datapath that is still loaded keeps the table
+/// sizes it has.
+fn meta_for(
+    paths: &InstancePaths,
+    snap: &Snapshot,
+    opts: &UpOptions,
+    previous: Option<&Meta>,
+    xdp: XdpChoice,
+) -> Result<(Meta, Option<XdpMode>), InstanceError> {
+    let (uplink, bridge) = discover(snap, opts)?;
+    let (mode, xdp_mode) = xdp_for(xdp, &uplink.kind);
+    if xdp == XdpChoice::Auto && mode.is_none() {
+        log::info!(
+            "no XDP on {}: it is a {} (--xdp-mode auto); tc ingress polices it",
+            uplink.name,
+            uplink.kind
+        );
+    }
+    let loaded = previous.filter(|_| datapath::is_loaded(paths));
+    let kept =
+        |size: fn(&Meta) -> u32, given: u32| loaded.map(size).filter(|s| *s != 0).unwrap_or(given);
+    let meta = Meta {
+        instance: paths.name.clone(),
+        netns: opts.netns.clone(),
+        uplink: uplink.name.clone(),
+        uplink_index: uplink.index,
+        uplink_address: snap.ipv4_of(uplink.index).map(|a| a.addr),
+        bridge: bridge.name.clone(),
+        bridge_index: bridge.index,
+        bridge_address: snap.ipv4_of(bridge.index).map(|a| (a.addr, a.prefix)),
+        xdp_mode,
+        ct_size: kept(|m| m.ct_size, opts.ct_size),
+        ct_timeouts: state::timeouts::parse(&opts.ct_timeouts)?,
+        flow_table_size: kept(|m| m.flow_table_size, opts.flow_table_size),
+        flow_logs: opts.flow_logs.clone(),
+        monitor_rate: opts.monitor_rate,
+        metrics: opts.metrics,
+    };
+    Ok((meta, mode))
 }
 
 /// `ecsnet up`: load, attach, pin and apply the state (if given), then start the agent.
@@ -243,17 +290,17 @@ pub fn up(
             pid,
         });
     }
-    let xdp_choice = xdp_mode(&opts.xdp_mode)?;
-    let ct_timeouts = state::timeouts::parse(&opts.ct_timeouts)?;
+    let xdp = xdp_mode(&opts.xdp_mode)?;
+    state::timeouts::parse(&opts.ct_timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
     // A state file may name the uplink and bridge; flags win.
-    let state = match &opts.state {
+    let requested = match &opts.state {
         Some(file) => {
-            let text_state: State = state::load(file, BridgeNet::default())?;
-            flags.uplink = flags.uplink.or(text_state.host.uplink.clone());
-            flags.bridge = flags.bridge.or(text_state.host.bridge.clone());
-            Some(file.clone())
+            let requested = state::load(file, BridgeNet::default())?;
+            flags.uplink = flags.uplink.or(requested.host.uplink.clone());
+            flags.bridge = flags.bridge.or(requested.host.bridge.clone());
+            Some((file.display().to_string(), requested))
         }
         None => None,
     };
@@ -270,100 +317,27 @@ pub fn up(
         flags.uplink = flags.uplink.or(Some(m.uplink.clone()));
         flags.bridge = flags.bridge.or(Some(m.bridge.clone()));
     }
-    let (uplink_index, uplink, bridge_index, bridge) = discover(&snap, &flags)?;
-    let uplink_kind = snap
-        .links
-        .iter()
-        .find(|l| l.index == uplink_index)
-        .map_or("", |l| l.kind.as_str());
-    let (mode, xdp_name) = xdp_for(xdp_choice, uplink_kind);
-    if xdp_choice == XdpChoice::Auto && mode.is_none() {
-        log::info!(
-            "no XDP on {uplink}: it is a {uplink_kind} (--xdp-mode auto); tc ingress polices it"
-        );
-    }
-    let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
-    let config = entries::config_entry(&snap, uplink_index, bridge_index)?;
-    // A datapath that is still loaded keeps the table it has.
-    let ct_size = match previous.as_ref() {
-        Some(m) if datapath::is_loaded(paths) && m.ct_size != 0 => m.ct_size,
-        _ => opts.ct_size,
-    };
-    let flow_table_size = match previous.as_ref() {
-        Some(m) if datapath::is_loaded(paths) && m.flow_table_size != 0 => m.flow_table_size,
-        _ => opts.flow_table_size,
-    };
+    let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), xdp)?;
+    let config = entries::config_entry(&snap, meta.uplink_index, meta.bridge_index)?;
     opts.flow_logs.format().map_err(InstanceError::FlowLog)?;
-    let mut meta = Meta {
-        instance: paths.name.clone(),
-        netns: opts.netns.clone(),
-        uplink: uplink.clone(),
-        uplink_index,
-        uplink_address: snap.ipv4_of(uplink_index).map(|a| a.addr),
-        bridge,
-        bridge_index,
-        bridge_address,
-        xdp_mode: xdp_name,
-        ct_size,
-        ct_timeouts,
-        flow_table_size,
-        flow_logs: opts.flow_logs.clone(),
-        monitor_rate: opts.monitor_rate,
-        metrics: opts.metrics,
-    };
-    // Check the whole state against the host before touching anything.
-    let plan = match &state {
-        Some(file) => Some(plan_apply(paths, &meta, &snap, file)?),
+    // Check the whole state against the host, and compute every entry, before touching anything.
+    let plan = match requested {
+        Some((file, requested)) => Some(plan_state(paths, &meta, &snap, requested, &file)?),
         None => match read_applied(paths)? {
             Some(applied) => Some(plan_state(paths, &meta, &snap, applied, "applied state")?),
             None => None,
         },
     };
-
+    let writes = UpWrites {
+        meta,
+        mode,
+        xdp,
+        config,
+        local_addrs: entries::local_addr_entries(&snap),
+        plan,
+    };
     let fresh = !datapath::is_loaded(paths);
-    let result = (|| {
-        datapath::load(paths, ct_size, flow_table_size)?;
-        let attached = datapath::attach_uplink(paths, &uplink, uplink_index, mode)
-            .map(|()| xdp_name)
-            .or_else(|e| {
-                // Native XDP needs driver support. Asked for, fall back to generic XDP; under
-                // auto, do without (generic XDP would cost more than it saves). Say so either
-                // way, and record the mode the uplink got.
-                match (mode, xdp_choice) {
-                    (Some(XdpMode::Driver), XdpChoice::Auto) => {
-                        log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
-                        datapath::attach_uplink(paths, &uplink, uplink_index, None)
-                            .map(|()| UplinkXdp::Off)
-                    }
-                    (Some(XdpMode::Driver), _) => {
-                        log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
-                        datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
-                            .map(|()| UplinkXdp::Skb)
-                    }
-                    _ => Err(e),
-                }
-            })?;
-        meta.xdp_mode = attached;
-        maps::write_iface(paths, uplink_index, entries::uplink_entry(uplink_index).1)?;
-        if lock.is_none() {
-            let dir = paths.run_dir();
-            fs::create_dir_all(&dir).map_err(io(&dir))?;
-            lock = Some(take_apply_lock(paths)?);
-        }
-        files::write_meta(paths, &meta)?;
-        let mut config = config;
-        if let Some(plan) = &plan {
-            commit(paths, plan, false)?;
-            config.flags = entries::config_flags(&plan.state.host);
-        }
-        maps::write_local_addrs(paths, &entries::local_addr_entries(&snap))?;
-        flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
-            .map_err(InstanceError::FlowLog)?;
-        // Last: with CONFIG written the datapath starts translating.
-        maps::write_config(paths, &config)?;
-        Ok::<_, InstanceError>(())
-    })();
-    if let Err(e) = result {
+    if let Err(e) = writes.write(paths, opts, &mut lock) {
         if fresh {
             let _ = teardown(paths);
         }
@@ -377,28 +351,85 @@ pub fn up(
     }
 }
 
-/// A checked state, ready to be written.
-#[derive(Debug)]
-pub struct Plan {
-    pub state: State,
-    pub tasks: Vec<entries::ResolvedTask>,
-    /// The security groups compiled in the generation the live tries do not use.
-    pub policy: Compiled,
+/// What `up` writes, all of it known before the first write.
+struct UpWrites {
+    meta: Meta,
+    /// The XDP mode to try first, and what was asked for.
+    mode: Option<XdpMode>,
+    xdp: XdpChoice,
+    config: Config,
+    local_addrs: Vec<(u32, u32)>,
+    plan: Option<Plan>,
 }
 
+impl UpWrites {
+    /// Loads and attaches the datapath, records the meta (taking the apply lock into `lock`
+    /// first if `up` has none yet) and writes every entry; `CONFIG` last, which starts
+    /// translation.
+    fn write(
+        mut self,
+        paths: &InstancePaths,
+        opts: &UpOptions,
+        lock: &mut Option<ApplyLock>,
+    ) -> Result<(), InstanceError> {
+        datapath::load(paths, self.meta.ct_size, self.meta.flow_table_size)?;
+        self.meta.xdp_mode = self.attach_uplink(paths)?;
+        let (ifindex, row) = entries::uplink_entry(self.meta.uplink_index);
+        maps::write_iface(paths, ifindex, row)?;
+        if lock.is_none() {
+            let dir = paths.run_dir();
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+            *lock = Some(take_apply_lock(paths)?);
+        }
+        files::write_meta(paths, &self.meta)?;
+        if let Some(plan) = &self.plan {
+            commit(paths, plan, false)?;
+            self.config.flags = plan.config_flags;
+        }
+        maps::write_local_addrs(paths, &self.local_addrs)?;
+        flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
+            .map_err(InstanceError::FlowLog)?;
+        // Last: with CONFIG written the datapath starts translating.
+        maps::write_config(paths, &self.config)?;
+        Ok(())
+    }
+
+    /// Attaches the uplink programs and returns the XDP mode the uplink got. Native XDP needs
+    /// driver support. Asked for, it falls back to generic XDP; under auto, to none (generic
+    /// XDP would cost more than it saves). Either way says so.
+    fn attach_uplink(&self, paths: &InstancePaths) -> Result<UplinkXdp, DatapathError> {
+        let (uplink, index) = (&self.meta.uplink, self.meta.uplink_index);
+        let Err(e) = datapath::attach_uplink(paths, uplink, index, self.mode) else {
+            return Ok(self.meta.xdp_mode);
+        };
+        let (fallback, got) = match (self.mode, self.xdp) {
+            (Some(XdpMode::Driver), XdpChoice::Auto) => {
+                log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
+                (None, UplinkXdp::Off)
+            }
+            (Some(XdpMode::Driver), _) => {
+                log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
+                (Some(XdpMode::Skb), UplinkXdp::Skb)
+            }
+            _ => return Err(e),
+        };
+        datapath::attach_uplink(paths, uplink, index, fallback).map(|()| got)
+    }
+}
+
+/// Reads, resolves and plans a state file for an instance that is up.
 fn plan_apply(
     paths: &InstancePaths,
     meta: &Meta,
     snap: &Snapshot,
     file: &Path,
 ) -> Result<Plan, InstanceError> {
-    let bridge = BridgeNet {
-        address: meta.bridge_address,
-    };
-    let state = state::load(file, bridge)?;
-    plan_state(paths, meta, snap, state, &file.display().to_string())
+    let requested = state::read(file)?;
+    plan_state(paths, meta, snap, requested, &file.display().to_string())
 }
 
+/// Validates `requested` (from `file`) against the bridge, finds its tasks on the host, and
+/// computes every entry: the first error stops it before any write.
 fn plan_state(
     paths: &InstancePaths,
     meta: &Meta,
@@ -406,45 +437,27 @@ fn plan_state(
     requested: State,
     file: &str,
 ) -> Result<Plan, InstanceError> {
+    let bridge = BridgeNet {
+        address: meta.bridge_address,
+    };
+    let rules = state::validate(&requested, bridge).map_err(|error| LoadError::Invalid {
+        file: file.to_owned(),
+        error,
+    })?;
     let resolve_err = |error| InstanceError::Resolve {
         file: file.to_owned(),
         error,
     };
-    state::validate(
-        &requested,
-        BridgeNet {
-            address: meta.bridge_address,
-        },
-    )
-    .map_err(resolve_err)?;
-    let mut tasks = entries::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
+    let mut tasks = tasks::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
     ask_macs(snap, meta, &mut tasks);
-    let previous = match read_applied(paths)? {
-        Some(applied) => entries::dynamic_ports_of(&applied, &requested),
-        None => HashMap::new(),
-    };
-    let mut state = requested;
-    entries::assign_dynamic_ports(&mut state, &previous).map_err(resolve_err)?;
-    for (t, r) in state.tasks.iter_mut().zip(&tasks) {
-        t.interface = Some(r.ifname.clone());
-    }
+    let applied = read_applied(paths)?;
     let generation = maps::next_policy_generation(paths)?;
-    let policy = Compiled::new(&state, generation).map_err(|e| {
-        resolve_err(StateError {
-            path: "$.securityGroups".to_owned(),
-            message: e.to_string(),
-        })
-    })?;
-    Ok(Plan {
-        state,
-        tasks,
-        policy,
-    })
+    Plan::new(requested, &rules, tasks, applied.as_ref(), generation).map_err(resolve_err)
 }
 
 /// Asks by ARP for the MACs the host does not know yet; a task that does not answer gets its MAC
 /// learned by the datapath from its first packet.
-fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
+fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [ResolvedTask]) {
     let unknown: Vec<Ipv4Addr> = tasks
         .iter()
         .filter(|t| t.mac == [0; 6])
@@ -456,7 +469,7 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
     ) else {
         return;
     };
-    match crate::host::arp::resolve(
+    match arp::resolve(
         meta.bridge_index,
         mac,
         ip,
@@ -474,7 +487,7 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
     }
 }
 
-/// Writes a plan: attach new task interfaces, write maps, detach what is gone, record it.
+/// Writes a plan: attach new task interfaces, write its entries, detach what is gone, record it.
 /// Policy changes take effect per task in one map write: the new tries are written beside the
 /// old, tasks switch, the old entries go. Tracked flows stay unless `reset_flows`, which cuts
 /// those the new policy would not allow; returns how many were cut.
@@ -485,14 +498,12 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
-    maps::write_policy(paths, &plan.policy)?;
-    let (by_addr, by_if) = entries::task_entries(&plan.tasks, &plan.policy);
-    maps::write_tasks(paths, &by_addr, &by_if)?;
-    maps::write_ports(paths, &entries::port_entries(&plan.state))?;
-    let mut cfg = maps::read_config(paths)?;
-    cfg.flags = entries::config_flags(&plan.state.host);
-    maps::write_config(paths, &cfg)?;
-    maps::remove_stale_policy(paths, &plan.policy)?;
+    let (peers, rules) = (&plan.policy.peers, &plan.policy.rules);
+    maps::write_policy(paths, peers, rules)?;
+    maps::write_tasks(paths, &plan.task_entries, &plan.iface_entries)?;
+    maps::write_ports(paths, &plan.ports)?;
+    maps::write_config_flags(paths, plan.config_flags)?;
+    maps::remove_stale_policy(paths, peers, rules)?;
     for ifindex in datapath::attached_ifindexes(paths) {
         if ifindex != meta.uplink_index && !plan.tasks.iter().any(|t| t.ifindex == ifindex) {
             datapath::detach(paths, ifindex)?;
@@ -500,9 +511,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         }
     }
     let cut = if reset_flows {
-        maps::remove_flows(paths, |k, e| {
-            !crate::plan::sg::flow_allowed(&plan.policy, k, e)
-        })?
+        maps::remove_flows(paths, |k, e| !sg::flow_allowed(&plan.policy, k, e))?
     } else {
         0
     };
