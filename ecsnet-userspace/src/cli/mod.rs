@@ -307,7 +307,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { args } => return Err(run_tooling("bench", &cli, args)),
         _ => {}
     }
-    paths::check_name("instance", &cli.instance).map_err(UsageError::BadName)?;
+    paths::check_name("instance", &cli.instance).map_err(|e| UsageError::BadName(e.to_string()))?;
     let inst = InstancePaths::new(&cli.instance);
     // Instance commands follow the instance, without --netns, to where `up` ran (also `up`
     // after a crash).
