@@ -1,6 +1,5 @@
-//! Finding a task's MAC before it has spoken: one ARP request per task on the bridge, answered
-//! by the task's own stack. Routed packets into a task need the MAC; without it the datapath
-//! hands them to the kernel until it learns the MAC from the task's own traffic.
+//! Finding a task's MAC before it has spoken: one ARP request per task on the bridge. A task that
+//! does not answer is handed to the kernel until the datapath learns its MAC from its traffic.
 
 use std::{
     collections::HashMap,

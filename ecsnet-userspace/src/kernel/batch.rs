@@ -1,8 +1,5 @@
-//! Whole-map reads and deletes of plain hash maps in chunks (`BPF_MAP_LOOKUP_BATCH`,
-//! `BPF_MAP_DELETE_BATCH`, kernel 5.6+). aya's iterator makes two syscalls per entry
-//! (get-next-key, then lookup); these make one per few thousand. The agent reads the whole
-//! connection table every second, which holds hundreds of thousands of entries on a host that
-//! opens tens of thousands of connections a second.
+//! Whole-map reads and deletes of hash maps in chunks (`BPF_MAP_LOOKUP_BATCH`, `_DELETE_BATCH`,
+//! kernel 5.6+), which aya lacks: one syscall per few thousand entries where aya makes two each.
 
 use std::{
     io,
@@ -13,8 +10,9 @@ use std::{
 use aya::Pod;
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 
-/// Entries per syscall. A hash map hands over whole buckets, so a chunk must hold the fullest
-/// bucket (ENOSPC otherwise); buckets hold a handful.
+/// Entries per syscall. The agent reads the whole connection table every second, hundreds of
+/// thousands of entries on a busy host. A hash map hands over whole buckets, so a chunk must
+/// hold the fullest bucket (ENOSPC otherwise); buckets hold a handful.
 const CHUNK: usize = 4096;
 
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {

@@ -1,6 +1,5 @@
-//! Loading, attaching and pinning the datapath, and taking it all away again. Everything lives
-//! under `/sys/fs/bpf/ecsnet/<instance>/` (maps/, progs/, links/), so packets keep flowing with
-//! no ecsnet process; `down` is "unpin the directory".
+//! Loading, attaching and pinning the datapath, and taking it all away again. Everything is
+//! pinned (`pins`), so packets keep flowing with no ecsnet process; `down` unpins the directory.
 
 use std::{
     fs,
@@ -283,21 +282,29 @@ fn attach_tc(
     pin_link(link.try_into(), pin)
 }
 
+/// Attaches the programs `progs` (ingress, egress) to `ifindex` with tcx.
+fn attach_tc_both(
+    paths: &InstancePaths,
+    progs: [&'static str; 2],
+    ifname: &str,
+    ifindex: u32,
+) -> Result<(), DatapathError> {
+    for (prog, ty) in progs
+        .into_iter()
+        .zip([TcAttachType::Ingress, TcAttachType::Egress])
+    {
+        attach_tc(paths, prog, ifname, ifindex, ty)?;
+    }
+    Ok(())
+}
+
 /// Attaches the task programs to a task interface.
 pub fn attach_task(paths: &InstancePaths, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
-    attach_tc(
+    attach_tc_both(
         paths,
-        PROG_TASK_INGRESS,
+        [PROG_TASK_INGRESS, PROG_TASK_EGRESS],
         ifname,
         ifindex,
-        TcAttachType::Ingress,
-    )?;
-    attach_tc(
-        paths,
-        PROG_TASK_EGRESS,
-        ifname,
-        ifindex,
-        TcAttachType::Egress,
     )
 }
 
@@ -309,19 +316,11 @@ pub fn attach_uplink(
     ifindex: u32,
     mode: Option<XdpMode>,
 ) -> Result<(), DatapathError> {
-    attach_tc(
+    attach_tc_both(
         paths,
-        PROG_UPLINK_INGRESS,
+        [PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS],
         ifname,
         ifindex,
-        TcAttachType::Ingress,
-    )?;
-    attach_tc(
-        paths,
-        PROG_UPLINK_EGRESS,
-        ifname,
-        ifindex,
-        TcAttachType::Egress,
     )?;
     let pin = xdp_link_pin(paths, ifindex);
     let Some(mode) = mode else {
