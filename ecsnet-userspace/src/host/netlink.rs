@@ -248,7 +248,7 @@ mod tests {
             name: name.into(),
             kind: kind.into(),
             master,
-            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            mac: Some([2, 0, 0, 0, 0, u8::try_from(index).unwrap()]),
             up: true,
         }
     }

@@ -40,7 +40,7 @@ fn is_our_agent(pid: i32, instance: &str) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let has = |s: &str| args.iter().any(|a| *a == s.as_bytes());
+    let has = |s: &str| args.contains(&s.as_bytes());
     // A zombie has an empty cmdline and is not alive for our purposes.
     has("agent")
         && args
@@ -102,7 +102,7 @@ pub fn spawn_agent(paths: &InstancePaths, netns: Option<&str>) -> Result<i32, Pr
         path: PathBuf::from("ecsnet agent"),
         source,
     })?;
-    let pid = child.id() as i32;
+    let pid = i32::try_from(child.id()).expect("a pid fits pid_t");
     let socket = paths.socket();
     let secs = 10;
     let ready = wait_for(Duration::from_secs(secs), || {

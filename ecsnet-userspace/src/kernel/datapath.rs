@@ -39,9 +39,9 @@ const TC_PROGRAMS: [&str; 5] = [
 ];
 
 /// bpffs magic from statfs(2).
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The datapath object, built by build.rs; also loaded by the BPF_PROG_TEST_RUN tests.
+/// The datapath object, built by build.rs; also loaded by the `BPF_PROG_TEST_RUN` tests.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet"));
 
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +89,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (as systemd does at boot).
 pub fn ensure_bpffs() -> Result<(), DatapathError> {
-    let is_bpffs = nix::sys::statfs::statfs(BPFFS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false);
+    let is_bpffs =
+        nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if is_bpffs {
         return Ok(());
     }

@@ -190,18 +190,19 @@ fn sum(values: &PerCpuValues<Counters>) -> Counters {
 pub fn read_counts(paths: &InstancePaths) -> Result<StdHashMap<u32, IfaceCounts>, MapsError> {
     let m: PerCpuHashMap<MapData, StatsKey, Counters> = open_as(paths, MAP_STATS)?;
     let mut out: StdHashMap<u32, IfaceCounts> = StdHashMap::new();
-    for entry in m.iter() {
-        let (k, v) = entry.map_err(access(MAP_STATS))?;
-        let c = sum(&v);
-        let e = out.entry(k.ifindex).or_default();
-        match (k.hook, k.class) {
-            (HOOK_TC_INGRESS, CLASS_IPV4) => e.tc_ingress.add(&c),
-            (HOOK_TC_EGRESS, CLASS_IPV4) => e.tc_egress.add(&c),
-            (HOOK_XDP, CLASS_IPV4) => e.xdp.add(&c),
-            (HOOK_TC_INGRESS | HOOK_XDP, CLASS_OTHER) => e.other_ingress.add(&c),
-            (HOOK_TC_EGRESS, CLASS_OTHER) => e.other_egress.add(&c),
-            _ => {}
-        }
+    for entry in &m {
+        let (key, per_cpu) = entry.map_err(access(MAP_STATS))?;
+        let total = sum(&per_cpu);
+        let counts = out.entry(key.ifindex).or_default();
+        let slot = match (key.hook, key.class) {
+            (HOOK_TC_INGRESS, CLASS_IPV4) => &mut counts.tc_ingress,
+            (HOOK_TC_EGRESS, CLASS_IPV4) => &mut counts.tc_egress,
+            (HOOK_XDP, CLASS_IPV4) => &mut counts.xdp,
+            (HOOK_TC_INGRESS | HOOK_XDP, CLASS_OTHER) => &mut counts.other_ingress,
+            (HOOK_TC_EGRESS, CLASS_OTHER) => &mut counts.other_egress,
+            _ => continue,
+        };
+        slot.add(&total);
     }
     Ok(out)
 }
@@ -210,7 +211,7 @@ pub fn read_counts(paths: &InstancePaths) -> Result<StdHashMap<u32, IfaceCounts>
 pub fn read_drops(paths: &InstancePaths) -> Result<StdHashMap<(u32, u8), u64>, MapsError> {
     let m: PerCpuHashMap<MapData, DropKey, u64> = open_as(paths, MAP_DROPS)?;
     let mut out = StdHashMap::new();
-    for entry in m.iter() {
+    for entry in &m {
         let (k, v) = entry.map_err(access(MAP_DROPS))?;
         *out.entry((k.ifindex, k.reason)).or_default() += v.iter().sum::<u64>();
     }
@@ -292,12 +293,8 @@ pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey, CtEntr
 pub fn read_ct_events(paths: &InstancePaths) -> Result<[u64; CT_EVENT_SLOTS as usize], MapsError> {
     let m: PerCpuArray<MapData, u64> = open_as(paths, MAP_CT_EVENTS)?;
     let mut out = [0; CT_EVENT_SLOTS as usize];
-    for (slot, n) in out.iter_mut().enumerate() {
-        *n = m
-            .get(&(slot as u32), 0)
-            .map_err(access(MAP_CT_EVENTS))?
-            .iter()
-            .sum();
+    for (slot, n) in (0..CT_EVENT_SLOTS).zip(out.iter_mut()) {
+        *n = m.get(&slot, 0).map_err(access(MAP_CT_EVENTS))?.iter().sum();
     }
     Ok(out)
 }
@@ -340,7 +337,7 @@ pub fn ct_capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, Maps
     capacity(paths, map)
 }
 
-/// Removes the flows idle longer than their state allows at `now_ns` (CLOCK_MONOTONIC), both
+/// Removes the flows idle longer than their state allows at `now_ns` (`CLOCK_MONOTONIC`), both
 /// directions together, from both connection tables. Returns the number of flows removed.
 pub fn collect_garbage(
     paths: &InstancePaths,
@@ -399,7 +396,7 @@ pub fn next_policy_generation(paths: &InstancePaths) -> Result<u32, MapsError> {
         .keys()
         .flatten()
         .any(|k| k.scope >> 1 & GENERATION_BIT != 0);
-    Ok(if live_is_one { 0 } else { 1 })
+    Ok(u32::from(!live_is_one))
 }
 
 /// Writes a policy's `SG_PEERS` and `SG_RULES` entries beside the live ones. Tasks switch to it
@@ -460,15 +457,16 @@ pub fn write_flow_state(paths: &InstancePaths, st: &FlowState) -> Result<(), Map
     a.set(0, st, 0).map_err(access(MAP_FLOW_STATE))
 }
 
-/// Every flow of the flow table with its per-CPU counters (CPUs that never saw it are zero).
-pub fn read_flows(paths: &InstancePaths) -> Result<Vec<(FlowKey, Vec<FlowStats>)>, MapsError> {
+/// Flows with their per-CPU counters (CPUs that never saw a flow are zero).
+pub type Flows = Vec<(FlowKey, Vec<FlowStats>)>;
+
+/// Every flow of the flow table with its per-CPU counters.
+pub fn read_flows(paths: &InstancePaths) -> Result<Flows, MapsError> {
     flow_table(paths).map(|(_, flows)| flows)
 }
 
 /// The pinned flow table and every flow in it, read in chunks (`batch`).
-fn flow_table(
-    paths: &InstancePaths,
-) -> Result<(MapData, Vec<(FlowKey, Vec<FlowStats>)>), MapsError> {
+fn flow_table(paths: &InstancePaths) -> Result<(MapData, Flows), MapsError> {
     let data = pinned_for_batch::<FlowKey, FlowStats>(paths, MAP_FLOWS)?;
     let batch_err = |source| MapsError::Batch {
         map: MAP_FLOWS,
@@ -483,7 +481,7 @@ fn flow_table(
 pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>, MapsError> {
     let m: PerCpuHashMap<MapData, LostKey, Counters> = open_as(paths, MAP_FLOW_LOST)?;
     let mut out = Vec::new();
-    for entry in m.iter() {
+    for entry in &m {
         let (k, v) = entry.map_err(access(MAP_FLOW_LOST))?;
         out.push((k, sum(&v)));
     }
@@ -514,7 +512,7 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
 /// Entries in the flow table now, and its capacity.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
     let entries = flow_table(paths)?.1.len() as u64;
-    Ok((entries, capacity(paths, MAP_FLOWS)? as u64))
+    Ok((entries, u64::from(capacity(paths, MAP_FLOWS)?)))
 }
 
 /// Monitor events the datapath suppressed (rate limit or full ring), summed over CPUs.

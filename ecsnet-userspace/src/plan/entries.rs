@@ -23,12 +23,9 @@ pub fn from_be(addr: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr.to_ne_bytes())
 }
 
-/// Map entries for the tasks: `TASKS` by address (network order) and `IFACES` by ifindex.
-pub fn task_entries(
-    tasks: &[ResolvedTask],
-    policy: &Compiled,
-) -> (Vec<(u32, TaskInfo)>, Vec<(u32, IfaceInfo)>) {
-    let by_addr = tasks
+/// The `TASKS` entries: each task by address (network order), with its policy number.
+pub fn task_entries(tasks: &[ResolvedTask], policy: &Compiled) -> Vec<(u32, TaskInfo)> {
+    tasks
         .iter()
         .map(|t| {
             (
@@ -41,8 +38,12 @@ pub fn task_entries(
                 },
             )
         })
-        .collect();
-    let by_if = tasks
+        .collect()
+}
+
+/// The task rows of `IFACES`: each task's interface by ifindex, with the task's address.
+pub fn iface_entries(tasks: &[ResolvedTask]) -> Vec<(u32, IfaceInfo)> {
+    tasks
         .iter()
         .map(|t| {
             (
@@ -54,8 +55,7 @@ pub fn task_entries(
                 },
             )
         })
-        .collect();
-    (by_addr, by_if)
+        .collect()
 }
 
 /// `Config::flags` for the state file's `host`.
@@ -215,7 +215,8 @@ mod tests {
             ifname: "v".into(),
             mac: [0; 6],
         };
-        let (tasks, ifaces) = task_entries(&[t], &Compiled::default());
+        let tasks = task_entries(std::slice::from_ref(&t), &Compiled::default());
+        let ifaces = iface_entries(&[t]);
         assert_eq!(tasks[0].0.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(
             ifaces[0],

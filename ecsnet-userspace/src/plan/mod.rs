@@ -94,14 +94,13 @@ impl Plan {
         }
         let policy = Compiled::new(rules, generation)
             .map_err(|e| PlanError::at("$.securityGroups", e.into()))?;
-        let (task_entries, iface_entries) = entries::task_entries(&resolved, &policy);
         Ok(Self {
             ports: entries::port_entries(&requested),
             config_flags: entries::config_flags(&requested.host),
             state: requested,
+            task_entries: entries::task_entries(&resolved, &policy),
+            iface_entries: entries::iface_entries(&resolved),
             tasks: resolved,
-            task_entries,
-            iface_entries,
             policy,
         })
     }

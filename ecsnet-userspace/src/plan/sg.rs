@@ -203,7 +203,10 @@ fn rules_by_cidr(rules: &Rules, members: &[Vec<Ipv4Addr>], groups: &[usize], dir
         };
         for rule in list {
             let allow = Allow::from(rule.traffic);
-            let cidrs = rule.cidrs.iter().map(|n| (u32::from(n.addr()), n.len()));
+            let cidrs = rule
+                .cidrs
+                .iter()
+                .map(|n| (u32::from(n.addr()), n.prefix_len()));
             let peers = rule.groups.iter().flat_map(|&p| &members[p]);
             for key in cidrs.chain(peers.map(|a| (u32::from(*a), 32))) {
                 by_cidr.entry(key).or_default().insert(allow);
@@ -419,6 +422,8 @@ pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
     use crate::state::{self, State, rules::Ipv4Net};
 
@@ -679,11 +684,13 @@ mod tests {
             if i > 0 {
                 text.push(',');
             }
-            text.push_str(&format!(
+            write!(
+                text,
                 r#"{{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "IpRanges": [{{"CidrIp": "10.{}.{}.0/24"}}]}}"#,
                 i / 256,
                 i % 256
-            ));
+            )
+            .unwrap();
         }
         text.push_str(r#"]}], "tasks": [{"name": "t", "ipv4Address": "172.17.0.2", "securityGroups": ["sg-big"]}]}"#);
         let s = sg_state(&text);

@@ -36,7 +36,7 @@ impl StateError {
 /// What is wrong at the path of a [`StateError`].
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum Problem {
-    /// Malformed JSON or a value of the wrong type, in serde_json's words (with line and
+    /// Malformed JSON or a value of the wrong type, in `serde_json`'s words (with line and
     /// column).
     #[error("{0}")]
     Json(String),
@@ -482,7 +482,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// GOOD with one ICMP rule of (FromPort, ToPort) as sg-lb's only inbound rule.
+    /// GOOD with one ICMP rule of (`FromPort`, `ToPort`) as sg-lb's only inbound rule.
     fn with_icmp(from: Option<i32>, to: Option<i32>) -> String {
         let mut rule =
             serde_json::json!({"IpProtocol": "icmp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]});
@@ -563,7 +563,7 @@ pub(crate) mod tests {
                 "a description",
                 &|v, s| {
                     v["securityGroups"][0]["IpPermissions"][0]["IpRanges"][0]["Description"] =
-                        s.into()
+                        s.into();
                 },
                 "$.securityGroups[0].IpPermissions[0].IpRanges[0].Description",
             ),
@@ -624,7 +624,7 @@ pub(crate) mod tests {
             matches!(read_limited(&big), Ok(t) if t.len() as u64 == MAX_FILE_BYTES),
             "16 MiB exactly is read"
         );
-        assert!(parse::<State>(&" ".repeat(MAX_FILE_BYTES as usize + 1)).is_err());
+        assert!(parse::<State>(&" ".repeat(usize::try_from(MAX_FILE_BYTES).unwrap() + 1)).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -644,15 +644,15 @@ pub(crate) mod tests {
                 ip_permissions_egress: Vec::new(),
             })
             .collect();
-        let tasks = (0..200)
+        let tasks = (0..200u8)
             .map(|i| Task {
                 task_arn: None,
                 name: format!("t{i}"),
-                ipv4_address: Ipv4Addr::new(172, 17, 1 + (i / 250) as u8, 2 + (i % 250) as u8),
+                ipv4_address: Ipv4Addr::new(172, 17, 1, 2 + i),
                 interface: None,
                 interface_id: None,
                 port_mappings: Vec::new(),
-                security_groups: vec![id(i % 100), id(n - 1 - i % 7)],
+                security_groups: vec![id(usize::from(i % 100)), id(n - 1 - usize::from(i % 7))],
                 service_name: None,
                 task_definition_arn: None,
                 container_id: None,

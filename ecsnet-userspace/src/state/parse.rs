@@ -1,7 +1,7 @@
 //! Reading state and SG files: at most `MAX_FILE_BYTES`, no string over `MAX_STRING_BYTES`
 //! (checked before anything is built), and every error named by its JSON path.
 
-use std::{fs, io, io::Read as _, path::Path};
+use std::{fmt::Write as _, fs, io, io::Read as _, path::Path};
 
 use crate::state::{Problem, StateError};
 
@@ -48,25 +48,58 @@ pub(super) fn check_len(path: impl FnOnce() -> String, s: &str) -> Result<(), St
 }
 
 /// Walks a JSON document without building it, checking every string (keys included) against
-/// `MAX_STRING_BYTES`; the first one too long is left in `found` with its JSON path.
+/// `MAX_STRING_BYTES`; the first one too long is left in `found` with its JSON path. A key is
+/// checked like any string, then appended to the path of its value.
 struct StringCheck<'a> {
     path: &'a mut String,
     found: &'a mut Option<StateError>,
+    /// This is an object key, not a value.
+    key: bool,
 }
 
 impl StringCheck<'_> {
+    /// The check of the next value, or object key, below this one.
+    fn below(&mut self, key: bool) -> StringCheck<'_> {
+        StringCheck {
+            path: &mut *self.path,
+            found: &mut *self.found,
+            key,
+        }
+    }
+
     fn check<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
-        check_len(|| self.path.clone(), s).map_err(|e| {
+        let key = self.key;
+        let path = || {
+            if key {
+                format!("{} (a key)", self.path)
+            } else {
+                self.path.clone()
+            }
+        };
+        if let Err(e) = check_len(path, s) {
             *self.found = Some(e);
-            E::custom("string too long")
-        })
+            return Err(E::custom(if key {
+                "key too long"
+            } else {
+                "string too long"
+            }));
+        }
+        if key {
+            self.path.push('.');
+            self.path.push_str(s);
+        }
+        Ok(())
     }
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for StringCheck<'_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
+        if self.key {
+            d.deserialize_str(self)
+        } else {
+            d.deserialize_any(self)
+        }
     }
 }
 
@@ -74,7 +107,11 @@ impl<'de> serde::de::Visitor<'de> for StringCheck<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
+        f.write_str(if self.key {
+            "an object key"
+        } else {
+            "any JSON value"
+        })
     }
     fn visit_bool<E>(self, _: bool) -> Result<(), E> {
         Ok(())
@@ -94,71 +131,28 @@ impl<'de> serde::de::Visitor<'de> for StringCheck<'_> {
     fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
         self.check(s)
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         let base = self.path.len();
         for i in 0.. {
             self.path.truncate(base);
-            self.path.push_str(&format!("[{i}]"));
-            let item = StringCheck {
-                path: &mut *self.path,
-                found: &mut *self.found,
-            };
-            if seq.next_element_seed(item)?.is_none() {
+            write!(self.path, "[{i}]").expect("writing to a String");
+            if seq.next_element_seed(self.below(false))?.is_none() {
                 break;
             }
         }
         self.path.truncate(base);
         Ok(())
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         let base = self.path.len();
         loop {
             self.path.truncate(base);
-            let key = KeyCheck {
-                path: &mut *self.path,
-                found: &mut *self.found,
-            };
-            if map.next_key_seed(key)?.is_none() {
+            if map.next_key_seed(self.below(true))?.is_none() {
                 break;
             }
-            let value = StringCheck {
-                path: &mut *self.path,
-                found: &mut *self.found,
-            };
-            map.next_value_seed(value)?;
+            map.next_value_seed(self.below(false))?;
         }
         self.path.truncate(base);
-        Ok(())
-    }
-}
-
-/// A key of a JSON object: checked like any string, then appended to the path.
-struct KeyCheck<'a> {
-    path: &'a mut String,
-    found: &'a mut Option<StateError>,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for KeyCheck<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for KeyCheck<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-    fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<(), E> {
-        let at = || format!("{} (a key)", self.path);
-        if let Err(e) = check_len(at, k) {
-            *self.found = Some(e);
-            return Err(E::custom("key too long"));
-        }
-        self.path.push('.');
-        self.path.push_str(k);
         Ok(())
     }
 }
@@ -170,6 +164,7 @@ fn long_string(text: &str) -> Option<StateError> {
     let check = StringCheck {
         path: &mut path,
         found: &mut found,
+        key: false,
     };
     let de = &mut serde_json::Deserializer::from_str(text);
     // Malformed text gets its error, with line and column, from the typed parse.

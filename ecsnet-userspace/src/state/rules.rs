@@ -45,7 +45,7 @@ impl Ipv4Net {
     pub fn addr(self) -> Ipv4Addr {
         self.addr
     }
-    pub fn len(self) -> u8 {
+    pub fn prefix_len(self) -> u8 {
         self.len
     }
     pub fn contains(self, addr: Ipv4Addr) -> bool {
@@ -320,7 +320,7 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        let net = |s: &str| s.parse::<Ipv4Net>().map(|n| (n.addr(), n.len()));
+        let net = |s: &str| s.parse::<Ipv4Net>().map(|n| (n.addr(), n.prefix_len()));
         assert_eq!(net("10.0.0.0/8"), Ok((Ipv4Addr::new(10, 0, 0, 0), 8)));
         assert_eq!(net("0.0.0.0/0"), Ok((Ipv4Addr::UNSPECIFIED, 0)));
         assert_eq!(

@@ -8,8 +8,11 @@ use ecsnet_common::ct::Timeouts;
 /// Longest idle timeout accepted, seconds (30 days).
 const MAX_SECS: u64 = 30 * 86_400;
 
+/// Where one state's timeout is in a `Timeouts`.
+type Slot = fn(&mut Timeouts) -> &mut u64;
+
 /// The states by the name the flag uses, each with its slot.
-const STATES: [(&str, fn(&mut Timeouts) -> &mut u64); 6] = [
+const STATES: [(&str, Slot); 6] = [
     ("tcp-syn", |t| &mut t.tcp_syn),
     ("tcp-established", |t| &mut t.tcp_established),
     ("tcp-closing", |t| &mut t.tcp_closing),

@@ -70,6 +70,16 @@ fn permission(perm: &IpPermission, path: &str, groups: &GroupIndex) -> Result<Ru
     })
 }
 
+/// The optional strings of an object at `path`, each named by its field: none too long.
+fn optional_strings(path: &str, fields: &[(&str, &Option<String>)]) -> Result<(), StateError> {
+    for (field, v) in fields {
+        if let Some(v) = v {
+            check_len(|| format!("{path}.{field}"), v)?;
+        }
+    }
+    Ok(())
+}
+
 /// The host section: its ephemeral port range and the length of its strings.
 fn host(state: &State) -> Result<(), StateError> {
     let [lo, hi] = state.host.ephemeral_ports;
@@ -80,23 +90,21 @@ fn host(state: &State) -> Result<(), StateError> {
         ));
     }
     let h = &state.host;
-    for (field, v) in [
-        ("uplink", &h.uplink),
-        ("bridge", &h.bridge),
-        ("accountId", &h.account_id),
-        ("instanceId", &h.instance_id),
-        ("cluster", &h.cluster),
-        ("vpcId", &h.vpc_id),
-        ("subnetId", &h.subnet_id),
-        ("region", &h.region),
-        ("azId", &h.az_id),
-        ("containerInstanceArn", &h.container_instance_arn),
-    ] {
-        if let Some(v) = v {
-            check_len(|| format!("$.host.{field}"), v)?;
-        }
-    }
-    Ok(())
+    optional_strings(
+        "$.host",
+        &[
+            ("uplink", &h.uplink),
+            ("bridge", &h.bridge),
+            ("accountId", &h.account_id),
+            ("instanceId", &h.instance_id),
+            ("cluster", &h.cluster),
+            ("vpcId", &h.vpc_id),
+            ("subnetId", &h.subnet_id),
+            ("region", &h.region),
+            ("azId", &h.az_id),
+            ("containerInstanceArn", &h.container_instance_arn),
+        ],
+    )
 }
 
 /// Every group's id, once each; then every group's rules, which may name any group.
@@ -176,18 +184,17 @@ fn task<'a>(
 ) -> Result<Member, StateError> {
     let path = format!("$.tasks[{i}]");
     check_len(|| format!("{path}.name"), &t.name)?;
-    for (field, v) in [
-        ("taskArn", &t.task_arn),
-        ("interface", &t.interface),
-        ("interfaceId", &t.interface_id),
-        ("serviceName", &t.service_name),
-        ("taskDefinitionArn", &t.task_definition_arn),
-        ("containerId", &t.container_id),
-    ] {
-        if let Some(v) = v {
-            check_len(|| format!("{path}.{field}"), v)?;
-        }
-    }
+    optional_strings(
+        &path,
+        &[
+            ("taskArn", &t.task_arn),
+            ("interface", &t.interface),
+            ("interfaceId", &t.interface_id),
+            ("serviceName", &t.service_name),
+            ("taskDefinitionArn", &t.task_definition_arn),
+            ("containerId", &t.container_id),
+        ],
+    )?;
     if t.name.is_empty() {
         return Err(StateError::at(
             format!("{path}.name"),
