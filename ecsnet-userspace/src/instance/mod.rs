@@ -16,7 +16,7 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use ecsnet_common::maps::Config;
+use ecsnet_common::{ct::Timeouts, maps::Config};
 
 use crate::{
     flowlog,
@@ -235,15 +235,15 @@ fn discover<'a>(
     Ok((uplink, bridge))
 }
 
-/// What `up` records of the host it found, with the XDP mode to try first: the flags, and after
-/// a crash what was there before (`previous`). A datapath that is still loaded keeps the table
-/// sizes it has.
+/// What `up` records of the host it found, with the XDP mode to try first: the flags (`xdp` and
+/// `ct_timeouts` parsed already), and after a crash what was there before (`previous`). A
+/// datapath that is still loaded keeps the table sizes it has.
 fn meta_for(
     paths: &InstancePaths,
     snap: &Snapshot,
     opts: &UpOptions,
     previous: Option<&Meta>,
-    xdp: XdpChoice,
+    (xdp, ct_timeouts): (XdpChoice, Timeouts),
 ) -> Result<(Meta, Option<XdpMode>), InstanceError> {
     let (uplink, bridge) = discover(snap, opts)?;
     let (mode, xdp_mode) = xdp_for(xdp, &uplink.kind);
@@ -268,7 +268,7 @@ fn meta_for(
         bridge_address: snap.ipv4_of(bridge.index).map(|a| (a.addr, a.prefix)),
         xdp_mode,
         ct_size: kept(|m| m.ct_size, opts.ct_size),
-        ct_timeouts: state::timeouts::parse(&opts.ct_timeouts)?,
+        ct_timeouts,
         flow_table_size: kept(|m| m.flow_table_size, opts.flow_table_size),
         flow_logs: opts.flow_logs.clone(),
         monitor_rate: opts.monitor_rate,
@@ -291,7 +291,7 @@ pub fn up(
         });
     }
     let xdp = xdp_mode(&opts.xdp_mode)?;
-    state::timeouts::parse(&opts.ct_timeouts)?;
+    let ct_timeouts = state::timeouts::parse(&opts.ct_timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
     // A state file may name the uplink and bridge; flags win.
@@ -317,7 +317,7 @@ pub fn up(
         flags.uplink = flags.uplink.or(Some(m.uplink.clone()));
         flags.bridge = flags.bridge.or(Some(m.bridge.clone()));
     }
-    let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), xdp)?;
+    let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), (xdp, ct_timeouts))?;
     let config = entries::config_entry(&snap, meta.uplink_index, meta.bridge_index)?;
     opts.flow_logs.format().map_err(InstanceError::FlowLog)?;
     // Check the whole state against the host, and compute every entry, before touching anything.
