@@ -172,9 +172,9 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
 
 /// `state` validated and compiled.
 fn compiled(state: &State) -> Result<Compiled, CostError> {
-    state::validate(state, state::BridgeNet::default())
+    let rules = state::validate(state, state::BridgeNet::default())
         .map_err(|e| CostError::Compile(e.to_string()))?;
-    Compiled::new(state, 0).map_err(|e| CostError::Compile(e.to_string()))
+    Compiled::new(&rules, 0).map_err(|e| CostError::Compile(e.to_string()))
 }
 
 /// Writes `state`'s tasks (on the interface and with the MAC `iface` gives each), published

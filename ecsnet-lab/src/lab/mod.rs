@@ -364,7 +364,7 @@ fn namespaces(name: &str) -> Vec<String> {
 
 /// `ecsnet lab up`: builds the lab, starts a server in every task, writes the state file.
 pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
-    paths::check_name("lab", &spec.name).map_err(LabError::BadName)?;
+    paths::check_name("lab", &spec.name).map_err(|e| LabError::BadName(e.to_string()))?;
     if spec.name.len() > 20 {
         return Err(LabError::BadName(format!(
             "bad lab name {:?}: at most 20 characters",
@@ -562,7 +562,7 @@ fn start_server(
 
 /// `ecsnet lab status`.
 pub fn status(name: &str) -> Result<LabStatus, LabError> {
-    paths::check_name("lab", name).map_err(LabError::BadName)?;
+    paths::check_name("lab", name).map_err(|e| LabError::BadName(e.to_string()))?;
     let path = lab_dir(name).join("lab.json");
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -592,7 +592,7 @@ pub struct LabDown {
 /// `ecsnet lab down`: stops instances running in the lab, kills every process in its
 /// namespaces, deletes the namespaces and the lab directory. Safe on a half-built lab.
 pub fn down(name: &str) -> Result<LabDown, LabError> {
-    paths::check_name("lab", name).map_err(LabError::BadName)?;
+    paths::check_name("lab", name).map_err(|e| LabError::BadName(e.to_string()))?;
     let nss = namespaces(name);
     let dir = lab_dir(name);
     if nss.is_empty() && !dir.exists() {
@@ -635,7 +635,7 @@ fn instances_in(netns: &str) -> Vec<String> {
             let n = e.file_name().into_string().ok()?;
             let inst = n.strip_suffix(".d")?.to_owned();
             let meta =
-                ecsnet::instance::read_meta(&ecsnet::store::paths::InstancePaths::new(&inst))
+                ecsnet::store::files::read_meta(&ecsnet::store::paths::InstancePaths::new(&inst))
                     .ok()??;
             (meta.netns.as_deref() == Some(netns)).then_some(inst)
         })

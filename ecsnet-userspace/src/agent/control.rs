@@ -20,8 +20,10 @@ use crate::{
         monitor::EventLine,
         stats::{self, Stats},
     },
-    instance::{self, Meta},
-    store::paths::InstancePaths,
+    store::{
+        files::{self, Meta},
+        paths::InstancePaths,
+    },
 };
 
 /// Longest request line the socket accepts, bytes.
@@ -236,7 +238,7 @@ fn answer(op: Op, paths: &InstancePaths, started: Instant) -> Reply {
     let pid = std::process::id();
     match op {
         Op::Ping => Answer::Ping { pid }.into(),
-        Op::Status => instance::read_meta(paths)
+        Op::Status => files::read_meta(paths)
             .map(|meta| Answer::Status {
                 pid,
                 uptime_secs: started.elapsed().as_secs(),

@@ -28,7 +28,11 @@ use tokio::{
     sync::{Semaphore, broadcast},
 };
 
-use crate::{flowlog, instance, kernel::maps, store::paths::InstancePaths};
+use crate::{
+    flowlog,
+    kernel::maps,
+    store::{files, paths::InstancePaths},
+};
 
 /// Event lines buffered for each monitor; one that falls further behind is told how many it lost.
 const MONITOR_BACKLOG: usize = 4096;
@@ -40,10 +44,9 @@ pub enum AgentError {
         what: String,
         source: std::io::Error,
     },
-    /// Boxed: `InstanceError` is large.
     #[error(transparent)]
-    Instance(Box<instance::InstanceError>),
-    /// Boxed, as is `Instance`.
+    Store(#[from] files::StoreError),
+    /// Boxed: `FlowLogError` is large.
     #[error(transparent)]
     FlowLog(Box<flowlog::FlowLogError>),
 }
@@ -54,12 +57,6 @@ impl From<flowlog::FlowLogError> for AgentError {
     }
 }
 
-impl From<instance::InstanceError> for AgentError {
-    fn from(e: instance::InstanceError) -> Self {
-        Self::Instance(Box::new(e))
-    }
-}
-
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Io { what, source }
@@ -67,7 +64,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(paths: &InstancePaths) -> Result<(), AgentError> {
-    let meta = instance::require_up(paths)?;
+    let meta = files::require_up(paths)?;
     raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,7 +73,7 @@ pub fn run(paths: &InstancePaths) -> Result<(), AgentError> {
     rt.block_on(serve(paths, meta))
 }
 
-async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentError> {
+async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentError> {
     let started = Instant::now();
     let dir = paths.run_dir();
     fs::create_dir_all(&dir).map_err(io(dir.display().to_string()))?;
@@ -114,7 +111,7 @@ async fn serve(paths: &InstancePaths, meta: instance::Meta) -> Result<(), AgentE
             Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
         }
     }
-    let timeouts = crate::plan::entries::parse_timeouts(&meta.ct_timeouts).unwrap_or_default();
+    let timeouts = meta.ct_timeouts;
     spawn_housekeeping(
         paths.clone(),
         timeouts,

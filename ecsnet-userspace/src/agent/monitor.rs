@@ -22,8 +22,7 @@ use crate::{
         stats::reason_name,
     },
     flowlog::format::{FlowDirection, words},
-    instance,
-    store::{directory::Directory, paths::InstancePaths},
+    store::{directory::Directory, files, paths::InstancePaths},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +98,7 @@ impl Names {
         }
         self.read_at = Some(Instant::now());
         self.dir = Directory::load(paths).unwrap_or_default();
-        self.uplink = instance::read_meta(paths)
+        self.uplink = files::read_meta(paths)
             .ok()
             .flatten()
             .map(|m| (m.uplink_index, m.uplink));

@@ -8,29 +8,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     flowlog,
-    instance::{self, InstanceError},
     kernel::maps::{self, Count, MapsError},
     store::{
         directory::{Directory, DirectoryError},
+        files::{self, StoreError},
         paths::InstancePaths,
     },
 };
 
-/// Why the counters could not be read: the instance is not up, or a map is unreadable. Boxed,
-/// since `InstanceError` is large.
+/// Why the counters could not be read: the instance is not up, or a file or map is unreadable.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct StatsError(pub Box<InstanceError>);
-
-impl From<InstanceError> for StatsError {
-    fn from(e: InstanceError) -> Self {
-        Self(Box::new(e))
-    }
+pub enum StatsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
 }
 
-impl From<MapsError> for StatsError {
-    fn from(e: MapsError) -> Self {
-        InstanceError::from(e).into()
+impl StatsError {
+    /// 2 for an instance that is not up (bad usage), 1 for anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Store(e) => e.exit_code(),
+            Self::Maps(_) => 1,
+        }
     }
 }
 
@@ -224,10 +225,10 @@ pub fn reason_name(n: u8) -> String {
 
 /// Reads the counters of an instance.
 pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
-    let meta = instance::require_up(paths)?;
+    let meta = files::require_up(paths)?;
     let dir = Directory::load(paths).map_err(|e| match e {
-        DirectoryError::State(e) => StatsError(e),
-        DirectoryError::Ifaces(e) => e.into(),
+        DirectoryError::State(e) => StatsError::Store(e),
+        DirectoryError::Ifaces(e) => StatsError::Maps(e),
     })?;
     let counts = maps::read_counts(paths)?;
     let drops = maps::read_drops(paths)?;

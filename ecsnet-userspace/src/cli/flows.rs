@@ -9,8 +9,7 @@ use crate::{
         format::Format,
         tail::{self, TailOptions},
     },
-    instance,
-    store::paths::InstancePaths,
+    store::{files, paths::InstancePaths},
 };
 
 #[derive(Debug, Subcommand)]
@@ -58,7 +57,7 @@ pub fn run(paths: &InstancePaths, cmd: FlowsCmd) -> anyhow::Result<()> {
         filter,
         lines: Lines(lines),
     } = cmd;
-    instance::require_up(paths)?;
+    files::require_up(paths)?;
     let opts = TailOptions {
         format: format.unwrap_or_default(),
         json,

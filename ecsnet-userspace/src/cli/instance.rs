@@ -7,9 +7,11 @@ use clap::{Args, ValueEnum};
 use crate::{
     agent,
     cli::or_keyword,
-    flowlog::FlowLogOptions,
     instance::{self, Applied, UpOptions},
-    store::paths::InstancePaths,
+    store::{
+        files::{self, FlowLogOptions},
+        paths::InstancePaths,
+    },
 };
 
 #[derive(Debug, Args)]
@@ -134,8 +136,8 @@ pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Re
         metrics: a.metrics.0,
     };
     let pid = instance::up(paths, &opts, !a.foreground)?;
-    let meta = instance::require_up(paths)?;
-    let tasks = instance::read_applied(paths)?.map_or(0, |s| s.tasks.len());
+    let meta = files::require_up(paths)?;
+    let tasks = files::read_applied(paths)?.map_or(0, |s| s.tasks.len());
     let agent = pid.map_or_else(
         || "agent in foreground".to_owned(),
         |p| format!("agent pid {p}"),

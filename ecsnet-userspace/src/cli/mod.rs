@@ -16,10 +16,14 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::{
+    agent::stats::StatsError,
     host::netns::{self, NetnsError},
-    instance::{self as inst, InstanceError},
-    state,
-    store::paths::{self, InstancePaths},
+    instance::InstanceError,
+    state::{self, sgfile::SgFileError},
+    store::{
+        files::{self, StoreError},
+        paths::{self, InstancePaths},
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -110,7 +114,9 @@ fn or_keyword<T: std::str::FromStr>(keyword: &str, s: &str) -> Result<Option<T>,
 
 /// `--instance`: a name `paths` accepts.
 fn instance_name(name: &str) -> Result<String, String> {
-    paths::check_name("instance", name).map(|()| name.to_owned())
+    paths::check_name("instance", name)
+        .map(|()| name.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// Bad input that only shows once a command runs.
@@ -129,6 +135,15 @@ pub enum UsageError {
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
         if let Some(e) = cause.downcast_ref::<InstanceError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<StoreError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<StatsError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<SgFileError>() {
             return e.exit_code();
         }
         if cause.is::<UsageError>() || cause.is::<NetnsError>() {
@@ -172,10 +187,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = InstancePaths::new(&cli.instance);
     // Instance commands follow the instance, without --netns, to where `up` ran (also `up`
     // after a crash).
-    let netns = cli
-        .netns
-        .clone()
-        .or_else(|| inst::read_meta(&paths).ok().flatten().and_then(|m| m.netns));
+    let netns = cli.netns.clone().or_else(|| {
+        files::read_meta(&paths)
+            .ok()
+            .flatten()
+            .and_then(|m| m.netns)
+    });
     if let Some(ns) = &netns
         && let Err(e) = netns::enter(ns)
         // `down` must work even when the namespace is already gone.

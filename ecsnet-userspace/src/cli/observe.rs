@@ -4,13 +4,11 @@
 use crate::{
     agent::{monitor, stats},
     cli::print_json,
-    instance,
-    store::paths::InstancePaths,
+    store::{files, paths::InstancePaths},
 };
 
 pub fn stats(paths: &InstancePaths, json: bool) -> anyhow::Result<()> {
-    // Unboxed, so `exit_code` finds the instance's error.
-    let s = stats::stats(paths).map_err(|e| *e.0)?;
+    let s = stats::stats(paths)?;
     if json {
         print_json(&s);
     } else {
@@ -20,7 +18,7 @@ pub fn stats(paths: &InstancePaths, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn monitor(paths: &InstancePaths, json: bool) -> anyhow::Result<()> {
-    instance::require_up(paths)?;
+    files::require_up(paths)?;
     monitor::follow(paths, json)?;
     Ok(())
 }

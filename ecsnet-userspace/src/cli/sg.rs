@@ -1,9 +1,8 @@
 //! `ecsnet sg apply|ls`: the security groups, read from a state file, `aws ec2
 //! describe-security-groups` output or a bare list, applied under the apply lock.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Subcommand;
 
 use crate::{
@@ -29,50 +28,10 @@ pub enum SgCmd {
     },
 }
 
-/// The security groups of an SG file: a state file, the output of
-/// `aws ec2 describe-security-groups`, or a bare list.
-fn read_sg_file(file: &Path) -> anyhow::Result<(&'static str, Vec<state::SecurityGroup>)> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum SgFile {
-        Aws {
-            #[serde(rename = "SecurityGroups")]
-            security_groups: serde_json::Value,
-        },
-        State {
-            #[serde(rename = "securityGroups")]
-            security_groups: serde_json::Value,
-        },
-        List(serde_json::Value),
-    }
-    let bad = |error| UsageError::BadFile {
-        file: file.display().to_string(),
-        error,
-    };
-    let text = match state::read_limited(file) {
-        Ok(t) => t,
-        Err(None) => return Err(bad(state::too_large()).into()),
-        Err(Some(e)) => {
-            return Err(e).with_context(|| format!("cannot read {}", file.display()));
-        }
-    };
-    let value: SgFile = state::parse(&text).map_err(bad)?;
-    let (prefix, list) = match value {
-        SgFile::Aws { security_groups } => ("$.SecurityGroups", security_groups),
-        SgFile::State { security_groups } => ("$.securityGroups", security_groups),
-        SgFile::List(v) => ("$", v),
-    };
-    let groups: Vec<state::SecurityGroup> = state::parse(&list.to_string()).map_err(|mut e| {
-        e.path = e.path.replacen('$', prefix, 1);
-        bad(e)
-    })?;
-    Ok((prefix, groups))
-}
-
 pub fn run(paths: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
     match cmd {
         SgCmd::Apply { file, reset_flows } => {
-            let (prefix, groups) = read_sg_file(&file)?;
+            let (prefix, groups) = state::sgfile::read(&file)?;
             let lock = instance::lock_apply(paths)?;
             let mut s = current_state(paths)?;
             s.security_groups = groups;
@@ -132,7 +91,7 @@ pub fn run(paths: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
                             println!("  {dir} (none)");
                         }
                         for p in perms {
-                            println!("  {dir} {}", crate::plan::sg::describe(p, inbound));
+                            println!("  {dir} {}", state::rules::describe(p, inbound));
                         }
                     }
                 }

@@ -8,7 +8,7 @@ use crate::{
     cli::{UsageError, print_json},
     instance,
     state::{PortMapping, Protocol, State, Task},
-    store::paths::InstancePaths,
+    store::{files, paths::InstancePaths},
 };
 
 #[derive(Debug, Subcommand)]
@@ -53,8 +53,8 @@ fn publish(s: &str) -> Result<PortMapping, BadPublish> {
 
 /// The applied state of an instance that is up.
 pub(super) fn current_state(paths: &InstancePaths) -> anyhow::Result<State> {
-    instance::require_up(paths)?;
-    Ok(instance::read_applied(paths)?.unwrap_or_default())
+    files::require_up(paths)?;
+    Ok(files::read_applied(paths)?.unwrap_or_default())
 }
 
 pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {

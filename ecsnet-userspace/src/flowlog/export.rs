@@ -10,7 +10,7 @@ use ecsnet_common::flow::{FlowKey, FlowState, FlowStats};
 use crate::{
     clock::{monotonic_ns, wall_offset_ns},
     flowlog::{
-        FlowLogError, FlowLogOptions,
+        FlowLogError,
         format::Format,
         journal::{
             Checkpoint, JOURNAL_MAX_BYTES, Phase, append, file_len, read_checkpoint, rotate,
@@ -19,7 +19,7 @@ use crate::{
         records::{build_records, merge},
     },
     kernel::maps,
-    store::{directory::Directory, paths::InstancePaths},
+    store::{directory::Directory, files::FlowLogOptions, paths::InstancePaths},
 };
 
 /// How long programs that read the old window number may still be counting under it after the

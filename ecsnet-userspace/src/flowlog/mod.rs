@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     flowlog::format::Format,
     kernel::maps::{self, MapsError},
-    store::{directory::DirectoryError, paths::InstancePaths},
+    store::{directory::DirectoryError, files::FlowLogOptions, paths::InstancePaths},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -49,34 +49,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FlowLogError + '_ {
     move |source| FlowLogError::Io {
         path: path.to_owned(),
         source,
-    }
-}
-
-/// What `ecsnet up` chose for flow logs; kept in the instance's meta for the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FlowLogOptions {
-    pub enabled: bool,
-    pub window_secs: u64,
-    /// The file sink; None: only the journal behind `flows tail`.
-    pub sink: Option<PathBuf>,
-    /// The sink's `${field}` format; empty: AWS's default (version 2).
-    pub format: String,
-    /// The sink is rotated past this size, bytes, keeping `keep` old files.
-    pub max_bytes: u64,
-    pub keep: u32,
-}
-
-impl Default for FlowLogOptions {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            window_secs: 60,
-            sink: None,
-            format: String::new(),
-            max_bytes: 64 << 20,
-            keep: 5,
-        }
     }
 }
 

@@ -1,6 +1,5 @@
-//! Finding a task's MAC before it has spoken: one ARP request per task on the bridge, answered
-//! by the task's own stack. Routed packets into a task need the MAC; without it the datapath
-//! hands them to the kernel until it learns the MAC from the task's own traffic.
+//! Finding a task's MAC before it has spoken: one ARP request per task on the bridge. A task that
+//! does not answer is handed to the kernel until the datapath learns its MAC from its traffic.
 
 use std::{
     collections::HashMap,
@@ -18,12 +17,18 @@ pub struct ArpError {
     source: std::io::Error,
 }
 
+/// The size of `T` as the socket calls take it.
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("a socket argument is small")
+}
+
 fn sockaddr(ifindex: u32, dst: [u8; 6]) -> libc::sockaddr_ll {
     // SAFETY: sockaddr_ll is plain data.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_family = libc::sa_family_t::try_from(libc::AF_PACKET).expect("AF_PACKET is 17");
     sll.sll_protocol = ETH_P_ARP.to_be();
-    sll.sll_ifindex = ifindex as i32;
+    // The kernel's ifindex is an int; ours came from it.
+    sll.sll_ifindex = ifindex.cast_signed();
     sll.sll_halen = 6;
     sll.sll_addr[..6].copy_from_slice(&dst);
     sll
@@ -68,7 +73,7 @@ pub fn resolve(
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            ETH_P_ARP.to_be() as i32,
+            i32::from(ETH_P_ARP.to_be()),
         )
     };
     if raw < 0 {
@@ -77,7 +82,7 @@ pub fn resolve(
     // SAFETY: raw is a fresh fd we own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let bind = sockaddr(ifindex, [0; 6]);
-    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    let len = socklen::<libc::sockaddr_ll>();
     // SAFETY: bind/sendto/recv with valid pointers and lengths.
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const bind).cast(), len) } < 0 {
         return Err(err(std::io::Error::last_os_error()));
@@ -107,8 +112,8 @@ pub fn resolve(
             break;
         }
         let tv = libc::timeval {
-            tv_sec: left.as_secs() as i64,
-            tv_usec: left.subsec_micros().max(1) as i64,
+            tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(left.subsec_micros().max(1)),
         };
         unsafe {
             libc::setsockopt(
@@ -116,14 +121,15 @@ pub fn resolve(
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
+                socklen::<libc::timeval>(),
             )
         };
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
+        // Negative: the wait is over (or the socket failed); what came is all there is.
+        let Ok(n) = usize::try_from(n) else {
             break;
-        }
-        if let Some((from, m)) = reply_sender(&buf[..n as usize])
+        };
+        if let Some((from, m)) = reply_sender(&buf[..n])
             && targets.contains(&from)
         {
             found.insert(from, m);

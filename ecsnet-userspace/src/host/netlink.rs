@@ -1,16 +1,19 @@
 //! A snapshot of the namespace's network as rtnetlink reports it: links, IPv4 addresses, the
 //! default route, neighbours and bridge FDB. Queries are pure functions over the snapshot.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use futures::TryStreamExt as _;
+use futures::{TryStream, TryStreamExt as _};
 use netlink_packet_route::{
     AddressFamily,
-    address::AddressAttribute,
-    link::{InfoKind, LinkAttribute, LinkInfo},
-    neighbour::{NeighbourAddress, NeighbourAttribute},
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
     route::{RouteAttribute, RouteMessage},
 };
+
+/// The kernel's main routing table (`RT_TABLE_MAIN`), where the default route is looked for.
+const RT_TABLE_MAIN: u8 = 254;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -60,6 +63,104 @@ fn mac(bytes: &[u8]) -> Option<[u8; 6]> {
     bytes.try_into().ok()
 }
 
+/// Every message of one dump (`what` names it in the error).
+async fn dump<T>(
+    what: &'static str,
+    messages: impl TryStream<Ok = T, Error = rtnetlink::Error>,
+) -> Result<Vec<T>, NetlinkError> {
+    messages
+        .try_collect()
+        .await
+        .map_err(|source| NetlinkError::Dump { what, source })
+}
+
+fn link(msg: LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        kind: String::new(),
+        master: None,
+        mac: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for attr in msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n,
+            LinkAttribute::Controller(m) => link.master = Some(m),
+            LinkAttribute::Address(a) => link.mac = mac(&a),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        link.kind = match kind {
+                            InfoKind::Veth => "veth".into(),
+                            InfoKind::Bridge => "bridge".into(),
+                            other => format!("{other:?}").to_lowercase(),
+                        };
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+/// The IPv4 addresses of an address message.
+fn addrs(msg: &AddressMessage) -> impl Iterator<Item = Addr> + '_ {
+    let ipv4 = msg.header.family == AddressFamily::Inet;
+    msg.attributes
+        .iter()
+        .filter(move |_| ipv4)
+        .filter_map(|attr| match attr {
+            AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) => {
+                Some(Addr {
+                    index: msg.header.index,
+                    addr: *a,
+                    prefix: msg.header.prefix_len,
+                })
+            }
+            _ => None,
+        })
+}
+
+/// The output interface of a default route of the main table.
+fn default_oif(msg: &RouteMessage) -> Option<u32> {
+    let main = msg.header.table == RT_TABLE_MAIN
+        && msg.attributes.iter().all(|a| match a {
+            RouteAttribute::Table(t) => *t == u32::from(RT_TABLE_MAIN),
+            _ => true,
+        });
+    if msg.header.destination_prefix_length != 0 || !main {
+        return None;
+    }
+    msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(oif) => Some(*oif),
+        _ => None,
+    })
+}
+
+/// An IPv4 neighbour with a MAC: (ifindex, address, MAC).
+fn neighbour(msg: &NeighbourMessage) -> Option<(u32, Ipv4Addr, [u8; 6])> {
+    let mut dst = None;
+    let mut lla = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+            NeighbourAttribute::LinkLayerAddress(l) => lla = mac(l),
+            _ => {}
+        }
+    }
+    Some((msg.header.ifindex, dst?, lla?))
+}
+
+/// The MACs a bridge FDB entry holds: (port ifindex, MAC).
+fn fdb(msg: &NeighbourMessage) -> impl Iterator<Item = (u32, [u8; 6])> + '_ {
+    msg.attributes.iter().filter_map(|attr| match attr {
+        NeighbourAttribute::LinkLayerAddress(l) => Some((msg.header.ifindex, mac(l)?)),
+        _ => None,
+    })
+}
+
 impl Snapshot {
     /// Reads the calling thread's network namespace.
     pub fn read() -> Result<Self, NetlinkError> {
@@ -73,139 +174,28 @@ impl Snapshot {
     pub async fn read_async() -> Result<Self, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         let task = tokio::spawn(conn);
-        let dump = |what| move |source| NetlinkError::Dump { what, source };
         let mut snap = Snapshot::default();
-
-        let links: Vec<_> = handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(dump("link"))?;
-        for msg in links {
-            let mut link = Link {
-                index: msg.header.index,
-                name: String::new(),
-                kind: String::new(),
-                master: None,
-                mac: None,
-                up: msg
-                    .header
-                    .flags
-                    .contains(netlink_packet_route::link::LinkFlags::Up),
-            };
-            for attr in msg.attributes {
-                match attr {
-                    LinkAttribute::IfName(n) => link.name = n,
-                    LinkAttribute::Controller(m) => link.master = Some(m),
-                    LinkAttribute::Address(a) => link.mac = mac(&a),
-                    LinkAttribute::LinkInfo(infos) => {
-                        for info in infos {
-                            if let LinkInfo::Kind(kind) = info {
-                                link.kind = match kind {
-                                    InfoKind::Veth => "veth".into(),
-                                    InfoKind::Bridge => "bridge".into(),
-                                    other => format!("{other:?}").to_lowercase(),
-                                };
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            snap.links.push(link);
-        }
-
-        let addrs: Vec<_> = handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(dump("address"))?;
-        for msg in addrs {
-            if msg.header.family != AddressFamily::Inet {
-                continue;
-            }
-            for attr in &msg.attributes {
-                if let AddressAttribute::Local(std::net::IpAddr::V4(a))
-                | AddressAttribute::Address(std::net::IpAddr::V4(a)) = attr
-                {
-                    let a = Addr {
-                        index: msg.header.index,
-                        addr: *a,
-                        prefix: msg.header.prefix_len,
-                    };
-                    if !snap.addrs.contains(&a) {
-                        snap.addrs.push(a);
-                    }
+        let links = dump("link", handle.link().get().execute()).await?;
+        snap.links = links.into_iter().map(link).collect();
+        for msg in dump("address", handle.address().get().execute()).await? {
+            for a in addrs(&msg) {
+                if !snap.addrs.contains(&a) {
+                    snap.addrs.push(a);
                 }
             }
         }
-
         let mut req = RouteMessage::default();
         req.header.address_family = AddressFamily::Inet;
-        let routes: Vec<_> = handle
-            .route()
-            .get(req)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(dump("route"))?;
-        for msg in routes {
-            let main = msg.attributes.iter().all(|a| match a {
-                RouteAttribute::Table(t) => *t == 254,
-                _ => true,
-            }) && msg.header.table == 254;
-            if msg.header.destination_prefix_length == 0 && main {
-                for attr in &msg.attributes {
-                    if let RouteAttribute::Oif(oif) = attr {
-                        snap.default_oif.get_or_insert(*oif);
-                    }
-                }
-            }
-        }
-
-        let neigh: Vec<_> = handle
+        let routes = dump("route", handle.route().get(req).execute()).await?;
+        snap.default_oif = routes.iter().find_map(default_oif);
+        let neigh = dump("neighbour", handle.neighbours().get().execute()).await?;
+        snap.neigh = neigh.iter().filter_map(neighbour).collect();
+        let bridge = handle
             .neighbours()
             .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(dump("neighbour"))?;
-        for msg in neigh {
-            let mut dst = None;
-            let mut lla = None;
-            for attr in &msg.attributes {
-                match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
-                    NeighbourAttribute::LinkLayerAddress(l) => lla = mac(l),
-                    _ => {}
-                }
-            }
-            if let (Some(d), Some(l)) = (dst, lla) {
-                snap.neigh.push((msg.header.ifindex, d, l));
-            }
-        }
-
-        let fdb: Vec<_> = handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(dump("fdb"))?;
-        for msg in fdb {
-            for attr in &msg.attributes {
-                if let NeighbourAttribute::LinkLayerAddress(l) = attr
-                    && let Some(m) = mac(l)
-                {
-                    snap.fdb.push((msg.header.ifindex, m));
-                }
-            }
-        }
+            .set_address_family(AddressFamily::Bridge);
+        let entries = dump("fdb", bridge.execute()).await?;
+        snap.fdb = entries.iter().flat_map(fdb).collect();
         task.abort();
         Ok(snap)
     }
@@ -221,11 +211,6 @@ impl Snapshot {
     /// The first IPv4 address of a link.
     pub fn ipv4_of(&self, index: u32) -> Option<Addr> {
         self.addrs.iter().copied().find(|a| a.index == index)
-    }
-
-    /// Every local IPv4 address (what `addrtype --dst-type LOCAL` matches, less broadcast).
-    pub fn local_ipv4(&self) -> Vec<Ipv4Addr> {
-        self.addrs.iter().map(|a| a.addr).collect()
     }
 
     /// The bridge port through which `addr` is reached: neighbour MAC, then the bridge FDB.
@@ -263,7 +248,7 @@ mod tests {
             name: name.into(),
             kind: kind.into(),
             master,
-            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            mac: Some([2, 0, 0, 0, 0, u8::try_from(index).unwrap()]),
             up: true,
         }
     }

@@ -4,11 +4,10 @@
 pub mod process;
 
 use std::{
-    collections::HashMap,
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::programs::XdpMode;
@@ -16,18 +15,28 @@ use nix::{
     errno::Errno,
     fcntl::{Flock, FlockArg},
 };
-use serde::{Deserialize, Serialize};
+
+use ecsnet_common::{ct::Timeouts, maps::Config};
 
 use crate::{
-    flowlog::{self, FlowLogOptions},
-    host::netlink::{NetlinkError, Snapshot},
-    kernel::datapath,
-    kernel::datapath::DatapathError,
-    kernel::maps::{self, MapsError},
-    plan::entries,
-    plan::sg::Compiled,
-    state::{self, BridgeNet, LoadError, State, StateError},
-    store::paths::InstancePaths,
+    flowlog,
+    host::{
+        arp,
+        netlink::{Link, NetlinkError, Snapshot},
+    },
+    kernel::{
+        datapath::{self, DatapathError},
+        maps::{self, MapsError},
+    },
+    plan::{
+        Plan, PlanError, entries, sg,
+        tasks::{self, ResolvedTask},
+    },
+    state::{self, BridgeNet, LoadError, State, timeouts::TimeoutsError},
+    store::{
+        files::{self, FlowLogOptions, Meta, StoreError, UplinkXdp, read_applied, read_meta},
+        paths::InstancePaths,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +53,6 @@ pub enum InstanceError {
         "instance {instance:?} is already up (agent pid {pid}); run `ecsnet --instance {instance} down` first, or `ecsnet apply` to change its state"
     )]
     AlreadyUp { instance: String, pid: i32 },
-    #[error("instance {instance:?} is not up; run `ecsnet --instance {instance} up` first")]
-    NotUp { instance: String },
     #[error(
         "another apply is running on instance {instance:?} (apply, sg apply, task add/rm or up); nothing was changed, try again when it has finished"
     )]
@@ -53,13 +60,13 @@ pub enum InstanceError {
     #[error("bad --xdp-mode {0:?}: use auto, native, skb or off")]
     XdpMode(String),
     #[error("bad --ct-timeouts: {0}")]
-    Timeouts(String),
+    Timeouts(#[from] TimeoutsError),
     #[error(transparent)]
     Config(#[from] entries::ConfigError),
     #[error(transparent)]
     State(#[from] LoadError),
     #[error("{file}: {error}")]
-    Resolve { file: String, error: StateError },
+    Resolve { file: String, error: PlanError },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]
@@ -70,15 +77,12 @@ pub enum InstanceError {
     Process(#[from] process::ProcessError),
     #[error(transparent)]
     FlowLog(flowlog::FlowLogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
-    },
-    #[error("{path}: corrupt instance file: {source}")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
     },
 }
 
@@ -91,51 +95,16 @@ impl InstanceError {
             | Self::NoUplink
             | Self::NoBridge
             | Self::AlreadyUp { .. }
-            | Self::NotUp { .. }
             | Self::XdpMode(_)
             | Self::Timeouts(_)
             | Self::FlowLog(flowlog::FlowLogError::Format(_))
             | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
             | Self::Resolve { .. } => 2,
+            Self::Store(e) => e.exit_code(),
             _ => 1,
         }
     }
-}
-
-/// What `up` found and chose, kept in `<run dir>/meta.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Meta {
-    pub instance: String,
-    pub netns: Option<String>,
-    pub uplink: String,
-    pub uplink_index: u32,
-    pub uplink_address: Option<Ipv4Addr>,
-    pub bridge: String,
-    pub bridge_index: u32,
-    pub bridge_address: Option<(Ipv4Addr, u8)>,
-    pub xdp_mode: String,
-    pub window_secs: u64,
-    pub flow_log: Option<PathBuf>,
-    /// Connection-table size the datapath was loaded with, entries.
-    #[serde(default)]
-    pub ct_size: u32,
-    /// `--ct-timeouts` as given; the agent parses it again.
-    #[serde(default)]
-    pub ct_timeouts: String,
-    /// Flow-log table size the datapath was loaded with, entries.
-    #[serde(default)]
-    pub flow_table_size: u32,
-    /// How the agent exports flow logs.
-    #[serde(default)]
-    pub flow_logs: FlowLogOptions,
-    /// Monitor events per second per CPU the datapath may send (0: none).
-    #[serde(default)]
-    pub monitor_rate: u32,
-    /// Where the agent serves Prometheus metrics; None: nowhere.
-    #[serde(default)]
-    pub metrics: Option<SocketAddr>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
@@ -143,39 +112,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), InstanceError> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let text = serde_json::to_string_pretty(v).expect("instance files serialize");
-    fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, InstanceError> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| InstanceError::Corrupt {
-                    path: path.to_owned(),
-                    source,
-                })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(path)(e)),
-    }
-}
-
-pub fn read_meta(paths: &InstancePaths) -> Result<Option<Meta>, InstanceError> {
-    read_json(&paths.meta_file())
-}
-
-pub fn read_applied(paths: &InstancePaths) -> Result<Option<State>, InstanceError> {
-    read_json(&paths.applied_state())
 }
 
 /// The instance's apply lock, held until dropped (or the process dies): the live state has one
@@ -206,7 +142,7 @@ fn take_apply_lock(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
 /// Takes the apply lock of an instance that is up, without waiting: a second writer fails at
 /// once with `ApplyRunning` and changes nothing.
 pub fn lock_apply(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
-    require_up(paths)?;
+    files::require_up(paths)?;
     take_apply_lock(paths)
 }
 
@@ -246,31 +182,39 @@ fn xdp_mode(s: &str) -> Result<XdpChoice, InstanceError> {
 }
 
 /// The XDP mode for an uplink of link kind `kind` (empty for a device with a driver of its own,
-/// `veth` and so on for virtual ones), and its name for the meta file. `auto` attaches native
+/// `veth` and so on for virtual ones), and what the meta file records. `auto` attaches native
 /// XDP to real NICs only: on a veth, native XDP turns off the peer's TSO (so every segment is a
 /// packet of its own) and generic XDP copies each GSO packet, while tc ingress drops the same
 /// packets a moment later anyway (SPEC §11; docs/BENCHMARKS.md has the numbers).
-fn xdp_for(choice: XdpChoice, kind: &str) -> (Option<XdpMode>, &'static str) {
+fn xdp_for(choice: XdpChoice, kind: &str) -> (Option<XdpMode>, UplinkXdp) {
     match choice {
-        XdpChoice::Auto if kind.is_empty() => (Some(XdpMode::Driver), "native"),
-        XdpChoice::Auto | XdpChoice::Off => (None, "off"),
-        XdpChoice::Native => (Some(XdpMode::Driver), "native"),
-        XdpChoice::Skb => (Some(XdpMode::Skb), "skb"),
+        XdpChoice::Auto if kind.is_empty() => (Some(XdpMode::Driver), UplinkXdp::Native),
+        XdpChoice::Auto | XdpChoice::Off => (None, UplinkXdp::Off),
+        XdpChoice::Native => (Some(XdpMode::Driver), UplinkXdp::Native),
+        XdpChoice::Skb => (Some(XdpMode::Skb), UplinkXdp::Skb),
     }
 }
 
+/// The interface `name` given as `role`, or the error that names it.
+fn named<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+    role: &'static str,
+) -> Result<&'a Link, InstanceError> {
+    snap.by_name(name)
+        .ok_or_else(|| InstanceError::UnknownInterface {
+            iface: name.to_owned(),
+            role,
+        })
+}
+
 /// Finds uplink and bridge from the flags, or from the default route and the tasks' master.
-fn discover(
-    snap: &Snapshot,
+fn discover<'a>(
+    snap: &'a Snapshot,
     opts: &UpOptions,
-) -> Result<(u32, String, u32, String), InstanceError> {
+) -> Result<(&'a Link, &'a Link), InstanceError> {
     let uplink = match &opts.uplink {
-        Some(name) => snap
-            .by_name(name)
-            .ok_or_else(|| InstanceError::UnknownInterface {
-                iface: name.clone(),
-                role: "--uplink",
-            })?,
+        Some(name) => named(snap, name, "--uplink")?,
         None => snap
             .default_oif
             .and_then(|i| snap.by_index(i))
@@ -278,12 +222,7 @@ fn discover(
     };
     let bridge = match &opts.bridge {
         Some(name) => {
-            let b = snap
-                .by_name(name)
-                .ok_or_else(|| InstanceError::UnknownInterface {
-                    iface: name.clone(),
-                    role: "--bridge",
-                })?;
+            let b = named(snap, name, "--bridge")?;
             if b.kind != "bridge" {
                 return Err(InstanceError::NotABridge {
                     iface: name.clone(),
@@ -293,12 +232,49 @@ fn discover(
         }
         None => snap.guess_bridge().ok_or(InstanceError::NoBridge)?,
     };
-    Ok((
-        uplink.index,
-        uplink.name.clone(),
-        bridge.index,
-        bridge.name.clone(),
-    ))
+    Ok((uplink, bridge))
+}
+
+/// What `up` records of the host it found, with the XDP mode to try first: the flags (`xdp` and
+/// `ct_timeouts` parsed already), and after a crash what was there before (`previous`). A
+/// datapath that is still loaded keeps the table sizes it has.
+fn meta_for(
+    paths: &InstancePaths,
+    snap: &Snapshot,
+    opts: &UpOptions,
+    previous: Option<&Meta>,
+    (xdp, ct_timeouts): (XdpChoice, Timeouts),
+) -> Result<(Meta, Option<XdpMode>), InstanceError> {
+    let (uplink, bridge) = discover(snap, opts)?;
+    let (mode, xdp_mode) = xdp_for(xdp, &uplink.kind);
+    if xdp == XdpChoice::Auto && mode.is_none() {
+        log::info!(
+            "no XDP on {}: it is a {} (--xdp-mode auto); tc ingress polices it",
+            uplink.name,
+            uplink.kind
+        );
+    }
+    let loaded = previous.filter(|_| datapath::is_loaded(paths));
+    let kept =
+        |size: fn(&Meta) -> u32, given: u32| loaded.map(size).filter(|s| *s != 0).unwrap_or(given);
+    let meta = Meta {
+        instance: paths.name.clone(),
+        netns: opts.netns.clone(),
+        uplink: uplink.name.clone(),
+        uplink_index: uplink.index,
+        uplink_address: snap.ipv4_of(uplink.index).map(|a| a.addr),
+        bridge: bridge.name.clone(),
+        bridge_index: bridge.index,
+        bridge_address: snap.ipv4_of(bridge.index).map(|a| (a.addr, a.prefix)),
+        xdp_mode,
+        ct_size: kept(|m| m.ct_size, opts.ct_size),
+        ct_timeouts,
+        flow_table_size: kept(|m| m.flow_table_size, opts.flow_table_size),
+        flow_logs: opts.flow_logs.clone(),
+        monitor_rate: opts.monitor_rate,
+        metrics: opts.metrics,
+    };
+    Ok((meta, mode))
 }
 
 /// `ecsnet up`: load, attach, pin and apply the state (if given), then start the agent.
@@ -314,17 +290,17 @@ pub fn up(
             pid,
         });
     }
-    let xdp_choice = xdp_mode(&opts.xdp_mode)?;
-    entries::parse_timeouts(&opts.ct_timeouts).map_err(InstanceError::Timeouts)?;
+    let xdp = xdp_mode(&opts.xdp_mode)?;
+    let ct_timeouts = state::timeouts::parse(&opts.ct_timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
     // A state file may name the uplink and bridge; flags win.
-    let state = match &opts.state {
+    let requested = match &opts.state {
         Some(file) => {
-            let text_state: State = state::load(file, BridgeNet::default())?;
-            flags.uplink = flags.uplink.or(text_state.host.uplink.clone());
-            flags.bridge = flags.bridge.or(text_state.host.bridge.clone());
-            Some(file.clone())
+            let requested = state::load(file, BridgeNet::default())?;
+            flags.uplink = flags.uplink.or(requested.host.uplink.clone());
+            flags.bridge = flags.bridge.or(requested.host.bridge.clone());
+            Some((file.display().to_string(), requested))
         }
         None => None,
     };
@@ -341,101 +317,27 @@ pub fn up(
         flags.uplink = flags.uplink.or(Some(m.uplink.clone()));
         flags.bridge = flags.bridge.or(Some(m.bridge.clone()));
     }
-    let (uplink_index, uplink, bridge_index, bridge) = discover(&snap, &flags)?;
-    let uplink_kind = snap
-        .links
-        .iter()
-        .find(|l| l.index == uplink_index)
-        .map_or("", |l| l.kind.as_str());
-    let (mode, xdp_name) = xdp_for(xdp_choice, uplink_kind);
-    if xdp_choice == XdpChoice::Auto && mode.is_none() {
-        log::info!(
-            "no XDP on {uplink}: it is a {uplink_kind} (--xdp-mode auto); tc ingress polices it"
-        );
-    }
-    let bridge_address = snap.ipv4_of(bridge_index).map(|a| (a.addr, a.prefix));
-    let config = entries::config_entry(&snap, uplink_index, bridge_index)?;
-    // A datapath that is still loaded keeps the table it has.
-    let ct_size = match previous.as_ref() {
-        Some(m) if datapath::is_loaded(paths) && m.ct_size != 0 => m.ct_size,
-        _ => opts.ct_size,
-    };
-    let flow_table_size = match previous.as_ref() {
-        Some(m) if datapath::is_loaded(paths) && m.flow_table_size != 0 => m.flow_table_size,
-        _ => opts.flow_table_size,
-    };
+    let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), (xdp, ct_timeouts))?;
+    let config = entries::config_entry(&snap, meta.uplink_index, meta.bridge_index)?;
     opts.flow_logs.format().map_err(InstanceError::FlowLog)?;
-    let mut meta = Meta {
-        instance: paths.name.clone(),
-        netns: opts.netns.clone(),
-        uplink: uplink.clone(),
-        uplink_index,
-        uplink_address: snap.ipv4_of(uplink_index).map(|a| a.addr),
-        bridge,
-        bridge_index,
-        bridge_address,
-        xdp_mode: xdp_name.to_owned(),
-        window_secs: opts.flow_logs.window_secs,
-        flow_log: opts.flow_logs.sink.clone(),
-        ct_size,
-        ct_timeouts: opts.ct_timeouts.clone(),
-        flow_table_size,
-        flow_logs: opts.flow_logs.clone(),
-        monitor_rate: opts.monitor_rate,
-        metrics: opts.metrics,
-    };
-    // Check the whole state against the host before touching anything.
-    let plan = match &state {
-        Some(file) => Some(plan_apply(paths, &meta, &snap, file)?),
+    // Check the whole state against the host, and compute every entry, before touching anything.
+    let plan = match requested {
+        Some((file, requested)) => Some(plan_state(paths, &meta, &snap, requested, &file)?),
         None => match read_applied(paths)? {
             Some(applied) => Some(plan_state(paths, &meta, &snap, applied, "applied state")?),
             None => None,
         },
     };
-
+    let writes = UpWrites {
+        meta,
+        mode,
+        xdp,
+        config,
+        local_addrs: entries::local_addr_entries(&snap),
+        plan,
+    };
     let fresh = !datapath::is_loaded(paths);
-    let result = (|| {
-        datapath::load(paths, ct_size, flow_table_size)?;
-        let attached = datapath::attach_uplink(paths, &uplink, uplink_index, mode)
-            .map(|()| xdp_name)
-            .or_else(|e| {
-                // Native XDP needs driver support. Asked for, fall back to generic XDP; under
-                // auto, do without (generic XDP would cost more than it saves). Say so either
-                // way, and record the mode the uplink got.
-                match (mode, xdp_choice) {
-                    (Some(XdpMode::Driver), XdpChoice::Auto) => {
-                        log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
-                        datapath::attach_uplink(paths, &uplink, uplink_index, None).map(|()| "off")
-                    }
-                    (Some(XdpMode::Driver), _) => {
-                        log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
-                        datapath::attach_uplink(paths, &uplink, uplink_index, Some(XdpMode::Skb))
-                            .map(|()| "skb")
-                    }
-                    _ => Err(e),
-                }
-            })?;
-        meta.xdp_mode = attached.to_owned();
-        maps::write_iface(paths, uplink_index, entries::uplink_entry(uplink_index).1)?;
-        if lock.is_none() {
-            let dir = paths.run_dir();
-            fs::create_dir_all(&dir).map_err(io(&dir))?;
-            lock = Some(take_apply_lock(paths)?);
-        }
-        write_json(&paths.meta_file(), &meta)?;
-        let mut config = config;
-        if let Some(plan) = &plan {
-            commit(paths, plan, false)?;
-            config.flags = entries::config_flags(&plan.state.host);
-        }
-        maps::write_local_addrs(paths, &entries::local_addr_entries(&snap))?;
-        flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
-            .map_err(InstanceError::FlowLog)?;
-        // Last: with CONFIG written the datapath starts translating.
-        maps::write_config(paths, &config)?;
-        Ok::<_, InstanceError>(())
-    })();
-    if let Err(e) = result {
+    if let Err(e) = writes.write(paths, opts, &mut lock) {
         if fresh {
             let _ = teardown(paths);
         }
@@ -449,28 +351,85 @@ pub fn up(
     }
 }
 
-/// A checked state, ready to be written.
-#[derive(Debug)]
-pub struct Plan {
-    pub state: State,
-    pub tasks: Vec<entries::ResolvedTask>,
-    /// The security groups compiled in the generation the live tries do not use.
-    pub policy: Compiled,
+/// What `up` writes, all of it known before the first write.
+struct UpWrites {
+    meta: Meta,
+    /// The XDP mode to try first, and what was asked for.
+    mode: Option<XdpMode>,
+    xdp: XdpChoice,
+    config: Config,
+    local_addrs: Vec<(u32, u32)>,
+    plan: Option<Plan>,
 }
 
+impl UpWrites {
+    /// Loads and attaches the datapath, records the meta (taking the apply lock into `lock`
+    /// first if `up` has none yet) and writes every entry; `CONFIG` last, which starts
+    /// translation.
+    fn write(
+        mut self,
+        paths: &InstancePaths,
+        opts: &UpOptions,
+        lock: &mut Option<ApplyLock>,
+    ) -> Result<(), InstanceError> {
+        datapath::load(paths, self.meta.ct_size, self.meta.flow_table_size)?;
+        self.meta.xdp_mode = self.attach_uplink(paths)?;
+        let (ifindex, row) = entries::uplink_entry(self.meta.uplink_index);
+        maps::write_iface(paths, ifindex, row)?;
+        if lock.is_none() {
+            let dir = paths.run_dir();
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+            *lock = Some(take_apply_lock(paths)?);
+        }
+        files::write_meta(paths, &self.meta)?;
+        if let Some(plan) = &self.plan {
+            commit(paths, plan, false)?;
+            self.config.flags = plan.config_flags;
+        }
+        maps::write_local_addrs(paths, &self.local_addrs)?;
+        flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
+            .map_err(InstanceError::FlowLog)?;
+        // Last: with CONFIG written the datapath starts translating.
+        maps::write_config(paths, &self.config)?;
+        Ok(())
+    }
+
+    /// Attaches the uplink programs and returns the XDP mode the uplink got. Native XDP needs
+    /// driver support. Asked for, it falls back to generic XDP; under auto, to none (generic
+    /// XDP would cost more than it saves). Either way says so.
+    fn attach_uplink(&self, paths: &InstancePaths) -> Result<UplinkXdp, DatapathError> {
+        let (uplink, index) = (&self.meta.uplink, self.meta.uplink_index);
+        let Err(e) = datapath::attach_uplink(paths, uplink, index, self.mode) else {
+            return Ok(self.meta.xdp_mode);
+        };
+        let (fallback, got) = match (self.mode, self.xdp) {
+            (Some(XdpMode::Driver), XdpChoice::Auto) => {
+                log::warn!("native XDP on {uplink} failed ({e}); running without XDP");
+                (None, UplinkXdp::Off)
+            }
+            (Some(XdpMode::Driver), _) => {
+                log::warn!("native XDP on {uplink} failed ({e}); using generic XDP");
+                (Some(XdpMode::Skb), UplinkXdp::Skb)
+            }
+            _ => return Err(e),
+        };
+        datapath::attach_uplink(paths, uplink, index, fallback).map(|()| got)
+    }
+}
+
+/// Reads, resolves and plans a state file for an instance that is up.
 fn plan_apply(
     paths: &InstancePaths,
     meta: &Meta,
     snap: &Snapshot,
     file: &Path,
 ) -> Result<Plan, InstanceError> {
-    let bridge = BridgeNet {
-        address: meta.bridge_address,
-    };
-    let state = state::load(file, bridge)?;
-    plan_state(paths, meta, snap, state, &file.display().to_string())
+    let requested = state::read(file)?;
+    plan_state(paths, meta, snap, requested, &file.display().to_string())
 }
 
+/// Validates `requested` (from `file`) against the bridge, finds its tasks on the host, and
+/// computes every entry: the first error stops it before any write.
 fn plan_state(
     paths: &InstancePaths,
     meta: &Meta,
@@ -478,45 +437,27 @@ fn plan_state(
     requested: State,
     file: &str,
 ) -> Result<Plan, InstanceError> {
+    let bridge = BridgeNet {
+        address: meta.bridge_address,
+    };
+    let rules = state::validate(&requested, bridge).map_err(|error| LoadError::Invalid {
+        file: file.to_owned(),
+        error,
+    })?;
     let resolve_err = |error| InstanceError::Resolve {
         file: file.to_owned(),
         error,
     };
-    state::validate(
-        &requested,
-        BridgeNet {
-            address: meta.bridge_address,
-        },
-    )
-    .map_err(resolve_err)?;
-    let mut tasks = entries::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
+    let mut tasks = tasks::resolve(&requested, snap, meta.bridge_index).map_err(resolve_err)?;
     ask_macs(snap, meta, &mut tasks);
-    let previous = match read_applied(paths)? {
-        Some(applied) => entries::dynamic_ports_of(&applied, &requested),
-        None => HashMap::new(),
-    };
-    let mut state = requested;
-    entries::assign_dynamic_ports(&mut state, &previous).map_err(resolve_err)?;
-    for (t, r) in state.tasks.iter_mut().zip(&tasks) {
-        t.interface = Some(r.ifname.clone());
-    }
+    let applied = read_applied(paths)?;
     let generation = maps::next_policy_generation(paths)?;
-    let policy = Compiled::new(&state, generation).map_err(|e| {
-        resolve_err(StateError {
-            path: "$.securityGroups".to_owned(),
-            message: e.to_string(),
-        })
-    })?;
-    Ok(Plan {
-        state,
-        tasks,
-        policy,
-    })
+    Plan::new(requested, &rules, tasks, applied.as_ref(), generation).map_err(resolve_err)
 }
 
 /// Asks by ARP for the MACs the host does not know yet; a task that does not answer gets its MAC
 /// learned by the datapath from its first packet.
-fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
+fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [ResolvedTask]) {
     let unknown: Vec<Ipv4Addr> = tasks
         .iter()
         .filter(|t| t.mac == [0; 6])
@@ -528,7 +469,7 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
     ) else {
         return;
     };
-    match crate::host::arp::resolve(
+    match arp::resolve(
         meta.bridge_index,
         mac,
         ip,
@@ -546,25 +487,23 @@ fn ask_macs(snap: &Snapshot, meta: &Meta, tasks: &mut [entries::ResolvedTask]) {
     }
 }
 
-/// Writes a plan: attach new task interfaces, write maps, detach what is gone, record it.
+/// Writes a plan: attach new task interfaces, write its entries, detach what is gone, record it.
 /// Policy changes take effect per task in one map write: the new tries are written beside the
 /// old, tasks switch, the old entries go. Tracked flows stay unless `reset_flows`, which cuts
 /// those the new policy would not allow; returns how many were cut.
 fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize, InstanceError> {
-    let meta = read_meta(paths)?.ok_or_else(|| InstanceError::NotUp {
+    let meta = read_meta(paths)?.ok_or_else(|| StoreError::NotUp {
         instance: paths.name.clone(),
     })?;
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
-    maps::write_policy(paths, &plan.policy)?;
-    let (by_addr, by_if) = entries::task_entries(&plan.tasks, &plan.policy);
-    maps::write_tasks(paths, &by_addr, &by_if)?;
-    maps::write_ports(paths, &entries::port_entries(&plan.state))?;
-    let mut cfg = maps::read_config(paths)?;
-    cfg.flags = entries::config_flags(&plan.state.host);
-    maps::write_config(paths, &cfg)?;
-    maps::remove_stale_policy(paths, &plan.policy)?;
+    let (peers, rules) = (&plan.policy.peers, &plan.policy.rules);
+    maps::write_policy(paths, peers, rules)?;
+    maps::write_tasks(paths, &plan.task_entries, &plan.iface_entries)?;
+    maps::write_ports(paths, &plan.ports)?;
+    maps::write_config_flags(paths, plan.config_flags)?;
+    maps::remove_stale_policy(paths, peers, rules)?;
     for ifindex in datapath::attached_ifindexes(paths) {
         if ifindex != meta.uplink_index && !plan.tasks.iter().any(|t| t.ifindex == ifindex) {
             datapath::detach(paths, ifindex)?;
@@ -572,13 +511,11 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         }
     }
     let cut = if reset_flows {
-        maps::remove_flows(paths, |k, e| {
-            !crate::plan::sg::flow_allowed(&plan.policy, k, e)
-        })?
+        maps::remove_flows(paths, |k, e| !sg::flow_allowed(&plan.policy, k, e))?
     } else {
         0
     };
-    write_json(&paths.applied_state(), &plan.state)?;
+    files::write_applied(paths, &plan.state)?;
     Ok(cut)
 }
 
@@ -596,7 +533,7 @@ pub fn apply(
     file: &Path,
     reset_flows: bool,
 ) -> Result<Applied, InstanceError> {
-    let meta = require_up(paths)?;
+    let meta = files::require_up(paths)?;
     let _lock = take_apply_lock(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_apply(paths, &meta, &snap, file)?;
@@ -616,7 +553,7 @@ pub fn apply_state(
     what: &str,
     reset_flows: bool,
 ) -> Result<Applied, InstanceError> {
-    let meta = require_up(paths)?;
+    let meta = files::require_up(paths)?;
     let snap = Snapshot::read()?;
     let plan = plan_state(paths, &meta, &snap, state, what)?;
     let flows_cut = commit(paths, &plan, reset_flows)?;
@@ -624,15 +561,6 @@ pub fn apply_state(
         state: plan.state,
         flows_cut,
     })
-}
-
-pub fn require_up(paths: &InstancePaths) -> Result<Meta, InstanceError> {
-    match read_meta(paths)? {
-        Some(m) if datapath::is_loaded(paths) => Ok(m),
-        _ => Err(InstanceError::NotUp {
-            instance: paths.name.clone(),
-        }),
-    }
 }
 
 /// What `down` found and removed.
@@ -652,31 +580,8 @@ pub fn teardown(paths: &InstancePaths) -> Result<DownReport, InstanceError> {
         had_files: paths.run_dir().exists() || paths.socket().exists(),
     };
     datapath::unpin_all(paths)?;
-    for f in [paths.socket()] {
-        match fs::remove_file(&f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&f)(e)),
-        }
-    }
-    let dir = paths.run_dir();
-    match fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&dir)(e)),
-    }
+    files::remove(&paths.socket())?;
+    files::remove(&paths.run_dir())?;
     let _ = fs::remove_dir(crate::store::paths::RUN_DIR);
     Ok(report)
-}
-
-/// Waits until `cond` holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }

@@ -6,7 +6,7 @@ use std::{
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::{
@@ -14,7 +14,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{instance::wait_for, store::paths::InstancePaths};
+use crate::store::paths::InstancePaths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -40,7 +40,7 @@ fn is_our_agent(pid: i32, instance: &str) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let has = |s: &str| args.iter().any(|a| *a == s.as_bytes());
+    let has = |s: &str| args.contains(&s.as_bytes());
     // A zombie has an empty cmdline and is not alive for our purposes.
     has("agent")
         && args
@@ -102,7 +102,7 @@ pub fn spawn_agent(paths: &InstancePaths, netns: Option<&str>) -> Result<i32, Pr
         path: PathBuf::from("ecsnet agent"),
         source,
     })?;
-    let pid = child.id() as i32;
+    let pid = i32::try_from(child.id()).expect("a pid fits pid_t");
     let socket = paths.socket();
     let secs = 10;
     let ready = wait_for(Duration::from_secs(secs), || {
@@ -148,4 +148,16 @@ pub fn stop_agent(paths: &InstancePaths) -> Result<Option<i32>, ProcessError> {
         }
     }
     Ok(Some(pid))
+}
+
+/// Waits until `cond` holds or `timeout` passes.
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
 }

@@ -1,8 +1,5 @@
-//! Whole-map reads and deletes of plain hash maps in chunks (`BPF_MAP_LOOKUP_BATCH`,
-//! `BPF_MAP_DELETE_BATCH`, kernel 5.6+). aya's iterator makes two syscalls per entry
-//! (get-next-key, then lookup); these make one per few thousand. The agent reads the whole
-//! connection table every second, which holds hundreds of thousands of entries on a host that
-//! opens tens of thousands of connections a second.
+//! Whole-map reads and deletes of hash maps in chunks (`BPF_MAP_LOOKUP_BATCH`, `_DELETE_BATCH`,
+//! kernel 5.6+), which aya lacks: one syscall per few thousand entries where aya makes two each.
 
 use std::{
     io,
@@ -13,25 +10,37 @@ use std::{
 use aya::Pod;
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 
-/// Entries per syscall. A hash map hands over whole buckets, so a chunk must hold the fullest
-/// bucket (ENOSPC otherwise); buckets hold a handful.
+/// Entries per syscall. The agent reads the whole connection table every second, hundreds of
+/// thousands of entries on a busy host. A hash map hands over whole buckets, so a chunk must
+/// hold the fullest bucket (ENOSPC otherwise); buckets hold a handful.
 const CHUNK: usize = 4096;
 
-fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+/// A buffer's address as the kernel's `__u64` pointer fields take it.
+fn addr<T>(p: *const T) -> u64 {
+    p as u64
+}
+
+/// The map's fd as `bpf_attr` takes it (an open fd is never negative).
+fn map_fd(fd: BorrowedFd<'_>) -> u32 {
+    fd.as_raw_fd().cast_unsigned()
+}
+
+/// The `bpf(2)` syscall; its non-negative result (a new fd for the commands that make one).
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a whole, initialised bpf_attr whose pointers point into buffers the
     // caller keeps alive and large enough for `count` entries.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            size_of::<bpf_attr>() as libc::c_uint,
+            std::ptr::from_mut(attr),
+            libc::c_uint::try_from(size_of::<bpf_attr>()).expect("bpf_attr is small"),
         )
     };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(r)
     }
 }
 
@@ -56,13 +65,13 @@ fn lookup_raw(
     let mut first = true;
     loop {
         let mut attr = zeroed_attr();
-        attr.batch.in_batch = if first { 0 } else { &at as *const u32 as u64 };
-        attr.batch.out_batch = &mut next as *mut u32 as u64;
-        attr.batch.keys = keys.as_mut_ptr() as u64;
-        attr.batch.values = values.as_mut_ptr() as u64;
-        attr.batch.count = CHUNK as u32;
-        attr.batch.map_fd = fd.as_raw_fd() as u32;
-        let r = bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+        attr.batch.in_batch = if first { 0 } else { addr(&raw const at) };
+        attr.batch.out_batch = addr(&raw mut next);
+        attr.batch.keys = addr(keys.as_mut_ptr());
+        attr.batch.values = addr(values.as_mut_ptr());
+        attr.batch.count = u32::try_from(CHUNK).expect("CHUNK fits the count");
+        attr.batch.map_fd = map_fd(fd);
+        let r = bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr).map(drop);
         // SAFETY: the kernel wrote back how many entries it copied, also with ENOENT.
         let n = (unsafe { attr.batch.count } as usize).min(CHUNK);
         for i in 0..n {
@@ -86,7 +95,7 @@ fn lookup_raw(
 fn read<T: Pod>(bytes: &[u8]) -> T {
     assert!(bytes.len() >= size_of::<T>());
     // SAFETY: `bytes` holds a T the kernel copied out; T is plain data.
-    unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) }
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
 }
 
 /// Every entry of the hash map `fd`, whose key and value sizes must be `K`'s and `V`'s
@@ -94,7 +103,7 @@ fn read<T: Pod>(bytes: &[u8]) -> T {
 pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     lookup_raw(fd, size_of::<K>(), size_of::<V>(), |k, v| {
-        out.push((read(k), read(v)))
+        out.push((read(k), read(v)));
     })?;
     Ok(out)
 }
@@ -108,7 +117,7 @@ pub fn lookup_all_per_cpu<K: Pod, V: Pod>(
     let stride = size_of::<V>().next_multiple_of(8);
     let mut out = Vec::new();
     lookup_raw(fd, size_of::<K>(), stride * cpus, |k, v| {
-        out.push((read(k), v.chunks_exact(stride).map(read).collect()))
+        out.push((read(k), v.chunks_exact(stride).map(read).collect()));
     })?;
     Ok(out)
 }
@@ -121,10 +130,10 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
         let chunk = &keys[done..keys.len().min(done + CHUNK)];
         let mut attr = zeroed_attr();
         // The kernel only reads `keys`.
-        attr.batch.keys = chunk.as_ptr() as u64;
-        attr.batch.count = chunk.len() as u32;
-        attr.batch.map_fd = fd.as_raw_fd() as u32;
-        let r = bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr);
+        attr.batch.keys = addr(chunk.as_ptr());
+        attr.batch.count = u32::try_from(chunk.len()).expect("at most CHUNK keys");
+        attr.batch.map_fd = map_fd(fd);
+        let r = bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr).map(drop);
         // SAFETY: the kernel wrote back how many keys it deleted before stopping.
         let n = (unsafe { attr.batch.count } as usize).min(chunk.len());
         deleted += n;
@@ -170,47 +179,35 @@ mod tests {
         attr.__bindgen_anon_1.key_size = 4;
         attr.__bindgen_anon_1.value_size = 8;
         attr.__bindgen_anon_1.max_entries = max_entries;
-        // SAFETY: as in `bpf`; BPF_MAP_CREATE returns a new fd.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_CREATE as libc::c_long,
-                &mut attr as *mut bpf_attr,
-                size_of::<bpf_attr>() as libc::c_uint,
-            )
-        };
-        assert!(
-            fd >= 0,
-            "BPF_MAP_CREATE failed (run the tests as root): {}",
-            io::Error::last_os_error()
-        );
+        let fd = bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr)
+            .expect("BPF_MAP_CREATE (run the tests as root)");
         // SAFETY: the kernel just gave us this fd.
-        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) }
     }
 
     fn update(fd: BorrowedFd<'_>, key: u32, value: &[u64]) {
         let mut attr = zeroed_attr();
         // `key` and `value` outlive the call.
-        attr.__bindgen_anon_2.map_fd = fd.as_raw_fd() as u32;
-        attr.__bindgen_anon_2.key = &key as *const u32 as u64;
-        attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_ptr() as u64;
+        attr.__bindgen_anon_2.map_fd = map_fd(fd);
+        attr.__bindgen_anon_2.key = addr(&raw const key);
+        attr.__bindgen_anon_2.__bindgen_anon_1.value = addr(value.as_ptr());
         bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).expect("BPF_MAP_UPDATE_ELEM");
     }
 
     #[test]
     fn reads_every_entry_across_chunks_and_deletes_skipping_missing_keys() {
-        let n = (CHUNK * 2 + 100) as u32;
+        let n = u32::try_from(CHUNK * 2 + 100).unwrap();
         let map = create(bpf_map_type::BPF_MAP_TYPE_HASH, n);
         for k in 0..n {
             update(map.as_fd(), k, &[u64::from(k) * 3]);
         }
         let mut all: Vec<(u32, u64)> = lookup_all(map.as_fd()).unwrap();
-        all.sort();
+        all.sort_unstable();
         assert_eq!(all.len(), n as usize);
         assert!(
             all.iter()
                 .enumerate()
-                .all(|(i, &(k, v))| k == i as u32 && v == 3 * u64::from(k))
+                .all(|(i, &(k, v))| k as usize == i && v == 3 * u64::from(k))
         );
 
         // Every even key, with keys that were never there mixed in (and one given twice).
@@ -243,7 +240,7 @@ mod tests {
             update(map.as_fd(), k, &values);
         }
         let mut all: Vec<(u32, Vec<u64>)> = lookup_all_per_cpu(map.as_fd(), cpus).unwrap();
-        all.sort();
+        all.sort_unstable();
         assert_eq!(all.len(), 50);
         for (k, values) in all {
             let want: Vec<u64> = (0..cpus as u64).map(|c| u64::from(k) * 100 + c).collect();

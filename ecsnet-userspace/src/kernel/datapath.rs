@@ -1,6 +1,5 @@
-//! Loading, attaching and pinning the datapath, and taking it all away again. Everything lives
-//! under `/sys/fs/bpf/ecsnet/<instance>/` (maps/, progs/, links/), so packets keep flowing with
-//! no ecsnet process; `down` is "unpin the directory".
+//! Loading, attaching and pinning the datapath, and taking it all away again. Everything is
+//! pinned (`pins`), so packets keep flowing with no ecsnet process; `down` unpins the directory.
 
 use std::{
     fs,
@@ -18,7 +17,7 @@ use aya::{
 
 use aya_obj::programs::XdpAttachType;
 
-use crate::store::paths::{BPFFS, InstancePaths};
+use crate::kernel::pins::{BPFFS, InstancePaths};
 
 /// tc program on the ingress of a task interface: what the task sends.
 pub const PROG_TASK_INGRESS: &str = "tc_task_ingress";
@@ -40,9 +39,9 @@ const TC_PROGRAMS: [&str; 5] = [
 ];
 
 /// bpffs magic from statfs(2).
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The datapath object, built by build.rs; also loaded by the BPF_PROG_TEST_RUN tests.
+/// The datapath object, built by build.rs; also loaded by the `BPF_PROG_TEST_RUN` tests.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet"));
 
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +89,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (as systemd does at boot).
 pub fn ensure_bpffs() -> Result<(), DatapathError> {
-    let is_bpffs = nix::sys::statfs::statfs(BPFFS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false);
+    let is_bpffs =
+        nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if is_bpffs {
         return Ok(());
     }
@@ -283,21 +281,29 @@ fn attach_tc(
     pin_link(link.try_into(), pin)
 }
 
+/// Attaches the programs `progs` (ingress, egress) to `ifindex` with tcx.
+fn attach_tc_both(
+    paths: &InstancePaths,
+    progs: [&'static str; 2],
+    ifname: &str,
+    ifindex: u32,
+) -> Result<(), DatapathError> {
+    for (prog, ty) in progs
+        .into_iter()
+        .zip([TcAttachType::Ingress, TcAttachType::Egress])
+    {
+        attach_tc(paths, prog, ifname, ifindex, ty)?;
+    }
+    Ok(())
+}
+
 /// Attaches the task programs to a task interface.
 pub fn attach_task(paths: &InstancePaths, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
-    attach_tc(
+    attach_tc_both(
         paths,
-        PROG_TASK_INGRESS,
+        [PROG_TASK_INGRESS, PROG_TASK_EGRESS],
         ifname,
         ifindex,
-        TcAttachType::Ingress,
-    )?;
-    attach_tc(
-        paths,
-        PROG_TASK_EGRESS,
-        ifname,
-        ifindex,
-        TcAttachType::Egress,
     )
 }
 
@@ -309,19 +315,11 @@ pub fn attach_uplink(
     ifindex: u32,
     mode: Option<XdpMode>,
 ) -> Result<(), DatapathError> {
-    attach_tc(
+    attach_tc_both(
         paths,
-        PROG_UPLINK_INGRESS,
+        [PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS],
         ifname,
         ifindex,
-        TcAttachType::Ingress,
-    )?;
-    attach_tc(
-        paths,
-        PROG_UPLINK_EGRESS,
-        ifname,
-        ifindex,
-        TcAttachType::Egress,
     )?;
     let pin = xdp_link_pin(paths, ifindex);
     let Some(mode) = mode else {

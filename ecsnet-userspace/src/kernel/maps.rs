@@ -1,13 +1,19 @@
-//! Reading and writing the pinned maps of an instance. Writers take entries computed by
-//! `compile`; readers sum per-CPU values into plain numbers for `stats` and the agent.
+//! Reading and writing the pinned maps of an instance. Writers take plain entries (the keys and
+//! values of `ecsnet_common`, computed by `plan`); readers sum per-CPU values for the agent.
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
+    hash::Hash,
     os::fd::AsFd,
     path::PathBuf,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
+use aya::{
+    Pod,
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+    },
+};
 use ecsnet_common::{
     ct::{self, CtEntry, CtKey, Timeouts},
     flow::{
@@ -18,12 +24,12 @@ use ecsnet_common::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
         HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS, MAP_CT_NEW,
         MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS, MAP_STATS, MAP_TASKS, PortKey,
-        PortTarget, StatsKey, TaskInfo,
+        PortTarget, ROLE_TASK, StatsKey, TaskInfo,
     },
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
-use crate::{kernel::batch, plan::sg::Compiled, store::paths::InstancePaths};
+use crate::kernel::{batch, pins::InstancePaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -31,13 +37,10 @@ pub enum MapsError {
     Open {
         map: &'static str,
         path: PathBuf,
-        source: aya::maps::MapError,
+        source: MapError,
     },
     #[error("map {map}: {source}")]
-    Access {
-        map: &'static str,
-        source: aya::maps::MapError,
-    },
+    Access { map: &'static str, source: MapError },
     #[error("map {map}: {source}")]
     Batch {
         map: &'static str,
@@ -56,8 +59,46 @@ fn open(paths: &InstancePaths, map: &'static str) -> Result<Map, MapsError> {
     Map::from_map_data(data).map_err(err)
 }
 
-fn access(map: &'static str) -> impl Fn(aya::maps::MapError) -> MapsError {
+fn access(map: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Access { map, source }
+}
+
+/// The pinned map `map` as the map type `T` (a hash map of its key and value types, ...).
+fn open_as<T: TryFrom<Map, Error = MapError>>(
+    paths: &InstancePaths,
+    map: &'static str,
+) -> Result<T, MapsError> {
+    open(paths, map)?.try_into().map_err(access(map))
+}
+
+/// Inserts or updates `entries` in the hash map `m`, named `map`.
+fn insert_all<K: Pod, V: Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    map: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), MapsError> {
+    for (k, v) in entries {
+        m.insert(k, v, 0).map_err(access(map))?;
+    }
+    Ok(())
+}
+
+/// Removes from the hash map `m`, named `map`, every key `stale` picks.
+fn remove_keys<K: Pod, V: Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    map: &'static str,
+    stale: impl Fn(&K) -> bool,
+) -> Result<(), MapsError> {
+    let doomed: Vec<K> = m.keys().flatten().filter(|k| stale(k)).collect();
+    for k in doomed {
+        m.remove(&k).map_err(access(map))?;
+    }
+    Ok(())
+}
+
+/// The keys of `entries`.
+fn keys_of<K: Eq + Hash + Copy, V>(entries: &[(K, V)]) -> HashSet<K> {
+    entries.iter().map(|(k, _)| *k).collect()
 }
 
 /// Makes `TASKS` and the task rows of `IFACES` equal to the given entries; the uplink rows of
@@ -67,9 +108,7 @@ pub fn write_tasks(
     tasks: &[(u32, TaskInfo)],
     ifaces: &[(u32, IfaceInfo)],
 ) -> Result<(), MapsError> {
-    let mut t: HashMap<MapData, u32, TaskInfo> = open(paths, MAP_TASKS)?
-        .try_into()
-        .map_err(access(MAP_TASKS))?;
+    let mut t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
     for (k, v) in tasks {
         // Keep a MAC the datapath learned when the host had no neighbour entry to offer.
         let mut v = *v;
@@ -81,48 +120,32 @@ pub fn write_tasks(
         }
         t.insert(k, &v, 0).map_err(access(MAP_TASKS))?;
     }
-    let stale: Vec<u32> = t
-        .keys()
-        .flatten()
-        .filter(|k| !tasks.iter().any(|(n, _)| n == k))
-        .collect();
-    for k in stale {
-        t.remove(&k).map_err(access(MAP_TASKS))?;
-    }
+    let keep = keys_of(tasks);
+    remove_keys(&mut t, MAP_TASKS, |k| !keep.contains(k))?;
 
-    let mut i: HashMap<MapData, u32, IfaceInfo> = open(paths, MAP_IFACES)?
-        .try_into()
-        .map_err(access(MAP_IFACES))?;
-    for (k, v) in ifaces {
-        i.insert(k, v, 0).map_err(access(MAP_IFACES))?;
-    }
-    let stale: Vec<u32> = i
+    let mut i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
+    insert_all(&mut i, MAP_IFACES, ifaces)?;
+    let keep = keys_of(ifaces);
+    let task_rows: HashSet<u32> = i
         .iter()
         .flatten()
-        .filter(|(k, v)| {
-            v.role == ecsnet_common::maps::ROLE_TASK && !ifaces.iter().any(|(n, _)| n == k)
-        })
+        .filter(|(_, v)| v.role == ROLE_TASK)
         .map(|(k, _)| k)
         .collect();
-    for k in stale {
-        i.remove(&k).map_err(access(MAP_IFACES))?;
-    }
-    Ok(())
+    remove_keys(&mut i, MAP_IFACES, |k| {
+        task_rows.contains(k) && !keep.contains(k)
+    })
 }
 
 /// Records an interface (the uplink) in `IFACES`.
 pub fn write_iface(paths: &InstancePaths, ifindex: u32, info: IfaceInfo) -> Result<(), MapsError> {
-    let mut i: HashMap<MapData, u32, IfaceInfo> = open(paths, MAP_IFACES)?
-        .try_into()
-        .map_err(access(MAP_IFACES))?;
+    let mut i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
     i.insert(&ifindex, &info, 0).map_err(access(MAP_IFACES))
 }
 
 /// `IFACES` as it is in the kernel.
 pub fn read_ifaces(paths: &InstancePaths) -> Result<Vec<(u32, IfaceInfo)>, MapsError> {
-    let i: HashMap<MapData, u32, IfaceInfo> = open(paths, MAP_IFACES)?
-        .try_into()
-        .map_err(access(MAP_IFACES))?;
+    let i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
     Ok(i.iter().flatten().collect())
 }
 
@@ -165,33 +188,30 @@ fn sum(values: &PerCpuValues<Counters>) -> Counters {
 
 /// Counters of every interface with any, by ifindex.
 pub fn read_counts(paths: &InstancePaths) -> Result<StdHashMap<u32, IfaceCounts>, MapsError> {
-    let m: PerCpuHashMap<MapData, StatsKey, Counters> = open(paths, MAP_STATS)?
-        .try_into()
-        .map_err(access(MAP_STATS))?;
+    let m: PerCpuHashMap<MapData, StatsKey, Counters> = open_as(paths, MAP_STATS)?;
     let mut out: StdHashMap<u32, IfaceCounts> = StdHashMap::new();
-    for entry in m.iter() {
-        let (k, v) = entry.map_err(access(MAP_STATS))?;
-        let c = sum(&v);
-        let e = out.entry(k.ifindex).or_default();
-        match (k.hook, k.class) {
-            (HOOK_TC_INGRESS, CLASS_IPV4) => e.tc_ingress.add(&c),
-            (HOOK_TC_EGRESS, CLASS_IPV4) => e.tc_egress.add(&c),
-            (HOOK_XDP, CLASS_IPV4) => e.xdp.add(&c),
-            (HOOK_TC_INGRESS | HOOK_XDP, CLASS_OTHER) => e.other_ingress.add(&c),
-            (HOOK_TC_EGRESS, CLASS_OTHER) => e.other_egress.add(&c),
-            _ => {}
-        }
+    for entry in &m {
+        let (key, per_cpu) = entry.map_err(access(MAP_STATS))?;
+        let total = sum(&per_cpu);
+        let counts = out.entry(key.ifindex).or_default();
+        let slot = match (key.hook, key.class) {
+            (HOOK_TC_INGRESS, CLASS_IPV4) => &mut counts.tc_ingress,
+            (HOOK_TC_EGRESS, CLASS_IPV4) => &mut counts.tc_egress,
+            (HOOK_XDP, CLASS_IPV4) => &mut counts.xdp,
+            (HOOK_TC_INGRESS | HOOK_XDP, CLASS_OTHER) => &mut counts.other_ingress,
+            (HOOK_TC_EGRESS, CLASS_OTHER) => &mut counts.other_egress,
+            _ => continue,
+        };
+        slot.add(&total);
     }
     Ok(out)
 }
 
 /// Drops by (ifindex, reason number), summed over CPUs and hooks.
 pub fn read_drops(paths: &InstancePaths) -> Result<StdHashMap<(u32, u8), u64>, MapsError> {
-    let m: PerCpuHashMap<MapData, DropKey, u64> = open(paths, MAP_DROPS)?
-        .try_into()
-        .map_err(access(MAP_DROPS))?;
+    let m: PerCpuHashMap<MapData, DropKey, u64> = open_as(paths, MAP_DROPS)?;
     let mut out = StdHashMap::new();
-    for entry in m.iter() {
+    for entry in &m {
         let (k, v) = entry.map_err(access(MAP_DROPS))?;
         *out.entry((k.ifindex, k.reason)).or_default() += v.iter().sum::<u64>();
     }
@@ -200,9 +220,7 @@ pub fn read_drops(paths: &InstancePaths) -> Result<StdHashMap<(u32, u8), u64>, M
 
 /// Removes the counters of interfaces that are no longer attached.
 pub fn forget_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError> {
-    let mut m: PerCpuHashMap<MapData, StatsKey, Counters> = open(paths, MAP_STATS)?
-        .try_into()
-        .map_err(access(MAP_STATS))?;
+    let mut m: PerCpuHashMap<MapData, StatsKey, Counters> = open_as(paths, MAP_STATS)?;
     let keys: Vec<StatsKey> = m
         .keys()
         .flatten()
@@ -216,43 +234,33 @@ pub fn forget_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError
 
 /// Writes the host's configuration; the datapath starts translating once it is there.
 pub fn write_config(paths: &InstancePaths, cfg: &Config) -> Result<(), MapsError> {
-    let mut a: Array<MapData, Config> = open(paths, MAP_CONFIG)?
-        .try_into()
-        .map_err(access(MAP_CONFIG))?;
+    let mut a: Array<MapData, Config> = open_as(paths, MAP_CONFIG)?;
     a.set(0, cfg, 0).map_err(access(MAP_CONFIG))
 }
 
 /// The host's configuration as the datapath has it.
 pub fn read_config(paths: &InstancePaths) -> Result<Config, MapsError> {
-    let a: Array<MapData, Config> = open(paths, MAP_CONFIG)?
-        .try_into()
-        .map_err(access(MAP_CONFIG))?;
+    let a: Array<MapData, Config> = open_as(paths, MAP_CONFIG)?;
     a.get(&0, 0).map_err(access(MAP_CONFIG))
 }
 
+/// Sets `CONFIG::flags`, leaving the rest of the configuration as it is.
+pub fn write_config_flags(paths: &InstancePaths, flags: u8) -> Result<(), MapsError> {
+    let mut cfg = read_config(paths)?;
+    cfg.flags = flags;
+    write_config(paths, &cfg)
+}
+
 /// Makes a hash map's entries equal to `entries`: insert or update them, then remove the rest.
-fn replace_all<K, V>(
+fn replace_all<K: Pod + Eq + Hash, V: Pod>(
     paths: &InstancePaths,
     map: &'static str,
     entries: &[(K, V)],
-) -> Result<(), MapsError>
-where
-    K: aya::Pod + PartialEq,
-    V: aya::Pod,
-{
-    let mut m: HashMap<MapData, K, V> = open(paths, map)?.try_into().map_err(access(map))?;
-    for (k, v) in entries {
-        m.insert(k, v, 0).map_err(access(map))?;
-    }
-    let stale: Vec<K> = m
-        .keys()
-        .flatten()
-        .filter(|k| !entries.iter().any(|(n, _)| n == k))
-        .collect();
-    for k in stale {
-        m.remove(&k).map_err(access(map))?;
-    }
-    Ok(())
+) -> Result<(), MapsError> {
+    let mut m: HashMap<MapData, K, V> = open_as(paths, map)?;
+    insert_all(&mut m, map, entries)?;
+    let keep = keys_of(entries);
+    remove_keys(&mut m, map, |k| !keep.contains(k))
 }
 
 /// Makes `LOCAL_ADDRS` equal to the host's addresses (network byte order -> ifindex).
@@ -283,16 +291,10 @@ pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey, CtEntr
 
 /// The connection-table event counters (`CT_EV_*`), summed over CPUs.
 pub fn read_ct_events(paths: &InstancePaths) -> Result<[u64; CT_EVENT_SLOTS as usize], MapsError> {
-    let m: PerCpuArray<MapData, u64> = open(paths, MAP_CT_EVENTS)?
-        .try_into()
-        .map_err(access(MAP_CT_EVENTS))?;
+    let m: PerCpuArray<MapData, u64> = open_as(paths, MAP_CT_EVENTS)?;
     let mut out = [0; CT_EVENT_SLOTS as usize];
-    for (slot, n) in out.iter_mut().enumerate() {
-        *n = m
-            .get(&(slot as u32), 0)
-            .map_err(access(MAP_CT_EVENTS))?
-            .iter()
-            .sum();
+    for (slot, n) in (0..CT_EVENT_SLOTS).zip(out.iter_mut()) {
+        *n = m.get(&slot, 0).map_err(access(MAP_CT_EVENTS))?.iter().sum();
     }
     Ok(out)
 }
@@ -335,7 +337,7 @@ pub fn ct_capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, Maps
     capacity(paths, map)
 }
 
-/// Removes the flows idle longer than their state allows at `now_ns` (CLOCK_MONOTONIC), both
+/// Removes the flows idle longer than their state allows at `now_ns` (`CLOCK_MONOTONIC`), both
 /// directions together, from both connection tables. Returns the number of flows removed.
 pub fn collect_garbage(
     paths: &InstancePaths,
@@ -389,53 +391,38 @@ pub fn next_policy_generation(paths: &InstancePaths) -> Result<u32, MapsError> {
         // Not loaded yet: nothing is live.
         return Ok(0);
     }
-    let m: HashMap<MapData, PeerKey, PeerRules> = open(paths, MAP_SG_PEERS)?
-        .try_into()
-        .map_err(access(MAP_SG_PEERS))?;
+    let m: HashMap<MapData, PeerKey, PeerRules> = open_as(paths, MAP_SG_PEERS)?;
     let live_is_one = m
         .keys()
         .flatten()
         .any(|k| k.scope >> 1 & GENERATION_BIT != 0);
-    Ok(if live_is_one { 0 } else { 1 })
+    Ok(u32::from(!live_is_one))
 }
 
-/// Writes a compiled policy's entries beside the live ones. Tasks switch to it when
-/// `write_tasks` gives them the new policy numbers; `remove_stale_policy` then drops the old.
-pub fn write_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), MapsError> {
-    let mut p: HashMap<MapData, PeerKey, PeerRules> = open(paths, MAP_SG_PEERS)?
-        .try_into()
-        .map_err(access(MAP_SG_PEERS))?;
-    for (k, v) in &c.peers {
-        p.insert(k, v, 0).map_err(access(MAP_SG_PEERS))?;
-    }
-    let mut r: HashMap<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
-        .try_into()
-        .map_err(access(MAP_SG_RULES))?;
-    for (k, v) in &c.rules {
-        r.insert(k, v, 0).map_err(access(MAP_SG_RULES))?;
-    }
-    Ok(())
+/// Writes a policy's `SG_PEERS` and `SG_RULES` entries beside the live ones. Tasks switch to it
+/// when `write_tasks` gives them the new policy numbers; `remove_stale_policy` then drops the
+/// old.
+pub fn write_policy(
+    paths: &InstancePaths,
+    peers: &[(PeerKey, PeerRules)],
+    rules: &[(RuleKey, u32)],
+) -> Result<(), MapsError> {
+    insert_all(&mut open_as(paths, MAP_SG_PEERS)?, MAP_SG_PEERS, peers)?;
+    insert_all(&mut open_as(paths, MAP_SG_RULES)?, MAP_SG_RULES, rules)
 }
 
-/// Removes every policy entry that is not `c`'s.
-pub fn remove_stale_policy(paths: &InstancePaths, c: &Compiled) -> Result<(), MapsError> {
-    let mut p: HashMap<MapData, PeerKey, PeerRules> = open(paths, MAP_SG_PEERS)?
-        .try_into()
-        .map_err(access(MAP_SG_PEERS))?;
-    let keep: HashSet<PeerKey> = c.peers.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<PeerKey> = p.keys().flatten().filter(|k| !keep.contains(k)).collect();
-    for k in stale {
-        p.remove(&k).map_err(access(MAP_SG_PEERS))?;
-    }
-    let mut r: HashMap<MapData, RuleKey, u32> = open(paths, MAP_SG_RULES)?
-        .try_into()
-        .map_err(access(MAP_SG_RULES))?;
-    let keep: HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<RuleKey> = r.keys().flatten().filter(|k| !keep.contains(k)).collect();
-    for k in stale {
-        r.remove(&k).map_err(access(MAP_SG_RULES))?;
-    }
-    Ok(())
+/// Removes every policy entry that is not one of `peers` or `rules`.
+pub fn remove_stale_policy(
+    paths: &InstancePaths,
+    peers: &[(PeerKey, PeerRules)],
+    rules: &[(RuleKey, u32)],
+) -> Result<(), MapsError> {
+    let keep = keys_of(peers);
+    let mut p: HashMap<MapData, PeerKey, PeerRules> = open_as(paths, MAP_SG_PEERS)?;
+    remove_keys(&mut p, MAP_SG_PEERS, |k| !keep.contains(k))?;
+    let keep = keys_of(rules);
+    let mut r: HashMap<MapData, RuleKey, u32> = open_as(paths, MAP_SG_RULES)?;
+    remove_keys(&mut r, MAP_SG_RULES, |k| !keep.contains(k))
 }
 
 /// Removes both entries of every flow `cut` says to, in both connection tables. Returns the
@@ -446,8 +433,7 @@ pub fn remove_flows(
 ) -> Result<usize, MapsError> {
     let mut removed = 0;
     for map in CT_TABLES {
-        let mut m: HashMap<MapData, CtKey, CtEntry> =
-            open(paths, map)?.try_into().map_err(access(map))?;
+        let mut m: HashMap<MapData, CtKey, CtEntry> = open_as(paths, map)?;
         let entries: Vec<(CtKey, CtEntry)> = m.iter().filter_map(Result::ok).collect();
         for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
             if cut(k, e) {
@@ -462,29 +448,25 @@ pub fn remove_flows(
 
 /// The open capture window and the event rate limit.
 pub fn read_flow_state(paths: &InstancePaths) -> Result<FlowState, MapsError> {
-    let a: Array<MapData, FlowState> = open(paths, MAP_FLOW_STATE)?
-        .try_into()
-        .map_err(access(MAP_FLOW_STATE))?;
+    let a: Array<MapData, FlowState> = open_as(paths, MAP_FLOW_STATE)?;
     a.get(&0, 0).map_err(access(MAP_FLOW_STATE))
 }
 
 pub fn write_flow_state(paths: &InstancePaths, st: &FlowState) -> Result<(), MapsError> {
-    let mut a: Array<MapData, FlowState> = open(paths, MAP_FLOW_STATE)?
-        .try_into()
-        .map_err(access(MAP_FLOW_STATE))?;
+    let mut a: Array<MapData, FlowState> = open_as(paths, MAP_FLOW_STATE)?;
     a.set(0, st, 0).map_err(access(MAP_FLOW_STATE))
 }
 
-/// Every flow of the flow table with its per-CPU counters (CPUs that never saw it are zero).
-pub fn read_flows(paths: &InstancePaths) -> Result<Vec<(FlowKey, Vec<FlowStats>)>, MapsError> {
+/// Flows with their per-CPU counters (CPUs that never saw a flow are zero).
+pub type Flows = Vec<(FlowKey, Vec<FlowStats>)>;
+
+/// Every flow of the flow table with its per-CPU counters.
+pub fn read_flows(paths: &InstancePaths) -> Result<Flows, MapsError> {
     flow_table(paths).map(|(_, flows)| flows)
 }
 
 /// The pinned flow table and every flow in it, read in chunks (`batch`).
-#[allow(clippy::type_complexity)]
-fn flow_table(
-    paths: &InstancePaths,
-) -> Result<(MapData, Vec<(FlowKey, Vec<FlowStats>)>), MapsError> {
+fn flow_table(paths: &InstancePaths) -> Result<(MapData, Flows), MapsError> {
     let data = pinned_for_batch::<FlowKey, FlowStats>(paths, MAP_FLOWS)?;
     let batch_err = |source| MapsError::Batch {
         map: MAP_FLOWS,
@@ -497,11 +479,9 @@ fn flow_table(
 
 /// Packets that found the flow table full, by window and interface, summed over CPUs.
 pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>, MapsError> {
-    let m: PerCpuHashMap<MapData, LostKey, Counters> = open(paths, MAP_FLOW_LOST)?
-        .try_into()
-        .map_err(access(MAP_FLOW_LOST))?;
+    let m: PerCpuHashMap<MapData, LostKey, Counters> = open_as(paths, MAP_FLOW_LOST)?;
     let mut out = Vec::new();
-    for entry in m.iter() {
+    for entry in &m {
         let (k, v) = entry.map_err(access(MAP_FLOW_LOST))?;
         out.push((k, sum(&v)));
     }
@@ -521,9 +501,7 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
         map: MAP_FLOWS,
         source,
     })?;
-    let mut lost: PerCpuHashMap<MapData, LostKey, Counters> = open(paths, MAP_FLOW_LOST)?
-        .try_into()
-        .map_err(access(MAP_FLOW_LOST))?;
+    let mut lost: PerCpuHashMap<MapData, LostKey, Counters> = open_as(paths, MAP_FLOW_LOST)?;
     let lost_keys: Vec<LostKey> = lost.keys().flatten().filter(|k| k.epoch == epoch).collect();
     for k in &lost_keys {
         let _ = lost.remove(k);
@@ -534,21 +512,17 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
 /// Entries in the flow table now, and its capacity.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
     let entries = flow_table(paths)?.1.len() as u64;
-    Ok((entries, capacity(paths, MAP_FLOWS)? as u64))
+    Ok((entries, u64::from(capacity(paths, MAP_FLOWS)?)))
 }
 
 /// Monitor events the datapath suppressed (rate limit or full ring), summed over CPUs.
 pub fn events_suppressed(paths: &InstancePaths) -> Result<u64, MapsError> {
-    let a: PerCpuArray<MapData, EventBudget> = open(paths, MAP_EVENT_BUDGET)?
-        .try_into()
-        .map_err(access(MAP_EVENT_BUDGET))?;
+    let a: PerCpuArray<MapData, EventBudget> = open_as(paths, MAP_EVENT_BUDGET)?;
     let v = a.get(&0, 0).map_err(access(MAP_EVENT_BUDGET))?;
     Ok(v.iter().map(|b| b.suppressed_total).sum())
 }
 
 /// The ring buffer of monitor events, for the agent to read.
 pub fn open_events(paths: &InstancePaths) -> Result<RingBuf<MapData>, MapsError> {
-    open(paths, MAP_EVENTS)?
-        .try_into()
-        .map_err(access(MAP_EVENTS))
+    open_as(paths, MAP_EVENTS)
 }

@@ -1,185 +1,35 @@
-//! State into datapath entries: resolve each task's interface on the live host, choose dynamic
-//! host ports, and turn the result into map keys and values. Pure apart from the snapshot it is
-//! given, so every rule here is unit-tested.
+//! Every map entry the datapath's maps hold for a state on this host, in the byte order the
+//! maps keep (network order for addresses and ports). Pure: the host comes in as a snapshot.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
-};
+use std::net::Ipv4Addr;
 
-use ecsnet_common::{
-    ct::Timeouts,
-    maps::{Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo},
+use ecsnet_common::maps::{
+    CONFIG_BLOCK_IMDS, Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo,
 };
 
 use crate::{
     host::netlink::Snapshot,
-    state::{Protocol, State, StateError},
+    plan::{sg::Compiled, tasks::ResolvedTask},
+    state::{Host, State},
 };
 
-/// A task with everything the datapath needs resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedTask {
-    pub name: String,
-    pub ipv4: Ipv4Addr,
-    pub ifindex: u32,
-    pub ifname: String,
-    /// The task's own MAC when the host has a neighbour entry for it, else zero.
-    pub mac: [u8; 6],
+/// An address as the maps hold it: network byte order in a `u32`.
+pub fn be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
 }
 
-/// Finds every task's interface on the bridge: the named one, or the port behind its address.
-pub fn resolve(
-    state: &State,
-    snap: &Snapshot,
-    bridge: u32,
-) -> Result<Vec<ResolvedTask>, StateError> {
-    let mut out = Vec::with_capacity(state.tasks.len());
-    let mut seen: HashMap<u32, usize> = HashMap::new();
-    for (i, t) in state.tasks.iter().enumerate() {
-        let link = match &t.interface {
-            Some(name) => {
-                let path = format!("$.tasks[{i}].interface");
-                let link = snap.by_name(name).ok_or_else(|| StateError {
-                    path: path.clone(),
-                    message: format!("no interface {name:?} on this host"),
-                })?;
-                if link.master != Some(bridge) {
-                    return Err(StateError {
-                        path,
-                        message: format!("interface {name:?} is not a port of the bridge"),
-                    });
-                }
-                link
-            }
-            None => snap.port_for_address(bridge, t.ipv4_address).ok_or_else(|| StateError {
-                path: format!("$.tasks[{i}].ipv4Address"),
-                message: format!(
-                    "cannot find the interface of {}: no bridge neighbour entry for it; give \"interface\"",
-                    t.ipv4_address
-                ),
-            })?,
-        };
-        if let Some(j) = seen.insert(link.index, i) {
-            return Err(StateError {
-                path: format!("$.tasks[{i}].interface"),
-                message: format!(
-                    "interface {:?} is also the interface of $.tasks[{j}]",
-                    link.name
-                ),
-            });
-        }
-        // The neighbour entry, else the one unicast MAC the bridge learned on the task's port.
-        let learned = snap
-            .fdb
-            .iter()
-            .filter(|(port, m)| *port == link.index && m[0] & 1 == 0 && Some(*m) != link.mac);
-        let mac = snap
-            .neigh
-            .iter()
-            .find(|(ifx, a, _)| *ifx == bridge && *a == t.ipv4_address)
-            .map(|(_, _, m)| *m)
-            .or_else(|| {
-                let mut it = learned;
-                let first = it.next().map(|(_, m)| *m);
-                if it.next().is_some() { None } else { first }
-            })
-            .unwrap_or_default();
-        out.push(ResolvedTask {
-            name: t.name.clone(),
-            ipv4: t.ipv4_address,
-            ifindex: link.index,
-            ifname: link.name.clone(),
-            mac,
-        });
-    }
-    Ok(out)
+/// An address from a map's network-order `u32` ([`be`] undone).
+pub fn from_be(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
 }
 
-/// Key of a port mapping that keeps its dynamic host port across applies.
-pub type MappingKey = (String, u16, Protocol);
-
-/// Gives every `hostPort: 0` a free port from `range`: the one it had before when still free,
-/// else the lowest free one. Fails only when the range is exhausted.
-pub fn assign_dynamic_ports(
-    state: &mut State,
-    previous: &HashMap<MappingKey, u16>,
-) -> Result<(), StateError> {
-    let [lo, hi] = state.host.ephemeral_ports;
-    let mut used: BTreeSet<(u16, Protocol)> = state
-        .tasks
-        .iter()
-        .flat_map(|t| t.port_mappings.iter())
-        .filter(|pm| pm.host_port != 0)
-        .map(|pm| (pm.host_port, pm.protocol))
-        .collect();
-    let mut next: HashMap<Protocol, u16> = HashMap::new();
-    for (i, t) in state.tasks.iter_mut().enumerate() {
-        for (j, pm) in t.port_mappings.iter_mut().enumerate() {
-            if pm.host_port != 0 {
-                continue;
-            }
-            let key = (t.name.clone(), pm.container_port, pm.protocol);
-            if let Some(&p) = previous.get(&key)
-                && (lo..=hi).contains(&p)
-                && !used.contains(&(p, pm.protocol))
-            {
-                pm.host_port = p;
-                used.insert((p, pm.protocol));
-                continue;
-            }
-            let start = next.entry(pm.protocol).or_insert(lo);
-            let port = (*start..=hi)
-                .find(|p| !used.contains(&(*p, pm.protocol)))
-                .ok_or_else(|| StateError {
-                    path: format!("$.tasks[{i}].portMappings[{j}].hostPort"),
-                    message: format!(
-                        "no free {} host port left in ephemeralPorts [{lo}, {hi}]",
-                        pm.protocol.as_str()
-                    ),
-                })?;
-            used.insert((port, pm.protocol));
-            *start = port;
-            pm.host_port = port;
-        }
-    }
-    Ok(())
-}
-
-/// Dynamic ports chosen by an earlier apply, to keep them stable.
-pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKey, u16> {
-    let mut out = HashMap::new();
-    for t in &applied.tasks {
-        let Some(req) = requested.tasks.iter().find(|r| r.name == t.name) else {
-            continue;
-        };
-        for pm in &t.port_mappings {
-            let was_dynamic = req.port_mappings.iter().any(|r| {
-                r.host_port == 0
-                    && r.container_port == pm.container_port
-                    && r.protocol == pm.protocol
-            });
-            if was_dynamic {
-                out.insert(
-                    (t.name.clone(), pm.container_port, pm.protocol),
-                    pm.host_port,
-                );
-            }
-        }
-    }
-    out
-}
-
-/// Map entries for the tasks: `TASKS` by address (network order) and `IFACES` by ifindex.
-pub fn task_entries(
-    tasks: &[ResolvedTask],
-    policy: &crate::plan::sg::Compiled,
-) -> (Vec<(u32, TaskInfo)>, Vec<(u32, IfaceInfo)>) {
-    let by_addr = tasks
+/// The `TASKS` entries: each task by address (network order), with its policy number.
+pub fn task_entries(tasks: &[ResolvedTask], policy: &Compiled) -> Vec<(u32, TaskInfo)> {
+    tasks
         .iter()
         .map(|t| {
             (
-                u32::from(t.ipv4).to_be(),
+                be(t.ipv4),
                 TaskInfo {
                     ifindex: t.ifindex,
                     mac: t.mac,
@@ -188,27 +38,30 @@ pub fn task_entries(
                 },
             )
         })
-        .collect();
-    let by_if = tasks
+        .collect()
+}
+
+/// The task rows of `IFACES`: each task's interface by ifindex, with the task's address.
+pub fn iface_entries(tasks: &[ResolvedTask]) -> Vec<(u32, IfaceInfo)> {
+    tasks
         .iter()
         .map(|t| {
             (
                 t.ifindex,
                 IfaceInfo {
-                    ipv4: u32::from(t.ipv4).to_be(),
+                    ipv4: be(t.ipv4),
                     role: ROLE_TASK,
                     _pad: [0; 3],
                 },
             )
         })
-        .collect();
-    (by_addr, by_if)
+        .collect()
 }
 
 /// `Config::flags` for the state file's `host`.
-pub fn config_flags(host: &crate::state::Host) -> u8 {
+pub fn config_flags(host: &Host) -> u8 {
     if host.block_instance_metadata {
-        ecsnet_common::maps::CONFIG_BLOCK_IMDS
+        CONFIG_BLOCK_IMDS
     } else {
         0
     }
@@ -229,7 +82,7 @@ pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
                         _pad: 0,
                     },
                     PortTarget {
-                        addr: u32::from(t.ipv4_address).to_be(),
+                        addr: be(t.ipv4_address),
                         port: pm.container_port.to_be(),
                         _pad: [0; 2],
                     },
@@ -241,10 +94,7 @@ pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
 
 /// The `LOCAL_ADDRS` entries: every IPv4 address of the host, network byte order -> ifindex.
 pub fn local_addr_entries(snap: &Snapshot) -> Vec<(u32, u32)> {
-    snap.addrs
-        .iter()
-        .map(|a| (u32::from(a.addr).to_be(), a.index))
-        .collect()
+    snap.addrs.iter().map(|a| (be(a.addr), a.index)).collect()
 }
 
 /// Why the datapath cannot be configured for this host.
@@ -273,44 +123,13 @@ pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config,
         .ok_or_else(|| ConfigError::NoBridgeMac(name(bridge)))?;
     Ok(Config {
         uplink_ifindex: uplink,
-        uplink_ipv4: u32::from(up.addr).to_be(),
+        uplink_ipv4: be(up.addr),
         bridge_ifindex: bridge,
-        bridge_ipv4: u32::from(br.addr).to_be(),
+        bridge_ipv4: be(br.addr),
         bridge_mac: mac,
         flags: 0,
         bridge_prefix: br.prefix,
     })
-}
-
-/// Parses `--ct-timeouts`: comma-separated `state=seconds` for tcp-syn, tcp-established,
-/// tcp-closing, tcp-reset, udp and icmp; the states not named keep their defaults.
-pub fn parse_timeouts(spec: &str) -> Result<Timeouts, String> {
-    let mut t = Timeouts::default();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?} is not STATE=SECONDS"))?;
-        let secs: u64 = v
-            .parse()
-            .ok()
-            .filter(|s| *s > 0 && *s <= 30 * 86_400)
-            .ok_or_else(|| format!("{v:?} for {k} is not a number of seconds in 1..=2592000"))?;
-        let slot = match k {
-            "tcp-syn" => &mut t.tcp_syn,
-            "tcp-established" => &mut t.tcp_established,
-            "tcp-closing" => &mut t.tcp_closing,
-            "tcp-reset" => &mut t.tcp_reset,
-            "udp" => &mut t.udp,
-            "icmp" => &mut t.icmp,
-            other => {
-                return Err(format!(
-                    "unknown state {other:?}: use tcp-syn, tcp-established, tcp-closing, tcp-reset, udp or icmp"
-                ));
-            }
-        };
-        *slot = secs;
-    }
-    Ok(t)
 }
 
 /// The `IFACES` entry of the uplink.
@@ -328,121 +147,7 @@ pub fn uplink_entry(ifindex: u32) -> (u32, IfaceInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        host::netlink::Link,
-        state::{PortMapping, Task},
-    };
-
-    fn task(name: &str, ip: [u8; 4], ports: &[(u16, u16, Protocol)]) -> Task {
-        Task {
-            task_arn: None,
-            name: name.into(),
-            ipv4_address: ip.into(),
-            interface: None,
-            interface_id: None,
-            port_mappings: ports
-                .iter()
-                .map(|&(c, h, p)| PortMapping {
-                    container_port: c,
-                    host_port: h,
-                    protocol: p,
-                })
-                .collect(),
-            security_groups: vec![],
-            service_name: None,
-            task_definition_arn: None,
-            container_id: None,
-        }
-    }
-
-    #[test]
-    fn dynamic_ports_skip_static_ones_and_stay_stable() {
-        let mut s = State::default();
-        s.host.ephemeral_ports = [50000, 50003];
-        s.tasks = vec![
-            task(
-                "a",
-                [172, 17, 0, 2],
-                &[(80, 50000, Protocol::Tcp), (81, 0, Protocol::Tcp)],
-            ),
-            task(
-                "b",
-                [172, 17, 0, 3],
-                &[(80, 0, Protocol::Tcp), (53, 0, Protocol::Udp)],
-            ),
-        ];
-        let requested = s.clone();
-        assign_dynamic_ports(&mut s, &HashMap::new()).unwrap();
-        assert_eq!(s.tasks[0].port_mappings[1].host_port, 50001);
-        assert_eq!(s.tasks[1].port_mappings[0].host_port, 50002);
-        assert_eq!(
-            s.tasks[1].port_mappings[1].host_port, 50000,
-            "udp has its own space"
-        );
-
-        // Task a goes away; b keeps its ports although lower ones are now free.
-        let prev = dynamic_ports_of(&s, &requested);
-        let mut again = requested.clone();
-        again.tasks.remove(0);
-        assign_dynamic_ports(&mut again, &prev).unwrap();
-        assert_eq!(again.tasks[0].port_mappings[0].host_port, 50002);
-    }
-
-    #[test]
-    fn dynamic_ports_exhausted_is_an_error_with_a_path() {
-        let mut s = State::default();
-        s.host.ephemeral_ports = [50000, 50000];
-        s.tasks = vec![task(
-            "a",
-            [172, 17, 0, 2],
-            &[(80, 0, Protocol::Tcp), (81, 0, Protocol::Tcp)],
-        )];
-        let err = assign_dynamic_ports(&mut s, &HashMap::new()).unwrap_err();
-        assert_eq!(err.path, "$.tasks[0].portMappings[1].hostPort");
-    }
-
-    #[test]
-    fn resolve_checks_bridge_membership() {
-        let link = |index, name: &str, master| Link {
-            index,
-            name: name.into(),
-            kind: "veth".into(),
-            master,
-            mac: None,
-            up: true,
-        };
-        let snap = Snapshot {
-            links: vec![
-                link(3, "docker0", None),
-                link(5, "vetha", Some(3)),
-                link(6, "eth0", None),
-            ],
-            ..Default::default()
-        };
-        let mut s = State::default();
-        let mut t = task("a", [172, 17, 0, 2], &[]);
-        t.interface = Some("vetha".into());
-        s.tasks = vec![t];
-        let r = resolve(&s, &snap, 3).unwrap();
-        assert_eq!(r[0].ifindex, 5);
-        s.tasks[0].interface = Some("eth0".into());
-        assert_eq!(
-            resolve(&s, &snap, 3).unwrap_err().path,
-            "$.tasks[0].interface"
-        );
-        s.tasks[0].interface = Some("nope".into());
-        assert!(
-            resolve(&s, &snap, 3)
-                .unwrap_err()
-                .message
-                .contains("no interface")
-        );
-        s.tasks[0].interface = None;
-        assert_eq!(
-            resolve(&s, &snap, 3).unwrap_err().path,
-            "$.tasks[0].ipv4Address"
-        );
-    }
+    use crate::{host::netlink::Link, plan::tasks::tests::task, state::Protocol};
 
     #[test]
     fn port_entries_are_network_order_per_protocol() {
@@ -461,21 +166,6 @@ mod tests {
         assert_eq!(e[0].1.port.to_ne_bytes(), 80u16.to_be_bytes());
         assert_eq!(e[0].1.addr.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(e[1].0.proto, 17);
-    }
-
-    #[test]
-    fn timeouts_parse_and_reject() {
-        let t = parse_timeouts("udp=5, tcp-established=100").unwrap();
-        assert_eq!((t.udp, t.tcp_established), (5, 100));
-        assert_eq!(t.tcp_syn, Timeouts::default().tcp_syn);
-        assert_eq!(parse_timeouts("").unwrap(), Timeouts::default());
-        assert!(parse_timeouts("udp").unwrap_err().contains("STATE=SECONDS"));
-        assert!(parse_timeouts("udp=0").unwrap_err().contains("seconds"));
-        assert!(
-            parse_timeouts("sctp=5")
-                .unwrap_err()
-                .contains("unknown state")
-        );
     }
 
     #[test]
@@ -525,7 +215,8 @@ mod tests {
             ifname: "v".into(),
             mac: [0; 6],
         };
-        let (tasks, ifaces) = task_entries(&[t], &crate::plan::sg::Compiled::default());
+        let tasks = task_entries(std::slice::from_ref(&t), &Compiled::default());
+        let ifaces = iface_entries(&[t]);
         assert_eq!(tasks[0].0.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(
             ifaces[0],
@@ -538,5 +229,13 @@ mod tests {
                 }
             )
         );
+    }
+
+    #[test]
+    fn addresses_convert_to_and_from_network_order() {
+        let a = Ipv4Addr::new(172, 17, 0, 2);
+        assert_eq!(be(a).to_ne_bytes(), [172, 17, 0, 2]);
+        assert_eq!(be(a), u32::from(a).to_be());
+        assert_eq!(from_be(be(a)), a);
     }
 }

@@ -1,12 +1,5 @@
-//! Security groups into the policy maps of `ecsnet_common::policy` (SPEC §6).
-//!
-//! Tasks with the same set of security groups share one policy. For each policy and direction
-//! every rule becomes (CIDR, protocol, port range); references to groups become the /32 of each
-//! current member. Each CIDR is expanded to blocks of the next prefix length the datapath probes
-//! (`PEER_LEVELS`), and each block gets the union of the rules of every CIDR that contains it, so
-//! the first block the datapath finds decides. Identical unions share a rule set, whose port
-//! ranges become blocks of the sizes `PORT_LEVELS` allows. The result can also answer checks itself ([`Compiled::allows`]),
-//! which is how `--reset-flows` finds the tracked flows that the new rules no longer allow.
+//! Security groups compiled into the policy maps of `ecsnet_common::policy` (SPEC §6). Tasks
+//! with no groups under `defaultPolicy: allow` get policy 0: no entries, nothing checked.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -14,20 +7,23 @@ use std::{
 };
 
 use ecsnet_common::{
-    ct::{CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE},
+    ct::{
+        CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE,
+        PROTO_ICMP as ICMP, PROTO_TCP as TCP, PROTO_UDP as UDP,
+    },
     policy::{
         DIR_EGRESS, DIR_INGRESS, GENERATION_BIT, MAX_SG_PEERS, MAX_SG_RULES, PEER_LEVELS,
         PORT_LEVELS, PeerKey, PeerRules, RuleKey, TASK_METADATA_ADDR, mask_addr, scope,
     },
 };
 
-use crate::state::{DefaultPolicy, IpPermission, SecurityGroup, State, parse_cidr, rule_protocol};
-
-/// Protocol number meaning every protocol (`IpProtocol: "-1"`).
-pub const ALL_PROTOCOLS: u8 = 255;
-const ICMP: u8 = 1;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+use crate::{
+    plan::entries::from_be,
+    state::{
+        DefaultPolicy,
+        rules::{Icmp, Rule, Rules, Traffic},
+    },
+};
 
 /// What one rule allows of the packets from or to its CIDRs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,29 +35,24 @@ pub enum Allow {
     Range(u8, u16, u16),
 }
 
-/// The allows of one permission (SPEC §6: protocol, ports, ICMP type and code).
-pub fn allow_of(perm: &IpPermission) -> Allow {
-    // `state::validate` has accepted the permission, so the protocol parses.
-    let proto = rule_protocol(&perm.ip_protocol).unwrap_or(ALL_PROTOCOLS);
-    match proto {
-        ALL_PROTOCOLS => Allow::All,
-        TCP | UDP => {
-            let from = perm.from_port.unwrap_or(0).clamp(0, 65535) as u16;
-            let to = perm.to_port.unwrap_or(65535).clamp(0, 65535) as u16;
-            Allow::Range(proto, from, to)
+/// The allows of a rule's traffic (SPEC §6: protocol, ports, ICMP type and code).
+impl From<Traffic> for Allow {
+    fn from(t: Traffic) -> Self {
+        match t {
+            Traffic::All => Self::All,
+            Traffic::Tcp(p) => Self::Range(TCP, p.from(), p.to()),
+            Traffic::Udp(p) => Self::Range(UDP, p.from(), p.to()),
+            Traffic::Icmp(Icmp::All) => Self::Range(ICMP, 0, u16::MAX),
+            Traffic::Icmp(Icmp::Type(t)) => {
+                let t = u16::from(t) << 8;
+                Self::Range(ICMP, t, t | 0xff)
+            }
+            Traffic::Icmp(Icmp::Code(t, c)) => {
+                let p = u16::from(t) << 8 | u16::from(c);
+                Self::Range(ICMP, p, p)
+            }
+            Traffic::Other(p) => Self::Range(p, 0, u16::MAX),
         }
-        ICMP => match (perm.from_port, perm.to_port) {
-            (None | Some(-1), _) => Allow::Range(ICMP, 0, u16::MAX),
-            (Some(t), None | Some(-1)) => {
-                let t = (t as u16) << 8;
-                Allow::Range(ICMP, t, t | 0xff)
-            }
-            (Some(t), Some(c)) => {
-                let p = (t as u16) << 8 | c as u16;
-                Allow::Range(ICMP, p, p)
-            }
-        },
-        other => Allow::Range(other, 0, u16::MAX),
     }
 }
 
@@ -115,22 +106,28 @@ impl RuleSet {
 /// Splits `[lo, hi]` into aligned blocks of the sizes `PORT_LEVELS` allows, largest first:
 /// (start, prefix length).
 pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
-    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     let mut out = Vec::new();
-    while lo <= hi {
+    let mut at = u32::from(lo);
+    while at <= u32::from(hi) {
+        let fits = |len: u8| {
+            let size = 1u32 << (16 - len);
+            at % size == 0 && at + size - 1 <= u32::from(hi)
+        };
         let len = PORT_LEVELS
             .iter()
             .rev()
             .copied()
-            .find(|&len| {
-                let size = 1u32 << (16 - len);
-                lo % size == 0 && lo + size - 1 <= hi
-            })
+            .find(|&l| fits(l))
             .unwrap_or(16);
-        out.push((lo as u16, len));
-        lo += 1 << (16 - len);
+        out.push((start_of(at), len));
+        at += 1 << (16 - len);
     }
     out
+}
+
+/// A block start below 2^16 (`port_blocks` stops at `hi`).
+fn start_of(at: u32) -> u16 {
+    u16::try_from(at).expect("a block starts at a port")
 }
 
 /// The blocks of `PEER_LEVELS` a CIDR expands to: (address, prefix length), host order.
@@ -141,9 +138,10 @@ fn peer_blocks(addr: u32, len: u8) -> impl Iterator<Item = (u32, u8)> {
         .copied()
         .find(|&l| l >= len)
         .unwrap_or(32);
-    let count = 1u64 << (level - len);
-    let step = if level == 0 { 0 } else { 1u64 << (32 - level) };
-    (0..count).map(move |i| ((u64::from(addr) + i * step) as u32, level))
+    // Levels are 8 apart: at most 128 blocks, each inside the CIDR.
+    let count = 1u32 << (level - len);
+    let step = if level == 0 { 0 } else { 1u32 << (32 - level) };
+    (0..count).map(move |i| (addr + i * step, level))
 }
 
 /// Compiling failed: the policy does not fit in the datapath's tries.
@@ -172,78 +170,46 @@ pub struct Compiled {
     sets: HashMap<u32, RuleSet>,
 }
 
-fn mask(len: u8) -> u32 {
-    mask_addr(u32::MAX, len)
+/// The first number of generation `generation` (0 or 1); numbers start one above it.
+fn base_of(generation: u32) -> u32 {
+    if generation == 0 { 0 } else { GENERATION_BIT }
 }
 
-/// A state's groups by id and each group's member tasks' addresses: what compiling looks up,
-/// once per reference, so it stays linear in the number of groups and tasks.
-struct Index<'a> {
-    groups: HashMap<&'a str, &'a SecurityGroup>,
-    members: HashMap<&'a str, Vec<Ipv4Addr>>,
+/// The next number after `used` of them, in generation base `base`.
+fn next_number(base: u32, used: usize) -> u32 {
+    base + u32::try_from(used).expect("fewer numbers than the tries hold") + 1
 }
 
-impl<'a> Index<'a> {
-    fn new(state: &'a State) -> Self {
-        let groups = state
-            .security_groups
-            .iter()
-            .map(|g| (g.group_id.as_str(), g))
-            .collect();
-        let mut members: HashMap<&str, Vec<Ipv4Addr>> = HashMap::new();
-        for t in &state.tasks {
-            let mut ids: Vec<&str> = t.security_groups.iter().map(String::as_str).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            for id in ids {
-                members.entry(id).or_default().push(t.ipv4_address);
-            }
-        }
-        Self { groups, members }
-    }
-}
+/// The rules of one direction of one policy, by CIDR (host order address, length).
+type ByCidr = HashMap<(u32, u8), BTreeSet<Allow>>;
 
-/// The rules of one direction of one policy, by CIDR.
-fn rules_by_cidr(
-    index: &Index,
-    groups: &[String],
-    dir: u32,
-    default_deny: bool,
-) -> HashMap<(u32, u8), BTreeSet<Allow>> {
-    let mut by_cidr: HashMap<(u32, u8), BTreeSet<Allow>> = HashMap::new();
-    if default_deny {
-        // No security group and `defaultPolicy: deny`: AWS's default group without its
-        // self-reference: nothing in, everything out.
+/// The rules of direction `dir` of the groups `groups` (indexes into `rules.groups`), whose
+/// members are `members` (by group index). No group: `defaultPolicy: deny`, AWS's default
+/// group without its self-reference: nothing in, everything out.
+fn rules_by_cidr(rules: &Rules, members: &[Vec<Ipv4Addr>], groups: &[usize], dir: u32) -> ByCidr {
+    let mut by_cidr = ByCidr::new();
+    if groups.is_empty() {
         if dir == DIR_EGRESS {
             by_cidr.entry((0, 0)).or_default().insert(Allow::All);
         }
         return by_cidr;
     }
-    // `groups` is sorted and without duplicates (`Compiled::new`).
-    for sg in groups.iter().filter_map(|id| index.groups.get(id.as_str())) {
-        let perms = if dir == DIR_INGRESS {
-            &sg.ip_permissions
+    for &g in groups {
+        let group = &rules.groups[g];
+        let list: &[Rule] = if dir == DIR_INGRESS {
+            &group.inbound
         } else {
-            &sg.ip_permissions_egress
+            &group.outbound
         };
-        for perm in perms {
-            let allow = allow_of(perm);
-            for r in &perm.ip_ranges {
-                if let Ok((addr, len)) = parse_cidr(&r.cidr_ip) {
-                    by_cidr
-                        .entry((u32::from(addr), len))
-                        .or_default()
-                        .insert(allow);
-                }
-            }
-            for pair in &perm.user_id_group_pairs {
-                let members = index.members.get(pair.group_id.as_str());
-                for addr in members.into_iter().flatten() {
-                    by_cidr
-                        .entry((u32::from(*addr), 32))
-                        .or_default()
-                        .insert(allow);
-                }
+        for rule in list {
+            let allow = Allow::from(rule.traffic);
+            let cidrs = rule
+                .cidrs
+                .iter()
+                .map(|n| (u32::from(n.addr()), n.prefix_len()));
+            let peers = rule.groups.iter().flat_map(|&p| &members[p]);
+            for key in cidrs.chain(peers.map(|a| (u32::from(*a), 32))) {
+                by_cidr.entry(key).or_default().insert(allow);
             }
         }
     }
@@ -251,92 +217,39 @@ fn rules_by_cidr(
 }
 
 impl Compiled {
-    /// Compiles `state` (already validated) with numbers of generation `generation` (0 or 1).
-    pub fn new(state: &State, generation: u32) -> Result<Self, TooBig> {
-        let base = if generation == 0 { 0 } else { GENERATION_BIT };
+    /// Compiles validated `rules` with numbers of generation `generation` (0 or 1).
+    ///
+    /// Tasks with the same set of security groups share one policy. For each policy and
+    /// direction every rule becomes (CIDR, protocol, port range); references to groups become
+    /// the /32 of each current member. Each CIDR is expanded to blocks of the next prefix
+    /// length the datapath probes (`PEER_LEVELS`), and each block gets the union of the rules of
+    /// every CIDR that contains it, so the first block the datapath finds decides. Identical
+    /// unions share a rule set, whose port ranges become blocks of the sizes `PORT_LEVELS`
+    /// allows. The result answers checks itself ([`Compiled::allows`]), which is how
+    /// `--reset-flows` finds the tracked flows the new rules no longer allow.
+    pub fn new(rules: &Rules, generation: u32) -> Result<Self, TooBig> {
+        let base = base_of(generation);
         let mut out = Self::default();
-        let mut policies: BTreeMap<Vec<String>, u32> = BTreeMap::new();
-        let mut set_ids: HashMap<RuleSet, u32> = HashMap::new();
-        let deny = state.host.default_policy == DefaultPolicy::Deny;
-        for t in &state.tasks {
-            let mut groups = t.security_groups.clone();
-            groups.sort();
-            groups.dedup();
-            if groups.is_empty() && !deny {
-                out.task_policy.insert(t.ipv4_address, 0);
-                continue;
+        let policies = out.number_policies(rules, base);
+        let mut members: Vec<Vec<Ipv4Addr>> = vec![Vec::new(); rules.groups.len()];
+        for t in &rules.tasks {
+            for &g in &t.groups {
+                members[g].push(t.addr);
             }
-            let next = base + policies.len() as u32 + 1;
-            let id = *policies.entry(groups).or_insert(next);
-            out.task_policy.insert(t.ipv4_address, id);
         }
-        let index = Index::new(state);
+        let mut set_ids: HashMap<RuleSet, u32> = HashMap::new();
         for (groups, &policy) in &policies {
+            let groups: Vec<usize> = groups.iter().map(|&(_, g)| g).collect();
             for dir in [DIR_INGRESS, DIR_EGRESS] {
-                let by_cidr = rules_by_cidr(&index, groups, dir, groups.is_empty());
-                let mut union_of = |addr: u32, len: u8| {
-                    // The union of every rule whose CIDR contains (addr, len).
-                    let mut allows = BTreeSet::new();
-                    for l in 0..=len {
-                        if let Some(a) = by_cidr.get(&(addr & mask(l), l)) {
-                            allows.extend(a.iter().copied());
-                        }
-                    }
-                    let set = RuleSet::of(&allows);
-                    let next = base + set_ids.len() as u32 + 1;
+                let by_cidr = rules_by_cidr(rules, &members, &groups, dir);
+                out.add_peers(policy, dir, &by_cidr, |set| {
+                    let next = next_number(base, set_ids.len());
                     *set_ids.entry(set).or_insert(next)
-                };
-                let blocks: BTreeSet<(u32, u8)> = by_cidr
-                    .keys()
-                    .flat_map(|&(addr, len)| peer_blocks(addr, len))
-                    .collect();
-                if blocks.len() > MAX_SG_PEERS as usize {
-                    return Err(TooBig {
-                        what: "CIDR entries",
-                        needed: blocks.len(),
-                        max: MAX_SG_PEERS as usize / 2,
-                    });
-                }
-                let cidrs = out.cidrs.entry((policy, dir)).or_default();
-                for (addr, len) in blocks {
-                    let set = union_of(addr, len);
-                    cidrs.insert((addr, len), set);
-                    out.peers.push((
-                        PeerKey {
-                            scope: scope(policy, dir),
-                            len,
-                            _pad: [0; 3],
-                            addr: addr.to_be(),
-                        },
-                        PeerRules { set, all: 0 },
-                    ));
-                }
+                })?;
             }
         }
         out.sets = set_ids.into_iter().map(|(s, id)| (id, s)).collect();
-        for (_, rules) in &mut out.peers {
-            rules.all = u32::from(out.sets[&rules.set].all);
-        }
-        for (&id, set) in &out.sets {
-            if set.all {
-                continue;
-            }
-            for (&proto, ranges) in &set.ranges {
-                for &(lo, hi) in ranges {
-                    for (port, len) in port_blocks(lo, hi) {
-                        out.rules.push((
-                            RuleKey {
-                                set: id,
-                                proto,
-                                len,
-                                port,
-                            },
-                            1,
-                        ));
-                    }
-                }
-            }
-        }
+        out.add_port_blocks();
         // The live generation stays in the maps while this one is written beside it.
         for (what, needed, max) in [
             ("CIDR entries", out.peers.len(), MAX_SG_PEERS as usize / 2),
@@ -351,6 +264,102 @@ impl Compiled {
             }
         }
         Ok(out)
+    }
+
+    /// Gives each task its policy: one number per set of groups (by id, in first-seen order),
+    /// 0 for a task without groups unless `defaultPolicy` is deny. Returns the sets numbered.
+    fn number_policies<'a>(
+        &mut self,
+        rules: &'a Rules,
+        base: u32,
+    ) -> BTreeMap<Vec<(&'a str, usize)>, u32> {
+        let deny = rules.default_policy == DefaultPolicy::Deny;
+        let mut policies = BTreeMap::new();
+        for t in &rules.tasks {
+            if t.groups.is_empty() && !deny {
+                self.task_policy.insert(t.addr, 0);
+                continue;
+            }
+            let groups: Vec<(&str, usize)> = t
+                .groups
+                .iter()
+                .map(|&g| (rules.groups[g].id.as_str(), g))
+                .collect();
+            let next = next_number(base, policies.len());
+            let id = *policies.entry(groups).or_insert(next);
+            self.task_policy.insert(t.addr, id);
+        }
+        policies
+    }
+
+    /// The `SG_PEERS` entries of direction `dir` of `policy`: each CIDR expanded to the blocks
+    /// the datapath probes, each block with the union of every rule whose CIDR contains it
+    /// (`set_of` numbers the union).
+    fn add_peers(
+        &mut self,
+        policy: u32,
+        dir: u32,
+        by_cidr: &ByCidr,
+        mut set_of: impl FnMut(RuleSet) -> u32,
+    ) -> Result<(), TooBig> {
+        let blocks: BTreeSet<(u32, u8)> = by_cidr
+            .keys()
+            .flat_map(|&(addr, len)| peer_blocks(addr, len))
+            .collect();
+        if blocks.len() > MAX_SG_PEERS as usize {
+            return Err(TooBig {
+                what: "CIDR entries",
+                needed: blocks.len(),
+                max: MAX_SG_PEERS as usize / 2,
+            });
+        }
+        let cidrs = self.cidrs.entry((policy, dir)).or_default();
+        for (addr, len) in blocks {
+            let mut allows = BTreeSet::new();
+            for l in 0..=len {
+                if let Some(a) = by_cidr.get(&(mask_addr(addr, l), l)) {
+                    allows.extend(a.iter().copied());
+                }
+            }
+            let set = set_of(RuleSet::of(&allows));
+            cidrs.insert((addr, len), set);
+            self.peers.push((
+                PeerKey {
+                    scope: scope(policy, dir),
+                    len,
+                    _pad: [0; 3],
+                    addr: addr.to_be(),
+                },
+                PeerRules { set, all: 0 },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks the peers whose set allows everything, and writes the `SG_RULES` port blocks of
+    /// every other set.
+    fn add_port_blocks(&mut self) {
+        for (_, rules) in &mut self.peers {
+            rules.all = u32::from(self.sets[&rules.set].all);
+        }
+        for (&id, set) in &self.sets {
+            if set.all {
+                continue;
+            }
+            for (&proto, ranges) in &set.ranges {
+                for &(lo, hi) in ranges {
+                    for (port, len) in port_blocks(lo, hi) {
+                        let key = RuleKey {
+                            set: id,
+                            proto,
+                            len,
+                            port,
+                        };
+                        self.rules.push((key, 1));
+                    }
+                }
+            }
+        }
     }
 
     /// The policy number of the task at `addr`; 0 when it has none or is not a task.
@@ -390,77 +399,44 @@ fn flow_port(k: &CtKey, dport: u16) -> u16 {
 /// Whether `c` would let the tracked flow whose original direction is `k` start, checked as the
 /// datapath checked it when it did (see ARCHITECTURE.md, "Security groups").
 pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
-    let a = |x: u32| Ipv4Addr::from(u32::from_be(x));
-    let egress = |task: u32, peer: u32, dport: u16| {
-        a(peer).octets() == TASK_METADATA_ADDR
-            || c.allows(
-                c.policy_of(a(task)),
-                DIR_EGRESS,
-                a(peer),
-                k.proto,
-                flow_port(k, dport),
-            )
+    let check = |dir, task: u32, peer: u32, dport: u16| {
+        let (task, peer) = (from_be(task), from_be(peer));
+        (dir == DIR_EGRESS && peer.octets() == TASK_METADATA_ADDR)
+            || c.allows(c.policy_of(task), dir, peer, k.proto, flow_port(k, dport))
     };
-    let ingress = |task: u32, peer: u32, dport: u16| {
-        c.allows(
-            c.policy_of(a(task)),
-            DIR_INGRESS,
-            a(peer),
-            k.proto,
-            flow_port(k, dport),
-        )
-    };
+    let egress = |task, peer, dport| check(DIR_EGRESS, task, peer, dport);
+    let ingress = |task, peer, dport| check(DIR_INGRESS, task, peer, dport);
     match e.kind {
-        KIND_EAST_WEST => egress(k.saddr, k.daddr, k.dport) && ingress(k.daddr, k.saddr, k.dport),
+        // Both ends' policies; an end that is not a task (local) has policy 0, which allows.
+        KIND_EAST_WEST | KIND_LOCAL => {
+            egress(k.saddr, k.daddr, k.dport) && ingress(k.daddr, k.saddr, k.dport)
+        }
         KIND_MASQUERADE => egress(k.saddr, k.daddr, k.dport),
         KIND_INBOUND => ingress(e.nat_daddr, k.saddr, e.nat_dport),
         KIND_HAIRPIN => {
             egress(k.saddr, k.daddr, k.dport) && ingress(e.nat_daddr, k.saddr, e.nat_dport)
         }
-        // Either end may be a task; whichever is was checked. Not a task: policy 0, allowed.
-        KIND_LOCAL => egress(k.saddr, k.daddr, k.dport) && ingress(k.daddr, k.saddr, k.dport),
         _ => true,
     }
 }
 
-/// One rule as `sg ls` prints it: `tcp 80-81 from 10.0.0.0/8, sg-lb`.
-pub fn describe(perm: &IpPermission, inbound: bool) -> String {
-    let what = match allow_of(perm) {
-        Allow::All => "all".to_owned(),
-        Allow::Range(ICMP, 0, u16::MAX) => "icmp all".to_owned(),
-        Allow::Range(ICMP, lo, hi) if lo & 0xff == 0 && hi & 0xff == 0xff && lo >> 8 == hi >> 8 => {
-            format!("icmp type {}", lo >> 8)
-        }
-        Allow::Range(ICMP, lo, _) => format!("icmp type {} code {}", lo >> 8, lo & 0xff),
-        Allow::Range(p, 0, u16::MAX) if p != TCP && p != UDP => format!("protocol {p}"),
-        Allow::Range(p, lo, hi) => {
-            let name = if p == TCP { "tcp" } else { "udp" };
-            if lo == hi {
-                format!("{name} {lo}")
-            } else {
-                format!("{name} {lo}-{hi}")
-            }
-        }
-    };
-    let peers: Vec<&str> = perm
-        .ip_ranges
-        .iter()
-        .map(|r| r.cidr_ip.as_str())
-        .chain(perm.user_id_group_pairs.iter().map(|g| g.group_id.as_str()))
-        .collect();
-    let dir = if inbound { "from" } else { "to" };
-    format!("{what} {dir} {}", peers.join(", "))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
-    use crate::state;
+    use crate::state::{self, State, rules::Ipv4Net};
 
     fn sg_state(text: &str) -> State {
         let s: State = state::parse(text).unwrap();
         state::validate(&s, state::BridgeNet::default()).unwrap();
         s
+    }
+
+    /// `s` validated and compiled in generation `generation`.
+    fn compile(s: &State, generation: u32) -> Result<Compiled, TooBig> {
+        let rules = state::validate(s, state::BridgeNet::default()).unwrap();
+        Compiled::new(&rules, generation)
     }
 
     const TWO_GROUPS: &str = r#"{
@@ -508,13 +484,14 @@ mod tests {
                 }
             })
             .any(|p| {
-                let port_ok = match allow_of(p) {
+                let traffic = Traffic::of_permission(p).unwrap();
+                let port_ok = match Allow::from(traffic) {
                     Allow::All => true,
                     Allow::Range(pp, lo, hi) => pp == proto && lo <= port && port <= hi,
                 };
                 let peer_ok = p.ip_ranges.iter().any(|r| {
-                    let (a, l) = parse_cidr(&r.cidr_ip).unwrap();
-                    u32::from(peer) & mask(l) == u32::from(a)
+                    let net: Ipv4Net = r.cidr_ip.parse().unwrap();
+                    net.contains(peer)
                 }) || p.user_id_group_pairs.iter().any(|g| {
                     state
                         .tasks
@@ -556,7 +533,7 @@ mod tests {
     #[test]
     fn probes_answer_like_the_rules() {
         let s = sg_state(TWO_GROUPS);
-        let c = Compiled::new(&s, 0).unwrap();
+        let c = compile(&s, 0).unwrap();
         let peers = [
             "1.2.3.4",
             "10.0.0.1",
@@ -627,7 +604,7 @@ mod tests {
     fn default_deny_allows_out_not_in() {
         let mut s = sg_state(TWO_GROUPS);
         s.host.default_policy = DefaultPolicy::Deny;
-        let c = Compiled::new(&s, 1).unwrap();
+        let c = compile(&s, 1).unwrap();
         let bare = c.policy_of(ip("172.17.0.6"));
         assert!(bare & GENERATION_BIT != 0, "generation 1 numbers");
         assert!(!c.allows(bare, DIR_INGRESS, ip("172.17.0.2"), TCP, 80));
@@ -639,10 +616,10 @@ mod tests {
     fn membership_follows_tasks() {
         let mut s = sg_state(TWO_GROUPS);
         let db = |c: &Compiled| c.policy_of(ip("172.17.0.3"));
-        let c = Compiled::new(&s, 0).unwrap();
+        let c = compile(&s, 0).unwrap();
         assert!(c.allows(db(&c), DIR_INGRESS, ip("172.17.0.5"), TCP, 5432));
         s.tasks.retain(|t| t.name != "web2");
-        let c = Compiled::new(&s, 0).unwrap();
+        let c = compile(&s, 0).unwrap();
         assert!(!c.allows(db(&c), DIR_INGRESS, ip("172.17.0.5"), TCP, 5432));
         assert!(c.allows(db(&c), DIR_INGRESS, ip("172.17.0.2"), TCP, 5432));
     }
@@ -680,7 +657,7 @@ mod tests {
     #[test]
     fn unions_are_shared_and_merged() {
         let s = sg_state(TWO_GROUPS);
-        let c = Compiled::new(&s, 0).unwrap();
+        let c = compile(&s, 0).unwrap();
         // sg-web's and "both"'s egress is -1 to 0.0.0.0/0: one rule set for all of them.
         let egress_sets: BTreeSet<u32> = c
             .peers
@@ -707,15 +684,17 @@ mod tests {
             if i > 0 {
                 text.push(',');
             }
-            text.push_str(&format!(
+            write!(
+                text,
                 r#"{{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "IpRanges": [{{"CidrIp": "10.{}.{}.0/24"}}]}}"#,
                 i / 256,
                 i % 256
-            ));
+            )
+            .unwrap();
         }
         text.push_str(r#"]}], "tasks": [{"name": "t", "ipv4Address": "172.17.0.2", "securityGroups": ["sg-big"]}]}"#);
         let s = sg_state(&text);
-        let e = Compiled::new(&s, 0).unwrap_err();
+        let e = compile(&s, 0).unwrap_err();
         assert_eq!(e.what, "CIDR entries");
         assert!(e.to_string().contains("more than the 32768"), "{e}");
     }
@@ -726,8 +705,9 @@ mod tests {
     #[test]
     fn compiling_is_linear_in_the_number_of_groups() {
         let s = state::tests::many_groups(300_000);
+        let rules = state::validate(&s, state::BridgeNet::default()).unwrap();
         let start = std::time::Instant::now();
-        let c = Compiled::new(&s, 0).unwrap();
+        let c = Compiled::new(&rules, 0).unwrap();
         let took = start.elapsed();
         assert!(
             took < std::time::Duration::from_secs(20),

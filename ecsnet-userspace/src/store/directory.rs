@@ -7,16 +7,18 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use ecsnet_common::maps::{IfaceInfo, ROLE_TASK};
 
 use crate::{
-    instance::{self, InstanceError},
     kernel::maps::{self, MapsError},
     state::{State, Task},
-    store::paths::InstancePaths,
+    store::{
+        files::{self, StoreError},
+        paths::InstancePaths,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     #[error(transparent)]
-    State(#[from] Box<InstanceError>),
+    State(#[from] StoreError),
     #[error(transparent)]
     Ifaces(#[from] MapsError),
 }
@@ -48,9 +50,7 @@ impl Directory {
 
     /// The instance's applied state joined with its pinned `IFACES`.
     pub fn load(paths: &InstancePaths) -> Result<Self, DirectoryError> {
-        let state = instance::read_applied(paths)
-            .map_err(Box::new)?
-            .unwrap_or_default();
+        let state = files::read_applied(paths)?.unwrap_or_default();
         Ok(Self::join(state, &maps::read_ifaces(paths)?))
     }
 

@@ -1,39 +1,16 @@
-//! Where an instance keeps its things on the machine: pins on bpffs, the socket, pid, log and
-//! applied state under /run. Every file ecsnet creates is named here and nowhere else.
+//! Where an instance keeps its files under /run: the socket, pid, log, meta and applied state.
+//! Every run file ecsnet creates is named here and nowhere else; its pins are in `kernel::pins`.
 
 use std::path::PathBuf;
 
-/// Root of every instance's pins.
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub use crate::kernel::pins::InstancePaths;
+
 /// Root of sockets, pid files, logs and lab directories.
 pub const RUN_DIR: &str = "/run/ecsnet";
 
-/// Paths of one instance.
-#[derive(Debug, Clone)]
-pub struct InstancePaths {
-    pub name: String,
-}
-
+/// Where an instance's socket and run directory are; its pins are `kernel::pins`'s half of this
+/// type.
 impl InstancePaths {
-    pub fn new(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-        }
-    }
-    /// `/sys/fs/bpf/ecsnet/<instance>`: everything pinned by this instance.
-    pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from(BPFFS).join("ecsnet").join(&self.name)
-    }
-    pub fn map_pin(&self, map: &str) -> PathBuf {
-        self.pin_dir().join("maps").join(map)
-    }
-    pub fn prog_pin(&self, prog: &str) -> PathBuf {
-        self.pin_dir().join("progs").join(prog)
-    }
-    /// Link pins are named by hook and ifindex: `tcx-ingress-7`, `xdp-2`.
-    pub fn link_dir(&self) -> PathBuf {
-        self.pin_dir().join("links")
-    }
     /// The agent's control socket.
     pub fn socket(&self) -> PathBuf {
         PathBuf::from(RUN_DIR).join(format!("{}.sock", self.name))
@@ -42,38 +19,39 @@ impl InstancePaths {
     pub fn run_dir(&self) -> PathBuf {
         PathBuf::from(RUN_DIR).join(format!("{}.d", self.name))
     }
-    pub fn pid_file(&self) -> PathBuf {
-        self.run_dir().join("agent.pid")
-    }
-    pub fn log_file(&self) -> PathBuf {
-        self.run_dir().join("agent.log")
-    }
-    /// What `up` found and chose: netns, uplink, bridge (see `datapath::Meta`).
-    pub fn meta_file(&self) -> PathBuf {
-        self.run_dir().join("meta.json")
-    }
+}
+
+/// The files of the run directory, one accessor each from a table of names.
+macro_rules! run_files {
+    ($($(#[$doc:meta])* $accessor:ident => $file:literal,)*) => {
+        impl InstancePaths {
+            $(
+                $(#[$doc])*
+                pub fn $accessor(&self) -> PathBuf {
+                    self.run_dir().join($file)
+                }
+            )*
+        }
+    };
+}
+
+run_files! {
+    pid_file => "agent.pid",
+    log_file => "agent.log",
+    /// What `up` found and chose: netns, uplink, bridge (see `store::files::Meta`).
+    meta_file => "meta.json",
     /// Flow-log records as JSON lines with every field, what `flows tail` reads (rotated to
     /// `.1`).
-    pub fn flow_journal(&self) -> PathBuf {
-        self.run_dir().join("flows.jsonl")
-    }
+    flow_journal => "flows.jsonl",
     /// Where the export of the last capture window stands (see `flowlog`).
-    pub fn flow_checkpoint(&self) -> PathBuf {
-        self.run_dir().join("flows.checkpoint.json")
-    }
+    flow_checkpoint => "flows.checkpoint.json",
     /// The agent's own counters (`stats::AgentStats`), rewritten every second when they move.
-    pub fn agent_counters(&self) -> PathBuf {
-        self.run_dir().join("agent.counters.json")
-    }
+    agent_counters => "agent.counters.json",
     /// Locked (flock) by every command that changes the live state: `apply`, `sg apply`,
     /// `task add|rm`, and `up` while it loads and applies.
-    pub fn apply_lock(&self) -> PathBuf {
-        self.run_dir().join("apply.lock")
-    }
+    apply_lock => "apply.lock",
     /// The state as last applied, with interfaces and dynamic ports resolved.
-    pub fn applied_state(&self) -> PathBuf {
-        self.run_dir().join("applied.json")
-    }
+    applied_state => "applied.json",
 }
 
 /// Directory of a lab: `/run/ecsnet/<lab>`.
@@ -81,8 +59,16 @@ pub fn lab_dir(lab: &str) -> PathBuf {
     PathBuf::from(RUN_DIR).join(lab)
 }
 
+/// A name that cannot be an instance's or a lab's.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad {kind} name {name:?}: use 1 to 32 of a-z, 0-9, '-' and '_', not starting with '-'")]
+pub struct NameError {
+    pub kind: &'static str,
+    pub name: String,
+}
+
 /// Checks an instance or lab name: it becomes part of paths and namespace names.
-pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+pub fn check_name(kind: &'static str, name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 32
         && name
@@ -92,9 +78,10 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "bad {kind} name {name:?}: use 1 to 32 of a-z, 0-9, '-' and '_', not starting with '-'"
-        ))
+        Err(NameError {
+            kind,
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -111,6 +98,10 @@ mod tests {
         assert!(check_name("instance", "A").is_err());
         assert!(check_name("instance", "-x").is_err());
         assert!(check_name("instance", &"a".repeat(33)).is_err());
+        assert_eq!(
+            check_name("lab", "A").unwrap_err().to_string(),
+            "bad lab name \"A\": use 1 to 32 of a-z, 0-9, '-' and '_', not starting with '-'"
+        );
     }
 
     #[test]
@@ -118,8 +109,8 @@ mod tests {
         let p = InstancePaths::new("x");
         assert_eq!(p.socket(), PathBuf::from("/run/ecsnet/x.sock"));
         assert_eq!(
-            p.map_pin("STATS"),
-            PathBuf::from("/sys/fs/bpf/ecsnet/x/maps/STATS")
+            p.applied_state(),
+            PathBuf::from("/run/ecsnet/x.d/applied.json")
         );
         assert_eq!(
             lab_dir("lab").join("state.json"),

@@ -1,0 +1,296 @@
+//! The tasks on this host: each one's interface on the bridge (from a snapshot of the host) and
+//! the dynamic host ports, kept stable across applies. Pure: the snapshot is given.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use crate::{
+    host::netlink::{Link, Snapshot},
+    plan::{PlanError, PlanProblem},
+    state::{Protocol, State, Task},
+};
+
+/// A task with everything the datapath needs resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTask {
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ifindex: u32,
+    pub ifname: String,
+    /// The task's own MAC when the host has a neighbour entry for it, else zero.
+    pub mac: [u8; 6],
+}
+
+/// The link of task `i`: the one it names, which must be a port of `bridge`, or the port
+/// behind its address.
+fn link_of<'a>(
+    snap: &'a Snapshot,
+    bridge: u32,
+    (i, t): (usize, &Task),
+) -> Result<&'a Link, PlanError> {
+    let Some(name) = &t.interface else {
+        return snap
+            .port_for_address(bridge, t.ipv4_address)
+            .ok_or_else(|| {
+                let addr = t.ipv4_address;
+                PlanError::at(
+                    format!("$.tasks[{i}].ipv4Address"),
+                    PlanProblem::NoNeighbour { addr },
+                )
+            });
+    };
+    let at = |problem| PlanError::at(format!("$.tasks[{i}].interface"), problem);
+    let name = name.clone();
+    let link = snap
+        .by_name(&name)
+        .ok_or_else(|| at(PlanProblem::NoInterface { name: name.clone() }))?;
+    if link.master != Some(bridge) {
+        return Err(at(PlanProblem::NotABridgePort { name }));
+    }
+    Ok(link)
+}
+
+/// The MAC of the task at `addr` on port `link`: the bridge's neighbour entry, else the one
+/// unicast MAC the bridge learned on the port; zero when neither says.
+fn mac_of(snap: &Snapshot, bridge: u32, addr: Ipv4Addr, link: &Link) -> [u8; 6] {
+    let mut learned = snap
+        .fdb
+        .iter()
+        .filter(|(port, m)| *port == link.index && m[0] & 1 == 0 && Some(*m) != link.mac)
+        .map(|(_, m)| *m);
+    snap.neigh
+        .iter()
+        .find(|(ifx, a, _)| *ifx == bridge && *a == addr)
+        .map(|(_, _, m)| *m)
+        .or_else(|| {
+            let first = learned.next();
+            if learned.next().is_some() {
+                None
+            } else {
+                first
+            }
+        })
+        .unwrap_or_default()
+}
+
+/// Finds every task's interface on the bridge: the named one, or the port behind its address.
+pub fn resolve(
+    state: &State,
+    snap: &Snapshot,
+    bridge: u32,
+) -> Result<Vec<ResolvedTask>, PlanError> {
+    let mut out = Vec::with_capacity(state.tasks.len());
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for (i, t) in state.tasks.iter().enumerate() {
+        let link = link_of(snap, bridge, (i, t))?;
+        if let Some(other) = seen.insert(link.index, i) {
+            let name = link.name.clone();
+            return Err(PlanError::at(
+                format!("$.tasks[{i}].interface"),
+                PlanProblem::InterfaceTaken { name, other },
+            ));
+        }
+        out.push(ResolvedTask {
+            name: t.name.clone(),
+            ipv4: t.ipv4_address,
+            ifindex: link.index,
+            ifname: link.name.clone(),
+            mac: mac_of(snap, bridge, t.ipv4_address, link),
+        });
+    }
+    Ok(out)
+}
+
+/// Key of a port mapping that keeps its dynamic host port across applies.
+pub type MappingKey = (String, u16, Protocol);
+
+/// Gives every `hostPort: 0` a free port from `range`: the one it had before when still free,
+/// else the lowest free one. Fails only when the range is exhausted.
+pub fn assign_dynamic_ports<S: std::hash::BuildHasher>(
+    state: &mut State,
+    previous: &HashMap<MappingKey, u16, S>,
+) -> Result<(), PlanError> {
+    let [lo, hi] = state.host.ephemeral_ports;
+    let mut used: BTreeSet<(u16, Protocol)> = state
+        .tasks
+        .iter()
+        .flat_map(|t| t.port_mappings.iter())
+        .filter(|pm| pm.host_port != 0)
+        .map(|pm| (pm.host_port, pm.protocol))
+        .collect();
+    let mut next: HashMap<Protocol, u16> = HashMap::new();
+    for (i, t) in state.tasks.iter_mut().enumerate() {
+        for (j, pm) in t.port_mappings.iter_mut().enumerate() {
+            if pm.host_port != 0 {
+                continue;
+            }
+            let key = (t.name.clone(), pm.container_port, pm.protocol);
+            if let Some(&p) = previous.get(&key)
+                && (lo..=hi).contains(&p)
+                && !used.contains(&(p, pm.protocol))
+            {
+                pm.host_port = p;
+                used.insert((p, pm.protocol));
+                continue;
+            }
+            let start = next.entry(pm.protocol).or_insert(lo);
+            let port = (*start..=hi)
+                .find(|p| !used.contains(&(*p, pm.protocol)))
+                .ok_or_else(|| {
+                    PlanError::at(
+                        format!("$.tasks[{i}].portMappings[{j}].hostPort"),
+                        PlanProblem::PortsExhausted {
+                            protocol: pm.protocol,
+                            lo,
+                            hi,
+                        },
+                    )
+                })?;
+            used.insert((port, pm.protocol));
+            *start = port;
+            pm.host_port = port;
+        }
+    }
+    Ok(())
+}
+
+/// Dynamic ports chosen by an earlier apply, to keep them stable.
+pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKey, u16> {
+    let mut out = HashMap::new();
+    for t in &applied.tasks {
+        let Some(req) = requested.tasks.iter().find(|r| r.name == t.name) else {
+            continue;
+        };
+        for pm in &t.port_mappings {
+            let was_dynamic = req.port_mappings.iter().any(|r| {
+                r.host_port == 0
+                    && r.container_port == pm.container_port
+                    && r.protocol == pm.protocol
+            });
+            if was_dynamic {
+                out.insert(
+                    (t.name.clone(), pm.container_port, pm.protocol),
+                    pm.host_port,
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::state::PortMapping;
+
+    pub(crate) fn task(name: &str, ip: [u8; 4], ports: &[(u16, u16, Protocol)]) -> Task {
+        Task {
+            task_arn: None,
+            name: name.into(),
+            ipv4_address: ip.into(),
+            interface: None,
+            interface_id: None,
+            port_mappings: ports
+                .iter()
+                .map(|&(c, h, p)| PortMapping {
+                    container_port: c,
+                    host_port: h,
+                    protocol: p,
+                })
+                .collect(),
+            security_groups: vec![],
+            service_name: None,
+            task_definition_arn: None,
+            container_id: None,
+        }
+    }
+
+    #[test]
+    fn dynamic_ports_skip_static_ones_and_stay_stable() {
+        let mut s = State::default();
+        s.host.ephemeral_ports = [50000, 50003];
+        s.tasks = vec![
+            task(
+                "a",
+                [172, 17, 0, 2],
+                &[(80, 50000, Protocol::Tcp), (81, 0, Protocol::Tcp)],
+            ),
+            task(
+                "b",
+                [172, 17, 0, 3],
+                &[(80, 0, Protocol::Tcp), (53, 0, Protocol::Udp)],
+            ),
+        ];
+        let requested = s.clone();
+        assign_dynamic_ports(&mut s, &HashMap::new()).unwrap();
+        assert_eq!(s.tasks[0].port_mappings[1].host_port, 50001);
+        assert_eq!(s.tasks[1].port_mappings[0].host_port, 50002);
+        assert_eq!(
+            s.tasks[1].port_mappings[1].host_port, 50000,
+            "udp has its own space"
+        );
+
+        // Task a goes away; b keeps its ports although lower ones are now free.
+        let prev = dynamic_ports_of(&s, &requested);
+        let mut again = requested.clone();
+        again.tasks.remove(0);
+        assign_dynamic_ports(&mut again, &prev).unwrap();
+        assert_eq!(again.tasks[0].port_mappings[0].host_port, 50002);
+    }
+
+    #[test]
+    fn dynamic_ports_exhausted_is_an_error_with_a_path() {
+        let mut s = State::default();
+        s.host.ephemeral_ports = [50000, 50000];
+        s.tasks = vec![task(
+            "a",
+            [172, 17, 0, 2],
+            &[(80, 0, Protocol::Tcp), (81, 0, Protocol::Tcp)],
+        )];
+        let err = assign_dynamic_ports(&mut s, &HashMap::new()).unwrap_err();
+        assert_eq!(err.path, "$.tasks[0].portMappings[1].hostPort");
+    }
+
+    #[test]
+    fn resolve_checks_bridge_membership() {
+        let link = |index, name: &str, master| Link {
+            index,
+            name: name.into(),
+            kind: "veth".into(),
+            master,
+            mac: None,
+            up: true,
+        };
+        let snap = Snapshot {
+            links: vec![
+                link(3, "docker0", None),
+                link(5, "vetha", Some(3)),
+                link(6, "eth0", None),
+            ],
+            ..Default::default()
+        };
+        let mut s = State::default();
+        let mut t = task("a", [172, 17, 0, 2], &[]);
+        t.interface = Some("vetha".into());
+        s.tasks = vec![t];
+        let r = resolve(&s, &snap, 3).unwrap();
+        assert_eq!(r[0].ifindex, 5);
+        s.tasks[0].interface = Some("eth0".into());
+        assert_eq!(
+            resolve(&s, &snap, 3).unwrap_err().path,
+            "$.tasks[0].interface"
+        );
+        s.tasks[0].interface = Some("nope".into());
+        assert_eq!(
+            resolve(&s, &snap, 3).unwrap_err().to_string(),
+            "$.tasks[0].interface: no interface \"nope\" on this host"
+        );
+        s.tasks[0].interface = None;
+        assert_eq!(
+            resolve(&s, &snap, 3).unwrap_err().path,
+            "$.tasks[0].ipv4Address"
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! Security-group rules as validation leaves them: protocol, ports, CIDRs and group references
+//! parsed and checked once, so nothing after `validate` reads a string or guesses a protocol.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use ecsnet_common::{
+    ct::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    policy::mask_addr,
+};
+
+use crate::state::{DefaultPolicy, IpPermission};
+
+/// A CIDR such as `10.0.0.0/8` that could not be read.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    #[error("bad CIDR {text:?}: expected ADDRESS/PREFIX like 10.0.0.0/8")]
+    NoPrefix { text: String },
+    #[error("bad CIDR {text:?}: {addr:?} is not an IPv4 address")]
+    Address { text: String, addr: String },
+    #[error("bad CIDR {text:?}: prefix length must be 0 to 32")]
+    PrefixLength { text: String },
+    #[error("bad CIDR {text:?}: host bits set (did you mean {net}/{len}?)")]
+    HostBits {
+        text: String,
+        net: Ipv4Addr,
+        len: u8,
+    },
+}
+
+/// An IPv4 network: an address with no bits set past its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Net {
+    addr: Ipv4Addr,
+    len: u8,
+}
+
+impl Ipv4Net {
+    /// The network of `addr` (any bits past `len` cleared); None when `len` is over 32.
+    pub fn containing(addr: Ipv4Addr, len: u8) -> Option<Self> {
+        (len <= 32).then(|| Self {
+            addr: mask_addr(u32::from(addr), len).into(),
+            len,
+        })
+    }
+    pub fn addr(self) -> Ipv4Addr {
+        self.addr
+    }
+    pub fn prefix_len(self) -> u8 {
+        self.len
+    }
+    pub fn contains(self, addr: Ipv4Addr) -> bool {
+        mask_addr(u32::from(addr), self.len) == u32::from(self.addr)
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let text = || s.to_owned();
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| CidrError::NoPrefix { text: text() })?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| CidrError::Address {
+            text: text(),
+            addr: addr.to_owned(),
+        })?;
+        let net = len
+            .parse()
+            .ok()
+            .and_then(|len| Self::containing(addr, len))
+            .ok_or_else(|| CidrError::PrefixLength { text: text() })?;
+        if net.addr != addr {
+            return Err(CidrError::HostBits {
+                text: text(),
+                net: net.addr,
+                len: net.len,
+            });
+        }
+        Ok(net)
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What is wrong with one rule's protocol, ports or CIDRs (SPEC §6).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("unknown protocol {text:?}: use -1, tcp, udp, icmp or a number 0-254")]
+    Protocol { text: String },
+    #[error("port {value} out of range 0-65535")]
+    Port { field: &'static str, value: i32 },
+    #[error("FromPort {from} is greater than ToPort {to}")]
+    Reversed { from: i32, to: i32 },
+    #[error("ICMP {what} {value} out of range: use 0 to 255, or -1 for every {what}")]
+    Icmp {
+        field: &'static str,
+        what: &'static str,
+        value: i32,
+    },
+    #[error(
+        "ICMP code {code} with every type (FromPort -1): with FromPort -1, ToPort must be -1 too"
+    )]
+    IcmpCodeWithoutType { code: i32 },
+    #[error(transparent)]
+    Cidr(#[from] CidrError),
+}
+
+impl RuleError {
+    /// The field of the permission the error is in.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Protocol { .. } => "IpProtocol",
+            Self::Port { field, .. } | Self::Icmp { field, .. } => field,
+            Self::Reversed { .. } => "FromPort",
+            Self::IcmpCodeWithoutType { .. } => "ToPort",
+            Self::Cidr(_) => "CidrIp",
+        }
+    }
+}
+
+/// `IpProtocol` read: every protocol (`-1`, `all`), or one by name or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpProtocol {
+    All,
+    Number(u8),
+}
+
+impl FromStr for IpProtocol {
+    type Err = RuleError;
+
+    fn from_str(p: &str) -> Result<Self, RuleError> {
+        match p.to_ascii_lowercase().as_str() {
+            "-1" | "all" => Ok(Self::All),
+            "tcp" => Ok(Self::Number(PROTO_TCP)),
+            "udp" => Ok(Self::Number(PROTO_UDP)),
+            "icmp" => Ok(Self::Number(PROTO_ICMP)),
+            other => other
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n != u8::MAX)
+                .map(Self::Number)
+                .ok_or_else(|| RuleError::Protocol { text: p.to_owned() }),
+        }
+    }
+}
+
+/// A range of TCP or UDP destination ports, `from <= to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ports {
+    from: u16,
+    to: u16,
+}
+
+impl Ports {
+    pub fn from(self) -> u16 {
+        self.from
+    }
+    pub fn to(self) -> u16 {
+        self.to
+    }
+
+    /// `FromPort`/`ToPort` of a TCP or UDP rule; missing ones are the whole range.
+    fn of(from: Option<i32>, to: Option<i32>) -> Result<Self, RuleError> {
+        let (from, to) = (from.unwrap_or(0), to.unwrap_or(65535));
+        let port =
+            |field, value: i32| u16::try_from(value).map_err(|_| RuleError::Port { field, value });
+        let ports = Self {
+            from: port("FromPort", from)?,
+            to: port("ToPort", to)?,
+        };
+        if ports.from > ports.to {
+            return Err(RuleError::Reversed { from, to });
+        }
+        Ok(ports)
+    }
+}
+
+/// ICMP as AWS reads `FromPort` (the type) and `ToPort` (the code), -1 or missing being every one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Icmp {
+    All,
+    Type(u8),
+    Code(u8, u8),
+}
+
+impl Icmp {
+    fn of(from: Option<i32>, to: Option<i32>) -> Result<Self, RuleError> {
+        let (ty, code) = (from.unwrap_or(-1), to.unwrap_or(-1));
+        // -1: every one; otherwise a number 0 to 255.
+        let read = |field, what, value: i32| match value {
+            -1 => Ok(None),
+            v => u8::try_from(v).map(Some).map_err(|_| RuleError::Icmp {
+                field,
+                what,
+                value: v,
+            }),
+        };
+        let (ty, code) = (read("FromPort", "type", ty)?, read("ToPort", "code", code)?);
+        match (ty, code) {
+            (None, None) => Ok(Self::All),
+            (None, Some(c)) => Err(RuleError::IcmpCodeWithoutType { code: i32::from(c) }),
+            (Some(t), None) => Ok(Self::Type(t)),
+            (Some(t), Some(c)) => Ok(Self::Code(t, c)),
+        }
+    }
+}
+
+/// What one rule lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Traffic {
+    /// `IpProtocol: "-1"`: every protocol and port.
+    All,
+    Tcp(Ports),
+    Udp(Ports),
+    Icmp(Icmp),
+    /// Every packet of one other protocol (not TCP, UDP or ICMP).
+    Other(u8),
+}
+
+impl Traffic {
+    /// The traffic of `protocol` with ports `from`, `to` as a permission gives them.
+    pub fn of(protocol: IpProtocol, from: Option<i32>, to: Option<i32>) -> Result<Self, RuleError> {
+        Ok(match protocol {
+            IpProtocol::All => Self::All,
+            IpProtocol::Number(PROTO_TCP) => Self::Tcp(Ports::of(from, to)?),
+            IpProtocol::Number(PROTO_UDP) => Self::Udp(Ports::of(from, to)?),
+            IpProtocol::Number(PROTO_ICMP) => Self::Icmp(Icmp::of(from, to)?),
+            IpProtocol::Number(other) => Self::Other(other),
+        })
+    }
+
+    /// The traffic of a permission, protocol then ports.
+    pub fn of_permission(perm: &IpPermission) -> Result<Self, RuleError> {
+        Self::of(perm.ip_protocol.parse()?, perm.from_port, perm.to_port)
+    }
+}
+
+/// As `sg ls` prints it: `all`, `tcp 80-81`, `udp 53`, `icmp type 8`, `protocol 47`.
+impl fmt::Display for Traffic {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match *self {
+            Self::All => f.write_str("all"),
+            Self::Tcp(p) | Self::Udp(p) => {
+                let name = if matches!(self, Self::Tcp(_)) {
+                    "tcp"
+                } else {
+                    "udp"
+                };
+                if p.from == p.to {
+                    write!(f, "{name} {}", p.from)
+                } else {
+                    write!(f, "{name} {}-{}", p.from, p.to)
+                }
+            }
+            Self::Icmp(Icmp::All) => f.write_str("icmp all"),
+            Self::Icmp(Icmp::Type(t)) => write!(f, "icmp type {t}"),
+            Self::Icmp(Icmp::Code(t, c)) => write!(f, "icmp type {t} code {c}"),
+            Self::Other(p) => write!(f, "protocol {p}"),
+        }
+    }
+}
+
+/// One permission: its traffic from or to its CIDRs and the members of its groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub traffic: Traffic,
+    pub cidrs: Vec<Ipv4Net>,
+    /// Groups referenced, as indexes into [`Rules::groups`].
+    pub groups: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: String,
+    pub inbound: Vec<Rule>,
+    pub outbound: Vec<Rule>,
+}
+
+/// A task as the rules see it: its address and its groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub addr: Ipv4Addr,
+    /// Indexes into [`Rules::groups`], in the order of the groups' ids, each once.
+    pub groups: Vec<usize>,
+}
+
+/// The security groups of a valid state and who is in them: what the plan compiles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub default_policy: DefaultPolicy,
+    /// In the state's order.
+    pub groups: Vec<Group>,
+    /// In the state's order of tasks.
+    pub tasks: Vec<Member>,
+}
+
+/// One permission as `sg ls` prints it: `tcp 80-81 from 10.0.0.0/8, sg-lb`. A permission that
+/// does not validate (never one of an applied state) shows its `IpProtocol` as written.
+pub fn describe(perm: &IpPermission, inbound: bool) -> String {
+    let what =
+        Traffic::of_permission(perm).map_or_else(|_| perm.ip_protocol.clone(), |t| t.to_string());
+    let peers: Vec<&str> = perm
+        .ip_ranges
+        .iter()
+        .map(|r| r.cidr_ip.as_str())
+        .chain(perm.user_id_group_pairs.iter().map(|g| g.group_id.as_str()))
+        .collect();
+    let dir = if inbound { "from" } else { "to" };
+    format!("{what} {dir} {}", peers.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let net = |s: &str| s.parse::<Ipv4Net>().map(|n| (n.addr(), n.prefix_len()));
+        assert_eq!(net("10.0.0.0/8"), Ok((Ipv4Addr::new(10, 0, 0, 0), 8)));
+        assert_eq!(net("0.0.0.0/0"), Ok((Ipv4Addr::UNSPECIFIED, 0)));
+        assert_eq!(
+            net("10.0.0.1/8").unwrap_err().to_string(),
+            "bad CIDR \"10.0.0.1/8\": host bits set (did you mean 10.0.0.0/8?)"
+        );
+        assert!(net("10.0.0.0/33").is_err());
+        assert!(net("10.0.0.0").is_err());
+        assert!(net("10.0.0/8").is_err());
+        let n: Ipv4Net = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains(Ipv4Addr::new(10, 1, 2, 3)));
+        assert!(!n.contains(Ipv4Addr::new(10, 2, 0, 0)));
+        assert_eq!(n.to_string(), "10.1.0.0/16");
+    }
+
+    #[test]
+    fn protocols() {
+        let p = |s: &str| s.parse::<IpProtocol>();
+        assert_eq!(p("-1"), Ok(IpProtocol::All));
+        assert_eq!(p("TCP"), Ok(IpProtocol::Number(6)));
+        assert_eq!(p("47"), Ok(IpProtocol::Number(47)));
+        assert!(p("255").is_err());
+        assert!(p("300").is_err());
+        assert_eq!(
+            p("sctpx").unwrap_err().to_string(),
+            "unknown protocol \"sctpx\": use -1, tcp, udp, icmp or a number 0-254"
+        );
+    }
+
+    #[test]
+    fn traffic_by_protocol() {
+        let t = |p: &str, from, to| Traffic::of(p.parse().unwrap(), from, to);
+        // A protocol's number is its name: no way round the port checks.
+        assert_eq!(t("6", Some(80), Some(81)), t("tcp", Some(80), Some(81)));
+        assert_eq!(t("17", None, None).unwrap().to_string(), "udp 0-65535");
+        assert_eq!(t("1", Some(8), None), Ok(Traffic::Icmp(Icmp::Type(8))));
+        assert_eq!(t("-1", Some(70000), None), Ok(Traffic::All));
+        assert_eq!(t("47", Some(-5), None), Ok(Traffic::Other(47)));
+        assert_eq!(
+            t("tcp", Some(81), Some(80)).unwrap_err().field(),
+            "FromPort"
+        );
+        assert_eq!(
+            t("udp", Some(1), Some(65536)).unwrap_err().field(),
+            "ToPort"
+        );
+        assert_eq!(t("icmp", Some(-1), Some(0)).unwrap_err().field(), "ToPort");
+        assert_eq!(t("icmp", Some(256), None).unwrap_err().field(), "FromPort");
+        for (traffic, text) in [
+            (t("tcp", Some(80), Some(80)), "tcp 80"),
+            (t("icmp", None, None), "icmp all"),
+            (t("icmp", Some(3), Some(4)), "icmp type 3 code 4"),
+            (t("icmp", Some(0), Some(-1)), "icmp type 0"),
+            (t("all", None, None), "all"),
+            (t("50", None, None), "protocol 50"),
+        ] {
+            assert_eq!(traffic.unwrap().to_string(), text);
+        }
+    }
+}

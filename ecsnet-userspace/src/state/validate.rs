@@ -1,0 +1,269 @@
+//! Validation: every rule of SPEC §4 and §6 that needs no kernel, checked in the file's order so
+//! the first error is the first in the file; what passes comes out as typed `Rules`.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use ecsnet_common::policy::mask_addr;
+
+use crate::state::{
+    BridgeNet, IpPermission, Problem, Protocol, State, StateError, Task,
+    parse::check_len,
+    rules::{Group, IpProtocol, Ipv4Net, Member, Rule, RuleError, Rules, Traffic},
+};
+
+/// Group ids of a state, each to its index: one lookup per reference, whatever the number of
+/// groups.
+type GroupIndex<'a> = HashMap<&'a str, usize>;
+
+/// The index of group `id`, or the error of an unknown one at `path`.
+fn group_at(groups: &GroupIndex, id: &str, path: impl Fn() -> String) -> Result<usize, StateError> {
+    check_len(&path, id)?;
+    groups
+        .get(id)
+        .copied()
+        .ok_or_else(|| StateError::at(path(), Problem::UnknownGroup { id: id.to_owned() }))
+}
+
+/// One permission (at `path`), checked in the order of its fields.
+fn permission(perm: &IpPermission, path: &str, groups: &GroupIndex) -> Result<Rule, StateError> {
+    let at = |e: RuleError| StateError::at(format!("{path}.{}", e.field()), e);
+    check_len(|| format!("{path}.IpProtocol"), &perm.ip_protocol)?;
+    let protocol: IpProtocol = perm.ip_protocol.parse().map_err(at)?;
+    if !perm.prefix_list_ids.is_empty() {
+        return Err(StateError::at(
+            format!("{path}.PrefixListIds"),
+            Problem::PrefixLists,
+        ));
+    }
+    if !perm.ipv6_ranges.is_empty() {
+        return Err(StateError::at(
+            format!("{path}.Ipv6Ranges"),
+            Problem::Ipv6Ranges,
+        ));
+    }
+    let traffic = Traffic::of(protocol, perm.from_port, perm.to_port).map_err(at)?;
+    let mut cidrs = Vec::with_capacity(perm.ip_ranges.len());
+    for (i, r) in perm.ip_ranges.iter().enumerate() {
+        let at = format!("{path}.IpRanges[{i}]");
+        check_len(|| format!("{at}.CidrIp"), &r.cidr_ip)?;
+        let net: Ipv4Net = r
+            .cidr_ip
+            .parse()
+            .map_err(|e| StateError::at(format!("{at}.CidrIp"), RuleError::Cidr(e)))?;
+        cidrs.push(net);
+        if let Some(d) = &r.description {
+            check_len(|| format!("{at}.Description"), d)?;
+        }
+    }
+    let refs = perm.user_id_group_pairs.iter().enumerate();
+    let groups = refs
+        .map(|(i, g)| {
+            group_at(groups, &g.group_id, || {
+                format!("{path}.UserIdGroupPairs[{i}].GroupId")
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Rule {
+        traffic,
+        cidrs,
+        groups,
+    })
+}
+
+/// The optional strings of an object at `path`, each named by its field: none too long.
+fn optional_strings(path: &str, fields: &[(&str, &Option<String>)]) -> Result<(), StateError> {
+    for (field, v) in fields {
+        if let Some(v) = v {
+            check_len(|| format!("{path}.{field}"), v)?;
+        }
+    }
+    Ok(())
+}
+
+/// The host section: its ephemeral port range and the length of its strings.
+fn host(state: &State) -> Result<(), StateError> {
+    let [lo, hi] = state.host.ephemeral_ports;
+    if lo == 0 || lo > hi {
+        return Err(StateError::at(
+            "$.host.ephemeralPorts",
+            Problem::EphemeralPorts { lo, hi },
+        ));
+    }
+    let h = &state.host;
+    optional_strings(
+        "$.host",
+        &[
+            ("uplink", &h.uplink),
+            ("bridge", &h.bridge),
+            ("accountId", &h.account_id),
+            ("instanceId", &h.instance_id),
+            ("cluster", &h.cluster),
+            ("vpcId", &h.vpc_id),
+            ("subnetId", &h.subnet_id),
+            ("region", &h.region),
+            ("azId", &h.az_id),
+            ("containerInstanceArn", &h.container_instance_arn),
+        ],
+    )
+}
+
+/// Every group's id, once each; then every group's rules, which may name any group.
+fn groups(state: &State) -> Result<(GroupIndex<'_>, Vec<Group>), StateError> {
+    let mut index = GroupIndex::with_capacity(state.security_groups.len());
+    for (i, sg) in state.security_groups.iter().enumerate() {
+        let path = format!("$.securityGroups[{i}]");
+        check_len(|| format!("{path}.GroupId"), &sg.group_id)?;
+        if sg.group_id.is_empty() {
+            return Err(StateError::at(
+                format!("{path}.GroupId"),
+                Problem::EmptyGroupId,
+            ));
+        }
+        if let Some(first) = index.insert(&sg.group_id, i) {
+            return Err(StateError::at(
+                format!("{path}.GroupId"),
+                Problem::DuplicateGroup {
+                    id: sg.group_id.clone(),
+                    first,
+                },
+            ));
+        }
+        if let Some(name) = &sg.group_name {
+            check_len(|| format!("{path}.GroupName"), name)?;
+        }
+    }
+    let mut groups = Vec::with_capacity(state.security_groups.len());
+    for (i, sg) in state.security_groups.iter().enumerate() {
+        let rules = |list: &[IpPermission], field: &str| {
+            let path = |j| format!("$.securityGroups[{i}].{field}[{j}]");
+            let checked = list.iter().enumerate();
+            checked
+                .map(|(j, p)| permission(p, &path(j), &index))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        groups.push(Group {
+            id: sg.group_id.clone(),
+            inbound: rules(&sg.ip_permissions, "IpPermissions")?,
+            outbound: rules(&sg.ip_permissions_egress, "IpPermissionsEgress")?,
+        });
+    }
+    Ok((index, groups))
+}
+
+/// What tasks must not share, each to the first task that has it.
+#[derive(Default)]
+struct Taken<'a> {
+    names: HashMap<&'a str, usize>,
+    addrs: HashMap<Ipv4Addr, usize>,
+    host_ports: HashMap<(u16, Protocol), usize>,
+}
+
+/// Whether `addr` may be a task's address on a bridge at `bridge` (address, prefix length): in
+/// its subnet, and neither the subnet's network or broadcast address nor the bridge's own.
+fn on_bridge(addr: Ipv4Addr, (bridge, len): (Ipv4Addr, u8)) -> Result<(), Problem> {
+    let net = mask_addr(u32::from(bridge), len);
+    let broadcast = net | !mask_addr(u32::MAX, len);
+    let a = u32::from(addr);
+    if mask_addr(a, len) != net || a == net || a == broadcast || addr == bridge {
+        return Err(Problem::OutsideBridge {
+            addr,
+            net: Ipv4Net::containing(bridge, len).expect("a bridge's prefix is at most 32"),
+        });
+    }
+    Ok(())
+}
+
+/// Task `i` (at `path`), checked against those before it; its groups are looked up in
+/// `groups`.
+fn task<'a>(
+    state: &State,
+    (i, t): (usize, &'a Task),
+    bridge: BridgeNet,
+    groups: &GroupIndex,
+    taken: &mut Taken<'a>,
+) -> Result<Member, StateError> {
+    let path = format!("$.tasks[{i}]");
+    check_len(|| format!("{path}.name"), &t.name)?;
+    optional_strings(
+        &path,
+        &[
+            ("taskArn", &t.task_arn),
+            ("interface", &t.interface),
+            ("interfaceId", &t.interface_id),
+            ("serviceName", &t.service_name),
+            ("taskDefinitionArn", &t.task_definition_arn),
+            ("containerId", &t.container_id),
+        ],
+    )?;
+    if t.name.is_empty() {
+        return Err(StateError::at(
+            format!("{path}.name"),
+            Problem::EmptyTaskName,
+        ));
+    }
+    if let Some(other) = taken.names.insert(&t.name, i) {
+        let name = t.name.clone();
+        let problem = Problem::DuplicateName { name, other };
+        return Err(StateError::at(format!("{path}.name"), problem));
+    }
+    let addr = t.ipv4_address;
+    if let Some(other) = taken.addrs.insert(addr, i) {
+        let problem = Problem::DuplicateAddress { addr, other };
+        return Err(StateError::at(format!("{path}.ipv4Address"), problem));
+    }
+    if let Some(b) = bridge.address {
+        on_bridge(addr, b).map_err(|p| StateError::at(format!("{path}.ipv4Address"), p))?;
+    }
+    for (j, pm) in t.port_mappings.iter().enumerate() {
+        let pp = format!("{path}.portMappings[{j}]");
+        if pm.container_port == 0 {
+            return Err(StateError::at(
+                format!("{pp}.containerPort"),
+                Problem::ContainerPortZero,
+            ));
+        }
+        if pm.host_port != 0
+            && let Some(other) = taken.host_ports.insert((pm.host_port, pm.protocol), i)
+        {
+            return Err(StateError::at(
+                format!("{pp}.hostPort"),
+                Problem::HostPortTaken {
+                    port: pm.host_port,
+                    protocol: pm.protocol,
+                    other,
+                    name: state.tasks[other].name.clone(),
+                },
+            ));
+        }
+    }
+    let mut member: Vec<(&str, usize)> = Vec::with_capacity(t.security_groups.len());
+    for (j, g) in t.security_groups.iter().enumerate() {
+        let index = group_at(groups, g, || format!("{path}.securityGroups[{j}]"))?;
+        member.push((g, index));
+    }
+    member.sort_unstable();
+    member.dedup();
+    Ok(Member {
+        addr,
+        groups: member.into_iter().map(|(_, g)| g).collect(),
+    })
+}
+
+/// Every rule that is checked without the kernel (SPEC §4, §6); the security groups as typed
+/// rules when all hold.
+pub fn validate(state: &State, bridge: BridgeNet) -> Result<Rules, StateError> {
+    host(state)?;
+    let (index, groups) = groups(state)?;
+    let mut taken = Taken::default();
+    let tasks = state
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|t| task(state, t, bridge, &index, &mut taken))
+        .collect::<Result<_, _>>()?;
+    Ok(Rules {
+        default_policy: state.host.default_policy,
+        groups,
+        tasks,
+    })
+}
