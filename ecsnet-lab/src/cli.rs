@@ -137,7 +137,7 @@ pub enum BenchCmd {
         #[arg(long)]
         congestion: Option<String>,
     },
-    /// Cost of a policy check with 1 rule and with many, from BPF_PROG_TEST_RUN.
+    /// Cost of a policy check with 1 rule and with many, from `BPF_PROG_TEST_RUN`.
     PolicyCost {
         #[arg(long, default_value_t = 10_000)]
         rules: usize,
@@ -200,8 +200,8 @@ pub enum LabCmd {
         udp: Option<SocketAddr>,
         #[arg(long, default_value_t = 10)]
         count: u32,
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65000))]
-        size: u64,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=65000))]
+        size: u16,
         #[arg(long)]
         json: bool,
     },
@@ -315,7 +315,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             if let Some(cpu) = cpu {
                 loadgen::pin_to(cpu)?;
             }
-            loadgen::serve(rr_port, crr_port, congestion.as_deref())?
+            loadgen::serve(rr_port, crr_port, congestion.as_deref())?;
         }
         Some(BenchCmd::Rr {
             to,
@@ -414,8 +414,8 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
         } => {
             let timeout = Duration::from_secs(2);
             let r = match (tcp, udp) {
-                (Some(a), _) => traffic::probe_tcp(a, count, size as usize, timeout)?,
-                (None, Some(a)) => traffic::probe_udp(a, count, size as usize, timeout)?,
+                (Some(a), _) => traffic::probe_tcp(a, count, usize::from(size), timeout)?,
+                (None, Some(a)) => traffic::probe_udp(a, count, usize::from(size), timeout)?,
                 (None, None) => unreachable!("clap requires one of --tcp and --udp"),
             };
             if json {

@@ -20,14 +20,21 @@ pub use plan::{BenchPath, Metric, Mode};
 pub use report::{BenchReport, Row, Target, render, svg};
 pub use run::run;
 
+impl From<flowlog::FlowLogError> for BenchError {
+    fn from(e: flowlog::FlowLogError) -> Self {
+        Self::FlowLog(Box::new(e))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("iperf3 is not installed: apt-get install iperf3 (./x setup installs it)")]
     NoIperf3,
     #[error("{what} failed: {detail}")]
     Step { what: String, detail: String },
+    /// Boxed: `FlowLogError` is large.
     #[error(transparent)]
-    FlowLog(#[from] flowlog::FlowLogError),
+    FlowLog(Box<flowlog::FlowLogError>),
     #[error(transparent)]
     Lab(#[from] lab::LabError),
     #[error(transparent)]
@@ -125,6 +132,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[expect(
+        clippy::float_cmp,
+        reason = "the median of small whole numbers is exact"
+    )]
     fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert!(median(&[]).is_nan());

@@ -75,8 +75,9 @@ pub enum InstanceError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Process(#[from] process::ProcessError),
+    /// Boxed: `FlowLogError` is large, and every instance function returns this.
     #[error(transparent)]
-    FlowLog(flowlog::FlowLogError),
+    FlowLog(Box<flowlog::FlowLogError>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{path}: {source}")]
@@ -97,11 +98,11 @@ impl InstanceError {
             | Self::AlreadyUp { .. }
             | Self::XdpMode(_)
             | Self::Timeouts(_)
-            | Self::FlowLog(flowlog::FlowLogError::Format(_))
             | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
             | Self::Resolve { .. } => 2,
             Self::Store(e) => e.exit_code(),
+            Self::FlowLog(e) if matches!(**e, flowlog::FlowLogError::Format(_)) => 2,
             _ => 1,
         }
     }
@@ -319,7 +320,9 @@ pub fn up(
     }
     let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), (xdp, ct_timeouts))?;
     let config = entries::config_entry(&snap, meta.uplink_index, meta.bridge_index)?;
-    opts.flow_logs.format().map_err(InstanceError::FlowLog)?;
+    opts.flow_logs
+        .format()
+        .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
     // Check the whole state against the host, and compute every entry, before touching anything.
     let plan = match requested {
         Some((file, requested)) => Some(plan_state(paths, &meta, &snap, requested, &file)?),
@@ -388,7 +391,7 @@ impl UpWrites {
         }
         maps::write_local_addrs(paths, &self.local_addrs)?;
         flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
-            .map_err(InstanceError::FlowLog)?;
+            .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
         // Last: with CONFIG written the datapath starts translating.
         maps::write_config(paths, &self.config)?;
         Ok(())
