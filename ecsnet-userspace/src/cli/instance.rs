@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     agent,
     cli::or_keyword,
-    instance::{self, Applied, UpOptions},
+    instance::{self, Applied, UpOptions, XdpChoice},
     store::{
         files::{self, FlowLogOptions},
         paths::InstancePaths,
@@ -88,14 +88,13 @@ pub enum XdpMode {
     Off,
 }
 
-impl XdpMode {
-    /// The mode as `instance::UpOptions` takes it.
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Native => "native",
-            Self::Skb => "skb",
-            Self::Off => "off",
+impl From<XdpMode> for XdpChoice {
+    fn from(m: XdpMode) -> Self {
+        match m {
+            XdpMode::Auto => Self::Auto,
+            XdpMode::Native => Self::Native,
+            XdpMode::Skb => Self::Skb,
+            XdpMode::Off => Self::Off,
         }
     }
 }
@@ -120,7 +119,7 @@ pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Re
         uplink: a.uplink,
         bridge: a.bridge,
         state: a.state,
-        xdp_mode: a.xdp_mode.as_str().to_owned(),
+        xdp_mode: a.xdp_mode.into(),
         ct_size: a.ct_size,
         ct_timeouts: a.ct_timeouts,
         flow_table_size: a.flow_table_size,

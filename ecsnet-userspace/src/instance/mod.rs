@@ -57,8 +57,6 @@ pub enum InstanceError {
         "another apply is running on instance {instance:?} (apply, sg apply, task add/rm or up); nothing was changed, try again when it has finished"
     )]
     ApplyRunning { instance: String },
-    #[error("bad --xdp-mode {0:?}: use auto, native, skb or off")]
-    XdpMode(String),
     #[error("bad --ct-timeouts: {0}")]
     Timeouts(#[from] TimeoutsError),
     #[error(transparent)]
@@ -96,7 +94,6 @@ impl InstanceError {
             | Self::NoUplink
             | Self::NoBridge
             | Self::AlreadyUp { .. }
-            | Self::XdpMode(_)
             | Self::Timeouts(_)
             | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
@@ -154,7 +151,7 @@ pub struct UpOptions {
     pub uplink: Option<String>,
     pub bridge: Option<String>,
     pub state: Option<PathBuf>,
-    pub xdp_mode: String,
+    pub xdp_mode: XdpChoice,
     pub ct_size: u32,
     pub ct_timeouts: String,
     pub flow_table_size: u32,
@@ -164,22 +161,13 @@ pub struct UpOptions {
 }
 
 /// `--xdp-mode` as given; `auto` is decided per uplink by `xdp_for`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum XdpChoice {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum XdpChoice {
+    #[default]
     Auto,
     Native,
     Skb,
     Off,
-}
-
-fn xdp_mode(s: &str) -> Result<XdpChoice, InstanceError> {
-    match s {
-        "auto" => Ok(XdpChoice::Auto),
-        "native" | "driver" => Ok(XdpChoice::Native),
-        "skb" | "generic" => Ok(XdpChoice::Skb),
-        "off" => Ok(XdpChoice::Off),
-        other => Err(InstanceError::XdpMode(other.to_owned())),
-    }
 }
 
 /// The XDP mode for an uplink of link kind `kind` (empty for a device with a driver of its own,
@@ -291,7 +279,7 @@ pub fn up(
             pid,
         });
     }
-    let xdp = xdp_mode(&opts.xdp_mode)?;
+    let xdp = opts.xdp_mode;
     let ct_timeouts = state::timeouts::parse(&opts.ct_timeouts)?;
     let snap = Snapshot::read()?;
     let mut flags = opts.clone();
