@@ -3,8 +3,11 @@
 //! keeps the flow table, `nat` rewrites, `policy` checks security groups, `redirect` sends,
 //! `stats` counts packets, `flow` counts flows and sends monitor events, `verdict` turns a result
 //! into a return code and counts every drop with its reason.
-#![no_std]
-#![no_main]
+//!
+//! The programs exist only for the BPF target. On the host this is an ordinary binary with an
+//! empty `main`, so `cargo clippy --workspace` checks the same code with the host's toolchain.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod clock;
 mod conntrack;
@@ -20,13 +23,18 @@ mod task;
 mod uplink;
 mod verdict;
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any reachable panic path, so this is never called.
     loop {}
 }
 
+#[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Nothing to run on the host: the programs are loaded from the BPF object.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
