@@ -17,7 +17,7 @@ use ecsnet_common::{
 use crate::{
     clock,
     maps::{CT, CT_EVENTS, CT_NEW, FRAGS},
-    parse::{FRAG_FIRST, FRAG_LATER, Flow, ICMP_ECHO, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, ICMP_ECHO, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 const BPF_ANY: u64 = 0;
@@ -38,16 +38,16 @@ pub struct Nat {
     pub dport: u16,
 }
 
-/// The table key of `f`, or None for protocols the table does not track.
+/// The table key of `h`, or None for protocols the table does not track.
 #[inline(always)]
-pub fn key_of(f: &Flow) -> Option<CtKey> {
-    match f.proto {
+pub fn key_of(h: &Headers) -> Option<CtKey> {
+    match h.proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => Some(CtKey {
-            saddr: f.saddr,
-            daddr: f.daddr,
-            sport: f.sport,
-            dport: f.dport,
-            proto: f.proto,
+            saddr: h.saddr,
+            daddr: h.daddr,
+            sport: h.sport,
+            dport: h.dport,
+            proto: h.proto,
             _pad: [0; 3],
         }),
         _ => None,
@@ -66,12 +66,12 @@ pub enum Fragment {
 }
 
 #[inline(always)]
-fn frag_key(f: &Flow) -> FragKey {
+fn frag_key(h: &Headers) -> FragKey {
     FragKey {
-        saddr: f.saddr,
-        daddr: f.daddr,
-        id: f.ip_id,
-        proto: f.proto,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        id: h.ip_id,
+        proto: h.proto,
         _pad: 0,
     }
 }
@@ -79,12 +79,12 @@ fn frag_key(f: &Flow) -> FragKey {
 /// Fills the ports of a later fragment from its first fragment, or remembers the ports of a
 /// first fragment.
 #[inline(always)]
-pub fn track_fragment(f: &mut Flow) -> Fragment {
-    let key = frag_key(f);
-    if f.frag == FRAG_FIRST {
+pub fn track_fragment(h: &mut Headers) -> Fragment {
+    let key = frag_key(h);
+    if h.frag == FRAG_FIRST {
         let ports = FragPorts {
-            sport: f.sport,
-            dport: f.dport,
+            sport: h.sport,
+            dport: h.dport,
             rejected: 0,
             _pad: [0; 3],
         };
@@ -92,44 +92,44 @@ pub fn track_fragment(f: &mut Flow) -> Fragment {
         let _ = FRAGS.insert(&key, &ports, BPF_ANY);
         return Fragment::Known;
     }
-    if f.frag != FRAG_LATER {
+    if h.frag != FRAG_LATER {
         return Fragment::Known;
     }
     match unsafe { FRAGS.get(&key) } {
         Some(p) if p.rejected != 0 => Fragment::Rejected,
         Some(p) => {
-            f.sport = p.sport;
-            f.dport = p.dport;
+            h.sport = p.sport;
+            h.dport = p.dport;
             Fragment::Known
         }
         None => Fragment::Unknown,
     }
 }
 
-/// Marks the datagram of first fragment `f` as rejected, so its later fragments are dropped
+/// Marks the datagram of first fragment `h` as rejected, so its later fragments are dropped
 /// rather than handed to a kernel that would hold them for reassembly.
 #[inline(always)]
-pub fn reject_fragments(f: &Flow) {
-    if f.frag != FRAG_FIRST {
+pub fn reject_fragments(h: &Headers) {
+    if h.frag != FRAG_FIRST {
         return;
     }
-    if let Some(p) = FRAGS.get_ptr_mut(&frag_key(f)) {
+    if let Some(p) = FRAGS.get_ptr_mut(&frag_key(h)) {
         // SAFETY: an LRU value pointer, valid for this program run.
         unsafe { (*p).rejected = 1 };
     }
 }
 
-/// Whether `f` may open a new flow: a TCP SYN, any UDP datagram, an ICMP echo request. Packets
+/// Whether `h` may open a new flow: a TCP SYN, any UDP datagram, an ICMP echo request. Packets
 /// in the middle of a flow ecsnet did not see start stay on the kernel's path.
 #[inline(always)]
-pub fn starts_flow(f: &Flow) -> bool {
-    if f.frag == FRAG_LATER {
+pub fn starts_flow(h: &Headers) -> bool {
+    if h.frag == FRAG_LATER {
         return false;
     }
-    match f.proto {
-        IPPROTO_TCP => f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
+    match h.proto {
+        IPPROTO_TCP => h.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
         IPPROTO_UDP => true,
-        IPPROTO_ICMP => f.icmp_type == ICMP_ECHO,
+        IPPROTO_ICMP => h.icmp_type == ICMP_ECHO,
         _ => false,
     }
 }
@@ -199,8 +199,8 @@ pub fn lookup(key: &CtKey) -> Option<Tracked> {
 /// Refuses a TCP RST or FIN of a tracked flow that does not fit its sequence numbers
 /// (`ct::tcp_close_counts`): a blind attacker's, which would otherwise end the flow early.
 #[inline(always)]
-pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
-    if f.proto != IPPROTO_TCP || f.frag == FRAG_LATER || f.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+pub fn check_close(t: &Tracked, h: &Headers) -> Result<(), DropReason> {
+    if h.proto != IPPROTO_TCP || h.frag == FRAG_LATER || h.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
         return Ok(());
     }
     // The other direction gone (evicted from CT_NEW): nothing to judge by, and nothing to end.
@@ -208,10 +208,10 @@ pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
         return Ok(());
     };
     if ct::tcp_close_counts(
-        f.tcp_flags,
-        f.tcp_seq,
-        f.tcp_ack,
-        f.tcp_payload as u32,
+        h.tcp_flags,
+        h.tcp_seq,
+        h.tcp_ack,
+        h.tcp_payload as u32,
         &t.tcp(),
         &other.tcp(),
     ) {
@@ -221,10 +221,10 @@ pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
     }
 }
 
-/// Records packet `f` on its entry (after `check_close`), and moves the flow to `CT` when this
+/// Records packet `h` on its entry (after `check_close`), and moves the flow to `CT` when this
 /// packet assures it. `t` is not to be used after this.
 #[inline(always)]
-pub fn touch(t: &Tracked, key: &CtKey, f: &Flow) {
+pub fn touch(t: &Tracked, key: &CtKey, h: &Headers) {
     let now = clock::now();
     let e = t.e;
     // SAFETY: see `Tracked::e`; concurrent updates of these fields may lose an update, not
@@ -232,16 +232,16 @@ pub fn touch(t: &Tracked, key: &CtKey, f: &Flow) {
     unsafe {
         (*e).last_seen_ns = now;
         (*e).packets += 1;
-        (*e).bytes += f.tot_len as u64;
+        (*e).bytes += h.tot_len as u64;
     }
-    if f.proto == IPPROTO_TCP && f.frag != FRAG_LATER {
+    if h.proto == IPPROTO_TCP && h.frag != FRAG_LATER {
         let mut side = t.tcp();
         let restart = ct::record_tcp(
             &mut side,
-            f.tcp_flags,
-            f.tcp_seq,
-            f.tcp_ack,
-            f.tcp_payload as u32,
+            h.tcp_flags,
+            h.tcp_seq,
+            h.tcp_ack,
+            h.tcp_payload as u32,
         );
         // SAFETY: as above.
         unsafe {
@@ -336,9 +336,9 @@ pub fn create(
     nat: &mut Nat,
     kind: u8,
     choose_sport: bool,
-    f: &Flow,
+    h: &Headers,
 ) -> Result<(), DropReason> {
-    let bytes = f.tot_len as u64;
+    let bytes = h.tot_len as u64;
     let now = clock::now();
     let mut reply_key = CtKey {
         saddr: nat.daddr,
@@ -411,14 +411,14 @@ pub fn create(
         tcp_flags: 0,
         _pad: 0,
     };
-    if f.proto == IPPROTO_TCP {
+    if h.proto == IPPROTO_TCP {
         let mut side = original.tcp();
         ct::record_tcp(
             &mut side,
-            f.tcp_flags,
-            f.tcp_seq,
-            f.tcp_ack,
-            f.tcp_payload as u32,
+            h.tcp_flags,
+            h.tcp_seq,
+            h.tcp_ack,
+            h.tcp_payload as u32,
         );
         (original.tcp_end, original.tcp_ack, original.tcp_flags) = (side.end, side.ack, side.flags);
     }

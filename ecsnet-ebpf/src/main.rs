@@ -1,27 +1,34 @@
-//! The ecsnet datapath. Program files (`task`, `uplink`) only wire the modules below them:
-//! `clock` reads the time once per run, `parse` reads headers, `forward` decides, `conntrack`
-//! keeps the flow table, `nat` rewrites, `policy` checks security groups, `redirect` sends,
-//! `stats` counts packets, `flow` counts flows and sends monitor events, `verdict` turns a result
-//! into a return code and counts every drop with its reason.
+//! The ecsnet datapath. The entry points in `programs` (`task`, `uplink`) only wire the modules
+//! below them: `clock` reads the time once per run, `parse` reads headers, `tasks` finds a
+//! task, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites, `policy` checks
+//! security groups, `early_drop` applies them in XDP, `redirect` sends, `account` counts packets,
+//! drops and flows, `events` sends monitor events, `verdict` turns a result into a return code
+//! and counts every drop with its reason.
 //!
 //! The programs exist only for the BPF target. On the host this is an ordinary binary with an
 //! empty `main`, so `cargo clippy --workspace` checks the same code with the host's toolchain.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod account;
 mod clock;
 mod conntrack;
-mod flow;
+mod early_drop;
+mod events;
 mod forward;
 mod maps;
 mod nat;
 mod parse;
 mod policy;
 mod redirect;
-mod stats;
-mod task;
-mod uplink;
+mod tasks;
 mod verdict;
+
+/// The entry points, one file per kind of interface.
+mod programs {
+    mod task;
+    mod uplink;
+}
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -8,7 +8,7 @@ use ecsnet_common::{DropReason, csum, ct::CtKey};
 use crate::{
     conntrack::Nat,
     parse::{
-        ETH_HLEN, FRAG_LATER, Flow, ICMP_ECHO, ICMP_ECHO_REPLY, IP_OFF_CHECK, IP_OFF_DADDR,
+        ETH_HLEN, FRAG_LATER, Headers, ICMP_ECHO, ICMP_ECHO_REPLY, IP_OFF_CHECK, IP_OFF_DADDR,
         IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, load,
     },
 };
@@ -39,32 +39,32 @@ fn l4(ctx: &TcContext, off: usize, from: u64, to: u64, flags: u64) -> Result<(),
 /// Where the checksum that covers the ports (and for TCP/UDP the pseudo-header) sits, with the
 /// flags for `bpf_l4_csum_replace`; None when the packet carries no transport header.
 #[inline(always)]
-fn l4_check(f: &Flow) -> Option<(usize, u64)> {
-    if f.frag == FRAG_LATER {
+fn l4_check(h: &Headers) -> Option<(usize, u64)> {
+    if h.frag == FRAG_LATER {
         return None;
     }
-    match f.proto {
-        IPPROTO_TCP => Some((f.l4 + 16, BPF_F_PSEUDO_HDR)),
+    match h.proto {
+        IPPROTO_TCP => Some((h.l4 + 16, BPF_F_PSEUDO_HDR)),
         // A zero UDP checksum means "none" and must stay zero.
-        IPPROTO_UDP => Some((f.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
-        IPPROTO_ICMP => Some((f.l4 + 2, 0)),
+        IPPROTO_UDP => Some((h.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
+        IPPROTO_ICMP => Some((h.l4 + 2, 0)),
         _ => None,
     }
 }
 
-/// Rewrites `f`'s addresses and ports to `nat`, updating the IP and transport checksums.
+/// Rewrites `h`'s addresses and ports to `nat`, updating the IP and transport checksums.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
-    let check = l4_check(f);
+pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason> {
+    let check = l4_check(h);
     for (off, old, new) in [
-        (IP_OFF_SADDR, f.saddr, nat.saddr),
-        (IP_OFF_DADDR, f.daddr, nat.daddr),
+        (IP_OFF_SADDR, h.saddr, nat.saddr),
+        (IP_OFF_DADDR, h.daddr, nat.daddr),
     ] {
         if old == new {
             continue;
         }
         if let Some((c, flags)) = check
-            && f.proto != IPPROTO_ICMP
+            && h.proto != IPPROTO_ICMP
         {
             l4(ctx, c, old as u64, new as u64, flags | 4)?;
         }
@@ -75,14 +75,14 @@ pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
         return Ok(());
     };
     // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
-    let ports: [(usize, u16, u16); 2] = if f.proto == IPPROTO_ICMP {
-        match f.icmp_type {
-            ICMP_ECHO => [(f.l4 + 4, f.sport, nat.sport), (0, 0, 0)],
-            ICMP_ECHO_REPLY => [(f.l4 + 4, f.dport, nat.dport), (0, 0, 0)],
+    let ports: [(usize, u16, u16); 2] = if h.proto == IPPROTO_ICMP {
+        match h.icmp_type {
+            ICMP_ECHO => [(h.l4 + 4, h.sport, nat.sport), (0, 0, 0)],
+            ICMP_ECHO_REPLY => [(h.l4 + 4, h.dport, nat.dport), (0, 0, 0)],
             _ => [(0, 0, 0), (0, 0, 0)],
         }
     } else {
-        [(f.l4, f.sport, nat.sport), (f.l4 + 2, f.dport, nat.dport)]
+        [(h.l4, h.sport, nat.sport), (h.l4 + 2, h.dport, nat.dport)]
     };
     for (off, old, new) in ports {
         if off == 0 || old == new {
@@ -102,12 +102,12 @@ pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
 
 /// Decrements the TTL of a routed packet, as the kernel's forwarding would.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, f: &Flow) -> Result<(), DropReason> {
+pub fn decrement_ttl(ctx: &TcContext, h: &Headers) -> Result<(), DropReason> {
     let off = ETH_HLEN + IP_OFF_TTL;
     let old: u16 = load(ctx, off)?;
     let new = u16::from_ne_bytes({
         let b = old.to_ne_bytes();
-        [f.ttl - 1, b[1]]
+        [h.ttl - 1, b[1]]
     });
     l3(ctx, old as u64, new as u64, 2)?;
     store(ctx, off, &new)
@@ -116,10 +116,10 @@ pub fn decrement_ttl(ctx: &TcContext, f: &Flow) -> Result<(), DropReason> {
 /// The table key an ICMP error belongs to: the quoted packet's tuple reversed, which is the
 /// tuple of packets travelling the same way as the error. Also returns the quoted header's offset.
 #[inline(always)]
-pub fn icmp_error_key(ctx: &TcContext, f: &Flow) -> Result<(CtKey, Flow), DropReason> {
+pub fn icmp_error_key(ctx: &TcContext, h: &Headers) -> Result<(CtKey, Headers), DropReason> {
     // The quoted IP header sits after the 8-byte ICMP header; it must be whole, with at least
     // the first 8 bytes of its transport header (RFC 792).
-    let inner = flow_at_quoted(ctx, f.l4 + 8)?;
+    let inner = headers_at_quoted(ctx, h.l4 + 8)?;
     let key = CtKey {
         saddr: inner.daddr,
         daddr: inner.saddr,
@@ -131,18 +131,18 @@ pub fn icmp_error_key(ctx: &TcContext, f: &Flow) -> Result<(CtKey, Flow), DropRe
     Ok((key, inner))
 }
 
-/// Parses a quoted header: like [`crate::parse::flow_at`] but a quote may be cut short after 8 bytes of the
+/// Parses a quoted header: like [`crate::parse::headers_at`] but a quote may be cut short after 8 bytes of the
 /// transport header, so its total length is not checked against the packet.
 #[inline(always)]
-fn flow_at_quoted(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
-    let h: Ipv4Hdr = load(ctx, ip).map_err(|_| DropReason::BadIcmpError)?;
-    let ihl = ((h.vhl & 0x0f) as usize) * 4;
-    if h.vhl >> 4 != 4 || ihl < 20 {
+fn headers_at_quoted(ctx: &TcContext, ip: usize) -> Result<Headers, DropReason> {
+    let iph: Ipv4Hdr = load(ctx, ip).map_err(|_| DropReason::BadIcmpError)?;
+    let ihl = ((iph.vhl & 0x0f) as usize) * 4;
+    if iph.vhl >> 4 != 4 || ihl < 20 {
         return Err(DropReason::BadIcmpError);
     }
     let l4 = ip + ihl;
     let ports: [u16; 4] = load(ctx, l4).map_err(|_| DropReason::BadIcmpError)?;
-    let (sport, dport) = match h.protocol {
+    let (sport, dport) = match iph.protocol {
         IPPROTO_TCP | IPPROTO_UDP => (ports[0], ports[1]),
         // A quoted echo request: type, code, checksum, identifier.
         IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO as u16 => (ports[2], 0),
@@ -150,23 +150,23 @@ fn flow_at_quoted(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
         // Nothing ecsnet tracks: the lookup misses and the error takes the kernel's path.
         _ => (0, 0),
     };
-    Ok(Flow {
+    Ok(Headers {
         l4,
-        proto: h.protocol,
-        saddr: h.saddr,
-        daddr: h.daddr,
+        proto: iph.protocol,
+        saddr: iph.saddr,
+        daddr: iph.daddr,
         sport,
         dport,
-        ttl: h.ttl,
+        ttl: iph.ttl,
         frag: 0,
-        ip_id: h.id,
+        ip_id: iph.id,
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_ack: 0,
         tcp_payload: 0,
         icmp_type: 0,
         icmp_code: 0,
-        tot_len: u16::from_be(h.tot_len),
+        tot_len: u16::from_be(iph.tot_len),
     })
 }
 
@@ -176,25 +176,25 @@ fn flow_at_quoted(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
 #[inline(always)]
 pub fn rewrite_icmp_error(
     ctx: &TcContext,
-    f: &Flow,
+    h: &Headers,
     key: &CtKey,
-    inner: &Flow,
+    inner: &Headers,
     e: &Nat,
 ) -> Result<(), DropReason> {
-    let icmp_check = f.l4 + 2;
+    let icmp_check = h.l4 + 2;
     // Outer header: no pseudo-header in the ICMP checksum, so only the IP checksum changes.
-    if f.daddr != e.daddr {
-        l3(ctx, f.daddr as u64, e.daddr as u64, 4)?;
+    if h.daddr != e.daddr {
+        l3(ctx, h.daddr as u64, e.daddr as u64, 4)?;
         store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.daddr)?;
     }
-    if f.saddr == key.saddr && f.saddr != e.saddr {
-        l3(ctx, f.saddr as u64, e.saddr as u64, 4)?;
+    if h.saddr == key.saddr && h.saddr != e.saddr {
+        l3(ctx, h.saddr as u64, e.saddr as u64, 4)?;
         store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.saddr)?;
     }
     // The quote travels the other way: its source is our destination and vice versa.
     let (new_src, new_dst) = (e.daddr, e.saddr);
     let (new_sport, new_dport) = (e.dport, e.sport);
-    let ip = f.l4 + 8;
+    let ip = h.l4 + 8;
     let old_ipcheck: u16 = load(ctx, ip + IP_OFF_CHECK).map_err(|_| DropReason::BadIcmpError)?;
     let ipcheck = csum::replace4(
         csum::replace4(old_ipcheck, inner.saddr, new_src),

@@ -214,17 +214,17 @@ pub const ICMP_ECHO: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETERPROB: u8 = 12;
 
-/// [`Flow::frag`]: not a fragment.
+/// [`Headers::frag`]: not a fragment.
 pub const FRAG_NONE: u8 = 0;
-/// [`Flow::frag`]: the first fragment (more fragments, offset 0): it carries the ports.
+/// [`Headers::frag`]: the first fragment (more fragments, offset 0): it carries the ports.
 pub const FRAG_FIRST: u8 = 1;
-/// [`Flow::frag`]: a later fragment: no transport header.
+/// [`Headers::frag`]: a later fragment: no transport header.
 pub const FRAG_LATER: u8 = 2;
 
 /// An IPv4 packet as the connection table sees it. Addresses and ports are as in the packet
 /// (network byte order); for ICMP echo the identifier is in `sport` (request) or `dport` (reply).
 #[derive(Clone, Copy)]
-pub struct Flow {
+pub struct Headers {
     /// Offset of the transport header from the start of the frame.
     pub l4: usize,
     pub proto: u8,
@@ -251,7 +251,7 @@ pub struct Flow {
     pub tot_len: u16,
 }
 
-impl Flow {
+impl Headers {
     /// An ICMP error (unreachable, time exceeded, parameter problem) that quotes another packet.
     #[inline(always)]
     pub fn is_icmp_error(&self) -> bool {
@@ -273,20 +273,20 @@ pub fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, DropReason> {
 /// Parses the IPv4 header at `ip` and the first bytes of the transport header behind it.
 /// Truncated or malformed headers are errors with their reason.
 #[inline(always)]
-pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
-    let h: Ipv4Hdr = load(ctx, ip)?;
-    let ihl = ((h.vhl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be(h.tot_len);
-    if h.vhl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
+pub fn headers_at(ctx: &TcContext, ip: usize) -> Result<Headers, DropReason> {
+    let iph: Ipv4Hdr = load(ctx, ip)?;
+    let ihl = ((iph.vhl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(iph.tot_len);
+    if iph.vhl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
         return Err(DropReason::BadIpHeader);
     }
     if (ctx.len() as usize) < ip + tot_len as usize {
         return Err(DropReason::Truncated);
     }
-    if !header_checksum_ok(ctx, ip, &h) {
+    if !header_checksum_ok(ctx, ip, &iph) {
         return Err(DropReason::BadIpChecksum);
     }
-    let frag_off = u16::from_be(h.frag_off);
+    let frag_off = u16::from_be(iph.frag_off);
     let frag = if frag_off & 0x1fff != 0 {
         FRAG_LATER
     } else if frag_off & 0x2000 != 0 {
@@ -295,16 +295,16 @@ pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
         FRAG_NONE
     };
     let l4 = ip + ihl;
-    let mut f = Flow {
+    let mut h = Headers {
         l4,
-        proto: h.protocol,
-        saddr: h.saddr,
-        daddr: h.daddr,
+        proto: iph.protocol,
+        saddr: iph.saddr,
+        daddr: iph.daddr,
         sport: 0,
         dport: 0,
-        ttl: h.ttl,
+        ttl: iph.ttl,
         frag,
-        ip_id: h.id,
+        ip_id: iph.id,
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_ack: 0,
@@ -314,42 +314,42 @@ pub fn flow_at(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
         tot_len,
     };
     if frag == FRAG_LATER {
-        return Ok(f);
+        return Ok(h);
     }
-    match h.protocol {
+    match iph.protocol {
         IPPROTO_TCP => {
             let t: TcpHdrStart = load(ctx, l4)?;
             let doff = (t.doff_res >> 4) as u16 * 4;
             if doff < 20 {
                 return Err(DropReason::BadTcpOffset);
             }
-            f.sport = t.source;
-            f.dport = t.dest;
-            f.tcp_flags = t.flags;
-            f.tcp_seq = u32::from_be(t.seq);
-            f.tcp_ack = u32::from_be(t.ack_seq);
-            f.tcp_payload = tot_len.saturating_sub(ihl as u16 + doff);
+            h.sport = t.source;
+            h.dport = t.dest;
+            h.tcp_flags = t.flags;
+            h.tcp_seq = u32::from_be(t.seq);
+            h.tcp_ack = u32::from_be(t.ack_seq);
+            h.tcp_payload = tot_len.saturating_sub(ihl as u16 + doff);
         }
         IPPROTO_UDP => {
             let ports: [u16; 2] = load(ctx, l4)?;
-            f.sport = ports[0];
-            f.dport = ports[1];
+            h.sport = ports[0];
+            h.dport = ports[1];
         }
         IPPROTO_ICMP => {
             // type, code, checksum, identifier.
             let icmp: [u8; 6] = load(ctx, l4)?;
-            f.icmp_type = icmp[0];
-            f.icmp_code = icmp[1];
+            h.icmp_type = icmp[0];
+            h.icmp_code = icmp[1];
             let id = u16::from_ne_bytes([icmp[4], icmp[5]]);
             match icmp[0] {
-                ICMP_ECHO => f.sport = id,
-                ICMP_ECHO_REPLY => f.dport = id,
+                ICMP_ECHO => h.sport = id,
+                ICMP_ECHO_REPLY => h.dport = id,
                 _ => {}
             }
         }
         _ => {}
     }
-    Ok(f)
+    Ok(h)
 }
 
 /// Longest IPv4 options, bytes.
@@ -361,12 +361,12 @@ const MAX_IP_OPTIONS: usize = 40;
 /// the caller's length: the loop's comparisons then narrow only its own count, and the
 /// verifier's paths through everything after meet again.
 #[inline(always)]
-fn header_checksum_ok(ctx: &TcContext, ip: usize, h: &Ipv4Hdr) -> bool {
+fn header_checksum_ok(ctx: &TcContext, ip: usize, iph: &Ipv4Hdr) -> bool {
     // SAFETY: Ipv4Hdr is 20 bytes of plain integers without padding.
     let words: [u32; 5] =
-        unsafe { core::ptr::read_unaligned(h as *const Ipv4Hdr as *const [u32; 5]) };
+        unsafe { core::ptr::read_unaligned(iph as *const Ipv4Hdr as *const [u32; 5]) };
     let mut sum = csum::sum32(&words);
-    let option_words = (h.vhl & 0x0f).saturating_sub(5) as usize;
+    let option_words = (iph.vhl & 0x0f).saturating_sub(5) as usize;
     for i in 0..MAX_IP_OPTIONS / 4 {
         if i >= option_words {
             break;
@@ -391,6 +391,6 @@ pub fn fixed_header_checksum_ok<P: Packet>(pkt: &P, ip: usize) -> Result<bool, D
 
 /// Parses the IPv4 packet behind the Ethernet header.
 #[inline(always)]
-pub fn flow(ctx: &TcContext) -> Result<Flow, DropReason> {
-    flow_at(ctx, ETH_HLEN)
+pub fn headers(ctx: &TcContext) -> Result<Headers, DropReason> {
+    headers_at(ctx, ETH_HLEN)
 }

@@ -13,7 +13,7 @@ use ecsnet_common::{
     maps::{Config, TaskInfo},
 };
 
-use crate::{maps::TASKS, parse::Flow, verdict::Verdict};
+use crate::{parse::Headers, verdict::Verdict};
 
 const AF_INET: u8 = 2;
 const TC_ACT_REDIRECT: i64 = 7;
@@ -28,28 +28,22 @@ pub struct UplinkHop {
     pub resolved: bool,
 }
 
-/// The task with address `addr`.
-#[inline(always)]
-pub fn task(addr: u32) -> Option<TaskInfo> {
-    unsafe { TASKS.get(&addr) }.copied()
-}
-
-/// Where the kernel would route `f` (its destination as it is now), if that is out of the
+/// Where the kernel would route `h` (its destination as it is now), if that is out of the
 /// uplink. None for anything else (local, the bridge, another interface, too big to forward).
 #[inline(always)]
-pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> {
+pub fn uplink_hop(ctx: &TcContext, cfg: &Config, h: &Headers) -> Option<UplinkHop> {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = f.sport;
-    p.dport = f.dport;
+    p.l4_protocol = h.proto;
+    p.sport = h.sport;
+    p.dport = h.dport;
     // tot_len 0: the helper then checks the skb itself against the MTU, which understands GSO
     // (a TSO packet's IP length is far above any MTU; its segments are not).
     p.__bindgen_anon_1.tot_len = 0;
     p.ifindex = cfg.bridge_ifindex;
-    p.__bindgen_anon_3.ipv4_src = f.saddr;
-    p.__bindgen_anon_4.ipv4_dst = f.daddr;
+    p.__bindgen_anon_3.ipv4_src = h.saddr;
+    p.__bindgen_anon_4.ipv4_dst = h.daddr;
     let ret = unsafe {
         fib_lookup(
             ctx.as_ptr(),

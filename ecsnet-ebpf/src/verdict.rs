@@ -2,9 +2,9 @@
 //! drop is counted with its reason and hook, and offered to `ecsnet monitor`, here and nowhere else.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
-use ecsnet_common::{DropReason, flow::EVENT_DROP, maps::DropKey};
+use ecsnet_common::{DropReason, maps::DropKey};
 
-use crate::{flow::packet_event, parse::Packet, stats::count_drop};
+use crate::{account, events, parse::Packet};
 
 /// What a program decided for a packet it did not drop.
 pub enum Verdict {
@@ -53,11 +53,11 @@ pub fn xdp<P: Packet>(pkt: &P, res: Result<Verdict, DropReason>, ifindex: u32, h
 
 #[inline(always)]
 fn drop_counted<P: Packet>(pkt: &P, reason: DropReason, ifindex: u32, hook: u8) {
-    count_drop(&DropKey {
+    account::dropped(&DropKey {
         ifindex,
         reason: reason as u8,
         hook,
         _pad: [0; 2],
     });
-    packet_event(pkt, EVENT_DROP, reason as u8, ifindex, hook);
+    events::dropped(pkt, reason as u8, ifindex, hook);
 }

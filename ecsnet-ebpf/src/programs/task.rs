@@ -16,13 +16,12 @@ use ecsnet_common::{
 };
 
 use crate::{
+    account::{self, Sighting},
     clock, conntrack,
-    flow::{self, Sighting},
     forward::{self, Origin, PktAddrs},
     maps::{IFACES, PROGS, TASKS},
-    parse::{ETH_HLEN, EthHdr, Flow, Frame, flow, load, skb_ifindex, task_frame},
+    parse::{ETH_HLEN, EthHdr, Frame, Headers, headers, load, skb_ifindex, task_frame},
     policy,
-    stats::{account_tc, wire},
     verdict::{self, Verdict},
 };
 
@@ -36,11 +35,11 @@ pub fn tc_task_ingress(ctx: TcContext) -> i32 {
 // Inlined: the tail call must be made from a function that returns an integer.
 #[inline(always)]
 fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    let (packets, bytes) = account_tc(ctx, ifindex, HOOK_TC_INGRESS);
+    let (packets, bytes) = account::tc(ctx, ifindex, HOOK_TC_INGRESS);
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
-    let (task, mut f) = match own_ipv4(ctx, ifindex) {
+    let (task, mut h) = match own_ipv4(ctx, ifindex) {
         Some(fast) => fast,
         None => {
             let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
@@ -59,28 +58,28 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
                 Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
                 Frame::Ipv4 { group } => group,
             };
-            let f = flow(ctx)?;
-            if f.saddr != me.ipv4 {
+            let h = headers(ctx)?;
+            if h.saddr != me.ipv4 {
                 return Err(DropReason::SpoofedSource);
             }
             if group {
                 // SAFETY: as above.
                 return group_from_task(
                     &cfg,
-                    &f,
+                    &h,
                     unsafe { (*task).policy },
                     ifindex,
                     packets,
                     bytes,
                 );
             }
-            (task, f)
+            (task, h)
         }
     };
     clock::stamp();
-    if f.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {
-        flow::record(
-            &Sighting::of(&f, ifindex, FLOW_EGRESS, ACTION_REJECT),
+    if h.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {
+        account::record(
+            &Sighting::of(&h, ifindex, FLOW_EGRESS, ACTION_REJECT),
             packets,
             bytes,
         );
@@ -89,15 +88,15 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     // SAFETY: a TASKS value pointer, valid for this program run.
     let me = unsafe { *task };
     let mut pkt = PktAddrs {
-        saddr: f.saddr,
-        daddr: f.daddr,
+        saddr: h.saddr,
+        daddr: h.daddr,
     };
-    let res = forward::packet(ctx, &cfg, &mut f, Origin::Task(me), &mut pkt, |_, _, _| {
+    let res = forward::packet(ctx, &cfg, &mut h, Origin::Task(me), &mut pkt, |_, _, _| {
         // SAFETY: `tc_task_new_flow` takes the same context; it does not return on success.
         unsafe { PROGS.tail_call(ctx, PROG_TASK_NEW_FLOW) };
         Err(DropReason::TailCallFailed)
     });
-    sent(&f, ifindex, res, &pkt, packets, bytes)
+    sent(&h, ifindex, res, &pkt, packets, bytes)
 }
 
 /// A packet from a task that opens a flow, tail-called by `tc_task_ingress` after all its
@@ -116,13 +115,13 @@ fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(cfg) = forward::config() else {
         return Err(DropReason::TailCallFailed);
     };
-    let mut f = flow(ctx)?;
+    let mut h = headers(ctx)?;
     // Found again as tc_task_ingress found it (by address, or through the interface); anything
     // else cannot come here, but would be dropped.
-    let me = match unsafe { TASKS.get(&f.saddr) } {
+    let me = match unsafe { TASKS.get(&h.saddr) } {
         Some(t) if t.ifindex == ifindex => *t,
         _ => match unsafe { IFACES.get(&ifindex) } {
-            Some(i) if i.role == ROLE_TASK && i.ipv4 == f.saddr => {
+            Some(i) if i.role == ROLE_TASK && i.ipv4 == h.saddr => {
                 match unsafe { TASKS.get(&i.ipv4) } {
                     Some(t) => *t,
                     None => return Err(DropReason::SpoofedSource),
@@ -131,24 +130,24 @@ fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
             _ => return Err(DropReason::SpoofedSource),
         },
     };
-    let Some(key) = conntrack::key_of(&f) else {
+    let Some(key) = conntrack::key_of(&h) else {
         return Err(DropReason::TailCallFailed);
     };
     clock::stamp();
     let mut pkt = PktAddrs {
-        saddr: f.saddr,
-        daddr: f.daddr,
+        saddr: h.saddr,
+        daddr: h.daddr,
     };
-    let res = forward::open_flow(ctx, &cfg, &mut f, &key, Origin::Task(me), &mut pkt);
-    let (packets, bytes) = wire(ctx);
-    sent(&f, ifindex, res, &pkt, packets, bytes)
+    let res = forward::open_flow(ctx, &cfg, &mut h, &key, Origin::Task(me), &mut pkt);
+    let (packets, bytes) = account::wire(ctx);
+    sent(&h, ifindex, res, &pkt, packets, bytes)
 }
 
 /// The flow record of what a task sent, as it left it (a packet a receiving task's rules drop
 /// still left), with the addresses it had on the uplink side; then the decision.
 #[inline(always)]
 fn sent(
-    f: &Flow,
+    h: &Headers,
     ifindex: u32,
     res: Result<Verdict, DropReason>,
     pkt: &PktAddrs,
@@ -160,10 +159,10 @@ fn sent(
         Err(DropReason::SgEgress) => ACTION_REJECT,
         Err(_) => return res,
     };
-    let mut seen = Sighting::of(f, ifindex, FLOW_EGRESS, action);
+    let mut seen = Sighting::of(h, ifindex, FLOW_EGRESS, action);
     seen.pkt_saddr = pkt.saddr;
     seen.pkt_daddr = pkt.daddr;
-    flow::record(&seen, packets, bytes);
+    account::record(&seen, packets, bytes);
     res
 }
 
@@ -184,24 +183,24 @@ fn ipv6(policy: u32) -> Result<Verdict, DropReason> {
 #[inline(always)]
 fn group_from_task(
     cfg: &Config,
-    f: &Flow,
+    h: &Headers,
     policy: u32,
     ifindex: u32,
     packets: u64,
     bytes: u64,
 ) -> Result<Verdict, DropReason> {
-    if !forward::is_group_addr(cfg, f.daddr) {
+    if !forward::is_group_addr(cfg, h.daddr) {
         return Err(DropReason::UnicastInGroupMac);
     }
     clock::stamp();
-    let res = forward::unchecked_egress(f, policy);
+    let res = forward::unchecked_egress(h, policy);
     let action = if res.is_ok() {
         ACTION_ACCEPT
     } else {
         ACTION_REJECT
     };
-    flow::record(
-        &Sighting::of(f, ifindex, FLOW_EGRESS, action),
+    account::record(
+        &Sighting::of(h, ifindex, FLOW_EGRESS, action),
         packets,
         bytes,
     );
@@ -213,18 +212,18 @@ fn group_from_task(
 /// way, through `IFACES`, which sorts out everything else (ARP, IPv6, tags, spoofing,
 /// interfaces not ours) with the same outcome as if this shortcut did not exist.
 #[inline(always)]
-fn own_ipv4(ctx: &TcContext, ifindex: u32) -> Option<(*mut TaskInfo, Flow)> {
+fn own_ipv4(ctx: &TcContext, ifindex: u32) -> Option<(*mut TaskInfo, Headers)> {
     if !matches!(task_frame(ctx), Ok(Frame::Ipv4 { group: false })) {
         return None;
     }
-    let f = flow(ctx).ok()?;
-    let task = TASKS.get_ptr_mut(&f.saddr)?;
+    let h = headers(ctx).ok()?;
+    let task = TASKS.get_ptr_mut(&h.saddr)?;
     // SAFETY: a TASKS value pointer, valid for this program run.
     if unsafe { (*task).ifindex } != ifindex {
         return None;
     }
     check_source_mac(ctx, task).ok()?;
-    Some((task, f))
+    Some((task, h))
 }
 
 /// The task's MAC is the source of its first frame when user space did not know it; from then
@@ -272,18 +271,18 @@ pub fn tc_task_egress(ctx: TcContext) -> i32 {
 }
 
 fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    let (packets, bytes) = account_tc(ctx, ifindex, HOOK_TC_EGRESS);
+    let (packets, bytes) = account::tc(ctx, ifindex, HOOK_TC_EGRESS);
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
     let frame = task_frame(ctx);
     let ipv4 = matches!(frame, Ok(Frame::Ipv4 { .. }));
     // Parsed whatever the frame; used only when it is IPv4.
-    let parsed = flow(ctx);
+    let parsed = headers(ctx);
     // The common case with one lookup: addressed to the task on this interface. Anything else
     // finds the interface's task through `IFACES`.
     let fast = match &parsed {
-        Ok(f) if ipv4 => unsafe { TASKS.get(&f.daddr) }.filter(|t| t.ifindex == ifindex),
+        Ok(h) if ipv4 => unsafe { TASKS.get(&h.daddr) }.filter(|t| t.ifindex == ifindex),
         _ => None,
     };
     let task = match fast {
@@ -310,28 +309,28 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     if task.policy == 0 {
         // No rules to check: only the flow record, and a packet too malformed for one still
         // goes on, as it would without ecsnet.
-        if let Ok(f) = parsed {
+        if let Ok(h) = parsed {
             clock::stamp();
-            let seen = Sighting::of(&f, ifindex, FLOW_INGRESS, ACTION_ACCEPT);
-            flow::record(&seen, packets, bytes);
+            let seen = Sighting::of(&h, ifindex, FLOW_INGRESS, ACTION_ACCEPT);
+            account::record(&seen, packets, bytes);
         }
         return Ok(Verdict::Pass);
     }
-    let mut f = parsed?;
+    let mut h = parsed?;
     clock::stamp();
-    let res = if forward::is_group_addr(&cfg, f.daddr) {
+    let res = if forward::is_group_addr(&cfg, h.daddr) {
         // Broadcast and multicast: the rules alone; nothing to track.
-        forward::unchecked_ingress(&f, task.policy)
+        forward::unchecked_ingress(&h, task.policy)
     } else {
-        forward::deliver(ctx, &mut f, task.policy, ifindex)
+        forward::deliver(ctx, &mut h, task.policy, ifindex)
     };
     let action = match res {
         Ok(_) => ACTION_ACCEPT,
         Err(DropReason::SgIngress) => ACTION_REJECT,
         Err(_) => return res,
     };
-    flow::record(
-        &Sighting::of(&f, ifindex, FLOW_INGRESS, action),
+    account::record(
+        &Sighting::of(&h, ifindex, FLOW_INGRESS, action),
         packets,
         bytes,
     );

@@ -1,58 +1,29 @@
-//! Programs on the uplink: XDP sees frames before an skb exists and drops new connections to
-//! published ports that the task's inbound rules reject;
-//! tc ingress takes replies of tracked flows and new connections to published ports straight into
-//! the tasks; tc egress counts what leaves.
+//! The uplink's XDP policy: a packet opening a flow to a published port that the task's inbound
+//! rules reject is dropped before an skb exists; anything it cannot judge alone goes on to tc.
 
-use aya_ebpf::{
-    EbpfContext,
-    bindings::xdp_md,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::programs::XdpContext;
 use ecsnet_common::{
     DropReason,
     ct::{CtKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     flow::{ACTION_REJECT, FLOW_INGRESS},
-    maps::{Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
+    maps::{Config, HOOK_XDP},
 };
 
 use crate::{
-    clock, conntrack,
-    flow::{self, Sighting},
-    forward::{self, Origin, PktAddrs},
+    account::{self, Sighting},
+    clock, conntrack, forward,
     parse::{
         ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TcpHdrStart, eth_group_dst,
-        ethertype, fixed_header_checksum_ok, flow, ptr_at, skb_ifindex,
+        ethertype, fixed_header_checksum_ok, ptr_at,
     },
-    policy, redirect,
-    stats::{account_tc, account_xdp},
-    verdict::{self, Verdict, drop_on},
+    policy, tasks,
+    verdict::{Verdict, drop_on},
 };
-
-/// Frames arriving on the uplink, before the stack allocates an skb.
-#[xdp]
-pub fn xdp_uplink(ctx: XdpContext) -> u32 {
-    // SAFETY: the context pointer of an XDP program is a valid xdp_md.
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const xdp_md)).ingress_ifindex };
-    verdict::xdp(&ctx, try_xdp_uplink(&ctx, ifindex), ifindex, HOOK_XDP)
-}
-
-fn try_xdp_uplink(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    account_xdp(ctx, ifindex, HOOK_XDP);
-    let Some(cfg) = forward::config() else {
-        return Ok(Verdict::Pass);
-    };
-    if ifindex != cfg.uplink_ifindex {
-        return Ok(Verdict::Pass);
-    }
-    // Anything XDP cannot judge on its own (malformed, fragments, ...) is left to tc.
-    Ok(early_policy(ctx, &cfg).unwrap_or(Verdict::Pass))
-}
 
 /// Drops, before an skb exists, a packet opening a flow to a published port that the task's
 /// inbound rules reject: exactly what tc ingress would drop for the same reason a moment later.
 #[inline(always)]
-fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
+pub fn check(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
     if ethertype(ctx).ok()? != ETH_P_IP || eth_group_dst(ctx).ok()? {
         return None;
     }
@@ -101,7 +72,7 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         return None;
     }
     let (addr, port) = forward::published_port(dport, proto)?;
-    let dst = redirect::task(addr)?;
+    let dst = tasks::by_addr(addr)?;
     if dst.policy == 0 {
         return None;
     }
@@ -140,57 +111,6 @@ fn early_policy(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         pkt_daddr: daddr,
     };
     clock::stamp();
-    flow::record(&seen, 1, tot_len as u64);
+    account::record(&seen, 1, tot_len as u64);
     Some(drop_on(ctx, DropReason::SgIngress, dst.ifindex, HOOK_XDP))
-}
-
-/// Packets arriving on the uplink.
-#[classifier]
-pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
-    let ifindex = skb_ifindex(&ctx);
-    verdict::tc(
-        &ctx,
-        try_from_uplink(&ctx, ifindex),
-        ifindex,
-        HOOK_TC_INGRESS,
-    )
-}
-
-fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    account_tc(ctx, ifindex, HOOK_TC_INGRESS);
-    let Some(cfg) = forward::config() else {
-        return Ok(Verdict::Pass);
-    };
-    if ifindex != cfg.uplink_ifindex
-        || !matches!(ethertype(ctx), Ok(ETH_P_IP))
-        || !matches!(eth_group_dst(ctx), Ok(false))
-    {
-        return Ok(Verdict::Pass);
-    }
-    let mut f = flow(ctx)?;
-    clock::stamp();
-    let mut pkt = PktAddrs {
-        saddr: f.saddr,
-        daddr: f.daddr,
-    };
-    forward::packet(
-        ctx,
-        &cfg,
-        &mut f,
-        Origin::Uplink,
-        &mut pkt,
-        |f, key, pkt| forward::open_flow(ctx, &cfg, f, key, Origin::Uplink, pkt),
-    )
-}
-
-/// Packets leaving through the uplink (the kernel's and ecsnet's redirects alike).
-#[classifier]
-pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
-    let ifindex = skb_ifindex(&ctx);
-    verdict::tc(&ctx, try_to_uplink(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
-}
-
-fn try_to_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    account_tc(ctx, ifindex, HOOK_TC_EGRESS);
-    Ok(Verdict::Pass)
 }

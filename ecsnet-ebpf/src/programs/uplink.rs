@@ -1,0 +1,93 @@
+//! Programs on the uplink: XDP sees frames before an skb exists and drops new connections to
+//! published ports that the task's inbound rules reject;
+//! tc ingress takes replies of tracked flows and new connections to published ports straight into
+//! the tasks; tc egress counts what leaves.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::xdp_md,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use ecsnet_common::{
+    DropReason,
+    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
+};
+
+use crate::{
+    account, clock, early_drop,
+    forward::{self, Origin, PktAddrs},
+    parse::{ETH_P_IP, eth_group_dst, ethertype, headers, skb_ifindex},
+    verdict::{self, Verdict},
+};
+
+/// Frames arriving on the uplink, before the stack allocates an skb.
+#[xdp]
+pub fn xdp_uplink(ctx: XdpContext) -> u32 {
+    // SAFETY: the context pointer of an XDP program is a valid xdp_md.
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const xdp_md)).ingress_ifindex };
+    verdict::xdp(&ctx, try_xdp_uplink(&ctx, ifindex), ifindex, HOOK_XDP)
+}
+
+fn try_xdp_uplink(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    account::xdp(ctx, ifindex, HOOK_XDP);
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    if ifindex != cfg.uplink_ifindex {
+        return Ok(Verdict::Pass);
+    }
+    // Anything XDP cannot judge on its own (malformed, fragments, ...) is left to tc.
+    Ok(early_drop::check(ctx, &cfg).unwrap_or(Verdict::Pass))
+}
+
+/// Packets arriving on the uplink.
+#[classifier]
+pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(
+        &ctx,
+        try_from_uplink(&ctx, ifindex),
+        ifindex,
+        HOOK_TC_INGRESS,
+    )
+}
+
+fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    account::tc(ctx, ifindex, HOOK_TC_INGRESS);
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    if ifindex != cfg.uplink_ifindex
+        || !matches!(ethertype(ctx), Ok(ETH_P_IP))
+        || !matches!(eth_group_dst(ctx), Ok(false))
+    {
+        return Ok(Verdict::Pass);
+    }
+    let mut h = headers(ctx)?;
+    clock::stamp();
+    let mut pkt = PktAddrs {
+        saddr: h.saddr,
+        daddr: h.daddr,
+    };
+    forward::packet(
+        ctx,
+        &cfg,
+        &mut h,
+        Origin::Uplink,
+        &mut pkt,
+        |h, key, pkt| forward::open_flow(ctx, &cfg, h, key, Origin::Uplink, pkt),
+    )
+}
+
+/// Packets leaving through the uplink (the kernel's and ecsnet's redirects alike).
+#[classifier]
+pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_to_uplink(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
+}
+
+fn try_to_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    account::tc(ctx, ifindex, HOOK_TC_EGRESS);
+    Ok(Verdict::Pass)
+}
