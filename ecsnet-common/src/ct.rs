@@ -4,16 +4,8 @@
 
 use core::mem::size_of;
 
-/// IP protocol numbers the table tracks.
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-
-/// TCP flag bits as in the header's flags byte.
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+/// The protocols the table tracks, and the TCP flags it follows (defined in [`crate::net`]).
+pub use crate::net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// [`CtEntry::kind`]: task to task on this host, no translation.
 pub const KIND_EAST_WEST: u8 = 1;

@@ -4,6 +4,8 @@
 
 use core::mem::size_of;
 
+use crate::net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
 /// Per-flow counters of the open and the closing windows: [`FlowKey`] -> [`FlowStats`] per CPU.
 pub const MAP_FLOWS: &str = "FLOWS";
 /// Packets that found the flow table full: [`LostKey`] -> [`crate::maps::Counters`] per CPU.
@@ -156,9 +158,9 @@ const _: () = assert!(size_of::<Event>() == 48);
 /// SYN (a SYN-ACK is 18), everything else dropped.
 #[inline(always)]
 pub const fn aws_tcp_flags(flags: u8) -> u8 {
-    let base = flags & 0x07;
-    if flags & 0x12 == 0x12 {
-        base | 0x10
+    let base = flags & (TCP_FIN | TCP_SYN | TCP_RST);
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        base | TCP_ACK
     } else {
         base
     }

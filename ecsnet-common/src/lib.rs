@@ -8,6 +8,7 @@ pub mod ct;
 pub mod drop;
 pub mod flow;
 pub mod maps;
+pub mod net;
 pub mod policy;
 
 pub use drop::DropReason;
