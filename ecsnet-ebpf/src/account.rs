@@ -14,15 +14,13 @@ use aya_log_ebpf::warn;
 use ecsnet_common::{
     flow::{FlowKey, FlowStats, LostKey, aws_tcp_flags},
     maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey},
+    net::{PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{
     clock,
     maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, STATS},
-    parse::{
-        ETH_HLEN, ETH_P_IP, Headers, IPPROTO_TCP, IPPROTO_UDP, Packet, eth_group_dst, ethertype,
-        ipv4,
-    },
+    parse::{ETH_HLEN, Headers, Packet, ipv4_lengths, is_unicast_ipv4},
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -70,10 +68,10 @@ pub fn dropped(key: &DropKey) {
 fn measure<P: Packet>(pkt: &P, frame_len: usize, gso_segs: u32) -> (u8, u64, u64) {
     // Unicast IPv4 only: multicast and broadcast (IGMP reports the bridge floods, ...) are
     // "other", so a task's IPv4 counters are exactly its own conversations.
-    if !matches!(ethertype(pkt), Ok(ETH_P_IP)) || !matches!(eth_group_dst(pkt), Ok(false)) {
+    if !is_unicast_ipv4(pkt) {
         return (CLASS_OTHER, 1, frame_len as u64);
     }
-    let Ok(ip) = ipv4(pkt) else {
+    let Ok(ip) = ipv4_lengths(pkt) else {
         return (CLASS_OTHER, 1, frame_len as u64);
     };
     if gso_segs <= 1 {
@@ -188,7 +186,7 @@ pub fn record(s: &Sighting, packets: u64, bytes: u64) {
     if st.enabled == 0 {
         return;
     }
-    let ports = s.proto == IPPROTO_TCP || s.proto == IPPROTO_UDP;
+    let ports = s.proto == PROTO_TCP || s.proto == PROTO_UDP;
     let key = FlowKey {
         epoch: st.epoch,
         ifindex: s.ifindex,
@@ -201,7 +199,7 @@ pub fn record(s: &Sighting, packets: u64, bytes: u64) {
         action: s.action,
         _pad: 0,
     };
-    let flags = if s.proto == IPPROTO_TCP {
+    let flags = if s.proto == PROTO_TCP {
         aws_tcp_flags(s.tcp_flags)
     } else {
         0

@@ -7,17 +7,15 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use ecsnet_common::{
     DropReason,
-    ct::{
-        self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN, TcpSide,
-    },
+    ct::{self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TcpSide},
     maps::{CT_EV_ASSURED, CT_EV_CREATED, CT_EV_CT_FULL, FragKey, FragPorts},
+    net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
     clock,
     maps::{CT, CT_EVENTS, CT_NEW, FRAGS},
-    parse::{FRAG_FIRST, FRAG_LATER, Headers, ICMP_ECHO, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, ICMP_ECHO},
 };
 
 const BPF_ANY: u64 = 0;
@@ -42,7 +40,7 @@ pub struct Nat {
 #[inline(always)]
 pub fn key_of(h: &Headers) -> Option<CtKey> {
     match h.proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => Some(CtKey {
+        PROTO_TCP | PROTO_UDP | PROTO_ICMP => Some(CtKey {
             saddr: h.saddr,
             daddr: h.daddr,
             sport: h.sport,
@@ -127,9 +125,9 @@ pub fn starts_flow(h: &Headers) -> bool {
         return false;
     }
     match h.proto {
-        IPPROTO_TCP => h.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
-        IPPROTO_UDP => true,
-        IPPROTO_ICMP => h.icmp_type == ICMP_ECHO,
+        PROTO_TCP => h.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
+        PROTO_UDP => true,
+        PROTO_ICMP => h.icmp_type == ICMP_ECHO,
         _ => false,
     }
 }
@@ -200,7 +198,7 @@ pub fn lookup(key: &CtKey) -> Option<Tracked> {
 /// (`ct::tcp_close_counts`): a blind attacker's, which would otherwise end the flow early.
 #[inline(always)]
 pub fn check_close(t: &Tracked, h: &Headers) -> Result<(), DropReason> {
-    if h.proto != IPPROTO_TCP || h.frag == FRAG_LATER || h.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+    if h.proto != PROTO_TCP || h.frag == FRAG_LATER || h.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
         return Ok(());
     }
     // The other direction gone (evicted from CT_NEW): nothing to judge by, and nothing to end.
@@ -234,7 +232,7 @@ pub fn touch(t: &Tracked, key: &CtKey, h: &Headers) {
         (*e).packets += 1;
         (*e).bytes += h.tot_len as u64;
     }
-    if h.proto == IPPROTO_TCP && h.frag != FRAG_LATER {
+    if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
         let mut side = t.tcp();
         let restart = ct::record_tcp(
             &mut side,
@@ -268,7 +266,7 @@ fn assure(t: &Tracked, key: &CtKey, now: u64) {
     let (dir, flags, packets, created_ns) =
         unsafe { ((*e).dir, (*e).tcp_flags, (*e).packets, (*e).created_ns) };
     // The cheap tests first: most packets of an unanswered flow cannot assure it.
-    if key.proto == IPPROTO_TCP {
+    if key.proto == PROTO_TCP {
         if dir != DIR_ORIGINAL || flags & TCP_ACK == 0 {
             return;
         }
@@ -411,7 +409,7 @@ pub fn create(
         tcp_flags: 0,
         _pad: 0,
     };
-    if h.proto == IPPROTO_TCP {
+    if h.proto == PROTO_TCP {
         let mut side = original.tcp();
         ct::record_tcp(
             &mut side,

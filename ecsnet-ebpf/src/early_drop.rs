@@ -4,17 +4,18 @@
 use aya_ebpf::programs::XdpContext;
 use ecsnet_common::{
     DropReason,
-    ct::{CtKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ct::CtKey,
     flow::{ACTION_REJECT, FLOW_INGRESS},
     maps::{Config, HOOK_XDP},
+    net::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
     account::{self, Sighting},
     clock, conntrack, forward,
     parse::{
-        ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TcpHdrStart, eth_group_dst,
-        ethertype, fixed_header_checksum_ok, ptr_at,
+        ETH_HLEN, FRAG_NONE, IPV4_MIN_HLEN, Ipv4Hdr, TcpHdrStart, fixed_header_checksum_ok,
+        ipv4_frag, ipv4_valid_hlen, is_unicast_ipv4, ptr_at,
     },
     policy, tasks,
     verdict::{Verdict, drop_on},
@@ -24,7 +25,7 @@ use crate::{
 /// inbound rules reject: exactly what tc ingress would drop for the same reason a moment later.
 #[inline(always)]
 pub fn check(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
-    if ethertype(ctx).ok()? != ETH_P_IP || eth_group_dst(ctx).ok()? {
+    if !is_unicast_ipv4(ctx) {
         return None;
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok()?;
@@ -33,35 +34,36 @@ pub fn check(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         (
             (*ip).vhl,
             u16::from_be((*ip).tot_len),
-            (*ip).frag_off,
+            u16::from_be((*ip).frag_off),
             (*ip).protocol,
             (*ip).saddr,
             (*ip).daddr,
         )
     };
-    let ihl = ((vhl & 0x0f) as usize) * 4;
     // Fragments (MF set or an offset) are tc's: it tracks them. So are headers with options
     // and bad checksums: tc reads the options and drops the latter with their reason.
-    if vhl >> 4 != 4 || ihl != 20 || u16::from_be(frag_off) & 0x3fff != 0 {
+    if ipv4_valid_hlen(vhl) != Some(IPV4_MIN_HLEN) || ipv4_frag(frag_off) != FRAG_NONE {
         return None;
     }
     if !fixed_header_checksum_ok(ctx, ETH_HLEN).ok()? {
         return None;
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let l4: *const TcpHdrStart = if proto == IPPROTO_TCP {
-        ptr_at(ctx, ETH_HLEN + (ihl & 0x3c)).ok()?
+    // No options: the transport header follows the fixed IPv4 header.
+    let l4 = ETH_HLEN + IPV4_MIN_HLEN;
+    let l4: *const TcpHdrStart = if proto == PROTO_TCP {
+        ptr_at(ctx, l4).ok()?
     } else {
         // A UDP header is 8 bytes: read the ports only.
-        let p: *const [u16; 2] = ptr_at(ctx, ETH_HLEN + (ihl & 0x3c)).ok()?;
+        let p: *const [u16; 2] = ptr_at(ctx, l4).ok()?;
         p as *const TcpHdrStart
     };
     // SAFETY: the ports are the first four bytes of either header, checked above.
     let (sport, dport) = unsafe { ((*l4).source, (*l4).dest) };
     let mut tcp_flags = 0;
-    if proto == IPPROTO_TCP {
+    if proto == PROTO_TCP {
         // SAFETY: a whole TCP header start was checked for TCP.
         tcp_flags = unsafe { (*l4).flags };
         if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {

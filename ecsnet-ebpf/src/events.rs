@@ -2,11 +2,17 @@
 //! token bucket allows; with the event rate 0 nothing is sent.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
-use ecsnet_common::flow::{EVENT_ALLOW, EVENT_DROP, Event, EventBudget};
+use ecsnet_common::{
+    flow::{EVENT_ALLOW, EVENT_DROP, Event, EventBudget},
+    net::{PROTO_TCP, PROTO_UDP},
+};
 
 use crate::{
     maps::{EVENT_BUDGET, EVENTS, FLOW_STATE},
-    parse::{ETH_HLEN, ETH_P_IP, Headers, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Packet, ptr_at},
+    parse::{
+        ETH_HLEN, ETH_P_IP, FRAG_LATER, Headers, IPV4_MIN_HLEN, Ipv4Hdr, Packet, ethertype,
+        ipv4_frag, ipv4_hlen, l4_offset, ptr_at,
+    },
 };
 
 /// Takes one event's worth of credit from this CPU's bucket. None when the bucket is empty (the
@@ -102,31 +108,28 @@ pub fn dropped<P: Packet>(pkt: &P, reason: u8, ifindex: u32, hook: u8) {
         return;
     };
     let e = entry.as_mut_ptr();
-    if let Ok(eth) = ptr_at::<P, [u8; ETH_HLEN]>(pkt, 0) {
+    if let Ok(ETH_P_IP) = ethertype(pkt)
+        && let Ok(ip) = ptr_at::<P, Ipv4Hdr>(pkt, ETH_HLEN)
+    {
         // SAFETY: checked by ptr_at.
-        let ethertype = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
-        if ethertype == ETH_P_IP
-            && let Ok(ip) = ptr_at::<P, Ipv4Hdr>(pkt, ETH_HLEN)
+        let (vhl, frag_off, proto) = unsafe {
+            (*e).saddr = (*ip).saddr;
+            (*e).daddr = (*ip).daddr;
+            (*e).proto = (*ip).protocol;
+            ((*ip).vhl, u16::from_be((*ip).frag_off), (*ip).protocol)
+        };
+        // What can be read is reported: the header length is checked, the version is not.
+        let ihl = ipv4_hlen(vhl);
+        let ports = proto == PROTO_TCP || proto == PROTO_UDP;
+        if ihl >= IPV4_MIN_HLEN
+            && ipv4_frag(frag_off) != FRAG_LATER
+            && ports
+            && let Ok(p) = ptr_at::<P, [u16; 2]>(pkt, l4_offset(ETH_HLEN, ihl))
         {
             // SAFETY: checked by ptr_at.
-            let (vhl, frag_off, proto) = unsafe {
-                (*e).saddr = (*ip).saddr;
-                (*e).daddr = (*ip).daddr;
-                (*e).proto = (*ip).protocol;
-                ((*ip).vhl, u16::from_be((*ip).frag_off), (*ip).protocol)
-            };
-            let ihl = ((vhl & 0x0f) as usize) * 4;
-            let ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP;
-            if ihl >= 20
-                && frag_off & 0x1fff == 0
-                && ports
-                && let Ok(p) = ptr_at::<P, [u16; 2]>(pkt, ETH_HLEN + (ihl & 0x3c))
-            {
-                // SAFETY: checked by ptr_at.
-                unsafe {
-                    (*e).sport = (*p)[0];
-                    (*e).dport = (*p)[1];
-                }
+            unsafe {
+                (*e).sport = (*p)[0];
+                (*e).dport = (*p)[1];
             }
         }
     }

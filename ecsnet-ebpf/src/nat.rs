@@ -3,13 +3,17 @@
 //! checksum update that keeps the packet valid for the receiving kernel; nothing else is touched.
 
 use aya_ebpf::programs::TcContext;
-use ecsnet_common::{DropReason, csum, ct::CtKey};
+use ecsnet_common::{
+    DropReason, csum,
+    ct::CtKey,
+    net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+};
 
 use crate::{
     conntrack::Nat,
     parse::{
         ETH_HLEN, FRAG_LATER, Headers, ICMP_ECHO, ICMP_ECHO_REPLY, IP_OFF_CHECK, IP_OFF_DADDR,
-        IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, load,
+        IP_OFF_SADDR, IP_OFF_TTL, load, quoted_headers_at,
     },
 };
 
@@ -44,10 +48,10 @@ fn l4_check(h: &Headers) -> Option<(usize, u64)> {
         return None;
     }
     match h.proto {
-        IPPROTO_TCP => Some((h.l4 + 16, BPF_F_PSEUDO_HDR)),
+        PROTO_TCP => Some((h.l4 + 16, BPF_F_PSEUDO_HDR)),
         // A zero UDP checksum means "none" and must stay zero.
-        IPPROTO_UDP => Some((h.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
-        IPPROTO_ICMP => Some((h.l4 + 2, 0)),
+        PROTO_UDP => Some((h.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
+        PROTO_ICMP => Some((h.l4 + 2, 0)),
         _ => None,
     }
 }
@@ -64,7 +68,7 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
             continue;
         }
         if let Some((c, flags)) = check
-            && h.proto != IPPROTO_ICMP
+            && h.proto != PROTO_ICMP
         {
             l4(ctx, c, old as u64, new as u64, flags | 4)?;
         }
@@ -75,7 +79,7 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
         return Ok(());
     };
     // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
-    let ports: [(usize, u16, u16); 2] = if h.proto == IPPROTO_ICMP {
+    let ports: [(usize, u16, u16); 2] = if h.proto == PROTO_ICMP {
         match h.icmp_type {
             ICMP_ECHO => [(h.l4 + 4, h.sport, nat.sport), (0, 0, 0)],
             ICMP_ECHO_REPLY => [(h.l4 + 4, h.dport, nat.dport), (0, 0, 0)],
@@ -114,12 +118,12 @@ pub fn decrement_ttl(ctx: &TcContext, h: &Headers) -> Result<(), DropReason> {
 }
 
 /// The table key an ICMP error belongs to: the quoted packet's tuple reversed, which is the
-/// tuple of packets travelling the same way as the error. Also returns the quoted header's offset.
+/// tuple of packets travelling the same way as the error. Also returns the quoted headers.
 #[inline(always)]
 pub fn icmp_error_key(ctx: &TcContext, h: &Headers) -> Result<(CtKey, Headers), DropReason> {
     // The quoted IP header sits after the 8-byte ICMP header; it must be whole, with at least
     // the first 8 bytes of its transport header (RFC 792).
-    let inner = headers_at_quoted(ctx, h.l4 + 8)?;
+    let inner = quoted_headers_at(ctx, h.l4 + 8)?;
     let key = CtKey {
         saddr: inner.daddr,
         daddr: inner.saddr,
@@ -129,45 +133,6 @@ pub fn icmp_error_key(ctx: &TcContext, h: &Headers) -> Result<(CtKey, Headers), 
         _pad: [0; 3],
     };
     Ok((key, inner))
-}
-
-/// Parses a quoted header: like [`crate::parse::headers_at`] but a quote may be cut short after 8 bytes of the
-/// transport header, so its total length is not checked against the packet.
-#[inline(always)]
-fn headers_at_quoted(ctx: &TcContext, ip: usize) -> Result<Headers, DropReason> {
-    let iph: Ipv4Hdr = load(ctx, ip).map_err(|_| DropReason::BadIcmpError)?;
-    let ihl = ((iph.vhl & 0x0f) as usize) * 4;
-    if iph.vhl >> 4 != 4 || ihl < 20 {
-        return Err(DropReason::BadIcmpError);
-    }
-    let l4 = ip + ihl;
-    let ports: [u16; 4] = load(ctx, l4).map_err(|_| DropReason::BadIcmpError)?;
-    let (sport, dport) = match iph.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => (ports[0], ports[1]),
-        // A quoted echo request: type, code, checksum, identifier.
-        IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO as u16 => (ports[2], 0),
-        IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO_REPLY as u16 => (0, ports[2]),
-        // Nothing ecsnet tracks: the lookup misses and the error takes the kernel's path.
-        _ => (0, 0),
-    };
-    Ok(Headers {
-        l4,
-        proto: iph.protocol,
-        saddr: iph.saddr,
-        daddr: iph.daddr,
-        sport,
-        dport,
-        ttl: iph.ttl,
-        frag: 0,
-        ip_id: iph.id,
-        tcp_flags: 0,
-        tcp_seq: 0,
-        tcp_ack: 0,
-        tcp_payload: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-        tot_len: u16::from_be(iph.tot_len),
-    })
 }
 
 /// Translates an ICMP error that belongs to the flow direction rewritten to `e` (looked up with the key from
@@ -217,7 +182,7 @@ pub fn rewrite_icmp_error(
     // The quoted transport header: ports (or the echo identifier) and, when the quote holds it,
     // its checksum.
     let (ports, inner_check, pseudo) = match inner.proto {
-        IPPROTO_TCP => (
+        PROTO_TCP => (
             [
                 (inner.l4, inner.sport, new_sport),
                 (inner.l4 + 2, inner.dport, new_dport),
@@ -225,7 +190,7 @@ pub fn rewrite_icmp_error(
             inner.l4 + 16,
             true,
         ),
-        IPPROTO_UDP => (
+        PROTO_UDP => (
             [
                 (inner.l4, inner.sport, new_sport),
                 (inner.l4 + 2, inner.dport, new_dport),
@@ -262,7 +227,7 @@ pub fn rewrite_icmp_error(
         store(ctx, off, &new)?;
     }
     if let Some(old) = old_l4check
-        && !(inner.proto == IPPROTO_UDP && old == 0)
+        && !(inner.proto == PROTO_UDP && old == 0)
         && old != l4check
     {
         l4(ctx, icmp_check, old as u64, l4check as u64, 2)?;

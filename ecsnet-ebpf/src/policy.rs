@@ -1,14 +1,17 @@
 //! Security-group checks: a fixed sequence of hash probes whatever the number of rules (see
 //! `ecsnet_common::policy` for the maps and `ARCHITECTURE.md` for where each check runs).
 
-use ecsnet_common::policy::{
-    INSTANCE_METADATA_ADDR, PEER_LEVELS, PORT_LEVELS, PeerKey, RuleKey, TASK_METADATA_ADDR,
-    icmp_port, mask_addr, mask_port, scope,
+use ecsnet_common::{
+    net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    policy::{
+        INSTANCE_METADATA_ADDR, PEER_LEVELS, PORT_LEVELS, PeerKey, RuleKey, TASK_METADATA_ADDR,
+        icmp_port, mask_addr, mask_port, scope,
+    },
 };
 
 use crate::{
     maps::{SG_PEERS, SG_RULES},
-    parse::{Headers, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    parse::Headers,
 };
 
 pub use ecsnet_common::policy::{DIR_EGRESS, DIR_INGRESS};
@@ -30,8 +33,8 @@ pub fn is_link_local(addr: u32) -> bool {
 #[inline(always)]
 pub fn allows(policy: u32, dir: u32, peer: u32, h: &Headers, dport: u16) -> bool {
     let port = match h.proto {
-        IPPROTO_TCP | IPPROTO_UDP => u16::from_be(dport),
-        IPPROTO_ICMP => icmp_port(h.icmp_type, h.icmp_code),
+        PROTO_TCP | PROTO_UDP => u16::from_be(dport),
+        PROTO_ICMP => icmp_port(h.icmp_type, h.icmp_code),
         _ => 0,
     };
     allows_port(policy, dir, peer, h.proto, port)

@@ -17,7 +17,7 @@ use ecsnet_common::{
 use crate::{
     account, clock, early_drop,
     forward::{self, Origin, PktAddrs},
-    parse::{ETH_P_IP, eth_group_dst, ethertype, headers, skb_ifindex},
+    parse::{headers, is_unicast_ipv4, skb_ifindex},
     verdict::{self, Verdict},
 };
 
@@ -58,10 +58,7 @@ fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason>
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
-    if ifindex != cfg.uplink_ifindex
-        || !matches!(ethertype(ctx), Ok(ETH_P_IP))
-        || !matches!(eth_group_dst(ctx), Ok(false))
-    {
+    if ifindex != cfg.uplink_ifindex || !is_unicast_ipv4(ctx) {
         return Ok(Verdict::Pass);
     }
     let mut h = headers(ctx)?;
