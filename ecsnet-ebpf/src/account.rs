@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::__sk_buff,
+    bindings::{__sk_buff, BPF_NOEXIST},
     maps::PerCpuHashMap,
     programs::{TcContext, XdpContext},
 };
@@ -23,43 +23,46 @@ use crate::{
     parse::{ETH_HLEN, Headers, Packet, ipv4_lengths, is_unicast_ipv4},
 };
 
-const BPF_NOEXIST: u64 = 1;
-/// Adds to a per-CPU counter, creating it when user space has not. A lost creation race is
-/// retried once; false only when the map is full.
+/// The value of `key` in a per-CPU hash map, created from `init` when neither user space nor an
+/// earlier packet created it. Created from a static and then counted like any other: a value
+/// built on the stack would cost stack the programs do not have. A lost creation race (EEXIST:
+/// another CPU was first) is as good; None only when the map is full.
+#[inline(always)]
+fn value_mut<K, V>(map: &PerCpuHashMap<K, V>, key: &K, init: &'static V) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(v);
+    }
+    let _ = map.insert(key, init, u64::from(BPF_NOEXIST));
+    map.get_ptr_mut(key)
+}
+
+/// Packet and byte counters as they start.
+static NO_COUNTS: Counters = Counters {
+    packets: 0,
+    bytes: 0,
+};
+
+/// Adds to a per-CPU counter; false only when the map is full.
 #[inline(always)]
 fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) -> bool {
-    for _ in 0..2 {
-        if let Some(c) = map.get_ptr_mut(key) {
-            // SAFETY: a per-CPU value is only touched by this CPU, and BPF programs do not nest
-            // on one CPU for the same hook.
-            unsafe {
-                (*c).packets += packets;
-                (*c).bytes += bytes;
-            }
-            return true;
-        }
-        if map
-            .insert(key, &Counters { packets, bytes }, BPF_NOEXIST)
-            .is_ok()
-        {
-            return true;
-        }
+    let Some(c) = value_mut(map, key, &NO_COUNTS) else {
+        return false;
+    };
+    // SAFETY: a per-CPU value is only touched by this CPU, and BPF programs do not nest on one
+    // CPU for the same hook.
+    unsafe {
+        (*c).packets += packets;
+        (*c).bytes += bytes;
     }
-    false
+    true
 }
 
 /// Counts one dropped packet.
 #[inline(always)]
 pub fn dropped(key: &DropKey) {
-    for _ in 0..2 {
-        if let Some(c) = DROPS.get_ptr_mut(key) {
-            // SAFETY: per-CPU value, see `add`.
-            unsafe { *c += 1 };
-            return;
-        }
-        if DROPS.insert(key, &1, BPF_NOEXIST).is_ok() {
-            return;
-        }
+    if let Some(c) = value_mut(&DROPS, key, &0) {
+        // SAFETY: per-CPU value, see `add`.
+        unsafe { *c += 1 };
     }
 }
 
@@ -204,20 +207,14 @@ pub fn record(s: &Sighting, packets: u64, bytes: u64) {
     } else {
         0
     };
-    let v = match FLOWS.get_ptr_mut(&key) {
-        Some(v) => v,
-        None => {
-            // Created zeroed and then counted like any other: a copy of the value would cost
-            // stack the programs do not have. EEXIST (another CPU was first) is as good.
-            let _ = FLOWS.insert(&key, &EMPTY, BPF_NOEXIST);
-            match FLOWS.get_ptr_mut(&key) {
-                Some(v) => v,
-                None => {
-                    lost(st.epoch, s.ifindex, packets, bytes);
-                    return;
-                }
-            }
-        }
+    let Some(v) = value_mut(&FLOWS, &key, &EMPTY) else {
+        // The table is full: counted per interface, so the window's records say SKIPDATA.
+        let lost = LostKey {
+            epoch: st.epoch,
+            ifindex: s.ifindex,
+        };
+        add(&FLOW_LOST, &lost, packets, bytes);
+        return;
     };
     let now = clock::now();
     // SAFETY: this CPU's value; BPF programs do not nest on one CPU for one hook.
@@ -245,25 +242,3 @@ static EMPTY: FlowStats = FlowStats {
     tcp_flags: 0,
     _pad: [0; 7],
 };
-
-/// Counts a packet the flow table had no room for, so the window's records say SKIPDATA.
-#[inline(always)]
-fn lost(epoch: u32, ifindex: u32, packets: u64, bytes: u64) {
-    let key = LostKey { epoch, ifindex };
-    for _ in 0..2 {
-        if let Some(c) = FLOW_LOST.get_ptr_mut(&key) {
-            // SAFETY: this CPU's value.
-            unsafe {
-                (*c).packets += packets;
-                (*c).bytes += bytes;
-            }
-            return;
-        }
-        if FLOW_LOST
-            .insert(&key, &Counters { packets, bytes }, BPF_NOEXIST)
-            .is_ok()
-        {
-            return;
-        }
-    }
-}

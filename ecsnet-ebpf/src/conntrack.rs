@@ -4,7 +4,10 @@
 //! moves to `CT` once assured (`ct::assured`); `CT` is never evicted from, and the agent
 //! expires both. TCP RSTs and FINs change a flow only when they fit its sequence numbers.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
 use ecsnet_common::{
     DropReason,
     ct::{self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TcpSide},
@@ -18,8 +21,10 @@ use crate::{
     parse::{FRAG_FIRST, FRAG_LATER, Headers, ICMP_ECHO},
 };
 
-const BPF_ANY: u64 = 0;
-const BPF_NOEXIST: u64 = 1;
+/// The map insert flags, as the helpers take them.
+const ANY: u64 = BPF_ANY as u64;
+const NOEXIST: u64 = BPF_NOEXIST as u64;
+/// What a map insert returns, negated, when the key exists (`EEXIST` of errno.h).
 const EEXIST: i64 = 17;
 /// Source ports tried at random after the original one is taken, before giving up.
 const PORT_TRIES: u32 = 16;
@@ -87,7 +92,7 @@ pub fn track_fragment(h: &mut Headers) -> Fragment {
             _pad: [0; 3],
         };
         // An LRU map: a full one forgets the oldest datagram, never fails.
-        let _ = FRAGS.insert(&key, &ports, BPF_ANY);
+        let _ = FRAGS.insert(&key, &ports, ANY);
         return Fragment::Known;
     }
     if h.frag != FRAG_LATER {
@@ -297,13 +302,13 @@ fn assure(t: &Tracked, key: &CtKey, now: u64) {
     // The other direction first, as the agent deletes: a racing packet finds the whole flow
     // in one table or the other.
     // SAFETY: map values as the values to insert.
-    if let Err(err) = CT.insert(&peer, unsafe { &*p }, BPF_NOEXIST) {
+    if let Err(err) = CT.insert(&peer, unsafe { &*p }, NOEXIST) {
         if -(err as i64) != EEXIST {
             count(CT_EV_CT_FULL);
         }
         return;
     }
-    if let Err(err) = CT.insert(key, unsafe { &*e }, BPF_NOEXIST)
+    if let Err(err) = CT.insert(key, unsafe { &*e }, NOEXIST)
         && -(err as i64) != EEXIST
     {
         let _ = CT.remove(&peer);
@@ -376,7 +381,7 @@ pub fn create(
         if unsafe { CT.get(&reply_key) }.is_some() {
             continue;
         }
-        match CT_NEW.insert(&reply_key, &reply, BPF_NOEXIST) {
+        match CT_NEW.insert(&reply_key, &reply, NOEXIST) {
             Ok(()) => {
                 placed = true;
                 break;
@@ -420,7 +425,7 @@ pub fn create(
         );
         (original.tcp_end, original.tcp_ack, original.tcp_flags) = (side.end, side.ack, side.flags);
     }
-    if let Err(e) = CT_NEW.insert(key, &original, BPF_NOEXIST) {
+    if let Err(e) = CT_NEW.insert(key, &original, NOEXIST) {
         let _ = CT_NEW.remove(&reply_key);
         return Err(if -(e as i64) == EEXIST {
             // Another CPU created this flow a moment ago for a copy of this packet.

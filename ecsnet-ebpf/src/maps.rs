@@ -2,6 +2,7 @@
 //! pins each of them under `/sys/fs/bpf/ecsnet/<instance>/maps/<NAME>` at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
@@ -18,10 +19,6 @@ use ecsnet_common::{
     },
     policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
-
-/// `BPF_F_NO_PREALLOC`: entries are allocated on insert and freed after an RCU grace period, so
-/// an entry the agent deletes is never reused under a program still holding it.
-const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Interfaces ecsnet is attached to, written by user space at attach time.
 #[map(name = "IFACES")]
@@ -52,7 +49,9 @@ pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_
 pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::with_max_entries(MAX_PORTS, 0);
 
 /// The connection table; user space sets its size at load time (`ecsnet up --ct-size`). Never
-/// LRU: a full table refuses new flows instead of evicting live ones.
+/// LRU: a full table refuses new flows instead of evicting live ones. `BPF_F_NO_PREALLOC`:
+/// entries are allocated on insert and freed after an RCU grace period, so an entry the agent
+/// deletes is never reused under a program still holding it.
 #[map(name = "CT")]
 pub static CT: HashMap<CtKey, CtEntry> =
     HashMap::with_max_entries(DEFAULT_CT_SIZE, BPF_F_NO_PREALLOC);

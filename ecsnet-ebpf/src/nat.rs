@@ -2,7 +2,10 @@
 //! routed packets, and the headers quoted inside ICMP errors. Every store is paired with the
 //! checksum update that keeps the packet valid for the receiving kernel; nothing else is touched.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use ecsnet_common::{
     DropReason, csum,
     ct::CtKey,
@@ -17,9 +20,14 @@ use crate::{
     },
 };
 
-/// `bpf_l4_csum_replace` flags.
-const BPF_F_PSEUDO_HDR: u64 = 0x10;
-const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+/// `bpf_l4_csum_replace` flags: the checksum covers the pseudo-header (TCP, UDP), in which the
+/// addresses change too; a zero checksum means "none" and stays zero (UDP).
+const PSEUDO_HDR: u64 = BPF_F_PSEUDO_HDR as u64;
+const MARK_MANGLED_0: u64 = BPF_F_MARK_MANGLED_0 as u64;
+/// The low bits of the `csum_replace` helpers' flags (`BPF_F_HDR_FIELD_MASK`): how many bytes
+/// changed, an address or a 16-bit word (a port, an identifier, a checksum, the TTL's word).
+const FIELD_ADDR: u64 = 4;
+const FIELD_WORD: u64 = 2;
 
 const IP_CHECK: usize = ETH_HLEN + IP_OFF_CHECK;
 
@@ -48,9 +56,9 @@ fn l4_check(h: &Headers) -> Option<(usize, u64)> {
         return None;
     }
     match h.proto {
-        PROTO_TCP => Some((h.l4 + 16, BPF_F_PSEUDO_HDR)),
+        PROTO_TCP => Some((h.l4 + 16, PSEUDO_HDR)),
         // A zero UDP checksum means "none" and must stay zero.
-        PROTO_UDP => Some((h.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
+        PROTO_UDP => Some((h.l4 + 6, PSEUDO_HDR | MARK_MANGLED_0)),
         PROTO_ICMP => Some((h.l4 + 2, 0)),
         _ => None,
     }
@@ -70,9 +78,9 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
         if let Some((c, flags)) = check
             && h.proto != PROTO_ICMP
         {
-            l4(ctx, c, old as u64, new as u64, flags | 4)?;
+            l4(ctx, c, old as u64, new as u64, flags | FIELD_ADDR)?;
         }
-        l3(ctx, old as u64, new as u64, 4)?;
+        l3(ctx, old as u64, new as u64, FIELD_ADDR)?;
         store(ctx, ETH_HLEN + off, &new)?;
     }
     let Some((c, flags)) = check else {
@@ -97,7 +105,7 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
             c,
             old as u64,
             new as u64,
-            (flags & !BPF_F_PSEUDO_HDR) | 2,
+            (flags & !PSEUDO_HDR) | FIELD_WORD,
         )?;
         store(ctx, off, &new)?;
     }
@@ -113,7 +121,7 @@ pub fn decrement_ttl(ctx: &TcContext, h: &Headers) -> Result<(), DropReason> {
         let b = old.to_ne_bytes();
         [h.ttl - 1, b[1]]
     });
-    l3(ctx, old as u64, new as u64, 2)?;
+    l3(ctx, old as u64, new as u64, FIELD_WORD)?;
     store(ctx, off, &new)
 }
 
@@ -149,11 +157,11 @@ pub fn rewrite_icmp_error(
     let icmp_check = h.l4 + 2;
     // Outer header: no pseudo-header in the ICMP checksum, so only the IP checksum changes.
     if h.daddr != e.daddr {
-        l3(ctx, h.daddr as u64, e.daddr as u64, 4)?;
+        l3(ctx, h.daddr as u64, e.daddr as u64, FIELD_ADDR)?;
         store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.daddr)?;
     }
     if h.saddr == key.saddr && h.saddr != e.saddr {
-        l3(ctx, h.saddr as u64, e.saddr as u64, 4)?;
+        l3(ctx, h.saddr as u64, e.saddr as u64, FIELD_ADDR)?;
         store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.saddr)?;
     }
     // The quote travels the other way: its source is our destination and vice versa.
@@ -171,12 +179,18 @@ pub fn rewrite_icmp_error(
         (ip + IP_OFF_DADDR, inner.daddr, new_dst),
     ] {
         if old != new {
-            l4(ctx, icmp_check, old as u64, new as u64, 4)?;
+            l4(ctx, icmp_check, old as u64, new as u64, FIELD_ADDR)?;
             store(ctx, off, &new)?;
         }
     }
     if ipcheck != old_ipcheck {
-        l4(ctx, icmp_check, old_ipcheck as u64, ipcheck as u64, 2)?;
+        l4(
+            ctx,
+            icmp_check,
+            old_ipcheck as u64,
+            ipcheck as u64,
+            FIELD_WORD,
+        )?;
         store(ctx, ip + IP_OFF_CHECK, &ipcheck)?;
     }
     // The quoted transport header: ports (or the echo identifier) and, when the quote holds it,
@@ -223,14 +237,14 @@ pub fn rewrite_icmp_error(
             continue;
         }
         l4check = csum::replace2(l4check, old, new);
-        l4(ctx, icmp_check, old as u64, new as u64, 2)?;
+        l4(ctx, icmp_check, old as u64, new as u64, FIELD_WORD)?;
         store(ctx, off, &new)?;
     }
     if let Some(old) = old_l4check
         && !(inner.proto == PROTO_UDP && old == 0)
         && old != l4check
     {
-        l4(ctx, icmp_check, old as u64, l4check as u64, 2)?;
+        l4(ctx, icmp_check, old as u64, l4check as u64, FIELD_WORD)?;
         store(ctx, inner_check, &l4check)?;
     }
     Ok(())

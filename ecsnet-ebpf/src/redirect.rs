@@ -4,7 +4,9 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
@@ -15,8 +17,8 @@ use ecsnet_common::{
 
 use crate::{parse::Headers, verdict::Verdict};
 
+/// The IPv4 address family of a FIB lookup (`AF_INET` of the socket API).
 const AF_INET: u8 = 2;
-const TC_ACT_REDIRECT: i64 = 7;
 
 /// The next hop of a packet leaving through the uplink.
 pub struct UplinkHop {
@@ -112,7 +114,7 @@ fn set_macs(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), DropRea
 
 #[inline(always)]
 fn redirected(ret: i64) -> Result<Verdict, DropReason> {
-    if ret == TC_ACT_REDIRECT {
+    if ret == i64::from(TC_ACT_REDIRECT) {
         Ok(Verdict::Redirect)
     } else {
         Err(DropReason::RedirectFailed)
