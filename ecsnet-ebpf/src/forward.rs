@@ -32,6 +32,17 @@ pub enum Origin {
     Uplink,
 }
 
+impl Origin {
+    /// The sending task's policy; 0 (none) for the uplink.
+    #[inline(always)]
+    fn policy(self) -> u32 {
+        match self {
+            Origin::Task(t) => t.policy,
+            Origin::Uplink => 0,
+        }
+    }
+}
+
 /// Where a translated packet goes.
 enum Next {
     Task(TaskInfo),
@@ -97,9 +108,29 @@ pub struct PktAddrs {
     pub daddr: u32,
 }
 
-/// Sends a packet that arrived as `h` and now carries the addresses and ports of `nat`. What
-/// goes into a task is counted there, on the task interface's egress as if the bridge had
-/// sent it, and recorded in the task's flow log as it arrives (after translation).
+/// Rewrites a packet of a tracked flow to `nat`, the addresses it leaves with noted in `pkt`,
+/// and sends it to `next`.
+#[inline(always)]
+fn rewrite_and_send(
+    ctx: &TcContext,
+    cfg: &Config,
+    h: &Headers,
+    next: &Next,
+    routed: bool,
+    nat: &Nat,
+    pkt: &mut PktAddrs,
+) -> Result<Verdict, DropReason> {
+    pkt.saddr = nat.saddr;
+    pkt.daddr = nat.daddr;
+    // A later fragment has no transport header: `rewrite` then changes the addresses only.
+    nat::rewrite(ctx, h, nat)?;
+    send(ctx, cfg, next, routed, h, nat)
+}
+
+/// Sends a packet that arrived as `h` and now carries the addresses and ports of `nat`, routed
+/// (another subnet: the TTL drops) or not. What goes into a task is counted there, on the task
+/// interface's egress as if the bridge had sent it, and recorded in the task's flow log as it
+/// arrives (after translation).
 #[inline(always)]
 fn send(
     ctx: &TcContext,
@@ -109,6 +140,10 @@ fn send(
     h: &Headers,
     nat: &Nat,
 ) -> Result<Verdict, DropReason> {
+    // The kernel's forwarding decrements the TTL itself of what is handed to it.
+    if routed && !matches!(next, Next::Kernel) {
+        nat::decrement_ttl(ctx, h)?;
+    }
     match next {
         Next::Task(t) => {
             let (packets, bytes) = account::tc(ctx, t.ifindex, HOOK_TC_EGRESS);
@@ -145,10 +180,7 @@ pub fn packet(
     pkt: &mut PktAddrs,
     open: impl FnOnce(&mut Headers, &CtKey, &mut PktAddrs) -> Result<Verdict, DropReason>,
 ) -> Result<Verdict, DropReason> {
-    let policy = match origin {
-        Origin::Task(t) => t.policy,
-        Origin::Uplink => 0,
-    };
+    let policy = origin.policy();
     if h.is_icmp_error() {
         return icmp_error(ctx, cfg, h, policy);
     }
@@ -213,97 +245,89 @@ fn new_flow(
     pkt: &mut PktAddrs,
 ) -> Result<Verdict, DropReason> {
     let same = same_tuple(h);
-    let (kind, nat, choose_sport) = match origin {
-        Origin::Task(me) => {
-            let policy = me.policy;
+    let policy = origin.policy();
+    let (kind, nat, choose_sport) = 'open: {
+        if let Origin::Task(me) = origin {
             if !policy::egress(policy, h, h.daddr, h.dport) {
                 return Err(DropReason::SgEgress);
             }
             allowed(h, policy, me.ifindex, FLOW_EGRESS);
             if let Some(dst) = tasks::by_addr(h.daddr) {
-                if !policy::ingress(dst.policy, h, h.saddr, h.dport) {
-                    return Ok(reject_ingress(ctx, h, &dst, h.daddr, h.dport));
+                if let Err(v) = admit(ctx, h, &dst, h.daddr, h.dport) {
+                    return Ok(v);
                 }
-                allowed(h, dst.policy, dst.ifindex, FLOW_INGRESS);
-                (KIND_EAST_WEST, same, false)
-            } else if is_local(cfg, h.daddr) {
-                let Some(p) = published(h) else {
+                break 'open (KIND_EAST_WEST, same, false);
+            }
+        }
+        if !is_local(cfg, h.daddr) {
+            match origin {
+                // Routed to a task without translation: its tc egress checks it (`deliver`).
+                Origin::Uplink => return Ok(Verdict::Pass),
+                // The metadata endpoints: the host's own rules (ECS's DNAT) route them.
+                Origin::Task(_) if policy::is_link_local(h.daddr) => {
                     return kernel_flow(key, h, policy);
-                };
-                let Some(dst) = tasks::by_addr(p.0) else {
-                    return Ok(Verdict::Pass);
-                };
-                if !policy::ingress(dst.policy, h, h.saddr, p.1) {
-                    return Ok(reject_ingress(ctx, h, &dst, p.0, p.1));
                 }
-                allowed(h, dst.policy, dst.ifindex, FLOW_INGRESS);
-                if p.0 == h.saddr {
-                    // A task reaching itself: it would drop a packet from its own address.
+                Origin::Task(_) => {
                     let nat = Nat {
-                        saddr: cfg.bridge_ipv4,
-                        daddr: p.0,
-                        sport: h.sport,
-                        dport: p.1,
-                    };
-                    (KIND_HAIRPIN, nat, true)
-                } else {
-                    let nat = Nat {
-                        daddr: p.0,
-                        dport: p.1,
+                        saddr: cfg.uplink_ipv4,
                         ..same
                     };
-                    (KIND_HAIRPIN, nat, false)
+                    break 'open (KIND_MASQUERADE, nat, true);
                 }
-            } else if policy::is_link_local(h.daddr) {
-                // The metadata endpoints: the host's own rules (ECS's DNAT) route them.
-                return kernel_flow(key, h, policy);
-            } else {
+            }
+        }
+        // To a host address: a published port, or the host's own.
+        let Some((addr, port)) = published(h) else {
+            return kernel_flow(key, h, policy);
+        };
+        let Some(dst) = tasks::by_addr(addr) else {
+            return Ok(Verdict::Pass);
+        };
+        if let Err(v) = admit(ctx, h, &dst, addr, port) {
+            return Ok(v);
+        }
+        let nat = Nat {
+            daddr: addr,
+            dport: port,
+            ..same
+        };
+        match origin {
+            Origin::Uplink => (KIND_INBOUND, nat, false),
+            // A task reaching itself: it would drop a packet from its own address.
+            Origin::Task(_) if addr == h.saddr => {
                 let nat = Nat {
-                    saddr: cfg.uplink_ipv4,
-                    ..same
+                    saddr: cfg.bridge_ipv4,
+                    ..nat
                 };
-                (KIND_MASQUERADE, nat, true)
+                (KIND_HAIRPIN, nat, true)
             }
+            Origin::Task(_) => (KIND_HAIRPIN, nat, false),
         }
-        Origin::Uplink if is_local(cfg, h.daddr) => {
-            let Some(p) = published(h) else {
-                return Ok(Verdict::Pass);
-            };
-            let Some(dst) = tasks::by_addr(p.0) else {
-                return Ok(Verdict::Pass);
-            };
-            if !policy::ingress(dst.policy, h, h.saddr, p.1) {
-                return Ok(reject_ingress(ctx, h, &dst, p.0, p.1));
-            }
-            allowed(h, dst.policy, dst.ifindex, FLOW_INGRESS);
-            let nat = Nat {
-                daddr: p.0,
-                dport: p.1,
-                ..same
-            };
-            (KIND_INBOUND, nat, false)
-        }
-        // Routed to a task without translation: its tc egress checks it (`deliver`).
-        Origin::Uplink => return Ok(Verdict::Pass),
     };
     let routed = kind != KIND_EAST_WEST;
-    let policy = match origin {
-        Origin::Task(me) => me.policy,
-        Origin::Uplink => 0,
-    };
     let Some(next) = next_hop(ctx, cfg, h, nat.daddr, routed) else {
         return kernel_flow(key, h, policy);
     };
     let mut nat = nat;
     conntrack::create(key, &mut nat, kind, choose_sport, h)?;
-    pkt.saddr = nat.saddr;
-    pkt.daddr = nat.daddr;
-    nat::rewrite(ctx, h, &nat)?;
-    // The kernel's forwarding decrements the TTL itself of what is handed to it.
-    if routed && !matches!(next, Next::Kernel) {
-        nat::decrement_ttl(ctx, h)?;
+    rewrite_and_send(ctx, cfg, h, &next, routed, &nat, pkt)
+}
+
+/// The inbound rules of task `dst`, which `h` would reach as `daddr:dport`: Ok when they allow
+/// it (a verdict event for `monitor`), else the packet's verdict (see [`reject_ingress`]).
+#[inline(always)]
+fn admit(
+    ctx: &TcContext,
+    h: &Headers,
+    dst: &TaskInfo,
+    daddr: u32,
+    dport: u16,
+) -> Result<(), Verdict> {
+    if !policy::ingress(dst.policy, h, h.saddr, dport) {
+        return Err(reject_ingress(ctx, h, dst, daddr, dport));
     }
-    send(ctx, cfg, &next, routed, h, &nat)
+    allowed(h, dst.policy, dst.ifindex, FLOW_INGRESS);
+    Ok(())
 }
 
 /// A security group allowed a new flow of a task with a policy: a verdict event for `monitor`.
@@ -462,15 +486,7 @@ fn established(
         return Ok(Verdict::Pass);
     };
     conntrack::touch(t, key, h);
-    pkt.saddr = nat.saddr;
-    pkt.daddr = nat.daddr;
-    // A later fragment has no transport header: `rewrite` then changes the addresses only.
-    nat::rewrite(ctx, h, &nat)?;
-    // The kernel's forwarding decrements the TTL itself of what is handed to it.
-    if routed && !matches!(next, Next::Kernel) {
-        nat::decrement_ttl(ctx, h)?;
-    }
-    send(ctx, cfg, &next, routed, h, &nat)
+    rewrite_and_send(ctx, cfg, h, &next, routed, &nat, pkt)
 }
 
 /// An ICMP error: translated like the flow direction it travels with, when that flow is tracked;
@@ -495,10 +511,6 @@ fn icmp_error(
         return Ok(Verdict::Pass);
     };
     nat::rewrite_icmp_error(ctx, h, &key, &inner, &nat)?;
-    // The kernel's forwarding decrements the TTL itself of what is handed to it.
-    if routed && !matches!(next, Next::Kernel) {
-        nat::decrement_ttl(ctx, h)?;
-    }
     // The outer addresses as `rewrite_icmp_error` left them: the destination always
     // translated, the source only when the flow's own endpoint sent the error.
     let outer = Nat {
