@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ecsnet_common::{
-    flow::{FlowKey, FlowStats, LostKey, aws_tcp_flags},
+    DropReason,
+    flow::{ACTION_ACCEPT, ACTION_REJECT, FlowKey, FlowStats, LostKey, aws_tcp_flags},
     maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey},
     net::{PROTO_TCP, PROTO_UDP},
 };
@@ -21,6 +22,7 @@ use crate::{
     clock,
     maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, STATS},
     parse::{ETH_HLEN, Headers, Packet, ipv4_lengths, is_unicast_ipv4},
+    verdict::Verdict,
 };
 
 /// The value of `key` in a per-CPU hash map, created from `init` when neither user space nor an
@@ -55,6 +57,19 @@ fn add<K>(map: &PerCpuHashMap<K, Counters>, key: &K, packets: u64, bytes: u64) -
         (*c).bytes += bytes;
     }
     true
+}
+
+/// Adds a packet to the `STATS` counters of its interface, hook and class; false only when the
+/// map is full.
+#[inline(always)]
+fn count(ifindex: u32, hook: u8, class: u8, packets: u64, bytes: u64) -> bool {
+    let key = StatsKey {
+        ifindex,
+        hook,
+        class,
+        _pad: [0; 2],
+    };
+    add(&STATS, &key, packets, bytes)
 }
 
 /// Counts one dropped packet.
@@ -108,13 +123,7 @@ pub fn wire(ctx: &TcContext) -> (u64, u64) {
 #[inline(always)]
 pub fn tc(ctx: &TcContext, ifindex: u32, hook: u8) -> (u64, u64) {
     let (class, packets, bytes) = measure_tc(ctx);
-    let key = StatsKey {
-        ifindex,
-        hook,
-        class,
-        _pad: [0; 2],
-    };
-    if !add(&STATS, &key, packets, bytes) {
+    if !count(ifindex, hook, class, packets, bytes) {
         warn!(
             ctx,
             "STATS map full: packet on ifindex {} not counted", ifindex
@@ -128,13 +137,7 @@ pub fn tc(ctx: &TcContext, ifindex: u32, hook: u8) -> (u64, u64) {
 pub fn xdp(pkt: &XdpContext, ifindex: u32, hook: u8) {
     let len = pkt.end() - pkt.start();
     let (class, packets, bytes) = measure(pkt, len, 1);
-    let key = StatsKey {
-        ifindex,
-        hook,
-        class,
-        _pad: [0; 2],
-    };
-    if !add(&STATS, &key, packets, bytes) {
+    if !count(ifindex, hook, class, packets, bytes) {
         warn!(
             pkt,
             "STATS map full: frame on ifindex {} not counted", ifindex
@@ -177,6 +180,18 @@ impl Sighting {
             pkt_saddr: h.saddr,
             pkt_daddr: h.daddr,
         }
+    }
+}
+
+/// The flow-log action of a program's result: ACCEPT for a packet that went on, REJECT for one
+/// the security groups dropped (`rejected`, the reason of the direction at hand); None for any
+/// other drop, which no flow record shows.
+#[inline(always)]
+pub fn action(res: &Result<Verdict, DropReason>, rejected: DropReason) -> Option<u8> {
+    match res {
+        Ok(_) => Some(ACTION_ACCEPT),
+        Err(reason) if *reason == rejected => Some(ACTION_REJECT),
+        Err(_) => None,
     }
 }
 

@@ -20,7 +20,7 @@ use crate::{
     policy,
     redirect::{self, UplinkHop},
     tasks,
-    verdict::{Verdict, drop_on},
+    verdict::{self, Verdict, drop_on},
 };
 
 /// Where a packet arrived from.
@@ -106,6 +106,17 @@ fn next_hop(ctx: &TcContext, cfg: &Config, h: &Headers, daddr: u32, routed: bool
 pub struct PktAddrs {
     pub saddr: u32,
     pub daddr: u32,
+}
+
+impl PktAddrs {
+    /// The addresses of `h` as it arrived, before any translation.
+    #[inline(always)]
+    pub fn of(h: &Headers) -> Self {
+        PktAddrs {
+            saddr: h.saddr,
+            daddr: h.daddr,
+        }
+    }
 }
 
 /// Rewrites a packet of a tracked flow to `nat`, the addresses it leaves with noted in `pkt`,
@@ -366,11 +377,10 @@ fn reject_ingress(ctx: &TcContext, h: &Headers, dst: &TaskInfo, daddr: u32, dpor
 /// rules alone decide, and the kernel carries it.
 #[inline(always)]
 pub fn unchecked_egress(h: &Headers, policy: u32) -> Result<Verdict, DropReason> {
-    if policy::egress(policy, h, h.daddr, h.dport) {
-        Ok(Verdict::Pass)
-    } else {
-        Err(DropReason::SgEgress)
-    }
+    verdict::pass_or(
+        policy::egress(policy, h, h.daddr, h.dport),
+        DropReason::SgEgress,
+    )
 }
 
 /// A new flow, already allowed, that the kernel carries: tracked as `KIND_LOCAL` when a policy
@@ -438,13 +448,14 @@ pub fn deliver(
     kernel_flow(&key, h, policy)
 }
 
+/// A packet to a task that no tracked flow covers and that opens none: the ingress rules alone
+/// decide.
 #[inline(always)]
 pub fn unchecked_ingress(h: &Headers, policy: u32) -> Result<Verdict, DropReason> {
-    if policy::ingress(policy, h, h.saddr, h.dport) {
-        Ok(Verdict::Pass)
-    } else {
-        Err(DropReason::SgIngress)
-    }
+    verdict::pass_or(
+        policy::ingress(policy, h, h.saddr, h.dport),
+        DropReason::SgIngress,
+    )
 }
 
 /// The task address and container port published on `h`'s destination port.

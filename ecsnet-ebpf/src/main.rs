@@ -1,6 +1,6 @@
 //! The ecsnet datapath. The entry points in `programs` (`task`, `uplink`) only wire the modules
 //! below them: `clock` reads the time once per run, `parse` reads headers, `tasks` finds a
-//! task, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites, `policy` checks
+//! task, `antispoof` checks that a task speaks only for itself, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites, `policy` checks
 //! security groups, `early_drop` applies them in XDP, `redirect` sends, `account` counts packets,
 //! drops and flows, `events` sends monitor events, `verdict` turns a result into a return code
 //! and counts every drop with its reason.
@@ -11,6 +11,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod account;
+mod antispoof;
 mod clock;
 mod conntrack;
 mod early_drop;

@@ -49,25 +49,27 @@ fn l4(ctx: &TcContext, off: usize, from: u64, to: u64, flags: u64) -> Result<(),
 }
 
 /// Where the checksum that covers the ports (and for TCP/UDP the pseudo-header) sits, with the
-/// flags for `bpf_l4_csum_replace`; None when the packet carries no transport header.
+/// flags for `bpf_l4_csum_replace`; offset 0 when the packet carries no transport header. Not
+/// an `Option`: LLVM leaves the payload of a `None` undefined and may still compute with
+/// whatever register holds it, which the verifier refuses when that is a pointer.
 #[inline(always)]
-fn l4_check(h: &Headers) -> Option<(usize, u64)> {
+fn l4_check(h: &Headers) -> (usize, u64) {
     if h.frag == FRAG_LATER {
-        return None;
+        return (0, 0);
     }
     match h.proto {
-        PROTO_TCP => Some((h.l4 + 16, PSEUDO_HDR)),
+        PROTO_TCP => (h.l4 + 16, PSEUDO_HDR),
         // A zero UDP checksum means "none" and must stay zero.
-        PROTO_UDP => Some((h.l4 + 6, PSEUDO_HDR | MARK_MANGLED_0)),
-        PROTO_ICMP => Some((h.l4 + 2, 0)),
-        _ => None,
+        PROTO_UDP => (h.l4 + 6, PSEUDO_HDR | MARK_MANGLED_0),
+        PROTO_ICMP => (h.l4 + 2, 0),
+        _ => (0, 0),
     }
 }
 
 /// Rewrites `h`'s addresses and ports to `nat`, updating the IP and transport checksums.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason> {
-    let check = l4_check(h);
+    let (check, flags) = l4_check(h);
     for (off, old, new) in [
         (IP_OFF_SADDR, h.saddr, nat.saddr),
         (IP_OFF_DADDR, h.daddr, nat.daddr),
@@ -75,17 +77,15 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
         if old == new {
             continue;
         }
-        if let Some((c, flags)) = check
-            && h.proto != PROTO_ICMP
-        {
-            l4(ctx, c, old as u64, new as u64, flags | FIELD_ADDR)?;
+        if check != 0 && h.proto != PROTO_ICMP {
+            l4(ctx, check, old as u64, new as u64, flags | FIELD_ADDR)?;
         }
         l3(ctx, old as u64, new as u64, FIELD_ADDR)?;
         store(ctx, ETH_HLEN + off, &new)?;
     }
-    let Some((c, flags)) = check else {
+    if check == 0 {
         return Ok(());
-    };
+    }
     // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
     let ports: [(usize, u16, u16); 2] = if h.proto == PROTO_ICMP {
         match h.icmp_type {
@@ -102,7 +102,7 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
         }
         l4(
             ctx,
-            c,
+            check,
             old as u64,
             new as u64,
             (flags & !PSEUDO_HDR) | FIELD_WORD,

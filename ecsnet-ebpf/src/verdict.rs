@@ -16,6 +16,12 @@ pub enum Verdict {
     Dropped,
 }
 
+/// Passes the packet on when `ok`, else drops it for `reason`.
+#[inline(always)]
+pub fn pass_or(ok: bool, reason: DropReason) -> Result<Verdict, DropReason> {
+    if ok { Ok(Verdict::Pass) } else { Err(reason) }
+}
+
 /// Counts a drop on `ifindex` (a task the packet was for) and says to drop the packet.
 #[inline(always)]
 pub fn drop_on<P: Packet>(pkt: &P, reason: DropReason, ifindex: u32, hook: u8) -> Verdict {

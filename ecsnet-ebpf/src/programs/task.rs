@@ -1,7 +1,7 @@
 //! Programs on a task interface (the host end of the task's veth pair). tc ingress sees what the
 //! task sends and forwards it itself (to another task, out of the uplink, into a published port);
 //! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
-//! the task's inbound rules. Anti-spoofing (address, MAC, ARP) and the IMDS block are here too.
+//! the task's inbound rules, after the checks of `antispoof`; the IMDS block is here too.
 //! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other EtherTypes are dropped,
 //! and IPv6 of a task under a policy too, until IPv6 rules exist.
 
@@ -9,19 +9,16 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
     DropReason,
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
-    maps::{
-        CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW, ROLE_TASK,
-        TaskInfo,
-    },
+    maps::{CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW},
 };
 
 use crate::{
     account::{self, Sighting},
-    clock, conntrack,
+    antispoof, clock, conntrack,
     forward::{self, Origin, PktAddrs},
-    maps::{IFACES, PROGS, TASKS},
-    parse::{ETH_HLEN, EthHdr, Frame, Headers, headers, load, skb_ifindex, task_frame},
-    policy,
+    maps::PROGS,
+    parse::{Frame, Headers, headers, skb_ifindex, task_frame},
+    policy, tasks,
     verdict::{self, Verdict},
 };
 
@@ -39,27 +36,21 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
-    let (task, mut h) = match own_ipv4(ctx, ifindex) {
+    let (task, mut h) = match antispoof::own_ipv4(ctx, ifindex) {
         Some(fast) => fast,
         None => {
-            let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
+            let Some((own, task)) = tasks::by_iface(ifindex) else {
                 return Ok(Verdict::Pass);
             };
-            if me.role != ROLE_TASK {
-                return Ok(Verdict::Pass);
-            }
-            let Some(task) = TASKS.get_ptr_mut(&me.ipv4) else {
-                return Ok(Verdict::Pass);
-            };
-            let mac = check_source_mac(ctx, task)?;
+            let mac = antispoof::check_source_mac(ctx, task)?;
             let group = match task_frame(ctx)? {
-                Frame::Arp => return check_arp(ctx, me.ipv4, mac),
+                Frame::Arp => return antispoof::check_arp(ctx, own, mac),
                 // SAFETY: a TASKS value pointer, valid for this program run.
                 Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
                 Frame::Ipv4 { group } => group,
             };
             let h = headers(ctx)?;
-            if h.saddr != me.ipv4 {
+            if h.saddr != own {
                 return Err(DropReason::SpoofedSource);
             }
             if group {
@@ -87,10 +78,7 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     }
     // SAFETY: a TASKS value pointer, valid for this program run.
     let me = unsafe { *task };
-    let mut pkt = PktAddrs {
-        saddr: h.saddr,
-        daddr: h.daddr,
-    };
+    let mut pkt = PktAddrs::of(&h);
     let res = forward::packet(ctx, &cfg, &mut h, Origin::Task(me), &mut pkt, |_, _, _| {
         // SAFETY: `tc_task_new_flow` takes the same context; it does not return on success.
         unsafe { PROGS.tail_call(ctx, PROG_TASK_NEW_FLOW) };
@@ -118,26 +106,20 @@ fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let mut h = headers(ctx)?;
     // Found again as tc_task_ingress found it (by address, or through the interface); anything
     // else cannot come here, but would be dropped.
-    let me = match unsafe { TASKS.get(&h.saddr) } {
-        Some(t) if t.ifindex == ifindex => *t,
-        _ => match unsafe { IFACES.get(&ifindex) } {
-            Some(i) if i.role == ROLE_TASK && i.ipv4 == h.saddr => {
-                match unsafe { TASKS.get(&i.ipv4) } {
-                    Some(t) => *t,
-                    None => return Err(DropReason::SpoofedSource),
-                }
-            }
+    let task = match tasks::at(h.saddr, ifindex) {
+        Some(task) => task,
+        None => match tasks::by_iface(ifindex) {
+            Some((own, task)) if own == h.saddr => task,
             _ => return Err(DropReason::SpoofedSource),
         },
     };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let me = unsafe { *task };
     let Some(key) = conntrack::key_of(&h) else {
         return Err(DropReason::TailCallFailed);
     };
     clock::stamp();
-    let mut pkt = PktAddrs {
-        saddr: h.saddr,
-        daddr: h.daddr,
-    };
+    let mut pkt = PktAddrs::of(&h);
     let res = forward::open_flow(ctx, &cfg, &mut h, &key, Origin::Task(me), &mut pkt);
     let (packets, bytes) = account::wire(ctx);
     sent(&h, ifindex, res, &pkt, packets, bytes)
@@ -154,10 +136,8 @@ fn sent(
     packets: u64,
     bytes: u64,
 ) -> Result<Verdict, DropReason> {
-    let action = match res {
-        Ok(_) => ACTION_ACCEPT,
-        Err(DropReason::SgEgress) => ACTION_REJECT,
-        Err(_) => return res,
+    let Some(action) = account::action(&res, DropReason::SgEgress) else {
+        return res;
     };
     let mut seen = Sighting::of(h, ifindex, FLOW_EGRESS, action);
     seen.pkt_saddr = pkt.saddr;
@@ -170,11 +150,7 @@ fn sent(
 /// one, nothing, until there are IPv6 rules to check it against.
 #[inline(always)]
 fn ipv6(policy: u32) -> Result<Verdict, DropReason> {
-    if policy == 0 {
-        Ok(Verdict::Pass)
-    } else {
-        Err(DropReason::Ipv6Policed)
-    }
+    verdict::pass_or(policy == 0, DropReason::Ipv6Policed)
 }
 
 /// IPv4 a task sent to a broadcast or multicast MAC: only to a broadcast or multicast address,
@@ -194,10 +170,8 @@ fn group_from_task(
     }
     clock::stamp();
     let res = forward::unchecked_egress(h, policy);
-    let action = if res.is_ok() {
-        ACTION_ACCEPT
-    } else {
-        ACTION_REJECT
+    let Some(action) = account::action(&res, DropReason::SgEgress) else {
+        return res;
     };
     account::record(
         &Sighting::of(h, ifindex, FLOW_EGRESS, action),
@@ -205,62 +179,6 @@ fn group_from_task(
         bytes,
     );
     res
-}
-
-/// The common case found with one lookup: a well-formed unicast IPv4 packet, untagged, whose
-/// source is the task on this interface, from that task's MAC. None sends the packet the long
-/// way, through `IFACES`, which sorts out everything else (ARP, IPv6, tags, spoofing,
-/// interfaces not ours) with the same outcome as if this shortcut did not exist.
-#[inline(always)]
-fn own_ipv4(ctx: &TcContext, ifindex: u32) -> Option<(*mut TaskInfo, Headers)> {
-    if !matches!(task_frame(ctx), Ok(Frame::Ipv4 { group: false })) {
-        return None;
-    }
-    let h = headers(ctx).ok()?;
-    let task = TASKS.get_ptr_mut(&h.saddr)?;
-    // SAFETY: a TASKS value pointer, valid for this program run.
-    if unsafe { (*task).ifindex } != ifindex {
-        return None;
-    }
-    check_source_mac(ctx, task).ok()?;
-    Some((task, h))
-}
-
-/// The task's MAC is the source of its first frame when user space did not know it; from then
-/// on a frame from any other MAC is spoofed. Returns the task's MAC.
-#[inline(always)]
-fn check_source_mac(ctx: &TcContext, task: *mut TaskInfo) -> Result<[u8; 6], DropReason> {
-    let eth: EthHdr = load(ctx, 0)?;
-    // SAFETY: a TASKS value; two CPUs learning at once store the same six bytes.
-    unsafe {
-        if (*task).mac == [0; 6] {
-            (*task).mac = eth.src;
-        } else if (*task).mac != eth.src {
-            return Err(DropReason::SpoofedSource);
-        }
-    }
-    Ok(eth.src)
-}
-
-/// ARP from a task may only speak for the task: its own MAC as the sender hardware address,
-/// and its own address (or none, a probe) as the sender protocol address. No poisoning the
-/// host's or another task's neighbour entry.
-#[inline(always)]
-fn check_arp(ctx: &TcContext, own: u32, mac: [u8; 6]) -> Result<Verdict, DropReason> {
-    // After the 8-byte ARP header (Ethernet/IPv4 sizes): sender MAC, then sender address.
-    let sender: ArpSender = load(ctx, ETH_HLEN + 8)?;
-    if sender.mac == mac && (sender.addr == own || sender.addr == 0) {
-        Ok(Verdict::Pass)
-    } else {
-        Err(DropReason::SpoofedSource)
-    }
-}
-
-/// The sender fields of an Ethernet/IPv4 ARP packet.
-#[repr(C, packed)]
-struct ArpSender {
-    mac: [u8; 6],
-    addr: u32,
 }
 
 /// Packets delivered to the task by the kernel (the bridge path).
@@ -282,23 +200,13 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     // The common case with one lookup: addressed to the task on this interface. Anything else
     // finds the interface's task through `IFACES`.
     let fast = match &parsed {
-        Ok(h) if ipv4 => unsafe { TASKS.get(&h.daddr) }.filter(|t| t.ifindex == ifindex),
+        Ok(h) if ipv4 => tasks::at(h.daddr, ifindex),
         _ => None,
     };
-    let task = match fast {
-        Some(t) => t,
-        None => {
-            let Some(me) = (unsafe { IFACES.get(&ifindex) }) else {
-                return Ok(Verdict::Pass);
-            };
-            if me.role != ROLE_TASK {
-                return Ok(Verdict::Pass);
-            }
-            let Some(task) = (unsafe { TASKS.get(&me.ipv4) }) else {
-                return Ok(Verdict::Pass);
-            };
-            task
-        }
+    let task = match fast.or_else(|| tasks::by_iface(ifindex).map(|(_, task)| task)) {
+        // SAFETY: a TASKS value pointer, valid for this program run.
+        Some(task) => unsafe { *task },
+        None => return Ok(Verdict::Pass),
     };
     match frame? {
         Frame::Arp => return Ok(Verdict::Pass),
@@ -324,10 +232,8 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     } else {
         forward::deliver(ctx, &mut h, task.policy, ifindex)
     };
-    let action = match res {
-        Ok(_) => ACTION_ACCEPT,
-        Err(DropReason::SgIngress) => ACTION_REJECT,
-        Err(_) => return res,
+    let Some(action) = account::action(&res, DropReason::SgIngress) else {
+        return res;
     };
     account::record(
         &Sighting::of(&h, ifindex, FLOW_INGRESS, action),

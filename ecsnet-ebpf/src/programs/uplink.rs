@@ -63,10 +63,7 @@ fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason>
     }
     let mut h = headers(ctx)?;
     clock::stamp();
-    let mut pkt = PktAddrs {
-        saddr: h.saddr,
-        daddr: h.daddr,
-    };
+    let mut pkt = PktAddrs::of(&h);
     forward::packet(
         ctx,
         &cfg,
