@@ -2,6 +2,8 @@
 //! packet data, the few headers the datapath reads, and one helper per IPv4 header fact (header
 //! length, fragment state, where the transport header starts). Nothing here writes to the packet.
 
+use core::mem::{offset_of, size_of};
+
 use aya_ebpf::{
     EbpfContext,
     bindings::__sk_buff,
@@ -11,53 +13,6 @@ use ecsnet_common::{
     DropReason, csum,
     net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
-
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-/// VLAN tags: 802.1Q, 802.1ad (QinQ) and the old QinQ value some switches still send.
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const ETH_P_QINQ_OLD: u16 = 0x9100;
-/// The I/G bit of a MAC's first byte: set in group (multicast and broadcast) addresses.
-const ETH_GROUP_BIT: u8 = 0x01;
-
-/// Shortest IPv4 header (no options), bytes.
-pub const IPV4_MIN_HLEN: usize = 20;
-/// Offsets inside the IPv4 header.
-pub const IP_OFF_TTL: usize = 8;
-pub const IP_OFF_CHECK: usize = 10;
-pub const IP_OFF_SADDR: usize = 12;
-pub const IP_OFF_DADDR: usize = 16;
-/// `frag_off` (host byte order): more fragments follow this one.
-const IP_MF: u16 = 0x2000;
-/// `frag_off`: where this fragment's data sits in the datagram, in 8-byte units. Zero in a
-/// datagram's first fragment, and in a datagram that is not fragmented at all: only those carry
-/// the transport header.
-const IP_OFFSET: u16 = 0x1fff;
-/// An IPv4 header length (IHL × 4) is a multiple of 4 of at most 60. Masked with this where it
-/// becomes a packet offset, the verifier sees that bound, whatever it lost on the way.
-const IP_HLEN_MASK: usize = 0x3c;
-
-/// Shortest TCP header (no options), bytes.
-const TCP_MIN_HLEN: usize = 20;
-/// Bytes of a UDP header.
-pub const UDP_HLEN: usize = 8;
-
-/// ICMP types ecsnet reads.
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_ECHO: u8 = 8;
-pub const ICMP_TIME_EXCEEDED: u8 = 11;
-pub const ICMP_PARAMETERPROB: u8 = 12;
-
-/// [`Headers::frag`]: not a fragment.
-pub const FRAG_NONE: u8 = 0;
-/// [`Headers::frag`]: the first fragment (more fragments, offset 0): it carries the ports.
-pub const FRAG_FIRST: u8 = 1;
-/// [`Headers::frag`]: a later fragment: no transport header.
-pub const FRAG_LATER: u8 = 2;
 
 /// Packet memory of a TC or XDP context.
 pub trait Packet {
@@ -99,6 +54,17 @@ pub fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, DropReason> {
     ctx.load::<T>(offset).map_err(|_| DropReason::Truncated)
 }
 
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// VLAN tags: 802.1Q, 802.1ad (QinQ) and the old QinQ value some switches still send.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_QINQ_OLD: u16 = 0x9100;
+/// The I/G bit of a MAC's first byte: set in group (multicast and broadcast) addresses.
+const ETH_GROUP_BIT: u8 = 0x01;
+
 #[repr(C)]
 pub struct EthHdr {
     pub dst: [u8; 6],
@@ -121,6 +87,25 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+/// Shortest IPv4 header (no options), bytes.
+pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+/// Offsets of the fields the datapath rewrites, inside the IPv4 header.
+pub const IP_OFF_TTL: usize = offset_of!(Ipv4Hdr, ttl);
+pub const IP_OFF_CHECK: usize = offset_of!(Ipv4Hdr, check);
+pub const IP_OFF_SADDR: usize = offset_of!(Ipv4Hdr, saddr);
+pub const IP_OFF_DADDR: usize = offset_of!(Ipv4Hdr, daddr);
+const _: () = assert!(IPV4_MIN_HLEN == 20 && IP_OFF_TTL == 8 && IP_OFF_DADDR == 16);
+
+/// `frag_off` (host byte order): more fragments follow this one.
+const IP_MF: u16 = 0x2000;
+/// `frag_off`: where this fragment's data sits in the datagram, in 8-byte units. Zero in a
+/// datagram's first fragment, and in a datagram that is not fragmented at all: only those carry
+/// the transport header.
+const IP_OFFSET: u16 = 0x1fff;
+/// An IPv4 header length (IHL × 4) is a multiple of 4 of at most 60. Masked with this where it
+/// becomes a packet offset, the verifier sees that bound, whatever it lost on the way.
+const IP_HLEN_MASK: usize = 0x3c;
+
 #[repr(C)]
 pub struct TcpHdrStart {
     pub source: u16,
@@ -131,6 +116,13 @@ pub struct TcpHdrStart {
     pub doff_res: u8,
     pub flags: u8,
 }
+
+/// [`Headers::frag`]: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// [`Headers::frag`]: the first fragment (more fragments, offset 0): it carries the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// [`Headers::frag`]: a later fragment: no transport header.
+pub const FRAG_LATER: u8 = 2;
 
 /// The header length in bytes that the IHL nibble of `vhl` states (0..=60), whatever the
 /// version nibble says.
@@ -167,6 +159,11 @@ pub fn ipv4_frag(frag_off: u16) -> u8 {
 pub fn l4_offset(ip: usize, hlen: usize) -> usize {
     ip + (hlen & IP_HLEN_MASK)
 }
+
+/// Shortest TCP header (no options), bytes.
+const TCP_MIN_HLEN: usize = 20;
+/// Bytes of a UDP header.
+pub const UDP_HLEN: usize = 8;
 
 /// The TCP header length the data offset nibble of `doff_res` states, if a TCP header can be
 /// that long.
@@ -289,6 +286,13 @@ pub fn ipv4_lengths<P: Packet>(pkt: &P) -> Result<Ipv4Lengths, DropReason> {
         l4_hlen,
     })
 }
+
+/// ICMP types ecsnet reads.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETERPROB: u8 = 12;
 
 /// An IPv4 packet as the connection table sees it. Addresses and ports are as in the packet
 /// (network byte order); for ICMP echo the identifier is in `sport` (request) or `dport` (reply).
