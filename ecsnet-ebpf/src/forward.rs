@@ -227,27 +227,10 @@ pub fn packet(
 /// Opens the flow of `h`, a packet that starts one and that no entry tracks: checked against
 /// the security groups of both ends where they are tasks (the sender's egress rules with the
 /// destination as it left the sender, the receiver's ingress rules with the real client and the
-/// container port), then translated and sent, or handed to the kernel.
+/// container port), then translated and sent, or handed to the kernel. A first fragment the
+/// rules reject takes its later fragments with it.
 #[inline(always)]
 pub fn open_flow(
-    ctx: &TcContext,
-    cfg: &Config,
-    h: &mut Headers,
-    key: &CtKey,
-    origin: Origin,
-    pkt: &mut PktAddrs,
-) -> Result<Verdict, DropReason> {
-    let verdict = new_flow(ctx, cfg, h, key, origin, pkt);
-    if matches!(verdict, Err(DropReason::SgEgress) | Ok(Verdict::Dropped)) {
-        conntrack::reject_fragments(h);
-    }
-    verdict
-}
-
-/// A packet that opens a flow: checked against the security groups of both ends, then
-/// translated and sent, or handed to the kernel.
-#[inline(always)]
-fn new_flow(
     ctx: &TcContext,
     cfg: &Config,
     h: &mut Headers,
@@ -260,6 +243,7 @@ fn new_flow(
     let (kind, nat, choose_sport) = 'open: {
         if let Origin::Task(me) = origin {
             if !policy::egress(policy, h, h.daddr, h.dport) {
+                conntrack::reject_fragments(h);
                 return Err(DropReason::SgEgress);
             }
             allowed(h, policy, me.ifindex, FLOW_EGRESS);
@@ -335,7 +319,9 @@ fn admit(
     dport: u16,
 ) -> Result<(), Verdict> {
     if !policy::ingress(dst.policy, h, h.saddr, dport) {
-        return Err(reject_ingress(ctx, h, dst, daddr, dport));
+        let dropped = reject_ingress(ctx, h, dst, daddr, dport);
+        conntrack::reject_fragments(h);
+        return Err(dropped);
     }
     allowed(h, dst.policy, dst.ifindex, FLOW_INGRESS);
     Ok(())
