@@ -73,6 +73,13 @@ mod tests {
         0x01, 0xc0, 0xa8, 0x00, 0xc7,
     ];
 
+    /// [`HDR`] with its checksum in place.
+    fn checked_hdr() -> [u8; 20] {
+        let mut h = HDR;
+        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        h
+    }
+
     #[test]
     fn full_checksum_of_a_known_header() {
         assert_eq!(checksum(&HDR, 0), 0xb861);
@@ -80,8 +87,7 @@ mod tests {
 
     #[test]
     fn incremental_update_equals_recomputation() {
-        let mut h = HDR;
-        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        let mut h = checked_hdr();
         // Rewrite the destination address 192.168.0.199 -> 172.17.0.2, as DNAT does.
         let old = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
         let new = u32::from_be_bytes([172, 17, 0, 2]);
@@ -98,8 +104,7 @@ mod tests {
 
     #[test]
     fn incremental_update_of_a_ttl_word() {
-        let mut h = HDR;
-        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        let mut h = checked_hdr();
         let old = u16::from_be_bytes([h[8], h[9]]);
         h[8] -= 1;
         let new = u16::from_be_bytes([h[8], h[9]]);
@@ -110,8 +115,7 @@ mod tests {
 
     #[test]
     fn a_right_header_sums_to_ffff_in_either_byte_order() {
-        let mut h = HDR;
-        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        let mut h = checked_hdr();
         fn words(h: &[u8; 20], f: fn([u8; 4]) -> u32) -> [u32; 5] {
             core::array::from_fn(|i| f([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]))
         }

@@ -2,8 +2,6 @@
 //! they reach ecsnet (before translation), holding what to rewrite them to. The datapath creates
 //! entries and refreshes them; the agent expires them with the timeouts below.
 
-use core::mem::size_of;
-
 /// The protocols the table tracks, and the TCP flags it follows (defined in [`crate::net`]).
 pub use crate::net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -38,7 +36,7 @@ pub struct CtKey {
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<CtKey>() == 16);
+map_type!(CtKey, 16);
 
 impl CtKey {
     /// The key of packets going the other way.
@@ -69,7 +67,8 @@ pub struct CtEntry {
     /// TCP, once this direction sent its SYN: the sequence number after the last one it sent
     /// (host byte order; SYN and FIN count one).
     pub tcp_end: u32,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, ns.
+    /// When the last packet in this direction passed, ns: the datapath's coarse clock
+    /// (`bpf_ktime_get_coarse_ns()`, CLOCK_MONOTONIC at tick resolution).
     pub last_seen_ns: u64,
     /// Packets and IP bytes in this direction.
     pub packets: u64,
@@ -87,7 +86,7 @@ pub struct CtEntry {
     pub tcp_flags: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<CtEntry>() == 72);
+map_type!(CtEntry, 72);
 
 /// One direction's TCP sequence state, as kept in its [`CtEntry`]: what the datapath reads and
 /// writes for a segment, small enough to copy.
@@ -351,22 +350,12 @@ mod tests {
         let syn = entry(TCP_SYN, 0);
         assert!(!expired(PROTO_TCP, &syn, &entry(0, 0), &t, 60 * s));
         assert!(expired(PROTO_TCP, &syn, &entry(0, 0), &t, 61 * s));
-        // UDP with only one direction still counts from its latest packet.
-        assert!(!expired(
-            PROTO_UDP,
-            &entry(0, 50 * s),
-            &entry(0, 0),
-            &t,
-            100 * s
-        ));
+        // UDP with only one direction, last seen at `last`, at 100 s.
+        let udp_expired = |last| expired(PROTO_UDP, &entry(0, last), &entry(0, 0), &t, 100 * s);
+        // It still counts from its latest packet.
+        assert!(!udp_expired(50 * s));
         // The clock going backwards (a fresh entry read before `now`) is never expired.
-        assert!(!expired(
-            PROTO_UDP,
-            &entry(0, 200 * s),
-            &entry(0, 0),
-            &t,
-            100 * s
-        ));
+        assert!(!udp_expired(200 * s));
     }
 
     fn tcp(flags: u8, end: u32, ack: u32) -> TcpSide {
