@@ -4,6 +4,10 @@
 
 /// Folds a 32-bit one's-complement sum to 16 bits.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "folded twice, the sum fits 16 bits"
+)]
 pub const fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
@@ -19,6 +23,10 @@ pub const fn sum32(words: &[u32; 5]) -> u64 {
 
 /// Folds a 64-bit one's-complement sum of 32-bit words to 16 bits.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "folded twice, the sum fits 32 bits"
+)]
 pub const fn fold64(mut sum: u64) -> u16 {
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum = (sum & 0xffff_ffff) + (sum >> 32);
@@ -35,6 +43,10 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
 /// The checksum field after a 32-bit word of the covered data changed from `old` to `new`.
 /// The words must be read from the packet in the same byte order as the field.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the word's two 16-bit halves"
+)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
     let c = replace2(check, old as u16, new as u16);
     replace2(c, (old >> 16) as u16, (new >> 16) as u16)
@@ -44,13 +56,13 @@ pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
 /// the partial sum `initial`: the value to store in a header's checksum field.
 pub fn checksum(data: &[u8], initial: u32) -> u16 {
     let mut sum = initial;
-    let mut chunks = data.chunks_exact(2);
-    for w in &mut chunks {
-        sum += u16::from_be_bytes([w[0], w[1]]) as u32;
+    let (words, tail) = data.as_chunks::<2>();
+    for w in words {
+        sum += u32::from(u16::from_be_bytes(*w));
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
+    if let [last] = tail {
+        sum += u32::from(*last) << 8;
     }
     !fold(sum)
 }
@@ -58,9 +70,9 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
 /// The partial sum of an IPv4 pseudo-header, for [`checksum`] over a TCP or UDP segment.
 pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
     let w = |b: [u8; 4]| {
-        u16::from_be_bytes([b[0], b[1]]) as u32 + u16::from_be_bytes([b[2], b[3]]) as u32
+        u32::from(u16::from_be_bytes([b[0], b[1]])) + u32::from(u16::from_be_bytes([b[2], b[3]]))
     };
-    w(src) + w(dst) + proto as u32 + len as u32
+    w(src) + w(dst) + u32::from(proto) + u32::from(len)
 }
 
 #[cfg(test)]
@@ -115,10 +127,10 @@ mod tests {
 
     #[test]
     fn a_right_header_sums_to_ffff_in_either_byte_order() {
-        let mut h = checked_hdr();
         fn words(h: &[u8; 20], f: fn([u8; 4]) -> u32) -> [u32; 5] {
             core::array::from_fn(|i| f([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]))
         }
+        let mut h = checked_hdr();
         assert_eq!(fold64(sum32(&words(&h, u32::from_be_bytes))), 0xffff);
         assert_eq!(fold64(sum32(&words(&h, u32::from_le_bytes))), 0xffff);
         h[19] ^= 1;

@@ -41,6 +41,7 @@ map_type!(CtKey, 16);
 impl CtKey {
     /// The key of packets going the other way.
     #[inline(always)]
+    #[must_use]
     pub const fn reversed(&self) -> CtKey {
         CtKey {
             saddr: self.daddr,
@@ -68,7 +69,7 @@ pub struct CtEntry {
     /// (host byte order; SYN and FIN count one).
     pub tcp_end: u32,
     /// When the last packet in this direction passed, ns: the datapath's coarse clock
-    /// (`bpf_ktime_get_coarse_ns()`, CLOCK_MONOTONIC at tick resolution).
+    /// (`bpf_ktime_get_coarse_ns()`, `CLOCK_MONOTONIC` at tick resolution).
     pub last_seen_ns: u64,
     /// Packets and IP bytes in this direction.
     pub packets: u64,
@@ -175,7 +176,7 @@ pub const ASSURED_AFTER_NS: u64 = 2_000_000_000;
 /// `after(a, b)` of TCP: sequence number `a` comes later than `b`, modulo 2^32.
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
+    a.wrapping_sub(b).cast_signed() > 0
 }
 
 /// What the connection table makes of a TCP RST or FIN, from the two directions' entries

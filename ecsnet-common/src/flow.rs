@@ -64,7 +64,7 @@ pub struct FlowStats {
     /// IP bytes as on the wire, headers included, as AWS counts them.
     pub bytes: u64,
     /// When the first and the last packet on this CPU passed, ns: the datapath's coarse clock
-    /// (`bpf_ktime_get_coarse_ns()`, CLOCK_MONOTONIC at tick resolution), read once per run.
+    /// (`bpf_ktime_get_coarse_ns()`, `CLOCK_MONOTONIC` at tick resolution), read once per run.
     pub first_ns: u64,
     pub last_ns: u64,
     /// Source and destination as on the uplink side of ecsnet's translation (AWS
@@ -118,7 +118,7 @@ pub struct FlowState {
     /// 1: count flows; 0: flow logs off.
     pub enabled: u8,
     pub _pad: [u8; 3],
-    /// CLOCK_MONOTONIC when the open window began, ns.
+    /// `CLOCK_MONOTONIC` when the open window began, ns.
     pub window_start_ns: u64,
     /// Cost of one event in the token bucket, ns (1e9 / events per second per CPU); 0: no
     /// events at all.
@@ -134,7 +134,7 @@ map_type!(FlowState, 32);
 pub struct EventBudget {
     /// Saved credit, ns.
     pub credit_ns: u64,
-    /// When credit was last added, CLOCK_MONOTONIC ns.
+    /// When credit was last added, `CLOCK_MONOTONIC` ns.
     pub last_ns: u64,
     /// Events this CPU suppressed since it last sent one.
     pub suppressed: u64,
@@ -153,7 +153,7 @@ pub const EVENT_ALLOW: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// CLOCK_MONOTONIC, ns.
+    /// `CLOCK_MONOTONIC`, ns.
     pub ts_ns: u64,
     /// Events this CPU suppressed between the previous event and this one.
     pub suppressed: u64,

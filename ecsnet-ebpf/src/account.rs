@@ -96,7 +96,7 @@ fn measure<P: Packet>(pkt: &P, frame_len: usize, gso_segs: u32) -> (u8, u64, u64
         return (CLASS_IPV4, 1, ip.tot_len as u64);
     }
     // Every segment repeats the IP and transport headers of the first one.
-    let segs = gso_segs as u64;
+    let segs = u64::from(gso_segs);
     let l3 = frame_len.saturating_sub(ETH_HLEN) as u64;
     let hdrs = (ip.ihl + ip.l4_hlen) as u64;
     (CLASS_IPV4, segs, l3 + (segs - 1) * hdrs)

@@ -214,7 +214,7 @@ pub fn check_close(t: &Tracked, h: &Headers) -> Result<(), DropReason> {
         h.tcp_flags,
         h.tcp_seq,
         h.tcp_ack,
-        h.tcp_payload as u32,
+        u32::from(h.tcp_payload),
         &t.tcp(),
         &other.tcp(),
     ) {
@@ -235,7 +235,7 @@ pub fn touch(t: &Tracked, key: &CtKey, h: &Headers) {
     unsafe {
         (*e).last_seen_ns = now;
         (*e).packets += 1;
-        (*e).bytes += h.tot_len as u64;
+        (*e).bytes += u64::from(h.tot_len);
     }
     if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
         let mut side = t.tcp();
@@ -244,7 +244,7 @@ pub fn touch(t: &Tracked, key: &CtKey, h: &Headers) {
             h.tcp_flags,
             h.tcp_seq,
             h.tcp_ack,
-            h.tcp_payload as u32,
+            u32::from(h.tcp_payload),
         );
         // SAFETY: as above.
         unsafe {
@@ -303,13 +303,13 @@ fn assure(t: &Tracked, key: &CtKey, now: u64) {
     // in one table or the other.
     // SAFETY: map values as the values to insert.
     if let Err(err) = CT.insert(&peer, unsafe { &*p }, NOEXIST) {
-        if -(err as i64) != EEXIST {
+        if -i64::from(err) != EEXIST {
             count(CT_EV_CT_FULL);
         }
         return;
     }
     if let Err(err) = CT.insert(key, unsafe { &*e }, NOEXIST)
-        && -(err as i64) != EEXIST
+        && -i64::from(err) != EEXIST
     {
         let _ = CT.remove(&peer);
         count(CT_EV_CT_FULL);
@@ -341,7 +341,7 @@ pub fn create(
     choose_sport: bool,
     h: &Headers,
 ) -> Result<(), DropReason> {
-    let bytes = h.tot_len as u64;
+    let bytes = u64::from(h.tot_len);
     let now = clock::now();
     let mut reply_key = CtKey {
         saddr: nat.daddr,
@@ -373,6 +373,10 @@ pub fn create(
     let mut placed = false;
     for i in 0..tries {
         if i > 0 {
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "NAT_PORT_MIN plus less than NAT_PORT_SPAN is a port"
+            )]
             let port = (NAT_PORT_MIN + (start.wrapping_add(i * 7919)) % NAT_PORT_SPAN) as u16;
             nat.sport = port.to_be();
             reply_key.dport = nat.sport;
@@ -386,7 +390,8 @@ pub fn create(
                 placed = true;
                 break;
             }
-            Err(e) if -(e as i64) == EEXIST => continue,
+            // Taken a moment ago by another CPU: the next port.
+            Err(e) if -i64::from(e) == EEXIST => {}
             Err(_) => return Err(DropReason::CtTableFull),
         }
     }
@@ -421,13 +426,13 @@ pub fn create(
             h.tcp_flags,
             h.tcp_seq,
             h.tcp_ack,
-            h.tcp_payload as u32,
+            u32::from(h.tcp_payload),
         );
         (original.tcp_end, original.tcp_ack, original.tcp_flags) = (side.end, side.ack, side.flags);
     }
     if let Err(e) = CT_NEW.insert(key, &original, NOEXIST) {
         let _ = CT_NEW.remove(&reply_key);
-        return Err(if -(e as i64) == EEXIST {
+        return Err(if -i64::from(e) == EEXIST {
             // Another CPU created this flow a moment ago for a copy of this packet.
             DropReason::NatCollision
         } else {

@@ -51,21 +51,16 @@ pub fn check(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    // No options: the transport header follows the fixed IPv4 header.
+    // No options: the transport header follows the fixed IPv4 header, its ports first.
     let l4 = ETH_HLEN + IPV4_MIN_HLEN;
-    let l4: *const TcpHdrStart = if proto == PROTO_TCP {
-        ptr_at(ctx, l4).ok()?
-    } else {
-        // A UDP header is 8 bytes: read the ports only.
-        let p: *const [u16; 2] = ptr_at(ctx, l4).ok()?;
-        p as *const TcpHdrStart
-    };
-    // SAFETY: the ports are the first four bytes of either header, checked above.
-    let (sport, dport) = unsafe { ((*l4).source, (*l4).dest) };
+    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok()?;
+    // SAFETY: checked by `ptr_at`.
+    let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
     let mut tcp_flags = 0;
     if proto == PROTO_TCP {
-        // SAFETY: a whole TCP header start was checked for TCP.
-        tcp_flags = unsafe { (*l4).flags };
+        let tcp: *const TcpHdrStart = ptr_at(ctx, l4).ok()?;
+        // SAFETY: checked by `ptr_at`.
+        tcp_flags = unsafe { (*tcp).flags };
         if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
             return None;
         }
@@ -113,6 +108,6 @@ pub fn check(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
         pkt_daddr: daddr,
     };
     clock::stamp();
-    account::record(&seen, 1, tot_len as u64);
+    account::record(&seen, 1, u64::from(tot_len));
     Some(drop_on(ctx, DropReason::SgIngress, dst.ifindex, HOOK_XDP))
 }

@@ -77,7 +77,7 @@ pub fn is_group_addr(cfg: &Config, addr: u32) -> bool {
     if a >> 28 == 0xe || a == u32::MAX {
         return true;
     }
-    let prefix = cfg.bridge_prefix as u32;
+    let prefix = u32::from(cfg.bridge_prefix);
     if prefix == 0 || prefix >= 31 {
         return false;
     }

@@ -26,6 +26,10 @@ mod tasks;
 mod verdict;
 
 /// The entry points, one file per kind of interface.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each entry point its context by value"
+)]
 mod programs {
     mod task;
     mod uplink;

@@ -78,9 +78,15 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
             continue;
         }
         if check != 0 && h.proto != PROTO_ICMP {
-            l4(ctx, check, old as u64, new as u64, flags | FIELD_ADDR)?;
+            l4(
+                ctx,
+                check,
+                u64::from(old),
+                u64::from(new),
+                flags | FIELD_ADDR,
+            )?;
         }
-        l3(ctx, old as u64, new as u64, FIELD_ADDR)?;
+        l3(ctx, u64::from(old), u64::from(new), FIELD_ADDR)?;
         store(ctx, ETH_HLEN + off, &new)?;
     }
     if check == 0 {
@@ -103,8 +109,8 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
         l4(
             ctx,
             check,
-            old as u64,
-            new as u64,
+            u64::from(old),
+            u64::from(new),
             (flags & !PSEUDO_HDR) | FIELD_WORD,
         )?;
         store(ctx, off, &new)?;
@@ -121,7 +127,7 @@ pub fn decrement_ttl(ctx: &TcContext, h: &Headers) -> Result<(), DropReason> {
         let b = old.to_ne_bytes();
         [h.ttl - 1, b[1]]
     });
-    l3(ctx, old as u64, new as u64, FIELD_WORD)?;
+    l3(ctx, u64::from(old), u64::from(new), FIELD_WORD)?;
     store(ctx, off, &new)
 }
 
@@ -157,29 +163,33 @@ pub fn rewrite_icmp_error(
     let icmp_check = h.l4 + 2;
     // Outer header: no pseudo-header in the ICMP checksum, so only the IP checksum changes.
     if h.daddr != e.daddr {
-        l3(ctx, h.daddr as u64, e.daddr as u64, FIELD_ADDR)?;
+        l3(ctx, u64::from(h.daddr), u64::from(e.daddr), FIELD_ADDR)?;
         store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.daddr)?;
     }
     if h.saddr == key.saddr && h.saddr != e.saddr {
-        l3(ctx, h.saddr as u64, e.saddr as u64, FIELD_ADDR)?;
+        l3(ctx, u64::from(h.saddr), u64::from(e.saddr), FIELD_ADDR)?;
         store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.saddr)?;
     }
     // The quote travels the other way: its source is our destination and vice versa.
-    let (new_src, new_dst) = (e.daddr, e.saddr);
-    let (new_sport, new_dport) = (e.dport, e.sport);
+    let quote = Nat {
+        saddr: e.daddr,
+        daddr: e.saddr,
+        sport: e.dport,
+        dport: e.sport,
+    };
     let ip = h.l4 + 8;
     let old_ipcheck: u16 = load(ctx, ip + IP_OFF_CHECK).map_err(|_| DropReason::BadIcmpError)?;
     let ipcheck = csum::replace4(
-        csum::replace4(old_ipcheck, inner.saddr, new_src),
+        csum::replace4(old_ipcheck, inner.saddr, quote.saddr),
         inner.daddr,
-        new_dst,
+        quote.daddr,
     );
     for (off, old, new) in [
-        (ip + IP_OFF_SADDR, inner.saddr, new_src),
-        (ip + IP_OFF_DADDR, inner.daddr, new_dst),
+        (ip + IP_OFF_SADDR, inner.saddr, quote.saddr),
+        (ip + IP_OFF_DADDR, inner.daddr, quote.daddr),
     ] {
         if old != new {
-            l4(ctx, icmp_check, old as u64, new as u64, FIELD_ADDR)?;
+            l4(ctx, icmp_check, u64::from(old), u64::from(new), FIELD_ADDR)?;
             store(ctx, off, &new)?;
         }
     }
@@ -187,8 +197,8 @@ pub fn rewrite_icmp_error(
         l4(
             ctx,
             icmp_check,
-            old_ipcheck as u64,
-            ipcheck as u64,
+            u64::from(old_ipcheck),
+            u64::from(ipcheck),
             FIELD_WORD,
         )?;
         store(ctx, ip + IP_OFF_CHECK, &ipcheck)?;
@@ -198,27 +208,27 @@ pub fn rewrite_icmp_error(
     let (ports, inner_check, pseudo) = match inner.proto {
         PROTO_TCP => (
             [
-                (inner.l4, inner.sport, new_sport),
-                (inner.l4 + 2, inner.dport, new_dport),
+                (inner.l4, inner.sport, quote.sport),
+                (inner.l4 + 2, inner.dport, quote.dport),
             ],
             inner.l4 + 16,
             true,
         ),
         PROTO_UDP => (
             [
-                (inner.l4, inner.sport, new_sport),
-                (inner.l4 + 2, inner.dport, new_dport),
+                (inner.l4, inner.sport, quote.sport),
+                (inner.l4 + 2, inner.dport, quote.dport),
             ],
             inner.l4 + 6,
             true,
         ),
         _ if inner.sport != 0 => (
-            [(inner.l4 + 4, inner.sport, new_sport), (0, 0, 0)],
+            [(inner.l4 + 4, inner.sport, quote.sport), (0, 0, 0)],
             inner.l4 + 2,
             false,
         ),
         _ => (
-            [(inner.l4 + 4, inner.dport, new_dport), (0, 0, 0)],
+            [(inner.l4 + 4, inner.dport, quote.dport), (0, 0, 0)],
             inner.l4 + 2,
             false,
         ),
@@ -227,9 +237,9 @@ pub fn rewrite_icmp_error(
     let mut l4check = old_l4check.unwrap_or(0);
     if pseudo {
         l4check = csum::replace4(
-            csum::replace4(l4check, inner.saddr, new_src),
+            csum::replace4(l4check, inner.saddr, quote.saddr),
             inner.daddr,
-            new_dst,
+            quote.daddr,
         );
     }
     for (off, old, new) in ports {
@@ -237,14 +247,20 @@ pub fn rewrite_icmp_error(
             continue;
         }
         l4check = csum::replace2(l4check, old, new);
-        l4(ctx, icmp_check, old as u64, new as u64, FIELD_WORD)?;
+        l4(ctx, icmp_check, u64::from(old), u64::from(new), FIELD_WORD)?;
         store(ctx, off, &new)?;
     }
     if let Some(old) = old_l4check
         && !(inner.proto == PROTO_UDP && old == 0)
         && old != l4check
     {
-        l4(ctx, icmp_check, old as u64, l4check as u64, FIELD_WORD)?;
+        l4(
+            ctx,
+            icmp_check,
+            u64::from(old),
+            u64::from(l4check),
+            FIELD_WORD,
+        )?;
         store(ctx, inner_check, &l4check)?;
     }
     Ok(())

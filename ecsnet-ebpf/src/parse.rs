@@ -58,7 +58,7 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
-/// VLAN tags: 802.1Q, 802.1ad (QinQ) and the old QinQ value some switches still send.
+/// VLAN tags: 802.1Q, 802.1ad (Q-in-Q) and the old Q-in-Q value some switches still send.
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_P_QINQ_OLD: u16 = 0x9100;
@@ -69,7 +69,7 @@ const ETH_GROUP_BIT: u8 = 0x01;
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
-    /// EtherType, network byte order.
+    /// Ethertype, network byte order.
     pub proto: u16,
 }
 
@@ -176,7 +176,7 @@ fn tcp_hlen(doff_res: u8) -> Result<usize, DropReason> {
     Ok(doff)
 }
 
-/// The EtherType of the frame, host byte order.
+/// The ethertype of the frame, host byte order.
 #[inline(always)]
 pub fn ethertype<P: Packet>(pkt: &P) -> Result<u16, DropReason> {
     let eth: *const EthHdr = ptr_at(pkt, 0)?;
@@ -398,7 +398,12 @@ pub fn headers_at(ctx: &TcContext, ip: usize) -> Result<Headers, DropReason> {
             h.tcp_flags = t.flags;
             h.tcp_seq = u32::from_be(t.seq);
             h.tcp_ack = u32::from_be(t.ack_seq);
-            h.tcp_payload = tot_len.saturating_sub((ihl + doff) as u16);
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "two header lengths of at most 60 bytes each"
+            )]
+            let headers = (ihl + doff) as u16;
+            h.tcp_payload = tot_len.saturating_sub(headers);
         }
         PROTO_UDP => {
             let ports: [u16; 2] = load(ctx, l4)?;
@@ -437,8 +442,8 @@ pub fn quoted_headers_at(ctx: &TcContext, ip: usize) -> Result<Headers, DropReas
     let (sport, dport) = match iph.protocol {
         PROTO_TCP | PROTO_UDP => (ports[0], ports[1]),
         // A quoted echo request: type, code, checksum, identifier.
-        PROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO as u16 => (ports[2], 0),
-        PROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO_REPLY as u16 => (0, ports[2]),
+        PROTO_ICMP if u16::from_be(ports[0]) >> 8 == u16::from(ICMP_ECHO) => (ports[2], 0),
+        PROTO_ICMP if u16::from_be(ports[0]) >> 8 == u16::from(ICMP_ECHO_REPLY) => (0, ports[2]),
         // Nothing ecsnet tracks: the lookup misses and the error takes the kernel's path.
         _ => (0, 0),
     };
@@ -460,8 +465,9 @@ const MAX_IP_OPTIONS: usize = 40;
 #[inline(always)]
 fn header_checksum_ok(ctx: &TcContext, ip: usize, iph: &Ipv4Hdr) -> bool {
     // SAFETY: Ipv4Hdr is 20 bytes of plain integers without padding.
-    let words: [u32; 5] =
-        unsafe { core::ptr::read_unaligned(iph as *const Ipv4Hdr as *const [u32; 5]) };
+    let words: [u32; 5] = unsafe {
+        core::ptr::read_unaligned(core::ptr::from_ref::<Ipv4Hdr>(iph).cast::<[u32; 5]>())
+    };
     let mut sum = csum::sum32(&words);
     let option_words = (iph.vhl & 0x0f).saturating_sub(5) as usize;
     for i in 0..MAX_IP_OPTIONS / 4 {
@@ -469,7 +475,7 @@ fn header_checksum_ok(ctx: &TcContext, ip: usize, iph: &Ipv4Hdr) -> bool {
             break;
         }
         match ctx.load::<u32>(ip + IPV4_MIN_HLEN + i * 4) {
-            Ok(w) => sum += w as u64,
+            Ok(w) => sum += u64::from(w),
             Err(_) => return false,
         }
     }

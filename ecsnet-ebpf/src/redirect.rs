@@ -19,6 +19,13 @@ use crate::{parse::Headers, verdict::Verdict};
 
 /// The IPv4 address family of a FIB lookup (`AF_INET` of the socket API).
 const AF_INET: u8 = 2;
+/// The size of the FIB lookup's parameters, as the helper takes it.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "a 64-byte struct"
+)]
+const FIB_PARAMS_SIZE: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
 
 /// The next hop of a packet leaving through the uplink.
 pub struct UplinkHop {
@@ -46,19 +53,13 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, h: &Headers) -> Option<UplinkHo
     p.ifindex = cfg.bridge_ifindex;
     p.__bindgen_anon_3.ipv4_src = h.saddr;
     p.__bindgen_anon_4.ipv4_dst = h.daddr;
-    let ret = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let ret = unsafe { fib_lookup(ctx.as_ptr(), &raw mut p, FIB_PARAMS_SIZE, 0) };
     if p.ifindex != cfg.uplink_ifindex {
         return None;
     }
-    match ret as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
+    // A negative error matches no result code.
+    match u32::try_from(ret) {
+        Ok(BPF_FIB_LKUP_RET_SUCCESS) => {
             let m = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
             Some(UplinkHop {
                 ifindex: p.ifindex,
@@ -67,7 +68,7 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, h: &Headers) -> Option<UplinkHo
                 resolved: true,
             })
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(UplinkHop {
+        Ok(BPF_FIB_LKUP_RET_NO_NEIGH) => Some(UplinkHop {
             ifindex: p.ifindex,
             smac: [0; 6],
             dmac: [0; 6],

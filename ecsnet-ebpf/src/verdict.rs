@@ -7,6 +7,7 @@ use ecsnet_common::{DropReason, maps::DropKey};
 use crate::{account, events, parse::Packet};
 
 /// What a program decided for a packet it did not drop.
+#[derive(Clone, Copy)]
 pub enum Verdict {
     /// Continue on the kernel's path.
     Pass,

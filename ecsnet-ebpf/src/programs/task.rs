@@ -2,7 +2,7 @@
 //! task sends and forwards it itself (to another task, out of the uplink, into a published port);
 //! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
 //! the task's inbound rules, after the checks of `antispoof`; the IMDS block is here too.
-//! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other EtherTypes are dropped,
+//! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped,
 //! and IPv6 of a task under a policy too, until IPv6 rules exist.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -36,36 +36,28 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(cfg) = forward::config() else {
         return Ok(Verdict::Pass);
     };
-    let (task, mut h) = match antispoof::own_ipv4(ctx, ifindex) {
-        Some(fast) => fast,
-        None => {
-            let Some((own, task)) = tasks::by_iface(ifindex) else {
-                return Ok(Verdict::Pass);
-            };
-            let mac = antispoof::check_source_mac(ctx, task)?;
-            let group = match task_frame(ctx)? {
-                Frame::Arp => return antispoof::check_arp(ctx, own, mac),
-                // SAFETY: a TASKS value pointer, valid for this program run.
-                Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
-                Frame::Ipv4 { group } => group,
-            };
-            let h = headers(ctx)?;
-            if h.saddr != own {
-                return Err(DropReason::SpoofedSource);
-            }
-            if group {
-                // SAFETY: as above.
-                return group_from_task(
-                    &cfg,
-                    &h,
-                    unsafe { (*task).policy },
-                    ifindex,
-                    packets,
-                    bytes,
-                );
-            }
-            (task, h)
+    let (task, mut h) = if let Some(fast) = antispoof::own_ipv4(ctx, ifindex) {
+        fast
+    } else {
+        let Some((own, task)) = tasks::by_iface(ifindex) else {
+            return Ok(Verdict::Pass);
+        };
+        let mac = antispoof::check_source_mac(ctx, task)?;
+        let group = match task_frame(ctx)? {
+            Frame::Arp => return antispoof::check_arp(ctx, own, mac),
+            // SAFETY: a TASKS value pointer, valid for this program run.
+            Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
+            Frame::Ipv4 { group } => group,
+        };
+        let h = headers(ctx)?;
+        if h.saddr != own {
+            return Err(DropReason::SpoofedSource);
         }
+        if group {
+            // SAFETY: as above.
+            return group_from_task(&cfg, &h, unsafe { (*task).policy }, ifindex, packets, bytes);
+        }
+        (task, h)
     };
     clock::stamp();
     if h.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {

@@ -29,6 +29,10 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     verdict::xdp(&ctx, try_xdp_uplink(&ctx, ifindex), ifindex, HOOK_XDP)
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "every try_* returns what verdict::* takes, this one never drops"
+)]
 fn try_xdp_uplink(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, DropReason> {
     account::xdp(ctx, ifindex, HOOK_XDP);
     let Some(cfg) = forward::config() else {
@@ -81,6 +85,10 @@ pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
     verdict::tc(&ctx, try_to_uplink(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "every try_* returns what verdict::* takes, this one never drops"
+)]
 fn try_to_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     account::tc(ctx, ifindex, HOOK_TC_EGRESS);
     Ok(Verdict::Pass)
