@@ -2,6 +2,8 @@
 //! routed packets, and the headers quoted inside ICMP errors. Every store is paired with the
 //! checksum update that keeps the packet valid for the receiving kernel; nothing else is touched.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -188,21 +190,9 @@ pub fn rewrite_icmp_error(
         (ip + IP_OFF_SADDR, inner.saddr, quote.saddr),
         (ip + IP_OFF_DADDR, inner.daddr, quote.daddr),
     ] {
-        if old != new {
-            l4(ctx, icmp_check, u64::from(old), u64::from(new), FIELD_ADDR)?;
-            store(ctx, off, &new)?;
-        }
+        in_icmp(ctx, icmp_check, off, old, new)?;
     }
-    if ipcheck != old_ipcheck {
-        l4(
-            ctx,
-            icmp_check,
-            u64::from(old_ipcheck),
-            u64::from(ipcheck),
-            FIELD_WORD,
-        )?;
-        store(ctx, ip + IP_OFF_CHECK, &ipcheck)?;
-    }
+    in_icmp(ctx, icmp_check, ip + IP_OFF_CHECK, old_ipcheck, ipcheck)?;
     // The quoted transport header: ports (or the echo identifier) and, when the quote holds it,
     // its checksum.
     let (ports, inner_check, pseudo) = match inner.proto {
@@ -247,21 +237,36 @@ pub fn rewrite_icmp_error(
             continue;
         }
         l4check = csum::replace2(l4check, old, new);
-        l4(ctx, icmp_check, u64::from(old), u64::from(new), FIELD_WORD)?;
-        store(ctx, off, &new)?;
+        in_icmp(ctx, icmp_check, off, old, new)?;
     }
     if let Some(old) = old_l4check
         && !(inner.proto == PROTO_UDP && old == 0)
-        && old != l4check
     {
+        in_icmp(ctx, icmp_check, inner_check, old, l4check)?;
+    }
+    Ok(())
+}
+
+/// Stores `new` over `old` at `off`, inside an ICMP message whose checksum is at `icmp_check`
+/// (no pseudo-header), and updates that checksum; nothing when the two are equal. An address
+/// is a `u32`, anything else a `u16`: the size is the type's.
+#[inline(always)]
+fn in_icmp<T: Copy + PartialEq + Into<u64>>(
+    ctx: &TcContext,
+    icmp_check: usize,
+    off: usize,
+    old: T,
+    new: T,
+) -> Result<(), DropReason> {
+    if old != new {
         l4(
             ctx,
             icmp_check,
-            u64::from(old),
-            u64::from(l4check),
-            FIELD_WORD,
+            old.into(),
+            new.into(),
+            size_of::<T>() as u64,
         )?;
-        store(ctx, inner_check, &l4check)?;
+        store(ctx, off, &new)?;
     }
     Ok(())
 }

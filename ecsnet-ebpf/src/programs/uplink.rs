@@ -82,14 +82,7 @@ fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason>
 #[classifier]
 pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
-    verdict::tc(&ctx, try_to_uplink(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
-}
-
-#[expect(
-    clippy::unnecessary_wraps,
-    reason = "every try_* returns what verdict::* takes, this one never drops"
-)]
-fn try_to_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    account::tc(ctx, ifindex, HOOK_TC_EGRESS);
-    Ok(Verdict::Pass)
+    // Counted, never judged.
+    account::tc(&ctx, ifindex, HOOK_TC_EGRESS);
+    verdict::tc(&ctx, Ok(Verdict::Pass), ifindex, HOOK_TC_EGRESS)
 }
