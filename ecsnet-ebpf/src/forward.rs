@@ -189,7 +189,7 @@ pub fn packet(
     h: &mut Headers,
     origin: Origin,
     pkt: &mut PktAddrs,
-    open: impl FnOnce(&mut Headers, &CtKey, &mut PktAddrs) -> Result<Verdict, DropReason>,
+    open: impl FnOnce(&Headers, &CtKey, &mut PktAddrs) -> Result<Verdict, DropReason>,
 ) -> Result<Verdict, DropReason> {
     let policy = origin.policy();
     if h.is_icmp_error() {
@@ -233,7 +233,7 @@ pub fn packet(
 pub fn open_flow(
     ctx: &TcContext,
     cfg: &Config,
-    h: &mut Headers,
+    h: &Headers,
     key: &CtKey,
     origin: Origin,
     pkt: &mut PktAddrs,

@@ -1,9 +1,10 @@
 //! The ecsnet datapath. The entry points in `programs` (`task`, `uplink`) only wire the modules
 //! below them: `clock` reads the time once per run, `parse` reads headers, `tasks` finds a
-//! task, `antispoof` checks that a task speaks only for itself, `forward` decides, `conntrack` keeps the flow table, `nat` rewrites, `policy` checks
-//! security groups, `early_drop` applies them in XDP, `redirect` sends, `account` counts packets,
-//! drops and flows, `events` sends monitor events, `verdict` turns a result into a return code
-//! and counts every drop with its reason.
+//! task, `antispoof` checks that a task speaks only for itself, `forward` decides, `conntrack`
+//! keeps the flow table, `nat` rewrites, `policy` checks security groups, `early_drop` applies
+//! them in XDP, `redirect` sends, `account` counts packets, drops and flows, `events` sends
+//! monitor events, `verdict` turns a result into a return code and counts every drop with its
+//! reason.
 //!
 //! The programs exist only for the BPF target. On the host this is an ordinary binary with an
 //! empty `main`, so `cargo clippy --workspace` checks the same code with the host's toolchain.

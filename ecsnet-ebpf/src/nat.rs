@@ -151,9 +151,10 @@ pub fn icmp_error_key(ctx: &TcContext, h: &Headers) -> Result<(CtKey, Headers), 
     Ok((key, inner))
 }
 
-/// Translates an ICMP error that belongs to the flow direction rewritten to `e` (looked up with the key from
-/// [`icmp_error_key`]): the outer destination (and source, when the flow's own endpoint sent the
-/// error) and the quoted packet, with the outer IP, quoted IP, quoted transport and ICMP checksums.
+/// Translates an ICMP error that belongs to the flow direction rewritten to `e` (looked up with
+/// the key from [`icmp_error_key`]): the outer destination (and source, when the flow's own
+/// endpoint sent the error) and the quoted packet, with the outer IP, quoted IP, quoted
+/// transport and ICMP checksums.
 #[inline(always)]
 pub fn rewrite_icmp_error(
     ctx: &TcContext,

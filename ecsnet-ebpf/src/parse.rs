@@ -6,7 +6,7 @@ use core::mem::{offset_of, size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::__sk_buff,
+    bindings::{__sk_buff, xdp_md},
     programs::{TcContext, XdpContext},
 };
 use ecsnet_common::{
@@ -241,6 +241,13 @@ pub fn task_frame(ctx: &TcContext) -> Result<Frame, DropReason> {
 pub fn skb_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the context pointer of a TC program is a valid __sk_buff.
     unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
+}
+
+/// The interface an XDP program received the frame on.
+#[inline(always)]
+pub fn xdp_ifindex(ctx: &XdpContext) -> u32 {
+    // SAFETY: the context pointer of an XDP program is a valid xdp_md.
+    unsafe { (*(ctx.as_ptr() as *const xdp_md)).ingress_ifindex }
 }
 
 /// The lengths of an IPv4 packet, for accounting.

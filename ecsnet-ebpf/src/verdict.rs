@@ -1,5 +1,6 @@
-//! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and every
-//! drop is counted with its reason and hook, and offered to `ecsnet monitor`, here and nowhere else.
+//! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and
+//! every drop is counted with its reason and hook, and offered to `ecsnet monitor`, here and
+//! nowhere else.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
 use ecsnet_common::{DropReason, maps::DropKey};

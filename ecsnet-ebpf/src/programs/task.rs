@@ -95,7 +95,7 @@ fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some(cfg) = forward::config() else {
         return Err(DropReason::TailCallFailed);
     };
-    let mut h = headers(ctx)?;
+    let h = headers(ctx)?;
     // Found again as tc_task_ingress found it (by address, or through the interface); anything
     // else cannot come here, but would be dropped.
     let task = match tasks::at(h.saddr, ifindex) {
@@ -112,7 +112,7 @@ fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     };
     clock::stamp();
     let mut pkt = PktAddrs::of(&h);
-    let res = forward::open_flow(ctx, &cfg, &mut h, &key, Origin::Task(me), &mut pkt);
+    let res = forward::open_flow(ctx, &cfg, &h, &key, Origin::Task(me), &mut pkt);
     let (packets, bytes) = account::wire(ctx);
     sent(&h, ifindex, res, &pkt, packets, bytes)
 }

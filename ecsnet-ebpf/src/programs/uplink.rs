@@ -1,11 +1,9 @@
 //! Programs on the uplink: XDP sees frames before an skb exists and drops new connections to
-//! published ports that the task's inbound rules reject;
-//! tc ingress takes replies of tracked flows and new connections to published ports straight into
-//! the tasks; tc egress counts what leaves.
+//! published ports that the task's inbound rules reject (`early_drop`); tc ingress takes
+//! replies of tracked flows and new connections to published ports straight into the tasks;
+//! tc egress counts what leaves.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::xdp_md,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -17,32 +15,28 @@ use ecsnet_common::{
 use crate::{
     account, clock, early_drop,
     forward::{self, Origin, PktAddrs},
-    parse::{headers, is_unicast_ipv4, skb_ifindex},
+    parse::{headers, is_unicast_ipv4, skb_ifindex, xdp_ifindex},
     verdict::{self, Verdict},
 };
 
 /// Frames arriving on the uplink, before the stack allocates an skb.
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
-    // SAFETY: the context pointer of an XDP program is a valid xdp_md.
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const xdp_md)).ingress_ifindex };
-    verdict::xdp(&ctx, try_xdp_uplink(&ctx, ifindex), ifindex, HOOK_XDP)
+    let ifindex = xdp_ifindex(&ctx);
+    verdict::xdp(&ctx, Ok(early(&ctx, ifindex)), ifindex, HOOK_XDP)
 }
 
-#[expect(
-    clippy::unnecessary_wraps,
-    reason = "every try_* returns what verdict::* takes, this one never drops"
-)]
-fn try_xdp_uplink(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, DropReason> {
+/// What XDP decides alone; it never fails: anything it cannot judge on its own (malformed,
+/// fragments, ...) is left to tc.
+fn early(ctx: &XdpContext, ifindex: u32) -> Verdict {
     account::xdp(ctx, ifindex, HOOK_XDP);
     let Some(cfg) = forward::config() else {
-        return Ok(Verdict::Pass);
+        return Verdict::Pass;
     };
     if ifindex != cfg.uplink_ifindex {
-        return Ok(Verdict::Pass);
+        return Verdict::Pass;
     }
-    // Anything XDP cannot judge on its own (malformed, fragments, ...) is left to tc.
-    Ok(early_drop::check(ctx, &cfg).unwrap_or(Verdict::Pass))
+    early_drop::check(ctx, &cfg).unwrap_or(Verdict::Pass)
 }
 
 /// Packets arriving on the uplink.
