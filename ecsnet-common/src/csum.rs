@@ -4,14 +4,8 @@
 
 /// Folds a 32-bit one's-complement sum to 16 bits.
 #[inline(always)]
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "folded twice, the sum fits 16 bits"
-)]
-pub const fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
+pub const fn fold(sum: u32) -> u16 {
+    fold64(sum as u64)
 }
 
 /// The one's-complement sum of 32-bit words read from a packet in any one byte order, before
@@ -21,16 +15,21 @@ pub const fn sum32(words: &[u32; 5]) -> u64 {
     words[0] as u64 + words[1] as u64 + words[2] as u64 + words[3] as u64 + words[4] as u64
 }
 
-/// Folds a 64-bit one's-complement sum of 32-bit words to 16 bits.
+/// Folds a 64-bit one's-complement sum to 16 bits: the carries above 32 bits are added back in,
+/// then those above 16.
 #[inline(always)]
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "folded twice, the sum fits 32 bits"
-)]
-pub const fn fold64(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    fold(sum as u32)
+#[expect(clippy::cast_possible_truncation, reason = "carried down to 16 bits")]
+pub const fn fold64(sum: u64) -> u16 {
+    carry(carry(sum, 32), 16) as u16
+}
+
+/// Adds the carries above the low `bits` of a one's-complement sum back in, twice: the first
+/// round leaves at most one carry, the second adds it, and the sum then fits in `bits` bits.
+#[inline(always)]
+const fn carry(sum: u64, bits: u32) -> u64 {
+    let low = (1 << bits) - 1;
+    let sum = (sum & low) + (sum >> bits);
+    (sum & low) + (sum >> bits)
 }
 
 /// The checksum field after a 16-bit word of the covered data changed from `old` to `new`
