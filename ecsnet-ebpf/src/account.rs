@@ -12,8 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ecsnet_common::{
-    DropReason,
-    flow::{ACTION_ACCEPT, ACTION_REJECT, FlowKey, FlowStats, LostKey, aws_tcp_flags},
+    flow::{FlowKey, FlowStats, LostKey, aws_tcp_flags},
     maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey},
     net::{PROTO_TCP, PROTO_UDP},
 };
@@ -22,7 +21,6 @@ use crate::{
     clock,
     maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, STATS},
     parse::{ETH_HLEN, Headers, Packet, ipv4_lengths, is_unicast_ipv4},
-    verdict::Verdict,
 };
 
 /// The value of `key` in a per-CPU hash map, created from `init` when neither user space nor an
@@ -180,18 +178,6 @@ impl Sighting {
             pkt_saddr: h.saddr,
             pkt_daddr: h.daddr,
         }
-    }
-}
-
-/// The flow-log action of a program's result: ACCEPT for a packet that went on, REJECT for one
-/// the security groups dropped (`rejected`, the reason of the direction at hand); None for any
-/// other drop, which no flow record shows.
-#[inline(always)]
-pub fn action(res: &Result<Verdict, DropReason>, rejected: DropReason) -> Option<u8> {
-    match res {
-        Ok(_) => Some(ACTION_ACCEPT),
-        Err(reason) if *reason == rejected => Some(ACTION_REJECT),
-        Err(_) => None,
     }
 }
 

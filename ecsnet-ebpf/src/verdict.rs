@@ -3,7 +3,11 @@
 //! nowhere else.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
-use ecsnet_common::{DropReason, maps::DropKey};
+use ecsnet_common::{
+    DropReason,
+    flow::{ACTION_ACCEPT, ACTION_REJECT},
+    maps::DropKey,
+};
 
 use crate::{account, events, parse::Packet};
 
@@ -22,6 +26,18 @@ pub enum Verdict {
 #[inline(always)]
 pub fn pass_or(ok: bool, reason: DropReason) -> Result<Verdict, DropReason> {
     if ok { Ok(Verdict::Pass) } else { Err(reason) }
+}
+
+/// The flow-log action of a program's result: ACCEPT for a packet that went on, REJECT for one
+/// the security groups dropped (`rejected`, the reason of the direction at hand); None for any
+/// other drop, which no flow record shows.
+#[inline(always)]
+pub fn action(res: &Result<Verdict, DropReason>, rejected: DropReason) -> Option<u8> {
+    match res {
+        Ok(_) => Some(ACTION_ACCEPT),
+        Err(reason) if *reason == rejected => Some(ACTION_REJECT),
+        Err(_) => None,
+    }
 }
 
 /// Counts a drop on `ifindex` (a task the packet was for) and says to drop the packet.

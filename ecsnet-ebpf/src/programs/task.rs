@@ -128,7 +128,7 @@ fn sent(
     packets: u64,
     bytes: u64,
 ) -> Result<Verdict, DropReason> {
-    let Some(action) = account::action(&res, DropReason::SgEgress) else {
+    let Some(action) = verdict::action(&res, DropReason::SgEgress) else {
         return res;
     };
     let mut seen = Sighting::of(h, ifindex, FLOW_EGRESS, action);
@@ -162,7 +162,7 @@ fn group_from_task(
     }
     clock::stamp();
     let res = forward::unchecked_egress(h, policy);
-    let Some(action) = account::action(&res, DropReason::SgEgress) else {
+    let Some(action) = verdict::action(&res, DropReason::SgEgress) else {
         return res;
     };
     account::record(
@@ -224,7 +224,7 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     } else {
         forward::deliver(ctx, &mut h, task.policy, ifindex)
     };
-    let Some(action) = account::action(&res, DropReason::SgIngress) else {
+    let Some(action) = verdict::action(&res, DropReason::SgIngress) else {
         return res;
     };
     account::record(
