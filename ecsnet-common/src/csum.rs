@@ -4,10 +4,8 @@
 
 /// Folds a 32-bit one's-complement sum to 16 bits.
 #[inline(always)]
-pub const fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
+pub const fn fold(sum: u32) -> u16 {
+    fold64(sum as u64)
 }
 
 /// The one's-complement sum of 32-bit words read from a packet in any one byte order, before
@@ -17,12 +15,21 @@ pub const fn sum32(words: &[u32; 5]) -> u64 {
     words[0] as u64 + words[1] as u64 + words[2] as u64 + words[3] as u64 + words[4] as u64
 }
 
-/// Folds a 64-bit one's-complement sum of 32-bit words to 16 bits.
+/// Folds a 64-bit one's-complement sum to 16 bits: the carries above 32 bits are added back in,
+/// then those above 16.
 #[inline(always)]
-pub const fn fold64(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    fold(sum as u32)
+#[expect(clippy::cast_possible_truncation, reason = "carried down to 16 bits")]
+pub const fn fold64(sum: u64) -> u16 {
+    carry(carry(sum, 32), 16) as u16
+}
+
+/// Adds the carries above the low `bits` of a one's-complement sum back in, twice: the first
+/// round leaves at most one carry, the second adds it, and the sum then fits in `bits` bits.
+#[inline(always)]
+const fn carry(sum: u64, bits: u32) -> u64 {
+    let low = (1 << bits) - 1;
+    let sum = (sum & low) + (sum >> bits);
+    (sum & low) + (sum >> bits)
 }
 
 /// The checksum field after a 16-bit word of the covered data changed from `old` to `new`
@@ -35,6 +42,10 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
 /// The checksum field after a 32-bit word of the covered data changed from `old` to `new`.
 /// The words must be read from the packet in the same byte order as the field.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the word's two 16-bit halves"
+)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
     let c = replace2(check, old as u16, new as u16);
     replace2(c, (old >> 16) as u16, (new >> 16) as u16)
@@ -44,13 +55,13 @@ pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
 /// the partial sum `initial`: the value to store in a header's checksum field.
 pub fn checksum(data: &[u8], initial: u32) -> u16 {
     let mut sum = initial;
-    let mut chunks = data.chunks_exact(2);
-    for w in &mut chunks {
-        sum += u16::from_be_bytes([w[0], w[1]]) as u32;
+    let (words, tail) = data.as_chunks::<2>();
+    for w in words {
+        sum += u32::from(u16::from_be_bytes(*w));
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
+    if let [last] = tail {
+        sum += u32::from(*last) << 8;
     }
     !fold(sum)
 }
@@ -58,9 +69,9 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
 /// The partial sum of an IPv4 pseudo-header, for [`checksum`] over a TCP or UDP segment.
 pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
     let w = |b: [u8; 4]| {
-        u16::from_be_bytes([b[0], b[1]]) as u32 + u16::from_be_bytes([b[2], b[3]]) as u32
+        u32::from(u16::from_be_bytes([b[0], b[1]])) + u32::from(u16::from_be_bytes([b[2], b[3]]))
     };
-    w(src) + w(dst) + proto as u32 + len as u32
+    w(src) + w(dst) + u32::from(proto) + u32::from(len)
 }
 
 #[cfg(test)]
@@ -73,6 +84,13 @@ mod tests {
         0x01, 0xc0, 0xa8, 0x00, 0xc7,
     ];
 
+    /// [`HDR`] with its checksum in place.
+    fn checked_hdr() -> [u8; 20] {
+        let mut h = HDR;
+        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        h
+    }
+
     #[test]
     fn full_checksum_of_a_known_header() {
         assert_eq!(checksum(&HDR, 0), 0xb861);
@@ -80,8 +98,7 @@ mod tests {
 
     #[test]
     fn incremental_update_equals_recomputation() {
-        let mut h = HDR;
-        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        let mut h = checked_hdr();
         // Rewrite the destination address 192.168.0.199 -> 172.17.0.2, as DNAT does.
         let old = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
         let new = u32::from_be_bytes([172, 17, 0, 2]);
@@ -98,8 +115,7 @@ mod tests {
 
     #[test]
     fn incremental_update_of_a_ttl_word() {
-        let mut h = HDR;
-        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        let mut h = checked_hdr();
         let old = u16::from_be_bytes([h[8], h[9]]);
         h[8] -= 1;
         let new = u16::from_be_bytes([h[8], h[9]]);
@@ -110,11 +126,10 @@ mod tests {
 
     #[test]
     fn a_right_header_sums_to_ffff_in_either_byte_order() {
-        let mut h = HDR;
-        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
         fn words(h: &[u8; 20], f: fn([u8; 4]) -> u32) -> [u32; 5] {
             core::array::from_fn(|i| f([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]))
         }
+        let mut h = checked_hdr();
         assert_eq!(fold64(sum32(&words(&h, u32::from_be_bytes))), 0xffff);
         assert_eq!(fold64(sum32(&words(&h, u32::from_le_bytes))), 0xffff);
         h[19] ^= 1;

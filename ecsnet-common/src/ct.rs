@@ -2,18 +2,8 @@
 //! they reach ecsnet (before translation), holding what to rewrite them to. The datapath creates
 //! entries and refreshes them; the agent expires them with the timeouts below.
 
-use core::mem::size_of;
-
-/// IP protocol numbers the table tracks.
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-
-/// TCP flag bits as in the header's flags byte.
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+/// The protocols the table tracks, and the TCP flags it follows (defined in [`crate::net`]).
+pub use crate::net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// [`CtEntry::kind`]: task to task on this host, no translation.
 pub const KIND_EAST_WEST: u8 = 1;
@@ -46,11 +36,12 @@ pub struct CtKey {
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<CtKey>() == 16);
+map_type!(CtKey, 16);
 
 impl CtKey {
     /// The key of packets going the other way.
     #[inline(always)]
+    #[must_use]
     pub const fn reversed(&self) -> CtKey {
         CtKey {
             saddr: self.daddr,
@@ -77,7 +68,8 @@ pub struct CtEntry {
     /// TCP, once this direction sent its SYN: the sequence number after the last one it sent
     /// (host byte order; SYN and FIN count one).
     pub tcp_end: u32,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, ns.
+    /// When the last packet in this direction passed, ns: the datapath's coarse clock
+    /// (`bpf_ktime_get_coarse_ns()`, `CLOCK_MONOTONIC` at tick resolution).
     pub last_seen_ns: u64,
     /// Packets and IP bytes in this direction.
     pub packets: u64,
@@ -95,7 +87,7 @@ pub struct CtEntry {
     pub tcp_flags: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<CtEntry>() == 72);
+map_type!(CtEntry, 72);
 
 /// One direction's TCP sequence state, as kept in its [`CtEntry`]: what the datapath reads and
 /// writes for a segment, small enough to copy.
@@ -184,7 +176,7 @@ pub const ASSURED_AFTER_NS: u64 = 2_000_000_000;
 /// `after(a, b)` of TCP: sequence number `a` comes later than `b`, modulo 2^32.
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
+    a.wrapping_sub(b).cast_signed() > 0
 }
 
 /// What the connection table makes of a TCP RST or FIN, from the two directions' entries
@@ -359,22 +351,12 @@ mod tests {
         let syn = entry(TCP_SYN, 0);
         assert!(!expired(PROTO_TCP, &syn, &entry(0, 0), &t, 60 * s));
         assert!(expired(PROTO_TCP, &syn, &entry(0, 0), &t, 61 * s));
-        // UDP with only one direction still counts from its latest packet.
-        assert!(!expired(
-            PROTO_UDP,
-            &entry(0, 50 * s),
-            &entry(0, 0),
-            &t,
-            100 * s
-        ));
+        // UDP with only one direction, last seen at `last`, at 100 s.
+        let udp_expired = |last| expired(PROTO_UDP, &entry(0, last), &entry(0, 0), &t, 100 * s);
+        // It still counts from its latest packet.
+        assert!(!udp_expired(50 * s));
         // The clock going backwards (a fresh entry read before `now`) is never expired.
-        assert!(!expired(
-            PROTO_UDP,
-            &entry(0, 200 * s),
-            &entry(0, 0),
-            &t,
-            100 * s
-        ));
+        assert!(!udp_expired(200 * s));
     }
 
     fn tcp(flags: u8, end: u32, ack: u32) -> TcpSide {

@@ -86,6 +86,12 @@ impl DropReason {
         None
     }
 
+    /// The name of reason number `n` as `stats`, `monitor` and metrics show it: the stable name,
+    /// or `UNKNOWN_<n>` for a number this build does not know (a newer datapath's).
+    pub fn name_of(n: u8) -> impl core::fmt::Display {
+        ReasonName(n)
+    }
+
     /// The stable name shown by `stats`, `monitor` and metrics.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -113,9 +119,30 @@ impl DropReason {
     }
 }
 
+/// See [`DropReason::name_of`].
+struct ReasonName(u8);
+
+impl core::fmt::Display for ReasonName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match DropReason::from_u8(self.0) {
+            Some(r) => f.write_str(r.as_str()),
+            None => write!(f, "UNKNOWN_{}", self.0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::string::ToString;
+
     use super::DropReason;
+
+    #[test]
+    fn numbers_without_a_reason_have_a_name_too() {
+        assert_eq!(DropReason::name_of(7).to_string(), "SG_INGRESS");
+        assert_eq!(DropReason::name_of(200).to_string(), "UNKNOWN_200");
+    }
 
     #[test]
     fn numbers_round_trip_and_are_unique() {

@@ -2,7 +2,7 @@
 //! and capture window, what it loses when the table is full, and the rate-limited events it
 //! sends to `ecsnet monitor`. With [`FlowState::enabled`] 0 the datapath counts no flows.
 
-use core::mem::size_of;
+use crate::net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Per-flow counters of the open and the closing windows: [`FlowKey`] -> [`FlowStats`] per CPU.
 pub const MAP_FLOWS: &str = "FLOWS";
@@ -53,7 +53,7 @@ pub struct FlowKey {
     pub action: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<FlowKey>() == 24);
+map_type!(FlowKey, 24);
 
 /// Counters of one [`FlowKey`] on one CPU; user space adds the CPUs up.
 #[repr(C)]
@@ -63,7 +63,8 @@ pub struct FlowStats {
     pub packets: u64,
     /// IP bytes as on the wire, headers included, as AWS counts them.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last packet on this CPU, ns.
+    /// When the first and the last packet on this CPU passed, ns: the datapath's coarse clock
+    /// (`bpf_ktime_get_coarse_ns()`, `CLOCK_MONOTONIC` at tick resolution), read once per run.
     pub first_ns: u64,
     pub last_ns: u64,
     /// Source and destination as on the uplink side of ecsnet's translation (AWS
@@ -74,7 +75,30 @@ pub struct FlowStats {
     pub tcp_flags: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(size_of::<FlowStats>() == 48);
+map_type!(FlowStats, 48);
+
+impl FlowStats {
+    /// One flow's counters over all CPUs: the sums, the earliest first and the latest last
+    /// packet, the OR of the flags, and the uplink-side addresses of the latest packet. CPUs
+    /// that saw no packet are left out.
+    pub fn merge(per_cpu: &[FlowStats]) -> FlowStats {
+        let mut out = FlowStats::default();
+        for v in per_cpu.iter().filter(|v| v.packets != 0) {
+            if out.packets == 0 || v.first_ns < out.first_ns {
+                out.first_ns = v.first_ns;
+            }
+            if v.last_ns >= out.last_ns {
+                out.last_ns = v.last_ns;
+                out.pkt_saddr = v.pkt_saddr;
+                out.pkt_daddr = v.pkt_daddr;
+            }
+            out.packets += v.packets;
+            out.bytes += v.bytes;
+            out.tcp_flags |= v.tcp_flags;
+        }
+        out
+    }
+}
 
 /// Key of [`MAP_FLOW_LOST`]: a task interface in a window.
 #[repr(C)]
@@ -83,7 +107,7 @@ pub struct LostKey {
     pub epoch: u32,
     pub ifindex: u32,
 }
-const _: () = assert!(size_of::<LostKey>() == 8);
+map_type!(LostKey, 8);
 
 /// The open capture window, written by `ecsnet up` and by the agent when it closes a window.
 #[repr(C)]
@@ -94,7 +118,7 @@ pub struct FlowState {
     /// 1: count flows; 0: flow logs off.
     pub enabled: u8,
     pub _pad: [u8; 3],
-    /// CLOCK_MONOTONIC when the open window began, ns.
+    /// `CLOCK_MONOTONIC` when the open window began, ns.
     pub window_start_ns: u64,
     /// Cost of one event in the token bucket, ns (1e9 / events per second per CPU); 0: no
     /// events at all.
@@ -102,7 +126,7 @@ pub struct FlowState {
     /// Most credit a CPU can save up, ns (the burst is `event_burst_ns / event_cost_ns`).
     pub event_burst_ns: u64,
 }
-const _: () = assert!(size_of::<FlowState>() == 32);
+map_type!(FlowState, 32);
 
 /// One CPU's token bucket for events.
 #[repr(C)]
@@ -110,14 +134,14 @@ const _: () = assert!(size_of::<FlowState>() == 32);
 pub struct EventBudget {
     /// Saved credit, ns.
     pub credit_ns: u64,
-    /// When credit was last added, CLOCK_MONOTONIC ns.
+    /// When credit was last added, `CLOCK_MONOTONIC` ns.
     pub last_ns: u64,
     /// Events this CPU suppressed since it last sent one.
     pub suppressed: u64,
     /// Events this CPU suppressed in all, for metrics.
     pub suppressed_total: u64,
 }
-const _: () = assert!(size_of::<EventBudget>() == 32);
+map_type!(EventBudget, 32);
 
 /// [`Event::kind`]: a dropped packet; `reason` says why.
 pub const EVENT_DROP: u8 = 1;
@@ -129,7 +153,7 @@ pub const EVENT_ALLOW: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// CLOCK_MONOTONIC, ns.
+    /// `CLOCK_MONOTONIC`, ns.
     pub ts_ns: u64,
     /// Events this CPU suppressed between the previous event and this one.
     pub suppressed: u64,
@@ -150,15 +174,15 @@ pub struct Event {
     pub dir: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(size_of::<Event>() == 48);
+map_type!(Event, 48);
 
 /// AWS's `tcp-flags` bits of one TCP flags byte: FIN, SYN and RST as they are, ACK only with
 /// SYN (a SYN-ACK is 18), everything else dropped.
 #[inline(always)]
 pub const fn aws_tcp_flags(flags: u8) -> u8 {
-    let base = flags & 0x07;
-    if flags & 0x12 == 0x12 {
-        base | 0x10
+    let base = flags & (TCP_FIN | TCP_SYN | TCP_RST);
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        base | TCP_ACK
     } else {
         base
     }
@@ -166,7 +190,31 @@ pub const fn aws_tcp_flags(flags: u8) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::aws_tcp_flags;
+    use super::{FlowStats, aws_tcp_flags};
+
+    #[test]
+    fn per_cpu_counters_merge_into_one_flow() {
+        let cpu = |packets, first_ns, last_ns, pkt_saddr, tcp_flags| FlowStats {
+            packets,
+            bytes: packets * 100,
+            first_ns,
+            last_ns,
+            pkt_saddr,
+            tcp_flags,
+            ..FlowStats::default()
+        };
+        let merged = FlowStats::merge(&[
+            cpu(2, 50, 70, 1, 0x02),
+            FlowStats::default(),
+            cpu(1, 40, 90, 2, 0x01),
+            cpu(3, 60, 80, 3, 0x10),
+        ]);
+        assert_eq!((merged.packets, merged.bytes), (6, 600));
+        assert_eq!((merged.first_ns, merged.last_ns), (40, 90));
+        assert_eq!(merged.pkt_saddr, 2, "the addresses of the latest packet");
+        assert_eq!(merged.tcp_flags, 0x13);
+        assert_eq!(FlowStats::merge(&[]), FlowStats::default());
+    }
 
     #[test]
     fn tcp_flags_as_aws_reports_them() {

@@ -1,8 +1,6 @@
 //! Map names, keys and values. A map's name is the key both sides use: the BPF crate declares it
 //! under that name, user space pins it as `<pin dir>/maps/<NAME>` and opens it by the same name.
 
-use core::mem::size_of;
-
 /// Interfaces ecsnet is attached to: ifindex -> [`IfaceInfo`].
 pub const MAP_IFACES: &str = "IFACES";
 /// Tasks by IPv4 address (network byte order): addr -> [`TaskInfo`].
@@ -35,28 +33,8 @@ pub const PROG_SLOTS: u32 = 1;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
 pub const MAP_FRAGS: &str = "FRAGS";
 
-/// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 19] = [
-    MAP_IFACES,
-    MAP_TASKS,
-    MAP_STATS,
-    MAP_DROPS,
-    MAP_CONFIG,
-    MAP_LOCAL_ADDRS,
-    MAP_PORTS,
-    MAP_CT,
-    MAP_CT_NEW,
-    MAP_CT_EVENTS,
-    MAP_PROGS,
-    MAP_FRAGS,
-    crate::policy::MAP_SG_PEERS,
-    crate::policy::MAP_SG_RULES,
-    crate::flow::MAP_FLOWS,
-    crate::flow::MAP_FLOW_LOST,
-    crate::flow::MAP_FLOW_STATE,
-    crate::flow::MAP_EVENTS,
-    crate::flow::MAP_EVENT_BUDGET,
-];
+/// Every map that is pinned (defined at the crate root, beside the modules it lists).
+pub use crate::PINNED_MAPS;
 
 /// Default capacity of [`MAP_CT`], entries (two per flow); `ecsnet up --ct-size` changes it.
 pub const DEFAULT_CT_SIZE: u32 = 131_072;
@@ -105,7 +83,7 @@ pub struct IfaceInfo {
     pub role: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<IfaceInfo>() == 8);
+map_type!(IfaceInfo, 8);
 
 /// A task as the datapath sees it.
 #[repr(C)]
@@ -120,7 +98,7 @@ pub struct TaskInfo {
     /// The task's security-group policy ([`crate::policy`]); 0: none, every packet allowed.
     pub policy: u32,
 }
-const _: () = assert!(size_of::<TaskInfo>() == 16);
+map_type!(TaskInfo, 16);
 
 /// The host: where translated packets leave and what they are translated to.
 #[repr(C)]
@@ -144,7 +122,7 @@ pub struct Config {
 
 /// [`Config::flags`]: drop task traffic to 169.254.169.254 (`host.blockInstanceMetadata`).
 pub const CONFIG_BLOCK_IMDS: u8 = 1;
-const _: () = assert!(size_of::<Config>() == 24);
+map_type!(Config, 24);
 
 /// Key of [`MAP_PORTS`]: a host port (network byte order) and protocol.
 #[repr(C)]
@@ -155,7 +133,7 @@ pub struct PortKey {
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<PortKey>() == 4);
+map_type!(PortKey, 4);
 
 /// Value of [`MAP_PORTS`]: the task address and container port it maps to (network byte order).
 #[repr(C)]
@@ -165,7 +143,7 @@ pub struct PortTarget {
     pub port: u16,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<PortTarget>() == 8);
+map_type!(PortTarget, 8);
 
 /// Key of [`MAP_FRAGS`]: what every fragment of one datagram shares (network byte order).
 #[repr(C)]
@@ -177,7 +155,7 @@ pub struct FragKey {
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<FragKey>() == 12);
+map_type!(FragKey, 12);
 
 /// Value of [`MAP_FRAGS`]: the ports from the first fragment (network byte order).
 #[repr(C)]
@@ -189,7 +167,7 @@ pub struct FragPorts {
     pub rejected: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FragPorts>() == 8);
+map_type!(FragPorts, 8);
 
 /// [`StatsKey::hook`]: tc ingress of the interface (for a task interface: sent by the task).
 pub const HOOK_TC_INGRESS: u8 = 0;
@@ -213,7 +191,7 @@ pub struct StatsKey {
     pub class: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<StatsKey>() == 8);
+map_type!(StatsKey, 8);
 
 /// Value of [`MAP_STATS`] (one per CPU; user space sums them).
 #[repr(C)]
@@ -224,7 +202,7 @@ pub struct Counters {
     /// Bytes as on the wire, in the unit of the key's class.
     pub bytes: u64,
 }
-const _: () = assert!(size_of::<Counters>() == 16);
+map_type!(Counters, 16);
 
 /// Key of [`MAP_DROPS`].
 #[repr(C)]
@@ -237,30 +215,4 @@ pub struct DropKey {
     pub hook: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<DropKey>() == 8);
-
-#[cfg(feature = "user")]
-mod pod {
-    // SAFETY: all of these are repr(C), have explicit padding and no invalid bit patterns.
-    unsafe impl aya::Pod for super::IfaceInfo {}
-    unsafe impl aya::Pod for super::TaskInfo {}
-    unsafe impl aya::Pod for super::StatsKey {}
-    unsafe impl aya::Pod for super::Counters {}
-    unsafe impl aya::Pod for super::DropKey {}
-    unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::PortKey {}
-    unsafe impl aya::Pod for super::PortTarget {}
-    unsafe impl aya::Pod for super::FragKey {}
-    unsafe impl aya::Pod for super::FragPorts {}
-    unsafe impl aya::Pod for crate::ct::CtKey {}
-    unsafe impl aya::Pod for crate::ct::CtEntry {}
-    unsafe impl aya::Pod for crate::policy::PeerKey {}
-    unsafe impl aya::Pod for crate::policy::RuleKey {}
-    unsafe impl aya::Pod for crate::policy::PeerRules {}
-    unsafe impl aya::Pod for crate::flow::FlowKey {}
-    unsafe impl aya::Pod for crate::flow::FlowStats {}
-    unsafe impl aya::Pod for crate::flow::LostKey {}
-    unsafe impl aya::Pod for crate::flow::FlowState {}
-    unsafe impl aya::Pod for crate::flow::EventBudget {}
-    unsafe impl aya::Pod for crate::flow::Event {}
-}
+map_type!(DropKey, 8);

@@ -15,8 +15,6 @@
 //! (every packet allowed, nothing tracked for policy). Tasks with the same security groups share
 //! one policy number.
 
-use core::mem::size_of;
-
 /// Hash: [`PeerKey`] -> [`PeerRules`].
 pub const MAP_SG_PEERS: &str = "SG_PEERS";
 /// Hash: [`RuleKey`] -> `u32` (1: allowed).
@@ -80,7 +78,7 @@ pub struct PeerKey {
     /// The peer address masked to `len` bits, network byte order.
     pub addr: u32,
 }
-const _: () = assert!(size_of::<PeerKey>() == 12);
+map_type!(PeerKey, 12);
 
 /// Value of [`MAP_SG_PEERS`]: what the peers of this entry may do.
 #[repr(C)]
@@ -91,7 +89,7 @@ pub struct PeerRules {
     /// 1 when every protocol and port is allowed (`IpProtocol: "-1"`): no second lookup.
     pub all: u32,
 }
-const _: () = assert!(size_of::<PeerRules>() == 8);
+map_type!(PeerRules, 8);
 
 /// Key of [`MAP_SG_RULES`]. `port` is the 16-bit value the check is about, masked to `len`
 /// bits, host byte order: the destination port for TCP and UDP, `type << 8 | code` for ICMP,
@@ -105,7 +103,7 @@ pub struct RuleKey {
     pub len: u8,
     pub port: u16,
 }
-const _: () = assert!(size_of::<RuleKey>() == 8);
+map_type!(RuleKey, 8);
 
 /// The 16-bit "port" of an ICMP packet for [`RuleKey`]: type and code.
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! One clock read per program run, and a cheap one. The conntrack entry and the flow records
-//! need seconds, not nanoseconds: the program reads the coarse clock (CLOCK_MONOTONIC_COARSE,
-//! the time of the last tick, at most 1/HZ behind CLOCK_MONOTONIC) once at its start with
+//! need seconds, not nanoseconds: the program reads the coarse clock (`CLOCK_MONOTONIC_COARSE`,
+//! the time of the last tick, at most 1/HZ behind `CLOCK_MONOTONIC`) once at its start with
 //! [`stamp`], and everything after uses [`now`]. The precise clock cost about 20 ns a read on
 //! this kind of VM (`read_tsc`), and an east-west packet needed three. Events, which `monitor`
 //! orders, keep the precise clock.

@@ -4,24 +4,27 @@
 //! moves to `CT` once assured (`ct::assured`); `CT` is never evicted from, and the agent
 //! expires both. TCP RSTs and FINs change a flow only when they fit its sequence numbers.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
 use ecsnet_common::{
     DropReason,
-    ct::{
-        self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN, TcpSide,
-    },
+    ct::{self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TcpSide},
     maps::{CT_EV_ASSURED, CT_EV_CREATED, CT_EV_CT_FULL, FragKey, FragPorts},
+    net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
     clock,
     maps::{CT, CT_EVENTS, CT_NEW, FRAGS},
-    parse::{FRAG_FIRST, FRAG_LATER, Flow, ICMP_ECHO, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, ICMP_ECHO},
 };
 
-const BPF_ANY: u64 = 0;
-const BPF_NOEXIST: u64 = 1;
+/// The map insert flags, as the helpers take them.
+const ANY: u64 = BPF_ANY as u64;
+const NOEXIST: u64 = BPF_NOEXIST as u64;
+/// What a map insert returns, negated, when the key exists (`EEXIST` of errno.h).
 const EEXIST: i64 = 17;
 /// Source ports tried at random after the original one is taken, before giving up.
 const PORT_TRIES: u32 = 16;
@@ -38,16 +41,16 @@ pub struct Nat {
     pub dport: u16,
 }
 
-/// The table key of `f`, or None for protocols the table does not track.
+/// The table key of `h`, or None for protocols the table does not track.
 #[inline(always)]
-pub fn key_of(f: &Flow) -> Option<CtKey> {
-    match f.proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => Some(CtKey {
-            saddr: f.saddr,
-            daddr: f.daddr,
-            sport: f.sport,
-            dport: f.dport,
-            proto: f.proto,
+pub fn key_of(h: &Headers) -> Option<CtKey> {
+    match h.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_ICMP => Some(CtKey {
+            saddr: h.saddr,
+            daddr: h.daddr,
+            sport: h.sport,
+            dport: h.dport,
+            proto: h.proto,
             _pad: [0; 3],
         }),
         _ => None,
@@ -66,12 +69,12 @@ pub enum Fragment {
 }
 
 #[inline(always)]
-fn frag_key(f: &Flow) -> FragKey {
+fn frag_key(h: &Headers) -> FragKey {
     FragKey {
-        saddr: f.saddr,
-        daddr: f.daddr,
-        id: f.ip_id,
-        proto: f.proto,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        id: h.ip_id,
+        proto: h.proto,
         _pad: 0,
     }
 }
@@ -79,57 +82,57 @@ fn frag_key(f: &Flow) -> FragKey {
 /// Fills the ports of a later fragment from its first fragment, or remembers the ports of a
 /// first fragment.
 #[inline(always)]
-pub fn track_fragment(f: &mut Flow) -> Fragment {
-    let key = frag_key(f);
-    if f.frag == FRAG_FIRST {
+pub fn track_fragment(h: &mut Headers) -> Fragment {
+    let key = frag_key(h);
+    if h.frag == FRAG_FIRST {
         let ports = FragPorts {
-            sport: f.sport,
-            dport: f.dport,
+            sport: h.sport,
+            dport: h.dport,
             rejected: 0,
             _pad: [0; 3],
         };
         // An LRU map: a full one forgets the oldest datagram, never fails.
-        let _ = FRAGS.insert(&key, &ports, BPF_ANY);
+        let _ = FRAGS.insert(&key, &ports, ANY);
         return Fragment::Known;
     }
-    if f.frag != FRAG_LATER {
+    if h.frag != FRAG_LATER {
         return Fragment::Known;
     }
     match unsafe { FRAGS.get(&key) } {
         Some(p) if p.rejected != 0 => Fragment::Rejected,
         Some(p) => {
-            f.sport = p.sport;
-            f.dport = p.dport;
+            h.sport = p.sport;
+            h.dport = p.dport;
             Fragment::Known
         }
         None => Fragment::Unknown,
     }
 }
 
-/// Marks the datagram of first fragment `f` as rejected, so its later fragments are dropped
+/// Marks the datagram of first fragment `h` as rejected, so its later fragments are dropped
 /// rather than handed to a kernel that would hold them for reassembly.
 #[inline(always)]
-pub fn reject_fragments(f: &Flow) {
-    if f.frag != FRAG_FIRST {
+pub fn reject_fragments(h: &Headers) {
+    if h.frag != FRAG_FIRST {
         return;
     }
-    if let Some(p) = FRAGS.get_ptr_mut(&frag_key(f)) {
+    if let Some(p) = FRAGS.get_ptr_mut(&frag_key(h)) {
         // SAFETY: an LRU value pointer, valid for this program run.
         unsafe { (*p).rejected = 1 };
     }
 }
 
-/// Whether `f` may open a new flow: a TCP SYN, any UDP datagram, an ICMP echo request. Packets
+/// Whether `h` may open a new flow: a TCP SYN, any UDP datagram, an ICMP echo request. Packets
 /// in the middle of a flow ecsnet did not see start stay on the kernel's path.
 #[inline(always)]
-pub fn starts_flow(f: &Flow) -> bool {
-    if f.frag == FRAG_LATER {
+pub fn starts_flow(h: &Headers) -> bool {
+    if h.frag == FRAG_LATER {
         return false;
     }
-    match f.proto {
-        IPPROTO_TCP => f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
-        IPPROTO_UDP => true,
-        IPPROTO_ICMP => f.icmp_type == ICMP_ECHO,
+    match h.proto {
+        PROTO_TCP => h.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
+        PROTO_UDP => true,
+        PROTO_ICMP => h.icmp_type == ICMP_ECHO,
         _ => false,
     }
 }
@@ -199,8 +202,8 @@ pub fn lookup(key: &CtKey) -> Option<Tracked> {
 /// Refuses a TCP RST or FIN of a tracked flow that does not fit its sequence numbers
 /// (`ct::tcp_close_counts`): a blind attacker's, which would otherwise end the flow early.
 #[inline(always)]
-pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
-    if f.proto != IPPROTO_TCP || f.frag == FRAG_LATER || f.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+pub fn check_close(t: &Tracked, h: &Headers) -> Result<(), DropReason> {
+    if h.proto != PROTO_TCP || h.frag == FRAG_LATER || h.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
         return Ok(());
     }
     // The other direction gone (evicted from CT_NEW): nothing to judge by, and nothing to end.
@@ -208,10 +211,10 @@ pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
         return Ok(());
     };
     if ct::tcp_close_counts(
-        f.tcp_flags,
-        f.tcp_seq,
-        f.tcp_ack,
-        f.tcp_payload as u32,
+        h.tcp_flags,
+        h.tcp_seq,
+        h.tcp_ack,
+        u32::from(h.tcp_payload),
         &t.tcp(),
         &other.tcp(),
     ) {
@@ -221,10 +224,10 @@ pub fn check_close(t: &Tracked, f: &Flow) -> Result<(), DropReason> {
     }
 }
 
-/// Records packet `f` on its entry (after `check_close`), and moves the flow to `CT` when this
+/// Records packet `h` on its entry (after `check_close`), and moves the flow to `CT` when this
 /// packet assures it. `t` is not to be used after this.
 #[inline(always)]
-pub fn touch(t: &Tracked, key: &CtKey, f: &Flow) {
+pub fn touch(t: &Tracked, key: &CtKey, h: &Headers) {
     let now = clock::now();
     let e = t.e;
     // SAFETY: see `Tracked::e`; concurrent updates of these fields may lose an update, not
@@ -232,16 +235,16 @@ pub fn touch(t: &Tracked, key: &CtKey, f: &Flow) {
     unsafe {
         (*e).last_seen_ns = now;
         (*e).packets += 1;
-        (*e).bytes += f.tot_len as u64;
+        (*e).bytes += u64::from(h.tot_len);
     }
-    if f.proto == IPPROTO_TCP && f.frag != FRAG_LATER {
+    if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
         let mut side = t.tcp();
         let restart = ct::record_tcp(
             &mut side,
-            f.tcp_flags,
-            f.tcp_seq,
-            f.tcp_ack,
-            f.tcp_payload as u32,
+            h.tcp_flags,
+            h.tcp_seq,
+            h.tcp_ack,
+            u32::from(h.tcp_payload),
         );
         // SAFETY: as above.
         unsafe {
@@ -268,7 +271,7 @@ fn assure(t: &Tracked, key: &CtKey, now: u64) {
     let (dir, flags, packets, created_ns) =
         unsafe { ((*e).dir, (*e).tcp_flags, (*e).packets, (*e).created_ns) };
     // The cheap tests first: most packets of an unanswered flow cannot assure it.
-    if key.proto == IPPROTO_TCP {
+    if key.proto == PROTO_TCP {
         if dir != DIR_ORIGINAL || flags & TCP_ACK == 0 {
             return;
         }
@@ -299,14 +302,14 @@ fn assure(t: &Tracked, key: &CtKey, now: u64) {
     // The other direction first, as the agent deletes: a racing packet finds the whole flow
     // in one table or the other.
     // SAFETY: map values as the values to insert.
-    if let Err(err) = CT.insert(&peer, unsafe { &*p }, BPF_NOEXIST) {
-        if -(err as i64) != EEXIST {
+    if let Err(err) = CT.insert(&peer, unsafe { &*p }, NOEXIST) {
+        if -i64::from(err) != EEXIST {
             count(CT_EV_CT_FULL);
         }
         return;
     }
-    if let Err(err) = CT.insert(key, unsafe { &*e }, BPF_NOEXIST)
-        && -(err as i64) != EEXIST
+    if let Err(err) = CT.insert(key, unsafe { &*e }, NOEXIST)
+        && -i64::from(err) != EEXIST
     {
         let _ = CT.remove(&peer);
         count(CT_EV_CT_FULL);
@@ -336,9 +339,9 @@ pub fn create(
     nat: &mut Nat,
     kind: u8,
     choose_sport: bool,
-    f: &Flow,
+    h: &Headers,
 ) -> Result<(), DropReason> {
-    let bytes = f.tot_len as u64;
+    let bytes = u64::from(h.tot_len);
     let now = clock::now();
     let mut reply_key = CtKey {
         saddr: nat.daddr,
@@ -370,6 +373,10 @@ pub fn create(
     let mut placed = false;
     for i in 0..tries {
         if i > 0 {
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "NAT_PORT_MIN plus less than NAT_PORT_SPAN is a port"
+            )]
             let port = (NAT_PORT_MIN + (start.wrapping_add(i * 7919)) % NAT_PORT_SPAN) as u16;
             nat.sport = port.to_be();
             reply_key.dport = nat.sport;
@@ -378,12 +385,13 @@ pub fn create(
         if unsafe { CT.get(&reply_key) }.is_some() {
             continue;
         }
-        match CT_NEW.insert(&reply_key, &reply, BPF_NOEXIST) {
+        match CT_NEW.insert(&reply_key, &reply, NOEXIST) {
             Ok(()) => {
                 placed = true;
                 break;
             }
-            Err(e) if -(e as i64) == EEXIST => continue,
+            // Taken a moment ago by another CPU: the next port.
+            Err(e) if -i64::from(e) == EEXIST => {}
             Err(_) => return Err(DropReason::CtTableFull),
         }
     }
@@ -411,20 +419,20 @@ pub fn create(
         tcp_flags: 0,
         _pad: 0,
     };
-    if f.proto == IPPROTO_TCP {
+    if h.proto == PROTO_TCP {
         let mut side = original.tcp();
         ct::record_tcp(
             &mut side,
-            f.tcp_flags,
-            f.tcp_seq,
-            f.tcp_ack,
-            f.tcp_payload as u32,
+            h.tcp_flags,
+            h.tcp_seq,
+            h.tcp_ack,
+            u32::from(h.tcp_payload),
         );
         (original.tcp_end, original.tcp_ack, original.tcp_flags) = (side.end, side.ack, side.flags);
     }
-    if let Err(e) = CT_NEW.insert(key, &original, BPF_NOEXIST) {
+    if let Err(e) = CT_NEW.insert(key, &original, NOEXIST) {
         let _ = CT_NEW.remove(&reply_key);
-        return Err(if -(e as i64) == EEXIST {
+        return Err(if -i64::from(e) == EEXIST {
             // Another CPU created this flow a moment ago for a copy of this packet.
             DropReason::NatCollision
         } else {

@@ -2,6 +2,7 @@
 //! pins each of them under `/sys/fs/bpf/ecsnet/<instance>/maps/<NAME>` at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
@@ -19,89 +20,79 @@ use ecsnet_common::{
     policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
-/// `BPF_F_NO_PREALLOC`: entries are allocated on insert and freed after an RCU grace period, so
-/// an entry the agent deletes is never reused under a program still holding it.
-const BPF_F_NO_PREALLOC: u32 = 1;
+/// Declares each map under its own name (the `#[map]` default): the name user space pins it
+/// under and opens it by (`ecsnet_common::maps::MAP_*`).
+macro_rules! maps {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $init:expr;)*) => {$(
+        $(#[$doc])*
+        #[map]
+        pub static $name: $ty = $init;
+    )*};
+}
 
-/// Interfaces ecsnet is attached to, written by user space at attach time.
-#[map(name = "IFACES")]
-pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_TASKS + 16, 0);
+maps! {
+    /// Interfaces ecsnet is attached to, written by user space at attach time.
+    IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_TASKS + 16, 0);
 
-/// Tasks by IPv4 address, written by `ecsnet apply`; the datapath learns their MACs.
-#[map(name = "TASKS")]
-pub static TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
+    /// Tasks by IPv4 address, written by `ecsnet apply`; the datapath learns their MACs.
+    TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
 
-/// Packet and byte counters per interface, hook and class.
-#[map(name = "STATS")]
-pub static STATS: PerCpuHashMap<StatsKey, Counters> = PerCpuHashMap::with_max_entries(MAX_STATS, 0);
+    /// Packet and byte counters per interface, hook and class.
+    STATS: PerCpuHashMap<StatsKey, Counters> = PerCpuHashMap::with_max_entries(MAX_STATS, 0);
 
-/// Dropped packets per interface, reason and hook.
-#[map(name = "DROPS")]
-pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(MAX_DROP_KEYS, 0);
+    /// Dropped packets per interface, reason and hook.
+    DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(MAX_DROP_KEYS, 0);
 
-/// The host's uplink and bridge, written by `ecsnet up`.
-#[map(name = "CONFIG")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+    /// The host's uplink and bridge, written by `ecsnet up`.
+    CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// The host's own addresses, written by `ecsnet up` and refreshed by the agent.
-#[map(name = "LOCAL_ADDRS")]
-pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+    /// The host's own addresses, written by `ecsnet up` and refreshed by the agent.
+    LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
-/// Published ports, written by `ecsnet apply`.
-#[map(name = "PORTS")]
-pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::with_max_entries(MAX_PORTS, 0);
+    /// Published ports, written by `ecsnet apply`.
+    PORTS: HashMap<PortKey, PortTarget> = HashMap::with_max_entries(MAX_PORTS, 0);
 
-/// The connection table; user space sets its size at load time (`ecsnet up --ct-size`). Never
-/// LRU: a full table refuses new flows instead of evicting live ones.
-#[map(name = "CT")]
-pub static CT: HashMap<CtKey, CtEntry> =
-    HashMap::with_max_entries(DEFAULT_CT_SIZE, BPF_F_NO_PREALLOC);
+    /// The connection table; user space sets its size at load time (`ecsnet up --ct-size`). Never
+    /// LRU: a full table refuses new flows instead of evicting live ones. `BPF_F_NO_PREALLOC`:
+    /// entries are allocated on insert and freed after an RCU grace period, so an entry the agent
+    /// deletes is never reused under a program still holding it.
+    CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(DEFAULT_CT_SIZE, BPF_F_NO_PREALLOC);
 
-/// Flows nobody answered yet, evicted oldest first when full; user space sizes it from
-/// `--ct-size` at load time (`ct_new_size`). LRU maps are always preallocated.
-#[map(name = "CT_NEW")]
-pub static CT_NEW: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(ct_new_size(DEFAULT_CT_SIZE), 0);
+    /// Flows nobody answered yet, evicted oldest first when full; user space sizes it from
+    /// `--ct-size` at load time (`ct_new_size`). LRU maps are always preallocated.
+    CT_NEW: LruHashMap<CtKey, CtEntry> =
+        LruHashMap::with_max_entries(ct_new_size(DEFAULT_CT_SIZE), 0);
 
-/// Connection-table event counters (`CT_EV_*`).
-#[map(name = "CT_EVENTS")]
-pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
+    /// Connection-table event counters (`CT_EV_*`).
+    CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
 
-/// Ports of first fragments, for the later fragments of the same datagram.
-#[map(name = "FRAGS")]
-pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+    /// Ports of first fragments, for the later fragments of the same datagram.
+    FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
-/// Security groups: (policy, direction, peer prefix) -> rule set, written by `ecsnet apply`.
-#[map(name = "SG_PEERS")]
-pub static SG_PEERS: HashMap<PeerKey, PeerRules> = HashMap::with_max_entries(MAX_SG_PEERS, 0);
+    /// Security groups: (policy, direction, peer prefix) -> rule set, written by `ecsnet apply`.
+    SG_PEERS: HashMap<PeerKey, PeerRules> = HashMap::with_max_entries(MAX_SG_PEERS, 0);
 
-/// Security groups: (rule set, protocol, port block) -> allowed, written by `ecsnet apply`.
-#[map(name = "SG_RULES")]
-pub static SG_RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(MAX_SG_RULES, 0);
+    /// Security groups: (rule set, protocol, port block) -> allowed, written by `ecsnet apply`.
+    SG_RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(MAX_SG_RULES, 0);
 
-/// Per-flow counters of the open and the closing capture windows; user space sets the size at
-/// load time (`ecsnet up --flow-table-size`). Preallocated: counting never allocates.
-#[map(name = "FLOWS")]
-pub static FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+    /// Per-flow counters of the open and the closing capture windows; user space sets the size at
+    /// load time (`ecsnet up --flow-table-size`). Preallocated: counting never allocates.
+    FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
+        PerCpuHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Packets per interface and window that found `FLOWS` full.
-#[map(name = "FLOW_LOST")]
-pub static FLOW_LOST: PerCpuHashMap<LostKey, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_FLOW_LOST_KEYS, 0);
+    /// Packets per interface and window that found `FLOWS` full.
+    FLOW_LOST: PerCpuHashMap<LostKey, Counters> =
+        PerCpuHashMap::with_max_entries(MAX_FLOW_LOST_KEYS, 0);
 
-/// The open capture window and the event rate, written by `ecsnet up` and the agent.
-#[map(name = "FLOW_STATE")]
-pub static FLOW_STATE: Array<FlowState> = Array::with_max_entries(1, 0);
+    /// The open capture window and the event rate, written by `ecsnet up` and the agent.
+    FLOW_STATE: Array<FlowState> = Array::with_max_entries(1, 0);
 
-/// Programs tail-called by other programs (`PROG_*` slots), written by user space at load time.
-#[map(name = "PROGS")]
-pub static PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
+    /// Programs tail-called by other programs (`PROG_*` slots), written by user space at load time.
+    PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
 
-/// Drop and policy-verdict events for `ecsnet monitor`, read by the agent.
-#[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+    /// Drop and policy-verdict events for `ecsnet monitor`, read by the agent.
+    EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-/// Each CPU's token bucket for `EVENTS`.
-#[map(name = "EVENT_BUDGET")]
-pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+    /// Each CPU's token bucket for `EVENTS`.
+    EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+}

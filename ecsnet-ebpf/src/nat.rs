@@ -2,20 +2,34 @@
 //! routed packets, and the headers quoted inside ICMP errors. Every store is paired with the
 //! checksum update that keeps the packet valid for the receiving kernel; nothing else is touched.
 
-use aya_ebpf::programs::TcContext;
-use ecsnet_common::{DropReason, csum, ct::CtKey};
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use ecsnet_common::{
+    DropReason, csum,
+    ct::CtKey,
+    net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+};
 
 use crate::{
     conntrack::Nat,
     parse::{
-        ETH_HLEN, FRAG_LATER, Flow, ICMP_ECHO, ICMP_ECHO_REPLY, IP_OFF_CHECK, IP_OFF_DADDR,
-        IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, load,
+        ETH_HLEN, FRAG_LATER, Headers, ICMP_ECHO, ICMP_ECHO_REPLY, IP_OFF_CHECK, IP_OFF_DADDR,
+        IP_OFF_SADDR, IP_OFF_TTL, load, quoted_headers_at,
     },
 };
 
-/// `bpf_l4_csum_replace` flags.
-const BPF_F_PSEUDO_HDR: u64 = 0x10;
-const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+/// `bpf_l4_csum_replace` flags: the checksum covers the pseudo-header (TCP, UDP), in which the
+/// addresses change too; a zero checksum means "none" and stays zero (UDP).
+const PSEUDO_HDR: u64 = BPF_F_PSEUDO_HDR as u64;
+const MARK_MANGLED_0: u64 = BPF_F_MARK_MANGLED_0 as u64;
+/// The low bits of the `csum_replace` helpers' flags (`BPF_F_HDR_FIELD_MASK`): how many bytes
+/// changed, an address or a 16-bit word (a port, an identifier, a checksum, the TTL's word).
+const FIELD_ADDR: u64 = 4;
+const FIELD_WORD: u64 = 2;
 
 const IP_CHECK: usize = ETH_HLEN + IP_OFF_CHECK;
 
@@ -37,52 +51,58 @@ fn l4(ctx: &TcContext, off: usize, from: u64, to: u64, flags: u64) -> Result<(),
 }
 
 /// Where the checksum that covers the ports (and for TCP/UDP the pseudo-header) sits, with the
-/// flags for `bpf_l4_csum_replace`; None when the packet carries no transport header.
+/// flags for `bpf_l4_csum_replace`; offset 0 when the packet carries no transport header. Not
+/// an `Option`: LLVM leaves the payload of a `None` undefined and may still compute with
+/// whatever register holds it, which the verifier refuses when that is a pointer.
 #[inline(always)]
-fn l4_check(f: &Flow) -> Option<(usize, u64)> {
-    if f.frag == FRAG_LATER {
-        return None;
+fn l4_check(h: &Headers) -> (usize, u64) {
+    if h.frag == FRAG_LATER {
+        return (0, 0);
     }
-    match f.proto {
-        IPPROTO_TCP => Some((f.l4 + 16, BPF_F_PSEUDO_HDR)),
+    match h.proto {
+        PROTO_TCP => (h.l4 + 16, PSEUDO_HDR),
         // A zero UDP checksum means "none" and must stay zero.
-        IPPROTO_UDP => Some((f.l4 + 6, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0)),
-        IPPROTO_ICMP => Some((f.l4 + 2, 0)),
-        _ => None,
+        PROTO_UDP => (h.l4 + 6, PSEUDO_HDR | MARK_MANGLED_0),
+        PROTO_ICMP => (h.l4 + 2, 0),
+        _ => (0, 0),
     }
 }
 
-/// Rewrites `f`'s addresses and ports to `nat`, updating the IP and transport checksums.
+/// Rewrites `h`'s addresses and ports to `nat`, updating the IP and transport checksums.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
-    let check = l4_check(f);
+pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason> {
+    let (check, flags) = l4_check(h);
     for (off, old, new) in [
-        (IP_OFF_SADDR, f.saddr, nat.saddr),
-        (IP_OFF_DADDR, f.daddr, nat.daddr),
+        (IP_OFF_SADDR, h.saddr, nat.saddr),
+        (IP_OFF_DADDR, h.daddr, nat.daddr),
     ] {
         if old == new {
             continue;
         }
-        if let Some((c, flags)) = check
-            && f.proto != IPPROTO_ICMP
-        {
-            l4(ctx, c, old as u64, new as u64, flags | 4)?;
+        if check != 0 && h.proto != PROTO_ICMP {
+            l4(
+                ctx,
+                check,
+                u64::from(old),
+                u64::from(new),
+                flags | FIELD_ADDR,
+            )?;
         }
-        l3(ctx, old as u64, new as u64, 4)?;
+        l3(ctx, u64::from(old), u64::from(new), FIELD_ADDR)?;
         store(ctx, ETH_HLEN + off, &new)?;
     }
-    let Some((c, flags)) = check else {
+    if check == 0 {
         return Ok(());
-    };
+    }
     // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
-    let ports: [(usize, u16, u16); 2] = if f.proto == IPPROTO_ICMP {
-        match f.icmp_type {
-            ICMP_ECHO => [(f.l4 + 4, f.sport, nat.sport), (0, 0, 0)],
-            ICMP_ECHO_REPLY => [(f.l4 + 4, f.dport, nat.dport), (0, 0, 0)],
+    let ports: [(usize, u16, u16); 2] = if h.proto == PROTO_ICMP {
+        match h.icmp_type {
+            ICMP_ECHO => [(h.l4 + 4, h.sport, nat.sport), (0, 0, 0)],
+            ICMP_ECHO_REPLY => [(h.l4 + 4, h.dport, nat.dport), (0, 0, 0)],
             _ => [(0, 0, 0), (0, 0, 0)],
         }
     } else {
-        [(f.l4, f.sport, nat.sport), (f.l4 + 2, f.dport, nat.dport)]
+        [(h.l4, h.sport, nat.sport), (h.l4 + 2, h.dport, nat.dport)]
     };
     for (off, old, new) in ports {
         if off == 0 || old == new {
@@ -90,10 +110,10 @@ pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
         }
         l4(
             ctx,
-            c,
-            old as u64,
-            new as u64,
-            (flags & !BPF_F_PSEUDO_HDR) | 2,
+            check,
+            u64::from(old),
+            u64::from(new),
+            (flags & !PSEUDO_HDR) | FIELD_WORD,
         )?;
         store(ctx, off, &new)?;
     }
@@ -102,24 +122,24 @@ pub fn rewrite(ctx: &TcContext, f: &Flow, nat: &Nat) -> Result<(), DropReason> {
 
 /// Decrements the TTL of a routed packet, as the kernel's forwarding would.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, f: &Flow) -> Result<(), DropReason> {
+pub fn decrement_ttl(ctx: &TcContext, h: &Headers) -> Result<(), DropReason> {
     let off = ETH_HLEN + IP_OFF_TTL;
     let old: u16 = load(ctx, off)?;
     let new = u16::from_ne_bytes({
         let b = old.to_ne_bytes();
-        [f.ttl - 1, b[1]]
+        [h.ttl - 1, b[1]]
     });
-    l3(ctx, old as u64, new as u64, 2)?;
+    l3(ctx, u64::from(old), u64::from(new), FIELD_WORD)?;
     store(ctx, off, &new)
 }
 
 /// The table key an ICMP error belongs to: the quoted packet's tuple reversed, which is the
-/// tuple of packets travelling the same way as the error. Also returns the quoted header's offset.
+/// tuple of packets travelling the same way as the error. Also returns the quoted headers.
 #[inline(always)]
-pub fn icmp_error_key(ctx: &TcContext, f: &Flow) -> Result<(CtKey, Flow), DropReason> {
+pub fn icmp_error_key(ctx: &TcContext, h: &Headers) -> Result<(CtKey, Headers), DropReason> {
     // The quoted IP header sits after the 8-byte ICMP header; it must be whole, with at least
     // the first 8 bytes of its transport header (RFC 792).
-    let inner = flow_at_quoted(ctx, f.l4 + 8)?;
+    let inner = quoted_headers_at(ctx, h.l4 + 8)?;
     let key = CtKey {
         saddr: inner.daddr,
         daddr: inner.saddr,
@@ -131,115 +151,75 @@ pub fn icmp_error_key(ctx: &TcContext, f: &Flow) -> Result<(CtKey, Flow), DropRe
     Ok((key, inner))
 }
 
-/// Parses a quoted header: like [`crate::parse::flow_at`] but a quote may be cut short after 8 bytes of the
-/// transport header, so its total length is not checked against the packet.
-#[inline(always)]
-fn flow_at_quoted(ctx: &TcContext, ip: usize) -> Result<Flow, DropReason> {
-    let h: Ipv4Hdr = load(ctx, ip).map_err(|_| DropReason::BadIcmpError)?;
-    let ihl = ((h.vhl & 0x0f) as usize) * 4;
-    if h.vhl >> 4 != 4 || ihl < 20 {
-        return Err(DropReason::BadIcmpError);
-    }
-    let l4 = ip + ihl;
-    let ports: [u16; 4] = load(ctx, l4).map_err(|_| DropReason::BadIcmpError)?;
-    let (sport, dport) = match h.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => (ports[0], ports[1]),
-        // A quoted echo request: type, code, checksum, identifier.
-        IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO as u16 => (ports[2], 0),
-        IPPROTO_ICMP if u16::from_be(ports[0]) >> 8 == ICMP_ECHO_REPLY as u16 => (0, ports[2]),
-        // Nothing ecsnet tracks: the lookup misses and the error takes the kernel's path.
-        _ => (0, 0),
-    };
-    Ok(Flow {
-        l4,
-        proto: h.protocol,
-        saddr: h.saddr,
-        daddr: h.daddr,
-        sport,
-        dport,
-        ttl: h.ttl,
-        frag: 0,
-        ip_id: h.id,
-        tcp_flags: 0,
-        tcp_seq: 0,
-        tcp_ack: 0,
-        tcp_payload: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-        tot_len: u16::from_be(h.tot_len),
-    })
-}
-
-/// Translates an ICMP error that belongs to the flow direction rewritten to `e` (looked up with the key from
-/// [`icmp_error_key`]): the outer destination (and source, when the flow's own endpoint sent the
-/// error) and the quoted packet, with the outer IP, quoted IP, quoted transport and ICMP checksums.
+/// Translates an ICMP error that belongs to the flow direction rewritten to `e` (looked up with
+/// the key from [`icmp_error_key`]): the outer destination (and source, when the flow's own
+/// endpoint sent the error) and the quoted packet, with the outer IP, quoted IP, quoted
+/// transport and ICMP checksums.
 #[inline(always)]
 pub fn rewrite_icmp_error(
     ctx: &TcContext,
-    f: &Flow,
+    h: &Headers,
     key: &CtKey,
-    inner: &Flow,
+    inner: &Headers,
     e: &Nat,
 ) -> Result<(), DropReason> {
-    let icmp_check = f.l4 + 2;
+    let icmp_check = h.l4 + 2;
     // Outer header: no pseudo-header in the ICMP checksum, so only the IP checksum changes.
-    if f.daddr != e.daddr {
-        l3(ctx, f.daddr as u64, e.daddr as u64, 4)?;
+    if h.daddr != e.daddr {
+        l3(ctx, u64::from(h.daddr), u64::from(e.daddr), FIELD_ADDR)?;
         store(ctx, ETH_HLEN + IP_OFF_DADDR, &e.daddr)?;
     }
-    if f.saddr == key.saddr && f.saddr != e.saddr {
-        l3(ctx, f.saddr as u64, e.saddr as u64, 4)?;
+    if h.saddr == key.saddr && h.saddr != e.saddr {
+        l3(ctx, u64::from(h.saddr), u64::from(e.saddr), FIELD_ADDR)?;
         store(ctx, ETH_HLEN + IP_OFF_SADDR, &e.saddr)?;
     }
     // The quote travels the other way: its source is our destination and vice versa.
-    let (new_src, new_dst) = (e.daddr, e.saddr);
-    let (new_sport, new_dport) = (e.dport, e.sport);
-    let ip = f.l4 + 8;
+    let quote = Nat {
+        saddr: e.daddr,
+        daddr: e.saddr,
+        sport: e.dport,
+        dport: e.sport,
+    };
+    let ip = h.l4 + 8;
     let old_ipcheck: u16 = load(ctx, ip + IP_OFF_CHECK).map_err(|_| DropReason::BadIcmpError)?;
     let ipcheck = csum::replace4(
-        csum::replace4(old_ipcheck, inner.saddr, new_src),
+        csum::replace4(old_ipcheck, inner.saddr, quote.saddr),
         inner.daddr,
-        new_dst,
+        quote.daddr,
     );
     for (off, old, new) in [
-        (ip + IP_OFF_SADDR, inner.saddr, new_src),
-        (ip + IP_OFF_DADDR, inner.daddr, new_dst),
+        (ip + IP_OFF_SADDR, inner.saddr, quote.saddr),
+        (ip + IP_OFF_DADDR, inner.daddr, quote.daddr),
     ] {
-        if old != new {
-            l4(ctx, icmp_check, old as u64, new as u64, 4)?;
-            store(ctx, off, &new)?;
-        }
+        in_icmp(ctx, icmp_check, off, old, new)?;
     }
-    if ipcheck != old_ipcheck {
-        l4(ctx, icmp_check, old_ipcheck as u64, ipcheck as u64, 2)?;
-        store(ctx, ip + IP_OFF_CHECK, &ipcheck)?;
-    }
+    in_icmp(ctx, icmp_check, ip + IP_OFF_CHECK, old_ipcheck, ipcheck)?;
     // The quoted transport header: ports (or the echo identifier) and, when the quote holds it,
     // its checksum.
     let (ports, inner_check, pseudo) = match inner.proto {
-        IPPROTO_TCP => (
+        PROTO_TCP => (
             [
-                (inner.l4, inner.sport, new_sport),
-                (inner.l4 + 2, inner.dport, new_dport),
+                (inner.l4, inner.sport, quote.sport),
+                (inner.l4 + 2, inner.dport, quote.dport),
             ],
             inner.l4 + 16,
             true,
         ),
-        IPPROTO_UDP => (
+        PROTO_UDP => (
             [
-                (inner.l4, inner.sport, new_sport),
-                (inner.l4 + 2, inner.dport, new_dport),
+                (inner.l4, inner.sport, quote.sport),
+                (inner.l4 + 2, inner.dport, quote.dport),
             ],
             inner.l4 + 6,
             true,
         ),
         _ if inner.sport != 0 => (
-            [(inner.l4 + 4, inner.sport, new_sport), (0, 0, 0)],
+            [(inner.l4 + 4, inner.sport, quote.sport), (0, 0, 0)],
             inner.l4 + 2,
             false,
         ),
         _ => (
-            [(inner.l4 + 4, inner.dport, new_dport), (0, 0, 0)],
+            [(inner.l4 + 4, inner.dport, quote.dport), (0, 0, 0)],
             inner.l4 + 2,
             false,
         ),
@@ -248,9 +228,9 @@ pub fn rewrite_icmp_error(
     let mut l4check = old_l4check.unwrap_or(0);
     if pseudo {
         l4check = csum::replace4(
-            csum::replace4(l4check, inner.saddr, new_src),
+            csum::replace4(l4check, inner.saddr, quote.saddr),
             inner.daddr,
-            new_dst,
+            quote.daddr,
         );
     }
     for (off, old, new) in ports {
@@ -258,15 +238,36 @@ pub fn rewrite_icmp_error(
             continue;
         }
         l4check = csum::replace2(l4check, old, new);
-        l4(ctx, icmp_check, old as u64, new as u64, 2)?;
-        store(ctx, off, &new)?;
+        in_icmp(ctx, icmp_check, off, old, new)?;
     }
     if let Some(old) = old_l4check
-        && !(inner.proto == IPPROTO_UDP && old == 0)
-        && old != l4check
+        && !(inner.proto == PROTO_UDP && old == 0)
     {
-        l4(ctx, icmp_check, old as u64, l4check as u64, 2)?;
-        store(ctx, inner_check, &l4check)?;
+        in_icmp(ctx, icmp_check, inner_check, old, l4check)?;
+    }
+    Ok(())
+}
+
+/// Stores `new` over `old` at `off`, inside an ICMP message whose checksum is at `icmp_check`
+/// (no pseudo-header), and updates that checksum; nothing when the two are equal. An address
+/// is a `u32`, anything else a `u16`: the size is the type's.
+#[inline(always)]
+fn in_icmp<T: Copy + PartialEq + Into<u64>>(
+    ctx: &TcContext,
+    icmp_check: usize,
+    off: usize,
+    old: T,
+    new: T,
+) -> Result<(), DropReason> {
+    if old != new {
+        l4(
+            ctx,
+            icmp_check,
+            old.into(),
+            new.into(),
+            size_of::<T>() as u64,
+        )?;
+        store(ctx, off, &new)?;
     }
     Ok(())
 }

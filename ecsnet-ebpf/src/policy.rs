@@ -1,14 +1,17 @@
 //! Security-group checks: a fixed sequence of hash probes whatever the number of rules (see
 //! `ecsnet_common::policy` for the maps and `ARCHITECTURE.md` for where each check runs).
 
-use ecsnet_common::policy::{
-    INSTANCE_METADATA_ADDR, PEER_LEVELS, PORT_LEVELS, PeerKey, RuleKey, TASK_METADATA_ADDR,
-    icmp_port, mask_addr, mask_port, scope,
+use ecsnet_common::{
+    net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    policy::{
+        INSTANCE_METADATA_ADDR, PEER_LEVELS, PORT_LEVELS, PeerKey, RuleKey, TASK_METADATA_ADDR,
+        icmp_port, mask_addr, mask_port, scope,
+    },
 };
 
 use crate::{
     maps::{SG_PEERS, SG_RULES},
-    parse::{Flow, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    parse::Headers,
 };
 
 pub use ecsnet_common::policy::{DIR_EGRESS, DIR_INGRESS};
@@ -25,16 +28,16 @@ pub fn is_link_local(addr: u32) -> bool {
     b[0] == 169 && b[1] == 254
 }
 
-/// Whether `policy` allows, in direction `dir`, `f` with its other end at `peer` and
+/// Whether `policy` allows, in direction `dir`, `h` with its other end at `peer` and
 /// destination port `dport` (network byte order; the port after translation for ingress).
 #[inline(always)]
-pub fn allows(policy: u32, dir: u32, peer: u32, f: &Flow, dport: u16) -> bool {
-    let port = match f.proto {
-        IPPROTO_TCP | IPPROTO_UDP => u16::from_be(dport),
-        IPPROTO_ICMP => icmp_port(f.icmp_type, f.icmp_code),
+pub fn allows(policy: u32, dir: u32, peer: u32, h: &Headers, dport: u16) -> bool {
+    let port = match h.proto {
+        PROTO_TCP | PROTO_UDP => u16::from_be(dport),
+        PROTO_ICMP => icmp_port(h.icmp_type, h.icmp_code),
         _ => 0,
     };
-    allows_port(policy, dir, peer, f.proto, port)
+    allows_port(policy, dir, peer, h.proto, port)
 }
 
 /// [`allows`] with the 16-bit port in host byte order, as `RuleKey` holds it.
@@ -81,12 +84,12 @@ pub fn allows_port(policy: u32, dir: u32, peer: u32, proto: u8, port: u16) -> bo
 /// The egress check of a packet leaving a task towards `daddr`; the task metadata endpoint is
 /// always reachable.
 #[inline(always)]
-pub fn egress(policy: u32, f: &Flow, daddr: u32, dport: u16) -> bool {
-    daddr == METADATA || allows(policy, DIR_EGRESS, daddr, f, dport)
+pub fn egress(policy: u32, h: &Headers, daddr: u32, dport: u16) -> bool {
+    daddr == METADATA || allows(policy, DIR_EGRESS, daddr, h, dport)
 }
 
 /// The ingress check of a packet arriving at a task from `saddr`.
 #[inline(always)]
-pub fn ingress(policy: u32, f: &Flow, saddr: u32, dport: u16) -> bool {
-    allows(policy, DIR_INGRESS, saddr, f, dport)
+pub fn ingress(policy: u32, h: &Headers, saddr: u32, dport: u16) -> bool {
+    allows(policy, DIR_INGRESS, saddr, h, dport)
 }

@@ -4,7 +4,9 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
@@ -13,10 +15,17 @@ use ecsnet_common::{
     maps::{Config, TaskInfo},
 };
 
-use crate::{maps::TASKS, parse::Flow, verdict::Verdict};
+use crate::{parse::Headers, verdict::Verdict};
 
+/// The IPv4 address family of a FIB lookup (`AF_INET` of the socket API).
 const AF_INET: u8 = 2;
-const TC_ACT_REDIRECT: i64 = 7;
+/// The size of the FIB lookup's parameters, as the helper takes it.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "a 64-byte struct"
+)]
+const FIB_PARAMS_SIZE: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
 
 /// The next hop of a packet leaving through the uplink.
 pub struct UplinkHop {
@@ -28,41 +37,29 @@ pub struct UplinkHop {
     pub resolved: bool,
 }
 
-/// The task with address `addr`.
-#[inline(always)]
-pub fn task(addr: u32) -> Option<TaskInfo> {
-    unsafe { TASKS.get(&addr) }.copied()
-}
-
-/// Where the kernel would route `f` (its destination as it is now), if that is out of the
+/// Where the kernel would route `h` (its destination as it is now), if that is out of the
 /// uplink. None for anything else (local, the bridge, another interface, too big to forward).
 #[inline(always)]
-pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> {
+pub fn uplink_hop(ctx: &TcContext, cfg: &Config, h: &Headers) -> Option<UplinkHop> {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = f.sport;
-    p.dport = f.dport;
+    p.l4_protocol = h.proto;
+    p.sport = h.sport;
+    p.dport = h.dport;
     // tot_len 0: the helper then checks the skb itself against the MTU, which understands GSO
     // (a TSO packet's IP length is far above any MTU; its segments are not).
     p.__bindgen_anon_1.tot_len = 0;
     p.ifindex = cfg.bridge_ifindex;
-    p.__bindgen_anon_3.ipv4_src = f.saddr;
-    p.__bindgen_anon_4.ipv4_dst = f.daddr;
-    let ret = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    p.__bindgen_anon_3.ipv4_src = h.saddr;
+    p.__bindgen_anon_4.ipv4_dst = h.daddr;
+    let ret = unsafe { fib_lookup(ctx.as_ptr(), &raw mut p, FIB_PARAMS_SIZE, 0) };
     if p.ifindex != cfg.uplink_ifindex {
         return None;
     }
-    match ret as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
+    // A negative error matches no result code.
+    match u32::try_from(ret) {
+        Ok(BPF_FIB_LKUP_RET_SUCCESS) => {
             let m = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
             Some(UplinkHop {
                 ifindex: p.ifindex,
@@ -71,7 +68,7 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, f: &Flow) -> Option<UplinkHop> 
                 resolved: true,
             })
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(UplinkHop {
+        Ok(BPF_FIB_LKUP_RET_NO_NEIGH) => Some(UplinkHop {
             ifindex: p.ifindex,
             smac: [0; 6],
             dmac: [0; 6],
@@ -118,7 +115,7 @@ fn set_macs(ctx: &TcContext, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), DropRea
 
 #[inline(always)]
 fn redirected(ret: i64) -> Result<Verdict, DropReason> {
-    if ret == TC_ACT_REDIRECT {
+    if ret == i64::from(TC_ACT_REDIRECT) {
         Ok(Verdict::Redirect)
     } else {
         Err(DropReason::RedirectFailed)

@@ -1,12 +1,18 @@
-//! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and every
-//! drop is counted with its reason and hook, and offered to `ecsnet monitor`, here and nowhere else.
+//! The one exit of every program: a `Result<Verdict, DropReason>` becomes a return code, and
+//! every drop is counted with its reason and hook, and offered to `ecsnet monitor`, here and
+//! nowhere else.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
-use ecsnet_common::{DropReason, flow::EVENT_DROP, maps::DropKey};
+use ecsnet_common::{
+    DropReason,
+    flow::{ACTION_ACCEPT, ACTION_REJECT},
+    maps::DropKey,
+};
 
-use crate::{flow::packet_event, parse::Packet, stats::count_drop};
+use crate::{account, events, parse::Packet};
 
 /// What a program decided for a packet it did not drop.
+#[derive(Clone, Copy)]
 pub enum Verdict {
     /// Continue on the kernel's path.
     Pass,
@@ -14,6 +20,24 @@ pub enum Verdict {
     Redirect,
     /// Dropped and already counted, on another interface than the program's (see [`drop_on`]).
     Dropped,
+}
+
+/// Passes the packet on when `ok`, else drops it for `reason`.
+#[inline(always)]
+pub fn pass_or(ok: bool, reason: DropReason) -> Result<Verdict, DropReason> {
+    if ok { Ok(Verdict::Pass) } else { Err(reason) }
+}
+
+/// The flow-log action of a program's result: ACCEPT for a packet that went on, REJECT for one
+/// the security groups dropped (`rejected`, the reason of the direction at hand); None for any
+/// other drop, which no flow record shows.
+#[inline(always)]
+pub fn action(res: &Result<Verdict, DropReason>, rejected: DropReason) -> Option<u8> {
+    match res {
+        Ok(_) => Some(ACTION_ACCEPT),
+        Err(reason) if *reason == rejected => Some(ACTION_REJECT),
+        Err(_) => None,
+    }
 }
 
 /// Counts a drop on `ifindex` (a task the packet was for) and says to drop the packet.
@@ -53,11 +77,11 @@ pub fn xdp<P: Packet>(pkt: &P, res: Result<Verdict, DropReason>, ifindex: u32, h
 
 #[inline(always)]
 fn drop_counted<P: Packet>(pkt: &P, reason: DropReason, ifindex: u32, hook: u8) {
-    count_drop(&DropKey {
+    account::dropped(&DropKey {
         ifindex,
         reason: reason as u8,
         hook,
         _pad: [0; 2],
     });
-    packet_event(pkt, EVENT_DROP, reason as u8, ifindex, hook);
+    events::dropped(pkt, reason as u8, ifindex, hook);
 }

@@ -1,0 +1,137 @@
+//! Monitor events: drops and security-group verdicts become `EVENTS`, as many as each CPU's
+//! token bucket allows; with the event rate 0 nothing is sent.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
+use ecsnet_common::{
+    flow::{EVENT_ALLOW, EVENT_DROP, Event, EventBudget},
+    net::{PROTO_TCP, PROTO_UDP},
+};
+
+use crate::{
+    maps::{EVENT_BUDGET, EVENTS, FLOW_STATE},
+    parse::{
+        ETH_HLEN, ETH_P_IP, FRAG_LATER, Headers, IPV4_MIN_HLEN, Ipv4Hdr, Packet, ethertype,
+        ipv4_frag, ipv4_hlen, l4_offset, ptr_at,
+    },
+};
+
+/// Takes one event's worth of credit from this CPU's bucket. None when the bucket is empty (the
+/// event is counted as suppressed) or events are off; else the number suppressed before it.
+#[inline(always)]
+fn take_credit() -> Option<(*mut EventBudget, u64)> {
+    let st = FLOW_STATE.get(0)?;
+    let cost = st.event_cost_ns;
+    if cost == 0 {
+        return None;
+    }
+    let b = EVENT_BUDGET.get_ptr_mut(0)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's value.
+    unsafe {
+        let mut credit = (*b).credit_ns + now.saturating_sub((*b).last_ns);
+        if credit > st.event_burst_ns {
+            credit = st.event_burst_ns;
+        }
+        (*b).last_ns = now;
+        if credit < cost {
+            (*b).credit_ns = credit;
+            (*b).suppressed += 1;
+            (*b).suppressed_total += 1;
+            return None;
+        }
+        (*b).credit_ns = credit - cost;
+        Some((b, (*b).suppressed))
+    }
+}
+
+/// Reserves room for one event if the bucket allows, and fills in its time and the count
+/// suppressed before it; the caller fills in the rest and submits.
+#[inline(always)]
+fn reserve(kind: u8, reason: u8, ifindex: u32, hook: u8, dir: u8) -> Option<RingBufEntry<Event>> {
+    let (b, suppressed) = take_credit()?;
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        // SAFETY: this CPU's bucket.
+        unsafe {
+            (*b).suppressed += 1;
+            (*b).suppressed_total += 1;
+        }
+        return None;
+    };
+    // SAFETY: this CPU's bucket.
+    unsafe { (*b).suppressed = 0 };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reservation is ours; every field is written here or by the caller, field
+    // by field, so no copy of the event takes stack.
+    unsafe {
+        (*e).ts_ns = bpf_ktime_get_ns();
+        (*e).suppressed = suppressed;
+        (*e).ifindex = ifindex;
+        (*e).saddr = 0;
+        (*e).daddr = 0;
+        (*e).sport = 0;
+        (*e).dport = 0;
+        (*e).proto = 0;
+        (*e).kind = kind;
+        (*e).reason = reason;
+        (*e).hook = hook;
+        (*e).dir = dir;
+        (*e)._pad = [0; 7];
+    }
+    Some(entry)
+}
+
+/// A security group allowed the new flow of packet `h` (already parsed) on `ifindex`, in the
+/// task's direction `dir`.
+#[inline(always)]
+pub fn allowed(h: &Headers, ifindex: u32, hook: u8, dir: u8) {
+    let Some(mut entry) = reserve(EVENT_ALLOW, 0, ifindex, hook, dir) else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: our reservation.
+    unsafe {
+        (*e).saddr = h.saddr;
+        (*e).daddr = h.daddr;
+        (*e).sport = h.sport;
+        (*e).dport = h.dport;
+        (*e).proto = h.proto;
+    }
+    entry.submit(0);
+}
+
+/// The packet in `pkt` was dropped for `reason` (a `DropReason` number). Its addresses and ports
+/// are read if they are in the linear data and the headers are sane (a drop may be for a
+/// malformed packet).
+#[inline(always)]
+pub fn dropped<P: Packet>(pkt: &P, reason: u8, ifindex: u32, hook: u8) {
+    let Some(mut entry) = reserve(EVENT_DROP, reason, ifindex, hook, 0) else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    if let Ok(ETH_P_IP) = ethertype(pkt)
+        && let Ok(ip) = ptr_at::<P, Ipv4Hdr>(pkt, ETH_HLEN)
+    {
+        // SAFETY: checked by ptr_at.
+        let (vhl, frag_off, proto) = unsafe {
+            (*e).saddr = (*ip).saddr;
+            (*e).daddr = (*ip).daddr;
+            (*e).proto = (*ip).protocol;
+            ((*ip).vhl, u16::from_be((*ip).frag_off), (*ip).protocol)
+        };
+        // What can be read is reported: the header length is checked, the version is not.
+        let ihl = ipv4_hlen(vhl);
+        let ports = proto == PROTO_TCP || proto == PROTO_UDP;
+        if ihl >= IPV4_MIN_HLEN
+            && ipv4_frag(frag_off) != FRAG_LATER
+            && ports
+            && let Ok(p) = ptr_at::<P, [u16; 2]>(pkt, l4_offset(ETH_HLEN, ihl))
+        {
+            // SAFETY: checked by ptr_at.
+            unsafe {
+                (*e).sport = (*p)[0];
+                (*e).dport = (*p)[1];
+            }
+        }
+    }
+    entry.submit(0);
+}

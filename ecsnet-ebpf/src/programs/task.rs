@@ -1,0 +1,236 @@
+//! Programs on a task interface (the host end of the task's veth pair). tc ingress sees what the
+//! task sends and forwards it itself (to another task, out of the uplink, into a published port);
+//! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
+//! the task's inbound rules, after the checks of `antispoof`; the IMDS block is here too.
+//! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped,
+//! and IPv6 of a task under a policy too, until IPv6 rules exist.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use ecsnet_common::{
+    DropReason,
+    flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
+    maps::{CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW},
+};
+
+use crate::{
+    account::{self, Sighting},
+    antispoof, clock, conntrack,
+    forward::{self, Origin, PktAddrs},
+    maps::PROGS,
+    parse::{Frame, Headers, headers, skb_ifindex, task_frame},
+    policy, tasks,
+    verdict::{self, Verdict},
+};
+
+/// Packets leaving the task.
+#[classifier]
+pub fn tc_task_ingress(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_from_task(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+}
+
+// Inlined: the tail call must be made from a function that returns an integer.
+#[inline(always)]
+fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    let (packets, bytes) = account::tc(ctx, ifindex, HOOK_TC_INGRESS);
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    let (task, mut h) = if let Some(fast) = antispoof::own_ipv4(ctx, ifindex) {
+        fast
+    } else {
+        let Some((own, task)) = tasks::by_iface(ifindex) else {
+            return Ok(Verdict::Pass);
+        };
+        let mac = antispoof::check_source_mac(ctx, task)?;
+        let group = match task_frame(ctx)? {
+            Frame::Arp => return antispoof::check_arp(ctx, own, mac),
+            // SAFETY: a TASKS value pointer, valid for this program run.
+            Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
+            Frame::Ipv4 { group } => group,
+        };
+        let h = headers(ctx)?;
+        if h.saddr != own {
+            return Err(DropReason::SpoofedSource);
+        }
+        if group {
+            // SAFETY: as above.
+            return group_from_task(&cfg, &h, unsafe { (*task).policy }, ifindex, packets, bytes);
+        }
+        (task, h)
+    };
+    clock::stamp();
+    if h.daddr == policy::IMDS && cfg.flags & CONFIG_BLOCK_IMDS != 0 {
+        account::record(
+            &Sighting::of(&h, ifindex, FLOW_EGRESS, ACTION_REJECT),
+            packets,
+            bytes,
+        );
+        return Err(DropReason::ImdsBlocked);
+    }
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let me = unsafe { *task };
+    let mut pkt = PktAddrs::of(&h);
+    let res = forward::packet(ctx, &cfg, &mut h, Origin::Task(me), &mut pkt, |_, _, _| {
+        // SAFETY: `tc_task_new_flow` takes the same context; it does not return on success.
+        unsafe { PROGS.tail_call(ctx, PROG_TASK_NEW_FLOW) };
+        Err(DropReason::TailCallFailed)
+    });
+    sent(&h, ifindex, res, &pkt, packets, bytes)
+}
+
+/// A packet from a task that opens a flow, tail-called by `tc_task_ingress` after all its
+/// checks (well-formed unicast IPv4 from the task on this interface, its own MAC and address,
+/// not to the blocked metadata address) and after it counted the packet: the new flow's
+/// security groups, translation and sending have this program's verifier budget to themselves.
+#[classifier]
+pub fn tc_task_new_flow(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_new_flow(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+}
+
+fn try_new_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    // tc_task_ingress found the host configured; if that ever changed in between, the flow
+    // fails closed rather than pass unchecked.
+    let Some(cfg) = forward::config() else {
+        return Err(DropReason::TailCallFailed);
+    };
+    let h = headers(ctx)?;
+    // Found again as tc_task_ingress found it (by address, or through the interface); anything
+    // else cannot come here, but would be dropped.
+    let task = match tasks::at(h.saddr, ifindex) {
+        Some(task) => task,
+        None => match tasks::by_iface(ifindex) {
+            Some((own, task)) if own == h.saddr => task,
+            _ => return Err(DropReason::SpoofedSource),
+        },
+    };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let me = unsafe { *task };
+    let Some(key) = conntrack::key_of(&h) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    clock::stamp();
+    let mut pkt = PktAddrs::of(&h);
+    let res = forward::open_flow(ctx, &cfg, &h, &key, Origin::Task(me), &mut pkt);
+    let (packets, bytes) = account::wire(ctx);
+    sent(&h, ifindex, res, &pkt, packets, bytes)
+}
+
+/// The flow record of what a task sent, as it left it (a packet a receiving task's rules drop
+/// still left), with the addresses it had on the uplink side; then the decision.
+#[inline(always)]
+fn sent(
+    h: &Headers,
+    ifindex: u32,
+    res: Result<Verdict, DropReason>,
+    pkt: &PktAddrs,
+    packets: u64,
+    bytes: u64,
+) -> Result<Verdict, DropReason> {
+    let Some(action) = verdict::action(&res, DropReason::SgEgress) else {
+        return res;
+    };
+    let mut seen = Sighting::of(h, ifindex, FLOW_EGRESS, action);
+    seen.pkt_saddr = pkt.saddr;
+    seen.pkt_daddr = pkt.daddr;
+    account::record(&seen, packets, bytes);
+    res
+}
+
+/// IPv6 on a task interface: today's kernel path for a task without a policy; for a task with
+/// one, nothing, until there are IPv6 rules to check it against.
+#[inline(always)]
+fn ipv6(policy: u32) -> Result<Verdict, DropReason> {
+    verdict::pass_or(policy == 0, DropReason::Ipv6Policed)
+}
+
+/// IPv4 a task sent to a broadcast or multicast MAC: only to a broadcast or multicast address,
+/// judged by the egress rules alone (nothing to track: replies come from other addresses), and
+/// left to the kernel.
+#[inline(always)]
+fn group_from_task(
+    cfg: &Config,
+    h: &Headers,
+    policy: u32,
+    ifindex: u32,
+    packets: u64,
+    bytes: u64,
+) -> Result<Verdict, DropReason> {
+    if !forward::is_group_addr(cfg, h.daddr) {
+        return Err(DropReason::UnicastInGroupMac);
+    }
+    clock::stamp();
+    let res = forward::unchecked_egress(h, policy);
+    let Some(action) = verdict::action(&res, DropReason::SgEgress) else {
+        return res;
+    };
+    account::record(
+        &Sighting::of(h, ifindex, FLOW_EGRESS, action),
+        packets,
+        bytes,
+    );
+    res
+}
+
+/// Packets delivered to the task by the kernel (the bridge path).
+#[classifier]
+pub fn tc_task_egress(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_to_task(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
+}
+
+fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    let (packets, bytes) = account::tc(ctx, ifindex, HOOK_TC_EGRESS);
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    let frame = task_frame(ctx);
+    let ipv4 = matches!(frame, Ok(Frame::Ipv4 { .. }));
+    // Parsed whatever the frame; used only when it is IPv4.
+    let parsed = headers(ctx);
+    // The common case with one lookup: addressed to the task on this interface. Anything else
+    // finds the interface's task through `IFACES`.
+    let fast = match &parsed {
+        Ok(h) if ipv4 => tasks::at(h.daddr, ifindex),
+        _ => None,
+    };
+    let task = match fast.or_else(|| tasks::by_iface(ifindex).map(|(_, task)| task)) {
+        // SAFETY: a TASKS value pointer, valid for this program run.
+        Some(task) => unsafe { *task },
+        None => return Ok(Verdict::Pass),
+    };
+    match frame? {
+        Frame::Arp => return Ok(Verdict::Pass),
+        Frame::Ipv6 => return ipv6(task.policy),
+        // Whatever the destination MAC: the ingress rules run on every IPv4 packet.
+        Frame::Ipv4 { .. } => {}
+    }
+    if task.policy == 0 {
+        // No rules to check: only the flow record, and a packet too malformed for one still
+        // goes on, as it would without ecsnet.
+        if let Ok(h) = parsed {
+            clock::stamp();
+            let seen = Sighting::of(&h, ifindex, FLOW_INGRESS, ACTION_ACCEPT);
+            account::record(&seen, packets, bytes);
+        }
+        return Ok(Verdict::Pass);
+    }
+    let mut h = parsed?;
+    clock::stamp();
+    let res = if forward::is_group_addr(&cfg, h.daddr) {
+        // Broadcast and multicast: the rules alone; nothing to track.
+        forward::unchecked_ingress(&h, task.policy)
+    } else {
+        forward::deliver(ctx, &mut h, task.policy, ifindex)
+    };
+    let Some(action) = verdict::action(&res, DropReason::SgIngress) else {
+        return res;
+    };
+    account::record(
+        &Sighting::of(&h, ifindex, FLOW_INGRESS, action),
+        packets,
+        bytes,
+    );
+    res
+}

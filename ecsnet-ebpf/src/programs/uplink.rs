@@ -1,0 +1,82 @@
+//! Programs on the uplink: XDP sees frames before an skb exists and drops new connections to
+//! published ports that the task's inbound rules reject (`early_drop`); tc ingress takes
+//! replies of tracked flows and new connections to published ports straight into the tasks;
+//! tc egress counts what leaves.
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use ecsnet_common::{
+    DropReason,
+    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
+};
+
+use crate::{
+    account, clock, early_drop,
+    forward::{self, Origin, PktAddrs},
+    parse::{headers, is_unicast_ipv4, skb_ifindex, xdp_ifindex},
+    verdict::{self, Verdict},
+};
+
+/// Frames arriving on the uplink, before the stack allocates an skb.
+#[xdp]
+pub fn xdp_uplink(ctx: XdpContext) -> u32 {
+    let ifindex = xdp_ifindex(&ctx);
+    verdict::xdp(&ctx, Ok(early(&ctx, ifindex)), ifindex, HOOK_XDP)
+}
+
+/// What XDP decides alone; it never fails: anything it cannot judge on its own (malformed,
+/// fragments, ...) is left to tc.
+fn early(ctx: &XdpContext, ifindex: u32) -> Verdict {
+    account::xdp(ctx, ifindex, HOOK_XDP);
+    let Some(cfg) = forward::config() else {
+        return Verdict::Pass;
+    };
+    if ifindex != cfg.uplink_ifindex {
+        return Verdict::Pass;
+    }
+    early_drop::check(ctx, &cfg).unwrap_or(Verdict::Pass)
+}
+
+/// Packets arriving on the uplink.
+#[classifier]
+pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(
+        &ctx,
+        try_from_uplink(&ctx, ifindex),
+        ifindex,
+        HOOK_TC_INGRESS,
+    )
+}
+
+fn try_from_uplink(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    account::tc(ctx, ifindex, HOOK_TC_INGRESS);
+    let Some(cfg) = forward::config() else {
+        return Ok(Verdict::Pass);
+    };
+    if ifindex != cfg.uplink_ifindex || !is_unicast_ipv4(ctx) {
+        return Ok(Verdict::Pass);
+    }
+    let mut h = headers(ctx)?;
+    clock::stamp();
+    let mut pkt = PktAddrs::of(&h);
+    forward::packet(
+        ctx,
+        &cfg,
+        &mut h,
+        Origin::Uplink,
+        &mut pkt,
+        |h, key, pkt| forward::open_flow(ctx, &cfg, h, key, Origin::Uplink, pkt),
+    )
+}
+
+/// Packets leaving through the uplink (the kernel's and ecsnet's redirects alike).
+#[classifier]
+pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    // Counted, never judged.
+    account::tc(&ctx, ifindex, HOOK_TC_EGRESS);
+    verdict::tc(&ctx, Ok(Verdict::Pass), ifindex, HOOK_TC_EGRESS)
+}

@@ -1,0 +1,37 @@
+//! The tasks of this host as the datapath finds them: by address (`TASKS`, written by
+//! `ecsnet apply`) and by the interface user space attached for them (`IFACES`).
+
+use ecsnet_common::maps::{ROLE_TASK, TaskInfo};
+
+use crate::maps::{IFACES, TASKS};
+
+/// The task with address `addr` (network byte order).
+#[inline(always)]
+pub fn by_addr(addr: u32) -> Option<TaskInfo> {
+    unsafe { TASKS.get(&addr) }.copied()
+}
+
+/// The task with address `addr` if its interface is `ifindex`: the common case, found with one
+/// lookup. The pointer is a `TASKS` value, valid for this program run.
+#[inline(always)]
+pub fn at(addr: u32, ifindex: u32) -> Option<*mut TaskInfo> {
+    let task = TASKS.get_ptr_mut(&addr)?;
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    if unsafe { (*task).ifindex } == ifindex {
+        Some(task)
+    } else {
+        None
+    }
+}
+
+/// The task whose interface is `ifindex`, as user space attached it: its address and its
+/// `TASKS` value (valid for this program run). None for an interface that is no task's.
+#[inline(always)]
+pub fn by_iface(ifindex: u32) -> Option<(u32, *mut TaskInfo)> {
+    let iface = unsafe { IFACES.get(&ifindex) }?;
+    if iface.role != ROLE_TASK {
+        return None;
+    }
+    let task = TASKS.get_ptr_mut(&iface.ipv4)?;
+    Some((iface.ipv4, task))
+}
