@@ -42,7 +42,7 @@ const TC_PROGRAMS: [&str; 5] = [
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The datapath object, built by build.rs; also loaded by the `BPF_PROG_TEST_RUN` tests.
-pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet"));
+pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
