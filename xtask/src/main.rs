@@ -127,8 +127,6 @@ fn lint() -> anyhow::Result<()> {
             "clippy",
             "--package",
             "ecsnet-ebpf",
-            "--bin",
-            "ecsnet",
             "--target",
             "bpfel-unknown-none",
             "-Z",
