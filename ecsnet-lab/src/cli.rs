@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use ecsnet::cli::edge::{Globals, print_json};
 
 use crate::{
     bench::{self, loadgen},
@@ -18,12 +19,8 @@ use crate::{
     about = "ecsnet's developer tooling: the bridge-mode lab and the benchmark (not shipped)"
 )]
 pub struct Cli {
-    /// Run inside this named network namespace (entered with setns).
-    #[arg(long, global = true)]
-    pub netns: Option<String>,
-    /// More log output (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    #[command(flatten)]
+    pub globals: Globals,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -241,25 +238,10 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     1
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("output serializes")
-    );
-}
-
 /// Runs one command. `--netns` is entered first, while the process has a single thread.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(
-        match cli.verbose {
-            0 => "warn",
-            1 => "info",
-            _ => "debug",
-        },
-    ))
-    .format_target(false)
-    .try_init();
-    if let Some(ns) = &cli.netns {
+    cli.globals.init_logging(false);
+    if let Some(ns) = &cli.globals.netns {
         ecsnet::host::netns::enter(ns)?;
     }
     match cli.cmd {
