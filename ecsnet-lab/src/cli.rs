@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use ecsnet::cli::edge::{Globals, print_json};
+use ecsnet::cli::edge::{Globals, print_json_or};
 
 use crate::{
     bench::{self, loadgen},
@@ -268,11 +268,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
                 ..base
             };
             let r = bench::run(&o, b.quick)?;
-            if b.json {
-                print_json(&r);
-            } else {
-                print!("{}", bench::render(&r));
-            }
+            print_json_or(b.json, &r, bench::render);
         }
         Some(BenchCmd::FlowLogs {
             rounds,
@@ -282,11 +278,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             json,
         }) => {
             let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
-            if json {
-                print_json(&b);
-            } else {
-                print!("{}", bench::render_flow_logs(&b));
-            }
+            print_json_or(json, &b, bench::render_flow_logs);
         }
         Some(BenchCmd::Serve {
             rr_port,
@@ -329,11 +321,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             json,
         }) => {
             let c = progcost::policy_cost(rules, groups, repeat, rounds)?;
-            if json {
-                print_json(&c);
-            } else {
-                print!("{}", progcost::render(&c));
-            }
+            print_json_or(json, &c, progcost::render);
         }
     }
     Ok(())
@@ -359,11 +347,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
                 ceiling,
                 ..LabSpec::default()
             })?;
-            if json {
-                print_json(&status);
-            } else {
-                print!("{}", lab::render(&status));
-            }
+            print_json_or(json, &status, lab::render);
         }
         LabCmd::Down { name } => {
             let r = lab::down(&name)?;
@@ -380,11 +364,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
         }
         LabCmd::Status { name, json } => {
             let s = lab::status(&name)?;
-            if json {
-                print_json(&s);
-            } else {
-                print!("{}", lab::render(&s));
-            }
+            print_json_or(json, &s, lab::render);
         }
         LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
         LabCmd::Probe {

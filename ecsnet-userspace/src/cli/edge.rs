@@ -43,11 +43,24 @@ impl Globals {
 }
 
 /// Prints `v` as pretty JSON on stdout.
-pub fn print_json<T: serde::Serialize>(v: &T) {
+pub fn print_json<T: serde::Serialize + ?Sized>(v: &T) {
     println!(
         "{}",
         serde_json::to_string_pretty(v).expect("output serializes")
     );
+}
+
+/// Prints a command's result: pretty JSON with `--json`, else the text `render` makes of it.
+pub fn print_json_or<T: serde::Serialize + ?Sized>(
+    json: bool,
+    v: &T,
+    render: impl FnOnce(&T) -> String,
+) {
+    if json {
+        print_json(v);
+    } else {
+        print!("{}", render(v));
+    }
 }
 
 /// Parses `C`, runs it with `run` and exits; `help` names the binary whose `--help` to see.

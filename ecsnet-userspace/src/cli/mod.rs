@@ -14,7 +14,7 @@ mod tooling;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use edge::print_json;
+use edge::{print_json, print_json_or};
 
 use crate::{
     agent::stats::StatsError,
