@@ -8,7 +8,7 @@ mod flows;
 mod instance;
 mod observe;
 mod sg;
-pub mod task;
+pub(crate) mod task;
 mod tooling;
 
 use std::path::PathBuf;
