@@ -108,31 +108,21 @@ pub enum BenchCmd {
     /// Request/response latency on one TCP connection (JSON).
     #[command(hide = true)]
     Rr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        seconds: u64,
+        #[command(flatten)]
+        client: loadgen::Client,
         #[arg(long, default_value_t = 64)]
         size: usize,
         /// Run on this CPU only.
         #[arg(long)]
         cpu: Option<usize>,
-        /// TCP congestion control of the connection.
-        #[arg(long)]
-        congestion: Option<String>,
     },
     /// New connections per second, one round trip each (JSON).
     #[command(hide = true)]
     Crr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        seconds: u64,
+        #[command(flatten)]
+        client: loadgen::Client,
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// TCP congestion control of the connections.
-        #[arg(long)]
-        congestion: Option<String>,
     },
     /// Cost of a policy check with 1 rule and with many, from `BPF_PROG_TEST_RUN`.
     PolicyCost {
@@ -291,26 +281,15 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             }
             loadgen::serve(rr_port, crr_port, congestion.as_deref())?;
         }
-        Some(BenchCmd::Rr {
-            to,
-            seconds,
-            size,
-            cpu,
-            congestion,
-        }) => {
+        Some(BenchCmd::Rr { client, size, cpu }) => {
             if let Some(cpu) = cpu {
                 loadgen::pin_to(cpu)?;
             }
-            let r = loadgen::rr(to, seconds, size, congestion.as_deref())?;
+            let r = loadgen::rr(&client, size)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Some(BenchCmd::Crr {
-            to,
-            seconds,
-            threads,
-            congestion,
-        }) => {
-            let r = loadgen::crr(to, seconds, threads, congestion.as_deref())?;
+        Some(BenchCmd::Crr { client, threads }) => {
+            let r = loadgen::crr(&client, threads)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Some(BenchCmd::PolicyCost {
