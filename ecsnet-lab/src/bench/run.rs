@@ -194,8 +194,8 @@ fn measure(
     samples: &mut Samples,
 ) -> Result<(), BenchError> {
     let (ns, target) = rig.endpoints(mode, path);
-    // `bench rr|crr ARGS... MORE...` against `port` of the target.
-    let client_args = |command: &str, port: u16, more: &[String]| -> Vec<String> {
+    // `bench rr|crr`, the client's arguments and `extra`, against `port` of the target.
+    let client_args = |command: &str, port: u16, extra: &[String]| -> Vec<String> {
         let client = loadgen::Client {
             to: SocketAddr::from((target, port)),
             seconds: o.seconds,
@@ -205,7 +205,7 @@ fn measure(
             .map(str::to_owned)
             .into_iter()
             .chain(client.args())
-            .chain(more.iter().cloned())
+            .chain(extra.iter().cloned())
             .collect()
     };
     match probe {
@@ -223,19 +223,19 @@ fn measure(
             samples.push((Metric::UdpSmall, path, scale, None), mode, pps);
         }
         Probe::Rr => {
-            let more = [
+            let extra = [
                 "--size".into(),
                 "64".into(),
                 "--cpu".into(),
                 RR_CPU.to_string(),
             ];
-            let args = client_args("rr", RR_PORT, &more);
+            let args = client_args("rr", RR_PORT, &extra);
             let r: RrResult = rig.labs.tool_json(&ns, &strs(&args))?;
             samples.push_rr(path, scale, mode, &r);
         }
         Probe::Crr => {
-            let more = ["--threads".into(), o.crr_threads.to_string()];
-            let args = client_args("crr", CRR_PORT, &more);
+            let extra = ["--threads".into(), o.crr_threads.to_string()];
+            let args = client_args("crr", CRR_PORT, &extra);
             let r: CrrResult = rig.labs.tool_json(&ns, &strs(&args))?;
             *samples.conn_failures.entry(mode).or_default() += r.failures;
             samples.push((Metric::ConnRate, path, scale, None), mode, r.per_second);
