@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use ecsnet::cli::edge::{Globals, print_json_or};
 
 use crate::{
     bench::{self, loadgen},
@@ -18,12 +19,8 @@ use crate::{
     about = "ecsnet's developer tooling: the bridge-mode lab and the benchmark (not shipped)"
 )]
 pub struct Cli {
-    /// Run inside this named network namespace (entered with setns).
-    #[arg(long, global = true)]
-    pub netns: Option<String>,
-    /// More log output (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    #[command(flatten)]
+    pub globals: Globals,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -111,31 +108,21 @@ pub enum BenchCmd {
     /// Request/response latency on one TCP connection (JSON).
     #[command(hide = true)]
     Rr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        seconds: u64,
+        #[command(flatten)]
+        client: loadgen::Client,
         #[arg(long, default_value_t = 64)]
         size: usize,
         /// Run on this CPU only.
         #[arg(long)]
         cpu: Option<usize>,
-        /// TCP congestion control of the connection.
-        #[arg(long)]
-        congestion: Option<String>,
     },
     /// New connections per second, one round trip each (JSON).
     #[command(hide = true)]
     Crr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        seconds: u64,
+        #[command(flatten)]
+        client: loadgen::Client,
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// TCP congestion control of the connections.
-        #[arg(long)]
-        congestion: Option<String>,
     },
     /// Cost of a policy check with 1 rule and with many, from `BPF_PROG_TEST_RUN`.
     PolicyCost {
@@ -241,25 +228,10 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     1
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("output serializes")
-    );
-}
-
 /// Runs one command. `--netns` is entered first, while the process has a single thread.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(
-        match cli.verbose {
-            0 => "warn",
-            1 => "info",
-            _ => "debug",
-        },
-    ))
-    .format_target(false)
-    .try_init();
-    if let Some(ns) = &cli.netns {
+    cli.globals.init_logging(false);
+    if let Some(ns) = &cli.globals.netns {
         ecsnet::host::netns::enter(ns)?;
     }
     match cli.cmd {
@@ -286,11 +258,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
                 ..base
             };
             let r = bench::run(&o, b.quick)?;
-            if b.json {
-                print_json(&r);
-            } else {
-                print!("{}", bench::render(&r));
-            }
+            print_json_or(b.json, &r, bench::render);
         }
         Some(BenchCmd::FlowLogs {
             rounds,
@@ -300,11 +268,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             json,
         }) => {
             let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
-            if json {
-                print_json(&b);
-            } else {
-                print!("{}", bench::render_flow_logs(&b));
-            }
+            print_json_or(json, &b, bench::render_flow_logs);
         }
         Some(BenchCmd::Serve {
             rr_port,
@@ -317,26 +281,15 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             }
             loadgen::serve(rr_port, crr_port, congestion.as_deref())?;
         }
-        Some(BenchCmd::Rr {
-            to,
-            seconds,
-            size,
-            cpu,
-            congestion,
-        }) => {
+        Some(BenchCmd::Rr { client, size, cpu }) => {
             if let Some(cpu) = cpu {
                 loadgen::pin_to(cpu)?;
             }
-            let r = loadgen::rr(to, seconds, size, congestion.as_deref())?;
+            let r = loadgen::rr(&client, size)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Some(BenchCmd::Crr {
-            to,
-            seconds,
-            threads,
-            congestion,
-        }) => {
-            let r = loadgen::crr(to, seconds, threads, congestion.as_deref())?;
+        Some(BenchCmd::Crr { client, threads }) => {
+            let r = loadgen::crr(&client, threads)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Some(BenchCmd::PolicyCost {
@@ -347,11 +300,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             json,
         }) => {
             let c = progcost::policy_cost(rules, groups, repeat, rounds)?;
-            if json {
-                print_json(&c);
-            } else {
-                print!("{}", progcost::render(&c));
-            }
+            print_json_or(json, &c, progcost::render);
         }
     }
     Ok(())
@@ -377,11 +326,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
                 ceiling,
                 ..LabSpec::default()
             })?;
-            if json {
-                print_json(&status);
-            } else {
-                print!("{}", lab::render(&status));
-            }
+            print_json_or(json, &status, lab::render);
         }
         LabCmd::Down { name } => {
             let r = lab::down(&name)?;
@@ -398,11 +343,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
         }
         LabCmd::Status { name, json } => {
             let s = lab::status(&name)?;
-            if json {
-                print_json(&s);
-            } else {
-                print!("{}", lab::render(&s));
-            }
+            print_json_or(json, &s, lab::render);
         }
         LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
         LabCmd::Probe {

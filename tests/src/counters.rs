@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Stats, ns_exec};
+use crate::{Stats, kernel_counters};
 
 /// Every drop counter of a stats snapshot, as "taskN REASON" and "uplink REASON".
 pub fn drops(s: &Stats) -> BTreeMap<String, u64> {
@@ -43,26 +43,8 @@ pub fn flows(s: &Stats, kind: &str) -> u64 {
 /// as "Proto.Field" (e.g. "Ip.ReasmOKs", "IpExt.InOctets").
 pub fn proc_net(ns: &str, files: &[&str]) -> HashMap<String, u64> {
     let paths: Vec<String> = files.iter().map(|f| format!("/proc/net/{f}")).collect();
-    let mut args = vec!["cat"];
-    args.extend(paths.iter().map(String::as_str));
-    let text = ns_exec(ns, &args);
-    let lines: Vec<&str> = text.lines().collect();
-    let mut out = HashMap::new();
-    // Each protocol is two lines: "Proto: names..." and "Proto: values...".
-    for pair in lines.chunks(2) {
-        let [names, values] = pair else { continue };
-        let (Some((proto, names)), Some((_, values))) =
-            (names.split_once(':'), values.split_once(':'))
-        else {
-            continue;
-        };
-        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-            if let Ok(v) = v.parse() {
-                out.insert(format!("{proto}.{n}"), v);
-            }
-        }
-    }
-    out
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    kernel_counters(ns, &paths)
 }
 
 /// Reads `read` every `every` until `done` accepts a reading or `timeout` has passed: the last

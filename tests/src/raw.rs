@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::libc;
+use nix::{
+    libc,
+    sys::socket::{setsockopt, sockopt},
+};
 
 use crate::{in_netns, ns_exec};
 
@@ -20,25 +23,18 @@ pub type Mac = [u8; 6];
 
 pub const BROADCAST: Mac = [0xff; 6];
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
-/// IEEE's "local experimental" `EtherType`: nothing on a host handles it.
-pub const ETH_P_LOCAL_EXPERIMENTAL: u16 = 0x88b5;
+pub use ecsnet_common::ct::{
+    PROTO_TCP as IPPROTO_TCP, PROTO_UDP as IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
+pub use ecsnet_lab::fixture::packet::{
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_LOCAL_EXPERIMENTAL,
+};
+
 const ETH_P_ALL: u16 = 0x0003;
 /// Shortest Ethernet frame without its FCS, in bytes.
 pub const ETH_MIN_LEN: usize = 60;
 
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
 
 pub const ARP_REQUEST: u16 = 1;
 pub const ARP_REPLY: u16 = 2;
@@ -410,14 +406,7 @@ impl PacketSocket {
                     return Err(io::Error::last_os_error());
                 }
                 // Room for every frame of a test (root may exceed rmem_max); best effort.
-                let rcvbuf: libc::c_int = 8 << 20;
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&raw const rcvbuf).cast(),
-                    addr_len::<libc::c_int>(),
-                );
+                let _ = setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20));
                 let mut sll: libc::sockaddr_ll = std::mem::zeroed();
                 sll.sll_family = family(libc::AF_PACKET);
                 sll.sll_protocol = ETH_P_ALL.to_be();

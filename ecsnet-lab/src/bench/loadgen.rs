@@ -130,12 +130,41 @@ fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStr
     Ok(s)
 }
 
-/// A client runs at least a second, with at least one byte (rr) or thread (crr).
-fn at_least_one(seconds: u64, count: usize) -> Result<(), LoadError> {
-    if seconds == 0 || count == 0 {
-        return Err(LoadError::Usage);
+/// A client's server, run length and congestion control: the arguments `bench rr` and `bench
+/// crr` share, parsed by the CLI and written by the benchmark that runs them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Client {
+    #[arg(long)]
+    pub to: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    pub seconds: u64,
+    /// TCP congestion control of the client's connections.
+    #[arg(long)]
+    pub congestion: Option<String>,
+}
+
+impl Client {
+    /// The same as command-line arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--to".to_owned(),
+            self.to.to_string(),
+            "--seconds".to_owned(),
+            self.seconds.to_string(),
+        ];
+        if let Some(cc) = &self.congestion {
+            args.extend(["--congestion".to_owned(), cc.clone()]);
+        }
+        args
     }
-    Ok(())
+
+    /// A client runs at least a second, with at least one byte (rr) or thread (crr).
+    fn at_least_one(&self, count: usize) -> Result<(), LoadError> {
+        if self.seconds == 0 || count == 0 {
+            return Err(LoadError::Usage);
+        }
+        Ok(())
+    }
 }
 
 /// Round trips not recorded at the start: the first ones pay for cold caches and ARP.
@@ -143,15 +172,11 @@ const WARM_UP: u32 = 200;
 
 /// Request/response on one TCP connection to `addr` for `seconds`: `size` bytes out, the same
 /// back, one at a time; every round trip goes into the histogram.
-pub fn rr(
-    addr: SocketAddr,
-    seconds: u64,
-    size: usize,
-    congestion: Option<&str>,
-) -> Result<RrResult, LoadError> {
-    at_least_one(seconds, size)?;
+pub fn rr(client: &Client, size: usize) -> Result<RrResult, LoadError> {
+    client.at_least_one(size)?;
+    let addr = client.to;
     let io = |source| LoadError::Io { addr, source };
-    let mut s = connect(addr, congestion).map_err(io)?;
+    let mut s = connect(addr, client.congestion.as_deref()).map_err(io)?;
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let mut round_trip = |s: &mut TcpStream| -> Result<u64, LoadError> {
@@ -169,7 +194,7 @@ pub fn rr(
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .expect("constant histogram bounds are valid");
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(seconds);
+    let deadline = start + Duration::from_secs(client.seconds);
     while Instant::now() < deadline {
         let ns = round_trip(&mut s)?;
         h.saturating_record(ns.max(1));
@@ -201,18 +226,13 @@ pub struct CrrResult {
 /// cannot run out of client ports, and both Docker's conntrack and ecsnet's see a reset flow
 /// (10 s) rather than a closed one (120 s, 30 s) that would fill their tables during a long
 /// benchmark.
-pub fn crr(
-    addr: SocketAddr,
-    seconds: u64,
-    threads: usize,
-    congestion: Option<&str>,
-) -> Result<CrrResult, LoadError> {
-    at_least_one(seconds, threads)?;
+pub fn crr(client: &Client, threads: usize) -> Result<CrrResult, LoadError> {
+    client.at_least_one(threads)?;
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(seconds);
+    let deadline = start + Duration::from_secs(client.seconds);
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let cc = congestion.map(str::to_owned);
+            let (addr, cc) = (client.to, client.congestion.clone());
             std::thread::spawn(move || crr_loop(addr, deadline, cc.as_deref()))
         })
         .collect();
@@ -274,8 +294,13 @@ mod tests {
     #[test]
     fn zero_seconds_size_or_threads_is_a_usage_error() {
         let addr: SocketAddr = ([192, 0, 2, 1], 9).into();
-        assert!(matches!(rr(addr, 0, 64, None), Err(LoadError::Usage)));
-        assert!(matches!(rr(addr, 1, 0, None), Err(LoadError::Usage)));
-        assert!(matches!(crr(addr, 1, 0, None), Err(LoadError::Usage)));
+        let client = |seconds| Client {
+            to: addr,
+            seconds,
+            congestion: None,
+        };
+        assert!(matches!(rr(&client(0), 64), Err(LoadError::Usage)));
+        assert!(matches!(rr(&client(1), 0), Err(LoadError::Usage)));
+        assert!(matches!(crr(&client(1), 0), Err(LoadError::Usage)));
     }
 }

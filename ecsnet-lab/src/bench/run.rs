@@ -16,7 +16,7 @@ use ecsnet::{
 
 use super::{
     BenchError, BenchOptions,
-    loadgen::{CrrResult, RrResult},
+    loadgen::{self, CrrResult, RrResult},
     plan::{BenchPath, Metric, Mode, Phase, Probe, Step, plan},
     preflight,
     report::{BenchReport, Key, rows, svg, targets},
@@ -179,6 +179,10 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
     Ok(report)
 }
 
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// One step's tool run, its samples appended.
 fn measure(
     rig: &Rig,
@@ -190,7 +194,20 @@ fn measure(
     samples: &mut Samples,
 ) -> Result<(), BenchError> {
     let (ns, target) = rig.endpoints(mode, path);
-    let secs = o.seconds.to_string();
+    // `bench rr|crr`, the client's arguments and `extra`, against `port` of the target.
+    let client_args = |command: &str, port: u16, extra: &[String]| -> Vec<String> {
+        let client = loadgen::Client {
+            to: SocketAddr::from((target, port)),
+            seconds: o.seconds,
+            congestion: Some(o.congestion.clone()),
+        };
+        ["bench", command]
+            .map(str::to_owned)
+            .into_iter()
+            .chain(client.args())
+            .chain(extra.iter().cloned())
+            .collect()
+    };
     match probe {
         Probe::Tcp(streams) => {
             let m = if streams == 1 {
@@ -206,44 +223,20 @@ fn measure(
             samples.push((Metric::UdpSmall, path, scale, None), mode, pps);
         }
         Probe::Rr => {
-            let to = SocketAddr::from((target, RR_PORT)).to_string();
-            let r: RrResult = rig.labs.tool_json(
-                &ns,
-                &[
-                    "bench",
-                    "rr",
-                    "--to",
-                    &to,
-                    "--seconds",
-                    &secs,
-                    "--size",
-                    "64",
-                    "--cpu",
-                    &RR_CPU.to_string(),
-                    "--congestion",
-                    &o.congestion,
-                ],
-            )?;
+            let extra = [
+                "--size".into(),
+                "64".into(),
+                "--cpu".into(),
+                RR_CPU.to_string(),
+            ];
+            let args = client_args("rr", RR_PORT, &extra);
+            let r: RrResult = rig.labs.tool_json(&ns, &strs(&args))?;
             samples.push_rr(path, scale, mode, &r);
         }
         Probe::Crr => {
-            let to = SocketAddr::from((target, CRR_PORT)).to_string();
-            let threads = o.crr_threads.to_string();
-            let r: CrrResult = rig.labs.tool_json(
-                &ns,
-                &[
-                    "bench",
-                    "crr",
-                    "--to",
-                    &to,
-                    "--seconds",
-                    &secs,
-                    "--threads",
-                    &threads,
-                    "--congestion",
-                    &o.congestion,
-                ],
-            )?;
+            let extra = ["--threads".into(), o.crr_threads.to_string()];
+            let args = client_args("crr", CRR_PORT, &extra);
+            let r: CrrResult = rig.labs.tool_json(&ns, &strs(&args))?;
             *samples.conn_failures.entry(mode).or_default() += r.failures;
             samples.push((Metric::ConnRate, path, scale, None), mode, r.per_second);
         }

@@ -5,10 +5,10 @@
 //! no number of connections starves the threads or fills the log. The datapath does not depend
 //! on it: it can be killed at any time and started again with `ecsnet up`.
 
-pub mod conns;
+pub(crate) mod conns;
 pub mod control;
 pub mod metrics;
-pub mod monitor;
+pub(crate) mod monitor;
 pub mod stats;
 
 use conns::{Counters, RateLimited, Slots};

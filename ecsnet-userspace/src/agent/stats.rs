@@ -8,32 +8,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     flowlog,
-    kernel::maps::{self, Count, MapsError},
+    kernel::maps::{self, Count},
     store::{
         directory::{Directory, DirectoryError},
-        files::{self, StoreError},
+        files,
         paths::InstancePaths,
     },
 };
 
-/// Why the counters could not be read: the instance is not up, or a file or map is unreadable.
-#[derive(Debug, thiserror::Error)]
-pub enum StatsError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Maps(#[from] MapsError),
-}
-
-impl StatsError {
-    /// 2 for an instance that is not up (bad usage), 1 for anything else.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Self::Store(e) => e.exit_code(),
-            Self::Maps(_) => 1,
-        }
-    }
-}
+/// Why the counters could not be read: what keeps the directory from loading, a run file or a
+/// pinned map.
+pub type StatsError = DirectoryError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -226,10 +211,7 @@ pub fn reason_name(n: u8) -> String {
 /// Reads the counters of an instance.
 pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
     let meta = files::require_up(paths)?;
-    let dir = Directory::load(paths).map_err(|e| match e {
-        DirectoryError::State(e) => StatsError::Store(e),
-        DirectoryError::Ifaces(e) => StatsError::Maps(e),
-    })?;
+    let dir = Directory::load(paths)?;
     let counts = maps::read_counts(paths)?;
     let drops = maps::read_drops(paths)?;
     let drops_of = |ifindex: u32| -> BTreeMap<String, u64> {

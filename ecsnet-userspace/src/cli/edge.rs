@@ -1,8 +1,67 @@
-//! A binary's edge: parse the command line, run, and turn any error into one line on stderr
-//! and an exit code (0 ok, 1 runtime failure, 2 bad usage or bad input). `ecsnet` uses it, and
-//! `ecsnet-lab` can, so both speak the same way.
+//! A binary's edge: the global flags, parse the command line, run, and turn any error into one
+//! line on stderr and an exit code (0 ok, 1 runtime failure, 2 bad usage or bad input). `ecsnet`
+//! and `ecsnet-lab` both use it, so both speak the same way.
 
 use clap::{Parser, error::ErrorKind};
+
+// The flags every command of `ecsnet` and `ecsnet-lab` takes (`ecsnet lab|bench` hands them on).
+// A plain comment: a doc comment here would become the binaries' `about`.
+#[derive(Debug, clap::Args)]
+pub struct Globals {
+    /// Operate inside this named network namespace (entered with setns).
+    #[arg(long, global = true)]
+    pub netns: Option<String>,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Globals {
+    /// Logs warnings, with one `-v` (or in the agent) information, with more debugging.
+    pub fn init_logging(&self, agent: bool) {
+        let default = match (self.verbose, agent) {
+            (0, false) => "warn",
+            (0, true) | (1, _) => "info",
+            _ => "debug",
+        };
+        let _ =
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+                .format_target(false)
+                .try_init();
+    }
+
+    /// The same flags as arguments, for a binary this one runs.
+    pub fn args(&self) -> Vec<String> {
+        let netns = self
+            .netns
+            .iter()
+            .flat_map(|ns| ["--netns".to_owned(), ns.clone()]);
+        netns
+            .chain(std::iter::repeat_n("-v".to_owned(), self.verbose.into()))
+            .collect()
+    }
+}
+
+/// Prints `v` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize + ?Sized>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("output serializes")
+    );
+}
+
+/// Prints a command's result: pretty JSON with `--json`, else the text `render` makes of it.
+pub fn print_json_or<T: serde::Serialize + ?Sized>(
+    json: bool,
+    v: &T,
+    render: impl FnOnce(&T) -> String,
+) {
+    if json {
+        print_json(v);
+    } else {
+        print!("{}", render(v));
+    }
+}
 
 /// Parses `C`, runs it with `run` and exits; `help` names the binary whose `--help` to see.
 pub fn main<C: Parser>(

@@ -8,12 +8,13 @@ mod flows;
 mod instance;
 mod observe;
 mod sg;
-pub mod task;
+pub(crate) mod task;
 mod tooling;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use edge::{print_json, print_json_or};
 
 use crate::{
     agent::stats::StatsError,
@@ -36,12 +37,8 @@ pub struct Cli {
     /// Name of this copy of ecsnet; several can run on one machine.
     #[arg(long, global = true, default_value = "default", value_parser = instance_name)]
     pub instance: String,
-    /// Operate inside this named network namespace (entered with setns).
-    #[arg(long, global = true)]
-    pub netns: Option<String>,
-    /// More log output (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    #[command(flatten)]
+    pub globals: edge::Globals,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -153,24 +150,6 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     1
 }
 
-fn init_logging(verbose: u8, agent: bool) {
-    let default = match (verbose, agent) {
-        (0, false) => "warn",
-        (0, true) | (1, _) => "info",
-        _ => "debug",
-    };
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-        .format_target(false)
-        .try_init();
-}
-
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("output serializes")
-    );
-}
-
 /// Runs one command. `--netns` is entered first, while the process has a single thread.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let runs_agent = match &cli.cmd {
@@ -178,16 +157,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Up(a) => a.foreground,
         _ => false,
     };
-    init_logging(cli.verbose, runs_agent);
+    cli.globals.init_logging(runs_agent);
     match &cli.cmd {
-        Cmd::Lab { args } => return Err(tooling::run("lab", &cli, args)),
-        Cmd::Bench { args } => return Err(tooling::run("bench", &cli, args)),
+        Cmd::Lab { args } => return Err(tooling::run("lab", &cli.globals, args)),
+        Cmd::Bench { args } => return Err(tooling::run("bench", &cli.globals, args)),
         _ => {}
     }
     let paths = InstancePaths::new(&cli.instance);
     // Instance commands follow the instance, without --netns, to where `up` ran (also `up`
     // after a crash).
-    let netns = cli.netns.clone().or_else(|| {
+    let netns = cli.globals.netns.clone().or_else(|| {
         files::read_meta(&paths)
             .ok()
             .flatten()

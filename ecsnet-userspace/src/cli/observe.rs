@@ -3,17 +3,13 @@
 
 use crate::{
     agent::{monitor, stats},
-    cli::print_json,
+    cli::print_json_or,
     store::{files, paths::InstancePaths},
 };
 
 pub fn stats(paths: &InstancePaths, json: bool) -> anyhow::Result<()> {
     let s = stats::stats(paths)?;
-    if json {
-        print_json(&s);
-    } else {
-        print!("{}", stats::render(&s));
-    }
+    print_json_or(json, &s, stats::render);
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 use clap::Subcommand;
 
 use crate::{
-    cli::{UsageError, print_json},
+    cli::{UsageError, print_json_or},
     instance,
     state::{PortMapping, Protocol, State, Task},
     store::{files, paths::InstancePaths},
@@ -94,11 +94,7 @@ pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
         }
         TaskCmd::Ls { json } => {
             let s = current_state(paths)?;
-            if json {
-                print_json(&s.tasks);
-            } else {
-                print!("{}", table(&s.tasks));
-            }
+            print_json_or(json, &s.tasks[..], table);
             Ok(())
         }
     }

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 
-use crate::cli::Cli;
+use crate::cli::edge::Globals;
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -16,7 +16,7 @@ pub struct NoTooling {
 
 /// Hands `ecsnet lab|bench ARGS` to the `ecsnet-lab` binary, as git and cargo run external
 /// subcommands: the one next to this executable, else the first on PATH. Only returns on failure.
-pub fn run(command: &'static str, cli: &Cli, args: &[OsString]) -> anyhow::Error {
+pub fn run(command: &'static str, globals: &Globals, args: &[OsString]) -> anyhow::Error {
     use std::os::unix::process::CommandExt as _;
     let beside = std::env::current_exe()
         .ok()
@@ -25,13 +25,10 @@ pub fn run(command: &'static str, cli: &Cli, args: &[OsString]) -> anyhow::Error
     let Some(tool) = beside.or_else(|| which::which("ecsnet-lab").ok()) else {
         return NoTooling { command }.into();
     };
-    let mut cmd = std::process::Command::new(&tool);
-    if let Some(ns) = &cli.netns {
-        cmd.args(["--netns", ns]);
-    }
-    for _ in 0..cli.verbose {
-        cmd.arg("-v");
-    }
-    let err = cmd.arg(command).args(args).exec();
+    let err = std::process::Command::new(&tool)
+        .args(globals.args())
+        .arg(command)
+        .args(args)
+        .exec();
     anyhow::Error::new(err).context(format!("cannot run {}", tool.display()))
 }

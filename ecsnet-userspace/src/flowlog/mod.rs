@@ -5,12 +5,12 @@
 //! once, whenever the agent is killed. With flow logs off the datapath counts nothing and no
 //! window is ever closed.
 
-pub mod export;
-pub mod filter;
-pub mod format;
+pub(crate) mod export;
+pub(crate) mod filter;
+pub(crate) mod format;
 mod journal;
 pub mod records;
-pub mod tail;
+pub(crate) mod tail;
 
 /// ecsnet-lab's progcost reads the datapath clock here; its home is `crate::clock`.
 use crate::clock::monotonic_ns;

@@ -8,6 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::sys::{
+    socket::{setsockopt, sockopt},
+    time::TimeVal,
+};
+
 const ETH_P_ARP: u16 = 0x0806;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,19 +116,12 @@ pub fn resolve(
         if left.is_zero() {
             break;
         }
-        let tv = libc::timeval {
-            tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_usec: libc::suseconds_t::from(left.subsec_micros().max(1)),
-        };
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                socklen::<libc::timeval>(),
-            )
-        };
+        let tv = TimeVal::new(
+            libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+            libc::suseconds_t::from(left.subsec_micros().max(1)),
+        );
+        // Best effort, as before: a failed set leaves the recv blocking until a reply.
+        let _ = setsockopt(&fd, sockopt::ReceiveTimeout, &tv);
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         // Negative: the wait is over (or the socket failed); what came is all there is.
         let Ok(n) = usize::try_from(n) else {

@@ -1,6 +1,6 @@
 //! The live host as ecsnet reads it: links, addresses, neighbours and routes (`netlink`),
 //! ARP probes (`arp`) and named network namespaces (`netns`).
 
-pub mod arp;
-pub mod netlink;
+pub(crate) mod arp;
+pub(crate) mod netlink;
 pub mod netns;

@@ -43,7 +43,7 @@ pub struct Link {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr {
     pub index: u32,
-    pub addr: Ipv4Addr,
+    pub ip: Ipv4Addr,
     pub prefix: u8,
 }
 
@@ -115,7 +115,7 @@ fn addrs(msg: &AddressMessage) -> impl Iterator<Item = Addr> + '_ {
             AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) => {
                 Some(Addr {
                     index: msg.header.index,
-                    addr: *a,
+                    ip: *a,
                     prefix: msg.header.prefix_len,
                 })
             }

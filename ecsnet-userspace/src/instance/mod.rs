@@ -1,7 +1,7 @@
 //! One loaded copy of ecsnet: `up`, `apply`, `down` and what they record. Every input is
 //! checked before the first change, and a failed `up` takes back what it did.
 
-pub mod process;
+pub(crate) mod process;
 
 use std::{
     fs,
@@ -251,10 +251,10 @@ fn meta_for(
         netns: opts.netns.clone(),
         uplink: uplink.name.clone(),
         uplink_index: uplink.index,
-        uplink_address: snap.ipv4_of(uplink.index).map(|a| a.addr),
+        uplink_address: snap.ipv4_of(uplink.index).map(|a| a.ip),
         bridge: bridge.name.clone(),
         bridge_index: bridge.index,
-        bridge_address: snap.ipv4_of(bridge.index).map(|a| (a.addr, a.prefix)),
+        bridge_address: snap.ipv4_of(bridge.index).map(|a| (a.ip, a.prefix)),
         xdp_mode,
         ct_size: kept(|m| m.ct_size, opts.ct_size),
         ct_timeouts,

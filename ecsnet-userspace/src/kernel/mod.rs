@@ -1,7 +1,7 @@
 //! The kernel side: load, attach and pin the datapath (`datapath`), where the pins live
 //! (`pins`), write and read its maps (`maps`), and the batch lookups aya lacks (`batch`).
 
-pub mod batch;
+pub(crate) mod batch;
 pub mod datapath;
 pub mod maps;
-pub mod pins;
+pub(crate) mod pins;

@@ -94,11 +94,15 @@ pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
 
 /// The `LOCAL_ADDRS` entries: every IPv4 address of the host, network byte order -> ifindex.
 pub fn local_addr_entries(snap: &Snapshot) -> Vec<(u32, u32)> {
-    snap.addrs.iter().map(|a| (be(a.addr), a.index)).collect()
+    snap.addrs.iter().map(|a| (be(a.ip), a.index)).collect()
 }
 
 /// Why the datapath cannot be configured for this host.
 #[derive(Debug, thiserror::Error)]
+#[expect(
+    clippy::enum_variant_names,
+    reason = "each names what the host lacks: no uplink address, no bridge address, no bridge MAC"
+)]
 pub enum ConfigError {
     #[error("the uplink {0:?} has no IPv4 address to masquerade to; add one or give --uplink")]
     NoUplinkAddress(String),
@@ -123,9 +127,9 @@ pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config,
         .ok_or_else(|| ConfigError::NoBridgeMac(name(bridge)))?;
     Ok(Config {
         uplink_ifindex: uplink,
-        uplink_ipv4: be(up.addr),
+        uplink_ipv4: be(up.ip),
         bridge_ifindex: bridge,
-        bridge_ipv4: be(br.addr),
+        bridge_ipv4: be(br.ip),
         bridge_mac: mac,
         flags: 0,
         bridge_prefix: br.prefix,
@@ -186,7 +190,7 @@ mod tests {
             ],
             addrs: vec![Addr {
                 index: 3,
-                addr: Ipv4Addr::new(172, 17, 0, 1),
+                ip: Ipv4Addr::new(172, 17, 0, 1),
                 prefix: 16,
             }],
             ..Default::default()
@@ -197,7 +201,7 @@ mod tests {
         ));
         snap.addrs.push(Addr {
             index: 2,
-            addr: Ipv4Addr::new(10, 10, 0, 1),
+            ip: Ipv4Addr::new(10, 10, 0, 1),
             prefix: 24,
         });
         let c = config_entry(&snap, 2, 3).unwrap();

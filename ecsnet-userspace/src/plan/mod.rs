@@ -1,9 +1,9 @@
 //! The plan: a validated state on this host turned into every entry the datapath's maps must
 //! hold, all computed before anything is written. Pure: no system calls; the host is a snapshot.
 
-pub mod entries;
+pub(crate) mod entries;
 pub mod sg;
-pub mod tasks;
+pub(crate) mod tasks;
 
 use std::{collections::HashMap, net::Ipv4Addr};
 

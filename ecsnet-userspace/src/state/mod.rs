@@ -2,9 +2,9 @@
 //! JSON path in every error and validated into typed rules. Nothing here reads host or kernel.
 
 mod parse;
-pub mod rules;
-pub mod sgfile;
-pub mod timeouts;
+pub(crate) mod rules;
+pub(crate) mod sgfile;
+pub(crate) mod timeouts;
 mod validate;
 
 use std::{net::Ipv4Addr, path::Path};

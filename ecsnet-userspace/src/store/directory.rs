@@ -15,12 +15,24 @@ use crate::{
     },
 };
 
+/// Why an instance's run files or pinned maps could not be read: it is not up, or a file or map
+/// is unreadable (the directory's join, and `stats`).
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     #[error(transparent)]
-    State(#[from] StoreError),
+    Store(#[from] StoreError),
     #[error(transparent)]
-    Ifaces(#[from] MapsError),
+    Maps(#[from] MapsError),
+}
+
+impl DirectoryError {
+    /// 2 for an instance that is not up (bad usage), 1 for anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Store(e) => e.exit_code(),
+            Self::Maps(_) => 1,
+        }
+    }
 }
 
 /// The applied state with each task's interface.

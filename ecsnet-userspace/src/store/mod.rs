@@ -2,6 +2,6 @@
 //! typed files themselves (`files`: meta and applied state), and the one ifindex -> task join
 //! over the applied state (`directory`).
 
-pub mod directory;
+pub(crate) mod directory;
 pub mod files;
 pub mod paths;
