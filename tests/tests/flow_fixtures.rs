@@ -1179,7 +1179,7 @@ impl Fixture {
             .per_cpu::<FlowKey, FlowStats>(MAP_FLOWS)
             .unwrap()
             .into_iter()
-            .map(|(k, v)| (k, ecsnet::flowlog::records::merge(&v)))
+            .map(|(k, v)| (k, FlowStats::merge(&v)))
             .collect()
     }
 

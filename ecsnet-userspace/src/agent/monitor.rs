@@ -11,16 +11,14 @@ use std::{
 };
 
 use ecsnet_common::{
+    DropReason,
     flow::{EVENT_ALLOW, EVENT_DROP, Event, FLOW_EGRESS},
     maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent::{
-        control::{self, Answer, Op, Reply, Request, StreamLine},
-        stats::reason_name,
-    },
+    agent::control::{self, Answer, Op, Reply, Request, StreamLine},
     flowlog::format::{FlowDirection, words},
     store::{directory::Directory, files, paths::InstancePaths},
 };
@@ -141,7 +139,7 @@ pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
             EVENT_ALLOW => EventKind::Allow,
             _ => EventKind::Unknown,
         },
-        reason: (e.kind == EVENT_DROP).then(|| reason_name(e.reason)),
+        reason: (e.kind == EVENT_DROP).then(|| DropReason::name_of(e.reason).to_string()),
         hook: match e.hook {
             HOOK_TC_INGRESS => Hook::TcIngress,
             HOOK_TC_EGRESS => Hook::TcEgress,

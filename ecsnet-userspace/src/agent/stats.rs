@@ -203,11 +203,6 @@ fn plus(a: Count, b: Count) -> Count {
     }
 }
 
-/// A drop reason's name; one this ecsnet does not know (a newer datapath) as `UNKNOWN_<n>`.
-pub fn reason_name(n: u8) -> String {
-    DropReason::from_u8(n).map_or_else(|| format!("UNKNOWN_{n}"), |r| r.as_str().to_owned())
-}
-
 /// Reads the counters of an instance.
 pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
     let meta = files::require_up(paths)?;
@@ -218,7 +213,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
         drops
             .iter()
             .filter(|((i, _), _)| *i == ifindex)
-            .map(|((_, r), n)| (reason_name(*r), *n))
+            .map(|((_, r), n)| (DropReason::name_of(*r).to_string(), *n))
             .collect()
     };
     let tasks = dir
@@ -240,7 +235,9 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
     let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
     for ((_, r), n) in &drops {
-        *total.entry(reason_name(*r)).or_default() += n;
+        *total
+            .entry(DropReason::name_of(*r).to_string())
+            .or_default() += n;
     }
     Ok(Stats {
         instance: paths.name.clone(),

@@ -16,7 +16,7 @@ use crate::{
             Checkpoint, JOURNAL_MAX_BYTES, Phase, append, file_len, read_checkpoint, rotate,
             truncate, write_checkpoint,
         },
-        records::{build_records, merge},
+        records::build_records,
     },
     kernel::maps,
     store::{directory::Directory, files::FlowLogOptions, paths::InstancePaths},
@@ -136,7 +136,7 @@ impl Exporter {
         let flows: Vec<(FlowKey, FlowStats)> = maps::read_flows(&self.paths)?
             .into_iter()
             .filter(|(k, _)| k.epoch == cp.window)
-            .map(|(k, v)| (k, merge(&v)))
+            .map(|(k, v)| (k, FlowStats::merge(&v)))
             .collect();
         let mut lost: BTreeMap<u32, u64> = BTreeMap::new();
         for (k, c) in maps::read_flow_lost(&self.paths)? {

@@ -12,26 +12,6 @@ use crate::{
     store::directory::Directory,
 };
 
-/// One flow's counters over all CPUs: sums, the earliest first and latest last packet, the OR
-/// of the flags, and the uplink-side addresses the latest packet had.
-pub fn merge(per_cpu: &[FlowStats]) -> FlowStats {
-    let mut out = FlowStats::default();
-    for v in per_cpu.iter().filter(|v| v.packets != 0) {
-        if out.packets == 0 || v.first_ns < out.first_ns {
-            out.first_ns = v.first_ns;
-        }
-        if v.last_ns >= out.last_ns {
-            out.last_ns = v.last_ns;
-            out.pkt_saddr = v.pkt_saddr;
-            out.pkt_daddr = v.pkt_daddr;
-        }
-        out.packets += v.packets;
-        out.bytes += v.bytes;
-        out.tcp_flags |= v.tcp_flags;
-    }
-    out
-}
-
 fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
 }
@@ -252,7 +232,7 @@ mod tests {
             tcp_flags: 1,
             _pad: [0; 7],
         };
-        let m = merge(&[a, FlowStats::default(), b]);
+        let m = FlowStats::merge(&[a, FlowStats::default(), b]);
         assert_eq!((m.packets, m.bytes), (5, 420));
         assert_eq!(
             (m.first_ns, m.last_ns),
