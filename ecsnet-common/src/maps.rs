@@ -85,6 +85,17 @@ pub struct IfaceInfo {
 }
 map_type!(IfaceInfo, 8);
 
+impl IfaceInfo {
+    /// An interface of `role` (`ROLE_*`); `ipv4` in network byte order, 0 for the uplink.
+    pub const fn new(ipv4: u32, role: u8) -> Self {
+        Self {
+            ipv4,
+            role,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// A task as the datapath sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

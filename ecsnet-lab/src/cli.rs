@@ -353,10 +353,14 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             size,
             json,
         } => {
-            let timeout = Duration::from_secs(2);
+            let probe = traffic::Probe {
+                messages: count,
+                size: usize::from(size),
+                timeout: Duration::from_secs(2),
+            };
             let r = match (tcp, udp) {
-                (Some(a), _) => traffic::probe_tcp(a, count, usize::from(size), timeout)?,
-                (None, Some(a)) => traffic::probe_udp(a, count, usize::from(size), timeout)?,
+                (Some(a), _) => probe.tcp(a)?,
+                (None, Some(a)) => probe.udp(a)?,
                 (None, None) => unreachable!("clap requires one of --tcp and --udp"),
             };
             if json {

@@ -307,9 +307,9 @@ fn ratio(a: u64, b: u64) -> f64 {
     a as f64 / b as f64
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
+/// The median of a measurement's rounds (there is always at least one).
+fn median(v: &[u64]) -> u64 {
+    crate::stats::median(v).expect("at least one round")
 }
 
 /// Measures every case with 1 rule and with `rules` rules over `groups` groups.
@@ -334,7 +334,7 @@ pub fn policy_cost(
             a.push(run(&one, case, repeat)?);
             b.push(run(&many, case, repeat)?);
         }
-        let (one_ns, many_ns) = (median(a), median(b));
+        let (one_ns, many_ns) = (median(&a), median(&b));
         cases.push(CaseCost {
             program: case.program,
             case: case.name,
@@ -708,7 +708,7 @@ pub fn program_cost(repeat: u32, rounds: usize) -> Result<Vec<ProgramCost>, Cost
         costs.push(ProgramCost {
             program: case.program,
             case: case.name,
-            ns: median(ns),
+            ns: median(&ns),
             verdict,
         });
     }

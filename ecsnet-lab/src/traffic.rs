@@ -179,18 +179,33 @@ fn io_error(proto: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) ->
     }
 }
 
-/// One TCP connection, `messages` request/responses of `size` bytes each.
-pub fn probe_tcp(
-    addr: SocketAddr,
-    messages: u32,
-    size: usize,
-    timeout: Duration,
-) -> Result<ProbeReport, TrafficError> {
+/// What a probe sends: `messages` messages of `size` bytes, one at a time, each waiting at most
+/// `timeout` for its echo.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    pub messages: u32,
+    pub size: usize,
+    pub timeout: Duration,
+}
+
+impl Probe {
+    /// Over one TCP connection to `addr`.
+    pub fn tcp(self, addr: SocketAddr) -> Result<ProbeReport, TrafficError> {
+        probe_tcp(addr, self)
+    }
+
+    /// As UDP datagrams to `addr`.
+    pub fn udp(self, addr: SocketAddr) -> Result<ProbeReport, TrafficError> {
+        probe_udp(addr, self)
+    }
+}
+
+fn probe_tcp(addr: SocketAddr, p: Probe) -> Result<ProbeReport, TrafficError> {
     let io = io_error("tcp", addr);
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(&io)?;
+    let mut s = TcpStream::connect_timeout(&addr, p.timeout).map_err(&io)?;
     s.set_nodelay(true).map_err(&io)?;
-    s.set_read_timeout(Some(timeout)).map_err(&io)?;
-    let report = exchange("tcp", addr, messages, size, |msg, back| {
+    s.set_read_timeout(Some(p.timeout)).map_err(&io)?;
+    let report = exchange("tcp", addr, p.messages, p.size, |msg, back| {
         s.write_all(msg).map_err(&io)?;
         s.read_exact(&mut back[..msg.len()]).map_err(&io)?;
         Ok(Echo::Back(msg.len()))
@@ -202,18 +217,12 @@ pub fn probe_tcp(
     Ok(report)
 }
 
-/// `messages` UDP datagrams of `size` bytes, one at a time, each waiting for its echo.
-pub fn probe_udp(
-    addr: SocketAddr,
-    messages: u32,
-    size: usize,
-    timeout: Duration,
-) -> Result<ProbeReport, TrafficError> {
+fn probe_udp(addr: SocketAddr, p: Probe) -> Result<ProbeReport, TrafficError> {
     let io = io_error("udp", addr);
     let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(&io)?;
     s.connect(addr).map_err(&io)?;
-    s.set_read_timeout(Some(timeout)).map_err(&io)?;
-    exchange("udp", addr, messages, size, |msg, back| {
+    s.set_read_timeout(Some(p.timeout)).map_err(&io)?;
+    exchange("udp", addr, p.messages, p.size, |msg, back| {
         s.send(msg).map_err(&io)?;
         Ok(s.recv(back).map_or(Echo::Lost, Echo::Back))
     })

@@ -45,16 +45,7 @@ pub fn task_entries(tasks: &[ResolvedTask], policy: &Compiled) -> Vec<(u32, Task
 pub fn iface_entries(tasks: &[ResolvedTask]) -> Vec<(u32, IfaceInfo)> {
     tasks
         .iter()
-        .map(|t| {
-            (
-                t.ifindex,
-                IfaceInfo {
-                    ipv4: be(t.ipv4),
-                    role: ROLE_TASK,
-                    _pad: [0; 3],
-                },
-            )
-        })
+        .map(|t| (t.ifindex, IfaceInfo::new(be(t.ipv4), ROLE_TASK)))
         .collect()
 }
 
@@ -138,14 +129,7 @@ pub fn config_entry(snap: &Snapshot, uplink: u32, bridge: u32) -> Result<Config,
 
 /// The `IFACES` entry of the uplink.
 pub fn uplink_entry(ifindex: u32) -> (u32, IfaceInfo) {
-    (
-        ifindex,
-        IfaceInfo {
-            ipv4: 0,
-            role: ROLE_UPLINK,
-            _pad: [0; 3],
-        },
-    )
+    (ifindex, IfaceInfo::new(0, ROLE_UPLINK))
 }
 
 #[cfg(test)]
@@ -226,11 +210,7 @@ mod tests {
             ifaces[0],
             (
                 9,
-                IfaceInfo {
-                    ipv4: u32::from_ne_bytes([172, 17, 0, 2]),
-                    role: ROLE_TASK,
-                    _pad: [0; 3]
-                }
+                IfaceInfo::new(u32::from_ne_bytes([172, 17, 0, 2]), ROLE_TASK)
             )
         );
     }

@@ -109,11 +109,7 @@ pub(crate) mod fixtures {
     }
 
     pub fn iface(ip: [u8; 4], role: u8) -> IfaceInfo {
-        IfaceInfo {
-            ipv4: u32::from(Ipv4Addr::from(ip)).to_be(),
-            role,
-            _pad: [0; 3],
-        }
+        IfaceInfo::new(u32::from(Ipv4Addr::from(ip)).to_be(), role)
     }
 }
 
