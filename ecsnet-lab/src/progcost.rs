@@ -62,8 +62,10 @@ const REJECTED_PORT: u16 = 8081;
 pub enum CostError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("the generated state is not valid: {0}")]
+    Invalid(#[from] ecsnet::state::StateError),
     #[error("the generated security groups do not compile: {0}")]
-    Compile(String),
+    Compile(#[from] ecsnet::plan::sg::TooBig),
     #[error("{case}: the program returned {got}, expected {want}; the test set-up is wrong")]
     Verdict {
         case: &'static str,
@@ -172,9 +174,8 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
 
 /// `state` validated and compiled.
 fn compiled(state: &State) -> Result<Compiled, CostError> {
-    let rules = state::validate(state, state::BridgeNet::default())
-        .map_err(|e| CostError::Compile(e.to_string()))?;
-    Compiled::new(&rules, 0).map_err(|e| CostError::Compile(e.to_string()))
+    let rules = state::validate(state, state::BridgeNet::default())?;
+    Ok(Compiled::new(&rules, 0)?)
 }
 
 /// Writes `state`'s tasks (on the interface and with the MAC `iface` gives each), published

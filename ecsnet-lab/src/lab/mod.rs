@@ -40,8 +40,10 @@ pub const CLIENT_ECHO_PORT: u16 = 9000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error("{0}")]
-    BadName(String),
+    #[error(transparent)]
+    BadName(#[from] ecsnet::store::paths::NameError),
+    #[error("bad lab name {0:?}: at most 20 characters")]
+    NameTooLong(String),
     #[error("bad --tasks {0}: a lab has 1 to {MAX_TASKS} tasks")]
     BadTaskCount(usize),
     #[error("bad --publish {spec:?}: {why}; expected TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
@@ -87,6 +89,7 @@ impl LabError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::BadName(_)
+            | Self::NameTooLong(_)
             | Self::BadTaskCount(_)
             | Self::BadPublish { .. }
             | Self::Exists { .. }
@@ -364,12 +367,9 @@ fn namespaces(name: &str) -> Vec<String> {
 
 /// `ecsnet lab up`: builds the lab, starts a server in every task, writes the state file.
 pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
-    paths::check_name("lab", &spec.name).map_err(|e| LabError::BadName(e.to_string()))?;
+    paths::check_name("lab", &spec.name)?;
     if spec.name.len() > 20 {
-        return Err(LabError::BadName(format!(
-            "bad lab name {:?}: at most 20 characters",
-            spec.name
-        )));
+        return Err(LabError::NameTooLong(spec.name.clone()));
     }
     if spec.tasks == 0 || spec.tasks > MAX_TASKS {
         return Err(LabError::BadTaskCount(spec.tasks));
@@ -562,7 +562,7 @@ fn start_server(
 
 /// `ecsnet lab status`.
 pub fn status(name: &str) -> Result<LabStatus, LabError> {
-    paths::check_name("lab", name).map_err(|e| LabError::BadName(e.to_string()))?;
+    paths::check_name("lab", name)?;
     let path = lab_dir(name).join("lab.json");
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -592,7 +592,7 @@ pub struct LabDown {
 /// `ecsnet lab down`: stops instances running in the lab, kills every process in its
 /// namespaces, deletes the namespaces and the lab directory. Safe on a half-built lab.
 pub fn down(name: &str) -> Result<LabDown, LabError> {
-    paths::check_name("lab", name).map_err(|e| LabError::BadName(e.to_string()))?;
+    paths::check_name("lab", name)?;
     let nss = namespaces(name);
     let dir = lab_dir(name);
     if nss.is_empty() && !dir.exists() {
