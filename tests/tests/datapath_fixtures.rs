@@ -31,7 +31,7 @@ use ecsnet_common::{
 use ecsnet_lab::fixture::{
     conntrack::{CtExp, FlowPair, Table, check_ct, show_key},
     datapath::{Datapath, coarse_ns, now_ns, require_test_host},
-    harness::run_table,
+    harness::{case_result, run_table},
     packet::{L4, MF, P, SEQ, compare_frames, quote, tagged, verify_checksums},
     world::{
         BRIDGE, CLIENT, HOST, IFINDEX_A, IFINDEX_B, INTERNET, MAC_A, MAC_B, NO_SUCH_IFINDEX,
@@ -1070,11 +1070,7 @@ fn run_case(c: &Case) -> Result<(), String> {
     if tasks != want_tasks {
         errs.push(format!("TASKS: got {tasks:?}, want {want_tasks:?}"));
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n  "))
-    }
+    case_result(&errs)
 }
 
 /// Runs every case of a group and fails with all failing cases listed.
