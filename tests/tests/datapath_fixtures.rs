@@ -31,12 +31,12 @@ use ecsnet_common::{
 use ecsnet_lab::fixture::{
     conntrack::{CtExp, FlowPair, Table, check_ct, show_key},
     datapath::{Datapath, coarse_ns, now_ns, require_test_host},
-    harness::run_table,
+    harness::{case_result, run_table},
     packet::{L4, MF, P, SEQ, compare_frames, quote, tagged, verify_checksums},
     world::{
         BRIDGE, CLIENT, HOST, IFINDEX_A, IFINDEX_B, INTERNET, MAC_A, MAC_B, NO_SUCH_IFINDEX,
-        NOT_LOCAL, OTHER_LOCAL, REMOTE, ROUTER, Seed, TASK_A, TASK_B, TEST_IFINDEX, addr, config,
-        ct_key, tu,
+        NOT_LOCAL, OTHER_LOCAL, REMOTE, ROUTER, Seed, TASK_A, TASK_B, TEST_IFINDEX, Tuple, addr,
+        config, ct_key, tu,
     },
 };
 // The tables' short names of a tc program's verdicts, and the host of uplink cases: two tasks,
@@ -121,6 +121,16 @@ fn masquerade(proto: u8, nat_port: u16) -> FlowPair {
         tu(HOST, nat_port, REMOTE, 9000),
         KIND_MASQUERADE,
     )
+}
+
+/// An east-west flow of `proto`, `t` on both sides (nothing translated).
+fn east_west(proto: u8, t: Tuple) -> FlowPair {
+    FlowPair::new(proto, t, t, KIND_EAST_WEST)
+}
+
+/// A TCP hairpin flow: `orig` sent by a task to a published port, rewritten to `nat`.
+fn hairpin(orig: Tuple, nat: Tuple) -> FlowPair {
+    FlowPair::new(PROTO_TCP, orig, nat, KIND_HAIRPIN)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,7 +240,44 @@ impl Case {
         self.learned = Some((task, mac));
         self
     }
+
+    /// A case of `tc_uplink_ingress` on the uplink world.
+    fn uplink(desc: &'static str) -> Case {
+        Case::new(desc, Prog::Uplink, uplink_world())
+    }
+
+    /// A case of `tc_task_ingress` on the task world.
+    fn task(desc: &'static str) -> Case {
+        Case::new(desc, Prog::Task, task_world())
+    }
+
+    /// More seeds (later seeds of the same key win).
+    fn seed(mut self, more: impl IntoIterator<Item = Seed>) -> Case {
+        self.seeds.extend(more);
+        self
+    }
+
+    /// A well-formed or malformed packet that is dropped for `r`, unchanged.
+    fn dropped(self, input: &P, r: DropReason) -> Case {
+        self.hostile(input, SHOT).drop(r)
+    }
+
+    /// A frame given byte for byte that is dropped for `r`, unchanged.
+    fn raw_dropped(self, frame: Vec<u8>, r: DropReason) -> Case {
+        self.raw(frame, SHOT).drop(r)
+    }
+
+    /// `input` redirected into the task `(ifindex, mac)` as `output` addressed to its MAC, and
+    /// that one delivery of `bytes` IP bytes counted.
+    fn into_task(self, (ifindex, mac): (u32, [u8; 6]), input: &P, output: P, bytes: u64) -> Case {
+        self.step(input, REDIRECT, &output.routed_to(mac))
+            .egress(ifindex, 1, bytes)
+    }
 }
+
+/// Task A and task B, as `Case::into_task` delivers into them.
+const A: (u32, [u8; 6]) = (IFINDEX_A, MAC_A);
+const B: (u32, [u8; 6]) = (IFINDEX_B, MAC_B);
 
 /// A TCP segment from task A, to the bridge's MAC.
 fn from_a_tcp(sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> P {
@@ -269,60 +316,42 @@ fn guard_cases() -> Vec<Case> {
         masquerade(PROTO_TCP, 40000).seen((1, 40, TCP_SYN | TCP_ACK), (1, 40, TCP_SYN | TCP_ACK))
     };
     let back = |flags| P::tcp(REMOTE, 9000, HOST, 40000, flags);
-    let ew = || {
-        FlowPair::new(
-            PROTO_TCP,
-            tu(TASK_A, 40000, TASK_B, 80),
-            tu(TASK_A, 40000, TASK_B, 80),
-            KIND_EAST_WEST,
-        )
-        .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
-        .unassured()
+    // A segment of the masqueraded flow off its sequence numbers: dropped, the flow untouched.
+    let out_of_window = |desc, p: P| {
+        Case::uplink(desc)
+            .seed(masq().seeds())
+            .dropped(&p, DropReason::TcpOutOfWindow)
+            .ct(masq().unchanged())
     };
+    let ew = || {
+        east_west(PROTO_TCP, tu(TASK_A, 40000, TASK_B, 80))
+            .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
+            .unassured()
+    };
+    let vlan_tagged = DropReason::VlanTagged;
     vec![
-        Case::new(
-            "two VID-0 tags (802.1ad + 802.1Q) from a task: dropped VLAN_TAGGED",
-            Prog::Task,
-            task_world(),
-        )
-        .raw(tagged(&ew_syn().frame(), &[0x88a8, 0x8100]), SHOT)
-        .drop(DropReason::VlanTagged),
-        Case::new(
-            "one 802.1Q tag from a task: dropped VLAN_TAGGED",
-            Prog::Task,
-            task_world(),
-        )
-        .raw(tagged(&ew_syn().frame(), &[0x8100]), SHOT)
-        .drop(DropReason::VlanTagged),
-        Case::new(
+        Case::task("two VID-0 tags (802.1ad + 802.1Q) from a task: dropped VLAN_TAGGED")
+            .raw_dropped(tagged(&ew_syn().frame(), &[0x88a8, 0x8100]), vlan_tagged),
+        Case::task("one 802.1Q tag from a task: dropped VLAN_TAGGED")
+            .raw_dropped(tagged(&ew_syn().frame(), &[0x8100]), vlan_tagged),
+        Case::task(
             "an EtherType that is not IPv4, ARP or IPv6 from a task: dropped UNKNOWN_ETHERTYPE",
-            Prog::Task,
-            task_world(),
         )
-        .raw(with_ethertype(ew_syn().frame(), 0x88b5), SHOT)
-        .drop(DropReason::UnknownEthertype),
-        Case::new(
-            "unicast IPv4 to B in a broadcast frame: dropped UNICAST_IN_GROUP_MAC",
-            Prog::Task,
-            task_world(),
-        )
-        .hostile(&to_b_udp().addressed_to([0xff; 6]), SHOT)
-        .drop(DropReason::UnicastInGroupMac),
-        Case::new(
-            "unicast IPv4 to B in a multicast frame: dropped UNICAST_IN_GROUP_MAC",
-            Prog::Task,
-            task_world(),
-        )
-        .hostile(
+        .raw_dropped(
+            with_ethertype(ew_syn().frame(), 0x88b5),
+            DropReason::UnknownEthertype,
+        ),
+        Case::task("unicast IPv4 to B in a broadcast frame: dropped UNICAST_IN_GROUP_MAC").dropped(
+            &to_b_udp().addressed_to([0xff; 6]),
+            DropReason::UnicastInGroupMac,
+        ),
+        Case::task("unicast IPv4 to B in a multicast frame: dropped UNICAST_IN_GROUP_MAC").dropped(
             &to_b_udp().addressed_to([0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]),
-            SHOT,
-        )
-        .drop(DropReason::UnicastInGroupMac),
-        Case::new(
+            DropReason::UnicastInGroupMac,
+        ),
+        Case::task(
             "UDP to the bridge subnet's broadcast in a broadcast frame, no policy: to the \
              kernel, nothing tracked",
-            Prog::Task,
-            task_world(),
         )
         .unchanged(
             &P::udp(TASK_A, 40001, [172, 17, 255, 255], 53, b"who is there")
@@ -330,299 +359,184 @@ fn guard_cases() -> Vec<Case> {
                 .addressed_to([0xff; 6]),
             OK,
         ),
-        Case::new(
-            "IPv6 from a task without a policy: to the kernel, as before",
-            Prog::Task,
-            task_world(),
-        )
-        .raw(ecsnet_tests::raw::ipv6_frame(MAC_B, MAC_A), OK),
-        Case::new(
-            "ARP for A's own address from A's MAC: passed",
-            Prog::Task,
-            task_world(),
-        )
-        .raw(arp_from_a(MAC_A), OK),
-        Case::new(
-            "ARP for A's own address naming another MAC: dropped SPOOFED_SOURCE",
-            Prog::Task,
-            task_world(),
-        )
-        .raw(arp_from_a(MAC_B), SHOT)
-        .drop(DropReason::SpoofedSource),
-        Case::new(
+        Case::task("IPv6 from a task without a policy: to the kernel, as before")
+            .raw(ecsnet_tests::raw::ipv6_frame(MAC_B, MAC_A), OK),
+        Case::task("ARP for A's own address from A's MAC: passed").raw(arp_from_a(MAC_A), OK),
+        Case::task("ARP for A's own address naming another MAC: dropped SPOOFED_SOURCE")
+            .raw_dropped(arp_from_a(MAC_B), DropReason::SpoofedSource),
+        Case::task(
             "a bad IPv4 header checksum from a task: dropped BAD_IP_CHECKSUM, nothing created",
-            Prog::Task,
-            task_world(),
         )
-        .raw(bad_check(&ew_syn()), SHOT)
-        .drop(DropReason::BadIpChecksum),
-        Case::new(
+        .raw_dropped(bad_check(&ew_syn()), DropReason::BadIpChecksum),
+        Case::uplink(
             "a SYN with a bad IPv4 header checksum to a published port: dropped \
              BAD_IP_CHECKSUM, nothing created",
-            Prog::Uplink,
-            uplink_world(),
         )
-        .raw(bad_check(&P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN)), SHOT)
-        .drop(DropReason::BadIpChecksum),
-        Case::new(
+        .raw_dropped(
+            bad_check(&P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN)),
+            DropReason::BadIpChecksum,
+        ),
+        Case::uplink(
             "a RST of a masqueraded flow at the sender's sequence number: into the task, the \
              flow marked reset",
-            Prog::Uplink,
-            with(uplink_world(), masq().seeds()),
         )
-        .step(
+        .seed(masq().seeds())
+        .into_task(
+            A,
             &back(TCP_RST | TCP_ACK),
-            REDIRECT,
-            &back(TCP_RST | TCP_ACK).dnat(TASK_A, 40000).routed_to(MAC_A),
+            back(TCP_RST | TCP_ACK).dnat(TASK_A, 40000),
+            40,
         )
-        .ct(masq().reply_touched(40, TCP_RST | TCP_ACK))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+        .ct(masq().reply_touched(40, TCP_RST | TCP_ACK)),
+        out_of_window(
             "a RST of a masqueraded flow off its sequence numbers: dropped TCP_OUT_OF_WINDOW, \
              the flow untouched",
-            Prog::Uplink,
-            with(uplink_world(), masq().seeds()),
-        )
-        .hostile(&back(TCP_RST | TCP_ACK).seq(SEQ + 1000), SHOT)
-        .ct(masq().unchanged())
-        .drop(DropReason::TcpOutOfWindow),
-        Case::new(
+            back(TCP_RST | TCP_ACK).seq(SEQ + 1000),
+        ),
+        out_of_window(
             "a FIN of a masqueraded flow beyond what its sender sent: dropped \
              TCP_OUT_OF_WINDOW, the flow untouched",
-            Prog::Uplink,
-            with(uplink_world(), masq().seeds()),
-        )
-        .hostile(&back(TCP_FIN | TCP_ACK).seq(SEQ + 100_000), SHOT)
-        .ct(masq().unchanged())
-        .drop(DropReason::TcpOutOfWindow),
+            back(TCP_FIN | TCP_ACK).seq(SEQ + 100_000),
+        ),
         Case::new(
             "tc_task_new_flow with the host's configuration gone: dropped TAIL_CALL_FAILED, \
              never passed unchecked",
             Prog::NewFlowUnconfigured,
             task_world(),
         )
-        .hostile(&ew_syn(), SHOT)
-        .drop(DropReason::TailCallFailed),
-        Case::new(
-            "the opener's ACK completes the handshake: both entries move from CT_NEW to CT",
-            Prog::Task,
-            with(task_world(), ew().seeds()),
-        )
-        .unchanged(
-            &from_a_tcp(40000, TASK_B, 80, TCP_ACK).addressed_to(MAC_B),
-            REDIRECT,
-        )
-        .ct(ew()
-            .original_touched(40, TCP_ACK)
-            .into_iter()
-            .map(|e| e.in_table(Table::Assured)))
-        .egress(IFINDEX_B, 1, 40),
+        .dropped(&ew_syn(), DropReason::TailCallFailed),
+        Case::task("the opener's ACK completes the handshake: both entries move from CT_NEW to CT")
+            .seed(ew().seeds())
+            .unchanged(
+                &from_a_tcp(40000, TASK_B, 80, TCP_ACK).addressed_to(MAC_B),
+                REDIRECT,
+            )
+            .ct(ew()
+                .original_touched(40, TCP_ACK)
+                .into_iter()
+                .map(|e| e.in_table(Table::Assured)))
+            .egress(IFINDEX_B, 1, 40),
     ]
 }
 
 #[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn uplink_cases() -> Vec<Case> {
     let syn = |dst| P::tcp(CLIENT, 51000, dst, 8080, TCP_SYN);
-    let dnat_a = |p: P| p.dnat(TASK_A, 80).routed_to(MAC_A);
     let udp_in = P::udp(CLIENT, 51000, HOST, 5353, b"query: a.b.c");
+    // A SYN to `dst`:8080, published to A:80.
+    let syn_in = |desc, dst| {
+        Case::uplink(desc)
+            .into_task(A, &syn(dst), syn(dst).dnat(TASK_A, 80), 40)
+            .ct(inbound_tcp(dst).created(40, TCP_SYN))
+    };
+    // The client's next segment `p` of an established inbound flow, `bytes` long.
+    let established = inbound_tcp(HOST).seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK));
+    let next_in = |desc, p: P, bytes| {
+        Case::uplink(desc)
+            .seed(established.seeds())
+            .into_task(A, &p, p.clone().dnat(TASK_A, 80), bytes)
+            .ct(established.original_touched(bytes, TCP_ACK))
+    };
+    // The remote's reply `p` (`bytes` long, `flags`) of the masqueraded `flow`, back to A:40000.
+    let masq_reply = |desc, flow: FlowPair, p: P, bytes, flags| {
+        Case::uplink(desc)
+            .seed(flow.seeds())
+            .into_task(A, &p, p.clone().dnat(TASK_A, 40000), bytes)
+            .ct(flow.reply_touched(bytes, flags))
+    };
     let synack_back = |port| P::tcp(REMOTE, 9000, HOST, port, TCP_SYN | TCP_ACK);
+    let masq_tcp = |port| masquerade(PROTO_TCP, port).seen((1, 40, TCP_SYN), (0, 0, 0));
+    // The echo reply to the host's identifier `nat_id` of A's ping 0x1234.
+    let pong_in = |desc, nat_id| {
+        Case::uplink(desc)
+            .seed(ping(nat_id).seeds())
+            .into_task(A, &pong(HOST, nat_id), pong(TASK_A, 0x1234), 40)
+            .ct(ping(nat_id).reply_touched(40, 0))
+    };
+    let passed = |desc, p: P| Case::uplink(desc).unchanged(&p, OK);
     vec![
-        Case::new(
+        syn_in(
             "SYN to the uplink address on a published port: DNAT into the task",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .step(&syn(HOST), REDIRECT, &dnat_a(syn(HOST)))
-        .ct(inbound_tcp(HOST).created(40, TCP_SYN))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+            HOST,
+        ),
+        syn_in(
             "SYN to the bridge address on a published port: DNAT into the task",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .step(&syn(BRIDGE), REDIRECT, &dnat_a(syn(BRIDGE)))
-        .ct(inbound_tcp(BRIDGE).created(40, TCP_SYN))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+            BRIDGE,
+        ),
+        syn_in(
             "SYN to a LOCAL_ADDRS address on a published port: DNAT into the task",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .step(&syn(OTHER_LOCAL), REDIRECT, &dnat_a(syn(OTHER_LOCAL)))
-        .ct(inbound_tcp(OTHER_LOCAL).created(40, TCP_SYN))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
-            "UDP to a published UDP port: DNAT into the task, UDP checksum updated",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .step(
-            &udp_in,
-            REDIRECT,
-            &udp_in.clone().dnat(TASK_A, 53).routed_to(MAC_A),
-        )
-        .ct(inbound_udp().created(40, 0))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+            OTHER_LOCAL,
+        ),
+        Case::uplink("UDP to a published UDP port: DNAT into the task, UDP checksum updated")
+            .into_task(A, &udp_in, udp_in.clone().dnat(TASK_A, 53), 40)
+            .ct(inbound_udp().created(40, 0)),
+        next_in(
             "next segment (ACK with data) of a tracked inbound flow follows its CT entry",
-            Prog::Uplink,
-            with(
-                uplink_world(),
-                inbound_tcp(HOST)
-                    .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
-                    .seeds(),
-            ),
-        )
-        .step(
-            &P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).data(b"hello"),
-            REDIRECT,
-            &dnat_a(P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).data(b"hello")),
-        )
-        .ct(inbound_tcp(HOST)
-            .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
-            .original_touched(45, TCP_ACK))
-        .egress(IFINDEX_A, 1, 45),
-        Case::new(
+            P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).data(b"hello"),
+            45,
+        ),
+        next_in(
             // Ethernet pads a bare ACK (40 IP bytes) to 60; tc sees the padding in skb->len.
             "bare ACK in a padded 60-byte frame: translated, padding kept, CT counts 40 IP bytes",
-            Prog::Uplink,
-            with(
-                uplink_world(),
-                inbound_tcp(HOST)
-                    .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
-                    .seeds(),
-            ),
-        )
-        .step(
-            &P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).padded(),
-            REDIRECT,
-            &dnat_a(P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).padded()),
-        )
-        .ct(inbound_tcp(HOST)
-            .seen((1, 40, TCP_SYN), (1, 40, TCP_SYN | TCP_ACK))
-            .original_touched(40, TCP_ACK))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
-            // The kernel forwards what is passed and decrements the TTL itself.
+            P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK).padded(),
+            40,
+        ),
+        // The kernel forwards what is passed and decrements the TTL itself.
+        Case::uplink(
             "task MAC not known yet: translated (TTL and MACs left to the kernel) and passed",
-            Prog::Uplink,
-            with(uplink_world(), [Seed::Task(TASK_A, IFINDEX_A, [0; 6], 0)]),
         )
+        .seed([Seed::Task(TASK_A, IFINDEX_A, [0; 6], 0)])
         .step(&syn(HOST), OK, &syn(HOST).dnat(TASK_A, 80))
         .ct(inbound_tcp(HOST).created(40, TCP_SYN)),
-        Case::new(
+        passed(
             "TTL 1: passed untouched for the kernel's time-exceeded, nothing created",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .unchanged(&syn(HOST).ttl(1), OK),
-        Case::new(
+            syn(HOST).ttl(1),
+        ),
+        passed(
             "ACK without a CT entry (a connection older than ecsnet): passed, nothing created",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .unchanged(&P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK), OK),
-        Case::new(
+            P::tcp(CLIENT, 51000, HOST, 8080, TCP_ACK),
+        ),
+        passed(
             "SYN+ACK without a CT entry is not a new flow: passed, nothing created",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .unchanged(&P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN | TCP_ACK), OK),
-        Case::new(
+            P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN | TCP_ACK),
+        ),
+        passed(
             "SYN to a port nobody published: passed, nothing created",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .unchanged(&P::tcp(CLIENT, 51000, HOST, 8081, TCP_SYN), OK),
-        Case::new(
+            P::tcp(CLIENT, 51000, HOST, 8081, TCP_SYN),
+        ),
+        passed(
             "SYN to a published port number on an address that is not the host's: passed",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .unchanged(&syn(NOT_LOCAL), OK),
-        Case::new(
+            syn(NOT_LOCAL),
+        ),
+        masq_reply(
             "masquerade reply (SYN+ACK to host:40000): destination back to the task",
-            Prog::Uplink,
-            with(
-                uplink_world(),
-                masquerade(PROTO_TCP, 40000)
-                    .seen((1, 40, TCP_SYN), (0, 0, 0))
-                    .seeds(),
-            ),
-        )
-        .step(
-            &synack_back(40000),
-            REDIRECT,
-            &synack_back(40000).dnat(TASK_A, 40000).routed_to(MAC_A),
-        )
-        .ct(masquerade(PROTO_TCP, 40000)
-            .seen((1, 40, TCP_SYN), (0, 0, 0))
-            .reply_touched(40, TCP_SYN | TCP_ACK))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+            masq_tcp(40000),
+            synack_back(40000),
+            40,
+            TCP_SYN | TCP_ACK,
+        ),
+        masq_reply(
             "masquerade reply of a flow whose NAT changed the port (50000 back to 40000)",
-            Prog::Uplink,
-            with(
-                uplink_world(),
-                masquerade(PROTO_TCP, 50000)
-                    .seen((1, 40, TCP_SYN), (0, 0, 0))
-                    .seeds(),
-            ),
-        )
-        .step(
-            &synack_back(50000),
-            REDIRECT,
-            &synack_back(50000).dnat(TASK_A, 40000).routed_to(MAC_A),
-        )
-        .ct(masquerade(PROTO_TCP, 50000)
-            .seen((1, 40, TCP_SYN), (0, 0, 0))
-            .reply_touched(40, TCP_SYN | TCP_ACK))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+            masq_tcp(50000),
+            synack_back(50000),
+            40,
+            TCP_SYN | TCP_ACK,
+        ),
+        masq_reply(
             "masquerade reply over UDP: destination back to the task",
-            Prog::Uplink,
-            with(
-                uplink_world(),
-                masquerade(PROTO_UDP, 40000)
-                    .seen((1, 48, 0), (0, 0, 0))
-                    .seeds(),
-            ),
-        )
-        .step(
-            &P::udp(REMOTE, 9000, HOST, 40000, b"twenty bytes of data"),
-            REDIRECT,
-            &P::udp(REMOTE, 9000, HOST, 40000, b"twenty bytes of data")
-                .dnat(TASK_A, 40000)
-                .routed_to(MAC_A),
-        )
-        .ct(masquerade(PROTO_UDP, 40000)
-            .seen((1, 48, 0), (0, 0, 0))
-            .reply_touched(48, 0))
-        .egress(IFINDEX_A, 1, 48),
-        Case::new(
+            masquerade(PROTO_UDP, 40000).seen((1, 48, 0), (0, 0, 0)),
+            P::udp(REMOTE, 9000, HOST, 40000, b"twenty bytes of data"),
+            48,
+            0,
+        ),
+        pong_in(
             "echo reply of a masqueraded ping: destination back to the task",
-            Prog::Uplink,
-            with(uplink_world(), ping(0x1234).seeds()),
-        )
-        .step(
-            &pong(HOST, 0x1234),
-            REDIRECT,
-            &pong(TASK_A, 0x1234).routed_to(MAC_A),
-        )
-        .ct(ping(0x1234).reply_touched(40, 0))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+            0x1234,
+        ),
+        pong_in(
             "echo reply of a ping whose NAT changed the identifier (0x9999 back to 0x1234)",
-            Prog::Uplink,
-            with(uplink_world(), ping(0x9999).seeds()),
-        )
-        .step(
-            &pong(HOST, 0x9999),
-            REDIRECT,
-            &pong(TASK_A, 0x1234).routed_to(MAC_A),
-        )
-        .ct(ping(0x9999).reply_touched(40, 0))
-        .egress(IFINDEX_A, 1, 40),
+            0x9999,
+        ),
     ]
 }
 
@@ -644,11 +558,55 @@ fn pong(dst: [u8; 4], id: u16) -> P {
     P::icmp(REMOTE, dst, 0, 0, [hi, lo, 0, 7], b"ping payload".to_vec())
 }
 
-#[expect(clippy::too_many_lines, reason = "a table of cases")]
+/// An ICMP error's type, code and rest of header.
+type IcmpType = (u8, u8, [u8; 4]);
+
+/// An ICMP error from `src` to `dst` of type `typ` with `body`.
+fn icmp_err(src: [u8; 4], dst: [u8; 4], (typ, code, rest): IcmpType, body: Vec<u8>) -> P {
+    P::icmp(src, dst, typ, code, rest, body)
+}
+
+/// An ICMP error of type `typ` from `src` to the host, quoting the first `n` bytes of `sent`,
+/// of the tracked `flow`: into task A with the quote's source back to A:`port` (`bytes`
+/// delivered), the flow untouched.
+struct QuotedError {
+    flow: FlowPair,
+    src: [u8; 4],
+    typ: IcmpType,
+    sent: P,
+    n: usize,
+    port: u16,
+    bytes: u64,
+}
+
+impl QuotedError {
+    fn case(self, desc: &'static str) -> Case {
+        let QuotedError {
+            flow,
+            src,
+            typ,
+            sent,
+            n,
+            port,
+            bytes,
+        } = self;
+        let translated = sent.clone().snat(TASK_A, port);
+        Case::uplink(desc)
+            .seed(flow.seeds())
+            .into_task(
+                A,
+                &icmp_err(src, HOST, typ, quote(&sent, n)),
+                icmp_err(src, TASK_A, typ, quote(&translated, n)),
+                bytes,
+            )
+            .ct(flow.unchanged())
+    }
+}
+
 fn icmp_cases() -> Vec<Case> {
-    const FRAG_NEEDED: (u8, u8, [u8; 4]) = (3, 4, [0, 0, 0x05, 0x78]); // MTU 1400
-    const PORT_UNREACH: (u8, u8, [u8; 4]) = (3, 3, [0; 4]);
-    const TIME_EXCEEDED: (u8, u8, [u8; 4]) = (11, 0, [0; 4]);
+    const FRAG_NEEDED: IcmpType = (3, 4, [0, 0, 0x05, 0x78]); // MTU 1400
+    const PORT_UNREACH: IcmpType = (3, 3, [0; 4]);
+    const TIME_EXCEEDED: IcmpType = (11, 0, [0; 4]);
     // What the host sent for task A (masqueraded), as the router quotes it.
     let sent_tcp = |sport| {
         P::tcp(HOST, sport, REMOTE, 9000, TCP_ACK)
@@ -659,155 +617,70 @@ fn icmp_cases() -> Vec<Case> {
     let sent_udp = P::udp(HOST, 40000, REMOTE, 9000, b"twenty bytes of data")
         .ttl(63)
         .id(0x4322);
-    let err = |src, dst, (typ, code, rest): (u8, u8, [u8; 4]), body| {
-        P::icmp(src, dst, typ, code, rest, body)
-    };
     let masq_tcp = |port| {
         masquerade(PROTO_TCP, port).seen((3, 150, TCP_SYN | TCP_ACK), (2, 80, TCP_SYN | TCP_ACK))
     };
     let masq_udp = masquerade(PROTO_UDP, 40000).seen((1, 48, 0), (0, 0, 0));
-    // The reply an inbound UDP flow sent out (host:5353 -> client), as the client quotes it.
-    let inbound_reply = P::udp(HOST, 5353, CLIENT, 51000, b"answer")
-        .ttl(63)
-        .id(0x4323);
-    let udp_flow = inbound_udp().seen((1, 40, 0), (1, 34, 0));
+    // From a router, quoting the first 8 bytes of a masqueraded segment.
+    let from_router = |flow, typ, sent| QuotedError {
+        flow,
+        src: ROUTER,
+        typ,
+        sent,
+        n: 8,
+        port: 40000,
+        bytes: 56,
+    };
     vec![
-        Case::new(
+        from_router(masq_tcp(40000), FRAG_NEEDED, sent_tcp(40000)).case(
             "frag needed from a router quoting a masqueraded TCP segment (8 bytes): to the task",
-            Prog::Uplink,
-            with(uplink_world(), masq_tcp(40000).seeds()),
-        )
-        .step(
-            &err(ROUTER, HOST, FRAG_NEEDED, quote(&sent_tcp(40000), 8)),
-            REDIRECT,
-            &err(
-                ROUTER,
-                TASK_A,
-                FRAG_NEEDED,
-                quote(&sent_tcp(40000).snat(TASK_A, 40000), 8),
-            )
-            .routed_to(MAC_A),
-        )
-        .ct(masq_tcp(40000).unchanged())
-        .egress(IFINDEX_A, 1, 56),
-        Case::new(
-            "port unreachable from a router quoting a masqueraded UDP datagram: to the task",
-            Prog::Uplink,
-            with(uplink_world(), masq_udp.seeds()),
-        )
-        .step(
-            &err(ROUTER, HOST, PORT_UNREACH, quote(&sent_udp, 8)),
-            REDIRECT,
-            &err(
-                ROUTER,
-                TASK_A,
-                PORT_UNREACH,
-                quote(&sent_udp.clone().snat(TASK_A, 40000), 8),
-            )
-            .routed_to(MAC_A),
-        )
-        .ct(masq_udp.unchanged())
-        .egress(IFINDEX_A, 1, 56),
-        Case::new(
-            "time exceeded from a router (traceroute) quoting a masqueraded UDP datagram",
-            Prog::Uplink,
-            with(uplink_world(), masq_udp.seeds()),
-        )
-        .step(
-            &err(
-                ROUTER,
-                HOST,
-                TIME_EXCEEDED,
-                quote(&sent_udp.clone().ttl(1), 8),
-            ),
-            REDIRECT,
-            &err(
-                ROUTER,
-                TASK_A,
-                TIME_EXCEEDED,
-                quote(&sent_udp.clone().ttl(1).snat(TASK_A, 40000), 8),
-            )
-            .routed_to(MAC_A),
-        )
-        .ct(masq_udp.unchanged())
-        .egress(IFINDEX_A, 1, 56),
-        Case::new(
+        ),
+        from_router(masq_udp, PORT_UNREACH, sent_udp.clone())
+            .case("port unreachable from a router quoting a masqueraded UDP datagram: to the task"),
+        from_router(masq_udp, TIME_EXCEEDED, sent_udp.clone().ttl(1))
+            .case("time exceeded from a router (traceroute) quoting a masqueraded UDP datagram"),
+        from_router(masq_tcp(50000), FRAG_NEEDED, sent_tcp(50000)).case(
             "frag needed quoting a flow whose NAT changed the port: quoted port 50000 -> 40000",
-            Prog::Uplink,
-            with(uplink_world(), masq_tcp(50000).seeds()),
-        )
-        .step(
-            &err(ROUTER, HOST, FRAG_NEEDED, quote(&sent_tcp(50000), 8)),
-            REDIRECT,
-            &err(
-                ROUTER,
-                TASK_A,
-                FRAG_NEEDED,
-                quote(&sent_tcp(50000).snat(TASK_A, 40000), 8),
-            )
-            .routed_to(MAC_A),
-        )
-        .ct(masq_tcp(50000).unchanged())
-        .egress(IFINDEX_A, 1, 56),
-        Case::new(
+        ),
+        QuotedError {
+            n: 30,
+            bytes: 78,
+            ..from_router(masq_tcp(50000), FRAG_NEEDED, sent_tcp(50000))
+        }
+        .case(
             "frag needed quoting the whole TCP segment (NAT port changed): quoted TCP checksum too",
-            Prog::Uplink,
-            with(uplink_world(), masq_tcp(50000).seeds()),
-        )
-        .step(
-            &err(ROUTER, HOST, FRAG_NEEDED, quote(&sent_tcp(50000), 30)),
-            REDIRECT,
-            &err(
-                ROUTER,
-                TASK_A,
-                FRAG_NEEDED,
-                quote(&sent_tcp(50000).snat(TASK_A, 40000), 30),
-            )
-            .routed_to(MAC_A),
-        )
-        .ct(masq_tcp(50000).unchanged())
-        .egress(IFINDEX_A, 1, 78),
-        Case::new(
+        ),
+        // The reply an inbound UDP flow sent out (host:5353 -> client), as the client quotes it.
+        QuotedError {
+            flow: inbound_udp().seen((1, 40, 0), (1, 34, 0)),
+            src: CLIENT,
+            typ: PORT_UNREACH,
+            sent: P::udp(HOST, 5353, CLIENT, 51000, b"answer")
+                .ttl(63)
+                .id(0x4323),
+            n: 8,
+            port: 53,
+            bytes: 56,
+        }
+        .case(
             "port unreachable from a client quoting the reply of an inbound UDP flow: to the task",
-            Prog::Uplink,
-            with(uplink_world(), udp_flow.seeds()),
-        )
-        .step(
-            &err(CLIENT, HOST, PORT_UNREACH, quote(&inbound_reply, 8)),
-            REDIRECT,
-            &err(
-                CLIENT,
-                TASK_A,
-                PORT_UNREACH,
-                quote(&inbound_reply.clone().snat(TASK_A, 53), 8),
-            )
-            .routed_to(MAC_A),
-        )
-        .ct(udp_flow.unchanged())
-        .egress(IFINDEX_A, 1, 56),
-        Case::new(
+        ),
+        Case::uplink(
             "ICMP error whose quote ends inside the quoted IP header: dropped BAD_ICMP_ERROR",
-            Prog::Uplink,
-            with(uplink_world(), masq_tcp(40000).seeds()),
         )
-        .hostile(
-            &err(
+        .seed(masq_tcp(40000).seeds())
+        .dropped(
+            &icmp_err(
                 ROUTER,
                 HOST,
                 FRAG_NEEDED,
                 sent_tcp(40000).ip()[..12].to_vec(),
             ),
-            SHOT,
+            DropReason::BadIcmpError,
         )
-        .ct(masq_tcp(40000).unchanged())
-        .drop(DropReason::BadIcmpError),
-        Case::new(
-            "ICMP error quoting a flow that is not in CT: passed unchanged",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .unchanged(
-            &err(ROUTER, HOST, FRAG_NEEDED, quote(&sent_tcp(40000), 8)),
+        .ct(masq_tcp(40000).unchanged()),
+        Case::uplink("ICMP error quoting a flow that is not in CT: passed unchanged").unchanged(
+            &icmp_err(ROUTER, HOST, FRAG_NEEDED, quote(&sent_tcp(40000), 8)),
             OK,
         ),
     ]
@@ -816,27 +689,17 @@ fn icmp_cases() -> Vec<Case> {
 /// An east-west SYN from task A, whose MAC is not known yet, with A's `TASKS` entry on
 /// `a_ifindex`: the test device (the one-lookup path) or another interface (the long path).
 fn east_west_syn(name: &'static str, a_ifindex: u32) -> Case {
-    Case::new(
-        name,
-        Prog::Task,
-        with(task_world(), [Seed::Task(TASK_A, a_ifindex, [0; 6], 0)]),
-    )
-    .unchanged(
-        &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
-        REDIRECT,
-    )
-    .ct(FlowPair::new(
-        PROTO_TCP,
-        tu(TASK_A, 40000, TASK_B, 80),
-        tu(TASK_A, 40000, TASK_B, 80),
-        KIND_EAST_WEST,
-    )
-    .created(40, TCP_SYN))
-    .egress(IFINDEX_B, 1, 40)
-    .learned(TASK_A, MAC_A)
+    Case::task(name)
+        .seed([Seed::Task(TASK_A, a_ifindex, [0; 6], 0)])
+        .unchanged(
+            &from_a_tcp(40000, TASK_B, 80, TCP_SYN).addressed_to(MAC_B),
+            REDIRECT,
+        )
+        .ct(east_west(PROTO_TCP, tu(TASK_A, 40000, TASK_B, 80)).created(40, TCP_SYN))
+        .egress(IFINDEX_B, 1, 40)
+        .learned(TASK_A, MAC_A)
 }
 
-#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn hostile_cases() -> Vec<Case> {
     let syn = || P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN);
     let mut truncated_tcp = syn();
@@ -881,8 +744,6 @@ fn hostile_cases() -> Vec<Case> {
     let translated = dgram(CLIENT, 51000, TASK_A, 53);
     let first = frag(HOST, &whole[..16], MF);
     let later = frag(HOST, &whole[16..], 2);
-    let first_out = frag(TASK_A, &translated[..16], MF).routed_to(MAC_A);
-    let later_out = frag(TASK_A, &whole[16..], 2).routed_to(MAC_A);
     let frag_key = FragKey {
         saddr: addr(CLIENT),
         daddr: addr(HOST),
@@ -890,247 +751,150 @@ fn hostile_cases() -> Vec<Case> {
         proto: PROTO_UDP,
         _pad: 0,
     };
+    let ports = FragPorts {
+        sport: 51000u16.to_be(),
+        dport: 5353u16.to_be(),
+        rejected: 0,
+        _pad: [0; 3],
+    };
+    let mut both_fragments = inbound_udp().created(36, 0);
+    both_fragments[0].entry.packets = 2;
+    both_fragments[0].entry.bytes = 72;
 
     vec![
-        Case::new(
-            "TCP header cut after 10 bytes (tot_len agrees): dropped TRUNCATED",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .hostile(&truncated_tcp, SHOT)
-        .drop(DropReason::Truncated),
-        Case::new(
-            "IHL 4 (below 5): dropped BAD_IP_HEADER",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .hostile(&ihl4, SHOT)
-        .drop(DropReason::BadIpHeader),
-        Case::new(
-            "TCP data offset 3 (below 5): dropped BAD_TCP_OFFSET",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .hostile(&doff3, SHOT)
-        .drop(DropReason::BadTcpOffset),
-        Case::new(
-            "tot_len 200 on a 40-byte packet: dropped TRUNCATED",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .hostile(&long, SHOT)
-        .drop(DropReason::Truncated),
-        Case::new(
-            "IP options: the TCP header is found after them and translated",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .step(
-            &opts,
-            REDIRECT,
-            &opts.clone().dnat(TASK_A, 80).routed_to(MAC_A),
-        )
-        .ct(inbound_tcp(HOST).created_after_options(48, 8, TCP_SYN))
-        .egress(IFINDEX_A, 1, 48),
-        Case::new(
-            "UDP without a checksum: DNATed, the checksum stays zero",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .step(
-            &zero,
-            REDIRECT,
-            &zero.clone().dnat(TASK_A, 53).routed_to(MAC_A),
-        )
-        .ct(inbound_udp().created(40, 0))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
+        Case::uplink("TCP header cut after 10 bytes (tot_len agrees): dropped TRUNCATED")
+            .dropped(&truncated_tcp, DropReason::Truncated),
+        Case::uplink("IHL 4 (below 5): dropped BAD_IP_HEADER")
+            .dropped(&ihl4, DropReason::BadIpHeader),
+        Case::uplink("TCP data offset 3 (below 5): dropped BAD_TCP_OFFSET")
+            .dropped(&doff3, DropReason::BadTcpOffset),
+        Case::uplink("tot_len 200 on a 40-byte packet: dropped TRUNCATED")
+            .dropped(&long, DropReason::Truncated),
+        Case::uplink("IP options: the TCP header is found after them and translated")
+            .into_task(A, &opts, opts.clone().dnat(TASK_A, 80), 48)
+            .ct(inbound_tcp(HOST).created_after_options(48, 8, TCP_SYN)),
+        Case::uplink("UDP without a checksum: DNATed, the checksum stays zero")
+            .into_task(A, &zero, zero.clone().dnat(TASK_A, 53), 40)
+            .ct(inbound_udp().created(40, 0)),
+        Case::uplink(
             "first fragment translated (UDP header and all) and remembered; the later one gets \
              its addresses translated and nothing else",
-            Prog::Uplink,
-            uplink_world(),
         )
-        .step(&first, REDIRECT, &first_out)
-        .step(&later, REDIRECT, &later_out)
-        .frag(
-            frag_key,
-            FragPorts {
-                sport: 51000u16.to_be(),
-                dport: 5353u16.to_be(),
-                rejected: 0,
-                _pad: [0; 3],
-            },
+        .step(
+            &first,
+            REDIRECT,
+            &frag(TASK_A, &translated[..16], MF).routed_to(MAC_A),
         )
-        .ct({
-            let mut e = inbound_udp().created(36, 0);
-            e[0].entry.packets = 2;
-            e[0].entry.bytes = 72;
-            e
-        })
+        .step(
+            &later,
+            REDIRECT,
+            &frag(TASK_A, &whole[16..], 2).routed_to(MAC_A),
+        )
+        .frag(frag_key, ports)
+        .ct(both_fragments)
         .egress(IFINDEX_A, 2, 72),
-        Case::new(
-            "later fragment without its first, to a task address: dropped FRAGMENT",
-            Prog::Uplink,
-            uplink_world(),
-        )
-        .hostile(&frag(TASK_A, &whole[16..], 2), SHOT)
-        .drop(DropReason::Fragment),
-        Case::new(
+        Case::uplink("later fragment without its first, to a task address: dropped FRAGMENT")
+            .dropped(&frag(TASK_A, &whole[16..], 2), DropReason::Fragment),
+        Case::uplink(
             "later fragment without its first, to the host: passed for the kernel to reassemble",
-            Prog::Uplink,
-            uplink_world(),
         )
         .unchanged(&later, OK),
     ]
 }
 
-#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn task_cases() -> Vec<Case> {
-    let hairpin = |via| {
-        FlowPair::new(
-            PROTO_TCP,
-            tu(TASK_A, 40000, via, 8443),
-            tu(TASK_A, 40000, TASK_B, 443),
-            KIND_HAIRPIN,
-        )
+    // A SYN from A to `via`:8443, published to B:443.
+    let hairpin_via = |desc, via| {
+        Case::task(desc)
+            .into_task(
+                B,
+                &from_a_tcp(40000, via, 8443, TCP_SYN),
+                from_a_tcp(40000, via, 8443, TCP_SYN).dnat(TASK_B, 443),
+                40,
+            )
+            .ct(
+                hairpin(tu(TASK_A, 40000, via, 8443), tu(TASK_A, 40000, TASK_B, 443))
+                    .created(40, TCP_SYN),
+            )
+    };
+    // `p` sent from A's interface, where A's own MAC is known: dropped SPOOFED_SOURCE.
+    let spoofed = |desc, p: P| {
+        Case::task(desc)
+            .seed([Seed::Task(TASK_A, TEST_IFINDEX, MAC_A, 0)])
+            .dropped(&p, DropReason::SpoofedSource)
     };
     let inbound = inbound_tcp(HOST).seen((1, 40, TCP_SYN), (0, 0, 0));
     let ew_udp = P::udp(TASK_A, 40001, TASK_B, 53, b"query: a.b.c")
         .sent_by_task(MAC_A)
         .addressed_to(MAC_B);
     vec![
-        Case::new(
+        Case::task(
             "reply of an inbound flow when the FIB does not route via the uplink: passed \
              untranslated, CT untouched",
-            Prog::Task,
-            with(task_world(), inbound.seeds()),
         )
+        .seed(inbound.seeds())
         .unchanged(&from_a_tcp(80, CLIENT, 51000, TCP_SYN | TCP_ACK), OK)
         .ct(inbound.unchanged()),
-        Case::new(
-            "packet from an address that is not the task's own: dropped SPOOFED_SOURCE",
-            Prog::Task,
-            task_world(),
-        )
-        .hostile(
-            &P::tcp([172, 17, 0, 9], 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_A),
-            SHOT,
-        )
-        .drop(DropReason::SpoofedSource),
+        Case::task("packet from an address that is not the task's own: dropped SPOOFED_SOURCE")
+            .dropped(
+                &P::tcp([172, 17, 0, 9], 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_A),
+                DropReason::SpoofedSource,
+            ),
         // The one-lookup path of tc_task_ingress: task A's own interface is the test device, so
         // its source address alone finds it; what does not fit goes the long way, same outcome.
         east_west_syn(
             "one-lookup path: east-west SYN A -> B delivered into B unchanged, A's MAC learned",
             TEST_IFINDEX,
         ),
-        Case::new(
+        spoofed(
             "one-lookup path: task B's address sent from A's interface: dropped SPOOFED_SOURCE",
-            Prog::Task,
-            with(task_world(), [Seed::Task(TASK_A, TEST_IFINDEX, MAC_A, 0)]),
-        )
-        .hostile(
-            &P::tcp(TASK_B, 40000, TASK_A, 80, TCP_SYN).sent_by_task(MAC_B),
-            SHOT,
-        )
-        .drop(DropReason::SpoofedSource),
-        Case::new(
+            P::tcp(TASK_B, 40000, TASK_A, 80, TCP_SYN).sent_by_task(MAC_B),
+        ),
+        spoofed(
             "one-lookup path: A's own address from another MAC: dropped SPOOFED_SOURCE",
-            Prog::Task,
-            with(task_world(), [Seed::Task(TASK_A, TEST_IFINDEX, MAC_A, 0)]),
+            P::tcp(TASK_A, 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_B),
         )
-        .hostile(
-            &P::tcp(TASK_A, 40000, TASK_B, 80, TCP_SYN).sent_by_task(MAC_B),
-            SHOT,
-        )
-        .drop(DropReason::SpoofedSource)
         .learned(TASK_A, MAC_A),
         east_west_syn(
             "east-west SYN A -> B: delivered into B unchanged, KIND_EAST_WEST, A's MAC learned",
             IFINDEX_A,
         ),
-        Case::new(
-            "east-west UDP A -> B: delivered into B unchanged, KIND_EAST_WEST",
-            Prog::Task,
-            task_world(),
-        )
-        .unchanged(&ew_udp, REDIRECT)
-        .ct(FlowPair::new(
-            PROTO_UDP,
-            tu(TASK_A, 40001, TASK_B, 53),
-            tu(TASK_A, 40001, TASK_B, 53),
-            KIND_EAST_WEST,
-        )
-        .created(40, 0))
-        .egress(IFINDEX_B, 1, 40),
-        Case::new(
-            "east-west ACK without a CT entry: passed, nothing created",
-            Prog::Task,
-            task_world(),
-        )
-        .unchanged(
+        Case::task("east-west UDP A -> B: delivered into B unchanged, KIND_EAST_WEST")
+            .unchanged(&ew_udp, REDIRECT)
+            .ct(east_west(PROTO_UDP, tu(TASK_A, 40001, TASK_B, 53)).created(40, 0))
+            .egress(IFINDEX_B, 1, 40),
+        Case::task("east-west ACK without a CT entry: passed, nothing created").unchanged(
             &from_a_tcp(40000, TASK_B, 80, TCP_ACK).addressed_to(MAC_B),
             OK,
         ),
-        Case::new(
+        hairpin_via(
             "hairpin A -> host:8443 published to B: DNAT to B, source kept, KIND_HAIRPIN",
-            Prog::Task,
-            task_world(),
-        )
-        .step(
-            &from_a_tcp(40000, HOST, 8443, TCP_SYN),
-            REDIRECT,
-            &from_a_tcp(40000, HOST, 8443, TCP_SYN)
-                .dnat(TASK_B, 443)
-                .routed_to(MAC_B),
-        )
-        .ct(hairpin(HOST).created(40, TCP_SYN))
-        .egress(IFINDEX_B, 1, 40),
-        Case::new(
+            HOST,
+        ),
+        hairpin_via(
             "hairpin A -> bridge:8443 published to B: DNAT to B, source kept, KIND_HAIRPIN",
-            Prog::Task,
-            task_world(),
-        )
-        .step(
-            &from_a_tcp(40000, BRIDGE, 8443, TCP_SYN),
-            REDIRECT,
-            &from_a_tcp(40000, BRIDGE, 8443, TCP_SYN)
-                .dnat(TASK_B, 443)
-                .routed_to(MAC_B),
-        )
-        .ct(hairpin(BRIDGE).created(40, TCP_SYN))
-        .egress(IFINDEX_B, 1, 40),
-        Case::new(
+            BRIDGE,
+        ),
+        Case::task(
             "self-hairpin A -> host:8080 published to A: source becomes bridge:40000, DNAT to A",
-            Prog::Task,
-            task_world(),
         )
-        .step(
+        .into_task(
+            A,
             &from_a_tcp(40000, HOST, 8080, TCP_SYN),
-            REDIRECT,
-            &from_a_tcp(40000, HOST, 8080, TCP_SYN)
+            from_a_tcp(40000, HOST, 8080, TCP_SYN)
                 .snat(BRIDGE, 40000)
-                .dnat(TASK_A, 80)
-                .routed_to(MAC_A),
+                .dnat(TASK_A, 80),
+            40,
         )
-        .ct(FlowPair::new(
-            PROTO_TCP,
-            tu(TASK_A, 40000, HOST, 8080),
-            tu(BRIDGE, 40000, TASK_A, 80),
-            KIND_HAIRPIN,
-        )
-        .created(40, TCP_SYN))
-        .egress(IFINDEX_A, 1, 40),
-        Case::new(
-            "task to a host port nobody published: passed, nothing created",
-            Prog::Task,
-            task_world(),
-        )
-        .unchanged(&from_a_tcp(40000, HOST, 8081, TCP_SYN), OK),
-        Case::new(
+        .ct(
+            hairpin(tu(TASK_A, 40000, HOST, 8080), tu(BRIDGE, 40000, TASK_A, 80))
+                .created(40, TCP_SYN),
+        ),
+        Case::task("task to a host port nobody published: passed, nothing created")
+            .unchanged(&from_a_tcp(40000, HOST, 8081, TCP_SYN), OK),
+        Case::task(
             "new outbound flow when the FIB does not route via the uplink: passed \
              untranslated, nothing created",
-            Prog::Task,
-            task_world(),
         )
         .unchanged(&from_a_tcp(40000, INTERNET, 443, TCP_SYN), OK),
     ]
@@ -1306,11 +1070,7 @@ fn run_case(c: &Case) -> Result<(), String> {
     if tasks != want_tasks {
         errs.push(format!("TASKS: got {tasks:?}, want {want_tasks:?}"));
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n  "))
-    }
+    case_result(&errs)
 }
 
 /// Runs every case of a group and fails with all failing cases listed.
@@ -1324,29 +1084,24 @@ fn run_group(group: &str, cases: &[Case]) {
     );
 }
 
-#[test]
-fn uplink_ingress_published_ports_and_masquerade_replies() {
-    run_group("uplink ingress", &uplink_cases());
+/// One test per group of cases, each running its group with `run_group`.
+macro_rules! group_tests {
+    ($($test:ident: $group:literal => $cases:ident;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                run_group($group, &$cases());
+            }
+        )*
+    };
 }
 
-#[test]
-fn uplink_ingress_icmp_errors() {
-    run_group("ICMP errors", &icmp_cases());
-}
-
-#[test]
-fn frames_around_the_checks_bad_headers_and_out_of_window_closes() {
-    run_group("issue 16 guards", &guard_cases());
-}
-
-#[test]
-fn uplink_ingress_hostile_packets() {
-    run_group("hostile packets", &hostile_cases());
-}
-
-#[test]
-fn task_ingress_east_west_hairpin_and_replies() {
-    run_group("task ingress", &task_cases());
+group_tests! {
+    uplink_ingress_published_ports_and_masquerade_replies: "uplink ingress" => uplink_cases;
+    uplink_ingress_icmp_errors: "ICMP errors" => icmp_cases;
+    frames_around_the_checks_bad_headers_and_out_of_window_closes: "issue 16 guards" => guard_cases;
+    uplink_ingress_hostile_packets: "hostile packets" => hostile_cases;
+    task_ingress_east_west_hairpin_and_replies: "task ingress" => task_cases;
 }
 
 /// Self-hairpin when the reply tuple with the task's own source port is taken: the datapath
@@ -1355,11 +1110,9 @@ fn task_ingress_east_west_hairpin_and_replies() {
 fn self_hairpin_with_its_source_port_taken_picks_a_free_port() {
     require_test_host();
     // Another flow already owns A:80 <- bridge:40000.
-    let taken = FlowPair::new(
-        PROTO_TCP,
+    let taken = hairpin(
         tu(TASK_A, 40000, [10, 10, 0, 9], 8080),
         tu(BRIDGE, 40000, TASK_A, 80),
-        KIND_HAIRPIN,
     )
     .seen((1, 40, TCP_SYN), (0, 0, 0));
     let fx = Fixture::new(Prog::Task, &with(task_world(), taken.seeds()));
@@ -1379,12 +1132,7 @@ fn self_hairpin_with_its_source_port_taken_picks_a_free_port() {
         port >= 1024 && port != 40000,
         "chosen port {port}: must be a free port of 1024..=65535"
     );
-    let flow = FlowPair::new(
-        PROTO_TCP,
-        tu(TASK_A, 40000, HOST, 8080),
-        tu(BRIDGE, port, TASK_A, 80),
-        KIND_HAIRPIN,
-    );
+    let flow = hairpin(tu(TASK_A, 40000, HOST, 8080), tu(BRIDGE, port, TASK_A, 80));
     let mut exp = taken.unchanged();
     exp.extend(flow.created(40, TCP_SYN));
     if let Err(e) = check_ct(ct, &exp, t0, t1) {

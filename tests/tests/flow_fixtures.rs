@@ -47,7 +47,7 @@ use ecsnet_common::{
 use ecsnet_lab::fixture::{
     conntrack::{FlowPair, Table},
     datapath::{Datapath, coarse_ns, now_ns, require_test_host},
-    harness::run_table,
+    harness::{case_result, run_table},
     packet::{P, SEQ},
     world::{
         BRIDGE, CLIENT, HOST, IFINDEX_A, IFINDEX_B, IMDS, MAC_A, MAC_B, NO_SUCH_IFINDEX,
@@ -110,24 +110,20 @@ fn in_epoch(k: FlowKey, epoch: u32) -> FlowKey {
 }
 
 fn show_fk(k: &FlowKey) -> String {
+    let dir = match k.dir {
+        FLOW_EGRESS => "egress",
+        FLOW_INGRESS => "ingress",
+        _ => "dir?",
+    };
+    let action = match k.action {
+        ACTION_ACCEPT => "ACCEPT",
+        ACTION_REJECT => "REJECT",
+        _ => "action?",
+    };
     format!(
-        "{{epoch {} ifindex {} {} {} proto {} {}:{} -> {}:{}}}",
+        "{{epoch {} ifindex {} {dir} {action} proto {} {}:{} -> {}:{}}}",
         k.epoch,
         k.ifindex,
-        if k.dir == FLOW_EGRESS {
-            "egress"
-        } else if k.dir == FLOW_INGRESS {
-            "ingress"
-        } else {
-            "dir?"
-        },
-        if k.action == ACTION_ACCEPT {
-            "ACCEPT"
-        } else if k.action == ACTION_REJECT {
-            "REJECT"
-        } else {
-            "action?"
-        },
         k.proto,
         show_addr(k.saddr),
         u16::from_be(k.sport),
@@ -148,14 +144,22 @@ struct FlowExp {
 
 /// An event as expected: `ts_ns` is checked to lie inside the case's run, then ignored.
 fn event(kind: u8, reason: u8, ifindex: u32, hook: u8, dir: u8, proto: u8, t: Tuple) -> Event {
+    // The packet's addresses and ports as a FLOWS key holds them.
+    let FlowKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        ..
+    } = fkey(ifindex, dir, 0, proto, t);
     Event {
         ts_ns: 0,
         suppressed: 0,
         ifindex,
-        saddr: addr(t.src),
-        daddr: addr(t.dst),
-        sport: t.sport.to_be(),
-        dport: t.dport.to_be(),
+        saddr,
+        daddr,
+        sport,
+        dport,
         proto,
         kind,
         reason,
@@ -432,6 +436,67 @@ impl Case {
         self.budget = (suppressed, suppressed_total);
         self
     }
+
+    fn events(mut self, e: impl IntoIterator<Item = Event>) -> Case {
+        self.events.extend(e);
+        self
+    }
+
+    /// One drop for `reason` on `ifindex` at `hook`, and its event naming the packet `t` of
+    /// `proto`.
+    fn dropped(self, ifindex: u32, reason: DropReason, hook: u8, (proto, t): (u8, Tuple)) -> Case {
+        self.drops(ifindex, reason, hook, 1)
+            .event(drop_event(reason, ifindex, hook, proto, t))
+    }
+
+    /// An east-west flow `t` of `proto` in window EPOCH: see `east_west_in`.
+    fn east_west(self, to: u32, actions: (u8, u8), flow: (u8, Tuple), c: (u64, u64, u8)) -> Case {
+        self.east_west_in(EPOCH, to, actions, flow, c)
+    }
+
+    /// An east-west flow `t` of `proto` in window `epoch`, sent by the task on the test device
+    /// and delivered into the task on `to`: the sender's record with `actions.0`, the
+    /// receiver's with `actions.1`, both with counters `c` and the tuple's own addresses.
+    fn east_west_in(
+        self,
+        epoch: u32,
+        to: u32,
+        (sent_action, got_action): (u8, u8),
+        (proto, t): (u8, Tuple),
+        c: (u64, u64, u8),
+    ) -> Case {
+        self.flow(
+            in_epoch(sent(TEST_IFINDEX, sent_action, proto, t), epoch),
+            c,
+            (t.src, t.dst),
+        )
+        .flow(
+            in_epoch(got(to, got_action, proto, t), epoch),
+            c,
+            (t.src, t.dst),
+        )
+    }
+
+    /// The kernel delivers the SYN `t` on B's interface (the test device), `verdict`: the
+    /// record of the test device with `action`.
+    fn kernel_delivers_syn(self, t: Tuple, verdict: u32, action: u8) -> Case {
+        let syn = tcp(t.src, t.sport, t.dst, t.dport, TCP_SYN).routed_to(MAC_B);
+        self.kernel_delivers(TASK_B, &syn, verdict).flow(
+            got(TEST_IFINDEX, action, PROTO_TCP, t),
+            (1, 40, 2),
+            (t.src, t.dst),
+        )
+    }
+
+    /// As `kernel_delivers_syn`, and B's security group rejects it: the drop and its event.
+    fn kernel_rejects_syn(self, t: Tuple) -> Case {
+        self.kernel_delivers_syn(t, TC_SHOT, ACTION_REJECT).dropped(
+            TEST_IFINDEX,
+            DropReason::SgIngress,
+            HOOK_TC_EGRESS,
+            (PROTO_TCP, t),
+        )
+    }
 }
 
 /// B (policy `P_BRIDGE_HTTP`) gets a SYN from the client, which its rules reject, and one from
@@ -439,44 +504,8 @@ impl Case {
 /// say where B's TASKS entry is.
 fn kernel_delivers_to_b_with_policy(desc: &'static str, seeds: Vec<Seed>) -> Case {
     Case::new(desc, seeds)
-        .kernel_delivers(
-            TASK_B,
-            &tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).routed_to(MAC_B),
-            TC_SHOT,
-        )
-        .kernel_delivers(
-            TASK_B,
-            &tcp(OTHER_CONTAINER, 40000, TASK_B, 80, TCP_SYN).routed_to(MAC_B),
-            TC_OK,
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_REJECT,
-                PROTO_TCP,
-                tu(CLIENT, 51000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (CLIENT, TASK_B),
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(OTHER_CONTAINER, 40000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (OTHER_CONTAINER, TASK_B),
-        )
-        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
-        .event(drop_event(
-            DropReason::SgIngress,
-            TEST_IFINDEX,
-            HOOK_TC_EGRESS,
-            PROTO_TCP,
-            tu(CLIENT, 51000, TASK_B, 80),
-        ))
+        .kernel_rejects_syn(tu(CLIENT, 51000, TASK_B, 80))
+        .kernel_delivers_syn(tu(OTHER_CONTAINER, 40000, TASK_B, 80), TC_OK, ACTION_ACCEPT)
         .event(allow_event(
             TEST_IFINDEX,
             HOOK_TC_EGRESS,
@@ -486,16 +515,20 @@ fn kernel_delivers_to_b_with_policy(desc: &'static str, seeds: Vec<Seed>) -> Cas
         ))
 }
 
+/// Both directions' verdicts of an east-west record pair: the sender's, the receiver's.
+const ACCEPTED: (u8, u8) = (ACTION_ACCEPT, ACTION_ACCEPT);
+const REJECTED_BY_RECEIVER: (u8, u8) = (ACTION_ACCEPT, ACTION_REJECT);
+
 #[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cases() -> Vec<Case> {
     // East-west, A -> B.
-    let ew_udp_t = tu(TASK_A, 40001, TASK_B, 53);
+    let ew_udp_t = (PROTO_UDP, tu(TASK_A, 40001, TASK_B, 53));
     let ew_udp = P::udp(TASK_A, 40001, TASK_B, 53, b"query: a.b.c")
         .sent_by_task(MAC_A)
         .addressed_to(MAC_B);
     let udp_len = ew_udp.ip_len();
     assert_eq!(udp_len, 40);
-    let ew_tcp_t = tu(TASK_A, 40000, TASK_B, 80);
+    let ew_tcp_t = (PROTO_TCP, tu(TASK_A, 40000, TASK_B, 80));
     let a_tcp = |flags| {
         tcp(TASK_A, 40000, TASK_B, 80, flags)
             .sent_by_task(MAC_A)
@@ -517,54 +550,105 @@ fn cases() -> Vec<Case> {
     let udp_5353 = |dst| P::udp(CLIENT, 51000, dst, 5353, b"query: a.b.c");
     let in_a_80 = tu(CLIENT, 51000, TASK_A, 80);
     let in_a_53 = tu(CLIENT, 51000, TASK_A, 53);
+    let to_imds = (PROTO_TCP, tu(TASK_A, 40000, IMDS, 80));
+    // The remote's reply to A's masqueraded flow, as A gets it.
+    let masq_reply = tu(REMOTE, 9000, TASK_A, 40000);
     // B's security group drops A's UDP datagram.
     let reject_b = drop_event(
         DropReason::SgIngress,
         IFINDEX_B,
         HOOK_TC_INGRESS,
         PROTO_UDP,
-        ew_udp_t,
+        ew_udp_t.1,
     );
+    // A's UDP datagram to B, which B's security group (`P_BRIDGE_HTTP`) rejects.
+    let b_policy = |desc| {
+        Case::new(desc, world_with_policy(TASK_B, P_BRIDGE_HTTP))
+            .task_sends(TASK_A, &ew_udp, TC_SHOT)
+    };
+    // `n` such datagrams in all: A's records, B's, B's drops and the first `events` drop events.
+    let b_rejects = |c: Case, n: u64, events: usize| {
+        c.east_west(
+            IFINDEX_B,
+            REJECTED_BY_RECEIVER,
+            ew_udp_t,
+            (n, n * udp_len, 0),
+        )
+        .drops(IFINDEX_B, DropReason::SgIngress, HOOK_TC_INGRESS, n)
+        .events(std::iter::repeat_n(reject_b, events))
+    };
+    // A SYN from A to host:`port`, published to the task on `to` as `nat`: A's record as sent
+    // with the addresses it was translated to, the receiver's with `nat` and the host address.
+    let hairpin = |desc, port, to, nat: Tuple| {
+        Case::new(desc, world())
+            .task_sends(
+                TASK_A,
+                &tcp(TASK_A, 40000, HOST, port, TCP_SYN).sent_by_task(MAC_A),
+                TC_REDIRECT,
+            )
+            .flow(
+                sent(
+                    TEST_IFINDEX,
+                    ACTION_ACCEPT,
+                    PROTO_TCP,
+                    tu(TASK_A, 40000, HOST, port),
+                ),
+                (1, 40, 2),
+                (nat.src, nat.dst),
+            )
+            .flow(
+                got(to, ACTION_ACCEPT, PROTO_TCP, nat),
+                (1, 40, 2),
+                (TASK_A, HOST),
+            )
+    };
+    // The client's SYN to A's published port, which A's policy rejects, at `hook`.
+    let published_rejected = |desc, act: fn(Case, &P, u32) -> Case, verdict, hook| {
+        act(
+            Case::new(desc, world_with_policy(TASK_A, P_BRIDGE_HTTP)).on_uplink(),
+            &syn_8080,
+            verdict,
+        )
+        .flow(
+            got(IFINDEX_A, ACTION_REJECT, PROTO_TCP, in_a_80),
+            (1, 40, 2),
+            (CLIENT, HOST),
+        )
+        .dropped(
+            IFINDEX_A,
+            DropReason::SgIngress,
+            hook,
+            (PROTO_TCP, tu(CLIENT, 51000, HOST, 8080)),
+        )
+    };
+    // IPv6 under a policy, dropped at `hook` with one event.
+    let ipv6_policed = |desc, policy, act, hook| {
+        Case::new(desc, world_with_policy(TASK_A, policy))
+            .step(act, TC_SHOT)
+            .dropped(
+                TEST_IFINDEX,
+                DropReason::Ipv6Policed,
+                hook,
+                (0, tu([0; 4], 0, [0; 4], 0)),
+            )
+    };
 
     vec![
         // 1.
         Case::new("east-west UDP A -> B, three times", world())
             .task_sends(TASK_A, &ew_udp, TC_REDIRECT)
             .times(3)
-            .flow(
-                sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-                (3, 3 * udp_len, 0),
-                (TASK_A, TASK_B),
-            )
-            .flow(
-                got(IFINDEX_B, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-                (3, 3 * udp_len, 0),
-                (TASK_A, TASK_B),
-            ),
+            .east_west(IFINDEX_B, ACCEPTED, ew_udp_t, (3, 3 * udp_len, 0)),
         Case::new(
             "east-west ICMP echo A -> B: records with ports 0 (the identifier is no port)",
             world(),
         )
         .task_sends(TASK_A, &ping, TC_REDIRECT)
-        .flow(
-            sent(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_ICMP,
-                tu(TASK_A, 0, TASK_B, 0),
-            ),
+        .east_west(
+            IFINDEX_B,
+            ACCEPTED,
+            (PROTO_ICMP, tu(TASK_A, 0, TASK_B, 0)),
             (1, ping_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(
-                IFINDEX_B,
-                ACTION_ACCEPT,
-                PROTO_ICMP,
-                tu(TASK_A, 0, TASK_B, 0),
-            ),
-            (1, ping_len, 0),
-            (TASK_A, TASK_B),
         ),
         Case::new(
             "a new capture window: the packets after it count under the new epoch",
@@ -574,31 +658,13 @@ fn cases() -> Vec<Case> {
         .epoch(EPOCH + 1)
         .task_sends(TASK_A, &ew_udp, TC_REDIRECT)
         .times(2)
-        .flow(
-            sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-            (1, udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(IFINDEX_B, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-            (1, udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            in_epoch(
-                sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-                EPOCH + 1,
-            ),
+        .east_west(IFINDEX_B, ACCEPTED, ew_udp_t, (1, udp_len, 0))
+        .east_west_in(
+            EPOCH + 1,
+            IFINDEX_B,
+            ACCEPTED,
+            ew_udp_t,
             (2, 2 * udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            in_epoch(
-                got(IFINDEX_B, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-                EPOCH + 1,
-            ),
-            (2, 2 * udp_len, 0),
-            (TASK_A, TASK_B),
         ),
         // 3.
         Case::new(
@@ -609,35 +675,12 @@ fn cases() -> Vec<Case> {
         .task_sends(TASK_B, &b_tcp(TCP_SYN | TCP_ACK), TC_REDIRECT)
         .task_sends(TASK_A, &a_tcp(TCP_FIN | TCP_ACK), TC_REDIRECT)
         .task_sends(TASK_A, &a_tcp(TCP_ACK), TC_REDIRECT)
-        .flow(
-            sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_TCP, ew_tcp_t),
-            (3, 120, 3),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(IFINDEX_B, ACTION_ACCEPT, PROTO_TCP, ew_tcp_t),
-            (3, 120, 3),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            sent(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_B, 80, TASK_A, 40000),
-            ),
+        .east_west(IFINDEX_B, ACCEPTED, ew_tcp_t, (3, 120, 3))
+        .east_west(
+            IFINDEX_A,
+            ACCEPTED,
+            (PROTO_TCP, tu(TASK_B, 80, TASK_A, 40000)),
             (1, 40, 18),
-            (TASK_B, TASK_A),
-        )
-        .flow(
-            got(
-                IFINDEX_A,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_B, 80, TASK_A, 40000),
-            ),
-            (1, 40, 18),
-            (TASK_B, TASK_A),
         ),
         // 4.
         Case::new(
@@ -686,114 +729,44 @@ fn cases() -> Vec<Case> {
             TC_REDIRECT,
         )
         .flow(
-            got(
-                IFINDEX_A,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(REMOTE, 9000, TASK_A, 40000),
-            ),
+            got(IFINDEX_A, ACTION_ACCEPT, PROTO_TCP, masq_reply),
             (1, 40, 18),
             (REMOTE, HOST),
         ),
-        Case::new(
+        hairpin(
             "hairpin A -> host:8443 published to B:443: A's record as sent with the translated \
              addresses, B's with the post-DNAT tuple and the host address",
-            world(),
-        )
-        .task_sends(
-            TASK_A,
-            &tcp(TASK_A, 40000, HOST, 8443, TCP_SYN).sent_by_task(MAC_A),
-            TC_REDIRECT,
-        )
-        .flow(
-            sent(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_A, 40000, HOST, 8443),
-            ),
-            (1, 40, 2),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(
-                IFINDEX_B,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_A, 40000, TASK_B, 443),
-            ),
-            (1, 40, 2),
-            (TASK_A, HOST),
+            8443,
+            IFINDEX_B,
+            tu(TASK_A, 40000, TASK_B, 443),
         ),
-        Case::new(
+        hairpin(
             "self-hairpin A -> host:8080 published to A:80: A receives it from the bridge",
-            world(),
-        )
-        .task_sends(
-            TASK_A,
-            &tcp(TASK_A, 40000, HOST, 8080, TCP_SYN).sent_by_task(MAC_A),
-            TC_REDIRECT,
-        )
-        .flow(
-            sent(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_A, 40000, HOST, 8080),
-            ),
-            (1, 40, 2),
-            (BRIDGE, TASK_A),
-        )
-        .flow(
-            got(
-                IFINDEX_A,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(BRIDGE, 40000, TASK_A, 80),
-            ),
-            (1, 40, 2),
-            (TASK_A, HOST),
+            8080,
+            IFINDEX_A,
+            tu(BRIDGE, 40000, TASK_A, 80),
         ),
         // 6.
-        Case::new(
-            "B's security group rejects UDP from A: A's record ACCEPT, B's REJECT, the drop \
-             counted on B and one drop event",
-            world_with_policy(TASK_B, P_BRIDGE_HTTP),
-        )
-        .task_sends(TASK_A, &ew_udp, TC_SHOT)
-        .flow(
-            sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-            (1, udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(IFINDEX_B, ACTION_REJECT, PROTO_UDP, ew_udp_t),
-            (1, udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .drops(IFINDEX_B, DropReason::SgIngress, HOOK_TC_INGRESS, 1)
-        .event(reject_b),
+        b_rejects(
+            b_policy(
+                "B's security group rejects UDP from A: A's record ACCEPT, B's REJECT, the drop \
+                 counted on B and one drop event",
+            ),
+            1,
+            1,
+        ),
         Case::new(
             "B's security group accepts TCP/80 from A: both records ACCEPT, one allow event",
             world_with_policy(TASK_B, P_BRIDGE_HTTP),
         )
         .task_sends(TASK_A, &a_tcp(TCP_SYN), TC_REDIRECT)
-        .flow(
-            sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_TCP, ew_tcp_t),
-            (1, 40, 2),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(IFINDEX_B, ACTION_ACCEPT, PROTO_TCP, ew_tcp_t),
-            (1, 40, 2),
-            (TASK_A, TASK_B),
-        )
+        .east_west(IFINDEX_B, ACCEPTED, ew_tcp_t, (1, 40, 2))
         .event(allow_event(
             IFINDEX_B,
             HOOK_TC_INGRESS,
             FLOW_INGRESS,
             PROTO_TCP,
-            ew_tcp_t,
+            ew_tcp_t.1,
         )),
         Case::new(
             "A's own security group: UDP to B rejected (A's record REJECT, nothing for B), \
@@ -809,38 +782,22 @@ fn cases() -> Vec<Case> {
             TC_REDIRECT,
         )
         .flow(
-            sent(TEST_IFINDEX, ACTION_REJECT, PROTO_UDP, ew_udp_t),
+            sent(TEST_IFINDEX, ACTION_REJECT, PROTO_UDP, ew_udp_t.1),
             (1, udp_len, 0),
             (TASK_A, TASK_B),
         )
-        .flow(
-            sent(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_A, 40000, TASK_B, 443),
-            ),
+        .east_west(
+            IFINDEX_B,
+            ACCEPTED,
+            (PROTO_TCP, tu(TASK_A, 40000, TASK_B, 443)),
             (1, 40, 2),
-            (TASK_A, TASK_B),
         )
-        .flow(
-            got(
-                IFINDEX_B,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(TASK_A, 40000, TASK_B, 443),
-            ),
-            (1, 40, 2),
-            (TASK_A, TASK_B),
-        )
-        .drops(TEST_IFINDEX, DropReason::SgEgress, HOOK_TC_INGRESS, 1)
-        .event(drop_event(
-            DropReason::SgEgress,
+        .dropped(
             TEST_IFINDEX,
+            DropReason::SgEgress,
             HOOK_TC_INGRESS,
-            PROTO_UDP,
             ew_udp_t,
-        ))
+        )
         // The allow event names the task's interface from TASKS (11), the flow records the
         // skb's (1): the same interface in production.
         .event(allow_event(
@@ -850,38 +807,18 @@ fn cases() -> Vec<Case> {
             PROTO_TCP,
             tu(TASK_A, 40000, TASK_B, 443),
         )),
-        Case::new(
+        ipv6_policed(
             "IPv6 from a task under a policy: dropped IPV6_POLICED, no record, one drop event",
-            world_with_policy(TASK_A, P_EGRESS_HTTPS),
-        )
-        .step(
+            P_EGRESS_HTTPS,
             Act::FromTask(TASK_A, ecsnet_tests::raw::ipv6_frame(MAC_B, MAC_A)),
-            TC_SHOT,
-        )
-        .drops(TEST_IFINDEX, DropReason::Ipv6Policed, HOOK_TC_INGRESS, 1)
-        .event(drop_event(
-            DropReason::Ipv6Policed,
-            TEST_IFINDEX,
             HOOK_TC_INGRESS,
-            0,
-            tu([0; 4], 0, [0; 4], 0),
-        )),
-        Case::new(
+        ),
+        ipv6_policed(
             "IPv6 to a task under a policy: dropped IPV6_POLICED on its interface, one event",
-            world_with_policy(TASK_A, P_BRIDGE_HTTP),
-        )
-        .step(
+            P_BRIDGE_HTTP,
             Act::ToTask(TASK_A, ecsnet_tests::raw::ipv6_frame(MAC_A, MAC_B)),
-            TC_SHOT,
-        )
-        .drops(TEST_IFINDEX, DropReason::Ipv6Policed, HOOK_TC_EGRESS, 1)
-        .event(drop_event(
-            DropReason::Ipv6Policed,
-            TEST_IFINDEX,
             HOOK_TC_EGRESS,
-            0,
-            tu([0; 4], 0, [0; 4], 0),
-        )),
+        ),
         Case::new(
             "instance metadata blocked: A's record REJECT, the drop and its event on A",
             world(),
@@ -893,81 +830,34 @@ fn cases() -> Vec<Case> {
             TC_SHOT,
         )
         .flow(
-            sent(
-                TEST_IFINDEX,
-                ACTION_REJECT,
-                PROTO_TCP,
-                tu(TASK_A, 40000, IMDS, 80),
-            ),
+            sent(TEST_IFINDEX, ACTION_REJECT, PROTO_TCP, to_imds.1),
             (1, 40, 2),
             (TASK_A, IMDS),
         )
-        .drops(TEST_IFINDEX, DropReason::ImdsBlocked, HOOK_TC_INGRESS, 1)
-        .event(drop_event(
-            DropReason::ImdsBlocked,
+        .dropped(
             TEST_IFINDEX,
+            DropReason::ImdsBlocked,
             HOOK_TC_INGRESS,
-            PROTO_TCP,
-            tu(TASK_A, 40000, IMDS, 80),
-        )),
-        Case::new(
+            to_imds,
+        ),
+        published_rejected(
             "published port whose task rejects the client, at tc: A's REJECT record has the \
              post-DNAT tuple and the host address",
-            world_with_policy(TASK_A, P_BRIDGE_HTTP),
-        )
-        .on_uplink()
-        .uplink(&syn_8080, TC_SHOT)
-        .flow(
-            got(IFINDEX_A, ACTION_REJECT, PROTO_TCP, in_a_80),
-            (1, 40, 2),
-            (CLIENT, HOST),
-        )
-        .drops(IFINDEX_A, DropReason::SgIngress, HOOK_TC_INGRESS, 1)
-        .event(drop_event(
-            DropReason::SgIngress,
-            IFINDEX_A,
+            Case::uplink,
+            TC_SHOT,
             HOOK_TC_INGRESS,
-            PROTO_TCP,
-            tu(CLIENT, 51000, HOST, 8080),
-        )),
-        Case::new(
+        ),
+        published_rejected(
             "the same SYN at XDP (early_policy): the same REJECT record tc would have written",
-            world_with_policy(TASK_A, P_BRIDGE_HTTP),
-        )
-        .on_uplink()
-        .xdp(&syn_8080, XDP_DROP)
-        .flow(
-            got(IFINDEX_A, ACTION_REJECT, PROTO_TCP, in_a_80),
-            (1, 40, 2),
-            (CLIENT, HOST),
-        )
-        .drops(IFINDEX_A, DropReason::SgIngress, HOOK_XDP, 1)
-        .event(drop_event(
-            DropReason::SgIngress,
-            IFINDEX_A,
+            Case::xdp,
+            XDP_DROP,
             HOOK_XDP,
-            PROTO_TCP,
-            tu(CLIENT, 51000, HOST, 8080),
-        )),
+        ),
         Case::new(
             "delivered by the kernel to B without policy (tc egress): B's ingress record",
             world(),
         )
-        .kernel_delivers(
-            TASK_B,
-            &tcp(CLIENT, 51000, TASK_B, 80, TCP_SYN).routed_to(MAC_B),
-            TC_OK,
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_ACCEPT,
-                PROTO_TCP,
-                tu(CLIENT, 51000, TASK_B, 80),
-            ),
-            (1, 40, 2),
-            (CLIENT, TASK_B),
-        ),
+        .kernel_delivers_syn(tu(CLIENT, 51000, TASK_B, 80), TC_OK, ACTION_ACCEPT),
         kernel_delivers_to_b_with_policy(
             "delivered by the kernel to B with policy (tc egress): the client rejected, the \
              bridge-subnet container accepted",
@@ -983,29 +873,7 @@ fn cases() -> Vec<Case> {
              interface): B's rules judge it, as the interface's task, and reject the client",
             on_test_device(world_with_policy(TASK_B, P_BRIDGE_HTTP), TASK_B),
         )
-        .kernel_delivers(
-            TASK_B,
-            &tcp(CLIENT, 51000, TASK_A, 80, TCP_SYN).routed_to(MAC_B),
-            TC_SHOT,
-        )
-        .flow(
-            got(
-                TEST_IFINDEX,
-                ACTION_REJECT,
-                PROTO_TCP,
-                tu(CLIENT, 51000, TASK_A, 80),
-            ),
-            (1, 40, 2),
-            (CLIENT, TASK_A),
-        )
-        .drops(TEST_IFINDEX, DropReason::SgIngress, HOOK_TC_EGRESS, 1)
-        .event(drop_event(
-            DropReason::SgIngress,
-            TEST_IFINDEX,
-            HOOK_TC_EGRESS,
-            PROTO_TCP,
-            tu(CLIENT, 51000, TASK_A, 80),
-        )),
+        .kernel_rejects_syn(tu(CLIENT, 51000, TASK_A, 80)),
         // 7.
         Case::new(
             "flow table of one entry: the first flow is counted, the second one's packets are \
@@ -1028,53 +896,29 @@ fn cases() -> Vec<Case> {
         )
         .lost(IFINDEX_B, 2, 85),
         // 8.
-        Case::new(
-            "10 rejected packets at 1 event/s with a burst of 3: 3 events, 7 suppressed, \
-             every drop and packet still counted (the 10 runs take far less than a second)",
-            world_with_policy(TASK_B, P_BRIDGE_HTTP),
+        b_rejects(
+            b_policy(
+                "10 rejected packets at 1 event/s with a burst of 3: 3 events, 7 suppressed, \
+                 every drop and packet still counted (the 10 runs take far less than a second)",
+            )
+            .rate(1, 3)
+            .times(10),
+            10,
+            3,
         )
-        .rate(1, 3)
-        .task_sends(TASK_A, &ew_udp, TC_SHOT)
-        .times(10)
-        .flow(
-            sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-            (10, 10 * udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(IFINDEX_B, ACTION_REJECT, PROTO_UDP, ew_udp_t),
-            (10, 10 * udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .drops(IFINDEX_B, DropReason::SgIngress, HOOK_TC_INGRESS, 10)
-        .event(reject_b)
-        .event(reject_b)
-        .event(reject_b)
         .budget(7, 7),
-        Case::new(
-            "the same burst at 2 events/s, then a pause of more than one event's cost and one \
-             more rejected packet: its event carries the 7 suppressed before it",
-            world_with_policy(TASK_B, P_BRIDGE_HTTP),
+        b_rejects(
+            b_policy(
+                "the same burst at 2 events/s, then a pause of more than one event's cost and \
+                 one more rejected packet: its event carries the 7 suppressed before it",
+            )
+            .rate(2, 3)
+            .times(10)
+            .sleep_ms(700)
+            .task_sends(TASK_A, &ew_udp, TC_SHOT),
+            11,
+            3,
         )
-        .rate(2, 3)
-        .task_sends(TASK_A, &ew_udp, TC_SHOT)
-        .times(10)
-        .sleep_ms(700)
-        .task_sends(TASK_A, &ew_udp, TC_SHOT)
-        .flow(
-            sent(TEST_IFINDEX, ACTION_ACCEPT, PROTO_UDP, ew_udp_t),
-            (11, 11 * udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .flow(
-            got(IFINDEX_B, ACTION_REJECT, PROTO_UDP, ew_udp_t),
-            (11, 11 * udp_len, 0),
-            (TASK_A, TASK_B),
-        )
-        .drops(IFINDEX_B, DropReason::SgIngress, HOOK_TC_INGRESS, 11)
-        .event(reject_b)
-        .event(reject_b)
-        .event(reject_b)
         .event(Event {
             suppressed: 7,
             ..reject_b
@@ -1375,10 +1219,18 @@ fn check_expected(c: &Case, o: &Outcome) -> Result<(), String> {
             o.budget, c.budget
         ));
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n  "))
+    case_result(&errs)
+}
+
+/// Adds an error naming `what` when its value with flow logs off is not the one with them on.
+fn same_off_and_on<T: PartialEq + std::fmt::Debug>(
+    errs: &mut Vec<String>,
+    what: &str,
+    off: &T,
+    on: &T,
+) {
+    if off != on {
+        errs.push(format!("{what}: off {off:?}, on {on:?}"));
     }
 }
 
@@ -1410,18 +1262,10 @@ fn check_off(on: &Outcome, off: &Outcome) -> Result<(), String> {
     if on.ct != off.ct {
         errs.push(format!("CT: off {:?}\n  on {:?}", off.ct, on.ct));
     }
-    if on.frags != off.frags {
-        errs.push(format!("FRAGS: off {:?}, on {:?}", off.frags, on.frags));
-    }
-    if on.tasks != off.tasks {
-        errs.push(format!("TASKS: off {:?}, on {:?}", off.tasks, on.tasks));
-    }
-    if on.stats != off.stats {
-        errs.push(format!("STATS: off {:?}, on {:?}", off.stats, on.stats));
-    }
-    if on.drops != off.drops {
-        errs.push(format!("DROPS: off {:?}, on {:?}", off.drops, on.drops));
-    }
+    same_off_and_on(&mut errs, "FRAGS", &off.frags, &on.frags);
+    same_off_and_on(&mut errs, "TASKS", &off.tasks, &on.tasks);
+    same_off_and_on(&mut errs, "STATS", &off.stats, &on.stats);
+    same_off_and_on(&mut errs, "DROPS", &off.drops, &on.drops);
     let no_ts =
         |v: &[Event]| -> Vec<Event> { v.iter().map(|e| Event { ts_ns: 0, ..*e }).collect() };
     if no_ts(&on.events) != no_ts(&off.events) {
@@ -1431,17 +1275,8 @@ fn check_off(on: &Outcome, off: &Outcome) -> Result<(), String> {
             no_ts(&on.events)
         ));
     }
-    if on.budget != off.budget {
-        errs.push(format!(
-            "EVENT_BUDGET: off {:?}, on {:?}",
-            off.budget, on.budget
-        ));
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n  "))
-    }
+    same_off_and_on(&mut errs, "EVENT_BUDGET", &off.budget, &on.budget);
+    case_result(&errs)
 }
 
 /// Pins the calling thread to the CPU it runs on: every test run of a case then uses the same
