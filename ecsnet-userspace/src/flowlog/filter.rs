@@ -219,7 +219,7 @@ mod tests {
     use super::*;
     use crate::flowlog::format::{
         FormatError,
-        examples::{aws_example, nodata, parse_err},
+        examples::{aws_example, nodata, parse_err, refused},
     };
 
     fn filter(expr: &str) -> Filter {
@@ -406,16 +406,14 @@ mod tests {
             "bad port \"x\" in filter term \"port=x\": expected 0 to 65535"
         );
         assert!(matches!(err("port=65536").0, FilterError::BadValue { .. }));
-        let (e, msg) = err("proto=tcp port");
-        assert_eq!(
-            e,
-            FilterError::MissingEq {
-                term: "port".into()
-            }
-        );
-        assert!(
-            msg.contains("\"port\"") && msg.contains("key=value"),
-            "{msg}"
+        let missing = FilterError::MissingEq {
+            term: "port".into(),
+        };
+        refused(
+            "proto=tcp port",
+            Filter::parse,
+            &missing,
+            &["\"port\"", "key=value"],
         );
         for bad in [
             "addr=1.2.3",

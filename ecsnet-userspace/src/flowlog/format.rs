@@ -420,6 +420,24 @@ pub(crate) mod examples {
         }
     }
 
+    /// Checks that `parse` refuses `s` with exactly `want`, and that the message says each of
+    /// `says`.
+    pub fn refused<
+        T: std::fmt::Debug,
+        E: Clone + std::fmt::Display + std::fmt::Debug + PartialEq,
+    >(
+        s: &str,
+        parse: impl Fn(&str) -> Result<T, E>,
+        want: &E,
+        says: &[&str],
+    ) {
+        let (e, msg) = parse_err(s, parse);
+        assert_eq!(&e, want, "{s:?}");
+        for needle in says {
+            assert!(msg.contains(needle), "{s:?}: {msg} lacks {needle}");
+        }
+    }
+
     pub fn nodata() -> Record {
         Record {
             account_id: Some("123456789010".into()),
@@ -434,7 +452,7 @@ pub(crate) mod examples {
 
 #[cfg(test)]
 mod tests {
-    use super::examples::{aws_example, nodata, parse_err};
+    use super::examples::{aws_example, nodata, parse_err, refused};
     use super::*;
 
     fn format(s: &str) -> Format {
@@ -554,40 +572,39 @@ mod tests {
     #[test]
     fn format_errors_name_the_problem() {
         let err = |s: &str| parse_err(s, Format::parse);
-        let (e, msg) = err("${srcaddr} ${bogus}");
-        assert_eq!(
-            e,
-            FormatError::UnknownField {
-                name: "bogus".into()
-            }
+        let unknown = FormatError::UnknownField {
+            name: "bogus".into(),
+        };
+        refused(
+            "${srcaddr} ${bogus}",
+            Format::parse,
+            &unknown,
+            &["\"bogus\"", "VPC Flow Logs"],
         );
-        assert!(
-            msg.contains("\"bogus\"") && msg.contains("VPC Flow Logs"),
-            "{msg}"
+        let token = FormatError::BadToken {
+            token: "dstaddr".into(),
+        };
+        refused(
+            "${srcaddr} dstaddr",
+            Format::parse,
+            &token,
+            &["\"dstaddr\""],
         );
-        let (e, msg) = err("${srcaddr} dstaddr");
-        assert_eq!(
-            e,
-            FormatError::BadToken {
-                token: "dstaddr".into()
-            }
-        );
-        assert!(msg.contains("\"dstaddr\""), "{msg}");
         for bad in ["${}", "${srcaddr", "{srcaddr}", "${srcaddr}${dstaddr}"] {
             assert!(matches!(err(bad).0, FormatError::BadToken { .. }), "{bad}");
         }
-        let (e, msg) = err("${srcaddr} ${dstaddr} ${srcaddr}");
-        assert_eq!(
-            e,
-            FormatError::Duplicate {
-                name: "srcaddr".into()
-            }
-        );
-        assert!(msg.contains("\"srcaddr\"") && msg.contains("once"), "{msg}");
+        let twice = FormatError::Duplicate {
+            name: "srcaddr".into(),
+        };
+        let s = "${srcaddr} ${dstaddr} ${srcaddr}";
+        refused(s, Format::parse, &twice, &["\"srcaddr\"", "once"]);
         for empty in ["", "  \n\t "] {
-            let (e, msg) = err(empty);
-            assert_eq!(e, FormatError::Empty);
-            assert!(msg.contains("at least one field"), "{msg}");
+            refused(
+                empty,
+                Format::parse,
+                &FormatError::Empty,
+                &["at least one field"],
+            );
         }
     }
 
