@@ -1,4 +1,4 @@
-//! Flow accounting (`ecsnet-ebpf/src/flow.rs`) through `BPF_PROG_TEST_RUN`, as a table of cases.
+//! Flow accounting (`ecsnet-ebpf/src/account.rs` and `events.rs`) through `BPF_PROG_TEST_RUN`, as a table of cases.
 //! Each case seeds a private datapath (tasks, published ports, CT entries, security groups, the
 //! capture window and the event rate), runs frames through the task and uplink programs, and
 //! then checks the exact flow-log effect: every FLOWS key and its counters summed over CPUs
@@ -848,7 +848,7 @@ fn cases() -> Vec<Case> {
             HOOK_TC_INGRESS,
         ),
         published_rejected(
-            "the same SYN at XDP (early_policy): the same REJECT record tc would have written",
+            "the same SYN at XDP (early_drop): the same REJECT record tc would have written",
             Case::xdp,
             XDP_DROP,
             HOOK_XDP,
