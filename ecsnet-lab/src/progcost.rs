@@ -148,11 +148,6 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
         sgs[i % groups].ip_permissions.push(p);
     }
     let task = Task {
-        task_arn: None,
-        name: "task".to_owned(),
-        ipv4_address: TASK_A.into(),
-        interface: None,
-        interface_id: None,
         port_mappings: [(ALLOWED_PORT, 80), (REJECTED_PORT, 81)]
             .map(|(host_port, container_port)| PortMapping {
                 container_port,
@@ -161,9 +156,7 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
             })
             .to_vec(),
         security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
-        service_name: None,
-        task_definition_arn: None,
-        container_id: None,
+        ..Task::new("task", TASK_A.into())
     };
     State {
         host: state::Host::default(),
@@ -539,16 +532,9 @@ fn program_state() -> State {
         ip_permissions_egress: vec![anywhere("-1", None)],
     };
     let task = |name: &str, addr: [u8; 4], port_mappings| Task {
-        task_arn: None,
-        name: name.to_owned(),
-        ipv4_address: Ipv4Addr::from(addr),
-        interface: None,
-        interface_id: None,
         port_mappings,
         security_groups: vec![sg.group_id.clone()],
-        service_name: None,
-        task_definition_arn: None,
-        container_id: None,
+        ..Task::new(name, Ipv4Addr::from(addr))
     };
     let published = PortMapping {
         container_port: 80,

@@ -311,10 +311,7 @@ pub fn state_for(status: &LabStatus) -> State {
                     status.name,
                     &t.interface[4..]
                 )),
-                name: t.name.clone(),
-                ipv4_address: t.address,
                 interface: Some(t.interface.clone()),
-                interface_id: None,
                 port_mappings: t
                     .port_mappings
                     .iter()
@@ -324,13 +321,12 @@ pub fn state_for(status: &LabStatus) -> State {
                         protocol: p.protocol,
                     })
                     .collect(),
-                security_groups: vec![],
                 service_name: Some(format!("{}-svc", t.name)),
                 task_definition_arn: Some(format!(
                     "arn:aws:ecs:us-east-1:123456789012:task-definition/{}:1",
                     t.name
                 )),
-                container_id: None,
+                ..Task::new(t.name.clone(), t.address)
             })
             .collect(),
     }

@@ -68,16 +68,10 @@ pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
         } => add(
             paths,
             Task {
-                task_arn: None,
-                name,
-                ipv4_address: ip,
                 interface,
-                interface_id: None,
                 port_mappings: publish,
                 security_groups,
-                service_name: None,
-                task_definition_arn: None,
-                container_id: None,
+                ..Task::new(name, ip)
             },
         ),
         TaskCmd::Rm { name } => {

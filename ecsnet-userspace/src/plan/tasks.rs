@@ -187,11 +187,6 @@ pub(crate) mod tests {
 
     pub(crate) fn task(name: &str, ip: [u8; 4], ports: &[(u16, u16, Protocol)]) -> Task {
         Task {
-            task_arn: None,
-            name: name.into(),
-            ipv4_address: ip.into(),
-            interface: None,
-            interface_id: None,
             port_mappings: ports
                 .iter()
                 .map(|&(c, h, p)| PortMapping {
@@ -200,10 +195,7 @@ pub(crate) mod tests {
                     protocol: p,
                 })
                 .collect(),
-            security_groups: vec![],
-            service_name: None,
-            task_definition_arn: None,
-            container_id: None,
+            ..Task::new(name, ip.into())
         }
     }
 

@@ -7,7 +7,7 @@ pub(crate) mod sgfile;
 pub(crate) mod timeouts;
 mod validate;
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use ecsnet_common::ct::{PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
@@ -291,6 +291,63 @@ pub struct Task {
     pub task_definition_arn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The MAC address of the task's end of its veth; None: asked by ARP, or learned by the
+    /// datapath from the task's first packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
+    /// Where the task came from: the state file (or `task add`), or the container engine.
+    #[serde(default, skip_serializing_if = "TaskSource::is_state")]
+    pub source: TaskSource,
+    /// The container's image, as the engine names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The container's labels, as the engine gives them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Task {
+    /// A task of nothing but its name and address, from the state file: the rest as an entry
+    /// that leaves every optional field out.
+    pub fn new(name: impl Into<String>, ipv4_address: Ipv4Addr) -> Self {
+        Self {
+            task_arn: None,
+            name: name.into(),
+            ipv4_address,
+            interface: None,
+            interface_id: None,
+            port_mappings: Vec::new(),
+            security_groups: Vec::new(),
+            service_name: None,
+            task_definition_arn: None,
+            container_id: None,
+            mac_address: None,
+            source: TaskSource::State,
+            image: None,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where a task came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskSource {
+    /// The state file, `apply -f` or `task add`.
+    #[default]
+    State,
+    /// Discovered from the Docker engine (`up --docker`).
+    Docker,
+}
+
+impl TaskSource {
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "serde's skip_serializing_if passes a reference"
+    )]
+    pub fn is_state(&self) -> bool {
+        *self == Self::State
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -646,16 +703,8 @@ pub(crate) mod tests {
             .collect();
         let tasks = (0..200u8)
             .map(|i| Task {
-                task_arn: None,
-                name: format!("t{i}"),
-                ipv4_address: Ipv4Addr::new(172, 17, 1, 2 + i),
-                interface: None,
-                interface_id: None,
-                port_mappings: Vec::new(),
                 security_groups: vec![id(usize::from(i % 100)), id(n - 1 - usize::from(i % 7))],
-                service_name: None,
-                task_definition_arn: None,
-                container_id: None,
+                ..Task::new(format!("t{i}"), Ipv4Addr::new(172, 17, 1, 2 + i))
             })
             .collect();
         State {

@@ -95,16 +95,8 @@ pub(crate) mod fixtures {
     /// A task of nothing but its name, address and interface.
     pub fn task(name: &str, ip: [u8; 4], interface: Option<&str>) -> Task {
         Task {
-            task_arn: None,
-            name: name.to_owned(),
-            ipv4_address: Ipv4Addr::from(ip),
             interface: interface.map(str::to_owned),
-            interface_id: None,
-            port_mappings: vec![],
-            security_groups: vec![],
-            service_name: None,
-            task_definition_arn: None,
-            container_id: None,
+            ..Task::new(name, Ipv4Addr::from(ip))
         }
     }
 
