@@ -47,11 +47,14 @@ pub enum DropReason {
     /// The program that opens new flows of tasks is not loaded, or could not take the flow
     /// over: the flow fails closed.
     TailCallFailed = 20,
+    /// A task interface that appeared on the bridge before ecsnet knew whose it is, under
+    /// `defaultPolicy: deny`: held, nothing passes until the container is identified.
+    Unidentified = 21,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::BadTcpOffset,
@@ -72,6 +75,7 @@ impl DropReason {
         Self::BadIpChecksum,
         Self::TcpOutOfWindow,
         Self::TailCallFailed,
+        Self::Unidentified,
     ];
 
     /// The reason for a number read from a map, if it is one.
@@ -115,6 +119,7 @@ impl DropReason {
             Self::BadIpChecksum => "BAD_IP_CHECKSUM",
             Self::TcpOutOfWindow => "TCP_OUT_OF_WINDOW",
             Self::TailCallFailed => "TAIL_CALL_FAILED",
+            Self::Unidentified => "UNIDENTIFIED",
         }
     }
 }

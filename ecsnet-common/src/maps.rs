@@ -72,14 +72,17 @@ pub const MAX_DROP_KEYS: u32 = MAX_TASKS * 4;
 pub const ROLE_TASK: u8 = 1;
 /// [`IfaceInfo::role`]: the host's uplink.
 pub const ROLE_UPLINK: u8 = 2;
+/// [`IfaceInfo::role`]: a new interface on the bridge, attached as the kernel announced it and
+/// held at the default policy until the agent knows whose container it is (`up --docker`).
+pub const ROLE_HELD: u8 = 3;
 
 /// What an attached interface is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceInfo {
-    /// The task's IPv4 address in network byte order; 0 for the uplink.
+    /// The task's IPv4 address in network byte order; 0 for the uplink and a held interface.
     pub ipv4: u32,
-    /// `ROLE_TASK` or `ROLE_UPLINK`.
+    /// `ROLE_TASK`, `ROLE_UPLINK` or `ROLE_HELD`.
     pub role: u8,
     pub _pad: [u8; 3],
 }
@@ -133,6 +136,8 @@ pub struct Config {
 
 /// [`Config::flags`]: drop task traffic to 169.254.169.254 (`host.blockInstanceMetadata`).
 pub const CONFIG_BLOCK_IMDS: u8 = 1;
+/// [`Config::flags`]: `host.defaultPolicy` is deny: a held interface (`ROLE_HELD`) passes nothing.
+pub const CONFIG_DEFAULT_DENY: u8 = 2;
 map_type!(Config, 24);
 
 /// Key of [`MAP_PORTS`]: a host port (network byte order) and protocol.

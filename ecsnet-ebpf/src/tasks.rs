@@ -1,9 +1,15 @@
 //! The tasks of this host as the datapath finds them: by address (`TASKS`, written by
 //! `ecsnet apply`) and by the interface user space attached for them (`IFACES`).
 
-use ecsnet_common::maps::{ROLE_TASK, TaskInfo};
+use ecsnet_common::{
+    DropReason,
+    maps::{CONFIG_DEFAULT_DENY, Config, ROLE_HELD, ROLE_TASK, TaskInfo},
+};
 
-use crate::maps::{IFACES, TASKS};
+use crate::{
+    maps::{IFACES, TASKS},
+    verdict::{self, Verdict},
+};
 
 /// The task with address `addr` (network byte order).
 #[inline(always)]
@@ -34,4 +40,16 @@ pub fn by_iface(ifindex: u32) -> Option<(u32, *mut TaskInfo)> {
     }
     let task = TASKS.get_ptr_mut(&iface.ipv4)?;
     Some((iface.ipv4, task))
+}
+
+/// A packet on an interface that is no task's: the kernel's path, as without ecsnet, unless the
+/// interface is held (`ROLE_HELD`: a container ecsnet has not identified yet) and the default
+/// policy is deny, which lets nothing through until the container's own policy is written.
+#[inline(always)]
+pub fn unknown_iface(cfg: &Config, ifindex: u32) -> Result<Verdict, DropReason> {
+    let held = unsafe { IFACES.get(&ifindex) }.is_some_and(|i| i.role == ROLE_HELD);
+    verdict::pass_or(
+        !held || cfg.flags & CONFIG_DEFAULT_DENY == 0,
+        DropReason::Unidentified,
+    )
 }

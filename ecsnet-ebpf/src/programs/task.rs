@@ -40,7 +40,7 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         fast
     } else {
         let Some((own, task)) = tasks::by_iface(ifindex) else {
-            return Ok(Verdict::Pass);
+            return tasks::unknown_iface(&cfg, ifindex);
         };
         let mac = antispoof::check_source_mac(ctx, task)?;
         let group = match task_frame(ctx)? {
@@ -198,7 +198,7 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let task = match fast.or_else(|| tasks::by_iface(ifindex).map(|(_, task)| task)) {
         // SAFETY: a TASKS value pointer, valid for this program run.
         Some(task) => unsafe { *task },
-        None => return Ok(Verdict::Pass),
+        None => return tasks::unknown_iface(&cfg, ifindex),
     };
     match frame? {
         Frame::Arp => return Ok(Verdict::Pass),

@@ -54,6 +54,11 @@ pub struct UpArgs {
     #[arg(long, value_name = "ADDRESS:PORT|off", default_value = "127.0.0.1:9464",
           value_parser = metrics_addr)]
     pub metrics: MetricsAddr,
+    /// Follow this Docker engine: its containers on the bridge become tasks, as they start and
+    /// stop (`unix:///var/run/docker.sock` when no URL is given).
+    #[arg(long, value_name = "URL", num_args = 0..=1,
+          default_missing_value = DEFAULT_DOCKER_URL, value_parser = docker_url)]
+    pub docker: Option<String>,
     /// Run the agent in this process instead of the background.
     #[arg(long)]
     pub foreground: bool,
@@ -113,6 +118,23 @@ fn metrics_addr(s: &str) -> Result<MetricsAddr, BadMetricsAddr> {
         .map_err(|_| BadMetricsAddr)
 }
 
+/// Where Docker listens by default.
+pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
+
+#[derive(Debug, thiserror::Error)]
+#[error("expected unix:///PATH/TO/docker.sock or an absolute socket path")]
+pub struct BadDockerUrl;
+
+/// `--docker`: a Unix socket, as `unix:///path` or a bare absolute path; kept as `unix://...`.
+fn docker_url(s: &str) -> Result<String, BadDockerUrl> {
+    let path = s.strip_prefix("unix://").unwrap_or(s);
+    if path.starts_with('/') && path.len() > 1 {
+        Ok(format!("unix://{path}"))
+    } else {
+        Err(BadDockerUrl)
+    }
+}
+
 pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Result<()> {
     let opts = UpOptions {
         netns,
@@ -133,6 +155,7 @@ pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Re
         },
         monitor_rate: a.monitor_rate,
         metrics: a.metrics.0,
+        docker: a.docker,
     };
     let pid = instance::up(paths, &opts, !a.foreground)?;
     let meta = files::require_up(paths)?;

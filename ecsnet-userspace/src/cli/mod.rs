@@ -121,6 +121,10 @@ fn instance_name(name: &str) -> Result<String, String> {
 pub enum UsageError {
     #[error("no task named {name:?}; `ecsnet task ls` lists them")]
     NoSuchTask { name: String },
+    #[error(
+        "task {name:?} comes from the Docker engine (container {container}); stop or remove the container, or give a state-file task of that name, which wins"
+    )]
+    EngineTask { name: String, container: String },
     #[error("{file}: {error}")]
     BadFile {
         file: String,

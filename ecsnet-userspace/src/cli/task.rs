@@ -7,7 +7,8 @@ use clap::Subcommand;
 use crate::{
     cli::{UsageError, print_json_or},
     instance,
-    state::{PortMapping, Protocol, State, Task},
+    plan::merge,
+    state::{PortMapping, Protocol, State, Task, TaskSource},
     store::{files, paths::InstancePaths},
 };
 
@@ -77,6 +78,17 @@ pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
         TaskCmd::Rm { name } => {
             let lock = instance::lock_apply(paths)?;
             let mut s = current_state(paths)?;
+            if let Some(t) = s
+                .tasks
+                .iter()
+                .find(|t| t.name == name && t.source == TaskSource::Docker)
+            {
+                return Err(UsageError::EngineTask {
+                    name,
+                    container: merge::short_id(t.container_id.as_deref().unwrap_or("?")).to_owned(),
+                }
+                .into());
+            }
             let before = s.tasks.len();
             s.tasks.retain(|t| t.name != name);
             if s.tasks.len() == before {
@@ -88,7 +100,8 @@ pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
         }
         TaskCmd::Ls { json } => {
             let s = current_state(paths)?;
-            print_json_or(json, &s.tasks[..], table);
+            let notes = notes(paths, &s)?;
+            print_json_or(json, &s.tasks[..], |t| table(t, &notes));
             Ok(())
         }
     }
@@ -141,23 +154,52 @@ pub fn ports(mappings: &[PortMapping]) -> String {
     ports.join(" ")
 }
 
-/// The table `task ls` prints.
-fn table(tasks: &[Task]) -> String {
+/// The table `task ls` prints: each task, where it came from (`state` or `docker` and the
+/// container), and below it what the merge decided about the engine's containers.
+fn table(tasks: &[Task], notes: &[String]) -> String {
     let mut out = format!(
-        "{:<12} {:<15} {:<15} PORTS\n",
-        "TASK", "ADDRESS", "INTERFACE"
+        "{:<12} {:<15} {:<15} {:<20} PORTS\n",
+        "TASK", "ADDRESS", "INTERFACE", "SOURCE"
     );
     for t in tasks {
+        let source = match (t.source, &t.container_id) {
+            (TaskSource::Docker, Some(id)) => format!("docker {}", merge::short_id(id)),
+            (TaskSource::Docker, None) => "docker".to_owned(),
+            (TaskSource::State, _) => "state".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "{:<12} {:<15} {:<15} {}",
+            "{:<12} {:<15} {:<15} {:<20} {}",
             t.name,
             t.ipv4_address,
             t.interface.as_deref().unwrap_or("-"),
+            source,
             ports(&t.port_mappings)
         );
     }
+    for n in notes {
+        let _ = writeln!(out, "note: {n}");
+    }
     out
+}
+
+/// What `task ls` says below its table: the merge's decisions and the engine's containers that
+/// are not tasks.
+fn notes(paths: &InstancePaths, applied: &State) -> anyhow::Result<Vec<String>> {
+    let Some(d) = files::read_discovered(paths)? else {
+        return Ok(Vec::new());
+    };
+    let merged = merge::merge(merge::configured(applied.clone()), &d.tasks);
+    let mut out: Vec<String> = merged.notes.iter().map(ToString::to_string).collect();
+    out.extend(d.not_tasks.iter().map(|n| {
+        format!(
+            "container {} ({}) is not a task: {}",
+            merge::short_id(&n.container_id),
+            n.name,
+            n.reason
+        )
+    }));
+    Ok(out)
 }
 
 #[cfg(test)]

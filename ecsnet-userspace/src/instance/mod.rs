@@ -4,6 +4,7 @@
 pub(crate) mod process;
 
 use std::{
+    collections::HashSet,
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -16,7 +17,10 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use ecsnet_common::{ct::Timeouts, maps::Config};
+use ecsnet_common::{
+    ct::Timeouts,
+    maps::{Config, ROLE_HELD},
+};
 
 use crate::{
     flowlog,
@@ -29,7 +33,7 @@ use crate::{
         maps::{self, MapsError},
     },
     plan::{
-        Plan, PlanError, entries, sg,
+        Plan, PlanError, entries, merge, sg,
         tasks::{self, ResolvedTask},
     },
     state::{self, BridgeNet, LoadError, State, timeouts::TimeoutsError},
@@ -158,6 +162,8 @@ pub struct UpOptions {
     pub flow_logs: FlowLogOptions,
     pub monitor_rate: u32,
     pub metrics: Option<SocketAddr>,
+    /// The container engine to follow (`--docker`), as `unix:///path`.
+    pub docker: Option<String>,
 }
 
 /// `--xdp-mode` as given; `auto` is decided per uplink by `xdp_for`.
@@ -262,6 +268,7 @@ fn meta_for(
         flow_logs: opts.flow_logs.clone(),
         monitor_rate: opts.monitor_rate,
         metrics: opts.metrics,
+        docker: opts.docker.clone(),
     };
     Ok((meta, mode))
 }
@@ -311,6 +318,10 @@ pub fn up(
     opts.flow_logs
         .format()
         .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
+    // Without --docker the engine's containers from an earlier run are no tasks any more.
+    if opts.docker.is_none() {
+        files::remove(&paths.discovered())?;
+    }
     // Check the whole state against the host, and compute every entry, before touching anything.
     let plan = match requested {
         Some((file, requested)) => Some(plan_state(paths, &meta, &snap, requested, &file)?),
@@ -431,6 +442,9 @@ fn plan_state(
     let bridge = BridgeNet {
         address: meta.bridge_address,
     };
+    // The engine's containers join what was given; their entries were never the caller's.
+    let discovered = files::read_discovered(paths)?.unwrap_or_default();
+    let requested = merge::merge(merge::configured(requested), &discovered.tasks).state;
     let rules = state::validate(&requested, bridge).map_err(|error| LoadError::Invalid {
         file: file.to_owned(),
         error,
@@ -486,6 +500,18 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     let meta = read_meta(paths)?.ok_or_else(|| StoreError::NotUp {
         instance: paths.name.clone(),
     })?;
+    // Addresses whose task goes, or comes back on another interface (a new container given a
+    // stopped one's address): their tracked flows go with the old task.
+    let gone: HashSet<u32> = maps::read_tasks(paths)?
+        .into_iter()
+        .filter(|(addr, info)| {
+            !plan
+                .task_entries
+                .iter()
+                .any(|(a, new)| a == addr && new.ifindex == info.ifindex)
+        })
+        .map(|(addr, _)| addr)
+        .collect();
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
@@ -495,11 +521,27 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     maps::write_ports(paths, &plan.ports)?;
     maps::write_config_flags(paths, plan.config_flags)?;
     maps::remove_stale_policy(paths, peers, rules)?;
+    // Held interfaces (containers not identified yet) stay attached; the agent lets them go.
+    let held: HashSet<u32> = maps::read_ifaces(paths)?
+        .into_iter()
+        .filter(|(_, i)| i.role == ROLE_HELD)
+        .map(|(ifindex, _)| ifindex)
+        .collect();
     for ifindex in datapath::attached_ifindexes(paths) {
-        if ifindex != meta.uplink_index && !plan.tasks.iter().any(|t| t.ifindex == ifindex) {
+        if ifindex != meta.uplink_index
+            && !held.contains(&ifindex)
+            && !plan.tasks.iter().any(|t| t.ifindex == ifindex)
+        {
             datapath::detach(paths, ifindex)?;
             maps::forget_iface(paths, ifindex)?;
         }
+    }
+    if !gone.is_empty() {
+        maps::remove_flows(paths, |k, e| {
+            [k.saddr, k.daddr, e.peer.saddr, e.peer.daddr]
+                .iter()
+                .any(|a| gone.contains(a))
+        })?;
     }
     let cut = if reset_flows {
         maps::remove_flows(paths, |k, e| !sg::flow_allowed(&plan.policy, k, e))?

@@ -143,6 +143,12 @@ pub fn write_iface(paths: &InstancePaths, ifindex: u32, info: IfaceInfo) -> Resu
     i.insert(&ifindex, &info, 0).map_err(access(MAP_IFACES))
 }
 
+/// `TASKS` as it is in the kernel: by address (network order).
+pub fn read_tasks(paths: &InstancePaths) -> Result<Vec<(u32, TaskInfo)>, MapsError> {
+    let t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
+    Ok(t.iter().flatten().collect())
+}
+
 /// `IFACES` as it is in the kernel.
 pub fn read_ifaces(paths: &InstancePaths) -> Result<Vec<(u32, IfaceInfo)>, MapsError> {
     let i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;

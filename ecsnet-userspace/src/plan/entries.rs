@@ -4,13 +4,14 @@
 use std::net::Ipv4Addr;
 
 use ecsnet_common::maps::{
-    CONFIG_BLOCK_IMDS, Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK, ROLE_UPLINK, TaskInfo,
+    CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK,
+    ROLE_UPLINK, TaskInfo,
 };
 
 use crate::{
     host::netlink::Snapshot,
     plan::{sg::Compiled, tasks::ResolvedTask},
-    state::{Host, State},
+    state::{DefaultPolicy, Host, State},
 };
 
 /// An address as the maps hold it: network byte order in a `u32`.
@@ -51,11 +52,17 @@ pub fn iface_entries(tasks: &[ResolvedTask]) -> Vec<(u32, IfaceInfo)> {
 
 /// `Config::flags` for the state file's `host`.
 pub fn config_flags(host: &Host) -> u8 {
-    if host.block_instance_metadata {
+    let imds = if host.block_instance_metadata {
         CONFIG_BLOCK_IMDS
     } else {
         0
-    }
+    };
+    let deny = if host.default_policy == DefaultPolicy::Deny {
+        CONFIG_DEFAULT_DENY
+    } else {
+        0
+    };
+    imds | deny
 }
 
 /// The `PORTS` entries: every published host port to its task's address and container port,

@@ -2,6 +2,7 @@
 //! hold, all computed before anything is written. Pure: no system calls; the host is a snapshot.
 
 pub(crate) mod entries;
+pub mod merge;
 pub mod sg;
 pub(crate) mod tasks;
 

@@ -97,7 +97,11 @@ pub fn resolve(
             ipv4: t.ipv4_address,
             ifindex: link.index,
             ifname: link.name.clone(),
-            mac: mac_of(snap, bridge, t.ipv4_address, link),
+            mac: t
+                .mac_address
+                .as_deref()
+                .and_then(crate::state::parse_mac)
+                .unwrap_or_else(|| mac_of(snap, bridge, t.ipv4_address, link)),
         });
     }
     Ok(out)

@@ -68,6 +68,8 @@ pub enum Problem {
     OutsideBridge { addr: Ipv4Addr, net: Ipv4Net },
     #[error("port 0 out of range 1-65535")]
     ContainerPortZero,
+    #[error("bad MAC address {mac:?}: expected a unicast MAC like 02:42:ac:11:00:02")]
+    BadMac { mac: String },
     #[error(
         "host port {port}/{} is already published by $.tasks[{other}] ({name})",
         protocol.as_str()
@@ -296,7 +298,7 @@ pub struct Task {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac_address: Option<String>,
     /// Where the task came from: the state file (or `task add`), or the container engine.
-    #[serde(default, skip_serializing_if = "TaskSource::is_state")]
+    #[serde(default)]
     pub source: TaskSource,
     /// The container's image, as the engine names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,6 +331,17 @@ impl Task {
     }
 }
 
+/// A unicast MAC written `02:42:ac:11:00:02`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
 /// Where a task came from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -338,16 +351,6 @@ pub enum TaskSource {
     State,
     /// Discovered from the Docker engine (`up --docker`).
     Docker,
-}
-
-impl TaskSource {
-    #[expect(
-        clippy::trivially_copy_pass_by_ref,
-        reason = "serde's skip_serializing_if passes a reference"
-    )]
-    pub fn is_state(&self) -> bool {
-        *self == Self::State
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,6 +438,25 @@ pub(crate) mod tests {
 
     fn err_path(text: &str) -> String {
         check(text).expect_err("must be rejected").path
+    }
+
+    #[test]
+    fn macs_are_six_hex_pairs_and_unicast() {
+        assert_eq!(
+            parse_mac("02:42:ac:11:00:02"),
+            Some([2, 0x42, 0xac, 0x11, 0, 2])
+        );
+        for bad in [
+            "",
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:02:03",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "2:42:ac:11:00:02",
+            "zz:42:ac:11:00:02",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -193,8 +193,16 @@ fn task<'a>(
             ("serviceName", &t.service_name),
             ("taskDefinitionArn", &t.task_definition_arn),
             ("containerId", &t.container_id),
+            ("macAddress", &t.mac_address),
+            ("image", &t.image),
         ],
     )?;
+    if let Some(mac) = &t.mac_address
+        && super::parse_mac(mac).is_none()
+    {
+        let problem = Problem::BadMac { mac: mac.clone() };
+        return Err(StateError::at(format!("{path}.macAddress"), problem));
+    }
     if t.name.is_empty() {
         return Err(StateError::at(
             format!("{path}.name"),

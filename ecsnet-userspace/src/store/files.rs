@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     kernel::{datapath, pins::InstancePaths},
-    state::State,
+    state::{State, Task},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +115,10 @@ pub struct Meta {
     /// Where the agent serves Prometheus metrics; None: nowhere.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// The container engine the agent follows (`up --docker URL`); None: tasks come only from
+    /// the state file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
 }
 
 /// `Meta::ct_timeouts` as the `--ct-timeouts` text, so the file stays what a person would type.
@@ -171,6 +175,37 @@ pub fn read_applied(paths: &InstancePaths) -> Result<Option<State>, StoreError> 
 
 pub fn write_applied(paths: &InstancePaths, state: &State) -> Result<(), StoreError> {
     write_json(&paths.applied_state(), state)
+}
+
+/// What the agent last heard from the container engine: each running container on the bridge as
+/// a task (`source: docker`), and each other container with why it is not one (host or no
+/// network, another network than the bridge, not running). `apply`, `task add|rm` and `sg apply`
+/// merge these tasks with the ones they are given (`plan::merge`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Discovered {
+    /// The engine's address, as `up --docker` was given it.
+    pub engine: String,
+    pub tasks: Vec<Task>,
+    #[serde(default)]
+    pub not_tasks: Vec<NotATask>,
+}
+
+/// A container of the engine that ecsnet does not make a task of, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotATask {
+    pub container_id: String,
+    pub name: String,
+    pub reason: String,
+}
+
+pub fn read_discovered(paths: &InstancePaths) -> Result<Option<Discovered>, StoreError> {
+    read_json(&paths.discovered())
+}
+
+pub fn write_discovered(paths: &InstancePaths, d: &Discovered) -> Result<(), StoreError> {
+    write_json(&paths.discovered(), d)
 }
 
 /// The meta of an instance that is up: its file is there and its datapath is loaded.

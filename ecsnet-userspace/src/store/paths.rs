@@ -50,8 +50,14 @@ run_files! {
     /// Locked (flock) by every command that changes the live state: `apply`, `sg apply`,
     /// `task add|rm`, and `up` while it loads and applies.
     apply_lock => "apply.lock",
-    /// The state as last applied, with interfaces and dynamic ports resolved.
+    /// The state as last applied, with interfaces and dynamic ports resolved: the state
+    /// file's tasks and the engine's, merged (`plan::merge`).
     applied_state => "applied.json",
+    /// What the agent last heard from the container engine (`up --docker`): its containers as
+    /// tasks, and those that are not tasks with the reason (see `store::files::Discovered`).
+    discovered => "discovered.json",
+    /// The engine follower's status (connected, events, re-lists), rewritten when it changes.
+    engine_status => "engine.json",
 }
 
 /// Directory of a lab: `/run/ecsnet/<lab>`.
