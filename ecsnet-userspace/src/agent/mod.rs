@@ -7,6 +7,7 @@
 
 pub(crate) mod conns;
 pub mod control;
+pub(crate) mod follow;
 pub mod metrics;
 pub(crate) mod monitor;
 pub mod stats;
@@ -118,6 +119,12 @@ async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentErro
         [metrics_slots.counters(), control_slots.counters()],
     )
     .map_err(io("housekeeping thread"))?;
+    if let Some(url) = &meta.docker {
+        let status = follow::Status::new(paths, url);
+        follow::spawn_links(paths, meta.bridge_index, status.clone())
+            .map_err(io("links thread"))?;
+        follow::spawn_engine(paths, url, &meta.bridge, status).map_err(io("engine threads"))?;
+    }
     // Last: `up` returns once the socket answers, and by then everything above is running.
     let listener = UnixListener::bind(&socket).map_err(io(socket.display().to_string()))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))

@@ -238,6 +238,65 @@ impl Snapshot {
     }
 }
 
+/// A change of a link, as the kernel announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link was created or changed (its master, its state, its name).
+    New(Link),
+    /// The link with this ifindex is gone.
+    Gone(u32),
+}
+
+/// The kernel's announcements of link changes in the calling thread's network namespace, from
+/// the moment of `subscribe`: subscribe first, then read a snapshot, and nothing falls between.
+pub struct LinkEvents {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl LinkEvents {
+    /// Subscribes; called within a tokio runtime, which then reads the socket.
+    pub fn subscribe() -> Result<Self, NetlinkError> {
+        let (conn, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
+                .map_err(NetlinkError::Socket)?;
+        Ok(Self {
+            messages,
+            conn: tokio::spawn(conn),
+        })
+    }
+
+    /// The next change; None once the socket failed (a burst its buffer could not hold ends it
+    /// too: subscribe again and read a snapshot).
+    pub async fn next(&mut self) -> Option<LinkEvent> {
+        use futures::StreamExt as _;
+        use netlink_packet_route::RouteNetlinkMessage;
+        use rtnetlink::packet_core::NetlinkPayload;
+
+        loop {
+            let (msg, _) = self.messages.next().await?;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    return Some(LinkEvent::New(link(m)));
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                    return Some(LinkEvent::Gone(m.header.index));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for LinkEvents {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

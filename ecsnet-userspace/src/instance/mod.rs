@@ -1,6 +1,7 @@
 //! One loaded copy of ecsnet: `up`, `apply`, `down` and what they record. Every input is
 //! checked before the first change, and a failed `up` takes back what it did.
 
+pub mod follow;
 pub(crate) mod process;
 
 use std::{

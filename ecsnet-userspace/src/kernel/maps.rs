@@ -143,6 +143,12 @@ pub fn write_iface(paths: &InstancePaths, ifindex: u32, info: IfaceInfo) -> Resu
     i.insert(&ifindex, &info, 0).map_err(access(MAP_IFACES))
 }
 
+/// Removes an interface's row from `IFACES`.
+pub fn remove_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError> {
+    let mut i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
+    remove_keys(&mut i, MAP_IFACES, |k| *k == ifindex)
+}
+
 /// `TASKS` as it is in the kernel: by address (network order).
 pub fn read_tasks(paths: &InstancePaths) -> Result<Vec<(u32, TaskInfo)>, MapsError> {
     let t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;

@@ -200,6 +200,46 @@ pub struct NotATask {
     pub reason: String,
 }
 
+/// How the agent's following of the container engine stands: `stats`, the metrics and the log
+/// say it. Rewritten by the agent when it changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatus {
+    pub engine: String,
+    /// Connected to the engine and following its events.
+    pub connected: bool,
+    /// Unix seconds of the last change of `connected`.
+    pub since: u64,
+    /// The last error talking to the engine, while disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Container events received.
+    pub events: u64,
+    /// Full lists of the engine's containers (at start and after each reconnect).
+    pub relists: u64,
+    /// Tasks from the engine, live.
+    pub tasks: usize,
+    /// Containers that are not tasks (host or no network, another network, not running).
+    pub not_tasks: usize,
+    /// Tasks closed because their label names a group nobody defined.
+    pub closed: usize,
+    /// Containers left out because the state file gives them (shadowed) or they did not fit.
+    pub left_out: usize,
+    /// New ports of the bridge held at the default policy since the agent started.
+    pub held: u64,
+    /// Applies of the engine's view, and those that failed.
+    pub applies: u64,
+    pub apply_errors: u64,
+}
+
+pub fn read_engine_status(paths: &InstancePaths) -> Result<Option<EngineStatus>, StoreError> {
+    read_json(&paths.engine_status())
+}
+
+pub fn write_engine_status(paths: &InstancePaths, s: &EngineStatus) -> Result<(), StoreError> {
+    write_json(&paths.engine_status(), s)
+}
+
 pub fn read_discovered(paths: &InstancePaths) -> Result<Option<Discovered>, StoreError> {
     read_json(&paths.discovered())
 }
