@@ -184,7 +184,66 @@ fn families(s: &Stats) -> Vec<Family<'_>> {
     ));
     out.extend(flow_log_counts(s));
     out.extend(agent_families(&s.agent));
+    if let Some(e) = &s.engine {
+        out.extend(engine_families(e));
+    }
     out
+}
+
+/// How following the container engine stands (`up --docker`).
+fn engine_families(e: &crate::store::files::EngineStatus) -> [Family<'static>; 8] {
+    use Kind::{Counter, Gauge};
+    [
+        (
+            "ecsnet_engine_connected",
+            Gauge,
+            "1 while the agent follows the container engine's events, 0 while it cannot reach it.",
+            u64::from(e.connected),
+        ),
+        (
+            "ecsnet_engine_tasks",
+            Gauge,
+            "Tasks from the container engine, live.",
+            e.tasks as u64,
+        ),
+        (
+            "ecsnet_engine_tasks_closed",
+            Gauge,
+            "Tasks that get no traffic because their label names a security group nobody defined.",
+            e.closed as u64,
+        ),
+        (
+            "ecsnet_engine_containers_left_out",
+            Gauge,
+            "Containers that are no task: the state file gives them, or they did not fit.",
+            e.left_out as u64,
+        ),
+        (
+            "ecsnet_engine_events_total",
+            Counter,
+            "Container events received from the engine.",
+            e.events,
+        ),
+        (
+            "ecsnet_engine_relists_total",
+            Counter,
+            "Full lists of the engine's containers (at start and after each reconnect).",
+            e.relists,
+        ),
+        (
+            "ecsnet_engine_held_ports_total",
+            Counter,
+            "New ports of the bridge held at the default policy until their container was known.",
+            e.held,
+        ),
+        (
+            "ecsnet_engine_apply_errors_total",
+            Counter,
+            "Applies of the engine's view that failed.",
+            e.apply_errors,
+        ),
+    ]
+    .map(Family::one)
 }
 
 /// The connection tables' fill and counters.
@@ -509,8 +568,21 @@ mod tests {
                 },
                 ..Default::default()
             },
+            engine: Some(crate::store::files::EngineStatus {
+                connected: true,
+                closed: 1,
+                held: 4,
+                ..Default::default()
+            }),
         };
         let text = render(&s);
+        for line in [
+            "ecsnet_engine_connected{instance=\"i\\\"1\"} 1\n",
+            "ecsnet_engine_tasks_closed{instance=\"i\\\"1\"} 1\n",
+            "ecsnet_engine_held_ports_total{instance=\"i\\\"1\"} 4\n",
+        ] {
+            assert!(text.contains(line), "{line} missing");
+        }
         assert!(text.contains(
             "ecsnet_task_packets_total{instance=\"i\\\"1\",task=\"web\",interface=\"vethA\",direction=\"egress\"} 5\n"
         ));

@@ -139,6 +139,9 @@ pub struct Stats {
     pub flow_logs: FlowLogStats,
     #[serde(default)]
     pub agent: AgentStats,
+    /// How following the container engine stands (`up --docker`); None without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::store::files::EngineStatus>,
 }
 
 fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, StatsError> {
@@ -260,6 +263,9 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
         ),
         flow_logs: flow_log_stats(paths)?,
         agent: AgentStats::read(paths),
+        engine: crate::store::files::read_engine_status(paths)
+            .ok()
+            .flatten(),
     })
 }
 
@@ -348,6 +354,29 @@ pub fn render(s: &Stats) -> String {
         render_listener(&agent.metrics),
         render_listener(&agent.control)
     );
+    if let Some(e) = &s.engine {
+        let _ = writeln!(
+            out,
+            "engine: {} {}{}, {} task(s), {} container(s) not tasks, {} closed (unknown groups), {} left out, {} port(s) held, {} event(s), {} list(s), {} apply error(s)",
+            e.engine,
+            if e.connected {
+                "connected"
+            } else {
+                "DISCONNECTED"
+            },
+            e.last_error
+                .as_ref()
+                .map_or_else(String::new, |err| format!(" ({err})")),
+            e.tasks,
+            e.not_tasks,
+            e.closed,
+            e.left_out,
+            e.held,
+            e.events,
+            e.relists,
+            e.apply_errors
+        );
+    }
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");
     } else {

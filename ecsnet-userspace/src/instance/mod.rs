@@ -39,6 +39,7 @@ use crate::{
     },
     state::{self, BridgeNet, LoadError, State, timeouts::TimeoutsError},
     store::{
+        directory::{Directory, DirectoryError},
         files::{self, FlowLogOptions, Meta, StoreError, UplinkXdp, read_applied, read_meta},
         paths::InstancePaths,
     },
@@ -513,6 +514,11 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         })
         .map(|(addr, _)| addr)
         .collect();
+    // Who was where, for the flow records of interfaces that go now.
+    let before = Directory::load(paths).map_err(|e| match e {
+        DirectoryError::Store(e) => InstanceError::Store(e),
+        DirectoryError::Maps(e) => InstanceError::Maps(e),
+    })?;
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
@@ -528,6 +534,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         .filter(|(_, i)| i.role == ROLE_HELD)
         .map(|(ifindex, _)| ifindex)
         .collect();
+    let mut departed = Vec::new();
     for ifindex in datapath::attached_ifindexes(paths) {
         if ifindex != meta.uplink_index
             && !held.contains(&ifindex)
@@ -535,7 +542,17 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         {
             datapath::detach(paths, ifindex)?;
             maps::forget_iface(paths, ifindex)?;
+            if let Some(task) = before.task(ifindex) {
+                departed.push(files::Departed {
+                    ifindex,
+                    task: task.clone(),
+                    at: unix_now(),
+                });
+            }
         }
+    }
+    if !departed.is_empty() {
+        files::add_departed(paths, departed, unix_now())?;
     }
     if !gone.is_empty() {
         maps::remove_flows(paths, |k, e| {
@@ -551,6 +568,12 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     };
     files::write_applied(paths, &plan.state)?;
     Ok(cut)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What an apply did.

@@ -42,6 +42,9 @@ pub struct Directory {
     pub state: State,
     /// Task interface -> its task's index in `state.tasks`.
     by_ifindex: BTreeMap<u32, usize>,
+    /// Interfaces gone with their tasks a short while ago (`files::Departed`): what the flow
+    /// records of their last window are named after.
+    departed: BTreeMap<u32, Task>,
 }
 
 impl Directory {
@@ -57,18 +60,30 @@ impl Directory {
                 Some((*ifindex, task))
             })
             .collect();
-        Self { state, by_ifindex }
+        Self {
+            state,
+            by_ifindex,
+            departed: BTreeMap::new(),
+        }
     }
 
     /// The instance's applied state joined with its pinned `IFACES`.
     pub fn load(paths: &InstancePaths) -> Result<Self, DirectoryError> {
         let state = files::read_applied(paths)?.unwrap_or_default();
-        Ok(Self::join(state, &maps::read_ifaces(paths)?))
+        let mut dir = Self::join(state, &maps::read_ifaces(paths)?);
+        dir.departed = files::read_departed(paths)?
+            .into_iter()
+            .map(|d| (d.ifindex, d.task))
+            .collect();
+        Ok(dir)
     }
 
-    /// The task on interface `ifindex`.
+    /// The task on interface `ifindex`, or the one that was on it until it went.
     pub fn task(&self, ifindex: u32) -> Option<&Task> {
-        self.by_ifindex.get(&ifindex).map(|i| &self.state.tasks[*i])
+        self.by_ifindex
+            .get(&ifindex)
+            .map(|i| &self.state.tasks[*i])
+            .or_else(|| self.departed.get(&ifindex))
     }
 
     /// Every task interface with its task, by ifindex.

@@ -200,6 +200,36 @@ pub struct NotATask {
     pub reason: String,
 }
 
+/// A task whose interface went (its container stopped, or an apply removed it), with when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Departed {
+    pub ifindex: u32,
+    pub task: Task,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// How long a departed task is remembered: longer than the longest capture window (600 s), so
+/// the window it left in is exported with its name.
+pub const DEPARTED_KEEP_SECS: u64 = 1200;
+
+pub fn read_departed(paths: &InstancePaths) -> Result<Vec<Departed>, StoreError> {
+    Ok(read_json(&paths.departed())?.unwrap_or_default())
+}
+
+/// Adds `gone` to the departed tasks, forgetting those older than `DEPARTED_KEEP_SECS`.
+pub fn add_departed(
+    paths: &InstancePaths,
+    gone: Vec<Departed>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let mut all = read_departed(paths)?;
+    all.retain(|d| d.at + DEPARTED_KEEP_SECS > now && !gone.iter().any(|g| g.ifindex == d.ifindex));
+    all.extend(gone);
+    write_json(&paths.departed(), &all)
+}
+
 /// How the agent's following of the container engine stands: `stats`, the metrics and the log
 /// say it. Rewritten by the agent when it changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

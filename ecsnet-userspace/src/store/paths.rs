@@ -56,6 +56,9 @@ run_files! {
     /// What the agent last heard from the container engine (`up --docker`): its containers as
     /// tasks, and those that are not tasks with the reason (see `store::files::Discovered`).
     discovered => "discovered.json",
+    /// Tasks whose interface went, kept a while so the last window's flow records still name
+    /// them (see `store::directory`).
+    departed => "departed.json",
     /// The engine follower's status (connected, events, re-lists), rewritten when it changes.
     engine_status => "engine.json",
 }
