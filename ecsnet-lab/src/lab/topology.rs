@@ -83,11 +83,13 @@ pub(super) fn build(
         let default = route().gateway(CLIENT_ADDR);
         host.route(&format!("default via {CLIENT_ADDR}"), default)
             .await?;
-        host.sysctl("net.ipv4.ip_forward")?;
         if shape == Shape::Engine {
+            // dockerd turns forwarding on itself, and sets FORWARD's policy to DROP as it
+            // does so (it leaves the policy alone where forwarding was on already).
             host.set_sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
             host.set_sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
         } else if ceiling {
+            host.sysctl("net.ipv4.ip_forward")?;
             // The client routes the task subnet through the host: nothing translates.
             let subnet = Ipv4Addr::from(u32::from(BRIDGE_ADDR) & !(u32::MAX >> BRIDGE_PREFIX));
             let to_tasks = route()
@@ -96,6 +98,7 @@ pub(super) fn build(
             let what = format!("{subnet}/{BRIDGE_PREFIX} via {UPLINK_ADDR}");
             client.route(&what, to_tasks).await?;
         } else {
+            host.sysctl("net.ipv4.ip_forward")?;
             docker_bridge(&host).await?;
         }
         for task in tasks {
