@@ -50,7 +50,7 @@ const CONTAINER_START: Duration = Duration::from_secs(15);
 /// How long a `docker` command may take before the lab gives up on it.
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// /run folders dockerd and containerd make outside their own (SPEC §11).
-const RUN_DIRS: &[&str] = &[
+pub const RUN_DIRS: &[&str] = &[
     "/run/docker",
     "/run/docker/plugins",
     "/run/containerd",
@@ -114,6 +114,8 @@ pub fn cgroup_parent(lab: &str) -> String {
 struct Record {
     cgroup_parent: String,
     userland_proxy: bool,
+    /// The echo server the containers run: the `ecsnet-lab` binary that built the lab.
+    server: PathBuf,
     /// The folders of `RUN_DIRS` that did not exist before this lab's dockerd started.
     made_run_dirs: Vec<PathBuf>,
 }
@@ -348,6 +350,7 @@ pub(super) fn start(lab: &str, host: &str, userland_proxy: bool) -> Result<(), L
     let record = Record {
         cgroup_parent: cgroup_parent(lab),
         userland_proxy,
+        server: server_exe()?,
         made_run_dirs: RUN_DIRS
             .iter()
             .map(PathBuf::from)
@@ -441,7 +444,7 @@ pub(super) fn import_image(lab: &str) -> Result<(), LabError> {
         let link = bin.join(applet);
         std::os::unix::fs::symlink("busybox", &link).map_err(io(&link))?;
     }
-    for lib in shared_libraries(&server_exe()?)? {
+    for lib in shared_libraries(&read_record(&paths)?.server)? {
         let to = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
         if let Some(dir) = to.parent() {
             fs::create_dir_all(dir).map_err(io(dir))?;
@@ -468,7 +471,7 @@ pub(super) fn import_image(lab: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-/// This binary: the echo server every container runs.
+/// This binary, `ecsnet-lab` (`lab up` runs in it): the echo server every container runs.
 fn server_exe() -> Result<PathBuf, LabError> {
     std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))
 }
@@ -495,7 +498,8 @@ fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>, LabError> {
 /// `docker run` of `spec` on lab `lab`; returns the container's id once its echo server
 /// listens.
 pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
-    let exe = server_exe()?;
+    let paths = EnginePaths::new(lab);
+    let exe = read_record(&paths)?.server;
     let mut args: Vec<String> = ["run", "-d", "--init", "--name", &spec.name]
         .map(str::to_owned)
         .to_vec();
@@ -526,30 +530,39 @@ pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let id = docker_ok(lab, &argv)?;
     // Up when its server says it listens (its stdout is in Docker's json-file log).
-    let log = EnginePaths::new(lab)
+    let log = paths
         .data_root()
         .join("containers")
         .join(&id)
         .join(format!("{id}-json.log"));
     let deadline = Instant::now() + CONTAINER_START;
-    loop {
+    for round in 0.. {
         if fs::read_to_string(&log).is_ok_and(|l| l.contains("serving echo")) {
             return Ok(id);
         }
-        if Instant::now() > deadline {
-            let state = docker_ok(lab, &["inspect", "--format", "{{json .State}}", &id])
-                .unwrap_or_else(|e| e.to_string());
+        let state = || {
+            docker_ok(lab, &["inspect", "--format", "{{json .State}}", &id])
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let exited = round % 10 == 9 && !state().contains(r#""Running":true"#);
+        if exited || Instant::now() > deadline {
             return Err(LabError::Command {
                 cmd: format!("docker run {}", spec.name),
                 stderr: format!(
-                    "its echo server did not listen within {} s; state {state}; log {}",
-                    CONTAINER_START.as_secs(),
+                    "its echo server did not listen{}; state {}; log {}",
+                    if exited {
+                        String::new()
+                    } else {
+                        format!(" within {} s", CONTAINER_START.as_secs())
+                    },
+                    state(),
                     fs::read_to_string(&log).unwrap_or_default().trim()
                 ),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    unreachable!("the loop returns")
 }
 
 /// `docker stop -t SECONDS NAME`.
@@ -930,8 +943,8 @@ pub(super) fn clean(lab: &str) -> EngineDown {
     report
 }
 
-/// Whether a dockerd, and a containerd, of anyone else runs now (after this lab's are gone).
-fn other_engines_run() -> (bool, bool) {
+/// Whether a dockerd, and a containerd, runs now: after a lab's are gone, someone else's.
+pub fn other_engines_run() -> (bool, bool) {
     let mut found = (false, false);
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(comm) = fs::read_to_string(entry.path().join("comm")) else {
@@ -946,7 +959,13 @@ fn other_engines_run() -> (bool, bool) {
     found
 }
 
-/// The socket containerd-shim-runc-v2 made for container `id` of this lab's containerd.
+/// The socket containerd-shim-runc-v2 makes for container `id` of lab `lab`'s containerd
+/// (whether it exists or not).
+pub fn shim_socket_path(lab: &str, id: &str) -> Option<PathBuf> {
+    shim_socket(&EnginePaths::new(lab), id)
+}
+
+/// The socket containerd-shim-runc-v2 makes for container `id` of this lab's containerd.
 fn shim_socket(paths: &EnginePaths, id: &str) -> Option<PathBuf> {
     let key = Path::new(&paths.containerd_socket())
         .join(CONTAINERD_NAMESPACE)
@@ -966,8 +985,7 @@ fn shim_socket(paths: &EnginePaths, id: &str) -> Option<PathBuf> {
         .split_whitespace()
         .next()?
         .to_owned();
-    let socket = Path::new(SHIM_SOCKETS).join(hash);
-    socket.exists().then_some(socket)
+    Some(Path::new(SHIM_SOCKETS).join(hash))
 }
 
 /// Unmounts (lazily) every mount at or below `dir`, deepest first; how many went.
