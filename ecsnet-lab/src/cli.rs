@@ -314,10 +314,10 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Prints a lab's status; a real-engine lab's with its `docker` object.
-fn print_status(name: &str, json: bool, status: lab::LabStatus) -> anyhow::Result<()> {
+fn print_status(name: &str, json: bool, status: &lab::LabStatus) -> anyhow::Result<()> {
     match lab::docker_status(name)? {
         Some(e) => print_json_or(json, &e, lab::engine::render),
-        None => print_json_or(json, &status, lab::render),
+        None => print_json_or(json, status, lab::render),
     }
     Ok(())
 }
@@ -346,7 +346,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             };
             let engine = docker.then_some(lab::EngineOptions { userland_proxy });
             let status = lab::up_with(&spec, engine)?;
-            print_status(&name, json, status)?;
+            print_status(&name, json, &status)?;
         }
         LabCmd::Down { name } => {
             let r = lab::down(&name)?;
@@ -372,7 +372,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
         }
         LabCmd::Status { name, json } => {
             let s = lab::status(&name)?;
-            print_status(&name, json, s)?;
+            print_status(&name, json, &s)?;
         }
         LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
         LabCmd::Probe {

@@ -6,6 +6,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
+use ecsnet_lab::lab::{LabStatus, LabTask};
 use ecsnet_tests::{
     Lab, docker, ecsnet_ok, leftovers, ns_exec, rule_packets, traffic::tcp_connect,
 };
@@ -19,7 +20,7 @@ const ECS_LABELS: [&str; 5] = [
     "com.amazonaws.ecs.cluster",
 ];
 
-/// Docker's dynamic host ports: the lab host's ip_local_port_range.
+/// Docker's dynamic host ports: the lab host's `ip_local_port_range`.
 const DYNAMIC: std::ops::RangeInclusive<u16> = 32768..=60999;
 
 /// The one object `ip -j ... link show ...` prints.
@@ -67,126 +68,21 @@ fn docker_lab_is_docker_bridge_mode_and_goes_away() {
     assert_eq!(state["tasks"], serde_json::json!([]));
 
     for (t, c) in s.lab.tasks.iter().zip(&d.containers) {
-        assert_eq!(t.name, c.task);
-        assert!(t.netns.is_empty(), "a container has no named namespace");
-        for l in ECS_LABELS {
-            assert!(
-                c.labels.contains_key(l),
-                "{} lacks {l}: {:?}",
-                c.name,
-                c.labels
-            );
-        }
-        assert_eq!(c.labels["com.amazonaws.ecs.container-name"], t.name);
-        assert_eq!(c.labels["com.amazonaws.ecs.cluster"], lab.name);
-        // The host veth is docker0's port, and the peer of the container's eth0 (and back).
-        let veth = link(&ns_exec(
-            lab.host(),
-            &["ip", "-j", "link", "show", &t.interface],
-        ));
-        let eth0 = link(&docker::in_container(
-            c.pid,
-            &["ip", "-j", "link", "show", "eth0"],
-        ));
-        assert_eq!(veth["master"], "docker0", "{}: {veth}", t.interface);
-        assert_eq!(veth["link_index"], eth0["ifindex"], "{veth} / {eth0}");
-        assert_eq!(eth0["link_index"], veth["ifindex"], "{veth} / {eth0}");
-        let addr = docker::in_container(c.pid, &["ip", "-4", "-o", "addr", "show", "eth0"]);
-        assert!(addr.contains(&format!("{}/16", t.address)), "{addr}");
-        // The ports as Docker bound them.
-        let bound = docker_ports(&lab, &c.name);
-        let ours: BTreeMap<String, u16> = t
-            .port_mappings
-            .iter()
-            .map(|p| {
-                let key = format!("{}/{}", p.container_port, p.protocol.as_str());
-                (key, p.host_port)
-            })
-            .collect();
-        assert_eq!(ours, bound, "{}: status vs docker port", t.name);
+        task_is_a_labelled_container(&lab, t, c);
     }
     let ports = |i: usize| &s.lab.tasks[i].port_mappings;
     assert_eq!(ports(0)[0].to_string(), "8080->80/tcp");
-    let dyn_tcp = ports(1).iter().find(|p| p.container_port == 80).unwrap();
+    let dyn_tcp = ports(1)
+        .iter()
+        .find(|p| p.container_port == 80)
+        .unwrap()
+        .host_port;
     let dyn_udp = ports(2)[0].host_port;
-    assert!(DYNAMIC.contains(&dyn_tcp.host_port), "{dyn_tcp}");
+    assert!(DYNAMIC.contains(&dyn_tcp), "{dyn_tcp}");
     assert!(DYNAMIC.contains(&dyn_udp), "{dyn_udp}");
 
-    // The client reaches every published port through Docker's own DNAT.
-    let dnat = |port: u16| rule_packets(lab.host(), "nat", "DOCKER", &format!("dpt:{port} "));
-    let before = dnat(8080);
-    assert_eq!(
-        lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 5, 100)["echoed"],
-        5
-    );
-    assert_eq!(dnat(8080), before + 1, "one connection, one DNAT");
-    let host = |p: u16| format!("10.10.0.1:{p}");
-    assert_eq!(
-        lab.probe(lab.client(), "tcp", &host(dyn_tcp.host_port), 3, 64)["echoed"],
-        3
-    );
-    assert_eq!(
-        lab.probe(lab.client(), "udp", &host(5353), 4, 64)["echoed"],
-        4
-    );
-    assert_eq!(
-        lab.probe(lab.client(), "udp", &host(dyn_udp), 4, 64)["echoed"],
-        4
-    );
-
-    // Task to task over docker0; task to the outside, masqueraded; hairpin (docker-proxy).
-    let (t1, t2) = (&s.lab.tasks[0].name, &s.lab.tasks[1].name);
-    let to_t2 = format!("{}:80", s.lab.tasks[1].address);
-    assert_eq!(docker::probe_from(&lab, t1, "tcp", &to_t2, 5)["echoed"], 5);
-    let masq = rule_packets(lab.host(), "nat", "POSTROUTING", "172.17.0.0/16");
-    assert_eq!(
-        docker::probe_from(&lab, t2, "tcp", "10.10.0.2:9000", 3)["echoed"],
-        3
-    );
-    assert_eq!(
-        rule_packets(lab.host(), "nat", "POSTROUTING", "172.17.0.0/16"),
-        masq + 1
-    );
-    assert_eq!(
-        docker::probe_from(&lab, t2, "tcp", "10.10.0.1:8080", 2)["echoed"],
-        2
-    );
-
-    // A container run later is a task too; stopped, its port is refused, as Docker alone does.
-    let id = docker::run(&lab, &docker::task(&lab, "late", &["80"]));
-    let s = docker::status(&lab);
-    let late = s
-        .lab
-        .tasks
-        .iter()
-        .find(|t| t.name == "late")
-        .expect("late is a task");
-    assert!(s.docker.containers.iter().any(|c| c.id == id));
-    let port = late.port_mappings[0].host_port;
-    assert!(
-        DYNAMIC.contains(&port) && port != dyn_tcp.host_port,
-        "{port}"
-    );
-    assert_eq!(
-        lab.probe(lab.client(), "tcp", &host(port), 2, 10)["echoed"],
-        2
-    );
-    ecsnet_lab::lab::engine::stop(&lab.name, "late", 5).expect("docker stop");
-    assert!(
-        !docker::status(&lab)
-            .lab
-            .tasks
-            .iter()
-            .any(|t| t.name == "late")
-    );
-    let to: SocketAddr = host(port).parse().unwrap();
-    let refused = tcp_connect(lab.client(), to, Duration::from_secs(2)).map(drop);
-    assert_eq!(
-        refused.as_ref().map_err(std::io::Error::kind),
-        Err(std::io::ErrorKind::ConnectionRefused),
-        "{refused:?}"
-    );
-    ecsnet_lab::lab::engine::rm(&lab.name, "late").expect("docker rm");
+    docker_paths(&lab, &s.lab, dyn_tcp, dyn_udp);
+    late_container(&lab, dyn_tcp);
 
     // Down: nothing of it is left, inside or outside its namespaces.
     let footprint = docker::Footprint::of(&lab, &runs_before);
@@ -285,4 +181,125 @@ fn imitation_rules_are_dockerds_without_userland_proxy() {
     );
     let out = ecsnet_ok(&["lab", "status", "--name", &default.name]);
     assert!(out.contains("userland-proxy true"), "{out}");
+}
+
+/// Task `t` of the status is container `c`: ECS labels, the host veth a port of docker0 and
+/// the peer of the container's eth0, its address, its ports as Docker bound them.
+fn task_is_a_labelled_container(lab: &Lab, t: &LabTask, c: &docker::LabContainer) {
+    assert_eq!(t.name, c.task);
+    assert!(t.netns.is_empty(), "a container has no named namespace");
+    for l in ECS_LABELS {
+        assert!(
+            c.labels.contains_key(l),
+            "{} lacks {l}: {:?}",
+            c.name,
+            c.labels
+        );
+    }
+    assert_eq!(c.labels["com.amazonaws.ecs.container-name"], t.name);
+    assert_eq!(c.labels["com.amazonaws.ecs.cluster"], lab.name);
+    // The host veth is docker0's port, and the peer of the container's eth0 (and back).
+    let veth = link(&ns_exec(
+        lab.host(),
+        &["ip", "-j", "link", "show", &t.interface],
+    ));
+    let eth0 = link(&docker::in_container(
+        c.pid,
+        &["ip", "-j", "link", "show", "eth0"],
+    ));
+    assert_eq!(veth["master"], "docker0", "{}: {veth}", t.interface);
+    assert_eq!(veth["link_index"], eth0["ifindex"], "{veth} / {eth0}");
+    assert_eq!(eth0["link_index"], veth["ifindex"], "{veth} / {eth0}");
+    let addr = docker::in_container(c.pid, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("{}/16", t.address)), "{addr}");
+    // The ports as Docker bound them.
+    let bound = docker_ports(lab, &c.name);
+    let ours: BTreeMap<String, u16> = t
+        .port_mappings
+        .iter()
+        .map(|p| {
+            let key = format!("{}/{}", p.container_port, p.protocol.as_str());
+            (key, p.host_port)
+        })
+        .collect();
+    assert_eq!(ours, bound, "{}: status vs docker port", t.name);
+}
+
+/// Docker's own paths on the lab: published ports from the client (DNAT), task to task,
+/// masquerade to the outside, hairpin.
+fn docker_paths(lab: &Lab, status: &LabStatus, dyn_tcp: u16, dyn_udp: u16) {
+    // The client reaches every published port through Docker's own DNAT.
+    let dnat = |port: u16| rule_packets(lab.host(), "nat", "DOCKER", &format!("dpt:{port} "));
+    let before = dnat(8080);
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 5, 100)["echoed"],
+        5
+    );
+    assert_eq!(dnat(8080), before + 1, "one connection, one DNAT");
+    let host = |p: u16| format!("10.10.0.1:{p}");
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", &host(dyn_tcp), 3, 64)["echoed"],
+        3
+    );
+    assert_eq!(
+        lab.probe(lab.client(), "udp", &host(5353), 4, 64)["echoed"],
+        4
+    );
+    assert_eq!(
+        lab.probe(lab.client(), "udp", &host(dyn_udp), 4, 64)["echoed"],
+        4
+    );
+
+    // Task to task over docker0; task to the outside, masqueraded; hairpin (docker-proxy).
+    let (t1, t2) = (&status.tasks[0].name, &status.tasks[1].name);
+    let to_t2 = format!("{}:80", status.tasks[1].address);
+    assert_eq!(docker::probe_from(lab, t1, "tcp", &to_t2, 5)["echoed"], 5);
+    let masq = rule_packets(lab.host(), "nat", "POSTROUTING", "172.17.0.0/16");
+    assert_eq!(
+        docker::probe_from(lab, t2, "tcp", "10.10.0.2:9000", 3)["echoed"],
+        3
+    );
+    assert_eq!(
+        rule_packets(lab.host(), "nat", "POSTROUTING", "172.17.0.0/16"),
+        masq + 1
+    );
+    assert_eq!(
+        docker::probe_from(lab, t2, "tcp", "10.10.0.1:8080", 2)["echoed"],
+        2
+    );
+}
+
+/// A container run later is a task too; stopped, its port is refused, as Docker alone does.
+fn late_container(lab: &Lab, dyn_tcp: u16) {
+    let id = docker::run(lab, &docker::task(lab, "late", &["80"]));
+    let s = docker::status(lab);
+    let late = s
+        .lab
+        .tasks
+        .iter()
+        .find(|t| t.name == "late")
+        .expect("late is a task");
+    assert!(s.docker.containers.iter().any(|c| c.id == id));
+    let port = late.port_mappings[0].host_port;
+    assert!(DYNAMIC.contains(&port) && port != dyn_tcp, "{port}");
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", &format!("10.10.0.1:{port}"), 2, 10)["echoed"],
+        2
+    );
+    ecsnet_lab::lab::engine::stop(&lab.name, "late", 5).expect("docker stop");
+    assert!(
+        !docker::status(lab)
+            .lab
+            .tasks
+            .iter()
+            .any(|t| t.name == "late")
+    );
+    let to: SocketAddr = format!("10.10.0.1:{port}").parse().unwrap();
+    let refused = tcp_connect(lab.client(), to, Duration::from_secs(2)).map(drop);
+    assert_eq!(
+        refused.as_ref().map_err(std::io::Error::kind),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    ecsnet_lab::lab::engine::rm(&lab.name, "late").expect("docker rm");
 }

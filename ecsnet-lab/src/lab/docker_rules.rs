@@ -3,7 +3,7 @@
 //!
 //! The imitation is dockerd 20.10 with `--userland-proxy=false`, rule for rule: `iptables-save`
 //! of the real-engine lab in that mode (`lab up --docker --userland-proxy false`) and of the
-//! imitation with the same ports are the same lines (tests/tests/lab_docker.rs checks it), and
+//! imitation with the same ports are the same lines (`tests/tests/lab_docker.rs` checks it), and
 //! so are docker0's `route_localnet=1` and hairpin on every bridge port. Docker's default
 //! (`userland-proxy` on) differs in exactly what its docker-proxy processes take over: DNAT
 //! gets `! -i docker0`, `DOCKER` starts with `-i docker0 -j RETURN`, OUTPUT's jump gets

@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     fs,
     io::Write as _,
     net::Ipv4Addr,
@@ -527,8 +528,8 @@ pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
     for (proto, port) in spec.served() {
         args.extend([format!("--{}", proto.as_str()), port.to_string()]);
     }
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let id = docker_ok(lab, &argv)?;
+    let run_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = docker_ok(lab, &run_args)?;
     // Up when its server says it listens (its stdout is in Docker's json-file log).
     let log = paths
         .data_root()
@@ -536,7 +537,9 @@ pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
         .join(&id)
         .join(format!("{id}-json.log"));
     let deadline = Instant::now() + CONTAINER_START;
-    for round in 0.. {
+    let mut round = 0_u32;
+    loop {
+        round += 1;
         if fs::read_to_string(&log).is_ok_and(|l| l.contains("serving echo")) {
             return Ok(id);
         }
@@ -544,7 +547,7 @@ pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
             docker_ok(lab, &["inspect", "--format", "{{json .State}}", &id])
                 .unwrap_or_else(|e| e.to_string())
         };
-        let exited = round % 10 == 9 && !state().contains(r#""Running":true"#);
+        let exited = round.is_multiple_of(10) && !state().contains(r#""Running":true"#);
         if exited || Instant::now() > deadline {
             return Err(LabError::Command {
                 cmd: format!("docker run {}", spec.name),
@@ -562,7 +565,6 @@ pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    unreachable!("the loop returns")
 }
 
 /// `docker stop -t SECONDS NAME`.
@@ -777,7 +779,7 @@ pub fn processes(lab: &str) -> Vec<Pid> {
         else {
             continue;
         };
-        let Some(ppid) = fs::read_to_string(entry.path().join("stat"))
+        let Some(parent) = fs::read_to_string(entry.path().join("stat"))
             .ok()
             .and_then(|s| {
                 s.rsplit_once(')')?
@@ -790,7 +792,7 @@ pub fn processes(lab: &str) -> Vec<Pid> {
         else {
             continue;
         };
-        table.push((pid, ppid));
+        table.push((pid, parent));
         if cmdline(pid).is_some_and(|a| a.iter().any(|a| a.contains(&root))) {
             ours.push(pid);
         }
@@ -1023,20 +1025,22 @@ fn wait_gone(pids: &[Pid], limit: Duration) {
 pub fn render(s: &EngineStatus) -> String {
     let d = &s.docker;
     let mut out = super::render(&s.lab);
-    out.push_str(&format!(
-        "dockerd {} (pid {}, userland-proxy {}) at {}, data-root {}\n",
+    let _ = writeln!(
+        out,
+        "dockerd {} (pid {}, userland-proxy {}) at {}, data-root {}",
         d.version,
         d.pid,
         d.userland_proxy,
         d.socket,
         d.data_root.display()
-    ));
+    );
     for c in &d.containers {
-        out.push_str(&format!(
-            "  {:<8} container {}\n",
+        let _ = writeln!(
+            out,
+            "  {:<8} container {}",
             c.task,
             &c.id[..12.min(c.id.len())]
-        ));
+        );
     }
     out
 }
