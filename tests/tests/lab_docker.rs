@@ -7,9 +7,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use ecsnet_lab::lab::{LabStatus, LabTask};
-use ecsnet_tests::{
-    Lab, docker, ecsnet_ok, leftovers, ns_exec, rule_packets, traffic::tcp_connect,
-};
+use ecsnet_tests::{Lab, docker, ecsnet_ok, ns_exec, rule_packets, traffic::tcp_connect, world};
 use serde_json::Value;
 
 const ECS_LABELS: [&str; 5] = [
@@ -90,13 +88,7 @@ fn docker_lab_is_docker_bridge_mode_and_goes_away() {
         footprint.pids.len() >= 5,
         "dockerd, containerd, shims: {footprint:?}"
     );
-    let name = lab.name.clone();
-    drop(lab);
-    assert_eq!(
-        leftovers(&name),
-        Vec::<String>::new(),
-        "lab down left things behind"
-    );
+    world::down_leaves_nothing(lab);
     assert_eq!(
         footprint.left(),
         Vec::<String>::new(),

@@ -10,7 +10,6 @@ use std::{
     fs,
     io::Write as _,
     net::Ipv4Addr,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -366,7 +365,6 @@ pub(super) fn start(lab: &str, host: &str, userland_proxy: bool) -> Result<(), L
         "userland-proxy": userland_proxy,
     });
     write_json(&paths.config(), &config)?;
-    let log = fs::File::create(paths.log()).map_err(io(&paths.log()))?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", netns::path(host).display()))
         .arg(DOCKERD)
@@ -381,22 +379,8 @@ pub(super) fn start(lab: &str, host: &str, userland_proxy: bool) -> Result<(), L
         .arg("--config-file")
         .arg(paths.config())
         .arg("--cgroup-parent")
-        .arg(&record.cgroup_parent)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io(&paths.log()))?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe; dockerd outlives `lab up` in a session of its own.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(drop)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| LabError::Command {
-        cmd: "nsenter dockerd".into(),
-        stderr: e.to_string(),
-    })?;
+        .arg(&record.cgroup_parent);
+    let mut child = super::spawn_detached(cmd, &paths.log(), "nsenter dockerd")?;
     let deadline = Instant::now() + DOCKERD_START;
     loop {
         let last = match docker_ok(lab, &["version", "--format", "{{.Server.Version}}"]) {

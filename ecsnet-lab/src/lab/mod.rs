@@ -565,25 +565,17 @@ fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {
     fs::write(path, format!("{text}\n")).map_err(io(path))
 }
 
-/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
-fn start_server(
-    lab: &str,
-    netns: &str,
-    who: &str,
-    ports: &[(Protocol, u16)],
-) -> Result<(), LabError> {
+/// Starts `cmd` in a session of its own (it outlives `lab up`), stdin from /dev/null, stdout
+/// and stderr to the new file `log_path`.
+fn spawn_detached(
+    mut cmd: Command,
+    log_path: &std::path::Path,
+    what: &str,
+) -> Result<std::process::Child, LabError> {
     use std::os::unix::process::CommandExt as _;
-    let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
-    let log_path = lab_dir(lab).join(format!("{who}.log"));
-    let log = fs::File::create(&log_path).map_err(io(&log_path))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["--netns", netns, "lab", "serve"]);
-    for (proto, port) in ports {
-        cmd.arg(format!("--{}", proto.as_str()))
-            .arg(port.to_string());
-    }
+    let log = fs::File::create(log_path).map_err(io(log_path))?;
     cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io(&log_path))?)
+        .stdout(log.try_clone().map_err(io(log_path))?)
         .stderr(log);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
@@ -593,10 +585,28 @@ fn start_server(
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd.spawn().map_err(|e| LabError::Command {
-        cmd: "ecsnet lab serve".into(),
+    cmd.spawn().map_err(|e| LabError::Command {
+        cmd: what.to_owned(),
         stderr: e.to_string(),
-    })?;
+    })
+}
+
+/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
+fn start_server(
+    lab: &str,
+    netns: &str,
+    who: &str,
+    ports: &[(Protocol, u16)],
+) -> Result<(), LabError> {
+    let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
+    let log_path = lab_dir(lab).join(format!("{who}.log"));
+    let mut cmd = Command::new(exe);
+    cmd.args(["--netns", netns, "lab", "serve"]);
+    for (proto, port) in ports {
+        cmd.arg(format!("--{}", proto.as_str()))
+            .arg(port.to_string());
+    }
+    let mut child = spawn_detached(cmd, &log_path, "ecsnet lab serve")?;
     // The lab is up when its servers listen: `lab serve` says so once every socket is bound.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
