@@ -615,15 +615,13 @@ struct InspectBinding {
 fn bound_ports(ports: &BTreeMap<String, Option<Vec<InspectBinding>>>) -> Vec<LabPort> {
     let mut out = Vec::new();
     for (key, bindings) in ports {
-        let (Some((port, proto)), Some(bindings)) = (key.split_once('/'), bindings) else {
+        // "80/tcp"; Docker lists exposed ports it bound nothing for with no bindings.
+        let (Ok((port, protocol)), Some(bindings)) = (Protocol::split_suffix(key), bindings) else {
             continue;
         };
-        let (Ok(container_port), Ok((_, protocol))) =
-            (port.parse::<u16>(), Protocol::split_suffix(key))
-        else {
+        let Ok(container_port) = port.parse::<u16>() else {
             continue;
         };
-        debug_assert_eq!(protocol.as_str(), proto);
         for b in bindings {
             let Ok(host_port) = b.host_port.parse::<u16>() else {
                 continue;
