@@ -134,18 +134,17 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// `before_up` lists the `RUN_DIRS` that existed before the lab was built.
-    pub fn of(lab: &Lab, before_up: &[PathBuf]) -> Self {
-        let ids = docker_ok(lab, &["ps", "-aq", "--no-trunc"]);
+    /// Of lab `name`, whose dockerd answers; `before_up` lists the `RUN_DIRS` that existed
+    /// before the lab was built.
+    pub fn of(name: &str, before_up: &[PathBuf]) -> Self {
+        let ids =
+            engine::docker_ok(name, &["ps", "-aq", "--no-trunc"]).unwrap_or_else(|e| panic!("{e}"));
         Footprint {
-            name: lab.name.clone(),
-            pids: engine::processes(&lab.name)
-                .iter()
-                .map(|p| p.as_raw())
-                .collect(),
+            name: name.to_owned(),
+            pids: engine::processes(name).iter().map(|p| p.as_raw()).collect(),
             shim_sockets: ids
                 .split_whitespace()
-                .filter_map(|id| engine::shim_socket_path(&lab.name, id))
+                .filter_map(|id| engine::shim_socket_path(name, id))
                 .collect(),
             new_run_dirs: RUN_DIRS
                 .iter()

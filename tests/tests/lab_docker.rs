@@ -4,10 +4,18 @@
 //! lab's rules are the real dockerd's line for line. These tests fail, never skip, when dockerd
 //! cannot start.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use ecsnet_lab::lab::{LabStatus, LabTask};
-use ecsnet_tests::{Lab, docker, ecsnet_ok, ns_exec, rule_packets, traffic::tcp_connect, world};
+use ecsnet_tests::{
+    Lab, docker, ecsnet_bin, ecsnet_ok, leftovers, ns_exec, require_root, rule_packets,
+    traffic::tcp_connect, unique, world,
+};
 use serde_json::Value;
 
 const ECS_LABELS: [&str; 5] = [
@@ -83,7 +91,7 @@ fn docker_lab_is_docker_bridge_mode_and_goes_away() {
     late_container(&lab, dyn_tcp);
 
     // Down: nothing of it is left, inside or outside its namespaces.
-    let footprint = docker::Footprint::of(&lab, &runs_before);
+    let footprint = docker::Footprint::of(&lab.name, &runs_before);
     assert!(
         footprint.pids.len() >= 5,
         "dockerd, containerd, shims: {footprint:?}"
@@ -94,6 +102,40 @@ fn docker_lab_is_docker_bridge_mode_and_goes_away() {
         Vec::<String>::new(),
         "lab down left things behind"
     );
+}
+
+#[test]
+fn down_cleans_a_half_built_docker_lab() {
+    require_root();
+    let runs_before = docker::run_dirs_now();
+    let name = unique("lh");
+    let lab_bin = ecsnet_bin().with_file_name("ecsnet-lab");
+    let mut up = Command::new(&lab_bin)
+        .args(["lab", "up", "--docker", "--name", &name, "--tasks", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ecsnet-lab lab up");
+    // Killed while Docker makes its first container: dockerd runs, the lab is half built.
+    let containers = docker::engine::EnginePaths::new(&name)
+        .data_root()
+        .join("containers");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&containers).map_or(true, |mut d| d.next().is_none()) {
+        let done = up.try_wait().expect("wait for lab up");
+        assert!(
+            done.is_none() && Instant::now() < deadline,
+            "lab up --docker made no container in 30 s (exit {done:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    up.kill().expect("kill lab up");
+    up.wait().expect("reap lab up");
+    let footprint = docker::Footprint::of(&name, &runs_before);
+    assert!(!footprint.pids.is_empty(), "its dockerd runs");
+    ecsnet_ok(&["lab", "down", "--name", &name]);
+    assert_eq!(leftovers(&name), Vec::<String>::new());
+    assert_eq!(footprint.left(), Vec::<String>::new());
 }
 
 /// `iptables-save` of a namespace without its comments and counters.
