@@ -154,8 +154,15 @@ pub enum LabCmd {
         publish: Vec<String>,
         /// The benchmark's ceiling instead of a bridge-mode host: no bridge and no netfilter,
         /// each task behind a /32 route; clients reach tasks at their own addresses.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "docker")]
         ceiling: bool,
+        /// A real Docker engine (Debian's dockerd 20.10, in the host namespace, with folders of
+        /// its own) makes docker0 and runs the tasks as containers with ECS labels.
+        #[arg(long)]
+        docker: bool,
+        /// dockerd's userland-proxy (Docker's default: true); with --docker.
+        #[arg(long, requires = "docker", default_value_t = true, action = clap::ArgAction::Set)]
+        userland_proxy: bool,
         #[arg(long)]
         json: bool,
     },
@@ -306,6 +313,15 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a lab's status; a real-engine lab's with its `docker` object.
+fn print_status(name: &str, json: bool, status: &lab::LabStatus) -> anyhow::Result<()> {
+    match lab::docker_status(name)? {
+        Some(e) => print_json_or(json, &e, lab::engine::render),
+        None => print_json_or(json, status, lab::render),
+    }
+    Ok(())
+}
+
 fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
         LabCmd::Up {
@@ -313,37 +329,50 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             tasks,
             publish,
             ceiling,
+            docker,
+            userland_proxy,
             json,
         } => {
             let publish = publish
                 .iter()
                 .map(|p| lab::parse_publish(p, tasks))
                 .collect::<Result<Vec<_>, LabError>>()?;
-            let status = lab::up(&LabSpec {
-                name,
+            let spec = LabSpec {
+                name: name.clone(),
                 tasks,
                 publish,
                 ceiling,
                 ..LabSpec::default()
-            })?;
-            print_json_or(json, &status, lab::render);
+            };
+            let engine = docker.then_some(lab::EngineOptions { userland_proxy });
+            let status = lab::up_with(&spec, engine)?;
+            print_status(&name, json, &status)?;
         }
         LabCmd::Down { name } => {
             let r = lab::down(&name)?;
             println!(
-                "lab {name} down: {} namespace(s) deleted, {} process(es) stopped{}",
+                "lab {name} down: {} namespace(s) deleted, {} process(es) stopped{}{}",
                 r.namespaces.len(),
                 r.killed,
                 if r.instances.is_empty() {
                     String::new()
                 } else {
                     format!(", instance(s) {} taken down", r.instances.join(", "))
+                },
+                if r.unmounted + r.removed.len() == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} mount(s) undone, {} path(s) removed outside the lab's folder",
+                        r.unmounted,
+                        r.removed.len()
+                    )
                 }
             );
         }
         LabCmd::Status { name, json } => {
             let s = lab::status(&name)?;
-            print_json_or(json, &s, lab::render);
+            print_status(&name, json, &s)?;
         }
         LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
         LabCmd::Probe {

@@ -1,12 +1,13 @@
 //! Test support: running the real `ecsnet` binary, a lab guard that cleans up on drop and on
-//! panic, readers for the kernel's own counters in a namespace, and raw frames and sockets to
-//! send them (`raw`). Used by the integration tests in `tests/`. The guard and the helpers the
+//! panic (`docker` builds the real-engine lab behind the same guard), readers for the kernel's
+//! own counters in a namespace, and raw frames and sockets to send them (`raw`). Used by the integration tests in `tests/`. The guard and the helpers the
 //! demo shares live in `ecsnet_lab::fixture::harness` and are re-exported here.
 
 use std::{process::Command, time::Duration};
 
 pub mod agent;
 pub mod counters;
+pub mod docker;
 pub mod flood;
 
 pub use ecsnet::agent::stats::Stats;
@@ -101,6 +102,23 @@ pub fn netfilter_packets(ns: &str) -> u64 {
         }
     }
     total
+}
+
+/// The packet counter of the first iptables rule in `chain` of `table` in namespace `ns` whose
+/// text (as `iptables -L -v -n` prints it) contains `needle`.
+pub fn rule_packets(ns: &str, table: &str, chain: &str, needle: &str) -> u64 {
+    let out = ns_exec(
+        ns,
+        &["iptables", "-t", table, "-L", chain, "-v", "-x", "-n"],
+    );
+    out.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no rule with {needle:?} in {table}/{chain}:\n{out}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Entries in netfilter's connection table of a namespace.

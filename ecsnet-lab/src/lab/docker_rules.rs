@@ -1,12 +1,23 @@
 //! Docker's iptables rules for the lab host, written as dockerd writes them and loaded with
 //! `iptables-restore` inside the host's namespace (a shell-out, as Docker's own).
+//!
+//! The imitation is dockerd 20.10 with `--userland-proxy=false`, rule for rule: `iptables-save`
+//! of the real-engine lab in that mode (`lab up --docker --userland-proxy false`) and of the
+//! imitation with the same ports are the same lines (`tests/tests/lab_docker.rs` checks it), and
+//! so are docker0's `route_localnet=1` and hairpin on every bridge port. Docker's default
+//! (`userland-proxy` on) differs in exactly what its docker-proxy processes take over: DNAT
+//! gets `! -i docker0`, `DOCKER` starts with `-i docker0 -j RETURN`, OUTPUT's jump gets
+//! `! -d 127.0.0.0/8`, no `--src-type LOCAL` masquerade, `route_localnet` 0 and hairpin off; a
+//! task reaching a published port through the host, and the host reaching `127.0.0.1:PORT`,
+//! then go through docker-proxy. The imitation runs no proxy, so it keeps the mode in which
+//! those paths are iptables' own; the default mode is the real-engine lab's.
 
 use std::{io::Write as _, process::Stdio};
 
 use super::{BRIDGE, BRIDGE_SUBNET, LabError, LabTask, topology};
 
-/// The iptables-restore input dockerd (20.10+, `--userland-proxy=false`, so hairpin NAT is done
-/// by iptables) writes for docker0 and these tasks' published ports.
+/// The iptables-restore input dockerd (20.10, `--userland-proxy=false`, so hairpin NAT is done
+/// by iptables) writes for docker0 and these tasks' published ports, in its order.
 pub fn docker_rules(tasks: &[LabTask]) -> String {
     let b = BRIDGE;
     let mut nat = lines(&[
@@ -20,8 +31,8 @@ pub fn docker_rules(tasks: &[LabTask]) -> String {
         "-A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER",
     ]);
     nat.extend([
-        format!("-A POSTROUTING -s {BRIDGE_SUBNET} ! -o {b} -j MASQUERADE"),
         format!("-A POSTROUTING -o {b} -m addrtype --src-type LOCAL -j MASQUERADE"),
+        format!("-A POSTROUTING -s {BRIDGE_SUBNET} ! -o {b} -j MASQUERADE"),
     ]);
     let mut filter = lines(&[
         "*filter",

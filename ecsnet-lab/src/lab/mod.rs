@@ -18,9 +18,12 @@ use ecsnet::{
 };
 
 mod docker_rules;
+pub mod engine;
 pub mod topology;
 
 pub use docker_rules::{docker_rules, restore_rules};
+pub use engine::EngineStatus;
+use topology::Shape;
 
 pub const UPLINK: &str = "eth0";
 pub const BRIDGE: &str = "docker0";
@@ -35,6 +38,9 @@ pub const MAX_TASKS: usize = 250;
 /// First host port of the default publications: task i publishes 8080+i-1 -> 80/tcp.
 pub const DEFAULT_HOST_PORT: u16 = 8080;
 pub const DEFAULT_CONTAINER_PORT: u16 = 80;
+/// Where dockerd picks dynamic host ports: the namespace's `net.ipv4.ip_local_port_range`,
+/// the kernel's default in the lab's host.
+pub const DOCKER_DYNAMIC_PORTS: [u16; 2] = [32768, 60999];
 /// Echo port (TCP and UDP) of the lab's client.
 pub const CLIENT_ECHO_PORT: u16 = 9000;
 
@@ -52,6 +58,8 @@ pub enum LabError {
         "lab {name:?} already exists (namespace {netns}); run `ecsnet lab down --name {name}` first"
     )]
     Exists { name: String, netns: String },
+    #[error("bad lab options: {0}")]
+    Conflict(&'static str),
     #[error("no lab named {0:?}; `ecsnet lab up --name {0}` builds one")]
     NotFound(String),
     #[error("{tool} is not installed: {hint}")]
@@ -93,6 +101,7 @@ impl LabError {
             | Self::BadTaskCount(_)
             | Self::BadPublish { .. }
             | Self::Exists { .. }
+            | Self::Conflict(_)
             | Self::NotFound(_) => 2,
             _ => 1,
         }
@@ -159,6 +168,22 @@ pub struct LabSpec {
     pub unserved: Vec<u16>,
 }
 
+/// A real engine for `up_with` (`lab up --docker`): a dockerd of the lab's own makes docker0
+/// and runs the tasks as containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// dockerd's `userland-proxy` (Docker's default: on).
+    pub userland_proxy: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            userland_proxy: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabHost {
@@ -198,6 +223,8 @@ impl std::fmt::Display for LabPort {
 #[serde(rename_all = "camelCase")]
 pub struct LabTask {
     pub name: String,
+    /// The task's named namespace; none (empty, left out of the JSON) for a container.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub netns: String,
     pub address: Ipv4Addr,
     pub interface: String,
@@ -243,9 +270,9 @@ pub fn task_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i)
 }
 
-/// The port mappings of every task: the --publish list, or one default port per task; dynamic
-/// host ports get the lowest free port of Docker's range, as dockerd picks them.
-pub fn plan_ports(spec: &LabSpec, ephemeral: [u16; 2]) -> Vec<Vec<LabPort>> {
+/// The port mappings every task asks for: the --publish list, or one default port per task;
+/// host port 0 is dynamic.
+pub fn requested_ports(spec: &LabSpec) -> Vec<Vec<LabPort>> {
     let mut out = vec![Vec::new(); spec.tasks];
     if spec.publish.is_empty() {
         for (host_port, ports) in (DEFAULT_HOST_PORT..).zip(&mut out) {
@@ -257,27 +284,32 @@ pub fn plan_ports(spec: &LabSpec, ephemeral: [u16; 2]) -> Vec<Vec<LabPort>> {
         }
         return out;
     }
-    let mut used: Vec<(u16, Protocol)> = spec
-        .publish
-        .iter()
-        .filter(|p| p.host_port != 0)
-        .map(|p| (p.host_port, p.protocol))
-        .collect();
     for p in &spec.publish {
-        let host_port = if p.host_port != 0 {
-            p.host_port
-        } else {
-            let free = (ephemeral[0]..=ephemeral[1])
-                .find(|port| !used.contains(&(*port, p.protocol)))
-                .unwrap_or(0);
-            used.push((free, p.protocol));
-            free
-        };
         out[p.task - 1].push(LabPort {
-            host_port,
+            host_port: p.host_port,
             container_port: p.container_port,
             protocol: p.protocol,
         });
+    }
+    out
+}
+
+/// The port mappings of every task, as `requested_ports` with each dynamic host port the
+/// lowest free one of `range` (dockerd's allocator: the first free port of a fresh range).
+pub fn plan_ports(spec: &LabSpec, range: [u16; 2]) -> Vec<Vec<LabPort>> {
+    let mut out = requested_ports(spec);
+    let mut used: Vec<(u16, Protocol)> = out
+        .iter()
+        .flatten()
+        .filter(|p| p.host_port != 0)
+        .map(|p| (p.host_port, p.protocol))
+        .collect();
+    for p in out.iter_mut().flatten().filter(|p| p.host_port == 0) {
+        let free = (range[0]..=range[1])
+            .find(|port| !used.contains(&(*port, p.protocol)))
+            .unwrap_or(0);
+        used.push((free, p.protocol));
+        p.host_port = free;
     }
     out
 }
@@ -363,12 +395,25 @@ fn namespaces(name: &str) -> Vec<String> {
 
 /// `ecsnet lab up`: builds the lab, starts a server in every task, writes the state file.
 pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
+    up_with(spec, None)
+}
+
+/// `ecsnet lab up`, with a real engine when `engine` is given (`--docker`).
+pub fn up_with(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, LabError> {
     paths::check_name("lab", &spec.name)?;
     if spec.name.len() > 20 {
         return Err(LabError::NameTooLong(spec.name.clone()));
     }
     if spec.tasks == 0 || spec.tasks > MAX_TASKS {
         return Err(LabError::BadTaskCount(spec.tasks));
+    }
+    if engine.is_some() && spec.ceiling {
+        return Err(LabError::Conflict(
+            "--docker builds a bridge-mode host, --ceiling has no bridge",
+        ));
+    }
+    if engine.is_some() {
+        engine::check_tools()?;
     }
     if which::which("iptables-restore").is_err() {
         return Err(LabError::MissingTool {
@@ -402,7 +447,7 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
         }
         seen.push((p.host_port, p.protocol));
     }
-    match build(spec) {
+    match build(spec, engine) {
         Ok(s) => Ok(s),
         Err(e) => {
             let _ = down(&spec.name);
@@ -411,32 +456,42 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
     }
 }
 
-fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
+fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, LabError> {
     let name = &spec.name;
     let (host, client) = (host_ns(name), client_ns(name));
     let dir = lab_dir(name);
     fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let ports = plan_ports(spec, ecsnet::state::Host::default().ephemeral_ports);
-    let tasks: Vec<LabTask> = ports
-        .into_iter()
-        .enumerate()
-        .map(|(k, port_mappings)| {
-            let i = k + 1;
-            LabTask {
-                name: format!("task{i}"),
-                netns: task_ns(name, i),
-                address: task_address(i),
-                interface: veth_name(name, i),
-                port_mappings,
-            }
-        })
-        .collect();
-    topology::build(&host, &client, &tasks, spec.ceiling)?;
-    if !spec.ceiling {
+    let tasks: Vec<LabTask> = if engine.is_some() {
+        Vec::new()
+    } else {
+        plan_ports(spec, DOCKER_DYNAMIC_PORTS)
+            .into_iter()
+            .enumerate()
+            .map(|(k, port_mappings)| {
+                let i = k + 1;
+                LabTask {
+                    name: format!("task{i}"),
+                    netns: task_ns(name, i),
+                    address: task_address(i),
+                    interface: veth_name(name, i),
+                    port_mappings,
+                }
+            })
+            .collect()
+    };
+    let shape = if engine.is_some() {
+        Shape::Engine
+    } else if spec.ceiling {
+        Shape::Ceiling
+    } else {
+        Shape::Bridge
+    };
+    topology::build(&host, &client, &tasks, shape)?;
+    if shape == Shape::Bridge {
         restore_rules(&host, &docker_rules(&tasks))?;
     }
 
-    let status = LabStatus {
+    let mut status = LabStatus {
         name: name.clone(),
         ceiling: spec.ceiling,
         state_file: dir.join("state.json"),
@@ -454,7 +509,23 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
         },
         tasks,
     };
-    for t in &status.tasks {
+    if let Some(options) = engine {
+        engine::start(name, &host, options.userland_proxy)?;
+        engine::import_image(name)?;
+        for (k, ports) in requested_ports(spec).into_iter().enumerate() {
+            let task = format!("task{}", k + 1);
+            let mut c = engine::ContainerSpec::task(name, &task, ports);
+            c.serve = c
+                .ports
+                .iter()
+                .map(|p| (p.protocol, p.container_port))
+                .filter(|(_, port)| !spec.unserved.contains(port))
+                .collect();
+            engine::run(name, &c)?;
+        }
+        status.tasks = engine::tasks(name, &host)?.0;
+    }
+    for t in status.tasks.iter().filter(|t| !t.netns.is_empty()) {
         let mut ports: Vec<(Protocol, u16)> = t
             .port_mappings
             .iter()
@@ -474,7 +545,11 @@ fn build(spec: &LabSpec) -> Result<LabStatus, LabError> {
             (Protocol::Udp, CLIENT_ECHO_PORT),
         ],
     )?;
-    let state = state_for(&status);
+    let mut state = state_for(&status);
+    if engine.is_some() {
+        // The engine is the source of tasks: the file carries the host only.
+        state.tasks.clear();
+    }
     write(
         &status.state_file,
         &serde_json::to_string_pretty(&state).expect("state serializes"),
@@ -490,25 +565,17 @@ fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {
     fs::write(path, format!("{text}\n")).map_err(io(path))
 }
 
-/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
-fn start_server(
-    lab: &str,
-    netns: &str,
-    who: &str,
-    ports: &[(Protocol, u16)],
-) -> Result<(), LabError> {
+/// Starts `cmd` in a session of its own (it outlives `lab up`), stdin from /dev/null, stdout
+/// and stderr to the new file `log_path`.
+fn spawn_detached(
+    mut cmd: Command,
+    log_path: &std::path::Path,
+    what: &str,
+) -> Result<std::process::Child, LabError> {
     use std::os::unix::process::CommandExt as _;
-    let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
-    let log_path = lab_dir(lab).join(format!("{who}.log"));
-    let log = fs::File::create(&log_path).map_err(io(&log_path))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["--netns", netns, "lab", "serve"]);
-    for (proto, port) in ports {
-        cmd.arg(format!("--{}", proto.as_str()))
-            .arg(port.to_string());
-    }
+    let log = fs::File::create(log_path).map_err(io(log_path))?;
     cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io(&log_path))?)
+        .stdout(log.try_clone().map_err(io(log_path))?)
         .stderr(log);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
@@ -518,10 +585,28 @@ fn start_server(
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd.spawn().map_err(|e| LabError::Command {
-        cmd: "ecsnet lab serve".into(),
+    cmd.spawn().map_err(|e| LabError::Command {
+        cmd: what.to_owned(),
         stderr: e.to_string(),
-    })?;
+    })
+}
+
+/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
+fn start_server(
+    lab: &str,
+    netns: &str,
+    who: &str,
+    ports: &[(Protocol, u16)],
+) -> Result<(), LabError> {
+    let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
+    let log_path = lab_dir(lab).join(format!("{who}.log"));
+    let mut cmd = Command::new(exe);
+    cmd.args(["--netns", netns, "lab", "serve"]);
+    for (proto, port) in ports {
+        cmd.arg(format!("--{}", proto.as_str()))
+            .arg(port.to_string());
+    }
+    let mut child = spawn_detached(cmd, &log_path, "ecsnet lab serve")?;
     // The lab is up when its servers listen: `lab serve` says so once every socket is bound.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -574,7 +659,27 @@ pub fn status(name: &str) -> Result<LabStatus, LabError> {
     if !netns::exists(&status.host.netns) {
         return Err(LabError::NotFound(name.into()));
     }
+    if engine::is_engine(name) {
+        return Ok(engine_status(status)?.lab);
+    }
     Ok(status)
+}
+
+/// The status of a real-engine lab: its tasks are the running containers Docker reports now.
+fn engine_status(mut lab: LabStatus) -> Result<EngineStatus, LabError> {
+    let (tasks, containers) = engine::tasks(&lab.name, &lab.host.netns)?;
+    lab.tasks = tasks;
+    let docker = engine::docker_status(&lab.name, containers)?;
+    Ok(EngineStatus { lab, docker })
+}
+
+/// `ecsnet lab status` of a real-engine lab (with its `docker` object); `None` for another.
+pub fn docker_status(name: &str) -> Result<Option<EngineStatus>, LabError> {
+    let lab = status(name)?;
+    if !engine::is_engine(name) {
+        return Ok(None);
+    }
+    engine_status(lab).map(Some)
 }
 
 /// What `lab down` removed.
@@ -583,6 +688,10 @@ pub struct LabDown {
     pub namespaces: Vec<String>,
     pub killed: usize,
     pub instances: Vec<String>,
+    /// Of a real-engine lab: mounts undone, and files and folders removed outside the lab's
+    /// directory (shim sockets, /run folders dockerd made, cgroups).
+    pub unmounted: usize,
+    pub removed: Vec<PathBuf>,
 }
 
 /// `ecsnet lab down`: stops instances running in the lab, kills every process in its
@@ -601,8 +710,14 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
             report.instances.push(inst);
         }
     }
+    if engine::is_engine(name) {
+        let e = engine::clean(name);
+        report.killed += e.killed;
+        report.unmounted = e.unmounted;
+        report.removed = e.removed;
+    }
     let kill = |pid| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok();
-    report.killed = nss
+    report.killed += nss
         .iter()
         .flat_map(|ns| topology::pids(ns))
         .filter(|&pid| kill(pid))
@@ -708,24 +823,25 @@ mod tests {
             publish: vec![],
             ..LabSpec::default()
         };
-        let p = plan_ports(&spec, [49153, 65535]);
+        let p = plan_ports(&spec, DOCKER_DYNAMIC_PORTS);
         assert_eq!(p[1][0].host_port, 8081);
         let spec = LabSpec {
             name: "l".into(),
             tasks: 2,
             publish: vec![
-                parse_publish("1:49153:80", 2).unwrap(),
+                parse_publish("1:32768:80", 2).unwrap(),
                 parse_publish("2:0:80", 2).unwrap(),
                 parse_publish("2:0:53/udp", 2).unwrap(),
             ],
             ..LabSpec::default()
         };
-        let p = plan_ports(&spec, [49153, 65535]);
+        let p = plan_ports(&spec, DOCKER_DYNAMIC_PORTS);
         assert_eq!(
-            p[1][0].host_port, 49154,
-            "dynamic skips the static 49153/tcp"
+            p[1][0].host_port, 32769,
+            "dynamic skips the static 32768/tcp"
         );
-        assert_eq!(p[1][1].host_port, 49153, "udp has its own space");
+        assert_eq!(p[1][1].host_port, 32768, "udp has its own space");
+        assert_eq!(requested_ports(&spec)[1][0].host_port, 0, "asked dynamic");
     }
 
     #[test]

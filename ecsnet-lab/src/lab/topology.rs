@@ -26,7 +26,7 @@ use rtnetlink::{
     RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::{InfoData, InfoKind, InfoPortKind, InfoVeth, LinkMessage},
+        link::{InfoData, InfoKind, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage},
         route::{RouteProtocol, RouteScope},
     },
 };
@@ -41,14 +41,28 @@ use super::{
 /// A task's end of its veth, in the task's namespace.
 const TASK_LINK: &str = "eth0";
 
+/// What stands behind the host's uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// The imitation: docker0 and the tasks' namespaces made here, Docker's rules loaded.
+    Bridge,
+    /// The benchmark's ceiling: no bridge, each task behind a /32 route.
+    Ceiling,
+    /// A real dockerd makes docker0 and the tasks; the host keeps IPv6 (Docker's default, so
+    /// docker-proxy can listen on `[::]` too).
+    Engine,
+}
+
 /// Builds the lab's network: host and client joined by the uplink, docker0 on the host (for
-/// the ceiling, a route to the tasks through the host instead), and every task on its veth.
+/// the ceiling, a route to the tasks through the host instead; for a real engine, nothing:
+/// dockerd makes docker0), and every task on its veth.
 pub(super) fn build(
     host: &str,
     client: &str,
     tasks: &[LabTask],
-    ceiling: bool,
+    shape: Shape,
 ) -> Result<(), LabError> {
+    let ceiling = shape == Shape::Ceiling;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -69,8 +83,13 @@ pub(super) fn build(
         let default = route().gateway(CLIENT_ADDR);
         host.route(&format!("default via {CLIENT_ADDR}"), default)
             .await?;
-        host.sysctl("net.ipv4.ip_forward")?;
-        if ceiling {
+        if shape == Shape::Engine {
+            // dockerd turns forwarding on itself, and sets FORWARD's policy to DROP as it
+            // does so (it leaves the policy alone where forwarding was on already).
+            host.set_sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+            host.set_sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
+        } else if ceiling {
+            host.sysctl("net.ipv4.ip_forward")?;
             // The client routes the task subnet through the host: nothing translates.
             let subnet = Ipv4Addr::from(u32::from(BRIDGE_ADDR) & !(u32::MAX >> BRIDGE_PREFIX));
             let to_tasks = route()
@@ -79,6 +98,7 @@ pub(super) fn build(
             let what = format!("{subnet}/{BRIDGE_PREFIX} via {UPLINK_ADDR}");
             client.route(&what, to_tasks).await?;
         } else {
+            host.sysctl("net.ipv4.ip_forward")?;
             docker_bridge(&host).await?;
         }
         for task in tasks {
@@ -179,20 +199,24 @@ impl Ns {
     /// the lab's namespaces is.
     async fn add(name: &str) -> Result<Self, LabError> {
         create(name)?;
-        let file = open(name)?;
-        let (connection, handle, _) = inside(&file, rtnetlink::new_connection)
-            .and_then(|socket| socket)
-            .map_err(|source| netns_error(name, "netlink socket", source))?;
-        tokio::spawn(connection);
-        let ns = Ns {
-            name: name.to_owned(),
-            file,
-            handle,
-        };
+        let ns = Self::open(name, open(name)?)?;
         ns.up("lo").await?;
         ns.sysctl("net.ipv6.conf.all.disable_ipv6")?;
         ns.sysctl("net.ipv6.conf.default.disable_ipv6")?;
         Ok(ns)
+    }
+
+    /// A netlink socket in the namespace open as `file`, named `name` in errors.
+    fn open(name: &str, file: File) -> Result<Self, LabError> {
+        let (connection, handle, _) = inside(&file, rtnetlink::new_connection)
+            .and_then(|socket| socket)
+            .map_err(|source| netns_error(name, "netlink socket", source))?;
+        tokio::spawn(connection);
+        Ok(Ns {
+            name: name.to_owned(),
+            file,
+            handle,
+        })
     }
 
     fn failed(&self, what: String) -> impl FnOnce(rtnetlink::Error) -> LabError {
@@ -206,20 +230,7 @@ impl Ns {
 
     /// The ifindex of `link`.
     async fn index(&self, link: &str) -> Result<u32, LabError> {
-        let what = format!("link show {link}");
-        let found: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .match_name(link)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(self.failed(what.clone()))?;
-        found
-            .first()
-            .map(|l| l.header.index)
-            .ok_or_else(|| netns_error(&self.name, &what, Errno::ENODEV.into()))
+        Ok(find_link(self, LinkQuery::Name(link)).await?.index)
     }
 
     async fn up(&self, link: &str) -> Result<(), LabError> {
@@ -296,11 +307,113 @@ impl Ns {
 
     /// Turns the sysctl `key` (dotted, as `sysctl` names it) on in this namespace.
     fn sysctl(&self, key: &str) -> Result<(), LabError> {
-        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-        inside(&self.file, || fs::write(&path, "1"))
-            .and_then(|written| written)
-            .map_err(|source| netns_error(&self.name, &format!("sysctl {key}=1"), source))
+        self.set_sysctl(key, "1")
     }
+
+    fn set_sysctl(&self, key: &str, value: &str) -> Result<(), LabError> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        inside(&self.file, || fs::write(&path, value))
+            .and_then(|written| written)
+            .map_err(|source| netns_error(&self.name, &format!("sysctl {key}={value}"), source))
+    }
+}
+
+/// A link as the kernel reports it: its index, name, peer index (`IFLA_LINK`: a veth's other
+/// end) and controller (the bridge it is a port of).
+struct Link {
+    index: u32,
+    name: String,
+    peer: Option<u32>,
+    controller: Option<u32>,
+}
+
+impl Link {
+    fn from(msg: &LinkMessage) -> Self {
+        let mut l = Link {
+            index: msg.header.index,
+            name: String::new(),
+            peer: None,
+            controller: None,
+        };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name.clone_from(n),
+                LinkAttribute::Link(i) => l.peer = Some(*i),
+                LinkAttribute::Controller(i) => l.controller = Some(*i),
+                _ => {}
+            }
+        }
+        l
+    }
+}
+
+/// The link `by` names in the namespace `ns`.
+async fn find_link(ns: &Ns, by: LinkQuery<'_>) -> Result<Link, LabError> {
+    let what = match by {
+        LinkQuery::Name(n) => format!("link show {n}"),
+        LinkQuery::Index(i) => format!("link show index {i}"),
+    };
+    let get = ns.handle.link().get();
+    let get = match by {
+        LinkQuery::Name(n) => get.match_name(n.to_owned()),
+        LinkQuery::Index(i) => get.match_index(i),
+    };
+    let found: Vec<LinkMessage> = get
+        .execute()
+        .try_collect()
+        .await
+        .map_err(ns.failed(what.clone()))?;
+    found
+        .first()
+        .map(Link::from)
+        .ok_or_else(|| netns_error(&ns.name, &what, Errno::ENODEV.into()))
+}
+
+#[derive(Clone, Copy)]
+enum LinkQuery<'a> {
+    Name(&'a str),
+    Index(u32),
+}
+
+/// The host's end of a container's veth, found through the container's namespace (that of
+/// process `pid`): the peer index of its `link` there, that link in the namespace `host`, which
+/// must name `link` as its own peer. Returns its name and the name of its controller, if any.
+pub(super) fn host_peer(
+    pid: i32,
+    link: &str,
+    host: &str,
+) -> Result<(String, Option<String>), LabError> {
+    let container = format!("/proc/{pid}/ns/net");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|source| netns_error(&container, "tokio runtime", source))?;
+    runtime.block_on(async {
+        let file = File::open(&container).map_err(|e| netns_error(&container, "open", e))?;
+        let inner = Ns::open(&container, file)?;
+        let host = Ns::open(host, open(host)?)?;
+        let end = find_link(&inner, LinkQuery::Name(link)).await?;
+        let peer = end.peer.ok_or_else(|| {
+            netns_error(
+                &container,
+                &format!("{link} has no peer"),
+                Errno::ENODEV.into(),
+            )
+        })?;
+        let veth = find_link(&host, LinkQuery::Index(peer)).await?;
+        if veth.peer != Some(end.index) {
+            return Err(netns_error(
+                &host.name,
+                &format!("{} is not the peer of {link} in {container}", veth.name),
+                Errno::ENODEV.into(),
+            ));
+        }
+        let controller = match veth.controller {
+            Some(i) => Some(find_link(&host, LinkQuery::Index(i)).await?.name),
+            None => None,
+        };
+        Ok((veth.name, controller))
+    })
 }
 
 fn netns_error(netns: &str, what: &str, source: std::io::Error) -> LabError {
