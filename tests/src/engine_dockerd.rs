@@ -22,8 +22,8 @@ const START_WAIT: Duration = Duration::from_secs(30);
 /// The image every test container runs, made by `docker import`.
 pub const IMAGE: &str = "ecsnet-test/busybox:1";
 
-/// Folders dockerd and its containerd make outside their own roots, removed when empty and
-/// only when they were not there before.
+/// Folders dockerd and its containerd make outside their own roots, removed when empty, only
+/// when they were not there before and no other engine runs.
 const OUTSIDE: [&str; 4] = [
     "/run/containerd/s",
     "/run/containerd",
@@ -200,6 +200,18 @@ impl Dockerd {
     }
 }
 
+/// Whether a dockerd, containerd or shim runs anywhere on the machine.
+fn engine_running() -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            matches!(comm.trim(), "dockerd" | "containerd") || comm.starts_with("containerd-shim")
+        })
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().expect(cmd);
     assert!(
@@ -271,8 +283,11 @@ impl Dockerd {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
         let _ = std::fs::remove_dir_all(&self.dir);
-        for p in &self.made_outside {
-            let _ = std::fs::remove_dir(p);
+        // Shared with any other engine on the machine: left while one runs.
+        if !engine_running() {
+            for p in &self.made_outside {
+                let _ = std::fs::remove_dir(p);
+            }
         }
     }
 

@@ -181,6 +181,8 @@ fn view_follows_a_real_docker_engine() {
     let (index, veth, master) = veth_of(&d, &ecs);
     assert_eq!(master, "docker0");
     assert_eq!(found.ifindex, index);
+    assert_eq!(found.prefix, 16);
+    assert_eq!(found.cluster.as_deref(), Some("demo"));
     assert_eq!(t.interface.as_deref(), Some(veth.as_str()));
     let dynamic = host_port(&d, &ecs, "53/udp");
     assert!(dynamic >= 32768, "Docker's dynamic range: {dynamic}");
@@ -243,6 +245,12 @@ fn view_follows_a_real_docker_engine() {
     );
     assert_eq!(late_task.ifindex, veth_of(&d, &late).0);
     assert_eq!(engine.status().relists, 1, "no re-list for an event");
+
+    // Renamed: a task without ECS labels is named after its container.
+    d.docker(&["rename", "plain", "plain-2"]);
+    views.until("a renamed container", |v| {
+        task(v, &plain).is_some_and(|t| t.task.name == "plain-2")
+    });
 
     // Stopped, then removed.
     d.docker(&["stop", "-t", "0", &plain]);

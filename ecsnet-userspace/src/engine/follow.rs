@@ -344,6 +344,8 @@ impl<F: FnMut(&Discovered)> Follower<F> {
         Ok(Some(Seen::Task(Box::new(Found {
             task,
             ifindex: veth.ifindex,
+            prefix: candidate.prefix,
+            cluster: candidate.cluster,
             has_group_label: candidate.has_group_label,
             fail_closed: candidate.fail_closed,
             notes: candidate.notes,

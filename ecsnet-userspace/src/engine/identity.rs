@@ -27,6 +27,7 @@ pub struct Candidate {
     /// The MAC of the container's interface on our bridge.
     pub mac: [u8; 6],
     pub prefix: u8,
+    pub cluster: Option<String>,
     pub has_group_label: bool,
     pub fail_closed: Option<labels::LabelError>,
     pub notes: Vec<String>,
@@ -122,6 +123,7 @@ pub fn classify(
         pid,
         mac,
         prefix,
+        cluster: id.cluster,
         has_group_label: groups.is_some(),
         fail_closed,
         notes,
@@ -434,6 +436,7 @@ mod tests {
         assert_eq!(t.name, "0a1b2c3d4e5f67890123456789abcdef/web");
         assert_eq!(t.ipv4_address, Ipv4Addr::new(172, 17, 0, 2));
         assert_eq!(c.prefix, 16);
+        assert_eq!(c.cluster.as_deref(), Some("demo"));
         assert_eq!(c.pid, 5053);
         assert_eq!(c.mac, [0x02, 0x42, 0xac, 0x11, 0x00, 0x02]);
         assert_eq!(t.mac_address.as_deref(), Some("02:42:ac:11:00:02"));

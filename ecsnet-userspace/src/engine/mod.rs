@@ -27,7 +27,7 @@ pub use follow::{Engine, SpawnError, spawn};
 pub use labels::LabelError;
 
 /// Every container the engine has, by full id, as last seen.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Discovered {
     pub containers: BTreeMap<String, Seen>,
     /// Counts the changes of the view: 1 after the first list.
@@ -45,7 +45,8 @@ impl Discovered {
 }
 
 /// One container: a task, or why it is not one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Seen {
     /// Boxed: a task is much larger than a reason.
     Task(Box<Found>),
@@ -57,12 +58,17 @@ pub enum Seen {
 }
 
 /// A container that is a task on our bridge.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Found {
     /// `source` Docker; address, MAC, veth, ports, labels, image and identity from the engine.
     pub task: Task,
     /// ifindex of the task's veth (its host end) in the agent's network namespace.
     pub ifindex: u32,
+    /// The prefix length of the task's address on the bridge network.
+    pub prefix: u8,
+    /// The `com.amazonaws.ecs.cluster` label (a task has no field for it).
+    pub cluster: Option<String>,
     /// Whether the container carries `ecsnet.security-groups`: without it the task follows
     /// `host.defaultPolicy`.
     pub has_group_label: bool,
@@ -139,5 +145,42 @@ impl fmt::Display for EngineStatus {
             Some(e) => write!(f, ", last error: {e}"),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_serializes_with_kinds_and_reasons() {
+        let mut view = Discovered::default();
+        view.containers.insert(
+            "a".into(),
+            Seen::Skipped {
+                name: "web".into(),
+                why: Skip::HostNetwork,
+            },
+        );
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(
+            json["containers"]["a"],
+            serde_json::json!({"kind": "skipped", "name": "web", "why": {"reason": "hostNetwork"}})
+        );
+        let status = EngineStatus {
+            socket: "/run/d.sock".into(),
+            connected: false,
+            since: SystemTime::UNIX_EPOCH,
+            last_error: Some("the event stream ended".into()),
+            api_version: None,
+            events: 3,
+            relists: 2,
+            reconnects: 1,
+        };
+        assert_eq!(
+            status.to_string(),
+            "docker engine /run/d.sock: disconnected, 3 events, 2 relists, 1 reconnects, \
+             last error: the event stream ended"
+        );
     }
 }
