@@ -235,8 +235,18 @@ fn view_follows_a_real_docker_engine() {
     );
     let run_took = started.elapsed();
     let seen_after = views.until("a container started later", |v| task(v, &late).is_some());
+    let cause = views.last.cause.clone().expect("an event, not a list");
+    assert_eq!(cause.container, late);
+    assert_eq!(
+        cause.action, "start",
+        "its connect event, before, is not waited on"
+    );
+    let since_event = std::time::SystemTime::now()
+        .duration_since(cause.at)
+        .expect("the event is in the past");
     println!(
-        "docker run -d took {run_took:?}; the task was in the view {seen_after:?} after it returned"
+        "docker run -d took {run_took:?}; the task was in the view {seen_after:?} after it \
+         returned, {since_event:?} after the start event"
     );
     let late_task = task(&views.last, &late).unwrap();
     assert!(

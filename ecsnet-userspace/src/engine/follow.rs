@@ -19,7 +19,7 @@ use futures::StreamExt as _;
 use tokio::sync::oneshot;
 
 use super::{
-    Discovered, EngineStatus, Found, Seen, Skip,
+    Cause, Discovered, EngineStatus, Found, Seen, Skip,
     client::{self, Networks, UrlError},
     identity,
 };
@@ -257,6 +257,7 @@ impl<F: FnMut(&Discovered)> Follower<F> {
         }
         lock(&self.status).relists += 1;
         self.view.containers = containers;
+        self.view.cause = None;
         self.changed();
         Ok(())
     }
@@ -277,6 +278,21 @@ impl<F: FnMut(&Discovered)> Follower<F> {
             _ => None,
         };
         let Some(id) = id else { return Ok(()) };
+        // A container being started is connected first, and its inspect would wait for the
+        // whole start (dockerd holds the container meanwhile), holding up every later event:
+        // its start event finds it. Connects matter for running containers only.
+        if action == "connect" && !self.running(&id) {
+            return Ok(());
+        }
+        let at = event
+            .time_nano
+            .and_then(|n| u64::try_from(n).ok())
+            .map_or_else(SystemTime::now, |n| UNIX_EPOCH + Duration::from_nanos(n));
+        let cause = Cause {
+            container: id.clone(),
+            action: action.to_owned(),
+            at,
+        };
         let seen = if action == "destroy" {
             None
         } else {
@@ -287,9 +303,19 @@ impl<F: FnMut(&Discovered)> Follower<F> {
                 Some(seen) => self.view.containers.insert(id, seen),
                 None => self.view.containers.remove(&id),
             };
+            self.view.cause = Some(cause);
             self.changed();
         }
         Ok(())
+    }
+
+    /// Whether the view has the container running (a task, or skipped for another reason).
+    fn running(&self, id: &str) -> bool {
+        match self.view.containers.get(id) {
+            Some(Seen::Task(_)) => true,
+            Some(Seen::Skipped { why, .. }) => !matches!(why, Skip::NotRunning { .. }),
+            None => false,
+        }
     }
 
     /// The container as it is now; None when it is gone.
