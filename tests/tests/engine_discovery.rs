@@ -168,6 +168,7 @@ fn view_follows_a_real_docker_engine() {
     let t = &found.task;
     assert_eq!(t.source, TaskSource::Docker);
     assert_eq!(t.name, "5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b/web");
+    assert_eq!(found.container_name, "ecs-web-3-web-a1b2");
     assert_eq!(t.task_arn.as_deref(), Some(TASK_ARN));
     assert_eq!(
         t.task_definition_arn.as_deref(),
@@ -264,8 +265,11 @@ fn view_follows_a_real_docker_engine() {
 
     // Stopped, then removed.
     d.docker(&["stop", "-t", "0", &plain]);
-    views.until("a stopped container", |v| {
-        matches!(skipped(v, &plain), Some(Skip::NotRunning { .. }))
+    views.until("a stopped container", |v| match v.containers.get(&plain) {
+        Some(Seen::Skipped { name, why }) => {
+            name == "plain-2" && matches!(why, Skip::NotRunning { .. })
+        }
+        _ => false,
     });
     d.docker(&["rm", &plain]);
     views.until("a removed container", |v| {

@@ -270,10 +270,11 @@ impl<F: FnMut(&Discovered)> Follower<F> {
     ) -> Result<(), SessionError> {
         let action = event.action.as_deref().unwrap_or_default();
         let actor = event.actor.unwrap_or_default();
+        let mut attributes = actor.attributes;
         let id = match event.typ {
             Some(EventMessageTypeEnum::CONTAINER) => actor.id,
             Some(EventMessageTypeEnum::NETWORK) => {
-                actor.attributes.and_then(|mut a| a.remove("container"))
+                attributes.take().and_then(|mut a| a.remove("container"))
             }
             _ => None,
         };
@@ -293,10 +294,18 @@ impl<F: FnMut(&Discovered)> Follower<F> {
             action: action.to_owned(),
             at,
         };
-        let seen = if action == "destroy" {
-            None
-        } else {
-            self.identify(docker, host, &id).await?
+        // A container that died has no process, so no interface: no inspect needed (dockerd
+        // may still hold it while it cleans up). A start that follows (restart policy) comes
+        // after it in the stream.
+        let seen = match action {
+            "destroy" => None,
+            "die" | "stop" => Some(Seen::Skipped {
+                name: self.name_of(&id, attributes.as_ref()),
+                why: Skip::NotRunning {
+                    status: "exited".to_owned(),
+                },
+            }),
+            _ => self.identify(docker, host, &id).await?,
         };
         if self.view.containers.get(&id) != seen.as_ref() {
             match seen {
@@ -307,6 +316,18 @@ impl<F: FnMut(&Discovered)> Follower<F> {
             self.changed();
         }
         Ok(())
+    }
+
+    /// A container's name: as the view has it, else as its event says.
+    fn name_of(&self, id: &str, attributes: Option<&HashMap<String, String>>) -> String {
+        match self.view.containers.get(id) {
+            Some(Seen::Skipped { name, .. }) => name.clone(),
+            Some(Seen::Task(found)) => found.container_name.clone(),
+            None => attributes
+                .and_then(|a| a.get("name"))
+                .cloned()
+                .unwrap_or_default(),
+        }
     }
 
     /// Whether the view has the container running (a task, or skipped for another reason).
@@ -350,25 +371,26 @@ impl<F: FnMut(&Discovered)> Follower<F> {
             devices.insert(net.to_owned(), device);
         }
         let name = identity::container_name(&c);
-        let skipped = |why| Ok(Some(Seen::Skipped { name, why }));
         let candidate = match identity::classify(&c, &devices, &self.bridge) {
             Ok(candidate) => candidate,
-            Err(why) => return skipped(why),
+            Err(why) => return Ok(Some(Seen::Skipped { name, why })),
         };
         let veth = match identity::host_veth(host, candidate.pid, candidate.mac, &self.bridge).await
         {
             Ok(veth) => veth,
             Err(e) => {
-                return skipped(Skip::NoVeth {
+                let why = Skip::NoVeth {
                     bridge: self.bridge.clone(),
                     why: e.to_string(),
-                });
+                };
+                return Ok(Some(Seen::Skipped { name, why }));
             }
         };
         let mut task = candidate.task;
         task.interface = Some(veth.name);
         Ok(Some(Seen::Task(Box::new(Found {
             task,
+            container_name: name,
             ifindex: veth.ifindex,
             prefix: candidate.prefix,
             cluster: candidate.cluster,

@@ -77,6 +77,8 @@ pub enum Seen {
 pub struct Found {
     /// `source` Docker; address, MAC, veth, ports, labels, image and identity from the engine.
     pub task: Task,
+    /// The container's name (no leading '/'); the task's name differs for an ECS container.
+    pub container_name: String,
     /// ifindex of the task's veth (its host end) in the agent's network namespace.
     pub ifindex: u32,
     /// The prefix length of the task's address on the bridge network.
