@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cli;
 pub mod clock;
+pub mod engine;
 pub mod flowlog;
 pub mod host;
 pub mod instance;

@@ -8,6 +8,7 @@ use std::{process::Command, time::Duration};
 pub mod agent;
 pub mod counters;
 pub mod docker;
+pub mod engine_dockerd;
 pub mod flood;
 
 pub use ecsnet::agent::stats::Stats;
