@@ -2,8 +2,9 @@
 //! so neither waits for the other nor for the listeners:
 //! - `links` holds every new port of the bridge at the default policy as the kernel announces
 //!   it, and lets a held port go when it is deleted;
-//! - `follow` applies the engine's view of its containers (from `engine`) whenever it changes,
-//!   and keeps `EngineStatus` (in `engine.json`, read by `stats` and the metrics) and the log.
+//! - `follow` applies the engine's view of its containers (from `engine`, whose own thread
+//!   follows the engine) whenever it changes, and keeps `EngineStatus` (in `engine.json`, read by
+//!   `stats` and the metrics) and the log.
 
 use std::{
     collections::BTreeSet,
@@ -12,27 +13,14 @@ use std::{
 };
 
 use crate::{
+    engine,
     host::netlink::{LinkEvent, LinkEvents},
     instance::follow,
     store::{
-        files::{self, Discovered, EngineStatus},
+        files::{self, Discovered, EngineStatus, NotATask},
         paths::InstancePaths,
     },
 };
-
-/// What the engine follower tells the agent.
-#[derive(Debug)]
-pub enum Update {
-    /// The whole current view, after any change.
-    View(Discovered),
-    /// Connected (after a full list), or lost with the error.
-    Connected,
-    Disconnected(String),
-    /// One more container event received.
-    Event,
-    /// One more full list.
-    Relist,
-}
 
 /// The shared status, written to `engine.json` by whoever changes it.
 #[derive(Clone)]
@@ -121,72 +109,98 @@ fn held_ports(status: &Status, held: &[u32]) {
     status.update(|s| s.held += held.len() as u64);
 }
 
-/// Starts following the engine at `url`: the engine's own thread (`engine::spawn`) sends its
-/// views to the `follow` thread, which applies them.
+/// Starts following the engine at `url` (`engine::spawn`, on its own thread, in the agent's
+/// network namespace); the `follow` thread applies each view it sends and copies its
+/// connection's status into `status` every `STATUS_EVERY`.
 pub fn spawn_engine(
     paths: &InstancePaths,
     url: &str,
     bridge: &str,
     status: Status,
-) -> std::io::Result<()> {
-    let (tx, rx) = mpsc::channel();
-    spawn_follow(paths, rx, status)?;
-    let _ = (url, bridge, tx);
-    Ok(())
-}
-
-/// Starts the `follow` thread: applies each view the engine follower sends, newest first (views
-/// that queued up while an apply ran are skipped: each is whole).
-fn spawn_follow(
-    paths: &InstancePaths,
-    updates: mpsc::Receiver<Update>,
-    status: Status,
-) -> std::io::Result<()> {
+) -> Result<(), engine::SpawnError> {
+    let (tx, views) = mpsc::channel();
+    let address = url.to_owned();
+    let engine = engine::spawn(url, bridge, move |d: &engine::Discovered| {
+        let mut view = view_of(d);
+        view.engine.clone_from(&address);
+        // Gone only when the follow thread is: the agent is stopping.
+        let _ = tx.send(view);
+    })?;
     let paths = paths.clone();
     std::thread::Builder::new()
         .name("follow".into())
         .spawn(move || {
             let mut said: BTreeSet<String> = BTreeSet::new();
-            while let Ok(first) = updates.recv() {
-                let mut view = None;
-                for u in std::iter::once(first).chain(updates.try_iter()) {
-                    match u {
-                        Update::View(d) => view = Some(d),
-                        other => status_of(&status, other),
+            loop {
+                match views.recv_timeout(STATUS_EVERY) {
+                    // Views that queued up while an apply ran are skipped: each one is whole.
+                    Ok(first) => {
+                        let newest = views.try_iter().last().unwrap_or(first);
+                        apply(&paths, &newest, &status, &mut said);
                     }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                if let Some(d) = view {
-                    apply(&paths, &d, &status, &mut said);
-                }
+                connection(&status, &engine.status());
             }
+        })
+        .map_err(|source| engine::SpawnError::Io {
+            what: "follow thread",
+            source,
         })?;
     Ok(())
 }
 
-fn status_of(status: &Status, u: Update) {
-    match u {
-        Update::Connected => {
-            log::info!("following the container engine");
-            status.update(|s| {
-                s.connected = true;
-                s.since = now_secs();
-                s.last_error = None;
-            });
-        }
-        Update::Disconnected(e) => {
-            log::warn!("container engine unreachable ({e}); enforcing what it said last, retrying");
-            status.update(|s| {
-                if s.connected {
-                    s.since = now_secs();
+/// How often the engine connection's status is copied into `engine.json` when no view comes.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+
+/// The engine's view as the instance records it: its tasks (a malformed group label closes the
+/// task), and every other container with its reason.
+fn view_of(d: &engine::Discovered) -> Discovered {
+    let mut out = Discovered::default();
+    for (id, seen) in &d.containers {
+        match seen {
+            engine::Seen::Task(found) => {
+                let mut task = found.task.clone();
+                if let Some(bad) = &found.fail_closed {
+                    // No group is named so: the merge closes the task and says why.
+                    task.security_groups = vec![format!("(bad label: {bad})")];
                 }
-                s.connected = false;
-                s.last_error = Some(e);
-            });
+                out.notes.extend(
+                    found
+                        .notes
+                        .iter()
+                        .map(|n| format!("task {}: {n}", task.name)),
+                );
+                out.tasks.push(task);
+            }
+            engine::Seen::Skipped { name, why } => out.not_tasks.push(NotATask {
+                container_id: id.clone(),
+                name: name.clone(),
+                reason: why.to_string(),
+            }),
         }
-        Update::Event => status.update(|s| s.events += 1),
-        Update::Relist => status.update(|s| s.relists += 1),
-        Update::View(_) => {}
     }
+    out
+}
+
+/// Copies the connection's state into the status, and says when it changes.
+fn connection(status: &Status, e: &engine::EngineStatus) {
+    status.update(|s| {
+        if s.connected != e.connected {
+            if e.connected {
+                log::info!("{e}");
+            } else {
+                log::warn!("{e}; enforcing what the engine said last, retrying");
+            }
+            s.since = now_secs();
+        }
+        s.connected = e.connected;
+        s.last_error.clone_from(&e.last_error);
+        s.events = e.events;
+        s.relists = e.relists;
+        s.reconnects = e.reconnects;
+    });
 }
 
 /// Applies one view; logs each decision of the merge and each container left out once.
@@ -198,6 +212,9 @@ fn apply(paths: &InstancePaths, d: &Discovered, status: &Status, said: &mut BTre
         }
         now.insert(line);
     };
+    for n in &d.notes {
+        say(n.clone());
+    }
     for n in &d.not_tasks {
         say(format!(
             "container {} ({}) is not a task: {}",

@@ -123,7 +123,8 @@ async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentErro
         let status = follow::Status::new(paths, url);
         follow::spawn_links(paths, meta.bridge_index, status.clone())
             .map_err(io("links thread"))?;
-        follow::spawn_engine(paths, url, &meta.bridge, status).map_err(io("engine threads"))?;
+        follow::spawn_engine(paths, url, &meta.bridge, status)
+            .map_err(|e| io("docker engine")(std::io::Error::other(e.to_string())))?;
     }
     // Last: `up` returns once the socket answers, and by then everything above is running.
     let listener = UnixListener::bind(&socket).map_err(io(socket.display().to_string()))?;

@@ -57,7 +57,7 @@ pub struct UpArgs {
     /// Follow this Docker engine: its containers on the bridge become tasks, as they start and
     /// stop (`unix:///var/run/docker.sock` when no URL is given).
     #[arg(long, value_name = "URL", num_args = 0..=1,
-          default_missing_value = DEFAULT_DOCKER_URL, value_parser = docker_url)]
+          default_missing_value = crate::engine::DEFAULT_URL, value_parser = docker_url)]
     pub docker: Option<String>,
     /// Run the agent in this process instead of the background.
     #[arg(long)]
@@ -118,21 +118,10 @@ fn metrics_addr(s: &str) -> Result<MetricsAddr, BadMetricsAddr> {
         .map_err(|_| BadMetricsAddr)
 }
 
-/// Where Docker listens by default.
-pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
-
-#[derive(Debug, thiserror::Error)]
-#[error("expected unix:///PATH/TO/docker.sock or an absolute socket path")]
-pub struct BadDockerUrl;
-
-/// `--docker`: a Unix socket, as `unix:///path` or a bare absolute path; kept as `unix://...`.
-fn docker_url(s: &str) -> Result<String, BadDockerUrl> {
-    let path = s.strip_prefix("unix://").unwrap_or(s);
-    if path.starts_with('/') && path.len() > 1 {
-        Ok(format!("unix://{path}"))
-    } else {
-        Err(BadDockerUrl)
-    }
+/// `--docker`: the engine's Unix socket, as `unix:///path` or a bare path; kept as
+/// `unix://...`.
+fn docker_url(s: &str) -> Result<String, crate::engine::UrlError> {
+    crate::engine::parse_url(s).map(|p| format!("unix://{}", p.display()))
 }
 
 pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Result<()> {

@@ -189,6 +189,10 @@ pub struct Discovered {
     pub tasks: Vec<Task>,
     #[serde(default)]
     pub not_tasks: Vec<NotATask>,
+    /// What the engine's containers do that ecsnet leaves to Docker (a port published on one
+    /// host address only, an SCTP port), one line each.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// A container of the engine that ecsnet does not make a task of, and why.
@@ -247,6 +251,9 @@ pub struct EngineStatus {
     pub events: u64,
     /// Full lists of the engine's containers (at start and after each reconnect).
     pub relists: u64,
+    /// Connections after the first.
+    #[serde(default)]
+    pub reconnects: u64,
     /// Tasks from the engine, live.
     pub tasks: usize,
     /// Containers that are not tasks (host or no network, another network, not running).
