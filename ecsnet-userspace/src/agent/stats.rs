@@ -355,27 +355,7 @@ pub fn render(s: &Stats) -> String {
         render_listener(&agent.control)
     );
     if let Some(e) = &s.engine {
-        let _ = writeln!(
-            out,
-            "engine: {} {}{}, {} task(s), {} container(s) not tasks, {} closed (unknown groups), {} left out, {} port(s) held, {} event(s), {} list(s), {} apply error(s)",
-            e.engine,
-            if e.connected {
-                "connected"
-            } else {
-                "DISCONNECTED"
-            },
-            e.last_error
-                .as_ref()
-                .map_or_else(String::new, |err| format!(" ({err})")),
-            e.tasks,
-            e.not_tasks,
-            e.closed,
-            e.left_out,
-            e.held,
-            e.events,
-            e.relists,
-            e.apply_errors
-        );
+        let _ = writeln!(out, "{}", render_engine(e));
     }
     if s.drops.is_empty() {
         let _ = writeln!(out, "drops: none");
@@ -384,6 +364,30 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
     out
+}
+
+/// The `engine:` line: how following the container engine stands.
+fn render_engine(e: &crate::store::files::EngineStatus) -> String {
+    format!(
+        "engine: {} {}{}, {} task(s), {} container(s) not tasks, {} closed (unknown groups), {} left out, {} port(s) held, {} event(s), {} list(s), {} apply error(s)",
+        e.engine,
+        if e.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        e.last_error
+            .as_ref()
+            .map_or_else(String::new, |err| format!(" ({err})")),
+        e.tasks,
+        e.not_tasks,
+        e.closed,
+        e.left_out,
+        e.held,
+        e.events,
+        e.relists,
+        e.apply_errors
+    )
 }
 
 /// `part` of `whole`, percent (0 of nothing).
