@@ -157,8 +157,14 @@ pub fn ports(mappings: &[PortMapping]) -> String {
 /// The table `task ls` prints: each task, where it came from (`state` or `docker` and the
 /// container), and below it what the merge decided about the engine's containers.
 fn table(tasks: &[Task], notes: &[String]) -> String {
+    let w = tasks
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(12);
     let mut out = format!(
-        "{:<12} {:<15} {:<15} {:<20} PORTS\n",
+        "{:<w$} {:<15} {:<15} {:<20} PORTS\n",
         "TASK", "ADDRESS", "INTERFACE", "SOURCE"
     );
     for t in tasks {
@@ -169,7 +175,7 @@ fn table(tasks: &[Task], notes: &[String]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<12} {:<15} {:<15} {:<20} {}",
+            "{:<w$} {:<15} {:<15} {:<20} {}",
             t.name,
             t.ipv4_address,
             t.interface.as_deref().unwrap_or("-"),

@@ -1,6 +1,9 @@
 //! `ecsnet-lab demo` (`./x demo` builds and runs it): the lab, ecsnet up on it, traffic of known
 //! size, and every per-task counter checked against the kernel's and the flow logs; then
-//! teardown, or with `--keep` the lab left up to look around.
+//! teardown, or with `--keep` the lab left up to look around. Then `discovery`: the same on a
+//! real Docker engine that ecsnet follows.
+
+mod discovery;
 
 use std::{
     collections::BTreeMap,
@@ -59,7 +62,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     println!(
         "\ndemo OK: every per-task counter equals what the task's kernel sent and received, and each task's flow-log records add up to its counters"
     );
-    Ok(())
+    discovery::run(keep)
 }
 
 /// The lab with two tasks and three published ports, and ecsnet up on it.
