@@ -1,7 +1,8 @@
 //! ecsnet user space, the shipped `ecsnet` binary. Rooms follow the data's path, each depending
 //! only on rooms before it: `state` (the state file: parse, validate into typed rules) and
-//! `host` (the live host: netlink, ARP, namespaces) -> `plan` (pure: every map entry, computed
-//! before anything is written) -> `kernel` (load, attach, pin, write entries, batch reads) ->
+//! `host` (the live host: netlink, ARP, namespaces) -> `engine` (the Docker engine as the source
+//! of tasks, on state and host) -> `plan` (pure: every map entry, computed before anything is
+//! written) -> `kernel` (load, attach, pin, write entries, batch reads) ->
 //! `store` (the run files, the ifindex -> task directory) -> `flowlog` (export, records,
 //! formats) -> `instance` (up, apply, down) -> `agent` (loop, GC, control, monitor, metrics,
 //! stats) -> `cli`; `clock` is the datapath's clock. Every room is public because `ecsnet-lab`
