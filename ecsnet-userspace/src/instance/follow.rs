@@ -21,9 +21,16 @@ use crate::{
 /// How long a change from the engine or the kernel waits for an apply of a person to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
-/// The apply lock, waited for up to `LOCK_WAIT`: the engine's changes queue behind a person's.
-fn wait_apply_lock(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
-    let deadline = Instant::now() + LOCK_WAIT;
+/// How long a person's command waits for the engine's applies (see `instance::lock_apply`).
+pub const PERSON_WAIT: Duration = Duration::from_secs(2);
+
+/// The apply lock, waited for up to `wait`: the engine's changes queue behind a person's, and a
+/// person's behind the engine's.
+pub(super) fn wait_apply_lock(
+    paths: &InstancePaths,
+    wait: Duration,
+) -> Result<ApplyLock, InstanceError> {
+    let deadline = Instant::now() + wait;
     loop {
         match take_apply_lock(paths) {
             Err(InstanceError::ApplyRunning { .. }) if Instant::now() < deadline => {
@@ -45,7 +52,7 @@ fn unheld(link: &Link, bridge: u32, rows: &[(u32, IfaceInfo)]) -> bool {
 /// know yet, and marks it held: the default policy applies to it (with `defaultPolicy: deny`,
 /// nothing passes) until the engine says whose it is. Returns the ports it held.
 pub fn hold(paths: &InstancePaths, bridge: u32, links: &[Link]) -> Result<Vec<u32>, InstanceError> {
-    let _lock = wait_apply_lock(paths)?;
+    let _lock = wait_apply_lock(paths, LOCK_WAIT)?;
     let rows = maps::read_ifaces(paths)?;
     let mut held = Vec::new();
     for link in links.iter().filter(|l| unheld(l, bridge, &rows)) {
@@ -66,7 +73,7 @@ pub fn hold_all(paths: &InstancePaths, bridge: u32) -> Result<Vec<u32>, Instance
 /// Lets a held interface go once the kernel says it is gone: its links, its row, its counters.
 /// An interface that became a task's is left to the engine's view.
 pub fn release(paths: &InstancePaths, ifindex: u32) -> Result<bool, InstanceError> {
-    let _lock = wait_apply_lock(paths)?;
+    let _lock = wait_apply_lock(paths, LOCK_WAIT)?;
     let held = maps::read_ifaces(paths)?
         .iter()
         .any(|(i, row)| *i == ifindex && row.role == ROLE_HELD);
@@ -85,7 +92,7 @@ pub fn release(paths: &InstancePaths, ifindex: u32) -> Result<bool, InstanceErro
 /// the state file's tasks leave it no room) must not hold the others back: it is left out, with
 /// the error, and the rest is applied.
 pub fn follow(paths: &InstancePaths, d: &Discovered) -> Result<Followed, InstanceError> {
-    let lock = wait_apply_lock(paths)?;
+    let lock = wait_apply_lock(paths, LOCK_WAIT)?;
     let given = merge::configured(files::read_applied(paths)?.unwrap_or_default());
     let mut d = d.clone();
     let mut left_out = Vec::new();

@@ -144,10 +144,20 @@ fn take_apply_lock(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
 }
 
 /// Takes the apply lock of an instance that is up, without waiting: a second writer fails at
-/// once with `ApplyRunning` and changes nothing.
+/// once with `ApplyRunning` and changes nothing. An instance that follows an engine applies its
+/// changes itself, a few milliseconds each: a person's command waits for those, up to
+/// `follow::PERSON_WAIT`, and then fails the same way.
 pub fn lock_apply(paths: &InstancePaths) -> Result<ApplyLock, InstanceError> {
-    files::require_up(paths)?;
-    take_apply_lock(paths)
+    let meta = files::require_up(paths)?;
+    lock_for(paths, &meta)
+}
+
+fn lock_for(paths: &InstancePaths, meta: &Meta) -> Result<ApplyLock, InstanceError> {
+    if meta.docker.is_some() {
+        follow::wait_apply_lock(paths, follow::PERSON_WAIT)
+    } else {
+        take_apply_lock(paths)
+    }
 }
 
 /// Options of `ecsnet up`.
@@ -591,7 +601,7 @@ pub fn apply(
     reset_flows: bool,
 ) -> Result<Applied, InstanceError> {
     let meta = files::require_up(paths)?;
-    let _lock = take_apply_lock(paths)?;
+    let _lock = lock_for(paths, &meta)?;
     let snap = Snapshot::read()?;
     let plan = plan_apply(paths, &meta, &snap, file)?;
     let flows_cut = commit(paths, &plan, reset_flows)?;
