@@ -128,19 +128,13 @@ fn follow(lab: &Lab) -> anyhow::Result<()> {
         "client -> {target}: allowed by sg-web, on ecsnet's path"
     ));
     let before = task_packets(&late.name);
-    print!(
+    let out = probe(lab, &target, 5);
+    ensure!(
+        out.status.success(),
         "{}",
-        ecsnet_ok(&[
-            "--netns",
-            lab.client(),
-            "lab",
-            "probe",
-            "--tcp",
-            &target,
-            "--count",
-            "5"
-        ])
+        String::from_utf8_lossy(&out.stderr)
     );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     let moved = task_packets(&late.name) - before;
     ensure!(
         moved >= 10,
@@ -174,16 +168,7 @@ fn follow(lab: &Lab) -> anyhow::Result<()> {
     engine::stop(NAME, LATE, 1)?;
     tasks(Duration::from_secs(5), |t| t.len() == 2)?;
     print!("{}", ecsnet_ok(&["--instance", NAME, "task", "ls"]));
-    let out = ecsnet(&[
-        "--netns",
-        lab.client(),
-        "lab",
-        "probe",
-        "--tcp",
-        &target,
-        "--count",
-        "1",
-    ]);
+    let out = probe(lab, &target, 1);
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success() && err.contains("refused"),
@@ -228,4 +213,19 @@ fn task_packets(name: &str) -> u64 {
                 .sum::<u64>()
         })
         .sum()
+}
+
+/// `ecsnet lab probe --tcp TARGET --count N` from the lab's client.
+fn probe(lab: &Lab, target: &str, count: u32) -> std::process::Output {
+    let count = count.to_string();
+    ecsnet(&[
+        "--netns",
+        lab.client(),
+        "lab",
+        "probe",
+        "--tcp",
+        target,
+        "--count",
+        &count,
+    ])
 }
