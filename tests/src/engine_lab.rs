@@ -133,26 +133,17 @@ impl std::fmt::Display for Origin {
 /// `lab probe --PROTO TARGET --count COUNT` from `from`: how many messages came back (0 when
 /// it could not connect). A refused or silent target is an answer here, not a failure.
 pub fn reach(from: &Origin, proto: &str, target: &str, count: u32) -> u32 {
-    let count = count.to_string();
-    let probe = [
-        "lab",
-        "probe",
-        &format!("--{proto}"),
-        target,
-        "--count",
-        &count,
-        "--json",
-    ];
+    let probe = docker::probe_args(proto, target, count);
     let out = match from {
         Origin::Ns(ns) => {
             let mut args = vec!["--netns", ns.as_str()];
-            args.extend(probe);
+            args.extend(probe.iter().map(String::as_str));
             ecsnet(&args)
         }
         Origin::Container(_, pid) => Command::new("nsenter")
             .arg(format!("--net=/proc/{pid}/ns/net"))
             .arg(ecsnet_bin().with_file_name("ecsnet-lab"))
-            .args(probe)
+            .args(&probe)
             .output()
             .expect("run nsenter ecsnet-lab lab probe"),
     };
@@ -172,7 +163,7 @@ pub struct Netfilter {
     /// `-s 172.17.0.0/16 ! -o docker0 -j MASQUERADE`: tasks leaving the host.
     pub masquerade: u64,
     /// `-o docker0 -m addrtype --src-type LOCAL -j MASQUERADE` (without the userland proxy):
-    /// the host's own connections DNATed to a task.
+    /// the host's own connections translated to a task.
     pub local_masquerade: u64,
     /// Every rule and policy of the filter table's FORWARD and DOCKER* chains.
     pub forward: u64,
@@ -226,6 +217,7 @@ impl Netfilter {
     }
 
     /// What moved from `before` to `self`.
+    #[must_use]
     pub fn since(self, before: Self) -> Self {
         Netfilter {
             dnat: self.dnat - before.dnat,
@@ -323,7 +315,7 @@ pub fn ifaces_map(instance: &str) -> Vec<u32> {
 
 /// The value of the first sample of metric `family` on the instance's `/metrics` (served at
 /// its default address in the lab's host namespace).
-pub fn metric(lab: &Lab, family: &str) -> f64 {
+pub fn metric(lab: &Lab, family: &str) -> u64 {
     let page = in_netns(lab.host(), || {
         let mut s = TcpStream::connect("127.0.0.1:9464").expect("connect to the metrics endpoint");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -177,12 +177,14 @@ fn tasks_are_the_containers(tasks: &[ecsnet::state::Task], all: &[Container]) {
             .port_mappings
             .iter()
             .map(|p| {
-                format!(
-                    "{}->{}/{}",
-                    p.host_port,
-                    p.container_port,
-                    p.protocol.as_str()
-                )
+                let (host_port, container_port) = (p.host_port, p.container_port);
+                let protocol = p.protocol;
+                LabPort {
+                    host_port,
+                    container_port,
+                    protocol,
+                }
+                .to_string()
             })
             .collect();
         let mut docker: Vec<String> = c.ports.iter().map(ToString::to_string).collect();
@@ -222,9 +224,15 @@ fn case(what: &str, from: Origin, proto: &'static str, target: String, way: Way)
     }
 }
 
-/// Runs every path of bridge mode on the lab and checks which way each took; returns the
-/// table of what it saw (for docs/DOCKER.md).
-fn every_path(lab: &Lab, all: &[Container], userland_proxy: bool) -> String {
+/// Runs every path of bridge mode on the lab and checks which way each took; prints what it
+/// saw (the table of docs/DOCKER.md).
+fn every_path(lab: &Lab, all: &[Container], userland_proxy: bool) {
+    check_paths(lab, &path_cases(lab, all, userland_proxy), userland_proxy);
+}
+
+/// The paths of bridge mode: the client to every published port, task to task, masquerade,
+/// hairpin (to its own port and another's), the host to 127.0.0.1 and to its uplink address.
+fn path_cases(lab: &Lab, all: &[Container], userland_proxy: bool) -> Vec<Case> {
     let by_name = |n: &str| named(all, n);
     let (e1, e2, l1, l2) = (
         by_name("task1"),
@@ -307,10 +315,15 @@ fn every_path(lab: &Lab, all: &[Container], userland_proxy: bool) -> String {
         uplink(e1.port("tcp")),
         Way::KernelNat,
     ));
+    cases
+}
 
+/// Runs each case with Docker's counters and ecsnet's flows read around it; fails listing
+/// every case that did not take its way.
+fn check_paths(lab: &Lab, cases: &[Case], userland_proxy: bool) {
     let mut table = String::new();
     let mut wrong = Vec::new();
-    for c in &cases {
+    for c in cases {
         let (nf, flows) = (Netfilter::read(lab), engine_lab::ecsnet_flows(lab));
         let echoed = reach(&c.from, c.proto, &c.target, COUNT);
         let moved = Netfilter::read(lab).since(nf);
@@ -346,7 +359,6 @@ fn every_path(lab: &Lab, all: &[Container], userland_proxy: bool) -> String {
         cases.len(),
         wrong.join("\n")
     );
-    table
 }
 
 /// sg-web: tcp/80 in from the client alone; out, tcp/9000 to the client alone.
@@ -521,9 +533,9 @@ fn thirty_containers_take_ecsnets_path_with_dockers_defaults() {
         &lab,
         &engine_lab::grouped_task(&lab, "web-late", &["80"], "sg-web"),
     );
-    let tasks = engine_lab::wait_docker_tasks(&lab, 30);
+    let listed = engine_lab::wait_docker_tasks(&lab, 30);
     let all = containers(&lab);
-    tasks_are_the_containers(&tasks, &all);
+    tasks_are_the_containers(&listed, &all);
 
     every_path(&lab, &all, true);
     let task1 = named(&all, "task1");
@@ -546,9 +558,9 @@ fn without_the_userland_proxy_the_same_paths_work() {
     engine_lab::up_following(&lab, &[], &[]);
     engine_lab::wait_docker_tasks(&lab, 4);
     run_late(&lab, 2);
-    let tasks = engine_lab::wait_docker_tasks(&lab, 6);
+    let listed = engine_lab::wait_docker_tasks(&lab, 6);
     let all = containers(&lab);
-    tasks_are_the_containers(&tasks, &all);
+    tasks_are_the_containers(&listed, &all);
     every_path(&lab, &all, false);
 }
 
@@ -580,21 +592,42 @@ fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
     );
     engine_lab::run_with(&lab, "on-host", &["--network", "host"], 7070);
     engine_lab::run_with(&lab, "on-none", &["--network", "none"], 80);
-    let tasks = engine_lab::wait_docker_tasks(&lab, 2);
+    let listed = engine_lab::wait_docker_tasks(&lab, 2);
     let all = containers(&lab);
     let (task1, closed) = (named(&all, "task1"), named(&all, "closed"));
     let closed_name = format!("{}/closed", closed.task_id());
-    let t = tasks
+    let t = listed
         .iter()
         .find(|t| t.name == closed_name)
         .expect("closed is a task");
     assert_eq!(t.security_groups, [ecsnet::plan::merge::CLOSED_GROUP]);
 
+    each_is_said(&lab);
+    maps_hold_the_tasks_alone(&lab, &[task1, closed]);
+    closed_passes_nothing(&lab, closed, task1);
+    others_take_dockers_path(&lab, &on_user);
+
+    // Another event does not say it again; the log has said it once.
+    run_late(&lab, 1);
+    engine_lab::wait_docker_tasks(&lab, 3);
+    assert_eq!(
+        log_lines(&lab, "sg-nope").len(),
+        1,
+        "{:?}",
+        log_lines(&lab, "sg-nope")
+    );
+
+    opens_when_defined(&lab, closed, task1);
+}
+
+/// Each container that is no task, and the closed task, is said so: `task ls`, the log,
+/// stats and the metric.
+fn each_is_said(lab: &Lab) {
     // Each is said so: task ls, the log (once), stats and the metric.
     let ls = counters::poll(
         engine_lab::FOLLOW_WAIT,
         Duration::from_millis(100),
-        || world::instance_ok(&lab, &["task", "ls"]),
+        || world::instance_ok(lab, &["task", "ls"]),
         |ls| ls.matches("note: ").count() == 4,
     )
     .unwrap_or_else(|ls| panic!("task ls does not note the four containers:\n{ls}"));
@@ -624,21 +657,32 @@ fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
     let s = lab.stats();
     let e = s.engine.as_ref().expect("stats has the engine");
     assert_eq!((e.tasks, e.not_tasks, e.closed), (2, 3, 1), "{e:?}");
-    assert_eq!(engine_lab::metric(&lab, "ecsnet_engine_tasks_closed"), 1.0);
-    let line = world::instance_ok(&lab, &["stats"]);
+    assert_eq!(engine_lab::metric(lab, "ecsnet_engine_tasks_closed"), 1);
+    let line = world::instance_ok(lab, &["stats"]);
     assert!(line.contains("1 closed (unknown groups)"), "{line}");
+}
 
-    // Nothing of theirs is in the maps: the two tasks' entries and the uplink's, no more.
-    let mut addrs = vec![task1.address, closed.address];
+/// Nothing but the tasks' entries (and the uplink's) is in the maps.
+fn maps_hold_the_tasks_alone(lab: &Lab, tasks: &[&Container]) {
+    let s = lab.stats();
+    let mut addrs: Vec<Ipv4Addr> = tasks.iter().map(|t| t.address).collect();
     addrs.sort();
     assert_eq!(engine_lab::tasks_map(&lab.name), addrs);
-    assert_eq!(engine_lab::ports_map(&lab.name), ["8080/tcp", "8091/tcp"]);
+    let mut ports: Vec<String> = tasks
+        .iter()
+        .flat_map(|t| &t.ports)
+        .map(|p| format!("{}/{}", p.host_port, p.protocol.as_str()))
+        .collect();
+    ports.sort();
+    assert_eq!(engine_lab::ports_map(&lab.name), ports);
     let mut ifaces: Vec<u32> = s.tasks.iter().map(|t| t.ifindex).collect();
     ifaces.push(s.uplink.ifindex);
     ifaces.sort_unstable();
     assert_eq!(engine_lab::ifaces_map(&lab.name), ifaces);
+}
 
-    // The closed task: nothing in or out.
+/// The closed task gets nothing in or out.
+fn closed_passes_nothing(lab: &Lab, closed: &Container, task1: &Container) {
     let client = Origin::Ns(lab.client().into());
     let to_closed = format!("{}:80", closed.address);
     for (what, from, proto, target) in [
@@ -650,7 +694,7 @@ fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
             "udp",
             client_echo(),
         ),
-        ("a task to it", &task1.origin(), "tcp", to_closed.clone()),
+        ("a task to it", &task1.origin(), "tcp", to_closed),
         (
             "it to a task",
             &closed.origin(),
@@ -660,58 +704,57 @@ fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
     ] {
         assert_eq!(reach(from, proto, &target, 1), 0, "closed: {what} passed");
     }
+}
+
+/// The containers that are no task take Docker's path, untouched by ecsnet.
+fn others_take_dockers_path(lab: &Lab, on_user: &str) {
+    let client = Origin::Ns(lab.client().into());
     // The others: Docker's path, untouched. The user network's port is DNATed by Docker and
     // forwarded by netfilter; the host network's server is the host's own; none has its lo.
-    let flows = engine_lab::ecsnet_flows(&lab);
-    let before = Netfilter::read(&lab);
+    let flows = engine_lab::ecsnet_flows(lab);
+    let before = Netfilter::read(lab);
     assert_eq!(
         reach(&client, "tcp", &uplink(8092), COUNT),
         COUNT,
         "on-user's port"
     );
-    let moved = Netfilter::read(&lab).since(before);
+    let moved = Netfilter::read(lab).since(before);
     assert!(moved.dnat == 1 && moved.forward > 0, "on-user: {moved:?}");
     assert_eq!(
         reach(&client, "tcp", &uplink(7070), COUNT),
         COUNT,
         "on-host"
     );
-    let none = Origin::Container("on-none".into(), engine_lab::pid_of(&lab, "on-none"));
+    let none = Origin::Container("on-none".into(), engine_lab::pid_of(lab, "on-none"));
     assert_eq!(
         reach(&none, "tcp", "127.0.0.1:80", COUNT),
         COUNT,
         "on-none's lo"
     );
-    let user = Origin::Container("on-user".into(), engine_lab::pid_of(&lab, &on_user));
+    let user = Origin::Container("on-user".into(), engine_lab::pid_of(lab, on_user));
     assert_eq!(
         reach(&user, "tcp", &client_echo(), COUNT),
         COUNT,
         "on-user to the client"
     );
     assert_eq!(
-        engine_lab::new_kinds(&flows, &engine_lab::ecsnet_flows(&lab)),
+        engine_lab::new_kinds(&flows, &engine_lab::ecsnet_flows(lab)),
         Vec::<String>::new(),
         "ecsnet tracked flows of containers that are not tasks"
     );
+}
 
-    // Another event does not say it again; the log has said it once.
-    run_late(&lab, 1);
-    engine_lab::wait_docker_tasks(&lab, 3);
-    assert_eq!(
-        log_lines(&lab, "sg-nope").len(),
-        1,
-        "{:?}",
-        log_lines(&lab, "sg-nope")
-    );
-
-    // Defined by `sg apply`, the group opens the task live, and everything says so.
-    let nope = sg(
+/// Defined by `sg apply`, the group opens the task live, and everything says so.
+fn opens_when_defined(lab: &Lab, closed: &Container, task1: &Container) {
+    let client = Origin::Ns(lab.client().into());
+    let to_closed = format!("{}:80", closed.address);
+    let nope_group = sg(
         "sg-nope",
         "nope",
         &[tcp(80, 80, &[&format!("{CLIENT_ADDR}/32")])],
         &[world::all(&["0.0.0.0/0"])],
     );
-    let file = world::write(&lab, "sg-nope.json", &Value::Array(vec![nope]));
+    let file = world::write(lab, "sg-nope.json", &Value::Array(vec![nope_group]));
     ecsnet_tests::ecsnet_ok(&lab.ecsnet_args(&["sg", "apply", "-f", &file]));
     assert_eq!(
         reach(&client, "tcp", &uplink(8091), COUNT),
@@ -730,7 +773,7 @@ fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
     );
     let e = lab.stats().engine.expect("stats has the engine");
     assert_eq!(e.closed, 0, "stats still says closed: {e:?}");
-    assert_eq!(engine_lab::metric(&lab, "ecsnet_engine_tasks_closed"), 0.0);
-    let ls = world::instance_ok(&lab, &["task", "ls"]);
+    assert_eq!(engine_lab::metric(lab, "ecsnet_engine_tasks_closed"), 0);
+    let ls = world::instance_ok(lab, &["task", "ls"]);
     assert!(!ls.contains("sg-nope"), "{ls}");
 }
