@@ -374,11 +374,14 @@ fn web_group() -> Value {
 }
 
 /// A container labelled with sg-web: reachable on 80 from the client, not from another task
-/// (directly or through the host's port); it reaches the client's tcp echo, not its udp one
-/// nor another task.
+/// (directly or through the host's port) nor from the host (docker-proxy connects from the
+/// bridge's address); it reaches the client's tcp echo, not its udp one nor another task.
 fn web_holds(lab: &Lab, web: &Container, other: &Container) {
     let client = Origin::Ns(lab.client().into());
+    let host = Origin::Ns(lab.host().into());
+    let loopback = format!("127.0.0.1:{}", web.port("tcp"));
     let checks = [
+        ("host to web's port on 127.0.0.1", &host, "tcp", loopback, 0),
         (
             "client to web",
             &client,
