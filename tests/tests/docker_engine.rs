@@ -580,6 +580,7 @@ fn log_lines(lab: &Lab, needle: &str) -> Vec<String> {
 
 #[test]
 fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
+    let runs_before = docker::run_dirs_now();
     let lab = docker::up("du", 1, &["1:8080:80"], &[]);
     engine_lab::up_following(&lab, &[], &[]);
     engine_lab::wait_docker_tasks(&lab, 1);
@@ -621,6 +622,15 @@ fn unknown_groups_and_other_networks_are_said_and_open_nothing() {
     );
 
     opens_when_defined(&lab, closed, task1);
+
+    // Down, nothing of them is left: the user network, the host and none containers.
+    let footprint = docker::Footprint::of(&lab.name, &runs_before);
+    world::down_leaves_nothing(lab);
+    assert_eq!(
+        footprint.left(),
+        Vec::<String>::new(),
+        "lab down left things behind"
+    );
 }
 
 /// Each container that is no task, and the closed task, is said so: `task ls`, the log,
