@@ -85,23 +85,24 @@ pub fn probe_from(
     target: &str,
     count: u32,
 ) -> serde_json::Value {
-    let count = count.to_string();
-    let out = docker_ok(
-        lab,
-        &[
-            "exec",
-            container,
-            engine::SERVER,
-            "lab",
-            "probe",
-            &format!("--{proto}"),
-            target,
-            "--count",
-            &count,
-            "--json",
-        ],
-    );
+    let mut args = vec![
+        "exec".to_owned(),
+        container.to_owned(),
+        engine::SERVER.to_owned(),
+    ];
+    args.extend(probe_args(proto, target, count));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = docker_ok(lab, &args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe in {container}: {e}: {out}"))
+}
+
+/// The arguments of `ecsnet-lab lab probe --PROTO TARGET --count COUNT --json`.
+pub fn probe_args(proto: &str, target: &str, count: u32) -> Vec<String> {
+    ["lab", "probe", &format!("--{proto}"), target, "--count"]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([count.to_string(), "--json".to_owned()])
+        .collect()
 }
 
 /// `ARGS` run in the network namespace of process `pid` (a container's), with nsenter.

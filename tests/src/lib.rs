@@ -9,6 +9,7 @@ pub mod agent;
 pub mod counters;
 pub mod docker;
 pub mod engine_dockerd;
+pub mod engine_lab;
 pub mod flood;
 
 pub use ecsnet::agent::stats::Stats;

@@ -265,8 +265,27 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
         agent: AgentStats::read(paths),
         engine: crate::store::files::read_engine_status(paths)
             .ok()
-            .flatten(),
+            .flatten()
+            .map(|mut e| {
+                // As the live state has it: `sg apply` opens a closed task between two views
+                // of the engine, and engine.json is rewritten only at the next view.
+                e.closed = closed_tasks(&dir.state);
+                e
+            }),
     })
+}
+
+/// The tasks of `state` closed because their label names a group nobody defined.
+fn closed_tasks(state: &crate::state::State) -> usize {
+    state
+        .tasks
+        .iter()
+        .filter(|t| {
+            t.security_groups
+                .iter()
+                .any(|g| g == crate::plan::merge::CLOSED_GROUP)
+        })
+        .count()
 }
 
 /// The table `ecsnet stats` prints.
