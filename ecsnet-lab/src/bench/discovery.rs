@@ -34,7 +34,7 @@ use ecsnet::{
     state::{DefaultPolicy, IpPermission, SecurityGroup},
     store::paths::InstancePaths,
 };
-use ecsnet_common::maps::{IfaceInfo, MAP_IFACES, MAP_TASKS, ROLE_TASK, TaskInfo};
+use ecsnet_common::maps::{IfaceInfo, MAP_IFACES, MAP_TASKS, ROLE_HELD, ROLE_TASK, TaskInfo};
 
 use super::{BenchError, DEFAULT_CONGESTION, step, tools::Labs};
 use crate::{
@@ -62,6 +62,9 @@ pub struct DiscoveryRun {
     /// Its policy as `TASKS` holds it.
     pub policy: u32,
     pub veth_ns: i64,
+    /// The agent held the veth at the default policy (`IFACES` said `ROLE_HELD`); 0 when no
+    /// poll saw it held (it became the task's before the first poll after it appeared).
+    pub held_ns: i64,
     pub event_ns: i64,
     pub returned_ns: i64,
     /// The agent's follow thread took the engine's view that made it a task (wrote
@@ -82,7 +85,9 @@ pub struct DiscoveryRun {
 pub struct Latency {
     /// `live-veth`, `live-event` or `live-returned`; the parts of `live-event`: `view-event`
     /// (the engine follower: event, inspect, hand-over, apply lock) and `live-view` (the
-    /// apply: snapshot, plan, map writes); not latencies but of each run: `agent-cpu-wait`,
+    /// apply: snapshot, plan, map writes); `held-veth`, from the veth on docker0 to the agent
+    /// holding it at the default policy (runs where a poll saw it held); not latencies but of
+    /// each run: `agent-cpu-wait`,
     /// how long the agent waited for a CPU, and `live-uncertainty`, how late the poll that saw
     /// the policy live may have been.
     pub metric: String,
@@ -303,6 +308,8 @@ impl Drop for StartEvents {
 struct Live {
     /// (address, veth) -> (live, policy, view written).
     seen: Arc<Mutex<HashMap<(u32, u32), Seen>>>,
+    /// veth -> when `IFACES` first had it held (`ROLE_HELD`: the default policy).
+    held: Arc<Mutex<HashMap<u32, i64>>>,
     active: Arc<AtomicBool>,
     _watcher: Watcher,
 }
@@ -361,7 +368,9 @@ impl Live {
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let active = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(HashMap::new()));
         let (into, on, halt) = (Arc::clone(&seen), Arc::clone(&active), Arc::clone(&stop));
+        let held_into = Arc::clone(&held);
         let thread = std::thread::spawn(move || {
             let mut last_poll = now_ns();
             while !halt.load(Ordering::Relaxed) {
@@ -369,6 +378,9 @@ impl Live {
                 if !on.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
+                }
+                for (ifindex, _) in ifaces.iter().flatten().filter(|(_, i)| i.role == ROLE_HELD) {
+                    locked(&held_into).entry(ifindex).or_insert_with(now_ns);
                 }
                 for (addr, t) in tasks.iter().flatten().filter(|(_, t)| t.policy != 0) {
                     let key = (addr, t.ifindex);
@@ -394,12 +406,17 @@ impl Live {
         });
         Ok(Live {
             seen,
+            held,
             active,
             _watcher: Watcher {
                 stop,
                 thread: Some(thread),
             },
         })
+    }
+
+    fn held(&self, ifindex: u32) -> Option<i64> {
+        locked(&self.held).get(&ifindex).copied()
     }
 
     fn of(&self, addr: Ipv4Addr, ifindex: u32) -> Option<Seen> {
@@ -539,6 +556,7 @@ fn measure(
         ifindex,
         policy: seen.policy,
         veth_ns,
+        held_ns: rig.live.held(ifindex).unwrap_or(0),
         event_ns,
         returned_ns,
         view_ns: seen.view_ns,
@@ -571,12 +589,18 @@ fn latency(metric: &str, values: &[f64]) -> Latency {
 /// The three latencies of `samples`.
 pub fn latencies(samples: &[DiscoveryRun]) -> Vec<Latency> {
     let of = |f: fn(&DiscoveryRun) -> i64| samples.iter().map(|s| ms(f(s))).collect::<Vec<_>>();
+    let held: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.held_ns > 0)
+        .map(|s| ms(s.held_ns - s.veth_ns))
+        .collect();
     vec![
         latency("live-veth", &of(|s| s.live_ns - s.veth_ns)),
         latency("live-event", &of(|s| s.live_ns - s.event_ns)),
         latency("live-returned", &of(|s| s.live_ns - s.returned_ns)),
         latency("view-event", &of(|s| s.view_ns - s.event_ns)),
         latency("live-view", &of(|s| s.live_ns - s.view_ns)),
+        latency("held-veth", &held),
         latency("agent-cpu-wait", &of(|s| s.agent_cpu_wait_ns)),
         latency("live-uncertainty", &of(|s| s.live_uncertainty_ns)),
     ]
@@ -653,6 +677,7 @@ pub fn render_discovery(b: &DiscoveryBench) -> String {
             "live-returned" => "docker run -d returned",
             "view-event" => "  of which: event to agent's view",
             "live-view" => "  of which: view to live (apply)",
+            "held-veth" => "(veth on docker0 to held by agent)",
             "agent-cpu-wait" => "(agent waiting for a CPU, per run)",
             _ => "(live seen at most this late)",
         };
@@ -683,6 +708,7 @@ mod tests {
             ifindex: 7,
             policy: 1,
             veth_ns: veth,
+            held_ns: veth + 1_000_000,
             event_ns: event,
             returned_ns: returned,
             view_ns: view,
