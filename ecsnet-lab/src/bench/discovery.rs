@@ -667,7 +667,7 @@ pub fn render_discovery(b: &DiscoveryBench) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<32} {:>9} {:>9} {:>9} {:>4}",
+        "{:<34} {:>9} {:>9} {:>9} {:>4}",
         "OWN POLICY LIVE AFTER", "P50", "P99", "MAX", "N"
     );
     for l in &b.latencies {
@@ -675,15 +675,15 @@ pub fn render_discovery(b: &DiscoveryBench) -> String {
             "live-veth" => "the veth appeared on docker0",
             "live-event" => "Docker's start event",
             "live-returned" => "docker run -d returned",
-            "view-event" => "  of which: event to agent's view",
-            "live-view" => "  of which: view to live (apply)",
-            "held-veth" => "(veth on docker0 to held by agent)",
-            "agent-cpu-wait" => "(agent waiting for a CPU, per run)",
+            "view-event" => "start event to the agent's view",
+            "live-view" => "the agent's view to live (apply)",
+            "held-veth" => "(veth on docker0 to held)",
+            "agent-cpu-wait" => "(agent waited for a CPU, per run)",
             _ => "(live seen at most this late)",
         };
         let _ = writeln!(
             out,
-            "{what:<32} {:>9.2} {:>9.2} {:>9.2} {:>4}",
+            "{what:<34} {:>9.2} {:>9.2} {:>9.2} {:>4}",
             l.p50_ms, l.p99_ms, l.max_ms, l.n
         );
     }
