@@ -90,6 +90,16 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// How long a container started with `docker run` waits for its own policy: from its
+    /// veth on docker0, Docker's start event and `docker run` returning, on a real-engine lab
+    /// of its own with `ecsnet up --docker`.
+    Discovery {
+        /// Containers started, one after the other.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// The benchmark's server: echo until the client closes on one port, one reply per
     /// connection on another.
     #[command(hide = true)]
@@ -276,6 +286,10 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
         }) => {
             let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
             print_json_or(json, &b, bench::render_flow_logs);
+        }
+        Some(BenchCmd::Discovery { runs, json }) => {
+            let b = bench::discovery(runs as usize)?;
+            print_json_or(json, &b, bench::render_discovery);
         }
         Some(BenchCmd::Serve {
             rr_port,

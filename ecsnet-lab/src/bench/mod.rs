@@ -1,5 +1,5 @@
 //! `ecsnet bench` (SPEC §9): ecsnet against Docker's bridge mode and the machine's ceiling on
-//! labs of its own, and `bench flow-logs`. Developer tooling: no shipped binary carries it.
+//! labs of its own, `bench flow-logs` and `bench discovery`. Developer tooling: no shipped binary carries it.
 
 use std::path::PathBuf;
 
@@ -8,6 +8,7 @@ use ecsnet::flowlog;
 use crate::{lab, progcost, stats};
 
 pub mod chart;
+mod discovery;
 mod flow_logs;
 pub mod loadgen;
 mod plan;
@@ -15,6 +16,7 @@ mod report;
 mod run;
 mod tools;
 
+pub use discovery::{DiscoveryBench, DiscoveryRun, Latency, discovery, render_discovery};
 pub use flow_logs::{FlowLogBench, PathResult, flow_logs, render_flow_logs};
 pub use plan::{BenchPath, Metric, Mode};
 pub use report::{BenchReport, Row, Target, render, svg};

@@ -79,15 +79,37 @@ impl Labs {
         Ok(lab::up(&lab_spec(name, ceiling))?)
     }
 
+    /// A real-engine lab of one task (Docker's defaults: userland proxy on), registered first
+    /// so a half-built one goes too.
+    pub(super) fn engine_lab_up(&mut self, name: String) -> Result<LabStatus, BenchError> {
+        self.names.push(name.clone());
+        let spec = LabSpec {
+            name,
+            tasks: 1,
+            ..LabSpec::default()
+        };
+        Ok(lab::up_with(&spec, Some(lab::EngineOptions::default()))?)
+    }
+
     /// ecsnet up on `lab`'s host with the lab's state file, flow-log windows of
     /// `WINDOW_SECS` and `extra` flags; it goes down with the labs.
     pub(super) fn ecsnet_up(&mut self, lab: &LabStatus, extra: &[&str]) -> Result<(), BenchError> {
-        let (state, window) = (
-            lab.state_file.display().to_string(),
-            WINDOW_SECS.to_string(),
-        );
+        let window = WINDOW_SECS.to_string();
+        let mut args = vec!["--window", window.as_str()];
+        args.extend_from_slice(extra);
+        self.ecsnet_up_with(lab, &args)
+    }
+
+    /// ecsnet up on `lab`'s host with the lab's state file and `extra` flags only; it goes
+    /// down with the labs.
+    pub(super) fn ecsnet_up_with(
+        &mut self,
+        lab: &LabStatus,
+        extra: &[&str],
+    ) -> Result<(), BenchError> {
+        let state = lab.state_file.display().to_string();
         let mut args = vec!["--netns", &lab.host.netns, "--instance", &lab.name, "up"];
-        args.extend(["--state", &state, "--window", &window]);
+        args.extend(["--state", &state]);
         args.extend_from_slice(extra);
         self.instances.push(lab.name.clone());
         self.ecsnet(&args).map(drop).map_err(step("ecsnet up"))

@@ -2,5 +2,5 @@
 //! ARP probes (`arp`) and named network namespaces (`netns`).
 
 pub(crate) mod arp;
-pub(crate) mod netlink;
+pub mod netlink;
 pub mod netns;
