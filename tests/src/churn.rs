@@ -483,6 +483,9 @@ impl Drop for Keeper {
 pub struct Churn {
     done: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
+    /// Whether a cycle waits for ecsnet to have its container as a task (not while the agent
+    /// is dead).
+    follow: Arc<AtomicBool>,
     workers: Vec<JoinHandle<Result<(), String>>>,
 }
 
@@ -497,11 +500,13 @@ impl Churn {
         let done = Arc::new(AtomicU32::new(0));
         let next = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let follow = Arc::new(AtomicBool::new(true));
         let make = Arc::new(make);
         let handles = (0..workers)
             .map(|_| {
                 let (done, next, stop, make) =
                     (done.clone(), next.clone(), stop.clone(), make.clone());
+                let follow = follow.clone();
                 let (name, client) = (lab.name.clone(), lab.client().to_owned());
                 std::thread::spawn(move || {
                     loop {
@@ -509,7 +514,7 @@ impl Churn {
                         if i >= cycles || stop.load(Ordering::Relaxed) {
                             return Ok(());
                         }
-                        cycle(&name, &client, &make(i))?;
+                        cycle(&name, &client, &make(i), &follow)?;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                 })
@@ -518,8 +523,14 @@ impl Churn {
         Churn {
             done,
             stop,
+            follow,
             workers: handles,
         }
+    }
+
+    /// Whether the cycles from now on wait for ecsnet to have their container as a task.
+    pub fn follow(&self, on: bool) {
+        self.follow.store(on, Ordering::Relaxed);
     }
 
     /// Cycles finished so far.
@@ -569,9 +580,9 @@ impl Drop for Churn {
     }
 }
 
-/// One cycle on lab `lab`: run, wait for the task, reach its first published port from
-/// namespace `client`, stop, remove.
-fn cycle(lab: &str, client: &str, spec: &ContainerSpec) -> Result<(), String> {
+/// One cycle on lab `lab`: run, wait for the task (while `follow`), reach its first published
+/// port from namespace `client`, stop, remove.
+fn cycle(lab: &str, client: &str, spec: &ContainerSpec, follow: &AtomicBool) -> Result<(), String> {
     use docker::engine;
     let id = engine::run(lab, spec).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -581,7 +592,7 @@ fn cycle(lab: &str, client: &str, spec: &ContainerSpec) -> Result<(), String> {
             .windows(id.len())
             .any(|w| w == id.as_bytes())
     };
-    while !known() {
+    while follow.load(Ordering::Relaxed) && !known() {
         if Instant::now() > deadline {
             return Err(format!("{} is no task 10 s after it started", spec.name));
         }
