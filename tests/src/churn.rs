@@ -242,15 +242,27 @@ fn net(addr: u32) -> Ipv4Addr {
 /// containers) does not account for: entries of gone containers, links on gone interfaces.
 pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
     let paths = InstancePaths::new(&lab.name);
-    let mut stale = Vec::new();
     let addrs: BTreeSet<Ipv4Addr> = live.iter().map(|r| r.address).collect();
     let uplink = lab.stats().uplink.ifindex;
     let mut ifaces: BTreeSet<u32> = live.iter().map(|r| r.ifindex).collect();
     ifaces.insert(uplink);
+    let mut stale = stale_rows(&paths, live, uplink, &ifaces);
+    stale.extend(stale_flows_and_policy(&paths, &addrs));
+    stale.extend(stale_counters_and_links(&paths, &ifaces));
+    stale
+}
 
+/// Rows of TASKS, IFACES and PORTS that are not the running containers' (`live`, on
+/// `ifaces` with the uplink).
+fn stale_rows(
+    paths: &InstancePaths,
+    live: &[Running],
+    uplink: u32,
+    ifaces: &BTreeSet<u32>,
+) -> Vec<String> {
+    let mut stale = Vec::new();
     // TASKS: one per running container, on its veth.
-    let tasks: Vec<(u32, TaskInfo)> = dump(&paths, MAP_TASKS);
-    let policies: BTreeSet<u32> = tasks.iter().map(|(_, t)| t.policy).collect();
+    let tasks: Vec<(u32, TaskInfo)> = dump(paths, MAP_TASKS);
     for (a, t) in &tasks {
         let ok = live
             .iter()
@@ -265,7 +277,7 @@ pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
         }
     }
     // IFACES: the uplink and the running containers' veths, nothing held.
-    let rows: Vec<(u32, ecsnet_common::maps::IfaceInfo)> = dump(&paths, MAP_IFACES);
+    let rows: Vec<(u32, ecsnet_common::maps::IfaceInfo)> = dump(paths, MAP_IFACES);
     for (i, row) in &rows {
         let want = if *i == uplink { ROLE_UPLINK } else { ROLE_TASK };
         if !ifaces.contains(i) || row.role != want {
@@ -273,7 +285,7 @@ pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
         }
     }
     // PORTS: exactly the host ports Docker bound for running containers, to them.
-    let ports: Vec<(PortKey, PortTarget)> = dump(&paths, MAP_PORTS);
+    let ports: Vec<(PortKey, PortTarget)> = dump(paths, MAP_PORTS);
     for (k, t) in &ports {
         let port = u16::from_be(k.port);
         let ok = live.iter().any(|r| {
@@ -300,10 +312,21 @@ pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
             ports.len()
         ));
     }
+    stale
+}
+
+/// Entries of the connection tables and the security-group maps that name an address of the
+/// bridge network no running container (`addrs`) has, or a policy no task uses.
+fn stale_flows_and_policy(paths: &InstancePaths, addrs: &BTreeSet<Ipv4Addr>) -> Vec<String> {
+    let mut stale = Vec::new();
+    let policies: BTreeSet<u32> = dump::<u32, TaskInfo>(paths, MAP_TASKS)
+        .iter()
+        .map(|(_, t)| t.policy)
+        .collect();
     // CT, CT_NEW: no address of the bridge network but running containers' and the bridge's.
     let bridge_addr = |a: Ipv4Addr| u32::from(a) & BRIDGE_NET.1 == BRIDGE_NET.0;
     let known = |a: Ipv4Addr| !bridge_addr(a) || a == BRIDGE_ADDR || addrs.contains(&a);
-    for (table, k, e) in maps::read_ct(&paths).expect("read the connection tables") {
+    for (table, k, e) in maps::read_ct(paths).expect("read the connection tables") {
         let all: [u32; 6] = [
             k.saddr,
             k.daddr,
@@ -317,7 +340,7 @@ pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
         }
     }
     // SG_PEERS, SG_RULES: only the live tasks' policies, no gone member as a /32 peer.
-    let peers: Vec<(PeerKey, PeerRules)> = dump(&paths, MAP_SG_PEERS);
+    let peers: Vec<(PeerKey, PeerRules)> = dump(paths, MAP_SG_PEERS);
     for (k, _) in &peers {
         if !policies.contains(&(k.scope >> 1)) {
             stale.push(format!("SG_PEERS of policy {} no task has", k.scope >> 1));
@@ -326,16 +349,23 @@ pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
         }
     }
     let sets: BTreeSet<u32> = peers.iter().map(|(_, r)| r.set).collect();
-    let rules: Vec<(RuleKey, u32)> = dump(&paths, MAP_SG_RULES);
+    let rules: Vec<(RuleKey, u32)> = dump(paths, MAP_SG_RULES);
     for (k, _) in rules.iter().filter(|(k, _)| !sets.contains(&k.set)) {
         stale.push(format!("SG_RULES of rule set {} no peer names", k.set));
     }
+    stale
+}
+
+/// Counters and tcx link pins of interfaces that are not attached (`ifaces`), and links on a
+/// gone interface.
+fn stale_counters_and_links(paths: &InstancePaths, ifaces: &BTreeSet<u32>) -> Vec<String> {
+    let mut stale = Vec::new();
     // STATS, DROPS: counters of attached interfaces only.
-    let counted = maps::read_counts(&paths).expect("read STATS");
+    let counted = maps::read_counts(paths).expect("read STATS");
     for i in counted.keys().filter(|i| !ifaces.contains(i)) {
         stale.push(format!("STATS of ifindex {i}"));
     }
-    let drops = maps::read_drops(&paths).expect("read DROPS");
+    let drops = maps::read_drops(paths).expect("read DROPS");
     for (i, r) in drops.keys().filter(|(i, _)| !ifaces.contains(i)) {
         stale.push(format!("DROPS of ifindex {i} (reason {r})"));
     }
@@ -359,7 +389,7 @@ pub fn stale_entries(lab: &Lab, live: &[Running]) -> Vec<String> {
             stale.push(format!("link pin {name}: its link is on ifindex {on:?}"));
         }
     }
-    if pinned != ifaces {
+    if pinned != *ifaces {
         stale.push(format!(
             "tcx links pinned on {pinned:?}, attached interfaces are {ifaces:?}"
         ));

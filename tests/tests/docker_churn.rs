@@ -1,10 +1,10 @@
 //! ecsnet following a real dockerd 20.10 (`up --docker`) while containers come and go (issue
 //! 18): 200 start/stop cycles reset no long-lived connection and leave nothing of a gone
 //! container in any map, table or link; an address and host port Docker gives again go to
-//! the new container clean, with its own rules from its first packet; the agent SIGKILLed
-//! during churn and dockerd restarted, ecsnet's view converges to Docker's and no flow count
-//! is lost; and a container ecsnet has not identified passes nothing under `defaultPolicy:
-//! deny`. These tests fail, never skip, when dockerd cannot start.
+//! the new container clean, with its own rules from its first packet; the agent killed with
+//! SIGKILL during churn and dockerd restarted, ecsnet's view converges to Docker's and no
+//! flow count is lost; and a container ecsnet has not identified passes nothing under
+//! `defaultPolicy: deny`. These tests fail, never skip, when dockerd cannot start.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -316,14 +316,13 @@ impl Prober {
     fn finish(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("prober");
-        let r = self.reached.lock().unwrap().clone();
-        r
+        self.reached.lock().unwrap().clone()
     }
 }
 
 // ---- 3. agent killed, dockerd restarted -------------------------------------------------------
 
-/// The agent SIGKILLed during churn (containers start and stop while it is dead) and started
+/// The agent killed with SIGKILL during churn (containers start and stop while it is dead) and started
 /// again, then dockerd stopped and started again: ecsnet's view converges to Docker's each
 /// time, `stats` says the engine is disconnected while dockerd is down, and the datagrams sent
 /// while the agent was dead are in the exported records, exactly.
