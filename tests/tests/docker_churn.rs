@@ -336,11 +336,16 @@ fn agent_killed_and_dockerd_restarted_converge_and_lose_no_count() {
     let cycles = Churn::start(&lab, 60, 3, move |i| {
         churn::spec(&name, &format!("kill{i}"), &[churn::dynamic(80)], &[])
     });
+    // One that surely goes while the agent is dead: ecsnet knew it, its veth is gone at `up`.
+    let doomed = docker::run(&lab, &churn::spec(&lab.name, "doomed", &[], &[]));
+    churn::wait_task(&lab, &doomed);
     cycles.wait_done(10, Duration::from_secs(60));
     let pid = agent::pid(&lab.name).expect("the agent's pid");
     cycles.follow(false);
     kill_agent(pid);
     let at_kill = cycles.done();
+    engine::stop(&lab.name, "doomed", 1).expect("docker stop doomed");
+    engine::rm(&lab.name, "doomed").expect("docker rm doomed");
     // While it is dead: a known flow through task1's published UDP port, and more churn.
     let udp = lab.probe(lab.client(), "udp", "10.10.0.1:5353", 40, 100);
     assert_eq!(
@@ -432,7 +437,8 @@ fn udp_counted_exactly(lab: &Lab, count: u64, size: u64) {
 
 /// With `defaultPolicy: deny` and an engine ecsnet cannot reach, a new container's veth is
 /// held: nothing gets in or out of it (dropped as UNIDENTIFIED, its kernel receives nothing);
-/// once the agent follows the real engine, the same traffic passes under its own group.
+/// once the agent follows the real engine, the same traffic passes under its own group, and a
+/// held container that went while the agent was dead leaves nothing behind.
 #[test]
 fn a_held_container_passes_nothing_until_identified() {
     let lab = docker::up("ch", 1, &["1:8080:80"], &[]);
@@ -456,15 +462,19 @@ fn a_held_container_passes_nothing_until_identified() {
         &lab,
         &churn::spec(&lab.name, "held", &[churn::fixed(8082, 80)], &["sg-open"]),
     );
+    // And one that goes while the agent is dead, held: nobody hears its veth go.
+    docker::run(&lab, &churn::spec(&lab.name, "gone", &[], &["sg-open"]));
     let held = churn::container(&lab, "held");
+    let gone = churn::container(&lab, "gone");
     let paths = InstancePaths::new(&lab.name);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let rows = maps::read_ifaces(&paths).expect("IFACES");
-        if rows
-            .iter()
-            .any(|(i, r)| *i == held.ifindex && r.role == ROLE_HELD)
-        {
+        let is_held = |c: &Running| {
+            rows.iter()
+                .any(|(i, r)| *i == c.ifindex && r.role == ROLE_HELD)
+        };
+        if is_held(&held) && is_held(&gone) {
             break;
         }
         assert!(
@@ -501,8 +511,10 @@ fn a_held_container_passes_nothing_until_identified() {
     );
     assert!(unidentified >= 2, "UNIDENTIFIED drops: {unidentified}");
 
-    // The agent on the real engine: the same container identified, its group lets both pass.
+    // The agent on the real engine: the same container identified, its group lets both pass;
+    // the one that went meanwhile leaves nothing held.
     kill_agent(agent::pid(&lab.name).expect("the agent's pid"));
+    engine::rm(&lab.name, "gone").expect("docker rm -f gone");
     churn::up(&lab, &file, &churn::engine_url(&lab), &[]);
     churn::assert_converged(&lab, Duration::from_secs(10));
     assert_eq!(
