@@ -25,7 +25,7 @@ use ecsnet_tests::{
     docker::{self, engine},
     ecsnet_ok,
     traffic::{echo, tcp_connect},
-    world::{all, sg, tcp},
+    world::{self, all, sg, tcp},
 };
 use serde_json::Value;
 
@@ -328,6 +328,7 @@ impl Prober {
 /// while the agent was dead are in the exported records, exactly.
 #[test]
 fn agent_killed_and_dockerd_restarted_converge_and_lose_no_count() {
+    let runs_before = docker::run_dirs_now();
     let lab = docker::up("ck", 1, &["1:8080:80", "1:5353:53/udp"], &[]);
     let file = churn::state_file(&lab, "allow", &[]);
     let url = churn::engine_url(&lab);
@@ -389,6 +390,14 @@ fn agent_killed_and_dockerd_restarted_converge_and_lose_no_count() {
     assert_eq!(
         lab.probe(lab.client(), "tcp", "10.10.0.1:8080", 3, 64)["echoed"],
         3
+    );
+    // A dockerd started again is still the lab's to take down, with all it made.
+    let footprint = docker::Footprint::of(&lab.name, &runs_before);
+    world::down_leaves_nothing(lab);
+    assert_eq!(
+        footprint.left(),
+        Vec::<String>::new(),
+        "lab down after a dockerd restart left things behind"
     );
 }
 
