@@ -8,7 +8,7 @@
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -24,6 +24,7 @@ use ecsnet_tests::{
     churn::{self, Churn, Keeper, Running},
     docker::{self, engine},
     ecsnet_ok,
+    raw::{self, RawIpSocket, TCP_ACK, TCP_PSH},
     traffic::{echo, tcp_connect},
     world::{self, all, sg, tcp},
 };
@@ -209,7 +210,9 @@ fn a_reused_address_and_port_start_clean() {
         reached.is_empty(),
         "the peer's connections reached the new container, whose group forbids it: {reached:?}"
     );
+    let north_from = north.local_addr().expect("the client's end");
     old_flows_do_not_reach(&new, east, north);
+    old_segment_does_not_reach(&lab, &new, north_from);
 
     // Its own rules: its friend may, the peer and the client may not.
     let friend = churn::container(&lab, "friend");
@@ -272,6 +275,36 @@ fn old_flows_do_not_reach(new: &Running, mut east: TcpStream, mut north: TcpStre
             "{what}: the old flow got {got:?}"
         );
     }
+}
+
+/// The next segment of the client's old connection to the published port (its socket was
+/// already reset by the host once the old container went, so it is sent raw): a packet in the
+/// middle of a flow ecsnet never saw start, which the new container's group forbids, reaches
+/// nothing.
+fn old_segment_does_not_reach(lab: &Lab, new: &Running, north: SocketAddr) {
+    let SocketAddr::V4(from) = north else {
+        panic!("{north} is not IPv4")
+    };
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 1), 8081);
+    let raw = RawIpSocket::open(lab.client());
+    let before = ip_in(new.pid);
+    for seq in 0..3 {
+        raw.send(&raw::tcp(
+            from,
+            to,
+            TCP_ACK | TCP_PSH,
+            1000 + seq * 5,
+            7,
+            b"after",
+        ))
+        .expect("send the old flow's segment");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ip_in(new.pid) - before,
+        0,
+        "the client's old flow ({from} -> {to}) reached the new container"
+    );
 }
 
 /// Connects to `to` from container process `pid` again and again (300 ms timeout each) on a
