@@ -277,10 +277,10 @@ fn old_flows_do_not_reach(new: &Running, mut east: TcpStream, mut north: TcpStre
     }
 }
 
-/// The next segment of the client's old connection to the published port (its socket was
-/// already reset by the host once the old container went, so it is sent raw): a packet in the
-/// middle of a flow ecsnet never saw start, which the new container's group forbids, reaches
-/// nothing.
+/// The next segment of the client's old connection to the published port, sent raw (its
+/// socket is often reset by the host once the old container went, and then a write sends
+/// nothing): a packet in the middle of a flow ecsnet never saw start, which the new
+/// container's group forbids, reaches nothing.
 fn old_segment_does_not_reach(lab: &Lab, new: &Running, north: SocketAddr) {
     let SocketAddr::V4(from) = north else {
         panic!("{north} is not IPv4")
