@@ -6,6 +6,7 @@
 use std::{process::Command, time::Duration};
 
 pub mod agent;
+pub mod churn;
 pub mod counters;
 pub mod docker;
 pub mod engine_dockerd;

@@ -358,6 +358,45 @@ pub(super) fn start(lab: &str, host: &str, userland_proxy: bool) -> Result<(), L
             .collect(),
     };
     write_json(&paths.record(), &record)?;
+    launch(lab, host, &record)
+}
+
+/// Starts the lab's dockerd as `start` first did (its record kept, so `lab down` still
+/// removes the /run folders the first start made), after stopping it if it runs: Docker's
+/// own restart, which with live-restore off stops the containers (`docker start` brings them
+/// back).
+pub fn restart(lab: &str, host: &str) -> Result<(), LabError> {
+    stop_dockerd(lab)?;
+    start_again(lab, host)
+}
+
+/// Stops the lab's dockerd with SIGTERM, as a service manager does, and waits (20 s at most)
+/// until it is gone; it stops its containers and its containerd on the way.
+pub fn stop_dockerd(lab: &str) -> Result<(), LabError> {
+    let paths = EnginePaths::new(lab);
+    let Some(pid) = dockerd_pid(&paths) else {
+        return Ok(());
+    };
+    let _ = kill(pid, Signal::SIGTERM);
+    if !wait_gone(&[pid], Duration::from_secs(20)) {
+        return Err(LabError::Command {
+            cmd: format!("kill -TERM {pid} (dockerd of lab {lab})"),
+            stderr: "still running 20 s later".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Starts the lab's dockerd again, stopped by `stop_dockerd`, in namespace `host`.
+pub fn start_again(lab: &str, host: &str) -> Result<(), LabError> {
+    let record = read_record(&EnginePaths::new(lab))?;
+    launch(lab, host, &record)
+}
+
+/// Writes dockerd's config, starts it in namespace `host` and waits until it answers.
+fn launch(lab: &str, host: &str, record: &Record) -> Result<(), LabError> {
+    let paths = EnginePaths::new(lab);
+    let userland_proxy = record.userland_proxy;
     let config = serde_json::json!({
         // Without it dockerd 20.10 writes /etc/docker/key.json.
         "deprecated-key-path": paths.root.join("key.json"),
@@ -986,10 +1025,11 @@ fn unmount_below(dir: &Path) -> usize {
         .count()
 }
 
-/// Waits until none of `pids` exists (or has become a zombie), at most `limit`.
-fn wait_gone(pids: &[Pid], limit: Duration) {
+/// Waits until none of `pids` exists (or has become a zombie), at most `limit`; whether they
+/// are gone.
+fn wait_gone(pids: &[Pid], limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
+    loop {
         let alive = pids.iter().any(|p| {
             fs::read_to_string(format!("/proc/{p}/stat"))
                 .ok()
@@ -997,7 +1037,10 @@ fn wait_gone(pids: &[Pid], limit: Duration) {
                 .unwrap_or(false)
         });
         if !alive {
-            return;
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

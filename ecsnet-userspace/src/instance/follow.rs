@@ -64,9 +64,15 @@ pub fn hold(paths: &InstancePaths, bridge: u32, links: &[Link]) -> Result<Vec<u3
 }
 
 /// Every port of the bridge that is no task's and not held yet, held: after the agent starts,
-/// and whenever the kernel's announcements may have been missed.
+/// and whenever the kernel's announcements may have been missed. A held port whose link went
+/// meanwhile (while no agent listened: it was killed) is let go, as its deletion would have.
 pub fn hold_all(paths: &InstancePaths, bridge: u32) -> Result<Vec<u32>, InstanceError> {
     let snap = Snapshot::read()?;
+    for (ifindex, row) in maps::read_ifaces(paths)? {
+        if row.role == ROLE_HELD && !snap.links.iter().any(|l| l.index == ifindex) {
+            release(paths, ifindex)?;
+        }
+    }
     hold(paths, bridge, &snap.links)
 }
 

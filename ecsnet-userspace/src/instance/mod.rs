@@ -455,7 +455,15 @@ fn plan_state(
         address: meta.bridge_address,
     };
     // The engine's containers join what was given; their entries were never the caller's.
-    let discovered = files::read_discovered(paths)?.unwrap_or_default();
+    let mut discovered = files::read_discovered(paths)?.unwrap_or_default();
+    // A container that went while nobody followed the engine (the agent was killed) left its
+    // interface with it: it is gone, the engine's next view says so, and it must not fail `up`
+    // or hold back everyone else's state.
+    discovered.tasks.retain(|t| {
+        t.interface
+            .as_deref()
+            .is_none_or(|name| snap.links.iter().any(|l| l.name == name))
+    });
     let requested = merge::merge(merge::configured(requested), &discovered.tasks).state;
     let rules = state::validate(&requested, bridge).map_err(|error| LoadError::Invalid {
         file: file.to_owned(),

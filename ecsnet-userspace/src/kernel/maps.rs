@@ -230,16 +230,23 @@ pub fn read_drops(paths: &InstancePaths) -> Result<StdHashMap<(u32, u8), u64>, M
     Ok(out)
 }
 
-/// Removes the counters of interfaces that are no longer attached.
+/// Removes the packet and drop counters of an interface that is no longer attached: ifindexes
+/// only grow, so counters left behind by departed containers would fill the maps.
 pub fn forget_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError> {
-    let mut m: PerCpuHashMap<MapData, StatsKey, Counters> = open_as(paths, MAP_STATS)?;
-    let keys: Vec<StatsKey> = m
-        .keys()
-        .flatten()
-        .filter(|k| k.ifindex == ifindex)
-        .collect();
+    remove_per_cpu::<StatsKey, Counters>(paths, MAP_STATS, |k| k.ifindex == ifindex)?;
+    remove_per_cpu::<DropKey, u64>(paths, MAP_DROPS, |k| k.ifindex == ifindex)
+}
+
+/// Removes from the per-CPU hash map `map` every key `doomed` picks.
+fn remove_per_cpu<K: Pod, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<(), MapsError> {
+    let mut m: PerCpuHashMap<MapData, K, V> = open_as(paths, map)?;
+    let keys: Vec<K> = m.keys().flatten().filter(|k| doomed(k)).collect();
     for k in keys {
-        m.remove(&k).map_err(access(MAP_STATS))?;
+        m.remove(&k).map_err(access(map))?;
     }
     Ok(())
 }
