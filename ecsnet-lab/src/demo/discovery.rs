@@ -68,6 +68,13 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
 /// `ecsnet up --docker` on the lab, then a container's life under ecsnet.
 fn follow(lab: &Lab) -> anyhow::Result<()> {
+    up_following(lab)?;
+    late_container(lab)
+}
+
+/// `ecsnet up --docker` with the lab's host and the group `sg-web`: the lab's containers become
+/// tasks.
+fn up_following(lab: &Lab) -> anyhow::Result<()> {
     let file = lab.status.state_file.with_file_name("demo-state.json");
     let mut s: Value = serde_json::from_str(&std::fs::read_to_string(&lab.status.state_file)?)?;
     s["securityGroups"] = json!([{
@@ -90,7 +97,12 @@ fn follow(lab: &Lab) -> anyhow::Result<()> {
             .all(|t| t.source == TaskSource::Docker && t.task_arn.is_some()),
         "the lab's containers are docker tasks with their ECS task ARN: {found:?}"
     );
+    Ok(())
+}
 
+/// A container started while ecsnet runs: found, grouped by its label, carried on ecsnet's
+/// path, held to its group, and refused once stopped.
+fn late_container(lab: &Lab) -> anyhow::Result<()> {
     say(&format!(
         "docker run {LATE} -l ecsnet.security-groups=sg-web -p {LATE_PORT}:80, while ecsnet runs"
     ));
