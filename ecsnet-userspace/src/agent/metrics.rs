@@ -191,7 +191,7 @@ fn families(s: &Stats) -> Vec<Family<'_>> {
 }
 
 /// How following the container engine stands (`up --docker`).
-fn engine_families(e: &crate::store::files::EngineStatus) -> [Family<'static>; 8] {
+fn engine_families(e: &crate::store::files::EngineStatus) -> [Family<'static>; 9] {
     use Kind::{Counter, Gauge};
     [
         (
@@ -235,6 +235,12 @@ fn engine_families(e: &crate::store::files::EngineStatus) -> [Family<'static>; 8
             Counter,
             "New ports of the bridge held at the default policy until their container was known.",
             e.held,
+        ),
+        (
+            "ecsnet_engine_held_ports",
+            Gauge,
+            "Ports of the bridge held at the default policy now: their container is not known yet.",
+            e.held_now as u64,
         ),
         (
             "ecsnet_engine_apply_errors_total",

@@ -270,6 +270,11 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
                 // As the live state has it: `sg apply` opens a closed task between two views
                 // of the engine, and engine.json is rewritten only at the next view.
                 e.closed = closed_tasks(&dir.state);
+                e.held_now = maps::read_ifaces(paths).map_or(0, |rows| {
+                    rows.iter()
+                        .filter(|(_, r)| r.role == ecsnet_common::maps::ROLE_HELD)
+                        .count()
+                });
                 e
             }),
     })
@@ -388,7 +393,7 @@ pub fn render(s: &Stats) -> String {
 /// The `engine:` line: how following the container engine stands.
 fn render_engine(e: &crate::store::files::EngineStatus) -> String {
     format!(
-        "engine: {} {}{}, {} task(s), {} container(s) not tasks, {} closed (unknown groups), {} left out, {} port(s) held, {} event(s), {} list(s), {} apply error(s)",
+        "engine: {} {}{}, {} task(s), {} container(s) not tasks, {} closed (unknown groups), {} left out, {} port(s) held now ({} since the agent started), {} event(s), {} list(s), {} apply error(s)",
         e.engine,
         if e.connected {
             "connected"
@@ -402,6 +407,7 @@ fn render_engine(e: &crate::store::files::EngineStatus) -> String {
         e.not_tasks,
         e.closed,
         e.left_out,
+        e.held_now,
         e.held,
         e.events,
         e.relists,

@@ -264,6 +264,9 @@ pub struct EngineStatus {
     pub left_out: usize,
     /// New ports of the bridge held at the default policy since the agent started.
     pub held: u64,
+    /// Ports held now: their container is not known yet (`stats` reads it from `IFACES`).
+    #[serde(default)]
+    pub held_now: usize,
     /// Applies of the engine's view, and those that failed.
     pub applies: u64,
     pub apply_errors: u64,
