@@ -209,15 +209,25 @@ impl Monitor {
     }
 
     /// The next line, parsed, within `timeout`; None if none came.
+    ///
+    /// The host's own IGMP reports (docker0 joining its multicast groups, sent by the kernel at
+    /// times of its choosing after the lab came up) meet the tasks' ingress rules too; they are
+    /// no traffic of the test's and are passed over.
     fn next(&self, timeout: Duration) -> Option<Value> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => Some(
-                serde_json::from_str(&line)
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v: Value = match self.lines.recv_timeout(left) {
+                Ok(line) => serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("monitor --json printed {line:?}: {e}")),
-            ),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("the monitor's output ended early (did it exit?)")
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the monitor's output ended early (did it exit?)")
+                }
+            };
+            let igmp_of_host = v["proto"] == 2 && v["src"] == "172.17.0.1";
+            if !igmp_of_host {
+                return Some(v);
             }
         }
     }
