@@ -84,7 +84,7 @@ pub fn classify(
         .and_then(|a| a.parse().ok())
         .ok_or_else(no_address)?;
     let mac_text = endpoint.mac_address.clone().unwrap_or_default();
-    let mac = parse_mac(&mac_text).ok_or_else(no_address)?;
+    let mac = crate::state::parse_mac(&mac_text).ok_or_else(no_address)?;
     let prefix = endpoint
         .ip_prefix_len
         .and_then(|p| u8::try_from(p).ok())
@@ -161,17 +161,6 @@ fn on_bridge<'a>(
         bridge: bridge.to_owned(),
         networks,
     })
-}
-
-/// `02:42:ac:11:00:02` as bytes.
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2)?;
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// The ports Docker published on every host address (`0.0.0.0`, `::` or empty), one mapping
@@ -601,6 +590,7 @@ mod tests {
 
     #[test]
     fn macs() {
+        use crate::state::parse_mac;
         assert_eq!(
             parse_mac("02:42:ac:11:00:0a"),
             Some([2, 0x42, 0xac, 0x11, 0, 0x0a])
