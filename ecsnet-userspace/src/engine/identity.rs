@@ -589,24 +589,10 @@ mod tests {
     }
 
     #[test]
-    fn macs() {
-        use crate::state::parse_mac;
-        assert_eq!(
-            parse_mac("02:42:ac:11:00:0a"),
-            Some([2, 0x42, 0xac, 0x11, 0, 0x0a])
-        );
-        for bad in [
-            "",
-            "02:42:ac:11:00",
-            "02:42:ac:11:00:0a:01",
-            "2:42:ac:11:00:0a",
-            "zz:42:ac:11:00:0a",
-        ] {
-            assert_eq!(parse_mac(bad), None, "{bad}");
-        }
-        assert_eq!(
-            format_mac([2, 0x42, 0xac, 0x11, 0, 0x0a]),
-            "02:42:ac:11:00:0a"
-        );
+    fn macs_print_as_docker_does_and_read_back() {
+        // The parser's own cases are in `state`'s tests.
+        let mac = [2, 0x42, 0xac, 0x11, 0, 0x0a];
+        assert_eq!(format_mac(mac), "02:42:ac:11:00:0a");
+        assert_eq!(crate::state::parse_mac(&format_mac(mac)), Some(mac));
     }
 }
