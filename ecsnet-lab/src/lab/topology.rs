@@ -74,6 +74,7 @@ pub(super) fn build(
     runtime.block_on(async {
         let host = Ns::add(host).await?;
         let client = Ns::add(client).await?;
+        quick_multicast_reports(&host)?;
         // The uplink: host eth0 <-> client eth0, the VPC subnet.
         host.veth(UPLINK, &client, UPLINK).await?;
         host.address(UPLINK, UPLINK_ADDR, UPLINK_PREFIX).await?;
@@ -112,6 +113,27 @@ pub(super) fn build(
         }
         Ok(())
     })
+}
+
+/// The host's own multicast reports, sent within milliseconds instead of over a second or two.
+///
+/// docker0 joins the multicast router discovery group (224.0.0.106 and `ff02::6a`) when it comes up,
+/// and the kernel reports that join on the bridge again at random times within the unsolicited
+/// report interval (one second by default). Those reports reach every task and meet its ingress
+/// rules, where ecsnet rightly drops and counts them (`SG_INGRESS`); in a test that counts the
+/// drops of its own traffic right after the lab came up, they are noise that depends on timing.
+/// With the interval at 10 ms they are over before any task is plugged in. Interfaces take the
+/// value from `default` when they are made, so this comes before docker0 (ours or dockerd's).
+fn quick_multicast_reports(host: &Ns) -> Result<(), LabError> {
+    for key in [
+        "net.ipv4.conf.default.igmpv2_unsolicited_report_interval",
+        "net.ipv4.conf.default.igmpv3_unsolicited_report_interval",
+        "net.ipv6.conf.default.mldv1_unsolicited_report_interval",
+        "net.ipv6.conf.default.mldv2_unsolicited_report_interval",
+    ] {
+        host.set_sysctl(key, "10")?;
+    }
+    Ok(())
 }
 
 /// docker0 with its address, up, and the sysctls Docker sets.
