@@ -179,6 +179,18 @@ pub const fn seq_after(a: u32, b: u32) -> bool {
     a.wrapping_sub(b).cast_signed() > 0
 }
 
+/// How far past its sender's recorded end a FIN may start, bytes: two full-size GSO segments.
+///
+/// A sender's segments do not all leave from one CPU: the ones a write sends leave from the
+/// writer's, the ones an incoming ACK releases from the CPU that took the ACK. On a veth both
+/// reach the datapath at the same time, so the FIN that ends a stream can be judged while the
+/// last data segment before it is still being recorded on the other CPU (or while that CPU
+/// writes back an older end). The sender's recorded end then lags the FIN's sequence number by
+/// the segments in flight there, 64 KiB each at most. netfilter accepts a segment anywhere in
+/// the receiver's window; this is narrower, and a blind attacker's FIN still lands in it with
+/// a chance of 2^17 in 2^32.
+pub const FIN_OVERTAKE: u32 = 2 * 65_536;
+
 /// What the connection table makes of a TCP RST or FIN, from the two directions' entries
 /// before the segment counts. A blind attacker does not know where either side is in its
 /// sequence space; a real endpoint does.
@@ -186,8 +198,9 @@ pub const fn seq_after(a: u32, b: u32) -> bool {
 ///   or where the receiver expects it (`receiver.tcp_ack`), as RFC 5961 and netfilter accept a
 ///   reset; or, from a side that never sent a SYN (the answer to one), when it acknowledges
 ///   that SYN (RFC 793).
-/// - A FIN counts when it starts no later than its sender has sent and ends no earlier than
-///   the receiver has acknowledged (a retransmission of an acknowledged FIN included).
+/// - A FIN counts when it starts no later than [`FIN_OVERTAKE`] past what its sender has sent
+///   and ends no earlier than the receiver has acknowledged (a retransmission of an
+///   acknowledged FIN included).
 ///
 /// `seq` and `ack` in host byte order.
 pub const fn tcp_close_counts(
@@ -207,7 +220,7 @@ pub const fn tcp_close_counts(
         return seq == sender.end || (receiver_acked && seq == receiver.ack);
     }
     // FIN.
-    if !sender_started || seq_after(seq, sender.end) {
+    if !sender_started || seq_after(seq, sender.end.wrapping_add(FIN_OVERTAKE)) {
         return false;
     }
     let end = seq.wrapping_add(payload).wrapping_add(1);
@@ -408,8 +421,11 @@ mod tests {
         // A retransmission of a FIN B acknowledged already (B acked 1001).
         let b_acked = tcp(TCP_SYN | TCP_ACK, 5000, 1001);
         assert!(tcp_close_counts(TCP_FIN, 1000, 0, 0, &a, &b_acked));
-        // Beyond what A sent, or entirely before what B acknowledged.
-        assert!(!fin(1001, 0));
+        // Ahead of what A's entry records, by segments another CPU has not recorded yet.
+        assert!(fin(1001, 0));
+        assert!(fin(1000 + FIN_OVERTAKE, 0));
+        // Further beyond what A sent, or entirely before what B acknowledged.
+        assert!(!fin(1001 + FIN_OVERTAKE, 0));
         assert!(!fin(800, 50));
         assert!(!fin(1000 + (1 << 31), 0));
     }

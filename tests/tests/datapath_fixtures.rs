@@ -20,8 +20,8 @@ use std::collections::HashMap as StdHashMap;
 use ecsnet_common::{
     DropReason,
     ct::{
-        CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_MASQUERADE, PROTO_ICMP,
-        PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        CtEntry, CtKey, FIN_OVERTAKE, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_MASQUERADE,
+        PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     maps::{
         CLASS_IPV4, Config, DropKey, FragKey, FragPorts, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
@@ -394,10 +394,26 @@ fn guard_cases() -> Vec<Case> {
             back(TCP_RST | TCP_ACK).seq(SEQ + 1000),
         ),
         out_of_window(
-            "a FIN of a masqueraded flow beyond what its sender sent: dropped \
+            "a FIN of a masqueraded flow beyond what its sender sent (and then some): dropped \
              TCP_OUT_OF_WINDOW, the flow untouched",
-            back(TCP_FIN | TCP_ACK).seq(SEQ + 100_000),
+            back(TCP_FIN | TCP_ACK).seq(SEQ + 1 + FIN_OVERTAKE),
         ),
+        Case::uplink(
+            "a FIN of a masqueraded flow a segment past its sender's recorded end (that segment \
+             still being recorded on another CPU): into the task, the flow closing",
+        )
+        .seed(masq().seeds())
+        .into_task(
+            A,
+            &back(TCP_FIN | TCP_ACK).seq(SEQ + 1448),
+            back(TCP_FIN | TCP_ACK).seq(SEQ + 1448).dnat(TASK_A, 40000),
+            40,
+        )
+        .ct({
+            let mut ct = masq().reply_touched(40, TCP_FIN | TCP_ACK);
+            ct[1].entry.tcp_end = SEQ + 1448 + 1;
+            ct
+        }),
         Case::new(
             "tc_task_new_flow with the host's configuration gone: dropped TAIL_CALL_FAILED, \
              never passed unchecked",
