@@ -65,7 +65,7 @@ pub const DEFAULT_NAT_TASK_PORTS: u32 = NAT_PORT_SPAN / 2;
 /// Capacity of [`MAP_NAT_USE`] for a `CT` of `ct_size` entries: one key per masqueraded flow
 /// the two tables can hold at most.
 pub const fn nat_use_size(ct_size: u32) -> u32 {
-    (ct_size + ct_new_size(ct_size)) / 2
+    u32::midpoint(ct_size, ct_new_size(ct_size))
 }
 
 /// [`MAP_CT_EVENTS`]: flows created (in [`MAP_CT_NEW`]).

@@ -34,7 +34,7 @@ const NOEXIST: u64 = BPF_NOEXIST as u64;
 pub const EEXIST: i64 = 17;
 /// Source ports tried at random after the original one is taken, before giving up: each one
 /// drawn afresh from the whole range, so that with half the ports towards a destination taken
-/// a new flow still fails only once in 2^PORT_TRIES.
+/// a new flow still fails only once in `2^PORT_TRIES`.
 const PORT_TRIES: u32 = 16;
 
 /// What the packets of one direction are rewritten to (network byte order).

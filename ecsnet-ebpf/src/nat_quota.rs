@@ -78,18 +78,18 @@ pub fn take(key: &CtKey) -> Result<(), DropReason> {
     if let Some(p) = NAT_USE.get_ptr_mut(&k) {
         return add(p, cap);
     }
-    match NAT_USE.insert(&k, &1, NOEXIST) {
-        Ok(()) => Ok(()),
-        // Counted a moment ago by another CPU: count on it. Gone again (the agent removed a
-        // count it found at zero): this flow is counted at the agent's next pass.
-        Err(e) if -i64::from(e) == EEXIST => {
-            NAT_USE.get_ptr_mut(&k).map_or(Ok(()), |p| add(p, cap))
-        }
-        // The map holds a key per flow the tables can hold: full, so are they, and the flow
-        // fails there (CT_TABLE_FULL). Should it fit after all (keys at zero the agent has not
-        // removed yet), the agent's next pass counts it.
-        Err(_) => Ok(()),
+    // Counted a moment ago by another CPU: count on it. Gone again (the agent removed a count
+    // it found at zero): this flow is counted at the agent's next pass. Any other failure is a
+    // full map, which holds a key per flow the tables can hold: they are full too and the flow
+    // fails there (CT_TABLE_FULL); should it fit after all (keys at zero the agent has not
+    // removed yet), the agent's next pass counts it.
+    if let Err(e) = NAT_USE.insert(&k, &1, NOEXIST)
+        && -i64::from(e) == EEXIST
+        && let Some(p) = NAT_USE.get_ptr_mut(&k)
+    {
+        return add(p, cap);
     }
+    Ok(())
 }
 
 /// Gives back what [`take`] took for `key`, when its flow could not be created.

@@ -64,32 +64,43 @@ fn send_flows(lab: &Lab, task: usize, tag: &'static str, n: usize, port: u16) {
     assert_eq!(sent, n, "{tag}: every datagram sent");
 }
 
-/// The datagrams the client's socket `s` received until none came for `QUIET`, as their texts;
-/// fails when one came from any address but the host's (a flow not masqueraded).
-fn received(s: &UdpSocket, host: Ipv4Addr) -> BTreeSet<String> {
-    let mut got = BTreeSet::new();
-    let mut buf = [0u8; 64];
-    let mut last = Instant::now();
-    while last.elapsed() < QUIET {
-        let Ok((len, from)) = s.recv_from(&mut buf) else {
-            continue;
-        };
-        last = Instant::now();
-        assert_eq!(
-            from.ip(),
-            std::net::IpAddr::V4(host),
-            "a datagram from {from}: not masqueraded to the host's address"
-        );
-        got.insert(String::from_utf8_lossy(&buf[..len]).into_owned());
-    }
-    got
+/// The client's sockets on the two destination ports, and the address masqueraded flows
+/// arrive from.
+struct Outside<'a> {
+    lab: &'a Lab,
+    host: Ipv4Addr,
+    sockets: [(u16, UdpSocket); 2],
 }
 
-/// The texts of `tag`'s datagrams among `got`.
-fn of(got: &BTreeSet<String>, tag: &str) -> usize {
-    got.iter()
-        .filter(|t| t.starts_with(&format!("{tag}-")))
-        .count()
+impl Outside<'_> {
+    /// Sends `n` flows of task `task` to the client's `port` (`send_flows`) and returns how many
+    /// arrived: the datagrams tagged `tag` the client's socket got until none came for `QUIET`.
+    /// Fails when one came from any address but the host's (a flow not masqueraded).
+    fn went_out(&self, task: usize, tag: &'static str, n: usize, port: u16) -> usize {
+        send_flows(self.lab, task, tag, n, port);
+        let (_, s) = self
+            .sockets
+            .iter()
+            .find(|(p, _)| *p == port)
+            .expect("a client socket on the port");
+        let mut got = BTreeSet::new();
+        let mut buf = [0u8; 64];
+        let mut last = Instant::now();
+        while last.elapsed() < QUIET {
+            let Ok((len, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            last = Instant::now();
+            assert_eq!(
+                from.ip(),
+                std::net::IpAddr::V4(self.host),
+                "a datagram from {from}: not masqueraded to the host's address"
+            );
+            got.insert(String::from_utf8_lossy(&buf[..len]).into_owned());
+        }
+        let mine = format!("{tag}-");
+        got.iter().filter(|t| t.starts_with(&mine)).count()
+    }
 }
 
 fn limit_drops(lab: &Lab, task: &str) -> u64 {
@@ -102,16 +113,17 @@ fn one_task_holding_its_ports_to_a_destination_leaves_other_tasks_and_destinatio
     let cap = CAP.to_string();
     let timeouts = format!("udp={UDP_TIMEOUT}");
     lab.ecsnet_up_with(&["--nat-task-ports", &cap, "--ct-timeouts", &timeouts]);
-    let host = lab.status.host.uplink_address;
-    let (first, second) = (listen(&lab, FIRST), listen(&lab, SECOND));
+    let out = Outside {
+        lab: &lab,
+        host: lab.status.host.uplink_address,
+        sockets: [FIRST, SECOND].map(|p| (p, listen(&lab, p))),
+    };
 
     // Task 1 to the first destination until refused.
-    send_flows(&lab, 1, "t1", TRIED, FIRST);
-    let got = received(&first, host);
     assert_eq!(
-        of(&got, "t1"),
+        out.went_out(1, "t1", TRIED, FIRST),
         CAP,
-        "task 1 may have {CAP} flows towards {CLIENT}:{FIRST}, no more: {got:?}"
+        "task 1 may have {CAP} flows towards {CLIENT}:{FIRST}, no more"
     );
     let refused = poll(
         Duration::from_secs(10),
@@ -131,28 +143,19 @@ fn one_task_holding_its_ports_to_a_destination_leaves_other_tasks_and_destinatio
         "each refused flow counted once"
     );
     // Still at its limit there while its flows live.
-    send_flows(&lab, 1, "t1c", 1, FIRST);
-    assert_eq!(
-        of(&received(&first, host), "t1c"),
-        0,
-        "task 1 over its limit"
-    );
+    assert_eq!(out.went_out(1, "t1c", 1, FIRST), 0, "task 1 over its limit");
 
     // Another task, the same destination.
-    send_flows(&lab, 2, "t2", MORE, FIRST);
-    let got = received(&first, host);
     assert_eq!(
-        of(&got, "t2"),
+        out.went_out(2, "t2", MORE, FIRST),
         MORE,
-        "task 2's new flows to the destination task 1 exhausted: {got:?}"
+        "task 2's new flows to the destination task 1 exhausted"
     );
     // The same task, another destination.
-    send_flows(&lab, 1, "t1b", MORE, SECOND);
-    let got = received(&second, host);
     assert_eq!(
-        of(&got, "t1b"),
+        out.went_out(1, "t1b", MORE, SECOND),
         MORE,
-        "task 1's new flows to another destination: {got:?}"
+        "task 1's new flows to another destination"
     );
 
     let s = lab.stats();
@@ -185,9 +188,8 @@ fn one_task_holding_its_ports_to_a_destination_leaves_other_tasks_and_destinatio
     assert!(left.is_ok(), "masqueraded flows never expired: {left:?}");
     // The counts are set after the flows are removed, in the same pass.
     std::thread::sleep(Duration::from_secs(2));
-    send_flows(&lab, 1, "t1d", CAP, FIRST);
     assert_eq!(
-        of(&received(&first, host), "t1d"),
+        out.went_out(1, "t1d", CAP, FIRST),
         CAP,
         "task 1's flows once the GC gave its ports back"
     );

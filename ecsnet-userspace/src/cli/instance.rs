@@ -72,7 +72,8 @@ pub struct UpArgs {
     pub ct_size: u32,
     /// Masqueraded flows one task may have at once towards one destination (address, port and
     /// protocol), of the 64,512 source ports masquerade has for each; past it the task's new
-    /// flows there are dropped NAT_TASK_PORT_LIMIT, and other tasks keep the rest. 0: no limit.
+    /// flows there are dropped `NAT_TASK_PORT_LIMIT`, and other tasks keep the rest. 0: no
+    /// limit.
     #[arg(long, default_value_t = ecsnet_common::maps::DEFAULT_NAT_TASK_PORTS,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(ecsnet_common::maps::NAT_PORT_SPAN)))]
     pub nat_task_ports: u32,

@@ -5,5 +5,5 @@
 pub(crate) mod batch;
 pub mod datapath;
 pub mod maps;
-pub mod nat_use;
+pub(crate) mod nat_use;
 pub(crate) mod pins;
