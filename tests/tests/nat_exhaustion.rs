@@ -170,6 +170,20 @@ fn one_task_holding_its_ports_to_a_destination_leaves_other_tasks_and_destinatio
         0,
         "task 2 never refused"
     );
+    // What each task holds towards its busiest destination, against the limit.
+    let held: Vec<(&str, u64)> = s
+        .tasks
+        .iter()
+        .map(|t| (t.name.as_str(), t.nat_ports_max))
+        .collect();
+    assert_eq!(
+        (u64::from(s.conntrack.nat_task_ports), held),
+        (
+            CAP as u64,
+            vec![("task1", CAP as u64), ("task2", MORE as u64)]
+        ),
+        "stats: the limit and the ports held"
+    );
     assert_eq!(
         s.drops.keys().collect::<Vec<_>>(),
         vec![NAT_TASK_PORT_LIMIT],

@@ -403,12 +403,15 @@ impl UpWrites {
             self.config.flags = plan.config_flags;
         }
         maps::write_local_addrs(paths, &self.local_addrs)?;
-        maps::write_nat_config(
-            paths,
-            &NatConfig {
-                task_ports: opts.nat_task_ports,
-            },
-        )?;
+        let limits = NatConfig {
+            task_ports: opts.nat_task_ports,
+        };
+        if !maps::write_nat_config(paths, &limits)? {
+            log::warn!(
+                "the loaded datapath has no masquerade limits (an older build): \
+                 --nat-task-ports takes effect once it is loaded again (`ecsnet down`, `up`)"
+            );
+        }
         flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
             .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
         // Last: with CONFIG written the datapath starts translating.

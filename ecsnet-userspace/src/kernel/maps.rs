@@ -472,14 +472,32 @@ fn settle_nat_use(
     Ok(())
 }
 
-/// Writes the masquerade limits.
-pub fn write_nat_config(paths: &InstancePaths, cfg: &NatConfig) -> Result<(), MapsError> {
+/// Writes the masquerade limits. A datapath still loaded from a build without them (`up` keeps
+/// a loaded datapath) has no such map: nothing is written, and false says so.
+pub fn write_nat_config(paths: &InstancePaths, cfg: &NatConfig) -> Result<bool, MapsError> {
+    if !paths.map_pin(MAP_NAT_CONFIG).exists() {
+        return Ok(false);
+    }
     let mut a: Array<MapData, NatConfig> = open_as(paths, MAP_NAT_CONFIG)?;
-    a.set(0, cfg, 0).map_err(access(MAP_NAT_CONFIG))
+    a.set(0, cfg, 0).map_err(access(MAP_NAT_CONFIG))?;
+    Ok(true)
 }
 
-/// The masquerade counts: ports held by each task towards each destination.
+/// The masquerade limits; None from a datapath loaded by a build without them.
+pub fn read_nat_config(paths: &InstancePaths) -> Result<Option<NatConfig>, MapsError> {
+    if !paths.map_pin(MAP_NAT_CONFIG).exists() {
+        return Ok(None);
+    }
+    let a: Array<MapData, NatConfig> = open_as(paths, MAP_NAT_CONFIG)?;
+    a.get(&0, 0).map(Some).map_err(access(MAP_NAT_CONFIG))
+}
+
+/// The masquerade counts: ports held by each task towards each destination (none from a
+/// datapath loaded by a build without them).
 pub fn read_nat_use(paths: &InstancePaths) -> Result<Vec<(NatUseKey, u64)>, MapsError> {
+    if !paths.map_pin(MAP_NAT_USE).exists() {
+        return Ok(Vec::new());
+    }
     Ok(nat_use_table(paths)?.1.into_iter().collect())
 }
 
