@@ -15,7 +15,8 @@ pub enum DropReason {
     Fragment = 4,
     /// The connection table is full; new flows fail closed.
     CtTableFull = 5,
-    /// No free source port for masquerade.
+    /// No free source port for masquerade towards the destination of a new flow: every port
+    /// tried is another flow's.
     NatPortsExhausted = 6,
     /// The destination task's inbound security-group rules reject the packet.
     SgIngress = 7,
@@ -50,11 +51,15 @@ pub enum DropReason {
     /// A task interface that appeared on the bridge before ecsnet knew whose it is, under
     /// `defaultPolicy: deny`: held, nothing passes until the container is identified.
     Unidentified = 21,
+    /// A task already holds its share of masquerade ports (`up --nat-task-ports`) towards the
+    /// destination (address, port, protocol) of a new flow: refused, so that one task cannot
+    /// take the ports other tasks need towards the same destination.
+    NatTaskPortLimit = 22,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::BadTcpOffset,
@@ -76,6 +81,7 @@ impl DropReason {
         Self::TcpOutOfWindow,
         Self::TailCallFailed,
         Self::Unidentified,
+        Self::NatTaskPortLimit,
     ];
 
     /// The reason for a number read from a map, if it is one.
@@ -120,6 +126,7 @@ impl DropReason {
             Self::TcpOutOfWindow => "TCP_OUT_OF_WINDOW",
             Self::TailCallFailed => "TAIL_CALL_FAILED",
             Self::Unidentified => "UNIDENTIFIED",
+            Self::NatTaskPortLimit => "NAT_TASK_PORT_LIMIT",
         }
     }
 }
@@ -171,5 +178,6 @@ mod tests {
         assert_eq!(DropReason::RedirectFailed as u8, 11);
         assert_eq!(DropReason::VlanTagged as u8, 14);
         assert_eq!(DropReason::TcpOutOfWindow as u8, 19);
+        assert_eq!(DropReason::NatTaskPortLimit as u8, 22);
     }
 }

@@ -26,7 +26,7 @@ pub mod policy;
 pub use drop::DropReason;
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 19] = [
+pub const PINNED_MAPS: [&str; 21] = [
     maps::MAP_IFACES,
     maps::MAP_TASKS,
     maps::MAP_STATS,
@@ -39,6 +39,8 @@ pub const PINNED_MAPS: [&str; 19] = [
     maps::MAP_CT_EVENTS,
     maps::MAP_PROGS,
     maps::MAP_FRAGS,
+    maps::MAP_NAT_USE,
+    maps::MAP_NAT_CONFIG,
     policy::MAP_SG_PEERS,
     policy::MAP_SG_RULES,
     flow::MAP_FLOWS,

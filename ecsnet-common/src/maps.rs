@@ -33,6 +33,14 @@ pub const PROG_SLOTS: u32 = 1;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
 pub const MAP_FRAGS: &str = "FRAGS";
 
+/// Masquerade ports held per task and destination: [`NatUseKey`] -> `u64` flows, so that one
+/// task cannot hold every port towards a destination that other tasks need too. The datapath
+/// counts a flow as it creates it; the agent sets each count to the ports the connection tables
+/// hold on every GC pass, as flows expire and `CT_NEW` evicts without telling anyone.
+pub const MAP_NAT_USE: &str = "NAT_USE";
+/// The masquerade limits: one [`NatConfig`] at index 0, written by `ecsnet up`.
+pub const MAP_NAT_CONFIG: &str = "NAT_CONFIG";
+
 /// Every map that is pinned (defined at the crate root, beside the modules it lists).
 pub use crate::PINNED_MAPS;
 
@@ -43,6 +51,21 @@ pub const DEFAULT_CT_SIZE: u32 = 131_072;
 pub const fn ct_new_size(ct_size: u32) -> u32 {
     let half = ct_size / 2;
     if half < 1024 { 1024 } else { half }
+}
+
+/// Source ports masquerade chooses from when a flow's own port is taken towards its
+/// destination: `NAT_PORT_MIN` and the `NAT_PORT_SPAN` ports above it (1024 to 65535, as Linux
+/// masquerade uses for ports above 1023).
+pub const NAT_PORT_MIN: u32 = 1024;
+pub const NAT_PORT_SPAN: u32 = 65536 - NAT_PORT_MIN;
+/// Default of [`NatConfig::task_ports`]: half the ports, so that one task leaves the other half
+/// to the rest.
+pub const DEFAULT_NAT_TASK_PORTS: u32 = NAT_PORT_SPAN / 2;
+
+/// Capacity of [`MAP_NAT_USE`] for a `CT` of `ct_size` entries: one key per masqueraded flow
+/// the two tables can hold at most.
+pub const fn nat_use_size(ct_size: u32) -> u32 {
+    u32::midpoint(ct_size, ct_new_size(ct_size))
 }
 
 /// [`MAP_CT_EVENTS`]: flows created (in [`MAP_CT_NEW`]).
@@ -160,6 +183,46 @@ pub struct PortTarget {
     pub _pad: [u8; 2],
 }
 map_type!(PortTarget, 8);
+
+/// Key of [`MAP_NAT_USE`]: a task and a destination of its masqueraded flows (network byte
+/// order). The destination is what the reply tuple of a masqueraded flow holds besides the
+/// port masquerade chooses: flows to different destinations never compete for a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatUseKey {
+    /// The task's address.
+    pub task: u32,
+    pub daddr: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+map_type!(NatUseKey, 12);
+
+impl NatUseKey {
+    /// The key of the masqueraded flow whose original tuple is `k`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn of(k: &crate::ct::CtKey) -> Self {
+        Self {
+            task: k.saddr,
+            daddr: k.daddr,
+            dport: k.dport,
+            proto: k.proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of [`MAP_NAT_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatConfig {
+    /// Masqueraded flows one task may have towards one destination (address, port, protocol)
+    /// at once (`ecsnet up --nat-task-ports`); 0: no limit.
+    pub task_ports: u32,
+}
+map_type!(NatConfig, 4);
 
 /// Key of [`MAP_FRAGS`]: what every fragment of one datagram shares (network byte order).
 #[repr(C)]

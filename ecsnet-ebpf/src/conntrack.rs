@@ -10,14 +10,20 @@ use aya_ebpf::{
 };
 use ecsnet_common::{
     DropReason,
-    ct::{self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, TcpSide},
-    maps::{CT_EV_ASSURED, CT_EV_CREATED, CT_EV_CT_FULL, FragKey, FragPorts},
+    ct::{
+        self, ASSURED_AFTER_NS, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, KIND_MASQUERADE, TcpSide,
+    },
+    maps::{
+        CT_EV_ASSURED, CT_EV_CREATED, CT_EV_CT_FULL, FragKey, FragPorts, NAT_PORT_MIN,
+        NAT_PORT_SPAN,
+    },
     net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
     clock,
     maps::{CT, CT_EVENTS, CT_NEW, FRAGS},
+    nat_quota,
     parse::{FRAG_FIRST, FRAG_LATER, Headers, ICMP_ECHO},
 };
 
@@ -25,12 +31,11 @@ use crate::{
 const ANY: u64 = BPF_ANY as u64;
 const NOEXIST: u64 = BPF_NOEXIST as u64;
 /// What a map insert returns, negated, when the key exists (`EEXIST` of errno.h).
-const EEXIST: i64 = 17;
-/// Source ports tried at random after the original one is taken, before giving up.
+pub const EEXIST: i64 = 17;
+/// Source ports tried at random after the original one is taken, before giving up: each one
+/// drawn afresh from the whole range, so that with half the ports towards a destination taken
+/// a new flow still fails only once in `2^PORT_TRIES`.
 const PORT_TRIES: u32 = 16;
-/// Ports chosen for source NAT: the range Linux masquerade uses for ports above 1023.
-const NAT_PORT_MIN: u32 = 1024;
-const NAT_PORT_SPAN: u32 = 65536 - NAT_PORT_MIN;
 
 /// What the packets of one direction are rewritten to (network byte order).
 #[derive(Clone, Copy)]
@@ -332,9 +337,30 @@ fn count(slot: u32) {
 /// Creates both directions of a new flow in `CT_NEW` for packets `key` rewritten to `nat`.
 /// With `choose_sport`, `nat.sport` is kept when no other flow uses it towards the same
 /// destination and replaced by a free random port otherwise; `nat` ends as the rewrite
-/// chosen. A function of its own for the verifier (five arguments at most, no stack ones).
+/// chosen. A masqueraded flow first takes one of its task's ports towards its destination
+/// (`nat_quota`). Five arguments at most, no stack ones, for the verifier.
 #[inline(always)]
 pub fn create(
+    key: &CtKey,
+    nat: &mut Nat,
+    kind: u8,
+    choose_sport: bool,
+    h: &Headers,
+) -> Result<(), DropReason> {
+    let counted = kind == KIND_MASQUERADE;
+    if counted {
+        nat_quota::take(key)?;
+    }
+    let placed = place(key, nat, kind, choose_sport, h);
+    if counted && placed.is_err() {
+        nat_quota::give_back(key);
+    }
+    placed
+}
+
+/// [`create`] once the flow may have a port.
+#[inline(always)]
+fn place(
     key: &CtKey,
     nat: &mut Nat,
     kind: u8,
@@ -369,15 +395,16 @@ pub fn create(
         _pad: 0,
     };
     let tries = if choose_sport { PORT_TRIES + 1 } else { 1 };
-    let start = unsafe { bpf_get_prandom_u32() };
     let mut placed = false;
     for i in 0..tries {
         if i > 0 {
+            // SAFETY: a helper without arguments.
+            let r = unsafe { bpf_get_prandom_u32() };
             #[expect(
                 clippy::cast_possible_truncation,
                 reason = "NAT_PORT_MIN plus less than NAT_PORT_SPAN is a port"
             )]
-            let port = (NAT_PORT_MIN + (start.wrapping_add(i * 7919)) % NAT_PORT_SPAN) as u16;
+            let port = (NAT_PORT_MIN + r % NAT_PORT_SPAN) as u16;
             nat.sport = port.to_be();
             reply_key.dport = nat.sport;
         }

@@ -1,15 +1,21 @@
 //! The ecsnet datapath. The entry points in `programs` (`task`, `uplink`) only wire the modules
 //! below them: `clock` reads the time once per run, `parse` reads headers, `tasks` finds a
 //! task, `antispoof` checks that a task speaks only for itself, `forward` decides, `conntrack`
-//! keeps the flow table, `nat` rewrites, `policy` checks security groups, `early_drop` applies
-//! them in XDP, `redirect` sends, `account` counts packets, drops and flows, `events` sends
-//! monitor events, `verdict` turns a result into a return code and counts every drop with its
-//! reason.
+//! keeps the flow table, `nat` rewrites, `nat_quota` keeps each task's share of the masquerade
+//! ports, `policy` checks security groups, `early_drop` applies them in XDP, `redirect` sends,
+//! `account` counts packets, drops and flows, `events` sends monitor events, `verdict` turns a
+//! result into a return code and counts every drop with its reason.
 //!
 //! The programs exist only for the BPF target. On the host this is an ordinary binary with an
 //! empty `main`, so `cargo clippy --workspace` checks the same code with the host's toolchain.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic read-modify-write for the BPF target (`nat_quota`): `core::sync::atomic` offers none.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core_intrinsics, for atomics")
+)]
 
 mod account;
 mod antispoof;
@@ -20,6 +26,7 @@ mod events;
 mod forward;
 mod maps;
 mod nat;
+mod nat_quota;
 mod parse;
 mod policy;
 mod redirect;

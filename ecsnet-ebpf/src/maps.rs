@@ -14,8 +14,8 @@ use ecsnet_common::{
     },
     maps::{
         CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo,
-        MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, PROG_SLOTS,
-        PortKey, PortTarget, StatsKey, TaskInfo, ct_new_size,
+        MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, NatConfig,
+        NatUseKey, PROG_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo, ct_new_size, nat_use_size,
     },
     policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -65,6 +65,14 @@ maps! {
 
     /// Connection-table event counters (`CT_EV_*`).
     CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
+
+    /// Masqueraded flows per task and destination; user space sizes it from `--ct-size` at load
+    /// time (`nat_use_size`). Allocated on insert: most hosts masquerade to few destinations.
+    NAT_USE: HashMap<NatUseKey, u64> =
+        HashMap::with_max_entries(nat_use_size(DEFAULT_CT_SIZE), BPF_F_NO_PREALLOC);
+
+    /// The masquerade limits, written by `ecsnet up`.
+    NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
 
     /// Ports of first fragments, for the later fragments of the same datagram.
     FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);

@@ -34,6 +34,10 @@ pub struct TaskStats {
     /// Frames that are not IPv4 (ARP, ...), both ways.
     pub other: Count,
     pub drops: BTreeMap<String, u64>,
+    /// Masquerade ports the task holds towards the destination it holds most towards, as the
+    /// datapath counts them against `conntrack.natTaskPorts`.
+    #[serde(default)]
+    pub nat_ports_max: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +78,10 @@ pub struct ConntrackStats {
     pub flows: BTreeMap<String, u64>,
     /// Flows whose source ecsnet rewrote (masquerade and self-hairpin): its NAT table.
     pub nat_mappings: u64,
+    /// Masquerade ports one task may hold towards one destination (`up --nat-task-ports`);
+    /// 0: no limit.
+    #[serde(default)]
+    pub nat_task_ports: u32,
 }
 
 /// Flow logs and monitor events: the flow table's fill and what the exporter wrote and lost.
@@ -219,6 +227,16 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
             .map(|((_, r), n)| (DropReason::name_of(*r).to_string(), *n))
             .collect()
     };
+    let nat_use = maps::read_nat_use(paths)?;
+    let nat_ports_max = |addr: Ipv4Addr| {
+        let task = u32::from_ne_bytes(addr.octets());
+        nat_use
+            .iter()
+            .filter(|(k, _)| k.task == task)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+    };
     let tasks = dir
         .placed_tasks()
         .map(|(t, ifindex)| {
@@ -232,6 +250,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
                 ingress: c.tc_egress,
                 other: plus(c.other_ingress, c.other_egress),
                 drops: drops_of(ifindex),
+                nat_ports_max: nat_ports_max(t.ipv4_address),
             }
         })
         .collect();
@@ -255,12 +274,15 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
             drops: drops_of(meta.uplink_index),
         },
         drops: total,
-        conntrack: conntrack_stats(
-            &maps::read_ct(paths)?,
-            maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT)?,
-            maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT_NEW)?,
-            maps::read_ct_events(paths)?,
-        ),
+        conntrack: ConntrackStats {
+            nat_task_ports: maps::read_nat_config(paths)?.map_or(0, |c| c.task_ports),
+            ..conntrack_stats(
+                &maps::read_ct(paths)?,
+                maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT)?,
+                maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT_NEW)?,
+                maps::read_ct_events(paths)?,
+            )
+        },
         flow_logs: flow_log_stats(paths)?,
         agent: AgentStats::read(paths),
         engine: crate::store::files::read_engine_status(paths)
@@ -357,6 +379,7 @@ pub fn render(s: &Stats) -> String {
         c.assured,
         c.assured_table_full
     );
+    let _ = writeln!(out, "{}", render_masquerade(s));
     let f = &s.flow_logs;
     let _ = writeln!(
         out,
@@ -388,6 +411,25 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
     out
+}
+
+/// The `masquerade:` line: the limit per task and destination, and who holds the most.
+fn render_masquerade(s: &Stats) -> String {
+    let busiest = s.tasks.iter().max_by_key(|t| t.nat_ports_max);
+    format!(
+        "masquerade: {} port(s) per task and destination{}",
+        match s.conntrack.nat_task_ports {
+            0 => "no limit of".to_owned(),
+            n => format!("at most {n}"),
+        },
+        match busiest {
+            Some(t) if t.nat_ports_max > 0 => format!(
+                ", {} holds the most ({} towards one destination)",
+                t.name, t.nat_ports_max
+            ),
+            _ => String::new(),
+        }
+    )
 }
 
 /// The `engine:` line: how following the container engine stands.

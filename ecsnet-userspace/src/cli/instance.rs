@@ -70,6 +70,13 @@ pub struct UpArgs {
     #[arg(long, default_value_t = ecsnet_common::maps::DEFAULT_CT_SIZE,
           value_parser = clap::value_parser!(u32).range(4..=16_777_216))]
     pub ct_size: u32,
+    /// Masqueraded flows one task may have at once towards one destination (address, port and
+    /// protocol), of the 64,512 source ports masquerade has for each; past it the task's new
+    /// flows there are dropped `NAT_TASK_PORT_LIMIT`, and other tasks keep the rest. 0: no
+    /// limit.
+    #[arg(long, default_value_t = ecsnet_common::maps::DEFAULT_NAT_TASK_PORTS,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(ecsnet_common::maps::NAT_PORT_SPAN)))]
+    pub nat_task_ports: u32,
     /// Idle timeouts, e.g. `udp=30,tcp-established=3600` (states: tcp-syn, tcp-established,
     /// tcp-closing, tcp-reset, udp, icmp); unnamed states keep their defaults.
     #[arg(long, default_value = "")]
@@ -133,6 +140,7 @@ pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Re
         xdp_mode: a.xdp_mode.into(),
         ct_size: a.ct_size,
         ct_timeouts: a.ct_timeouts,
+        nat_task_ports: a.nat_task_ports,
         flow_table_size: a.flow_table_size,
         flow_logs: FlowLogOptions {
             enabled: a.flow_logs == OnOff::On,

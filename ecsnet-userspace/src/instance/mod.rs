@@ -20,7 +20,7 @@ use nix::{
 
 use ecsnet_common::{
     ct::Timeouts,
-    maps::{Config, ROLE_HELD},
+    maps::{Config, NatConfig, ROLE_HELD},
 };
 
 use crate::{
@@ -170,6 +170,8 @@ pub struct UpOptions {
     pub xdp_mode: XdpChoice,
     pub ct_size: u32,
     pub ct_timeouts: String,
+    /// `--nat-task-ports`: masqueraded flows per task and destination, 0 for no limit.
+    pub nat_task_ports: u32,
     pub flow_table_size: u32,
     pub flow_logs: FlowLogOptions,
     pub monitor_rate: u32,
@@ -401,6 +403,15 @@ impl UpWrites {
             self.config.flags = plan.config_flags;
         }
         maps::write_local_addrs(paths, &self.local_addrs)?;
+        let limits = NatConfig {
+            task_ports: opts.nat_task_ports,
+        };
+        if !maps::write_nat_config(paths, &limits)? {
+            log::warn!(
+                "the loaded datapath has no masquerade limits (an older build): \
+                 --nat-task-ports takes effect once it is loaded again (`ecsnet down`, `up`)"
+            );
+        }
         flowlog::init_state(paths, opts.flow_logs.enabled, opts.monitor_rate)
             .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
         // Last: with CONFIG written the datapath starts translating.

@@ -145,6 +145,10 @@ pub fn load(
         ecsnet_common::maps::MAP_CT_NEW,
         ecsnet_common::maps::ct_new_size(ct_size),
     );
+    loader.map_max_entries(
+        ecsnet_common::maps::MAP_NAT_USE,
+        ecsnet_common::maps::nat_use_size(ct_size),
+    );
     loader.map_max_entries(ecsnet_common::flow::MAP_FLOWS, flow_table_size);
     let mut ebpf = loader.load(DATAPATH).map_err(DatapathError::Load)?;
     for prog in TC_PROGRAMS {

@@ -23,13 +23,17 @@ use ecsnet_common::{
     maps::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
         HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS, MAP_CT_NEW,
-        MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS, MAP_STATS, MAP_TASKS, PortKey,
-        PortTarget, ROLE_TASK, StatsKey, TaskInfo,
+        MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_PORTS, MAP_STATS,
+        MAP_TASKS, NatConfig, NatUseKey, PortKey, PortTarget, ROLE_TASK, StatsKey, TaskInfo,
     },
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
-use crate::kernel::{batch, pins::InstancePaths};
+use crate::kernel::{
+    batch,
+    nat_use::{self, Held},
+    pins::InstancePaths,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -357,26 +361,39 @@ pub fn ct_capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, Maps
 }
 
 /// Removes the flows idle longer than their state allows at `now_ns` (`CLOCK_MONOTONIC`), both
-/// directions together, from both connection tables. Returns the number of flows removed.
+/// directions together, from both connection tables, and sets the masquerade counts to the
+/// ports the flows left hold (`nat_use`). Returns the number of flows removed.
 pub fn collect_garbage(
     paths: &InstancePaths,
     timeouts: &Timeouts,
     now_ns: u64,
 ) -> Result<usize, MapsError> {
+    // A datapath loaded by a build without the counts has nothing to set.
+    let counted = paths.map_pin(MAP_NAT_USE).exists();
+    let before = if counted {
+        nat_use_table(paths)?.1
+    } else {
+        StdHashMap::new()
+    };
+    let mut held = Held::new();
     let mut removed = 0;
     for map in CT_TABLES {
-        removed += collect_table(paths, map, timeouts, now_ns)?;
+        removed += collect_table(paths, map, timeouts, now_ns, &mut held)?;
+    }
+    if counted {
+        settle_nat_use(paths, &before, &held)?;
     }
     Ok(removed)
 }
 
-/// [`collect_garbage`] for one table. A flow's two entries are always in the same table: the
-/// datapath moves them together.
+/// [`collect_garbage`] for one table, counting the masquerade ports the flows it keeps hold in
+/// `held`. A flow's two entries are always in the same table: the datapath moves them together.
 fn collect_table(
     paths: &InstancePaths,
     map: &'static str,
     timeouts: &Timeouts,
     now_ns: u64,
+    held: &mut Held,
 ) -> Result<usize, MapsError> {
     let (data, all) = ct_table(paths, map)?;
     let entries: StdHashMap<CtKey, CtEntry> = all.into_iter().collect();
@@ -386,22 +403,102 @@ fn collect_table(
         if e.dir != ct::DIR_ORIGINAL {
             // Reply entries go with their original; an orphan (its original already gone) is
             // judged on its own.
-            if !entries.contains_key(&e.peer) && ct::expired(k.proto, e, e, timeouts, now_ns) {
+            if entries.contains_key(&e.peer) {
+                continue;
+            }
+            if ct::expired(k.proto, e, e, timeouts, now_ns) {
                 doomed.push(*k);
+            } else {
+                nat_use::count(held, e);
             }
             continue;
         }
-        let reply = entries.get(&e.peer).copied().unwrap_or_default();
-        if ct::expired(k.proto, e, &reply, timeouts, now_ns) {
+        let reply = entries.get(&e.peer).copied();
+        if ct::expired(k.proto, e, &reply.unwrap_or_default(), timeouts, now_ns) {
             // Reply first (the deletes keep this order): a packet racing with us then misses
             // and takes the kernel path rather than finding half a flow.
             doomed.push(e.peer);
             doomed.push(*k);
             removed += 1;
+        } else if let Some(reply) = reply {
+            nat_use::count(held, &reply);
         }
     }
     batch::delete(data.fd().as_fd(), &doomed).map_err(|source| MapsError::Batch { map, source })?;
     Ok(removed)
+}
+
+/// The pinned masquerade counts and all their entries.
+fn nat_use_table(
+    paths: &InstancePaths,
+) -> Result<(MapData, StdHashMap<NatUseKey, u64>), MapsError> {
+    let data = pinned_for_batch::<NatUseKey, u64>(paths, MAP_NAT_USE)?;
+    let entries = batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch {
+        map: MAP_NAT_USE,
+        source,
+    })?;
+    Ok((data, entries.into_iter().collect()))
+}
+
+/// Sets the masquerade counts, read as `before` when the connection tables began to be read, to
+/// the ports `held` in them plus what the datapath added since (`nat_use::changes`). Each key
+/// to change is read again just before it is written, so that only what the datapath does
+/// between two system calls can be lost: set right at the next pass.
+fn settle_nat_use(
+    paths: &InstancePaths,
+    before: &StdHashMap<NatUseKey, u64>,
+    held: &Held,
+) -> Result<(), MapsError> {
+    let (data, now) = nat_use_table(paths)?;
+    let changes = nat_use::changes(before, &now, held);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut m: HashMap<MapData, NatUseKey, u64> = Map::from_map_data(data)
+        .and_then(TryInto::try_into)
+        .map_err(access(MAP_NAT_USE))?;
+    for (k, _) in changes {
+        let current = m.get(&k, 0).ok();
+        let held = held.get(&k).copied().unwrap_or(0);
+        match nat_use::settled(held, before.get(&k).copied(), current) {
+            Some(n) if Some(n) != current => m.insert(&k, &n, 0).map_err(access(MAP_NAT_USE))?,
+            // Gone already is as good as removed.
+            None if current.is_some() => {
+                let _ = m.remove(&k);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes the masquerade limits. A datapath still loaded from a build without them (`up` keeps
+/// a loaded datapath) has no such map: nothing is written, and false says so.
+pub fn write_nat_config(paths: &InstancePaths, cfg: &NatConfig) -> Result<bool, MapsError> {
+    if !paths.map_pin(MAP_NAT_CONFIG).exists() {
+        return Ok(false);
+    }
+    let mut a: Array<MapData, NatConfig> = open_as(paths, MAP_NAT_CONFIG)?;
+    a.set(0, cfg, 0).map_err(access(MAP_NAT_CONFIG))?;
+    Ok(true)
+}
+
+/// The masquerade limits; None from a datapath loaded by a build without them.
+pub fn read_nat_config(paths: &InstancePaths) -> Result<Option<NatConfig>, MapsError> {
+    if !paths.map_pin(MAP_NAT_CONFIG).exists() {
+        return Ok(None);
+    }
+    let a: Array<MapData, NatConfig> = open_as(paths, MAP_NAT_CONFIG)?;
+    a.get(&0, 0).map(Some).map_err(access(MAP_NAT_CONFIG))
+}
+
+/// The masquerade counts: ports held by each task towards each destination (none from a
+/// datapath loaded by a build without them).
+pub fn read_nat_use(paths: &InstancePaths) -> Result<Vec<(NatUseKey, u64)>, MapsError> {
+    if !paths.map_pin(MAP_NAT_USE).exists() {
+        return Ok(Vec::new());
+    }
+    Ok(nat_use_table(paths)?.1.into_iter().collect())
 }
 
 /// The generation a new policy should be written in: the one the live maps do not use.

@@ -1,7 +1,9 @@
 //! The kernel side: load, attach and pin the datapath (`datapath`), where the pins live
-//! (`pins`), write and read its maps (`maps`), and the batch lookups aya lacks (`batch`).
+//! (`pins`), write and read its maps (`maps`), the batch lookups aya lacks (`batch`), and the
+//! masquerade counts the agent keeps right (`nat_use`).
 
 pub(crate) mod batch;
 pub mod datapath;
 pub mod maps;
+pub(crate) mod nat_use;
 pub(crate) mod pins;
