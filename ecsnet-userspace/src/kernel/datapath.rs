@@ -161,10 +161,7 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
 
 /// Whether this instance has its programs pinned (it was brought up and not taken down).
 pub fn is_loaded(paths: &InstancePaths) -> bool {
-    TC_PROGRAMS
-        .iter()
-        .chain([PROG_UPLINK_XDP].iter())
-        .all(|p| paths.prog_pin(p).exists())
+    all_programs().all(|p| paths.prog_pin(p).exists())
 }
 
 /// Loads the object with every map pinned under the instance, pins the programs and stamps the
@@ -276,17 +273,20 @@ pub fn replace(
     xdp(&mut ebpf)?
         .load()
         .map_err(|source| DatapathError::Program { prog, source })?;
-    // Everything is loaded and verified: from here on the running datapath changes.
+    // The new programs pinned beside the old ones; a failure here leaves the datapath as it was.
+    if let Err(e) = pin_next(paths, &mut ebpf) {
+        unpin_next(paths);
+        return Err(e);
+    }
+    // Everything is loaded, verified and pinned: from here on the running datapath changes.
     fill_tail_calls(&mut ebpf)?;
     for (pin, prog) in &links {
         update_link(&mut ebpf, pin, prog)?;
     }
-    for prog in TC_PROGRAMS {
-        let p = classifier(&mut ebpf, prog)?;
-        repin(paths, prog, |tmp| p.pin(tmp))?;
+    for prog in all_programs() {
+        let path = paths.prog_pin(prog);
+        fs::rename(next_pin(paths, prog), &path).map_err(io(&path))?;
     }
-    let x = xdp(&mut ebpf)?;
-    repin(paths, PROG_UPLINK_XDP, |tmp| x.pin(tmp))?;
     layout::write(paths, layout::object_hash(object), &now)?;
     Ok(Replaced {
         programs: TC_PROGRAMS.len() + 1,
@@ -376,18 +376,33 @@ fn update_link(ebpf: &mut aya::Ebpf, pin: &Path, prog: &'static str) -> Result<(
     Ok(())
 }
 
-/// Pins a program under a temporary name and renames it over its pin, so the pin always names
-/// a program.
-fn repin(
-    paths: &InstancePaths,
-    prog: &'static str,
-    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
-) -> Result<(), DatapathError> {
-    let path = paths.prog_pin(prog);
-    let tmp = paths.prog_pin(&format!(".{prog}.new"));
-    let _ = fs::remove_file(&tmp);
-    pin_program(pin(&tmp), tmp.clone())?;
-    fs::rename(&tmp, &path).map_err(io(&path))
+/// Every program, tc and XDP.
+fn all_programs() -> impl Iterator<Item = &'static str> {
+    TC_PROGRAMS.into_iter().chain([PROG_UPLINK_XDP])
+}
+
+/// Where an upgrade pins a new program before it renames it over the old one's pin (bpffs
+/// allows no dots in names).
+fn next_pin(paths: &InstancePaths, prog: &str) -> PathBuf {
+    paths.prog_pin(&format!("{prog}_next"))
+}
+
+/// Pins every loaded program of `ebpf` at its `next_pin`.
+fn pin_next(paths: &InstancePaths, ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    unpin_next(paths);
+    for prog in TC_PROGRAMS {
+        let path = next_pin(paths, prog);
+        pin_program(classifier(ebpf, prog)?.pin(&path), path)?;
+    }
+    let path = next_pin(paths, PROG_UPLINK_XDP);
+    pin_program(xdp(ebpf)?.pin(&path), path)
+}
+
+/// Removes what `pin_next` pinned (after a failure, or one left by an earlier failure).
+fn unpin_next(paths: &InstancePaths) {
+    for prog in all_programs() {
+        let _ = fs::remove_file(next_pin(paths, prog));
+    }
 }
 
 /// Loads the tail-called programs of an object whose maps are set up, and fills its program
