@@ -89,6 +89,7 @@ fn build_variant(feature: &str) -> PathBuf {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
         .output()
         .expect("run rustup (./x setup installs the BPF toolchain)");
     assert!(
@@ -226,11 +227,13 @@ fn reset_counts(nss: &[&str]) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Traffic that runs in threads until stopped: each thread returns how many exchanges it made
-/// and the first failure, if any.
+/// What a traffic thread returns: how many exchanges it made, and the first failure if any.
+type Outcome = (u64, Option<String>);
+
+/// Traffic that runs in threads until stopped.
 struct Running {
     stop: Arc<AtomicBool>,
-    threads: Vec<(&'static str, JoinHandle<(u64, Option<String>)>)>,
+    threads: Vec<(&'static str, JoinHandle<Outcome>)>,
 }
 
 impl Running {
@@ -247,10 +250,10 @@ impl Running {
         what: &'static str,
         mut step: impl FnMut(u64) -> Result<(), String> + Send + 'static,
     ) {
-        let stop = Arc::clone(&self.stop);
+        let stopped = Arc::clone(&self.stop);
         let t = std::thread::spawn(move || {
             let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
+            while !stopped.load(Ordering::Relaxed) {
                 if let Err(e) = step(n) {
                     return (n, Some(e));
                 }
@@ -320,32 +323,18 @@ fn settled_sum(lab: &Lab, iface: &str, direction: &str, want: (u64, u64)) -> (u6
     }
 }
 
-#[test]
-fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
-    let object = build_variant("upgrade-test-program");
-    let lab = Lab::up("upg", 2, &["1:8080:80"]);
-    // XDP in skb mode, so an XDP link is upgraded too.
-    lab.ecsnet_up_with(&["--window", "1", "--xdp-mode", "skb"]);
-    let (client, t1, t2) = (
-        lab.client().to_owned(),
-        lab.task_ns(1).to_owned(),
-        lab.task_ns(2).to_owned(),
-    );
-    let before = pins(&lab);
-    let resets_before = count_resets(&[&client, &t1, &t2]);
-    let _iperf_server = Background::start(
-        &client,
-        &["iperf3", "-s", "-p", IPERF_PORT],
-        Duration::from_millis(300),
-    );
-
+/// Starts the long-lived flows of the upgrade test on `lab`: a TCP echo connection from the
+/// client through task1's published port, UDP echoes from task2 through masquerade to the
+/// client, and datagrams from task1 to task2, counted by a receiver thread into the returned
+/// counter (which ends five seconds after the last datagram).
+fn long_lived_flows(lab: &Lab) -> (Running, JoinHandle<()>, Arc<AtomicU64>) {
     let mut traffic = Running::new();
-    let mut tcp = held_tcp(&client, PUBLISHED);
+    let mut tcp = held_tcp(lab.client(), PUBLISHED);
     traffic.every_20ms("TCP echo through the published port", move |n| {
         let tag = u8::try_from(n % 251).expect("below 251");
         echo(&mut tcp, &[tag; 200]).map_err(|e| format!("echo {n}: {e}"))
     });
-    let nat_udp = ecsnet_tests::traffic::udp(&t2, "0.0.0.0:41600", Some(CLIENT_ECHO));
+    let nat_udp = ecsnet_tests::traffic::udp(lab.task_ns(2), "0.0.0.0:41600", Some(CLIENT_ECHO));
     nat_udp
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -360,10 +349,13 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
             .then_some(())
             .ok_or_else(|| format!("echo {n} came back as {:?}", &buf[..got]))
     });
-    let (tx, rx) = (bound_udp(&t1, SPORT), bound_udp(&t2, DPORT));
+    let (tx, rx) = (
+        bound_udp(lab.task_ns(1), SPORT),
+        bound_udp(lab.task_ns(2), DPORT),
+    );
     let received = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&received);
-    let receiver = std::thread::spawn(move || {
+    let receiving = std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         loop {
             match rx.recv(&mut buf) {
@@ -377,53 +369,21 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
             };
         }
     });
-    traffic.every_20ms("UDP task1 -> task2", move |n| {
+    traffic.every_20ms(EAST_WEST, move |n| {
         tx.send_to(&[0x5a; PAYLOAD], (TASK2, DPORT))
             .map(drop)
             .map_err(|e| format!("send {n}: {e}"))
     });
-    let iperf_from = t1.clone();
-    let iperf = std::thread::spawn(move || {
-        iperf3(
-            &iperf_from,
-            &["-c", "10.10.0.2", "-p", IPERF_PORT, "-t", "6"],
-        )
-    });
+    (traffic, receiving, received)
+}
 
-    std::thread::sleep(Duration::from_secs(2));
-    let out = ecsnet_with(&object, &["--instance", &lab.name, "upgrade"]);
-    assert!(
-        out.status.success(),
-        "ecsnet upgrade failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("upgraded in place"), "upgrade said: {said}");
-    std::thread::sleep(Duration::from_secs(2));
-    eprintln!(
-        "resets after the upgrade: {:?}",
-        reset_counts(&[&client, &t1, &t2])
-    );
+/// The exchange counted for the east-west datagrams.
+const EAST_WEST: &str = "UDP task1 -> task2";
 
-    let bps = iperf.join().expect("iperf3 across the upgrade");
-    assert!(bps > 1e6, "iperf3 across the upgrade: {bps} bit/s");
-    let done = traffic.finish();
-    receiver.join().expect("the UDP receiver");
-    eprintln!("exchanges across the upgrade: {done:?}; iperf3 {bps:.0} bit/s");
-    let sent = done["UDP task1 -> task2"];
-    assert_eq!(
-        received.load(Ordering::Relaxed),
-        sent,
-        "datagrams task1 -> task2 received of {sent} sent (every exchange: {done:?})"
-    );
-    assert_eq!(
-        resets(&[&client, &t1, &t2]) - resets_before,
-        0,
-        "TCP resets (other than iperf3's own) in the client and the tasks across the upgrade: {:?}",
-        reset_counts(&[&client, &t1, &t2])
-    );
-
-    let after = pins(&lab);
+/// Checks what an upgrade between builds that differ in `tc_uplink_egress` changed in the pins:
+/// the same links with the same ids, each on a new program that is pinned; every program new,
+/// only `tc_uplink_egress` with other instructions; the same maps; a new agent.
+fn check_replaced(before: &Pins, after: &Pins) {
     assert_eq!(
         after.links.keys().collect::<Vec<_>>(),
         before.links.keys().collect::<Vec<_>>(),
@@ -431,7 +391,7 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
     );
     assert!(
         before.links.keys().any(|l| l.starts_with("xdp-")),
-        "{before:?}"
+        "an XDP link: {before:?}"
     );
     for (pin, (link, prog)) in &before.links {
         let (link_now, prog_now) = after.links[pin];
@@ -458,14 +418,65 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
         pid_now.is_some_and(|p| p != pid),
         "the agent restarted: was {pid}, now {pid_now:?}"
     );
+}
+
+#[test]
+fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
+    let object = build_variant("upgrade-test-program");
+    let lab = Lab::up("upg", 2, &["1:8080:80"]);
+    // XDP in skb mode, so an XDP link is upgraded too.
+    lab.ecsnet_up_with(&["--window", "1", "--xdp-mode", "skb"]);
+    let nss = [lab.client(), lab.task_ns(1), lab.task_ns(2)];
+    let before = pins(&lab);
+    let resets_before = count_resets(&nss);
+    let _iperf_server = Background::start(
+        lab.client(),
+        &["iperf3", "-s", "-p", IPERF_PORT],
+        Duration::from_millis(300),
+    );
+    let (traffic, receiving, received) = long_lived_flows(&lab);
+    let iperf_from = lab.task_ns(1).to_owned();
+    let iperf = std::thread::spawn(move || {
+        iperf3(
+            &iperf_from,
+            &["-c", "10.10.0.2", "-p", IPERF_PORT, "-t", "6"],
+        )
+    });
+
+    std::thread::sleep(Duration::from_secs(2));
+    let out = ecsnet_with(&object, &["--instance", &lab.name, "upgrade"]);
+    assert!(
+        out.status.success(),
+        "ecsnet upgrade failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("upgraded in place"), "upgrade said: {said}");
+    std::thread::sleep(Duration::from_secs(2));
+
+    let bps = iperf.join().expect("iperf3 across the upgrade");
+    assert!(bps > 1e6, "iperf3 across the upgrade: {bps} bit/s");
+    let done = traffic.finish();
+    receiving.join().expect("the UDP receiver");
+    eprintln!("exchanges across the upgrade: {done:?}; iperf3 {bps:.0} bit/s");
+    let sent = done[EAST_WEST];
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        sent,
+        "datagrams task1 -> task2 received of {sent} sent (every exchange: {done:?})"
+    );
+    assert_eq!(
+        resets(&nss) - resets_before,
+        0,
+        "TCP resets (other than iperf3's own) in the client and the tasks across the upgrade: {:?}",
+        reset_counts(&nss)
+    );
+    check_replaced(&before, &pins(&lab));
 
     // Every datagram is in the flow logs exactly once, on both ends.
     let want = (sent, sent * (PAYLOAD as u64 + UDP_OVERHEAD));
-    let (if1, if2) = (
-        lab.status.tasks[0].interface.clone(),
-        lab.status.tasks[1].interface.clone(),
-    );
-    for (iface, direction) in [(&if1, "egress"), (&if2, "ingress")] {
+    for (task, direction) in [(0, "egress"), (1, "ingress")] {
+        let iface = &lab.status.tasks[task].interface;
         assert_eq!(
             settled_sum(&lab, iface, direction, want),
             want,

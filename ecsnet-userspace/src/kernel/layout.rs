@@ -192,7 +192,7 @@ pub fn read(paths: &InstancePaths) -> Result<Stamped, LayoutError> {
         object: None,
         layouts: Layouts::new(),
     };
-    for entry in map.iter() {
+    for entry in &map {
         let (k, v) = entry.map_err(map_err)?;
         let name = name_of(&k);
         if name == OBJECT_KEY {
