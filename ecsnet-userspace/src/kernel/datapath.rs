@@ -228,15 +228,9 @@ fn load_object(
     loader.load(object).map_err(DatapathError::Load)
 }
 
+/// The XDP program of an object.
 fn xdp(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DatapathError> {
-    let prog = PROG_UPLINK_XDP;
-    ebpf.program_mut(prog)
-        .ok_or(DatapathError::Program {
-            prog,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::Program { prog, source })
+    program(ebpf, PROG_UPLINK_XDP)
 }
 
 /// What an upgrade in place did.
@@ -420,6 +414,14 @@ fn classifier<'a>(
     ebpf: &'a mut aya::Ebpf,
     prog: &'static str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
+    program(ebpf, prog)
+}
+
+/// The program `prog` of an object, as its kind `P`.
+fn program<'a, P>(ebpf: &'a mut aya::Ebpf, prog: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(prog)
         .ok_or(DatapathError::Program {
             prog,
