@@ -8,7 +8,10 @@
 //!   keeps its id while its program id changes; only the changed program's tag differs; and the
 //!   agent runs again under a new pid;
 //! - with a changed layout, `ecsnet upgrade` and `ecsnet up` refuse in one line (exit 2) and
-//!   nothing changes: programs, links, maps, the agent, and a connection opened before.
+//!   nothing changes: programs, links, maps, the agent, and a connection opened before; also for
+//!   an instance without stamps (from before they existed), whose live maps show the change;
+//!   and `up` of a build that keeps the layouts upgrades the running instance, while `up` of the
+//!   same build again changes nothing (exit 2, as before upgrades).
 
 use std::{
     collections::BTreeMap,
@@ -486,35 +489,77 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
     }
 }
 
+/// Runs `ecsnet ARGS` with the datapath object `object`, expecting the one-line refusal of the
+/// changed `FRAGS` (exit 2) and no change to the pins of `lab` (`before`).
+fn refused(lab: &Lab, object: &Path, args: &[&str], before: &Pins) {
+    let out = ecsnet_with(object, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "`ecsnet {args:?}`: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line from `ecsnet {args:?}`: {stderr}");
+    assert!(
+        lines[0].starts_with("ecsnet: cannot upgrade in place: map FRAGS changed its layout")
+            && lines[0].contains("nothing was changed"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        &pins(lab),
+        before,
+        "nothing changed after `ecsnet {args:?}`"
+    );
+}
+
 #[test]
-fn a_changed_map_layout_is_refused_in_one_line_and_nothing_changes() {
-    let object = build_variant("upgrade-test-layout");
+fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
+    let layout = build_variant("upgrade-test-layout");
+    let program = build_variant("upgrade-test-program");
     let lab = Lab::up("upg2", 1, &["1:8080:80"]);
     lab.ecsnet_up();
     let mut held = held_tcp(lab.client(), PUBLISHED);
     echo(&mut held, b"before").expect("echo before");
     let before = pins(&lab);
     let state = lab.state_file();
-    for args in [
-        vec!["--instance", &lab.name, "upgrade"],
-        lab.ecsnet_args(&["up", "--state", &state]),
-    ] {
-        let out = ecsnet_with(&object, &args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "`ecsnet {args:?}`: {stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "one line from `ecsnet {args:?}`: {stderr}");
-        assert!(
-            lines[0].starts_with("ecsnet: cannot upgrade in place: map FRAGS changed its layout")
-                && lines[0].contains("nothing was changed"),
-            "{}",
-            lines[0]
-        );
-        assert_eq!(
-            pins(&lab),
-            before,
-            "nothing changed after `ecsnet {args:?}`"
-        );
+    let upgrade = ["--instance", &lab.name, "upgrade"];
+    let up = lab.ecsnet_args(&["up", "--state", &state]);
+    refused(&lab, &layout, &upgrade, &before);
+    refused(&lab, &layout, &up, &before);
+
+    // An instance from before stamps: its stamps are read from the live maps, which show the
+    // change as well.
+    let stamps = InstancePaths::new(&lab.name).layout_pin();
+    std::fs::remove_file(&stamps).expect("unpin the layout stamps");
+    refused(&lab, &layout, &upgrade, &before);
+    assert!(!stamps.exists(), "a refusal writes no stamps either");
+
+    // `up` of a build that keeps every layout over the running instance upgrades it in place,
+    // and stamps it.
+    let out = ecsnet_with(&program, &up);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("upgraded in place"),
+        "`ecsnet up` of another build: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stamps.exists(), "the upgrade wrote the stamps");
+    let after = pins(&lab);
+    assert_eq!(after.maps, before.maps, "every map kept");
+    for (pin, (link, _)) in &before.links {
+        assert_eq!(after.links[pin].0, *link, "link {pin} keeps its id");
     }
+    assert_ne!(after.agent, before.agent, "a new agent");
+    // The same build over itself changes nothing, as before.
+    let out = ecsnet_with(&program, &up);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a second `up` of the same build"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is already up"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pins(&lab), after, "nothing changed by the second `up`");
     echo(&mut held, b"after").expect("the connection opened before still works");
 }
