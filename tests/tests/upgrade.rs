@@ -178,6 +178,9 @@ fn pins(lab: &Lab) -> Pins {
 /// (one reset each way per run, seen in the kernel's `EstabResets`), so its port is left out of
 /// the resets counted.
 const IPERF_PORT: &str = "5201";
+/// How long iperf3 runs, seconds: from 2 s before the upgrade to well after it, even when the
+/// upgrade takes seconds on a loaded machine.
+const IPERF_SECS: &str = "12";
 
 /// The chain that counts TCP resets other than iperf3's, sent or received, in a namespace.
 /// (Separate RETURN rules: iptables-nft matches `! --sport P ! --dport P` in one rule as if the
@@ -447,7 +450,9 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
     });
 
     std::thread::sleep(Duration::from_secs(2));
+    let took = Instant::now();
     let out = ecsnet_with(&object, &["--instance", &lab.name, "upgrade"]);
+    let took = took.elapsed();
     assert!(
         out.status.success(),
         "ecsnet upgrade failed: {}",
@@ -455,13 +460,17 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("upgraded in place"), "upgrade said: {said}");
+    assert!(
+        !iperf.is_finished(),
+        "iperf3 ({IPERF_SECS} s from 2 s before) ended before the upgrade did ({took:?})"
+    );
     std::thread::sleep(Duration::from_secs(2));
 
     let bps = iperf.join().expect("iperf3 across the upgrade");
     assert!(bps > 1e6, "iperf3 across the upgrade: {bps} bit/s");
     let done = traffic.finish();
     receiving.join().expect("the UDP receiver");
-    eprintln!("exchanges across the upgrade: {done:?}; iperf3 {bps:.0} bit/s");
+    eprintln!("upgrade in {took:?}; exchanges across it: {done:?}; iperf3 {bps:.0} bit/s");
     let sent = done[EAST_WEST];
     assert_eq!(
         received.load(Ordering::Relaxed),
