@@ -49,3 +49,36 @@ pub const PINNED_MAPS: [&str; 21] = [
     flow::MAP_EVENTS,
     flow::MAP_EVENT_BUDGET,
 ];
+
+/// The version of what each pinned map's entries mean, stamped beside the pins at `up` and
+/// compared by an upgrade in place (`ecsnet upgrade`). Bump a map's number when the meaning of
+/// its keys or values changes while their sizes stay (a field reused, a unit changed): an
+/// upgrade then refuses instead of handing the new programs entries they would misread.
+/// Changes of type, sizes, capacity or flags are seen without a bump. 1 is the version every
+/// map had when stamps began (an instance from before stamps is taken to be at 1).
+pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
+    (maps::MAP_IFACES, 1),
+    (maps::MAP_TASKS, 1),
+    (maps::MAP_STATS, 1),
+    (maps::MAP_DROPS, 1),
+    (maps::MAP_CONFIG, 1),
+    (maps::MAP_LOCAL_ADDRS, 1),
+    (maps::MAP_PORTS, 1),
+    (maps::MAP_CT, 1),
+    (maps::MAP_CT_NEW, 1),
+    (maps::MAP_CT_EVENTS, 1),
+    (maps::MAP_PROGS, 1),
+    (maps::MAP_FRAGS, 1),
+    (maps::MAP_NAT_USE, 1),
+    (maps::MAP_NAT_CONFIG, 1),
+    (policy::MAP_SG_PEERS, 1),
+    (policy::MAP_SG_RULES, 1),
+    (flow::MAP_FLOWS, 1),
+    (flow::MAP_FLOW_LOST, 1),
+    (flow::MAP_FLOW_STATE, 1),
+    (flow::MAP_EVENTS, 1),
+    (flow::MAP_EVENT_BUDGET, 1),
+];
+
+/// The version a map had when stamps began: what an instance without stamps is taken to have.
+pub const FIRST_LAYOUT_VERSION: u32 = 1;

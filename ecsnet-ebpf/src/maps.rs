@@ -75,7 +75,11 @@ maps! {
     NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
 
     /// Ports of first fragments, for the later fragments of the same datagram.
-    FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+    /// (The upgrade test's other layout doubles it.)
+    FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(
+        if cfg!(feature = "upgrade-test-layout") { 2 * MAX_FRAGS } else { MAX_FRAGS },
+        0,
+    );
 
     /// Security groups: (policy, direction, peer prefix) -> rule set, written by `ecsnet apply`.
     SG_PEERS: HashMap<PeerKey, PeerRules> = HashMap::with_max_entries(MAX_SG_PEERS, 0);

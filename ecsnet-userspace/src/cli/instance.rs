@@ -132,6 +132,13 @@ fn docker_url(s: &str) -> Result<String, crate::engine::UrlError> {
 }
 
 pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Result<()> {
+    if !a.foreground && instance::is_other_build(paths)? {
+        log::info!(
+            "instance {} runs another build: upgrading it in place",
+            paths.name
+        );
+        return upgrade(paths);
+    }
     let opts = UpOptions {
         netns,
         uplink: a.uplink,
@@ -168,6 +175,18 @@ pub fn up(paths: &InstancePaths, a: UpArgs, netns: Option<String>) -> anyhow::Re
     if pid.is_none() {
         agent::run(paths)?;
     }
+    Ok(())
+}
+
+pub fn upgrade(paths: &InstancePaths) -> anyhow::Result<()> {
+    let u = instance::upgrade(paths)?;
+    let was = u
+        .agent_was
+        .map_or_else(|| "none running".to_owned(), |p| format!("was {p}"));
+    println!(
+        "ecsnet instance {} upgraded in place: {} program(s) replaced on {} link(s), maps kept, agent pid {} ({was})",
+        paths.name, u.replaced.programs, u.replaced.links, u.agent
+    );
     Ok(())
 }
 

@@ -49,6 +49,10 @@ pub enum Cmd {
     Up(instance::UpArgs),
     /// Stop the agent, detach and unpin everything.
     Down,
+    /// Replace the running datapath's programs with this build's in place (keeping its maps,
+    /// links and flows) and restart the agent on this binary; `up` over a running instance of
+    /// another build does the same. Refuses, changing nothing, when a map's layout changed.
+    Upgrade,
     /// Make the live state equal to a state file (atomic).
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -186,6 +190,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up(a) => instance::up(&paths, a, netns)?,
         Cmd::Down => instance::down(&paths)?,
+        Cmd::Upgrade => instance::upgrade(&paths)?,
         Cmd::Apply { file, reset_flows } => instance::apply(&paths, &file, reset_flows)?,
         Cmd::Task(t) => task::run(&paths, t)?,
         Cmd::Sg(s) => sg::run(&paths, s)?,

@@ -20,7 +20,7 @@ use nix::{
 
 use ecsnet_common::{
     ct::Timeouts,
-    maps::{Config, NatConfig, ROLE_HELD},
+    maps::{Config, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
 };
 
 use crate::{
@@ -103,7 +103,8 @@ impl InstanceError {
             | Self::Timeouts(_)
             | Self::Config(_)
             | Self::State(LoadError::Invalid { .. } | LoadError::Read { .. })
-            | Self::Resolve { .. } => 2,
+            | Self::Resolve { .. }
+            | Self::Datapath(DatapathError::LayoutChanged(_)) => 2,
             Self::Store(e) => e.exit_code(),
             Self::FlowLog(e) if matches!(**e, flowlog::FlowLogError::Format(_)) => 2,
             _ => 1,
@@ -283,6 +284,7 @@ fn meta_for(
         monitor_rate: opts.monitor_rate,
         metrics: opts.metrics,
         docker: opts.docker.clone(),
+        nat_task_ports: Some(opts.nat_task_ports),
     };
     Ok((meta, mode))
 }
@@ -367,6 +369,57 @@ pub fn up(
     }
 }
 
+/// The table sizes `up` loads the datapath with.
+fn sizes(meta: &Meta) -> datapath::Sizes {
+    datapath::Sizes {
+        ct: meta.ct_size,
+        flow_table: meta.flow_table_size,
+    }
+}
+
+/// What an upgrade in place did.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub replaced: datapath::Replaced,
+    pub agent_was: Option<i32>,
+    pub agent: i32,
+}
+
+/// Whether `up` over this instance is an upgrade: its agent runs, and its datapath came from
+/// another object than the one this binary loads.
+pub fn is_other_build(paths: &InstancePaths) -> Result<bool, InstanceError> {
+    if process::agent_pid(paths).is_none() || !datapath::is_loaded(paths) {
+        return Ok(false);
+    }
+    let object = datapath::object()?;
+    Ok(!datapath::is_current(paths, &object)?)
+}
+
+/// `ecsnet upgrade` (and `up` over an instance of another build): under the apply lock, replace
+/// the datapath's programs in place, keeping every map (a changed map layout refuses, with
+/// nothing changed), then restart the agent on this binary. Packets keep flowing throughout;
+/// flows counted while no agent runs are exported by the new one.
+pub fn upgrade(paths: &InstancePaths) -> Result<Upgraded, InstanceError> {
+    let meta = files::require_up(paths)?;
+    let lock = lock_for(paths, &meta)?;
+    let object = datapath::object()?;
+    let replaced = datapath::replace(paths, &object, sizes(&meta))?;
+    // An instance from before the masquerade limit gets the default one with its new maps.
+    let limits = NatConfig {
+        task_ports: meta.nat_task_ports.unwrap_or(DEFAULT_NAT_TASK_PORTS),
+    };
+    maps::write_nat_config(paths, &limits)?;
+    let agent_was = process::stop_agent(paths)?;
+    // The new agent may want the lock as it starts (it follows an engine).
+    drop(lock);
+    let agent = process::spawn_agent(paths, meta.netns.as_deref())?;
+    Ok(Upgraded {
+        replaced,
+        agent_was,
+        agent,
+    })
+}
+
 /// What `up` writes, all of it known before the first write.
 struct UpWrites {
     meta: Meta,
@@ -388,7 +441,7 @@ impl UpWrites {
         opts: &UpOptions,
         lock: &mut Option<ApplyLock>,
     ) -> Result<(), InstanceError> {
-        datapath::load(paths, self.meta.ct_size, self.meta.flow_table_size)?;
+        datapath::load(paths, sizes(&self.meta))?;
         self.meta.xdp_mode = self.attach_uplink(paths)?;
         let (ifindex, row) = entries::uplink_entry(self.meta.uplink_index);
         maps::write_iface(paths, ifindex, row)?;

@@ -1,7 +1,10 @@
-//! Loading, attaching and pinning the datapath, and taking it all away again. Everything is
-//! pinned (`pins`), so packets keep flowing with no ecsnet process; `down` unpins the directory.
+//! Loading, attaching and pinning the datapath, replacing its programs in place, and taking it
+//! all away again. Everything is pinned (`pins`), so packets keep flowing with no ecsnet process;
+//! `down` unpins the directory.
 
 use std::{
+    borrow::Cow,
+    collections::HashMap,
     fs,
     io::ErrorKind,
     path::{Path, PathBuf},
@@ -12,12 +15,17 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 
 use aya_obj::programs::XdpAttachType;
 
-use crate::kernel::pins::{BPFFS, InstancePaths};
+use crate::kernel::{
+    layout::{self, Changed, LayoutError, Layouts},
+    pins::{BPFFS, InstancePaths},
+};
 
 /// tc program on the ingress of a task interface: what the task sends.
 pub const PROG_TASK_INGRESS: &str = "tc_task_ingress";
@@ -43,6 +51,47 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The datapath object, built by build.rs; also loaded by the `BPF_PROG_TEST_RUN` tests.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ecsnet-ebpf"));
+
+/// For development and the upgrade test only: load the datapath object from this file instead
+/// of the one built into the binary, to have "another build" without another binary.
+pub const OBJECT_ENV: &str = "ECSNET_DATAPATH_OBJECT";
+
+/// The datapath object `up` and `upgrade` load: `DATAPATH`, or the file `OBJECT_ENV` names.
+pub fn object() -> Result<Cow<'static, [u8]>, DatapathError> {
+    match std::env::var_os(OBJECT_ENV) {
+        None => Ok(Cow::Borrowed(DATAPATH)),
+        Some(path) => {
+            let path = PathBuf::from(path);
+            // A Vec from the allocator is 16-byte aligned, as the ELF parser wants.
+            fs::read(&path).map(Cow::Owned).map_err(io(&path))
+        }
+    }
+}
+
+/// The capacities `up` gives the connection and flow tables, entries: the maps sized at load
+/// time rather than by the object.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub ct: u32,
+    pub flow_table: u32,
+}
+
+impl Sizes {
+    fn by_map(self) -> [(&'static str, u32); 4] {
+        [
+            (ecsnet_common::maps::MAP_CT, self.ct),
+            (
+                ecsnet_common::maps::MAP_CT_NEW,
+                ecsnet_common::maps::ct_new_size(self.ct),
+            ),
+            (
+                ecsnet_common::maps::MAP_NAT_USE,
+                ecsnet_common::maps::nat_use_size(self.ct),
+            ),
+            (ecsnet_common::flow::MAP_FLOWS, self.flow_table),
+        ]
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -78,6 +127,15 @@ pub enum DatapathError {
         path: PathBuf,
         source: aya::programs::links::LinkError,
     },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// An upgrade that would hand new programs a map they would misread; nothing was changed.
+    #[error(
+        "cannot upgrade in place: {0} between the running datapath and this build; nothing was changed (`ecsnet down` then `ecsnet up` starts over, losing tracked flows)"
+    )]
+    LayoutChanged(Changed),
+    #[error("link {path}: its program {prog_id} is none of this instance's programs")]
+    UnknownLinkProgram { path: PathBuf, prog_id: u32 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
@@ -107,20 +165,14 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
 
 /// Whether this instance has its programs pinned (it was brought up and not taken down).
 pub fn is_loaded(paths: &InstancePaths) -> bool {
-    TC_PROGRAMS
-        .iter()
-        .chain([PROG_UPLINK_XDP].iter())
-        .all(|p| paths.prog_pin(p).exists())
+    all_programs().all(|p| paths.prog_pin(p).exists())
 }
 
-/// Loads the object with every map pinned under the instance, and pins the programs. Maps that
-/// are pinned already are reused, so counters survive a reload. `ct_size` and `flow_table_size`
-/// are the capacities of the connection and flow tables, entries.
-pub fn load(
-    paths: &InstancePaths,
-    ct_size: u32,
-    flow_table_size: u32,
-) -> Result<(), DatapathError> {
+/// Loads the object with every map pinned under the instance, pins the programs and stamps the
+/// maps' layouts. Maps that are pinned already are reused, so counters survive a reload. A
+/// datapath that is loaded already is left as it is when it came from this object, and has its
+/// programs replaced in place (`replace`) when it came from another.
+pub fn load(paths: &InstancePaths, sizes: Sizes) -> Result<(), DatapathError> {
     ensure_bpffs()?;
     for dir in [
         paths.pin_dir().join("maps"),
@@ -129,9 +181,43 @@ pub fn load(
     ] {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
     }
+    let object = object()?;
     if is_loaded(paths) {
-        return Ok(());
+        if is_current(paths, &object)? {
+            return Ok(());
+        }
+        return replace(paths, &object, sizes).map(drop);
     }
+    let layouts = layout::of_object(&object, &sizes.by_map())?;
+    let mut ebpf = load_object(paths, &object, sizes)?;
+    for prog in TC_PROGRAMS {
+        let p = classifier(&mut ebpf, prog)?;
+        p.load()
+            .map_err(|source| DatapathError::Program { prog, source })?;
+        pin_program(p.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
+    }
+    fill_tail_calls(&mut ebpf)?;
+    let x = xdp(&mut ebpf)?;
+    let prog = PROG_UPLINK_XDP;
+    x.load()
+        .map_err(|source| DatapathError::Program { prog, source })?;
+    pin_program(x.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
+    layout::write(paths, layout::object_hash(&object), &layouts)?;
+    Ok(())
+}
+
+/// Whether the loaded datapath came from `object` (its stamps carry the object's hash).
+pub fn is_current(paths: &InstancePaths, object: &[u8]) -> Result<bool, DatapathError> {
+    Ok(layout::read(paths)?.object == Some(layout::object_hash(object)))
+}
+
+/// `object` opened with every map pinned under the instance (made where none is pinned yet),
+/// its programs not loaded.
+fn load_object(
+    paths: &InstancePaths,
+    object: &[u8],
+    sizes: Sizes,
+) -> Result<aya::Ebpf, DatapathError> {
     let pins: Vec<(&str, PathBuf)> = ecsnet_common::maps::PINNED_MAPS
         .iter()
         .map(|m| (*m, paths.map_pin(m)))
@@ -140,37 +226,181 @@ pub fn load(
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    loader.map_max_entries(ecsnet_common::maps::MAP_CT, ct_size);
-    loader.map_max_entries(
-        ecsnet_common::maps::MAP_CT_NEW,
-        ecsnet_common::maps::ct_new_size(ct_size),
-    );
-    loader.map_max_entries(
-        ecsnet_common::maps::MAP_NAT_USE,
-        ecsnet_common::maps::nat_use_size(ct_size),
-    );
-    loader.map_max_entries(ecsnet_common::flow::MAP_FLOWS, flow_table_size);
-    let mut ebpf = loader.load(DATAPATH).map_err(DatapathError::Load)?;
-    for prog in TC_PROGRAMS {
-        let p = classifier(&mut ebpf, prog)?;
-        p.load()
-            .map_err(|source| DatapathError::Program { prog, source })?;
-        pin_program(p.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
+    for (map, size) in sizes.by_map() {
+        loader.map_max_entries(map, size);
     }
-    fill_tail_calls(&mut ebpf)?;
+    loader.load(object).map_err(DatapathError::Load)
+}
+
+/// The XDP program of an object.
+fn xdp(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DatapathError> {
+    program(ebpf, PROG_UPLINK_XDP)
+}
+
+/// What an upgrade in place did.
+#[derive(Debug, Clone, Copy)]
+pub struct Replaced {
+    pub programs: usize,
+    pub links: usize,
+}
+
+/// Replaces the programs of a loaded datapath with `object`'s, keeping every pinned map and
+/// link: the stamps are compared first (a changed layout is `LayoutChanged`, with nothing
+/// changed), the new programs are loaded against the pinned maps, the program array gets the
+/// new tail-called program, each pinned link is switched to its new program with
+/// `bpf_link_update` (no detach: the hook always has a program), and the program pins are
+/// replaced by rename.
+pub fn replace(
+    paths: &InstancePaths,
+    object: &[u8],
+    sizes: Sizes,
+) -> Result<Replaced, DatapathError> {
+    let now = layout::of_object(object, &sizes.by_map())?;
+    let was = layout::read(paths)?;
+    check_layouts(&was.layouts, &now)?;
+    // Which program each link runs now, by the old programs' ids.
+    let old_ids = pinned_ids(paths);
+    let links = pinned_links(paths, &old_ids)?;
+    let mut ebpf = load_object(paths, object, sizes)?;
+    for prog in TC_PROGRAMS {
+        classifier(&mut ebpf, prog)?
+            .load()
+            .map_err(|source| DatapathError::Program { prog, source })?;
+    }
     let prog = PROG_UPLINK_XDP;
-    let x: &mut Xdp = ebpf
-        .program_mut(prog)
-        .ok_or(DatapathError::Program {
-            prog,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
+    xdp(&mut ebpf)?
+        .load()
         .map_err(|source| DatapathError::Program { prog, source })?;
-    x.load()
-        .map_err(|source| DatapathError::Program { prog, source })?;
-    pin_program(x.pin(paths.prog_pin(prog)), paths.prog_pin(prog))?;
+    // The new programs pinned beside the old ones; a failure here leaves the datapath as it was.
+    if let Err(e) = pin_next(paths, &mut ebpf) {
+        unpin_next(paths);
+        return Err(e);
+    }
+    // Everything is loaded, verified and pinned: from here on the running datapath changes.
+    fill_tail_calls(&mut ebpf)?;
+    for (pin, prog) in &links {
+        update_link(&mut ebpf, pin, prog)?;
+    }
+    for prog in all_programs() {
+        let path = paths.prog_pin(prog);
+        fs::rename(next_pin(paths, prog), &path).map_err(io(&path))?;
+    }
+    layout::write(paths, layout::object_hash(object), &now)?;
+    Ok(Replaced {
+        programs: TC_PROGRAMS.len() + 1,
+        links: links.len(),
+    })
+}
+
+/// Refuses a change of any map's layout, before anything is touched.
+pub fn check_layouts(was: &Layouts, now: &Layouts) -> Result<(), DatapathError> {
+    match layout::first_change(was, now) {
+        Some(c) => Err(DatapathError::LayoutChanged(c)),
+        None => Ok(()),
+    }
+}
+
+/// The pinned programs' ids, to their names.
+fn pinned_ids(paths: &InstancePaths) -> HashMap<u32, &'static str> {
+    let mut ids = HashMap::new();
+    for prog in TC_PROGRAMS {
+        if let Ok(p) = SchedClassifier::from_pin(paths.prog_pin(prog))
+            && let Ok(info) = p.info()
+        {
+            ids.insert(info.id(), prog);
+        }
+    }
+    if let Ok(x) = Xdp::from_pin(paths.prog_pin(PROG_UPLINK_XDP), XdpAttachType::Interface)
+        && let Ok(info) = x.info()
+    {
+        ids.insert(info.id(), PROG_UPLINK_XDP);
+    }
+    ids
+}
+
+/// Every pinned link with the name of the program it runs now.
+fn pinned_links(
+    paths: &InstancePaths,
+    old_ids: &HashMap<u32, &'static str>,
+) -> Result<Vec<(PathBuf, &'static str)>, DatapathError> {
+    let mut links = Vec::new();
+    for entry in fs::read_dir(paths.link_dir()).map_err(io(&paths.link_dir()))? {
+        let path = entry.map_err(io(&paths.link_dir()))?.path();
+        let link_err = |source| DatapathError::Link {
+            path: path.clone(),
+            source,
+        };
+        let info = PinnedLink::from_pin(&path)
+            .map_err(link_err)
+            .and_then(|l| FdLink::from(l).info().map_err(link_err))?;
+        let prog = old_ids.get(&info.program_id()).copied().ok_or_else(|| {
+            DatapathError::UnknownLinkProgram {
+                path: path.clone(),
+                prog_id: info.program_id(),
+            }
+        })?;
+        links.push((path, prog));
+    }
+    links.sort();
+    Ok(links)
+}
+
+/// Switches the pinned link `pin` to the loaded program `prog` of `ebpf` (`bpf_link_update`).
+fn update_link(ebpf: &mut aya::Ebpf, pin: &Path, prog: &'static str) -> Result<(), DatapathError> {
+    let link_err = |source| DatapathError::Link {
+        path: pin.to_owned(),
+        source,
+    };
+    let fd = FdLink::from(PinnedLink::from_pin(pin).map_err(link_err)?);
+    let update_err = |source| DatapathError::Attach {
+        prog,
+        iface: pin.display().to_string(),
+        source,
+    };
+    if prog == PROG_UPLINK_XDP {
+        let x = xdp(ebpf)?;
+        let id = x
+            .attach_to_link(XdpLink::try_from(fd).map_err(link_err)?)
+            .map_err(update_err)?;
+        // Closing our descriptor leaves the link to its pin.
+        drop(x.take_link(id).map_err(update_err)?);
+    } else {
+        let p = classifier(ebpf, prog)?;
+        let id = p
+            .attach_to_link(SchedClassifierLink::try_from(fd).map_err(link_err)?)
+            .map_err(update_err)?;
+        drop(p.take_link(id).map_err(update_err)?);
+    }
     Ok(())
+}
+
+/// Every program, tc and XDP.
+fn all_programs() -> impl Iterator<Item = &'static str> {
+    TC_PROGRAMS.into_iter().chain([PROG_UPLINK_XDP])
+}
+
+/// Where an upgrade pins a new program before it renames it over the old one's pin (bpffs
+/// allows no dots in names).
+fn next_pin(paths: &InstancePaths, prog: &str) -> PathBuf {
+    paths.prog_pin(&format!("{prog}_next"))
+}
+
+/// Pins every loaded program of `ebpf` at its `next_pin`.
+fn pin_next(paths: &InstancePaths, ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    unpin_next(paths);
+    for prog in TC_PROGRAMS {
+        let path = next_pin(paths, prog);
+        pin_program(classifier(ebpf, prog)?.pin(&path), path)?;
+    }
+    let path = next_pin(paths, PROG_UPLINK_XDP);
+    pin_program(xdp(ebpf)?.pin(&path), path)
+}
+
+/// Removes what `pin_next` pinned (after a failure, or one left by an earlier failure).
+fn unpin_next(paths: &InstancePaths) {
+    for prog in all_programs() {
+        let _ = fs::remove_file(next_pin(paths, prog));
+    }
 }
 
 /// Loads the tail-called programs of an object whose maps are set up, and fills its program
@@ -188,6 +418,14 @@ fn classifier<'a>(
     ebpf: &'a mut aya::Ebpf,
     prog: &'static str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
+    program(ebpf, prog)
+}
+
+/// The program `prog` of an object, as its kind `P`.
+fn program<'a, P>(ebpf: &'a mut aya::Ebpf, prog: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(prog)
         .ok_or(DatapathError::Program {
             prog,

@@ -1,5 +1,5 @@
 //! Where an instance's datapath lives on bpffs: `/sys/fs/bpf/ecsnet/<instance>/` with `maps/`,
-//! `progs/` and `links/`. Pins only; the instance's run files are named in `store::paths`.
+//! `progs/`, `links/` and the maps' layout stamps (`layout`). Pins only; the instance's run files are named in `store::paths`.
 
 use std::path::PathBuf;
 
@@ -28,6 +28,10 @@ impl InstancePaths {
     }
     pub fn prog_pin(&self, prog: &str) -> PathBuf {
         self.pin_dir().join("progs").join(prog)
+    }
+    /// The layout stamps of the pinned maps (`layout`): a map of its own, beside `maps/`.
+    pub fn layout_pin(&self) -> PathBuf {
+        self.pin_dir().join("layout")
     }
     /// Link pins are named by hook and ifindex: `tcx-ingress-7`, `xdp-2`.
     pub fn link_dir(&self) -> PathBuf {

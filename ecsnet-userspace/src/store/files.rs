@@ -119,6 +119,10 @@ pub struct Meta {
     /// the state file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<String>,
+    /// `up --nat-task-ports`, which an upgrade in place writes again; None: an instance from
+    /// before the limit existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_task_ports: Option<u32>,
 }
 
 /// `Meta::ct_timeouts` as the `--ct-timeouts` text, so the file stays what a person would type.
