@@ -180,7 +180,7 @@ fn pins(lab: &Lab) -> Pins {
 const IPERF_PORT: &str = "5201";
 /// How long iperf3 runs, seconds: from 2 s before the upgrade to well after it, even when the
 /// upgrade takes seconds on a loaded machine.
-const IPERF_SECS: &str = "12";
+const IPERF_SECS: &str = "20";
 
 /// The chain that counts TCP resets other than iperf3's, sent or received, in a namespace.
 /// (Separate RETURN rules: iptables-nft matches `! --sport P ! --dport P` in one rule as if the
@@ -445,7 +445,7 @@ fn programs_are_replaced_under_live_flows_with_no_reset_and_exact_flow_logs() {
     let iperf = std::thread::spawn(move || {
         iperf3(
             &iperf_from,
-            &["-c", "10.10.0.2", "-p", IPERF_PORT, "-t", "6"],
+            &["-c", "10.10.0.2", "-p", IPERF_PORT, "-t", IPERF_SECS],
         )
     });
 
