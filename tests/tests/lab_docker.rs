@@ -138,16 +138,23 @@ fn down_cleans_a_half_built_docker_lab() {
     assert_eq!(footprint.left(), Vec::<String>::new());
 }
 
-/// `iptables-save` of a namespace without its comments and counters.
+/// `iptables-save` of a namespace without its comments and counters, each run of one
+/// container's port rules in sorted order: dockerd writes a container's ports in an order of
+/// its own that differs from run to run (they come from a Go map), and rules of different
+/// ports never match the same packet, so their order means nothing.
 fn rules(ns: &str) -> Vec<String> {
-    ns_exec(ns, &["iptables-save"])
+    let mut lines: Vec<String> = ns_exec(ns, &["iptables-save"])
         .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| match l.rsplit_once(" [") {
             Some((chain, _)) if l.starts_with(':') => chain.to_owned(),
             _ => l.to_owned(),
         })
-        .collect()
+        .collect();
+    for run in lines.chunk_by_mut(|a, b| a.contains("--dport") && b.contains("--dport")) {
+        run.sort();
+    }
+    lines
 }
 
 /// docker0's `route_localnet` and the hairpin setting of every bridge port of a lab host.
