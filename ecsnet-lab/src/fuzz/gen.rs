@@ -610,6 +610,36 @@ fn packet(r: &mut Rng, hook: Hook, t: &Tuple, quoted: Option<&P>) -> P {
     p
 }
 
+/// An ICMP error about a packet of the known flow `k` going the other way (so that the error
+/// travels as `k` does), from `k`'s source or a router on the way, quoting 8 bytes of the
+/// transport header or all of it.
+fn tracked_icmp_error(r: &mut Rng, hook: Hook, k: &Tuple) -> P {
+    let back = Tuple {
+        proto: k.proto,
+        src: k.dst,
+        sport: k.dport,
+        dst: k.src,
+        dport: k.sport,
+    };
+    let mut quoted = if k.proto == PROTO_ICMP {
+        // The echo request the reply `k` answers carries its identifier.
+        P::echo(back.src, back.dst, k.dport, 8)
+    } else {
+        let mut q = packet(r, hook, &back, None);
+        q.opts.clear();
+        q
+    };
+    quoted.ttl = 1;
+    let n = quoted.ip().len() - 20;
+    let (typ, code) = r.pick(&[(3, 3), (3, 4), (11, 0), (12, 0)]);
+    let src = if r.chance(50) { k.src } else { ROUTER };
+    let body = quote(&quoted, n.min(r.pick(&[8, 8, 20, 28])));
+    let mut p = P::icmp(src, k.dst, typ, code, [0; 4], body);
+    let model = packet(r, hook, k, None);
+    (p.smac, p.dmac, p.ttl) = (model.smac, model.dmac, model.ttl);
+    p
+}
+
 /// `p` cut into a first fragment (its transport header and a few bytes) or a later one.
 fn fragment(r: &mut Rng, p: &mut P) {
     let whole = p.l4.bytes(p.src, p.dst);
@@ -750,6 +780,11 @@ pub fn episode(r: &mut Rng) -> Episode {
     for _ in 0..1 + r.below(6) {
         if hook == Hook::Task && r.chance(4) {
             frames.push(if r.chance(60) { arp(r) } else { ipv6(r, MAC_A) });
+            continue;
+        }
+        if r.chance(8) {
+            let k = r.pick(&known);
+            frames.push(tracked_icmp_error(r, hook, &k).frame());
             continue;
         }
         let t = match (&last, r.below(10)) {

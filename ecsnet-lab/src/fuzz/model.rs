@@ -10,10 +10,10 @@
 //! Checksums are updated as the kernel's `csum_replace` helpers do (RFC 1624), so a mangled
 //! checksum stays as mangled as it came in; well-formed outputs are checked on their own too.
 //!
-//! Two assumptions of the fuzz world: no FIB lookup ever answers "out of the uplink" (the fuzz
-//! runs in a network namespace of its own without routes), so nothing is masqueraded out; and
-//! the ICMP errors of tracked flows that ecsnet would translate are out of the model (counted,
-//! not compared).
+//! The fuzz world assumes no FIB lookup ever answers "out of the uplink" (the fuzz runs in a
+//! network namespace of its own without routes), so nothing is masqueraded out; and
+//! the tc programs on the task interfaces' egress and the uplink's XDP program are not
+//! modelled (docs/FUZZING.md).
 
 use std::collections::HashMap;
 
@@ -242,13 +242,16 @@ pub struct State {
 pub struct Expect {
     pub verdict: u32,
     pub output: Vec<u8>,
+    /// Which way through the programs, for the run's coverage: the drop reason, or how a
+    /// tracked or new flow went on ("" for a plain pass).
+    pub path: String,
 }
 
 /// Why the model does not answer for a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutOfModel {
-    /// An ICMP error of a flow ecsnet translates (its quote rewritten).
-    TrackedIcmpError,
+    /// A frame after one the model had no answer for.
+    AfterOne,
     /// The clock was too close to `ASSURED_AFTER_NS` to say whether a flow is assured.
     Timing,
 }
@@ -413,6 +416,8 @@ struct Run<'a> {
     now: Stamp,
     /// The source port the datapath chose for `key` when it had to (its own random pick).
     chosen: &'a dyn Fn(&CtKey) -> Option<u16>,
+    /// See [`Expect::path`].
+    path: String,
 }
 
 /// Runs `frame` through the model of `host`'s program, changing `st` as the datapath changes
@@ -431,6 +436,7 @@ pub fn step(
         pkt: frame.to_vec(),
         now,
         chosen,
+        path: String::new(),
     };
     let res = match host.hook {
         Hook::Uplink => run.from_uplink(),
@@ -445,6 +451,7 @@ pub fn step(
         Ok(V::Redirect) => TC_ACT_REDIRECT,
         Ok(V::Dropped) => TC_ACT_SHOT,
         Err(reason) => {
+            run.path = format!("dropped {}", reason.as_str());
             run.drop_on(TEST_IFINDEX, reason);
             TC_ACT_SHOT
         }
@@ -452,6 +459,7 @@ pub fn step(
     Ok(Expect {
         verdict,
         output: run.pkt,
+        path: run.path,
     })
 }
 
@@ -780,6 +788,7 @@ impl Run<'_> {
         }
         let ifindex = self.st.tasks[&addr(dst)].ifindex;
         self.drop_on(ifindex, DropReason::SgIngress);
+        self.path = "dropped SG_INGRESS (counted on the receiving task)".to_owned();
         self.reject_fragments(h);
         Err(V::Dropped)
     }
@@ -841,12 +850,14 @@ impl Run<'_> {
             Ok(n) => n,
             Err(e) => return Ok(Err(e)),
         };
+        self.path = format!("opened {}", kind_name(kind));
         Ok(self.rewrite_and_send(h, &next, routed, nat))
     }
 
     /// A new flow the kernel carries: tracked (`KIND_LOCAL`) when the sender is under a policy.
     fn kernel_flow(&mut self, task: Option<[u8; 4]>, key: &CtKey, h: &Hdr) -> R {
         if self.policed(task) {
+            self.path = "opened local (kernel carries it)".to_owned();
             let same = (h.saddr, h.daddr, h.sport, h.dport);
             self.create(key, same, KIND_LOCAL, false, h)?;
         }
@@ -958,6 +969,7 @@ impl Run<'_> {
             u16::from_be(e.e.nat_dport),
         );
         if e.e.kind == KIND_LOCAL {
+            self.path = "tracked local".to_owned();
             self.touch(key, h)?;
             return Ok(Ok(V::Pass));
         }
@@ -966,6 +978,7 @@ impl Run<'_> {
             return Ok(Ok(V::Pass));
         };
         self.touch(key, h)?;
+        self.path = format!("tracked {}", kind_name(e.e.kind));
         Ok(self.rewrite_and_send(h, &next, routed, nat))
     }
 
@@ -1135,6 +1148,12 @@ impl Run<'_> {
 
     fn rewrite_and_send(&mut self, h: &Hdr, next: &Next, routed: bool, nat: Nat4) -> R {
         self.rewrite(h, nat)?;
+        self.send(h, next, routed)
+    }
+
+    /// Sends a translated packet: routed ones lose a TTL (unless the kernel routes them);
+    /// into a task it is counted there and, routed, addressed from the bridge to the task.
+    fn send(&mut self, h: &Hdr, next: &Next, routed: bool) -> R {
         if routed && !matches!(next, Next::Kernel) {
             let old = [self.pkt[22], self.pkt[23]];
             let new = [h.ttl - 1, old[1]];
@@ -1155,8 +1174,9 @@ impl Run<'_> {
         }
     }
 
-    /// An ICMP error: follows the flow it quotes when that is tracked; otherwise, from a task,
-    /// its egress rules decide.
+    /// An ICMP error: follows the flow it quotes when that is tracked (translated like the
+    /// packets of that direction, its quote too); otherwise, from a task, its egress rules
+    /// decide.
     fn icmp_error(&mut self, task: Option<[u8; 4]>, h: &Hdr) -> Result<R, Stop> {
         let p = &self.pkt;
         let q = h.l4 + 8;
@@ -1167,19 +1187,26 @@ impl Run<'_> {
         if p.len() < ql4 + 8 {
             return Ok(Err(DropReason::BadIcmpError));
         }
-        let proto = p[q + 9];
-        let (sport, dport) = match proto {
-            PROTO_TCP | PROTO_UDP => (be16(p, ql4), be16(p, ql4 + 2)),
-            PROTO_ICMP if p[ql4] == ICMP_ECHO => (be16(p, ql4 + 4), 0),
-            PROTO_ICMP if p[ql4] == ICMP_ECHO_REPLY => (0, be16(p, ql4 + 4)),
-            _ => (0, 0),
+        let quoted = Quote {
+            at: q,
+            l4: ql4,
+            proto: p[q + 9],
+            saddr: ip4(p, q + 12),
+            daddr: ip4(p, q + 16),
+            ports: match p[q + 9] {
+                PROTO_TCP | PROTO_UDP => (be16(p, ql4), be16(p, ql4 + 2)),
+                PROTO_ICMP if p[ql4] == ICMP_ECHO => (be16(p, ql4 + 4), 0),
+                PROTO_ICMP if p[ql4] == ICMP_ECHO_REPLY => (0, be16(p, ql4 + 4)),
+                _ => (0, 0),
+            },
         };
+        // The key of the packets travelling the way the error does: the quote reversed.
         let key = CtKey {
-            saddr: addr(ip4(p, q + 16)),
-            daddr: addr(ip4(p, q + 12)),
-            sport: dport.to_be(),
-            dport: sport.to_be(),
-            proto,
+            saddr: addr(quoted.daddr),
+            daddr: addr(quoted.saddr),
+            sport: quoted.ports.1.to_be(),
+            dport: quoted.ports.0.to_be(),
+            proto: quoted.proto,
             _pad: [0; 3],
         };
         let Some(e) = self.lookup(&key) else {
@@ -1189,11 +1216,112 @@ impl Run<'_> {
             return Ok(Ok(V::Pass));
         }
         let routed = e.e.kind != KIND_EAST_WEST;
-        if self.next_hop(h, ne(e.e.nat_daddr), routed).is_none() {
+        let Some(next) = self.next_hop(h, ne(e.e.nat_daddr), routed) else {
             return Ok(Ok(V::Pass));
+        };
+        if let Err(r) = self.rewrite_icmp_error(h, &key, &quoted, &e.e) {
+            return Ok(Err(r));
         }
-        Err(Stop::Out(OutOfModel::TrackedIcmpError))
+        self.path = format!("ICMP error of a tracked {} flow", kind_name(e.e.kind));
+        Ok(self.send(h, &next, routed))
     }
+
+    /// The outer destination (and source, when the flow's own endpoint sent the error) as the
+    /// flow's direction `e` rewrites them; the quote, which travels the other way, rewritten
+    /// back: its addresses, its header checksum, its ports (or echo identifier) and, when the
+    /// quote holds it, its transport checksum. Every change inside the ICMP message updates
+    /// the ICMP checksum; the quote's own checksums are updated 16 bits at a time.
+    fn rewrite_icmp_error(&mut self, h: &Hdr, key: &CtKey, q: &Quote, e: &CtEntry) -> R {
+        let icmp_check = h.l4 + 2;
+        let (nsa, nda) = (ne(e.nat_saddr), ne(e.nat_daddr));
+        if h.daddr != nda {
+            self.csum(24, &h.daddr, &nda, false)?;
+            self.store(30, &nda)?;
+        }
+        if addr(h.saddr) == key.saddr && h.saddr != nsa {
+            self.csum(24, &h.saddr, &nsa, false)?;
+            self.store(26, &nsa)?;
+        }
+        // The quote's source is the flow's destination, and the other way round.
+        let (qsa, qda) = (nda, nsa);
+        let (qsp, qdp) = (u16::from_be(e.nat_dport), u16::from_be(e.nat_sport));
+        let old_ipcheck = be16(&self.pkt, q.at + 10);
+        let ipcheck = by_words(by_words(old_ipcheck, &q.saddr, &qsa), &q.daddr, &qda);
+        self.in_icmp(icmp_check, q.at + 12, &q.saddr, &qsa)?;
+        self.in_icmp(icmp_check, q.at + 16, &q.daddr, &qda)?;
+        self.in_icmp(
+            icmp_check,
+            q.at + 10,
+            &old_ipcheck.to_be_bytes(),
+            &ipcheck.to_be_bytes(),
+        )?;
+        let (ports, check, pseudo) = match q.proto {
+            PROTO_TCP => (
+                vec![(q.l4, q.ports.0, qsp), (q.l4 + 2, q.ports.1, qdp)],
+                q.l4 + 16,
+                true,
+            ),
+            PROTO_UDP => (
+                vec![(q.l4, q.ports.0, qsp), (q.l4 + 2, q.ports.1, qdp)],
+                q.l4 + 6,
+                true,
+            ),
+            _ if q.ports.0 != 0 => (vec![(q.l4 + 4, q.ports.0, qsp)], q.l4 + 2, false),
+            _ => (vec![(q.l4 + 4, q.ports.1, qdp)], q.l4 + 2, false),
+        };
+        let old_check = (check + 2 <= self.len()).then(|| be16(&self.pkt, check));
+        let mut l4check = old_check.unwrap_or(0);
+        if pseudo {
+            l4check = by_words(by_words(l4check, &q.saddr, &qsa), &q.daddr, &qda);
+        }
+        for (off, old, new) in ports {
+            if old == new {
+                continue;
+            }
+            l4check = by_words(l4check, &old.to_be_bytes(), &new.to_be_bytes());
+            self.in_icmp(icmp_check, off, &old.to_be_bytes(), &new.to_be_bytes())?;
+        }
+        if let Some(old) = old_check
+            && !(q.proto == PROTO_UDP && old == 0)
+        {
+            self.in_icmp(
+                icmp_check,
+                check,
+                &old.to_be_bytes(),
+                &l4check.to_be_bytes(),
+            )?;
+        }
+        Ok(V::Pass)
+    }
+
+    /// `new` over `old` at `off` inside the ICMP message, its checksum updated; nothing when
+    /// they are equal.
+    fn in_icmp(&mut self, icmp_check: usize, off: usize, old: &[u8], new: &[u8]) -> R {
+        if old != new {
+            self.csum(icmp_check, old, new, false)?;
+            self.store(off, new)?;
+        }
+        Ok(V::Pass)
+    }
+}
+
+/// The packet an ICMP error quotes: where its header and transport header start, its
+/// protocol, addresses and ports (the echo identifier as in [`Hdr`]), host byte order.
+struct Quote {
+    at: usize,
+    l4: usize,
+    proto: u8,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    ports: (u16, u16),
+}
+
+/// `check` updated for `old` becoming `new`, one 16-bit word at a time.
+fn by_words(check: u16, old: &[u8], new: &[u8]) -> u16 {
+    words(old)
+        .into_iter()
+        .zip(words(new))
+        .fold(check, |c, (o, n)| csum_replace(c, &[o], &[n]))
 }
 
 /// A rewrite: source, destination, source port, destination port (host byte order).

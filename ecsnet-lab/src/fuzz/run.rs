@@ -277,7 +277,7 @@ impl Fuzzer {
             let now = Stamp { lo: t0, hi: t1 };
             let chosen = |k: &CtKey| self.chosen_port(k);
             let want = if out_of_model {
-                Err(OutOfModel::TrackedIcmpError)
+                Err(OutOfModel::AfterOne)
             } else {
                 model::step(&ep.host, &mut st, f, now, &chosen)
             };
@@ -301,7 +301,12 @@ impl Fuzzer {
                 TC_ACT_SHOT => "drop",
                 _ => "other",
             };
-            *summary.verdicts.entry(name.to_owned()).or_default() += 1;
+            let path = if w.path.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{name}: {}", w.path)
+            };
+            *summary.verdicts.entry(path).or_default() += 1;
             if s.got.0 != w.verdict {
                 errs.push(format!(
                     "frame {i}: verdict {} (datapath) != {} (model)",
@@ -608,7 +613,13 @@ pub fn render(s: &Summary) -> String {
     );
     let mut v: Vec<_> = s.verdicts.iter().collect();
     v.sort();
-    let _ = writeln!(out, "  compared by verdict: {v:?}");
+    let _ = writeln!(
+        out,
+        "  compared, by the datapath's verdict and the model's path:"
+    );
+    for (path, n) in v {
+        let _ = writeln!(out, "    {n:>10}  {path}");
+    }
     let mut o: Vec<_> = s.out_of_model.iter().collect();
     o.sort();
     let _ = writeln!(out, "  out of the model (not compared): {o:?}");
