@@ -272,13 +272,15 @@ fn seen(r: &mut Rng, tcp: bool) -> ((u64, u64, u8), (u64, u64, u8)) {
 
 /// A random host and what its maps start with.
 fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
-    let hook = if r.chance(50) {
-        Hook::Uplink
-    } else {
-        Hook::Task
-    };
+    let hook = r.pick(&[
+        Hook::Uplink,
+        Hook::Uplink,
+        Hook::Task,
+        Hook::Task,
+        Hook::TaskEgress,
+    ]);
     let a_ifindex = match hook {
-        Hook::Task if r.chance(50) => TEST_IFINDEX,
+        Hook::Task | Hook::TaskEgress if r.chance(50) => TEST_IFINDEX,
         _ => IFINDEX_A,
     };
     let mac = |r: &mut Rng, m| if r.chance(25) { [0; 6] } else { m };
@@ -289,7 +291,7 @@ fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
     let block_imds = r.chance(30);
     let mut config = crate::fixture::world::config(match hook {
         Hook::Uplink => TEST_IFINDEX,
-        Hook::Task => NO_SUCH_IFINDEX,
+        Hook::Task | Hook::TaskEgress => NO_SUCH_IFINDEX,
     });
     if block_imds {
         config.flags |= ecsnet_common::maps::CONFIG_BLOCK_IMDS;
@@ -324,8 +326,8 @@ fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
         ports.insert((proto, hport), (to, port));
     }
     seeds.push(Seed::Local(OTHER_LOCAL, TEST_IFINDEX));
-    let iface_task = (hook == Hook::Task).then_some(TASK_A);
-    if hook == Hook::Task {
+    let iface_task = (hook != Hook::Uplink).then_some(TASK_A);
+    if hook != Hook::Uplink {
         seeds.push(Seed::Iface(TEST_IFINDEX, TASK_A, ROLE_TASK));
     }
     let mut templates = flow_templates(r);
@@ -426,6 +428,27 @@ fn tuple(r: &mut Rng, hook: Hook) -> Tuple {
                 OTHER_CONTAINER,
             ]),
         ),
+        Hook::TaskEgress => (
+            r.pick(&[
+                TASK_B,
+                TASK_B,
+                CLIENT,
+                CLIENT,
+                OTHER_CONTAINER,
+                INTERNET,
+                BRIDGE,
+                HOST,
+            ]),
+            r.pick(&[
+                TASK_A,
+                TASK_A,
+                TASK_A,
+                TASK_A,
+                TASK_B,
+                BRIDGE_BROADCAST,
+                MDNS,
+            ]),
+        ),
         Hook::Uplink => (
             r.pick(&[CLIENT, CLIENT, CLIENT, INTERNET, ROUTER, TASK_A]),
             r.pick(&[
@@ -490,6 +513,19 @@ fn flow_tuples(hook: Hook) -> Vec<Tuple> {
             t(PROTO_TCP, TASK_A, 40000, HOST, 8443),
             t(PROTO_TCP, TASK_A, 40000, HOST, 8080),
             t(PROTO_TCP, TASK_A, 40002, CLIENT, 22),
+        ],
+        // What the kernel delivers of the known flows: their replies, and inbound flows it
+        // routes translated (the task's MAC not known yet).
+        Hook::TaskEgress => vec![
+            t(PROTO_TCP, CLIENT, 51000, TASK_A, 80),
+            t(PROTO_UDP, CLIENT, 51000, TASK_A, 53),
+            t(PROTO_TCP, REMOTE, 9000, TASK_A, 40000),
+            t(PROTO_UDP, REMOTE, 9000, TASK_A, 40000),
+            t(PROTO_ICMP, REMOTE, 0, TASK_A, 0x1234),
+            t(PROTO_TCP, TASK_B, 80, TASK_A, 40000),
+            t(PROTO_UDP, TASK_B, 53, TASK_A, 40001),
+            t(PROTO_TCP, TASK_B, 443, TASK_A, 40000),
+            t(PROTO_TCP, CLIENT, 22, TASK_A, 40002),
         ],
     }
 }
@@ -583,6 +619,14 @@ fn packet(r: &mut Rng, hook: Hook, t: &Tuple, quoted: Option<&P>) -> P {
                 UPLINK_MAC
             } else {
                 BROADCAST_MAC
+            };
+        }
+        Hook::TaskEgress => {
+            p.smac = r.pick(&[BRIDGE_MAC, BRIDGE_MAC, MAC_B]);
+            p.dmac = match r.below(10) {
+                0..=7 => MAC_A,
+                8 => BROADCAST_MAC,
+                _ => MULTICAST_MAC,
             };
         }
         Hook::Task => {
@@ -778,7 +822,7 @@ pub fn episode(r: &mut Rng) -> Episode {
     let mut frames = Vec::new();
     let mut last: Option<(Tuple, P)> = None;
     for _ in 0..1 + r.below(6) {
-        if hook == Hook::Task && r.chance(4) {
+        if hook != Hook::Uplink && r.chance(4) {
             frames.push(if r.chance(60) { arp(r) } else { ipv6(r, MAC_A) });
             continue;
         }

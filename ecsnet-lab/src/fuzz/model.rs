@@ -43,6 +43,18 @@ pub enum Hook {
     Uplink,
     /// `tc_task_ingress`, the test device registered as task A's interface.
     Task,
+    /// `tc_task_egress` on the same interface: what the kernel delivers to task A.
+    TaskEgress,
+}
+
+impl Hook {
+    /// The hook of the program's `STATS` and `DROPS` keys.
+    pub fn stats_hook(self) -> u8 {
+        match self {
+            Hook::Uplink | Hook::Task => HOOK_TC_INGRESS,
+            Hook::TaskEgress => HOOK_TC_EGRESS,
+        }
+    }
 }
 
 /// What one rule of a security group allows (AWS's `IpProtocol`, `FromPort`, `ToPort`).
@@ -441,6 +453,7 @@ pub fn step(
     let res = match host.hook {
         Hook::Uplink => run.from_uplink(),
         Hook::Task => run.from_task(),
+        Hook::TaskEgress => run.to_task(),
     };
     let res = match res {
         Ok(r) => r,
@@ -468,7 +481,7 @@ impl Run<'_> {
         let key = DropKey {
             ifindex,
             reason: reason as u8,
-            hook: HOOK_TC_INGRESS,
+            hook: self.host.hook.stats_hook(),
             _pad: [0; 2],
         };
         *self.st.drops.entry(key).or_default() += 1;
@@ -695,6 +708,102 @@ impl Run<'_> {
         self.packet(Some(h.saddr), h)
     }
 
+    /// What the kernel delivers to the task on the test device: its inbound rules, with the
+    /// same connection tables as everything else.
+    fn to_task(&mut self) -> Result<R, Stop> {
+        self.count(TEST_IFINDEX, HOOK_TC_EGRESS);
+        let Some(own) = self
+            .host
+            .iface_task
+            .filter(|a| self.st.tasks.contains_key(&addr(*a)))
+        else {
+            return Ok(Ok(V::Pass));
+        };
+        let parsed = self.parse();
+        // Found by its destination when that is the task on this interface, else through
+        // the interface: either way the task of this interface.
+        let task = match &parsed {
+            Ok(h) if self.len() >= 14 && be16(&self.pkt, 12) == 0x0800 => self
+                .st
+                .tasks
+                .get(&addr(h.daddr))
+                .filter(|t| t.ifindex == TEST_IFINDEX)
+                .map_or(own, |_| h.daddr),
+            _ => own,
+        };
+        let policed = self.host.sg.policed(task);
+        match be16(&self.pkt, 12) {
+            0x0800 => {}
+            0x0806 => return Ok(Ok(V::Pass)),
+            0x86dd if policed => return Ok(Err(DropReason::Ipv6Policed)),
+            0x86dd => return Ok(Ok(V::Pass)),
+            0x8100 | 0x88a8 | 0x9100 => return Ok(Err(DropReason::VlanTagged)),
+            _ => return Ok(Err(DropReason::UnknownEthertype)),
+        }
+        if !policed {
+            return Ok(Ok(V::Pass));
+        }
+        let h = match parsed {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        if self.host.is_group_addr(h.daddr) {
+            return Ok(self.unchecked_ingress(task, &h));
+        }
+        self.deliver(task, h)
+    }
+
+    fn unchecked_ingress(&self, task: [u8; 4], h: &Hdr) -> R {
+        if self.host.sg.ingress(task, h, h.saddr, h.dport) {
+            Ok(V::Pass)
+        } else {
+            Err(DropReason::SgIngress)
+        }
+    }
+
+    /// A packet the kernel delivers to `task`, which is under a policy.
+    fn deliver(&mut self, task: [u8; 4], mut h: Hdr) -> Result<R, Stop> {
+        if h.is_icmp_error() {
+            let key = match self.quote(&h) {
+                Ok(q) => q.key(),
+                Err(e) => return Ok(Err(e)),
+            };
+            if self.st.ct.contains_key(&key) || self.st.ct.contains_key(&key.reversed()) {
+                self.path = "ICMP error of a tracked flow, delivered".to_owned();
+                return Ok(Ok(V::Pass));
+            }
+            return Ok(self.unchecked_ingress(task, &h));
+        }
+        if let Some(r) = self.track_fragment(None, &mut h) {
+            return Ok(r.and(Err(DropReason::Fragment)));
+        }
+        let Some(key) = h.key() else {
+            return Ok(self.unchecked_ingress(task, &h));
+        };
+        if let Some(e) = self.lookup(&key) {
+            if let Err(r) = self.check_close(&h, &e) {
+                return Ok(Err(r));
+            }
+            if e.e.kind == KIND_LOCAL {
+                self.touch(&key, &h)?;
+            }
+            self.path = format!("tracked {}, delivered", kind_name(e.e.kind));
+            return Ok(Ok(V::Pass));
+        }
+        if self.st.ct.contains_key(&key.reversed()) {
+            self.path = "reply tuple tracked, delivered".to_owned();
+            return Ok(Ok(V::Pass));
+        }
+        if !h.starts_flow() {
+            return Ok(self.unchecked_ingress(task, &h));
+        }
+        if !self.host.sg.ingress(task, &h, h.saddr, h.dport) {
+            self.reject_fragments(&h);
+            return Ok(Err(DropReason::SgIngress));
+        }
+        Ok(self.kernel_flow(Some(task), &key, &h))
+    }
+
     /// ARP from a task speaks for the task only: its MAC, its address (or none, a probe).
     fn arp(&self, own: [u8; 4], mac: [u8; 6]) -> R {
         if self.len() < 14 + 8 + 10 {
@@ -732,33 +841,8 @@ impl Run<'_> {
         if h.is_icmp_error() {
             return self.icmp_error(task, &h);
         }
-        if h.frag == Frag::First {
-            let ports = FragPorts {
-                sport: h.sport.to_be(),
-                dport: h.dport.to_be(),
-                rejected: 0,
-                _pad: [0; 3],
-            };
-            self.st.frags.insert(h.frag_key(), ports);
-        } else if h.frag == Frag::Later {
-            match self.st.frags.get(&h.frag_key()) {
-                Some(p) if p.rejected != 0 => return Ok(Err(DropReason::Fragment)),
-                Some(p) => {
-                    h.sport = u16::from_be(p.sport);
-                    h.dport = u16::from_be(p.dport);
-                }
-                None => {
-                    let ours = match task {
-                        Some(_) => self.policed(task) || !self.host.is_local(h.daddr),
-                        None => self.st.tasks.contains_key(&addr(h.daddr)),
-                    };
-                    return Ok(if ours {
-                        Err(DropReason::Fragment)
-                    } else {
-                        Ok(V::Pass)
-                    });
-                }
-            }
+        if let Some(r) = self.track_fragment(Some(task), &mut h) {
+            return Ok(r);
         }
         let Some(key) = h.key() else {
             return Ok(self.unchecked_egress(task, &h));
@@ -770,6 +854,45 @@ impl Run<'_> {
             return Ok(self.unchecked_egress(task, &h));
         }
         self.open(task, &h, &key)
+    }
+
+    /// Remembers the ports of a first fragment, fills in those of a later one; a later one
+    /// without its first (or of a rejected datagram) has its answer here. `from`: the sending
+    /// task (Some(None): the uplink), None for a delivery, which takes no such fragment.
+    fn track_fragment(&mut self, from: Option<Option<[u8; 4]>>, h: &mut Hdr) -> Option<R> {
+        match h.frag {
+            Frag::None => None,
+            Frag::First => {
+                let ports = FragPorts {
+                    sport: h.sport.to_be(),
+                    dport: h.dport.to_be(),
+                    rejected: 0,
+                    _pad: [0; 3],
+                };
+                self.st.frags.insert(h.frag_key(), ports);
+                None
+            }
+            Frag::Later => match self.st.frags.get(&h.frag_key()) {
+                Some(p) if p.rejected != 0 => Some(Err(DropReason::Fragment)),
+                Some(p) => {
+                    h.sport = u16::from_be(p.sport);
+                    h.dport = u16::from_be(p.dport);
+                    None
+                }
+                None => {
+                    let ours = match from {
+                        None => true,
+                        Some(task @ Some(_)) => self.policed(task) || !self.host.is_local(h.daddr),
+                        Some(None) => self.st.tasks.contains_key(&addr(h.daddr)),
+                    };
+                    Some(if ours {
+                        Err(DropReason::Fragment)
+                    } else {
+                        Ok(V::Pass)
+                    })
+                }
+            },
+        }
     }
 
     fn reject_fragments(&mut self, h: &Hdr) {
@@ -1178,37 +1301,11 @@ impl Run<'_> {
     /// packets of that direction, its quote too); otherwise, from a task, its egress rules
     /// decide.
     fn icmp_error(&mut self, task: Option<[u8; 4]>, h: &Hdr) -> Result<R, Stop> {
-        let p = &self.pkt;
-        let q = h.l4 + 8;
-        if p.len() < q + 20 || p[q] >> 4 != 4 || usize::from(p[q] & 15) * 4 < 20 {
-            return Ok(Err(DropReason::BadIcmpError));
-        }
-        let ql4 = q + usize::from(p[q] & 15) * 4;
-        if p.len() < ql4 + 8 {
-            return Ok(Err(DropReason::BadIcmpError));
-        }
-        let quoted = Quote {
-            at: q,
-            l4: ql4,
-            proto: p[q + 9],
-            saddr: ip4(p, q + 12),
-            daddr: ip4(p, q + 16),
-            ports: match p[q + 9] {
-                PROTO_TCP | PROTO_UDP => (be16(p, ql4), be16(p, ql4 + 2)),
-                PROTO_ICMP if p[ql4] == ICMP_ECHO => (be16(p, ql4 + 4), 0),
-                PROTO_ICMP if p[ql4] == ICMP_ECHO_REPLY => (0, be16(p, ql4 + 4)),
-                _ => (0, 0),
-            },
+        let quoted = match self.quote(h) {
+            Ok(q) => q,
+            Err(e) => return Ok(Err(e)),
         };
-        // The key of the packets travelling the way the error does: the quote reversed.
-        let key = CtKey {
-            saddr: addr(quoted.daddr),
-            daddr: addr(quoted.saddr),
-            sport: quoted.ports.1.to_be(),
-            dport: quoted.ports.0.to_be(),
-            proto: quoted.proto,
-            _pad: [0; 3],
-        };
+        let key = quoted.key();
         let Some(e) = self.lookup(&key) else {
             return Ok(self.unchecked_egress(task, h));
         };
@@ -1224,6 +1321,32 @@ impl Run<'_> {
         }
         self.path = format!("ICMP error of a tracked {} flow", kind_name(e.e.kind));
         Ok(self.send(h, &next, routed))
+    }
+
+    /// The packet ICMP error `h` quotes: a whole IPv4 header and 8 bytes behind it.
+    fn quote(&self, h: &Hdr) -> Result<Quote, DropReason> {
+        let p = &self.pkt;
+        let q = h.l4 + 8;
+        if p.len() < q + 20 || p[q] >> 4 != 4 || usize::from(p[q] & 15) * 4 < 20 {
+            return Err(DropReason::BadIcmpError);
+        }
+        let ql4 = q + usize::from(p[q] & 15) * 4;
+        if p.len() < ql4 + 8 {
+            return Err(DropReason::BadIcmpError);
+        }
+        Ok(Quote {
+            at: q,
+            l4: ql4,
+            proto: p[q + 9],
+            saddr: ip4(p, q + 12),
+            daddr: ip4(p, q + 16),
+            ports: match p[q + 9] {
+                PROTO_TCP | PROTO_UDP => (be16(p, ql4), be16(p, ql4 + 2)),
+                PROTO_ICMP if p[ql4] == ICMP_ECHO => (be16(p, ql4 + 4), 0),
+                PROTO_ICMP if p[ql4] == ICMP_ECHO_REPLY => (0, be16(p, ql4 + 4)),
+                _ => (0, 0),
+            },
+        })
     }
 
     /// The outer destination (and source, when the flow's own endpoint sent the error) as the
@@ -1314,6 +1437,20 @@ struct Quote {
     saddr: [u8; 4],
     daddr: [u8; 4],
     ports: (u16, u16),
+}
+
+impl Quote {
+    /// The key of the packets travelling the way the error does: the quote reversed.
+    fn key(&self) -> CtKey {
+        CtKey {
+            saddr: addr(self.daddr),
+            daddr: addr(self.saddr),
+            sport: self.ports.1.to_be(),
+            dport: self.ports.0.to_be(),
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// `check` updated for `old` becoming `new`, one 16-bit word at a time.

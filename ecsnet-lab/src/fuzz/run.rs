@@ -45,7 +45,7 @@ use crate::fixture::{
 };
 
 /// The programs a fuzz run loads.
-const PROGRAMS: [&str; 2] = ["tc_uplink_ingress", "tc_task_ingress"];
+const PROGRAMS: [&str; 3] = ["tc_uplink_ingress", "tc_task_ingress", "tc_task_egress"];
 
 /// The policy maps' entries for `sg`: the same rules the model reads, written as the security
 /// groups of a state file and compiled by `ecsnet apply`'s own validation and compiler.
@@ -339,6 +339,7 @@ fn program(hook: Hook) -> &'static str {
     match hook {
         Hook::Uplink => "tc_uplink_ingress",
         Hook::Task => "tc_task_ingress",
+        Hook::TaskEgress => "tc_task_egress",
     }
 }
 
