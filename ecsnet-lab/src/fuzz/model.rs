@@ -300,8 +300,9 @@ struct Hdr {
 
 /// The bytes of a TCP header the datapath reads before anything else: ports, sequence and
 /// acknowledgement numbers, data offset and flags (14), padded to the 16 of its 4-byte aligned
-/// struct. A shorter header is truncated; 16 to 19 bytes are read, and fail only where a
-/// rewrite reaches the checksum.
+/// struct. A frame that ends sooner is truncated, as is a transport header (TCP as long as its
+/// data offset says, UDP and ICMP 8 bytes) that ends after the IP total length: the datapath
+/// reads and rewrites nothing of a header it does not hold whole.
 const TCP_READ: usize = 16;
 const ICMP_ECHO: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -590,6 +591,10 @@ impl Run<'_> {
                 if doff < 20 {
                     return Err(DropReason::BadTcpOffset);
                 }
+                // The header its data offset states, within the packet's total length.
+                if ihl + doff > usize::from(tot) {
+                    return Err(DropReason::Truncated);
+                }
                 h.sport = be16(p, l4);
                 h.dport = be16(p, l4 + 2);
                 h.seq = be32(p, l4 + 4);
@@ -599,11 +604,17 @@ impl Run<'_> {
             }
             PROTO_UDP => {
                 need(4)?;
+                if ihl + 8 > usize::from(tot) {
+                    return Err(DropReason::Truncated);
+                }
                 h.sport = be16(p, l4);
                 h.dport = be16(p, l4 + 2);
             }
             PROTO_ICMP => {
                 need(6)?;
+                if ihl + 8 > usize::from(tot) {
+                    return Err(DropReason::Truncated);
+                }
                 h.icmp_type = p[l4];
                 h.icmp_code = p[l4 + 1];
                 match h.icmp_type {
