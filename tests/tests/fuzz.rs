@@ -9,8 +9,8 @@ use ecsnet_lab::{
     fuzz::run::{Plan, Summary, random_seed, render, run},
 };
 
-/// Packets per seed: a second or two each in a debug build.
-const PACKETS: u64 = 4_000;
+/// Packets per seed: about a second each in a debug build.
+const PACKETS: u64 = 10_000;
 
 fn fuzz(seed: u64) -> Summary {
     require_test_host();

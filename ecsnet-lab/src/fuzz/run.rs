@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::{
-    Pod,
+    EbpfLoader, Pod,
     maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
 use ecsnet::{
@@ -26,9 +26,9 @@ use ecsnet::{
 use ecsnet_common::{
     ct::{CtEntry, CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     maps::{
-        Counters, DropKey, FragKey, FragPorts, IfaceInfo, MAP_CONFIG, MAP_CT_EVENTS, MAP_DROPS,
-        MAP_FRAGS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS, MAP_STATS, MAP_TASKS, PortKey,
-        PortTarget, StatsKey, TaskInfo,
+        Counters, DropKey, FragKey, FragPorts, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS,
+        MAP_CT_NEW, MAP_DROPS, MAP_FRAGS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS, MAP_STATS,
+        MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
     },
     policy::{MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -149,12 +149,33 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
+/// Entries of each hash map of a fuzz run's datapath.
+const SMALL_MAPS: u32 = 512;
+
 /// Reports kept in full; the rest are counted.
 const MAX_REPORTS: usize = 5;
 
 impl Fuzzer {
     pub fn new() -> Result<Fuzzer, DatapathError> {
-        let mut dp = Datapath::load()?;
+        // Small maps: an episode holds a handful of entries, and clearing or reading a hash map
+        // walks all its buckets.
+        let mut loader = EbpfLoader::new();
+        for name in [
+            MAP_TASKS,
+            MAP_PORTS,
+            MAP_LOCAL_ADDRS,
+            MAP_IFACES,
+            MAP_CT,
+            MAP_CT_NEW,
+            MAP_FRAGS,
+            MAP_STATS,
+            MAP_DROPS,
+            MAP_SG_PEERS,
+            MAP_SG_RULES,
+        ] {
+            loader.map_max_entries(name, SMALL_MAPS);
+        }
+        let mut dp = Datapath::load_with(&mut loader)?;
         dp.set_first(MAP_CONFIG, crate::fixture::world::config(1))?;
         dp.load_programs(&PROGRAMS)?;
         dp.load_tail_called()?;
