@@ -547,7 +547,7 @@ fn l4(r: &mut Rng, t: &Tuple, quoted: Option<&P>) -> L4 {
     let data: Vec<u8> = if r.chance(60) {
         Vec::new()
     } else {
-        (0..1 + r.below(40)).map(|_| r.byte()).collect()
+        (0..=r.below(40)).map(|_| r.byte()).collect()
     };
     match t.proto {
         PROTO_TCP => L4::Tcp {
@@ -821,7 +821,7 @@ pub fn episode(r: &mut Rng) -> Episode {
     let known = flow_tuples(hook);
     let mut frames = Vec::new();
     let mut last: Option<(Tuple, P)> = None;
-    for _ in 0..1 + r.below(6) {
+    for _ in 0..=r.below(6) {
         if hook != Hook::Uplink && r.chance(4) {
             frames.push(if r.chance(60) { arp(r) } else { ipv6(r, MAC_A) });
             continue;

@@ -421,6 +421,17 @@ enum Stop {
     Out(OutOfModel),
 }
 
+/// Where a packet came from, for a later fragment without its first.
+#[derive(Clone, Copy)]
+enum Via {
+    /// Sent by this task.
+    Task([u8; 4]),
+    /// Arrived on the uplink.
+    Uplink,
+    /// Delivered by the kernel to a task under a policy.
+    Delivery,
+}
+
 /// One frame through the model.
 struct Run<'a> {
     host: &'a Host,
@@ -452,9 +463,9 @@ pub fn step(
         path: String::new(),
     };
     let res = match host.hook {
-        Hook::Uplink => run.from_uplink(),
-        Hook::Task => run.from_task(),
-        Hook::TaskEgress => run.to_task(),
+        Hook::Uplink => run.uplink_ingress(),
+        Hook::Task => run.task_ingress(),
+        Hook::TaskEgress => run.task_egress(),
     };
     let res = match res {
         Ok(r) => r,
@@ -630,7 +641,7 @@ impl Run<'_> {
 
     // ---- the uplink ----------------------------------------------------------------------
 
-    fn from_uplink(&mut self) -> Result<R, Stop> {
+    fn uplink_ingress(&mut self) -> Result<R, Stop> {
         self.count(TEST_IFINDEX, HOOK_TC_INGRESS);
         if !self.unicast_ipv4() {
             return Ok(Ok(V::Pass));
@@ -643,6 +654,13 @@ impl Run<'_> {
     }
 
     // ---- a task's interface --------------------------------------------------------------
+
+    /// The task of the test device (`IFACES`), if `TASKS` has it.
+    fn iface_task(&self) -> Option<[u8; 4]> {
+        self.host
+            .iface_task
+            .filter(|a| self.st.tasks.contains_key(&addr(*a)))
+    }
 
     /// The task's MAC is learned from its first frame; afterwards any other source MAC is
     /// spoofing.
@@ -660,7 +678,7 @@ impl Run<'_> {
         Ok(src)
     }
 
-    fn from_task(&mut self) -> Result<R, Stop> {
+    fn task_ingress(&mut self) -> Result<R, Stop> {
         self.count(TEST_IFINDEX, HOOK_TC_INGRESS);
         // With its own address and interface, its own MAC: the shortcut, same outcome.
         let fast = if self.unicast_ipv4() {
@@ -677,11 +695,7 @@ impl Run<'_> {
         let h = if let Some(h) = fast {
             h
         } else {
-            let Some(own) = self
-                .host
-                .iface_task
-                .filter(|a| self.st.tasks.contains_key(&addr(*a)))
-            else {
+            let Some(own) = self.iface_task() else {
                 return Ok(Ok(V::Pass));
             };
             let mac = match self.check_mac(own) {
@@ -721,13 +735,9 @@ impl Run<'_> {
 
     /// What the kernel delivers to the task on the test device: its inbound rules, with the
     /// same connection tables as everything else.
-    fn to_task(&mut self) -> Result<R, Stop> {
+    fn task_egress(&mut self) -> Result<R, Stop> {
         self.count(TEST_IFINDEX, HOOK_TC_EGRESS);
-        let Some(own) = self
-            .host
-            .iface_task
-            .filter(|a| self.st.tasks.contains_key(&addr(*a)))
-        else {
+        let Some(own) = self.iface_task() else {
             return Ok(Ok(V::Pass));
         };
         let parsed = self.parse();
@@ -745,9 +755,8 @@ impl Run<'_> {
         let policed = self.host.sg.policed(task);
         match be16(&self.pkt, 12) {
             0x0800 => {}
-            0x0806 => return Ok(Ok(V::Pass)),
             0x86dd if policed => return Ok(Err(DropReason::Ipv6Policed)),
-            0x86dd => return Ok(Ok(V::Pass)),
+            0x0806 | 0x86dd => return Ok(Ok(V::Pass)),
             0x8100 | 0x88a8 | 0x9100 => return Ok(Err(DropReason::VlanTagged)),
             _ => return Ok(Err(DropReason::UnknownEthertype)),
         }
@@ -780,12 +789,12 @@ impl Run<'_> {
                 Err(e) => return Ok(Err(e)),
             };
             if self.st.ct.contains_key(&key) || self.st.ct.contains_key(&key.reversed()) {
-                self.path = "ICMP error of a tracked flow, delivered".to_owned();
+                "ICMP error of a tracked flow, delivered".clone_into(&mut self.path);
                 return Ok(Ok(V::Pass));
             }
             return Ok(self.unchecked_ingress(task, &h));
         }
-        if let Some(r) = self.track_fragment(None, &mut h) {
+        if let Some(r) = self.track_fragment(Via::Delivery, &mut h) {
             return Ok(r.and(Err(DropReason::Fragment)));
         }
         let Some(key) = h.key() else {
@@ -802,7 +811,7 @@ impl Run<'_> {
             return Ok(Ok(V::Pass));
         }
         if self.st.ct.contains_key(&key.reversed()) {
-            self.path = "reply tuple tracked, delivered".to_owned();
+            "reply tuple tracked, delivered".clone_into(&mut self.path);
             return Ok(Ok(V::Pass));
         }
         if !h.starts_flow() {
@@ -850,9 +859,10 @@ impl Run<'_> {
     /// One unicast IPv4 packet from `task` (None: the uplink).
     fn packet(&mut self, task: Option<[u8; 4]>, mut h: Hdr) -> Result<R, Stop> {
         if h.is_icmp_error() {
-            return self.icmp_error(task, &h);
+            return Ok(self.icmp_error(task, &h));
         }
-        if let Some(r) = self.track_fragment(Some(task), &mut h) {
+        let via = task.map_or(Via::Uplink, Via::Task);
+        if let Some(r) = self.track_fragment(via, &mut h) {
             return Ok(r);
         }
         let Some(key) = h.key() else {
@@ -864,13 +874,12 @@ impl Run<'_> {
         if !h.starts_flow() {
             return Ok(self.unchecked_egress(task, &h));
         }
-        self.open(task, &h, &key)
+        Ok(self.open(task, &h, &key))
     }
 
     /// Remembers the ports of a first fragment, fills in those of a later one; a later one
-    /// without its first (or of a rejected datagram) has its answer here. `from`: the sending
-    /// task (Some(None): the uplink), None for a delivery, which takes no such fragment.
-    fn track_fragment(&mut self, from: Option<Option<[u8; 4]>>, h: &mut Hdr) -> Option<R> {
+    /// without its first (or of a rejected datagram) has its answer here.
+    fn track_fragment(&mut self, from: Via, h: &mut Hdr) -> Option<R> {
         match h.frag {
             Frag::None => None,
             Frag::First => {
@@ -892,9 +901,9 @@ impl Run<'_> {
                 }
                 None => {
                     let ours = match from {
-                        None => true,
-                        Some(task @ Some(_)) => self.policed(task) || !self.host.is_local(h.daddr),
-                        Some(None) => self.st.tasks.contains_key(&addr(h.daddr)),
+                        Via::Delivery => true,
+                        Via::Task(t) => self.policed(Some(t)) || !self.host.is_local(h.daddr),
+                        Via::Uplink => self.st.tasks.contains_key(&addr(h.daddr)),
                     };
                     Some(if ours {
                         Err(DropReason::Fragment)
@@ -922,32 +931,32 @@ impl Run<'_> {
         }
         let ifindex = self.st.tasks[&addr(dst)].ifindex;
         self.drop_on(ifindex, DropReason::SgIngress);
-        self.path = "dropped SG_INGRESS (counted on the receiving task)".to_owned();
+        "dropped SG_INGRESS (counted on the receiving task)".clone_into(&mut self.path);
         self.reject_fragments(h);
         Err(V::Dropped)
     }
 
     /// A packet that opens a flow no entry tracks.
-    fn open(&mut self, task: Option<[u8; 4]>, h: &Hdr, key: &CtKey) -> Result<R, Stop> {
+    fn open(&mut self, task: Option<[u8; 4]>, h: &Hdr, key: &CtKey) -> R {
         let same = (h.saddr, h.daddr, h.sport, h.dport);
         let (kind, nat, choose) = 'open: {
             if task.is_some() {
                 if !self.host.sg.egress(task, h, h.daddr, h.dport) {
                     self.reject_fragments(h);
-                    return Ok(Err(DropReason::SgEgress));
+                    return Err(DropReason::SgEgress);
                 }
                 if self.st.tasks.contains_key(&addr(h.daddr)) {
                     if let Err(v) = self.admit(h, h.daddr, h.dport) {
-                        return Ok(Ok(v));
+                        return Ok(v);
                     }
                     break 'open (KIND_EAST_WEST, same, false);
                 }
             }
             if !self.host.is_local(h.daddr) {
                 return match task {
-                    None => Ok(Ok(V::Pass)),
+                    None => Ok(V::Pass),
                     Some(_) if h.daddr[0] == 169 && h.daddr[1] == 254 => {
-                        Ok(self.kernel_flow(task, key, h))
+                        self.kernel_flow(task, key, h)
                     }
                     // Masqueraded: out of the uplink, which no FIB lookup finds here.
                     Some(_) => {
@@ -957,13 +966,13 @@ impl Run<'_> {
                 };
             }
             let Some(&(to, port)) = self.host.ports.get(&(h.proto, h.dport)) else {
-                return Ok(self.kernel_flow(task, key, h));
+                return self.kernel_flow(task, key, h);
             };
             if !self.st.tasks.contains_key(&addr(to)) {
-                return Ok(Ok(V::Pass));
+                return Ok(V::Pass);
             }
             if let Err(v) = self.admit(h, to, port) {
-                return Ok(Ok(v));
+                return Ok(v);
             }
             let nat = (h.saddr, to, h.sport, port);
             match task {
@@ -978,20 +987,17 @@ impl Run<'_> {
         };
         let routed = kind != KIND_EAST_WEST;
         let Some(next) = self.next_hop(h, nat.1, routed) else {
-            return Ok(self.kernel_flow(task, key, h));
+            return self.kernel_flow(task, key, h);
         };
-        let nat = match self.create(key, nat, kind, choose, h) {
-            Ok(n) => n,
-            Err(e) => return Ok(Err(e)),
-        };
+        let nat = self.create(key, nat, kind, choose, h)?;
         self.path = format!("opened {}", kind_name(kind));
-        Ok(self.rewrite_and_send(h, &next, routed, nat))
+        self.rewrite_and_send(h, &next, routed, nat)
     }
 
     /// A new flow the kernel carries: tracked (`KIND_LOCAL`) when the sender is under a policy.
     fn kernel_flow(&mut self, task: Option<[u8; 4]>, key: &CtKey, h: &Hdr) -> R {
         if self.policed(task) {
-            self.path = "opened local (kernel carries it)".to_owned();
+            "opened local (kernel carries it)".clone_into(&mut self.path);
             let same = (h.saddr, h.daddr, h.sport, h.dport);
             self.create(key, same, KIND_LOCAL, false, h)?;
         }
@@ -1103,7 +1109,7 @@ impl Run<'_> {
             u16::from_be(e.e.nat_dport),
         );
         if e.e.kind == KIND_LOCAL {
-            self.path = "tracked local".to_owned();
+            "tracked local".clone_into(&mut self.path);
             self.touch(key, h)?;
             return Ok(Ok(V::Pass));
         }
@@ -1311,27 +1317,22 @@ impl Run<'_> {
     /// An ICMP error: follows the flow it quotes when that is tracked (translated like the
     /// packets of that direction, its quote too); otherwise, from a task, its egress rules
     /// decide.
-    fn icmp_error(&mut self, task: Option<[u8; 4]>, h: &Hdr) -> Result<R, Stop> {
-        let quoted = match self.quote(h) {
-            Ok(q) => q,
-            Err(e) => return Ok(Err(e)),
-        };
+    fn icmp_error(&mut self, task: Option<[u8; 4]>, h: &Hdr) -> R {
+        let quoted = self.quote(h)?;
         let key = quoted.key();
         let Some(e) = self.lookup(&key) else {
-            return Ok(self.unchecked_egress(task, h));
+            return self.unchecked_egress(task, h);
         };
         if e.e.kind == KIND_LOCAL {
-            return Ok(Ok(V::Pass));
+            return Ok(V::Pass);
         }
         let routed = e.e.kind != KIND_EAST_WEST;
         let Some(next) = self.next_hop(h, ne(e.e.nat_daddr), routed) else {
-            return Ok(Ok(V::Pass));
+            return Ok(V::Pass);
         };
-        if let Err(r) = self.rewrite_icmp_error(h, &key, &quoted, &e.e) {
-            return Ok(Err(r));
-        }
+        self.rewrite_icmp_error(h, &key, &quoted, &e.e)?;
         self.path = format!("ICMP error of a tracked {} flow", kind_name(e.e.kind));
-        Ok(self.send(h, &next, routed))
+        self.send(h, &next, routed)
     }
 
     /// The packet ICMP error `h` quotes: a whole IPv4 header and 8 bytes behind it.

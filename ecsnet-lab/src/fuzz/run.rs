@@ -480,7 +480,10 @@ fn diff_map<K: Eq + Hash + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
 
 /// One readable report of a disagreement: how to replay it, the host, every frame with both
