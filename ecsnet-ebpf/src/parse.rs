@@ -170,7 +170,7 @@ const ICMP_HLEN: usize = 8;
 /// The TCP header length the data offset nibble of `doff_res` states, if a TCP header can be
 /// that long.
 #[inline(always)]
-fn tcp_hlen(doff_res: u8) -> Result<usize, DropReason> {
+pub fn tcp_hlen(doff_res: u8) -> Result<usize, DropReason> {
     let doff = ((doff_res >> 4) as usize) * 4;
     if doff < TCP_MIN_HLEN {
         return Err(DropReason::BadTcpOffset);
