@@ -272,13 +272,15 @@ fn seen(r: &mut Rng, tcp: bool) -> ((u64, u64, u8), (u64, u64, u8)) {
 
 /// A random host and what its maps start with.
 fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
-    let hook = r.pick(&[
+    let program = r.pick(&[
         Hook::Uplink,
         Hook::Uplink,
+        Hook::Xdp,
         Hook::Task,
         Hook::Task,
         Hook::TaskEgress,
     ]);
+    let hook = program.side();
     let a_ifindex = match hook {
         Hook::Task | Hook::TaskEgress if r.chance(50) => TEST_IFINDEX,
         _ => IFINDEX_A,
@@ -290,7 +292,7 @@ fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
     ];
     let block_imds = r.chance(30);
     let mut config = crate::fixture::world::config(match hook {
-        Hook::Uplink => TEST_IFINDEX,
+        Hook::Uplink | Hook::Xdp => TEST_IFINDEX,
         Hook::Task | Hook::TaskEgress => NO_SUCH_IFINDEX,
     });
     if block_imds {
@@ -356,7 +358,7 @@ fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
         }
     }
     let host = Host {
-        hook,
+        hook: program,
         uplink_ipv4: HOST,
         bridge_ipv4: BRIDGE,
         bridge_prefix: config.bridge_prefix,
@@ -449,7 +451,7 @@ fn tuple(r: &mut Rng, hook: Hook) -> Tuple {
                 MDNS,
             ]),
         ),
-        Hook::Uplink => (
+        Hook::Uplink | Hook::Xdp => (
             r.pick(&[CLIENT, CLIENT, CLIENT, INTERNET, ROUTER, TASK_A]),
             r.pick(&[
                 HOST,
@@ -493,7 +495,7 @@ fn flow_tuples(hook: Hook) -> Vec<Tuple> {
         dport,
     };
     match hook {
-        Hook::Uplink => vec![
+        Hook::Uplink | Hook::Xdp => vec![
             t(PROTO_TCP, CLIENT, 51000, HOST, 8080),
             t(PROTO_UDP, CLIENT, 51000, HOST, 5353),
             t(PROTO_TCP, REMOTE, 9000, HOST, 40000),
@@ -613,7 +615,7 @@ fn l4(r: &mut Rng, t: &Tuple, quoted: Option<&P>) -> L4 {
 fn packet(r: &mut Rng, hook: Hook, t: &Tuple, quoted: Option<&P>) -> P {
     let mut p = P::new(t.src, t.dst, l4(r, t, quoted));
     match hook {
-        Hook::Uplink => {
+        Hook::Uplink | Hook::Xdp => {
             p.smac = ROUTER_MAC;
             p.dmac = if r.chance(92) {
                 UPLINK_MAC
@@ -817,7 +819,7 @@ fn ipv6(r: &mut Rng, smac: [u8; 6]) -> Vec<u8> {
 /// A random episode.
 pub fn episode(r: &mut Rng) -> Episode {
     let (host, config, seeds, state) = host(r);
-    let hook = host.hook;
+    let hook = host.hook.side();
     let known = flow_tuples(hook);
     let mut frames = Vec::new();
     let mut last: Option<(Tuple, P)> = None;

@@ -26,14 +26,14 @@ use ecsnet_common::{
     },
     maps::{
         CLASS_IPV4, CLASS_OTHER, CT_EV_ASSURED, CT_EV_CREATED, DropKey, FragKey, FragPorts,
-        HOOK_TC_EGRESS, HOOK_TC_INGRESS, StatsKey, TaskInfo,
+        HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, StatsKey, TaskInfo,
     },
     policy::{INSTANCE_METADATA_ADDR, TASK_METADATA_ADDR},
 };
 
 use crate::fixture::{
     conntrack::Table,
-    world::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_IFINDEX, addr},
+    world::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_IFINDEX, XDP_DROP, XDP_PASS, addr},
 };
 
 /// The program a frame runs through.
@@ -45,6 +45,8 @@ pub enum Hook {
     Task,
     /// `tc_task_egress` on the same interface: what the kernel delivers to task A.
     TaskEgress,
+    /// `xdp_uplink`, on the uplink of the same host as `Uplink`.
+    Xdp,
 }
 
 impl Hook {
@@ -53,6 +55,15 @@ impl Hook {
         match self {
             Hook::Uplink | Hook::Task => HOOK_TC_INGRESS,
             Hook::TaskEgress => HOOK_TC_EGRESS,
+            Hook::Xdp => HOOK_XDP,
+        }
+    }
+
+    /// The interface the frames arrive on: the uplink for both of its programs.
+    pub fn side(self) -> Hook {
+        match self {
+            Hook::Xdp => Hook::Uplink,
+            h => h,
         }
     }
 }
@@ -442,6 +453,8 @@ struct Run<'a> {
     chosen: &'a dyn Fn(&CtKey) -> Option<u16>,
     /// See [`Expect::path`].
     path: String,
+    /// The interface of the task whose inbound rules refused a new flow, if they did.
+    refused_on: Option<u32>,
 }
 
 /// Runs `frame` through the model of `host`'s program, changing `st` as the datapath changes
@@ -461,21 +474,25 @@ pub fn step(
         now,
         chosen,
         path: String::new(),
+        refused_on: None,
     };
     let res = match host.hook {
         Hook::Uplink => run.uplink_ingress(),
         Hook::Task => run.task_ingress(),
         Hook::TaskEgress => run.task_egress(),
+        Hook::Xdp => run.xdp(),
     };
     let res = match res {
         Ok(r) => r,
         Err(Stop::Out(o)) => return Err(o),
     };
-    let verdict = match res {
-        Ok(V::Pass) => TC_ACT_OK,
-        Ok(V::Redirect) => TC_ACT_REDIRECT,
-        Ok(V::Dropped) => TC_ACT_SHOT,
-        Err(reason) => {
+    let verdict = match (res, host.hook) {
+        (Ok(V::Pass | V::Redirect), Hook::Xdp) => XDP_PASS,
+        (Ok(V::Dropped) | Err(_), Hook::Xdp) => XDP_DROP,
+        (Ok(V::Pass), _) => TC_ACT_OK,
+        (Ok(V::Redirect), _) => TC_ACT_REDIRECT,
+        (Ok(V::Dropped), _) => TC_ACT_SHOT,
+        (Err(reason), _) => {
             run.path = format!("dropped {}", reason.as_str());
             run.drop_on(TEST_IFINDEX, reason);
             TC_ACT_SHOT
@@ -640,6 +657,45 @@ impl Run<'_> {
     }
 
     // ---- the uplink ----------------------------------------------------------------------
+
+    /// XDP drops, before tc sees it, a plain packet (no IPv4 options, not a fragment, TCP or
+    /// UDP) that tc ingress would drop because the inbound rules of the task it opens a flow to
+    /// refuse it: the same refusal, counted at the XDP hook. Everything else goes on to tc.
+    fn xdp(&mut self) -> Result<R, Stop> {
+        self.count(TEST_IFINDEX, HOOK_XDP);
+        let p = &self.pkt;
+        let plain = self.unicast_ipv4()
+            && p.len() >= 34
+            && p[14] == 0x45
+            && be16(p, 20) & 0x3fff == 0
+            && matches!(p[23], PROTO_TCP | PROTO_UDP);
+        if !plain {
+            return Ok(Ok(V::Pass));
+        }
+        // What tc ingress would make of it, on a copy of everything.
+        let host = Host {
+            hook: Hook::Uplink,
+            ..self.host.clone()
+        };
+        let mut st = self.st.clone();
+        let mut tc = Run {
+            host: &host,
+            st: &mut st,
+            pkt: self.pkt.clone(),
+            now: self.now,
+            chosen: self.chosen,
+            path: String::new(),
+            refused_on: None,
+        };
+        // Only whether it reached a refusal counts here, not its verdict.
+        let _ = tc.uplink_ingress()?;
+        let Some(ifindex) = tc.refused_on else {
+            return Ok(Ok(V::Pass));
+        };
+        self.drop_on(ifindex, DropReason::SgIngress);
+        "dropped SG_INGRESS early (counted on the receiving task)".clone_into(&mut self.path);
+        Ok(Ok(V::Dropped))
+    }
 
     fn uplink_ingress(&mut self) -> Result<R, Stop> {
         self.count(TEST_IFINDEX, HOOK_TC_INGRESS);
@@ -930,6 +986,7 @@ impl Run<'_> {
             return Ok(());
         }
         let ifindex = self.st.tasks[&addr(dst)].ifindex;
+        self.refused_on = Some(ifindex);
         self.drop_on(ifindex, DropReason::SgIngress);
         "dropped SG_INGRESS (counted on the receiving task)".clone_into(&mut self.path);
         self.reject_fragments(h);

@@ -41,11 +41,16 @@ use crate::fixture::{
     conntrack::{Table, show_entry, show_key},
     datapath::{Datapath, DatapathError, coarse_ns, now_ns},
     packet::{compare_frames, verify_checksums},
-    world::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, show_addr},
+    world::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, show_addr},
 };
 
 /// The programs a fuzz run loads.
-const PROGRAMS: [&str; 3] = ["tc_uplink_ingress", "tc_task_ingress", "tc_task_egress"];
+const PROGRAMS: [&str; 4] = [
+    "tc_uplink_ingress",
+    "tc_task_ingress",
+    "tc_task_egress",
+    "xdp_uplink",
+];
 
 /// The policy maps' entries for `sg`: the same rules the model reads, written as the security
 /// groups of a state file and compiled by `ecsnet apply`'s own validation and compiler.
@@ -316,10 +321,12 @@ impl Fuzzer {
         let mut errs = Vec::new();
         for (i, s) in steps.iter().enumerate() {
             let Ok(w) = &s.want else { break };
-            let name = match s.got.0 {
-                TC_ACT_OK => "pass",
-                TC_ACT_REDIRECT => "redirect",
-                TC_ACT_SHOT => "drop",
+            let name = match (ep.host.hook, s.got.0) {
+                (Hook::Xdp, XDP_PASS) => "xdp pass",
+                (Hook::Xdp, XDP_DROP) => "xdp drop",
+                (_, TC_ACT_OK) => "pass",
+                (_, TC_ACT_REDIRECT) => "redirect",
+                (_, TC_ACT_SHOT) => "drop",
                 _ => "other",
             };
             let path = if w.path.is_empty() {
@@ -361,6 +368,7 @@ fn program(hook: Hook) -> &'static str {
         Hook::Uplink => "tc_uplink_ingress",
         Hook::Task => "tc_task_ingress",
         Hook::TaskEgress => "tc_task_egress",
+        Hook::Xdp => "xdp_uplink",
     }
 }
 
