@@ -60,6 +60,7 @@ impl Hook {
     }
 
     /// The interface the frames arrive on: the uplink for both of its programs.
+    #[must_use]
     pub fn side(self) -> Hook {
         match self {
             Hook::Xdp => Hook::Uplink,
@@ -359,6 +360,17 @@ impl Hdr {
     }
 }
 
+/// The fragment state of an IPv4 header whose flags and offset field is `fo`.
+fn frag_state(fo: u16) -> Frag {
+    if fo & 0x1fff != 0 {
+        Frag::Later
+    } else if fo & 0x2000 != 0 {
+        Frag::First
+    } else {
+        Frag::None
+    }
+}
+
 fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
@@ -533,7 +545,7 @@ impl Run<'_> {
         let ipv4 = self.unicast_ipv4() && len >= 34 && {
             let (vhl, tot) = (p[14], usize::from(be16(p, 16)));
             let ihl = usize::from(vhl & 15) * 4;
-            let later = be16(p, 20) & 0x1fff != 0;
+            let later = frag_state(be16(p, 20)) == Frag::Later;
             vhl >> 4 == 4
                 && ihl >= 20
                 && tot >= ihl
@@ -575,14 +587,7 @@ impl Run<'_> {
         if ones_sum(&p[14..14 + ihl]) != 0xffff {
             return Err(DropReason::BadIpChecksum);
         }
-        let fo = be16(p, 20);
-        let frag = if fo & 0x1fff != 0 {
-            Frag::Later
-        } else if fo & 0x2000 != 0 {
-            Frag::First
-        } else {
-            Frag::None
-        };
+        let frag = frag_state(be16(p, 20));
         let l4 = 14 + ihl;
         let mut h = Hdr {
             l4,
@@ -667,7 +672,7 @@ impl Run<'_> {
         let plain = self.unicast_ipv4()
             && p.len() >= 34
             && p[14] == 0x45
-            && be16(p, 20) & 0x3fff == 0
+            && frag_state(be16(p, 20)) == Frag::None
             && matches!(p[23], PROTO_TCP | PROTO_UDP);
         if !plain {
             return Ok(Ok(V::Pass));

@@ -175,11 +175,13 @@ impl Fuzzer {
             MAP_FRAGS,
             MAP_STATS,
             MAP_DROPS,
-            MAP_SG_PEERS,
-            MAP_SG_RULES,
         ] {
             loader.map_max_entries(name, SMALL_MAPS);
         }
+        // The policy maps hold what the compiler makes of up to three random groups: a port
+        // range can take dozens of blocks, in every rule set that holds it.
+        loader.map_max_entries(MAP_SG_PEERS, 8192);
+        loader.map_max_entries(MAP_SG_RULES, 32_768);
         let mut dp = Datapath::load_with(&mut loader)?;
         dp.set_first(MAP_CONFIG, crate::fixture::world::config(1))?;
         dp.load_programs(&PROGRAMS)?;
