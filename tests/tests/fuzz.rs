@@ -1,7 +1,8 @@
 //! The bounded fuzz run of `./x test` (docs/FUZZING.md): random and mutated frames through the
-//! ingress programs and `tc_task_egress` with `BPF_PROG_TEST_RUN`, each verdict, output frame
-//! and map compared with the model. A few fixed seeds, so a regression shows on every run, and
-//! one random seed, printed, so every run also looks somewhere new. A failure prints each
+//! uplink's XDP and tc programs and both tc programs of a task's interface with
+//! `BPF_PROG_TEST_RUN`, each verdict, output frame and map compared with the model. A few fixed
+//! seeds, so a regression shows on every run, and one random seed, printed, so every run also
+//! looks somewhere new. A failure prints each
 //! disagreement with its replay command (`ecsnet-lab fuzz --replay <seed>`).
 
 use ecsnet_lab::{
@@ -72,6 +73,8 @@ fn fixed_seeds_agree_with_the_model_and_reach_every_path() {
         "drop: dropped TCP_OUT_OF_WINDOW",
         "drop: dropped BAD_IP_CHECKSUM",
         "drop: dropped VLAN_TAGGED",
+        "xdp drop: dropped SG_INGRESS early",
+        "xdp pass",
     ] {
         assert!(
             went(&all, path) > 0,
