@@ -171,12 +171,19 @@ impl Fuzzer {
             MAP_LOCAL_ADDRS,
             MAP_IFACES,
             MAP_CT,
-            MAP_CT_NEW,
-            MAP_FRAGS,
             MAP_STATS,
             MAP_DROPS,
         ] {
             loader.map_max_entries(name, SMALL_MAPS);
+        }
+        // An LRU map's free nodes sit partly in per-CPU lists (up to 128 each) that other CPUs
+        // cannot take from: with fewer entries than those lists can hold, an insert could evict
+        // on a machine with many CPUs while the map is nearly empty.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| DatapathError::Map(MAP_CT_NEW, e.into()))?
+            .get();
+        for name in [MAP_CT_NEW, MAP_FRAGS] {
+            loader.map_max_entries(name, SMALL_MAPS + 2 * 128 * cpus);
         }
         // The policy maps hold what the compiler makes of up to three random groups: a port
         // range can take dozens of blocks, in every rule set that holds it.
