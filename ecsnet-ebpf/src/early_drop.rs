@@ -14,8 +14,8 @@ use crate::{
     account::{self, Sighting},
     clock, conntrack, forward,
     parse::{
-        ETH_HLEN, FRAG_NONE, IPV4_MIN_HLEN, Ipv4Hdr, TcpHdrStart, fixed_header_checksum_ok,
-        ipv4_frag, ipv4_valid_hlen, is_unicast_ipv4, ptr_at,
+        ETH_HLEN, FRAG_NONE, IPV4_MIN_HLEN, Ipv4Hdr, Packet as _, TcpHdrStart, UDP_HLEN,
+        fixed_header_checksum_ok, ipv4_frag, ipv4_valid_hlen, is_unicast_ipv4, ptr_at, tcp_hlen,
     },
     policy, tasks,
     verdict::{Verdict, drop_on},
@@ -57,13 +57,23 @@ pub fn check(ctx: &XdpContext, cfg: &Config) -> Option<Verdict> {
     // SAFETY: checked by `ptr_at`.
     let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
     let mut tcp_flags = 0;
+    let mut l4_hlen = UDP_HLEN;
     if proto == PROTO_TCP {
         let tcp: *const TcpHdrStart = ptr_at(ctx, l4).ok()?;
         // SAFETY: checked by `ptr_at`.
-        tcp_flags = unsafe { (*tcp).flags };
+        let doff_res;
+        (tcp_flags, doff_res) = unsafe { ((*tcp).flags, (*tcp).doff_res) };
         if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
             return None;
         }
+        l4_hlen = tcp_hlen(doff_res).ok()?;
+    }
+    // A packet tc drops as malformed (a total length the frame does not hold, a transport
+    // header it cuts short, a TCP data offset below 5) is tc's, which counts it with its reason.
+    if ETH_HLEN + tot_len as usize > ctx.end() - ctx.start()
+        || IPV4_MIN_HLEN + l4_hlen > tot_len as usize
+    {
+        return None;
     }
     if !forward::is_local(cfg, daddr) {
         return None;

@@ -164,11 +164,13 @@ pub fn l4_offset(ip: usize, hlen: usize) -> usize {
 const TCP_MIN_HLEN: usize = 20;
 /// Bytes of a UDP header.
 pub const UDP_HLEN: usize = 8;
+/// Bytes of an ICMP header (type, code, checksum, four more: the echo identifier and sequence).
+const ICMP_HLEN: usize = 8;
 
 /// The TCP header length the data offset nibble of `doff_res` states, if a TCP header can be
 /// that long.
 #[inline(always)]
-fn tcp_hlen(doff_res: u8) -> Result<usize, DropReason> {
+pub fn tcp_hlen(doff_res: u8) -> Result<usize, DropReason> {
     let doff = ((doff_res >> 4) as usize) * 4;
     if doff < TCP_MIN_HLEN {
         return Err(DropReason::BadTcpOffset);
@@ -396,10 +398,21 @@ pub fn headers_at(ctx: &TcContext, ip: usize) -> Result<Headers, DropReason> {
     if frag == FRAG_LATER {
         return Ok(h);
     }
+    // What the transport header must hold within the packet's total length: its fixed part
+    // (TCP: as long as its data offset says). A shorter one is cut, and nothing of it is read
+    // or rewritten (RFC 1858's tiny first fragments among them).
+    let whole = |hlen: usize| {
+        if ihl + hlen > tot_len as usize {
+            Err(DropReason::Truncated)
+        } else {
+            Ok(())
+        }
+    };
     match iph.protocol {
         PROTO_TCP => {
             let t: TcpHdrStart = load(ctx, l4)?;
             let doff = tcp_hlen(t.doff_res)?;
+            whole(doff)?;
             h.sport = t.source;
             h.dport = t.dest;
             h.tcp_flags = t.flags;
@@ -413,11 +426,13 @@ pub fn headers_at(ctx: &TcContext, ip: usize) -> Result<Headers, DropReason> {
             h.tcp_payload = tot_len.saturating_sub(headers);
         }
         PROTO_UDP => {
+            whole(UDP_HLEN)?;
             let ports: [u16; 2] = load(ctx, l4)?;
             h.sport = ports[0];
             h.dport = ports[1];
         }
         PROTO_ICMP => {
+            whole(ICMP_HLEN)?;
             // type, code, checksum, identifier.
             let icmp: [u8; 6] = load(ctx, l4)?;
             h.icmp_type = icmp[0];

@@ -38,6 +38,20 @@ pub enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Random and mutated frames through the ingress programs (`BPF_PROG_TEST_RUN`), each
+    /// compared with a model of them: verdict, output bytes, maps (docs/FUZZING.md). Exits 1
+    /// on any disagreement.
+    Fuzz {
+        /// How many packets (whole episodes of one to six).
+        #[arg(long, default_value_t = 100_000)]
+        packets: u64,
+        /// The run's seed [default: a random one, printed].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Only the episode of this seed, as a disagreement's report names it.
+        #[arg(long)]
+        replay: Option<u64>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -255,7 +269,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Lab(l) => lab_cmd_run(l),
         Cmd::Bench(b) => bench_cmd_run(b),
         Cmd::Demo { keep } => crate::demo::run(keep),
+        Cmd::Fuzz {
+            packets,
+            seed,
+            replay,
+        } => fuzz_cmd_run(packets, seed, replay),
     }
+}
+
+fn fuzz_cmd_run(packets: u64, seed: Option<u64>, replay: Option<u64>) -> anyhow::Result<()> {
+    let seed = seed.unwrap_or_else(crate::fuzz::run::random_seed);
+    println!("fuzz: seed {seed}");
+    let s = crate::fuzz::run::run(crate::fuzz::run::Plan {
+        packets,
+        seed,
+        replay,
+        progress: Some(Duration::from_secs(10)),
+    })?;
+    print!("{}", crate::fuzz::run::render(&s));
+    if s.disagreements > 0 {
+        anyhow::bail!(
+            "{} of {} episodes disagree with the model (seed {seed})",
+            s.disagreements,
+            s.episodes
+        );
+    }
+    Ok(())
 }
 
 fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {

@@ -818,6 +818,54 @@ fn hostile_cases() -> Vec<Case> {
     ]
 }
 
+/// What the fuzz against the model found (issue 19): a transport header that ends after the IP
+/// total length (a UDP or ICMP header under 8 bytes, a TCP header shorter than its data offset
+/// says) was read and rewritten, and opened a flow: bytes of the Ethernet trailer taken for
+/// the rest of the header.
+fn fuzz_found_cases() -> Vec<Case> {
+    // `p` with only the first `n` bytes of its transport header inside the IP total length.
+    let cut = |p: P, n: usize| {
+        let bytes = p.l4.bytes(p.src, p.dst)[..n].to_vec();
+        let proto = p.l4.proto();
+        P {
+            l4: L4::Raw { proto, bytes },
+            ..p
+        }
+    };
+    let syn = P::tcp(CLIENT, 51000, HOST, 8080, TCP_SYN);
+    let syn_l4 = syn.l4.bytes(CLIENT, HOST);
+    // A first fragment with 8 bytes of the SYN's header, the other 12 in the Ethernet trailer.
+    let mut tiny = cut(syn.clone(), 8).id(0x7777);
+    tiny.frag = MF;
+    let mut tiny_frame = tiny.frame();
+    tiny_frame.extend(&syn_l4[8..]);
+    // A whole 20-byte header whose data offset says 60.
+    let mut long_doff = syn.frame();
+    long_doff[14 + 20 + 12] = 0xf0;
+    vec![
+        Case::uplink(
+            "UDP header cut after 7 bytes by the total length (frame padded): dropped TRUNCATED, \
+             nothing created",
+        )
+        .dropped(
+            &cut(P::udp(CLIENT, 51000, HOST, 5353, b""), 7).padded(),
+            DropReason::Truncated,
+        ),
+        Case::uplink(
+            "TCP first fragment with 8 header bytes, the rest in the Ethernet trailer (RFC 1858): \
+             dropped TRUNCATED, nothing created or remembered",
+        )
+        .raw_dropped(tiny_frame, DropReason::Truncated),
+        Case::uplink("TCP data offset 15 on a 20-byte header: dropped TRUNCATED, nothing created")
+            .raw_dropped(long_doff, DropReason::Truncated),
+        Case::uplink("ICMP echo header cut after 6 bytes (frame padded): dropped TRUNCATED")
+            .dropped(
+                &cut(P::echo(CLIENT, HOST, 0x1234, 0), 6).padded(),
+                DropReason::Truncated,
+            ),
+    ]
+}
+
 fn task_cases() -> Vec<Case> {
     // A SYN from A to `via`:8443, published to B:443.
     let hairpin_via = |desc, via| {
@@ -1118,6 +1166,7 @@ group_tests! {
     frames_around_the_checks_bad_headers_and_out_of_window_closes: "issue 16 guards" => guard_cases;
     uplink_ingress_hostile_packets: "hostile packets" => hostile_cases;
     task_ingress_east_west_hairpin_and_replies: "task ingress" => task_cases;
+    uplink_ingress_transport_headers_cut_by_the_total_length: "issue 19 fuzz findings" => fuzz_found_cases;
 }
 
 /// Self-hairpin when the reply tuple with the task's own source port is taken: the datapath

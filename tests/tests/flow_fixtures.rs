@@ -48,7 +48,7 @@ use ecsnet_lab::fixture::{
     conntrack::{FlowPair, Table},
     datapath::{Datapath, coarse_ns, now_ns, require_test_host},
     harness::{case_result, run_table},
-    packet::{P, SEQ},
+    packet::{L4, P, SEQ},
     world::{
         BRIDGE, CLIENT, HOST, IFINDEX_A, IFINDEX_B, IMDS, MAC_A, MAC_B, NO_SUCH_IFINDEX,
         OTHER_CONTAINER, OTHER_LOCAL, REMOTE, Seed, TASK_A, TASK_B, TEST_IFINDEX, Tuple, addr,
@@ -57,7 +57,7 @@ use ecsnet_lab::fixture::{
 };
 // The tables' short names of the verdicts.
 use ecsnet_lab::fixture::world::{
-    TC_ACT_OK as TC_OK, TC_ACT_REDIRECT as TC_REDIRECT, TC_ACT_SHOT as TC_SHOT, XDP_DROP,
+    TC_ACT_OK as TC_OK, TC_ACT_REDIRECT as TC_REDIRECT, TC_ACT_SHOT as TC_SHOT, XDP_DROP, XDP_PASS,
 };
 
 /// The open capture window every case starts in.
@@ -621,6 +621,25 @@ fn cases() -> Vec<Case> {
             (PROTO_TCP, tu(CLIENT, 51000, HOST, 8080)),
         )
     };
+    // A malformed packet opening a flow to A's published port, which A's rules would refuse:
+    // XDP leaves it to tc, which drops it for its header; no flow record, nothing counted.
+    let malformed_at_xdp = |desc, p: P| {
+        Case::new(desc, world_with_policy(TASK_A, P_BRIDGE_HTTP))
+            .on_uplink()
+            .xdp(&p, XDP_PASS)
+    };
+    let udp_cut_after_7 = {
+        let p = P::udp(CLIENT, 51000, HOST, 5353, b"");
+        let bytes = p.l4.bytes(CLIENT, HOST)[..7].to_vec();
+        P {
+            l4: L4::Raw {
+                proto: PROTO_UDP,
+                bytes,
+            },
+            ..p
+        }
+        .padded()
+    };
     // IPv6 under a policy, dropped at `hook` with one event.
     let ipv6_policed = |desc, policy, act, hook| {
         Case::new(desc, world_with_policy(TASK_A, policy))
@@ -852,6 +871,26 @@ fn cases() -> Vec<Case> {
             Case::xdp,
             XDP_DROP,
             HOOK_XDP,
+        ),
+        // Found by the fuzz against the model (issue 19): XDP dropped these for the rules, where
+        // tc drops them for their malformed headers.
+        malformed_at_xdp(
+            "the same SYN at XDP with TCP data offset 4: left to tc (BAD_TCP_OFFSET there), no \
+             record",
+            syn_8080.clone().doff(4),
+        ),
+        malformed_at_xdp(
+            "the same SYN at XDP with a total length past the frame: left to tc (TRUNCATED \
+             there), no record",
+            P {
+                tot_len: Some(60),
+                ..syn_8080.clone()
+            },
+        ),
+        malformed_at_xdp(
+            "UDP to a published port at XDP, its header cut after 7 bytes by the total length: \
+             left to tc (TRUNCATED there), no record",
+            udp_cut_after_7,
         ),
         Case::new(
             "delivered by the kernel to B without policy (tc egress): B's ingress record",
