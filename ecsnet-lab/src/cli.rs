@@ -195,6 +195,9 @@ pub enum LabCmd {
         tcp: Vec<u16>,
         #[arg(long)]
         udp: Vec<u16>,
+        /// NETNS/PROTO/PORT, repeatable: serve that port in that namespace too.
+        #[arg(long)]
+        at: Vec<String>,
     },
     /// Send known traffic to an echo server and check every echo.
     Probe {
@@ -388,7 +391,9 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             let s = lab::status(&name)?;
             print_status(&name, json, &s)?;
         }
-        LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
+        LabCmd::Serve { tcp, udp, at } => {
+            traffic::serve(&tcp, &udp, &traffic::parse_elsewhere(&at)?)?;
+        }
         LabCmd::Probe {
             tcp,
             udp,
