@@ -312,6 +312,31 @@ pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey, CtEntr
     Ok(all)
 }
 
+/// Calls `each` with every entry of both connection tables and its table's name, read in
+/// chunks and never all held at once (a million flows are two million entries).
+pub fn for_each_ct(
+    paths: &InstancePaths,
+    mut each: impl FnMut(&'static str, &CtKey, &CtEntry),
+) -> Result<(), MapsError> {
+    for map in CT_TABLES {
+        let data = pinned_for_batch::<CtKey, CtEntry>(paths, map)?;
+        batch::for_each(data.fd().as_fd(), |k: CtKey, e: CtEntry| each(map, &k, &e))
+            .map_err(|source| MapsError::Batch { map, source })?;
+    }
+    Ok(())
+}
+
+/// Inserts `entries` into connection table `map` (one of `CT_TABLES`) in chunks, as the
+/// datapath would have made them: for seeding a large table (the scale benchmark and its test).
+pub fn insert_ct(
+    paths: &InstancePaths,
+    map: &'static str,
+    entries: &[(CtKey, CtEntry)],
+) -> Result<(), MapsError> {
+    let data = pinned_for_batch::<CtKey, CtEntry>(paths, map)?;
+    batch::update(data.fd().as_fd(), entries).map_err(|source| MapsError::Batch { map, source })
+}
+
 /// The connection-table event counters (`CT_EV_*`), summed over CPUs.
 pub fn read_ct_events(paths: &InstancePaths) -> Result<[u64; CT_EVENT_SLOTS as usize], MapsError> {
     let m: PerCpuArray<MapData, u64> = open_as(paths, MAP_CT_EVENTS)?;
