@@ -385,14 +385,23 @@ pub fn ct_capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, Maps
     capacity(paths, map)
 }
 
+/// What one garbage collection did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Flows removed.
+    pub removed: usize,
+    /// Entries read from both connection tables: the pass's work.
+    pub scanned: usize,
+}
+
 /// Removes the flows idle longer than their state allows at `now_ns` (`CLOCK_MONOTONIC`), both
 /// directions together, from both connection tables, and sets the masquerade counts to the
-/// ports the flows left hold (`nat_use`). Returns the number of flows removed.
+/// ports the flows left hold (`nat_use`).
 pub fn collect_garbage(
     paths: &InstancePaths,
     timeouts: &Timeouts,
     now_ns: u64,
-) -> Result<usize, MapsError> {
+) -> Result<Collected, MapsError> {
     // A datapath loaded by a build without the counts has nothing to set.
     let counted = paths.map_pin(MAP_NAT_USE).exists();
     let before = if counted {
@@ -401,34 +410,43 @@ pub fn collect_garbage(
         StdHashMap::new()
     };
     let mut held = Held::new();
-    let mut removed = 0;
+    let mut out = Collected::default();
     for map in CT_TABLES {
-        removed += collect_table(paths, map, timeouts, now_ns, &mut held)?;
+        let (removed, scanned) = collect_table(paths, map, timeouts, now_ns, &mut held)?;
+        out.removed += removed;
+        out.scanned += scanned;
     }
     if counted {
         settle_nat_use(paths, &before, &held)?;
     }
-    Ok(removed)
+    Ok(out)
 }
 
 /// [`collect_garbage`] for one table, counting the masquerade ports the flows it keeps hold in
-/// `held`. A flow's two entries are always in the same table: the datapath moves them together.
+/// `held`: the flows removed and the entries read. A flow's two entries are always in the same table: the datapath moves them together.
 fn collect_table(
     paths: &InstancePaths,
     map: &'static str,
     timeouts: &Timeouts,
     now_ns: u64,
     held: &mut Held,
-) -> Result<usize, MapsError> {
+) -> Result<(usize, usize), MapsError> {
     let (data, all) = ct_table(paths, map)?;
-    let entries: StdHashMap<CtKey, CtEntry> = all.into_iter().collect();
+    let scanned = all.len();
+    // Where each key is in `all`: a million flows are two million entries, and an index of
+    // packed keys is built in a third of the time a map of whole entries took.
+    let mut at: StdHashMap<u128, usize> = StdHashMap::with_capacity(scanned);
+    for (i, (k, _)) in all.iter().enumerate() {
+        at.insert(packed(k), i);
+    }
+    let get = |k: &CtKey| at.get(&packed(k)).map(|&i| &all[i].1);
     let mut doomed = Vec::new();
     let mut removed = 0;
-    for (k, e) in &entries {
+    for (k, e) in &all {
         if e.dir != ct::DIR_ORIGINAL {
             // Reply entries go with their original; an orphan (its original already gone) is
             // judged on its own.
-            if entries.contains_key(&e.peer) {
+            if get(&e.peer).is_some() {
                 continue;
             }
             if ct::expired(k.proto, e, e, timeouts, now_ns) {
@@ -438,7 +456,7 @@ fn collect_table(
             }
             continue;
         }
-        let reply = entries.get(&e.peer).copied();
+        let reply = get(&e.peer).copied();
         if ct::expired(k.proto, e, &reply.unwrap_or_default(), timeouts, now_ns) {
             // Reply first (the deletes keep this order): a packet racing with us then misses
             // and takes the kernel path rather than finding half a flow.
@@ -450,7 +468,16 @@ fn collect_table(
         }
     }
     batch::delete(data.fd().as_fd(), &doomed).map_err(|source| MapsError::Batch { map, source })?;
-    Ok(removed)
+    Ok((removed, scanned))
+}
+
+/// A connection-table key as one number (every field but the padding).
+fn packed(k: &CtKey) -> u128 {
+    u128::from(k.saddr) << 96
+        | u128::from(k.daddr) << 64
+        | u128::from(k.sport) << 48
+        | u128::from(k.dport) << 32
+        | u128::from(k.proto)
 }
 
 /// The pinned masquerade counts and all their entries.
