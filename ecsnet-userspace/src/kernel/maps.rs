@@ -112,12 +112,13 @@ pub fn write_tasks(
     tasks: &[(u32, TaskInfo)],
     ifaces: &[(u32, IfaceInfo)],
 ) -> Result<(), MapsError> {
+    let before: StdHashMap<u32, TaskInfo> = read_tasks(paths)?.into_iter().collect();
     let mut t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
     for (k, v) in tasks {
         // Keep a MAC the datapath learned when the host had no neighbour entry to offer.
         let mut v = *v;
         if v.mac == [0; 6]
-            && let Ok(old) = t.get(k, 0)
+            && let Some(old) = before.get(k)
             && old.ifindex == v.ifindex
         {
             v.mac = old.mac;
@@ -130,9 +131,8 @@ pub fn write_tasks(
     let mut i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
     insert_all(&mut i, MAP_IFACES, ifaces)?;
     let keep = keys_of(ifaces);
-    let task_rows: HashSet<u32> = i
-        .iter()
-        .flatten()
+    let task_rows: HashSet<u32> = read_ifaces(paths)?
+        .into_iter()
         .filter(|(_, v)| v.role == ROLE_TASK)
         .map(|(k, _)| k)
         .collect();
@@ -153,16 +153,24 @@ pub fn remove_iface(paths: &InstancePaths, ifindex: u32) -> Result<(), MapsError
     remove_keys(&mut i, MAP_IFACES, |k| *k == ifindex)
 }
 
+/// Every entry of the pinned hash map `map`, read in chunks: an apply reads `TASKS` and
+/// `IFACES` several times, a thousand entries each, where aya takes two system calls an entry.
+fn read_all<K: Pod, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+) -> Result<Vec<(K, V)>, MapsError> {
+    let data = pinned_for_batch::<K, V>(paths, map)?;
+    batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch { map, source })
+}
+
 /// `TASKS` as it is in the kernel: by address (network order).
 pub fn read_tasks(paths: &InstancePaths) -> Result<Vec<(u32, TaskInfo)>, MapsError> {
-    let t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
-    Ok(t.iter().flatten().collect())
+    read_all(paths, MAP_TASKS)
 }
 
 /// `IFACES` as it is in the kernel.
 pub fn read_ifaces(paths: &InstancePaths) -> Result<Vec<(u32, IfaceInfo)>, MapsError> {
-    let i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
-    Ok(i.iter().flatten().collect())
+    read_all(paths, MAP_IFACES)
 }
 
 /// Packets and bytes.
