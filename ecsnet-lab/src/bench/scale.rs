@@ -183,8 +183,10 @@ pub fn seed(paths: &InstancePaths, entries: &[(CtKey, CtEntry)]) -> Result<Durat
 pub struct Load {
     /// Flows in the connection tables (original entries).
     pub flows: u64,
-    /// The agent's resident memory, KiB.
+    /// The agent's resident memory at the end of the window, and its peak since it started
+    /// (`VmHWM`: a GC pass holds the tables it read), KiB.
     pub agent_rss_kib: u64,
+    pub agent_peak_rss_kib: u64,
     /// CPU seconds per second of each of the agent's threads (by name) over `window_s`.
     pub cpu_per_s: BTreeMap<String, f64>,
     pub window_s: f64,
@@ -192,9 +194,11 @@ pub struct Load {
     pub stats_json_ms: f64,
     pub stats_ms: f64,
     pub flows_tail_ms: f64,
-    /// `ecsnet apply` of a one-task change on top of the whole state, ms (median): the last
-    /// task removed (its flows with it), and added back.
-    pub apply_one_ms: f64,
+    /// `ecsnet apply` of the whole state without its last task (which cuts that task's flows),
+    /// and of the whole state again (the task back: what discovery's apply does for a new
+    /// container), ms (medians).
+    pub apply_out_ms: f64,
+    pub apply_in_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -279,16 +283,17 @@ fn agent_pid(paths: &InstancePaths) -> Result<u32, BenchError> {
         .map_err(|_| step("reading the agent's pid")(format!("{}: {text:?}", path.display())))
 }
 
-fn rss_kib(pid: u32) -> Result<u64, BenchError> {
+/// `field` (`VmRSS`, `VmHWM`) of process `pid`, KiB.
+fn memory_kib(pid: u32, field: &str) -> Result<u64, BenchError> {
     let path = std::path::PathBuf::from(format!("/proc/{pid}/status"));
     let text = std::fs::read_to_string(&path).map_err(|source| BenchError::Read {
         path: path.clone(),
         source,
     })?;
     text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| step("agent memory")(format!("no VmRSS in {}", path.display())))
+        .ok_or_else(|| step("agent memory")(format!("no {field} in {}", path.display())))
 }
 
 /// CPU seconds per second of each thread of `pid` over `window`.
@@ -355,19 +360,29 @@ impl Run<'_> {
     fn load(&self) -> Result<Load, BenchError> {
         let pid = agent_pid(&self.paths)?;
         let cpu = cpu_per_s(pid, WINDOW)?;
-        let agent_rss_kib = rss_kib(pid)?;
+        let agent_rss_kib = memory_kib(pid, "VmRSS")?;
+        // Counted before the applies below take the last task's flows away.
+        let flows = self.flows()?;
+        let (mut outs, mut ins) = (Vec::new(), Vec::new());
+        for _ in 0..REPEAT {
+            let t = Instant::now();
+            self.apply(&self.one)?;
+            outs.push(ms(t.elapsed()));
+            let t = Instant::now();
+            self.apply(&self.all)?;
+            ins.push(ms(t.elapsed()));
+        }
         Ok(Load {
-            flows: self.flows()?,
+            flows,
             agent_rss_kib,
+            agent_peak_rss_kib: memory_kib(pid, "VmHWM")?,
             cpu_per_s: cpu,
             window_s: WINDOW.as_secs_f64(),
             stats_json_ms: timed(|| self.ecsnet(&["stats", "--json"]).map(drop))?,
             stats_ms: timed(|| self.ecsnet(&["stats"]).map(drop))?,
             flows_tail_ms: timed(|| self.ecsnet(&["flows", "tail", "-n", "100"]).map(drop))?,
-            apply_one_ms: timed(|| {
-                self.apply(&self.one)?;
-                self.apply(&self.all)
-            })? / 2.0,
+            apply_out_ms: super::median(&outs),
+            apply_in_ms: super::median(&ins),
         })
     }
 }
@@ -481,6 +496,10 @@ pub fn scale(tasks: usize, flows: usize) -> Result<ScaleBench, BenchError> {
 }
 
 /// The table `bench scale` prints.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "KiB of an agent's memory are far below 2^52"
+)]
 pub fn render_scale(b: &ScaleBench) -> String {
     let mut out = format!(
         "scale: {} tasks, {} flows seeded ({} expired), CT size {}\n\
@@ -513,6 +532,12 @@ pub fn render_scale(b: &ScaleBench) -> String {
         format!("{:.1}", e.agent_rss_kib as f64 / 1024.0),
         format!("{:.1}", l.agent_rss_kib as f64 / 1024.0),
     );
+    row(
+        &mut out,
+        "agent peak RSS (MiB)",
+        format!("{:.1}", e.agent_peak_rss_kib as f64 / 1024.0),
+        format!("{:.1}", l.agent_peak_rss_kib as f64 / 1024.0),
+    );
     let mut threads: Vec<&String> = e.cpu_per_s.keys().chain(l.cpu_per_s.keys()).collect();
     threads.sort();
     threads.dedup();
@@ -526,10 +551,11 @@ pub fn render_scale(b: &ScaleBench) -> String {
         );
     }
     for (what, a, b) in [
+        ("apply, last task out (ms)", e.apply_out_ms, l.apply_out_ms),
         (
-            "apply, one task changed (ms)",
-            e.apply_one_ms,
-            l.apply_one_ms,
+            "apply, last task back in (ms)",
+            e.apply_in_ms,
+            l.apply_in_ms,
         ),
         ("stats --json (ms)", e.stats_json_ms, l.stats_json_ms),
         ("stats (ms)", e.stats_ms, l.stats_ms),

@@ -181,9 +181,10 @@ async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentErro
 /// connection tables are small.
 const GC_INTERVAL: Duration = Duration::from_secs(1);
 /// Connection-table entries GC may read per second, on average: a pass reads both tables
-/// whole (about 0.35 us of CPU per entry on the lab's machine), so with more entries than this
-/// the next pass waits longer. A million flows (two million entries) were 0.74 CPU seconds
-/// per second with a pass every second; with a pass every 8 s, a tenth of that.
+/// whole (about 1 us of CPU per entry on the lab's machine, most of it the kernel's copy), so
+/// with more entries than this the next pass waits longer. A million flows (two million
+/// entries) kept the housekeeping thread at 0.74 CPU s/s with a pass every second; with a
+/// pass every 8 s it is at 0.19 (docs/BENCHMARKS.md, Scale).
 const GC_ENTRIES_PER_SEC: usize = 250_000;
 /// The longest wait between two passes, however full the tables: an idle flow outlives its
 /// timeout by at most this, and a task's masquerade ports are recounted at least this often.
