@@ -72,81 +72,92 @@ fn octets(a: Ipv4Addr) -> [u8; 4] {
     a.octets()
 }
 
-/// `n` flows of `tasks` (at least two), both CT entries each, for table `CT`, as of `now_ns`
-/// (`CLOCK_MONOTONIC`): one in `EXPIRED_EVERY` a UDP flow idle for ten minutes, the others
-/// established TCP flows in turn task to task, client to a published port, and task to the
-/// outside through masquerade. Every key differs.
-pub fn seed_flows(tasks: &[LabTask], n: usize, now_ns: u64) -> (Vec<(CtKey, CtEntry)>, Seeded) {
-    assert!(tasks.len() >= 2, "seeded flows need two tasks");
-    let t = tasks.len();
-    let mut out = Vec::with_capacity(2 * n);
-    let mut seeded = Seeded::default();
+/// The `nth` masqueraded flow: task (nth % tasks) to remote (nth / `PORTS_PER_REMOTE`), its
+/// port kept by masquerade (each remote's ports are distinct, so both keys are); UDP to port
+/// 53 when `expired`, else TCP to 443.
+fn masquerade_flow(tasks: &[LabTask], nth: usize, expired: bool) -> FlowPair {
+    let task = octets(tasks[nth % tasks.len()].address);
+    let port = u16::try_from(1024 + nth % PORTS_PER_REMOTE).expect("below 65536");
+    let remote = u32::from(REMOTE_BASE) + u32::try_from(nth / PORTS_PER_REMOTE).expect("few");
+    let remote = octets(Ipv4Addr::from(remote));
+    let (proto, dport) = if expired {
+        (PROTO_UDP, 53)
+    } else {
+        (PROTO_TCP, 443)
+    };
+    FlowPair::new(
+        proto,
+        tu(task, port, remote, dport),
+        tu(octets(UPLINK_ADDR), port, remote, dport),
+        KIND_MASQUERADE,
+    )
+}
+
+/// The `nth` flow between two tasks: to the other's port 80, from one of 28,000 ephemeral
+/// ports, every pair of tasks in turn.
+fn east_west_flow(tasks: &[LabTask], nth: usize) -> FlowPair {
+    let count = tasks.len();
+    let from = nth % count;
+    let to = (from + 1 + (nth / count) % (count - 1)) % count;
+    let sport = u16::try_from(32768 + (nth / (count * (count - 1))) % 28_000).expect("port");
+    let orig = tu(
+        octets(tasks[from].address),
+        sport,
+        octets(tasks[to].address),
+        80,
+    );
+    FlowPair::new(PROTO_TCP, orig, orig, KIND_EAST_WEST)
+}
+
+/// The `nth` flow from the client to a task's published port, DNAT to its container port.
+fn inbound_flow(tasks: &[LabTask], nth: usize) -> FlowPair {
+    let task = &tasks[nth % tasks.len()];
+    let (host_port, container_port) = task
+        .port_mappings
+        .first()
+        .map_or((8080, 80), |p| (p.host_port, p.container_port));
+    let sport = u16::try_from(1024 + (nth / tasks.len()) % 64_000).expect("port");
     let client = octets(lab::CLIENT_ADDR);
-    let host = octets(UPLINK_ADDR);
-    // Each kind numbers its own flows, so that each kind's keys are distinct by construction.
-    let (mut ew, mut inb, mut masq) = (0usize, 0usize, 0usize);
-    for i in 0..n {
+    FlowPair::new(
+        PROTO_TCP,
+        tu(client, sport, octets(UPLINK_ADDR), host_port),
+        tu(client, sport, octets(task.address), container_port),
+        KIND_INBOUND,
+    )
+}
+
+/// `flows` flows of `tasks` (at least two), both CT entries each, for table `CT`, as of
+/// `now_ns` (`CLOCK_MONOTONIC`): one in `EXPIRED_EVERY` a UDP flow idle for ten minutes, the
+/// others established TCP flows in turn task to task, client to a published port, and task to
+/// the outside through masquerade. Every key differs.
+pub fn seed_flows(tasks: &[LabTask], flows: usize, now_ns: u64) -> (Vec<(CtKey, CtEntry)>, Seeded) {
+    assert!(tasks.len() >= 2, "seeded flows need two tasks");
+    let mut out = Vec::with_capacity(2 * flows);
+    let mut seeded = Seeded::default();
+    for i in 0..flows {
         let expired = i % EXPIRED_EVERY == EXPIRED_EVERY - 1;
-        let pair = if expired || i % 3 == 2 {
-            // Task (m % t) to remote (m / PORTS_PER_REMOTE):443, its port kept by masquerade
-            // (each remote's ports are distinct, so both keys are).
-            let m = masq;
-            masq += 1;
-            let task = octets(tasks[m % t].address);
-            let port = u16::try_from(1024 + m % PORTS_PER_REMOTE).expect("below 65536");
-            let remote = u32::from(REMOTE_BASE) + u32::try_from(m / PORTS_PER_REMOTE).expect("few");
-            let remote = octets(Ipv4Addr::from(remote));
-            let (proto, dport) = if expired {
-                (PROTO_UDP, 53)
-            } else {
-                (PROTO_TCP, 443)
-            };
-            FlowPair::new(
-                proto,
-                tu(task, port, remote, dport),
-                tu(host, port, remote, dport),
-                KIND_MASQUERADE,
-            )
+        // Each kind numbers its own flows, so that each kind's keys are distinct by
+        // construction; the expired ones are masqueraded flows too.
+        let mut pair = if expired || i % 3 == 2 {
+            let nth = seeded.masquerade + seeded.expired;
+            masquerade_flow(tasks, nth, expired)
         } else if i % 3 == 0 {
-            // Task a to task b:80, from one of 28,000 ephemeral ports.
-            let e = ew;
-            ew += 1;
-            let a = e % t;
-            let b = (a + 1 + (e / t) % (t - 1)) % t;
-            let sport = u16::try_from(32768 + (e / (t * (t - 1))) % 28_000).expect("port");
-            let (ta, tb) = (octets(tasks[a].address), octets(tasks[b].address));
-            let orig = tu(ta, sport, tb, 80);
-            FlowPair::new(PROTO_TCP, orig, orig, KIND_EAST_WEST)
+            east_west_flow(tasks, seeded.east_west)
         } else {
-            // The client to a task's published port, DNAT to its container port.
-            let k = inb;
-            inb += 1;
-            let task = &tasks[k % t];
-            let port = task
-                .port_mappings
-                .first()
-                .map_or((8080, 80), |p| (p.host_port, p.container_port));
-            let sport = u16::try_from(1024 + (k / t) % 64_000).expect("port");
-            FlowPair::new(
-                PROTO_TCP,
-                tu(client, sport, host, port.0),
-                tu(client, sport, octets(task.address), port.1),
-                KIND_INBOUND,
-            )
+            inbound_flow(tasks, seeded.inbound)
         };
-        let mut pair = pair;
-        for e in [&mut pair.o, &mut pair.r] {
-            e.packets = 10;
-            e.bytes = 4096;
+        for entry in [&mut pair.o, &mut pair.r] {
+            entry.packets = 10;
+            entry.bytes = 4096;
             if expired {
-                e.last_seen_ns = now_ns.saturating_sub(600_000_000_000);
+                entry.last_seen_ns = now_ns.saturating_sub(600_000_000_000);
             } else {
-                e.last_seen_ns = now_ns;
-                e.tcp_flags = TCP_SYN | TCP_ACK;
-                e.tcp_end = 1000;
-                e.tcp_ack = 1000;
+                entry.last_seen_ns = now_ns;
+                entry.tcp_flags = TCP_SYN | TCP_ACK;
+                entry.tcp_end = 1000;
+                entry.tcp_ack = 1000;
             }
-            e.created_ns = e.last_seen_ns;
+            entry.created_ns = entry.last_seen_ns;
         }
         if expired {
             seeded.expired += 1;
@@ -412,7 +423,7 @@ fn state_files(lab: &LabStatus) -> Result<[String; 3], BenchError> {
 
 /// `ecsnet bench scale`: a lab of `tasks` tasks, ecsnet up on it, `flows` flows seeded.
 pub fn scale(tasks: usize, flows: usize) -> Result<ScaleBench, BenchError> {
-    if tasks < 2 || tasks > lab::MAX_TASKS || flows == 0 {
+    if !(2..=lab::MAX_TASKS).contains(&tasks) || flows == 0 {
         return Err(step("bench scale")(format!(
             "--tasks must be 2 to {} and --flows at least 1",
             lab::MAX_TASKS
@@ -608,7 +619,7 @@ mod tests {
             .count();
         assert_eq!(gone, seeded.expired);
         for (k, e) in &entries {
-            assert_eq!(keys.contains(&e.peer), true, "{k:?} has its peer");
+            assert!(keys.contains(&e.peer), "{k:?} has its peer");
         }
     }
 }

@@ -553,8 +553,26 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
         }
         status.tasks = engine::tasks(name, &host)?.0;
     }
-    // One server for the client and every task in a namespace of its own: a process per task
-    // made `up` of a thousand tasks spend most of its time starting them.
+    start_servers(spec, &status)?;
+    let mut state = state_for(&status);
+    if engine.is_some() {
+        // The engine is the source of tasks: the file carries the host only.
+        state.tasks.clear();
+    }
+    write(
+        &status.state_file,
+        &serde_json::to_string_pretty(&state).expect("state serializes"),
+    )?;
+    write(
+        &dir.join("lab.json"),
+        &serde_json::to_string_pretty(&status).expect("status serializes"),
+    )?;
+    Ok(status)
+}
+
+/// One echo server for the client and every task in a namespace of its own: a process per
+/// task made `up` of a thousand tasks spend most of its time starting them.
+fn start_servers(spec: &LabSpec, status: &LabStatus) -> Result<(), LabError> {
     let mut at = Vec::new();
     for t in status.tasks.iter().filter(|t| !t.netns.is_empty()) {
         let mut ports: Vec<(Protocol, u16)> = t
@@ -572,29 +590,15 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
         );
     }
     start_server(
-        name,
-        &client,
+        &spec.name,
+        &status.client.netns,
         "servers",
         &[
             (Protocol::Tcp, CLIENT_ECHO_PORT),
             (Protocol::Udp, CLIENT_ECHO_PORT),
         ],
         &at,
-    )?;
-    let mut state = state_for(&status);
-    if engine.is_some() {
-        // The engine is the source of tasks: the file carries the host only.
-        state.tasks.clear();
-    }
-    write(
-        &status.state_file,
-        &serde_json::to_string_pretty(&state).expect("state serializes"),
-    )?;
-    write(
-        &dir.join("lab.json"),
-        &serde_json::to_string_pretty(&status).expect("status serializes"),
-    )?;
-    Ok(status)
+    )
 }
 
 fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {

@@ -295,7 +295,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
         maps::read_ct_events(paths)?,
     );
     maps::for_each_ct(paths, |table, k, e| {
-        count_entry(&mut conntrack, table, k, e)
+        count_entry(&mut conntrack, table, k, e);
     })?;
     let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
     let mut total: BTreeMap<String, u64> = BTreeMap::new();

@@ -112,7 +112,7 @@ pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
 /// holding them all at once.
 pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut each: impl FnMut(K, V)) -> io::Result<()> {
     lookup_raw(fd, size_of::<K>(), size_of::<V>(), |k, v| {
-        each(read(k), read(v))
+        each(read(k), read(v));
     })
 }
 

@@ -25,7 +25,7 @@ pub struct ResolvedTask {
 
 /// A snapshot's links, neighbours and FDB indexed once per resolve, so that finding a
 /// thousand tasks' interfaces is a thousand lookups, not a thousand scans of every list.
-struct Index<'a> {
+struct Indexed<'a> {
     by_name: HashMap<&'a str, &'a Link>,
     by_index: HashMap<u32, &'a Link>,
     /// (ifindex, address) -> MAC: the first neighbour entry, as a scan would find it.
@@ -35,9 +35,9 @@ struct Index<'a> {
     ports_of_mac: HashMap<[u8; 6], Vec<u32>>,
 }
 
-impl<'a> Index<'a> {
+impl<'a> Indexed<'a> {
     fn new(snap: &'a Snapshot) -> Self {
-        let mut ix = Index {
+        let mut ix = Indexed {
             by_name: HashMap::new(),
             by_index: HashMap::new(),
             neigh: HashMap::new(),
@@ -71,7 +71,11 @@ impl<'a> Index<'a> {
 
 /// The link of task `i`: the one it names, which must be a port of `bridge`, or the port
 /// behind its address.
-fn link_of<'a>(ix: &Index<'a>, bridge: u32, (i, t): (usize, &Task)) -> Result<&'a Link, PlanError> {
+fn link_of<'a>(
+    ix: &Indexed<'a>,
+    bridge: u32,
+    (i, t): (usize, &Task),
+) -> Result<&'a Link, PlanError> {
     let Some(name) = &t.interface else {
         return ix.port_for_address(bridge, t.ipv4_address).ok_or_else(|| {
             let addr = t.ipv4_address;
@@ -96,7 +100,7 @@ fn link_of<'a>(ix: &Index<'a>, bridge: u32, (i, t): (usize, &Task)) -> Result<&'
 
 /// The MAC of the task at `addr` on port `link`: the bridge's neighbour entry, else the one
 /// unicast MAC the bridge learned on the port; zero when neither says.
-fn mac_of(ix: &Index<'_>, bridge: u32, addr: Ipv4Addr, link: &Link) -> [u8; 6] {
+fn mac_of(ix: &Indexed<'_>, bridge: u32, addr: Ipv4Addr, link: &Link) -> [u8; 6] {
     let mut learned = ix
         .fdb_of_port
         .get(&link.index)
@@ -124,7 +128,7 @@ pub fn resolve(
     snap: &Snapshot,
     bridge: u32,
 ) -> Result<Vec<ResolvedTask>, PlanError> {
-    let ix = Index::new(snap);
+    let ix = Indexed::new(snap);
     let mut out = Vec::with_capacity(state.tasks.len());
     let mut seen: HashMap<u32, usize> = HashMap::new();
     for (i, t) in state.tasks.iter().enumerate() {
