@@ -114,6 +114,19 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A lab of many tasks with many flows seeded into the connection table: apply times,
+    /// the agent's memory and CPU, `stats` and `flows tail` latency, empty and loaded.
+    Scale {
+        #[arg(long, default_value_t = bench::scale::DEFAULT_TASKS)]
+        tasks: usize,
+        #[arg(long, default_value_t = bench::scale::DEFAULT_FLOWS)]
+        flows: usize,
+        /// Also write the report here (JSON), e.g. docs/bench-scale.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The benchmark's server: echo until the client closes on one port, one reply per
     /// connection on another.
     #[command(hide = true)]
@@ -209,6 +222,9 @@ pub enum LabCmd {
         tcp: Vec<u16>,
         #[arg(long)]
         udp: Vec<u16>,
+        /// NETNS/PROTO/PORT, repeatable: serve that port in that namespace too.
+        #[arg(long)]
+        at: Vec<String>,
     },
     /// Send known traffic to an echo server and check every echo.
     Probe {
@@ -330,6 +346,23 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             let b = bench::discovery(runs as usize)?;
             print_json_or(json, &b, bench::render_discovery);
         }
+        Some(BenchCmd::Scale {
+            tasks,
+            flows,
+            out,
+            json,
+        }) => {
+            let b = bench::scale(tasks, flows)?;
+            if let Some(path) = out {
+                std::fs::write(&path, serde_json::to_string_pretty(&b)? + "\n").map_err(
+                    |source| bench::BenchError::Write {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+            }
+            print_json_or(json, &b, bench::render_scale);
+        }
         Some(BenchCmd::Serve {
             rr_port,
             crr_port,
@@ -427,7 +460,9 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             let s = lab::status(&name)?;
             print_status(&name, json, &s)?;
         }
-        LabCmd::Serve { tcp, udp } => traffic::serve(&tcp, &udp)?,
+        LabCmd::Serve { tcp, udp, at } => {
+            traffic::serve(&tcp, &udp, &traffic::parse_elsewhere(&at)?)?;
+        }
         LabCmd::Probe {
             tcp,
             udp,

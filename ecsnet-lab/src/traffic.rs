@@ -26,6 +26,13 @@ pub enum TrafficError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("bad --at {0:?}: expected NETNS/tcp/PORT or NETNS/udp/PORT")]
+    BadAt(String),
+    #[error("namespace {netns}: {source}")]
+    Netns {
+        netns: String,
+        source: std::io::Error,
+    },
     #[error("{proto} {addr}: echo {got} of {want} bytes did not match what was sent")]
     Mismatch {
         proto: &'static str,
@@ -35,25 +42,82 @@ pub enum TrafficError {
     },
 }
 
-/// Serves echo on every port until killed.
-pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<(), TrafficError> {
-    let mut threads = Vec::new();
-    threads.extend(serve_each(
-        "tcp",
-        tcp,
-        TcpListener::bind,
-        |l: &TcpListener| {
-            for conn in l.incoming().flatten() {
-                std::thread::spawn(move || echo_tcp(&conn));
+/// Ports to serve in another namespace than the server's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Elsewhere {
+    pub netns: String,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+/// Groups `NETNS/PROTO/PORT` specs (`lab serve --at`) by namespace, in first-seen order.
+pub fn parse_elsewhere(specs: &[String]) -> Result<Vec<Elsewhere>, TrafficError> {
+    let mut out: Vec<Elsewhere> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for spec in specs {
+        let bad = || TrafficError::BadAt(spec.clone());
+        let mut parts = spec.rsplitn(3, '/');
+        let (Some(port), Some(proto), Some(netns)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let at = *index.entry(netns.to_owned()).or_insert_with(|| {
+            out.push(Elsewhere {
+                netns: netns.to_owned(),
+                ..Elsewhere::default()
+            });
+            out.len() - 1
+        });
+        match proto {
+            "tcp" => out[at].tcp.push(port),
+            "udp" => out[at].udp.push(port),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(out)
+}
+
+/// Serves echo on every port until killed: `tcp` and `udp` in this namespace, and each of
+/// `elsewhere` in its own (the sockets are made there and stay there), so that one process
+/// serves every task of a lab.
+pub fn serve(tcp: &[u16], udp: &[u16], elsewhere: &[Elsewhere]) -> Result<(), TrafficError> {
+    let mut threads = serve_here(tcp, udp)?;
+    for e in elsewhere {
+        let ns = std::fs::File::open(ecsnet::host::netns::path(&e.netns)).map_err(|source| {
+            TrafficError::Netns {
+                netns: e.netns.clone(),
+                source,
             }
-        },
-    )?);
-    threads.extend(serve_each("udp", udp, UdpSocket::bind, echo_udp)?);
-    println!("serving echo on tcp {tcp:?} udp {udp:?}");
+        })?;
+        let served =
+            crate::lab::topology::inside(&ns, || serve_here(&e.tcp, &e.udp)).map_err(|source| {
+                TrafficError::Netns {
+                    netns: e.netns.clone(),
+                    source,
+                }
+            })?;
+        threads.extend(served?);
+    }
+    println!(
+        "serving echo on tcp {tcp:?} udp {udp:?}, and in {} other namespace(s)",
+        elsewhere.len()
+    );
     for t in threads {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Binds every port in the calling thread's namespace and serves each on a thread of its own.
+fn serve_here(tcp: &[u16], udp: &[u16]) -> Result<Vec<JoinHandle<()>>, TrafficError> {
+    let mut threads = serve_each("tcp", tcp, TcpListener::bind, |l: &TcpListener| {
+        for conn in l.incoming().flatten() {
+            std::thread::spawn(move || echo_tcp(&conn));
+        }
+    })?;
+    threads.extend(serve_each("udp", udp, UdpSocket::bind, echo_udp)?);
+    Ok(threads)
 }
 
 /// Binds a socket on every port and serves each on a thread of its own.

@@ -1,5 +1,5 @@
 //! `ecsnet bench` (SPEC §9): ecsnet against Docker's bridge mode and the machine's ceiling on
-//! labs of its own, `bench flow-logs` and `bench discovery`. Developer tooling: no shipped binary carries it.
+//! labs of its own, `bench flow-logs`, `bench discovery` and `bench scale`. Developer tooling: no shipped binary carries it.
 
 use std::path::PathBuf;
 
@@ -14,6 +14,7 @@ pub mod loadgen;
 mod plan;
 mod report;
 mod run;
+pub mod scale;
 mod tools;
 
 pub use discovery::{DiscoveryBench, DiscoveryRun, Latency, discovery, render_discovery};
@@ -21,6 +22,7 @@ pub use flow_logs::{FlowLogBench, PathResult, flow_logs, render_flow_logs};
 pub use plan::{BenchPath, Metric, Mode};
 pub use report::{BenchReport, Row, Target, render, svg};
 pub use run::run;
+pub use scale::{ScaleBench, render_scale, scale};
 
 impl From<flowlog::FlowLogError> for BenchError {
     fn from(e: flowlog::FlowLogError) -> Self {

@@ -79,6 +79,12 @@ impl Labs {
         Ok(lab::up(&lab_spec(name, ceiling))?)
     }
 
+    /// A lab of `spec`, registered first so a half-built one goes too.
+    pub(super) fn lab_up_spec(&mut self, spec: &LabSpec) -> Result<LabStatus, BenchError> {
+        self.names.push(spec.name.clone());
+        Ok(lab::up(spec)?)
+    }
+
     /// A real-engine lab of one task (Docker's defaults: userland proxy on), registered first
     /// so a half-built one goes too.
     pub(super) fn engine_lab_up(&mut self, name: String) -> Result<LabStatus, BenchError> {

@@ -2,6 +2,7 @@
 //! `N-client`, its network in `topology`, its rules in `docker_rules`; `down` removes all of it.
 
 use std::{
+    collections::{HashMap, HashSet},
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
@@ -33,8 +34,8 @@ pub const UPLINK_PREFIX: u8 = 24;
 pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
 pub const BRIDGE_PREFIX: u8 = 16;
 pub const BRIDGE_SUBNET: &str = "172.17.0.0/16";
-/// Most tasks one lab builds (addresses 172.17.0.2 ... 172.17.0.251).
-pub const MAX_TASKS: usize = 250;
+/// Most tasks one lab builds (addresses 172.17.0.2 ... 172.17.3.233, in the bridge's /16).
+pub const MAX_TASKS: usize = 1000;
 /// First host port of the default publications: task i publishes 8080+i-1 -> 80/tcp.
 pub const DEFAULT_HOST_PORT: u16 = 8080;
 pub const DEFAULT_CONTAINER_PORT: u16 = 80;
@@ -52,6 +53,13 @@ pub enum LabError {
     NameTooLong(String),
     #[error("bad --tasks {0}: a lab has 1 to {MAX_TASKS} tasks")]
     BadTaskCount(usize),
+    #[error("lab {lab:?}: tasks {a} and {b} would share the veth name {veth}; pick another name")]
+    VethClash {
+        lab: String,
+        a: usize,
+        b: usize,
+        veth: String,
+    },
     #[error("bad --publish {spec:?}: {why}; expected TASK:HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
     BadPublish { spec: String, why: String },
     #[error(
@@ -99,6 +107,7 @@ impl LabError {
             Self::BadName(_)
             | Self::NameTooLong(_)
             | Self::BadTaskCount(_)
+            | Self::VethClash { .. }
             | Self::BadPublish { .. }
             | Self::Exists { .. }
             | Self::Conflict(_)
@@ -298,17 +307,24 @@ pub fn requested_ports(spec: &LabSpec) -> Vec<Vec<LabPort>> {
 /// lowest free one of `range` (dockerd's allocator: the first free port of a fresh range).
 pub fn plan_ports(spec: &LabSpec, range: [u16; 2]) -> Vec<Vec<LabPort>> {
     let mut out = requested_ports(spec);
-    let mut used: Vec<(u16, Protocol)> = out
+    let mut used: HashSet<(u16, Protocol)> = out
         .iter()
         .flatten()
         .filter(|p| p.host_port != 0)
         .map(|p| (p.host_port, p.protocol))
         .collect();
+    // Ports are only ever taken, so each protocol's lowest free port only moves up: the next
+    // search starts where the last one ended (a thousand dynamic ports, one pass over the range).
+    let mut from: HashMap<Protocol, u16> = HashMap::new();
     for p in out.iter_mut().flatten().filter(|p| p.host_port == 0) {
-        let free = (range[0]..=range[1])
+        let start = from.get(&p.protocol).copied().unwrap_or(range[0]);
+        let free = (start..=range[1])
             .find(|port| !used.contains(&(*port, p.protocol)))
             .unwrap_or(0);
-        used.push((free, p.protocol));
+        if free != 0 {
+            used.insert((free, p.protocol));
+            from.insert(p.protocol, free);
+        }
         p.host_port = free;
     }
     out
@@ -427,9 +443,22 @@ pub fn up_with(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatu
             netns: ns.clone(),
         });
     }
-    let mut seen = Vec::new();
+    if engine.is_none() {
+        let mut names = HashMap::new();
+        for i in 1..=spec.tasks {
+            if let Some(a) = names.insert(veth_name(&spec.name, i), i) {
+                return Err(LabError::VethClash {
+                    lab: spec.name.clone(),
+                    a,
+                    b: i,
+                    veth: veth_name(&spec.name, i),
+                });
+            }
+        }
+    }
+    let mut seen = HashSet::new();
     for p in &spec.publish {
-        if p.host_port != 0 && seen.contains(&(p.host_port, p.protocol)) {
+        if p.host_port != 0 && !seen.insert((p.host_port, p.protocol)) {
             return Err(LabError::BadPublish {
                 spec: format!(
                     "{}:{}:{}/{}",
@@ -445,7 +474,6 @@ pub fn up_with(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatu
                 ),
             });
         }
-        seen.push((p.host_port, p.protocol));
     }
     match build(spec, engine) {
         Ok(s) => Ok(s),
@@ -525,26 +553,7 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
         }
         status.tasks = engine::tasks(name, &host)?.0;
     }
-    for t in status.tasks.iter().filter(|t| !t.netns.is_empty()) {
-        let mut ports: Vec<(Protocol, u16)> = t
-            .port_mappings
-            .iter()
-            .map(|p| (p.protocol, p.container_port))
-            .filter(|(_, port)| !spec.unserved.contains(port))
-            .collect();
-        ports.sort();
-        ports.dedup();
-        start_server(name, &t.netns, &t.name, &ports)?;
-    }
-    start_server(
-        name,
-        &client,
-        "client",
-        &[
-            (Protocol::Tcp, CLIENT_ECHO_PORT),
-            (Protocol::Udp, CLIENT_ECHO_PORT),
-        ],
-    )?;
+    start_servers(spec, &status)?;
     let mut state = state_for(&status);
     if engine.is_some() {
         // The engine is the source of tasks: the file carries the host only.
@@ -559,6 +568,37 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
         &serde_json::to_string_pretty(&status).expect("status serializes"),
     )?;
     Ok(status)
+}
+
+/// One echo server for the client and every task in a namespace of its own: a process per
+/// task made `up` of a thousand tasks spend most of its time starting them.
+fn start_servers(spec: &LabSpec, status: &LabStatus) -> Result<(), LabError> {
+    let mut at = Vec::new();
+    for t in status.tasks.iter().filter(|t| !t.netns.is_empty()) {
+        let mut ports: Vec<(Protocol, u16)> = t
+            .port_mappings
+            .iter()
+            .map(|p| (p.protocol, p.container_port))
+            .filter(|(_, port)| !spec.unserved.contains(port))
+            .collect();
+        ports.sort();
+        ports.dedup();
+        at.extend(
+            ports
+                .iter()
+                .map(|(proto, port)| format!("{}/{}/{port}", t.netns, proto.as_str())),
+        );
+    }
+    start_server(
+        &spec.name,
+        &status.client.netns,
+        "servers",
+        &[
+            (Protocol::Tcp, CLIENT_ECHO_PORT),
+            (Protocol::Udp, CLIENT_ECHO_PORT),
+        ],
+        &at,
+    )
 }
 
 fn write(path: &std::path::Path, text: &str) -> Result<(), LabError> {
@@ -591,12 +631,14 @@ fn spawn_detached(
     })
 }
 
-/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port.
+/// Starts `ecsnet lab serve` inside a namespace of the lab: an echo server on each port, and
+/// on each `NETNS/PROTO/PORT` of `at` in that namespace.
 fn start_server(
     lab: &str,
     netns: &str,
     who: &str,
     ports: &[(Protocol, u16)],
+    at: &[String],
 ) -> Result<(), LabError> {
     let exe = std::env::current_exe().map_err(io(std::path::Path::new("/proc/self/exe")))?;
     let log_path = lab_dir(lab).join(format!("{who}.log"));
@@ -606,9 +648,12 @@ fn start_server(
         cmd.arg(format!("--{}", proto.as_str()))
             .arg(port.to_string());
     }
+    for a in at {
+        cmd.arg("--at").arg(a);
+    }
     let mut child = spawn_detached(cmd, &log_path, "ecsnet lab serve")?;
     // The lab is up when its servers listen: `lab serve` says so once every socket is bound.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let log = fs::read_to_string(&log_path).unwrap_or_default();
         if log.contains("serving echo") {
@@ -626,7 +671,7 @@ fn start_server(
                     if exited.is_some() {
                         "exited"
                     } else {
-                        "not listening after 10 s"
+                        "not listening after 30 s"
                     }
                 ),
             });
@@ -717,9 +762,8 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
         report.removed = e.removed;
     }
     let kill = |pid| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok();
-    report.killed += nss
-        .iter()
-        .flat_map(|ns| topology::pids(ns))
+    report.killed += topology::pids(&nss)
+        .into_iter()
         .filter(|&pid| kill(pid))
         .count();
     for ns in &nss {

@@ -453,7 +453,7 @@ fn open(name: &str) -> Result<File, LabError> {
 /// Runs `f` with the calling thread in the namespace `ns`, then moves the thread back. A
 /// netlink socket stays in the namespace it was opened in, and /proc/sys/net shows the
 /// namespace of the thread that opens it.
-fn inside<T>(ns: &File, f: impl FnOnce() -> T) -> std::io::Result<T> {
+pub(crate) fn inside<T>(ns: &File, f: impl FnOnce() -> T) -> std::io::Result<T> {
     let home = File::open("/proc/thread-self/ns/net")?;
     setns(ns, CloneFlags::CLONE_NEWNET)?;
     let out = f();
@@ -533,12 +533,17 @@ pub(super) fn delete(name: &str) -> Result<(), LabError> {
     fs::remove_file(&path).map_err(|source| netns_error(name, "remove", source))
 }
 
-/// The processes in the namespace `name` (`ip netns pids`): those whose /proc/PID/ns/net is
-/// the namespace's file.
-pub(super) fn pids(name: &str) -> Vec<Pid> {
-    let Ok(ns) = fs::metadata(netns_path(name)) else {
+/// The processes in the namespaces `names` (`ip netns pids` of each): those whose
+/// /proc/PID/ns/net is one of the namespaces' files. One pass over /proc for all of them.
+pub(super) fn pids(names: &[String]) -> Vec<Pid> {
+    let wanted: std::collections::HashSet<(u64, u64)> = names
+        .iter()
+        .filter_map(|n| fs::metadata(netns_path(n)).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    if wanted.is_empty() {
         return Vec::new();
-    };
+    }
     fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -546,7 +551,9 @@ pub(super) fn pids(name: &str) -> Vec<Pid> {
         .filter_map(|entry| {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
             let net = fs::metadata(entry.path().join("ns/net")).ok()?;
-            (net.dev() == ns.dev() && net.ino() == ns.ino()).then_some(Pid::from_raw(pid))
+            wanted
+                .contains(&(net.dev(), net.ino()))
+                .then_some(Pid::from_raw(pid))
         })
         .collect()
 }

@@ -177,8 +177,25 @@ async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentErro
     Ok(())
 }
 
-/// How often the agent expires idle flows and re-reads the host's addresses.
+/// How often the agent re-reads the host's addresses, and expires idle flows while the
+/// connection tables are small.
 const GC_INTERVAL: Duration = Duration::from_secs(1);
+/// Connection-table entries GC may read per second, on average: a pass reads both tables
+/// whole (about 1 us of CPU per entry on the lab's machine, most of it the kernel's copy), so
+/// with more entries than this the next pass waits longer. A million flows (two million
+/// entries) kept the housekeeping thread at 0.74 CPU s/s with a pass every second; with a
+/// pass every 8 s it is at 0.19 (docs/BENCHMARKS.md, Scale).
+const GC_ENTRIES_PER_SEC: usize = 250_000;
+/// The longest wait between two passes, however full the tables: an idle flow outlives its
+/// timeout by at most this, and a task's masquerade ports are recounted at least this often.
+const GC_MAX_PAUSE: Duration = Duration::from_secs(15);
+
+/// How long after a pass that read `scanned` entries the next one starts: `GC_INTERVAL`, or
+/// the time that keeps the reading at `GC_ENTRIES_PER_SEC`, at most `GC_MAX_PAUSE`.
+fn gc_pause(scanned: usize) -> Duration {
+    let secs = u64::try_from(scanned.div_ceil(GC_ENTRIES_PER_SEC)).unwrap_or(u64::MAX);
+    Duration::from_secs(secs).clamp(GC_INTERVAL, GC_MAX_PAUSE)
+}
 
 /// Raises the soft open-files limit to the hard one: the listeners' caps keep well below either,
 /// this is room for the flow export's files and the maps GC opens.
@@ -194,8 +211,9 @@ fn raise_nofile() {
     }
 }
 
-/// Starts the thread that runs `housekeeping` every `GC_INTERVAL` and rewrites the agent's
-/// counters file when they moved. A thread of its own, so that nothing the listeners or the
+/// Starts the housekeeping thread: every `GC_INTERVAL` it re-reads the host's addresses and
+/// rewrites the agent's counters file when they moved, and it collects conntrack garbage as
+/// often as `gc_pause` allows. A thread of its own, so that nothing the listeners or the
 /// flow export do can delay garbage collection.
 fn spawn_housekeeping(
     paths: InstancePaths,
@@ -210,9 +228,14 @@ fn spawn_housekeeping(
         .spawn(move || {
             let mut logs = HousekeepingLogs::default();
             let mut written: Option<AgentStats> = None;
+            let mut next_gc = Instant::now();
             loop {
                 let started = Instant::now();
-                housekeeping(&paths, &timeouts, &rt, &mut logs);
+                if started >= next_gc {
+                    let scanned = collect_garbage(&paths, &timeouts, &mut logs);
+                    next_gc = started + gc_pause(scanned);
+                }
+                local_addresses(&paths, &rt, &mut logs);
                 let now = AgentStats {
                     metrics: metrics.snapshot(),
                     control: control.snapshot(),
@@ -257,23 +280,34 @@ impl Default for HousekeepingLogs {
     }
 }
 
-/// Connection-table garbage collection and the host's address list: the two pieces of datapath
-/// state that change without an `apply`.
-fn housekeeping(
+/// Connection-table garbage collection: the entries it read (0 when it failed).
+fn collect_garbage(
     paths: &InstancePaths,
     timeouts: &ecsnet_common::ct::Timeouts,
-    rt: &tokio::runtime::Runtime,
     logs: &mut HousekeepingLogs,
-) {
+) -> usize {
     match crate::kernel::maps::collect_garbage(paths, timeouts, crate::clock::monotonic_ns()) {
-        Ok(0) => {}
-        Ok(n) => log::debug!("conntrack: expired {n} flow(s)"),
+        Ok(c) => {
+            if c.removed > 0 {
+                log::debug!("conntrack: expired {} flow(s)", c.removed);
+            }
+            c.scanned
+        }
         Err(e) => {
             if let Some(n) = logs.gc.hit() {
                 log::warn!("conntrack garbage collection ({n} failure(s)): {e}");
             }
+            0
         }
     }
+}
+
+/// The host's address list, which changes without an `apply`.
+fn local_addresses(
+    paths: &InstancePaths,
+    rt: &tokio::runtime::Runtime,
+    logs: &mut HousekeepingLogs,
+) {
     let addrs = rt
         .block_on(crate::host::netlink::Snapshot::read_async())
         .map_err(|e| e.to_string())
@@ -365,4 +399,30 @@ fn read_events(
             guard.clear_ready();
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_reads_a_bounded_number_of_entries_per_second() {
+        assert_eq!(gc_pause(0), GC_INTERVAL, "an empty table every second");
+        assert_eq!(gc_pause(GC_ENTRIES_PER_SEC), GC_INTERVAL);
+        assert_eq!(
+            gc_pause(2_000_000),
+            Duration::from_secs(8),
+            "a million flows"
+        );
+        assert_eq!(gc_pause(usize::MAX), GC_MAX_PAUSE);
+        // Entries read per second of pause stay within the budget up to where the cap starts.
+        let cap = GC_ENTRIES_PER_SEC * usize::try_from(GC_MAX_PAUSE.as_secs()).unwrap();
+        for scanned in (0..=cap).step_by(12_345) {
+            let secs = usize::try_from(gc_pause(scanned).as_secs()).unwrap();
+            assert!(
+                scanned <= secs * GC_ENTRIES_PER_SEC,
+                "{scanned} entries in {secs} s"
+            );
+        }
+    }
 }

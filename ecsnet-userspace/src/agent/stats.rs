@@ -1,7 +1,11 @@
 //! `ecsnet stats`: the counters of the pinned maps joined with the applied state, as JSON or as
 //! a table. Directions are the task's: egress is what the task sent, ingress what it received.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    net::Ipv4Addr,
+};
 
 use ecsnet_common::DropReason;
 use serde::{Deserialize, Serialize};
@@ -176,35 +180,63 @@ pub fn conntrack_stats(
     unanswered_capacity: u32,
     events: [u64; ecsnet_common::maps::CT_EVENT_SLOTS as usize],
 ) -> ConntrackStats {
-    use ecsnet_common::{ct, maps};
-    let mut out = ConntrackStats {
-        entries: entries.len() as u64,
+    let mut out = conntrack_empty(capacity, unanswered_capacity, events);
+    for (table, k, e) in entries {
+        count_entry(&mut out, table, k, e);
+    }
+    out
+}
+
+/// The tables' capacities and counters, no entry counted yet.
+fn conntrack_empty(
+    capacity: u32,
+    unanswered_capacity: u32,
+    events: [u64; ecsnet_common::maps::CT_EVENT_SLOTS as usize],
+) -> ConntrackStats {
+    use ecsnet_common::maps;
+    ConntrackStats {
         capacity: capacity.into(),
-        unanswered_entries: entries
-            .iter()
-            .filter(|(t, _, _)| *t == maps::MAP_CT_NEW)
-            .count() as u64,
         unanswered_capacity: unanswered_capacity.into(),
         created: events[maps::CT_EV_CREATED as usize],
         assured: events[maps::CT_EV_ASSURED as usize],
         assured_table_full: events[maps::CT_EV_CT_FULL as usize],
         ..Default::default()
+    }
+}
+
+/// Counts one entry of connection table `table` into `out`.
+fn count_entry(
+    out: &mut ConntrackStats,
+    table: &str,
+    k: &ecsnet_common::ct::CtKey,
+    e: &ecsnet_common::ct::CtEntry,
+) {
+    use ecsnet_common::{ct, maps};
+    out.entries += 1;
+    if table == maps::MAP_CT_NEW {
+        out.unanswered_entries += 1;
+    }
+    if e.dir != ct::DIR_ORIGINAL {
+        return;
+    }
+    let kind = match e.kind {
+        ct::KIND_EAST_WEST => "eastWest",
+        ct::KIND_INBOUND => "inbound",
+        ct::KIND_MASQUERADE => "masquerade",
+        ct::KIND_HAIRPIN => "hairpin",
+        ct::KIND_LOCAL => "local",
+        _ => "unknown",
     };
-    for (_, k, e) in entries.iter().filter(|(_, _, e)| e.dir == ct::DIR_ORIGINAL) {
-        let kind = match e.kind {
-            ct::KIND_EAST_WEST => "eastWest",
-            ct::KIND_INBOUND => "inbound",
-            ct::KIND_MASQUERADE => "masquerade",
-            ct::KIND_HAIRPIN => "hairpin",
-            ct::KIND_LOCAL => "local",
-            _ => "unknown",
-        };
-        *out.flows.entry(kind.to_owned()).or_default() += 1;
-        if e.nat_saddr != k.saddr || e.nat_sport != k.sport {
-            out.nat_mappings += 1;
+    // Looked up before inserting: a million flows make no million strings.
+    match out.flows.get_mut(kind) {
+        Some(n) => *n += 1,
+        None => {
+            out.flows.insert(kind.to_owned(), 1);
         }
     }
-    out
+    if e.nat_saddr != k.saddr || e.nat_sport != k.sport {
+        out.nat_mappings += 1;
+    }
 }
 
 fn plus(a: Count, b: Count) -> Count {
@@ -220,21 +252,24 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
     let dir = Directory::load(paths)?;
     let counts = maps::read_counts(paths)?;
     let drops = maps::read_drops(paths)?;
-    let drops_of = |ifindex: u32| -> BTreeMap<String, u64> {
-        drops
-            .iter()
-            .filter(|((i, _), _)| *i == ifindex)
-            .map(|((_, r), n)| (DropReason::name_of(*r).to_string(), *n))
-            .collect()
-    };
-    let nat_use = maps::read_nat_use(paths)?;
+    // Grouped once by interface and by task: looked up per task, never scanned per task.
+    let mut drops_by_iface: HashMap<u32, BTreeMap<String, u64>> = HashMap::new();
+    for ((i, r), n) in &drops {
+        drops_by_iface
+            .entry(*i)
+            .or_default()
+            .insert(DropReason::name_of(*r).to_string(), *n);
+    }
+    let drops_of = |ifindex: u32| drops_by_iface.get(&ifindex).cloned().unwrap_or_default();
+    let mut nat_max: HashMap<u32, u64> = HashMap::new();
+    for (k, n) in maps::read_nat_use(paths)? {
+        let m = nat_max.entry(k.task).or_default();
+        *m = (*m).max(n);
+    }
     let nat_ports_max = |addr: Ipv4Addr| {
-        let task = u32::from_ne_bytes(addr.octets());
-        nat_use
-            .iter()
-            .filter(|(k, _)| k.task == task)
-            .map(|(_, n)| *n)
-            .max()
+        nat_max
+            .get(&u32::from_ne_bytes(addr.octets()))
+            .copied()
             .unwrap_or(0)
     };
     let tasks = dir
@@ -254,6 +289,14 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
             }
         })
         .collect();
+    let mut conntrack = conntrack_empty(
+        maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT)?,
+        maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT_NEW)?,
+        maps::read_ct_events(paths)?,
+    );
+    maps::for_each_ct(paths, |table, k, e| {
+        count_entry(&mut conntrack, table, k, e);
+    })?;
     let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
     for ((_, r), n) in &drops {
@@ -276,12 +319,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
         drops: total,
         conntrack: ConntrackStats {
             nat_task_ports: maps::read_nat_config(paths)?.map_or(0, |c| c.task_ports),
-            ..conntrack_stats(
-                &maps::read_ct(paths)?,
-                maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT)?,
-                maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT_NEW)?,
-                maps::read_ct_events(paths)?,
-            )
+            ..conntrack
         },
         flow_logs: flow_log_stats(paths)?,
         agent: AgentStats::read(paths),

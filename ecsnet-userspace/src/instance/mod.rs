@@ -523,10 +523,11 @@ fn plan_state(
     // A container that went while nobody followed the engine (the agent was killed) left its
     // interface with it: it is gone, the engine's next view says so, and it must not fail `up`
     // or hold back everyone else's state.
+    let links: HashSet<&str> = snap.links.iter().map(|l| l.name.as_str()).collect();
     discovered.tasks.retain(|t| {
         t.interface
             .as_deref()
-            .is_none_or(|name| snap.links.iter().any(|l| l.name == name))
+            .is_none_or(|name| links.contains(name))
     });
     let requested = merge::merge(merge::configured(requested), &discovered.tasks).state;
     let rules = state::validate(&requested, bridge).map_err(|error| LoadError::Invalid {
@@ -586,14 +587,14 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     })?;
     // Addresses whose task goes, or comes back on another interface (a new container given a
     // stopped one's address): their tracked flows go with the old task.
+    let planned: HashSet<(u32, u32)> = plan
+        .task_entries
+        .iter()
+        .map(|(addr, new)| (*addr, new.ifindex))
+        .collect();
     let gone: HashSet<u32> = maps::read_tasks(paths)?
         .into_iter()
-        .filter(|(addr, info)| {
-            !plan
-                .task_entries
-                .iter()
-                .any(|(a, new)| a == addr && new.ifindex == info.ifindex)
-        })
+        .filter(|(addr, info)| !planned.contains(&(*addr, info.ifindex)))
         .map(|(addr, _)| addr)
         .collect();
     // Who was where, for the flow records of interfaces that go now.
@@ -616,21 +617,21 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         .filter(|(_, i)| i.role == ROLE_HELD)
         .map(|(ifindex, _)| ifindex)
         .collect();
+    let kept: HashSet<u32> = plan.tasks.iter().map(|t| t.ifindex).collect();
+    let leaving: Vec<u32> = datapath::attached_ifindexes(paths)
+        .into_iter()
+        .filter(|i| *i != meta.uplink_index && !held.contains(i) && !kept.contains(i))
+        .collect();
     let mut departed = Vec::new();
-    for ifindex in datapath::attached_ifindexes(paths) {
-        if ifindex != meta.uplink_index
-            && !held.contains(&ifindex)
-            && !plan.tasks.iter().any(|t| t.ifindex == ifindex)
-        {
-            datapath::detach(paths, ifindex)?;
-            maps::forget_iface(paths, ifindex)?;
-            if let Some(task) = before.task(ifindex) {
-                departed.push(files::Departed {
-                    ifindex,
-                    task: task.clone(),
-                    at: unix_now(),
-                });
-            }
+    for &ifindex in &leaving {
+        datapath::detach(paths, ifindex)?;
+        maps::forget_iface(paths, ifindex)?;
+        if let Some(task) = before.task(ifindex) {
+            departed.push(files::Departed {
+                ifindex,
+                task: task.clone(),
+                at: unix_now(),
+            });
         }
     }
     if !departed.is_empty() {

@@ -108,6 +108,14 @@ pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
     Ok(out)
 }
 
+/// Calls `each` with every entry of the hash map `fd` (sizes as for [`lookup_all`]), without
+/// holding them all at once.
+pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut each: impl FnMut(K, V)) -> io::Result<()> {
+    lookup_raw(fd, size_of::<K>(), size_of::<V>(), |k, v| {
+        each(read(k), read(v));
+    })
+}
+
 /// Every entry of the per-CPU hash map `fd` with each of the `cpus` possible CPUs' values (the
 /// kernel lays them out 8-byte aligned).
 pub fn lookup_all_per_cpu<K: Pod, V: Pod>(
@@ -146,6 +154,24 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// Inserts or updates `entries` in the hash map `fd` in chunks (`BPF_MAP_UPDATE_BATCH`), whose
+/// key and value sizes must be `K`'s and `V`'s. Stops at the first entry the kernel refuses
+/// (a full map: E2BIG), with the error; `Ok` is every entry written.
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, entries: &[(K, V)]) -> io::Result<()> {
+    for chunk in entries.chunks(CHUNK) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = zeroed_attr();
+        // The kernel only reads `keys` and `values`.
+        attr.batch.keys = addr(keys.as_ptr());
+        attr.batch.values = addr(values.as_ptr());
+        attr.batch.count = u32::try_from(chunk.len()).expect("at most CHUNK entries");
+        attr.batch.map_fd = map_fd(fd);
+        bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
 }
 
 /// Refuses a map whose key or value size is not `K`'s or `V`'s.
@@ -223,6 +249,27 @@ mod tests {
         assert_eq!(left.len(), (n / 2) as usize);
         assert!(left.iter().all(|(k, _)| k % 2 == 1));
         assert_eq!(delete::<u32>(map.as_fd(), &[]).unwrap(), 0);
+    }
+
+    #[test]
+    fn updates_in_chunks_and_stops_at_a_full_map() {
+        let n = u32::try_from(CHUNK + 10).unwrap();
+        let map = create(bpf_map_type::BPF_MAP_TYPE_HASH, n);
+        let entries: Vec<(u32, u64)> = (0..n).map(|k| (k, u64::from(k) + 1)).collect();
+        super::update(map.as_fd(), &entries).unwrap();
+        let mut all: Vec<(u32, u64)> = lookup_all(map.as_fd()).unwrap();
+        all.sort_unstable();
+        assert_eq!(all, entries);
+        let more = [(n, 1u64), (n + 1, 2)];
+        assert!(
+            super::update(map.as_fd(), &more).is_err(),
+            "the map is full"
+        );
+        super::update(map.as_fd(), &[(0u32, 9u64)]).expect("an update of a key that is there fits");
+        assert_eq!(
+            lookup_all::<u32, u64>(map.as_fd()).unwrap().len(),
+            n as usize
+        );
     }
 
     #[test]

@@ -23,28 +23,74 @@ pub struct ResolvedTask {
     pub mac: [u8; 6],
 }
 
+/// A snapshot's links, neighbours and FDB indexed once per resolve, so that finding a
+/// thousand tasks' interfaces is a thousand lookups, not a thousand scans of every list.
+struct Indexed<'a> {
+    by_name: HashMap<&'a str, &'a Link>,
+    by_index: HashMap<u32, &'a Link>,
+    /// (ifindex, address) -> MAC: the first neighbour entry, as a scan would find it.
+    neigh: HashMap<(u32, Ipv4Addr), [u8; 6]>,
+    /// Bridge FDB: port -> its MACs, and MAC -> its ports, in the snapshot's order.
+    fdb_of_port: HashMap<u32, Vec<[u8; 6]>>,
+    ports_of_mac: HashMap<[u8; 6], Vec<u32>>,
+}
+
+impl<'a> Indexed<'a> {
+    fn new(snap: &'a Snapshot) -> Self {
+        let mut ix = Indexed {
+            by_name: HashMap::new(),
+            by_index: HashMap::new(),
+            neigh: HashMap::new(),
+            fdb_of_port: HashMap::new(),
+            ports_of_mac: HashMap::new(),
+        };
+        for l in &snap.links {
+            ix.by_name.entry(l.name.as_str()).or_insert(l);
+            ix.by_index.entry(l.index).or_insert(l);
+        }
+        for &(ifindex, addr, mac) in &snap.neigh {
+            ix.neigh.entry((ifindex, addr)).or_insert(mac);
+        }
+        for &(port, mac) in &snap.fdb {
+            ix.fdb_of_port.entry(port).or_default().push(mac);
+            ix.ports_of_mac.entry(mac).or_default().push(port);
+        }
+        ix
+    }
+
+    /// `Snapshot::port_for_address`: the bridge port through which `addr` is reached.
+    fn port_for_address(&self, bridge: u32, addr: Ipv4Addr) -> Option<&'a Link> {
+        let mac = self.neigh.get(&(bridge, addr))?;
+        self.ports_of_mac
+            .get(mac)?
+            .iter()
+            .filter_map(|port| self.by_index.get(port).copied())
+            .find(|l| l.master == Some(bridge))
+    }
+}
+
 /// The link of task `i`: the one it names, which must be a port of `bridge`, or the port
 /// behind its address.
 fn link_of<'a>(
-    snap: &'a Snapshot,
+    ix: &Indexed<'a>,
     bridge: u32,
     (i, t): (usize, &Task),
 ) -> Result<&'a Link, PlanError> {
     let Some(name) = &t.interface else {
-        return snap
-            .port_for_address(bridge, t.ipv4_address)
-            .ok_or_else(|| {
-                let addr = t.ipv4_address;
-                PlanError::at(
-                    format!("$.tasks[{i}].ipv4Address"),
-                    PlanProblem::NoNeighbour { addr },
-                )
-            });
+        return ix.port_for_address(bridge, t.ipv4_address).ok_or_else(|| {
+            let addr = t.ipv4_address;
+            PlanError::at(
+                format!("$.tasks[{i}].ipv4Address"),
+                PlanProblem::NoNeighbour { addr },
+            )
+        });
     };
     let at = |problem| PlanError::at(format!("$.tasks[{i}].interface"), problem);
     let name = name.clone();
-    let link = snap
-        .by_name(&name)
+    let link = ix
+        .by_name
+        .get(name.as_str())
+        .copied()
         .ok_or_else(|| at(PlanProblem::NoInterface { name: name.clone() }))?;
     if link.master != Some(bridge) {
         return Err(at(PlanProblem::NotABridgePort { name }));
@@ -54,16 +100,17 @@ fn link_of<'a>(
 
 /// The MAC of the task at `addr` on port `link`: the bridge's neighbour entry, else the one
 /// unicast MAC the bridge learned on the port; zero when neither says.
-fn mac_of(snap: &Snapshot, bridge: u32, addr: Ipv4Addr, link: &Link) -> [u8; 6] {
-    let mut learned = snap
-        .fdb
-        .iter()
-        .filter(|(port, m)| *port == link.index && m[0] & 1 == 0 && Some(*m) != link.mac)
-        .map(|(_, m)| *m);
-    snap.neigh
-        .iter()
-        .find(|(ifx, a, _)| *ifx == bridge && *a == addr)
-        .map(|(_, _, m)| *m)
+fn mac_of(ix: &Indexed<'_>, bridge: u32, addr: Ipv4Addr, link: &Link) -> [u8; 6] {
+    let mut learned = ix
+        .fdb_of_port
+        .get(&link.index)
+        .into_iter()
+        .flatten()
+        .filter(|m| m[0] & 1 == 0 && Some(**m) != link.mac)
+        .copied();
+    ix.neigh
+        .get(&(bridge, addr))
+        .copied()
         .or_else(|| {
             let first = learned.next();
             if learned.next().is_some() {
@@ -81,10 +128,11 @@ pub fn resolve(
     snap: &Snapshot,
     bridge: u32,
 ) -> Result<Vec<ResolvedTask>, PlanError> {
+    let ix = Indexed::new(snap);
     let mut out = Vec::with_capacity(state.tasks.len());
     let mut seen: HashMap<u32, usize> = HashMap::new();
     for (i, t) in state.tasks.iter().enumerate() {
-        let link = link_of(snap, bridge, (i, t))?;
+        let link = link_of(&ix, bridge, (i, t))?;
         if let Some(other) = seen.insert(link.index, i) {
             let name = link.name.clone();
             return Err(PlanError::at(
@@ -101,7 +149,7 @@ pub fn resolve(
                 .mac_address
                 .as_deref()
                 .and_then(crate::state::parse_mac)
-                .unwrap_or_else(|| mac_of(snap, bridge, t.ipv4_address, link)),
+                .unwrap_or_else(|| mac_of(&ix, bridge, t.ipv4_address, link)),
         });
     }
     Ok(out)
@@ -163,8 +211,12 @@ pub fn assign_dynamic_ports<S: std::hash::BuildHasher>(
 /// Dynamic ports chosen by an earlier apply, to keep them stable.
 pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKey, u16> {
     let mut out = HashMap::new();
+    let mut by_name: HashMap<&str, &Task> = HashMap::new();
+    for r in &requested.tasks {
+        by_name.entry(r.name.as_str()).or_insert(r);
+    }
     for t in &applied.tasks {
-        let Some(req) = requested.tasks.iter().find(|r| r.name == t.name) else {
+        let Some(req) = by_name.get(t.name.as_str()) else {
             continue;
         };
         for pm in &t.port_mappings {

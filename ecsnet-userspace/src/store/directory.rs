@@ -2,7 +2,10 @@
 //! address, with the tasks of the applied state. Flow logs, `monitor` and `stats` name what they
 //! count through it; with no state applied it knows no task.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
 use ecsnet_common::maps::{IfaceInfo, ROLE_TASK};
 
@@ -51,13 +54,16 @@ impl Directory {
     /// Joins `state` with the `IFACES` entries `ifaces`: a task interface belongs to the first
     /// task with its address.
     pub fn join(state: State, ifaces: &[(u32, IfaceInfo)]) -> Self {
+        let mut first_with: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for (i, t) in state.tasks.iter().enumerate() {
+            first_with.entry(t.ipv4_address).or_insert(i);
+        }
         let by_ifindex = ifaces
             .iter()
             .filter(|(_, info)| info.role == ROLE_TASK)
             .filter_map(|(ifindex, info)| {
                 let ip = Ipv4Addr::from(u32::from_be(info.ipv4));
-                let task = state.tasks.iter().position(|t| t.ipv4_address == ip)?;
-                Some((*ifindex, task))
+                Some((*ifindex, *first_with.get(&ip)?))
             })
             .collect();
         Self {
@@ -95,10 +101,16 @@ impl Directory {
 
     /// Every task that has an interface, in the state's order, with its (lowest) ifindex.
     pub fn placed_tasks(&self) -> impl Iterator<Item = (&Task, u32)> {
-        self.state.tasks.iter().enumerate().filter_map(|(i, t)| {
-            let (ifindex, _) = self.by_ifindex.iter().find(|(_, task)| **task == i)?;
-            Some((t, *ifindex))
-        })
+        // The lowest first: `by_ifindex` is in ifindex order.
+        let mut lowest: HashMap<usize, u32> = HashMap::new();
+        for (ifindex, task) in &self.by_ifindex {
+            lowest.entry(*task).or_insert(*ifindex);
+        }
+        self.state
+            .tasks
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, t)| Some((t, *lowest.get(&i)?)))
     }
 }
 
