@@ -51,6 +51,12 @@ use crate::{
 const POLL: Duration = Duration::from_micros(200);
 /// How long one run may wait for each timestamp before the benchmark fails.
 const WAIT: Duration = Duration::from_secs(10);
+/// How long the agent's applied state must stay unchanged after a run's container went
+/// before the next run starts: the applies its departure caused (which cut its flows, a scan
+/// of the whole connection table) are over.
+const QUIET: Duration = Duration::from_secs(1);
+/// How long the agent may take to go quiet after a run.
+const SETTLE: Duration = Duration::from_secs(60);
 /// The target: p99 of live - start event, milliseconds.
 pub const TARGET_P99_MS: f64 = 50.0;
 /// The group every container of the benchmark names in its label.
@@ -580,7 +586,45 @@ fn one_run(rig: &Rig<'_>, i: usize) -> Result<DiscoveryRun, BenchError> {
         let tasks = ecsnet::kernel::maps::read_tasks(&paths).ok()?;
         (!tasks.iter().any(|(_, t)| t.ifindex == run.ifindex)).then_some(())
     })?;
+    settle(&paths)?;
     Ok(run)
+}
+
+/// Whether an apply holds instance `paths`'s apply lock now (taken and let go at once when
+/// free: the agent's follower retries within milliseconds).
+fn applying(paths: &InstancePaths) -> bool {
+    std::fs::File::open(paths.apply_lock()).is_ok_and(|f| f.try_lock().is_err())
+}
+
+/// Waits until no apply has run or finished for `QUIET` (at most `SETTLE`): a container's
+/// entry goes before the apply that removed it has cut its flows, and its destroy event
+/// brings one more apply.
+fn settle(paths: &InstancePaths) -> Result<(), BenchError> {
+    let mut applied = FileChange {
+        path: paths.applied_state(),
+        last: None,
+        changed_ns: 0,
+    };
+    let start = Instant::now();
+    let mut quiet_since = Instant::now();
+    loop {
+        let was = applied.changed_ns;
+        applied.poll();
+        if applied.changed_ns != was || applying(paths) {
+            quiet_since = Instant::now();
+        }
+        if quiet_since.elapsed() >= QUIET {
+            return Ok(());
+        }
+        if start.elapsed() > SETTLE {
+            return Err(step("the agent's applies after a run")(format!(
+                "{} still changing after {} s",
+                applied.path.display(),
+                SETTLE.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The timestamps of container `id` (named `name`), whose `docker run` returned at
