@@ -133,6 +133,9 @@ pub struct DiscoveryBench {
     pub load: DiscoveryLoad,
     /// The connection-table size `up` was given (0: its default).
     pub ct_size: u32,
+    /// The plugged tasks whose address had a nonzero policy in `TASKS` when the first run
+    /// began.
+    pub plugged_live: usize,
     /// Flows tracked (`stats`) when the first run began and after the last.
     pub flows_before: u64,
     pub flows_after: u64,
@@ -714,6 +717,21 @@ pub fn latencies(samples: &[DiscoveryRun]) -> Vec<Latency> {
     ]
 }
 
+/// How many of `plugged` have their own policy in instance `instance`'s `TASKS`.
+fn plugged_live(instance: &str, plugged: &[LabTask]) -> Result<usize, BenchError> {
+    let tasks = ecsnet::kernel::maps::read_tasks(&InstancePaths::new(instance))
+        .map_err(|e| step("reading TASKS")(e.to_string()))?;
+    let by_addr: HashMap<u32, TaskInfo> = tasks.into_iter().collect();
+    Ok(plugged
+        .iter()
+        .filter(|t| {
+            by_addr
+                .get(&u32::from(t.address).to_be())
+                .is_some_and(|i| i.policy != 0)
+        })
+        .count())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -804,6 +822,7 @@ pub fn discovery(runs: usize, load: DiscoveryLoad) -> Result<DiscoveryBench, Ben
         live: &live,
     };
     let flows_before = scale::tracked_flows(&labs, &status)?;
+    let plugged_live = plugged_live(&status.name, &plugged)?;
     let loadavg_before = loadavg();
     let samples = (0..runs)
         .map(|i| one_run(&rig, i))
@@ -822,6 +841,7 @@ pub fn discovery(runs: usize, load: DiscoveryLoad) -> Result<DiscoveryBench, Ben
         docker_version,
         load,
         ct_size,
+        plugged_live,
         flows_before,
         flows_after,
         plug_s,
@@ -843,11 +863,13 @@ pub fn render_discovery(b: &DiscoveryBench) -> String {
     );
     let _ = writeln!(
         out,
-        "load: {} namespace tasks in the state file (plugged in {:.1} s), {} flows seeded \
+        "load: {} namespace tasks in the state file (plugged in {:.1} s, {} with their policy \
+         live), {} flows seeded \
          (in {:.1} s, CT size {}); flows tracked {} before the runs, {} after; \
          load average {} before, {} after",
         b.load.tasks,
         b.plug_s,
+        b.plugged_live,
         b.load.flows,
         b.seed_s,
         b.ct_size,
