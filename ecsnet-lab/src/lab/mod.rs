@@ -951,4 +951,24 @@ mod tests {
         assert_ne!(a, veth_name("lab2", 1));
         assert_eq!(a, veth_name("lab", 1));
     }
+
+    #[test]
+    fn plugged_tasks_sit_high_in_the_bridge_subnet() {
+        let t = plugged_tasks("bd123", MAX_TASKS).unwrap();
+        assert_eq!(t.len(), MAX_TASKS);
+        assert_eq!(t[0].address, Ipv4Addr::new(172, 17, 200, 1));
+        assert_eq!(t[999].address, Ipv4Addr::new(172, 17, 203, 232));
+        assert_eq!(t[999].port_mappings[0].host_port, 10_999);
+        assert_eq!(
+            t[0].netns, "bd123-task1",
+            "lab down finds it among the lab's"
+        );
+        let veths: HashSet<&str> = t.iter().map(|t| t.interface.as_str()).collect();
+        assert_eq!(veths.len(), MAX_TASKS);
+        assert!(plugged_tasks("bd123", 0).unwrap().is_empty());
+        assert!(matches!(
+            plugged_tasks("bd123", MAX_TASKS + 1),
+            Err(LabError::BadTaskCount(_))
+        ));
+    }
 }
