@@ -111,6 +111,13 @@ pub enum BenchCmd {
         /// Containers started, one after the other.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         runs: u32,
+        /// Namespace tasks plugged into dockerd's docker0 and configured in the state file,
+        /// so every apply carries them beside the containers (at most 1000).
+        #[arg(long, default_value_t = 0)]
+        load_tasks: usize,
+        /// Flows seeded into the connection table before the runs (as `bench scale` does).
+        #[arg(long, default_value_t = 0)]
+        load_flows: usize,
         #[arg(long)]
         json: bool,
     },
@@ -342,8 +349,17 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             let b = bench::flow_logs(rounds, seconds, &xdp_mode, &congestion)?;
             print_json_or(json, &b, bench::render_flow_logs);
         }
-        Some(BenchCmd::Discovery { runs, json }) => {
-            let b = bench::discovery(runs as usize)?;
+        Some(BenchCmd::Discovery {
+            runs,
+            load_tasks,
+            load_flows,
+            json,
+        }) => {
+            let load = bench::DiscoveryLoad {
+                tasks: load_tasks,
+                flows: load_flows,
+            };
+            let b = bench::discovery(runs as usize, load)?;
             print_json_or(json, &b, bench::render_discovery);
         }
         Some(BenchCmd::Scale {

@@ -149,3 +149,52 @@ fn discovery_bench_times_three_runs_and_cleans_up() {
     assert!(left.is_empty(), "the benchmark's lab is gone: {left:?}");
     ecsnet_fails(&["bench", "discovery", "--runs", "0"], 2);
 }
+
+/// Under load: the plugged namespace tasks are configured beside the engine's containers (each
+/// with its policy in `TASKS`), the seeded flows are all tracked before and after the runs, and
+/// `lab down` takes the plugged namespaces with the rest.
+#[test]
+fn discovery_bench_under_load_carries_the_tasks_and_flows() {
+    require_root();
+    let out = ecsnet_ok(&[
+        "bench",
+        "discovery",
+        "--runs",
+        "2",
+        "--load-tasks",
+        "20",
+        "--load-flows",
+        "10000",
+        "--json",
+    ]);
+    let r: Value = serde_json::from_str(&out).expect("--json parses");
+    let lab = r["lab"].as_str().expect("the report names its lab");
+    assert_eq!(r["load"]["tasks"].as_u64(), Some(20), "{r}");
+    assert_eq!(r["load"]["flows"].as_u64(), Some(10_000), "{r}");
+    assert_eq!(
+        r["pluggedLive"].as_u64(),
+        Some(20),
+        "every plugged task live: {r}"
+    );
+    // One seeded flow in 100 is expired and gone before the runs; the runs' containers
+    // carry none of them, so their departures cut none.
+    assert_eq!(r["flowsBefore"].as_u64(), Some(9_900), "{r}");
+    assert_eq!(r["flowsAfter"].as_u64(), Some(9_900), "{r}");
+    assert!(r["ctSize"].as_u64().is_some_and(|s| s >= 25_000), "{r}");
+    let samples = r["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 2, "{r}");
+    for s in samples {
+        let a = s["address"].as_str().unwrap_or_default();
+        assert!(
+            a.starts_with("172.17.0."),
+            "containers keep dockerd's addresses, below the plugged tasks': {s}"
+        );
+        assert!(ns(s, "liveNs") > ns(s, "vethNs"), "{s}");
+    }
+    assert_latencies(r["latencies"].as_array().expect("latencies"), samples);
+    let left = leftovers(lab);
+    assert!(
+        left.is_empty(),
+        "the lab and its plugged tasks are gone: {left:?}"
+    );
+}

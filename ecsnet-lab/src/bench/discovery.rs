@@ -1,11 +1,16 @@
 //! `ecsnet bench discovery`: how long a container started with `docker run` waits for its own
 //! policy, on a real-engine lab of its own with ecsnet following the engine (issue 18).
 //!
+//! Under load (`DiscoveryLoad`), namespace tasks plugged into dockerd's docker0 are in the
+//! state file beside the engine's containers, so every apply carries them, and flows seeded
+//! into the connection table (as `bench scale` seeds them) are there for every apply to scan.
+//!
 //! Each run timestamps, on the wall clock in nanoseconds: the container's veth appearing on
 //! docker0 (this process's own rtnetlink subscription in the lab's host namespace), Docker's
 //! start event (`timeNano` of `docker events`), `docker run -d` returning, and the task's own
 //! policy being live (the pinned `TASKS` entry of its address with its veth and a policy, and
-//! `IFACES` saying `ROLE_TASK`, polled every `POLL`).
+//! `IFACES` saying `ROLE_TASK`, polled every `POLL` for each port docker0 gained since the
+//! benchmark began: a poll costs the same with a thousand tasks as with none).
 
 use std::{
     collections::HashMap,
@@ -36,9 +41,9 @@ use ecsnet::{
 };
 use ecsnet_common::maps::{IfaceInfo, MAP_IFACES, MAP_TASKS, ROLE_HELD, ROLE_TASK, TaskInfo};
 
-use super::{BenchError, DEFAULT_CONGESTION, step, tools::Labs};
+use super::{BenchError, DEFAULT_CONGESTION, scale, step, tools::Labs};
 use crate::{
-    lab::{self, BRIDGE, engine},
+    lab::{self, BRIDGE, LabTask, engine},
     stats,
 };
 
@@ -46,10 +51,30 @@ use crate::{
 const POLL: Duration = Duration::from_micros(200);
 /// How long one run may wait for each timestamp before the benchmark fails.
 const WAIT: Duration = Duration::from_secs(10);
+/// How long the agent's applied state must stay unchanged after a run's container went
+/// before the next run starts: the applies its departure caused (which cut its flows, a scan
+/// of the whole connection table) are over.
+const QUIET: Duration = Duration::from_secs(1);
+/// How long the agent may take to go quiet after a run.
+const SETTLE: Duration = Duration::from_secs(60);
 /// The issue's target: p99 of live - start event, milliseconds.
 pub const TARGET_P99_MS: f64 = 50.0;
 /// The group every container of the benchmark names in its label.
 const GROUP: &str = "sg-0bench0d15c0ver1";
+/// The group of the plugged namespace tasks: their port 80 open to the bridge's subnet and
+/// the client (the seeded flows' sources), everything out.
+const LOAD_GROUP: &str = "sg-0bench0d15c0load";
+
+/// What else is on the host while containers start: namespace tasks in the state file and
+/// flows seeded into the connection table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscoveryLoad {
+    /// Namespace tasks plugged into docker0 and configured in the state file.
+    pub tasks: usize,
+    /// Flows seeded into `CT` before the runs (`scale::seed_flows`).
+    pub flows: usize,
+}
 
 /// One `docker run`: its timestamps, wall clock, nanoseconds since the epoch.
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +130,21 @@ pub struct DiscoveryBench {
     pub runs: usize,
     pub poll_us: u64,
     pub docker_version: String,
+    pub load: DiscoveryLoad,
+    /// The connection-table size `up` was given (0: its default).
+    pub ct_size: u32,
+    /// The plugged tasks whose address had a nonzero policy in `TASKS` when the first run
+    /// began.
+    pub plugged_live: usize,
+    /// Flows tracked (`stats`) when the first run began and after the last.
+    pub flows_before: u64,
+    pub flows_after: u64,
+    /// Seconds spent plugging the namespace tasks, and seeding the flows.
+    pub plug_s: f64,
+    pub seed_s: f64,
+    /// `/proc/loadavg` when the first run began and after the last.
+    pub loadavg_before: String,
+    pub loadavg_after: String,
     pub target_p99_ms: f64,
     /// Whether p99 of live - start event is within the target.
     pub target_met: bool,
@@ -356,7 +396,8 @@ impl FileChange {
 }
 
 impl Live {
-    fn watch(instance: &str) -> Result<Self, BenchError> {
+    /// Watches the ports `links` sees join docker0.
+    fn watch(instance: &str, links: &Links) -> Result<Self, BenchError> {
         let paths = InstancePaths::new(instance);
         let mut view = FileChange {
             path: paths.discovered(),
@@ -371,26 +412,35 @@ impl Live {
         let held = Arc::new(Mutex::new(HashMap::new()));
         let (into, on, halt) = (Arc::clone(&seen), Arc::clone(&active), Arc::clone(&stop));
         let held_into = Arc::clone(&held);
+        let ports = Arc::clone(&links.seen);
         let thread = std::thread::spawn(move || {
             let mut last_poll = now_ns();
+            let mut done = std::collections::HashSet::new();
             while !halt.load(Ordering::Relaxed) {
                 view.poll();
                 if !on.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                for (ifindex, _) in ifaces.iter().flatten().filter(|(_, i)| i.role == ROLE_HELD) {
-                    locked(&held_into).entry(ifindex).or_insert_with(now_ns);
-                }
-                for (addr, t) in tasks.iter().flatten().filter(|(_, t)| t.policy != 0) {
-                    let key = (addr, t.ifindex);
-                    if locked(&into).contains_key(&key) {
+                let new: Vec<u32> = locked(&ports)
+                    .keys()
+                    .filter(|i| !done.contains(*i))
+                    .copied()
+                    .collect();
+                for ifindex in new {
+                    let Ok(i) = ifaces.get(&ifindex, 0) else {
                         continue;
+                    };
+                    if i.role == ROLE_HELD {
+                        locked(&held_into).entry(ifindex).or_insert_with(now_ns);
                     }
-                    let own = ifaces
-                        .get(&t.ifindex, 0)
-                        .is_ok_and(|i| i.role == ROLE_TASK && i.ipv4 == addr);
-                    if own {
+                    let addr = i.ipv4;
+                    let own = (i.role == ROLE_TASK)
+                        .then(|| tasks.get(&addr, 0).ok())
+                        .flatten()
+                        .filter(|t| t.ifindex == ifindex && t.policy != 0);
+                    if let Some(t) = own {
+                        let key = (addr, ifindex);
                         let seen = Seen {
                             live_ns: now_ns(),
                             before_ns: last_poll,
@@ -398,6 +448,7 @@ impl Live {
                             view_ns: view.changed_ns,
                         };
                         locked(&into).insert(key, seen);
+                        done.insert(ifindex);
                     }
                 }
                 last_poll = now_ns();
@@ -426,22 +477,44 @@ impl Live {
     }
 }
 
-/// The state file: the lab's host with `defaultPolicy: deny` (a held veth passes nothing) and
-/// the one group the containers name, open to the lab's client on 80/tcp.
-fn write_state(status: &lab::LabStatus) -> Result<(), BenchError> {
-    let mut state = lab::state_for(status);
-    state.tasks.clear();
+/// The state file: the lab's host with `defaultPolicy: deny` (a held veth passes nothing),
+/// the `plugged` namespace tasks in `LOAD_GROUP`, and the one group the containers name, open
+/// to the lab's client on 80/tcp.
+fn write_state(status: &lab::LabStatus, plugged: &[LabTask]) -> Result<(), BenchError> {
+    let mut state = lab::state_for(&lab::LabStatus {
+        tasks: plugged.to_vec(),
+        ..status.clone()
+    });
+    for t in &mut state.tasks {
+        t.security_groups = vec![LOAD_GROUP.to_owned()];
+    }
     state.host.default_policy = DefaultPolicy::Deny;
-    state.security_groups = vec![SecurityGroup {
-        group_id: GROUP.to_owned(),
-        group_name: Some("bench-discovery".to_owned()),
-        ip_permissions: vec![IpPermission::from_cidr(
-            "tcp",
-            Some((80, 80)),
+    let everywhere = || vec![IpPermission::from_cidr("-1", None, "0.0.0.0/0")];
+    let load_group = SecurityGroup {
+        group_id: LOAD_GROUP.to_owned(),
+        group_name: Some("bench-discovery-load".to_owned()),
+        ip_permissions: [
+            lab::BRIDGE_SUBNET.to_owned(),
             format!("{}/32", lab::CLIENT_ADDR),
-        )],
-        ip_permissions_egress: vec![IpPermission::from_cidr("-1", None, "0.0.0.0/0")],
-    }];
+        ]
+        .into_iter()
+        .map(|cidr| IpPermission::from_cidr("tcp", Some((80, 80)), cidr))
+        .collect(),
+        ip_permissions_egress: everywhere(),
+    };
+    state.security_groups = vec![
+        load_group,
+        SecurityGroup {
+            group_id: GROUP.to_owned(),
+            group_name: Some("bench-discovery".to_owned()),
+            ip_permissions: vec![IpPermission::from_cidr(
+                "tcp",
+                Some((80, 80)),
+                format!("{}/32", lab::CLIENT_ADDR),
+            )],
+            ip_permissions_egress: everywhere(),
+        },
+    ];
     let text = serde_json::to_string_pretty(&state).expect("state serializes");
     std::fs::write(&status.state_file, text).map_err(|source| BenchError::Write {
         path: status.state_file.clone(),
@@ -516,7 +589,45 @@ fn one_run(rig: &Rig<'_>, i: usize) -> Result<DiscoveryRun, BenchError> {
         let tasks = ecsnet::kernel::maps::read_tasks(&paths).ok()?;
         (!tasks.iter().any(|(_, t)| t.ifindex == run.ifindex)).then_some(())
     })?;
+    settle(&paths)?;
     Ok(run)
+}
+
+/// Whether an apply holds instance `paths`'s apply lock now (taken and let go at once when
+/// free: the agent's follower retries within milliseconds).
+fn applying(paths: &InstancePaths) -> bool {
+    std::fs::File::open(paths.apply_lock()).is_ok_and(|f| f.try_lock().is_err())
+}
+
+/// Waits until no apply has run or finished for `QUIET` (at most `SETTLE`): a container's
+/// entry goes before the apply that removed it has cut its flows, and its destroy event
+/// brings one more apply.
+fn settle(paths: &InstancePaths) -> Result<(), BenchError> {
+    let mut applied = FileChange {
+        path: paths.applied_state(),
+        last: None,
+        changed_ns: 0,
+    };
+    let start = Instant::now();
+    let mut quiet_since = Instant::now();
+    loop {
+        let was = applied.changed_ns;
+        applied.poll();
+        if applied.changed_ns != was || applying(paths) {
+            quiet_since = Instant::now();
+        }
+        if quiet_since.elapsed() >= QUIET {
+            return Ok(());
+        }
+        if start.elapsed() > SETTLE {
+            return Err(step("the agent's applies after a run")(format!(
+                "{} still changing after {} s",
+                applied.path.display(),
+                SETTLE.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The timestamps of container `id` (named `name`), whose `docker run` returned at
@@ -606,9 +717,61 @@ pub fn latencies(samples: &[DiscoveryRun]) -> Vec<Latency> {
     ]
 }
 
+/// How many of `plugged` have their own policy in instance `instance`'s `TASKS`.
+fn plugged_live(instance: &str, plugged: &[LabTask]) -> Result<usize, BenchError> {
+    let tasks = ecsnet::kernel::maps::read_tasks(&InstancePaths::new(instance))
+        .map_err(|e| step("reading TASKS")(e.to_string()))?;
+    let by_addr: HashMap<u32, TaskInfo> = tasks.into_iter().collect();
+    Ok(plugged
+        .iter()
+        .filter(|t| {
+            by_addr
+                .get(&u32::from(t.address).to_be())
+                .is_some_and(|i| i.policy != 0)
+        })
+        .count())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Seeds `flows` flows into the instance on `status` and waits until `stats` counts the
+/// live ones (GC removed the expired): the flows' tasks are `plugged` when there are two or
+/// more, else addresses where `plug_tasks` would put tasks, which no container uses. Returns
+/// the seconds seeding took.
+fn seed(
+    labs: &Labs,
+    status: &lab::LabStatus,
+    plugged: &[LabTask],
+    flows: usize,
+) -> Result<f64, BenchError> {
+    let unplugged;
+    let tasks = if plugged.len() >= 2 {
+        plugged
+    } else {
+        unplugged = lab::plugged_tasks(&status.name, lab::MAX_TASKS)?;
+        &unplugged
+    };
+    let (entries, seeded) = scale::seed_flows(tasks, flows, ecsnet::clock::monotonic_ns());
+    let took = scale::seed(&InstancePaths::new(&status.name), &entries)?;
+    drop(entries);
+    let alive = seeded.alive() as u64;
+    scale::await_gc(labs, status, alive)?;
+    let now = scale::tracked_flows(labs, status)?;
+    if now < alive {
+        return Err(step("seeding CT")(format!(
+            "stats counts {now} flows, {alive} seeded alive"
+        )));
+    }
+    Ok(took.as_secs_f64())
+}
+
 /// Runs the benchmark: `runs` containers, one after the other, on a lab of its own that goes
-/// down afterwards (also on failure).
-pub fn discovery(runs: usize) -> Result<DiscoveryBench, BenchError> {
+/// down afterwards (also on failure), with `load` on the host.
+pub fn discovery(runs: usize, load: DiscoveryLoad) -> Result<DiscoveryBench, BenchError> {
     if runs == 0 {
         return Err(step("bench discovery")(
             "--runs must be at least 1".to_owned(),
@@ -616,10 +779,29 @@ pub fn discovery(runs: usize) -> Result<DiscoveryBench, BenchError> {
     }
     let mut labs = Labs::new(DEFAULT_CONGESTION)?;
     let status = labs.engine_lab_up(format!("bd{}", std::process::id() % 100_000))?;
-    write_state(&status)?;
+    let t = Instant::now();
+    let plugged = lab::plugged_tasks(&status.name, load.tasks)?;
+    lab::plug_tasks(&status, &plugged)?;
+    let plug_s = t.elapsed().as_secs_f64();
+    write_state(&status, &plugged)?;
     let url = engine::EnginePaths::new(&status.name).url();
+    let ct_size = if load.flows > 0 {
+        scale::ct_size_for(load.flows)
+    } else {
+        0
+    };
+    let size = ct_size.to_string();
+    let mut args = vec!["--docker", url.as_str()];
+    if ct_size > 0 {
+        args.extend(["--ct-size", size.as_str()]);
+    }
     // The default flow-log window (60 s), as on a real host.
-    labs.ecsnet_up_with(&status, &["--docker", &url])?;
+    labs.ecsnet_up_with(&status, &args)?;
+    let seed_s = if load.flows > 0 {
+        seed(&labs, &status, &plugged, load.flows)?
+    } else {
+        0.0
+    };
     let docker_version = engine::docker_ok(
         &status.name,
         &["version", "--format", "{{.Server.Version}}"],
@@ -627,7 +809,7 @@ pub fn discovery(runs: usize) -> Result<DiscoveryBench, BenchError> {
     // Watchers after `labs`: they go first, before the lab does.
     let links = Links::watch(&status.host.netns)?;
     let events = StartEvents::follow(&status.name)?;
-    let live = Live::watch(&status.name)?;
+    let live = Live::watch(&status.name, &links)?;
     let agent = std::fs::read_to_string(InstancePaths::new(&status.name).pid_file())
         .ok()
         .and_then(|p| p.trim().parse().ok())
@@ -639,9 +821,14 @@ pub fn discovery(runs: usize) -> Result<DiscoveryBench, BenchError> {
         events: &events,
         live: &live,
     };
+    let flows_before = scale::tracked_flows(&labs, &status)?;
+    let plugged_live = plugged_live(&status.name, &plugged)?;
+    let loadavg_before = loadavg();
     let samples = (0..runs)
         .map(|i| one_run(&rig, i))
         .collect::<Result<Vec<_>, _>>()?;
+    let loadavg_after = loadavg();
+    let flows_after = scale::tracked_flows(&labs, &status)?;
     let latencies = latencies(&samples);
     let p99 = latencies
         .iter()
@@ -652,6 +839,15 @@ pub fn discovery(runs: usize) -> Result<DiscoveryBench, BenchError> {
         runs,
         poll_us: u64::try_from(POLL.as_micros()).unwrap_or(u64::MAX),
         docker_version,
+        load,
+        ct_size,
+        plugged_live,
+        flows_before,
+        flows_after,
+        plug_s,
+        seed_s,
+        loadavg_before,
+        loadavg_after,
         target_p99_ms: TARGET_P99_MS,
         target_met: p99 <= TARGET_P99_MS,
         latencies,
@@ -664,6 +860,23 @@ pub fn render_discovery(b: &DiscoveryBench) -> String {
     let mut out = format!(
         "{} docker run(s) on dockerd {}, maps polled every {} us; milliseconds\n",
         b.runs, b.docker_version, b.poll_us
+    );
+    let _ = writeln!(
+        out,
+        "load: {} namespace tasks in the state file (plugged in {:.1} s, {} with their policy \
+         live), {} flows seeded \
+         (in {:.1} s, CT size {}); flows tracked {} before the runs, {} after; \
+         load average {} before, {} after",
+        b.load.tasks,
+        b.plug_s,
+        b.plugged_live,
+        b.load.flows,
+        b.seed_s,
+        b.ct_size,
+        b.flows_before,
+        b.flows_after,
+        b.loadavg_before,
+        b.loadavg_after
     );
     let _ = writeln!(
         out,

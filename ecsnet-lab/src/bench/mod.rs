@@ -17,7 +17,9 @@ mod run;
 pub mod scale;
 mod tools;
 
-pub use discovery::{DiscoveryBench, DiscoveryRun, Latency, discovery, render_discovery};
+pub use discovery::{
+    DiscoveryBench, DiscoveryLoad, DiscoveryRun, Latency, discovery, render_discovery,
+};
 pub use flow_logs::{FlowLogBench, PathResult, flow_logs, render_flow_logs};
 pub use plan::{BenchPath, Metric, Mode};
 pub use report::{BenchReport, Row, Target, render, svg};

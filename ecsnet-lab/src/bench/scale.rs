@@ -1,7 +1,7 @@
 //! `ecsnet bench scale`: ecsnet on a lab of many tasks with a connection table seeded with
 //! many flows (issue 19): `apply` times, the agent's memory and its threads' CPU, and how long
 //! `stats` and `flows tail` take, with the table empty and full. Discovery under that load is
-//! not measured here (a real-engine lab of a thousand containers is too heavy for one machine).
+//! measured by `bench discovery --load-tasks --load-flows`, which seeds with `seed_flows` too.
 //!
 //! The seeded flows (`seed_flows`) look like the lab's own: task to task, the client to a
 //! published port, a task to the outside through masquerade. They are idle established TCP
@@ -331,6 +331,38 @@ fn cpu_per_s(pid: u32, window: Duration) -> Result<BTreeMap<String, f64>, BenchE
         .collect())
 }
 
+/// Flows in the connection tables of the instance on `lab`, as `stats --json` counts them.
+pub(super) fn tracked_flows(labs: &Labs, lab: &LabStatus) -> Result<u64, BenchError> {
+    let args = ["--netns", &lab.host.netns, "--instance", &lab.name];
+    let out = labs
+        .ecsnet(&[&args[..], &["stats", "--json"]].concat())
+        .map_err(step("ecsnet stats --json"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| step("ecsnet stats --json")(e.to_string()))?;
+    Ok(v["conntrack"]["flows"].as_object().map_or(0, |m| {
+        m.values().filter_map(serde_json::Value::as_u64).sum()
+    }))
+}
+
+/// Waits, at most `GC_DEADLINE`, until the instance on `lab` tracks no more than `alive`
+/// flows: GC removed the expired seeded ones. How long that took.
+pub(super) fn await_gc(labs: &Labs, lab: &LabStatus, alive: u64) -> Result<Duration, BenchError> {
+    let t = Instant::now();
+    loop {
+        let now = tracked_flows(labs, lab)?;
+        if now <= alive {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > GC_DEADLINE {
+            return Err(step("GC of the expired seeded flows")(format!(
+                "{now} flows after {} s, {alive} alive",
+                GC_DEADLINE.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// One benchmark run's lab, instance and files.
 struct Run<'a> {
     labs: &'a Labs,
@@ -358,14 +390,8 @@ impl Run<'_> {
         self.ecsnet(&["apply", "-f", file]).map(drop)
     }
 
-    /// Flows in the connection tables, as `stats --json` counts them.
     fn flows(&self) -> Result<u64, BenchError> {
-        let out = self.ecsnet(&["stats", "--json"])?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| step("ecsnet stats --json")(e.to_string()))?;
-        Ok(v["conntrack"]["flows"].as_object().map_or(0, |m| {
-            m.values().filter_map(serde_json::Value::as_u64).sum()
-        }))
+        tracked_flows(self.labs, &self.lab)
     }
 
     fn load(&self) -> Result<Load, BenchError> {
@@ -466,21 +492,7 @@ pub fn scale(tasks: usize, flows: usize) -> Result<ScaleBench, BenchError> {
     let seed_s = seed(&run.paths, &entries)?.as_secs_f64();
     drop(entries);
     let alive = seeded.alive() as u64;
-    let t = Instant::now();
-    loop {
-        let now = run.flows()?;
-        if now <= alive {
-            break;
-        }
-        if t.elapsed() > GC_DEADLINE {
-            return Err(step("GC of the expired seeded flows")(format!(
-                "{now} flows after {} s, {alive} alive",
-                GC_DEADLINE.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let gc_expired_s = t.elapsed().as_secs_f64();
+    let gc_expired_s = await_gc(&labs, &run.lab, alive)?.as_secs_f64();
     let loaded = run.load()?;
     Ok(ScaleBench {
         tasks,
@@ -495,8 +507,9 @@ pub fn scale(tasks: usize, flows: usize) -> Result<ScaleBench, BenchError> {
         empty,
         loaded,
         not_measured: vec![
-            "discovery's time-to-enforce under this load: `bench discovery` needs a real-engine \
-             lab, and one of a thousand containers is too heavy for this machine"
+            "discovery's time-to-enforce under this load: `bench discovery --load-tasks N \
+             --load-flows N` measures it on a real-engine lab with namespace tasks beside the \
+             containers"
                 .to_owned(),
             "flow export of busy flows: the seeded flows are idle, so the export thread's CPU \
              shows only what the connection table's size costs it (`bench flow-logs` measures \

@@ -44,6 +44,13 @@ pub const DEFAULT_CONTAINER_PORT: u16 = 80;
 pub const DOCKER_DYNAMIC_PORTS: [u16; 2] = [32768, 60999];
 /// Echo port (TCP and UDP) of the lab's client.
 pub const CLIENT_ECHO_PORT: u16 = 9000;
+/// The first address of the namespace tasks plugged into a real engine's docker0
+/// (`plug_tasks`): high in the bridge's /16, far from dockerd's IPAM, which hands out
+/// 172.17.0.2 upwards.
+pub const PLUGGED_BASE: Ipv4Addr = Ipv4Addr::new(172, 17, 200, 1);
+/// The host port the first plugged task publishes; the next task the next port (below
+/// Docker's dynamic range, apart from the default 8080 of the engine's own tasks).
+pub const PLUGGED_HOST_PORT: u16 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -407,6 +414,54 @@ fn namespaces(name: &str) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// `count` namespace tasks for lab `lab` beside a real engine's containers: named `load1`
+/// upwards, in the lab's task namespaces, at `PLUGGED_BASE` upwards, each publishing its
+/// port 80 on a host port of its own from `PLUGGED_HOST_PORT`. Only their descriptions:
+/// `plug_tasks` makes them.
+pub fn plugged_tasks(lab: &str, count: usize) -> Result<Vec<LabTask>, LabError> {
+    if count > MAX_TASKS {
+        return Err(LabError::BadTaskCount(count));
+    }
+    let mut names = HashMap::new();
+    (1..=count)
+        .map(|i| {
+            let veth = veth_name(lab, i);
+            if let Some(a) = names.insert(veth.clone(), i) {
+                return Err(LabError::VethClash {
+                    lab: lab.to_owned(),
+                    a,
+                    b: i,
+                    veth,
+                });
+            }
+            let k = u32::try_from(i - 1).expect("at most MAX_TASKS");
+            Ok(LabTask {
+                name: format!("load{i}"),
+                netns: task_ns(lab, i),
+                address: Ipv4Addr::from(u32::from(PLUGGED_BASE) + k),
+                interface: veth,
+                port_mappings: vec![LabPort {
+                    host_port: PLUGGED_HOST_PORT + u16::try_from(k).expect("at most MAX_TASKS"),
+                    container_port: DEFAULT_CONTAINER_PORT,
+                    protocol: Protocol::Tcp,
+                }],
+            })
+        })
+        .collect()
+}
+
+/// Plugs `tasks` (from `plugged_tasks`) into the docker0 of real-engine lab `status`, each a
+/// namespace of its own on a veth, as the imitation's tasks are. They serve nothing; `lab
+/// down` removes them with the lab (their namespaces are the lab's task namespaces).
+pub fn plug_tasks(status: &LabStatus, tasks: &[LabTask]) -> Result<(), LabError> {
+    if !engine::is_engine(&status.name) {
+        return Err(LabError::Conflict(
+            "namespace tasks are plugged beside a real engine only (lab up --docker)",
+        ));
+    }
+    topology::plug(&status.host.netns, tasks)
 }
 
 /// `ecsnet lab up`: builds the lab, starts a server in every task, writes the state file.
@@ -895,5 +950,25 @@ mod tests {
         assert_ne!(a, veth_name("lab", 2));
         assert_ne!(a, veth_name("lab2", 1));
         assert_eq!(a, veth_name("lab", 1));
+    }
+
+    #[test]
+    fn plugged_tasks_sit_high_in_the_bridge_subnet() {
+        let t = plugged_tasks("bd123", MAX_TASKS).unwrap();
+        assert_eq!(t.len(), MAX_TASKS);
+        assert_eq!(t[0].address, Ipv4Addr::new(172, 17, 200, 1));
+        assert_eq!(t[999].address, Ipv4Addr::new(172, 17, 203, 232));
+        assert_eq!(t[999].port_mappings[0].host_port, 10_999);
+        assert_eq!(
+            t[0].netns, "bd123-task1",
+            "lab down finds it among the lab's"
+        );
+        let veths: HashSet<&str> = t.iter().map(|t| t.interface.as_str()).collect();
+        assert_eq!(veths.len(), MAX_TASKS);
+        assert!(plugged_tasks("bd123", 0).unwrap().is_empty());
+        assert!(matches!(
+            plugged_tasks("bd123", MAX_TASKS + 1),
+            Err(LabError::BadTaskCount(_))
+        ));
     }
 }

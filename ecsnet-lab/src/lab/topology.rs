@@ -115,6 +115,25 @@ pub(super) fn build(
     })
 }
 
+/// Plugs `tasks` into the docker0 that is already on `host` (a real engine's): each a
+/// namespace of its own on a veth, as `build` plugs the imitation's. Namespaces made before a
+/// failure stay, for `lab down` to remove with the rest of the lab.
+pub(super) fn plug(host: &str, tasks: &[LabTask]) -> Result<(), LabError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|source| netns_error(host, "tokio runtime", source))?;
+    runtime.block_on(async {
+        let host = Ns::open(host, open(host)?)?;
+        for task in tasks {
+            let ns = Ns::add(&task.netns).await?;
+            host.veth(&task.interface, &ns, TASK_LINK).await?;
+            bridged_task(&host, &ns, task).await?;
+        }
+        Ok(())
+    })
+}
+
 /// The host's own multicast reports, sent within milliseconds instead of over a second or two.
 ///
 /// docker0 joins the multicast router discovery group (224.0.0.106 and `ff02::6a`) when it comes up,
