@@ -209,7 +209,9 @@ impl<F: FnMut(&Discovered)> Follower<F> {
         self.networks.reload(&docker).await?;
         self.relist(&docker, &host).await?;
         *backoff = FIRST_BACKOFF;
+        // Connected before the new view is published: whoever sees it sees the status it came with.
         self.connected(&docker);
+        self.changed();
         let filters = HashMap::from([
             (
                 "type".to_owned(),
@@ -238,7 +240,7 @@ impl<F: FnMut(&Discovered)> Follower<F> {
         Err(SessionError::StreamEnded)
     }
 
-    /// Every container, inspected: the view is replaced whole.
+    /// Every container, inspected: the view is replaced whole (the caller publishes it).
     async fn relist(
         &mut self,
         docker: &Docker,
@@ -255,10 +257,8 @@ impl<F: FnMut(&Discovered)> Follower<F> {
                 containers.insert(id, seen);
             }
         }
-        lock(&self.status).relists += 1;
         self.view.containers = containers;
         self.view.cause = None;
-        self.changed();
         Ok(())
     }
 
@@ -407,6 +407,7 @@ impl<F: FnMut(&Discovered)> Follower<F> {
 
     fn connected(&mut self, docker: &Docker) {
         let mut s = lock(&self.status);
+        s.relists += 1;
         if s.relists > 1 {
             s.reconnects += 1;
         }
