@@ -6,9 +6,17 @@
 //!
 //! Each round starts two commands at the same instant (as near as two spawns get) and checks
 //! every outcome; at the end the live state is the last one applied and traffic flows.
+//!
+//! A command that dies halfway through its commit (a SIGKILL of the agent) leaves work that the
+//! next commit finishes.
 
-use std::process::{Command, Output, Stdio};
+use std::{
+    os::unix::process::ExitStatusExt,
+    process::{Command, Output, Stdio},
+};
 
+use ecsnet::store::paths::InstancePaths;
+use ecsnet_common::net::ipv4_to_map;
 use ecsnet_tests::{
     Lab, ecsnet_bin,
     world::{self, instance_ok},
@@ -220,4 +228,68 @@ fn concurrent_state_changes_serialise_or_fail_with_one_clear_line() {
         let r = lab.probe(lab.client(), "tcp", &format!("10.10.0.1:{port}"), 3, 100);
         assert_eq!(r["echoed"], 3, "published port {port} after the races: {r}");
     }
+}
+
+/// A commit stopped between its map writes and its flow cut (as the agent is when it gets a
+/// SIGKILL while a container leaves) left the departed task's tracked flows behind for their
+/// whole timeout, and no later commit saw that task as departing: the map no longer had it. The
+/// last applied state, written at the end of a commit, still has it: the next commit cuts them.
+#[test]
+fn flows_of_a_task_a_killed_commit_removed_go_with_the_next_commit() {
+    let lab = Lab::up("cak", 2, &["1:8080:80", "2:8081:80"]);
+    lab.ecsnet_up();
+    let paths = InstancePaths::new(&lab.name);
+    let flows_of = |task: usize| {
+        let addr = ipv4_to_map(lab.status.tasks[task - 1].address);
+        ecsnet::kernel::maps::read_ct(&paths)
+            .expect("the connection tables")
+            .iter()
+            .filter(|(_, k, e)| [k.saddr, k.daddr, e.peer.saddr, e.peer.daddr].contains(&addr))
+            .count()
+    };
+    for port in [8080, 8081] {
+        let r = lab.probe(lab.client(), "tcp", &format!("10.10.0.1:{port}"), 3, 100);
+        assert_eq!(r["echoed"], 3, "published port {port}: {r}");
+    }
+    // Closed connections stay tracked for the closing timeout (30 s): both directions of each.
+    let (held1, held2) = (flows_of(1), flows_of(2));
+    assert!(
+        held1 >= 2 && held2 >= 2,
+        "tracked: task1 {held1}, task2 {held2}"
+    );
+
+    let out = Command::new(ecsnet_bin())
+        .args(["--instance", &lab.name, "task", "rm", "task1"])
+        .env("ECSNET_TEST_ABORT_AT", "before-flow-cut")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run ecsnet");
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::libc::SIGABRT),
+        "task rm was to stop at its flow cut: {out:?}"
+    );
+    assert_eq!(
+        task_names(&lab),
+        ["task1", "task2"],
+        "the applied state is written last"
+    );
+    assert_eq!(flows_of(1), held1, "the stopped commit cut nothing");
+    let task1 = ipv4_to_map(lab.status.tasks[0].address);
+    let in_map = ecsnet::kernel::maps::read_tasks(&paths).expect("TASKS");
+    assert!(
+        in_map.iter().all(|(addr, _)| *addr != task1),
+        "task1 left the map before the stop"
+    );
+
+    // The next commit, of another change (task2's port moves), cuts task1's flows and only them.
+    let mut state = world::state(&lab);
+    state["tasks"].as_array_mut().unwrap().remove(0);
+    state["tasks"][0]["portMappings"][0]["hostPort"] = json!(8082);
+    world::apply(&lab, "without-task1.json", &state);
+    assert_eq!(task_names(&lab), ["task2"]);
+    assert_eq!(flows_of(1), 0, "task1's flows outlived the next commit");
+    assert_eq!(flows_of(2), held2, "task2's flows stay");
+    let r = lab.probe(lab.client(), "tcp", "10.10.0.1:8082", 3, 100);
+    assert_eq!(r["echoed"], 3, "task2 on its new port: {r}");
 }

@@ -21,6 +21,7 @@ use nix::{
 use ecsnet_common::{
     ct::Timeouts,
     maps::{Config, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
+    net::ipv4_to_map,
 };
 
 use crate::{
@@ -592,11 +593,24 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         .iter()
         .map(|(addr, new)| (*addr, new.ifindex))
         .collect();
-    let gone: HashSet<u32> = maps::read_tasks(paths)?
+    let in_map = maps::read_tasks(paths)?;
+    let mapped: HashSet<u32> = in_map.iter().map(|(addr, _)| *addr).collect();
+    let mut gone: HashSet<u32> = in_map
         .into_iter()
         .filter(|(addr, info)| !planned.contains(&(*addr, info.ifindex)))
         .map(|(addr, _)| addr)
         .collect();
+    // A commit cut short (the agent killed between its map writes and its flow cut) took its
+    // departed tasks out of the map but not out of the last applied state, which is written
+    // last: their flows go now.
+    if let Some(last) = files::read_applied(paths)? {
+        gone.extend(
+            last.tasks
+                .iter()
+                .map(|t| ipv4_to_map(t.ipv4_address))
+                .filter(|addr| !mapped.contains(addr)),
+        );
+    }
     // Who was where, for the flow records of interfaces that go now.
     let before = Directory::load(paths).map_err(|e| match e {
         DirectoryError::Store(e) => InstanceError::Store(e),
@@ -637,6 +651,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     if !departed.is_empty() {
         files::add_departed(paths, departed, unix_now())?;
     }
+    abort_for_tests("before-flow-cut");
     if !gone.is_empty() {
         maps::remove_flows(paths, |k, e| {
             [k.saddr, k.daddr, e.peer.saddr, e.peer.daddr]
@@ -651,6 +666,17 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     };
     files::write_applied(paths, &plan.state)?;
     Ok(cut)
+}
+
+/// Debug builds only: aborts the process at `point` when `ECSNET_TEST_ABORT_AT` names it, as a
+/// SIGKILL of the agent in the middle of a commit would stop it, so that tests can show the next
+/// commit finishing the work.
+fn abort_for_tests(point: &str) {
+    if cfg!(debug_assertions)
+        && std::env::var_os("ECSNET_TEST_ABORT_AT").is_some_and(|p| p == point)
+    {
+        std::process::abort();
+    }
 }
 
 fn unix_now() -> u64 {
