@@ -1,6 +1,9 @@
 //! `ecsnet task add|rm|ls`: a read-modify-write of the applied state under the apply lock.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use clap::Subcommand;
 
@@ -20,6 +23,9 @@ pub enum TaskCmd {
         name: String,
         #[arg(long)]
         ip: Ipv4Addr,
+        /// The task's global IPv6 address, if it has one.
+        #[arg(long)]
+        ipv6: Option<Ipv6Addr>,
         #[arg(long)]
         interface: Option<String>,
         /// HOSTPORT:CONTAINERPORT[/tcp|/udp]; HOSTPORT 0 is dynamic.
@@ -63,12 +69,14 @@ pub fn run(paths: &InstancePaths, cmd: TaskCmd) -> anyhow::Result<()> {
         TaskCmd::Add {
             name,
             ip,
+            ipv6,
             interface,
             publish,
             security_groups,
         } => add(
             paths,
             Task {
+                ipv6_address: ipv6,
                 interface,
                 port_mappings: publish,
                 security_groups,
@@ -163,9 +171,19 @@ fn table(tasks: &[Task], notes: &[String]) -> String {
         .max()
         .unwrap_or(0)
         .max(12);
+    // An IPv6 column only when a task has an IPv6 address.
+    let w6 = tasks
+        .iter()
+        .filter_map(|t| Some(t.ipv6_address?.to_string().len()))
+        .max()
+        .map_or(0, |w| w.max(4) + 1);
     let mut out = format!(
-        "{:<w$} {:<15} {:<15} {:<20} PORTS\n",
-        "TASK", "ADDRESS", "INTERFACE", "SOURCE"
+        "{:<w$} {:<15} {:<w6$}{:<15} {:<20} PORTS\n",
+        "TASK",
+        "ADDRESS",
+        if w6 > 0 { "IPV6" } else { "" },
+        "INTERFACE",
+        "SOURCE"
     );
     for t in tasks {
         let source = match (t.source, &t.container_id) {
@@ -173,9 +191,14 @@ fn table(tasks: &[Task], notes: &[String]) -> String {
             (TaskSource::Docker, None) => "docker".to_owned(),
             (TaskSource::State, _) => "state".to_owned(),
         };
+        let v6 = match (w6, t.ipv6_address) {
+            (0, _) => String::new(),
+            (_, Some(a)) => a.to_string(),
+            (_, None) => "-".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "{:<w$} {:<15} {:<15} {:<20} {}",
+            "{:<w$} {:<15} {v6:<w6$}{:<15} {:<20} {}",
             t.name,
             t.ipv4_address,
             t.interface.as_deref().unwrap_or("-"),
@@ -226,6 +249,33 @@ mod tests {
         assert_eq!(
             ports(&[p, publish("0:53/udp").unwrap()]),
             "8080->80/tcp 0->53/udp"
+        );
+    }
+
+    #[test]
+    fn the_table_has_an_ipv6_column_only_when_a_task_has_an_ipv6_address() {
+        let mut a = Task::new("a", Ipv4Addr::new(172, 17, 0, 2));
+        let b = Task::new("b", Ipv4Addr::new(172, 17, 0, 3));
+        let without = table(&[a.clone(), b.clone()], &[]);
+        assert!(!without.contains("IPV6"), "{without}");
+        assert!(
+            without.starts_with("TASK         ADDRESS         INTERFACE"),
+            "{without}"
+        );
+        a.ipv6_address = Some("fd00:ec5:17::2".parse().unwrap());
+        let with = table(&[a, b], &[]);
+        let lines: Vec<&str> = with.lines().collect();
+        assert!(
+            lines[0].starts_with("TASK         ADDRESS         IPV6           INTERFACE"),
+            "{with}"
+        );
+        assert!(
+            lines[1].starts_with("a            172.17.0.2      fd00:ec5:17::2 -"),
+            "{with}"
+        );
+        assert!(
+            lines[2].starts_with("b            172.17.0.3      -              -"),
+            "{with}"
         );
     }
 }

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use bollard::models::{ContainerInspectResponse, EndpointSettings, NetworkSettings, PortMap};
@@ -85,6 +85,12 @@ pub fn classify(
         .ok_or_else(no_address)?;
     let mac_text = endpoint.mac_address.clone().unwrap_or_default();
     let mac = crate::state::parse_mac(&mac_text).ok_or_else(no_address)?;
+    // Docker's IPv6 on the bridge (`ipv6: true`), when it gave one; empty without.
+    let ipv6 = endpoint
+        .global_ipv6_address
+        .as_deref()
+        .and_then(|a| a.parse::<Ipv6Addr>().ok())
+        .filter(|a| crate::state::task_ipv6(*a).is_ok());
     let prefix = endpoint
         .ip_prefix_len
         .and_then(|p| u8::try_from(p).ok())
@@ -109,6 +115,7 @@ pub fn classify(
     let port_mappings = ports.map(|p| published(p, &mut notes)).unwrap_or_default();
 
     let mut task = Task::new(id.name, address);
+    task.ipv6_address = ipv6;
     task.source = TaskSource::Docker;
     task.container_id.clone_from(&c.id);
     task.image = config.and_then(|c| c.image.clone());
@@ -533,6 +540,25 @@ mod tests {
                 bridge: "docker0".into()
             }
         );
+    }
+
+    #[test]
+    fn the_ipv6_address_docker_gave_is_the_tasks() {
+        let d = devices();
+        let c = classify(&fixture("plain"), &d, "docker0").unwrap();
+        assert_eq!(c.task.ipv6_address, None, "Docker gave none");
+        for (given, taken) in [
+            ("fd00:ec5:17::242:ac11:3", Some("fd00:ec5:17::242:ac11:3")),
+            ("2001:db8:1::3", Some("2001:db8:1::3")),
+            ("fe80::42:acff:fe11:3", None),
+            ("not an address", None),
+        ] {
+            let mut c = fixture("plain");
+            let nets = c.network_settings.as_mut().unwrap().networks.as_mut();
+            nets.unwrap().get_mut("bridge").unwrap().global_ipv6_address = Some(given.into());
+            let t = classify(&c, &d, "docker0").unwrap().task;
+            assert_eq!(t.ipv6_address, taken.map(|a| a.parse().unwrap()), "{given}");
+        }
     }
 
     #[test]

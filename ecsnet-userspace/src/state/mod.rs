@@ -7,14 +7,18 @@ pub(crate) mod sgfile;
 pub(crate) mod timeouts;
 mod validate;
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use ecsnet_common::ct::{PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 
 pub use parse::{MAX_FILE_BYTES, MAX_STRING_BYTES, ReadError, parse, read_limited};
 use rules::{Ipv4Net, RuleError};
-pub use validate::validate;
+pub use validate::{task_ipv6, validate};
 
 /// An error in a state or SG file, located by its JSON path (`$.tasks[1].ipv4Address`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,7 +67,9 @@ pub enum Problem {
     #[error("task name {name:?} is also used by $.tasks[{other}]")]
     DuplicateName { name: String, other: usize },
     #[error("address {addr} is also used by $.tasks[{other}]")]
-    DuplicateAddress { addr: Ipv4Addr, other: usize },
+    DuplicateAddress { addr: IpAddr, other: usize },
+    #[error("{addr} is not an address a task can have: {why}")]
+    BadIpv6 { addr: Ipv6Addr, why: &'static str },
     #[error("address {addr} is not a task address in the bridge subnet {net}")]
     OutsideBridge { addr: Ipv4Addr, net: Ipv4Net },
     #[error("port 0 out of range 1-65535")]
@@ -279,6 +285,11 @@ pub struct Task {
     pub task_arn: Option<String>,
     pub name: String,
     pub ipv4_address: Ipv4Addr,
+    /// The task's global IPv6 address, when it has one (ECS task metadata's `IPv6Addresses`;
+    /// Docker's `GlobalIPv6Address`). Known, it is the only global address the task may send
+    /// IPv6 from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_address: Option<Ipv6Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -316,6 +327,7 @@ impl Task {
             task_arn: None,
             name: name.into(),
             ipv4_address,
+            ipv6_address: None,
             interface: None,
             interface_id: None,
             port_mappings: Vec::new(),
@@ -520,6 +532,55 @@ pub(crate) mod tests {
         }
         assert_eq!(err_path("{\"tasks\": 3}"), "$.tasks");
         assert!(check("{").is_err());
+    }
+
+    #[test]
+    fn a_task_ipv6_address_is_a_unique_global_unicast_one() {
+        let with = |a: &str, b: &str| {
+            GOOD.replace(
+                "\"ipv4Address\": \"172.17.0.2\",",
+                &format!("\"ipv4Address\": \"172.17.0.2\", \"ipv6Address\": \"{a}\","),
+            )
+            .replace(
+                "\"ipv4Address\": \"172.17.0.3\",",
+                &format!("\"ipv4Address\": \"172.17.0.3\", \"ipv6Address\": \"{b}\","),
+            )
+        };
+        let s = check(&with("fd00:ec5:17::2", "2001:db8::3")).expect("two global addresses");
+        assert_eq!(
+            s.tasks[0].ipv6_address,
+            Some("fd00:ec5:17::2".parse().unwrap())
+        );
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(text.contains(r#""ipv6Address":"fd00:ec5:17::2""#), "{text}");
+        assert!(
+            !serde_json::to_string(&check(GOOD).unwrap())
+                .unwrap()
+                .contains("ipv6"),
+            "no IPv6 address, no key"
+        );
+        for (bad, why) in [
+            ("fe80::1", "link-local"),
+            ("ff02::1", "multicast"),
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("::ffff:172.17.0.9", "IPv4-mapped"),
+        ] {
+            let e = check(&with("fd00:ec5:17::2", bad)).expect_err(bad);
+            assert_eq!(e.path, "$.tasks[1].ipv6Address", "{bad}");
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+        let e = check(&with("fd00:ec5:17::2", "fd00:ec5:17::2")).expect_err("twice");
+        assert_eq!(e.path, "$.tasks[1].ipv6Address");
+        assert!(
+            e.to_string()
+                .contains("address fd00:ec5:17::2 is also used by $.tasks[0]"),
+            "{e}"
+        );
+        assert_eq!(
+            err_path(&with("fd00:ec5:17::2", "172.17.0.9")),
+            "$.tasks[1].ipv6Address"
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Validation: every rule of SPEC §4 and §6 that needs no kernel, checked in the file's order so
 //! the first error is the first in the file; what passes comes out as typed `Rules`.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use ecsnet_common::policy::mask_addr;
 
@@ -154,8 +157,27 @@ fn groups(state: &State) -> Result<(GroupIndex<'_>, Vec<Group>), StateError> {
 #[derive(Default)]
 struct Taken<'a> {
     names: HashMap<&'a str, usize>,
-    addrs: HashMap<Ipv4Addr, usize>,
+    addrs: HashMap<IpAddr, usize>,
     host_ports: HashMap<(u16, Protocol), usize>,
+}
+
+/// Whether `addr` may be a task's global IPv6 address: a unicast address other than the
+/// link-local one every interface has (which ecsnet derives from the task's MAC).
+pub fn task_ipv6(addr: Ipv6Addr) -> Result<(), Problem> {
+    let why = if addr.is_unspecified() {
+        "unspecified"
+    } else if addr.is_loopback() {
+        "loopback"
+    } else if addr.is_multicast() {
+        "multicast"
+    } else if addr.is_unicast_link_local() {
+        "link-local (a task's link-local address is its MAC's)"
+    } else if addr.to_ipv4_mapped().is_some() {
+        "an IPv4-mapped address"
+    } else {
+        return Ok(());
+    };
+    Err(Problem::BadIpv6 { addr, why })
 }
 
 /// Whether `addr` may be a task's address on a bridge at `bridge` (address, prefix length): in
@@ -215,12 +237,26 @@ fn task<'a>(
         return Err(StateError::at(format!("{path}.name"), problem));
     }
     let addr = t.ipv4_address;
-    if let Some(other) = taken.addrs.insert(addr, i) {
-        let problem = Problem::DuplicateAddress { addr, other };
+    if let Some(other) = taken.addrs.insert(addr.into(), i) {
+        let problem = Problem::DuplicateAddress {
+            addr: addr.into(),
+            other,
+        };
         return Err(StateError::at(format!("{path}.ipv4Address"), problem));
     }
     if let Some(b) = bridge.address {
         on_bridge(addr, b).map_err(|p| StateError::at(format!("{path}.ipv4Address"), p))?;
+    }
+    if let Some(v6) = t.ipv6_address {
+        let at = || format!("{path}.ipv6Address");
+        task_ipv6(v6).map_err(|p| StateError::at(at(), p))?;
+        if let Some(other) = taken.addrs.insert(v6.into(), i) {
+            let problem = Problem::DuplicateAddress {
+                addr: v6.into(),
+                other,
+            };
+            return Err(StateError::at(at(), problem));
+        }
     }
     for (j, pm) in t.port_mappings.iter().enumerate() {
         let pp = format!("{path}.portMappings[{j}]");
