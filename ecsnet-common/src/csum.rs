@@ -74,6 +74,19 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
     w(src) + w(dst) + u32::from(proto) + u32::from(len)
 }
 
+/// The partial sum of an IPv6 pseudo-header (RFC 8200 §8.1), for [`checksum`] over an upper
+/// layer packet of `len` bytes (ICMPv6 too: unlike ICMPv4, its checksum covers the addresses).
+pub fn pseudo_header6(src: [u8; 16], dst: [u8; 16], next: u8, len: u32) -> u32 {
+    let words = |b: [u8; 16]| -> u32 {
+        b.as_chunks::<2>()
+            .0
+            .iter()
+            .map(|w| u32::from(u16::from_be_bytes(*w)))
+            .sum()
+    };
+    words(src) + words(dst) + (len >> 16) + (len & 0xffff) + u32::from(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,11 +55,23 @@ pub enum DropReason {
     /// destination (address, port, protocol) of a new flow: refused, so that one task cannot
     /// take the ports other tasks need towards the same destination.
     NatTaskPortLimit = 22,
+    /// A task's neighbour solicitation or advertisement speaks for another: a target address
+    /// that is not the task's, or a link-layer address option that is not its MAC. No poisoning
+    /// the host's or another task's neighbour cache.
+    NdSpoofed = 23,
+    /// A task sent a router advertisement, a redirect or a DHCPv6 server message: tasks are
+    /// never routers or DHCPv6 servers on the bridge, and one that said so would reroute its
+    /// neighbours' IPv6.
+    RogueRouter = 24,
+    /// IPv6 whose extension headers ecsnet will not walk: more than it reads, a routing header
+    /// of type 0, a hop-by-hop header not first, or a first fragment without its transport
+    /// header. What it cannot read it does not pass around a check.
+    BadExtHeader = 25,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 25] = [
         Self::Truncated,
         Self::BadIpHeader,
         Self::BadTcpOffset,
@@ -82,6 +94,9 @@ impl DropReason {
         Self::TailCallFailed,
         Self::Unidentified,
         Self::NatTaskPortLimit,
+        Self::NdSpoofed,
+        Self::RogueRouter,
+        Self::BadExtHeader,
     ];
 
     /// The reason for a number read from a map, if it is one.
@@ -127,6 +142,9 @@ impl DropReason {
             Self::TailCallFailed => "TAIL_CALL_FAILED",
             Self::Unidentified => "UNIDENTIFIED",
             Self::NatTaskPortLimit => "NAT_TASK_PORT_LIMIT",
+            Self::NdSpoofed => "ND_SPOOFED",
+            Self::RogueRouter => "ROGUE_ROUTER",
+            Self::BadExtHeader => "BAD_EXT_HEADER",
         }
     }
 }

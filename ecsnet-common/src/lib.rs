@@ -26,9 +26,10 @@ pub mod policy;
 pub use drop::DropReason;
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 21] = [
+pub const PINNED_MAPS: [&str; 23] = [
     maps::MAP_IFACES,
     maps::MAP_TASKS,
+    maps::MAP_TASKS6,
     maps::MAP_STATS,
     maps::MAP_DROPS,
     maps::MAP_CONFIG,
@@ -38,6 +39,7 @@ pub const PINNED_MAPS: [&str; 21] = [
     maps::MAP_CT_NEW,
     maps::MAP_CT_EVENTS,
     maps::MAP_PROGS,
+    maps::MAP_PROGS6,
     maps::MAP_FRAGS,
     maps::MAP_NAT_USE,
     maps::MAP_NAT_CONFIG,
@@ -59,6 +61,7 @@ pub const PINNED_MAPS: [&str; 21] = [
 pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
     (maps::MAP_IFACES, 1),
     (maps::MAP_TASKS, 1),
+    (maps::MAP_TASKS6, 1),
     (maps::MAP_STATS, 1),
     (maps::MAP_DROPS, 1),
     (maps::MAP_CONFIG, 1),
@@ -68,6 +71,7 @@ pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
     (maps::MAP_CT_NEW, 1),
     (maps::MAP_CT_EVENTS, 1),
     (maps::MAP_PROGS, 1),
+    (maps::MAP_PROGS6, 1),
     (maps::MAP_FRAGS, 1),
     (maps::MAP_NAT_USE, 1),
     (maps::MAP_NAT_CONFIG, 1),

@@ -5,6 +5,9 @@
 pub const MAP_IFACES: &str = "IFACES";
 /// Tasks by IPv4 address (network byte order): addr -> [`TaskInfo`].
 pub const MAP_TASKS: &str = "TASKS";
+/// Tasks by IPv6 address (the 16 bytes in order): addr -> ifindex of the task's interface,
+/// whose `IFACES` and `TASKS` entries hold the rest.
+pub const MAP_TASKS6: &str = "TASKS6";
 /// Per-CPU packet and byte counters: [`StatsKey`] -> [`Counters`].
 pub const MAP_STATS: &str = "STATS";
 /// Per-CPU drop counters: [`DropKey`] -> `u64` packets.
@@ -30,6 +33,14 @@ pub const MAP_PROGS: &str = "PROGS";
 pub const PROG_TASK_NEW_FLOW: u32 = 0;
 /// Slots of [`MAP_PROGS`].
 pub const PROG_SLOTS: u32 = 1;
+/// The IPv6 programs that the entry points tail-call, indexed by `PROG6_*`: a program array of
+/// its own, with room to spare, so that IPv6 came without changing [`MAP_PROGS`]'s layout and
+/// later IPv6 programs come without changing this one's.
+pub const MAP_PROGS6: &str = "PROGS6";
+/// [`MAP_PROGS6`]: `tc_task_ipv6`, which checks the IPv6 a task sends.
+pub const PROG6_TASK_FROM: u32 = 0;
+/// Slots of [`MAP_PROGS6`].
+pub const PROG6_SLOTS: u32 = 8;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
 pub const MAP_FRAGS: &str = "FRAGS";
 
@@ -131,11 +142,20 @@ pub struct TaskInfo {
     /// MAC address of the task's own end of the veth pair: learned from the task's first packet
     /// when user space did not know it, and from then on the only source MAC the task may use.
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `TASK_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// The task's security-group policy ([`crate::policy`]); 0: none, every packet allowed.
     pub policy: u32,
 }
 map_type!(TaskInfo, 16);
+
+/// [`TaskInfo::flags`]: the task's IPv6 address is known ([`MAP_TASKS6`] has it), so IPv6 it
+/// sends from any other address than that one or its link-local address is spoofed. Without
+/// it, a task without a policy keeps the kernel's path for IPv6 from other addresses (ecsnet
+/// cannot tell its own from another's), and a task with one sends no IPv6 but neighbour
+/// discovery.
+pub const TASK_IPV6: u8 = 1;
 
 /// The host: where translated packets leave and what they are translated to.
 #[repr(C)]

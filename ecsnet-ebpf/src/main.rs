@@ -1,5 +1,5 @@
 //! The ecsnet datapath. The entry points in `programs` (`task`, `uplink`) only wire the modules
-//! below them: `clock` reads the time once per run, `parse` reads headers, `tasks` finds a
+//! below them: `clock` reads the time once per run, `parse` and `parse6` read headers, `tasks` finds a
 //! task, `antispoof` checks that a task speaks only for itself, `forward` decides, `conntrack`
 //! keeps the flow table, `nat` rewrites, `nat_quota` keeps each task's share of the masquerade
 //! ports, `policy` checks security groups, `early_drop` applies them in XDP, `redirect` sends,
@@ -28,6 +28,7 @@ mod maps;
 mod nat;
 mod nat_quota;
 mod parse;
+mod parse6;
 mod policy;
 mod redirect;
 mod tasks;

@@ -15,7 +15,8 @@ use ecsnet_common::{
     maps::{
         CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo,
         MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, NatConfig,
-        NatUseKey, PROG_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo, ct_new_size, nat_use_size,
+        NatUseKey, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo, ct_new_size,
+        nat_use_size,
     },
     policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -36,6 +37,9 @@ maps! {
 
     /// Tasks by IPv4 address, written by `ecsnet apply`; the datapath learns their MACs.
     TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
+
+    /// Tasks by IPv6 address -> their interface, written by `ecsnet apply`.
+    TASKS6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_TASKS, 0);
 
     /// Packet and byte counters per interface, hook and class.
     STATS: PerCpuHashMap<StatsKey, Counters> = PerCpuHashMap::with_max_entries(MAX_STATS, 0);
@@ -101,6 +105,9 @@ maps! {
 
     /// Programs tail-called by other programs (`PROG_*` slots), written by user space at load time.
     PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
+
+    /// The IPv6 programs the entry points tail-call (`PROG6_*` slots), written at load time.
+    PROGS6: ProgramArray = ProgramArray::with_max_entries(PROG6_SLOTS, 0);
 
     /// Drop and policy-verdict events for `ecsnet monitor`, read by the agent.
     EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

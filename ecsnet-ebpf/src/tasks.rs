@@ -7,7 +7,7 @@ use ecsnet_common::{
 };
 
 use crate::{
-    maps::{IFACES, TASKS},
+    maps::{IFACES, TASKS, TASKS6},
     verdict::{self, Verdict},
 };
 
@@ -28,6 +28,12 @@ pub fn at(addr: u32, ifindex: u32) -> Option<*mut TaskInfo> {
     } else {
         None
     }
+}
+
+/// The interface of the task with IPv6 address `addr`.
+#[inline(always)]
+pub fn iface_of6(addr: &[u8; 16]) -> Option<u32> {
+    unsafe { TASKS6.get(addr) }.copied()
 }
 
 /// The task whose interface is `ifindex`, as user space attached it: its address and its

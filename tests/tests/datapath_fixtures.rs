@@ -1044,7 +1044,8 @@ fn expected_tasks(
                 TaskInfo {
                     ifindex,
                     mac,
-                    _pad: [0; 2],
+                    flags: 0,
+                    _pad: 0,
                     policy,
                 },
             );

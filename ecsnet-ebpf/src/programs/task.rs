@@ -3,21 +3,28 @@
 //! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
 //! the task's inbound rules, after the checks of `antispoof`; the IMDS block is here too.
 //! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped,
-//! and IPv6 of a task under a policy too, until IPv6 rules exist.
+//! and IPv6 of a task under a policy too, until IPv6 rules exist. The IPv6 a task sends is
+//! checked first by `tc_task_ipv6` (a tail call, with its own verifier budget): it speaks only
+//! for itself and is no router.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
     DropReason,
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
-    maps::{CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW},
+    maps::{
+        CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW,
+        PROG6_TASK_FROM,
+    },
+    policy::INSTANCE_METADATA_ADDR6,
 };
 
 use crate::{
     account::{self, Sighting},
     antispoof, clock, conntrack,
     forward::{self, Origin, PktAddrs},
-    maps::PROGS,
+    maps::{PROGS, PROGS6},
     parse::{Frame, Headers, headers, skb_ifindex, task_frame},
+    parse6::headers6,
     policy, tasks,
     verdict::{self, Verdict},
 };
@@ -45,8 +52,11 @@ fn try_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         let mac = antispoof::check_source_mac(ctx, task)?;
         let group = match task_frame(ctx)? {
             Frame::Arp => return antispoof::check_arp(ctx, own, mac),
-            // SAFETY: a TASKS value pointer, valid for this program run.
-            Frame::Ipv6 => return ipv6(unsafe { (*task).policy }),
+            Frame::Ipv6 => {
+                // SAFETY: `tc_task_ipv6` takes the same context; it does not return on success.
+                unsafe { PROGS6.tail_call(ctx, PROG6_TASK_FROM) };
+                return Err(DropReason::TailCallFailed);
+            }
             Frame::Ipv4 { group } => group,
         };
         let h = headers(ctx)?;
@@ -136,6 +146,36 @@ fn sent(
     seen.pkt_daddr = pkt.daddr;
     account::record(&seen, packets, bytes);
     res
+}
+
+/// IPv6 a task sends, tail-called by `tc_task_ingress` once the frame's MAC was checked: the
+/// task speaks only for itself and is no router (`antispoof::check_ipv6`); then the kernel's
+/// path for a task without a policy, and nothing for a task with one, until IPv6 rules exist.
+#[classifier]
+pub fn tc_task_ipv6(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(
+        &ctx,
+        try_ipv6_from_task(&ctx, ifindex),
+        ifindex,
+        HOOK_TC_INGRESS,
+    )
+}
+
+fn try_ipv6_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    // Only `tc_task_ingress` comes here, for a task's interface; anything else fails closed.
+    let Some((_, task)) = tasks::by_iface(ifindex) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let me = unsafe { *task };
+    let h = headers6(ctx)?;
+    antispoof::check_ipv6(ctx, &h, ifindex, &me)?;
+    let block = forward::config().is_some_and(|cfg| cfg.flags & CONFIG_BLOCK_IMDS != 0);
+    if block && h.daddr == INSTANCE_METADATA_ADDR6 {
+        return Err(DropReason::ImdsBlocked);
+    }
+    ipv6(me.policy)
 }
 
 /// IPv6 on a task interface: today's kernel path for a task without a policy; for a task with

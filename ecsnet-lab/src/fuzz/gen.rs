@@ -310,7 +310,8 @@ fn host(r: &mut Rng) -> (Host, Config, Vec<Seed>, State) {
             TaskInfo {
                 ifindex,
                 mac,
-                _pad: [0; 2],
+                flags: 0,
+                _pad: 0,
                 policy,
             },
         );

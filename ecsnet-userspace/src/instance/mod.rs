@@ -621,7 +621,12 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     }
     let (peers, rules) = (&plan.policy.peers, &plan.policy.rules);
     maps::write_policy(paths, peers, rules)?;
-    maps::write_tasks(paths, &plan.task_entries, &plan.iface_entries)?;
+    maps::write_tasks(
+        paths,
+        &plan.task_entries,
+        &plan.task6_entries,
+        &plan.iface_entries,
+    )?;
     maps::write_ports(paths, &plan.ports)?;
     maps::write_config_flags(paths, plan.config_flags)?;
     maps::remove_stale_policy(paths, peers, rules)?;

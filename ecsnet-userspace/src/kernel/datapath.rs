@@ -36,14 +36,31 @@ pub const PROG_UPLINK_EGRESS: &str = "tc_uplink_egress";
 pub const PROG_UPLINK_XDP: &str = "xdp_uplink";
 /// tc program that `tc_task_ingress` tail-calls to open a task's new flow; never attached.
 pub const PROG_TASK_NEW_FLOW: &str = "tc_task_new_flow";
+/// tc program that `tc_task_ingress` tail-calls for the IPv6 a task sends; never attached.
+pub const PROG_TASK_IPV6: &str = "tc_task_ipv6";
 
 /// Every tc program, loaded and pinned at `up`.
-const TC_PROGRAMS: [&str; 5] = [
+const TC_PROGRAMS: [&str; 6] = [
     PROG_TASK_INGRESS,
     PROG_TASK_EGRESS,
     PROG_UPLINK_INGRESS,
     PROG_UPLINK_EGRESS,
     PROG_TASK_NEW_FLOW,
+    PROG_TASK_IPV6,
+];
+
+/// The tail-called programs: each one's program array and slot.
+const TAIL_CALLED: [(&str, &str, u32); 2] = [
+    (
+        PROG_TASK_NEW_FLOW,
+        ecsnet_common::maps::MAP_PROGS,
+        ecsnet_common::maps::PROG_TASK_NEW_FLOW,
+    ),
+    (
+        PROG_TASK_IPV6,
+        ecsnet_common::maps::MAP_PROGS6,
+        ecsnet_common::maps::PROG6_TASK_FROM,
+    ),
 ];
 
 /// bpffs magic from statfs(2).
@@ -406,10 +423,11 @@ fn unpin_next(paths: &InstancePaths) {
 /// Loads the tail-called programs of an object whose maps are set up, and fills its program
 /// array: for harnesses that load single programs (`load` does both for the instance).
 pub fn load_tail_called(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
-    let prog = PROG_TASK_NEW_FLOW;
-    classifier(ebpf, prog)?
-        .load()
-        .map_err(|source| DatapathError::Program { prog, source })?;
+    for (prog, _, _) in TAIL_CALLED {
+        classifier(ebpf, prog)?
+            .load()
+            .map_err(|source| DatapathError::Program { prog, source })?;
+    }
     fill_tail_calls(ebpf)
 }
 
@@ -435,29 +453,30 @@ where
         .map_err(|source| DatapathError::Program { prog, source })
 }
 
-/// Puts the tail-called programs of a loaded object into its program array (the `PROGS` map;
-/// pinned with the other maps, so the entries live as long as the instance).
+/// Puts the tail-called programs of a loaded object into their program arrays (`PROGS`,
+/// `PROGS6`; pinned with the other maps, so the entries live as long as the instance).
 fn fill_tail_calls(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
-    let prog = PROG_TASK_NEW_FLOW;
-    let fd = classifier(ebpf, prog)?
-        .fd()
-        .map_err(|source| DatapathError::Program { prog, source })?
-        .try_clone()
-        .map_err(|e| DatapathError::Program {
-            prog,
-            source: aya::programs::ProgramError::IOError(e),
-        })?;
-    let map = ecsnet_common::maps::MAP_PROGS;
-    let mut progs: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
-        .map_mut(map)
-        .ok_or(DatapathError::TailCalls {
-            source: aya::maps::MapError::InvalidName { name: map.into() },
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::TailCalls { source })?;
-    progs
-        .set(ecsnet_common::maps::PROG_TASK_NEW_FLOW, &fd, 0)
-        .map_err(|source| DatapathError::TailCalls { source })
+    for (prog, map, slot) in TAIL_CALLED {
+        let fd = classifier(ebpf, prog)?
+            .fd()
+            .map_err(|source| DatapathError::Program { prog, source })?
+            .try_clone()
+            .map_err(|e| DatapathError::Program {
+                prog,
+                source: aya::programs::ProgramError::IOError(e),
+            })?;
+        let mut progs: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
+            .map_mut(map)
+            .ok_or(DatapathError::TailCalls {
+                source: aya::maps::MapError::InvalidName { name: map.into() },
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::TailCalls { source })?;
+        progs
+            .set(slot, &fd, 0)
+            .map_err(|source| DatapathError::TailCalls { source })?;
+    }
+    Ok(())
 }
 
 fn pin_program(res: Result<(), aya::pin::PinError>, path: PathBuf) -> Result<(), DatapathError> {

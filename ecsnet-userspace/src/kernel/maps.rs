@@ -24,7 +24,8 @@ use ecsnet_common::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
         HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS, MAP_CT_NEW,
         MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_PORTS, MAP_STATS,
-        MAP_TASKS, NatConfig, NatUseKey, PortKey, PortTarget, ROLE_TASK, StatsKey, TaskInfo,
+        MAP_TASKS, MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget, ROLE_TASK, StatsKey,
+        TaskInfo,
     },
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -105,13 +106,17 @@ fn keys_of<K: Eq + Hash + Copy, V>(entries: &[(K, V)]) -> HashSet<K> {
     entries.iter().map(|(k, _)| *k).collect()
 }
 
-/// Makes `TASKS` and the task rows of `IFACES` equal to the given entries; the uplink rows of
+/// Makes `TASKS`, `TASKS6` and the task rows of `IFACES` equal to the given entries; the uplink rows of
 /// `IFACES` are kept.
 pub fn write_tasks(
     paths: &InstancePaths,
     tasks: &[(u32, TaskInfo)],
+    tasks6: &[([u8; 16], u32)],
     ifaces: &[(u32, IfaceInfo)],
 ) -> Result<(), MapsError> {
+    // IPv6 addresses first and gone ones last: a task marked `TASK_IPV6` always finds its own.
+    let mut t6: HashMap<MapData, [u8; 16], u32> = open_as(paths, MAP_TASKS6)?;
+    insert_all(&mut t6, MAP_TASKS6, tasks6)?;
     let before: StdHashMap<u32, TaskInfo> = read_tasks(paths)?.into_iter().collect();
     let mut t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
     for (k, v) in tasks {
@@ -127,6 +132,8 @@ pub fn write_tasks(
     }
     let keep = keys_of(tasks);
     remove_keys(&mut t, MAP_TASKS, |k| !keep.contains(k))?;
+    let keep = keys_of(tasks6);
+    remove_keys(&mut t6, MAP_TASKS6, |k| !keep.contains(k))?;
 
     let mut i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
     insert_all(&mut i, MAP_IFACES, ifaces)?;

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use ecsnet_common::maps::{
     CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK,
-    ROLE_UPLINK, TaskInfo,
+    ROLE_UPLINK, TASK_IPV6, TaskInfo,
 };
 
 use crate::{
@@ -34,11 +34,20 @@ pub fn task_entries(tasks: &[ResolvedTask], policy: &Compiled) -> Vec<(u32, Task
                 TaskInfo {
                     ifindex: t.ifindex,
                     mac: t.mac,
-                    _pad: [0; 2],
+                    flags: if t.ipv6.is_some() { TASK_IPV6 } else { 0 },
+                    _pad: 0,
                     policy: policy.policy_of(t.ipv4),
                 },
             )
         })
+        .collect()
+}
+
+/// The `TASKS6` entries: the interface of each task with an IPv6 address, by that address.
+pub fn task6_entries(tasks: &[ResolvedTask]) -> Vec<([u8; 16], u32)> {
+    tasks
+        .iter()
+        .filter_map(|t| Some((t.ipv6?.octets(), t.ifindex)))
         .collect()
 }
 
@@ -206,13 +215,16 @@ mod tests {
         let t = ResolvedTask {
             name: "a".into(),
             ipv4: Ipv4Addr::new(172, 17, 0, 2),
+            ipv6: None,
             ifindex: 9,
             ifname: "v".into(),
             mac: [0; 6],
         };
         let tasks = task_entries(std::slice::from_ref(&t), &Compiled::default());
+        assert!(task6_entries(std::slice::from_ref(&t)).is_empty());
         let ifaces = iface_entries(&[t]);
         assert_eq!(tasks[0].0.to_ne_bytes(), [172, 17, 0, 2]);
+        assert_eq!(tasks[0].1.flags, 0);
         assert_eq!(
             ifaces[0],
             (
@@ -220,6 +232,22 @@ mod tests {
                 IfaceInfo::new(u32::from_ne_bytes([172, 17, 0, 2]), ROLE_TASK)
             )
         );
+    }
+
+    #[test]
+    fn a_task_with_an_ipv6_address_is_marked_and_found_by_it() {
+        let v6: std::net::Ipv6Addr = "fd00:ec5:17::242:ac11:2".parse().unwrap();
+        let t = ResolvedTask {
+            name: "a".into(),
+            ipv4: Ipv4Addr::new(172, 17, 0, 2),
+            ipv6: Some(v6),
+            ifindex: 9,
+            ifname: "v".into(),
+            mac: [0; 6],
+        };
+        let tasks = task_entries(std::slice::from_ref(&t), &Compiled::default());
+        assert_eq!(tasks[0].1.flags, TASK_IPV6);
+        assert_eq!(task6_entries(&[t]), [(v6.octets(), 9)]);
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct Plan {
     pub tasks: Vec<ResolvedTask>,
     /// `TASKS`: by address, network order.
     pub task_entries: Vec<(u32, TaskInfo)>,
+    /// `TASKS6`: the interfaces of the tasks with an IPv6 address, by that address.
+    pub task6_entries: Vec<([u8; 16], u32)>,
     /// The task rows of `IFACES`, by ifindex.
     pub iface_entries: Vec<(u32, IfaceInfo)>,
     /// `PORTS`.
@@ -100,6 +102,7 @@ impl Plan {
             config_flags: entries::config_flags(&requested.host),
             state: requested,
             task_entries: entries::task_entries(&resolved, &policy),
+            task6_entries: entries::task6_entries(&resolved),
             iface_entries: entries::iface_entries(&resolved),
             tasks: resolved,
             policy,

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
@@ -17,6 +17,7 @@ use crate::{
 pub struct ResolvedTask {
     pub name: String,
     pub ipv4: Ipv4Addr,
+    pub ipv6: Option<Ipv6Addr>,
     pub ifindex: u32,
     pub ifname: String,
     /// The task's own MAC when the host has a neighbour entry for it, else zero.
@@ -143,6 +144,7 @@ pub fn resolve(
         out.push(ResolvedTask {
             name: t.name.clone(),
             ipv4: t.ipv4_address,
+            ipv6: t.ipv6_address,
             ifindex: link.index,
             ifname: link.name.clone(),
             mac: t

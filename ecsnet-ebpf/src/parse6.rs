@@ -1,0 +1,209 @@
+//! IPv6 header parsing: the fixed header, the chain of extension headers behind it (walked to
+//! the transport header, at most `MAX_EXT_HEADERS` of them), and the facts the checks need.
+//! What cannot be walked is an error with its reason, never a packet whose transport header was
+//! not seen passed as if it had none. Nothing here writes to the packet.
+
+use aya_ebpf::programs::TcContext;
+use ecsnet_common::{
+    DropReason,
+    net::{PROTO_TCP, PROTO_UDP},
+};
+
+use crate::parse::{
+    ETH_HLEN, FRAG_FIRST, FRAG_LATER, FRAG_NONE, TcpHdrStart, UDP_HLEN, load, tcp_hlen,
+};
+
+/// ICMPv6's protocol number.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Extension headers (RFC 8200 §4, RFC 4302) the walk steps over.
+const EXT_HOP_BY_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_AH: u8 = 51;
+const EXT_DEST_OPTS: u8 = 60;
+
+/// How many extension headers the walk reads before it gives up on a packet: more than any
+/// real sender puts in front of a transport header (RFC 7045 lets a node limit this).
+const MAX_EXT_HEADERS: usize = 8;
+
+/// Bytes of the fixed IPv6 header.
+pub const IPV6_HLEN: usize = 40;
+/// Bytes of the fixed part of an ICMPv6 message: type, code, checksum, four more.
+pub const ICMPV6_HLEN: usize = 8;
+/// Shortest TCP header.
+const TCP_MIN_HLEN: usize = 20;
+
+/// A routing header of type 0 (RFC 5095 deprecated it: it bounces packets around checks).
+const ROUTING_TYPE_0: u8 = 0;
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub nexthdr: u8,
+    pub hop_limit: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The first bytes of every extension header but the fragment header: the next header and the
+/// length, then (routing header) the routing type.
+#[repr(C)]
+struct ExtStart {
+    next: u8,
+    len: u8,
+    routing_type: u8,
+    _rest: u8,
+}
+
+/// The fragment header.
+#[repr(C)]
+struct FragHdr {
+    next: u8,
+    _reserved: u8,
+    /// Offset in 8-byte units in the high 13 bits, the M flag in the lowest (network order).
+    frag_off: u16,
+    id: u32,
+}
+
+const FRAG_OFFSET_MASK: u16 = 0xfff8;
+const FRAG_MORE: u16 = 0x0001;
+
+/// An IPv6 packet as the checks see it. Addresses are the packet's bytes; ports in network
+/// byte order, 0 without a transport header; ICMPv6 type and code 0 for other protocols.
+#[derive(Clone, Copy)]
+pub struct Headers6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The transport protocol: the last next-header value of the chain.
+    pub proto: u8,
+    /// Offset of the transport header from the start of the frame (meaningless for a later
+    /// fragment, which has none).
+    pub l4: usize,
+    /// `FRAG_*`, as for IPv4.
+    pub frag: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Bytes from the transport header to the end of the packet.
+    pub l4_len: usize,
+}
+
+/// Parses the IPv6 packet behind the Ethernet header, walking its extension headers.
+#[inline(always)]
+pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
+    let ip: Ipv6Hdr = load(ctx, ETH_HLEN)?;
+    if u32::from_be(ip.vtc_flow) >> 28 != 6 {
+        return Err(DropReason::BadIpHeader);
+    }
+    let wire = ctx.len() as usize;
+    // Zero is a jumbogram's, or a big GSO packet's (BIG TCP): the packet's own length holds.
+    let payload = match u16::from_be(ip.payload_len) as usize {
+        0 => wire.saturating_sub(ETH_HLEN + IPV6_HLEN),
+        n => n,
+    };
+    let end = ETH_HLEN + IPV6_HLEN + payload;
+    if end > wire {
+        return Err(DropReason::Truncated);
+    }
+    let mut h = Headers6 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        proto: ip.nexthdr,
+        l4: ETH_HLEN + IPV6_HLEN,
+        frag: FRAG_NONE,
+        sport: 0,
+        dport: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        l4_len: 0,
+    };
+    let mut walked = 0;
+    while walked < MAX_EXT_HEADERS {
+        let hlen = match h.proto {
+            EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_AH => {
+                if h.proto == EXT_HOP_BY_HOP && walked != 0 {
+                    return Err(DropReason::BadExtHeader);
+                }
+                let e: ExtStart = load(ctx, h.l4)?;
+                if h.proto == EXT_ROUTING && e.routing_type == ROUTING_TYPE_0 {
+                    return Err(DropReason::BadExtHeader);
+                }
+                let hlen = if h.proto == EXT_AH {
+                    (e.len as usize + 2) * 4
+                } else {
+                    (e.len as usize + 1) * 8
+                };
+                h.proto = e.next;
+                hlen
+            }
+            EXT_FRAGMENT => {
+                let f: FragHdr = load(ctx, h.l4)?;
+                let off = u16::from_be(f.frag_off);
+                h.frag = if off & FRAG_OFFSET_MASK != 0 {
+                    FRAG_LATER
+                } else if off & FRAG_MORE != 0 {
+                    FRAG_FIRST
+                } else {
+                    // An atomic fragment (RFC 6946): a whole packet.
+                    h.frag
+                };
+                h.proto = f.next;
+                8
+            }
+            _ => break,
+        };
+        h.l4 += hlen;
+        walked += 1;
+    }
+    if matches!(
+        h.proto,
+        EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_AH | EXT_FRAGMENT
+    ) {
+        // Headers left that the walk did not read: whatever follows them goes unchecked.
+        return Err(DropReason::BadExtHeader);
+    }
+    if h.frag == FRAG_LATER {
+        return Ok(h);
+    }
+    if h.l4 > end {
+        return Err(DropReason::Truncated);
+    }
+    h.l4_len = end - h.l4;
+    // The transport header's fixed part must be in this packet; a first fragment without it
+    // (RFC 7112) hides its ports from every check.
+    let need = match h.proto {
+        PROTO_TCP => TCP_MIN_HLEN,
+        PROTO_UDP => UDP_HLEN,
+        PROTO_ICMPV6 => ICMPV6_HLEN,
+        _ => 0,
+    };
+    if need > h.l4_len {
+        return Err(if h.frag == FRAG_FIRST {
+            DropReason::BadExtHeader
+        } else {
+            DropReason::Truncated
+        });
+    }
+    match h.proto {
+        PROTO_TCP => {
+            let t: TcpHdrStart = load(ctx, h.l4)?;
+            if tcp_hlen(t.doff_res)? > h.l4_len {
+                return Err(DropReason::Truncated);
+            }
+            (h.sport, h.dport) = (t.source, t.dest);
+        }
+        PROTO_UDP => {
+            let u: [u16; 2] = load(ctx, h.l4)?;
+            (h.sport, h.dport) = (u[0], u[1]);
+        }
+        PROTO_ICMPV6 => {
+            let i: [u8; 2] = load(ctx, h.l4)?;
+            (h.icmp_type, h.icmp_code) = (i[0], i[1]);
+        }
+        _ => {}
+    }
+    Ok(h)
+}
