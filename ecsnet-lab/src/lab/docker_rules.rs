@@ -215,4 +215,53 @@ mod tests {
         }
         assert_eq!(r.matches("COMMIT").count(), 2);
     }
+
+    fn dual_stack_task() -> LabTask {
+        LabTask {
+            name: "task1".into(),
+            netns: "l-task1".into(),
+            address: task_address(1),
+            address6: Some(crate::lab::task_address6(task_address(1))),
+            interface: veth_name("l", 1),
+            port_mappings: vec![LabPort {
+                host_port: 8080,
+                container_port: 80,
+                protocol: Protocol::Udp,
+            }],
+        }
+    }
+
+    #[test]
+    fn ip6tables_nat66_as_dockerd_and_routed_without_translation() {
+        let t = dual_stack_task();
+        let nat = docker_rules6(std::slice::from_ref(&t), Ipv6Mode::Nat);
+        for needle in [
+            "-A DOCKER -p udp -m udp --dport 8080 -j DNAT --to-destination [fd00:172:17::242:ac11:2]:80",
+            "-A POSTROUTING -s fd00:172:17::/64 ! -o docker0 -j MASQUERADE",
+            "-A DOCKER -d fd00:172:17::242:ac11:2/128 ! -i docker0 -o docker0 -p udp -m udp --dport 80 -j ACCEPT",
+            ":FORWARD DROP",
+        ] {
+            assert!(nat.contains(needle), "missing {needle} in {nat}");
+        }
+        assert!(
+            !nat.contains("DOCKER-USER"),
+            "20.10 has no IPv6 DOCKER-USER"
+        );
+        assert!(!nat.contains("172.17.0.2"), "no IPv4 address in {nat}");
+        let routed = docker_rules6(&[t], Ipv6Mode::Routed);
+        assert!(
+            !routed.contains("DNAT") && !routed.contains("MASQUERADE"),
+            "{routed}"
+        );
+        assert!(routed.contains("-A DOCKER -o docker0 -p ipv6-icmp -j ACCEPT"));
+        assert!(routed.contains(
+            "-A DOCKER -d fd00:172:17::242:ac11:2/128 ! -i docker0 -o docker0 -p udp -m udp --dport 80 -j ACCEPT"
+        ));
+        // A task without an IPv6 address publishes nothing over IPv6.
+        let v4_only = LabTask {
+            address6: None,
+            ..dual_stack_task()
+        };
+        assert!(!docker_rules6(&[v4_only], Ipv6Mode::Nat).contains("--dport"));
+    }
 }

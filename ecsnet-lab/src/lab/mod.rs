@@ -1058,6 +1058,116 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_modes_and_docker_addresses() {
+        assert_eq!("nat".parse::<Ipv6Mode>().unwrap(), Ipv6Mode::Nat);
+        assert_eq!("routed".parse::<Ipv6Mode>().unwrap(), Ipv6Mode::Routed);
+        for bad in ["", "NAT", "nat66", "routed ", "off"] {
+            let e = bad.parse::<Ipv6Mode>().unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+        // dockerd 20.10 with a /64 fixed-cidr-v6: the prefix and the MAC 02:42:<IPv4>.
+        assert_eq!(
+            task_address6(task_address(1)).to_string(),
+            "fd00:172:17::242:ac11:2"
+        );
+        assert_eq!(
+            task_address6(task_address(300)).to_string(),
+            "fd00:172:17::242:ac11:12d"
+        );
+        for a in [UPLINK_ADDR6, CLIENT_ADDR6, BRIDGE_ADDR6] {
+            assert!(a.is_unique_local(), "{a}");
+        }
+        assert!(BRIDGE_SUBNET6.starts_with(&BRIDGE_ADDR6.to_string()[..12]));
+    }
+
+    /// A lab status as `build` writes it for an IPv4-only lab.
+    fn ipv4_status() -> LabStatus {
+        LabStatus {
+            name: "l".into(),
+            ceiling: false,
+            ipv6: None,
+            state_file: "/run/ecsnet/l/state.json".into(),
+            host: LabHost {
+                netns: "l-host".into(),
+                uplink: UPLINK.into(),
+                uplink_address: UPLINK_ADDR,
+                bridge: BRIDGE.into(),
+                bridge_address: BRIDGE_ADDR,
+                uplink_address6: None,
+                bridge_address6: None,
+            },
+            client: LabClient {
+                netns: "l-client".into(),
+                address: CLIENT_ADDR,
+                address6: None,
+                echo_port: CLIENT_ECHO_PORT,
+            },
+            tasks: vec![LabTask {
+                name: "task1".into(),
+                netns: "l-task1".into(),
+                address: task_address(1),
+                address6: None,
+                interface: "veth0000001".into(),
+                port_mappings: vec![LabPort {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Tcp,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn ipv4_only_json_is_unchanged() {
+        let s = ipv4_status();
+        let want = serde_json::json!({
+            "name": "l",
+            "ceiling": false,
+            "stateFile": "/run/ecsnet/l/state.json",
+            "host": {
+                "netns": "l-host",
+                "uplink": "eth0",
+                "uplinkAddress": "10.10.0.1",
+                "bridge": "docker0",
+                "bridgeAddress": "172.17.0.1"
+            },
+            "client": {"netns": "l-client", "address": "10.10.0.2", "echoPort": 9000},
+            "tasks": [{
+                "name": "task1",
+                "netns": "l-task1",
+                "address": "172.17.0.2",
+                "interface": "veth0000001",
+                "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]
+            }]
+        });
+        assert_eq!(serde_json::to_value(&s).unwrap(), want);
+        // And an older lab.json (no IPv6 keys) still reads.
+        let back: LabStatus = serde_json::from_value(want).unwrap();
+        assert_eq!(back, s);
+        assert!(!render(&s).contains("ipv6"), "{}", render(&s));
+    }
+
+    #[test]
+    fn dual_stack_json_and_render_carry_ipv6() {
+        let mut s = ipv4_status();
+        s.ipv6 = Some(Ipv6Mode::Routed);
+        s.host.uplink_address6 = Some(UPLINK_ADDR6);
+        s.client.address6 = Some(CLIENT_ADDR6);
+        s.tasks[0].address6 = Some(task_address6(s.tasks[0].address));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ipv6"], "routed");
+        assert_eq!(v["host"]["uplinkAddress6"], "fd00:10:10::1");
+        assert_eq!(v["client"]["address6"], "fd00:10:10::2");
+        assert_eq!(v["tasks"][0]["address6"], "fd00:172:17::242:ac11:2");
+        assert_eq!(serde_json::from_value::<LabStatus>(v).unwrap(), s);
+        let text = render(&s);
+        for needle in ["ipv6 routed", "fd00:10:10::1", "fd00:172:17::242:ac11:2"] {
+            assert!(text.contains(needle), "{needle} not in {text}");
+        }
+    }
+
+    #[test]
     fn veth_names_fit_ifnamsiz_and_differ() {
         let a = veth_name("lab", 1);
         assert_eq!(a.len(), 11);
