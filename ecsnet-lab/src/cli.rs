@@ -207,9 +207,9 @@ pub enum LabCmd {
         /// dockerd's userland-proxy (Docker's default: true); with --docker.
         #[arg(long, requires = "docker", default_value_t = true, action = clap::ArgAction::Set)]
         userland_proxy: bool,
-        /// Dual stack: IPv6 on the uplink (fd00:10:10::/64), docker0 (fixed-cidr-v6
-        /// fd00:172:17::/64) and every task. nat (bare --ipv6): Docker 20.10's NAT66 with
-        /// ip6tables; routed: Docker 27's gateway_mode_ipv6=routed, no NAT66 (imitation only).
+        /// Dual stack: unique local IPv6 addresses on the uplink, docker0 and every task. nat
+        /// (bare --ipv6): Docker 20.10's NAT66 with ip6tables; routed: Docker 27's routed
+        /// gateway mode, no NAT66 (imitation only, not with --docker).
         #[arg(long, value_name = "nat|routed", num_args = 0..=1, default_missing_value = "nat")]
         ipv6: Option<String>,
         #[arg(long)]

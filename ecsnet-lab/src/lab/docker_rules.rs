@@ -15,7 +15,7 @@
 //! With `--ipv6 nat` the same rules again for ip6tables, as dockerd 20.10 writes them with
 //! `ipv6`, `fixed-cidr-v6` and `ip6tables` (checked the same way); with `--ipv6 routed`
 //! Docker 27's `gateway_mode_ipv6=routed`: no NAT66 at all, the filter rules alone decide,
-//! accepting published container ports at the tasks' own addresses (and ICMPv6).
+//! accepting published container ports at the tasks' own addresses (and `ICMPv6`).
 
 use std::{io::Write as _, net::IpAddr, process::Stdio};
 
@@ -40,7 +40,7 @@ enum Family {
 }
 
 /// The ip6tables-restore input for the same host with IPv6 in `mode`: for `Nat` what
-/// dockerd 20.10 writes; for `Routed` the same filter table with no translation (and ICMPv6
+/// dockerd 20.10 writes; for `Routed` the same filter table with no translation (and `ICMPv6`
 /// let through to docker0, as Docker 27 does in that mode). Tasks without an IPv6 address
 /// publish nothing over IPv6.
 pub fn docker_rules6(tasks: &[LabTask], mode: Ipv6Mode) -> String {

@@ -185,8 +185,8 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ipv6Mode {
-    /// Docker 20.10's `ipv6` with `fixed-cidr-v6` and `ip6tables`: published ports DNATed on
-    /// the host's addresses, tasks' traffic masqueraded to the uplink's (NAT66).
+    /// Docker 20.10's `ipv6` with `fixed-cidr-v6` and `ip6tables`: published ports translated
+    /// (DNAT) on the host's addresses, tasks' traffic masqueraded to the uplink's (NAT66).
     Nat,
     /// Docker 27's `gateway_mode_ipv6=routed`: no NAT66; the client routes `fixed-cidr-v6`
     /// through the host and reaches published ports at the tasks' own addresses.
