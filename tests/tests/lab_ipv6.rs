@@ -12,7 +12,7 @@ use std::{
 
 use ecsnet_lab::lab::{BRIDGE_SUBNET6, CLIENT_ADDR6, Ipv6Mode, UPLINK_ADDR6};
 use ecsnet_tests::{
-    Lab, docker, ecsnet, ecsnet_fails, ecsnet_ok, in_netns, leftovers, ns_exec,
+    Lab, docker, ecsnet, ecsnet_fails, ecsnet_ok, in_netns, leftovers, ns_exec, rule6_packets,
     traffic::{self, tcp_connect},
     world::down_leaves_nothing,
 };
@@ -30,22 +30,6 @@ fn addr6(lab: &Lab, task: usize) -> Ipv6Addr {
     lab.status.tasks[task - 1]
         .address6
         .unwrap_or_else(|| panic!("task{task} has no IPv6 address: {:?}", lab.status))
-}
-
-/// The packet counter of the first ip6tables rule in `chain` of `table` of `ns` whose line
-/// contains `needle`.
-fn rule6_packets(ns: &str, table: &str, chain: &str, needle: &str) -> u64 {
-    let out = ns_exec(
-        ns,
-        &["ip6tables", "-t", table, "-L", chain, "-v", "-x", "-n"],
-    );
-    out.lines()
-        .find(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("no rule with {needle:?} in {table}/{chain}:\n{out}"))
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {out}"))
 }
 
 /// Holds a TCP connection from `from` to `to` open while it finds, with `ss` in namespace
@@ -294,22 +278,19 @@ fn routed_lab_reaches_tasks_at_their_own_addresses() {
     down_leaves_nothing(lab);
 }
 
-/// What `ecsnet down` may leave of an instance on a lab that stays: nothing but the lab.
-fn ecsnet_down_leaves_nothing(lab: &Lab) {
+/// `ecsnet down` on a lab that stays leaves nothing of the instance: no program attached, and
+/// of what an instance or lab could leave only what the lab had before `ecsnet up` (`before`).
+fn ecsnet_down_leaves_nothing(lab: &Lab, before: &[String]) {
     ecsnet_ok(&["--instance", &lab.name, "down"]);
     let qdisc = ns_exec(lab.host(), &["tc", "qdisc", "show"]);
     assert!(!qdisc.contains("clsact"), "a clsact qdisc is left: {qdisc}");
     let eth0 = ns_exec(lab.host(), &["ip", "-d", "link", "show", "eth0"]);
     assert!(!eth0.contains("prog/xdp"), "XDP left: {eth0}");
-    let left: Vec<String> = leftovers(&lab.name)
-        .into_iter()
-        .filter(|l| {
-            !l.starts_with("netns")
-                && !l.contains("lab serve")
-                && l != &format!("/run/ecsnet/{}", lab.name)
-        })
-        .collect();
-    assert_eq!(left, Vec::<String>::new(), "ecsnet down left things behind");
+    assert_eq!(
+        leftovers(&lab.name),
+        before,
+        "ecsnet down left things behind"
+    );
     let out = ecsnet(&["--instance", &lab.name, "stats"]);
     assert_eq!(out.status.code(), Some(2), "stats after down: not up");
 }
@@ -318,6 +299,7 @@ fn ecsnet_down_leaves_nothing(lab: &Lab) {
 fn ecsnet_default_leaves_ipv6_paths_working() {
     let nat = Lab::up_v6("l6e", 2, &PUBLISH, "nat");
     let routed = Lab::up_v6("l6f", 2, &PUBLISH, "routed");
+    let lab_only = [leftovers(&nat.name), leftovers(&routed.name)];
     nat.ecsnet_up();
     routed.ecsnet_up();
     nat_paths(&nat);
@@ -329,8 +311,8 @@ fn ecsnet_default_leaves_ipv6_paths_working() {
     );
     unpublished_filtered(&routed, Ipv6Mode::Routed);
 
-    ecsnet_down_leaves_nothing(&nat);
-    ecsnet_down_leaves_nothing(&routed);
+    ecsnet_down_leaves_nothing(&nat, &lab_only[0]);
+    ecsnet_down_leaves_nothing(&routed, &lab_only[1]);
     // The kernel's paths as before.
     task_to_task(&nat);
     let host = at(UPLINK_ADDR6, 8080);
