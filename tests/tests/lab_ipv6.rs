@@ -65,6 +65,49 @@ fn peer_seen_with(from: &str, to: &str, ss: impl Fn() -> String) -> IpAddr {
     }
 }
 
+/// The ICMPv6 messages namespace `ns` sent: (all, router solicitations, neighbour
+/// solicitations), from `/proc/net/snmp6`.
+fn icmp6_out(ns: &str) -> (u64, u64, u64) {
+    let text = ns_exec(ns, &["cat", "/proc/net/snmp6"]);
+    let get = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(char::is_whitespace)?;
+                (k == name).then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {name} in {ns}'s snmp6"))
+    };
+    (
+        get("Icmp6OutMsgs"),
+        get("Icmp6OutRouterSolicits"),
+        get("Icmp6OutNeighborSolicits"),
+    )
+}
+
+/// An idle dual-stack lab is quiet: its multicast reports end (within 10 s even on a loaded
+/// machine) and no namespace sent a router solicitation or a duplicate address probe.
+fn quiet(namespaces: &[&str]) {
+    let read = || -> Vec<(u64, u64, u64)> { namespaces.iter().map(|ns| icmp6_out(ns)).collect() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = read();
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ICMPv6 still sent: {now:?}");
+        last = now;
+    }
+    for (ns, (_, rs, ns_probes)) in namespaces.iter().zip(last) {
+        assert_eq!(
+            (rs, ns_probes),
+            (0, 0),
+            "{ns}: router or neighbour solicitations"
+        );
+    }
+}
+
 /// A TCP listener the test serves in namespace `ns` on `[::]:port`.
 fn listen(ns: &str, port: u16) -> TcpListener {
     in_netns(ns, move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
@@ -215,6 +258,7 @@ fn nat_lab_is_docker_ipv6_bridge_mode() {
     let text = ecsnet_ok(&["lab", "status", "--name", &lab.name]);
     assert!(text.contains("fd00:172:17::242:ac11:2"), "{text}");
     // Quiet neighbour discovery: every address usable at once, none tentative.
+    quiet(&[lab.host(), lab.client(), lab.task_ns(1), lab.task_ns(2)]);
     for ns in [lab.host(), lab.client(), lab.task_ns(1)] {
         let addrs = ns_exec(ns, &["ip", "-6", "addr"]);
         assert!(!addrs.contains("tentative"), "{ns}: {addrs}");

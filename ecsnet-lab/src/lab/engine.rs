@@ -1047,7 +1047,7 @@ fn unmount_below(dir: &Path) -> usize {
 
 /// Waits until none of `pids` exists (or has become a zombie), at most `limit`; whether they
 /// are gone.
-fn wait_gone(pids: &[Pid], limit: Duration) -> bool {
+pub(super) fn wait_gone(pids: &[Pid], limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         let alive = pids.iter().any(|p| {

@@ -919,10 +919,14 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
         report.removed = e.removed;
     }
     let kill = |pid| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok();
-    report.killed += topology::pids(&nss)
+    let killed: Vec<_> = topology::pids(&nss)
         .into_iter()
         .filter(|&pid| kill(pid))
-        .count();
+        .collect();
+    report.killed += killed.len();
+    // Gone when `down` returns, not only doomed: a loaded machine may take a while to run a
+    // killed echo server's exit.
+    engine::wait_gone(&killed, std::time::Duration::from_secs(10));
     for ns in &nss {
         topology::delete(ns)?;
         report.namespaces.push(ns.clone());
