@@ -65,7 +65,7 @@ fn peer_seen_with(from: &str, to: &str, ss: impl Fn() -> String) -> IpAddr {
     }
 }
 
-/// The ICMPv6 messages namespace `ns` sent: (all, router solicitations, neighbour
+/// The `ICMPv6` messages namespace `ns` sent: (all, router solicitations, neighbour
 /// solicitations), from `/proc/net/snmp6`.
 fn icmp6_out(ns: &str) -> (u64, u64, u64) {
     let text = ns_exec(ns, &["cat", "/proc/net/snmp6"]);
