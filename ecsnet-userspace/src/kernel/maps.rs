@@ -17,8 +17,8 @@ use aya::{
 use ecsnet_common::{
     ct::{self, CtEntry, CtKey, Timeouts},
     flow::{
-        EventBudget, FlowKey, FlowState, FlowStats, LostKey, MAP_EVENT_BUDGET, MAP_EVENTS,
-        MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
+        EventBudget, FlowKey, FlowKey6, FlowState, FlowStats, FlowStats6, LostKey,
+        MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS, MAP_FLOWS6,
     },
     maps::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
@@ -638,21 +638,35 @@ pub fn write_flow_state(paths: &InstancePaths, st: &FlowState) -> Result<(), Map
     a.set(0, st, 0).map_err(access(MAP_FLOW_STATE))
 }
 
-/// Flows with their per-CPU counters (CPUs that never saw a flow are zero).
-pub type Flows = Vec<(FlowKey, Vec<FlowStats>)>;
+/// Flows of a flow table with their per-CPU counters (CPUs that never saw a flow are zero).
+pub type PerCpuFlows<K, V> = Vec<(K, Vec<V>)>;
+/// IPv4 flows (`FLOWS`).
+pub type Flows = PerCpuFlows<FlowKey, FlowStats>;
+/// IPv6 flows (`FLOWS6`).
+pub type Flows6 = PerCpuFlows<FlowKey6, FlowStats6>;
 
 /// Every flow of the flow table with its per-CPU counters.
 pub fn read_flows(paths: &InstancePaths) -> Result<Flows, MapsError> {
-    flow_table(paths).map(|(_, flows)| flows)
+    flow_table(paths, MAP_FLOWS).map(|(_, flows)| flows)
 }
 
-/// The pinned flow table and every flow in it, read in chunks (`batch`).
-fn flow_table(paths: &InstancePaths) -> Result<(MapData, Flows), MapsError> {
-    let data = pinned_for_batch::<FlowKey, FlowStats>(paths, MAP_FLOWS)?;
-    let batch_err = |source| MapsError::Batch {
-        map: MAP_FLOWS,
-        source,
-    };
+/// Every flow of the IPv6 flow table with its per-CPU counters; none while the datapath has no
+/// such table (it is not pinned).
+pub fn read_flows6(paths: &InstancePaths) -> Result<Flows6, MapsError> {
+    if !paths.map_pin(MAP_FLOWS6).exists() {
+        return Ok(Vec::new());
+    }
+    flow_table(paths, MAP_FLOWS6).map(|(_, flows)| flows)
+}
+
+/// The pinned flow table `map` (`FLOWS` or `FLOWS6`) and every flow in it, read in chunks
+/// (`batch`).
+fn flow_table<K: Pod, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+) -> Result<(MapData, PerCpuFlows<K, V>), MapsError> {
+    let data = pinned_for_batch::<K, V>(paths, map)?;
+    let batch_err = |source| MapsError::Batch { map, source };
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| batch_err(e))?.get() as usize;
     let flows = batch::lookup_all_per_cpu(data.fd().as_fd(), cpus).map_err(batch_err)?;
     Ok((data, flows))
@@ -671,7 +685,7 @@ pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>,
 
 /// Removes every flow and loss counter of window `epoch` (after its records were written).
 pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsError> {
-    let (data, flows) = flow_table(paths)?;
+    let (data, flows): (_, Flows) = flow_table(paths, MAP_FLOWS)?;
     let keys: Vec<FlowKey> = flows
         .into_iter()
         .map(|(k, _)| k)
@@ -692,7 +706,7 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
 
 /// Entries in the flow table now, and its capacity.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
-    let entries = flow_table(paths)?.1.len() as u64;
+    let entries = flow_table::<FlowKey, FlowStats>(paths, MAP_FLOWS)?.1.len() as u64;
     Ok((entries, u64::from(capacity(paths, MAP_FLOWS)?)))
 }
 
