@@ -11,7 +11,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    flowlog::{ExportCounters, FlowLogError, io},
+    flowlog::{ExportCounters, FlowLogError, format::Record, io},
     store::paths::InstancePaths,
 };
 
@@ -94,6 +94,24 @@ pub fn append(path: &Path, text: &[u8]) -> Result<(), FlowLogError> {
         .map_err(io(path))?;
     f.write_all(text).map_err(io(path))?;
     f.sync_data().map_err(io(path))
+}
+
+/// The journal's lines for `records`: one JSON object each, every field, addresses as text
+/// (`"172.17.0.2"`, `"2001:db8::2"`).
+pub fn journal_lines(records: &[Record]) -> String {
+    let mut lines = String::new();
+    for r in records {
+        lines.push_str(&serde_json::to_string(r).expect("records serialize"));
+        lines.push('\n');
+    }
+    lines
+}
+
+/// The records of journal text. Lines written by older versions (IPv4 only) read as they were;
+/// a line that does not parse (a journal from a newer ecsnet) is skipped, not fatal.
+pub fn parse_journal(text: &str) -> impl Iterator<Item = Record> + '_ {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Record>(l).ok())
 }
 
 /// `path.N` for rotation.
