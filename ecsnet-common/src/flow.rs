@@ -260,37 +260,51 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_counters_merge_like_ipv4() {
-        let addr = |last: u8| {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    fn ipv6_counters_merge_as_ipv4_ones_do() {
+        // (packets, first_ns, last_ns, last byte of the addresses, flags) of four CPUs.
+        let cpus = [
+            (2, 50, 70, 1, 0x02),
+            (0, 0, 0, 0, 0),
+            (1, 40, 90, 2, 0x01),
+            (3, 60, 80, 3, 0x10),
+        ];
+        let six = |last: u8| {
+            let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
             a[15] = last;
             a
         };
-        let cpu = |packets, first_ns, last_ns, last: u8, tcp_flags| FlowStats6 {
+        let v4 = cpus.map(|(packets, first_ns, last_ns, a, tcp_flags)| FlowStats {
             packets,
             bytes: packets * 100,
             first_ns,
             last_ns,
-            pkt_saddr: addr(last),
-            pkt_daddr: addr(last + 100),
+            pkt_saddr: a.into(),
+            pkt_daddr: u32::from(a) + 100,
             tcp_flags,
+            ..FlowStats::default()
+        });
+        let v6 = core::array::from_fn::<_, 4, _>(|i| FlowStats6 {
+            pkt_saddr: six(cpus[i].3),
+            pkt_daddr: six(cpus[i].3 + 100),
+            packets: v4[i].packets,
+            bytes: v4[i].bytes,
+            first_ns: v4[i].first_ns,
+            last_ns: v4[i].last_ns,
+            tcp_flags: v4[i].tcp_flags,
             ..FlowStats6::default()
-        };
-        let merged = FlowStats6::merge(&[
-            cpu(2, 50, 70, 1, 0x02),
-            FlowStats6::default(),
-            cpu(1, 40, 90, 2, 0x01),
-            cpu(3, 60, 80, 3, 0x10),
-        ]);
-        assert_eq!((merged.packets, merged.bytes), (6, 600));
-        assert_eq!((merged.first_ns, merged.last_ns), (40, 90));
+        });
+        let (m4, m6) = (FlowStats::merge(&v4), FlowStats6::merge(&v6));
+        let counts = |p, b, f, l, t| (p, b, f, l, t);
         assert_eq!(
-            (merged.pkt_saddr, merged.pkt_daddr),
-            (addr(2), addr(102)),
+            counts(m6.packets, m6.bytes, m6.first_ns, m6.last_ns, m6.tcp_flags),
+            counts(m4.packets, m4.bytes, m4.first_ns, m4.last_ns, m4.tcp_flags),
+        );
+        assert_eq!((m4.packets, m4.first_ns, m4.last_ns), (6, 40, 90));
+        assert_eq!(
+            (m6.pkt_saddr, m6.pkt_daddr),
+            (six(2), six(102)),
             "the addresses of the latest packet"
         );
-        assert_eq!(merged.tcp_flags, 0x13);
         assert_eq!(FlowStats6::merge(&[]), FlowStats6::default());
     }
 
