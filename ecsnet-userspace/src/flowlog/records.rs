@@ -374,11 +374,10 @@ mod tests {
         )
     }
 
-    #[test]
-    fn records_carry_counts_times_and_the_task_and_nodata_fills_idle_interfaces() {
-        let dir = directory();
-        let key = FlowKey {
-            epoch: 4,
+    /// Task t1 (ifindex 7) to task t2 over TCP, in window `epoch`.
+    fn t1_to_t2(epoch: u32) -> FlowKey {
+        FlowKey {
+            epoch,
             ifindex: 7,
             saddr: be([172, 17, 0, 2]),
             daddr: be([172, 17, 0, 3]),
@@ -388,8 +387,12 @@ mod tests {
             dir: FLOW_EGRESS,
             action: ACTION_ACCEPT,
             _pad: 0,
-        };
-        let stats = FlowStats {
+        }
+    }
+
+    /// Five packets of `key`, 2 s to 3.5 s, untranslated.
+    fn five_packets(key: &FlowKey) -> FlowStats {
+        FlowStats {
             packets: 5,
             bytes: 400,
             first_ns: 2_000_000_000,
@@ -398,7 +401,14 @@ mod tests {
             pkt_daddr: key.daddr,
             tcp_flags: 19,
             _pad: [0; 7],
-        };
+        }
+    }
+
+    #[test]
+    fn records_carry_counts_times_and_the_task_and_nodata_fills_idle_interfaces() {
+        let dir = directory();
+        let key = t1_to_t2(4);
+        let stats = five_packets(&key);
         let offset = 1_700_000_000i128 * 1_000_000_000;
         let window_4 = |stats| {
             build_records(
@@ -494,27 +504,11 @@ mod tests {
     /// One task's window with an IPv4 and an IPv6 flow, and another task's with IPv6 only.
     fn dual_stack_window() -> Vec<Record> {
         let dir = directory();
-        let to_t2 = FlowKey {
-            epoch: 5,
-            ifindex: 7,
-            saddr: be([172, 17, 0, 2]),
-            daddr: be([172, 17, 0, 3]),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            dir: FLOW_EGRESS,
-            action: ACTION_ACCEPT,
-            _pad: 0,
-        };
+        let to_t2 = t1_to_t2(5);
         let v4 = FlowStats {
-            packets: 5,
-            bytes: 400,
             first_ns: 3_000_000_000,
-            last_ns: 3_500_000_000,
-            pkt_saddr: to_t2.saddr,
-            pkt_daddr: to_t2.daddr,
             tcp_flags: 3,
-            _pad: [0; 7],
+            ..five_packets(&to_t2)
         };
         // Masqueraded (NAT66) to the uplink's address.
         let out6 = FlowKey6 {

@@ -721,3 +721,75 @@ pub fn events_suppressed(paths: &InstancePaths) -> Result<u64, MapsError> {
 pub fn open_events(paths: &InstancePaths) -> Result<RingBuf<MapData>, MapsError> {
     open_as(paths, MAP_EVENTS)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, net::Ipv6Addr};
+
+    use super::*;
+
+    /// An instance of the test's own on bpffs (needs root, as every ecsnet test does), removed
+    /// with everything pinned under it when dropped.
+    struct Scratch(InstancePaths);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(self.0.pin_dir());
+        }
+    }
+
+    #[test]
+    fn ipv6_flows_are_none_until_pinned_then_read_per_cpu() {
+        let scratch = Scratch(InstancePaths::new(&format!(
+            "unit-flows6-{}",
+            std::process::id()
+        )));
+        let paths = &scratch.0;
+        assert!(
+            read_flows6(paths).unwrap().is_empty(),
+            "no FLOWS6 pinned (a datapath without IPv6 flows): none, and no error"
+        );
+
+        let cpus = aya::util::nr_cpus().unwrap().get() as usize;
+        let mut m = PerCpuHashMap::<MapData, FlowKey6, FlowStats6>::create(8, 0).unwrap();
+        let key = |last: u8| FlowKey6 {
+            epoch: 3,
+            ifindex: 7,
+            saddr: "fd00:dc::2".parse::<Ipv6Addr>().unwrap().octets(),
+            daddr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last.into()).octets(),
+            sport: 41000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            ..FlowKey6::default()
+        };
+        for last in 1..=3u8 {
+            let per_cpu: Vec<FlowStats6> = (0..cpus)
+                .map(|cpu| FlowStats6 {
+                    packets: u64::from(last) * 10 + cpu as u64,
+                    pkt_saddr: [last; 16],
+                    tcp_flags: last,
+                    ..FlowStats6::default()
+                })
+                .collect();
+            m.insert(&key(last), PerCpuValues::try_from(per_cpu).unwrap(), 0)
+                .unwrap();
+        }
+        fs::create_dir_all(paths.map_pin(MAP_FLOWS6).parent().unwrap()).unwrap();
+        m.pin(paths.map_pin(MAP_FLOWS6)).unwrap();
+
+        let mut flows = read_flows6(paths).unwrap();
+        flows.sort_by_key(|(k, _)| k.daddr);
+        assert_eq!(flows.len(), 3);
+        for ((k, per_cpu), last) in flows.iter().zip(1..=3u8) {
+            assert_eq!(*k, key(last));
+            assert_eq!(per_cpu.len(), cpus);
+            for (cpu, v) in per_cpu.iter().enumerate() {
+                assert_eq!(
+                    (v.packets, v.pkt_saddr, v.tcp_flags),
+                    (u64::from(last) * 10 + cpu as u64, [last; 16], last),
+                    "flow {last} on CPU {cpu}"
+                );
+            }
+        }
+    }
+}
