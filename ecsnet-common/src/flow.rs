@@ -6,6 +6,8 @@ use crate::net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Per-flow counters of the open and the closing windows: [`FlowKey`] -> [`FlowStats`] per CPU.
 pub const MAP_FLOWS: &str = "FLOWS";
+/// The IPv6 twin of [`MAP_FLOWS`]: [`FlowKey6`] -> [`FlowStats6`] per CPU, same windows.
+pub const MAP_FLOWS6: &str = "FLOWS6";
 /// Packets that found the flow table full: [`LostKey`] -> [`crate::maps::Counters`] per CPU.
 pub const MAP_FLOW_LOST: &str = "FLOW_LOST";
 /// The capture window and the event rate limit: one [`FlowState`] at index 0.
@@ -77,28 +79,69 @@ pub struct FlowStats {
 }
 map_type!(FlowStats, 48);
 
-impl FlowStats {
-    /// One flow's counters over all CPUs: the sums, the earliest first and the latest last
-    /// packet, the OR of the flags, and the uplink-side addresses of the latest packet. CPUs
-    /// that saw no packet are left out.
-    pub fn merge(per_cpu: &[FlowStats]) -> FlowStats {
-        let mut out = FlowStats::default();
-        for v in per_cpu.iter().filter(|v| v.packets != 0) {
-            if out.packets == 0 || v.first_ns < out.first_ns {
-                out.first_ns = v.first_ns;
-            }
-            if v.last_ns >= out.last_ns {
-                out.last_ns = v.last_ns;
-                out.pkt_saddr = v.pkt_saddr;
-                out.pkt_daddr = v.pkt_daddr;
-            }
-            out.packets += v.packets;
-            out.bytes += v.bytes;
-            out.tcp_flags |= v.tcp_flags;
-        }
-        out
-    }
+/// The IPv6 twin of [`FlowKey`]: the same fields and meaning, with 16-byte addresses in
+/// network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub epoch: u32,
+    pub ifindex: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub action: u8,
+    pub _pad: u8,
 }
+map_type!(FlowKey6, 48);
+
+/// The IPv6 twin of [`FlowStats`]: the same counters, with 16-byte uplink-side addresses in
+/// network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats6 {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub pkt_saddr: [u8; 16],
+    pub pkt_daddr: [u8; 16],
+    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
+}
+map_type!(FlowStats6, 72);
+
+/// `merge` for the counters of both families, which differ only in their addresses' type.
+macro_rules! merge_per_cpu {
+    ($($stats:ty),+) => {$(
+        impl $stats {
+            /// One flow's counters over all CPUs: the sums, the earliest first and the latest
+            /// last packet, the OR of the flags, and the uplink-side addresses of the latest
+            /// packet. CPUs that saw no packet are left out.
+            pub fn merge(per_cpu: &[Self]) -> Self {
+                let mut out = Self::default();
+                for v in per_cpu.iter().filter(|v| v.packets != 0) {
+                    if out.packets == 0 || v.first_ns < out.first_ns {
+                        out.first_ns = v.first_ns;
+                    }
+                    if v.last_ns >= out.last_ns {
+                        out.last_ns = v.last_ns;
+                        out.pkt_saddr = v.pkt_saddr;
+                        out.pkt_daddr = v.pkt_daddr;
+                    }
+                    out.packets += v.packets;
+                    out.bytes += v.bytes;
+                    out.tcp_flags |= v.tcp_flags;
+                }
+                out
+            }
+        }
+    )+};
+}
+
+merge_per_cpu!(FlowStats, FlowStats6);
 
 /// Key of [`MAP_FLOW_LOST`]: a task interface in a window.
 #[repr(C)]
@@ -190,7 +233,7 @@ pub const fn aws_tcp_flags(flags: u8) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::{FlowStats, aws_tcp_flags};
+    use super::{FlowStats, FlowStats6, aws_tcp_flags};
 
     #[test]
     fn per_cpu_counters_merge_into_one_flow() {
@@ -214,6 +257,55 @@ mod tests {
         assert_eq!(merged.pkt_saddr, 2, "the addresses of the latest packet");
         assert_eq!(merged.tcp_flags, 0x13);
         assert_eq!(FlowStats::merge(&[]), FlowStats::default());
+    }
+
+    #[test]
+    fn ipv6_counters_merge_as_ipv4_ones_do() {
+        // (packets, first_ns, last_ns, last byte of the addresses, flags) of four CPUs.
+        let cpus = [
+            (2, 50, 70, 1, 0x02),
+            (0, 0, 0, 0, 0),
+            (1, 40, 90, 2, 0x01),
+            (3, 60, 80, 3, 0x10),
+        ];
+        let six = |last: u8| {
+            let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[15] = last;
+            a
+        };
+        let v4 = cpus.map(|(packets, first_ns, last_ns, a, tcp_flags)| FlowStats {
+            packets,
+            bytes: packets * 100,
+            first_ns,
+            last_ns,
+            pkt_saddr: a.into(),
+            pkt_daddr: u32::from(a) + 100,
+            tcp_flags,
+            ..FlowStats::default()
+        });
+        let v6 = core::array::from_fn::<_, 4, _>(|i| FlowStats6 {
+            pkt_saddr: six(cpus[i].3),
+            pkt_daddr: six(cpus[i].3 + 100),
+            packets: v4[i].packets,
+            bytes: v4[i].bytes,
+            first_ns: v4[i].first_ns,
+            last_ns: v4[i].last_ns,
+            tcp_flags: v4[i].tcp_flags,
+            ..FlowStats6::default()
+        });
+        let (m4, m6) = (FlowStats::merge(&v4), FlowStats6::merge(&v6));
+        let counts = |p, b, f, l, t| (p, b, f, l, t);
+        assert_eq!(
+            counts(m6.packets, m6.bytes, m6.first_ns, m6.last_ns, m6.tcp_flags),
+            counts(m4.packets, m4.bytes, m4.first_ns, m4.last_ns, m4.tcp_flags),
+        );
+        assert_eq!((m4.packets, m4.first_ns, m4.last_ns), (6, 40, 90));
+        assert_eq!(
+            (m6.pkt_saddr, m6.pkt_daddr),
+            (six(2), six(102)),
+            "the addresses of the latest packet"
+        );
+        assert_eq!(FlowStats6::merge(&[]), FlowStats6::default());
     }
 
     #[test]

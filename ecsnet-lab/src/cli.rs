@@ -207,6 +207,11 @@ pub enum LabCmd {
         /// dockerd's userland-proxy (Docker's default: true); with --docker.
         #[arg(long, requires = "docker", default_value_t = true, action = clap::ArgAction::Set)]
         userland_proxy: bool,
+        /// Dual stack: unique local IPv6 addresses on the uplink, docker0 and every task. nat
+        /// (bare --ipv6): Docker 20.10's NAT66 with ip6tables; routed: Docker 27's routed
+        /// gateway mode, no NAT66 (imitation only, not with --docker).
+        #[arg(long, value_name = "nat|routed", num_args = 0..=1, default_missing_value = "nat")]
+        ipv6: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -233,7 +238,7 @@ pub enum LabCmd {
         #[arg(long)]
         at: Vec<String>,
     },
-    /// Send known traffic to an echo server and check every echo.
+    /// Send known traffic to an echo server and check every echo (ADDR:PORT, [ADDR6]:PORT).
     Probe {
         #[arg(long, conflicts_with = "udp", required_unless_present = "udp")]
         tcp: Option<SocketAddr>,
@@ -433,8 +438,10 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
             ceiling,
             docker,
             userland_proxy,
+            ipv6,
             json,
         } => {
+            let ipv6 = ipv6.map(|m| m.parse::<lab::Ipv6Mode>()).transpose()?;
             let publish = publish
                 .iter()
                 .map(|p| lab::parse_publish(p, tasks))
@@ -444,6 +451,7 @@ fn lab_cmd_run(cmd: LabCmd) -> anyhow::Result<()> {
                 tasks,
                 publish,
                 ceiling,
+                ipv6,
                 ..LabSpec::default()
             };
             let engine = docker.then_some(lab::EngineOptions { userland_proxy });

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -120,7 +120,9 @@ fn serve_here(tcp: &[u16], udp: &[u16]) -> Result<Vec<JoinHandle<()>>, TrafficEr
     Ok(threads)
 }
 
-/// Binds a socket on every port and serves each on a thread of its own.
+/// Binds a socket on every port and serves each on a thread of its own: dual stack on `[::]`
+/// (IPv4 arrives as `::ffff:a.b.c.d`; a namespace's `bindv6only` is 0 unless changed), or on
+/// 0.0.0.0 where the kernel has no IPv6 at all.
 fn serve_each<S: Send + 'static>(
     proto: &'static str,
     ports: &[u16],
@@ -129,12 +131,16 @@ fn serve_each<S: Send + 'static>(
 ) -> Result<Vec<JoinHandle<()>>, TrafficError> {
     let mut threads = Vec::new();
     for &port in ports {
-        let socket = bind(SocketAddr::from(([0, 0, 0, 0], port))).map_err(|source| {
-            TrafficError::Listen {
-                proto,
-                port,
-                source,
+        let socket = match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
             }
+            other => other,
+        }
+        .map_err(|source| TrafficError::Listen {
+            proto,
+            port,
+            source,
         })?;
         threads.push(std::thread::spawn(move || serve(&socket)));
     }
@@ -283,7 +289,11 @@ fn probe_tcp(addr: SocketAddr, p: Probe) -> Result<ProbeReport, TrafficError> {
 
 fn probe_udp(addr: SocketAddr, p: Probe) -> Result<ProbeReport, TrafficError> {
     let io = io_error("udp", addr);
-    let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(&io)?;
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(any).map_err(&io)?;
     s.connect(addr).map_err(&io)?;
     s.set_read_timeout(Some(p.timeout)).map_err(&io)?;
     exchange("udp", addr, p.messages, p.size, |msg, back| {

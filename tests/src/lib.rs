@@ -110,10 +110,16 @@ pub fn netfilter_packets(ns: &str) -> u64 {
 /// The packet counter of the first iptables rule in `chain` of `table` in namespace `ns` whose
 /// text (as `iptables -L -v -n` prints it) contains `needle`.
 pub fn rule_packets(ns: &str, table: &str, chain: &str, needle: &str) -> u64 {
-    let out = ns_exec(
-        ns,
-        &["iptables", "-t", table, "-L", chain, "-v", "-x", "-n"],
-    );
+    tool_rule_packets("iptables", ns, table, chain, needle)
+}
+
+/// The same for an ip6tables rule.
+pub fn rule6_packets(ns: &str, table: &str, chain: &str, needle: &str) -> u64 {
+    tool_rule_packets("ip6tables", ns, table, chain, needle)
+}
+
+fn tool_rule_packets(tool: &str, ns: &str, table: &str, chain: &str, needle: &str) -> u64 {
+    let out = ns_exec(ns, &[tool, "-t", table, "-L", chain, "-v", "-x", "-n"]);
     out.lines()
         .find(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("no rule with {needle:?} in {table}/{chain}:\n{out}"))

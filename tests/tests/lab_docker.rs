@@ -143,7 +143,12 @@ fn down_cleans_a_half_built_docker_lab() {
 /// its own that differs from run to run (they come from a Go map), and rules of different
 /// ports never match the same packet, so their order means nothing.
 fn rules(ns: &str) -> Vec<String> {
-    let mut lines: Vec<String> = ns_exec(ns, &["iptables-save"])
+    saved_rules(ns, "iptables-save")
+}
+
+/// The same for `save` (`iptables-save` or `ip6tables-save`).
+fn saved_rules(ns: &str, save: &str) -> Vec<String> {
+    let mut lines: Vec<String> = ns_exec(ns, &[save])
         .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| match l.rsplit_once(" [") {
@@ -222,6 +227,38 @@ fn imitation_rules_are_dockerds_without_userland_proxy() {
     );
     let out = ecsnet_ok(&["lab", "status", "--name", &default.name]);
     assert!(out.contains("userland-proxy true"), "{out}");
+}
+
+#[test]
+fn imitation_ip6tables_rules_are_dockerds_without_userland_proxy() {
+    let publish = ["1:8080:80", "2:0:80", "2:5353:53/udp"];
+    let real = docker::up(
+        "lr6",
+        2,
+        &publish,
+        &["--userland-proxy", "false", "--ipv6", "nat"],
+    );
+    let imitation = Lab::up_v6("li6", 2, &publish, "nat");
+    let real_rules = saved_rules(real.host(), "ip6tables-save");
+    assert!(
+        real_rules
+            .iter()
+            .any(|l| l.contains("--to-destination [fd00:172:17::242:ac11:2]:80")),
+        "dockerd wrote NAT66 for the published port: {real_rules:#?}"
+    );
+    assert_eq!(real_rules, saved_rules(imitation.host(), "ip6tables-save"));
+    // IPv4 as without --ipv6: the same lines as the imitation's.
+    assert_eq!(rules(real.host()), rules(imitation.host()));
+    let addresses = |s: &LabStatus| -> Vec<String> {
+        s.tasks
+            .iter()
+            .map(|t| format!("{} {:?}", t.address, t.address6))
+            .collect()
+    };
+    assert_eq!(
+        addresses(&docker::status(&real).lab),
+        addresses(&imitation.status)
+    );
 }
 
 /// Task `t` of the status is container `c`: ECS labels, the host veth a port of docker0 and

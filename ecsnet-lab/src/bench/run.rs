@@ -413,6 +413,7 @@ mod tests {
         let status = LabStatus {
             name: "b".into(),
             ceiling: false,
+            ipv6: None,
             state_file: "/tmp/x".into(),
             host: lab::LabHost {
                 netns: "b-host".into(),
@@ -420,10 +421,13 @@ mod tests {
                 uplink_address: lab::UPLINK_ADDR,
                 bridge: "docker0".into(),
                 bridge_address: lab::BRIDGE_ADDR,
+                uplink_address6: None,
+                bridge_address6: None,
             },
             client: lab::LabClient {
                 netns: "b-client".into(),
                 address: lab::CLIENT_ADDR,
+                address6: None,
                 echo_port: 9000,
             },
             tasks: (1..=2)
@@ -431,6 +435,7 @@ mod tests {
                     name: format!("task{i}"),
                     netns: format!("b-task{i}"),
                     address: lab::task_address(i),
+                    address6: None,
                     interface: lab::veth_name("b", i),
                     port_mappings: vec![],
                 })

@@ -605,6 +605,7 @@ mod tests {
                 name: format!("task{i}"),
                 netns: String::new(),
                 address: lab::task_address(i),
+                address6: None,
                 interface: lab::veth_name("t", i),
                 port_mappings: vec![lab::LabPort {
                     host_port: 8079 + u16::try_from(i).unwrap(),

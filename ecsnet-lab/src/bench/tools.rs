@@ -212,6 +212,7 @@ fn lab_spec(name: String, ceiling: bool) -> LabSpec {
         ],
         ceiling,
         unserved: vec![IPERF_PORT, RR_PORT, CRR_PORT],
+        ipv6: None,
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -114,6 +114,10 @@ pub fn cgroup_parent(lab: &str) -> String {
 struct Record {
     cgroup_parent: String,
     userland_proxy: bool,
+    /// Dual stack (`lab up --docker --ipv6`): Docker's `ipv6`, `fixed-cidr-v6` and
+    /// `ip6tables`.
+    #[serde(default)]
+    ipv6: bool,
     /// The echo server the containers run: the `ecsnet-lab` binary that built the lab.
     server: PathBuf,
     /// The folders of `RUN_DIRS` that did not exist before this lab's dockerd started.
@@ -342,7 +346,12 @@ fn log_tail(paths: &EnginePaths, n: usize) -> String {
 
 /// Starts the lab's dockerd in the namespace `host` with `nsenter --net` and waits until it
 /// answers.
-pub(super) fn start(lab: &str, host: &str, userland_proxy: bool) -> Result<(), LabError> {
+pub(super) fn start(
+    lab: &str,
+    host: &str,
+    userland_proxy: bool,
+    ipv6: bool,
+) -> Result<(), LabError> {
     let paths = EnginePaths::new(lab);
     for dir in [paths.data_root(), paths.exec_root()] {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -350,6 +359,7 @@ pub(super) fn start(lab: &str, host: &str, userland_proxy: bool) -> Result<(), L
     let record = Record {
         cgroup_parent: cgroup_parent(lab),
         userland_proxy,
+        ipv6,
         server: server_exe()?,
         made_run_dirs: RUN_DIRS
             .iter()
@@ -397,12 +407,19 @@ pub fn start_again(lab: &str, host: &str) -> Result<(), LabError> {
 fn launch(lab: &str, host: &str, record: &Record) -> Result<(), LabError> {
     let paths = EnginePaths::new(lab);
     let userland_proxy = record.userland_proxy;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         // Without it dockerd 20.10 writes /etc/docker/key.json.
         "deprecated-key-path": paths.root.join("key.json"),
         "bip": format!("{}/{}", super::BRIDGE_ADDR, super::BRIDGE_PREFIX),
         "userland-proxy": userland_proxy,
     });
+    if record.ipv6 {
+        // 20.10 writes ip6tables rules (NAT66 included) only as an experimental feature.
+        config["ipv6"] = true.into();
+        config["fixed-cidr-v6"] = super::BRIDGE_SUBNET6.into();
+        config["experimental"] = true.into();
+        config["ip6tables"] = true.into();
+    }
     write_json(&paths.config(), &config)?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", netns::path(host).display()))
@@ -640,6 +657,9 @@ struct InspectNet {
 struct InspectEndpoint {
     #[serde(rename = "IPAddress")]
     ip_address: String,
+    /// Empty without IPv6.
+    #[serde(rename = "GlobalIPv6Address", default)]
+    global_ipv6_address: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -702,20 +722,20 @@ pub fn tasks(lab: &str, host: &str) -> Result<(Vec<LabTask>, Vec<LabContainer>),
     let mut containers = Vec::new();
     for c in found {
         let name = c.name.trim_start_matches('/').to_owned();
-        let Some(address) = c
-            .network_settings
-            .networks
-            .get("bridge")
-            .and_then(|e| e.ip_address.parse::<Ipv4Addr>().ok())
-        else {
+        let Some(bridge) = c.network_settings.networks.get("bridge") else {
             // Not on the default bridge: not a task of this lab's shape.
             continue;
         };
+        let Ok(address) = bridge.ip_address.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        let address6 = bridge.global_ipv6_address.parse::<Ipv6Addr>().ok();
         let (interface, _) = topology::host_peer(c.state.pid, "eth0", host)?;
         tasks.push(LabTask {
             name: name.clone(),
             netns: String::new(),
             address,
+            address6,
             interface,
             port_mappings: c
                 .network_settings
@@ -1027,7 +1047,7 @@ fn unmount_below(dir: &Path) -> usize {
 
 /// Waits until none of `pids` exists (or has become a zombie), at most `limit`; whether they
 /// are gone.
-fn wait_gone(pids: &[Pid], limit: Duration) -> bool {
+pub(super) fn wait_gone(pids: &[Pid], limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         let alive = pids.iter().any(|p| {

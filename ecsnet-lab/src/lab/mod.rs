@@ -5,7 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Command, Stdio},
 };
@@ -22,7 +22,7 @@ mod docker_rules;
 pub mod engine;
 pub mod topology;
 
-pub use docker_rules::{docker_rules, restore_rules};
+pub use docker_rules::{docker_rules, docker_rules6, restore_rules, restore_rules6};
 pub use engine::EngineStatus;
 use topology::Shape;
 
@@ -34,6 +34,15 @@ pub const UPLINK_PREFIX: u8 = 24;
 pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
 pub const BRIDGE_PREFIX: u8 = 16;
 pub const BRIDGE_SUBNET: &str = "172.17.0.0/16";
+/// The uplink's IPv6 subnet with `--ipv6` (unique local, living only in the lab): the host
+/// is `::1` on it, the client `::2`.
+pub const UPLINK_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 0, 0, 0, 0, 1);
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 0, 0, 0, 0, 2);
+pub const UPLINK_PREFIX6: u8 = 64;
+/// docker0's `fixed-cidr-v6` with `--ipv6`, and its gateway address on docker0.
+pub const BRIDGE_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x17, 0, 0, 0, 0, 1);
+pub const BRIDGE_PREFIX6: u8 = 64;
+pub const BRIDGE_SUBNET6: &str = "fd00:172:17::/64";
 /// Most tasks one lab builds (addresses 172.17.0.2 ... 172.17.3.233, in the bridge's /16).
 pub const MAX_TASKS: usize = 1000;
 /// First host port of the default publications: task i publishes 8080+i-1 -> 80/tcp.
@@ -73,6 +82,8 @@ pub enum LabError {
         "lab {name:?} already exists (namespace {netns}); run `ecsnet lab down --name {name}` first"
     )]
     Exists { name: String, netns: String },
+    #[error("bad --ipv6 {0:?}: expected nat or routed")]
+    BadIpv6(String),
     #[error("bad lab options: {0}")]
     Conflict(&'static str),
     #[error("no lab named {0:?}; `ecsnet lab up --name {0}` builds one")]
@@ -117,6 +128,7 @@ impl LabError {
             | Self::VethClash { .. }
             | Self::BadPublish { .. }
             | Self::Exists { .. }
+            | Self::BadIpv6(_)
             | Self::Conflict(_)
             | Self::NotFound(_) => 2,
             _ => 1,
@@ -169,6 +181,39 @@ pub fn parse_publish(spec: &str, tasks: usize) -> Result<Publish, LabError> {
     })
 }
 
+/// How IPv6 reaches a dual-stack lab's tasks (`lab up --ipv6 MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ipv6Mode {
+    /// Docker 20.10's `ipv6` with `fixed-cidr-v6` and `ip6tables`: published ports translated
+    /// (DNAT) on the host's addresses, tasks' traffic masqueraded to the uplink's (NAT66).
+    Nat,
+    /// Docker 27's `gateway_mode_ipv6=routed`: no NAT66; the client routes `fixed-cidr-v6`
+    /// through the host and reaches published ports at the tasks' own addresses.
+    Routed,
+}
+
+impl Ipv6Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nat => "nat",
+            Self::Routed => "routed",
+        }
+    }
+}
+
+impl std::str::FromStr for Ipv6Mode {
+    type Err = LabError;
+
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        match s {
+            "nat" => Ok(Self::Nat),
+            "routed" => Ok(Self::Routed),
+            other => Err(LabError::BadIpv6(other.to_owned())),
+        }
+    }
+}
+
 /// What `lab up` builds.
 #[derive(Debug, Clone, Default)]
 pub struct LabSpec {
@@ -182,6 +227,9 @@ pub struct LabSpec {
     /// Container ports the lab's echo server leaves free, for servers of the caller's own
     /// (the benchmark's iperf3).
     pub unserved: Vec<u16>,
+    /// Dual stack: IPv6 on the uplink, docker0 and every task, in this mode; IPv4 only (IPv6
+    /// off in every namespace) when `None`.
+    pub ipv6: Option<Ipv6Mode>,
 }
 
 /// A real engine for `up_with` (`lab up --docker`): a dockerd of the lab's own makes docker0
@@ -208,6 +256,11 @@ pub struct LabHost {
     pub uplink_address: Ipv4Addr,
     pub bridge: String,
     pub bridge_address: Ipv4Addr,
+    /// With `--ipv6`: `UPLINK_ADDR6` and `BRIDGE_ADDR6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_address6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_address6: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +268,9 @@ pub struct LabHost {
 pub struct LabClient {
     pub netns: String,
     pub address: Ipv4Addr,
+    /// With `--ipv6`: `CLIENT_ADDR6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// TCP and UDP echo port of the client, the "outside" that tasks reach through masquerade.
     pub echo_port: u16,
 }
@@ -243,6 +299,9 @@ pub struct LabTask {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub netns: String,
     pub address: Ipv4Addr,
+    /// With `--ipv6`: its address in `fixed-cidr-v6`, made from its MAC as Docker does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     pub interface: String,
     pub port_mappings: Vec<LabPort>,
 }
@@ -255,6 +314,9 @@ pub struct LabStatus {
     /// Built as the benchmark's ceiling (`LabSpec::ceiling`).
     #[serde(default)]
     pub ceiling: bool,
+    /// Built dual-stack (`LabSpec::ipv6`), in this mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Mode>,
     pub state_file: PathBuf,
     pub host: LabHost,
     pub client: LabClient,
@@ -284,6 +346,22 @@ pub fn veth_name(lab: &str, task: usize) -> String {
 pub fn task_address(i: usize) -> Ipv4Addr {
     let i = u32::try_from(i).expect("a lab has at most MAX_TASKS tasks");
     Ipv4Addr::from(u32::from(BRIDGE_ADDR) + i)
+}
+
+/// The MAC Docker gives a container on a bridge: `02:42` and its IPv4 address.
+pub fn task_mac(v4: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = v4.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
+/// The IPv6 address dockerd 20.10 gives a container with `fixed-cidr-v6` of /80 or shorter:
+/// the subnet's prefix with the container's MAC in the last 48 bits (so `...::242:ac11:2`
+/// for 172.17.0.2), not the next free address.
+pub fn task_address6(v4: Ipv4Addr) -> Ipv6Addr {
+    let mut o = BRIDGE_ADDR6.octets();
+    o[8..10].fill(0);
+    o[10..].copy_from_slice(&task_mac(v4));
+    Ipv6Addr::from(o)
 }
 
 /// The port mappings every task asks for: the --publish list, or one default port per task;
@@ -441,6 +519,7 @@ pub fn plugged_tasks(lab: &str, count: usize) -> Result<Vec<LabTask>, LabError> 
                 name: format!("load{i}"),
                 netns: task_ns(lab, i),
                 address: Ipv4Addr::from(u32::from(PLUGGED_BASE) + k),
+                address6: None,
                 interface: veth,
                 port_mappings: vec![LabPort {
                     host_port: PLUGGED_HOST_PORT + u16::try_from(k).expect("at most MAX_TASKS"),
@@ -483,14 +562,28 @@ pub fn up_with(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatu
             "--docker builds a bridge-mode host, --ceiling has no bridge",
         ));
     }
+    if engine.is_some() && spec.ipv6 == Some(Ipv6Mode::Routed) {
+        return Err(LabError::Conflict(
+            "--ipv6 routed is Docker 27's gateway_mode_ipv6, not in the real engine's 20.10: \
+             imitation only",
+        ));
+    }
+    if spec.ceiling && spec.ipv6.is_some() {
+        return Err(LabError::Conflict(
+            "--ipv6 builds a bridge, --ceiling has none",
+        ));
+    }
     if engine.is_some() {
         engine::check_tools()?;
     }
-    if which::which("iptables-restore").is_err() {
-        return Err(LabError::MissingTool {
-            tool: "iptables-restore",
-            hint: "apt-get install iptables",
-        });
+    let v6_tool = spec.ipv6.map(|_| "ip6tables-restore");
+    for tool in std::iter::once("iptables-restore").chain(v6_tool) {
+        if which::which(tool).is_err() {
+            return Err(LabError::MissingTool {
+                tool,
+                hint: "apt-get install iptables",
+            });
+        }
     }
     if let Some(ns) = namespaces(&spec.name).first() {
         return Err(LabError::Exists {
@@ -556,6 +649,7 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
                     name: format!("task{i}"),
                     netns: task_ns(name, i),
                     address: task_address(i),
+                    address6: spec.ipv6.map(|_| task_address6(task_address(i))),
                     interface: veth_name(name, i),
                     port_mappings,
                 }
@@ -569,14 +663,19 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
     } else {
         Shape::Bridge
     };
-    topology::build(&host, &client, &tasks, shape)?;
+    topology::build(&host, &client, &tasks, shape, spec.ipv6)?;
     if shape == Shape::Bridge {
         restore_rules(&host, &docker_rules(&tasks))?;
+        if let Some(mode) = spec.ipv6 {
+            restore_rules6(&host, &docker_rules6(&tasks, mode))?;
+        }
     }
+    let v6 = |addr: Ipv6Addr| spec.ipv6.map(|_| addr);
 
     let mut status = LabStatus {
         name: name.clone(),
         ceiling: spec.ceiling,
+        ipv6: spec.ipv6,
         state_file: dir.join("state.json"),
         host: LabHost {
             netns: host.clone(),
@@ -584,16 +683,19 @@ fn build(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatus, Lab
             uplink_address: UPLINK_ADDR,
             bridge: if spec.ceiling { "" } else { BRIDGE }.into(),
             bridge_address: BRIDGE_ADDR,
+            uplink_address6: v6(UPLINK_ADDR6),
+            bridge_address6: v6(BRIDGE_ADDR6),
         },
         client: LabClient {
             netns: client.clone(),
             address: CLIENT_ADDR,
+            address6: v6(CLIENT_ADDR6),
             echo_port: CLIENT_ECHO_PORT,
         },
         tasks,
     };
     if let Some(options) = engine {
-        engine::start(name, &host, options.userland_proxy)?;
+        engine::start(name, &host, options.userland_proxy, spec.ipv6.is_some())?;
         engine::import_image(name)?;
         for (k, ports) in requested_ports(spec).into_iter().enumerate() {
             let task = format!("task{}", k + 1);
@@ -817,10 +919,14 @@ pub fn down(name: &str) -> Result<LabDown, LabError> {
         report.removed = e.removed;
     }
     let kill = |pid| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok();
-    report.killed += topology::pids(&nss)
+    let killed: Vec<_> = topology::pids(&nss)
         .into_iter()
         .filter(|&pid| kill(pid))
-        .count();
+        .collect();
+    report.killed += killed.len();
+    // Gone when `down` returns, not only doomed: a loaded machine may take a while to run a
+    // killed echo server's exit.
+    engine::wait_gone(&killed, std::time::Duration::from_secs(10));
     for ns in &nss {
         topology::delete(ns)?;
         report.namespaces.push(ns.clone());
@@ -859,26 +965,38 @@ pub fn render(s: &LabStatus) -> String {
     } else {
         format!("bridge {} {}", s.host.bridge, s.host.bridge_address)
     };
+    let and6 = |a: Option<Ipv6Addr>| a.map(|a| format!(" {a}")).unwrap_or_default();
     let mut out = format!(
-        "lab {}: host {} (uplink {} {}, {inside}), client {} {} (echo on {})\nstate file {}\n",
+        "lab {}: host {} (uplink {} {}{}, {inside}{}), client {} {}{} (echo on {})\n",
         s.name,
         s.host.netns,
         s.host.uplink,
         s.host.uplink_address,
+        and6(s.host.uplink_address6),
+        and6(s.host.bridge_address6),
         s.client.netns,
         s.client.address,
+        and6(s.client.address6),
         s.client.echo_port,
-        s.state_file.display()
     );
+    if let Some(mode) = s.ipv6 {
+        let _ = writeln!(
+            out,
+            "ipv6 {} (fixed-cidr-v6 {BRIDGE_SUBNET6})",
+            mode.as_str()
+        );
+    }
+    let _ = writeln!(out, "state file {}", s.state_file.display());
     for t in &s.tasks {
         let ports: Vec<String> = t.port_mappings.iter().map(LabPort::to_string).collect();
         let _ = writeln!(
             out,
-            "  {:<8} {:<16} {:<12} {:<15} {}",
+            "  {:<8} {:<16} {:<12} {:<15} {}{}",
             t.name,
             t.netns,
             t.interface,
             t.address,
+            t.address6.map(|a| format!("{a:<26} ")).unwrap_or_default(),
             ports.join(" ")
         );
     }
@@ -941,6 +1059,116 @@ mod tests {
         );
         assert_eq!(p[1][1].host_port, 32768, "udp has its own space");
         assert_eq!(requested_ports(&spec)[1][0].host_port, 0, "asked dynamic");
+    }
+
+    #[test]
+    fn ipv6_modes_and_docker_addresses() {
+        assert_eq!("nat".parse::<Ipv6Mode>().unwrap(), Ipv6Mode::Nat);
+        assert_eq!("routed".parse::<Ipv6Mode>().unwrap(), Ipv6Mode::Routed);
+        for bad in ["", "NAT", "nat66", "routed ", "off"] {
+            let e = bad.parse::<Ipv6Mode>().unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+        // dockerd 20.10 with a /64 fixed-cidr-v6: the prefix and the MAC 02:42:<IPv4>.
+        assert_eq!(
+            task_address6(task_address(1)).to_string(),
+            "fd00:172:17::242:ac11:2"
+        );
+        assert_eq!(
+            task_address6(task_address(300)).to_string(),
+            "fd00:172:17::242:ac11:12d"
+        );
+        for a in [UPLINK_ADDR6, CLIENT_ADDR6, BRIDGE_ADDR6] {
+            assert!(a.is_unique_local(), "{a}");
+        }
+        assert!(BRIDGE_SUBNET6.starts_with(&BRIDGE_ADDR6.to_string()[..12]));
+    }
+
+    /// A lab status as `build` writes it for an IPv4-only lab.
+    fn ipv4_status() -> LabStatus {
+        LabStatus {
+            name: "l".into(),
+            ceiling: false,
+            ipv6: None,
+            state_file: "/run/ecsnet/l/state.json".into(),
+            host: LabHost {
+                netns: "l-host".into(),
+                uplink: UPLINK.into(),
+                uplink_address: UPLINK_ADDR,
+                bridge: BRIDGE.into(),
+                bridge_address: BRIDGE_ADDR,
+                uplink_address6: None,
+                bridge_address6: None,
+            },
+            client: LabClient {
+                netns: "l-client".into(),
+                address: CLIENT_ADDR,
+                address6: None,
+                echo_port: CLIENT_ECHO_PORT,
+            },
+            tasks: vec![LabTask {
+                name: "task1".into(),
+                netns: "l-task1".into(),
+                address: task_address(1),
+                address6: None,
+                interface: "veth0000001".into(),
+                port_mappings: vec![LabPort {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Tcp,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn ipv4_only_json_is_unchanged() {
+        let s = ipv4_status();
+        let want = serde_json::json!({
+            "name": "l",
+            "ceiling": false,
+            "stateFile": "/run/ecsnet/l/state.json",
+            "host": {
+                "netns": "l-host",
+                "uplink": "eth0",
+                "uplinkAddress": "10.10.0.1",
+                "bridge": "docker0",
+                "bridgeAddress": "172.17.0.1"
+            },
+            "client": {"netns": "l-client", "address": "10.10.0.2", "echoPort": 9000},
+            "tasks": [{
+                "name": "task1",
+                "netns": "l-task1",
+                "address": "172.17.0.2",
+                "interface": "veth0000001",
+                "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]
+            }]
+        });
+        assert_eq!(serde_json::to_value(&s).unwrap(), want);
+        // And an older lab.json (no IPv6 keys) still reads.
+        let back: LabStatus = serde_json::from_value(want).unwrap();
+        assert_eq!(back, s);
+        assert!(!render(&s).contains("ipv6"), "{}", render(&s));
+    }
+
+    #[test]
+    fn dual_stack_json_and_render_carry_ipv6() {
+        let mut s = ipv4_status();
+        s.ipv6 = Some(Ipv6Mode::Routed);
+        s.host.uplink_address6 = Some(UPLINK_ADDR6);
+        s.client.address6 = Some(CLIENT_ADDR6);
+        s.tasks[0].address6 = Some(task_address6(s.tasks[0].address));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ipv6"], "routed");
+        assert_eq!(v["host"]["uplinkAddress6"], "fd00:10:10::1");
+        assert_eq!(v["client"]["address6"], "fd00:10:10::2");
+        assert_eq!(v["tasks"][0]["address6"], "fd00:172:17::242:ac11:2");
+        assert_eq!(serde_json::from_value::<LabStatus>(v).unwrap(), s);
+        let text = render(&s);
+        for needle in ["ipv6 routed", "fd00:10:10::1", "fd00:172:17::242:ac11:2"] {
+            assert!(text.contains(needle), "{needle} not in {text}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{
     fs::{self, File},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{
         fd::AsRawFd as _,
         unix::{fs::MetadataExt as _, process::CommandExt as _},
@@ -25,7 +25,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressHeaderFlags},
         link::{InfoData, InfoKind, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage},
         route::{RouteProtocol, RouteScope},
     },
@@ -34,8 +34,8 @@ use rtnetlink::{
 use ecsnet::host::netns::{NETNS_DIR, path as netns_path};
 
 use super::{
-    BRIDGE, BRIDGE_ADDR, BRIDGE_PREFIX, CLIENT_ADDR, LabError, LabTask, UPLINK, UPLINK_ADDR,
-    UPLINK_PREFIX,
+    BRIDGE, BRIDGE_ADDR, BRIDGE_ADDR6, BRIDGE_PREFIX, BRIDGE_PREFIX6, CLIENT_ADDR, CLIENT_ADDR6,
+    Ipv6Mode, LabError, LabTask, UPLINK, UPLINK_ADDR, UPLINK_ADDR6, UPLINK_PREFIX, UPLINK_PREFIX6,
 };
 
 /// A task's end of its veth, in the task's namespace.
@@ -55,13 +55,16 @@ pub(super) enum Shape {
 
 /// Builds the lab's network: host and client joined by the uplink, docker0 on the host (for
 /// the ceiling, a route to the tasks through the host instead; for a real engine, nothing:
-/// dockerd makes docker0), and every task on its veth.
+/// dockerd makes docker0), and every task on its veth. With `ipv6`, dual stack: the uplink,
+/// docker0 and the tasks get their IPv6 addresses too (tasks those of `LabTask::address6`).
 pub(super) fn build(
     host: &str,
     client: &str,
     tasks: &[LabTask],
     shape: Shape,
+    ipv6: Option<Ipv6Mode>,
 ) -> Result<(), LabError> {
+    let v6 = ipv6.is_some();
     let ceiling = shape == Shape::Ceiling;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -72,18 +75,40 @@ pub(super) fn build(
             source,
         })?;
     runtime.block_on(async {
-        let host = Ns::add(host).await?;
-        let client = Ns::add(client).await?;
+        let host = Ns::add(host, v6).await?;
+        let client = Ns::add(client, v6).await?;
         quick_multicast_reports(&host)?;
         // The uplink: host eth0 <-> client eth0, the VPC subnet.
         host.veth(UPLINK, &client, UPLINK).await?;
-        host.address(UPLINK, UPLINK_ADDR, UPLINK_PREFIX).await?;
-        client.address(UPLINK, CLIENT_ADDR, UPLINK_PREFIX).await?;
+        host.address(UPLINK, UPLINK_ADDR.into(), UPLINK_PREFIX)
+            .await?;
+        client
+            .address(UPLINK, CLIENT_ADDR.into(), UPLINK_PREFIX)
+            .await?;
         host.up(UPLINK).await?;
         client.up(UPLINK).await?;
         let default = route().gateway(CLIENT_ADDR);
         host.route(&format!("default via {CLIENT_ADDR}"), default)
             .await?;
+        if v6 {
+            host.address(UPLINK, UPLINK_ADDR6.into(), UPLINK_PREFIX6)
+                .await?;
+            client
+                .address(UPLINK, CLIENT_ADDR6.into(), UPLINK_PREFIX6)
+                .await?;
+            let default = route6().gateway(CLIENT_ADDR6);
+            host.route(&format!("default via {CLIENT_ADDR6}"), default)
+                .await?;
+        }
+        if ipv6 == Some(Ipv6Mode::Routed) {
+            // No NAT66: the outside routes fixed-cidr-v6 to the host, as a VPC route table
+            // would.
+            let to_tasks = route6()
+                .destination_prefix(BRIDGE_ADDR6, BRIDGE_PREFIX6)
+                .gateway(UPLINK_ADDR6);
+            let what = format!("{BRIDGE_ADDR6}/{BRIDGE_PREFIX6} via {UPLINK_ADDR6}");
+            client.route(&what, to_tasks).await?;
+        }
         if shape == Shape::Engine {
             // dockerd turns forwarding on itself, and sets FORWARD's policy to DROP as it
             // does so (it leaves the policy alone where forwarding was on already).
@@ -100,10 +125,10 @@ pub(super) fn build(
             client.route(&what, to_tasks).await?;
         } else {
             host.sysctl("net.ipv4.ip_forward")?;
-            docker_bridge(&host).await?;
+            docker_bridge(&host, v6).await?;
         }
         for task in tasks {
-            let ns = Ns::add(&task.netns).await?;
+            let ns = Ns::add(&task.netns, v6).await?;
             host.veth(&task.interface, &ns, TASK_LINK).await?;
             if ceiling {
                 routed_task(&host, &ns, task).await?;
@@ -126,7 +151,7 @@ pub(super) fn plug(host: &str, tasks: &[LabTask]) -> Result<(), LabError> {
     runtime.block_on(async {
         let host = Ns::open(host, open(host)?)?;
         for task in tasks {
-            let ns = Ns::add(&task.netns).await?;
+            let ns = Ns::add(&task.netns, task.address6.is_some()).await?;
             host.veth(&task.interface, &ns, TASK_LINK).await?;
             bridged_task(&host, &ns, task).await?;
         }
@@ -155,8 +180,10 @@ fn quick_multicast_reports(host: &Ns) -> Result<(), LabError> {
     Ok(())
 }
 
-/// docker0 with its address, up, and the sysctls Docker sets.
-async fn docker_bridge(host: &Ns) -> Result<(), LabError> {
+/// docker0 with its address, up, and the sysctls Docker sets; with `v6`, what dockerd adds
+/// for `ipv6` and `fixed-cidr-v6`: the subnet's gateway address and `fe80::1` on docker0,
+/// IPv6 forwarding, and bridged IPv6 through ip6tables.
+async fn docker_bridge(host: &Ns, v6: bool) -> Result<(), LabError> {
     let bridge = LinkMessageBuilder::<LinkBridge>::new(BRIDGE).build();
     let what = format!("link add {BRIDGE} type bridge");
     let links = host.handle.link();
@@ -165,7 +192,15 @@ async fn docker_bridge(host: &Ns) -> Result<(), LabError> {
         .execute()
         .await
         .map_err(host.failed(what))?;
-    host.address(BRIDGE, BRIDGE_ADDR, BRIDGE_PREFIX).await?;
+    host.address(BRIDGE, BRIDGE_ADDR.into(), BRIDGE_PREFIX)
+        .await?;
+    if v6 {
+        host.address(BRIDGE, BRIDGE_ADDR6.into(), BRIDGE_PREFIX6)
+            .await?;
+        host.address(BRIDGE, DOCKER_LINK_LOCAL.into(), 64).await?;
+        host.sysctl("net.ipv6.conf.all.forwarding")?;
+        host.sysctl("net.bridge.bridge-nf-call-ip6tables")?;
+    }
     host.up(BRIDGE).await?;
     host.sysctl("net.bridge.bridge-nf-call-iptables")?;
     host.sysctl(&format!("net.ipv4.conf.{BRIDGE}.route_localnet"))
@@ -192,6 +227,20 @@ async fn bridged_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), Lab
         .await
         .map_err(host.failed(what))?;
     host.up(veth).await?;
+    if task.address6.is_some() {
+        // Docker's MAC, so the task's link-local address is the one dockerd's would have.
+        let mac = LinkUnspec::new_with_name(TASK_LINK)
+            .address(super::task_mac(task.address).to_vec())
+            .build();
+        let what = format!("link set {TASK_LINK} address 02:42:...");
+        task_ns
+            .handle
+            .link()
+            .set(mac)
+            .execute()
+            .await
+            .map_err(task_ns.failed(what))?;
+    }
     let default = route().gateway(BRIDGE_ADDR);
     task_ns
         .plug(
@@ -200,14 +249,24 @@ async fn bridged_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), Lab
             &format!("default via {BRIDGE_ADDR}"),
             default,
         )
-        .await
+        .await?;
+    if let Some(addr) = task.address6 {
+        task_ns
+            .address(TASK_LINK, addr.into(), BRIDGE_PREFIX6)
+            .await?;
+        let default = route6().gateway(BRIDGE_ADDR6);
+        task_ns
+            .route(&format!("default via {BRIDGE_ADDR6}"), default)
+            .await?;
+    }
+    Ok(())
 }
 
 /// A task's veth in the ceiling: the host side holds the gateway address and a /32 route to
 /// the task; the task's only route is its default, on-link through that gateway.
 async fn routed_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), LabError> {
     let (veth, addr) = (task.interface.as_str(), task.address);
-    host.address(veth, BRIDGE_ADDR, 32).await?;
+    host.address(veth, BRIDGE_ADDR.into(), 32).await?;
     host.up(veth).await?;
     let to_task = route()
         .destination_prefix(addr, 32)
@@ -223,9 +282,17 @@ async fn routed_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), LabE
     task_ns.plug(addr, 32, &what, default).await
 }
 
+/// The link-local address dockerd puts on docker0 beside the `fixed-cidr-v6` gateway.
+const DOCKER_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// A route as `ip route add` makes one: main table, unicast, universe scope, proto boot.
 fn route() -> RouteMessageBuilder<Ipv4Addr> {
     RouteMessageBuilder::<Ipv4Addr>::new().protocol(RouteProtocol::Boot)
+}
+
+/// The same for IPv6 (`ip -6 route add`).
+fn route6() -> RouteMessageBuilder<Ipv6Addr> {
+    RouteMessageBuilder::<Ipv6Addr>::new().protocol(RouteProtocol::Boot)
 }
 
 /// One of the lab's namespaces, with a netlink socket opened inside it.
@@ -237,13 +304,24 @@ struct Ns {
 
 impl Ns {
     /// Makes the namespace (`ip netns add`) with loopback up and IPv6 off, as every one of
-    /// the lab's namespaces is.
-    async fn add(name: &str) -> Result<Self, LabError> {
+    /// the lab's namespaces is without `--ipv6`. With `v6`, IPv6 stays on, and quiet: no
+    /// duplicate address detection (addresses usable at once, no probes on the wire), no
+    /// router solicitations, multicast reports over within milliseconds of a link coming up.
+    async fn add(name: &str, v6: bool) -> Result<Self, LabError> {
         create(name)?;
         let ns = Self::open(name, open(name)?)?;
+        if v6 {
+            for conf in ["all", "default"] {
+                ns.set_sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
+                ns.set_sysctl(&format!("net.ipv6.conf.{conf}.router_solicitations"), "0")?;
+            }
+            quick_multicast_reports(&ns)?;
+        }
         ns.up("lo").await?;
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6")?;
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6")?;
+        if !v6 {
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6")?;
+            ns.sysctl("net.ipv6.conf.default.disable_ipv6")?;
+        }
         Ok(ns)
     }
 
@@ -305,14 +383,18 @@ impl Ns {
             .map_err(self.failed(what))
     }
 
-    /// `ip address add ADDR/PREFIX dev LINK`: local and peer address, no broadcast.
-    async fn address(&self, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), LabError> {
+    /// `ip address add ADDR/PREFIX dev LINK`: local and peer address, no broadcast; an IPv6
+    /// one `nodad`.
+    async fn address(&self, link: &str, addr: IpAddr, prefix: u8) -> Result<(), LabError> {
         let index = self.index(link).await?;
-        let mut request = self.handle.address().add(index, addr.into(), prefix);
-        request
-            .message_mut()
+        let mut request = self.handle.address().add(index, addr, prefix);
+        let message = request.message_mut();
+        message
             .attributes
             .retain(|a| !matches!(a, AddressAttribute::Broadcast(_)));
+        if addr.is_ipv6() {
+            message.header.flags |= AddressHeaderFlags::Nodad;
+        }
         request
             .execute()
             .await
@@ -320,11 +402,7 @@ impl Ns {
     }
 
     /// Adds a route; `what` is how `ip route add` would say it.
-    async fn route(
-        &self,
-        what: &str,
-        route: RouteMessageBuilder<Ipv4Addr>,
-    ) -> Result<(), LabError> {
+    async fn route<T>(&self, what: &str, route: RouteMessageBuilder<T>) -> Result<(), LabError> {
         self.handle
             .route()
             .add(route.build())
@@ -341,7 +419,7 @@ impl Ns {
         what: &str,
         default: RouteMessageBuilder<Ipv4Addr>,
     ) -> Result<(), LabError> {
-        self.address(TASK_LINK, addr, prefix).await?;
+        self.address(TASK_LINK, addr.into(), prefix).await?;
         self.up(TASK_LINK).await?;
         self.route(what, default).await
     }

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
-use ecsnet_common::flow::{FlowKey, FlowState, FlowStats};
+use ecsnet_common::flow::{FlowKey, FlowKey6, FlowState, FlowStats, FlowStats6};
 
 use crate::{
     clock::{monotonic_ns, wall_offset_ns},
@@ -13,8 +13,8 @@ use crate::{
         FlowLogError,
         format::Format,
         journal::{
-            Checkpoint, JOURNAL_MAX_BYTES, Phase, append, file_len, read_checkpoint, rotate,
-            truncate, write_checkpoint,
+            Checkpoint, JOURNAL_MAX_BYTES, Phase, append, file_len, journal_lines, read_checkpoint,
+            rotate, truncate, write_checkpoint,
         },
         records::build_records,
     },
@@ -138,6 +138,12 @@ impl Exporter {
             .filter(|(k, _)| k.epoch == cp.window)
             .map(|(k, v)| (k, FlowStats::merge(&v)))
             .collect();
+        // IPv6 flows: none until the datapath pins `FLOWS6` (`read_flows6`).
+        let flows6: Vec<(FlowKey6, FlowStats6)> = maps::read_flows6(&self.paths)?
+            .into_iter()
+            .filter(|(k, _)| k.epoch == cp.window)
+            .map(|(k, v)| (k, FlowStats6::merge(&v)))
+            .collect();
         let mut lost: BTreeMap<u32, u64> = BTreeMap::new();
         for (k, c) in maps::read_flow_lost(&self.paths)? {
             if k.epoch == cp.window {
@@ -151,15 +157,11 @@ impl Exporter {
             cp.window,
             (cp.start_ns, cp.end_ns),
             &flows,
+            &flows6,
             &lost,
             wall_offset_ns(),
         );
-        let mut lines = String::new();
-        for r in &records {
-            lines.push_str(&serde_json::to_string(r).expect("records serialize"));
-            lines.push('\n');
-        }
-        append(&journal, lines.as_bytes())?;
+        append(&journal, journal_lines(&records).as_bytes())?;
         if let (Some(sink), Some(len)) = (&self.opts.sink, cp.sink_len) {
             let mut text = String::new();
             if len == 0 {

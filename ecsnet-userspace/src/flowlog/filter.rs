@@ -2,7 +2,7 @@
 //! addresses (or CIDRs), ports, protocol, action, direction and status, all of which must hold.
 //! Pure, like the formats.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::flowlog::format::{Action, FlowDirection, LogStatus, Record};
 
@@ -25,29 +25,48 @@ pub enum FilterError {
     },
 }
 
-/// An IPv4 network; a plain address is a /32.
+/// An IPv4 or IPv6 network; a plain address is a /32 or a /128. A network of one family never
+/// contains an address of the other (`::ffff:10.0.0.1` is not in `10.0.0.0/8`), as AWS keeps
+/// `CidrIp` and `CidrIpv6` apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Cidr {
-    net: u32,
-    mask: u32,
+    v6: bool,
+    /// The network's bits, right-aligned (IPv4 in the low 32).
+    net: u128,
+    mask: u128,
+}
+
+/// An address's family and bits, right-aligned.
+fn bits(ip: IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(a) => (false, u32::from(a).into()),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
 }
 
 impl Cidr {
     fn parse(s: &str) -> Option<Cidr> {
         let (ip, len) = match s.split_once('/') {
-            Some((ip, len)) => (ip, len.parse::<u8>().ok().filter(|l| *l <= 32)?),
-            None => (s, 32),
+            Some((ip, len)) => (ip, Some(len.parse::<u32>().ok()?)),
+            None => (s, None),
         };
-        let ip: Ipv4Addr = ip.parse().ok()?;
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        let (v6, ip) = bits(ip.parse().ok()?);
+        let width = if v6 { 128 } else { 32 };
+        let len = len.unwrap_or(width);
+        if len > width {
+            return None;
+        }
+        let mask = u128::MAX.checked_shl(width - len).unwrap_or(0) & (u128::MAX >> (128 - width));
         Some(Cidr {
-            net: u32::from(ip) & mask,
+            v6,
+            net: ip & mask,
             mask,
         })
     }
 
-    fn contains(self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask == self.net
+    fn contains(self, ip: IpAddr) -> bool {
+        let (v6, ip) = bits(ip);
+        v6 == self.v6 && ip & self.mask == self.net
     }
 }
 
@@ -155,7 +174,12 @@ fn parse_term(term: &str) -> Result<Term, FilterError> {
     let cidr = |fields| {
         Cidr::parse(value)
             .map(|c| Cond::Addr(fields, c))
-            .ok_or_else(|| bad("address", "an IPv4 address or CIDR, e.g. 10.0.0.0/8"))
+            .ok_or_else(|| {
+                bad(
+                    "address",
+                    "an IPv4 or IPv6 address or CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32",
+                )
+            })
     };
     let port = |fields| {
         value
@@ -219,7 +243,7 @@ mod tests {
     use super::*;
     use crate::flowlog::format::{
         FormatError,
-        examples::{aws_example, nodata, parse_err, refused},
+        examples::{aws_example, aws_ipv6_example, nodata, parse_err, refused},
     };
 
     fn filter(expr: &str) -> Filter {
@@ -301,12 +325,66 @@ mod tests {
             ],
         );
         let pkt = Record {
-            pkt_dstaddr: Some(Ipv4Addr::new(10, 1, 2, 3)),
+            pkt_dstaddr: Some([10, 1, 2, 3].into()),
             ..r
         };
         check(
             &pkt,
             &[("addr=10.1.0.0/16", true), ("pkt-dstaddr=10.1.2.3", true)],
+        );
+    }
+
+    #[test]
+    fn filter_ipv6_addr_and_cidr() {
+        let r = aws_ipv6_example();
+        check(
+            &r,
+            &[
+                ("addr=2001:db8:1234:a100:8d6e:3477:df66:f105", true),
+                ("srcaddr=2001:DB8:1234:A100:8D6E:3477:DF66:F105/128", true),
+                ("dstaddr=2001:db8:1234:a102::/64", true),
+                ("srcaddr=2001:db8:1234:a102::/64", false),
+                ("addr=2001:db8::/32", true),
+                ("addr=2001:db8:1234:a1ff::/56", true),
+                ("addr=2001:db8:1234:a200::/56", false),
+                ("addr=::/0", true),
+                ("addr=fd00::/8", false),
+                ("addr!=fd00::/8", true),
+                ("pkt-srcaddr=::/0", false),
+                ("addr=2001:db8:1234:a100::/64 port=22 proto=tcp", true),
+            ],
+        );
+    }
+
+    #[test]
+    fn filters_of_one_family_never_match_the_other() {
+        let v4 = aws_example();
+        let v6 = aws_ipv6_example();
+        for (expr, on_v4, on_v6) in [
+            ("addr=0.0.0.0/0", true, false),
+            ("addr=::/0", false, true),
+            ("addr!=0.0.0.0/0", false, true),
+            ("addr=172.31.0.0/16", true, false),
+            // IPv4 written as IPv6 (mapped, or the old compatible form) is an IPv6 network.
+            ("addr=::ffff:172.31.16.139", false, false),
+            ("addr=::ffff:0:0/96", false, false),
+            ("addr=::/0,port=22", false, true),
+            ("addr=0.0.0.0/0 addr=::/0", false, false),
+        ] {
+            check(&v4, &[(expr, on_v4)]);
+            check(&v6, &[(expr, on_v6)]);
+        }
+        let mapped = Record {
+            srcaddr: "::ffff:172.31.16.139".parse().ok(),
+            ..aws_ipv6_example()
+        };
+        check(
+            &mapped,
+            &[
+                ("srcaddr=172.31.16.139", false),
+                ("srcaddr=::ffff:172.31.16.139", true),
+                ("srcaddr=::ffff:172.31.0.0/112", true),
+            ],
         );
     }
 
@@ -406,6 +484,12 @@ mod tests {
             "bad port \"x\" in filter term \"port=x\": expected 0 to 65535"
         );
         assert!(matches!(err("port=65536").0, FilterError::BadValue { .. }));
+        let (_, msg) = err("dstaddr=2001:db8::/200");
+        assert_eq!(
+            msg,
+            "bad address \"2001:db8::/200\" in filter term \"dstaddr=2001:db8::/200\": expected \
+             an IPv4 or IPv6 address or CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32"
+        );
         let missing = FilterError::MissingEq {
             term: "port".into(),
         };
@@ -418,6 +502,11 @@ mod tests {
         for bad in [
             "addr=1.2.3",
             "addr=1.2.3.4/33",
+            "addr=2001:db8::/129",
+            "addr=2001:db8:::1",
+            "addr=2001:db8::/",
+            "addr=fe80::1%eth0",
+            "addr=[2001:db8::1]",
             "srcaddr=x/8",
             "proto=256",
             "proto=sctp",

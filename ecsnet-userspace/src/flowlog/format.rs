@@ -2,7 +2,7 @@
 //! versions 2 to 8 that render it as text or JSON. Pure: nothing here touches the kernel or the
 //! disk.
 
-use std::{borrow::Cow, fmt, net::Ipv4Addr};
+use std::{borrow::Cow, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -58,8 +58,10 @@ words! {
         Egress = "egress",
     }
 
+    /// The address family of a record's flow (AWS also has `EFA`, which ecsnet never sees).
     pub enum TrafficType {
         Ipv4 = "IPv4",
+        Ipv6 = "IPv6",
     }
 }
 
@@ -100,7 +102,9 @@ impl ToVal for String {
     }
 }
 
-impl ToVal for Ipv4Addr {
+/// IPv4 as dotted quads, IPv6 as RFC 5952 says (lower case, the longest run of zeros as `::`),
+/// which is how AWS prints them.
+impl ToVal for IpAddr {
     fn to_val(&self) -> Val<'_> {
         Val::Str(Cow::Owned(self.to_string()))
     }
@@ -185,8 +189,8 @@ record! {
     pub struct Record {
         AccountId "account-id" 2 => account_id: Option<String>,
         InterfaceId "interface-id" 2 => interface_id: Option<String>,
-        Srcaddr "srcaddr" 2 => srcaddr: Option<Ipv4Addr>,
-        Dstaddr "dstaddr" 2 => dstaddr: Option<Ipv4Addr>,
+        Srcaddr "srcaddr" 2 => srcaddr: Option<IpAddr>,
+        Dstaddr "dstaddr" 2 => dstaddr: Option<IpAddr>,
         Srcport "srcport" 2 => srcport: Option<u16>,
         Dstport "dstport" 2 => dstport: Option<u16>,
         Protocol "protocol" 2 => protocol: Option<u8>,
@@ -205,8 +209,8 @@ record! {
         InstanceId "instance-id" 3 => instance_id: Option<String>,
         TcpFlags "tcp-flags" 3 => tcp_flags: Option<u8>,
         Type "type" 3 => traffic_type: Option<TrafficType>,
-        PktSrcaddr "pkt-srcaddr" 3 => pkt_srcaddr: Option<Ipv4Addr>,
-        PktDstaddr "pkt-dstaddr" 3 => pkt_dstaddr: Option<Ipv4Addr>,
+        PktSrcaddr "pkt-srcaddr" 3 => pkt_srcaddr: Option<IpAddr>,
+        PktDstaddr "pkt-dstaddr" 3 => pkt_dstaddr: Option<IpAddr>,
         Region "region" 4 => region: Option<String>,
         AzId "az-id" 4 => az_id: Option<String>,
         SublocationType "sublocation-type" 4 => sublocation_type: Option<String>,
@@ -394,8 +398,8 @@ pub(crate) mod examples {
         Record {
             account_id: Some("123456789010".into()),
             interface_id: Some("eni-1235b8ca123456789".into()),
-            srcaddr: Some(Ipv4Addr::new(172, 31, 16, 139)),
-            dstaddr: Some(Ipv4Addr::new(172, 31, 16, 21)),
+            srcaddr: Some([172, 31, 16, 139].into()),
+            dstaddr: Some([172, 31, 16, 21].into()),
             srcport: Some(20641),
             dstport: Some(22),
             protocol: Some(6),
@@ -405,6 +409,45 @@ pub(crate) mod examples {
             end: 1_418_530_070,
             action: Some(Action::Accept),
             log_status: LogStatus::Ok,
+            ..Record::default()
+        }
+    }
+
+    /// AWS's example of IPv6 traffic: SSH to a network interface, allowed.
+    pub fn aws_ipv6_example() -> Record {
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().map(IpAddr::V6).ok();
+        Record {
+            srcaddr: v6("2001:db8:1234:a100:8d6e:3477:df66:f105"),
+            dstaddr: v6("2001:db8:1234:a102:3304:8879:34cf:4071"),
+            srcport: Some(34892),
+            packets: Some(54),
+            bytes: Some(8855),
+            start: 1_477_913_708,
+            end: 1_477_913_820,
+            ..aws_example()
+        }
+    }
+
+    /// A journal line as ecsnet wrote them before IPv6 (a journal outlives an upgrade), and
+    /// the record it holds.
+    pub const OLD_JOURNAL_LINE: &str = r#"{"account-id":"1","interface-id":null,"srcaddr":"1.2.3.4","dstaddr":null,"srcport":5,"dstport":null,"protocol":null,"packets":null,"bytes":null,"start":7,"end":8,"action":"REJECT","log-status":"SKIPDATA","vpc-id":null,"subnet-id":null,"instance-id":null,"tcp-flags":null,"type":"IPv4","pkt-srcaddr":null,"pkt-dstaddr":null,"region":null,"az-id":null,"sublocation-type":null,"sublocation-id":null,"pkt-src-aws-service":null,"pkt-dst-aws-service":null,"flow-direction":"egress","traffic-path":1,"ecs-cluster-arn":null,"ecs-cluster-name":null,"ecs-container-instance-arn":null,"ecs-container-instance-id":null,"ecs-container-id":null,"ecs-second-container-id":null,"ecs-service-name":null,"ecs-task-definition-arn":null,"ecs-task-arn":null,"ecs-task-id":"t","reject-reason":null,"ecsnet-task":"web","ecsnet-window":3,"ecsnet-lost-packets":9}"#;
+
+    pub fn old_journal_record() -> Record {
+        Record {
+            account_id: Some("1".into()),
+            srcaddr: Some([1, 2, 3, 4].into()),
+            srcport: Some(5),
+            start: 7,
+            end: 8,
+            action: Some(Action::Reject),
+            log_status: LogStatus::Skipdata,
+            traffic_type: Some(TrafficType::Ipv4),
+            flow_direction: Some(FlowDirection::Egress),
+            traffic_path: Some(1),
+            ecs_task_id: Some("t".into()),
+            task: Some("web".into()),
+            window: 3,
+            lost_packets: Some(9),
             ..Record::default()
         }
     }
@@ -452,7 +495,10 @@ pub(crate) mod examples {
 
 #[cfg(test)]
 mod tests {
-    use super::examples::{aws_example, nodata, parse_err, refused};
+    use super::examples::{
+        OLD_JOURNAL_LINE, aws_example, aws_ipv6_example, nodata, old_journal_record, parse_err,
+        refused,
+    };
     use super::*;
 
     fn format(s: &str) -> Format {
@@ -464,27 +510,9 @@ mod tests {
 
     #[test]
     fn journal_lines_keep_their_json() {
-        let r = Record {
-            account_id: Some("1".into()),
-            srcaddr: Some([1, 2, 3, 4].into()),
-            srcport: Some(5),
-            start: 7,
-            end: 8,
-            action: Some(Action::Reject),
-            log_status: LogStatus::Skipdata,
-            traffic_type: Some(TrafficType::Ipv4),
-            flow_direction: Some(FlowDirection::Egress),
-            traffic_path: Some(1),
-            ecs_task_id: Some("t".into()),
-            task: Some("web".into()),
-            window: 3,
-            lost_packets: Some(9),
-            ..Record::default()
-        };
-        // As ecsnet has always written them (a journal outlives an upgrade).
-        let line = r#"{"account-id":"1","interface-id":null,"srcaddr":"1.2.3.4","dstaddr":null,"srcport":5,"dstport":null,"protocol":null,"packets":null,"bytes":null,"start":7,"end":8,"action":"REJECT","log-status":"SKIPDATA","vpc-id":null,"subnet-id":null,"instance-id":null,"tcp-flags":null,"type":"IPv4","pkt-srcaddr":null,"pkt-dstaddr":null,"region":null,"az-id":null,"sublocation-type":null,"sublocation-id":null,"pkt-src-aws-service":null,"pkt-dst-aws-service":null,"flow-direction":"egress","traffic-path":1,"ecs-cluster-arn":null,"ecs-cluster-name":null,"ecs-container-instance-arn":null,"ecs-container-instance-id":null,"ecs-container-id":null,"ecs-second-container-id":null,"ecs-service-name":null,"ecs-task-definition-arn":null,"ecs-task-arn":null,"ecs-task-id":"t","reject-reason":null,"ecsnet-task":"web","ecsnet-window":3,"ecsnet-lost-packets":9}"#;
-        assert_eq!(serde_json::to_string(&r).unwrap(), line);
-        assert_eq!(serde_json::from_str::<Record>(line).unwrap(), r);
+        let r = old_journal_record();
+        assert_eq!(serde_json::to_string(&r).unwrap(), OLD_JOURNAL_LINE);
+        assert_eq!(serde_json::from_str::<Record>(OLD_JOURNAL_LINE).unwrap(), r);
     }
 
     #[test]
@@ -513,6 +541,107 @@ mod tests {
             "version account-id interface-id srcaddr dstaddr srcport dstport protocol packets \
              bytes start end action log-status"
         );
+    }
+
+    #[test]
+    fn default_format_renders_aws_ipv6_example() {
+        assert_eq!(
+            Format::default_v2().render(&aws_ipv6_example()),
+            "2 123456789010 eni-1235b8ca123456789 2001:db8:1234:a100:8d6e:3477:df66:f105 \
+             2001:db8:1234:a102:3304:8879:34cf:4071 34892 22 6 54 8855 1477913708 1477913820 \
+             ACCEPT OK"
+        );
+    }
+
+    /// RFC 5952, as AWS prints IPv6: lower case, no leading zeros, the longest run of two or
+    /// more zero groups (the first of equal runs) as `::`, never a single zero group.
+    #[test]
+    fn ipv6_addresses_print_as_rfc_5952_says() {
+        let f = format("${srcaddr}");
+        for (written, printed) in [
+            (
+                "2001:0DB8:0000:0000:0001:0000:0000:0001",
+                "2001:db8::1:0:0:1",
+            ),
+            ("2001:db8:0:1:0:0:0:1", "2001:db8:0:1::1"),
+            ("2001:db8:0:1:1:1:1:1", "2001:db8:0:1:1:1:1:1"),
+            ("2001:DB8::AbCd", "2001:db8::abcd"),
+            ("fd00:ec2:0:0:0:0:0:254", "fd00:ec2::254"),
+            (
+                "fe80:0000:0000:0000:0a00:27ff:fe4e:66a1",
+                "fe80::a00:27ff:fe4e:66a1",
+            ),
+            ("0:0:0:0:0:0:0:1", "::1"),
+            ("0:0:0:0:0:0:0:0", "::"),
+        ] {
+            let r = Record {
+                srcaddr: written.parse().ok(),
+                ..Record::default()
+            };
+            assert_eq!(f.render(&r), printed, "{written}");
+        }
+    }
+
+    #[test]
+    fn custom_format_renders_ipv6_type_and_packet_addresses() {
+        let six = |s: &str| s.parse::<IpAddr>().ok();
+        // A published port reached over IPv6 (NAT66): the task sees its own address, the
+        // uplink the host's.
+        let r = Record {
+            srcaddr: six("2001:db8:c::10"),
+            dstaddr: six("fd00:dc::2"),
+            pkt_srcaddr: six("2001:db8:c::10"),
+            pkt_dstaddr: six("2001:db8:a::1"),
+            traffic_type: Some(TrafficType::Ipv6),
+            flow_direction: Some(FlowDirection::Ingress),
+            tcp_flags: Some(2),
+            ..aws_ipv6_example()
+        };
+        let f = format(
+            "${version} ${type} ${srcaddr} ${dstaddr} ${pkt-srcaddr} ${pkt-dstaddr} \
+             ${flow-direction} ${tcp-flags}",
+        );
+        assert_eq!(
+            f.render(&r),
+            "5 IPv6 2001:db8:c::10 fd00:dc::2 2001:db8:c::10 2001:db8:a::1 ingress 2"
+        );
+        let v = f.to_json(&r);
+        assert_eq!(v["type"], "IPv6");
+        assert_eq!(v["srcaddr"], "2001:db8:c::10");
+        assert_eq!(v["pkt-dstaddr"], "2001:db8:a::1");
+        assert_eq!(
+            format("${type} ${srcaddr}").render(&Record {
+                traffic_type: Some(TrafficType::Ipv4),
+                ..aws_example()
+            }),
+            "IPv4 172.31.16.139",
+            "IPv4 stays dotted, never ::ffff:"
+        );
+    }
+
+    #[test]
+    fn ipv6_records_round_trip_through_journal_json() {
+        let r = Record {
+            traffic_type: Some(TrafficType::Ipv6),
+            pkt_srcaddr: "2001:db8::1".parse().ok(),
+            pkt_dstaddr: "::ffff:10.0.0.1".parse().ok(),
+            ..aws_ipv6_example()
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.contains(r#""srcaddr":"2001:db8:1234:a100:8d6e:3477:df66:f105""#)
+                && line.contains(r#""type":"IPv6""#)
+                && line.contains(r#""pkt-srcaddr":"2001:db8::1""#),
+            "{line}"
+        );
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, r);
+        assert!(
+            back.pkt_dstaddr.is_some_and(|a| a.is_ipv6()),
+            "an IPv6 address stays IPv6, mapped or not"
+        );
+        let old: Record = serde_json::from_str(OLD_JOURNAL_LINE).unwrap();
+        assert!(old.srcaddr.is_some_and(|a| a.is_ipv4()));
     }
 
     #[test]
@@ -547,7 +676,7 @@ mod tests {
         let r = Record {
             tcp_flags: Some(19),
             traffic_type: Some(TrafficType::Ipv4),
-            pkt_srcaddr: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            pkt_srcaddr: Some([10, 0, 0, 1].into()),
             traffic_path: Some(1),
             reject_reason: Some("BPA".into()),
             ..aws_example()

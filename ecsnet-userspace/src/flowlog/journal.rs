@@ -11,7 +11,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    flowlog::{ExportCounters, FlowLogError, io},
+    flowlog::{ExportCounters, FlowLogError, format::Record, io},
     store::paths::InstancePaths,
 };
 
@@ -96,6 +96,24 @@ pub fn append(path: &Path, text: &[u8]) -> Result<(), FlowLogError> {
     f.sync_data().map_err(io(path))
 }
 
+/// The journal's lines for `records`: one JSON object each, every field, addresses as text
+/// (`"172.17.0.2"`, `"2001:db8::2"`).
+pub fn journal_lines(records: &[Record]) -> String {
+    let mut lines = String::new();
+    for r in records {
+        lines.push_str(&serde_json::to_string(r).expect("records serialize"));
+        lines.push('\n');
+    }
+    lines
+}
+
+/// The records of journal text. Lines written by older versions (IPv4 only) read as they were;
+/// a line that does not parse (a journal from a newer ecsnet) is skipped, not fatal.
+pub fn parse_journal(text: &str) -> impl Iterator<Item = Record> + '_ {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+}
+
 /// `path.N` for rotation.
 pub fn rotated(path: &Path, n: u32) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -135,6 +153,10 @@ pub fn committed_len(paths: &InstancePaths, file_len: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flowlog::format::{
+        Format, TrafficType,
+        examples::{OLD_JOURNAL_LINE, aws_example, aws_ipv6_example, old_journal_record},
+    };
 
     /// A fresh directory for one test.
     fn scratch(name: &str) -> PathBuf {
@@ -183,6 +205,42 @@ mod tests {
         append(&f, b"half of window 2").unwrap();
         truncate(&f, len).unwrap();
         assert_eq!(fs::read_to_string(&f).unwrap(), "window 1\n");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ipv6_records_come_back_from_the_journal_beside_old_ipv4_lines() {
+        let dir = scratch("journal6");
+        let f = dir.join("flows.jsonl");
+        // Written by the version before IPv6, then an upgrade appends a dual-stack window.
+        append(&f, format!("{OLD_JOURNAL_LINE}\n").as_bytes()).unwrap();
+        let v4 = Record {
+            traffic_type: Some(TrafficType::Ipv4),
+            window: 4,
+            ..aws_example()
+        };
+        let v6 = Record {
+            traffic_type: Some(TrafficType::Ipv6),
+            pkt_srcaddr: "2001:db8:a::1".parse().ok(),
+            pkt_dstaddr: "2001:db8:1234:a102:3304:8879:34cf:4071".parse().ok(),
+            window: 4,
+            ..aws_ipv6_example()
+        };
+        append(&f, journal_lines(&[v4.clone(), v6.clone()]).as_bytes()).unwrap();
+        append(&f, b"{\"from\":\"a newer ecsnet\"\n").unwrap();
+        let text = fs::read_to_string(&f).unwrap();
+        let back: Vec<Record> = parse_journal(&text).collect();
+        assert_eq!(back, [old_journal_record(), v4, v6]);
+        let f = Format::parse("${type} ${srcaddr} ${pkt-srcaddr} ${dstport}").unwrap();
+        let lines: Vec<String> = back.iter().map(|r| f.render(r)).collect();
+        assert_eq!(
+            lines,
+            [
+                "IPv4 1.2.3.4 - -",
+                "IPv4 172.31.16.139 - 22",
+                "IPv6 2001:db8:1234:a100:8d6e:3477:df66:f105 2001:db8:a::1 22",
+            ]
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

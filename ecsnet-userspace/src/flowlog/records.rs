@@ -1,10 +1,14 @@
 //! A closed window's records, built from the flows and losses read from the kernel and the
 //! directory of task interfaces: one OK record per flow, SKIPDATA where the flow table was full,
 //! NODATA for a task interface without either. Pure, so the exact numbers are unit-tested.
+//! IPv4 flows (`FLOWS`) and IPv6 flows (`FLOWS6`) make records alike, in the same windows.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use ecsnet_common::flow::{ACTION_REJECT, FLOW_EGRESS, FlowKey, FlowStats};
+use ecsnet_common::flow::{ACTION_REJECT, FLOW_EGRESS, FlowKey, FlowKey6, FlowStats, FlowStats6};
 
 use crate::{
     clock::unix_secs,
@@ -12,8 +16,68 @@ use crate::{
     store::directory::Directory,
 };
 
-fn addr(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from_be(be))
+/// An IPv4 address of the flow table (network byte order in a `u32`).
+fn addr(be: u32) -> IpAddr {
+    Ipv4Addr::from(u32::from_be(be)).into()
+}
+
+/// An IPv6 address of the flow table. Always `V6`, even `::ffff:a.b.c.d`: what came in an IPv6
+/// header is an IPv6 flow.
+fn addr6(bytes: [u8; 16]) -> IpAddr {
+    Ipv6Addr::from(bytes).into()
+}
+
+/// One flow of either table, its CPUs merged, as a record needs it. Ports in host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flow {
+    ifindex: u32,
+    saddr: IpAddr,
+    daddr: IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+    action: u8,
+    packets: u64,
+    bytes: u64,
+    first_ns: u64,
+    last_ns: u64,
+    pkt_saddr: IpAddr,
+    pkt_daddr: IpAddr,
+    tcp_flags: u8,
+}
+
+/// `Flow` from an entry of either table, whose types differ only in their addresses, read by
+/// `$addr`.
+macro_rules! flow_from {
+    ($($key:ty, $stats:ty, $addr:ident;)+) => {$(
+        impl From<&($key, $stats)> for Flow {
+            fn from((k, s): &($key, $stats)) -> Self {
+                Flow {
+                    ifindex: k.ifindex,
+                    saddr: $addr(k.saddr),
+                    daddr: $addr(k.daddr),
+                    sport: u16::from_be(k.sport),
+                    dport: u16::from_be(k.dport),
+                    proto: k.proto,
+                    dir: k.dir,
+                    action: k.action,
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    first_ns: s.first_ns,
+                    last_ns: s.last_ns,
+                    pkt_saddr: $addr(s.pkt_saddr),
+                    pkt_daddr: $addr(s.pkt_daddr),
+                    tcp_flags: s.tcp_flags,
+                }
+            }
+        }
+    )+};
+}
+
+flow_from! {
+    FlowKey, FlowStats, addr;
+    FlowKey6, FlowStats6, addr6;
 }
 
 /// A record with every field that depends on the interface, not on the flow.
@@ -105,31 +169,43 @@ impl TaskArn {
     }
 }
 
-/// The records of window `window` (bounds in `CLOCK_MONOTONIC` ns) from the flows and losses
-/// read from the kernel. Pure, so the exact numbers are unit-tested.
+/// The records of window `window` (bounds in `CLOCK_MONOTONIC` ns) from the IPv4 and IPv6
+/// flows and the losses read from the kernel. Pure, so the exact numbers are unit-tested.
 pub fn build_records(
     dir: &Directory,
     window: u32,
     (start_ns, end_ns): (u64, u64),
     flows: &[(FlowKey, FlowStats)],
+    flows6: &[(FlowKey6, FlowStats6)],
     lost: &[(u32, u64)],
     offset: i128,
 ) -> Vec<Record> {
-    let mut sorted: Vec<&(FlowKey, FlowStats)> =
-        flows.iter().filter(|(_, s)| s.packets != 0).collect();
-    sorted.sort_by_key(|(k, s)| {
+    let mut sorted: Vec<Flow> = flows
+        .iter()
+        .map(Flow::from)
+        .chain(flows6.iter().map(Flow::from))
+        .filter(|f| f.packets != 0)
+        .collect();
+    sorted.sort_by_key(|f| {
         (
-            k.ifindex, s.first_ns, k.dir, k.saddr, k.daddr, k.sport, k.dport,
+            f.ifindex, f.first_ns, f.dir, f.saddr, f.daddr, f.sport, f.dport,
         )
     });
+    // Before the flows move into their records: a task interface with flows of either family
+    // (or losses) is not NODATA.
+    let seen: BTreeSet<u32> = sorted
+        .iter()
+        .map(|f| f.ifindex)
+        .chain(lost.iter().map(|(ifindex, _)| *ifindex))
+        .collect();
     let mut out: Vec<Record> = sorted
         .into_iter()
-        .map(|(k, s)| Record {
+        .map(|f| Record {
             // The datapath stamps with the coarse clock, up to a tick behind the one that
             // opened the window: a packet counted in this window happened in it.
-            start: unix_secs(s.first_ns.max(start_ns), offset),
-            end: unix_secs(s.last_ns.max(s.first_ns).max(start_ns), offset),
-            ..flow_record(dir, base(dir, k.ifindex, window), k, s)
+            start: unix_secs(f.first_ns.max(start_ns), offset),
+            end: unix_secs(f.last_ns.max(f.first_ns).max(start_ns), offset),
+            ..flow_record(dir, base(dir, f.ifindex, window), &f)
         })
         .collect();
     let whole_window = |ifindex, log_status| Record {
@@ -144,12 +220,6 @@ pub fn build_records(
             ..whole_window(*ifindex, LogStatus::Skipdata)
         });
     }
-    let seen: BTreeSet<u32> = flows
-        .iter()
-        .filter(|(_, s)| s.packets != 0)
-        .map(|(k, _)| k.ifindex)
-        .chain(lost.iter().map(|(ifindex, _)| *ifindex))
-        .collect();
     for (ifindex, _) in dir.interfaces() {
         if !seen.contains(&ifindex) {
             out.push(whole_window(ifindex, LogStatus::Nodata));
@@ -158,28 +228,40 @@ pub fn build_records(
     out
 }
 
+/// Whether `a` is the address of a task on this host. Tasks have no IPv6 address in the state
+/// yet, so an IPv6 peer is never known to be one.
+fn is_task_address(dir: &Directory, a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => dir.state.tasks.iter().any(|t| t.ipv4_address == a),
+        IpAddr::V6(_) => false,
+    }
+}
+
 /// `base` with the fields of one flow (all but its times).
-fn flow_record(dir: &Directory, base: Record, k: &FlowKey, s: &FlowStats) -> Record {
-    let egress = k.dir == FLOW_EGRESS;
-    let daddr = addr(k.daddr);
+fn flow_record(dir: &Directory, base: Record, f: &Flow) -> Record {
+    let egress = f.dir == FLOW_EGRESS;
     Record {
-        srcaddr: Some(addr(k.saddr)),
-        dstaddr: Some(daddr),
-        srcport: Some(u16::from_be(k.sport)),
-        dstport: Some(u16::from_be(k.dport)),
-        protocol: Some(k.proto),
-        packets: Some(s.packets),
-        bytes: Some(s.bytes),
-        action: Some(if k.action == ACTION_REJECT {
+        srcaddr: Some(f.saddr),
+        dstaddr: Some(f.daddr),
+        srcport: Some(f.sport),
+        dstport: Some(f.dport),
+        protocol: Some(f.proto),
+        packets: Some(f.packets),
+        bytes: Some(f.bytes),
+        action: Some(if f.action == ACTION_REJECT {
             Action::Reject
         } else {
             Action::Accept
         }),
         log_status: LogStatus::Ok,
-        tcp_flags: Some(s.tcp_flags),
-        traffic_type: Some(TrafficType::Ipv4),
-        pkt_srcaddr: Some(addr(s.pkt_saddr)),
-        pkt_dstaddr: Some(addr(s.pkt_daddr)),
+        tcp_flags: Some(f.tcp_flags),
+        traffic_type: Some(if f.saddr.is_ipv6() {
+            TrafficType::Ipv6
+        } else {
+            TrafficType::Ipv4
+        }),
+        pkt_srcaddr: Some(f.pkt_saddr),
+        pkt_dstaddr: Some(f.pkt_daddr),
         flow_direction: Some(if egress {
             FlowDirection::Egress
         } else {
@@ -188,8 +270,7 @@ fn flow_record(dir: &Directory, base: Record, k: &FlowKey, s: &FlowStats) -> Rec
         // AWS fills traffic-path for egress only; 1 is "another resource in the same VPC",
         // which another task on this host is. Where the uplink's traffic goes is not ours to
         // know.
-        traffic_path: (egress && dir.state.tasks.iter().any(|t| t.ipv4_address == daddr))
-            .then_some(1),
+        traffic_path: (egress && is_task_address(dir, f.daddr)).then_some(1),
         ..base
     }
 }
@@ -198,6 +279,7 @@ fn flow_record(dir: &Directory, base: Record, k: &FlowKey, s: &FlowStats) -> Rec
 mod tests {
     use super::*;
     use crate::{
+        flowlog::format::Format,
         state::{Host, State, Task},
         store::directory::fixtures,
     };
@@ -208,6 +290,13 @@ mod tests {
 
     fn be(a: [u8; 4]) -> u32 {
         u32::from_be_bytes(a).to_be()
+    }
+
+    /// An IPv6 address as the flow table holds it.
+    fn v6(s: &str) -> [u8; 16] {
+        s.parse::<Ipv6Addr>()
+            .unwrap_or_else(|e| panic!("{s}: {e}"))
+            .octets()
     }
 
     #[test]
@@ -285,11 +374,10 @@ mod tests {
         )
     }
 
-    #[test]
-    fn records_carry_counts_times_and_the_task_and_nodata_fills_idle_interfaces() {
-        let dir = directory();
-        let key = FlowKey {
-            epoch: 4,
+    /// Task t1 (ifindex 7) to task t2 over TCP, in window `epoch`.
+    fn t1_to_t2(epoch: u32) -> FlowKey {
+        FlowKey {
+            epoch,
             ifindex: 7,
             saddr: be([172, 17, 0, 2]),
             daddr: be([172, 17, 0, 3]),
@@ -299,8 +387,12 @@ mod tests {
             dir: FLOW_EGRESS,
             action: ACTION_ACCEPT,
             _pad: 0,
-        };
-        let stats = FlowStats {
+        }
+    }
+
+    /// Five packets of `key`, 2 s to 3.5 s, untranslated.
+    fn five_packets(key: &FlowKey) -> FlowStats {
+        FlowStats {
             packets: 5,
             bytes: 400,
             first_ns: 2_000_000_000,
@@ -309,7 +401,14 @@ mod tests {
             pkt_daddr: key.daddr,
             tcp_flags: 19,
             _pad: [0; 7],
-        };
+        }
+    }
+
+    #[test]
+    fn records_carry_counts_times_and_the_task_and_nodata_fills_idle_interfaces() {
+        let dir = directory();
+        let key = t1_to_t2(4);
+        let stats = five_packets(&key);
         let offset = 1_700_000_000i128 * 1_000_000_000;
         let window_4 = |stats| {
             build_records(
@@ -317,6 +416,7 @@ mod tests {
                 4,
                 (1_000_000_000, 4_000_000_000),
                 &[(key, stats)],
+                &[],
                 &[],
                 offset,
             )
@@ -389,7 +489,7 @@ mod tests {
             bytes: 28,
             ..Default::default()
         };
-        let recs = build_records(&dir, 1, (0, 1), &[(key, stats)], &[(7, 12)], 0);
+        let recs = build_records(&dir, 1, (0, 1), &[(key, stats)], &[], &[(7, 12)], 0);
         let statuses: Vec<(LogStatus, Option<u64>)> = recs
             .iter()
             .map(|r| (r.log_status, r.lost_packets))
@@ -399,5 +499,146 @@ mod tests {
             vec![(LogStatus::Ok, None), (LogStatus::Skipdata, Some(12))]
         );
         assert_eq!(recs[0].traffic_path, None, "ingress has no traffic path");
+    }
+
+    /// One task's window with an IPv4 and an IPv6 flow, and another task's with IPv6 only.
+    fn dual_stack_window() -> Vec<Record> {
+        let dir = directory();
+        let to_t2 = t1_to_t2(5);
+        let v4 = FlowStats {
+            first_ns: 3_000_000_000,
+            tcp_flags: 3,
+            ..five_packets(&to_t2)
+        };
+        // Masqueraded (NAT66) to the uplink's address.
+        let out6 = FlowKey6 {
+            epoch: 5,
+            ifindex: 7,
+            saddr: v6("fd00:dc::2"),
+            daddr: v6("2001:db8:ff::1"),
+            sport: 41000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            dir: FLOW_EGRESS,
+            action: ACTION_ACCEPT,
+            _pad: 0,
+        };
+        let s6 = FlowStats6 {
+            packets: 7,
+            bytes: 1_234,
+            first_ns: 2_000_000_000,
+            last_ns: 2_900_000_000,
+            pkt_saddr: v6("2001:db8:a::1"),
+            pkt_daddr: v6("2001:db8:ff::1"),
+            tcp_flags: 19,
+            _pad: [0; 7],
+        };
+        // Rejected ICMPv6 echo into the other task: ports 0.
+        let in6 = FlowKey6 {
+            ifindex: 9,
+            saddr: v6("2001:db8:c::10"),
+            daddr: v6("fd00:dc::3"),
+            sport: 0,
+            dport: 0,
+            proto: 58,
+            dir: FLOW_INGRESS,
+            action: ACTION_REJECT,
+            ..out6
+        };
+        let r6 = FlowStats6 {
+            packets: 2,
+            bytes: 208,
+            first_ns: 2_500_000_000,
+            last_ns: 2_600_000_000,
+            pkt_saddr: in6.saddr,
+            pkt_daddr: in6.daddr,
+            tcp_flags: 0,
+            _pad: [0; 7],
+        };
+        let empty = FlowStats6::default();
+        build_records(
+            &dir,
+            5,
+            (1_000_000_000, 4_000_000_000),
+            &[(to_t2, v4)],
+            &[
+                (out6, s6),
+                (in6, r6),
+                (FlowKey6 { ifindex: 9, ..out6 }, empty),
+            ],
+            &[],
+            1_700_000_000i128 * 1_000_000_000,
+        )
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_flows_of_a_window_merge_and_ipv6_alone_is_not_nodata() {
+        let recs = dual_stack_window();
+        let v2 = Format::default_v2();
+        let lines: Vec<String> = recs.iter().map(|r| v2.render(r)).collect();
+        assert_eq!(
+            lines,
+            [
+                "2 123456789012 vethA fd00:dc::2 2001:db8:ff::1 41000 443 6 7 1234 1700000002 \
+                 1700000002 ACCEPT OK",
+                "2 123456789012 vethA 172.17.0.2 172.17.0.3 40000 80 6 5 400 1700000003 \
+                 1700000003 ACCEPT OK",
+                "2 123456789012 vethB 2001:db8:c::10 fd00:dc::3 0 0 58 2 208 1700000002 \
+                 1700000002 REJECT OK",
+            ],
+            "per interface by first packet; an empty IPv6 entry makes no record, and vethB, \
+             with IPv6 only, no NODATA"
+        );
+        let f = Format::parse(
+            "${interface-id} ${type} ${pkt-srcaddr} ${pkt-dstaddr} ${flow-direction} \
+             ${traffic-path} ${tcp-flags} ${ecs-task-id}",
+        )
+        .unwrap();
+        let custom: Vec<String> = recs.iter().map(|r| f.render(r)).collect();
+        assert_eq!(
+            custom,
+            [
+                "vethA IPv6 2001:db8:a::1 2001:db8:ff::1 egress - 19 t1",
+                "vethA IPv4 172.17.0.2 172.17.0.3 egress 1 3 t1",
+                "vethB IPv6 2001:db8:c::10 fd00:dc::3 ingress - 0 t2",
+            ]
+        );
+        assert!(recs.iter().all(|r| r.window == 5));
+    }
+
+    #[test]
+    fn ipv4_records_never_print_as_mapped_ipv6() {
+        let recs = dual_stack_window();
+        let f = Format::parse("${srcaddr} ${dstaddr} ${pkt-srcaddr} ${pkt-dstaddr}").unwrap();
+        let v4 = &recs[1];
+        assert_eq!(v4.traffic_type, Some(TrafficType::Ipv4));
+        assert_eq!(f.render(v4), "172.17.0.2 172.17.0.3 172.17.0.2 172.17.0.3");
+        for r in &recs {
+            let json = serde_json::to_string(r).unwrap();
+            assert!(!json.contains("::ffff:"), "{json}");
+            assert!(!f.render(r).contains("::ffff:"));
+        }
+        // What arrives in an IPv6 header stays IPv6, even a mapped address (never made up
+        // into an IPv4 flow it was not).
+        let k = FlowKey6 {
+            ifindex: 7,
+            saddr: v6("::ffff:10.0.0.1"),
+            daddr: v6("fd00:dc::2"),
+            proto: 17,
+            dir: FLOW_INGRESS,
+            ..FlowKey6::default()
+        };
+        let st = FlowStats6 {
+            packets: 1,
+            bytes: 60,
+            ..FlowStats6::default()
+        };
+        let recs = build_records(&directory(), 1, (0, 1), &[], &[(k, st)], &[], 0);
+        assert_eq!(recs[0].traffic_type, Some(TrafficType::Ipv6));
+        assert!(recs[0].srcaddr.is_some_and(|a| a.is_ipv6()));
+        assert_eq!(
+            recs.iter().map(|r| r.log_status).collect::<Vec<_>>(),
+            [LogStatus::Ok, LogStatus::Nodata]
+        );
     }
 }

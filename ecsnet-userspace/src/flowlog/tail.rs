@@ -14,7 +14,7 @@ use crate::{
         filter::Filter,
         format::{Format, Record},
         io,
-        journal::{committed_len, rotated},
+        journal::{committed_len, parse_journal, rotated},
     },
     store::paths::InstancePaths,
 };
@@ -41,12 +41,6 @@ fn print_record(
     }
 }
 
-fn parse_lines(text: &str) -> impl Iterator<Item = Record> + '_ {
-    // A line that does not parse (a journal from a newer ecsnet) is skipped, not fatal.
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Record>(l).ok())
-}
-
 /// `ecsnet flows tail`: the journal's records (the rotated file first), then, with `follow`,
 /// every record as its window is exported, until printing fails (the reader went away).
 pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogError> {
@@ -67,7 +61,7 @@ pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogErro
         text.push_str(&String::from_utf8_lossy(&buf));
         pos = buf.len() as u64;
     }
-    let matching: Vec<Record> = parse_lines(&text)
+    let matching: Vec<Record> = parse_journal(&text)
         .filter(|r| opts.filter.matches(r))
         .collect();
     let skip = opts.lines.map_or(0, |n| matching.len().saturating_sub(n));
@@ -98,7 +92,7 @@ pub fn tail(paths: &InstancePaths, opts: &TailOptions) -> Result<(), FlowLogErro
             let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             pos += whole as u64;
             let chunk = String::from_utf8_lossy(&buf[..whole]);
-            let records: Vec<Record> = parse_lines(&chunk)
+            let records: Vec<Record> = parse_journal(&chunk)
                 .filter(|r| opts.filter.matches(r))
                 .collect();
             if !print(opts, records.iter()) {

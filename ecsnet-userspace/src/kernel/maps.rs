@@ -17,8 +17,8 @@ use aya::{
 use ecsnet_common::{
     ct::{self, CtEntry, CtKey, Timeouts},
     flow::{
-        EventBudget, FlowKey, FlowState, FlowStats, LostKey, MAP_EVENT_BUDGET, MAP_EVENTS,
-        MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
+        EventBudget, FlowKey, FlowKey6, FlowState, FlowStats, FlowStats6, LostKey,
+        MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS, MAP_FLOWS6,
     },
     maps::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
@@ -645,21 +645,35 @@ pub fn write_flow_state(paths: &InstancePaths, st: &FlowState) -> Result<(), Map
     a.set(0, st, 0).map_err(access(MAP_FLOW_STATE))
 }
 
-/// Flows with their per-CPU counters (CPUs that never saw a flow are zero).
-pub type Flows = Vec<(FlowKey, Vec<FlowStats>)>;
+/// Flows of a flow table with their per-CPU counters (CPUs that never saw a flow are zero).
+pub type PerCpuFlows<K, V> = Vec<(K, Vec<V>)>;
+/// IPv4 flows (`FLOWS`).
+pub type Flows = PerCpuFlows<FlowKey, FlowStats>;
+/// IPv6 flows (`FLOWS6`).
+pub type Flows6 = PerCpuFlows<FlowKey6, FlowStats6>;
 
 /// Every flow of the flow table with its per-CPU counters.
 pub fn read_flows(paths: &InstancePaths) -> Result<Flows, MapsError> {
-    flow_table(paths).map(|(_, flows)| flows)
+    flow_table(paths, MAP_FLOWS).map(|(_, flows)| flows)
 }
 
-/// The pinned flow table and every flow in it, read in chunks (`batch`).
-fn flow_table(paths: &InstancePaths) -> Result<(MapData, Flows), MapsError> {
-    let data = pinned_for_batch::<FlowKey, FlowStats>(paths, MAP_FLOWS)?;
-    let batch_err = |source| MapsError::Batch {
-        map: MAP_FLOWS,
-        source,
-    };
+/// Every flow of the IPv6 flow table with its per-CPU counters; none while the datapath has no
+/// such table (it is not pinned).
+pub fn read_flows6(paths: &InstancePaths) -> Result<Flows6, MapsError> {
+    if !paths.map_pin(MAP_FLOWS6).exists() {
+        return Ok(Vec::new());
+    }
+    flow_table(paths, MAP_FLOWS6).map(|(_, flows)| flows)
+}
+
+/// The pinned flow table `map` (`FLOWS` or `FLOWS6`) and every flow in it, read in chunks
+/// (`batch`).
+fn flow_table<K: Pod, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+) -> Result<(MapData, PerCpuFlows<K, V>), MapsError> {
+    let data = pinned_for_batch::<K, V>(paths, map)?;
+    let batch_err = |source| MapsError::Batch { map, source };
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| batch_err(e))?.get() as usize;
     let flows = batch::lookup_all_per_cpu(data.fd().as_fd(), cpus).map_err(batch_err)?;
     Ok((data, flows))
@@ -678,7 +692,7 @@ pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>,
 
 /// Removes every flow and loss counter of window `epoch` (after its records were written).
 pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsError> {
-    let (data, flows) = flow_table(paths)?;
+    let (data, flows): (_, Flows) = flow_table(paths, MAP_FLOWS)?;
     let keys: Vec<FlowKey> = flows
         .into_iter()
         .map(|(k, _)| k)
@@ -699,7 +713,7 @@ pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsErr
 
 /// Entries in the flow table now, and its capacity.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
-    let entries = flow_table(paths)?.1.len() as u64;
+    let entries = flow_table::<FlowKey, FlowStats>(paths, MAP_FLOWS)?.1.len() as u64;
     Ok((entries, u64::from(capacity(paths, MAP_FLOWS)?)))
 }
 
@@ -713,4 +727,76 @@ pub fn events_suppressed(paths: &InstancePaths) -> Result<u64, MapsError> {
 /// The ring buffer of monitor events, for the agent to read.
 pub fn open_events(paths: &InstancePaths) -> Result<RingBuf<MapData>, MapsError> {
     open_as(paths, MAP_EVENTS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, net::Ipv6Addr};
+
+    use super::*;
+
+    /// An instance of the test's own on bpffs (needs root, as every ecsnet test does), removed
+    /// with everything pinned under it when dropped.
+    struct Scratch(InstancePaths);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(self.0.pin_dir());
+        }
+    }
+
+    #[test]
+    fn ipv6_flows_are_none_until_pinned_then_read_per_cpu() {
+        let scratch = Scratch(InstancePaths::new(&format!(
+            "unit-flows6-{}",
+            std::process::id()
+        )));
+        let paths = &scratch.0;
+        assert!(
+            read_flows6(paths).unwrap().is_empty(),
+            "no FLOWS6 pinned (a datapath without IPv6 flows): none, and no error"
+        );
+
+        let cpus = aya::util::nr_cpus().unwrap().get() as usize;
+        let mut m = PerCpuHashMap::<MapData, FlowKey6, FlowStats6>::create(8, 0).unwrap();
+        let key = |last: u8| FlowKey6 {
+            epoch: 3,
+            ifindex: 7,
+            saddr: "fd00:dc::2".parse::<Ipv6Addr>().unwrap().octets(),
+            daddr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last.into()).octets(),
+            sport: 41000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            ..FlowKey6::default()
+        };
+        for last in 1..=3u8 {
+            let per_cpu: Vec<FlowStats6> = (0..cpus)
+                .map(|cpu| FlowStats6 {
+                    packets: u64::from(last) * 10 + cpu as u64,
+                    pkt_saddr: [last; 16],
+                    tcp_flags: last,
+                    ..FlowStats6::default()
+                })
+                .collect();
+            m.insert(&key(last), PerCpuValues::try_from(per_cpu).unwrap(), 0)
+                .unwrap();
+        }
+        fs::create_dir_all(paths.map_pin(MAP_FLOWS6).parent().unwrap()).unwrap();
+        m.pin(paths.map_pin(MAP_FLOWS6)).unwrap();
+
+        let mut flows = read_flows6(paths).unwrap();
+        flows.sort_by_key(|(k, _)| k.daddr);
+        assert_eq!(flows.len(), 3);
+        for ((k, per_cpu), last) in flows.iter().zip(1..=3u8) {
+            assert_eq!(*k, key(last));
+            assert_eq!(per_cpu.len(), cpus);
+            for (cpu, v) in per_cpu.iter().enumerate() {
+                assert_eq!(
+                    (v.packets, v.pkt_saddr, v.tcp_flags),
+                    (u64::from(last) * 10 + cpu as u64, [last; 16], last),
+                    "flow {last} on CPU {cpu}"
+                );
+            }
+        }
+    }
 }
