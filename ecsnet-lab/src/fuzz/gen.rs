@@ -12,12 +12,17 @@ use ecsnet_common::{
         PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     maps::{Config, ROLE_TASK, TaskInfo},
+    policy::INSTANCE_METADATA_ADDR6,
 };
 
 use super::model::{Entry, Hook, Host, Sg, SgGroup, SgRule, Stamp, State, Traffic};
 use crate::fixture::{
     conntrack::{FlowPair, Table},
     packet::{DF, L4, MF, P, SEQ, quote, tagged},
+    packet6::{
+        ALL_NODES, EXT_DEST_OPTS, EXT_HOP_BY_HOP, EXT_ROUTING, ND_NEIGHBOR_ADVERT,
+        ND_NEIGHBOR_SOLICIT, ND_OPT_SOURCE_LL, ND_OPT_TARGET_LL, P6, link_local,
+    },
     world::{
         BRIDGE, BRIDGE_MAC, CLIENT, HOST, IFINDEX_A, IFINDEX_B, IMDS, INTERNET, MAC_A, MAC_B,
         NO_SUCH_IFINDEX, NOT_LOCAL, OTHER_CONTAINER, OTHER_LOCAL, REMOTE, ROUTER, ROUTER_MAC,
@@ -806,14 +811,76 @@ fn arp(r: &mut Rng) -> Vec<u8> {
     f
 }
 
-/// An IPv6 frame (a bare header).
+/// An IPv6 frame from `smac`: from its link-local address, another one, `::` or a global one;
+/// behind up to three extension headers; echo, neighbour discovery, router messages, MLD,
+/// UDP (`DHCPv6`'s ports among others), TCP or nothing; sometimes cut or with a wrong length.
 fn ipv6(r: &mut Rng, smac: [u8; 6]) -> Vec<u8> {
-    let mut f = r.pick(&[BRIDGE_MAC, [0x33, 0x33, 0, 0, 0, 1]]).to_vec();
-    f.extend(smac);
-    f.extend(0x86ddu16.to_be_bytes());
-    f.extend([0x60, 0, 0, 0, 0, 0, 59, 64]);
-    f.extend([0xfe, 0x80]);
-    f.extend([0; 30]);
+    let other_ll = link_local(r.pick(&[MAC_B, [0x02, 0, 0, 0, 0, 9]]));
+    let global = [0xfd, 0, 0x0e, 0xc5, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let src = r.pick(&[
+        link_local(smac),
+        link_local(smac),
+        other_ll,
+        [0; 16],
+        global,
+    ]);
+    let dst = r.pick(&[ALL_NODES, global, INSTANCE_METADATA_ADDR6]);
+    let mac = r.pick(&[smac, smac, MAC_B]);
+    let target = r.pick(&[link_local(smac), other_ll, global]);
+    let mut p = match r.below(9) {
+        0 => P6::echo6(src, dst),
+        1 => P6::router_advert(src, mac),
+        2 => P6::nd(
+            src,
+            dst,
+            ND_NEIGHBOR_ADVERT,
+            target,
+            &[(ND_OPT_TARGET_LL, mac)],
+        ),
+        3 => P6::nd(
+            src,
+            dst,
+            ND_NEIGHBOR_SOLICIT,
+            target,
+            &[(ND_OPT_SOURCE_LL, mac)],
+        ),
+        4 => P6::icmp6(src, dst, r.pick(&[133, 137, 138, 143]), 0, &[0; 8]),
+        5 => P6::udp6(
+            src,
+            r.pick(&[546, 547, 5000]),
+            dst,
+            r.pick(&[546, 547, 53]),
+            b"dhcp",
+        ),
+        6 => P6::syn6(src, 40000, dst, 80),
+        7 => P6::nd(
+            src,
+            dst,
+            ND_NEIGHBOR_ADVERT,
+            target,
+            &[(r.pick(&[1, 2, 3]), mac); 5],
+        ),
+        _ => P6::icmp6(src, dst, 128, 0, &[]).cut_l4(4),
+    };
+    for _ in 0..r.below(4) {
+        p = match r.below(6) {
+            0 => p.ext(EXT_HOP_BY_HOP, 0),
+            1 => p.ext(EXT_DEST_OPTS, r.pick(&[0, 1])),
+            2 => p.ext(EXT_ROUTING, r.pick(&[0, 2])),
+            3 => p.fragment(r.pick(&[0, 0, 1]), r.chance(50), 7),
+            _ => p,
+        };
+    }
+    if r.chance(10) {
+        p = p.payload_len(r.pick(&[0, 8, 300]));
+    }
+    p.smac = smac;
+    p.dmac = r.pick(&[BRIDGE_MAC, [0x33, 0x33, 0, 0, 0, 1]]);
+    let mut f = p.frame();
+    if r.chance(10) {
+        // Cut behind the fixed header, which `BPF_PROG_TEST_RUN` needs (`runnable`).
+        f.truncate(54 + r.below(f.len() - 54));
+    }
     f
 }
 

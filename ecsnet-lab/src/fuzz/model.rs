@@ -28,11 +28,12 @@ use ecsnet_common::{
         CLASS_IPV4, CLASS_OTHER, CT_EV_ASSURED, CT_EV_CREATED, DropKey, FragKey, FragPorts,
         HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, StatsKey, TaskInfo,
     },
-    policy::{INSTANCE_METADATA_ADDR, TASK_METADATA_ADDR},
+    policy::{INSTANCE_METADATA_ADDR, INSTANCE_METADATA_ADDR6, TASK_METADATA_ADDR},
 };
 
 use crate::fixture::{
     conntrack::Table,
+    packet6::link_local,
     world::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_IFINDEX, XDP_DROP, XDP_PASS, addr},
 };
 
@@ -278,6 +279,31 @@ pub enum OutOfModel {
     AfterOne,
     /// The clock was too close to `ASSURED_AFTER_NS` to say whether a flow is assured.
     Timing,
+}
+
+/// An IPv6 packet as `parse6` reads it.
+struct Ip6 {
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// The last next-header value of the chain.
+    proto: u8,
+    /// Where the transport header starts in the frame.
+    l4: usize,
+    frag: Frag,
+    /// Bytes from the transport header to the end of the packet (0 for a later fragment).
+    l4_len: usize,
+    /// TCP or UDP source port, host order; 0 otherwise and in a later fragment.
+    sport: u16,
+    /// `ICMPv6` type; 0 otherwise and in a later fragment.
+    icmp_type: u8,
+}
+
+/// `ICMPv6`'s protocol number.
+const PROTO_ICMPV6: u8 = 58;
+
+/// Whether `a` is link-local unicast (`fe80::/10`).
+fn is_link_local6(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
 }
 
 /// The `FRAG_*` state of a packet.
@@ -768,8 +794,7 @@ impl Run<'_> {
             match be16(&self.pkt, 12) {
                 0x0800 => {}
                 0x0806 => return Ok(self.arp(own, mac)),
-                0x86dd if policed => return Ok(Err(DropReason::Ipv6Policed)),
-                0x86dd => return Ok(Ok(V::Pass)),
+                0x86dd => return Ok(self.ipv6_from_task(mac, policed)),
                 0x8100 | 0x88a8 | 0x9100 => return Ok(Err(DropReason::VlanTagged)),
                 _ => return Ok(Err(DropReason::UnknownEthertype)),
             }
@@ -792,6 +817,183 @@ impl Run<'_> {
             return Ok(Err(DropReason::ImdsBlocked));
         }
         self.packet(Some(h.saddr), h)
+    }
+
+    /// IPv6 from a task (`tc_task_ipv6`), read from the frame's bytes as RFC 8200 and RFC 4861
+    /// lay them out. The model's tasks have no IPv6 address ecsnet knows, so only link-local,
+    /// unspecified and neighbour-discovery claims can be spoofed; then the metadata block, then
+    /// nothing for a task with a policy.
+    fn ipv6_from_task(&self, mac: [u8; 6], policed: bool) -> R {
+        let h = self.parse6()?;
+        let p = &self.pkt;
+        let ok = if h.src == [0; 16] {
+            h.proto == PROTO_ICMPV6 && matches!(h.icmp_type, 131 | 135 | 143)
+        } else if is_link_local6(&h.src) {
+            h.src == link_local(mac)
+        } else {
+            true
+        };
+        if !ok {
+            return Err(DropReason::SpoofedSource);
+        }
+        if h.proto == PROTO_UDP && h.sport == 547 {
+            return Err(DropReason::RogueRouter);
+        }
+        if h.proto == PROTO_ICMPV6 {
+            let nd_options = |start: usize| -> Result<(), DropReason> {
+                if h.frag != Frag::None || h.l4_len < start {
+                    return Err(DropReason::NdSpoofed);
+                }
+                let mut at = start;
+                for _ in 0..4 {
+                    if at >= h.l4_len {
+                        return Ok(());
+                    }
+                    let o = h.l4 + at;
+                    if o + 8 > self.len() || p[o + 1] == 0 {
+                        return Err(DropReason::NdSpoofed);
+                    }
+                    if matches!(p[o], 1 | 2) && p[o + 2..o + 8] != mac {
+                        return Err(DropReason::NdSpoofed);
+                    }
+                    at += usize::from(p[o + 1]) * 8;
+                }
+                if at >= h.l4_len {
+                    Ok(())
+                } else {
+                    Err(DropReason::NdSpoofed)
+                }
+            };
+            match h.icmp_type {
+                134 | 137 | 138 => return Err(DropReason::RogueRouter),
+                133 => nd_options(8)?,
+                135 => nd_options(24)?,
+                136 => {
+                    if h.frag != Frag::None || h.l4_len < 24 {
+                        return Err(DropReason::NdSpoofed);
+                    }
+                    let target: [u8; 16] = p[h.l4 + 8..h.l4 + 24].try_into().expect("16 bytes");
+                    if is_link_local6(&target) && target != link_local(mac) {
+                        return Err(DropReason::NdSpoofed);
+                    }
+                    nd_options(24)?;
+                }
+                _ => {}
+            }
+        }
+        if h.dst == INSTANCE_METADATA_ADDR6 && self.host.block_imds {
+            return Err(DropReason::ImdsBlocked);
+        }
+        if policed {
+            Err(DropReason::Ipv6Policed)
+        } else {
+            Ok(V::Pass)
+        }
+    }
+
+    /// The IPv6 header and its extension headers, walked as the datapath walks them: at most
+    /// eight, hop-by-hop only first, no routing type 0, the transport header whole in a first
+    /// fragment.
+    fn parse6(&self) -> Result<Ip6, DropReason> {
+        let (p, len) = (&self.pkt, self.len());
+        if len < 54 {
+            return Err(DropReason::Truncated);
+        }
+        if p[14] >> 4 != 6 {
+            return Err(DropReason::BadIpHeader);
+        }
+        let end = match usize::from(be16(p, 18)) {
+            0 => len,
+            n => 54 + n,
+        };
+        if end > len {
+            return Err(DropReason::Truncated);
+        }
+        let mut h = Ip6 {
+            src: p[22..38].try_into().expect("16 bytes"),
+            dst: p[38..54].try_into().expect("16 bytes"),
+            proto: p[20],
+            l4: 54,
+            frag: Frag::None,
+            l4_len: 0,
+            sport: 0,
+            icmp_type: 0,
+        };
+        for walked in 0..8 {
+            match h.proto {
+                0 | 43 | 51 | 60 => {
+                    if h.proto == 0 && walked != 0 {
+                        return Err(DropReason::BadExtHeader);
+                    }
+                    if h.l4 + 4 > len {
+                        return Err(DropReason::Truncated);
+                    }
+                    if h.proto == 43 && p[h.l4 + 2] == 0 {
+                        return Err(DropReason::BadExtHeader);
+                    }
+                    let n = usize::from(p[h.l4 + 1]);
+                    let hlen = if h.proto == 51 {
+                        (n + 2) * 4
+                    } else {
+                        (n + 1) * 8
+                    };
+                    h.proto = p[h.l4];
+                    h.l4 += hlen;
+                }
+                44 => {
+                    if h.l4 + 8 > len {
+                        return Err(DropReason::Truncated);
+                    }
+                    let off = be16(p, h.l4 + 2);
+                    if off & 0xfff8 != 0 {
+                        h.frag = Frag::Later;
+                    } else if off & 1 != 0 {
+                        h.frag = Frag::First;
+                    }
+                    h.proto = p[h.l4];
+                    h.l4 += 8;
+                }
+                _ => break,
+            }
+        }
+        if matches!(h.proto, 0 | 43 | 44 | 51 | 60) {
+            return Err(DropReason::BadExtHeader);
+        }
+        if h.frag == Frag::Later {
+            return Ok(h);
+        }
+        if h.l4 > end {
+            return Err(DropReason::Truncated);
+        }
+        h.l4_len = end - h.l4;
+        let need = match h.proto {
+            PROTO_TCP => 20,
+            PROTO_UDP | PROTO_ICMPV6 => 8,
+            _ => 0,
+        };
+        if need > h.l4_len {
+            return Err(if h.frag == Frag::First {
+                DropReason::BadExtHeader
+            } else {
+                DropReason::Truncated
+            });
+        }
+        match h.proto {
+            PROTO_TCP => {
+                let doff = usize::from(p[h.l4 + 12] >> 4) * 4;
+                if doff < 20 {
+                    return Err(DropReason::BadTcpOffset);
+                }
+                if doff > h.l4_len {
+                    return Err(DropReason::Truncated);
+                }
+                h.sport = be16(p, h.l4);
+            }
+            PROTO_UDP => h.sport = be16(p, h.l4),
+            PROTO_ICMPV6 => h.icmp_type = p[h.l4],
+            _ => {}
+        }
+        Ok(h)
     }
 
     /// What the kernel delivers to the task on the test device: its inbound rules, with the
