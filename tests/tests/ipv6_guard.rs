@@ -2,7 +2,7 @@
 //! `tc_task_ipv6`), as a table: for each frame the exact verdict, the frame unchanged when it
 //! passes, and the exact drop counter. A task speaks only for itself (its address, its
 //! link-local address, `::` for duplicate address detection and MLD; its MAC in neighbour
-//! discovery), sends no router advertisement, redirect or DHCPv6 server message, and nothing
+//! discovery), sends no router advertisement, redirect or `DHCPv6` server message, and nothing
 //! behind extension headers escapes the checks.
 //!
 //! In a test run the skb's device is the loopback (ifindex 1), registered as task A's interface.
@@ -86,6 +86,7 @@ fn seeds(a: A) -> Vec<Seed> {
     w
 }
 
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cases() -> Vec<Case> {
     use A::{Known, Policed, Unknown};
     use DropReason::{

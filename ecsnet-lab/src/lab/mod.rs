@@ -444,6 +444,7 @@ pub fn state_for(status: &LabStatus) -> State {
                     status.name,
                     &t.interface[4..]
                 )),
+                ipv6_address: t.address6,
                 interface: Some(t.interface.clone()),
                 port_mappings: t
                     .port_mappings
