@@ -75,7 +75,7 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
 }
 
 /// The partial sum of an IPv6 pseudo-header (RFC 8200 §8.1), for [`checksum`] over an upper
-/// layer packet of `len` bytes (ICMPv6 too: unlike ICMPv4, its checksum covers the addresses).
+/// layer packet of `len` bytes (`ICMPv6` too: unlike `ICMPv4`, its checksum covers the addresses).
 pub fn pseudo_header6(src: [u8; 16], dst: [u8; 16], next: u8, len: u32) -> u32 {
     let words = |b: [u8; 16]| -> u32 {
         b.as_chunks::<2>()

@@ -59,8 +59,8 @@ pub enum DropReason {
     /// that is not the task's, or a link-layer address option that is not its MAC. No poisoning
     /// the host's or another task's neighbour cache.
     NdSpoofed = 23,
-    /// A task sent a router advertisement, a redirect or a DHCPv6 server message: tasks are
-    /// never routers or DHCPv6 servers on the bridge, and one that said so would reroute its
+    /// A task sent a router advertisement, a redirect or a `DHCPv6` server message: tasks are
+    /// never routers or `DHCPv6` servers on the bridge, and one that said so would reroute its
     /// neighbours' IPv6.
     RogueRouter = 24,
     /// IPv6 whose extension headers ecsnet will not walk: more than it reads, a routing header

@@ -116,7 +116,7 @@ pub const fn icmp_port(icmp_type: u8, icmp_code: u8) -> u16 {
 pub const TASK_METADATA_ADDR: [u8; 4] = [169, 254, 170, 2];
 /// The EC2 instance metadata service, blocked by `host.blockInstanceMetadata`.
 pub const INSTANCE_METADATA_ADDR: [u8; 4] = [169, 254, 169, 254];
-/// The instance metadata service over IPv6 (Nitro instances): fd00:ec2::254.
+/// The instance metadata service over IPv6 (Nitro instances): `fd00:ec2::254`.
 pub const INSTANCE_METADATA_ADDR6: [u8; 16] = [
     0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
 ];

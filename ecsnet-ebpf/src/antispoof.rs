@@ -72,7 +72,7 @@ struct ArpSender {
     addr: u32,
 }
 
-/// ICMPv6 messages (RFC 4861, RFC 2894, RFC 3810) the checks read.
+/// `ICMPv6` messages (RFC 4861, RFC 2894, RFC 3810) the checks read.
 const MLD_REPORT: u8 = 131;
 const ND_ROUTER_SOLICIT: u8 = 133;
 const ND_ROUTER_ADVERT: u8 = 134;
@@ -86,10 +86,10 @@ const ND_OPT_SOURCE_LL: u8 = 1;
 const ND_OPT_TARGET_LL: u8 = 2;
 /// How many options of a neighbour-discovery message are read; a message with more is dropped.
 const ND_MAX_OPTS: usize = 4;
-/// Bytes before the options of a neighbour solicitation or advertisement: the ICMPv6 header
+/// Bytes before the options of a neighbour solicitation or advertisement: the `ICMPv6` header
 /// and the 16-byte target.
 const ND_NS_NA_HLEN: usize = ICMPV6_HLEN + 16;
-/// UDP source port of DHCPv6 servers and relays (RFC 8415).
+/// UDP source port of `DHCPv6` servers and relays (RFC 8415).
 const DHCPV6_SERVER_PORT: u16 = 547;
 
 /// IPv6 from a task may only speak for the task:
@@ -98,7 +98,7 @@ const DHCPV6_SERVER_PORT: u16 = 547;
 ///   address of another task is spoofed, and so is any other once the task's own is known;
 /// - neighbour advertisements are for its own addresses, and link-layer address options are
 ///   its MAC; neighbour discovery is never fragmented (RFC 6980);
-/// - it sends no router advertisement, redirect, router renumbering or DHCPv6 server message.
+/// - it sends no router advertisement, redirect, router renumbering or `DHCPv6` server message.
 ///
 /// A task whose IPv6 address ecsnet was not told (no `TASK_IPV6`) may still use, and advertise,
 /// addresses no task has: its own, for all ecsnet can tell.
@@ -152,7 +152,7 @@ pub fn check_ipv6(
     }
 }
 
-/// The options of a neighbour-discovery message from `start` (bytes into the ICMPv6 message):
+/// The options of a neighbour-discovery message from `start` (bytes into the `ICMPv6` message):
 /// every link-layer address in them is `mac`. An unfragmented message with at most
 /// `ND_MAX_OPTS` well-formed options, or it is dropped.
 #[inline(always)]
@@ -190,14 +190,14 @@ struct NdOption {
     mac: [u8; 6],
 }
 
-/// Whether `addr` is link-local unicast (fe80::/10).
+/// Whether `addr` is link-local unicast (`fe80::/10`).
 #[inline(always)]
 fn is_link_local(addr: &[u8; 16]) -> bool {
     addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
 }
 
 /// The link-local address the kernel gives an Ethernet interface with `mac` (RFC 4291 app. A:
-/// fe80::/64 with the modified EUI-64 interface identifier).
+/// `fe80::/64` with the modified EUI-64 interface identifier).
 #[inline(always)]
 pub fn link_local(mac: [u8; 6]) -> [u8; 16] {
     [

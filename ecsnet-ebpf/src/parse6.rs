@@ -13,7 +13,7 @@ use crate::parse::{
     ETH_HLEN, FRAG_FIRST, FRAG_LATER, FRAG_NONE, TcpHdrStart, UDP_HLEN, load, tcp_hlen,
 };
 
-/// ICMPv6's protocol number.
+/// `ICMPv6`'s protocol number.
 pub const PROTO_ICMPV6: u8 = 58;
 
 /// Extension headers (RFC 8200 §4, RFC 4302) the walk steps over.
@@ -29,7 +29,7 @@ const MAX_EXT_HEADERS: usize = 8;
 
 /// Bytes of the fixed IPv6 header.
 pub const IPV6_HLEN: usize = 40;
-/// Bytes of the fixed part of an ICMPv6 message: type, code, checksum, four more.
+/// Bytes of the fixed part of an `ICMPv6` message: type, code, checksum, four more.
 pub const ICMPV6_HLEN: usize = 8;
 /// Shortest TCP header.
 const TCP_MIN_HLEN: usize = 20;
@@ -71,7 +71,7 @@ const FRAG_OFFSET_MASK: u16 = 0xfff8;
 const FRAG_MORE: u16 = 0x0001;
 
 /// An IPv6 packet as the checks see it. Addresses are the packet's bytes; ports in network
-/// byte order, 0 without a transport header; ICMPv6 type and code 0 for other protocols.
+/// byte order, 0 without a transport header; `ICMPv6` type and code 0 for other protocols.
 #[derive(Clone, Copy)]
 pub struct Headers6 {
     pub saddr: [u8; 16],
@@ -120,6 +120,54 @@ pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
         icmp_code: 0,
         l4_len: 0,
     };
+    walk_extension_headers(ctx, &mut h)?;
+    if h.frag == FRAG_LATER {
+        return Ok(h);
+    }
+    if h.l4 > end {
+        return Err(DropReason::Truncated);
+    }
+    h.l4_len = end - h.l4;
+    // The transport header's fixed part must be in this packet; a first fragment without it
+    // (RFC 7112) hides its ports from every check.
+    let need = match h.proto {
+        PROTO_TCP => TCP_MIN_HLEN,
+        PROTO_UDP => UDP_HLEN,
+        PROTO_ICMPV6 => ICMPV6_HLEN,
+        _ => 0,
+    };
+    if need > h.l4_len {
+        return Err(if h.frag == FRAG_FIRST {
+            DropReason::BadExtHeader
+        } else {
+            DropReason::Truncated
+        });
+    }
+    match h.proto {
+        PROTO_TCP => {
+            let t: TcpHdrStart = load(ctx, h.l4)?;
+            if tcp_hlen(t.doff_res)? > h.l4_len {
+                return Err(DropReason::Truncated);
+            }
+            (h.sport, h.dport) = (t.source, t.dest);
+        }
+        PROTO_UDP => {
+            let u: [u16; 2] = load(ctx, h.l4)?;
+            (h.sport, h.dport) = (u[0], u[1]);
+        }
+        PROTO_ICMPV6 => {
+            let i: [u8; 2] = load(ctx, h.l4)?;
+            (h.icmp_type, h.icmp_code) = (i[0], i[1]);
+        }
+        _ => {}
+    }
+    Ok(h)
+}
+
+/// Steps `h.l4` over the extension headers in front of the transport header, setting
+/// `h.proto` to the transport protocol and `h.frag` from a fragment header.
+#[inline(always)]
+fn walk_extension_headers(ctx: &TcContext, h: &mut Headers6) -> Result<(), DropReason> {
     let mut walked = 0;
     while walked < MAX_EXT_HEADERS {
         let hlen = match h.proto {
@@ -165,45 +213,5 @@ pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
         // Headers left that the walk did not read: whatever follows them goes unchecked.
         return Err(DropReason::BadExtHeader);
     }
-    if h.frag == FRAG_LATER {
-        return Ok(h);
-    }
-    if h.l4 > end {
-        return Err(DropReason::Truncated);
-    }
-    h.l4_len = end - h.l4;
-    // The transport header's fixed part must be in this packet; a first fragment without it
-    // (RFC 7112) hides its ports from every check.
-    let need = match h.proto {
-        PROTO_TCP => TCP_MIN_HLEN,
-        PROTO_UDP => UDP_HLEN,
-        PROTO_ICMPV6 => ICMPV6_HLEN,
-        _ => 0,
-    };
-    if need > h.l4_len {
-        return Err(if h.frag == FRAG_FIRST {
-            DropReason::BadExtHeader
-        } else {
-            DropReason::Truncated
-        });
-    }
-    match h.proto {
-        PROTO_TCP => {
-            let t: TcpHdrStart = load(ctx, h.l4)?;
-            if tcp_hlen(t.doff_res)? > h.l4_len {
-                return Err(DropReason::Truncated);
-            }
-            (h.sport, h.dport) = (t.source, t.dest);
-        }
-        PROTO_UDP => {
-            let u: [u16; 2] = load(ctx, h.l4)?;
-            (h.sport, h.dport) = (u[0], u[1]);
-        }
-        PROTO_ICMPV6 => {
-            let i: [u8; 2] = load(ctx, h.l4)?;
-            (h.icmp_type, h.icmp_code) = (i[0], i[1]);
-        }
-        _ => {}
-    }
-    Ok(h)
+    Ok(())
 }
