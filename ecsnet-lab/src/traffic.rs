@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -120,9 +120,16 @@ fn serve_here(tcp: &[u16], udp: &[u16]) -> Result<Vec<JoinHandle<()>>, TrafficEr
     Ok(threads)
 }
 
+/// Whether the namespace this process is in has an IPv6 address on any interface: a lab without
+/// `--ipv6` turns IPv6 off in every namespace (Docker, with IPv6, turns it on per interface).
+fn ipv6_on() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty())
+}
+
 /// Binds a socket on every port and serves each on a thread of its own: dual stack on `[::]`
-/// (IPv4 arrives as `::ffff:a.b.c.d`; a namespace's `bindv6only` is 0 unless changed), or on
-/// 0.0.0.0 where the kernel has no IPv6 at all.
+/// where the namespace has IPv6 on (IPv4 arrives as `::ffff:a.b.c.d`; a namespace's
+/// `bindv6only` is 0 unless changed), else on 0.0.0.0 only, so that the port stays free for
+/// IPv6 listeners a test opens after turning IPv6 on.
 fn serve_each<S: Send + 'static>(
     proto: &'static str,
     ports: &[u16],
@@ -130,8 +137,13 @@ fn serve_each<S: Send + 'static>(
     serve: fn(&S),
 ) -> Result<Vec<JoinHandle<()>>, TrafficError> {
     let mut threads = Vec::new();
+    let any = if ipv6_on() {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
     for &port in ports {
-        let socket = match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        let socket = match bind(SocketAddr::from((any, port))) {
             Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
                 bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
             }

@@ -3,7 +3,8 @@
 //! ports works, and a hostile task cannot speak for another over IPv6: a router advertisement,
 //! a neighbour advertisement for another task's address, a packet from another task's address
 //! and a `DHCPv6` server message from it reach no one, are counted with their reason on its
-//! interface, and leave its neighbours' routes and neighbour caches as they were.
+//! interface, and leave its neighbours' routes and neighbour caches as they were. With a real
+//! dockerd (`--ipv6`), each container's task has the IPv6 address Docker gave it.
 
 use std::{cell::RefCell, net::Ipv6Addr, time::Duration};
 
@@ -11,8 +12,9 @@ use ecsnet_lab::fixture::packet6::{
     ALL_NODES, ND_NEIGHBOR_ADVERT, ND_OPT_TARGET_LL, P6, link_local,
 };
 use ecsnet_tests::{
-    Lab,
+    Lab, churn,
     counters::task_drops,
+    docker::{self, docker_ok},
     ns_exec,
     raw::{Mac, PacketSocket, contains, mac_of, mac_str, marker},
     world::{down_leaves_nothing, instance_ok},
@@ -215,5 +217,78 @@ fn a_dual_stack_task_speaks_only_for_itself_and_is_no_router() {
 
     // IPv6 still works, and ecsnet leaves nothing.
     ipv6_works(&lab);
+    down_leaves_nothing(lab);
+}
+
+/// `task ls --json` of the lab's instance: container id -> IPv6 address, for the engine's tasks.
+fn engine_ipv6(lab: &Lab) -> Vec<(String, String)> {
+    let ls: Value = serde_json::from_str(&instance_ok(lab, &["task", "ls", "--json"])).unwrap();
+    ls.as_array()
+        .expect("a list")
+        .iter()
+        .filter(|t| t["source"] == "docker")
+        .map(|t| {
+            let field = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+            (field("containerId"), field("ipv6Address"))
+        })
+        .collect()
+}
+
+#[test]
+fn an_engine_task_has_the_ipv6_address_docker_gave_it() {
+    let lab = docker::up("v6d", 2, &["1:8080:80"], &["--ipv6"]);
+    let (file, url) = (
+        churn::state_file(&lab, "allow", &[]),
+        churn::engine_url(&lab),
+    );
+    churn::up(&lab, &file, &url, &[]);
+    // One started after `up`: only the engine can have told ecsnet its address.
+    let late = docker::run(
+        &lab,
+        &churn::spec(&lab.name, "late", &[churn::dynamic(80)], &[]),
+    );
+    churn::wait_task(&lab, &late);
+    let given = docker_ok(
+        &lab,
+        &[
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.GlobalIPv6Address}}",
+            &late,
+        ],
+    );
+    let given: Ipv6Addr = given
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{given:?}: {e}"));
+    let tasks = engine_ipv6(&lab);
+    assert!(
+        tasks.contains(&(late.clone(), given.to_string())),
+        "{late} at {given}: {tasks:?}"
+    );
+    assert!(
+        tasks.iter().all(|(_, a)| a.parse::<Ipv6Addr>().is_ok()),
+        "every container has its IPv6 address: {tasks:?}"
+    );
+    // Under the guard, with the addresses known: the late one reaches task 1 over IPv6, and the
+    // client reaches task 1's published port.
+    let name = docker_ok(&lab, &["inspect", "-f", "{{.Name}}", &late]);
+    let out = docker::probe_from(
+        &lab,
+        name.trim().trim_start_matches('/'),
+        "tcp",
+        &format!("[{}]:80", addr6(&lab, 1)),
+        3,
+    );
+    assert_eq!(out["echoed"], 3, "{out}");
+    let host6 = lab
+        .status
+        .host
+        .uplink_address6
+        .expect("the host's IPv6 address");
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", &format!("[{host6}]:8080"), 3, 100)["echoed"],
+        3
+    );
     down_leaves_nothing(lab);
 }
