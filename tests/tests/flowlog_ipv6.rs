@@ -7,7 +7,7 @@
 //! kernel's NAT66) is an ingress record on the task with the client's address, matching the
 //! client's own ip6tables counters; a task with a security group (no IPv6 rules yet) gets REJECT
 //! records for the IPv6 it sends and for the IPv6 delivered to it. No namespace of the lab
-//! finds an ICMPv6 or UDP checksum error.
+//! finds an `ICMPv6` or UDP checksum error.
 //!
 //! Both tests bring ecsnet up with `--window 1`, send, then wait until a window opened after the
 //! traffic has been exported, so the sums over windows are final.
@@ -300,6 +300,48 @@ fn tcp_echo(client: &str, to: SocketAddr, settle: impl Fn() -> ((u64, u64), (u64
     }
 }
 
+/// Rules in the client's ip6tables that count what it sends to the host's published port 8080
+/// and what comes back; returns a reading of both, ((packets, bytes) out, (packets, bytes) in).
+fn client_counters(client: &str, host6: Ipv6Addr) -> impl Fn() -> ((u64, u64), (u64, u64)) {
+    let host = host6.to_string();
+    for (chain, addr, port) in [("OUTPUT", "-d", "--dport"), ("INPUT", "-s", "--sport")] {
+        let rule = [
+            "ip6tables",
+            "-A",
+            chain,
+            "-p",
+            "tcp",
+            addr,
+            &host,
+            port,
+            "8080",
+        ];
+        ns_exec(client, &rule);
+    }
+    let client = client.to_owned();
+    move || {
+        (
+            ip6tables_count(&client, "OUTPUT", "dpt:8080"),
+            ip6tables_count(&client, "INPUT", "spt:8080"),
+        )
+    }
+}
+
+/// Neighbour discovery is IPv6's ARP: no records, as ARP has none (solicitations to the
+/// solicited-node groups, advertisements and unreachability probes to the tasks `tasks`).
+fn assert_no_neighbour_discovery(recs: &[Value], tasks: &[Ipv6Addr]) {
+    let tasks: Vec<String> = tasks.iter().map(ToString::to_string).collect();
+    let nd: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["log-status"] == "OK" && r["protocol"] == 58)
+        .filter(|r| {
+            let dst = r["dstaddr"].as_str().unwrap_or_default();
+            dst.starts_with("ff02::1:ff") || tasks.iter().any(|t| t == dst)
+        })
+        .collect();
+    assert!(nd.is_empty(), "records of neighbour discovery: {nd:#?}");
+}
+
 #[test]
 fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
     const N6: u64 = 7;
@@ -326,33 +368,8 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         .uplink_address6
         .expect("the host's IPv6 address");
 
-    // The client's kernel counts what it sends to the published port and what comes back.
     let published = v6(host6, 8080);
-    let rule = |chain, dir_addr: &str, dir_port: &str| {
-        let host = host6.to_string();
-        ns_exec(
-            &client,
-            &[
-                "ip6tables",
-                "-A",
-                chain,
-                "-p",
-                "tcp",
-                dir_addr,
-                &host,
-                dir_port,
-                "8080",
-            ],
-        );
-    };
-    rule("OUTPUT", "-d", "--dport");
-    rule("INPUT", "-s", "--sport");
-    let counters = || {
-        (
-            ip6tables_count(&client, "OUTPUT", "dpt:8080"),
-            ip6tables_count(&client, "INPUT", "spt:8080"),
-        )
-    };
+    let counters = client_counters(&client, host6);
     assert_eq!(counters(), ((0, 0), (0, 0)), "fresh rules count nothing");
 
     // Known traffic in the same windows: UDP over IPv6 and over IPv4 between the tasks, and a
@@ -365,7 +382,7 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         SocketAddr::from((lab.status.tasks[1].address, 43003)),
     );
     udp(&t1, from4, &t2, to4, N4, P4, true);
-    let cport = tcp_echo(&client, published, counters);
+    let cport = tcp_echo(&client, published, &counters);
     let ((out_pk, out_by), (in_pk, in_by)) = counters();
     assert!(
         out_pk >= 4 && in_pk >= 3,
@@ -418,18 +435,7 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         (in_pk, in_by, 19),
         "task 1's egress records against the client's INPUT counter"
     );
-    // Neighbour discovery is IPv6's ARP: no records, as ARP has none (solicitations to the
-    // solicited-node groups, advertisements and unreachability probes to the tasks).
-    let tasks = [a1.to_string(), a2.to_string()];
-    let nd: Vec<&Value> = recs
-        .iter()
-        .filter(|r| r["log-status"] == "OK" && r["protocol"] == 58)
-        .filter(|r| {
-            let dst = r["dstaddr"].as_str().unwrap_or_default();
-            dst.starts_with("ff02::1:ff") || tasks.iter().any(|t| t == dst)
-        })
-        .collect();
-    assert!(nd.is_empty(), "records of neighbour discovery: {nd:#?}");
+    assert_no_neighbour_discovery(&recs, &[a1, a2]);
     assert_no_csum_errors(&lab);
 }
 
