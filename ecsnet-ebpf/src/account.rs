@@ -171,22 +171,46 @@ pub type Sighting = Seen<u32>;
 /// An IPv6 packet on a task interface, counted in `FLOWS6`.
 pub type Sighting6 = Seen<[u8; 16]>;
 
-impl Sighting {
+/// The fields of a packet's headers that its flow record takes, in either family.
+pub trait FlowHeaders<A> {
+    /// (protocol, TCP flags byte, source, destination, source port, destination port).
+    fn tuple(&self) -> (u8, u8, A, A, u16, u16);
+}
+
+impl FlowHeaders<u32> for Headers {
+    #[inline(always)]
+    fn tuple(&self) -> (u8, u8, u32, u32, u16, u16) {
+        let h = self;
+        (h.proto, h.tcp_flags, h.saddr, h.daddr, h.sport, h.dport)
+    }
+}
+
+impl FlowHeaders<[u8; 16]> for Headers6 {
+    /// No TCP flags: `headers6` does not read them (`record6` does).
+    #[inline(always)]
+    fn tuple(&self) -> (u8, u8, [u8; 16], [u8; 16], u16, u16) {
+        let h = self;
+        (h.proto, 0, h.saddr, h.daddr, h.sport, h.dport)
+    }
+}
+
+impl<A: Copy> Seen<A> {
     /// `h` as it is now, on `ifindex`, untranslated.
     #[inline(always)]
-    pub fn of(h: &Headers, ifindex: u32, dir: u8, action: u8) -> Self {
-        Sighting {
+    pub fn of(h: &impl FlowHeaders<A>, ifindex: u32, dir: u8, action: u8) -> Self {
+        let (proto, tcp_flags, saddr, daddr, sport, dport) = h.tuple();
+        Seen {
             ifindex,
             dir,
             action,
-            proto: h.proto,
-            tcp_flags: h.tcp_flags,
-            saddr: h.saddr,
-            daddr: h.daddr,
-            sport: h.sport,
-            dport: h.dport,
-            pkt_saddr: h.saddr,
-            pkt_daddr: h.daddr,
+            proto,
+            tcp_flags,
+            saddr,
+            daddr,
+            sport,
+            dport,
+            pkt_saddr: saddr,
+            pkt_daddr: daddr,
         }
     }
 }
@@ -312,25 +336,11 @@ pub fn record6(ctx: &TcContext, h: &Headers6, ifindex: u32, dir: u8, action: u8)
     if h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
         return;
     }
-    let tcp_flags = if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
-        load::<TcpHdrStart>(ctx, h.l4).map_or(0, |t| t.flags)
-    } else {
-        0
-    };
+    let mut seen = Sighting6::of(h, ifindex, dir, action);
+    if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
+        seen.tcp_flags = load::<TcpHdrStart>(ctx, h.l4).map_or(0, |t| t.flags);
+    }
     clock::stamp();
-    let seen = Sighting6 {
-        ifindex,
-        dir,
-        action,
-        proto: h.proto,
-        tcp_flags,
-        saddr: h.saddr,
-        daddr: h.daddr,
-        sport: h.sport,
-        dport: h.dport,
-        pkt_saddr: h.saddr,
-        pkt_daddr: h.daddr,
-    };
     let (packets, bytes) = wire6(ctx, h);
     record(&seen, packets, bytes);
 }

@@ -13,8 +13,8 @@
 //! traffic has been exported, so the sums over windows are final.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    io::Read as _,
+    net::{Ipv6Addr, SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -22,6 +22,7 @@ use ecsnet::store::paths::InstancePaths;
 use ecsnet_tests::{
     Lab, in_netns, ns_exec,
     raw::{mac_of, mac_str},
+    traffic,
     world::{self, all, sg},
 };
 use serde_json::Value;
@@ -40,6 +41,16 @@ fn addr6(lab: &Lab, task: usize) -> Ipv6Addr {
     lab.status.tasks[task - 1]
         .address6
         .unwrap_or_else(|| panic!("task{task} has no IPv6 address: {:?}", lab.status))
+}
+
+/// A dual-stack lab (`--ipv6 nat`) of two tasks publishing `publish`, with ecsnet up in
+/// one-second windows: the lab, the tasks' namespaces and their interfaces.
+fn two_tasks(prefix: &str, publish: &[&str]) -> (Lab, [String; 2], [String; 2]) {
+    let lab = Lab::up_v6(prefix, 2, publish, "nat");
+    lab.ecsnet_up_with(&["--window", "1"]);
+    let ns = [1, 2].map(|i| lab.task_ns(i).to_owned());
+    let ifaces = [0, 1].map(|i| lab.status.tasks[i].interface.clone());
+    (lab, ns, ifaces)
 }
 
 /// Every namespace of the lab: host, client and tasks.
@@ -271,33 +282,29 @@ fn ip6tables_count(ns: &str, chain: &str, needle: &str) -> (u64, u64) {
 }
 
 /// A whole TCP connection from the client to `to` (an echo of one small message, then a clean
-/// close); returns the client's port once the client's counters `settle` stop changing.
+/// close); returns the client's port once the client's counters (`settle`) stop changing, so
+/// late ACKs are in them.
 fn tcp_echo(client: &str, to: SocketAddr, settle: impl Fn() -> ((u64, u64), (u64, u64))) -> u16 {
-    let mut s = in_netns(client, move || {
-        TcpStream::connect_timeout(&to, Duration::from_secs(5))
-    })
-    .unwrap_or_else(|e| panic!("connect from the client to {to}: {e}"));
+    let mut s = traffic::tcp_connect(client, to, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect from the client to {to}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let port = s.local_addr().unwrap().port();
-    let msg = b"one small message over IPv6";
-    s.write_all(msg).expect("send to the published port");
-    let mut back = [0u8; 27];
-    s.read_exact(&mut back).expect("the echo comes back");
-    assert_eq!(&back, msg, "echo content");
+    traffic::echo(&mut s, b"one small message over IPv6").expect("the echo of a message");
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).expect("the server closes on EOF");
     assert!(rest.is_empty(), "nothing after the echo: {rest:?}");
-    let mut last = settle();
+    let port = s.local_addr().unwrap().port();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = settle();
-        if now == last || Instant::now() > deadline {
-            return port;
+    let mut last = None;
+    while Instant::now() < deadline {
+        let now = Some(settle());
+        if now == last {
+            break;
         }
         last = now;
+        std::thread::sleep(Duration::from_millis(500));
     }
+    port
 }
 
 /// Rules in the client's ip6tables that count what it sends to the host's published port 8080
@@ -348,13 +355,7 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
     const P6: usize = 100;
     const N4: u64 = 5;
     const P4: usize = 60;
-    let lab = Lab::up_v6("f6x", 2, &["1:8080:80"], "nat");
-    lab.ecsnet_up_with(&["--window", "1"]);
-    let (t1, t2) = (lab.task_ns(1).to_owned(), lab.task_ns(2).to_owned());
-    let (if1, if2) = (
-        lab.status.tasks[0].interface.clone(),
-        lab.status.tasks[1].interface.clone(),
-    );
+    let (lab, [t1, t2], [if1, if2]) = two_tasks("f6x", &["1:8080:80"]);
     let (a1, a2) = (addr6(&lab, 1), addr6(&lab, 2));
     let client = lab.client().to_owned();
     let client6 = lab
@@ -443,13 +444,7 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
 fn ipv6_of_a_task_with_a_security_group_is_rejected_and_recorded_so() {
     const N: u64 = 4;
     const P: usize = 80;
-    let lab = Lab::up_v6("f6p", 2, &[], "nat");
-    lab.ecsnet_up_with(&["--window", "1"]);
-    let (t1, t2) = (lab.task_ns(1).to_owned(), lab.task_ns(2).to_owned());
-    let (if1, if2) = (
-        lab.status.tasks[0].interface.clone(),
-        lab.status.tasks[1].interface.clone(),
-    );
+    let (lab, [t1, t2], [if1, if2]) = two_tasks("f6p", &[]);
     let (a1, a2) = (addr6(&lab, 1), addr6(&lab, 2));
     // Task 2 gets a security group; it has no IPv6 rules yet, so its IPv6 is policed both ways.
     let id = "sg-0f60000000000001";
