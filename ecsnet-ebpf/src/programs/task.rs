@@ -151,6 +151,7 @@ fn sent(
 /// IPv6 a task sends, tail-called by `tc_task_ingress` once the frame's MAC was checked: the
 /// task speaks only for itself and is no router (`antispoof::check_ipv6`); then the kernel's
 /// path for a task without a policy, and nothing for a task with one, until IPv6 rules exist.
+/// What passed the checks is the task's egress flow record (`FLOWS6`), ACCEPT or REJECT.
 #[classifier]
 pub fn tc_task_ipv6(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
