@@ -6,8 +6,10 @@
 //! keep their exact IPv4 records; a TCP connection from the client to a published port (the
 //! kernel's NAT66) is an ingress record on the task with the client's address, matching the
 //! client's own ip6tables counters; a task with a security group (no IPv6 rules yet) gets REJECT
-//! records for the IPv6 it sends and for the IPv6 delivered to it. No namespace of the lab
-//! finds an `ICMPv6` or UDP checksum error.
+//! records for the IPv6 it sends and for the IPv6 delivered to it. `ICMPv6` echoes are keyed with
+//! ports 0, and so are the later fragments of a fragmented datagram (the first has its ports);
+//! neighbour discovery makes no record. No namespace of the lab finds an `ICMPv6` or UDP
+//! checksum error.
 //!
 //! Both tests bring ecsnet up with `--window 1`, send, then wait until a window opened after the
 //! traffic has been exported, so the sums over windows are final.
@@ -334,19 +336,86 @@ fn client_counters(client: &str, host6: Ipv6Addr) -> impl Fn() -> ((u64, u64), (
     }
 }
 
-/// Neighbour discovery is IPv6's ARP: no records, as ARP has none (solicitations to the
-/// solicited-node groups, advertisements and unreachability probes to the tasks `tasks`).
-fn assert_no_neighbour_discovery(recs: &[Value], tasks: &[Ipv6Addr]) {
-    let tasks: Vec<String> = tasks.iter().map(ToString::to_string).collect();
+/// Neighbour discovery is IPv6's ARP: no records, as ARP has none. Solicitations for address
+/// resolution go to the solicited-node groups; advertisements and reachability probes, to the
+/// tasks, would add to the exact counts of the echo records (`ICMPv6` is keyed with ports 0).
+fn assert_no_neighbour_discovery(recs: &[Value]) {
     let nd: Vec<&Value> = recs
         .iter()
         .filter(|r| r["log-status"] == "OK" && r["protocol"] == 58)
         .filter(|r| {
-            let dst = r["dstaddr"].as_str().unwrap_or_default();
-            dst.starts_with("ff02::1:ff") || tasks.iter().any(|t| t == dst)
+            r["dstaddr"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("ff02::1:ff"))
         })
         .collect();
     assert!(nd.is_empty(), "records of neighbour discovery: {nd:#?}");
+}
+
+/// Echo requests of this many bytes of payload (an `ICMPv6` echo header is 8 bytes).
+const PING_SIZE: u64 = 56;
+const PINGS: u64 = 3;
+/// A datagram bigger than the tasks' MTU (1500): the sender's kernel fragments it.
+const BIG: usize = 3000;
+
+/// Task 1 to task 2 over IPv6 beyond ports: `ICMPv6` echoes (ports 0, as AWS prints ICMP) and a
+/// fragmented datagram (its later fragments have no ports: 0).
+struct Unusual {
+    a1: Ipv6Addr,
+    a2: Ipv6Addr,
+    big: (SocketAddr, SocketAddr),
+}
+
+impl Unusual {
+    fn send(lab: &Lab) -> Self {
+        let (a1, a2) = (addr6(lab, 1), addr6(lab, 2));
+        let (count, size) = (PINGS.to_string(), PING_SIZE.to_string());
+        let to = a2.to_string();
+        let ping = [
+            "ping", "-6", "-c", &count, "-s", &size, "-i", "0.2", "-W", "3", &to,
+        ];
+        ns_exec(lab.task_ns(1), &ping);
+        let big = (v6(a1, 43004), v6(a2, 43005));
+        udp(lab.task_ns(1), big.0, lab.task_ns(2), big.1, 1, BIG, true);
+        Unusual { a1, a2, big }
+    }
+
+    fn check(&self, recs: &[Value], [if1, if2]: [&str; 2]) {
+        let (to2, to1) = (v6(self.a2, 0), v6(self.a1, 0));
+        let echo = PINGS * (40 + 8 + PING_SIZE);
+        let requests = Flow::new((if1, "egress"), to1, to2, 58);
+        let replies = Flow::new((if2, "egress"), to2, to1, 58);
+        for flow in [
+            requests.clone(),
+            requests.at(if2, "ingress"),
+            replies.clone(),
+            replies.at(if1, "ingress"),
+        ] {
+            assert_eq!(
+                sum(recs, &flow, "ACCEPT", "IPv6"),
+                (PINGS, echo, 0),
+                "{flow:?}"
+            );
+        }
+        // The first fragment carries the ports; the later ones are one flow with ports 0. Each
+        // fragment is 40 + 8 (fragment header) bytes of headers and a part of the 8 + BIG.
+        let first = Flow::new((if1, "egress"), self.big.0, self.big.1, 17);
+        let later = Flow::new((if1, "egress"), to1, to2, 17);
+        for (first, later) in [
+            (first.clone(), later.clone()),
+            (first.at(if2, "ingress"), later.at(if2, "ingress")),
+        ] {
+            let (p1, b1, _) = sum(recs, &first, "ACCEPT", "IPv6");
+            let (pl, bl, _) = sum(recs, &later, "ACCEPT", "IPv6");
+            assert_eq!(p1, 1, "one first fragment: {first:?}");
+            assert!(pl >= 1, "later fragments with ports 0: {later:?}");
+            assert_eq!(
+                b1 + bl,
+                8 + BIG as u64 + (p1 + pl) * 48,
+                "{first:?} and {later:?}: every fragment's IP bytes"
+            );
+        }
+    }
 }
 
 #[test]
@@ -383,6 +452,7 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         SocketAddr::from((lab.status.tasks[1].address, 43003)),
     );
     udp(&t1, from4, &t2, to4, N4, P4, true);
+    let unusual = Unusual::send(&lab);
     let cport = tcp_echo(&client, published, &counters);
     let ((out_pk, out_by), (in_pk, in_by)) = counters();
     assert!(
@@ -436,7 +506,8 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         (in_pk, in_by, 19),
         "task 1's egress records against the client's INPUT counter"
     );
-    assert_no_neighbour_discovery(&recs, &[a1, a2]);
+    unusual.check(&recs, [&if1, &if2]);
+    assert_no_neighbour_discovery(&recs);
     assert_no_csum_errors(&lab);
 }
 
