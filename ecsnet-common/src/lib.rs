@@ -26,7 +26,7 @@ pub mod policy;
 pub use drop::DropReason;
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 23] = [
+pub const PINNED_MAPS: [&str; 24] = [
     maps::MAP_IFACES,
     maps::MAP_TASKS,
     maps::MAP_TASKS6,
@@ -46,6 +46,7 @@ pub const PINNED_MAPS: [&str; 23] = [
     policy::MAP_SG_PEERS,
     policy::MAP_SG_RULES,
     flow::MAP_FLOWS,
+    flow::MAP_FLOWS6,
     flow::MAP_FLOW_LOST,
     flow::MAP_FLOW_STATE,
     flow::MAP_EVENTS,
@@ -78,6 +79,7 @@ pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
     (policy::MAP_SG_PEERS, 1),
     (policy::MAP_SG_RULES, 1),
     (flow::MAP_FLOWS, 1),
+    (flow::MAP_FLOWS6, 1),
     (flow::MAP_FLOW_LOST, 1),
     (flow::MAP_FLOW_STATE, 1),
     (flow::MAP_EVENTS, 1),

@@ -1,8 +1,8 @@
 //! Accounting: packets and bytes per interface, hook and class (`STATS`), drops per reason
 //! (`DROPS`), and every packet a task sends or receives added to its flow's counters in the open
-//! capture window (`FLOWS`; a full table is counted in `FLOW_LOST`). Bytes of IPv4 packets are IP
-//! bytes as they cross the wire, so a GSO packet counts as the segments it becomes. With flow
-//! logs off `record` returns at once.
+//! capture window (`FLOWS`, `FLOWS6` for IPv6; a full table is counted in `FLOW_LOST`). Bytes
+//! are IP bytes as they cross the wire, so a GSO packet counts as the segments it becomes. With
+//! flow logs off `record` returns at once.
 
 use aya_ebpf::{
     EbpfContext,
@@ -12,15 +12,19 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ecsnet_common::{
-    flow::{FlowKey, FlowStats, LostKey, aws_tcp_flags},
+    flow::{FlowKey, FlowKey6, FlowStats, FlowStats6, LostKey, aws_tcp_flags},
     maps::{CLASS_IPV4, CLASS_OTHER, Counters, DropKey, StatsKey},
     net::{PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{
     clock,
-    maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, STATS},
-    parse::{ETH_HLEN, Headers, Packet, ipv4_lengths, is_unicast_ipv4},
+    maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, FLOWS6, STATS},
+    parse::{
+        ETH_HLEN, FRAG_LATER, Headers, Packet, TcpHdrStart, UDP_HLEN, ipv4_lengths,
+        is_unicast_ipv4, load, tcp_hlen,
+    },
+    parse6::{Headers6, IPV6_HLEN, PROTO_ICMPV6},
 };
 
 /// The value of `key` in a per-CPU hash map, created from `init` when neither user space nor an
@@ -144,7 +148,8 @@ pub fn xdp(pkt: &XdpContext, ifindex: u32, hook: u8) {
 }
 
 /// A packet as it appears on a task interface, with the addresses it has on the uplink side.
-pub struct Sighting {
+/// `A` is its family's address: [`Sighting`] for IPv4, [`Sighting6`] for IPv6.
+pub struct Seen<A> {
     pub ifindex: u32,
     /// `FLOW_EGRESS` or `FLOW_INGRESS`.
     pub dir: u8,
@@ -153,37 +158,143 @@ pub struct Sighting {
     pub proto: u8,
     /// The TCP flags byte as in the packet.
     pub tcp_flags: u8,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
-    pub pkt_saddr: u32,
-    pub pkt_daddr: u32,
+    pub pkt_saddr: A,
+    pub pkt_daddr: A,
 }
 
-impl Sighting {
+/// An IPv4 packet on a task interface (addresses in network byte order), counted in `FLOWS`.
+pub type Sighting = Seen<u32>;
+/// An IPv6 packet on a task interface, counted in `FLOWS6`.
+pub type Sighting6 = Seen<[u8; 16]>;
+
+/// The fields of a packet's headers that its flow record takes, in either family.
+pub trait FlowHeaders<A> {
+    /// (protocol, TCP flags byte, source, destination, source port, destination port).
+    fn tuple(&self) -> (u8, u8, A, A, u16, u16);
+}
+
+impl FlowHeaders<u32> for Headers {
+    #[inline(always)]
+    fn tuple(&self) -> (u8, u8, u32, u32, u16, u16) {
+        let h = self;
+        (h.proto, h.tcp_flags, h.saddr, h.daddr, h.sport, h.dport)
+    }
+}
+
+impl FlowHeaders<[u8; 16]> for Headers6 {
+    /// No TCP flags: `headers6` does not read them (`record6` does).
+    #[inline(always)]
+    fn tuple(&self) -> (u8, u8, [u8; 16], [u8; 16], u16, u16) {
+        let h = self;
+        (h.proto, 0, h.saddr, h.daddr, h.sport, h.dport)
+    }
+}
+
+impl<A: Copy> Seen<A> {
     /// `h` as it is now, on `ifindex`, untranslated.
     #[inline(always)]
-    pub fn of(h: &Headers, ifindex: u32, dir: u8, action: u8) -> Self {
-        Sighting {
+    pub fn of(h: &impl FlowHeaders<A>, ifindex: u32, dir: u8, action: u8) -> Self {
+        let (proto, tcp_flags, saddr, daddr, sport, dport) = h.tuple();
+        Seen {
             ifindex,
             dir,
             action,
-            proto: h.proto,
-            tcp_flags: h.tcp_flags,
-            saddr: h.saddr,
-            daddr: h.daddr,
-            sport: h.sport,
-            dport: h.dport,
-            pkt_saddr: h.saddr,
-            pkt_daddr: h.daddr,
+            proto,
+            tcp_flags,
+            saddr,
+            daddr,
+            sport,
+            dport,
+            pkt_saddr: saddr,
+            pkt_daddr: daddr,
         }
     }
 }
 
-/// Adds `packets` packets of `bytes` IP bytes to the flow of `s` in the open window.
+/// An address family's flow table: its map, and its key and counters made from a [`Seen`].
+pub trait Family: Copy + 'static {
+    type Key: 'static;
+    type Stats: 'static;
+    fn table() -> &'static PerCpuHashMap<Self::Key, Self::Stats>;
+    /// The value a new flow starts from.
+    fn empty() -> &'static Self::Stats;
+    fn key(s: &Seen<Self>, epoch: u32, sport: u16, dport: u16) -> Self::Key;
+    /// Adds a sighting's packets to the counters of its flow.
+    fn add(v: &mut Self::Stats, s: &Seen<Self>, packets: u64, bytes: u64, flags: u8, now: u64);
+}
+
+/// [`Family`] for each flow table, whose keys and counters differ only in their addresses.
+macro_rules! families {
+    ($($addr:ty, $zero:expr => $map:ident, $key:ident, $stats:ident;)+) => {$(
+        impl Family for $addr {
+            type Key = $key;
+            type Stats = $stats;
+
+            #[inline(always)]
+            fn table() -> &'static PerCpuHashMap<$key, $stats> {
+                &$map
+            }
+
+            #[inline(always)]
+            fn empty() -> &'static $stats {
+                static EMPTY: $stats = $stats {
+                    packets: 0,
+                    bytes: 0,
+                    first_ns: 0,
+                    last_ns: 0,
+                    pkt_saddr: $zero,
+                    pkt_daddr: $zero,
+                    tcp_flags: 0,
+                    _pad: [0; 7],
+                };
+                &EMPTY
+            }
+
+            #[inline(always)]
+            fn key(s: &Seen<Self>, epoch: u32, sport: u16, dport: u16) -> $key {
+                $key {
+                    epoch,
+                    ifindex: s.ifindex,
+                    saddr: s.saddr,
+                    daddr: s.daddr,
+                    sport,
+                    dport,
+                    proto: s.proto,
+                    dir: s.dir,
+                    action: s.action,
+                    _pad: 0,
+                }
+            }
+
+            #[inline(always)]
+            fn add(v: &mut $stats, s: &Seen<Self>, packets: u64, bytes: u64, flags: u8, now: u64) {
+                if v.packets == 0 {
+                    v.first_ns = now;
+                }
+                v.packets += packets;
+                v.bytes += bytes;
+                v.last_ns = now;
+                v.tcp_flags |= flags;
+                v.pkt_saddr = s.pkt_saddr;
+                v.pkt_daddr = s.pkt_daddr;
+            }
+        }
+    )+};
+}
+
+families! {
+    u32, 0 => FLOWS, FlowKey, FlowStats;
+    [u8; 16], [0; 16] => FLOWS6, FlowKey6, FlowStats6;
+}
+
+/// Adds `packets` packets of `bytes` IP bytes to the flow of `s` in the open window, in its
+/// family's table.
 #[inline(always)]
-pub fn record(s: &Sighting, packets: u64, bytes: u64) {
+pub fn record<A: Family>(s: &Seen<A>, packets: u64, bytes: u64) {
     let Some(st) = FLOW_STATE.get(0) else {
         return;
     };
@@ -191,24 +302,14 @@ pub fn record(s: &Sighting, packets: u64, bytes: u64) {
         return;
     }
     let ports = s.proto == PROTO_TCP || s.proto == PROTO_UDP;
-    let key = FlowKey {
-        epoch: st.epoch,
-        ifindex: s.ifindex,
-        saddr: s.saddr,
-        daddr: s.daddr,
-        sport: if ports { s.sport } else { 0 },
-        dport: if ports { s.dport } else { 0 },
-        proto: s.proto,
-        dir: s.dir,
-        action: s.action,
-        _pad: 0,
-    };
+    let (sport, dport) = if ports { (s.sport, s.dport) } else { (0, 0) };
+    let key = A::key(s, st.epoch, sport, dport);
     let flags = if s.proto == PROTO_TCP {
         aws_tcp_flags(s.tcp_flags)
     } else {
         0
     };
-    let Some(v) = value_mut(&FLOWS, &key, &EMPTY) else {
+    let Some(v) = value_mut(A::table(), &key, A::empty()) else {
         // The table is full: counted per interface, so the window's records say SKIPDATA.
         let lost = LostKey {
             epoch: st.epoch,
@@ -219,27 +320,61 @@ pub fn record(s: &Sighting, packets: u64, bytes: u64) {
     };
     let now = clock::now();
     // SAFETY: this CPU's value; BPF programs do not nest on one CPU for one hook.
-    unsafe {
-        if (*v).packets == 0 {
-            (*v).first_ns = now;
-        }
-        (*v).packets += packets;
-        (*v).bytes += bytes;
-        (*v).last_ns = now;
-        (*v).tcp_flags |= flags;
-        (*v).pkt_saddr = s.pkt_saddr;
-        (*v).pkt_daddr = s.pkt_daddr;
-    }
+    A::add(unsafe { &mut *v }, s, packets, bytes, flags, now);
 }
 
-/// The value a new flow starts from.
-static EMPTY: FlowStats = FlowStats {
-    packets: 0,
-    bytes: 0,
-    first_ns: 0,
-    last_ns: 0,
-    pkt_saddr: 0,
-    pkt_daddr: 0,
-    tcp_flags: 0,
-    _pad: [0; 7],
-};
+/// Neighbour discovery (`ICMPv6` types 133 to 137: router and neighbour solicitations and
+/// advertisements, redirects) is IPv6's ARP, and like ARP it makes no flow record.
+const ND_FIRST: u8 = 133;
+const ND_LAST: u8 = 137;
+
+/// Records the IPv6 packet `h` on task interface `ifindex` in the open window, as it is
+/// (IPv6 is not translated yet, so `pkt-srcaddr`/`pkt-dstaddr` are its own addresses). Ports
+/// are 0 for `ICMPv6` and for later fragments (`headers6` leaves them 0 there).
+#[inline(always)]
+pub fn record6(ctx: &TcContext, h: &Headers6, ifindex: u32, dir: u8, action: u8) {
+    if h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
+        return;
+    }
+    let mut seen = Sighting6::of(h, ifindex, dir, action);
+    if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
+        seen.tcp_flags = load::<TcpHdrStart>(ctx, h.l4).map_or(0, |t| t.flags);
+    }
+    clock::stamp();
+    let (packets, bytes) = wire6(ctx, h);
+    record(&seen, packets, bytes);
+}
+
+/// Packets and IP bytes of an IPv6 skb as on the wire: the fixed header, the extension headers
+/// and the payload, without the Ethernet header or padding; a GSO packet counts as the segments
+/// it becomes, each repeating the headers up to and including the transport header.
+#[inline(always)]
+fn wire6(ctx: &TcContext, h: &Headers6) -> (u64, u64) {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the context pointer of a TC program is a valid __sk_buff.
+    let gso_segs = unsafe { (*skb).gso_segs };
+    let l3 = (ctx.len() as usize).saturating_sub(ETH_HLEN) as u64;
+    if gso_segs <= 1 {
+        // The stated payload length; 0 (a jumbogram, BIG TCP) leaves the packet's own.
+        // `headers6` checked it fits the packet.
+        let stated = load::<u16>(ctx, ETH_HLEN + IPV6_PAYLOAD_LEN_AT).map_or(0, u16::from_be);
+        return match stated {
+            0 => (1, l3),
+            n => (1, (IPV6_HLEN + n as usize) as u64),
+        };
+    }
+    let l4_hlen = match h.proto {
+        PROTO_TCP => load::<TcpHdrStart>(ctx, h.l4)
+            .ok()
+            .and_then(|t| tcp_hlen(t.doff_res).ok())
+            .unwrap_or(0),
+        PROTO_UDP => UDP_HLEN,
+        _ => 0,
+    };
+    let segs = u64::from(gso_segs);
+    let hdrs = (h.l4.saturating_sub(ETH_HLEN) + l4_hlen) as u64;
+    (segs, l3 + (segs - 1) * hdrs)
+}
+
+/// Offset of the payload length in the IPv6 header.
+const IPV6_PAYLOAD_LEN_AT: usize = 4;

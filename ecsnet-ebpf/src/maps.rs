@@ -9,8 +9,8 @@ use aya_ebpf::{
 use ecsnet_common::{
     ct::{CtEntry, CtKey},
     flow::{
-        DEFAULT_FLOW_TABLE_SIZE, EVENTS_BYTES, EventBudget, FlowKey, FlowState, FlowStats, LostKey,
-        MAX_FLOW_LOST_KEYS,
+        DEFAULT_FLOW_TABLE_SIZE, EVENTS_BYTES, EventBudget, FlowKey, FlowKey6, FlowState,
+        FlowStats, FlowStats6, LostKey, MAX_FLOW_LOST_KEYS,
     },
     maps::{
         CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo,
@@ -96,7 +96,11 @@ maps! {
     FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
         PerCpuHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-    /// Packets per interface and window that found `FLOWS` full.
+    /// The IPv6 twin of `FLOWS`, the same windows; sized with it (`--flow-table-size`).
+    FLOWS6: PerCpuHashMap<FlowKey6, FlowStats6> =
+        PerCpuHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+    /// Packets per interface and window that found `FLOWS` or `FLOWS6` full.
     FLOW_LOST: PerCpuHashMap<LostKey, Counters> =
         PerCpuHashMap::with_max_entries(MAX_FLOW_LOST_KEYS, 0);
 

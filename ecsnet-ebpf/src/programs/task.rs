@@ -24,7 +24,7 @@ use crate::{
     forward::{self, Origin, PktAddrs},
     maps::{PROGS, PROGS6},
     parse::{Frame, Headers, headers, skb_ifindex, task_frame},
-    parse6::headers6,
+    parse6::{Headers6, headers6},
     policy, tasks,
     verdict::{self, Verdict},
 };
@@ -151,6 +151,7 @@ fn sent(
 /// IPv6 a task sends, tail-called by `tc_task_ingress` once the frame's MAC was checked: the
 /// task speaks only for itself and is no router (`antispoof::check_ipv6`); then the kernel's
 /// path for a task without a policy, and nothing for a task with one, until IPv6 rules exist.
+/// What passed the checks is the task's egress flow record (`FLOWS6`), ACCEPT or REJECT.
 #[classifier]
 pub fn tc_task_ipv6(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
@@ -171,11 +172,33 @@ fn try_ipv6_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReas
     let me = unsafe { *task };
     let h = headers6(ctx)?;
     antispoof::check_ipv6(ctx, &h, ifindex, &me)?;
+    // The checks passed: from here on every decision is the task's flow record.
     let block = forward::config().is_some_and(|cfg| cfg.flags & CONFIG_BLOCK_IMDS != 0);
-    if block && h.daddr == INSTANCE_METADATA_ADDR6 {
-        return Err(DropReason::ImdsBlocked);
-    }
-    ipv6(me.policy)
+    let res = if block && h.daddr == INSTANCE_METADATA_ADDR6 {
+        Err(DropReason::ImdsBlocked)
+    } else {
+        ipv6(me.policy)
+    };
+    record_ipv6(ctx, &h, ifindex, FLOW_EGRESS, &res);
+    res
+}
+
+/// The flow record of IPv6 on a task interface: ACCEPT when it goes on, REJECT when the
+/// task's policy (no IPv6 rules yet) or the metadata block drops it.
+#[inline(always)]
+fn record_ipv6(
+    ctx: &TcContext,
+    h: &Headers6,
+    ifindex: u32,
+    dir: u8,
+    res: &Result<Verdict, DropReason>,
+) {
+    let action = match res {
+        Ok(_) => ACTION_ACCEPT,
+        Err(DropReason::Ipv6Policed | DropReason::ImdsBlocked) => ACTION_REJECT,
+        Err(_) => return,
+    };
+    account::record6(ctx, h, ifindex, dir, action);
 }
 
 /// IPv6 on a task interface: today's kernel path for a task without a policy; for a task with
@@ -242,7 +265,14 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     };
     match frame? {
         Frame::Arp => return Ok(Verdict::Pass),
-        Frame::Ipv6 => return ipv6(task.policy),
+        Frame::Ipv6 => {
+            // A frame too malformed for a record goes on as without ecsnet, or stays policed.
+            let res = ipv6(task.policy);
+            if let Ok(h) = headers6(ctx) {
+                record_ipv6(ctx, &h, ifindex, FLOW_INGRESS, &res);
+            }
+            return res;
+        }
         // Whatever the destination MAC: the ingress rules run on every IPv4 packet.
         Frame::Ipv4 { .. } => {}
     }

@@ -228,12 +228,12 @@ pub fn build_records(
     out
 }
 
-/// Whether `a` is the address of a task on this host. Tasks have no IPv6 address in the state
-/// yet, so an IPv6 peer is never known to be one.
+/// Whether `a` is the address of a task on this host: its IPv4 address, or the IPv6 address the
+/// state gives it (`ipv6Address`).
 fn is_task_address(dir: &Directory, a: IpAddr) -> bool {
     match a {
         IpAddr::V4(a) => dir.state.tasks.iter().any(|t| t.ipv4_address == a),
-        IpAddr::V6(_) => false,
+        IpAddr::V6(a) => dir.state.tasks.iter().any(|t| t.ipv6_address == Some(a)),
     }
 }
 
@@ -604,6 +604,46 @@ mod tests {
             ]
         );
         assert!(recs.iter().all(|r| r.window == 5));
+    }
+
+    #[test]
+    fn ipv6_egress_to_another_task_has_traffic_path_1() {
+        let mut dir = directory();
+        dir.state.tasks[1].ipv6_address = Some("fd00:dc::3".parse().unwrap());
+        let to = |daddr: &str, dir| FlowKey6 {
+            ifindex: 7,
+            saddr: v6("fd00:dc::2"),
+            daddr: v6(daddr),
+            proto: 17,
+            dir,
+            ..FlowKey6::default()
+        };
+        let one = FlowStats6 {
+            packets: 1,
+            bytes: 60,
+            ..FlowStats6::default()
+        };
+        let flows = [
+            (to("fd00:dc::3", FLOW_EGRESS), one),
+            (to("2001:db8:ff::1", FLOW_EGRESS), one),
+            (to("fd00:dc::3", FLOW_INGRESS), one),
+        ];
+        let recs = build_records(&dir, 1, (0, 1), &[], &flows, &[], 0);
+        let paths: Vec<(Option<IpAddr>, Option<FlowDirection>, Option<u8>)> = recs
+            .iter()
+            .filter(|r| r.log_status == LogStatus::Ok)
+            .map(|r| (r.dstaddr, r.flow_direction, r.traffic_path))
+            .collect();
+        let a = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            paths,
+            [
+                (a("2001:db8:ff::1"), Some(FlowDirection::Egress), None),
+                (a("fd00:dc::3"), Some(FlowDirection::Egress), Some(1)),
+                (a("fd00:dc::3"), Some(FlowDirection::Ingress), None),
+            ],
+            "a task's IPv6 address is another resource of the VPC; elsewhere and ingress: none"
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn by_map(self) -> [(&'static str, u32); 4] {
+    fn by_map(self) -> [(&'static str, u32); 5] {
         [
             (ecsnet_common::maps::MAP_CT, self.ct),
             (
@@ -106,6 +106,7 @@ impl Sizes {
                 ecsnet_common::maps::nat_use_size(self.ct),
             ),
             (ecsnet_common::flow::MAP_FLOWS, self.flow_table),
+            (ecsnet_common::flow::MAP_FLOWS6, self.flow_table),
         ]
     }
 }

@@ -690,30 +690,50 @@ pub fn read_flow_lost(paths: &InstancePaths) -> Result<Vec<(LostKey, Counters)>,
     Ok(out)
 }
 
-/// Removes every flow and loss counter of window `epoch` (after its records were written).
+/// Removes every flow (of both families) and loss counter of window `epoch`, after its records
+/// were written. Returns the number of flows removed.
 pub fn remove_window(paths: &InstancePaths, epoch: u32) -> Result<usize, MapsError> {
-    let (data, flows): (_, Flows) = flow_table(paths, MAP_FLOWS)?;
-    let keys: Vec<FlowKey> = flows
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k.epoch == epoch)
-        .collect();
-    // Gone already (a second recovery pass) is as good as removed: `batch::delete` skips it.
-    batch::delete(data.fd().as_fd(), &keys).map_err(|source| MapsError::Batch {
-        map: MAP_FLOWS,
-        source,
-    })?;
+    let mut removed = remove_window_of::<FlowKey, FlowStats>(paths, MAP_FLOWS, epoch, |k| k.epoch)?;
+    if paths.map_pin(MAP_FLOWS6).exists() {
+        removed += remove_window_of::<FlowKey6, FlowStats6>(paths, MAP_FLOWS6, epoch, |k| k.epoch)?;
+    }
     let mut lost: PerCpuHashMap<MapData, LostKey, Counters> = open_as(paths, MAP_FLOW_LOST)?;
     let lost_keys: Vec<LostKey> = lost.keys().flatten().filter(|k| k.epoch == epoch).collect();
     for k in &lost_keys {
         let _ = lost.remove(k);
     }
+    Ok(removed)
+}
+
+/// Removes the flows of window `epoch` (read by `epoch_of`) from flow table `map`.
+fn remove_window_of<K: Pod, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+    epoch: u32,
+    epoch_of: impl Fn(&K) -> u32,
+) -> Result<usize, MapsError> {
+    let (data, flows): (_, PerCpuFlows<K, V>) = flow_table(paths, map)?;
+    let keys: Vec<K> = flows
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| epoch_of(k) == epoch)
+        .collect();
+    // Gone already (a second recovery pass) is as good as removed: `batch::delete` skips it.
+    batch::delete(data.fd().as_fd(), &keys).map_err(|source| MapsError::Batch { map, source })?;
     Ok(keys.len())
 }
 
-/// Entries in the flow table now, and its capacity.
+/// Entries in the flow table now, and its capacity (`up --flow-table-size`). There is one table
+/// per family, sized alike, and a packet is lost when its own family's table is full: the
+/// entries are those of the fuller table, so the fill says how close either is to losing.
 pub fn flow_table_fill(paths: &InstancePaths) -> Result<(u64, u64), MapsError> {
-    let entries = flow_table::<FlowKey, FlowStats>(paths, MAP_FLOWS)?.1.len() as u64;
+    let mut entries = flow_table::<FlowKey, FlowStats>(paths, MAP_FLOWS)?.1.len() as u64;
+    if paths.map_pin(MAP_FLOWS6).exists() {
+        let six = flow_table::<FlowKey6, FlowStats6>(paths, MAP_FLOWS6)?
+            .1
+            .len() as u64;
+        entries = entries.max(six);
+    }
     Ok((entries, u64::from(capacity(paths, MAP_FLOWS)?)))
 }
 
