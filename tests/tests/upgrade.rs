@@ -36,7 +36,10 @@ use aya::{
 };
 use ecsnet::kernel::datapath::OBJECT_ENV;
 use ecsnet::store::paths::InstancePaths;
-use ecsnet_common::PINNED_MAPS;
+use ecsnet_common::{
+    PINNED_MAPS,
+    maps::{MAP_PROGS6, MAP_TASKS6},
+};
 use ecsnet_tests::{
     Background, Lab, agent, ecsnet_bin, in_netns, iperf3, ns_exec, rule_packets,
     traffic::{echo, tcp_connect},
@@ -541,6 +544,23 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
     refused(&lab, &layout, &upgrade, &before);
     assert!(!stamps.exists(), "a refusal writes no stamps either");
 
+    // An instance from before IPv6: no pin of `tc_task_ipv6`, `TASKS6` or `PROGS6` (the running
+    // programs still hold their maps). It is up all the same, and the upgrade makes them.
+    let paths = InstancePaths::new(&lab.name);
+    let newer = [
+        paths.prog_pin("tc_task_ipv6"),
+        paths.map_pin(MAP_TASKS6),
+        paths.map_pin(MAP_PROGS6),
+    ];
+    for pin in &newer {
+        std::fs::remove_file(pin).unwrap_or_else(|e| panic!("unpin {}: {e}", pin.display()));
+    }
+    assert_eq!(
+        lab.stats().tasks.len(),
+        1,
+        "an older build's instance is up"
+    );
+
     // `up` of a build that keeps every layout over the running instance upgrades it in place,
     // and stamps it.
     let out = ecsnet_with(&program, &up);
@@ -552,7 +572,17 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
     );
     assert!(stamps.exists(), "the upgrade wrote the stamps");
     let after = pins(&lab);
-    assert_eq!(after.maps, before.maps, "every map kept");
+    let older = |m: &BTreeMap<String, u32>| {
+        let mut m = m.clone();
+        m.retain(|name, _| name != MAP_TASKS6 && name != MAP_PROGS6);
+        m
+    };
+    assert_eq!(older(&after.maps), older(&before.maps), "every map kept");
+    assert!(
+        newer.iter().all(|p| p.exists()),
+        "the upgrade pinned what the older build lacked"
+    );
+    assert!(after.programs.contains_key("tc_task_ipv6"));
     for (pin, (link, _)) in &before.links {
         assert_eq!(after.links[pin].0, *link, "link {pin} keeps its id");
     }

@@ -181,9 +181,21 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
     .map_err(DatapathError::MountBpffs)
 }
 
-/// Whether this instance has its programs pinned (it was brought up and not taken down).
+/// The programs attached to interfaces, which every build has had: their pins say whether a
+/// datapath is loaded. A tail-called program a build adds (`tc_task_ipv6`) has no pin in an
+/// instance an older build brought up; `replace` pins it.
+const ATTACHED: [&str; 5] = [
+    PROG_TASK_INGRESS,
+    PROG_TASK_EGRESS,
+    PROG_UPLINK_INGRESS,
+    PROG_UPLINK_EGRESS,
+    PROG_UPLINK_XDP,
+];
+
+/// Whether this instance has its programs pinned (it was brought up and not taken down), by
+/// whichever build.
 pub fn is_loaded(paths: &InstancePaths) -> bool {
-    all_programs().all(|p| paths.prog_pin(p).exists())
+    ATTACHED.iter().all(|p| paths.prog_pin(p).exists())
 }
 
 /// Loads the object with every map pinned under the instance, pins the programs and stamps the
