@@ -192,7 +192,8 @@ pub const EVENT_DROP: u8 = 1;
 pub const EVENT_ALLOW: u8 = 2;
 
 /// One monitor event. Addresses and ports as in the packet (network byte order); zero when the
-/// packet was too malformed to read them.
+/// packet was too malformed to read them. An agent that knows only the first 48 bytes (before
+/// IPv6) reads an IPv6 event as one without addresses; this one skips shorter records.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
@@ -215,9 +216,16 @@ pub struct Event {
     pub hook: u8,
     /// For policy events: `FLOW_EGRESS` (the task's outbound rules) or `FLOW_INGRESS`.
     pub dir: u8,
-    pub _pad: [u8; 7],
+    /// `EVENT_IPV6`: the addresses are `saddr6` and `daddr6`; else `saddr` and `daddr`.
+    pub family: u8,
+    pub _pad: [u8; 6],
+    pub saddr6: [u8; 16],
+    pub daddr6: [u8; 16],
 }
-map_type!(Event, 48);
+map_type!(Event, 80);
+
+/// [`Event::family`] of an event about an IPv6 packet.
+pub const EVENT_IPV6: u8 = 6;
 
 /// AWS's `tcp-flags` bits of one TCP flags byte: FIN, SYN and RST as they are, ACK only with
 /// SYN (a SYN-ACK is 18), everything else dropped.

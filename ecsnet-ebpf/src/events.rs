@@ -3,16 +3,17 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
 use ecsnet_common::{
-    flow::{EVENT_ALLOW, EVENT_DROP, Event, EventBudget},
+    flow::{EVENT_ALLOW, EVENT_DROP, EVENT_IPV6, Event, EventBudget},
     net::{PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{
     maps::{EVENT_BUDGET, EVENTS, FLOW_STATE},
     parse::{
-        ETH_HLEN, ETH_P_IP, FRAG_LATER, Headers, IPV4_MIN_HLEN, Ipv4Hdr, Packet, ethertype,
-        ipv4_frag, ipv4_hlen, l4_offset, ptr_at,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FRAG_LATER, Headers, IPV4_MIN_HLEN, Ipv4Hdr, Packet,
+        ethertype, ipv4_frag, ipv4_hlen, l4_offset, ptr_at,
     },
+    parse6::{IPV6_HLEN, Ipv6Hdr},
 };
 
 /// Takes one event's worth of credit from this CPU's bucket. None when the bucket is empty (the
@@ -75,7 +76,10 @@ fn reserve(kind: u8, reason: u8, ifindex: u32, hook: u8, dir: u8) -> Option<Ring
         (*e).reason = reason;
         (*e).hook = hook;
         (*e).dir = dir;
-        (*e)._pad = [0; 7];
+        (*e).family = 0;
+        (*e)._pad = [0; 6];
+        (*e).saddr6 = [0; 16];
+        (*e).daddr6 = [0; 16];
     }
     Some(entry)
 }
@@ -125,6 +129,27 @@ pub fn dropped<P: Packet>(pkt: &P, reason: u8, ifindex: u32, hook: u8) {
             && ipv4_frag(frag_off) != FRAG_LATER
             && ports
             && let Ok(p) = ptr_at::<P, [u16; 2]>(pkt, l4_offset(ETH_HLEN, ihl))
+        {
+            // SAFETY: checked by ptr_at.
+            unsafe {
+                (*e).sport = (*p)[0];
+                (*e).dport = (*p)[1];
+            }
+        }
+    } else if let Ok(ETH_P_IPV6) = ethertype(pkt)
+        && let Ok(ip) = ptr_at::<P, Ipv6Hdr>(pkt, ETH_HLEN)
+    {
+        // The fixed header, and the ports when TCP or UDP follows it directly: no walk here.
+        // SAFETY: checked by ptr_at.
+        let next = unsafe {
+            (*e).family = EVENT_IPV6;
+            (*e).saddr6 = (*ip).saddr;
+            (*e).daddr6 = (*ip).daddr;
+            (*e).proto = (*ip).nexthdr;
+            (*ip).nexthdr
+        };
+        if (next == PROTO_TCP || next == PROTO_UDP)
+            && let Ok(p) = ptr_at::<P, [u16; 2]>(pkt, ETH_HLEN + IPV6_HLEN)
         {
             // SAFETY: checked by ptr_at.
             unsafe {

@@ -34,9 +34,9 @@ use ecsnet_common::{
         TCP_SYN,
     },
     flow::{
-        ACTION_ACCEPT, ACTION_REJECT, EVENT_ALLOW, EVENT_DROP, Event, EventBudget, FLOW_EGRESS,
-        FLOW_INGRESS, FlowKey, FlowState, FlowStats, LostKey, MAP_EVENT_BUDGET, MAP_EVENTS,
-        MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
+        ACTION_ACCEPT, ACTION_REJECT, EVENT_ALLOW, EVENT_DROP, EVENT_IPV6, Event, EventBudget,
+        FLOW_EGRESS, FLOW_INGRESS, FlowKey, FlowState, FlowStats, LostKey, MAP_EVENT_BUDGET,
+        MAP_EVENTS, MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS,
     },
     maps::{
         CONFIG_BLOCK_IMDS, Config, DropKey, FragKey, FragPorts, HOOK_TC_EGRESS, HOOK_TC_INGRESS,
@@ -165,7 +165,7 @@ fn event(kind: u8, reason: u8, ifindex: u32, hook: u8, dir: u8, proto: u8, t: Tu
         reason,
         hook,
         dir,
-        _pad: [0; 7],
+        ..Event::default()
     }
 }
 
@@ -640,16 +640,24 @@ fn cases() -> Vec<Case> {
         }
         .padded()
     };
-    // IPv6 under a policy, dropped at `hook` with one event.
+    // IPv6 under a policy (`raw::ipv6_frame`: an echo request from fe80::42:acff:fe11:2 to
+    // fe80::42:acff:fe11:3), dropped at `hook` with one event naming its IPv6 addresses.
     let ipv6_policed = |desc, policy, act, hook| {
+        let ll = |last| {
+            [
+                0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, last,
+            ]
+        };
+        let reason = DropReason::Ipv6Policed;
         Case::new(desc, world_with_policy(TASK_A, policy))
             .step(act, TC_SHOT)
-            .dropped(
-                TEST_IFINDEX,
-                DropReason::Ipv6Policed,
-                hook,
-                (0, tu([0; 4], 0, [0; 4], 0)),
-            )
+            .drops(TEST_IFINDEX, reason, hook, 1)
+            .event(Event {
+                family: EVENT_IPV6,
+                saddr6: ll(2),
+                daddr6: ll(3),
+                ..drop_event(reason, TEST_IFINDEX, hook, 58, tu([0; 4], 0, [0; 4], 0))
+            })
     };
 
     vec![

@@ -6,7 +6,14 @@
 //! interface, and leave its neighbours' routes and neighbour caches as they were. With a real
 //! dockerd (`--ipv6`), each container's task has the IPv6 address Docker gave it.
 
-use std::{cell::RefCell, net::Ipv6Addr, time::Duration};
+use std::{
+    cell::RefCell,
+    io::{BufRead as _, BufReader},
+    net::Ipv6Addr,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use ecsnet_lab::fixture::packet6::{
     ALL_NODES, ND_NEIGHBOR_ADVERT, ND_OPT_TARGET_LL, P6, link_local,
@@ -15,7 +22,7 @@ use ecsnet_tests::{
     Lab, churn,
     counters::task_drops,
     docker::{self, docker_ok},
-    ns_exec,
+    ecsnet_bin, ns_exec,
     raw::{Mac, PacketSocket, contains, mac_of, mac_str, marker},
     world::{down_leaves_nothing, instance_ok},
 };
@@ -215,9 +222,62 @@ fn a_dual_stack_task_speaks_only_for_itself_and_is_no_router() {
         mac_str(mac2)
     );
 
+    monitor_names_the_rogue_router(&lab, &from1);
+
     // IPv6 still works, and ecsnet leaves nothing.
     ipv6_works(&lab);
     down_leaves_nothing(lab);
+}
+
+/// `ecsnet monitor` shows task 1's router advertisement with its IPv6 addresses: sent again
+/// every 200 ms until the monitor (connected some time after it started) has one, 10 s at most.
+fn monitor_names_the_rogue_router(lab: &Lab, from1: &Sender) {
+    let mut child = Command::new(ecsnet_bin())
+        .args(["--instance", &lab.name, "monitor", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ecsnet monitor");
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let src = link_local(from1.mac);
+    let want = (
+        Ipv6Addr::from(src).to_string(),
+        Ipv6Addr::from(ALL_NODES).to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let found = loop {
+        if Instant::now() > deadline {
+            break false;
+        }
+        from1.to(P6::router_advert(src, from1.mac), ALL_NODES_MAC);
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            if v["reason"] == "ROGUE_ROUTER" && v["task"] == "task1" {
+                assert_eq!(
+                    (v["src"].as_str(), v["dst"].as_str()),
+                    (Some(want.0.as_str()), Some(want.1.as_str())),
+                    "{v}"
+                );
+                break true;
+            }
+            seen.push(line);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        found,
+        "no ROGUE_ROUTER event of task1 within 10 s; the monitor printed {seen:?}"
+    );
 }
 
 /// `task ls --json` of the lab's instance: container id -> IPv6 address, for the engine's tasks.

@@ -5,14 +5,14 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::net::UnixStream,
     time::{Duration, Instant},
 };
 
 use ecsnet_common::{
     DropReason,
-    flow::{EVENT_ALLOW, EVENT_DROP, Event, FLOW_EGRESS},
+    flow::{EVENT_ALLOW, EVENT_DROP, EVENT_IPV6, Event, FLOW_EGRESS},
     maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP},
 };
 use serde::{Deserialize, Serialize};
@@ -112,12 +112,26 @@ impl Names {
     }
 }
 
-fn endpoint(addr: u32, port: u16, proto: u8) -> String {
-    let a = Ipv4Addr::from(u32::from_be(addr));
+/// An event's address and port as `addr:port`, `[addr]:port` for IPv6, or the address alone
+/// for protocols without ports.
+fn endpoint(addr: IpAddr, port: u16, proto: u8) -> String {
     if proto == 6 || proto == 17 {
-        format!("{a}:{}", u16::from_be(port))
+        SocketAddr::new(addr, u16::from_be(port)).to_string()
     } else {
-        a.to_string()
+        addr.to_string()
+    }
+}
+
+/// An event's source and destination addresses, in its family.
+fn addresses(e: &Event) -> (IpAddr, IpAddr) {
+    if e.family == EVENT_IPV6 {
+        (
+            Ipv6Addr::from(e.saddr6).into(),
+            Ipv6Addr::from(e.daddr6).into(),
+        )
+    } else {
+        let v4 = |a: u32| IpAddr::from(Ipv4Addr::from(u32::from_be(a)));
+        (v4(e.saddr), v4(e.daddr))
     }
 }
 
@@ -155,8 +169,8 @@ pub fn line(e: &Event, names: &Names, wall_offset_ns: i128) -> EventLine {
             FlowDirection::Ingress
         }),
         proto: e.proto,
-        src: endpoint(e.saddr, e.sport, e.proto),
-        dst: endpoint(e.daddr, e.dport, e.proto),
+        src: endpoint(addresses(e).0, e.sport, e.proto),
+        dst: endpoint(addresses(e).1, e.dport, e.proto),
         suppressed: e.suppressed,
     }
 }
@@ -283,7 +297,7 @@ mod tests {
             reason: ecsnet_common::DropReason::SgIngress as u8,
             hook: HOOK_XDP,
             dir: 0,
-            _pad: [0; 7],
+            ..Event::default()
         };
         assert_eq!(
             names.of(2),
@@ -315,5 +329,30 @@ mod tests {
             (None, Some(FlowDirection::Egress))
         );
         assert!(render(&l).contains("ALLOW egress task2 (vethX) at tc-ingress tcp"));
+        // An IPv6 drop: its own addresses, bracketed with ports, bare without.
+        let v6 = |a: &str| a.parse::<Ipv6Addr>().unwrap().octets();
+        let rogue = Event {
+            family: EVENT_IPV6,
+            saddr6: v6("fe80::42:acff:fe11:2"),
+            daddr6: v6("ff02::1"),
+            proto: 58,
+            reason: ecsnet_common::DropReason::RogueRouter as u8,
+            hook: HOOK_TC_INGRESS,
+            suppressed: 0,
+            ..e
+        };
+        assert!(
+            render(&line(&rogue, &names, 0))
+                .ends_with("DROP ROGUE_ROUTER task2 (vethX) at tc-ingress proto 58 fe80::42:acff:fe11:2 -> ff02::1"),
+            "{}",
+            render(&line(&rogue, &names, 0))
+        );
+        let udp = Event {
+            proto: 17,
+            sport: 547u16.to_be(),
+            dport: 546u16.to_be(),
+            ..rogue
+        };
+        assert_eq!(line(&udp, &names, 0).src, "[fe80::42:acff:fe11:2]:547");
     }
 }
