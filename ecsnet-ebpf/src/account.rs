@@ -291,6 +291,12 @@ families! {
     [u8; 16], [0; 16] => FLOWS6, FlowKey6, FlowStats6;
 }
 
+/// Whether flow logging is on (`FLOW_STATE`): with it off, nothing is read for a record.
+#[inline(always)]
+pub fn flow_logs_on() -> bool {
+    FLOW_STATE.get(0).is_some_and(|st| st.enabled != 0)
+}
+
 /// Adds `packets` packets of `bytes` IP bytes to the flow of `s` in the open window, in its
 /// family's table.
 #[inline(always)]
@@ -333,7 +339,7 @@ const ND_LAST: u8 = 137;
 /// are 0 for `ICMPv6` and for later fragments (`headers6` leaves them 0 there).
 #[inline(always)]
 pub fn record6(ctx: &TcContext, h: &Headers6, ifindex: u32, dir: u8, action: u8) {
-    if h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
+    if !flow_logs_on() || h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
         return;
     }
     let mut seen = Sighting6::of(h, ifindex, dir, action);

@@ -266,9 +266,12 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     match frame? {
         Frame::Arp => return Ok(Verdict::Pass),
         Frame::Ipv6 => {
-            // A frame too malformed for a record goes on as without ecsnet, or stays policed.
+            // A frame too malformed for a record goes on as without ecsnet, or stays policed;
+            // with flow logs off it is not parsed at all.
             let res = ipv6(task.policy);
-            if let Ok(h) = headers6(ctx) {
+            if account::flow_logs_on()
+                && let Ok(h) = headers6(ctx)
+            {
                 record_ipv6(ctx, &h, ifindex, FLOW_INGRESS, &res);
             }
             return res;
