@@ -54,6 +54,36 @@ impl CtKey {
     }
 }
 
+/// [`CtKey`] of an IPv6 packet (`CT6`, `CT6_NEW`): the addresses are the packet's 16 bytes,
+/// ports and `ICMPv6` echo identifiers as in [`CtKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+map_type!(CtKey6, 40);
+
+impl CtKey6 {
+    /// The key of packets going the other way.
+    #[inline(always)]
+    #[must_use]
+    pub const fn reversed(&self) -> CtKey6 {
+        CtKey6 {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// One direction of a flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,6 +118,41 @@ pub struct CtEntry {
     pub _pad: u8,
 }
 map_type!(CtEntry, 72);
+
+/// [`CtEntry`] of an IPv6 flow: the same fields, with 16-byte addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry6 {
+    pub peer: CtKey6,
+    pub nat_saddr: [u8; 16],
+    pub nat_daddr: [u8; 16],
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    pub tcp_end: u32,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub created_ns: u64,
+    pub tcp_ack: u32,
+    pub kind: u8,
+    pub dir: u8,
+    pub tcp_flags: u8,
+    pub _pad: u8,
+}
+map_type!(CtEntry6, 120);
+
+impl CtEntry6 {
+    /// This direction's TCP sequence state.
+    #[inline(always)]
+    pub const fn tcp(&self) -> TcpSide {
+        TcpSide {
+            end: self.tcp_end,
+            ack: self.tcp_ack,
+            flags: self.tcp_flags,
+            dir: self.dir,
+        }
+    }
+}
 
 /// One direction's TCP sequence state, as kept in its [`CtEntry`]: what the datapath reads and
 /// writes for a segment, small enough to copy.

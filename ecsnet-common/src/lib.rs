@@ -26,7 +26,7 @@ pub mod policy;
 pub use drop::DropReason;
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 24] = [
+pub const PINNED_MAPS: [&str; 29] = [
     maps::MAP_IFACES,
     maps::MAP_TASKS,
     maps::MAP_TASKS6,
@@ -43,8 +43,13 @@ pub const PINNED_MAPS: [&str; 24] = [
     maps::MAP_FRAGS,
     maps::MAP_NAT_USE,
     maps::MAP_NAT_CONFIG,
+    maps::MAP_CT6,
+    maps::MAP_CT6_NEW,
+    maps::MAP_FRAGS6,
     policy::MAP_SG_PEERS,
     policy::MAP_SG_RULES,
+    policy::MAP_SG_PEERS6,
+    policy::MAP_SG_LEVELS6,
     flow::MAP_FLOWS,
     flow::MAP_FLOWS6,
     flow::MAP_FLOW_LOST,
@@ -76,8 +81,13 @@ pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
     (maps::MAP_FRAGS, 1),
     (maps::MAP_NAT_USE, 1),
     (maps::MAP_NAT_CONFIG, 1),
+    (maps::MAP_CT6, 1),
+    (maps::MAP_CT6_NEW, 1),
+    (maps::MAP_FRAGS6, 1),
     (policy::MAP_SG_PEERS, 1),
     (policy::MAP_SG_RULES, 1),
+    (policy::MAP_SG_PEERS6, 1),
+    (policy::MAP_SG_LEVELS6, 1),
     (flow::MAP_FLOWS, 1),
     (flow::MAP_FLOWS6, 1),
     (flow::MAP_FLOW_LOST, 1),

@@ -44,6 +44,14 @@ pub const PROG6_SLOTS: u32 = 8;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
 pub const MAP_FRAGS: &str = "FRAGS";
 
+/// The IPv6 connection table: [`crate::ct::CtKey6`] -> [`crate::ct::CtEntry6`], two entries
+/// per flow, sized and expired as [`MAP_CT`].
+pub const MAP_CT6: &str = "CT6";
+/// The IPv6 twin of [`MAP_CT_NEW`] (LRU), sized as it.
+pub const MAP_CT6_NEW: &str = "CT6_NEW";
+/// First fragments of IPv6 datagrams: [`FragKey6`] -> [`FragPorts`].
+pub const MAP_FRAGS6: &str = "FRAGS6";
+
 /// Masquerade ports held per task and destination: [`NatUseKey`] -> `u64` flows, so that one
 /// task cannot hold every port towards a destination that other tasks need too. The datapath
 /// counts a flow as it creates it; the agent sets each count to the ports the connection tables
@@ -255,6 +263,19 @@ pub struct FragKey {
     pub _pad: u8,
 }
 map_type!(FragKey, 12);
+
+/// Key of [`MAP_FRAGS6`]: an IPv6 datagram, by its addresses and the fragment header's 32-bit
+/// identification (network byte order), and the transport protocol behind the chain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+map_type!(FragKey6, 40);
 
 /// Value of [`MAP_FRAGS`]: the ports from the first fragment (network byte order).
 #[repr(C)]

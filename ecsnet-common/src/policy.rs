@@ -20,16 +20,54 @@ pub const MAP_SG_PEERS: &str = "SG_PEERS";
 /// Hash: [`RuleKey`] -> `u32` (1: allowed).
 pub const MAP_SG_RULES: &str = "SG_RULES";
 
+/// Hash: [`PeerKey6`] -> [`PeerRules`], the IPv6 twin of [`MAP_SG_PEERS`].
+pub const MAP_SG_PEERS6: &str = "SG_PEERS6";
+/// Hash: [`scope`] -> `u32`, the [`PEER_LEVELS6`] a scope's [`MAP_SG_PEERS6`] entries use: bit
+/// `len / 8` set for each length `len`. The datapath probes only those (one lookup more, and
+/// usually two or three probes instead of 17). A scope without IPv6 entries has no key here.
+pub const MAP_SG_LEVELS6: &str = "SG_LEVELS6";
+
 /// Capacity of [`MAP_SG_PEERS`]: expanded CIDRs over all policies and both directions, two
 /// generations (see [`GENERATION_BIT`]).
 pub const MAX_SG_PEERS: u32 = 65_536;
 /// Capacity of [`MAP_SG_RULES`]: port blocks over all rule sets, two generations.
 pub const MAX_SG_RULES: u32 = 131_072;
 
+/// Capacity of [`MAP_SG_PEERS6`]: expanded IPv6 CIDRs over all policies and both directions,
+/// two generations.
+pub const MAX_SG_PEERS6: u32 = 65_536;
+/// Capacity of [`MAP_SG_LEVELS6`]: one key per policy and direction, two generations.
+pub const MAX_SG_LEVELS6: u32 = 16_384;
+
 /// Prefix lengths [`MAP_SG_PEERS`] holds, probed in this order.
 pub const PEER_LEVELS: [u8; 5] = [32, 24, 16, 8, 0];
 /// Port-prefix lengths [`MAP_SG_RULES`] holds, probed in this order (16: one port).
 pub const PORT_LEVELS: [u8; 5] = [16, 12, 8, 4, 0];
+
+/// Prefix lengths [`MAP_SG_PEERS6`] may hold, every multiple of 8, probed longest first: a
+/// CIDR `/n` is expanded to blocks of the next multiple of 8, at most 128 of them.
+pub const PEER_LEVELS6: [u8; 17] = [
+    128, 120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0,
+];
+
+/// The bit of [`MAP_SG_LEVELS6`]'s mask for prefix length `len` (a multiple of 8).
+#[inline(always)]
+pub const fn level6_bit(len: u8) -> u32 {
+    1 << (len / 8)
+}
+
+/// `addr` with only its first `len` bits, `len` a multiple of 8 (one of [`PEER_LEVELS6`]).
+#[inline(always)]
+pub const fn mask_addr6(addr: [u8; 16], len: u8) -> [u8; 16] {
+    let mut out = [0; 16];
+    let bytes = (len / 8) as usize;
+    let mut i = 0;
+    while i < 16 && i < bytes {
+        out[i] = addr[i];
+        i += 1;
+    }
+    out
+}
 
 /// A policy's inbound rules.
 pub const DIR_INGRESS: u32 = 0;
@@ -79,6 +117,20 @@ pub struct PeerKey {
     pub addr: u32,
 }
 map_type!(PeerKey, 12);
+
+/// Key of [`MAP_SG_PEERS6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey6 {
+    /// [`scope`] of the policy and direction.
+    pub scope: u32,
+    /// One of [`PEER_LEVELS6`].
+    pub len: u8,
+    pub _pad: [u8; 3],
+    /// The peer address masked to `len` bits ([`mask_addr6`]).
+    pub addr: [u8; 16],
+}
+map_type!(PeerKey6, 24);
 
 /// Value of [`MAP_SG_PEERS`]: what the peers of this entry may do.
 #[repr(C)]

@@ -7,18 +7,21 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use ecsnet_common::{
-    ct::{CtEntry, CtKey},
+    ct::{CtEntry, CtEntry6, CtKey, CtKey6},
     flow::{
         DEFAULT_FLOW_TABLE_SIZE, EVENTS_BYTES, EventBudget, FlowKey, FlowKey6, FlowState,
         FlowStats, FlowStats6, LostKey, MAX_FLOW_LOST_KEYS,
     },
     maps::{
-        CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragPorts, IfaceInfo,
-        MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS, NatConfig,
-        NatUseKey, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo, ct_new_size,
-        nat_use_size,
+        CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragKey6, FragPorts,
+        IfaceInfo, MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS,
+        NatConfig, NatUseKey, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo,
+        ct_new_size, nat_use_size,
     },
-    policy::{MAX_SG_PEERS, MAX_SG_RULES, PeerKey, PeerRules, RuleKey},
+    policy::{
+        MAX_SG_LEVELS6, MAX_SG_PEERS, MAX_SG_PEERS6, MAX_SG_RULES, PeerKey, PeerKey6, PeerRules,
+        RuleKey,
+    },
 };
 
 /// Declares each map under its own name (the `#[map]` default): the name user space pins it
@@ -85,11 +88,28 @@ maps! {
         0,
     );
 
+    /// The IPv6 connection table, as `CT` (sized with it at load time).
+    CT6: HashMap<CtKey6, CtEntry6> =
+        HashMap::with_max_entries(DEFAULT_CT_SIZE, BPF_F_NO_PREALLOC);
+
+    /// IPv6 flows nobody answered yet, as `CT_NEW`.
+    CT6_NEW: LruHashMap<CtKey6, CtEntry6> =
+        LruHashMap::with_max_entries(ct_new_size(DEFAULT_CT_SIZE), 0);
+
+    /// Ports of the first fragments of IPv6 datagrams, as `FRAGS`.
+    FRAGS6: LruHashMap<FragKey6, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
     /// Security groups: (policy, direction, peer prefix) -> rule set, written by `ecsnet apply`.
     SG_PEERS: HashMap<PeerKey, PeerRules> = HashMap::with_max_entries(MAX_SG_PEERS, 0);
 
     /// Security groups: (rule set, protocol, port block) -> allowed, written by `ecsnet apply`.
     SG_RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(MAX_SG_RULES, 0);
+
+    /// Security groups over IPv6: (policy, direction, peer prefix) -> rule set (in `SG_RULES`).
+    SG_PEERS6: HashMap<PeerKey6, PeerRules> = HashMap::with_max_entries(MAX_SG_PEERS6, 0);
+
+    /// The prefix lengths each scope's `SG_PEERS6` entries use (`ecsnet_common::policy`).
+    SG_LEVELS6: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SG_LEVELS6, 0);
 
     /// Per-flow counters of the open and the closing capture windows; user space sets the size at
     /// load time (`ecsnet up --flow-table-size`). Preallocated: counting never allocates.

@@ -4,13 +4,14 @@
 use ecsnet_common::{
     net::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     policy::{
-        INSTANCE_METADATA_ADDR, PEER_LEVELS, PORT_LEVELS, PeerKey, RuleKey, TASK_METADATA_ADDR,
-        icmp_port, mask_addr, mask_port, scope,
+        INSTANCE_METADATA_ADDR, PEER_LEVELS, PEER_LEVELS6, PORT_LEVELS, PeerKey, PeerKey6,
+        PeerRules, RuleKey, TASK_METADATA_ADDR, icmp_port, level6_bit, mask_addr, mask_addr6,
+        mask_port, scope,
     },
 };
 
 use crate::{
-    maps::{SG_PEERS, SG_RULES},
+    maps::{SG_LEVELS6, SG_PEERS, SG_PEERS6, SG_RULES},
     parse::Headers,
 };
 
@@ -61,9 +62,44 @@ pub fn allows_port(policy: u32, dir: u32, peer: u32, proto: u8, port: u16) -> bo
             break;
         }
     }
-    let Some(rules) = rules else {
+    rules.is_some_and(|r| rules_allow(r, proto, port))
+}
+
+#[expect(dead_code, reason = "the IPv6 datapath calls it next")]
+/// [`allows_port`] for an IPv6 peer: the same rule sets, found through `SG_PEERS6` at the
+/// prefix lengths the scope uses (`SG_LEVELS6`), longest first. A scope with no IPv6 entries
+/// allows no IPv6.
+#[inline(always)]
+pub fn allows6_port(policy: u32, dir: u32, peer: &[u8; 16], proto: u8, port: u16) -> bool {
+    if policy == 0 {
+        return true;
+    }
+    let scope = scope(policy, dir);
+    let Some(levels) = (unsafe { SG_LEVELS6.get(&scope) }).copied() else {
         return false;
     };
+    let mut rules = None;
+    for len in PEER_LEVELS6 {
+        if levels & level6_bit(len) == 0 {
+            continue;
+        }
+        let key = PeerKey6 {
+            scope,
+            len,
+            _pad: [0; 3],
+            addr: mask_addr6(*peer, len),
+        };
+        if let Some(r) = unsafe { SG_PEERS6.get(&key) } {
+            rules = Some(*r);
+            break;
+        }
+    }
+    rules.is_some_and(|r| rules_allow(r, proto, port))
+}
+
+/// Whether rule set `rules` allows `proto` to `port` (host byte order).
+#[inline(always)]
+fn rules_allow(rules: PeerRules, proto: u8, port: u16) -> bool {
     if rules.all != 0 {
         return true;
     }
