@@ -23,6 +23,7 @@ pub use ecsnet_lab::{
 };
 
 pub mod raw;
+pub mod sg_probe;
 pub mod traffic;
 pub mod world;
 
@@ -145,6 +146,30 @@ pub fn csum_errors(ns: &str) -> u64 {
         .filter(|(k, _)| k.ends_with(".InCsumErrors"))
         .map(|(_, v)| v)
         .sum()
+}
+
+/// The IPv6 checksum errors (`Icmp6InCsumErrors`, `Udp6InCsumErrors`) the kernel of namespace
+/// `ns` counted, by name; both must be there.
+pub fn csum6_errors(ns: &str) -> Vec<(String, u64)> {
+    let snmp6 = ns_exec(ns, &["cat", "/proc/net/snmp6"]);
+    let found: Vec<(String, u64)> = snmp6
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .filter(|(k, _)| *k == "Icmp6InCsumErrors" || *k == "Udp6InCsumErrors")
+        .map(|(k, v)| {
+            let n = v
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{k} {v:?}: {e}"));
+            (k.to_owned(), n)
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        2,
+        "{ns}'s /proc/net/snmp6 lacks a counter: {snmp6}"
+    );
+    found
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it opens belong to

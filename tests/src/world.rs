@@ -85,7 +85,7 @@ pub fn down_leaves_nothing(lab: Lab) {
 // ---- security groups ---------------------------------------------------------------------
 
 /// One `IpPermissions` entry: `peers` starting with `sg-` are group references
-/// (`UserIdGroupPairs`), the others CIDRs (`IpRanges`). `ports` is (`FromPort`, `ToPort`).
+/// (`UserIdGroupPairs`), the others CIDRs (`IpRanges`, or `Ipv6Ranges` for IPv6 ones). `ports` is (`FromPort`, `ToPort`).
 pub fn perm(proto: &str, ports: Option<(i32, i32)>, peers: &[&str]) -> Value {
     let mut p = json!({"IpProtocol": proto});
     if let Some((from, to)) = ports {
@@ -93,8 +93,12 @@ pub fn perm(proto: &str, ports: Option<(i32, i32)>, peers: &[&str]) -> Value {
         p["ToPort"] = json!(to);
     }
     let (groups, cidrs): (Vec<&str>, Vec<&str>) = peers.iter().partition(|p| p.starts_with("sg-"));
-    if !cidrs.is_empty() {
-        p["IpRanges"] = cidrs.iter().map(|c| json!({"CidrIp": c})).collect();
+    let (v6, v4): (Vec<&str>, Vec<&str>) = cidrs.iter().partition(|c| c.contains(':'));
+    if !v4.is_empty() {
+        p["IpRanges"] = v4.iter().map(|c| json!({"CidrIp": c})).collect();
+    }
+    if !v6.is_empty() {
+        p["Ipv6Ranges"] = v6.iter().map(|c| json!({"CidrIpv6": c})).collect();
     }
     if !groups.is_empty() {
         p["UserIdGroupPairs"] = groups.iter().map(|g| json!({"GroupId": g})).collect();
