@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub no_progress: bool,
+    /// Address families measured: ipv4, ipv6 or both (the labs dual stack, Docker's NAT66;
+    /// scaling and flow-log runs are IPv4's only).
+    #[arg(long, value_enum, default_value_t = bench::Families::Both)]
+    pub family: bench::Families,
     /// TCP congestion control of every socket the benchmark measures with (iperf3's and its
     /// own clients' and servers'). cubic is Linux's default; bbr
     /// paces with a timer, and on a small VM its throughput measures timer wake-ups more than
@@ -148,6 +152,9 @@ pub enum BenchCmd {
         /// TCP congestion control of the listening sockets (their connections inherit it).
         #[arg(long)]
         congestion: Option<String>,
+        /// Listen on `[::]` too (IPv6 only), beside 0.0.0.0.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Request/response latency on one TCP connection (JSON).
     #[command(hide = true)]
@@ -339,6 +346,7 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
                 svg: b.svg,
                 progress: !b.no_progress,
                 congestion: b.congestion,
+                families: b.family,
                 ..base
             };
             let r = bench::run(&o, b.quick)?;
@@ -389,11 +397,12 @@ fn bench_cmd_run(b: BenchArgs) -> anyhow::Result<()> {
             crr_port,
             cpu,
             congestion,
+            ipv6,
         }) => {
             if let Some(cpu) = cpu {
                 loadgen::pin_to(cpu)?;
             }
-            loadgen::serve(rr_port, crr_port, congestion.as_deref())?;
+            loadgen::serve(rr_port, crr_port, congestion.as_deref(), ipv6)?;
         }
         Some(BenchCmd::Rr { client, size, cpu }) => {
             if let Some(cpu) = cpu {

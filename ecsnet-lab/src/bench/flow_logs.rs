@@ -9,7 +9,7 @@ use ecsnet::{flowlog, store::paths::InstancePaths};
 
 use super::{
     BenchError, median,
-    plan::{BenchPath, Mode, on_off},
+    plan::{BenchPath, Family, Mode, on_off},
     preflight,
     run::SERVERS_START,
     tools::{Labs, WINDOW_SECS, endpoints, iperf3_tcp},
@@ -51,14 +51,14 @@ pub fn flow_logs(
 ) -> Result<FlowLogBench, BenchError> {
     preflight(rounds, seconds, congestion)?;
     let mut labs = Labs::new(congestion)?;
-    let s = labs.lab_up(format!("bfl{}", std::process::id() % 100_000), false)?;
+    let s = labs.lab_up(format!("bfl{}", std::process::id() % 100_000), false, false)?;
     labs.ecsnet_up(&s, &["--xdp-mode", xdp_mode])?;
-    labs.servers_in(&s.tasks[1].netns)?;
+    labs.servers_in(&s.tasks[1].netns, false)?;
     std::thread::sleep(SERVERS_START);
     let paths = InstancePaths::new(&s.name);
     let mut results = Vec::new();
     for path in [BenchPath::TaskToTask, BenchPath::Published] {
-        let (ns, target) = endpoints(&s, Mode::Ecsnet, path);
+        let (ns, target) = endpoints(&s, Mode::Ecsnet, path, Family::Ipv4)?;
         let (mut on, mut off) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             for enabled in on_off(round) {

@@ -54,18 +54,53 @@ fn set_congestion(s: &impl std::os::fd::AsFd, name: &str) -> std::io::Result<()>
 /// connection inline (no thread per connection, whose start-up would dominate a short one).
 const SERVER_THREADS: usize = 4;
 
+/// A listener on `[::]:port` for IPv6 only (`IPV6_V6ONLY`), so that one on 0.0.0.0 can hold
+/// the same port for IPv4: IPv4 clients meet the same sockets whether the namespace has IPv6
+/// or not.
+fn listen_ipv6_only(port: u16) -> std::io::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let any = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn6::from(any),
+    )?;
+    listen(&fd, Backlog::MAXCONN)?;
+    Ok(TcpListener::from(fd))
+}
+
 /// Serves echo on `rr_port` (until the client closes) and one reply per connection on
-/// `crr_port`, until killed.
+/// `crr_port`, until killed: on 0.0.0.0, and with `ipv6` on `[::]` too.
 pub fn serve(
     rr_port: Option<u16>,
     crr_port: Option<u16>,
     congestion: Option<&str>,
+    ipv6: bool,
 ) -> Result<(), LoadError> {
     let mut threads = Vec::new();
     let ports = [(rr_port, false), (crr_port, true)];
-    for (port, once) in ports.into_iter().filter_map(|(p, once)| Some((p?, once))) {
-        let l = TcpListener::bind(("0.0.0.0", port))
-            .map_err(|source| LoadError::Listen { port, source })?;
+    let families: &[bool] = if ipv6 { &[false, true] } else { &[false] };
+    let ports = ports
+        .into_iter()
+        .filter_map(|(p, once)| Some((p?, once)))
+        .flat_map(|(p, once)| families.iter().map(move |&v6| (p, once, v6)));
+    for (port, once, v6) in ports {
+        let l = if v6 {
+            listen_ipv6_only(port)
+        } else {
+            TcpListener::bind(("0.0.0.0", port))
+        }
+        .map_err(|source| LoadError::Listen { port, source })?;
         if let Some(cc) = congestion {
             set_congestion(&l, cc).map_err(|source| LoadError::Listen { port, source })?;
         }
@@ -84,7 +119,7 @@ pub fn serve(
             }));
         }
     }
-    println!("serving rr on tcp {rr_port:?}, crr on tcp {crr_port:?}");
+    println!("serving rr on tcp {rr_port:?}, crr on tcp {crr_port:?}, ipv6 {ipv6}");
     for t in threads {
         let _ = t.join();
     }

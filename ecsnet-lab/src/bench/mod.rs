@@ -21,7 +21,7 @@ pub use discovery::{
     DiscoveryBench, DiscoveryLoad, DiscoveryRun, Latency, discovery, render_discovery,
 };
 pub use flow_logs::{FlowLogBench, PathResult, flow_logs, render_flow_logs};
-pub use plan::{BenchPath, Metric, Mode};
+pub use plan::{BenchPath, Families, Family, Metric, Mode};
 pub use report::{BenchReport, Row, Target, render, svg};
 pub use run::run;
 pub use scale::{ScaleBench, render_scale, scale};
@@ -86,6 +86,8 @@ pub struct BenchOptions {
     pub progress: bool,
     /// TCP congestion control of every lab namespace.
     pub congestion: String,
+    /// Address families of the main phase (the labs are dual stack when IPv6 is measured).
+    pub families: Families,
 }
 
 impl BenchOptions {
@@ -100,6 +102,7 @@ impl BenchOptions {
             svg: None,
             progress: true,
             congestion: DEFAULT_CONGESTION.to_owned(),
+            families: Families::Both,
         }
     }
 

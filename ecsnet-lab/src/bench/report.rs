@@ -7,12 +7,13 @@ use serde::Serialize;
 
 use super::{
     chart, median,
-    plan::{BenchPath, Metric, Mode},
+    plan::{BenchPath, Family, Metric, Mode},
 };
 use crate::progcost::{self, ProgramCost};
 
-/// Samples as they come: (metric, path, scale, flow logs) -> per mode, values in raw units.
-pub(super) type Key = (Metric, BenchPath, Option<usize>, Option<bool>);
+/// Samples as they come: (metric, path, family, scale, flow logs) -> per mode, values in raw
+/// units.
+pub(super) type Key = (Metric, BenchPath, Family, Option<usize>, Option<bool>);
 
 /// Medians of one metric on one path (or at one scale) in every mode measured.
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +23,8 @@ pub struct Row {
     pub label: String,
     pub unit: &'static str,
     pub path: BenchPath,
+    /// IPv4 or IPv6; ratios are against the other modes in the same family.
+    pub family: Family,
     /// The extra published ports and rules of a scaling row.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale: Option<usize>,
@@ -58,6 +61,8 @@ pub struct BenchReport {
     pub quick: bool,
     /// TCP congestion control of the labs.
     pub congestion: String,
+    /// Address families measured (`--family`).
+    pub families: Vec<Family>,
     pub kernel: String,
     pub cpus: usize,
     pub rows: Vec<Row>,
@@ -71,7 +76,7 @@ pub struct BenchReport {
 /// The rows of a run's samples, each with its medians and ratios.
 pub(super) fn rows(values: &BTreeMap<Key, BTreeMap<Mode, Vec<f64>>>) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (&(metric, path, scale, flow_logs), by_mode) in values {
+    for (&(metric, path, family, scale, flow_logs), by_mode) in values {
         let samples: BTreeMap<Mode, Vec<f64>> = by_mode
             .iter()
             .map(|(m, v)| (*m, v.iter().map(|x| metric.scale(*x)).collect()))
@@ -93,11 +98,15 @@ pub(super) fn rows(values: &BTreeMap<Key, BTreeMap<Mode, Vec<f64>>>) -> Vec<Row>
                 if on { "on" } else { "off" }
             );
         }
+        if family == Family::Ipv6 {
+            label.push_str(", IPv6");
+        }
         rows.push(Row {
             metric,
             label,
             unit: metric.unit(),
             path,
+            family,
             scale,
             flow_logs,
             higher_is_better: metric.higher_is_better(),
@@ -107,25 +116,33 @@ pub(super) fn rows(values: &BTreeMap<Key, BTreeMap<Mode, Vec<f64>>>) -> Vec<Row>
             samples,
         });
     }
-    // Main rows first (by path, then metric), then scaling, then flow logs.
+    // Main rows first (by path, then metric, the IPv6 row under the IPv4 one), then scaling,
+    // then flow logs.
     rows.sort_by_key(|r| {
         (
             u8::from(r.scale.is_some()) + 2 * u8::from(r.flow_logs.is_some()),
             r.path,
             r.scale,
             r.metric,
+            r.family,
             r.flow_logs,
         )
     });
     rows
 }
 
+/// The IPv4 row of `metric` on `path` (at `scale`): the targets are IPv4's.
 fn find(rows: &[Row], metric: Metric, path: BenchPath, scale: Option<usize>) -> Option<&Row> {
-    rows.iter()
-        .find(|r| r.metric == metric && r.path == path && r.scale == scale && r.flow_logs.is_none())
+    rows.iter().find(|r| {
+        r.metric == metric
+            && r.path == path
+            && r.family == Family::Ipv4
+            && r.scale == scale
+            && r.flow_logs.is_none()
+    })
 }
 
-/// The targets, as this run measured them.
+/// The benchmark issue's targets (IPv4's), as this run measured them.
 pub(super) fn targets(rows: &[Row]) -> Vec<Target> {
     let mut out = Vec::new();
     let mut check = |what: String, got: Option<f64>, at_most: bool, bound: f64| {
@@ -238,7 +255,7 @@ fn fmt_ratio(v: Option<f64>) -> String {
 /// The table `ecsnet bench` prints.
 pub fn render(r: &BenchReport) -> String {
     let mut out = format!(
-        "ecsnet bench{}: {} round(s) of {} s per tool run, medians; TCP {}; kernel {}, {} CPUs, {:.0} s\n\n",
+        "ecsnet bench{}: {} round(s) of {} s per tool run, medians; {}; TCP {}; kernel {}, {} CPUs, {:.0} s\n\n",
         if r.quick {
             " --quick (proves the benchmark runs; too short to judge speed)"
         } else {
@@ -246,6 +263,7 @@ pub fn render(r: &BenchReport) -> String {
         },
         r.rounds,
         r.seconds,
+        families(&r.families),
         r.congestion,
         r.kernel,
         r.cpus,
@@ -282,6 +300,15 @@ pub fn render(r: &BenchReport) -> String {
         );
     }
     out
+}
+
+/// "IPv4 and IPv6", "IPv6 only" ...
+fn families(f: &[Family]) -> &'static str {
+    match f {
+        [Family::Ipv4] => "IPv4 only",
+        [Family::Ipv6] => "IPv6 only (the labs dual stack)",
+        _ => "IPv4 and IPv6 (the labs dual stack, IPv6 ratios against IPv6)",
+    }
 }
 
 /// A line of the table: the metric, its unit, the three modes' medians and the two ratios.
@@ -340,4 +367,55 @@ pub fn svg(r: &BenchReport) -> String {
         references: vec![(1.0, "= the other mode".to_owned())],
         groups,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Samples of TCP 1 stream task to task in both families: bridge 10 and 20 Gbit/s for
+    /// IPv4, 5 for IPv6.
+    fn both_families() -> BTreeMap<Key, BTreeMap<Mode, Vec<f64>>> {
+        let key = |family| (Metric::Tcp1, BenchPath::TaskToTask, family, None, None);
+        let by_mode = |bridge: f64, ecsnet: f64, ceiling: f64| {
+            BTreeMap::from([
+                (Mode::Bridge, vec![bridge * 1e9]),
+                (Mode::Ecsnet, vec![ecsnet * 1e9]),
+                (Mode::Ceiling, vec![ceiling * 1e9]),
+            ])
+        };
+        BTreeMap::from([
+            (key(Family::Ipv6), by_mode(5.0, 10.0, 20.0)),
+            (key(Family::Ipv4), by_mode(20.0, 10.0, 40.0)),
+        ])
+    }
+
+    #[test]
+    #[expect(clippy::float_cmp, reason = "ratios of exact small binary fractions")]
+    fn ipv6_rows_sit_under_ipv4_with_their_own_ratios() {
+        let rows = rows(&both_families());
+        let got: Vec<(Family, &str)> = rows.iter().map(|r| (r.family, r.label.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Family::Ipv4, "TCP 1 stream, task to task"),
+                (Family::Ipv6, "TCP 1 stream, task to task, IPv6"),
+            ]
+        );
+        assert_eq!(rows[0].ecsnet_vs_bridge, Some(0.5));
+        assert_eq!(rows[0].ecsnet_vs_ceiling, Some(0.25));
+        assert_eq!(rows[1].ecsnet_vs_bridge, Some(2.0), "against IPv6 bridge");
+        assert_eq!(rows[1].ecsnet_vs_ceiling, Some(0.5), "against IPv6 ceiling");
+        let json = serde_json::to_value(&rows[1]).unwrap();
+        assert_eq!(json["family"], "ipv6");
+
+        // The targets read IPv4's row only.
+        let t = targets(&rows);
+        let tcp = t
+            .iter()
+            .find(|t| t.what == "TCP 1 stream ecsnet/bridge, task to task")
+            .expect("the IPv4 target");
+        assert_eq!(tcp.got, 0.5);
+        assert!(t.iter().all(|t| !t.what.contains("IPv6")));
+    }
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::{IsTerminal as _, Write as _},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,7 @@ use ecsnet::{
 use super::{
     BenchError, BenchOptions,
     loadgen::{self, CrrResult, RrResult},
-    plan::{BenchPath, Metric, Mode, Phase, Probe, Step, plan},
+    plan::{BenchPath, Family, Metric, Mode, Phase, Probe, Step, plan},
     preflight,
     report::{BenchReport, Key, rows, svg, targets},
     step,
@@ -37,34 +37,40 @@ pub(super) const SERVERS_START: Duration = Duration::from_millis(500);
 
 /// Every mode's lab, built before the first round so rounds can alternate between modes
 /// without reloading anything: `bridge` (Docker's rules, no ecsnet), `ecsnet` (the same lab
-/// with ecsnet up) and `ceiling` (no bridge, no netfilter: `LabSpec::ceiling`).
+/// with ecsnet up) and `ceiling` (no bridge, no netfilter: `LabSpec::ceiling`). With `ipv6`,
+/// each is dual stack: Docker's NAT66 in bridge and ecsnet, routes in the ceiling.
 struct Rig {
     labs: Labs,
     status: BTreeMap<Mode, LabStatus>,
 }
 
 impl Rig {
-    fn build(congestion: &str) -> Result<Rig, BenchError> {
+    fn build(congestion: &str, ipv6: bool) -> Result<Rig, BenchError> {
         let mut labs = Labs::new(congestion)?;
         let id = std::process::id() % 100_000;
         let mut status = BTreeMap::new();
         for mode in Mode::ALL {
             let name = format!("b{}{id}", &mode.name()[..1]);
-            status.insert(mode, labs.lab_up(name, mode == Mode::Ceiling)?);
+            status.insert(mode, labs.lab_up(name, mode == Mode::Ceiling, ipv6)?);
         }
         labs.ecsnet_up(&status[&Mode::Ecsnet], &["--ct-size", BENCH_CT_SIZE])?;
         for s in status.values() {
-            labs.servers_in(&s.tasks[1].netns)?;
-            labs.servers_in(&s.client.netns)?;
+            labs.servers_in(&s.tasks[1].netns, ipv6)?;
+            labs.servers_in(&s.client.netns, ipv6)?;
         }
         // The servers bind at once; iperf3 runs retry a refused connection once besides.
         std::thread::sleep(SERVERS_START);
         Ok(Rig { labs, status })
     }
 
-    /// Namespace the client of `path` runs in, and the server's address.
-    fn endpoints(&self, mode: Mode, path: BenchPath) -> (String, Ipv4Addr) {
-        endpoints(&self.status[&mode], mode, path)
+    /// Namespace the client of `path` runs in, and the server's address in `family`.
+    fn endpoints(
+        &self,
+        mode: Mode,
+        path: BenchPath,
+        family: Family,
+    ) -> Result<(String, IpAddr), BenchError> {
+        endpoints(&self.status[&mode], mode, path, family)
     }
 }
 
@@ -87,15 +93,28 @@ impl Samples {
         clippy::cast_precision_loss,
         reason = "round trips in nanoseconds are far below 2^52"
     )]
-    fn push_rr(&mut self, path: BenchPath, scale: Option<usize>, mode: Mode, r: &RrResult) {
+    fn push_rr(&mut self, at: &At, mode: Mode, r: &RrResult) {
         for (m, ns) in [
             (Metric::RrP50, r.p50_ns),
             (Metric::RrP90, r.p90_ns),
             (Metric::RrP99, r.p99_ns),
             (Metric::RrP999, r.p999_ns),
         ] {
-            self.push((m, path, scale, None), mode, ns as f64);
+            self.push(at.key(m), mode, ns as f64);
         }
+    }
+}
+
+/// Where a main or scaling step measures: its path, family and scale.
+struct At {
+    path: BenchPath,
+    family: Family,
+    scale: Option<usize>,
+}
+
+impl At {
+    fn key(&self, m: Metric) -> Key {
+        (m, self.path, self.family, self.scale, None)
     }
 }
 
@@ -105,7 +124,7 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
     let started = Instant::now();
     let progress = Progress::new(o.progress);
     progress.say("building the bridge, ecsnet and ceiling labs");
-    let rig = Rig::build(&o.congestion)?;
+    let rig = Rig::build(&o.congestion, o.families.has(Family::Ipv6))?;
     let steps = plan(o);
     let mut samples = Samples {
         values: BTreeMap::new(),
@@ -123,28 +142,35 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
             scale_now = scale;
         }
         match st.phase {
-            Phase::Main { path, probe } => {
-                measure(&rig, o, st.mode, path, probe, None, &mut samples)?;
+            Phase::Main {
+                family,
+                path,
+                probe,
+            } => {
+                let at = At {
+                    path,
+                    family,
+                    scale: None,
+                };
+                measure(&rig, o, st.mode, &at, probe, &mut samples)?;
             }
             Phase::Scale { n, probe } => {
-                measure(
-                    &rig,
-                    o,
-                    st.mode,
-                    BenchPath::Published,
-                    probe,
-                    Some(n),
-                    &mut samples,
-                )?;
+                let at = At {
+                    path: BenchPath::Published,
+                    family: Family::Ipv4,
+                    scale: Some(n),
+                };
+                measure(&rig, o, st.mode, &at, probe, &mut samples)?;
             }
             Phase::FlowLogs { path, on } => {
                 let e = &rig.status[&Mode::Ecsnet];
                 let paths = InstancePaths::new(&e.name);
                 flowlog::set_enabled(&paths, on)?;
-                let (ns, target) = rig.endpoints(Mode::Ecsnet, path);
+                let (ns, target) = rig.endpoints(Mode::Ecsnet, path, Family::Ipv4)?;
                 let bps = iperf3_tcp(&ns, target, o.seconds, 1, &o.congestion);
                 flowlog::set_enabled(&paths, true)?;
-                samples.push((Metric::Tcp1, path, None, Some(on)), st.mode, bps?);
+                let key = (Metric::Tcp1, path, Family::Ipv4, None, Some(on));
+                samples.push(key, st.mode, bps?);
             }
         }
     }
@@ -157,6 +183,7 @@ pub fn run(o: &BenchOptions, quick: bool) -> Result<BenchReport, BenchError> {
     let targets = targets(&rows);
     let report = BenchReport {
         congestion: o.congestion.clone(),
+        families: o.families.list().to_vec(),
         rounds: o.rounds,
         seconds: o.seconds,
         quick,
@@ -188,12 +215,11 @@ fn measure(
     rig: &Rig,
     o: &BenchOptions,
     mode: Mode,
-    path: BenchPath,
+    at: &At,
     probe: Probe,
-    scale: Option<usize>,
     samples: &mut Samples,
 ) -> Result<(), BenchError> {
-    let (ns, target) = rig.endpoints(mode, path);
+    let (ns, target) = rig.endpoints(mode, at.path, at.family)?;
     // `bench rr|crr`, the client's arguments and `extra`, against `port` of the target.
     let client_args = |command: &str, port: u16, extra: &[String]| -> Vec<String> {
         let client = loadgen::Client {
@@ -216,11 +242,11 @@ fn measure(
                 Metric::Tcp4
             };
             let bps = iperf3_tcp(&ns, target, o.seconds, streams, &o.congestion)?;
-            samples.push((m, path, scale, None), mode, bps);
+            samples.push(at.key(m), mode, bps);
         }
         Probe::Udp => {
             let pps = iperf3_udp(&ns, target, o.seconds)?;
-            samples.push((Metric::UdpSmall, path, scale, None), mode, pps);
+            samples.push(at.key(Metric::UdpSmall), mode, pps);
         }
         Probe::Rr => {
             let extra = [
@@ -231,14 +257,14 @@ fn measure(
             ];
             let args = client_args("rr", RR_PORT, &extra);
             let r: RrResult = rig.labs.tool_json(&ns, &strs(&args))?;
-            samples.push_rr(path, scale, mode, &r);
+            samples.push_rr(at, mode, &r);
         }
         Probe::Crr => {
             let extra = ["--threads".into(), o.crr_threads.to_string()];
             let args = client_args("crr", CRR_PORT, &extra);
             let r: CrrResult = rig.labs.tool_json(&ns, &strs(&args))?;
             *samples.conn_failures.entry(mode).or_default() += r.failures;
-            samples.push((Metric::ConnRate, path, scale, None), mode, r.per_second);
+            samples.push(at.key(Metric::ConnRate), mode, r.per_second);
         }
     }
     Ok(())
@@ -381,7 +407,14 @@ impl Progress {
 
     fn step(&self, i: usize, total: usize, rounds: usize, st: &Step) {
         let what = match st.phase {
-            Phase::Main { path, probe } => format!("{}, {}", probe.name(), path.name()),
+            Phase::Main {
+                family: Family::Ipv4,
+                path,
+                probe,
+            } => format!("{}, {}", probe.name(), path.name()),
+            Phase::Main { path, probe, .. } => {
+                format!("{}, {}, IPv6", probe.name(), path.name())
+            }
             Phase::Scale { n, probe } => format!("{}, {n} ports and rules", probe.name()),
             Phase::FlowLogs { path, on } => format!(
                 "TCP 1 stream, {}, flow logs {}",

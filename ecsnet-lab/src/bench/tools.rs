@@ -2,7 +2,7 @@
 //! that measure: iperf3 in a namespace, the load generator, the ecsnet binary under test.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -14,10 +14,10 @@ use ecsnet::state::Protocol;
 
 use super::{
     BenchError,
-    plan::{BenchPath, Mode},
+    plan::{BenchPath, Family, Mode},
     step,
 };
-use crate::lab::{self, LabSpec, LabStatus, Publish};
+use crate::lab::{self, Ipv6Mode, LabSpec, LabStatus, Publish};
 
 /// Container ports of the benchmark's servers, published 1:1 on the host.
 pub(super) const IPERF_PORT: u16 = 5201;
@@ -73,10 +73,16 @@ impl Labs {
         serde_json::from_str(&out).map_err(|e| step(what)(format!("{e}: {out}")))
     }
 
-    /// The benchmark's lab (`lab_spec`), registered first so a half-built one goes too.
-    pub(super) fn lab_up(&mut self, name: String, ceiling: bool) -> Result<LabStatus, BenchError> {
+    /// The benchmark's lab (`lab_spec`), registered first so a half-built one goes too;
+    /// dual stack with `ipv6`.
+    pub(super) fn lab_up(
+        &mut self,
+        name: String,
+        ceiling: bool,
+        ipv6: bool,
+    ) -> Result<LabStatus, BenchError> {
         self.names.push(name.clone());
-        Ok(lab::up(&lab_spec(name, ceiling))?)
+        Ok(lab::up(&lab_spec(name, ceiling, ipv6))?)
     }
 
     /// A lab of `spec`, registered first so a half-built one goes too.
@@ -133,8 +139,10 @@ impl Labs {
         Ok(())
     }
 
-    /// iperf3 and the rr and crr servers in `ns`; the rr server on `RR_CPU`.
-    pub(super) fn servers_in(&mut self, ns: &str) -> Result<(), BenchError> {
+    /// iperf3 and the rr and crr servers in `ns`; the rr server on `RR_CPU`. iperf3 listens
+    /// on `[::]` for both families; with `ipv6`, the rr and crr servers listen on `[::]` too,
+    /// beside 0.0.0.0 (so IPv4 meets the same sockets with or without IPv6).
+    pub(super) fn servers_in(&mut self, ns: &str, ipv6: bool) -> Result<(), BenchError> {
         let exe = self.tool.display().to_string();
         let cc = self.congestion.clone();
         let (rr, crr, cpu) = (
@@ -143,32 +151,12 @@ impl Labs {
             RR_CPU.to_string(),
         );
         self.spawn(ns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
-        self.spawn(
-            ns,
-            &[
-                &exe,
-                "bench",
-                "serve",
-                "--rr-port",
-                &rr,
-                "--cpu",
-                &cpu,
-                "--congestion",
-                &cc,
-            ],
-        )?;
-        self.spawn(
-            ns,
-            &[
-                &exe,
-                "bench",
-                "serve",
-                "--crr-port",
-                &crr,
-                "--congestion",
-                &cc,
-            ],
-        )
+        let v6: &[&str] = if ipv6 { &["--ipv6"] } else { &[] };
+        let serve = [exe.as_str(), "bench", "serve", "--congestion", &cc];
+        let rr_args = [&serve[..], &["--rr-port", &rr, "--cpu", &cpu], v6].concat();
+        self.spawn(ns, &rr_args)?;
+        let crr_args = [&serve[..], &["--crr-port", &crr], v6].concat();
+        self.spawn(ns, &crr_args)
     }
 }
 
@@ -188,8 +176,9 @@ impl Drop for Labs {
 }
 
 /// The lab every mode gets: two tasks; task1 publishes 80 on 8080 (its echo server), task2
-/// publishes the benchmark's servers 1:1.
-fn lab_spec(name: String, ceiling: bool) -> LabSpec {
+/// publishes the benchmark's servers 1:1. With `ipv6`, dual stack: Docker's NAT66 on a
+/// bridge-mode host (`lab up --ipv6 nat`), plain routes in the ceiling (`--ipv6 routed`).
+fn lab_spec(name: String, ceiling: bool, ipv6: bool) -> LabSpec {
     let p = |task, port, protocol| Publish {
         task,
         host_port: port,
@@ -212,21 +201,49 @@ fn lab_spec(name: String, ceiling: bool) -> LabSpec {
         ],
         ceiling,
         unserved: vec![IPERF_PORT, RR_PORT, CRR_PORT],
-        ipv6: None,
+        ipv6: ipv6.then_some(if ceiling {
+            Ipv6Mode::Routed
+        } else {
+            Ipv6Mode::Nat
+        }),
     }
 }
 
-/// In `mode`'s lab `lab`: the namespace the client of `path` runs in, and the server's address.
-pub(super) fn endpoints(lab: &LabStatus, mode: Mode, path: BenchPath) -> (String, Ipv4Addr) {
+/// In `mode`'s lab `lab`: the namespace the client of `path` runs in, and the server's address
+/// in `family` (IPv6: task2's address in `fixed-cidr-v6`, the uplink's and the client's
+/// IPv6 addresses). A lab built without IPv6 has no IPv6 endpoints: an error.
+pub(super) fn endpoints(
+    lab: &LabStatus,
+    mode: Mode,
+    path: BenchPath,
+    family: Family,
+) -> Result<(String, IpAddr), BenchError> {
     let task1 = lab.tasks[0].netns.clone();
-    let task2 = lab.tasks[1].address;
-    match path {
+    let (task2, uplink, client) = match family {
+        Family::Ipv4 => (
+            Some(lab.tasks[1].address.into()),
+            Some(lab.host.uplink_address.into()),
+            Some(lab.client.address.into()),
+        ),
+        Family::Ipv6 => (
+            lab.tasks[1].address6.map(IpAddr::from),
+            lab.host.uplink_address6.map(IpAddr::from),
+            lab.client.address6.map(IpAddr::from),
+        ),
+    };
+    let (ns, to) = match path {
         BenchPath::TaskToTask => (task1, task2),
         // The ceiling has no published ports: the client reaches the task itself.
         BenchPath::Published if mode == Mode::Ceiling => (lab.client.netns.clone(), task2),
-        BenchPath::Published => (lab.client.netns.clone(), lab.host.uplink_address),
-        BenchPath::Outside => (task1, lab.client.address),
-    }
+        BenchPath::Published => (lab.client.netns.clone(), uplink),
+        BenchPath::Outside => (task1, client),
+    };
+    let to = to.ok_or_else(|| {
+        step(format!("{} over IPv6 in lab {}", path.name(), lab.name))(
+            "the lab has no IPv6 (built without --ipv6)".to_owned(),
+        )
+    })?;
+    Ok((ns, to))
 }
 
 /// The `ecsnet` binary the benchmark drives: the one next to this binary (a cargo build puts
@@ -305,20 +322,24 @@ pub(super) fn check_congestion(name: &str) -> Result<(), BenchError> {
 /// `cc` is the senders' congestion control (iperf3 sets it on the server's sockets too).
 pub(super) fn iperf3_tcp(
     ns: &str,
-    target: Ipv4Addr,
+    target: IpAddr,
     seconds: u64,
     streams: u32,
     cc: &str,
 ) -> Result<f64, BenchError> {
     let (t, secs, p) = (target.to_string(), seconds.to_string(), streams.to_string());
     let port = IPERF_PORT.to_string();
-    let v = iperf3_json(
-        ns,
-        &["-c", &t, "-p", &port, "-t", &secs, "-P", &p, "-C", cc],
-    )?;
+    let args = ["-c", &t, "-p", &port, "-t", &secs, "-P", &p, "-C", cc];
+    let v = iperf3_json(ns, &[&args[..], family_flag(target)].concat())?;
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| step(format!("iperf3 -c {t}"))("no received rate".to_owned()))
+}
+
+/// iperf3's `-6` for an IPv6 target (it would find the family by itself; said, so a run's
+/// arguments show it), nothing for IPv4.
+fn family_flag(target: IpAddr) -> &'static [&'static str] {
+    if target.is_ipv6() { &["-6"] } else { &[] }
 }
 
 /// Payload of the small UDP datagrams.
@@ -326,19 +347,17 @@ const UDP_PAYLOAD: u16 = 64;
 
 /// iperf3 UDP from `ns` to `target`, 64-byte datagrams as fast as the sender can: datagrams
 /// per second received.
-pub(super) fn iperf3_udp(ns: &str, target: Ipv4Addr, seconds: u64) -> Result<f64, BenchError> {
+pub(super) fn iperf3_udp(ns: &str, target: IpAddr, seconds: u64) -> Result<f64, BenchError> {
     let (t, secs, len) = (
         target.to_string(),
         seconds.to_string(),
         UDP_PAYLOAD.to_string(),
     );
     let port = IPERF_PORT.to_string();
-    let v = iperf3_json(
-        ns,
-        &[
-            "-c", &t, "-p", &port, "-t", &secs, "-u", "-b", "0", "-l", &len,
-        ],
-    )?;
+    let args = [
+        "-c", &t, "-p", &port, "-t", &secs, "-u", "-b", "0", "-l", &len,
+    ];
+    let v = iperf3_json(ns, &[&args[..], family_flag(target)].concat())?;
     let r = &v["end"]["sum_received"];
     match (r["bytes"].as_f64(), r["seconds"].as_f64()) {
         (Some(bytes), Some(s)) if s > 0.0 => Ok(bytes / f64::from(UDP_PAYLOAD) / s),

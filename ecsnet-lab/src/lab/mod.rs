@@ -222,7 +222,8 @@ pub struct LabSpec {
     pub publish: Vec<Publish>,
     /// The benchmark's `ceiling`: no bridge and no netfilter, each task behind a /32 route on
     /// its own veth, and the client routing the task subnet through the host. Published ports
-    /// mean nothing there; the client reaches tasks at their own addresses.
+    /// mean nothing there; the client reaches tasks at their own addresses. Dual stack only
+    /// with `Ipv6Mode::Routed` (a /128 route per task, nothing translated).
     pub ceiling: bool,
     /// Container ports the lab's echo server leaves free, for servers of the caller's own
     /// (the benchmark's iperf3).
@@ -569,9 +570,9 @@ pub fn up_with(spec: &LabSpec, engine: Option<EngineOptions>) -> Result<LabStatu
              imitation only",
         ));
     }
-    if spec.ceiling && spec.ipv6.is_some() {
+    if spec.ceiling && spec.ipv6 == Some(Ipv6Mode::Nat) {
         return Err(LabError::Conflict(
-            "--ipv6 builds a bridge, --ceiling has none",
+            "--ceiling translates nothing: it takes --ipv6 routed, not nat",
         ));
     }
     if engine.is_some() {

@@ -116,6 +116,9 @@ pub(super) fn build(
             host.set_sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
         } else if ceiling {
             host.sysctl("net.ipv4.ip_forward")?;
+            if v6 {
+                host.sysctl("net.ipv6.conf.all.forwarding")?;
+            }
             // The client routes the task subnet through the host: nothing translates.
             let subnet = Ipv4Addr::from(u32::from(BRIDGE_ADDR) & !(u32::MAX >> BRIDGE_PREFIX));
             let to_tasks = route()
@@ -263,7 +266,8 @@ async fn bridged_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), Lab
 }
 
 /// A task's veth in the ceiling: the host side holds the gateway address and a /32 route to
-/// the task; the task's only route is its default, on-link through that gateway.
+/// the task (and with IPv6, `fe80::1` and a /128 route); the task's only route is its default,
+/// on-link through that gateway.
 async fn routed_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), LabError> {
     let (veth, addr) = (task.interface.as_str(), task.address);
     host.address(veth, BRIDGE_ADDR.into(), 32).await?;
@@ -279,7 +283,24 @@ async fn routed_task(host: &Ns, task_ns: &Ns, task: &LabTask) -> Result<(), LabE
         .output_interface(task_ns.index(TASK_LINK).await?)
         .onlink();
     let what = format!("default via {BRIDGE_ADDR} dev {TASK_LINK} onlink");
-    task_ns.plug(addr, 32, &what, default).await
+    task_ns.plug(addr, 32, &what, default).await?;
+    let Some(addr6) = task.address6 else {
+        return Ok(());
+    };
+    // IPv6 the same way: the host side holds `fe80::1` (as docker0 does), a /128 route leads
+    // to the task, and the task's default goes through `fe80::1` on its link.
+    host.address(veth, DOCKER_LINK_LOCAL.into(), 64).await?;
+    let to_task = route6()
+        .destination_prefix(addr6, 128)
+        .output_interface(host.index(veth).await?);
+    host.route(&format!("{addr6}/128 dev {veth}"), to_task)
+        .await?;
+    task_ns.address(TASK_LINK, addr6.into(), 128).await?;
+    let default = route6()
+        .gateway(DOCKER_LINK_LOCAL)
+        .output_interface(task_ns.index(TASK_LINK).await?);
+    let what = format!("default via {DOCKER_LINK_LOCAL} dev {TASK_LINK}");
+    task_ns.route(&what, default).await
 }
 
 /// The link-local address dockerd puts on docker0 beside the `fixed-cidr-v6` gateway.
