@@ -182,6 +182,7 @@ fn families(s: &Stats) -> Vec<Family<'_>> {
         "Tracked flows by kind.",
         by_label("kind", &c.flows),
     ));
+    out.extend(conntrack_tables(c));
     out.extend(flow_log_counts(s));
     out.extend(agent_families(&s.agent));
     if let Some(e) = &s.engine {
@@ -300,6 +301,53 @@ fn conntrack_gauges(c: &ConntrackStats) -> [Family<'static>; 7] {
         ),
     ]
     .map(Family::one)
+}
+
+/// Each connection table's entries and capacity, by its map's name (`CT`, `CT_NEW` and the
+/// IPv6 `CT6`, `CT6_NEW`), and the IPv6 flows by kind (IPv4's are `ecsnet_conntrack_flows`).
+fn conntrack_tables(c: &ConntrackStats) -> [Family<'_>; 3] {
+    use ecsnet_common::maps::{MAP_CT, MAP_CT_NEW, MAP_CT6, MAP_CT6_NEW};
+    let v6 = &c.ipv6;
+    let tables = [
+        (
+            MAP_CT,
+            c.entries.saturating_sub(c.unanswered_entries),
+            c.capacity,
+        ),
+        (MAP_CT_NEW, c.unanswered_entries, c.unanswered_capacity),
+        (
+            MAP_CT6,
+            v6.entries.saturating_sub(v6.unanswered_entries),
+            v6.capacity,
+        ),
+        (MAP_CT6_NEW, v6.unanswered_entries, v6.unanswered_capacity),
+    ];
+    let by_table = |pick: fn(&(&'static str, u64, u64)) -> u64| {
+        tables
+            .iter()
+            .map(|t| (vec![("table", t.0)], pick(t)))
+            .collect()
+    };
+    [
+        Family::new(
+            "ecsnet_conntrack_table_entries",
+            Kind::Gauge,
+            "Entries in each connection table (two per flow).",
+            by_table(|t| t.1),
+        ),
+        Family::new(
+            "ecsnet_conntrack_table_capacity",
+            Kind::Gauge,
+            "Capacity of each connection table, entries.",
+            by_table(|t| t.2),
+        ),
+        Family::new(
+            "ecsnet_conntrack_ipv6_flows",
+            Kind::Gauge,
+            "Tracked IPv6 flows by kind.",
+            by_label("kind", &v6.flows),
+        ),
+    ]
 }
 
 /// NAT mappings, the flow-log table and what the exporter wrote and lost.
@@ -562,7 +610,21 @@ mod tests {
                 drops: BTreeMap::new(),
             },
             drops,
-            conntrack: ConntrackStats::default(),
+            conntrack: ConntrackStats {
+                entries: 6,
+                unanswered_entries: 2,
+                capacity: 100,
+                unanswered_capacity: 50,
+                ipv6: crate::agent::stats::TableFill {
+                    entries: 4,
+                    unanswered_entries: 4,
+                    capacity: 100,
+                    unanswered_capacity: 50,
+                    flows: BTreeMap::from([("eastWest".to_owned(), 2)]),
+                    nat_mappings: 0,
+                },
+                ..Default::default()
+            },
             flow_logs: FlowLogStats {
                 records_exported: 9,
                 lost_packets: 2,
@@ -597,6 +659,18 @@ mod tests {
             "ecsnet_task_drops_total{instance=\"i\\\"1\",task=\"web\",interface=\"vethA\",reason=\"SG_INGRESS\"} 3\n"
         ));
         assert!(text.contains("ecsnet_flow_log_records_total{instance=\"i\\\"1\"} 9\n"));
+        for line in [
+            "ecsnet_conntrack_entries{instance=\"i\\\"1\"} 6\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT\"} 4\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT_NEW\"} 2\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT6\"} 0\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT6_NEW\"} 4\n",
+            "ecsnet_conntrack_table_capacity{instance=\"i\\\"1\",table=\"CT6\"} 100\n",
+            "ecsnet_conntrack_table_capacity{instance=\"i\\\"1\",table=\"CT6_NEW\"} 50\n",
+            "ecsnet_conntrack_ipv6_flows{instance=\"i\\\"1\",kind=\"eastWest\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing");
+        }
         assert!(text.contains("ecsnet_flow_log_lost_packets_total{instance=\"i\\\"1\"} 2\n"));
         assert!(text.contains(
             "ecsnet_agent_connections_closed_total{instance=\"i\\\"1\",listener=\"control\",reason=\"evicted\"} 21\n"
