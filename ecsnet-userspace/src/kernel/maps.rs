@@ -344,7 +344,7 @@ pub trait Tracked: Pod + Default {
     fn dir(&self) -> u8;
     /// `KIND_*`.
     fn kind(&self) -> u8;
-    /// The key's protocol as `ct::state` reads it (`ICMPv6` tracked as ICMP echo is).
+    /// The key's IP protocol number.
     fn proto(k: &Self::Key) -> u8;
     /// What expiry reads of this direction (TCP flags, last seen), as an IPv4 entry.
     fn timing(&self) -> CtEntry;
@@ -427,11 +427,7 @@ impl Tracked for CtEntry6 {
         self.kind
     }
     fn proto(k: &CtKey6) -> u8 {
-        if k.proto == PROTO_ICMPV6 {
-            ct::PROTO_ICMP
-        } else {
-            k.proto
-        }
+        k.proto
     }
     fn timing(&self) -> CtEntry {
         CtEntry {
@@ -459,6 +455,15 @@ impl Tracked for CtEntry6 {
 
 /// The IP protocol number of `ICMPv6`.
 pub const PROTO_ICMPV6: u8 = 58;
+
+/// Protocol `proto` as `ct::state` reads it: `ICMPv6` echo is tracked as ICMP echo is.
+pub fn state_proto(proto: u8) -> u8 {
+    if proto == PROTO_ICMPV6 {
+        ct::PROTO_ICMP
+    } else {
+        proto
+    }
+}
 
 /// An IPv4 address and port as the tables hold them (network byte order).
 fn v4(addr: u32, port: u16) -> SocketAddr {
@@ -650,7 +655,7 @@ fn collect_table<T: Tracked>(
     let mut doomed = Vec::new();
     let mut removed = 0;
     for (k, e) in &all {
-        let proto = T::proto(k);
+        let proto = state_proto(T::proto(k));
         if e.dir() != ct::DIR_ORIGINAL {
             // Reply entries go with their original; an orphan (its original already gone) is
             // judged on its own.
