@@ -2,12 +2,15 @@
 //! dual-stack lab: `up --ct-size` sizes them, the agent's GC expires idle IPv6 flows (both
 //! entries, with `--ct-timeouts`; ICMPv6 echo with ICMP's) and keeps live ones, `ecsnet conns` lists them
 //! with `[addr]:port`, `task rm` cuts the flows of the removed task's IPv6 address and keeps
-//! the others', and `down` unpins the tables. Until the datapath makes IPv6 flows itself, the
+//! the others' (also when the commit that removed it was stopped before its cut), and `down`
+//! unpins the tables. Until the datapath makes IPv6 flows itself, the
 //! test writes them into the pinned tables as the datapath would.
 
 use std::{
     collections::BTreeSet,
     net::Ipv6Addr,
+    os::unix::process::ExitStatusExt,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -20,7 +23,7 @@ use ecsnet_common::{
     },
     maps::{MAP_CT6, MAP_CT6_NEW, ct_new_size},
 };
-use ecsnet_tests::{Lab, world::instance_ok};
+use ecsnet_tests::{Lab, ecsnet_bin, world::instance_ok};
 use serde_json::{Value, json};
 
 const CT_SIZE: u32 = 4096;
@@ -126,7 +129,7 @@ fn conns(lab: &Lab, extra: &[&str], ports: &[u16]) -> Vec<Value> {
 
 #[test]
 fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
-    let lab = Lab::up_v6("ct6", 2, &[], "nat");
+    let lab = Lab::up_v6("ct6", 3, &[], "nat");
     // UDP's timeout long, so that an ICMPv6 flow timed as UDP would outlive the test.
     lab.ecsnet_up_with(&[
         "--ct-size",
@@ -140,8 +143,8 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
             .address6
             .unwrap_or_else(|| panic!("task{i} has no IPv6 address: {:?}", lab.status))
     };
-    let (t1, t2, out): (Ipv6Addr, Ipv6Addr, Ipv6Addr) =
-        (addr6(1), addr6(2), OUTSIDE.parse().unwrap());
+    let (t1, t2, t3, out): (Ipv6Addr, Ipv6Addr, Ipv6Addr, Ipv6Addr) =
+        (addr6(1), addr6(2), addr6(3), OUTSIDE.parse().unwrap());
 
     // Sized as CT and CT_NEW are.
     assert_eq!(capacity(&paths, MAP_CT6), CT_SIZE);
@@ -195,6 +198,14 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
             idle_s: 1,
         },
         Seed {
+            name: "task3-out",
+            key: key(t3, out, 41_006, 443, PROTO_TCP),
+            kind: KIND_LOCAL,
+            tcp_flags: established,
+            answered: true,
+            idle_s: 1,
+        },
+        Seed {
             name: "task1-out",
             key: key(t1, out, 41_005, 443, PROTO_TCP),
             kind: KIND_LOCAL,
@@ -216,7 +227,7 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
     maps::insert_ct(&paths, MAP_CT6, &seeded(|s| s.answered)).expect("seed CT6");
 
     // The agent's GC takes both entries of the idle flows and nothing else.
-    let live: BTreeSet<&str> = ["east-west", "task1-out", "task2-out"].into();
+    let live: BTreeSet<&str> = ["east-west", "task1-out", "task2-out", "task3-out"].into();
     let start = Instant::now();
     loop {
         let now_held = held(&paths, &seeds);
@@ -245,7 +256,7 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
     );
 
     // `conns` lists them, IPv6 addresses in brackets.
-    let ports = [41_001, 41_004, 41_005];
+    let ports = [41_001, 41_004, 41_005, 41_006];
     let flow = |src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, kind: &str| {
         let (s, d) = (format!("[{src}]:{sport}"), format!("[{dst}]:{dport}"));
         json!({
@@ -259,6 +270,7 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
         flow(t1, 41_001, t2, 8001, "eastWest"),
         flow(t2, 41_004, out, 443, "local"),
         flow(t1, 41_005, out, 443, "local"),
+        flow(t3, 41_006, out, 443, "local"),
     ];
     let source = |v: &Value| v["source"].as_str().unwrap_or_default().to_owned();
     want.sort_by_key(source);
@@ -287,13 +299,43 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
         "{text}"
     );
 
-    // `task rm task2` cuts the flows of task2's IPv6 address, both directions, and keeps
-    // task1's own.
+    // `task rm task3` cuts the flows of task3's IPv6 address, both directions, and keeps the
+    // others'.
+    instance_ok(&lab, &["task", "rm", "task3"]);
+    assert_eq!(
+        held(&paths, &seeds),
+        ["east-west", "task1-out", "task2-out"].into(),
+        "after task rm task3"
+    );
+
+    // A commit stopped before its flow cut took task2 out of TASKS6 and left its flows; the
+    // last applied state still has task2, and the next commit cuts them.
+    let out = Command::new(ecsnet_bin())
+        .args(["--instance", &lab.name, "task", "rm", "task2"])
+        .env("ECSNET_TEST_ABORT_AT", "before-flow-cut")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run ecsnet");
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::libc::SIGABRT),
+        "task rm was to stop at its flow cut: {out:?}"
+    );
+    let t2_mapped = maps::read_tasks6(&paths)
+        .expect("TASKS6")
+        .iter()
+        .any(|(a, _)| *a == t2.octets());
+    assert!(!t2_mapped, "task2 left TASKS6 before the stop");
+    assert_eq!(
+        held(&paths, &seeds),
+        ["east-west", "task1-out", "task2-out"].into(),
+        "the stopped commit cut nothing"
+    );
     instance_ok(&lab, &["task", "rm", "task2"]);
     assert_eq!(
         held(&paths, &seeds),
         ["task1-out"].into(),
-        "after task rm task2"
+        "the next commit cut task2's flows, and only them"
     );
 
     // `down` takes the IPv6 tables with everything else.
