@@ -1,6 +1,6 @@
 //! The IPv6 connection tables (`CT6`, `CT6_NEW`) in user space, on a real instance of a
 //! dual-stack lab: `up --ct-size` sizes them, the agent's GC expires idle IPv6 flows (both
-//! entries, with `--ct-timeouts`; ICMPv6 echo with ICMP's) and keeps live ones, `ecsnet conns` lists them
+//! entries, with `--ct-timeouts`; `ICMPv6` echo with ICMP's) and keeps live ones, `ecsnet conns` lists them
 //! with `[addr]:port`, `task rm` cuts the flows of the removed task's IPv6 address and keeps
 //! the others' (also when the commit that removed it was stopped before its cut), and `down`
 //! unpins the tables. Until the datapath makes IPv6 flows itself, the
@@ -127,48 +127,34 @@ fn conns(lab: &Lab, extra: &[&str], ports: &[u16]) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
-    let lab = Lab::up_v6("ct6", 3, &[], "nat");
-    // UDP's timeout long, so that an ICMPv6 flow timed as UDP would outlive the test.
-    lab.ecsnet_up_with(&[
-        "--ct-size",
-        &CT_SIZE.to_string(),
-        "--ct-timeouts",
-        "udp=600,icmp=30",
-    ]);
-    let paths = InstancePaths::new(&lab.name);
-    let addr6 = |i: usize| {
-        lab.status.tasks[i - 1]
-            .address6
-            .unwrap_or_else(|| panic!("task{i} has no IPv6 address: {:?}", lab.status))
-    };
-    let (t1, t2, t3, out): (Ipv6Addr, Ipv6Addr, Ipv6Addr, Ipv6Addr) =
-        (addr6(1), addr6(2), addr6(3), OUTSIDE.parse().unwrap());
+/// The lab's tasks' IPv6 addresses and an address outside.
+struct Addrs {
+    t1: Ipv6Addr,
+    t2: Ipv6Addr,
+    t3: Ipv6Addr,
+    out: Ipv6Addr,
+}
 
-    // Sized as CT and CT_NEW are.
-    assert_eq!(capacity(&paths, MAP_CT6), CT_SIZE);
-    assert_eq!(capacity(&paths, MAP_CT6_NEW), ct_new_size(CT_SIZE));
-    let s = lab.stats();
-    assert_eq!(
-        (
-            s.conntrack.ipv6.capacity,
-            s.conntrack.ipv6.unanswered_capacity
+/// An established TCP flow used a second ago: alive for hours.
+fn established(name: &'static str, key: CtKey6, kind: u8) -> Seed {
+    Seed {
+        name,
+        key,
+        kind,
+        tcp_flags: TCP_SYN | TCP_ACK,
+        answered: true,
+        idle_s: 1,
+    }
+}
+
+fn seeds(a: &Addrs) -> Vec<Seed> {
+    let (t1, t2, t3, out) = (a.t1, a.t2, a.t3, a.out);
+    vec![
+        established(
+            "east-west",
+            key(t1, t2, 41_001, 8001, PROTO_TCP),
+            KIND_EAST_WEST,
         ),
-        (u64::from(CT_SIZE), u64::from(ct_new_size(CT_SIZE)))
-    );
-
-    let established = TCP_SYN | TCP_ACK;
-    let seeds = [
-        // task1 <-> task2, established, used a second ago: alive for hours.
-        Seed {
-            name: "east-west",
-            key: key(t1, t2, 41_001, 8001, PROTO_TCP),
-            kind: KIND_EAST_WEST,
-            tcp_flags: established,
-            answered: true,
-            idle_s: 1,
-        },
         // task1 -> outside, UDP nobody answered, idle 15 minutes (UDP's timeout is 10).
         Seed {
             name: "idle-udp",
@@ -188,54 +174,50 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
             answered: true,
             idle_s: 45,
         },
-        // task2 -> outside and task1 -> outside, established.
-        Seed {
-            name: "task2-out",
-            key: key(t2, out, 41_004, 443, PROTO_TCP),
-            kind: KIND_LOCAL,
-            tcp_flags: established,
-            answered: true,
-            idle_s: 1,
-        },
-        Seed {
-            name: "task3-out",
-            key: key(t3, out, 41_006, 443, PROTO_TCP),
-            kind: KIND_LOCAL,
-            tcp_flags: established,
-            answered: true,
-            idle_s: 1,
-        },
-        Seed {
-            name: "task1-out",
-            key: key(t1, out, 41_005, 443, PROTO_TCP),
-            kind: KIND_LOCAL,
-            tcp_flags: established,
-            answered: true,
-            idle_s: 1,
-        },
-    ];
+        established(
+            "task2-out",
+            key(t2, out, 41_004, 443, PROTO_TCP),
+            KIND_LOCAL,
+        ),
+        established(
+            "task1-out",
+            key(t1, out, 41_005, 443, PROTO_TCP),
+            KIND_LOCAL,
+        ),
+        established(
+            "task3-out",
+            key(t3, out, 41_006, 443, PROTO_TCP),
+            KIND_LOCAL,
+        ),
+    ]
+}
+
+/// Writes `seeds` as the datapath keeps them: unanswered flows in `CT6_NEW`, answered ones in
+/// `CT6`.
+fn seed(paths: &InstancePaths, seeds: &[Seed]) {
     let now = clock::monotonic_ns();
-    let seeded = |pick: fn(&Seed) -> bool| -> Vec<(CtKey6, CtEntry6)> {
+    let entries = |answered: bool| -> Vec<(CtKey6, CtEntry6)> {
         seeds
             .iter()
-            .filter(|s| pick(s))
+            .filter(|s| s.answered == answered)
             .flat_map(|s| s.entries(now))
             .collect()
     };
-    // As the datapath keeps them: unanswered flows in CT6_NEW, answered ones in CT6.
-    maps::insert_ct(&paths, MAP_CT6_NEW, &seeded(|s| !s.answered)).expect("seed CT6_NEW");
-    maps::insert_ct(&paths, MAP_CT6, &seeded(|s| s.answered)).expect("seed CT6");
+    maps::insert_ct(paths, MAP_CT6_NEW, &entries(false)).expect("seed CT6_NEW");
+    maps::insert_ct(paths, MAP_CT6, &entries(true)).expect("seed CT6");
+}
 
-    // The agent's GC takes both entries of the idle flows and nothing else.
-    let live: BTreeSet<&str> = ["east-west", "task1-out", "task2-out", "task3-out"].into();
+/// The agent's GC takes both entries of the idle flows and nothing else.
+fn gc_takes_the_idle_flows(paths: &InstancePaths, seeds: &[Seed]) {
+    let alive: BTreeSet<&str> = ["east-west", "task1-out", "task2-out", "task3-out"].into();
     let start = Instant::now();
     loop {
-        let now_held = held(&paths, &seeds);
-        if now_held == live {
-            break;
+        let now_held = held(paths, seeds);
+        if now_held == alive {
+            return;
         }
         assert!(
-            now_held.is_superset(&live),
+            now_held.is_superset(&alive),
             "GC took a live flow: {now_held:?}"
         );
         assert!(
@@ -244,18 +226,10 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let s = lab.stats();
-    assert!(
-        s.conntrack.ipv6.entries >= 6 && s.conntrack.ipv6.flows.get("local") >= Some(&2),
-        "stats count the IPv6 flows: {:?}",
-        s.conntrack.ipv6
-    );
-    assert!(
-        instance_ok(&lab, &["stats"]).contains("conntrack ipv6: "),
-        "the stats table has an IPv6 conntrack line"
-    );
+}
 
-    // `conns` lists them, IPv6 addresses in brackets.
+/// `conns` lists the live seeded flows, IPv6 addresses in brackets; its filters pick them.
+fn conns_list_them(lab: &Lab, a: &Addrs) {
     let ports = [41_001, 41_004, 41_005, 41_006];
     let flow = |src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, kind: &str| {
         let (s, d) = (format!("[{src}]:{sport}"), format!("[{dst}]:{dport}"));
@@ -267,43 +241,46 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
         })
     };
     let mut want = vec![
-        flow(t1, 41_001, t2, 8001, "eastWest"),
-        flow(t2, 41_004, out, 443, "local"),
-        flow(t1, 41_005, out, 443, "local"),
-        flow(t3, 41_006, out, 443, "local"),
+        flow(a.t1, 41_001, a.t2, 8001, "eastWest"),
+        flow(a.t2, 41_004, a.out, 443, "local"),
+        flow(a.t1, 41_005, a.out, 443, "local"),
+        flow(a.t3, 41_006, a.out, 443, "local"),
     ];
     let source = |v: &Value| v["source"].as_str().unwrap_or_default().to_owned();
     want.sort_by_key(source);
-    let mut listed = conns(&lab, &[], &ports);
+    let mut listed = conns(lab, &[], &ports);
     listed.sort_by_key(source);
     assert_eq!(listed, want, "conns --json");
     assert_eq!(
-        conns(&lab, &["--family", "ipv4"], &ports),
+        conns(lab, &["--family", "ipv4"], &ports),
         Vec::<Value>::new(),
         "--family ipv4 lists no IPv6 flow"
     );
-    let t2s = t2.to_string();
-    let of_t2 = conns(&lab, &["--family", "ipv6", "--addr", &t2s], &ports);
+    let t2 = a.t2.to_string();
+    let of_t2 = conns(lab, &["--family", "ipv6", "--addr", &t2], &ports);
     assert_eq!(of_t2.len(), 2, "--addr task2: {of_t2:?}");
-    let text = instance_ok(&lab, &["conns", "--family", "ipv6", "--kind", "eastWest"]);
+    let text = instance_ok(lab, &["conns", "--family", "ipv6", "--kind", "eastWest"]);
     let words = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    let line = text
+    let row = text
         .lines()
         .find(|l| l.contains(":41001 "))
         .unwrap_or_else(|| panic!("no line of the east-west flow in:\n{text}"));
     assert_eq!(
-        words(line),
+        words(row),
         words(&format!(
-            "tcp [{t1}]:41001 [{t2}]:8001 eastWest established 3 300 2 160 -"
+            "tcp [{}]:41001 [{}]:8001 eastWest established 3 300 2 160 -",
+            a.t1, a.t2
         )),
         "{text}"
     );
+}
 
-    // `task rm task3` cuts the flows of task3's IPv6 address, both directions, and keeps the
-    // others'.
-    instance_ok(&lab, &["task", "rm", "task3"]);
+/// `task rm` cuts the flows of the task's IPv6 address, both directions, and keeps the
+/// others'; so does the commit after one stopped before its cut.
+fn task_rm_cuts_its_flows(lab: &Lab, paths: &InstancePaths, seeds: &[Seed], t2: Ipv6Addr) {
+    instance_ok(lab, &["task", "rm", "task3"]);
     assert_eq!(
-        held(&paths, &seeds),
+        held(paths, seeds),
         ["east-west", "task1-out", "task2-out"].into(),
         "after task rm task3"
     );
@@ -321,22 +298,74 @@ fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
         Some(nix::libc::SIGABRT),
         "task rm was to stop at its flow cut: {out:?}"
     );
-    let t2_mapped = maps::read_tasks6(&paths)
+    let t2_mapped = maps::read_tasks6(paths)
         .expect("TASKS6")
         .iter()
         .any(|(a, _)| *a == t2.octets());
     assert!(!t2_mapped, "task2 left TASKS6 before the stop");
     assert_eq!(
-        held(&paths, &seeds),
+        held(paths, seeds),
         ["east-west", "task1-out", "task2-out"].into(),
         "the stopped commit cut nothing"
     );
-    instance_ok(&lab, &["task", "rm", "task2"]);
+    instance_ok(lab, &["task", "rm", "task2"]);
     assert_eq!(
-        held(&paths, &seeds),
+        held(paths, seeds),
         ["task1-out"].into(),
         "the next commit cut task2's flows, and only them"
     );
+}
+
+#[test]
+fn ipv6_flows_are_sized_expired_listed_and_cut_like_ipv4() {
+    let lab = Lab::up_v6("ct6", 3, &[], "nat");
+    // UDP's timeout long, so that an ICMPv6 flow timed as UDP would outlive the test.
+    lab.ecsnet_up_with(&[
+        "--ct-size",
+        &CT_SIZE.to_string(),
+        "--ct-timeouts",
+        "udp=600,icmp=30",
+    ]);
+    let paths = InstancePaths::new(&lab.name);
+    let task6 = |i: usize| {
+        lab.status.tasks[i - 1]
+            .address6
+            .unwrap_or_else(|| panic!("task{i} has no IPv6 address: {:?}", lab.status))
+    };
+    let addrs = Addrs {
+        t1: task6(1),
+        t2: task6(2),
+        t3: task6(3),
+        out: OUTSIDE.parse().unwrap(),
+    };
+
+    // Sized as CT and CT_NEW are.
+    assert_eq!(capacity(&paths, MAP_CT6), CT_SIZE);
+    assert_eq!(capacity(&paths, MAP_CT6_NEW), ct_new_size(CT_SIZE));
+    let s = lab.stats();
+    assert_eq!(
+        (
+            s.conntrack.ipv6.capacity,
+            s.conntrack.ipv6.unanswered_capacity
+        ),
+        (u64::from(CT_SIZE), u64::from(ct_new_size(CT_SIZE)))
+    );
+
+    let seeds = seeds(&addrs);
+    seed(&paths, &seeds);
+    gc_takes_the_idle_flows(&paths, &seeds);
+    let s = lab.stats();
+    assert!(
+        s.conntrack.ipv6.entries >= 8 && s.conntrack.ipv6.flows.get("local") >= Some(&3),
+        "stats count the IPv6 flows: {:?}",
+        s.conntrack.ipv6
+    );
+    assert!(
+        instance_ok(&lab, &["stats"]).contains("conntrack ipv6: "),
+        "the stats table has an IPv6 conntrack line"
+    );
+    conns_list_them(&lab, &addrs);
+    task_rm_cuts_its_flows(&lab, &paths, &seeds, addrs.t2);
 
     // `down` takes the IPv6 tables with everything else.
     instance_ok(&lab, &["down"]);

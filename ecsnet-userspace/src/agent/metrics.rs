@@ -610,21 +610,7 @@ mod tests {
                 drops: BTreeMap::new(),
             },
             drops,
-            conntrack: ConntrackStats {
-                entries: 6,
-                unanswered_entries: 2,
-                capacity: 100,
-                unanswered_capacity: 50,
-                ipv6: crate::agent::stats::TableFill {
-                    entries: 4,
-                    unanswered_entries: 4,
-                    capacity: 100,
-                    unanswered_capacity: 50,
-                    flows: BTreeMap::from([("eastWest".to_owned(), 2)]),
-                    nat_mappings: 0,
-                },
-                ..Default::default()
-            },
+            conntrack: ConntrackStats::default(),
             flow_logs: FlowLogStats {
                 records_exported: 9,
                 lost_packets: 2,
@@ -659,18 +645,6 @@ mod tests {
             "ecsnet_task_drops_total{instance=\"i\\\"1\",task=\"web\",interface=\"vethA\",reason=\"SG_INGRESS\"} 3\n"
         ));
         assert!(text.contains("ecsnet_flow_log_records_total{instance=\"i\\\"1\"} 9\n"));
-        for line in [
-            "ecsnet_conntrack_entries{instance=\"i\\\"1\"} 6\n",
-            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT\"} 4\n",
-            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT_NEW\"} 2\n",
-            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT6\"} 0\n",
-            "ecsnet_conntrack_table_entries{instance=\"i\\\"1\",table=\"CT6_NEW\"} 4\n",
-            "ecsnet_conntrack_table_capacity{instance=\"i\\\"1\",table=\"CT6\"} 100\n",
-            "ecsnet_conntrack_table_capacity{instance=\"i\\\"1\",table=\"CT6_NEW\"} 50\n",
-            "ecsnet_conntrack_ipv6_flows{instance=\"i\\\"1\",kind=\"eastWest\"} 2\n",
-        ] {
-            assert!(text.contains(line), "{line} missing");
-        }
         assert!(text.contains("ecsnet_flow_log_lost_packets_total{instance=\"i\\\"1\"} 2\n"));
         assert!(text.contains(
             "ecsnet_agent_connections_closed_total{instance=\"i\\\"1\",listener=\"control\",reason=\"evicted\"} 21\n"
@@ -695,6 +669,41 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("a value");
             value.parse::<u64>().expect("an integer value");
+        }
+    }
+
+    #[test]
+    fn each_connection_table_has_its_own_labelled_line_and_the_old_names_stay() {
+        let c = ConntrackStats {
+            entries: 6,
+            unanswered_entries: 2,
+            capacity: 100,
+            unanswered_capacity: 50,
+            ipv6: crate::agent::stats::TableFill {
+                entries: 4,
+                unanswered_entries: 4,
+                capacity: 100,
+                unanswered_capacity: 50,
+                flows: BTreeMap::from([("eastWest".to_owned(), 2)]),
+                nat_mappings: 0,
+            },
+            ..Default::default()
+        };
+        let mut text = String::new();
+        for family in conntrack_gauges(&c).iter().chain(&conntrack_tables(&c)) {
+            family.write(&mut text, "i");
+        }
+        for line in [
+            "ecsnet_conntrack_entries{instance=\"i\"} 6\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT\"} 4\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT_NEW\"} 2\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT6\"} 0\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT6_NEW\"} 4\n",
+            "ecsnet_conntrack_table_capacity{instance=\"i\",table=\"CT6\"} 100\n",
+            "ecsnet_conntrack_table_capacity{instance=\"i\",table=\"CT6_NEW\"} 50\n",
+            "ecsnet_conntrack_ipv6_flows{instance=\"i\",kind=\"eastWest\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing");
         }
     }
 }

@@ -414,33 +414,7 @@ pub fn render(s: &Stats) -> String {
         up.egress.bytes,
         up.other.packets
     );
-    let c = &s.conntrack;
-    let _ = writeln!(
-        out,
-        "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
-        c.entries,
-        c.capacity,
-        percent(c.entries, c.capacity),
-        c.unanswered_entries,
-        c.unanswered_capacity,
-        by_kind(&c.flows),
-        c.nat_mappings,
-        c.created,
-        c.assured,
-        c.assured_table_full
-    );
-    let v6 = &c.ipv6;
-    let _ = writeln!(
-        out,
-        "conntrack ipv6: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}",
-        v6.entries,
-        v6.capacity,
-        percent(v6.entries, v6.capacity),
-        v6.unanswered_entries,
-        v6.unanswered_capacity,
-        by_kind(&v6.flows),
-        v6.nat_mappings
-    );
+    out.push_str(&render_conntrack(&s.conntrack));
     let _ = writeln!(out, "{}", render_masquerade(s));
     let f = &s.flow_logs;
     let _ = writeln!(
@@ -472,6 +446,38 @@ pub fn render(s: &Stats) -> String {
         let list: Vec<String> = s.drops.iter().map(|(r, n)| format!("{r}={n}")).collect();
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
+    out
+}
+
+/// The `conntrack:` lines, IPv4's and IPv6's tables.
+fn render_conntrack(c: &ConntrackStats) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
+        c.entries,
+        c.capacity,
+        percent(c.entries, c.capacity),
+        c.unanswered_entries,
+        c.unanswered_capacity,
+        by_kind(&c.flows),
+        c.nat_mappings,
+        c.created,
+        c.assured,
+        c.assured_table_full
+    );
+    let v6 = &c.ipv6;
+    let _ = writeln!(
+        out,
+        "conntrack ipv6: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}",
+        v6.entries,
+        v6.capacity,
+        percent(v6.entries, v6.capacity),
+        v6.unanswered_entries,
+        v6.unanswered_capacity,
+        by_kind(&v6.flows),
+        v6.nat_mappings
+    );
     out
 }
 
@@ -546,4 +552,47 @@ fn render_listener(l: &ListenerStats) -> String {
         "{} accept error(s), closed {} over the cap, {} waiting for a newer one, {} idle",
         l.accept_errors, l.over_cap, l.evicted, l.timed_out
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_tables_have_a_line_of_their_own() {
+        let c = ConntrackStats {
+            entries: 4,
+            capacity: 200,
+            unanswered_entries: 2,
+            unanswered_capacity: 100,
+            flows: BTreeMap::from([("eastWest".to_owned(), 2)]),
+            ipv6: TableFill {
+                entries: 6,
+                capacity: 200,
+                unanswered_entries: 0,
+                unanswered_capacity: 100,
+                flows: BTreeMap::from([("eastWest".to_owned(), 1), ("local".to_owned(), 2)]),
+                nat_mappings: 0,
+            },
+            ..Default::default()
+        };
+        let text = render_conntrack(&c);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with(
+                "conntrack: 4 of 200 entries (2.0%; 2 of 100 unanswered), flows: eastWest=2,"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            lines[1],
+            "conntrack ipv6: 6 of 200 entries (3.0%; 0 of 100 unanswered), flows: eastWest=1 local=2, nat mappings: 0"
+        );
+        let empty = render_conntrack(&ConntrackStats::default());
+        assert!(
+            empty.contains("conntrack ipv6: 0 of 0 entries (0.0%; 0 of 0 unanswered), flows: none"),
+            "{empty}"
+        );
+    }
 }

@@ -481,18 +481,19 @@ fn ct_pinned<T: Tracked>(paths: &InstancePaths) -> bool {
     !T::OPTIONAL || paths.map_pin(T::TABLES[0]).exists()
 }
 
+/// Entries of connection tables, each with its table's name.
+pub type TableEntries<T> = Vec<(&'static str, <T as Tracked>::Key, T)>;
+
 /// Every entry of `T`'s connection tables, each with its table's name (none when they are not
 /// pinned).
-pub fn read_tables<T: Tracked>(
-    paths: &InstancePaths,
-) -> Result<Vec<(&'static str, T::Key, T)>, MapsError> {
+pub fn read_tables<T: Tracked>(paths: &InstancePaths) -> Result<TableEntries<T>, MapsError> {
     let mut all = Vec::new();
     for_each_ct::<T>(paths, |map, k, e| all.push((map, *k, *e)))?;
     Ok(all)
 }
 
 /// Every entry of the IPv4 connection tables, each with its table's name.
-pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey, CtEntry)>, MapsError> {
+pub fn read_ct(paths: &InstancePaths) -> Result<TableEntries<CtEntry>, MapsError> {
     read_tables(paths)
 }
 
@@ -555,11 +556,11 @@ fn pinned_for_batch<K, V>(paths: &InstancePaths, map: &'static str) -> Result<Ma
     Ok(data)
 }
 
+/// A pinned connection table and its entries.
+type Table<T> = (MapData, Vec<(<T as Tracked>::Key, T)>);
+
 /// A pinned connection table (one of `T::TABLES`) and all its entries, read in chunks.
-fn ct_table<T: Tracked>(
-    paths: &InstancePaths,
-    map: &'static str,
-) -> Result<(MapData, Vec<(T::Key, T)>), MapsError> {
+fn ct_table<T: Tracked>(paths: &InstancePaths, map: &'static str) -> Result<Table<T>, MapsError> {
     let data = pinned_for_batch::<T::Key, T>(paths, map)?;
     let entries =
         batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch { map, source })?;
