@@ -95,6 +95,20 @@ pub struct ConntrackStats {
     pub ipv6: TableFill,
 }
 
+impl ConntrackStats {
+    /// The IPv4 tables' fill, from the fields that have always held it.
+    pub fn ipv4(&self) -> TableFill {
+        TableFill {
+            entries: self.entries,
+            capacity: self.capacity,
+            unanswered_entries: self.unanswered_entries,
+            unanswered_capacity: self.unanswered_capacity,
+            flows: self.flows.clone(),
+            nat_mappings: self.nat_mappings,
+        }
+    }
+}
+
 /// Fill of one family's two connection tables.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -451,34 +465,28 @@ pub fn render(s: &Stats) -> String {
 
 /// The `conntrack:` lines, IPv4's and IPv6's tables.
 fn render_conntrack(c: &ConntrackStats) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
-        c.entries,
-        c.capacity,
-        percent(c.entries, c.capacity),
-        c.unanswered_entries,
-        c.unanswered_capacity,
-        by_kind(&c.flows),
-        c.nat_mappings,
+    format!(
+        "conntrack: {}, {} created, {} assured, {} found the table full\nconntrack ipv6: {}\n",
+        render_fill(&c.ipv4()),
         c.created,
         c.assured,
-        c.assured_table_full
-    );
-    let v6 = &c.ipv6;
-    let _ = writeln!(
-        out,
-        "conntrack ipv6: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}",
-        v6.entries,
-        v6.capacity,
-        percent(v6.entries, v6.capacity),
-        v6.unanswered_entries,
-        v6.unanswered_capacity,
-        by_kind(&v6.flows),
-        v6.nat_mappings
-    );
-    out
+        c.assured_table_full,
+        render_fill(&c.ipv6)
+    )
+}
+
+/// One family's tables: entries of capacity, unanswered, flows by kind, NAT mappings.
+fn render_fill(f: &TableFill) -> String {
+    format!(
+        "{} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}",
+        f.entries,
+        f.capacity,
+        percent(f.entries, f.capacity),
+        f.unanswered_entries,
+        f.unanswered_capacity,
+        by_kind(&f.flows),
+        f.nat_mappings
+    )
 }
 
 /// Flows by kind, `kind=n` each, or `none`.

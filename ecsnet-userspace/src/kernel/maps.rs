@@ -331,6 +331,8 @@ pub fn write_ports(
 pub trait Tracked: Pod + Default {
     /// The tuple a table is keyed by.
     type Key: Pod + Eq + Hash;
+    /// An address as a key holds it.
+    type Addr: Copy + Eq + Hash;
     /// A key as the garbage collection indexes it (an IPv4 key packs into a number).
     type Index: Eq + Hash;
     /// The assured table, then the table of flows not answered yet (LRU).
@@ -338,6 +340,8 @@ pub trait Tracked: Pod + Default {
     /// The IPv6 tables are new: a datapath an older build loaded has none (nothing to read).
     const OPTIONAL: bool;
     fn index(k: &Self::Key) -> Self::Index;
+    /// The key's source and destination address.
+    fn addresses(k: &Self::Key) -> [Self::Addr; 2];
     /// The key of the flow's other direction.
     fn peer(&self) -> &Self::Key;
     /// `DIR_*`.
@@ -358,13 +362,53 @@ pub trait Tracked: Pod + Default {
     fn hold(&self, _held: &mut Held) {}
 }
 
+/// The [`Tracked`] accessors whose code is the same for both entry types, field for field:
+/// `$key` is the key type, `$sock` makes a socket address of an address and a port.
+macro_rules! same_fields {
+    ($key:ty, $sock:ident) => {
+        fn addresses(k: &$key) -> [Self::Addr; 2] {
+            [k.saddr, k.daddr]
+        }
+        fn peer(&self) -> &$key {
+            &self.peer
+        }
+        fn dir(&self) -> u8 {
+            self.dir
+        }
+        fn kind(&self) -> u8 {
+            self.kind
+        }
+        fn proto(k: &$key) -> u8 {
+            k.proto
+        }
+        fn ends(k: &$key) -> (SocketAddr, SocketAddr) {
+            ($sock(k.saddr, k.sport), $sock(k.daddr, k.dport))
+        }
+        fn rewritten(&self) -> (SocketAddr, SocketAddr) {
+            (
+                $sock(self.nat_saddr, self.nat_sport),
+                $sock(self.nat_daddr, self.nat_dport),
+            )
+        }
+        fn count(&self) -> Count {
+            Count {
+                packets: self.packets,
+                bytes: self.bytes,
+            }
+        }
+    };
+}
+
 impl Tracked for CtEntry {
     type Key = CtKey;
+    type Addr = u32;
     /// Every field but the padding, in one number: a million flows are two million entries,
     /// and an index of packed keys is built in a third of the time a map of keys took.
     type Index = u128;
     const TABLES: [&'static str; 2] = [MAP_CT, MAP_CT_NEW];
     const OPTIONAL: bool = false;
+
+    same_fields!(CtKey, v4);
 
     fn index(k: &CtKey) -> u128 {
         u128::from(k.saddr) << 96
@@ -373,35 +417,8 @@ impl Tracked for CtEntry {
             | u128::from(k.dport) << 32
             | u128::from(k.proto)
     }
-    fn peer(&self) -> &CtKey {
-        &self.peer
-    }
-    fn dir(&self) -> u8 {
-        self.dir
-    }
-    fn kind(&self) -> u8 {
-        self.kind
-    }
-    fn proto(k: &CtKey) -> u8 {
-        k.proto
-    }
     fn timing(&self) -> CtEntry {
         *self
-    }
-    fn ends(k: &CtKey) -> (SocketAddr, SocketAddr) {
-        (v4(k.saddr, k.sport), v4(k.daddr, k.dport))
-    }
-    fn rewritten(&self) -> (SocketAddr, SocketAddr) {
-        (
-            v4(self.nat_saddr, self.nat_sport),
-            v4(self.nat_daddr, self.nat_dport),
-        )
-    }
-    fn count(&self) -> Count {
-        Count {
-            packets: self.packets,
-            bytes: self.bytes,
-        }
     }
     fn hold(&self, held: &mut Held) {
         nat_use::count(held, self);
@@ -410,45 +427,21 @@ impl Tracked for CtEntry {
 
 impl Tracked for CtEntry6 {
     type Key = CtKey6;
+    type Addr = [u8; 16];
     type Index = CtKey6;
     const TABLES: [&'static str; 2] = [MAP_CT6, MAP_CT6_NEW];
     const OPTIONAL: bool = true;
 
+    same_fields!(CtKey6, v6);
+
     fn index(k: &CtKey6) -> CtKey6 {
         *k
-    }
-    fn peer(&self) -> &CtKey6 {
-        &self.peer
-    }
-    fn dir(&self) -> u8 {
-        self.dir
-    }
-    fn kind(&self) -> u8 {
-        self.kind
-    }
-    fn proto(k: &CtKey6) -> u8 {
-        k.proto
     }
     fn timing(&self) -> CtEntry {
         CtEntry {
             tcp_flags: self.tcp_flags,
             last_seen_ns: self.last_seen_ns,
             ..CtEntry::default()
-        }
-    }
-    fn ends(k: &CtKey6) -> (SocketAddr, SocketAddr) {
-        (v6(k.saddr, k.sport), v6(k.daddr, k.dport))
-    }
-    fn rewritten(&self) -> (SocketAddr, SocketAddr) {
-        (
-            v6(self.nat_saddr, self.nat_sport),
-            v6(self.nat_daddr, self.nat_dport),
-        )
-    }
-    fn count(&self) -> Count {
-        Count {
-            packets: self.packets,
-            bytes: self.bytes,
         }
     }
 }
@@ -827,6 +820,23 @@ pub fn remove_flows<T: Tracked>(
             .map_err(|source| MapsError::Batch { map, source })?;
     }
     Ok(removed)
+}
+
+/// Removes both entries of every flow with one of the addresses `gone` on either side, before
+/// or after translation, from `T`'s connection tables. Returns the number of flows removed.
+pub fn remove_flows_of<T: Tracked, S: std::hash::BuildHasher>(
+    paths: &InstancePaths,
+    gone: &HashSet<T::Addr, S>,
+) -> Result<usize, MapsError> {
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    remove_flows(paths, |k, e: &T| {
+        T::addresses(k)
+            .into_iter()
+            .chain(T::addresses(e.peer()))
+            .any(|a| gone.contains(&a))
+    })
 }
 
 /// The open capture window and the event rate limit.
