@@ -491,7 +491,7 @@ pub fn read_ct(paths: &InstancePaths) -> Result<TableEntries<CtEntry>, MapsError
 }
 
 /// Every entry of the IPv6 connection tables, each with its table's name.
-pub fn read_ct6(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey6, CtEntry6)>, MapsError> {
+pub fn read_ct6(paths: &InstancePaths) -> Result<TableEntries<CtEntry6>, MapsError> {
     read_tables(paths)
 }
 
