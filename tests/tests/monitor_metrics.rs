@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ecsnet::agent::stats::TaskStats;
+use ecsnet::agent::stats::{ConntrackStats, TaskStats};
 use ecsnet_tests::{
     Lab, Stats,
     agent::{self, ask, kill_agent},
@@ -577,6 +577,32 @@ fn task_labels<'a>(t: &'a TaskStats, key: &'a str, value: &'a str) -> [(&'a str,
     [("task", &t.name), ("interface", &t.interface), (key, value)]
 }
 
+/// The samples of each connection table by its map's name, and of the IPv6 flows by kind: the
+/// family, its one label besides the instance, the value.
+fn conntrack_table_samples(c: &ConntrackStats) -> Vec<(&'static str, (&'static str, String), u64)> {
+    let mut out: Vec<_> = c
+        .ipv6
+        .flows
+        .iter()
+        .map(|(kind, n)| ("ecsnet_conntrack_ipv6_flows", ("kind", kind.clone()), *n))
+        .collect();
+    for (tables, fill) in [
+        (["CT", "CT_NEW"], c.ipv4()),
+        (["CT6", "CT6_NEW"], c.ipv6.clone()),
+    ] {
+        let assured = fill.entries - fill.unanswered_entries;
+        for (table, entries, capacity) in [
+            (tables[0], assured, fill.capacity),
+            (tables[1], fill.unanswered_entries, fill.unanswered_capacity),
+        ] {
+            let label = ("table", table.to_owned());
+            out.push(("ecsnet_conntrack_table_entries", label.clone(), entries));
+            out.push(("ecsnet_conntrack_table_capacity", label, capacity));
+        }
+    }
+    out
+}
+
 /// The samples `/metrics` must serve for `s`: its numbers under the documented families, each
 /// labelled with the instance.
 fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
@@ -618,6 +644,9 @@ fn expected_samples(s: &Stats) -> BTreeMap<SampleKey, u64> {
     let (c, f) = (&s.conntrack, &s.flow_logs);
     for (kind, n) in &c.flows {
         add("ecsnet_conntrack_flows", &[("kind", kind)], *n);
+    }
+    for (name, (key, value), n) in conntrack_table_samples(c) {
+        add(name, &[(key, &value)], n);
     }
     // The families without labels.
     #[rustfmt::skip]

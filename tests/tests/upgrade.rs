@@ -38,7 +38,8 @@ use ecsnet::kernel::datapath::OBJECT_ENV;
 use ecsnet::store::paths::InstancePaths;
 use ecsnet_common::{
     PINNED_MAPS,
-    maps::{MAP_PROGS6, MAP_TASKS6},
+    maps::{MAP_CT, MAP_CT6, MAP_CT6_NEW, MAP_FRAGS6, MAP_PROGS6, MAP_TASKS6},
+    policy::{MAP_SG_LEVELS6, MAP_SG_PEERS6},
 };
 use ecsnet_tests::{
     Background, Lab, agent, ecsnet_bin, in_netns, iperf3, ns_exec, rule_packets,
@@ -544,14 +545,24 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
     refused(&lab, &layout, &upgrade, &before);
     assert!(!stamps.exists(), "a refusal writes no stamps either");
 
-    // An instance from before IPv6: no pin of `tc_task_ipv6`, `TASKS6` or `PROGS6` (the running
-    // programs still hold their maps). It is up all the same, and the upgrade makes them.
+    // An instance from before IPv6: no pin of `tc_task_ipv6` or of the IPv6 maps (the running
+    // programs still hold their maps). It is up all the same (its agent and `stats` read no
+    // IPv6 table), and the upgrade makes them.
     let paths = InstancePaths::new(&lab.name);
-    let newer = [
-        paths.prog_pin("tc_task_ipv6"),
-        paths.map_pin(MAP_TASKS6),
-        paths.map_pin(MAP_PROGS6),
+    let newer_maps = [
+        MAP_TASKS6,
+        MAP_PROGS6,
+        MAP_CT6,
+        MAP_CT6_NEW,
+        MAP_FRAGS6,
+        MAP_SG_PEERS6,
+        MAP_SG_LEVELS6,
     ];
+    let newer: Vec<_> = newer_maps
+        .iter()
+        .map(|m| paths.map_pin(m))
+        .chain([paths.prog_pin("tc_task_ipv6")])
+        .collect();
     for pin in &newer {
         std::fs::remove_file(pin).unwrap_or_else(|e| panic!("unpin {}: {e}", pin.display()));
     }
@@ -574,7 +585,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
     let after = pins(&lab);
     let older = |m: &BTreeMap<String, u32>| {
         let mut m = m.clone();
-        m.retain(|name, _| name != MAP_TASKS6 && name != MAP_PROGS6);
+        m.retain(|name, _| !newer_maps.contains(&name.as_str()));
         m
     };
     assert_eq!(older(&after.maps), older(&before.maps), "every map kept");
@@ -583,6 +594,21 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         "the upgrade pinned what the older build lacked"
     );
     assert!(after.programs.contains_key("tc_task_ipv6"));
+    let entries = |map: &str| {
+        MapInfo::from_pin(paths.map_pin(map))
+            .unwrap_or_else(|e| panic!("{map}: {e}"))
+            .max_entries()
+    };
+    assert_eq!(
+        entries(MAP_CT6),
+        entries(MAP_CT),
+        "CT6 made with the instance's --ct-size"
+    );
+    assert_eq!(
+        lab.stats().conntrack.ipv6.entries,
+        0,
+        "CT6 read after the upgrade"
+    );
     for (pin, (link, _)) in &before.links {
         assert_eq!(after.links[pin].0, *link, "link {pin} keeps its id");
     }

@@ -182,6 +182,7 @@ fn families(s: &Stats) -> Vec<Family<'_>> {
         "Tracked flows by kind.",
         by_label("kind", &c.flows),
     ));
+    out.extend(conntrack_tables(c));
     out.extend(flow_log_counts(s));
     out.extend(agent_families(&s.agent));
     if let Some(e) = &s.engine {
@@ -300,6 +301,53 @@ fn conntrack_gauges(c: &ConntrackStats) -> [Family<'static>; 7] {
         ),
     ]
     .map(Family::one)
+}
+
+/// Each connection table's entries and capacity, by its map's name (`CT`, `CT_NEW` and the
+/// IPv6 `CT6`, `CT6_NEW`), and the IPv6 flows by kind (IPv4's are `ecsnet_conntrack_flows`).
+fn conntrack_tables(c: &ConntrackStats) -> [Family<'_>; 3] {
+    use ecsnet_common::maps::{MAP_CT, MAP_CT_NEW, MAP_CT6, MAP_CT6_NEW};
+    let v6 = &c.ipv6;
+    let tables = [
+        (
+            MAP_CT,
+            c.entries.saturating_sub(c.unanswered_entries),
+            c.capacity,
+        ),
+        (MAP_CT_NEW, c.unanswered_entries, c.unanswered_capacity),
+        (
+            MAP_CT6,
+            v6.entries.saturating_sub(v6.unanswered_entries),
+            v6.capacity,
+        ),
+        (MAP_CT6_NEW, v6.unanswered_entries, v6.unanswered_capacity),
+    ];
+    let by_table = |pick: fn(&(&'static str, u64, u64)) -> u64| {
+        tables
+            .iter()
+            .map(|t| (vec![("table", t.0)], pick(t)))
+            .collect()
+    };
+    [
+        Family::new(
+            "ecsnet_conntrack_table_entries",
+            Kind::Gauge,
+            "Entries in each connection table (two per flow).",
+            by_table(|t| t.1),
+        ),
+        Family::new(
+            "ecsnet_conntrack_table_capacity",
+            Kind::Gauge,
+            "Capacity of each connection table, entries.",
+            by_table(|t| t.2),
+        ),
+        Family::new(
+            "ecsnet_conntrack_ipv6_flows",
+            Kind::Gauge,
+            "Tracked IPv6 flows by kind.",
+            by_label("kind", &v6.flows),
+        ),
+    ]
 }
 
 /// NAT mappings, the flow-log table and what the exporter wrote and lost.
@@ -621,6 +669,41 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("a value");
             value.parse::<u64>().expect("an integer value");
+        }
+    }
+
+    #[test]
+    fn each_connection_table_has_its_own_labelled_line_and_the_old_names_stay() {
+        let c = ConntrackStats {
+            entries: 6,
+            unanswered_entries: 2,
+            capacity: 100,
+            unanswered_capacity: 50,
+            ipv6: crate::agent::stats::TableFill {
+                entries: 4,
+                unanswered_entries: 4,
+                capacity: 100,
+                unanswered_capacity: 50,
+                flows: BTreeMap::from([("eastWest".to_owned(), 2)]),
+                nat_mappings: 0,
+            },
+            ..Default::default()
+        };
+        let mut text = String::new();
+        for family in conntrack_gauges(&c).iter().chain(&conntrack_tables(&c)) {
+            family.write(&mut text, "i");
+        }
+        for line in [
+            "ecsnet_conntrack_entries{instance=\"i\"} 6\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT\"} 4\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT_NEW\"} 2\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT6\"} 0\n",
+            "ecsnet_conntrack_table_entries{instance=\"i\",table=\"CT6_NEW\"} 4\n",
+            "ecsnet_conntrack_table_capacity{instance=\"i\",table=\"CT6\"} 100\n",
+            "ecsnet_conntrack_table_capacity{instance=\"i\",table=\"CT6_NEW\"} 50\n",
+            "ecsnet_conntrack_ipv6_flows{instance=\"i\",kind=\"eastWest\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing");
         }
     }
 }

@@ -7,12 +7,15 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ecsnet_common::DropReason;
+use ecsnet_common::{
+    DropReason,
+    ct::{CtEntry, CtEntry6},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     flowlog,
-    kernel::maps::{self, Count},
+    kernel::maps::{self, Count, Tracked},
     store::{
         directory::{Directory, DirectoryError},
         files,
@@ -86,6 +89,91 @@ pub struct ConntrackStats {
     /// 0: no limit.
     #[serde(default)]
     pub nat_task_ports: u32,
+    /// The IPv6 tables (`CT6`, `CT6_NEW`), sized alike; the fields above are IPv4's, and the
+    /// flow counters both families'.
+    #[serde(default)]
+    pub ipv6: TableFill,
+}
+
+impl ConntrackStats {
+    /// The IPv4 tables' fill, from the fields that have always held it.
+    pub fn ipv4(&self) -> TableFill {
+        TableFill {
+            entries: self.entries,
+            capacity: self.capacity,
+            unanswered_entries: self.unanswered_entries,
+            unanswered_capacity: self.unanswered_capacity,
+            flows: self.flows.clone(),
+            nat_mappings: self.nat_mappings,
+        }
+    }
+}
+
+/// Fill of one family's two connection tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TableFill {
+    /// Entries in both tables.
+    pub entries: u64,
+    /// Capacity of the assured table.
+    pub capacity: u64,
+    /// Entries in the unanswered table, and its capacity.
+    pub unanswered_entries: u64,
+    pub unanswered_capacity: u64,
+    /// Flows by kind.
+    pub flows: BTreeMap<String, u64>,
+    /// Flows whose source ecsnet rewrote.
+    pub nat_mappings: u64,
+}
+
+impl TableFill {
+    /// `T`'s tables, read entry by entry (none when they are not pinned).
+    fn read<T: Tracked>(paths: &InstancePaths) -> Result<Self, maps::MapsError> {
+        let [assured, unanswered] = T::TABLES;
+        let mut out = TableFill {
+            capacity: maps::ct_capacity(paths, assured)?.into(),
+            unanswered_capacity: maps::ct_capacity(paths, unanswered)?.into(),
+            ..Default::default()
+        };
+        maps::for_each_ct::<T>(paths, |table, k, e| out.count(table == unanswered, k, e))?;
+        Ok(out)
+    }
+
+    /// Counts one entry, of the unanswered table or not.
+    fn count<T: Tracked>(&mut self, unanswered: bool, k: &T::Key, e: &T) {
+        use ecsnet_common::ct;
+        self.entries += 1;
+        if unanswered {
+            self.unanswered_entries += 1;
+        }
+        if e.dir() != ct::DIR_ORIGINAL {
+            return;
+        }
+        let kind = kind_name(e.kind());
+        // Looked up before inserting: a million flows make no million strings.
+        match self.flows.get_mut(kind) {
+            Some(n) => *n += 1,
+            None => {
+                self.flows.insert(kind.to_owned(), 1);
+            }
+        }
+        if e.rewritten().0 != T::ends(k).0 {
+            self.nat_mappings += 1;
+        }
+    }
+}
+
+/// How `stats`, metrics and `conns` name a flow's `KIND_*`.
+pub fn kind_name(kind: u8) -> &'static str {
+    use ecsnet_common::ct;
+    match kind {
+        ct::KIND_EAST_WEST => "eastWest",
+        ct::KIND_INBOUND => "inbound",
+        ct::KIND_MASQUERADE => "masquerade",
+        ct::KIND_HAIRPIN => "hairpin",
+        ct::KIND_LOCAL => "local",
+        _ => "unknown",
+    }
 }
 
 /// Flow logs and monitor events: the flow table's fill and what the exporter wrote and lost.
@@ -173,70 +261,24 @@ fn flow_log_stats(paths: &InstancePaths) -> Result<FlowLogStats, StatsError> {
     })
 }
 
-/// The tables' fill, from their entries (each with its table's name), and their counters.
-pub fn conntrack_stats(
-    entries: &[(&str, ecsnet_common::ct::CtKey, ecsnet_common::ct::CtEntry)],
-    capacity: u32,
-    unanswered_capacity: u32,
-    events: [u64; ecsnet_common::maps::CT_EVENT_SLOTS as usize],
-) -> ConntrackStats {
-    let mut out = conntrack_empty(capacity, unanswered_capacity, events);
-    for (table, k, e) in entries {
-        count_entry(&mut out, table, k, e);
-    }
-    out
-}
-
-/// The tables' capacities and counters, no entry counted yet.
-fn conntrack_empty(
-    capacity: u32,
-    unanswered_capacity: u32,
-    events: [u64; ecsnet_common::maps::CT_EVENT_SLOTS as usize],
-) -> ConntrackStats {
-    use ecsnet_common::maps;
-    ConntrackStats {
-        capacity: capacity.into(),
-        unanswered_capacity: unanswered_capacity.into(),
-        created: events[maps::CT_EV_CREATED as usize],
-        assured: events[maps::CT_EV_ASSURED as usize],
-        assured_table_full: events[maps::CT_EV_CT_FULL as usize],
-        ..Default::default()
-    }
-}
-
-/// Counts one entry of connection table `table` into `out`.
-fn count_entry(
-    out: &mut ConntrackStats,
-    table: &str,
-    k: &ecsnet_common::ct::CtKey,
-    e: &ecsnet_common::ct::CtEntry,
-) {
-    use ecsnet_common::{ct, maps};
-    out.entries += 1;
-    if table == maps::MAP_CT_NEW {
-        out.unanswered_entries += 1;
-    }
-    if e.dir != ct::DIR_ORIGINAL {
-        return;
-    }
-    let kind = match e.kind {
-        ct::KIND_EAST_WEST => "eastWest",
-        ct::KIND_INBOUND => "inbound",
-        ct::KIND_MASQUERADE => "masquerade",
-        ct::KIND_HAIRPIN => "hairpin",
-        ct::KIND_LOCAL => "local",
-        _ => "unknown",
-    };
-    // Looked up before inserting: a million flows make no million strings.
-    match out.flows.get_mut(kind) {
-        Some(n) => *n += 1,
-        None => {
-            out.flows.insert(kind.to_owned(), 1);
-        }
-    }
-    if e.nat_saddr != k.saddr || e.nat_sport != k.sport {
-        out.nat_mappings += 1;
-    }
+/// The tables' fill, both families, and the flow counters.
+fn conntrack(paths: &InstancePaths) -> Result<ConntrackStats, maps::MapsError> {
+    use ecsnet_common::maps as m;
+    let v4 = TableFill::read::<CtEntry>(paths)?;
+    let events = maps::read_ct_events(paths)?;
+    Ok(ConntrackStats {
+        entries: v4.entries,
+        capacity: v4.capacity,
+        unanswered_entries: v4.unanswered_entries,
+        unanswered_capacity: v4.unanswered_capacity,
+        created: events[m::CT_EV_CREATED as usize],
+        assured: events[m::CT_EV_ASSURED as usize],
+        assured_table_full: events[m::CT_EV_CT_FULL as usize],
+        flows: v4.flows,
+        nat_mappings: v4.nat_mappings,
+        nat_task_ports: maps::read_nat_config(paths)?.map_or(0, |c| c.task_ports),
+        ipv6: TableFill::read::<CtEntry6>(paths)?,
+    })
 }
 
 fn plus(a: Count, b: Count) -> Count {
@@ -289,14 +331,6 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
             }
         })
         .collect();
-    let mut conntrack = conntrack_empty(
-        maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT)?,
-        maps::ct_capacity(paths, ecsnet_common::maps::MAP_CT_NEW)?,
-        maps::read_ct_events(paths)?,
-    );
-    maps::for_each_ct(paths, |table, k, e| {
-        count_entry(&mut conntrack, table, k, e);
-    })?;
     let u = counts.get(&meta.uplink_index).copied().unwrap_or_default();
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
     for ((_, r), n) in &drops {
@@ -317,10 +351,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
             drops: drops_of(meta.uplink_index),
         },
         drops: total,
-        conntrack: ConntrackStats {
-            nat_task_ports: maps::read_nat_config(paths)?.map_or(0, |c| c.task_ports),
-            ..conntrack
-        },
+        conntrack: conntrack(paths)?,
         flow_logs: flow_log_stats(paths)?,
         agent: AgentStats::read(paths),
         engine: crate::store::files::read_engine_status(paths)
@@ -397,26 +428,7 @@ pub fn render(s: &Stats) -> String {
         up.egress.bytes,
         up.other.packets
     );
-    let c = &s.conntrack;
-    let flows: Vec<String> = c.flows.iter().map(|(k, n)| format!("{k}={n}")).collect();
-    let _ = writeln!(
-        out,
-        "conntrack: {} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}, {} created, {} assured, {} found the table full",
-        c.entries,
-        c.capacity,
-        percent(c.entries, c.capacity),
-        c.unanswered_entries,
-        c.unanswered_capacity,
-        if flows.is_empty() {
-            "none".to_owned()
-        } else {
-            flows.join(" ")
-        },
-        c.nat_mappings,
-        c.created,
-        c.assured,
-        c.assured_table_full
-    );
+    out.push_str(&render_conntrack(&s.conntrack));
     let _ = writeln!(out, "{}", render_masquerade(s));
     let f = &s.flow_logs;
     let _ = writeln!(
@@ -449,6 +461,41 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "drops: {}", list.join(" "));
     }
     out
+}
+
+/// The `conntrack:` lines, IPv4's and IPv6's tables.
+fn render_conntrack(c: &ConntrackStats) -> String {
+    format!(
+        "conntrack: {}, {} created, {} assured, {} found the table full\nconntrack ipv6: {}\n",
+        render_fill(&c.ipv4()),
+        c.created,
+        c.assured,
+        c.assured_table_full,
+        render_fill(&c.ipv6)
+    )
+}
+
+/// One family's tables: entries of capacity, unanswered, flows by kind, NAT mappings.
+fn render_fill(f: &TableFill) -> String {
+    format!(
+        "{} of {} entries ({:.1}%; {} of {} unanswered), flows: {}, nat mappings: {}",
+        f.entries,
+        f.capacity,
+        percent(f.entries, f.capacity),
+        f.unanswered_entries,
+        f.unanswered_capacity,
+        by_kind(&f.flows),
+        f.nat_mappings
+    )
+}
+
+/// Flows by kind, `kind=n` each, or `none`.
+fn by_kind(flows: &BTreeMap<String, u64>) -> String {
+    if flows.is_empty() {
+        return "none".to_owned();
+    }
+    let each: Vec<String> = flows.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    each.join(" ")
 }
 
 /// The `masquerade:` line: the limit per task and destination, and who holds the most.
@@ -513,4 +560,47 @@ fn render_listener(l: &ListenerStats) -> String {
         "{} accept error(s), closed {} over the cap, {} waiting for a newer one, {} idle",
         l.accept_errors, l.over_cap, l.evicted, l.timed_out
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_tables_have_a_line_of_their_own() {
+        let c = ConntrackStats {
+            entries: 4,
+            capacity: 200,
+            unanswered_entries: 2,
+            unanswered_capacity: 100,
+            flows: BTreeMap::from([("eastWest".to_owned(), 2)]),
+            ipv6: TableFill {
+                entries: 6,
+                capacity: 200,
+                unanswered_entries: 0,
+                unanswered_capacity: 100,
+                flows: BTreeMap::from([("eastWest".to_owned(), 1), ("local".to_owned(), 2)]),
+                nat_mappings: 0,
+            },
+            ..Default::default()
+        };
+        let text = render_conntrack(&c);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with(
+                "conntrack: 4 of 200 entries (2.0%; 2 of 100 unanswered), flows: eastWest=2,"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            lines[1],
+            "conntrack ipv6: 6 of 200 entries (3.0%; 0 of 100 unanswered), flows: eastWest=1 local=2, nat mappings: 0"
+        );
+        let empty = render_conntrack(&ConntrackStats::default());
+        assert!(
+            empty.contains("conntrack ipv6: 0 of 0 entries (0.0%; 0 of 0 unanswered), flows: none"),
+            "{empty}"
+        );
+    }
 }

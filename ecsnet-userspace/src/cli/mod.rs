@@ -71,6 +71,8 @@ pub enum Cmd {
     /// Flow-log records in AWS's VPC Flow Logs format.
     #[command(subcommand)]
     Flows(flows::FlowsCmd),
+    /// The flows the connection tables track now, IPv4 and IPv6.
+    Conns(flows::ConnsArgs),
     /// Live drop and security-group verdict events, rate-limited in the datapath.
     Monitor {
         #[arg(long)]
@@ -195,6 +197,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Task(t) => task::run(&paths, t)?,
         Cmd::Sg(s) => sg::run(&paths, s)?,
         Cmd::Flows(f) => flows::run(&paths, f)?,
+        Cmd::Conns(c) => flows::conns(&paths, &c)?,
         Cmd::Monitor { json } => observe::monitor(&paths, json)?,
         Cmd::Stats { json } => observe::stats(&paths, json)?,
         Cmd::Agent => crate::agent::run(&paths)?,

@@ -19,7 +19,7 @@ use nix::{
 };
 
 use ecsnet_common::{
-    ct::Timeouts,
+    ct::{CtEntry, CtEntry6, Timeouts},
     maps::{Config, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
     net::ipv4_to_map,
 };
@@ -586,31 +586,26 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     let meta = read_meta(paths)?.ok_or_else(|| StoreError::NotUp {
         instance: paths.name.clone(),
     })?;
-    // Addresses whose task goes, or comes back on another interface (a new container given a
-    // stopped one's address): their tracked flows go with the old task.
-    let planned: HashSet<(u32, u32)> = plan
-        .task_entries
-        .iter()
-        .map(|(addr, new)| (*addr, new.ifindex))
-        .collect();
-    let in_map = maps::read_tasks(paths)?;
-    let mapped: HashSet<u32> = in_map.iter().map(|(addr, _)| *addr).collect();
-    let mut gone: HashSet<u32> = in_map
-        .into_iter()
-        .filter(|(addr, info)| !planned.contains(&(*addr, info.ifindex)))
-        .map(|(addr, _)| addr)
-        .collect();
-    // A commit cut short (the agent killed between its map writes and its flow cut) took its
-    // departed tasks out of the map but not out of the last applied state, which is written
-    // last: their flows go now.
-    if let Some(last) = files::read_applied(paths)? {
-        gone.extend(
-            last.tasks
-                .iter()
-                .map(|t| ipv4_to_map(t.ipv4_address))
-                .filter(|addr| !mapped.contains(addr)),
-        );
-    }
+    // Addresses whose task goes: their tracked flows go with the old task.
+    let last = files::read_applied(paths)?;
+    let applied = last.iter().flat_map(|s| s.tasks.iter());
+    let gone = departing(
+        &plan
+            .task_entries
+            .iter()
+            .map(|(addr, new)| (*addr, new.ifindex))
+            .collect(),
+        maps::read_tasks(paths)?
+            .into_iter()
+            .map(|(addr, info)| (addr, info.ifindex))
+            .collect(),
+        applied.clone().map(|t| ipv4_to_map(t.ipv4_address)),
+    );
+    let gone6 = departing(
+        &plan.task6_entries.iter().copied().collect(),
+        maps::read_tasks6(paths)?,
+        applied.filter_map(|t| t.ipv6_address).map(|a| a.octets()),
+    );
     // Who was where, for the flow records of interfaces that go now.
     let before = Directory::load(paths).map_err(|e| match e {
         DirectoryError::Store(e) => InstanceError::Store(e),
@@ -657,20 +652,38 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         files::add_departed(paths, departed, unix_now())?;
     }
     abort_for_tests("before-flow-cut");
-    if !gone.is_empty() {
-        maps::remove_flows(paths, |k, e| {
-            [k.saddr, k.daddr, e.peer.saddr, e.peer.daddr]
-                .iter()
-                .any(|a| gone.contains(a))
-        })?;
-    }
+    maps::remove_flows_of::<CtEntry, _>(paths, &gone)?;
+    maps::remove_flows_of::<CtEntry6, _>(paths, &gone6)?;
+    // IPv6 flows are not judged by `--reset-flows` yet: that needs the IPv6 rules in Rust.
     let cut = if reset_flows {
-        maps::remove_flows(paths, |k, e| !sg::flow_allowed(&plan.policy, k, e))?
+        maps::remove_flows(paths, |k, e: &CtEntry| {
+            !sg::flow_allowed(&plan.policy, k, e)
+        })?
     } else {
         0
     };
     files::write_applied(paths, &plan.state)?;
     Ok(cut)
+}
+
+/// The addresses (IPv4 or IPv6) whose task goes, or comes back on another interface (a new
+/// container given a stopped one's address): in the map (`in_map`: address, ifindex) and not
+/// `planned` there on the same interface. A commit cut short (the agent killed between its map
+/// writes and its flow cut) took its departed tasks out of the map but not out of the last
+/// `applied` state, which is written last: those go now too.
+fn departing<A: Copy + Eq + std::hash::Hash>(
+    planned: &HashSet<(A, u32)>,
+    in_map: Vec<(A, u32)>,
+    applied: impl Iterator<Item = A>,
+) -> HashSet<A> {
+    let mapped: HashSet<A> = in_map.iter().map(|(addr, _)| *addr).collect();
+    let mut gone: HashSet<A> = in_map
+        .into_iter()
+        .filter(|entry| !planned.contains(entry))
+        .map(|(addr, _)| addr)
+        .collect();
+    gone.extend(applied.filter(|addr| !mapped.contains(addr)));
+    gone
 }
 
 /// Debug builds only: aborts the process at `point` when `ECSNET_TEST_ABORT_AT` names it, as a
@@ -755,4 +768,23 @@ pub fn teardown(paths: &InstancePaths) -> Result<DownReport, InstanceError> {
     files::remove(&paths.run_dir())?;
     let _ = fs::remove_dir(crate::store::paths::RUN_DIR);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_departs_when_it_leaves_the_map_moves_or_was_cut_short() {
+        // 1 stays on interface 10, 2 goes, 3 comes back on another interface, 4 was taken out
+        // of the map by a commit cut short and is still in the applied state; 5 is new.
+        let planned = HashSet::from([(1u8, 10u32), (3, 31), (5, 50)]);
+        let in_map = vec![(1, 10), (2, 20), (3, 30)];
+        let applied = [1, 2, 3, 4].into_iter();
+        assert_eq!(
+            departing(&planned, in_map, applied),
+            HashSet::from([2, 3, 4])
+        );
+        assert!(departing::<u8>(&HashSet::new(), vec![], std::iter::empty()).is_empty());
+    }
 }

@@ -94,13 +94,14 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn by_map(self) -> [(&'static str, u32); 5] {
+    fn by_map(self) -> [(&'static str, u32); 7] {
+        use ecsnet_common::maps::ct_new_size;
         [
             (ecsnet_common::maps::MAP_CT, self.ct),
-            (
-                ecsnet_common::maps::MAP_CT_NEW,
-                ecsnet_common::maps::ct_new_size(self.ct),
-            ),
+            (ecsnet_common::maps::MAP_CT_NEW, ct_new_size(self.ct)),
+            // IPv6 flows get tables of their own, as large.
+            (ecsnet_common::maps::MAP_CT6, self.ct),
+            (ecsnet_common::maps::MAP_CT6_NEW, ct_new_size(self.ct)),
             (
                 ecsnet_common::maps::MAP_NAT_USE,
                 ecsnet_common::maps::nat_use_size(self.ct),

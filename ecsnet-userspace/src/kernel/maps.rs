@@ -4,6 +4,7 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     hash::Hash,
+    net::{Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::PathBuf,
 };
@@ -15,7 +16,7 @@ use aya::{
     },
 };
 use ecsnet_common::{
-    ct::{self, CtEntry, CtKey, Timeouts},
+    ct::{self, CtEntry, CtEntry6, CtKey, CtKey6, Timeouts},
     flow::{
         EventBudget, FlowKey, FlowKey6, FlowState, FlowStats, FlowStats6, LostKey,
         MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS, MAP_FLOWS6,
@@ -23,10 +24,11 @@ use ecsnet_common::{
     maps::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
         HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS, MAP_CT_NEW,
-        MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_PORTS, MAP_STATS,
-        MAP_TASKS, MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget, ROLE_TASK, StatsKey,
-        TaskInfo,
+        MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_NAT_CONFIG, MAP_NAT_USE,
+        MAP_PORTS, MAP_STATS, MAP_TASKS, MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget,
+        ROLE_TASK, StatsKey, TaskInfo,
     },
+    net::ipv4_from_map,
     policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
 
@@ -175,6 +177,14 @@ pub fn read_tasks(paths: &InstancePaths) -> Result<Vec<(u32, TaskInfo)>, MapsErr
     read_all(paths, MAP_TASKS)
 }
 
+/// `TASKS6` as it is in the kernel: IPv6 address -> ifindex (none from a datapath without it).
+pub fn read_tasks6(paths: &InstancePaths) -> Result<Vec<([u8; 16], u32)>, MapsError> {
+    if !paths.map_pin(MAP_TASKS6).exists() {
+        return Ok(Vec::new());
+    }
+    read_all(paths, MAP_TASKS6)
+}
+
 /// `IFACES` as it is in the kernel.
 pub fn read_ifaces(paths: &InstancePaths) -> Result<Vec<(u32, IfaceInfo)>, MapsError> {
     read_all(paths, MAP_IFACES)
@@ -314,41 +324,202 @@ pub fn write_ports(
     replace_all(paths, MAP_PORTS, ports)
 }
 
-/// The connection tables: `CT` (assured flows) and `CT_NEW` (flows not answered yet).
-pub const CT_TABLES: [&str; 2] = [MAP_CT, MAP_CT_NEW];
+/// One address family's pair of connection tables, by the type of their entries: `CtEntry`
+/// (`CT`, `CT_NEW`) and `CtEntry6` (`CT6`, `CT6_NEW`). Both are kept by the same rules (two
+/// entries per flow, the same timeouts); this is what reading, expiring and cutting them needs
+/// to know of an entry.
+pub trait Tracked: Pod + Default {
+    /// The tuple a table is keyed by.
+    type Key: Pod + Eq + Hash;
+    /// An address as a key holds it.
+    type Addr: Copy + Eq + Hash;
+    /// A key as the garbage collection indexes it (an IPv4 key packs into a number).
+    type Index: Eq + Hash;
+    /// The assured table, then the table of flows not answered yet (LRU).
+    const TABLES: [&'static str; 2];
+    /// The IPv6 tables are new: a datapath an older build loaded has none (nothing to read).
+    const OPTIONAL: bool;
+    fn index(k: &Self::Key) -> Self::Index;
+    /// The key's source and destination address.
+    fn addresses(k: &Self::Key) -> [Self::Addr; 2];
+    /// The key of the flow's other direction.
+    fn peer(&self) -> &Self::Key;
+    /// `DIR_*`.
+    fn dir(&self) -> u8;
+    /// `KIND_*`.
+    fn kind(&self) -> u8;
+    /// The key's IP protocol number.
+    fn proto(k: &Self::Key) -> u8;
+    /// What expiry reads of this direction (TCP flags, last seen), as an IPv4 entry.
+    fn timing(&self) -> CtEntry;
+    /// The key's source and destination, the ports in host order.
+    fn ends(k: &Self::Key) -> (SocketAddr, SocketAddr);
+    /// What this direction's packets are rewritten to, the ports in host order.
+    fn rewritten(&self) -> (SocketAddr, SocketAddr);
+    /// Packets and IP bytes in this direction.
+    fn count(&self) -> Count;
+    /// Counts the masquerade port this entry holds in `held` (IPv4 only so far).
+    fn hold(&self, _held: &mut Held) {}
+}
 
-/// Every entry of both connection tables, each with its table's name.
-pub fn read_ct(paths: &InstancePaths) -> Result<Vec<(&'static str, CtKey, CtEntry)>, MapsError> {
-    let mut all = Vec::new();
-    for map in CT_TABLES {
-        let (_, entries) = ct_table(paths, map)?;
-        all.extend(entries.into_iter().map(|(k, e)| (map, k, e)));
+/// The [`Tracked`] accessors whose code is the same for both entry types, field for field:
+/// `$key` is the key type, `$sock` makes a socket address of an address and a port.
+macro_rules! same_fields {
+    ($key:ty, $sock:ident) => {
+        fn addresses(k: &$key) -> [Self::Addr; 2] {
+            [k.saddr, k.daddr]
+        }
+        fn peer(&self) -> &$key {
+            &self.peer
+        }
+        fn dir(&self) -> u8 {
+            self.dir
+        }
+        fn kind(&self) -> u8 {
+            self.kind
+        }
+        fn proto(k: &$key) -> u8 {
+            k.proto
+        }
+        fn ends(k: &$key) -> (SocketAddr, SocketAddr) {
+            ($sock(k.saddr, k.sport), $sock(k.daddr, k.dport))
+        }
+        fn rewritten(&self) -> (SocketAddr, SocketAddr) {
+            (
+                $sock(self.nat_saddr, self.nat_sport),
+                $sock(self.nat_daddr, self.nat_dport),
+            )
+        }
+        fn count(&self) -> Count {
+            Count {
+                packets: self.packets,
+                bytes: self.bytes,
+            }
+        }
+    };
+}
+
+impl Tracked for CtEntry {
+    type Key = CtKey;
+    type Addr = u32;
+    /// Every field but the padding, in one number: a million flows are two million entries,
+    /// and an index of packed keys is built in a third of the time a map of keys took.
+    type Index = u128;
+    const TABLES: [&'static str; 2] = [MAP_CT, MAP_CT_NEW];
+    const OPTIONAL: bool = false;
+
+    same_fields!(CtKey, v4);
+
+    fn index(k: &CtKey) -> u128 {
+        u128::from(k.saddr) << 96
+            | u128::from(k.daddr) << 64
+            | u128::from(k.sport) << 48
+            | u128::from(k.dport) << 32
+            | u128::from(k.proto)
     }
+    fn timing(&self) -> CtEntry {
+        *self
+    }
+    fn hold(&self, held: &mut Held) {
+        nat_use::count(held, self);
+    }
+}
+
+impl Tracked for CtEntry6 {
+    type Key = CtKey6;
+    type Addr = [u8; 16];
+    type Index = CtKey6;
+    const TABLES: [&'static str; 2] = [MAP_CT6, MAP_CT6_NEW];
+    const OPTIONAL: bool = true;
+
+    same_fields!(CtKey6, v6);
+
+    fn index(k: &CtKey6) -> CtKey6 {
+        *k
+    }
+    fn timing(&self) -> CtEntry {
+        CtEntry {
+            tcp_flags: self.tcp_flags,
+            last_seen_ns: self.last_seen_ns,
+            ..CtEntry::default()
+        }
+    }
+}
+
+/// The IP protocol number of `ICMPv6`.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Protocol `proto` as `ct::state` reads it: `ICMPv6` echo is tracked as ICMP echo is.
+pub fn state_proto(proto: u8) -> u8 {
+    if proto == PROTO_ICMPV6 {
+        ct::PROTO_ICMP
+    } else {
+        proto
+    }
+}
+
+/// An IPv4 address and port as the tables hold them (network byte order).
+fn v4(addr: u32, port: u16) -> SocketAddr {
+    SocketAddr::new(ipv4_from_map(addr).into(), u16::from_be(port))
+}
+
+/// An IPv6 address and port as the tables hold them (network byte order).
+fn v6(addr: [u8; 16], port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv6Addr::from(addr).into(), u16::from_be(port))
+}
+
+/// Whether `T`'s tables are pinned: always for IPv4, a datapath an older build loaded has no
+/// IPv6 tables.
+fn ct_pinned<T: Tracked>(paths: &InstancePaths) -> bool {
+    !T::OPTIONAL || paths.map_pin(T::TABLES[0]).exists()
+}
+
+/// Entries of connection tables, each with its table's name.
+pub type TableEntries<T> = Vec<(&'static str, <T as Tracked>::Key, T)>;
+
+/// Every entry of `T`'s connection tables, each with its table's name (none when they are not
+/// pinned).
+pub fn read_tables<T: Tracked>(paths: &InstancePaths) -> Result<TableEntries<T>, MapsError> {
+    let mut all = Vec::new();
+    for_each_ct::<T>(paths, |map, k, e| all.push((map, *k, *e)))?;
     Ok(all)
 }
 
-/// Calls `each` with every entry of both connection tables and its table's name, read in
+/// Every entry of the IPv4 connection tables, each with its table's name.
+pub fn read_ct(paths: &InstancePaths) -> Result<TableEntries<CtEntry>, MapsError> {
+    read_tables(paths)
+}
+
+/// Every entry of the IPv6 connection tables, each with its table's name.
+pub fn read_ct6(paths: &InstancePaths) -> Result<TableEntries<CtEntry6>, MapsError> {
+    read_tables(paths)
+}
+
+/// Calls `each` with every entry of `T`'s connection tables and its table's name, read in
 /// chunks and never all held at once (a million flows are two million entries).
-pub fn for_each_ct(
+pub fn for_each_ct<T: Tracked>(
     paths: &InstancePaths,
-    mut each: impl FnMut(&'static str, &CtKey, &CtEntry),
+    mut each: impl FnMut(&'static str, &T::Key, &T),
 ) -> Result<(), MapsError> {
-    for map in CT_TABLES {
-        let data = pinned_for_batch::<CtKey, CtEntry>(paths, map)?;
-        batch::for_each(data.fd().as_fd(), |k: CtKey, e: CtEntry| each(map, &k, &e))
+    if !ct_pinned::<T>(paths) {
+        return Ok(());
+    }
+    for map in T::TABLES {
+        let data = pinned_for_batch::<T::Key, T>(paths, map)?;
+        batch::for_each(data.fd().as_fd(), |k: T::Key, e: T| each(map, &k, &e))
             .map_err(|source| MapsError::Batch { map, source })?;
     }
     Ok(())
 }
 
-/// Inserts `entries` into connection table `map` (one of `CT_TABLES`) in chunks, as the
+/// Inserts `entries` into connection table `map` (one of `T::TABLES`) in chunks, as the
 /// datapath would have made them: for seeding a large table (the scale benchmark and its test).
-pub fn insert_ct(
+pub fn insert_ct<T: Tracked>(
     paths: &InstancePaths,
     map: &'static str,
-    entries: &[(CtKey, CtEntry)],
+    entries: &[(T::Key, T)],
 ) -> Result<(), MapsError> {
-    let data = pinned_for_batch::<CtKey, CtEntry>(paths, map)?;
+    let data = pinned_for_batch::<T::Key, T>(paths, map)?;
     batch::update(data.fd().as_fd(), entries).map_err(|source| MapsError::Batch { map, source })
 }
 
@@ -378,12 +549,12 @@ fn pinned_for_batch<K, V>(paths: &InstancePaths, map: &'static str) -> Result<Ma
     Ok(data)
 }
 
-/// A pinned connection table (`CT_TABLES`) and all its entries, read in chunks.
-fn ct_table(
-    paths: &InstancePaths,
-    map: &'static str,
-) -> Result<(MapData, Vec<(CtKey, CtEntry)>), MapsError> {
-    let data = pinned_for_batch::<CtKey, CtEntry>(paths, map)?;
+/// A pinned connection table and its entries.
+type Table<T> = (MapData, Vec<(<T as Tracked>::Key, T)>);
+
+/// A pinned connection table (one of `T::TABLES`) and all its entries, read in chunks.
+fn ct_table<T: Tracked>(paths: &InstancePaths, map: &'static str) -> Result<Table<T>, MapsError> {
+    let data = pinned_for_batch::<T::Key, T>(paths, map)?;
     let entries =
         batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch { map, source })?;
     Ok((data, entries))
@@ -395,8 +566,12 @@ fn capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, MapsError> 
     Ok(info.max_entries())
 }
 
-/// Capacity of connection table `map` (one of `CT_TABLES`), entries.
+/// Capacity of connection table `map` (one of `Tracked::TABLES`), entries; 0 for an IPv6
+/// table a datapath from an older build lacks.
 pub fn ct_capacity(paths: &InstancePaths, map: &'static str) -> Result<u32, MapsError> {
+    if !paths.map_pin(map).exists() && CtEntry6::TABLES.contains(&map) {
+        return Ok(0);
+    }
     capacity(paths, map)
 }
 
@@ -410,8 +585,8 @@ pub struct Collected {
 }
 
 /// Removes the flows idle longer than their state allows at `now_ns` (`CLOCK_MONOTONIC`), both
-/// directions together, from both connection tables, and sets the masquerade counts to the
-/// ports the flows left hold (`nat_use`).
+/// directions together, from the connection tables of both families, and sets the masquerade
+/// counts to the ports the flows left hold (`nat_use`).
 pub fn collect_garbage(
     paths: &InstancePaths,
     timeouts: &Timeouts,
@@ -426,73 +601,83 @@ pub fn collect_garbage(
     };
     let mut held = Held::new();
     let mut out = Collected::default();
-    for map in CT_TABLES {
-        let (removed, scanned) = collect_table(paths, map, timeouts, now_ns, &mut held)?;
-        out.removed += removed;
-        out.scanned += scanned;
-    }
+    collect_family::<CtEntry>(paths, timeouts, now_ns, &mut held, &mut out)?;
+    collect_family::<CtEntry6>(paths, timeouts, now_ns, &mut held, &mut out)?;
     if counted {
         settle_nat_use(paths, &before, &held)?;
     }
     Ok(out)
 }
 
+/// [`collect_garbage`] for `T`'s two tables (none when they are not pinned), added to `out`.
+fn collect_family<T: Tracked>(
+    paths: &InstancePaths,
+    timeouts: &Timeouts,
+    now_ns: u64,
+    held: &mut Held,
+    out: &mut Collected,
+) -> Result<(), MapsError> {
+    if !ct_pinned::<T>(paths) {
+        return Ok(());
+    }
+    for map in T::TABLES {
+        let (removed, scanned) = collect_table::<T>(paths, map, timeouts, now_ns, held)?;
+        out.removed += removed;
+        out.scanned += scanned;
+    }
+    Ok(())
+}
+
 /// [`collect_garbage`] for one table, counting the masquerade ports the flows it keeps hold in
-/// `held`: the flows removed and the entries read. A flow's two entries are always in the same table: the datapath moves them together.
-fn collect_table(
+/// `held`: the flows removed and the entries read. A flow's two entries are always in the same
+/// table: the datapath moves them together.
+fn collect_table<T: Tracked>(
     paths: &InstancePaths,
     map: &'static str,
     timeouts: &Timeouts,
     now_ns: u64,
     held: &mut Held,
 ) -> Result<(usize, usize), MapsError> {
-    let (data, all) = ct_table(paths, map)?;
+    let (data, all) = ct_table::<T>(paths, map)?;
     let scanned = all.len();
-    // Where each key is in `all`: a million flows are two million entries, and an index of
-    // packed keys is built in a third of the time a map of whole entries took.
-    let mut at: StdHashMap<u128, usize> = StdHashMap::with_capacity(scanned);
+    // Where each key is in `all`, by `T::index`.
+    let mut at: StdHashMap<T::Index, usize> = StdHashMap::with_capacity(scanned);
     for (i, (k, _)) in all.iter().enumerate() {
-        at.insert(packed(k), i);
+        at.insert(T::index(k), i);
     }
-    let get = |k: &CtKey| at.get(&packed(k)).map(|&i| &all[i].1);
+    let get = |k: &T::Key| at.get(&T::index(k)).map(|&i| &all[i].1);
     let mut doomed = Vec::new();
     let mut removed = 0;
     for (k, e) in &all {
-        if e.dir != ct::DIR_ORIGINAL {
+        let proto = state_proto(T::proto(k));
+        if e.dir() != ct::DIR_ORIGINAL {
             // Reply entries go with their original; an orphan (its original already gone) is
             // judged on its own.
-            if get(&e.peer).is_some() {
+            if get(e.peer()).is_some() {
                 continue;
             }
-            if ct::expired(k.proto, e, e, timeouts, now_ns) {
+            let t = e.timing();
+            if ct::expired(proto, &t, &t, timeouts, now_ns) {
                 doomed.push(*k);
             } else {
-                nat_use::count(held, e);
+                e.hold(held);
             }
             continue;
         }
-        let reply = get(&e.peer).copied();
-        if ct::expired(k.proto, e, &reply.unwrap_or_default(), timeouts, now_ns) {
+        let reply = get(e.peer()).copied();
+        let reply_timing = reply.map(|r| r.timing()).unwrap_or_default();
+        if ct::expired(proto, &e.timing(), &reply_timing, timeouts, now_ns) {
             // Reply first (the deletes keep this order): a packet racing with us then misses
             // and takes the kernel path rather than finding half a flow.
-            doomed.push(e.peer);
+            doomed.push(*e.peer());
             doomed.push(*k);
             removed += 1;
         } else if let Some(reply) = reply {
-            nat_use::count(held, &reply);
+            reply.hold(held);
         }
     }
     batch::delete(data.fd().as_fd(), &doomed).map_err(|source| MapsError::Batch { map, source })?;
     Ok((removed, scanned))
-}
-
-/// A connection-table key as one number (every field but the padding).
-fn packed(k: &CtKey) -> u128 {
-    u128::from(k.saddr) << 96
-        | u128::from(k.daddr) << 64
-        | u128::from(k.sport) << 48
-        | u128::from(k.dport) << 32
-        | u128::from(k.proto)
 }
 
 /// The pinned masquerade counts and all their entries.
@@ -608,21 +793,24 @@ pub fn remove_stale_policy(
     remove_keys(&mut r, MAP_SG_RULES, |k| !keep.contains(k))
 }
 
-/// Removes both entries of every flow `cut` says to, in both connection tables. Returns the
-/// number of flows removed.
-pub fn remove_flows(
+/// Removes both entries of every flow `cut` says to, in `T`'s two connection tables (none when
+/// they are not pinned). Returns the number of flows removed.
+pub fn remove_flows<T: Tracked>(
     paths: &InstancePaths,
-    mut cut: impl FnMut(&CtKey, &CtEntry) -> bool,
+    mut cut: impl FnMut(&T::Key, &T) -> bool,
 ) -> Result<usize, MapsError> {
     let mut removed = 0;
+    if !ct_pinned::<T>(paths) {
+        return Ok(removed);
+    }
     // Read and deleted in chunks: one entry at a time was four system calls per entry, seconds
     // for an apply on a host with a million flows.
-    for map in CT_TABLES {
-        let (data, entries) = ct_table(paths, map)?;
+    for map in T::TABLES {
+        let (data, entries) = ct_table::<T>(paths, map)?;
         let mut doomed = Vec::new();
-        for (k, e) in entries.iter().filter(|(_, e)| e.dir == ct::DIR_ORIGINAL) {
+        for (k, e) in entries.iter().filter(|(_, e)| e.dir() == ct::DIR_ORIGINAL) {
             if cut(k, e) {
-                doomed.push(e.peer);
+                doomed.push(*e.peer());
                 doomed.push(*k);
                 removed += 1;
             }
@@ -632,6 +820,23 @@ pub fn remove_flows(
             .map_err(|source| MapsError::Batch { map, source })?;
     }
     Ok(removed)
+}
+
+/// Removes both entries of every flow with one of the addresses `gone` on either side, before
+/// or after translation, from `T`'s connection tables. Returns the number of flows removed.
+pub fn remove_flows_of<T: Tracked, S: std::hash::BuildHasher>(
+    paths: &InstancePaths,
+    gone: &HashSet<T::Addr, S>,
+) -> Result<usize, MapsError> {
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    remove_flows(paths, |k, e: &T| {
+        T::addresses(k)
+            .into_iter()
+            .chain(T::addresses(e.peer()))
+            .any(|a| gone.contains(&a))
+    })
 }
 
 /// The open capture window and the event rate limit.
