@@ -619,8 +619,13 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
-    let (peers, rules) = (&plan.policy.peers, &plan.policy.rules);
-    maps::write_policy(paths, peers, rules)?;
+    let policy = maps::PolicyEntries {
+        peers: &plan.policy.peers,
+        rules: &plan.policy.rules,
+        peers6: &plan.policy.peers6,
+        levels6: &plan.policy.levels6,
+    };
+    maps::write_policy(paths, &policy)?;
     maps::write_tasks(
         paths,
         &plan.task_entries,
@@ -629,7 +634,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     )?;
     maps::write_ports(paths, &plan.ports)?;
     maps::write_config_flags(paths, plan.config_flags)?;
-    maps::remove_stale_policy(paths, peers, rules)?;
+    maps::remove_stale_policy(paths, &policy)?;
     // Held interfaces (containers not identified yet) stay attached; the agent lets them go.
     let held: HashSet<u32> = maps::read_ifaces(paths)?
         .into_iter()

@@ -1,19 +1,23 @@
-//! Security groups compiled into the policy maps of `ecsnet_common::policy` (SPEC §6). Tasks
-//! with no groups under `defaultPolicy: allow` get policy 0: no entries, nothing checked.
+//! Security groups compiled into the policy maps of `ecsnet_common::policy` (SPEC §6), for IPv4
+//! (`SG_PEERS`) and IPv6 (`SG_PEERS6`, `SG_LEVELS6`) peers, with rule sets (`SG_RULES`) shared
+//! by both. Tasks with no groups under `defaultPolicy: allow` get policy 0: no entries, nothing
+//! checked.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    hash::Hash,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use ecsnet_common::{
     ct::{
-        CtEntry, CtKey, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE,
-        PROTO_ICMP as ICMP, PROTO_TCP as TCP, PROTO_UDP as UDP,
+        CtEntry, CtEntry6, CtKey, CtKey6, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL,
+        KIND_MASQUERADE, PROTO_ICMP as ICMP, PROTO_TCP as TCP, PROTO_UDP as UDP,
     },
     policy::{
-        DIR_EGRESS, DIR_INGRESS, GENERATION_BIT, MAX_SG_PEERS, MAX_SG_RULES, PEER_LEVELS,
-        PORT_LEVELS, PeerKey, PeerRules, RuleKey, TASK_METADATA_ADDR, mask_addr, scope,
+        DIR_EGRESS, DIR_INGRESS, GENERATION_BIT, MAX_SG_LEVELS6, MAX_SG_PEERS, MAX_SG_PEERS6,
+        MAX_SG_RULES, PEER_LEVELS, PEER_LEVELS6, PORT_LEVELS, PeerKey, PeerKey6, PeerRules,
+        RuleKey, TASK_METADATA_ADDR, level6_bit, mask_addr, scope,
     },
 };
 
@@ -21,7 +25,7 @@ use crate::{
     plan::entries::from_be,
     state::{
         DefaultPolicy,
-        rules::{Icmp, Rule, Rules, Traffic},
+        rules::{Icmp, PROTO_ICMPV6 as ICMPV6, Rule, Rules, Traffic, mask_addr128},
     },
 };
 
@@ -31,8 +35,23 @@ pub enum Allow {
     /// Every protocol and port.
     All,
     /// One protocol, a range of its 16-bit "port": the destination port for TCP and UDP,
-    /// `type << 8 | code` for ICMP, the whole range for other protocols.
+    /// `type << 8 | code` for ICMP and ICMPv6, the whole range for other protocols.
     Range(u8, u16, u16),
+}
+
+/// The 16-bit "port" range of ICMP or ICMPv6 types and codes.
+fn icmp_range(icmp: Icmp) -> (u16, u16) {
+    match icmp {
+        Icmp::All => (0, u16::MAX),
+        Icmp::Type(t) => {
+            let t = u16::from(t) << 8;
+            (t, t | 0xff)
+        }
+        Icmp::Code(t, c) => {
+            let p = u16::from(t) << 8 | u16::from(c);
+            (p, p)
+        }
+    }
 }
 
 /// The allows of a rule's traffic (SPEC §6: protocol, ports, ICMP type and code).
@@ -42,14 +61,13 @@ impl From<Traffic> for Allow {
             Traffic::All => Self::All,
             Traffic::Tcp(p) => Self::Range(TCP, p.from(), p.to()),
             Traffic::Udp(p) => Self::Range(UDP, p.from(), p.to()),
-            Traffic::Icmp(Icmp::All) => Self::Range(ICMP, 0, u16::MAX),
-            Traffic::Icmp(Icmp::Type(t)) => {
-                let t = u16::from(t) << 8;
-                Self::Range(ICMP, t, t | 0xff)
+            Traffic::Icmp(i) => {
+                let (lo, hi) = icmp_range(i);
+                Self::Range(ICMP, lo, hi)
             }
-            Traffic::Icmp(Icmp::Code(t, c)) => {
-                let p = u16::from(t) << 8 | u16::from(c);
-                Self::Range(ICMP, p, p)
+            Traffic::Icmpv6(i) => {
+                let (lo, hi) = icmp_range(i);
+                Self::Range(ICMPV6, lo, hi)
             }
             Traffic::Other(p) => Self::Range(p, 0, u16::MAX),
         }
@@ -130,18 +148,55 @@ fn start_of(at: u32) -> u16 {
     u16::try_from(at).expect("a block starts at a port")
 }
 
-/// The blocks of `PEER_LEVELS` a CIDR expands to: (address, prefix length), host order.
-fn peer_blocks(addr: u32, len: u8) -> impl Iterator<Item = (u32, u8)> {
-    let level = PEER_LEVELS
+/// A family's peer addresses as the policy maps hold them: a number, host order.
+trait PeerAddr: Copy + Ord + Hash {
+    /// The prefix lengths the datapath probes, longest first.
+    const LEVELS: &'static [u8];
+    /// `self` with only its first `len` bits.
+    fn masked(self, len: u8) -> Self;
+    /// The `i`th block of length `level` from `self`, `level` over 0.
+    fn nth_block(self, i: u32, level: u8) -> Self;
+}
+
+impl PeerAddr for u32 {
+    const LEVELS: &'static [u8] = &PEER_LEVELS;
+    fn masked(self, len: u8) -> Self {
+        mask_addr(self, len)
+    }
+    fn nth_block(self, i: u32, level: u8) -> Self {
+        self + (i << (32 - level))
+    }
+}
+
+impl PeerAddr for u128 {
+    const LEVELS: &'static [u8] = &PEER_LEVELS6;
+    fn masked(self, len: u8) -> Self {
+        mask_addr128(self, len)
+    }
+    fn nth_block(self, i: u32, level: u8) -> Self {
+        self + (u128::from(i) << (128 - level))
+    }
+}
+
+/// The blocks of the levels the datapath probes a CIDR expands to: (address, prefix length),
+/// host order.
+fn peer_blocks<A: PeerAddr>(addr: A, len: u8) -> impl Iterator<Item = (A, u8)> {
+    let level = A::LEVELS
         .iter()
         .rev()
         .copied()
         .find(|&l| l >= len)
-        .unwrap_or(32);
+        .unwrap_or(len);
     // Levels are 8 apart: at most 128 blocks, each inside the CIDR.
     let count = 1u32 << (level - len);
-    let step = if level == 0 { 0 } else { 1u32 << (32 - level) };
-    (0..count).map(move |i| (addr + i * step, level))
+    (0..count).map(move |i| {
+        let block = if i == 0 {
+            addr
+        } else {
+            addr.nth_block(i, level)
+        };
+        (block, level)
+    })
 }
 
 /// Compiling failed: the policy does not fit in the datapath's tries.
@@ -155,18 +210,28 @@ pub struct TooBig {
     pub max: usize,
 }
 
+/// Expanded blocks (host order address, length) -> rule-set number, by (policy, direction):
+/// what a peer map holds, for checks in user space.
+type Blocks<A> = HashMap<(u32, u32), HashMap<(A, u8), u32>>;
+
 /// The policy maps' entries for one state, and the means to check packets against them.
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
     /// Task address -> policy number (0: no policy).
     pub task_policy: HashMap<Ipv4Addr, u32>,
+    /// Task IPv6 address -> its task's policy number, for the tasks that have one.
+    pub task_policy6: HashMap<Ipv6Addr, u32>,
     /// `SG_PEERS` entries.
     pub peers: Vec<(PeerKey, PeerRules)>,
+    /// `SG_PEERS6` entries.
+    pub peers6: Vec<(PeerKey6, PeerRules)>,
+    /// `SG_LEVELS6` entries: scope -> the `level6_bit`s of the lengths its `SG_PEERS6` entries
+    /// use. Scopes without IPv6 entries have none.
+    pub levels6: Vec<(u32, u32)>,
     /// `SG_RULES` entries (value 1).
     pub rules: Vec<(RuleKey, u32)>,
-    /// (policy, direction) -> expanded block (host order address, length) -> rule-set number:
-    /// what `SG_PEERS` holds, for checks in user space.
-    cidrs: HashMap<(u32, u32), HashMap<(u32, u8), u32>>,
+    cidrs: Blocks<u32>,
+    cidrs6: Blocks<u128>,
     sets: HashMap<u32, RuleSet>,
 }
 
@@ -181,18 +246,35 @@ fn next_number(base: u32, used: usize) -> u32 {
 }
 
 /// The rules of one direction of one policy, by CIDR (host order address, length).
-type ByCidr = HashMap<(u32, u8), BTreeSet<Allow>>;
+type ByCidr<A> = HashMap<(A, u8), BTreeSet<Allow>>;
+
+/// The rules of one direction of one policy by CIDR, each family apart.
+#[derive(Default)]
+struct PolicyCidrs {
+    v4: ByCidr<u32>,
+    v6: ByCidr<u128>,
+}
+
+/// A group's members' addresses: IPv4, and IPv6 of those that have one.
+#[derive(Clone, Default)]
+struct Members {
+    v4: Vec<Ipv4Addr>,
+    v6: Vec<Ipv6Addr>,
+}
 
 /// The rules of direction `dir` of the groups `groups` (indexes into `rules.groups`), whose
-/// members are `members` (by group index). No group: `defaultPolicy: deny`, AWS's default
-/// group without its self-reference: nothing in, everything out.
-fn rules_by_cidr(rules: &Rules, members: &[Vec<Ipv4Addr>], groups: &[usize], dir: u32) -> ByCidr {
-    let mut by_cidr = ByCidr::new();
+/// members are `members` (by group index). A reference to a group stands for its members'
+/// addresses of both families, an `IpRanges` CIDR for IPv4 peers only, an `Ipv6Ranges` one for
+/// IPv6 peers only. No group: `defaultPolicy: deny`, AWS's default group without its
+/// self-reference: nothing in, everything out, in both families.
+fn rules_by_cidr(rules: &Rules, members: &[Members], groups: &[usize], dir: u32) -> PolicyCidrs {
+    let mut by = PolicyCidrs::default();
     if groups.is_empty() {
         if dir == DIR_EGRESS {
-            by_cidr.entry((0, 0)).or_default().insert(Allow::All);
+            by.v4.entry((0, 0)).or_default().insert(Allow::All);
+            by.v6.entry((0, 0)).or_default().insert(Allow::All);
         }
-        return by_cidr;
+        return by;
     }
     for &g in groups {
         let group = &rules.groups[g];
@@ -203,62 +285,121 @@ fn rules_by_cidr(rules: &Rules, members: &[Vec<Ipv4Addr>], groups: &[usize], dir
         };
         for rule in list {
             let allow = Allow::from(rule.traffic);
+            let refs = || rule.groups.iter().map(|&p| &members[p]);
             let cidrs = rule
                 .cidrs
                 .iter()
                 .map(|n| (u32::from(n.addr()), n.prefix_len()));
-            let peers = rule.groups.iter().flat_map(|&p| &members[p]);
-            for key in cidrs.chain(peers.map(|a| (u32::from(*a), 32))) {
-                by_cidr.entry(key).or_default().insert(allow);
+            let peers = refs().flat_map(|m| &m.v4).map(|a| (u32::from(*a), 32));
+            for key in cidrs.chain(peers) {
+                by.v4.entry(key).or_default().insert(allow);
+            }
+            let cidrs6 = rule
+                .cidrs6
+                .iter()
+                .map(|n| (u128::from(n.addr()), n.prefix_len()));
+            let peers6 = refs().flat_map(|m| &m.v6).map(|a| (u128::from(*a), 128));
+            for key in cidrs6.chain(peers6) {
+                by.v6.entry(key).or_default().insert(allow);
             }
         }
     }
-    by_cidr
+    by
 }
+
+/// Each block the CIDRs of `by_cidr` expand to, with the union of the rules of every CIDR that
+/// contains it, so the first block the datapath finds, longest first, decides. More than `max`
+/// blocks (`what`) is an error before any union is made.
+fn unions<A: PeerAddr>(
+    by_cidr: &ByCidr<A>,
+    what: &'static str,
+    max: usize,
+) -> Result<Vec<((A, u8), BTreeSet<Allow>)>, TooBig> {
+    let blocks: BTreeSet<(A, u8)> = by_cidr
+        .keys()
+        .flat_map(|&(addr, len)| peer_blocks(addr, len))
+        .collect();
+    if blocks.len() > 2 * max {
+        return Err(TooBig {
+            what,
+            needed: blocks.len(),
+            max,
+        });
+    }
+    Ok(blocks
+        .into_iter()
+        .map(|(addr, len)| {
+            let mut allows = BTreeSet::new();
+            for l in 0..=len {
+                if let Some(a) = by_cidr.get(&(addr.masked(l), l)) {
+                    allows.extend(a.iter().copied());
+                }
+            }
+            ((addr, len), allows)
+        })
+        .collect())
+}
+
+/// The rule-set number of the first block of `cidrs` that holds `addr`, longest first, as the
+/// datapath probes.
+fn lookup<A: PeerAddr>(cidrs: &HashMap<(A, u8), u32>, addr: A) -> Option<u32> {
+    A::LEVELS
+        .iter()
+        .find_map(|&len| cidrs.get(&(addr.masked(len), len)))
+        .copied()
+}
+
+/// What [`TooBig`] calls the entries of `SG_PEERS` and of `SG_PEERS6`.
+const CIDR_ENTRIES: &str = "CIDR entries";
+const CIDR_ENTRIES6: &str = "IPv6 CIDR entries";
 
 impl Compiled {
     /// Compiles validated `rules` with numbers of generation `generation` (0 or 1).
     ///
     /// Tasks with the same set of security groups share one policy. For each policy and
     /// direction every rule becomes (CIDR, protocol, port range); references to groups become
-    /// the /32 of each current member. Each CIDR is expanded to blocks of the next prefix
-    /// length the datapath probes (`PEER_LEVELS`), and each block gets the union of the rules of
-    /// every CIDR that contains it, so the first block the datapath finds decides. Identical
-    /// unions share a rule set, whose port ranges become blocks of the sizes `PORT_LEVELS`
-    /// allows. The result answers checks itself ([`Compiled::allows`]), which is how
-    /// `--reset-flows` finds the tracked flows the new rules no longer allow.
+    /// the /32 and /128 of each current member. Each CIDR is expanded to blocks of the next
+    /// prefix length the datapath probes (`PEER_LEVELS`, `PEER_LEVELS6`), and each block gets
+    /// the union of the rules of every CIDR that contains it, so the first block the datapath
+    /// finds decides. Identical unions share a rule set, whichever the family, whose port
+    /// ranges become blocks of the sizes `PORT_LEVELS` allows. The result answers checks itself
+    /// ([`Compiled::allows`], [`Compiled::allows6`]), which is how `--reset-flows` finds the
+    /// tracked flows the new rules no longer allow.
     pub fn new(rules: &Rules, generation: u32) -> Result<Self, TooBig> {
         let base = base_of(generation);
         let mut out = Self::default();
         let policies = out.number_policies(rules, base);
-        let mut members: Vec<Vec<Ipv4Addr>> = vec![Vec::new(); rules.groups.len()];
+        let mut members: Vec<Members> = vec![Members::default(); rules.groups.len()];
         for t in &rules.tasks {
             for &g in &t.groups {
-                members[g].push(t.addr);
+                members[g].v4.push(t.addr);
+                members[g].v6.extend(t.addr6);
             }
         }
         let mut set_ids: HashMap<RuleSet, u32> = HashMap::new();
+        let mut set_of = |allows: &BTreeSet<Allow>| {
+            let next = next_number(base, set_ids.len());
+            *set_ids.entry(RuleSet::of(allows)).or_insert(next)
+        };
         for (groups, &policy) in &policies {
             let groups: Vec<usize> = groups.iter().map(|&(_, g)| g).collect();
             for dir in [DIR_INGRESS, DIR_EGRESS] {
-                let by_cidr = rules_by_cidr(rules, &members, &groups, dir);
-                out.add_peers(policy, dir, &by_cidr, |set| {
-                    let next = next_number(base, set_ids.len());
-                    *set_ids.entry(set).or_insert(next)
-                })?;
+                let by = rules_by_cidr(rules, &members, &groups, dir);
+                out.add_peers(policy, dir, &by.v4, &mut set_of)?;
+                out.add_peers6(policy, dir, &by.v6, &mut set_of)?;
             }
         }
         out.sets = set_ids.into_iter().map(|(s, id)| (id, s)).collect();
         out.add_port_blocks();
-        // The live generation stays in the maps while this one is written beside it.
+        // Each map holds two generations: the live one stays while this one is written beside
+        // it.
         for (what, needed, max) in [
-            ("CIDR entries", out.peers.len(), MAX_SG_PEERS as usize / 2),
-            (
-                "port-block entries",
-                out.rules.len(),
-                MAX_SG_RULES as usize / 2,
-            ),
+            (CIDR_ENTRIES, out.peers.len(), MAX_SG_PEERS),
+            (CIDR_ENTRIES6, out.peers6.len(), MAX_SG_PEERS6),
+            ("IPv6 policy scopes", out.levels6.len(), MAX_SG_LEVELS6),
+            ("port-block entries", out.rules.len(), MAX_SG_RULES),
         ] {
+            let max = max as usize / 2;
             if needed > max {
                 return Err(TooBig { what, needed, max });
             }
@@ -276,18 +417,21 @@ impl Compiled {
         let deny = rules.default_policy == DefaultPolicy::Deny;
         let mut policies = BTreeMap::new();
         for t in &rules.tasks {
-            if t.groups.is_empty() && !deny {
-                self.task_policy.insert(t.addr, 0);
-                continue;
-            }
-            let groups: Vec<(&str, usize)> = t
-                .groups
-                .iter()
-                .map(|&g| (rules.groups[g].id.as_str(), g))
-                .collect();
-            let next = next_number(base, policies.len());
-            let id = *policies.entry(groups).or_insert(next);
+            let id = if t.groups.is_empty() && !deny {
+                0
+            } else {
+                let groups: Vec<(&str, usize)> = t
+                    .groups
+                    .iter()
+                    .map(|&g| (rules.groups[g].id.as_str(), g))
+                    .collect();
+                let next = next_number(base, policies.len());
+                *policies.entry(groups).or_insert(next)
+            };
             self.task_policy.insert(t.addr, id);
+            if let Some(a) = t.addr6 {
+                self.task_policy6.insert(a, id);
+            }
         }
         policies
     }
@@ -299,29 +443,13 @@ impl Compiled {
         &mut self,
         policy: u32,
         dir: u32,
-        by_cidr: &ByCidr,
-        mut set_of: impl FnMut(RuleSet) -> u32,
+        by_cidr: &ByCidr<u32>,
+        set_of: &mut impl FnMut(&BTreeSet<Allow>) -> u32,
     ) -> Result<(), TooBig> {
-        let blocks: BTreeSet<(u32, u8)> = by_cidr
-            .keys()
-            .flat_map(|&(addr, len)| peer_blocks(addr, len))
-            .collect();
-        if blocks.len() > MAX_SG_PEERS as usize {
-            return Err(TooBig {
-                what: "CIDR entries",
-                needed: blocks.len(),
-                max: MAX_SG_PEERS as usize / 2,
-            });
-        }
+        let blocks = unions(by_cidr, CIDR_ENTRIES, MAX_SG_PEERS as usize / 2)?;
         let cidrs = self.cidrs.entry((policy, dir)).or_default();
-        for (addr, len) in blocks {
-            let mut allows = BTreeSet::new();
-            for l in 0..=len {
-                if let Some(a) = by_cidr.get(&(mask_addr(addr, l), l)) {
-                    allows.extend(a.iter().copied());
-                }
-            }
-            let set = set_of(RuleSet::of(&allows));
+        for ((addr, len), allows) in blocks {
+            let set = set_of(&allows);
             cidrs.insert((addr, len), set);
             self.peers.push((
                 PeerKey {
@@ -336,10 +464,45 @@ impl Compiled {
         Ok(())
     }
 
+    /// The `SG_PEERS6` entries of direction `dir` of `policy`, as [`Self::add_peers`] makes
+    /// `SG_PEERS`'s, and the `SG_LEVELS6` entry of their lengths (none without entries).
+    fn add_peers6(
+        &mut self,
+        policy: u32,
+        dir: u32,
+        by_cidr: &ByCidr<u128>,
+        set_of: &mut impl FnMut(&BTreeSet<Allow>) -> u32,
+    ) -> Result<(), TooBig> {
+        let blocks = unions(by_cidr, CIDR_ENTRIES6, MAX_SG_PEERS6 as usize / 2)?;
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let scope = scope(policy, dir);
+        let mut levels = 0;
+        let cidrs = self.cidrs6.entry((policy, dir)).or_default();
+        for ((addr, len), allows) in blocks {
+            let set = set_of(&allows);
+            cidrs.insert((addr, len), set);
+            levels |= level6_bit(len);
+            self.peers6.push((
+                PeerKey6 {
+                    scope,
+                    len,
+                    _pad: [0; 3],
+                    addr: addr.to_be_bytes(),
+                },
+                PeerRules { set, all: 0 },
+            ));
+        }
+        self.levels6.push((scope, levels));
+        Ok(())
+    }
+
     /// Marks the peers whose set allows everything, and writes the `SG_RULES` port blocks of
     /// every other set.
     fn add_port_blocks(&mut self) {
-        for (_, rules) in &mut self.peers {
+        let peers = self.peers.iter_mut().map(|(_, r)| r);
+        for rules in peers.chain(self.peers6.iter_mut().map(|(_, r)| r)) {
             rules.all = u32::from(self.sets[&rules.set].all);
         }
         for (&id, set) in &self.sets {
@@ -367,57 +530,122 @@ impl Compiled {
         self.task_policy.get(&addr).copied().unwrap_or(0)
     }
 
+    /// The policy number of the task whose IPv6 address is `addr`; 0 when it has none or is not
+    /// a task's.
+    pub fn policy_of6(&self, addr: Ipv6Addr) -> u32 {
+        self.task_policy6.get(&addr).copied().unwrap_or(0)
+    }
+
+    /// Whether rule set `set` allows `proto` to `port`.
+    fn set_allows(&self, set: Option<u32>, proto: u8, port: u16) -> bool {
+        set.and_then(|set| self.sets.get(&set))
+            .is_some_and(|s| s.allows(proto, port))
+    }
+
     /// Whether `policy` allows, in direction `dir`, a packet whose other end is `peer`, of
     /// protocol `proto` with 16-bit `port` (see [`Allow::Range`]). The same answer the
     /// datapath's probes give.
     pub fn allows(&self, policy: u32, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
-        if policy == 0 {
-            return true;
-        }
-        let Some(cidrs) = self.cidrs.get(&(policy, dir)) else {
-            return false;
-        };
-        let addr = u32::from(peer);
-        PEER_LEVELS
-            .iter()
-            .find_map(|&len| cidrs.get(&(mask_addr(addr, len), len)))
-            .and_then(|set| self.sets.get(set))
-            .is_some_and(|s| s.allows(proto, port))
+        policy == 0
+            || self.set_allows(
+                self.cidrs
+                    .get(&(policy, dir))
+                    .and_then(|c| lookup(c, u32::from(peer))),
+                proto,
+                port,
+            )
+    }
+
+    /// [`Self::allows`] for an IPv6 peer (`peer`, the packet's 16 bytes): what `SG_PEERS6`
+    /// answers. A policy with no IPv6 entries in `dir` allows no IPv6 that way.
+    pub fn allows6(&self, policy: u32, dir: u32, peer: [u8; 16], proto: u8, port: u16) -> bool {
+        policy == 0
+            || self.set_allows(
+                self.cidrs6
+                    .get(&(policy, dir))
+                    .and_then(|c| lookup(c, u128::from_be_bytes(peer))),
+                proto,
+                port,
+            )
     }
 }
 
-/// The 16-bit "port" a tracked flow was checked with (see [`Allow::Range`]), from its key.
-fn flow_port(k: &CtKey, dport: u16) -> u16 {
-    match k.proto {
+/// The 16-bit "port" a tracked flow was checked with (see [`Allow::Range`]), from its
+/// protocol and destination port (network order).
+fn flow_port(proto: u8, dport: u16) -> u16 {
+    match proto {
         TCP | UDP => u16::from_be(dport),
         // Only echo requests open ICMP flows.
         ICMP => 8 << 8,
+        ICMPV6 => 128 << 8,
         _ => 0,
+    }
+}
+
+/// A tracked flow as the policy judges it: its original direction's addresses and destination
+/// port, and where inbound and hairpin flows were translated to.
+struct Flow<A> {
+    kind: u8,
+    saddr: A,
+    daddr: A,
+    dport: u16,
+    nat_daddr: A,
+    nat_dport: u16,
+}
+
+impl<A: Copy> Flow<A> {
+    /// Whether `check(dir, task, peer, dport)` allows it at every point the datapath checked it
+    /// when it started (see ARCHITECTURE.md, "Security groups").
+    fn allowed(&self, check: impl Fn(u32, A, A, u16) -> bool) -> bool {
+        let egress = |task, peer, dport| check(DIR_EGRESS, task, peer, dport);
+        let ingress = |task, peer, dport| check(DIR_INGRESS, task, peer, dport);
+        let (s, d) = (self.saddr, self.daddr);
+        match self.kind {
+            // Both ends' policies; an end that is not a task (local) has policy 0, which allows.
+            KIND_EAST_WEST | KIND_LOCAL => egress(s, d, self.dport) && ingress(d, s, self.dport),
+            KIND_MASQUERADE => egress(s, d, self.dport),
+            KIND_INBOUND => ingress(self.nat_daddr, s, self.nat_dport),
+            KIND_HAIRPIN => {
+                egress(s, d, self.dport) && ingress(self.nat_daddr, s, self.nat_dport)
+            }
+            _ => true,
+        }
     }
 }
 
 /// Whether `c` would let the tracked flow whose original direction is `k` start, checked as the
 /// datapath checked it when it did (see ARCHITECTURE.md, "Security groups").
 pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
-    let check = |dir, task: u32, peer: u32, dport: u16| {
+    let flow = Flow {
+        kind: e.kind,
+        saddr: k.saddr,
+        daddr: k.daddr,
+        dport: k.dport,
+        nat_daddr: e.nat_daddr,
+        nat_dport: e.nat_dport,
+    };
+    flow.allowed(|dir, task, peer, dport| {
         let (task, peer) = (from_be(task), from_be(peer));
         (dir == DIR_EGRESS && peer.octets() == TASK_METADATA_ADDR)
-            || c.allows(c.policy_of(task), dir, peer, k.proto, flow_port(k, dport))
+            || c.allows(c.policy_of(task), dir, peer, k.proto, flow_port(k.proto, dport))
+    })
+}
+
+/// [`flow_allowed`] for an IPv6 flow (`CT6`): the tasks' policies found by their IPv6
+/// addresses, the peers judged by `SG_PEERS6`. IPv6 has no endpoint exempt from policy.
+pub fn flow6_allowed(c: &Compiled, k: &CtKey6, e: &CtEntry6) -> bool {
+    let flow = Flow {
+        kind: e.kind,
+        saddr: k.saddr,
+        daddr: k.daddr,
+        dport: k.dport,
+        nat_daddr: e.nat_daddr,
+        nat_dport: e.nat_dport,
     };
-    let egress = |task, peer, dport| check(DIR_EGRESS, task, peer, dport);
-    let ingress = |task, peer, dport| check(DIR_INGRESS, task, peer, dport);
-    match e.kind {
-        // Both ends' policies; an end that is not a task (local) has policy 0, which allows.
-        KIND_EAST_WEST | KIND_LOCAL => {
-            egress(k.saddr, k.daddr, k.dport) && ingress(k.daddr, k.saddr, k.dport)
-        }
-        KIND_MASQUERADE => egress(k.saddr, k.daddr, k.dport),
-        KIND_INBOUND => ingress(e.nat_daddr, k.saddr, e.nat_dport),
-        KIND_HAIRPIN => {
-            egress(k.saddr, k.daddr, k.dport) && ingress(e.nat_daddr, k.saddr, e.nat_dport)
-        }
-        _ => true,
-    }
+    flow.allowed(|dir, task, peer, dport| {
+        let policy = c.policy_of6(Ipv6Addr::from(task));
+        c.allows6(policy, dir, peer, k.proto, flow_port(k.proto, dport))
+    })
 }
 
 #[cfg(test)]
@@ -651,7 +879,7 @@ mod tests {
         let expanded: Vec<(u32, u8)> = peer_blocks(0x0a00_0000, 22).collect();
         assert_eq!(expanded.len(), 4);
         assert_eq!(expanded[3], (0x0a00_0300, 24));
-        assert_eq!(peer_blocks(0, 0).collect::<Vec<_>>(), vec![(0, 0)]);
+        assert_eq!(peer_blocks(0u32, 0).collect::<Vec<_>>(), vec![(0, 0)]);
     }
 
     #[test]

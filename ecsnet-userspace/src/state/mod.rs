@@ -58,8 +58,6 @@ pub enum Problem {
     UnknownGroup { id: String },
     #[error("prefix lists are not supported yet: list their CIDRs in IpRanges")]
     PrefixLists,
-    #[error("IPv6 ranges are not supported yet")]
-    Ipv6Ranges,
     #[error(transparent)]
     Rule(#[from] RuleError),
     #[error("empty task name")]
@@ -212,6 +210,19 @@ pub struct IpRange {
     pub description: Option<String>,
 }
 
+/// One of a permission's `Ipv6Ranges`: an IPv6 CIDR, for IPv6 peers only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6Range {
+    #[serde(rename = "CidrIpv6")]
+    pub cidr_ipv6: String,
+    #[serde(
+        rename = "Description",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub description: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupPair {
     #[serde(rename = "GroupId")]
@@ -233,7 +244,7 @@ pub struct IpPermission {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefix_list_ids: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ipv6_ranges: Vec<serde_json::Value>,
+    pub ipv6_ranges: Vec<Ipv6Range>,
 }
 
 impl IpPermission {
