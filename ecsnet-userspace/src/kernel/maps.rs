@@ -622,7 +622,11 @@ pub fn write_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(), Maps
     insert_all(&mut open_as(paths, MAP_SG_PEERS)?, MAP_SG_PEERS, p.peers)?;
     if has_policy6(paths, p) {
         insert_all(&mut open_as(paths, MAP_SG_PEERS6)?, MAP_SG_PEERS6, p.peers6)?;
-        insert_all(&mut open_as(paths, MAP_SG_LEVELS6)?, MAP_SG_LEVELS6, p.levels6)?;
+        insert_all(
+            &mut open_as(paths, MAP_SG_LEVELS6)?,
+            MAP_SG_LEVELS6,
+            p.levels6,
+        )?;
     }
     Ok(())
 }
@@ -646,13 +650,19 @@ pub fn remove_stale_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(
     remove_keys(&mut r, MAP_SG_RULES, |k| !keep.contains(k))
 }
 
-/// The IPv6 policy entries in the maps, `SG_PEERS6` and `SG_LEVELS6`, each sorted (none from a
-/// datapath loaded by a build without them).
-pub fn read_policy6(
-    paths: &InstancePaths,
-) -> Result<(Vec<(PeerKey6, PeerRules)>, Vec<(u32, u32)>), MapsError> {
+/// The IPv6 policy entries in the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy6 {
+    /// `SG_PEERS6`, sorted by scope, length and address.
+    pub peers: Vec<(PeerKey6, PeerRules)>,
+    /// `SG_LEVELS6`, sorted by scope.
+    pub levels: Vec<(u32, u32)>,
+}
+
+/// The IPv6 policy entries in the maps (none from a datapath loaded by a build without them).
+pub fn read_policy6(paths: &InstancePaths) -> Result<Policy6, MapsError> {
     if !paths.map_pin(MAP_SG_PEERS6).exists() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Policy6::default());
     }
     let p: HashMap<MapData, PeerKey6, PeerRules> = open_as(paths, MAP_SG_PEERS6)?;
     let mut peers = p
@@ -666,7 +676,7 @@ pub fn read_policy6(
         .map_err(access(MAP_SG_LEVELS6))?;
     peers.sort_unstable_by_key(|(k, _)| (k.scope, k.len, k.addr));
     levels.sort_unstable();
-    Ok((peers, levels))
+    Ok(Policy6 { peers, levels })
 }
 
 /// Removes both entries of every flow `cut` says to, in both connection tables. Returns the

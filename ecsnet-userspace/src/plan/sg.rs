@@ -35,11 +35,11 @@ pub enum Allow {
     /// Every protocol and port.
     All,
     /// One protocol, a range of its 16-bit "port": the destination port for TCP and UDP,
-    /// `type << 8 | code` for ICMP and ICMPv6, the whole range for other protocols.
+    /// `type << 8 | code` for ICMP and `ICMPv6`, the whole range for other protocols.
     Range(u8, u16, u16),
 }
 
-/// The 16-bit "port" range of ICMP or ICMPv6 types and codes.
+/// The 16-bit "port" range of ICMP or `ICMPv6` types and codes.
 fn icmp_range(icmp: Icmp) -> (u16, u16) {
     match icmp {
         Icmp::All => (0, u16::MAX),
@@ -307,6 +307,9 @@ fn rules_by_cidr(rules: &Rules, members: &[Members], groups: &[usize], dir: u32)
     by
 }
 
+/// Expanded blocks (host order address, length), each with its union of rules.
+type Unions<A> = Vec<((A, u8), BTreeSet<Allow>)>;
+
 /// Each block the CIDRs of `by_cidr` expand to, with the union of the rules of every CIDR that
 /// contains it, so the first block the datapath finds, longest first, decides. More than `max`
 /// blocks (`what`) is an error before any union is made.
@@ -314,7 +317,7 @@ fn unions<A: PeerAddr>(
     by_cidr: &ByCidr<A>,
     what: &'static str,
     max: usize,
-) -> Result<Vec<((A, u8), BTreeSet<Allow>)>, TooBig> {
+) -> Result<Unions<A>, TooBig> {
     let blocks: BTreeSet<(A, u8)> = by_cidr
         .keys()
         .flat_map(|&(addr, len)| peer_blocks(addr, len))
@@ -605,9 +608,7 @@ impl<A: Copy> Flow<A> {
             KIND_EAST_WEST | KIND_LOCAL => egress(s, d, self.dport) && ingress(d, s, self.dport),
             KIND_MASQUERADE => egress(s, d, self.dport),
             KIND_INBOUND => ingress(self.nat_daddr, s, self.nat_dport),
-            KIND_HAIRPIN => {
-                egress(s, d, self.dport) && ingress(self.nat_daddr, s, self.nat_dport)
-            }
+            KIND_HAIRPIN => egress(s, d, self.dport) && ingress(self.nat_daddr, s, self.nat_dport),
             _ => true,
         }
     }
@@ -627,7 +628,13 @@ pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
     flow.allowed(|dir, task, peer, dport| {
         let (task, peer) = (from_be(task), from_be(peer));
         (dir == DIR_EGRESS && peer.octets() == TASK_METADATA_ADDR)
-            || c.allows(c.policy_of(task), dir, peer, k.proto, flow_port(k.proto, dport))
+            || c.allows(
+                c.policy_of(task),
+                dir,
+                peer,
+                k.proto,
+                flow_port(k.proto, dport),
+            )
     })
 }
 
@@ -653,7 +660,10 @@ mod tests {
     use std::fmt::Write as _;
 
     use super::*;
-    use crate::state::{self, State, rules::Ipv4Net};
+    use crate::state::{
+        self, State,
+        rules::{Ipv4Net, Ipv6Net},
+    };
 
     fn sg_state(text: &str) -> State {
         let s: State = state::parse(text).unwrap();
@@ -966,5 +976,537 @@ mod tests {
             );
         }
         assert!(!c.allows(t0, DIR_INGRESS, addr("t1"), TCP, 444));
+    }
+    // ---- IPv6 ------------------------------------------------------------------------------
+
+    const V6_GROUPS: &str = r#"{
+      "securityGroups": [
+        {"GroupId": "sg-web",
+         "IpPermissions": [
+           {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+           {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
+            "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "2001:db8::/32"}]},
+           {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 8999, "Ipv6Ranges": [{"CidrIpv6": "2001:db8:1::/48"}]},
+           {"IpProtocol": "udp", "FromPort": 53, "ToPort": 53, "Ipv6Ranges": [{"CidrIpv6": "2001:db8:1:2::/64"}]},
+           {"IpProtocol": "udp", "FromPort": 5000, "ToPort": 5000, "Ipv6Ranges": [{"CidrIpv6": "fd00:aa:bb:c80::/57"}]},
+           {"IpProtocol": "udp", "FromPort": 7000, "ToPort": 7000, "Ipv6Ranges": [{"CidrIpv6": "fd00:aa::/31"}]},
+           {"IpProtocol": "icmpv6", "FromPort": 128, "ToPort": -1, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+           {"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+           {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": "sg-db"}]},
+           {"IpProtocol": "47", "Ipv6Ranges": [{"CidrIpv6": "2001:db8:1:2:3:4:5:6/128"}]}],
+         "IpPermissionsEgress": [{"IpProtocol": "-1", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]},
+        {"GroupId": "sg-db",
+         "IpPermissions": [{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-web"}]}],
+         "IpPermissionsEgress": [{"IpProtocol": "58", "FromPort": 1, "ToPort": 4, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+                                 {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+      ],
+      "tasks": [
+        {"name": "web", "ipv4Address": "172.17.0.2", "ipv6Address": "fd00:ec5:17::2", "securityGroups": ["sg-web"]},
+        {"name": "db", "ipv4Address": "172.17.0.3", "ipv6Address": "fd00:ec5:17::3", "securityGroups": ["sg-db"]},
+        {"name": "db4", "ipv4Address": "172.17.0.4", "securityGroups": ["sg-db"]},
+        {"name": "both", "ipv4Address": "172.17.0.5", "ipv6Address": "fd00:ec5:17::5", "securityGroups": ["sg-db", "sg-web"]},
+        {"name": "bare", "ipv4Address": "172.17.0.6", "ipv6Address": "fd00:ec5:17::6"}
+      ]
+    }"#;
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    /// [`naive`] for an IPv6 peer: `Ipv6Ranges` and members' IPv6 addresses only.
+    fn naive6(state: &State, task: &str, dir: u32, peer: Ipv6Addr, proto: u8, port: u16) -> bool {
+        let t = state.tasks.iter().find(|t| t.name == task).unwrap();
+        if t.security_groups.is_empty() {
+            return state.host.default_policy == DefaultPolicy::Allow || dir == DIR_EGRESS;
+        }
+        state
+            .security_groups
+            .iter()
+            .filter(|g| t.security_groups.contains(&g.group_id))
+            .flat_map(|g| {
+                if dir == DIR_INGRESS {
+                    &g.ip_permissions
+                } else {
+                    &g.ip_permissions_egress
+                }
+            })
+            .any(|p| {
+                let port_ok = match Allow::from(Traffic::of_permission(p).unwrap()) {
+                    Allow::All => true,
+                    Allow::Range(pp, lo, hi) => pp == proto && lo <= port && port <= hi,
+                };
+                let peer_ok = p.ipv6_ranges.iter().any(|r| {
+                    let net: Ipv6Net = r.cidr_ipv6.parse().unwrap();
+                    net.contains(peer)
+                }) || p.user_id_group_pairs.iter().any(|g| {
+                    state.tasks.iter().any(|m| {
+                        m.ipv6_address == Some(peer) && m.security_groups.contains(&g.group_id)
+                    })
+                });
+                port_ok && peer_ok
+            })
+    }
+
+    /// What `allows6_port` in the datapath answers for these entries: `SG_LEVELS6` of the
+    /// scope, then `SG_PEERS6` at those lengths, longest first, then `SG_RULES`.
+    fn probe6(c: &Compiled, policy: u32, dir: u32, peer: Ipv6Addr, proto: u8, port: u16) -> bool {
+        if policy == 0 {
+            return true;
+        }
+        let peers: HashMap<PeerKey6, PeerRules> = c.peers6.iter().copied().collect();
+        let levels: HashMap<u32, u32> = c.levels6.iter().copied().collect();
+        let rules: std::collections::HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
+        let scope = scope(policy, dir);
+        let Some(&mask) = levels.get(&scope) else {
+            return false;
+        };
+        let Some(r) = PEER_LEVELS6
+            .iter()
+            .filter(|&&len| mask & level6_bit(len) != 0)
+            .find_map(|&len| {
+                peers.get(&PeerKey6 {
+                    scope,
+                    len,
+                    _pad: [0; 3],
+                    addr: ecsnet_common::policy::mask_addr6(peer.octets(), len),
+                })
+            })
+        else {
+            return false;
+        };
+        r.all != 0
+            || PORT_LEVELS.iter().any(|&len| {
+                rules.contains(&RuleKey {
+                    set: r.set,
+                    proto,
+                    len,
+                    port: ecsnet_common::policy::mask_port(port, len),
+                })
+            })
+    }
+
+    #[test]
+    fn ipv6_probes_answer_like_the_rules() {
+        let s = sg_state(V6_GROUPS);
+        let c = compile(&s, 0).unwrap();
+        let peers = [
+            "::1",
+            "2001:db8::1",
+            "2001:db8:ffff::1",
+            "2001:db8:1::9",
+            "2001:db8:1:2::1",
+            "2001:db8:1:2:3:4:5:6",
+            "2001:db8:1:2:3:4:5:7",
+            "2001:db8:1:3::1",
+            "2001:db9::1",
+            "fd00:aa:bb:c80::1",
+            "fd00:aa:bb:cff:ffff::1",
+            "fd00:aa:bb:d00::1",
+            "fd00:aa:bb:c7f::1",
+            "fd00:ab:1::1",
+            "fd00:ac::1",
+            "fd00:ec5:17::2",
+            "fd00:ec5:17::3",
+            "fd00:ec5:17::5",
+            "fd00:ec5:17::6",
+            "fd00:ec5:17::4",
+            "::ffff:172.17.0.4",
+        ];
+        let probes = [
+            (TCP, 80),
+            (TCP, 81),
+            (TCP, 443),
+            (TCP, 8000),
+            (TCP, 8999),
+            (TCP, 9000),
+            (TCP, 5432),
+            (UDP, 53),
+            (UDP, 5000),
+            (UDP, 7000),
+            (UDP, 80),
+            (ICMPV6, 128 << 8),
+            (ICMPV6, 129 << 8),
+            (ICMPV6, 1 << 8 | 4),
+            (ICMPV6, 4 << 8),
+            (ICMPV6, 5 << 8),
+            (ICMP, 8 << 8),
+            (47, 0),
+            (50, 0),
+        ];
+        let mut allowed = 0;
+        for t in &s.tasks {
+            let policy = c.policy_of(t.ipv4_address);
+            if let Some(a) = t.ipv6_address {
+                assert_eq!(
+                    c.policy_of6(a),
+                    policy,
+                    "{}: one policy, both families",
+                    t.name
+                );
+            }
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                for p in peers {
+                    for (proto, port) in probes {
+                        let want = naive6(&s, &t.name, dir, ip6(p), proto, port);
+                        let what = format!("{} dir {dir} {p} proto {proto} port {port}", t.name);
+                        let got = c.allows6(policy, dir, ip6(p).octets(), proto, port);
+                        assert_eq!(got, want, "{what}");
+                        let datapath = probe6(&c, policy, dir, ip6(p), proto, port);
+                        assert_eq!(datapath, want, "probes: {what}");
+                        allowed += usize::from(want);
+                    }
+                }
+            }
+        }
+        assert!(allowed > 100, "the probes must hit allowed cases too");
+    }
+
+    #[test]
+    fn ipv6_cidrs_expand_to_multiples_of_8() {
+        let blocks = |cidr: &str| {
+            let n: Ipv6Net = cidr.parse().unwrap();
+            peer_blocks(u128::from(n.addr()), n.prefix_len())
+                .map(|(a, len)| format!("{}/{len}", Ipv6Addr::from(a)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(blocks("2001:db8::1/128"), ["2001:db8::1/128"]);
+        assert_eq!(blocks("2001:db8:1:2::/64"), ["2001:db8:1:2::/64"]);
+        assert_eq!(blocks("::/0"), ["::/0"]);
+        assert_eq!(
+            blocks("2001:db8::/127"),
+            ["2001:db8::/128", "2001:db8::1/128"]
+        );
+        let b = blocks("fd00:aa:bb:c80::/57");
+        assert_eq!(b.len(), 128, "a /57 is 128 /64s");
+        assert_eq!(b[0], "fd00:aa:bb:c80::/64");
+        assert_eq!(b[1], "fd00:aa:bb:c81::/64");
+        assert_eq!(b[127], "fd00:aa:bb:cff::/64");
+        let b = blocks("8000::/1");
+        assert_eq!(
+            (b.len(), b[0].as_str(), b[127].as_str()),
+            (128, "8000::/8", "ff00::/8")
+        );
+
+        // In the maps: the scope's lengths are exactly those of its entries.
+        let s = sg_state(V6_GROUPS);
+        let c = compile(&s, 0).unwrap();
+        let web = c.policy_of(ip("172.17.0.2"));
+        let ingress = scope(web, DIR_INGRESS);
+        let mut lens: BTreeMap<u8, usize> = BTreeMap::new();
+        for (k, _) in c.peers6.iter().filter(|(k, _)| k.scope == ingress) {
+            *lens.entry(k.len).or_default() += 1;
+            assert_eq!(
+                k.addr,
+                ecsnet_common::policy::mask_addr6(k.addr, k.len),
+                "no bits past the length"
+            );
+        }
+        // ::/0 twice (tcp 80, icmpv6, icmp) is one; /32, /48 and /64 each one; the /57 128
+        // /64s beside the /64 of udp 53; the /31 two /32s beside the /32; sg-db's members
+        // fd00:ec5:17::3 and ::5 /128s beside the /128 of protocol 47.
+        assert_eq!(
+            lens,
+            BTreeMap::from([(0, 1), (32, 3), (48, 1), (64, 129), (128, 3)])
+        );
+        let (_, mask) = c.levels6.iter().find(|(sc, _)| *sc == ingress).unwrap();
+        let want = [0, 32, 48, 64, 128]
+            .iter()
+            .fold(0, |m, &l| m | level6_bit(l));
+        assert_eq!(*mask, want);
+    }
+
+    #[test]
+    fn ipv6_unions_of_overlapping_cidrs() {
+        let s = sg_state(V6_GROUPS);
+        let c = compile(&s, 0).unwrap();
+        let web = c.policy_of(ip("172.17.0.2"));
+        let ok =
+            |peer: &str, proto, port| c.allows6(web, DIR_INGRESS, ip6(peer).octets(), proto, port);
+        // 2001:db8:1:2::/64 is inside the /48, the /32 and ::/0: all four rules.
+        for (proto, port) in [(TCP, 80), (TCP, 443), (TCP, 8500), (UDP, 53)] {
+            assert!(ok("2001:db8:1:2::9", proto, port), "{proto} {port}");
+        }
+        // Just outside the /64: the /48's, not the /64's.
+        assert!(ok("2001:db8:1:3::9", TCP, 8500));
+        assert!(!ok("2001:db8:1:3::9", UDP, 53));
+        // Outside the /32: ::/0's only.
+        assert!(ok("2001:db9::9", TCP, 80));
+        assert!(!ok("2001:db9::9", TCP, 443));
+        // The /31 covers both its /32s, and the /57 the last of its /64s only inside it.
+        assert!(ok("fd00:ab:ffff::1", UDP, 7000));
+        assert!(ok("fd00:aa:bb:cff:1::1", UDP, 5000));
+        assert!(!ok("fd00:aa:bb:d00::1", UDP, 5000));
+        // The /57's /64s share one rule set: the same union.
+        let web_in = scope(web, DIR_INGRESS);
+        let sets: BTreeSet<u32> = c
+            .peers6
+            .iter()
+            .filter(|(k, _)| {
+                k.scope == web_in && k.len == 64 && k.addr[..6] == [0xfd, 0, 0, 0xaa, 0, 0xbb]
+            })
+            .map(|(_, r)| r.set)
+            .collect();
+        assert_eq!(sets.len(), 1, "{sets:?}");
+    }
+
+    #[test]
+    fn group_references_give_members_of_both_families() {
+        let s = sg_state(V6_GROUPS);
+        let c = compile(&s, 0).unwrap();
+        let db = c.policy_of(ip("172.17.0.3"));
+        let db_in = scope(db, DIR_INGRESS);
+        // sg-db takes everything from sg-web: web and both, by their /32s and /128s.
+        let v6: BTreeSet<Ipv6Addr> = c
+            .peers6
+            .iter()
+            .filter(|(k, _)| k.scope == db_in)
+            .map(|(k, r)| {
+                assert_eq!((k.len, r.all), (128, 1), "{k:?}");
+                Ipv6Addr::from(k.addr)
+            })
+            .collect();
+        assert_eq!(
+            v6,
+            BTreeSet::from([ip6("fd00:ec5:17::2"), ip6("fd00:ec5:17::5")])
+        );
+        let v4: BTreeSet<u32> = c
+            .peers
+            .iter()
+            .filter(|(k, _)| k.scope == db_in)
+            .map(|(k, _)| u32::from_be(k.addr))
+            .collect();
+        assert_eq!(v4, BTreeSet::from([0xac11_0002, 0xac11_0005]));
+        assert_eq!(
+            c.levels6.iter().find(|(sc, _)| *sc == db_in),
+            Some(&(db_in, level6_bit(128)))
+        );
+        // A member without an IPv6 address (db4) is no IPv6 peer; IPv4 CIDRs allow no IPv6
+        // and IPv6 ones no IPv4.
+        let web = c.policy_of(ip("172.17.0.2"));
+        assert!(c.allows(web, DIR_INGRESS, ip("172.17.0.4"), TCP, 5432));
+        assert!(!c.allows6(web, DIR_INGRESS, ip6("fd00:ec5:17::4").octets(), TCP, 5432));
+        assert!(c.allows(web, DIR_INGRESS, ip("1.2.3.4"), TCP, 443));
+        assert!(
+            !c.allows(web, DIR_INGRESS, ip("1.2.3.4"), TCP, 80),
+            "::/0 is not 0.0.0.0/0"
+        );
+        assert!(
+            !c.allows(web, DIR_EGRESS, ip("1.2.3.4"), UDP, 53),
+            "egress is IPv6 only"
+        );
+        assert!(c.allows6(web, DIR_EGRESS, ip6("2600::1").octets(), UDP, 53));
+        // sg-db's egress: all IPv4, and ICMPv6 type 1 code 4 only.
+        assert!(c.allows(db, DIR_EGRESS, ip("1.2.3.4"), UDP, 53));
+        assert!(!c.allows6(db, DIR_EGRESS, ip6("2600::1").octets(), UDP, 53));
+        assert!(c.allows6(db, DIR_EGRESS, ip6("2600::1").octets(), ICMPV6, 1 << 8 | 4));
+        assert!(!c.allows6(db, DIR_EGRESS, ip6("2600::1").octets(), ICMPV6, 1 << 8 | 3));
+        // Leaving the group takes the address out.
+        let mut s = s;
+        s.tasks.retain(|t| t.name != "both");
+        let c = compile(&s, 0).unwrap();
+        let db = c.policy_of(ip("172.17.0.3"));
+        assert!(!c.allows6(db, DIR_INGRESS, ip6("fd00:ec5:17::5").octets(), TCP, 1));
+        assert!(c.allows6(db, DIR_INGRESS, ip6("fd00:ec5:17::2").octets(), TCP, 1));
+    }
+
+    #[test]
+    fn icmpv6_rules_are_not_icmp_rules() {
+        let s = sg_state(V6_GROUPS);
+        let c = compile(&s, 0).unwrap();
+        let web = c.policy_of(ip("172.17.0.2"));
+        let ok = |proto, port| c.allows6(web, DIR_INGRESS, ip6("2600::1").octets(), proto, port);
+        // icmpv6 type 128 (echo request), every code; icmp type 8 stays ICMP's.
+        assert!(ok(ICMPV6, 128 << 8));
+        assert!(ok(ICMPV6, 128 << 8 | 7));
+        assert!(!ok(ICMPV6, 129 << 8));
+        assert!(!ok(ICMPV6, 8 << 8), "icmp type 8 is no ICMPv6 rule");
+        assert!(
+            ok(ICMP, 8 << 8),
+            "an icmp rule with an IPv6 range is still icmp"
+        );
+        assert!(!ok(ICMP, 128 << 8), "icmpv6 type 128 is no ICMP rule");
+        // In SG_RULES: protocol 58, type << 8 | code blocks.
+        let set = c
+            .peers6
+            .iter()
+            .find(|(k, _)| k.scope == scope(web, DIR_INGRESS) && k.len == 0)
+            .map(|(_, r)| r.set)
+            .unwrap();
+        let icmpv6: Vec<(u8, u16)> = c
+            .rules
+            .iter()
+            .filter(|(k, _)| k.set == set && k.proto == ICMPV6)
+            .map(|(k, _)| (k.len, k.port))
+            .collect();
+        assert_eq!(icmpv6, [(8, 128 << 8)]);
+    }
+
+    #[test]
+    fn default_deny_covers_ipv6() {
+        let mut s = sg_state(V6_GROUPS);
+        s.host.default_policy = DefaultPolicy::Deny;
+        let c = compile(&s, 1).unwrap();
+        let bare = c.policy_of6(ip6("fd00:ec5:17::6"));
+        assert_ne!(bare, 0);
+        assert_eq!(bare, c.policy_of(ip("172.17.0.6")));
+        for peer in ["fd00:ec5:17::2", "2600::1", "::"] {
+            let peer = ip6(peer).octets();
+            assert!(!c.allows6(bare, DIR_INGRESS, peer, TCP, 80));
+            assert!(c.allows6(bare, DIR_EGRESS, peer, UDP, 53));
+            assert!(c.allows6(bare, DIR_EGRESS, peer, 47, 0));
+        }
+        assert!(probe6(
+            &c,
+            bare,
+            DIR_EGRESS,
+            ip6("2600::1"),
+            ICMPV6,
+            128 << 8
+        ));
+        assert!(!probe6(
+            &c,
+            bare,
+            DIR_INGRESS,
+            ip6("2600::1"),
+            ICMPV6,
+            128 << 8
+        ));
+        // Nothing in: no entry and no lengths, so the datapath stops at SG_LEVELS6.
+        let bare_in = scope(bare, DIR_INGRESS);
+        assert!(c.levels6.iter().all(|(sc, _)| *sc != bare_in));
+        assert!(c.peers6.iter().all(|(k, _)| k.scope != bare_in));
+        // Generation 1: every scope, of both IPv6 maps, carries the generation bit.
+        assert!(
+            c.levels6
+                .iter()
+                .all(|(sc, _)| sc >> 1 & GENERATION_BIT != 0)
+        );
+        assert!(
+            c.peers6.iter().all(|(k, r)| {
+                k.scope >> 1 & GENERATION_BIT != 0 && r.set & GENERATION_BIT != 0
+            })
+        );
+        // Default allow: no policy, no entries for the bare task.
+        s.host.default_policy = DefaultPolicy::Allow;
+        let c = compile(&s, 0).unwrap();
+        assert_eq!(c.policy_of6(ip6("fd00:ec5:17::6")), 0);
+        assert!(c.allows6(0, DIR_INGRESS, ip6("2600::1").octets(), TCP, 80));
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_share_rule_sets() {
+        // The same rules to 0.0.0.0/0 and ::/0: one rule set for both families.
+        let s = sg_state(
+            r#"{"securityGroups": [{"GroupId": "sg-a", "IpPermissions": [
+                 {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80,
+                  "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]}],
+               "tasks": [{"name": "a", "ipv4Address": "172.17.0.2", "ipv6Address": "fd00::2",
+                          "securityGroups": ["sg-a"]}]}"#,
+        );
+        let c = compile(&s, 0).unwrap();
+        assert_eq!((c.peers.len(), c.peers6.len()), (1, 1));
+        assert_eq!(c.peers[0].1, c.peers6[0].1);
+        assert_eq!(c.rules.len(), 1);
+        // No egress rules: no IPv6 lengths for the egress scope, as none for IPv4 entries.
+        assert_eq!(c.levels6.len(), 1);
+    }
+
+    #[test]
+    fn too_many_ipv6_entries_is_an_error() {
+        // 257 /57s: 32,896 /64s, over the 32,768 of a generation.
+        let perms: Vec<String> = (0..257)
+            .map(|i| {
+                format!(
+                    r#"{{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "Ipv6Ranges": [{{"CidrIpv6": "2001:db8:{i:x}::/57"}}]}}"#
+                )
+            })
+            .collect();
+        let text = format!(
+            r#"{{"securityGroups": [{{"GroupId": "sg-big", "IpPermissions": [{}]}}],
+                "tasks": [{{"name": "t", "ipv4Address": "172.17.0.2", "securityGroups": ["sg-big"]}}]}}"#,
+            perms.join(",")
+        );
+        let e = compile(&sg_state(&text), 0).unwrap_err();
+        assert_eq!(
+            (e.what, e.needed, e.max),
+            ("IPv6 CIDR entries", 257 * 128, 32_768)
+        );
+        assert!(e.to_string().contains("more than the 32768"), "{e}");
+        // 256 of them fit.
+        let fits = text.replacen(&format!("{},", perms[0]), "", 1);
+        let c = compile(&sg_state(&fits), 0).unwrap();
+        assert_eq!(c.peers6.len(), 256 * 128);
+    }
+
+    #[test]
+    fn ipv6_flows_are_judged_by_the_ipv6_rules() {
+        let s = sg_state(V6_GROUPS);
+        let c = compile(&s, 0).unwrap();
+        let key = |saddr: &str, daddr: &str, proto, dport: u16| CtKey6 {
+            saddr: ip6(saddr).octets(),
+            daddr: ip6(daddr).octets(),
+            sport: 40000u16.to_be(),
+            dport: dport.to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        let entry = |kind, k: &CtKey6| CtEntry6 {
+            kind,
+            nat_daddr: k.daddr,
+            nat_dport: k.dport,
+            ..CtEntry6::default()
+        };
+        let judge = |kind, saddr, daddr, proto, dport| {
+            let k = key(saddr, daddr, proto, dport);
+            flow6_allowed(&c, &k, &entry(kind, &k))
+        };
+        // In from outside: web's ingress.
+        assert!(judge(
+            KIND_INBOUND,
+            "2001:db8::1",
+            "fd00:ec5:17::2",
+            TCP,
+            443
+        ));
+        assert!(!judge(
+            KIND_INBOUND,
+            "2001:db9::1",
+            "fd00:ec5:17::2",
+            TCP,
+            443
+        ));
+        // Task to task: web's egress (all IPv6) and db's ingress (all from sg-web).
+        assert!(judge(
+            KIND_EAST_WEST,
+            "fd00:ec5:17::2",
+            "fd00:ec5:17::3",
+            TCP,
+            9
+        ));
+        // db to web: db's egress allows no TCP over IPv6.
+        assert!(!judge(
+            KIND_EAST_WEST,
+            "fd00:ec5:17::3",
+            "fd00:ec5:17::2",
+            TCP,
+            80
+        ));
+        // Out: the sender's egress; echo requests are what open ICMPv6 flows.
+        assert!(judge(
+            KIND_MASQUERADE,
+            "fd00:ec5:17::2",
+            "2600::1",
+            ICMPV6,
+            0
+        ));
+        assert!(!judge(
+            KIND_MASQUERADE,
+            "fd00:ec5:17::3",
+            "2600::1",
+            ICMPV6,
+            0
+        ));
+        // A task with no policy is not judged.
+        assert!(judge(KIND_MASQUERADE, "fd00:ec5:17::6", "2600::1", UDP, 53));
     }
 }

@@ -18,10 +18,7 @@ use crate::state::{DefaultPolicy, IpPermission};
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {
     #[error("bad CIDR {text:?}: expected ADDRESS/PREFIX like {example}")]
-    NoPrefix {
-        text: String,
-        example: &'static str,
-    },
+    NoPrefix { text: String, example: &'static str },
     #[error("bad CIDR {text:?}: {addr:?} is not an {family} address")]
     Address {
         text: String,
@@ -229,7 +226,7 @@ impl RuleError {
     }
 }
 
-/// ICMPv6's protocol number (`IpProtocol` `58` or `icmpv6`).
+/// `ICMPv6`'s protocol number (`IpProtocol` `58` or `icmpv6`).
 pub const PROTO_ICMPV6: u8 = 58;
 
 /// `IpProtocol` read: every protocol (`-1`, `all`), or one by name or number.
@@ -320,7 +317,7 @@ impl Icmp {
     }
 }
 
-/// What one rule lets through. ICMP and ICMPv6 are apart: an `icmp` rule never lets ICMPv6
+/// What one rule lets through. ICMP and `ICMPv6` are apart: an `icmp` rule never lets `ICMPv6`
 /// through, nor an `icmpv6` one ICMP, as in AWS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Traffic {
@@ -329,9 +326,9 @@ pub enum Traffic {
     Tcp(Ports),
     Udp(Ports),
     Icmp(Icmp),
-    /// ICMPv6, its type and code read as ICMP's are.
+    /// `ICMPv6`, its type and code read as ICMP's are.
     Icmpv6(Icmp),
-    /// Every packet of one other protocol (not TCP, UDP, ICMP or ICMPv6).
+    /// Every packet of one other protocol (not TCP, UDP, ICMP or `ICMPv6`).
     Other(u8),
 }
 
@@ -441,7 +438,10 @@ pub fn describe(perm: &IpPermission, inbound: bool) -> String {
     let what =
         Traffic::of_permission(perm).map_or_else(|_| perm.ip_protocol.clone(), |t| t.to_string());
     let v4 = perm.ip_ranges.iter().map(|r| r.cidr_ip.clone());
-    let v6 = perm.ipv6_ranges.iter().map(|r| canonical_cidr6(&r.cidr_ipv6));
+    let v6 = perm
+        .ipv6_ranges
+        .iter()
+        .map(|r| canonical_cidr6(&r.cidr_ipv6));
     let groups = perm.user_id_group_pairs.iter().map(|g| g.group_id.clone());
     let peers: Vec<String> = v4.chain(v6).chain(groups).collect();
     let dir = if inbound { "from" } else { "to" };
@@ -471,6 +471,70 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_cidrs() {
+        let net = |s: &str| s.parse::<Ipv6Net>().map(|n| (n.addr(), n.prefix_len()));
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(net("::/0"), Ok((Ipv6Addr::UNSPECIFIED, 0)));
+        assert_eq!(net("2001:db8::/32"), Ok((v6("2001:db8::"), 32)));
+        assert_eq!(net("2001:db8::1/128"), Ok((v6("2001:db8::1"), 128)));
+        assert_eq!(net("fd00:ec5:17::/57"), Ok((v6("fd00:ec5:17::"), 57)));
+        // Any way of writing it reads; it prints as RFC 5952 writes it.
+        let n: Ipv6Net = "2001:0DB8:0000:0000::/32".parse().unwrap();
+        assert_eq!(n.to_string(), "2001:db8::/32");
+        assert_eq!(
+            canonical_cidr6("2001:DB8:0:0:0:0:0:1/128"),
+            "2001:db8::1/128"
+        );
+        assert_eq!(canonical_cidr6("not a cidr"), "not a cidr");
+        assert!(n.contains(v6("2001:db8:ffff::1")));
+        assert!(!n.contains(v6("2001:db9::")));
+        let e = |s: &str| s.parse::<Ipv6Net>().unwrap_err().to_string();
+        assert_eq!(
+            e("2001:db8::1/32"),
+            "bad CIDR \"2001:db8::1/32\": host bits set (did you mean 2001:db8::/32?)"
+        );
+        assert_eq!(
+            e("fd00::80/57"),
+            "bad CIDR \"fd00::80/57\": host bits set (did you mean fd00::/57?)"
+        );
+        assert_eq!(
+            e("::/129"),
+            "bad CIDR \"::/129\": prefix length must be 0 to 128"
+        );
+        assert_eq!(
+            e("2001:db8::"),
+            "bad CIDR \"2001:db8::\": expected ADDRESS/PREFIX like 2001:db8::/32"
+        );
+        assert_eq!(
+            e("2001:db8:::/32"),
+            "bad CIDR \"2001:db8:::/32\": \"2001:db8:::\" is not an IPv6 address"
+        );
+        assert!(net("::/-1").is_err());
+        assert!(net("::/x").is_err());
+        // Each family in its own field, as AWS keeps them.
+        assert_eq!(
+            e("10.0.0.0/8"),
+            "bad CIDR \"10.0.0.0/8\": an IPv4 CIDR, which goes in IpRanges[].CidrIp"
+        );
+        assert_eq!(
+            "::/0".parse::<Ipv4Net>().unwrap_err().to_string(),
+            "bad CIDR \"::/0\": an IPv6 CIDR, which goes in Ipv6Ranges[].CidrIpv6"
+        );
+        // And IPv4's messages are as they were.
+        assert_eq!(
+            "10.0.0.0/33".parse::<Ipv4Net>().unwrap_err().to_string(),
+            "bad CIDR \"10.0.0.0/33\": prefix length must be 0 to 32"
+        );
+        assert_eq!(
+            "10.0.0/8".parse::<Ipv4Net>().unwrap_err().to_string(),
+            "bad CIDR \"10.0.0/8\": \"10.0.0\" is not an IPv4 address"
+        );
+        assert_eq!(mask_addr128(u128::MAX, 0), 0);
+        assert_eq!(mask_addr128(u128::MAX, 128), u128::MAX);
+        assert_eq!(mask_addr128(u128::MAX, 1), 1 << 127);
+    }
+
+    #[test]
     fn protocols() {
         let p = |s: &str| s.parse::<IpProtocol>();
         assert_eq!(p("-1"), Ok(IpProtocol::All));
@@ -480,8 +544,10 @@ mod tests {
         assert!(p("300").is_err());
         assert_eq!(
             p("sctpx").unwrap_err().to_string(),
-            "unknown protocol \"sctpx\": use -1, tcp, udp, icmp or a number 0-254"
+            "unknown protocol \"sctpx\": use -1, tcp, udp, icmp, icmpv6 or a number 0-254"
         );
+        assert_eq!(p("icmpv6"), Ok(IpProtocol::Number(PROTO_ICMPV6)));
+        assert_eq!(p("ICMPv6"), p("58"));
     }
 
     #[test]
@@ -503,6 +569,20 @@ mod tests {
         );
         assert_eq!(t("icmp", Some(-1), Some(0)).unwrap_err().field(), "ToPort");
         assert_eq!(t("icmp", Some(256), None).unwrap_err().field(), "FromPort");
+        // ICMPv6 is ICMP's twin, never ICMP: type and code checked the same way.
+        assert_eq!(
+            t("58", Some(128), None),
+            Ok(Traffic::Icmpv6(Icmp::Type(128)))
+        );
+        assert_ne!(t("icmpv6", None, None), t("icmp", None, None));
+        assert_eq!(
+            t("icmpv6", Some(-1), Some(0)).unwrap_err().field(),
+            "ToPort"
+        );
+        assert_eq!(
+            t("icmpv6", Some(300), None).unwrap_err().field(),
+            "FromPort"
+        );
         for (traffic, text) in [
             (t("tcp", Some(80), Some(80)), "tcp 80"),
             (t("icmp", None, None), "icmp all"),
@@ -510,6 +590,9 @@ mod tests {
             (t("icmp", Some(0), Some(-1)), "icmp type 0"),
             (t("all", None, None), "all"),
             (t("50", None, None), "protocol 50"),
+            (t("icmpv6", None, None), "icmpv6 all"),
+            (t("58", Some(128), Some(-1)), "icmpv6 type 128"),
+            (t("icmpv6", Some(1), Some(4)), "icmpv6 type 1 code 4"),
         ] {
             assert_eq!(traffic.unwrap().to_string(), text);
         }

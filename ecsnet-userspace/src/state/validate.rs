@@ -44,7 +44,10 @@ fn permission(perm: &IpPermission, path: &str, groups: &GroupIndex) -> Result<Ru
     let traffic = Traffic::of(protocol, perm.from_port, perm.to_port).map_err(at)?;
     let v4 = perm.ip_ranges.iter().map(|r| (&r.cidr_ip, &r.description));
     let cidrs = nets::<Ipv4Net>(v4, &format!("{path}.IpRanges"), "CidrIp")?;
-    let v6 = perm.ipv6_ranges.iter().map(|r| (&r.cidr_ipv6, &r.description));
+    let v6 = perm
+        .ipv6_ranges
+        .iter()
+        .map(|r| (&r.cidr_ipv6, &r.description));
     let cidrs6 = nets::<Ipv6Net>(v6, &format!("{path}.Ipv6Ranges"), "CidrIpv6")?;
     let refs = perm.user_id_group_pairs.iter().enumerate();
     let groups = refs
