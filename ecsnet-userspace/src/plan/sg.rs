@@ -614,18 +614,25 @@ impl<A: Copy> Flow<A> {
     }
 }
 
+/// The [`Flow`] of a connection-table key and entry of either family (`CtKey`, `CtKey6`):
+/// their fields are named alike.
+macro_rules! flow_of {
+    ($k:expr, $e:expr) => {
+        Flow {
+            kind: $e.kind,
+            saddr: $k.saddr,
+            daddr: $k.daddr,
+            dport: $k.dport,
+            nat_daddr: $e.nat_daddr,
+            nat_dport: $e.nat_dport,
+        }
+    };
+}
+
 /// Whether `c` would let the tracked flow whose original direction is `k` start, checked as the
 /// datapath checked it when it did (see ARCHITECTURE.md, "Security groups").
 pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
-    let flow = Flow {
-        kind: e.kind,
-        saddr: k.saddr,
-        daddr: k.daddr,
-        dport: k.dport,
-        nat_daddr: e.nat_daddr,
-        nat_dport: e.nat_dport,
-    };
-    flow.allowed(|dir, task, peer, dport| {
+    flow_of!(k, e).allowed(|dir, task, peer, dport| {
         let (task, peer) = (from_be(task), from_be(peer));
         (dir == DIR_EGRESS && peer.octets() == TASK_METADATA_ADDR)
             || c.allows(
@@ -641,15 +648,7 @@ pub fn flow_allowed(c: &Compiled, k: &CtKey, e: &CtEntry) -> bool {
 /// [`flow_allowed`] for an IPv6 flow (`CT6`): the tasks' policies found by their IPv6
 /// addresses, the peers judged by `SG_PEERS6`. IPv6 has no endpoint exempt from policy.
 pub fn flow6_allowed(c: &Compiled, k: &CtKey6, e: &CtEntry6) -> bool {
-    let flow = Flow {
-        kind: e.kind,
-        saddr: k.saddr,
-        daddr: k.daddr,
-        dport: k.dport,
-        nat_daddr: e.nat_daddr,
-        nat_dport: e.nat_dport,
-    };
-    flow.allowed(|dir, task, peer, dport| {
+    flow_of!(k, e).allowed(|dir, task, peer, dport| {
         let policy = c.policy_of6(Ipv6Addr::from(task));
         c.allows6(policy, dir, peer, k.proto, flow_port(k.proto, dport))
     })
@@ -657,7 +656,7 @@ pub fn flow6_allowed(c: &Compiled, k: &CtKey6, e: &CtEntry6) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::fmt::Write as _;
+    use std::{fmt::Write as _, net::IpAddr};
 
     use super::*;
     use crate::state::{
@@ -705,11 +704,27 @@ mod tests {
     }
 
     /// The answer straight from the groups, rule by rule: the model the tries must agree with.
-    fn naive(state: &State, task: &str, dir: u32, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+    /// An IPv4 peer is in `IpRanges` and the members' IPv4 addresses, an IPv6 one in
+    /// `Ipv6Ranges` and the members' IPv6 addresses.
+    fn naive(state: &State, task: &str, dir: u32, peer: IpAddr, proto: u8, port: u16) -> bool {
         let t = state.tasks.iter().find(|t| t.name == task).unwrap();
         if t.security_groups.is_empty() {
             return state.host.default_policy == DefaultPolicy::Allow || dir == DIR_EGRESS;
         }
+        let in_ranges = |p: &crate::state::IpPermission| match peer {
+            IpAddr::V4(a) => p.ip_ranges.iter().any(|r| {
+                let net: Ipv4Net = r.cidr_ip.parse().unwrap();
+                net.contains(a)
+            }),
+            IpAddr::V6(a) => p.ipv6_ranges.iter().any(|r| {
+                let net: Ipv6Net = r.cidr_ipv6.parse().unwrap();
+                net.contains(a)
+            }),
+        };
+        let is = |m: &crate::state::Task| match peer {
+            IpAddr::V4(a) => m.ipv4_address == a,
+            IpAddr::V6(a) => m.ipv6_address == Some(a),
+        };
         state
             .security_groups
             .iter()
@@ -727,16 +742,28 @@ mod tests {
                     Allow::All => true,
                     Allow::Range(pp, lo, hi) => pp == proto && lo <= port && port <= hi,
                 };
-                let peer_ok = p.ip_ranges.iter().any(|r| {
-                    let net: Ipv4Net = r.cidr_ip.parse().unwrap();
-                    net.contains(peer)
-                }) || p.user_id_group_pairs.iter().any(|g| {
-                    state
-                        .tasks
-                        .iter()
-                        .any(|m| m.ipv4_address == peer && m.security_groups.contains(&g.group_id))
-                });
+                let peer_ok = in_ranges(p)
+                    || p.user_id_group_pairs.iter().any(|g| {
+                        state
+                            .tasks
+                            .iter()
+                            .any(|m| is(m) && m.security_groups.contains(&g.group_id))
+                    });
                 port_ok && peer_ok
+            })
+    }
+
+    /// What the datapath's `SG_RULES` probes answer for rule set `r`.
+    fn rules_probe(c: &Compiled, r: PeerRules, proto: u8, port: u16) -> bool {
+        let rules: std::collections::HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
+        r.all != 0
+            || PORT_LEVELS.iter().any(|&len| {
+                rules.contains(&RuleKey {
+                    set: r.set,
+                    proto,
+                    len,
+                    port: ecsnet_common::policy::mask_port(port, len),
+                })
             })
     }
 
@@ -746,7 +773,6 @@ mod tests {
             return true;
         }
         let peers: HashMap<PeerKey, PeerRules> = c.peers.iter().copied().collect();
-        let rules: std::collections::HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
         let Some(r) = PEER_LEVELS.iter().find_map(|&len| {
             peers.get(&PeerKey {
                 scope: scope(policy, dir),
@@ -757,15 +783,40 @@ mod tests {
         }) else {
             return false;
         };
-        r.all != 0
-            || PORT_LEVELS.iter().any(|&len| {
-                rules.contains(&RuleKey {
-                    set: r.set,
-                    proto,
-                    len,
-                    port: ecsnet_common::policy::mask_port(port, len),
-                })
-            })
+        rules_probe(c, *r, proto, port)
+    }
+
+    /// For every task of `s`, direction, peer of `peers` and (protocol, port) of `probes`:
+    /// the checks of `c` and the datapath's probes of its entries answer as the rules do.
+    /// Returns how many cases are allowed.
+    fn all_agree(s: &State, c: &Compiled, peers: &[&str], probes: &[(u8, u16)]) -> usize {
+        let mut allowed = 0;
+        for t in &s.tasks {
+            let policy = c.policy_of(t.ipv4_address);
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                for p in peers {
+                    let peer: IpAddr = p.parse().unwrap();
+                    for &(proto, port) in probes {
+                        let want = naive(s, &t.name, dir, peer, proto, port);
+                        let (got, datapath) = match peer {
+                            IpAddr::V4(a) => (
+                                c.allows(policy, dir, a, proto, port),
+                                probe(c, policy, dir, a, proto, port),
+                            ),
+                            IpAddr::V6(a) => (
+                                c.allows6(policy, dir, a.octets(), proto, port),
+                                probe6(c, policy, dir, a, proto, port),
+                            ),
+                        };
+                        let what = format!("{} dir {dir} {p} proto {proto} port {port}", t.name);
+                        assert_eq!(got, want, "{what}");
+                        assert_eq!(datapath, want, "probes: {what}");
+                        allowed += usize::from(want);
+                    }
+                }
+            }
+        }
+        allowed
     }
 
     #[test]
@@ -807,31 +858,8 @@ mod tests {
             (47, 0),
             (50, 0),
         ];
-        let mut checked = 0;
-        for t in &s.tasks {
-            let policy = c.policy_of(t.ipv4_address);
-            for dir in [DIR_INGRESS, DIR_EGRESS] {
-                for p in peers {
-                    for (proto, port) in probes {
-                        let want = naive(&s, &t.name, dir, ip(p), proto, port);
-                        assert_eq!(
-                            c.allows(policy, dir, ip(p), proto, port),
-                            want,
-                            "{} dir {dir} {p} proto {proto} port {port}",
-                            t.name
-                        );
-                        assert_eq!(
-                            probe(&c, policy, dir, ip(p), proto, port),
-                            want,
-                            "probes: {} dir {dir} {p} proto {proto} port {port}",
-                            t.name
-                        );
-                        checked += usize::from(want);
-                    }
-                }
-            }
-        }
-        assert!(checked > 100, "the probes must hit allowed cases too");
+        let allowed = all_agree(&s, &c, &peers, &probes);
+        assert!(allowed > 100, "the probes must hit allowed cases too");
         // Same groups, same policy; no groups and default allow, no policy.
         assert_eq!(c.policy_of(ip("172.17.0.2")), c.policy_of(ip("172.17.0.5")));
         assert_ne!(c.policy_of(ip("172.17.0.2")), c.policy_of(ip("172.17.0.4")));
@@ -1013,40 +1041,6 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// [`naive`] for an IPv6 peer: `Ipv6Ranges` and members' IPv6 addresses only.
-    fn naive6(state: &State, task: &str, dir: u32, peer: Ipv6Addr, proto: u8, port: u16) -> bool {
-        let t = state.tasks.iter().find(|t| t.name == task).unwrap();
-        if t.security_groups.is_empty() {
-            return state.host.default_policy == DefaultPolicy::Allow || dir == DIR_EGRESS;
-        }
-        state
-            .security_groups
-            .iter()
-            .filter(|g| t.security_groups.contains(&g.group_id))
-            .flat_map(|g| {
-                if dir == DIR_INGRESS {
-                    &g.ip_permissions
-                } else {
-                    &g.ip_permissions_egress
-                }
-            })
-            .any(|p| {
-                let port_ok = match Allow::from(Traffic::of_permission(p).unwrap()) {
-                    Allow::All => true,
-                    Allow::Range(pp, lo, hi) => pp == proto && lo <= port && port <= hi,
-                };
-                let peer_ok = p.ipv6_ranges.iter().any(|r| {
-                    let net: Ipv6Net = r.cidr_ipv6.parse().unwrap();
-                    net.contains(peer)
-                }) || p.user_id_group_pairs.iter().any(|g| {
-                    state.tasks.iter().any(|m| {
-                        m.ipv6_address == Some(peer) && m.security_groups.contains(&g.group_id)
-                    })
-                });
-                port_ok && peer_ok
-            })
-    }
-
     /// What `allows6_port` in the datapath answers for these entries: `SG_LEVELS6` of the
     /// scope, then `SG_PEERS6` at those lengths, longest first, then `SG_RULES`.
     fn probe6(c: &Compiled, policy: u32, dir: u32, peer: Ipv6Addr, proto: u8, port: u16) -> bool {
@@ -1055,7 +1049,6 @@ mod tests {
         }
         let peers: HashMap<PeerKey6, PeerRules> = c.peers6.iter().copied().collect();
         let levels: HashMap<u32, u32> = c.levels6.iter().copied().collect();
-        let rules: std::collections::HashSet<RuleKey> = c.rules.iter().map(|(k, _)| *k).collect();
         let scope = scope(policy, dir);
         let Some(&mask) = levels.get(&scope) else {
             return false;
@@ -1074,15 +1067,7 @@ mod tests {
         else {
             return false;
         };
-        r.all != 0
-            || PORT_LEVELS.iter().any(|&len| {
-                rules.contains(&RuleKey {
-                    set: r.set,
-                    proto,
-                    len,
-                    port: ecsnet_common::policy::mask_port(port, len),
-                })
-            })
+        rules_probe(c, *r, proto, port)
     }
 
     #[test]
@@ -1133,31 +1118,13 @@ mod tests {
             (47, 0),
             (50, 0),
         ];
-        let mut allowed = 0;
         for t in &s.tasks {
-            let policy = c.policy_of(t.ipv4_address);
             if let Some(a) = t.ipv6_address {
-                assert_eq!(
-                    c.policy_of6(a),
-                    policy,
-                    "{}: one policy, both families",
-                    t.name
-                );
-            }
-            for dir in [DIR_INGRESS, DIR_EGRESS] {
-                for p in peers {
-                    for (proto, port) in probes {
-                        let want = naive6(&s, &t.name, dir, ip6(p), proto, port);
-                        let what = format!("{} dir {dir} {p} proto {proto} port {port}", t.name);
-                        let got = c.allows6(policy, dir, ip6(p).octets(), proto, port);
-                        assert_eq!(got, want, "{what}");
-                        let datapath = probe6(&c, policy, dir, ip6(p), proto, port);
-                        assert_eq!(datapath, want, "probes: {what}");
-                        allowed += usize::from(want);
-                    }
-                }
+                let policy = c.policy_of(t.ipv4_address);
+                assert_eq!(c.policy_of6(a), policy, "{}: one policy", t.name);
             }
         }
+        let allowed = all_agree(&s, &c, &peers, &probes);
         assert!(allowed > 100, "the probes must hit allowed cases too");
     }
 
