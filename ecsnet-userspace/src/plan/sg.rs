@@ -329,11 +329,13 @@ fn unions<A: PeerAddr>(
             max,
         });
     }
+    // Only the lengths some CIDR has can contain a block: up to 129 for IPv6, usually a few.
+    let lens: BTreeSet<u8> = by_cidr.keys().map(|&(_, len)| len).collect();
     Ok(blocks
         .into_iter()
         .map(|(addr, len)| {
             let mut allows = BTreeSet::new();
-            for l in 0..=len {
+            for &l in lens.range(..=len) {
                 if let Some(a) = by_cidr.get(&(addr.masked(l), l)) {
                     allows.extend(a.iter().copied());
                 }
