@@ -74,11 +74,6 @@ fn peers(p: &Policy6) -> BTreeMap<Key, (u32, u32)> {
         .collect()
 }
 
-/// The `SG_LEVELS6` value of the lengths `lens`.
-fn bits(lens: &[u8]) -> u32 {
-    lens.iter().fold(0, |m, &l| m | level6_bit(l))
-}
-
 /// The /64s of `fd00:aa:bb:c80::/57`.
 fn slash57_blocks() -> impl Iterator<Item = Ipv6Addr> {
     (0..128u16).map(|i| Ipv6Addr::new(0xfd00, 0xaa, 0xbb, 0xc80 + i, 0, 0, 0, 0))
@@ -98,11 +93,56 @@ fn one_generation(p: &Policy6, policy: u32) {
     }
 }
 
+/// A scope as the tests name it: task 1's ingress or egress, task 2's ingress.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    In1,
+    Out1,
+    In2,
+}
+
+/// The maps hold exactly `want` (scope, length, address), each scope's lengths in
+/// `SG_LEVELS6`, all in the generation of the tasks' policies. Returns `SG_PEERS6` by key and
+/// task 1's policy.
+fn holds_exactly(lab: &Lab, want: &[(At, u8, Ipv6Addr)]) -> (BTreeMap<Key, (u32, u32)>, u32) {
+    let (p1, p2) = policies(lab);
+    let scope_of = |at| match at {
+        At::In1 => scope(p1, DIR_INGRESS),
+        At::Out1 => scope(p1, DIR_EGRESS),
+        At::In2 => scope(p2, DIR_INGRESS),
+    };
+    let want: BTreeSet<Key> = want
+        .iter()
+        .map(|&(at, len, a)| (scope_of(at), len, a))
+        .collect();
+    let mut levels: BTreeMap<u32, u32> = BTreeMap::new();
+    for &(scope, len, _) in &want {
+        *levels.entry(scope).or_default() |= level6_bit(len);
+    }
+    let m = maps(lab);
+    let got = peers(&m);
+    let keys: BTreeSet<Key> = got.keys().copied().collect();
+    assert_eq!(keys.len(), want.len(), "SG_PEERS6 entries");
+    // (No assert_eq: a diff of 10,000 keys says nothing.)
+    assert!(
+        keys == want,
+        "SG_PEERS6 holds other entries than the state's"
+    );
+    assert_eq!(
+        m.levels,
+        levels.into_iter().collect::<Vec<_>>(),
+        "SG_LEVELS6"
+    );
+    one_generation(&m, p1);
+    (got, p1)
+}
+
 #[test]
 fn ipv6_rules_land_in_the_maps_and_nothing_stale_stays() {
     let lab = Lab::up_v6("sg6m", 2, &[], "nat");
     lab.ecsnet_up();
     let (a1, a2) = (addr6(&lab, 1), addr6(&lab, 2));
+    let any = Ipv6Addr::UNSPECIFIED;
     assert_eq!(maps(&lab), Policy6::default(), "no groups, no entries");
 
     let inbound_a = [
@@ -119,72 +159,27 @@ fn ipv6_rules_land_in_the_maps_and_nothing_stale_stays() {
         &[perm("icmpv6", Some((128, -1)), &["sg-a"])],
         &[],
     );
-    let full = with_groups(
-        &lab,
-        &[
-            sg("sg-a", "a", &inbound_a, &[out_a.clone()]),
-            group_b.clone(),
-        ],
-    );
+    let group_a = sg("sg-a", "a", &inbound_a, std::slice::from_ref(&out_a));
+    let full = with_groups(&lab, &[group_a, group_b.clone()]);
     apply(&lab, "full.json", &full);
+    sg_ls_shows_ipv6(&lab);
 
-    // sg ls shows the IPv6 CIDRs as AWS prints them.
-    let ls = instance_ok(&lab, &["sg", "ls"]);
-    for line in [
-        "in  tcp 80 from ::/0",
-        "in  tcp 443 from 2001:db8::/32",
-        "in  udp 53 from fd00:aa:bb:c80::/57",
-        "in  all from sg-b",
-        "out all to 0.0.0.0/0, ::/0",
-        "in  icmpv6 type 128 from sg-a",
-    ] {
-        assert!(ls.contains(line), "sg ls lacks {line:?}:\n{ls}");
-    }
-    let json_ls: Value =
-        serde_json::from_str(&instance_ok(&lab, &["sg", "ls", "--json"])).expect("JSON");
-    assert_eq!(
-        json_ls[0]["group"]["IpPermissions"][1]["Ipv6Ranges"],
-        json!([{"CidrIpv6": "2001:db8::/32"}]),
-        "sg ls --json: {json_ls}"
-    );
-
-    let expect_full = |p1: u32, p2: u32| {
-        let (in1, out1, in2) = (
-            scope(p1, DIR_INGRESS),
-            scope(p1, DIR_EGRESS),
-            scope(p2, DIR_INGRESS),
-        );
-        let mut keys: BTreeSet<Key> = BTreeSet::from([
-            (in1, 0, Ipv6Addr::UNSPECIFIED),
-            (in1, 32, "2001:db8::".parse().unwrap()),
-            (in1, 128, a2),
-            (out1, 0, Ipv6Addr::UNSPECIFIED),
-            (in2, 128, a1),
-        ]);
-        keys.extend(slash57_blocks().map(|b| (in1, 64, b)));
-        let levels = vec![
-            (in1, bits(&[0, 32, 64, 128])),
-            (out1, bits(&[0])),
-            (in2, bits(&[128])),
-        ];
-        (keys, levels)
-    };
+    let mut want = vec![
+        (At::In1, 0, any),
+        (At::In1, 32, "2001:db8::".parse().unwrap()),
+        (At::In1, 128, a2),
+        (At::Out1, 0, any),
+        (At::In2, 128, a1),
+    ];
+    want.extend(slash57_blocks().map(|b| (At::In1, 64, b)));
     let check_full = || {
-        let (p1, p2) = policies(&lab);
-        assert!(p1 != 0 && p2 != 0 && p1 != p2, "policies {p1} {p2}");
-        let m = maps(&lab);
-        let got = peers(&m);
-        let (keys, mut levels) = expect_full(p1, p2);
-        assert_eq!(got.keys().copied().collect::<BTreeSet<_>>(), keys);
-        levels.sort_unstable();
-        assert_eq!(m.levels, levels);
-        one_generation(&m, p1);
+        let (got, p1) = holds_exactly(&lab, &want);
         // Everything from task 2 (sg-b), and everything out: no second lookup. ::/0 allows
         // TCP 80 only, a rule set of its own.
         let (in1, out1) = (scope(p1, DIR_INGRESS), scope(p1, DIR_EGRESS));
         assert_eq!(got[&(in1, 128, a2)].1, 1, "sg-b's members: all");
-        assert_eq!(got[&(out1, 0, Ipv6Addr::UNSPECIFIED)].1, 1);
-        assert_eq!(got[&(in1, 0, Ipv6Addr::UNSPECIFIED)].1, 0);
+        assert_eq!(got[&(out1, 0, any)].1, 1);
+        assert_eq!(got[&(in1, 0, any)].1, 0);
         // The /57's 128 /64s hold one union (udp 53 and ::/0's tcp 80).
         let sets: BTreeSet<(u32, u32)> = slash57_blocks().map(|b| got[&(in1, 64, b)]).collect();
         assert_eq!(sets.len(), 1, "{sets:?}");
@@ -202,42 +197,17 @@ fn ipv6_rules_land_in_the_maps_and_nothing_stale_stays() {
     );
 
     // Fewer rules: exactly the new entries.
-    let fewer = with_groups(
+    let group_a = sg(
+        "sg-a",
+        "a",
+        &[v6("tcp", Some((80, 80)), &["::/0"])],
+        &[out_a],
+    );
+    apply(&lab, "fewer.json", &with_groups(&lab, &[group_a, group_b]));
+    holds_exactly(
         &lab,
-        &[
-            sg(
-                "sg-a",
-                "a",
-                &[v6("tcp", Some((80, 80)), &["::/0"])],
-                &[out_a],
-            ),
-            group_b,
-        ],
+        &[(At::In1, 0, any), (At::Out1, 0, any), (At::In2, 128, a1)],
     );
-    apply(&lab, "fewer.json", &fewer);
-    let (p1, p2) = policies(&lab);
-    let m = maps(&lab);
-    let (in1, out1, in2) = (
-        scope(p1, DIR_INGRESS),
-        scope(p1, DIR_EGRESS),
-        scope(p2, DIR_INGRESS),
-    );
-    assert_eq!(
-        peers(&m).keys().copied().collect::<Vec<_>>(),
-        [
-            (in1, 0, Ipv6Addr::UNSPECIFIED),
-            (out1, 0, Ipv6Addr::UNSPECIFIED),
-            (in2, 128, a1),
-        ]
-        .into_iter()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect::<Vec<_>>()
-    );
-    let mut levels = vec![(in1, bits(&[0])), (out1, bits(&[0])), (in2, bits(&[128]))];
-    levels.sort_unstable();
-    assert_eq!(m.levels, levels);
-    one_generation(&m, p1);
 
     // No groups (defaultPolicy allow): no policy, no entries.
     let mut none = state(&lab);
@@ -246,7 +216,8 @@ fn ipv6_rules_land_in_the_maps_and_nothing_stale_stays() {
     assert_eq!(policies(&lab), (0, 0));
     assert_eq!(maps(&lab), Policy6::default(), "every IPv6 entry removed");
 
-    // defaultPolicy deny: both tasks may send anywhere over IPv6 and receive nothing.
+    // defaultPolicy deny: both tasks may send anywhere over IPv6 and receive nothing (no
+    // ingress entry, no ingress lengths).
     none["host"]["defaultPolicy"] = json!("deny");
     apply(&lab, "deny.json", &none);
     let (p1, p2) = policies(&lab);
@@ -254,27 +225,38 @@ fn ipv6_rules_land_in_the_maps_and_nothing_stale_stays() {
         p1 != 0 && p1 == p2,
         "one policy for both bare tasks: {p1} {p2}"
     );
-    let m = maps(&lab);
-    let out = scope(p1, DIR_EGRESS);
-    let got = peers(&m);
+    let (got, _) = holds_exactly(&lab, &[(At::Out1, 0, any)]);
+    assert_eq!(got[&(scope(p1, DIR_EGRESS), 0, any)].1, 1, "everything out");
+    down_leaves_nothing(lab);
+}
+
+/// `sg ls` and `sg ls --json` show the IPv6 CIDRs as AWS prints them (RFC 5952).
+fn sg_ls_shows_ipv6(lab: &Lab) {
+    let ls = instance_ok(lab, &["sg", "ls"]);
+    for line in [
+        "in  tcp 80 from ::/0",
+        "in  tcp 443 from 2001:db8::/32",
+        "in  udp 53 from fd00:aa:bb:c80::/57",
+        "in  all from sg-b",
+        "out all to 0.0.0.0/0, ::/0",
+        "in  icmpv6 type 128 from sg-a",
+    ] {
+        assert!(ls.contains(line), "sg ls lacks {line:?}:\n{ls}");
+    }
+    let json_ls: Value =
+        serde_json::from_str(&instance_ok(lab, &["sg", "ls", "--json"])).expect("JSON");
     assert_eq!(
-        got.keys().copied().collect::<Vec<_>>(),
-        [(out, 0, Ipv6Addr::UNSPECIFIED)]
-    );
-    assert_eq!(got[&(out, 0, Ipv6Addr::UNSPECIFIED)].1, 1, "everything out");
-    assert_eq!(
-        m.levels,
-        [(out, bits(&[0]))],
-        "nothing in: no ingress lengths"
+        json_ls[0]["group"]["IpPermissions"][1]["Ipv6Ranges"],
+        json!([{"CidrIpv6": "2001:db8::/32"}]),
+        "sg ls --json: {json_ls}"
     );
 }
 
 /// `n` IPv6 rules into sg-a: for each i below n/2, TCP 9000 from a /128 inside a /64 that
-/// allows TCP 8000 + i % 4. Returns the groups and the expected keys of task 1's ingress
-/// scope (without the scope).
-fn many(n: usize) -> (Vec<Value>, BTreeSet<(u8, Ipv6Addr)>) {
+/// allows TCP 8000 + i % 4. Returns the groups and the entries of task 1's ingress.
+fn many(n: usize) -> (Vec<Value>, Vec<(At, u8, Ipv6Addr)>) {
     let mut rules = Vec::with_capacity(n);
-    let mut keys = BTreeSet::new();
+    let mut keys = Vec::with_capacity(n);
     for i in 0..n / 2 {
         let hi = u16::try_from(i).expect("fewer than 65,536 pairs");
         let net = Ipv6Addr::new(0x2001, 0xdb8, hi, 1, 0, 0, 0, 0);
@@ -282,8 +264,8 @@ fn many(n: usize) -> (Vec<Value>, BTreeSet<(u8, Ipv6Addr)>) {
         let port = 8000 + i32::from(hi % 4);
         rules.push(v6("tcp", Some((port, port)), &[&format!("{net}/64")]));
         rules.push(v6("tcp", Some((9000, 9000)), &[&format!("{host}/128")]));
-        keys.insert((64, net));
-        keys.insert((128, host));
+        keys.push((At::In1, 64, net));
+        keys.push((At::In1, 128, host));
     }
     let groups = vec![
         sg("sg-a", "a", &rules, &[v6("-1", None, &["::/0"])]),
@@ -292,57 +274,32 @@ fn many(n: usize) -> (Vec<Value>, BTreeSet<(u8, Ipv6Addr)>) {
     (groups, keys)
 }
 
-/// The maps hold task 1's ingress `keys`, its `::/0` egress and task 2's ingress from task 1,
-/// and nothing else.
-fn holds_exactly(lab: &Lab, keys: &BTreeSet<(u8, Ipv6Addr)>) -> Policy6 {
-    let (p1, p2) = policies(lab);
-    let m = maps(lab);
-    let (in1, out1, in2) = (
-        scope(p1, DIR_INGRESS),
-        scope(p1, DIR_EGRESS),
-        scope(p2, DIR_INGRESS),
-    );
-    let mut want: BTreeSet<Key> = keys.iter().map(|&(len, a)| (in1, len, a)).collect();
-    want.insert((out1, 0, Ipv6Addr::UNSPECIFIED));
-    want.insert((in2, 128, addr6(lab, 1)));
-    let got: BTreeSet<Key> = peers(&m).into_keys().collect();
-    assert_eq!(got.len(), want.len());
-    assert!(
-        got == want,
-        "SG_PEERS6 holds other entries than the state's"
-    );
-    let mut levels = vec![
-        (in1, bits(&[64, 128])),
-        (out1, bits(&[0])),
-        (in2, bits(&[128])),
-    ];
-    levels.sort_unstable();
-    assert_eq!(m.levels, levels);
-    one_generation(&m, p1);
-    m
-}
-
 #[test]
 fn ten_thousand_ipv6_rules_fit_and_too_many_change_nothing() {
     let lab = Lab::up_v6("sg6k", 2, &[], "nat");
     lab.ecsnet_up();
+    // Besides task 1's ingress: its egress to ::/0, task 2's ingress from task 1.
+    let others = [
+        (At::Out1, 0, Ipv6Addr::UNSPECIFIED),
+        (At::In2, 128, addr6(&lab, 1)),
+    ];
 
-    let (groups, keys) = many(10_000);
-    assert_eq!(keys.len(), 10_000);
+    let (groups, mut want) = many(10_000);
+    assert_eq!(want.len(), 10_000);
+    want.extend(others);
     apply(&lab, "many.json", &with_groups(&lab, &groups));
-    let m = holds_exactly(&lab, &keys);
+    let (got, p1) = holds_exactly(&lab, &want);
     // A /128 inside its /64 holds the union of both rules: another rule set than the /64's.
-    let got = peers(&m);
-    let (p1, _) = policies(&lab);
     let in1 = scope(p1, DIR_INGRESS);
     let net = Ipv6Addr::new(0x2001, 0xdb8, 7, 1, 0, 0, 0, 0);
     let host = Ipv6Addr::new(0x2001, 0xdb8, 7, 1, 0, 0, 0, 1);
     assert_ne!(got[&(in1, 64, net)].0, got[&(in1, 128, host)].0);
 
     // Fewer: exactly the 100 new entries.
-    let (groups, keys) = many(100);
+    let (groups, mut want) = many(100);
+    want.extend(others);
     apply(&lab, "hundred.json", &with_groups(&lab, &groups));
-    holds_exactly(&lab, &keys);
+    holds_exactly(&lab, &want);
 
     // 257 /57s are 32,896 /64s, with task 1's egress and task 2's ingress 32,898 entries,
     // more than a generation's 32,768: one line, exit 2, nothing changed.
@@ -377,4 +334,5 @@ fn ten_thousand_ipv6_rules_fit_and_too_many_change_nothing() {
         after == before,
         "a refused apply changed the maps or the state"
     );
+    down_leaves_nothing(lab);
 }
