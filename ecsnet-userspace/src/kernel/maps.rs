@@ -604,14 +604,8 @@ pub struct PolicyEntries<'a> {
 
 /// Whether this instance's datapath has the IPv6 policy maps. One loaded by a build without
 /// them (`up` keeps a loaded datapath) drops the IPv6 of every policed task: nothing to write.
-fn has_policy6(paths: &InstancePaths, p: &PolicyEntries) -> bool {
-    let there = paths.map_pin(MAP_SG_PEERS6).exists() && paths.map_pin(MAP_SG_LEVELS6).exists();
-    if !there && !p.peers6.is_empty() {
-        log::warn!(
-            "this instance's datapath has no IPv6 security groups ({MAP_SG_PEERS6}): its policed tasks get no IPv6 until `ecsnet upgrade`"
-        );
-    }
-    there
+fn has_policy6(paths: &InstancePaths) -> bool {
+    paths.map_pin(MAP_SG_PEERS6).exists() && paths.map_pin(MAP_SG_LEVELS6).exists()
 }
 
 /// Writes a policy's entries beside the live ones: rule sets first, then the peers that point
@@ -620,13 +614,17 @@ fn has_policy6(paths: &InstancePaths, p: &PolicyEntries) -> bool {
 pub fn write_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(), MapsError> {
     insert_all(&mut open_as(paths, MAP_SG_RULES)?, MAP_SG_RULES, p.rules)?;
     insert_all(&mut open_as(paths, MAP_SG_PEERS)?, MAP_SG_PEERS, p.peers)?;
-    if has_policy6(paths, p) {
+    if has_policy6(paths) {
         insert_all(&mut open_as(paths, MAP_SG_PEERS6)?, MAP_SG_PEERS6, p.peers6)?;
         insert_all(
             &mut open_as(paths, MAP_SG_LEVELS6)?,
             MAP_SG_LEVELS6,
             p.levels6,
         )?;
+    } else if !p.peers6.is_empty() {
+        log::warn!(
+            "this instance's datapath has no IPv6 security groups ({MAP_SG_PEERS6}): its policed tasks get no IPv6 until `ecsnet upgrade`"
+        );
     }
     Ok(())
 }
@@ -634,7 +632,7 @@ pub fn write_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(), Maps
 /// Removes every policy entry that is not one of `p`'s, in every policy map: the lengths first,
 /// the rule sets last, the reverse of `write_policy`.
 pub fn remove_stale_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(), MapsError> {
-    if has_policy6(paths, p) {
+    if has_policy6(paths) {
         let keep = keys_of(p.levels6);
         let mut l: HashMap<MapData, u32, u32> = open_as(paths, MAP_SG_LEVELS6)?;
         remove_keys(&mut l, MAP_SG_LEVELS6, |k| !keep.contains(k))?;
