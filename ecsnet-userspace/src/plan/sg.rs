@@ -181,12 +181,7 @@ impl PeerAddr for u128 {
 /// The blocks of the levels the datapath probes a CIDR expands to: (address, prefix length),
 /// host order.
 fn peer_blocks<A: PeerAddr>(addr: A, len: u8) -> impl Iterator<Item = (A, u8)> {
-    let level = A::LEVELS
-        .iter()
-        .rev()
-        .copied()
-        .find(|&l| l >= len)
-        .unwrap_or(len);
+    let level = level_of::<A>(len);
     // Levels are 8 apart: at most 128 blocks, each inside the CIDR.
     let count = 1u32 << (level - len);
     (0..count).map(move |i| {
@@ -197,6 +192,41 @@ fn peer_blocks<A: PeerAddr>(addr: A, len: u8) -> impl Iterator<Item = (A, u8)> {
         };
         (block, level)
     })
+}
+
+/// The length the datapath probes that a CIDR of length `len` expands to: the next one up.
+fn level_of<A: PeerAddr>(len: u8) -> u8 {
+    A::LEVELS
+        .iter()
+        .rev()
+        .copied()
+        .find(|&l| l >= len)
+        .unwrap_or(len)
+}
+
+/// How many distinct blocks the CIDRs of `by_cidr` expand to, counted without making them (a
+/// hostile state's millions of blocks are refused, not built). Two CIDRs expanding to one level
+/// are nested or apart, so a level's blocks are those of its outermost CIDRs, each
+/// `2^(level - len)`; in (level, address, length) order each CIDR comes after any that holds it.
+fn block_count<A: PeerAddr>(by_cidr: &ByCidr<A>) -> usize {
+    let mut cidrs: Vec<(u8, A, u8)> = by_cidr
+        .keys()
+        .map(|&(addr, len)| (level_of::<A>(len), addr, len))
+        .collect();
+    cidrs.sort_unstable();
+    let mut count = 0;
+    let mut outer: Option<(u8, A, u8)> = None;
+    for (level, addr, len) in cidrs {
+        if let Some((l, a, n)) = outer
+            && l == level
+            && addr.masked(n) == a
+        {
+            continue;
+        }
+        outer = Some((level, addr, len));
+        count += 1usize << (level - len);
+    }
+    count
 }
 
 /// Compiling failed: the policy does not fit in the datapath's tries.
@@ -311,27 +341,15 @@ fn rules_by_cidr(rules: &Rules, members: &[Members], groups: &[usize], dir: u32)
 type Unions<A> = Vec<((A, u8), BTreeSet<Allow>)>;
 
 /// Each block the CIDRs of `by_cidr` expand to, with the union of the rules of every CIDR that
-/// contains it, so the first block the datapath finds, longest first, decides. More than `max`
-/// blocks (`what`) is an error before any union is made.
-fn unions<A: PeerAddr>(
-    by_cidr: &ByCidr<A>,
-    what: &'static str,
-    max: usize,
-) -> Result<Unions<A>, TooBig> {
+/// contains it, so the first block the datapath finds, longest first, decides.
+fn unions<A: PeerAddr>(by_cidr: &ByCidr<A>) -> Unions<A> {
     let blocks: BTreeSet<(A, u8)> = by_cidr
         .keys()
         .flat_map(|&(addr, len)| peer_blocks(addr, len))
         .collect();
-    if blocks.len() > 2 * max {
-        return Err(TooBig {
-            what,
-            needed: blocks.len(),
-            max,
-        });
-    }
     // Only the lengths some CIDR has can contain a block: up to 129 for IPv6, usually a few.
     let lens: BTreeSet<u8> = by_cidr.keys().map(|&(_, len)| len).collect();
-    Ok(blocks
+    blocks
         .into_iter()
         .map(|(addr, len)| {
             let mut allows = BTreeSet::new();
@@ -342,7 +360,7 @@ fn unions<A: PeerAddr>(
             }
             ((addr, len), allows)
         })
-        .collect())
+        .collect()
 }
 
 /// The rule-set number of the first block of `cidrs` that holds `addr`, longest first, as the
@@ -352,6 +370,16 @@ fn lookup<A: PeerAddr>(cidrs: &HashMap<(A, u8), u32>, addr: A) -> Option<u32> {
         .iter()
         .find_map(|&len| cidrs.get(&(addr.masked(len), len)))
         .copied()
+}
+
+/// `needed` entries of `what` fit in a map of `capacity`: in half of it, since it holds two
+/// generations, the live one staying while this one is written beside it.
+fn fits(what: &'static str, needed: usize, capacity: u32) -> Result<(), TooBig> {
+    let max = capacity as usize / 2;
+    if needed > max {
+        return Err(TooBig { what, needed, max });
+    }
+    Ok(())
 }
 
 /// What [`TooBig`] calls the entries of `SG_PEERS` and of `SG_PEERS6`.
@@ -386,29 +414,28 @@ impl Compiled {
             let next = next_number(base, set_ids.len());
             *set_ids.entry(RuleSet::of(allows)).or_insert(next)
         };
+        let mut by_scope = Vec::with_capacity(2 * policies.len());
         for (groups, &policy) in &policies {
             let groups: Vec<usize> = groups.iter().map(|&(_, g)| g).collect();
             for dir in [DIR_INGRESS, DIR_EGRESS] {
-                let by = rules_by_cidr(rules, &members, &groups, dir);
-                out.add_peers(policy, dir, &by.v4, &mut set_of)?;
-                out.add_peers6(policy, dir, &by.v6, &mut set_of)?;
+                by_scope.push((policy, dir, rules_by_cidr(rules, &members, &groups, dir)));
             }
+        }
+        // The peer maps' entries counted before any is made.
+        let cidrs = |f: fn(&PolicyCidrs) -> usize| by_scope.iter().map(|(_, _, by)| f(by)).sum();
+        let peers = cidrs(|by| block_count(&by.v4));
+        let peers6 = cidrs(|by| block_count(&by.v6));
+        let scopes6 = cidrs(|by| usize::from(!by.v6.is_empty()));
+        fits(CIDR_ENTRIES, peers, MAX_SG_PEERS)?;
+        fits(CIDR_ENTRIES6, peers6, MAX_SG_PEERS6)?;
+        fits("IPv6 policy scopes", scopes6, MAX_SG_LEVELS6)?;
+        for (policy, dir, by) in &by_scope {
+            out.add_peers(*policy, *dir, &by.v4, &mut set_of);
+            out.add_peers6(*policy, *dir, &by.v6, &mut set_of);
         }
         out.sets = set_ids.into_iter().map(|(s, id)| (id, s)).collect();
         out.add_port_blocks();
-        // Each map holds two generations: the live one stays while this one is written beside
-        // it.
-        for (what, needed, max) in [
-            (CIDR_ENTRIES, out.peers.len(), MAX_SG_PEERS),
-            (CIDR_ENTRIES6, out.peers6.len(), MAX_SG_PEERS6),
-            ("IPv6 policy scopes", out.levels6.len(), MAX_SG_LEVELS6),
-            ("port-block entries", out.rules.len(), MAX_SG_RULES),
-        ] {
-            let max = max as usize / 2;
-            if needed > max {
-                return Err(TooBig { what, needed, max });
-            }
-        }
+        fits("port-block entries", out.rules.len(), MAX_SG_RULES)?;
         Ok(out)
     }
 
@@ -450,10 +477,9 @@ impl Compiled {
         dir: u32,
         by_cidr: &ByCidr<u32>,
         set_of: &mut impl FnMut(&BTreeSet<Allow>) -> u32,
-    ) -> Result<(), TooBig> {
-        let blocks = unions(by_cidr, CIDR_ENTRIES, MAX_SG_PEERS as usize / 2)?;
+    ) {
         let cidrs = self.cidrs.entry((policy, dir)).or_default();
-        for ((addr, len), allows) in blocks {
+        for ((addr, len), allows) in unions(by_cidr) {
             let set = set_of(&allows);
             cidrs.insert((addr, len), set);
             self.peers.push((
@@ -466,7 +492,6 @@ impl Compiled {
                 PeerRules { set, all: 0 },
             ));
         }
-        Ok(())
     }
 
     /// The `SG_PEERS6` entries of direction `dir` of `policy`, as [`Self::add_peers`] makes
@@ -477,10 +502,10 @@ impl Compiled {
         dir: u32,
         by_cidr: &ByCidr<u128>,
         set_of: &mut impl FnMut(&BTreeSet<Allow>) -> u32,
-    ) -> Result<(), TooBig> {
-        let blocks = unions(by_cidr, CIDR_ENTRIES6, MAX_SG_PEERS6 as usize / 2)?;
+    ) {
+        let blocks = unions(by_cidr);
         if blocks.is_empty() {
-            return Ok(());
+            return;
         }
         let scope = scope(policy, dir);
         let mut levels = 0;
@@ -500,7 +525,6 @@ impl Compiled {
             ));
         }
         self.levels6.push((scope, levels));
-        Ok(())
     }
 
     /// Marks the peers whose set allows everything, and writes the `SG_RULES` port blocks of
@@ -1405,6 +1429,111 @@ mod tests {
         let fits = text.replacen(&format!("{},", perms[0]), "", 1);
         let c = compile(&sg_state(&fits), 0).unwrap();
         assert_eq!(c.peers6.len(), 256 * 128);
+    }
+
+    /// `cidrs` read as `N`, by CIDR, with no rules: what the counts look at.
+    fn by_cidr<N, A>(cidrs: &[&str], key: impl Fn(N) -> (A, u8)) -> ByCidr<A>
+    where
+        N: std::str::FromStr,
+        N::Err: std::fmt::Debug,
+        A: PeerAddr,
+    {
+        cidrs
+            .iter()
+            .map(|c| (key(c.parse().unwrap()), BTreeSet::new()))
+            .collect()
+    }
+
+    /// The blocks of `by`, made.
+    fn made<A: PeerAddr>(by: &ByCidr<A>) -> usize {
+        let blocks: BTreeSet<(A, u8)> = by.keys().flat_map(|&(a, l)| peer_blocks(a, l)).collect();
+        blocks.len()
+    }
+
+    #[test]
+    fn block_counts_are_exact_without_making_blocks() {
+        // Nested and apart, at one level and across levels.
+        let v4 = by_cidr(
+            &[
+                "0.0.0.0/0",
+                "0.0.0.0/1",
+                "10.0.0.0/8",
+                "10.0.0.0/9",
+                "10.0.0.0/12",
+                "10.128.0.0/9",
+                "192.168.0.0/22",
+                "192.168.0.0/24",
+                "192.168.1.1/32",
+                "192.168.4.0/23",
+            ],
+            |n: Ipv4Net| (u32::from(n.addr()), n.prefix_len()),
+        );
+        assert_eq!(block_count(&v4), made(&v4));
+        // ::/0; /1's 128 /8s (10/8 among them); two /9s' 128 /16s each (the /12 in the first);
+        // the /22's four /24s (the /24 among them), the /23's two; the /32.
+        assert_eq!(block_count(&v4), 1 + 128 + 2 * 128 + 4 + 2 + 1);
+        let v6 = by_cidr(
+            &[
+                "::/0",
+                "::/1",
+                "2001:db8::/31",
+                "2001:db8::/32",
+                "fd00::/57",
+                "fd00::/60",
+                "fd00::/64",
+                "fd00:0:0:80::/57",
+                "fd00::1/128",
+                "fd00::/121",
+                "fd00::80/121",
+                "fd00::/127",
+            ],
+            |n: Ipv6Net| (u128::from(n.addr()), n.prefix_len()),
+        );
+        assert_eq!(block_count(&v6), made(&v6));
+        // ::/0; /1's 128 /8s; the /31's two /32s (the /32 among them); two /57s' 128 /64s each
+        // (the /60 and /64 in the first); two /121s' 128 /128s each (the /127 and ::1 in the
+        // first).
+        assert_eq!(block_count(&v6), 1 + 128 + 2 + 2 * 128 + 2 * 128);
+        assert_eq!(block_count(&ByCidr::<u128>::new()), 0);
+    }
+
+    /// 100,000 distinct /57s are 12.8 million /64s: refused, counted exactly, never made (which
+    /// took a gigabyte). A loose bound, for a shared machine.
+    #[test]
+    fn a_hostile_expansion_is_refused_before_it_is_made() {
+        let base = u128::from(ip6("2001:db8::"));
+        let cidrs6 = (0..100_000u128)
+            .map(|i| {
+                let net = Ipv6Addr::from(base | i << (128 - 57));
+                format!("{net}/57").parse().unwrap()
+            })
+            .collect();
+        let rules = Rules {
+            default_policy: DefaultPolicy::Allow,
+            groups: vec![state::rules::Group {
+                id: "sg-big".to_owned(),
+                inbound: vec![Rule {
+                    traffic: Traffic::All,
+                    cidrs: Vec::new(),
+                    cidrs6,
+                    groups: Vec::new(),
+                }],
+                outbound: Vec::new(),
+            }],
+            tasks: vec![state::rules::Member {
+                addr: ip("172.17.0.2"),
+                addr6: None,
+                groups: vec![0],
+            }],
+        };
+        let start = std::time::Instant::now();
+        let e = Compiled::new(&rules, 0).unwrap_err();
+        let took = start.elapsed();
+        assert_eq!((e.what, e.needed), (CIDR_ENTRIES6, 12_800_000));
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "refusing took {took:?}"
+        );
     }
 
     #[test]
