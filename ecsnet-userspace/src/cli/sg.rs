@@ -67,7 +67,10 @@ pub fn run(paths: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
                 let v: Vec<serde_json::Value> = s
                     .security_groups
                     .iter()
-                    .map(|g| serde_json::json!({"group": g, "members": members(&g.group_id)}))
+                    .map(|g| {
+                        let group = canonical_ipv6(g.clone());
+                        serde_json::json!({"group": group, "members": members(&g.group_id)})
+                    })
                     .collect();
                 print_json(&v);
             } else {
@@ -102,4 +105,15 @@ pub fn run(paths: &InstancePaths, cmd: SgCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `g` with its IPv6 CIDRs as RFC 5952 writes them, as AWS prints them (`2001:db8::/32`).
+fn canonical_ipv6(mut g: state::SecurityGroup) -> state::SecurityGroup {
+    let perms = g.ip_permissions.iter_mut();
+    for p in perms.chain(g.ip_permissions_egress.iter_mut()) {
+        for r in &mut p.ipv6_ranges {
+            r.cidr_ipv6 = state::rules::canonical_cidr6(&r.cidr_ipv6);
+        }
+    }
+    g
 }

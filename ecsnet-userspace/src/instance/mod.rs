@@ -614,8 +614,13 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     for t in &plan.tasks {
         datapath::attach_task(paths, &t.ifname, t.ifindex)?;
     }
-    let (peers, rules) = (&plan.policy.peers, &plan.policy.rules);
-    maps::write_policy(paths, peers, rules)?;
+    let policy = maps::PolicyEntries {
+        peers: &plan.policy.peers,
+        rules: &plan.policy.rules,
+        peers6: &plan.policy.peers6,
+        levels6: &plan.policy.levels6,
+    };
+    maps::write_policy(paths, &policy)?;
     maps::write_tasks(
         paths,
         &plan.task_entries,
@@ -624,7 +629,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     )?;
     maps::write_ports(paths, &plan.ports)?;
     maps::write_config_flags(paths, plan.config_flags)?;
-    maps::remove_stale_policy(paths, peers, rules)?;
+    maps::remove_stale_policy(paths, &policy)?;
     // Held interfaces (containers not identified yet) stay attached; the agent lets them go.
     let held: HashSet<u32> = maps::read_ifaces(paths)?
         .into_iter()
@@ -654,10 +659,11 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
     abort_for_tests("before-flow-cut");
     maps::remove_flows_of::<CtEntry, _>(paths, &gone)?;
     maps::remove_flows_of::<CtEntry6, _>(paths, &gone6)?;
-    // IPv6 flows are not judged by `--reset-flows` yet: that needs the IPv6 rules in Rust.
     let cut = if reset_flows {
         maps::remove_flows(paths, |k, e: &CtEntry| {
             !sg::flow_allowed(&plan.policy, k, e)
+        })? + maps::remove_flows(paths, |k, e: &CtEntry6| {
+            !sg::flow6_allowed(&plan.policy, k, e)
         })?
     } else {
         0

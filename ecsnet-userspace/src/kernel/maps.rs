@@ -29,7 +29,10 @@ use ecsnet_common::{
         ROLE_TASK, StatsKey, TaskInfo,
     },
     net::ipv4_from_map,
-    policy::{GENERATION_BIT, MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
+    policy::{
+        GENERATION_BIT, MAP_SG_LEVELS6, MAP_SG_PEERS, MAP_SG_PEERS6, MAP_SG_RULES, PeerKey,
+        PeerKey6, PeerRules, RuleKey,
+    },
 };
 
 use crate::kernel::{
@@ -753,44 +756,110 @@ pub fn read_nat_use(paths: &InstancePaths) -> Result<Vec<(NatUseKey, u64)>, Maps
     Ok(nat_use_table(paths)?.1.into_iter().collect())
 }
 
-/// The generation a new policy should be written in: the one the live maps do not use.
+/// The generation a new policy should be written in: the one the live maps do not use. Every
+/// live scope is in `SG_PEERS` or `SG_LEVELS6` (a policy with no entries at all has nothing to
+/// overwrite).
 pub fn next_policy_generation(paths: &InstancePaths) -> Result<u32, MapsError> {
-    if !paths.map_pin(MAP_SG_PEERS).exists() {
-        // Not loaded yet: nothing is live.
-        return Ok(0);
+    let live = |k: u32| k >> 1 & GENERATION_BIT != 0;
+    let mut live_is_one = false;
+    if paths.map_pin(MAP_SG_PEERS).exists() {
+        let m: HashMap<MapData, PeerKey, PeerRules> = open_as(paths, MAP_SG_PEERS)?;
+        live_is_one = m.keys().flatten().any(|k| live(k.scope));
     }
-    let m: HashMap<MapData, PeerKey, PeerRules> = open_as(paths, MAP_SG_PEERS)?;
-    let live_is_one = m
-        .keys()
-        .flatten()
-        .any(|k| k.scope >> 1 & GENERATION_BIT != 0);
+    // Not loaded yet, or loaded by a build without IPv6 policy: nothing there is live.
+    if !live_is_one && paths.map_pin(MAP_SG_LEVELS6).exists() {
+        let m: HashMap<MapData, u32, u32> = open_as(paths, MAP_SG_LEVELS6)?;
+        live_is_one = m.keys().flatten().any(live);
+    }
     Ok(u32::from(!live_is_one))
 }
 
-/// Writes a policy's `SG_PEERS` and `SG_RULES` entries beside the live ones. Tasks switch to it
-/// when `write_tasks` gives them the new policy numbers; `remove_stale_policy` then drops the
-/// old.
-pub fn write_policy(
-    paths: &InstancePaths,
-    peers: &[(PeerKey, PeerRules)],
-    rules: &[(RuleKey, u32)],
-) -> Result<(), MapsError> {
-    insert_all(&mut open_as(paths, MAP_SG_PEERS)?, MAP_SG_PEERS, peers)?;
-    insert_all(&mut open_as(paths, MAP_SG_RULES)?, MAP_SG_RULES, rules)
+/// A policy's entries in every policy map, as the plan computes them.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyEntries<'a> {
+    /// `SG_PEERS`.
+    pub peers: &'a [(PeerKey, PeerRules)],
+    /// `SG_RULES` (value 1).
+    pub rules: &'a [(RuleKey, u32)],
+    /// `SG_PEERS6`.
+    pub peers6: &'a [(PeerKey6, PeerRules)],
+    /// `SG_LEVELS6`: scope -> lengths used.
+    pub levels6: &'a [(u32, u32)],
 }
 
-/// Removes every policy entry that is not one of `peers` or `rules`.
-pub fn remove_stale_policy(
-    paths: &InstancePaths,
-    peers: &[(PeerKey, PeerRules)],
-    rules: &[(RuleKey, u32)],
-) -> Result<(), MapsError> {
-    let keep = keys_of(peers);
-    let mut p: HashMap<MapData, PeerKey, PeerRules> = open_as(paths, MAP_SG_PEERS)?;
-    remove_keys(&mut p, MAP_SG_PEERS, |k| !keep.contains(k))?;
-    let keep = keys_of(rules);
+/// Whether this instance's datapath has the IPv6 policy maps. One loaded by a build without
+/// them (`up` keeps a loaded datapath) drops the IPv6 of every policed task: nothing to write.
+fn has_policy6(paths: &InstancePaths) -> bool {
+    paths.map_pin(MAP_SG_PEERS6).exists() && paths.map_pin(MAP_SG_LEVELS6).exists()
+}
+
+/// Writes a policy's entries beside the live ones: rule sets first, then the peers that point
+/// at them, then the IPv6 lengths. Tasks switch to it when `write_tasks` gives them the new
+/// policy numbers; `remove_stale_policy` then drops the old.
+pub fn write_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(), MapsError> {
+    insert_all(&mut open_as(paths, MAP_SG_RULES)?, MAP_SG_RULES, p.rules)?;
+    insert_all(&mut open_as(paths, MAP_SG_PEERS)?, MAP_SG_PEERS, p.peers)?;
+    if has_policy6(paths) {
+        insert_all(&mut open_as(paths, MAP_SG_PEERS6)?, MAP_SG_PEERS6, p.peers6)?;
+        insert_all(
+            &mut open_as(paths, MAP_SG_LEVELS6)?,
+            MAP_SG_LEVELS6,
+            p.levels6,
+        )?;
+    } else if !p.peers6.is_empty() {
+        log::warn!(
+            "this instance's datapath has no IPv6 security groups ({MAP_SG_PEERS6}): its policed tasks get no IPv6 until `ecsnet upgrade`"
+        );
+    }
+    Ok(())
+}
+
+/// Removes every policy entry that is not one of `p`'s, in every policy map: the lengths first,
+/// the rule sets last, the reverse of `write_policy`.
+pub fn remove_stale_policy(paths: &InstancePaths, p: &PolicyEntries) -> Result<(), MapsError> {
+    if has_policy6(paths) {
+        let keep = keys_of(p.levels6);
+        let mut l: HashMap<MapData, u32, u32> = open_as(paths, MAP_SG_LEVELS6)?;
+        remove_keys(&mut l, MAP_SG_LEVELS6, |k| !keep.contains(k))?;
+        let keep = keys_of(p.peers6);
+        let mut p6: HashMap<MapData, PeerKey6, PeerRules> = open_as(paths, MAP_SG_PEERS6)?;
+        remove_keys(&mut p6, MAP_SG_PEERS6, |k| !keep.contains(k))?;
+    }
+    let keep = keys_of(p.peers);
+    let mut m: HashMap<MapData, PeerKey, PeerRules> = open_as(paths, MAP_SG_PEERS)?;
+    remove_keys(&mut m, MAP_SG_PEERS, |k| !keep.contains(k))?;
+    let keep = keys_of(p.rules);
     let mut r: HashMap<MapData, RuleKey, u32> = open_as(paths, MAP_SG_RULES)?;
     remove_keys(&mut r, MAP_SG_RULES, |k| !keep.contains(k))
+}
+
+/// The IPv6 policy entries in the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy6 {
+    /// `SG_PEERS6`, sorted by scope, length and address.
+    pub peers: Vec<(PeerKey6, PeerRules)>,
+    /// `SG_LEVELS6`, sorted by scope.
+    pub levels: Vec<(u32, u32)>,
+}
+
+/// The IPv6 policy entries in the maps (none from a datapath loaded by a build without them).
+pub fn read_policy6(paths: &InstancePaths) -> Result<Policy6, MapsError> {
+    if !paths.map_pin(MAP_SG_PEERS6).exists() {
+        return Ok(Policy6::default());
+    }
+    let p: HashMap<MapData, PeerKey6, PeerRules> = open_as(paths, MAP_SG_PEERS6)?;
+    let mut peers = p
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(access(MAP_SG_PEERS6))?;
+    let l: HashMap<MapData, u32, u32> = open_as(paths, MAP_SG_LEVELS6)?;
+    let mut levels = l
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(access(MAP_SG_LEVELS6))?;
+    peers.sort_unstable_by_key(|(k, _)| (k.scope, k.len, k.addr));
+    levels.sort_unstable();
+    Ok(Policy6 { peers, levels })
 }
 
 /// Removes both entries of every flow `cut` says to, in `T`'s two connection tables (none when

@@ -58,8 +58,6 @@ pub enum Problem {
     UnknownGroup { id: String },
     #[error("prefix lists are not supported yet: list their CIDRs in IpRanges")]
     PrefixLists,
-    #[error("IPv6 ranges are not supported yet")]
-    Ipv6Ranges,
     #[error(transparent)]
     Rule(#[from] RuleError),
     #[error("empty task name")]
@@ -212,6 +210,19 @@ pub struct IpRange {
     pub description: Option<String>,
 }
 
+/// One of a permission's `Ipv6Ranges`: an IPv6 CIDR, for IPv6 peers only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6Range {
+    #[serde(rename = "CidrIpv6")]
+    pub cidr_ipv6: String,
+    #[serde(
+        rename = "Description",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub description: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupPair {
     #[serde(rename = "GroupId")]
@@ -233,7 +244,7 @@ pub struct IpPermission {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefix_list_ids: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ipv6_ranges: Vec<serde_json::Value>,
+    pub ipv6_ranges: Vec<Ipv6Range>,
 }
 
 impl IpPermission {
@@ -620,6 +631,89 @@ pub(crate) mod tests {
             let e = check(&GOOD.replace(from, to)).expect_err(to);
             assert_eq!(e.problem.to_string(), message);
         }
+    }
+
+    /// GOOD with sg-web's inbound rule given `Ipv6Ranges` `ranges`.
+    fn with_ipv6_ranges(ranges: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        v["securityGroups"][0]["IpPermissions"][0]["Ipv6Ranges"] = ranges;
+        v.to_string()
+    }
+
+    #[test]
+    fn ipv6_ranges_are_read_beside_ipv4_ones() {
+        let both = with_ipv6_ranges(serde_json::json!([
+            {"CidrIpv6": "::/0"},
+            {"CidrIpv6": "2001:DB8::/32", "Description": "office"}
+        ]));
+        let s = check(&both).expect("both families in one permission, as AWS allows");
+        let perm = &s.security_groups[0].ip_permissions[0];
+        assert_eq!(
+            perm.ipv6_ranges[1].cidr_ipv6, "2001:DB8::/32",
+            "kept as written"
+        );
+        assert_eq!(perm.ipv6_ranges[1].description.as_deref(), Some("office"));
+        assert_eq!(
+            rules::describe(perm, true),
+            "tcp 80 from 0.0.0.0/0, ::/0, 2001:db8::/32, sg-lb"
+        );
+        let rules = validate(&s, bridge()).unwrap();
+        let rule = &rules.groups[0].inbound[0];
+        assert_eq!(rule.cidrs.len(), 1);
+        assert_eq!(
+            rule.cidrs6
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["::/0", "2001:db8::/32"]
+        );
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(
+            text.contains(r#""Ipv6Ranges":[{"CidrIpv6":"::/0"},"#),
+            "written back as AWS names it: {text}"
+        );
+
+        let at = "$.securityGroups[0].IpPermissions[0].Ipv6Ranges";
+        for (ranges, path, message) in [
+            (
+                serde_json::json!([{"CidrIpv6": "::/0"}, {"CidrIpv6": "2001:db8::1/32"}]),
+                format!("{at}[1].CidrIpv6"),
+                "host bits set (did you mean 2001:db8::/32?)",
+            ),
+            (
+                serde_json::json!([{"CidrIpv6": "10.0.0.0/8"}]),
+                format!("{at}[0].CidrIpv6"),
+                "an IPv4 CIDR, which goes in IpRanges[].CidrIp",
+            ),
+            (
+                serde_json::json!([{"CidrIpv6": "2001:db8::/129"}]),
+                format!("{at}[0].CidrIpv6"),
+                "prefix length must be 0 to 128",
+            ),
+            (
+                serde_json::json!([{"CidrIpv6": "::/0", "Description": "d".repeat(1025)}]),
+                format!("{at}[0].Description"),
+                "longer than the 1024",
+            ),
+        ] {
+            let e = check(&with_ipv6_ranges(ranges)).expect_err(message);
+            assert_eq!(e.path, path, "{e}");
+            assert!(e.to_string().contains(message), "{e}");
+        }
+        // An IPv6 CIDR where IPv4 ones go.
+        let e = check(&GOOD.replace("\"0.0.0.0/0\"}],\n", "\"::/0\"}],\n")).unwrap_err();
+        assert_eq!(
+            e.path,
+            "$.securityGroups[0].IpPermissions[0].IpRanges[0].CidrIp"
+        );
+        assert!(
+            e.to_string()
+                .contains("an IPv6 CIDR, which goes in Ipv6Ranges[].CidrIpv6"),
+            "{e}"
+        );
+        // A field of the wrong type is a JSON error at its path.
+        let e = check(&with_ipv6_ranges(serde_json::json!([{"CidrIp": "::/0"}]))).unwrap_err();
+        assert!(e.path.contains("Ipv6Ranges"), "{e}");
     }
 
     /// GOOD with one ICMP rule of (`FromPort`, `ToPort`) as sg-lb's only inbound rule.

@@ -1,7 +1,11 @@
 //! Security-group rules as validation leaves them: protocol, ports, CIDRs and group references
 //! parsed and checked once, so nothing after `validate` reads a string or guesses a protocol.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use ecsnet_common::{
     ct::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
@@ -10,21 +14,95 @@ use ecsnet_common::{
 
 use crate::state::{DefaultPolicy, IpPermission};
 
-/// A CIDR such as `10.0.0.0/8` that could not be read.
+/// A CIDR such as `10.0.0.0/8` or `2001:db8::/32` that could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {
-    #[error("bad CIDR {text:?}: expected ADDRESS/PREFIX like 10.0.0.0/8")]
-    NoPrefix { text: String },
-    #[error("bad CIDR {text:?}: {addr:?} is not an IPv4 address")]
-    Address { text: String, addr: String },
-    #[error("bad CIDR {text:?}: prefix length must be 0 to 32")]
-    PrefixLength { text: String },
-    #[error("bad CIDR {text:?}: host bits set (did you mean {net}/{len}?)")]
-    HostBits {
+    #[error("bad CIDR {text:?}: expected ADDRESS/PREFIX like {example}")]
+    NoPrefix { text: String, example: &'static str },
+    #[error("bad CIDR {text:?}: {addr:?} is not an {family} address")]
+    Address {
         text: String,
-        net: Ipv4Addr,
-        len: u8,
+        addr: String,
+        family: &'static str,
     },
+    /// An address of the other family: AWS keeps them apart (`IpRanges`, `Ipv6Ranges`).
+    #[error("bad CIDR {text:?}: an {family} CIDR, which goes in {field}")]
+    OtherFamily {
+        text: String,
+        family: &'static str,
+        field: &'static str,
+    },
+    #[error("bad CIDR {text:?}: prefix length must be 0 to {max}")]
+    PrefixLength { text: String, max: u8 },
+    #[error("bad CIDR {text:?}: host bits set (did you mean {net}/{len}?)")]
+    HostBits { text: String, net: IpAddr, len: u8 },
+}
+
+/// What tells the two families' CIDRs apart when they are read.
+struct Family {
+    name: &'static str,
+    other: &'static str,
+    other_field: &'static str,
+    max: u8,
+    example: &'static str,
+}
+
+const V4: Family = Family {
+    name: "IPv4",
+    other: "IPv6",
+    other_field: "Ipv6Ranges[].CidrIpv6",
+    max: 32,
+    example: "10.0.0.0/8",
+};
+
+const V6: Family = Family {
+    name: "IPv6",
+    other: "IPv4",
+    other_field: "IpRanges[].CidrIp",
+    max: 128,
+    example: "2001:db8::/32",
+};
+
+/// Reads `s` as a CIDR of `family`: its address and prefix length, with no bits set past it
+/// (`mask` clears them).
+fn parse_cidr<A>(s: &str, family: &Family, mask: impl Fn(A, u8) -> A) -> Result<(A, u8), CidrError>
+where
+    A: FromStr + Copy + PartialEq + Into<IpAddr>,
+{
+    let text = || s.to_owned();
+    let (addr, len) = s.split_once('/').ok_or_else(|| CidrError::NoPrefix {
+        text: text(),
+        example: family.example,
+    })?;
+    let addr: A = addr.parse().map_err(|_| match addr.parse::<IpAddr>() {
+        Ok(_) => CidrError::OtherFamily {
+            text: text(),
+            family: family.other,
+            field: family.other_field,
+        },
+        Err(_) => CidrError::Address {
+            text: text(),
+            addr: addr.to_owned(),
+            family: family.name,
+        },
+    })?;
+    let len = len
+        .parse()
+        .ok()
+        .filter(|len| *len <= family.max)
+        .ok_or_else(|| CidrError::PrefixLength {
+            text: text(),
+            max: family.max,
+        })?;
+    let net = mask(addr, len);
+    if net != addr {
+        return Err(CidrError::HostBits {
+            text: text(),
+            net: net.into(),
+            len,
+        });
+    }
+    Ok((net, len))
 }
 
 /// An IPv4 network: an address with no bits set past its prefix.
@@ -57,27 +135,8 @@ impl FromStr for Ipv4Net {
     type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Self, CidrError> {
-        let text = || s.to_owned();
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| CidrError::NoPrefix { text: text() })?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| CidrError::Address {
-            text: text(),
-            addr: addr.to_owned(),
-        })?;
-        let net = len
-            .parse()
-            .ok()
-            .and_then(|len| Self::containing(addr, len))
-            .ok_or_else(|| CidrError::PrefixLength { text: text() })?;
-        if net.addr != addr {
-            return Err(CidrError::HostBits {
-                text: text(),
-                net: net.addr,
-                len: net.len,
-            });
-        }
-        Ok(net)
+        let mask = |a: Ipv4Addr, len| mask_addr(u32::from(a), len).into();
+        parse_cidr(s, &V4, mask).map(|(addr, len)| Self { addr, len })
     }
 }
 
@@ -87,10 +146,54 @@ impl fmt::Display for Ipv4Net {
     }
 }
 
+/// `addr` (as a number) with only its first `len` bits, `len` 0 to 128.
+pub fn mask_addr128(addr: u128, len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        addr & (u128::MAX << (128 - u32::from(len)))
+    }
+}
+
+/// An IPv6 network: an address with no bits set past its prefix. Printed as RFC 5952 writes
+/// addresses (`2001:db8::/32`, `::/0`), whatever the form it was read in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv6Net {
+    addr: Ipv6Addr,
+    len: u8,
+}
+
+impl Ipv6Net {
+    pub fn addr(self) -> Ipv6Addr {
+        self.addr
+    }
+    pub fn prefix_len(self) -> u8 {
+        self.len
+    }
+    pub fn contains(self, addr: Ipv6Addr) -> bool {
+        mask_addr128(u128::from(addr), self.len) == u128::from(self.addr)
+    }
+}
+
+impl FromStr for Ipv6Net {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let mask = |a: Ipv6Addr, len| mask_addr128(u128::from(a), len).into();
+        parse_cidr(s, &V6, mask).map(|(addr, len)| Self { addr, len })
+    }
+}
+
+impl fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 /// What is wrong with one rule's protocol, ports or CIDRs (SPEC §6).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RuleError {
-    #[error("unknown protocol {text:?}: use -1, tcp, udp, icmp or a number 0-254")]
+    #[error("unknown protocol {text:?}: use -1, tcp, udp, icmp, icmpv6 or a number 0-254")]
     Protocol { text: String },
     #[error("port {value} out of range 0-65535")]
     Port { field: &'static str, value: i32 },
@@ -123,6 +226,9 @@ impl RuleError {
     }
 }
 
+/// `ICMPv6`'s protocol number (`IpProtocol` `58` or `icmpv6`).
+pub const PROTO_ICMPV6: u8 = 58;
+
 /// `IpProtocol` read: every protocol (`-1`, `all`), or one by name or number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IpProtocol {
@@ -139,6 +245,7 @@ impl FromStr for IpProtocol {
             "tcp" => Ok(Self::Number(PROTO_TCP)),
             "udp" => Ok(Self::Number(PROTO_UDP)),
             "icmp" => Ok(Self::Number(PROTO_ICMP)),
+            "icmpv6" => Ok(Self::Number(PROTO_ICMPV6)),
             other => other
                 .parse::<u8>()
                 .ok()
@@ -210,7 +317,8 @@ impl Icmp {
     }
 }
 
-/// What one rule lets through.
+/// What one rule lets through. ICMP and `ICMPv6` are apart: an `icmp` rule never lets `ICMPv6`
+/// through, nor an `icmpv6` one ICMP, as in AWS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Traffic {
     /// `IpProtocol: "-1"`: every protocol and port.
@@ -218,7 +326,9 @@ pub enum Traffic {
     Tcp(Ports),
     Udp(Ports),
     Icmp(Icmp),
-    /// Every packet of one other protocol (not TCP, UDP or ICMP).
+    /// `ICMPv6`, its type and code read as ICMP's are.
+    Icmpv6(Icmp),
+    /// Every packet of one other protocol (not TCP, UDP, ICMP or `ICMPv6`).
     Other(u8),
 }
 
@@ -230,6 +340,7 @@ impl Traffic {
             IpProtocol::Number(PROTO_TCP) => Self::Tcp(Ports::of(from, to)?),
             IpProtocol::Number(PROTO_UDP) => Self::Udp(Ports::of(from, to)?),
             IpProtocol::Number(PROTO_ICMP) => Self::Icmp(Icmp::of(from, to)?),
+            IpProtocol::Number(PROTO_ICMPV6) => Self::Icmpv6(Icmp::of(from, to)?),
             IpProtocol::Number(other) => Self::Other(other),
         })
     }
@@ -240,7 +351,8 @@ impl Traffic {
     }
 }
 
-/// As `sg ls` prints it: `all`, `tcp 80-81`, `udp 53`, `icmp type 8`, `protocol 47`.
+/// As `sg ls` prints it: `all`, `tcp 80-81`, `udp 53`, `icmp type 8`, `icmpv6 type 128`,
+/// `protocol 47`.
 impl fmt::Display for Traffic {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match *self {
@@ -257,19 +369,31 @@ impl fmt::Display for Traffic {
                     write!(f, "{name} {}-{}", p.from, p.to)
                 }
             }
-            Self::Icmp(Icmp::All) => f.write_str("icmp all"),
-            Self::Icmp(Icmp::Type(t)) => write!(f, "icmp type {t}"),
-            Self::Icmp(Icmp::Code(t, c)) => write!(f, "icmp type {t} code {c}"),
+            Self::Icmp(icmp) | Self::Icmpv6(icmp) => {
+                let name = if matches!(self, Self::Icmp(_)) {
+                    "icmp"
+                } else {
+                    "icmpv6"
+                };
+                match icmp {
+                    Icmp::All => write!(f, "{name} all"),
+                    Icmp::Type(t) => write!(f, "{name} type {t}"),
+                    Icmp::Code(t, c) => write!(f, "{name} type {t} code {c}"),
+                }
+            }
             Self::Other(p) => write!(f, "protocol {p}"),
         }
     }
 }
 
-/// One permission: its traffic from or to its CIDRs and the members of its groups.
+/// One permission: its traffic from or to its CIDRs and the members of its groups. IPv4
+/// CIDRs (`IpRanges`) apply to IPv4 peers only, IPv6 ones (`Ipv6Ranges`) to IPv6 peers only;
+/// a group stands for its members' addresses of both families.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub traffic: Traffic,
     pub cidrs: Vec<Ipv4Net>,
+    pub cidrs6: Vec<Ipv6Net>,
     /// Groups referenced, as indexes into [`Rules::groups`].
     pub groups: Vec<usize>,
 }
@@ -281,10 +405,12 @@ pub struct Group {
     pub outbound: Vec<Rule>,
 }
 
-/// A task as the rules see it: its address and its groups.
+/// A task as the rules see it: its addresses and its groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub addr: Ipv4Addr,
+    /// Its global IPv6 address, when it has one.
+    pub addr6: Option<Ipv6Addr>,
     /// Indexes into [`Rules::groups`], in the order of the groups' ids, each once.
     pub groups: Vec<usize>,
 }
@@ -299,17 +425,25 @@ pub struct Rules {
     pub tasks: Vec<Member>,
 }
 
-/// One permission as `sg ls` prints it: `tcp 80-81 from 10.0.0.0/8, sg-lb`. A permission that
-/// does not validate (never one of an applied state) shows its `IpProtocol` as written.
+/// An IPv6 CIDR as RFC 5952 writes it (`2001:db8::/32`); as written when it does not read.
+pub fn canonical_cidr6(text: &str) -> String {
+    text.parse::<Ipv6Net>()
+        .map_or_else(|_| text.to_owned(), |n| n.to_string())
+}
+
+/// One permission as `sg ls` prints it: `tcp 80-81 from 10.0.0.0/8, 2001:db8::/32, sg-lb`. A
+/// permission that does not validate (never one of an applied state) shows its `IpProtocol`
+/// as written.
 pub fn describe(perm: &IpPermission, inbound: bool) -> String {
     let what =
         Traffic::of_permission(perm).map_or_else(|_| perm.ip_protocol.clone(), |t| t.to_string());
-    let peers: Vec<&str> = perm
-        .ip_ranges
+    let v4 = perm.ip_ranges.iter().map(|r| r.cidr_ip.clone());
+    let v6 = perm
+        .ipv6_ranges
         .iter()
-        .map(|r| r.cidr_ip.as_str())
-        .chain(perm.user_id_group_pairs.iter().map(|g| g.group_id.as_str()))
-        .collect();
+        .map(|r| canonical_cidr6(&r.cidr_ipv6));
+    let groups = perm.user_id_group_pairs.iter().map(|g| g.group_id.clone());
+    let peers: Vec<String> = v4.chain(v6).chain(groups).collect();
     let dir = if inbound { "from" } else { "to" };
     format!("{what} {dir} {}", peers.join(", "))
 }
@@ -337,6 +471,70 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_cidrs() {
+        let net = |s: &str| s.parse::<Ipv6Net>().map(|n| (n.addr(), n.prefix_len()));
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(net("::/0"), Ok((Ipv6Addr::UNSPECIFIED, 0)));
+        assert_eq!(net("2001:db8::/32"), Ok((v6("2001:db8::"), 32)));
+        assert_eq!(net("2001:db8::1/128"), Ok((v6("2001:db8::1"), 128)));
+        assert_eq!(net("fd00:ec5:17::/57"), Ok((v6("fd00:ec5:17::"), 57)));
+        // Any way of writing it reads; it prints as RFC 5952 writes it.
+        let n: Ipv6Net = "2001:0DB8:0000:0000::/32".parse().unwrap();
+        assert_eq!(n.to_string(), "2001:db8::/32");
+        assert_eq!(
+            canonical_cidr6("2001:DB8:0:0:0:0:0:1/128"),
+            "2001:db8::1/128"
+        );
+        assert_eq!(canonical_cidr6("not a cidr"), "not a cidr");
+        assert!(n.contains(v6("2001:db8:ffff::1")));
+        assert!(!n.contains(v6("2001:db9::")));
+        let e = |s: &str| s.parse::<Ipv6Net>().unwrap_err().to_string();
+        assert_eq!(
+            e("2001:db8::1/32"),
+            "bad CIDR \"2001:db8::1/32\": host bits set (did you mean 2001:db8::/32?)"
+        );
+        assert_eq!(
+            e("fd00::80/57"),
+            "bad CIDR \"fd00::80/57\": host bits set (did you mean fd00::/57?)"
+        );
+        assert_eq!(
+            e("::/129"),
+            "bad CIDR \"::/129\": prefix length must be 0 to 128"
+        );
+        assert_eq!(
+            e("2001:db8::"),
+            "bad CIDR \"2001:db8::\": expected ADDRESS/PREFIX like 2001:db8::/32"
+        );
+        assert_eq!(
+            e("2001:db8:::/32"),
+            "bad CIDR \"2001:db8:::/32\": \"2001:db8:::\" is not an IPv6 address"
+        );
+        assert!(net("::/-1").is_err());
+        assert!(net("::/x").is_err());
+        // Each family in its own field, as AWS keeps them.
+        assert_eq!(
+            e("10.0.0.0/8"),
+            "bad CIDR \"10.0.0.0/8\": an IPv4 CIDR, which goes in IpRanges[].CidrIp"
+        );
+        assert_eq!(
+            "::/0".parse::<Ipv4Net>().unwrap_err().to_string(),
+            "bad CIDR \"::/0\": an IPv6 CIDR, which goes in Ipv6Ranges[].CidrIpv6"
+        );
+        // And IPv4's messages are as they were.
+        assert_eq!(
+            "10.0.0.0/33".parse::<Ipv4Net>().unwrap_err().to_string(),
+            "bad CIDR \"10.0.0.0/33\": prefix length must be 0 to 32"
+        );
+        assert_eq!(
+            "10.0.0/8".parse::<Ipv4Net>().unwrap_err().to_string(),
+            "bad CIDR \"10.0.0/8\": \"10.0.0\" is not an IPv4 address"
+        );
+        assert_eq!(mask_addr128(u128::MAX, 0), 0);
+        assert_eq!(mask_addr128(u128::MAX, 128), u128::MAX);
+        assert_eq!(mask_addr128(u128::MAX, 1), 1 << 127);
+    }
+
+    #[test]
     fn protocols() {
         let p = |s: &str| s.parse::<IpProtocol>();
         assert_eq!(p("-1"), Ok(IpProtocol::All));
@@ -346,8 +544,10 @@ mod tests {
         assert!(p("300").is_err());
         assert_eq!(
             p("sctpx").unwrap_err().to_string(),
-            "unknown protocol \"sctpx\": use -1, tcp, udp, icmp or a number 0-254"
+            "unknown protocol \"sctpx\": use -1, tcp, udp, icmp, icmpv6 or a number 0-254"
         );
+        assert_eq!(p("icmpv6"), Ok(IpProtocol::Number(PROTO_ICMPV6)));
+        assert_eq!(p("ICMPv6"), p("58"));
     }
 
     #[test]
@@ -369,6 +569,20 @@ mod tests {
         );
         assert_eq!(t("icmp", Some(-1), Some(0)).unwrap_err().field(), "ToPort");
         assert_eq!(t("icmp", Some(256), None).unwrap_err().field(), "FromPort");
+        // ICMPv6 is ICMP's twin, never ICMP: type and code checked the same way.
+        assert_eq!(
+            t("58", Some(128), None),
+            Ok(Traffic::Icmpv6(Icmp::Type(128)))
+        );
+        assert_ne!(t("icmpv6", None, None), t("icmp", None, None));
+        assert_eq!(
+            t("icmpv6", Some(-1), Some(0)).unwrap_err().field(),
+            "ToPort"
+        );
+        assert_eq!(
+            t("icmpv6", Some(300), None).unwrap_err().field(),
+            "FromPort"
+        );
         for (traffic, text) in [
             (t("tcp", Some(80), Some(80)), "tcp 80"),
             (t("icmp", None, None), "icmp all"),
@@ -376,6 +590,9 @@ mod tests {
             (t("icmp", Some(0), Some(-1)), "icmp type 0"),
             (t("all", None, None), "all"),
             (t("50", None, None), "protocol 50"),
+            (t("icmpv6", None, None), "icmpv6 all"),
+            (t("58", Some(128), Some(-1)), "icmpv6 type 128"),
+            (t("icmpv6", Some(1), Some(4)), "icmpv6 type 1 code 4"),
         ] {
             assert_eq!(traffic.unwrap().to_string(), text);
         }

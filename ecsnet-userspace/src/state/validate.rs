@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
 };
 
 use ecsnet_common::policy::mask_addr;
@@ -11,7 +12,9 @@ use ecsnet_common::policy::mask_addr;
 use crate::state::{
     BridgeNet, IpPermission, Problem, Protocol, State, StateError, Task,
     parse::check_len,
-    rules::{Group, IpProtocol, Ipv4Net, Member, Rule, RuleError, Rules, Traffic},
+    rules::{
+        CidrError, Group, IpProtocol, Ipv4Net, Ipv6Net, Member, Rule, RuleError, Rules, Traffic,
+    },
 };
 
 /// Group ids of a state, each to its index: one lookup per reference, whatever the number of
@@ -38,26 +41,14 @@ fn permission(perm: &IpPermission, path: &str, groups: &GroupIndex) -> Result<Ru
             Problem::PrefixLists,
         ));
     }
-    if !perm.ipv6_ranges.is_empty() {
-        return Err(StateError::at(
-            format!("{path}.Ipv6Ranges"),
-            Problem::Ipv6Ranges,
-        ));
-    }
     let traffic = Traffic::of(protocol, perm.from_port, perm.to_port).map_err(at)?;
-    let mut cidrs = Vec::with_capacity(perm.ip_ranges.len());
-    for (i, r) in perm.ip_ranges.iter().enumerate() {
-        let at = format!("{path}.IpRanges[{i}]");
-        check_len(|| format!("{at}.CidrIp"), &r.cidr_ip)?;
-        let net: Ipv4Net = r
-            .cidr_ip
-            .parse()
-            .map_err(|e| StateError::at(format!("{at}.CidrIp"), RuleError::Cidr(e)))?;
-        cidrs.push(net);
-        if let Some(d) = &r.description {
-            check_len(|| format!("{at}.Description"), d)?;
-        }
-    }
+    let v4 = perm.ip_ranges.iter().map(|r| (&r.cidr_ip, &r.description));
+    let cidrs = nets::<Ipv4Net>(v4, &format!("{path}.IpRanges"), "CidrIp")?;
+    let v6 = perm
+        .ipv6_ranges
+        .iter()
+        .map(|r| (&r.cidr_ipv6, &r.description));
+    let cidrs6 = nets::<Ipv6Net>(v6, &format!("{path}.Ipv6Ranges"), "CidrIpv6")?;
     let refs = perm.user_id_group_pairs.iter().enumerate();
     let groups = refs
         .map(|(i, g)| {
@@ -69,8 +60,31 @@ fn permission(perm: &IpPermission, path: &str, groups: &GroupIndex) -> Result<Ru
     Ok(Rule {
         traffic,
         cidrs,
+        cidrs6,
         groups,
     })
+}
+
+/// The CIDRs of a permission's list at `path` (`IpRanges`, `Ipv6Ranges`), each in its field
+/// `field` with an optional description.
+fn nets<'a, N: FromStr<Err = CidrError>>(
+    list: impl ExactSizeIterator<Item = (&'a String, &'a Option<String>)>,
+    path: &str,
+    field: &str,
+) -> Result<Vec<N>, StateError> {
+    let mut nets = Vec::with_capacity(list.len());
+    for (i, (cidr, description)) in list.enumerate() {
+        let at = format!("{path}[{i}]");
+        check_len(|| format!("{at}.{field}"), cidr)?;
+        let net = cidr
+            .parse()
+            .map_err(|e| StateError::at(format!("{at}.{field}"), RuleError::Cidr(e)))?;
+        nets.push(net);
+        if let Some(d) = description {
+            check_len(|| format!("{at}.Description"), d)?;
+        }
+    }
+    Ok(nets)
 }
 
 /// The optional strings of an object at `path`, each named by its field: none too long.
@@ -289,6 +303,7 @@ fn task<'a>(
     member.dedup();
     Ok(Member {
         addr,
+        addr6: t.ipv6_address,
         groups: member.into_iter().map(|(_, g)| g).collect(),
     })
 }
