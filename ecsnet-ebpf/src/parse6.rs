@@ -16,6 +16,15 @@ use crate::parse::{
 /// `ICMPv6`'s protocol number.
 pub const PROTO_ICMPV6: u8 = 58;
 
+/// `ICMPv6` echo request and reply (RFC 4443 §4): their identifier stands in for a port.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+/// The `ICMPv6` errors (RFC 4443 §3): each quotes the packet it is about.
+#[expect(dead_code, reason = "the IPv6 flow program reads it next")]
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+#[expect(dead_code, reason = "the IPv6 flow program reads it next")]
+pub const ICMPV6_PARAM_PROBLEM: u8 = 4;
+
 /// Extension headers (RFC 8200 §4, RFC 4302) the walk steps over.
 const EXT_HOP_BY_HOP: u8 = 0;
 const EXT_ROUTING: u8 = 43;
@@ -71,7 +80,9 @@ const FRAG_OFFSET_MASK: u16 = 0xfff8;
 const FRAG_MORE: u16 = 0x0001;
 
 /// An IPv6 packet as the checks see it. Addresses are the packet's bytes; ports in network
-/// byte order, 0 without a transport header; `ICMPv6` type and code 0 for other protocols.
+/// byte order, 0 without a transport header (an `ICMPv6` echo's identifier stands in for one,
+/// as for IPv4: `sport` in a request, `dport` in a reply); `ICMPv6` type and code 0 for other
+/// protocols.
 #[derive(Clone, Copy)]
 pub struct Headers6 {
     pub saddr: [u8; 16],
@@ -89,6 +100,29 @@ pub struct Headers6 {
     pub icmp_code: u8,
     /// Bytes from the transport header to the end of the packet.
     pub l4_len: usize,
+    /// The fragment header's identification, as in the packet; 0 without one.
+    pub frag_id: u32,
+    /// TCP flags byte; 0 for other protocols.
+    pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers, host byte order; 0 for other protocols.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// TCP payload bytes; 0 for other protocols.
+    pub tcp_payload: u32,
+    /// IP bytes: the fixed header and the payload (the packet's own length for a jumbogram).
+    pub tot_len: u32,
+}
+
+impl Headers6 {
+    /// An `ICMPv6` error (unreachable, packet too big, time exceeded, parameter problem) that
+    /// quotes another packet.
+    #[expect(dead_code, reason = "the IPv6 flow program calls it next")]
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.proto == PROTO_ICMPV6
+            && self.frag != FRAG_LATER
+            && (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROBLEM).contains(&self.icmp_type)
+    }
 }
 
 /// Parses the IPv6 packet behind the Ethernet header, walking its extension headers.
@@ -119,6 +153,16 @@ pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
         icmp_type: 0,
         icmp_code: 0,
         l4_len: 0,
+        frag_id: 0,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
+        tcp_payload: 0,
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "an skb's length fits 32 bits"
+        )]
+        tot_len: (IPV6_HLEN + payload) as u32,
     };
     walk_extension_headers(ctx, &mut h)?;
     if h.frag == FRAG_LATER {
@@ -146,18 +190,32 @@ pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
     match h.proto {
         PROTO_TCP => {
             let t: TcpHdrStart = load(ctx, h.l4)?;
-            if tcp_hlen(t.doff_res)? > h.l4_len {
+            let doff = tcp_hlen(t.doff_res)?;
+            if doff > h.l4_len {
                 return Err(DropReason::Truncated);
             }
             (h.sport, h.dport) = (t.source, t.dest);
+            h.tcp_flags = t.flags;
+            h.tcp_seq = u32::from_be(t.seq);
+            h.tcp_ack = u32::from_be(t.ack_seq);
+            #[expect(clippy::cast_possible_truncation, reason = "less than an skb's length")]
+            let payload = (h.l4_len - doff) as u32;
+            h.tcp_payload = payload;
         }
         PROTO_UDP => {
             let u: [u16; 2] = load(ctx, h.l4)?;
             (h.sport, h.dport) = (u[0], u[1]);
         }
         PROTO_ICMPV6 => {
-            let i: [u8; 2] = load(ctx, h.l4)?;
+            // type, code, checksum, identifier.
+            let i: [u8; 6] = load(ctx, h.l4)?;
             (h.icmp_type, h.icmp_code) = (i[0], i[1]);
+            let id = u16::from_ne_bytes([i[4], i[5]]);
+            match i[0] {
+                ICMPV6_ECHO_REQUEST => h.sport = id,
+                ICMPV6_ECHO_REPLY => h.dport = id,
+                _ => {}
+            }
         }
         _ => {}
     }
@@ -199,6 +257,7 @@ fn walk_extension_headers(ctx: &TcContext, h: &mut Headers6) -> Result<(), DropR
                     h.frag
                 };
                 h.proto = f.next;
+                h.frag_id = f.id;
                 8
             }
             _ => break,
