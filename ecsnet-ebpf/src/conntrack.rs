@@ -10,13 +10,14 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
-    maps::{HashMap, LruHashMap},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use ecsnet_common::{
     DropReason,
     ct::{
         self, ASSURED_AFTER_NS, CtEntry, CtEntry6, CtKey, CtKey6, DIR_ORIGINAL, DIR_REPLY,
-        KIND_MASQUERADE, TcpSide,
+        KIND_LOCAL, KIND_MASQUERADE, TcpSide,
     },
     maps::{
         CT_EV_ASSURED, CT_EV_CREATED, CT_EV_CT_FULL, FragKey, FragKey6, FragPorts, NAT_PORT_MIN,
@@ -68,6 +69,8 @@ pub trait Table: Copy + 'static {
     fn tuple(&self) -> Nat<Self::Addr>;
     fn proto(&self) -> u8;
     fn set_dport(&mut self, port: u16);
+    /// The key of packets going the other way.
+    fn reversed(&self) -> Self;
 }
 
 /// One direction's entry in the tables of key `K`.
@@ -145,6 +148,11 @@ macro_rules! tables {
             #[inline(always)]
             fn set_dport(&mut self, port: u16) {
                 self.dport = port;
+            }
+
+            #[inline(always)]
+            fn reversed(&self) -> $key {
+                $key::reversed(self)
             }
         }
 
@@ -431,6 +439,46 @@ pub fn starts_flow<H: Segment>(h: &H) -> bool {
     }
 }
 
+/// What the tables say of a packet the kernel delivers to a task with a policy.
+pub enum Delivered<K> {
+    /// A tracked flow's (recorded, when ecsnet only tracks it), or one of a flow ecsnet
+    /// translated and handed to the kernel: it passes.
+    Tracked,
+    /// Nothing the tables know, and nothing that opens a flow: the rules alone judge it.
+    Untracked,
+    /// A packet that opens a flow with key `K`, for the rules to judge.
+    Opens(K),
+}
+
+/// [`Delivered`] of `h`, after its fragment bookkeeping: a later fragment with no first on
+/// record, or of a rejected datagram, is `FRAGMENT`; a tracked RST or FIN out of window is
+/// `TCP_OUT_OF_WINDOW`.
+#[inline(always)]
+pub fn delivered<H: Segment>(h: &mut H) -> Result<Delivered<H::Key>, DropReason> {
+    if track_fragment(h) != Fragment::Known {
+        return Err(DropReason::Fragment);
+    }
+    let Some(key) = key_of(h) else {
+        return Ok(Delivered::Untracked);
+    };
+    if let Some(t) = lookup(&key) {
+        check_close(&t, h)?;
+        if t.rewrite().kind == KIND_LOCAL {
+            touch(&t, &key, h);
+        }
+        return Ok(Delivered::Tracked);
+    }
+    // A flow ecsnet translated and handed to the kernel (task MAC not known yet) arrives here
+    // translated: its reply direction's key is in the table.
+    if lookup(&key.reversed()).is_some() {
+        return Ok(Delivered::Tracked);
+    }
+    if !starts_flow(h) {
+        return Ok(Delivered::Untracked);
+    }
+    Ok(Delivered::Opens(key))
+}
+
 /// One direction's entry, and which table holds it. Read fields through it rather than copy
 /// the whole entry: the programs' stacks are nearly full.
 pub struct Tracked<K: Table = CtKey> {
@@ -622,7 +670,7 @@ pub fn create(
     if counted {
         nat_quota::take(key)?;
     }
-    let placed = place(key, nat, kind, choose_sport, h);
+    let placed = place(key, nat, kind, choose_sport, h, &mut CtEntry::default());
     if counted && placed.is_err() {
         nat_quota::give_back(key);
     }
@@ -630,13 +678,23 @@ pub fn create(
 }
 
 /// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, untranslated.
-#[expect(dead_code, reason = "the IPv6 flow program calls it next")]
-#[inline(always)]
+/// A function of its own (a BPF-to-BPF call): its two 120-byte entries get a stack frame of
+/// their own rather than one more piece of its caller's.
+#[inline(never)]
 pub fn create6(key: &CtKey6, kind: u8, h: &Headers6) -> Result<(), DropReason> {
-    place(key, &mut key.tuple(), kind, false, h)
+    let Some(e) = ENTRY6.get_ptr_mut(0) else {
+        return Err(DropReason::CtTableFull);
+    };
+    // SAFETY: this CPU's slot, used by nothing else in this program run.
+    place(key, &mut key.tuple(), kind, false, h, unsafe { &mut *e })
 }
 
-/// [`create`] once the flow may have a port.
+/// This CPU's IPv6 entry under construction: [`create6`] builds entries here rather than on a
+/// stack too small for them. Not pinned: scratch space.
+#[map(name = "ENTRY6")]
+static ENTRY6: PerCpuArray<CtEntry6> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`create`] once the flow may have a port; each entry is built in `e` in turn.
 #[inline(always)]
 fn place<H: Segment>(
     key: &H::Key,
@@ -644,6 +702,7 @@ fn place<H: Segment>(
     kind: u8,
     choose_sport: bool,
     h: &H,
+    e: &mut <H::Key as Table>::Entry,
 ) -> Result<(), DropReason> {
     let bytes = h.ip_bytes();
     let now = clock::now();
@@ -664,7 +723,7 @@ fn place<H: Segment>(
         sport: back.dport,
         dport: back.sport,
     };
-    let reply = <H::Key as Table>::Entry::new(*key, &back, kind, DIR_REPLY, now, 0, 0);
+    *e = <H::Key as Table>::Entry::new(*key, &back, kind, DIR_REPLY, now, 0, 0);
     let tries = if choose_sport { PORT_TRIES + 1 } else { 1 };
     let mut placed = false;
     for i in 0..tries {
@@ -683,13 +742,13 @@ fn place<H: Segment>(
         if unsafe { H::Key::ct().get(&reply_key) }.is_some() {
             continue;
         }
-        match H::Key::ct_new().insert(&reply_key, &reply, NOEXIST) {
+        match H::Key::ct_new().insert(&reply_key, e, NOEXIST) {
             Ok(()) => {
                 placed = true;
                 break;
             }
             // Taken a moment ago by another CPU: the next port.
-            Err(e) if -i64::from(e) == EEXIST => {}
+            Err(err) if -i64::from(err) == EEXIST => {}
             Err(_) => return Err(DropReason::CtTableFull),
         }
     }
@@ -700,10 +759,9 @@ fn place<H: Segment>(
             DropReason::NatCollision
         });
     }
-    let mut original =
-        <H::Key as Table>::Entry::new(reply_key, nat, kind, DIR_ORIGINAL, now, 1, bytes);
+    *e = <H::Key as Table>::Entry::new(reply_key, nat, kind, DIR_ORIGINAL, now, 1, bytes);
     if h.proto() == PROTO_TCP {
-        let mut side = original.side();
+        let mut side = e.side();
         ct::record_tcp(
             &mut side,
             h.tcp_flags(),
@@ -711,11 +769,11 @@ fn place<H: Segment>(
             h.tcp_ack(),
             h.tcp_payload(),
         );
-        original.set_side(&side);
+        e.set_side(&side);
     }
-    if let Err(e) = H::Key::ct_new().insert(key, &original, NOEXIST) {
+    if let Err(err) = H::Key::ct_new().insert(key, e, NOEXIST) {
         let _ = H::Key::ct_new().remove(&reply_key);
-        return Err(if -i64::from(e) == EEXIST {
+        return Err(if -i64::from(err) == EEXIST {
             // Another CPU created this flow a moment ago for a copy of this packet.
             DropReason::NatCollision
         } else {

@@ -3,7 +3,7 @@
 //! What cannot be walked is an error with its reason, never a packet whose transport header was
 //! not seen passed as if it had none. Nothing here writes to the packet.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
 use ecsnet_common::{
     DropReason,
     net::{PROTO_TCP, PROTO_UDP},
@@ -20,9 +20,7 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ICMPV6_ECHO_REPLY: u8 = 129;
 /// The `ICMPv6` errors (RFC 4443 §3): each quotes the packet it is about.
-#[expect(dead_code, reason = "the IPv6 flow program reads it next")]
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
-#[expect(dead_code, reason = "the IPv6 flow program reads it next")]
 pub const ICMPV6_PARAM_PROBLEM: u8 = 4;
 
 /// Extension headers (RFC 8200 §4, RFC 4302) the walk steps over.
@@ -116,13 +114,36 @@ pub struct Headers6 {
 impl Headers6 {
     /// An `ICMPv6` error (unreachable, packet too big, time exceeded, parameter problem) that
     /// quotes another packet.
-    #[expect(dead_code, reason = "the IPv6 flow program calls it next")]
     #[inline(always)]
     pub fn is_icmp_error(&self) -> bool {
         self.proto == PROTO_ICMPV6
             && self.frag != FRAG_LATER
             && (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROBLEM).contains(&self.icmp_type)
     }
+}
+
+/// This CPU's parsed headers of the packet in progress, handed by a program to the program it
+/// tail-calls (`hand_over`, `handed_over`), which then need not walk the extension headers
+/// again within its own verifier budget. Not pinned: scratch space, as `clock`'s.
+#[map(name = "HEADERS6")]
+static HEADERS6: PerCpuArray<Headers6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Leaves `h` for the program about to be tail-called. A tail call is a jump within the same
+/// run on the same CPU: nothing else runs on this CPU in between.
+#[inline(always)]
+pub fn hand_over(h: &Headers6) {
+    if let Some(slot) = HEADERS6.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = *h };
+    }
+}
+
+/// The headers the tail-calling program handed over (`hand_over`), to be read and changed in
+/// place (a later fragment's ports are filled in): valid for this program run.
+#[inline(always)]
+pub fn handed_over() -> Option<&'static mut Headers6> {
+    // SAFETY: this CPU's slot, see `hand_over`; one reference to it per program run.
+    HEADERS6.get_ptr_mut(0).map(|slot| unsafe { &mut *slot })
 }
 
 /// Parses the IPv6 packet behind the Ethernet header, walking its extension headers.

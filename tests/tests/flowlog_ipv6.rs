@@ -517,7 +517,7 @@ fn ipv6_of_a_task_with_a_security_group_is_rejected_and_recorded_so() {
     const P: usize = 80;
     let (lab, [t1, t2], [if1, if2]) = two_tasks("f6p", &[]);
     let (a1, a2) = (addr6(&lab, 1), addr6(&lab, 2));
-    // Task 2 gets a security group; it has no IPv6 rules yet, so its IPv6 is policed both ways.
+    // Task 2 gets a security group without IPv6 rules: its rules refuse its IPv6 both ways.
     let id = "sg-0f60000000000001";
     let open = sg(id, "open", &[all(&["0.0.0.0/0"])], &[all(&["0.0.0.0/0"])]);
     world::apply(
@@ -578,11 +578,15 @@ fn ipv6_of_a_task_with_a_security_group_is_rejected_and_recorded_so() {
         sum(&recs, &to_policed.at(&if2, "ingress"), "REJECT", "IPv6"),
         (N, bytes, 0)
     );
-    let policed =
-        |s: &ecsnet_tests::Stats| ecsnet_tests::counters::task_drops(s, "task2", "IPV6_POLICED");
+    // Task 2's egress rules refuse what it sends; its ingress rules what task 1 sends it, on
+    // the way in (task to task, before any bridge).
+    let stats = lab.stats();
+    let refused = |reason| ecsnet_tests::counters::task_drops(&stats, "task2", reason);
     assert!(
-        policed(&lab.stats()) >= 2 * N,
-        "every datagram is counted IPV6_POLICED on task 2"
+        refused("SG_EGRESS") >= N && refused("SG_INGRESS") >= N,
+        "every datagram is counted on task 2: SG_EGRESS {}, SG_INGRESS {}",
+        refused("SG_EGRESS"),
+        refused("SG_INGRESS")
     );
     assert_no_csum_errors(&lab);
 }
