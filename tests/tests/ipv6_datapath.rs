@@ -11,12 +11,21 @@
 //! interface; task B is on `IFINDEX_B`. One datapath serves every case: its state maps are
 //! emptied and its tasks and rules seeded afresh before each.
 //!
-//! Then real traffic in a dual-stack lab: task to task over IPv6 goes by redirect, past the
-//! bridge, with no checksum error anywhere.
+//! Then real traffic in dual-stack labs: task to task over IPv6 goes by redirect, past the
+//! bridge; a task with a security group is reachable over IPv6 only as its rules say, and the
+//! replies of what it opens come back; no checksum error anywhere.
 
 use std::{collections::HashMap as StdHashMap, net::Ipv6Addr};
 
-use ecsnet_tests::csum_errors;
+use aya::{
+    Pod,
+    maps::{Map, MapData},
+};
+use ecsnet_tests::{
+    counters::task_drops,
+    csum_errors, ecsnet,
+    world::{self, all, sg},
+};
 
 use ecsnet_common::{
     DropReason,
@@ -26,8 +35,8 @@ use ecsnet_common::{
         MAP_FRAGS6, MAP_TASKS, ROLE_TASK, TASK_IPV6, TaskInfo,
     },
     policy::{
-        DIR_EGRESS, DIR_INGRESS, MAP_SG_LEVELS6, MAP_SG_PEERS6, PeerKey6, PeerRules, RuleKey,
-        level6_bit, mask_addr6, scope,
+        DIR_EGRESS, DIR_INGRESS, MAP_SG_LEVELS6, MAP_SG_PEERS6, MAP_SG_RULES, PeerKey6, PeerRules,
+        RuleKey, level6_bit, mask_addr6, scope,
     },
 };
 use ecsnet_lab::fixture::{
@@ -683,6 +692,116 @@ fn task_to_task_ipv6_goes_by_redirect() {
     assert!(
         tx < u64::from(N),
         "the bridge sent {tx} packets into task 2: IPv6 task to task took the kernel's path"
+    );
+    for ns in [lab.host(), t1, t2] {
+        assert_eq!(all_csum_errors(ns), 0, "checksum errors in {ns}");
+    }
+}
+
+/// A pinned hash map of `lab`'s instance.
+fn pinned<K: Pod, V: Pod>(lab: &Lab, map: &str) -> aya::maps::HashMap<MapData, K, V> {
+    let path = format!("/sys/fs/bpf/ecsnet/{}/maps/{map}", lab.name);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    aya::maps::HashMap::try_from(Map::HashMap(data)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Writes IPv6 rules for `policy` straight into the pinned maps (user space writes them from
+/// `Ipv6Ranges` in another part of this work): inbound TCP/80 from anywhere, outbound
+/// everything. Rule sets far above what `apply` hands out.
+fn seed_ipv6_rules(lab: &Lab, policy: u32) {
+    const IN_SET: u32 = 0x0fff_0001;
+    const OUT_SET: u32 = 0x0fff_0002;
+    let mut levels = pinned::<u32, u32>(lab, MAP_SG_LEVELS6);
+    let mut peers = pinned::<PeerKey6, PeerRules>(lab, MAP_SG_PEERS6);
+    let mut rules = pinned::<RuleKey, u32>(lab, MAP_SG_RULES);
+    for (dir, set, all) in [(DIR_INGRESS, IN_SET, 0), (DIR_EGRESS, OUT_SET, 1)] {
+        let scope = scope(policy, dir);
+        levels
+            .insert(&scope, &level6_bit(0), 0)
+            .expect("SG_LEVELS6");
+        let key = PeerKey6 {
+            scope,
+            len: 0,
+            _pad: [0; 3],
+            addr: [0; 16],
+        };
+        peers
+            .insert(&key, &PeerRules { set, all }, 0)
+            .expect("SG_PEERS6");
+    }
+    let http = RuleKey {
+        set: IN_SET,
+        proto: PROTO_TCP,
+        len: 16,
+        port: 80,
+    };
+    rules.insert(&http, &1, 0).expect("SG_RULES");
+}
+
+/// `ecsnet lab probe` from `ns` that must fail: nothing comes back.
+fn probe_fails(ns: &str, proto: &str, target: &str) {
+    let out = ecsnet(&[
+        "--netns", ns, "lab", "probe", proto, target, "--count", "1", "--size", "10", "--json",
+    ]);
+    assert!(
+        !out.status.success(),
+        "{proto} {target} from {ns} came back: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_policed_task_is_reachable_over_ipv6_only_as_its_rules_say() {
+    let lab = Lab::up_v6(
+        "dp6p",
+        2,
+        &["1:8080:80", "2:8081:80", "2:5353:53/udp"],
+        "nat",
+    );
+    lab.ecsnet_up();
+    let (t1, t2) = (lab.task_ns(1), lab.task_ns(2));
+    let id = "sg-0d60000000000001";
+    let open = sg(id, "open", &[all(&["0.0.0.0/0"])], &[all(&["0.0.0.0/0"])]);
+    world::apply(
+        &lab,
+        "dp6-sg.json",
+        &world::state_with_groups(&lab, &[open], &[&[], &[id]]),
+    );
+    // Both MACs learned from IPv4, which the group allows.
+    let v4 = |i: usize| format!("{}:80", lab.status.tasks[i - 1].address);
+    assert_eq!(lab.probe(t2, "tcp", &v4(1), 1, 10)["echoed"], 1);
+    assert_eq!(lab.probe(t1, "tcp", &v4(2), 1, 10)["echoed"], 1);
+    let (to1, to2) = (
+        |port| format!("[{}]:{port}", addr6(&lab, 1)),
+        |port| format!("[{}]:{port}", addr6(&lab, 2)),
+    );
+
+    // The group has no IPv6 rules: task 2's IPv6 goes nowhere, either way.
+    let before = lab.stats();
+    probe_fails(t1, "--tcp", &to2(80));
+    probe_fails(t2, "--tcp", &to1(80));
+    let moved = |before: &ecsnet_tests::Stats, reason| {
+        task_drops(&lab.stats(), "task2", reason) - task_drops(before, "task2", reason)
+    };
+    assert!(
+        moved(&before, "SG_INGRESS") >= 1,
+        "task 1's SYN refused on task 2"
+    );
+    assert!(moved(&before, "SG_EGRESS") >= 1, "task 2's SYN refused");
+
+    // IPv6 rules: in, TCP/80; out, everything. Replies of what it opens come back.
+    let tasks = pinned::<u32, TaskInfo>(&lab, MAP_TASKS);
+    let a2 = u32::from_ne_bytes(lab.status.tasks[1].address.octets());
+    let policy = tasks.get(&a2, 0).expect("task 2 in TASKS").policy;
+    assert_ne!(policy, 0, "task 2 has a policy");
+    seed_ipv6_rules(&lab, policy);
+    assert_eq!(lab.probe(t1, "tcp", &to2(80), 3, 100)["echoed"], 3);
+    assert_eq!(lab.probe(t2, "tcp", &to1(80), 3, 100)["echoed"], 3);
+    let before = lab.stats();
+    probe_fails(t1, "--udp", &to2(53));
+    assert!(
+        moved(&before, "SG_INGRESS") > 0,
+        "task 1's datagram to task 2's port 53 refused on task 2"
     );
     for ns in [lab.host(), t1, t2] {
         assert_eq!(all_csum_errors(ns), 0, "checksum errors in {ns}");
