@@ -881,7 +881,7 @@ impl Run<'_> {
     /// IPv6 from a task (`tc_task_ipv6`), read from the frame's bytes as RFC 8200 and RFC 4861
     /// lay them out. The model's tasks have no IPv6 address ecsnet knows, so only link-local,
     /// unspecified and neighbour-discovery claims can be spoofed; then the metadata block, then
-    /// nothing for a task with a policy.
+    /// for a task with a policy, what is not plumbing goes to its rules (`policed6`).
     fn ipv6_from_task(&mut self, mac: [u8; 6], policed: bool) -> R {
         let h = self.parse6()?;
         let p = &self.pkt;
