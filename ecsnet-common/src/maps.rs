@@ -39,6 +39,12 @@ pub const PROG_SLOTS: u32 = 1;
 pub const MAP_PROGS6: &str = "PROGS6";
 /// [`MAP_PROGS6`]: `tc_task_ipv6`, which checks the IPv6 a task sends.
 pub const PROG6_TASK_FROM: u32 = 0;
+/// [`MAP_PROGS6`]: `tc_task_ipv6_flow`, tail-called by `tc_task_ipv6` once the checks passed:
+/// the IPv6 a task sends, tracked, policed and forwarded.
+pub const PROG6_TASK_FLOW: u32 = 1;
+/// [`MAP_PROGS6`]: `tc_task_ipv6_to`, tail-called by `tc_task_egress` for the IPv6 the kernel
+/// delivers to a task with a policy.
+pub const PROG6_TASK_TO: u32 = 2;
 /// Slots of [`MAP_PROGS6`].
 pub const PROG6_SLOTS: u32 = 8;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
@@ -267,7 +273,7 @@ map_type!(FragKey, 12);
 /// Key of [`MAP_FRAGS6`]: an IPv6 datagram, by its addresses and the fragment header's 32-bit
 /// identification (network byte order), and the transport protocol behind the chain.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey6 {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],

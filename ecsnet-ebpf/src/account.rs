@@ -21,8 +21,8 @@ use crate::{
     clock,
     maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, FLOWS6, STATS},
     parse::{
-        ETH_HLEN, FRAG_LATER, Headers, Packet, TcpHdrStart, UDP_HLEN, ipv4_lengths,
-        is_unicast_ipv4, load, tcp_hlen,
+        ETH_HLEN, Headers, Packet, TcpHdrStart, UDP_HLEN, ipv4_lengths, is_unicast_ipv4, load,
+        tcp_hlen,
     },
     parse6::{Headers6, IPV6_HLEN, PROTO_ICMPV6},
 };
@@ -186,11 +186,10 @@ impl FlowHeaders<u32> for Headers {
 }
 
 impl FlowHeaders<[u8; 16]> for Headers6 {
-    /// No TCP flags: `headers6` does not read them (`record6` does).
     #[inline(always)]
     fn tuple(&self) -> (u8, u8, [u8; 16], [u8; 16], u16, u16) {
         let h = self;
-        (h.proto, 0, h.saddr, h.daddr, h.sport, h.dport)
+        (h.proto, h.tcp_flags, h.saddr, h.daddr, h.sport, h.dport)
     }
 }
 
@@ -342,10 +341,7 @@ pub fn record6(ctx: &TcContext, h: &Headers6, ifindex: u32, dir: u8, action: u8)
     if !flow_logs_on() || h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
         return;
     }
-    let mut seen = Sighting6::of(h, ifindex, dir, action);
-    if h.proto == PROTO_TCP && h.frag != FRAG_LATER {
-        seen.tcp_flags = load::<TcpHdrStart>(ctx, h.l4).map_or(0, |t| t.flags);
-    }
+    let seen = Sighting6::of(h, ifindex, dir, action);
     clock::stamp();
     let (packets, bytes) = wire6(ctx, h);
     record(&seen, packets, bytes);

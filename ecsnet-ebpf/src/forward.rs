@@ -12,7 +12,7 @@ use ecsnet_common::{
 
 use crate::{
     account::{self, Sighting},
-    conntrack::{self, Fragment, Nat, Rewrite, Tracked},
+    conntrack::{self, Delivered, Fragment, Nat, Rewrite, Tracked},
     events,
     maps::{CONFIG, LOCAL_ADDRS, PORTS},
     nat,
@@ -405,27 +405,11 @@ pub fn deliver(
         }
         return unchecked_ingress(h, policy);
     }
-    if conntrack::track_fragment(h) != Fragment::Known {
-        return Err(DropReason::Fragment);
-    }
-    let Some(key) = conntrack::key_of(h) else {
-        return unchecked_ingress(h, policy);
+    let key = match conntrack::delivered(h)? {
+        Delivered::Tracked => return Ok(Verdict::Pass),
+        Delivered::Untracked => return unchecked_ingress(h, policy),
+        Delivered::Opens(key) => key,
     };
-    if let Some(t) = conntrack::lookup(&key) {
-        conntrack::check_close(&t, h)?;
-        if t.rewrite().kind == KIND_LOCAL {
-            conntrack::touch(&t, &key, h);
-        }
-        return Ok(Verdict::Pass);
-    }
-    // A flow ecsnet translated and handed to the kernel (task MAC not known yet) arrives here
-    // translated: its reply direction's key is in the table.
-    if conntrack::lookup(&key.reversed()).is_some() {
-        return Ok(Verdict::Pass);
-    }
-    if !conntrack::starts_flow(h) {
-        return unchecked_ingress(h, policy);
-    }
     if !policy::ingress(policy, h, h.saddr, h.dport) {
         conntrack::reject_fragments(h);
         return Err(DropReason::SgIngress);

@@ -1,6 +1,7 @@
 //! The ecsnet datapath. The entry points in `programs` (`task`, `uplink`) only wire the modules
 //! below them: `clock` reads the time once per run, `parse` and `parse6` read headers, `tasks` finds a
-//! task, `antispoof` checks that a task speaks only for itself, `forward` decides, `conntrack`
+//! task, `antispoof` checks that a task speaks only for itself, `forward` decides (`forward6` for
+//! IPv6), `conntrack`
 //! keeps the flow table, `nat` rewrites, `nat_quota` keeps each task's share of the masquerade
 //! ports, `policy` checks security groups, `early_drop` applies them in XDP, `redirect` sends,
 //! `account` counts packets, drops and flows, `events` sends monitor events, `verdict` turns a
@@ -24,6 +25,7 @@ mod conntrack;
 mod early_drop;
 mod events;
 mod forward;
+mod forward6;
 mod maps;
 mod nat;
 mod nat_quota;

@@ -3,7 +3,7 @@
 //! What cannot be walked is an error with its reason, never a packet whose transport header was
 //! not seen passed as if it had none. Nothing here writes to the packet.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
 use ecsnet_common::{
     DropReason,
     net::{PROTO_TCP, PROTO_UDP},
@@ -15,6 +15,13 @@ use crate::parse::{
 
 /// `ICMPv6`'s protocol number.
 pub const PROTO_ICMPV6: u8 = 58;
+
+/// `ICMPv6` echo request and reply (RFC 4443 §4): their identifier stands in for a port.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+/// The `ICMPv6` errors (RFC 4443 §3): each quotes the packet it is about.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PARAM_PROBLEM: u8 = 4;
 
 /// Extension headers (RFC 8200 §4, RFC 4302) the walk steps over.
 const EXT_HOP_BY_HOP: u8 = 0;
@@ -71,7 +78,9 @@ const FRAG_OFFSET_MASK: u16 = 0xfff8;
 const FRAG_MORE: u16 = 0x0001;
 
 /// An IPv6 packet as the checks see it. Addresses are the packet's bytes; ports in network
-/// byte order, 0 without a transport header; `ICMPv6` type and code 0 for other protocols.
+/// byte order, 0 without a transport header (an `ICMPv6` echo's identifier stands in for one,
+/// as for IPv4: `sport` in a request, `dport` in a reply); `ICMPv6` type and code 0 for other
+/// protocols.
 #[derive(Clone, Copy)]
 pub struct Headers6 {
     pub saddr: [u8; 16],
@@ -89,6 +98,52 @@ pub struct Headers6 {
     pub icmp_code: u8,
     /// Bytes from the transport header to the end of the packet.
     pub l4_len: usize,
+    /// The fragment header's identification, as in the packet; 0 without one.
+    pub frag_id: u32,
+    /// TCP flags byte; 0 for other protocols.
+    pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers, host byte order; 0 for other protocols.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// TCP payload bytes; 0 for other protocols.
+    pub tcp_payload: u32,
+    /// IP bytes: the fixed header and the payload (the packet's own length for a jumbogram).
+    pub tot_len: u32,
+}
+
+impl Headers6 {
+    /// An `ICMPv6` error (unreachable, packet too big, time exceeded, parameter problem) that
+    /// quotes another packet.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.proto == PROTO_ICMPV6
+            && self.frag != FRAG_LATER
+            && (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROBLEM).contains(&self.icmp_type)
+    }
+}
+
+/// This CPU's parsed headers of the packet in progress, handed by a program to the program it
+/// tail-calls (`hand_over`, `handed_over`), which then need not walk the extension headers
+/// again within its own verifier budget. Not pinned: scratch space, as `clock`'s.
+#[map(name = "HEADERS6")]
+static HEADERS6: PerCpuArray<Headers6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Leaves `h` for the program about to be tail-called. A tail call is a jump within the same
+/// run on the same CPU: nothing else runs on this CPU in between.
+#[inline(always)]
+pub fn hand_over(h: &Headers6) {
+    if let Some(slot) = HEADERS6.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = *h };
+    }
+}
+
+/// The headers the tail-calling program handed over (`hand_over`), to be read and changed in
+/// place (a later fragment's ports are filled in): valid for this program run.
+#[inline(always)]
+pub fn handed_over() -> Option<&'static mut Headers6> {
+    // SAFETY: this CPU's slot, see `hand_over`; one reference to it per program run.
+    HEADERS6.get_ptr_mut(0).map(|slot| unsafe { &mut *slot })
 }
 
 /// Parses the IPv6 packet behind the Ethernet header, walking its extension headers.
@@ -119,6 +174,16 @@ pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
         icmp_type: 0,
         icmp_code: 0,
         l4_len: 0,
+        frag_id: 0,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
+        tcp_payload: 0,
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "an skb's length fits 32 bits"
+        )]
+        tot_len: (IPV6_HLEN + payload) as u32,
     };
     walk_extension_headers(ctx, &mut h)?;
     if h.frag == FRAG_LATER {
@@ -146,18 +211,32 @@ pub fn headers6(ctx: &TcContext) -> Result<Headers6, DropReason> {
     match h.proto {
         PROTO_TCP => {
             let t: TcpHdrStart = load(ctx, h.l4)?;
-            if tcp_hlen(t.doff_res)? > h.l4_len {
+            let doff = tcp_hlen(t.doff_res)?;
+            if doff > h.l4_len {
                 return Err(DropReason::Truncated);
             }
             (h.sport, h.dport) = (t.source, t.dest);
+            h.tcp_flags = t.flags;
+            h.tcp_seq = u32::from_be(t.seq);
+            h.tcp_ack = u32::from_be(t.ack_seq);
+            #[expect(clippy::cast_possible_truncation, reason = "less than an skb's length")]
+            let payload = (h.l4_len - doff) as u32;
+            h.tcp_payload = payload;
         }
         PROTO_UDP => {
             let u: [u16; 2] = load(ctx, h.l4)?;
             (h.sport, h.dport) = (u[0], u[1]);
         }
         PROTO_ICMPV6 => {
-            let i: [u8; 2] = load(ctx, h.l4)?;
+            // type, code, checksum, identifier.
+            let i: [u8; 6] = load(ctx, h.l4)?;
             (h.icmp_type, h.icmp_code) = (i[0], i[1]);
+            let id = u16::from_ne_bytes([i[4], i[5]]);
+            match i[0] {
+                ICMPV6_ECHO_REQUEST => h.sport = id,
+                ICMPV6_ECHO_REPLY => h.dport = id,
+                _ => {}
+            }
         }
         _ => {}
     }
@@ -199,6 +278,7 @@ fn walk_extension_headers(ctx: &TcContext, h: &mut Headers6) -> Result<(), DropR
                     h.frag
                 };
                 h.proto = f.next;
+                h.frag_id = f.id;
                 8
             }
             _ => break,

@@ -13,6 +13,7 @@ use ecsnet_common::{
 use crate::{
     maps::{SG_LEVELS6, SG_PEERS, SG_PEERS6, SG_RULES},
     parse::Headers,
+    parse6::{Headers6, PROTO_ICMPV6},
 };
 
 pub use ecsnet_common::policy::{DIR_EGRESS, DIR_INGRESS};
@@ -65,7 +66,18 @@ pub fn allows_port(policy: u32, dir: u32, peer: u32, proto: u8, port: u16) -> bo
     rules.is_some_and(|r| rules_allow(r, proto, port))
 }
 
-#[expect(dead_code, reason = "the IPv6 datapath calls it next")]
+/// [`allows`] for an IPv6 packet, with its other end at `peer`: the destination port of TCP
+/// and UDP, `type << 8 | code` of `ICMPv6` (`icmp_port`), 0 for other protocols.
+#[inline(always)]
+pub fn allows6(policy: u32, dir: u32, peer: &[u8; 16], h: &Headers6) -> bool {
+    let port = match h.proto {
+        PROTO_TCP | PROTO_UDP => u16::from_be(h.dport),
+        PROTO_ICMPV6 => icmp_port(h.icmp_type, h.icmp_code),
+        _ => 0,
+    };
+    allows6_port(policy, dir, peer, h.proto, port)
+}
+
 /// [`allows_port`] for an IPv6 peer: the same rule sets, found through `SG_PEERS6` at the
 /// prefix lengths the scope uses (`SG_LEVELS6`), longest first. A scope with no IPv6 entries
 /// allows no IPv6.

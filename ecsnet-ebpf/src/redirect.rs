@@ -102,6 +102,12 @@ pub fn to_task(
     if routed {
         set_macs(ctx, &cfg.bridge_mac, &t.mac)?;
     }
+    into_task(t)
+}
+
+/// Delivers the packet into task `t` as it is (the caller counted it).
+#[inline(always)]
+pub fn into_task(t: &TaskInfo) -> Result<Verdict, DropReason> {
     redirected(unsafe { bpf_redirect_peer(t.ifindex, 0) })
 }
 

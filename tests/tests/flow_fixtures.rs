@@ -640,15 +640,15 @@ fn cases() -> Vec<Case> {
         }
         .padded()
     };
-    // IPv6 under a policy (`raw::ipv6_frame`: an echo request from fe80::42:acff:fe11:2 to
-    // fe80::42:acff:fe11:3), dropped at `hook` with one event naming its IPv6 addresses.
-    let ipv6_policed = |desc, policy, act, hook| {
+    // IPv6 under a policy without IPv6 rules (`raw::ipv6_frame`: an echo request from
+    // fe80::42:acff:fe11:2 to fe80::42:acff:fe11:3), dropped at `hook` for `reason` with one
+    // event naming its IPv6 addresses.
+    let ipv6_policed = |desc, policy, act, hook, reason| {
         let ll = |last| {
             [
                 0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, last,
             ]
         };
-        let reason = DropReason::Ipv6Policed;
         Case::new(desc, world_with_policy(TASK_A, policy))
             .step(act, TC_SHOT)
             .drops(TEST_IFINDEX, reason, hook, 1)
@@ -835,16 +835,18 @@ fn cases() -> Vec<Case> {
             tu(TASK_A, 40000, TASK_B, 443),
         )),
         ipv6_policed(
-            "IPv6 from a task under a policy: dropped IPV6_POLICED, no record, one drop event",
+            "IPv6 from a task under a policy without IPv6 rules: dropped SG_EGRESS, one event",
             P_EGRESS_HTTPS,
             Act::FromTask(TASK_A, ecsnet_tests::raw::ipv6_frame(MAC_B, MAC_A)),
             HOOK_TC_INGRESS,
+            DropReason::SgEgress,
         ),
         ipv6_policed(
-            "IPv6 to a task under a policy: dropped IPV6_POLICED on its interface, one event",
+            "IPv6 to a task under a policy without IPv6 rules: dropped SG_INGRESS, one event",
             P_BRIDGE_HTTP,
             Act::ToTask(TASK_A, ecsnet_tests::raw::ipv6_frame(MAC_A, MAC_B)),
             HOOK_TC_EGRESS,
+            DropReason::SgIngress,
         ),
         Case::new(
             "instance metadata blocked: A's record REJECT, the drop and its event on A",

@@ -1,13 +1,13 @@
 //! IPv6 flow records from the datapath (`FLOWS6`), exact for known traffic on a dual-stack lab
-//! (`--ipv6 nat`; ecsnet leaves IPv6 to the kernel's path and only records and polices it):
+//! (`--ipv6 nat`; ecsnet redirects IPv6 task to task and leaves the rest to the kernel's path):
 //! UDP between two tasks over IPv6 is one egress record on the sender and one ingress record on
 //! the receiver, `type` IPv6, with the packets sent and their IP bytes (40-byte IPv6 header, 8
 //! UDP, payload), addresses as AWS prints them (RFC 5952); IPv4 datagrams of the same windows
 //! keep their exact IPv4 records; a TCP connection from the client to a published port (the
 //! kernel's NAT66) is an ingress record on the task with the client's address, matching the
-//! client's own ip6tables counters; a task with a security group (no IPv6 rules yet) gets REJECT
+//! client's own ip6tables counters; a task with a security group without IPv6 rules gets REJECT
 //! records for the IPv6 it sends and for the IPv6 delivered to it. `ICMPv6` echoes are keyed with
-//! ports 0, and so are the later fragments of a fragmented datagram (the first has its ports);
+//! ports 0; the later fragments of a datagram task to task take their first fragment's ports;
 //! neighbour discovery makes no record. No namespace of the lab finds an `ICMPv6` or UDP
 //! checksum error.
 //!
@@ -359,7 +359,7 @@ const PINGS: u64 = 3;
 const BIG: usize = 3000;
 
 /// Task 1 to task 2 over IPv6 beyond ports: `ICMPv6` echoes (ports 0, as AWS prints ICMP) and a
-/// fragmented datagram (its later fragments have no ports: 0).
+/// fragmented datagram (its later fragments take the first's ports, as IPv4's do).
 struct Unusual {
     a1: Ipv6Addr,
     a2: Ipv6Addr,
@@ -397,22 +397,25 @@ impl Unusual {
                 "{flow:?}"
             );
         }
-        // The first fragment carries the ports; the later ones are one flow with ports 0. Each
-        // fragment is 40 + 8 (fragment header) bytes of headers and a part of the 8 + BIG.
-        let first = Flow::new((if1, "egress"), self.big.0, self.big.1, 17);
-        let later = Flow::new((if1, "egress"), to1, to2, 17);
-        for (first, later) in [
-            (first.clone(), later.clone()),
-            (first.at(if2, "ingress"), later.at(if2, "ingress")),
+        // The first fragment carries the ports, and the datapath gives them to the later ones
+        // (`FRAGS6`): one flow. Each fragment is 40 + 8 (fragment header) bytes of headers and a
+        // part of the 8 + BIG.
+        let datagram = Flow::new((if1, "egress"), self.big.0, self.big.1, 17);
+        let portless = Flow::new((if1, "egress"), to1, to2, 17);
+        for (flow, none) in [
+            (datagram.clone(), portless.clone()),
+            (datagram.at(if2, "ingress"), portless.at(if2, "ingress")),
         ] {
-            let (p1, b1, _) = sum(recs, &first, "ACCEPT", "IPv6");
-            let (pl, bl, _) = sum(recs, &later, "ACCEPT", "IPv6");
-            assert_eq!(p1, 1, "one first fragment: {first:?}");
-            assert!(pl >= 1, "later fragments with ports 0: {later:?}");
+            let (p, b, _) = sum(recs, &flow, "ACCEPT", "IPv6");
+            assert!(p >= 2, "the first fragment and the later ones: {flow:?}");
             assert_eq!(
-                b1 + bl,
-                8 + BIG as u64 + (p1 + pl) * 48,
-                "{first:?} and {later:?}: every fragment's IP bytes"
+                b,
+                8 + BIG as u64 + p * 48,
+                "{flow:?}: every fragment's IP bytes"
+            );
+            assert!(
+                !recs.iter().any(|r| none.matches(r)),
+                "a fragment without ports: {none:?}"
             );
         }
     }
@@ -517,7 +520,7 @@ fn ipv6_of_a_task_with_a_security_group_is_rejected_and_recorded_so() {
     const P: usize = 80;
     let (lab, [t1, t2], [if1, if2]) = two_tasks("f6p", &[]);
     let (a1, a2) = (addr6(&lab, 1), addr6(&lab, 2));
-    // Task 2 gets a security group; it has no IPv6 rules yet, so its IPv6 is policed both ways.
+    // Task 2 gets a security group without IPv6 rules: its rules refuse its IPv6 both ways.
     let id = "sg-0f60000000000001";
     let open = sg(id, "open", &[all(&["0.0.0.0/0"])], &[all(&["0.0.0.0/0"])]);
     world::apply(
@@ -578,11 +581,15 @@ fn ipv6_of_a_task_with_a_security_group_is_rejected_and_recorded_so() {
         sum(&recs, &to_policed.at(&if2, "ingress"), "REJECT", "IPv6"),
         (N, bytes, 0)
     );
-    let policed =
-        |s: &ecsnet_tests::Stats| ecsnet_tests::counters::task_drops(s, "task2", "IPV6_POLICED");
+    // Task 2's egress rules refuse what it sends; its ingress rules what task 1 sends it, on
+    // the way in (task to task, before any bridge).
+    let stats = lab.stats();
+    let refused = |reason| ecsnet_tests::counters::task_drops(&stats, "task2", reason);
     assert!(
-        policed(&lab.stats()) >= 2 * N,
-        "every datagram is counted IPV6_POLICED on task 2"
+        refused("SG_EGRESS") >= N && refused("SG_INGRESS") >= N,
+        "every datagram is counted on task 2: SG_EGRESS {}, SG_INGRESS {}",
+        refused("SG_EGRESS"),
+        refused("SG_INGRESS")
     );
     assert_no_csum_errors(&lab);
 }

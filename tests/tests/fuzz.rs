@@ -73,7 +73,6 @@ fn fixed_seeds_agree_with_the_model_and_reach_every_path() {
         "drop: dropped TCP_OUT_OF_WINDOW",
         "drop: dropped BAD_IP_CHECKSUM",
         "drop: dropped VLAN_TAGGED",
-        "drop: dropped IPV6_POLICED",
         "drop: dropped ROGUE_ROUTER",
         "drop: dropped ND_SPOOFED",
         "drop: dropped BAD_EXT_HEADER",

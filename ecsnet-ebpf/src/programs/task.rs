@@ -2,10 +2,10 @@
 //! task sends and forwards it itself (to another task, out of the uplink, into a published port);
 //! tc egress sees what the kernel's bridge path still delivers to the task and checks it against
 //! the task's inbound rules, after the checks of `antispoof`; the IMDS block is here too.
-//! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped,
-//! and IPv6 of a task under a policy too, until IPv6 rules exist. The IPv6 a task sends is
-//! checked first by `tc_task_ipv6` (a tail call, with its own verifier budget): it speaks only
-//! for itself and is no router.
+//! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped.
+//! The IPv6 a task sends is checked first by `tc_task_ipv6` (a tail call, with its own verifier
+//! budget): it speaks only for itself and is no router; then `tc_task_ipv6_flow` (another) tracks,
+//! polices and forwards it. IPv6 the kernel delivers to a task is policed in tc egress.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
@@ -13,7 +13,7 @@ use ecsnet_common::{
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
     maps::{
         CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW,
-        PROG6_TASK_FROM,
+        PROG6_TASK_FLOW, PROG6_TASK_FROM, PROG6_TASK_TO,
     },
     policy::INSTANCE_METADATA_ADDR6,
 };
@@ -22,9 +22,10 @@ use crate::{
     account::{self, Sighting},
     antispoof, clock, conntrack,
     forward::{self, Origin, PktAddrs},
+    forward6,
     maps::{PROGS, PROGS6},
     parse::{Frame, Headers, headers, skb_ifindex, task_frame},
-    parse6::{Headers6, headers6},
+    parse6::{self, Headers6, headers6},
     policy, tasks,
     verdict::{self, Verdict},
 };
@@ -149,9 +150,11 @@ fn sent(
 }
 
 /// IPv6 a task sends, tail-called by `tc_task_ingress` once the frame's MAC was checked: the
-/// task speaks only for itself and is no router (`antispoof::check_ipv6`); then the kernel's
-/// path for a task without a policy, and nothing for a task with one, until IPv6 rules exist.
-/// What passed the checks is the task's egress flow record (`FLOWS6`), ACCEPT or REJECT.
+/// task speaks only for itself and is no router (`antispoof::check_ipv6`), and the metadata
+/// block applies. Neighbour discovery and MLD then take the kernel's path, and so does the
+/// rest of a task without a policy unless it goes to another task; everything else goes on to
+/// `tc_task_ipv6_flow` (a tail call). What this program decides is the task's egress flow
+/// record (`FLOWS6`), ACCEPT or REJECT.
 #[classifier]
 pub fn tc_task_ipv6(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
@@ -163,6 +166,8 @@ pub fn tc_task_ipv6(ctx: TcContext) -> i32 {
     )
 }
 
+// Inlined: the tail call must be made from a function that returns an integer.
+#[inline(always)]
 fn try_ipv6_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     // Only `tc_task_ingress` comes here, for a task's interface; anything else fails closed.
     let Some((_, task)) = tasks::by_iface(ifindex) else {
@@ -176,15 +181,49 @@ fn try_ipv6_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReas
     let block = forward::config().is_some_and(|cfg| cfg.flags & CONFIG_BLOCK_IMDS != 0);
     let res = if block && h.daddr == INSTANCE_METADATA_ADDR6 {
         Err(DropReason::ImdsBlocked)
+    } else if forward6::is_plumbing(ctx, &h)
+        || me.policy == 0 && tasks::iface_of6(&h.daddr).is_none()
+    {
+        Ok(Verdict::Pass)
     } else {
-        ipv6(me.policy)
+        parse6::hand_over(&h);
+        // SAFETY: `tc_task_ipv6_flow` takes the same context; it does not return on success.
+        unsafe { PROGS6.tail_call(ctx, PROG6_TASK_FLOW) };
+        return Err(DropReason::TailCallFailed);
     };
     record_ipv6(ctx, &h, ifindex, FLOW_EGRESS, &res);
     res
 }
 
+/// IPv6 a task sends that is not plumbing and that its policy or its destination (another
+/// task) makes ecsnet's, tail-called by `tc_task_ipv6` after all its checks: tracked, policed
+/// and forwarded as `forward6` decides, with this program's verifier budget to itself.
+#[classifier]
+pub fn tc_task_ipv6_flow(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_ipv6_flow(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+}
+
+fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    let Some((_, task)) = tasks::by_iface(ifindex) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let me = unsafe { *task };
+    // Parsed and checked by `tc_task_ipv6`, which tail-called this program.
+    let Some(h) = parse6::handed_over() else {
+        return Err(DropReason::TailCallFailed);
+    };
+    clock::stamp();
+    let res = forward6::from_task(ctx, h, &me);
+    if let Some(action) = verdict::action(&res, DropReason::SgEgress) {
+        account::record6(ctx, h, ifindex, FLOW_EGRESS, action);
+    }
+    res
+}
+
 /// The flow record of IPv6 on a task interface: ACCEPT when it goes on, REJECT when the
-/// task's policy (no IPv6 rules yet) or the metadata block drops it.
+/// task's rules or the metadata block drop it.
 #[inline(always)]
 fn record_ipv6(
     ctx: &TcContext,
@@ -195,17 +234,10 @@ fn record_ipv6(
 ) {
     let action = match res {
         Ok(_) => ACTION_ACCEPT,
-        Err(DropReason::Ipv6Policed | DropReason::ImdsBlocked) => ACTION_REJECT,
+        Err(DropReason::SgIngress | DropReason::ImdsBlocked) => ACTION_REJECT,
         Err(_) => return,
     };
     account::record6(ctx, h, ifindex, dir, action);
-}
-
-/// IPv6 on a task interface: today's kernel path for a task without a policy; for a task with
-/// one, nothing, until there are IPv6 rules to check it against.
-#[inline(always)]
-fn ipv6(policy: u32) -> Result<Verdict, DropReason> {
-    verdict::pass_or(policy == 0, DropReason::Ipv6Policed)
 }
 
 /// IPv4 a task sent to a broadcast or multicast MAC: only to a broadcast or multicast address,
@@ -236,6 +268,59 @@ fn group_from_task(
     res
 }
 
+/// IPv6 the kernel delivers to a task. Without a policy it goes on, recorded (a frame too
+/// malformed for a record too, as without ecsnet; with flow logs off it is not parsed). With
+/// one, neighbour discovery and MLD pass, and `tc_task_ipv6_to` (a tail call) decides the rest.
+#[inline(always)]
+fn ipv6_to_task(ctx: &TcContext, policy: u32, ifindex: u32) -> Result<Verdict, DropReason> {
+    let parsed = if policy != 0 || account::flow_logs_on() {
+        Some(headers6(ctx))
+    } else {
+        None
+    };
+    if policy == 0 {
+        if let Some(Ok(h)) = parsed {
+            record_ipv6(ctx, &h, ifindex, FLOW_INGRESS, &Ok(Verdict::Pass));
+        }
+        return Ok(Verdict::Pass);
+    }
+    let Some(parsed) = parsed else {
+        return Err(DropReason::TailCallFailed);
+    };
+    let h = parsed?;
+    if forward6::is_plumbing(ctx, &h) {
+        return Ok(Verdict::Pass);
+    }
+    parse6::hand_over(&h);
+    // SAFETY: `tc_task_ipv6_to` takes the same context; it does not return on success.
+    unsafe { PROGS6.tail_call(ctx, PROG6_TASK_TO) };
+    Err(DropReason::TailCallFailed)
+}
+
+/// IPv6 the kernel delivers to a task with a policy, tail-called by `tc_task_egress` once it
+/// parsed it and let neighbour discovery and MLD pass: `forward6::deliver` decides, and the
+/// task's flow log records it.
+#[classifier]
+pub fn tc_task_ipv6_to(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_ipv6_to(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
+}
+
+fn try_ipv6_to(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    let Some((_, task)) = tasks::by_iface(ifindex) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let policy = unsafe { (*task).policy };
+    let Some(h) = parse6::handed_over() else {
+        return Err(DropReason::TailCallFailed);
+    };
+    clock::stamp();
+    let res = forward6::deliver(ctx, h, policy);
+    record_ipv6(ctx, h, ifindex, FLOW_INGRESS, &res);
+    res
+}
+
 /// Packets delivered to the task by the kernel (the bridge path).
 #[classifier]
 pub fn tc_task_egress(ctx: TcContext) -> i32 {
@@ -243,6 +328,8 @@ pub fn tc_task_egress(ctx: TcContext) -> i32 {
     verdict::tc(&ctx, try_to_task(&ctx, ifindex), ifindex, HOOK_TC_EGRESS)
 }
 
+// Inlined: the tail call must be made from a function that returns an integer.
+#[inline(always)]
 fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let (packets, bytes) = account::tc(ctx, ifindex, HOOK_TC_EGRESS);
     let Some(cfg) = forward::config() else {
@@ -265,17 +352,7 @@ fn try_to_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     };
     match frame? {
         Frame::Arp => return Ok(Verdict::Pass),
-        Frame::Ipv6 => {
-            // A frame too malformed for a record goes on as without ecsnet, or stays policed;
-            // with flow logs off it is not parsed at all.
-            let res = ipv6(task.policy);
-            if account::flow_logs_on()
-                && let Ok(h) = headers6(ctx)
-            {
-                record_ipv6(ctx, &h, ifindex, FLOW_INGRESS, &res);
-            }
-            return res;
-        }
+        Frame::Ipv6 => return ipv6_to_task(ctx, task.policy, ifindex),
         // Whatever the destination MAC: the ingress rules run on every IPv4 packet.
         Frame::Ipv4 { .. } => {}
     }

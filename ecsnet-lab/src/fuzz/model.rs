@@ -25,8 +25,8 @@ use ecsnet_common::{
         TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     maps::{
-        CLASS_IPV4, CLASS_OTHER, CT_EV_ASSURED, CT_EV_CREATED, DropKey, FragKey, FragPorts,
-        HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, StatsKey, TaskInfo,
+        CLASS_IPV4, CLASS_OTHER, CT_EV_ASSURED, CT_EV_CREATED, DropKey, FragKey, FragKey6,
+        FragPorts, HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, StatsKey, TaskInfo,
     },
     policy::{INSTANCE_METADATA_ADDR, INSTANCE_METADATA_ADDR6, TASK_METADATA_ADDR},
 };
@@ -256,6 +256,7 @@ pub struct State {
     pub tasks: HashMap<u32, TaskInfo>,
     pub ct: HashMap<CtKey, Entry>,
     pub frags: HashMap<FragKey, FragPorts>,
+    pub frags6: HashMap<FragKey6, FragPorts>,
     pub drops: HashMap<DropKey, u64>,
     pub stats: HashMap<StatsKey, (u64, u64)>,
     /// `CT_EVENTS` slots.
@@ -281,6 +282,17 @@ pub enum OutOfModel {
     Timing,
 }
 
+/// What `FRAGS` and `FRAGS6` remember of a first fragment with ports `sport` and `dport` (host
+/// order).
+fn first_fragment(sport: u16, dport: u16) -> FragPorts {
+    FragPorts {
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        rejected: 0,
+        _pad: [0; 3],
+    }
+}
+
 /// An IPv6 packet as `parse6` reads it.
 struct Ip6 {
     src: [u8; 16],
@@ -292,10 +304,57 @@ struct Ip6 {
     frag: Frag,
     /// Bytes from the transport header to the end of the packet (0 for a later fragment).
     l4_len: usize,
-    /// TCP or UDP source port, host order; 0 otherwise and in a later fragment.
+    /// TCP or UDP source and destination ports, host order (an `ICMPv6` echo's identifier in
+    /// `sport` for a request, in `dport` for a reply); 0 otherwise and in a later fragment.
     sport: u16,
+    dport: u16,
     /// `ICMPv6` type; 0 otherwise and in a later fragment.
     icmp_type: u8,
+    /// The TCP flags byte; 0 otherwise.
+    tcp_flags: u8,
+    /// The fragment header's identification as in the packet; 0 without one.
+    id: u32,
+    hop_limit: u8,
+}
+
+impl Ip6 {
+    /// `FRAGS6`'s key of the datagram.
+    fn frag_key(&self) -> FragKey6 {
+        FragKey6 {
+            saddr: self.src,
+            daddr: self.dst,
+            id: self.id,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// An `ICMPv6` error (types 1 to 4), which quotes a packet.
+    fn is_icmp_error(&self) -> bool {
+        self.proto == PROTO_ICMPV6 && self.frag != Frag::Later && (1..=4).contains(&self.icmp_type)
+    }
+
+    /// A packet that may open a flow: a TCP SYN, UDP, an echo request.
+    fn starts_flow(&self) -> bool {
+        self.frag != Frag::Later
+            && match self.proto {
+                PROTO_TCP => self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
+                PROTO_UDP => true,
+                PROTO_ICMPV6 => self.icmp_type == 128,
+                _ => false,
+            }
+    }
+
+    /// Neighbour discovery (hop limit 255, RFC 4861) and MLD, unfragmented: never policed.
+    fn is_plumbing(&self) -> bool {
+        self.proto == PROTO_ICMPV6
+            && self.frag == Frag::None
+            && match self.icmp_type {
+                130..=132 | 143 => true,
+                133..=137 => self.hop_limit == 255,
+                _ => false,
+            }
+    }
 }
 
 /// `ICMPv6`'s protocol number.
@@ -822,8 +881,8 @@ impl Run<'_> {
     /// IPv6 from a task (`tc_task_ipv6`), read from the frame's bytes as RFC 8200 and RFC 4861
     /// lay them out. The model's tasks have no IPv6 address ecsnet knows, so only link-local,
     /// unspecified and neighbour-discovery claims can be spoofed; then the metadata block, then
-    /// nothing for a task with a policy.
-    fn ipv6_from_task(&self, mac: [u8; 6], policed: bool) -> R {
+    /// for a task with a policy, what is not plumbing goes to its rules (`policed6`).
+    fn ipv6_from_task(&mut self, mac: [u8; 6], policed: bool) -> R {
         let h = self.parse6()?;
         let p = &self.pkt;
         let ok = if h.src == [0; 16] {
@@ -884,11 +943,54 @@ impl Run<'_> {
         if h.dst == INSTANCE_METADATA_ADDR6 && self.host.block_imds {
             return Err(DropReason::ImdsBlocked);
         }
-        if policed {
-            Err(DropReason::Ipv6Policed)
-        } else {
-            Ok(V::Pass)
+        // No task of the model has an IPv6 address ecsnet knows: without a policy nothing is
+        // another task's, and the kernel carries it.
+        if !policed || h.is_plumbing() {
+            return Ok(V::Pass);
         }
+        self.policed6(&h, DropReason::SgEgress)
+    }
+
+    /// IPv6 of a task with a policy (`tc_task_ipv6_flow`, `tc_task_ipv6_to`), neither plumbing
+    /// nor blocked: the model's policies have no IPv6 rules, so `denied` is the answer of every
+    /// packet that gets as far as the rules. Before them: an `ICMPv6` error's quote must be in
+    /// the frame (no flow is tracked), a later fragment needs its first on record and not
+    /// rejected, a first fragment is put on record and one that opens a flow is rejected.
+    fn policed6(&mut self, h: &Ip6, denied: DropReason) -> R {
+        if h.is_icmp_error() {
+            // The quoted fixed header and the eight bytes behind it.
+            if h.l4 + 8 + 40 + 8 > self.len() {
+                return Err(DropReason::BadIcmpError);
+            }
+            return Err(denied);
+        }
+        match h.frag {
+            Frag::None => {}
+            Frag::First => {
+                let ports = first_fragment(h.sport, h.dport);
+                self.st.frags6.insert(h.frag_key(), ports);
+            }
+            Frag::Later => match self.st.frags6.get(&h.frag_key()) {
+                Some(p) if p.rejected == 0 => {}
+                _ => return Err(DropReason::Fragment),
+            },
+        }
+        if h.starts_flow()
+            && h.frag == Frag::First
+            && let Some(p) = self.st.frags6.get_mut(&h.frag_key())
+        {
+            p.rejected = 1;
+        }
+        Err(denied)
+    }
+
+    /// IPv6 the kernel delivers to a task with a policy.
+    fn ipv6_to_task(&mut self) -> R {
+        let h = self.parse6()?;
+        if h.is_plumbing() {
+            return Ok(V::Pass);
+        }
+        self.policed6(&h, DropReason::SgIngress)
     }
 
     /// The IPv6 header and its extension headers, walked as the datapath walks them: at most
@@ -917,7 +1019,11 @@ impl Run<'_> {
             frag: Frag::None,
             l4_len: 0,
             sport: 0,
+            dport: 0,
             icmp_type: 0,
+            tcp_flags: 0,
+            id: 0,
+            hop_limit: p[21],
         };
         for walked in 0..8 {
             match h.proto {
@@ -951,6 +1057,7 @@ impl Run<'_> {
                         h.frag = Frag::First;
                     }
                     h.proto = p[h.l4];
+                    h.id = u32::from_ne_bytes(p[h.l4 + 4..h.l4 + 8].try_into().expect("4 bytes"));
                     h.l4 += 8;
                 }
                 _ => break,
@@ -978,6 +1085,14 @@ impl Run<'_> {
                 DropReason::Truncated
             });
         }
+        self.transport6(&mut h)?;
+        Ok(h)
+    }
+
+    /// The transport header of `h` (whole, as `parse6` checked): ports, flags, `ICMPv6` type
+    /// and echo identifier.
+    fn transport6(&self, h: &mut Ip6) -> Result<(), DropReason> {
+        let p = &self.pkt;
         match h.proto {
             PROTO_TCP => {
                 let doff = usize::from(p[h.l4 + 12] >> 4) * 4;
@@ -987,13 +1102,21 @@ impl Run<'_> {
                 if doff > h.l4_len {
                     return Err(DropReason::Truncated);
                 }
-                h.sport = be16(p, h.l4);
+                (h.sport, h.dport) = (be16(p, h.l4), be16(p, h.l4 + 2));
+                h.tcp_flags = p[h.l4 + 13];
             }
-            PROTO_UDP => h.sport = be16(p, h.l4),
-            PROTO_ICMPV6 => h.icmp_type = p[h.l4],
+            PROTO_UDP => (h.sport, h.dport) = (be16(p, h.l4), be16(p, h.l4 + 2)),
+            PROTO_ICMPV6 => {
+                h.icmp_type = p[h.l4];
+                match h.icmp_type {
+                    128 => h.sport = be16(p, h.l4 + 4),
+                    129 => h.dport = be16(p, h.l4 + 4),
+                    _ => {}
+                }
+            }
             _ => {}
         }
-        Ok(h)
+        Ok(())
     }
 
     /// What the kernel delivers to the task on the test device: its inbound rules, with the
@@ -1018,7 +1141,7 @@ impl Run<'_> {
         let policed = self.host.sg.policed(task);
         match be16(&self.pkt, 12) {
             0x0800 => {}
-            0x86dd if policed => return Ok(Err(DropReason::Ipv6Policed)),
+            0x86dd if policed => return Ok(self.ipv6_to_task()),
             0x0806 | 0x86dd => return Ok(Ok(V::Pass)),
             0x8100 | 0x88a8 | 0x9100 => return Ok(Err(DropReason::VlanTagged)),
             _ => return Ok(Err(DropReason::UnknownEthertype)),
@@ -1146,12 +1269,7 @@ impl Run<'_> {
         match h.frag {
             Frag::None => None,
             Frag::First => {
-                let ports = FragPorts {
-                    sport: h.sport.to_be(),
-                    dport: h.dport.to_be(),
-                    rejected: 0,
-                    _pad: [0; 3],
-                };
+                let ports = first_fragment(h.sport, h.dport);
                 self.st.frags.insert(h.frag_key(), ports);
                 None
             }

@@ -26,9 +26,9 @@ use ecsnet::{
 use ecsnet_common::{
     ct::{CtEntry, CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     maps::{
-        Counters, DropKey, FragKey, FragPorts, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS,
-        MAP_CT_NEW, MAP_DROPS, MAP_FRAGS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_PORTS, MAP_STATS,
-        MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
+        Counters, DropKey, FragKey, FragKey6, FragPorts, IfaceInfo, MAP_CONFIG, MAP_CT,
+        MAP_CT_EVENTS, MAP_CT_NEW, MAP_DROPS, MAP_FRAGS, MAP_FRAGS6, MAP_IFACES, MAP_LOCAL_ADDRS,
+        MAP_PORTS, MAP_STATS, MAP_TASKS, PortKey, PortTarget, StatsKey, TaskInfo,
     },
     policy::{MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
 };
@@ -121,6 +121,7 @@ pub fn compile(sg: &Sg) -> Compiled {
 struct Maps {
     ct: StdHashMap<CtKey, (Table, CtEntry)>,
     frags: StdHashMap<FragKey, FragPorts>,
+    frags6: StdHashMap<FragKey6, FragPorts>,
     drops: StdHashMap<DropKey, u64>,
     stats: StdHashMap<StatsKey, (u64, u64)>,
     tasks: StdHashMap<u32, TaskInfo>,
@@ -182,7 +183,7 @@ impl Fuzzer {
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Map(MAP_CT_NEW, e.into()))?
             .get();
-        for name in [MAP_CT_NEW, MAP_FRAGS] {
+        for name in [MAP_CT_NEW, MAP_FRAGS, MAP_FRAGS6] {
             loader.map_max_entries(name, SMALL_MAPS + 2 * 128 * cpus);
         }
         // The policy maps hold what the compiler makes of up to three random groups: a port
@@ -225,6 +226,7 @@ impl Fuzzer {
             self.clear::<CtKey, CtEntry>(t.map())?;
         }
         self.clear::<FragKey, FragPorts>(MAP_FRAGS)?;
+        self.clear::<FragKey6, FragPorts>(MAP_FRAGS6)?;
         self.clear::<PeerKey, PeerRules>(MAP_SG_PEERS)?;
         self.clear::<RuleKey, u32>(MAP_SG_RULES)?;
         self.clear::<StatsKey, Counters>(MAP_STATS)?;
@@ -272,6 +274,7 @@ impl Fuzzer {
         Ok(Maps {
             ct,
             frags: self.dp.hash(MAP_FRAGS)?,
+            frags6: self.dp.hash(MAP_FRAGS6)?,
             drops: self.dp.drops()?,
             stats: self.dp.counters(MAP_STATS)?,
             tasks: self.dp.hash(MAP_TASKS)?,
@@ -436,6 +439,7 @@ fn compare_maps(got: &Maps, st: &State, errs: &mut Vec<String>) {
             .collect()
     };
     diff_map("FRAGS", &got.frags, &st.frags, errs);
+    diff_map("FRAGS6", &got.frags6, &st.frags6, errs);
     diff_map("DROPS", &nonzero(&got.drops), &nonzero(&st.drops), errs);
     diff_map("STATS", &got.stats, &st.stats, errs);
     diff_map("TASKS", &got.tasks, &st.tasks, errs);

@@ -38,19 +38,27 @@ pub const PROG_UPLINK_XDP: &str = "xdp_uplink";
 pub const PROG_TASK_NEW_FLOW: &str = "tc_task_new_flow";
 /// tc program that `tc_task_ingress` tail-calls for the IPv6 a task sends; never attached.
 pub const PROG_TASK_IPV6: &str = "tc_task_ipv6";
+/// tc program that `tc_task_ipv6` tail-calls to track, police and forward the IPv6 a task
+/// sends; never attached.
+pub const PROG_TASK_IPV6_FLOW: &str = "tc_task_ipv6_flow";
+/// tc program that `tc_task_egress` tail-calls to police the IPv6 the kernel delivers to a
+/// task with a policy; never attached.
+pub const PROG_TASK_IPV6_TO: &str = "tc_task_ipv6_to";
 
 /// Every tc program, loaded and pinned at `up`.
-const TC_PROGRAMS: [&str; 6] = [
+const TC_PROGRAMS: [&str; 8] = [
     PROG_TASK_INGRESS,
     PROG_TASK_EGRESS,
     PROG_UPLINK_INGRESS,
     PROG_UPLINK_EGRESS,
     PROG_TASK_NEW_FLOW,
     PROG_TASK_IPV6,
+    PROG_TASK_IPV6_FLOW,
+    PROG_TASK_IPV6_TO,
 ];
 
 /// The tail-called programs: each one's program array and slot.
-const TAIL_CALLED: [(&str, &str, u32); 2] = [
+const TAIL_CALLED: [(&str, &str, u32); 4] = [
     (
         PROG_TASK_NEW_FLOW,
         ecsnet_common::maps::MAP_PROGS,
@@ -60,6 +68,16 @@ const TAIL_CALLED: [(&str, &str, u32); 2] = [
         PROG_TASK_IPV6,
         ecsnet_common::maps::MAP_PROGS6,
         ecsnet_common::maps::PROG6_TASK_FROM,
+    ),
+    (
+        PROG_TASK_IPV6_FLOW,
+        ecsnet_common::maps::MAP_PROGS6,
+        ecsnet_common::maps::PROG6_TASK_FLOW,
+    ),
+    (
+        PROG_TASK_IPV6_TO,
+        ecsnet_common::maps::MAP_PROGS6,
+        ecsnet_common::maps::PROG6_TASK_TO,
     ),
 ];
 
