@@ -337,6 +337,11 @@ pub fn write_ports(
     replace_all(paths, MAP_PORTS, ports)
 }
 
+/// `PORTS` as it is in the kernel.
+pub fn read_ports(paths: &InstancePaths) -> Result<Vec<(PortKey, PortTarget)>, MapsError> {
+    read_all(paths, MAP_PORTS)
+}
+
 /// Makes the hash map `map`, which a datapath loaded by an older build lacks, equal to
 /// `entries`; false, having written nothing, when it is not there (`ecsnet upgrade` makes it,
 /// and fills it).
