@@ -112,45 +112,78 @@ fn apply_tasks(lab: &Lab, name: &str, edit: impl FnOnce(&mut Vec<Value>)) {
     apply(lab, name, &s);
 }
 
-#[test]
-fn ipv6_ports_and_host_addresses_follow_tasks_states_and_the_host() {
-    let lab = Lab::up_v6(
-        "n6m",
-        2,
-        &["1:8080:80", "1:5353:53/udp", "2:8081:80"],
-        "nat",
-    );
-    lab.ecsnet_up();
-    let (t1, t2) = (addr6(&lab, 1), addr6(&lab, 2));
-    let host = &lab.status.host;
-    let uplink6 = host.uplink_address6.expect("the uplink's IPv6 address");
-    let bridge6 = host.bridge_address6.expect("the bridge's IPv6 address");
-    assert_eq!(
-        (uplink6, bridge6),
-        (
-            "fd00:10:10::1".parse().unwrap(),
-            "fd00:172:17::1".parse().unwrap()
-        ),
-        "the lab's host"
-    );
-    let (uplink, bridge) = links(&lab);
+/// `tasks` without task2, and task1 without its UDP port.
+fn task1_without_udp(tasks: &mut Vec<Value>) {
+    tasks.retain(|t| t["name"] != "task2");
+    let maps = tasks[0]["portMappings"]
+        .as_array_mut()
+        .expect("port mappings");
+    maps.retain(|m| m["protocol"] != "udp");
+}
 
+/// `PORTS6` after `up`, `task rm`, an apply without a port, and applies that take task1's IPv6
+/// address away and give it back.
+fn ports_follow_tasks_and_states(lab: &Lab) {
+    let (t1, t2) = (addr6(lab, 1), addr6(lab, 2));
     // Every published port of both tasks, on both families.
     let all = Ports6::from([
         ((8080, TCP), (t1, 80)),
         ((5353, UDP), (t1, 53)),
         ((8081, TCP), (t2, 80)),
     ]);
-    assert_eq!(ports6(&lab), all, "PORTS6 after up");
+    assert_eq!(ports6(lab), all, "PORTS6 after up");
     assert_eq!(
-        ports_keys(&lab),
+        ports_keys(lab),
         all.keys().copied().collect::<Vec<_>>(),
         "PORTS has the same keys"
     );
 
+    // A task that goes takes its ports with it.
+    instance_ok(lab, &["task", "rm", "task2"]);
+    let mut want = all.clone();
+    want.remove(&(8081, TCP));
+    assert_eq!(ports6(lab), want, "PORTS6 after task rm task2");
+
+    // A state without task1's UDP port.
+    apply_tasks(lab, "no-udp.json", task1_without_udp);
+    want.remove(&(5353, UDP));
+    assert_eq!(
+        ports6(lab),
+        want,
+        "PORTS6 after an apply without the UDP port"
+    );
+    assert_eq!(ports_keys(lab), [(8080, TCP)], "PORTS likewise");
+
+    // A task without an IPv6 address has no IPv6 ports; given one back, it has them again.
+    apply_tasks(lab, "no-ipv6.json", |tasks| {
+        task1_without_udp(tasks);
+        tasks[0]
+            .as_object_mut()
+            .expect("a task")
+            .remove("ipv6Address")
+            .expect("task1 had an ipv6Address");
+    });
+    assert_eq!(ports6(lab), Ports6::new(), "PORTS6 of a task without IPv6");
+    assert_eq!(ports_keys(lab), [(8080, TCP)], "its IPv4 port stays");
+    apply_tasks(lab, "all.json", |_| {});
+    assert_eq!(ports6(lab), all, "PORTS6 after the whole state again");
+}
+
+/// `LOCAL_ADDRS6` and `CONFIG6` after `up`, and as the agent follows an address added to the
+/// uplink and the uplink's first address removed.
+fn addresses_follow_the_host(lab: &Lab) {
+    let host = &lab.status.host;
+    let uplink6 = host.uplink_address6.expect("the uplink's IPv6 address");
+    let bridge6 = host.bridge_address6.expect("the bridge's IPv6 address");
+    assert_eq!(
+        (uplink6.to_string(), bridge6.to_string()),
+        ("fd00:10:10::1".into(), "fd00:172:17::1".into()),
+        "the lab's host"
+    );
+    let (uplink, bridge) = links(lab);
     // The host's own global addresses, nothing link-local (every link has one) or loopback.
     assert_eq!(
-        local6(&lab),
+        local6(lab),
         BTreeMap::from([(uplink6, uplink), (bridge6, bridge)]),
         "LOCAL_ADDRS6 after up"
     );
@@ -160,91 +193,51 @@ fn ipv6_ports_and_host_addresses_follow_tasks_states_and_the_host() {
         bridge_prefix6: 64,
         _pad: [0; 3],
     };
-    assert_eq!(config6(&lab), config, "CONFIG6 after up");
-
-    // A task that goes takes its ports with it.
-    instance_ok(&lab, &["task", "rm", "task2"]);
-    let mut want = all.clone();
-    want.remove(&(8081, TCP));
-    assert_eq!(ports6(&lab), want, "PORTS6 after task rm task2");
-
-    // A state without task1's UDP port.
-    apply_tasks(&lab, "no-udp.json", |tasks| {
-        tasks.retain(|t| t["name"] != "task2");
-        let maps = tasks[0]["portMappings"]
-            .as_array_mut()
-            .expect("port mappings");
-        maps.retain(|m| m["protocol"] != "udp");
-    });
-    want.remove(&(5353, UDP));
-    assert_eq!(
-        ports6(&lab),
-        want,
-        "PORTS6 after an apply without the UDP port"
-    );
-    assert_eq!(ports_keys(&lab), [(8080, TCP)], "PORTS likewise");
-
-    // A task without an IPv6 address has no IPv6 ports; given one back, it has them again.
-    apply_tasks(&lab, "no-ipv6.json", |tasks| {
-        tasks.retain(|t| t["name"] != "task2");
-        tasks[0]
-            .as_object_mut()
-            .expect("a task")
-            .remove("ipv6Address")
-            .expect("task1 had an ipv6Address");
-        let maps = tasks[0]["portMappings"]
-            .as_array_mut()
-            .expect("port mappings");
-        maps.retain(|m| m["protocol"] != "udp");
-    });
-    assert_eq!(ports6(&lab), Ports6::new(), "PORTS6 of a task without IPv6");
-    assert_eq!(ports_keys(&lab), [(8080, TCP)], "its IPv4 port stays");
-    apply_tasks(&lab, "all.json", |_| {});
-    assert_eq!(ports6(&lab), all, "PORTS6 after the whole state again");
+    assert_eq!(config6(lab), config, "CONFIG6 after up");
 
     // An address added to the uplink is the host's within the agent's refresh; the masquerade
     // address stays where it was while the uplink keeps it, and moves when it goes.
     let extra: Ipv6Addr = EXTRA.parse().unwrap();
     let dev = host.uplink.as_str();
-    ns_exec(
-        lab.host(),
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{EXTRA}/64"),
-            "dev",
-            dev,
-        ],
-    );
+    let ip = |verb: &str, addr: &str| {
+        ns_exec(lab.host(), &["ip", "-6", "addr", verb, addr, "dev", dev]);
+    };
+    ip("add", &format!("{EXTRA}/64"));
     let with_extra = BTreeMap::from([(uplink6, uplink), (extra, uplink), (bridge6, bridge)]);
     eventually(
         "LOCAL_ADDRS6 with the added address",
-        || local6(&lab),
+        || local6(lab),
         |l| *l == with_extra,
     );
     assert_eq!(
-        config6(&lab),
+        config6(lab),
         config,
         "CONFIG6 keeps the uplink's first address"
     );
-    let gone = format!("{uplink6}/{}", 64);
-    ns_exec(lab.host(), &["ip", "-6", "addr", "del", &gone, "dev", dev]);
+    ip("del", &format!("{uplink6}/64"));
     let moved = Config6 {
         uplink_ipv6: extra.octets(),
         ..config
     };
     eventually(
         "CONFIG6 after the uplink's address went",
-        || config6(&lab),
+        || config6(lab),
         |c| *c == moved,
     );
     assert_eq!(
-        local6(&lab),
+        local6(lab),
         BTreeMap::from([(extra, uplink), (bridge6, bridge)]),
         "LOCAL_ADDRS6 without the removed address"
     );
+}
+
+#[test]
+fn ipv6_ports_and_host_addresses_follow_tasks_states_and_the_host() {
+    let publish = ["1:8080:80", "1:5353:53/udp", "2:8081:80"];
+    let lab = Lab::up_v6("n6m", 2, &publish, "nat");
+    lab.ecsnet_up();
+    ports_follow_tasks_and_states(&lab);
+    addresses_follow_the_host(&lab);
 }
 
 #[test]
