@@ -26,7 +26,7 @@ pub mod policy;
 pub use drop::DropReason;
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 29] = [
+pub const PINNED_MAPS: [&str; 32] = [
     maps::MAP_IFACES,
     maps::MAP_TASKS,
     maps::MAP_TASKS6,
@@ -56,6 +56,9 @@ pub const PINNED_MAPS: [&str; 29] = [
     flow::MAP_FLOW_STATE,
     flow::MAP_EVENTS,
     flow::MAP_EVENT_BUDGET,
+    maps::MAP_PORTS6,
+    maps::MAP_LOCAL_ADDRS6,
+    maps::MAP_CONFIG6,
 ];
 
 /// The version of what each pinned map's entries mean, stamped beside the pins at `up` and
@@ -94,6 +97,9 @@ pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
     (flow::MAP_FLOW_STATE, 1),
     (flow::MAP_EVENTS, 1),
     (flow::MAP_EVENT_BUDGET, 1),
+    (maps::MAP_PORTS6, 1),
+    (maps::MAP_LOCAL_ADDRS6, 1),
+    (maps::MAP_CONFIG6, 1),
 ];
 
 /// The version a map had when stamps began: what an instance without stamps is taken to have.

@@ -342,3 +342,40 @@ pub struct DropKey {
     pub _pad: [u8; 2],
 }
 map_type!(DropKey, 8);
+
+/// Published ports over IPv6 (NAT66): [`PortKey`] -> [`PortTarget6`], the host ports of
+/// [`MAP_PORTS`] for the tasks that have an IPv6 address (Docker publishes on both families at
+/// once). Written by every apply; capacity [`MAX_PORTS`].
+pub const MAP_PORTS6: &str = "PORTS6";
+/// The host's own global and unique-local IPv6 addresses (the 16 bytes in order) -> the ifindex
+/// they are on: link-local and loopback addresses are not in it. Capacity [`MAX_LOCAL_ADDRS`].
+pub const MAP_LOCAL_ADDRS6: &str = "LOCAL_ADDRS6";
+/// The host's IPv6 addresses as NAT66 needs them: one [`Config6`] at index 0.
+pub const MAP_CONFIG6: &str = "CONFIG6";
+
+/// Value of [`MAP_PORTS6`]: the task's IPv6 address and the container port (network byte
+/// order) a published host port maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortTarget6 {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+map_type!(PortTarget6, 20);
+
+/// Value of [`MAP_CONFIG6`]; an address of all zeros: the host has none. The rest of the host
+/// (ifindexes, the bridge's MAC, flags) is [`Config`]'s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config6 {
+    /// Masquerade address: the uplink's primary global (or unique-local) IPv6 address.
+    pub uplink_ipv6: [u8; 16],
+    /// The bridge's global IPv6 address, the tasks' gateway (the first address of Docker's
+    /// `fixed-cidr-v6`).
+    pub bridge_ipv6: [u8; 16],
+    /// Prefix length of `bridge_ipv6`; 0 when there is none.
+    pub bridge_prefix6: u8,
+    pub _pad: [u8; 3],
+}
+map_type!(Config6, 36);

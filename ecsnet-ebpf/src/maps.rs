@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
+use ecsnet_common::maps::{Config6, PortTarget6};
 use ecsnet_common::{
     ct::{CtEntry, CtEntry6, CtKey, CtKey6},
     flow::{
@@ -138,4 +139,13 @@ maps! {
 
     /// Each CPU's token bucket for `EVENTS`.
     EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Published ports over IPv6 -> the task's IPv6 address, written by `ecsnet apply`.
+    PORTS6: HashMap<PortKey, PortTarget6> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+    /// The host's own global IPv6 addresses, written by `ecsnet up` and refreshed by the agent.
+    LOCAL_ADDRS6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+    /// The uplink's and the bridge's IPv6 addresses, written by `ecsnet up` and the agent.
+    CONFIG6: Array<Config6> = Array::with_max_entries(1, 0);
 }

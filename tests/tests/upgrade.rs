@@ -11,7 +11,9 @@
 //!   nothing changes: programs, links, maps, the agent, and a connection opened before; also for
 //!   an instance without stamps (from before they existed), whose live maps show the change;
 //!   and `up` of a build that keeps the layouts upgrades the running instance, while `up` of the
-//!   same build again changes nothing (exit 2, as before upgrades).
+//!   same build again changes nothing (exit 2, as before upgrades). An instance from before the
+//!   IPv6 maps gets them made, and those only an apply or `up` would fill (`PORTS6`,
+//!   `LOCAL_ADDRS6`, `CONFIG6`) filled by the upgrade.
 
 use std::{
     collections::BTreeMap,
@@ -34,11 +36,14 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use ecsnet::kernel::datapath::OBJECT_ENV;
-use ecsnet::store::paths::InstancePaths;
+use ecsnet::kernel::{datapath::OBJECT_ENV, maps};
+use ecsnet::store::{files::read_meta, paths::InstancePaths};
 use ecsnet_common::{
     PINNED_MAPS,
-    maps::{MAP_CT, MAP_CT6, MAP_CT6_NEW, MAP_FRAGS6, MAP_PROGS6, MAP_TASKS6},
+    maps::{
+        Config6, MAP_CONFIG6, MAP_CT, MAP_CT6, MAP_CT6_NEW, MAP_FRAGS6, MAP_LOCAL_ADDRS6,
+        MAP_PORTS6, MAP_PROGS6, MAP_TASKS6, PortKey, PortTarget6,
+    },
     policy::{MAP_SG_LEVELS6, MAP_SG_PEERS6},
 };
 use ecsnet_tests::{
@@ -523,11 +528,57 @@ fn refused(lab: &Lab, object: &Path, args: &[&str], before: &Pins) {
     );
 }
 
+/// The NAT66 maps of `lab`'s one task and host, as the upgrade filled them: `PORTS6` from the
+/// applied state (nothing else writes it without an apply), `LOCAL_ADDRS6` and `CONFIG6` from
+/// the host (which the new agent keeps).
+fn ipv6_host_maps_filled(lab: &Lab, paths: &InstancePaths) {
+    let task6 = lab.status.tasks[0].address6.expect("task1's IPv6 address");
+    let host = &lab.status.host;
+    let (uplink6, bridge6) = (host.uplink_address6, host.bridge_address6);
+    let (uplink6, bridge6) = (uplink6.expect("uplink IPv6"), bridge6.expect("bridge IPv6"));
+    let meta = read_meta(paths).expect("meta.json").expect("up");
+    let port = PortKey {
+        port: 8080u16.to_be(),
+        proto: 6,
+        _pad: 0,
+    };
+    let target = PortTarget6 {
+        addr: task6.octets(),
+        port: 80u16.to_be(),
+        _pad: [0; 2],
+    };
+    assert_eq!(
+        maps::read_ports6(paths).expect("read PORTS6"),
+        [(port, target)],
+        "PORTS6 filled by the upgrade"
+    );
+    let mut local6 = maps::read_local_addrs6(paths).expect("read LOCAL_ADDRS6");
+    local6.sort_unstable();
+    let mut want = vec![
+        (uplink6.octets(), meta.uplink_index),
+        (bridge6.octets(), meta.bridge_index),
+    ];
+    want.sort_unstable();
+    assert_eq!(local6, want, "LOCAL_ADDRS6 after the upgrade");
+    let config6 = Config6 {
+        uplink_ipv6: uplink6.octets(),
+        bridge_ipv6: bridge6.octets(),
+        bridge_prefix6: 64,
+        _pad: [0; 3],
+    };
+    assert_eq!(
+        maps::read_config6(paths).expect("read CONFIG6"),
+        Some(config6),
+        "CONFIG6 after the upgrade"
+    );
+}
+
 #[test]
 fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
     let layout = build_variant("upgrade-test-layout");
     let program = build_variant("upgrade-test-program");
-    let lab = Lab::up("upg2", 1, &["1:8080:80"]);
+    // Dual-stack, so that the IPv6 maps have something to be filled with.
+    let lab = Lab::up_v6("upg2", 1, &["1:8080:80"], "nat");
     lab.ecsnet_up();
     let mut held = held_tcp(lab.client(), PUBLISHED);
     echo(&mut held, b"before").expect("echo before");
@@ -557,6 +608,9 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         MAP_FRAGS6,
         MAP_SG_PEERS6,
         MAP_SG_LEVELS6,
+        MAP_PORTS6,
+        MAP_LOCAL_ADDRS6,
+        MAP_CONFIG6,
     ];
     let newer: Vec<_> = newer_maps
         .iter()
@@ -609,6 +663,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         0,
         "CT6 read after the upgrade"
     );
+    ipv6_host_maps_filled(&lab, &paths);
     for (pin, (link, _)) in &before.links {
         assert_eq!(after.links[pin].0, *link, "link {pin} keeps its id");
     }

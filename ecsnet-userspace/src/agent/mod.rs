@@ -112,10 +112,9 @@ async fn serve(paths: &InstancePaths, meta: files::Meta) -> Result<(), AgentErro
             Err(e) => log::warn!("metrics not served: cannot listen on {addr}: {e}"),
         }
     }
-    let timeouts = meta.ct_timeouts;
     spawn_housekeeping(
         paths.clone(),
-        timeouts,
+        meta.clone(),
         [metrics_slots.counters(), control_slots.counters()],
     )
     .map_err(io("housekeeping thread"))?;
@@ -211,15 +210,17 @@ fn raise_nofile() {
     }
 }
 
-/// Starts the housekeeping thread: every `GC_INTERVAL` it re-reads the host's addresses and
-/// rewrites the agent's counters file when they moved, and it collects conntrack garbage as
-/// often as `gc_pause` allows. A thread of its own, so that nothing the listeners or the
-/// flow export do can delay garbage collection.
+/// Starts the housekeeping thread: every `GC_INTERVAL` it re-reads the host's addresses (both
+/// families, and the uplink's and bridge's IPv6 addresses of `CONFIG6`) and rewrites the
+/// agent's counters file when they moved, and it collects conntrack garbage as often as
+/// `gc_pause` allows. A thread of its own, so that nothing the listeners or the flow export
+/// do can delay garbage collection.
 fn spawn_housekeeping(
     paths: InstancePaths,
-    timeouts: ecsnet_common::ct::Timeouts,
+    meta: files::Meta,
     [metrics, control]: [Arc<Counters>; 2],
 ) -> std::io::Result<()> {
+    let timeouts = meta.ct_timeouts;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
@@ -235,7 +236,7 @@ fn spawn_housekeeping(
                     let scanned = collect_garbage(&paths, &timeouts, &mut logs);
                     next_gc = started + gc_pause(scanned);
                 }
-                local_addresses(&paths, &rt, &mut logs);
+                local_addresses(&paths, &meta, &rt, &mut logs);
                 let now = AgentStats {
                     metrics: metrics.snapshot(),
                     control: control.snapshot(),
@@ -305,6 +306,7 @@ fn collect_garbage(
 /// The host's address list, which changes without an `apply`.
 fn local_addresses(
     paths: &InstancePaths,
+    meta: &files::Meta,
     rt: &tokio::runtime::Runtime,
     logs: &mut HousekeepingLogs,
 ) {
@@ -312,11 +314,7 @@ fn local_addresses(
         .block_on(crate::host::netlink::Snapshot::read_async())
         .map_err(|e| e.to_string())
         .and_then(|snap| {
-            crate::kernel::maps::write_local_addrs(
-                paths,
-                &crate::plan::entries::local_addr_entries(&snap),
-            )
-            .map_err(|e| e.to_string())
+            crate::instance::write_host_addresses(paths, &snap, meta).map_err(|e| e.to_string())
         });
     if let Err(e) = addrs
         && let Some(n) = logs.addrs.hit()

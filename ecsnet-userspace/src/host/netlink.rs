@@ -1,12 +1,13 @@
-//! A snapshot of the namespace's network as rtnetlink reports it: links, IPv4 addresses, the
-//! default route, neighbours and bridge FDB. Queries are pure functions over the snapshot.
+//! A snapshot of the namespace's network as rtnetlink reports it: links, IPv4 and IPv6
+//! addresses, the default route, neighbours and bridge FDB. Queries are pure functions over the
+//! snapshot.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::{TryStream, TryStreamExt as _};
 use netlink_packet_route::{
     AddressFamily,
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
     route::{RouteAttribute, RouteMessage},
@@ -47,10 +48,35 @@ pub struct Addr {
     pub prefix: u8,
 }
 
+/// An IPv6 address of a link, with what decides whether the host may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addr6 {
+    pub index: u32,
+    pub ip: Ipv6Addr,
+    pub prefix: u8,
+    /// Of global scope (global or unique-local, as the kernel scopes them): not link-local,
+    /// not loopback.
+    pub global: bool,
+    /// Duplicate address detection has not cleared it (tentative, not optimistic) or found it
+    /// taken (dadfailed): the kernel neither sends from it nor takes packets to it.
+    pub unusable: bool,
+    /// Its preferred lifetime is over: still the host's, but not a source for new flows.
+    pub deprecated: bool,
+}
+
+impl Addr6 {
+    /// An address the host has and answers on: global, and past duplicate address detection.
+    pub fn is_host_global(&self) -> bool {
+        self.global && !self.unusable
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub links: Vec<Link>,
     pub addrs: Vec<Addr>,
+    /// IPv6 addresses of every scope, in the kernel's order.
+    pub addrs6: Vec<Addr6>,
     /// ifindex of the IPv4 default route's device.
     pub default_oif: Option<u32>,
     /// IPv4 neighbours: (ifindex, address, MAC).
@@ -123,6 +149,36 @@ fn addrs(msg: &AddressMessage) -> impl Iterator<Item = Addr> + '_ {
         })
 }
 
+/// The IPv6 address of an address message: its local address (`IFA_LOCAL`, set only with a
+/// peer), else its address.
+fn addr6(msg: &AddressMessage) -> Option<Addr6> {
+    if msg.header.family != AddressFamily::Inet6 {
+        return None;
+    }
+    let mut local = None;
+    let mut address = None;
+    // IFA_FLAGS, when the kernel sends it, holds every flag; the header holds the low eight.
+    let mut flags = AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits()));
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V6(a)) => local = Some(*a),
+            AddressAttribute::Address(IpAddr::V6(a)) => address = Some(*a),
+            AddressAttribute::Flags(f) => flags = *f,
+            _ => {}
+        }
+    }
+    let tentative =
+        flags.contains(AddressFlags::Tentative) && !flags.contains(AddressFlags::Optimistic);
+    Some(Addr6 {
+        index: msg.header.index,
+        ip: local.or(address)?,
+        prefix: msg.header.prefix_len,
+        global: msg.header.scope == AddressScope::Universe,
+        unusable: tentative || flags.contains(AddressFlags::Dadfailed),
+        deprecated: flags.contains(AddressFlags::Deprecated),
+    })
+}
+
 /// The output interface of a default route of the main table.
 fn default_oif(msg: &RouteMessage) -> Option<u32> {
     let main = msg.header.table == RT_TABLE_MAIN
@@ -183,6 +239,7 @@ impl Snapshot {
                     snap.addrs.push(a);
                 }
             }
+            snap.addrs6.extend(addr6(&msg));
         }
         let mut req = RouteMessage::default();
         req.header.address_family = AddressFamily::Inet;
@@ -211,6 +268,22 @@ impl Snapshot {
     /// The first IPv4 address of a link.
     pub fn ipv4_of(&self, index: u32) -> Option<Addr> {
         self.addrs.iter().copied().find(|a| a.index == index)
+    }
+
+    /// The IPv6 addresses the host has and answers on, of every link: global scope, past
+    /// duplicate address detection.
+    pub fn host_globals6(&self) -> impl Iterator<Item = &Addr6> {
+        self.addrs6.iter().filter(|a| a.is_host_global())
+    }
+
+    /// The primary global IPv6 address of a link: `keep` while the link still has it and it is
+    /// not deprecated (a masquerade address should not move under its flows), else the first
+    /// one the kernel lists that is not deprecated, else the first.
+    pub fn ipv6_of(&self, index: u32, keep: Ipv6Addr) -> Option<Addr6> {
+        self.host_globals6()
+            .filter(|a| a.index == index)
+            .min_by_key(|a| (a.deprecated, a.ip != keep))
+            .copied()
     }
 
     /// The bridge port through which `addr` is reached: neighbour MAC, then the bridge FDB.
@@ -310,6 +383,50 @@ mod tests {
             mac: Some([2, 0, 0, 0, 0, u8::try_from(index).unwrap()]),
             up: true,
         }
+    }
+
+    /// An address message for `ip` on link 2 with `scope`, header flags `hdr` and, when
+    /// given, the `IFA_FLAGS` attribute `flags`.
+    fn msg6(ip: &str, scope: AddressScope, hdr: u8, flags: Option<AddressFlags>) -> AddressMessage {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.index = 2;
+        m.header.prefix_len = 64;
+        m.header.scope = scope;
+        m.header.flags = netlink_packet_route::address::AddressHeaderFlags::from_bits_retain(hdr);
+        m.attributes
+            .push(AddressAttribute::Address(IpAddr::V6(ip.parse().unwrap())));
+        m.attributes.extend(flags.map(AddressAttribute::Flags));
+        m
+    }
+
+    #[test]
+    fn ipv6_addresses_carry_their_scope_and_what_dad_says() {
+        let global = |hdr, flags| addr6(&msg6("fd00:10:10::1", AddressScope::Universe, hdr, flags));
+        let a = global(0x80, None).unwrap();
+        assert_eq!((a.index, a.prefix), (2, 64));
+        assert_eq!(a.ip, "fd00:10:10::1".parse::<Ipv6Addr>().unwrap());
+        assert!(a.is_host_global() && !a.deprecated);
+        // Tentative (0x40) is not the host's yet, unless optimistic (0x04); dadfailed (0x08)
+        // never is; deprecated (0x20) still is. IFA_FLAGS, when sent, has the last word.
+        assert!(global(0x40, None).unwrap().unusable);
+        assert!(!global(0x44, None).unwrap().unusable);
+        assert!(global(0x08, None).unwrap().unusable);
+        assert!(global(0x20, None).unwrap().deprecated);
+        assert!(global(0x20, None).unwrap().is_host_global());
+        assert!(global(0, Some(AddressFlags::Tentative)).unwrap().unusable);
+        assert!(
+            !global(0x40, Some(AddressFlags::Permanent))
+                .unwrap()
+                .unusable
+        );
+        let link = addr6(&msg6("fe80::1", AddressScope::Link, 0x80, None)).unwrap();
+        assert!(!link.global && !link.is_host_global());
+        let lo = addr6(&msg6("::1", AddressScope::Host, 0x80, None)).unwrap();
+        assert!(!lo.is_host_global());
+        let mut v4 = msg6("::1", AddressScope::Universe, 0, None);
+        v4.header.family = AddressFamily::Inet;
+        assert_eq!(addr6(&v4), None, "an IPv4 message");
     }
 
     #[test]

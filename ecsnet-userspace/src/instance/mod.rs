@@ -7,7 +7,7 @@ pub(crate) mod process;
 use std::{
     collections::HashSet,
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,7 +20,7 @@ use nix::{
 
 use ecsnet_common::{
     ct::{CtEntry, CtEntry6, Timeouts},
-    maps::{Config, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
+    maps::{Config, Config6, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
     net::ipv4_to_map,
 };
 
@@ -332,6 +332,14 @@ pub fn up(
     }
     let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), (xdp, ct_timeouts))?;
     let config = entries::config_entry(&snap, meta.uplink_index, meta.bridge_index)?;
+    // IPv6 is optional: a host without it gets zeros. After a crash, the address the loaded
+    // datapath masquerades to stays while the uplink has it.
+    let config6 = entries::config6_entry(
+        &snap,
+        meta.uplink_index,
+        meta.bridge_index,
+        &maps::read_config6(paths)?.unwrap_or_default(),
+    );
     opts.flow_logs
         .format()
         .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
@@ -352,7 +360,9 @@ pub fn up(
         mode,
         xdp,
         config,
+        config6,
         local_addrs: entries::local_addr_entries(&snap),
+        local_addrs6: entries::local_addr6_entries(&snap),
         plan,
     };
     let fresh = !datapath::is_loaded(paths);
@@ -410,6 +420,11 @@ pub fn upgrade(paths: &InstancePaths) -> Result<Upgraded, InstanceError> {
         task_ports: meta.nat_task_ports.unwrap_or(DEFAULT_NAT_TASK_PORTS),
     };
     maps::write_nat_config(paths, &limits)?;
+    // Maps this build adds start empty; those that only an apply or the agent would fill are
+    // filled now, from the host and the applied state, so the new programs find them whole.
+    write_host_addresses(paths, &Snapshot::read()?, &meta)?;
+    let applied = read_applied(paths)?.unwrap_or_default();
+    maps::write_ports6(paths, &entries::port6_entries(&applied))?;
     let agent_was = process::stop_agent(paths)?;
     // The new agent may want the lock as it starts (it follows an engine).
     drop(lock);
@@ -421,6 +436,39 @@ pub fn upgrade(paths: &InstancePaths) -> Result<Upgraded, InstanceError> {
     })
 }
 
+/// Brings the maps of the host's own addresses in line with `snap`, as the agent does every
+/// second (addresses change without an apply): `LOCAL_ADDRS`, `LOCAL_ADDRS6`, and `CONFIG6`
+/// when the uplink's or the bridge's primary IPv6 address changed. A datapath without the IPv6
+/// maps (an older build's) gets the IPv4 one only.
+pub fn write_host_addresses(
+    paths: &InstancePaths,
+    snap: &Snapshot,
+    meta: &Meta,
+) -> Result<(), MapsError> {
+    maps::write_local_addrs(paths, &entries::local_addr_entries(snap))?;
+    maps::write_local_addrs6(paths, &entries::local_addr6_entries(snap))?;
+    let Some(now) = maps::read_config6(paths)? else {
+        return Ok(());
+    };
+    let want = entries::config6_entry(snap, meta.uplink_index, meta.bridge_index, &now);
+    if want != now {
+        let addr = |a: [u8; 16]| Ipv6Addr::from(a);
+        log::info!(
+            "IPv6 addresses: {} {} (was {}), {} {}/{} (was {}/{})",
+            meta.uplink,
+            addr(want.uplink_ipv6),
+            addr(now.uplink_ipv6),
+            meta.bridge,
+            addr(want.bridge_ipv6),
+            want.bridge_prefix6,
+            addr(now.bridge_ipv6),
+            now.bridge_prefix6
+        );
+        maps::write_config6(paths, &want)?;
+    }
+    Ok(())
+}
+
 /// What `up` writes, all of it known before the first write.
 struct UpWrites {
     meta: Meta,
@@ -428,7 +476,9 @@ struct UpWrites {
     mode: Option<XdpMode>,
     xdp: XdpChoice,
     config: Config,
+    config6: Config6,
     local_addrs: Vec<(u32, u32)>,
+    local_addrs6: Vec<([u8; 16], u32)>,
     plan: Option<Plan>,
 }
 
@@ -457,6 +507,9 @@ impl UpWrites {
             self.config.flags = plan.config_flags;
         }
         maps::write_local_addrs(paths, &self.local_addrs)?;
+        // A loaded datapath without the IPv6 maps (an older build) uses none of them either.
+        maps::write_local_addrs6(paths, &self.local_addrs6)?;
+        maps::write_config6(paths, &self.config6)?;
         let limits = NatConfig {
             task_ports: opts.nat_task_ports,
         };
@@ -628,6 +681,7 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         &plan.iface_entries,
     )?;
     maps::write_ports(paths, &plan.ports)?;
+    maps::write_ports6(paths, &plan.ports6)?;
     maps::write_config_flags(paths, plan.config_flags)?;
     maps::remove_stale_policy(paths, &policy)?;
     // Held interfaces (containers not identified yet) stay attached; the agent lets them go.

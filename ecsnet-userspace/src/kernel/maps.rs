@@ -22,11 +22,12 @@ use ecsnet_common::{
         MAP_EVENT_BUDGET, MAP_EVENTS, MAP_FLOW_LOST, MAP_FLOW_STATE, MAP_FLOWS, MAP_FLOWS6,
     },
     maps::{
-        CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Counters, DropKey, HOOK_TC_EGRESS,
-        HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CT, MAP_CT_EVENTS, MAP_CT_NEW,
-        MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_NAT_CONFIG, MAP_NAT_USE,
-        MAP_PORTS, MAP_STATS, MAP_TASKS, MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget,
-        ROLE_TASK, StatsKey, TaskInfo,
+        CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Config6, Counters, DropKey,
+        HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CONFIG6, MAP_CT,
+        MAP_CT_EVENTS, MAP_CT_NEW, MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS,
+        MAP_LOCAL_ADDRS6, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_PORTS, MAP_PORTS6, MAP_STATS, MAP_TASKS,
+        MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget, PortTarget6, ROLE_TASK, StatsKey,
+        TaskInfo,
     },
     net::ipv4_from_map,
     policy::{
@@ -180,12 +181,21 @@ pub fn read_tasks(paths: &InstancePaths) -> Result<Vec<(u32, TaskInfo)>, MapsErr
     read_all(paths, MAP_TASKS)
 }
 
-/// `TASKS6` as it is in the kernel: IPv6 address -> ifindex (none from a datapath without it).
-pub fn read_tasks6(paths: &InstancePaths) -> Result<Vec<([u8; 16], u32)>, MapsError> {
-    if !paths.map_pin(MAP_TASKS6).exists() {
+/// Every entry of the hash map `map`, which a datapath loaded by an older build lacks (`up`
+/// keeps a loaded datapath; `ecsnet upgrade` makes it): none then.
+fn read_newer<K: Pod, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+) -> Result<Vec<(K, V)>, MapsError> {
+    if !paths.map_pin(map).exists() {
         return Ok(Vec::new());
     }
-    read_all(paths, MAP_TASKS6)
+    read_all(paths, map)
+}
+
+/// `TASKS6` as it is in the kernel: IPv6 address -> ifindex (none from a datapath without it).
+pub fn read_tasks6(paths: &InstancePaths) -> Result<Vec<([u8; 16], u32)>, MapsError> {
+    read_newer(paths, MAP_TASKS6)
 }
 
 /// `IFACES` as it is in the kernel.
@@ -325,6 +335,82 @@ pub fn write_ports(
     ports: &[(PortKey, PortTarget)],
 ) -> Result<(), MapsError> {
     replace_all(paths, MAP_PORTS, ports)
+}
+
+/// `PORTS` as it is in the kernel.
+pub fn read_ports(paths: &InstancePaths) -> Result<Vec<(PortKey, PortTarget)>, MapsError> {
+    read_all(paths, MAP_PORTS)
+}
+
+/// Makes the hash map `map`, which a datapath loaded by an older build lacks, equal to
+/// `entries`; false, having written nothing, when it is not there (`ecsnet upgrade` makes it,
+/// and fills it).
+fn replace_newer<K: Pod + Eq + Hash, V: Pod>(
+    paths: &InstancePaths,
+    map: &'static str,
+    entries: &[(K, V)],
+) -> Result<bool, MapsError> {
+    if !paths.map_pin(map).exists() {
+        return Ok(false);
+    }
+    replace_all(paths, map, entries).map(|()| true)
+}
+
+/// Makes `PORTS6` equal to the published IPv6 ports; false when the datapath has no `PORTS6`.
+pub fn write_ports6(
+    paths: &InstancePaths,
+    ports: &[(PortKey, PortTarget6)],
+) -> Result<bool, MapsError> {
+    replace_newer(paths, MAP_PORTS6, ports)
+}
+
+/// `PORTS6` as it is in the kernel (none from a datapath without it).
+pub fn read_ports6(paths: &InstancePaths) -> Result<Vec<(PortKey, PortTarget6)>, MapsError> {
+    read_newer(paths, MAP_PORTS6)
+}
+
+/// Makes `LOCAL_ADDRS6` equal to the host's global IPv6 addresses (-> ifindex); false when the
+/// datapath has no `LOCAL_ADDRS6`.
+pub fn write_local_addrs6(
+    paths: &InstancePaths,
+    addrs: &[([u8; 16], u32)],
+) -> Result<bool, MapsError> {
+    replace_newer(paths, MAP_LOCAL_ADDRS6, addrs)
+}
+
+/// `LOCAL_ADDRS6` as it is in the kernel (none from a datapath without it).
+pub fn read_local_addrs6(paths: &InstancePaths) -> Result<Vec<([u8; 16], u32)>, MapsError> {
+    read_newer(paths, MAP_LOCAL_ADDRS6)
+}
+
+/// Sets the one entry of the array `map`, which a datapath loaded by an older build lacks;
+/// false, having written nothing, when it is not there.
+fn set_newer<V: Pod>(paths: &InstancePaths, map: &'static str, v: &V) -> Result<bool, MapsError> {
+    if !paths.map_pin(map).exists() {
+        return Ok(false);
+    }
+    let mut a: Array<MapData, V> = open_as(paths, map)?;
+    a.set(0, v, 0).map_err(access(map))?;
+    Ok(true)
+}
+
+/// The one entry of the array `map`; None from a datapath loaded by an older build, without it.
+fn get_newer<V: Pod>(paths: &InstancePaths, map: &'static str) -> Result<Option<V>, MapsError> {
+    if !paths.map_pin(map).exists() {
+        return Ok(None);
+    }
+    let a: Array<MapData, V> = open_as(paths, map)?;
+    a.get(&0, 0).map(Some).map_err(access(map))
+}
+
+/// Writes the host's IPv6 addresses for NAT66; false when the datapath has no `CONFIG6`.
+pub fn write_config6(paths: &InstancePaths, cfg: &Config6) -> Result<bool, MapsError> {
+    set_newer(paths, MAP_CONFIG6, cfg)
+}
+
+/// The host's IPv6 addresses as the datapath has them; None from a datapath without `CONFIG6`.
+pub fn read_config6(paths: &InstancePaths) -> Result<Option<Config6>, MapsError> {
+    get_newer(paths, MAP_CONFIG6)
 }
 
 /// One address family's pair of connection tables, by the type of their entries: `CtEntry`
@@ -730,21 +816,12 @@ fn settle_nat_use(
 /// Writes the masquerade limits. A datapath still loaded from a build without them (`up` keeps
 /// a loaded datapath) has no such map: nothing is written, and false says so.
 pub fn write_nat_config(paths: &InstancePaths, cfg: &NatConfig) -> Result<bool, MapsError> {
-    if !paths.map_pin(MAP_NAT_CONFIG).exists() {
-        return Ok(false);
-    }
-    let mut a: Array<MapData, NatConfig> = open_as(paths, MAP_NAT_CONFIG)?;
-    a.set(0, cfg, 0).map_err(access(MAP_NAT_CONFIG))?;
-    Ok(true)
+    set_newer(paths, MAP_NAT_CONFIG, cfg)
 }
 
 /// The masquerade limits; None from a datapath loaded by a build without them.
 pub fn read_nat_config(paths: &InstancePaths) -> Result<Option<NatConfig>, MapsError> {
-    if !paths.map_pin(MAP_NAT_CONFIG).exists() {
-        return Ok(None);
-    }
-    let a: Array<MapData, NatConfig> = open_as(paths, MAP_NAT_CONFIG)?;
-    a.get(&0, 0).map(Some).map_err(access(MAP_NAT_CONFIG))
+    get_newer(paths, MAP_NAT_CONFIG)
 }
 
 /// The masquerade counts: ports held by each task towards each destination (none from a

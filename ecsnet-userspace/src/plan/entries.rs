@@ -1,17 +1,17 @@
 //! Every map entry the datapath's maps hold for a state on this host, in the byte order the
 //! maps keep (network order for addresses and ports). Pure: the host comes in as a snapshot.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ecsnet_common::maps::{
-    CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, IfaceInfo, PortKey, PortTarget, ROLE_TASK,
-    ROLE_UPLINK, TASK_IPV6, TaskInfo,
+    CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, Config6, IfaceInfo, PortKey, PortTarget,
+    PortTarget6, ROLE_TASK, ROLE_UPLINK, TASK_IPV6, TaskInfo,
 };
 
 use crate::{
     host::netlink::Snapshot,
     plan::{sg::Compiled, tasks::ResolvedTask},
-    state::{DefaultPolicy, Host, State},
+    state::{DefaultPolicy, Host, State, Task},
 };
 
 /// An address as the maps hold it: network byte order in a `u32`.
@@ -74,27 +74,54 @@ pub fn config_flags(host: &Host) -> u8 {
     imds | deny
 }
 
+/// Every published port: its task, its `PORTS`/`PORTS6` key and the container port, in network
+/// byte order.
+fn published(state: &State) -> impl Iterator<Item = (&Task, PortKey, u16)> {
+    state.tasks.iter().flat_map(|t| {
+        t.port_mappings.iter().map(move |pm| {
+            let key = PortKey {
+                port: pm.host_port.to_be(),
+                proto: pm.protocol.number(),
+                _pad: 0,
+            };
+            (t, key, pm.container_port.to_be())
+        })
+    })
+}
+
 /// The `PORTS` entries: every published host port to its task's address and container port,
 /// all in network byte order.
 pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
-    state
-        .tasks
-        .iter()
-        .flat_map(|t| {
-            t.port_mappings.iter().map(move |pm| {
-                (
-                    PortKey {
-                        port: pm.host_port.to_be(),
-                        proto: pm.protocol.number(),
-                        _pad: 0,
-                    },
-                    PortTarget {
-                        addr: be(t.ipv4_address),
-                        port: pm.container_port.to_be(),
-                        _pad: [0; 2],
-                    },
-                )
-            })
+    published(state)
+        .map(|(t, key, port)| {
+            let addr = be(t.ipv4_address);
+            (
+                key,
+                PortTarget {
+                    addr,
+                    port,
+                    _pad: [0; 2],
+                },
+            )
+        })
+        .collect()
+}
+
+/// The `PORTS6` entries: the same host ports as `PORTS`, of the tasks that have an IPv6
+/// address, to that address and the container port. Docker publishes a port on both families
+/// at once (its `[::]` bindings); a task without an IPv6 address has none here.
+pub fn port6_entries(state: &State) -> Vec<(PortKey, PortTarget6)> {
+    published(state)
+        .filter_map(|(t, key, port)| {
+            let addr = t.ipv6_address?.octets();
+            Some((
+                key,
+                PortTarget6 {
+                    addr,
+                    port,
+                    _pad: [0; 2],
+                },
+            ))
         })
         .collect()
 }
@@ -102,6 +129,30 @@ pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
 /// The `LOCAL_ADDRS` entries: every IPv4 address of the host, network byte order -> ifindex.
 pub fn local_addr_entries(snap: &Snapshot) -> Vec<(u32, u32)> {
     snap.addrs.iter().map(|a| (be(a.ip), a.index)).collect()
+}
+
+/// The `LOCAL_ADDRS6` entries: every global (or unique-local) IPv6 address the host answers on
+/// -> ifindex; link-local and loopback addresses, and those still in or failed by duplicate
+/// address detection, are not.
+pub fn local_addr6_entries(snap: &Snapshot) -> Vec<([u8; 16], u32)> {
+    snap.host_globals6()
+        .map(|a| (a.ip.octets(), a.index))
+        .collect()
+}
+
+/// The `CONFIG6` entry for a host whose uplink and bridge are `uplink` and `bridge`, where
+/// `CONFIG6` holds `now` (all zeros at first): each address is the link's primary global IPv6
+/// address, the one `now` holds while the link keeps it; zeros where the link has none, as on
+/// a host without IPv6.
+pub fn config6_entry(snap: &Snapshot, uplink: u32, bridge: u32, now: &Config6) -> Config6 {
+    let up = snap.ipv6_of(uplink, Ipv6Addr::from(now.uplink_ipv6));
+    let br = snap.ipv6_of(bridge, Ipv6Addr::from(now.bridge_ipv6));
+    Config6 {
+        uplink_ipv6: up.map_or([0; 16], |a| a.ip.octets()),
+        bridge_ipv6: br.map_or([0; 16], |a| a.ip.octets()),
+        bridge_prefix6: br.map_or(0, |a| a.prefix),
+        _pad: [0; 3],
+    }
 }
 
 /// Why the datapath cannot be configured for this host.
@@ -151,7 +202,11 @@ pub fn uplink_entry(ifindex: u32) -> (u32, IfaceInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{host::netlink::Link, plan::tasks::tests::task, state::Protocol};
+    use crate::{
+        host::netlink::{Addr6, Link},
+        plan::tasks::tests::task,
+        state::Protocol,
+    };
 
     #[test]
     fn port_entries_are_network_order_per_protocol() {
@@ -170,6 +225,138 @@ mod tests {
         assert_eq!(e[0].1.port.to_ne_bytes(), 80u16.to_be_bytes());
         assert_eq!(e[0].1.addr.to_ne_bytes(), [172, 17, 0, 2]);
         assert_eq!(e[1].0.proto, 17);
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_ports_are_the_ports_of_tasks_with_an_ipv6_address() {
+        let ports = [(80, 8080, Protocol::Tcp), (53, 8053, Protocol::Udp)];
+        let mut a = task("a", [172, 17, 0, 2], &ports);
+        let b = task("b", [172, 17, 0, 3], &[(443, 8443, Protocol::Tcp)]);
+        let s = |a: &Task| State {
+            tasks: vec![a.clone(), b.clone()],
+            ..Default::default()
+        };
+        assert!(port6_entries(&s(&a)).is_empty(), "no task has IPv6");
+        assert_eq!(port_entries(&s(&a)).len(), 3);
+
+        a.ipv6_address = Some(v6("fd00:172:17::242:ac11:2"));
+        let key = |port: u16, proto| PortKey {
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let to = |port: u16| PortTarget6 {
+            addr: v6("fd00:172:17::242:ac11:2").octets(),
+            port: port.to_be(),
+            _pad: [0; 2],
+        };
+        assert_eq!(
+            port6_entries(&s(&a)),
+            [(key(8080, 6), to(80)), (key(8053, 17), to(53))]
+        );
+        // The same keys as the IPv4 entries of the task.
+        let v4: Vec<PortKey> = port_entries(&s(&a)).iter().map(|(k, _)| *k).collect();
+        assert_eq!(v4, [key(8080, 6), key(8053, 17), key(8443, 6)]);
+    }
+
+    /// An IPv6 address of link `index`, global and usable unless changed.
+    fn addr6(index: u32, ip: &str, prefix: u8) -> Addr6 {
+        Addr6 {
+            index,
+            ip: v6(ip),
+            prefix,
+            global: true,
+            unusable: false,
+            deprecated: false,
+        }
+    }
+
+    #[test]
+    fn local_ipv6_addresses_are_the_global_ones_the_host_answers_on() {
+        let snap = Snapshot {
+            addrs6: vec![
+                Addr6 {
+                    global: false,
+                    ..addr6(1, "::1", 128)
+                },
+                addr6(2, "fd00:10:10::1", 64),
+                addr6(2, "2001:db8::5", 64),
+                Addr6 {
+                    global: false,
+                    ..addr6(2, "fe80::1", 64)
+                },
+                addr6(3, "fd00:172:17::1", 64),
+                Addr6 {
+                    unusable: true,
+                    ..addr6(3, "fd00:172:17::9", 64)
+                },
+                Addr6 {
+                    deprecated: true,
+                    ..addr6(3, "fd00:172:17::8", 64)
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            local_addr6_entries(&snap),
+            [
+                (v6("fd00:10:10::1").octets(), 2),
+                (v6("2001:db8::5").octets(), 2),
+                (v6("fd00:172:17::1").octets(), 3),
+                (v6("fd00:172:17::8").octets(), 3),
+            ]
+        );
+        assert!(local_addr6_entries(&Snapshot::default()).is_empty());
+    }
+
+    #[test]
+    fn config6_is_zero_without_ipv6_and_keeps_its_addresses_while_they_last() {
+        let zero = Config6::default();
+        assert_eq!(config6_entry(&Snapshot::default(), 2, 3, &zero), zero);
+        let mut snap = Snapshot {
+            addrs6: vec![
+                Addr6 {
+                    global: false,
+                    ..addr6(2, "fe80::2", 64)
+                },
+                Addr6 {
+                    deprecated: true,
+                    ..addr6(2, "2001:db8::9", 64)
+                },
+                addr6(2, "fd00:10:10::1", 64),
+                addr6(3, "fd00:172:17::1", 64),
+            ],
+            ..Default::default()
+        };
+        let c = config6_entry(&snap, 2, 3, &zero);
+        assert_eq!(Ipv6Addr::from(c.uplink_ipv6), v6("fd00:10:10::1"));
+        assert_eq!(Ipv6Addr::from(c.bridge_ipv6), v6("fd00:172:17::1"));
+        assert_eq!(c.bridge_prefix6, 64);
+        assert_eq!(config6_entry(&snap, 2, 9, &zero).bridge_ipv6, [0; 16]);
+
+        // A new address (the kernel lists it first) does not move the masquerade address...
+        snap.addrs6.insert(0, addr6(2, "fd00:10:10::77", 64));
+        assert_eq!(config6_entry(&snap, 2, 3, &c), c);
+        assert_eq!(
+            Ipv6Addr::from(config6_entry(&snap, 2, 3, &zero).uplink_ipv6),
+            v6("fd00:10:10::77"),
+            "from nothing, the first the kernel lists"
+        );
+        // ... until it goes, or is deprecated.
+        snap.addrs6[3].deprecated = true;
+        let moved = config6_entry(&snap, 2, 3, &c);
+        assert_eq!(Ipv6Addr::from(moved.uplink_ipv6), v6("fd00:10:10::77"));
+        assert_eq!(moved.bridge_ipv6, c.bridge_ipv6);
+        snap.addrs6.retain(|a| a.index != 2 || a.deprecated);
+        assert_eq!(
+            Ipv6Addr::from(config6_entry(&snap, 2, 3, &moved).uplink_ipv6),
+            v6("2001:db8::9"),
+            "a deprecated address is better than none"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub(crate) mod tasks;
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use ecsnet_common::maps::{IfaceInfo, PortKey, PortTarget, TaskInfo};
+use ecsnet_common::maps::{IfaceInfo, PortKey, PortTarget, PortTarget6, TaskInfo};
 
 use crate::{
     plan::{sg::Compiled, tasks::ResolvedTask},
@@ -69,6 +69,8 @@ pub struct Plan {
     pub iface_entries: Vec<(u32, IfaceInfo)>,
     /// `PORTS`.
     pub ports: Vec<(PortKey, PortTarget)>,
+    /// `PORTS6`: the ports of `PORTS` whose task has an IPv6 address, to that address.
+    pub ports6: Vec<(PortKey, PortTarget6)>,
     /// `CONFIG::flags`.
     pub config_flags: u8,
     /// `SG_PEERS` and `SG_RULES` in the generation the live maps do not use, and the means to
@@ -99,6 +101,7 @@ impl Plan {
             .map_err(|e| PlanError::at("$.securityGroups", e.into()))?;
         Ok(Self {
             ports: entries::port_entries(&requested),
+            ports6: entries::port6_entries(&requested),
             config_flags: entries::config_flags(&requested.host),
             state: requested,
             task_entries: entries::task_entries(&resolved, &policy),
