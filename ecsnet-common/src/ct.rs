@@ -137,9 +137,17 @@ pub struct CtEntry6 {
     pub kind: u8,
     pub dir: u8,
     pub tcp_flags: u8,
-    pub _pad: u8,
+    /// `CT6_*` flags.
+    pub flags: u8,
 }
 map_type!(CtEntry6, 120);
+
+/// [`CtEntry6::flags`], on the original direction of a `KIND_LOCAL` flow a policed task opened
+/// towards an address the datapath could not tell was a task's (a link-local address, or an
+/// address of a task ecsnet was not told): only the sender's egress rules judged it. A policed
+/// task that receives it judges its first packet by its own ingress rules, and clears the flag
+/// when they allow it.
+pub const CT6_RECEIVER_UNCHECKED: u8 = 1;
 
 impl CtEntry6 {
     /// This direction's TCP sequence state.

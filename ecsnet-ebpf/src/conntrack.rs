@@ -103,7 +103,7 @@ pub trait Entry<K: Table>: Copy + 'static {
 /// [`Table`] and [`Entry`] for each family's key and entry, whose fields differ only in their
 /// addresses.
 macro_rules! tables {
-    ($($key:ident, $entry:ident, $addr:ty => $ct:ident, $ct_new:ident;)+) => {$(
+    ($($key:ident, $entry:ident, $addr:ty => $ct:ident, $ct_new:ident, $flags:ident;)+) => {$(
         impl Table for $key {
             type Addr = $addr;
             type Entry = $entry;
@@ -182,7 +182,7 @@ macro_rules! tables {
                     kind,
                     dir,
                     tcp_flags: 0,
-                    _pad: 0,
+                    $flags: 0,
                 }
             }
 
@@ -237,8 +237,8 @@ macro_rules! tables {
 }
 
 tables! {
-    CtKey, CtEntry, u32 => CT, CT_NEW;
-    CtKey6, CtEntry6, [u8; 16] => CT6, CT6_NEW;
+    CtKey, CtEntry, u32 => CT, CT_NEW, _pad;
+    CtKey6, CtEntry6, [u8; 16] => CT6, CT6_NEW, flags;
 }
 
 /// A parsed packet as the connection tables read it, in either family ([`Headers`],

@@ -8,7 +8,7 @@
 use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
-    ct::{CtKey6, KIND_EAST_WEST, KIND_LOCAL},
+    ct::{CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_LOCAL},
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
     maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, TaskInfo},
     net::{PROTO_TCP, PROTO_UDP},
@@ -132,8 +132,54 @@ fn open_flow(
             conntrack::create6(key, KIND_EAST_WEST, h)?;
             return to_task(ctx, h, &dst);
         }
+        return kernel_flow(key, h, policy);
     }
-    kernel_flow(key, h, policy)
+    // Not known as a task's address, yet perhaps one: a task that receives it checks its own
+    // ingress rules first (`first_delivery`).
+    let res = kernel_flow(key, h, policy);
+    if policy != 0 && res.is_ok() {
+        mark(key, CT6_RECEIVER_UNCHECKED, true);
+    }
+    res
+}
+
+/// Sets (`on`) or clears `flag` on the entry of `key`, when it is tracked.
+#[inline(always)]
+fn mark(key: &CtKey6, flag: u8, on: bool) {
+    if let Some(t) = conntrack::lookup(key) {
+        // SAFETY: a map value pointer, valid for this program run (see `Tracked::e`).
+        unsafe {
+            if on {
+                (*t.e).flags |= flag;
+            } else {
+                (*t.e).flags &= !flag;
+            }
+        }
+    }
+}
+
+/// A tracked packet the kernel delivers to a task whose policy is `policy` (non-zero): a flow
+/// another task opened towards an address not known as a task's (`CT6_RECEIVER_UNCHECKED`)
+/// is judged by this task's ingress rules on its first packet here; once they allow it, the
+/// flow is this task's too.
+#[inline(always)]
+fn first_delivery(h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
+    let Some(key) = conntrack::key_of(h) else {
+        return Ok(Verdict::Pass);
+    };
+    let unchecked = conntrack::lookup(&key).is_some_and(|t| {
+        // SAFETY: as in `mark`.
+        unsafe { (*t.e).flags & CT6_RECEIVER_UNCHECKED != 0 }
+    });
+    if !unchecked {
+        return Ok(Verdict::Pass);
+    }
+    if !allows(policy, DIR_INGRESS, &h.saddr, h) {
+        conntrack::reject_fragments(h);
+        return Err(DropReason::SgIngress);
+    }
+    mark(&key, CT6_RECEIVER_UNCHECKED, false);
+    Ok(Verdict::Pass)
 }
 
 /// Whether a frame can be redirected into task `dst` as it is: the task's MAC is known and the
@@ -255,7 +301,7 @@ pub fn deliver(ctx: &TcContext, h: &mut Headers6, policy: u32) -> Result<Verdict
         return unchecked_ingress(h, policy);
     }
     let key = match conntrack::delivered(h)? {
-        Delivered::Tracked => return Ok(Verdict::Pass),
+        Delivered::Tracked => return first_delivery(h, policy),
         Delivered::Untracked => return unchecked_ingress(h, policy),
         Delivered::Opens(key) => key,
     };

@@ -3,10 +3,11 @@
 //! whose ingress allows only tcp 80 from 10.10.0.0/24, with `blockInstanceMetadata` on:
 //! VLAN-tagged frames (two tags of VID 0 read as 0x8100 in tc and the receiver strips both; one
 //! tag), unicast IPv4 in broadcast and multicast frames, an unknown `EtherType`, ARP whose sender
-//! MAC is not the task's, and IPv6 to and from policed tasks. Each must reach no one (a capture
-//! on the target's interface sees nothing, no socket gets it, no neighbour entry moves) and be
-//! counted once with its reason on the sending task's interface, while what the groups allow
-//! keeps working, and IPv6 between tasks without groups under `defaultPolicy: allow` still works.
+//! MAC is not the task's, and IPv6 to and from policed tasks whose rules have no IPv6 range.
+//! Each must reach no one (a capture on the target's interface sees nothing, no socket gets it,
+//! no neighbour entry moves) and be counted once with its reason on the interface whose rules
+//! drop it, while what the groups allow keeps working, and IPv6 between tasks without groups
+//! under `defaultPolicy: allow` still works.
 
 use std::{
     cell::RefCell,
@@ -35,8 +36,8 @@ const VLAN_TAGGED: &str = "VLAN_TAGGED";
 const UNKNOWN_ETHERTYPE: &str = "UNKNOWN_ETHERTYPE";
 const UNICAST_IN_GROUP_MAC: &str = "UNICAST_IN_GROUP_MAC";
 const SPOOFED_SOURCE: &str = "SPOOFED_SOURCE";
-const IPV6_POLICED: &str = "IPV6_POLICED";
 const SG_EGRESS: &str = "SG_EGRESS";
+const SG_INGRESS: &str = "SG_INGRESS";
 
 /// How long a frame that must not arrive is waited for.
 const SILENCE: Duration = Duration::from_millis(800);
@@ -104,8 +105,10 @@ fn is_syn_ack(frame: &[u8], from: SocketAddrV4, to: SocketAddrV4) -> bool {
     raw::parse_tcp(frame) == Some((from, to, TCP_SYN | TCP_ACK))
 }
 
-fn is_ipv6(frame: &[u8]) -> bool {
-    frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6
+/// Whether `frame` is IPv6 carrying TCP (next header 6 right after the fixed header): what the
+/// IPv6 tests send, and not the neighbour discovery that reaches every task.
+fn is_ipv6_tcp(frame: &[u8]) -> bool {
+    frame.len() >= 54 && u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6 && frame[20] == 6
 }
 
 // ---- the policed lab ---------------------------------------------------------------------
@@ -613,24 +616,24 @@ fn counted_beyond(lab: &Lab, task: &str, reason: &str, before: u64) -> bool {
 }
 
 /// A TCP connection over IPv6 from `ns` to `to` (`what`, for messages) must not connect within
-/// `wait` and must be counted `IPV6_POLICED` on `task`; returns what went wrong.
-fn expect_v6_policed(
+/// `wait` and must be counted as `reason` on `task`; returns what went wrong.
+fn expect_v6_dropped(
     lab: &Lab,
     what: &str,
     (ns, to): (&str, SocketAddr),
-    task: &str,
+    (task, reason): (&str, &str),
     wait: Duration,
 ) -> Vec<String> {
     let mut fails = Vec::new();
-    let before = task_drops(&lab.stats(), task, IPV6_POLICED);
+    let before = task_drops(&lab.stats(), task, reason);
     if let Ok(s) = tcp_connect(ns, to, wait) {
         fails.push(format!(
             "{what}: {to} over IPv6 connected (from {:?})",
             s.local_addr()
         ));
     }
-    if !counted_beyond(lab, task, IPV6_POLICED, before) {
-        fails.push(format!("{what}: not counted {IPV6_POLICED} on {task}"));
+    if !counted_beyond(lab, task, reason, before) {
+        fails.push(format!("{what}: not counted {reason} on {task}"));
     }
     fails
 }
@@ -664,30 +667,31 @@ fn ipv6_to_and_from_policed_tasks_is_dropped_where_ipv4_is_blocked() {
     let (_, idx_host) = enable_ipv6(&host, "docker0");
     let _web6 = listen_v6(&t2, ll2, idx2, 80);
 
-    // task1, whose groups allow only tcp 9000 to the client, to task2's port 80 over IPv6
-    // while IPv4 is blocked: counted on task1. The host (not a task, not policed) to task2,
-    // which has groups: counted on task2.
-    for (what, from, task) in [
+    // task1, whose groups allow only tcp 9000 to the client's IPv4 address, to task2's port 80
+    // over IPv6 while IPv4 is blocked: its egress rules have nothing for IPv6, counted on
+    // task1. The host (not a task, not policed) to task2, whose groups take only tcp 80 from
+    // 10.10.0.0/24: its ingress rules have nothing for IPv6, counted on task2.
+    for (what, from, dropped) in [
         (
             "task1 -> task2:80",
             (t1.as_str(), v6(ll2, idx1, 80)),
-            "task1",
+            ("task1", SG_EGRESS),
         ),
         (
             "host -> task2:80",
             (host.as_str(), v6(ll2, idx_host, 80)),
-            "task2",
+            ("task2", SG_INGRESS),
         ),
     ] {
-        for f in expect_v6_policed(&p.lab, what, from, task, ANSWER) {
+        for f in expect_v6_dropped(&p.lab, what, from, dropped, ANSWER) {
             p.fail(f);
         }
     }
 
     for (task, cap) in [("task1", &cap1), ("task2", &cap2)] {
-        if let Some(f) = cap.wait_for(SILENCE, is_ipv6) {
+        if let Some(f) = cap.wait_for(SILENCE, is_ipv6_tcp) {
             p.fail(format!(
-                "an IPv6 frame from {} reached {task}, which has groups",
+                "an IPv6 TCP segment from {} reached {task}, whose groups allow no IPv6",
                 mac_str(f[6..12].try_into().unwrap())
             ));
         }
@@ -712,7 +716,7 @@ fn ipv6_between_tasks_without_groups_works_under_allow_and_is_dropped_under_deny
     });
     let policed: u64 = drops(&lab.stats())
         .iter()
-        .filter(|(k, _)| k.ends_with(IPV6_POLICED))
+        .filter(|(k, _)| k.ends_with(SG_EGRESS) || k.ends_with(SG_INGRESS))
         .map(|(_, n)| n)
         .sum();
     assert_eq!(
@@ -720,9 +724,10 @@ fn ipv6_between_tasks_without_groups_works_under_allow_and_is_dropped_under_deny
         "IPv6 was dropped for tasks without groups under allow"
     );
 
-    // defaultPolicy deny polices every task without groups: no IPv6 past it.
+    // defaultPolicy deny polices every task without groups: all out, nothing in, IPv6 too.
     apply(&lab, "deny", |s| s["host"]["defaultPolicy"] = json!("deny"));
     let to_task2 = (t1.as_str(), v6(ll2, idx1, 80));
-    let fails = expect_v6_policed(&lab, "task1 -> task2:80", to_task2, "task1", SILENCE);
+    let dropped = ("task2", SG_INGRESS);
+    let fails = expect_v6_dropped(&lab, "task1 -> task2:80", to_task2, dropped, SILENCE);
     report("IPv6 under defaultPolicy deny", &fails);
 }
