@@ -4,7 +4,8 @@
 //! both directions of task-to-task traffic, published ports (the kernel's NAT66 keeps the
 //! client's address) and the outside (its masquerade) judged with the real peer, replies,
 //! references to groups that resolve to their members' IPv6 addresses, the union of groups,
-//! `defaultPolicy: deny`, and `fd00:ec2::254` blocked. Each case is shown allowed and rejected,
+//! `defaultPolicy: deny`, `fd00:ec2::254` blocked, and Docker's routed mode (tasks judged at their own
+//! addresses). Each case is shown allowed and rejected,
 //! every rejection counted with its reason on its task and nowhere else, and no namespace
 //! received an IPv6 packet with a bad checksum.
 
@@ -300,6 +301,41 @@ fn ipv6_default_deny_lets_tasks_out_only_and_the_metadata_address_is_blocked() {
         (t1, Udp(CLIENT_ECHO), Pass, "deny: task1 -> client udp"),
         (t2, Ping(CLIENT), Pass, "deny: task2 -> client ping"),
         (t1, Tcp("[fd00:ec2::254]:80"), Reject(1, "IMDS_BLOCKED"), "fd00:ec2::254 blocked"),
+    ]);
+    no_csum6_errors(&lab);
+}
+
+#[test]
+fn routed_mode_tasks_are_judged_at_their_own_addresses() {
+    // Docker 27's routed mode: no NAT66, the client reaches the task's own address on its
+    // published port, and the task's traffic leaves with its own address.
+    let lab = Lab::up_v6("s6o", 1, &["1:8080:80"], "routed");
+    lab.ecsnet_up();
+    let (client, t1) = (lab.client(), lab.task_ns(1));
+    let web = at6(&lab, 1, 80);
+    let groups = |inbound: &[Value], outbound: &[Value]| {
+        apply_groups(
+            &lab,
+            &[sg("sg-o", "routed", inbound, outbound)],
+            &[&["sg-o"]],
+        );
+    };
+
+    groups(
+        &[tcp(80, 80, &["fd00:10:10::2/128"])],
+        &[tcp(9000, 9000, &["fd00:10:10::2/128"])],
+    );
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(&web), Pass, "routed: inbound from the client's /128"),
+        (t1, Tcp(CLIENT_ECHO), Pass, "routed: outbound to the client's /128, replies in"),
+        (t1, Udp(CLIENT_ECHO), Reject(1, OUT), "routed: no outbound udp rule"),
+    ]);
+    groups(&[tcp(80, 80, &["fd00:99::/32"])], &[]);
+    #[rustfmt::skip]
+    expect(&lab, &[
+        (client, Tcp(&web), Reject(1, IN), "routed: inbound only from fd00:99::/32"),
+        (t1, Tcp(CLIENT_ECHO), Reject(1, OUT), "routed: no outbound rules"),
     ]);
     no_csum6_errors(&lab);
 }
