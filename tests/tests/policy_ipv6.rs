@@ -4,10 +4,10 @@
 //! both directions of task-to-task traffic, published ports (the kernel's NAT66 keeps the
 //! client's address) and the outside (its masquerade) judged with the real peer, replies,
 //! references to groups that resolve to their members' IPv6 addresses, the union of groups,
-//! `defaultPolicy: deny`, `fd00:ec2::254` blocked, and Docker's routed mode (tasks judged at their own
-//! addresses). Each case is shown allowed and rejected,
-//! every rejection counted with its reason on its task and nowhere else, and no namespace
-//! received an IPv6 packet with a bad checksum.
+//! `defaultPolicy: deny`, `fd00:ec2::254` blocked, and Docker's routed mode (tasks judged at
+//! their own addresses). Each case is shown allowed and rejected, every rejection counted with
+//! its reason on its task and nowhere else, and no namespace received an IPv6 packet with a bad
+//! checksum.
 
 use std::net::Ipv6Addr;
 
