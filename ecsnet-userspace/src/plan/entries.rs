@@ -1,7 +1,10 @@
 //! Every map entry the datapath's maps hold for a state on this host, in the byte order the
 //! maps keep (network order for addresses and ports). Pure: the host comes in as a snapshot.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ecsnet_common::maps::{
     CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, Config6, IfaceInfo, PortKey, PortTarget,
@@ -48,6 +51,21 @@ pub fn task6_entries(tasks: &[ResolvedTask]) -> Vec<([u8; 16], u32)> {
     tasks
         .iter()
         .filter_map(|t| Some((t.ipv6?.octets(), t.ifindex)))
+        .collect()
+}
+
+/// The `TASKS6` entries of the tasks of `applied` with an IPv6 address, on the interface
+/// `TASKS` (`tasks`, as the kernel has it) gives their IPv4 address: what `ecsnet upgrade`
+/// fills for a datapath an older build wrote, which had no `TASKS6`.
+pub fn task6_entries_of(applied: &State, tasks: &[(u32, TaskInfo)]) -> Vec<([u8; 16], u32)> {
+    let ifindex: HashMap<u32, u32> = tasks.iter().map(|(a, t)| (*a, t.ifindex)).collect();
+    applied
+        .tasks
+        .iter()
+        .filter_map(|t| {
+            let v6 = t.ipv6_address?;
+            Some((v6.octets(), *ifindex.get(&be(t.ipv4_address))?))
+        })
         .collect()
 }
 
@@ -312,6 +330,35 @@ mod tests {
         let mut s = s;
         s.tasks[1].ipv6_address = None;
         assert_eq!(port6_entries(&s).len(), 2);
+    }
+
+    #[test]
+    fn an_upgrade_finds_the_ipv6_tasks_on_their_ipv4_interfaces() {
+        let mut a = task("a", [172, 17, 0, 2], &[]);
+        a.ipv6_address = Some(v6("fd00:172:17::242:ac11:2"));
+        let b = task("b", [172, 17, 0, 3], &[]);
+        // Not in TASKS (the agent has not seen its interface): nowhere to point at.
+        let mut c = task("c", [172, 17, 0, 4], &[]);
+        c.ipv6_address = Some(v6("fd00:172:17::242:ac11:4"));
+        let applied = State {
+            tasks: vec![a, b, c],
+            ..Default::default()
+        };
+        let info = |ifindex| TaskInfo {
+            ifindex,
+            mac: [0; 6],
+            flags: 0,
+            _pad: 0,
+            policy: 0,
+        };
+        let in_map = [
+            (be(Ipv4Addr::new(172, 17, 0, 2)), info(7)),
+            (be(Ipv4Addr::new(172, 17, 0, 3)), info(8)),
+        ];
+        assert_eq!(
+            task6_entries_of(&applied, &in_map),
+            [(v6("fd00:172:17::242:ac11:2").octets(), 7)]
+        );
     }
 
     /// An IPv6 address of link `index`, global and usable unless changed.
