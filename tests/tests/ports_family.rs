@@ -100,8 +100,8 @@ fn each_family_publishes_what_docker_bound_on_it() {
     // `task ls` says where each is published: the state file's `hostIp`, `docker ps`'s text.
     let ls: Value = serde_json::from_str(&instance_ok(&lab, &["task", "ls", "--json"])).unwrap();
     let mappings = |id: &str| {
-        let tasks = ls.as_array().expect("a list of tasks");
-        let task = tasks.iter().find(|t| t["containerId"] == id);
+        let listed = ls.as_array().expect("a list of tasks");
+        let task = listed.iter().find(|t| t["containerId"] == id);
         task.unwrap_or_else(|| panic!("no task of {id}: {ls}"))["portMappings"].clone()
     };
     let mapping = |host: u16, ip: Option<&str>| {

@@ -574,14 +574,31 @@ fn ipv6_host_maps_filled(lab: &Lab, paths: &InstancePaths) {
     );
 }
 
+/// An apply of `state` on `lab`, whose datapath an older build loaded, writes no map it lacks
+/// (`TASKS6`) and marks no task `TASK_IPV6`.
+fn applies_without_tasks6(lab: &Lab, state: &str, paths: &InstancePaths) {
+    apply_file(lab, state, &[]);
+    assert!(
+        maps::read_tasks(paths)
+            .expect("read TASKS")
+            .iter()
+            .all(|(_, t)| t.flags & TASK_IPV6 == 0),
+        "TASK_IPV6 on a datapath without TASKS6"
+    );
+    assert!(
+        !paths.map_pin(MAP_TASKS6).exists(),
+        "the apply made no TASKS6"
+    );
+}
+
 /// `TASKS6` and `TASK_IPV6` as the upgrade filled them from the applied state (an apply on the
 /// older datapath wrote neither): task1's IPv6 address on its interface, and its IPv6 passes
 /// the guard again (the client reaches its published port over IPv6).
 fn tasks6_filled(lab: &Lab, paths: &InstancePaths) {
     let task6 = lab.status.tasks[0].address6.expect("task1's IPv6 address");
-    let tasks = maps::read_tasks(paths).expect("read TASKS");
-    assert_eq!(tasks.len(), 1, "{tasks:?}");
-    let info = tasks[0].1;
+    let in_map = maps::read_tasks(paths).expect("read TASKS");
+    assert_eq!(in_map.len(), 1, "{in_map:?}");
+    let info = in_map[0].1;
     assert_eq!(
         info.flags & TASK_IPV6,
         TASK_IPV6,
@@ -653,19 +670,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         1,
         "an older build's instance is up"
     );
-    // An apply on it writes no map it lacks (`TASKS6`), and marks no task `TASK_IPV6`.
-    apply_file(&lab, &state, &[]);
-    assert!(
-        maps::read_tasks(&paths)
-            .expect("read TASKS")
-            .iter()
-            .all(|(_, t)| t.flags & TASK_IPV6 == 0),
-        "TASK_IPV6 on a datapath without TASKS6"
-    );
-    assert!(
-        !paths.map_pin(MAP_TASKS6).exists(),
-        "the apply made no TASKS6"
-    );
+    applies_without_tasks6(&lab, &state, &paths);
 
     // `up` of a build that keeps every layout over the running instance upgrades it in place,
     // and stamps it.

@@ -316,10 +316,7 @@ pub enum PortFamily {
 }
 
 impl PortFamily {
-    #[expect(
-        clippy::trivially_copy_pass_by_ref,
-        reason = "serde's skip_serializing_if passes a reference"
-    )]
+    /// Serde's `skip_serializing_if` passes a reference.
     pub fn is_both(&self) -> bool {
         *self == Self::Both
     }
