@@ -34,7 +34,7 @@ use serde::Serialize;
 use ecsnet::{
     flowlog,
     plan::sg::Compiled,
-    state::{self, IpPermission, PortMapping, Protocol, SecurityGroup, State, Task},
+    state::{self, IpPermission, PortFamily, PortMapping, Protocol, SecurityGroup, State, Task},
 };
 
 use crate::fixture::{
@@ -153,6 +153,7 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
                 container_port,
                 host_port,
                 protocol: Protocol::Tcp,
+                host_ip: PortFamily::Both,
             })
             .to_vec(),
         security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
@@ -540,6 +541,7 @@ fn program_state() -> State {
         container_port: 80,
         host_port: ALLOWED_PORT,
         protocol: Protocol::Tcp,
+        host_ip: PortFamily::Both,
     };
     State {
         host: state::Host::default(),

@@ -97,6 +97,11 @@ fn bad_input_changes_nothing() {
             "$.tasks[0].securityGroups[0]"),
         ("port out of range", set("tasks/0/portMappings/0/containerPort", json!(70000)),
             "$.tasks[0].portMappings[0].containerPort"),
+        ("one host address", set("tasks/0/portMappings/0/hostIp", json!("127.0.0.1")),
+            "$.tasks[0].portMappings[0].hostIp"),
+        ("a host port twice on IPv4", with(&with(&state, "tasks/1/portMappings/0/hostPort",
+            json!(8080)), "tasks/1/portMappings/0/hostIp", json!("0.0.0.0")).to_string(),
+            "$.tasks[1].portMappings[0].hostPort"),
     ];
     for (what, text, path) in cases {
         let f = write(&lab, "case.json", &text);
@@ -112,9 +117,10 @@ fn bad_input_changes_nothing() {
         );
     }
     #[rustfmt::skip]
-    let bad_tasks: [&[&str]; 3] = [
+    let bad_tasks: [&[&str]; 4] = [
         &["task", "rm", "nosuchtask"],
         &["task", "add", "--name", "x", "--ip", "172.17.0.9", "--publish", "80"],
+        &["task", "add", "--name", "x", "--ip", "172.17.0.9", "--publish", "127.0.0.1:80:80"],
         &["task", "add", "--name", "x", "--ip", "172.17.0.300"],
     ];
     for args in bad_tasks {

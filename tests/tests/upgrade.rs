@@ -42,13 +42,14 @@ use ecsnet_common::{
     PINNED_MAPS,
     maps::{
         Config6, MAP_CONFIG6, MAP_CT, MAP_CT6, MAP_CT6_NEW, MAP_FRAGS6, MAP_LOCAL_ADDRS6,
-        MAP_PORTS6, MAP_PROGS6, MAP_TASKS6, PortKey, PortTarget6,
+        MAP_PORTS6, MAP_PROGS6, MAP_TASKS6, PortKey, PortTarget6, TASK_IPV6,
     },
     policy::{MAP_SG_LEVELS6, MAP_SG_PEERS6},
 };
 use ecsnet_tests::{
     Background, Lab, agent, ecsnet_bin, in_netns, iperf3, ns_exec, rule_packets,
     traffic::{echo, tcp_connect},
+    world::apply_file,
 };
 
 const TASK1: &str = "172.17.0.2";
@@ -573,6 +574,50 @@ fn ipv6_host_maps_filled(lab: &Lab, paths: &InstancePaths) {
     );
 }
 
+/// An apply of `state` on `lab`, whose datapath an older build loaded, writes no map it lacks
+/// (`TASKS6`) and marks no task `TASK_IPV6`.
+fn applies_without_tasks6(lab: &Lab, state: &str, paths: &InstancePaths) {
+    apply_file(lab, state, &[]);
+    assert!(
+        maps::read_tasks(paths)
+            .expect("read TASKS")
+            .iter()
+            .all(|(_, t)| t.flags & TASK_IPV6 == 0),
+        "TASK_IPV6 on a datapath without TASKS6"
+    );
+    assert!(
+        !paths.map_pin(MAP_TASKS6).exists(),
+        "the apply made no TASKS6"
+    );
+}
+
+/// `TASKS6` and `TASK_IPV6` as the upgrade filled them from the applied state (an apply on the
+/// older datapath wrote neither): task1's IPv6 address on its interface, and its IPv6 passes
+/// the guard again (the client reaches its published port over IPv6).
+fn tasks6_filled(lab: &Lab, paths: &InstancePaths) {
+    let task6 = lab.status.tasks[0].address6.expect("task1's IPv6 address");
+    let in_map = maps::read_tasks(paths).expect("read TASKS");
+    assert_eq!(in_map.len(), 1, "{in_map:?}");
+    let info = in_map[0].1;
+    assert_eq!(
+        info.flags & TASK_IPV6,
+        TASK_IPV6,
+        "task1 marked as having an IPv6 address"
+    );
+    assert_eq!(
+        maps::read_tasks6(paths).expect("read TASKS6"),
+        [(task6.octets(), info.ifindex)],
+        "TASKS6 filled by the upgrade"
+    );
+    let uplink6 = lab.status.host.uplink_address6.expect("uplink IPv6");
+    let to = format!("[{uplink6}]:8080");
+    assert_eq!(
+        lab.probe(lab.client(), "tcp", &to, 3, 100)["echoed"],
+        3,
+        "the client reaches task1 over IPv6 after the upgrade"
+    );
+}
+
 #[test]
 fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
     let layout = build_variant("upgrade-test-layout");
@@ -625,6 +670,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         1,
         "an older build's instance is up"
     );
+    applies_without_tasks6(&lab, &state, &paths);
 
     // `up` of a build that keeps every layout over the running instance upgrades it in place,
     // and stamps it.
@@ -664,6 +710,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         "CT6 read after the upgrade"
     );
     ipv6_host_maps_filled(&lab, &paths);
+    tasks6_filled(&lab, &paths);
     for (pin, (link, _)) in &before.links {
         assert_eq!(after.links[pin].0, *link, "link {pin} keeps its id");
     }

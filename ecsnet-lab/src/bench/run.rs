@@ -10,7 +10,7 @@ use std::{
 
 use ecsnet::{
     flowlog,
-    state::{IpPermission, PortMapping, Protocol, SecurityGroup, State},
+    state::{IpPermission, PortFamily, PortMapping, Protocol, SecurityGroup, State},
     store::paths::InstancePaths,
 };
 
@@ -304,6 +304,7 @@ fn scaled_state(status: &LabStatus, n: usize) -> State {
                 container_port,
                 host_port,
                 protocol: Protocol::Tcp,
+                host_ip: PortFamily::Both,
             }),
         );
     let perm = |proto: &str, from: i32, to: i32, cidr: String| {

@@ -9,7 +9,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::Write as _,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -171,6 +171,9 @@ pub struct ContainerSpec {
     /// What the echo server listens on: every container port of `ports` when empty, and
     /// 80/tcp when that is empty too.
     pub serve: Vec<(Protocol, u16)>,
+    /// The host address every port is published on (`-p 0.0.0.0:8080:80`, `-p [::]:8080:80`:
+    /// one family only); None: Docker's default, both families.
+    pub publish_on: Option<IpAddr>,
 }
 
 impl ContainerSpec {
@@ -182,6 +185,7 @@ impl ContainerSpec {
             labels: ecs_labels(lab, name),
             ports,
             serve: Vec::new(),
+            publish_on: None,
         }
     }
 
@@ -548,12 +552,18 @@ pub fn run(lab: &str, spec: &ContainerSpec) -> Result<String, LabError> {
     for (k, v) in &spec.labels {
         args.extend(["--label".into(), format!("{k}={v}")]);
     }
+    // Docker's spelling of a host address before the ports: `0.0.0.0:`, `[::]:`.
+    let on = match spec.publish_on {
+        None => String::new(),
+        Some(IpAddr::V4(a)) => format!("{a}:"),
+        Some(IpAddr::V6(a)) => format!("[{a}]:"),
+    };
     for p in &spec.ports {
         let proto = p.protocol.as_str();
-        let publish = if p.host_port == 0 {
-            format!("{}/{proto}", p.container_port)
-        } else {
-            format!("{}:{}/{proto}", p.host_port, p.container_port)
+        let publish = match (p.host_port, on.as_str()) {
+            (0, "") => format!("{}/{proto}", p.container_port),
+            (0, on) => format!("{on}:{}/{proto}", p.container_port),
+            (host, on) => format!("{on}{host}:{}/{proto}", p.container_port),
         };
         args.extend(["-p".into(), publish]);
     }

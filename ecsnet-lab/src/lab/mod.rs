@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use ecsnet::{
     host::netns,
-    state::{Host, PortMapping, Protocol, State, Task},
+    state::{Host, PortFamily, PortMapping, Protocol, State, Task},
     store::paths::{self, lab_dir},
 };
 
@@ -454,6 +454,7 @@ pub fn state_for(status: &LabStatus) -> State {
                         container_port: p.container_port,
                         host_port: p.host_port,
                         protocol: p.protocol,
+                        host_ip: PortFamily::Both,
                     })
                     .collect(),
                 service_name: Some(format!("{}-svc", t.name)),

@@ -11,7 +11,7 @@ use crate::{
     cli::{UsageError, print_json_or},
     instance,
     plan::merge,
-    state::{PortMapping, Protocol, State, Task, TaskSource},
+    state::{PortFamily, PortMapping, Protocol, State, Task, TaskSource},
     store::{files, paths::InstancePaths},
 };
 
@@ -28,7 +28,8 @@ pub enum TaskCmd {
         ipv6: Option<Ipv6Addr>,
         #[arg(long)]
         interface: Option<String>,
-        /// HOSTPORT:CONTAINERPORT[/tcp|/udp]; HOSTPORT 0 is dynamic.
+        /// [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp], as Docker spells it: HOSTIP 0.0.0.0
+        /// publishes on IPv4 only, [::] on IPv6 only, none on both; HOSTPORT 0 is dynamic.
         #[arg(long, value_parser = publish)]
         publish: Vec<PortMapping>,
         #[arg(long = "sg")]
@@ -44,17 +45,36 @@ pub enum TaskCmd {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("expected HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
+#[error(
+    "expected [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp], HOSTIP 0.0.0.0 (IPv4 only) or [::] \
+     (IPv6 only)"
+)]
 pub struct BadPublish;
 
-/// `--publish HOSTPORT:CONTAINERPORT[/tcp|/udp]`.
+/// `--publish [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]`, HOSTIP `0.0.0.0` or `[::]`.
 fn publish(s: &str) -> Result<PortMapping, BadPublish> {
     let (ports, protocol) = Protocol::split_suffix(s).map_err(|_| BadPublish)?;
-    let (h, c) = ports.split_once(':').ok_or(BadPublish)?;
+    let (host_ip, ports) = match ports.rsplitn(3, ':').collect::<Vec<_>>()[..] {
+        [c, h] => (PortFamily::Both, (h, c)),
+        [c, h, ip] => {
+            let ip = ip
+                .strip_prefix('[')
+                .and_then(|ip| ip.strip_suffix(']'))
+                .unwrap_or(ip);
+            // `::` unbracketed would be read as ports; Docker wants brackets too.
+            let bare_v6 = ip.contains(':') && !ports.starts_with('[');
+            match PortFamily::of_host_ip(ip) {
+                Some(f) if f != PortFamily::Both && !bare_v6 => (f, (h, c)),
+                _ => return Err(BadPublish),
+            }
+        }
+        _ => return Err(BadPublish),
+    };
     Ok(PortMapping {
-        host_port: h.parse().map_err(|_| BadPublish)?,
-        container_port: c.parse().ok().filter(|p| *p != 0).ok_or(BadPublish)?,
+        host_port: ports.0.parse().map_err(|_| BadPublish)?,
+        container_port: ports.1.parse().ok().filter(|p| *p != 0).ok_or(BadPublish)?,
         protocol,
+        host_ip,
     })
 }
 
@@ -146,13 +166,15 @@ fn add(paths: &InstancePaths, mut task: Task) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A task's published ports: `8080->80/tcp 5353->53/udp`.
+/// A task's published ports as `docker ps` prints them: `8080->80/tcp 0.0.0.0:5353->53/udp
+/// [::]:8443->443/tcp`, the host address only for a port published on one family.
 pub fn ports(mappings: &[PortMapping]) -> String {
     let ports: Vec<String> = mappings
         .iter()
         .map(|p| {
             format!(
-                "{}->{}/{}",
+                "{}{}->{}/{}",
+                p.host_ip.docker_prefix(),
                 p.host_port,
                 p.container_port,
                 p.protocol.as_str()
@@ -243,12 +265,36 @@ mod tests {
             (8080, 80, Protocol::Tcp)
         );
         assert_eq!(publish("0:53/udp").unwrap().protocol, Protocol::Udp);
-        for bad in ["80", "80:0", "x:80", "80:80/sctp", "80:80:80"] {
+        for bad in [
+            "80",
+            "80:0",
+            "x:80",
+            "80:80/sctp",
+            "80:80:80",
+            "127.0.0.1:80:80",
+            "[::1]:80:80",
+            ":::80:80",
+            "[]:80:80",
+            ":80:80",
+            "0.0.0.0:80",
+            "0.0.0.0:80:80:80",
+        ] {
             assert!(publish(bad).is_err(), "{bad}");
         }
+        let v4 = publish("0.0.0.0:8080:80").unwrap();
+        let v6 = publish("[::]:8081:80/udp").unwrap();
         assert_eq!(
-            ports(&[p, publish("0:53/udp").unwrap()]),
-            "8080->80/tcp 0->53/udp"
+            (v4.host_ip, v4.host_port, v4.container_port),
+            (PortFamily::Ipv4, 8080, 80)
+        );
+        assert_eq!(
+            (v6.host_ip, v6.host_port, v6.protocol),
+            (PortFamily::Ipv6, 8081, Protocol::Udp)
+        );
+        assert_eq!(p.host_ip, PortFamily::Both);
+        assert_eq!(
+            ports(&[p, publish("0:53/udp").unwrap(), v4, v6]),
+            "8080->80/tcp 0->53/udp 0.0.0.0:8080->80/tcp [::]:8081->80/udp"
         );
     }
 

@@ -4,7 +4,7 @@
 //! guessed name).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs::File,
     net::{Ipv4Addr, Ipv6Addr},
 };
@@ -16,7 +16,7 @@ use nix::sched::{CloneFlags, setns};
 use tokio::sync::oneshot;
 
 use super::{Skip, labels};
-use crate::state::{PortMapping, Protocol, Task, TaskSource};
+use crate::state::{PortFamily, PortMapping, Protocol, Task, TaskSource};
 
 /// A running container on our bridge, before its veth is looked up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,11 +170,13 @@ fn on_bridge<'a>(
     })
 }
 
-/// The ports Docker published on every host address (`0.0.0.0`, `::` or empty), one mapping
-/// for the IPv4 and IPv6 bindings of a port; bindings on one host address and protocols ecsnet
-/// does not publish (sctp) are left to Docker, with a note.
+/// The ports Docker published on every host address of a family (`0.0.0.0`, `::`, or empty
+/// for both), each with its families: Docker reports the IPv4 and IPv6 bindings of one `-p`
+/// apart, and they are one mapping again here. Bindings on one host address and protocols
+/// ecsnet does not publish (sctp) are left to Docker, with a note.
 fn published(ports: &PortMap, notes: &mut Vec<String>) -> Vec<PortMapping> {
-    let mut found = BTreeSet::new();
+    // (host port, protocol, container port) -> (bound on IPv4, bound on IPv6).
+    let mut found: BTreeMap<(u16, Protocol, u16), (bool, bool)> = BTreeMap::new();
     for (spec, bindings) in ports {
         let Some(bindings) = bindings else {
             continue; // exposed, not published
@@ -195,22 +197,33 @@ fn published(ports: &PortMap, notes: &mut Vec<String>) -> Vec<PortMapping> {
                 ));
                 continue;
             };
-            if !matches!(host_ip, "" | "0.0.0.0" | "::") {
+            let Some(family) = PortFamily::of_host_ip(host_ip) else {
                 notes.push(format!(
                     "port {spec} published on {host_ip}:{host_port} only: left to Docker"
                 ));
                 continue;
-            }
-            found.insert((host_port, protocol, container_port));
+            };
+            let bound = found
+                .entry((host_port, protocol, container_port))
+                .or_default();
+            bound.0 |= family.has_ipv4();
+            bound.1 |= family.has_ipv6();
         }
     }
     found
         .into_iter()
-        .map(|(host_port, protocol, container_port)| PortMapping {
-            container_port,
-            host_port,
-            protocol,
-        })
+        .map(
+            |((host_port, protocol, container_port), bound)| PortMapping {
+                container_port,
+                host_port,
+                protocol,
+                host_ip: match bound {
+                    (true, false) => PortFamily::Ipv4,
+                    (false, true) => PortFamily::Ipv6,
+                    _ => PortFamily::Both,
+                },
+            },
+        )
         .collect()
 }
 
@@ -593,17 +606,25 @@ mod tests {
         let mut notes = Vec::new();
         let got: Vec<_> = published(&map, &mut notes)
             .into_iter()
-            .map(|p| (p.container_port, p.host_port, p.protocol.as_str()))
+            .map(|p| {
+                (
+                    p.container_port,
+                    p.host_port,
+                    p.protocol.as_str(),
+                    p.host_ip,
+                )
+            })
             .collect();
+        // 80's two bindings are one mapping again; 81's two ports are one family each.
         assert_eq!(
             got,
             [
-                (53, 53, "tcp"),
-                (53, 53, "udp"),
-                (22, 2200, "tcp"),
-                (80, 32770, "tcp"),
-                (81, 32771, "tcp"),
-                (81, 32772, "tcp"),
+                (53, 53, "tcp", PortFamily::Ipv4),
+                (53, 53, "udp", PortFamily::Both),
+                (22, 2200, "tcp", PortFamily::Ipv4),
+                (80, 32770, "tcp", PortFamily::Both),
+                (81, 32771, "tcp", PortFamily::Ipv4),
+                (81, 32772, "tcp", PortFamily::Ipv6),
             ]
         );
         assert_eq!(notes.len(), 2, "{notes:?}");
@@ -612,6 +633,40 @@ mod tests {
             notes.iter().any(|n| n.contains("10.0.0.5:2222")),
             "{notes:?}"
         );
+    }
+
+    #[test]
+    fn published_ports_keep_the_family_of_each_binding() {
+        // `docker run -p 0.0.0.0:8080:80 -p [::]:8081:80 -p 8082:80 -p 8083:83/udp` on Docker
+        // 20.10: the default binds both families, as two entries; `[::]` is spelt `::`.
+        let text = r#"{
+            "80/tcp": [
+                {"HostIp": "0.0.0.0", "HostPort": "8080"},
+                {"HostIp": "::", "HostPort": "8081"},
+                {"HostIp": "0.0.0.0", "HostPort": "8082"},
+                {"HostIp": "::", "HostPort": "8082"}
+            ],
+            "83/udp": [{"HostIp": "::", "HostPort": "8083"}, {"HostIp": "0.0.0.0", "HostPort": "8083"}],
+            "84/tcp": [{"HostIp": "::1", "HostPort": "8084"}, {"HostIp": "::", "HostPort": "8084"}]
+        }"#;
+        let map: PortMap = serde_json::from_str(text).unwrap();
+        let mut notes = Vec::new();
+        let got: Vec<_> = published(&map, &mut notes)
+            .into_iter()
+            .map(|p| (p.host_port, p.container_port, p.protocol, p.host_ip))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (8080, 80, Protocol::Tcp, PortFamily::Ipv4),
+                (8081, 80, Protocol::Tcp, PortFamily::Ipv6),
+                (8082, 80, Protocol::Tcp, PortFamily::Both),
+                (8083, 83, Protocol::Udp, PortFamily::Both),
+                (8084, 84, Protocol::Tcp, PortFamily::Ipv6),
+            ]
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("::1:8084 only"), "{notes:?}");
     }
 
     #[test]

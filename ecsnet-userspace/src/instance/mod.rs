@@ -425,6 +425,9 @@ pub fn upgrade(paths: &InstancePaths) -> Result<Upgraded, InstanceError> {
     write_host_addresses(paths, &Snapshot::read()?, &meta)?;
     let applied = read_applied(paths)?.unwrap_or_default();
     maps::write_ports6(paths, &entries::port6_entries(&applied))?;
+    // An older build wrote `TASKS` without IPv6: the tasks' addresses, then their marks.
+    let tasks6 = entries::task6_entries_of(&applied, &maps::read_tasks(paths)?);
+    maps::write_tasks6(paths, &tasks6)?;
     let agent_was = process::stop_agent(paths)?;
     // The new agent may want the lock as it starts (it follows an engine).
     drop(lock);

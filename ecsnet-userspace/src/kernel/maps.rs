@@ -27,7 +27,7 @@ use ecsnet_common::{
         MAP_CT_EVENTS, MAP_CT_NEW, MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS,
         MAP_LOCAL_ADDRS6, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_PORTS, MAP_PORTS6, MAP_STATS, MAP_TASKS,
         MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget, PortTarget6, ROLE_TASK, StatsKey,
-        TaskInfo,
+        TASK_IPV6, TaskInfo,
     },
     net::ipv4_from_map,
     policy::{
@@ -112,8 +112,10 @@ fn keys_of<K: Eq + Hash + Copy, V>(entries: &[(K, V)]) -> HashSet<K> {
     entries.iter().map(|(k, _)| *k).collect()
 }
 
-/// Makes `TASKS`, `TASKS6` and the task rows of `IFACES` equal to the given entries; the uplink rows of
-/// `IFACES` are kept.
+/// Makes `TASKS`, `TASKS6` and the task rows of `IFACES` equal to the given entries; the uplink
+/// rows of `IFACES` are kept. A datapath an older build loaded has no `TASKS6`: its tasks are
+/// written without `TASK_IPV6` (their IPv6 addresses unknown to it), and `ecsnet upgrade`
+/// fills both ([`write_tasks6`]).
 pub fn write_tasks(
     paths: &InstancePaths,
     tasks: &[(u32, TaskInfo)],
@@ -121,8 +123,20 @@ pub fn write_tasks(
     ifaces: &[(u32, IfaceInfo)],
 ) -> Result<(), MapsError> {
     // IPv6 addresses first and gone ones last: a task marked `TASK_IPV6` always finds its own.
-    let mut t6: HashMap<MapData, [u8; 16], u32> = open_as(paths, MAP_TASKS6)?;
-    insert_all(&mut t6, MAP_TASKS6, tasks6)?;
+    let mut t6: Option<HashMap<MapData, [u8; 16], u32>> = if tasks6_pinned(paths) {
+        Some(open_as(paths, MAP_TASKS6)?)
+    } else {
+        if !tasks6.is_empty() {
+            log::warn!(
+                "this instance's datapath has no {MAP_TASKS6} (an older build): its tasks' IPv6 \
+                 addresses are known to it after `ecsnet upgrade`"
+            );
+        }
+        None
+    };
+    if let Some(t6) = &mut t6 {
+        insert_all(t6, MAP_TASKS6, tasks6)?;
+    }
     let before: StdHashMap<u32, TaskInfo> = read_tasks(paths)?.into_iter().collect();
     let mut t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
     for (k, v) in tasks {
@@ -134,12 +148,17 @@ pub fn write_tasks(
         {
             v.mac = old.mac;
         }
+        if t6.is_none() {
+            v.flags &= !TASK_IPV6;
+        }
         t.insert(k, &v, 0).map_err(access(MAP_TASKS))?;
     }
     let keep = keys_of(tasks);
     remove_keys(&mut t, MAP_TASKS, |k| !keep.contains(k))?;
-    let keep = keys_of(tasks6);
-    remove_keys(&mut t6, MAP_TASKS6, |k| !keep.contains(k))?;
+    if let Some(t6) = &mut t6 {
+        let keep = keys_of(tasks6);
+        remove_keys(t6, MAP_TASKS6, |k| !keep.contains(k))?;
+    }
 
     let mut i: HashMap<MapData, u32, IfaceInfo> = open_as(paths, MAP_IFACES)?;
     insert_all(&mut i, MAP_IFACES, ifaces)?;
@@ -152,6 +171,35 @@ pub fn write_tasks(
     remove_keys(&mut i, MAP_IFACES, |k| {
         task_rows.contains(k) && !keep.contains(k)
     })
+}
+
+/// Whether the datapath has `TASKS6` (an older build's has not).
+fn tasks6_pinned(paths: &InstancePaths) -> bool {
+    paths.map_pin(MAP_TASKS6).exists()
+}
+
+/// `ecsnet upgrade` over a datapath an older build wrote: makes `TASKS6` equal to `tasks6`,
+/// then marks `TASK_IPV6` exactly the `TASKS` entries on those interfaces (in that order, as
+/// [`write_tasks`]: a marked task always finds its own address). False, having written
+/// nothing, when the datapath has no `TASKS6`.
+pub fn write_tasks6(paths: &InstancePaths, tasks6: &[([u8; 16], u32)]) -> Result<bool, MapsError> {
+    if !replace_newer(paths, MAP_TASKS6, tasks6)? {
+        return Ok(false);
+    }
+    let with6: HashSet<u32> = tasks6.iter().map(|(_, ifindex)| *ifindex).collect();
+    let mut t: HashMap<MapData, u32, TaskInfo> = open_as(paths, MAP_TASKS)?;
+    for (k, mut v) in read_tasks(paths)? {
+        let flags = if with6.contains(&v.ifindex) {
+            v.flags | TASK_IPV6
+        } else {
+            v.flags & !TASK_IPV6
+        };
+        if flags != v.flags {
+            v.flags = flags;
+            t.insert(&k, &v, 0).map_err(access(MAP_TASKS))?;
+        }
+    }
+    Ok(true)
 }
 
 /// Records an interface (the uplink) in `IFACES`.

@@ -1,7 +1,10 @@
 //! Every map entry the datapath's maps hold for a state on this host, in the byte order the
 //! maps keep (network order for addresses and ports). Pure: the host comes in as a snapshot.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ecsnet_common::maps::{
     CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, Config6, IfaceInfo, PortKey, PortTarget,
@@ -11,7 +14,7 @@ use ecsnet_common::maps::{
 use crate::{
     host::netlink::Snapshot,
     plan::{sg::Compiled, tasks::ResolvedTask},
-    state::{DefaultPolicy, Host, State, Task},
+    state::{DefaultPolicy, Host, PortFamily, State, Task},
 };
 
 /// An address as the maps hold it: network byte order in a `u32`.
@@ -51,6 +54,21 @@ pub fn task6_entries(tasks: &[ResolvedTask]) -> Vec<([u8; 16], u32)> {
         .collect()
 }
 
+/// The `TASKS6` entries of the tasks of `applied` with an IPv6 address, on the interface
+/// `TASKS` (`tasks`, as the kernel has it) gives their IPv4 address: what `ecsnet upgrade`
+/// fills for a datapath an older build wrote, which had no `TASKS6`.
+pub fn task6_entries_of(applied: &State, tasks: &[(u32, TaskInfo)]) -> Vec<([u8; 16], u32)> {
+    let ifindex: HashMap<u32, u32> = tasks.iter().map(|(a, t)| (*a, t.ifindex)).collect();
+    applied
+        .tasks
+        .iter()
+        .filter_map(|t| {
+            let v6 = t.ipv6_address?;
+            Some((v6.octets(), *ifindex.get(&be(t.ipv4_address))?))
+        })
+        .collect()
+}
+
 /// The task rows of `IFACES`: each task's interface by ifindex, with the task's address.
 pub fn iface_entries(tasks: &[ResolvedTask]) -> Vec<(u32, IfaceInfo)> {
     tasks
@@ -74,25 +92,31 @@ pub fn config_flags(host: &Host) -> u8 {
     imds | deny
 }
 
-/// Every published port: its task, its `PORTS`/`PORTS6` key and the container port, in network
-/// byte order.
-fn published(state: &State) -> impl Iterator<Item = (&Task, PortKey, u16)> {
-    state.tasks.iter().flat_map(|t| {
-        t.port_mappings.iter().map(move |pm| {
-            let key = PortKey {
-                port: pm.host_port.to_be(),
-                proto: pm.protocol.number(),
-                _pad: 0,
-            };
-            (t, key, pm.container_port.to_be())
-        })
+/// Every port published on a family `on` picks: its task, its `PORTS`/`PORTS6` key and the
+/// container port, in network byte order.
+fn published(
+    state: &State,
+    on: fn(PortFamily) -> bool,
+) -> impl Iterator<Item = (&Task, PortKey, u16)> {
+    state.tasks.iter().flat_map(move |t| {
+        t.port_mappings
+            .iter()
+            .filter(move |pm| on(pm.host_ip))
+            .map(move |pm| {
+                let key = PortKey {
+                    port: pm.host_port.to_be(),
+                    proto: pm.protocol.number(),
+                    _pad: 0,
+                };
+                (t, key, pm.container_port.to_be())
+            })
     })
 }
 
-/// The `PORTS` entries: every published host port to its task's address and container port,
-/// all in network byte order.
+/// The `PORTS` entries: every host port published on IPv4 (no `hostIp`, or "0.0.0.0") to its
+/// task's address and container port, all in network byte order.
 pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
-    published(state)
+    published(state, PortFamily::has_ipv4)
         .map(|(t, key, port)| {
             let addr = be(t.ipv4_address);
             (
@@ -107,11 +131,11 @@ pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
         .collect()
 }
 
-/// The `PORTS6` entries: the same host ports as `PORTS`, of the tasks that have an IPv6
-/// address, to that address and the container port. Docker publishes a port on both families
-/// at once (its `[::]` bindings); a task without an IPv6 address has none here.
+/// The `PORTS6` entries: the host ports published on IPv6 (no `hostIp`, as Docker's default
+/// `-p 8080:80` binds both families, or "::") of the tasks that have an IPv6 address, to that
+/// address and the container port; a task without an IPv6 address has none here.
 pub fn port6_entries(state: &State) -> Vec<(PortKey, PortTarget6)> {
-    published(state)
+    published(state, PortFamily::has_ipv6)
         .filter_map(|(t, key, port)| {
             let addr = t.ipv6_address?.octets();
             Some((
@@ -261,6 +285,80 @@ mod tests {
         // The same keys as the IPv4 entries of the task.
         let v4: Vec<PortKey> = port_entries(&s(&a)).iter().map(|(k, _)| *k).collect();
         assert_eq!(v4, [key(8080, 6), key(8053, 17), key(8443, 6)]);
+    }
+
+    #[test]
+    fn each_family_has_the_ports_published_on_it() {
+        let ports = [
+            (80, 8080, Protocol::Tcp),
+            (80, 8081, Protocol::Tcp),
+            (80, 8082, Protocol::Tcp),
+        ];
+        let mut a = task("a", [172, 17, 0, 2], &ports);
+        a.port_mappings[0].host_ip = PortFamily::Ipv4;
+        a.port_mappings[1].host_ip = PortFamily::Ipv6;
+        a.ipv6_address = Some(v6("fd00:172:17::242:ac11:2"));
+        // Another task on 8080 over IPv6 only: the same key, in the other map.
+        let mut b = task("b", [172, 17, 0, 3], &[(443, 8080, Protocol::Tcp)]);
+        b.port_mappings[0].host_ip = PortFamily::Ipv6;
+        b.ipv6_address = Some(v6("fd00:172:17::242:ac11:3"));
+        let s = State {
+            tasks: vec![a, b],
+            ..Default::default()
+        };
+        let v4: Vec<(u16, [u8; 4])> = port_entries(&s)
+            .iter()
+            .map(|(k, t)| (u16::from_be(k.port), t.addr.to_ne_bytes()))
+            .collect();
+        assert_eq!(v4, [(8080, [172, 17, 0, 2]), (8082, [172, 17, 0, 2])]);
+        let v6s: Vec<(u16, Ipv6Addr, u16)> = port6_entries(&s)
+            .iter()
+            .map(|(k, t)| {
+                let port = u16::from_be(t.port);
+                (u16::from_be(k.port), Ipv6Addr::from(t.addr), port)
+            })
+            .collect();
+        assert_eq!(
+            v6s,
+            [
+                (8081, v6("fd00:172:17::242:ac11:2"), 80),
+                (8082, v6("fd00:172:17::242:ac11:2"), 80),
+                (8080, v6("fd00:172:17::242:ac11:3"), 443),
+            ]
+        );
+        // Without an IPv6 address a task publishes nothing over IPv6, whatever its hostIp.
+        let mut s = s;
+        s.tasks[1].ipv6_address = None;
+        assert_eq!(port6_entries(&s).len(), 2);
+    }
+
+    #[test]
+    fn an_upgrade_finds_the_ipv6_tasks_on_their_ipv4_interfaces() {
+        let mut a = task("a", [172, 17, 0, 2], &[]);
+        a.ipv6_address = Some(v6("fd00:172:17::242:ac11:2"));
+        let b = task("b", [172, 17, 0, 3], &[]);
+        // Not in TASKS (the agent has not seen its interface): nowhere to point at.
+        let mut c = task("c", [172, 17, 0, 4], &[]);
+        c.ipv6_address = Some(v6("fd00:172:17::242:ac11:4"));
+        let applied = State {
+            tasks: vec![a, b, c],
+            ..Default::default()
+        };
+        let info = |ifindex| TaskInfo {
+            ifindex,
+            mac: [0; 6],
+            flags: 0,
+            _pad: 0,
+            policy: 0,
+        };
+        let in_map = [
+            (be(Ipv4Addr::new(172, 17, 0, 2)), info(7)),
+            (be(Ipv4Addr::new(172, 17, 0, 3)), info(8)),
+        ];
+        assert_eq!(
+            task6_entries_of(&applied, &in_map),
+            [(v6("fd00:172:17::242:ac11:2").octets(), 7)]
+        );
     }
 
     /// An IPv6 address of link `index`, global and usable unless changed.

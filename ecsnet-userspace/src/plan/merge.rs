@@ -168,7 +168,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::state::{PortMapping, Protocol};
+    use crate::state::{PortFamily, PortMapping, Protocol};
 
     fn group(id: &str) -> SecurityGroup {
         SecurityGroup {
@@ -188,6 +188,7 @@ mod tests {
                 container_port: 80,
                 host_port: port,
                 protocol: Protocol::Tcp,
+                host_ip: PortFamily::Both,
             }],
             ..Task::new(name, Ipv4Addr::new(172, 17, 0, last))
         }
@@ -201,6 +202,7 @@ mod tests {
                     container_port: 80,
                     host_port: 8080,
                     protocol: Protocol::Tcp,
+                    host_ip: PortFamily::Both,
                 }],
                 ..Task::new("pinned", Ipv4Addr::new(172, 17, 0, 2))
             }],

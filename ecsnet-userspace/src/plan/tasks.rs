@@ -9,7 +9,7 @@ use std::{
 use crate::{
     host::netlink::{Link, Snapshot},
     plan::{PlanError, PlanProblem},
-    state::{Protocol, State, Task},
+    state::{PortFamily, Protocol, State, Task},
 };
 
 /// A task with everything the datapath needs resolved.
@@ -157,11 +157,13 @@ pub fn resolve(
     Ok(out)
 }
 
-/// Key of a port mapping that keeps its dynamic host port across applies.
-pub type MappingKey = (String, u16, Protocol);
+/// Key of a port mapping that keeps its dynamic host port across applies: task name, container
+/// port, protocol, families.
+pub type MappingKey = (String, u16, Protocol, PortFamily);
 
 /// Gives every `hostPort: 0` a free port from `range`: the one it had before when still free,
-/// else the lowest free one. Fails only when the range is exhausted.
+/// else the lowest free one. Fails only when the range is exhausted. A port taken in either
+/// family is not free for any: a dynamic port is never shared.
 pub fn assign_dynamic_ports<S: std::hash::BuildHasher>(
     state: &mut State,
     previous: &HashMap<MappingKey, u16, S>,
@@ -180,7 +182,7 @@ pub fn assign_dynamic_ports<S: std::hash::BuildHasher>(
             if pm.host_port != 0 {
                 continue;
             }
-            let key = (t.name.clone(), pm.container_port, pm.protocol);
+            let key = (t.name.clone(), pm.container_port, pm.protocol, pm.host_ip);
             if let Some(&p) = previous.get(&key)
                 && (lo..=hi).contains(&p)
                 && !used.contains(&(p, pm.protocol))
@@ -226,10 +228,11 @@ pub fn dynamic_ports_of(applied: &State, requested: &State) -> HashMap<MappingKe
                 r.host_port == 0
                     && r.container_port == pm.container_port
                     && r.protocol == pm.protocol
+                    && r.host_ip == pm.host_ip
             });
             if was_dynamic {
                 out.insert(
-                    (t.name.clone(), pm.container_port, pm.protocol),
+                    (t.name.clone(), pm.container_port, pm.protocol, pm.host_ip),
                     pm.host_port,
                 );
             }
@@ -251,6 +254,7 @@ pub(crate) mod tests {
                     container_port: c,
                     host_port: h,
                     protocol: p,
+                    host_ip: PortFamily::Both,
                 })
                 .collect(),
             ..Task::new(name, ip.into())
@@ -288,6 +292,44 @@ pub(crate) mod tests {
         again.tasks.remove(0);
         assign_dynamic_ports(&mut again, &prev).unwrap();
         assert_eq!(again.tasks[0].port_mappings[0].host_port, 50002);
+    }
+
+    #[test]
+    fn dynamic_ports_of_one_container_port_in_two_families_stay_apart_and_stable() {
+        let mut s = State::default();
+        s.host.ephemeral_ports = [50000, 50009];
+        let mut a = task(
+            "a",
+            [172, 17, 0, 2],
+            &[(80, 0, Protocol::Tcp), (80, 0, Protocol::Tcp)],
+        );
+        a.port_mappings[0].host_ip = PortFamily::Ipv6;
+        a.port_mappings[1].host_ip = PortFamily::Ipv4;
+        s.tasks = vec![task("b", [172, 17, 0, 3], &[(80, 0, Protocol::Tcp)]), a];
+        let requested = s.clone();
+        assign_dynamic_ports(&mut s, &HashMap::new()).unwrap();
+        let ports = |s: &State| -> Vec<u16> {
+            s.tasks
+                .iter()
+                .flat_map(|t| t.port_mappings.iter().map(|p| p.host_port))
+                .collect()
+        };
+        assert_eq!(ports(&s), [50000, 50001, 50002]);
+        // Task b goes: a's two keep theirs, each by its family.
+        let prev = dynamic_ports_of(&s, &requested);
+        let mut again = requested.clone();
+        again.tasks.remove(0);
+        again.tasks[0].port_mappings.reverse();
+        assign_dynamic_ports(&mut again, &prev).unwrap();
+        let by_family: Vec<_> = again.tasks[0]
+            .port_mappings
+            .iter()
+            .map(|p| (p.host_ip, p.host_port))
+            .collect();
+        assert_eq!(
+            by_family,
+            [(PortFamily::Ipv4, 50002), (PortFamily::Ipv6, 50001)]
+        );
     }
 
     #[test]

@@ -75,12 +75,19 @@ pub enum Problem {
     #[error("bad MAC address {mac:?}: expected a unicast MAC like 02:42:ac:11:00:02")]
     BadMac { mac: String },
     #[error(
-        "host port {port}/{} is already published by $.tasks[{other}] ({name})",
-        protocol.as_str()
+        "host port {port}/{}{} is already published by $.tasks[{other}] ({name})",
+        protocol.as_str(),
+        match on {
+            PortFamily::Both => "",
+            PortFamily::Ipv4 => " on IPv4",
+            PortFamily::Ipv6 => " on IPv6",
+        }
     )]
     HostPortTaken {
         port: u16,
         protocol: Protocol,
+        /// The families both publish it on.
+        on: PortFamily,
         other: usize,
         name: String,
     },
@@ -287,6 +294,104 @@ pub struct PortMapping {
     pub host_port: u16,
     #[serde(default)]
     pub protocol: Protocol,
+    /// The families the port is published on, as ECS task metadata and `docker inspect` give
+    /// the binding's host address: `hostIp` "0.0.0.0" IPv4 only, "::" IPv6 only, none both.
+    #[serde(default, skip_serializing_if = "PortFamily::is_both")]
+    pub host_ip: PortFamily,
+}
+
+/// The address families a port is published on. Docker publishes `-p 8080:80` on both (its
+/// `0.0.0.0` and `::` bindings), `-p 0.0.0.0:8080:80` on IPv4 only and `-p [::]:8080:80` on
+/// IPv6 only. ecsnet publishes a port on every host address of a family, so a binding on one
+/// address (`127.0.0.1`) is not one it can hold: the state file refuses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortFamily {
+    /// No `hostIp` (or Docker's empty one): IPv4 and IPv6.
+    #[default]
+    Both,
+    /// `hostIp` "0.0.0.0".
+    Ipv4,
+    /// `hostIp` "::".
+    Ipv6,
+}
+
+impl PortFamily {
+    /// Serde's `skip_serializing_if` passes a reference.
+    pub fn is_both(&self) -> bool {
+        *self == Self::Both
+    }
+    pub fn has_ipv4(self) -> bool {
+        self != Self::Ipv6
+    }
+    pub fn has_ipv6(self) -> bool {
+        self != Self::Ipv4
+    }
+    /// Each single family this covers: `Ipv4`, `Ipv6` or both of them.
+    pub fn singles(self) -> &'static [PortFamily] {
+        match self {
+            Self::Both => &[Self::Ipv4, Self::Ipv6],
+            Self::Ipv4 => &[Self::Ipv4],
+            Self::Ipv6 => &[Self::Ipv6],
+        }
+    }
+    /// The family of a Docker binding's host address: `""` both, `0.0.0.0`, `::`; None for
+    /// one address, or text that is no address.
+    pub fn of_host_ip(host_ip: &str) -> Option<Self> {
+        match host_ip {
+            "" => Some(Self::Both),
+            ip => match ip.parse::<IpAddr>().ok()? {
+                IpAddr::V4(a) if a.is_unspecified() => Some(Self::Ipv4),
+                IpAddr::V6(a) if a.is_unspecified() => Some(Self::Ipv6),
+                _ => None,
+            },
+        }
+    }
+    /// The host address as Docker prints it before a port (`docker ps`): `0.0.0.0:`, `[::]:`,
+    /// nothing for both.
+    pub fn docker_prefix(self) -> &'static str {
+        match self {
+            Self::Both => "",
+            Self::Ipv4 => "0.0.0.0:",
+            Self::Ipv6 => "[::]:",
+        }
+    }
+    /// The `hostIp` of the state file; None for both.
+    pub fn host_ip(self) -> Option<&'static str> {
+        match self {
+            Self::Both => None,
+            Self::Ipv4 => Some("0.0.0.0"),
+            Self::Ipv6 => Some("::"),
+        }
+    }
+}
+
+impl Serialize for PortFamily {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.host_ip() {
+            Some(ip) => s.serialize_str(ip),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortFamily {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(Self::Both);
+        };
+        Self::of_host_ip(&text).ok_or_else(|| {
+            let what = if text.parse::<IpAddr>().is_ok() {
+                "a single host address, which ecsnet cannot publish on (it publishes a port on \
+                 every address of a family)"
+            } else {
+                "not an IP address"
+            };
+            serde::de::Error::custom(format!(
+                "hostIp {text:?} is {what}: give \"0.0.0.0\" (IPv4 only), \"::\" (IPv6 only), \
+                 or no hostIp (both)"
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -631,6 +736,101 @@ pub(crate) mod tests {
             let e = check(&GOOD.replace(from, to)).expect_err(to);
             assert_eq!(e.problem.to_string(), message);
         }
+    }
+
+    /// GOOD with web-1's 8080/tcp and web-2's 8080/udp published on `a` and `b` (`hostIp`;
+    /// None leaves it out), and web-2's made tcp when `same_protocol`.
+    fn with_host_ips(a: Option<&str>, b: Option<&str>, same_protocol: bool) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        for (task, ip) in [(0, a), (1, b)] {
+            if let Some(ip) = ip {
+                v["tasks"][task]["portMappings"][0]["hostIp"] = ip.into();
+            }
+        }
+        if same_protocol {
+            v["tasks"][1]["portMappings"][0]["protocol"] = "tcp".into();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn a_port_mapping_has_the_families_of_its_host_ip() {
+        let s = check(&with_host_ips(Some("0.0.0.0"), Some("::"), false)).unwrap();
+        assert_eq!(s.tasks[0].port_mappings[0].host_ip, PortFamily::Ipv4);
+        assert_eq!(s.tasks[1].port_mappings[0].host_ip, PortFamily::Ipv6);
+        assert_eq!(s.tasks[0].port_mappings[1].host_ip, PortFamily::Both);
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(
+            text.contains(r#""protocol":"tcp","hostIp":"0.0.0.0"}"#)
+                && text.contains(r#""hostIp":"::"}"#),
+            "written back as given: {text}"
+        );
+        assert_eq!(text.matches("hostIp").count(), 2, "none for both: {text}");
+        for both in ["\"\"", "null"] {
+            let t = GOOD.replace(
+                "\"hostPort\": 0,",
+                &format!("\"hostPort\": 0, \"hostIp\": {both},"),
+            );
+            let s = check(&t).unwrap_or_else(|e| panic!("{both}: {e}"));
+            assert_eq!(
+                s.tasks[0].port_mappings[1].host_ip,
+                PortFamily::Both,
+                "{both}"
+            );
+        }
+        for (ip, says) in [
+            ("127.0.0.1", "a single host address"),
+            ("::1", "a single host address"),
+            ("10.0.0.5", "a single host address"),
+            ("[::]", "not an IP address"),
+            ("any", "not an IP address"),
+        ] {
+            let e = check(&with_host_ips(Some(ip), None, false)).expect_err(ip);
+            assert_eq!(e.path, "$.tasks[0].portMappings[0].hostIp", "{ip}: {e}");
+            let text = e.to_string();
+            assert!(text.contains(says) && !text.contains('\n'), "{ip}: {e}");
+            assert!(
+                text.contains(r#"give "0.0.0.0" (IPv4 only), "::" (IPv6 only)"#),
+                "{e}"
+            );
+        }
+        let e = check(&with_host_ips(Some(""), None, false).replace("\"\"", "7")).unwrap_err();
+        assert_eq!(e.path, "$.tasks[0].portMappings[0].hostIp", "{e}");
+    }
+
+    #[test]
+    fn one_host_port_may_be_two_tasks_in_two_families_never_twice_in_one() {
+        for (a, b) in [(Some("0.0.0.0"), Some("::")), (Some("::"), Some("0.0.0.0"))] {
+            assert!(
+                check(&with_host_ips(a, b, true)).is_ok(),
+                "8080/tcp on {a:?} and {b:?}"
+            );
+        }
+        for (a, b, on) in [
+            (None, None, ""),
+            (Some("0.0.0.0"), Some("0.0.0.0"), " on IPv4"),
+            (Some("::"), Some("::"), " on IPv6"),
+            (None, Some("::"), " on IPv6"),
+            (Some("0.0.0.0"), None, " on IPv4"),
+            (Some("::"), None, " on IPv6"),
+        ] {
+            let e = check(&with_host_ips(a, b, true)).expect_err("one family twice");
+            assert_eq!(e.path, "$.tasks[1].portMappings[0].hostPort", "{e}");
+            assert_eq!(
+                e.problem.to_string(),
+                format!("host port 8080/tcp{on} is already published by $.tasks[0] (web-1)"),
+                "{a:?} then {b:?}"
+            );
+        }
+        // ECS task metadata lists a port's two bindings apart: one task, both families.
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        let ports = &mut v["tasks"][1]["portMappings"];
+        ports[0]["hostIp"] = "0.0.0.0".into();
+        let mut six = ports[0].clone();
+        six["hostIp"] = "::".into();
+        ports.as_array_mut().unwrap().push(six);
+        let s = check(&v.to_string()).expect("a port's IPv4 and IPv6 bindings");
+        assert_eq!(s.tasks[1].port_mappings.len(), 2);
     }
 
     /// GOOD with sg-web's inbound rule given `Ipv6Ranges` `ranges`.

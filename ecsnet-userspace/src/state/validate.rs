@@ -10,7 +10,7 @@ use std::{
 use ecsnet_common::policy::mask_addr;
 
 use crate::state::{
-    BridgeNet, IpPermission, Problem, Protocol, State, StateError, Task,
+    BridgeNet, IpPermission, PortFamily, PortMapping, Problem, Protocol, State, StateError, Task,
     parse::check_len,
     rules::{
         CidrError, Group, IpProtocol, Ipv4Net, Ipv6Net, Member, Rule, RuleError, Rules, Traffic,
@@ -172,7 +172,8 @@ fn groups(state: &State) -> Result<(GroupIndex<'_>, Vec<Group>), StateError> {
 struct Taken<'a> {
     names: HashMap<&'a str, usize>,
     addrs: HashMap<IpAddr, usize>,
-    host_ports: HashMap<(u16, Protocol), usize>,
+    /// A fixed host port in one family (`PortFamily::Ipv4` or `Ipv6`).
+    host_ports: HashMap<(u16, Protocol, PortFamily), usize>,
 }
 
 /// Whether `addr` may be a task's global IPv6 address: a unicast address other than the
@@ -280,18 +281,9 @@ fn task<'a>(
                 Problem::ContainerPortZero,
             ));
         }
-        if pm.host_port != 0
-            && let Some(other) = taken.host_ports.insert((pm.host_port, pm.protocol), i)
-        {
-            return Err(StateError::at(
-                format!("{pp}.hostPort"),
-                Problem::HostPortTaken {
-                    port: pm.host_port,
-                    protocol: pm.protocol,
-                    other,
-                    name: state.tasks[other].name.clone(),
-                },
-            ));
+        if pm.host_port != 0 {
+            published(state, taken, (i, pm))
+                .map_err(|p| StateError::at(format!("{pp}.hostPort"), p))?;
         }
     }
     let mut member: Vec<(&str, usize)> = Vec::with_capacity(t.security_groups.len());
@@ -306,6 +298,40 @@ fn task<'a>(
         addr6: t.ipv6_address,
         groups: member.into_iter().map(|(_, g)| g).collect(),
     })
+}
+
+/// Records that task `i` publishes `pm` (a fixed host port) in each of its families; the error
+/// of the first task that already does in any, named with the families both cover.
+fn published(
+    state: &State,
+    taken: &mut Taken,
+    (i, pm): (usize, &PortMapping),
+) -> Result<(), Problem> {
+    let key = |f: PortFamily| (pm.host_port, pm.protocol, f);
+    let clash = pm
+        .host_ip
+        .singles()
+        .iter()
+        .find_map(|f| taken.host_ports.get(&key(*f)).copied());
+    if let Some(other) = clash {
+        let held = |f: &&PortFamily| taken.host_ports.get(&key(**f)) == Some(&other);
+        let shared: Vec<&PortFamily> = pm.host_ip.singles().iter().filter(held).collect();
+        let on = match shared[..] {
+            [single] => *single,
+            _ => PortFamily::Both,
+        };
+        return Err(Problem::HostPortTaken {
+            port: pm.host_port,
+            protocol: pm.protocol,
+            on,
+            other,
+            name: state.tasks[other].name.clone(),
+        });
+    }
+    for f in pm.host_ip.singles() {
+        taken.host_ports.insert(key(*f), i);
+    }
+    Ok(())
 }
 
 /// Every rule that is checked without the kernel (SPEC §4, §6); the security groups as typed
