@@ -94,9 +94,12 @@ fn stands_for(c: &Task, d: &Task) -> Option<String> {
         return Some("has its name".to_owned());
     }
     let port = c.port_mappings.iter().find(|cp| {
-        d.port_mappings
-            .iter()
-            .any(|dp| dp.host_port == cp.host_port && dp.protocol == cp.protocol)
+        d.port_mappings.iter().any(|dp| {
+            dp.host_port == cp.host_port
+                && dp.protocol == cp.protocol
+                && (dp.host_ip.has_ipv4() && cp.host_ip.has_ipv4()
+                    || dp.host_ip.has_ipv6() && cp.host_ip.has_ipv6())
+        })
     })?;
     Some(format!(
         "publishes its host port {}/{}",
@@ -292,6 +295,19 @@ mod tests {
             };
             assert_eq!((got.as_str(), by.as_str()), (why, "pinned"));
         }
+    }
+
+    #[test]
+    fn a_host_port_shadows_only_in_a_family_both_publish_it() {
+        let mut v4 = configured_state();
+        v4.tasks[0].port_mappings[0].host_ip = PortFamily::Ipv4;
+        let mut on_v6 = container("web", 3, "ab", &[], 8080);
+        on_v6.port_mappings[0].host_ip = PortFamily::Ipv6;
+        let m = merge(v4.clone(), std::slice::from_ref(&on_v6));
+        assert_eq!(m.state.tasks.len(), 2, "{:?}", m.notes);
+        let both = container("web", 3, "ab", &[], 8080);
+        let m = merge(v4, std::slice::from_ref(&both));
+        assert_eq!(m.state.tasks.len(), 1, "{:?}", m.notes);
     }
 
     #[test]
