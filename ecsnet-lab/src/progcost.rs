@@ -2,13 +2,16 @@
 //! the datapath loaded in memory (nothing attached, nothing pinned). Two measurements:
 //!
 //! - [`policy_cost`] answers one question of SPEC §6: does a policy check cost the same with 1
-//!   rule and with 10,000? Two copies are loaded per family: one whose task has a single inbound
-//!   rule, one whose task is in `groups` security groups holding `rules` rules in all (the same
-//!   rule among them). Each case is a packet that makes the program do a full policy check and
-//!   leaves no state behind (a SYN XDP lets pass, a SYN XDP or tc drops; over IPv6, a SYN from a
-//!   task without a policy to one whose MAC is not learned yet, which the kernel carries
-//!   untracked, or which the receiver's rules drop), so every repeat costs the same. Rounds
-//!   alternate between the two copies; the medians are reported.
+//!   rule and with 10,000, over IPv4 and over IPv6? Two copies are loaded: one whose tasks (one
+//!   policed over IPv4, one over IPv6) have a single inbound rule each, one whose tasks are in
+//!   `groups` security groups holding `rules` rules of their family in all (the same rule among
+//!   them). Each case is a packet that makes the program do a full policy check and leaves no
+//!   state behind (a SYN XDP lets pass, a SYN XDP or tc drops; over IPv6, a SYN from a task
+//!   without a policy to one whose MAC is not learned yet, which the kernel carries untracked,
+//!   or which the receiver's rules drop), so every repeat costs the same. IPv6 probes only the
+//!   prefix lengths its rules use: a third copy, whose IPv6 task has one rule at each length,
+//!   makes as many probes as the many-rule one with a handful of rules. Rounds alternate between
+//!   the copies; the medians are reported.
 //! - [`program_cost`] gives every program's cost for the packets it sees most: a data segment of
 //!   an established flow (and the SYN that opens an inbound one), with flow logging on as
 //!   `ecsnet up` leaves it. Each case loads its own copy and puts its flow in the tables by
@@ -70,9 +73,13 @@ const MONITOR_RATE: u32 = 1000;
 const ALLOWED_PORT: u16 = 8080;
 /// Host port published to container port 81, which no rule allows.
 const REJECTED_PORT: u16 = 8081;
-/// Task A's and task B's IPv6 addresses (unique local, as `fixed-cidr-v6` might give them).
-const TASK_A6: [u8; 16] = Ipv6Addr::new(0xfd00, 0xec5, 0x17, 0, 0, 0, 0, 2).octets();
+/// Task B's IPv6 address (unique local, as `fixed-cidr-v6` might give it): B is the task the
+/// IPv6 rules police.
 const TASK_B6: [u8; 16] = Ipv6Addr::new(0xfd00, 0xec5, 0x17, 0, 0, 0, 0, 3).octets();
+/// Task C, without a policy, sends the IPv6 cases' packets from the test device.
+const TASK_C: [u8; 4] = [172, 17, 0, 4];
+const TASK_C6: [u8; 16] = Ipv6Addr::new(0xfd00, 0xec5, 0x17, 0, 0, 0, 0, 4).octets();
+const MAC_C: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x04];
 /// Task B's ports over IPv6: the rules allow 80 from anywhere, and nothing else to 81.
 const ALLOWED_PORT6: u16 = 80;
 const REJECTED_PORT6: u16 = 81;
@@ -131,13 +138,12 @@ pub struct PolicyCost {
     pub groups: usize,
     pub repeat: u32,
     pub rounds: usize,
-    /// Trie entries the many-rule policy compiled to.
+    /// Map entries the many-rule policy compiled to: `SG_PEERS`, and `SG_RULES` (the rule sets'
+    /// port blocks, shared by both families).
     pub peer_entries: usize,
     pub rule_entries: usize,
-    /// `SG_PEERS6` entries of the many-rule IPv6 copy, as read back from its map.
+    /// `SG_PEERS6` entries of the many-rule copy, as read back from its map.
     pub peer_entries6: usize,
-    /// `SG_RULES` entries of the many-rule IPv6 policy.
-    pub rule_entries6: usize,
     /// The prefix lengths of the many-rule IPv6 copy's `SG_LEVELS6` mask for the receiver's
     /// inbound rules, longest first, as read back from its map: the probes an IPv6 check may make.
     pub levels6: Vec<u8>,
@@ -152,7 +158,7 @@ pub struct PolicyCost {
 /// among them "tcp 80 from 10.10.0.0/24". The others vary protocol, port ranges and prefix
 /// lengths, as real groups do.
 pub fn generated_state(rules: usize, groups: usize) -> State {
-    let mut sgs = empty_groups(groups);
+    let mut sgs = empty_groups("sg-", groups);
     let perm = |proto: &str, from: i32, to: i32, cidr: String| {
         IpPermission::from_cidr(proto, Some((from, to)), cidr)
     };
@@ -189,8 +195,16 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
                 protocol: Protocol::Tcp,
             })
             .to_vec(),
-        security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
         ..Task::new("task", TASK_A.into())
+    };
+    member_of_all(task, sgs)
+}
+
+/// A host whose one task, `task`, is in every group of `sgs`.
+fn member_of_all(task: Task, sgs: Vec<SecurityGroup>) -> State {
+    let task = Task {
+        security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
+        ..task
     };
     State {
         host: state::Host::default(),
@@ -199,11 +213,11 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
     }
 }
 
-/// `n` security groups without rules.
-fn empty_groups(n: usize) -> Vec<SecurityGroup> {
+/// `n` security groups without rules, named `{prefix}0000` on.
+fn empty_groups(prefix: &str, n: usize) -> Vec<SecurityGroup> {
     (0..n)
         .map(|g| SecurityGroup {
-            group_id: format!("sg-{g:04}"),
+            group_id: format!("{prefix}{g:04}"),
             group_name: None,
             ip_permissions: Vec::new(),
             ip_permissions_egress: Vec::new(),
@@ -234,8 +248,8 @@ fn cidr6(addr: u128, len: u8) -> String {
 /// may probe is in use (`/44` and `/60` expand to 16 blocks of /48 and /64).
 const OTHER_LENGTHS6: [u8; 14] = [8, 16, 24, 32, 40, 44, 60, 72, 80, 88, 96, 104, 112, 120];
 
-/// The `i`th (from 1) generated IPv6 rule: a peer somewhere in 2000::/4 (never in fd00::/8,
-/// where the tasks are), mostly hosts (/128: TCP single ports), subnets (/64: UDP port ranges)
+/// The `i`th (from 1) generated IPv6 rule: a peer somewhere in `2000::/4` (never in
+/// `fd00::/8`, where the tasks are), mostly hosts (/128: TCP single ports), subnets (/64: UDP port ranges)
 /// and sites (/56: TCP 443; /48: `ICMPv6` echo), the rest (TCP 8000-8999) of every other length
 /// from /8 to /120, and one in 400 each a /57 or a /121, which expand to 128 blocks each.
 fn rule6(i: usize) -> IpPermission {
@@ -263,56 +277,59 @@ fn rule6(i: usize) -> IpPermission {
     perm6(proto, ports, cidr6(peer6(i), len))
 }
 
-/// The `i`th generated IPv6 peer, somewhere in 2000::/4.
+/// The `i`th generated IPv6 peer, somewhere in `2000::/4`.
 fn peer6(i: usize) -> u128 {
     let wide = u128::try_from(i).expect("a rule's index fits in a u128");
     // An odd multiplier spreads consecutive indexes over the whole address.
     (2 << 124) | (wide.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) >> 4)
 }
 
-/// "tcp 80 from ::/0": the one rule that covers task A.
+/// `tcp 80 from ::/0`: the one rule that covers task C, the sender of the IPv6 cases.
 fn http_from_anywhere() -> IpPermission {
     let http = i32::from(ALLOWED_PORT6);
     perm6("tcp", Some((http, http)), cidr6(0, 0))
 }
 
-/// The state of a host whose task B (with an IPv6 address) is in `groups` groups that hold
-/// `perms` as inbound rules, the first in the first group and so on round.
+/// The state of a host whose task B (with an IPv6 address) is in `groups` groups (`sg-v6-0000`
+/// on) that hold `perms` as inbound rules, the first in the first group and so on round.
 fn state6(perms: impl Iterator<Item = IpPermission>, groups: usize) -> State {
-    let mut sgs = empty_groups(groups);
+    let mut sgs = empty_groups("sg-v6-", groups);
     for (i, p) in perms.enumerate() {
         sgs[i % groups].ip_permissions.push(p);
     }
     let task = Task {
         ipv6_address: Some(Ipv6Addr::from(TASK_B6)),
-        security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
-        ..Task::new("task", TASK_B.into())
+        ..Task::new("task6", TASK_B.into())
     };
-    State {
-        host: state::Host::default(),
-        security_groups: sgs,
-        tasks: vec![task],
-    }
+    member_of_all(task, sgs)
 }
 
 /// The state of a host whose task (B, with an IPv6 address) is in `groups` groups with
-/// `rules` inbound IPv6 rules in all, among them "tcp 80 from ::/0", the only one that covers
-/// task A. The others ([`rule6`]) use every prefix length the datapath may probe, so an IPv6
-/// check from task A probes all 17 before it finds `::/0`: the worst case.
+/// `rules` inbound IPv6 rules in all, among them `tcp 80 from ::/0`, the only one that covers
+/// task C. The others ([`rule6`]) use every prefix length the datapath may probe, so an IPv6
+/// check of a packet from task C probes all 17 before it finds `::/0`: the worst case.
 pub fn generated_state6(rules: usize, groups: usize) -> State {
     let others = (1..rules).map(rule6);
     state6(std::iter::once(http_from_anywhere()).chain(others), groups)
 }
 
-/// As [`generated_state6`] with 17 rules in one group: "tcp 80 from ::/0" and one rule of
-/// each other length the datapath probes (/8 to /128). An IPv6 check from task A makes as
-/// many probes as with 10,000 rules, with a handful of entries in the maps.
+/// As [`generated_state6`] with 17 rules in one group: `tcp 80 from ::/0` and one rule of
+/// each other length the datapath probes (/8 to /128). An IPv6 check of a packet from task C
+/// makes as many probes as with 10,000 rules, with a handful of entries in the maps.
 pub fn every_level_state6() -> State {
     let others = PEER_LEVELS6
         .into_iter()
         .filter(|&len| len != 0)
         .map(|len| perm6("tcp", Some((8000, 8999)), cidr6(peer6(len.into()), len)));
     state6(std::iter::once(http_from_anywhere()).chain(others), 1)
+}
+
+/// A dual-stack host: the tasks and groups of `v4` ([`generated_state`]) and of `v6`
+/// ([`generated_state6`]).
+fn dual_stack(mut v4: State, v6: State) -> State {
+    v4.tasks.extend(v6.tasks);
+    v4.security_groups.extend(v6.security_groups);
+    v4
 }
 
 /// `state` validated and compiled.
@@ -348,8 +365,22 @@ fn seed_state(
             )
         })
     });
-    dp.seed(&tasks.chain(ports).collect::<Vec<_>>())?;
+    // A task with an IPv6 address: known by it, and by its interface.
+    let tasks6 = state.tasks.iter().flat_map(|t| {
+        let a = t.ipv4_address.octets();
+        let (ifindex, _) = iface(a);
+        t.ipv6_address.into_iter().flat_map(move |a6| {
+            [
+                Seed::Iface(ifindex, a, ROLE_TASK),
+                Seed::Task6(a6.octets(), ifindex),
+                Seed::TaskFlags(a, TASK_IPV6),
+            ]
+        })
+    });
+    dp.seed(&tasks.chain(ports).chain(tasks6).collect::<Vec<_>>())?;
     dp.insert::<PeerKey, PeerRules>(MAP_SG_PEERS, policy.peers.iter().copied())?;
+    dp.insert::<PeerKey6, PeerRules>(MAP_SG_PEERS6, policy.peers6.iter().copied())?;
+    dp.insert::<u32, u32>(MAP_SG_LEVELS6, policy.levels6.iter().copied())?;
     dp.insert::<RuleKey, u32>(MAP_SG_RULES, policy.rules.iter().copied())
 }
 
@@ -359,15 +390,52 @@ fn load_programs(dp: &mut Datapath, names: &[&'static str]) -> Result<(), Datapa
     dp.load_tail_called()
 }
 
-/// A datapath in memory with `state`'s one task and policy written to its maps.
-fn loaded(state: &State) -> Result<(Datapath, Compiled), CostError> {
+/// A datapath in memory with [`dual_stack`] `state`'s tasks and policy written to its maps:
+/// task A (IPv4) behind the uplink, task B (IPv6) on `IFINDEX_B` with its MAC not learned
+/// yet, and task C, without a policy, ready to send from the test device. Returns it, and the
+/// lengths of B's inbound `SG_LEVELS6` mask as read back from it.
+fn loaded(state: &State) -> Result<(Datapath, Compiled, Vec<u8>), CostError> {
     let policy = compiled(state)?;
     let mut dp = Datapath::load()?;
-    dp.set_first(MAP_CONFIG, config(TEST_IFINDEX))?;
-    dp.seed(&[Seed::Iface(TEST_IFINDEX, [0; 4], ROLE_UPLINK)])?;
-    seed_state(&mut dp, state, &policy, |_| (NO_SUCH_IFINDEX, MAC_A))?;
-    load_programs(&mut dp, &["xdp_uplink", "tc_uplink_ingress"])?;
-    Ok((dp, policy))
+    dp.seed(&[
+        Seed::Task(TASK_C, TEST_IFINDEX, MAC_C, 0),
+        Seed::Task6(TASK_C6, TEST_IFINDEX),
+        Seed::TaskFlags(TASK_C, TASK_IPV6),
+    ])?;
+    // Without B's MAC the datapath cannot redirect into B: the kernel carries what B's rules
+    // allow, and as C has no policy nothing is tracked.
+    seed_state(&mut dp, state, &policy, |a| {
+        if a == TASK_B {
+            (IFINDEX_B, [0; 6])
+        } else {
+            (NO_SUCH_IFINDEX, MAC_A)
+        }
+    })?;
+    load_programs(
+        &mut dp,
+        &["xdp_uplink", "tc_uplink_ingress", "tc_task_ingress"],
+    )?;
+    let b = policy.policy_of6(Ipv6Addr::from(TASK_B6));
+    let mask = dp
+        .hash::<u32, u32>(MAP_SG_LEVELS6)?
+        .get(&scope(b, DIR_INGRESS))
+        .copied()
+        .unwrap_or(0);
+    Ok((dp, policy, lengths6(mask)))
+}
+
+/// Makes the test device the uplink for the IPv4 cases, and task C's interface for the IPv6
+/// ones.
+fn test_device(dp: &mut Datapath, family: Family) -> Result<(), DatapathError> {
+    let (uplink, iface) = match family {
+        Family::V4 => (TEST_IFINDEX, Seed::Iface(TEST_IFINDEX, [0; 4], ROLE_UPLINK)),
+        Family::V6 => (
+            NO_SUCH_IFINDEX,
+            Seed::Iface(TEST_IFINDEX, TASK_C, ROLE_TASK),
+        ),
+    };
+    dp.set_first(MAP_CONFIG, config(uplink))?;
+    dp.seed(&[iface])
 }
 
 /// The prefix lengths of `mask`, an `SG_LEVELS6` value, longest first.
@@ -376,39 +444,6 @@ fn lengths6(mask: u32) -> Vec<u8> {
         .into_iter()
         .filter(|&len| mask & level6_bit(len) != 0)
         .collect()
-}
-
-/// A datapath in memory with the IPv6 of [`generated_state6`]'s `state`: its task B, policed
-/// by the state's rules, on `IFINDEX_B` with its MAC not learned yet, and task A on the test
-/// device, without a policy. Returns it, the many-rule policy's `SG_RULES` entries, and the
-/// lengths of B's inbound `SG_LEVELS6` mask.
-fn loaded6(state: &State) -> Result<(Datapath, usize, Vec<u8>), CostError> {
-    let policy = compiled(state)?;
-    let b = policy.policy_of6(Ipv6Addr::from(TASK_B6));
-    let mut dp = Datapath::load()?;
-    dp.set_first(MAP_CONFIG, config(NO_SUCH_IFINDEX))?;
-    dp.seed(&[
-        Seed::Iface(TEST_IFINDEX, TASK_A, ROLE_TASK),
-        Seed::Task(TASK_A, TEST_IFINDEX, MAC_A, 0),
-        Seed::Task6(TASK_A6, TEST_IFINDEX),
-        Seed::TaskFlags(TASK_A, TASK_IPV6),
-        Seed::Iface(IFINDEX_B, TASK_B, ROLE_TASK),
-        // Without B's MAC the datapath cannot redirect into B: the kernel carries what B's
-        // rules allow, and as A has no policy nothing is tracked.
-        Seed::Task(TASK_B, IFINDEX_B, [0; 6], b),
-        Seed::Task6(TASK_B6, IFINDEX_B),
-        Seed::TaskFlags(TASK_B, TASK_IPV6),
-    ])?;
-    dp.insert::<PeerKey6, PeerRules>(MAP_SG_PEERS6, policy.peers6.iter().copied())?;
-    dp.insert::<u32, u32>(MAP_SG_LEVELS6, policy.levels6.iter().copied())?;
-    dp.insert::<RuleKey, u32>(MAP_SG_RULES, policy.rules.iter().copied())?;
-    load_programs(&mut dp, &["tc_task_ingress"])?;
-    let mask = dp
-        .hash::<u32, u32>(MAP_SG_LEVELS6)?
-        .get(&scope(b, DIR_INGRESS))
-        .copied()
-        .unwrap_or(0);
-    Ok((dp, policy.rules.len(), lengths6(mask)))
 }
 
 /// A SYN from `src`:`sport` to `dst`:`dport`, in a frame from `smac` to `dmac`.
@@ -440,10 +475,10 @@ fn syn_to(port: u16) -> Vec<u8> {
     .frame()
 }
 
-/// An IPv6 TCP SYN from task A to task B's `port`, as A sends it.
+/// An IPv6 TCP SYN from task C to task B's `port`, as C sends it.
 fn syn6_to(port: u16) -> Vec<u8> {
-    P6::syn6(TASK_A6, CLIENT_PORT, TASK_B6, port)
-        .from_mac(MAC_A)
+    P6::syn6(TASK_C6, CLIENT_PORT, TASK_B6, port)
+        .from_mac(MAC_C)
         .to_mac(MAC_B)
         .frame()
 }
@@ -451,9 +486,9 @@ fn syn6_to(port: u16) -> Vec<u8> {
 /// Which copies a case runs in, and how its packet is made.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
-    /// [`syn_to`] the port, in the copies of [`generated_state`].
+    /// [`syn_to`] the port: task A's rules ([`generated_state`]) decide.
     V4,
-    /// [`syn6_to`] the port, in the copies of [`generated_state6`].
+    /// [`syn6_to`] the port: task B's rules ([`generated_state6`]) decide.
     V6,
 }
 
@@ -506,14 +541,14 @@ const CASES: [Case; 5] = [
     Case {
         family: Family::V6,
         program: "tc_task_ingress",
-        name: "IPv6 SYN, task A to B, B's rules allow it (tc passes it)",
+        name: "IPv6 SYN, task C to B, B's rules allow it (tc passes it)",
         port: ALLOWED_PORT6,
         want: TC_ACT_OK,
     },
     Case {
         family: Family::V6,
         program: "tc_task_ingress",
-        name: "IPv6 SYN, task A to B, B's rules reject it (tc drops it)",
+        name: "IPv6 SYN, task C to B, B's rules reject it (tc drops it)",
         port: REJECTED_PORT6,
         want: TC_ACT_SHOT,
     },
@@ -574,17 +609,23 @@ pub fn policy_cost(
     if rules == 0 || groups == 0 || groups > rules {
         return Err(CostError::Usage);
     }
-    let (one, _) = loaded(&generated_state(1, 1))?;
-    let (many, compiled) = loaded(&generated_state(rules, groups))?;
-    let (one6, _, one_rule_levels6) = loaded6(&generated_state6(1, 1))?;
-    let (many6, rule_entries6, levels6) = loaded6(&generated_state6(rules, groups))?;
-    let (every6, _, every_level_levels6) = loaded6(&every_level_state6())?;
+    let (mut one, _, one_rule_levels6) =
+        loaded(&dual_stack(generated_state(1, 1), generated_state6(1, 1)))?;
+    let (mut many, compiled, levels6) = loaded(&dual_stack(
+        generated_state(rules, groups),
+        generated_state6(rules, groups),
+    ))?;
+    let (mut every, _, every_level_levels6) =
+        loaded(&dual_stack(generated_state(1, 1), every_level_state6()))?;
     let mut cases = Vec::new();
     for case in &CASES {
+        for dp in [&mut one, &mut many, &mut every] {
+            test_device(dp, case.family)?;
+        }
         // One, many, and for IPv6 every level.
         let copies = match case.family {
             Family::V4 => vec![&one, &many],
-            Family::V6 => vec![&one6, &many6, &every6],
+            Family::V6 => vec![&one, &many, &every],
         };
         // A warm-up run each, then rounds alternating between the copies.
         for dp in &copies {
@@ -623,8 +664,7 @@ pub fn policy_cost(
         rounds,
         peer_entries: compiled.peers.len(),
         rule_entries: compiled.rules.len(),
-        peer_entries6: many6.hash::<PeerKey6, PeerRules>(MAP_SG_PEERS6)?.len(),
-        rule_entries6,
+        peer_entries6: many.hash::<PeerKey6, PeerRules>(MAP_SG_PEERS6)?.len(),
         levels6,
         one_rule_levels6,
         every_level_levels6,
@@ -643,21 +683,16 @@ pub fn render(c: &PolicyCost) -> String {
     };
     let mut s = format!(
         "policy lookup cost, BPF_PROG_TEST_RUN x{} per round, median of {} rounds\n\
-         IPv4: 1 rule vs {} rules in {} groups ({} CIDR entries, {} port-block entries)\n",
-        c.repeat, c.rounds, c.rules, c.groups, c.peer_entries, c.rule_entries
+         1 rule vs {} rules of each family in {} groups each ({} IPv4 CIDR entries, {} IPv6 \
+         CIDR entries, {} port-block entries)\n",
+        c.repeat, c.rounds, c.rules, c.groups, c.peer_entries, c.peer_entries6, c.rule_entries
     );
     let _ = writeln!(
         s,
-        "IPv6: 1 rule vs {} rules in {} groups ({} CIDR entries, {} port-block entries) vs \
-         {} rules, one per prefix length\n      prefix lengths probed: 1 rule {}; many {}; \
-         levels {}",
-        c.rules,
-        c.groups,
-        c.peer_entries6,
-        c.rule_entries6,
-        c.every_level_levels6.len(),
+        "IPv6 prefix lengths probed: 1 rule {}; many {}; LEVELS ({} rules, one per length) {}",
         lengths(&c.one_rule_levels6),
         lengths(&c.levels6),
+        c.every_level_levels6.len(),
         lengths(&c.every_level_levels6),
     );
     let _ = writeln!(

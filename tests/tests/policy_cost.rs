@@ -1,9 +1,9 @@
-//! `ecsnet bench policy-cost` works: it loads two copies of the datapath per family (1 rule,
-//! and 10,000 rules in 100 groups; for IPv6 also 17 rules, one per prefix length), checks that
-//! every case gets the verdict it is meant to measure (an allowed SYN passes XDP, a rejected
-//! one is dropped by XDP and by tc; an IPv6 SYN from task to task passes or is dropped as the
-//! receiver's rules say), and reports a time for each. The IPv6 copy with 10,000 rules holds
-//! the `SG_PEERS6` entries those rules expand to, and probes every prefix length.
+//! `ecsnet bench policy-cost` works: it loads copies of the datapath (1 rule of each family,
+//! and 10,000 of each in 100 groups each; for IPv6 also 17 rules, one per prefix length),
+//! checks that every case gets the verdict it is meant to measure (an allowed SYN passes XDP, a
+//! rejected one is dropped by XDP and by tc; an IPv6 SYN from task to task passes or is dropped
+//! as the receiver's rules say), and reports a time for each. The copy with 10,000 rules holds
+//! the `SG_PEERS6` entries its IPv6 rules expand to, and probes every prefix length for them.
 //! `progcost::program_cost` (every program on a packet of an established flow) likewise.
 //! How fast is not judged here: that is a measurement, reported in docs/BENCHMARKS.md.
 
@@ -59,7 +59,6 @@ fn policy_cost_measures_every_case_with_the_verdict_it_is_meant_to() {
     let state6 = ecsnet_lab::progcost::generated_state6(10_000, 100);
     assert_eq!(r["peerEntries6"], expanded_blocks6(&state6), "{r}");
     assert!(r["peerEntries6"].as_u64().unwrap() > 10_000, "{r}");
-    assert!(r["ruleEntries6"].as_u64().unwrap() > 100, "{r}");
     let every: Vec<u64> = (0..=16).rev().map(|l| l * 8).collect();
     assert_eq!(r["levels6"], serde_json::json!(every), "{r}");
     assert_eq!(r["everyLevelLevels6"], serde_json::json!(every), "{r}");
