@@ -249,9 +249,10 @@ fn cidr6(addr: u128, len: u8) -> String {
 const OTHER_LENGTHS6: [u8; 14] = [8, 16, 24, 32, 40, 44, 60, 72, 80, 88, 96, 104, 112, 120];
 
 /// The `i`th (from 1) generated IPv6 rule: a peer somewhere in `2000::/4` (never in
-/// `fd00::/8`, where the tasks are), mostly hosts (/128: TCP single ports), subnets (/64: UDP port ranges)
-/// and sites (/56: TCP 443; /48: `ICMPv6` echo), the rest (TCP 8000-8999) of every other length
-/// from /8 to /120, and one in 400 each a /57 or a /121, which expand to 128 blocks each.
+/// `fd00::/8`, where the tasks are), mostly hosts (/128: TCP single ports), subnets (/64: UDP
+/// port ranges) and sites (/56: TCP 443; /48: `ICMPv6` echo), the rest (TCP 8000-8999) of every
+/// other length from /8 to /120, and one in 400 each a /57 or a /121, which expand to 128
+/// blocks each.
 fn rule6(i: usize) -> IpPermission {
     let port = |p: usize| i32::try_from(p).expect("a port fits in an i32");
     let (proto, ports, len) = match i % 20 {
