@@ -175,16 +175,20 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
-    /// Cost of a policy check with 1 rule and with many, from `BPF_PROG_TEST_RUN`.
+    /// Cost of a policy check with 1 rule and with many, over IPv4 and over IPv6, from
+    /// `BPF_PROG_TEST_RUN`.
     PolicyCost {
+        /// Rules of each family (IPv4 and IPv6) in the many-rule copy.
         #[arg(long, default_value_t = 10_000)]
         rules: usize,
+        /// Groups the rules of each family are spread over.
         #[arg(long, default_value_t = 100)]
         groups: usize,
         /// Runs per measurement (the kernel reports their average).
         #[arg(long, default_value_t = 100_000)]
         repeat: u32,
-        /// Measurements per case, alternating 1 rule and many; the median is reported.
+        /// Measurements per case, alternating between the copies (1 rule, many, and for IPv6
+        /// one rule per prefix length); the median is reported.
         #[arg(long, default_value_t = 15)]
         rounds: usize,
         #[arg(long)]

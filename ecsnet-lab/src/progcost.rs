@@ -2,11 +2,16 @@
 //! the datapath loaded in memory (nothing attached, nothing pinned). Two measurements:
 //!
 //! - [`policy_cost`] answers one question of SPEC §6: does a policy check cost the same with 1
-//!   rule and with 10,000? Two copies are loaded: one whose task has a single inbound rule, one
-//!   whose task is in `groups` security groups holding `rules` rules in all (the same rule among
+//!   rule and with 10,000, over IPv4 and over IPv6? Two copies are loaded: one whose tasks (one
+//!   policed over IPv4, one over IPv6) have a single inbound rule each, one whose tasks are in
+//!   `groups` security groups holding `rules` rules of their family in all (the same rule among
 //!   them). Each case is a packet that makes the program do a full policy check and leaves no
-//!   state behind (a SYN XDP lets pass, a SYN XDP or tc drops), so every repeat costs the same.
-//!   Rounds alternate between the two copies; the medians are reported.
+//!   state behind (a SYN XDP lets pass, a SYN XDP or tc drops; over IPv6, a SYN from a task
+//!   without a policy to one whose MAC is not learned yet, which the kernel carries untracked,
+//!   or which the receiver's rules drop), so every repeat costs the same. IPv6 probes only the
+//!   prefix lengths its rules use: a third copy, whose IPv6 task has one rule at each length,
+//!   makes as many probes as the many-rule one with a handful of rules. Rounds alternate between
+//!   the copies; the medians are reported.
 //! - [`program_cost`] gives every program's cost for the packets it sees most: a data segment of
 //!   an established flow (and the SYN that opens an inbound one), with flow logging on as
 //!   `ecsnet up` leaves it. Each case loads its own copy and puts its flow in the tables by
@@ -21,25 +26,39 @@
 //! call between two runs cools the caches and the clock reads are not shared out. Where both
 //! can be measured (a packet left unchanged) the single runs came out 25 to 65 ns slower.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ecsnet_common::{
-    ct::{CtEntry, CtKey, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN},
-    flow::{FlowKey, FlowState, FlowStats, MAP_FLOW_STATE, MAP_FLOWS},
-    maps::{MAP_CONFIG, MAP_CT, MAP_CT_NEW, ROLE_TASK, ROLE_UPLINK},
-    policy::{MAP_SG_PEERS, MAP_SG_RULES, PeerKey, PeerRules, RuleKey},
+    ct::{CtEntry, CtEntry6, CtKey, CtKey6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN},
+    flow::{
+        FlowKey, FlowKey6, FlowState, FlowStats, FlowStats6, MAP_FLOW_STATE, MAP_FLOWS, MAP_FLOWS6,
+    },
+    maps::{
+        MAP_CONFIG, MAP_CT, MAP_CT_NEW, MAP_CT6, MAP_CT6_NEW, ROLE_TASK, ROLE_UPLINK, TASK_IPV6,
+    },
+    policy::{
+        DIR_INGRESS, MAP_SG_LEVELS6, MAP_SG_PEERS, MAP_SG_PEERS6, MAP_SG_RULES, PEER_LEVELS6,
+        PeerKey, PeerKey6, PeerRules, RuleKey, level6_bit, scope,
+    },
 };
 use serde::Serialize;
 
 use ecsnet::{
     flowlog,
     plan::sg::Compiled,
-    state::{self, IpPermission, PortFamily, PortMapping, Protocol, SecurityGroup, State, Task},
+    state::{
+        self, IpPermission, Ipv6Range, PortFamily, PortMapping, Protocol, SecurityGroup, State,
+        Task,
+    },
 };
 
 use crate::fixture::{
     datapath::{Datapath, DatapathError, Run},
     packet::P,
+    packet6::P6,
     world::{
         BRIDGE, BRIDGE_MAC, CLIENT, HOST, IFINDEX_A, IFINDEX_B, MAC_A, MAC_B, NO_SUCH_IFINDEX,
         ROUTER_MAC, Seed, TASK_A, TASK_B, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TEST_IFINDEX,
@@ -57,6 +76,16 @@ const MONITOR_RATE: u32 = 1000;
 const ALLOWED_PORT: u16 = 8080;
 /// Host port published to container port 81, which no rule allows.
 const REJECTED_PORT: u16 = 8081;
+/// Task B's IPv6 address (unique local, as `fixed-cidr-v6` might give it): B is the task the
+/// IPv6 rules police.
+const TASK_B6: [u8; 16] = Ipv6Addr::new(0xfd00, 0xec5, 0x17, 0, 0, 0, 0, 3).octets();
+/// Task C, without a policy, sends the IPv6 cases' packets from the test device.
+const TASK_C: [u8; 4] = [172, 17, 0, 4];
+const TASK_C6: [u8; 16] = Ipv6Addr::new(0xfd00, 0xec5, 0x17, 0, 0, 0, 0, 4).octets();
+const MAC_C: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x04];
+/// Task B's ports over IPv6: the rules allow 80 from anywhere, and nothing else to 81.
+const ALLOWED_PORT6: u16 = 80;
+const REJECTED_PORT6: u16 = 81;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CostError {
@@ -77,6 +106,8 @@ pub enum CostError {
          packet"
     )]
     Rewritten(&'static str),
+    #[error("{0}: the program left {1} behind, so repeated runs would not cost the same")]
+    StateLeft(&'static str, &'static str),
     #[error("--rules must be at least 1 and --groups between 1 and --rules")]
     Usage,
 }
@@ -85,13 +116,22 @@ pub enum CostError {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CaseCost {
+    /// `IPv4` or `IPv6`: the packet's, and the rules'.
+    pub family: &'static str,
     pub program: &'static str,
     pub case: &'static str,
+    /// The verdict both copies returned (checked against what the case expects).
+    pub verdict: u32,
     /// Median over rounds of the kernel's average run time, nanoseconds.
     pub one_rule_ns: u64,
     pub many_rules_ns: u64,
     /// many / one.
     pub ratio: f64,
+    /// IPv6: the same packet in a copy with 17 rules, one at each prefix length the datapath
+    /// probes ([`every_level_state6`]): the many-rule copy's probes with a handful of rules.
+    pub every_level_ns: Option<u64>,
+    /// many / every level: what the number of rules costs, the probes being the same.
+    pub every_level_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,9 +141,19 @@ pub struct PolicyCost {
     pub groups: usize,
     pub repeat: u32,
     pub rounds: usize,
-    /// Trie entries the many-rule policy compiled to.
+    /// Map entries the many-rule policy compiled to: `SG_PEERS`, and `SG_RULES` (the rule sets'
+    /// port blocks, shared by both families).
     pub peer_entries: usize,
     pub rule_entries: usize,
+    /// `SG_PEERS6` entries of the many-rule copy, as read back from its map.
+    pub peer_entries6: usize,
+    /// The prefix lengths of the many-rule IPv6 copy's `SG_LEVELS6` mask for the receiver's
+    /// inbound rules, longest first, as read back from its map: the probes an IPv6 check may make.
+    pub levels6: Vec<u8>,
+    /// The same for the one-rule copy.
+    pub one_rule_levels6: Vec<u8>,
+    /// The same for the copy of [`every_level_state6`].
+    pub every_level_levels6: Vec<u8>,
     pub cases: Vec<CaseCost>,
 }
 
@@ -111,14 +161,7 @@ pub struct PolicyCost {
 /// among them "tcp 80 from 10.10.0.0/24". The others vary protocol, port ranges and prefix
 /// lengths, as real groups do.
 pub fn generated_state(rules: usize, groups: usize) -> State {
-    let mut sgs: Vec<SecurityGroup> = (0..groups)
-        .map(|g| SecurityGroup {
-            group_id: format!("sg-{g:04}"),
-            group_name: None,
-            ip_permissions: Vec::new(),
-            ip_permissions_egress: Vec::new(),
-        })
-        .collect();
+    let mut sgs = empty_groups("sg-", groups);
     let perm = |proto: &str, from: i32, to: i32, cidr: String| {
         IpPermission::from_cidr(proto, Some((from, to)), cidr)
     };
@@ -156,14 +199,142 @@ pub fn generated_state(rules: usize, groups: usize) -> State {
                 host_ip: PortFamily::Both,
             })
             .to_vec(),
-        security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
         ..Task::new("task", TASK_A.into())
+    };
+    member_of_all(task, sgs)
+}
+
+/// A host whose one task, `task`, is in every group of `sgs`.
+fn member_of_all(task: Task, sgs: Vec<SecurityGroup>) -> State {
+    let task = Task {
+        security_groups: sgs.iter().map(|g| g.group_id.clone()).collect(),
+        ..task
     };
     State {
         host: state::Host::default(),
         security_groups: sgs,
         tasks: vec![task],
     }
+}
+
+/// `n` security groups without rules, named `{prefix}0000` on.
+fn empty_groups(prefix: &str, n: usize) -> Vec<SecurityGroup> {
+    (0..n)
+        .map(|g| SecurityGroup {
+            group_id: format!("{prefix}{g:04}"),
+            group_name: None,
+            ip_permissions: Vec::new(),
+            ip_permissions_egress: Vec::new(),
+        })
+        .collect()
+}
+
+/// A rule for `proto`, ports `ports` (None: all), from one IPv6 CIDR.
+fn perm6(proto: &str, ports: Option<(i32, i32)>, cidr: String) -> IpPermission {
+    IpPermission {
+        ip_ranges: Vec::new(),
+        ipv6_ranges: vec![Ipv6Range {
+            cidr_ipv6: cidr,
+            description: None,
+        }],
+        ..IpPermission::from_cidr(proto, ports, String::new())
+    }
+}
+
+/// `addr` with only its first `len` bits, written as a CIDR (`2001:db8::/32`).
+fn cidr6(addr: u128, len: u8) -> String {
+    let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+    format!("{}/{len}", Ipv6Addr::from(addr & mask))
+}
+
+/// Lengths of the generated IPv6 rules that are neither the common ones (/128, /64, /56, /48)
+/// nor the rare ones that expand to 128 blocks (/57, /121): with them every length the datapath
+/// may probe is in use (`/44` and `/60` expand to 16 blocks of /48 and /64).
+const OTHER_LENGTHS6: [u8; 14] = [8, 16, 24, 32, 40, 44, 60, 72, 80, 88, 96, 104, 112, 120];
+
+/// The `i`th (from 1) generated IPv6 rule: a peer somewhere in `2000::/4` (never in
+/// `fd00::/8`, where the tasks are), mostly hosts (/128: TCP single ports), subnets (/64: UDP
+/// port ranges) and sites (/56: TCP 443; /48: `ICMPv6` echo), the rest (TCP 8000-8999) of every
+/// other length from /8 to /120, and one in 400 each a /57 or a /121, which expand to 128
+/// blocks each.
+fn rule6(i: usize) -> IpPermission {
+    let port = |p: usize| i32::try_from(p).expect("a port fits in an i32");
+    let (proto, ports, len) = match i % 20 {
+        0..=5 => (
+            "tcp",
+            Some((port(1000 + i % 3000), port(1000 + i % 3000))),
+            128,
+        ),
+        6..=10 => ("udp", Some((2000, port(2000 + i % 100))), 64),
+        11..=13 => ("tcp", Some((443, 443)), 56),
+        14..=16 => ("icmpv6", Some((128, -1)), 48),
+        _ => (
+            "tcp",
+            Some((8000, 8999)),
+            OTHER_LENGTHS6[(i / 20) % OTHER_LENGTHS6.len()],
+        ),
+    };
+    let len = match i % 400 {
+        19 => 57,
+        39 => 121,
+        _ => len,
+    };
+    perm6(proto, ports, cidr6(peer6(i), len))
+}
+
+/// The `i`th generated IPv6 peer, somewhere in `2000::/4`.
+fn peer6(i: usize) -> u128 {
+    let wide = u128::try_from(i).expect("a rule's index fits in a u128");
+    // An odd multiplier spreads consecutive indexes over the whole address.
+    (2 << 124) | (wide.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) >> 4)
+}
+
+/// `tcp 80 from ::/0`: the one rule that covers task C, the sender of the IPv6 cases.
+fn http_from_anywhere() -> IpPermission {
+    let http = i32::from(ALLOWED_PORT6);
+    perm6("tcp", Some((http, http)), cidr6(0, 0))
+}
+
+/// The state of a host whose task B (with an IPv6 address) is in `groups` groups (`sg-v6-0000`
+/// on) that hold `perms` as inbound rules, the first in the first group and so on round.
+fn state6(perms: impl Iterator<Item = IpPermission>, groups: usize) -> State {
+    let mut sgs = empty_groups("sg-v6-", groups);
+    for (i, p) in perms.enumerate() {
+        sgs[i % groups].ip_permissions.push(p);
+    }
+    let task = Task {
+        ipv6_address: Some(Ipv6Addr::from(TASK_B6)),
+        ..Task::new("task6", TASK_B.into())
+    };
+    member_of_all(task, sgs)
+}
+
+/// The state of a host whose task (B, with an IPv6 address) is in `groups` groups with
+/// `rules` inbound IPv6 rules in all, among them `tcp 80 from ::/0`, the only one that covers
+/// task C. The others ([`rule6`]) use every prefix length the datapath may probe, so an IPv6
+/// check of a packet from task C probes all 17 before it finds `::/0`: the worst case.
+pub fn generated_state6(rules: usize, groups: usize) -> State {
+    let others = (1..rules).map(rule6);
+    state6(std::iter::once(http_from_anywhere()).chain(others), groups)
+}
+
+/// As [`generated_state6`] with 17 rules in one group: `tcp 80 from ::/0` and one rule of
+/// each other length the datapath probes (/8 to /128). An IPv6 check of a packet from task C
+/// makes as many probes as with 10,000 rules, with a handful of entries in the maps.
+pub fn every_level_state6() -> State {
+    let others = PEER_LEVELS6
+        .into_iter()
+        .filter(|&len| len != 0)
+        .map(|len| perm6("tcp", Some((8000, 8999)), cidr6(peer6(len.into()), len)));
+    state6(std::iter::once(http_from_anywhere()).chain(others), 1)
+}
+
+/// A dual-stack host: the tasks and groups of `v4` ([`generated_state`]) and of `v6`
+/// ([`generated_state6`]).
+fn dual_stack(mut v4: State, v6: State) -> State {
+    v4.tasks.extend(v6.tasks);
+    v4.security_groups.extend(v6.security_groups);
+    v4
 }
 
 /// `state` validated and compiled.
@@ -199,8 +370,22 @@ fn seed_state(
             )
         })
     });
-    dp.seed(&tasks.chain(ports).collect::<Vec<_>>())?;
+    // A task with an IPv6 address: known by it, and by its interface.
+    let tasks6 = state.tasks.iter().flat_map(|t| {
+        let a = t.ipv4_address.octets();
+        let (ifindex, _) = iface(a);
+        t.ipv6_address.into_iter().flat_map(move |a6| {
+            [
+                Seed::Iface(ifindex, a, ROLE_TASK),
+                Seed::Task6(a6.octets(), ifindex),
+                Seed::TaskFlags(a, TASK_IPV6),
+            ]
+        })
+    });
+    dp.seed(&tasks.chain(ports).chain(tasks6).collect::<Vec<_>>())?;
     dp.insert::<PeerKey, PeerRules>(MAP_SG_PEERS, policy.peers.iter().copied())?;
+    dp.insert::<PeerKey6, PeerRules>(MAP_SG_PEERS6, policy.peers6.iter().copied())?;
+    dp.insert::<u32, u32>(MAP_SG_LEVELS6, policy.levels6.iter().copied())?;
     dp.insert::<RuleKey, u32>(MAP_SG_RULES, policy.rules.iter().copied())
 }
 
@@ -210,15 +395,60 @@ fn load_programs(dp: &mut Datapath, names: &[&'static str]) -> Result<(), Datapa
     dp.load_tail_called()
 }
 
-/// A datapath in memory with `state`'s one task and policy written to its maps.
-fn loaded(state: &State) -> Result<(Datapath, Compiled), CostError> {
+/// A datapath in memory with [`dual_stack`] `state`'s tasks and policy written to its maps:
+/// task A (IPv4) behind the uplink, task B (IPv6) on `IFINDEX_B` with its MAC not learned
+/// yet, and task C, without a policy, ready to send from the test device. Returns it, and the
+/// lengths of B's inbound `SG_LEVELS6` mask as read back from it.
+fn loaded(state: &State) -> Result<(Datapath, Compiled, Vec<u8>), CostError> {
     let policy = compiled(state)?;
     let mut dp = Datapath::load()?;
-    dp.set_first(MAP_CONFIG, config(TEST_IFINDEX))?;
-    dp.seed(&[Seed::Iface(TEST_IFINDEX, [0; 4], ROLE_UPLINK)])?;
-    seed_state(&mut dp, state, &policy, |_| (NO_SUCH_IFINDEX, MAC_A))?;
-    load_programs(&mut dp, &["xdp_uplink", "tc_uplink_ingress"])?;
-    Ok((dp, policy))
+    dp.seed(&[
+        Seed::Task(TASK_C, TEST_IFINDEX, MAC_C, 0),
+        Seed::Task6(TASK_C6, TEST_IFINDEX),
+        Seed::TaskFlags(TASK_C, TASK_IPV6),
+    ])?;
+    // Without B's MAC the datapath cannot redirect into B: the kernel carries what B's rules
+    // allow, and as C has no policy nothing is tracked.
+    seed_state(&mut dp, state, &policy, |a| {
+        if a == TASK_B {
+            (IFINDEX_B, [0; 6])
+        } else {
+            (NO_SUCH_IFINDEX, MAC_A)
+        }
+    })?;
+    load_programs(
+        &mut dp,
+        &["xdp_uplink", "tc_uplink_ingress", "tc_task_ingress"],
+    )?;
+    let b = policy.policy_of6(Ipv6Addr::from(TASK_B6));
+    let mask = dp
+        .hash::<u32, u32>(MAP_SG_LEVELS6)?
+        .get(&scope(b, DIR_INGRESS))
+        .copied()
+        .unwrap_or(0);
+    Ok((dp, policy, lengths6(mask)))
+}
+
+/// Makes the test device the uplink for the IPv4 cases, and task C's interface for the IPv6
+/// ones.
+fn test_device(dp: &mut Datapath, family: Family) -> Result<(), DatapathError> {
+    let (uplink, iface) = match family {
+        Family::V4 => (TEST_IFINDEX, Seed::Iface(TEST_IFINDEX, [0; 4], ROLE_UPLINK)),
+        Family::V6 => (
+            NO_SUCH_IFINDEX,
+            Seed::Iface(TEST_IFINDEX, TASK_C, ROLE_TASK),
+        ),
+    };
+    dp.set_first(MAP_CONFIG, config(uplink))?;
+    dp.seed(&[iface])
+}
+
+/// The prefix lengths of `mask`, an `SG_LEVELS6` value, longest first.
+fn lengths6(mask: u32) -> Vec<u8> {
+    PEER_LEVELS6
+        .into_iter()
+        .filter(|&len| mask & level6_bit(len) != 0)
+        .collect()
 }
 
 /// A SYN from `src`:`sport` to `dst`:`dport`, in a frame from `smac` to `dmac`.
@@ -250,30 +480,81 @@ fn syn_to(port: u16) -> Vec<u8> {
     .frame()
 }
 
+/// An IPv6 TCP SYN from task C to task B's `port`, as C sends it.
+fn syn6_to(port: u16) -> Vec<u8> {
+    P6::syn6(TASK_C6, CLIENT_PORT, TASK_B6, port)
+        .from_mac(MAC_C)
+        .to_mac(MAC_B)
+        .frame()
+}
+
+/// Which copies a case runs in, and how its packet is made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// [`syn_to`] the port: task A's rules ([`generated_state`]) decide.
+    V4,
+    /// [`syn6_to`] the port: task B's rules ([`generated_state6`]) decide.
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn frame(self, port: u16) -> Vec<u8> {
+        match self {
+            Family::V4 => syn_to(port),
+            Family::V6 => syn6_to(port),
+        }
+    }
+}
+
 struct Case {
+    family: Family,
     program: &'static str,
     name: &'static str,
     port: u16,
     want: u32,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 5] = [
     Case {
+        family: Family::V4,
         program: "xdp_uplink",
         name: "SYN to a published port the rules allow (XDP lets it pass)",
         port: ALLOWED_PORT,
         want: XDP_PASS,
     },
     Case {
+        family: Family::V4,
         program: "xdp_uplink",
         name: "SYN to a published port the rules reject (XDP drops it)",
         port: REJECTED_PORT,
         want: XDP_DROP,
     },
     Case {
+        family: Family::V4,
         program: "tc_uplink_ingress",
         name: "SYN to a published port the rules reject (tc drops it)",
         port: REJECTED_PORT,
+        want: TC_ACT_SHOT,
+    },
+    Case {
+        family: Family::V6,
+        program: "tc_task_ingress",
+        name: "IPv6 SYN, task C to B, B's rules allow it (tc passes it)",
+        port: ALLOWED_PORT6,
+        want: TC_ACT_OK,
+    },
+    Case {
+        family: Family::V6,
+        program: "tc_task_ingress",
+        name: "IPv6 SYN, task C to B, B's rules reject it (tc drops it)",
+        port: REJECTED_PORT6,
         want: TC_ACT_SHOT,
     },
 ];
@@ -289,7 +570,7 @@ fn expect(case: &'static str, got: u32, want: u32) -> Result<u32, CostError> {
 
 /// Average nanoseconds per run of `case` over `repeat` runs.
 fn run(dp: &Datapath, case: &Case, repeat: u32) -> Result<u64, CostError> {
-    let r = dp.test_run(case.program, &syn_to(case.port), repeat)?;
+    let r = dp.test_run(case.program, &case.family.frame(case.port), repeat)?;
     expect(case.name, r.verdict, case.want)?;
     Ok(r.ns)
 }
@@ -307,7 +588,23 @@ fn median(v: &[u64]) -> u64 {
     crate::stats::median(v).expect("at least one round")
 }
 
-/// Measures every case with 1 rule and with `rules` rules over `groups` groups.
+/// Fails unless `dp`'s IPv6 connection and flow tables are empty after `case`'s runs: a run
+/// that left an entry would have made the next ones continue a flow instead of checking it.
+fn no_state6(dp: &Datapath, case: &'static str) -> Result<(), CostError> {
+    let left = if !dp.hash::<CtKey6, CtEntry6>(MAP_CT6)?.is_empty() {
+        MAP_CT6
+    } else if !dp.hash::<CtKey6, CtEntry6>(MAP_CT6_NEW)?.is_empty() {
+        MAP_CT6_NEW
+    } else if !dp.per_cpu::<FlowKey6, FlowStats6>(MAP_FLOWS6)?.is_empty() {
+        MAP_FLOWS6
+    } else {
+        return Ok(());
+    };
+    Err(CostError::StateLeft(case, left))
+}
+
+/// Measures every case with 1 rule and with `rules` rules over `groups` groups, for each
+/// family.
 pub fn policy_cost(
     rules: usize,
     groups: usize,
@@ -317,25 +614,52 @@ pub fn policy_cost(
     if rules == 0 || groups == 0 || groups > rules {
         return Err(CostError::Usage);
     }
-    let (one, _) = loaded(&generated_state(1, 1))?;
-    let (many, compiled) = loaded(&generated_state(rules, groups))?;
+    let (mut one, _, one_rule_levels6) =
+        loaded(&dual_stack(generated_state(1, 1), generated_state6(1, 1)))?;
+    let (mut many, compiled, levels6) = loaded(&dual_stack(
+        generated_state(rules, groups),
+        generated_state6(rules, groups),
+    ))?;
+    let (mut every, _, every_level_levels6) =
+        loaded(&dual_stack(generated_state(1, 1), every_level_state6()))?;
     let mut cases = Vec::new();
     for case in &CASES {
-        // A warm-up run each, then alternate.
-        run(&one, case, repeat)?;
-        run(&many, case, repeat)?;
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..rounds.max(1) {
-            a.push(run(&one, case, repeat)?);
-            b.push(run(&many, case, repeat)?);
+        for dp in [&mut one, &mut many, &mut every] {
+            test_device(dp, case.family)?;
         }
-        let (one_ns, many_ns) = (median(&a), median(&b));
+        // One, many, and for IPv6 every level.
+        let copies = match case.family {
+            Family::V4 => vec![&one, &many],
+            Family::V6 => vec![&one, &many, &every],
+        };
+        // A warm-up run each, then rounds alternating between the copies.
+        for dp in &copies {
+            run(dp, case, repeat)?;
+        }
+        let mut ns = vec![Vec::new(); copies.len()];
+        for _ in 0..rounds.max(1) {
+            for (dp, v) in copies.iter().zip(&mut ns) {
+                v.push(run(dp, case, repeat)?);
+            }
+        }
+        if case.family == Family::V6 {
+            for dp in &copies {
+                no_state6(dp, case.name)?;
+            }
+        }
+        let medians: Vec<u64> = ns.iter().map(|v| median(v)).collect();
+        let (one_ns, many_ns) = (medians[0], medians[1]);
+        let every_level_ns = medians.get(2).copied();
         cases.push(CaseCost {
+            family: case.family.name(),
             program: case.program,
             case: case.name,
+            verdict: case.want,
             one_rule_ns: one_ns,
             many_rules_ns: many_ns,
             ratio: ratio(many_ns, one_ns.max(1)),
+            every_level_ns,
+            every_level_ratio: every_level_ns.map(|e| ratio(many_ns, e.max(1))),
         });
     }
     Ok(PolicyCost {
@@ -345,25 +669,50 @@ pub fn policy_cost(
         rounds,
         peer_entries: compiled.peers.len(),
         rule_entries: compiled.rules.len(),
+        peer_entries6: many.hash::<PeerKey6, PeerRules>(MAP_SG_PEERS6)?.len(),
+        levels6,
+        one_rule_levels6,
+        every_level_levels6,
         cases,
     })
 }
 
-/// The table `ecsnet bench policy-cost` prints.
+/// The table `ecsnet bench policy-cost` prints. For IPv6, two more columns: the copy with a
+/// rule at every prefix length (`LEVELS`), and many / that.
 pub fn render(c: &PolicyCost) -> String {
+    let lengths = |l: &[u8]| {
+        l.iter()
+            .map(|len| format!("/{len}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let mut s = format!(
-        "policy lookup cost, BPF_PROG_TEST_RUN x{} per round, median of {} rounds\n1 rule vs {} rules in {} groups ({} CIDR entries, {} port-block entries)\n",
-        c.repeat, c.rounds, c.rules, c.groups, c.peer_entries, c.rule_entries
+        "policy lookup cost, BPF_PROG_TEST_RUN x{} per round, median of {} rounds\n\
+         1 rule vs {} rules of each family in {} groups each ({} IPv4 CIDR entries, {} IPv6 \
+         CIDR entries, {} port-block entries)\n",
+        c.repeat, c.rounds, c.rules, c.groups, c.peer_entries, c.peer_entries6, c.rule_entries
     );
     let _ = writeln!(
         s,
-        "{:<18} {:<62} {:>8} {:>8} {:>6}",
-        "PROGRAM", "CASE", "1 RULE", "MANY", "RATIO"
+        "IPv6 prefix lengths probed: 1 rule {}; many {}; LEVELS ({} rules, one per length) {}",
+        lengths(&c.one_rule_levels6),
+        lengths(&c.levels6),
+        c.every_level_levels6.len(),
+        lengths(&c.every_level_levels6),
+    );
+    let _ = writeln!(
+        s,
+        "{:<18} {:<58} {:>8} {:>8} {:>6} {:>8} {:>6}",
+        "PROGRAM", "CASE", "1 RULE", "MANY", "RATIO", "LEVELS", "RATIO"
     );
     for k in &c.cases {
+        let (every, every_ratio) = match (k.every_level_ns, k.every_level_ratio) {
+            (Some(ns), Some(r)) => (format!("{ns}ns"), format!("{r:.3}")),
+            _ => ("-".to_owned(), "-".to_owned()),
+        };
         let _ = writeln!(
             s,
-            "{:<18} {:<62} {:>6}ns {:>6}ns {:>6.3}",
+            "{:<18} {:<58} {:>6}ns {:>6}ns {:>6.3} {every:>8} {every_ratio:>6}",
             k.program, k.case, k.one_rule_ns, k.many_rules_ns, k.ratio
         );
     }
