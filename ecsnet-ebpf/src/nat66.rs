@@ -1,0 +1,195 @@
+//! NAT66, ecsnet's own: IPv6 arriving on the uplink for a host address on a published port
+//! (`PORTS6`) opens a `KIND_INBOUND` flow, judged by the receiving task's ingress rules with
+//! the real client and the container port, translated (`nat6`) and redirected into the task; the
+//! task's replies are reverse-translated and sent out of the uplink after a FIB lookup. The
+//! kernel's ip6tables rules stay in place, as dockerd keeps them: the packets ecsnet carries
+//! never reach them. Everything else (neighbour discovery, the host's own traffic, what
+//! cannot be parsed) goes to the kernel untouched.
+
+use aya_ebpf::programs::TcContext;
+use ecsnet_common::{
+    DropReason,
+    ct::{CtEntry6, CtKey6, KIND_INBOUND},
+    flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
+    maps::{Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, PortTarget6, TaskInfo},
+    policy::DIR_INGRESS,
+};
+
+use crate::{
+    account::{self, Sighting6},
+    conntrack::{self, Fragment, Nat, Table},
+    forward6,
+    maps::{CONFIG, CONFIG6, LOCAL_ADDRS6, PORTS6},
+    nat6::{self, To},
+    parse6::Headers6,
+    policy, redirect,
+    verdict::{Verdict, drop_on},
+};
+
+/// The host's IPv6 addresses, once `ecsnet up` wrote them.
+#[inline(always)]
+pub fn config6() -> Option<Config6> {
+    CONFIG6.get(0).copied()
+}
+
+/// Whether ecsnet translates IPv6 on this host: the uplink has an IPv6 address.
+#[inline(always)]
+pub fn on() -> bool {
+    config6().is_some_and(|c| c.uplink_ipv6 != [0; 16])
+}
+
+/// Whether `addr` is one of the host's own IPv6 addresses.
+#[inline(always)]
+fn is_local6(addr: &[u8; 16]) -> bool {
+    if *addr == [0; 16] {
+        return false;
+    }
+    if config6().is_some_and(|c| *addr == c.uplink_ipv6 || *addr == c.bridge_ipv6) {
+        return true;
+    }
+    unsafe { LOCAL_ADDRS6.get(addr) }.is_some()
+}
+
+/// The task address and container port published on `h`'s destination port.
+#[inline(always)]
+fn published6(h: &Headers6) -> Option<PortTarget6> {
+    let key = PortKey {
+        port: h.dport,
+        proto: h.proto,
+        _pad: 0,
+    };
+    unsafe { PORTS6.get(&key) }.copied()
+}
+
+/// Whether `policy` allows `proto` to `port` (network byte order) from `peer` in direction
+/// `dir`. A function of its own, as `forward6::allows`.
+#[inline(never)]
+fn allows_port(policy: u32, dir: u32, peer: &[u8; 16], proto: u8, port: u16) -> bool {
+    policy::allows6_port(policy, dir, peer, proto, u16::from_be(port))
+}
+
+/// Decides for an IPv6 packet arriving on the uplink (`tc_uplink_ipv6`).
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Verdict, DropReason> {
+    if forward6::is_plumbing(ctx, h) || h.is_icmp_error() {
+        return Ok(Verdict::Pass);
+    }
+    match conntrack::track_fragment(h) {
+        Fragment::Known => {}
+        Fragment::Rejected => return Err(DropReason::Fragment),
+        // The kernel reassembles it, and polices what it delivers to a task.
+        Fragment::Unknown => return Ok(Verdict::Pass),
+    }
+    let Some(key) = conntrack::key_of(h) else {
+        return Ok(Verdict::Pass);
+    };
+    if let Some(t) = conntrack::lookup(&key) {
+        conntrack::check_close(&t, h)?;
+        let r = t.rewrite();
+        // Only what ecsnet translated into a task comes back this way; the kernel's own
+        // flows (`KIND_LOCAL`) stay on its path.
+        if r.kind != KIND_INBOUND {
+            return Ok(Verdict::Pass);
+        }
+        conntrack::touch(&t, &key, h);
+        return into_task(ctx, cfg, h, &r.nat);
+    }
+    if !conntrack::starts_flow(h) || !is_local6(&h.daddr) {
+        return Ok(Verdict::Pass);
+    }
+    let Some(target) = published6(h) else {
+        return Ok(Verdict::Pass);
+    };
+    let Some(dst) = forward6::task6(&target.addr) else {
+        return Ok(Verdict::Pass);
+    };
+    open_inbound(ctx, cfg, h, &key, &dst, &target)
+}
+
+/// Opens a flow to a published port of task `dst`: its ingress rules judge the real client
+/// and the container port, then the flow is tracked and the packet translated into the task.
+#[inline(always)]
+fn open_inbound(
+    ctx: &TcContext,
+    cfg: &Config,
+    h: &Headers6,
+    key: &CtKey6,
+    dst: &TaskInfo,
+    target: &PortTarget6,
+) -> Result<Verdict, DropReason> {
+    let mut nat = key.tuple();
+    nat.daddr = target.addr;
+    nat.dport = target.port;
+    if !allows_port(dst.policy, DIR_INGRESS, &h.saddr, h.proto, target.port) {
+        conntrack::reject_fragments(h);
+        record(ctx, h, &nat, dst.ifindex, ACTION_REJECT);
+        return Ok(drop_on(
+            ctx,
+            DropReason::SgIngress,
+            dst.ifindex,
+            HOOK_TC_INGRESS,
+        ));
+    }
+    conntrack::create6_nat(key, &mut nat, KIND_INBOUND, h)?;
+    into_task(ctx, cfg, h, &nat)
+}
+
+/// Translates `h` to `nat` and delivers it into the task at `nat.daddr`: past the bridge, its
+/// hop limit decremented and the bridge's MAC as source, as the kernel's forwarding would;
+/// counted and recorded on the task. Without a known MAC (or with a hop limit that ends here)
+/// the kernel carries it, translated (or untouched, to send the time-exceeded error).
+#[inline(always)]
+fn into_task(
+    ctx: &TcContext,
+    cfg: &Config,
+    h: &Headers6,
+    nat: &Nat<[u8; 16]>,
+) -> Result<Verdict, DropReason> {
+    let Some(dst) = forward6::task6(&nat.daddr) else {
+        return Ok(Verdict::Pass);
+    };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    nat6::rewrite(ctx, h, &To::nat(nat))?;
+    if dst.mac == [0; 6] {
+        return Ok(Verdict::Pass);
+    }
+    nat6::decrement_hop_limit(ctx)?;
+    account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
+    record(ctx, h, nat, dst.ifindex, ACTION_ACCEPT);
+    redirect::to_task(ctx, cfg, &dst, true)
+}
+
+/// The flow record on task interface `ifindex` of `h` arriving as `nat` says. A function of
+/// its own (a BPF-to-BPF call): the record's key gets a stack frame of its own.
+#[inline(never)]
+fn record(ctx: &TcContext, h: &Headers6, nat: &Nat<[u8; 16]>, ifindex: u32, action: u8) {
+    let seen = Sighting6::translated(h, nat, ifindex, FLOW_INGRESS, action);
+    account::record6_seen(ctx, h, &seen);
+}
+
+/// A packet a task sent in the flow of entry `e` (a `Tracked::e`; passed as a pointer, not
+/// as a reference to the caller's stack), which ecsnet translated: translated and sent
+/// out of the uplink when the kernel would route it there, hop limit decremented; anything
+/// else goes on untranslated, as IPv4's. A function of its own (a BPF-to-BPF call): the FIB
+/// lookup's parameters get a stack frame of their own, beside the caller's.
+#[inline(never)]
+pub fn to_uplink(ctx: &TcContext, h: &Headers6, e: *const CtEntry6) -> Result<Verdict, DropReason> {
+    // SAFETY: a `Tracked::e`, valid for this program run.
+    let nat = To::entry(unsafe { &*e });
+    // Read in place, not copied: the stack is tight. A translated flow exists only once
+    // `ecsnet up` wrote it.
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(Verdict::Pass);
+    };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    let Some(hop) = redirect::uplink_hop6(ctx, cfg, h.proto, nat.saddr, nat.daddr) else {
+        return Ok(Verdict::Pass);
+    };
+    nat6::rewrite(ctx, h, &nat)?;
+    nat6::decrement_hop_limit(ctx)?;
+    redirect::to_uplink(ctx, &hop)
+}
