@@ -356,14 +356,28 @@ const ND_FIRST: u8 = 133;
 const ND_LAST: u8 = 137;
 
 /// Records the IPv6 packet `h` on task interface `ifindex` in the open window, as it is
-/// (IPv6 is not translated yet, so `pkt-srcaddr`/`pkt-dstaddr` are its own addresses). Ports
-/// are 0 for `ICMPv6` and for later fragments (`headers6` leaves them 0 there).
+/// (`pkt-srcaddr`/`pkt-dstaddr` are its own addresses). Ports are 0 for `ICMPv6` and for later
+/// fragments (`headers6` leaves them 0 there).
 #[inline(always)]
 pub fn record6(ctx: &TcContext, h: &Headers6, ifindex: u32, dir: u8, action: u8) {
+    record6_left(ctx, h, (ifindex, dir, action), &h.saddr);
+}
+
+/// [`record6`] of a packet that left with source `pkt_saddr` (its `pkt-srcaddr`: the host's
+/// address when ecsnet translated it back).
+#[inline(always)]
+pub fn record6_left(
+    ctx: &TcContext,
+    h: &Headers6,
+    (ifindex, dir, action): (u32, u8, u8),
+    pkt_saddr: &[u8; 16],
+) {
     if !flow_logs_on() || h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
         return;
     }
-    record6_seen(ctx, h, &Sighting6::of(h, ifindex, dir, action));
+    let mut seen = Sighting6::of(h, ifindex, dir, action);
+    seen.pkt_saddr = *pkt_saddr;
+    record6_seen(ctx, h, &seen);
 }
 
 /// The flow record of IPv6 packet `h` as `seen` describes it (translated: the addresses the

@@ -6,7 +6,7 @@
 //! never reach them. Everything else (neighbour discovery, the host's own traffic, what
 //! cannot be parsed) goes to the kernel untouched.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
 use ecsnet_common::{
     DropReason,
     ct::{CtEntry6, CtKey6, KIND_INBOUND},
@@ -25,6 +25,27 @@ use crate::{
     policy, redirect,
     verdict::{Verdict, drop_on},
 };
+
+/// This CPU's source address of the packet in progress as it left, for the flow record of
+/// `tc_task_ipv6_flow` (`note_source`, `left_with`). Not pinned: scratch space.
+#[map(name = "PKT_SADDR6")]
+static PKT_SADDR6: PerCpuArray<[u8; 16]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Notes `addr` as the source the packet in progress leaves with.
+#[inline(always)]
+pub fn note_source(addr: &[u8; 16]) {
+    if let Some(p) = PKT_SADDR6.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used by this program run only.
+        unsafe { *p = *addr };
+    }
+}
+
+/// The source noted last on this CPU (`note_source`).
+#[inline(always)]
+pub fn left_with() -> Option<&'static [u8; 16]> {
+    // SAFETY: as above; read-only.
+    PKT_SADDR6.get_ptr(0).map(|p| unsafe { &*p })
+}
 
 /// The host's IPv6 addresses, once `ecsnet up` wrote them.
 #[inline(always)]
@@ -130,6 +151,10 @@ fn open_inbound(
             HOOK_TC_INGRESS,
         ));
     }
+    // The kernel sends the time-exceeded error; nothing to track.
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
     conntrack::create6_nat(key, &mut nat, KIND_INBOUND, h)?;
     into_task(ctx, cfg, h, &nat)
 }
@@ -189,6 +214,7 @@ pub fn to_uplink(ctx: &TcContext, h: &Headers6, e: *const CtEntry6) -> Result<Ve
     let Some(hop) = redirect::uplink_hop6(ctx, cfg, h.proto, nat.saddr, nat.daddr) else {
         return Ok(Verdict::Pass);
     };
+    note_source(nat.saddr);
     nat6::rewrite(ctx, h, &nat)?;
     nat6::decrement_hop_limit(ctx)?;
     redirect::to_uplink(ctx, &hop)

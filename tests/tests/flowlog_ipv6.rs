@@ -504,8 +504,8 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
     }
 
     // The client's connection through ecsnet's NAT66: on task 1 as client -> task:80 (after
-    // DNAT, the client's own address; the host address it was sent to as pkt-dstaddr, as
-    // IPv4's), each direction as the client counted it, with the TCP flags of each side
+    // DNAT, the client's own address; the host address as pkt-dstaddr in, pkt-srcaddr out,
+    // as IPv4's), each direction as the client counted it, with the TCP flags of each side
     // (SYN|FIN in, SYN-ACK|FIN out).
     let ingress = Flow::new((&if1, "ingress"), v6(client6, cport), v6(a1, 80), 6);
     let egress = Flow::new((&if1, "egress"), v6(a1, 80), v6(client6, cport), 6);
@@ -516,7 +516,7 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         "task 1's ingress records against the client's OUTPUT counter"
     );
     assert_eq!(
-        sum(&recs, &egress, "ACCEPT", "IPv6"),
+        sum_pkt(&recs, &egress, "ACCEPT", "IPv6", (&h6, &c6)),
         (in_pk, in_by, 19),
         "task 1's egress records against the client's INPUT counter"
     );

@@ -51,11 +51,11 @@ const CLIENT_PORT: u16 = 40000;
 const WEB: u32 = 5;
 const NONE_IN: u32 = 6;
 
-/// Task A on the test device with `policy`, its IPv6 address, two published ports (8080/tcp
+/// Task A on the test device with `policy` and learned MAC `mac`, its IPv6 address, two published ports (8080/tcp
 /// to A:80, 5353/udp to A:53), and `WEB`'s rule.
-fn seeds(policy: u32) -> Vec<Seed> {
+fn seeds(policy: u32, mac: [u8; 6]) -> Vec<Seed> {
     vec![
-        Seed::Task(TASK_A, TEST_IFINDEX, MAC_A, policy),
+        Seed::Task(TASK_A, TEST_IFINDEX, mac, policy),
         Seed::Iface(TEST_IFINDEX, TASK_A, ROLE_TASK),
         Seed::Task6(A6, TEST_IFINDEX),
         Seed::TaskFlags(TASK_A, TASK_IPV6),
@@ -95,6 +95,8 @@ type Step = (Via, Vec<u8>, u32, Option<Vec<u8>>);
 struct Case {
     what: &'static str,
     policy: u32,
+    /// Task A's MAC as learned; zero: not yet.
+    mac: [u8; 6],
     steps: Vec<Step>,
     drops: Vec<DropKey>,
     /// The `CT6` keys at the end, all `KIND_INBOUND`.
@@ -105,6 +107,7 @@ fn case(what: &'static str, policy: u32) -> Case {
     Case {
         what,
         policy,
+        mac: MAC_A,
         steps: Vec::new(),
         drops: Vec::new(),
         ct: Vec::new(),
@@ -119,6 +122,11 @@ impl Case {
         };
         self.steps
             .push((via, p.frame(), verdict, out.map(P6::frame)));
+        self
+    }
+
+    fn mac_unknown(mut self) -> Case {
+        self.mac = [0; 6];
         self
     }
 
@@ -154,6 +162,7 @@ fn forwarded(p: P6, smac: [u8; 6], dmac: [u8; 6]) -> P6 {
     p.hop_limit(63).from_mac(smac).to_mac(dmac)
 }
 
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     use Via::{FromA, Uplink};
     let syn = P6::syn6(CLIENT6, CLIENT_PORT, HOST6, 8080);
@@ -164,6 +173,16 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
             0x12,
             0x2000_0001,
             SYN6_SEQ + 1,
+        )
+    };
+    let syn_in = forwarded(P6::syn6(CLIENT6, CLIENT_PORT, A6, 80), BRIDGE_MAC, MAC_A);
+    let ack = |dst, port| {
+        P6::tcp6(
+            (CLIENT6, CLIENT_PORT),
+            (dst, port),
+            0x10,
+            SYN6_SEQ + 1,
+            0x2000_0002,
         )
     };
     let udp = |dst, port| P6::udp6(CLIENT6, CLIENT_PORT, dst, port, b"hello over NAT66");
@@ -211,6 +230,36 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
                 )),
             )
             .tracked(PROTO_UDP, (5353, 53)),
+        case("the client's ACK after its SYN is translated too", WEB)
+            .step(Uplink, &syn, REDIRECT, Some(&syn_in))
+            .step(
+                Uplink,
+                &ack(HOST6, 8080),
+                REDIRECT,
+                Some(&forwarded(ack(A6, 80), BRIDGE_MAC, MAC_A)),
+            )
+            .tracked(PROTO_TCP, (8080, 80)),
+        case(
+            "task A's MAC not learned yet: the kernel carries the translated SYN",
+            WEB,
+        )
+        .mac_unknown()
+        .step(
+            Uplink,
+            &syn,
+            OK,
+            Some(
+                &P6::syn6(CLIENT6, CLIENT_PORT, A6, 80)
+                    .from_mac(ROUTER_MAC)
+                    .to_mac(UPLINK_MAC),
+            ),
+        )
+        .tracked(PROTO_TCP, (8080, 80)),
+        case(
+            "hop limit 1: untouched and untracked, for the kernel's time-exceeded error",
+            WEB,
+        )
+        .step(Uplink, &syn.clone().hop_limit(1), OK, None),
         case(
             "a SYN the task's rules reject: dropped on the task, nothing tracked",
             NONE_IN,
@@ -347,7 +396,7 @@ fn hex(b: &[u8]) -> String {
 
 fn check(dp: &mut Datapath, uplink: u32, c: &Case) -> Result<(), String> {
     reset(dp);
-    dp.seed(&seeds(c.policy)).unwrap();
+    dp.seed(&seeds(c.policy, c.mac)).unwrap();
     let mut errs = Vec::new();
     for (i, (via, frame, want, out)) in c.steps.iter().enumerate() {
         let (prog, cfg) = match via {

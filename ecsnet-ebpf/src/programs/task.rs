@@ -217,9 +217,11 @@ fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         return Err(DropReason::TailCallFailed);
     };
     clock::stamp();
+    nat66::note_source(&h.saddr);
     let res = forward6::from_task(ctx, h, &me);
     if let Some(action) = verdict::action(&res, DropReason::SgEgress) {
-        account::record6(ctx, h, ifindex, FLOW_EGRESS, action);
+        let left = nat66::left_with().unwrap_or(&h.saddr);
+        account::record6_left(ctx, h, (ifindex, FLOW_EGRESS, action), left);
     }
     res
 }
