@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ecsnet_common::{
-    DropReason,
+    DropReason, csum,
     ct::CtEntry6,
     net::{PROTO_TCP, PROTO_UDP},
 };
@@ -18,7 +18,7 @@ use crate::{
     conntrack::Nat,
     nat::{self, PortFields},
     parse::{ETH_HLEN, FRAG_LATER, load},
-    parse6::{Headers6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, PROTO_ICMPV6},
+    parse6::{Headers6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPV6_HLEN, PROTO_ICMPV6},
 };
 
 /// `bpf_l4_csum_replace` flags, as in `nat`: the checksum covers the pseudo-header; a zero UDP
@@ -139,4 +139,64 @@ pub fn rewrite(ctx: &TcContext, h: &Headers6, nat: &To) -> Result<(), DropReason
     );
     let ports = kind.at(h.l4, (h.sport, h.dport), (nat.sport, nat.dport));
     nat::rewrite_ports(ctx, check, flags, ports)
+}
+
+/// Where the quoted packet's checksum sits in an `ICMPv6` error quoting TCP or UDP at `quote`
+/// (its fixed header); 0 for other protocols.
+#[inline(always)]
+fn quoted_check(quote: usize, proto: u8) -> usize {
+    match proto {
+        PROTO_TCP => quote + IPV6_HLEN + 16,
+        PROTO_UDP => quote + IPV6_HLEN + 6,
+        _ => 0,
+    }
+}
+
+/// Translates an `ICMPv6` error (`h`) that quotes, at `quote`, a packet that left as the host
+/// (`qsaddr`, source port `qsport`) back to what the task sent: the outer destination and the
+/// quoted source become `to.saddr`, the quoted source port `to.sport`; the quoted packet's own
+/// checksum (when quoted, and not a UDP zero) and the error's (which covers the outer
+/// addresses) follow.
+#[inline(always)]
+pub fn translate_error_in(
+    ctx: &TcContext,
+    h: &Headers6,
+    quote: usize,
+    (qsaddr, qsport, qproto): (&[u8; 16], u16, u8),
+    to: &To,
+) -> Result<(), DropReason> {
+    let check = h.l4 + 2;
+    // The outer destination: in the pseudo-header.
+    let diff = addr_diff(&h.daddr, to.saddr).ok_or(DropReason::BadIcmpError)?;
+    nat::l4(ctx, check, 0, diff, PSEUDO_HDR)?;
+    nat::store(ctx, ETH_HLEN + DADDR_AT, to.saddr)?;
+    // The quoted source and port: data the error's checksum covers.
+    let diff = addr_diff(qsaddr, to.saddr).ok_or(DropReason::BadIcmpError)?;
+    let qcheck_at = quoted_check(quote, qproto);
+    let old_qcheck: Option<u16> = if qcheck_at == 0 {
+        None
+    } else {
+        ctx.load::<u16>(qcheck_at).ok()
+    };
+    nat::l4(ctx, check, 0, diff, 0)?;
+    nat::store(ctx, quote + SADDR_AT, to.saddr)?;
+    nat::rewrite_ports(
+        ctx,
+        check,
+        0,
+        [(quote + IPV6_HLEN, qsport, to.sport), (0, 0, 0)],
+    )?;
+    let Some(old) = old_qcheck else {
+        return Ok(());
+    };
+    if qproto == PROTO_UDP && old == 0 {
+        return Ok(());
+    }
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    let mut new = old;
+    for i in [0, 4, 8, 12] {
+        new = csum::replace4(new, word(qsaddr, i), word(to.saddr, i));
+    }
+    new = csum::replace2(new, qsport, to.sport);
+    nat::rewrite_ports(ctx, check, 0, [(qcheck_at, old, new), (0, 0, 0)])
 }

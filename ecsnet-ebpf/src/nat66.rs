@@ -21,7 +21,8 @@ use crate::{
     forward6,
     maps::{CONFIG, CONFIG6, LOCAL_ADDRS6, PORTS6},
     nat6::{self, To},
-    parse6::Headers6,
+    parse::load,
+    parse6::{Headers6, ICMPV6_HLEN, IPV6_HLEN},
     policy, redirect,
     verdict::{Verdict, drop_on},
 };
@@ -46,6 +47,11 @@ pub fn left_with() -> Option<&'static [u8; 16]> {
     // SAFETY: as above; read-only.
     PKT_SADDR6.get_ptr(0).map(|p| unsafe { &*p })
 }
+
+/// Where the next header and the addresses are in a quoted IPv6 header.
+const QUOTE_NEXT_AT: usize = 6;
+const QUOTE_SADDR_AT: usize = 8;
+const QUOTE_DADDR_AT: usize = 24;
 
 /// The host's IPv6 addresses, once `ecsnet up` wrote them.
 #[inline(always)]
@@ -92,8 +98,11 @@ fn allows_port(policy: u32, dir: u32, peer: &[u8; 16], proto: u8, port: u16) -> 
 /// Decides for an IPv6 packet arriving on the uplink (`tc_uplink_ipv6`).
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Verdict, DropReason> {
-    if forward6::is_plumbing(ctx, h) || h.is_icmp_error() {
+    if forward6::is_plumbing(ctx, h) {
         return Ok(Verdict::Pass);
+    }
+    if h.is_icmp_error() {
+        return error_in(ctx, h);
     }
     match conntrack::track_fragment(h) {
         Fragment::Known => {}
@@ -125,6 +134,94 @@ pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Ve
         return Ok(Verdict::Pass);
     };
     open_inbound(ctx, cfg, h, &key, &dst, &target)
+}
+
+/// An `ICMPv6` error arriving on the uplink: one about a packet a published port's task sent
+/// (the quote is a reply of a `KIND_INBOUND` flow, as it left: from the host, to which the
+/// error comes) goes to that task translated back, hop limit -1 (packet-too-big must reach the
+/// sender, or path-MTU discovery breaks); anything else goes to the kernel. Two functions of
+/// their own (BPF-to-BPF calls, one after the other), for the stack.
+#[inline(always)]
+fn error_in(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {
+    let quote = h.l4 + ICMPV6_HLEN;
+    let e = quoted_inbound(ctx, h, quote);
+    if e.is_null() {
+        return Ok(Verdict::Pass);
+    }
+    send_error_in(ctx, h, quote, e)
+}
+
+/// The entry of the `KIND_INBOUND` flow whose reply the error `h` quotes at `quote` (the
+/// quoted packet reversed is the flow's original direction), when it quotes one sent from the
+/// error's destination; null for anything else.
+#[inline(never)]
+fn quoted_inbound(ctx: &TcContext, h: &Headers6, quote: usize) -> *const CtEntry6 {
+    let Ok(ports) = load::<[u16; 2]>(ctx, quote + IPV6_HLEN) else {
+        return core::ptr::null();
+    };
+    let (Ok(saddr), Ok(daddr), Ok(proto)) = (
+        load::<[u8; 16]>(ctx, quote + QUOTE_DADDR_AT),
+        load::<[u8; 16]>(ctx, quote + QUOTE_SADDR_AT),
+        load::<u8>(ctx, quote + QUOTE_NEXT_AT),
+    ) else {
+        return core::ptr::null();
+    };
+    if daddr != h.daddr {
+        return core::ptr::null();
+    }
+    let key = CtKey6 {
+        saddr,
+        daddr,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        _pad: [0; 3],
+    };
+    match conntrack::lookup(&key) {
+        // SAFETY: see `Tracked::e`.
+        Some(t) if unsafe { (*t.e).kind } == KIND_INBOUND => t.e,
+        _ => core::ptr::null(),
+    }
+}
+
+/// Translates the error `h` about the reply of flow entry `e` (`quoted_inbound`) back to what
+/// the task sent, and delivers it into the task.
+#[inline(never)]
+fn send_error_in(
+    ctx: &TcContext,
+    h: &Headers6,
+    quote: usize,
+    e: *const CtEntry6,
+) -> Result<Verdict, DropReason> {
+    // SAFETY: a `Tracked::e` (non-null), valid for this program run.
+    let e = unsafe { &*e };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    let (Some(cfg), Some(dst)) = (CONFIG.get(0), forward6::task6(&e.nat_daddr)) else {
+        return Ok(Verdict::Pass);
+    };
+    let (Ok(qsport), Ok(qproto)) = (
+        load::<u16>(ctx, quote + IPV6_HLEN),
+        load::<u8>(ctx, quote + QUOTE_NEXT_AT),
+    ) else {
+        return Ok(Verdict::Pass);
+    };
+    if dst.mac == [0; 6] {
+        return Ok(Verdict::Pass);
+    }
+    // What the task sent: from its own address and port (the quoted source was the error's
+    // destination, `quoted_inbound` checked).
+    let to = To {
+        saddr: &e.nat_daddr,
+        daddr: &e.nat_saddr,
+        sport: e.nat_dport,
+        dport: e.nat_sport,
+    };
+    nat6::translate_error_in(ctx, h, quote, (&h.daddr, qsport, qproto), &to)?;
+    nat6::decrement_hop_limit(ctx)?;
+    account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
+    redirect::to_task(ctx, cfg, &dst, true)
 }
 
 /// Opens a flow to a published port of task `dst`: its ingress rules judge the real client

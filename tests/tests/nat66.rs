@@ -43,6 +43,10 @@ use ecsnet_tests::{csum_errors, csum6_errors};
 const HOST6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const BRIDGE6: [u8; 16] = [0xfd, 0, 0x0e, 0xc5, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+/// A router on the client's path, which sends `ICMPv6` errors.
+const ROUTER6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+/// `ICMPv6` packet too big (RFC 4443 §3.2).
+const PACKET_TOO_BIG: u8 = 2;
 /// Task A's address.
 const A6: [u8; 16] = [0xfd, 0, 0x0e, 0xc5, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT_PORT: u16 = 40000;
@@ -175,6 +179,20 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
             SYN6_SEQ + 1,
         )
     };
+    // The SYN-ACK as it left the host (hop limit 63), quoted in an error about it: the
+    // quote as the task sent it is the same from the task's address and port.
+    let left = |src, port| {
+        P6::tcp6(
+            (src, port),
+            (CLIENT6, CLIENT_PORT),
+            0x12,
+            0x2000_0001,
+            SYN6_SEQ + 1,
+        )
+        .hop_limit(63)
+    };
+    let too_big =
+        |to, about: &P6| P6::icmp6_error(ROUTER6, to, (PACKET_TOO_BIG, 0, 1280), about, 60);
     let syn_in = forwarded(P6::syn6(CLIENT6, CLIENT_PORT, A6, 80), BRIDGE_MAC, MAC_A);
     let ack = |dst, port| {
         P6::tcp6(
@@ -218,6 +236,23 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
             )),
         )
         .tracked(PROTO_TCP, (8080, 80)),
+        case(
+            "a packet-too-big about a reply goes into the task, translated back",
+            WEB,
+        )
+        .step(Uplink, &syn, REDIRECT, Some(&syn_in))
+        .step(
+            Uplink,
+            &too_big(HOST6, &left(HOST6, 8080)),
+            REDIRECT,
+            Some(&forwarded(too_big(A6, &left(A6, 80)), BRIDGE_MAC, MAC_A)),
+        )
+        .tracked(PROTO_TCP, (8080, 80)),
+        case(
+            "a packet-too-big about no tracked flow goes to the kernel untouched",
+            WEB,
+        )
+        .step(Uplink, &too_big(HOST6, &left(HOST6, 8080)), OK, None),
         case("a datagram to a published UDP port, without a policy", 0)
             .step(
                 Uplink,
