@@ -67,7 +67,7 @@ pub fn on() -> bool {
 
 /// Whether `addr` is one of the host's own IPv6 addresses.
 #[inline(always)]
-fn is_local6(addr: &[u8; 16]) -> bool {
+pub fn is_local6(addr: &[u8; 16]) -> bool {
     if *addr == [0; 16] {
         return false;
     }
@@ -80,9 +80,15 @@ fn is_local6(addr: &[u8; 16]) -> bool {
 /// The task address and container port published on `h`'s destination port.
 #[inline(always)]
 fn published6(h: &Headers6) -> Option<PortTarget6> {
+    published6_port(h.dport, h.proto)
+}
+
+/// The task address and container port published on host port `port` (network byte order).
+#[inline(always)]
+pub fn published6_port(port: u16, proto: u8) -> Option<PortTarget6> {
     let key = PortKey {
-        port: h.dport,
-        proto: h.proto,
+        port,
+        proto,
         _pad: 0,
     };
     unsafe { PORTS6.get(&key) }.copied()

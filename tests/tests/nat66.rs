@@ -20,7 +20,7 @@ use ecsnet_common::{
     DropReason,
     ct::{CtEntry6, CtKey6, KIND_INBOUND, PROTO_TCP, PROTO_UDP},
     maps::{
-        Config6, DropKey, HOOK_TC_INGRESS, MAP_CONFIG, MAP_CONFIG6, MAP_CT6, MAP_CT6_NEW,
+        Config6, DropKey, HOOK_TC_INGRESS, HOOK_XDP, MAP_CONFIG, MAP_CONFIG6, MAP_CT6, MAP_CT6_NEW,
         MAP_DROPS, ROLE_TASK, TASK_IPV6,
     },
     policy::{DIR_INGRESS, PeerKey6, PeerRules, RuleKey, level6_bit, scope},
@@ -30,11 +30,12 @@ use ecsnet_lab::fixture::{
     datapath::{Datapath, require_test_host},
     harness::{Lab, case_result, ns_exec, run_table, unique},
     packet6::{
-        ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_OPT_SOURCE_LL, P6, SYN6_SEQ, solicited_node,
+        EXT_DEST_OPTS, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_OPT_SOURCE_LL, P6, SYN6_SEQ,
+        solicited_node,
     },
     world::{
         BRIDGE_MAC, MAC_A, ROUTER_MAC, Seed, TASK_A, TC_ACT_OK as OK, TC_ACT_REDIRECT as REDIRECT,
-        TC_ACT_SHOT as SHOT, TEST_IFINDEX, UPLINK_MAC, config,
+        TC_ACT_SHOT as SHOT, TEST_IFINDEX, UPLINK_MAC, XDP_DROP, XDP_PASS, config,
     },
 };
 use ecsnet_tests::{csum_errors, csum6_errors};
@@ -89,8 +90,10 @@ fn seeds(policy: u32, mac: [u8; 6]) -> Vec<Seed> {
 enum Via {
     /// Arrives on the uplink (the test device is the uplink).
     Uplink,
-    /// Sent by task A (the test device is A's interface; the uplink is the namespace's dummy).
+    /// Sent by task A (the test device is A's interface; the uplink is the namespace's veth).
     FromA,
+    /// Arrives on the uplink, seen by XDP first.
+    Xdp,
 }
 
 /// Frame in, verdict, frame out (None: unchanged).
@@ -121,7 +124,7 @@ fn case(what: &'static str, policy: u32) -> Case {
 impl Case {
     fn step(mut self, via: Via, p: &P6, verdict: u32, out: Option<&P6>) -> Case {
         let p = match via {
-            Via::Uplink => p.clone().from_mac(ROUTER_MAC).to_mac(UPLINK_MAC),
+            Via::Uplink | Via::Xdp => p.clone().from_mac(ROUTER_MAC).to_mac(UPLINK_MAC),
             Via::FromA => p.clone().from_mac(MAC_A).to_mac(BRIDGE_MAC),
         };
         self.steps
@@ -168,7 +171,7 @@ fn forwarded(p: P6, smac: [u8; 6], dmac: [u8; 6]) -> P6 {
 
 #[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
-    use Via::{FromA, Uplink};
+    use Via::{FromA, Uplink, Xdp};
     let syn = P6::syn6(CLIENT6, CLIENT_PORT, HOST6, 8080);
     let synack = |src| {
         P6::tcp6(
@@ -301,6 +304,22 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
         )
         .step(Uplink, &syn, SHOT, None)
         .drop(DropReason::SgIngress, HOOK_TC_INGRESS),
+        case(
+            "XDP drops a SYN the task's rules reject, before tc sees it",
+            NONE_IN,
+        )
+        .step(Xdp, &syn, XDP_DROP, None)
+        .drop(DropReason::SgIngress, HOOK_XDP),
+        case("XDP leaves a SYN the task's rules allow to tc", WEB)
+            .step(Xdp, &syn, XDP_PASS, None)
+            .step(Uplink, &syn, REDIRECT, Some(&syn_in))
+            .tracked(PROTO_TCP, (8080, 80)),
+        case("XDP leaves a SYN behind an extension header to tc", NONE_IN).step(
+            Xdp,
+            &syn.clone().ext(EXT_DEST_OPTS, 0),
+            XDP_PASS,
+            None,
+        ),
         case("a port nobody published passes untouched", WEB).step(
             Uplink,
             &P6::syn6(CLIENT6, CLIENT_PORT, HOST6, 9999),
@@ -437,6 +456,7 @@ fn check(dp: &mut Datapath, uplink: u32, c: &Case) -> Result<(), String> {
         let (prog, cfg) = match via {
             Via::Uplink => ("tc_uplink_ingress", config(TEST_IFINDEX)),
             Via::FromA => ("tc_task_ingress", config(uplink)),
+            Via::Xdp => ("xdp_uplink", config(TEST_IFINDEX)),
         };
         dp.set_first(MAP_CONFIG, cfg).unwrap();
         let r = dp.test_run(prog, frame, 1).expect("BPF_PROG_TEST_RUN");
@@ -447,7 +467,8 @@ fn check(dp: &mut Datapath, uplink: u32, c: &Case) -> Result<(), String> {
             ));
         }
         let want_out = out.as_ref().unwrap_or(frame);
-        if r.verdict != SHOT && r.output != *want_out {
+        // XDP never changes a frame; tc's dropped ones are not compared.
+        if !matches!(via, Via::Xdp) && r.verdict != SHOT && r.output != *want_out {
             errs.push(format!(
                 "step {i} ({via:?}): frame out\n    {}\n  want\n    {}",
                 hex(&r.output),
@@ -493,7 +514,7 @@ fn published_ports_over_ipv6_are_translated_by_ecsnet() {
         },
     )
     .unwrap();
-    dp.load_programs(&["tc_task_ingress", "tc_uplink_ingress"])
+    dp.load_programs(&["tc_task_ingress", "tc_uplink_ingress", "xdp_uplink"])
         .unwrap();
     dp.load_tail_called()
         .expect("the tail-called programs load");
