@@ -45,6 +45,9 @@ pub const PROG6_TASK_FLOW: u32 = 1;
 /// [`MAP_PROGS6`]: `tc_task_ipv6_to`, tail-called by `tc_task_egress` for the IPv6 the kernel
 /// delivers to a task with a policy.
 pub const PROG6_TASK_TO: u32 = 2;
+/// [`MAP_PROGS6`]: `tc_uplink_ipv6`, tail-called by `tc_uplink_ingress` for IPv6 arriving on
+/// the uplink: published ports over IPv6 (NAT66) and the replies of translated flows.
+pub const PROG6_UPLINK: u32 = 3;
 /// Slots of [`MAP_PROGS6`].
 pub const PROG6_SLOTS: u32 = 8;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.

@@ -19,6 +19,7 @@ use ecsnet_common::{
 
 use crate::{
     clock,
+    conntrack::Nat,
     maps::{DROPS, FLOW_LOST, FLOW_STATE, FLOWS, FLOWS6, STATS},
     parse::{
         ETH_HLEN, Headers, Packet, TcpHdrStart, UDP_HLEN, ipv4_lengths, is_unicast_ipv4, load,
@@ -214,6 +215,27 @@ impl<A: Copy> Seen<A> {
     }
 }
 
+impl<A: Copy> Seen<A> {
+    /// `h` on `ifindex` as translated to `nat`: the addresses and ports the task sees, and the
+    /// packet's own addresses as on the uplink side.
+    #[inline(always)]
+    pub fn translated(
+        h: &impl FlowHeaders<A>,
+        nat: &Nat<A>,
+        ifindex: u32,
+        dir: u8,
+        action: u8,
+    ) -> Self {
+        Seen {
+            saddr: nat.saddr,
+            daddr: nat.daddr,
+            sport: nat.sport,
+            dport: nat.dport,
+            ..Self::of(h, ifindex, dir, action)
+        }
+    }
+}
+
 /// An address family's flow table: its map, and its key and counters made from a [`Seen`].
 pub trait Family: Copy + 'static {
     type Key: 'static;
@@ -334,17 +356,40 @@ const ND_FIRST: u8 = 133;
 const ND_LAST: u8 = 137;
 
 /// Records the IPv6 packet `h` on task interface `ifindex` in the open window, as it is
-/// (IPv6 is not translated yet, so `pkt-srcaddr`/`pkt-dstaddr` are its own addresses). Ports
-/// are 0 for `ICMPv6` and for later fragments (`headers6` leaves them 0 there).
+/// (`pkt-srcaddr`/`pkt-dstaddr` are its own addresses). Ports are 0 for `ICMPv6` and for later
+/// fragments (`headers6` leaves them 0 there).
 #[inline(always)]
 pub fn record6(ctx: &TcContext, h: &Headers6, ifindex: u32, dir: u8, action: u8) {
+    record6_left(ctx, h, (ifindex, dir, action), &h.saddr);
+}
+
+/// [`record6`] of a packet that left with source `pkt_saddr` (its `pkt-srcaddr`: the host's
+/// address when ecsnet translated it back).
+#[inline(always)]
+pub fn record6_left(
+    ctx: &TcContext,
+    h: &Headers6,
+    (ifindex, dir, action): (u32, u8, u8),
+    pkt_saddr: &[u8; 16],
+) {
     if !flow_logs_on() || h.proto == PROTO_ICMPV6 && (ND_FIRST..=ND_LAST).contains(&h.icmp_type) {
         return;
     }
-    let seen = Sighting6::of(h, ifindex, dir, action);
+    let mut seen = Sighting6::of(h, ifindex, dir, action);
+    seen.pkt_saddr = *pkt_saddr;
+    record6_seen(ctx, h, &seen);
+}
+
+/// The flow record of IPv6 packet `h` as `seen` describes it (translated: the addresses the
+/// task sees, and those on the uplink side).
+#[inline(always)]
+pub fn record6_seen(ctx: &TcContext, h: &Headers6, seen: &Sighting6) {
+    if !flow_logs_on() {
+        return;
+    }
     clock::stamp();
     let (packets, bytes) = wire6(ctx, h);
-    record(&seen, packets, bytes);
+    record(seen, packets, bytes);
 }
 
 /// Packets and IP bytes of an IPv6 skb as on the wire: the fixed header, the extension headers

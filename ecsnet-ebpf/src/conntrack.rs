@@ -5,7 +5,8 @@
 //! expires both. TCP RSTs and FINs change a flow only when they fit its sequence numbers.
 //! IPv6 has tables of its own (`CT6`, `CT6_NEW`, `FRAGS6`) under the same rules: the code is
 //! generic over the family ([`Table`] for the keys, [`Entry`] for the entries, [`Segment`] for
-//! the parsed headers), each call monomorphised for its family; IPv6 is never translated.
+//! the parsed headers), each call monomorphised for its family; IPv6 is translated without port choice (published
+//! ports).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -682,11 +683,34 @@ pub fn create(
 /// their own rather than one more piece of its caller's.
 #[inline(never)]
 pub fn create6(key: &CtKey6, kind: u8, h: &Headers6) -> Result<(), DropReason> {
+    create6_to(key, &mut key.tuple(), kind, h)
+}
+
+/// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, packets `key`
+/// rewritten to `nat` (no port is chosen: published ports). A function of its own, as
+/// [`create6`] (which has the tuple in its own frame rather than its caller's).
+#[inline(never)]
+pub fn create6_nat(
+    key: &CtKey6,
+    nat: &mut Nat<[u8; 16]>,
+    kind: u8,
+    h: &Headers6,
+) -> Result<(), DropReason> {
+    create6_to(key, nat, kind, h)
+}
+
+#[inline(always)]
+fn create6_to(
+    key: &CtKey6,
+    nat: &mut Nat<[u8; 16]>,
+    kind: u8,
+    h: &Headers6,
+) -> Result<(), DropReason> {
     let Some(e) = ENTRY6.get_ptr_mut(0) else {
         return Err(DropReason::CtTableFull);
     };
     // SAFETY: this CPU's slot, used by nothing else in this program run.
-    place(key, &mut key.tuple(), kind, false, h, unsafe { &mut *e })
+    place(key, nat, kind, false, h, unsafe { &mut *e })
 }
 
 /// This CPU's IPv6 entry under construction: [`create6`] builds entries here rather than on a

@@ -158,19 +158,7 @@ fn send(
     match next {
         Next::Task(t) => {
             let (packets, bytes) = account::tc(ctx, t.ifindex, HOOK_TC_EGRESS);
-            let seen = Sighting {
-                ifindex: t.ifindex,
-                dir: FLOW_INGRESS,
-                action: ACTION_ACCEPT,
-                proto: h.proto,
-                tcp_flags: h.tcp_flags,
-                saddr: nat.saddr,
-                daddr: nat.daddr,
-                sport: nat.sport,
-                dport: nat.dport,
-                pkt_saddr: h.saddr,
-                pkt_daddr: h.daddr,
-            };
+            let seen = Sighting::translated(h, nat, t.ifindex, FLOW_INGRESS, ACTION_ACCEPT);
             account::record(&seen, packets, bytes);
             redirect::to_task(ctx, cfg, t, routed)
         }

@@ -1,6 +1,6 @@
-//! The forwarding decision for IPv6 on a task interface, with IPv4's rules (`forward`) and
-//! without translation (the kernel's NAT66 does published ports and masquerade for now):
-//! continue a tracked flow, open a new one (task to task by `bpf_redirect_peer`, anything else
+//! The forwarding decision for IPv6 on a task interface, with IPv4's rules (`forward`):
+//! continue a tracked flow (the replies of published ports translated back by `nat66`; the
+//! kernel's NAT66 still does masquerade), open a new one (task to task by `bpf_redirect_peer`, anything else
 //! on the kernel's path, tracked as `KIND_LOCAL` under a policy), let the `ICMPv6` errors of
 //! tracked flows pass with them, and judge everything else by the rules alone. Neighbour
 //! discovery and MLD are link-scope plumbing, as ARP is: never policed, never redirected.
@@ -8,7 +8,7 @@
 use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
-    ct::{CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_LOCAL},
+    ct::{CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_INBOUND, KIND_LOCAL},
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
     maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, TaskInfo},
     net::{PROTO_TCP, PROTO_UDP},
@@ -18,6 +18,7 @@ use ecsnet_common::{
 use crate::{
     account,
     conntrack::{self, Delivered, Fragment},
+    nat66,
     parse::{ETH_HLEN, FRAG_NONE, load},
     parse6::{
         Headers6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_HLEN, IPV6_HLEN, Ipv6Hdr,
@@ -97,6 +98,12 @@ pub fn from_task(ctx: &TcContext, h: &mut Headers6, me: &TaskInfo) -> Result<Ver
     if let Some(t) = conntrack::lookup(&key) {
         conntrack::check_close(&t, h)?;
         let kind = t.rewrite().kind;
+        if kind == KIND_INBOUND {
+            // The reply of a published port's flow: back to the client as the host.
+            let res = nat66::to_uplink(ctx, h, t.e);
+            conntrack::touch(&t, &key, h);
+            return res;
+        }
         conntrack::touch(&t, &key, h);
         return match task6(&h.daddr) {
             Some(dst) if kind == KIND_EAST_WEST => to_task(ctx, h, &dst),

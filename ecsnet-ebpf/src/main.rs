@@ -2,7 +2,7 @@
 //! below them: `clock` reads the time once per run, `parse` and `parse6` read headers, `tasks` finds a
 //! task, `antispoof` checks that a task speaks only for itself, `forward` decides (`forward6` for
 //! IPv6), `conntrack`
-//! keeps the flow table, `nat` rewrites, `nat_quota` keeps each task's share of the masquerade
+//! keeps the flow table, `nat` rewrites (`nat6` for IPv6), `nat66` does IPv6's published ports, `nat_quota` keeps each task's share of the masquerade
 //! ports, `policy` checks security groups, `early_drop` applies them in XDP, `redirect` sends,
 //! `account` counts packets, drops and flows, `events` sends monitor events, `verdict` turns a
 //! result into a return code and counts every drop with its reason.
@@ -28,6 +28,8 @@ mod forward;
 mod forward6;
 mod maps;
 mod nat;
+mod nat6;
+mod nat66;
 mod nat_quota;
 mod parse;
 mod parse6;

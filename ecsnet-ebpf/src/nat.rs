@@ -34,7 +34,7 @@ const FIELD_WORD: u64 = 2;
 const IP_CHECK: usize = ETH_HLEN + IP_OFF_CHECK;
 
 #[inline(always)]
-fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), DropReason> {
+pub fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), DropReason> {
     ctx.store(off, v, 0).map_err(|_| DropReason::Truncated)
 }
 
@@ -45,7 +45,7 @@ fn l3(ctx: &TcContext, from: u64, to: u64, size: u64) -> Result<(), DropReason> 
 }
 
 #[inline(always)]
-fn l4(ctx: &TcContext, off: usize, from: u64, to: u64, flags: u64) -> Result<(), DropReason> {
+pub fn l4(ctx: &TcContext, off: usize, from: u64, to: u64, flags: u64) -> Result<(), DropReason> {
     ctx.l4_csum_replace(off, from, to, flags)
         .map_err(|_| DropReason::Truncated)
 }
@@ -94,16 +94,67 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, nat: &Nat) -> Result<(), DropReason
     if check == 0 {
         return Ok(());
     }
-    // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
-    let ports: [(usize, u16, u16); 2] = if h.proto == PROTO_ICMP {
-        match h.icmp_type {
-            ICMP_ECHO => [(h.l4 + 4, h.sport, nat.sport), (0, 0, 0)],
-            ICMP_ECHO_REPLY => [(h.l4 + 4, h.dport, nat.dport), (0, 0, 0)],
-            _ => [(0, 0, 0), (0, 0, 0)],
+    let kind = PortFields::of(
+        h.proto == PROTO_ICMP,
+        h.icmp_type,
+        (ICMP_ECHO, ICMP_ECHO_REPLY),
+    );
+    let ports = kind.at(h.l4, (h.sport, h.dport), (nat.sport, nat.dport));
+    rewrite_ports(ctx, check, flags, ports)
+}
+
+/// Which fields of a transport header stand for its ports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PortFields {
+    /// TCP and UDP: source and destination port.
+    Ports,
+    /// An echo request's or reply's identifier (either family's ICMP): its source or
+    /// destination "port".
+    EchoRequest,
+    EchoReply,
+    /// No ports.
+    None,
+}
+
+impl PortFields {
+    /// The fields of a packet of the family's ICMP (`icmp`) of `icmp_type`, whose echo request
+    /// and reply are `echo`, or of TCP and UDP.
+    #[inline(always)]
+    pub fn of(icmp: bool, icmp_type: u8, echo: (u8, u8)) -> Self {
+        if !icmp {
+            PortFields::Ports
+        } else if icmp_type == echo.0 {
+            PortFields::EchoRequest
+        } else if icmp_type == echo.1 {
+            PortFields::EchoReply
+        } else {
+            PortFields::None
         }
-    } else {
-        [(h.l4, h.sport, nat.sport), (h.l4 + 2, h.dport, nat.dport)]
-    };
+    }
+
+    /// Each field to rewrite: (offset, old, new), offset 0 for none; `old` and `new` are
+    /// (source, destination) ports.
+    #[inline(always)]
+    pub fn at(self, l4: usize, old: (u16, u16), new: (u16, u16)) -> [(usize, u16, u16); 2] {
+        // For ICMP echo the identifier is the "port": at offset 4 of the ICMP header.
+        match self {
+            PortFields::Ports => [(l4, old.0, new.0), (l4 + 2, old.1, new.1)],
+            PortFields::EchoRequest => [(l4 + 4, old.0, new.0), (0, 0, 0)],
+            PortFields::EchoReply => [(l4 + 4, old.1, new.1), (0, 0, 0)],
+            PortFields::None => [(0, 0, 0), (0, 0, 0)],
+        }
+    }
+}
+
+/// Stores each of `ports` (offset, old, new; offset 0: none) and updates the transport
+/// checksum at `check` (`bpf_l4_csum_replace` `flags`; ports are no part of a pseudo-header).
+#[inline(always)]
+pub fn rewrite_ports(
+    ctx: &TcContext,
+    check: usize,
+    flags: u64,
+    ports: [(usize, u16, u16); 2],
+) -> Result<(), DropReason> {
     for (off, old, new) in ports {
         if off == 0 || old == new {
             continue;

@@ -200,6 +200,12 @@ pub fn is_unicast_ipv4<P: Packet>(pkt: &P) -> bool {
     matches!(ethertype(pkt), Ok(ETH_P_IP)) && matches!(eth_group_dst(pkt), Ok(false))
 }
 
+/// Whether the frame is IPv6 to a unicast MAC.
+#[inline(always)]
+pub fn is_unicast_ipv6<P: Packet>(pkt: &P) -> bool {
+    matches!(ethertype(pkt), Ok(ETH_P_IPV6)) && matches!(eth_group_dst(pkt), Ok(false))
+}
+
 /// What a frame on a task interface is. Everything else is an error with its reason: nothing a
 /// task sends or receives reaches the kernel around the checks.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -19,6 +19,8 @@ use crate::{parse::Headers, verdict::Verdict};
 
 /// The IPv4 address family of a FIB lookup (`AF_INET` of the socket API).
 const AF_INET: u8 = 2;
+/// The IPv6 address family of a FIB lookup (`AF_INET6`).
+const AF_INET6: u8 = 10;
 /// The size of the FIB lookup's parameters, as the helper takes it.
 #[expect(
     clippy::cast_possible_truncation,
@@ -54,6 +56,37 @@ pub fn uplink_hop(ctx: &TcContext, cfg: &Config, h: &Headers) -> Option<UplinkHo
     p.__bindgen_anon_3.ipv4_src = h.saddr;
     p.__bindgen_anon_4.ipv4_dst = h.daddr;
     let ret = unsafe { fib_lookup(ctx.as_ptr(), &raw mut p, FIB_PARAMS_SIZE, 0) };
+    hop(cfg, ret, &p)
+}
+
+/// Where the kernel would route an IPv6 packet from `saddr` to `daddr` (as it will leave), if
+/// that is out of the uplink; as [`uplink_hop`].
+#[inline(always)]
+pub fn uplink_hop6(
+    ctx: &TcContext,
+    cfg: &Config,
+    proto: u8,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> Option<UplinkHop> {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.l4_protocol = proto;
+    // tot_len 0: the skb itself is checked against the MTU, as for IPv4.
+    p.__bindgen_anon_1.tot_len = 0;
+    p.ifindex = cfg.bridge_ifindex;
+    // SAFETY: 16 bytes as four words of the same bytes.
+    p.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*saddr) };
+    p.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*daddr) };
+    let ret = unsafe { fib_lookup(ctx.as_ptr(), &raw mut p, FIB_PARAMS_SIZE, 0) };
+    hop(cfg, ret, &p)
+}
+
+/// The next hop a FIB lookup that returned `ret` with parameters `p` found, if it is out of the
+/// uplink.
+#[inline(always)]
+fn hop(cfg: &Config, ret: i64, p: &bpf_fib_lookup) -> Option<UplinkHop> {
     if p.ifindex != cfg.uplink_ifindex {
         return None;
     }

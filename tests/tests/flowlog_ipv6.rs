@@ -187,6 +187,18 @@ fn num(r: &Value, key: &str) -> u64 {
 /// addresses as pkt-srcaddr/pkt-dstaddr (nothing is translated on a task interface here);
 /// returns (packets, bytes, tcp-flags) summed.
 fn sum(recs: &[Value], flow: &Flow, action: &str, kind: &str) -> (u64, u64, u64) {
+    sum_pkt(recs, flow, action, kind, (&flow.src, &flow.dst))
+}
+
+/// [`sum`] of a translated flow, whose packets had addresses `pkt` (pkt-srcaddr, pkt-dstaddr)
+/// on the uplink side.
+fn sum_pkt(
+    recs: &[Value],
+    flow: &Flow,
+    action: &str,
+    kind: &str,
+    pkt: (&str, &str),
+) -> (u64, u64, u64) {
     let mine: Vec<&Value> = recs.iter().filter(|r| flow.matches(r)).collect();
     assert!(
         (1..=2).contains(&mine.len()),
@@ -201,10 +213,7 @@ fn sum(recs: &[Value], flow: &Flow, action: &str, kind: &str) -> (u64, u64, u64)
         );
         assert_eq!(
             (&r["pkt-srcaddr"], &r["pkt-dstaddr"]),
-            (
-                &Value::from(flow.src.as_str()),
-                &Value::from(flow.dst.as_str())
-            ),
+            (&Value::from(pkt.0), &Value::from(pkt.1)),
             "{flow:?}: {r}"
         );
     }
@@ -494,18 +503,20 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         );
     }
 
-    // The client's connection through the kernel's NAT66: on task 1 as client -> task:80
-    // (after DNAT, the client's own address), each direction as the client counted it, with
-    // the TCP flags of each side (SYN|FIN in, SYN-ACK|FIN out).
+    // The client's connection through ecsnet's NAT66: on task 1 as client -> task:80 (after
+    // DNAT, the client's own address; the host address as pkt-dstaddr in, pkt-srcaddr out,
+    // as IPv4's), each direction as the client counted it, with the TCP flags of each side
+    // (SYN|FIN in, SYN-ACK|FIN out).
     let ingress = Flow::new((&if1, "ingress"), v6(client6, cport), v6(a1, 80), 6);
     let egress = Flow::new((&if1, "egress"), v6(a1, 80), v6(client6, cport), 6);
+    let (c6, h6) = (client6.to_string(), host6.to_string());
     assert_eq!(
-        sum(&recs, &ingress, "ACCEPT", "IPv6"),
+        sum_pkt(&recs, &ingress, "ACCEPT", "IPv6", (&c6, &h6)),
         (out_pk, out_by, 3),
         "task 1's ingress records against the client's OUTPUT counter"
     );
     assert_eq!(
-        sum(&recs, &egress, "ACCEPT", "IPv6"),
+        sum_pkt(&recs, &egress, "ACCEPT", "IPv6", (&h6, &c6)),
         (in_pk, in_by, 19),
         "task 1's egress records against the client's INPUT counter"
     );

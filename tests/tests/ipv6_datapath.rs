@@ -482,14 +482,7 @@ fn cases() -> Vec<Case> {
 
 /// Empties the maps a case changes.
 fn reset(dp: &mut Datapath) {
-    for t in Table::BOTH {
-        let keys: Vec<CtKey6> = dp
-            .hash::<CtKey6, CtEntry6>(t.map6())
-            .unwrap()
-            .into_keys()
-            .collect();
-        dp.remove::<CtKey6, CtEntry6>(t.map6(), &keys).unwrap();
-    }
+    dp.clear_ct6().unwrap();
     let frags: Vec<FragKey6> = dp
         .hash::<FragKey6, FragPorts>(MAP_FRAGS6)
         .unwrap()

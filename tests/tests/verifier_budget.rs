@@ -14,7 +14,7 @@ const VERIFIER_LIMIT: u32 = 1_000_000;
 /// Where a program's count becomes a failure: room for the next feature is part of the design.
 const WARNING_LINE: u32 = VERIFIER_LIMIT * 3 / 4;
 
-const TC_PROGRAMS: [&str; 8] = [
+const TC_PROGRAMS: [&str; 9] = [
     "tc_task_ingress",
     "tc_task_new_flow",
     "tc_task_ipv6",
@@ -22,6 +22,7 @@ const TC_PROGRAMS: [&str; 8] = [
     "tc_task_ipv6_to",
     "tc_task_egress",
     "tc_uplink_ingress",
+    "tc_uplink_ipv6",
     "tc_uplink_egress",
 ];
 

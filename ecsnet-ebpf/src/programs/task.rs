@@ -24,6 +24,7 @@ use crate::{
     forward::{self, Origin, PktAddrs},
     forward6,
     maps::{PROGS, PROGS6},
+    nat66,
     parse::{Frame, Headers, headers, skb_ifindex, task_frame},
     parse6::{self, Headers6, headers6},
     policy, tasks,
@@ -152,7 +153,8 @@ fn sent(
 /// IPv6 a task sends, tail-called by `tc_task_ingress` once the frame's MAC was checked: the
 /// task speaks only for itself and is no router (`antispoof::check_ipv6`), and the metadata
 /// block applies. Neighbour discovery and MLD then take the kernel's path, and so does the
-/// rest of a task without a policy unless it goes to another task; everything else goes on to
+/// rest of a task without a policy unless it goes to another task or ecsnet translates IPv6
+/// (`nat66::on`: its flows' replies are ecsnet's to send); everything else goes on to
 /// `tc_task_ipv6_flow` (a tail call). What this program decides is the task's egress flow
 /// record (`FLOWS6`), ACCEPT or REJECT.
 #[classifier]
@@ -182,7 +184,7 @@ fn try_ipv6_from_task(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReas
     let res = if block && h.daddr == INSTANCE_METADATA_ADDR6 {
         Err(DropReason::ImdsBlocked)
     } else if forward6::is_plumbing(ctx, &h)
-        || me.policy == 0 && tasks::iface_of6(&h.daddr).is_none()
+        || me.policy == 0 && tasks::iface_of6(&h.daddr).is_none() && !nat66::on()
     {
         Ok(Verdict::Pass)
     } else {
@@ -215,9 +217,11 @@ fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
         return Err(DropReason::TailCallFailed);
     };
     clock::stamp();
+    nat66::note_source(&h.saddr);
     let res = forward6::from_task(ctx, h, &me);
     if let Some(action) = verdict::action(&res, DropReason::SgEgress) {
-        account::record6(ctx, h, ifindex, FLOW_EGRESS, action);
+        let left = nat66::left_with().unwrap_or(&h.saddr);
+        account::record6_left(ctx, h, (ifindex, FLOW_EGRESS, action), left);
     }
     res
 }

@@ -44,9 +44,12 @@ pub const PROG_TASK_IPV6_FLOW: &str = "tc_task_ipv6_flow";
 /// tc program that `tc_task_egress` tail-calls to police the IPv6 the kernel delivers to a
 /// task with a policy; never attached.
 pub const PROG_TASK_IPV6_TO: &str = "tc_task_ipv6_to";
+/// tc program that `tc_uplink_ingress` tail-calls for the IPv6 arriving on the uplink
+/// (published ports over IPv6, replies of translated flows); never attached.
+pub const PROG_UPLINK_IPV6: &str = "tc_uplink_ipv6";
 
 /// Every tc program, loaded and pinned at `up`.
-const TC_PROGRAMS: [&str; 8] = [
+const TC_PROGRAMS: [&str; 9] = [
     PROG_TASK_INGRESS,
     PROG_TASK_EGRESS,
     PROG_UPLINK_INGRESS,
@@ -55,10 +58,11 @@ const TC_PROGRAMS: [&str; 8] = [
     PROG_TASK_IPV6,
     PROG_TASK_IPV6_FLOW,
     PROG_TASK_IPV6_TO,
+    PROG_UPLINK_IPV6,
 ];
 
 /// The tail-called programs: each one's program array and slot.
-const TAIL_CALLED: [(&str, &str, u32); 4] = [
+const TAIL_CALLED: [(&str, &str, u32); 5] = [
     (
         PROG_TASK_NEW_FLOW,
         ecsnet_common::maps::MAP_PROGS,
@@ -78,6 +82,11 @@ const TAIL_CALLED: [(&str, &str, u32); 4] = [
         PROG_TASK_IPV6_TO,
         ecsnet_common::maps::MAP_PROGS6,
         ecsnet_common::maps::PROG6_TASK_TO,
+    ),
+    (
+        PROG_UPLINK_IPV6,
+        ecsnet_common::maps::MAP_PROGS6,
+        ecsnet_common::maps::PROG6_UPLINK,
     ),
 ];
 

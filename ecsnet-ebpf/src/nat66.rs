@@ -1,0 +1,324 @@
+//! NAT66, ecsnet's own: IPv6 arriving on the uplink for a host address on a published port
+//! (`PORTS6`) opens a `KIND_INBOUND` flow, judged by the receiving task's ingress rules with
+//! the real client and the container port, translated (`nat6`) and redirected into the task; the
+//! task's replies are reverse-translated and sent out of the uplink after a FIB lookup. The
+//! kernel's ip6tables rules stay in place, as dockerd keeps them: the packets ecsnet carries
+//! never reach them. Everything else (neighbour discovery, the host's own traffic, what
+//! cannot be parsed) goes to the kernel untouched.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
+use ecsnet_common::{
+    DropReason,
+    ct::{CtEntry6, CtKey6, KIND_INBOUND},
+    flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
+    maps::{Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, PortTarget6, TaskInfo},
+    policy::DIR_INGRESS,
+};
+
+use crate::{
+    account::{self, Sighting6},
+    conntrack::{self, Fragment, Nat, Table},
+    forward6,
+    maps::{CONFIG, CONFIG6, LOCAL_ADDRS6, PORTS6},
+    nat6::{self, To},
+    parse::load,
+    parse6::{Headers6, ICMPV6_HLEN, IPV6_HLEN},
+    policy, redirect,
+    verdict::{Verdict, drop_on},
+};
+
+/// This CPU's source address of the packet in progress as it left, for the flow record of
+/// `tc_task_ipv6_flow` (`note_source`, `left_with`). Not pinned: scratch space.
+#[map(name = "PKT_SADDR6")]
+static PKT_SADDR6: PerCpuArray<[u8; 16]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Notes `addr` as the source the packet in progress leaves with.
+#[inline(always)]
+pub fn note_source(addr: &[u8; 16]) {
+    if let Some(p) = PKT_SADDR6.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used by this program run only.
+        unsafe { *p = *addr };
+    }
+}
+
+/// The source noted last on this CPU (`note_source`).
+#[inline(always)]
+pub fn left_with() -> Option<&'static [u8; 16]> {
+    // SAFETY: as above; read-only.
+    PKT_SADDR6.get_ptr(0).map(|p| unsafe { &*p })
+}
+
+/// Where the next header and the addresses are in a quoted IPv6 header.
+const QUOTE_NEXT_AT: usize = 6;
+const QUOTE_SADDR_AT: usize = 8;
+const QUOTE_DADDR_AT: usize = 24;
+
+/// The host's IPv6 addresses, once `ecsnet up` wrote them.
+#[inline(always)]
+pub fn config6() -> Option<Config6> {
+    CONFIG6.get(0).copied()
+}
+
+/// Whether ecsnet translates IPv6 on this host: the uplink has an IPv6 address.
+#[inline(always)]
+pub fn on() -> bool {
+    config6().is_some_and(|c| c.uplink_ipv6 != [0; 16])
+}
+
+/// Whether `addr` is one of the host's own IPv6 addresses.
+#[inline(always)]
+pub fn is_local6(addr: &[u8; 16]) -> bool {
+    if *addr == [0; 16] {
+        return false;
+    }
+    if config6().is_some_and(|c| *addr == c.uplink_ipv6 || *addr == c.bridge_ipv6) {
+        return true;
+    }
+    unsafe { LOCAL_ADDRS6.get(addr) }.is_some()
+}
+
+/// The task address and container port published on `h`'s destination port.
+#[inline(always)]
+fn published6(h: &Headers6) -> Option<PortTarget6> {
+    published6_port(h.dport, h.proto)
+}
+
+/// The task address and container port published on host port `port` (network byte order).
+#[inline(always)]
+pub fn published6_port(port: u16, proto: u8) -> Option<PortTarget6> {
+    let key = PortKey {
+        port,
+        proto,
+        _pad: 0,
+    };
+    unsafe { PORTS6.get(&key) }.copied()
+}
+
+/// Whether `policy` allows `proto` to `port` (network byte order) from `peer` in direction
+/// `dir`. A function of its own, as `forward6::allows`.
+#[inline(never)]
+fn allows_port(policy: u32, dir: u32, peer: &[u8; 16], proto: u8, port: u16) -> bool {
+    policy::allows6_port(policy, dir, peer, proto, u16::from_be(port))
+}
+
+/// Decides for an IPv6 packet arriving on the uplink (`tc_uplink_ipv6`).
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Verdict, DropReason> {
+    if forward6::is_plumbing(ctx, h) {
+        return Ok(Verdict::Pass);
+    }
+    if h.is_icmp_error() {
+        return error_in(ctx, h);
+    }
+    match conntrack::track_fragment(h) {
+        Fragment::Known => {}
+        Fragment::Rejected => return Err(DropReason::Fragment),
+        // The kernel reassembles it, and polices what it delivers to a task.
+        Fragment::Unknown => return Ok(Verdict::Pass),
+    }
+    let Some(key) = conntrack::key_of(h) else {
+        return Ok(Verdict::Pass);
+    };
+    if let Some(t) = conntrack::lookup(&key) {
+        conntrack::check_close(&t, h)?;
+        let r = t.rewrite();
+        // Only what ecsnet translated into a task comes back this way; the kernel's own
+        // flows (`KIND_LOCAL`) stay on its path.
+        if r.kind != KIND_INBOUND {
+            return Ok(Verdict::Pass);
+        }
+        conntrack::touch(&t, &key, h);
+        return into_task(ctx, cfg, h, &r.nat);
+    }
+    if !conntrack::starts_flow(h) || !is_local6(&h.daddr) {
+        return Ok(Verdict::Pass);
+    }
+    let Some(target) = published6(h) else {
+        return Ok(Verdict::Pass);
+    };
+    let Some(dst) = forward6::task6(&target.addr) else {
+        return Ok(Verdict::Pass);
+    };
+    open_inbound(ctx, cfg, h, &key, &dst, &target)
+}
+
+/// An `ICMPv6` error arriving on the uplink: one about a packet a published port's task sent
+/// (the quote is a reply of a `KIND_INBOUND` flow, as it left: from the host, to which the
+/// error comes) goes to that task translated back, hop limit -1 (packet-too-big must reach the
+/// sender, or path-MTU discovery breaks); anything else goes to the kernel. Two functions of
+/// their own (BPF-to-BPF calls, one after the other), for the stack.
+#[inline(always)]
+fn error_in(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {
+    let quote = h.l4 + ICMPV6_HLEN;
+    let e = quoted_inbound(ctx, h, quote);
+    if e.is_null() {
+        return Ok(Verdict::Pass);
+    }
+    send_error_in(ctx, h, quote, e)
+}
+
+/// The entry of the `KIND_INBOUND` flow whose reply the error `h` quotes at `quote` (the
+/// quoted packet reversed is the flow's original direction), when it quotes one sent from the
+/// error's destination; null for anything else.
+#[inline(never)]
+fn quoted_inbound(ctx: &TcContext, h: &Headers6, quote: usize) -> *const CtEntry6 {
+    let Ok(ports) = load::<[u16; 2]>(ctx, quote + IPV6_HLEN) else {
+        return core::ptr::null();
+    };
+    let (Ok(saddr), Ok(daddr), Ok(proto)) = (
+        load::<[u8; 16]>(ctx, quote + QUOTE_DADDR_AT),
+        load::<[u8; 16]>(ctx, quote + QUOTE_SADDR_AT),
+        load::<u8>(ctx, quote + QUOTE_NEXT_AT),
+    ) else {
+        return core::ptr::null();
+    };
+    if daddr != h.daddr {
+        return core::ptr::null();
+    }
+    let key = CtKey6 {
+        saddr,
+        daddr,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        _pad: [0; 3],
+    };
+    match conntrack::lookup(&key) {
+        // SAFETY: see `Tracked::e`.
+        Some(t) if unsafe { (*t.e).kind } == KIND_INBOUND => t.e,
+        _ => core::ptr::null(),
+    }
+}
+
+/// Translates the error `h` about the reply of flow entry `e` (`quoted_inbound`) back to what
+/// the task sent, and delivers it into the task.
+#[inline(never)]
+fn send_error_in(
+    ctx: &TcContext,
+    h: &Headers6,
+    quote: usize,
+    e: *const CtEntry6,
+) -> Result<Verdict, DropReason> {
+    // SAFETY: a `Tracked::e` (non-null), valid for this program run.
+    let e = unsafe { &*e };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    let (Some(cfg), Some(dst)) = (CONFIG.get(0), forward6::task6(&e.nat_daddr)) else {
+        return Ok(Verdict::Pass);
+    };
+    let (Ok(qsport), Ok(qproto)) = (
+        load::<u16>(ctx, quote + IPV6_HLEN),
+        load::<u8>(ctx, quote + QUOTE_NEXT_AT),
+    ) else {
+        return Ok(Verdict::Pass);
+    };
+    if dst.mac == [0; 6] {
+        return Ok(Verdict::Pass);
+    }
+    // What the task sent: from its own address and port (the quoted source was the error's
+    // destination, `quoted_inbound` checked).
+    let to = To {
+        saddr: &e.nat_daddr,
+        daddr: &e.nat_saddr,
+        sport: e.nat_dport,
+        dport: e.nat_sport,
+    };
+    nat6::translate_error_in(ctx, h, quote, (&h.daddr, qsport, qproto), &to)?;
+    nat6::decrement_hop_limit(ctx)?;
+    account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
+    redirect::to_task(ctx, cfg, &dst, true)
+}
+
+/// Opens a flow to a published port of task `dst`: its ingress rules judge the real client
+/// and the container port, then the flow is tracked and the packet translated into the task.
+#[inline(always)]
+fn open_inbound(
+    ctx: &TcContext,
+    cfg: &Config,
+    h: &Headers6,
+    key: &CtKey6,
+    dst: &TaskInfo,
+    target: &PortTarget6,
+) -> Result<Verdict, DropReason> {
+    let mut nat = key.tuple();
+    nat.daddr = target.addr;
+    nat.dport = target.port;
+    if !allows_port(dst.policy, DIR_INGRESS, &h.saddr, h.proto, target.port) {
+        conntrack::reject_fragments(h);
+        record(ctx, h, &nat, dst.ifindex, ACTION_REJECT);
+        return Ok(drop_on(
+            ctx,
+            DropReason::SgIngress,
+            dst.ifindex,
+            HOOK_TC_INGRESS,
+        ));
+    }
+    // The kernel sends the time-exceeded error; nothing to track.
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    conntrack::create6_nat(key, &mut nat, KIND_INBOUND, h)?;
+    into_task(ctx, cfg, h, &nat)
+}
+
+/// Translates `h` to `nat` and delivers it into the task at `nat.daddr`: past the bridge, its
+/// hop limit decremented and the bridge's MAC as source, as the kernel's forwarding would;
+/// counted and recorded on the task. Without a known MAC (or with a hop limit that ends here)
+/// the kernel carries it, translated (or untouched, to send the time-exceeded error).
+#[inline(always)]
+fn into_task(
+    ctx: &TcContext,
+    cfg: &Config,
+    h: &Headers6,
+    nat: &Nat<[u8; 16]>,
+) -> Result<Verdict, DropReason> {
+    let Some(dst) = forward6::task6(&nat.daddr) else {
+        return Ok(Verdict::Pass);
+    };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    nat6::rewrite(ctx, h, &To::nat(nat))?;
+    if dst.mac == [0; 6] {
+        return Ok(Verdict::Pass);
+    }
+    nat6::decrement_hop_limit(ctx)?;
+    account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
+    record(ctx, h, nat, dst.ifindex, ACTION_ACCEPT);
+    redirect::to_task(ctx, cfg, &dst, true)
+}
+
+/// The flow record on task interface `ifindex` of `h` arriving as `nat` says. A function of
+/// its own (a BPF-to-BPF call): the record's key gets a stack frame of its own.
+#[inline(never)]
+fn record(ctx: &TcContext, h: &Headers6, nat: &Nat<[u8; 16]>, ifindex: u32, action: u8) {
+    let seen = Sighting6::translated(h, nat, ifindex, FLOW_INGRESS, action);
+    account::record6_seen(ctx, h, &seen);
+}
+
+/// A packet a task sent in the flow of entry `e` (a `Tracked::e`; passed as a pointer, not
+/// as a reference to the caller's stack), which ecsnet translated: translated and sent
+/// out of the uplink when the kernel would route it there, hop limit decremented; anything
+/// else goes on untranslated, as IPv4's. A function of its own (a BPF-to-BPF call): the FIB
+/// lookup's parameters get a stack frame of their own, beside the caller's.
+#[inline(never)]
+pub fn to_uplink(ctx: &TcContext, h: &Headers6, e: *const CtEntry6) -> Result<Verdict, DropReason> {
+    // SAFETY: a `Tracked::e`, valid for this program run.
+    let nat = To::entry(unsafe { &*e });
+    // Read in place, not copied: the stack is tight. A translated flow exists only once
+    // `ecsnet up` wrote it.
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(Verdict::Pass);
+    };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    let Some(hop) = redirect::uplink_hop6(ctx, cfg, h.proto, nat.saddr, nat.daddr) else {
+        return Ok(Verdict::Pass);
+    };
+    note_source(nat.saddr);
+    nat6::rewrite(ctx, h, &nat)?;
+    nat6::decrement_hop_limit(ctx)?;
+    redirect::to_uplink(ctx, &hop)
+}
