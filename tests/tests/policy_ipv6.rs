@@ -9,13 +9,14 @@
 //! its reason on its task and nowhere else, and no namespace received an IPv6 packet with a bad
 //! checksum.
 
-use std::net::Ipv6Addr;
+use std::{net::Ipv6Addr, time::Duration};
 
 use ecsnet_tests::{
     Lab, csum6_errors,
     sg_probe::{
         IN, OUT, Ping, Tcp, Udp, Want::Pass, Want::Reject, apply, apply_groups, expect, serve,
     },
+    traffic::tcp_connect,
     world::{all, instance_ok, perm, sg, state_with_groups, tcp, udp},
 };
 use serde_json::{Value, json};
@@ -337,5 +338,17 @@ fn routed_mode_tasks_are_judged_at_their_own_addresses() {
         (client, Tcp(&web), Reject(1, IN), "routed: inbound only from fd00:99::/32"),
         (t1, Tcp(CLIENT_ECHO), Reject(1, OUT), "routed: no outbound rules"),
     ]);
+
+    // Docker publishes nothing on the host's IPv6 addresses in routed mode, and so neither
+    // does ecsnet: the host port there reaches no task, and no inbound flow is tracked.
+    groups(&[all(EVERYWHERE6)], &[]);
+    let on_host = PUBLISHED.parse().expect("a socket address");
+    let reached = tcp_connect(client, on_host, Duration::from_secs(1));
+    assert!(
+        reached.is_err(),
+        "routed: {PUBLISHED} reached a task: {reached:?}"
+    );
+    let inbound = lab.stats().conntrack.ipv6.flows.get("inbound").copied();
+    assert_eq!(inbound, None, "routed: an inbound IPv6 flow was tracked");
     no_csum6_errors(&lab);
 }

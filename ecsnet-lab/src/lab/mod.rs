@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use ecsnet::{
     host::netns,
-    state::{Host, PortFamily, PortMapping, Protocol, State, Task},
+    state::{self, Host, PortFamily, PortMapping, Protocol, State, Task},
     store::paths::{self, lab_dir},
 };
 
@@ -433,6 +433,10 @@ pub fn state_for(status: &LabStatus) -> State {
             subnet_id: Some("subnet-0ecs0e700000001".into()),
             region: Some("us-east-1".into()),
             az_id: Some("use1-az1".into()),
+            ipv6_mode: match status.ipv6 {
+                Some(Ipv6Mode::Routed) => state::Ipv6Mode::Routed,
+                _ => state::Ipv6Mode::Nat,
+            },
             ..Host::default()
         },
         security_groups: vec![],

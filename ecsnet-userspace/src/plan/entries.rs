@@ -133,8 +133,12 @@ pub fn port_entries(state: &State) -> Vec<(PortKey, PortTarget)> {
 
 /// The `PORTS6` entries: the host ports published on IPv6 (no `hostIp`, as Docker's default
 /// `-p 8080:80` binds both families, or "::") of the tasks that have an IPv6 address, to that
-/// address and the container port; a task without an IPv6 address has none here.
+/// address and the container port; a task without an IPv6 address has none here, and in
+/// Docker's routed mode (`host.ipv6Mode`) no port is published on the host's IPv6 addresses.
 pub fn port6_entries(state: &State) -> Vec<(PortKey, PortTarget6)> {
+    if !state.host.ipv6_mode.is_nat() {
+        return Vec::new();
+    }
     published(state, PortFamily::has_ipv6)
         .filter_map(|(t, key, port)| {
             let addr = t.ipv6_address?.octets();
@@ -229,7 +233,7 @@ mod tests {
     use crate::{
         host::netlink::{Addr6, Link},
         plan::tasks::tests::task,
-        state::Protocol,
+        state::{Ipv6Mode, Protocol},
     };
 
     #[test]
@@ -330,6 +334,10 @@ mod tests {
         let mut s = s;
         s.tasks[1].ipv6_address = None;
         assert_eq!(port6_entries(&s).len(), 2);
+        // Docker's routed mode publishes nothing on the host's IPv6 addresses; IPv4 stays.
+        s.host.ipv6_mode = Ipv6Mode::Routed;
+        assert!(port6_entries(&s).is_empty());
+        assert_eq!(port_entries(&s).len(), 2);
     }
 
     #[test]

@@ -183,6 +183,27 @@ pub struct Host {
     pub block_instance_metadata: bool,
     #[serde(default = "default_ephemeral")]
     pub ephemeral_ports: [u16; 2],
+    /// How Docker's bridge gives tasks IPv6 (`gateway_mode_ipv6`): `nat` (the default) publishes
+    /// ports on the host's IPv6 addresses through NAT66; `routed` publishes none there (clients
+    /// reach the tasks' own addresses), so ecsnet translates none either.
+    #[serde(default, skip_serializing_if = "Ipv6Mode::is_nat")]
+    pub ipv6_mode: Ipv6Mode,
+}
+
+/// [`Host::ipv6_mode`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ipv6Mode {
+    #[default]
+    Nat,
+    Routed,
+}
+
+impl Ipv6Mode {
+    #[must_use]
+    pub fn is_nat(&self) -> bool {
+        *self == Self::Nat
+    }
 }
 
 impl Default for Host {
@@ -201,6 +222,7 @@ impl Default for Host {
             default_policy: DefaultPolicy::Allow,
             block_instance_metadata: false,
             ephemeral_ports: default_ephemeral(),
+            ipv6_mode: Ipv6Mode::Nat,
         }
     }
 }
