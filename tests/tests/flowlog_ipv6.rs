@@ -22,7 +22,7 @@ use std::{
 
 use ecsnet::store::paths::InstancePaths;
 use ecsnet_tests::{
-    Lab, in_netns, ns_exec,
+    Lab, csum6_errors, in_netns, ns_exec,
     raw::{mac_of, mac_str},
     traffic,
     world::{self, all, sg},
@@ -60,30 +60,6 @@ fn namespaces(lab: &Lab) -> Vec<String> {
     let mut all = vec![lab.host().to_owned(), lab.client().to_owned()];
     all.extend(lab.status.tasks.iter().map(|t| t.netns.clone()));
     all
-}
-
-/// The IPv6 checksum errors (`Icmp6InCsumErrors`, `Udp6InCsumErrors`) the kernel of namespace
-/// `ns` counted, by name; both must be there.
-fn csum6_errors(ns: &str) -> Vec<(String, u64)> {
-    let snmp6 = ns_exec(ns, &["cat", "/proc/net/snmp6"]);
-    let found: Vec<(String, u64)> = snmp6
-        .lines()
-        .filter_map(|l| l.split_once(char::is_whitespace))
-        .filter(|(k, _)| *k == "Icmp6InCsumErrors" || *k == "Udp6InCsumErrors")
-        .map(|(k, v)| {
-            let n = v
-                .trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("{k} {v:?}: {e}"));
-            (k.to_owned(), n)
-        })
-        .collect();
-    assert_eq!(
-        found.len(),
-        2,
-        "{ns}'s /proc/net/snmp6 lacks a counter: {snmp6}"
-    );
-    found
 }
 
 fn assert_no_csum_errors(lab: &Lab) {
