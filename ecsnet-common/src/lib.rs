@@ -26,7 +26,7 @@ pub mod policy;
 pub use drop::DropReason;
 
 /// Every map that is pinned under `/sys/fs/bpf/ecsnet/<instance>/maps/`.
-pub const PINNED_MAPS: [&str; 32] = [
+pub const PINNED_MAPS: [&str; 33] = [
     maps::MAP_IFACES,
     maps::MAP_TASKS,
     maps::MAP_TASKS6,
@@ -59,6 +59,7 @@ pub const PINNED_MAPS: [&str; 32] = [
     maps::MAP_PORTS6,
     maps::MAP_LOCAL_ADDRS6,
     maps::MAP_CONFIG6,
+    maps::MAP_NAT_USE6,
 ];
 
 /// The version of what each pinned map's entries mean, stamped beside the pins at `up` and
@@ -100,6 +101,7 @@ pub const LAYOUT_VERSIONS: [(&str, u32); PINNED_MAPS.len()] = [
     (maps::MAP_PORTS6, 1),
     (maps::MAP_LOCAL_ADDRS6, 1),
     (maps::MAP_CONFIG6, 1),
+    (maps::MAP_NAT_USE6, 1),
 ];
 
 /// The version a map had when stamps began: what an instance without stamps is taken to have.

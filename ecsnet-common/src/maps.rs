@@ -48,6 +48,10 @@ pub const PROG6_TASK_TO: u32 = 2;
 /// [`MAP_PROGS6`]: `tc_uplink_ipv6`, tail-called by `tc_uplink_ingress` for IPv6 arriving on
 /// the uplink: published ports over IPv6 (NAT66) and the replies of translated flows.
 pub const PROG6_UPLINK: u32 = 3;
+/// [`MAP_PROGS6`]: `tc_task_ipv6_masq`, tail-called by `tc_task_ipv6_flow` for a new flow the
+/// task's rules allowed that leaves the host masqueraded ([`CONFIG6_MASQUERADE`]). Empty (an
+/// older build's datapath): the kernel carries the flow, and its ip6tables masquerade.
+pub const PROG6_TASK_MASQ: u32 = 4;
 /// Slots of [`MAP_PROGS6`].
 pub const PROG6_SLOTS: u32 = 8;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.
@@ -66,6 +70,9 @@ pub const MAP_FRAGS6: &str = "FRAGS6";
 /// counts a flow as it creates it; the agent sets each count to the ports the connection tables
 /// hold on every GC pass, as flows expire and `CT_NEW` evicts without telling anyone.
 pub const MAP_NAT_USE: &str = "NAT_USE";
+/// [`MAP_NAT_USE`] for IPv6: [`NatUseKey6`] -> `u64` flows, sized as it, under the same
+/// [`NatConfig::task_ports`] limit.
+pub const MAP_NAT_USE6: &str = "NAT_USE6";
 /// The masquerade limits: one [`NatConfig`] at index 0, written by `ecsnet up`.
 pub const MAP_NAT_CONFIG: &str = "NAT_CONFIG";
 
@@ -251,6 +258,34 @@ impl NatUseKey {
     }
 }
 
+/// Key of [`MAP_NAT_USE6`]: [`NatUseKey`] for IPv6 flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatUseKey6 {
+    /// The task's address.
+    pub task: [u8; 16],
+    pub daddr: [u8; 16],
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+map_type!(NatUseKey6, 36);
+
+impl NatUseKey6 {
+    /// The key of the masqueraded flow whose original tuple is `k`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn of(k: &crate::ct::CtKey6) -> Self {
+        Self {
+            task: k.saddr,
+            daddr: k.daddr,
+            dport: k.dport,
+            proto: k.proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// Value of [`MAP_NAT_CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -379,6 +414,13 @@ pub struct Config6 {
     pub bridge_ipv6: [u8; 16],
     /// Prefix length of `bridge_ipv6`; 0 when there is none.
     pub bridge_prefix6: u8,
-    pub _pad: [u8; 3],
+    /// `CONFIG6_*` bits. Zero (an older build wrote the entry): nothing is masqueraded.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 map_type!(Config6, 36);
+
+/// [`Config6::flags`]: ecsnet masquerades the IPv6 its tasks send out of the host, as Docker's
+/// `nat` mode does with ip6tables (`host.ipv6Mode: nat`); clear in `routed` mode, where the
+/// tasks' own addresses leave the host.
+pub const CONFIG6_MASQUERADE: u8 = 1;

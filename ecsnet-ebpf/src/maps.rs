@@ -16,7 +16,7 @@ use ecsnet_common::{
     maps::{
         CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragKey6, FragPorts,
         IfaceInfo, MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS,
-        NatConfig, NatUseKey, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo,
+        NatConfig, NatUseKey, NatUseKey6, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo,
         ct_new_size, nat_use_size,
     },
     policy::{
@@ -77,6 +77,10 @@ maps! {
     /// Masqueraded flows per task and destination; user space sizes it from `--ct-size` at load
     /// time (`nat_use_size`). Allocated on insert: most hosts masquerade to few destinations.
     NAT_USE: HashMap<NatUseKey, u64> =
+        HashMap::with_max_entries(nat_use_size(DEFAULT_CT_SIZE), BPF_F_NO_PREALLOC);
+
+    /// `NAT_USE` for IPv6's masqueraded flows, sized as it.
+    NAT_USE6: HashMap<NatUseKey6, u64> =
         HashMap::with_max_entries(nat_use_size(DEFAULT_CT_SIZE), BPF_F_NO_PREALLOC);
 
     /// The masquerade limits, written by `ecsnet up`.

@@ -510,7 +510,8 @@ fn published_ports_over_ipv6_are_translated_by_ecsnet() {
             uplink_ipv6: HOST6,
             bridge_ipv6: BRIDGE6,
             bridge_prefix6: 64,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
         },
     )
     .unwrap();

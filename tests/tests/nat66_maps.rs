@@ -191,7 +191,8 @@ fn addresses_follow_the_host(lab: &Lab) {
         uplink_ipv6: uplink6.octets(),
         bridge_ipv6: bridge6.octets(),
         bridge_prefix6: 64,
-        _pad: [0; 3],
+        flags: 0,
+        _pad: [0; 2],
     };
     assert_eq!(config6(lab), config, "CONFIG6 after up");
 

@@ -565,7 +565,8 @@ fn ipv6_host_maps_filled(lab: &Lab, paths: &InstancePaths) {
         uplink_ipv6: uplink6.octets(),
         bridge_ipv6: bridge6.octets(),
         bridge_prefix6: 64,
-        _pad: [0; 3],
+        flags: 0,
+        _pad: [0; 2],
     };
     assert_eq!(
         maps::read_config6(paths).expect("read CONFIG6"),

@@ -179,7 +179,8 @@ pub fn config6_entry(snap: &Snapshot, uplink: u32, bridge: u32, now: &Config6) -
         uplink_ipv6: up.map_or([0; 16], |a| a.ip.octets()),
         bridge_ipv6: br.map_or([0; 16], |a| a.ip.octets()),
         bridge_prefix6: br.map_or(0, |a| a.prefix),
-        _pad: [0; 3],
+        flags: 0,
+        _pad: [0; 2],
     }
 }
 
