@@ -686,6 +686,20 @@ pub fn create6(key: &CtKey6, kind: u8, h: &Headers6) -> Result<(), DropReason> {
     create6_to(key, &mut key.tuple(), kind, h)
 }
 
+/// Creates both directions of a new masqueraded IPv6 flow in `CT6_NEW`, packets `key`
+/// rewritten to `nat`, whose source port is kept when free towards the destination and chosen
+/// otherwise, as [`create`] does. The caller took the task's share of the ports
+/// (`nat_quota::take6`) and gives it back when this fails. A function of its own, as
+/// [`create6`].
+#[inline(never)]
+pub fn create6_masq(key: &CtKey6, nat: &mut Nat<[u8; 16]>, h: &Headers6) -> Result<(), DropReason> {
+    let Some(e) = ENTRY6.get_ptr_mut(0) else {
+        return Err(DropReason::CtTableFull);
+    };
+    // SAFETY: this CPU's slot, used by nothing else in this program run.
+    place(key, nat, KIND_MASQUERADE, true, h, unsafe { &mut *e })
+}
+
 /// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, packets `key`
 /// rewritten to `nat` (no port is chosen: published ports). A function of its own, as
 /// [`create6`] (which has the tuple in its own frame rather than its caller's).

@@ -1,16 +1,19 @@
 //! The forwarding decision for IPv6 on a task interface, with IPv4's rules (`forward`):
-//! continue a tracked flow (the replies of published ports translated back by `nat66`; the
-//! kernel's NAT66 still does masquerade), open a new one (task to task by `bpf_redirect_peer`, anything else
-//! on the kernel's path, tracked as `KIND_LOCAL` under a policy), let the `ICMPv6` errors of
+//! continue a tracked flow (the replies of published ports and masqueraded flows translated by
+//! `nat66`), open a new one (task to task by `bpf_redirect_peer`, out of the host masqueraded by
+//! `tc_task_ipv6_masq`, anything else on the kernel's path, tracked as `KIND_LOCAL` under a
+//! policy), let the `ICMPv6` errors of
 //! tracked flows pass with them, and judge everything else by the rules alone. Neighbour
 //! discovery and MLD are link-scope plumbing, as ARP is: never policed, never redirected.
 
 use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
-    ct::{CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_INBOUND, KIND_LOCAL},
+    ct::{
+        CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE,
+    },
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
-    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, TaskInfo},
+    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG6_TASK_MASQ, TaskInfo},
     net::{PROTO_TCP, PROTO_UDP},
     policy::{DIR_EGRESS, DIR_INGRESS},
 };
@@ -18,6 +21,7 @@ use ecsnet_common::{
 use crate::{
     account,
     conntrack::{self, Delivered, Fragment},
+    maps::PROGS6,
     nat66,
     parse::{ETH_HLEN, FRAG_NONE, load},
     parse6::{
@@ -98,8 +102,9 @@ pub fn from_task(ctx: &TcContext, h: &mut Headers6, me: &TaskInfo) -> Result<Ver
     if let Some(t) = conntrack::lookup(&key) {
         conntrack::check_close(&t, h)?;
         let kind = t.rewrite().kind;
-        if kind == KIND_INBOUND {
-            // The reply of a published port's flow: back to the client as the host.
+        if kind == KIND_INBOUND || kind == KIND_MASQUERADE {
+            // The reply of a published port's flow, or more of a masqueraded one: to the other
+            // end as the host.
             let res = nat66::to_uplink(ctx, h, t.e);
             conntrack::touch(&t, &key, h);
             return res;
@@ -140,6 +145,12 @@ fn open_flow(
             return to_task(ctx, h, &dst);
         }
         return kernel_flow(key, h, policy);
+    }
+    if nat66::masquerades(h) {
+        // SAFETY: `tc_task_ipv6_masq` takes the same context and the headers this program was
+        // handed (`h` is that slot); it does not return on success. An older build's datapath
+        // has no such program: the kernel carries the flow, and its ip6tables masquerade.
+        unsafe { PROGS6.tail_call(ctx, PROG6_TASK_MASQ) };
     }
     // Not known as a task's address, yet perhaps one: a task that receives it checks its own
     // ingress rules first (`first_delivery`).
@@ -199,7 +210,7 @@ fn reachable(ctx: &TcContext, dst: &TaskInfo) -> bool {
 /// A new flow, already allowed, that the kernel carries: tracked as `KIND_LOCAL` under a
 /// policy, so that its replies pass it on their way back.
 #[inline(always)]
-fn kernel_flow(key: &CtKey6, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
+pub fn kernel_flow(key: &CtKey6, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
     if policy != 0 {
         conntrack::create6(key, KIND_LOCAL, h)?;
     }

@@ -141,20 +141,32 @@ pub fn rewrite(ctx: &TcContext, h: &Headers6, nat: &To) -> Result<(), DropReason
     nat::rewrite_ports(ctx, check, flags, ports)
 }
 
-/// Where the quoted packet's checksum sits in an `ICMPv6` error quoting TCP or UDP at `quote`
-/// (its fixed header); 0 for other protocols.
+/// Where the quoted packet's checksum sits in an `ICMPv6` error quoting TCP, UDP or `ICMPv6` at
+/// `quote` (its fixed header); 0 for other protocols. All three cover a pseudo-header.
 #[inline(always)]
 fn quoted_check(quote: usize, proto: u8) -> usize {
     match proto {
         PROTO_TCP => quote + IPV6_HLEN + 16,
         PROTO_UDP => quote + IPV6_HLEN + 6,
+        PROTO_ICMPV6 => quote + IPV6_HLEN + 2,
         _ => 0,
     }
 }
 
+/// Where the quoted packet's source "port" sits: an echo request's identifier, or the port.
+#[inline(always)]
+fn quoted_sport(quote: usize, proto: u8) -> usize {
+    if proto == PROTO_ICMPV6 {
+        quote + IPV6_HLEN + 4
+    } else {
+        quote + IPV6_HLEN
+    }
+}
+
 /// Translates an `ICMPv6` error (`h`) that quotes, at `quote`, a packet that left as the host
-/// (`qsaddr`, source port `qsport`) back to what the task sent: the outer destination and the
-/// quoted source become `to.saddr`, the quoted source port `to.sport`; the quoted packet's own
+/// (`qsaddr`, source port `qsport`: an echo request's identifier) back to what the task sent:
+/// the outer destination and the quoted source become `to.saddr`, the quoted source port
+/// `to.sport`; the quoted packet's own
 /// checksum (when quoted, and not a UDP zero) and the error's (which covers the outer
 /// addresses) follow.
 #[inline(always)]
@@ -184,7 +196,7 @@ pub fn translate_error_in(
         ctx,
         check,
         0,
-        [(quote + IPV6_HLEN, qsport, to.sport), (0, 0, 0)],
+        [(quoted_sport(quote, qproto), qsport, to.sport), (0, 0, 0)],
     )?;
     let Some(old) = old_qcheck else {
         return Ok(());

@@ -1,17 +1,23 @@
 //! NAT66, ecsnet's own: IPv6 arriving on the uplink for a host address on a published port
 //! (`PORTS6`) opens a `KIND_INBOUND` flow, judged by the receiving task's ingress rules with
 //! the real client and the container port, translated (`nat6`) and redirected into the task; the
-//! task's replies are reverse-translated and sent out of the uplink after a FIB lookup. The
-//! kernel's ip6tables rules stay in place, as dockerd keeps them: the packets ecsnet carries
-//! never reach them. Everything else (neighbour discovery, the host's own traffic, what
-//! cannot be parsed) goes to the kernel untouched.
+//! task's replies are reverse-translated and sent out of the uplink after a FIB lookup. A new
+//! flow a task opens out of the host is masqueraded (`KIND_MASQUERADE`, in `nat` mode:
+//! `CONFIG6_MASQUERADE`) to the uplink's address, its port chosen as IPv4's, and its replies
+//! come back the same way as a published port's requests. The kernel's ip6tables rules stay in
+//! place, as dockerd keeps them: the packets ecsnet carries never reach them. Everything else
+//! (neighbour discovery, the host's own traffic, what cannot be parsed) goes to the kernel
+//! untouched.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry6, CtKey6, KIND_INBOUND},
+    ct::{CtEntry6, CtKey6, KIND_INBOUND, KIND_MASQUERADE},
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
-    maps::{Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, PortTarget6, TaskInfo},
+    maps::{
+        CONFIG6_MASQUERADE, Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey,
+        PortTarget6, TaskInfo,
+    },
     policy::DIR_INGRESS,
 };
 
@@ -20,10 +26,12 @@ use crate::{
     conntrack::{self, Fragment, Nat, Table},
     forward6,
     maps::{CONFIG, CONFIG6, LOCAL_ADDRS6, PORTS6},
+    nat_quota,
     nat6::{self, To},
     parse::load,
-    parse6::{Headers6, ICMPV6_HLEN, IPV6_HLEN},
-    policy, redirect,
+    parse6::{Headers6, ICMPV6_ECHO_REQUEST, ICMPV6_HLEN, IPV6_HLEN, PROTO_ICMPV6},
+    policy,
+    redirect::{self, UplinkHop},
     verdict::{Verdict, drop_on},
 };
 
@@ -122,9 +130,10 @@ pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Ve
     if let Some(t) = conntrack::lookup(&key) {
         conntrack::check_close(&t, h)?;
         let r = t.rewrite();
-        // Only what ecsnet translated into a task comes back this way; the kernel's own
-        // flows (`KIND_LOCAL`) stay on its path.
-        if r.kind != KIND_INBOUND {
+        // Only what ecsnet translated comes back this way: requests to published ports, and
+        // the replies of masqueraded flows. The kernel's own flows (`KIND_LOCAL`) stay on its
+        // path.
+        if r.kind != KIND_INBOUND && r.kind != KIND_MASQUERADE {
             return Ok(Verdict::Pass);
         }
         conntrack::touch(&t, &key, h);
@@ -142,9 +151,9 @@ pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Ve
     open_inbound(ctx, cfg, h, &key, &dst, &target)
 }
 
-/// An `ICMPv6` error arriving on the uplink: one about a packet a published port's task sent
-/// (the quote is a reply of a `KIND_INBOUND` flow, as it left: from the host, to which the
-/// error comes) goes to that task translated back, hop limit -1 (packet-too-big must reach the
+/// An `ICMPv6` error arriving on the uplink: one about a packet a task sent translated (the
+/// quote is a reply of a `KIND_INBOUND` flow or a request of a `KIND_MASQUERADE` one, as it
+/// left: from the host, to which the error comes) goes to that task translated back, hop limit -1 (packet-too-big must reach the
 /// sender, or path-MTU discovery breaks); anything else goes to the kernel. Two functions of
 /// their own (BPF-to-BPF calls, one after the other), for the stack.
 #[inline(always)]
@@ -157,12 +166,16 @@ fn error_in(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {
     send_error_in(ctx, h, quote, e)
 }
 
-/// The entry of the `KIND_INBOUND` flow whose reply the error `h` quotes at `quote` (the
-/// quoted packet reversed is the flow's original direction), when it quotes one sent from the
-/// error's destination; null for anything else.
+/// The entry of the translated flow a packet the error `h` quotes at `quote` belongs to, when
+/// that packet left from the error's destination (the host): the reply of a `KIND_INBOUND`
+/// flow or the request of a `KIND_MASQUERADE` one. Either way the quoted packet reversed is
+/// the key of an entry rewriting to the task's side of the flow. Null for anything else.
 #[inline(never)]
 fn quoted_inbound(ctx: &TcContext, h: &Headers6, quote: usize) -> *const CtEntry6 {
-    let Ok(ports) = load::<[u16; 2]>(ctx, quote + IPV6_HLEN) else {
+    let Ok(qproto) = load::<u8>(ctx, quote + QUOTE_NEXT_AT) else {
+        return core::ptr::null();
+    };
+    let Some(ports) = quoted_ports(ctx, quote, qproto) else {
         return core::ptr::null();
     };
     let (Ok(saddr), Ok(daddr), Ok(proto)) = (
@@ -185,9 +198,24 @@ fn quoted_inbound(ctx: &TcContext, h: &Headers6, quote: usize) -> *const CtEntry
     };
     match conntrack::lookup(&key) {
         // SAFETY: see `Tracked::e`.
-        Some(t) if unsafe { (*t.e).kind } == KIND_INBOUND => t.e,
+        Some(t) if matches!(unsafe { (*t.e).kind }, KIND_INBOUND | KIND_MASQUERADE) => t.e,
         _ => core::ptr::null(),
     }
+}
+
+/// The source and destination "ports" of the packet quoted at `quote` (its fixed header),
+/// of protocol `proto`: an echo request's identifier is its source port, as in the flow's key;
+/// None for any other `ICMPv6` or a quote too short.
+#[inline(always)]
+fn quoted_ports(ctx: &TcContext, quote: usize, proto: u8) -> Option<[u16; 2]> {
+    let at = quote + IPV6_HLEN;
+    if proto != PROTO_ICMPV6 {
+        return load::<[u16; 2]>(ctx, at).ok();
+    }
+    if load::<u8>(ctx, at).ok()? != ICMPV6_ECHO_REQUEST {
+        return None;
+    }
+    Some([load::<u16>(ctx, at + 4).ok()?, 0])
 }
 
 /// Translates the error `h` about the reply of flow entry `e` (`quoted_inbound`) back to what
@@ -207,10 +235,10 @@ fn send_error_in(
     let (Some(cfg), Some(dst)) = (CONFIG.get(0), forward6::task6(&e.nat_daddr)) else {
         return Ok(Verdict::Pass);
     };
-    let (Ok(qsport), Ok(qproto)) = (
-        load::<u16>(ctx, quote + IPV6_HLEN),
-        load::<u8>(ctx, quote + QUOTE_NEXT_AT),
-    ) else {
+    let Ok(qproto) = load::<u8>(ctx, quote + QUOTE_NEXT_AT) else {
+        return Ok(Verdict::Pass);
+    };
+    let Some([qsport, _]) = quoted_ports(ctx, quote, qproto) else {
         return Ok(Verdict::Pass);
     };
     if dst.mac == [0; 6] {
@@ -319,6 +347,100 @@ pub fn to_uplink(ctx: &TcContext, h: &Headers6, e: *const CtEntry6) -> Result<Ve
     };
     note_source(nat.saddr);
     nat6::rewrite(ctx, h, &nat)?;
+    nat6::decrement_hop_limit(ctx)?;
+    redirect::to_uplink(ctx, &hop)
+}
+
+/// Whether ecsnet masquerades the new flow of `h`, which a task sends to an address no task
+/// has, as Docker's `nat` mode does (`-s fixed-cidr-v6 ! -o docker0 -j MASQUERADE`): in `nat`
+/// mode (`CONFIG6_MASQUERADE`), from the bridge's prefix to a unicast address beyond it that
+/// is not the host's own. Link-local, multicast and `::/8` destinations never leave the host
+/// translated. A function of its own (a BPF-to-BPF call): `CONFIG6`'s copy gets a stack frame
+/// of its own.
+#[inline(never)]
+pub fn masquerades(h: &Headers6) -> bool {
+    let Some(c) = CONFIG6.get(0) else {
+        return false;
+    };
+    let d = &h.daddr;
+    let link_local = d[0] == 0xfe && d[1] & 0xc0 == 0x80;
+    c.flags & CONFIG6_MASQUERADE != 0
+        && c.uplink_ipv6 != [0; 16]
+        && c.bridge_prefix6 != 0
+        && d[0] != 0
+        && d[0] != 0xff
+        && !link_local
+        && in_prefix(&h.saddr, &c.bridge_ipv6, c.bridge_prefix6)
+        && !in_prefix(d, &c.bridge_ipv6, c.bridge_prefix6)
+        && !is_local6(d)
+}
+
+/// The next hop out of the uplink from `saddr` to `h`'s destination; its `ifindex` 0 when the
+/// route goes elsewhere. A function of its own (a BPF-to-BPF call): the FIB lookup's
+/// parameters get a frame beside the flow's creation, not under it.
+#[inline(never)]
+fn hop_out(ctx: &TcContext, h: &Headers6, saddr: &[u8; 16]) -> UplinkHop {
+    let none = UplinkHop {
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        resolved: false,
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return none;
+    };
+    redirect::uplink_hop6(ctx, cfg, h.proto, saddr, &h.daddr).unwrap_or(none)
+}
+
+/// Whether `addr` is in `net`/`len`.
+#[inline(always)]
+fn in_prefix(addr: &[u8; 16], net: &[u8; 16], len: u8) -> bool {
+    let len = usize::from(len.min(128));
+    for i in 0..16 {
+        let bits = len.saturating_sub(i * 8).min(8);
+        if bits == 0 {
+            break;
+        }
+        let mask = 0xffu8 << (8 - bits);
+        if (addr[i] ^ net[i]) & mask != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Masquerades the new flow of `h` from a task whose policy is `policy` (its egress rules
+/// allowed it; `masquerades` said yes): from the uplink's address, the task's source port kept
+/// when free towards the destination and chosen otherwise, counted against the task's share
+/// (`nat_quota`), and sent out of the uplink after a FIB lookup, hop limit decremented. When
+/// the FIB has no route out of the uplink, or the hop limit ends here, the kernel carries it
+/// untranslated, tracked as any flow it carries.
+/// A function of its own (a BPF-to-BPF call), so that the flow record's frame and this one's
+/// are side by side rather than stacked.
+#[inline(never)]
+pub fn masquerade(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
+    let Some(key) = conntrack::key_of(h) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    let Some(c6) = CONFIG6.get(0) else {
+        return forward6::kernel_flow(&key, h, policy);
+    };
+    if nat6::hop_limit(ctx) <= 1 {
+        return forward6::kernel_flow(&key, h, policy);
+    }
+    let hop = hop_out(ctx, h, &c6.uplink_ipv6);
+    if hop.ifindex == 0 {
+        return forward6::kernel_flow(&key, h, policy);
+    }
+    let mut nat = key.tuple();
+    nat.saddr = c6.uplink_ipv6;
+    nat_quota::take6(&key)?;
+    if let Err(e) = conntrack::create6_masq(&key, &mut nat, h) {
+        nat_quota::give_back6(&key);
+        return Err(e);
+    }
+    note_source(&nat.saddr);
+    nat6::rewrite(ctx, h, &To::nat(&nat))?;
     nat6::decrement_hop_limit(ctx)?;
     redirect::to_uplink(ctx, &hop)
 }

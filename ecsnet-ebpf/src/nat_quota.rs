@@ -2,16 +2,20 @@
 //! a new masqueraded flow takes one of the `NatConfig::task_ports` its task may hold there, or
 //! is refused (`NAT_TASK_PORT_LIMIT`). With no limit set (0) nothing is counted.
 //!
-//! The counts live in `NAT_USE`, updated atomically (other CPUs open flows of the same task).
+//! The counts live in `NAT_USE` (`NAT_USE6` for IPv6), updated atomically (other CPUs open flows of the same task).
 //! Only creations are counted here; the agent sets each count to the flows the connection
 //! tables hold on every GC pass, since flows expire and `CT_NEW` evicts silently.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
-use ecsnet_common::{DropReason, ct::CtKey, maps::NatUseKey};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::HashMap};
+use ecsnet_common::{
+    DropReason,
+    ct::{CtKey, CtKey6},
+    maps::{NatUseKey, NatUseKey6},
+};
 
 use crate::{
     conntrack::EEXIST,
-    maps::{NAT_CONFIG, NAT_USE},
+    maps::{NAT_CONFIG, NAT_USE, NAT_USE6},
 };
 
 const NOEXIST: u64 = BPF_NOEXIST as u64;
@@ -70,12 +74,23 @@ fn add(p: *mut u64, cap: u64) -> Result<(), DropReason> {
 /// port choice, and the verifier walked that once for each (+50% for `tc_task_new_flow`).
 #[inline(never)]
 pub fn take(key: &CtKey) -> Result<(), DropReason> {
+    take_in(&NAT_USE, &NatUseKey::of(key))
+}
+
+/// [`take`] for an IPv6 flow (`NAT_USE6`).
+#[inline(never)]
+pub fn take6(key: &CtKey6) -> Result<(), DropReason> {
+    take_in(&NAT_USE6, &NatUseKey6::of(key))
+}
+
+/// [`take`] of the count at `k` in `counts`.
+#[inline(always)]
+fn take_in<K>(counts: &HashMap<K, u64>, k: &K) -> Result<(), DropReason> {
     let cap = limit();
     if cap == 0 {
         return Ok(());
     }
-    let k = NatUseKey::of(key);
-    if let Some(p) = NAT_USE.get_ptr_mut(&k) {
+    if let Some(p) = counts.get_ptr_mut(k) {
         return add(p, cap);
     }
     // Counted a moment ago by another CPU: count on it. Gone again (the agent removed a count
@@ -83,9 +98,9 @@ pub fn take(key: &CtKey) -> Result<(), DropReason> {
     // full map, which holds a key per flow the tables can hold: they are full too and the flow
     // fails there (CT_TABLE_FULL); should it fit after all (keys at zero the agent has not
     // removed yet), the agent's next pass counts it.
-    if let Err(e) = NAT_USE.insert(&k, &1, NOEXIST)
+    if let Err(e) = counts.insert(k, &1, NOEXIST)
         && -i64::from(e) == EEXIST
-        && let Some(p) = NAT_USE.get_ptr_mut(&k)
+        && let Some(p) = counts.get_ptr_mut(k)
     {
         return add(p, cap);
     }
@@ -95,11 +110,22 @@ pub fn take(key: &CtKey) -> Result<(), DropReason> {
 /// Gives back what [`take`] took for `key`, when its flow could not be created.
 #[inline(always)]
 pub fn give_back(key: &CtKey) {
+    give_back_in(&NAT_USE, &NatUseKey::of(key));
+}
+
+/// [`give_back`] for an IPv6 flow.
+#[inline(always)]
+pub fn give_back6(key: &CtKey6) {
+    give_back_in(&NAT_USE6, &NatUseKey6::of(key));
+}
+
+#[inline(always)]
+fn give_back_in<K>(counts: &HashMap<K, u64>, k: &K) {
     if limit() == 0 {
         return;
     }
     // Never below zero: the agent may have set the count since `take`.
-    if let Some(p) = NAT_USE.get_ptr_mut(&NatUseKey::of(key))
+    if let Some(p) = counts.get_ptr_mut(k)
         && read(p) > 0
     {
         atomic_add(p, u64::MAX);

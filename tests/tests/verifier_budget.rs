@@ -14,11 +14,12 @@ const VERIFIER_LIMIT: u32 = 1_000_000;
 /// Where a program's count becomes a failure: room for the next feature is part of the design.
 const WARNING_LINE: u32 = VERIFIER_LIMIT * 3 / 4;
 
-const TC_PROGRAMS: [&str; 9] = [
+const TC_PROGRAMS: [&str; 10] = [
     "tc_task_ingress",
     "tc_task_new_flow",
     "tc_task_ipv6",
     "tc_task_ipv6_flow",
+    "tc_task_ipv6_masq",
     "tc_task_ipv6_to",
     "tc_task_egress",
     "tc_uplink_ingress",

@@ -5,7 +5,8 @@
 //! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped.
 //! The IPv6 a task sends is checked first by `tc_task_ipv6` (a tail call, with its own verifier
 //! budget): it speaks only for itself and is no router; then `tc_task_ipv6_flow` (another) tracks,
-//! polices and forwards it. IPv6 the kernel delivers to a task is policed in tc egress.
+//! polices and forwards it, and `tc_task_ipv6_masq` (a third) masquerades the new flows that
+//! leave the host. IPv6 the kernel delivers to a task is policed in tc egress.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
@@ -13,7 +14,7 @@ use ecsnet_common::{
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
     maps::{
         CONFIG_BLOCK_IMDS, Config, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG_TASK_NEW_FLOW,
-        PROG6_TASK_FLOW, PROG6_TASK_FROM, PROG6_TASK_TO,
+        PROG6_TASK_FLOW, PROG6_TASK_FROM, PROG6_TASK_TO, TaskInfo,
     },
     policy::INSTANCE_METADATA_ADDR6,
 };
@@ -206,24 +207,70 @@ pub fn tc_task_ipv6_flow(ctx: TcContext) -> i32 {
     verdict::tc(&ctx, try_ipv6_flow(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
 }
 
+// Inlined: `forward6` may tail-call `tc_task_ipv6_masq`, which only the program's own frame
+// may do with a stack this deep.
+#[inline(always)]
 fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    let Some((_, task)) = tasks::by_iface(ifindex) else {
+    let Some((me, h)) = ipv6_handed_over(ifindex) else {
         return Err(DropReason::TailCallFailed);
     };
+    let res = forward6::from_task(ctx, h, &me);
+    ipv6_sent(ctx, h, ifindex, res)
+}
+
+/// A new flow of IPv6 a task sends, which leaves the host masqueraded, tail-called by
+/// `tc_task_ipv6_flow` once the task's egress rules allowed it (`nat66::masquerades`):
+/// translated and sent out of the uplink as `nat66::masquerade` decides, with this program's
+/// verifier budget (and stack) to itself.
+#[classifier]
+pub fn tc_task_ipv6_masq(ctx: TcContext) -> i32 {
+    let ifindex = skb_ifindex(&ctx);
+    verdict::tc(&ctx, try_ipv6_masq(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+}
+
+fn try_ipv6_masq(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+    let Some((me, h)) = ipv6_handed_over(ifindex) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    let res = nat66::masquerade(ctx, h, me.policy);
+    ipv6_sent(ctx, h, ifindex, res)
+}
+
+/// The task of interface `ifindex` and the headers `tc_task_ipv6` parsed and checked (handed
+/// over through the tail calls), for a program that takes over from it; None when anything
+/// else called it.
+#[inline(always)]
+fn ipv6_handed_over(ifindex: u32) -> Option<(TaskInfo, &'static mut Headers6)> {
+    let (_, task) = tasks::by_iface(ifindex)?;
     // SAFETY: a TASKS value pointer, valid for this program run.
     let me = unsafe { *task };
-    // Parsed and checked by `tc_task_ipv6`, which tail-called this program.
-    let Some(h) = parse6::handed_over() else {
-        return Err(DropReason::TailCallFailed);
-    };
+    let h = parse6::handed_over()?;
     clock::stamp();
     nat66::note_source(&h.saddr);
-    let res = forward6::from_task(ctx, h, &me);
+    Some((me, h))
+}
+
+/// The egress flow record of `h` as it left the task, then the decision.
+#[inline(always)]
+fn ipv6_sent(
+    ctx: &TcContext,
+    h: &Headers6,
+    ifindex: u32,
+    res: Result<Verdict, DropReason>,
+) -> Result<Verdict, DropReason> {
     if let Some(action) = verdict::action(&res, DropReason::SgEgress) {
-        let left = nat66::left_with().unwrap_or(&h.saddr);
-        account::record6_left(ctx, h, (ifindex, FLOW_EGRESS, action), left);
+        record_sent6(ctx, h, ifindex, action);
     }
     res
+}
+
+/// The egress flow record of `h`, with the source it left the host with
+/// (`nat66::left_with`). A function of its own (a BPF-to-BPF call): the record's key gets a
+/// frame beside the decision's, not under it.
+#[inline(never)]
+fn record_sent6(ctx: &TcContext, h: &Headers6, ifindex: u32, action: u8) {
+    let left = nat66::left_with().unwrap_or(&h.saddr);
+    account::record6_left(ctx, h, (ifindex, FLOW_EGRESS, action), left);
 }
 
 /// The flow record of IPv6 on a task interface: ACCEPT when it goes on, REJECT when the

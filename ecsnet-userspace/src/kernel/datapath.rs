@@ -47,9 +47,12 @@ pub const PROG_TASK_IPV6_TO: &str = "tc_task_ipv6_to";
 /// tc program that `tc_uplink_ingress` tail-calls for the IPv6 arriving on the uplink
 /// (published ports over IPv6, replies of translated flows); never attached.
 pub const PROG_UPLINK_IPV6: &str = "tc_uplink_ipv6";
+/// tc program that `tc_task_ipv6_flow` tail-calls to masquerade a task's new IPv6 flow out of
+/// the host; never attached.
+pub const PROG_TASK_IPV6_MASQ: &str = "tc_task_ipv6_masq";
 
 /// Every tc program, loaded and pinned at `up`.
-const TC_PROGRAMS: [&str; 9] = [
+const TC_PROGRAMS: [&str; 10] = [
     PROG_TASK_INGRESS,
     PROG_TASK_EGRESS,
     PROG_UPLINK_INGRESS,
@@ -59,10 +62,11 @@ const TC_PROGRAMS: [&str; 9] = [
     PROG_TASK_IPV6_FLOW,
     PROG_TASK_IPV6_TO,
     PROG_UPLINK_IPV6,
+    PROG_TASK_IPV6_MASQ,
 ];
 
 /// The tail-called programs: each one's program array and slot.
-const TAIL_CALLED: [(&str, &str, u32); 5] = [
+const TAIL_CALLED: [(&str, &str, u32); 6] = [
     (
         PROG_TASK_NEW_FLOW,
         ecsnet_common::maps::MAP_PROGS,
@@ -87,6 +91,11 @@ const TAIL_CALLED: [(&str, &str, u32); 5] = [
         PROG_UPLINK_IPV6,
         ecsnet_common::maps::MAP_PROGS6,
         ecsnet_common::maps::PROG6_UPLINK,
+    ),
+    (
+        PROG_TASK_IPV6_MASQ,
+        ecsnet_common::maps::MAP_PROGS6,
+        ecsnet_common::maps::PROG6_TASK_MASQ,
     ),
 ];
 
