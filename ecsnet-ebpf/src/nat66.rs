@@ -15,8 +15,8 @@ use ecsnet_common::{
     ct::{CtEntry6, CtKey6, KIND_INBOUND, KIND_MASQUERADE},
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
     maps::{
-        CONFIG6_MASQUERADE, Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey,
-        PortTarget6, TaskInfo,
+        CONFIG6_MASQUERADE, Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, PortTarget6,
+        TaskInfo,
     },
     policy::DIR_INGRESS,
 };

@@ -18,10 +18,11 @@ use std::{collections::HashMap as StdHashMap, os::fd::AsFd, process::Command};
 use aya::maps::{Map, MapData};
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry6, CtKey6, KIND_INBOUND, PROTO_TCP, PROTO_UDP},
+    ct::{CtEntry6, CtKey6, KIND_INBOUND, KIND_MASQUERADE, PROTO_TCP, PROTO_UDP},
     maps::{
-        Config6, DropKey, HOOK_TC_INGRESS, HOOK_XDP, MAP_CONFIG, MAP_CONFIG6, MAP_CT6, MAP_CT6_NEW,
-        MAP_DROPS, ROLE_TASK, TASK_IPV6,
+        CONFIG6_MASQUERADE, Config6, DropKey, HOOK_TC_INGRESS, HOOK_XDP, MAP_CONFIG, MAP_CONFIG6,
+        MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_NAT_CONFIG, MAP_NAT_USE6, NatConfig, NatUseKey6,
+        ROLE_TASK, TASK_IPV6,
     },
     policy::{DIR_INGRESS, PeerKey6, PeerRules, RuleKey, level6_bit, scope},
 };
@@ -30,8 +31,8 @@ use ecsnet_lab::fixture::{
     datapath::{Datapath, require_test_host},
     harness::{Lab, case_result, ns_exec, run_table, unique},
     packet6::{
-        EXT_DEST_OPTS, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_OPT_SOURCE_LL, P6, SYN6_SEQ,
-        solicited_node,
+        EXT_DEST_OPTS, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_OPT_SOURCE_LL, P6, PROTO_ICMPV6,
+        SYN6_SEQ, solicited_node,
     },
     world::{
         BRIDGE_MAC, MAC_A, ROUTER_MAC, Seed, TASK_A, TC_ACT_OK as OK, TC_ACT_REDIRECT as REDIRECT,
@@ -46,6 +47,17 @@ const BRIDGE6: [u8; 16] = [0xfd, 0, 0x0e, 0xc5, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0,
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 /// A router on the client's path, which sends `ICMPv6` errors.
 const ROUTER6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+/// A remote beyond the uplink that task A reaches, masqueraded: the same neighbour as the
+/// client (the namespace's only one).
+const REMOTE6: [u8; 16] = CLIENT6;
+/// Task A's source port towards the remote, and the remote's port.
+const A_PORT: u16 = 40001;
+const REMOTE_PORT: u16 = 443;
+/// An echo request's identifier (`P6::echo6`), and `ICMPv6` echo reply.
+const ECHO_ID: u16 = 7;
+const ECHO_REPLY: u8 = 129;
+/// A link-local address on the bridge's link.
+const LINK_LOCAL6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 /// `ICMPv6` packet too big (RFC 4443 §3.2).
 const PACKET_TOO_BIG: u8 = 2;
 /// Task A's address.
@@ -104,10 +116,14 @@ struct Case {
     policy: u32,
     /// Task A's MAC as learned; zero: not yet.
     mac: [u8; 6],
+    /// `CONFIG6`'s flags: masquerade (`nat` mode) unless `routed`.
+    flags: u8,
+    /// `NAT_CONFIG`'s share of ports per task and destination; 0: no limit.
+    task_ports: u32,
     steps: Vec<Step>,
     drops: Vec<DropKey>,
-    /// The `CT6` keys at the end, all `KIND_INBOUND`.
-    ct: Vec<CtKey6>,
+    /// The `CT6` keys at the end, with their kinds.
+    ct: Vec<(CtKey6, u8)>,
 }
 
 fn case(what: &'static str, policy: u32) -> Case {
@@ -115,6 +131,8 @@ fn case(what: &'static str, policy: u32) -> Case {
         what,
         policy,
         mac: MAC_A,
+        flags: CONFIG6_MASQUERADE,
+        task_ports: 0,
         steps: Vec::new(),
         drops: Vec::new(),
         ct: Vec::new(),
@@ -147,20 +165,57 @@ impl Case {
         self
     }
 
+    fn routed(mut self) -> Case {
+        self.flags = 0;
+        self
+    }
+
+    fn task_ports(mut self, n: u32) -> Case {
+        self.task_ports = n;
+        self
+    }
+
+    /// An inbound flow from the client to published `host_port`, the task's `task_port`.
     fn tracked(mut self, proto: u8, (host_port, task_port): (u16, u16)) -> Case {
-        let key = |s: [u8; 16], sp: u16, d: [u8; 16], dp: u16| CtKey6 {
-            saddr: s,
-            daddr: d,
-            sport: sp.to_be(),
-            dport: dp.to_be(),
-            proto,
-            _pad: [0; 3],
-        };
         self.ct.extend([
-            key(CLIENT6, CLIENT_PORT, HOST6, host_port),
-            key(A6, task_port, CLIENT6, CLIENT_PORT),
+            (
+                key6(proto, (CLIENT6, CLIENT_PORT), (HOST6, host_port)),
+                KIND_INBOUND,
+            ),
+            (
+                key6(proto, (A6, task_port), (CLIENT6, CLIENT_PORT)),
+                KIND_INBOUND,
+            ),
         ]);
         self
+    }
+
+    /// A flow task A opened from `port` to the remote's `remote_port`, masqueraded as the host
+    /// from the same port (an echo's identifier: the port at the other end is 0).
+    fn masqueraded(mut self, proto: u8, (port, remote_port): (u16, u16)) -> Case {
+        self.ct.extend([
+            (
+                key6(proto, (A6, port), (REMOTE6, remote_port)),
+                KIND_MASQUERADE,
+            ),
+            (
+                key6(proto, (REMOTE6, remote_port), (HOST6, port)),
+                KIND_MASQUERADE,
+            ),
+        ]);
+        self
+    }
+}
+
+/// A `CT6` key, the ports in host order.
+fn key6(proto: u8, (s, sp): ([u8; 16], u16), (d, dp): ([u8; 16], u16)) -> CtKey6 {
+    CtKey6 {
+        saddr: s,
+        daddr: d,
+        sport: sp.to_be(),
+        dport: dp.to_be(),
+        proto,
+        _pad: [0; 3],
     }
 }
 
@@ -353,6 +408,109 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
                 None,
             ),
     ]
+    .into_iter()
+    .chain(masquerade_cases(uplink_mac))
+    .collect()
+}
+
+/// Task A's new flows out of the host, masqueraded by `tc_task_ipv6_masq`, and what comes back.
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
+fn masquerade_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
+    use Via::{FromA, Uplink};
+    let syn = |src, port| P6::syn6(src, port, REMOTE6, REMOTE_PORT);
+    let out = |p: P6| forwarded(p, uplink_mac, ROUTER_MAC);
+    let into_a = |p: P6| forwarded(p, BRIDGE_MAC, MAC_A);
+    let synack = |dst| {
+        P6::tcp6(
+            (REMOTE6, REMOTE_PORT),
+            (dst, A_PORT),
+            0x12,
+            0x3000_0001,
+            SYN6_SEQ + 1,
+        )
+    };
+    let echo_reply = |dst| {
+        P6::icmp6(
+            REMOTE6,
+            dst,
+            ECHO_REPLY,
+            0,
+            &[0, 7, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8],
+        )
+    };
+    let too_big =
+        |to, about: &P6| P6::icmp6_error(ROUTER6, to, (PACKET_TOO_BIG, 0, 1280), about, 60);
+    vec![
+        case(
+            "a task's SYN out of the host leaves as the host from its own port; the SYN-ACK comes back into it",
+            0,
+        )
+        .step(FromA, &syn(A6, A_PORT), REDIRECT, Some(&out(syn(HOST6, A_PORT))))
+        .step(Uplink, &synack(HOST6), REDIRECT, Some(&into_a(synack(A6))))
+        .masqueraded(PROTO_TCP, (A_PORT, REMOTE_PORT)),
+        case(
+            "a packet-too-big from a router about a masqueraded segment goes into the task, translated back",
+            0,
+        )
+        .step(FromA, &syn(A6, A_PORT), REDIRECT, Some(&out(syn(HOST6, A_PORT))))
+        .step(
+            Uplink,
+            &too_big(HOST6, &syn(HOST6, A_PORT).hop_limit(63)),
+            REDIRECT,
+            Some(&into_a(too_big(A6, &syn(A6, A_PORT).hop_limit(63)))),
+        )
+        .masqueraded(PROTO_TCP, (A_PORT, REMOTE_PORT)),
+        case(
+            "an echo request leaves as the host with its identifier; the reply and an error quoting the request come back",
+            0,
+        )
+        .step(
+            FromA,
+            &P6::echo6(A6, REMOTE6),
+            REDIRECT,
+            Some(&out(P6::echo6(HOST6, REMOTE6))),
+        )
+        .step(Uplink, &echo_reply(HOST6), REDIRECT, Some(&into_a(echo_reply(A6))))
+        .step(
+            Uplink,
+            &too_big(HOST6, &P6::echo6(HOST6, REMOTE6).hop_limit(63)),
+            REDIRECT,
+            Some(&into_a(too_big(A6, &P6::echo6(A6, REMOTE6).hop_limit(63)))),
+        )
+        .masqueraded(PROTO_ICMPV6, (ECHO_ID, 0)),
+        case(
+            "a task's share of ports towards a destination used up: its next flow there is refused",
+            0,
+        )
+        .task_ports(1)
+        .step(FromA, &syn(A6, A_PORT), REDIRECT, Some(&out(syn(HOST6, A_PORT))))
+        .step(FromA, &syn(A6, A_PORT + 1), SHOT, None)
+        .drop(DropReason::NatTaskPortLimit, HOOK_TC_INGRESS)
+        .masqueraded(PROTO_TCP, (A_PORT, REMOTE_PORT)),
+        case(
+            "a SYN the task's egress rules reject is dropped, not masqueraded",
+            NONE_IN,
+        )
+        .step(FromA, &syn(A6, A_PORT), SHOT, None)
+        .drop(DropReason::SgEgress, HOOK_TC_INGRESS),
+        case(
+            "routed mode: a task's SYN out of the host keeps its address, on the kernel's path",
+            0,
+        )
+        .routed()
+        .step(FromA, &syn(A6, A_PORT), OK, None),
+        case(
+            "hop limit 1: untranslated, for the kernel's time-exceeded error",
+            0,
+        )
+        .step(FromA, &syn(A6, A_PORT).hop_limit(1), OK, None),
+        case("to a link-local address: never masqueraded", 0).step(
+            FromA,
+            &P6::syn6(A6, A_PORT, LINK_LOCAL6, REMOTE_PORT),
+            OK,
+            None,
+        ),
+    ]
 }
 
 /// A namespace of this test's own with a dummy uplink holding `HOST6`, the client as a
@@ -438,6 +596,12 @@ fn reset(dp: &mut Datapath) {
     dp.clear_ct6().unwrap();
     let drops: Vec<DropKey> = dp.drops().unwrap().into_keys().collect();
     dp.remove::<DropKey, u64>(MAP_DROPS, &drops).unwrap();
+    let counts: Vec<NatUseKey6> = dp
+        .hash::<NatUseKey6, u64>(MAP_NAT_USE6)
+        .unwrap()
+        .into_keys()
+        .collect();
+    dp.remove::<NatUseKey6, u64>(MAP_NAT_USE6, &counts).unwrap();
 }
 
 fn hex(b: &[u8]) -> String {
@@ -451,6 +615,24 @@ fn hex(b: &[u8]) -> String {
 fn check(dp: &mut Datapath, uplink: u32, c: &Case) -> Result<(), String> {
     reset(dp);
     dp.seed(&seeds(c.policy, c.mac)).unwrap();
+    dp.set_first(
+        MAP_CONFIG6,
+        Config6 {
+            uplink_ipv6: HOST6,
+            bridge_ipv6: BRIDGE6,
+            bridge_prefix6: 64,
+            flags: c.flags,
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    dp.set_first(
+        MAP_NAT_CONFIG,
+        NatConfig {
+            task_ports: c.task_ports,
+        },
+    )
+    .unwrap();
     let mut errs = Vec::new();
     for (i, (via, frame, want, out)) in c.steps.iter().enumerate() {
         let (prog, cfg) = match via {
@@ -487,7 +669,7 @@ fn check(dp: &mut Datapath, uplink: u32, c: &Case) -> Result<(), String> {
         .flat_map(|t| dp.hash::<CtKey6, CtEntry6>(t.map6()).unwrap())
         .map(|(k, e)| (k, e.kind))
         .collect();
-    let mut want_ct: Vec<(CtKey6, u8)> = c.ct.iter().map(|k| (*k, KIND_INBOUND)).collect();
+    let mut want_ct = c.ct.clone();
     let order = |(k, _): &(CtKey6, u8)| (k.saddr, k.daddr, k.sport, k.dport, k.proto);
     ct.sort_by_key(order);
     want_ct.sort_by_key(order);
@@ -504,17 +686,6 @@ fn published_ports_over_ipv6_are_translated_by_ecsnet() {
     ns.enter();
     let mut dp = Datapath::load().expect("the datapath object loads");
     dp.set_first(MAP_CONFIG, config(TEST_IFINDEX)).unwrap();
-    dp.set_first(
-        MAP_CONFIG6,
-        Config6 {
-            uplink_ipv6: HOST6,
-            bridge_ipv6: BRIDGE6,
-            bridge_prefix6: 64,
-            flags: 0,
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
     dp.load_programs(&["tc_task_ingress", "tc_uplink_ingress", "xdp_uplink"])
         .unwrap();
     dp.load_tail_called()
