@@ -48,10 +48,12 @@ pub const PROG6_TASK_TO: u32 = 2;
 /// [`MAP_PROGS6`]: `tc_uplink_ipv6`, tail-called by `tc_uplink_ingress` for IPv6 arriving on
 /// the uplink: published ports over IPv6 (NAT66) and the replies of translated flows.
 pub const PROG6_UPLINK: u32 = 3;
-/// [`MAP_PROGS6`]: `tc_task_ipv6_masq`, tail-called by `tc_task_ipv6_flow` for a new flow the
-/// task's rules allowed that leaves the host masqueraded ([`CONFIG6_MASQUERADE`]). Empty (an
-/// older build's datapath): the kernel carries the flow, and its ip6tables masquerade.
-pub const PROG6_TASK_MASQ: u32 = 4;
+/// [`MAP_PROGS6`]: `tc_task_ipv6_nat`, tail-called by `tc_task_ipv6_flow` for what a task sends
+/// that ecsnet translates out of the host from a new state: a new flow the task's rules allowed
+/// that leaves masqueraded ([`CONFIG6_MASQUERADE`]), or an `ICMPv6` error about a packet of a
+/// translated flow it received. Empty (an older build's datapath): the kernel carries them, and
+/// its ip6tables masquerade.
+pub const PROG6_TASK_NAT: u32 = 4;
 /// Slots of [`MAP_PROGS6`].
 pub const PROG6_SLOTS: u32 = 8;
 /// First fragments seen: [`FragKey`] -> [`FragPorts`], so later fragments find their flow.

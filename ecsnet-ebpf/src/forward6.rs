@@ -1,7 +1,7 @@
 //! The forwarding decision for IPv6 on a task interface, with IPv4's rules (`forward`):
 //! continue a tracked flow (the replies of published ports and masqueraded flows translated by
 //! `nat66`), open a new one (task to task by `bpf_redirect_peer`, out of the host masqueraded by
-//! `tc_task_ipv6_masq`, anything else on the kernel's path, tracked as `KIND_LOCAL` under a
+//! `tc_task_ipv6_nat`, anything else on the kernel's path, tracked as `KIND_LOCAL` under a
 //! policy), let the `ICMPv6` errors of
 //! tracked flows pass with them, and judge everything else by the rules alone. Neighbour
 //! discovery and MLD are link-scope plumbing, as ARP is: never policed, never redirected.
@@ -13,7 +13,7 @@ use ecsnet_common::{
         CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE,
     },
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
-    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG6_TASK_MASQ, TaskInfo},
+    maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG6_TASK_NAT, TaskInfo},
     net::{PROTO_TCP, PROTO_UDP},
     policy::{DIR_EGRESS, DIR_INGRESS},
 };
@@ -147,10 +147,10 @@ fn open_flow(
         return kernel_flow(key, h, policy);
     }
     if nat66::masquerades(h) {
-        // SAFETY: `tc_task_ipv6_masq` takes the same context and the headers this program was
+        // SAFETY: `tc_task_ipv6_nat` takes the same context and the headers this program was
         // handed (`h` is that slot); it does not return on success. An older build's datapath
         // has no such program: the kernel carries the flow, and its ip6tables masquerade.
-        unsafe { PROGS6.tail_call(ctx, PROG6_TASK_MASQ) };
+        unsafe { PROGS6.tail_call(ctx, PROG6_TASK_NAT) };
     }
     // Not known as a task's address, yet perhaps one: a task that receives it checks its own
     // ingress rules first (`first_delivery`).
@@ -255,12 +255,19 @@ pub fn unchecked_ingress(h: &Headers6, policy: u32) -> Result<Verdict, DropReaso
 }
 
 /// An `ICMPv6` error from a task: it travels with the flow it quotes when that flow is tracked
-/// (into the other task when the flow is task to task), else the egress rules judge it.
+/// (into the other task when the flow is task to task, out as the host when ecsnet translated
+/// the flow), else the egress rules judge it.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
     let Some(kind) = quoted_flow(ctx, h)? else {
         return unchecked_egress(h, policy);
     };
+    if kind == KIND_INBOUND || kind == KIND_MASQUERADE {
+        // SAFETY: as for a masqueraded flow in `open_flow`. An older build's datapath has no
+        // such program: the error goes on untranslated, as it did.
+        unsafe { PROGS6.tail_call(ctx, PROG6_TASK_NAT) };
+        return Ok(Verdict::Pass);
+    }
     match task6(&h.daddr) {
         Some(dst) if kind == KIND_EAST_WEST && reachable(ctx, &dst) => to_task(ctx, h, &dst),
         _ => Ok(Verdict::Pass),
@@ -282,7 +289,7 @@ pub fn quoted_flow(ctx: &TcContext, h: &Headers6) -> Result<Option<u8>, DropReas
 /// transport header follows the fixed header directly is read; anything else makes a key no
 /// flow has (its ports 0).
 #[inline(always)]
-fn quoted_key(ctx: &TcContext, h: &Headers6) -> Result<CtKey6, DropReason> {
+pub fn quoted_key(ctx: &TcContext, h: &Headers6) -> Result<CtKey6, DropReason> {
     let at = h.l4 + ICMPV6_HLEN;
     let ip: Ipv6Hdr = load(ctx, at).map_err(|_| DropReason::BadIcmpError)?;
     let ports: [u16; 4] = load(ctx, at + IPV6_HLEN).map_err(|_| DropReason::BadIcmpError)?;

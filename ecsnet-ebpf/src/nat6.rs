@@ -153,37 +153,80 @@ fn quoted_check(quote: usize, proto: u8) -> usize {
     }
 }
 
-/// Where the quoted packet's source "port" sits: an echo request's identifier, or the port.
-#[inline(always)]
-fn quoted_sport(quote: usize, proto: u8) -> usize {
-    if proto == PROTO_ICMPV6 {
-        quote + IPV6_HLEN + 4
-    } else {
-        quote + IPV6_HLEN
+/// Which end of a translated flow an `ICMPv6` error is about, and so which fields change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSide {
+    /// An error arriving for the host about a packet that left as the host: its destination,
+    /// and the quoted packet's source and source port, become the task's.
+    In,
+    /// An error a task sends about a packet it received translated: its source, and the quoted
+    /// packet's destination and destination port, become the host's.
+    Out,
+}
+
+impl ErrorSide {
+    /// Where the outer address that changes sits, and the quoted one.
+    #[inline(always)]
+    fn addrs_at(self) -> (usize, usize) {
+        match self {
+            ErrorSide::In => (DADDR_AT, SADDR_AT),
+            ErrorSide::Out => (SADDR_AT, DADDR_AT),
+        }
+    }
+
+    /// Where the quoted packet's port that changes sits, for a quote at `quote` of `proto`:
+    /// TCP's and UDP's port, or an echo's identifier (the request's source "port", the reply's
+    /// destination one); 0 for anything else.
+    #[inline(always)]
+    fn port_at(self, quote: usize, proto: u8, icmp_type: u8) -> usize {
+        let l4 = quote + IPV6_HLEN;
+        match (proto, self) {
+            (PROTO_TCP | PROTO_UDP, ErrorSide::In) => l4,
+            (PROTO_TCP | PROTO_UDP, ErrorSide::Out) => l4 + 2,
+            (PROTO_ICMPV6, ErrorSide::In) if icmp_type == ICMPV6_ECHO_REQUEST => l4 + 4,
+            (PROTO_ICMPV6, ErrorSide::Out) if icmp_type == ICMPV6_ECHO_REPLY => l4 + 4,
+            _ => 0,
+        }
     }
 }
 
-/// Translates an `ICMPv6` error (`h`) that quotes, at `quote`, a packet that left as the host
-/// (`qsaddr`, source port `qsport`: an echo request's identifier) back to what the task sent:
-/// the outer destination and the quoted source become `to.saddr`, the quoted source port
-/// `to.sport`; the quoted packet's own
-/// checksum (when quoted, and not a UDP zero) and the error's (which covers the outer
-/// addresses) follow.
+/// What [`translate_error`] changes in an `ICMPv6` error quoting a packet of a translated
+/// flow at `quote` (of protocol `qproto`), on `side`: the outer address and the quoted address
+/// and port of that side go from `old` (address, port) to `new`.
+pub struct ErrorFix<'a> {
+    pub quote: usize,
+    pub qproto: u8,
+    pub side: ErrorSide,
+    pub old: (&'a [u8; 16], u16),
+    pub new: (&'a [u8; 16], u16),
+}
+
+/// Translates the `ICMPv6` error `h` as `fix` says. The quoted packet's own checksum (when
+/// quoted, and not a UDP zero) and the error's (which covers the outer addresses) follow.
 #[inline(always)]
-pub fn translate_error_in(
-    ctx: &TcContext,
-    h: &Headers6,
-    quote: usize,
-    (qsaddr, qsport, qproto): (&[u8; 16], u16, u8),
-    to: &To,
-) -> Result<(), DropReason> {
+pub fn translate_error(ctx: &TcContext, h: &Headers6, fix: &ErrorFix) -> Result<(), DropReason> {
+    let ErrorFix {
+        quote,
+        qproto,
+        side,
+        old,
+        new,
+    } = *fix;
     let check = h.l4 + 2;
-    // The outer destination: in the pseudo-header.
-    let diff = addr_diff(&h.daddr, to.saddr).ok_or(DropReason::BadIcmpError)?;
+    let (outer_at, quoted_at) = side.addrs_at();
+    let outer = if side == ErrorSide::In {
+        &h.daddr
+    } else {
+        &h.saddr
+    };
+    // The outer address: in the pseudo-header.
+    let diff = addr_diff(outer, new.0).ok_or(DropReason::BadIcmpError)?;
     nat::l4(ctx, check, 0, diff, PSEUDO_HDR)?;
-    nat::store(ctx, ETH_HLEN + DADDR_AT, to.saddr)?;
-    // The quoted source and port: data the error's checksum covers.
-    let diff = addr_diff(qsaddr, to.saddr).ok_or(DropReason::BadIcmpError)?;
+    nat::store(ctx, ETH_HLEN + outer_at, new.0)?;
+    // The quoted address and port: data the error's checksum covers.
+    let qtype = load::<u8>(ctx, quote + IPV6_HLEN).unwrap_or(0);
+    let port_at = side.port_at(quote, qproto, qtype);
+    let diff = addr_diff(old.0, new.0).ok_or(DropReason::BadIcmpError)?;
     let qcheck_at = quoted_check(quote, qproto);
     let old_qcheck: Option<u16> = if qcheck_at == 0 {
         None
@@ -191,24 +234,21 @@ pub fn translate_error_in(
         ctx.load::<u16>(qcheck_at).ok()
     };
     nat::l4(ctx, check, 0, diff, 0)?;
-    nat::store(ctx, quote + SADDR_AT, to.saddr)?;
-    nat::rewrite_ports(
-        ctx,
-        check,
-        0,
-        [(quoted_sport(quote, qproto), qsport, to.sport), (0, 0, 0)],
-    )?;
-    let Some(old) = old_qcheck else {
+    nat::store(ctx, quote + quoted_at, new.0)?;
+    nat::rewrite_ports(ctx, check, 0, [(port_at, old.1, new.1), (0, 0, 0)])?;
+    let Some(old_qcheck) = old_qcheck else {
         return Ok(());
     };
-    if qproto == PROTO_UDP && old == 0 {
+    if qproto == PROTO_UDP && old_qcheck == 0 {
         return Ok(());
     }
     let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-    let mut new = old;
+    let mut qcheck = old_qcheck;
     for i in [0, 4, 8, 12] {
-        new = csum::replace4(new, word(qsaddr, i), word(to.saddr, i));
+        qcheck = csum::replace4(qcheck, word(old.0, i), word(new.0, i));
     }
-    new = csum::replace2(new, qsport, to.sport);
-    nat::rewrite_ports(ctx, check, 0, [(qcheck_at, old, new), (0, 0, 0)])
+    if port_at != 0 {
+        qcheck = csum::replace2(qcheck, old.1, new.1);
+    }
+    nat::rewrite_ports(ctx, check, 0, [(qcheck_at, old_qcheck, qcheck), (0, 0, 0)])
 }

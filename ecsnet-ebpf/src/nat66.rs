@@ -27,7 +27,7 @@ use crate::{
     forward6,
     maps::{CONFIG, CONFIG6, LOCAL_ADDRS6, PORTS6},
     nat_quota,
-    nat6::{self, To},
+    nat6::{self, ErrorFix, ErrorSide, To},
     parse::load,
     parse6::{Headers6, ICMPV6_ECHO_REQUEST, ICMPV6_HLEN, IPV6_HLEN, PROTO_ICMPV6},
     policy,
@@ -246,13 +246,14 @@ fn send_error_in(
     }
     // What the task sent: from its own address and port (the quoted source was the error's
     // destination, `quoted_inbound` checked).
-    let to = To {
-        saddr: &e.nat_daddr,
-        daddr: &e.nat_saddr,
-        sport: e.nat_dport,
-        dport: e.nat_sport,
+    let fix = ErrorFix {
+        quote,
+        qproto,
+        side: ErrorSide::In,
+        old: (&h.daddr, qsport),
+        new: (&e.nat_daddr, e.nat_dport),
     };
-    nat6::translate_error_in(ctx, h, quote, (&h.daddr, qsport, qproto), &to)?;
+    nat6::translate_error(ctx, h, &fix)?;
     nat6::decrement_hop_limit(ctx)?;
     account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
     redirect::to_task(ctx, cfg, &dst, true)
@@ -443,4 +444,62 @@ pub fn masquerade(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict,
     nat6::rewrite(ctx, h, &To::nat(&nat))?;
     nat6::decrement_hop_limit(ctx)?;
     redirect::to_uplink(ctx, &hop)
+}
+
+/// An `ICMPv6` error a task sends about a packet it received in a flow ecsnet translated (a
+/// published port's request, a masqueraded flow's reply): when the quote reversed is that
+/// flow's key from this task, the error leaves as the host, about the packet as the host
+/// received it, out of the uplink, hop limit decremented; anything else goes on untouched. A
+/// function of its own (a BPF-to-BPF call), as the lookup and the FIB's are beside it.
+#[inline(never)]
+pub fn error_out(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {
+    let quote = h.l4 + ICMPV6_HLEN;
+    let mut qdport = 0;
+    let e = quoted_by_task(ctx, h, &mut qdport);
+    if e.is_null() || nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    // SAFETY: a `Tracked::e` (non-null), valid for this program run.
+    let e = unsafe { &*e };
+    let Ok(qproto) = load::<u8>(ctx, quote + QUOTE_NEXT_AT) else {
+        return Ok(Verdict::Pass);
+    };
+    let hop = hop_out(ctx, h, &e.nat_saddr);
+    if hop.ifindex == 0 {
+        return Ok(Verdict::Pass);
+    }
+    let fix = ErrorFix {
+        quote,
+        qproto,
+        side: ErrorSide::Out,
+        old: (&h.saddr, qdport),
+        new: (&e.nat_saddr, e.nat_sport),
+    };
+    nat6::translate_error(ctx, h, &fix)?;
+    note_source(&e.nat_saddr);
+    nat6::decrement_hop_limit(ctx)?;
+    redirect::to_uplink(ctx, &hop)
+}
+
+/// The entry of the translated flow (`KIND_INBOUND`, `KIND_MASQUERADE`) whose key, from the
+/// error's source, is the packet `h` quotes reversed: the task's own side of the flow, never
+/// an entry another end's packets match. Null for anything else; `qdport` is set to the
+/// quoted destination port (the key's source port).
+#[inline(never)]
+fn quoted_by_task(ctx: &TcContext, h: &Headers6, qdport: &mut u16) -> *const CtEntry6 {
+    let Ok(quoted) = forward6::quoted_key(ctx, h) else {
+        return core::ptr::null();
+    };
+    let key = quoted.reversed();
+    if key.saddr != h.saddr {
+        return core::ptr::null();
+    }
+    match conntrack::lookup(&key) {
+        // SAFETY: see `Tracked::e`.
+        Some(t) if matches!(unsafe { (*t.e).kind }, KIND_INBOUND | KIND_MASQUERADE) => {
+            *qdport = key.sport;
+            t.e
+        }
+        _ => core::ptr::null(),
+    }
 }

@@ -58,6 +58,9 @@ const ECHO_ID: u16 = 7;
 const ECHO_REPLY: u8 = 129;
 /// A link-local address on the bridge's link.
 const LINK_LOCAL6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+/// `ICMPv6` destination unreachable, port unreachable (RFC 4443 §3.1).
+const DEST_UNREACHABLE: u8 = 1;
+const PORT_UNREACHABLE: u8 = 4;
 /// `ICMPv6` packet too big (RFC 4443 §3.2).
 const PACKET_TOO_BIG: u8 = 2;
 /// Task A's address.
@@ -410,10 +413,72 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     ]
     .into_iter()
     .chain(masquerade_cases(uplink_mac))
+    .chain(errors_out_cases(uplink_mac))
     .collect()
 }
 
-/// Task A's new flows out of the host, masqueraded by `tc_task_ipv6_masq`, and what comes back.
+/// `ICMPv6` errors task A sends about packets of translated flows it received: out as the
+/// host, about the packet as the host received it.
+fn errors_out_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
+    use Via::{FromA, Uplink};
+    let out = |p: P6| forwarded(p, uplink_mac, ROUTER_MAC);
+    let into_a = |p: P6| forwarded(p, BRIDGE_MAC, MAC_A);
+    let unreachable = |from, to, about: &P6| {
+        P6::icmp6_error(from, to, (DEST_UNREACHABLE, PORT_UNREACHABLE, 0), about, 80)
+    };
+    let request = |dst, port| P6::udp6(CLIENT6, CLIENT_PORT, dst, port, b"hello over NAT66");
+    let query = |src| P6::udp6(src, A_PORT, REMOTE6, 53, b"query");
+    let answer = |dst| P6::udp6(REMOTE6, 53, dst, A_PORT, b"answer");
+    vec![
+        case(
+            "a port unreachable task A sends about a datagram to a published port leaves as the host",
+            0,
+        )
+        .step(Uplink, &request(HOST6, 5353), REDIRECT, Some(&into_a(request(A6, 53))))
+        .step(
+            FromA,
+            &unreachable(A6, CLIENT6, &request(A6, 53).hop_limit(63)),
+            REDIRECT,
+            Some(&out(unreachable(
+                HOST6,
+                CLIENT6,
+                &request(HOST6, 5353).hop_limit(63),
+            ))),
+        )
+        .tracked(PROTO_UDP, (5353, 53)),
+        case(
+            "a port unreachable task A sends about a masqueraded flow's answer leaves as the host",
+            0,
+        )
+        .step(FromA, &query(A6), REDIRECT, Some(&out(query(HOST6))))
+        .step(Uplink, &answer(HOST6), REDIRECT, Some(&into_a(answer(A6))))
+        .step(
+            FromA,
+            &unreachable(A6, REMOTE6, &answer(A6).hop_limit(63)),
+            REDIRECT,
+            Some(&out(unreachable(HOST6, REMOTE6, &answer(HOST6).hop_limit(63)))),
+        )
+        .masqueraded(PROTO_UDP, (A_PORT, 53)),
+        case(
+            "an error task A forges, quoting the client's side of a published flow, goes on untranslated",
+            0,
+        )
+        .step(Uplink, &request(HOST6, 5353), REDIRECT, Some(&into_a(request(A6, 53))))
+        .step(
+            FromA,
+            &unreachable(
+                A6,
+                CLIENT6,
+                &P6::udp6(HOST6, 5353, CLIENT6, CLIENT_PORT, b"forged"),
+            ),
+            OK,
+            None,
+        )
+        .tracked(PROTO_UDP, (5353, 53)),
+    ]
+}
+
+/// Task A's new flows out of the host, masqueraded by `tc_task_ipv6_nat`, and what comes back.
 #[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn masquerade_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     use Via::{FromA, Uplink};

@@ -19,7 +19,7 @@ const TC_PROGRAMS: [&str; 10] = [
     "tc_task_new_flow",
     "tc_task_ipv6",
     "tc_task_ipv6_flow",
-    "tc_task_ipv6_masq",
+    "tc_task_ipv6_nat",
     "tc_task_ipv6_to",
     "tc_task_egress",
     "tc_uplink_ingress",

@@ -5,8 +5,8 @@
 //! Both sides take plain IPv4, ARP and IPv6 only: tagged frames and other ethertypes are dropped.
 //! The IPv6 a task sends is checked first by `tc_task_ipv6` (a tail call, with its own verifier
 //! budget): it speaks only for itself and is no router; then `tc_task_ipv6_flow` (another) tracks,
-//! polices and forwards it, and `tc_task_ipv6_masq` (a third) masquerades the new flows that
-//! leave the host. IPv6 the kernel delivers to a task is policed in tc egress.
+//! polices and forwards it, and `tc_task_ipv6_nat` (a third) masquerades the new flows that
+//! leave the host and translates the `ICMPv6` errors a task sends about translated flows. IPv6 the kernel delivers to a task is policed in tc egress.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
@@ -207,7 +207,7 @@ pub fn tc_task_ipv6_flow(ctx: TcContext) -> i32 {
     verdict::tc(&ctx, try_ipv6_flow(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
 }
 
-// Inlined: `forward6` may tail-call `tc_task_ipv6_masq`, which only the program's own frame
+// Inlined: `forward6` may tail-call `tc_task_ipv6_nat`, which only the program's own frame
 // may do with a stack this deep.
 #[inline(always)]
 fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
@@ -218,21 +218,25 @@ fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     ipv6_sent(ctx, h, ifindex, res)
 }
 
-/// A new flow of IPv6 a task sends, which leaves the host masqueraded, tail-called by
-/// `tc_task_ipv6_flow` once the task's egress rules allowed it (`nat66::masquerades`):
-/// translated and sent out of the uplink as `nat66::masquerade` decides, with this program's
-/// verifier budget (and stack) to itself.
+/// IPv6 a task sends that ecsnet translates out of the host from a new state, tail-called by
+/// `tc_task_ipv6_flow`: a new flow its egress rules allowed that leaves masqueraded
+/// (`nat66::masquerades`, `nat66::masquerade`), or an `ICMPv6` error about a packet of a
+/// translated flow (`nat66::error_out`). This program's verifier budget (and stack) is its own.
 #[classifier]
-pub fn tc_task_ipv6_masq(ctx: TcContext) -> i32 {
+pub fn tc_task_ipv6_nat(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
-    verdict::tc(&ctx, try_ipv6_masq(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
+    verdict::tc(&ctx, try_ipv6_nat(&ctx, ifindex), ifindex, HOOK_TC_INGRESS)
 }
 
-fn try_ipv6_masq(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
+fn try_ipv6_nat(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some((me, h)) = ipv6_handed_over(ifindex) else {
         return Err(DropReason::TailCallFailed);
     };
-    let res = nat66::masquerade(ctx, h, me.policy);
+    let res = if h.is_icmp_error() {
+        nat66::error_out(ctx, h)
+    } else {
+        nat66::masquerade(ctx, h, me.policy)
+    };
     ipv6_sent(ctx, h, ifindex, res)
 }
 

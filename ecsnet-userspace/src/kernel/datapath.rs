@@ -47,9 +47,10 @@ pub const PROG_TASK_IPV6_TO: &str = "tc_task_ipv6_to";
 /// tc program that `tc_uplink_ingress` tail-calls for the IPv6 arriving on the uplink
 /// (published ports over IPv6, replies of translated flows); never attached.
 pub const PROG_UPLINK_IPV6: &str = "tc_uplink_ipv6";
-/// tc program that `tc_task_ipv6_flow` tail-calls to masquerade a task's new IPv6 flow out of
-/// the host; never attached.
-pub const PROG_TASK_IPV6_MASQ: &str = "tc_task_ipv6_masq";
+/// tc program that `tc_task_ipv6_flow` tail-calls to translate what a task sends out of the
+/// host from a new state (a masqueraded flow, an `ICMPv6` error about a translated one); never
+/// attached.
+pub const PROG_TASK_IPV6_NAT: &str = "tc_task_ipv6_nat";
 
 /// Every tc program, loaded and pinned at `up`.
 const TC_PROGRAMS: [&str; 10] = [
@@ -62,7 +63,7 @@ const TC_PROGRAMS: [&str; 10] = [
     PROG_TASK_IPV6_FLOW,
     PROG_TASK_IPV6_TO,
     PROG_UPLINK_IPV6,
-    PROG_TASK_IPV6_MASQ,
+    PROG_TASK_IPV6_NAT,
 ];
 
 /// The tail-called programs: each one's program array and slot.
@@ -93,9 +94,9 @@ const TAIL_CALLED: [(&str, &str, u32); 6] = [
         ecsnet_common::maps::PROG6_UPLINK,
     ),
     (
-        PROG_TASK_IPV6_MASQ,
+        PROG_TASK_IPV6_NAT,
         ecsnet_common::maps::MAP_PROGS6,
-        ecsnet_common::maps::PROG6_TASK_MASQ,
+        ecsnet_common::maps::PROG6_TASK_NAT,
     ),
 ];
 
