@@ -864,18 +864,93 @@ fn ct6(lab: &Lab, map: &str) -> Vec<(CtKey6, CtEntry6)> {
 
 /// Packets Docker's ip6tables DNAT rules (nat/DOCKER, `DNAT`) counted.
 fn docker_dnat6(host: &str) -> u64 {
+    nat6_rule_packets(host, "DOCKER", "DNAT")
+}
+
+/// Packets the ip6tables rules of `target` in nat chain `chain` counted (there must be one).
+fn nat6_rule_packets(host: &str, chain: &str, target: &str) -> u64 {
     let out = ns_exec(
         host,
-        &["ip6tables", "-t", "nat", "-L", "DOCKER", "-v", "-x", "-n"],
+        &["ip6tables", "-t", "nat", "-L", chain, "-v", "-x", "-n"],
     );
     let rules: Vec<u64> = out
         .lines()
-        .filter(|l| l.contains("DNAT"))
+        .filter(|l| l.contains(target))
         .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
         .collect();
     assert!(
         !rules.is_empty(),
-        "no DNAT rule in ip6tables nat/DOCKER:\n{out}"
+        "no {target} rule in ip6tables nat/{chain}:\n{out}"
     );
     rules.iter().sum()
+}
+
+#[test]
+fn a_task_reaches_the_outside_over_ipv6_masqueraded_by_ecsnet() {
+    const N: u32 = 10;
+    let lab = Lab::up_v6("n66m", 1, &[], "nat");
+    lab.ecsnet_up();
+    let (host, client, t1) = (lab.host(), lab.client(), lab.task_ns(1));
+    let masquerade_before = nat6_rule_packets(host, "POSTROUTING", "MASQUERADE");
+    let client6 = lab
+        .status
+        .client
+        .address6
+        .expect("the client's IPv6 address");
+    let target = format!("[{client6}]:{}", lab.status.client.echo_port);
+    for proto in ["tcp", "udp"] {
+        assert_eq!(
+            lab.probe(t1, proto, &target, N, 100)["echoed"],
+            N,
+            "{proto} from the task to the outside over IPv6"
+        );
+    }
+    let ping = ns_exec(
+        t1,
+        &[
+            "ping",
+            "-6",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &client6.to_string(),
+        ],
+    );
+    assert!(ping.contains(" 0% packet loss"), "ping over IPv6: {ping}");
+    assert_eq!(
+        nat6_rule_packets(host, "POSTROUTING", "MASQUERADE"),
+        masquerade_before,
+        "Docker's ip6tables MASQUERADE rule counted packets: the kernel masqueraded, not ecsnet"
+    );
+    // The task's flows left as the host: TCP, UDP and the echo, each from the task's address.
+    let task6 = addr6(&lab, 1).octets();
+    let mut kinds: Vec<u8> = [MAP_CT6, MAP_CT6_NEW]
+        .iter()
+        .flat_map(|m| ct6(&lab, m))
+        .filter(|(k, e)| {
+            e.kind == KIND_MASQUERADE && k.saddr == task6 && k.daddr == client6.octets()
+        })
+        .map(|(k, e)| {
+            assert_eq!(
+                e.nat_saddr, HOST6_LAB,
+                "a masqueraded flow leaves as the host"
+            );
+            k.proto
+        })
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        [PROTO_TCP, PROTO_UDP, PROTO_ICMPV6],
+        "the protocols of the task's masqueraded flows in CT6"
+    );
+    for ns in [host, client, t1] {
+        for (k, n) in csum6_errors(ns) {
+            assert_eq!(n, 0, "{k} in {ns}");
+        }
+    }
 }
