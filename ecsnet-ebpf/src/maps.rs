@@ -16,8 +16,8 @@ use ecsnet_common::{
     maps::{
         CT_EVENT_SLOTS, Config, Counters, DEFAULT_CT_SIZE, DropKey, FragKey, FragKey6, FragPorts,
         IfaceInfo, MAX_DROP_KEYS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_STATS, MAX_TASKS,
-        NatConfig, NatUseKey, NatUseKey6, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey, TaskInfo,
-        ct_new_size, nat_use_size,
+        NatConfig, NatUseKey, NatUseKey6, PROG_SLOTS, PROG6_SLOTS, PortKey, PortTarget, StatsKey,
+        TaskInfo, ct_new_size, nat_use_size,
     },
     policy::{
         MAX_SG_LEVELS6, MAX_SG_PEERS, MAX_SG_PEERS6, MAX_SG_RULES, PeerKey, PeerKey6, PeerRules,
