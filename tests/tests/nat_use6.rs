@@ -26,6 +26,9 @@ use ecsnet_common::{
 use ecsnet_tests::Lab;
 
 const CT_SIZE: u32 = 4096;
+/// `ecsnet up`'s flags: `CT_SIZE`, and UDP's timeout long enough for the live flows to outlast
+/// the test (the idle ones are past it).
+const UP: [&str; 4] = ["--ct-size", "4096", "--ct-timeouts", "udp=600"];
 /// An address outside the host that tasks talk to (never routed: the flows are seeded).
 const OUTSIDE: &str = "2001:db8:ec5::53";
 const SECOND: u64 = 1_000_000_000;
@@ -59,20 +62,15 @@ struct Flow {
     idle_s: u64,
 }
 
-fn key(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, proto: u8) -> CtKey6 {
-    CtKey6 {
-        saddr: src.octets(),
-        daddr: dst.octets(),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 impl Flow {
     fn original(&self) -> CtKey6 {
-        key(self.task, self.dst, self.sport, self.dport, self.proto)
+        let mut k = CtKey6 {
+            proto: self.proto,
+            ..CtKey6::default()
+        };
+        (k.saddr, k.daddr) = (self.task.octets(), self.dst.octets());
+        (k.sport, k.dport) = (self.sport.to_be(), self.dport.to_be());
+        k
     }
 
     /// The table and entries the datapath keeps for this flow: a masqueraded flow's reply is
@@ -82,7 +80,12 @@ impl Flow {
         let (kind, r) = if self.nat_port == 0 {
             (KIND_EAST_WEST, k.reversed())
         } else {
-            let sent = key(uplink6, self.dst, self.nat_port, self.dport, self.proto);
+            // As it leaves the host: from the uplink's address and the port chosen.
+            let sent = CtKey6 {
+                saddr: uplink6.octets(),
+                sport: self.nat_port.to_be(),
+                ..k
+            };
             (KIND_MASQUERADE, sent.reversed())
         };
         let last = now_ns.saturating_sub(self.idle_s * SECOND);
@@ -178,79 +181,67 @@ fn capacity(paths: &InstancePaths, map: &str) -> u32 {
         .max_entries()
 }
 
-#[test]
-fn the_gc_keeps_the_ipv6_masquerade_counts_to_the_ports_the_flows_hold() {
-    let lab = Lab::up_v6("nu6", 2, &[], "nat");
-    // UDP's timeout long enough for the live flows to outlast the test; the idle one is past it.
-    lab.ecsnet_up_with(&[
-        "--ct-size",
-        &CT_SIZE.to_string(),
-        "--ct-timeouts",
-        "udp=600",
-    ]);
-    let paths = InstancePaths::new(&lab.name);
-    let task6 = |i: usize| {
-        lab.status.tasks[i - 1]
-            .address6
-            .unwrap_or_else(|| panic!("task{i} has no IPv6 address: {:?}", lab.status))
-    };
-    let (t1, t2) = (task6(1), task6(2));
-    let uplink6 = lab
-        .status
-        .host
-        .uplink_address6
-        .expect("the uplink's IPv6 address");
-    let out: Ipv6Addr = OUTSIDE.parse().unwrap();
+/// The lab's two tasks' IPv6 addresses and the uplink's.
+struct Addrs {
+    t1: Ipv6Addr,
+    t2: Ipv6Addr,
+    uplink6: Ipv6Addr,
+}
 
-    assert_eq!(capacity(&paths, MAP_NAT_USE6), nat_use_size(CT_SIZE));
-    assert_eq!(
-        capacity(&paths, MAP_NAT_USE6),
-        capacity(&paths, MAP_NAT_USE),
-        "NAT_USE6 sized as NAT_USE"
-    );
-    assert_eq!(counts(&paths), Counts::new(), "no IPv6 masquerade yet");
-
-    // What the datapath would have counted, some of it for flows that are gone already (an
-    // eviction from CT6_NEW tells nobody): task1 -> :53/udp counted 9 times, task2's 5.
-    set_count(&paths, t1, 53, PROTO_UDP, 9);
-    set_count(&paths, t2, 53, PROTO_UDP, 5);
-    let flow = |task, sport, dport, proto, nat_port, seeded, idle_s| Flow {
+fn flow(
+    task: Ipv6Addr,
+    (sport, dport, proto): (u16, u16, u8),
+    nat_port: u16,
+    seeded: Seeded,
+    idle_s: u64,
+) -> Flow {
+    Flow {
         task,
-        dst: out,
+        dst: OUTSIDE.parse().unwrap(),
         sport,
         dport,
         proto,
         nat_port,
         seeded,
         idle_s,
-    };
-    let flows = [
+    }
+}
+
+/// Seeds stale counts and masqueraded flows of every kind; the GC sets the counts to the
+/// ports the flows hold, and `stats` shows them. Returns the flows.
+fn counts_follow_the_tables(lab: &Lab, paths: &InstancePaths, a: &Addrs) -> Vec<Flow> {
+    let (t1, t2) = (a.t1, a.t2);
+    // What the datapath would have counted, some of it for flows that are gone already (an
+    // eviction from CT6_NEW tells nobody): task1 -> :53/udp counted 9 times, task2's 5.
+    set_count(paths, t1, 53, PROTO_UDP, 9);
+    set_count(paths, t2, 53, PROTO_UDP, 5);
+    let flows = vec![
         // task1 -> :53/udp: two answered, one not yet; all three hold a port.
-        flow(t1, 42_001, 53, PROTO_UDP, 61_001, Seeded::Answered, 1),
-        flow(t1, 42_002, 53, PROTO_UDP, 61_002, Seeded::Answered, 1),
-        flow(t1, 42_003, 53, PROTO_UDP, 61_003, Seeded::Unanswered, 1),
+        flow(t1, (42_001, 53, PROTO_UDP), 61_001, Seeded::Answered, 1),
+        flow(t1, (42_002, 53, PROTO_UDP), 61_002, Seeded::Answered, 1),
+        flow(t1, (42_003, 53, PROTO_UDP), 61_003, Seeded::Unanswered, 1),
         // task1 -> :443/tcp, established.
-        flow(t1, 42_004, 443, PROTO_TCP, 61_004, Seeded::Answered, 1),
+        flow(t1, (42_004, 443, PROTO_TCP), 61_004, Seeded::Answered, 1),
         // task2 -> :53/udp, idle 15 minutes: expired, it holds nothing once the GC takes it.
-        flow(t2, 42_005, 53, PROTO_UDP, 61_005, Seeded::Answered, 900),
+        flow(t2, (42_005, 53, PROTO_UDP), 61_005, Seeded::Answered, 900),
         // task2 -> :443/tcp, the reply alone: still holds its port.
-        flow(t2, 42_006, 443, PROTO_TCP, 61_006, Seeded::Orphan, 1),
+        flow(t2, (42_006, 443, PROTO_TCP), 61_006, Seeded::Orphan, 1),
         // task1 -> task2, not masqueraded: no count.
         Flow {
             dst: t2,
-            ..flow(t1, 42_007, 8080, PROTO_TCP, 0, Seeded::Answered, 1)
+            ..flow(t1, (42_007, 8080, PROTO_TCP), 0, Seeded::Answered, 1)
         },
     ];
-    seed(&paths, uplink6, &flows);
+    seed(paths, a.uplink6, &flows);
     let held = Counts::from([
         ((t1, 53, PROTO_UDP), 3),
         ((t1, 443, PROTO_TCP), 1),
         ((t2, 443, PROTO_TCP), 1),
     ]);
-    counts_become(&paths, "set to the ports the tables hold", &held);
+    counts_become(paths, "set to the ports the tables hold", &held);
     let idle = flows[4].original();
     assert!(
-        !maps::read_ct6(&paths)
+        !maps::read_ct6(paths)
             .expect("read CT6")
             .iter()
             .any(|(_, k, _)| *k == idle),
@@ -272,33 +263,39 @@ fn the_gc_keeps_the_ipv6_masquerade_counts_to_the_ports_the_flows_hold() {
         "no IPv4 masquerade counted: {:?}",
         s.tasks
     );
+    flows
+}
 
-    // task1's flows cut: its keys go; task2's orphan keeps its count.
-    let cut = maps::remove_flows(&paths, |k: &CtKey6, _: &CtEntry6| {
+/// Keys go as their flows are cut (task1's) or evicted (task2's orphan reply).
+fn keys_go_with_their_flows(paths: &InstancePaths, a: &Addrs, flows: &[Flow]) {
+    let t1 = a.t1;
+    let cut = maps::remove_flows(paths, |k: &CtKey6, _: &CtEntry6| {
         Ipv6Addr::from(k.saddr) == t1 || Ipv6Addr::from(k.daddr) == t1
     })
     .expect("cut task1's flows");
     assert_eq!(cut, 5, "task1's five flows");
     counts_become(
-        &paths,
+        paths,
         "after task1's flows were cut",
-        &Counts::from([((t2, 443, PROTO_TCP), 1)]),
+        &Counts::from([((a.t2, 443, PROTO_TCP), 1)]),
     );
     // The orphan evicted in turn: nothing holds a port any more, and every key goes.
-    let orphan = flows[5].entries(uplink6, 0).1[0].0;
+    let orphan = flows[5].entries(a.uplink6, 0).1[0].0;
     let data = MapData::from_pin(paths.map_pin(MAP_CT6)).expect("CT6 pinned");
     let mut ct6: HashMap<_, CtKey6, CtEntry6> =
         HashMap::try_from(Map::HashMap(data)).expect("CT6 a hash map");
     ct6.remove(&orphan).expect("remove the orphan reply");
-    counts_become(&paths, "with no masqueraded flow left", &Counts::new());
+    counts_become(paths, "with no masqueraded flow left", &Counts::new());
+}
 
-    // A datapath without NAT_USE6 (from before it): the GC leaves the counts alone and still
-    // expires IPv6 flows; `stats` reads no IPv6 count.
+/// A datapath without `NAT_USE6` (from before it): the GC leaves the counts alone and still
+/// expires IPv6 flows; `stats` reads no IPv6 count.
+fn without_the_counts(lab: &Lab, paths: &InstancePaths, a: &Addrs) {
     std::fs::remove_file(paths.map_pin(MAP_NAT_USE6)).expect("unpin NAT_USE6");
-    let stale = flow(t2, 42_008, 53, PROTO_UDP, 61_008, Seeded::Answered, 900);
-    seed(&paths, uplink6, std::slice::from_ref(&stale));
+    let stale = flow(a.t2, (42_008, 53, PROTO_UDP), 61_008, Seeded::Answered, 900);
+    seed(paths, a.uplink6, std::slice::from_ref(&stale));
     let start = Instant::now();
-    while maps::read_ct6(&paths)
+    while maps::read_ct6(paths)
         .expect("read CT6")
         .iter()
         .any(|(_, k, _)| *k == stale.original())
@@ -309,9 +306,38 @@ fn the_gc_keeps_the_ipv6_masquerade_counts_to_the_ports_the_flows_hold() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!(counts(&paths), Counts::new(), "no NAT_USE6 to read");
+    assert_eq!(counts(paths), Counts::new(), "no NAT_USE6 to read");
     assert!(
         lab.stats().tasks.iter().all(|t| t.nat_ports_max_ipv6 == 0),
         "stats without NAT_USE6"
     );
+}
+
+#[test]
+fn the_gc_keeps_the_ipv6_masquerade_counts_to_the_ports_the_flows_hold() {
+    let lab = Lab::up_v6("nu6", 2, &[], "nat");
+    lab.ecsnet_up_with(&UP);
+    let paths = InstancePaths::new(&lab.name);
+    let [t1, t2] = [0, 1].map(|i| match lab.status.tasks.get(i).and_then(|t| t.address6) {
+        Some(a) => a,
+        None => panic!(
+            "a dual-stack lab's task without an IPv6 address: {:?}",
+            lab.status
+        ),
+    });
+    let uplink6 = (lab.status.host.uplink_address6).expect("the uplink's IPv6 address");
+    let addrs = Addrs { t1, t2, uplink6 };
+
+    assert_eq!(UP[1], CT_SIZE.to_string());
+    assert_eq!(capacity(&paths, MAP_NAT_USE6), nat_use_size(CT_SIZE));
+    assert_eq!(
+        capacity(&paths, MAP_NAT_USE6),
+        capacity(&paths, MAP_NAT_USE),
+        "NAT_USE6 sized as NAT_USE"
+    );
+    assert_eq!(counts(&paths), Counts::new(), "no IPv6 masquerade yet");
+
+    let flows = counts_follow_the_tables(&lab, &paths, &addrs);
+    keys_go_with_their_flows(&paths, &addrs, &flows);
+    without_the_counts(&lab, &paths, &addrs);
 }

@@ -334,9 +334,12 @@ fn local_addresses(
 /// tasks is not read every second. Every write of the state replaces the file (a new inode).
 #[derive(Default)]
 struct AppliedIpv6Mode {
-    /// The file's inode and modification time (None: no file) when it was read, and its mode.
-    read: Option<(Option<(u64, i64, i64)>, Ipv6Mode)>,
+    /// The file as it was when it was read, and its mode.
+    read: Option<(FileStamp, Ipv6Mode)>,
 }
+
+/// A file's inode and modification time (seconds, nanoseconds); None: no file.
+type FileStamp = Option<(u64, i64, i64)>;
 
 impl AppliedIpv6Mode {
     fn get(&mut self, paths: &InstancePaths) -> Result<Ipv6Mode, files::StoreError> {

@@ -51,7 +51,7 @@ pub struct TaskStats {
     pub nat_ports_max_ipv6: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UplinkStats {
     pub interface: String,
@@ -652,15 +652,7 @@ mod tests {
         let mut s = Stats {
             instance: "i".to_owned(),
             tasks: vec![task("a", 3, 0), task("b", 1, 5)],
-            uplink: UplinkStats {
-                interface: "eth0".to_owned(),
-                ifindex: 2,
-                ingress: Count::default(),
-                egress: Count::default(),
-                xdp: Count::default(),
-                other: Count::default(),
-                drops: BTreeMap::new(),
-            },
+            uplink: UplinkStats::default(),
             drops: BTreeMap::new(),
             conntrack: ConntrackStats {
                 nat_task_ports: 64,
