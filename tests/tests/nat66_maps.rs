@@ -4,8 +4,10 @@
 //! one that takes a task's IPv6 address away and gives it back; `LOCAL_ADDRS6` holds the host's
 //! global IPv6 addresses (no link-local, no loopback) and follows an address added to and
 //! removed from the uplink through the agent's refresh; `CONFIG6` holds the uplink's and the
-//! bridge's addresses, and keeps the uplink's while the uplink has it. An IPv4-only host has
-//! them empty (and zero) and works as before.
+//! bridge's addresses, and keeps the uplink's while the uplink has it, and
+//! `CONFIG6_MASQUERADE` in `host.ipv6Mode: nat` (the default) only, set and cleared by applies
+//! that switch the mode, and kept by the agent's refresh. An IPv4-only host has them empty (and
+//! zero) and works as before.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +19,7 @@ use ecsnet::{
     kernel::maps,
     store::{files::read_meta, paths::InstancePaths},
 };
-use ecsnet_common::maps::Config6;
+use ecsnet_common::maps::{CONFIG6_MASQUERADE, Config6};
 use ecsnet_tests::{
     Lab, ns_exec,
     traffic::{echo, tcp_connect},
@@ -191,7 +193,8 @@ fn addresses_follow_the_host(lab: &Lab) {
         uplink_ipv6: uplink6.octets(),
         bridge_ipv6: bridge6.octets(),
         bridge_prefix6: 64,
-        flags: 0,
+        // The lab's state says nothing of the mode: nat, the default, masquerades.
+        flags: CONFIG6_MASQUERADE,
         _pad: [0; 2],
     };
     assert_eq!(config6(lab), config, "CONFIG6 after up");
@@ -232,6 +235,33 @@ fn addresses_follow_the_host(lab: &Lab) {
     );
 }
 
+/// `CONFIG6_MASQUERADE` as applies switch `host.ipv6Mode` to routed and back, its addresses
+/// untouched, and as the agent's refresh (which reads the applied state's mode) leaves it.
+fn masquerade_follows_the_mode(lab: &Lab) {
+    let on = config6(lab);
+    assert_eq!(on.flags, CONFIG6_MASQUERADE, "CONFIG6 in nat mode: {on:?}");
+    assert_ne!(on.uplink_ipv6, [0; 16], "with an uplink address");
+    let off = Config6 { flags: 0, ..on };
+    let mut s = state(lab);
+    for (mode, want) in [("routed", off), ("nat", on)] {
+        s["host"]["ipv6Mode"] = mode.into();
+        apply(lab, &format!("{mode}.json"), &s);
+        // Written by the apply; polled all the same, as a refresh racing with the apply may
+        // have read the mode just before it changed (and sets it right a second later).
+        eventually(
+            &format!("CONFIG6 after an apply of {mode} mode"),
+            || config6(lab),
+            |c| *c == want,
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            config6(lab),
+            want,
+            "CONFIG6 in {mode} mode after the agent's refreshes"
+        );
+    }
+}
+
 #[test]
 fn ipv6_ports_and_host_addresses_follow_tasks_states_and_the_host() {
     let publish = ["1:8080:80", "1:5353:53/udp", "2:8081:80"];
@@ -239,6 +269,7 @@ fn ipv6_ports_and_host_addresses_follow_tasks_states_and_the_host() {
     lab.ecsnet_up();
     ports_follow_tasks_and_states(&lab);
     addresses_follow_the_host(&lab);
+    masquerade_follows_the_mode(&lab);
 }
 
 #[test]

@@ -12,8 +12,9 @@
 //!   an instance without stamps (from before they existed), whose live maps show the change;
 //!   and `up` of a build that keeps the layouts upgrades the running instance, while `up` of the
 //!   same build again changes nothing (exit 2, as before upgrades). An instance from before the
-//!   IPv6 maps gets them made, and those only an apply or `up` would fill (`PORTS6`,
-//!   `LOCAL_ADDRS6`, `CONFIG6`) filled by the upgrade.
+//!   IPv6 maps gets them made (`NAT_USE6` sized as `NAT_USE`), and those only an apply or `up`
+//!   would fill (`PORTS6`, `LOCAL_ADDRS6`, `CONFIG6` with its masquerade flag) filled by the
+//!   upgrade.
 
 use std::{
     collections::BTreeMap,
@@ -41,8 +42,9 @@ use ecsnet::store::{files::read_meta, paths::InstancePaths};
 use ecsnet_common::{
     PINNED_MAPS,
     maps::{
-        Config6, MAP_CONFIG6, MAP_CT, MAP_CT6, MAP_CT6_NEW, MAP_FRAGS6, MAP_LOCAL_ADDRS6,
-        MAP_PORTS6, MAP_PROGS6, MAP_TASKS6, PortKey, PortTarget6, TASK_IPV6,
+        CONFIG6_MASQUERADE, Config6, MAP_CONFIG6, MAP_CT, MAP_CT6, MAP_CT6_NEW, MAP_FRAGS6,
+        MAP_LOCAL_ADDRS6, MAP_NAT_USE, MAP_NAT_USE6, MAP_PORTS6, MAP_PROGS6, MAP_TASKS6, PortKey,
+        PortTarget6, TASK_IPV6,
     },
     policy::{MAP_SG_LEVELS6, MAP_SG_PEERS6},
 };
@@ -529,9 +531,18 @@ fn refused(lab: &Lab, object: &Path, args: &[&str], before: &Pins) {
     );
 }
 
+/// The capacity of the pinned map `map`, entries.
+fn max_entries(paths: &InstancePaths, map: &str) -> u32 {
+    MapInfo::from_pin(paths.map_pin(map))
+        .unwrap_or_else(|e| panic!("{map}: {e}"))
+        .max_entries()
+}
+
 /// The NAT66 maps of `lab`'s one task and host, as the upgrade filled them: `PORTS6` from the
 /// applied state (nothing else writes it without an apply), `LOCAL_ADDRS6` and `CONFIG6` from
-/// the host (which the new agent keeps).
+/// the host (which the new agent keeps), its masquerade flag from the applied state's IPv6 mode
+/// (nat, the default: an older build's entry had none); `NAT_USE6` made empty, as large as
+/// `NAT_USE`.
 fn ipv6_host_maps_filled(lab: &Lab, paths: &InstancePaths) {
     let task6 = lab.status.tasks[0].address6.expect("task1's IPv6 address");
     let host = &lab.status.host;
@@ -565,13 +576,24 @@ fn ipv6_host_maps_filled(lab: &Lab, paths: &InstancePaths) {
         uplink_ipv6: uplink6.octets(),
         bridge_ipv6: bridge6.octets(),
         bridge_prefix6: 64,
-        flags: 0,
+        flags: CONFIG6_MASQUERADE,
         _pad: [0; 2],
     };
     assert_eq!(
         maps::read_config6(paths).expect("read CONFIG6"),
         Some(config6),
         "CONFIG6 after the upgrade"
+    );
+    let entries = |map: &str| max_entries(paths, map);
+    assert_eq!(
+        entries(MAP_NAT_USE6),
+        entries(MAP_NAT_USE),
+        "NAT_USE6 made as large as NAT_USE"
+    );
+    assert_eq!(
+        maps::read_nat_use6(paths).expect("read NAT_USE6"),
+        Vec::new(),
+        "NAT_USE6 made empty"
     );
 }
 
@@ -657,6 +679,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         MAP_PORTS6,
         MAP_LOCAL_ADDRS6,
         MAP_CONFIG6,
+        MAP_NAT_USE6,
     ];
     let newer: Vec<_> = newer_maps
         .iter()
@@ -695,11 +718,7 @@ fn a_changed_map_layout_is_refused_and_up_of_another_build_upgrades() {
         "the upgrade pinned what the older build lacked"
     );
     assert!(after.programs.contains_key("tc_task_ipv6"));
-    let entries = |map: &str| {
-        MapInfo::from_pin(paths.map_pin(map))
-            .unwrap_or_else(|e| panic!("{map}: {e}"))
-            .max_entries()
-    };
+    let entries = |map: &str| max_entries(&paths, map);
     assert_eq!(
         entries(MAP_CT6),
         entries(MAP_CT),

@@ -599,6 +599,7 @@ mod tests {
                 other: Count::default(),
                 drops: drops.clone(),
                 nat_ports_max: 0,
+                nat_ports_max_ipv6: 0,
             }],
             uplink: UplinkStats {
                 interface: "eth0".to_owned(),

@@ -32,6 +32,7 @@ use tokio::{
 use crate::{
     flowlog,
     kernel::maps,
+    state::Ipv6Mode,
     store::{files, paths::InstancePaths},
 };
 
@@ -228,6 +229,7 @@ fn spawn_housekeeping(
         .name("housekeeping".into())
         .spawn(move || {
             let mut logs = HousekeepingLogs::default();
+            let mut mode = AppliedIpv6Mode::default();
             let mut written: Option<AgentStats> = None;
             let mut next_gc = Instant::now();
             loop {
@@ -236,7 +238,7 @@ fn spawn_housekeeping(
                     let scanned = collect_garbage(&paths, &timeouts, &mut logs);
                     next_gc = started + gc_pause(scanned);
                 }
-                local_addresses(&paths, &meta, &rt, &mut logs);
+                local_addresses(&paths, &meta, &rt, &mut mode, &mut logs);
                 let now = AgentStats {
                     metrics: metrics.snapshot(),
                     control: control.snapshot(),
@@ -303,23 +305,56 @@ fn collect_garbage(
     }
 }
 
-/// The host's address list, which changes without an `apply`.
+/// The host's address list, which changes without an `apply`, and `CONFIG6`'s flags, which
+/// follow the applied state's IPv6 mode and the uplink's IPv6 address.
 fn local_addresses(
     paths: &InstancePaths,
     meta: &files::Meta,
     rt: &tokio::runtime::Runtime,
+    mode: &mut AppliedIpv6Mode,
     logs: &mut HousekeepingLogs,
 ) {
     let addrs = rt
         .block_on(crate::host::netlink::Snapshot::read_async())
         .map_err(|e| e.to_string())
         .and_then(|snap| {
-            crate::instance::write_host_addresses(paths, &snap, meta).map_err(|e| e.to_string())
+            let mode = mode.get(paths).map_err(|e| e.to_string())?;
+            crate::instance::write_host_addresses(paths, &snap, meta, mode)
+                .map_err(|e| e.to_string())
         });
     if let Err(e) = addrs
         && let Some(n) = logs.addrs.hit()
     {
         log::warn!("local addresses ({n} failure(s)): {e}");
+    }
+}
+
+/// The applied state's `host.ipv6Mode` (the default one's without a state), read again only
+/// when the file was replaced: the housekeeping asks every second, and a state of thousands of
+/// tasks is not read every second. Every write of the state replaces the file (a new inode).
+#[derive(Default)]
+struct AppliedIpv6Mode {
+    /// The file as it was when it was read, and its mode.
+    read: Option<(FileStamp, Ipv6Mode)>,
+}
+
+/// A file's inode and modification time (seconds, nanoseconds); None: no file.
+type FileStamp = Option<(u64, i64, i64)>;
+
+impl AppliedIpv6Mode {
+    fn get(&mut self, paths: &InstancePaths) -> Result<Ipv6Mode, files::StoreError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let stamp = fs::metadata(paths.applied_state())
+            .ok()
+            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()));
+        if let Some((seen, mode)) = self.read
+            && seen == stamp
+        {
+            return Ok(mode);
+        }
+        let mode = files::read_applied(paths)?.map_or_else(Ipv6Mode::default, |s| s.host.ipv6_mode);
+        self.read = Some((stamp, mode));
+        Ok(mode)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use ecsnet_common::{
@@ -45,9 +45,13 @@ pub struct TaskStats {
     /// datapath counts them against `conntrack.natTaskPorts`.
     #[serde(default)]
     pub nat_ports_max: u64,
+    /// [`nat_ports_max`](Self::nat_ports_max) of the task's IPv6 flows (`NAT_USE6`), counted
+    /// apart under the same limit.
+    #[serde(default)]
+    pub nat_ports_max_ipv6: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UplinkStats {
     pub interface: String,
@@ -303,15 +307,24 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
             .insert(DropReason::name_of(*r).to_string(), *n);
     }
     let drops_of = |ifindex: u32| drops_by_iface.get(&ifindex).cloned().unwrap_or_default();
-    let mut nat_max: HashMap<u32, u64> = HashMap::new();
-    for (k, n) in maps::read_nat_use(paths)? {
-        let m = nat_max.entry(k.task).or_default();
-        *m = (*m).max(n);
-    }
+    let nat_max = busiest_destination(
+        maps::read_nat_use(paths)?
+            .into_iter()
+            .map(|(k, n)| (k.task, n)),
+    );
     let nat_ports_max = |addr: Ipv4Addr| {
         nat_max
             .get(&u32::from_ne_bytes(addr.octets()))
             .copied()
+            .unwrap_or(0)
+    };
+    let nat_max6 = busiest_destination(
+        maps::read_nat_use6(paths)?
+            .into_iter()
+            .map(|(k, n)| (k.task, n)),
+    );
+    let nat_ports_max6 = |addr: Option<Ipv6Addr>| {
+        addr.and_then(|a| nat_max6.get(&a.octets()).copied())
             .unwrap_or(0)
     };
     let tasks = dir
@@ -328,6 +341,7 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
                 other: plus(c.other_ingress, c.other_egress),
                 drops: drops_of(ifindex),
                 nat_ports_max: nat_ports_max(t.ipv4_address),
+                nat_ports_max_ipv6: nat_ports_max6(t.ipv6_address),
             }
         })
         .collect();
@@ -369,6 +383,19 @@ pub fn stats(paths: &InstancePaths) -> Result<Stats, StatsError> {
                 e
             }),
     })
+}
+
+/// Of the masquerade counts (task address, ports held towards one destination), the most each
+/// task holds towards any one destination.
+fn busiest_destination<A: Eq + std::hash::Hash>(
+    counts: impl Iterator<Item = (A, u64)>,
+) -> HashMap<A, u64> {
+    let mut out: HashMap<A, u64> = HashMap::new();
+    for (task, n) in counts {
+        let m = out.entry(task).or_default();
+        *m = (*m).max(n);
+    }
+    out
 }
 
 /// The tasks of `state` closed because their label names a group nobody defined.
@@ -498,22 +525,26 @@ fn by_kind(flows: &BTreeMap<String, u64>) -> String {
     each.join(" ")
 }
 
-/// The `masquerade:` line: the limit per task and destination, and who holds the most.
+/// The `masquerade:` line: the limit per task and destination, and who holds the most, over
+/// IPv4 and (counted apart) over IPv6.
 fn render_masquerade(s: &Stats) -> String {
-    let busiest = s.tasks.iter().max_by_key(|t| t.nat_ports_max);
+    let busiest =
+        |family: &str, held: fn(&TaskStats) -> u64| match s.tasks.iter().max_by_key(|t| held(t)) {
+            Some(t) if held(t) > 0 => format!(
+                ", {family}{} holds the most ({} towards one destination)",
+                t.name,
+                held(t)
+            ),
+            _ => String::new(),
+        };
     format!(
-        "masquerade: {} port(s) per task and destination{}",
+        "masquerade: {} port(s) per task and destination{}{}",
         match s.conntrack.nat_task_ports {
             0 => "no limit of".to_owned(),
             n => format!("at most {n}"),
         },
-        match busiest {
-            Some(t) if t.nat_ports_max > 0 => format!(
-                ", {} holds the most ({} towards one destination)",
-                t.name, t.nat_ports_max
-            ),
-            _ => String::new(),
-        }
+        busiest("", |t| t.nat_ports_max),
+        busiest("over IPv6 ", |t| t.nat_ports_max_ipv6),
     )
 }
 
@@ -601,6 +632,50 @@ mod tests {
         assert!(
             empty.contains("conntrack ipv6: 0 of 0 entries (0.0%; 0 of 0 unanswered), flows: none"),
             "{empty}"
+        );
+    }
+
+    #[test]
+    fn the_masquerade_line_names_the_busiest_task_of_each_family() {
+        let task = |name: &str, v4: u64, v6: u64| TaskStats {
+            name: name.to_owned(),
+            address: Ipv4Addr::new(172, 17, 0, 2),
+            interface: String::new(),
+            ifindex: 7,
+            egress: Count::default(),
+            ingress: Count::default(),
+            other: Count::default(),
+            drops: BTreeMap::new(),
+            nat_ports_max: v4,
+            nat_ports_max_ipv6: v6,
+        };
+        let mut s = Stats {
+            instance: "i".to_owned(),
+            tasks: vec![task("a", 3, 0), task("b", 1, 5)],
+            uplink: UplinkStats::default(),
+            drops: BTreeMap::new(),
+            conntrack: ConntrackStats {
+                nat_task_ports: 64,
+                ..Default::default()
+            },
+            flow_logs: FlowLogStats::default(),
+            agent: AgentStats::default(),
+            engine: None,
+        };
+        assert_eq!(
+            render_masquerade(&s),
+            "masquerade: at most 64 port(s) per task and destination, a holds the most (3 towards \
+             one destination), over IPv6 b holds the most (5 towards one destination)"
+        );
+        s.tasks = vec![task("a", 0, 0)];
+        assert_eq!(
+            render_masquerade(&s),
+            "masquerade: at most 64 port(s) per task and destination"
+        );
+        let counts = [([1u8; 16], 2), ([1; 16], 7), ([2; 16], 1)];
+        assert_eq!(
+            busiest_destination(counts.into_iter()),
+            HashMap::from([([1u8; 16], 7), ([2; 16], 1)])
         );
     }
 }

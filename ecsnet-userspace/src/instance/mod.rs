@@ -20,7 +20,7 @@ use nix::{
 
 use ecsnet_common::{
     ct::{CtEntry, CtEntry6, Timeouts},
-    maps::{Config, Config6, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
+    maps::{CONFIG6_MASQUERADE, Config, Config6, DEFAULT_NAT_TASK_PORTS, NatConfig, ROLE_HELD},
     net::ipv4_to_map,
 };
 
@@ -38,7 +38,7 @@ use crate::{
         Plan, PlanError, entries, merge, sg,
         tasks::{self, ResolvedTask},
     },
-    state::{self, BridgeNet, LoadError, State, timeouts::TimeoutsError},
+    state::{self, BridgeNet, Ipv6Mode, LoadError, State, timeouts::TimeoutsError},
     store::{
         directory::{Directory, DirectoryError},
         files::{self, FlowLogOptions, Meta, StoreError, UplinkXdp, read_applied, read_meta},
@@ -332,14 +332,6 @@ pub fn up(
     }
     let (meta, mode) = meta_for(paths, &snap, &flags, previous.as_ref(), (xdp, ct_timeouts))?;
     let config = entries::config_entry(&snap, meta.uplink_index, meta.bridge_index)?;
-    // IPv6 is optional: a host without it gets zeros. After a crash, the address the loaded
-    // datapath masquerades to stays while the uplink has it.
-    let config6 = entries::config6_entry(
-        &snap,
-        meta.uplink_index,
-        meta.bridge_index,
-        &maps::read_config6(paths)?.unwrap_or_default(),
-    );
     opts.flow_logs
         .format()
         .map_err(|e| InstanceError::FlowLog(Box::new(e)))?;
@@ -355,6 +347,17 @@ pub fn up(
             None => None,
         },
     };
+    // IPv6 is optional: a host without it gets zeros. After a crash, the address the loaded
+    // datapath masquerades to stays while the uplink has it. Without a state, the mode is the
+    // default one's.
+    let config6 = entries::config6_entry(
+        &snap,
+        meta.uplink_index,
+        meta.bridge_index,
+        &maps::read_config6(paths)?.unwrap_or_default(),
+        plan.as_ref()
+            .map_or_else(Ipv6Mode::default, |p| p.state.host.ipv6_mode),
+    );
     let writes = UpWrites {
         meta,
         mode,
@@ -421,9 +424,10 @@ pub fn upgrade(paths: &InstancePaths) -> Result<Upgraded, InstanceError> {
     };
     maps::write_nat_config(paths, &limits)?;
     // Maps this build adds start empty; those that only an apply or the agent would fill are
-    // filled now, from the host and the applied state, so the new programs find them whole.
-    write_host_addresses(paths, &Snapshot::read()?, &meta)?;
+    // filled now, from the host and the applied state, so the new programs find them whole
+    // (`CONFIG6`'s flags too: an older build left them zero).
     let applied = read_applied(paths)?.unwrap_or_default();
+    write_host_addresses(paths, &Snapshot::read()?, &meta, applied.host.ipv6_mode)?;
     maps::write_ports6(paths, &entries::port6_entries(&applied))?;
     // An older build wrote `TASKS` without IPv6: the tasks' addresses, then their marks.
     let tasks6 = entries::task6_entries_of(&applied, &maps::read_tasks(paths)?);
@@ -441,19 +445,31 @@ pub fn upgrade(paths: &InstancePaths) -> Result<Upgraded, InstanceError> {
 
 /// Brings the maps of the host's own addresses in line with `snap`, as the agent does every
 /// second (addresses change without an apply): `LOCAL_ADDRS`, `LOCAL_ADDRS6`, and `CONFIG6`
-/// when the uplink's or the bridge's primary IPv6 address changed. A datapath without the IPv6
-/// maps (an older build's) gets the IPv4 one only.
+/// when the uplink's or the bridge's primary IPv6 address changed, or its flags are not those
+/// of the applied state's IPv6 mode `mode` (`entries::config6_flags`). A datapath without the
+/// IPv6 maps (an older build's) gets the IPv4 one only.
 pub fn write_host_addresses(
     paths: &InstancePaths,
     snap: &Snapshot,
     meta: &Meta,
+    mode: Ipv6Mode,
 ) -> Result<(), MapsError> {
     maps::write_local_addrs(paths, &entries::local_addr_entries(snap))?;
     maps::write_local_addrs6(paths, &entries::local_addr6_entries(snap))?;
     let Some(now) = maps::read_config6(paths)? else {
         return Ok(());
     };
-    let want = entries::config6_entry(snap, meta.uplink_index, meta.bridge_index, &now);
+    let want = entries::config6_entry(snap, meta.uplink_index, meta.bridge_index, &now, mode);
+    if want.flags != now.flags {
+        log::info!(
+            "IPv6 masquerade by ecsnet: {}",
+            if want.flags & CONFIG6_MASQUERADE == 0 {
+                "off"
+            } else {
+                "on"
+            }
+        );
+    }
     if want != now {
         let addr = |a: [u8; 16]| Ipv6Addr::from(a);
         log::info!(
@@ -726,7 +742,23 @@ fn commit(paths: &InstancePaths, plan: &Plan, reset_flows: bool) -> Result<usize
         0
     };
     files::write_applied(paths, &plan.state)?;
+    // After the state it follows: the agent's refresh sets the flags from the applied state's
+    // mode too, and would put back the old mode's between the two writes the other way round.
+    write_config6_flags(paths, plan.state.host.ipv6_mode)?;
     Ok(cut)
+}
+
+/// Sets `CONFIG6`'s flags to those of IPv6 mode `mode` (an apply may switch it), leaving its
+/// addresses as they are: the agent's refresh keeps those. Nothing to do for a datapath without
+/// `CONFIG6` (an older build's).
+fn write_config6_flags(paths: &InstancePaths, mode: Ipv6Mode) -> Result<(), MapsError> {
+    if let Some(now) = maps::read_config6(paths)? {
+        let flags = entries::config6_flags(mode, now.uplink_ipv6);
+        if flags != now.flags {
+            maps::write_config6(paths, &Config6 { flags, ..now })?;
+        }
+    }
+    Ok(())
 }
 
 /// The addresses (IPv4 or IPv6) whose task goes, or comes back on another interface (a new

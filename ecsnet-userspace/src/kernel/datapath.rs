@@ -131,7 +131,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn by_map(self) -> [(&'static str, u32); 7] {
+    fn by_map(self) -> [(&'static str, u32); 8] {
         use ecsnet_common::maps::ct_new_size;
         [
             (ecsnet_common::maps::MAP_CT, self.ct),
@@ -141,6 +141,10 @@ impl Sizes {
             (ecsnet_common::maps::MAP_CT6_NEW, ct_new_size(self.ct)),
             (
                 ecsnet_common::maps::MAP_NAT_USE,
+                ecsnet_common::maps::nat_use_size(self.ct),
+            ),
+            (
+                ecsnet_common::maps::MAP_NAT_USE6,
                 ecsnet_common::maps::nat_use_size(self.ct),
             ),
             (ecsnet_common::flow::MAP_FLOWS, self.flow_table),
@@ -723,4 +727,23 @@ pub fn pinned_program_ids(paths: &InstancePaths) -> Vec<u32> {
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use ecsnet_common::maps::{MAP_NAT_USE, MAP_NAT_USE6, nat_use_size};
+
+    use super::*;
+
+    #[test]
+    fn both_families_masquerade_counts_are_sized_by_the_connection_tables() {
+        let sizes = Sizes {
+            ct: 1 << 20,
+            flow_table: 1000,
+        };
+        let by_map: std::collections::HashMap<_, _> = sizes.by_map().into_iter().collect();
+        assert_eq!(by_map[MAP_NAT_USE], nat_use_size(1 << 20));
+        assert_eq!(by_map[MAP_NAT_USE6], nat_use_size(1 << 20));
+        assert_eq!(by_map.len(), sizes.by_map().len(), "each map sized once");
+    }
 }

@@ -25,9 +25,9 @@ use ecsnet_common::{
         CLASS_IPV4, CLASS_OTHER, CT_EVENT_SLOTS, Config, Config6, Counters, DropKey,
         HOOK_TC_EGRESS, HOOK_TC_INGRESS, HOOK_XDP, IfaceInfo, MAP_CONFIG, MAP_CONFIG6, MAP_CT,
         MAP_CT_EVENTS, MAP_CT_NEW, MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_IFACES, MAP_LOCAL_ADDRS,
-        MAP_LOCAL_ADDRS6, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_PORTS, MAP_PORTS6, MAP_STATS, MAP_TASKS,
-        MAP_TASKS6, NatConfig, NatUseKey, PortKey, PortTarget, PortTarget6, ROLE_TASK, StatsKey,
-        TASK_IPV6, TaskInfo,
+        MAP_LOCAL_ADDRS6, MAP_NAT_CONFIG, MAP_NAT_USE, MAP_NAT_USE6, MAP_PORTS, MAP_PORTS6,
+        MAP_STATS, MAP_TASKS, MAP_TASKS6, NatConfig, NatUseKey, NatUseKey6, PortKey, PortTarget,
+        PortTarget6, ROLE_TASK, StatsKey, TASK_IPV6, TaskInfo,
     },
     net::ipv4_from_map,
     policy::{
@@ -476,6 +476,11 @@ pub trait Tracked: Pod + Default {
     const TABLES: [&'static str; 2];
     /// The IPv6 tables are new: a datapath an older build loaded has none (nothing to read).
     const OPTIONAL: bool;
+    /// The masquerade counts of this family's flows (`NAT_USE`, `NAT_USE6`), and their key.
+    const NAT_USE: &'static str;
+    type UseKey: Pod + Copy + Ord + Hash;
+    /// The masquerade count's key of the flow whose original tuple is `k`.
+    fn use_key(k: &Self::Key) -> Self::UseKey;
     fn index(k: &Self::Key) -> Self::Index;
     /// The key's source and destination address.
     fn addresses(k: &Self::Key) -> [Self::Addr; 2];
@@ -495,8 +500,10 @@ pub trait Tracked: Pod + Default {
     fn rewritten(&self) -> (SocketAddr, SocketAddr);
     /// Packets and IP bytes in this direction.
     fn count(&self) -> Count;
-    /// Counts the masquerade port this entry holds in `held` (IPv4 only so far).
-    fn hold(&self, _held: &mut Held) {}
+    /// Counts the masquerade port this entry holds in `held`.
+    fn hold(&self, held: &mut Held<Self::UseKey>) {
+        nat_use::count(held, self.kind(), self.dir(), || Self::use_key(self.peer()));
+    }
 }
 
 /// The [`Tracked`] accessors whose code is the same for both entry types, field for field:
@@ -544,6 +551,8 @@ impl Tracked for CtEntry {
     type Index = u128;
     const TABLES: [&'static str; 2] = [MAP_CT, MAP_CT_NEW];
     const OPTIONAL: bool = false;
+    const NAT_USE: &'static str = MAP_NAT_USE;
+    type UseKey = NatUseKey;
 
     same_fields!(CtKey, v4);
 
@@ -557,8 +566,8 @@ impl Tracked for CtEntry {
     fn timing(&self) -> CtEntry {
         *self
     }
-    fn hold(&self, held: &mut Held) {
-        nat_use::count(held, self);
+    fn use_key(k: &CtKey) -> NatUseKey {
+        NatUseKey::of(k)
     }
 }
 
@@ -568,11 +577,16 @@ impl Tracked for CtEntry6 {
     type Index = CtKey6;
     const TABLES: [&'static str; 2] = [MAP_CT6, MAP_CT6_NEW];
     const OPTIONAL: bool = true;
+    const NAT_USE: &'static str = MAP_NAT_USE6;
+    type UseKey = NatUseKey6;
 
     same_fields!(CtKey6, v6);
 
     fn index(k: &CtKey6) -> CtKey6 {
         *k
+    }
+    fn use_key(k: &CtKey6) -> NatUseKey6 {
+        NatUseKey6::of(k)
     }
     fn timing(&self) -> CtEntry {
         CtEntry {
@@ -722,45 +736,45 @@ pub struct Collected {
 }
 
 /// Removes the flows idle longer than their state allows at `now_ns` (`CLOCK_MONOTONIC`), both
-/// directions together, from the connection tables of both families, and sets the masquerade
-/// counts to the ports the flows left hold (`nat_use`).
+/// directions together, from the connection tables of both families, and sets each family's
+/// masquerade counts to the ports the flows left hold (`nat_use`).
 pub fn collect_garbage(
     paths: &InstancePaths,
     timeouts: &Timeouts,
     now_ns: u64,
 ) -> Result<Collected, MapsError> {
-    // A datapath loaded by a build without the counts has nothing to set.
-    let counted = paths.map_pin(MAP_NAT_USE).exists();
-    let before = if counted {
-        nat_use_table(paths)?.1
-    } else {
-        StdHashMap::new()
-    };
-    let mut held = Held::new();
     let mut out = Collected::default();
-    collect_family::<CtEntry>(paths, timeouts, now_ns, &mut held, &mut out)?;
-    collect_family::<CtEntry6>(paths, timeouts, now_ns, &mut held, &mut out)?;
-    if counted {
-        settle_nat_use(paths, &before, &held)?;
-    }
+    collect_family::<CtEntry>(paths, timeouts, now_ns, &mut out)?;
+    collect_family::<CtEntry6>(paths, timeouts, now_ns, &mut out)?;
     Ok(out)
 }
 
-/// [`collect_garbage`] for `T`'s two tables (none when they are not pinned), added to `out`.
+/// [`collect_garbage`] for `T`'s two tables (none when they are not pinned), added to `out`,
+/// then `T::NAT_USE` settled.
 fn collect_family<T: Tracked>(
     paths: &InstancePaths,
     timeouts: &Timeouts,
     now_ns: u64,
-    held: &mut Held,
     out: &mut Collected,
 ) -> Result<(), MapsError> {
     if !ct_pinned::<T>(paths) {
         return Ok(());
     }
+    // A datapath loaded by a build without the counts (of this family) has nothing to set.
+    let counted = paths.map_pin(T::NAT_USE).exists();
+    let before = if counted {
+        nat_use_table::<T::UseKey>(paths, T::NAT_USE)?.1
+    } else {
+        StdHashMap::new()
+    };
+    let mut held = Held::new();
     for map in T::TABLES {
-        let (removed, scanned) = collect_table::<T>(paths, map, timeouts, now_ns, held)?;
+        let (removed, scanned) = collect_table::<T>(paths, map, timeouts, now_ns, &mut held)?;
         out.removed += removed;
         out.scanned += scanned;
+    }
+    if counted {
+        settle_nat_use(paths, T::NAT_USE, &before, &held)?;
     }
     Ok(())
 }
@@ -773,7 +787,7 @@ fn collect_table<T: Tracked>(
     map: &'static str,
     timeouts: &Timeouts,
     now_ns: u64,
-    held: &mut Held,
+    held: &mut Held<T::UseKey>,
 ) -> Result<(usize, usize), MapsError> {
     let (data, all) = ct_table::<T>(paths, map)?;
     let scanned = all.len();
@@ -817,40 +831,41 @@ fn collect_table<T: Tracked>(
     Ok((removed, scanned))
 }
 
-/// The pinned masquerade counts and all their entries.
-fn nat_use_table(
+/// The pinned masquerade counts `map` (`NAT_USE`, `NAT_USE6`, keyed by `K`) and all their
+/// entries.
+fn nat_use_table<K: Pod + Eq + Hash>(
     paths: &InstancePaths,
-) -> Result<(MapData, StdHashMap<NatUseKey, u64>), MapsError> {
-    let data = pinned_for_batch::<NatUseKey, u64>(paths, MAP_NAT_USE)?;
-    let entries = batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch {
-        map: MAP_NAT_USE,
-        source,
-    })?;
+    map: &'static str,
+) -> Result<(MapData, StdHashMap<K, u64>), MapsError> {
+    let data = pinned_for_batch::<K, u64>(paths, map)?;
+    let entries =
+        batch::lookup_all(data.fd().as_fd()).map_err(|source| MapsError::Batch { map, source })?;
     Ok((data, entries.into_iter().collect()))
 }
 
-/// Sets the masquerade counts, read as `before` when the connection tables began to be read, to
-/// the ports `held` in them plus what the datapath added since (`nat_use::changes`). Each key
-/// to change is read again just before it is written, so that only what the datapath does
-/// between two system calls can be lost: set right at the next pass.
-fn settle_nat_use(
+/// Sets the masquerade counts `map`, read as `before` when the connection tables began to be
+/// read, to the ports `held` in them plus what the datapath added since (`nat_use::changes`).
+/// Each key to change is read again just before it is written, so that only what the datapath
+/// does between two system calls can be lost: set right at the next pass.
+fn settle_nat_use<K: Pod + Copy + Ord + Hash>(
     paths: &InstancePaths,
-    before: &StdHashMap<NatUseKey, u64>,
-    held: &Held,
+    map: &'static str,
+    before: &StdHashMap<K, u64>,
+    held: &Held<K>,
 ) -> Result<(), MapsError> {
-    let (data, now) = nat_use_table(paths)?;
+    let (data, now) = nat_use_table::<K>(paths, map)?;
     let changes = nat_use::changes(before, &now, held);
     if changes.is_empty() {
         return Ok(());
     }
-    let mut m: HashMap<MapData, NatUseKey, u64> = Map::from_map_data(data)
+    let mut m: HashMap<MapData, K, u64> = Map::from_map_data(data)
         .and_then(TryInto::try_into)
-        .map_err(access(MAP_NAT_USE))?;
+        .map_err(access(map))?;
     for (k, _) in changes {
         let current = m.get(&k, 0).ok();
         let held = held.get(&k).copied().unwrap_or(0);
         match nat_use::settled(held, before.get(&k).copied(), current) {
-            Some(n) if Some(n) != current => m.insert(&k, &n, 0).map_err(access(MAP_NAT_USE))?,
+            Some(n) if Some(n) != current => m.insert(&k, &n, 0).map_err(access(map))?,
             // Gone already is as good as removed.
             None if current.is_some() => {
                 let _ = m.remove(&k);
@@ -872,13 +887,25 @@ pub fn read_nat_config(paths: &InstancePaths) -> Result<Option<NatConfig>, MapsE
     get_newer(paths, MAP_NAT_CONFIG)
 }
 
-/// The masquerade counts: ports held by each task towards each destination (none from a
-/// datapath loaded by a build without them).
-pub fn read_nat_use(paths: &InstancePaths) -> Result<Vec<(NatUseKey, u64)>, MapsError> {
-    if !paths.map_pin(MAP_NAT_USE).exists() {
+/// The masquerade counts of `T`'s family: ports held by each task towards each destination
+/// (none from a datapath loaded by a build without them).
+pub fn read_nat_use_of<T: Tracked>(
+    paths: &InstancePaths,
+) -> Result<Vec<(T::UseKey, u64)>, MapsError> {
+    if !paths.map_pin(T::NAT_USE).exists() {
         return Ok(Vec::new());
     }
-    Ok(nat_use_table(paths)?.1.into_iter().collect())
+    Ok(nat_use_table(paths, T::NAT_USE)?.1.into_iter().collect())
+}
+
+/// The IPv4 masquerade counts (`NAT_USE`): [`read_nat_use_of`].
+pub fn read_nat_use(paths: &InstancePaths) -> Result<Vec<(NatUseKey, u64)>, MapsError> {
+    read_nat_use_of::<CtEntry>(paths)
+}
+
+/// The IPv6 masquerade counts (`NAT_USE6`): [`read_nat_use_of`].
+pub fn read_nat_use6(paths: &InstancePaths) -> Result<Vec<(NatUseKey6, u64)>, MapsError> {
+    read_nat_use_of::<CtEntry6>(paths)
 }
 
 /// The generation a new policy should be written in: the one the live maps do not use. Every

@@ -7,14 +7,14 @@ use std::{
 };
 
 use ecsnet_common::maps::{
-    CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, Config, Config6, IfaceInfo, PortKey, PortTarget,
-    PortTarget6, ROLE_TASK, ROLE_UPLINK, TASK_IPV6, TaskInfo,
+    CONFIG_BLOCK_IMDS, CONFIG_DEFAULT_DENY, CONFIG6_MASQUERADE, Config, Config6, IfaceInfo,
+    PortKey, PortTarget, PortTarget6, ROLE_TASK, ROLE_UPLINK, TASK_IPV6, TaskInfo,
 };
 
 use crate::{
     host::netlink::Snapshot,
     plan::{sg::Compiled, tasks::ResolvedTask},
-    state::{DefaultPolicy, Host, PortFamily, State, Task},
+    state::{DefaultPolicy, Host, Ipv6Mode, PortFamily, State, Task},
 };
 
 /// An address as the maps hold it: network byte order in a `u32`.
@@ -169,18 +169,38 @@ pub fn local_addr6_entries(snap: &Snapshot) -> Vec<([u8; 16], u32)> {
 }
 
 /// The `CONFIG6` entry for a host whose uplink and bridge are `uplink` and `bridge`, where
-/// `CONFIG6` holds `now` (all zeros at first): each address is the link's primary global IPv6
-/// address, the one `now` holds while the link keeps it; zeros where the link has none, as on
-/// a host without IPv6.
-pub fn config6_entry(snap: &Snapshot, uplink: u32, bridge: u32, now: &Config6) -> Config6 {
+/// `CONFIG6` holds `now` (all zeros at first), in IPv6 mode `mode` (the applied state's
+/// `host.ipv6Mode`): each address is the link's primary global IPv6 address, the one `now`
+/// holds while the link keeps it; zeros where the link has none, as on a host without IPv6;
+/// the flags as [`config6_flags`] has them.
+pub fn config6_entry(
+    snap: &Snapshot,
+    uplink: u32,
+    bridge: u32,
+    now: &Config6,
+    mode: Ipv6Mode,
+) -> Config6 {
     let up = snap.ipv6_of(uplink, Ipv6Addr::from(now.uplink_ipv6));
     let br = snap.ipv6_of(bridge, Ipv6Addr::from(now.bridge_ipv6));
+    let uplink_ipv6 = up.map_or([0; 16], |a| a.ip.octets());
     Config6 {
-        uplink_ipv6: up.map_or([0; 16], |a| a.ip.octets()),
+        uplink_ipv6,
         bridge_ipv6: br.map_or([0; 16], |a| a.ip.octets()),
         bridge_prefix6: br.map_or(0, |a| a.prefix),
-        flags: 0,
+        flags: config6_flags(mode, uplink_ipv6),
         _pad: [0; 2],
+    }
+}
+
+/// `CONFIG6`'s flags in IPv6 mode `mode` when the uplink's address is `uplink_ipv6`:
+/// `CONFIG6_MASQUERADE` in Docker's `nat` mode when there is an address to masquerade to; in
+/// `routed` mode the tasks' own addresses leave the host, and without an address the kernel
+/// (Docker's ip6tables) keeps the flows it would masquerade.
+pub fn config6_flags(mode: Ipv6Mode, uplink_ipv6: [u8; 16]) -> u8 {
+    if mode.is_nat() && uplink_ipv6 != [0; 16] {
+        CONFIG6_MASQUERADE
+    } else {
+        0
     }
 }
 
@@ -234,7 +254,7 @@ mod tests {
     use crate::{
         host::netlink::{Addr6, Link},
         plan::tasks::tests::task,
-        state::{Ipv6Mode, Protocol},
+        state::Protocol,
     };
 
     #[test]
@@ -420,10 +440,52 @@ mod tests {
         assert!(local_addr6_entries(&Snapshot::default()).is_empty());
     }
 
+    const NAT: Ipv6Mode = Ipv6Mode::Nat;
+
+    #[test]
+    fn config6_masquerades_in_nat_mode_with_an_uplink_address_only() {
+        let snap = Snapshot {
+            addrs6: vec![
+                addr6(2, "fd00:10:10::1", 64),
+                addr6(3, "fd00:172:17::1", 64),
+            ],
+            ..Default::default()
+        };
+        let zero = Config6::default();
+        let nat = config6_entry(&snap, 2, 3, &zero, NAT);
+        assert_eq!(nat.flags, CONFIG6_MASQUERADE);
+        let routed = config6_entry(&snap, 2, 3, &zero, Ipv6Mode::Routed);
+        assert_eq!(routed.flags, 0);
+        assert_eq!(
+            Config6 {
+                flags: CONFIG6_MASQUERADE,
+                ..routed
+            },
+            nat,
+            "the mode changes the flag only"
+        );
+        // The mode switching back and forth over a written entry: the flag follows it.
+        assert_eq!(config6_entry(&snap, 2, 3, &nat, Ipv6Mode::Routed), routed);
+        assert_eq!(config6_entry(&snap, 2, 3, &routed, NAT), nat);
+        // An uplink without an IPv6 address has nothing to masquerade to, whatever the mode,
+        // even with a bridge address.
+        let bridge_only = config6_entry(&snap, 9, 3, &nat, NAT);
+        assert_eq!(bridge_only.uplink_ipv6, [0; 16]);
+        assert_ne!(bridge_only.bridge_ipv6, [0; 16]);
+        assert_eq!(bridge_only.flags, 0);
+        assert_eq!(config6_entry(&Snapshot::default(), 2, 3, &nat, NAT), zero);
+        // An address refresh over a set flag keeps it.
+        assert_eq!(config6_entry(&snap, 2, 3, &nat, NAT), nat);
+
+        assert_eq!(config6_flags(NAT, [1; 16]), CONFIG6_MASQUERADE);
+        assert_eq!(config6_flags(NAT, [0; 16]), 0);
+        assert_eq!(config6_flags(Ipv6Mode::Routed, [1; 16]), 0);
+    }
+
     #[test]
     fn config6_is_zero_without_ipv6_and_keeps_its_addresses_while_they_last() {
         let zero = Config6::default();
-        assert_eq!(config6_entry(&Snapshot::default(), 2, 3, &zero), zero);
+        assert_eq!(config6_entry(&Snapshot::default(), 2, 3, &zero, NAT), zero);
         let mut snap = Snapshot {
             addrs6: vec![
                 Addr6 {
@@ -439,28 +501,28 @@ mod tests {
             ],
             ..Default::default()
         };
-        let c = config6_entry(&snap, 2, 3, &zero);
+        let c = config6_entry(&snap, 2, 3, &zero, NAT);
         assert_eq!(Ipv6Addr::from(c.uplink_ipv6), v6("fd00:10:10::1"));
         assert_eq!(Ipv6Addr::from(c.bridge_ipv6), v6("fd00:172:17::1"));
         assert_eq!(c.bridge_prefix6, 64);
-        assert_eq!(config6_entry(&snap, 2, 9, &zero).bridge_ipv6, [0; 16]);
+        assert_eq!(config6_entry(&snap, 2, 9, &zero, NAT).bridge_ipv6, [0; 16]);
 
         // A new address (the kernel lists it first) does not move the masquerade address...
         snap.addrs6.insert(0, addr6(2, "fd00:10:10::77", 64));
-        assert_eq!(config6_entry(&snap, 2, 3, &c), c);
+        assert_eq!(config6_entry(&snap, 2, 3, &c, NAT), c);
         assert_eq!(
-            Ipv6Addr::from(config6_entry(&snap, 2, 3, &zero).uplink_ipv6),
+            Ipv6Addr::from(config6_entry(&snap, 2, 3, &zero, NAT).uplink_ipv6),
             v6("fd00:10:10::77"),
             "from nothing, the first the kernel lists"
         );
         // ... until it goes, or is deprecated.
         snap.addrs6[3].deprecated = true;
-        let moved = config6_entry(&snap, 2, 3, &c);
+        let moved = config6_entry(&snap, 2, 3, &c, NAT);
         assert_eq!(Ipv6Addr::from(moved.uplink_ipv6), v6("fd00:10:10::77"));
         assert_eq!(moved.bridge_ipv6, c.bridge_ipv6);
         snap.addrs6.retain(|a| a.index != 2 || a.deprecated);
         assert_eq!(
-            Ipv6Addr::from(config6_entry(&snap, 2, 3, &moved).uplink_ipv6),
+            Ipv6Addr::from(config6_entry(&snap, 2, 3, &moved, NAT).uplink_ipv6),
             v6("2001:db8::9"),
             "a deprecated address is better than none"
         );
