@@ -686,18 +686,23 @@ pub fn create6(key: &CtKey6, kind: u8, h: &Headers6) -> Result<(), DropReason> {
     create6_to(key, &mut key.tuple(), kind, h)
 }
 
-/// Creates both directions of a new masqueraded IPv6 flow in `CT6_NEW`, packets `key`
-/// rewritten to `nat`, whose source port is kept when free towards the destination and chosen
-/// otherwise, as [`create`] does. The caller took the task's share of the ports
-/// (`nat_quota::take6`) and gives it back when this fails. A function of its own, as
-/// [`create6`].
+/// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, packets `key`
+/// rewritten to `nat` with a source address of the host's, whose source port is kept when free
+/// towards the destination and chosen otherwise, as [`create`] does: a masqueraded flow (the
+/// caller took the task's share of the ports, `nat_quota::take6`, and gives it back when this
+/// fails), or a task reaching its own published port. A function of its own, as [`create6`].
 #[inline(never)]
-pub fn create6_masq(key: &CtKey6, nat: &mut Nat<[u8; 16]>, h: &Headers6) -> Result<(), DropReason> {
+pub fn create6_chosen(
+    key: &CtKey6,
+    nat: &mut Nat<[u8; 16]>,
+    kind: u8,
+    h: &Headers6,
+) -> Result<(), DropReason> {
     let Some(e) = ENTRY6.get_ptr_mut(0) else {
         return Err(DropReason::CtTableFull);
     };
     // SAFETY: this CPU's slot, used by nothing else in this program run.
-    place(key, nat, KIND_MASQUERADE, true, h, unsafe { &mut *e })
+    place(key, nat, kind, true, h, unsafe { &mut *e })
 }
 
 /// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, packets `key`

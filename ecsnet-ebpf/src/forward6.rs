@@ -10,7 +10,8 @@ use aya_ebpf::programs::TcContext;
 use ecsnet_common::{
     DropReason,
     ct::{
-        CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_INBOUND, KIND_LOCAL, KIND_MASQUERADE,
+        CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL,
+        KIND_MASQUERADE,
     },
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
     maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG6_TASK_NAT, TaskInfo},
@@ -102,6 +103,14 @@ pub fn from_task(ctx: &TcContext, h: &mut Headers6, me: &TaskInfo) -> Result<Ver
     if let Some(t) = conntrack::lookup(&key) {
         conntrack::check_close(&t, h)?;
         let kind = t.rewrite().kind;
+        if kind == KIND_HAIRPIN {
+            // Either way between two tasks (or a task and itself), translated by
+            // `tc_task_ipv6_nat` (this program's stack has no room for it).
+            conntrack::touch(&t, &key, h);
+            // SAFETY: as for a masqueraded flow in `open_flow`.
+            unsafe { PROGS6.tail_call(ctx, PROG6_TASK_NAT) };
+            return Err(DropReason::TailCallFailed);
+        }
         if kind == KIND_INBOUND || kind == KIND_MASQUERADE {
             // The reply of a published port's flow, or more of a masqueraded one: to the other
             // end as the host.
@@ -146,7 +155,7 @@ fn open_flow(
         }
         return kernel_flow(key, h, policy);
     }
-    if nat66::masquerades(h) {
+    if nat66::translates(h) {
         // SAFETY: `tc_task_ipv6_nat` takes the same context and the headers this program was
         // handed (`h` is that slot); it does not return on success. An older build's datapath
         // has no such program: the kernel carries the flow, and its ip6tables masquerade.

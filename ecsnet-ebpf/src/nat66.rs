@@ -12,7 +12,7 @@
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry6, CtKey6, KIND_INBOUND, KIND_MASQUERADE},
+    ct::{CtEntry6, CtKey6, KIND_HAIRPIN, KIND_INBOUND, KIND_MASQUERADE},
     flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
     maps::{
         CONFIG6_MASQUERADE, Config, Config6, HOOK_TC_EGRESS, HOOK_TC_INGRESS, PortKey, PortTarget6,
@@ -436,7 +436,7 @@ pub fn masquerade(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict,
     let mut nat = key.tuple();
     nat.saddr = c6.uplink_ipv6;
     nat_quota::take6(&key)?;
-    if let Err(e) = conntrack::create6_masq(&key, &mut nat, h) {
+    if let Err(e) = conntrack::create6_chosen(&key, &mut nat, KIND_MASQUERADE, h) {
         nat_quota::give_back6(&key);
         return Err(e);
     }
@@ -500,6 +500,129 @@ fn quoted_by_task(ctx: &TcContext, h: &Headers6, qdport: &mut u16) -> *const CtE
             *qdport = key.sport;
             t.e
         }
+        _ => core::ptr::null(),
+    }
+}
+
+/// Whether a task's new flow `h`, to an address no task has, is ecsnet's to translate from a
+/// new state (`tc_task_ipv6_nat`): masqueraded out of the host (`masquerades`), or to a
+/// published port on one of the host's addresses (a hairpin). A function of its own (a
+/// BPF-to-BPF call), for the caller's stack.
+#[inline(never)]
+pub fn translates(h: &Headers6) -> bool {
+    if is_local6(&h.daddr) {
+        return published6(h).is_some_and(|t| forward6::task6(&t.addr).is_some());
+    }
+    masquerades(h)
+}
+
+/// Opens a task's new flow to a port published on one of the host's addresses (`translates`),
+/// its egress rules passed: the receiving task's ingress rules judge the sender's address and
+/// the container port, then the flow is tracked `KIND_HAIRPIN`, to go into the receiving task
+/// translated (`hairpin_on`), past the kernel's DNAT. A task reaching its own published port
+/// gets the packet from the bridge's address (it would drop one from its own), its port kept
+/// when free and chosen otherwise. None once the flow is open; else the packet's verdict (the
+/// kernel's path when ecsnet cannot carry it). A function of its own (a BPF-to-BPF call).
+#[inline(never)]
+pub fn hairpin(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Option<Verdict>, DropReason> {
+    let Some(key) = conntrack::key_of(h) else {
+        return Err(DropReason::TailCallFailed);
+    };
+    let (Some(target), Some(c6)) = (published6(h), CONFIG6.get(0)) else {
+        return forward6::kernel_flow(&key, h, policy).map(Some);
+    };
+    let Some(dst) = forward6::task6(&target.addr) else {
+        return forward6::kernel_flow(&key, h, policy).map(Some);
+    };
+    if !allows_port(dst.policy, DIR_INGRESS, &h.saddr, h.proto, target.port) {
+        return Err(DropReason::SgIngress);
+    }
+    // The kernel sends the time-exceeded error; nothing to track.
+    if nat6::hop_limit(ctx) <= 1 {
+        return forward6::kernel_flow(&key, h, policy).map(Some);
+    }
+    let mut nat = key.tuple();
+    nat.daddr = target.addr;
+    nat.dport = target.port;
+    if target.addr == h.saddr {
+        nat.saddr = c6.bridge_ipv6;
+        conntrack::create6_chosen(&key, &mut nat, KIND_HAIRPIN, h)?;
+    } else {
+        conntrack::create6_nat(&key, &mut nat, KIND_HAIRPIN, h)?;
+    }
+    Ok(None)
+}
+
+/// The receiving task's ingress rules rejected the hairpin flow of `h` (`hairpin`): counted on
+/// that task, with a REJECT record of what it would have seen. A function of its own (a
+/// BPF-to-BPF call).
+#[inline(never)]
+pub fn reject_hairpin(ctx: &TcContext, h: &Headers6) -> Verdict {
+    conntrack::reject_fragments(h);
+    let Some(target) = published6(h) else {
+        return Verdict::Dropped;
+    };
+    let Some(dst) = forward6::task6(&target.addr) else {
+        return Verdict::Dropped;
+    };
+    let nat = Nat {
+        saddr: h.saddr,
+        daddr: target.addr,
+        sport: h.sport,
+        dport: target.port,
+    };
+    record(ctx, h, &nat, dst.ifindex, ACTION_REJECT);
+    drop_on(ctx, DropReason::SgIngress, dst.ifindex, HOOK_TC_INGRESS)
+}
+
+/// A packet of a hairpin flow (entry `e`, a `Tracked::e`) from either of its tasks: translated
+/// as the entry says and delivered into the task at its other end, hop limit decremented, as
+/// the kernel's DNAT and forwarding would. A function of its own (a BPF-to-BPF call).
+#[inline(never)]
+pub fn hairpin_on(
+    ctx: &TcContext,
+    h: &Headers6,
+    e: *const CtEntry6,
+) -> Result<Verdict, DropReason> {
+    if e.is_null() {
+        return Ok(Verdict::Pass);
+    }
+    // SAFETY: a `Tracked::e` (non-null), valid for this program run.
+    let nat = To::entry(unsafe { &*e });
+    let (Some(cfg), Some(dst)) = (CONFIG.get(0), forward6::task6(nat.daddr)) else {
+        return Ok(Verdict::Pass);
+    };
+    if nat6::hop_limit(ctx) <= 1 {
+        return Ok(Verdict::Pass);
+    }
+    note_source(nat.saddr);
+    nat6::rewrite(ctx, h, &nat)?;
+    if dst.mac == [0; 6] {
+        return Ok(Verdict::Pass);
+    }
+    nat6::decrement_hop_limit(ctx)?;
+    account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
+    let seen = Nat {
+        saddr: *nat.saddr,
+        daddr: *nat.daddr,
+        sport: nat.sport,
+        dport: nat.dport,
+    };
+    record(ctx, h, &seen, dst.ifindex, ACTION_ACCEPT);
+    redirect::to_task(ctx, cfg, &dst, true)
+}
+
+/// The entry of the hairpin flow `h` belongs to (its connection `tc_task_ipv6_flow` checked and
+/// counted before the tail call), or null. A function of its own (a BPF-to-BPF call), for the
+/// caller's stack.
+#[inline(never)]
+pub fn hairpin_entry(h: &Headers6) -> *const CtEntry6 {
+    let Some(key) = conntrack::key_of(h) else {
+        return core::ptr::null();
+    };
+    match conntrack::lookup(&key) {
+        // SAFETY: see `Tracked::e`.
+        Some(t) if unsafe { (*t.e).kind } == KIND_HAIRPIN => t.e,
         _ => core::ptr::null(),
     }
 }

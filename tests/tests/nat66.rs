@@ -18,13 +18,13 @@ use std::{collections::HashMap as StdHashMap, os::fd::AsFd, process::Command};
 use aya::maps::{Map, MapData};
 use ecsnet_common::{
     DropReason,
-    ct::{CtEntry6, CtKey6, KIND_INBOUND, KIND_MASQUERADE, PROTO_TCP, PROTO_UDP},
+    ct::{CtEntry6, CtKey6, KIND_HAIRPIN, KIND_INBOUND, KIND_MASQUERADE, PROTO_TCP, PROTO_UDP},
     maps::{
         CONFIG6_MASQUERADE, Config6, DropKey, HOOK_TC_INGRESS, HOOK_XDP, MAP_CONFIG, MAP_CONFIG6,
         MAP_CT6, MAP_CT6_NEW, MAP_DROPS, MAP_NAT_CONFIG, MAP_NAT_USE6, NatConfig, NatUseKey6,
         ROLE_TASK, TASK_IPV6,
     },
-    policy::{DIR_INGRESS, PeerKey6, PeerRules, RuleKey, level6_bit, scope},
+    policy::{DIR_EGRESS, DIR_INGRESS, PeerKey6, PeerRules, RuleKey, level6_bit, scope},
 };
 use ecsnet_lab::fixture::{
     conntrack::Table,
@@ -67,9 +67,11 @@ const PACKET_TOO_BIG: u8 = 2;
 const A6: [u8; 16] = [0xfd, 0, 0x0e, 0xc5, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT_PORT: u16 = 40000;
 
-/// Policies: `WEB` lets TCP/80 in from anywhere; `NONE_IN` has no inbound rule at all.
+/// Policies: `WEB` lets TCP/80 in from anywhere; `NONE_IN` has no inbound rule at all;
+/// `OUT_ONLY` lets all TCP out to anywhere and nothing in.
 const WEB: u32 = 5;
 const NONE_IN: u32 = 6;
+const OUT_ONLY: u32 = 7;
 
 /// Task A on the test device with `policy` and learned MAC `mac`, its IPv6 address, two published ports (8080/tcp
 /// to A:80, 5353/udp to A:53), and `WEB`'s rule.
@@ -96,6 +98,22 @@ fn seeds(policy: u32, mac: [u8; 6]) -> Vec<Seed> {
             proto: PROTO_TCP,
             len: 16,
             port: 80,
+        }),
+        Seed::Levels6(scope(OUT_ONLY, DIR_EGRESS), level6_bit(0)),
+        Seed::Peer6(
+            PeerKey6 {
+                scope: scope(OUT_ONLY, DIR_EGRESS),
+                len: 0,
+                _pad: [0; 3],
+                addr: [0; 16],
+            },
+            PeerRules { set: 61, all: 0 },
+        ),
+        Seed::Rule(RuleKey {
+            set: 61,
+            proto: PROTO_TCP,
+            len: 0,
+            port: 0,
         }),
     ]
 }
@@ -414,7 +432,44 @@ fn cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     .into_iter()
     .chain(masquerade_cases(uplink_mac))
     .chain(errors_out_cases(uplink_mac))
+    .chain(hairpin_cases())
     .collect()
+}
+
+/// Task A reaching its own port published on the host's address, past the kernel's DNAT.
+fn hairpin_cases() -> Vec<Case> {
+    use Via::FromA;
+    let into_a = |p: P6| forwarded(p, BRIDGE_MAC, MAC_A);
+    let synack = |src| P6::tcp6(src, (A6, A_PORT), 0x12, 0x4000_0001, SYN6_SEQ + 1);
+    let mut hairpin = case(
+        "task A reaching its own published port goes back into it from the bridge's address, and its SYN-ACK as the host's",
+        0,
+    )
+    .step(
+        FromA,
+        &P6::syn6(A6, A_PORT, HOST6, 8080),
+        REDIRECT,
+        Some(&into_a(P6::syn6(BRIDGE6, A_PORT, A6, 80))),
+    )
+    .step(
+        FromA,
+        &P6::tcp6((A6, 80), (BRIDGE6, A_PORT), 0x12, 0x4000_0001, SYN6_SEQ + 1),
+        REDIRECT,
+        Some(&into_a(synack((HOST6, 8080)))),
+    );
+    hairpin.ct.extend([
+        (key6(PROTO_TCP, (A6, A_PORT), (HOST6, 8080)), KIND_HAIRPIN),
+        (key6(PROTO_TCP, (A6, 80), (BRIDGE6, A_PORT)), KIND_HAIRPIN),
+    ]);
+    vec![
+        hairpin,
+        case(
+            "task A's ingress rules reject its own published port: dropped, counted on it, nothing tracked",
+            OUT_ONLY,
+        )
+        .step(FromA, &P6::syn6(A6, A_PORT, HOST6, 8080), SHOT, None)
+        .drop(DropReason::SgIngress, HOOK_TC_INGRESS),
+    ]
 }
 
 /// `ICMPv6` errors task A sends about packets of translated flows it received: out as the

@@ -218,10 +218,12 @@ fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     ipv6_sent(ctx, h, ifindex, res)
 }
 
-/// IPv6 a task sends that ecsnet translates out of the host from a new state, tail-called by
-/// `tc_task_ipv6_flow`: a new flow its egress rules allowed that leaves masqueraded
-/// (`nat66::masquerades`, `nat66::masquerade`), or an `ICMPv6` error about a packet of a
-/// translated flow (`nat66::error_out`). This program's verifier budget (and stack) is its own.
+/// IPv6 a task sends that ecsnet translates, where `tc_task_ipv6_flow` has no stack left to do
+/// it, tail-called by it: a new flow its egress rules allowed that leaves masqueraded
+/// (`nat66::masquerades`, `nat66::masquerade`) or goes to a port published on a host address
+/// (`nat66::hairpin`), a packet of such a hairpin flow (`nat66::hairpin_on`), or an `ICMPv6`
+/// error about a packet of a translated flow (`nat66::error_out`). This program's verifier
+/// budget (and stack) is its own.
 #[classifier]
 pub fn tc_task_ipv6_nat(ctx: TcContext) -> i32 {
     let ifindex = skb_ifindex(&ctx);
@@ -232,8 +234,17 @@ fn try_ipv6_nat(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
     let Some((me, h)) = ipv6_handed_over(ifindex) else {
         return Err(DropReason::TailCallFailed);
     };
+    let hairpin = nat66::hairpin_entry(h);
     let res = if h.is_icmp_error() {
         nat66::error_out(ctx, h)
+    } else if !hairpin.is_null() {
+        nat66::hairpin_on(ctx, h, hairpin)
+    } else if nat66::is_local6(&h.daddr) {
+        match nat66::hairpin(ctx, h, me.policy) {
+            Ok(None) => nat66::hairpin_on(ctx, h, nat66::hairpin_entry(h)),
+            Err(DropReason::SgIngress) => Ok(nat66::reject_hairpin(ctx, h)),
+            other => other.map(|v| v.unwrap_or(Verdict::Pass)),
+        }
     } else {
         nat66::masquerade(ctx, h, me.policy)
     };
