@@ -534,7 +534,6 @@ fn errors_out_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
 }
 
 /// Task A's new flows out of the host, masqueraded by `tc_task_ipv6_nat`, and what comes back.
-#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn masquerade_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     use Via::{FromA, Uplink};
     let syn = |src, port| P6::syn6(src, port, REMOTE6, REMOTE_PORT);
@@ -941,12 +940,35 @@ fn nat6_rule_packets(host: &str, chain: &str, target: &str) -> u64 {
 }
 
 #[test]
-fn a_task_reaches_the_outside_over_ipv6_masqueraded_by_ecsnet() {
+fn tasks_reach_the_outside_and_published_ports_over_ipv6_through_ecsnet() {
     const N: u32 = 10;
-    let lab = Lab::up_v6("n66m", 1, &[], "nat");
+    let lab = Lab::up_v6("n66m", 2, &["1:8080:80"], "nat");
     lab.ecsnet_up();
-    let (host, client, t1) = (lab.host(), lab.client(), lab.task_ns(1));
+    let (host, client, t1, t2) = (lab.host(), lab.client(), lab.task_ns(1), lab.task_ns(2));
     let masquerade_before = nat6_rule_packets(host, "POSTROUTING", "MASQUERADE");
+    let dnat_before = docker_dnat6(host);
+    // Hairpin: task 1 to its own published port, task 2 to task 1's, on the host's address.
+    for ns in [t1, t2] {
+        assert_eq!(
+            lab.probe(ns, "tcp", "[fd00:10:10::1]:8080", N, 100)["echoed"],
+            N,
+            "hairpin over IPv6 from {ns}"
+        );
+    }
+    assert_eq!(
+        docker_dnat6(host),
+        dnat_before,
+        "Docker's ip6tables DNAT rules counted the hairpin: the kernel translated it, not ecsnet"
+    );
+    let hairpins = [MAP_CT6, MAP_CT6_NEW]
+        .iter()
+        .flat_map(|m| ct6(&lab, m))
+        .filter(|(k, e)| e.kind == KIND_HAIRPIN && k.daddr == HOST6_LAB)
+        .count();
+    assert!(
+        hairpins >= 2,
+        "{hairpins} hairpin flows to the host's address in CT6"
+    );
     let client6 = lab
         .status
         .client
@@ -1003,7 +1025,7 @@ fn a_task_reaches_the_outside_over_ipv6_masqueraded_by_ecsnet() {
         [PROTO_TCP, PROTO_UDP, PROTO_ICMPV6],
         "the protocols of the task's masqueraded flows in CT6"
     );
-    for ns in [host, client, t1] {
+    for ns in [host, client, t1, t2] {
         for (k, n) in csum6_errors(ns) {
             assert_eq!(n, 0, "{k} in {ns}");
         }
