@@ -3,7 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ring_buf::RingBufEntry};
 use ecsnet_common::{
-    flow::{EVENT_ALLOW, EVENT_DROP, EVENT_IPV6, Event, EventBudget},
+    flow::{EVENT_ALLOW, EVENT_DROP, EVENT_IPV6, Event, EventBudget, FLOW_INGRESS},
+    maps::{HOOK_TC_INGRESS, PortTarget6, TaskInfo},
     net::{PROTO_TCP, PROTO_UDP},
 };
 
@@ -13,7 +14,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, FRAG_LATER, Headers, IPV4_MIN_HLEN, Ipv4Hdr, Packet,
         ethertype, ipv4_frag, ipv4_hlen, l4_offset, ptr_at,
     },
-    parse6::{IPV6_HLEN, Ipv6Hdr},
+    parse6::{Headers6, IPV6_HLEN, Ipv6Hdr},
 };
 
 /// Takes one event's worth of credit from this CPU's bucket. None when the bucket is empty (the
@@ -98,6 +99,62 @@ pub fn allowed(h: &Headers, ifindex: u32, hook: u8, dir: u8) {
         (*e).daddr = h.daddr;
         (*e).sport = h.sport;
         (*e).dport = h.dport;
+        (*e).proto = h.proto;
+    }
+    entry.submit(0);
+}
+
+/// A security group allowed the new IPv6 flow of packet `h` (already parsed) on `ifindex`, in
+/// the task's direction `dir`, when the task has a policy (`policy` non-zero), as [`allowed`]
+/// for IPv4. A function of its own (a BPF-to-BPF call): the reservation gets a frame of its
+/// own beside the IPv6 programs' full ones, and the policy is tested here, where the verifier
+/// does not carry the test on through the caller's paths.
+#[inline(never)]
+pub fn allowed6(h: &Headers6, policy: u32, ifindex: u32, hook: u8, dir: u8) {
+    allow6(h, policy, &h.daddr, h.dport, ifindex, hook, dir);
+}
+
+/// Task `dst`'s ingress rules allowed the new IPv6 flow of `h` to a published port, which
+/// reaches the task as `target`: the event shows what the rules judged, the real client and
+/// the task's address and container port. A function of its own, as [`allowed6`].
+#[inline(never)]
+pub fn allowed6_inbound(h: &Headers6, dst: &TaskInfo, target: &PortTarget6) {
+    allow6(
+        h,
+        dst.policy,
+        &target.addr,
+        target.port,
+        dst.ifindex,
+        HOOK_TC_INGRESS,
+        FLOW_INGRESS,
+    );
+}
+
+/// The allow event of `h` to `daddr`:`dport`, when `policy` is non-zero.
+#[inline(always)]
+fn allow6(
+    h: &Headers6,
+    policy: u32,
+    daddr: &[u8; 16],
+    dport: u16,
+    ifindex: u32,
+    hook: u8,
+    dir: u8,
+) {
+    if policy == 0 {
+        return;
+    }
+    let Some(mut entry) = reserve(EVENT_ALLOW, 0, ifindex, hook, dir) else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: our reservation.
+    unsafe {
+        (*e).family = EVENT_IPV6;
+        (*e).saddr6 = h.saddr;
+        (*e).daddr6 = *daddr;
+        (*e).sport = h.sport;
+        (*e).dport = dport;
         (*e).proto = h.proto;
     }
     entry.submit(0);

@@ -13,7 +13,7 @@ use ecsnet_common::{
         CT6_RECEIVER_UNCHECKED, CtKey6, KIND_EAST_WEST, KIND_HAIRPIN, KIND_INBOUND, KIND_LOCAL,
         KIND_MASQUERADE,
     },
-    flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_INGRESS},
+    flow::{ACTION_ACCEPT, ACTION_REJECT, FLOW_EGRESS, FLOW_INGRESS},
     maps::{HOOK_TC_EGRESS, HOOK_TC_INGRESS, PROG6_TASK_NAT, TaskInfo},
     net::{PROTO_TCP, PROTO_UDP},
     policy::{DIR_EGRESS, DIR_INGRESS},
@@ -22,9 +22,10 @@ use ecsnet_common::{
 use crate::{
     account,
     conntrack::{self, Delivered, Fragment},
+    events,
     maps::PROGS6,
     nat66,
-    parse::{ETH_HLEN, FRAG_NONE, load},
+    parse::{ETH_HLEN, FRAG_NONE, load, skb_ifindex},
     parse6::{
         Headers6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_HLEN, IPV6_HLEN, Ipv6Hdr,
         PROTO_ICMPV6,
@@ -144,11 +145,13 @@ fn open_flow(
         conntrack::reject_fragments(h);
         return Err(DropReason::SgEgress);
     }
+    events::allowed6(h, policy, skb_ifindex(ctx), HOOK_TC_INGRESS, FLOW_EGRESS);
     if let Some(dst) = task6(&h.daddr) {
         if !allows(dst.policy, DIR_INGRESS, &h.saddr, h) {
             conntrack::reject_fragments(h);
             return Ok(reject_ingress(ctx, h, &dst));
         }
+        events::allowed6(h, dst.policy, dst.ifindex, HOOK_TC_INGRESS, FLOW_INGRESS);
         if reachable(ctx, &dst) {
             conntrack::create6(key, KIND_EAST_WEST, h)?;
             return to_task(ctx, h, &dst);
@@ -190,7 +193,7 @@ fn mark(key: &CtKey6, flag: u8, on: bool) {
 /// is judged by this task's ingress rules on its first packet here; once they allow it, the
 /// flow is this task's too.
 #[inline(always)]
-fn first_delivery(h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
+fn first_delivery(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
     let Some(key) = conntrack::key_of(h) else {
         return Ok(Verdict::Pass);
     };
@@ -205,6 +208,7 @@ fn first_delivery(h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
         conntrack::reject_fragments(h);
         return Err(DropReason::SgIngress);
     }
+    events::allowed6(h, policy, skb_ifindex(ctx), HOOK_TC_EGRESS, FLOW_INGRESS);
     mark(&key, CT6_RECEIVER_UNCHECKED, false);
     Ok(Verdict::Pass)
 }
@@ -335,7 +339,7 @@ pub fn deliver(ctx: &TcContext, h: &mut Headers6, policy: u32) -> Result<Verdict
         return unchecked_ingress(h, policy);
     }
     let key = match conntrack::delivered(h)? {
-        Delivered::Tracked => return first_delivery(h, policy),
+        Delivered::Tracked => return first_delivery(ctx, h, policy),
         Delivered::Untracked => return unchecked_ingress(h, policy),
         Delivered::Opens(key) => key,
     };
@@ -343,5 +347,6 @@ pub fn deliver(ctx: &TcContext, h: &mut Headers6, policy: u32) -> Result<Verdict
         conntrack::reject_fragments(h);
         return Err(DropReason::SgIngress);
     }
+    events::allowed6(h, policy, skb_ifindex(ctx), HOOK_TC_EGRESS, FLOW_INGRESS);
     kernel_flow(&key, h, policy)
 }

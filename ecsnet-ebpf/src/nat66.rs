@@ -24,7 +24,7 @@ use ecsnet_common::{
 use crate::{
     account::{self, Sighting6},
     conntrack::{self, Fragment, Nat, Table},
-    forward6,
+    events, forward6,
     maps::{CONFIG, CONFIG6, LOCAL_ADDRS6, PORTS6},
     nat_quota,
     nat6::{self, ErrorFix, ErrorSide, To},
@@ -283,6 +283,7 @@ fn open_inbound(
             HOOK_TC_INGRESS,
         ));
     }
+    events::allowed6_inbound(h, dst, target);
     // The kernel sends the time-exceeded error; nothing to track.
     if nat6::hop_limit(ctx) <= 1 {
         return Ok(Verdict::Pass);

@@ -4,7 +4,10 @@
 //! it was dropped for and the addresses and ports it carried, and every new flow a security
 //! group lets through is one allow event saying whose rules decided (the sender's egress, the
 //! receiver's ingress); well below the rate limit, there is exactly one event per packet and
-//! nothing is suppressed. With `up --monitor-rate 50` a flood of rejected datagrams yields at
+//! nothing is suppressed. The same over IPv6 in a dual-stack lab, with the addresses as RFC 5952
+//! writes them: task to task, a port published on the host's IPv6 address (the event shows the
+//! real client and the task's own address and container port, as the rules judged them), and
+//! in Docker's routed mode a connection the kernel delivers (seen at the task's tc egress). With `up --monitor-rate 50` a flood of rejected datagrams yields at
 //! most the kernel's budget of events (rate per second and one second of burst, per CPU) while
 //! every drop is still counted, and every rejected datagram is accounted for exactly once: as
 //! an event received, as an event the monitor lost (`{"lost": N}`), or as an event the datapath
@@ -47,6 +50,11 @@ const MARKER_PORT: u16 = 5354;
 const CLIENT: &str = "10.10.0.2";
 /// The lab host's uplink address, where published ports are reached.
 const HOST: &str = "10.10.0.1";
+/// The same two in a dual-stack lab, over IPv6.
+const CLIENT6: &str = "fd00:10:10::2";
+const HOST6: &str = "fd00:10:10::1";
+/// The UDP port task2's rules take from task1 (by reference to its group) in the IPv6 test.
+const ALLOWED_PORT: u16 = 5300;
 
 // ---------------------------------------------------------------------------------------------
 // Security groups and bringing ecsnet up.
@@ -58,6 +66,9 @@ struct Groups {
     task1: bool,
     /// task2 also takes UDP 53 from the uplink's network (besides TCP 80 from it).
     task2_dns: bool,
+    /// With `task1`: the same over IPv6 (TCP 80 in from the uplink's IPv6 network, everything
+    /// out to `::/0`), and task2 takes UDP `ALLOWED_PORT` from task1's group.
+    ipv6: bool,
 }
 
 impl Groups {
@@ -65,16 +76,24 @@ impl Groups {
     const TASK2: Groups = Groups {
         task1: false,
         task2_dns: false,
+        ipv6: false,
     };
     /// Groups on both tasks.
     const BOTH: Groups = Groups {
         task1: true,
         task2_dns: false,
+        ipv6: false,
+    };
+    /// Groups on both tasks, with IPv6 rules too.
+    const BOTH6: Groups = Groups {
+        ipv6: true,
+        ..Groups::BOTH
     };
     /// Groups on task2 alone, which also takes UDP 53.
     const TASK2_DNS: Groups = Groups {
         task1: false,
         task2_dns: true,
+        ipv6: false,
     };
 }
 
@@ -85,19 +104,22 @@ const GROUPS_FILE: &str = "monitor-groups.json";
 /// nothing from task1, so every datagram task1 sends it is rejected (`SG_INGRESS` on task2).
 fn write_groups(lab: &Lab, groups: Groups) -> String {
     let uplink_net = &["10.10.0.0/24"][..];
+    let uplink_net6 = &["fd00:10:10::/64"][..];
     let mut inbound2 = vec![tcp(80, 80, uplink_net)];
     if groups.task2_dns {
         inbound2.push(perm("udp", Some((53, 53)), uplink_net));
     }
+    let (mut inbound1, mut outbound1) = (vec![tcp(80, 80, uplink_net)], vec![all(&["0.0.0.0/0"])]);
+    if groups.ipv6 {
+        let port = i32::from(ALLOWED_PORT);
+        inbound2.push(perm("udp", Some((port, port)), &["sg-task1"]));
+        inbound1.push(tcp(80, 80, uplink_net6));
+        outbound1.push(all(&["::/0"]));
+    }
     let mut all_groups = vec![sg("sg-task2", "sg-task2", &inbound2, &[])];
     let mut members: Vec<&[&str]> = vec![&[], &["sg-task2"]];
     if groups.task1 {
-        all_groups.push(sg(
-            "sg-task1",
-            "sg-task1",
-            &[tcp(80, 80, uplink_net)],
-            &[all(&["0.0.0.0/0"])],
-        ));
+        all_groups.push(sg("sg-task1", "sg-task1", &inbound1, &outbound1));
         members[0] = &["sg-task1"];
     }
     let s = state_with_groups(lab, &all_groups, &members);
@@ -149,7 +171,8 @@ fn agent_pid(lab: &Lab) -> i32 {
 fn send_udp(ns: &str, dst: SocketAddr, count: u32) -> u16 {
     let ns_name = ns.to_owned();
     in_netns(ns, move || {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+        let any = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let s = UdpSocket::bind(any).expect("bind a UDP socket");
         for i in 0..count {
             if let Err(e) = s.send_to(&[0x42; 16], dst) {
                 panic!("datagram {i} of {count} from {ns_name} to {dst}: {e}");
@@ -732,7 +755,8 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
     assert_eq!(client.ip().to_string(), CLIENT, "the lab's client connects");
     let after = now_unix();
 
-    let [drops, egress_allows, ingress_allows] = sorted_events(&mon, N as usize);
+    let n = N as usize;
+    let [drops, egress_allows, ingress_allows] = sorted_events(&mon, [n, n, 1]);
 
     let src = format!("{t1_ip}:{sport}");
     let dst = format!("{t2_ip}:{REJECTED_PORT}");
@@ -804,6 +828,181 @@ fn monitor_shows_each_rejected_datagram_and_each_allowed_flow_with_its_reason() 
     );
 }
 
+#[test]
+fn monitor_shows_ipv6_flows_allowed_with_their_addresses_and_rejected_ones_as_drops() {
+    const N: u32 = 3;
+    let lab = Lab::up_v6("mn6", 2, &["1:8080:80"], "nat");
+    let state = write_groups(&lab, Groups::BOTH6);
+    up(&lab, &state, &[]);
+    let ip6 = |i: usize| {
+        lab.status.tasks[i - 1]
+            .address6
+            .unwrap_or_else(|| panic!("task{i} has no IPv6 address: {:?}", lab.status))
+    };
+    let at6 = |i: usize, port: u16| SocketAddr::from((ip6(i), port));
+    let t1_iface = lab.status.tasks[0].interface.clone();
+    let t2_iface = lab.status.tasks[1].interface.clone();
+    let mon = Monitor::start(&lab);
+    mon.sync(&lab);
+
+    // From task1 (everything out allowed): datagrams task2's rules reject, each a new flow, and
+    // one datagram they allow (task2 has no socket there: its port unreachable rides the flow);
+    // then the client connects to task1's port published on the host's IPv6 address.
+    let rejected_sport = send_udp(lab.task_ns(1), at6(2, REJECTED_PORT), N);
+    let allowed_sport = send_udp(lab.task_ns(1), at6(2, ALLOWED_PORT), 1);
+    let published: SocketAddr = format!("[{HOST6}]:8080").parse().unwrap();
+    let client = tcp_roundtrip(lab.client(), published);
+    assert_eq!(
+        client.ip().to_string(),
+        CLIENT6,
+        "the lab's client connects over IPv6"
+    );
+
+    let n = N as usize;
+    let [drops, egress_allows, ingress_allows] = sorted_events(&mon, [n, n + 1, 2]);
+
+    // The addresses as RFC 5952 writes them: lower case, the longest run of zeros as "::".
+    let (t1, t2) = (ip6(1).to_string(), ip6(2).to_string());
+    assert!(
+        t1.starts_with("fd00:") && t1.contains("::") && t1 == t1.to_lowercase(),
+        "task1's IPv6 address in its shortest form: {t1}"
+    );
+    let rejected = (
+        format!("[{t1}]:{rejected_sport}"),
+        format!("[{t2}]:{REJECTED_PORT}"),
+    );
+    let rejected = (rejected.0.as_str(), rejected.1.as_str());
+    let allowed = (
+        format!("[{t1}]:{allowed_sport}"),
+        format!("[{t2}]:{ALLOWED_PORT}"),
+    );
+    let allowed = (allowed.0.as_str(), allowed.1.as_str());
+
+    assert_eq!(
+        drops.len(),
+        n,
+        "{N} rejected IPv6 datagrams should be {N} drop events, got {drops:#?}"
+    );
+    for d in &drops {
+        assert_eq!(d["reason"], "SG_INGRESS", "task2's inbound rules: {d}");
+        assert_eq!(d["hook"], "tc-ingress", "judged as task1 sent it: {d}");
+        assert_udp_event(d, ("task2", &t2_iface), rejected, "dropped for task2");
+    }
+
+    let (to_rejected, to_allowed): (Vec<_>, Vec<_>) = egress_allows
+        .iter()
+        .partition(|a| field(a, "dst") == rejected.1);
+    assert_eq!(
+        (to_rejected.len(), to_allowed.len()),
+        (n, 1),
+        "task1's egress rules let out each rejected datagram (a new flow each) and the allowed \
+         flow once: {egress_allows:#?}"
+    );
+    for a in &egress_allows {
+        assert_eq!(a["hook"], "tc-ingress", "as task1 sent it: {a}");
+    }
+    for a in to_rejected {
+        assert_udp_event(a, ("task1", &t1_iface), rejected, "task1's rules decided");
+    }
+    assert_udp_event(
+        to_allowed[0],
+        ("task1", &t1_iface),
+        allowed,
+        "task1's rules decided",
+    );
+
+    assert_eq!(
+        ingress_allows.len(),
+        2,
+        "task2's rules allow one flow and task1's the published port's; none for a rejected \
+         datagram: {ingress_allows:#?}"
+    );
+    let (udp, tcp): (Vec<_>, Vec<_>) = ingress_allows.iter().partition(|a| a["proto"] == 17);
+    assert_eq!((udp.len(), tcp.len()), (1, 1), "{ingress_allows:#?}");
+    assert_udp_event(
+        udp[0],
+        ("task2", &t2_iface),
+        allowed,
+        "task2's rules decided",
+    );
+    assert_eq!(udp[0]["hook"], "tc-ingress", "as task1 sent it: {}", udp[0]);
+    let task1 = ("task1", t1_iface.as_str());
+    let flow = (client, format!("[{t1}]:80"));
+    // Judged as it arrived on the uplink, before the translation.
+    assert_task1_allows_client(tcp[0], task1, "tc-ingress", &flow);
+
+    for e in drops.iter().chain(&egress_allows).chain(&ingress_allows) {
+        assert_eq!(
+            e["suppressed"], 0,
+            "nothing is suppressed this far below the rate: {e}"
+        );
+    }
+}
+
+#[test]
+fn monitor_shows_ipv6_the_kernel_routes_to_a_task_as_allowed_where_it_is_delivered() {
+    // Docker's routed mode: the client reaches task1's own address, which the kernel routes,
+    // and task1's rules judge it as it is delivered (tc egress of its interface).
+    let lab = Lab::up_v6("mn6r", 2, &["1:8080:80"], "routed");
+    let state = write_groups(&lab, Groups::BOTH6);
+    up(&lab, &state, &[]);
+    let t1 = lab.status.tasks[0]
+        .address6
+        .unwrap_or_else(|| panic!("task1 has no IPv6 address: {:?}", lab.status));
+    let t1_iface = lab.status.tasks[0].interface.clone();
+    let mon = Monitor::start(&lab);
+    mon.sync(&lab);
+
+    let client = tcp_roundtrip(lab.client(), SocketAddr::from((t1, 80)));
+    assert_eq!(
+        client.ip().to_string(),
+        CLIENT6,
+        "the lab's client connects over IPv6"
+    );
+
+    let [drops, egress_allows, ingress_allows] = sorted_events(&mon, [0, 0, 1]);
+    assert!(
+        drops.is_empty() && egress_allows.is_empty(),
+        "one allowed connection, its replies tracked: no drop, no egress allow: {drops:#?} \
+         {egress_allows:#?}"
+    );
+    assert_eq!(
+        ingress_allows.len(),
+        1,
+        "one connection is one allow event: {ingress_allows:#?}"
+    );
+    let flow = (client, format!("[{t1}]:80"));
+    assert_task1_allows_client(&ingress_allows[0], ("task1", &t1_iface), "tc-egress", &flow);
+}
+
+/// Allow event `a` says task1's inbound rules let `flow` (the client's connection, to the
+/// destination the rules judged) in, seen at `hook`.
+fn assert_task1_allows_client(
+    a: &Value,
+    (task, iface): (&str, &str),
+    hook: &str,
+    (client, dst): &(SocketAddr, String),
+) {
+    assert_eq!(a["task"], task, "{task}'s inbound rules decided: {a}");
+    assert_eq!(a["interface"], json!(iface), "{task}'s interface: {a}");
+    assert_eq!(a["proto"], 6, "TCP: {a}");
+    assert_eq!(a["hook"], hook, "{a}");
+    assert_eq!(
+        field(a, "src"),
+        format!("[{CLIENT6}]:{}", client.port()),
+        "the real client: {a}"
+    );
+    assert_eq!(
+        field(a, "dst"),
+        *dst,
+        "what {task}'s rules judged: its own address and container port: {a}"
+    );
+    assert_eq!(
+        a["suppressed"], 0,
+        "nothing is suppressed this far below the rate: {a}"
+    );
+}
+
 /// Event `e` (`what`) is about UDP from `flow.0` to `flow.1`, for `task` on its interface.
 fn assert_udp_event(e: &Value, (task, iface): (&str, &str), flow: (&str, &str), what: &str) {
     assert_eq!(e["task"], task, "{what}: {e}");
@@ -830,15 +1029,13 @@ fn sort_event(sorted: &mut [Vec<Value>; 3], v: Value) {
     sorted[i].push(v);
 }
 
-/// The events after the sync, sorted by `sort_event`: read until there are `n` drops, `n`
-/// egress allows and an ingress allow (10 s at most), then until none has come for a second,
-/// so that a duplicate or a stray event shows too.
-fn sorted_events(mon: &Monitor, n: usize) -> [Vec<Value>; 3] {
+/// The events after the sync, sorted by `sort_event`: read until there are `want` of each
+/// (drops, egress allows, ingress allows; 10 s at most), then until none has come for a
+/// second, so that a duplicate or a stray event shows too.
+fn sorted_events(mon: &Monitor, want: [usize; 3]) -> [Vec<Value>; 3] {
     let mut sorted: [Vec<Value>; 3] = Default::default();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (sorted[0].len() < n || sorted[1].len() < n || sorted[2].is_empty())
-        && Instant::now() < deadline
-    {
+    while sorted.iter().zip(want).any(|(s, n)| s.len() < n) && Instant::now() < deadline {
         if let Some(v) = mon.next(Duration::from_millis(200)) {
             sort_event(&mut sorted, v);
         }

@@ -211,6 +211,7 @@ pub fn render(l: &EventLine) -> String {
         1 => "icmp".to_owned(),
         6 => "tcp".to_owned(),
         17 => "udp".to_owned(),
+        58 => "icmpv6".to_owned(),
         n => format!("proto {n}"),
     };
     let _ = write!(
@@ -272,17 +273,25 @@ mod tests {
     use super::*;
     use crate::store::directory::fixtures;
 
-    #[test]
-    fn a_drop_event_reads_as_a_line() {
+    /// The names of one task, `name` at `addr` on interface `iface` (`ifindex`).
+    fn one_task(name: &str, addr: [u8; 4], (iface, ifindex): (&str, u32)) -> Names {
         let state = crate::state::State {
-            tasks: vec![fixtures::task("task2", [172, 17, 0, 3], Some("vethX"))],
+            tasks: vec![fixtures::task(name, addr, Some(iface))],
             ..Default::default()
         };
-        let iface = fixtures::iface([172, 17, 0, 3], ecsnet_common::maps::ROLE_TASK);
-        let names = Names {
-            dir: Directory::join(state, &[(7, iface)]),
-            uplink: Some((2, "eth0".into())),
+        let entry = fixtures::iface(addr, ecsnet_common::maps::ROLE_TASK);
+        Names {
+            dir: Directory::join(state, &[(ifindex, entry)]),
+            uplink: None,
             read_at: None,
+        }
+    }
+
+    #[test]
+    fn a_drop_event_reads_as_a_line() {
+        let names = Names {
+            uplink: Some((2, "eth0".into())),
+            ..one_task("task2", [172, 17, 0, 3], ("vethX", 7))
         };
         let e = Event {
             ts_ns: 1_250_000_000,
@@ -343,7 +352,7 @@ mod tests {
         };
         assert!(
             render(&line(&rogue, &names, 0))
-                .ends_with("DROP ROGUE_ROUTER task2 (vethX) at tc-ingress proto 58 fe80::42:acff:fe11:2 -> ff02::1"),
+                .ends_with("DROP ROGUE_ROUTER task2 (vethX) at tc-ingress icmpv6 fe80::42:acff:fe11:2 -> ff02::1"),
             "{}",
             render(&line(&rogue, &names, 0))
         );
@@ -354,5 +363,57 @@ mod tests {
             ..rogue
         };
         assert_eq!(line(&udp, &names, 0).src, "[fe80::42:acff:fe11:2]:547");
+    }
+
+    #[test]
+    fn an_ipv6_allow_event_reads_as_a_line() {
+        let names = one_task("task1", [172, 17, 0, 2], ("vethA", 9));
+        let v6 = |a: &str| a.parse::<Ipv6Addr>().unwrap().octets();
+        // Written out in full: the line has them in RFC 5952's shortest form.
+        let e = Event {
+            ts_ns: 2_000_000_000,
+            ifindex: 9,
+            family: EVENT_IPV6,
+            saddr6: v6("fd00:0010:0010:0000:0000:0000:0000:0002"),
+            daddr6: v6("fd00:0db8:0001:0000:0000:0242:ac11:0002"),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            kind: EVENT_ALLOW,
+            hook: HOOK_TC_INGRESS,
+            dir: ecsnet_common::flow::FLOW_INGRESS,
+            ..Event::default()
+        };
+        let l = line(&e, &names, 0);
+        assert_eq!(
+            (l.kind, l.direction),
+            (EventKind::Allow, Some(FlowDirection::Ingress))
+        );
+        assert_eq!(l.reason, None);
+        assert_eq!(
+            (l.src.as_str(), l.dst.as_str()),
+            ("[fd00:10:10::2]:40000", "[fd00:db8:1::242:ac11:2]:80")
+        );
+        assert_eq!(
+            render(&l),
+            "00:00:02.000 ALLOW ingress task1 (vethA) at tc-ingress tcp [fd00:10:10::2]:40000 -> [fd00:db8:1::242:ac11:2]:80"
+        );
+        let json = serde_json::to_value(&l).unwrap();
+        assert_eq!(json["kind"], "allow");
+        assert_eq!(json["direction"], "ingress");
+        assert_eq!(json["src"], "[fd00:10:10::2]:40000");
+        // An echo request a task's egress rules let out: addresses alone, as for ICMP.
+        let ping = Event {
+            proto: 58,
+            sport: 7u16.to_be(),
+            dport: 0,
+            dir: FLOW_EGRESS,
+            ..e
+        };
+        let l = line(&ping, &names, 0);
+        assert_eq!(
+            render(&l),
+            "00:00:02.000 ALLOW egress task1 (vethA) at tc-ingress icmpv6 fd00:10:10::2 -> fd00:db8:1::242:ac11:2"
+        );
     }
 }
