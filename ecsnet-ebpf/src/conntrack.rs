@@ -5,8 +5,7 @@
 //! expires both. TCP RSTs and FINs change a flow only when they fit its sequence numbers.
 //! IPv6 has tables of its own (`CT6`, `CT6_NEW`, `FRAGS6`) under the same rules: the code is
 //! generic over the family ([`Table`] for the keys, [`Entry`] for the entries, [`Segment`] for
-//! the parsed headers), each call monomorphised for its family; IPv6 is translated without port choice (published
-//! ports).
+//! the parsed headers), each call monomorphised for its family.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},

@@ -250,7 +250,7 @@ fn reject_ingress(ctx: &TcContext, h: &Headers6, dst: &TaskInfo) -> Verdict {
 /// A packet from a task that no tracked flow covers and that opens none: the egress rules alone
 /// decide, and the kernel carries it.
 #[inline(always)]
-fn unchecked_egress(h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
+pub fn unchecked_egress(h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
     verdict::pass_or(
         allows(policy, DIR_EGRESS, &h.daddr, h),
         DropReason::SgEgress,
@@ -268,18 +268,18 @@ pub fn unchecked_ingress(h: &Headers6, policy: u32) -> Result<Verdict, DropReaso
 }
 
 /// An `ICMPv6` error from a task: it travels with the flow it quotes when that flow is tracked
-/// (into the other task when the flow is task to task, out as the host when ecsnet translated
-/// the flow), else the egress rules judge it.
+/// (into the other task when the flow is task to task; when ecsnet translated the flow, as
+/// `nat66::error_out` decides), else the egress rules judge it.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
     let Some(kind) = quoted_flow(ctx, h)? else {
         return unchecked_egress(h, policy);
     };
-    if kind == KIND_INBOUND || kind == KIND_MASQUERADE {
+    if matches!(kind, KIND_INBOUND | KIND_MASQUERADE | KIND_HAIRPIN) {
         // SAFETY: as for a masqueraded flow in `open_flow`. An older build's datapath has no
-        // such program: the error goes on untranslated, as it did.
+        // such program: the egress rules alone judge the error, which goes on untranslated.
         unsafe { PROGS6.tail_call(ctx, PROG6_TASK_NAT) };
-        return Ok(Verdict::Pass);
+        return unchecked_egress(h, policy);
     }
     match task6(&h.daddr) {
         Some(dst) if kind == KIND_EAST_WEST && reachable(ctx, &dst) => to_task(ctx, h, &dst),

@@ -218,8 +218,9 @@ fn quoted_ports(ctx: &TcContext, quote: usize, proto: u8) -> Option<[u16; 2]> {
     Some([load::<u16>(ctx, at + 4).ok()?, 0])
 }
 
-/// Translates the error `h` about the reply of flow entry `e` (`quoted_inbound`) back to what
-/// the task sent, and delivers it into the task.
+/// Translates the error `h` about a packet of the flow of entry `e` (`quoted_inbound`: a
+/// published port's reply, a masqueraded flow's request) back to what the task sent, and
+/// delivers it into the task.
 #[inline(never)]
 fn send_error_in(
     ctx: &TcContext,
@@ -241,9 +242,6 @@ fn send_error_in(
     let Some([qsport, _]) = quoted_ports(ctx, quote, qproto) else {
         return Ok(Verdict::Pass);
     };
-    if dst.mac == [0; 6] {
-        return Ok(Verdict::Pass);
-    }
     // What the task sent: from its own address and port (the quoted source was the error's
     // destination, `quoted_inbound` checked).
     let fix = ErrorFix {
@@ -254,6 +252,10 @@ fn send_error_in(
         new: (&e.nat_daddr, e.nat_dport),
     };
     nat6::translate_error(ctx, h, &fix)?;
+    // Without the task's MAC the kernel delivers it, translated.
+    if dst.mac == [0; 6] {
+        return Ok(Verdict::Pass);
+    }
     nat6::decrement_hop_limit(ctx)?;
     account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
     redirect::to_task(ctx, cfg, &dst, true)
@@ -441,34 +443,44 @@ pub fn masquerade(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict,
         nat_quota::give_back6(&key);
         return Err(e);
     }
-    note_source(&nat.saddr);
-    nat6::rewrite(ctx, h, &To::nat(&nat))?;
-    nat6::decrement_hop_limit(ctx)?;
-    redirect::to_uplink(ctx, &hop)
+    send_out(ctx, h, &nat, &hop)
 }
 
-/// An `ICMPv6` error a task sends about a packet it received in a flow ecsnet translated (a
-/// published port's request, a masqueraded flow's reply): when the quote reversed is that
-/// flow's key from this task, the error leaves as the host, about the packet as the host
-/// received it, out of the uplink, hop limit decremented; anything else goes on untouched. A
-/// function of its own (a BPF-to-BPF call), as the lookup and the FIB's are beside it.
+/// Sends `h` rewritten to `nat` out of the uplink to `hop`, hop limit decremented. A function of
+/// its own (a BPF-to-BPF call): the rewrite's temporaries get a frame beside the flow's
+/// creation, not under it.
 #[inline(never)]
-pub fn error_out(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {
+fn send_out(
+    ctx: &TcContext,
+    h: &Headers6,
+    nat: &Nat<[u8; 16]>,
+    hop: &UplinkHop,
+) -> Result<Verdict, DropReason> {
+    note_source(&nat.saddr);
+    nat6::rewrite(ctx, h, &To::nat(nat))?;
+    nat6::decrement_hop_limit(ctx)?;
+    redirect::to_uplink(ctx, hop)
+}
+
+/// An `ICMPv6` error a task whose policy is `policy` sends about a packet it received in a
+/// flow ecsnet translated (a published port's request, a masqueraded flow's reply, a hairpin flow's packet): when the
+/// quote reversed is that flow's key from this task and the error goes to the flow's other
+/// end, the error goes on as the flow's packets do, from the host's side: out of the uplink,
+/// or into the other task of a hairpin, hop limit decremented. Anything else (a forged quote,
+/// another destination, an error about a task reaching itself) is judged by the task's egress
+/// rules alone and goes on untranslated. A function of its own (a BPF-to-BPF call), as the
+/// lookup and the FIB's are beside it.
+#[inline(never)]
+pub fn error_out(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Verdict, DropReason> {
     let quote = h.l4 + ICMPV6_HLEN;
     let mut qdport = 0;
     let e = quoted_by_task(ctx, h, &mut qdport);
-    if e.is_null() || nat6::hop_limit(ctx) <= 1 {
-        return Ok(Verdict::Pass);
-    }
+    let qproto = load::<u8>(ctx, quote + QUOTE_NEXT_AT);
+    let (false, Ok(qproto)) = (e.is_null() || nat6::hop_limit(ctx) <= 1, qproto) else {
+        return forward6::unchecked_egress(h, policy);
+    };
     // SAFETY: a `Tracked::e` (non-null), valid for this program run.
     let e = unsafe { &*e };
-    let Ok(qproto) = load::<u8>(ctx, quote + QUOTE_NEXT_AT) else {
-        return Ok(Verdict::Pass);
-    };
-    let hop = hop_out(ctx, h, &e.nat_saddr);
-    if hop.ifindex == 0 {
-        return Ok(Verdict::Pass);
-    }
     let fix = ErrorFix {
         quote,
         qproto,
@@ -476,33 +488,59 @@ pub fn error_out(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {
         old: (&h.saddr, qdport),
         new: (&e.nat_saddr, e.nat_sport),
     };
+    if e.kind == KIND_HAIRPIN {
+        // Into the task at the other end, which sent the quoted packet to the host's address.
+        let (Some(cfg), Some(dst)) = (CONFIG.get(0), forward6::task6(&e.nat_daddr)) else {
+            return forward6::unchecked_egress(h, policy);
+        };
+        nat6::translate_error(ctx, h, &fix)?;
+        if dst.mac == [0; 6] {
+            return Ok(Verdict::Pass);
+        }
+        nat6::decrement_hop_limit(ctx)?;
+        account::tc(ctx, dst.ifindex, HOOK_TC_EGRESS);
+        return redirect::to_task(ctx, cfg, &dst, true);
+    }
+    let hop = hop_out(ctx, h, &e.nat_saddr);
+    if hop.ifindex == 0 {
+        return forward6::unchecked_egress(h, policy);
+    }
     nat6::translate_error(ctx, h, &fix)?;
     note_source(&e.nat_saddr);
     nat6::decrement_hop_limit(ctx)?;
     redirect::to_uplink(ctx, &hop)
 }
 
-/// The entry of the translated flow (`KIND_INBOUND`, `KIND_MASQUERADE`) whose key, from the
-/// error's source, is the packet `h` quotes reversed: the task's own side of the flow, never
-/// an entry another end's packets match. Null for anything else; `qdport` is set to the
-/// quoted destination port (the key's source port).
+/// The entry of the translated flow (`KIND_INBOUND`, `KIND_MASQUERADE`, `KIND_HAIRPIN`) whose
+/// key is the packet `h` quotes reversed, from the error's source to its destination: the
+/// task's own side of the flow, towards the flow's other end, never an entry another end's
+/// packets match. A task reaching itself (the other end is the host's address, not the task
+/// the entry delivers to) has none. Null for anything else; `qdport` is set to the quoted
+/// destination port (the key's source port).
 #[inline(never)]
 fn quoted_by_task(ctx: &TcContext, h: &Headers6, qdport: &mut u16) -> *const CtEntry6 {
     let Ok(quoted) = forward6::quoted_key(ctx, h) else {
         return core::ptr::null();
     };
     let key = quoted.reversed();
-    if key.saddr != h.saddr {
+    if key.saddr != h.saddr || key.daddr != h.daddr {
         return core::ptr::null();
     }
-    match conntrack::lookup(&key) {
-        // SAFETY: see `Tracked::e`.
-        Some(t) if matches!(unsafe { (*t.e).kind }, KIND_INBOUND | KIND_MASQUERADE) => {
-            *qdport = key.sport;
-            t.e
-        }
-        _ => core::ptr::null(),
+    let Some(t) = conntrack::lookup(&key) else {
+        return core::ptr::null();
+    };
+    // SAFETY: see `Tracked::e`.
+    let e = unsafe { &*t.e };
+    let ours = match e.kind {
+        KIND_INBOUND | KIND_MASQUERADE => true,
+        KIND_HAIRPIN => e.nat_daddr == key.daddr,
+        _ => false,
+    };
+    if !ours {
+        return core::ptr::null();
     }
+    *qdport = key.sport;
+    t.e
 }
 
 /// Whether a task's new flow `h`, to an address no task has, is ecsnet's to translate from a
@@ -538,6 +576,7 @@ pub fn hairpin(ctx: &TcContext, h: &Headers6, policy: u32) -> Result<Option<Verd
     if !allows_port(dst.policy, DIR_INGRESS, &h.saddr, h.proto, target.port) {
         return Err(DropReason::SgIngress);
     }
+    events::allowed6_inbound(h, &dst, &target);
     // The kernel sends the time-exceeded error; nothing to track.
     if nat6::hop_limit(ctx) <= 1 {
         return forward6::kernel_flow(&key, h, policy).map(Some);

@@ -483,6 +483,16 @@ fn errors_out_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     };
     let request = |dst, port| P6::udp6(CLIENT6, CLIENT_PORT, dst, port, b"hello over NAT66");
     let query = |src| P6::udp6(src, A_PORT, REMOTE6, 53, b"query");
+    let syn = |src| P6::syn6(src, A_PORT, REMOTE6, REMOTE_PORT);
+    let synack = |dst| {
+        P6::tcp6(
+            (REMOTE6, REMOTE_PORT),
+            (dst, A_PORT),
+            0x12,
+            0x3000_0001,
+            SYN6_SEQ + 1,
+        )
+    };
     let answer = |dst| P6::udp6(REMOTE6, 53, dst, A_PORT, b"answer");
     vec![
         case(
@@ -514,6 +524,20 @@ fn errors_out_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
             Some(&out(unreachable(HOST6, REMOTE6, &answer(HOST6).hop_limit(63)))),
         )
         .masqueraded(PROTO_UDP, (A_PORT, 53)),
+        case(
+            "an error task A sends about a masqueraded flow to another address: its egress rules judge it, untranslated",
+            OUT_ONLY,
+        )
+        .step(FromA, &syn(A6), REDIRECT, Some(&out(syn(HOST6))))
+        .step(Uplink, &synack(HOST6), REDIRECT, Some(&into_a(synack(A6))))
+        .step(
+            FromA,
+            &unreachable(A6, ROUTER6, &synack(A6).hop_limit(63)),
+            SHOT,
+            None,
+        )
+        .drop(DropReason::SgEgress, HOOK_TC_INGRESS)
+        .masqueraded(PROTO_TCP, (A_PORT, REMOTE_PORT)),
         case(
             "an error task A forges, quoting the client's side of a published flow, goes on untranslated",
             0,

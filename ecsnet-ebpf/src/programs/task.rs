@@ -211,9 +211,11 @@ pub fn tc_task_ipv6_flow(ctx: TcContext) -> i32 {
 // may do with a stack this deep.
 #[inline(always)]
 fn try_ipv6_flow(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    let Some((me, h)) = ipv6_handed_over(ifindex) else {
+    let Some((task, h)) = ipv6_handed_over(ifindex) else {
         return Err(DropReason::TailCallFailed);
     };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let me = unsafe { *task };
     let res = forward6::from_task(ctx, h, &me);
     ipv6_sent(ctx, h, ifindex, res)
 }
@@ -231,38 +233,41 @@ pub fn tc_task_ipv6_nat(ctx: TcContext) -> i32 {
 }
 
 fn try_ipv6_nat(ctx: &TcContext, ifindex: u32) -> Result<Verdict, DropReason> {
-    let Some((me, h)) = ipv6_handed_over(ifindex) else {
+    let Some((task, h)) = ipv6_handed_over(ifindex) else {
         return Err(DropReason::TailCallFailed);
     };
+    // SAFETY: a TASKS value pointer, valid for this program run.
+    let policy = unsafe { (*task).policy };
     let hairpin = nat66::hairpin_entry(h);
     let res = if h.is_icmp_error() {
-        nat66::error_out(ctx, h)
+        nat66::error_out(ctx, h, policy)
     } else if !hairpin.is_null() {
         nat66::hairpin_on(ctx, h, hairpin)
+    } else if !conntrack::starts_flow(h) || !nat66::translates(h) {
+        // Its flow went (evicted, expired) since `tc_task_ipv6_flow` found it: judged as there.
+        forward6::unchecked_egress(h, policy)
     } else if nat66::is_local6(&h.daddr) {
-        match nat66::hairpin(ctx, h, me.policy) {
+        match nat66::hairpin(ctx, h, policy) {
             Ok(None) => nat66::hairpin_on(ctx, h, nat66::hairpin_entry(h)),
             Err(DropReason::SgIngress) => Ok(nat66::reject_hairpin(ctx, h)),
             other => other.map(|v| v.unwrap_or(Verdict::Pass)),
         }
     } else {
-        nat66::masquerade(ctx, h, me.policy)
+        nat66::masquerade(ctx, h, policy)
     };
     ipv6_sent(ctx, h, ifindex, res)
 }
 
-/// The task of interface `ifindex` and the headers `tc_task_ipv6` parsed and checked (handed
-/// over through the tail calls), for a program that takes over from it; None when anything
-/// else called it.
+/// The task of interface `ifindex` (its `TASKS` value, valid for this program run) and the
+/// headers `tc_task_ipv6` parsed and checked (handed over through the tail calls), for a
+/// program that takes over from it; None when anything else called it.
 #[inline(always)]
-fn ipv6_handed_over(ifindex: u32) -> Option<(TaskInfo, &'static mut Headers6)> {
+fn ipv6_handed_over(ifindex: u32) -> Option<(*const TaskInfo, &'static mut Headers6)> {
     let (_, task) = tasks::by_iface(ifindex)?;
-    // SAFETY: a TASKS value pointer, valid for this program run.
-    let me = unsafe { *task };
     let h = parse6::handed_over()?;
     clock::stamp();
     nat66::note_source(&h.saddr);
-    Some((me, h))
+    Some((task, h))
 }
 
 /// The egress flow record of `h` as it left the task, then the decision.
