@@ -1,10 +1,11 @@
 //! IPv6 flow records from the datapath (`FLOWS6`), exact for known traffic on a dual-stack lab
-//! (`--ipv6 nat`; ecsnet redirects IPv6 task to task and leaves the rest to the kernel's path):
-//! UDP between two tasks over IPv6 is one egress record on the sender and one ingress record on
-//! the receiver, `type` IPv6, with the packets sent and their IP bytes (40-byte IPv6 header, 8
-//! UDP, payload), addresses as AWS prints them (RFC 5952); IPv4 datagrams of the same windows
-//! keep their exact IPv4 records; a TCP connection from the client to a published port (the
-//! kernel's NAT66) is an ingress record on the task with the client's address, matching the
+//! (`--ipv6 nat`; ecsnet redirects and translates IPv6 as IPv4): UDP between two tasks over
+//! IPv6 is one egress record on the sender and one ingress record on the receiver, `type` IPv6,
+//! with the packets sent and their IP bytes (40-byte IPv6 header, 8 UDP, payload), addresses as
+//! AWS prints them (RFC 5952); IPv4 datagrams of the same windows keep their exact IPv4
+//! records; datagrams a task sends to the client (masqueraded by ecsnet) are exact too, with
+//! the host's address as pkt-srcaddr; a TCP connection from the client to a published port
+//! (ecsnet's NAT66) is an ingress record on the task with the client's address, matching the
 //! client's own ip6tables counters; a task with a security group without IPv6 rules gets REJECT
 //! records for the IPv6 it sends and for the IPv6 delivered to it. `ICMPv6` echoes are keyed with
 //! ports 0; the later fragments of a datagram task to task take their first fragment's ports;
@@ -440,6 +441,9 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         SocketAddr::from((lab.status.tasks[1].address, 43003)),
     );
     udp(&t1, from4, &t2, to4, N4, P4, true);
+    // Task 2 to the client, masqueraded by ecsnet to the host's address.
+    let (out6, at_client) = (v6(a2, 43006), v6(client6, 43007));
+    udp(&t2, out6, &client, at_client, N6, P6, true);
     let unusual = Unusual::send(&lab);
     let cport = tcp_echo(&client, published, &counters);
     let ((out_pk, out_by), (in_pk, in_by)) = counters();
@@ -495,6 +499,13 @@ fn ipv6_between_tasks_and_from_the_client_is_recorded_exactly_beside_ipv4() {
         sum_pkt(&recs, &egress, "ACCEPT", "IPv6", (&h6, &c6)),
         (in_pk, in_by, 19),
         "task 1's egress records against the client's INPUT counter"
+    );
+    // Masqueraded: on task 2 with its own address, and the host's as pkt-srcaddr.
+    let masqueraded = Flow::new((&if2, "egress"), out6, at_client, 17);
+    assert_eq!(
+        sum_pkt(&recs, &masqueraded, "ACCEPT", "IPv6", (&h6, &c6)),
+        (N6, N6 * (UDP6_OVERHEAD + P6 as u64), 0),
+        "task 2's egress records of {N6} datagrams masqueraded to the client"
     );
     unusual.check(&recs, [&if1, &if2]);
     assert_no_neighbour_discovery(&recs);
