@@ -98,6 +98,10 @@ pub fn from_task(ctx: &TcContext, h: &mut Headers6, me: &TaskInfo) -> Result<Ver
             return verdict::pass_or(!policed, DropReason::Fragment);
         }
     }
+    // Multicast: its replies come from other addresses, so nothing is tracked, as IPv4's groups.
+    if is_multicast(&h.daddr) {
+        return unchecked_egress(h, policy);
+    }
     let Some(key) = conntrack::key_of(h) else {
         return unchecked_egress(h, policy);
     };
@@ -349,4 +353,10 @@ pub fn deliver(ctx: &TcContext, h: &mut Headers6, policy: u32) -> Result<Verdict
     }
     events::allowed6(h, policy, skb_ifindex(ctx), HOOK_TC_EGRESS, FLOW_INGRESS);
     kernel_flow(&key, h, policy)
+}
+
+/// Whether `addr` is a multicast address (`ff00::/8`).
+#[inline(always)]
+pub fn is_multicast(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xff
 }

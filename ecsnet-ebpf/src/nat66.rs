@@ -372,7 +372,7 @@ pub fn masquerades(h: &Headers6) -> bool {
         && c.uplink_ipv6 != [0; 16]
         && c.bridge_prefix6 != 0
         && d[0] != 0
-        && d[0] != 0xff
+        && !forward6::is_multicast(d)
         && !link_local
         && in_prefix(&h.saddr, &c.bridge_ipv6, c.bridge_prefix6)
         && !in_prefix(d, &c.bridge_ipv6, c.bridge_prefix6)

@@ -195,6 +195,9 @@ fn a_to_b(p: P6) -> P6 {
     p.to_mac(MAC_B)
 }
 
+/// mDNS's multicast group (`ff02::fb`).
+const MDNS6: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfb];
+
 #[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cases() -> Vec<Case> {
     use DropReason::{Fragment, SgEgress, SgIngress, TcpOutOfWindow, Truncated};
@@ -461,6 +464,17 @@ fn cases() -> Vec<Case> {
         )
         .step(ToA, &ns(B6, solicited_node(A6)), SHOT)
         .drop(a, SgIngress, HOOK_TC_EGRESS),
+        case(
+            "UDP from a policed task to a multicast group: its egress rules pass it, nothing tracked",
+            (WEB, 0),
+        )
+        .step(FromA, &P6::udp6(A6, 5353, MDNS6, 5353, b"mdns"), OK),
+        case(
+            "UDP to a multicast group that a policed task's egress rules refuse",
+            (V4_ONLY, 0),
+        )
+        .step(FromA, &P6::udp6(A6, 5353, MDNS6, 5353, b"mdns"), SHOT)
+        .drop(a, SgEgress, HOOK_TC_INGRESS),
         case(
             "a policed task's own solicitation, hop limit 255",
             (V4_ONLY, 0),
