@@ -682,7 +682,7 @@ pub fn create(
 /// their own rather than one more piece of its caller's.
 #[inline(never)]
 pub fn create6(key: &CtKey6, kind: u8, h: &Headers6) -> Result<(), DropReason> {
-    create6_to(key, &mut key.tuple(), kind, h)
+    create6_to(key, &mut key.tuple(), (kind, false), h)
 }
 
 /// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, packets `key`
@@ -697,11 +697,7 @@ pub fn create6_chosen(
     kind: u8,
     h: &Headers6,
 ) -> Result<(), DropReason> {
-    let Some(e) = ENTRY6.get_ptr_mut(0) else {
-        return Err(DropReason::CtTableFull);
-    };
-    // SAFETY: this CPU's slot, used by nothing else in this program run.
-    place(key, nat, kind, true, h, unsafe { &mut *e })
+    create6_to(key, nat, (kind, true), h)
 }
 
 /// Creates both directions of a new IPv6 flow of kind `kind` in `CT6_NEW`, packets `key`
@@ -714,21 +710,23 @@ pub fn create6_nat(
     kind: u8,
     h: &Headers6,
 ) -> Result<(), DropReason> {
-    create6_to(key, nat, kind, h)
+    create6_to(key, nat, (kind, false), h)
 }
 
+/// [`create`] of an IPv6 flow of `kind`, its port chosen or not (`choose_sport`), each entry
+/// built in this CPU's `ENTRY6` slot.
 #[inline(always)]
 fn create6_to(
     key: &CtKey6,
     nat: &mut Nat<[u8; 16]>,
-    kind: u8,
+    (kind, choose_sport): (u8, bool),
     h: &Headers6,
 ) -> Result<(), DropReason> {
     let Some(e) = ENTRY6.get_ptr_mut(0) else {
         return Err(DropReason::CtTableFull);
     };
     // SAFETY: this CPU's slot, used by nothing else in this program run.
-    place(key, nat, kind, false, h, unsafe { &mut *e })
+    place(key, nat, kind, choose_sport, h, unsafe { &mut *e })
 }
 
 /// This CPU's IPv6 entry under construction: [`create6`] builds entries here rather than on a

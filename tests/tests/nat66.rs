@@ -83,37 +83,32 @@ fn seeds(policy: u32, mac: [u8; 6]) -> Vec<Seed> {
         Seed::TaskFlags(TASK_A, TASK_IPV6),
         Seed::Port6(PROTO_TCP, 8080, A6, 80),
         Seed::Port6(PROTO_UDP, 5353, A6, 53),
-        Seed::Levels6(scope(WEB, DIR_INGRESS), level6_bit(0)),
+    ]
+    .into_iter()
+    .chain(anywhere(scope(WEB, DIR_INGRESS), (60, 16, 80)))
+    .chain(anywhere(scope(OUT_ONLY, DIR_EGRESS), (61, 0, 0)))
+    .collect()
+}
+
+/// Rule set `set` for `scope`, from or to anywhere in IPv6 (`::/0`): TCP to the port block
+/// `port`/`len` (a prefix of the 16-bit port).
+fn anywhere(scope: u32, (set, len, port): (u32, u8, u16)) -> [Seed; 3] {
+    [
+        Seed::Levels6(scope, level6_bit(0)),
         Seed::Peer6(
             PeerKey6 {
-                scope: scope(WEB, DIR_INGRESS),
+                scope,
                 len: 0,
                 _pad: [0; 3],
                 addr: [0; 16],
             },
-            PeerRules { set: 60, all: 0 },
+            PeerRules { set, all: 0 },
         ),
         Seed::Rule(RuleKey {
-            set: 60,
+            set,
             proto: PROTO_TCP,
-            len: 16,
-            port: 80,
-        }),
-        Seed::Levels6(scope(OUT_ONLY, DIR_EGRESS), level6_bit(0)),
-        Seed::Peer6(
-            PeerKey6 {
-                scope: scope(OUT_ONLY, DIR_EGRESS),
-                len: 0,
-                _pad: [0; 3],
-                addr: [0; 16],
-            },
-            PeerRules { set: 61, all: 0 },
-        ),
-        Seed::Rule(RuleKey {
-            set: 61,
-            proto: PROTO_TCP,
-            len: 0,
-            port: 0,
+            len,
+            port,
         }),
     ]
 }
@@ -196,40 +191,40 @@ impl Case {
         self
     }
 
-    /// An inbound flow from the client to published `host_port`, the task's `task_port`.
-    fn tracked(mut self, proto: u8, (host_port, task_port): (u16, u16)) -> Case {
-        self.ct.extend([
-            (
-                key6(proto, (CLIENT6, CLIENT_PORT), (HOST6, host_port)),
-                KIND_INBOUND,
-            ),
-            (
-                key6(proto, (A6, task_port), (CLIENT6, CLIENT_PORT)),
-                KIND_INBOUND,
-            ),
-        ]);
+    /// A flow of `kind` tracked at the end: its two keys, each (source, destination).
+    fn flow(mut self, kind: u8, proto: u8, keys: [(End, End); 2]) -> Case {
+        self.ct
+            .extend(keys.map(|(src, dst)| (key6(proto, src, dst), kind)));
         self
+    }
+
+    /// An inbound flow from the client to published `host_port`, the task's `task_port`.
+    fn tracked(self, proto: u8, (host_port, task_port): (u16, u16)) -> Case {
+        let client = (CLIENT6, CLIENT_PORT);
+        self.flow(
+            KIND_INBOUND,
+            proto,
+            [(client, (HOST6, host_port)), ((A6, task_port), client)],
+        )
     }
 
     /// A flow task A opened from `port` to the remote's `remote_port`, masqueraded as the host
     /// from the same port (an echo's identifier: the port at the other end is 0).
-    fn masqueraded(mut self, proto: u8, (port, remote_port): (u16, u16)) -> Case {
-        self.ct.extend([
-            (
-                key6(proto, (A6, port), (REMOTE6, remote_port)),
-                KIND_MASQUERADE,
-            ),
-            (
-                key6(proto, (REMOTE6, remote_port), (HOST6, port)),
-                KIND_MASQUERADE,
-            ),
-        ]);
-        self
+    fn masqueraded(self, proto: u8, (port, remote_port): (u16, u16)) -> Case {
+        let remote = (REMOTE6, remote_port);
+        self.flow(
+            KIND_MASQUERADE,
+            proto,
+            [((A6, port), remote), (remote, (HOST6, port))],
+        )
     }
 }
 
+/// An address and a port (host order).
+type End = ([u8; 16], u16);
+
 /// A `CT6` key, the ports in host order.
-fn key6(proto: u8, (s, sp): ([u8; 16], u16), (d, dp): ([u8; 16], u16)) -> CtKey6 {
+fn key6(proto: u8, (s, sp): End, (d, dp): End) -> CtKey6 {
     CtKey6 {
         saddr: s,
         daddr: d,
@@ -441,7 +436,7 @@ fn hairpin_cases() -> Vec<Case> {
     use Via::FromA;
     let into_a = |p: P6| forwarded(p, BRIDGE_MAC, MAC_A);
     let synack = |src| P6::tcp6(src, (A6, A_PORT), 0x12, 0x4000_0001, SYN6_SEQ + 1);
-    let mut hairpin = case(
+    let hairpin = case(
         "task A reaching its own published port goes back into it from the bridge's address, and its SYN-ACK as the host's",
         0,
     )
@@ -456,11 +451,15 @@ fn hairpin_cases() -> Vec<Case> {
         &P6::tcp6((A6, 80), (BRIDGE6, A_PORT), 0x12, 0x4000_0001, SYN6_SEQ + 1),
         REDIRECT,
         Some(&into_a(synack((HOST6, 8080)))),
+    )
+    .flow(
+        KIND_HAIRPIN,
+        PROTO_TCP,
+        [
+            ((A6, A_PORT), (HOST6, 8080)),
+            ((A6, 80), (BRIDGE6, A_PORT)),
+        ],
     );
-    hairpin.ct.extend([
-        (key6(PROTO_TCP, (A6, A_PORT), (HOST6, 8080)), KIND_HAIRPIN),
-        (key6(PROTO_TCP, (A6, 80), (BRIDGE6, A_PORT)), KIND_HAIRPIN),
-    ]);
     vec![
         hairpin,
         case(
@@ -484,15 +483,7 @@ fn errors_out_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     let request = |dst, port| P6::udp6(CLIENT6, CLIENT_PORT, dst, port, b"hello over NAT66");
     let query = |src| P6::udp6(src, A_PORT, REMOTE6, 53, b"query");
     let syn = |src| P6::syn6(src, A_PORT, REMOTE6, REMOTE_PORT);
-    let synack = |dst| {
-        P6::tcp6(
-            (REMOTE6, REMOTE_PORT),
-            (dst, A_PORT),
-            0x12,
-            0x3000_0001,
-            SYN6_SEQ + 1,
-        )
-    };
+    let synack = remote_synack;
     let answer = |dst| P6::udp6(REMOTE6, 53, dst, A_PORT, b"answer");
     vec![
         case(
@@ -557,21 +548,24 @@ fn errors_out_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     ]
 }
 
+/// The remote's SYN-ACK to `dst`:`A_PORT` (the host's address, or task A's once translated).
+fn remote_synack(dst: [u8; 16]) -> P6 {
+    P6::tcp6(
+        (REMOTE6, REMOTE_PORT),
+        (dst, A_PORT),
+        0x12,
+        0x3000_0001,
+        SYN6_SEQ + 1,
+    )
+}
+
 /// Task A's new flows out of the host, masqueraded by `tc_task_ipv6_nat`, and what comes back.
 fn masquerade_cases(uplink_mac: [u8; 6]) -> Vec<Case> {
     use Via::{FromA, Uplink};
     let syn = |src, port| P6::syn6(src, port, REMOTE6, REMOTE_PORT);
     let out = |p: P6| forwarded(p, uplink_mac, ROUTER_MAC);
     let into_a = |p: P6| forwarded(p, BRIDGE_MAC, MAC_A);
-    let synack = |dst| {
-        P6::tcp6(
-            (REMOTE6, REMOTE_PORT),
-            (dst, A_PORT),
-            0x12,
-            0x3000_0001,
-            SYN6_SEQ + 1,
-        )
-    };
+    let synack = remote_synack;
     let echo_reply = |dst| {
         P6::icmp6(
             REMOTE6,
