@@ -49,10 +49,12 @@ pub const PROG6_TASK_TO: u32 = 2;
 /// the uplink: published ports over IPv6 (NAT66) and the replies of translated flows.
 pub const PROG6_UPLINK: u32 = 3;
 /// [`MAP_PROGS6`]: `tc_task_ipv6_nat`, tail-called by `tc_task_ipv6_flow` for what a task sends
-/// that ecsnet translates out of the host from a new state: a new flow the task's rules allowed
-/// that leaves masqueraded ([`CONFIG6_MASQUERADE`]), or an `ICMPv6` error about a packet of a
-/// translated flow it received. Empty (an older build's datapath): the kernel carries them, and
-/// its ip6tables masquerade.
+/// that ecsnet translates where `tc_task_ipv6_flow` has no stack left: a new flow the task's
+/// rules allowed that leaves masqueraded ([`CONFIG6_MASQUERADE`]) or goes to a port published on
+/// a host address (hairpin), a hairpin flow's packets, and an `ICMPv6` error about a packet of a
+/// translated flow it received. Empty (an older build's datapath, which makes no hairpin
+/// flows): new flows take the kernel's path (and its ip6tables masquerade), errors are judged by
+/// the egress rules alone, and a hairpin flow's packet is dropped (`TAIL_CALL_FAILED`).
 pub const PROG6_TASK_NAT: u32 = 4;
 /// Slots of [`MAP_PROGS6`].
 pub const PROG6_SLOTS: u32 = 8;

@@ -1,10 +1,11 @@
 //! The forwarding decision for IPv6 on a task interface, with IPv4's rules (`forward`):
 //! continue a tracked flow (the replies of published ports and masqueraded flows translated by
-//! `nat66`), open a new one (task to task by `bpf_redirect_peer`, out of the host masqueraded by
-//! `tc_task_ipv6_nat`, anything else on the kernel's path, tracked as `KIND_LOCAL` under a
-//! policy), let the `ICMPv6` errors of
-//! tracked flows pass with them, and judge everything else by the rules alone. Neighbour
-//! discovery and MLD are link-scope plumbing, as ARP is: never policed, never redirected.
+//! `nat66`, hairpin flows by `tc_task_ipv6_nat`), open a new one (task to task by
+//! `bpf_redirect_peer`; out of the host masqueraded, or to a port published on a host address,
+//! by `tc_task_ipv6_nat`; anything else on the kernel's path, tracked as `KIND_LOCAL` under a
+//! policy), let the `ICMPv6` errors of tracked flows pass with them (translated when their flow
+//! is), and judge everything else by the rules alone. Neighbour discovery and MLD are
+//! link-scope plumbing, as ARP is: never policed, never redirected.
 
 use aya_ebpf::programs::TcContext;
 use ecsnet_common::{

@@ -4,8 +4,10 @@
 //! task's replies are reverse-translated and sent out of the uplink after a FIB lookup. A new
 //! flow a task opens out of the host is masqueraded (`KIND_MASQUERADE`, in `nat` mode:
 //! `CONFIG6_MASQUERADE`) to the uplink's address, its port chosen as IPv4's, and its replies
-//! come back the same way as a published port's requests. The kernel's ip6tables rules stay in
-//! place, as dockerd keeps them: the packets ecsnet carries never reach them. Everything else
+//! come back the same way as a published port's requests. A task's new flow to a port
+//! published on a host address is a hairpin (`KIND_HAIRPIN`), carried between the two tasks;
+//! the `ICMPv6` errors a task sends about translated flows leave translated (`error_out`).
+//! The kernel's ip6tables rules stay in place, as dockerd keeps them: the packets ecsnet carries never reach them. Everything else
 //! (neighbour discovery, the host's own traffic, what cannot be parsed) goes to the kernel
 //! untouched.
 
@@ -153,8 +155,9 @@ pub fn from_uplink(ctx: &TcContext, cfg: &Config, h: &mut Headers6) -> Result<Ve
 
 /// An `ICMPv6` error arriving on the uplink: one about a packet a task sent translated (the
 /// quote is a reply of a `KIND_INBOUND` flow or a request of a `KIND_MASQUERADE` one, as it
-/// left: from the host, to which the error comes) goes to that task translated back, hop limit -1 (packet-too-big must reach the
-/// sender, or path-MTU discovery breaks); anything else goes to the kernel. Two functions of
+/// left: from the host, to which the error comes) goes to that task translated back, hop
+/// limit -1 (packet-too-big must reach the sender, or path-MTU discovery breaks); anything else
+/// goes to the kernel. Two functions of
 /// their own (BPF-to-BPF calls, one after the other), for the stack.
 #[inline(always)]
 fn error_in(ctx: &TcContext, h: &Headers6) -> Result<Verdict, DropReason> {

@@ -6,7 +6,8 @@
 //! The IPv6 a task sends is checked first by `tc_task_ipv6` (a tail call, with its own verifier
 //! budget): it speaks only for itself and is no router; then `tc_task_ipv6_flow` (another) tracks,
 //! polices and forwards it, and `tc_task_ipv6_nat` (a third) masquerades the new flows that
-//! leave the host and translates the `ICMPv6` errors a task sends about translated flows. IPv6 the kernel delivers to a task is policed in tc egress.
+//! leave the host, carries hairpin flows and translates the `ICMPv6` errors a task sends about
+//! translated flows. IPv6 the kernel delivers to a task is policed in tc egress.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ecsnet_common::{
