@@ -689,7 +689,9 @@ pub fn create6(key: &CtKey6, kind: u8, h: &Headers6) -> Result<(), DropReason> {
 /// rewritten to `nat` with a source address of the host's, whose source port is kept when free
 /// towards the destination and chosen otherwise, as [`create`] does: a masqueraded flow (the
 /// caller took the task's share of the ports, `nat_quota::take6`, and gives it back when this
-/// fails), or a task reaching its own published port. A function of its own, as [`create6`].
+/// fails), or a task reaching its own published port. A function of its own, as [`create6`],
+/// and not one with [`create6_nat`] under a flag: with the choice a constant in each, the
+/// masquerade path of `tc_task_ipv6_nat` fits the 512-byte stack; merged, it is 16 bytes over.
 #[inline(never)]
 pub fn create6_chosen(
     key: &CtKey6,
